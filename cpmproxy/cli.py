@@ -1,0 +1,81 @@
+"""``cpmproxy`` console script: run the proxy in the foreground, or check a config."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+
+from cpmproxy.config import Config, ConfigError
+
+log = Logger(namespace="cpmproxy")
+
+
+def start_logging(config: Config, stream=None) -> None:
+    stream = stream or sys.stdout
+    observer = jsonFileLogObserver(stream) if config.log["format"] == "json" else textFileLogObserver(stream)
+    level = LogLevel.levelWithName(config.log["level"])
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])], redirectStandardIO=False)
+
+
+def run(config_path: str) -> int:
+    from twisted.internet import reactor
+
+    from cpmproxy.proxy.service import ProxyService, check_config
+
+    try:
+        config = check_config(config_path)
+    except ConfigError as e:
+        print(f"cpmproxy: {config_path}: {e}", file=sys.stderr)
+        return 2
+    start_logging(config)
+    svc = ProxyService(config, reactor)
+    status = {"code": 0}
+
+    def started_failed(failure):
+        log.error("cannot start: {error}", error=failure.getErrorMessage())
+        status["code"] = 1
+        reactor.stop()
+
+    def start():
+        svc.startService()
+        svc.listen().addErrback(started_failed)
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(svc.reload))
+    reactor.run()  # installs SIGTERM/SIGINT handlers that stop the reactor gracefully
+    return status["code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cpmproxy", description="OMA CPM message-storage IMAP proxy")
+    parser.add_argument("--config", required=True, help="path to cpmproxy.toml")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    args = parser.parse_args(argv)
+    if args.check:
+        from cpmproxy.proxy.service import check_config
+
+        try:
+            check_config(args.config)
+        except ConfigError as e:
+            print(f"cpmproxy: {args.config}: {e}", file=sys.stderr)
+            return 2
+        print(f"cpmproxy: {args.config}: configuration OK")
+        return 0
+    return run(args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""TOML configuration: parsed with tomllib, validated against a declarative schema.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Every limit has a default that
+is on. Plugins own their own tables (``[plugin.NAME]``, or a top-level section they declare, such as
+``[policy]``) and validate them themselves.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["ConfigError", "Config", "load_config", "parse_config"]
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Opt:
+    kind: type | tuple[type, ...]
+    default: Any
+    check: Callable[[Any], str | None] | None = None  # returns an error message or None
+    doc: str = ""
+
+
+def _one_of(*values: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in values else f"must be one of {', '.join(repr(x) for x in values)}"
+    return check
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _str_list(v: Any) -> str | None:
+    return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
+
+
+SCHEMA: dict[str, dict[str, Opt]] = {
+    "proxy": {
+        "listen": Opt(list, ["tcp:1143:interface=127.0.0.1"], _str_list,
+                      "Twisted server endpoint strings (tcp:, ssl:, systemd:, haproxy:...)"),
+        "plaintext_auth": Opt(str, "loopback", _one_of("loopback", "always", "never")),
+        "tls_cert": Opt(str, "", None, "PEM certificate (chain) offered on STARTTLS"),
+        "tls_key": Opt(str, "", None, "PEM private key for tls_cert"),
+        "device_id_field": Opt(str, "x-cpm-device-id"),
+        "greeting": Opt(str, "cpmproxy ready."),
+        "shutdown_grace": Opt((int, float), 5.0, _non_negative,
+                              "seconds to let sessions finish a response on shutdown"),
+    },
+    "backend": {
+        "host": Opt(str, "127.0.0.1"),
+        "port": Opt(int, 143, lambda v: None if 0 < v < 65536 else "must be a TCP port"),
+        "tls": Opt(str, "none", _one_of("none", "starttls", "implicit")),
+        "ca_file": Opt(str, "", None, "CA bundle to verify the backend; empty: system trust store"),
+        "server_name": Opt(str, "", None, "name checked in the backend certificate (default: host)"),
+        "connect_timeout": Opt((int, float), 10.0, _positive),
+        "login_timeout": Opt((int, float), 30.0, _positive),
+    },
+    "limits": {
+        "max_line": Opt(int, 65536, _positive, "longest command line (bytes)"),
+        "max_literal": Opt(int, 100 * 1024 * 1024, _positive,
+                           "largest literal from a client (also capped by the backend's APPENDLIMIT)"),
+        "max_backend_line": Opt(int, 64 * 1024 * 1024, _positive, "longest response line from the backend"),
+        "max_preauth_literal": Opt(int, 8192, _positive, "largest literal before login"),
+        "max_connections": Opt(int, 10000, _positive),
+        "max_connections_per_ip": Opt(int, 100, _positive),
+        "max_connections_per_user": Opt(int, 50, _positive),
+        "max_auth_failures": Opt(int, 3, _positive, "failed logins on one connection before BYE"),
+        "auth_failure_delay": Opt((int, float), 1.0, _non_negative,
+                                  "first delay after a failed login; doubles per failure from that IP"),
+        "auth_failure_delay_max": Opt((int, float), 15.0, _non_negative),
+        "auth_failure_window": Opt((int, float), 300.0, _positive,
+                                   "seconds after which an IP's failure count is forgotten"),
+        "max_bad_commands": Opt(int, 20, _positive, "consecutive invalid commands before BYE"),
+        "preauth_timeout": Opt((int, float), 60.0, _positive),
+        "idle_timeout": Opt((int, float), 1800.0, _positive, "RFC 9051 autologout: 30 minutes"),
+    },
+    "metrics": {
+        "listen": Opt(str, "", None, "endpoint for the Prometheus text endpoint; empty: off"),
+    },
+    "log": {
+        "format": Opt(str, "text", _one_of("text", "json")),
+        "level": Opt(str, "info", _one_of("debug", "info", "warn", "error")),
+    },
+}
+
+TOP_LEVEL = {"plugins", "plugin"}
+
+
+@dataclass
+class Config:
+    proxy: dict[str, Any]
+    backend: dict[str, Any]
+    limits: dict[str, Any]
+    metrics: dict[str, Any]
+    log: dict[str, Any]
+    plugins: list[str] | None  # None: every installed plugin
+    plugin: dict[str, dict[str, Any]] = field(default_factory=dict)  # [plugin.NAME] tables
+    extra: dict[str, Any] = field(default_factory=dict)  # top-level sections owned by plugins
+    path: Path | None = None
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    hint = difflib.get_close_matches(key, known, n=1)
+    more = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return ConfigError(f"{where}{key}: unknown key{more}")
+
+
+def _validate_section(name: str, raw: Any) -> dict[str, Any]:
+    schema = SCHEMA[name]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in schema:
+            raise _unknown(key, list(schema), f"{name}.")
+        opt = schema[key]
+        if isinstance(value, bool) or not isinstance(value, opt.kind):
+            kinds = opt.kind if isinstance(opt.kind, tuple) else (opt.kind,)
+            raise ConfigError(f"{name}.{key}: expected {' or '.join(k.__name__ for k in kinds)}, "
+                              f"got {type(value).__name__}")
+        if opt.check is not None and (msg := opt.check(value)):
+            raise ConfigError(f"{name}.{key}: {msg}")
+        out[key] = value
+    for key, opt in schema.items():
+        out.setdefault(key, list(opt.default) if isinstance(opt.default, list) else opt.default)
+    return out
+
+
+def parse_config(data: dict[str, Any], path: Path | None = None,
+                 plugin_sections: frozenset[str] = frozenset()) -> Config:
+    """Validate a parsed TOML document. ``plugin_sections``: extra top-level tables plugins own."""
+    known = list(SCHEMA) + sorted(TOP_LEVEL) + sorted(plugin_sections)
+    for key in data:
+        if key not in known:
+            raise _unknown(key, known, "")
+    sections = {name: _validate_section(name, data.get(name, {})) for name in SCHEMA}
+    plugins = data.get("plugins")
+    if plugins is not None and (not isinstance(plugins, list) or _str_list(plugins)):
+        raise ConfigError("plugins: must be a list of plugin names")
+    plugin_tables = data.get("plugin", {})
+    if not isinstance(plugin_tables, dict) or not all(isinstance(v, dict) for v in plugin_tables.values()):
+        raise ConfigError("plugin: must contain one table per plugin ([plugin.NAME])")
+    if not sections["proxy"]["listen"]:
+        raise ConfigError("proxy.listen: at least one endpoint is needed")
+    if bool(sections["proxy"]["tls_cert"]) != bool(sections["proxy"]["tls_key"]):
+        raise ConfigError("proxy.tls_cert and proxy.tls_key go together")
+    base = path.parent if path else Path.cwd()
+    for sec, key in (("proxy", "tls_cert"), ("proxy", "tls_key"), ("backend", "ca_file")):
+        value = sections[sec][key]
+        if value:
+            p = (base / value) if not Path(value).is_absolute() else Path(value)
+            if not p.is_file():
+                raise ConfigError(f"{sec}.{key}: no such file: {p}")
+            sections[sec][key] = str(p)
+    if sections["backend"]["tls"] == "none" and sections["backend"]["ca_file"]:
+        raise ConfigError("backend.ca_file is set but backend.tls is 'none'")
+    extra = {k: data[k] for k in plugin_sections if k in data}
+    return Config(plugins=plugins, plugin=dict(plugin_tables), extra=extra, path=path, **sections)
+
+
+def load_config(path: str | Path, plugin_sections: frozenset[str] = frozenset()) -> Config:
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return parse_config(data, p, plugin_sections)

@@ -1,0 +1,210 @@
+"""Incremental IMAP framing: where each command or response (and each literal in it) ends.
+
+Sans-I/O in the style of h11: feed bytes in, pull events out. The framer never interprets a line beyond
+the literal announcement at its end, so the relay can forward bytes as they came and only the few
+commands or responses a plugin cares about are tokenized (see ``tokens``).
+
+A command or response is a sequence of text segments, each ending in CRLF; every segment but the last
+announces a literal (``{n}``, ``{n+}``, ``{n-}``, ``~{n}``) that follows it. Events:
+
+* ``Segment``: one such text segment (CRLF included). ``first`` marks the start of a new
+  command/response; ``literal`` is the size of the literal that follows, or None when this segment ends
+  the command/response.
+* ``LiteralData``: a chunk of literal payload. Large literals arrive in several chunks as they are fed, so
+  a 1 GB literal never sits in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "NEED_DATA",
+    "FramingError",
+    "Framer",
+    "LiteralData",
+    "Segment",
+]
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+# A literal announcement ends a segment. Anchored at the end; searched only in the segment's tail.
+_LITERAL_RE = re.compile(rb"(~?)\{([0-9]{1,20})([+-]?)\}\r?\n\Z")
+# Something that looks like an attempted literal but is not a valid one ({-5}, {abc}, {}).
+_BAD_LITERAL_RE = re.compile(rb"~?\{[^{}\r\n]{0,24}\}\r?\n\Z")
+_TAIL = 40
+
+# IMAP numbers are 32-bit (RFC 9051 number64 exists for literal8 sizes, but nobody stores 4 GB).
+_MAX_NUMBER = 2**63 - 1
+
+
+@dataclass(slots=True)
+class Segment:
+    data: bytes
+    first: bool
+    literal: int | None = None
+    non_sync: bool = False
+    binary: bool = False
+
+    @property
+    def last(self) -> bool:
+        return self.literal is None
+
+
+@dataclass(slots=True)
+class LiteralData:
+    data: bytes
+    last: bool
+
+
+class FramingError(Exception):
+    """Input that cannot be framed.
+
+    ``code`` is the IMAP response code to use; ``fatal`` means the byte stream cannot be resynchronized
+    and the connection must end (with a BYE); otherwise the framer has discarded the offending segment
+    and is ready for the next command/response. ``first`` tells whether the segment was the first one of
+    its command (nothing of it has been emitted yet) and ``data`` holds that segment when its length
+    allows (so the caller can still find the tag).
+    """
+
+    def __init__(self, message: str, code: str, *, fatal: bool, first: bool = True, data: bytes = b"",
+                 size: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.fatal = fatal
+        self.first = first
+        self.data = data
+        self.size = size
+
+
+class Framer:
+    """Splits one direction of an IMAP stream into segments and literal chunks.
+
+    ``max_line``: longest text segment accepted (fatal error beyond: the rest of the line cannot be told
+    from a new command). ``max_literal``: largest literal accepted; a larger *synchronizing* literal is
+    refused without losing the stream (the peer waits for a continuation that never comes), a larger
+    non-synchronizing one is fatal because its bytes are already on the way.
+    """
+
+    __slots__ = ("max_line", "max_literal", "_buf", "_pos", "_literal_left", "_first", "_scan_from")
+
+    def __init__(self, max_line: int = 65536, max_literal: int | None = None):
+        self.max_line = max_line
+        self.max_literal = max_literal
+        self._buf = b""
+        self._pos = 0
+        self._literal_left = 0
+        self._first = True
+        self._scan_from = 0
+
+    # -- state the I/O layer may ask about -----------------------------------------------------
+
+    @property
+    def at_boundary(self) -> bool:
+        """True between two commands/responses: a safe point to inject a whole response."""
+        return self._first and self._literal_left == 0
+
+    @property
+    def in_literal(self) -> bool:
+        return self._literal_left > 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    # -- feeding -------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self._pos >= len(self._buf):
+            self._buf = data
+            self._pos = 0
+            self._scan_from = 0
+        else:
+            # Keep only the unconsumed tail; remember how far we already looked for LF.
+            tail = self._buf[self._pos:]
+            self._scan_from = max(0, self._scan_from - self._pos)
+            self._buf = tail + data
+            self._pos = 0
+
+    def refuse_literal(self) -> None:
+        """The I/O layer answered a synchronizing literal with a tagged NO/BAD instead of ``+``.
+
+        The client will not send the literal: the command ends here.
+        """
+        self._literal_left = 0
+        self._first = True
+
+    def next_event(self) -> Segment | LiteralData | _NeedData:
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if self._literal_left:
+            if not avail:
+                return NEED_DATA
+            n = min(avail, self._literal_left)
+            chunk = buf[pos:pos + n] if (pos or n != len(buf)) else buf
+            self._pos = pos + n
+            self._literal_left -= n
+            return LiteralData(chunk, self._literal_left == 0)
+
+        nl = buf.find(b"\n", max(pos, self._scan_from))
+        if nl < 0:
+            self._scan_from = len(buf)
+            if avail > self.max_line:
+                self._buf = b""
+                self._pos = 0
+                self._scan_from = 0
+                raise FramingError("Line too long", "TOOBIG", fatal=True, first=self._first)
+            return NEED_DATA
+        end = nl + 1
+        first = self._first
+        if end - pos > self.max_line:
+            self._pos = end
+            self._first = True
+            raise FramingError("Line too long", "TOOBIG", fatal=True, first=first)
+        line = buf[pos:end] if (pos or end != len(buf)) else buf
+        self._pos = end
+        self._scan_from = end
+
+        if not (line.endswith(b"}\r\n") or line.endswith(b"}\n")):
+            # Fast exit: the common case, no literal announced.
+            self._first = True
+            return Segment(line, first)
+        m = _LITERAL_RE.search(line, max(0, len(line) - _TAIL))
+        if m is None:
+            if _BAD_LITERAL_RE.search(line, max(0, len(line) - _TAIL)):
+                self._first = True
+                raise FramingError("Invalid literal size", "CLIENTBUG", fatal=not first, first=first,
+                                   data=line)
+            self._first = True
+            return Segment(line, first)
+        size = int(m.group(2))
+        binary = bool(m.group(1))
+        non_sync = bool(m.group(3))
+        if size > _MAX_NUMBER or (self.max_literal is not None and size > self.max_literal):
+            # A synchronizing literal can be refused cleanly; anything else is already in flight.
+            fatal = non_sync or not first
+            self._first = True
+            raise FramingError("Literal too large", "TOOBIG", fatal=fatal, first=first, data=line,
+                               size=size)
+        self._first = False
+        self._literal_left = size  # 0 is legal: the next segment follows at once
+        return Segment(line, first, size, non_sync, binary)
+
+    def events(self):
+        """Yield every event the buffered bytes allow (FramingError propagates)."""
+        while True:
+            ev = self.next_event()
+            if ev is NEED_DATA:
+                return
+            yield ev

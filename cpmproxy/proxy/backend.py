@@ -1,0 +1,276 @@
+"""The connection to the backend IMAP server: connect, TLS, ID forwarding, login.
+
+During login the protocol runs its own tiny command/response engine (``command``); once the session
+switches to relay mode, every byte goes to the session, which owns the same framer from then on.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cpmproxy.imap.framing import Framer, FramingError, LiteralData
+from cpmproxy.imap.tokens import TokenError, parse_response_head, quote
+
+if TYPE_CHECKING:
+    from cpmproxy.config import Config
+
+log = Logger(namespace="cpmproxy.backend")
+
+__all__ = ["BackendError", "AuthFailed", "BackendProtocol", "connect_backend", "login_backend",
+           "parse_capabilities"]
+
+
+class BackendError(Exception):
+    """The backend cannot be used (down, TLS failure, protocol error, timeout)."""
+
+
+class AuthFailed(Exception):
+    """The backend refused the credentials; ``response`` is its status + text (``NO [..] ...``)."""
+
+    def __init__(self, response: bytes):
+        super().__init__(response.decode("utf-8", "replace"))
+        self.response = response
+
+
+@dataclass
+class Reply:
+    untagged: list[bytes]
+    tagged: bytes  # the tagged line without tag and CRLF, e.g. b"OK [CAPABILITY ...] Logged in"
+
+    @property
+    def status(self) -> bytes:
+        return self.tagged.split(b" ", 1)[0].upper()
+
+
+def parse_capabilities(text: bytes) -> list[bytes]:
+    """Capabilities from ``CAPABILITY a b c`` (untagged data or the inside of a response code)."""
+    words = text.split()
+    if words and words[0].upper() == b"CAPABILITY":
+        words = words[1:]
+    return [w for w in words if w]
+
+
+def _capability_code(line: bytes) -> list[bytes] | None:
+    start = line.find(b"[CAPABILITY ")
+    if start < 0:
+        start = line.find(b"[capability ")
+    if start < 0:
+        return None
+    end = line.find(b"]", start)
+    if end < 0:
+        return None
+    return parse_capabilities(line[start + 1:end])
+
+
+class BackendProtocol(Protocol):
+    def __init__(self, max_line: int):
+        self.framer = Framer(max_line=max_line, max_literal=None)
+        self.session = None  # set when relaying
+        self.connected_d: defer.Deferred[BackendProtocol] = defer.Deferred()
+        self.greeting: defer.Deferred[bytes] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self._waiters: dict[bytes, defer.Deferred[Reply]] = {}
+        self._continuations: deque[bytes] = deque()
+        self._untagged: list[bytes] = []
+        self._parts: list[bytes] = []
+        self._tag = 0
+        self._got_greeting = False
+        self.closed = False
+        self.out: list[bytes] = []  # relay output, written once per input chunk
+
+    def flush(self) -> None:
+        if self.out and not self.closed:
+            out, self.out = self.out, []
+            self.transport.writeSequence(out)
+
+    # -- Twisted ----------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        setnodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setnodelay is not None:
+            setnodelay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.backend_data(data)
+            return
+        self.framer.feed(data)
+        try:
+            for ev in self.framer.events():
+                if isinstance(ev, LiteralData):
+                    self._parts.append(ev.data)
+                    continue
+                self._parts.append(ev.data)
+                if ev.literal is None:
+                    line = b"".join(self._parts)
+                    self._parts = []
+                    self._response(line)
+        except (FramingError, TokenError) as e:
+            self._fail(BackendError(f"protocol error from backend: {e}"))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        if self.session is not None:
+            self.session.backend_lost(reason)
+        self._fail(BackendError(f"backend closed the connection: {reason.getErrorMessage() if reason else ''}"))
+        if not self.lost.called:
+            self.lost.callback(None)
+
+    # -- login-phase engine ---------------------------------------------------------------------
+
+    def _fail(self, err: Exception) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for d in waiters.values():
+            d.errback(err)
+        if not self.greeting.called:
+            self.greeting.errback(err)
+
+    def _response(self, line: bytes) -> None:
+        if not self._got_greeting:
+            self._got_greeting = True
+            self.greeting.callback(line)
+            return
+        head = parse_response_head(line.rstrip(b"\r\n"))
+        if head.kind == "continuation":
+            if self._continuations:
+                self.transport.write(self._continuations.popleft() + b"\r\n")
+            else:
+                self.transport.write(b"*\r\n")  # cancel an exchange nobody expects
+            return
+        if head.kind == "untagged":
+            self._untagged.append(line)
+            return
+        d = self._waiters.pop(head.tag, None)
+        untagged, self._untagged = self._untagged, []
+        if d is not None:
+            d.callback(Reply(untagged, line.rstrip(b"\r\n")[len(head.tag) + 1:]))
+
+    def command(self, line: bytes, continuation: bytes | None = None) -> defer.Deferred[Reply]:
+        """Send ``TAG line``; fires with the Reply. ``continuation`` answers one ``+`` from the server."""
+        self._tag += 1
+        tag = b"P%d" % self._tag
+        d: defer.Deferred[Reply] = defer.Deferred()
+        self._waiters[tag] = d
+        if continuation is not None:
+            self._continuations.append(continuation)
+        self.transport.write(tag + b" " + line + b"\r\n")
+        return d
+
+
+class _BackendFactory(Factory):
+    noisy = False
+
+    def __init__(self, max_line: int):
+        self.max_line = max_line
+
+    def buildProtocol(self, addr):
+        p = BackendProtocol(self.max_line)
+        p.factory = self
+        return p
+
+
+def _tls_options(config: Config):
+    b = config.backend
+    name = b["server_name"] or b["host"]
+    if b["ca_file"]:
+        with open(b["ca_file"], "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+    else:
+        trust = platformTrust()
+    # optionsForClientTLS verifies the chain and, with service_identity, the hostname/IP.
+    return optionsForClientTLS(name, trustRoot=trust)
+
+
+async def connect_backend(reactor, config: Config) -> tuple[BackendProtocol, list[bytes]]:
+    """Connect (and TLS) to the backend; returns the protocol and its pre-login capabilities."""
+    b = config.backend
+    endpoint = HostnameEndpoint(reactor, b["host"], b["port"], timeout=b["connect_timeout"])
+    if b["tls"] == "implicit":
+        endpoint = wrapClientTLS(_tls_options(config), endpoint)
+    factory = _BackendFactory(config.limits["max_backend_line"])
+    try:
+        proto: BackendProtocol = await endpoint.connect(factory)
+    except Exception as e:  # ConnectError, DNSLookupError, TimeoutError...
+        raise BackendError(f"cannot connect to backend {b['host']}:{b['port']}: {e}") from None
+    try:
+        greeting = await proto.greeting
+        if not greeting.startswith(b"* OK"):
+            raise BackendError(f"backend refused the connection: {greeting[:200]!r}")
+        caps = _capability_code(greeting)
+        if b["tls"] == "starttls":
+            reply = await proto.command(b"STARTTLS")
+            if reply.status != b"OK":
+                raise BackendError(f"backend refused STARTTLS: {reply.tagged[:200]!r}")
+            if proto.framer.buffered:
+                # Bytes after the OK were sent in plaintext before TLS: an injection attempt.
+                raise BackendError("backend sent data after STARTTLS OK")
+            proto.transport.startTLS(_tls_options(config))
+            caps = None  # capabilities before TLS must not be trusted
+        if caps is None:
+            reply = await proto.command(b"CAPABILITY")
+            if reply.status != b"OK":
+                raise BackendError("backend CAPABILITY failed")
+            caps = []
+            for line in reply.untagged:
+                if line[2:12].upper() == b"CAPABILITY":
+                    caps = parse_capabilities(line[2:].strip())
+    except BaseException:
+        proto.transport.abortConnection()
+        raise
+    return proto, caps
+
+
+def _id_args(fields: list[tuple[str, str | None]]) -> bytes:
+    parts = []
+    for k, v in fields:
+        parts.append(quote(k))
+        parts.append(b"NIL" if v is None else quote(v))
+    return b"(" + b" ".join(parts) + b")"
+
+
+async def login_backend(proto: BackendProtocol, caps: list[bytes], authzid: str, user: str, password: str,
+                        id_fields: list[tuple[str, str | None]]) -> list[bytes]:
+    """ID (forwarding the client's address) and AUTHENTICATE PLAIN, pipelined; returns post-login
+    capabilities. Raises AuthFailed or BackendError."""
+    upper = {c.upper() for c in caps}
+    waits = []
+    if b"ID" in upper:
+        waits.append(proto.command(b"ID " + _id_args(id_fields)))
+    blob = base64.b64encode(f"{authzid}\0{user}\0{password}".encode())
+    if b"AUTH=PLAIN" in upper and b"SASL-IR" in upper:
+        auth = proto.command(b"AUTHENTICATE PLAIN " + blob)
+    elif b"AUTH=PLAIN" in upper:
+        auth = proto.command(b"AUTHENTICATE PLAIN", continuation=blob)
+    elif b"LOGINDISABLED" in upper:
+        raise BackendError("backend offers no usable login mechanism (LOGINDISABLED, no AUTH=PLAIN)")
+    else:
+        auth = proto.command(b"LOGIN " + quote(user) + b" " + quote(password))
+    for d in waits:
+        await d  # an ID failure is not fatal: the backend may not trust us for x-* fields
+    reply = await auth
+    if reply.status != b"OK":
+        if reply.status == b"NO":
+            raise AuthFailed(reply.tagged)
+        raise BackendError(f"backend login error: {reply.tagged[:200]!r}")
+    post = _capability_code(reply.tagged)
+    if post is None:
+        for line in reply.untagged:
+            if line[2:12].upper() == b"CAPABILITY":
+                post = parse_capabilities(line[2:].strip())
+    if post is None:
+        r = await proto.command(b"CAPABILITY")
+        post = []
+        for line in r.untagged:
+            if line[2:12].upper() == b"CAPABILITY":
+                post = parse_capabilities(line[2:].strip())
+    return post

@@ -1,0 +1,166 @@
+"""The plugin hook API: the only surface CPM behaviours see of the proxy.
+
+A plugin is a class registered under the ``cpmproxy.plugins`` entry-point group and enabled by name in
+``plugins = [...]``. One instance lives per proxy process; per-session state goes in
+``session.state[plugin.name]``. Every hook is optional; the defaults do nothing, and the proxy only calls
+the hooks a plugin overrides, so an unused hook costs nothing on the relay path.
+
+Hooks, in the order a session meets them:
+
+``capabilities(session, caps) -> caps``
+    Adjust the post-login capability list (a list of upper-case ``bytes``).
+``login(session) -> Deferred | None``
+    The backend login succeeded; the client has not yet been told. ``session.backend_command`` may be
+    used (e.g. to read METADATA preferences). Raising ``Refuse`` fails the login with that response.
+``command(session, cmd) -> Action | None``
+    A client command (first segment, tokenizable via ``cmd.args``). Return ``Rewrite(line)`` to forward
+    other bytes, ``Answer(...)`` to answer it locally (it never reaches the backend), ``Defer(d)`` to
+    decide later, or None to pass it on unchanged.
+``response(session, resp) -> Action | None``
+    A text segment of a backend response (``resp.first`` for the first one). ``Drop()`` on a first
+    segment drops the whole response, literals included; ``Rewrite(data)`` replaces the segment.
+``tagged(session, cmd, resp) -> Action | None``
+    The tagged completion of a client command (after its untagged responses went through ``response``).
+``selected(session, mailbox)``
+    A mailbox was selected (``mailbox`` is ``SelectedMailbox``) or deselected (None).
+``closed(session)``
+    The session is over; release what the plugin holds for it.
+
+``session.inject(data)`` queues whole untagged responses; the proxy writes them at the next point where
+the client is between two responses (never inside a literal or a multi-segment response).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from cpmproxy.imap.tokens import Command as ParsedCommand
+    from cpmproxy.imap.tokens import ResponseHead
+
+__all__ = [
+    "Action", "Answer", "Defer", "Drop", "Plugin", "Refuse", "Rewrite", "ClientCommand",
+    "BackendResponse", "SelectedMailbox",
+]
+
+
+class Action:
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class Rewrite(Action):
+    data: bytes
+
+
+@dataclass(slots=True)
+class Drop(Action):
+    pass
+
+
+@dataclass(slots=True)
+class Answer(Action):
+    """Answer a client command locally: ``untagged`` responses (each a full line, CRLF included) then
+    ``tagged`` = status + text, e.g. ``b"NO [NOPERM] Not allowed"`` (the proxy adds the tag and CRLF)."""
+    tagged: bytes
+    untagged: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Defer(Action):
+    """The decision comes later: ``deferred`` fires with another Action (or None for pass)."""
+    deferred: "Deferred[Action | None]"
+
+
+class Refuse(Exception):
+    """Raised from ``login`` to refuse the session: ``response`` is e.g. ``b"NO [NOPERM] ..."``."""
+
+    def __init__(self, response: bytes):
+        super().__init__(response.decode("ascii", "replace"))
+        self.response = response
+
+
+@dataclass(slots=True)
+class ClientCommand:
+    """A client command seen by hooks. ``line`` is the first segment as received (CRLF included)."""
+    tag: bytes
+    name: bytes
+    uid: bool
+    line: bytes
+    parsed: "ParsedCommand"
+    has_literal: bool
+    state: dict[str, Any] = field(default_factory=dict)  # per-command scratch space for plugins
+
+    @property
+    def args(self):
+        return self.parsed.args
+
+
+@dataclass(slots=True)
+class BackendResponse:
+    """A text segment of a backend response. ``head`` is the parsed first line of the response."""
+    data: bytes
+    first: bool
+    head: "ResponseHead"
+    command: ClientCommand | None  # the client command it answers, when known (tagged responses)
+
+
+@dataclass(slots=True)
+class SelectedMailbox:
+    name: str          # decoded (UTF-8) mailbox name
+    raw_name: bytes    # as sent on the wire
+    read_only: bool
+    uidvalidity: int | None = None
+    uidnext: int | None = None
+    exists: int | None = None
+    highestmodseq: int | None = None
+
+
+class Plugin:
+    """Base class for plugins. Subclasses set ``name`` and override hooks they need.
+
+    ``config_section``: a top-level config table the plugin owns (e.g. ``"policy"``); otherwise its
+    settings live in ``[plugin.NAME]``. ``configure`` is called at start and on every SIGHUP reload and
+    must raise ``cpmproxy.config.ConfigError`` for bad settings.
+    """
+
+    name: str = ""
+    config_section: str | None = None
+
+    def __init__(self, proxy: Any):
+        self.proxy = proxy  # the ProxyService: config, metrics, sessions of a user
+
+    def configure(self, settings: dict[str, Any]) -> None:
+        if settings:
+            from cpmproxy.config import ConfigError
+            raise ConfigError(f"plugin {self.name}: takes no settings, got {sorted(settings)}")
+
+    # Hooks (see module docstring). Defaults do nothing; the proxy skips hooks left as they are.
+    def capabilities(self, session, caps: list[bytes]) -> list[bytes]:
+        return caps
+
+    def login(self, session) -> "Deferred[None] | None":
+        return None
+
+    def command(self, session, cmd: ClientCommand) -> Action | None:
+        return None
+
+    def response(self, session, resp: BackendResponse) -> Action | None:
+        return None
+
+    def tagged(self, session, cmd: ClientCommand, resp: BackendResponse) -> Action | None:
+        return None
+
+    def selected(self, session, mailbox: SelectedMailbox | None) -> None:
+        return None
+
+    def closed(self, session) -> None:
+        return None
+
+
+def overrides(plugin: Plugin, hook: str) -> bool:
+    """True when ``plugin`` implements ``hook`` itself (so the proxy must call it)."""
+    return getattr(type(plugin), hook) is not getattr(Plugin, hook)

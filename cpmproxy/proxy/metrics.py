@@ -1,0 +1,51 @@
+"""Prometheus metrics, in a registry of the service's own (several services per process in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.twisted import MetricsResource
+from twisted.internet.endpoints import serverFromString
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+# Commands get a label of their own only if they are IMAP's; anything else is "other" (bounded cardinality).
+_KNOWN_COMMANDS = frozenset(
+    b"APPEND AUTHENTICATE CAPABILITY CHECK CLOSE COMPRESS COPY CREATE DELETE ENABLE EXAMINE EXPUNGE FETCH "
+    b"GETACL GETMETADATA GETQUOTA GETQUOTAROOT ID IDLE LIST LISTRIGHTS LOGIN LOGOUT LSUB MOVE MYRIGHTS "
+    b"NAMESPACE NOOP NOTIFY RENAME SEARCH SELECT SETACL SETMETADATA SETQUOTA SORT STARTTLS STATUS STORE "
+    b"SUBSCRIBE THREAD UNSELECT UNSUBSCRIBE UID ESEARCH DELETEACL XLIST GETANNOTATION".split()
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.connections = Counter("cpmproxy_connections", "Client connections accepted", registry=r)
+        self.active = Gauge("cpmproxy_connections_active", "Client connections open", registry=r)
+        self.refused = Counter("cpmproxy_connections_refused", "Connections refused by a limit",
+                               ["reason"], registry=r)
+        self.logins = Counter("cpmproxy_logins", "Login attempts by result", ["result"], registry=r)
+        self.commands = Counter("cpmproxy_commands", "Client commands by name", ["command"], registry=r)
+        self.bytes_in = Counter("cpmproxy_client_bytes_received", "Bytes received from clients", registry=r)
+        self.bytes_out = Counter("cpmproxy_client_bytes_sent", "Bytes sent to clients", registry=r)
+        self.backend_errors = Counter("cpmproxy_backend_errors", "Backend failures by kind", ["kind"],
+                                      registry=r)
+        self.bad_input = Counter("cpmproxy_bad_input", "Malformed client input by kind", ["kind"], registry=r)
+        self.timeouts = Counter("cpmproxy_idle_timeouts", "Sessions closed for inactivity", registry=r)
+        self.reloads = Counter("cpmproxy_reloads", "Configuration reloads", ["result"], registry=r)
+        self._command_children = {}
+
+    def command(self, name: bytes) -> None:
+        child = self._command_children.get(name)
+        if child is None:
+            label = name.decode("ascii", "replace").lower() if name in _KNOWN_COMMANDS else "other"
+            child = self.commands.labels(command=label)
+            if name in _KNOWN_COMMANDS:
+                self._command_children[name] = child
+        child.inc()
+
+    def listen(self, reactor, endpoint: str):
+        root = Resource()
+        root.putChild(b"metrics", MetricsResource(registry=self.registry))
+        root.putChild(b"", MetricsResource(registry=self.registry))
+        return serverFromString(reactor, endpoint).listen(Site(root))

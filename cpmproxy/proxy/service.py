@@ -1,0 +1,285 @@
+"""The proxy as a Twisted service: listeners, plugins, limits, metrics, reload and shutdown."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import PrivateCertificate
+from twisted.logger import Logger
+
+from cpmproxy import __version__
+from cpmproxy.config import Config, ConfigError, load_config
+from cpmproxy.proxy.hooks import Plugin, overrides
+from cpmproxy.proxy.metrics import Metrics
+from cpmproxy.proxy.session import ClientSession
+
+if TYPE_CHECKING:
+    pass
+
+log = Logger(namespace="cpmproxy")
+
+ENTRY_POINT_GROUP = "cpmproxy.plugins"
+_HOOKS = ("capabilities", "login", "command", "response", "tagged", "selected", "closed")
+
+
+def available_plugins() -> dict[str, type[Plugin]]:
+    """Plugins installed under the entry-point group, by name."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}  # type: ignore[misc]
+
+
+@dataclass
+class HookTable:
+    """For each hook, the enabled plugins that implement it, in configured order."""
+    plugins: list[Plugin] = field(default_factory=list)
+    capabilities: list[Plugin] = field(default_factory=list)
+    login: list[Plugin] = field(default_factory=list)
+    command: list[Plugin] = field(default_factory=list)
+    response: list[Plugin] = field(default_factory=list)
+    tagged: list[Plugin] = field(default_factory=list)
+    selected: list[Plugin] = field(default_factory=list)
+    closed: list[Plugin] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, plugins: list[Plugin]) -> HookTable:
+        table = cls(plugins=list(plugins))
+        for hook in _HOOKS:
+            setattr(table, hook, [p for p in plugins if overrides(p, hook)])
+        return table
+
+
+def plugin_sections() -> frozenset[str]:
+    sections = set()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception:
+            continue
+        if getattr(cls, "config_section", None):
+            sections.add(cls.config_section)
+    return frozenset(sections)
+
+
+def load_plugins(config: Config, proxy) -> list[Plugin]:
+    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    names = config.plugins if config.plugins is not None else sorted(eps)
+    unknown_tables = set(config.plugin) - set(names)
+    if unknown_tables:
+        raise ConfigError(f"plugin.{sorted(unknown_tables)[0]}: settings for a plugin that is not enabled")
+    plugins = []
+    for name in names:
+        if name not in eps:
+            raise ConfigError(f"plugins: unknown plugin {name!r} (installed: {', '.join(sorted(eps)) or 'none'})")
+        try:
+            cls = eps[name].load()
+        except Exception as e:
+            raise ConfigError(f"plugins: cannot load {name!r}: {e}") from None
+        plugin = cls(proxy)
+        plugin.name = name
+        section = cls.config_section
+        plugin.configure(config.extra.get(section, {}) if section else config.plugin.get(name, {}))
+        plugins.append(plugin)
+    return plugins
+
+
+def check_config(path: str) -> Config:
+    """Load and validate a config, plugins included; raises ConfigError."""
+    config = load_config(path, plugin_sections())
+    load_plugins(config, None)
+    _server_tls(config)
+    for desc in config.proxy["listen"] + ([config.metrics["listen"]] if config.metrics["listen"] else []):
+        _check_endpoint(desc)
+    return config
+
+
+def _check_endpoint(desc: str) -> None:
+    from twisted.internet import reactor
+    try:
+        serverFromString(reactor, desc)
+    except Exception as e:
+        raise ConfigError(f"invalid endpoint {desc!r}: {e}") from None
+
+
+def _server_tls(config: Config):
+    cert, key = config.proxy["tls_cert"], config.proxy["tls_key"]
+    if not cert:
+        return None
+    try:
+        with open(cert, "rb") as f:
+            cert_pem = f.read()
+        with open(key, "rb") as f:
+            key_pem = f.read()
+        return PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options()
+    except Exception as e:
+        raise ConfigError(f"proxy.tls_cert/tls_key: cannot load: {e}") from None
+
+
+class ProxyService(service.MultiService):
+    version = __version__
+
+    def __init__(self, config: Config, reactor=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+            reactor = _reactor
+        self.reactor = reactor
+        self.config = config
+        self.metrics = Metrics()
+        self.hooks = HookTable.build(load_plugins(config, self))
+        self.server_tls = _server_tls(config)
+        self.sessions: set[ClientSession] = set()
+        self.by_ip: dict[str, int] = defaultdict(int)
+        self.by_user: dict[str, set[ClientSession]] = defaultdict(set)
+        self._failures: dict[str, tuple[int, float]] = {}
+        self.ports = []
+        self._stopping = False
+
+    # -- listeners ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+
+    @defer.inlineCallbacks
+    def listen(self):
+        """Start every configured listener; fires with the listening ports."""
+        factory = Factory.forProtocol(lambda: ClientSession(self))
+        factory.noisy = False
+        for desc in self.config.proxy["listen"]:
+            port = yield serverFromString(self.reactor, desc).listen(factory)
+            self.ports.append(port)
+            log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
+        if self.config.metrics["listen"]:
+            port = yield self.metrics.listen(self.reactor, self.config.metrics["listen"])
+            self.ports.append(port)
+            log.info("metrics on {desc}", desc=self.config.metrics["listen"])
+        return self.ports
+
+    # -- admission control ----------------------------------------------------------------------
+
+    @staticmethod
+    def is_loopback(host: str) -> bool:
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host in ("", "localhost")  # UNIX sockets have no IP
+
+    def admit(self, session: ClientSession) -> str | None:
+        """Register a new connection, or say why it is refused."""
+        limits = self.config.limits
+        self.metrics.connections.inc()
+        if self._stopping:
+            return "Server shutting down."
+        if len(self.sessions) >= limits["max_connections"]:
+            self.metrics.refused.labels(reason="max_connections").inc()
+            return "Too many connections."
+        if self.by_ip[session.peer_host] >= limits["max_connections_per_ip"]:
+            self.metrics.refused.labels(reason="per_ip").inc()
+            return "Too many connections from your address."
+        self.sessions.add(session)
+        self.by_ip[session.peer_host] += 1
+        self.metrics.active.inc()
+        return None
+
+    def admit_user(self, session: ClientSession) -> str | None:
+        users = self.by_user[session.user]
+        if len(users) >= self.config.limits["max_connections_per_user"]:
+            self.metrics.refused.labels(reason="per_user").inc()
+            return "Too many connections for this user."
+        users.add(session)
+        return None
+
+    def forget_user(self, session: ClientSession) -> None:
+        users = self.by_user.get(session.user)
+        if users is not None:
+            users.discard(session)
+            if not users:
+                del self.by_user[session.user]
+
+    def forget(self, session: ClientSession) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self.metrics.active.dec()
+        self.by_ip[session.peer_host] -= 1
+        if self.by_ip[session.peer_host] <= 0:
+            del self.by_ip[session.peer_host]
+        if session.user is not None:
+            self.forget_user(session)
+
+    def sessions_of(self, user: str) -> set[ClientSession]:
+        return set(self.by_user.get(user, ()))
+
+    def auth_failed(self, host: str) -> float:
+        """Record a failed login from ``host``; returns the delay before answering."""
+        limits = self.config.limits
+        now = time.monotonic()
+        count, last = self._failures.get(host, (0, now))
+        if now - last > limits["auth_failure_window"]:
+            count = 0
+        count += 1
+        self._failures[host] = (count, now)
+        if len(self._failures) > 100000:  # bounded memory under a distributed attack
+            cutoff = now - limits["auth_failure_window"]
+            self._failures = {h: v for h, v in self._failures.items() if v[1] >= cutoff}
+        base = limits["auth_failure_delay"]
+        return min(base * 2 ** (count - 1), limits["auth_failure_delay_max"]) if base else 0.0
+
+    # -- reload and shutdown --------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; sessions keep running; listeners are not changed."""
+        path = self.config.path
+        try:
+            new = load_config(path, plugin_sections())
+            plugins = load_plugins(new, self)
+            tls = _server_tls(new)
+        except ConfigError as e:
+            log.error("reload failed, keeping the old configuration: {error}", error=str(e))
+            self.metrics.reloads.labels(result="failed").inc()
+            return
+        if new.proxy["listen"] != self.config.proxy["listen"] or new.metrics != self.config.metrics:
+            log.warn("reload: listener changes need a restart; keeping the current listeners")
+        self.config = new
+        self.server_tls = tls
+        self.hooks = HookTable.build(plugins)
+        for s in self.sessions:
+            s.config = new
+        self.metrics.reloads.labels(result="ok").inc()
+        log.info("configuration reloaded from {path}", path=str(path))
+
+    def stopService(self):
+        """Stop listening, say BYE to every client at a safe point, close after a grace period."""
+        self._stopping = True
+        super().stopService()
+        ds = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        self.ports = []
+        for s in list(self.sessions):
+            s.shutdown(b"Server shutting down.")
+        d = defer.DeferredList(ds)
+
+        def wait_sessions(_):
+            deadline = time.monotonic() + self.config.proxy["shutdown_grace"]
+            waiter: defer.Deferred[None] = defer.Deferred()
+
+            def check():
+                if not self.sessions or time.monotonic() >= deadline:
+                    for s in list(self.sessions):
+                        s.transport.abortConnection()
+                    waiter.callback(None)
+                else:
+                    self.reactor.callLater(0.05, check)
+            check()
+            return waiter
+        return d.addCallback(wait_sessions)
+
+
+def service_from_config_path(path: str) -> ProxyService:
+    return ProxyService(load_config(path, plugin_sections()))

@@ -1,0 +1,881 @@
+"""The client-facing IMAP session: login phase owned by the proxy, then the relay.
+
+Relay path, per chunk of bytes: the framer finds segment and literal boundaries (bytes.find and a regex on
+a line's tail, never a Python loop over bytes); literal chunks are forwarded as slices; each first segment
+of a command/response gets a cheap head parse and, only if some plugin asks for it, a hook call. All that
+is written for one chunk goes out in one ``writeSequence``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from cpmproxy.imap.framing import Framer, FramingError, LiteralData
+from cpmproxy.imap.mutf7 import decode as mutf7_decode
+from cpmproxy.imap.tokens import (
+    Atom,
+    Literal,
+    Nil,
+    ParenList,
+    Quoted,
+    TokenError,
+    parse_command,
+    parse_response_head,
+    quote,
+)
+from cpmproxy.proxy.backend import AuthFailed, BackendError, connect_backend, login_backend
+from cpmproxy.proxy.hooks import (
+    Answer,
+    BackendResponse,
+    ClientCommand,
+    Defer,
+    Drop,
+    Refuse,
+    Rewrite,
+    SelectedMailbox,
+)
+
+if TYPE_CHECKING:
+    from cpmproxy.proxy.service import ProxyService
+
+log = Logger(namespace="cpmproxy.session")
+
+# Capabilities the proxy cannot carry through (or that make no sense after login).
+_DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
+
+_PREAUTH_COMMANDS = {b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE", b"ID"}
+_SELECTING = {b"SELECT", b"EXAMINE"}
+_DESELECTING = {b"CLOSE", b"UNSELECT"}
+
+
+def _token_bytes(tok: Any) -> bytes | None:
+    if isinstance(tok, (Atom, Quoted, Literal)):
+        return tok.value
+    return None
+
+
+def _token_str(tok: Any) -> str | None:
+    v = _token_bytes(tok)
+    return None if v is None else v.decode("utf-8", "replace")
+
+
+def _code_number(line: bytes, code: bytes) -> int | None:
+    i = line.find(b"[" + code + b" ")
+    if i < 0:
+        return None
+    j = line.find(b"]", i)
+    try:
+        return int(line[i + len(code) + 2:j])
+    except ValueError:
+        return None
+
+
+class ClientSession(Protocol, TimeoutMixin):
+    """One client connection and, after login, its backend connection."""
+
+    def __init__(self, service: ProxyService):
+        self.service = service
+        self.config = service.config
+        limits = self.config.limits
+        self.framer = Framer(max_line=limits["max_line"], max_literal=limits["max_preauth_literal"])
+        self.phase = "preauth"  # preauth -> login -> auth -> closed
+        self.session_id = secrets.token_urlsafe(12)
+        self.peer_host = ""
+        self.peer_port = 0
+        self.tls_active = False
+        self.client_id: dict[str, str | None] = {}
+        self.device_id = "default"
+        self.user: str | None = None
+        self.backend = None
+        self.backend_caps: list[bytes] = []
+        self.capabilities: list[bytes] = []
+        self.selected: SelectedMailbox | None = None
+        self.state: dict[str, Any] = {}  # per-plugin session state, keyed by plugin name
+        self.bad_commands = 0
+        self.auth_failures = 0
+        # preauth command collection
+        self._parts: list[bytes] = []
+        self._parts_size = 0
+        self._auth_tag: bytes | None = None
+        # relay state
+        self._out: list[bytes] = []
+        self._pending_inject: list[bytes] = []
+        self._inflight: dict[bytes, deque[ClientCommand]] = {}
+        self._discard_command = False
+        self._drop_response = False
+        self._idling = False
+        self._blocked = False  # a plugin's Defer decision is pending
+        self._current: ClientCommand | None = None  # command whose later segments we are relaying
+        self._resp_cmd: ClientCommand | None = None
+        self._resp_head = None
+        self._selecting: ClientCommand | None = None
+        self._bye_sent = False
+        self._logout = False
+        self._closing = False
+        self.connected_at = time.monotonic()
+
+    # -- logging helpers ------------------------------------------------------------------------
+
+    def _log_fields(self) -> dict[str, Any]:
+        return {"session": self.session_id, "peer": self.peer_host, "user": self.user, "device": self.device_id}
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer_host = getattr(peer, "host", "") or ""
+        self.peer_port = getattr(peer, "port", 0) or 0
+        self.tls_active = ISSLTransport.providedBy(self.transport)
+        nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            try:
+                nodelay(True)
+            except OSError:
+                pass
+        refusal = self.service.admit(self)
+        if refusal:
+            self.transport.write(b"* BYE [UNAVAILABLE] " + refusal.encode() + b"\r\n")
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        self.setTimeout(self.config.limits["preauth_timeout"])
+        caps = b" ".join(self._preauth_capabilities())
+        greeting = self.config.proxy["greeting"].encode("utf-8", "replace")
+        self.transport.write(b"* OK [CAPABILITY " + caps + b"] " + greeting + b"\r\n")
+        log.info("connect {peer} session={session}", **self._log_fields())
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        prev = self.phase
+        self.phase = "closed"
+        if self.backend is not None and not self.backend.closed:
+            # Flush what the client sent (never lose a completed APPEND), then close.
+            self.backend.transport.loseConnection()
+        self.service.forget(self)
+        for plugin in self.service.hooks.closed:
+            try:
+                plugin.closed(self)
+            except Exception:
+                log.failure("plugin {plugin} closed hook failed", plugin=plugin.name)
+        log.info("disconnect session={session} user={user} phase={phase} reason={reason}",
+                 session=self.session_id, user=self.user, phase=prev,
+                 reason=reason.getErrorMessage() if reason else "")
+
+    def timeoutConnection(self) -> None:
+        self.service.metrics.timeouts.inc()
+        self.bye(b"Disconnected for inactivity.")
+
+    def bye(self, text: bytes, code: bytes = b"UNAVAILABLE") -> None:
+        """Send BYE (at a safe point) and close both sides."""
+        if self.phase == "closed" or self._closing:
+            return
+        self._closing = True
+        msg = b"* BYE " + (b"[" + code + b"] " if code else b"") + text + b"\r\n"
+        self._bye_sent = True
+        if self.backend is not None and self.phase == "auth" and not self._backend_at_boundary():
+            # Mid-response to the client: a BYE cannot be placed; closing is all we can do cleanly.
+            self._flush()
+        else:
+            self._out.append(msg)
+            self._flush()
+        self.transport.loseConnection()
+        if self.backend is not None and not self.backend.closed:
+            self.backend.transport.loseConnection()
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            self.service.metrics.bytes_out.inc(sum(map(len, out)))
+            self.transport.writeSequence(out)
+
+    def _backend_at_boundary(self) -> bool:
+        return self.backend is None or self.backend.framer.at_boundary
+
+    def inject(self, data: bytes) -> None:
+        """Queue whole untagged response(s) for the client, written at the next safe point."""
+        if self.phase != "auth" or self._closing:
+            return
+        if self._backend_at_boundary() and not self._drop_response:
+            self._out.append(data)
+            self._flush()
+        else:
+            self._pending_inject.append(data)
+
+    def _reply(self, tag: bytes, status_text: bytes, untagged: list[bytes] = ()) -> None:
+        """A locally generated answer; in relay mode it waits for a safe point like an injection."""
+        data = b"".join(untagged) + tag + b" " + status_text + b"\r\n"
+        if self.phase == "auth":
+            self.inject(data)
+        else:
+            self._out.append(data)
+
+    # -- input ----------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self.service.metrics.bytes_in.inc(len(data))
+        self.framer.feed(data)
+        self._process_client()
+
+    def _process_client(self) -> None:
+        if self.phase in ("login", "closed") or self._blocked or self._closing:
+            return
+        try:
+            if self.phase == "preauth":
+                self._preauth_events()
+            else:
+                self._relay_client_events()
+        except FramingError as e:
+            self._framing_error(e)
+        finally:
+            self._flush()
+            if self.phase == "auth" and self.backend is not None:
+                self.backend.flush()
+
+    def _framing_error(self, e: FramingError) -> None:
+        self.service.metrics.bad_input.labels(kind=e.code.lower()).inc()
+        tag = self._tag_of(e.data) if e.first else None
+        if e.fatal:
+            log.info("framing error, closing: {msg} session={session}", msg=e.message, session=self.session_id)
+            if self.phase == "auth" and self._current is not None and self.backend is not None:
+                # Part of this command is already at the backend: dropping the connection aborts it.
+                self.backend.transport.abortConnection()
+            self._discard_command = False
+            self.bye(e.message.encode() + b".", code=e.code.encode())
+            return
+        # A refused synchronizing literal: the client will not send it, the command is over.
+        self._reply(tag or b"*", b"BAD [" + e.code.encode() + b"] " + e.message.encode() + b".")
+        self._count_bad()
+
+    @staticmethod
+    def _tag_of(line: bytes) -> bytes | None:
+        tag = line.split(b" ", 1)[0].strip()
+        if tag and all(c not in tag for c in (b"{", b"(", b")", b"%", b"*", b'"', b"\\", b"+")) and len(tag) < 64:
+            return tag
+        return None
+
+    def _count_bad(self) -> None:
+        self.bad_commands += 1
+        if self.bad_commands >= self.config.limits["max_bad_commands"]:
+            self.bye(b"Too many invalid commands.", code=b"CLIENTBUG")
+
+    # -- pre-authentication ---------------------------------------------------------------------
+
+    def _preauth_capabilities(self) -> list[bytes]:
+        caps = [b"IMAP4rev1", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"LITERAL+"]
+        if self.service.server_tls is not None and not self.tls_active:
+            caps.append(b"STARTTLS")
+        if self._plaintext_ok():
+            caps.append(b"AUTH=PLAIN")
+        else:
+            caps.append(b"LOGINDISABLED")
+        return caps
+
+    def _plaintext_ok(self) -> bool:
+        if self.tls_active:
+            return True
+        mode = self.config.proxy["plaintext_auth"]
+        if mode == "always":
+            return True
+        if mode == "never":
+            return False
+        return self.service.is_loopback(self.peer_host)
+
+    def _preauth_events(self) -> None:
+        for ev in self.framer.events():
+            if self.phase != "preauth" or self._closing:
+                return
+            if isinstance(ev, LiteralData):
+                self._parts.append(ev.data)
+                continue
+            if ev.first:
+                self._parts = []
+            self._parts.append(ev.data)
+            if ev.literal is not None:
+                if not ev.non_sync:
+                    self._out.append(b"+ Ready for literal data\r\n")
+                continue
+            command = b"".join(self._parts)
+            self._parts = []
+            self._preauth_command(command)
+            if self.phase != "preauth":
+                return  # login started: the rest waits in the framer until it is done
+
+    def _preauth_command(self, raw: bytes) -> None:
+        line = raw[:-2] if raw.endswith(b"\r\n") else raw.rstrip(b"\n")
+        if self._auth_tag is not None:
+            tag, self._auth_tag = self._auth_tag, None
+            self._sasl_response(tag, line)
+            return
+        try:
+            cmd = parse_command(line)
+        except TokenError as e:
+            tag = self._tag_of(line)
+            self._reply(tag or b"*", b"BAD [CLIENTBUG] Invalid command: " + str(e).encode()[:100] + b".")
+            self._count_bad()
+            return
+        name = cmd.name
+        self.service.metrics.command(name)
+        if name not in _PREAUTH_COMMANDS or cmd.uid:
+            self._reply(cmd.tag, b"BAD [CLIENTBUG] Command " + name[:32] + b" is not valid before login.")
+            self._count_bad()
+            return
+        try:
+            args = cmd.args
+        except TokenError as e:
+            self._reply(cmd.tag, b"BAD [CLIENTBUG] Invalid arguments: " + str(e).encode()[:100] + b".")
+            self._count_bad()
+            return
+        self.bad_commands = 0
+        handler = getattr(self, "_cmd_" + name.decode().lower())
+        handler(cmd.tag, args)
+
+    def _cmd_capability(self, tag: bytes, args: list) -> None:
+        self._reply(tag, b"OK Pre-login capabilities listed, post-login capabilities have more.",
+                    [b"* CAPABILITY " + b" ".join(self._preauth_capabilities()) + b"\r\n"])
+
+    def _cmd_noop(self, tag: bytes, args: list) -> None:
+        self._reply(tag, b"OK NOOP completed.")
+
+    def _cmd_logout(self, tag: bytes, args: list) -> None:
+        self._out.append(b"* BYE Logging out\r\n" + tag + b" OK Logout completed.\r\n")
+        self._closing = True
+        self._flush()
+        self.transport.loseConnection()
+
+    def _cmd_starttls(self, tag: bytes, args: list) -> None:
+        if self.tls_active:
+            self._reply(tag, b"BAD [CLIENTBUG] TLS is already active.")
+            return
+        if self.service.server_tls is None:
+            self._reply(tag, b"BAD [CANNOT] TLS is not configured on this server.")
+            return
+        if self.framer.buffered:
+            # Plaintext pipelined after STARTTLS would be read as if it came over TLS (CVE-2011-0411).
+            self.bye(b"Commands pipelined after STARTTLS.", code=b"CLIENTBUG")
+            return
+        self._out.append(tag + b" OK Begin TLS negotiation now.\r\n")
+        self._flush()
+        self.transport.startTLS(self.service.server_tls)
+        self.tls_active = True
+
+    def _cmd_id(self, tag: bytes, args: list) -> None:
+        fields = self._parse_id(args)
+        if fields is None:
+            self._reply(tag, b"BAD [CLIENTBUG] Invalid ID parameters.")
+            return
+        self.client_id = fields
+        self._update_device_id()
+        ours = b'* ID ("name" "cpmproxy" "version" ' + quote(self.service.version) + b")\r\n"
+        self._reply(tag, b"OK ID completed.", [ours])
+
+    @staticmethod
+    def _parse_id(args: list) -> dict[str, str | None] | None:
+        if len(args) != 1:
+            return None
+        arg = args[0]
+        if isinstance(arg, Nil) or (isinstance(arg, Atom) and arg.value.upper() == b"NIL"):
+            return {}
+        if not isinstance(arg, ParenList) or len(arg.items) % 2 or len(arg.items) > 60:
+            return None
+        fields: dict[str, str | None] = {}
+        items = arg.items
+        for i in range(0, len(items), 2):
+            k = _token_str(items[i])
+            v = items[i + 1]
+            if k is None or len(k) > 30:
+                return None
+            fields[k.lower()] = None if isinstance(v, Nil) else _token_str(v)
+            if fields[k.lower()] is not None and len(fields[k.lower()]) > 1024:
+                return None
+        return fields
+
+    def _update_device_id(self) -> None:
+        field = self.config.proxy["device_id_field"].lower()
+        value = self.client_id.get(field)
+        self.device_id = value if value else "default"
+
+    def _cmd_login(self, tag: bytes, args: list) -> None:
+        if not self._plaintext_ok():
+            self._reply(tag, b"NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure "
+                             b"connections.")
+            return
+        if len(args) != 2:
+            self._reply(tag, b"BAD [CLIENTBUG] LOGIN needs a user name and a password.")
+            return
+        user, password = _token_str(args[0]), _token_str(args[1])
+        if user is None or password is None:
+            self._reply(tag, b"BAD [CLIENTBUG] Invalid LOGIN arguments.")
+            return
+        self._start_login(tag, "", user, password)
+
+    def _cmd_authenticate(self, tag: bytes, args: list) -> None:
+        if not args:
+            self._reply(tag, b"BAD [CLIENTBUG] AUTHENTICATE needs a mechanism.")
+            return
+        mech = (_token_bytes(args[0]) or b"").upper()
+        if mech != b"PLAIN":
+            self._reply(tag, b"NO [CANNOT] Unsupported authentication mechanism.")
+            return
+        if not self._plaintext_ok():
+            self._reply(tag, b"NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure "
+                             b"connections.")
+            return
+        if len(args) > 2:
+            self._reply(tag, b"BAD [CLIENTBUG] Too many arguments.")
+            return
+        if len(args) == 2:  # SASL-IR
+            ir = _token_bytes(args[1]) or b""
+            self._sasl_response(tag, b"" if ir == b"=" else ir)
+            return
+        self._auth_tag = tag
+        self._out.append(b"+ \r\n")
+
+    def _sasl_response(self, tag: bytes, data: bytes) -> None:
+        if data.strip() == b"*":
+            self._reply(tag, b"BAD [CLIENTBUG] Authentication aborted by client.")
+            return
+        try:
+            decoded = base64.b64decode(data.strip(), validate=True)
+            authzid, authcid, password = decoded.split(b"\0")
+            creds = (authzid.decode("utf-8"), authcid.decode("utf-8"), password.decode("utf-8"))
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            self._reply(tag, b"BAD [CLIENTBUG] Invalid base64 or PLAIN response.")
+            self._count_bad()
+            return
+        if not creds[1]:
+            self._reply(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.")
+            return
+        self._start_login(tag, *creds)
+
+    # -- login ----------------------------------------------------------------------------------
+
+    def _start_login(self, tag: bytes, authzid: str, user: str, password: str) -> None:
+        self.phase = "login"
+        self.transport.pauseProducing()  # pipelined commands wait in the socket, not in memory
+        d = defer.Deferred.fromCoroutine(self._login(tag, authzid, user, password))
+        d.addErrback(self._login_crashed, tag)
+
+    def _login_crashed(self, failure: Failure, tag: bytes) -> None:
+        log.failure("login failed unexpectedly session={session}", failure, session=self.session_id)
+        if self.phase == "login":
+            self._out.append(tag + b" NO [SERVERBUG] Internal error.\r\n")
+            self.bye(b"Internal error.", code=b"SERVERBUG")
+
+    async def _login(self, tag: bytes, authzid: str, user: str, password: str) -> None:
+        from twisted.internet import reactor
+
+        service = self.service
+        metrics = service.metrics
+        login_user = authzid or user
+        backend = None
+        try:
+            d = defer.Deferred.fromCoroutine(self._connect_and_login(authzid, user, password))
+            d.addTimeout(self.config.backend["login_timeout"], reactor)
+            backend, post_caps = await d
+        except AuthFailed as e:
+            metrics.logins.labels(result="failed").inc()
+            self.auth_failures += 1
+            delay = service.auth_failed(self.peer_host)
+            log.info("login failed user={user} peer={peer} session={session}", user=login_user,
+                     peer=self.peer_host, session=self.session_id)
+            if delay:
+                await _sleep(reactor, delay)
+            if self.phase != "login":
+                return
+            text = e.response if b"[" in e.response else b"NO [AUTHENTICATIONFAILED] " + e.response[3:]
+            self._resume_preauth(tag + b" " + text + b"\r\n")
+            if self.auth_failures >= self.config.limits["max_auth_failures"]:
+                self.bye(b"Too many failed logins.", code=b"AUTHENTICATIONFAILED")
+            return
+        except (BackendError, defer.TimeoutError, OSError) as e:
+            metrics.logins.labels(result="unavailable").inc()
+            metrics.backend_errors.labels(kind="login").inc()
+            log.warn("backend unavailable: {error} session={session}", error=str(e), session=self.session_id)
+            self._resume_preauth(tag + b" NO [UNAVAILABLE] Backend server is not available, try again later.\r\n")
+            return
+        if self.phase != "login":  # the client went away meanwhile
+            backend.transport.loseConnection()
+            return
+        self.backend = backend
+        self.user = login_user
+        refusal = service.admit_user(self)
+        if refusal:
+            metrics.logins.labels(result="limit").inc()
+            self.backend = None
+            backend.transport.loseConnection()
+            self.user = None
+            self._resume_preauth(tag + b" NO [LIMIT] " + refusal.encode() + b"\r\n")
+            return
+        self.backend_caps = post_caps
+        self.capabilities = self._post_capabilities(post_caps)
+        try:
+            for plugin in service.hooks.login:
+                await defer.maybeDeferred(plugin.login, self)
+        except Refuse as r:
+            metrics.logins.labels(result="refused").inc()
+            self.service.forget_user(self)
+            self.backend = None
+            backend.transport.loseConnection()
+            self.user = None
+            self._resume_preauth(tag + b" " + r.response + b"\r\n")
+            return
+        if self.phase != "login":
+            backend.transport.loseConnection()
+            return
+        metrics.logins.labels(result="ok").inc()
+        log.info("login user={user} device={device} session={session}", **self._log_fields())
+        self._enter_relay(tag)
+
+    async def _connect_and_login(self, authzid: str, user: str, password: str):
+        from twisted.internet import reactor
+
+        backend, caps = await connect_backend(reactor, self.config)
+        try:
+            local = self.transport.getHost()
+            fields: list[tuple[str, str | None]] = [
+                ("x-originating-ip", self.peer_host), ("x-originating-port", str(self.peer_port)),
+                ("x-connected-ip", getattr(local, "host", "")), ("x-connected-port", str(getattr(local, "port", ""))),
+                ("x-session-id", self.session_id),
+            ]
+            fields += [(k, v) for k, v in self.client_id.items() if not k.startswith("x-originating")
+                       and not k.startswith("x-connected") and k != "x-session-id"]
+            post = await login_backend(backend, caps, authzid, user, password, fields)
+        except BaseException:
+            backend.transport.loseConnection()
+            raise
+        return backend, post
+
+    def _resume_preauth(self, response: bytes) -> None:
+        if self.phase != "login":
+            return
+        self.phase = "preauth"
+        self._out.append(response)
+        self._flush()
+        self.transport.resumeProducing()
+        self._process_client()
+
+    def _post_capabilities(self, caps: list[bytes]) -> list[bytes]:
+        out = []
+        limit = self.config.limits["max_literal"]
+        for c in caps:
+            u = c.upper()
+            if u.startswith(_DROPPED_CAPS):
+                continue
+            if u.startswith(b"APPENDLIMIT"):
+                backend_limit = int(u.split(b"=", 1)[1]) if b"=" in u and u.split(b"=", 1)[1].isdigit() else None
+                if backend_limit is not None:
+                    limit = min(limit, backend_limit)
+                continue
+            out.append(c)
+        out.append(b"APPENDLIMIT=%d" % limit)
+        self.framer.max_literal = limit
+        for plugin in self.service.hooks.capabilities:
+            out = plugin.capabilities(self, out)
+        return out
+
+    def _enter_relay(self, tag: bytes) -> None:
+        self.phase = "auth"
+        self.setTimeout(self.config.limits["idle_timeout"])
+        self.framer.max_line = self.config.limits["max_line"]
+        self.backend.session = self
+        self._out.append(tag + b" OK [CAPABILITY " + b" ".join(self.capabilities) + b"] Logged in\r\n")
+        self._flush()
+        # Backpressure both ways: a slow reader pauses the other side's socket reads.
+        self.transport.registerProducer(self.backend.transport, True)
+        self.backend.transport.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+        if self.backend.framer.buffered:
+            self.backend_data(b"")
+        self._process_client()
+
+    # -- relay: client -> backend ---------------------------------------------------------------
+
+    def _relay_client_events(self) -> None:
+        backend = self.backend
+        bout = backend.out
+        hooks = self.service.hooks.command
+        for ev in self.framer.events():
+            if isinstance(ev, LiteralData):
+                if not self._discard_command:
+                    bout.append(ev.data)
+                continue
+            if not ev.first:
+                if not self._discard_command:
+                    bout.append(ev.data)
+                elif ev.literal is not None and not ev.non_sync:
+                    # A locally answered command cannot go on: refuse its next literal.
+                    self.framer.refuse_literal()
+                if ev.literal is None:
+                    self._discard_command = False
+                    self._current = None
+                continue
+            # A new command.
+            self._discard_command = False
+            if self._idling:
+                self._idling = False  # the line that ends IDLE (DONE); the backend judges it
+                bout.append(ev.data)
+                continue
+            line = ev.data
+            try:
+                parsed = parse_command(line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n"))
+            except TokenError as e:
+                self._local_answer_literal(ev)
+                tag = self._tag_of(line)
+                self._reply(tag or b"*", b"BAD [CLIENTBUG] Invalid command: " + str(e).encode()[:100] + b".")
+                self._count_bad()
+                continue
+            self.bad_commands = 0
+            self.service.metrics.command(parsed.name)
+            cmd = ClientCommand(parsed.tag, parsed.name, parsed.uid, line, parsed, ev.literal is not None)
+            action = self._core_command(cmd)
+            if action is None:
+                for plugin in hooks:
+                    try:
+                        action = plugin.command(self, cmd)
+                    except TokenError as e:
+                        action = Answer(b"BAD [CLIENTBUG] Invalid arguments: " + str(e).encode()[:100] + b".")
+                    if action is not None:
+                        break
+            if isinstance(action, Defer):
+                self._blocked = True
+                self.transport.pauseProducing()
+                action.deferred.addCallbacks(self._deferred_decision, self._deferred_failed,
+                                             callbackArgs=(cmd, ev), errbackArgs=(cmd, ev))
+                return
+            self._apply(cmd, ev, action)
+            if self._closing:
+                return
+
+    def _local_answer_literal(self, ev) -> None:
+        """A first segment answered locally: skip whatever of the command follows it."""
+        if ev.literal is not None:
+            if ev.non_sync:
+                self._discard_command = True
+            else:
+                self.framer.refuse_literal()
+
+    def _apply(self, cmd: ClientCommand, ev, action) -> None:
+        if isinstance(action, Answer):
+            self._local_answer_literal(ev)
+            self._reply(cmd.tag, action.tagged, action.untagged)
+            return
+        data = action.data if isinstance(action, Rewrite) else cmd.line
+        self._inflight.setdefault(cmd.tag, deque()).append(cmd)
+        if ev.literal is not None:
+            self._current = cmd
+        if cmd.name in _SELECTING:
+            self._begin_select(cmd)
+        elif cmd.name == b"IDLE":
+            self._idling = True
+        elif cmd.name == b"LOGOUT":
+            self._logout = True
+        self.backend.out.append(data)
+
+    def _deferred_decision(self, action, cmd: ClientCommand, ev) -> None:
+        if self.phase != "auth" or self._closing:
+            return
+        self._blocked = False
+        self._apply(cmd, ev, action)
+        self.transport.resumeProducing()
+        self._process_client()
+
+    def _deferred_failed(self, failure: Failure, cmd: ClientCommand, ev) -> None:
+        log.failure("plugin decision failed session={session}", failure, session=self.session_id)
+        self._deferred_decision(Answer(b"NO [SERVERBUG] Internal error."), cmd, ev)
+
+    def _core_command(self, cmd: ClientCommand):
+        name = cmd.name
+        if name == b"CAPABILITY":
+            return Answer(b"OK Capability completed.",
+                          [b"* CAPABILITY " + b" ".join(self.capabilities) + b"\r\n"])
+        if name == b"STARTTLS":
+            return Answer(b"BAD [CLIENTBUG] STARTTLS is not valid after login.")
+        if name == b"COMPRESS":
+            return Answer(b"NO [CANNOT] COMPRESS is not supported by this proxy.")
+        if name in (b"LOGIN", b"AUTHENTICATE"):
+            return Answer(b"BAD [CLIENTBUG] Already logged in.")
+        return None
+
+    # -- selected-mailbox tracking --------------------------------------------------------------
+
+    def _begin_select(self, cmd: ClientCommand) -> None:
+        raw = b""
+        try:
+            if cmd.args:
+                raw = _token_bytes(cmd.args[0]) or b""
+        except TokenError:
+            raw = b""
+        try:
+            name = mutf7_decode(raw) if raw else ""
+        except ValueError:
+            name = raw.decode("utf-8", "replace")
+        cmd.state["select"] = SelectedMailbox(name=name, raw_name=raw, read_only=cmd.name == b"EXAMINE")
+        self._selecting = cmd
+        if self.selected is not None:
+            self._set_selected(None)
+
+    def _set_selected(self, mailbox: SelectedMailbox | None) -> None:
+        self.selected = mailbox
+        for plugin in self.service.hooks.selected:
+            plugin.selected(self, mailbox)
+
+    def _track_untagged(self, line: bytes, head) -> None:
+        sel = self._selecting.state["select"] if self._selecting is not None else self.selected
+        if sel is None:
+            return
+        if head.name == b"EXISTS" and head.number is not None:
+            sel.exists = head.number
+        elif head.name == b"EXPUNGE" and sel.exists:
+            sel.exists -= 1
+        elif head.name == b"OK" and head.code:
+            code = head.code.upper()
+            if code.startswith(b"UIDVALIDITY "):
+                sel.uidvalidity = _code_number(line, b"UIDVALIDITY")
+            elif code.startswith(b"UIDNEXT "):
+                sel.uidnext = _code_number(line, b"UIDNEXT")
+            elif code.startswith(b"HIGHESTMODSEQ "):
+                sel.highestmodseq = _code_number(line, b"HIGHESTMODSEQ")
+
+    def _finish_command(self, cmd: ClientCommand, status: bytes, head) -> None:
+        if cmd is self._selecting:
+            self._selecting = None
+            if status == b"OK":
+                sel = cmd.state["select"]
+                if head.code and head.code.upper() == b"READ-ONLY":
+                    sel.read_only = True
+                self._set_selected(sel)
+        elif cmd.name in _DESELECTING and status == b"OK" and self.selected is not None:
+            self._set_selected(None)
+        elif cmd.name == b"IDLE":
+            self._idling = False
+
+    # -- relay: backend -> client ---------------------------------------------------------------
+
+    def backend_data(self, data: bytes) -> None:
+        framer = self.backend.framer
+        if data:
+            framer.feed(data)
+        out = self._out
+        resp_hooks = self.service.hooks.response
+        try:
+            for ev in framer.events():
+                if isinstance(ev, LiteralData):
+                    if not self._drop_response:
+                        out.append(ev.data)
+                    continue
+                if ev.first:
+                    data = self._backend_first(ev.data)
+                    if data is None:
+                        continue
+                else:
+                    data = ev.data
+                    if self._drop_response:
+                        if ev.literal is None:
+                            self._drop_response = False
+                        continue
+                    if resp_hooks and self._resp_head is not None:
+                        data = self._response_hooks(data, False)
+                        if data is None:
+                            continue
+                out.append(data)
+                if ev.literal is None and self._pending_inject:
+                    out.extend(self._pending_inject)
+                    self._pending_inject.clear()
+        except (FramingError, TokenError) as e:
+            self.service.metrics.backend_errors.labels(kind="protocol").inc()
+            log.error("backend protocol error: {error} session={session}", error=str(e), session=self.session_id)
+            self._flush()
+            self.bye(b"Backend protocol error.", code=b"UNAVAILABLE")
+            return
+        if self._pending_inject and framer.at_boundary and not self._drop_response:
+            out.extend(self._pending_inject)
+            self._pending_inject.clear()
+        self._flush()
+
+    def _backend_first(self, data: bytes) -> bytes | None:
+        """First segment of a backend response: parse its head, track state, run hooks."""
+        first = data[:1]
+        if first == b"+":
+            self._resp_head = None
+            return data
+        head = parse_response_head(data.rstrip(b"\r\n"))
+        self._resp_head = head
+        cmd = None
+        if head.kind == "tagged":
+            queue = self._inflight.get(head.tag)
+            if queue:
+                cmd = queue.popleft()
+                if not queue:
+                    del self._inflight[head.tag]
+                if cmd is self._current:
+                    self._current = None
+                self._finish_command(cmd, head.name, head)
+            self._resp_cmd = cmd
+            if cmd is not None and self.service.hooks.tagged:
+                resp = BackendResponse(data, True, head, cmd)
+                for plugin in self.service.hooks.tagged:
+                    action = plugin.tagged(self, cmd, resp)
+                    if isinstance(action, Rewrite):
+                        resp.data = action.data
+                data = resp.data
+            return data
+        self._resp_cmd = None
+        if head.kind == "untagged":
+            self._track_untagged(data, head)
+            if head.name == b"BYE":
+                self._bye_sent = True
+        if self.service.hooks.response:
+            return self._response_hooks(data, True)
+        return data
+
+    def _response_hooks(self, data: bytes, first: bool) -> bytes | None:
+        resp = BackendResponse(data, first, self._resp_head, self._resp_cmd)
+        for plugin in self.service.hooks.response:
+            action = plugin.response(self, resp)
+            if action is None:
+                continue
+            if isinstance(action, Drop):
+                if first:
+                    self._drop_response = not self.backend.framer.at_boundary
+                return None
+            if isinstance(action, Rewrite):
+                resp.data = action.data
+        return resp.data
+
+    def backend_lost(self, reason: Failure) -> None:
+        self.backend.session = None
+        if self.phase != "auth" or self._closing:
+            return
+        if not self._bye_sent:
+            self.service.metrics.backend_errors.labels(kind="disconnect").inc()
+            self.bye(b"Backend server closed the connection.", code=b"UNAVAILABLE")
+        else:
+            self._flush()
+            self._closing = True
+            self.transport.loseConnection()
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def shutdown(self, text: bytes) -> None:
+        self.bye(text, code=b"UNAVAILABLE")
+
+
+def _sleep(reactor, seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d

@@ -1,0 +1,102 @@
+"""Run the proxy as a real subprocess (``python -m cpmproxy.cli``), as operators do: for tests, demo, bench."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProxyProcess:
+    """A cpmproxy process listening on a free loopback port in front of ``backend_port``.
+
+    ``config_extra`` is appended verbatim to the generated TOML (extra sections such as ``[limits]``).
+    """
+
+    def __init__(self, workdir: Path, backend_port: int, *, backend_tls: str = "none", ca_file: str = "",
+                 server_name: str = "", tls_cert: str = "", tls_key: str = "", config_extra: str = "",
+                 listen_extra: list[str] = (), metrics: bool = True, plugins: list[str] | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.metrics_port = free_port() if metrics else None
+        self.listen = [f"tcp:{self.port}:interface=127.0.0.1", *listen_extra]
+        lines = []
+        if plugins is not None:
+            lines.append("plugins = [" + ", ".join(f'"{p}"' for p in plugins) + "]")
+        lines += ["[proxy]", "listen = [" + ", ".join(f'"{d}"' for d in self.listen) + "]"]
+        if tls_cert:
+            lines += [f'tls_cert = "{tls_cert}"', f'tls_key = "{tls_key}"']
+        lines += ["[backend]", 'host = "127.0.0.1"', f"port = {backend_port}", f'tls = "{backend_tls}"']
+        if ca_file:
+            lines.append(f'ca_file = "{ca_file}"')
+        if server_name:
+            lines.append(f'server_name = "{server_name}"')
+        if metrics:
+            lines += ["[metrics]", f'listen = "tcp:{self.metrics_port}:interface=127.0.0.1"']
+        self.config_path = self.workdir / f"cpmproxy-{self.port}.toml"
+        self.config_path.write_text("\n".join(lines) + "\n" + config_extra)
+        self.log_path = self.workdir / f"cpmproxy-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> ProxyProcess:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cpmproxy.cli", "--config", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cpmproxy exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1) as s:
+                    if s.recv(1024).startswith(b"* OK"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"cpmproxy did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,57 @@
+"""CPM's ``\\read-report-sent`` flag, carried as a keyword the backend accepts.
+
+CPM defines the system-flag-looking ``\\read-report-sent``; IMAP servers refuse unknown system flags
+(RFC 9051 reserves ``\\`` names), so the flag is rewritten to a keyword on the way in (STORE, APPEND,
+SEARCH) and back on the way out (FETCH FLAGS, FLAGS, PERMANENTFLAGS).
+"""
+
+from __future__ import annotations
+
+import re
+
+from cpmproxy.config import ConfigError
+from cpmproxy.proxy.hooks import BackendResponse, ClientCommand, Plugin, Rewrite
+
+CPM_FLAG = rb"\read-report-sent"
+_IN_COMMANDS = frozenset((b"STORE", b"APPEND", b"SEARCH", b"SORT", b"THREAD"))
+_OUT_RESPONSES = frozenset((b"FETCH", b"FLAGS", b"OK"))
+_CPM_FLAG_RE = re.compile(rb"\\read-report-sent(?=[\s)])", re.I)
+
+
+class ReadReportPlugin(Plugin):
+    name = "readreport"
+
+    def __init__(self, proxy):
+        super().__init__(proxy)
+        self.configure({})
+
+    def configure(self, settings: dict) -> None:
+        unknown = set(settings) - {"keyword"}
+        if unknown:
+            raise ConfigError(f"plugin.readreport.{sorted(unknown)[0]}: unknown key")
+        keyword = settings.get("keyword", "$ReadReportSent")
+        if not isinstance(keyword, str) or not re.fullmatch(r"[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]+", keyword):
+            raise ConfigError("plugin.readreport.keyword: must be an IMAP keyword atom")
+        self.keyword = keyword.encode()
+        self._keyword_re = re.compile(rb"(?<=[\s(])" + re.escape(self.keyword) + rb"(?=[\s)])", re.I)
+
+    def command(self, session, cmd: ClientCommand):
+        if cmd.name in _IN_COMMANDS and _CPM_FLAG_RE.search(cmd.line):
+            return Rewrite(_CPM_FLAG_RE.sub(self.keyword.replace(b"\\", b"\\\\"), cmd.line))
+        return None
+
+    def response(self, session, resp: BackendResponse):
+        head = resp.head
+        if head.kind != "untagged" or head.name not in _OUT_RESPONSES:
+            return None
+        data = resp.data
+        if head.name == b"OK":
+            if not (resp.first and head.code and head.code[:15].upper() == b"PERMANENTFLAGS "):
+                return None
+        new = self._keyword_re.sub(CPM_FLAG.replace(b"\\", b"\\\\"), data)
+        if resp.first and head.name != b"FETCH" and CPM_FLAG not in new.lower():
+            # Announce the flag where the mailbox accepts keywords (so clients know it is permanent).
+            close = new.find(b")")
+            if close > 0 and (head.name == b"FLAGS" or b"\\*" in new[:close]):
+                new = new[:close] + b" " + CPM_FLAG + new[close:]
+        return Rewrite(new) if new != data else None
