@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 import time
 from collections import deque
@@ -55,6 +56,7 @@ log = Logger(namespace="cpmproxy.session")
 # Capabilities the proxy cannot carry through (or that make no sense after login).
 _DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
 
+_TAG_RE = re.compile(rb'([^\x00-\x20\x7f-\xff+(){%*"\\\]]{1,64})[ \r\n]')
 _PREAUTH_COMMANDS = {b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE", b"ID"}
 _SELECTING = {b"SELECT", b"EXAMINE"}
 _DESELECTING = {b"CLOSE", b"UNSELECT"}
@@ -263,10 +265,9 @@ class ClientSession(Protocol, TimeoutMixin):
 
     @staticmethod
     def _tag_of(line: bytes) -> bytes | None:
-        tag = line.split(b" ", 1)[0].strip()
-        if tag and all(c not in tag for c in (b"{", b"(", b")", b"%", b"*", b'"', b"\\", b"+")) and len(tag) < 64:
-            return tag
-        return None
+        """The tag of a line that failed to parse, if it has a valid one (else answer untagged)."""
+        m = _TAG_RE.match(line)
+        return m.group(1) if m else None
 
     def _count_bad(self) -> None:
         self.bad_commands += 1

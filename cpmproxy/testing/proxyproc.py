@@ -20,12 +20,14 @@ def free_port() -> int:
 class ProxyProcess:
     """A cpmproxy process listening on a free loopback port in front of ``backend_port``.
 
-    ``config_extra`` is appended verbatim to the generated TOML (extra sections such as ``[limits]``).
+    ``config_extra`` is appended verbatim to the generated TOML (extra sections such as ``[limits]``);
+    ``proxy_extra`` goes inside ``[proxy]``.
     """
 
     def __init__(self, workdir: Path, backend_port: int, *, backend_tls: str = "none", ca_file: str = "",
                  server_name: str = "", tls_cert: str = "", tls_key: str = "", config_extra: str = "",
-                 listen_extra: list[str] = (), metrics: bool = True, plugins: list[str] | None = None):
+                 listen_extra: list[str] = (), metrics: bool = True, plugins: list[str] | None = None,
+                 proxy_extra: str = ""):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -36,6 +38,8 @@ class ProxyProcess:
         if plugins is not None:
             lines.append("plugins = [" + ", ".join(f'"{p}"' for p in plugins) + "]")
         lines += ["[proxy]", "listen = [" + ", ".join(f'"{d}"' for d in self.listen) + "]"]
+        if proxy_extra:
+            lines.append(proxy_extra)
         if tls_cert:
             lines += [f'tls_cert = "{tls_cert}"', f'tls_key = "{tls_key}"']
         lines += ["[backend]", 'host = "127.0.0.1"', f"port = {backend_port}", f'tls = "{backend_tls}"']

@@ -1,0 +1,75 @@
+"""Proxy fixtures: a real cpmproxy process in front of the session's real Dovecot."""
+
+from __future__ import annotations
+
+import imaplib
+import ssl
+
+import pytest
+
+from cpmproxy.testing.certs import make_ca_and_cert
+from cpmproxy.testing.proxyproc import ProxyProcess
+from cpmproxy.testing.rawclient import RawIMAP
+
+
+@pytest.fixture(scope="session")
+def proxy_certs(tmp_path_factory):
+    """A CA of the client side and the proxy's own certificate (localhost/127.0.0.1)."""
+    return make_ca_and_cert(tmp_path_factory.mktemp("proxy-certs"))
+
+
+@pytest.fixture(scope="session")
+def proxy(dovecot, proxy_certs, tmp_path_factory):
+    """The default proxy: STARTTLS to the backend with verification, STARTTLS offered to clients."""
+    p = ProxyProcess(tmp_path_factory.mktemp("proxy"), dovecot.port, backend_tls="starttls",
+                     ca_file=str(dovecot.certs.ca_cert), server_name="localhost",
+                     tls_cert=str(proxy_certs.cert), tls_key=str(proxy_certs.key),
+                     config_extra="[limits]\nauth_failure_delay = 0.2\nmax_line = 8192\n"
+                                  "max_literal = 30000000\n")
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def make_proxy(dovecot, proxy_certs, tmp_path):
+    """Start an extra proxy with its own settings (stopped at the end of the test)."""
+    started = []
+
+    def make(**kw) -> ProxyProcess:
+        kw.setdefault("backend_tls", "starttls")
+        if kw["backend_tls"] != "none":
+            kw.setdefault("ca_file", str(dovecot.certs.ca_cert))
+            kw.setdefault("server_name", "localhost")
+        backend_port = kw.pop("backend_port", dovecot.tls_port if kw["backend_tls"] == "implicit" else dovecot.port)
+        p = ProxyProcess(tmp_path / f"p{len(started)}", backend_port, **kw)
+        started.append(p)
+        return p.start()
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+def client_ssl_context(certs) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(certs.ca_cert))
+
+
+def imap_via(p: ProxyProcess, user: str = "alice", password: str | None = None) -> imaplib.IMAP4:
+    c = imaplib.IMAP4(p.host, p.port, timeout=30)
+    c.login(user, password or f"{user}pw")
+    return c
+
+
+def raw_via(p: ProxyProcess, **kw) -> RawIMAP:
+    return RawIMAP(p.host, p.port, **kw)
+
+
+def still_serving(p: ProxyProcess, user: str = "bob") -> bool:
+    """A second client logs in and runs a command: the proxy survived whatever came before."""
+    c = imap_via(p, user)
+    try:
+        typ, _ = c.noop()
+        return typ == "OK"
+    finally:
+        c.logout()

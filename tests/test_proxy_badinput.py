@@ -1,0 +1,165 @@
+"""Bad input gets a clear BAD/NO with a response code, or BYE with a reason; the proxy keeps serving."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import time
+
+from tests.proxyfix import make_proxy, proxy, proxy_certs, raw_via, still_serving  # noqa: F401
+
+
+def test_garbage_bytes_before_login(proxy):
+    with raw_via(proxy) as c:
+        c.send(b"\x00\xff\xfe garbage \x01\x02\r\n")
+        assert c.read_line().startswith(b"* BAD [CLIENTBUG]")
+        c.send(b"a1 NOOP\r\n")
+        assert c.until_tagged(b"a1")[-1].startswith(b"a1 OK")
+    assert still_serving(proxy)
+
+
+def test_garbage_bytes_after_login(proxy):
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        c.send(b'"unterminated\r\n')
+        assert c.read_line().startswith(b"* BAD [CLIENTBUG]")
+        c.send(b"x1 FETCH (\r\n")
+        r = c.until_tagged(b"x1")
+        assert r[-1].startswith(b"x1 BAD"), r
+        assert c.command(b"x2", b"NOOP")[-1].startswith(b"x2 OK")
+
+
+def test_random_binary_noise_never_kills_proxy(proxy):
+    for seed in range(5):
+        with raw_via(proxy) as c:
+            c.send(os.urandom(3000 + seed * 1000))
+            c.closed(timeout=1)
+    assert still_serving(proxy)
+
+
+def test_overlong_line_bye(proxy):
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        c.send(b"a NOOP " + b"x" * 20000 + b"\r\n")  # max_line = 8192 in this fixture
+        line = c.read_line()
+        assert line.startswith(b"* BYE [TOOBIG]"), line
+        assert c.closed()
+    assert still_serving(proxy)
+
+
+def test_huge_sync_literal_refused_connection_continues(proxy):
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        c.send(b"a APPEND INBOX {999999999999}\r\n")
+        assert c.read_line().startswith(b"a BAD [TOOBIG]")
+        assert c.command(b"b", b"NOOP")[-1].startswith(b"b OK")
+    with raw_via(proxy) as c:  # before login too (pre-auth literals are small)
+        c.send(b"a LOGIN {100000}\r\n")
+        assert c.read_line().startswith(b"a BAD [TOOBIG]")
+        assert c.command(b"b", b"NOOP")[-1].startswith(b"b OK")
+
+
+def test_huge_nonsync_literal_bye(proxy):
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        c.send(b"a APPEND INBOX {999999999+}\r\nxxxx")
+        line = c.read_line()
+        assert line.startswith(b"* BYE [TOOBIG]"), line
+        assert c.closed()
+    assert still_serving(proxy)
+
+
+def test_negative_and_malformed_literals(proxy):
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        for i, bad in enumerate((b"{-5}", b"{abc}", b"{}", b"{5x+}")):
+            tag = b"n%d" % i
+            c.send(tag + b" APPEND INBOX " + bad + b"\r\n")
+            line = c.read_line()
+            assert line.startswith(tag + b" BAD [CLIENTBUG]"), line
+        assert c.command(b"ok", b"NOOP")[-1].startswith(b"ok OK")
+
+
+def test_literal_never_sent_times_out_cleanly(make_proxy):
+    p = make_proxy(config_extra="[limits]\nidle_timeout = 1\npreauth_timeout = 1\n")
+    with raw_via(p) as c:
+        c.login("alice", "alicepw")
+        c.send(b"a APPEND INBOX {50}\r\n")
+        assert c.read_line().startswith(b"+")
+        # ...and nothing more: the session ends with a reason, not a hang.
+        line = c.read_line()
+        assert line.startswith(b"* BYE") or c.closed(timeout=5)
+    with raw_via(p) as c:  # pre-auth timeout
+        line = c.read_line()
+        assert line.startswith(b"* BYE") and b"inactivity" in line
+    assert still_serving(p)
+
+
+def test_unknown_command_after_login_is_backend_bad(proxy):
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        r = c.command(b"u", b"XYZZY FOO")
+        assert r[-1].startswith(b"u BAD")
+        assert c.command(b"v", b"NOOP")[-1].startswith(b"v OK")
+
+
+def test_tls_handshake_garbage(make_proxy, proxy_certs):
+    p = make_proxy(listen_extra=[], tls_cert=str(proxy_certs.cert), tls_key=str(proxy_certs.key))
+    with raw_via(p) as c:
+        c.command(b"a", b"STARTTLS")
+        c.send(b"this is not a TLS client hello\r\n" * 10)
+        assert c.closed()
+    # Plain TCP speaking garbage to an implicit-TLS port of another proxy: same, and nobody else notices.
+    from cpmproxy.testing.proxyproc import free_port
+    tls_port = free_port()
+    q = make_proxy(listen_extra=[f"ssl:{tls_port}:interface=127.0.0.1:privateKey={proxy_certs.key}:"
+                                 f"certKey={proxy_certs.cert}"])
+    s = socket.create_connection(("127.0.0.1", tls_port), timeout=5)
+    s.sendall(b"\x16\x03\x01\x00\x05garbage" * 20)
+    try:
+        s.recv(100)
+    except OSError:
+        pass
+    s.close()
+    ctx = ssl.create_default_context(cafile=str(proxy_certs.ca_cert))
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as t:
+        assert t.recv(100).startswith(b"* OK")
+    assert still_serving(q)
+
+
+def test_connection_limit_per_ip(make_proxy):
+    p = make_proxy(config_extra="[limits]\nmax_connections_per_ip = 3\n")
+    conns = [raw_via(p) for _ in range(3)]
+    s = socket.create_connection((p.host, p.port), timeout=5)
+    line = s.recv(200)
+    assert line.startswith(b"* BYE [UNAVAILABLE]") and b"Too many" in line
+    s.close()
+    for c in conns:
+        c.close()
+    time.sleep(0.3)
+    with raw_via(p) as c:
+        assert c.greeting.startswith(b"* OK")
+
+
+def test_connection_limit_per_user(make_proxy):
+    p = make_proxy(config_extra="[limits]\nmax_connections_per_user = 2\n")
+    a, b = raw_via(p), raw_via(p)
+    a.login("alice", "alicepw")
+    b.login("alice", "alicepw")
+    with raw_via(p) as c:
+        assert c.login("alice", "alicepw")[-1].startswith(b"L NO [LIMIT]")
+        assert c.login("bob", "bobpw")[-1].startswith(b"L OK")
+    a.close()
+    b.close()
+
+
+def test_too_many_bad_commands_bye(proxy):
+    with raw_via(proxy) as c:
+        for i in range(25):
+            try:
+                c.send(b"t%d BOGUS\r\n" % i)
+            except OSError:
+                break
+        assert c.closed()

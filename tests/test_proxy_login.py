@@ -1,0 +1,129 @@
+"""The login phase is the proxy's: greeting, CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN, ID."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import imapclient
+import pytest
+
+from tests.proxyfix import client_ssl_context, imap_via, make_proxy, proxy, proxy_certs, raw_via, still_serving  # noqa: F401
+
+
+def test_greeting_has_capabilities(proxy):
+    with raw_via(proxy) as c:
+        assert c.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
+        caps = c.greeting.split(b"]")[0].split()[2:]
+        assert b"STARTTLS" in caps and b"AUTH=PLAIN" in caps and b"SASL-IR" in caps
+        r = c.command(b"a", b"CAPABILITY")
+        assert r[0].startswith(b"* CAPABILITY IMAP4rev1") and r[-1].startswith(b"a OK")
+        assert c.command(b"b", b"NOOP")[-1].startswith(b"b OK")
+        r = c.command(b"c", b"LOGOUT")
+        assert r[0].startswith(b"* BYE") and r[-1].startswith(b"c OK")
+
+
+def test_login_returns_backend_capabilities_filtered(proxy):
+    with raw_via(proxy) as c:
+        r = c.command(b"a", b"LOGIN alice alicepw")
+        line = r[-1]
+        assert line.startswith(b"a OK [CAPABILITY ")
+        caps = line[len(b"a OK [CAPABILITY "):line.index(b"]")].split()
+        assert b"IMAP4rev1" in caps and b"METADATA" in caps and b"QRESYNC" in caps
+        for dropped in (b"STARTTLS", b"AUTH=PLAIN", b"LOGINDISABLED", b"SASL-IR"):
+            assert dropped not in caps
+        assert not any(c.startswith(b"COMPRESS") for c in caps)
+        assert any(c.startswith(b"APPENDLIMIT=") for c in caps)
+        r = c.command(b"b", b"CAPABILITY")
+        assert r[0].split()[2:] == caps
+        assert c.command(b"c", b"COMPRESS DEFLATE")[-1].startswith(b"c NO [CANNOT]")
+        assert c.command(b"d", b"STARTTLS")[-1].startswith(b"d BAD")
+
+
+def test_login_with_literals(proxy):
+    with raw_via(proxy) as c:
+        c.send(b"a LOGIN {5}\r\n")
+        assert c.read_line().startswith(b"+")
+        c.send(b"alice {7+}\r\nalicepw\r\n")
+        assert c.until_tagged(b"a")[-1].startswith(b"a OK [CAPABILITY")
+        assert c.command(b"b", b"SELECT INBOX")[-1].startswith(b"b OK")
+
+
+def test_authenticate_plain_sasl_ir_and_continuation(proxy):
+    blob = base64.b64encode(b"\0bob\0bobpw")
+    with raw_via(proxy) as c:
+        assert c.command(b"a", b"AUTHENTICATE PLAIN " + blob)[-1].startswith(b"a OK [CAPABILITY")
+    with raw_via(proxy) as c:
+        c.send(b"a AUTHENTICATE PLAIN\r\n")
+        assert c.read_line() == b"+ \r\n"
+        c.send(blob + b"\r\n")
+        assert c.until_tagged(b"a")[-1].startswith(b"a OK [CAPABILITY")
+    with raw_via(proxy) as c:
+        c.send(b"a AUTHENTICATE PLAIN\r\n")
+        c.read_line()
+        c.send(b"*\r\n")
+        assert c.until_tagged(b"a")[-1].startswith(b"a BAD")
+        assert c.command(b"b", b"AUTHENTICATE CRAM-MD5")[-1].startswith(b"b NO [CANNOT]")
+        assert c.command(b"c", b"AUTHENTICATE PLAIN !!notbase64")[-1].startswith(b"c BAD")
+
+
+def test_wrong_password_is_authenticationfailed_with_delay(proxy):
+    with raw_via(proxy) as c:
+        t0 = time.monotonic()
+        r = c.command(b"a", b"LOGIN alice wrong")
+        assert r[-1].startswith(b"a NO [AUTHENTICATIONFAILED]")
+        assert time.monotonic() - t0 >= 0.15  # the configured delay (0.2 s, doubling per failure)
+        # Two more failures and the connection is closed (max_auth_failures = 3).
+        c.command(b"b", b"LOGIN alice wrong")
+        r = c.command(b"c", b"LOGIN alice wrong")
+        assert r[-1].startswith(b"c NO [AUTHENTICATIONFAILED]")
+        assert c.read_line().startswith(b"* BYE")
+        assert c.closed()
+    assert still_serving(proxy)
+
+
+def test_id_answered_and_device_id_kept(proxy):
+    with raw_via(proxy) as c:
+        r = c.command(b"a", b'ID ("name" "cpm-app" "x-cpm-device-id" "phone-1")')
+        assert r[0].startswith(b'* ID ("name" "cpmproxy"') and r[-1].startswith(b"a OK")
+        assert c.command(b"b", b"ID NIL")[-1].startswith(b"b OK")
+        assert c.command(b"c", b"ID (\"odd\")")[-1].startswith(b"c BAD")
+
+
+def test_commands_before_login_refused(proxy):
+    with raw_via(proxy) as c:
+        r = c.command(b"a", b"SELECT INBOX")
+        assert r[-1].startswith(b"a BAD [CLIENTBUG]")
+        assert c.command(b"b", b"XYZZY")[-1].startswith(b"b BAD")
+        assert c.command(b"c", b"UID FETCH 1 FLAGS")[-1].startswith(b"c BAD")
+        assert c.command(b"d", b"LOGIN alice alicepw")[-1].startswith(b"d OK")
+
+
+def test_backend_down_is_unavailable_quickly(make_proxy):
+    from cpmproxy.testing.proxyproc import free_port
+
+    p = make_proxy(backend_tls="none", backend_port=free_port())
+    with raw_via(p) as c:
+        t0 = time.monotonic()
+        r = c.command(b"a", b"LOGIN alice alicepw")
+        assert r[-1].startswith(b"a NO [UNAVAILABLE]")
+        assert time.monotonic() - t0 < 5
+        assert c.command(b"b", b"NOOP")[-1].startswith(b"b OK")  # still usable; may retry
+
+
+def test_plaintext_login_policy(make_proxy, proxy_certs):
+    p = make_proxy(tls_cert=str(proxy_certs.cert), tls_key=str(proxy_certs.key))
+    # loopback (default): allowed without TLS
+    imap_via(p).logout()
+    never = make_proxy(tls_cert=str(proxy_certs.cert), tls_key=str(proxy_certs.key),
+                       proxy_extra='plaintext_auth = "never"')
+    with raw_via(never) as c:
+        assert b"LOGINDISABLED" in c.greeting
+        assert c.command(b"a", b"LOGIN alice alicepw")[-1].startswith(b"a NO [PRIVACYREQUIRED]")
+    # After STARTTLS the same login works.
+    client = imapclient.IMAPClient(never.host, never.port, ssl=False, timeout=30)
+    client.starttls(client_ssl_context(proxy_certs))
+    assert b"AUTH=PLAIN" in client.capabilities()
+    client.login("alice", "alicepw")
+    assert client.select_folder("INBOX")
+    client.logout()

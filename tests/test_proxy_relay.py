@@ -1,0 +1,236 @@
+"""After login the proxy relays: real clients, every literal form, pipelining, IDLE, big messages."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+
+import imapclient
+
+from tests.proxyfix import imap_via, proxy, proxy_certs, raw_via, still_serving  # noqa: F401
+
+
+def _msg(subject: str, size: int = 0) -> bytes:
+    body = (b"x" * 76 + b"\r\n") * (size // 78 + 1) if size else b"hello\r\n"
+    return (b"From: a@example.com\r\nTo: b@example.com\r\nSubject: " + subject.encode() +
+            b"\r\nMessage-ID: <" + uuid.uuid4().hex.encode() + b"@example.com>\r\n\r\n" + body)
+
+
+def _fresh_folder(user="alice") -> str:
+    return "t-" + uuid.uuid4().hex[:10]
+
+
+def test_imapclient_session_basic(proxy, dovecot):
+    folder = _fresh_folder()
+    c = imapclient.IMAPClient(proxy.host, proxy.port, ssl=False, timeout=30)
+    c.login("alice", "alicepw")
+    c.create_folder(folder)
+    for i in range(5):
+        c.append(folder, _msg(f"m{i}"), flags=[b"\\Seen"] if i % 2 else [])
+    info = c.select_folder(folder)
+    assert info[b"EXISTS"] == 5
+    uids = c.search(["UNSEEN"])
+    assert len(uids) == 3
+    c.add_flags(uids, [b"\\Flagged", b"$Custom"])
+    flags = c.get_flags(c.search("ALL"))
+    assert sum(1 for f in flags.values() if b"\\Flagged" in f) == 3
+    body = c.fetch(uids[:1], ["BODY.PEEK[]", "RFC822.SIZE", "ENVELOPE"])
+    assert b"Subject: m0" in body[uids[0]][b"BODY[]"]
+    c.logout()
+    # The change is on the server.
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(folder)
+    assert len(d.search(["FLAGGED"])) == 3
+    d.delete_folder(folder)
+    d.logout()
+
+
+def test_every_literal_form_in_append(proxy):
+    folder = _fresh_folder()
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        assert c.command(b"c", b"CREATE " + folder.encode())[-1].startswith(b"c OK")
+        m = _msg("sync")
+        c.send(b"a1 APPEND %s {%d}\r\n" % (folder.encode(), len(m)))
+        assert c.read_line().startswith(b"+")
+        c.send(m + b"\r\n")
+        assert c.until_tagged(b"a1")[-1].startswith(b"a1 OK [APPENDUID")
+        m = _msg("plus")
+        assert c.command(b"a2", b"APPEND %s {%d+}\r\n%s" % (folder.encode(), len(m), m))[-1].startswith(b"a2 OK")
+        m = _msg("binary") + b"\x00bin"
+        r = c.command(b"a3", b"APPEND %s ~{%d+}\r\n%s" % (folder.encode(), len(m), m))
+        assert r[-1].startswith(b"a3 OK"), r
+        # MULTIAPPEND: three messages in one command, all with non-synchronizing literals.
+        parts = b"".join(b" (\\Seen) {%d+}\r\n%s" % (len(x), x) for x in (_msg("ma1"), _msg("ma2"), _msg("ma3")))
+        r = c.command(b"a4", b"APPEND " + folder.encode() + parts)
+        assert r[-1].startswith(b"a4 OK [APPENDUID"), r
+        # CATENATE with a text part in a literal.
+        r = c.command(b"a5", b"APPEND %s CATENATE (TEXT {%d+}\r\n%s)" % (folder.encode(), len(m), m))
+        assert r[-1].startswith(b"a5 OK"), r
+        r = c.command(b"s", b"STATUS %s (MESSAGES)" % folder.encode())
+        assert b"MESSAGES 7" in r[0]
+        c.command(b"d", b"DELETE " + folder.encode())
+
+
+def test_big_append_and_fetch_20mb(proxy):
+    folder = _fresh_folder()
+    c = imapclient.IMAPClient(proxy.host, proxy.port, ssl=False, timeout=60)
+    c.login("alice", "alicepw")
+    c.create_folder(folder)
+    big = _msg("big", 20 * 1024 * 1024)
+    c.append(folder, big)
+    c.select_folder(folder)
+    data = c.fetch([1], ["BODY.PEEK[]"])
+    assert data[1][b"BODY[]"] == big
+    c.delete_folder(folder)
+    c.logout()
+
+
+def test_pipelined_commands_keep_order_and_tags(proxy):
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        batch = b"".join(b"p%d NOOP\r\n" % i for i in range(50)) + b"s SELECT INBOX\r\nf UID FETCH 1:* (FLAGS)\r\n"
+        c.send(batch)
+        seen = set()
+        while len(seen) < 52:
+            line = c.read_response()
+            tag = line.split(b" ", 1)[0]
+            if tag != b"*":
+                assert b" OK " in line, line
+                seen.add(tag)
+        assert seen == {b"p%d" % i for i in range(50)} | {b"s", b"f"}
+
+
+def test_idle_through_proxy(proxy, dovecot):
+    folder = _fresh_folder()
+    d = dovecot.imap_direct("alice", tls="none")
+    d.create_folder(folder)
+    c = imapclient.IMAPClient(proxy.host, proxy.port, ssl=False, timeout=30)
+    c.login("alice", "alicepw")
+    c.select_folder(folder)
+    c.idle()
+    d.append(folder, _msg("during idle"))
+    responses = c.idle_check(timeout=10)
+    c.idle_done()
+    assert (1, b"EXISTS") in responses
+    assert c.noop()[0]
+    c.logout()
+    d.delete_folder(folder)
+    d.logout()
+
+
+def test_enable_qresync_and_metadata(proxy):
+    c = imapclient.IMAPClient(proxy.host, proxy.port, ssl=False, timeout=30)
+    c.login("alice", "alicepw")
+    assert c.enable("QRESYNC") == [b"QRESYNC"]
+    info = c.select_folder("INBOX")
+    assert b"HIGHESTMODSEQ" in info
+    c.logout()
+    with raw_via(proxy) as r:
+        r.login("alice", "alicepw")
+        assert r.command(b"m1", b'SETMETADATA "" (/private/comment "hello via proxy")')[-1].startswith(b"m1 OK")
+        out = r.command(b"m2", b'GETMETADATA "" /private/comment')
+        assert out[0].startswith(b'* METADATA "" (/private/comment ') and b"hello via proxy)" in out[0], out
+        assert out[-1].startswith(b"m2 OK")
+
+
+def test_read_report_flag_mapped_both_ways(proxy, dovecot):
+    folder = _fresh_folder()
+    c = imap_via(proxy)
+    c.create(folder)
+    c.append(folder, r"(\Seen)", None, _msg("rr"))
+    c.select(folder)
+    typ, data = c.store("1", "+FLAGS", r"(\read-report-sent)")
+    assert typ == "OK" and b"\\read-report-sent" in data[0]
+    typ, data = c.fetch("1", "(FLAGS)")
+    assert b"\\read-report-sent" in data[0]
+    typ, data = c.search(None, "KEYWORD", r"\read-report-sent")
+    assert data[0] == b"1"
+    c.logout()
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(folder)
+    assert b"$ReadReportSent" in d.get_flags([1])[1]
+    d.delete_folder(folder)
+    d.logout()
+
+
+def test_slow_client_does_not_make_proxy_buffer(proxy, dovecot):
+    """Backpressure: a client that stops reading a 60 MB FETCH costs the proxy far less than 60 MB."""
+    folder = _fresh_folder()
+    d = dovecot.imap_direct("alice", tls="none")
+    d.create_folder(folder)
+    big = _msg("big", 20 * 1024 * 1024)
+    for _ in range(3):
+        d.append(folder, big)
+    d.logout()
+
+    def rss_kb() -> int:
+        for line in open(f"/proc/{proxy.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.connect((proxy.host, proxy.port))
+    s.recv(4096)
+    s.sendall(b"a LOGIN alice alicepw\r\nb SELECT " + folder.encode() + b"\r\n")
+    time.sleep(0.5)
+    s.recv(65536)
+    before = rss_kb()
+    s.sendall(b"c FETCH 1:3 BODY.PEEK[]\r\n")
+    time.sleep(3)  # the backend would deliver 60 MB in well under a second
+    grown = rss_kb() - before
+    assert grown < 20 * 1024, f"proxy grew by {grown} KiB while the client was not reading"
+    # Now read everything: all 60 MB arrive intact.
+    got = 0
+    s.settimeout(30)
+    buf = b""
+    while not buf.endswith(b"c OK Fetch completed.\r\n") and b"\r\nc OK" not in buf[-200:]:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        got += len(chunk)
+        buf = buf[-300:] + chunk
+    assert got > 3 * len(big)
+    s.close()
+    assert still_serving(proxy)
+    d = dovecot.imap_direct("alice", tls="none")
+    d.delete_folder(folder)
+    d.logout()
+
+
+def test_client_vanishing_mid_literal_stores_nothing(proxy, dovecot):
+    folder = _fresh_folder()
+    d = dovecot.imap_direct("alice", tls="none")
+    d.create_folder(folder)
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        c.send(b"a APPEND %s {100000+}\r\n" % folder.encode() + b"x" * 5000)
+        time.sleep(0.3)
+    time.sleep(0.5)
+    assert d.folder_status(folder, ["MESSAGES"])[b"MESSAGES"] == 0
+    d.delete_folder(folder)
+    d.logout()
+    assert still_serving(proxy)
+
+
+def test_backend_drop_gives_bye(proxy, dovecot):
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        c.command(b"s", b"SELECT INBOX")
+        # Kill this user's backend imap processes: the proxy must tell the client why.
+        out = dovecot.doveadm("kick", "alice")
+        assert out is not None
+        line = c.read_line()
+        while not line.startswith(b"* BYE"):
+            line = c.read_line()
+        assert c.closed()
+    assert still_serving(proxy)
+
+
+def test_proxy_process_alive(proxy):
+    assert proxy.proc.poll() is None
+    assert os.path.exists(proxy.log_path)
