@@ -7,6 +7,7 @@ switches to relay mode, every byte goes to the session, which owns the same fram
 from __future__ import annotations
 
 import base64
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -230,11 +231,22 @@ async def connect_backend(reactor, config: Config) -> tuple[BackendProtocol, lis
     return proto, caps
 
 
-def _id_args(fields: list[tuple[str, str | None]]) -> bytes:
+_ID_UNSAFE = re.compile(rb"[\x00-\x1f\x7f-\xff]")
+_ID_ESCAPE = re.compile(rb'(["\\])')
+
+
+def id_string(value: str) -> bytes:
+    """An ID field as an IMAP quoted string (RFC 2971 wants strings, not atoms); informational text, so
+    characters a quoted string cannot carry become '?' rather than forcing a literal."""
+    data = _ID_UNSAFE.sub(b"?", value.encode("utf-8", "replace"))
+    return b'"' + _ID_ESCAPE.sub(rb"\\\1", data) + b'"'
+
+
+def id_list(fields) -> bytes:
     parts = []
     for k, v in fields:
-        parts.append(quote(k))
-        parts.append(b"NIL" if v is None else quote(v))
+        parts.append(id_string(k))
+        parts.append(b"NIL" if v is None else id_string(v))
     return b"(" + b" ".join(parts) + b")"
 
 
@@ -245,7 +257,7 @@ async def login_backend(proto: BackendProtocol, caps: list[bytes], authzid: str,
     upper = {c.upper() for c in caps}
     waits = []
     if b"ID" in upper:
-        waits.append(proto.command(b"ID " + _id_args(id_fields)))
+        waits.append(proto.command(b"ID " + id_list(id_fields)))
     blob = base64.b64encode(f"{authzid}\0{user}\0{password}".encode())
     if b"AUTH=PLAIN" in upper and b"SASL-IR" in upper:
         auth = proto.command(b"AUTHENTICATE PLAIN " + blob)

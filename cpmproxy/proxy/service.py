@@ -188,6 +188,17 @@ class ProxyService(service.MultiService):
         self.metrics.active.inc()
         return None
 
+    def rehome(self, session: ClientSession, host: str) -> None:
+        """The session's client address changed (PROXY protocol): move its per-IP count."""
+        if session in self.sessions:
+            self._drop_ip(session.peer_host)
+            self.by_ip[host] += 1
+
+    def _drop_ip(self, host: str) -> None:
+        self.by_ip[host] -= 1
+        if self.by_ip[host] <= 0:
+            del self.by_ip[host]
+
     def admit_user(self, session: ClientSession) -> str | None:
         users = self.by_user[session.user]
         if len(users) >= self.config.limits["max_connections_per_user"]:
@@ -208,9 +219,7 @@ class ProxyService(service.MultiService):
             return
         self.sessions.discard(session)
         self.metrics.active.dec()
-        self.by_ip[session.peer_host] -= 1
-        if self.by_ip[session.peer_host] <= 0:
-            del self.by_ip[session.peer_host]
+        self._drop_ip(session.peer_host)
         if session.user is not None:
             self.forget_user(session)
 

@@ -36,7 +36,7 @@ from cpmproxy.imap.tokens import (
     parse_response_head,
     quote,
 )
-from cpmproxy.proxy.backend import AuthFailed, BackendError, connect_backend, login_backend
+from cpmproxy.proxy.backend import AuthFailed, BackendError, connect_backend, id_list, login_backend
 from cpmproxy.proxy.hooks import (
     Answer,
     BackendResponse,
@@ -127,6 +127,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._logout = False
         self._closing = False
         self.connected_at = time.monotonic()
+        self._peer_unsettled = True
 
     # -- logging helpers ------------------------------------------------------------------------
 
@@ -157,6 +158,17 @@ class ClientSession(Protocol, TimeoutMixin):
         greeting = self.config.proxy["greeting"].encode("utf-8", "replace")
         self.transport.write(b"* OK [CAPABILITY " + caps + b"] " + greeting + b"\r\n")
         log.info("connect {peer} session={session}", **self._log_fields())
+
+    def _settle_peer(self) -> None:
+        """Behind a PROXY-protocol listener the real client address is known only once the header
+        has been read, i.e. after connectionMade: take it from the transport with the first data."""
+        self._peer_unsettled = False
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", "") or ""
+        if host and host != self.peer_host:
+            self.service.rehome(self, host)
+            self.peer_host = host
+            self.peer_port = getattr(peer, "port", 0) or 0
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
@@ -228,6 +240,8 @@ class ClientSession(Protocol, TimeoutMixin):
     # -- input ----------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._peer_unsettled:
+            self._settle_peer()
         self.resetTimeout()
         self.service.metrics.bytes_in.inc(len(data))
         self.framer.feed(data)
@@ -381,7 +395,7 @@ class ClientSession(Protocol, TimeoutMixin):
             return
         self.client_id = fields
         self._update_device_id()
-        ours = b'* ID ("name" "cpmproxy" "version" ' + quote(self.service.version) + b")\r\n"
+        ours = b"* ID " + id_list([("name", "cpmproxy"), ("version", self.service.version)]) + b"\r\n"
         self._reply(tag, b"OK ID completed.", [ours])
 
     @staticmethod

@@ -1,0 +1,150 @@
+"""Operations: CLI --check, twist plugin, SIGHUP reload, SIGTERM shutdown, metrics, PROXY protocol + ID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from cpmproxy.testing.proxyproc import ProxyProcess, free_port
+from tests.proxyfix import imap_via, make_proxy, proxy, proxy_certs, raw_via  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(path), "--check"],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_check_accepts_good_and_rejects_bad_configs(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[proxy]\nlisten = ["tcp:1143:interface=127.0.0.1"]\n[backend]\nhost = "127.0.0.1"\n')
+    r = _check(good)
+    assert r.returncode == 0, r.stderr
+    cases = {
+        '[proxy]\nlisen = ["tcp:1"]\n': "did you mean 'listen'",
+        '[backend]\ntls = "maybe"\n': "backend.tls",
+        '[limits]\nmax_line = -1\n': "limits.max_line",
+        '[limits]\nmax_line = "big"\n': "expected int",
+        'plugins = ["nope"]\n': "unknown plugin 'nope'",
+        '[proxy]\nlisten = ["bogus:xyz"]\n': "invalid endpoint",
+        'wat = 1\n': "wat: unknown key",
+        '[backend\n': "",
+        '[backend]\ntls = "starttls"\nca_file = "/nonexistent.pem"\n': "no such file",
+    }
+    for text, needle in cases.items():
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        r = _check(bad)
+        assert r.returncode != 0, text
+        assert needle in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)
+    r = _check(tmp_path / "missing.toml")
+    assert r.returncode != 0 and "no such file" in r.stderr
+
+
+def test_example_config_is_valid():
+    r = _check(ROOT / "conf" / "cpmproxy.toml")
+    assert r.returncode == 0, r.stderr
+
+
+def test_sigterm_says_bye_and_exits(make_proxy):
+    p = make_proxy()
+    c = raw_via(p)
+    c.login("alice", "alicepw")
+    c.command(b"s", b"SELECT INBOX")
+    p.signal(signal.SIGTERM)
+    line = c.read_line()
+    assert line.startswith(b"* BYE [UNAVAILABLE]") and b"shutting down" in line
+    assert c.closed()
+    assert p.proc.wait(10) == 0
+
+
+def test_sighup_reload_keeps_sessions(make_proxy):
+    p = make_proxy(config_extra="[limits]\nmax_connections_per_user = 5\n")
+    c = raw_via(p)
+    c.login("alice", "alicepw")
+    p.config_path.write_text(p.config_path.read_text().replace("max_connections_per_user = 5",
+                                                               "max_connections_per_user = 1"))
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "configuration reloaded" not in p.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "configuration reloaded" in p.log()
+    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # the old session lives on
+    with raw_via(p) as d:
+        assert d.login("alice", "alicepw")[-1].startswith(b"L NO [LIMIT]")  # the new limit applies
+    # A broken config on reload keeps the running one.
+    p.config_path.write_text(p.config_path.read_text() + "\nbogus = 1\n")
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "reload failed" not in p.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "reload failed" in p.log()
+    assert c.command(b"n2", b"NOOP")[-1].startswith(b"n2 OK")
+    c.close()
+
+
+def test_metrics_endpoint(proxy):
+    imap_via(proxy).logout()
+    with raw_via(proxy) as c:
+        c.login("alice", "nope")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=5).read().decode()
+    assert "cpmproxy_connections_total" in body
+    assert 'cpmproxy_logins_total{result="ok"}' in body
+    assert 'cpmproxy_logins_total{result="failed"}' in body
+    assert 'cpmproxy_commands_total{command="login"}' in body
+    assert "cpmproxy_client_bytes_sent_total" in body
+
+
+def test_logs_never_contain_passwords(proxy):
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        c.login("bob", "secret-wrong-pw")
+    time.sleep(0.2)
+    log = proxy.log()
+    assert "alicepw" not in log and "secret-wrong-pw" not in log
+
+
+def test_proxy_protocol_and_id_forwarding(make_proxy, dovecot):
+    port = free_port()
+    # The client is not on loopback any more: allow plaintext for this test.
+    make_proxy(listen_extra=[f"haproxy:tcp:{port}:interface=127.0.0.1"], proxy_extra='plaintext_auth = "always"')
+    import socket
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 143\r\n")
+    assert s.recv(1000).startswith(b"* OK")
+    s.sendall(b"a LOGIN carol carolpw\r\n")
+    buf = b""
+    while b"a OK" not in buf:
+        buf += s.recv(1000)
+    who = dovecot.doveadm("who", "-1", "carol")
+    assert "198.51.100.7" in who, who
+    s.sendall(b"b LOGOUT\r\n")
+    s.close()
+
+
+def test_twist_plugin_runs(dovecot, tmp_path):
+    p = ProxyProcess(tmp_path, dovecot.port, metrics=False)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    twist = Path(sys.executable).with_name("twist")
+    proc = subprocess.Popen([str(twist), "cpmproxy", "--config", str(p.config_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                c = imap_via(p, "alice")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, proc.stdout.read1().decode() if proc.poll() is not None else ""
+                time.sleep(0.1)
+        assert c.select("INBOX")[0] == "OK"
+        c.logout()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)

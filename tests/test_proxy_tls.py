@@ -1,0 +1,47 @@
+"""TLS on both sides: STARTTLS and implicit TLS to clients; STARTTLS and implicit TLS to the backend,
+verified against the configured CA and hostname."""
+
+from __future__ import annotations
+
+import imapclient
+
+from cpmproxy.testing.certs import make_ca_and_cert
+from cpmproxy.testing.proxyproc import free_port
+from tests.proxyfix import client_ssl_context, make_proxy, proxy_certs, raw_via  # noqa: F401
+
+
+def test_client_starttls_backend_starttls(make_proxy, proxy_certs):
+    p = make_proxy(tls_cert=str(proxy_certs.cert), tls_key=str(proxy_certs.key), backend_tls="starttls")
+    c = imapclient.IMAPClient("localhost", p.port, ssl=False, timeout=30)
+    c.starttls(client_ssl_context(proxy_certs))
+    c.login("alice", "alicepw")
+    assert c.select_folder("INBOX")
+    c.logout()
+
+
+def test_client_implicit_tls_backend_implicit_tls(make_proxy, proxy_certs):
+    port = free_port()
+    p = make_proxy(backend_tls="implicit",
+                   listen_extra=[f"ssl:{port}:interface=127.0.0.1:privateKey={proxy_certs.key}:certKey={proxy_certs.cert}"])
+    c = imapclient.IMAPClient("localhost", port, ssl=True, ssl_context=client_ssl_context(proxy_certs), timeout=30)
+    caps = c.capabilities()
+    assert b"STARTTLS" not in caps  # already TLS
+    c.login("bob", "bobpw")
+    c.select_folder("INBOX")
+    c.logout()
+    assert p.proc.poll() is None
+
+
+def test_backend_wrong_hostname_refused(make_proxy):
+    p = make_proxy(backend_tls="starttls", server_name="wrong.example")
+    with raw_via(p) as c:
+        r = c.login("alice", "alicepw")
+        assert r[-1].startswith(b"L NO [UNAVAILABLE]"), r
+    assert "wrong.example" in p.log() or "UNAVAILABLE" not in p.log()
+
+
+def test_backend_untrusted_ca_refused(make_proxy, tmp_path):
+    other = make_ca_and_cert(tmp_path / "other-ca")
+    p = make_proxy(backend_tls="implicit", ca_file=str(other.ca_cert))
+    with raw_via(p) as c:
+        assert c.login("alice", "alicepw")[-1].startswith(b"L NO [UNAVAILABLE]")
