@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from cpmproxy.testing.proxyproc import ProxyProcess, free_port
-from tests.proxyfix import imap_via, make_proxy, proxy, proxy_certs, raw_via  # noqa: F401
+from tests.proxyfix import imap_via, raw_via
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import socket
 import ssl
 import time
 
-from tests.proxyfix import make_proxy, proxy, proxy_certs, raw_via, still_serving  # noqa: F401
+from tests.proxyfix import raw_via, still_serving
 
 
 def test_garbage_bytes_before_login(proxy):

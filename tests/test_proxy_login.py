@@ -6,9 +6,8 @@ import base64
 import time
 
 import imapclient
-import pytest
 
-from tests.proxyfix import client_ssl_context, imap_via, make_proxy, proxy, proxy_certs, raw_via, still_serving  # noqa: F401
+from tests.proxyfix import client_ssl_context, imap_via, raw_via, still_serving
 
 
 def test_greeting_has_capabilities(proxy):

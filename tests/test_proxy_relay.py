@@ -9,7 +9,7 @@ import uuid
 
 import imapclient
 
-from tests.proxyfix import imap_via, proxy, proxy_certs, raw_via, still_serving  # noqa: F401
+from tests.proxyfix import imap_via, raw_via, still_serving
 
 
 def _msg(subject: str, size: int = 0) -> bytes:

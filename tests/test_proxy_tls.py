@@ -7,7 +7,7 @@ import imapclient
 
 from cpmproxy.testing.certs import make_ca_and_cert
 from cpmproxy.testing.proxyproc import free_port
-from tests.proxyfix import client_ssl_context, make_proxy, proxy_certs, raw_via  # noqa: F401
+from tests.proxyfix import client_ssl_context, raw_via
 
 
 def test_client_starttls_backend_starttls(make_proxy, proxy_certs):
