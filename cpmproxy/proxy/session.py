@@ -34,7 +34,6 @@ from cpmproxy.imap.tokens import (
     TokenError,
     parse_command,
     parse_response_head,
-    quote,
 )
 from cpmproxy.proxy.backend import AuthFailed, BackendError, connect_backend, id_list, login_backend
 from cpmproxy.proxy.hooks import (
