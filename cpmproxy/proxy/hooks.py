@@ -18,7 +18,8 @@ Hooks, in the order a session meets them:
     decide later, or None to pass it on unchanged.
 ``response(session, resp) -> Action | None``
     A text segment of a backend response (``resp.first`` for the first one). ``Drop()`` on a first
-    segment drops the whole response, literals included; ``Rewrite(data)`` replaces the segment.
+    segment drops the whole response, literals included; ``Rewrite(data)`` replaces the segment;
+    ``Hold(d)`` on a first segment holds this and every later response until ``d`` fires.
 ``tagged(session, cmd, resp) -> Action | None``
     The tagged completion of a client command (after its untagged responses went through ``response``).
 ``selected(session, mailbox)``
@@ -26,6 +27,8 @@ Hooks, in the order a session meets them:
 ``closed(session)``
     The session is over; release what the plugin holds for it.
 
+``session.backend_command(line)`` runs a command on the session's backend connection that the client never
+sees (its ESEARCH answers are correlated by tag; IDLE is suspended and resumed around it).
 ``session.inject(data)`` queues whole untagged responses; the proxy writes them at the next point where
 the client is between two responses (never inside a literal or a multi-segment response).
 """
@@ -42,7 +45,7 @@ if TYPE_CHECKING:
     from cpmproxy.imap.tokens import ResponseHead
 
 __all__ = [
-    "Action", "Answer", "Defer", "Drop", "Plugin", "Refuse", "Rewrite", "ClientCommand",
+    "Action", "Answer", "Defer", "Drop", "Hold", "Plugin", "Refuse", "Rewrite", "ClientCommand",
     "BackendResponse", "SelectedMailbox",
 ]
 
@@ -73,6 +76,14 @@ class Answer(Action):
 class Defer(Action):
     """The decision comes later: ``deferred`` fires with another Action (or None for pass)."""
     deferred: "Deferred[Action | None]"
+
+
+@dataclass(slots=True)
+class Hold(Action):
+    """From ``response`` on a first segment: this response and all after it wait until ``deferred``
+    fires (typically after ``session.backend_command`` gathered what the plugin needs); then the hooks
+    run again on it. Internal answers and continuation requests are not held."""
+    deferred: "Deferred[object]"
 
 
 class Refuse(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import time
 from collections import defaultdict
@@ -76,10 +77,15 @@ def load_plugins(config: Config, proxy) -> list[Plugin]:
         raise ConfigError(f"plugin.{sorted(unknown_tables)[0]}: settings for a plugin that is not enabled")
     plugins = []
     for name in names:
-        if name not in eps:
+        # "package.module:Class" loads a plugin that is not installed as an entry point (development).
+        if name not in eps and ":" not in name:
             raise ConfigError(f"plugins: unknown plugin {name!r} (installed: {', '.join(sorted(eps)) or 'none'})")
         try:
-            cls = eps[name].load()
+            if name in eps:
+                cls = eps[name].load()
+            else:
+                module, _, attr = name.partition(":")
+                cls = getattr(importlib.import_module(module), attr)
         except Exception as e:
             raise ConfigError(f"plugins: cannot load {name!r}: {e}") from None
         plugin = cls(proxy)

@@ -35,13 +35,14 @@ from cpmproxy.imap.tokens import (
     parse_command,
     parse_response_head,
 )
-from cpmproxy.proxy.backend import AuthFailed, BackendError, connect_backend, id_list, login_backend
+from cpmproxy.proxy.backend import AuthFailed, BackendError, Reply, connect_backend, id_list, login_backend
 from cpmproxy.proxy.hooks import (
     Answer,
     BackendResponse,
     ClientCommand,
     Defer,
     Drop,
+    Hold,
     Refuse,
     Rewrite,
     SelectedMailbox,
@@ -116,7 +117,16 @@ class ClientSession(Protocol, TimeoutMixin):
         self._inflight: dict[bytes, deque[ClientCommand]] = {}
         self._discard_command = False
         self._drop_response = False
-        self._idling = False
+        self._idle: str | None = None  # None, "active" (backend idling for the client), "suspended"
+        self._idle_cmd: ClientCommand | None = None
+        self._idle_done_pending = False  # the client said DONE while we had the backend's IDLE suspended
+        self._awaiting_continuation = False  # a forwarded synchronizing literal waits for the backend's "+"
+        self._internal: dict[bytes, tuple[defer.Deferred, list[bytes]]] = {}
+        self._internal_queue: list[bytes] = []
+        self._internal_seq = 0
+        self._held: list | None = None  # backend events waiting while a plugin gathers data (Hold)
+        self._swallow_tagged: set[bytes] = set()
+        self._swallow_continuation = 0
         self._blocked = False  # a plugin's Defer decision is pending
         self._current: ClientCommand | None = None  # command whose later segments we are relaying
         self._resp_cmd: ClientCommand | None = None
@@ -222,7 +232,7 @@ class ClientSession(Protocol, TimeoutMixin):
         """Queue whole untagged response(s) for the client, written at the next safe point."""
         if self.phase != "auth" or self._closing:
             return
-        if self._backend_at_boundary() and not self._drop_response:
+        if self._backend_at_boundary() and not self._drop_response and self._held is None:
             self._out.append(data)
             self._flush()
         else:
@@ -631,18 +641,19 @@ class ClientSession(Protocol, TimeoutMixin):
             if not ev.first:
                 if not self._discard_command:
                     bout.append(ev.data)
+                    self._awaiting_continuation = ev.literal is not None and not ev.non_sync
                 elif ev.literal is not None and not ev.non_sync:
                     # A locally answered command cannot go on: refuse its next literal.
                     self.framer.refuse_literal()
                 if ev.literal is None:
                     self._discard_command = False
                     self._current = None
+                    self._send_internal_queue()
                 continue
             # A new command.
             self._discard_command = False
-            if self._idling:
-                self._idling = False  # the line that ends IDLE (DONE); the backend judges it
-                bout.append(ev.data)
+            if self._idle is not None and self._idle_cmd is not None:
+                self._client_done(ev.data)
                 continue
             line = ev.data
             try:
@@ -675,6 +686,16 @@ class ClientSession(Protocol, TimeoutMixin):
             if self._closing:
                 return
 
+    def _client_done(self, line: bytes) -> None:
+        """The client's line that ends IDLE (DONE; the backend judges anything else)."""
+        if self._idle == "suspended":
+            self._idle_done_pending = True  # answered when our internal commands are done
+            return
+        self._idle = None
+        self._idle_cmd = None
+        self.backend.out.append(line)
+        self._send_internal_queue()
+
     def _local_answer_literal(self, ev) -> None:
         """A first segment answered locally: skip whatever of the command follows it."""
         if ev.literal is not None:
@@ -692,13 +713,17 @@ class ClientSession(Protocol, TimeoutMixin):
         self._inflight.setdefault(cmd.tag, deque()).append(cmd)
         if ev.literal is not None:
             self._current = cmd
+            self._awaiting_continuation = not ev.non_sync
         if cmd.name in _SELECTING:
             self._begin_select(cmd)
         elif cmd.name == b"IDLE":
-            self._idling = True
+            self._idle = "active"
+            self._idle_cmd = cmd
         elif cmd.name == b"LOGOUT":
             self._logout = True
         self.backend.out.append(data)
+        if ev.literal is None:
+            self._send_internal_queue()
 
     def _deferred_decision(self, action, cmd: ClientCommand, ev) -> None:
         if self.phase != "auth" or self._closing:
@@ -711,6 +736,60 @@ class ClientSession(Protocol, TimeoutMixin):
     def _deferred_failed(self, failure: Failure, cmd: ClientCommand, ev) -> None:
         log.failure("plugin decision failed session={session}", failure, session=self.session_id)
         self._deferred_decision(Answer(b"NO [SERVERBUG] Internal error."), cmd, ev)
+
+    # -- internal commands on the client's backend connection -----------------------------------
+
+    def backend_command(self, line: bytes) -> defer.Deferred[Reply]:
+        """Run ``line`` (without tag) on this session's backend connection, invisibly to the client.
+
+        Fires with a ``Reply``: its ``untagged`` holds the ESEARCH responses correlated by tag; other
+        untagged responses the command causes (EXISTS, EXPUNGE, FETCH) go to the client as usual, so use
+        ``UID SEARCH RETURN (...)`` to ask questions. Sent at the next command boundary; if the client
+        is idling, the backend's IDLE is suspended (DONE) and resumed afterwards, transparently.
+        """
+        self._internal_seq += 1
+        tag = b"cpm.%d" % self._internal_seq
+        d: defer.Deferred[Reply] = defer.Deferred()
+        if self.backend is None or self.backend.closed:
+            d.errback(BackendError("backend connection is closed"))
+            return d
+        self._internal[tag] = (d, [])
+        self._internal_queue.append(tag + b" " + line + b"\r\n")
+        if self._idle == "active":
+            self._suspend_idle()
+        self._send_internal_queue()
+        self.backend.flush()
+        return d
+
+    def _send_internal_queue(self) -> None:
+        if not self._internal_queue or self._current is not None or self._idle == "active":
+            return
+        if self._idle is None or self._idle == "suspended":
+            self.backend.out.extend(self._internal_queue)
+            self._internal_queue.clear()
+
+    def _suspend_idle(self) -> None:
+        self._idle = "suspended"
+        self._swallow_tagged.add(self._idle_cmd.tag)
+        self.backend.out.append(b"DONE\r\n")
+
+    def _internal_finished(self) -> None:
+        """After an internal command: resume the client's IDLE at the backend, or finish it."""
+        if self._internal or self._idle != "suspended":
+            return
+        cmd = self._idle_cmd
+        if self._idle_done_pending:
+            self._idle_done_pending = False
+            self._idle = None
+            self._idle_cmd = None
+            self._reply(cmd.tag, b"OK Idle completed.")
+            self._send_internal_queue()
+        else:
+            self._idle = "active"
+            self._inflight.setdefault(cmd.tag, deque()).append(cmd)
+            self._swallow_continuation += 1
+            self.backend.out.append(cmd.tag + b" IDLE\r\n")
+        self.backend.flush()
 
     def _core_command(self, cmd: ClientCommand):
         name = cmd.name
@@ -775,8 +854,9 @@ class ClientSession(Protocol, TimeoutMixin):
                 self._set_selected(sel)
         elif cmd.name in _DESELECTING and status == b"OK" and self.selected is not None:
             self._set_selected(None)
-        elif cmd.name == b"IDLE":
-            self._idling = False
+        elif cmd.name == b"IDLE" and self._idle == "active" and self._idle_cmd is cmd:
+            self._idle = None  # refused, or ended by the client's DONE
+            self._idle_cmd = None
 
     # -- relay: backend -> client ---------------------------------------------------------------
 
@@ -784,60 +864,98 @@ class ClientSession(Protocol, TimeoutMixin):
         framer = self.backend.framer
         if data:
             framer.feed(data)
-        out = self._out
-        resp_hooks = self.service.hooks.response
         try:
             for ev in framer.events():
-                if isinstance(ev, LiteralData):
-                    if not self._drop_response:
-                        out.append(ev.data)
+                if self._held is not None and not self._passes_hold(ev):
+                    self._held.append(ev)
                     continue
-                if ev.first:
-                    data = self._backend_first(ev.data)
-                    if data is None:
-                        continue
-                else:
-                    data = ev.data
-                    if self._drop_response:
-                        if ev.literal is None:
-                            self._drop_response = False
-                        continue
-                    if resp_hooks and self._resp_head is not None:
-                        data = self._response_hooks(data, False)
-                        if data is None:
-                            continue
-                out.append(data)
-                if ev.literal is None and self._pending_inject:
-                    out.extend(self._pending_inject)
-                    self._pending_inject.clear()
+                self._backend_event(ev)
         except (FramingError, TokenError) as e:
             self.service.metrics.backend_errors.labels(kind="protocol").inc()
             log.error("backend protocol error: {error} session={session}", error=str(e), session=self.session_id)
             self._flush()
             self.bye(b"Backend protocol error.", code=b"UNAVAILABLE")
             return
-        if self._pending_inject and framer.at_boundary and not self._drop_response:
-            out.extend(self._pending_inject)
+        self._after_backend()
+
+    def _after_backend(self) -> None:
+        if self._pending_inject and self._held is None and self.backend.framer.at_boundary \
+                and not self._drop_response:
+            self._out.extend(self._pending_inject)
             self._pending_inject.clear()
         self._flush()
+        self.backend.flush()
 
-    def _backend_first(self, data: bytes) -> bytes | None:
+    @staticmethod
+    def _passes_hold(ev) -> bool:
+        """Held back responses wait for data that comes *after* them: internal answers and continuation
+        requests are processed at once (a client waiting for "+" must not wait for us)."""
+        if isinstance(ev, LiteralData) or not ev.first:
+            return False
+        d = ev.data
+        return d[:1] == b"+" or d[:4] == b"cpm." or d.startswith(b'* ESEARCH (TAG "cpm.')
+
+    def _backend_event(self, ev) -> None:
+        out = self._out
+        if isinstance(ev, LiteralData):
+            if not self._drop_response:
+                out.append(ev.data)
+            return
+        if ev.first:
+            data = self._backend_first(ev)
+            if data is None:
+                return
+        else:
+            if self._drop_response:
+                if ev.literal is None:
+                    self._drop_response = False
+                return
+            data = ev.data
+            if self.service.hooks.response and self._resp_head is not None:
+                data = self._response_hooks(ev, data, False)
+                if data is None:
+                    return
+        out.append(data)
+        if ev.literal is None and self._pending_inject and self._held is None:
+            out.extend(self._pending_inject)
+            self._pending_inject.clear()
+
+    def _backend_first(self, ev) -> bytes | None:
         """First segment of a backend response: parse its head, track state, run hooks."""
-        first = data[:1]
-        if first == b"+":
+        data = ev.data
+        if data[:1] == b"+":
             self._resp_head = None
+            if self._swallow_continuation:
+                self._swallow_continuation -= 1  # our re-issued IDLE's "+ idling"
+                return None
+            self._awaiting_continuation = False
             return data
         head = parse_response_head(data.rstrip(b"\r\n"))
         self._resp_head = head
         cmd = None
         if head.kind == "tagged":
-            queue = self._inflight.get(head.tag)
+            tag = head.tag
+            internal = self._internal.pop(tag, None)
+            if internal is not None:
+                d, untagged = internal
+                d.callback(Reply(untagged, data.rstrip(b"\r\n")[len(tag) + 1:]))
+                self._internal_finished()
+                return None
+            queue = self._inflight.get(tag)
             if queue:
                 cmd = queue.popleft()
                 if not queue:
-                    del self._inflight[head.tag]
+                    del self._inflight[tag]
+                if tag in self._swallow_tagged:
+                    self._swallow_tagged.discard(tag)  # the end of an IDLE we suspended
+                    return None
                 if cmd is self._current:
+                    if self._awaiting_continuation:
+                        # The backend refused a synchronizing literal: the client will not send it.
+                        self.framer.refuse_literal()
+                        self._awaiting_continuation = False
                     self._current = None
+                    self._send_internal_queue()
                 self._finish_command(cmd, head.name, head)
             self._resp_cmd = cmd
             if cmd is not None and self.service.hooks.tagged:
@@ -850,14 +968,20 @@ class ClientSession(Protocol, TimeoutMixin):
             return data
         self._resp_cmd = None
         if head.kind == "untagged":
+            if head.name == b"ESEARCH" and data.startswith(b'* ESEARCH (TAG "cpm.'):
+                tag = data[len(b'* ESEARCH (TAG "'):data.index(b'"', len(b'* ESEARCH (TAG "'))]
+                internal = self._internal.get(tag)
+                if internal is not None:
+                    internal[1].append(data)
+                    return None
             self._track_untagged(data, head)
             if head.name == b"BYE":
                 self._bye_sent = True
         if self.service.hooks.response:
-            return self._response_hooks(data, True)
+            return self._response_hooks(ev, data, True)
         return data
 
-    def _response_hooks(self, data: bytes, first: bool) -> bytes | None:
+    def _response_hooks(self, ev, data: bytes, first: bool) -> bytes | None:
         resp = BackendResponse(data, first, self._resp_head, self._resp_cmd)
         for plugin in self.service.hooks.response:
             action = plugin.response(self, resp)
@@ -865,11 +989,33 @@ class ClientSession(Protocol, TimeoutMixin):
                 continue
             if isinstance(action, Drop):
                 if first:
-                    self._drop_response = not self.backend.framer.at_boundary
+                    self._drop_response = ev.literal is not None
+                return None
+            if isinstance(action, Hold):
+                if not first:
+                    raise RuntimeError(f"plugin {plugin.name}: Hold is only allowed on a first segment")
+                self._held = [ev]
+                action.deferred.addBoth(self._release)
                 return None
             if isinstance(action, Rewrite):
                 resp.data = action.data
         return resp.data
+
+    def _release(self, result=None):
+        """A Hold is over: replay the held responses (hooks run again for the first of them)."""
+        held, self._held = self._held, None
+        if held is None or self.phase != "auth":
+            return result
+        for i, ev in enumerate(held):
+            self._backend_event(ev)
+            if self._held is not None:  # held again: keep the rest, in order, behind it
+                self._held.extend(held[i + 1:])
+                break
+        if self.backend is not None:
+            self._after_backend()
+        if isinstance(result, Failure):
+            log.failure("hold failed session={session}", result, session=self.session_id)
+        return None
 
     def backend_lost(self, reason: Failure) -> None:
         self.backend.session = None
