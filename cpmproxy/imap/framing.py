@@ -42,6 +42,7 @@ _LITERAL_RE = re.compile(rb"(~?)\{([0-9]{1,20})([+-]?)\}\r?\n\Z")
 # Something that looks like an attempted literal but is not a valid one ({-5}, {abc}, {}).
 _BAD_LITERAL_RE = re.compile(rb"~?\{[^{}\r\n]{0,24}\}\r?\n\Z")
 _TAIL = 40
+_TEXT_RESPONSE_RE = re.compile(rb"\+|[^ ]+ (?:OK|NO|BAD|BYE|PREAUTH)(?: |\r?\n)", re.I)
 
 # IMAP numbers are 32-bit (RFC 9051 number64 exists for literal8 sizes, but nobody stores 4 GB).
 _MAX_NUMBER = 2**63 - 1
@@ -96,11 +97,15 @@ class Framer:
     non-synchronizing one is fatal because its bytes are already on the way.
     """
 
-    __slots__ = ("max_line", "max_literal", "_buf", "_pos", "_literal_left", "_first", "_scan_from")
+    __slots__ = ("max_line", "max_literal", "responses", "_buf", "_pos", "_literal_left", "_first",
+                 "_scan_from")
 
-    def __init__(self, max_line: int = 65536, max_literal: int | None = None):
+    def __init__(self, max_line: int = 65536, max_literal: int | None = None, *, responses: bool = False):
         self.max_line = max_line
         self.max_literal = max_literal
+        # Server side: status responses and continuation requests carry human-readable text, never a
+        # literal, so text ending in "{5}" there must not be taken for one.
+        self.responses = responses
         self._buf = b""
         self._pos = 0
         self._literal_left = 0
@@ -176,7 +181,8 @@ class Framer:
         self._pos = end
         self._scan_from = end
 
-        if not (line.endswith(b"}\r\n") or line.endswith(b"}\n")):
+        if not (line.endswith(b"}\r\n") or line.endswith(b"}\n")) or (
+                self.responses and first and _TEXT_RESPONSE_RE.match(line)):
             # Fast exit: the common case, no literal announced.
             self._first = True
             return Segment(line, first)

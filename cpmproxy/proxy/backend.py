@@ -75,7 +75,7 @@ def _capability_code(line: bytes) -> list[bytes] | None:
 
 class BackendProtocol(Protocol):
     def __init__(self, max_line: int):
-        self.framer = Framer(max_line=max_line, max_literal=None)
+        self.framer = Framer(max_line=max_line, max_literal=None, responses=True)
         self.session = None  # set when relaying
         self.connected_d: defer.Deferred[BackendProtocol] = defer.Deferred()
         self.greeting: defer.Deferred[bytes] = defer.Deferred()

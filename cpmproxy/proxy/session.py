@@ -128,6 +128,8 @@ class ClientSession(Protocol, TimeoutMixin):
         self._swallow_tagged: set[bytes] = set()
         self._swallow_continuation = 0
         self._blocked = False  # a plugin's Defer decision is pending
+        self._credentials: tuple[str, str, str] | None = None  # kept for the side connection only
+        self._side: defer.Deferred | None = None
         self._current: ClientCommand | None = None  # command whose later segments we are relaying
         self._resp_cmd: ClientCommand | None = None
         self._resp_head = None
@@ -186,6 +188,8 @@ class ClientSession(Protocol, TimeoutMixin):
         if self.backend is not None and not self.backend.closed:
             # Flush what the client sent (never lose a completed APPEND), then close.
             self.backend.transport.loseConnection()
+        self._close_side()
+        self._credentials = None
         self.service.forget(self)
         for plugin in self.service.hooks.closed:
             try:
@@ -537,6 +541,7 @@ class ClientSession(Protocol, TimeoutMixin):
             return
         self.backend = backend
         self.user = login_user
+        self._credentials = (authzid, user, password)
         refusal = service.admit_user(self)
         if refusal:
             metrics.logins.labels(result="limit").inc()
@@ -760,6 +765,50 @@ class ClientSession(Protocol, TimeoutMixin):
         self._send_internal_queue()
         self.backend.flush()
         return d
+
+    def side_command(self, line: bytes) -> defer.Deferred[Reply]:
+        """Run ``line`` on a second backend connection of this user, for questions about mailboxes other
+        than the selected one (STATUS counts, folder checks, METADATA). During the ``login`` hook the
+        session's own connection is used (nothing is relayed yet). The reply holds every untagged
+        response that came before the tagged one."""
+        if self.phase == "login" and self.backend is not None and self.backend.session is None:
+            return self.backend.command(line)
+        if self._side is None:
+            self._side = defer.Deferred.fromCoroutine(self._open_side())
+        d = defer.Deferred()
+
+        def send(proto):
+            proto.command(line).chainDeferred(d)
+            return proto
+
+        def failed(f):
+            self._side = None  # try again next time
+            d.errback(f)
+
+        self._side.addCallbacks(send, failed)
+        return d
+
+    async def _open_side(self):
+        from twisted.internet import reactor
+
+        if self._credentials is None:
+            raise BackendError("session has no credentials")
+        proto, caps = await connect_backend(reactor, self.config)
+        authzid, user, password = self._credentials
+        fields = [("x-originating-ip", self.peer_host), ("x-session-id", self.session_id + "-side")]
+        try:
+            await login_backend(proto, caps, authzid, user, password, fields)
+        except BaseException:
+            proto.transport.loseConnection()
+            raise
+        if self.phase == "closed":
+            proto.transport.loseConnection()
+        return proto
+
+    def _close_side(self) -> None:
+        if self._side is not None:
+            side, self._side = self._side, None
+            side.addCallbacks(lambda p: p.transport.loseConnection(), lambda f: None)
 
     def _send_internal_queue(self) -> None:
         if not self._internal_queue or self._current is not None or self._idle == "active":

@@ -1,0 +1,195 @@
+"""The filtered view of a selected mailbox: which messages a device may see, and sequence arithmetic.
+
+Sans-I/O. The backend numbers its messages 1..N (``uids[i]`` is the UID of backend message i+1); some UIDs
+are hidden from this device (by policy, preference, or a local delete: hiding is one operation whoever
+asks for it). The client sees the visible messages numbered 1..M in UID order. UIDs are never rewritten.
+
+When nothing is hidden the view is the identity and callers skip all rewriting (``identity``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+
+from cpmproxy.imap.seqset import STAR, SequenceSet
+
+
+class MailboxView:
+    __slots__ = ("uids", "hidden", "_visible", "_hidden_seqs")
+
+    def __init__(self, uids: Iterable[int] = (), hidden: Iterable[int] = ()):
+        self.uids: list[int] = sorted(uids)
+        present = set(self.uids)
+        self.hidden: set[int] = {u for u in hidden if u in present}
+        self._visible: list[int] | None = None
+        self._hidden_seqs: SequenceSet | None = None
+
+    # -- derived state (rebuilt lazily after a change) ------------------------------------------
+
+    def _changed(self) -> None:
+        self._visible = None
+        self._hidden_seqs = None
+
+    @property
+    def identity(self) -> bool:
+        return not self.hidden
+
+    @property
+    def visible(self) -> list[int]:
+        if self._visible is None:
+            h = self.hidden
+            self._visible = [u for u in self.uids if u not in h] if h else self.uids
+        return self._visible
+
+    @property
+    def hidden_seqs(self) -> SequenceSet:
+        """Backend sequence numbers of the hidden messages."""
+        if self._hidden_seqs is None:
+            uids = self.uids
+            self._hidden_seqs = SequenceSet.from_iterable(bisect_left(uids, u) + 1 for u in self.hidden)
+        return self._hidden_seqs
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids) - len(self.hidden)
+
+    @property
+    def max_uid(self) -> int:
+        return self.uids[-1] if self.uids else 0
+
+    # -- mapping --------------------------------------------------------------------------------
+
+    def uid_of(self, backend_seq: int) -> int | None:
+        if 1 <= backend_seq <= len(self.uids):
+            return self.uids[backend_seq - 1]
+        return None
+
+    def client_seq(self, backend_seq: int) -> int | None:
+        """Client (visible) number of a backend message; None if hidden or unknown."""
+        u = self.uid_of(backend_seq)
+        if u is None or u in self.hidden:
+            return None
+        if not self.hidden:
+            return backend_seq
+        return bisect_left(self.visible, u) + 1
+
+    def client_seq_of_uid(self, uid: int) -> int | None:
+        if uid in self.hidden:
+            return None
+        vis = self.visible
+        i = bisect_left(vis, uid)
+        return i + 1 if i < len(vis) and vis[i] == uid else None
+
+    def backend_seq(self, client_seq: int) -> int | None:
+        vis = self.visible
+        if not 1 <= client_seq <= len(vis):
+            return None
+        return bisect_left(self.uids, vis[client_seq - 1]) + 1
+
+    def backend_seqset(self, client_set: SequenceSet) -> SequenceSet:
+        """Backend numbers for a client sequence set (``*`` = the last visible message).
+
+        Numbers beyond the visible count are dropped (the caller answers BAD if nothing is left, as a
+        server does for an invalid message number)."""
+        n = self.exists
+        if n == 0:
+            return SequenceSet.empty()
+        resolved = client_set.resolve(n).clip(1, n)
+        if not self.hidden:
+            return resolved
+        ranges = []
+        for lo, hi in resolved.ranges:
+            ranges.append((self.backend_seq(lo), self.backend_seq(hi)))
+        return SequenceSet.from_ranges(ranges) - self.hidden_seqs
+
+    def visible_uidset(self, uid_set: SequenceSet) -> SequenceSet:
+        """The UIDs of ``uid_set`` the client may touch (``*`` = the largest UID in the mailbox)."""
+        top = self.max_uid
+        if top == 0:
+            return SequenceSet.empty()
+        resolved = uid_set.resolve(top) if uid_set.has_star else uid_set
+        if not self.hidden:
+            return resolved
+        return resolved - SequenceSet.from_iterable(self.hidden)
+
+    def client_seqs(self, backend_seqs: Iterable[int]) -> list[int]:
+        """Map backend numbers (e.g. a SEARCH result) to client numbers, dropping hidden ones."""
+        out = []
+        for s in backend_seqs:
+            c = self.client_seq(s)
+            if c is not None:
+                out.append(c)
+        return out
+
+    # -- changes --------------------------------------------------------------------------------
+
+    def append(self, new_uids: Iterable[int], hidden: Iterable[int] = ()) -> None:
+        """New messages at the end of the mailbox (EXISTS)."""
+        new = sorted(u for u in new_uids if u > self.max_uid)
+        if not new:
+            return
+        self.uids.extend(new)
+        newset = set(new)
+        self.hidden.update(u for u in hidden if u in newset)
+        self._changed()
+
+    def expunge(self, backend_seq: int) -> int | None:
+        """A backend EXPUNGE; returns the client number to announce, or None (hidden: stay silent)."""
+        u = self.uid_of(backend_seq)
+        if u is None:
+            return None
+        client = self.client_seq(backend_seq)
+        del self.uids[backend_seq - 1]
+        self.hidden.discard(u)
+        self._changed()
+        return client
+
+    def vanish(self, uids: Iterable[int]) -> None:
+        """UIDs reported VANISHED (QRESYNC)."""
+        gone = set(uids)
+        if not gone:
+            return
+        before = len(self.uids)
+        self.uids = [u for u in self.uids if u not in gone]
+        self.hidden -= gone
+        if len(self.uids) != before:
+            self._changed()
+
+    def hide(self, uids: Iterable[int]) -> list[int]:
+        """Hide more messages; returns the client numbers to announce as EXPUNGE, in the order to send
+        them (descending, so each number is still valid when the client reads it)."""
+        present = set(self.uids)
+        new = [u for u in set(uids) if u in present and u not in self.hidden]
+        if not new:
+            return []
+        seqs = sorted((self.client_seq_of_uid(u) for u in new), reverse=True)
+        self.hidden.update(new)
+        self._changed()
+        return seqs  # type: ignore[return-value]
+
+    def unhide_tail(self, uids: Iterable[int]) -> int:
+        """Make hidden messages visible again, but only those above every visible UID (IMAP can only
+        announce new messages at the end, with EXISTS). Returns how many became visible; the others stay
+        hidden until the mailbox is selected again."""
+        vis = self.visible
+        top_visible = vis[-1] if vis else 0
+        back = sorted(u for u in uids if u in self.hidden and u > top_visible)
+        if not back:
+            return 0
+        self.hidden.difference_update(back)
+        self._changed()
+        return len(back)
+
+
+def parse_uid_list(text: bytes) -> list[int]:
+    """Numbers of an ESEARCH ``ALL`` set or a SEARCH response (``1:3,7`` or ``1 2 3``)."""
+    text = text.strip()
+    if not text:
+        return []
+    if b"," in text or b":" in text:
+        return list(SequenceSet.parse(text))
+    return [int(x) for x in text.split()]
+
+
+__all__ = ["MailboxView", "parse_uid_list", "STAR"]

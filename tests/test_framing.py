@@ -1,0 +1,792 @@
+"""Tests for the sans-I/O IMAP framer (``cpmproxy.imap.framing``).
+
+Sections:
+  * helpers (feeding, normalizing events)
+  * unit tests: lines, literal forms, odd '}' endings, errors, ``at_boundary``, ``buffered``
+  * property tests: byte-exact relay and model segmentation under random chunking; random garbage
+  * streaming: a 50 MB literal never accumulates in the framer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpmproxy.imap.framing import NEED_DATA, Framer, FramingError, LiteralData, Segment
+
+FAST = settings(max_examples=150, deadline=None)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def drain(framer: Framer) -> list[Segment | LiteralData]:
+    return list(framer.events())
+
+
+def feed_all(framer: Framer, data: bytes) -> list[Segment | LiteralData]:
+    framer.feed(data)
+    return drain(framer)
+
+
+def seg(data: bytes, first: bool, literal: int | None = None, non_sync: bool = False,
+        binary: bool = False) -> Segment:
+    return Segment(data, first, literal, non_sync, binary)
+
+
+def coalesce(events: list) -> list:
+    """Merge consecutive LiteralData chunks into one ("lit", bytes); segments become tuples."""
+    out: list = []
+    for ev in events:
+        if isinstance(ev, LiteralData):
+            if out and out[-1][0] == "lit" and not out[-1][2]:
+                out[-1] = ("lit", out[-1][1] + ev.data, ev.last)
+            else:
+                out.append(("lit", ev.data, ev.last))
+        elif isinstance(ev, Segment):
+            out.append(("seg", ev.data, ev.first, ev.literal, ev.non_sync, ev.binary))
+        else:  # FramingError
+            out.append(("err", ev.code, ev.fatal, ev.first, ev.data, ev.size))
+    return out
+
+
+def emitted_bytes(events: list) -> bytes:
+    return b"".join(ev.data for ev in events if isinstance(ev, (Segment, LiteralData)))
+
+
+# -- simple lines ------------------------------------------------------------------------------
+
+
+def test_simple_line():
+    f = Framer()
+    assert f.at_boundary
+    assert feed_all(f, b"a1 NOOP\r\n") == [seg(b"a1 NOOP\r\n", True)]
+    assert f.at_boundary
+    assert f.buffered == 0
+    assert f.next_event() is NEED_DATA
+
+
+def test_several_lines_in_one_feed_and_segment_last():
+    f = Framer()
+    evs = feed_all(f, b"a1 NOOP\r\na2 CAPABILITY\r\n* OK hi\r\n")
+    assert evs == [seg(b"a1 NOOP\r\n", True), seg(b"a2 CAPABILITY\r\n", True), seg(b"* OK hi\r\n", True)]
+    assert all(ev.last for ev in evs)
+
+
+def test_lf_only_lines():
+    f = Framer()
+    assert feed_all(f, b"a1 NOOP\na2 LOGOUT\n") == [seg(b"a1 NOOP\n", True), seg(b"a2 LOGOUT\n", True)]
+    # LF-only literal announcement too
+    evs = feed_all(f, b"a3 APPEND x {3}\nabc\n")
+    assert evs == [seg(b"a3 APPEND x {3}\n", True, 3), LiteralData(b"abc", True), seg(b"\n", False)]
+
+
+def test_empty_line():
+    f = Framer()
+    assert feed_all(f, b"\r\n\n") == [seg(b"\r\n", True), seg(b"\n", True)]
+
+
+def test_partial_line_is_buffered():
+    f = Framer()
+    f.feed(b"a1 NO")
+    assert f.next_event() is NEED_DATA
+    assert f.buffered == 5
+    assert f.at_boundary
+    f.feed(b"OP\r")
+    assert f.next_event() is NEED_DATA
+    assert f.buffered == 8
+    f.feed(b"\na2")
+    assert f.next_event() == seg(b"a1 NOOP\r\n", True)
+    assert f.buffered == 2
+    assert f.next_event() is NEED_DATA
+    f.feed(b" NOOP\r\n")
+    assert f.next_event() == seg(b"a2 NOOP\r\n", True)
+    assert f.buffered == 0
+
+
+def test_feed_before_draining_keeps_everything():
+    """Feeding more while events are still pending (pos inside the buffer) loses nothing."""
+    f = Framer()
+    f.feed(b"a1 NOOP\r\na2 NO")
+    assert f.next_event() == seg(b"a1 NOOP\r\n", True)
+    assert f.next_event() is NEED_DATA
+    f.feed(b"OP\r\na3 APPEND x {2}\r\nab")
+    f.feed(b"\r\na4 NOOP\r\n")
+    assert drain(f) == [
+        seg(b"a2 NOOP\r\n", True),
+        seg(b"a3 APPEND x {2}\r\n", True, 2),
+        LiteralData(b"ab", True),
+        seg(b"\r\n", False),
+        seg(b"a4 NOOP\r\n", True),
+    ]
+
+
+def test_empty_feed():
+    f = Framer()
+    f.feed(b"")
+    assert f.next_event() is NEED_DATA
+    f.feed(b"a1 NO")
+    f.feed(b"")
+    f.feed(b"OP\r\n")
+    assert drain(f) == [seg(b"a1 NOOP\r\n", True)]
+
+
+# -- literal forms -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "announce, non_sync, binary",
+    [
+        (b"{5}", False, False),
+        (b"{5+}", True, False),
+        (b"{5-}", True, False),
+        (b"~{5}", False, True),
+        (b"~{5+}", True, True),
+        (b"~{5-}", True, True),
+        (b"{005}", False, False),
+    ],
+)
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+def test_literal_forms(announce, non_sync, binary, eol):
+    f = Framer()
+    head = b"a1 APPEND INBOX " + announce + eol
+    evs = feed_all(f, head + b"hello" + b"\r\n")
+    assert evs == [
+        seg(head, True, 5, non_sync, binary),
+        LiteralData(b"hello", True),
+        seg(b"\r\n", False),
+    ]
+    assert not evs[0].last and evs[2].last
+    assert f.at_boundary
+
+
+def test_zero_length_literal():
+    f = Framer()
+    f.feed(b"a1 LOGIN {0}\r\n")
+    ev = f.next_event()
+    assert ev == seg(b"a1 LOGIN {0}\r\n", True, 0)
+    assert not f.at_boundary  # the command goes on, even though no literal byte follows
+    assert not f.in_literal
+    assert f.next_event() is NEED_DATA
+    f.feed(b" {0+}\r\n\r\n")
+    assert drain(f) == [seg(b" {0+}\r\n", False, 0, True), seg(b"\r\n", False)]
+    assert f.at_boundary
+
+
+def test_literal_content_is_not_reparsed():
+    payload = b"x\r\n{5}\r\na2 NOOP\r\n}\r\n{-1}\r\n"
+    stream = b"a1 APPEND INBOX {%d}\r\n" % len(payload) + payload + b"\r\na3 NOOP\r\n"
+    f = Framer()
+    evs = feed_all(f, stream)
+    assert evs == [
+        seg(b"a1 APPEND INBOX {%d}\r\n" % len(payload), True, len(payload)),
+        LiteralData(payload, True),
+        seg(b"\r\n", False),
+        seg(b"a3 NOOP\r\n", True),
+    ]
+    # Byte by byte: same segmentation.
+    f = Framer()
+    evs = []
+    for i in range(len(stream)):
+        f.feed(stream[i:i + 1])
+        evs += drain(f)
+    assert coalesce(evs) == coalesce(feed_all(Framer(), stream))
+    assert all(len(ev.data) == 1 for ev in evs if isinstance(ev, LiteralData))
+    assert [ev.last for ev in evs if isinstance(ev, LiteralData)].count(True) == 1
+
+
+def test_multiappend():
+    stream = (b"a1 APPEND INBOX (\\Seen) {3}\r\nabc (\\Draft) ~{4+}\r\n\x00\r\n\xff INBOX {2}\r\nxy\r\n"
+              b"a2 NOOP\r\n")
+    f = Framer()
+    evs = feed_all(f, stream)
+    assert evs == [
+        seg(b"a1 APPEND INBOX (\\Seen) {3}\r\n", True, 3),
+        LiteralData(b"abc", True),
+        seg(b" (\\Draft) ~{4+}\r\n", False, 4, True, True),
+        LiteralData(b"\x00\r\n\xff", True),
+        seg(b" INBOX {2}\r\n", False, 2),
+        LiteralData(b"xy", True),
+        seg(b"\r\n", False),
+        seg(b"a2 NOOP\r\n", True),
+    ]
+    assert emitted_bytes(evs) == stream
+
+
+def test_response_with_literal_mid_line():
+    stream = b"* 1 FETCH (BODY[] {5}\r\nhello FLAGS (\\Seen))\r\n* 2 FETCH (FLAGS ())\r\n"
+    f = Framer()
+    assert feed_all(f, stream) == [
+        seg(b"* 1 FETCH (BODY[] {5}\r\n", True, 5),
+        LiteralData(b"hello", True),
+        seg(b" FLAGS (\\Seen))\r\n", False),
+        seg(b"* 2 FETCH (FLAGS ())\r\n", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"* OK [ALERT] }\r\n",
+        b"a NOOP {}x\r\n",
+        b"a SEARCH SUBJECT \"x}\"\r\n",
+        b"a NOOP }}\r\n",
+        b"a NOOP {5}}\r\n",
+        b"a NOOP {5} \r\n",
+        b"a NOOP {5}x\r\n",
+        b"}\n",
+    ],
+)
+def test_brace_endings_that_are_not_literals(line):
+    f = Framer()
+    assert feed_all(f, line + b"a2 NOOP\r\n") == [seg(line, True), seg(b"a2 NOOP\r\n", True)]
+    assert f.at_boundary
+
+
+# -- invalid literal announcements -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "announce",
+    [b"{-5}", b"{abc}", b"{}", b"{ 5}", b"{5 }", b"{+5}", b"{5++}", b"~{x}", b"{123456789012345678901}"],
+)
+def test_invalid_literal_on_first_segment_is_not_fatal(announce):
+    f = Framer()
+    line = b"a1 APPEND INBOX " + announce + b"\r\n"
+    f.feed(line + b"a2 NOOP\r\n")
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    e = ei.value
+    assert (e.code, e.fatal, e.first, e.data) == ("CLIENTBUG", False, True, line)
+    assert f.at_boundary
+    # The framer goes on with the next command.
+    assert drain(f) == [seg(b"a2 NOOP\r\n", True)]
+
+
+def test_invalid_literal_on_non_first_segment_is_fatal():
+    f = Framer()
+    f.feed(b"a1 APPEND INBOX {1}\r\nx {abc}\r\n")
+    assert f.next_event() == seg(b"a1 APPEND INBOX {1}\r\n", True, 1)
+    assert f.next_event() == LiteralData(b"x", True)
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    e = ei.value
+    assert (e.code, e.fatal, e.first, e.data) == ("CLIENTBUG", True, False, b" {abc}\r\n")
+
+
+# -- too-large literals ------------------------------------------------------------------------
+
+
+def test_too_large_sync_literal_refused_then_next_command():
+    f = Framer(max_literal=10)
+    head = b"a1 APPEND INBOX {11}\r\n"
+    f.feed(head)
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    e = ei.value
+    assert (e.code, e.fatal, e.first, e.data, e.size) == ("TOOBIG", False, True, head, 11)
+    f.refuse_literal()
+    assert f.at_boundary
+    assert not f.in_literal
+    # The client does not send the literal; the next command parses from its start.
+    assert feed_all(f, b"a2 APPEND INBOX {10}\r\n0123456789\r\na3 NOOP\r\n") == [
+        seg(b"a2 APPEND INBOX {10}\r\n", True, 10),
+        LiteralData(b"0123456789", True),
+        seg(b"\r\n", False),
+        seg(b"a3 NOOP\r\n", True),
+    ]
+
+
+def test_too_large_sync_literal_with_next_command_already_buffered():
+    f = Framer(max_literal=3)
+    f.feed(b"a1 LOGIN {4}\r\na2 NOOP\r\n")
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    assert not ei.value.fatal
+    f.refuse_literal()
+    assert drain(f) == [seg(b"a2 NOOP\r\n", True)]
+
+
+@pytest.mark.parametrize("announce", [b"{11+}", b"{11-}", b"~{11+}"])
+def test_too_large_non_sync_literal_is_fatal(announce):
+    f = Framer(max_literal=10)
+    f.feed(b"a1 APPEND INBOX " + announce + b"\r\n")
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    e = ei.value
+    assert (e.code, e.fatal, e.first, e.size) == ("TOOBIG", True, True, 11)
+
+
+def test_too_large_sync_literal_on_non_first_segment_is_fatal():
+    """Earlier segments are already relayed: the command cannot be refused cleanly any more."""
+    f = Framer(max_literal=10)
+    f.feed(b"a1 APPEND INBOX {1}\r\nx {11}\r\n")
+    assert f.next_event() == seg(b"a1 APPEND INBOX {1}\r\n", True, 1)
+    assert f.next_event() == LiteralData(b"x", True)
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    e = ei.value
+    assert (e.code, e.fatal, e.first, e.data, e.size) == ("TOOBIG", True, False, b" {11}\r\n", 11)
+
+
+def test_literal_at_max_literal_is_accepted():
+    f = Framer(max_literal=10)
+    evs = feed_all(f, b"a1 X {10+}\r\n0123456789\r\n")
+    assert evs[0] == seg(b"a1 X {10+}\r\n", True, 10, True)
+
+
+def test_absurd_literal_size_without_max_literal():
+    f = Framer(max_literal=None)
+    head = b"a1 APPEND INBOX {99999999999999999999}\r\n"  # 20 digits, > 2**63 - 1
+    f.feed(head + b"a2 NOOP\r\n")
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    assert (ei.value.code, ei.value.fatal, ei.value.size) == ("TOOBIG", False, 99999999999999999999)
+    f.refuse_literal()
+    assert drain(f) == [seg(b"a2 NOOP\r\n", True)]
+
+
+def test_refuse_literal_after_accepted_sync_literal():
+    """The I/O layer may refuse an acceptable literal (e.g. a plugin says NO): the command ends."""
+    f = Framer()
+    f.feed(b"a1 APPEND INBOX {5}\r\n")
+    assert f.next_event() == seg(b"a1 APPEND INBOX {5}\r\n", True, 5)
+    assert not f.at_boundary and f.in_literal
+    f.refuse_literal()
+    assert f.at_boundary and not f.in_literal
+    assert feed_all(f, b"a2 NOOP\r\n") == [seg(b"a2 NOOP\r\n", True)]
+
+
+# -- over-long lines ---------------------------------------------------------------------------
+
+
+def test_line_too_long_without_lf_is_fatal_once_over_max_line():
+    f = Framer(max_line=10)
+    f.feed(b"a1 NOOP ")
+    assert f.next_event() is NEED_DATA
+    f.feed(b"xx")  # 10 bytes buffered: still allowed to end with LF... in principle
+    assert f.next_event() is NEED_DATA
+    assert f.buffered == 10
+    f.feed(b"x")  # 11 bytes, no LF
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    e = ei.value
+    assert (e.code, e.fatal, e.first) == ("TOOBIG", True, True)
+    assert f.buffered == 0  # the garbage is dropped
+
+
+def test_line_too_long_with_lf_is_fatal():
+    f = Framer(max_line=10)
+    f.feed(b"a1 NOOP xxxx\r\na2 NOOP\r\n")
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    assert (ei.value.code, ei.value.fatal, ei.value.first) == ("TOOBIG", True, True)
+
+
+def test_line_too_long_on_non_first_segment():
+    f = Framer(max_line=12)
+    f.feed(b"a1 X {1}\r\nx" + b"y" * 20)
+    assert f.next_event() == seg(b"a1 X {1}\r\n", True, 1)
+    assert f.next_event() == LiteralData(b"x", True)
+    with pytest.raises(FramingError) as ei:
+        f.next_event()
+    assert (ei.value.fatal, ei.value.first) == (True, False)
+
+
+def test_line_of_exactly_max_line_is_accepted():
+    assert feed_all(Framer(max_line=10), b"a1 NOOPx\r\n") == [seg(b"a1 NOOPx\r\n", True)]
+    assert feed_all(Framer(max_line=10), b"a1 NOOPxx\n") == [seg(b"a1 NOOPxx\n", True)]
+    f = Framer(max_line=10)
+    f.feed(b"a1 NOOPx\r")
+    assert f.next_event() is NEED_DATA
+    assert feed_all(f, b"\n") == [seg(b"a1 NOOPx\r\n", True)]
+    f = Framer(max_line=10)
+    f.feed(b"a1 NOOPxx\r\n")  # 11 bytes
+    with pytest.raises(FramingError):
+        f.next_event()
+
+
+def test_literal_is_not_limited_by_max_line():
+    f = Framer(max_line=16)
+    payload = b"z" * 1000
+    evs = feed_all(f, b"a1 X {1000}\r\n" + payload + b"\r\n")
+    assert emitted_bytes(evs) == b"a1 X {1000}\r\n" + payload + b"\r\n"
+
+
+# -- state: at_boundary / in_literal / buffered -------------------------------------------------
+
+
+def test_at_boundary_transitions():
+    f = Framer()
+    states = [f.at_boundary]
+    f.feed(b"a1 APPEND INBOX {3}\r\nab")
+    for ev in f.events():
+        states.append((type(ev).__name__, f.at_boundary, f.in_literal))
+    assert states == [True, ("Segment", False, True), ("LiteralData", False, True)]
+    f.feed(b"c")
+    assert f.next_event() == LiteralData(b"c", True)
+    assert (f.at_boundary, f.in_literal) == (False, False)
+    f.feed(b" {0}\r\n")
+    assert f.next_event() == seg(b" {0}\r\n", False, 0)
+    assert (f.at_boundary, f.in_literal) == (False, False)
+    f.feed(b")")
+    assert f.next_event() is NEED_DATA
+    assert not f.at_boundary  # still inside the command
+    f.feed(b"\r\n")
+    assert f.next_event() == seg(b")\r\n", False)
+    assert f.at_boundary
+
+
+def test_buffered_counts_unconsumed_bytes():
+    f = Framer()
+    assert f.buffered == 0
+    f.feed(b"a1 X {4}\r\nab")
+    assert f.buffered == 12
+    f.next_event()
+    assert f.buffered == 2
+    assert f.next_event() == LiteralData(b"ab", False)
+    assert f.buffered == 0
+    f.feed(b"cd\r\na2")
+    assert f.buffered == 6
+    assert f.next_event() == LiteralData(b"cd", True)
+    assert f.buffered == 4
+    assert f.next_event() == seg(b"\r\n", False)
+    assert f.buffered == 2
+    assert f.next_event() is NEED_DATA
+    assert f.buffered == 2
+
+
+# -- property tests: well-formed streams -------------------------------------------------------
+
+
+@dataclass
+class Lit:
+    size_form: bytes  # "", "+", "-"
+    binary: bool
+    payload: bytes
+
+
+_TEXT = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" "))
+_PAYLOAD_PIECES = st.one_of(
+    st.binary(max_size=30),
+    st.sampled_from([b"\r\n", b"\n", b"{5}\r\n", b"~{3+}\r\n", b"}\r\n", b"a2 NOOP\r\n", b"\x00", b"\xff"]),
+)
+_PAYLOAD = st.one_of(
+    st.just(b""),
+    st.lists(_PAYLOAD_PIECES, max_size=6).map(b"".join),
+    st.integers(0, 3000).map(lambda n: bytes(range(256)) * (n // 256) + bytes(range(n % 256))),
+)
+_LIT = st.builds(Lit, st.sampled_from([b"", b"+", b"-"]), st.booleans(), _PAYLOAD)
+_EOL = st.sampled_from([b"\r\n", b"\n"])
+
+
+@st.composite
+def commands(draw):
+    """A command/response: text segments alternating with literals, ending with a text segment."""
+    n_lits = draw(st.integers(0, 3))
+    parts = []
+    for _ in range(n_lits):
+        text = draw(_TEXT)
+        if text.endswith(b"~"):
+            text += b" "  # would turn the announcement into ~{n}
+        parts.append((text, draw(_EOL), draw(_LIT)))
+    last = draw(_TEXT)
+    if last.endswith(b"}"):
+        last += b")"  # would look like a (possibly invalid) literal announcement
+    parts.append((last, draw(_EOL), None))
+    return parts
+
+
+def serialize(cmds) -> tuple[bytes, list]:
+    """The byte stream and the expected (coalesced) event model."""
+    out = []
+    model: list = []
+    for cmd in cmds:
+        first = True
+        for text, eol, lit in cmd:
+            if lit is None:
+                line = text + eol
+                out.append(line)
+                model.append(("seg", line, first, None, False, False))
+            else:
+                size = len(lit.payload)
+                line = text + (b"~" if lit.binary else b"") + b"{%d%s}" % (size, lit.size_form) + eol
+                out.append(line)
+                out.append(lit.payload)
+                model.append(("seg", line, first, size, bool(lit.size_form), lit.binary))
+                if size:
+                    model.append(("lit", lit.payload, True))
+            first = False
+    return b"".join(out), model
+
+
+def split(data: bytes, sizes: list[int]) -> list[bytes]:
+    chunks = []
+    i = 0
+    k = 0
+    while i < len(data):
+        n = sizes[k % len(sizes)]
+        chunks.append(data[i:i + n])
+        i += n
+        k += 1
+    return chunks
+
+
+_CHUNKING = st.one_of(
+    st.just([1]),
+    st.lists(st.integers(1, 8), min_size=1, max_size=10),
+    st.lists(st.integers(1, 4096), min_size=1, max_size=10),
+)
+
+
+def run_chunked(framer: Framer, chunks: list[bytes], pulls: list[int] | None = None) -> list:
+    """Feed chunks; after each, pull at most ``pulls[i]`` events (None: all); drain at the end.
+
+    Checks the per-event invariants on the way.
+    """
+    events: list = []
+
+    def pull(limit: int | None) -> None:
+        n = 0
+        while limit is None or n < limit:
+            ev = framer.next_event()
+            if ev is NEED_DATA:
+                return
+            n += 1
+            if isinstance(ev, LiteralData):
+                assert ev.data, "empty literal chunk"
+                assert framer.at_boundary is False
+                assert framer.in_literal is not ev.last
+            else:
+                assert framer.at_boundary is ev.last
+                assert framer.in_literal is bool(ev.literal)
+            events.append(ev)
+
+    for i, chunk in enumerate(chunks):
+        framer.feed(chunk)
+        pull(None if pulls is None else pulls[i % len(pulls)])
+    pull(None)
+    return events
+
+
+@FAST
+@given(st.lists(commands(), max_size=6), _CHUNKING)
+def test_property_relay_is_byte_exact_and_matches_model(cmds, sizes):
+    stream, model = serialize(cmds)
+    framer = Framer(max_line=1 << 20, max_literal=None)
+    events = run_chunked(framer, split(stream, sizes))
+    # (a) byte-exact relay
+    assert emitted_bytes(events) == stream
+    assert framer.buffered == 0
+    assert framer.at_boundary
+    # (b) segmentation matches the model (literal chunks merged)
+    assert coalesce(events) == model
+    # (c) literal chunks: sizes sum to the literal size, `last` exactly once, on the final chunk
+    expected_sizes = [m[3] for m in model if m[0] == "seg" and m[3]]
+    runs: list[list[LiteralData]] = []
+    prev_lit = False
+    for ev in events:
+        if isinstance(ev, LiteralData):
+            if not prev_lit:
+                runs.append([])
+            runs[-1].append(ev)
+        prev_lit = isinstance(ev, LiteralData)
+    assert [sum(len(c.data) for c in run) for run in runs] == expected_sizes
+    for run in runs:
+        assert [c.last for c in run] == [False] * (len(run) - 1) + [True]
+
+
+@FAST
+@given(st.lists(commands(), max_size=5), _CHUNKING, st.lists(st.integers(0, 3), min_size=1, max_size=8))
+def test_property_partial_pulls_between_feeds(cmds, sizes, pulls):
+    """Feeding while earlier events are still pending (the framer's buffer compaction) changes nothing."""
+    stream, model = serialize(cmds)
+    framer = Framer(max_line=1 << 20)
+    events = run_chunked(framer, split(stream, sizes), pulls)
+    assert emitted_bytes(events) == stream
+    assert coalesce(events) == model
+
+
+@FAST
+@given(st.lists(commands(), min_size=1, max_size=4), _CHUNKING, st.data())
+def test_property_refused_literal_then_stream_resumes(cmds, sizes, data):
+    """A too-large sync literal on a first segment is refused; what follows frames as usual."""
+    stream, model = serialize(cmds)
+    tag = data.draw(st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"").rstrip(b"~")))
+    bad = tag + b" APPEND INBOX {%d}\r\n" % data.draw(st.integers(4001, 10**12))
+    where = data.draw(st.integers(0, len(cmds)))
+    before, _ = serialize(cmds[:where])
+    after, _ = serialize(cmds[where:])
+    framer = Framer(max_line=1 << 20, max_literal=4000)  # above any literal `commands()` makes
+    events: list = []
+    errors: list[FramingError] = []
+    for chunk in split(before + bad + after, sizes):
+        framer.feed(chunk)
+        while True:
+            try:
+                ev = framer.next_event()
+            except FramingError as e:
+                errors.append(e)
+                framer.refuse_literal()
+                continue
+            if ev is NEED_DATA:
+                break
+            events.append(ev)
+    assert len(errors) == 1
+    e = errors[0]
+    assert (e.code, e.fatal, e.first, e.data) == ("TOOBIG", False, True, bad)
+    assert emitted_bytes(events) == before + after
+    assert coalesce(events) == model
+
+
+# -- property tests: garbage -------------------------------------------------------------------
+
+_GARBAGE = st.lists(
+    st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from([b"\r\n", b"\n", b"{", b"}", b"~", b"+", b"-", b"{3}\r\n", b"{-5}\r\n", b"{abc}\n",
+                         b"{200}\r\n", b"{2+}\r\n", b"~{1}\n", b"{99999999999999999999}\r\n", b"{}\r\n"]),
+    ),
+    max_size=40,
+).map(b"".join)
+
+
+def run_garbage(stream: bytes, sizes: list[int], max_line: int, max_literal: int | None) -> tuple[list, bytes]:
+    """Feed garbage; collect events and errors until the first fatal one. Returns (events, bytes fed)."""
+    framer = Framer(max_line=max_line, max_literal=max_literal)
+    out: list = []
+    fed = b""
+    for chunk in split(stream, sizes):
+        framer.feed(chunk)
+        fed += chunk
+        while True:
+            try:
+                ev = framer.next_event()
+            except FramingError as e:
+                assert e.code in ("TOOBIG", "CLIENTBUG")
+                out.append(e)
+                if e.fatal:
+                    return out, fed
+                assert e.first  # non-fatal errors only ever concern a whole (first) segment
+                assert framer.at_boundary
+                framer.refuse_literal()
+                continue
+            if ev is NEED_DATA:
+                break
+            assert isinstance(ev, (Segment, LiteralData))
+            out.append(ev)
+    # Nothing fatal: every byte is either relayed, discarded with a non-fatal error, or still buffered.
+    accounted = b"".join(ev.data for ev in out)  # a non-fatal error carries the discarded segment
+    assert accounted + fed[len(fed) - framer.buffered:] == fed
+    return out, fed
+
+
+@settings(max_examples=300, deadline=None)
+@given(_GARBAGE | st.binary(max_size=300), _CHUNKING, st.sampled_from([8, 30, 1000]),
+       st.sampled_from([None, 0, 5, 100]))
+def test_property_garbage_only_events_or_framing_errors(stream, sizes, max_line, max_literal):
+    events, _ = run_garbage(stream, sizes, max_line, max_literal)
+    # The outcome does not depend on how the bytes were chunked (up to literal chunk boundaries).
+    whole, _ = run_garbage(stream, [max(1, len(stream))], max_line, max_literal)
+    assert coalesce(events) == coalesce(whole)
+
+
+@FAST
+@given(st.lists(st.tuples(_GARBAGE, st.booleans()), max_size=6), _CHUNKING)
+def test_property_framer_recovers_after_non_fatal_errors(items, sizes):
+    """Interleave well-formed commands with invalid/refused announcements on first segments."""
+    stream = b""
+    expected: list = []
+    for i, (junk, invalid) in enumerate(items):
+        tag = b"t%d" % i
+        if invalid:
+            bad = tag + b" APPEND INBOX {" + junk.replace(b"\n", b"").replace(b"\r", b"").replace(b"{", b"").replace(b"}", b"")[:20]
+            bad += b"x}\r\n"
+            expected.append(("err", "CLIENTBUG", False, True, bad, None))
+        else:
+            bad = tag + b" APPEND INBOX {%d}\r\n" % (50 + len(junk))
+            expected.append(("err", "TOOBIG", False, True, bad, 50 + len(junk)))
+        good = tag + b"b APPEND INBOX {%d}\r\n" % min(len(junk), 49) + junk[:49] + b")\r\n"
+        stream += bad + good
+        good_expected = [("seg", tag + b"b APPEND INBOX {%d}\r\n" % min(len(junk), 49), True,
+                          min(len(junk), 49), False, False)]
+        if junk[:49]:
+            good_expected.append(("lit", junk[:49], True))
+        good_expected.append(("seg", b")\r\n", False, None, False, False))
+        expected += good_expected
+    framer = Framer(max_line=4096, max_literal=49)
+    out: list = []
+    for chunk in split(stream, sizes):
+        framer.feed(chunk)
+        while True:
+            try:
+                ev = framer.next_event()
+            except FramingError as e:
+                assert not e.fatal
+                out.append(e)
+                framer.refuse_literal()
+                continue
+            if ev is NEED_DATA:
+                break
+            out.append(ev)
+    assert coalesce(out) == expected
+    assert framer.at_boundary and framer.buffered == 0
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skew", [0, 7])
+def test_big_literal_is_streamed_not_accumulated(skew):
+    chunk_size = 64 * 1024
+    n_chunks = 800  # 50 MiB
+    size = chunk_size * n_chunks
+    block = bytes(range(256)) * (chunk_size // 256)
+    head = b"a1 APPEND INBOX ~{%d+}\r\n" % size
+    framer = Framer(max_line=8192, max_literal=None)
+
+    got = 0
+    lasts = 0
+    max_chunk = 0
+    n_events = 0
+    framer.feed(head + block[:chunk_size - skew])
+    pieces = [block[chunk_size - skew:] + block[:chunk_size - skew]] * (n_chunks - 1)
+    pieces.append(block[chunk_size - skew:] + b"\r\na2 NOOP\r\n")
+    evs = drain(framer)
+    assert evs[0] == seg(head, True, size, True, True)
+    for ev in evs[1:]:
+        got += len(ev.data)
+    for piece in pieces:
+        assert framer.buffered == 0
+        assert len(framer._buf) <= chunk_size + len(head)  # no accumulation in the internal buffer
+        framer.feed(piece)
+        evs = drain(framer)
+        n_events += len(evs)
+        assert evs, "each fed chunk yields literal data right away"
+        for ev in evs:
+            if isinstance(ev, LiteralData):
+                got += len(ev.data)
+                lasts += ev.last
+                max_chunk = max(max_chunk, len(ev.data))
+        assert framer.buffered == 0
+        assert len(framer._buf) <= chunk_size + 16
+    assert got == size
+    assert lasts == 1
+    assert max_chunk <= chunk_size
+    assert isinstance(evs[-1], Segment) and evs[-1].data == b"a2 NOOP\r\n"
+    assert framer.at_boundary
+
+
+def test_server_status_text_ending_like_a_literal_is_text():
+    """A server's human-readable text may end in "{5}": status responses and "+" carry no literals."""
+    f = Framer(responses=True)
+    f.feed(b"a1 NO Mailbox does not exist: {5}\r\n* OK [ALERT] hello {user}\r\n+ send {3}\r\n"
+           b"* 1 FETCH (BODY[] {5}\r\nhello)\r\n")
+    events = list(f.events())
+    assert [e.data for e in events[:3]] == [b"a1 NO Mailbox does not exist: {5}\r\n",
+                                            b"* OK [ALERT] hello {user}\r\n", b"+ send {3}\r\n"]
+    assert all(e.literal is None for e in events[:3])
+    assert events[3].literal == 5 and events[4].data == b"hello"
