@@ -124,6 +124,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._internal: dict[bytes, tuple[defer.Deferred, list[bytes]]] = {}
         self._internal_queue: list[bytes] = []
         self._internal_seq = 0
+        self._sent = 0
         self._held: list | None = None  # backend events waiting while a plugin gathers data (Hold)
         self._swallow_tagged: set[bytes] = set()
         self._swallow_continuation = 0
@@ -715,6 +716,8 @@ class ClientSession(Protocol, TimeoutMixin):
             self._reply(cmd.tag, action.tagged, action.untagged)
             return
         data = action.data if isinstance(action, Rewrite) else cmd.line
+        self._sent += 1
+        cmd.state["_sent"] = self._sent
         self._inflight.setdefault(cmd.tag, deque()).append(cmd)
         if ev.literal is not None:
             self._current = cmd
@@ -741,6 +744,12 @@ class ClientSession(Protocol, TimeoutMixin):
     def _deferred_failed(self, failure: Failure, cmd: ClientCommand, ev) -> None:
         log.failure("plugin decision failed session={session}", failure, session=self.session_id)
         self._deferred_decision(Answer(b"NO [SERVERBUG] Internal error."), cmd, ev)
+
+    def inflight_commands(self) -> list[ClientCommand]:
+        """Client commands at the backend, not yet completed, oldest first."""
+        cmds = [c for q in self._inflight.values() for c in q]
+        cmds.sort(key=lambda c: c.state.get("_sent", 0))
+        return cmds
 
     # -- internal commands on the client's backend connection -----------------------------------
 

@@ -1,0 +1,83 @@
+"""CPM object classification (DESIGN.md section 3) and the CPM preference namespace.
+
+Classification runs on the server (IMAP SEARCH, answered as ESEARCH UID sets), never by fetching bodies;
+the results are cached per user, mailbox and UIDVALIDITY, since a message's content never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KINDS = ("sms", "mms", "session-info", "group-state", "file-transfer", "imdn", "chat", "other")
+SYNC_KINDS = KINDS + ("session-history",)
+
+PREFIX = "/private/vendor/vendor.cpmproxy"
+PREF_NOTIFICATIONS = "notifications"
+PREF_SYNC = "sync"
+PREFERENCES = frozenset([PREF_NOTIFICATIONS, PREF_SYNC] + [f"{PREF_SYNC}/{k}" for k in SYNC_KINDS])
+
+_CPIM = b'HEADER Content-Type "message/cpim"'
+_FT_HTTP = b'BODY "application/vnd.gsma.rcs-ft-http+xml"'
+_IMDN = b'BODY "message/imdn+xml"'
+
+# IMAP SEARCH criteria that select each kind (case-insensitive substring matches on the server).
+KIND_CRITERIA: dict[str, bytes] = {
+    "sms": b'HEADER Message-Context "pager-message"',
+    "mms": b'HEADER Message-Context "multimedia-message"',
+    "session-info": b'HEADER Content-Type "application/x-cpm-session"',
+    "group-state": b'HEADER Content-Type "application/group-state-object+xml"',
+    "file-transfer": b'OR HEADER Content-Type "application/x-cpm-file-transfer" (' + _CPIM + b" " + _FT_HTTP + b")",
+    "imdn": _CPIM + b" " + _IMDN,
+    "chat": _CPIM + b" NOT " + _IMDN + b" NOT " + _FT_HTTP,
+}
+SESSION_INFO_CRITERIA = KIND_CRITERIA["session-info"]
+
+
+def pref_entry(key: str) -> str:
+    return f"{PREFIX}/{key}"
+
+
+def pref_key(entry: str) -> str | None:
+    """``sync/imdn`` for ``/private/vendor/vendor.cpmproxy/sync/imdn`` (any case); None if outside."""
+    low = entry.lower()
+    if low == PREFIX.lower():
+        return ""
+    if low.startswith(PREFIX.lower() + "/"):
+        return low[len(PREFIX) + 1:]
+    return None
+
+
+@dataclass
+class KindCache:
+    """What is known of one mailbox: for each kind, its UIDs among UIDs up to ``upto[kind]``."""
+    uidvalidity: int
+    upto: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, set[int]] = field(default_factory=dict)
+
+    def known(self, kind: str) -> int:
+        return self.upto.get(kind, 0)
+
+    def add(self, kind: str, upto: int, uids: set[int]) -> None:
+        if upto > self.upto.get(kind, 0):
+            self.kinds.setdefault(kind, set()).update(uids)
+            self.upto[kind] = upto
+
+
+class ClassificationCache:
+    """Process-wide, bounded: (user, mailbox) -> KindCache."""
+
+    def __init__(self, max_mailboxes: int = 20000):
+        self.max_mailboxes = max_mailboxes
+        self._data: dict[tuple[str, str], KindCache] = {}
+
+    def get(self, user: str, mailbox: str, uidvalidity: int) -> KindCache:
+        key = (user, mailbox)
+        entry = self._data.get(key)
+        if entry is None or entry.uidvalidity != uidvalidity:
+            if len(self._data) >= self.max_mailboxes:
+                self._data.pop(next(iter(self._data)))  # oldest first (dicts keep insertion order)
+            entry = self._data[key] = KindCache(uidvalidity)
+        return entry
+
+    def forget(self, user: str, mailbox: str) -> None:
+        self._data.pop((user, mailbox), None)

@@ -1,0 +1,1041 @@
+"""Sync policy and user preferences: each device sees a filtered view of the store (DESIGN.md R1, R4).
+
+Provider policy (``[policy]`` in the config, with ``[[policy.class]]`` overrides per user and device)
+decides which folders and which kinds of CPM objects are synchronized, size and age limits, and which
+preferences a user may change. User preferences are METADATA entries under
+``/private/vendor/vendor.cpmproxy/`` on the backend (account-wide on mailbox ``""``, or per folder).
+
+Hidden folders do not exist for the device; hidden messages do not exist in its mailboxes, with sequence
+numbers renumbered in every command and response (``plugins.view.MailboxView``). Where nothing is hidden
+the view is not built at all.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from cpmproxy.config import ConfigError
+from cpmproxy.imap import mutf7
+from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
+from cpmproxy.imap.tokens import (
+    Atom,
+    Literal,
+    LiteralRef,
+    Nil,
+    ParenList,
+    Quoted,
+    TokenError,
+    format_tokens,
+    quote,
+    tokenize,
+)
+from cpmproxy.proxy.hooks import Answer, Defer, Drop, Hold, Plugin, Rewrite
+from plugins.cpm import (
+    KIND_CRITERIA,
+    KINDS,
+    PREF_SYNC,
+    PREFERENCES,
+    SESSION_INFO_CRITERIA,
+    SYNC_KINDS,
+    ClassificationCache,
+    pref_entry,
+    pref_key,
+)
+from plugins.view import MailboxView, parse_uid_list
+
+log = Logger(namespace="cpmproxy.policy")
+
+# -- provider policy ------------------------------------------------------------------------------
+
+_POLICY_KEYS = {
+    "folders": list, "exclude_folders": list, "sync": dict, "max_size": int, "max_age_days": int,
+    "user_may_change": list, "local_delete": bool, "notifications": str, "delete_mode": str,
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The effective provider policy for one device."""
+    folders: tuple[str, ...] = ("*",)
+    exclude_folders: tuple[str, ...] = ()
+    sync: tuple[tuple[str, bool], ...] = ()
+    max_size: int = 0
+    max_age_days: int = 0
+    user_may_change: tuple[str, ...] = ("*",)
+    local_delete: bool = True
+    notifications: str = "allowed"
+    delete_mode: str = "normal"
+
+    def default_sync(self, kind: str) -> bool:
+        return dict(self.sync).get(kind, True)
+
+    def may_change(self, key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, pat) for pat in self.user_may_change)
+
+    def folder_allowed(self, name: str) -> bool:
+        match = lambda pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
+        return match(self.folders) and not match(self.exclude_folders)
+
+    @property
+    def message_rules(self) -> bool:
+        """True if the policy alone can hide messages (size/age/kinds)."""
+        return bool(self.max_size or self.max_age_days or any(not v for _, v in self.sync))
+
+
+def _check_policy_table(table: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {}
+    for key, value in table.items():
+        if key not in _POLICY_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key")
+        kind = _POLICY_KEYS[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key}: expected {kind.__name__}")
+        if kind is list and not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{where}.{key}: expected a list of strings")
+        if key == "sync":
+            for k, v in value.items():
+                if k not in SYNC_KINDS:
+                    raise ConfigError(f"{where}.sync.{k}: unknown kind (known: {', '.join(SYNC_KINDS)})")
+                if not isinstance(v, bool):
+                    raise ConfigError(f"{where}.sync.{k}: expected true or false")
+            value = tuple(sorted(value.items()))
+        elif key in ("max_size", "max_age_days") and value < 0:
+            raise ConfigError(f"{where}.{key}: must be >= 0")
+        elif key == "notifications" and value not in ("allowed", "forced", "off"):
+            raise ConfigError(f"{where}.notifications: must be 'allowed', 'forced' or 'off'")
+        elif key == "delete_mode" and value not in ("normal", "local"):
+            raise ConfigError(f"{where}.delete_mode: must be 'normal' or 'local'")
+        elif kind is list:
+            value = tuple(value)
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    name: str
+    users: tuple[str, ...]
+    devices: tuple[str, ...]
+    settings: dict = field(hash=False, compare=False, default_factory=dict)
+
+    def matches(self, user: str, device_id: str, id_name: str) -> bool:
+        if not any(fnmatch.fnmatchcase(user, p) for p in self.users):
+            return False
+        return any(fnmatch.fnmatchcase(device_id, p) or (id_name and fnmatch.fnmatchcase(id_name, p))
+                   for p in self.devices)
+
+
+def parse_policy(table: dict[str, Any]) -> tuple[Policy, list[DeviceClass]]:
+    table = dict(table)
+    classes_raw = table.pop("class", [])
+    base = Policy(**_check_policy_table(table, "policy"))
+    if not isinstance(classes_raw, list):
+        raise ConfigError("policy.class: use [[policy.class]] tables")
+    classes = []
+    for i, raw in enumerate(classes_raw):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"policy.class[{i}]: must be a table")
+        raw = dict(raw)
+        name = raw.pop("name", f"class{i}")
+        users = raw.pop("users", ["*"])
+        devices = raw.pop("devices", ["*"])
+        for k, v in (("users", users), ("devices", devices)):
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"policy.class[{i}].{k}: expected a list of glob patterns")
+        settings = _check_policy_table(raw, f"policy.class[{i}]")
+        classes.append(DeviceClass(str(name), tuple(users), tuple(devices), settings))
+    return base, classes
+
+
+# -- per-session state ----------------------------------------------------------------------------
+
+@dataclass
+class FolderInfo:
+    prefs: dict[str, str] = field(default_factory=dict)  # folder-level preferences
+    session_history: bool | None = None
+
+
+@dataclass
+class SelectPlan:
+    mailbox: str
+    uidvalidity: int
+    hidden_kinds: tuple[str, ...]
+    max_size: int
+    max_age_days: int
+
+
+@dataclass
+class PolicySession:
+    policy: Policy
+    account_prefs: dict[str, str] = field(default_factory=dict)
+    folders: dict[str, FolderInfo] = field(default_factory=dict)
+    plan: SelectPlan | None = None       # criteria of the mailbox being selected
+    pending_select: bool = False         # our SELECT is at the backend, its responses not yet seen
+    view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
+    mailbox: str | None = None
+
+
+_MAILBOX_ARG = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"APPEND": 0,
+                b"SUBSCRIBE": 0, b"UNSUBSCRIBE": 0, b"CREATE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1}
+_SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
+_SEARCHES = frozenset((b"SEARCH", b"SORT", b"THREAD"))
+_SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
+_STATUS_RE = re.compile(rb"^\* STATUS (.*) \(([^()]*)\)\r?\n$", re.S | re.I)
+_NUMBERED_RE = re.compile(rb"^\* (\d+) ", re.S)
+
+
+def _token_text(tok) -> bytes | None:
+    if isinstance(tok, (Atom, Quoted, Literal)):
+        return tok.value
+    return None
+
+
+def _mailbox_name(raw: bytes) -> str:
+    if raw.upper() == b"INBOX":
+        return "INBOX"
+    try:
+        return mutf7.decode(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+class PolicyPlugin(Plugin):
+    name = "policy"
+    config_section = "policy"
+
+    def __init__(self, proxy):
+        super().__init__(proxy)
+        self.base = Policy()
+        self.classes: list[DeviceClass] = []
+        self.cache = ClassificationCache()
+        self.session_history_cache: dict[tuple[str, str], bool] = {}
+
+    def configure(self, settings: dict[str, Any]) -> None:
+        self.base, self.classes = parse_policy(settings)
+
+    # -- policy resolution ----------------------------------------------------------------------
+
+    def policy_for(self, user: str, device_id: str, id_name: str) -> Policy:
+        policy = self.base
+        for cls in self.classes:
+            if cls.matches(user, device_id, id_name):
+                policy = replace(policy, **cls.settings)
+        return policy
+
+    def state(self, session) -> PolicySession:
+        st = session.state.get(self.name)
+        if st is None:
+            policy = self.policy_for(session.user or "", session.device_id, session.client_id.get("name") or "")
+            st = session.state[self.name] = PolicySession(policy)
+        return st
+
+    def effective(self, st: PolicySession, key: str, folder: str | None, default: bool) -> bool:
+        """A preference's effective value: policy default unless the user may change it and did."""
+        if st.policy.may_change(key):
+            value = None
+            if folder is not None and folder in st.folders:
+                value = st.folders[folder].prefs.get(key)
+            if value is None:
+                value = st.account_prefs.get(key)
+            if value is not None:
+                return value == "on"
+        return default
+
+    def kind_synced(self, st: PolicySession, kind: str, folder: str) -> bool:
+        return self.effective(st, f"{PREF_SYNC}/{kind}", folder, st.policy.default_sync(kind))
+
+    def hidden_kinds(self, st: PolicySession, folder: str) -> tuple[str, ...]:
+        return tuple(k for k in KINDS if not self.kind_synced(st, k, folder))
+
+    # -- login: read the account-wide preferences ----------------------------------------------
+
+    async def _login(self, session) -> None:
+        st = self.state(session)
+        reply = await session.side_command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")")
+        st.account_prefs = _parse_metadata_prefs(reply.untagged)
+
+    def login(self, session):
+        return defer.Deferred.fromCoroutine(self._login(session))
+
+    def capabilities(self, session, caps):
+        return caps
+
+    # -- folders --------------------------------------------------------------------------------
+
+    async def folder_infos(self, session, names: list[str]) -> None:
+        """Fill ``st.folders`` for ``names``: folder preferences, then (only where Session Histories are
+        not synchronized) whether the folder is one. Pipelined on the side connection."""
+        st = self.state(session)
+        todo = [n for n in names if n not in st.folders]
+        if not todo:
+            return
+        want_prefs = any(st.policy.may_change(k) for k in PREFERENCES if k.startswith(PREF_SYNC))
+        waits = []
+        for name in todo:
+            info = st.folders[name] = FolderInfo()
+            if want_prefs:
+                waits.append((info, session.side_command(
+                    b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" (" + pref_entry("").encode() + b")")))
+        for info, d in waits:
+            try:
+                info.prefs = _parse_metadata_prefs((await d).untagged)
+            except Exception:
+                log.failure("reading folder preferences failed")
+        checks = []
+        for name in todo:
+            info = st.folders[name]
+            if self.effective(st, f"{PREF_SYNC}/session-history", name, st.policy.default_sync("session-history")):
+                continue
+            if self.session_history_cache.get((session.user, name)):
+                info.session_history = True
+                continue
+            session.side_command(b"EXAMINE " + _wire_name(name))
+            checks.append((name, info, session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA)))
+        for name, info, d in checks:
+            try:
+                reply = await d
+            except Exception:
+                continue
+            info.session_history = any(b" MIN " in line for line in reply.untagged)
+            if info.session_history:
+                self.session_history_cache[(session.user, name)] = True
+        if checks:
+            session.side_command(b"UNSELECT")
+
+    def folder_hidden(self, st: PolicySession, name: str) -> bool:
+        if not st.policy.folder_allowed(name):
+            return True
+        info = st.folders.get(name)
+        if info is not None:
+            if not self.effective(st, PREF_SYNC, name, True):
+                return True
+            if info.session_history and not self.effective(st, f"{PREF_SYNC}/session-history", name,
+                                                           st.policy.default_sync("session-history")):
+                return True
+        return False
+
+    async def _all_folders(self, session) -> list[str]:
+        reply = await session.side_command(b'LIST "" "*"')
+        names = []
+        for line in reply.untagged:
+            if line[:7].upper() == b"* LIST ":
+                name = _list_name(line)
+                if name is not None:
+                    names.append(name)
+        return names
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def command(self, session, cmd):
+        st = self.state(session)
+        name = cmd.name
+        if name in (b"SETMETADATA", b"GETMETADATA"):
+            return self._metadata_command(session, st, cmd)
+        if name in (b"LIST", b"LSUB"):
+            return Defer(defer.Deferred.fromCoroutine(self._before_list(session, st)))
+        if name in _MAILBOX_ARG:
+            return Defer(defer.Deferred.fromCoroutine(self._mailbox_command(session, st, cmd)))
+        view = st.view
+        if view is not None and not view.identity:
+            return self._view_command(st, view, cmd)
+        return None
+
+    async def _before_list(self, session, st):
+        names = await self._all_folders(session)
+        await self.folder_infos(session, names)
+        return None
+
+    async def _mailbox_command(self, session, st: PolicySession, cmd):
+        args = cmd.args
+        index = _MAILBOX_ARG[cmd.name]
+        targets = [index] + ([1] if cmd.name == b"RENAME" else [])
+        names = []
+        for i in targets:
+            if i >= len(args):
+                return None  # the backend will say BAD
+            tok = args[i]
+            if isinstance(tok, LiteralRef):
+                if self._folder_rules(st):
+                    return Answer(b"NO [CANNOT] Send mailbox names as quoted strings to this server.")
+                return None
+            raw = _token_text(tok)
+            if raw is None:
+                return None
+            names.append(_mailbox_name(raw))
+        if cmd.name == b"CREATE" or (cmd.name == b"RENAME"):
+            new = names[-1]
+            if not st.policy.folder_allowed(new):
+                return Answer(b"NO [CANNOT] That mailbox name is not allowed by the service provider's policy.")
+            if cmd.name == b"CREATE":
+                st.folders.pop(new, None)
+                return None
+            names = names[:1]
+        await self.folder_infos(session, names)
+        if any(self.folder_hidden(st, n) for n in names):
+            return Answer(b"NO [NONEXISTENT] Mailbox doesn't exist: " + names[0].encode("utf-8", "replace")[:200])
+        if cmd.name in (b"SELECT", b"EXAMINE"):
+            await self._plan_select(session, st, names[0])
+        elif cmd.name == b"STATUS":
+            cmd.state["status_adjust"] = await self._status_adjustment(session, st, names[0])
+        if cmd.name in (b"DELETE", b"RENAME"):
+            st.folders.pop(names[0], None)
+            self.cache.forget(session.user, names[0])
+        return None
+
+    def _folder_rules(self, st: PolicySession) -> bool:
+        p = st.policy
+        return p.folders != ("*",) or bool(p.exclude_folders) or any(
+            p.may_change(k) for k in PREFERENCES if k.startswith(PREF_SYNC))
+
+    # -- selecting: plan, then gather classification while the SELECT responses are held ---------
+
+    def _criteria(self, st: PolicySession, mailbox: str) -> tuple[tuple[str, ...], int, int]:
+        return self.hidden_kinds(st, mailbox), st.policy.max_size, st.policy.max_age_days
+
+    async def _plan_select(self, session, st: PolicySession, mailbox: str) -> None:
+        st.view = None
+        st.mailbox = mailbox
+        kinds, max_size, max_age = self._criteria(st, mailbox)
+        if not (kinds or max_size or max_age):
+            st.plan = None  # fast path: nothing can be hidden here
+            return
+        reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" (UIDVALIDITY)")
+        uidvalidity = 0
+        for line in reply.untagged:
+            m = re.search(rb"UIDVALIDITY (\d+)", line)
+            if m:
+                uidvalidity = int(m.group(1))
+        st.plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+        st.pending_select = True
+
+    async def _classify(self, session, plan: SelectPlan, uid_range: bytes) -> tuple[list[int], set[int]]:
+        """All UIDs in ``uid_range`` and the hidden ones among them (one pipelined round trip)."""
+        cache = self.cache.get(session.user, plan.mailbox, plan.uidvalidity)
+        kinds = set(plan.hidden_kinds)
+        if "other" in kinds:
+            kinds |= set(KIND_CRITERIA)
+            kinds.discard("other")
+        all_d = session.backend_command(b"UID SEARCH RETURN (ALL) UID " + uid_range)
+        kind_ds = {}
+        for kind in sorted(kinds):
+            start = cache.known(kind) + 1
+            kind_ds[kind] = (start, session.backend_command(
+                b"UID SEARCH RETURN (ALL) UID %d:* " % start + KIND_CRITERIA[kind]))
+        size_d = session.backend_command(b"UID SEARCH RETURN (ALL) UID " + uid_range + b" LARGER %d"
+                                         % plan.max_size) if plan.max_size else None
+        age_d = session.backend_command(b"UID SEARCH RETURN (ALL) UID " + uid_range + b" OLDER %d"
+                                        % (plan.max_age_days * 86400)) if plan.max_age_days else None
+        uids = _esearch_all(await all_d)
+        top = uids[-1] if uids else 0
+        for kind, (start, d) in kind_ds.items():
+            found = set(_esearch_all(await d))
+            cache.add(kind, max(top, start - 1), found)
+        hidden: set[int] = set()
+        uidset = set(uids)
+        for kind in plan.hidden_kinds:
+            if kind == "other":
+                known = set().union(*(cache.kinds.get(k, set()) for k in KIND_CRITERIA))
+                hidden |= uidset - known
+            else:
+                hidden |= cache.kinds.get(kind, set()) & uidset
+        if size_d is not None:
+            hidden |= set(_esearch_all(await size_d))
+        if age_d is not None:
+            hidden |= set(_esearch_all(await age_d))
+        return uids, hidden
+
+    async def _build_view(self, session, st: PolicySession) -> None:
+        plan = st.plan
+        try:
+            uids, hidden = await self._classify(session, plan, b"1:*")
+        except Exception:
+            log.failure("classification failed; showing the mailbox unfiltered")
+            st.view = None
+            return
+        st.view = MailboxView(uids, hidden)
+
+    async def _grow_view(self, session, st: PolicySession) -> None:
+        view = st.view
+        try:
+            uids, hidden = await self._classify(session, st.plan, b"%d:*" % (view.max_uid + 1))
+        except Exception:
+            log.failure("classification of new messages failed")
+            return
+        view.append(uids, hidden)
+
+    # -- responses ------------------------------------------------------------------------------
+
+    def response(self, session, resp):
+        st = session.state.get(self.name)
+        if st is None:
+            return None
+        head = resp.head
+        if head.kind != "untagged" or not resp.first:
+            return None
+        name = head.name
+        if st.pending_select:
+            st.pending_select = False
+            if head.name == b"BAD" or head.name == b"NO":
+                return None
+            return Hold(defer.Deferred.fromCoroutine(self._build_view(session, st)))
+        if name in (b"LIST", b"LSUB"):
+            mailbox = _list_name(resp.data)
+            if mailbox is not None and self.folder_hidden(st, mailbox):
+                return Drop()
+            return None
+        if name == b"STATUS":
+            return self._status_response(session, st, resp)
+        if name == b"METADATA":
+            return self._metadata_response(resp)
+        view = st.view
+        if view is None:
+            return None
+        if name == b"EXISTS":
+            n = head.number
+            if n is not None and n > len(view.uids):
+                return Hold(defer.Deferred.fromCoroutine(self._grow_view(session, st)))
+            if view.identity:
+                return None
+            return Rewrite(b"* %d EXISTS\r\n" % view.exists)
+        if name == b"RECENT":
+            # Which of the recent messages are hidden is not worth a query (RECENT is obsolete in
+            # IMAP4rev2); never claim more recent messages than exist.
+            n = head.number or 0
+            return None if n <= view.exists else Rewrite(b"* %d RECENT\r\n" % view.exists)
+        if name == b"EXPUNGE":
+            client = view.expunge(head.number)
+            if client is None:
+                return Drop()
+            return None if client == head.number else Rewrite(b"* %d EXPUNGE\r\n" % client)
+        if name == b"VANISHED":
+            _apply_vanished(view, resp.data)
+            return None
+        if view.identity:
+            return None
+        if name == b"FETCH":
+            client = view.client_seq(head.number)
+            if client is None:
+                return Drop()
+            if client != head.number:
+                return Rewrite(b"* %d" % client + resp.data[resp.data.index(b" FETCH"):])
+            return None
+        if name in (b"SEARCH", b"SORT"):
+            return self._search_response(session, view, resp)
+        if name == b"ESEARCH":
+            return self._esearch_response(session, view, resp)
+        if name == b"THREAD":
+            return self._thread_response(session, view, resp)
+        if name == b"OK" and head.code and head.code[:7].upper() == b"UNSEEN ":
+            client = view.client_seq(int(head.code[7:]))
+            if client is None:
+                return Drop()
+            return Rewrite(resp.data.replace(b"[UNSEEN %d]" % int(head.code[7:]), b"[UNSEEN %d]" % client, 1))
+        return None
+
+    def tagged(self, session, cmd, resp):
+        st = session.state.get(self.name)
+        if st is None:
+            return None
+        status = resp.head.name
+        if cmd.name in (b"SELECT", b"EXAMINE"):
+            st.pending_select = False
+            if status != b"OK":
+                st.view = None
+                st.mailbox = None
+        elif cmd.name in (b"CLOSE", b"UNSELECT") and status == b"OK":
+            st.view = None
+            st.mailbox = None
+        elif cmd.name == b"SETMETADATA" and status == b"OK" and "prefs" in cmd.state:
+            self._prefs_changed(session, cmd.state["prefs"])
+        return None
+
+    # -- sequence-number arithmetic on commands ---------------------------------------------------
+
+    def _view_command(self, st: PolicySession, view: MailboxView, cmd):
+        name = cmd.name
+        if name in _SEQ_COMMANDS or (cmd.uid and name == b"EXPUNGE"):
+            m = _SEQ_ARG_RE.match(cmd.line)
+            if m is None:
+                return None
+            token = m.group(2)
+            if token == b"$":
+                return None
+            try:
+                requested = SequenceSet.parse(token)
+            except SequenceSetError:
+                return None  # the backend answers BAD
+            if cmd.uid:
+                allowed = view.visible_uidset(requested)
+                if not allowed:
+                    if name == b"FETCH":
+                        return None  # nothing visible: the backend answers with nothing, which is right
+                    return Answer(b"OK " + name + b" completed (no visible messages).")
+                if name == b"FETCH":
+                    return None  # responses of hidden messages are dropped
+            else:
+                allowed = view.backend_seqset(requested)
+                if not allowed or max(requested.resolve(max(view.exists, 1)).ranges[-1]) > view.exists:
+                    return Answer(b"BAD Error in IMAP command " + name + b": Invalid messageset")
+            return Rewrite(m.group(1) + allowed.format() + m.group(3))
+        if name in _SEARCHES:
+            try:
+                return self._search_command(view, cmd)
+            except TokenError:
+                return None
+        return None
+
+    def _search_command(self, view: MailboxView, cmd):
+        """Rewrite sequence sets in the criteria (client numbers -> backend numbers); ask for ALL in an
+        ESEARCH so that MIN/MAX/COUNT can be computed over the visible messages."""
+        line = cmd.line
+        body = line[:-2] if line.endswith(b"\r\n") else line
+        try:
+            tokens = tokenize(body)
+        except TokenError:
+            return None
+        i = 2 + (1 if cmd.uid else 0)
+        head = tokens[:i]
+        rest = tokens[i:]
+        if cmd.name == b"SEARCH" and rest and isinstance(rest[0], Atom) and rest[0].upper() == b"RETURN" \
+                and len(rest) > 1 and isinstance(rest[1], ParenList):
+            opts = [(_token_text(t) or b"").upper() for t in rest[1].items]
+            cmd.state["esearch"] = opts or [b"ALL"]
+            head += [rest[0], ParenList([Atom(b"ALL")] + [t for t in rest[1].items
+                                                        if (_token_text(t) or b"").upper() not in
+                                                        (b"ALL", b"MIN", b"MAX", b"COUNT")])]
+            rest = rest[2:]
+        if cmd.name == b"SORT" and rest:
+            head, rest = head + rest[:2], rest[2:]  # (sort criteria) charset
+        elif cmd.name == b"THREAD" and rest:
+            head, rest = head + rest[:2], rest[2:]  # algorithm charset
+        return Rewrite(format_tokens(head + rewrite_search_keys(view, rest)) + b"\r\n")
+
+    def _search_response(self, session, view: MailboxView, resp):
+        data = resp.data.rstrip(b"\r\n")
+        words = data.split(b" ")
+        nums, tail = [], []
+        for i, w in enumerate(words[2:], 2):
+            if w.isdigit():
+                nums.append(int(w))
+            else:
+                tail = words[i:]
+                break
+        # An untagged SEARCH does not say which command it answers; UID-ness comes from the oldest
+        # search in flight (backends answer pipelined searches in order).
+        cmd = _oldest(session, _SEARCHES)
+        uid = cmd is not None and cmd.uid
+        if uid:
+            kept = [n for n in nums if n not in view.hidden]
+        else:
+            kept = view.client_seqs(nums)
+        return Rewrite(b" ".join(words[:2] + [b"%d" % n for n in kept] + tail) + b"\r\n")
+
+    def _esearch_response(self, session, view: MailboxView, resp):
+        try:
+            tokens = tokenize(resp.data.rstrip(b"\r\n"))
+        except TokenError:
+            return None
+        items = tokens[2:]
+        prefix = tokens[:2]
+        if items and isinstance(items[0], ParenList):
+            prefix.append(items[0])
+            items = items[1:]
+        uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
+        if uid:
+            prefix.append(items[0])
+            items = items[1:]
+        pairs = {}
+        order = []
+        for j in range(0, len(items) - 1, 2):
+            key = (_token_text(items[j]) or b"").upper()
+            pairs[key] = items[j + 1]
+            order.append(key)
+        all_tok = pairs.get(b"ALL")
+        numbers = parse_uid_list(_token_text(all_tok) or b"") if all_tok is not None else []
+        kept = [n for n in numbers if n not in view.hidden] if uid else view.client_seqs(numbers)
+        wanted = _requested_esearch(session, resp) or order
+        out = list(prefix)
+        for key in wanted:
+            if key == b"ALL" and kept:
+                out += [Atom(b"ALL"), Atom(SequenceSet.from_iterable(kept).format())]
+            elif key == b"MIN" and kept:
+                out += [Atom(b"MIN"), Atom(b"%d" % kept[0])]
+            elif key == b"MAX" and kept:
+                out += [Atom(b"MAX"), Atom(b"%d" % kept[-1])]
+            elif key == b"COUNT":
+                out += [Atom(b"COUNT"), Atom(b"%d" % len(kept))]
+            elif key not in (b"ALL", b"MIN", b"MAX", b"COUNT", b"SAVE") and key in pairs:
+                out += [Atom(key), pairs[key]]
+        return Rewrite(format_tokens(out) + b"\r\n")
+
+    def _thread_response(self, session, view: MailboxView, resp):
+        data = resp.data.rstrip(b"\r\n")
+        try:
+            tokens = tokenize(data)
+        except TokenError:
+            return None
+        cmd = _oldest(session, (b"THREAD",))
+        uid = cmd is not None and cmd.uid
+
+        def keep(n: int) -> int | None:
+            if uid:
+                return None if n in view.hidden else n
+            return view.client_seq(n)
+
+        def walk(lst: ParenList) -> bytes | None:
+            parts = []
+            for t in lst.items:
+                if isinstance(t, ParenList):
+                    sub = walk(t)
+                    if sub is not None:
+                        parts.append(sub)
+                elif isinstance(t, Atom) and t.is_number():
+                    k = keep(t.as_int())
+                    if k is not None:
+                        parts.append(b"%d" % k)
+            if not parts:
+                return None
+            return b"(" + b" ".join(parts) + b")"
+
+        threads = [w for t in tokens[2:] if isinstance(t, ParenList) and (w := walk(t)) is not None]
+        return Rewrite(b"* THREAD " + b"".join(threads) + b"\r\n" if threads else b"* THREAD\r\n")
+
+    # -- STATUS ---------------------------------------------------------------------------------
+
+    async def _status_adjustment(self, session, st: PolicySession, mailbox: str):
+        """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden."""
+        kinds, max_size, max_age = self._criteria(st, mailbox)
+        if not (kinds or max_size or max_age):
+            return None
+        if st.mailbox == mailbox and st.view is not None:
+            hidden = set(st.view.hidden)
+            uidvalidity = st.plan.uidvalidity if st.plan else 0
+        else:
+            enc = _wire_name(mailbox)
+            session.side_command(b"EXAMINE " + enc)
+            reply = await session.side_command(b"UID SEARCH RETURN (ALL) ALL")
+            uids = set(_esearch_all(reply))
+            st_reply = await session.side_command(b"STATUS " + enc + b" (UIDVALIDITY)")
+            uidvalidity = 0
+            for line in st_reply.untagged:
+                m = re.search(rb"UIDVALIDITY (\d+)", line)
+                if m:
+                    uidvalidity = int(m.group(1))
+            hidden = await self._side_hidden(session, SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age),
+                                             uids)
+        if not hidden:
+            session.side_command(b"UNSELECT")
+            return None
+        if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
+            session.side_command(b"EXAMINE " + _wire_name(mailbox))
+        hidden_set = SequenceSet.from_iterable(hidden).format()
+        unseen = await session.side_command(b"UID SEARCH RETURN (COUNT) UID " + hidden_set + b" UNSEEN")
+        sizes = await session.side_command(b"UID FETCH " + hidden_set + b" (RFC822.SIZE)")
+        session.side_command(b"UNSELECT")
+        unseen_n = 0
+        for line in unseen.untagged:
+            m = re.search(rb"COUNT (\d+)", line)
+            if m:
+                unseen_n = int(m.group(1))
+        size = sum(int(m.group(1)) for line in sizes.untagged for m in [re.search(rb"RFC822\.SIZE (\d+)", line)]
+                   if m)
+        return len(hidden), unseen_n, size
+
+    async def _side_hidden(self, session, plan: SelectPlan, uids: set[int]) -> set[int]:
+        """Hidden UIDs of a mailbox EXAMINEd on the side connection (classification cache shared)."""
+        cache = self.cache.get(session.user, plan.mailbox, plan.uidvalidity)
+        kinds = set(plan.hidden_kinds)
+        if "other" in kinds:
+            kinds |= set(KIND_CRITERIA)
+            kinds.discard("other")
+        top = max(uids) if uids else 0
+        for kind in sorted(kinds):
+            start = cache.known(kind) + 1
+            if start > top:
+                continue
+            reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID %d:* " % start + KIND_CRITERIA[kind])
+            cache.add(kind, top, set(_esearch_all(reply)))
+        hidden: set[int] = set()
+        for kind in plan.hidden_kinds:
+            if kind == "other":
+                known = set().union(*(cache.kinds.get(k, set()) for k in KIND_CRITERIA))
+                hidden |= uids - known
+            else:
+                hidden |= cache.kinds.get(kind, set()) & uids
+        if plan.max_size:
+            hidden |= set(_esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) LARGER %d"
+                                                                   % plan.max_size)))
+        if plan.max_age_days:
+            hidden |= set(_esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) OLDER %d"
+                                                                   % (plan.max_age_days * 86400))))
+        return hidden & uids
+
+    def _status_response(self, session, st: PolicySession, resp):
+        m = _STATUS_RE.match(resp.data)
+        if m is None:
+            return None
+        try:
+            name_tok = tokenize(m.group(1))[0]
+        except (TokenError, IndexError):
+            return None
+        raw = _token_text(name_tok)
+        if raw is None:
+            return None
+        mailbox = _mailbox_name(raw)
+        if self.folder_hidden(st, mailbox):
+            return Drop()
+        adjust = None
+        cmd = _oldest(session, (b"STATUS",))
+        if cmd is not None:
+            adjust = cmd.state.get("status_adjust")
+        if not adjust:
+            return None
+        hidden, unseen, size = adjust
+        items = m.group(2).split()
+        for j in range(0, len(items) - 1, 2):
+            key = items[j].upper()
+            if key == b"MESSAGES":
+                items[j + 1] = b"%d" % max(0, int(items[j + 1]) - hidden)
+            elif key == b"UNSEEN":
+                items[j + 1] = b"%d" % max(0, int(items[j + 1]) - unseen)
+            elif key == b"SIZE":
+                items[j + 1] = b"%d" % max(0, int(items[j + 1]) - size)
+        return Rewrite(b"* STATUS " + m.group(1) + b" (" + b" ".join(items) + b")\r\n")
+
+    # -- METADATA: preferences and the proxy's own entries --------------------------------------
+
+    def _metadata_command(self, session, st: PolicySession, cmd):
+        if cmd.name == b"GETMETADATA":
+            return None  # responses are filtered (bookkeeping entries never leave the proxy)
+        args = cmd.args
+        if len(args) < 2 or not isinstance(args[1], ParenList):
+            return None
+        mailbox_raw = _token_text(args[0])
+        if mailbox_raw is None:
+            return None
+        mailbox = _mailbox_name(mailbox_raw) if mailbox_raw else ""
+        items = args[1].items
+        prefs = {}
+        for j in range(0, len(items) - 1, 2):
+            entry = (_token_text(items[j]) or b"").decode("utf-8", "replace")
+            key = pref_key(entry)
+            if key is None:
+                continue
+            if key not in PREFERENCES:
+                return Answer(b"NO [NOPERM] Entries under " + pref_entry("").encode() +
+                              b" other than the CPM preferences belong to the server.")
+            value_tok = items[j + 1]
+            if isinstance(value_tok, Nil):
+                value = None
+            else:
+                value = (_token_text(value_tok) or b"").decode("utf-8", "replace").strip().lower()
+                if value not in ("on", "off"):
+                    return Answer(b'NO [CLIENTBUG] CPM preferences take "on" or "off".')
+            if key == PREF_SYNC and not mailbox:
+                return Answer(b"NO [CLIENTBUG] The sync preference is set on a mailbox, not on the account.")
+            if not st.policy.may_change(key):
+                return Answer(b"NO [NOPERM] The service provider's policy does not let users change "
+                              + key.encode() + b".")
+            prefs[key] = value
+        if prefs:
+            cmd.state["prefs"] = (mailbox, prefs)
+        return None
+
+    def _metadata_response(self, resp):
+        data = resp.data
+        if b"vendor.cpmproxy" not in data.lower():
+            return None
+        try:
+            tokens = tokenize(data.rstrip(b"\r\n"))
+        except TokenError:
+            return None
+        if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
+            return None
+        items = tokens[3].items
+        kept = []
+        for j in range(0, len(items) - 1, 2):
+            key = pref_key((_token_text(items[j]) or b"").decode("utf-8", "replace"))
+            if key is not None and key not in PREFERENCES and key != "":
+                continue
+            kept += [items[j], items[j + 1]]
+        if len(kept) == len(items):
+            return None
+        if not kept:
+            return Drop()
+        return Rewrite(format_tokens(tokens[:3] + [ParenList(kept)]) + b"\r\n")
+
+    def _prefs_changed(self, session, change) -> None:
+        """A preference was set through this proxy: every session of the user picks it up at once."""
+        mailbox, prefs = change
+        for other in self.proxy.sessions_of(session.user):
+            st = other.state.get(self.name)
+            if st is None:
+                continue
+            if mailbox:
+                info = st.folders.setdefault(mailbox, FolderInfo())
+                target = info.prefs
+            else:
+                target = st.account_prefs
+            for k, v in prefs.items():
+                if v is None:
+                    target.pop(k, None)
+                else:
+                    target[k] = v
+            self._reapply_view(other, st)
+
+    def _reapply_view(self, session, st: PolicySession) -> None:
+        """Preferences changed while a mailbox is selected: hide what is now hidden (EXPUNGE), show
+        what came back if IMAP can say so (EXISTS for messages after every visible one)."""
+        if st.mailbox is None or st.plan is None and not self.hidden_kinds(st, st.mailbox):
+            return
+        d = defer.Deferred.fromCoroutine(self._recompute(session, st))
+        d.addErrback(lambda f: log.failure("re-applying preferences failed", f))
+
+    async def _recompute(self, session, st: PolicySession) -> None:
+        mailbox = st.mailbox
+        kinds, max_size, max_age = self._criteria(st, mailbox)
+        uidvalidity = st.plan.uidvalidity if st.plan else 0
+        if not uidvalidity:
+            reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" (UIDVALIDITY)")
+            for line in reply.untagged:
+                m = re.search(rb"UIDVALIDITY (\d+)", line)
+                if m:
+                    uidvalidity = int(m.group(1))
+        st.plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+        uids, hidden = await self._classify(session, st.plan, b"1:*")
+        if st.view is None:
+            st.view = MailboxView(uids, set())
+        view = st.view
+        gone = view.hide(hidden)
+        back = view.unhide_tail(view.hidden - hidden)
+        out = b"".join(b"* %d EXPUNGE\r\n" % n for n in gone)
+        if back:
+            out += b"* %d EXISTS\r\n" % view.exists
+        if out:
+            session.inject(out)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def _wire_name(name: str) -> bytes:
+    return b"INBOX" if name == "INBOX" else quote(mutf7.encode(name))
+
+
+def _esearch_all(reply) -> list[int]:
+    for line in reply.untagged:
+        i = line.upper().find(b" ALL ")
+        if i >= 0:
+            return parse_uid_list(line[i + 5:].split(b" ")[0])
+    return []
+
+
+def _parse_metadata_prefs(lines: list[bytes]) -> dict[str, str]:
+    prefs = {}
+    for line in lines:
+        if not line.upper().startswith(b"* METADATA "):
+            continue
+        try:
+            tokens = tokenize(line.rstrip(b"\r\n"))
+        except TokenError:
+            continue
+        if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
+            continue
+        items = tokens[3].items
+        for j in range(0, len(items) - 1, 2):
+            key = pref_key((_token_text(items[j]) or b"").decode("utf-8", "replace"))
+            value = _token_text(items[j + 1])
+            if key in PREFERENCES and value is not None:
+                prefs[key] = value.decode("utf-8", "replace").strip().lower()
+    return prefs
+
+
+def _list_name(line: bytes) -> str | None:
+    try:
+        tokens = tokenize(line.rstrip(b"\r\n"))
+    except TokenError:
+        return None
+    # * LIST (flags) "sep" name [extended items]
+    if len(tokens) < 5:
+        return None
+    raw = _token_text(tokens[4])
+    return None if raw is None else _mailbox_name(raw)
+
+
+def _apply_vanished(view: MailboxView, data: bytes) -> None:
+    words = data.rstrip(b"\r\n").split(b" ")
+    token = words[-1]
+    try:
+        view.vanish(SequenceSet.parse(token))
+    except (SequenceSetError, ValueError):
+        pass
+
+
+def _oldest(session, names) :
+    for c in session.inflight_commands():
+        if c.name in names:
+            return c
+    return None
+
+
+def _requested_esearch(session, resp) -> list[bytes] | None:
+    for c in session.inflight_commands():
+        if "esearch" in c.state and resp.data.find(b'"' + c.tag + b'"') >= 0:
+            opts = c.state["esearch"]
+            return [o for o in opts if o in (b"ALL", b"MIN", b"MAX", b"COUNT")] or [b"ALL"]
+    return None
+
+
+_NOARG_KEYS = frozenset(b"ALL ANSWERED DELETED DRAFT FLAGGED NEW OLD RECENT SEEN UNANSWERED UNDELETED "
+                        b"UNDRAFT UNFLAGGED UNSEEN SAVEDATESUPPORTED".split())
+_ONEARG_KEYS = frozenset(b"BCC BEFORE BODY CC FROM KEYWORD LARGER ON SENTBEFORE SENTON SENTSINCE SINCE "
+                         b"SMALLER SUBJECT TEXT TO UID UNKEYWORD OLDER YOUNGER SAVEDBEFORE SAVEDON "
+                         b"SAVEDSINCE FILTER FUZZY CHARSET".split())
+
+
+def rewrite_search_keys(view: MailboxView, tokens: list) -> list:
+    """Walk SEARCH criteria; client sequence sets become backend ones. UID sets, dates, sizes,
+    strings are left alone (the walker knows each search key's arguments)."""
+    out = []
+    i = 0
+    while i < len(tokens):
+        part, i = _one_key(view, tokens, i)
+        out += part
+    return out
+
+
+def _one_key(view: MailboxView, tokens: list, i: int):
+    t = tokens[i]
+    if isinstance(t, ParenList):
+        return [ParenList(rewrite_search_keys(view, t.items))], i + 1
+    if not isinstance(t, Atom):
+        return [t], i + 1
+    key = t.upper()
+    if key in _NOARG_KEYS:
+        return [t], i + 1
+    if key in _ONEARG_KEYS:
+        return tokens[i:i + 2], i + 2
+    if key == b"HEADER":
+        return tokens[i:i + 3], i + 3
+    if key == b"MODSEQ":
+        n = 4 if i + 1 < len(tokens) and isinstance(tokens[i + 1], Quoted) else 2
+        return tokens[i:i + n], i + n
+    if key == b"NOT":
+        sub, j = _one_key(view, tokens, i + 1) if i + 1 < len(tokens) else ([], i + 1)
+        return [t] + sub, j
+    if key == b"OR":
+        a, j = _one_key(view, tokens, i + 1) if i + 1 < len(tokens) else ([], i + 1)
+        b, k = _one_key(view, tokens, j) if j < len(tokens) else ([], j)
+        return [t] + a + b, k
+    try:
+        s = SequenceSet.parse(t.value)
+    except SequenceSetError:
+        return [t], i + 1
+    mapped = view.backend_seqset(s)
+    # Nothing visible matches: a number past the end matches nothing on the backend either.
+    return [Atom(mapped.format() if mapped else b"%d" % (len(view.uids) + 1))], i + 1
