@@ -35,7 +35,7 @@ from cpmproxy.imap.tokens import (
     quote,
     tokenize,
 )
-from cpmproxy.proxy.hooks import Answer, Defer, Drop, Hold, Plugin, Rewrite
+from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import (
     KIND_CRITERIA,
     KINDS,
@@ -340,6 +340,9 @@ class PolicyPlugin(Plugin):
         if name in (b"LIST", b"LSUB"):
             return Defer(defer.Deferred.fromCoroutine(self._before_list(session, st)))
         if name in _MAILBOX_ARG:
+            if _literal_mailbox(cmd):
+                # The name is a literal: let the proxy gather it (for APPEND only the name, not the message).
+                return Collect(literals=1 if name == b"APPEND" else None)
             return Defer(defer.Deferred.fromCoroutine(self._mailbox_command(session, st, cmd)))
         view = st.view
         if view is not None and not view.identity:
@@ -359,12 +362,7 @@ class PolicyPlugin(Plugin):
         for i in targets:
             if i >= len(args):
                 return None  # the backend will say BAD
-            tok = args[i]
-            if isinstance(tok, LiteralRef):
-                if self._folder_rules(st):
-                    return Answer(b"NO [CANNOT] Send mailbox names as quoted strings to this server.")
-                return None
-            raw = _token_text(tok)
+            raw = _token_text(args[i])
             if raw is None:
                 return None
             names.append(_mailbox_name(raw))
@@ -387,11 +385,6 @@ class PolicyPlugin(Plugin):
             st.folders.pop(names[0], None)
             self.cache.forget(session.user, names[0])
         return None
-
-    def _folder_rules(self, st: PolicySession) -> bool:
-        p = st.policy
-        return p.folders != ("*",) or bool(p.exclude_folders) or any(
-            p.may_change(k) for k in PREFERENCES if k.startswith(PREF_SYNC))
 
     # -- selecting: plan, then gather classification while the SELECT responses are held ---------
 
@@ -922,6 +915,18 @@ class PolicyPlugin(Plugin):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+def _literal_mailbox(cmd) -> bool:
+    """Does a mailbox argument of ``cmd`` come as a literal not received yet?"""
+    if not cmd.has_literal:
+        return False
+    try:
+        args = cmd.args
+    except TokenError:
+        return False
+    last = _MAILBOX_ARG[cmd.name] + (1 if cmd.name == b"RENAME" else 0)
+    return any(isinstance(t, LiteralRef) for t in args[:last + 1]) or len(args) <= last
+
 
 def _wire_name(name: str) -> bytes:
     return b"INBOX" if name == "INBOX" else quote(mutf7.encode(name))

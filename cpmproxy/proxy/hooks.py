@@ -15,7 +15,7 @@ Hooks, in the order a session meets them:
 ``command(session, cmd) -> Action | None``
     A client command (first segment, tokenizable via ``cmd.args``). Return ``Rewrite(line)`` to forward
     other bytes, ``Answer(...)`` to answer it locally (it never reaches the backend), ``Defer(d)`` to
-    decide later, or None to pass it on unchanged.
+    decide later, ``Collect()`` to see the command's literals first, or None to pass it on unchanged.
 ``response(session, resp) -> Action | None``
     A text segment of a backend response (``resp.first`` for the first one). ``Drop()`` on a first
     segment drops the whole response, literals included; ``Rewrite(data)`` replaces the segment;
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from cpmproxy.imap.tokens import ResponseHead
 
 __all__ = [
-    "Action", "Answer", "Defer", "Drop", "Hold", "Plugin", "Refuse", "Rewrite", "ClientCommand",
+    "Action", "Answer", "Collect", "Defer", "Drop", "Hold", "Plugin", "Refuse", "Rewrite", "ClientCommand",
     "BackendResponse", "SelectedMailbox",
 ]
 
@@ -70,6 +70,16 @@ class Answer(Action):
     ``tagged`` = status + text, e.g. ``b"NO [NOPERM] Not allowed"`` (the proxy adds the tag and CRLF)."""
     tagged: bytes
     untagged: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Collect(Action):
+    """From ``command``: the first segment is not enough (an argument is a literal). The proxy gathers
+    the command — the whole of it, or up to ``literals`` literals and the segment after them — answering
+    the client's ``+`` itself, then calls the hooks again with ``cmd.line`` holding what was gathered
+    (literals inline, as non-synchronizing ``{n+}``, the form it will be forwarded in) and
+    ``cmd.state["collected"]`` set."""
+    literals: int | None = None
 
 
 @dataclass(slots=True)

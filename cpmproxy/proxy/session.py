@@ -40,6 +40,7 @@ from cpmproxy.proxy.hooks import (
     Answer,
     BackendResponse,
     ClientCommand,
+    Collect,
     Defer,
     Drop,
     Hold,
@@ -125,6 +126,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._internal_queue: list[bytes] = []
         self._internal_seq = 0
         self._sent = 0
+        self._collecting: dict | None = None  # a command being gathered for a plugin (Collect)
         self._held: list | None = None  # backend events waiting while a plugin gathers data (Hold)
         self._swallow_tagged: set[bytes] = set()
         self._swallow_continuation = 0
@@ -336,7 +338,7 @@ class ClientSession(Protocol, TimeoutMixin):
             self._parts.append(ev.data)
             if ev.literal is not None:
                 if not ev.non_sync:
-                    self._out.append(b"+ Ready for literal data\r\n")
+                    self._out.append(b"+ OK\r\n")
                 continue
             command = b"".join(self._parts)
             self._parts = []
@@ -640,6 +642,10 @@ class ClientSession(Protocol, TimeoutMixin):
         bout = backend.out
         hooks = self.service.hooks.command
         for ev in self.framer.events():
+            if self._collecting is not None:
+                if not self._collect_event(ev):
+                    return
+                continue
             if isinstance(ev, LiteralData):
                 if not self._discard_command:
                     bout.append(ev.data)
@@ -675,22 +681,92 @@ class ClientSession(Protocol, TimeoutMixin):
             cmd = ClientCommand(parsed.tag, parsed.name, parsed.uid, line, parsed, ev.literal is not None)
             action = self._core_command(cmd)
             if action is None:
-                for plugin in hooks:
-                    try:
-                        action = plugin.command(self, cmd)
-                    except TokenError as e:
-                        action = Answer(b"BAD [CLIENTBUG] Invalid arguments: " + str(e).encode()[:100] + b".")
-                    if action is not None:
-                        break
-            if isinstance(action, Defer):
-                self._blocked = True
-                self.transport.pauseProducing()
-                action.deferred.addCallbacks(self._deferred_decision, self._deferred_failed,
-                                             callbackArgs=(cmd, ev), errbackArgs=(cmd, ev))
+                action = self._command_hooks(cmd, hooks)
+            if isinstance(action, Collect) and ev.literal is not None:
+                self._start_collect(cmd, ev, action)
+                continue
+            if not self._decide(cmd, ev, action):
                 return
-            self._apply(cmd, ev, action)
             if self._closing:
                 return
+
+    def _command_hooks(self, cmd: ClientCommand, hooks):
+        for plugin in hooks:
+            try:
+                action = plugin.command(self, cmd)
+            except TokenError as e:
+                action = Answer(b"BAD [CLIENTBUG] Invalid arguments: " + str(e).encode()[:100] + b".")
+            if isinstance(action, Collect) and (cmd.state.get("collected") or not cmd.has_literal):
+                action = None  # nothing more to gather
+            if action is not None:
+                return action
+        return None
+
+    def _decide(self, cmd: ClientCommand, ev, action) -> bool:
+        """Apply a hook's decision; False if it is deferred (stop reading commands until it is in)."""
+        if isinstance(action, Defer):
+            self._blocked = True
+            self.transport.pauseProducing()
+            action.deferred.addCallbacks(self._deferred_decision, self._deferred_failed,
+                                         callbackArgs=(cmd, ev), errbackArgs=(cmd, ev))
+            return False
+        self._apply(cmd, ev, action)
+        return True
+
+    # -- Collect: gather a command's literals for a plugin ---------------------------------------
+
+    _COLLECT_LIMIT = 1 << 20
+
+    def _start_collect(self, cmd: ClientCommand, ev, action: Collect) -> None:
+        if b"LITERAL+" not in {c.upper() for c in self.backend_caps}:
+            self._local_answer_literal(ev)
+            self._reply(cmd.tag, b"NO [CANNOT] Literal arguments are not supported here; use quoted strings.")
+            return
+        self._collecting = {"cmd": cmd, "parts": [_nonsync(ev.data)], "literals": 0, "limit": action.literals,
+                            "size": len(ev.data), "last": ev}
+        if not ev.non_sync:
+            self.inject(b"+ OK\r\n")
+
+    def _collect_event(self, ev) -> bool:
+        """Feed one event into the command being collected; False if processing must pause."""
+        col = self._collecting
+        col["size"] += len(ev.data)
+        if col["size"] > self._COLLECT_LIMIT:
+            self._collecting = None
+            self.bye(b"Command too long.", code=b"TOOBIG")
+            return False
+        if isinstance(ev, LiteralData):
+            col["parts"].append(ev.data)
+            if ev.last:
+                col["literals"] += 1
+            return True
+        col["last"] = ev
+        done = ev.literal is None or (col["limit"] is not None and col["literals"] >= col["limit"])
+        if done:
+            col["parts"].append(ev.data)
+            self._collecting = None
+            return self._collected(col, ev)
+        col["parts"].append(_nonsync(ev.data))
+        if not ev.non_sync:
+            self.inject(b"+ OK\r\n")
+        return True
+
+    def _collected(self, col: dict, ev) -> bool:
+        first: ClientCommand = col["cmd"]
+        line = b"".join(col["parts"])
+        complete = ev.literal is None
+        text = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+        try:
+            parsed = parse_command(text)
+            parsed.args  # noqa: B018 - tokenize now: errors are the client's
+        except TokenError as e:
+            self._local_answer_literal(ev)
+            self._reply(first.tag, b"BAD [CLIENTBUG] Invalid arguments: " + str(e).encode()[:100] + b".")
+            return True
+        cmd = ClientCommand(first.tag, first.name, first.uid, line, parsed, not complete)
+        cmd.state["collected"] = True
+        action = self._command_hooks(cmd, self.service.hooks.command)
+        return self._decide(cmd, ev, action)
 
     def _client_done(self, line: bytes) -> None:
         """The client's line that ends IDLE (DONE; the backend judges anything else)."""
@@ -1091,6 +1167,14 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def shutdown(self, text: bytes) -> None:
         self.bye(text, code=b"UNAVAILABLE")
+
+
+_SYNC_LITERAL_END = re.compile(rb"(~?\{[0-9]+)\}(\r?\n)\Z")
+
+
+def _nonsync(segment: bytes) -> bytes:
+    """A segment whose literal the proxy already accepted from the client: forwarded as ``{n+}``."""
+    return _SYNC_LITERAL_END.sub(rb"\1+}\2", segment)
 
 
 def _sleep(reactor, seconds: float) -> defer.Deferred[None]:
