@@ -34,7 +34,7 @@ SESSION_INFO_CRITERIA = KIND_CRITERIA["session-info"]
 
 
 def pref_entry(key: str) -> str:
-    return f"{PREFIX}/{key}"
+    return f"{PREFIX}/{key}" if key else PREFIX
 
 
 def pref_key(entry: str) -> str | None:

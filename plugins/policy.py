@@ -179,6 +179,7 @@ class PolicySession:
     pending_select: bool = False         # our SELECT is at the backend, its responses not yet seen
     view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
     mailbox: str | None = None
+    reapply: bool = False                # preferences changed: re-apply them before the next command
 
 
 _MAILBOX_ARG = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"APPEND": 0,
@@ -334,6 +335,9 @@ class PolicyPlugin(Plugin):
 
     def command(self, session, cmd):
         st = self.state(session)
+        if st.reapply:
+            st.reapply = False
+            return Defer(defer.Deferred.fromCoroutine(self._reapply_then(session, st, cmd)))
         name = cmd.name
         if name in (b"SETMETADATA", b"GETMETADATA"):
             return self._metadata_command(session, st, cmd)
@@ -884,11 +888,26 @@ class PolicyPlugin(Plugin):
 
     def _reapply_view(self, session, st: PolicySession) -> None:
         """Preferences changed while a mailbox is selected: hide what is now hidden (EXPUNGE), show
-        what came back if IMAP can say so (EXISTS for messages after every visible one)."""
-        if st.mailbox is None or st.plan is None and not self.hidden_kinds(st, st.mailbox):
+        what came back if IMAP can say so (EXISTS for messages after every visible one). EXPUNGE may
+        only be sent while a command is in progress: at once in IDLE, else with the next command."""
+        if st.mailbox is None:
             return
-        d = defer.Deferred.fromCoroutine(self._recompute(session, st))
-        d.addErrback(lambda f: log.failure("re-applying preferences failed", f))
+        if session.idling:
+            d = defer.Deferred.fromCoroutine(self._recompute(session, st))
+            d.addErrback(lambda f: log.failure("re-applying preferences failed", f))
+        else:
+            st.reapply = True
+
+    async def _reapply_then(self, session, st: PolicySession, cmd):
+        if st.mailbox is not None:
+            try:
+                await self._recompute(session, st)
+            except Exception:
+                log.failure("re-applying preferences failed")
+        action = self.command(session, cmd)
+        while isinstance(action, Defer):
+            action = await action.deferred
+        return action
 
     async def _recompute(self, session, st: PolicySession) -> None:
         mailbox = st.mailbox
@@ -901,6 +920,12 @@ class PolicyPlugin(Plugin):
                 if m:
                     uidvalidity = int(m.group(1))
         st.plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+        if not (kinds or max_size or max_age):
+            if st.view is not None:
+                back = st.view.unhide_tail(set(st.view.hidden))
+                if back:
+                    session.inject(b"* %d EXISTS\r\n" % st.view.exists)
+            return
         uids, hidden = await self._classify(session, st.plan, b"1:*")
         if st.view is None:
             st.view = MailboxView(uids, set())

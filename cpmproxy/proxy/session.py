@@ -121,6 +121,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._idle: str | None = None  # None, "active" (backend idling for the client), "suspended"
         self._idle_cmd: ClientCommand | None = None
         self._idle_done_pending = False  # the client said DONE while we had the backend's IDLE suspended
+        self._idle_ended = False
         self._awaiting_continuation = False  # a forwarded synchronizing literal waits for the backend's "+"
         self._internal: dict[bytes, tuple[defer.Deferred, list[bytes]]] = {}
         self._internal_queue: list[bytes] = []
@@ -821,6 +822,11 @@ class ClientSession(Protocol, TimeoutMixin):
         log.failure("plugin decision failed session={session}", failure, session=self.session_id)
         self._deferred_decision(Answer(b"NO [SERVERBUG] Internal error."), cmd, ev)
 
+    @property
+    def idling(self) -> bool:
+        """The client is in IDLE: untagged responses may be injected at any time."""
+        return self._idle is not None
+
     def inflight_commands(self) -> list[ClientCommand]:
         """Client commands at the backend, not yet completed, oldest first."""
         cmds = [c for q in self._inflight.values() for c in q]
@@ -904,12 +910,14 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _suspend_idle(self) -> None:
         self._idle = "suspended"
+        self._idle_ended = False  # set when the backend's tagged OK for the suspended IDLE arrives
         self._swallow_tagged.add(self._idle_cmd.tag)
         self.backend.out.append(b"DONE\r\n")
 
     def _internal_finished(self) -> None:
-        """After an internal command: resume the client's IDLE at the backend, or finish it."""
-        if self._internal or self._idle != "suspended":
+        """After an internal command: resume the client's IDLE at the backend, or finish it. Only once
+        the suspended IDLE is really over at the backend (it may answer our commands first)."""
+        if self._internal or self._idle != "suspended" or not self._idle_ended:
             return
         cmd = self._idle_cmd
         if self._idle_done_pending:
@@ -1082,6 +1090,8 @@ class ClientSession(Protocol, TimeoutMixin):
                     del self._inflight[tag]
                 if tag in self._swallow_tagged:
                     self._swallow_tagged.discard(tag)  # the end of an IDLE we suspended
+                    self._idle_ended = True
+                    self._internal_finished()
                     return None
                 if cmd is self._current:
                     if self._awaiting_continuation:

@@ -1,0 +1,335 @@
+"""Sync policy and user preferences: each device sees a filtered view (issue: policy plugin).
+
+Against the real Dovecot, through real proxy processes, on the sample CPM store (tests/conftest.py seeds
+carol's). Direct access to Dovecot is the reference.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from cpmproxy.testing.sample import ONE_TO_ONE_FOLDER, SESSION_FOLDER, make_object
+from cpmproxy.testing.rawclient import RawIMAP
+from tests.proxyfix import raw_via
+
+PREFIX = b"/private/vendor/vendor.cpmproxy"
+
+
+def q(name: str) -> bytes:
+    return b'"' + name.encode() + b'"'
+
+
+def login(p, user="carol", device: str | None = None) -> RawIMAP:
+    c = raw_via(p)
+    if device:
+        assert c.command(b"i", b'ID ("name" "test-app" "x-cpm-device-id" "%s")' % device.encode())[-1] \
+            .startswith(b"i OK")
+    assert c.login(user, f"{user}pw")[-1].startswith(b"L OK"), "login failed"
+    return c
+
+
+def exists_of(responses: list[bytes]) -> int:
+    for r in responses:
+        m = re.match(rb"\* (\d+) EXISTS", r)
+        if m:
+            return int(m.group(1))
+    raise AssertionError(f"no EXISTS in {responses}")
+
+
+def fetch_uids(c: RawIMAP, tag=b"f") -> list[tuple[int, int]]:
+    out = []
+    for r in c.command(tag, b"FETCH 1:* (UID)"):
+        m = re.match(rb"\* (\d+) FETCH \(UID (\d+)\)", r)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def listed(c: RawIMAP) -> set[str]:
+    names = set()
+    for r in c.command(b"l", b'LIST "" "*"'):
+        if r.startswith(b"* LIST "):
+            names.add(r.rstrip(b"\r\n").rsplit(b" ", 1)[1].strip(b'"').decode())
+    return names
+
+
+def kinds_in(manifest, mailbox):
+    return [(e.uid, e.kind) for e in manifest if e.mailbox == mailbox]
+
+
+def test_policy_hides_session_histories(make_proxy, sample_store):
+    p = make_proxy(config_extra="[policy]\nsync = { session-history = false }\n")
+    c = login(p)
+    names = listed(c)
+    assert ONE_TO_ONE_FOLDER in names and "INBOX" in names
+    assert SESSION_FOLDER not in names
+    r = c.command(b"s", b"SELECT " + q(SESSION_FOLDER))
+    assert r[-1].startswith(b"s NO [NONEXISTENT]")
+    r = c.command(b"t", b"STATUS " + q(SESSION_FOLDER) + b" (MESSAGES)")
+    assert r[-1].startswith(b"t NO [NONEXISTENT]")
+    r = c.command(b"x", b'LIST "" "*" RETURN (STATUS (MESSAGES))')
+    assert not any(SESSION_FOLDER.encode() in line for line in r)
+    assert c.command(b"a", b"APPEND " + q(SESSION_FOLDER) + b" {3+}\r\nx\r\n")[-1].startswith(b"a NO [NONEXISTENT]")
+    c.close()
+
+
+def test_policy_hides_imdns_with_renumbering(make_proxy, sample_store, dovecot):
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
+    expected = [uid for uid, kind in kinds_in(sample_store, ONE_TO_ONE_FOLDER) if kind != "imdn"]
+    hidden = [uid for uid, kind in kinds_in(sample_store, ONE_TO_ONE_FOLDER) if kind == "imdn"]
+    assert hidden, "the sample store has IMDNs"
+    c = login(p)
+    r = c.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))
+    assert exists_of(r) == len(expected)
+    assert fetch_uids(c) == list(enumerate(expected, 1))
+    # UID commands naming hidden UIDs: absent, never modified.
+    r = c.command(b"u", b"UID FETCH %d (FLAGS)" % hidden[0])
+    assert not any(b"FETCH" in line for line in r[:-1]) and r[-1].startswith(b"u OK")
+    assert c.command(b"st", b"UID STORE 1:* +FLAGS (\\Flagged)")[-1].startswith(b"st OK")
+    d = dovecot.imap_direct("carol", tls="none")
+    d.select_folder(ONE_TO_ONE_FOLDER, readonly=True)
+    flags = d.get_flags(hidden + expected)
+    assert all(b"\\Flagged" not in flags[u] for u in hidden)
+    assert all(b"\\Flagged" in flags[u] for u in expected)
+    d.select_folder(ONE_TO_ONE_FOLDER)
+    d.remove_flags(expected, [b"\\Flagged"])
+    d.logout()
+    r = c.command(b"se", b"SEARCH ALL")
+    assert r[0] == b"* SEARCH " + b" ".join(b"%d" % i for i in range(1, len(expected) + 1)) + b"\r\n"
+    r = c.command(b"es", b"UID SEARCH RETURN (MIN MAX COUNT) ALL")
+    assert r[0].rstrip() == b'* ESEARCH (TAG "es") UID MIN %d MAX %d COUNT %d' % (
+        expected[0], expected[-1], len(expected))
+    r = c.command(b"t2", b"STATUS INBOX (MESSAGES)")
+    assert r[-1].startswith(b"t2 OK")
+    c.close()
+
+
+def test_status_counts_are_the_views(make_proxy, sample_store):
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
+    visible = len([1 for _, kind in kinds_in(sample_store, ONE_TO_ONE_FOLDER) if kind != "imdn"])
+    c = login(p)
+    r = c.command(b"t", b"STATUS " + q(ONE_TO_ONE_FOLDER) + b" (MESSAGES UIDNEXT)")
+    assert b"MESSAGES %d " % visible in r[0], r
+    c.close()
+
+
+def test_policy_max_size_and_age(make_proxy, dovecot):
+    folder = "Default/tel:+1555" + uuid.uuid4().hex[:6]
+    now = time.time()
+    small_new = dovecot.deliver("alice", folder, make_object("chat", text="small"), msg_time=now - 3600)
+    big_new = dovecot.deliver("alice", folder, make_object("chat", size=60000), msg_time=now - 3600)
+    small_old = dovecot.deliver("alice", folder, make_object("chat", text="old"), msg_time=now - 40 * 86400)
+    p = make_proxy(config_extra="[policy]\nmax_size = 20000\nmax_age_days = 30\n")
+    c = login(p, "alice")
+    r = c.command(b"s", b"SELECT " + q(folder))
+    assert exists_of(r) == 1
+    assert fetch_uids(c) == [(1, small_new)]
+    assert big_new and small_old
+    c.close()
+
+
+def test_device_classes_see_different_views_at_once(make_proxy, sample_store):
+    p = make_proxy(config_extra='[policy]\n[[policy.class]]\nname = "tablets"\ndevices = ["tablet-*"]\n'
+                                'sync = { imdn = false, chat = false }\n')
+    all_uids = [uid for uid, _ in kinds_in(sample_store, ONE_TO_ONE_FOLDER)]
+    tablet_uids = [uid for uid, kind in kinds_in(sample_store, ONE_TO_ONE_FOLDER) if kind not in ("imdn", "chat")]
+    phone = login(p, device="phone-1")
+    tablet = login(p, device="tablet-7")
+    assert exists_of(phone.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))) == len(all_uids)
+    assert exists_of(tablet.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))) == len(tablet_uids)
+    assert [u for _, u in fetch_uids(tablet)] == tablet_uids
+    assert [u for _, u in fetch_uids(phone)] == all_uids
+    phone.close()
+    tablet.close()
+
+
+def _reset_prefs(dovecot, user):
+    d = dovecot.imap_direct(user, tls="none")
+    d._imap._simple_command("SETMETADATA", '""', "(%s/sync/imdn NIL %s/notifications NIL)"
+                            % (PREFIX.decode(), PREFIX.decode()))
+    d.logout()
+
+
+def test_preference_set_by_one_device_honoured_by_another(make_proxy, sample_store, dovecot):
+    import imaplib
+    imaplib.Commands.setdefault("SETMETADATA", ("AUTH", "SELECTED"))
+    p = make_proxy()
+    hidden = [uid for uid, kind in kinds_in(sample_store, ONE_TO_ONE_FOLDER) if kind == "imdn"]
+    total = len(kinds_in(sample_store, ONE_TO_ONE_FOLDER))
+    a = login(p, device="phone-a")
+    b = login(p, device="phone-b")
+    try:
+        assert exists_of(b.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))) == total
+        r = a.command(b"m", b'SETMETADATA "" (' + PREFIX + b'/sync/imdn "off")')
+        assert r[-1].startswith(b"m OK"), r
+        # b has the folder selected: the IMDNs disappear at once, announced as EXPUNGE.
+        r = b.command(b"n", b"NOOP")
+        expunges = [line for line in r if line.endswith(b"EXPUNGE\r\n")]
+        assert len(expunges) == len(hidden), r
+        assert len(fetch_uids(b)) == total - len(hidden)
+        # A new session (another proxy process even) reads the preference from the server.
+        q2 = make_proxy()
+        c = login(q2, device="phone-c")
+        assert exists_of(c.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))) == total - len(hidden)
+        # The preference is readable as the user set it.
+        r = c.command(b"g", b'GETMETADATA "" ' + PREFIX + b"/sync/imdn")
+        assert b"off" in r[0]
+        c.close()
+    finally:
+        a.command(b"m2", b'SETMETADATA "" (' + PREFIX + b"/sync/imdn NIL)")
+        a.close()
+        b.close()
+
+
+def test_forbidden_preference_change_is_noperm(make_proxy):
+    p = make_proxy(config_extra='[policy]\nuser_may_change = ["notifications"]\n')
+    c = login(p, "bob")
+    r = c.command(b"m", b'SETMETADATA "" (' + PREFIX + b'/sync/imdn "off")')
+    assert r[-1].startswith(b"m NO [NOPERM]")
+    r = c.command(b"m2", b'SETMETADATA "" (' + PREFIX + b'/notifications "on")')
+    assert r[-1].startswith(b"m2 OK")
+    r = c.command(b"m3", b'SETMETADATA "" (' + PREFIX + b'/notifications "maybe")')
+    assert r[-1].startswith(b"m3 NO")
+    # The proxy's own bookkeeping namespace is not the client's.
+    r = c.command(b"m4", b'SETMETADATA "" (' + PREFIX + b'/localdelete/x "1")')
+    assert r[-1].startswith(b"m4 NO [NOPERM]")
+    c.command(b"m5", b'SETMETADATA "" (' + PREFIX + b"/notifications NIL)")
+    c.close()
+
+
+def test_bookkeeping_entries_invisible(make_proxy, dovecot):
+    d = dovecot.imap_direct("bob", tls="none")
+    typ = d._imap._simple_command("SETMETADATA", '""', "(%s/localdelete/dev1 \"secret\")" % PREFIX.decode())
+    assert typ[0] == "OK"
+    d.logout()
+    p = make_proxy()
+    c = login(p, "bob")
+    r = c.command(b"g", b'GETMETADATA (DEPTH infinity) "" ' + PREFIX)
+    assert not any(b"localdelete" in line or b"secret" in line for line in r), r
+    assert r[-1].startswith(b"g OK")
+    c.close()
+
+
+def test_folder_preference_hides_folder_but_keeps_its_preferences(make_proxy, dovecot):
+    folder = "Default/tel:+1666" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", folder, make_object("chat"))
+    p = make_proxy()
+    c = login(p, "dave")
+    assert folder in listed(c)
+    assert c.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync "off")')[-1].startswith(b"m OK")
+    assert folder not in listed(c)
+    assert c.command(b"s", b"SELECT " + q(folder))[-1].startswith(b"s NO [NONEXISTENT]")
+    r = c.command(b"g", b"GETMETADATA " + q(folder) + b" " + PREFIX + b"/sync")
+    assert b"off" in r[0], r
+    assert c.command(b"m2", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync "on")')[-1].startswith(b"m2 OK")
+    assert folder in listed(c)
+    c.close()
+
+
+def test_new_hidden_message_while_selected_is_not_announced(make_proxy, dovecot):
+    folder = "Default/tel:+1777" + uuid.uuid4().hex[:6]
+    dovecot.deliver("alice", folder, make_object("chat"))
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
+    c = login(p, "alice")
+    assert exists_of(c.command(b"s", b"SELECT " + q(folder))) == 1
+    dovecot.deliver("alice", folder, make_object("imdn"))
+    r = c.command(b"n", b"NOOP")
+    assert not any(b"EXISTS" in line for line in r) or exists_of(r) == 1
+    new_uid = dovecot.deliver("alice", folder, make_object("chat", text="visible"))
+    r = c.command(b"n2", b"NOOP")
+    assert exists_of(r) == 2
+    assert fetch_uids(c)[-1] == (2, new_uid)
+    # In IDLE too: the hidden arrival stays silent, the visible one comes as EXISTS.
+    c.send(b"i IDLE\r\n")
+    assert c.read_line().startswith(b"+")
+    dovecot.deliver("alice", folder, make_object("imdn"))
+    dovecot.deliver("alice", folder, make_object("chat", text="during idle"))
+    line = c.read_line()
+    while b"EXISTS" not in line:
+        line = c.read_line()
+    assert line == b"* 3 EXISTS\r\n"
+    c.send(b"DONE\r\n")
+    assert c.until_tagged(b"i")[-1].startswith(b"i OK")
+    c.close()
+
+
+def test_policy_config_validation(tmp_path):
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for text, needle in {
+        "[policy]\nsync = { bogus = false }\n": "unknown kind",
+        "[policy]\nmax_size = -1\n": "max_size",
+        "[policy]\nnotifications = \"sometimes\"\n": "notifications",
+        "[policy]\nfoo = 1\n": "policy.foo",
+        "[policy]\n[[policy.class]]\ndevices = \"x\"\n": "glob patterns",
+    }.items():
+        f = tmp_path / "c.toml"
+        f.write_text(text)
+        r = subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(f), "--check"],
+                           capture_output=True, text=True, cwd=root)
+        assert r.returncode != 0 and needle in r.stderr, (text, r.stderr)
+
+
+def test_policy_reloaded_on_sighup(make_proxy, sample_store):
+    p = make_proxy()
+    total = len(kinds_in(sample_store, ONE_TO_ONE_FOLDER))
+    imdns = len([1 for _, k in kinds_in(sample_store, ONE_TO_ONE_FOLDER) if k == "imdn"])
+    c = login(p)
+    assert exists_of(c.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))) == total
+    p.config_path.write_text(p.config_path.read_text() + "\n[policy]\nsync = { imdn = false }\n")
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "configuration reloaded" not in p.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    d = login(p)
+    assert exists_of(d.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))) == total - imdns
+    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # the old session was not dropped
+    c.close()
+    d.close()
+
+
+@pytest.mark.skipif(subprocess.run(["which", "mbsync"], capture_output=True).returncode != 0,
+                    reason="mbsync (Debian's isync) is not installed")
+def test_mbsync_syncs_exactly_the_permitted_objects(make_proxy, sample_store, tmp_path):
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false, session-history = false }\n")
+    maildir = tmp_path / "mail"
+    maildir.mkdir()
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(f"""IMAPAccount proxy
+Host 127.0.0.1
+Port {p.port}
+User carol
+Pass carolpw
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore remote
+Account proxy
+
+MaildirStore local
+Path {maildir}/
+Inbox {maildir}/INBOX
+SubFolders Verbatim
+
+Channel all
+Far :remote:
+Near :local:
+Patterns *
+Create Near
+Sync Pull
+SyncState *
+""")
+    r = subprocess.run(["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    expected = [e for e in sample_store if e.kind != "imdn" and e.mailbox != SESSION_FOLDER]
+    files = [f for f in maildir.rglob("*") if f.is_file() and f.parent.name in ("cur", "new")]
+    assert len(files) == len(expected)
+    assert not (maildir / SESSION_FOLDER).exists()
+    assert not any(b"message/imdn+xml" in f.read_bytes() for f in files)
