@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from cpmproxy.testing.sample import ONE_TO_ONE_FOLDER, SESSION_FOLDER, make_object
 from cpmproxy.testing.rawclient import RawIMAP
+from cpmproxy.testing.sample import ONE_TO_ONE_FOLDER, SESSION_FOLDER, make_object
 from tests.proxyfix import raw_via
 
 PREFIX = b"/private/vendor/vendor.cpmproxy"
