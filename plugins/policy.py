@@ -168,6 +168,11 @@ class SelectPlan:
     hidden_kinds: tuple[str, ...]
     max_size: int
     max_age_days: int
+    extra: set[int] = field(default_factory=set)  # UIDs other plugins hide (local deletes)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.hidden_kinds or self.max_size or self.max_age_days or self.extra)
 
 
 @dataclass
@@ -216,6 +221,13 @@ class PolicyPlugin(Plugin):
         self.classes: list[DeviceClass] = []
         self.cache = ClassificationCache()
         self.session_history_cache: dict[tuple[str, str], bool] = {}
+
+    def hiders(self, session) -> list:
+        """Other enabled plugins that hide messages too (hiding is one operation, whoever asks for it):
+        any plugin with ``active(session) -> bool`` and ``async hidden(session, mailbox, uidvalidity)
+        -> set[int]``."""
+        return [p for p in self.proxy.hooks.plugins
+                if p is not self and hasattr(p, "hidden") and hasattr(p, "active") and p.active(session)]
 
     def configure(self, settings: dict[str, Any]) -> None:
         self.base, self.classes = parse_policy(settings)
@@ -398,18 +410,43 @@ class PolicyPlugin(Plugin):
     async def _plan_select(self, session, st: PolicySession, mailbox: str) -> None:
         st.view = None
         st.mailbox = mailbox
+        st.plan = None
         kinds, max_size, max_age = self._criteria(st, mailbox)
-        if not (kinds or max_size or max_age):
-            st.plan = None  # fast path: nothing can be hidden here
+        hiders = self.hiders(session)
+        if not (kinds or max_size or max_age or hiders):
+            return  # fast path: nothing can be hidden here
+        uidvalidity = await _uidvalidity(session, mailbox)
+        plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+        for h in hiders:
+            plan.extra |= await h.hidden(session, mailbox, uidvalidity)
+        if plan.empty:
             return
-        reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" (UIDVALIDITY)")
-        uidvalidity = 0
-        for line in reply.untagged:
-            m = re.search(rb"UIDVALIDITY (\d+)", line)
-            if m:
-                uidvalidity = int(m.group(1))
-        st.plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+        st.plan = plan
         st.pending_select = True
+
+    async def ensure_view(self, session) -> MailboxView | None:
+        """The selected mailbox's view, built (identity) if the fast path skipped it; None if nothing is
+        selected. Used by plugins that hide messages while a mailbox is selected."""
+        st = self.state(session)
+        if st.mailbox is None:
+            return None
+        if st.view is None:
+            uidvalidity = await _uidvalidity(session, st.mailbox)
+            kinds, max_size, max_age = self._criteria(st, st.mailbox)
+            st.plan = SelectPlan(st.mailbox, uidvalidity, kinds, max_size, max_age)
+            uids, hidden = await self._classify(session, st.plan, b"1:*")
+            st.view = MailboxView(uids, hidden)
+        return st.view
+
+    def hide_in_view(self, session, uids: set[int]) -> list[int]:
+        """Hide ``uids`` in the selected mailbox's view (``ensure_view`` first); returns the client
+        numbers to announce as EXPUNGE, in sending order."""
+        st = self.state(session)
+        if st.view is None:
+            return []
+        if st.plan is not None:
+            st.plan.extra |= set(uids)
+        return st.view.hide(uids)
 
     async def _classify(self, session, plan: SelectPlan, uid_range: bytes) -> tuple[list[int], set[int]]:
         """All UIDs in ``uid_range`` and the hidden ones among them (one pipelined round trip)."""
@@ -445,6 +482,7 @@ class PolicyPlugin(Plugin):
             hidden |= set(_esearch_all(await size_d))
         if age_d is not None:
             hidden |= set(_esearch_all(await age_d))
+        hidden |= plan.extra & uidset
         return uids, hidden
 
     async def _build_view(self, session, st: PolicySession) -> None:
@@ -708,7 +746,8 @@ class PolicyPlugin(Plugin):
     async def _status_adjustment(self, session, st: PolicySession, mailbox: str):
         """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden."""
         kinds, max_size, max_age = self._criteria(st, mailbox)
-        if not (kinds or max_size or max_age):
+        hiders = self.hiders(session)
+        if not (kinds or max_size or max_age or hiders):
             return None
         if st.mailbox == mailbox and st.view is not None:
             hidden = set(st.view.hidden)
@@ -718,14 +757,11 @@ class PolicyPlugin(Plugin):
             session.side_command(b"EXAMINE " + enc)
             reply = await session.side_command(b"UID SEARCH RETURN (ALL) ALL")
             uids = set(_esearch_all(reply))
-            st_reply = await session.side_command(b"STATUS " + enc + b" (UIDVALIDITY)")
-            uidvalidity = 0
-            for line in st_reply.untagged:
-                m = re.search(rb"UIDVALIDITY (\d+)", line)
-                if m:
-                    uidvalidity = int(m.group(1))
-            hidden = await self._side_hidden(session, SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age),
-                                             uids)
+            uidvalidity = await _uidvalidity(session, mailbox)
+            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+            for h in hiders:
+                plan.extra |= await h.hidden(session, mailbox, uidvalidity)
+            hidden = await self._side_hidden(session, plan, uids)
         if not hidden:
             session.side_command(b"UNSELECT")
             return None
@@ -771,7 +807,7 @@ class PolicyPlugin(Plugin):
         if plan.max_age_days:
             hidden |= set(_esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) OLDER %d"
                                                                    % (plan.max_age_days * 86400))))
-        return hidden & uids
+        return (hidden | plan.extra) & uids
 
     def _status_response(self, session, st: PolicySession, resp):
         m = _STATUS_RE.match(resp.data)
@@ -912,15 +948,10 @@ class PolicyPlugin(Plugin):
     async def _recompute(self, session, st: PolicySession) -> None:
         mailbox = st.mailbox
         kinds, max_size, max_age = self._criteria(st, mailbox)
-        uidvalidity = st.plan.uidvalidity if st.plan else 0
-        if not uidvalidity:
-            reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" (UIDVALIDITY)")
-            for line in reply.untagged:
-                m = re.search(rb"UIDVALIDITY (\d+)", line)
-                if m:
-                    uidvalidity = int(m.group(1))
-        st.plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
-        if not (kinds or max_size or max_age):
+        uidvalidity = st.plan.uidvalidity if st.plan else await _uidvalidity(session, mailbox)
+        extra = st.plan.extra if st.plan else set()
+        st.plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age, extra)
+        if st.plan.empty:
             if st.view is not None:
                 back = st.view.unhide_tail(set(st.view.hidden))
                 if back:
@@ -951,6 +982,15 @@ def _literal_mailbox(cmd) -> bool:
         return False
     last = _MAILBOX_ARG[cmd.name] + (1 if cmd.name == b"RENAME" else 0)
     return any(isinstance(t, LiteralRef) for t in args[:last + 1]) or len(args) <= last
+
+
+async def _uidvalidity(session, mailbox: str) -> int:
+    reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" (UIDVALIDITY)")
+    for line in reply.untagged:
+        m = re.search(rb"UIDVALIDITY (\d+)", line)
+        if m:
+            return int(m.group(1))
+    return 0
 
 
 def _wire_name(name: str) -> bytes:

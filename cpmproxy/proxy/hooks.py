@@ -150,6 +150,7 @@ class Plugin:
 
     name: str = ""
     config_section: str | None = None
+    requires: tuple[str, ...] = ()  # names of plugins this one builds on
 
     def __init__(self, proxy: Any):
         self.proxy = proxy  # the ProxyService: config, metrics, sessions of a user

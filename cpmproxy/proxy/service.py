@@ -93,6 +93,11 @@ def load_plugins(config: Config, proxy) -> list[Plugin]:
         section = cls.config_section
         plugin.configure(config.extra.get(section, {}) if section else config.plugin.get(name, {}))
         plugins.append(plugin)
+    enabled = {p.name for p in plugins}
+    for plugin in plugins:
+        missing = [r for r in getattr(plugin, "requires", ()) if r not in enabled]
+        if missing:
+            raise ConfigError(f"plugins: {plugin.name!r} needs {', '.join(map(repr, missing))} enabled too")
     return plugins
 
 

@@ -1,0 +1,323 @@
+"""Local delete: a device deletes a message for itself only; the server never sees it (DESIGN.md R6).
+
+Signal (DESIGN.md section 4): capability ``XCPM-LOCALDELETE``; ``STORE ... +FLAGS (\\Deleted $LocalDelete)``
+marks messages, ``-FLAGS`` cancels, EXPUNGE / UID EXPUNGE / CLOSE carry it out. A device whose policy says
+``delete_mode = "local"`` has every ``\\Deleted`` treated as local.
+
+Neither flag nor expunge of those messages reaches the backend: while pending, the flags live in the proxy
+(merged into FETCH FLAGS responses); at expunge, a record is written to the backend as METADATA on the
+mailbox and acknowledged *before* the client's tagged OK:
+
+    /private/vendor/vendor.cpmproxy/localdelete/<device>/<uidvalidity>-<unique>  =  "<uid set>"
+
+One new entry per expunge (never read-modify-write, so two connections of a device cannot lose each
+other's records); entries are merged and pruned (UIDVALIDITY changed, messages gone from the server) when
+the mailbox is selected. Hiding itself is the policy plugin's view (the same operation as policy hiding).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from cpmproxy.config import ConfigError
+from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
+from cpmproxy.imap.tokens import ParenList, TokenError, tokenize
+from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
+from plugins.cpm import PREFIX
+from plugins.policy import _token_text, _wire_name
+
+log = Logger(namespace="cpmproxy.localdelete")
+
+CAPABILITY = b"XCPM-LOCALDELETE"
+KEYWORD = b"$LOCALDELETE"
+RECORDS = PREFIX + "/localdelete"
+_STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\S+) (\(.*\)|\S+)(.*)\r?\n$", re.I | re.S)
+_FETCH_FLAGS_RE = re.compile(rb"FLAGS \(([^)]*)\)", re.I)
+_UID_IN_FETCH_RE = re.compile(rb"[( ]UID (\d+)", re.I)
+_SAFE_DEVICE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def device_key(device_id: str) -> str:
+    """The device id as a METADATA entry name component."""
+    return device_id if _SAFE_DEVICE.fullmatch(device_id) else "x" + device_id.encode().hex()
+
+
+@dataclass
+class LocalState:
+    pending: set[int] = field(default_factory=set)  # UIDs marked for local deletion, not yet expunged
+    qresync: bool = False
+
+
+class LocalDeletePlugin(Plugin):
+    name = "localdelete"
+    requires = ("policy",)
+
+    def __init__(self, proxy):
+        super().__init__(proxy)
+
+    def configure(self, settings: dict) -> None:
+        if settings:
+            raise ConfigError(f"plugin.localdelete: takes no settings (policy decides), got {sorted(settings)}")
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def _policy(self):
+        for p in self.proxy.hooks.plugins:
+            if p.name == "policy":
+                return p
+        return None
+
+    def _allowed(self, session) -> tuple[bool, bool]:
+        """(local delete allowed, every delete is local) for this device."""
+        policy = self._policy()
+        if policy is None:
+            return False, False
+        pol = policy.state(session).policy
+        return pol.local_delete, pol.delete_mode == "local"
+
+    def state(self, session) -> LocalState:
+        st = session.state.get(self.name)
+        if st is None:
+            st = session.state[self.name] = LocalState()
+        return st
+
+    # -- hider API used by the policy plugin ------------------------------------------------------
+
+    def active(self, session) -> bool:
+        return self._allowed(session)[0]
+
+    async def hidden(self, session, mailbox: str, uidvalidity: int) -> set[int]:
+        """This device's local deletions in ``mailbox``; also prunes stale records."""
+        prefix = f"{RECORDS}/{device_key(session.device_id)}"
+        reply = await session.side_command(b"GETMETADATA (DEPTH infinity) " + _wire_name(mailbox) + b" ("
+                                           + prefix.encode() + b")")
+        records = _parse_records(reply.untagged, prefix)
+        uids: set[int] = set()
+        stale = []
+        for entry, (valid, value) in records.items():
+            if valid != uidvalidity:
+                stale.append(entry)
+                continue
+            uids |= value
+        current = [e for e, (v, _) in records.items() if v == uidvalidity]
+        if stale or len(current) > 8:
+            defer.Deferred.fromCoroutine(self._compact(session, mailbox, uidvalidity, uids, stale, current)) \
+                .addErrback(lambda f: log.failure("compacting local-delete records failed", f))
+        return uids
+
+    async def _compact(self, session, mailbox, uidvalidity, uids, stale, current) -> None:
+        """Merge this device's records for the mailbox into one (dropping UIDs gone from the server),
+        then delete the old ones: write first, delete after, so a crash in between loses nothing."""
+        wire = _wire_name(mailbox)
+        if len(current) > 1 and uids:
+            session.side_command(b"EXAMINE " + wire)
+            reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID " + SequenceSet.from_iterable(uids).format())
+            session.side_command(b"UNSELECT")
+            alive = set()
+            for line in reply.untagged:
+                i = line.upper().find(b" ALL ")
+                if i >= 0:
+                    alive = set(SequenceSet.parse(line[i + 5:].split()[0]))
+            if alive:
+                await self._write(session, mailbox, uidvalidity, alive)
+            stale = stale + current
+        if stale:
+            items = b" ".join(e.encode() + b" NIL" for e in stale)
+            await session.side_command(b"SETMETADATA " + wire + b" (" + items + b")")
+
+    async def _write(self, session, mailbox: str, uidvalidity: int, uids: set[int]) -> None:
+        entry = f"{RECORDS}/{device_key(session.device_id)}/{uidvalidity}-{int(time.time() * 1000):x}" \
+                f"{secrets.token_hex(4)}"
+        value = SequenceSet.from_iterable(uids).format()
+        reply = await session.side_command(b"SETMETADATA " + _wire_name(mailbox) + b" (" + entry.encode() + b' "'
+                                           + value + b'")')
+        if not reply.tagged.upper().startswith(b"OK"):
+            raise RuntimeError(f"backend refused the local-delete record: {reply.tagged[:200]!r}")
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def capabilities(self, session, caps):
+        if self._allowed(session)[0]:
+            return caps + [CAPABILITY]
+        return caps
+
+    def selected(self, session, mailbox) -> None:
+        self.state(session).pending.clear()
+
+    def command(self, session, cmd):
+        name = cmd.name
+        if name == b"ENABLE":
+            if b"QRESYNC" in cmd.line.upper():
+                self.state(session).qresync = True
+            return None
+        if name == b"STORE":
+            return self._store(session, cmd)
+        if name in (b"EXPUNGE", b"CLOSE"):
+            st = self.state(session)
+            if st.pending:
+                return Defer(defer.Deferred.fromCoroutine(self._expunge(session, st, cmd)))
+        return None
+
+    def _store(self, session, cmd):
+        m = _STORE_RE.match(cmd.line)
+        if m is None:
+            return None
+        tag, uid, seqs, op, flag_text, rest = m.groups()
+        op_u = op.upper()
+        base = op_u.rstrip(b".SILENT") if op_u.endswith(b".SILENT") else op_u
+        if base not in (b"+FLAGS", b"-FLAGS", b"FLAGS"):
+            return None  # e.g. X-GM-LABELS: not ours
+        flags = flag_text.strip(b"()").split()
+        upper = [f.upper() for f in flags]
+        allowed, all_local = self._allowed(session)
+        has_local = KEYWORD in upper
+        has_deleted = b"\\DELETED" in upper
+        if has_local and not allowed:
+            return Answer(b"NO [CANNOT] Local deletion is not allowed by the service provider's policy.")
+        local = has_local or (all_local and has_deleted)
+        st = self.state(session)
+        if not local and not (base in (b"-FLAGS", b"FLAGS") and st.pending):
+            return None
+        return Defer(defer.Deferred.fromCoroutine(self._store_local(session, st, cmd, m, local)))
+
+    async def _store_local(self, session, st: LocalState, cmd, m, local: bool):
+        tag, uid, seqs, op, flag_text, rest = m.groups()
+        op_u = op.upper()
+        silent = op_u.endswith(b".SILENT")
+        base = op_u[:-7] if silent else op_u
+        flags = flag_text.strip(b"()").split()
+        policy = self._policy()
+        view = await policy.ensure_view(session)
+        if view is None:
+            return Answer(b"BAD No mailbox selected.")
+        try:
+            requested = SequenceSet.parse(seqs)
+        except SequenceSetError:
+            return None  # the backend answers BAD
+        if uid:
+            targets = set(view.visible_uidset(requested))
+        else:
+            backend = view.backend_seqset(requested)
+            targets = {view.uid_of(s) for s in backend}
+            targets.discard(None)
+        ours = {f for f in flags if f.upper() in (KEYWORD, b"\\DELETED")}
+        others = [f for f in flags if f not in ours]
+        if base == b"-FLAGS":
+            st.pending -= targets  # cancelled before expunge
+            server_flags = [f for f in flags if f.upper() != KEYWORD]  # removing \Deleted is harmless
+        elif local:
+            st.pending |= targets
+            server_flags = others
+        else:  # FLAGS without the local flags: replaces them, so nothing stays pending
+            st.pending -= targets
+            server_flags = flags
+        cmd.state["localdelete"] = True
+        if not targets:
+            return Answer(b"OK Store completed.")
+        uidset = SequenceSet.from_iterable(targets).format()
+        if server_flags or base == b"FLAGS":
+            # UID form: the numbers stay unambiguous whatever the view; FETCH responses get renumbered.
+            return Rewrite(b"%s UID STORE %s %s (%s)%s\r\n" % (tag, uidset, op, b" ".join(server_flags), rest))
+        if silent:
+            return Answer(b"OK Store completed.")
+        # Nothing for the server: report the flags the client now sees (server's + pending local ones).
+        return Rewrite(b"%s UID FETCH %s (FLAGS)\r\n" % (tag, uidset))
+
+    async def _expunge(self, session, st: LocalState, cmd):
+        policy = self._policy()
+        view = await policy.ensure_view(session)
+        mailbox = policy.state(session).mailbox
+        if view is None or mailbox is None:
+            return None
+        targets = set(st.pending)
+        if cmd.name == b"EXPUNGE" and cmd.uid:
+            try:
+                requested = SequenceSet.parse(cmd.args[0].value)
+            except (SequenceSetError, IndexError, AttributeError, TokenError):
+                return None
+            targets &= set(view.visible_uidset(requested))
+        if targets:
+            await self._carry_out(session, st, policy, view, mailbox, targets, cmd)
+        # The rest of the command is the view's business (hidden messages stay out of UID EXPUNGE).
+        action = policy.command(session, cmd)
+        while isinstance(action, Defer):
+            action = await action.deferred
+        return action
+
+    async def _carry_out(self, session, st, policy, view, mailbox, targets, cmd) -> None:
+        uidvalidity = policy.state(session).plan.uidvalidity if policy.state(session).plan else 0
+        # Durable first: the record is on the backend before the client hears OK.
+        await self._write(session, mailbox, uidvalidity, targets)
+        st.pending -= targets
+        gone = policy.hide_in_view(session, targets)
+        if cmd.name != b"CLOSE" and gone:
+            if st.qresync:
+                session.inject(b"* VANISHED " + SequenceSet.from_iterable(targets).format() + b"\r\n")
+            else:
+                session.inject(b"".join(b"* %d EXPUNGE\r\n" % n for n in gone))
+
+    def response(self, session, resp):
+        st = session.state.get(self.name)
+        if st is None or not st.pending or resp.head.name != b"FETCH" or resp.head.kind != "untagged":
+            return None
+        data = resp.data
+        fm = _FETCH_FLAGS_RE.search(data)
+        if fm is None:
+            return None
+        um = _UID_IN_FETCH_RE.search(data)
+        uid = int(um.group(1)) if um else None
+        if uid is None:
+            policy = self._policy()
+            view = policy.state(session).view if policy else None
+            uid = view.uid_of(resp.head.number) if view is not None else None
+        if uid not in st.pending:
+            return None
+        have = fm.group(1).split()
+        upper = {f.upper() for f in have}
+        add = [f for f in (b"\\Deleted", b"$LocalDelete") if f.upper() not in upper]
+        if not add:
+            return None
+        new = b"FLAGS (" + b" ".join(have + add) + b")"
+        return Rewrite(data[:fm.start()] + new + data[fm.end():])
+
+    def tagged(self, session, cmd, resp):
+        if cmd.state.get("localdelete") and resp.head.name == b"OK":
+            # The client sent STORE; the backend answered a FETCH or UID STORE: say what the client did.
+            return Rewrite(resp.data[:len(cmd.tag) + 1] + b"OK Store completed.\r\n")
+        return None
+
+
+def _parse_records(lines: list[bytes], prefix: str) -> dict[str, tuple[int, set[int]]]:
+    out = {}
+    low = prefix.lower() + "/"
+    for line in lines:
+        if not line.upper().startswith(b"* METADATA "):
+            continue
+        try:
+            tokens = tokenize(line.rstrip(b"\r\n"))
+        except TokenError:
+            continue
+        if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
+            continue
+        items = tokens[3].items
+        for j in range(0, len(items) - 1, 2):
+            entry = (_token_text(items[j]) or b"").decode("utf-8", "replace")
+            value = _token_text(items[j + 1])
+            if not entry.lower().startswith(low) or value is None:
+                continue
+            name = entry[len(low):]
+            try:
+                valid = int(name.split("-", 1)[0])
+                uids = set(SequenceSet.parse(value))
+            except (ValueError, SequenceSetError):
+                continue
+            out[entry] = (valid, uids)
+    return out
+
+
