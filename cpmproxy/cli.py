@@ -61,9 +61,32 @@ def run(config_path: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpmproxy", description="OMA CPM message-storage IMAP proxy")
-    parser.add_argument("--config", required=True, help="path to cpmproxy.toml")
+    parser.add_argument("--config", help="path to cpmproxy.toml (required)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    sub = parser.add_subparsers(dest="command")
+    ld = sub.add_parser("localdelete", help="list or restore a device's local deletions (master login)")
+    ld.add_argument("action", choices=["list", "restore"])
+    ld.add_argument("--user", required=True)
+    ld.add_argument("--device", required=True)
+    ld.add_argument("--mailbox")
+    ld.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.config = getattr(args, "sub_config", None) or args.config
+    if not args.config:
+        parser.error("--config is required")
+    if args.command == "localdelete":
+        from cpmproxy.admin import run as admin_run
+        from cpmproxy.proxy.service import check_config
+
+        try:
+            config = check_config(args.config)
+            return admin_run(config, args.action, args.user, args.device, args.mailbox)
+        except ConfigError as e:
+            print(f"cpmproxy: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # backend down, login refused...
+            print(f"cpmproxy: localdelete {args.action} failed: {e}", file=sys.stderr)
+            return 1
     if args.check:
         from cpmproxy.proxy.service import check_config
 

@@ -86,6 +86,11 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "preauth_timeout": Opt((int, float), 60.0, _positive),
         "idle_timeout": Opt((int, float), 1800.0, _positive, "RFC 9051 autologout: 30 minutes"),
     },
+    "admin": {
+        "master_user": Opt(str, "", None, "backend master user for `cpmproxy localdelete` (Dovecot: user*master)"),
+        "master_password_file": Opt(str, "", None, "file holding the master user's password"),
+        "separator": Opt(str, "*", None, "Dovecot's auth_master_user_separator"),
+    },
     "metrics": {
         "listen": Opt(str, "", None, "endpoint for the Prometheus text endpoint; empty: off"),
     },
@@ -105,6 +110,7 @@ class Config:
     limits: dict[str, Any]
     metrics: dict[str, Any]
     log: dict[str, Any]
+    admin: dict[str, Any]
     plugins: list[str] | None  # None: every installed plugin
     plugin: dict[str, dict[str, Any]] = field(default_factory=dict)  # [plugin.NAME] tables
     extra: dict[str, Any] = field(default_factory=dict)  # top-level sections owned by plugins
@@ -157,7 +163,8 @@ def parse_config(data: dict[str, Any], path: Path | None = None,
     if bool(sections["proxy"]["tls_cert"]) != bool(sections["proxy"]["tls_key"]):
         raise ConfigError("proxy.tls_cert and proxy.tls_key go together")
     base = path.parent if path else Path.cwd()
-    for sec, key in (("proxy", "tls_cert"), ("proxy", "tls_key"), ("backend", "ca_file")):
+    for sec, key in (("proxy", "tls_cert"), ("proxy", "tls_key"), ("backend", "ca_file"),
+                     ("admin", "master_password_file")):
         value = sections[sec][key]
         if value:
             p = (base / value) if not Path(value).is_absolute() else Path(value)

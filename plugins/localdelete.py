@@ -37,14 +37,15 @@ log = Logger(namespace="cpmproxy.localdelete")
 CAPABILITY = b"XCPM-LOCALDELETE"
 KEYWORD = b"$LOCALDELETE"
 RECORDS = PREFIX + "/localdelete"
-_STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\S+) (\(.*\)|\S+)(.*)\r?\n$", re.I | re.S)
+_STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\S+) (\([^)]*\)|\S+)(.*)$", re.I | re.S)
 _FETCH_FLAGS_RE = re.compile(rb"FLAGS \(([^)]*)\)", re.I)
 _UID_IN_FETCH_RE = re.compile(rb"[( ]UID (\d+)", re.I)
-_SAFE_DEVICE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SAFE_DEVICE = re.compile(r"[a-z0-9._-]{1,64}")
 
 
 def device_key(device_id: str) -> str:
-    """The device id as a METADATA entry name component."""
+    """The device id as a METADATA entry name component. Dovecot folds entry names to lower case, so
+    anything but lower-case-safe ids is hex-encoded (devices "A" and "a" must stay apart)."""
     return device_id if _SAFE_DEVICE.fullmatch(device_id) else "x" + device_id.encode().hex()
 
 
@@ -165,12 +166,12 @@ class LocalDeletePlugin(Plugin):
         return None
 
     def _store(self, session, cmd):
-        m = _STORE_RE.match(cmd.line)
+        m = _STORE_RE.match(cmd.line.rstrip(b"\r\n"))
         if m is None:
             return None
         tag, uid, seqs, op, flag_text, rest = m.groups()
         op_u = op.upper()
-        base = op_u.rstrip(b".SILENT") if op_u.endswith(b".SILENT") else op_u
+        base = op_u[:-7] if op_u.endswith(b".SILENT") else op_u
         if base not in (b"+FLAGS", b"-FLAGS", b"FLAGS"):
             return None  # e.g. X-GM-LABELS: not ours
         flags = flag_text.strip(b"()").split()

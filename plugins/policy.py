@@ -400,6 +400,11 @@ class PolicyPlugin(Plugin):
         if cmd.name in (b"DELETE", b"RENAME"):
             st.folders.pop(names[0], None)
             self.cache.forget(session.user, names[0])
+        if cmd.name in (b"COPY", b"MOVE"):
+            # The source messages are a sequence/UID set of the view, like FETCH or STORE.
+            view = st.view
+            if view is not None and not view.identity:
+                return self._view_command(st, view, cmd)
         return None
 
     # -- selecting: plan, then gather classification while the SELECT responses are held ---------
@@ -549,8 +554,7 @@ class PolicyPlugin(Plugin):
                 return Drop()
             return None if client == head.number else Rewrite(b"* %d EXPUNGE\r\n" % client)
         if name == b"VANISHED":
-            _apply_vanished(view, resp.data)
-            return None
+            return _apply_vanished(view, resp.data)
         if view.identity:
             return None
         if name == b"FETCH":
@@ -612,7 +616,12 @@ class PolicyPlugin(Plugin):
                         return None  # nothing visible: the backend answers with nothing, which is right
                     return Answer(b"OK " + name + b" completed (no visible messages).")
                 if name == b"FETCH":
-                    return None  # responses of hidden messages are dropped
+                    # Responses of hidden messages are dropped; only "*" needs help when the last message
+                    # is hidden: the client's "n:*" still reaches its last visible message.
+                    vis = view.visible
+                    if requested.has_star and vis and vis[-1] not in requested.resolve(view.max_uid):
+                        return Rewrite(m.group(1) + token + b",%d" % vis[-1] + m.group(3))
+                    return None
             else:
                 allowed = view.backend_seqset(requested)
                 if not allowed or max(requested.resolve(max(view.exists, 1)).ranges[-1]) > view.exists:
@@ -710,10 +719,9 @@ class PolicyPlugin(Plugin):
         return Rewrite(format_tokens(out) + b"\r\n")
 
     def _thread_response(self, session, view: MailboxView, resp):
-        data = resp.data.rstrip(b"\r\n")
-        try:
-            tokens = tokenize(data)
-        except TokenError:
+        # Thread lists are written without spaces between them, "(1 2)(3 (4)(5))": not for tokenize().
+        threads_in = _parse_threads(resp.data.rstrip(b"\r\n")[len(b"* THREAD"):])
+        if threads_in is None:
             return None
         cmd = _oldest(session, (b"THREAD",))
         uid = cmd is not None and cmd.uid
@@ -723,22 +731,30 @@ class PolicyPlugin(Plugin):
                 return None if n in view.hidden else n
             return view.client_seq(n)
 
-        def walk(lst: ParenList) -> bytes | None:
-            parts = []
-            for t in lst.items:
-                if isinstance(t, ParenList):
+        def walk(lst: list) -> list | None:
+            """A thread without its hidden messages (RFC 5256 shape: numbers, then 0 or 2+ sublists)."""
+            members, children = [], []
+            for t in lst:
+                if isinstance(t, list):
                     sub = walk(t)
                     if sub is not None:
-                        parts.append(sub)
-                elif isinstance(t, Atom) and t.is_number():
-                    k = keep(t.as_int())
+                        children.append(sub)
+                else:
+                    k = keep(t)
                     if k is not None:
-                        parts.append(b"%d" % k)
-            if not parts:
+                        members.append(k)
+            if len(children) == 1:  # a lone subthread continues its parent's chain
+                return members + children[0] if members else children[0]
+            if not members and not children:
                 return None
-            return b"(" + b" ".join(parts) + b")"
+            return members + children
 
-        threads = [w for t in tokens[2:] if isinstance(t, ParenList) and (w := walk(t)) is not None]
+        def fmt(lst: list) -> bytes:
+            nums = b" ".join(b"%d" % t for t in lst if not isinstance(t, list))
+            subs = b"".join(fmt(t) for t in lst if isinstance(t, list))
+            return b"(" + nums + (b" " if nums and subs else b"") + subs + b")"
+
+        threads = [fmt(w) for t in threads_in if (w := walk(t)) is not None]
         return Rewrite(b"* THREAD " + b"".join(threads) + b"\r\n" if threads else b"* THREAD\r\n")
 
     # -- STATUS ---------------------------------------------------------------------------------
@@ -1037,13 +1053,42 @@ def _list_name(line: bytes) -> str | None:
     return None if raw is None else _mailbox_name(raw)
 
 
-def _apply_vanished(view: MailboxView, data: bytes) -> None:
+def _apply_vanished(view: MailboxView, data: bytes):
+    """Apply a VANISHED response to the view; returns the hook action. A VANISHED without (EARLIER)
+    counts as one EXPUNGE per UID for the client, so the hidden UIDs are taken out of it."""
     words = data.rstrip(b"\r\n").split(b" ")
     token = words[-1]
     try:
-        view.vanish(SequenceSet.parse(token))
+        gone = SequenceSet.parse(token)
     except (SequenceSetError, ValueError):
-        pass
+        return None
+    earlier = len(words) > 3 and words[2].upper() == b"(EARLIER)"
+    shown = gone if earlier or view.identity else gone - SequenceSet.from_iterable(view.hidden)
+    view.vanish(gone)
+    if shown == gone:
+        return None
+    if not shown:
+        return Drop()
+    return Rewrite(b"* VANISHED " + shown.format() + b"\r\n")
+
+
+def _parse_threads(data: bytes) -> list | None:
+    """``(1 2)(3 (4)(5))`` -> ``[[1, 2], [3, [4], [5]]]``; None if it is not thread data."""
+    stack: list[list] = [[]]
+    for m in re.finditer(rb"\(|\)|\d+| +|.", data):
+        t = m.group()
+        if t == b"(":
+            stack.append([])
+        elif t == b")":
+            if len(stack) < 2:
+                return None
+            done = stack.pop()
+            stack[-1].append(done)
+        elif t.isdigit():
+            stack[-1].append(int(t))
+        elif t.strip():
+            return None
+    return stack[0] if len(stack) == 1 else None
 
 
 def _oldest(session, names) :

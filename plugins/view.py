@@ -104,14 +104,20 @@ class MailboxView:
         return SequenceSet.from_ranges(ranges) - self.hidden_seqs
 
     def visible_uidset(self, uid_set: SequenceSet) -> SequenceSet:
-        """The UIDs of ``uid_set`` the client may touch (``*`` = the largest UID in the mailbox)."""
+        """The UIDs of ``uid_set`` the client may touch. ``*`` is the largest UID the client sees: a range
+        ``n:*`` includes the last visible message even when n is above it (RFC 9051 6.4.8), and hidden
+        UIDs above that message are dropped like any hidden UID."""
         top = self.max_uid
         if top == 0:
             return SequenceSet.empty()
         resolved = uid_set.resolve(top) if uid_set.has_star else uid_set
         if not self.hidden:
             return resolved
-        return resolved - SequenceSet.from_iterable(self.hidden)
+        allowed = resolved - SequenceSet.from_iterable(self.hidden)
+        vis = self.visible
+        if uid_set.has_star and vis:
+            allowed = allowed | SequenceSet.from_iterable([vis[-1]])
+        return allowed
 
     def client_seqs(self, backend_seqs: Iterable[int]) -> list[int]:
         """Map backend numbers (e.g. a SEARCH result) to client numbers, dropping hidden ones."""

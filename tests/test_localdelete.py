@@ -1,0 +1,265 @@
+"""Local delete: a device deletes a message for itself only; the server never sees it.
+
+Several devices of one user, real Dovecot, real proxy processes (two of them where it matters)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+from cpmproxy.testing.rawclient import RawIMAP
+from cpmproxy.testing.sample import make_object
+from tests.proxyfix import raw_via
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device(p, name: str, user: str = "alice") -> RawIMAP:
+    c = raw_via(p)
+    c.command(b"i", b'ID ("name" "test" "x-cpm-device-id" "%s")' % name.encode())
+    r = c.login(user, f"{user}pw")
+    assert r[-1].startswith(b"L OK"), r
+    return c
+
+
+def folder_with(dovecot, n: int, user: str = "alice") -> tuple[str, list[int]]:
+    folder = "Default/tel:+1888" + uuid.uuid4().hex[:8]
+    uids = [dovecot.deliver(user, folder, make_object("chat", text=f"message {i}")) for i in range(n)]
+    return folder, uids
+
+
+def select(c: RawIMAP, folder: str) -> int:
+    r = c.command(b"s", b'SELECT "%s"' % folder.encode())
+    assert r[-1].startswith(b"s OK"), r
+    return int(next(re.match(rb"\* (\d+) EXISTS", x).group(1) for x in r if x.endswith(b"EXISTS\r\n")))
+
+
+def uids_seen(c: RawIMAP) -> list[int]:
+    return [int(m.group(1)) for r in c.command(b"f", b"FETCH 1:* (UID)")
+            if (m := re.search(rb"UID (\d+)", r)) and r.startswith(b"* ")]
+
+
+def server_state(dovecot, folder: str, user: str = "alice") -> dict[int, tuple]:
+    d = dovecot.imap_direct(user, tls="none")
+    d.select_folder(folder, readonly=True)
+    flags = d.get_flags(d.search("ALL"))
+    d.logout()
+    return flags
+
+
+def test_capability_advertised(make_proxy):
+    p = make_proxy()
+    c = device(p, "A")
+    assert b"XCPM-LOCALDELETE" in c.command(b"c", b"CAPABILITY")[0]
+    c.close()
+
+
+def test_local_delete_only_for_that_device(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 4)
+    p = make_proxy()
+    a, b = device(p, "A"), device(p, "B")
+    select(a, folder)
+    select(b, folder)
+    r = a.command(b"d", b"UID STORE %d +FLAGS (\\Deleted $LocalDelete)" % uids[1])
+    assert r[-1].startswith(b"d OK")
+    assert b"$LocalDelete" in r[0] and b"\\Deleted" in r[0]
+    r = a.command(b"e", b"EXPUNGE")
+    assert r[0] == b"* 2 EXPUNGE\r\n" and r[-1].startswith(b"e OK"), r
+    assert uids_seen(a) == [uids[0], uids[2], uids[3]]
+    # Device B still sees it; the server still has it, without the flags.
+    assert uids_seen(b) == uids
+    flags = server_state(dovecot, folder)
+    assert uids[1] in flags and b"\\Deleted" not in flags[uids[1]]
+    assert not any(f.lower() == b"$localdelete" for f in flags[uids[1]])
+    # Durable: A again, through a second proxy process.
+    q = make_proxy()
+    a2 = device(q, "A")
+    assert select(a2, folder) == 3
+    assert uids_seen(a2) == [uids[0], uids[2], uids[3]]
+    for c in (a, b, a2):
+        c.close()
+
+
+def test_normal_delete_reaches_server_and_other_devices(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy()
+    a, b = device(p, "A"), device(p, "B")
+    select(a, folder)
+    select(b, folder)
+    a.command(b"d", b"UID STORE %d +FLAGS (\\Deleted)" % uids[0])
+    r = a.command(b"e", b"EXPUNGE")
+    assert r[0] == b"* 1 EXPUNGE\r\n"
+    assert uids[0] not in server_state(dovecot, folder)
+    r = b.command(b"n", b"NOOP")
+    assert b"* 1 EXPUNGE\r\n" in r
+    assert uids_seen(b) == uids[1:]
+    a.close()
+    b.close()
+
+
+def test_mixed_local_and_real_expunge_arithmetic(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 6)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    a.command(b"l", b"STORE 2,5 +FLAGS (\\Deleted $LocalDelete)")
+    a.command(b"r", b"STORE 3,6 +FLAGS.SILENT (\\Deleted)")
+    r = a.command(b"e", b"EXPUNGE")
+    numbers = [int(x.split()[1]) for x in r if x.endswith(b"EXPUNGE\r\n")]
+    # Replay the EXPUNGE responses on the client's list: what remains must be what A sees.
+    model = list(uids)
+    for n in numbers:
+        del model[n - 1]
+    assert model == [uids[0], uids[3]]
+    assert uids_seen(a) == model
+    server = server_state(dovecot, folder)
+    assert set(server) == {uids[0], uids[1], uids[3], uids[4]}
+    a.close()
+
+
+def test_cancel_before_expunge(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 2)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    a.command(b"l", b"STORE 1 +FLAGS (\\Deleted $LocalDelete)")
+    r = a.command(b"c", b"STORE 1 -FLAGS ($LocalDelete \\Deleted)")
+    assert r[-1].startswith(b"c OK")
+    assert b"$LocalDelete" not in r[0]
+    r = a.command(b"e", b"EXPUNGE")
+    assert not any(x.endswith(b"EXPUNGE\r\n") for x in r)
+    assert uids_seen(a) == uids
+    a.close()
+
+
+def test_qresync_client_gets_vanished(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy()
+    a = device(p, "A")
+    a.command(b"q", b"ENABLE QRESYNC")
+    select(a, folder)
+    a.command(b"l", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % uids[2])
+    r = a.command(b"e", b"UID EXPUNGE %d" % uids[2])
+    assert b"* VANISHED %d\r\n" % uids[2] in r, r
+    assert set(server_state(dovecot, folder)) == set(uids)
+    a.close()
+
+
+def test_policy_forbids_local_delete(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 1)
+    p = make_proxy(config_extra="[policy]\nlocal_delete = false\n")
+    a = device(p, "A")
+    assert b"XCPM-LOCALDELETE" not in a.command(b"c", b"CAPABILITY")[0]
+    select(a, folder)
+    r = a.command(b"d", b"STORE 1 +FLAGS (\\Deleted $LocalDelete)")
+    assert r[-1].startswith(b"d NO [CANNOT]")
+    a.close()
+
+
+def test_delete_mode_local_device(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 2)
+    p = make_proxy(config_extra='[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n')
+    a = device(p, "old-phone")
+    select(a, folder)
+    a.command(b"d", b"STORE 1 +FLAGS (\\Deleted)")
+    a.command(b"e", b"EXPUNGE")
+    assert uids_seen(a) == [uids[1]]
+    assert set(server_state(dovecot, folder)) == set(uids)
+    a.close()
+
+
+def test_concurrent_connections_of_a_device_keep_all_records(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 20)
+    p = make_proxy()
+    conns = [device(p, "A"), device(p, "A")]
+    for c in conns:
+        select(c, folder)
+    errors = []
+
+    def work(c, mine):
+        try:
+            for u in mine:
+                c.command(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % u)
+                c.command(b"e", b"UID EXPUNGE %d" % u)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(c, uids[i::2][:8])) for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    fresh = device(p, "A")
+    assert select(fresh, folder) == 20 - 16
+    assert set(server_state(dovecot, folder)) == set(uids)  # nothing deleted on the server
+    for c in conns + [fresh]:
+        c.close()
+
+
+def test_kill_9_right_after_ok_loses_nothing(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    a.command(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % uids[0])
+    assert a.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    p.proc.send_signal(signal.SIGKILL)
+    p.proc.wait(5)
+    p.start()
+    a2 = device(p, "A")
+    assert select(a2, folder) == 2
+    assert uids_seen(a2) == uids[1:]
+    assert set(server_state(dovecot, folder)) == set(uids)
+    a.close()
+    a2.close()
+
+
+def test_uidvalidity_change_resets(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 2)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    a.command(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % uids[0])
+    a.command(b"e", b"EXPUNGE")
+    a.command(b"u", b"UNSELECT")
+    # Recreate the folder on the server: new UIDVALIDITY, the old records do not apply.
+    d = dovecot.imap_direct("alice", tls="none")
+    d.delete_folder(folder)
+    d.logout()
+    for i in range(2):
+        dovecot.deliver("alice", folder, make_object("chat", text=f"new {i}"))
+    assert select(a, folder) == 2
+    a.close()
+
+
+def test_admin_list_and_restore(make_proxy, dovecot, tmp_path):
+    folder, uids = folder_with(dovecot, 3)
+    pw = tmp_path / "admin.pw"
+    pw.write_text("adminpw\n")
+    p = make_proxy(config_extra=f'[admin]\nmaster_user = "admin"\nmaster_password_file = "{pw}"\n')
+    a = device(p, "phone-9")
+    select(a, folder)
+    a.command(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % uids[1])
+    a.command(b"e", b"EXPUNGE")
+    a.close()
+
+    def admin(*args):
+        return subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(p.config_path), "localdelete",
+                               *args, "--user", "alice", "--device", "phone-9", "--mailbox", folder],
+                              capture_output=True, text=True, cwd=ROOT, timeout=30)
+
+    r = admin("list")
+    assert r.returncode == 0, r.stderr
+    assert f"{folder}\t{uids[1]}" in r.stdout
+    r = admin("restore")
+    assert r.returncode == 0, r.stderr
+    a = device(p, "phone-9")
+    assert select(a, folder) == 3
+    a.close()
+    assert admin("list").stdout.strip() == ""
