@@ -839,12 +839,19 @@ class PolicyPlugin(Plugin):
         mailbox = _mailbox_name(raw)
         if self.folder_hidden(st, mailbox):
             return Drop()
-        adjust = None
         cmd = _oldest(session, (b"STATUS",))
-        if cmd is not None:
-            adjust = cmd.state.get("status_adjust")
+        adjust = cmd.state.get("status_adjust") if cmd is not None else None
         if not adjust:
             return None
+        new = self.adjust_status_line(resp.data, adjust)
+        return None if new == resp.data else Rewrite(new)
+
+    @staticmethod
+    def adjust_status_line(line: bytes, adjust) -> bytes:
+        """``* STATUS mbox (MESSAGES n UNSEEN n SIZE n ...)`` minus what is hidden from the device."""
+        m = _STATUS_RE.match(line)
+        if m is None or not adjust:
+            return line
         hidden, unseen, size = adjust
         items = m.group(2).split()
         for j in range(0, len(items) - 1, 2):
@@ -855,7 +862,7 @@ class PolicyPlugin(Plugin):
                 items[j + 1] = b"%d" % max(0, int(items[j + 1]) - unseen)
             elif key == b"SIZE":
                 items[j + 1] = b"%d" % max(0, int(items[j + 1]) - size)
-        return Rewrite(b"* STATUS " + m.group(1) + b" (" + b" ".join(items) + b")\r\n")
+        return b"* STATUS " + m.group(1) + b" (" + b" ".join(items) + b")\r\n"
 
     # -- METADATA: preferences and the proxy's own entries --------------------------------------
 

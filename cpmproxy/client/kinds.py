@@ -33,53 +33,62 @@ KINDS: tuple[str, ...] = ("sms", "mms", "session-info", "group-state", "file-tra
 
 # Header continuation lines (RFC 5322 folding): CRLF (or bare LF) followed by whitespace.
 _FOLD_RE = re.compile(rb"\r?\n[ \t]+")
-# A header field: name, colon, value (the value may be empty).
-_FIELD_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:[ \t]*(.*?)[ \t\r]*$", re.MULTILINE)
 # One MIME parameter: ``; name=value`` or ``; name="quoted value"``.
-_PARAM_RE = re.compile(rb';\s*([!#-\'*+.0-9A-Z^-~a-z-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
+_PARAM_RE = re.compile(rb';[ \t]*([^=; \t]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^; \t]*))')
+_QUOTED_PAIR_RE = re.compile(rb"\\(.)")
 
 _WANTED = frozenset((b"content-type", b"message-context"))
 
 
-def _split_header_block(data: bytes | memoryview) -> tuple[bytes, int]:
-    """The header block of ``data`` and the offset where the body starts.
+def _split_header_block(data: bytes, start: int = 0) -> tuple[bytes, int]:
+    """The header block of ``data`` starting at ``start``, and the offset where its body starts.
 
     The block ends at the first empty line (CRLF CRLF, or LF LF for content stored with bare newlines).
-    Without an empty line the whole input is headers and the body is empty.
+    Without an empty line the whole rest is headers and the body is empty. Offsets, not slices: a
+    multi-megabyte body is never copied.
     """
-    raw = bytes(data)
-    end = raw.find(b"\r\n\r\n")
+    end = data.find(b"\r\n\r\n", start)
     if end >= 0:
-        return raw[:end], end + 4
-    end = raw.find(b"\n\n")
+        return data[start:end], end + 4
+    end = data.find(b"\n\n", start)
     if end >= 0:
-        return raw[:end], end + 2
-    return raw, len(raw)
+        return data[start:end], end + 2
+    return data[start:], len(data)
 
 
-def parse_header_block(data: bytes, wanted: frozenset[bytes] | None = None) -> tuple[dict[bytes, bytes], int]:
-    """Parse the header block at the start of ``data``.
+def parse_header_block(
+    data: bytes, wanted: frozenset[bytes] | None = None, start: int = 0
+) -> tuple[dict[bytes, bytes], int]:
+    """Parse the header block of ``data`` that starts at offset ``start``.
 
-    Returns ({lower-case name: unfolded value}, body offset). Only the first occurrence of a field counts
-    (later duplicates are ignored, as MIME parsers do). ``wanted`` limits the result to those names.
+    Returns ({lower-case name: unfolded value}, offset of the body). Only the first occurrence of a field
+    counts (later duplicates are ignored, as MIME parsers do). ``wanted`` limits the result to those names.
     """
-    block, body = _split_header_block(data)
-    block = _FOLD_RE.sub(b" ", block)
+    block, body = _split_header_block(data, start)
+    if wanted is not None and not wanted:
+        return {}, body
+    if b"\n " in block or b"\n\t" in block:
+        block = _FOLD_RE.sub(b" ", block)
     fields: dict[bytes, bytes] = {}
-    for m in _FIELD_RE.finditer(block):
-        name = m.group(1).lower()
+    for line in block.split(b"\n"):
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue  # not a header field (a stray line): ignored, as lenient parsers do
+        name = name.strip().lower()
         if (wanted is None or name in wanted) and name not in fields:
-            fields[name] = m.group(2)
+            fields[name] = value.strip()
     return fields, body
 
 
 def _media_type(content_type: bytes) -> tuple[bytes, dict[bytes, bytes]]:
     """``multipart/related; type="X"`` -> (b"multipart/related", {b"type": b"X"}), all lower-cased."""
-    media, _, rest = content_type.partition(b";")
+    media, semi, rest = content_type.partition(b";")
     params: dict[bytes, bytes] = {}
-    for m in _PARAM_RE.finditer(b";" + rest):
-        value = m.group(2) if m.group(2) is not None else m.group(3)
-        params.setdefault(m.group(1).lower(), re.sub(rb"\\(.)", rb"\1", value).strip().lower())
+    if semi:
+        for m in _PARAM_RE.finditer(semi + rest):
+            quoted = m.group(2)
+            value = m.group(3) if quoted is None else _QUOTED_PAIR_RE.sub(rb"\1", quoted)
+            params.setdefault(m.group(1).lower(), value.strip().lower())
     return media.strip().lower(), params
 
 
@@ -101,8 +110,8 @@ def classify(message: bytes) -> str:
         return "mms"
     if media == b"message/cpim":
         # CPIM headers (From, To, DateTime, imdn.*), blank line, then the encapsulated MIME entity.
-        _cpim, entity = parse_header_block(message[body:], frozenset())
-        inner, _ = parse_header_block(message[body + entity :], frozenset((b"content-type",)))
+        _cpim, entity = parse_header_block(message, frozenset(), start=body)
+        inner, _ = parse_header_block(message, frozenset((b"content-type",)), start=entity)
         inner_media, _ = _media_type(inner.get(b"content-type", b""))
         if inner_media == b"application/vnd.gsma.rcs-ft-http+xml":
             return "file-transfer"

@@ -88,6 +88,7 @@ class BackendProtocol(Protocol):
         self._got_greeting = False
         self.closed = False
         self.out: list[bytes] = []  # relay output, written once per input chunk
+        self.on_unsolicited = None  # called with untagged responses that arrive while no command runs
 
     def flush(self) -> None:
         if self.out and not self.closed:
@@ -149,7 +150,10 @@ class BackendProtocol(Protocol):
                 self.transport.write(b"*\r\n")  # cancel an exchange nobody expects
             return
         if head.kind == "untagged":
-            self._untagged.append(line)
+            if self.on_unsolicited is not None and not self._waiters:
+                self.on_unsolicited(line)  # e.g. NOTIFY events on a watching connection
+            else:
+                self._untagged.append(line)
             return
         d = self._waiters.pop(head.tag, None)
         untagged, self._untagged = self._untagged, []

@@ -182,6 +182,10 @@ class Plugin:
     def closed(self, session) -> None:
         return None
 
+    def stop(self) -> None:
+        """This instance is retired (reload or shutdown): release process-wide resources."""
+        return None
+
 
 def overrides(plugin: Plugin, hook: str) -> bool:
     """True when ``plugin`` implements ``hook`` itself (so the proxy must call it)."""

@@ -133,6 +133,29 @@ def _server_tls(config: Config):
         raise ConfigError(f"proxy.tls_cert/tls_key: cannot load: {e}") from None
 
 
+class EventBus:
+    """In-process publish/subscribe between plugins (e.g. "mailbox changed for user U"): changes made
+    through this process reach the user's other sessions at once, without waiting for the backend."""
+
+    def __init__(self) -> None:
+        self._subs: dict[str, list] = defaultdict(list)
+
+    def subscribe(self, topic: str, callback) -> None:
+        if callback not in self._subs[topic]:
+            self._subs[topic].append(callback)
+
+    def unsubscribe(self, topic: str, callback) -> None:
+        if callback in self._subs.get(topic, ()):
+            self._subs[topic].remove(callback)
+
+    def publish(self, topic: str, event) -> None:
+        for callback in list(self._subs.get(topic, ())):
+            try:
+                callback(event)
+            except Exception:
+                log.failure("event subscriber failed for {topic}", topic=topic)
+
+
 class ProxyService(service.MultiService):
     version = __version__
 
@@ -152,6 +175,7 @@ class ProxyService(service.MultiService):
         self._failures: dict[str, tuple[int, float]] = {}
         self.ports = []
         self._stopping = False
+        self.events = EventBus()
 
     # -- listeners ------------------------------------------------------------------------------
 
@@ -269,7 +293,12 @@ class ProxyService(service.MultiService):
             log.warn("reload: listener changes need a restart; keeping the current listeners")
         self.config = new
         self.server_tls = tls
-        self.hooks = HookTable.build(plugins)
+        old, self.hooks = self.hooks, HookTable.build(plugins)
+        for plugin in old.plugins:
+            try:
+                plugin.stop()
+            except Exception:
+                log.failure("plugin {name} failed to stop", name=plugin.name)
         for s in self.sessions:
             s.config = new
         self.metrics.reloads.labels(result="ok").inc()
@@ -279,6 +308,11 @@ class ProxyService(service.MultiService):
         """Stop listening, say BYE to every client at a safe point, close after a grace period."""
         self._stopping = True
         super().stopService()
+        for plugin in self.hooks.plugins:
+            try:
+                plugin.stop()
+            except Exception:
+                log.failure("plugin {name} failed to stop", name=plugin.name)
         ds = [defer.maybeDeferred(p.stopListening) for p in self.ports]
         self.ports = []
         for s in list(self.sessions):

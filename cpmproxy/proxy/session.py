@@ -879,14 +879,20 @@ class ClientSession(Protocol, TimeoutMixin):
         self._side.addCallbacks(send, failed)
         return d
 
-    async def _open_side(self):
+    def open_backend(self, purpose: str = "side") -> defer.Deferred:
+        """A new backend connection logged in as this session's user (for a plugin to own: it must
+        close it). Fires with the BackendProtocol; its ``command()`` runs commands."""
+        return defer.Deferred.fromCoroutine(self._open_side(purpose))
+
+    async def _open_side(self, purpose: str = "side"):
         from twisted.internet import reactor
 
         if self._credentials is None:
             raise BackendError("session has no credentials")
         proto, caps = await connect_backend(reactor, self.config)
+        proto.capabilities = caps
         authzid, user, password = self._credentials
-        fields = [("x-originating-ip", self.peer_host), ("x-session-id", self.session_id + "-side")]
+        fields = [("x-originating-ip", self.peer_host), ("x-session-id", f"{self.session_id}-{purpose}")]
         try:
             await login_backend(proto, caps, authzid, user, password, fields)
         except BaseException:

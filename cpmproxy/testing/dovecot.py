@@ -245,6 +245,9 @@ namespace inbox {{
 }}
 # Required for NOTIFY in 2.3.
 mailbox_list_index = yes
+# IDLE and NOTIFY watch files with inotify, 128 instances per uid by default; past that Dovecot polls
+# every mailbox_idle_check_interval (30 s). All test mail belongs to one uid: poll fast.
+mailbox_idle_check_interval = 1 secs
 mail_attribute_dict = file:%h/dovecot-attributes
 # Throwaway data: durability is irrelevant, speed is not.
 mail_fsync = never

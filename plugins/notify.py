@@ -1,0 +1,320 @@
+"""CPM notifications: every device of the user hears about every change, once the user enabled it (R3).
+
+Sources of change events, all ending in ``publish_change`` (event bus topic ``"mailbox-changed"``):
+
+* commands that modify mailboxes, completed through this proxy process (APPEND, STORE, EXPUNGE, COPY,
+  MOVE, CREATE/DELETE/RENAME...): known at once, so the user's other sessions here hear of it without the
+  backend's ~0.5 s notification delay;
+* everything else (other proxy processes, deliveries, other IMAP clients): one **watch connection** per
+  user and process, a backend connection with ``NOTIFY SET STATUS (personal ...)``. The mail server is the
+  bus between proxy nodes; nothing is added that the operator does not already run.
+
+What a session does with an event (``[plugin.notify] idle_status``): if it is idling, identified as a CPM
+device, and notifications are enabled for it (user preference ``notifications`` = on, within policy
+``allowed``; always with ``forced``; never with ``off``), the proxy injects ``* STATUS`` for the changed
+folder, computed on the device's view (hidden folders are never announced, counts are the view's). Changes
+of the selected mailbox arrive through IDLE itself.
+
+Clients' own ``NOTIFY SET`` is relayed to the backend and its answers are filtered by the view (policy
+plugin); the metadata events Dovecot 2.3 refuses are stripped before relaying and produced by the proxy
+for the CPM preference entries.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, reactor
+from twisted.logger import Logger
+
+from cpmproxy.config import ConfigError
+from cpmproxy.imap import mutf7
+from cpmproxy.imap.tokens import TokenError, tokenize
+from cpmproxy.proxy.hooks import Answer, Plugin, Rewrite
+from plugins.cpm import PREF_NOTIFICATIONS
+from plugins.policy import _mailbox_name, _token_text, _wire_name
+
+log = Logger(namespace="cpmproxy.notify")
+
+TOPIC = "mailbox-changed"
+_MODIFYING = frozenset((b"APPEND", b"STORE", b"EXPUNGE", b"COPY", b"MOVE", b"CREATE", b"DELETE", b"RENAME",
+                        b"CLOSE", b"SETMETADATA"))
+_METADATA_EVENTS = re.compile(rb"\s*\b(MailboxMetadataChange|ServerMetadataChange)\b", re.I)
+_APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
+_STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)"
+
+
+@dataclass
+class ChangeEvent:
+    user: str
+    mailbox: str
+    event: str                     # MessageNew, MessageExpunge, FlagChange, MailboxName, MetadataChange
+    origin: object = None          # the session that made the change (None: seen on the backend)
+    uidvalidity: int | None = None
+    uids: tuple[int, ...] = ()
+
+
+@dataclass
+class NotifyState:
+    metadata_events: bool = False  # the client asked (NOTIFY SET) for metadata change events
+    last_status: dict[str, bytes] = field(default_factory=dict)  # coalesce identical injections
+
+
+class UserWatch:
+    """One backend connection per user and process, in NOTIFY mode, turning backend events into
+    ChangeEvents. Kept while the user has sessions here; reconnects with backoff."""
+
+    def __init__(self, plugin: NotifyPlugin, user: str):
+        self.plugin = plugin
+        self.user = user
+        self.proto = None
+        self.sessions: set = set()
+        self.backoff = 1.0
+        self.closed = False
+        self._keepalive = None
+
+    def start(self, session) -> None:
+        d = session.open_backend("watch")
+        d.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, proto) -> None:
+        if self.closed:
+            proto.transport.loseConnection()
+            return
+        self.proto = proto
+        self.backoff = 1.0
+        proto.on_unsolicited = self._event
+        proto.lost.addBoth(self._lost)
+        proto.command(b"NOTIFY SET STATUS (personal (MessageNew MessageExpunge FlagChange) MailboxName)") \
+            .addCallback(self._notify_set)
+        self._keepalive = reactor.callLater(600, self._ping)
+
+    def _notify_set(self, reply) -> None:
+        if reply.status != b"OK":
+            log.warn("backend refused NOTIFY on the watch connection: {r}", r=reply.tagged[:200])
+
+    def _ping(self) -> None:
+        # A connection that never sends a command is logged out after 30 minutes (RFC 9051).
+        if self.proto is not None and not self.proto.closed:
+            self.proto.command(b"NOOP")
+            self._keepalive = reactor.callLater(600, self._ping)
+
+    def _failed(self, failure) -> None:
+        log.warn("watch connection for {user} failed: {e}", user=self.user, e=failure.getErrorMessage())
+        self._retry()
+
+    def _lost(self, _=None) -> None:
+        self.proto = None
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        self._retry()
+
+    def _retry(self) -> None:
+        if self.closed or not self.sessions:
+            return
+        delay, self.backoff = self.backoff, min(self.backoff * 2, 60.0)
+        reactor.callLater(delay, self._restart)
+
+    def _restart(self) -> None:
+        if self.closed or not self.sessions or self.proto is not None:
+            return
+        self.start(next(iter(self.sessions)))
+
+    def _event(self, line: bytes) -> None:
+        head = line[:40].upper()
+        try:
+            tokens = tokenize(line.rstrip(b"\r\n"))
+        except TokenError:
+            return
+        if head.startswith(b"* STATUS ") and len(tokens) >= 3:
+            raw = _token_text(tokens[2])
+            if raw is not None:
+                self.plugin.publish(ChangeEvent(self.user, _mailbox_name(raw), "MessageNew"))
+        elif head.startswith(b"* LIST ") and len(tokens) >= 5:
+            raw = _token_text(tokens[4])
+            if raw is not None:
+                self.plugin.publish(ChangeEvent(self.user, _mailbox_name(raw), "MailboxName"))
+
+    def close(self) -> None:
+        self.closed = True
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        if self.proto is not None:
+            self.proto.transport.loseConnection()
+
+
+class NotifyPlugin(Plugin):
+    name = "notify"
+    requires = ("policy",)
+
+    def __init__(self, proxy):
+        super().__init__(proxy)
+        self.idle_status = True
+        self.watch_backend = True
+        self.watches: dict[str, UserWatch] = {}
+
+    def configure(self, settings: dict) -> None:
+        unknown = set(settings) - {"idle_status", "watch_backend"}
+        if unknown:
+            raise ConfigError(f"plugin.notify.{sorted(unknown)[0]}: unknown key")
+        for key in ("idle_status", "watch_backend"):
+            if key in settings and not isinstance(settings[key], bool):
+                raise ConfigError(f"plugin.notify.{key}: expected true or false")
+        self.idle_status = settings.get("idle_status", True)
+        self.watch_backend = settings.get("watch_backend", True)
+
+    def _policy(self):
+        return next((p for p in self.proxy.hooks.plugins if p.name == "policy"), None)
+
+    def state(self, session) -> NotifyState:
+        st = session.state.get(self.name)
+        if st is None:
+            st = session.state[self.name] = NotifyState()
+        return st
+
+    def enabled(self, session) -> bool:
+        """May the server initiate notifications for this device? (preference within policy)"""
+        policy = self._policy()
+        if policy is None or session.user is None:
+            return False
+        pst = policy.state(session)
+        mode = pst.policy.notifications
+        if mode == "off":
+            return False
+        if mode == "forced":
+            return True
+        return policy.effective(pst, PREF_NOTIFICATIONS, None, False)
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def capabilities(self, session, caps):
+        policy = self._policy()
+        if policy is not None and policy.state(session).policy.notifications == "off":
+            return [c for c in caps if c.upper() != b"NOTIFY"]
+        return caps
+
+    def login(self, session):
+        reactor.callLater(0, self._ensure_watch, session)  # once the login is complete
+        return None
+
+    def _ensure_watch(self, session) -> None:
+        if not self.watch_backend or not session.user or session.phase != "auth":
+            return
+        watch = self.watches.get(session.user)
+        if watch is None:
+            watch = self.watches[session.user] = UserWatch(self, session.user)
+            watch.sessions.add(session)
+            watch.start(session)
+        else:
+            watch.sessions.add(session)
+
+    def closed(self, session) -> None:
+        watch = self.watches.get(session.user) if session.user else None
+        if watch is not None:
+            watch.sessions.discard(session)
+            if not watch.sessions:
+                watch.close()
+                del self.watches[session.user]
+
+    def stop(self) -> None:
+        for watch in self.watches.values():
+            watch.close()
+        self.watches.clear()
+
+    def command(self, session, cmd):
+        if session.user not in self.watches:
+            self._ensure_watch(session)  # e.g. after a reload retired the previous plugin instance
+        if cmd.name == b"NOTIFY":
+            policy = self._policy()
+            if policy is not None and policy.state(session).policy.notifications == "off":
+                return Answer(b"NO [CANNOT] Notifications are disabled by the service provider's policy.")
+            line = cmd.line
+            st = self.state(session)
+            st.metadata_events = bool(_METADATA_EVENTS.search(line))
+            if st.metadata_events:
+                # Dovecot 2.3 refuses these events: the proxy produces them (CPM preference entries).
+                stripped = _METADATA_EVENTS.sub(b"", line)
+                stripped = re.sub(rb"\(\s*\)", b"(MessageNew MessageExpunge)", stripped)
+                stripped = re.sub(rb"\(\s+", b"(", stripped)
+                return Rewrite(stripped)
+        return None
+
+    def tagged(self, session, cmd, resp):
+        if cmd.name not in _MODIFYING or resp.head.name != b"OK" or session.user is None:
+            return None
+        mailboxes = []
+        policy = self._policy()
+        pst = policy.state(session) if policy is not None else None
+        try:
+            args = cmd.args
+        except TokenError:
+            args = []
+        name = cmd.name
+        event = {b"APPEND": "MessageNew", b"STORE": "FlagChange", b"EXPUNGE": "MessageExpunge",
+                 b"CLOSE": "MessageExpunge", b"COPY": "MessageNew", b"MOVE": "MessageNew",
+                 b"SETMETADATA": "MetadataChange"}.get(name, "MailboxName")
+        if name in (b"APPEND", b"CREATE", b"DELETE", b"RENAME", b"SETMETADATA") and args:
+            raw = _token_text(args[0])
+            if raw is not None:
+                mailboxes.append(_mailbox_name(raw) if raw else "")
+            if name == b"RENAME" and len(args) > 1 and _token_text(args[1]) is not None:
+                mailboxes.append(_mailbox_name(_token_text(args[1])))
+        elif name in (b"COPY", b"MOVE") and len(args) > 1:
+            raw = _token_text(args[1])
+            if raw is not None:
+                mailboxes.append(_mailbox_name(raw))
+            if name == b"MOVE" and pst is not None and pst.mailbox:
+                mailboxes.append(pst.mailbox)
+        elif pst is not None and pst.mailbox:
+            mailboxes.append(pst.mailbox)
+        uidvalidity, uids = None, ()
+        m = _APPENDUID.search(resp.data)
+        if m and name == b"APPEND":
+            uidvalidity = int(m.group(1))
+            from cpmproxy.imap.seqset import SequenceSet
+            uids = tuple(SequenceSet.parse(m.group(2)))
+        for mailbox in mailboxes:
+            self.publish(ChangeEvent(session.user, mailbox, event, session, uidvalidity, uids))
+        return None
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def publish(self, event: ChangeEvent) -> None:
+        self.proxy.events.publish(TOPIC, event)
+        for session in self.proxy.sessions_of(event.user):
+            if session is event.origin or session.user != event.user:
+                continue
+            if event.event == "MetadataChange":
+                self._metadata_event(session, event)
+                continue
+            if self.idle_status and session.idling and self.enabled(session):
+                d = defer.Deferred.fromCoroutine(self._inject_status(session, event.mailbox))
+                d.addErrback(lambda f: log.failure("status notification failed", f))
+
+    def _metadata_event(self, session, event: ChangeEvent) -> None:
+        st = self.state(session)
+        if st.metadata_events:
+            session.inject(b'* METADATA "' + mutf7.encode(event.mailbox).replace(b'"', b'\\"') + b'" ('
+                           + b"/private/vendor/vendor.cpmproxy" + b")\r\n")
+
+    async def _inject_status(self, session, mailbox: str) -> None:
+        policy = self._policy()
+        pst = policy.state(session)
+        if pst.mailbox == mailbox or not mailbox:
+            return  # the selected mailbox speaks for itself in IDLE
+        await policy.folder_infos(session, [mailbox])
+        if policy.folder_hidden(pst, mailbox):
+            return
+        reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" " + _STATUS_ITEMS)
+        line = next((x for x in reply.untagged if x[:9].upper() == b"* STATUS "), None)
+        if line is None:
+            return
+        adjust = await policy._status_adjustment(session, pst, mailbox)
+        line = policy.adjust_status_line(line, adjust)
+        st = self.state(session)
+        if st.last_status.get(mailbox) == line:
+            return
+        st.last_status[mailbox] = line
+        if session.idling:
+            session.inject(line)
