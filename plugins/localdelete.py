@@ -30,7 +30,7 @@ from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import ParenList, TokenError, tokenize
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import PREFIX
-from plugins.policy import _token_text, _wire_name
+from plugins.policy import _token_text, _wire_name, side_examine
 
 log = Logger(namespace="cpmproxy.localdelete")
 
@@ -117,9 +117,11 @@ class LocalDeletePlugin(Plugin):
         then delete the old ones: write first, delete after, so a crash in between loses nothing."""
         wire = _wire_name(mailbox)
         if len(current) > 1 and uids:
-            session.side_command(b"EXAMINE " + wire)
-            reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID " + SequenceSet.from_iterable(uids).format())
-            session.side_command(b"UNSELECT")
+            async with side_examine(session):
+                session.side_command(b"EXAMINE " + wire)
+                reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID "
+                                                   + SequenceSet.from_iterable(uids).format())
+                session.side_command(b"UNSELECT")
             alive = set()
             for line in reply.untagged:
                 i = line.upper().find(b" ALL ")

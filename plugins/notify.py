@@ -61,6 +61,14 @@ class NotifyState:
     last_status: dict[str, bytes] = field(default_factory=dict)  # coalesce identical injections
 
 
+def _status_mailbox(line: bytes) -> str | None:
+    try:
+        raw = _token_text(tokenize(line.rstrip(b"\r\n"))[2])
+    except (TokenError, IndexError):
+        return None
+    return None if raw is None else _mailbox_name(raw)
+
+
 class UserWatch:
     """One backend connection per user and process, in NOTIFY mode, turning backend events into
     ChangeEvents. Kept while the user has sessions here; reconnects with backoff."""
@@ -307,7 +315,8 @@ class NotifyPlugin(Plugin):
         if policy.folder_hidden(pst, mailbox):
             return
         reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" " + _STATUS_ITEMS)
-        line = next((x for x in reply.untagged if x[:9].upper() == b"* STATUS "), None)
+        line = next((x for x in reply.untagged if x[:9].upper() == b"* STATUS " and _status_mailbox(x) == mailbox),
+                    None)
         if line is None:
             return
         adjust = await policy._status_adjustment(session, pst, mailbox)

@@ -153,6 +153,20 @@ def parse_policy(table: dict[str, Any]) -> tuple[Policy, list[DeviceClass]]:
     return base, classes
 
 
+class side_examine:
+    """``async with side_examine(session):`` around side-connection commands that depend on the mailbox
+    EXAMINEd there (the side connection is shared by concurrent coroutines of the session)."""
+
+    def __init__(self, session):
+        self.lock = session.side_lock
+
+    async def __aenter__(self):
+        await self.lock.acquire()
+
+    async def __aexit__(self, *exc):
+        self.lock.release()
+
+
 # -- per-session state ----------------------------------------------------------------------------
 
 @dataclass
@@ -293,33 +307,35 @@ class PolicyPlugin(Plugin):
         for name in todo:
             info = st.folders[name] = FolderInfo()
             if want_prefs:
-                waits.append((info, session.side_command(
+                waits.append((name, info, session.side_command(
                     b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" (" + pref_entry("").encode() + b")")))
-        for info, d in waits:
+        for name, info, d in waits:
             try:
-                info.prefs = _parse_metadata_prefs((await d).untagged)
+                info.prefs = _parse_metadata_prefs((await d).untagged, name)
             except Exception:
                 log.failure("reading folder preferences failed")
-        checks = []
-        for name in todo:
-            info = st.folders[name]
-            if self.effective(st, f"{PREF_SYNC}/session-history", name, st.policy.default_sync("session-history")):
-                continue
-            if self.session_history_cache.get((session.user, name)):
-                info.session_history = True
-                continue
-            session.side_command(b"EXAMINE " + _wire_name(name))
-            checks.append((name, info, session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA)))
-        for name, info, d in checks:
-            try:
-                reply = await d
-            except Exception:
-                continue
-            info.session_history = any(b" MIN " in line for line in reply.untagged)
-            if info.session_history:
-                self.session_history_cache[(session.user, name)] = True
-        if checks:
-            session.side_command(b"UNSELECT")
+        async with side_examine(session):
+            checks = []
+            for name in todo:
+                info = st.folders[name]
+                if self.effective(st, f"{PREF_SYNC}/session-history", name,
+                                  st.policy.default_sync("session-history")):
+                    continue
+                if self.session_history_cache.get((session.user, name)):
+                    info.session_history = True
+                    continue
+                session.side_command(b"EXAMINE " + _wire_name(name))
+                checks.append((name, info, session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA)))
+            if checks:
+                session.side_command(b"UNSELECT")
+            for name, info, d in checks:
+                try:
+                    reply = await d
+                except Exception:
+                    continue
+                info.session_history = any(b" MIN " in line for line in reply.untagged)
+                if info.session_history:
+                    self.session_history_cache[(session.user, name)] = True
 
     def folder_hidden(self, st: PolicySession, name: str) -> bool:
         if not st.policy.folder_allowed(name):
@@ -406,6 +422,21 @@ class PolicyPlugin(Plugin):
             if view is not None and not view.identity:
                 return self._view_command(st, view, cmd)
         return None
+
+    async def kinds_of(self, session, mailbox: str, uids) -> dict[int, str]:
+        """CPM kinds of some messages (server-side searches on the side connection)."""
+        uidset = SequenceSet.from_iterable(uids).format()
+        async with side_examine(session):
+            session.side_command(b"EXAMINE " + _wire_name(mailbox))
+            waits = {kind: session.side_command(b"UID SEARCH RETURN (ALL) UID " + uidset + b" " + crit)
+                     for kind, crit in KIND_CRITERIA.items()}
+            session.side_command(b"UNSELECT")
+            out = {u: "other" for u in uids}
+            for kind, d in waits.items():
+                for u in _esearch_all(await d):
+                    if out.get(u) == "other":
+                        out[u] = kind
+        return out
 
     # -- selecting: plan, then gather classification while the SELECT responses are held ---------
 
@@ -765,6 +796,10 @@ class PolicyPlugin(Plugin):
         hiders = self.hiders(session)
         if not (kinds or max_size or max_age or hiders):
             return None
+        async with side_examine(session):
+            return await self._status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders)
+
+    async def _status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders):
         if st.mailbox == mailbox and st.view is not None:
             hidden = set(st.view.hidden)
             uidvalidity = st.plan.uidvalidity if st.plan else 0
@@ -1010,9 +1045,17 @@ def _literal_mailbox(cmd) -> bool:
 async def _uidvalidity(session, mailbox: str) -> int:
     reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" (UIDVALIDITY)")
     for line in reply.untagged:
-        m = re.search(rb"UIDVALIDITY (\d+)", line)
-        if m:
-            return int(m.group(1))
+        m = _STATUS_RE.match(line)
+        if m is None:
+            continue
+        try:
+            raw = _token_text(tokenize(m.group(1))[0])
+        except (TokenError, IndexError):
+            continue
+        if raw is not None and _mailbox_name(raw) == mailbox:
+            v = re.search(rb"UIDVALIDITY (\d+)", m.group(2))
+            if v:
+                return int(v.group(1))
     return 0
 
 
@@ -1028,7 +1071,9 @@ def _esearch_all(reply) -> list[int]:
     return []
 
 
-def _parse_metadata_prefs(lines: list[bytes]) -> dict[str, str]:
+def _parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dict[str, str]:
+    """CPM preferences in METADATA responses (only those of ``mailbox`` when given: pipelined
+    commands may be answered out of order, so responses are matched by name, not by position)."""
     prefs = {}
     for line in lines:
         if not line.upper().startswith(b"* METADATA "):
@@ -1038,6 +1083,9 @@ def _parse_metadata_prefs(lines: list[bytes]) -> dict[str, str]:
         except TokenError:
             continue
         if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
+            continue
+        raw = _token_text(tokens[2])
+        if mailbox is not None and (raw is None or (_mailbox_name(raw) if raw else "") != mailbox):
             continue
         items = tokens[3].items
         for j in range(0, len(items) - 1, 2):

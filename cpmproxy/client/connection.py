@@ -23,10 +23,13 @@ not matter in which order the server finishes pipelined commands (DESIGN.md sect
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import select
 import socket
 import ssl
+import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -275,6 +278,9 @@ class Connection:
         self._closed = False
         self._logging_out = False
         self.idling: PendingCommand | None = None
+        # Protocol trace for client developers (responses without literal payloads; commands after login
+        # only, so never the password): CPM_SYNC_TRACE=1 or Connection.trace = callable.
+        self.trace: Callable[[str], None] | None = _stderr_trace if os.environ.get("CPM_SYNC_TRACE") else None
 
     # -- capabilities ------------------------------------------------------------------------------
 
@@ -328,6 +334,9 @@ class Connection:
             return
         data = b"".join(self._out)
         self._out.clear()
+        if self.trace is not None:
+            for line in data.splitlines():
+                self.trace(f"C: {line.decode('utf-8', 'replace')}")
         try:
             self.sock.sendall(data)
         except TimeoutError:
@@ -361,6 +370,8 @@ class Connection:
                 line = self._reader.readline()
                 parts.append(line)
             line = b"".join(parts)
+        if self.trace is not None:
+            self.trace(f"S: {line.decode('utf-8', 'replace')[:300]}" + (f" [+{len(literals)} literal(s)]" if literals else ""))
         try:
             head = parse_response_head(line)
         except TokenError:
@@ -456,6 +467,10 @@ class Connection:
                 self.sock.close()
             except OSError:
                 pass
+
+
+def _stderr_trace(text: str) -> None:
+    sys.stderr.write(f"{time.monotonic():.3f} {text}\n")
 
 
 def _drain_imaplib_buffer(client: imapclient.IMAPClient) -> bytes:

@@ -192,7 +192,10 @@ class LocalStore:
         try:
             self.maildir.mkdir(parents=True, exist_ok=True)
             self.root.chmod(0o700)
-            self.db = sqlite3.connect(self.root / "index.sqlite", isolation_level=None, timeout=30.0)
+            # check_same_thread=False: a store may be handed to a worker thread (one user at a time).
+            self.db = sqlite3.connect(
+                self.root / "index.sqlite", isolation_level=None, timeout=30.0, check_same_thread=False
+            )
             self.db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is durable when it returns (the files it refers to were fsynced before).
             self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")

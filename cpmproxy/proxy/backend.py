@@ -83,6 +83,7 @@ class BackendProtocol(Protocol):
         self._waiters: dict[bytes, defer.Deferred[Reply]] = {}
         self._continuations: deque[bytes] = deque()
         self._untagged: list[bytes] = []
+        self._esearch: dict[bytes, list[bytes]] = {}
         self._parts: list[bytes] = []
         self._tag = 0
         self._got_greeting = False
@@ -150,6 +151,12 @@ class BackendProtocol(Protocol):
                 self.transport.write(b"*\r\n")  # cancel an exchange nobody expects
             return
         if head.kind == "untagged":
+            if head.name == b"ESEARCH" and line.startswith(b'* ESEARCH (TAG "'):
+                # Correlated by tag: pipelined searches may be answered out of order.
+                tag = line[16:line.find(b'"', 16)]
+                if tag in self._waiters:
+                    self._esearch.setdefault(tag, []).append(line)
+                    return
             if self.on_unsolicited is not None and not self._waiters:
                 self.on_unsolicited(line)  # e.g. NOTIFY events on a watching connection
             else:
@@ -157,6 +164,7 @@ class BackendProtocol(Protocol):
             return
         d = self._waiters.pop(head.tag, None)
         untagged, self._untagged = self._untagged, []
+        untagged += self._esearch.pop(head.tag, [])
         if d is not None:
             d.callback(Reply(untagged, line.rstrip(b"\r\n")[len(head.tag) + 1:]))
 

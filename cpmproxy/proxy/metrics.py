@@ -34,6 +34,14 @@ class Metrics:
         self.timeouts = Counter("cpmproxy_idle_timeouts", "Sessions closed for inactivity", registry=r)
         self.reloads = Counter("cpmproxy_reloads", "Configuration reloads", ["result"], registry=r)
         self._command_children = {}
+        self._plugin_metrics: dict[str, object] = {}
+
+    def plugin_metric(self, kind: type, name: str, doc: str, labels: tuple[str, ...] = ()):
+        """A metric a plugin owns, created once per process (plugins are re-created on reload)."""
+        metric = self._plugin_metrics.get(name)
+        if metric is None:
+            metric = self._plugin_metrics[name] = kind(name, doc, list(labels), registry=self.registry)
+        return metric
 
     def command(self, name: bytes) -> None:
         child = self._command_children.get(name)

@@ -134,6 +134,9 @@ class ClientSession(Protocol, TimeoutMixin):
         self._blocked = False  # a plugin's Defer decision is pending
         self._credentials: tuple[str, str, str] | None = None  # kept for the side connection only
         self._side: defer.Deferred | None = None
+        # Sequences that EXAMINE a mailbox on the side connection hold this, so that another
+        # coroutine's EXAMINE cannot slip in between their commands.
+        self.side_lock = defer.DeferredLock()
         self._current: ClientCommand | None = None  # command whose later segments we are relaying
         self._resp_cmd: ClientCommand | None = None
         self._resp_head = None

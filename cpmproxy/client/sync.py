@@ -1,0 +1,793 @@
+"""The sync engine of the reference CPM Message Storage Client (OMA CPM SD 5.5.2.20.2, client side).
+
+The specification's client procedure, and where each step lives here:
+
+a. *Upon an explicit synchronization request from the CPM User* (``cpm-sync sync``, :meth:`Syncer.sync`):
+
+   1. "initiate a request to the Message Storage Server to provide an update of all modifications in its
+      stored resources, i.e. UIDNEXT and UIDVALIDITY for each folder" -- :meth:`Syncer.list_folders`:
+      one ``LIST "" "*" RETURN (STATUS (MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ))`` (LIST-STATUS,
+      RFC 5819) answers for every folder in a single round trip; without LIST-STATUS, a LIST and then one
+      STATUS per folder, all pipelined.
+   2. "determine what stored objects are new since its last synchronization" -- :meth:`Syncer.sync_folder`
+      compares with the index: a different UIDVALIDITY voids the local copy (resync from scratch); equal
+      UIDNEXT and HIGHESTMODSEQ mean nothing happened and the folder is not even selected; otherwise the
+      folder is opened with ``EXAMINE mbox (QRESYNC (uidvalidity modseq known-uids))`` (RFC 7162) and the
+      server itself reports what was expunged (``VANISHED (EARLIER)``) and which flags changed (FETCH),
+      and ``UID FETCH <uidnext>:*`` lists what is new. Without QRESYNC every UID and its flags are
+      compared instead.
+   3. "upon receiving updates, fetch the new items from the server" -- :meth:`Syncer._fetch_bodies`: the
+      new messages, in batches bounded by count and bytes, several batches in flight (pipelined), each
+      written to the Maildir and committed to the index before the folder's UIDNEXT advances.
+
+b. *Upon a notification from the server* (``cpm-sync watch``, :mod:`cpmproxy.client.watch`): the same
+   steps for the folders the notification names -- 1. fresh UIDNEXT/UIDVALIDITY (STATUS), 2. what is new,
+   3. fetch it. "These operations are carried out on a per-folder basis."
+
+The server side's NOTE -- changes made on the client update the server, "except when the deletion on the
+client was a so-called local deletion" -- is :meth:`Syncer.set_flags` and :meth:`Syncer.delete` (with
+``local=True``: the proxy's ``XCPM-LOCALDELETE``, DESIGN.md section 4).
+
+What this device sees is the proxy's filtered view (policy and preferences, DESIGN.md R1): objects hidden
+from it never appear in any response, so they are never downloaded -- the client needs no policy logic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cpmproxy.client.connection import (
+    Connection,
+    PendingCommand,
+    Untagged,
+    decode_mailbox,
+    encode_mailbox,
+    mailbox_arg,
+)
+from cpmproxy.client.errors import Interrupted, NoSuchFolder, ProtocolError, ServerRefused, Unsupported
+from cpmproxy.client.progress import NullProgress, ProgressFactory
+from cpmproxy.client.store import Folder, LocalStore, MessageRecord
+from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
+from cpmproxy.imap.tokens import Atom, Literal, Nil, ParenList, Quoted, Token, astring
+
+__all__ = [
+    "FolderResult",
+    "ServerFolder",
+    "SyncOptions",
+    "SyncResult",
+    "Syncer",
+    "canonical_name",
+    "normalize_flag",
+    "parse_uid_set",
+]
+
+LOCAL_DELETE_CAPABILITY = "XCPM-LOCALDELETE"
+LOCAL_DELETE_KEYWORD = b"$LocalDelete"
+# Longest known-uids argument we put in a QRESYNC SELECT; beyond it the server reports VANISHED for UIDs
+# we may not know, which is harmless (removing an unknown UID is a no-op).
+_MAX_KNOWN_UIDS = 4000
+
+
+@dataclass
+class SyncOptions:
+    batch_messages: int = 250  # messages per body FETCH command
+    batch_bytes: int = 4 * 1024 * 1024  # ... and at most this many bytes (one big message may exceed it)
+    window: int = 3  # body FETCH commands in flight at once
+    full: bool = False  # compare every UID and flag even where UIDNEXT/HIGHESTMODSEQ say "no change"
+
+
+@dataclass
+class ServerFolder:
+    """A folder as the server reports it (step a.1)."""
+
+    name: str
+    wire: bytes
+    delimiter: str | None
+    attributes: frozenset[bytes] = frozenset()  # lower-cased LIST attributes
+    messages: int | None = None
+    uidnext: int | None = None
+    uidvalidity: int | None = None
+    highestmodseq: int | None = None
+
+    @property
+    def selectable(self) -> bool:
+        return not self.attributes & {b"\\noselect", b"\\nonexistent"}
+
+    def merge_status(self, items: dict[bytes, int]) -> None:
+        self.messages = items.get(b"MESSAGES", self.messages)
+        self.uidnext = items.get(b"UIDNEXT", self.uidnext)
+        self.uidvalidity = items.get(b"UIDVALIDITY", self.uidvalidity)
+        self.highestmodseq = items.get(b"HIGHESTMODSEQ", self.highestmodseq)
+
+
+@dataclass
+class FolderResult:
+    name: str
+    new: int = 0
+    bytes: int = 0
+    flags: int = 0
+    removed: int = 0
+    reset: bool = False  # UIDVALIDITY changed: local copy discarded, folder fetched again
+    created: bool = False
+    deleted: bool = False  # gone from the server (or from this device's view)
+    unchanged: bool = False
+    retry: int = 0  # messages that could not be fetched this time (tried again next sync)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.new or self.flags or self.removed or self.reset or self.created or self.deleted)
+
+    def summary(self) -> str:
+        if self.deleted:
+            return f"{self.name}: deleted on the server, removed locally ({self.removed} messages)"
+        parts = []
+        if self.created:
+            parts.append("new folder")
+        if self.reset:
+            parts.append("UIDVALIDITY changed, resynced from scratch")
+        if self.new:
+            parts.append(f"{self.new} new ({_human_bytes(self.bytes)})")
+        if self.flags:
+            parts.append(f"{self.flags} flag changes")
+        if self.removed:
+            parts.append(f"{self.removed} removed")
+        if self.retry:
+            parts.append(f"{self.retry} to retry")
+        return f"{self.name}: " + (", ".join(parts) if parts else "up to date")
+
+
+@dataclass
+class SyncResult:
+    folders: list[FolderResult] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def new(self) -> int:
+        return sum(f.new for f in self.folders)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.folders)
+
+    @property
+    def flags(self) -> int:
+        return sum(f.flags for f in self.folders)
+
+    @property
+    def removed(self) -> int:
+        return sum(f.removed for f in self.folders)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.folders)} folders checked, {sum(f.changed for f in self.folders)} changed: "
+            f"{self.new} new messages ({_human_bytes(self.bytes)}), {self.flags} flag changes, "
+            f"{self.removed} removed in {self.elapsed:.1f} s"
+        )
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+# -- response parsing helpers ------------------------------------------------------------------------
+
+
+def _fetch_items(resp: Untagged) -> dict[bytes, Token]:
+    """``* 5 FETCH (UID 9 FLAGS (\\Seen) BODY[] {12}...)`` -> {b"UID": Atom, b"FLAGS": ParenList, ...}."""
+    toks = resp.tokens
+    if not toks or not isinstance(toks[0], ParenList):
+        raise ProtocolError("malformed FETCH response from the server")
+    items = toks[0].items
+    out: dict[bytes, Token] = {}
+    for i in range(0, len(items) - 1, 2):
+        key = items[i]
+        if isinstance(key, Atom):
+            out[key.value.upper()] = items[i + 1]
+    return out
+
+
+def _int(token: Token | None) -> int | None:
+    if isinstance(token, Atom) and token.value.isdigit():
+        return int(token.value)
+    if isinstance(token, ParenList) and token.items:  # MODSEQ (12345)
+        return _int(token.items[0])
+    return None
+
+
+def _flags(token: Token | None) -> tuple[str, ...]:
+    if not isinstance(token, ParenList):
+        return ()
+    return tuple(
+        t.value.decode("utf-8", "replace") for t in token.items if isinstance(t, Atom) and t.value != b"\\Recent"
+    )
+
+
+def _internaldate(token: Token | None) -> float | None:
+    if not isinstance(token, Quoted):
+        return None
+    try:
+        return dt.datetime.strptime(token.value.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z").timestamp()
+    except ValueError:
+        return None
+
+
+def _status_items(token: Token) -> dict[bytes, int]:
+    if not isinstance(token, ParenList):
+        return {}
+    items = token.items
+    out: dict[bytes, int] = {}
+    for i in range(0, len(items) - 1, 2):
+        key, value = items[i], _int(items[i + 1])
+        if isinstance(key, Atom) and value is not None:
+            out[key.value.upper()] = value
+    return out
+
+
+def _mailbox_token(token: Token) -> bytes:
+    if isinstance(token, (Atom, Quoted, Literal)):
+        return token.value
+    return astring(token)
+
+
+def _uid_set(uids: Iterable[int]) -> bytes:
+    return SequenceSet.from_iterable(uids).format()
+
+
+def _search_uids(cmd: PendingCommand) -> set[int]:
+    out: set[int] = set()
+    for resp in cmd.collected:
+        out.update(int(w) for w in resp.data.split() if w.isdigit())
+    return out
+
+
+_FLAG_ALIASES = {
+    "seen": "\\Seen",
+    "read": "\\Seen",
+    "flagged": "\\Flagged",
+    "answered": "\\Answered",
+    "draft": "\\Draft",
+    "deleted": "\\Deleted",
+}
+
+
+def normalize_flag(flag: str) -> bytes:
+    """A flag from the command line as an IMAP flag: ``\\Seen``, ``$Label``, or an alias (``seen``,
+    ``read``, ``flagged``, ``answered``, ``draft``). Raises ValueError for anything IMAP cannot carry."""
+    flag = _FLAG_ALIASES.get(flag.lower(), flag)
+    raw = flag.encode("ascii", "strict") if flag.isascii() else b""
+    body = raw[1:] if raw.startswith(b"\\") else raw
+    if not body or any(c <= 0x20 or c >= 0x7F or c in b'(){%*"\\]' for c in body):
+        raise ValueError(f"not a valid IMAP flag or keyword: {flag!r}")
+    if raw.lower() == b"\\recent":
+        raise ValueError("\\Recent cannot be set by a client")
+    return raw
+
+
+# -- the engine --------------------------------------------------------------------------------------
+
+
+class _SelectState:
+    """What a SELECT/EXAMINE told us (the handler claims the responses that belong to it)."""
+
+    def __init__(self) -> None:
+        self.uidvalidity: int | None = None
+        self.uidnext: int | None = None
+        self.highestmodseq: int | None = None
+        self.nomodseq = False
+        self.exists: int | None = None
+        self.vanished: list[SequenceSet] = []
+        self.changed: dict[int, tuple[str, ...]] = {}
+
+    def handle(self, resp: Untagged) -> bool:
+        name = resp.name
+        if name == b"OK" and resp.code is not None:
+            code, _, arg = resp.code.partition(b" ")
+            code = code.upper()
+            if code == b"UIDVALIDITY":
+                self.uidvalidity = int(arg)
+            elif code == b"UIDNEXT":
+                self.uidnext = int(arg)
+            elif code == b"HIGHESTMODSEQ":
+                self.highestmodseq = int(arg)
+            elif code == b"NOMODSEQ":
+                self.nomodseq = True
+            return True
+        if name == b"EXISTS":
+            self.exists = resp.number
+            return True
+        if name in (b"FLAGS", b"RECENT"):
+            return True
+        if name == b"VANISHED":
+            toks = resp.tokens
+            if toks and isinstance(toks[-1], Atom):
+                self.vanished.append(SequenceSet.parse(toks[-1].value))
+            return True
+        if name == b"FETCH":
+            items = _fetch_items(resp)
+            uid = _int(items.get(b"UID"))
+            if uid is not None and b"FLAGS" in items:
+                self.changed[uid] = _flags(items[b"FLAGS"])
+                return True
+        return False
+
+
+class Syncer:
+    """Synchronises a :class:`LocalStore` with the server over one :class:`Connection`.
+
+    ``should_stop`` is polled between batches and folders; when it returns True the current batch is
+    committed and :class:`Interrupted` is raised (the next sync resumes from there).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        store: LocalStore,
+        options: SyncOptions | None = None,
+        progress: ProgressFactory | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.store = store
+        self.options = options or SyncOptions()
+        self.progress = progress or (lambda label, n, b: NullProgress())
+        self.should_stop = should_stop or (lambda: False)
+        self.log = log or (lambda msg: None)
+        # QRESYNC must be ENABLEd before it can be used in SELECT; it also makes the server report
+        # expunges as VANISHED (UIDs) instead of EXPUNGE (sequence numbers): simpler to keep in step.
+        if conn.has("QRESYNC") and not conn.qresync:
+            conn.enable("QRESYNC")
+        status = [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"]
+        if conn.condstore:
+            status.append(b"HIGHESTMODSEQ")
+        self._status_items = b"(" + b" ".join(status) + b")"
+
+    def _check_stop(self) -> None:
+        if self.should_stop():
+            raise Interrupted("interrupted; the next sync resumes where this one stopped")
+
+    # -- step a.1: UIDNEXT and UIDVALIDITY for each folder --------------------------------------------
+
+    def list_folders(self, names: Sequence[str] | None = None, list_status: bool = True) -> dict[str, ServerFolder]:
+        """LIST (+ STATUS) of every folder, or of the named ones. Pipelined; one round trip with
+        LIST-STATUS (unless ``list_status`` is False: then one STATUS per folder, all in flight at once).
+        Folders the server does not know are absent from the result."""
+        found: dict[bytes, ServerFolder] = {}
+        wanted: set[bytes] | None = None
+        if names is not None:
+            wanted = set()
+            for n in map(canonical_name, names):
+                local = self.store.folder(n)
+                wanted.add(local.wire if local is not None else encode_mailbox(n))
+
+        def on_list(resp: Untagged) -> bool:
+            if resp.name == b"LIST":
+                toks = resp.tokens
+                if len(toks) < 3 or not isinstance(toks[0], ParenList):
+                    raise ProtocolError("malformed LIST response from the server")
+                wire = _mailbox_token(toks[2])
+                if wanted is not None and wire not in wanted:
+                    return True  # a wildcard in a requested name matched something else
+                attrs = frozenset(t.value.lower() for t in toks[0].items if isinstance(t, Atom))
+                delim = None if isinstance(toks[1], Nil) else astring(toks[1]).decode("ascii", "replace")
+                sf = found.get(wire)
+                if sf is None:
+                    found[wire] = ServerFolder(decode_mailbox(wire), wire, delim, attrs)
+                else:
+                    sf.delimiter, sf.attributes = delim, attrs
+                return True
+            if resp.name == b"STATUS":
+                toks = resp.tokens
+                if len(toks) < 2:
+                    raise ProtocolError("malformed STATUS response from the server")
+                wire = _mailbox_token(toks[0])
+                if wanted is not None and wire not in wanted:
+                    return False  # not ours: maybe a notification, leave it for the caller
+                sf = found.get(wire)
+                if sf is None:  # STATUS before LIST: allowed, keep it
+                    sf = found[wire] = ServerFolder(decode_mailbox(wire), wire, None)
+                sf.merge_status(_status_items(toks[1]))
+                return True
+            return False
+
+        list_status = list_status and self.conn.has("LIST-STATUS")
+        ret = b" RETURN (STATUS " + self._status_items + b")" if list_status else b""
+        cmds = []
+        if wanted is None:
+            cmds.append(self.conn.send(b'LIST "" "*"' + ret, handler=on_list))
+        else:
+            for wire in sorted(wanted):
+                cmds.append(self.conn.send(b'LIST "" ' + mailbox_arg(wire) + ret, handler=on_list))
+        for cmd in cmds:
+            self.conn.wait(cmd)
+        if not list_status:
+            # RFC 3501 STATUS, one per folder, all in flight at once.
+            cmds = [
+                self.conn.send(b"STATUS " + mailbox_arg(sf.wire) + b" " + self._status_items, handler=on_list)
+                for sf in found.values()
+                if sf.selectable
+            ]
+            for cmd in cmds:
+                self.conn.wait(cmd, check=False)  # a folder deleted meanwhile: NO, and it is skipped
+        return {sf.name: sf for sf in found.values()}
+
+    # -- a whole sync -----------------------------------------------------------------------------
+
+    def sync(self, names: Sequence[str] | None = None) -> SyncResult:
+        """Explicit sync (5.5.2.20.2 a) of the whole account, or of the named folders."""
+        started = time.monotonic()
+        result = SyncResult()
+        if names is not None:
+            names = [canonical_name(n) for n in names]
+        server = self.list_folders(names)
+        local = {f.name: f for f in self.store.folders()}
+        if names is not None:
+            missing = [n for n in names if n not in server and n not in local]
+            if missing:
+                raise NoSuchFolder(f"no such folder on the server: {', '.join(missing)}")
+            targets = list(dict.fromkeys(names))
+        else:
+            targets = sorted(set(server) | set(local))
+        unchanged: list[Folder] = []
+        for name in targets:
+            self._check_stop()
+            sf = server.get(name)
+            lf = local.get(name)
+            if sf is None or not sf.selectable:
+                if lf is not None:
+                    # Deleted on the server, or hidden from this device by policy/preference: the local
+                    # copy follows the device's view of the store.
+                    res = FolderResult(name, deleted=True, removed=self.store.count(lf))
+                    self.store.remove_folder(lf)
+                    result.folders.append(res)
+                continue
+            res = self.sync_folder(sf, lf)
+            if res.unchanged and lf is not None:
+                unchanged.append(lf)
+            result.folders.append(res)
+        self.store.touch_folders(unchanged, time.time())
+        result.elapsed = time.monotonic() - started
+        return result
+
+    # -- steps a.2 and a.3 for one folder -------------------------------------------------------------
+
+    def sync_folder(self, sf: ServerFolder, lf: Folder | None = None) -> FolderResult:
+        """Bring one folder up to date. ``sf`` comes from :meth:`list_folders` (step a.1)."""
+        store, conn, opts = self.store, self.conn, self.options
+        res = FolderResult(sf.name)
+        if lf is None:
+            lf = store.folder(sf.name)
+        if lf is None:
+            lf = store.add_folder(sf.name, sf.wire, sf.delimiter)
+            res.created = True
+        elif lf.wire != sf.wire:
+            store.update_folder(lf, wire=sf.wire)
+
+        # Step a.2, first question: is the local copy still valid at all? A new UIDVALIDITY means the
+        # server renumbered the folder (e.g. deleted and recreated it): every UID we hold is meaningless.
+        if sf.uidvalidity is not None and lf.uidvalidity is not None and sf.uidvalidity != lf.uidvalidity:
+            res.reset = True
+            res.removed += store.reset_folder(lf, sf.uidvalidity)
+            self.log(f"{sf.name}: UIDVALIDITY changed ({lf.uidvalidity} -> {sf.uidvalidity}), resyncing")
+
+        # Step a.2, second question: did anything happen since the last sync? Same UIDNEXT (nothing
+        # appended) and same HIGHESTMODSEQ (no flag change, no expunge) -> nothing to do, not even SELECT.
+        if (
+            not opts.full
+            and not lf.full_check
+            and lf.last_sync is not None
+            and sf.highestmodseq is not None
+            and lf.highestmodseq == sf.highestmodseq
+            and lf.uidvalidity == sf.uidvalidity
+            and lf.uidnext == sf.uidnext
+        ):
+            # (MESSAGES is deliberately not compared: an expunge always raises HIGHESTMODSEQ, and a
+            # filtering proxy may count differently in LIST-STATUS than in SELECT.)
+            res.unchanged = True
+            return res
+
+        local_flags = store.flags(lf)
+        # QRESYNC lets the server tell us what changed since the modseq we hold; otherwise (first sync,
+        # no QRESYNC, or a full check was asked for) we compare everything ourselves.
+        incremental = (
+            conn.qresync
+            and not opts.full
+            and not lf.full_check
+            and lf.highestmodseq is not None
+            and lf.uidvalidity is not None
+            and lf.uidvalidity == sf.uidvalidity
+        )
+        select = b"EXAMINE " + mailbox_arg(sf.wire)
+        if incremental:
+            assert lf.uidvalidity is not None and lf.highestmodseq is not None
+            qr = b"%d %d" % (lf.uidvalidity, lf.highestmodseq)
+            if local_flags:
+                known = _uid_set(local_flags)
+                if len(known) <= _MAX_KNOWN_UIDS:
+                    qr += b" " + known
+            select += b" (QRESYNC (" + qr + b"))"
+        state = _SelectState()
+        sel_cmd = conn.send(select, handler=state.handle)
+
+        # Pipelined with the EXAMINE: the list of messages to look at (UID, flags, size). Incremental:
+        # only UIDs from our UIDNEXT on, and only if STATUS says there are any. Full: all of them.
+        listing: dict[int, tuple[tuple[str, ...], int]] = {}
+
+        def on_listing(resp: Untagged) -> bool:
+            if resp.name != b"FETCH":
+                return False
+            items = _fetch_items(resp)
+            uid, size = _int(items.get(b"UID")), _int(items.get(b"RFC822.SIZE"))
+            if uid is None or size is None:
+                return False
+            listing[uid] = (_flags(items.get(b"FLAGS")), size)
+            return True
+
+        list_cmd: PendingCommand | None = None
+        if not incremental:
+            list_cmd = conn.send(b"UID FETCH 1:* (UID FLAGS RFC822.SIZE)", handler=on_listing)
+        elif sf.uidnext is None or sf.uidnext > lf.uidnext:
+            list_cmd = conn.send(b"UID FETCH %d:* (UID FLAGS RFC822.SIZE)" % lf.uidnext, handler=on_listing)
+
+        try:
+            conn.wait(sel_cmd)
+        except ServerRefused as e:
+            if list_cmd is not None:
+                conn.wait(list_cmd, check=False)
+            raise ServerRefused(f"cannot open folder {sf.name}: {e}") from None
+        conn.selected = sf.wire
+        if list_cmd is not None:
+            conn.wait(list_cmd, check=False)  # "no messages" is not an error
+            if list_cmd.done is not None and not list_cmd.done.ok and state.exists:
+                raise ServerRefused(f"listing folder {sf.name} failed: {list_cmd.done.text}")
+
+        if state.uidvalidity is not None and state.uidvalidity != lf.uidvalidity:
+            if lf.uidvalidity is not None and not res.reset:
+                # Changed between STATUS and EXAMINE: same as above, but the listing we pipelined was
+                # already a full one only if we were not incremental.
+                res.reset = True
+                res.removed += store.reset_folder(lf, state.uidvalidity)
+                local_flags = {}
+                if incremental:  # what we got is relative to the old folder: start again, fully
+                    sf.uidvalidity = state.uidvalidity
+                    return self._merge(res, self.sync_folder(sf, lf))
+            else:
+                store.update_folder(lf, uidvalidity=state.uidvalidity)
+
+        if incremental and not state.nomodseq:
+            # QRESYNC told us: VANISHED (EARLIER) = expunged since our modseq, FETCH = flags changed.
+            gone = [u for u in local_flags if any(u in s for s in state.vanished)]
+            changed = {u: f for u, f in state.changed.items() if u in local_flags and u not in gone}
+            new = {u: v for u, v in listing.items() if u >= lf.uidnext and u not in local_flags}
+        else:
+            if incremental:  # the server cannot do modseqs for this folder after all: compare fully
+                store.update_folder(lf, full_check=True)
+                return self._merge(res, self.sync_folder(sf, lf))
+            gone = [u for u in local_flags if u not in listing]
+            changed = {u: v[0] for u, v in listing.items() if u in local_flags}
+            new = {u: v for u, v in listing.items() if u not in local_flags}
+
+        if gone:
+            res.removed += store.remove_messages(lf, gone)
+        if changed:
+            res.flags += store.set_flags(lf, changed)
+
+        # Step a.3: fetch the new items.
+        retry_from = None
+        if new:
+            store.reconcile(lf)  # leftovers of an interrupted run (store.py, rule 4)
+            local_now = store.uids(lf)
+            todo = sorted((u, size) for u, (_f, size) in new.items() if u not in local_now)
+            got, nbytes, missing = self._fetch_bodies(lf, todo)
+            res.new += got
+            res.bytes += nbytes
+            if missing:
+                # Not returned by the server (expunged meanwhile, or a transient failure). Those that
+                # still exist must be fetched again next time: keep UIDNEXT below them.
+                still = self._existing(missing)
+                if still:
+                    res.retry = len(still)
+                    retry_from = min(still)
+
+        # Commit the folder's new state last (store.py, rule 3).
+        uidnext = max(state.uidnext or sf.uidnext or 1, max(listing, default=0) + 1, lf.uidnext)
+        if retry_from is not None:
+            uidnext = min(uidnext, retry_from)
+        store.update_folder(
+            lf,
+            uidvalidity=state.uidvalidity or sf.uidvalidity,
+            uidnext=uidnext,
+            highestmodseq=None if state.nomodseq else (state.highestmodseq or None),
+            server_messages=state.exists,
+            last_sync=time.time(),
+            full_check=bool(retry_from is not None and retry_from < lf.uidnext),
+        )
+        return res
+
+    @staticmethod
+    def _merge(a: FolderResult, b: FolderResult) -> FolderResult:
+        b.removed += a.removed
+        b.reset = b.reset or a.reset
+        b.created = b.created or a.created
+        return b
+
+    def _existing(self, uids: Iterable[int]) -> list[int]:
+        cmd = self.conn.run(b"UID SEARCH UID " + _uid_set(uids), collect=(b"SEARCH",), check=False)
+        return sorted(_search_uids(cmd)) if cmd.done and cmd.done.ok else sorted(uids)
+
+    def _fetch_bodies(self, lf: Folder, todo: list[tuple[int, int]]) -> tuple[int, int, list[int]]:
+        """Fetch ``todo`` [(uid, size)] in batches, ``window`` commands in flight. Each message file is
+        written as its response arrives; each completed command commits what has been written. Returns
+        (messages, bytes, UIDs the server did not return)."""
+        opts, store, conn = self.options, self.store, self.conn
+        batches: deque[list[int]] = deque()
+        batch: list[int] = []
+        batch_bytes = 0
+        for uid, size in todo:
+            if batch and (len(batch) >= opts.batch_messages or batch_bytes + size > opts.batch_bytes):
+                batches.append(batch)
+                batch, batch_bytes = [], 0
+            batch.append(uid)
+            batch_bytes += size
+        if batch:
+            batches.append(batch)
+
+        written: list[MessageRecord] = []
+        wanted = {uid for uid, _ in todo}
+        received: set[int] = set()
+        total_bytes = sum(size for _, size in todo)
+        bar = self.progress(lf.name, len(todo), total_bytes)
+
+        def on_body(resp: Untagged) -> bool:
+            if resp.name != b"FETCH":
+                return False
+            items = _fetch_items(resp)
+            body = items.get(b"BODY[]")
+            uid = _int(items.get(b"UID"))
+            if uid is None or uid not in wanted or not isinstance(body, (Literal, Quoted)):
+                return False  # e.g. an unsolicited flag update: not ours
+            if uid in received:
+                return True
+            rec = store.write_message(lf, uid, body.value, _flags(items.get(b"FLAGS")), _internaldate(items.get(b"INTERNALDATE")))
+            written.append(rec)
+            received.add(uid)
+            bar.update(1, rec.size)
+            return True
+
+        count = nbytes = 0
+        inflight: deque[PendingCommand] = deque()
+        stop = False
+        try:
+            while batches or inflight:
+                while batches and len(inflight) < max(opts.window, 1) and not stop:
+                    uids = batches.popleft()
+                    inflight.append(
+                        conn.send(b"UID FETCH " + _uid_set(uids) + b" (UID FLAGS INTERNALDATE BODY.PEEK[])", handler=on_body)
+                    )
+                if not inflight:
+                    break
+                cmd = inflight.popleft()
+                conn.wait(cmd, check=False)
+                # Whatever order the server finishes in, commit everything written so far.
+                if written:
+                    count += store.commit_messages(lf, written)
+                    nbytes += sum(r.size for r in written)
+                    written.clear()
+                if not stop and self.should_stop():
+                    stop = True
+                    batches.clear()
+        finally:
+            bar.close()
+        if stop:
+            raise Interrupted("interrupted; the next sync resumes where this one stopped")
+        return count, nbytes, sorted(wanted - received)
+
+    # -- local changes to the server (5.5.2.20.1 NOTE; DESIGN.md R5, R6) -------------------------------
+
+    def _open_rw(self, name: str) -> tuple[Folder | None, bytes]:
+        name = canonical_name(name)
+        lf = self.store.folder(name)
+        wire = lf.wire if lf is not None else encode_mailbox(name)
+        cmd = self.conn.run(b"SELECT " + mailbox_arg(wire), check=False)
+        assert cmd.done is not None
+        if not cmd.done.ok:
+            raise NoSuchFolder(f"cannot open folder {name} on the server: {cmd.done.text}")
+        self.conn.selected = wire
+        return lf, wire
+
+    def _present(self, uids: SequenceSet) -> set[int]:
+        cmd = self.conn.run(b"UID SEARCH UID " + uids.format(), collect=(b"SEARCH",))
+        return _search_uids(cmd)
+
+    def set_flags(self, name: str, uids: SequenceSet, flags: Sequence[bytes], add: bool) -> tuple[int, list[int]]:
+        """``UID STORE uids +FLAGS/-FLAGS (flags)``; the local copy follows the server's answer.
+        Returns (messages updated, requested UIDs that do not exist)."""
+        lf, _wire = self._open_rw(name)
+        present = self._present(uids)
+        missing = _expand_missing(uids, present)
+        if not present:
+            return 0, missing
+        op = b"+FLAGS" if add else b"-FLAGS"
+        cmd = self.conn.run(
+            b"UID STORE " + _uid_set(present) + b" " + op + b" (" + b" ".join(flags) + b")", collect=(b"FETCH",)
+        )
+        updates: dict[int, tuple[str, ...]] = {}
+        for resp in cmd.collected:
+            items = _fetch_items(resp)
+            uid = _int(items.get(b"UID"))
+            if uid is not None and b"FLAGS" in items:
+                updates[uid] = _flags(items[b"FLAGS"])
+        if lf is not None and updates:
+            self.store.set_flags(lf, updates)
+        return len(present), missing
+
+    def delete(self, name: str, uids: SequenceSet, local: bool = False) -> tuple[int, list[int]]:
+        """Delete messages on the server (``\\Deleted`` + ``UID EXPUNGE``), or, with ``local``, only from
+        this device: ``\\Deleted $LocalDelete`` + ``UID EXPUNGE``, which the proxy (capability
+        XCPM-LOCALDELETE) keeps from reaching the server. Either way they leave the local store.
+        Returns (messages deleted, requested UIDs that do not exist)."""
+        if local and not self.conn.has(LOCAL_DELETE_CAPABILITY):
+            raise Unsupported(
+                f"the server does not support local deletion (no {LOCAL_DELETE_CAPABILITY} capability); "
+                "without --local the messages would be deleted on the server for every device"
+            )
+        if not self.conn.has("UIDPLUS"):
+            # Plain EXPUNGE would also remove other messages someone marked \Deleted: not our call.
+            raise Unsupported("the server lacks UIDPLUS (UID EXPUNGE), so messages cannot be deleted selectively")
+        lf, _wire = self._open_rw(name)
+        present = self._present(uids)
+        missing = _expand_missing(uids, present)
+        if not present:
+            return 0, missing
+        uid_set = _uid_set(present)
+        flags = b"(\\Deleted " + LOCAL_DELETE_KEYWORD + b")" if local else b"(\\Deleted)"
+        store_cmd = self.conn.send(b"UID STORE " + uid_set + b" +FLAGS.SILENT " + flags)
+        expunge_cmd = self.conn.send(b"UID EXPUNGE " + uid_set)
+        self.conn.wait(store_cmd)
+        self.conn.wait(expunge_cmd)
+        left = self._present(SequenceSet.from_iterable(present))
+        if left:
+            raise ServerRefused(f"the server kept UIDs {_uid_set(left).decode()} in {name} after EXPUNGE")
+        if lf is not None:
+            self.store.remove_messages(lf, present)
+        return len(present), missing
+
+
+def canonical_name(name: str) -> str:
+    """INBOX is case-insensitive (RFC 3501 5.1); every other name is exact."""
+    return "INBOX" if name.upper() == "INBOX" else name
+
+
+def _expand_missing(requested: SequenceSet, present: set[int], limit: int = 100_000) -> list[int]:
+    """Requested UIDs that are not present (only for explicit, reasonably small sets)."""
+    out: list[int] = []
+    for lo, hi in requested.ranges:
+        if hi - lo > limit:
+            return out
+        out.extend(u for u in range(lo, hi + 1) if u not in present)
+    return out
+
+
+def parse_uid_set(args: Sequence[str]) -> SequenceSet:
+    """Command-line UIDs (``7``, ``3:5``, ``1,4``) -> a SequenceSet. ``*`` is refused on purpose: an
+    accidental "every message" must not be one keystroke away in a delete command."""
+    ranges: list[tuple[int, int]] = []
+    for arg in args:
+        if "*" in arg:
+            raise ValueError("'*' is not accepted here; give explicit UIDs")
+        try:
+            ranges.extend(SequenceSet.parse(arg).ranges)
+        except SequenceSetError:
+            raise ValueError(f"not a UID or UID range: {arg!r}") from None
+    if not ranges:
+        raise ValueError("no UIDs given")
+    return SequenceSet(ranges)

@@ -1,0 +1,280 @@
+"""Server-initiated sync (OMA CPM SD 5.5.2.20.2 b): stay connected, sync a folder when the server says so.
+
+How the server tells us, best first:
+
+* **NOTIFY** (RFC 5465), when offered: one ``NOTIFY SET`` asks for new messages, expunges and flag changes
+  in every personal folder (reported as ``* STATUS folder (...)``), for the selected folder in detail
+  (``EXISTS``/``VANISHED``/``FETCH``), and for folders created, deleted or renamed (``* LIST``). Dovecot
+  2.3 insists that MessageExpunge accompanies MessageNew. The proxy filters these by this device's view
+  and policy (DESIGN.md R3), so a notification never points at something hidden.
+* **IDLE** (RFC 2177) otherwise: it only reports changes of the selected folder (INBOX by default), so a
+  periodic check of every folder (one LIST-STATUS round trip) covers the rest.
+
+On a notification the client performs 5.5.2.20.2 b for each named folder: fresh UIDNEXT/UIDVALIDITY
+(STATUS), determine what is new, fetch it -- :meth:`Syncer.sync` with those folder names.
+
+The connection is re-established with exponential backoff (1 s doubling to 60 s, with jitter) when it
+breaks; a wrong password or an untrusted certificate is not retried. SIGINT/SIGTERM end the loop at the
+next safe point: the batch being fetched is committed, the session logged out, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from cpmproxy.client.connection import (
+    Connection,
+    ServerSettings,
+    Untagged,
+    connect,
+    decode_mailbox,
+    mailbox_arg,
+)
+from cpmproxy.client.errors import (
+    AuthenticationError,
+    ConnectError,
+    Interrupted,
+    NoSuchFolder,
+    ServerRefused,
+    TLSError,
+)
+from cpmproxy.client.progress import ProgressFactory
+from cpmproxy.client.store import LocalStore
+from cpmproxy.client.sync import Syncer, SyncOptions, SyncResult
+from cpmproxy.imap.tokens import Atom, Literal, Quoted
+
+__all__ = ["NOTIFY_REQUESTS", "Stopper", "WatchOptions", "Watcher"]
+
+# Tried in order: flag changes in non-selected folders too (Dovecot reports them as STATUS HIGHESTMODSEQ),
+# then the set every NOTIFY server must accept for this purpose.
+NOTIFY_REQUESTS = (
+    b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange)) "
+    b"(personal (MessageNew MessageExpunge FlagChange MailboxName))",
+    b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange)) (personal (MessageNew MessageExpunge MailboxName))",
+)
+
+
+@dataclass
+class WatchOptions:
+    interval: float | None = None  # full check every ... seconds (default: 300 with NOTIFY, 60 with IDLE)
+    idle_folder: str = "INBOX"  # the folder IDLE watches when NOTIFY is not available
+    max_backoff: float = 60.0
+    lock_timeout: float = 60.0
+
+
+class Stopper:
+    """SIGINT/SIGTERM set a flag and wake up whoever waits (self-pipe), instead of raising mid-write."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._previous: dict[int, object] = {}
+
+    @property
+    def fd(self) -> int:
+        return self._r
+
+    def install(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Stopper:
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopped and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user really means it
+        self.stop()
+
+    def stop(self) -> None:
+        self.stopped = True
+        try:
+            os.write(self._w, b"x")
+        except BlockingIOError:
+            pass
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if stopped meanwhile."""
+        if not self.stopped:
+            select.select([self._r], [], [], max(seconds, 0))
+        return self.stopped
+
+    def close(self) -> None:
+        self.uninstall()
+        os.close(self._r)
+        os.close(self._w)
+
+
+class Watcher:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        store: LocalStore,
+        sync_options: SyncOptions | None = None,
+        options: WatchOptions | None = None,
+        stopper: Stopper | None = None,
+        progress: ProgressFactory | None = None,
+        log: Callable[[str], None] | None = None,
+        connector: Callable[[ServerSettings], Connection] = connect,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sync_options = sync_options or SyncOptions()
+        self.options = options or WatchOptions()
+        self.stopper = stopper or Stopper()
+        self.progress = progress
+        self.log = log or (lambda msg: None)
+        self.connector = connector
+        self.passes = 0  # completed sync passes (for tests and monitoring)
+
+    def run(self) -> None:
+        """Until stopped. Raises only for permanent problems (credentials, TLS trust)."""
+        delay = 1.0
+        while not self.stopper.stopped:
+            try:
+                conn = self.connector(self.settings)
+            except (AuthenticationError, TLSError):
+                raise
+            except ConnectError as e:
+                wait = delay * random.uniform(0.8, 1.2)
+                self.log(f"{e}; retrying in {wait:.0f} s")
+                if self.stopper.sleep(wait):
+                    break
+                delay = min(delay * 2, self.options.max_backoff)
+                continue
+            try:
+                self._session(conn, on_ready=lambda: None)
+                delay = 1.0
+            except Interrupted:
+                break
+            except (ConnectError, ServerRefused) as e:
+                # ConnectionLost (a ConnectError) or the server refusing something mid-session: start over.
+                wait = delay * random.uniform(0.8, 1.2)
+                self.log(f"connection lost ({e}); reconnecting in {wait:.0f} s")
+                conn.close()
+                if self.stopper.sleep(wait):
+                    break
+                delay = min(delay * 2, self.options.max_backoff)
+                continue
+            finally:
+                conn.logout()
+
+    # -- one connection ------------------------------------------------------------------------------
+
+    def _report(self, result: SyncResult) -> None:
+        self.passes += 1
+        for f in result.folders:
+            if f.changed:
+                self.log(f.summary())
+
+    def _sync(self, syncer: Syncer, names: list[str] | None) -> None:
+        with self.store.locked(self.options.lock_timeout):
+            try:
+                self._report(syncer.sync(names))
+            except NoSuchFolder:
+                # Named by a notification, gone by the time we asked: the next full pass tidies up.
+                self._report(syncer.sync(None))
+
+    def _session(self, conn: Connection, on_ready: Callable[[], None]) -> None:
+        stop = self.stopper
+        syncer = Syncer(
+            conn, self.store, self.sync_options, self.progress, should_stop=lambda: stop.stopped, log=self.log
+        )
+        mode = "idle"
+        personal_flags = False  # FlagChange accepted for all personal folders?
+        if conn.has("NOTIFY"):
+            for i, request in enumerate(NOTIFY_REQUESTS):
+                cmd = conn.run(request, check=False)
+                if cmd.done is not None and cmd.done.ok:
+                    mode = "notify"
+                    personal_flags = i == 0
+                    break
+        if mode == "idle" and not conn.has("IDLE"):
+            mode = "poll"
+        interval = self.options.interval or (300.0 if mode == "notify" else 60.0)
+
+        # Changes made while we were not connected: a full explicit sync first (5.5.2.20.2 a). NOTIFY is
+        # already set, so anything that changes during this pass is queued, not missed.
+        self._sync(syncer, None)
+        on_ready()
+        self.log(f"watching {self.settings.address} ({mode}{'' if mode == 'notify' else f', every {interval:.0f} s'})")
+        last_full = time.monotonic()
+        while not stop.stopped:
+            folders, relist = self._events(conn, conn.take_unsolicited())
+            due = time.monotonic() - last_full >= interval
+            if relist or due:
+                self._sync(syncer, None)
+                last_full = time.monotonic()
+                continue
+            if folders:
+                # 5.5.2.20.2 b, per folder named by the notification.
+                self._sync(syncer, sorted(folders))
+                continue
+            timeout = max(interval - (time.monotonic() - last_full), 0.0)
+            if mode == "notify":
+                if personal_flags and conn.selected is not None:
+                    # With nothing selected every change arrives the same way, as "* STATUS folder (...)"
+                    # (FlagChange included), which is exactly the per-folder trigger 5.5.2.20.2 b wants;
+                    # no need to trust per-message responses for whichever folder the last pass left open.
+                    self._deselect(conn)
+                    continue
+                if conn.readable(timeout, stop.fd):
+                    conn.drain()
+            elif mode == "idle":
+                self._idle(conn, timeout)
+            else:
+                stop.sleep(timeout)
+
+    @staticmethod
+    def _deselect(conn: Connection) -> None:
+        # UNSELECT (RFC 3691); CLOSE would do as well here since sync only EXAMINEs (read-only: CLOSE
+        # expunges nothing).
+        conn.run(b"UNSELECT" if conn.has("UNSELECT") else b"CLOSE", check=False)
+        conn.selected = None
+
+    def _idle(self, conn: Connection, timeout: float) -> None:
+        wire = self.store.folder(self.options.idle_folder)
+        target = wire.wire if wire is not None else self.options.idle_folder.encode()
+        if conn.selected != target:
+            cmd = conn.run(b"EXAMINE " + mailbox_arg(target), check=False)
+            if cmd.done is None or not cmd.done.ok:
+                self.stopper.sleep(timeout)  # nothing to IDLE on: plain polling
+                return
+            conn.selected = target
+            conn.take_unsolicited()  # the EXAMINE's own responses are not news
+        # RFC 2177: re-issue IDLE at least every 29 minutes.
+        cmd = conn.idle_start()
+        try:
+            if conn.readable(min(timeout, 29 * 60), self.stopper.fd):
+                conn.drain()
+        finally:
+            conn.idle_done(cmd)
+
+    @staticmethod
+    def _events(conn: Connection, responses: list[Untagged]) -> tuple[set[str], bool]:
+        """Turn unsolicited responses into (folders to sync, whether the folder list changed)."""
+        folders: set[str] = set()
+        relist = False
+        for resp in responses:
+            if resp.name == b"STATUS":
+                toks = resp.tokens
+                if toks and isinstance(toks[0], (Atom, Quoted, Literal)):
+                    folders.add(decode_mailbox(toks[0].value))
+            elif resp.name == b"LIST":
+                relist = True  # created, deleted or renamed (MailboxName)
+            elif resp.name in (b"EXISTS", b"EXPUNGE", b"VANISHED", b"FETCH"):
+                if conn.selected is not None:
+                    folders.add(decode_mailbox(conn.selected))
+        return folders, relist

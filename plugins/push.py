@@ -1,0 +1,201 @@
+"""Push for devices that are not connected: change events POSTed as small JSON to an operator's gateway.
+
+``[plugin.push] url = "https://push.example.net/cpm"`` (no url: the plugin does nothing). Events come from
+the notify plugin's event bus; one is sent only when the user enabled notifications (preference, within
+policy). The body never carries message content:
+
+    {"user": "alice", "mailbox": "Default/tel:+15551234567", "event": "MessageNew", "uidvalidity": 17,
+     "uids": [42], "kinds": {"42": "chat"}, "devices": ["tablet-1"], "time": 1764100000.0}
+
+``devices``: the user's devices known to the proxy (recorded at login in METADATA) that have no session
+in this process. Delivery is in order, with retries and exponential backoff; the queue is bounded and
+what overflows is dropped and counted (``cpmproxy_push_dropped_total``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import deque
+from io import BytesIO
+
+from prometheus_client import Counter, Gauge
+from twisted.internet import defer, reactor
+from twisted.internet.ssl import Certificate
+from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from cpmproxy.config import ConfigError
+from cpmproxy.proxy.hooks import Plugin
+from plugins.cpm import PREFIX
+from plugins.localdelete import device_key
+from plugins.notify import TOPIC, ChangeEvent
+
+log = Logger(namespace="cpmproxy.push")
+
+DEVICES = PREFIX + "/devices"
+_DEVICE_VALUE = re.compile(rb'/devices/[^ ]+ (?:"([^"]*)"|\{\d+\}\r\n([^ )]*))')
+_SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "max_retries": int,
+             "backoff": (int, float), "max_backoff": (int, float)}
+
+
+class PushPlugin(Plugin):
+    name = "push"
+    requires = ("notify",)
+
+    def __init__(self, proxy):
+        super().__init__(proxy)
+        self.url = ""
+        self.queue: deque = deque()
+        self.sending = False
+        self.stopped = False
+        self.devices: dict[str, set[str]] = {}
+        self._subscribed = False
+        self._agent = None
+
+    def configure(self, settings: dict) -> None:
+        for key, value in settings.items():
+            if key not in _SETTINGS:
+                raise ConfigError(f"plugin.push.{key}: unknown key")
+            if not isinstance(value, _SETTINGS[key]) or isinstance(value, bool):
+                raise ConfigError(f"plugin.push.{key}: wrong type")
+        self.url = settings.get("url", "")
+        if self.url and not self.url.startswith(("https://", "http://")):
+            raise ConfigError("plugin.push.url: must be an http(s) URL")
+        self.ca_file = settings.get("ca_file", "")
+        self.timeout = settings.get("timeout", 10.0)
+        self.max_queue = settings.get("max_queue", 10000)
+        self.max_retries = settings.get("max_retries", 10)
+        self.backoff = settings.get("backoff", 1.0)
+        self.max_backoff = settings.get("max_backoff", 300.0)
+        if self.ca_file:
+            try:
+                with open(self.ca_file, "rb") as f:
+                    self._trust = Certificate.loadPEM(f.read())
+            except OSError as e:
+                raise ConfigError(f"plugin.push.ca_file: {e}") from None
+        else:
+            self._trust = None
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def _metrics(self):
+        m = self.proxy.metrics
+        return (m.plugin_metric(Counter, "cpmproxy_push_sent", "Push events delivered"),
+                m.plugin_metric(Counter, "cpmproxy_push_failed", "Push delivery attempts that failed"),
+                m.plugin_metric(Counter, "cpmproxy_push_dropped", "Push events dropped (queue full, retries)"),
+                m.plugin_metric(Gauge, "cpmproxy_push_queue", "Push events waiting"))
+
+    def _notify(self):
+        return next((p for p in self.proxy.hooks.plugins if p.name == "notify"), None)
+
+    def login(self, session):
+        if not self.url:
+            return None
+        if not self._subscribed:
+            self.proxy.events.subscribe(TOPIC, self._event)
+            self._subscribed = True
+        return defer.Deferred.fromCoroutine(self._record_device(session))
+
+    async def _record_device(self, session) -> None:
+        """Remember the user's devices (on the backend, so every proxy node knows them)."""
+        entry = f"{DEVICES}/{device_key(session.device_id)}".encode()
+        value = session.device_id.replace("\\", "").replace('"', "").encode()
+        session.side_command(b'SETMETADATA "" (' + entry + b' "' + value + b'")')
+        reply = await session.side_command(b'GETMETADATA (DEPTH 1) "" (' + DEVICES.encode() + b")")
+        found = set()
+        for line in reply.untagged:
+            for m in _DEVICE_VALUE.finditer(line):
+                found.add((m.group(1) or m.group(2) or b"").decode("utf-8", "replace"))
+        found.discard("")
+        self.devices[session.user] = found | {session.device_id}
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self._subscribed:
+            self.proxy.events.unsubscribe(TOPIC, self._event)
+            self._subscribed = False
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _event(self, event: ChangeEvent) -> None:
+        sessions = self.proxy.sessions_of(event.user)
+        notify = self._notify()
+        if notify is None or not sessions:
+            return
+        if not any(notify.enabled(s) for s in sessions):
+            return
+        connected = {s.device_id for s in sessions}
+        offline = sorted(self.devices.get(event.user, set()) - connected)
+        if not offline:
+            return
+        d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions)), event, offline))
+        d.addCallback(self._enqueue)
+        d.addErrback(lambda f: log.failure("building a push event failed", f))
+
+    async def _build(self, session, event: ChangeEvent, offline: list[str]) -> dict:
+        body = {"user": event.user, "mailbox": event.mailbox, "event": event.event,
+                "uidvalidity": event.uidvalidity, "uids": list(event.uids), "devices": offline,
+                "time": time.time()}
+        if event.uids:
+            policy = next((p for p in self.proxy.hooks.plugins if p.name == "policy"), None)
+            if policy is not None:
+                kinds = await policy.kinds_of(session, event.mailbox, event.uids)
+                body["kinds"] = {str(u): k for u, k in kinds.items()}
+        return body
+
+    def _enqueue(self, body: dict) -> None:
+        sent, failed, dropped, queued = self._metrics()
+        if len(self.queue) >= self.max_queue:
+            self.queue.popleft()
+            dropped.inc()
+        self.queue.append((body, 0))
+        queued.set(len(self.queue))
+        if not self.sending:
+            self._send_next()
+
+    def _send_next(self) -> None:
+        sent, failed, dropped, queued = self._metrics()
+        queued.set(len(self.queue))
+        if not self.queue or self.stopped and not self.queue:
+            self.sending = False
+            return
+        self.sending = True
+        body, attempt = self.queue[0]
+        if self._agent is None:
+            policy = BrowserLikePolicyForHTTPS(trustRoot=self._trust) if self._trust else BrowserLikePolicyForHTTPS()
+            self._agent = Agent(reactor, contextFactory=policy, connectTimeout=self.timeout)
+        data = json.dumps(body).encode()
+        d = self._agent.request(b"POST", self.url.encode(),
+                                Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"cpmproxy"]}),
+                                FileBodyProducer(BytesIO(data)))
+        d.addTimeout(self.timeout, reactor)
+
+        def done(response):
+            return readBody(response).addCallback(lambda _: response.code)
+
+        def ok(code):
+            if 200 <= code < 300:
+                self.queue.popleft()
+                sent.inc()
+                reactor.callLater(0, self._send_next)
+            else:
+                retry(f"HTTP {code}")
+
+        def retry(reason):
+            failed.inc()
+            body, attempt = self.queue[0]
+            if attempt + 1 > self.max_retries:
+                self.queue.popleft()
+                dropped.inc()
+                log.warn("push dropped after {n} attempts: {reason}", n=attempt + 1, reason=reason)
+                reactor.callLater(0, self._send_next)
+                return
+            self.queue[0] = (body, attempt + 1)
+            delay = min(self.backoff * 2 ** attempt, self.max_backoff)
+            reactor.callLater(delay, self._send_next)
+
+        d.addCallback(done)
+        d.addCallbacks(ok, lambda f: retry(f.getErrorMessage()))
