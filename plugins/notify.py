@@ -296,7 +296,8 @@ class NotifyPlugin(Plugin):
             if event.event == "MetadataChange":
                 self._metadata_event(session, event)
                 continue
-            if self.idle_status and session.idling and self.enabled(session):
+            # Only sessions that identified as CPM devices (ID with a device id) get unasked-for STATUS.
+            if self.idle_status and session.idling and session.device_id != "default" and self.enabled(session):
                 d = defer.Deferred.fromCoroutine(self._inject_status(session, event.mailbox))
                 d.addErrback(lambda f: log.failure("status notification failed", f))
 
