@@ -93,11 +93,17 @@ class LocalDeletePlugin(Plugin):
     def active(self, session) -> bool:
         return self._allowed(session)[0]
 
-    async def hidden(self, session, mailbox: str, uidvalidity: int) -> set[int]:
+    def query(self, session, mailbox: str):
+        """Ask the backend for this device's records of ``mailbox`` (sent at once, so it pipelines)."""
+        prefix = f"{RECORDS}/{device_key(session.device_id)}"
+        return session.side_command(b"GETMETADATA (DEPTH infinity) " + _wire_name(mailbox) + b" ("
+                                    + prefix.encode() + b")")
+
+    async def hidden(self, session, mailbox: str, uidvalidity: int, reply=None) -> set[int]:
         """This device's local deletions in ``mailbox``; also prunes stale records."""
         prefix = f"{RECORDS}/{device_key(session.device_id)}"
-        reply = await session.side_command(b"GETMETADATA (DEPTH infinity) " + _wire_name(mailbox) + b" ("
-                                           + prefix.encode() + b")")
+        if reply is None:
+            reply = await self.query(session, mailbox)
         records = _parse_records(reply.untagged, prefix)
         uids: set[int] = set()
         stale = []
@@ -264,6 +270,10 @@ class LocalDeletePlugin(Plugin):
                 session.inject(b"* VANISHED " + SequenceSet.from_iterable(targets).format() + b"\r\n")
             else:
                 session.inject(b"".join(b"* %d EXPUNGE\r\n" % n for n in gone))
+
+    def block_ok(self, session, block: bytes) -> bool:
+        st = session.state.get(self.name)
+        return st is None or not st.pending
 
     def response(self, session, resp):
         st = session.state.get(self.name)

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
@@ -286,6 +286,8 @@ class PolicyPlugin(Plugin):
         st = self.state(session)
         reply = await session.side_command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")")
         st.account_prefs = _parse_metadata_prefs(reply.untagged)
+        # Open the side connection now, in the background: the first SELECT should not wait for it.
+        reactor.callLater(0, lambda: session.phase == "auth" and session.side_command(b"NOOP"))
 
     def login(self, session):
         return defer.Deferred.fromCoroutine(self._login(session))
@@ -406,11 +408,17 @@ class PolicyPlugin(Plugin):
                 st.folders.pop(new, None)
                 return None
             names = names[:1]
+        early = None
+        if cmd.name in (b"SELECT", b"EXAMINE"):
+            # Pipelined with the folder checks: one round trip to the side connection, not three.
+            hiders = self.hiders(session)
+            early = (session.side_command(b"STATUS " + _wire_name(names[0]) + b" (UIDVALIDITY)"),
+                     [(h, h.query(session, names[0])) for h in hiders])
         await self.folder_infos(session, names)
         if any(self.folder_hidden(st, n) for n in names):
             return Answer(b"NO [NONEXISTENT] Mailbox doesn't exist: " + names[0].encode("utf-8", "replace")[:200])
         if cmd.name in (b"SELECT", b"EXAMINE"):
-            await self._plan_select(session, st, names[0])
+            await self._plan_select(session, st, names[0], early)
         elif cmd.name == b"STATUS":
             cmd.state["status_adjust"] = await self._status_adjustment(session, st, names[0])
         if cmd.name in (b"DELETE", b"RENAME"):
@@ -443,18 +451,18 @@ class PolicyPlugin(Plugin):
     def _criteria(self, st: PolicySession, mailbox: str) -> tuple[tuple[str, ...], int, int]:
         return self.hidden_kinds(st, mailbox), st.policy.max_size, st.policy.max_age_days
 
-    async def _plan_select(self, session, st: PolicySession, mailbox: str) -> None:
+    async def _plan_select(self, session, st: PolicySession, mailbox: str, early) -> None:
         st.view = None
         st.mailbox = mailbox
         st.plan = None
         kinds, max_size, max_age = self._criteria(st, mailbox)
-        hiders = self.hiders(session)
-        if not (kinds or max_size or max_age or hiders):
+        status_d, queries = early
+        if not (kinds or max_size or max_age or queries):
             return  # fast path: nothing can be hidden here
-        uidvalidity = await _uidvalidity(session, mailbox)
+        uidvalidity = _parse_uidvalidity(await status_d, mailbox)
         plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
-        for h in hiders:
-            plan.extra |= await h.hidden(session, mailbox, uidvalidity)
+        for h, d in queries:
+            plan.extra |= await h.hidden(session, mailbox, uidvalidity, await d)
         if plan.empty:
             return
         st.plan = plan
@@ -607,6 +615,14 @@ class PolicyPlugin(Plugin):
                 return Drop()
             return Rewrite(resp.data.replace(b"[UNSEEN %d]" % int(head.code[7:]), b"[UNSEEN %d]" % client, 1))
         return None
+
+    def block_ok(self, session, block: bytes) -> bool:
+        st = session.state.get(self.name)
+        if st is None:
+            return True
+        if st.pending_select or (st.view is not None and not st.view.identity):
+            return False
+        return not any(x in block for x in (b"* LIST", b"* LSUB", b"* STATUS", b"* METADATA", b"* VANISHED"))
 
     def tagged(self, session, cmd, resp):
         st = session.state.get(self.name)
@@ -1043,7 +1059,11 @@ def _literal_mailbox(cmd) -> bool:
 
 
 async def _uidvalidity(session, mailbox: str) -> int:
-    reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" (UIDVALIDITY)")
+    return _parse_uidvalidity(await session.side_command(b"STATUS " + _wire_name(mailbox) + b" (UIDVALIDITY)"),
+                              mailbox)
+
+
+def _parse_uidvalidity(reply, mailbox: str) -> int:
     for line in reply.untagged:
         m = _STATUS_RE.match(line)
         if m is None:

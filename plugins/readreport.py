@@ -40,6 +40,10 @@ class ReadReportPlugin(Plugin):
             return Rewrite(_CPM_FLAG_RE.sub(self.keyword.replace(b"\\", b"\\\\"), cmd.line))
         return None
 
+    def block_ok(self, session, block: bytes) -> bool:
+        return b"* FLAGS" not in block and b"PERMANENTFLAGS" not in block and \
+            self._keyword_re.search(block) is None
+
     def response(self, session, resp: BackendResponse):
         head = resp.head
         if head.kind != "untagged" or head.name not in _OUT_RESPONSES:
@@ -48,6 +52,8 @@ class ReadReportPlugin(Plugin):
         if head.name == b"OK":
             if not (resp.first and head.code and head.code[:15].upper() == b"PERMANENTFLAGS "):
                 return None
+        if head.name == b"FETCH" and self._keyword_re.search(data) is None:
+            return None
         new = self._keyword_re.sub(CPM_FLAG.replace(b"\\", b"\\\\"), data)
         if resp.first and head.name != b"FETCH" and CPM_FLAG not in new.lower():
             # Announce the flag where the mailbox accepts keywords (so clients know it is permanent).

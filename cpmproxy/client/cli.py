@@ -6,7 +6,7 @@
              [--tls none|starttls|implicit] [--ca-file F] COMMAND
 
     sync [--full] [FOLDER...]        explicit sync, whole account or the named folders (5.5.2.20.2 a)
-    watch [--interval S]             stay connected, sync on server notifications (5.5.2.20.2 b)
+    watch [--interval S] [FOLDER...] stay connected, sync on server notifications (5.5.2.20.2 b)
     status [--verbose] [--offline]   per folder: server vs local counts, last sync (--verbose: CPM kinds)
     list FOLDER                      the local copy of a folder: UID, kind, flags, size, file
     delete [--local] FOLDER UID...   delete on the server (and locally); --local: only on this device
@@ -43,7 +43,6 @@ from cpmproxy.client.sync import (
 from cpmproxy.client.watch import Stopper, Watcher, WatchOptions
 
 PROG = "cpm-sync"
-NETWORK_COMMANDS = frozenset(("sync", "watch", "status", "delete", "flag"))
 
 
 class UsageError(ClientError):
@@ -100,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", parents=[common], help="stay connected and sync on notifications")
     p.add_argument("--interval", type=float, metavar="S", help="full check period (300 s with NOTIFY, 60 s without)")
     p.add_argument("--idle-folder", default="INBOX", metavar="F", help="folder to IDLE on without NOTIFY")
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="watch only these folders (default: all)")
 
     p = sub.add_parser("status", parents=[common], help="server vs local, per folder")
     p.add_argument("-v", "--verbose", action="store_true", help="also the CPM object kinds of each folder")
@@ -168,9 +168,11 @@ def read_password(path: str) -> str:
     return password
 
 
-def _settings(args: argparse.Namespace) -> ServerSettings:
+def _settings(args: argparse.Namespace, store: LocalStore) -> ServerSettings:
+    device_id = args.device_id or store.get_meta("device_id")  # may be omitted once the store knows it
     missing = [opt for opt, value in (("--server", args.server), ("--user", args.user),
-                                      ("--password-file", args.password_file)) if not value]
+                                      ("--password-file", args.password_file), ("--device-id", device_id))
+               if not value]
     if missing:
         raise UsageError(f"{args.command} needs {', '.join(missing)}")
     host, port = parse_server(args.server, args.tls)
@@ -181,7 +183,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         port=port,
         user=args.user,
         password=read_password(args.password_file),
-        device_id=args.device_id or "default",
+        device_id=device_id,
         tls=args.tls,
         ca_file=args.ca_file,
         timeout=args.timeout,
@@ -192,14 +194,6 @@ def _open_store(args: argparse.Namespace) -> LocalStore:
     if not args.store:
         raise UsageError(f"{args.command} needs --store")
     return LocalStore(args.store, fsync=not args.no_fsync)
-
-
-def _device_id(args: argparse.Namespace, store: LocalStore) -> None:
-    """--device-id may be omitted once the store knows it."""
-    if not args.device_id:
-        args.device_id = store.get_meta("device_id")
-        if not args.device_id:
-            raise UsageError(f"{args.command} needs --device-id (the store does not know its device yet)")
 
 
 def _when(ts: float | None) -> str:
@@ -228,7 +222,7 @@ def _table(rows: list[list[str]], out: TextIO, right: set[int] = frozenset()) ->
 
 
 def cmd_sync(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
-    settings = _settings(args)
+    settings = _settings(args, store)
     stopper = Stopper().install()
     try:
         with store.locked():
@@ -256,7 +250,7 @@ def cmd_sync(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
 
 
 def cmd_watch(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
-    settings = _settings(args)
+    settings = _settings(args, store)
     store.bind(settings.address, settings.user, settings.device_id)
 
     def log(msg: str) -> None:
@@ -270,7 +264,8 @@ def cmd_watch(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
             settings,
             store,
             SyncOptions(),
-            WatchOptions(interval=args.interval, idle_folder=args.idle_folder),
+            WatchOptions(folders=tuple(canonical_name(f) for f in args.folders), interval=args.interval,
+                         idle_folder=args.idle_folder),
             stopper,
             progress_factory(False if args.quiet else None),
             log,
@@ -285,7 +280,7 @@ def cmd_watch(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
 def cmd_status(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
     server: dict[str, ServerFolder] = {}
     if not args.offline:
-        settings = _settings(args)
+        settings = _settings(args, store)
         conn = connect(settings)
         try:
             # Plain STATUS for the counts: it is what every server (and the proxy's filtered view)
@@ -337,7 +332,7 @@ def cmd_list(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
 
 
 def _with_syncer(args: argparse.Namespace, store: LocalStore, fn) -> object:  # type: ignore[no-untyped-def]
-    settings = _settings(args)
+    settings = _settings(args, store)
     with store.locked():
         conn = connect(settings)
         try:
@@ -400,8 +395,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         store = _open_store(args)
         try:
-            if args.command in NETWORK_COMMANDS and not (args.command == "status" and args.offline):
-                _device_id(args, store)
             return COMMANDS[args.command](args, store, sys.stdout)
         finally:
             store.close()

@@ -18,9 +18,9 @@ name is deterministic for (folder, UIDVALIDITY, UID), which is what makes crash 
 
 Crash safety, the rules every writer here follows:
 
-1. A message file is written completely to ``tmp/`` (and fsynced, unless disabled), then renamed into
-   ``cur/``: a reader never sees a partial file.
-2. Only then is it recorded in the index, a batch per transaction (after an fsync of ``cur/``).
+1. A message file is written completely to ``tmp/``; a batch of them is made durable (``syncfs``, or
+   ``fsync`` per file; unless disabled) and renamed into ``cur/``: a reader never sees a partial file.
+2. Only then is the batch recorded in the index, in one transaction (after an fsync of ``cur/``).
 3. The folder's UIDNEXT/HIGHESTMODSEQ advance only after all of the folder's messages are committed, so an
    interrupted sync re-discovers exactly the messages it had not committed.
 4. :meth:`LocalStore.reconcile` (run before a folder receives new messages) removes what an interruption
@@ -35,6 +35,7 @@ Crash safety, the rules every writer here follows:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -42,7 +43,7 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -445,41 +446,49 @@ class LocalStore:
         flags: Iterable[str],
         internaldate: float | None = None,
     ) -> MessageRecord:
-        """Write one message file (rule 1). Not yet indexed: pass the result to :meth:`commit_messages`."""
+        """Write one message file into ``tmp/`` (rule 1). It moves to ``cur/`` and into the index with
+        :meth:`commit_messages`; until then an interruption leaves only a ``tmp/`` leftover."""
         if folder.uidvalidity is None:
             raise ValueError("folder has no UIDVALIDITY yet")
         flags = tuple(flags)
-        base_dir = self.folder_dir(folder)
-        base = message_basename(uid, folder.uidvalidity)
-        tmp = base_dir / "tmp" / base
-        name = base + maildir_info(flags)
+        tmp = os.path.join(self.maildir, folder.path, "tmp", message_basename(uid, folder.uidvalidity))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                if self.fsync:
-                    os.fsync(fd)
             finally:
                 os.close(fd)
             if internaldate is not None:
                 # Maildir readers (Dovecot included) take a message's arrival time from the file's mtime.
                 os.utime(tmp, (internaldate, internaldate))
-            os.replace(tmp, base_dir / "cur" / name)
         except OSError as e:
             raise StoreError(f"cannot write {tmp}: {e.strerror or e}") from None
+        name = message_basename(uid, folder.uidvalidity) + maildir_info(flags)
         return MessageRecord(uid, name, flags, classify(data), len(data), internaldate)
 
     def commit_messages(self, folder: Folder, records: Iterable[MessageRecord]) -> int:
-        """Index written messages, all in one transaction (rule 2)."""
-        rows = [
-            (folder.id, r.uid, r.filename, " ".join(r.flags), r.kind, r.size, r.internaldate) for r in records
-        ]
-        if not rows:
+        """Make written messages durable, move them into ``cur/`` and index them in one transaction
+        (rules 1 and 2). One ``syncfs`` per batch instead of one ``fsync`` per file where the OS has it:
+        the same guarantee for a fraction of the cost when messages are small."""
+        records = list(records)
+        if not records:
             return 0
+        assert folder.uidvalidity is not None
+        base_dir = os.path.join(self.maildir, folder.path)
+        tmp_dir, cur_dir = os.path.join(base_dir, "tmp"), os.path.join(base_dir, "cur")
+        try:
+            if self.fsync:
+                _sync_files(tmp_dir, [message_basename(r.uid, folder.uidvalidity) for r in records])
+            for r in records:
+                os.replace(os.path.join(tmp_dir, message_basename(r.uid, folder.uidvalidity)),
+                           os.path.join(cur_dir, r.filename))
+        except OSError as e:
+            raise StoreError(f"cannot store messages in {cur_dir}: {e.strerror or e}") from None
         if self.fsync:
-            _fsync_dir(self.folder_dir(folder) / "cur")
+            _fsync_dir(Path(cur_dir))
+        rows = [(folder.id, r.uid, r.filename, " ".join(r.flags), r.kind, r.size, r.internaldate) for r in records]
         with self._txn() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO messages(folder_id, uid, filename, flags, kind, size, internaldate) "
@@ -606,6 +615,35 @@ def _unlink(path: Path) -> None:
         pass
     except OSError as e:
         raise StoreError(f"cannot remove {path}: {e.strerror or e}") from None
+
+
+def _syncfs_function() -> Callable[[int], int] | None:
+    """Linux ``syncfs(2)``: flush one file system (the store's) in one call."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _syncfs_function()
+
+
+def _sync_files(directory: str, names: list[str]) -> None:
+    """Make the contents of ``directory/names`` durable."""
+    if _SYNCFS is not None and len(names) > 1:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _SYNCFS(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for name in names:  # no syncfs (or it failed): one fsync per file
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

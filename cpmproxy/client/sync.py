@@ -34,7 +34,8 @@ from it never appear in any response, so they are never downloaded -- the client
 
 from __future__ import annotations
 
-import datetime as dt
+import calendar
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -211,12 +212,24 @@ def _flags(token: Token | None) -> tuple[str, ...]:
     )
 
 
+_MONTHS = {m: i for i, m in enumerate(
+    (b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov", b"dec"), 1)}
+_INTERNALDATE_RE = re.compile(rb" ?([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})")
+
+
 def _internaldate(token: Token | None) -> float | None:
+    """``"17-Jul-1996 02:44:25 -0700"`` -> unix time (a regex, not strptime: it runs per message)."""
     if not isinstance(token, Quoted):
         return None
+    m = _INTERNALDATE_RE.fullmatch(token.value)
+    month = _MONTHS.get(m.group(2).lower()) if m else None
+    if m is None or month is None:
+        return None
+    offset = (int(m.group(8)) * 3600 + int(m.group(9)) * 60) * (1 if m.group(7) == b"+" else -1)
     try:
-        return dt.datetime.strptime(token.value.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z").timestamp()
-    except ValueError:
+        return float(calendar.timegm((int(m.group(3)), month, int(m.group(1)), int(m.group(4)), int(m.group(5)),
+                                      int(m.group(6)), 0, 0, 0)) - offset)
+    except (ValueError, OverflowError):
         return None
 
 

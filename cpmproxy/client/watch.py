@@ -63,6 +63,7 @@ NOTIFY_REQUESTS = (
 
 @dataclass
 class WatchOptions:
+    folders: tuple[str, ...] = ()  # only these folders (default: the whole account)
     interval: float | None = None  # full check every ... seconds (default: 300 with NOTIFY, 60 with IDLE)
     idle_folder: str = "INBOX"  # the folder IDLE watches when NOTIFY is not available
     max_backoff: float = 60.0
@@ -180,12 +181,20 @@ class Watcher:
                 self.log(f.summary())
 
     def _sync(self, syncer: Syncer, names: list[str] | None) -> None:
+        """One pass: ``names`` (from notifications) or everything watched (``None``)."""
+        scope = list(self.options.folders) or None
+        if names is not None and scope is not None:
+            names = [n for n in names if n in scope]
+            if not names:
+                return
         with self.store.locked(self.options.lock_timeout):
             try:
-                self._report(syncer.sync(names))
+                self._report(syncer.sync(names if names is not None else scope))
             except NoSuchFolder:
-                # Named by a notification, gone by the time we asked: the next full pass tidies up.
-                self._report(syncer.sync(None))
+                if names is None:
+                    raise
+                # Named by a notification, gone by the time we asked: a full pass tidies up.
+                self._report(syncer.sync(scope))
 
     def _session(self, conn: Connection, on_ready: Callable[[], None]) -> None:
         stop = self.stopper

@@ -23,6 +23,8 @@ __all__ = [
     "NEED_DATA",
     "FramingError",
     "Framer",
+    "Block",
+    "lines_of",
     "LiteralData",
     "Segment",
 ]
@@ -42,6 +44,7 @@ _LITERAL_RE = re.compile(rb"(~?)\{([0-9]{1,20})([+-]?)\}\r?\n\Z")
 # Something that looks like an attempted literal but is not a valid one ({-5}, {abc}, {}).
 _BAD_LITERAL_RE = re.compile(rb"~?\{[^{}\r\n]{0,24}\}\r?\n\Z")
 _TAIL = 40
+_MIN_BLOCK = 512
 _TEXT_RESPONSE_RE = re.compile(rb"\+|[^ ]+ (?:OK|NO|BAD|BYE|PREAUTH)(?: |\r?\n)", re.I)
 
 # IMAP numbers are 32-bit (RFC 9051 number64 exists for literal8 sizes, but nobody stores 4 GB).
@@ -62,9 +65,22 @@ class Segment:
 
 
 @dataclass(slots=True)
+class Block:
+    """Several whole responses/commands in a row, each one line, none announcing a literal (server side
+    only, ``Framer(blocks=True)``): lets the relay forward a run of short responses in one piece."""
+    data: bytes
+
+
+@dataclass(slots=True)
 class LiteralData:
     data: bytes
     last: bool
+
+
+def lines_of(block: bytes) -> list[bytes]:
+    """The lines of a Block, each with its line end (only LF separates lines, as the framer saw them)."""
+    parts = block.split(b"\n")
+    return [p + b"\n" for p in parts[:-1]]
 
 
 class FramingError(Exception):
@@ -97,10 +113,12 @@ class Framer:
     non-synchronizing one is fatal because its bytes are already on the way.
     """
 
-    __slots__ = ("max_line", "max_literal", "responses", "_buf", "_pos", "_literal_left", "_first",
+    __slots__ = ("max_line", "max_literal", "responses", "blocks", "_buf", "_pos", "_literal_left", "_first",
                  "_scan_from")
 
-    def __init__(self, max_line: int = 65536, max_literal: int | None = None, *, responses: bool = False):
+    def __init__(self, max_line: int = 65536, max_literal: int | None = None, *, responses: bool = False,
+                 blocks: bool = False):
+        self.blocks = blocks
         self.max_line = max_line
         self.max_literal = max_literal
         # Server side: status responses and continuation requests carry human-readable text, never a
@@ -149,7 +167,7 @@ class Framer:
         self._literal_left = 0
         self._first = True
 
-    def next_event(self) -> Segment | LiteralData | _NeedData:
+    def next_event(self) -> Segment | Block | LiteralData | _NeedData:
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
@@ -162,6 +180,16 @@ class Framer:
             self._literal_left -= n
             return LiteralData(chunk, self._literal_left == 0)
 
+        if self.blocks and self._first and avail > _MIN_BLOCK:
+            # A run of complete lines with no literal announcement anywhere: one event, found with two
+            # C-level scans instead of one Python step per line.
+            last = buf.rfind(b"\n", pos)
+            if last - pos >= _MIN_BLOCK:
+                block = buf[pos:last + 1]
+                if b"}\n" not in block and b"}\r\n" not in block and block.count(b"\n") > 1:
+                    self._pos = last + 1
+                    self._scan_from = last + 1
+                    return Block(block)
         nl = buf.find(b"\n", max(pos, self._scan_from))
         if nl < 0:
             self._scan_from = len(buf)

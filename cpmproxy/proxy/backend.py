@@ -19,7 +19,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cpmproxy.imap.framing import Framer, FramingError, LiteralData
+from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Segment, lines_of
 from cpmproxy.imap.tokens import TokenError, parse_response_head, quote
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def _capability_code(line: bytes) -> list[bytes] | None:
 
 class BackendProtocol(Protocol):
     def __init__(self, max_line: int):
-        self.framer = Framer(max_line=max_line, max_literal=None, responses=True)
+        self.framer = Framer(max_line=max_line, max_literal=None, responses=True, blocks=True)
         self.session = None  # set when relaying
         self.connected_d: defer.Deferred[BackendProtocol] = defer.Deferred()
         self.greeting: defer.Deferred[bytes] = defer.Deferred()
@@ -109,7 +109,7 @@ class BackendProtocol(Protocol):
             return
         self.framer.feed(data)
         try:
-            for ev in self.framer.events():
+            for ev in self._events():
                 if isinstance(ev, LiteralData):
                     self._parts.append(ev.data)
                     continue
@@ -120,6 +120,15 @@ class BackendProtocol(Protocol):
                     self._response(line)
         except (FramingError, TokenError) as e:
             self._fail(BackendError(f"protocol error from backend: {e}"))
+
+    def _events(self):
+        """Framer events, blocks split into their lines (the login engine handles one at a time)."""
+        for ev in self.framer.events():
+            if isinstance(ev, Block):
+                for line in lines_of(ev.data):
+                    yield Segment(line, True)
+            else:
+                yield ev
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True

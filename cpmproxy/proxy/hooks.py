@@ -176,6 +176,12 @@ class Plugin:
     def tagged(self, session, cmd: ClientCommand, resp: BackendResponse) -> Action | None:
         return None
 
+    def block_ok(self, session, block: bytes) -> bool:
+        """A run of one-line untagged responses (``block``) may bypass ``response``: return True when
+        nothing in it concerns this plugin (a cheap check, e.g. ``b"FOO" not in block``). The default,
+        False, sends every line through ``response``."""
+        return False
+
     def selected(self, session, mailbox: SelectedMailbox | None) -> None:
         return None
 

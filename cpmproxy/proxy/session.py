@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from cpmproxy.imap.framing import Framer, FramingError, LiteralData
+from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Segment, lines_of
 from cpmproxy.imap.mutf7 import decode as mutf7_decode
 from cpmproxy.imap.tokens import (
     Atom,
@@ -57,6 +57,7 @@ log = Logger(namespace="cpmproxy.session")
 # Capabilities the proxy cannot carry through (or that make no sense after login).
 _DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
 
+_NOT_UNTAGGED_RE = re.compile(rb"(?:\A|\n)[^*]")
 _TAG_RE = re.compile(rb'([^\x00-\x20\x7f-\xff+(){%*"\\\]]{1,64})[ \r\n]')
 _PREAUTH_COMMANDS = {b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE", b"ID"}
 _SELECTING = {b"SELECT", b"EXAMINE"}
@@ -1017,6 +1018,17 @@ class ClientSession(Protocol, TimeoutMixin):
             framer.feed(data)
         try:
             for ev in framer.events():
+                if isinstance(ev, Block):
+                    if self._held is None and self._block_passes(ev.data):
+                        self._out.append(ev.data)  # the fast path: nothing in it concerns anyone
+                        continue
+                    for line in lines_of(ev.data):
+                        seg = Segment(line, True)
+                        if self._held is not None and not self._passes_hold(seg):
+                            self._held.append(seg)
+                        else:
+                            self._backend_event(seg)
+                    continue
                 if self._held is not None and not self._passes_hold(ev):
                     self._held.append(ev)
                     continue
@@ -1036,6 +1048,20 @@ class ClientSession(Protocol, TimeoutMixin):
             self._pending_inject.clear()
         self._flush()
         self.backend.flush()
+
+    def _block_passes(self, block: bytes) -> bool:
+        """Can a block of one-line untagged responses go to the client as it is? Only if none is tagged
+        or a continuation, none changes what the core tracks, and every response hook agrees."""
+        if _NOT_UNTAGGED_RE.search(block) is not None:
+            return False
+        if b" EXISTS\r" in block or b" EXPUNGE\r" in block or b"* BYE" in block or b"* ESEARCH" in block:
+            return False
+        if self._selecting is not None or self._pending_inject:
+            return False
+        for plugin in self.service.hooks.response:
+            if not plugin.block_ok(self, block):
+                return False
+        return True
 
     @staticmethod
     def _passes_hold(ev) -> bool:
