@@ -1019,10 +1019,18 @@ class ClientSession(Protocol, TimeoutMixin):
         try:
             for ev in framer.events():
                 if isinstance(ev, Block):
-                    if self._held is None and self._block_passes(ev.data):
-                        self._out.append(ev.data)  # the fast path: nothing in it concerns anyone
-                        continue
-                    for line in lines_of(ev.data):
+                    data = ev.data
+                    if self._held is None:
+                        # The untagged run before the first tagged line (usually all but the last line)
+                        # goes out in one piece if nothing in it concerns anyone: the fast path.
+                        m = _NOT_UNTAGGED_RE.search(data)
+                        cut = len(data) if m is None else m.start() + (1 if m.start() else 0)
+                        if cut and self._block_passes(data[:cut]):
+                            self._out.append(data[:cut] if cut < len(data) else data)
+                            data = data[cut:]
+                            if not data:
+                                continue
+                    for line in lines_of(data):
                         seg = Segment(line, True)
                         if self._held is not None and not self._passes_hold(seg):
                             self._held.append(seg)
@@ -1052,8 +1060,6 @@ class ClientSession(Protocol, TimeoutMixin):
     def _block_passes(self, block: bytes) -> bool:
         """Can a block of one-line untagged responses go to the client as it is? Only if none is tagged
         or a continuation, none changes what the core tracks, and every response hook agrees."""
-        if _NOT_UNTAGGED_RE.search(block) is not None:
-            return False
         if b" EXISTS\r" in block or b" EXPUNGE\r" in block or b"* BYE" in block or b"* ESEARCH" in block:
             return False
         if self._selecting is not None or self._pending_inject:
