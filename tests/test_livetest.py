@@ -64,5 +64,5 @@ def test_imapclient_livetest_same_results_through_proxy(live_dovecot, tmp_path):
     finally:
         proxy.stop()
     assert len(direct) > 50 and sum(1 for _, s in direct if s == "ok") > 40
-    differences = [(d, p) for d, p in zip(direct, proxied) if d != p]
+    differences = [(d, p) for d, p in zip(direct, proxied, strict=False) if d != p]
     assert len(direct) == len(proxied) and not differences, differences
