@@ -243,8 +243,8 @@ class NotifyPlugin(Plugin):
             if st.metadata_events:
                 # Dovecot 2.3 refuses these events: the proxy produces them (CPM preference entries).
                 stripped = _METADATA_EVENTS.sub(b"", line)
-                stripped = re.sub(rb"\(\s*\)", b"(MessageNew MessageExpunge)", stripped)
                 stripped = re.sub(rb"\(\s+", b"(", stripped)
+                stripped = re.sub(rb"\(\)", b"NONE", stripped)  # only metadata asked: no backend events
                 return Rewrite(stripped)
         return None
 
