@@ -81,6 +81,23 @@ class UserWatch:
         self.backoff = 1.0
         self.closed = False
         self._keepalive = None
+        self._ready: list[defer.Deferred] = []
+        self.is_ready = False
+
+    def when_ready(self) -> defer.Deferred:
+        """Fires once the backend accepted NOTIFY (or the attempt failed): no change is missed after."""
+        d: defer.Deferred = defer.Deferred()
+        if self.is_ready:
+            d.callback(None)
+        else:
+            self._ready.append(d)
+        return d
+
+    def _set_ready(self) -> None:
+        self.is_ready = True
+        waiting, self._ready = self._ready, []
+        for d in waiting:
+            d.callback(None)
 
     def start(self, session) -> None:
         d = session.open_backend("watch")
@@ -95,7 +112,7 @@ class UserWatch:
         proto.on_unsolicited = self._event
         proto.lost.addBoth(self._lost)
         proto.command(b"NOTIFY SET STATUS (personal (MessageNew MessageExpunge FlagChange) MailboxName)") \
-            .addCallback(self._notify_set)
+            .addCallback(self._notify_set).addBoth(lambda _: self._set_ready())
         self._keepalive = reactor.callLater(600, self._ping)
 
     def _notify_set(self, reply) -> None:
@@ -110,10 +127,12 @@ class UserWatch:
 
     def _failed(self, failure) -> None:
         log.warn("watch connection for {user} failed: {e}", user=self.user, e=failure.getErrorMessage())
+        self._set_ready()  # logins must not wait for a watch that cannot be had
         self._retry()
 
     def _lost(self, _=None) -> None:
         self.proto = None
+        self.is_ready = False
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()
         self._retry()
@@ -203,12 +222,16 @@ class NotifyPlugin(Plugin):
         return caps
 
     def login(self, session):
-        reactor.callLater(0, self._ensure_watch, session)  # once the login is complete
-        return None
+        # The login completes once the user's watch is in place, so no change after it goes unnoticed
+        # (bounded: a slow backend only delays the first login of a user by login_watch_timeout).
+        d = self._ensure_watch(session)
+        if d is None:
+            return None
+        return d.addTimeout(5, reactor).addErrback(lambda f: None)
 
-    def _ensure_watch(self, session) -> None:
-        if not self.watch_backend or not session.user or session.phase != "auth":
-            return
+    def _ensure_watch(self, session):
+        if not self.watch_backend or not session.user or session.phase not in ("login", "auth"):
+            return None
         watch = self.watches.get(session.user)
         if watch is None:
             watch = self.watches[session.user] = UserWatch(self, session.user)
@@ -216,6 +239,7 @@ class NotifyPlugin(Plugin):
             watch.start(session)
         else:
             watch.sessions.add(session)
+        return watch.when_ready()
 
     def closed(self, session) -> None:
         watch = self.watches.get(session.user) if session.user else None

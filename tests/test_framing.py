@@ -9,6 +9,7 @@ Sections:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -790,3 +791,26 @@ def test_server_status_text_ending_like_a_literal_is_text():
                                             b"* OK [ALERT] hello {user}\r\n", b"+ send {3}\r\n"]
     assert all(e.literal is None for e in events[:3])
     assert events[3].literal == 5 and events[4].data == b"hello"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(min_size=0, max_size=60).map(lambda b: b"* " + b.replace(b"\n", b"").replace(b"\r", b"") + b"\r\n"),
+    st.integers(0, 300).map(lambda n: b"* 1 FETCH (BODY[] {%d}\r\n" % n + b"x" * n + b")\r\n"),
+    st.just(b"a1 OK done\r\n"),
+), max_size=60), st.integers(1, 5000))
+def test_blocks_mode_is_byte_exact_and_never_hides_a_literal(items, chunk):
+    from cpmproxy.imap.framing import Block, lines_of
+
+    stream = b"".join(items)
+    f = Framer(max_line=1 << 20, responses=True, blocks=True)
+    out = []
+    for i in range(0, len(stream), chunk):
+        f.feed(stream[i:i + chunk])
+        for ev in f.events():
+            if isinstance(ev, Block):
+                assert ev.data.endswith(b"\n")
+                for line in lines_of(ev.data):
+                    assert re.search(rb"\{[0-9]+\}\r?\n\Z", line) is None  # no literal inside a block
+            out.append(ev.data)
+    assert b"".join(out) == stream

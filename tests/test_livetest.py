@@ -15,6 +15,7 @@ from cpmproxy.testing.dovecot import Dovecot
 from cpmproxy.testing.proxyproc import ProxyProcess
 
 LIVETEST = Path(sys.executable).with_name("imapclient-livetest")
+_CLIENT_TIMEOUT_TESTS = {"test_small_connection_timeout_fail", "test_small_read_timeout_fail"}
 _TEST_LINE = re.compile(r"^(test\w+) \(")
 _STATUS = re.compile(r" \.\.\. (ok|FAIL|ERROR|skipped|expected failure)")
 
@@ -63,6 +64,10 @@ def test_imapclient_livetest_same_results_through_proxy(live_dovecot, tmp_path):
         proxied = run_livetest(tmp_path, proxy.port, "live2")
     finally:
         proxy.stop()
+    # TestSocketTimeout checks the client's own socket timeouts against the network, not the server:
+    # its outcome varies from run to run whoever answers, so it is not compared.
+    direct = [r for r in direct if r[0] not in _CLIENT_TIMEOUT_TESTS]
+    proxied = [r for r in proxied if r[0] not in _CLIENT_TIMEOUT_TESTS]
     assert len(direct) > 50 and sum(1 for _, s in direct if s == "ok") > 40
     differences = [(d, p) for d, p in zip(direct, proxied, strict=False) if d != p]
     assert len(direct) == len(proxied) and not differences, differences

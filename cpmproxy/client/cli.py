@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import ipaddress
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
@@ -145,12 +143,7 @@ def parse_server(value: str, tls: str) -> tuple[str, int]:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def read_password(path: str) -> str:
@@ -408,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as e:  # never a traceback for users; one line saying what broke
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"{PROG}: internal error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 70

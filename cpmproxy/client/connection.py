@@ -1,17 +1,19 @@
 """One IMAP connection of the reference client: TLS, ID, login, then pipelined commands.
 
-Two layers, on purpose:
+The client speaks IMAP on the socket itself (:mod:`cpmproxy.client.imapwire` reads the responses).
+Synchronisation needs what a one-command-at-a-time library
+does not give: several commands in flight at once (pipelining a folder's FETCH batches, one STATUS per
+folder, ID together with LOGIN: each saves a round trip), ``LIST ... RETURN (STATUS ...)``,
+``SELECT ... (QRESYNC ...)`` with its ``VANISHED (EARLIER)``, ``NOTIFY``, and untagged responses that
+arrive at any time and must be remembered rather than dropped. (imapclient, used for set-up in a first
+version, also cost ~75 ms of imports and a round trip per start: as much as a whole no-change re-sync
+of 200 folders takes mbsync.)
 
-* **Session set-up uses imapclient** (blocking): TCP, implicit TLS or STARTTLS with certificate and host
-  name verification, the ``ID`` command that tells the proxy which device this is (it must come *before*
-  LOGIN: the proxy scopes local deletions and notifications by device from the moment the session
-  starts), LOGIN and CAPABILITY. That is well-trodden code and there is nothing CPM-specific in it.
-* **After login the client speaks on the socket itself** through :class:`Connection`. Synchronisation
-  wants things imapclient does not do: several commands in flight at once (pipelining a folder's FETCH
-  batches, or one STATUS per folder, saves a round trip each), ``LIST ... RETURN (STATUS ...)``,
-  ``SELECT ... (QRESYNC ...)`` with its ``VANISHED (EARLIER)``, ``NOTIFY``, and untagged responses that
-  arrive at any time and must be remembered rather than dropped. Responses are parsed with the project's
-  own sans-I/O tokenizer (:mod:`cpmproxy.imap.tokens`), which is regex-driven and fast on large FETCHes.
+Session set-up, in order (:func:`connect`): TCP (``TCP_NODELAY``), implicit TLS or STARTTLS with
+certificate and host name verification, then ``ID ("name" "cpm-sync" ... "x-cpm-device-id" D)`` pipelined
+with the login (``AUTHENTICATE PLAIN`` with SASL-IR where offered, else ``LOGIN``). ID comes first on
+purpose: the proxy scopes local deletions and notifications by device from the moment the session starts
+(DESIGN.md section 4).
 
 Untagged responses are routed by content, not by position: each command in flight may register a
 *handler* that claims the responses it understands (a FETCH carrying a UID it asked for, the STATUS of a
@@ -22,19 +24,16 @@ not matter in which order the server finishes pipelined commands (DESIGN.md sect
 
 from __future__ import annotations
 
+import binascii
 import itertools
 import os
 import re
 import select
 import socket
-import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-
-import imapclient
-import imapclient.exceptions
+from typing import TYPE_CHECKING
 
 from cpmproxy import __version__ as _project_version
 from cpmproxy.client.errors import (
@@ -45,8 +44,10 @@ from cpmproxy.client.errors import (
     ServerRefused,
     TLSError,
 )
-from cpmproxy.imap import mutf7
-from cpmproxy.imap.tokens import Token, TokenError, parse_response_head, quote, tokenize
+from cpmproxy.client.imapwire import SyntaxError_, mutf7_decode, mutf7_encode, parse_head, quote, tokenize
+
+if TYPE_CHECKING:  # ssl is imported only when TLS is used: one process start matters (imapwire.py)
+    import ssl
 
 __all__ = [
     "TLS_MODES",
@@ -70,53 +71,56 @@ _READ_SIZE = 256 * 1024
 _LITERAL_END_RE = re.compile(rb"~?\{([0-9]{1,20})[+-]?\}\Z")
 
 
-@dataclass(frozen=True)
 class ServerSettings:
     """Where and how to connect, and who this device is."""
 
-    host: str
-    port: int
-    user: str
-    password: str = field(repr=False)
-    device_id: str = "default"
-    tls: str = "starttls"
-    ca_file: str | None = None
-    timeout: float = 60.0  # connect timeout and per-read timeout once connected
-    client_name: str = CLIENT_NAME
+    __slots__ = ("host", "port", "user", "password", "device_id", "tls", "ca_file", "timeout", "client_name")
 
-    def __post_init__(self) -> None:
-        if self.tls not in TLS_MODES:
-            raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {self.tls!r}")
+    def __init__(self, host: str, port: int, user: str, password: str, device_id: str = "default",
+                 tls: str = "starttls", ca_file: str | None = None, timeout: float = 60.0,
+                 client_name: str = CLIENT_NAME) -> None:
+        if tls not in TLS_MODES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+        self.host, self.port, self.user, self.password = host, port, user, password
+        self.device_id, self.tls, self.ca_file, self.timeout = device_id, tls, ca_file, timeout
+        self.client_name = client_name
 
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def __repr__(self) -> str:  # never the password
+        return f"ServerSettings({self.address}, user={self.user!r}, device_id={self.device_id!r}, tls={self.tls!r})"
+
 
 # -- responses ---------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class Untagged:
     """One untagged server response (``* ...``), literals already read.
 
     ``data`` is what follows the response name (and, for status responses, the ``[code]``), with literal
-    markers left in place; their payloads are in ``literals``. Tokens are produced on first use.
+    markers left in place; their payloads are in ``literals``. Tokens (:mod:`~cpmproxy.client.imapwire`)
+    are produced on first use.
     """
 
-    name: bytes  # upper-cased: FETCH, EXISTS, STATUS, LIST, VANISHED, OK, BYE, ...
-    number: int | None  # "* 5 FETCH" -> 5
-    code: bytes | None  # "* OK [UIDVALIDITY 7] ..." -> b"UIDVALIDITY 7"
-    data: bytes
-    literals: list[bytes]
-    _tokens: list[Token] | None = None
+    __slots__ = ("name", "number", "code", "data", "literals", "_tokens")
+
+    def __init__(self, name: bytes, number: int | None, code: bytes | None, data: bytes,
+                 literals: list[bytes]) -> None:
+        self.name = name  # upper-cased: FETCH, EXISTS, STATUS, LIST, VANISHED, OK, BYE, ...
+        self.number = number  # "* 5 FETCH" -> 5
+        self.code = code  # "* OK [UIDVALIDITY 7] ..." -> b"UIDVALIDITY 7"
+        self.data = data
+        self.literals = literals
+        self._tokens: list | None = None
 
     @property
-    def tokens(self) -> list[Token]:
+    def tokens(self) -> list:
         if self._tokens is None:
             try:
                 self._tokens = tokenize(self.data, self.literals)
-            except TokenError as e:
+            except SyntaxError_ as e:
                 raise ProtocolError(f"cannot parse the server's {self.name.decode()} response: {e}") from None
         return self._tokens
 
@@ -124,22 +128,17 @@ class Untagged:
     def text(self) -> str:
         return self.data.decode("utf-8", "replace")
 
-    def code_value(self, name: bytes) -> bytes | None:
-        """The argument of response code ``name`` (``b"UIDNEXT 12"`` -> ``b"12"``), if that is the code."""
-        if self.code is None:
-            return None
-        word, _, rest = self.code.partition(b" ")
-        return rest if word.upper() == name else None
+    def __repr__(self) -> str:
+        return f"<Untagged {self.name.decode()} {self.number} {self.data[:60]!r}>"
 
 
-@dataclass(slots=True)
 class Completion:
     """The tagged end of a command."""
 
-    tag: bytes
-    status: bytes  # OK, NO or BAD
-    code: bytes | None
-    text: str
+    __slots__ = ("tag", "status", "code", "text")
+
+    def __init__(self, tag: bytes, status: bytes, code: bytes | None, text: str) -> None:
+        self.tag, self.status, self.code, self.text = tag, status, code, text  # status: OK, NO or BAD
 
     @property
     def ok(self) -> bool:
@@ -149,16 +148,15 @@ class Completion:
 Handler = Callable[[Untagged], bool]
 
 
-@dataclass(slots=True, eq=False)
 class PendingCommand:
     """A command sent and not yet completed. ``collected`` holds the untagged responses it claimed."""
 
-    tag: bytes
-    line: bytes
-    handler: Handler | None
-    collect: frozenset[bytes]
-    collected: list[Untagged] = field(default_factory=list)
-    done: Completion | None = None
+    __slots__ = ("tag", "line", "handler", "collect", "collected", "done")
+
+    def __init__(self, tag: bytes, line: bytes, handler: Handler | None, collect: frozenset[bytes]) -> None:
+        self.tag, self.line, self.handler, self.collect = tag, line, handler, collect
+        self.collected: list[Untagged] = []
+        self.done: Completion | None = None
 
     def offer(self, resp: Untagged) -> bool:
         if resp.name in self.collect:
@@ -184,7 +182,7 @@ def decode_mailbox(wire: bytes) -> str:
     it still round-trips to the same wire name.
     """
     try:
-        return mutf7.decode(wire)
+        return mutf7_decode(wire)
     except ValueError:
         return wire.decode("latin-1")
 
@@ -196,7 +194,7 @@ def mailbox_arg(wire: bytes) -> bytes:
 
 
 def encode_mailbox(name: str) -> bytes:
-    return mutf7.encode(name)
+    return mutf7_encode(name)
 
 
 # -- the byte stream ---------------------------------------------------------------------------------
@@ -215,10 +213,9 @@ class _Reader:
             chunk = self.sock.recv(_READ_SIZE)
         except TimeoutError:
             raise ConnectionLost("timed out waiting for the server") from None
-        except ssl.SSLError as e:
-            raise ConnectionLost(f"TLS error: {e.reason or e}") from None
-        except OSError as e:
-            raise ConnectionLost(f"connection to the server broke: {e.strerror or e}") from None
+        except OSError as e:  # ssl.SSLError included
+            raise ConnectionLost(f"connection to the server broke: {e.strerror or getattr(e, 'reason', None) or e}") \
+                from None
         if not chunk:
             raise ConnectionLost("the server closed the connection")
         if self.pos:
@@ -252,7 +249,8 @@ class _Reader:
         """Response bytes already received but not consumed (select() on the socket cannot see them)."""
         if self.pos < len(self.buf):
             return True
-        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+        pending = getattr(self.sock, "pending", None)  # TLS: decrypted bytes waiting in the SSL object
+        return pending is not None and pending() > 0
 
 
 # -- the connection ----------------------------------------------------------------------------------
@@ -261,14 +259,11 @@ class _Reader:
 class Connection:
     """An authenticated IMAP session. Build it with :func:`connect`."""
 
-    def __init__(self, client: imapclient.IMAPClient, settings: ServerSettings, capabilities: Iterable[bytes]):
+    def __init__(self, sock: socket.socket, settings: ServerSettings) -> None:
         self.settings = settings
-        self._client = client  # kept for shutdown(); not used for commands after login
-        self.sock: socket.socket = client.socket()
-        # imaplib reads through a buffered file object; anything it buffered past the LOGIN completion
-        # (nothing, normally: the server is quiet until we speak) must not be lost.
-        self._reader = _Reader(self.sock, _drain_imaplib_buffer(client))
-        self.capabilities = frozenset(c.upper() for c in capabilities)
+        self.sock = sock
+        self._reader = _Reader(sock)
+        self.capabilities: frozenset[bytes] = frozenset()
         self.enabled: set[bytes] = set()
         self.selected: bytes | None = None  # wire name of the selected mailbox
         self.unsolicited: list[Untagged] = []
@@ -278,9 +273,12 @@ class Connection:
         self._closed = False
         self._logging_out = False
         self.idling: PendingCommand | None = None
-        # Protocol trace for client developers (responses without literal payloads; commands after login
-        # only, so never the password): CPM_SYNC_TRACE=1 or Connection.trace = callable.
+        # Protocol trace for client developers (responses without literal payloads; credentials masked):
+        # CPM_SYNC_TRACE=1 in the environment, or set Connection.trace to a callable.
         self.trace: Callable[[str], None] | None = _stderr_trace if os.environ.get("CPM_SYNC_TRACE") else None
+
+    def set_capabilities(self, caps: Iterable[bytes]) -> None:
+        self.capabilities = frozenset(c.upper() for c in caps)
 
     # -- capabilities ------------------------------------------------------------------------------
 
@@ -314,6 +312,7 @@ class Connection:
         line: bytes,
         handler: Handler | None = None,
         collect: Sequence[bytes] = (),
+        secret: bool = False,
     ) -> PendingCommand:
         """Queue a command (without tag and CRLF); it goes out with the next read or :meth:`flush`.
 
@@ -326,17 +325,27 @@ class Connection:
         tag = next(self._tags)
         cmd = PendingCommand(tag, line, handler, frozenset(collect))
         self._pending[tag] = cmd
+        if secret and self.trace is not None:
+            self.flush()  # what was queued before goes first, traced as usual
+            shown = b" ".join(line.split(b" ")[:2]).decode("ascii", "replace")
+            self.trace(f"C: {tag.decode()} {shown} ****")
+            self._out.append(tag + b" " + line + b"\r\n")
+            self._flush_untraced()
+            return cmd
         self._out.append(tag + b" " + line + b"\r\n")
         return cmd
 
     def flush(self) -> None:
+        if self._out and self.trace is not None:
+            for line in b"".join(self._out).splitlines():
+                self.trace(f"C: {line.decode('utf-8', 'replace')}")
+        self._flush_untraced()
+
+    def _flush_untraced(self) -> None:
         if not self._out:
             return
         data = b"".join(self._out)
         self._out.clear()
-        if self.trace is not None:
-            for line in data.splitlines():
-                self.trace(f"C: {line.decode('utf-8', 'replace')}")
         try:
             self.sock.sendall(data)
         except TimeoutError:
@@ -373,14 +382,14 @@ class Connection:
         if self.trace is not None:
             self.trace(f"S: {line.decode('utf-8', 'replace')[:300]}" + (f" [+{len(literals)} literal(s)]" if literals else ""))
         try:
-            head = parse_response_head(line)
-        except TokenError:
+            head = parse_head(line)
+        except SyntaxError_:
             raise ProtocolError(f"unexpected data from the server: {line[:80]!r}") from None
         if head.kind == "continuation":
             if self.idling is not None:
                 return "continuation"  # "+ idling": IDLE is now in effect
             raise ProtocolError("unexpected continuation request from the server")
-        data = line[head.text_offset :]
+        data = line[head.rest :]
         if head.kind == "tagged":
             assert head.tag is not None and head.name is not None
             cmd = self._pending.pop(head.tag, None)
@@ -461,34 +470,37 @@ class Connection:
     def close(self) -> None:
         self._closed = True
         try:
-            self._client.shutdown()
-        except Exception:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            self.sock.close()
+        except OSError:
+            pass
+
+    # -- session set-up (see connect()) --------------------------------------------------------------
+
+    def read_greeting(self) -> Untagged:
+        line = self._reader.readline()
+        if self.trace is not None:
+            self.trace(f"S: {line.decode('utf-8', 'replace')[:300]}")
+        try:
+            head = parse_head(line)
+        except SyntaxError_:
+            raise ProtocolError(f"not an IMAP server (greeting {line[:60]!r})") from None
+        if head.kind != "untagged" or head.name not in (b"OK", b"PREAUTH", b"BYE"):
+            raise ProtocolError(f"not an IMAP server (greeting {line[:60]!r})")
+        assert head.name is not None
+        return Untagged(head.name, None, head.code, line[head.rest :], [])
+
+    def start_tls(self, ctx: ssl.SSLContext) -> None:
+        """Wrap the socket after ``STARTTLS`` completed. Anything already received in plaintext after the
+        OK would be an injection attempt (CVE-2011-0411 style), so it is refused."""
+        if self._reader.buffered():
+            raise ProtocolError("the server sent data after accepting STARTTLS")
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=self.settings.host)
+        self._reader = _Reader(self.sock)
+
 
 
 def _stderr_trace(text: str) -> None:
     sys.stderr.write(f"{time.monotonic():.3f} {text}\n")
-
-
-def _drain_imaplib_buffer(client: imapclient.IMAPClient) -> bytes:
-    """Bytes imaplib's buffered reader holds beyond what it consumed (normally none)."""
-    file = getattr(client._imap, "file", None)  # noqa: SLF001 - imaplib's documented reader object
-    if file is None:
-        return b""
-    sock = client.socket()
-    timeout = sock.gettimeout()
-    try:
-        sock.setblocking(False)
-        try:
-            data = file.peek(1)
-        except (BlockingIOError, ssl.SSLWantReadError, OSError):
-            return b""
-        return file.read(len(data)) if data else b""
-    finally:
-        sock.settimeout(timeout)
 
 
 # -- connecting --------------------------------------------------------------------------------------
@@ -497,92 +509,119 @@ def _drain_imaplib_buffer(client: imapclient.IMAPClient) -> bytes:
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
     """Verify the server certificate and its host name: against ``ca_file`` if given (a private CA),
     else against the system's trust store."""
+    import ssl
+
     try:
         return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as e:
         raise TLSError(f"cannot load CA file {ca_file}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _server_text(e: BaseException) -> str:
-    """imapclient wraps the server's text as ``str(bytes)``; unwrap ``b'...'`` for humans."""
-    text = str(e)
-    m = re.search(r"b'(.*)'|b\"(.*)\"", text)
-    if m:
-        text = text[: m.start()] + (m.group(1) or m.group(2) or "") + text[m.end() :]
-    return text.strip()
+def _caps_from_code(code: bytes | None) -> list[bytes] | None:
+    if code is not None and code[:11].upper() == b"CAPABILITY ":
+        return code.split()[1:]
+    return None
+
+
+def _capability(conn: Connection) -> list[bytes]:
+    cmd = conn.run(b"CAPABILITY", collect=(b"CAPABILITY",))
+    return [c for resp in cmd.collected for c in resp.data.split()]
+
+
+def _id_command(settings: ServerSettings) -> bytes:
+    fields = [("name", settings.client_name), ("version", CLIENT_VERSION), ("x-cpm-device-id", settings.device_id)]
+    # ID parameters are strings (never atoms); a value that cannot be quoted becomes a {n+} literal.
+    return b"ID (" + b" ".join(quote(k, atom_ok=False) + b" " + quote(v, atom_ok=False) for k, v in fields) + b")"
+
+
+def _login(conn: Connection, caps: frozenset[bytes]) -> PendingCommand:
+    """The login command, queued (pipelined behind ID). SASL PLAIN with an initial response needs no
+    quoting and no round trip; LOGIN is the fallback."""
+    s = conn.settings
+    if b"AUTH=PLAIN" in caps and b"SASL-IR" in caps:
+        token = binascii.b2a_base64(b"\0" + s.user.encode("utf-8") + b"\0" + s.password.encode("utf-8"), newline=False)
+        return conn.send(b"AUTHENTICATE PLAIN " + token, secret=True)
+    if b"LOGINDISABLED" in caps:
+        raise AuthenticationError(
+            f"{s.address} does not allow a plaintext login here (LOGINDISABLED); use --tls starttls or implicit"
+        )
+    args = []
+    for value in (s.user, s.password):
+        q = quote(value)
+        if q.startswith(b"{") and b"LITERAL+" not in caps:
+            raise AuthenticationError("user name or password needs an IMAP literal, which this server cannot take "
+                                      "without a round trip per literal; use AUTH=PLAIN (SASL-IR)")
+        args.append(q)
+    return conn.send(b"LOGIN " + b" ".join(args), secret=True)
 
 
 def connect(settings: ServerSettings) -> Connection:
     """Connect, secure, identify the device, log in. Raises a :class:`ClientError` subclass."""
     ctx = None if settings.tls == "none" else _ssl_context(settings.ca_file)
-    client: imapclient.IMAPClient | None = None
+    address = settings.address
     try:
-        client = imapclient.IMAPClient(
-            settings.host,
-            settings.port,
-            ssl=settings.tls == "implicit",
-            ssl_context=ctx,
-            timeout=settings.timeout,
-        )
-        if settings.tls == "starttls":
-            if not client.has_capability("STARTTLS"):
-                raise TLSError(
-                    f"{settings.address} does not offer STARTTLS (use --tls implicit for a TLS port, or "
-                    "--tls none only on a trusted loopback connection)"
-                )
-            client.starttls(ctx)
-        # ID before LOGIN: the proxy learns the device identity (x-cpm-device-id) for this session.
-        if client.has_capability("ID"):
-            client.id_(
-                {
-                    "name": settings.client_name,
-                    "version": CLIENT_VERSION,
-                    "x-cpm-device-id": settings.device_id,
-                }
-            )
-        try:
-            client.login(settings.user, settings.password)
-        except imapclient.exceptions.LoginError as e:
-            raise AuthenticationError(f"login as {settings.user} failed: {_server_text(e)}") from None
-        caps = client.capabilities()
-        conn = Connection(client, settings, caps)
-        conn.sock.settimeout(settings.timeout)
-        return conn
-    except (AuthenticationError, TLSError):
-        _shutdown(client)
-        raise
-    except ssl.SSLCertVerificationError as e:
-        _shutdown(client)
-        raise TLSError(
-            f"TLS certificate of {settings.address} not trusted: {e.verify_message or e.reason}"
-            + ("" if settings.ca_file else " (use --ca-file for a private CA)")
-        ) from None
-    except ssl.SSLError as e:
-        _shutdown(client)
-        raise TLSError(f"TLS with {settings.address} failed: {e.reason or e}") from None
+        sock = socket.create_connection((settings.host, settings.port), timeout=settings.timeout)
     except socket.gaierror as e:
-        _shutdown(client)
         raise ConnectError(f"cannot resolve {settings.host}: {e.strerror or e}") from None
     except TimeoutError:
-        _shutdown(client)
-        raise ConnectError(f"timed out connecting to {settings.address}") from None
+        raise ConnectError(f"timed out connecting to {address}") from None
     except ConnectionRefusedError:
-        _shutdown(client)
-        raise ConnectError(f"cannot connect to {settings.address}: connection refused") from None
+        raise ConnectError(f"cannot connect to {address}: connection refused") from None
     except OSError as e:
-        _shutdown(client)
-        raise ConnectError(f"cannot connect to {settings.address}: {e.strerror or e}") from None
-    except imapclient.exceptions.IMAPClientError as e:
-        _shutdown(client)
-        text = _server_text(e)
-        if "EOF" in text or "socket" in text.lower():
-            raise ConnectError(f"{settings.address} closed the connection during login: {text}") from None
-        raise ServerRefused(f"{settings.address} refused the session set-up: {text}") from None
-
-
-def _shutdown(client: imapclient.IMAPClient | None) -> None:
-    if client is not None:
-        try:
-            client.shutdown()
-        except Exception:
-            pass
+        raise ConnectError(f"cannot connect to {address}: {e.strerror or e}") from None
+    conn: Connection | None = None
+    try:
+        # Small commands, interactive replies: Nagle would add up to 40 ms per round trip.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if settings.tls == "implicit":
+            assert ctx is not None
+            sock = ctx.wrap_socket(sock, server_hostname=settings.host)
+        conn = Connection(sock, settings)
+        greeting = conn.read_greeting()
+        if greeting.name == b"BYE":
+            raise ConnectError(f"{address} refused the connection: {greeting.text}")
+        caps = _caps_from_code(greeting.code) or _capability(conn)
+        if settings.tls == "starttls":
+            if b"STARTTLS" not in {c.upper() for c in caps}:
+                raise TLSError(
+                    f"{address} does not offer STARTTLS (use --tls implicit for a TLS port, or "
+                    "--tls none only on a trusted loopback connection)"
+                )
+            assert ctx is not None
+            conn.run(b"STARTTLS")
+            conn.start_tls(ctx)
+            caps = _capability(conn)  # capabilities from before TLS are not to be trusted (RFC 9051 6.2.1)
+        conn.set_capabilities(caps)
+        if greeting.name != b"PREAUTH":
+            # ID first: the device identity must be known before the session is authenticated.
+            id_cmd = conn.send(_id_command(settings), collect=(b"ID",)) if conn.has("ID") else None
+            login = _login(conn, conn.capabilities)
+            if id_cmd is not None:
+                conn.wait(id_cmd, check=False)  # a server that rejects ID still gets to decide on the login
+            conn.wait(login, check=False)
+            assert login.done is not None
+            if not login.done.ok:
+                text = login.done.text
+                code = f"[{login.done.code.decode('utf-8', 'replace')}] " if login.done.code else ""
+                raise AuthenticationError(f"login as {settings.user} failed: {code}{text}".strip())
+            post = _caps_from_code(login.done.code)
+            conn.set_capabilities(post if post is not None else _capability(conn))
+        return conn
+    except BaseException as e:
+        if conn is not None:
+            conn.close()
+        else:
+            sock.close()
+        ssl = sys.modules.get("ssl")
+        if ssl is not None and isinstance(e, ssl.SSLCertVerificationError):
+            raise TLSError(
+                f"TLS certificate of {address} not trusted: {e.verify_message or e.reason}"
+                + ("" if settings.ca_file else " (use --ca-file for a private CA)")
+            ) from None
+        if ssl is not None and isinstance(e, ssl.SSLError):
+            raise TLSError(f"TLS with {address} failed: {e.reason or e}") from None
+        if isinstance(e, ConnectionLost) and not isinstance(e, ProtocolError):
+            raise ConnectError(f"login to {address} failed: {e}") from None
+        if isinstance(e, (TimeoutError, OSError)):
+            raise ConnectError(f"connection to {address} failed: {getattr(e, 'strerror', None) or e}") from None
+        raise

@@ -6,22 +6,33 @@ erased when the folder is done so that what remains on screen is the per-folder 
 
 from __future__ import annotations
 
-import shutil
+import os
 import sys
 import time
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 __all__ = ["NullProgress", "Progress", "ProgressFactory", "TerminalProgress", "progress_factory"]
 
 
-class Progress(Protocol):
-    def update(self, messages: int, nbytes: int) -> None: ...
+if TYPE_CHECKING:  # (typing.Protocol only for type checkers: the runtime import costs start-up time)
+    from typing import Protocol
 
-    def close(self) -> None: ...
+    class Progress(Protocol):
+        def update(self, messages: int, nbytes: int) -> None: ...
+
+        def close(self) -> None: ...
+
+    class ProgressFactory(Protocol):
+        def __call__(self, label: str, total_messages: int, total_bytes: int) -> Progress: ...
+else:
+    Progress = ProgressFactory = object
 
 
-class ProgressFactory(Protocol):
-    def __call__(self, label: str, total_messages: int, total_bytes: int) -> Progress: ...
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(2).columns
+    except OSError:
+        return 80
 
 
 class NullProgress:
@@ -65,7 +76,7 @@ class TerminalProgress:
 
     def _draw(self) -> None:
         self._last = time.monotonic()
-        width = shutil.get_terminal_size((80, 20)).columns
+        width = _columns()
         elapsed = max(self._last - self.started, 1e-6)
         frac = min(self.nbytes / self.total_bytes, 1.0)
         tail = (
@@ -80,7 +91,7 @@ class TerminalProgress:
         self.stream.flush()
 
     def close(self) -> None:
-        width = shutil.get_terminal_size((80, 20)).columns
+        width = _columns()
         self.stream.write("\r" + " " * (width - 1) + "\r")
         self.stream.flush()
 

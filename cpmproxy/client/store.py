@@ -34,19 +34,13 @@ Crash safety, the rules every writer here follows:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import fcntl
-import hashlib
 import os
 import re
-import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
+from collections import namedtuple
+from collections.abc import Callable, Iterable, Mapping
 
 from cpmproxy.client.errors import StoreError
 from cpmproxy.client.kinds import classify
@@ -107,38 +101,35 @@ _RESERVED_COMPONENTS = frozenset(("cur", "new", "tmp"))
 _MAX_COMPONENT_BYTES = 200
 
 
-class MessageRecord(NamedTuple):
-    uid: int
-    filename: str
-    flags: tuple[str, ...]
-    kind: str
-    size: int
-    internaldate: float | None = None
+MessageRecord = namedtuple("MessageRecord", "uid filename flags kind size internaldate", defaults=(None,))
+MessageRecord.__doc__ = """A message as the index knows it: UID, file name in ``cur/``, flags (tuple of str), CPM kind, size,
+INTERNALDATE (unix time)."""
 
 
-@dataclass
 class Folder:
     """A folder as the index knows it."""
 
-    id: int
-    name: str
-    wire: bytes
-    delimiter: str | None
-    path: str
-    uidvalidity: int | None = None
-    uidnext: int = 1
-    highestmodseq: int | None = None
-    server_messages: int | None = None
-    last_sync: float | None = None
-    full_check: bool = False
+    __slots__ = ("id", "name", "wire", "delimiter", "path", "uidvalidity", "uidnext", "highestmodseq",
+                 "server_messages", "last_sync", "full_check")
+
+    def __init__(self, id: int, name: str, wire: bytes, delimiter: str | None, path: str,  # noqa: A002
+                 uidvalidity: int | None = None, uidnext: int = 1, highestmodseq: int | None = None,
+                 server_messages: int | None = None, last_sync: float | None = None,
+                 full_check: bool = False) -> None:
+        self.id, self.name, self.wire, self.delimiter, self.path = id, name, wire, delimiter, path
+        self.uidvalidity, self.uidnext, self.highestmodseq = uidvalidity, uidnext, highestmodseq
+        self.server_messages, self.last_sync, self.full_check = server_messages, last_sync, full_check
+
+    def __repr__(self) -> str:
+        return (f"Folder({self.name!r}, uidvalidity={self.uidvalidity}, uidnext={self.uidnext}, "
+                f"highestmodseq={self.highestmodseq}, full_check={self.full_check})")
 
 
-@dataclass
 class ReconcileResult:
-    tmp_removed: int = 0
-    stray_removed: int = 0
-    renamed: int = 0
-    missing: int = 0
+    __slots__ = ("tmp_removed", "stray_removed", "renamed", "missing")
+
+    def __init__(self) -> None:
+        self.tmp_removed = self.stray_removed = self.renamed = self.missing = 0
 
     def __bool__(self) -> bool:
         return bool(self.tmp_removed or self.stray_removed or self.renamed or self.missing)
@@ -172,6 +163,8 @@ def _escape_component(component: str, delimiter: str | None) -> str:
         out = f"%{ord(out[0]):02X}{out[1:]}"
     raw = out.encode("utf-8", "surrogateescape")
     if len(raw) > _MAX_COMPONENT_BYTES:
+        import hashlib
+
         digest = hashlib.sha256(raw).hexdigest()[:16]
         out = raw[: _MAX_COMPONENT_BYTES - 20].decode("utf-8", "ignore") + "%~" + digest
     return out
@@ -187,15 +180,16 @@ class LocalStore:
     """Maildir tree + SQLite index. Not thread-safe; one process writes at a time (:meth:`locked`)."""
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        self.root = Path(root)
-        self.maildir = self.root / "maildir"
+        self.root = os.fspath(root)
+        self.maildir = os.path.join(self.root, "maildir")
         self.fsync = fsync
         try:
-            self.maildir.mkdir(parents=True, exist_ok=True)
-            self.root.chmod(0o700)
+            os.makedirs(self.maildir, mode=0o700, exist_ok=True)
+            os.chmod(self.root, 0o700)
             # check_same_thread=False: a store may be handed to a worker thread (one user at a time).
             self.db = sqlite3.connect(
-                self.root / "index.sqlite", isolation_level=None, timeout=30.0, check_same_thread=False
+                os.path.join(self.root, "index.sqlite"), isolation_level=None, timeout=30.0,
+                check_same_thread=False,
             )
             self.db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is durable when it returns (the files it refers to were fsynced before).
@@ -224,18 +218,10 @@ class LocalStore:
 
     # -- transactions, metadata, identity -------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StoreError(f"index update failed: {e}") from None
+    def _txn(self, durable: bool = True) -> _Transaction:
+        """``with self._txn() as db:`` -- one transaction; ``durable=False`` skips the commit's fsync
+        (WAL keeps it consistent; it may be lost to a power cut, which is fine for bookkeeping)."""
+        return _Transaction(self.db, durable or not self.fsync)
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -262,30 +248,10 @@ class LocalStore:
             for key, value in (("user", user), ("device_id", device_id), ("server", server)):
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
-    @contextlib.contextmanager
-    def locked(self, timeout: float = 60.0) -> Iterator[None]:
-        """Exclusive use of the store (another cpm-sync on the same store waits up to ``timeout``)."""
-        if self._lock_fd is not None:
-            yield  # re-entrant
-            return
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise StoreError(f"store {self.root} is in use by another cpm-sync process") from None
-                time.sleep(0.1)
-        self._lock_fd = fd
-        try:
-            yield
-        finally:
-            self._lock_fd = None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    def locked(self, timeout: float = 60.0) -> _StoreLock:
+        """``with store.locked():`` -- exclusive use of the store (another cpm-sync on the same store waits
+        up to ``timeout`` seconds, then fails). Re-entrant."""
+        return _StoreLock(self, timeout)
 
     # -- folders ------------------------------------------------------------------------------------
 
@@ -314,6 +280,8 @@ class LocalStore:
         path = folder_relpath(name, delimiter)
         taken = self.db.execute("SELECT name FROM folders WHERE path = ?", (path,)).fetchone()
         if taken is not None:  # only possible through the hash shortening of huge names
+            import hashlib
+
             path = f"{path}%~{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
         with self._txn() as db:
             cur = db.execute(
@@ -329,12 +297,12 @@ class LocalStore:
         base = self.folder_dir(folder)
         try:
             for sub in ("cur", "new", "tmp"):
-                (base / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create {base}: {e.strerror or e}") from None
 
-    def folder_dir(self, folder: Folder) -> Path:
-        return self.maildir / folder.path
+    def folder_dir(self, folder: Folder) -> str:
+        return os.path.join(self.maildir, folder.path)
 
     def update_folder(self, folder: Folder, **changes: object) -> None:
         """Persist folder state (``uidvalidity``, ``uidnext``, ``highestmodseq``, ``server_messages``,
@@ -357,7 +325,7 @@ class LocalStore:
         folders = list(folders)
         if not folders:
             return
-        with self._txn() as db:
+        with self._txn(durable=False) as db:
             db.executemany("UPDATE folders SET last_sync = ? WHERE id = ?", [(when, f.id) for f in folders])
         for f in folders:
             f.last_sync = when
@@ -383,25 +351,27 @@ class LocalStore:
         with self._txn() as db:
             db.execute("DELETE FROM messages WHERE folder_id = ?", (folder.id,))
             db.execute("DELETE FROM folders WHERE id = ?", (folder.id,))
+        import shutil
+
         base = self.folder_dir(folder)
         for sub in ("cur", "new", "tmp"):
-            shutil.rmtree(base / sub, ignore_errors=True)
+            shutil.rmtree(os.path.join(base, sub), ignore_errors=True)
         # Remove now-empty directories up to maildir/, but never a directory that still holds a child
         # folder (rmdir fails on non-empty directories, which is exactly the test we want).
         path = base
-        while path != self.maildir and self.maildir in path.parents:
+        while path.startswith(self.maildir + os.sep):
             try:
-                path.rmdir()
+                os.rmdir(path)
             except OSError:
                 break
-            path = path.parent
+            path = os.path.dirname(path)
 
     def _remove_our_files(self, folder: Folder) -> None:
         base = self.folder_dir(folder)
         for sub in ("cur", "new", "tmp"):
-            for name in _listdir(base / sub):
+            for name in _listdir(os.path.join(base, sub)):
                 if _OUR_FILE_RE.fullmatch(name):
-                    _unlink(base / sub / name)
+                    _unlink(os.path.join(base, sub, name))
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -435,8 +405,8 @@ class LocalStore:
         rows = self.db.execute("SELECT uid FROM messages WHERE folder_id = ?", (folder.id,))
         return {r[0] for r in rows}
 
-    def message_path(self, folder: Folder, record: MessageRecord) -> Path:
-        return self.folder_dir(folder) / "cur" / record.filename
+    def message_path(self, folder: Folder, record: MessageRecord) -> str:
+        return os.path.join(self.maildir, folder.path, "cur", record.filename)
 
     def write_message(
         self,
@@ -487,7 +457,7 @@ class LocalStore:
         except OSError as e:
             raise StoreError(f"cannot store messages in {cur_dir}: {e.strerror or e}") from None
         if self.fsync:
-            _fsync_dir(Path(cur_dir))
+            _fsync_dir(cur_dir)
         rows = [(folder.id, r.uid, r.filename, " ".join(r.flags), r.kind, r.size, r.internaldate) for r in records]
         with self._txn() as db:
             db.executemany(
@@ -501,7 +471,7 @@ class LocalStore:
         """Apply flag changes from the server: rename files whose Maildir info changes, then update the
         index in one transaction. Returns how many messages actually changed."""
         known = self.messages(folder)
-        cur = self.folder_dir(folder) / "cur"
+        cur = os.path.join(self.folder_dir(folder), "cur")
         updates: list[tuple[str, str, int, int]] = []
         lost: list[int] = []
         for uid, new_flags in changes.items():
@@ -516,13 +486,13 @@ class LocalStore:
                 new_name = message_basename(uid, folder.uidvalidity) + maildir_info(new_flags)
                 if new_name != name:
                     try:
-                        os.rename(cur / name, cur / new_name)
+                        os.rename(os.path.join(cur, name), os.path.join(cur, new_name))
                         name = new_name
                     except FileNotFoundError:
                         lost.append(uid)
                         continue
                     except OSError as e:
-                        raise StoreError(f"cannot rename {cur / name}: {e.strerror or e}") from None
+                        raise StoreError(f"cannot rename {os.path.join(cur, name)}: {e.strerror or e}") from None
             updates.append((name, " ".join(new_flags), folder.id, uid))
         if updates or lost:
             if self.fsync and updates:
@@ -547,9 +517,9 @@ class LocalStore:
             return 0
         with self._txn() as db:
             db.executemany("DELETE FROM messages WHERE folder_id = ? AND uid = ?", [(folder.id, r.uid) for r in victims])
-        cur = self.folder_dir(folder) / "cur"
+        cur = os.path.join(self.folder_dir(folder), "cur")
         for r in victims:
-            _unlink(cur / r.filename)
+            _unlink(os.path.join(cur, r.filename))
         return len(victims)
 
     def reconcile(self, folder: Folder) -> ReconcileResult:
@@ -557,20 +527,20 @@ class LocalStore:
         result = ReconcileResult()
         base = self.folder_dir(folder)
         self._make_dirs(folder)
-        for name in _listdir(base / "tmp"):
+        for name in _listdir(os.path.join(base, "tmp")):
             if _OUR_FILE_RE.fullmatch(name):
-                _unlink(base / "tmp" / name)
+                _unlink(os.path.join(base, "tmp", name))
                 result.tmp_removed += 1
         indexed = {uid: rec.filename for uid, rec in self.messages(folder).items()}
         found: dict[int, list[tuple[str, str]]] = {}
         for sub in ("cur", "new"):
-            for name in _listdir(base / sub):
+            for name in _listdir(os.path.join(base, sub)):
                 m = _OUR_FILE_RE.fullmatch(name)
                 if m is None:
                     continue  # not ours: left alone
                 uid, validity = int(m.group(1)), int(m.group(2))
                 if validity != folder.uidvalidity or uid not in indexed:
-                    _unlink(base / sub / name)
+                    _unlink(os.path.join(base, sub, name))
                     result.stray_removed += 1
                     continue
                 found.setdefault(uid, []).append((sub, name))
@@ -579,12 +549,12 @@ class LocalStore:
             keep = want if want in files else files[0]
             for f in files:
                 if f != keep:
-                    _unlink(base / f[0] / f[1])
+                    _unlink(os.path.join(base, f[0], f[1]))
                     result.stray_removed += 1
             if keep != want:
                 # Interrupted between renaming for a flag change and committing it: restore the name the
                 # index expects (the flag change itself is re-reported by the next sync).
-                os.replace(base / keep[0] / keep[1], base / "cur" / indexed[uid])
+                os.replace(os.path.join(base, keep[0], keep[1]), os.path.join(base, "cur", indexed[uid]))
                 result.renamed += 1
         missing = [uid for uid in indexed if uid not in found]
         if missing:
@@ -599,7 +569,7 @@ class LocalStore:
 # -- small file-system helpers -----------------------------------------------------------------------
 
 
-def _listdir(path: Path) -> list[str]:
+def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)
     except FileNotFoundError:
@@ -608,7 +578,7 @@ def _listdir(path: Path) -> list[str]:
         raise StoreError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -617,24 +587,28 @@ def _unlink(path: Path) -> None:
         raise StoreError(f"cannot remove {path}: {e.strerror or e}") from None
 
 
-def _syncfs_function() -> Callable[[int], int] | None:
+_SYNCFS: list[Callable[[int], int] | None] = []  # looked up on first use (ctypes costs start-up time)
+
+
+def _syncfs() -> Callable[[int], int] | None:
     """Linux ``syncfs(2)``: flush one file system (the store's) in one call."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syncfs  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
+    if not _SYNCFS:
+        try:
+            import ctypes
 
-
-_SYNCFS = _syncfs_function()
+            _SYNCFS.append(ctypes.CDLL(None, use_errno=True).syncfs)
+        except (OSError, AttributeError, ImportError):
+            _SYNCFS.append(None)
+    return _SYNCFS[0]
 
 
 def _sync_files(directory: str, names: list[str]) -> None:
     """Make the contents of ``directory/names`` durable."""
-    if _SYNCFS is not None and len(names) > 1:
+    syncfs = _syncfs() if len(names) > 1 else None
+    if syncfs is not None:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            if _SYNCFS(fd) == 0:
+            if syncfs(fd) == 0:
                 return
         finally:
             os.close(fd)
@@ -646,7 +620,7 @@ def _sync_files(directory: str, names: list[str]) -> None:
             os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str) -> None:
     """Make renames into ``path`` durable before the index refers to them."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -658,3 +632,62 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error); SQLite errors become StoreError."""
+
+    __slots__ = ("db", "durable")
+
+    def __init__(self, db: sqlite3.Connection, durable: bool) -> None:
+        self.db, self.durable = db, durable
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            if not self.durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StoreError(f"index update failed: {e}") from None
+        return self.db
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+            if not self.durable:
+                self.db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as e:
+            if exc_type is None:
+                raise StoreError(f"index update failed: {e}") from None
+
+
+class _StoreLock:
+    """flock on ``DIR/.lock``, polled until ``timeout``; re-entrant within one LocalStore."""
+
+    __slots__ = ("store", "timeout", "fd")
+
+    def __init__(self, store: LocalStore, timeout: float) -> None:
+        self.store, self.timeout, self.fd = store, timeout, -1
+
+    def __enter__(self) -> None:
+        if self.store._lock_fd is not None:
+            return  # already held
+        fd = os.open(os.path.join(self.store.root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StoreError(f"store {self.store.root} is in use by another cpm-sync process") from None
+                time.sleep(0.1)
+        self.fd = self.store._lock_fd = fd
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            self.store._lock_fd = None
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1

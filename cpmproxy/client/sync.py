@@ -34,12 +34,10 @@ from it never appear in any response, so they are never downloaded -- the client
 
 from __future__ import annotations
 
-import calendar
 import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
 from cpmproxy.client.connection import (
     Connection,
@@ -50,10 +48,9 @@ from cpmproxy.client.connection import (
     mailbox_arg,
 )
 from cpmproxy.client.errors import Interrupted, NoSuchFolder, ProtocolError, ServerRefused, Unsupported
+from cpmproxy.client.imapwire import Atom, UidSet, astring
 from cpmproxy.client.progress import NullProgress, ProgressFactory
 from cpmproxy.client.store import Folder, LocalStore, MessageRecord
-from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
-from cpmproxy.imap.tokens import Atom, Literal, Nil, ParenList, Quoted, Token, astring
 
 __all__ = [
     "FolderResult",
@@ -73,26 +70,32 @@ LOCAL_DELETE_KEYWORD = b"$LocalDelete"
 _MAX_KNOWN_UIDS = 4000
 
 
-@dataclass
 class SyncOptions:
-    batch_messages: int = 250  # messages per body FETCH command
-    batch_bytes: int = 4 * 1024 * 1024  # ... and at most this many bytes (one big message may exceed it)
-    window: int = 3  # body FETCH commands in flight at once
-    full: bool = False  # compare every UID and flag even where UIDNEXT/HIGHESTMODSEQ say "no change"
+    """``batch_messages``/``batch_bytes``: limits of one body FETCH command (one big message may exceed
+    the bytes); ``window``: body FETCH commands in flight at once; ``full``: compare every UID and flag
+    even where UIDNEXT/HIGHESTMODSEQ say "no change"."""
+
+    __slots__ = ("batch_messages", "batch_bytes", "window", "full")
+
+    def __init__(self, batch_messages: int = 250, batch_bytes: int = 4 * 1024 * 1024, window: int = 3,
+                 full: bool = False) -> None:
+        self.batch_messages, self.batch_bytes, self.window, self.full = batch_messages, batch_bytes, window, full
 
 
-@dataclass
 class ServerFolder:
-    """A folder as the server reports it (step a.1)."""
+    """A folder as the server reports it (step a.1). ``attributes`` are the lower-cased LIST attributes."""
 
-    name: str
-    wire: bytes
-    delimiter: str | None
-    attributes: frozenset[bytes] = frozenset()  # lower-cased LIST attributes
-    messages: int | None = None
-    uidnext: int | None = None
-    uidvalidity: int | None = None
-    highestmodseq: int | None = None
+    __slots__ = ("name", "wire", "delimiter", "attributes", "messages", "uidnext", "uidvalidity", "highestmodseq")
+
+    def __init__(self, name: str, wire: bytes, delimiter: str | None, attributes: frozenset[bytes] = frozenset(),
+                 messages: int | None = None, uidnext: int | None = None, uidvalidity: int | None = None,
+                 highestmodseq: int | None = None) -> None:
+        self.name, self.wire, self.delimiter, self.attributes = name, wire, delimiter, attributes
+        self.messages, self.uidnext, self.uidvalidity, self.highestmodseq = messages, uidnext, uidvalidity, highestmodseq
+
+    def __repr__(self) -> str:
+        return (f"ServerFolder({self.name!r}, messages={self.messages}, uidnext={self.uidnext}, "
+                f"uidvalidity={self.uidvalidity}, highestmodseq={self.highestmodseq})")
 
     @property
     def selectable(self) -> bool:
@@ -105,18 +108,22 @@ class ServerFolder:
         self.highestmodseq = items.get(b"HIGHESTMODSEQ", self.highestmodseq)
 
 
-@dataclass
 class FolderResult:
-    name: str
-    new: int = 0
-    bytes: int = 0
-    flags: int = 0
-    removed: int = 0
-    reset: bool = False  # UIDVALIDITY changed: local copy discarded, folder fetched again
-    created: bool = False
-    deleted: bool = False  # gone from the server (or from this device's view)
-    unchanged: bool = False
-    retry: int = 0  # messages that could not be fetched this time (tried again next sync)
+    """What one folder's sync did. ``reset``: UIDVALIDITY changed, local copy discarded and fetched again;
+    ``deleted``: gone from the server (or from this device's view); ``unchanged``: not even opened;
+    ``retry``: messages that could not be fetched this time (tried again next sync)."""
+
+    __slots__ = ("name", "new", "bytes", "flags", "removed", "reset", "created", "deleted", "unchanged", "retry")
+
+    def __init__(self, name: str, *, removed: int = 0, deleted: bool = False) -> None:
+        self.name = name
+        self.new = self.bytes = self.flags = self.retry = 0
+        self.removed = removed
+        self.reset = self.created = self.unchanged = False
+        self.deleted = deleted
+
+    def __repr__(self) -> str:
+        return f"<FolderResult {self.summary()}>"
 
     @property
     def changed(self) -> bool:
@@ -141,10 +148,12 @@ class FolderResult:
         return f"{self.name}: " + (", ".join(parts) if parts else "up to date")
 
 
-@dataclass
 class SyncResult:
-    folders: list[FolderResult] = field(default_factory=list)
-    elapsed: float = 0.0
+    __slots__ = ("folders", "elapsed")
+
+    def __init__(self) -> None:
+        self.folders: list[FolderResult] = []
+        self.elapsed = 0.0
 
     @property
     def new(self) -> int:
@@ -182,34 +191,41 @@ def _human_bytes(n: int) -> str:
 # -- response parsing helpers ------------------------------------------------------------------------
 
 
-def _fetch_items(resp: Untagged) -> dict[bytes, Token]:
-    """``* 5 FETCH (UID 9 FLAGS (\\Seen) BODY[] {12}...)`` -> {b"UID": Atom, b"FLAGS": ParenList, ...}."""
+# Tokens (cpmproxy.client.imapwire): Atom (bytes subclass), bytes (quoted string or literal), None
+# (NIL), list (parenthesized list).
+
+
+def _fetch_items(resp: Untagged) -> dict[bytes, object]:
+    """``* 5 FETCH (UID 9 FLAGS (\\Seen) BODY[] {12}...)`` -> {b"UID": b"9", b"FLAGS": [b"\\Seen"], ...}."""
     toks = resp.tokens
-    if not toks or not isinstance(toks[0], ParenList):
+    if not toks or not isinstance(toks[0], list):
         raise ProtocolError("malformed FETCH response from the server")
-    items = toks[0].items
-    out: dict[bytes, Token] = {}
+    items = toks[0]
+    out: dict[bytes, object] = {}
     for i in range(0, len(items) - 1, 2):
         key = items[i]
         if isinstance(key, Atom):
-            out[key.value.upper()] = items[i + 1]
+            out[key.upper()] = items[i + 1]
     return out
 
 
-def _int(token: Token | None) -> int | None:
-    if isinstance(token, Atom) and token.value.isdigit():
-        return int(token.value)
-    if isinstance(token, ParenList) and token.items:  # MODSEQ (12345)
-        return _int(token.items[0])
+def _int(token: object) -> int | None:
+    if isinstance(token, Atom) and token.isdigit():
+        return int(token)
+    if isinstance(token, list) and token:  # MODSEQ (12345)
+        return _int(token[0])
     return None
 
 
-def _flags(token: Token | None) -> tuple[str, ...]:
-    if not isinstance(token, ParenList):
+def _flags(token: object) -> tuple[str, ...]:
+    if not isinstance(token, list):
         return ()
-    return tuple(
-        t.value.decode("utf-8", "replace") for t in token.items if isinstance(t, Atom) and t.value != b"\\Recent"
-    )
+    return tuple(t.decode("utf-8", "replace") for t in token if isinstance(t, Atom) and t != b"\\Recent")
+
+
+def _is_string(token: object) -> bool:
+    """A quoted string or literal (as opposed to an atom or NIL)."""
+    return isinstance(token, bytes) and not isinstance(token, Atom)
 
 
 _MONTHS = {m: i for i, m in enumerate(
@@ -217,42 +233,45 @@ _MONTHS = {m: i for i, m in enumerate(
 _INTERNALDATE_RE = re.compile(rb" ?([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})")
 
 
-def _internaldate(token: Token | None) -> float | None:
+def _internaldate(token: object) -> float | None:
     """``"17-Jul-1996 02:44:25 -0700"`` -> unix time (a regex, not strptime: it runs per message)."""
-    if not isinstance(token, Quoted):
+    if not _is_string(token):
         return None
-    m = _INTERNALDATE_RE.fullmatch(token.value)
+    m = _INTERNALDATE_RE.fullmatch(token)  # type: ignore[arg-type]
     month = _MONTHS.get(m.group(2).lower()) if m else None
     if m is None or month is None:
         return None
     offset = (int(m.group(8)) * 3600 + int(m.group(9)) * 60) * (1 if m.group(7) == b"+" else -1)
-    try:
-        return float(calendar.timegm((int(m.group(3)), month, int(m.group(1)), int(m.group(4)), int(m.group(5)),
-                                      int(m.group(6)), 0, 0, 0)) - offset)
-    except (ValueError, OverflowError):
-        return None
+    days = _days_from_civil(int(m.group(3)), month, int(m.group(1)))
+    return float(days * 86400 + int(m.group(4)) * 3600 + int(m.group(5)) * 60 + int(m.group(6)) - offset)
 
 
-def _status_items(token: Token) -> dict[bytes, int]:
-    if not isinstance(token, ParenList):
+def _days_from_civil(y: int, m: int, d: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm; no calendar import)."""
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def _status_items(token: object) -> dict[bytes, int]:
+    if not isinstance(token, list):
         return {}
-    items = token.items
     out: dict[bytes, int] = {}
-    for i in range(0, len(items) - 1, 2):
-        key, value = items[i], _int(items[i + 1])
+    for i in range(0, len(token) - 1, 2):
+        key, value = token[i], _int(token[i + 1])
         if isinstance(key, Atom) and value is not None:
-            out[key.value.upper()] = value
+            out[key.upper()] = value
     return out
 
 
-def _mailbox_token(token: Token) -> bytes:
-    if isinstance(token, (Atom, Quoted, Literal)):
-        return token.value
+def _mailbox_token(token: object) -> bytes:
     return astring(token)
 
 
 def _uid_set(uids: Iterable[int]) -> bytes:
-    return SequenceSet.from_iterable(uids).format()
+    return UidSet.of(uids).format()
 
 
 def _search_uids(cmd: PendingCommand) -> set[int]:
@@ -297,7 +316,7 @@ class _SelectState:
         self.highestmodseq: int | None = None
         self.nomodseq = False
         self.exists: int | None = None
-        self.vanished: list[SequenceSet] = []
+        self.vanished: list[UidSet] = []
         self.changed: dict[int, tuple[str, ...]] = {}
 
     def handle(self, resp: Untagged) -> bool:
@@ -322,7 +341,7 @@ class _SelectState:
         if name == b"VANISHED":
             toks = resp.tokens
             if toks and isinstance(toks[-1], Atom):
-                self.vanished.append(SequenceSet.parse(toks[-1].value))
+                self.vanished.append(UidSet.parse(toks[-1]))
             return True
         if name == b"FETCH":
             items = _fetch_items(resp)
@@ -385,13 +404,13 @@ class Syncer:
         def on_list(resp: Untagged) -> bool:
             if resp.name == b"LIST":
                 toks = resp.tokens
-                if len(toks) < 3 or not isinstance(toks[0], ParenList):
+                if len(toks) < 3 or not isinstance(toks[0], list):
                     raise ProtocolError("malformed LIST response from the server")
                 wire = _mailbox_token(toks[2])
                 if wanted is not None and wire not in wanted:
                     return True  # a wildcard in a requested name matched something else
-                attrs = frozenset(t.value.lower() for t in toks[0].items if isinstance(t, Atom))
-                delim = None if isinstance(toks[1], Nil) else astring(toks[1]).decode("ascii", "replace")
+                attrs = frozenset(t.lower() for t in toks[0] if isinstance(t, Atom))
+                delim = None if toks[1] is None else astring(toks[1]).decode("ascii", "replace")
                 sf = found.get(wire)
                 if sf is None:
                     found[wire] = ServerFolder(decode_mailbox(wire), wire, delim, attrs)
@@ -666,11 +685,11 @@ class Syncer:
             items = _fetch_items(resp)
             body = items.get(b"BODY[]")
             uid = _int(items.get(b"UID"))
-            if uid is None or uid not in wanted or not isinstance(body, (Literal, Quoted)):
+            if uid is None or uid not in wanted or not _is_string(body):
                 return False  # e.g. an unsolicited flag update: not ours
             if uid in received:
                 return True
-            rec = store.write_message(lf, uid, body.value, _flags(items.get(b"FLAGS")), _internaldate(items.get(b"INTERNALDATE")))
+            rec = store.write_message(lf, uid, body, _flags(items.get(b"FLAGS")), _internaldate(items.get(b"INTERNALDATE")))
             written.append(rec)
             received.add(uid)
             bar.update(1, rec.size)
@@ -717,11 +736,11 @@ class Syncer:
         self.conn.selected = wire
         return lf, wire
 
-    def _present(self, uids: SequenceSet) -> set[int]:
+    def _present(self, uids: UidSet) -> set[int]:
         cmd = self.conn.run(b"UID SEARCH UID " + uids.format(), collect=(b"SEARCH",))
         return _search_uids(cmd)
 
-    def set_flags(self, name: str, uids: SequenceSet, flags: Sequence[bytes], add: bool) -> tuple[int, list[int]]:
+    def set_flags(self, name: str, uids: UidSet, flags: Sequence[bytes], add: bool) -> tuple[int, list[int]]:
         """``UID STORE uids +FLAGS/-FLAGS (flags)``; the local copy follows the server's answer.
         Returns (messages updated, requested UIDs that do not exist)."""
         lf, _wire = self._open_rw(name)
@@ -743,7 +762,7 @@ class Syncer:
             self.store.set_flags(lf, updates)
         return len(present), missing
 
-    def delete(self, name: str, uids: SequenceSet, local: bool = False) -> tuple[int, list[int]]:
+    def delete(self, name: str, uids: UidSet, local: bool = False) -> tuple[int, list[int]]:
         """Delete messages on the server (``\\Deleted`` + ``UID EXPUNGE``), or, with ``local``, only from
         this device: ``\\Deleted $LocalDelete`` + ``UID EXPUNGE``, which the proxy (capability
         XCPM-LOCALDELETE) keeps from reaching the server. Either way they leave the local store.
@@ -767,7 +786,7 @@ class Syncer:
         expunge_cmd = self.conn.send(b"UID EXPUNGE " + uid_set)
         self.conn.wait(store_cmd)
         self.conn.wait(expunge_cmd)
-        left = self._present(SequenceSet.from_iterable(present))
+        left = self._present(UidSet.of(present))
         if left:
             raise ServerRefused(f"the server kept UIDs {_uid_set(left).decode()} in {name} after EXPUNGE")
         if lf is not None:
@@ -780,7 +799,7 @@ def canonical_name(name: str) -> str:
     return "INBOX" if name.upper() == "INBOX" else name
 
 
-def _expand_missing(requested: SequenceSet, present: set[int], limit: int = 100_000) -> list[int]:
+def _expand_missing(requested: UidSet, present: set[int], limit: int = 100_000) -> list[int]:
     """Requested UIDs that are not present (only for explicit, reasonably small sets)."""
     out: list[int] = []
     for lo, hi in requested.ranges:
@@ -790,17 +809,17 @@ def _expand_missing(requested: SequenceSet, present: set[int], limit: int = 100_
     return out
 
 
-def parse_uid_set(args: Sequence[str]) -> SequenceSet:
-    """Command-line UIDs (``7``, ``3:5``, ``1,4``) -> a SequenceSet. ``*`` is refused on purpose: an
+def parse_uid_set(args: Sequence[str]) -> UidSet:
+    """Command-line UIDs (``7``, ``3:5``, ``1,4``) -> a UidSet. ``*`` is refused on purpose: an
     accidental "every message" must not be one keystroke away in a delete command."""
     ranges: list[tuple[int, int]] = []
     for arg in args:
         if "*" in arg:
             raise ValueError("'*' is not accepted here; give explicit UIDs")
         try:
-            ranges.extend(SequenceSet.parse(arg).ranges)
-        except SequenceSetError:
+            ranges.extend(UidSet.parse(arg).ranges)
+        except ValueError:
             raise ValueError(f"not a UID or UID range: {arg!r}") from None
     if not ranges:
         raise ValueError("no UIDs given")
-    return SequenceSet(ranges)
+    return UidSet(ranges)

@@ -21,12 +21,10 @@ next safe point: the batch being fetched is committed, the session logged out, a
 from __future__ import annotations
 
 import os
-import random
 import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 
 from cpmproxy.client.connection import (
@@ -48,7 +46,6 @@ from cpmproxy.client.errors import (
 from cpmproxy.client.progress import ProgressFactory
 from cpmproxy.client.store import LocalStore
 from cpmproxy.client.sync import Syncer, SyncOptions, SyncResult
-from cpmproxy.imap.tokens import Atom, Literal, Quoted
 
 __all__ = ["NOTIFY_REQUESTS", "Stopper", "WatchOptions", "Watcher"]
 
@@ -61,13 +58,17 @@ NOTIFY_REQUESTS = (
 )
 
 
-@dataclass
 class WatchOptions:
-    folders: tuple[str, ...] = ()  # only these folders (default: the whole account)
-    interval: float | None = None  # full check every ... seconds (default: 300 with NOTIFY, 60 with IDLE)
-    idle_folder: str = "INBOX"  # the folder IDLE watches when NOTIFY is not available
-    max_backoff: float = 60.0
-    lock_timeout: float = 60.0
+    """``folders``: only these (default: the whole account); ``interval``: a full check every so many
+    seconds (default 300 with NOTIFY, 60 with IDLE); ``idle_folder``: what IDLE watches without NOTIFY;
+    ``max_backoff``: longest wait between reconnection attempts; ``lock_timeout``: for the store lock."""
+
+    __slots__ = ("folders", "interval", "idle_folder", "max_backoff", "lock_timeout")
+
+    def __init__(self, folders: tuple[str, ...] = (), interval: float | None = None, idle_folder: str = "INBOX",
+                 max_backoff: float = 60.0, lock_timeout: float = 60.0) -> None:
+        self.folders, self.interval, self.idle_folder = tuple(folders), interval, idle_folder
+        self.max_backoff, self.lock_timeout = max_backoff, lock_timeout
 
 
 class Stopper:
@@ -118,6 +119,13 @@ class Stopper:
         os.close(self._w)
 
 
+def _jitter(delay: float) -> float:
+    """±20 %: many devices reconnecting after a server restart should not do it in lockstep."""
+    import random
+
+    return delay * random.uniform(0.8, 1.2)
+
+
 class Watcher:
     def __init__(
         self,
@@ -149,7 +157,7 @@ class Watcher:
             except (AuthenticationError, TLSError):
                 raise
             except ConnectError as e:
-                wait = delay * random.uniform(0.8, 1.2)
+                wait = _jitter(delay)
                 self.log(f"{e}; retrying in {wait:.0f} s")
                 if self.stopper.sleep(wait):
                     break
@@ -162,7 +170,7 @@ class Watcher:
                 break
             except (ConnectError, ServerRefused) as e:
                 # ConnectionLost (a ConnectError) or the server refusing something mid-session: start over.
-                wait = delay * random.uniform(0.8, 1.2)
+                wait = _jitter(delay)
                 self.log(f"connection lost ({e}); reconnecting in {wait:.0f} s")
                 conn.close()
                 if self.stopper.sleep(wait):
@@ -279,8 +287,8 @@ class Watcher:
         for resp in responses:
             if resp.name == b"STATUS":
                 toks = resp.tokens
-                if toks and isinstance(toks[0], (Atom, Quoted, Literal)):
-                    folders.add(decode_mailbox(toks[0].value))
+                if toks and isinstance(toks[0], bytes):
+                    folders.add(decode_mailbox(bytes(toks[0])))
             elif resp.name == b"LIST":
                 relist = True  # created, deleted or renamed (MailboxName)
             elif resp.name in (b"EXISTS", b"EXPUNGE", b"VANISHED", b"FETCH"):

@@ -181,15 +181,17 @@ class Framer:
             return LiteralData(chunk, self._literal_left == 0)
 
         if self.blocks and self._first and avail > _MIN_BLOCK:
-            # A run of complete lines with no literal announcement anywhere: one event, found with two
-            # C-level scans instead of one Python step per line.
-            last = buf.rfind(b"\n", pos)
-            if last - pos >= _MIN_BLOCK:
-                block = buf[pos:last + 1]
-                if b"}\n" not in block and b"}\r\n" not in block and block.count(b"\n") > 1:
+            # A run of complete lines with no literal announcement anywhere: one event, found with a
+            # few C-level scans instead of one Python step per line. Tried only when the first line
+            # itself announces no literal (a FETCH of bodies never qualifies: no wasted scan).
+            first_nl = buf.find(b"\n", pos)
+            if 0 <= first_nl and buf[first_nl - 1:first_nl] != b"}" and buf[first_nl - 2:first_nl] != b"}\r":
+                last = buf.rfind(b"\n", first_nl + 1)
+                if last - pos >= _MIN_BLOCK and buf.find(b"}\n", pos, last + 1) < 0 \
+                        and buf.find(b"}\r\n", pos, last + 1) < 0:
                     self._pos = last + 1
                     self._scan_from = last + 1
-                    return Block(block)
+                    return Block(buf[pos:last + 1])
         nl = buf.find(b"\n", max(pos, self._scan_from))
         if nl < 0:
             self._scan_from = len(buf)

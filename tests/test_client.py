@@ -1,0 +1,513 @@
+"""The reference CPM Message Storage Client (``cpm-sync``) end to end: through real proxy processes in
+front of the session's real Dovecot, driven as users drive it (the CLI in a subprocess) and as a library.
+
+Every test works in folders of its own (users share mailboxes across the test session); Dovecot reached
+directly is the reference for what the server holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import imapclient
+import pytest
+
+from cpmproxy.client import LocalStore, ServerSettings, Syncer, connect
+from cpmproxy.client.watch import Stopper, Watcher, WatchOptions
+from cpmproxy.testing.dovecot import parse_appenduid
+from cpmproxy.testing.sample import classify_reference, make_object
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "cpmproxy.client"]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+ENV.pop("CPM_SYNC_TRACE", None)
+
+# One object of every kind (and both file-transfer encodings), some with flags.
+KIND_SET = [("chat", {}), ("imdn", {}), ("file-transfer", {"variant": "cpim"}),
+            ("file-transfer", {"variant": "related", "group": True}), ("sms", {}), ("mms", {}),
+            ("session-info", {"group": True}), ("group-state", {"group": True}), ("other", {}),
+            ("other", {"variant": "voicemail"})]
+
+
+def unique_folder(prefix: str = "Default/tel:+1777") -> str:
+    return prefix + uuid.uuid4().hex[:10]
+
+
+def seed(dovecot, user: str, folder: str, messages: Iterable[bytes], flags: Callable[[int], tuple] = lambda i: ()) \
+        -> list[int]:
+    """APPEND to ``folder`` straight on Dovecot (created if needed); returns the UIDs."""
+    c = dovecot.imap_direct(user, tls="none")
+    try:
+        if not c.folder_exists(folder):
+            c.create_folder(folder)
+        return [parse_appenduid(c.append(folder, m, flags=flags(i))) for i, m in enumerate(messages)]
+    finally:
+        c.logout()
+
+
+def server_messages(dovecot, user: str, folder: str) -> dict[int, tuple[bytes, set[str]]]:
+    """uid -> (bytes, flags) as Dovecot has them."""
+    c = dovecot.imap_direct(user, tls="none")
+    try:
+        c.select_folder(folder, readonly=True)
+        uids = c.search("ALL")
+        data = c.fetch(uids, ["BODY.PEEK[]", "FLAGS"]) if uids else {}
+        return {uid: (d[b"BODY[]"], {f.decode() for f in d[b"FLAGS"] if f != b"\\Recent"}) for uid, d in data.items()}
+    finally:
+        c.logout()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Device:
+    """One device of a user: its own store and device id, and how it reaches the server."""
+
+    def __init__(self, tmp_path: Path, name: str, user: str, port: int, *, tls: str = "none",
+                 ca_file: str | None = None, password: str | None = None) -> None:
+        self.name, self.user, self.port, self.tls, self.ca_file = name, user, port, tls, ca_file
+        self.store_dir = tmp_path / f"store-{name}"
+        self.pwfile = tmp_path / f"pw-{name}"
+        self.pwfile.write_text((password or f"{user}pw") + "\n")
+
+    def args(self, *cmd: str) -> list[str]:
+        out = [*CLI, "--server", f"127.0.0.1:{self.port}", "--user", self.user, "--password-file",
+               str(self.pwfile), "--device-id", self.name, "--store", str(self.store_dir), "--tls", self.tls]
+        if self.ca_file:
+            out += ["--ca-file", self.ca_file]
+        return out + list(cmd)
+
+    def run(self, *cmd: str, ok: bool = True, env: dict | None = None, timeout: float = 60) \
+            -> subprocess.CompletedProcess:
+        res = subprocess.run(self.args(*cmd), capture_output=True, text=True, env=env or ENV, timeout=timeout)
+        if ok:
+            assert res.returncode == 0, f"{cmd} failed ({res.returncode}): {res.stderr}{res.stdout}"
+        return res
+
+    def sync(self, *folders: str, **kw) -> subprocess.CompletedProcess:
+        return self.run("sync", *folders, **kw)
+
+    def index(self, folder: str) -> dict:
+        with LocalStore(self.store_dir) as store:
+            f = store.folder(folder)
+            return {} if f is None else store.messages(f)
+
+    def folder_state(self, folder: str):
+        with LocalStore(self.store_dir) as store:
+            return store.folder(folder)
+
+    def folder_dir(self, folder: str) -> Path:
+        return self.store_dir / "maildir" / folder
+
+    def files(self, folder: str, sub: str = "cur") -> list[str]:
+        d = self.folder_dir(folder) / sub
+        return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+@pytest.fixture
+def device(tmp_path, proxy, proxy_certs):
+    """``device(name, user=..., via=proxy, tls=...)``; by default through the session proxy with STARTTLS
+    and the test CA, as a real client would."""
+
+    def make(name: str, user: str = "alice", via=None, tls: str | None = None, **kw) -> Device:
+        p = via or proxy
+        if tls is None:
+            tls = "starttls" if via is None else "none"
+        ca = str(proxy_certs.ca_cert) if tls != "none" else None
+        return Device(tmp_path, name, user, p.port, tls=tls, ca_file=ca, **kw)
+
+    return make
+
+
+def fetched_body_uids(trace: str) -> list[int]:
+    """UIDs in the body FETCH commands of a CPM_SYNC_TRACE."""
+    out: list[int] = []
+    for m in re.finditer(r"C: \S+ UID FETCH (\S+) \(UID FLAGS INTERNALDATE BODY\.PEEK\[\]\)", trace):
+        for part in m.group(1).split(","):
+            lo, _, hi = part.partition(":")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+# -- explicit sync (5.5.2.20.2 a) ----------------------------------------------------------------------
+
+
+def test_first_sync_over_tls_stores_files_index_and_kinds(dovecot, proxy, device):
+    folder = unique_folder()
+    msgs = [make_object(kind, seed=i, **kw) for i, (kind, kw) in enumerate(KIND_SET)]
+    uids = seed(dovecot, "alice", folder, msgs,
+                flags=lambda i: (b"\\Seen",) if i % 2 else (b"\\Flagged", b"$Work") if i % 3 == 0 else ())
+    a = device("phone-first")
+    res = a.sync(folder)
+    assert f"{folder}: new folder, {len(msgs)} new" in res.stdout
+
+    # The device identified itself (ID x-cpm-device-id, before LOGIN) and the proxy knew it.
+    assert "device=phone-first" in proxy.log()
+
+    server = server_messages(dovecot, "alice", folder)
+    index = a.index(folder)
+    assert sorted(index) == sorted(uids) == sorted(server)
+    letters = {"\\Seen": "S", "\\Flagged": "F"}
+    for uid, rec in index.items():
+        data, flags = server[uid]
+        path = a.folder_dir(folder) / "cur" / rec.filename
+        assert path.read_bytes() == data
+        assert rec.kind == classify_reference(data)
+        assert rec.size == len(data)
+        assert set(rec.flags) == flags
+        assert rec.filename.endswith(":2," + "".join(sorted(letters[f] for f in flags if f in letters)))
+    assert sorted(r.kind for r in index.values()) == sorted(k for k, _ in KIND_SET)
+    assert a.files(folder, "tmp") == [] and a.files(folder, "new") == []
+    assert (a.store_dir / "maildir" / "Default" / folder.split("/")[1] / "cur").is_dir()  # ':' kept as is
+
+    # The folder state matches the server's.
+    c = dovecot.imap_direct("alice", tls="none")
+    st = c.folder_status(folder, ["UIDNEXT", "UIDVALIDITY", "HIGHESTMODSEQ"])
+    c.logout()
+    state = a.folder_state(folder)
+    assert (state.uidvalidity, state.uidnext, state.highestmodseq) == (
+        st[b"UIDVALIDITY"], st[b"UIDNEXT"], st[b"HIGHESTMODSEQ"])
+    assert state.last_sync is not None
+
+    # status: server vs local, in sync; --verbose shows kinds; list shows each object's kind.
+    out = a.run("status", "--verbose").stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith(folder))
+    assert re.search(rf"\s{len(msgs)}\s+{len(msgs)}\s.*in sync", line), line
+    assert "file-transfer 2" in line and "session-info 1" in line
+    listing = a.run("list", folder).stdout
+    for uid, rec in index.items():
+        assert re.search(rf"^\s*{uid}\s+{rec.kind}\s", listing, re.M)
+
+
+def test_incremental_sync_fetches_only_what_changed(dovecot, device):
+    folder = unique_folder()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(12)])
+    a = device("phone-incr")
+    a.sync(folder)
+    inodes = {name: (a.folder_dir(folder) / "cur" / name).stat().st_ino for name in a.files(folder)}
+
+    c = dovecot.imap_direct("alice", tls="none")
+    c.select_folder(folder)
+    c.add_flags([uids[0]], [b"\\Flagged"])
+    c.delete_messages([uids[1]])
+    c.expunge()
+    c.logout()
+    new = seed(dovecot, "alice", folder, [make_object("sms", seed=100 + i) for i in range(3)])
+
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert "3 new" in res.stdout and "1 flag changes" in res.stdout and "1 removed" in res.stdout
+    # Only the three new messages were downloaded; QRESYNC reported the rest (VANISHED, FETCH FLAGS).
+    assert sorted(fetched_body_uids(res.stderr)) == new
+    assert "QRESYNC" in res.stderr
+    index = a.index(folder)
+    assert sorted(index) == sorted([uids[0], *uids[2:], *new])
+    assert "\\Flagged" in index[uids[0]].flags and index[uids[0]].filename.endswith(":2,F")
+    assert [index[u].kind for u in new] == ["sms"] * 3
+    # Untouched messages kept their files (same inode: never rewritten).
+    for uid in uids[2:]:
+        assert (a.folder_dir(folder) / "cur" / index[uid].filename).stat().st_ino == inodes[index[uid].filename]
+
+    # Nothing changed: step a.1 (LIST-STATUS) says so and the folder is not even opened.
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert "0 changed" in res.stdout
+    assert "EXAMINE" not in res.stderr and fetched_body_uids(res.stderr) == []
+
+
+def test_uidvalidity_change_resyncs_from_scratch(dovecot, device):
+    folder = unique_folder()
+    seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(4)])
+    a = device("phone-uidv")
+    a.sync(folder)
+    old_state, old_files = a.folder_state(folder), a.files(folder)
+    assert len(old_files) == 4
+
+    c = dovecot.imap_direct("alice", tls="none")
+    c.delete_folder(folder)
+    c.create_folder(folder)  # same name, new UIDVALIDITY
+    c.logout()
+    fresh = [make_object("mms", seed=50 + i) for i in range(2)]
+    uids = seed(dovecot, "alice", folder, fresh)
+
+    res = a.sync(folder)
+    assert "UIDVALIDITY changed" in res.stdout
+    state = a.folder_state(folder)
+    assert state.uidvalidity != old_state.uidvalidity
+    files = a.files(folder)
+    assert not set(files) & set(old_files) and len(files) == 2
+    assert all(f".V{state.uidvalidity}." in f for f in files)
+    index = a.index(folder)
+    assert sorted(index) == uids and {r.kind for r in index.values()} == {"mms"}
+    assert sorted((a.folder_dir(folder) / "cur" / r.filename).read_bytes() for r in index.values()) == sorted(fresh)
+
+
+def test_interrupted_sync_resumes_without_duplicates_or_loss(dovecot, device):
+    folder = unique_folder()
+    # 300 objects of ~50 KB, appended in one MULTIAPPEND (fast set-up).
+    msgs = [make_object("chat", seed=i, size=50_000) for i in range(300)]
+    c = dovecot.imap_direct("dave", tls="none")
+    c.create_folder(folder)
+    c.multiappend(folder, msgs)
+    c.logout()
+
+    a = device("phone-kill", user="dave")
+    proc = subprocess.Popen(a.args("sync", folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    try:
+        # SIGKILL as soon as message files start to appear: mid-fetch, nothing gets to clean up.
+        wait_for(lambda: a.files(folder, "tmp") or a.files(folder, "cur") or proc.poll() is not None,
+                 timeout=30, what="the first message files")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL, "the sync finished before it could be interrupted"
+    committed = set(a.index(folder))
+    assert len(committed) < 300
+
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    fetched = fetched_body_uids(res.stderr)
+    # Resumed: what was committed is not downloaded again, everything else is, once.
+    assert not committed & set(fetched) and len(fetched) == len(set(fetched)) == 300 - len(committed)
+    server = server_messages(dovecot, "dave", folder)
+    index = a.index(folder)
+    assert sorted(index) == sorted(server) and len(index) == 300
+    files = a.files(folder)
+    assert len(files) == 300 and len({f.split(":")[0] for f in files}) == 300  # one file per UID
+    assert sorted(r.filename for r in index.values()) == files
+    assert a.files(folder, "tmp") == []
+    for uid in (min(index), max(index), sorted(index)[150]):
+        assert (a.folder_dir(folder) / "cur" / index[uid].filename).read_bytes() == server[uid][0]
+    assert a.folder_state(folder).uidnext == max(server) + 1
+
+
+def test_policy_hidden_objects_are_never_downloaded(dovecot, make_proxy, device):
+    folder = unique_folder()
+    kinds = ["chat", "imdn", "chat", "imdn", "sms", "imdn", "file-transfer"]
+    seed(dovecot, "alice", folder, [make_object(k, seed=i) for i, k in enumerate(kinds)])
+    p = make_proxy(backend_tls="none", config_extra='[policy]\nsync = { imdn = false }\n')
+    a = device("phone-noimdn", via=p)
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    index = a.index(folder)
+    assert sorted(r.kind for r in index.values()) == sorted(k for k in kinds if k != "imdn")
+    for rec in index.values():
+        assert classify_reference((a.folder_dir(folder) / "cur" / rec.filename).read_bytes()) != "imdn"
+    assert "imdn" not in res.stderr.lower() or "message/imdn" not in res.stderr.lower()
+    assert len(fetched_body_uids(res.stderr)) == len(kinds) - kinds.count("imdn")
+
+
+# -- local changes to the server -------------------------------------------------------------------
+
+
+def test_flag_and_delete_reach_the_server_and_the_other_device(dovecot, device):
+    folder = unique_folder()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(5)])
+    a, b = device("phone-ops-a"), device("tablet-ops-b")
+    a.sync(folder)
+    b.sync(folder)
+
+    res = a.run("flag", folder, str(uids[0]), f"{uids[1]}:{uids[2]}", "+read")
+    assert "+\\Seen on 3 message(s)" in res.stdout
+    a.run("flag", folder, str(uids[0]), "-\\Seen")
+    a.run("flag", folder, str(uids[3]), "+$Work")
+    server = server_messages(dovecot, "alice", folder)
+    assert server[uids[0]][1] == set() and server[uids[1]][1] == {"\\Seen"}
+    assert server[uids[3]][1] == {"$Work"}
+    idx = a.index(folder)
+    assert idx[uids[1]].filename.endswith(":2,S") and idx[uids[3]].flags == ("$Work",)
+
+    res = a.run("delete", folder, str(uids[4]))
+    assert "deleted on the server" in res.stdout
+    assert uids[4] not in server_messages(dovecot, "alice", folder)  # really gone from the server
+    assert uids[4] not in a.index(folder)
+
+    # The other device learns all of it on its next sync.
+    res = b.sync(folder)
+    assert "3 flag changes" in res.stdout and "1 removed" in res.stdout  # uids[0]: +Seen -Seen = unchanged
+    idx = b.index(folder)
+    assert sorted(idx) == uids[:4]
+    assert idx[uids[2]].flags == ("\\Seen",) and idx[uids[3]].flags == ("$Work",)
+
+    # Unknown UIDs: a clear failure, one line.
+    res = a.run("delete", folder, "999999", ok=False)
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"cpm-sync: no such message in {folder}: UID 999999"]
+
+
+def test_local_delete_refused_where_the_server_lacks_it(dovecot, device):
+    folder = unique_folder()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(2)])
+    direct = device("phone-direct", via=dovecot, tls="none")  # plain Dovecot: no XCPM-LOCALDELETE
+    direct.sync(folder)
+    res = direct.run("delete", "--local", folder, str(uids[0]), ok=False)
+    assert res.returncode == 5
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "XCPM-LOCALDELETE" in err[0] and "Traceback" not in res.stderr
+    assert sorted(server_messages(dovecot, "alice", folder)) == uids  # nothing deleted anywhere
+    assert sorted(direct.index(folder)) == uids
+
+
+def test_local_delete_only_leaves_this_device(dovecot, proxy, device):
+    c = imapclient.IMAPClient(proxy.host, proxy.port, ssl=False)
+    caps = c.capabilities()
+    c.login("alice", "alicepw")
+    caps = c.capabilities()
+    c.logout()
+    if b"XCPM-LOCALDELETE" not in caps:
+        pytest.skip("the proxy does not advertise XCPM-LOCALDELETE (local delete not available yet)")
+    folder = unique_folder()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(3)])
+    a, b = device("phone-ld-a"), device("tablet-ld-b")
+    a.sync(folder)
+    b.sync(folder)
+    res = a.run("delete", "--local", folder, str(uids[1]))
+    assert "deleted on this device only" in res.stdout
+    assert uids[1] not in a.index(folder)
+    assert sorted(server_messages(dovecot, "alice", folder)) == uids  # the server still has it
+    a.sync(folder, "--full")
+    assert sorted(a.index(folder)) == [uids[0], uids[2]]  # and it does not come back
+    b.sync(folder)
+    assert sorted(b.index(folder)) == uids  # the other device keeps it
+
+
+# -- server-initiated sync (5.5.2.20.2 b) ----------------------------------------------------------
+
+
+def test_watch_follows_changes_from_another_device(dovecot, device):
+    folder = unique_folder()
+    uids = seed(dovecot, "dave", folder, [make_object("chat", seed=i) for i in range(3)])
+    a, b = device("phone-watch-a", user="dave"), device("tablet-watch-b", user="dave")
+    watcher = subprocess.Popen(b.args("watch", folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=ENV)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("watching" in ln for ln in lines), timeout=20, what="watch to start")
+        assert sorted(b.index(folder)) == uids
+
+        # New message (appended by someone else, straight on the server).
+        new = seed(dovecot, "dave", folder, [make_object("mms", seed=9)])[0]
+        wait_for(lambda: new in b.index(folder), what="the new message on device B")
+        assert b.index(folder)[new].kind == "mms"
+        # Flag change and a real delete made by device A through the proxy.
+        a.run("flag", folder, str(uids[0]), "+\\Flagged")
+        wait_for(lambda: "\\Flagged" in b.index(folder).get(uids[0], ((),) * 3)[2], what="the flag on device B")
+        a.run("delete", folder, str(uids[1]))
+        wait_for(lambda: uids[1] not in b.index(folder), what="the deletion on device B")
+        assert not any(f.startswith(f"U{uids[1]}.") for f in b.files(folder))
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        try:
+            code = watcher.wait(15)
+        except subprocess.TimeoutExpired:
+            watcher.kill()
+            raise
+    assert code == 0, watcher.stderr.read()
+    assert "Traceback" not in watcher.stderr.read()
+
+
+def test_library_without_extensions_and_idle_watch(dovecot, tmp_path):
+    """The fallbacks, driven as a library: no LIST-STATUS (STATUS per folder), no CONDSTORE/QRESYNC (full
+    UID and flag comparison), no NOTIFY (IDLE plus periodic checks)."""
+    folders = [unique_folder(), "INBOX"]
+    uids = seed(dovecot, "carol", folders[0], [make_object("chat", seed=i) for i in range(4)])
+    settings = ServerSettings(dovecot.host, dovecot.port, "carol", "carolpw", "lib-dev", tls="none")
+    stripped = {b"LIST-STATUS", b"CONDSTORE", b"QRESYNC", b"NOTIFY"}
+
+    def connect_plain(s: ServerSettings):
+        conn = connect(s)
+        conn.capabilities = conn.capabilities - stripped
+        return conn
+
+    store = LocalStore(tmp_path / "lib-store")
+    conn = connect_plain(settings)
+    try:
+        with store.locked():
+            syncer = Syncer(conn, store)
+            assert not conn.qresync
+            syncer.sync([folders[0]])
+            c = dovecot.imap_direct("carol", tls="none")
+            c.select_folder(folders[0])
+            c.add_flags([uids[2]], [b"\\Answered"])
+            c.delete_messages([uids[3]])
+            c.expunge()
+            c.logout()
+            new = seed(dovecot, "carol", folders[0], [make_object("sms", seed=7)])
+            result = syncer.sync([folders[0]])
+    finally:
+        conn.logout()
+    (r,) = result.folders
+    assert (r.new, r.flags, r.removed) == (1, 1, 1)
+    f = store.folder(folders[0])
+    assert f.highestmodseq is None
+    msgs = store.messages(f)
+    assert sorted(msgs) == [*uids[:3], *new] and "\\Answered" in msgs[uids[2]].flags
+
+    # IDLE on INBOX (no NOTIFY): a delivery shows up without waiting for the periodic check.
+    stopper = Stopper()
+    log: list[str] = []
+    w = Watcher(settings, store, options=WatchOptions(folders=tuple(folders), interval=120), stopper=stopper,
+                log=log.append, connector=connect_plain)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: any("watching" in m for m in log), timeout=20, what="the watcher")
+        assert "(idle" in next(m for m in log if "watching" in m)
+        inbox_uid = seed(dovecot, "carol", "INBOX", [make_object("other", seed=3)])[0]
+        wait_for(lambda: inbox_uid in store.messages(store.folder("INBOX")), what="the INBOX delivery")
+    finally:
+        stopper.stop()
+        t.join(15)
+    assert not t.is_alive()
+    store.close()
+
+
+# -- failures: non-zero, one line, no traceback ---------------------------------------------------------
+
+
+def _one_line_failure(res: subprocess.CompletedProcess, status: int, *words: str) -> None:
+    assert res.returncode == status, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cpm-sync: "), res.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+def test_failures_are_one_line_with_an_exit_status(dovecot, device, tmp_path):
+    bad = device("phone-badpw", password="wrong")
+    _one_line_failure(bad.sync(ok=False), 4, "login", "alice")
+
+    down = Device(tmp_path, "phone-down", "alice", dovecot.port)
+    s = __import__("socket").socket()
+    s.bind(("127.0.0.1", 0))
+    down.port = s.getsockname()[1]  # bound, never listening: connection refused
+    try:
+        _one_line_failure(down.sync(ok=False), 3, "cannot connect", "refused")
+    finally:
+        s.close()
+
+    untrusted = device("phone-untrusted")
+    untrusted.ca_file = None  # the proxy's certificate is not signed by a system CA
+    _one_line_failure(untrusted.sync(ok=False), 3, "certificate")
+
+    no_starttls = device("phone-nostarttls", via=dovecot, tls="implicit")  # plain port, TLS expected
+    assert no_starttls.sync(ok=False, timeout=30).returncode == 3
+
+    ok = device("phone-missing")
+    _one_line_failure(ok.sync("Default/does-not-exist-" + uuid.uuid4().hex, ok=False), 5, "no such folder")
+    _one_line_failure(ok.run("flag", "INBOX", "1", "+bad flag", ok=False), 2)

@@ -1,0 +1,246 @@
+"""Reference client, no server needed: CPM classification, the local store's layout and crash recovery,
+command-line parsing."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpmproxy.client.cli import build_parser, main, parse_server
+from cpmproxy.client.kinds import KINDS, classify
+from cpmproxy.client.store import LocalStore, folder_relpath, maildir_info
+from cpmproxy.client.sync import _internaldate, normalize_flag, parse_uid_set
+from cpmproxy.testing.sample import KINDS as SAMPLE_KINDS
+from cpmproxy.testing.sample import classify_reference, make_object
+
+# -- kinds -------------------------------------------------------------------------------------------
+
+
+def test_kinds_are_the_designs():
+    assert set(KINDS) == set(SAMPLE_KINDS)
+
+
+_VARIANTS = {"file-transfer": ["cpim", "related"], "other": ["email", "voicemail"]}
+
+
+@pytest.mark.parametrize("kind, variant", [(k, v) for k in SAMPLE_KINDS for v in _VARIANTS.get(k, [None])])
+def test_classify_every_sample_kind(kind, variant):
+    data = make_object(kind, variant=variant, group=variant == "related", size=3000)
+    assert classify(data) == kind == classify_reference(data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(SAMPLE_KINDS), seed=st.integers(0, 10_000), group=st.booleans(),
+       direction=st.sampled_from(["sent", "received"]), size=st.one_of(st.none(), st.integers(0, 20_000)))
+def test_classify_agrees_with_the_reference(kind, seed, group, direction, size):
+    data = make_object(kind, seed=seed, group=group, direction=direction, size=size)
+    assert classify(data) == classify_reference(data) == kind
+
+
+@pytest.mark.parametrize("data, kind", [
+    # folded Content-Type, odd case, parameter order
+    (b"Content-Type: Multipart/Related;\r\n boundary=x;\r\n\tTYPE=\"application/x-cpm-file-transfer\"\r\n\r\nb",
+     "file-transfer"),
+    (b"content-type: APPLICATION/X-CPM-SESSION\n\nbody", "session-info"),  # bare LF
+    (b"Message-Context:   Pager-Message  \r\nContent-Type: text/plain\r\n\r\nhi", "sms"),
+    (b"Content-Type: message/CPIM\r\n\r\nFrom: <sip:a@b>\r\n\r\nContent-Type: Message/IMDN+XML\r\n\r\n<x/>",
+     "imdn"),
+    (b"Content-Type: message/cpim\r\n\r\nFrom: <sip:a@b>\r\n\r\n", "chat"),  # empty entity
+    (b"Subject: no body at all", "other"),
+    (b"", "other"),
+])
+def test_classify_edge_cases(data, kind):
+    assert classify(data) == kind
+
+
+# -- store layout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, delim, path", [
+    ("Default/tel:+15551234567", "/", "Default/tel:+15551234567"),
+    ("INBOX", "/", "INBOX"),
+    ("Default/tmp", "/", "Default/%74mp"),  # would land in Default's own tmp/
+    ("cur/new", "/", "%63ur/%6Eew"),
+    ("a/.hidden/..", "/", "a/%2Ehidden/%2E."),
+    ("100%/x", "/", "100%25/x"),
+    ("a.b/c", ".", "a/b%2Fc"),  # '/' inside a component when the delimiter is '.'
+    ("a//b", "/", "a/%/b"),
+    ("Grüße/日本", "/", "Grüße/日本"),
+    ("ctl\x01", None, "ctl%01"),
+])
+def test_folder_relpath(name, delim, path):
+    assert folder_relpath(name, delim) == path
+
+
+def test_folder_relpath_long_component_is_bounded():
+    p = folder_relpath("x" * 1000, "/")
+    assert len(p.encode()) <= 200 and "%~" in p
+
+
+def test_maildir_info():
+    assert maildir_info(["\\Seen", "\\Flagged", "$Label", "\\Answered", "$Forwarded"]) == ":2,FPRS"
+    assert maildir_info([]) == ":2,"
+
+
+def _store_with_messages(tmp_path: Path, n: int = 3) -> tuple[LocalStore, object]:
+    store = LocalStore(tmp_path / "s", fsync=True)
+    f = store.add_folder("Default/tel:+15550001", b"Default/tel:+15550001", "/")
+    store.update_folder(f, uidvalidity=77)
+    recs = [store.write_message(f, uid, make_object("chat", seed=uid), ["\\Seen"], 1_700_000_000.0)
+            for uid in range(1, n + 1)]
+    store.commit_messages(f, recs)
+    store.update_folder(f, uidnext=n + 1)
+    return store, f
+
+
+def test_store_writes_maildir_and_index(tmp_path):
+    store, f = _store_with_messages(tmp_path)
+    cur = tmp_path / "s" / "maildir" / "Default" / "tel:+15550001" / "cur"
+    names = sorted(os.listdir(cur))
+    assert names == ["U1.V77.cpm-sync:2,S", "U2.V77.cpm-sync:2,S", "U3.V77.cpm-sync:2,S"]
+    assert os.listdir(cur.parent / "tmp") == []
+    assert (cur / names[0]).read_bytes() == make_object("chat", seed=1)
+    assert (cur / names[0]).stat().st_mtime == 1_700_000_000.0  # INTERNALDATE
+    assert oct((cur / names[0]).stat().st_mode & 0o777) == "0o600"
+    recs = store.messages(f)
+    assert [r.kind for r in recs.values()] == ["chat"] * 3
+    # flag change renames the file and updates the index
+    assert store.set_flags(f, {2: ("\\Seen", "\\Flagged", "$Work")}) == 1
+    assert (cur / "U2.V77.cpm-sync:2,FS").exists()
+    assert store.flags(f)[2] == ("\\Seen", "\\Flagged", "$Work")
+    assert store.remove_messages(f, [1, 99]) == 1
+    assert not (cur / "U1.V77.cpm-sync:2,S").exists()
+    store.close()
+
+
+def test_reconcile_after_interruption(tmp_path):
+    store, f = _store_with_messages(tmp_path)
+    base = tmp_path / "s" / "maildir" / "Default" / "tel:+15550001"
+    # What an interruption can leave: a tmp/ leftover, a file renamed into cur/ but never indexed, a
+    # flag rename without its index update, a stale file of an old UIDVALIDITY, and a file that is not
+    # ours at all (which must survive).
+    (base / "tmp" / "U4.V77.cpm-sync").write_bytes(b"partial")
+    (base / "cur" / "U5.V77.cpm-sync:2,").write_bytes(b"never indexed")
+    os.rename(base / "cur" / "U3.V77.cpm-sync:2,S", base / "cur" / "U3.V77.cpm-sync:2,FS")
+    (base / "cur" / "U1.V76.cpm-sync:2,S").write_bytes(b"old uidvalidity")
+    (base / "cur" / "1700000000.M1P2.host:2,S").write_bytes(b"someone else's")
+    os.unlink(base / "cur" / "U2.V77.cpm-sync:2,S")  # lost behind our back
+    result = store.reconcile(f)
+    assert (result.tmp_removed, result.stray_removed, result.renamed, result.missing) == (1, 2, 1, 1)
+    assert sorted(os.listdir(base / "cur")) == ["1700000000.M1P2.host:2,S", "U1.V77.cpm-sync:2,S",
+                                                "U3.V77.cpm-sync:2,S"]
+    assert os.listdir(base / "tmp") == []
+    assert set(store.messages(f)) == {1, 3}
+    assert store.folder(f.name).full_check  # UID 2 will be fetched again by a full comparison
+    store.close()
+
+
+def test_reset_and_remove_folder(tmp_path):
+    store, f = _store_with_messages(tmp_path)
+    child = store.add_folder("Default/tel:+15550001/x", b"Default/tel:+15550001/x", "/")
+    assert store.reset_folder(f, 78) == 3
+    base = tmp_path / "s" / "maildir" / "Default" / "tel:+15550001"
+    assert os.listdir(base / "cur") == [] and store.count(f) == 0
+    assert store.folder(f.name).uidvalidity == 78 and store.folder(f.name).uidnext == 1
+    store.remove_folder(f)
+    assert store.folder(f.name) is None
+    assert not (base / "cur").exists() and (base / "x" / "cur").is_dir()  # the child folder stays
+    store.remove_folder(child)
+    assert not (tmp_path / "s" / "maildir" / "Default").exists()
+    store.close()
+
+
+def test_store_refuses_another_account(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    store.bind("h:1", "alice", "phone")
+    store.bind("other-host:2", "alice", "phone")  # the server address may change
+    with pytest.raises(Exception, match="belongs to user 'alice'"):
+        store.bind("h:1", "bob", "phone")
+    with pytest.raises(Exception, match="belongs to device id 'phone'"):
+        store.bind("h:1", "alice", "tablet")
+    store.close()
+
+
+def test_index_schema_is_readable_by_plain_sqlite(tmp_path):
+    store, f = _store_with_messages(tmp_path)
+    store.close()
+    db = sqlite3.connect(tmp_path / "s" / "index.sqlite")
+    rows = db.execute("SELECT f.name, f.uidvalidity, f.uidnext, m.uid, m.kind, m.flags, m.size "
+                      "FROM messages m JOIN folders f ON f.id = m.folder_id ORDER BY m.uid").fetchall()
+    assert rows[0][:6] == ("Default/tel:+15550001", 77, 4, 1, "chat", "\\Seen")
+
+
+# -- small parsers -----------------------------------------------------------------------------------
+
+
+def test_internaldate():
+    assert _internaldate(b"17-Jul-1996 02:44:25 -0700") == 837596665.0
+    assert _internaldate(b" 1-Jan-2024 00:00:00 +0000") == 1704067200.0
+    assert _internaldate(b"29-Feb-2000 23:59:59 +1400") == 951818399.0
+    assert _internaldate(b"garbage") is None
+
+
+def test_flags_and_uids():
+    assert normalize_flag("seen") == b"\\Seen" and normalize_flag("read") == b"\\Seen"
+    assert normalize_flag("\\Flagged") == b"\\Flagged" and normalize_flag("$Work") == b"$Work"
+    for bad in ("", "a b", "(x)", "\\Recent", "ü"):
+        with pytest.raises(ValueError):
+            normalize_flag(bad)
+    assert parse_uid_set(["3", "5:7", "9,11"]).format() == b"3,5:7,9,11"
+    for bad in (["*"], ["1:*"], ["x"], [], ["0"]):
+        with pytest.raises(ValueError):
+            parse_uid_set(bad)
+
+
+def test_parse_server():
+    assert parse_server("imap.example.com:1143", "starttls") == ("imap.example.com", 1143)
+    assert parse_server("imap.example.com", "starttls") == ("imap.example.com", 143)
+    assert parse_server("imap.example.com", "implicit") == ("imap.example.com", 993)
+    assert parse_server("[::1]:1143", "none") == ("::1", 1143)
+
+
+def test_cli_parsing_accepts_options_on_either_side_and_dash_flags():
+    p = build_parser()
+    a = p.parse_args(["--store", "d", "flag", "INBOX", "5", "7:9", "-\\Seen"])
+    assert (a.folder, a.rest) == ("INBOX", ["5", "7:9", "-\\Seen"])
+    a = p.parse_args(["sync", "--store", "d", "--tls", "none", "A", "B"])
+    assert (a.store, a.tls, a.folders) == ("d", "none", ["A", "B"])
+    a = p.parse_args(["--store", "d", "delete", "--local", "F", "3"])
+    assert a.local and a.uids == ["3"]
+
+
+def test_cli_usage_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--store", str(tmp_path / "s"), "frobnicate"])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["--store", str(tmp_path / "s"), "sync"]) == 2  # no --server/--user/--password-file
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--server" in err[0]
+    assert main(["--store", str(tmp_path / "s"), "list", "Nope"]) == 6
+    assert "not in the local store" in capsys.readouterr().err
+
+
+def test_progress_bars_only_on_a_terminal():
+    import io
+
+    from cpmproxy.client.progress import NullProgress, TerminalProgress, progress_factory
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress_factory(stream=io.StringIO())("f", 10, 100), NullProgress)
+    out = Tty()
+    bar = progress_factory(stream=out)("Default/tel:+15551234567", 10, 10_000)
+    assert isinstance(bar, TerminalProgress)
+    bar.INTERVAL = 0
+    bar.update(5, 5_000)
+    assert "Default/tel:+15551234567" in out.getvalue() and "5/10" in out.getvalue()
+    bar.close()
+    assert out.getvalue().endswith("\r")
