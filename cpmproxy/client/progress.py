@@ -30,9 +30,10 @@ else:
 
 def _columns() -> int:
     try:
-        return os.get_terminal_size(2).columns
+        columns = os.get_terminal_size(2).columns
     except OSError:
         return 80
+    return columns if columns >= 40 else 80  # some pseudo-terminals report 0
 
 
 class NullProgress:

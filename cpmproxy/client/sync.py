@@ -408,7 +408,9 @@ class Syncer:
                     raise ProtocolError("malformed LIST response from the server")
                 wire = _mailbox_token(toks[2])
                 if wanted is not None and wire not in wanted:
-                    return True  # a wildcard in a requested name matched something else
+                    # A wildcard in a requested name matched something else, or a NOTIFY MailboxName
+                    # event for another folder: not ours, the caller may want it.
+                    return False
                 attrs = frozenset(t.lower() for t in toks[0] if isinstance(t, Atom))
                 delim = None if toks[1] is None else astring(toks[1]).decode("ascii", "replace")
                 sf = found.get(wire)
@@ -507,9 +509,9 @@ class Syncer:
         # Step a.2, first question: is the local copy still valid at all? A new UIDVALIDITY means the
         # server renumbered the folder (e.g. deleted and recreated it): every UID we hold is meaningless.
         if sf.uidvalidity is not None and lf.uidvalidity is not None and sf.uidvalidity != lf.uidvalidity:
+            self.log(f"{sf.name}: UIDVALIDITY changed ({lf.uidvalidity} -> {sf.uidvalidity}), resyncing")
             res.reset = True
             res.removed += store.reset_folder(lf, sf.uidvalidity)
-            self.log(f"{sf.name}: UIDVALIDITY changed ({lf.uidvalidity} -> {sf.uidvalidity}), resyncing")
 
         # Step a.2, second question: did anything happen since the last sync? Same UIDNEXT (nothing
         # appended) and same HIGHESTMODSEQ (no flag change, no expunge) -> nothing to do, not even SELECT.
@@ -582,18 +584,21 @@ class Syncer:
             if list_cmd.done is not None and not list_cmd.done.ok and state.exists:
                 raise ServerRefused(f"listing folder {sf.name} failed: {list_cmd.done.text}")
 
-        if state.uidvalidity is not None and state.uidvalidity != lf.uidvalidity:
-            if lf.uidvalidity is not None and not res.reset:
-                # Changed between STATUS and EXAMINE: same as above, but the listing we pipelined was
-                # already a full one only if we were not incremental.
-                res.reset = True
-                res.removed += store.reset_folder(lf, state.uidvalidity)
-                local_flags = {}
-                if incremental:  # what we got is relative to the old folder: start again, fully
-                    sf.uidvalidity = state.uidvalidity
-                    return self._merge(res, self.sync_folder(sf, lf))
-            else:
-                store.update_folder(lf, uidvalidity=state.uidvalidity)
+        validity = state.uidvalidity or sf.uidvalidity
+        if validity is None:
+            raise ProtocolError(f"the server reports no UIDVALIDITY for {sf.name}")
+        if lf.uidvalidity is None:
+            store.update_folder(lf, uidvalidity=validity)
+        elif validity != lf.uidvalidity:
+            # Changed between STATUS and EXAMINE: the same as above. A full listing (pipelined when we
+            # were not incremental) is still good; an incremental one is relative to the old folder.
+            self.log(f"{sf.name}: UIDVALIDITY changed ({lf.uidvalidity} -> {validity}), resyncing")
+            res.reset = True
+            res.removed += store.reset_folder(lf, validity)
+            local_flags = {}
+            if incremental:
+                sf.uidvalidity = validity
+                return self._merge(res, self.sync_folder(sf, lf))
 
         if incremental and not state.nomodseq:
             # QRESYNC told us: VANISHED (EARLIER) = expunged since our modseq, FETCH = flags changed.
@@ -636,7 +641,6 @@ class Syncer:
             uidnext = min(uidnext, retry_from)
         store.update_folder(
             lf,
-            uidvalidity=state.uidvalidity or sf.uidvalidity,
             uidnext=uidnext,
             highestmodseq=None if state.nomodseq else (state.highestmodseq or None),
             server_messages=state.exists,

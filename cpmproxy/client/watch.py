@@ -61,14 +61,15 @@ NOTIFY_REQUESTS = (
 class WatchOptions:
     """``folders``: only these (default: the whole account); ``interval``: a full check every so many
     seconds (default 300 with NOTIFY, 60 with IDLE); ``idle_folder``: what IDLE watches without NOTIFY;
-    ``max_backoff``: longest wait between reconnection attempts; ``lock_timeout``: for the store lock."""
+    ``min_backoff``/``max_backoff``: first and longest wait between reconnection attempts (doubling in
+    between); ``lock_timeout``: for the store lock."""
 
-    __slots__ = ("folders", "interval", "idle_folder", "max_backoff", "lock_timeout")
+    __slots__ = ("folders", "interval", "idle_folder", "min_backoff", "max_backoff", "lock_timeout")
 
     def __init__(self, folders: tuple[str, ...] = (), interval: float | None = None, idle_folder: str = "INBOX",
-                 max_backoff: float = 60.0, lock_timeout: float = 60.0) -> None:
+                 min_backoff: float = 1.0, max_backoff: float = 60.0, lock_timeout: float = 60.0) -> None:
         self.folders, self.interval, self.idle_folder = tuple(folders), interval, idle_folder
-        self.max_backoff, self.lock_timeout = max_backoff, lock_timeout
+        self.min_backoff, self.max_backoff, self.lock_timeout = min_backoff, max_backoff, lock_timeout
 
 
 class Stopper:
@@ -150,33 +151,35 @@ class Watcher:
 
     def run(self) -> None:
         """Until stopped. Raises only for permanent problems (credentials, TLS trust)."""
-        delay = 1.0
+        backoff = [self.options.min_backoff]  # doubles per failed attempt; back to the minimum once synced
+
+        def retry(reason: str) -> bool:
+            wait = _jitter(backoff[0])
+            self.log(f"{reason}; retrying in {wait:.1f} s")
+            backoff[0] = min(backoff[0] * 2, self.options.max_backoff)
+            return not self.stopper.sleep(wait)
+
+        def ready() -> None:
+            backoff[0] = self.options.min_backoff
+
         while not self.stopper.stopped:
             try:
                 conn = self.connector(self.settings)
             except (AuthenticationError, TLSError):
-                raise
+                raise  # permanent: retrying a wrong password only locks the account
             except ConnectError as e:
-                wait = _jitter(delay)
-                self.log(f"{e}; retrying in {wait:.0f} s")
-                if self.stopper.sleep(wait):
+                if not retry(str(e)):
                     break
-                delay = min(delay * 2, self.options.max_backoff)
                 continue
             try:
-                self._session(conn, on_ready=lambda: None)
-                delay = 1.0
+                self._session(conn, on_ready=ready)
             except Interrupted:
                 break
             except (ConnectError, ServerRefused) as e:
                 # ConnectionLost (a ConnectError) or the server refusing something mid-session: start over.
-                wait = _jitter(delay)
-                self.log(f"connection lost ({e}); reconnecting in {wait:.0f} s")
                 conn.close()
-                if self.stopper.sleep(wait):
+                if not retry(f"connection lost ({e})"):
                     break
-                delay = min(delay * 2, self.options.max_backoff)
-                continue
             finally:
                 conn.logout()
 

@@ -133,6 +133,18 @@ def _server_tls(config: Config):
         raise ConfigError(f"proxy.tls_cert/tls_key: cannot load: {e}") from None
 
 
+class SidePool:
+    """The user's shared side connection in this process (see ClientSession.side_command)."""
+
+    def __init__(self) -> None:
+        self.proto = None  # None, a Deferred while connecting, or the BackendProtocol
+        self.waiting: list[defer.Deferred] = []
+        self.sessions: set = set()
+        # Sequences that EXAMINE a mailbox on the side connection hold this, so that another
+        # coroutine's EXAMINE cannot slip in between their commands.
+        self.lock = defer.DeferredLock()
+
+
 class EventBus:
     """In-process publish/subscribe between plugins (e.g. "mailbox changed for user U"): changes made
     through this process reach the user's other sessions at once, without waiting for the backend."""
@@ -176,6 +188,8 @@ class ProxyService(service.MultiService):
         self.ports = []
         self._stopping = False
         self.events = EventBus()
+        self._side_pools: dict[str, SidePool] = {}
+        self._shared: dict[tuple, tuple] = {}
 
     # -- listeners ------------------------------------------------------------------------------
 
@@ -257,6 +271,30 @@ class ProxyService(service.MultiService):
         self._drop_ip(session.peer_host)
         if session.user is not None:
             self.forget_user(session)
+
+    def shared(self, value: tuple) -> tuple:
+        """One copy of equal immutable values held by many sessions (capability lists)."""
+        return self._shared.setdefault(value, value)
+
+    def side_pool(self, session: ClientSession) -> SidePool:
+        pool = self._side_pools.get(session.user)
+        if pool is None:
+            pool = self._side_pools[session.user] = SidePool()
+        pool.sessions.add(session)
+        return pool
+
+    def release_side(self, session: ClientSession) -> None:
+        pool = self._side_pools.get(session.user)
+        if pool is None:
+            return
+        pool.sessions.discard(session)
+        if not pool.sessions:
+            del self._side_pools[session.user]
+            proto = pool.proto
+            if isinstance(proto, defer.Deferred):
+                proto.addCallbacks(lambda p: p.transport.loseConnection(), lambda f: None)
+            elif proto is not None:
+                proto.transport.loseConnection()
 
     def sessions_of(self, user: str) -> set[ClientSession]:
         return set(self.by_user.get(user, ()))

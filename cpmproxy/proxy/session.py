@@ -134,10 +134,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._swallow_continuation = 0
         self._blocked = False  # a plugin's Defer decision is pending
         self._credentials: tuple[str, str, str] | None = None  # kept for the side connection only
-        self._side: defer.Deferred | None = None
-        # Sequences that EXAMINE a mailbox on the side connection hold this, so that another
-        # coroutine's EXAMINE cannot slip in between their commands.
-        self.side_lock = defer.DeferredLock()
+
         self._current: ClientCommand | None = None  # command whose later segments we are relaying
         self._resp_cmd: ClientCommand | None = None
         self._resp_head = None
@@ -558,8 +555,9 @@ class ClientSession(Protocol, TimeoutMixin):
             self.user = None
             self._resume_preauth(tag + b" NO [LIMIT] " + refusal.encode() + b"\r\n")
             return
-        self.backend_caps = post_caps
-        self.capabilities = self._post_capabilities(post_caps)
+        # Identical across sessions: one shared copy (thousands of idle sessions each kept their own).
+        self.backend_caps = service.shared(tuple(post_caps))
+        self.capabilities = service.shared(tuple(self._post_capabilities(post_caps)))
         try:
             for plugin in service.hooks.login:
                 await defer.maybeDeferred(plugin.login, self)
@@ -863,25 +861,48 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def side_command(self, line: bytes) -> defer.Deferred[Reply]:
         """Run ``line`` on a second backend connection of this user, for questions about mailboxes other
-        than the selected one (STATUS counts, folder checks, METADATA). During the ``login`` hook the
-        session's own connection is used (nothing is relayed yet). The reply holds every untagged
-        response that came before the tagged one."""
+        than the selected one (STATUS counts, folder checks, METADATA). One such connection serves all
+        of the user's sessions in this process (``side_lock`` serializes EXAMINE-dependent sequences).
+        During the ``login`` hook the session's own connection is used (nothing is relayed yet). The
+        reply holds every untagged response that came before the tagged one (ESEARCH by tag)."""
         if self.phase == "login" and self.backend is not None and self.backend.session is None:
             return self.backend.command(line)
-        if self._side is None:
-            self._side = defer.Deferred.fromCoroutine(self._open_side())
-        d = defer.Deferred()
+        pool = self.service.side_pool(self)
+        d: defer.Deferred[Reply] = defer.Deferred()
 
         def send(proto):
+            if proto.closed:
+                pool.proto = None
+                return self.side_command(line).chainDeferred(d)
             proto.command(line).chainDeferred(d)
-            return proto
 
-        def failed(f):
-            self._side = None  # try again next time
-            d.errback(f)
+        if pool.proto is None:
+            pool.proto = defer.Deferred.fromCoroutine(self._open_side())
 
-        self._side.addCallbacks(send, failed)
+            def opened(proto):
+                pool.proto = proto
+                waiting, pool.waiting = pool.waiting, []
+                for w in waiting:
+                    w.callback(proto)
+
+            def failed(f):
+                pool.proto = None  # try again next time
+                waiting, pool.waiting = pool.waiting, []
+                for w in waiting:
+                    w.errback(f)
+
+            pool.proto.addCallbacks(opened, failed)
+        if isinstance(pool.proto, defer.Deferred):
+            w: defer.Deferred = defer.Deferred()
+            pool.waiting.append(w)
+            w.addCallbacks(send, d.errback)
+        else:
+            send(pool.proto)
         return d
+
+    @property
+    def side_lock(self) -> defer.DeferredLock:
+        return self.service.side_pool(self).lock
 
     def open_backend(self, purpose: str = "side") -> defer.Deferred:
         """A new backend connection logged in as this session's user (for a plugin to own: it must
@@ -902,14 +923,12 @@ class ClientSession(Protocol, TimeoutMixin):
         except BaseException:
             proto.transport.loseConnection()
             raise
-        if self.phase == "closed":
+        if self.phase == "closed" and purpose != "side":  # (the shared side connection is the pool's)
             proto.transport.loseConnection()
         return proto
 
     def _close_side(self) -> None:
-        if self._side is not None:
-            side, self._side = self._side, None
-            side.addCallbacks(lambda p: p.transport.loseConnection(), lambda f: None)
+        self.service.release_side(self)
 
     def _send_internal_queue(self) -> None:
         if not self._internal_queue or self._current is not None or self._idle == "active":
