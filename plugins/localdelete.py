@@ -58,6 +58,7 @@ class LocalState:
 class LocalDeletePlugin(Plugin):
     name = "localdelete"
     requires = ("policy",)
+    response_continuations = True  # FLAGS may follow a literal in a FETCH
 
     def __init__(self, proxy):
         super().__init__(proxy)

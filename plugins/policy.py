@@ -208,6 +208,8 @@ _SEARCHES = frozenset((b"SEARCH", b"SORT", b"THREAD"))
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
 _STATUS_RE = re.compile(rb"^\* STATUS (.*) \(([^()]*)\)\r?\n$", re.S | re.I)
 _NUMBERED_RE = re.compile(rb"^\* (\d+) ", re.S)
+_FETCH_LINE_RE = re.compile(rb"^\* \d+ FETCH ", re.M)
+_FETCH_WHOLE_RE = re.compile(rb"^\* (\d+) FETCH ([^\n]*\n)", re.M)
 
 
 def _token_text(tok) -> bytes | None:
@@ -615,6 +617,19 @@ class PolicyPlugin(Plugin):
                 return Drop()
             return Rewrite(resp.data.replace(b"[UNSEEN %d]" % int(head.code[7:]), b"[UNSEEN %d]" % client, 1))
         return None
+
+    def response_block(self, session, block: bytes) -> bytes | None:
+        """A run of FETCH lines under a filtered view: renumbered and filtered in one pass."""
+        st = session.state.get(self.name)
+        view = st.view if st is not None else None
+        if view is None or st.pending_select or block.count(b"\n") != len(_FETCH_LINE_RE.findall(block)):
+            return None
+        client_seq = view.client_seq
+
+        def renumber(m):
+            c = client_seq(int(m.group(1)))
+            return b"" if c is None else b"* %d FETCH " % c + m.group(2)
+        return _FETCH_WHOLE_RE.sub(renumber, block)
 
     def block_ok(self, session, block: bytes) -> bool:
         st = session.state.get(self.name)

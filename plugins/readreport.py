@@ -20,6 +20,7 @@ _CPM_FLAG_RE = re.compile(rb"\\read-report-sent(?=[\s)])", re.I)
 
 class ReadReportPlugin(Plugin):
     name = "readreport"
+    response_continuations = True  # FLAGS may follow a literal in a FETCH
 
     def __init__(self, proxy):
         super().__init__(proxy)

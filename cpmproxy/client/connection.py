@@ -491,7 +491,7 @@ class Connection:
 
     def start_tls(self, ctx: ssl.SSLContext) -> None:
         """Wrap the socket after ``STARTTLS`` completed. Anything already received in plaintext after the
-        OK would be an injection attempt (CVE-2011-0411 style), so it is refused."""
+        OK would have been injected by someone on the path (STARTTLS response injection), so it is refused."""
         if self._reader.buffered():
             raise ProtocolError("the server sent data after accepting STARTTLS")
         self.sock = ctx.wrap_socket(self.sock, server_hostname=self.settings.host)

@@ -54,6 +54,7 @@ from cpmproxy.client.store import Folder, LocalStore, MessageRecord
 
 __all__ = [
     "FolderResult",
+    "SelectState",
     "ServerFolder",
     "SyncOptions",
     "SyncResult",
@@ -307,7 +308,7 @@ def normalize_flag(flag: str) -> bytes:
 # -- the engine --------------------------------------------------------------------------------------
 
 
-class _SelectState:
+class SelectState:
     """What a SELECT/EXAMINE told us (the handler claims the responses that belong to it)."""
 
     def __init__(self) -> None:
@@ -549,7 +550,7 @@ class Syncer:
                 if len(known) <= _MAX_KNOWN_UIDS:
                     qr += b" " + known
             select += b" (QRESYNC (" + qr + b"))"
-        state = _SelectState()
+        state = SelectState()
         sel_cmd = conn.send(select, handler=state.handle)
 
         # Pipelined with the EXAMINE: the list of messages to look at (UID, flags, size). Incremental:

@@ -45,7 +45,7 @@ from cpmproxy.client.errors import (
 )
 from cpmproxy.client.progress import ProgressFactory
 from cpmproxy.client.store import LocalStore
-from cpmproxy.client.sync import Syncer, SyncOptions, SyncResult
+from cpmproxy.client.sync import SelectState, Syncer, SyncOptions, SyncResult
 
 __all__ = ["NOTIFY_REQUESTS", "Stopper", "WatchOptions", "Watcher"]
 
@@ -268,12 +268,12 @@ class Watcher:
         wire = self.store.folder(self.options.idle_folder)
         target = wire.wire if wire is not None else self.options.idle_folder.encode()
         if conn.selected != target:
-            cmd = conn.run(b"EXAMINE " + mailbox_arg(target), check=False)
+            # The EXAMINE's own responses are not news (its handler takes them); anything else stays queued.
+            cmd = conn.run(b"EXAMINE " + mailbox_arg(target), handler=SelectState().handle, check=False)
             if cmd.done is None or not cmd.done.ok:
                 self.stopper.sleep(timeout)  # nothing to IDLE on: plain polling
                 return
             conn.selected = target
-            conn.take_unsolicited()  # the EXAMINE's own responses are not news
         # RFC 2177: re-issue IDLE at least every 29 minutes.
         cmd = conn.idle_start()
         try:

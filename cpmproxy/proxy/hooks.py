@@ -151,6 +151,9 @@ class Plugin:
     name: str = ""
     config_section: str | None = None
     requires: tuple[str, ...] = ()  # names of plugins this one builds on
+    # Whether ``response`` wants the segments after a literal too (e.g. FLAGS after BODY[] in a FETCH);
+    # most plugins only need the first segment, and bulk FETCHes have a continuation per message.
+    response_continuations: bool = False
 
     def __init__(self, proxy: Any):
         self.proxy = proxy  # the ProxyService: config, metrics, sessions of a user
@@ -174,6 +177,11 @@ class Plugin:
         return None
 
     def tagged(self, session, cmd: ClientCommand, resp: BackendResponse) -> Action | None:
+        return None
+
+    def response_block(self, session, block: bytes) -> bytes | None:
+        """Optionally rewrite a whole run of one-line untagged responses at once (faster than line by
+        line). Return the new block, or None to have each line go through ``response``."""
         return None
 
     def block_ok(self, session, block: bytes) -> bool:

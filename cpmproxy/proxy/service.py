@@ -48,12 +48,14 @@ class HookTable:
     tagged: list[Plugin] = field(default_factory=list)
     selected: list[Plugin] = field(default_factory=list)
     closed: list[Plugin] = field(default_factory=list)
+    response_continuations: list[Plugin] = field(default_factory=list)
 
     @classmethod
     def build(cls, plugins: list[Plugin]) -> HookTable:
         table = cls(plugins=list(plugins))
         for hook in _HOOKS:
             setattr(table, hook, [p for p in plugins if overrides(p, hook)])
+        table.response_continuations = [p for p in table.response if p.response_continuations]
         return table
 
 

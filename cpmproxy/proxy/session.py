@@ -1041,14 +1041,17 @@ class ClientSession(Protocol, TimeoutMixin):
                     data = ev.data
                     if self._held is None:
                         # The untagged run before the first tagged line (usually all but the last line)
-                        # goes out in one piece if nothing in it concerns anyone: the fast path.
+                        # goes out in one piece if nothing in it concerns anyone, or as plugins rewrote
+                        # it as a whole: the fast path.
                         m = _NOT_UNTAGGED_RE.search(data)
                         cut = len(data) if m is None else m.start() + (1 if m.start() else 0)
-                        if cut and self._block_passes(data[:cut]):
-                            self._out.append(data[:cut] if cut < len(data) else data)
-                            data = data[cut:]
-                            if not data:
-                                continue
+                        if cut:
+                            done = self._block_filter(data[:cut] if cut < len(data) else data)
+                            if done is not None:
+                                self._out.append(done)
+                                data = data[cut:]
+                                if not data:
+                                    continue
                     for line in lines_of(data):
                         seg = Segment(line, True)
                         if self._held is not None and not self._passes_hold(seg):
@@ -1076,17 +1079,21 @@ class ClientSession(Protocol, TimeoutMixin):
         self._flush()
         self.backend.flush()
 
-    def _block_passes(self, block: bytes) -> bool:
-        """Can a block of one-line untagged responses go to the client as it is? Only if none is tagged
-        or a continuation, none changes what the core tracks, and every response hook agrees."""
+    def _block_filter(self, block: bytes) -> bytes | None:
+        """A block of one-line untagged responses as it goes to the client, or None if it must be taken
+        line by line: when a line changes what the core tracks, or a plugin can neither let the block
+        pass (``block_ok``) nor rewrite it whole (``response_block``)."""
         if b" EXISTS\r" in block or b" EXPUNGE\r" in block or b"* BYE" in block or b"* ESEARCH" in block:
-            return False
+            return None
         if self._selecting is not None or self._pending_inject:
-            return False
+            return None
         for plugin in self.service.hooks.response:
-            if not plugin.block_ok(self, block):
-                return False
-        return True
+            if plugin.block_ok(self, block):
+                continue
+            block = plugin.response_block(self, block)
+            if block is None:
+                return None
+        return block
 
     @staticmethod
     def _passes_hold(ev) -> bool:
@@ -1113,7 +1120,7 @@ class ClientSession(Protocol, TimeoutMixin):
                     self._drop_response = False
                 return
             data = ev.data
-            if self.service.hooks.response and self._resp_head is not None:
+            if self.service.hooks.response_continuations and self._resp_head is not None:
                 data = self._response_hooks(ev, data, False)
                 if data is None:
                     return
@@ -1187,7 +1194,8 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _response_hooks(self, ev, data: bytes, first: bool) -> bytes | None:
         resp = BackendResponse(data, first, self._resp_head, self._resp_cmd)
-        for plugin in self.service.hooks.response:
+        hooks = self.service.hooks
+        for plugin in (hooks.response if first else hooks.response_continuations):
             action = plugin.response(self, resp)
             if action is None:
                 continue
