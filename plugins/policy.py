@@ -374,7 +374,7 @@ class PolicyPlugin(Plugin):
         if name in (b"SETMETADATA", b"GETMETADATA"):
             return self._metadata_command(session, st, cmd)
         if name in (b"LIST", b"LSUB"):
-            return Defer(defer.Deferred.fromCoroutine(self._before_list(session, st)))
+            return Defer(defer.Deferred.fromCoroutine(self._before_list(session, st, cmd)))
         if name in _MAILBOX_ARG:
             if _literal_mailbox(cmd):
                 # The name is a literal: let the proxy gather it (for APPEND only the name, not the message).
@@ -385,9 +385,18 @@ class PolicyPlugin(Plugin):
             return self._view_command(st, view, cmd)
         return None
 
-    async def _before_list(self, session, st):
+    async def _before_list(self, session, st, cmd):
         names = await self._all_folders(session)
         await self.folder_infos(session, names)
+        if b"STATUS" in cmd.line.upper() and b"RETURN" in cmd.line.upper():
+            # LIST-STATUS counts must be the view's too, like STATUS's.
+            adjusts = {}
+            for name in names:
+                if not self.folder_hidden(st, name):
+                    adjust = await self._status_adjustment(session, st, name)
+                    if adjust:
+                        adjusts[name] = adjust
+            cmd.state["status_adjusts"] = adjusts
         return None
 
     async def _mailbox_command(self, session, st: PolicySession, cmd):
@@ -905,8 +914,10 @@ class PolicyPlugin(Plugin):
         mailbox = _mailbox_name(raw)
         if self.folder_hidden(st, mailbox):
             return Drop()
-        cmd = _oldest(session, (b"STATUS",))
-        adjust = cmd.state.get("status_adjust") if cmd is not None else None
+        cmd = _oldest(session, (b"STATUS", b"LIST"))
+        adjust = None
+        if cmd is not None:
+            adjust = cmd.state.get("status_adjust") or cmd.state.get("status_adjusts", {}).get(mailbox)
         if not adjust:
             return None
         new = self.adjust_status_line(resp.data, adjust)

@@ -310,6 +310,35 @@ def test_policy_hidden_objects_are_never_downloaded(dovecot, make_proxy, device)
     assert len(fetched_body_uids(res.stderr)) == len(kinds) - kinds.count("imdn")
 
 
+def test_whole_account_sync_follows_the_folder_list(dovecot, proxy, device, sample_store):
+    """``sync`` without folder names: every selectable folder, none of the \\Noselect ones; a folder
+    deleted on the server disappears locally, children and all other folders untouched."""
+    gone = unique_folder("Default/tel:+1666")
+    seed(dovecot, "carol", gone, [make_object("chat", seed=1)])
+    c = device("phone-account", user="carol")
+    res = c.sync()
+    assert "folders checked" in res.stdout
+    # What this device sees through the proxy (preferences other tests set for carol may hide things).
+    view = imapclient.IMAPClient(proxy.host, proxy.port, ssl=False)
+    view.id_({"name": "test", "x-cpm-device-id": "phone-account"})
+    view.login("carol", "carolpw")
+    selectable = {name for flags, _d, name in view.list_folders()
+                  if not {b"\\Noselect", b"\\NonExistent"} & set(flags)}
+    with LocalStore(c.store_dir) as store:
+        local = {f.name: store.count(f) for f in store.folders()}
+    assert set(local) == selectable
+    for name in {e.mailbox for e in sample_store}:
+        assert local[name] == view.select_folder(name, readonly=True)[b"EXISTS"]
+    view.logout()
+    direct = dovecot.imap_direct("carol", tls="none")
+    direct.delete_folder(gone)
+    direct.logout()
+    res = c.sync()
+    assert f"{gone}: deleted on the server, removed locally (1 messages)" in res.stdout
+    assert c.folder_state(gone) is None and not c.folder_dir(gone).exists()
+    assert c.folder_dir(sample_store[0].mailbox).is_dir()
+
+
 # -- local changes to the server -------------------------------------------------------------------
 
 
@@ -424,8 +453,10 @@ def test_watch_follows_changes_from_another_device(dovecot, device):
 def test_library_without_extensions_and_idle_watch(dovecot, tmp_path):
     """The fallbacks, driven as a library: no LIST-STATUS (STATUS per folder), no CONDSTORE/QRESYNC (full
     UID and flag comparison), no NOTIFY (IDLE plus periodic checks)."""
-    folders = [unique_folder(), "INBOX"]
+    # Own folders only: carol's sample folders (INBOX among them) are other tests' reference data.
+    folders = [unique_folder(), unique_folder("Inbox-")]
     uids = seed(dovecot, "carol", folders[0], [make_object("chat", seed=i) for i in range(4)])
+    seed(dovecot, "carol", folders[1], [])
     settings = ServerSettings(dovecot.host, dovecot.port, "carol", "carolpw", "lib-dev", tls="none")
     stripped = {b"LIST-STATUS", b"CONDSTORE", b"QRESYNC", b"NOTIFY"}
 
@@ -458,18 +489,55 @@ def test_library_without_extensions_and_idle_watch(dovecot, tmp_path):
     msgs = store.messages(f)
     assert sorted(msgs) == [*uids[:3], *new] and "\\Answered" in msgs[uids[2]].flags
 
-    # IDLE on INBOX (no NOTIFY): a delivery shows up without waiting for the periodic check.
+    # IDLE (no NOTIFY) on the idle folder: a delivery shows up without waiting for the periodic check.
     stopper = Stopper()
     log: list[str] = []
-    w = Watcher(settings, store, options=WatchOptions(folders=tuple(folders), interval=120), stopper=stopper,
-                log=log.append, connector=connect_plain)
+    w = Watcher(settings, store, options=WatchOptions(folders=tuple(folders), interval=120, idle_folder=folders[1]),
+                stopper=stopper, log=log.append, connector=connect_plain)
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
     try:
         wait_for(lambda: any("watching" in m for m in log), timeout=20, what="the watcher")
         assert "(idle" in next(m for m in log if "watching" in m)
-        inbox_uid = seed(dovecot, "carol", "INBOX", [make_object("other", seed=3)])[0]
-        wait_for(lambda: inbox_uid in store.messages(store.folder("INBOX")), what="the INBOX delivery")
+        delivered = seed(dovecot, "carol", folders[1], [make_object("other", seed=3)])[0]
+        wait_for(lambda: delivered in store.messages(store.folder(folders[1])), what="the delivery")
+    finally:
+        stopper.stop()
+        t.join(15)
+    assert not t.is_alive()
+    store.close()
+
+
+def test_watch_reconnects_with_backoff(dovecot, tmp_path):
+    """The server unreachable at first, then the connection breaking mid-session: the watcher retries
+    with backoff, catches up, and goes on following changes."""
+    folder = unique_folder()
+    seed(dovecot, "dave", folder, [make_object("chat", seed=1)])
+    settings = ServerSettings(dovecot.host, dovecot.port, "dave", "davepw", "lib-reconnect", tls="none")
+    attempts: list[object] = []
+
+    def flaky(s: ServerSettings):
+        attempts.append(None)
+        if len(attempts) <= 2:
+            return connect(ServerSettings(s.host, 1, s.user, s.password, s.device_id, tls="none"))  # refused
+        conn = connect(s)
+        attempts[-1] = conn
+        return conn
+
+    store = LocalStore(tmp_path / "reconnect")
+    stopper, log = Stopper(), []
+    w = Watcher(settings, store, options=WatchOptions(folders=(folder,), min_backoff=0.05), stopper=stopper,
+                log=log.append, connector=flaky)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: any("watching" in m for m in log), timeout=20, what="the watcher")
+        assert len(attempts) == 3 and sum("retrying" in m for m in log) == 2
+        attempts[-1].sock.shutdown(__import__("socket").SHUT_RDWR)  # the connection breaks
+        wait_for(lambda: len(attempts) == 4 and sum("watching" in m for m in log) == 2, what="a reconnection")
+        assert any("connection lost" in m for m in log)
+        new = seed(dovecot, "dave", folder, [make_object("sms", seed=2)])[0]
+        wait_for(lambda: new in store.messages(store.folder(folder)), what="the new message after reconnecting")
     finally:
         stopper.stop()
         t.join(15)

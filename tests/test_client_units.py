@@ -244,3 +244,69 @@ def test_progress_bars_only_on_a_terminal():
     assert "Default/tel:+15551234567" in out.getvalue() and "5/10" in out.getvalue()
     bar.close()
     assert out.getvalue().endswith("\r")
+
+
+# -- the client's IMAP syntax (imapwire) --------------------------------------------------------------
+
+
+def test_tokenize_responses():
+    from cpmproxy.client.imapwire import Atom, tokenize
+
+    toks = tokenize(b'(UID 7 FLAGS (\\Seen $Work) BODY[HEADER.FIELDS (A "B]")]<0> {3} INTERNALDATE " 1-Jan-2024 00:00:00 +0000" X NIL)',
+                    [b"abc"])
+    (items,) = toks
+    assert items[0] == b"UID" and isinstance(items[0], Atom) and items[1] == b"7"
+    assert items[3] == [b"\\Seen", b"$Work"]
+    assert items[4] == b'BODY[HEADER.FIELDS (A "B]")]<0>' and isinstance(items[4], Atom)
+    assert items[5] == b"abc" and not isinstance(items[5], Atom)  # a literal is a string
+    assert items[7] == b" 1-Jan-2024 00:00:00 +0000" and not isinstance(items[7], Atom)
+    assert items[9] is None
+    assert tokenize(b'"a\\"b\\\\c" nil') == [b'a"b\\c', None]
+    for bad, lits in [(b"(a", []), (b"a)", []), (b'"open', []), (b"{3}", []), (b"{3}", [b"ab"])]:
+        with pytest.raises(ValueError):
+            tokenize(bad, lits)
+
+
+def test_parse_head():
+    from cpmproxy.client.imapwire import parse_head
+
+    h = parse_head(b"* OK [UIDVALIDITY 3857529045] UIDs valid")
+    assert (h.kind, h.name, h.code) == ("untagged", b"OK", b"UIDVALIDITY 3857529045")
+    h = parse_head(b"* 12 fetch (UID 7)")
+    assert (h.kind, h.number, h.name) == ("untagged", 12, b"FETCH")
+    h = parse_head(b"C7 NO [TRYCREATE] no such mailbox")
+    assert (h.kind, h.tag, h.name, h.code) == ("tagged", b"C7", b"NO", b"TRYCREATE")
+    assert parse_head(b"+ idling").kind == "continuation"
+    with pytest.raises(ValueError):
+        parse_head(b"garbage")
+
+
+def test_uid_sets():
+    from cpmproxy.client.imapwire import UidSet
+
+    s = UidSet.of([5, 1, 2, 3, 9, 10])
+    assert s.format() == b"1:3,5,9:10" and 2 in s and 4 not in s and len(s) == 6
+    assert UidSet.parse(b"1:3,5,10:9") == s
+    assert list(UidSet.parse("7")) == [7]
+    for bad in ("", "0", "1:*", "a", "01"):
+        with pytest.raises(ValueError):
+            UidSet.parse(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
+def test_mailbox_names_round_trip_like_the_proxy_codec(name):
+    from cpmproxy.client.imapwire import mutf7_decode, mutf7_encode
+    from cpmproxy.imap import mutf7
+
+    wire = mutf7_encode(name)
+    assert wire == mutf7.encode(name)  # the project's strict codec is the oracle
+    assert mutf7_decode(wire) == name
+
+
+@pytest.mark.parametrize("wire", [b"&", b"&AOQ", b"&AOQ-&AOQ-", b"&ZeVnLIqe-\xff", b"&YQ-"])
+def test_mailbox_names_non_canonical_refused(wire):
+    from cpmproxy.client.imapwire import mutf7_decode
+
+    with pytest.raises(ValueError):
+        mutf7_decode(wire)

@@ -117,6 +117,10 @@ def test_status_counts_are_the_views(make_proxy, sample_store):
     c = login(p)
     r = c.command(b"t", b"STATUS " + q(ONE_TO_ONE_FOLDER) + b" (MESSAGES UIDNEXT)")
     assert b"MESSAGES %d " % visible in r[0], r
+    # LIST-STATUS too.
+    r = c.command(b"l", b'LIST "" "Default/*" RETURN (STATUS (MESSAGES))')
+    line = next(x for x in r if x.startswith(b"* STATUS ") and ONE_TO_ONE_FOLDER.encode() in x)
+    assert b"MESSAGES %d)" % visible in line, r
     c.close()
 
 

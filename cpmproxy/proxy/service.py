@@ -145,6 +145,19 @@ class SidePool:
         # Sequences that EXAMINE a mailbox on the side connection hold this, so that another
         # coroutine's EXAMINE cannot slip in between their commands.
         self.lock = defer.DeferredLock()
+        self.close_call = None  # pending close after the last session left
+
+    def close(self) -> None:
+        proto, self.proto = self.proto, None
+        if isinstance(proto, defer.Deferred):
+            proto.addCallbacks(lambda p: p.transport.loseConnection(), lambda f: None)
+        elif proto is not None:
+            proto.transport.loseConnection()
+
+
+# A user's side connection outlives their last session a little: devices reconnect often, and a new
+# backend login costs more than keeping one idle connection for a while.
+SIDE_LINGER = 30.0
 
 
 class EventBus:
@@ -282,21 +295,23 @@ class ProxyService(service.MultiService):
         pool = self._side_pools.get(session.user)
         if pool is None:
             pool = self._side_pools[session.user] = SidePool()
+        if pool.close_call is not None and pool.close_call.active():
+            pool.close_call.cancel()
+        pool.close_call = None
         pool.sessions.add(session)
         return pool
 
     def release_side(self, session: ClientSession) -> None:
         pool = self._side_pools.get(session.user)
-        if pool is None:
+        if pool is None or session not in pool.sessions:
             return
         pool.sessions.discard(session)
         if not pool.sessions:
-            del self._side_pools[session.user]
-            proto = pool.proto
-            if isinstance(proto, defer.Deferred):
-                proto.addCallbacks(lambda p: p.transport.loseConnection(), lambda f: None)
-            elif proto is not None:
-                proto.transport.loseConnection()
+            def close(user=session.user, pool=pool):
+                if self._side_pools.get(user) is pool and not pool.sessions:
+                    del self._side_pools[user]
+                    pool.close()
+            pool.close_call = self.reactor.callLater(0 if self._stopping else SIDE_LINGER, close)
 
     def sessions_of(self, user: str) -> set[ClientSession]:
         return set(self.by_user.get(user, ()))
@@ -357,6 +372,11 @@ class ProxyService(service.MultiService):
         self.ports = []
         for s in list(self.sessions):
             s.shutdown(b"Server shutting down.")
+        for pool in list(self._side_pools.values()):
+            if pool.close_call is not None and pool.close_call.active():
+                pool.close_call.cancel()
+            pool.close()
+        self._side_pools.clear()
         d = defer.DeferredList(ds)
 
         def wait_sessions(_):
