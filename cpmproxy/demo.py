@@ -129,7 +129,13 @@ def _instructions(
             f'  d SELECT "{ONE_TO_ONE_FOLDER}"',
             "  e FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (FROM DATE MESSAGE-CONTEXT CONTENT-TYPE)])",
             "  f LOGOUT",
-            "  (CPM-SYNC will be demonstrable here once the sync extension lands.)",
+            "",
+            "The reference CPM client (sync, then watch for notifications; see README.md):",
+            f"  echo alicepw > {demo_dir / 'alice.pw'}",
+            f"  {Path(sys.executable).with_name('cpm-sync')} --server {HOST}:{proxy_port} --user alice "
+            f"--password-file {demo_dir / 'alice.pw'} --device-id phone-1 --store {demo_dir / 'alice-phone'} "
+            f"--tls starttls --ca-file {ca} sync",
+            "  (the same with `status --verbose`, `watch`, `delete --local FOLDER UID`)",
             "",
             "Python:",
             f'  python3 -c \'import imaplib; c = imaplib.IMAP4("{HOST}", {proxy_port}); '
