@@ -128,7 +128,6 @@ class LocalDeletePlugin(Plugin):
                 session.side_command(b"EXAMINE " + wire)
                 reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID "
                                                    + SequenceSet.from_iterable(uids).format())
-                session.side_command(b"UNSELECT")
             alive = set()
             for line in reply.untagged:
                 i = line.upper().find(b" ALL ")

@@ -158,13 +158,21 @@ class side_examine:
     EXAMINEd there (the side connection is shared by concurrent coroutines of the session)."""
 
     def __init__(self, session):
+        self.session = session
         self.lock = session.side_lock
 
     async def __aenter__(self):
         await self.lock.acquire()
 
     async def __aexit__(self, *exc):
-        self.lock.release()
+        # Leave nothing selected, and wait for it: a mailbox a client deletes next must not be open
+        # here (Dovecot would write its index back on closing it, bringing the folder back).
+        try:
+            await self.session.side_command(b"UNSELECT")
+        except Exception:
+            pass
+        finally:
+            self.lock.release()
 
 
 # -- per-session state ----------------------------------------------------------------------------
@@ -330,8 +338,6 @@ class PolicyPlugin(Plugin):
                     continue
                 session.side_command(b"EXAMINE " + _wire_name(name))
                 checks.append((name, info, session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA)))
-            if checks:
-                session.side_command(b"UNSELECT")
             for name, info, d in checks:
                 try:
                     reply = await d
@@ -433,6 +439,8 @@ class PolicyPlugin(Plugin):
         elif cmd.name == b"STATUS":
             cmd.state["status_adjust"] = await self._status_adjustment(session, st, names[0])
         if cmd.name in (b"DELETE", b"RENAME"):
+            async with side_examine(session):
+                pass  # no side sequence has the mailbox open while the backend deletes or renames it
             st.folders.pop(names[0], None)
             self.cache.forget(session.user, names[0])
         if cmd.name in (b"COPY", b"MOVE"):
@@ -449,7 +457,6 @@ class PolicyPlugin(Plugin):
             session.side_command(b"EXAMINE " + _wire_name(mailbox))
             waits = {kind: session.side_command(b"UID SEARCH RETURN (ALL) UID " + uidset + b" " + crit)
                      for kind, crit in KIND_CRITERIA.items()}
-            session.side_command(b"UNSELECT")
             out = {u: "other" for u in uids}
             for kind, d in waits.items():
                 for u in _esearch_all(await d):
@@ -854,14 +861,12 @@ class PolicyPlugin(Plugin):
                 plan.extra |= await h.hidden(session, mailbox, uidvalidity)
             hidden = await self._side_hidden(session, plan, uids)
         if not hidden:
-            session.side_command(b"UNSELECT")
             return None
         if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
             session.side_command(b"EXAMINE " + _wire_name(mailbox))
         hidden_set = SequenceSet.from_iterable(hidden).format()
         unseen = await session.side_command(b"UID SEARCH RETURN (COUNT) UID " + hidden_set + b" UNSEEN")
         sizes = await session.side_command(b"UID FETCH " + hidden_set + b" (RFC822.SIZE)")
-        session.side_command(b"UNSELECT")
         unseen_n = 0
         for line in unseen.untagged:
             m = re.search(rb"COUNT (\d+)", line)
