@@ -57,7 +57,7 @@ log = Logger(namespace="cpmproxy.session")
 # Capabilities the proxy cannot carry through (or that make no sense after login).
 _DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
 
-_NOT_UNTAGGED_RE = re.compile(rb"(?:\A|\n)[^*]")
+_NOT_UNTAGGED_RE = re.compile(rb"\n[^*]")
 _TAG_RE = re.compile(rb'([^\x00-\x20\x7f-\xff+(){%*"\\\]]{1,64})[ \r\n]')
 _PREAUTH_COMMANDS = {b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE", b"ID"}
 _SELECTING = {b"SELECT", b"EXAMINE"}
@@ -1038,26 +1038,7 @@ class ClientSession(Protocol, TimeoutMixin):
         try:
             for ev in framer.events():
                 if isinstance(ev, Block):
-                    data = ev.data
-                    if self._held is None:
-                        # The untagged run before the first tagged line (usually all but the last line)
-                        # goes out in one piece if nothing in it concerns anyone, or as plugins rewrote
-                        # it as a whole: the fast path.
-                        m = _NOT_UNTAGGED_RE.search(data)
-                        cut = len(data) if m is None else m.start() + (1 if m.start() else 0)
-                        if cut:
-                            done = self._block_filter(data[:cut] if cut < len(data) else data)
-                            if done is not None:
-                                self._out.append(done)
-                                data = data[cut:]
-                                if not data:
-                                    continue
-                    for line in lines_of(data):
-                        seg = Segment(line, True)
-                        if self._held is not None and not self._passes_hold(seg):
-                            self._held.append(seg)
-                        else:
-                            self._backend_event(seg)
+                    self._backend_block(ev.data)
                     continue
                 if self._held is not None and not self._passes_hold(ev):
                     self._held.append(ev)
@@ -1078,6 +1059,33 @@ class ClientSession(Protocol, TimeoutMixin):
             self._pending_inject.clear()
         self._flush()
         self.backend.flush()
+
+    def _backend_block(self, data: bytes) -> None:
+        """A Block of one-line responses. Runs of untagged lines go out in one piece if nothing in them
+        concerns anyone (or as plugins rewrote them whole): the fast path. Tagged and continuation lines,
+        and runs that need a closer look, go through the per-response path one line at a time."""
+        while data:
+            if self._held is None and data[:1] == b"*":
+                # (a plain "\n[^*]" search: an alternation with \A is 40x slower here)
+                m = _NOT_UNTAGGED_RE.search(data)
+                cut = len(data) if m is None else m.start() + 1
+                run = data[:cut] if cut < len(data) else data
+                done = self._block_filter(run)
+                if done is not None:
+                    self._out.append(done)
+                    data = data[cut:]
+                    continue
+                lines = lines_of(run)
+                data = data[cut:]
+            else:
+                nl = data.find(b"\n") + 1
+                lines, data = [data[:nl]], data[nl:]
+            for line in lines:
+                seg = Segment(line, True)
+                if self._held is not None and not self._passes_hold(seg):
+                    self._held.append(seg)
+                else:
+                    self._backend_event(seg)
 
     def _block_filter(self, block: bytes) -> bytes | None:
         """A block of one-line untagged responses as it goes to the client, or None if it must be taken
