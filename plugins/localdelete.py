@@ -100,6 +100,10 @@ class LocalDeletePlugin(Plugin):
         return session.side_command(b"GETMETADATA (DEPTH infinity) " + _wire_name(mailbox) + b" ("
                                     + prefix.encode() + b")")
 
+    def has_records(self, session, reply) -> bool:
+        """Did ``query`` find any record (cheap test before anything else is asked of the backend)?"""
+        return bool(_parse_records(reply.untagged, f"{RECORDS}/{device_key(session.device_id)}"))
+
     async def hidden(self, session, mailbox: str, uidvalidity: int, reply=None) -> set[int]:
         """This device's local deletions in ``mailbox``; also prunes stale records."""
         prefix = f"{RECORDS}/{device_key(session.device_id)}"

@@ -429,8 +429,12 @@ class PolicyPlugin(Plugin):
         if cmd.name in (b"SELECT", b"EXAMINE"):
             # Pipelined with the folder checks: one round trip to the side connection, not three.
             hiders = self.hiders(session)
-            early = (session.side_command(b"STATUS " + _wire_name(names[0]) + b" (UIDVALIDITY)"),
-                     [(h, h.query(session, names[0])) for h in hiders])
+            kinds, max_size, max_age = self._criteria(st, names[0])
+            # UIDVALIDITY (a STATUS, which makes the side process open the mailbox) only when the
+            # policy may hide something here; otherwise only if a hider turns out to have records.
+            status_d = (session.side_command(b"STATUS " + _wire_name(names[0]) + b" (UIDVALIDITY)")
+                        if (kinds or max_size or max_age) else None)
+            early = (status_d, [(h, h.query(session, names[0])) for h in hiders])
         await self.folder_infos(session, names)
         if any(self.folder_hidden(st, n) for n in names):
             return Answer(b"NO [NONEXISTENT] Mailbox doesn't exist: " + names[0].encode("utf-8", "replace")[:200])
@@ -477,10 +481,17 @@ class PolicyPlugin(Plugin):
         status_d, queries = early
         if not (kinds or max_size or max_age or queries):
             return  # fast path: nothing can be hidden here
-        uidvalidity = _parse_uidvalidity(await status_d, mailbox)
+        replies = [(h, await d) for h, d in queries]
+        if not (kinds or max_size or max_age) and not any(
+                getattr(h, "has_records", lambda s, r: True)(session, r) for h, r in replies):
+            return  # fast path: no policy rule and no hider has anything for this mailbox
+        if status_d is not None:
+            uidvalidity = _parse_uidvalidity(await status_d, mailbox)
+        else:
+            uidvalidity = await _uidvalidity(session, mailbox)
         plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
-        for h, d in queries:
-            plan.extra |= await h.hidden(session, mailbox, uidvalidity, await d)
+        for h, r in replies:
+            plan.extra |= await h.hidden(session, mailbox, uidvalidity, r)
         if plan.empty:
             return
         st.plan = plan
