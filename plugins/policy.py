@@ -191,10 +191,11 @@ class SelectPlan:
     max_size: int
     max_age_days: int
     extra: set[int] = field(default_factory=set)  # UIDs other plugins hide (local deletes)
+    pending: list = field(default_factory=list)  # hiders' replies waiting for the UIDVALIDITY
 
     @property
     def empty(self) -> bool:
-        return not (self.hidden_kinds or self.max_size or self.max_age_days or self.extra)
+        return not (self.hidden_kinds or self.max_size or self.max_age_days or self.extra or self.pending)
 
 
 @dataclass
@@ -485,10 +486,14 @@ class PolicyPlugin(Plugin):
         if not (kinds or max_size or max_age) and not any(
                 getattr(h, "has_records", lambda s, r: True)(session, r) for h, r in replies):
             return  # fast path: no policy rule and no hider has anything for this mailbox
-        if status_d is not None:
-            uidvalidity = _parse_uidvalidity(await status_d, mailbox)
-        else:
-            uidvalidity = await _uidvalidity(session, mailbox)
+        if status_d is None:
+            # Only hiders' records: UIDVALIDITY comes from the SELECT's own response (_build_view).
+            plan = SelectPlan(mailbox, 0, kinds, max_size, max_age)
+            plan.pending = replies
+            st.plan = plan
+            st.pending_select = True
+            return
+        uidvalidity = _parse_uidvalidity(await status_d, mailbox)
         plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
         for h, r in replies:
             plan.extra |= await h.hidden(session, mailbox, uidvalidity, r)
@@ -562,6 +567,18 @@ class PolicyPlugin(Plugin):
         plan = st.plan
         try:
             uids, hidden = await self._classify(session, plan, b"1:*")
+            if plan.pending:
+                # By now the SELECT's responses (held) include its UIDVALIDITY.
+                for line in session.held_lines():
+                    m = re.search(rb"\[UIDVALIDITY (\d+)\]", line)
+                    if m:
+                        plan.uidvalidity = int(m.group(1))
+                if not plan.uidvalidity:  # not seen (unusual server): ask, never guess (records get pruned)
+                    plan.uidvalidity = await _uidvalidity(session, plan.mailbox)
+                replies, plan.pending = plan.pending, []
+                for h, r in replies:
+                    plan.extra |= await h.hidden(session, plan.mailbox, plan.uidvalidity, r)
+                hidden |= plan.extra & set(uids)
         except Exception:
             log.failure("classification failed; showing the mailbox unfiltered")
             st.view = None

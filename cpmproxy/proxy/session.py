@@ -824,6 +824,10 @@ class ClientSession(Protocol, TimeoutMixin):
         log.failure("plugin decision failed session={session}", failure, session=self.session_id)
         self._deferred_decision(Answer(b"NO [SERVERBUG] Internal error."), cmd, ev)
 
+    def held_lines(self) -> list[bytes]:
+        """Text of the backend responses currently held back (see Hold)."""
+        return [ev.data for ev in (self._held or ()) if isinstance(ev, Segment)]
+
     @property
     def idling(self) -> bool:
         """The client is in IDLE: untagged responses may be injected at any time."""
