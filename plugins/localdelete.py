@@ -27,10 +27,10 @@ from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
-from cpmproxy.imap.tokens import ParenList, TokenError, tokenize
+from cpmproxy.imap.tokens import TokenError
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import PREFIX
-from plugins.policy import _token_text, _wire_name, side_examine
+from plugins.policy import _wire_name, iter_metadata, side_examine
 
 log = Logger(namespace="cpmproxy.localdelete")
 
@@ -311,30 +311,18 @@ class LocalDeletePlugin(Plugin):
 
 
 def _parse_records(lines: list[bytes], prefix: str) -> dict[str, tuple[int, set[int]]]:
+    """entry -> (UIDVALIDITY, UIDs) for the records under ``prefix`` in METADATA responses."""
     out = {}
     low = prefix.lower() + "/"
-    for line in lines:
-        if not line.upper().startswith(b"* METADATA "):
+    for _, entry, value in iter_metadata(lines):
+        if not entry.lower().startswith(low):
             continue
         try:
-            tokens = tokenize(line.rstrip(b"\r\n"))
-        except TokenError:
+            valid = int(entry[len(low):].split("-", 1)[0])
+            uids = set(SequenceSet.parse(value))
+        except (ValueError, SequenceSetError):
             continue
-        if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
-            continue
-        items = tokens[3].items
-        for j in range(0, len(items) - 1, 2):
-            entry = (_token_text(items[j]) or b"").decode("utf-8", "replace")
-            value = _token_text(items[j + 1])
-            if not entry.lower().startswith(low) or value is None:
-                continue
-            name = entry[len(low):]
-            try:
-                valid = int(name.split("-", 1)[0])
-                uids = set(SequenceSet.parse(value))
-            except (ValueError, SequenceSetError):
-                continue
-            out[entry] = (valid, uids)
+        out[entry] = (valid, uids)
     return out
 
 

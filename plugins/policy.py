@@ -1150,10 +1150,9 @@ def _esearch_all(reply) -> list[int]:
     return []
 
 
-def _parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dict[str, str]:
-    """CPM preferences in METADATA responses (only those of ``mailbox`` when given: pipelined
-    commands may be answered out of order, so responses are matched by name, not by position)."""
-    prefs = {}
+def iter_metadata(lines: list[bytes]):
+    """(raw mailbox name, entry name, value) for every entry of the ``* METADATA`` responses in
+    ``lines``; entries whose value is NIL are skipped."""
     for line in lines:
         if not line.upper().startswith(b"* METADATA "):
             continue
@@ -1164,14 +1163,23 @@ def _parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dic
         if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
             continue
         raw = _token_text(tokens[2])
-        if mailbox is not None and (raw is None or (_mailbox_name(raw) if raw else "") != mailbox):
-            continue
         items = tokens[3].items
         for j in range(0, len(items) - 1, 2):
-            key = pref_key((_token_text(items[j]) or b"").decode("utf-8", "replace"))
             value = _token_text(items[j + 1])
-            if key in PREFERENCES and value is not None:
-                prefs[key] = value.decode("utf-8", "replace").strip().lower()
+            if value is not None:
+                yield raw, (_token_text(items[j]) or b"").decode("utf-8", "replace"), value
+
+
+def _parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dict[str, str]:
+    """CPM preferences in METADATA responses (only those of ``mailbox`` when given: pipelined
+    commands may be answered out of order, so responses are matched by name, not by position)."""
+    prefs = {}
+    for raw, entry, value in iter_metadata(lines):
+        if mailbox is not None and (raw is None or (_mailbox_name(raw) if raw else "") != mailbox):
+            continue
+        key = pref_key(entry)
+        if key in PREFERENCES:
+            prefs[key] = value.decode("utf-8", "replace").strip().lower()
     return prefs
 
 
