@@ -216,7 +216,6 @@ _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 _SEARCHES = frozenset((b"SEARCH", b"SORT", b"THREAD"))
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
 _STATUS_RE = re.compile(rb"^\* STATUS (.*) \(([^()]*)\)\r?\n$", re.S | re.I)
-_NUMBERED_RE = re.compile(rb"^\* (\d+) ", re.S)
 _FETCH_LINE_RE = re.compile(rb"^\* \d+ FETCH ", re.M)
 _FETCH_WHOLE_RE = re.compile(rb"^\* (\d+) FETCH ([^\n]*\n)", re.M)
 

@@ -12,7 +12,6 @@ import base64
 import binascii
 import re
 import secrets
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -140,9 +139,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._resp_head = None
         self._selecting: ClientCommand | None = None
         self._bye_sent = False
-        self._logout = False
         self._closing = False
-        self.connected_at = time.monotonic()
         self._peer_unsettled = True
 
     # -- logging helpers ------------------------------------------------------------------------
@@ -806,8 +803,6 @@ class ClientSession(Protocol, TimeoutMixin):
         elif cmd.name == b"IDLE":
             self._idle = "active"
             self._idle_cmd = cmd
-        elif cmd.name == b"LOGOUT":
-            self._logout = True
         self.backend.out.append(data)
         if ev.literal is None:
             self._send_internal_queue()
