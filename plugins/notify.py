@@ -40,9 +40,14 @@ log = Logger(namespace="cpmproxy.notify")
 TOPIC = "mailbox-changed"
 _MODIFYING = frozenset((b"APPEND", b"STORE", b"EXPUNGE", b"COPY", b"MOVE", b"CREATE", b"DELETE", b"RENAME",
                         b"CLOSE", b"SETMETADATA"))
+_SELECTED_FILTER = re.compile(rb"\(\s*SELECTED(?:-DELAYED)?\s+\(", re.I)
 _METADATA_EVENTS = re.compile(rb"\s*\b(MailboxMetadataChange|ServerMetadataChange)\b", re.I)
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
 _STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)"
+_BADEVENT = re.compile(rb"\[BADEVENT[^\]]*\]", re.I)
+# What a client can ask for through the proxy: Dovecot's events plus the metadata events the proxy makes.
+SUPPORTED_EVENTS = (b"MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange "
+                    b"MailboxMetadataChange ServerMetadataChange")
 
 
 @dataclass
@@ -59,6 +64,8 @@ class ChangeEvent:
 class NotifyState:
     metadata_events: bool = False  # the client asked (NOTIFY SET) for metadata change events
     last_status: dict[str, bytes] = field(default_factory=dict)  # coalesce identical injections
+    selected_events: bool = False  # the client's NOTIFY asks for events of the selected mailbox
+    nudging: bool = False          # a NOOP is on its way to the backend for this session
 
 
 def _status_mailbox(line: bytes) -> str | None:
@@ -263,6 +270,7 @@ class NotifyPlugin(Plugin):
                 return Answer(b"NO [CANNOT] Notifications are disabled by the service provider's policy.")
             line = cmd.line
             st = self.state(session)
+            cmd.state["selected_events"] = bool(_SELECTED_FILTER.search(line))
             st.metadata_events = bool(_METADATA_EVENTS.search(line))
             if st.metadata_events:
                 # Dovecot 2.3 refuses these events: the proxy produces them (CPM preference entries).
@@ -273,6 +281,13 @@ class NotifyPlugin(Plugin):
         return None
 
     def tagged(self, session, cmd, resp):
+        if cmd.name == b"NOTIFY" and resp.head.name == b"NO" and b"[BADEVENT" in resp.data[:80].upper():
+            # RFC 5465 3.1: BADEVENT lists every event the server supports, which here is more than
+            # the backend's (it also names only the offending events).
+            return Rewrite(_BADEVENT.sub(b"[BADEVENT (" + SUPPORTED_EVENTS + b")]", resp.data, count=1))
+        if cmd.name == b"NOTIFY" and resp.head.name == b"OK":
+            self.state(session).selected_events = cmd.state.get("selected_events", False)
+            return None
         if cmd.name not in _MODIFYING or resp.head.name != b"OK" or session.user is None:
             return None
         mailboxes = []
@@ -320,10 +335,28 @@ class NotifyPlugin(Plugin):
             if event.event == "MetadataChange":
                 self._metadata_event(session, event)
                 continue
+            self._nudge(session, event.mailbox)
             # Only sessions that identified as CPM devices (ID with a device id) get unasked-for STATUS.
             if self.idle_status and session.idling and session.device_id != "default" and self.enabled(session):
                 d = defer.Deferred.fromCoroutine(self._inject_status(session, event.mailbox))
                 d.addErrback(lambda f: log.failure("status notification failed", f))
+
+    def _nudge(self, session, mailbox: str) -> None:
+        """Dovecot 2.3 holds back a client-NOTIFY event of the selected mailbox until the next change
+        there (the first change after NOTIFY SET only arms it). A NOOP at the next command boundary makes
+        it report what changed; the responses reach the client as unsolicited data, through the view."""
+        st = self.state(session)
+        if not st.selected_events or st.nudging or session.idling:
+            return
+        selected = session.selected
+        if selected is None or selected.name != mailbox:
+            return
+        st.nudging = True
+
+        def done(result):
+            st.nudging = False
+            return None
+        session.backend_command(b"NOOP").addBoth(done)
 
     def _metadata_event(self, session, event: ChangeEvent) -> None:
         st = self.state(session)

@@ -208,6 +208,8 @@ class PolicySession:
     view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
     mailbox: str | None = None
     reapply: bool = False                # preferences changed: re-apply them before the next command
+    # Unsolicited STATUS (NOTIFY) adjustments computed while the response was held, by mailbox.
+    unsolicited_status: dict[str, Any] = field(default_factory=dict)
 
 
 _MAILBOX_ARG = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"APPEND": 0,
@@ -399,9 +401,7 @@ class PolicyPlugin(Plugin):
             adjusts = {}
             for name in names:
                 if not self.folder_hidden(st, name):
-                    adjust = await self._status_adjustment(session, st, name)
-                    if adjust:
-                        adjusts[name] = adjust
+                    adjusts[name] = await self._status_adjustment(session, st, name)
             cmd.state["status_adjusts"] = adjusts
         return None
 
@@ -441,7 +441,7 @@ class PolicyPlugin(Plugin):
         if cmd.name in (b"SELECT", b"EXAMINE"):
             await self._plan_select(session, st, names[0], early)
         elif cmd.name == b"STATUS":
-            cmd.state["status_adjust"] = await self._status_adjustment(session, st, names[0])
+            cmd.state["status_adjusts"] = {names[0]: await self._status_adjustment(session, st, names[0])}
         if cmd.name in (b"DELETE", b"RENAME"):
             async with side_examine(session):
                 pass  # no side sequence has the mailbox open while the backend deletes or renames it
@@ -610,9 +610,13 @@ class PolicyPlugin(Plugin):
             return Hold(defer.Deferred.fromCoroutine(self._build_view(session, st)))
         if name in (b"LIST", b"LSUB"):
             mailbox = _list_name(resp.data)
-            if mailbox is not None and self.folder_hidden(st, mailbox):
-                return Drop()
-            return None
+            if mailbox is None:
+                return None
+            if mailbox not in st.folders and b"\\NONEXISTENT" not in resp.data[:200].upper():
+                # Unsolicited (NOTIFY MailboxName/SubscriptionChange) about a folder this session has
+                # not looked at: whether it is hidden needs its preferences and kind first.
+                return Hold(defer.Deferred.fromCoroutine(self.folder_infos(session, [mailbox])))
+            return Drop() if self.folder_hidden(st, mailbox) else None
         if name == b"STATUS":
             return self._status_response(session, st, resp)
         if name == b"METADATA":
@@ -944,16 +948,37 @@ class PolicyPlugin(Plugin):
         if raw is None:
             return None
         mailbox = _mailbox_name(raw)
+        if mailbox not in st.folders:
+            return Hold(defer.Deferred.fromCoroutine(self.folder_infos(session, [mailbox])))
         if self.folder_hidden(st, mailbox):
             return Drop()
         cmd = _oldest(session, (b"STATUS", b"LIST"))
-        adjust = None
-        if cmd is not None:
-            adjust = cmd.state.get("status_adjust") or cmd.state.get("status_adjusts", {}).get(mailbox)
+        adjusts = cmd.state.get("status_adjusts") if cmd is not None else None
+        if adjusts is not None and mailbox in adjusts:
+            adjust = adjusts[mailbox]  # computed before the command went to the backend
+        elif mailbox in st.unsolicited_status:
+            adjust = st.unsolicited_status.pop(mailbox)
+        elif self._may_hide(session, st, mailbox):
+            # Unsolicited (NOTIFY): counted on the view too, for the state the backend just reported.
+            return Hold(defer.Deferred.fromCoroutine(self._unsolicited_adjustment(session, st, mailbox)))
+        else:
+            return None
         if not adjust:
             return None
         new = self.adjust_status_line(resp.data, adjust)
         return None if new == resp.data else Rewrite(new)
+
+    def _may_hide(self, session, st: PolicySession, mailbox: str) -> bool:
+        kinds, max_size, max_age = self._criteria(st, mailbox)
+        return bool(kinds or max_size or max_age or self.hiders(session))
+
+    async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str) -> None:
+        try:
+            adjust = await self._status_adjustment(session, st, mailbox)
+        except Exception:
+            log.failure("counting hidden messages for an unsolicited STATUS failed")
+            adjust = None
+        st.unsolicited_status[mailbox] = adjust  # the replayed response finds it (never held twice)
 
     @staticmethod
     def adjust_status_line(line: bytes, adjust) -> bytes:

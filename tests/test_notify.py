@@ -256,3 +256,94 @@ def test_push_to_disconnected_devices_with_retry(make_proxy, dovecot, proxy_cert
     finally:
         phone.close()
         receiver.stop()
+
+
+def _collect(c: RawIMAP, seconds: float, until=None) -> list[bytes]:
+    """Lines received within ``seconds`` (stops early once ``until(lines)`` is true)."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got += lines_within(c, 0.2)
+        if until is not None and until(got):
+            break
+    return got
+
+
+def test_client_notify_every_event_kind_filtered_by_the_view(make_proxy, dovecot):
+    """A client's own NOTIFY through the proxy: each event kind arrives, in the device's view (hidden
+    kinds, excluded folders and its local deletions stay silent; counts and numbers are the view's)."""
+    tag = uuid.uuid4().hex[:6]
+    chat_box, other_box = f"Chat-{tag}", f"Other-{tag}"
+    dovecot.deliver("alice", chat_box, make_object("chat", text="one"))
+    dovecot.deliver("alice", chat_box, make_object("chat", text="two"))
+    dovecot.deliver("alice", other_box, make_object("chat"))
+    dovecot.deliver("alice", other_box, make_object("imdn"))
+    p = make_proxy(config_extra='[policy]\nexclude_folders = ["Secret/*"]\nsync = { imdn = false }\n')
+    b = device(p, "B")
+    a = dovecot.imap_direct("alice", tls="none")
+    try:
+        b.command(b"s", b'SELECT "%s"' % chat_box.encode())
+        # B locally deletes message 1: from now on it does not exist for B.
+        r = b.command(b"d", b"STORE 1 +FLAGS.SILENT (\\Deleted $LocalDelete)")
+        assert r[-1].startswith(b"d OK"), r
+        b.command(b"e", b"EXPUNGE")
+        r = b.command(b"n", b"NOTIFY SET STATUS (selected (MessageNew (UID FLAGS) MessageExpunge FlagChange)) "
+                            b"(personal (MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange))")
+        assert r[-1].startswith(b"n OK"), r
+        initial = [x for x in r if x.startswith(b"* STATUS") and other_box.encode() in x]
+        assert initial and b"MESSAGES 1 " in initial[0], initial  # the IMDN is not counted
+
+        # MessageNew in another mailbox: STATUS with the view's counts (a hidden IMDN changes nothing).
+        dovecot.deliver("alice", other_box, make_object("imdn"))
+        dovecot.deliver("alice", other_box, make_object("chat"))
+        got = _collect(b, 8, lambda g: any(b"MESSAGES 2 " in x and other_box.encode() in x for x in g))
+        statuses = [x for x in got if x.startswith(b"* STATUS")]
+        assert any(b"MESSAGES 2 " in x for x in statuses), got
+        assert not any(b"MESSAGES 3 " in x or b"MESSAGES 4 " in x for x in statuses), got
+
+        # MessageNew in the selected mailbox, with its fetch attributes; the IMDN never shows.
+        imdn_uid = dovecot.deliver("alice", chat_box, make_object("imdn"))
+        chat_uid = dovecot.deliver("alice", chat_box, make_object("chat", text="three"))
+        got = _collect(b, 8, lambda g: any(b"UID %d " % chat_uid in x for x in g))
+        assert b"* 2 EXISTS\r\n" in got, got  # B sees message 2 (UID 2) and the new chat
+        assert any(x.startswith(b"* 2 FETCH (UID %d FLAGS" % chat_uid) for x in got), got
+        assert not any(b"UID %d " % imdn_uid in x or x == b"* 3 EXISTS\r\n" for x in got), got
+
+        # FlagChange: on a visible message it arrives; on the hidden IMDN and on B's local deletion not.
+        a.select_folder(chat_box)
+        a.add_flags([1, imdn_uid], [b"$Marked"])
+        a.add_flags([chat_uid], [b"\\Flagged"])
+        got = _collect(b, 8, lambda g: any(b"\\Flagged" in x for x in g))
+        fetches = [x for x in got if b" FETCH " in x]
+        assert fetches and all(x.startswith(b"* 2 FETCH ") and b"\\Flagged" in x for x in fetches), got
+        # FlagChange in a mailbox that is not selected: a STATUS carrying the new HIGHESTMODSEQ.
+        a.select_folder(other_box)
+        a.add_flags([1], [b"$Marked"])
+        got = _collect(b, 8, lambda g: any(x.startswith(b"* STATUS") and other_box.encode() in x for x in g))
+        assert any(x.startswith(b"* STATUS") and b"HIGHESTMODSEQ" in x for x in got), got
+        a.select_folder(chat_box)
+
+        # MessageExpunge of a visible message: EXPUNGE renumbered to B's view.
+        a.delete_messages([chat_uid])
+        a.expunge()
+        got = _collect(b, 8, lambda g: b"* 2 EXPUNGE\r\n" in g)
+        assert b"* 2 EXPUNGE\r\n" in got, got
+
+        # MailboxName and SubscriptionChange: announced, except for folders excluded by policy.
+        a.create_folder("Secret/x" + tag)
+        a.create_folder("Visible" + tag)
+        a.subscribe_folder("Visible" + tag)
+        got = _collect(b, 8, lambda g: sum(b"Visible" + tag.encode() in x for x in g) >= 2)
+        lists = [x for x in got if x.startswith(b"* LIST")]
+        assert any(b"Visible" + tag.encode() in x and b"\\Subscribed" in x for x in lists), got
+        assert not any(b"Secret/" in x for x in got), got  # (its parent "Secret" is not excluded)
+
+        # BADEVENT names every event the proxy supports; NOTIFY NONE silences everything.
+        r = b.command(b"n", b"NOTIFY SET (personal (MessageNew MessageExpunge AnnotationChange))")
+        assert r[-1].startswith(b"n NO [BADEVENT (") and b"ServerMetadataChange" in r[-1], r
+        assert b.command(b"n", b"NOTIFY NONE")[-1].startswith(b"n OK")
+        dovecot.deliver("alice", other_box, make_object("chat"))
+        assert not any(x.startswith(b"* STATUS") for x in lines_within(b, 2.5))
+    finally:
+        a.logout()
+        b.close()
