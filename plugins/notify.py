@@ -32,8 +32,8 @@ from cpmproxy.config import ConfigError
 from cpmproxy.imap import mutf7
 from cpmproxy.imap.tokens import TokenError, tokenize
 from cpmproxy.proxy.hooks import Answer, Plugin, Rewrite
-from plugins.cpm import PREF_NOTIFICATIONS
-from plugins.policy import _mailbox_name, _token_text, _wire_name
+from plugins.cpm import PREF_NOTIFICATIONS, pref_entry
+from plugins.policy import _mailbox_name, _token_text, _wire_name, parse_metadata_prefs
 
 log = Logger(namespace="cpmproxy.notify")
 
@@ -120,17 +120,43 @@ class UserWatch:
         proto.lost.addBoth(self._lost)
         proto.command(b"NOTIFY SET STATUS (personal (MessageNew MessageExpunge FlagChange) MailboxName)") \
             .addCallback(self._notify_set).addBoth(lambda _: self._set_ready())
-        self._keepalive = reactor.callLater(600, self._ping)
+        self._keepalive = reactor.callLater(self._ping_interval(), self._ping)
+
+    def _ping_interval(self) -> float:
+        return self.plugin.metadata_poll or 600.0
 
     def _notify_set(self, reply) -> None:
         if reply.status != b"OK":
             log.warn("backend refused NOTIFY on the watch connection: {r}", r=reply.tagged[:200])
 
     def _ping(self) -> None:
-        # A connection that never sends a command is logged out after 30 minutes (RFC 9051).
+        # Dovecot's NOTIFY has no metadata events, so preferences changed through another proxy process
+        # are polled here (this also keeps the connection from the 30-minute autologout of RFC 9051).
         if self.proto is not None and not self.proto.closed:
-            self.proto.command(b"NOOP")
-            self._keepalive = reactor.callLater(600, self._ping)
+            if self.plugin.metadata_poll:
+                self.poll_preferences()
+            else:
+                self.proto.command(b"NOOP")
+            self._keepalive = reactor.callLater(self._ping_interval(), self._ping)
+
+    def poll_preferences(self) -> defer.Deferred:
+        """Read the user's preferences (account-wide, and those of the mailboxes selected here) and let
+        the sessions here take up what another proxy process changed."""
+        names = {""} | {s.selected.name for s in self.sessions if s.selected is not None}
+        waits = [(name, self.proto.command(b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" ("
+                                           + pref_entry("").encode() + b")")) for name in sorted(names)]
+
+        def read(replies):
+            policy = self.plugin._policy()
+            if policy is None:
+                return
+            for (name, _), reply in zip(waits, replies):
+                if reply.status != b"OK":
+                    continue
+                if policy.observe_prefs(self.user, name, parse_metadata_prefs(reply.untagged, name)):
+                    self.plugin.publish(ChangeEvent(self.user, name, "MetadataChange"))
+        return defer.gatherResults([d for _, d in waits], consumeErrors=True).addCallback(read).addErrback(
+            lambda f: log.failure("polling preferences failed", f))
 
     def _failed(self, failure) -> None:
         log.warn("watch connection for {user} failed: {e}", user=self.user, e=failure.getErrorMessage())
@@ -186,12 +212,17 @@ class NotifyPlugin(Plugin):
         super().__init__(proxy)
         self.idle_status = True
         self.watch_backend = True
+        self.metadata_poll = 10.0
         self.watches: dict[str, UserWatch] = {}
 
     def configure(self, settings: dict) -> None:
-        unknown = set(settings) - {"idle_status", "watch_backend"}
+        unknown = set(settings) - {"idle_status", "watch_backend", "metadata_poll"}
         if unknown:
             raise ConfigError(f"plugin.notify.{sorted(unknown)[0]}: unknown key")
+        poll = settings.get("metadata_poll", 10.0)
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or poll < 0:
+            raise ConfigError("plugin.notify.metadata_poll: expected seconds >= 0 (0: off)")
+        self.metadata_poll = float(poll)
         for key in ("idle_status", "watch_backend"):
             if key in settings and not isinstance(settings[key], bool):
                 raise ConfigError(f"plugin.notify.{key}: expected true or false")

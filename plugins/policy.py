@@ -297,7 +297,7 @@ class PolicyPlugin(Plugin):
     async def _login(self, session) -> None:
         st = self.state(session)
         reply = await session.side_command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")")
-        st.account_prefs = _parse_metadata_prefs(reply.untagged)
+        st.account_prefs = parse_metadata_prefs(reply.untagged)
         # Open the side connection now, in the background: the first SELECT should not wait for it.
         reactor.callLater(0, lambda: session.phase == "auth" and session.side_command(b"NOOP"))
 
@@ -325,7 +325,7 @@ class PolicyPlugin(Plugin):
                     b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" (" + pref_entry("").encode() + b")")))
         for name, info, d in waits:
             try:
-                info.prefs = _parse_metadata_prefs((await d).untagged, name)
+                info.prefs = parse_metadata_prefs((await d).untagged, name)
             except Exception:
                 log.failure("reading folder preferences failed")
         async with side_examine(session):
@@ -1060,6 +1060,22 @@ class PolicyPlugin(Plugin):
             return Drop()
         return Rewrite(format_tokens(tokens[:3] + [ParenList(kept)]) + b"\r\n")
 
+    def observe_prefs(self, user: str, mailbox: str, prefs: dict[str, str]) -> bool:
+        """The user's preferences as read from the backend now (``mailbox`` "" for account-wide ones),
+        e.g. changed through another proxy process: sessions here take them up. True if anything changed."""
+        for session in self.proxy.sessions_of(user):
+            st = session.state.get(self.name)
+            if st is None:
+                continue
+            if mailbox and mailbox not in st.folders:
+                continue
+            known = st.folders[mailbox].prefs if mailbox else st.account_prefs
+            change = {k: prefs.get(k) for k in set(known) | set(prefs) if known.get(k) != prefs.get(k)}
+            if change:
+                self._prefs_changed(session, (mailbox, change))
+                return True
+        return False
+
     def _prefs_changed(self, session, change) -> None:
         """A preference was set through this proxy: every session of the user picks it up at once."""
         mailbox, prefs = change
@@ -1194,7 +1210,7 @@ def iter_metadata(lines: list[bytes]):
                 yield raw, (_token_text(items[j]) or b"").decode("utf-8", "replace"), value
 
 
-def _parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dict[str, str]:
+def parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dict[str, str]:
     """CPM preferences in METADATA responses (only those of ``mailbox`` when given: pipelined
     commands may be answered out of order, so responses are matched by name, not by position)."""
     prefs = {}

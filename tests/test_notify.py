@@ -347,3 +347,31 @@ def test_client_notify_every_event_kind_filtered_by_the_view(make_proxy, dovecot
     finally:
         a.logout()
         b.close()
+
+
+def test_preference_changed_through_another_proxy_process(make_proxy, dovecot):
+    """Turning notifications on at device A (proxy process 1) takes effect in device B's open session
+    on process 2 (polled on the user's watch connection), and a metadata-watching client hears of it."""
+    folder = new_folder(dovecot)
+    poll = "[plugin.notify]\nmetadata_poll = 0.5\n"
+    p1, p2 = make_proxy(config_extra=poll), make_proxy(config_extra=poll)
+    b = device(p2, "B")
+    c = device(p2, "C")
+    r = c.command(b"n", b"NOTIFY SET (personal (ServerMetadataChange))")
+    assert r[-1].startswith(b"n OK"), r
+    a = device(p1, "A")
+    try:
+        set_pref(a, b'"off"')
+        time.sleep(1.5)
+        idle(b)
+        append(a, folder, make_object("chat"))
+        assert wait_status(b, folder, 2.5) is None  # off: nothing injected
+        set_pref(a, b'"on"')
+        got = _collect(c, 5, lambda g: any(x.startswith(b"* METADATA") for x in g))
+        assert any(x.startswith(b'* METADATA "" (') for x in got), got
+        append(a, folder, make_object("chat"))
+        assert wait_status(b, folder, 5) is not None  # on, set on the other process: injected
+    finally:
+        set_pref(a, b"NIL")
+        for x in (a, b, c):
+            x.close()
