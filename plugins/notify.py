@@ -23,6 +23,7 @@ for the CPM preference entries.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, reactor
@@ -31,6 +32,7 @@ from twisted.logger import Logger
 from cpmproxy.config import ConfigError
 from cpmproxy.imap import mutf7
 from cpmproxy.imap.tokens import TokenError, tokenize
+from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Plugin, Rewrite
 from plugins.cpm import PREF_NOTIFICATIONS, pref_entry
 from plugins.policy import _mailbox_name, _token_text, _wire_name, parse_metadata_prefs
@@ -58,6 +60,7 @@ class ChangeEvent:
     origin: object = None          # the session that made the change (None: seen on the backend)
     uidvalidity: int | None = None
     uids: tuple[int, ...] = ()
+    modseq: int | None = None      # the mailbox's HIGHESTMODSEQ after the change, when known
 
 
 @dataclass
@@ -76,15 +79,32 @@ def _status_mailbox(line: bytes) -> str | None:
     return None if raw is None else _mailbox_name(raw)
 
 
+def _poll_failed(failure) -> None:
+    if isinstance(failure.value, defer.FirstError):
+        failure = failure.value.subFailure
+    if failure.check(BackendError):
+        return  # the connection went away: the watch reconnects (or is closing)
+    log.failure("polling preferences failed", failure)
+
+
+_STATUS_ITEM = re.compile(rb"(MESSAGES|UIDNEXT|UIDVALIDITY|HIGHESTMODSEQ) (\d+)", re.I)
+
+
 class UserWatch:
     """One backend connection per user and process, in NOTIFY mode, turning backend events into
-    ChangeEvents. Kept while the user has sessions here; reconnects with backoff."""
+    ChangeEvents. Kept while the user has sessions here, and for a while after the last one left when a
+    plugin asks for it (push to offline devices: then it logs in with the ``[admin]`` master user);
+    reconnects with backoff."""
 
     def __init__(self, plugin: NotifyPlugin, user: str):
         self.plugin = plugin
         self.user = user
         self.proto = None
         self.sessions: set = set()
+        self.keep_until = 0.0     # offline watch: kept without sessions until then
+        self.offline_state = None  # the policy state of the user's last session (offline watch)
+        self._expiry = None
+        self.mailboxes: dict[str, dict[bytes, int]] = {}  # last STATUS items seen per mailbox
         self.backoff = 1.0
         self.closed = False
         self._keepalive = None
@@ -106,8 +126,15 @@ class UserWatch:
         for d in waiting:
             d.callback(None)
 
-    def start(self, session) -> None:
-        d = session.open_backend("watch")
+    @property
+    def offline(self) -> bool:
+        return not self.sessions and self.keep_until > 0
+
+    def wanted(self) -> bool:
+        return bool(self.sessions) or time.time() < self.keep_until
+
+    def start(self, session=None) -> None:
+        d = session.open_backend("watch") if session is not None else self.plugin.open_master(self.user, "watch")
         d.addCallbacks(self._connected, self._failed)
 
     def _connected(self, proto) -> None:
@@ -128,6 +155,11 @@ class UserWatch:
     def _notify_set(self, reply) -> None:
         if reply.status != b"OK":
             log.warn("backend refused NOTIFY on the watch connection: {r}", r=reply.tagged[:200])
+            return
+        for line in reply.untagged:  # NOTIFY SET STATUS: the state of every mailbox, the baseline
+            name = _status_mailbox(line) if line[:9].upper() == b"* STATUS " else None
+            if name is not None:
+                self._status_event(name, line)
 
     def _ping(self) -> None:
         # Dovecot's NOTIFY has no metadata events, so preferences changed through another proxy process
@@ -142,6 +174,11 @@ class UserWatch:
     def poll_preferences(self) -> defer.Deferred:
         """Read the user's preferences (account-wide, and those of the mailboxes selected here) and let
         the sessions here take up what another proxy process changed."""
+        if not self.sessions:
+            if self.offline_state is None:
+                return defer.succeed(None)
+            return self.proto.command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")") \
+                .addCallback(self._offline_prefs).addErrback(_poll_failed)
         names = {""} | {s.selected.name for s in self.sessions if s.selected is not None}
         waits = [(name, self.proto.command(b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" ("
                                            + pref_entry("").encode() + b")")) for name in sorted(names)]
@@ -150,13 +187,17 @@ class UserWatch:
             policy = self.plugin._policy()
             if policy is None:
                 return
-            for (name, _), reply in zip(waits, replies):
+            for (name, _), reply in zip(waits, replies, strict=True):
                 if reply.status != b"OK":
                     continue
                 if policy.observe_prefs(self.user, name, parse_metadata_prefs(reply.untagged, name)):
                     self.plugin.publish(ChangeEvent(self.user, name, "MetadataChange"))
         return defer.gatherResults([d for _, d in waits], consumeErrors=True).addCallback(read).addErrback(
-            lambda f: log.failure("polling preferences failed", f))
+            _poll_failed)
+
+    def _offline_prefs(self, reply) -> None:
+        if reply.status == b"OK":
+            self.offline_state.account_prefs = parse_metadata_prefs(reply.untagged, "")
 
     def _failed(self, failure) -> None:
         log.warn("watch connection for {user} failed: {e}", user=self.user, e=failure.getErrorMessage())
@@ -171,15 +212,15 @@ class UserWatch:
         self._retry()
 
     def _retry(self) -> None:
-        if self.closed or not self.sessions:
+        if self.closed or not self.wanted():
             return
         delay, self.backoff = self.backoff, min(self.backoff * 2, 60.0)
         reactor.callLater(delay, self._restart)
 
     def _restart(self) -> None:
-        if self.closed or not self.sessions or self.proto is not None:
+        if self.closed or not self.wanted() or self.proto is not None:
             return
-        self.start(next(iter(self.sessions)))
+        self.start(next(iter(self.sessions), None))
 
     def _event(self, line: bytes) -> None:
         head = line[:40].upper()
@@ -190,14 +231,35 @@ class UserWatch:
         if head.startswith(b"* STATUS ") and len(tokens) >= 3:
             raw = _token_text(tokens[2])
             if raw is not None:
-                self.plugin.publish(ChangeEvent(self.user, _mailbox_name(raw), "MessageNew"))
+                self.plugin.publish(self._status_event(_mailbox_name(raw), line))
         elif head.startswith(b"* LIST ") and len(tokens) >= 5:
             raw = _token_text(tokens[4])
             if raw is not None:
                 self.plugin.publish(ChangeEvent(self.user, _mailbox_name(raw), "MailboxName"))
 
+    def _status_event(self, mailbox: str, line: bytes) -> ChangeEvent:
+        """What a NOTIFY STATUS says happened, against the last one seen for the mailbox (the answer to
+        NOTIFY SET STATUS gives the baseline): new UIDs from UIDNEXT, expunges from MESSAGES."""
+        items = {k.upper(): int(v) for k, v in _STATUS_ITEM.findall(line[line.find(b"(", 9):])}
+        before = self.mailboxes.get(mailbox)
+        now = self.mailboxes[mailbox] = {**(before or {}), **items}
+        uidvalidity = now.get(b"UIDVALIDITY")
+        event, uids = "MessageNew", ()
+        if before is not None:
+            if items.get(b"UIDVALIDITY", uidvalidity) != before.get(b"UIDVALIDITY", uidvalidity):
+                event = "MessageNew"  # a new mailbox of that name: everything is new
+            elif b"UIDNEXT" in items and b"UIDNEXT" in before and items[b"UIDNEXT"] > before[b"UIDNEXT"]:
+                uids = tuple(range(before[b"UIDNEXT"], items[b"UIDNEXT"]))[-1000:]
+            elif b"MESSAGES" in items and b"MESSAGES" in before and items[b"MESSAGES"] < before[b"MESSAGES"]:
+                event = "MessageExpunge"
+            elif b"UIDNEXT" not in items:
+                event = "FlagChange"
+        return ChangeEvent(self.user, mailbox, event, None, uidvalidity, uids, now.get(b"HIGHESTMODSEQ"))
+
     def close(self) -> None:
         self.closed = True
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()
         if self.proto is not None:
@@ -213,16 +275,21 @@ class NotifyPlugin(Plugin):
         self.idle_status = True
         self.watch_backend = True
         self.metadata_poll = 10.0
+        self.max_offline_watches = 10000
         self.watches: dict[str, UserWatch] = {}
 
     def configure(self, settings: dict) -> None:
-        unknown = set(settings) - {"idle_status", "watch_backend", "metadata_poll"}
+        unknown = set(settings) - {"idle_status", "watch_backend", "metadata_poll", "max_offline_watches"}
         if unknown:
             raise ConfigError(f"plugin.notify.{sorted(unknown)[0]}: unknown key")
         poll = settings.get("metadata_poll", 10.0)
         if isinstance(poll, bool) or not isinstance(poll, (int, float)) or poll < 0:
             raise ConfigError("plugin.notify.metadata_poll: expected seconds >= 0 (0: off)")
         self.metadata_poll = float(poll)
+        cap = settings.get("max_offline_watches", 10000)
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise ConfigError("plugin.notify.max_offline_watches: expected a number >= 0")
+        self.max_offline_watches = cap
         for key in ("idle_status", "watch_backend"):
             if key in settings and not isinstance(settings[key], bool):
                 raise ConfigError(f"plugin.notify.{key}: expected true or false")
@@ -243,7 +310,13 @@ class NotifyPlugin(Plugin):
         policy = self._policy()
         if policy is None or session.user is None:
             return False
-        pst = policy.state(session)
+        return self.enabled_in(policy.state(session))
+
+    def enabled_in(self, pst) -> bool:
+        """``enabled`` for a policy state (also an offline user's, kept by the watch)."""
+        policy = self._policy()
+        if policy is None:
+            return False
         mode = pst.policy.notifications
         if mode == "off":
             return False
@@ -277,15 +350,68 @@ class NotifyPlugin(Plugin):
             watch.start(session)
         else:
             watch.sessions.add(session)
+            watch.keep_until, watch.offline_state = 0.0, None  # online again
         return watch.when_ready()
 
     def closed(self, session) -> None:
         watch = self.watches.get(session.user) if session.user else None
         if watch is not None:
             watch.sessions.discard(session)
-            if not watch.sessions:
+            if not watch.sessions and not self._keep_offline(watch, session):
                 watch.close()
                 del self.watches[session.user]
+
+    # -- offline watches: a user's changes heard while none of their devices is connected here ---
+
+    def _keep_offline(self, watch: UserWatch, last_session) -> bool:
+        """Plugins that act for offline devices (``watch_offline(user) -> seconds``, e.g. push) keep the
+        watch after the user's last session; bounded by ``max_offline_watches`` (oldest expire first)."""
+        seconds = max((p.watch_offline(watch.user) for p in self.proxy.hooks.plugins
+                       if p is not self and hasattr(p, "watch_offline")), default=0)
+        if seconds <= 0 or not self.master_configured() or self.max_offline_watches == 0:
+            return False
+        offline = sorted((w for w in self.watches.values() if w.offline), key=lambda w: w.keep_until)
+        for old in offline[:max(0, len(offline) - self.max_offline_watches + 1)]:
+            self._expire(old.user, force=True)
+        policy = self._policy()
+        watch.offline_state = policy.state(last_session) if policy is not None else None
+        watch.keep_until = time.time() + seconds
+        watch._expiry = reactor.callLater(seconds, self._expire, watch.user)
+        return True
+
+    def _expire(self, user: str, force: bool = False) -> None:
+        watch = self.watches.get(user)
+        if watch is not None and watch.offline and (force or time.time() >= watch.keep_until):
+            watch.close()
+            del self.watches[user]
+
+    def offline_watches(self) -> int:
+        return sum(1 for w in self.watches.values() if w.offline)
+
+    def master_configured(self) -> bool:
+        admin = self.proxy.config.admin
+        return bool(admin["master_user"] and admin["master_password_file"])
+
+    def open_master(self, user: str, purpose: str) -> defer.Deferred:
+        """A backend connection logged in as ``user`` through the ``[admin]`` master user."""
+        return defer.Deferred.fromCoroutine(self._open_master(user, purpose))
+
+    async def _open_master(self, user: str, purpose: str):
+        config = self.proxy.config
+        admin = config.admin
+        if not self.master_configured():
+            raise BackendError("no [admin] master user configured")
+        with open(admin["master_password_file"]) as f:
+            password = f.read().strip()
+        proto, caps = await connect_backend(reactor, config)
+        proto.capabilities = caps
+        try:
+            await login_backend(proto, caps, "", f"{user}{admin['separator']}{admin['master_user']}", password,
+                                [("x-session-id", f"cpmproxy-{purpose}")])
+        except BaseException:
+            proto.transport.loseConnection()
+            raise
+        return proto
 
     def stop(self) -> None:
         for watch in self.watches.values():

@@ -456,17 +456,8 @@ class PolicyPlugin(Plugin):
 
     async def kinds_of(self, session, mailbox: str, uids) -> dict[int, str]:
         """CPM kinds of some messages (server-side searches on the side connection)."""
-        uidset = SequenceSet.from_iterable(uids).format()
         async with side_examine(session):
-            session.side_command(b"EXAMINE " + _wire_name(mailbox))
-            waits = {kind: session.side_command(b"UID SEARCH RETURN (ALL) UID " + uidset + b" " + crit)
-                     for kind, crit in KIND_CRITERIA.items()}
-            out = {u: "other" for u in uids}
-            for kind, d in waits.items():
-                for u in _esearch_all(await d):
-                    if out.get(u) == "other":
-                        out[u] = kind
-        return out
+            return await classify(session.side_command, mailbox, uids)
 
     # -- selecting: plan, then gather classification while the SELECT responses are held ---------
 
@@ -1144,6 +1135,20 @@ class PolicyPlugin(Plugin):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+async def classify(run, mailbox: str, uids) -> dict[int, str]:
+    """CPM kinds of some messages by server-side searches, pipelined: ``run(line)`` runs a command (a
+    BackendProtocol's ``command`` or a session's ``side_command``) on a connection free to EXAMINE."""
+    uidset = SequenceSet.from_iterable(uids).format()
+    run(b"EXAMINE " + _wire_name(mailbox))
+    waits = {kind: run(b"UID SEARCH RETURN (ALL) UID " + uidset + b" " + crit) for kind, crit in KIND_CRITERIA.items()}
+    out = {u: "other" for u in uids}
+    for kind, d in waits.items():
+        for u in _esearch_all(await d):
+            if out.get(u) == "other":
+                out[u] = kind
+    return out
+
 
 def _literal_mailbox(cmd) -> bool:
     """Does a mailbox argument of ``cmd`` come as a literal not received yet?"""

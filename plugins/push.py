@@ -8,12 +8,19 @@ policy). The body never carries message content:
      "uids": [42], "kinds": {"42": "chat"}, "devices": ["tablet-1"], "time": 1764100000.0}
 
 ``devices``: the user's devices known to the proxy (recorded at login in METADATA) that have no session
-in this process. Delivery is in order, with retries and exponential backoff; the queue is bounded and
-what overflows is dropped and counted (``cpmproxy_push_dropped_total``).
+in this process. ``id`` is the same for the same change whichever proxy process sends it, so a gateway
+behind several proxy nodes can drop duplicates. Delivery is in order, with retries and exponential
+backoff; the queue is bounded and what overflows is dropped and counted (``cpmproxy_push_dropped_total``).
+
+When none of the user's devices is connected, pushes matter most (a delivery must wake the phone): the
+notify plugin keeps the user's watch connection for ``offline_watch`` seconds after their last session
+here ended (logged in with the ``[admin]`` master user; ``[plugin.notify] max_offline_watches`` bounds
+how many), with the preferences of that last session.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -32,13 +39,14 @@ from cpmproxy.proxy.hooks import Plugin
 from plugins.cpm import PREFIX
 from plugins.localdelete import device_key
 from plugins.notify import TOPIC, ChangeEvent
+from plugins.policy import classify
 
 log = Logger(namespace="cpmproxy.push")
 
 DEVICES = PREFIX + "/devices"
 _DEVICE_VALUE = re.compile(rb'/devices/[^ ]+ (?:"([^"]*)"|\{\d+\}\r\n([^ )]*))')
 _SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "max_retries": int,
-             "backoff": (int, float), "max_backoff": (int, float)}
+             "backoff": (int, float), "max_backoff": (int, float), "offline_watch": (int, float)}
 
 
 class PushPlugin(Plugin):
@@ -70,6 +78,9 @@ class PushPlugin(Plugin):
         self.max_retries = settings.get("max_retries", 10)
         self.backoff = settings.get("backoff", 1.0)
         self.max_backoff = settings.get("max_backoff", 300.0)
+        self.offline_watch = settings.get("offline_watch", 86400.0)
+        if self.offline_watch < 0:
+            raise ConfigError("plugin.push.offline_watch: expected seconds >= 0 (0: off)")
         if self.ca_file:
             try:
                 with open(self.ca_file, "rb") as f:
@@ -112,6 +123,10 @@ class PushPlugin(Plugin):
         found.discard("")
         self.devices[session.user] = found | {session.device_id}
 
+    def watch_offline(self, user: str) -> float:
+        """Asked by the notify plugin when the user's last session here ends (see the module doc)."""
+        return self.offline_watch if self.url and self.devices.get(user) else 0.0
+
     def stop(self) -> None:
         self.stopped = True
         if self._subscribed:
@@ -123,28 +138,51 @@ class PushPlugin(Plugin):
     def _event(self, event: ChangeEvent) -> None:
         sessions = self.proxy.sessions_of(event.user)
         notify = self._notify()
-        if notify is None or not sessions:
+        if notify is None or event.event == "MetadataChange":
             return
-        if not any(notify.enabled(s) for s in sessions):
-            return
+        if sessions:
+            if not any(notify.enabled(s) for s in sessions):
+                return
+        else:
+            watch = notify.watches.get(event.user)
+            if watch is None or watch.offline_state is None or not notify.enabled_in(watch.offline_state):
+                return
         connected = {s.device_id for s in sessions}
         offline = sorted(self.devices.get(event.user, set()) - connected)
         if not offline:
             return
-        d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions)), event, offline))
+        d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions), None), event, offline))
         d.addCallback(self._enqueue)
         d.addErrback(lambda f: log.failure("building a push event failed", f))
 
     async def _build(self, session, event: ChangeEvent, offline: list[str]) -> dict:
-        body = {"user": event.user, "mailbox": event.mailbox, "event": event.event,
+        change = [event.user, event.mailbox, event.event, event.uidvalidity, list(event.uids), event.modseq]
+        body = {"id": hashlib.sha256(json.dumps(change).encode()).hexdigest()[:32],
+                "user": event.user, "mailbox": event.mailbox, "event": event.event,
                 "uidvalidity": event.uidvalidity, "uids": list(event.uids), "devices": offline,
                 "time": time.time()}
         if event.uids:
-            policy = next((p for p in self.proxy.hooks.plugins if p.name == "policy"), None)
-            if policy is not None:
-                kinds = await policy.kinds_of(session, event.mailbox, event.uids)
-                body["kinds"] = {str(u): k for u, k in kinds.items()}
+            try:
+                kinds = await self._kinds(session, event)
+            except Exception as e:  # the event still goes out, without kinds
+                log.warn("classifying pushed messages failed: {e}", e=e)
+                kinds = {}
+            body["kinds"] = {str(u): k for u, k in kinds.items()}
         return body
+
+    async def _kinds(self, session, event: ChangeEvent) -> dict[int, str]:
+        policy = next((p for p in self.proxy.hooks.plugins if p.name == "policy"), None)
+        if policy is None:
+            return {}
+        if session is not None:
+            return await policy.kinds_of(session, event.mailbox, event.uids)
+        # No session of the user here (offline watch): a short master-user connection of its own.
+        proto = await self._notify().open_master(event.user, "push")
+        try:
+            return await classify(proto.command, event.mailbox, event.uids)
+        finally:
+            proto.command(b"LOGOUT")
+            proto.transport.loseConnection()
 
     def _enqueue(self, body: dict) -> None:
         sent, failed, dropped, queued = self._metrics()

@@ -250,7 +250,7 @@ def test_push_to_disconnected_devices_with_retry(make_proxy, dovecot, proxy_cert
         assert receiver.events, "no push arrived"
         ev = next(e for e in receiver.events if e["mailbox"] == folder)
         assert ev["user"] == "alice" and ev["event"] == "MessageNew"
-        assert ev["devices"] == ["tablet-1"]
+        assert "tablet-1" in ev["devices"] and "phone-1" not in ev["devices"]  # phone-1 is connected
         assert list(ev["kinds"].values()) == ["chat"]
         assert "for the tablet" not in json.dumps(ev)  # never message content
     finally:
@@ -375,3 +375,34 @@ def test_preference_changed_through_another_proxy_process(make_proxy, dovecot):
         set_pref(a, b"NIL")
         for x in (a, b, c):
             x.close()
+
+
+def test_push_when_no_device_is_connected(make_proxy, dovecot, proxy_certs, tmp_path):
+    """The user's only device left: a delivery still reaches the push gateway (offline watch, logged in
+    with the [admin] master user), with UIDVALIDITY, UIDs and kinds; duplicates share an id."""
+    folder = new_folder(dovecot)
+    pw = tmp_path / "master.pw"
+    pw.write_text(dovecot.master_user[1])
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[plugin.push]\n'
+                                f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
+                                f'offline_watch = 60\n[admin]\nmaster_user = "{dovecot.master_user[0]}"\n'
+                                f'master_password_file = "{pw}"\n')
+    try:
+        phone = device(p, "phone-9")
+        phone.command(b"z", b"LOGOUT")
+        phone.close()
+        time.sleep(0.5)
+        uid = dovecot.deliver("alice", folder, make_object("chat", text="while you were away"))
+        deadline = time.monotonic() + 10
+        while not any(e["mailbox"] == folder for e in receiver.events) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ev = next((e for e in receiver.events if e["mailbox"] == folder), None)
+        assert ev is not None, receiver.events
+        assert ev["user"] == "alice" and ev["event"] == "MessageNew" and "phone-9" in ev["devices"]
+        assert ev["uids"] == [uid], receiver.events
+        assert ev["kinds"] == {str(uid): "chat"} and ev["uidvalidity"]
+        assert len(ev["id"]) == 32 and "while you were away" not in json.dumps(ev)
+    finally:
+        receiver.stop()
