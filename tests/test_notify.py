@@ -406,3 +406,30 @@ def test_push_when_no_device_is_connected(make_proxy, dovecot, proxy_certs, tmp_
         assert len(ev["id"]) == 32 and "while you were away" not in json.dumps(ev)
     finally:
         receiver.stop()
+
+
+def test_no_push_while_the_user_has_notifications_off(make_proxy, dovecot, proxy_certs):
+    """Policy "allowed": the user's preference decides; off means no push, and turning it on resumes."""
+    folder = new_folder(dovecot)
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    p = make_proxy(config_extra=f'[plugin.push]\nurl = "https://localhost:{receiver.port}/cpm"\n'
+                                f'ca_file = "{proxy_certs.ca_cert}"\n')
+    device(p, "tablet-7").close()  # known device, offline
+    phone = device(p, "phone-7")
+    try:
+        set_pref(phone, b'"off"')
+        append(phone, folder, make_object("chat"))
+        time.sleep(2)
+        assert not [e for e in receiver.events if e["mailbox"] == folder]
+        set_pref(phone, b'"on"')
+        append(phone, folder, make_object("chat"))
+        deadline = time.monotonic() + 10
+        while not [e for e in receiver.events if e["mailbox"] == folder] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pushed = [e for e in receiver.events if e["mailbox"] == folder]
+        assert pushed and "tablet-7" in pushed[0]["devices"], receiver.events
+    finally:
+        set_pref(phone, b"NIL")
+        phone.close()
+        receiver.stop()
