@@ -25,7 +25,6 @@ import os
 import random
 import re
 import resource
-import statistics
 import sys
 import tempfile
 import time

@@ -31,9 +31,9 @@ from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
 from cpmproxy.imap import mutf7
-from cpmproxy.imap.tokens import TokenError, tokenize
+from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, format_tokens, tokenize
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
-from cpmproxy.proxy.hooks import Answer, Plugin, Rewrite
+from cpmproxy.proxy.hooks import Answer, Drop, Plugin, Rewrite
 from plugins.cpm import PREF_NOTIFICATIONS, pref_entry
 from plugins.policy import _mailbox_name, _token_text, _wire_name, parse_metadata_prefs
 
@@ -68,7 +68,78 @@ class NotifyState:
     metadata_events: bool = False  # the client asked (NOTIFY SET) for metadata change events
     last_status: dict[str, bytes] = field(default_factory=dict)  # coalesce identical injections
     selected_events: bool = False  # the client's NOTIFY asks for events of the selected mailbox
+    names_filter: list | None = None  # the client's own event groups, when the proxy widened them
+    widening: bool = False            # a NOTIFY the proxy widened is at the backend
     nudging: bool = False          # a NOOP is on its way to the backend for this session
+
+
+# -- NOTIFY SET event groups (RFC 5465 section 8) ---------------------------------------------------
+
+_MESSAGE_EVENTS = frozenset(("messagenew", "messageexpunge", "flagchange", "annotationchange"))
+_MAILBOX_EVENTS = frozenset(("mailboxname", "subscriptionchange"))
+_NAMED_FILTERS = ("subtree", "mailboxes")
+
+
+@dataclass
+class EventGroup:
+    filter: str                  # selected, selected-delayed, inboxes, personal, subscribed, subtree, mailboxes
+    names: tuple[str, ...]       # subtree / mailboxes: decoded mailbox names
+    events: list                 # the event tokens as sent (MessageNew may carry fetch attributes)
+
+    def event_names(self) -> set[str]:
+        return {t.value.decode("ascii", "replace").lower() for t in self.events if isinstance(t, Atom)}
+
+    def covers(self, mailbox: str) -> bool:
+        if self.filter == "mailboxes":
+            return mailbox in self.names
+        if self.filter == "subtree":
+            return any(mailbox == n or mailbox.startswith((n + "/", n + ".")) for n in self.names)
+        return self.filter in ("personal", "inboxes", "subscribed")  # (inboxes/subscribed: not narrowed)
+
+
+def parse_event_groups(tokens: list) -> tuple[int, list[EventGroup]] | None:
+    """``NOTIFY SET [STATUS] groups...``: the index of the first group and the groups; None if the line
+    is not one the proxy can read (the backend will judge it)."""
+    start = 4 if len(tokens) > 3 and isinstance(tokens[3], Atom) and tokens[3].value.upper() == b"STATUS" else 3
+    groups = []
+    for tok in tokens[start:]:
+        if not isinstance(tok, ParenList) or len(tok.items) < 2 or not isinstance(tok.items[0], Atom):
+            return None
+        flt = tok.items[0].value.decode("ascii", "replace").lower()
+        names: tuple[str, ...] = ()
+        rest = tok.items[1:]
+        if flt in _NAMED_FILTERS:
+            spec = rest[0]
+            raws = spec.items if isinstance(spec, ParenList) else [spec]
+            decoded = [_token_text(r) for r in raws]
+            if any(r is None for r in decoded):
+                return None
+            names = tuple(_mailbox_name(r) for r in decoded)
+            rest = rest[1:]
+        if len(rest) != 1:
+            return None
+        events = rest[0].items if isinstance(rest[0], ParenList) else []
+        groups.append(EventGroup(flt, names, list(events)))
+    return start, groups
+
+
+def widen_named_groups(tokens: list, start: int, groups: list[EventGroup]) -> bytes:
+    """The NOTIFY line with its ``subtree``/``mailboxes`` groups folded into ``personal`` (a superset the
+    backend accepts however many names there are); the proxy then narrows the events to the client's."""
+    wanted = set().union(*(g.event_names() for g in groups if g.filter in _NAMED_FILTERS or g.filter == "personal"))
+    order = ["MessageNew", "MessageExpunge", "FlagChange", "AnnotationChange", "MailboxName", "SubscriptionChange"]
+    events = [e.encode() for e in order if e.lower() in wanted]
+    personal = b"(personal " + (b"(" + b" ".join(events) + b")" if events else b"NONE") + b")"
+    parts = [format_tokens(tokens[:start])]
+    for tok, g in zip(tokens[start:], groups, strict=True):
+        if g.filter == "personal":
+            parts.append(personal)
+            personal = b""
+        elif g.filter not in _NAMED_FILTERS:
+            parts.append(format_token(tok))
+    if personal:
+        parts.append(personal)
+    return b" ".join(parts) + b"\r\n"
 
 
 def _status_mailbox(line: bytes) -> str | None:
@@ -299,6 +370,9 @@ class NotifyPlugin(Plugin):
     def _policy(self):
         return next((p for p in self.proxy.hooks.plugins if p.name == "policy"), None)
 
+    # Dovecot 2.3 refuses NOTIFY naming more than 100 mailboxes (NO [NOTIFICATIONOVERFLOW]).
+    BACKEND_NOTIFY_NAMES = 100
+
     def state(self, session) -> NotifyState:
         st = session.state.get(self.name)
         if st is None:
@@ -431,19 +505,81 @@ class NotifyPlugin(Plugin):
             st.metadata_events = bool(_METADATA_EVENTS.search(line))
             if st.metadata_events:
                 # Dovecot 2.3 refuses these events: the proxy produces them (CPM preference entries).
-                stripped = _METADATA_EVENTS.sub(b"", line)
-                stripped = re.sub(rb"\(\s+", b"(", stripped)
-                stripped = re.sub(rb"\(\)", b"NONE", stripped)  # only metadata asked: no backend events
-                return Rewrite(stripped)
+                line = _METADATA_EVENTS.sub(b"", line)
+                line = re.sub(rb"\(\s+", b"(", line)
+                line = re.sub(rb"\(\)", b"NONE", line)  # only metadata asked: no backend events
+            line = self._widen(session, cmd, line)
+            return None if line == cmd.line else Rewrite(line)
         return None
 
+    def _widen(self, session, cmd, line: bytes) -> bytes:
+        """More named mailboxes than the backend takes: ask it for ``personal`` and keep the client's
+        groups to narrow the events down (``response``)."""
+        try:
+            tokens = tokenize(line.rstrip(b"\r\n"))
+        except TokenError:
+            return line
+        parsed = parse_event_groups(tokens) if len(tokens) > 3 else None
+        if parsed is None:
+            return line
+        start, groups = parsed
+        if sum(len(g.names) for g in groups) <= self.BACKEND_NOTIFY_NAMES:
+            return line
+        cmd.state["names_filter"] = groups
+        self.state(session).widening = True
+        return widen_named_groups(tokens, start, groups)
+
+    def _narrowing(self, session):
+        """The event groups to narrow unsolicited responses to, if the proxy widened the client's."""
+        st = session.state.get(self.name)
+        if st is None or not (st.names_filter or st.widening):
+            return None
+        for cmd in session.inflight_commands():
+            if cmd.name in (b"STATUS", b"LIST", b"LSUB"):
+                return None  # their responses are answers, not events
+            if cmd.name == b"NOTIFY":
+                return cmd.state.get("names_filter")
+        return st.names_filter
+
+    def block_ok(self, session, block: bytes) -> bool:
+        st = session.state.get(self.name)
+        if st is None or not (st.names_filter or st.widening):
+            return True
+        return b"* STATUS " not in block and b"* LIST " not in block
+
+    def response(self, session, resp):
+        head = resp.head
+        if not resp.first or head.kind != "untagged" or head.name not in (b"STATUS", b"LIST"):
+            return None
+        groups = self._narrowing(session)
+        if groups is None:
+            return None
+        if head.name == b"STATUS":
+            mailbox, wanted = _status_mailbox(resp.data), _MESSAGE_EVENTS
+        else:
+            try:
+                tokens = tokenize(resp.data.rstrip(b"\r\n"))
+                raw = _token_text(tokens[4]) if len(tokens) > 4 else None
+            except TokenError:
+                raw = None
+            mailbox, wanted = (None if raw is None else _mailbox_name(raw)), _MAILBOX_EVENTS
+        if mailbox is None:
+            return None
+        if any(g.covers(mailbox) and g.event_names() & wanted for g in groups if not g.filter.startswith("selected")):
+            return None
+        return Drop()
+
     def tagged(self, session, cmd, resp):
+        if cmd.name == b"NOTIFY":
+            self.state(session).widening = False
         if cmd.name == b"NOTIFY" and resp.head.name == b"NO" and b"[BADEVENT" in resp.data[:80].upper():
             # RFC 5465 3.1: BADEVENT lists every event the server supports, which here is more than
             # the backend's (it also names only the offending events).
             return Rewrite(_BADEVENT.sub(b"[BADEVENT (" + SUPPORTED_EVENTS + b")]", resp.data, count=1))
         if cmd.name == b"NOTIFY" and resp.head.name == b"OK":
-            self.state(session).selected_events = cmd.state.get("selected_events", False)
+            st = self.state(session)
+            st.selected_events = cmd.state.get("selected_events", False)
+            st.names_filter = cmd.state.get("names_filter")
             return None
         if cmd.name not in _MODIFYING or resp.head.name != b"OK" or session.user is None:
             return None

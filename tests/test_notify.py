@@ -433,3 +433,52 @@ def test_no_push_while_the_user_has_notifications_off(make_proxy, dovecot, proxy
         set_pref(phone, b"NIL")
         phone.close()
         receiver.stop()
+
+
+def test_client_notify_naming_more_mailboxes_than_dovecot_takes(make_proxy, dovecot):
+    """Dovecot 2.3 refuses NOTIFY naming more than 100 mailboxes; through the proxy it works, and only
+    the named mailboxes (and subtrees) are announced."""
+    tag = uuid.uuid4().hex[:6]
+    named = [f"Many-{tag}/m{i:03d}" for i in range(120)]
+    a = dovecot.imap_direct("alice", tls="none")
+    try:
+        for name in named + [f"Unnamed-{tag}", f"Tree-{tag}/leaf"]:
+            a.create_folder(name)
+        p = make_proxy()
+        b = device(p, "B")
+        names = b" ".join(b'"%s"' % n.encode() for n in named)
+        r = b.command(b"n", b"NOTIFY SET STATUS (mailboxes (" + names + b") (MessageNew MessageExpunge)) "
+                            b'(subtree "Tree-%s" (MessageNew MessageExpunge MailboxName))' % tag.encode())
+        assert r[-1].startswith(b"n OK"), r[-1]
+        initial = [x for x in r if x.startswith(b"* STATUS")]
+        assert len(initial) == 121 and not any(b"Unnamed" in x for x in initial), len(initial)
+        dovecot.deliver("alice", f"Unnamed-{tag}", make_object("chat"))
+        dovecot.deliver("alice", named[117], make_object("chat"))
+        dovecot.deliver("alice", f"Tree-{tag}/leaf", make_object("chat"))
+        got = _collect(b, 8, lambda g: sum(x.startswith(b"* STATUS") for x in g) >= 2)
+        statuses = [x for x in got if x.startswith(b"* STATUS")]
+        assert any(named[117].encode() in x for x in statuses), got
+        assert any(b"Tree-%s/leaf" % tag.encode() in x for x in statuses), got
+        a.create_folder(f"Tree-{tag}/fresh")
+        a.create_folder(f"Unnamed-{tag}/fresh")
+        got += _collect(b, 5, lambda g: any(x.startswith(b"* LIST") for x in g))
+        assert any(x.startswith(b"* LIST") and b"Tree-%s/fresh" % tag.encode() in x for x in got), got
+        assert not any(b"Unnamed" in x for x in got), got  # neither its messages nor its children
+        b.close()
+    finally:
+        a.logout()
+
+
+def test_widen_named_groups_keeps_the_other_groups():
+    from cpmproxy.imap.tokens import tokenize
+    from plugins.notify import parse_event_groups, widen_named_groups
+    line = (b'n NOTIFY SET STATUS (selected (MessageNew (UID FLAGS) MessageExpunge)) '
+            b'(mailboxes (a "b c") (MessageNew MessageExpunge)) (subtree d (MailboxName)) (inboxes NONE)')
+    tokens = tokenize(line)
+    start, groups = parse_event_groups(tokens)
+    assert start == 4 and [g.filter for g in groups] == ["selected", "mailboxes", "subtree", "inboxes"]
+    assert groups[1].names == ("a", "b c") and groups[2].covers("d/e") and not groups[2].covers("de")
+    assert widen_named_groups(tokens, start, groups) == (
+        b"n NOTIFY SET STATUS (selected (MessageNew (UID FLAGS) MessageExpunge)) (inboxes NONE) "
+        b"(personal (MessageNew MessageExpunge MailboxName))\r\n")
+    assert parse_event_groups(tokenize(b"n NOTIFY SET (mailboxes)")) is None
