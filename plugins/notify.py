@@ -243,32 +243,24 @@ class UserWatch:
             self._keepalive = reactor.callLater(self._ping_interval(), self._ping)
 
     def poll_preferences(self) -> defer.Deferred:
-        """Read the user's preferences (account-wide, and those of the mailboxes selected here) and let
-        the sessions here take up what another proxy process changed."""
+        """Read the user's account-wide preferences and let the sessions here take up what another proxy
+        process changed. (Not folder-level ones: reading a mailbox's metadata opens it in the watch's
+        Dovecot process, and a mailbox open there while a client deletes it can come back as a ghost
+        in the mailbox list; folder preferences are read when a session here next looks at the folder.)"""
+        d = self.proto.command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")")
+        return d.addCallback(self._read_prefs).addErrback(_poll_failed)
+
+    def _read_prefs(self, reply) -> None:
+        if reply.status != b"OK":
+            return
+        prefs = parse_metadata_prefs(reply.untagged, "")
         if not self.sessions:
-            if self.offline_state is None:
-                return defer.succeed(None)
-            return self.proto.command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")") \
-                .addCallback(self._offline_prefs).addErrback(_poll_failed)
-        names = {""} | {s.selected.name for s in self.sessions if s.selected is not None}
-        waits = [(name, self.proto.command(b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" ("
-                                           + pref_entry("").encode() + b")")) for name in sorted(names)]
-
-        def read(replies):
-            policy = self.plugin._policy()
-            if policy is None:
-                return
-            for (name, _), reply in zip(waits, replies, strict=True):
-                if reply.status != b"OK":
-                    continue
-                if policy.observe_prefs(self.user, name, parse_metadata_prefs(reply.untagged, name)):
-                    self.plugin.publish(ChangeEvent(self.user, name, "MetadataChange"))
-        return defer.gatherResults([d for _, d in waits], consumeErrors=True).addCallback(read).addErrback(
-            _poll_failed)
-
-    def _offline_prefs(self, reply) -> None:
-        if reply.status == b"OK":
-            self.offline_state.account_prefs = parse_metadata_prefs(reply.untagged, "")
+            if self.offline_state is not None:
+                self.offline_state.account_prefs = prefs
+            return
+        policy = self.plugin._policy()
+        if policy is not None and policy.observe_prefs(self.user, "", prefs):
+            self.plugin.publish(ChangeEvent(self.user, "", "MetadataChange"))
 
     def _failed(self, failure) -> None:
         log.warn("watch connection for {user} failed: {e}", user=self.user, e=failure.getErrorMessage())
