@@ -603,9 +603,12 @@ class PolicyPlugin(Plugin):
             mailbox = _list_name(resp.data)
             if mailbox is None:
                 return None
-            if mailbox not in st.folders and b"\\NONEXISTENT" not in resp.data[:200].upper():
+            if (mailbox not in st.folders and b"\\NONEXISTENT" not in resp.data[:200].upper()
+                    and _oldest(session, (b"LIST", b"LSUB")) is None):
                 # Unsolicited (NOTIFY MailboxName/SubscriptionChange) about a folder this session has
-                # not looked at: whether it is hidden needs its preferences and kind first.
+                # not looked at: whether it is hidden needs its preferences and kind first. (Not for a
+                # LIST command's answers: the side connection's view of the list may lag the backend
+                # connection's, and opening a folder there that a client is deleting can resurrect it.)
                 return Hold(defer.Deferred.fromCoroutine(self.folder_infos(session, [mailbox])))
             return Drop() if self.folder_hidden(st, mailbox) else None
         if name == b"STATUS":
@@ -939,11 +942,11 @@ class PolicyPlugin(Plugin):
         if raw is None:
             return None
         mailbox = _mailbox_name(raw)
-        if mailbox not in st.folders:
-            return Hold(defer.Deferred.fromCoroutine(self.folder_infos(session, [mailbox])))
+        cmd = _oldest(session, (b"STATUS", b"LIST"))
+        if mailbox not in st.folders and cmd is None:
+            return Hold(defer.Deferred.fromCoroutine(self.folder_infos(session, [mailbox])))  # (as for LIST)
         if self.folder_hidden(st, mailbox):
             return Drop()
-        cmd = _oldest(session, (b"STATUS", b"LIST"))
         adjusts = cmd.state.get("status_adjusts") if cmd is not None else None
         if adjusts is not None and mailbox in adjusts:
             adjust = adjusts[mailbox]  # computed before the command went to the backend
