@@ -1,13 +1,17 @@
 """CPM notifications: every device of the user hears about every change, once the user enabled it (R3).
 
-Sources of change events, all ending in ``publish_change`` (event bus topic ``"mailbox-changed"``):
+Sources of change events, all ending in ``publish`` (event bus topic ``"mailbox-changed"``):
 
 * commands that modify mailboxes, completed through this proxy process (APPEND, STORE, EXPUNGE, COPY,
   MOVE, CREATE/DELETE/RENAME...): known at once, so the user's other sessions here hear of it without the
   backend's ~0.5 s notification delay;
 * everything else (other proxy processes, deliveries, other IMAP clients): one **watch connection** per
   user and process, a backend connection with ``NOTIFY SET STATUS (personal ...)``. The mail server is the
-  bus between proxy nodes; nothing is added that the operator does not already run.
+  bus between proxy nodes; nothing is added that the operator does not already run. Its STATUS answers
+  are the baseline from which later ones give the new UIDs; it also reads the user's preferences every
+  ``metadata_poll`` seconds (Dovecot has no metadata events), so a change made through another proxy
+  process reaches the sessions here. With a plugin asking for it (push), it outlives the user's last
+  session (``UserWatch.offline``, master login).
 
 What a session does with an event (``[plugin.notify] idle_status``): if it is idling, identified as a CPM
 device, and notifications are enabled for it (user preference ``notifications`` = on, within policy
@@ -16,8 +20,10 @@ folder, computed on the device's view (hidden folders are never announced, count
 of the selected mailbox arrive through IDLE itself.
 
 Clients' own ``NOTIFY SET`` is relayed to the backend and its answers are filtered by the view (policy
-plugin); the metadata events Dovecot 2.3 refuses are stripped before relaying and produced by the proxy
-for the CPM preference entries.
+plugin). Where Dovecot 2.3 falls short, the proxy fills in: the metadata events it refuses are stripped
+before relaying and produced by the proxy for the CPM preference entries; more than 100 named mailboxes
+(which it refuses with NOTIFICATIONOVERFLOW) are asked as ``personal`` and narrowed back here; events of
+the selected mailbox it holds back are drawn out with a NOOP; BADEVENT lists every supported event.
 """
 
 from __future__ import annotations
