@@ -390,8 +390,26 @@ class PolicyPlugin(Plugin):
             return Defer(defer.Deferred.fromCoroutine(self._mailbox_command(session, st, cmd)))
         view = st.view
         if view is not None and not view.identity:
+            if name in (b"EXPUNGE", b"CLOSE") and not cmd.uid and _has_caps(session, b"UIDPLUS", b"UNSELECT"):
+                return Defer(defer.Deferred.fromCoroutine(self._expunge_visible(session, view, cmd)))
             return self._view_command(st, view, cmd)
         return None
+
+    async def _expunge_visible(self, session, view: MailboxView, cmd):
+        """EXPUNGE / CLOSE under a filtered view remove only the visible messages marked \\Deleted (a
+        hidden message does not exist for this device, whoever marked it): UID EXPUNGE of those."""
+        reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
+        targets = set(_esearch_all(reply)) - view.hidden
+        uidset = SequenceSet.from_iterable(targets).format() if targets else None
+        if cmd.name == b"EXPUNGE":
+            cmd.state["tagged_text"] = b"Expunge completed."
+            return Rewrite(cmd.tag + (b" UID EXPUNGE " + uidset if uidset else b" NOOP") + b"\r\n")
+        # CLOSE: its EXPUNGE responses may reach the client (legal while a command is in progress), then
+        # the mailbox is left without expunging anything else.
+        if uidset is not None:
+            await session.backend_command(b"UID EXPUNGE " + uidset)
+        cmd.state["tagged_text"] = b"Close completed."
+        return Rewrite(cmd.tag + b" UNSELECT\r\n")
 
     async def _before_list(self, session, st, cmd):
         names = await self._all_folders(session)
@@ -685,6 +703,16 @@ class PolicyPlugin(Plugin):
         if st is None:
             return None
         status = resp.head.name
+        if "tagged_text" in cmd.state and status == b"OK":
+            # The command the client sent answers, not the one the proxy ran for it (NOOP, UNSELECT).
+            self._tagged_done(session, st, cmd, status)
+            code = resp.head.code  # e.g. [HIGHESTMODSEQ n] under CONDSTORE: kept
+            return Rewrite(cmd.tag + b" OK " + (b"[" + code + b"] " if code else b"") + cmd.state["tagged_text"]
+                           + b"\r\n")
+        self._tagged_done(session, st, cmd, status)
+        return None
+
+    def _tagged_done(self, session, st: PolicySession, cmd, status: bytes) -> None:
         if cmd.name in (b"SELECT", b"EXAMINE"):
             st.pending_select = False
             if status != b"OK":
@@ -1151,6 +1179,11 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
             if out.get(u) == "other":
                 out[u] = kind
     return out
+
+
+def _has_caps(session, *names: bytes) -> bool:
+    caps = {c.upper() for c in session.backend_caps}
+    return all(n in caps for n in names)
 
 
 def _literal_mailbox(cmd) -> bool:

@@ -340,3 +340,29 @@ SyncState *
     assert len(files) == len(expected)
     assert not (maildir / SESSION_FOLDER).exists()
     assert not any(b"message/imdn+xml" in f.read_bytes() for f in files)
+
+
+@pytest.mark.parametrize("how", [b"EXPUNGE", b"CLOSE"])
+def test_expunge_leaves_hidden_messages_alone(make_proxy, dovecot, how):
+    """A message hidden from the device does not exist for it: its EXPUNGE or CLOSE removes only the
+    visible messages marked \\Deleted, even when another client marked a hidden one too."""
+    folder = "Default/tel:+1778" + uuid.uuid4().hex[:6]
+    keep = dovecot.deliver("alice", folder, make_object("chat"))
+    gone = dovecot.deliver("alice", folder, make_object("chat", text="delete me"))
+    imdn = dovecot.deliver("alice", folder, make_object("imdn"), flags=["\\Deleted"])  # marked elsewhere
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
+    c = login(p, "alice", "B")
+    assert exists_of(c.command(b"s", b"SELECT " + q(folder))) == 2
+    assert c.command(b"d", b"STORE 2 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
+    r = c.command(b"e", how)
+    assert r[-1].startswith(b"e OK"), r
+    if how == b"EXPUNGE":
+        assert [x for x in r if b"EXPUNGE" in x] == [b"* 2 EXPUNGE\r\n"], r
+        assert c.command(b"e2", b"EXPUNGE")[-1].startswith(b"e2 OK")  # nothing left to expunge: fine
+    c.close()
+    direct = dovecot.imap_direct("alice", tls="none")
+    try:
+        direct.select_folder(folder)
+        assert direct.search("ALL") == [keep, imdn] and gone not in direct.search("ALL")
+    finally:
+        direct.logout()
