@@ -19,8 +19,9 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Segment, lines_of
+from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Run, Segment, lines_of, run_events
 from cpmproxy.imap.tokens import TokenError, parse_response_head, quote
+from cpmproxy.proxy.wire import send_chunks
 
 if TYPE_CHECKING:
     from cpmproxy.config import Config
@@ -94,7 +95,7 @@ class BackendProtocol(Protocol):
     def flush(self) -> None:
         if self.out and not self.closed:
             out, self.out = self.out, []
-            self.transport.writeSequence(out)
+            send_chunks(self.transport, out)
 
     # -- Twisted ----------------------------------------------------------------------------------
 
@@ -127,6 +128,8 @@ class BackendProtocol(Protocol):
             if isinstance(ev, Block):
                 for line in lines_of(ev.data):
                     yield Segment(line, True)
+            elif isinstance(ev, Run):
+                yield from run_events(ev)
             else:
                 yield ev
 
