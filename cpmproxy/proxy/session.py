@@ -47,7 +47,7 @@ from cpmproxy.proxy.hooks import (
     Rewrite,
     SelectedMailbox,
 )
-from cpmproxy.proxy.wire import send_chunks, tune
+from cpmproxy.proxy.wire import send_chunks
 
 if TYPE_CHECKING:
     from cpmproxy.proxy.service import ProxyService
@@ -63,9 +63,6 @@ _TAG_RE = re.compile(rb'([^\x00-\x20\x7f-\xff+(){%*"\\\]]{1,64})[ \r\n]')
 _PREAUTH_COMMANDS = {b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE", b"ID"}
 _SELECTING = {b"SELECT", b"EXAMINE"}
 _DESELECTING = {b"CLOSE", b"UNSELECT"}
-# Backend reads per reactor wake-up: a bulk FETCH arrives faster than 64 KiB (Twisted's default) per
-# wake-up, and each wake-up has a fixed cost (poll, recv, framing, sendmsg).
-_BACKEND_READ_SIZE = 1 << 20
 
 
 def _token_bytes(tok: Any) -> bytes | None:
@@ -233,7 +230,7 @@ class ClientSession(Protocol, TimeoutMixin):
     def _flush(self) -> None:
         if self._out:
             out, self._out = self._out, []
-            self.service.metrics.bytes_out.inc(sum(map(len, out)))
+            self.service.metrics.bytes_out += sum(map(len, out))
             send_chunks(self.transport, out)
 
     def _backend_at_boundary(self) -> bool:
@@ -263,7 +260,7 @@ class ClientSession(Protocol, TimeoutMixin):
         if self._peer_unsettled:
             self._settle_peer()
         self.resetTimeout()
-        self.service.metrics.bytes_in.inc(len(data))
+        self.service.metrics.bytes_in += len(data)
         self.framer.feed(data)
         self._process_client()
 
@@ -635,7 +632,6 @@ class ClientSession(Protocol, TimeoutMixin):
         # Backpressure both ways: a slow reader pauses the other side's socket reads.
         self.transport.registerProducer(self.backend.transport, True)
         self.backend.transport.registerProducer(self.transport, True)
-        tune(self.backend.transport, _BACKEND_READ_SIZE)
         self.transport.resumeProducing()
         if self.backend.framer.buffered:
             self.backend_data(b"")
