@@ -2,8 +2,10 @@
 
 Relay path, per chunk of bytes: the framer finds segment and literal boundaries (bytes.find and a regex on
 a line's tail, never a Python loop over bytes); literal chunks are forwarded as slices; each first segment
-of a command/response gets a cheap head parse and, only if some plugin asks for it, a hook call. All that
-is written for one chunk goes out in one ``writeSequence``.
+of a command/response gets a cheap head parse and, only if some plugin asks for it, a hook call. Backend
+runs of one-line responses and of FETCH responses with literals skip even that when a few substring tests
+on their text show that nothing in them concerns the core or a plugin (``block_ok``). All that is written
+for one chunk goes out in one ``sendmsg`` (``wire.send_chunks``).
 """
 
 from __future__ import annotations
