@@ -814,3 +814,44 @@ def test_blocks_mode_is_byte_exact_and_never_hides_a_literal(items, chunk):
                     assert re.search(rb"\{[0-9]+\}\r?\n\Z", line) is None  # no literal inside a block
             out.append(ev.data)
     assert b"".join(out) == stream
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(
+    st.integers(0, 300).map(lambda n: b"* 1 FETCH (BODY[] {%d}\r\n" % n + (b"x}\r\n" * n)[:n] + b")\r\n"),
+    st.integers(0, 50).map(lambda n: b"* 2 FETCH (BODY[1] {%d}\r\n%s BODY[2] {0}\r\n FLAGS ())\r\n" % (n, b"y" * n)),
+    st.just(b"* 3 FETCH (FLAGS (\\Seen))\r\n"),
+    st.just(b"* OK [ALERT] text {5}\r\n"),
+    st.just(b"* LIST () \"/\" {3}\r\nabc\r\n"),
+    st.just(b"a1 OK done\r\n"),
+    st.just(b"+ go\r\n"),
+), max_size=40), st.integers(1, 3000))
+def test_runs_are_whole_untagged_responses_and_byte_exact(items, chunk):
+    """Runs (blocks mode, responses with literals) cover whole untagged responses only; framed again they
+    give the segments a plain framer gives, and their text is those segments without the literals."""
+    from cpmproxy.imap.framing import Block, Run, lines_of, run_events
+
+    stream = b"".join(items)
+    plain = Framer(max_line=1 << 20, responses=True)
+    plain.feed(stream)
+    want = [(ev.data, ev.first, ev.literal) for ev in plain.events() if isinstance(ev, Segment)]
+    f = Framer(max_line=1 << 20, responses=True, blocks=True)
+    out, got = [], []
+    for i in range(0, len(stream), chunk):
+        f.feed(stream[i:i + chunk])
+        for ev in f.events():
+            if isinstance(ev, Run):
+                assert f.at_boundary
+                evs = run_events(ev)
+                segs = [e for e in evs if isinstance(e, Segment)]
+                assert segs[0].first and segs[0].data.startswith(b"* ") and segs[-1].literal is None
+                assert b"".join(e.data for e in evs) == bytes(ev.data)
+                assert b"".join(e.data for e in segs) == ev.text
+                got += [(e.data, e.first, e.literal) for e in segs]
+            elif isinstance(ev, Block):
+                got += [(line, True, None) for line in lines_of(ev.data)]
+            elif isinstance(ev, Segment):
+                got.append((ev.data, ev.first, ev.literal))
+            out.append(bytes(ev.data))
+    assert b"".join(out) == stream
+    assert got == want

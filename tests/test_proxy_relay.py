@@ -234,3 +234,36 @@ def test_backend_drop_gives_bye(proxy, dovecot):
 def test_proxy_process_alive(proxy):
     assert proxy.proc.poll() is None
     assert os.path.exists(proxy.log_path)
+
+
+def test_bulk_fetch_byte_exact_with_flags_mapped_after_literals(proxy, dovecot):
+    """A bulk FETCH goes through the relay's fast path, read by read; responses whose text concerns a
+    plugin (the read-report keyword in FLAGS after the body literal, wherever a read ends) still get
+    their mapping, and everything else is byte-for-byte what the backend sent."""
+    from cpmproxy.testing.rawclient import RawIMAP
+
+    folder = _fresh_folder()
+    d = dovecot.imap_direct("alice", tls="none")
+    d.create_folder(folder)
+    sizes = [0, 10, 70_000, 300, 200_000, 5_000, 1_500_000, 40, 64 * 1024, 9_000] * 3
+    for i, size in enumerate(sizes):
+        flags = (b"$ReadReportSent",) if i % 3 == 0 else ()
+        d.append(folder, _msg("bulk %d" % i, size), flags=flags)
+    d.logout()
+    line = b"EXAMINE " + folder.encode()
+    fetch = b"FETCH 1:* (BODY.PEEK[] FLAGS)"
+    got = {}
+    for side, (host, port) in {"direct": (dovecot.host, dovecot.port), "proxy": (proxy.host, proxy.port)}.items():
+        with RawIMAP(host, port, timeout=30) as c:
+            c.login("alice", "alicepw")
+            assert c.command(b"e", line)[-1].startswith(b"e OK")
+            out = c.command(b"f", fetch)
+            assert out[-1].startswith(b"f OK")
+            got[side] = out[:-1]
+    assert len(got["direct"]) == len(sizes)
+    want = [r.replace(b"$ReadReportSent", b"\\read-report-sent") for r in got["direct"]]
+    assert got["proxy"] == want
+    assert sum(b"\\read-report-sent" in r for r in got["proxy"]) == 10
+    d = dovecot.imap_direct("alice", tls="none")
+    d.delete_folder(folder)
+    d.logout()

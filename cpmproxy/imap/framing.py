@@ -26,6 +26,8 @@ __all__ = [
     "Block",
     "lines_of",
     "LiteralData",
+    "Run",
+    "run_events",
     "Segment",
 ]
 
@@ -72,6 +74,16 @@ class Block:
 
 
 @dataclass(slots=True)
+class Run:
+    """Several whole untagged responses in a row, literals included (server side, ``blocks=True``):
+    typically a bulk FETCH. ``data`` is their bytes as received (a memoryview of the framer's buffer: no
+    copy), ``text`` their text segments alone, literals left out, so the relay can tell from a few
+    substring tests that nothing in them concerns anyone and forward ``data`` in one piece."""
+    data: memoryview
+    text: bytes
+
+
+@dataclass(slots=True)
 class LiteralData:
     data: bytes
     last: bool
@@ -81,6 +93,13 @@ def lines_of(block: bytes) -> list[bytes]:
     """The lines of a Block, each with its line end (only LF separates lines, as the framer saw them)."""
     parts = block.split(b"\n")
     return [p + b"\n" for p in parts[:-1]]
+
+
+def run_events(run: Run) -> list[Segment | LiteralData]:
+    """The segments and literals of a Run, one event each, as a framer without blocks gives them."""
+    framer = Framer(max_line=len(run.data) + 1, responses=True)
+    framer.feed(bytes(run.data))
+    return list(framer.events())
 
 
 class FramingError(Exception):
@@ -192,6 +211,10 @@ class Framer:
                     self._pos = last + 1
                     self._scan_from = last + 1
                     return Block(buf[pos:last + 1])
+            elif 0 <= first_nl:
+                run = self._run(buf, pos)
+                if run is not None:
+                    return run
         nl = buf.find(b"\n", max(pos, self._scan_from))
         if nl < 0:
             self._scan_from = len(buf)
@@ -236,6 +259,44 @@ class Framer:
         self._first = False
         self._literal_left = size  # 0 is legal: the next segment follows at once
         return Segment(line, first, size, non_sync, binary)
+
+    def _run(self, buf: bytes, pos: int) -> Run | None:
+        """The complete untagged responses from ``pos`` on, as one Run, or None if not even the first is
+        complete. Stops before anything the per-segment path must judge: a tagged or continuation line,
+        a status response, an incomplete response, something that only looks like a literal, a limit."""
+        end = len(buf)
+        max_line = self.max_line
+        max_literal = self.max_literal
+        texts: list[bytes] = []
+        done = 0  # texts belonging to complete responses
+        run_end = p = pos
+        while buf.startswith(b"* ", p) and not _TEXT_RESPONSE_RE.match(buf, p):
+            complete = False
+            while True:  # the segments of one response
+                nl = buf.find(b"\n", p)
+                if nl < 0 or nl - p >= max_line:
+                    break
+                line_end = nl + 1
+                if buf[nl - 1] != 0x7D and buf[nl - 2:nl] != b"}\r":  # no "}" at the end: the last segment
+                    texts.append(buf[p:line_end])
+                    p = run_end = line_end
+                    done = len(texts)
+                    complete = True
+                    break
+                m = _LITERAL_RE.search(buf, max(p, line_end - _TAIL), line_end)
+                if m is None:
+                    break
+                size = int(m.group(2))
+                if (max_literal is not None and size > max_literal) or line_end + size > end:
+                    break
+                texts.append(buf[p:line_end])
+                p = line_end + size
+            if not complete:
+                break
+        if run_end == pos:
+            return None
+        self._pos = self._scan_from = run_end
+        return Run(memoryview(buf)[pos:run_end], b"".join(texts[:done]))
 
     def events(self):
         """Yield every event the buffered bytes allow (FramingError propagates)."""

@@ -12,15 +12,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Segment, lines_of
+from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Run, Segment, lines_of, run_events
 from cpmproxy.imap.tokens import TokenError, parse_response_head, quote
+from cpmproxy.proxy.wire import adapt_read_size, send_chunks
 
 if TYPE_CHECKING:
     from cpmproxy.config import Config
@@ -88,23 +89,27 @@ class BackendProtocol(Protocol):
         self._tag = 0
         self._got_greeting = False
         self.closed = False
+        self._plain_tcp = False
         self.out: list[bytes] = []  # relay output, written once per input chunk
         self.on_unsolicited = None  # called with untagged responses that arrive while no command runs
 
     def flush(self) -> None:
         if self.out and not self.closed:
             out, self.out = self.out, []
-            self.transport.writeSequence(out)
+            send_chunks(self.transport, out)
 
     # -- Twisted ----------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._plain_tcp = isinstance(self.transport, tcp.Connection)
         setnodelay = getattr(self.transport, "setTcpNoDelay", None)
         if setnodelay is not None:
             setnodelay(True)
 
     def dataReceived(self, data: bytes) -> None:
         if self.session is not None:
+            if self._plain_tcp:
+                adapt_read_size(self.transport, len(data))
             self.session.backend_data(data)
             return
         self.framer.feed(data)
@@ -127,6 +132,8 @@ class BackendProtocol(Protocol):
             if isinstance(ev, Block):
                 for line in lines_of(ev.data):
                     yield Segment(line, True)
+            elif isinstance(ev, Run):
+                yield from run_events(ev)
             else:
                 yield ev
 

@@ -185,9 +185,10 @@ class Plugin:
         return None
 
     def block_ok(self, session, block: bytes) -> bool:
-        """A run of one-line untagged responses (``block``) may bypass ``response``: return True when
-        nothing in it concerns this plugin (a cheap check, e.g. ``b"FOO" not in block``). The default,
-        False, sends every line through ``response``."""
+        """A run of whole untagged responses may bypass ``response``: return True when nothing in it
+        concerns this plugin (a cheap check, e.g. ``b"FOO" not in block``). ``block`` is their text:
+        one-line responses, or (a bulk FETCH) the text segments of responses with literals, the literals
+        left out. The default, False, sends every segment through ``response``."""
         return False
 
     def selected(self, session, mailbox: SelectedMailbox | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.twisted import MetricsResource
 from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
@@ -25,15 +26,18 @@ class Metrics:
         self.refused = Counter("cpmproxy_connections_refused", "Connections refused by a limit",
                                ["reason"], registry=r)
         self.logins = Counter("cpmproxy_logins", "Login attempts by result", ["result"], registry=r)
-        self.commands = Counter("cpmproxy_commands", "Client commands by name", ["command"], registry=r)
-        self.bytes_in = Counter("cpmproxy_client_bytes_received", "Bytes received from clients", registry=r)
-        self.bytes_out = Counter("cpmproxy_client_bytes_sent", "Bytes sent to clients", registry=r)
+        # Counted on the relay path, per command and per read/write: plain integers, turned into
+        # samples only when scraped (a prometheus_client inc takes a lock and several calls).
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.command_counts: dict[str, int] = {}
+        r.register(_RelayCollector(self))
         self.backend_errors = Counter("cpmproxy_backend_errors", "Backend failures by kind", ["kind"],
                                       registry=r)
         self.bad_input = Counter("cpmproxy_bad_input", "Malformed client input by kind", ["kind"], registry=r)
         self.timeouts = Counter("cpmproxy_idle_timeouts", "Sessions closed for inactivity", registry=r)
         self.reloads = Counter("cpmproxy_reloads", "Configuration reloads", ["result"], registry=r)
-        self._command_children = {}
+        self._command_labels: dict[bytes, str] = {}
         self._plugin_metrics: dict[str, object] = {}
 
     def plugin_metric(self, kind: type, name: str, doc: str, labels: tuple[str, ...] = ()):
@@ -44,16 +48,36 @@ class Metrics:
         return metric
 
     def command(self, name: bytes) -> None:
-        child = self._command_children.get(name)
-        if child is None:
+        label = self._command_labels.get(name)
+        if label is None:
             label = name.decode("ascii", "replace").lower() if name in _KNOWN_COMMANDS else "other"
-            child = self.commands.labels(command=label)
             if name in _KNOWN_COMMANDS:
-                self._command_children[name] = child
-        child.inc()
+                self._command_labels[name] = label
+        counts = self.command_counts
+        counts[label] = counts.get(label, 0) + 1
 
     def listen(self, reactor, endpoint: str):
         root = Resource()
         root.putChild(b"metrics", MetricsResource(registry=self.registry))
         root.putChild(b"", MetricsResource(registry=self.registry))
         return serverFromString(reactor, endpoint).listen(Site(root))
+
+
+class _RelayCollector:
+    """The relay-path counters of a Metrics, as Prometheus counters."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return self.collect()
+
+    def collect(self):
+        m = self.metrics
+        commands = CounterMetricFamily("cpmproxy_commands", "Client commands by name", labels=["command"])
+        for label, n in sorted(m.command_counts.items()):
+            commands.add_metric([label], n)
+        yield commands
+        yield CounterMetricFamily("cpmproxy_client_bytes_received", "Bytes received from clients",
+                                  value=m.bytes_in)
+        yield CounterMetricFamily("cpmproxy_client_bytes_sent", "Bytes sent to clients", value=m.bytes_out)

@@ -2,8 +2,10 @@
 
 Relay path, per chunk of bytes: the framer finds segment and literal boundaries (bytes.find and a regex on
 a line's tail, never a Python loop over bytes); literal chunks are forwarded as slices; each first segment
-of a command/response gets a cheap head parse and, only if some plugin asks for it, a hook call. All that
-is written for one chunk goes out in one ``writeSequence``.
+of a command/response gets a cheap head parse and, only if some plugin asks for it, a hook call. Backend
+runs of one-line responses and of FETCH responses with literals skip even that when a few substring tests
+on their text show that nothing in them concerns the core or a plugin (``block_ok``). All that is written
+for one chunk goes out in one ``sendmsg`` (``wire.send_chunks``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Segment, lines_of
+from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Run, Segment, lines_of, run_events
 from cpmproxy.imap.mutf7 import decode as mutf7_decode
 from cpmproxy.imap.tokens import (
     Atom,
@@ -47,6 +49,7 @@ from cpmproxy.proxy.hooks import (
     Rewrite,
     SelectedMailbox,
 )
+from cpmproxy.proxy.wire import send_chunks
 
 if TYPE_CHECKING:
     from cpmproxy.proxy.service import ProxyService
@@ -57,6 +60,7 @@ log = Logger(namespace="cpmproxy.session")
 _DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
 
 _NOT_UNTAGGED_RE = re.compile(rb"\n[^*]")
+_FETCH_HEAD_RE = re.compile(rb"\* [0-9]+ FETCH ")
 _TAG_RE = re.compile(rb'([^\x00-\x20\x7f-\xff+(){%*"\\\]]{1,64})[ \r\n]')
 _PREAUTH_COMMANDS = {b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE", b"ID"}
 _SELECTING = {b"SELECT", b"EXAMINE"}
@@ -228,8 +232,8 @@ class ClientSession(Protocol, TimeoutMixin):
     def _flush(self) -> None:
         if self._out:
             out, self._out = self._out, []
-            self.service.metrics.bytes_out.inc(sum(map(len, out)))
-            self.transport.writeSequence(out)
+            self.service.metrics.bytes_out += sum(map(len, out))
+            send_chunks(self.transport, out)
 
     def _backend_at_boundary(self) -> bool:
         return self.backend is None or self.backend.framer.at_boundary
@@ -258,7 +262,7 @@ class ClientSession(Protocol, TimeoutMixin):
         if self._peer_unsettled:
             self._settle_peer()
         self.resetTimeout()
-        self.service.metrics.bytes_in.inc(len(data))
+        self.service.metrics.bytes_in += len(data)
         self.framer.feed(data)
         self._process_client()
 
@@ -1034,16 +1038,27 @@ class ClientSession(Protocol, TimeoutMixin):
         framer = self.backend.framer
         if data:
             framer.feed(data)
+        fetch: list = []  # FETCH segments and literal chunks in a row, judged together (_backend_fetch)
         try:
             for ev in framer.events():
-                if isinstance(ev, Block):
+                kind = type(ev)
+                if kind is LiteralData or (kind is Segment and (not ev.first or _FETCH_HEAD_RE.match(ev.data))):
+                    fetch.append(ev)
+                    continue
+                if fetch:
+                    self._backend_fetch(fetch)
+                    fetch = []
+                if kind is Block:
                     self._backend_block(ev.data)
-                    continue
-                if self._held is not None and not self._passes_hold(ev):
-                    self._held.append(ev)
-                    continue
-                self._backend_event(ev)
+                elif kind is Run:
+                    self._backend_run(ev)
+                else:
+                    self._backend_events((ev,))
+            if fetch:
+                self._backend_fetch(fetch)
         except (FramingError, TokenError) as e:
+            if fetch and isinstance(e, FramingError):
+                self._backend_events(fetch)  # what came before the error still goes out
             self.service.metrics.backend_errors.labels(kind="protocol").inc()
             log.error("backend protocol error: {error} session={session}", error=str(e), session=self.session_id)
             self._flush()
@@ -1085,6 +1100,54 @@ class ClientSession(Protocol, TimeoutMixin):
                     self._held.append(seg)
                 else:
                     self._backend_event(seg)
+
+    def _backend_events(self, events) -> None:
+        for ev in events:
+            if self._held is not None and not self._passes_hold(ev):
+                self._held.append(ev)
+            else:
+                self._backend_event(ev)
+
+    def _backend_fetch(self, events: list) -> None:
+        """Untagged FETCH segments, continuation segments and literal chunks, as one read from the
+        backend brought them. A bulk FETCH is mostly these: when nothing in their text concerns a plugin
+        (``block_ok``) they go out as they are, with no per-response work; otherwise one by one."""
+        if self._held is None and not self._drop_response and self._selecting is None \
+                and not self._pending_inject:
+            text = b"".join([ev.data for ev in events if type(ev) is Segment])
+            for plugin in self.service.hooks.response if text else ():
+                if not plugin.block_ok(self, text):
+                    break
+            else:
+                out = self._out
+                head = None  # first segment of a response still going on after these events
+                for ev in events:
+                    out.append(ev.data)
+                    if type(ev) is Segment:
+                        if ev.literal is None:
+                            head = None
+                        elif ev.first:
+                            head = ev.data
+                if head is not None:
+                    # Its remaining segments may need the hooks (a read can end inside a response).
+                    self._resp_head = parse_response_head(head.rstrip(b"\r\n"))
+                    self._resp_cmd = None
+                return
+        self._backend_events(events)
+
+    def _backend_run(self, run: Run) -> None:
+        """Whole untagged responses with literals (a bulk FETCH): forwarded as received, in one piece,
+        when nothing in their text concerns the core or a plugin; otherwise response by response."""
+        text = run.text
+        if self._held is None and self._selecting is None and not self._pending_inject \
+                and b" EXISTS" not in text and b" EXPUNGE" not in text and b"* ESEARCH" not in text:
+            for plugin in self.service.hooks.response:
+                if not plugin.block_ok(self, text):
+                    break
+            else:
+                self._out.append(run.data)
+                return
+        self._backend_events(run_events(run))
 
     def _block_filter(self, block: bytes) -> bytes | None:
         """A block of one-line untagged responses as it goes to the client, or None if it must be taken
