@@ -8,7 +8,8 @@ policy). The body never carries message content:
      "uids": [42], "kinds": {"42": "chat"}, "devices": ["tablet-1"], "time": 1764100000.0}
 
 ``devices``: the user's devices known to the proxy (recorded at login in METADATA) that have no session
-in this process. ``id`` is the same for the same change whichever proxy process sends it, so a gateway
+in this process. ``headers`` only with ``include_headers = ["From", "Subject"]`` (message content stays out
+unless the operator asks for it). ``id`` is the same for the same change whichever proxy process sends it, so a gateway
 behind several proxy nodes can drop duplicates. Delivery is in order, with retries and exponential
 backoff; the queue is bounded and what overflows is dropped and counted (``cpmproxy_push_dropped_total``).
 
@@ -20,11 +21,13 @@ how many), with the preferences of that last session.
 
 from __future__ import annotations
 
+import email.policy
 import hashlib
 import json
 import re
 import time
 from collections import deque
+from email.parser import BytesParser
 from io import BytesIO
 
 from prometheus_client import Counter, Gauge
@@ -35,18 +38,21 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProduce
 from twisted.web.http_headers import Headers
 
 from cpmproxy.config import ConfigError
+from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.proxy.hooks import Plugin
 from plugins.cpm import PREFIX
 from plugins.localdelete import device_key
 from plugins.notify import TOPIC, ChangeEvent
-from plugins.policy import classify
+from plugins.policy import classify, side_examine
 
 log = Logger(namespace="cpmproxy.push")
 
 DEVICES = PREFIX + "/devices"
 _DEVICE_VALUE = re.compile(rb'/devices/[^ ]+ (?:"([^"]*)"|\{\d+\}\r\n([^ )]*))')
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII except ":"
+_FETCHED_HEADERS = re.compile(rb"UID (\d+)[^{]*\{(\d+)\}\r\n", re.S)
 _SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "max_retries": int,
-             "backoff": (int, float), "max_backoff": (int, float), "offline_watch": (int, float)}
+             "backoff": (int, float), "max_backoff": (int, float), "offline_watch": (int, float), "include_headers": list}
 
 
 class PushPlugin(Plugin):
@@ -79,6 +85,9 @@ class PushPlugin(Plugin):
         self.backoff = settings.get("backoff", 1.0)
         self.max_backoff = settings.get("max_backoff", 300.0)
         self.offline_watch = settings.get("offline_watch", 86400.0)
+        self.include_headers = settings.get("include_headers", [])
+        if not all(isinstance(h, str) and _HEADER_NAME.fullmatch(h) for h in self.include_headers):
+            raise ConfigError("plugin.push.include_headers: expected header names, e.g. [\"From\", \"Subject\"]")
         if self.offline_watch < 0:
             raise ConfigError("plugin.push.offline_watch: expected seconds >= 0 (0: off)")
         if self.ca_file:
@@ -163,26 +172,43 @@ class PushPlugin(Plugin):
                 "time": time.time()}
         if event.uids:
             try:
-                kinds = await self._kinds(session, event)
-            except Exception as e:  # the event still goes out, without kinds
+                kinds, headers = await self._inspect(session, event)
+            except Exception as e:  # the event still goes out, without them
                 log.warn("classifying pushed messages failed: {e}", e=e)
-                kinds = {}
+                kinds, headers = {}, {}
             body["kinds"] = {str(u): k for u, k in kinds.items()}
+            if self.include_headers:
+                body["headers"] = {str(u): h for u, h in headers.items()}
         return body
 
-    async def _kinds(self, session, event: ChangeEvent) -> dict[int, str]:
-        policy = next((p for p in self.proxy.hooks.plugins if p.name == "policy"), None)
-        if policy is None:
-            return {}
+    async def _inspect(self, session, event: ChangeEvent):
+        """Kinds (and the configured header fields) of the new messages, by server-side searches."""
         if session is not None:
-            return await policy.kinds_of(session, event.mailbox, event.uids)
+            async with side_examine(session):
+                return await self._inspect_on(session.side_command, event)
         # No session of the user here (offline watch): a short master-user connection of its own.
         proto = await self._notify().open_master(event.user, "push")
         try:
-            return await classify(proto.command, event.mailbox, event.uids)
+            return await self._inspect_on(proto.command, event)
         finally:
             proto.command(b"LOGOUT")
             proto.transport.loseConnection()
+
+    async def _inspect_on(self, run, event: ChangeEvent):
+        kinds = await classify(run, event.mailbox, event.uids)  # (EXAMINEs the mailbox)
+        headers: dict[int, dict[str, str]] = {}
+        if self.include_headers:
+            fields = " ".join(self.include_headers).encode()
+            reply = await run(b"UID FETCH " + SequenceSet.from_iterable(event.uids).format()
+                              + b" (UID BODY.PEEK[HEADER.FIELDS (" + fields + b")])")
+            for line in reply.untagged:
+                m = _FETCHED_HEADERS.search(line)
+                if m is None:
+                    continue
+                raw = line[m.end():m.end() + int(m.group(2))]
+                msg = BytesParser(policy=email.policy.default).parsebytes(raw, headersonly=True)
+                headers[int(m.group(1))] = {k: str(v) for k, v in msg.items()}
+        return kinds, headers
 
     def _enqueue(self, body: dict) -> None:
         sent, failed, dropped, queued = self._metrics()

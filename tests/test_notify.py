@@ -387,14 +387,15 @@ def test_push_when_no_device_is_connected(make_proxy, dovecot, proxy_certs, tmp_
     receiver.start()
     p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[plugin.push]\n'
                                 f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
-                                f'offline_watch = 60\n[admin]\nmaster_user = "{dovecot.master_user[0]}"\n'
+                                f'offline_watch = 60\ninclude_headers = ["Subject"]\n'
+                                f'[admin]\nmaster_user = "{dovecot.master_user[0]}"\n'
                                 f'master_password_file = "{pw}"\n')
     try:
         phone = device(p, "phone-9")
         phone.command(b"z", b"LOGOUT")
         phone.close()
         time.sleep(0.5)
-        uid = dovecot.deliver("alice", folder, make_object("chat", text="while you were away"))
+        uid = dovecot.deliver("alice", folder, make_object("chat", text="while you were away", subject="hi there"))
         deadline = time.monotonic() + 10
         while not any(e["mailbox"] == folder for e in receiver.events) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -403,7 +404,8 @@ def test_push_when_no_device_is_connected(make_proxy, dovecot, proxy_certs, tmp_
         assert ev["user"] == "alice" and ev["event"] == "MessageNew" and "phone-9" in ev["devices"]
         assert ev["uids"] == [uid], receiver.events
         assert ev["kinds"] == {str(uid): "chat"} and ev["uidvalidity"]
-        assert len(ev["id"]) == 32 and "while you were away" not in json.dumps(ev)
+        assert len(ev["id"]) == 32 and "while you were away" not in json.dumps(ev)  # the body never
+        assert ev["headers"] == {str(uid): {"Subject": "hi there"}}  # the header asked for in the config
     finally:
         receiver.stop()
 
