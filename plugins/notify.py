@@ -41,7 +41,7 @@ from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, form
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Plugin, Rewrite
 from plugins.cpm import PREF_NOTIFICATIONS, pref_entry
-from plugins.policy import _mailbox_name, _token_text, _wire_name, parse_metadata_prefs
+from plugins.policy import _mailbox_name, _token_text, _wire_name, parse_metadata_prefs, parse_pref_folders
 
 log = Logger(namespace="cpmproxy.notify")
 
@@ -265,6 +265,8 @@ class UserWatch:
                 self.offline_state.account_prefs = prefs
             return
         policy = self.plugin._policy()
+        if policy is not None:
+            policy.observe_pref_folders(self.user, parse_pref_folders(reply.untagged))
         if policy is not None and policy.observe_prefs(self.user, "", prefs):
             self.plugin.publish(ChangeEvent(self.user, "", "MetadataChange"))
 

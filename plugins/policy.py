@@ -202,6 +202,7 @@ class SelectPlan:
 class PolicySession:
     policy: Policy
     account_prefs: dict[str, str] = field(default_factory=dict)
+    pref_folders: set[str] = field(default_factory=set)  # folders that have preferences of their own
     folders: dict[str, FolderInfo] = field(default_factory=dict)
     plan: SelectPlan | None = None       # criteria of the mailbox being selected
     pending_select: bool = False         # our SELECT is at the backend, its responses not yet seen
@@ -298,6 +299,7 @@ class PolicyPlugin(Plugin):
         st = self.state(session)
         reply = await session.side_command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")")
         st.account_prefs = parse_metadata_prefs(reply.untagged)
+        st.pref_folders = parse_pref_folders(reply.untagged)
         # Open the side connection now, in the background: the first SELECT should not wait for it.
         reactor.callLater(0, lambda: session.phase == "auth" and session.side_command(b"NOOP"))
 
@@ -320,7 +322,10 @@ class PolicyPlugin(Plugin):
         waits = []
         for name in todo:
             info = st.folders[name] = FolderInfo()
-            if want_prefs:
+            # Only folders known to carry preferences are read: reading a mailbox's metadata opens it
+            # in the side connection's process, and a folder open there while a client renames or
+            # deletes it can come back as a ghost in the mailbox list.
+            if want_prefs and name in st.pref_folders:
                 waits.append((name, info, session.side_command(
                     b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" (" + pref_entry("").encode() + b")")))
         for name, info, d in waits:
@@ -442,6 +447,8 @@ class PolicyPlugin(Plugin):
             if cmd.name == b"CREATE":
                 st.folders.pop(new, None)
                 return None
+            if names[0] in st.pref_folders and new not in st.pref_folders:
+                await self._mark_pref_folder(session, new)  # its preferences move with it
             names = names[:1]
         early = None
         if cmd.name in (b"SELECT", b"EXAMINE"):
@@ -1057,7 +1064,27 @@ class PolicyPlugin(Plugin):
             prefs[key] = value
         if prefs:
             cmd.state["prefs"] = (mailbox, prefs)
+            if mailbox and mailbox not in st.pref_folders:
+                return Defer(defer.Deferred.fromCoroutine(self._mark_pref_folder(session, mailbox)))
         return None
+
+    async def _mark_pref_folder(self, session, mailbox: str) -> None:
+        """Record (account-wide, before the client's OK) that ``mailbox`` has preferences of its own, so
+        every session reads them (and only those folders' metadata is ever read)."""
+        await session.side_command(b'SETMETADATA "" (' + pref_folder_entry(mailbox) + b' "1")')
+        self.observe_pref_folders(session.user, {mailbox}, replace=False)
+        return None
+
+    def observe_pref_folders(self, user: str, names: set[str], replace: bool = True) -> None:
+        """Folders with preferences as now known (e.g. read again on the watch connection): sessions
+        here forget what they knew of new ones, so their preferences are read when next needed."""
+        for session in self.proxy.sessions_of(user):
+            st = session.state.get(self.name)
+            if st is None:
+                continue
+            for name in names - st.pref_folders:
+                st.folders.pop(name, None)
+            st.pref_folders = set(names) if replace else st.pref_folders | names
 
     def _metadata_response(self, resp):
         data = resp.data
@@ -1249,6 +1276,27 @@ def iter_metadata(lines: list[bytes]):
             value = _token_text(items[j + 1])
             if value is not None:
                 yield raw, (_token_text(items[j]) or b"").decode("utf-8", "replace"), value
+
+
+_PREF_FOLDERS = pref_entry("folders") + "/"
+
+
+def pref_folder_entry(mailbox: str) -> bytes:
+    # Hex: entry names are case-folded by Dovecot and restricted in their characters.
+    return (_PREF_FOLDERS + mailbox.encode("utf-8").hex()).encode()
+
+
+def parse_pref_folders(lines: list[bytes]) -> set[str]:
+    """Folders marked as having preferences, from a METADATA response for the account."""
+    out = set()
+    for raw, entry, _value in iter_metadata(lines):
+        low = entry.lower()
+        if raw == b"" and low.startswith(_PREF_FOLDERS.lower()):
+            try:
+                out.add(bytes.fromhex(low[len(_PREF_FOLDERS):]).decode("utf-8"))
+            except ValueError:
+                continue
+    return out
 
 
 def parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dict[str, str]:

@@ -366,3 +366,33 @@ def test_expunge_leaves_hidden_messages_alone(make_proxy, dovecot, how):
         assert direct.search("ALL") == [keep, imdn] and gone not in direct.search("ALL")
     finally:
         direct.logout()
+
+
+def test_folder_preference_reaches_other_process_and_follows_rename(make_proxy, dovecot):
+    """A folder turned off by a device on one proxy process disappears for a session on another (within
+    metadata_poll); renamed through the proxy, it keeps its preferences under the new name."""
+    folder = "Default/tel:+1667" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", folder, make_object("chat"))
+    poll = "[plugin.notify]\nmetadata_poll = 0.5\n"
+    p1, p2 = make_proxy(config_extra=poll), make_proxy(config_extra=poll)
+    a, b = login(p1, "dave", "A"), login(p2, "dave", "B")
+    try:
+        assert folder in listed(b)
+        r = a.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync "off")')
+        assert r[-1].startswith(b"m OK"), r
+        deadline = time.monotonic() + 5
+        while folder in listed(b) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert folder not in listed(b)
+        # Back on; renamed through the proxy, the folder keeps its preferences under the new name.
+        assert a.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync "on")')[-1].startswith(b"m OK")
+        assert a.command(b"r", b"RENAME " + q(folder) + b" " + q(folder + "-x"))[-1].startswith(b"r OK")
+        direct = RawIMAP("127.0.0.1", dovecot.port)
+        direct.login("dave", "davepw")
+        entry = PREFIX + b"/folders/" + (folder + "-x").encode().hex().encode()
+        r = direct.command(b"g", b'GETMETADATA "" ' + entry)
+        direct.close()
+        assert r[0].startswith(b'* METADATA "" (' + entry) and r[0].endswith(b"\r\n1)\r\n"), r
+    finally:
+        a.close()
+        b.close()
