@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
@@ -294,10 +294,9 @@ class PolicyPlugin(Plugin):
 
     async def _login(self, session) -> None:
         st = self.state(session)
+        # On the side connection (opened here, so the first SELECT does not wait for it).
         reply = await session.side_command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")")
         st.account_prefs = _parse_metadata_prefs(reply.untagged)
-        # Open the side connection now, in the background: the first SELECT should not wait for it.
-        reactor.callLater(0, lambda: session.phase == "auth" and session.side_command(b"NOOP"))
 
     def login(self, session):
         return defer.Deferred.fromCoroutine(self._login(session))
@@ -326,16 +325,20 @@ class PolicyPlugin(Plugin):
                 info.prefs = _parse_metadata_prefs((await d).untagged, name)
             except Exception:
                 log.failure("reading folder preferences failed")
+        unknown = []
+        for name in todo:
+            info = st.folders[name]
+            if self.effective(st, f"{PREF_SYNC}/session-history", name, st.policy.default_sync("session-history")):
+                continue
+            if self.session_history_cache.get((session.user, name)):
+                info.session_history = True
+                continue
+            unknown.append((name, info))
+        if not unknown:
+            return  # (no EXAMINE: the lock and its closing UNSELECT would only cost a round trip)
         async with side_examine(session):
             checks = []
-            for name in todo:
-                info = st.folders[name]
-                if self.effective(st, f"{PREF_SYNC}/session-history", name,
-                                  st.policy.default_sync("session-history")):
-                    continue
-                if self.session_history_cache.get((session.user, name)):
-                    info.session_history = True
-                    continue
+            for name, info in unknown:
                 session.side_command(b"EXAMINE " + _wire_name(name))
                 checks.append((name, info, session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA)))
             for name, info, d in checks:
