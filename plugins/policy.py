@@ -631,6 +631,10 @@ class PolicyPlugin(Plugin):
                 return None
             return Rewrite(b"* %d EXISTS\r\n" % view.exists)
         if name == b"RECENT":
+            if not session.idling and not session.inflight_commands():
+                # Caused by our internal command (held past the client's tagged OK, so it would reach
+                # the client after it, as if it answered the next command): obsolete, dropped.
+                return Drop()
             # Which of the recent messages are hidden is not worth a query (RECENT is obsolete in
             # IMAP4rev2); never claim more recent messages than exist.
             n = head.number or 0
