@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from bisect import bisect_left
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,7 +48,7 @@ from plugins.cpm import (
     pref_entry,
     pref_key,
 )
-from plugins.view import MailboxView, parse_uid_list
+from plugins.view import MailboxView, expand_ranges, parse_uid_list
 
 log = Logger(namespace="cpmproxy.policy")
 
@@ -210,14 +211,14 @@ class PolicySession:
     reapply: bool = False                # preferences changed: re-apply them before the next command
 
 
+MAX_UID = 4294967295  # RFC 9051: UIDs are non-zero 32-bit numbers
+_MAX_CACHED_RANGES = 256  # a mailbox's UIDs are cached as ranges; a very fragmented one is not cached
 _MAILBOX_ARG = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"APPEND": 0,
                 b"SUBSCRIBE": 0, b"UNSUBSCRIBE": 0, b"CREATE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1}
 _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 _SEARCHES = frozenset((b"SEARCH", b"SORT", b"THREAD"))
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
 _STATUS_RE = re.compile(rb"^\* STATUS (.*) \(([^()]*)\)\r?\n$", re.S | re.I)
-_FETCH_LINE_RE = re.compile(rb"^\* \d+ FETCH ", re.M)
-_FETCH_WHOLE_RE = re.compile(rb"^\* (\d+) FETCH ([^\n]*\n)", re.M)
 
 
 def _token_text(tok) -> bytes | None:
@@ -249,7 +250,7 @@ class PolicyPlugin(Plugin):
     def hiders(self, session) -> list:
         """Other enabled plugins that hide messages too (hiding is one operation, whoever asks for it):
         any plugin with ``active(session) -> bool`` and ``async hidden(session, mailbox, uidvalidity)
-        -> set[int]``."""
+        -> SequenceSet | set[int]`` (of UIDs)."""
         return [p for p in self.proxy.hooks.plugins
                 if p is not self and hasattr(p, "hidden") and hasattr(p, "active") and p.active(session)]
 
@@ -498,7 +499,7 @@ class PolicyPlugin(Plugin):
         uidvalidity = _parse_uidvalidity(await status_d, mailbox)
         plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
         for h, r in replies:
-            plan.extra |= await h.hidden(session, mailbox, uidvalidity, r)
+            plan.extra |= _uid_set(await h.hidden(session, mailbox, uidvalidity, r))
         if plan.empty:
             return
         st.plan = plan
@@ -528,64 +529,96 @@ class PolicyPlugin(Plugin):
             st.plan.extra |= set(uids)
         return st.view.hide(uids)
 
-    async def _classify(self, session, plan: SelectPlan, uid_range: bytes) -> tuple[list[int], set[int]]:
-        """All UIDs in ``uid_range`` and the hidden ones among them (one pipelined round trip)."""
+    async def _classify(self, session, plan: SelectPlan, uid_range: bytes,
+                        snapshot: tuple[int, int] | None = None,
+                        extra_ranges: SequenceSet | None = None) -> tuple[list[int], set[int]]:
+        """All UIDs in ``uid_range`` and the hidden ones among them (one pipelined round trip).
+        ``snapshot``: (EXISTS, UIDNEXT) from the SELECT being answered, for ``1:*``: if the cache has the
+        UIDs of that very state, they are not asked for again. ``extra_ranges``: ``plan.extra`` as
+        ranges, if the caller has them (intersecting ranges costs nothing, sets of 10,000 UIDs ~1 ms)."""
         cache = self.cache.get(session.user, plan.mailbox, plan.uidvalidity)
         kinds = set(plan.hidden_kinds)
         if "other" in kinds:
             kinds |= set(KIND_CRITERIA)
             kinds.discard("other")
-        all_d = session.backend_command(b"UID SEARCH RETURN (ALL) UID " + uid_range)
+        cached = snapshot is not None and cache.snapshot == snapshot
+        all_d = None if cached else session.backend_command(b"UID SEARCH RETURN (ALL) UID " + uid_range)
         kind_ds = {}
         for kind in sorted(kinds):
             start = cache.known(kind) + 1
+            # Not "start:*": that always includes the last message, and Dovecot's first header search on
+            # a connection costs ~80 ms (20,000 messages) even for one message; an empty range is free.
             kind_ds[kind] = (start, session.backend_command(
-                b"UID SEARCH RETURN (ALL) UID %d:* " % start + KIND_CRITERIA[kind]))
+                b"UID SEARCH RETURN (ALL) UID %d:%d " % (start, MAX_UID) + KIND_CRITERIA[kind]))
         size_d = session.backend_command(b"UID SEARCH RETURN (ALL) UID " + uid_range + b" LARGER %d"
                                          % plan.max_size) if plan.max_size else None
         age_d = session.backend_command(b"UID SEARCH RETURN (ALL) UID " + uid_range + b" OLDER %d"
                                         % (plan.max_age_days * 86400)) if plan.max_age_days else None
-        uids = _esearch_all(await all_d)
+        if cached:
+            ranges = cache.uid_ranges
+            uids = expand_ranges(ranges)
+        else:
+            ranges = _esearch_ranges(await all_d)
+            uids = expand_ranges(ranges)
+            # Only a consistent answer is kept: every UID below UIDNEXT and as many as EXISTS said (a
+            # message added or expunged in between would break one of the two).
+            if snapshot is not None and len(uids) == snapshot[0] and (not uids or uids[-1] < snapshot[1]) \
+                    and len(ranges) <= _MAX_CACHED_RANGES:
+                cache.snapshot, cache.uid_ranges = snapshot, ranges
         top = uids[-1] if uids else 0
         for kind, (start, d) in kind_ds.items():
             found = set(_esearch_all(await d))
             cache.add(kind, max(top, start - 1), found)
         hidden: set[int] = set()
-        uidset = set(uids)
+        uidset = set(uids) if (plan.hidden_kinds or size_d or age_d or extra_ranges is None) else set()
         for kind in plan.hidden_kinds:
             if kind == "other":
                 known = set().union(*(cache.kinds.get(k, set()) for k in KIND_CRITERIA))
                 hidden |= uidset - known
             else:
                 hidden |= cache.kinds.get(kind, set()) & uidset
+        # (& uidset: a message added since the UID list was taken waits for its EXISTS)
         if size_d is not None:
-            hidden |= set(_esearch_all(await size_d))
+            hidden |= uidset.intersection(_esearch_all(await size_d))
         if age_d is not None:
-            hidden |= set(_esearch_all(await age_d))
-        hidden |= plan.extra & uidset
+            hidden |= uidset.intersection(_esearch_all(await age_d))
+        if extra_ranges is not None:
+            extra = _uid_set(extra_ranges & SequenceSet.from_ranges(ranges))
+        else:
+            extra = plan.extra & uidset
+        if hidden:
+            hidden |= extra
+        else:
+            hidden = extra  # (no copy: often the only hidden UIDs, thousands of local deletions)
         return uids, hidden
 
     async def _build_view(self, session, st: PolicySession) -> None:
         plan = st.plan
         try:
-            uids, hidden = await self._classify(session, plan, b"1:*")
+            # One reactor turn: the rest of the SELECT's responses (one packet, as a rule) are held by now.
+            await _next_turn()
+            selected = _select_state(session.held_lines())
+            extra_ranges = None
             if plan.pending:
-                # By now the SELECT's responses (held) include its UIDVALIDITY.
-                for line in session.held_lines():
-                    m = re.search(rb"\[UIDVALIDITY (\d+)\]", line)
-                    if m:
-                        plan.uidvalidity = int(m.group(1))
+                extra_ranges = _uid_ranges(plan.extra)
+                plan.uidvalidity = selected.get(b"UIDVALIDITY", 0)
                 if not plan.uidvalidity:  # not seen (unusual server): ask, never guess (records get pruned)
                     plan.uidvalidity = await _uidvalidity(session, plan.mailbox)
                 replies, plan.pending = plan.pending, []
                 for h, r in replies:
-                    plan.extra |= await h.hidden(session, plan.mailbox, plan.uidvalidity, r)
-                hidden |= plan.extra & set(uids)
+                    found = await h.hidden(session, plan.mailbox, plan.uidvalidity, r)
+                    extra_ranges = extra_ranges | _uid_ranges(found)
+                plan.extra = _uid_set(extra_ranges)
+            snapshot = None
+            if selected.get(b"UIDVALIDITY") == plan.uidvalidity and b"EXISTS" in selected \
+                    and b"UIDNEXT" in selected:
+                snapshot = (selected[b"EXISTS"], selected[b"UIDNEXT"])
+            uids, hidden = await self._classify(session, plan, b"1:*", snapshot, extra_ranges)
         except Exception:
             log.failure("classification failed; showing the mailbox unfiltered")
             st.view = None
             return
-        st.view = MailboxView(uids, hidden)
+        st.view = MailboxView.exact(uids, hidden)
 
     async def _grow_view(self, session, st: PolicySession) -> None:
         view = st.view
@@ -669,17 +702,39 @@ class PolicyPlugin(Plugin):
         return None
 
     def response_block(self, session, block: bytes) -> bytes | None:
-        """A run of FETCH lines under a filtered view: renumbered and filtered in one pass."""
+        """A run of FETCH lines under a filtered view: renumbered and filtered in one pass, or None if
+        a line is not a FETCH. A loop over the lines rather than a regex substitution with a callback:
+        FETCH 1:* sends lines in order, so each client number is the previous one plus one (no bisect)."""
         st = session.state.get(self.name)
         view = st.view if st is not None else None
-        if view is None or st.pending_select or block.count(b"\n") != len(_FETCH_LINE_RE.findall(block)):
+        if view is None or st.pending_select:
             return None
-        client_seq = view.client_seq
-
-        def renumber(m):
-            c = client_seq(int(m.group(1)))
-            return b"" if c is None else b"* %d FETCH " % c + m.group(2)
-        return _FETCH_WHOLE_RE.sub(renumber, block)
+        lines = block.split(b"\n")
+        if lines.pop():
+            return None  # (not line-terminated: cannot happen for a Block)
+        uids, hidden = view.uids, view.hidden
+        count = len(uids)
+        out = []
+        last = -1  # backend number of the previous line, and how many visible messages go up to it
+        before = 0
+        for line in lines:
+            sp = line.find(b" FETCH ", 2)
+            if sp < 0 or line[:2] != b"* " or not line[2:sp].isdigit():
+                return None
+            n = int(line[2:sp])
+            if not 1 <= n <= count:
+                last = -1
+                continue  # not a message of the view: dropped, as client_seq() says
+            shown = uids[n - 1] not in hidden
+            if n == last + 1:
+                before += shown
+            else:
+                before = bisect_left(view.visible, uids[n - 1]) + shown
+            last = n
+            if shown:
+                out.append(line if before == n else b"* %d" % before + line[sp:])
+        out.append(b"")
+        return b"\n".join(out) if len(out) > 1 else b""
 
     def block_ok(self, session, block: bytes) -> bool:
         st = session.state.get(self.name)
@@ -892,7 +947,7 @@ class PolicyPlugin(Plugin):
             uidvalidity = await _uidvalidity(session, mailbox)
             plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
             for h in hiders:
-                plan.extra |= await h.hidden(session, mailbox, uidvalidity)
+                plan.extra |= _uid_set(await h.hidden(session, mailbox, uidvalidity))
             hidden = await self._side_hidden(session, plan, uids)
         if not hidden:
             return None
@@ -1146,6 +1201,54 @@ def _parse_uidvalidity(reply, mailbox: str) -> int:
 
 def _wire_name(name: str) -> bytes:
     return b"INBOX" if name == "INBOX" else quote(mutf7.encode(name))
+
+
+def _uid_ranges(uids: SequenceSet | set[int]) -> SequenceSet:
+    return uids if isinstance(uids, SequenceSet) else SequenceSet.from_iterable(uids)
+
+
+def _uid_set(uids: SequenceSet | set[int]) -> set[int]:
+    if not isinstance(uids, SequenceSet):
+        return uids
+    out: set[int] = set()
+    for lo, hi in uids.ranges:
+        out.update(range(lo, hi + 1))  # (in C: iterating the SequenceSet costs 10x)
+    return out
+
+
+def _esearch_ranges(reply) -> tuple[tuple[int, int], ...]:
+    for line in reply.untagged:
+        i = line.upper().find(b" ALL ")
+        if i >= 0:
+            return SequenceSet.parse(line[i + 5:].split(b" ")[0].strip()).ranges
+    return ()
+
+
+_SELECT_STATE_RE = re.compile(rb"^\* (?:OK \[(UIDVALIDITY|UIDNEXT) (\d+)\]|(\d+) (EXISTS))", re.I)
+
+
+def _select_state(lines: list[bytes]) -> dict[bytes, int]:
+    """UIDVALIDITY, UIDNEXT and EXISTS among a SELECT's responses (those present): up to its tagged
+    response (an EXISTS after it is news), the last of each (one before [CLOSED] is the old mailbox's)."""
+    out = {}
+    for line in lines:
+        if line[:1] != b"*":
+            break
+        m = _SELECT_STATE_RE.match(line)
+        if m:
+            if m.group(1):
+                out[m.group(1).upper()] = int(m.group(2))
+            else:
+                out[b"EXISTS"] = int(m.group(3))
+    return out
+
+
+def _next_turn() -> defer.Deferred:
+    from twisted.internet import reactor
+
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(0, d.callback, None)
+    return d
 
 
 def _esearch_all(reply) -> list[int]:
