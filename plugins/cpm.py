@@ -53,6 +53,10 @@ class KindCache:
     uidvalidity: int
     upto: dict[str, int] = field(default_factory=dict)
     kinds: dict[str, set[int]] = field(default_factory=dict)
+    # The mailbox's UIDs (as ranges) when it had ``snapshot`` = (EXISTS, UIDNEXT): a SELECT answering the
+    # same pair has exactly these UIDs (nothing added, since UIDNEXT did not move; so nothing expunged).
+    snapshot: tuple[int, int] | None = None
+    uid_ranges: tuple[tuple[int, int], ...] = ()
 
     def known(self, kind: str) -> int:
         return self.upto.get(kind, 0)

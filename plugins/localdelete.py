@@ -102,21 +102,24 @@ class LocalDeletePlugin(Plugin):
 
     def has_records(self, session, reply) -> bool:
         """Did ``query`` find any record (cheap test before anything else is asked of the backend)?"""
-        return bool(_parse_records(reply.untagged, f"{RECORDS}/{device_key(session.device_id)}"))
+        low = f"{RECORDS}/{device_key(session.device_id)}/".lower()
+        return any(entry.lower().startswith(low) for _, entry, _ in iter_metadata(reply.untagged))
 
-    async def hidden(self, session, mailbox: str, uidvalidity: int, reply=None) -> set[int]:
-        """This device's local deletions in ``mailbox``; also prunes stale records."""
+    async def hidden(self, session, mailbox: str, uidvalidity: int, reply=None) -> SequenceSet:
+        """This device's local deletions in ``mailbox`` (as ranges: thousands of them are a few ranges,
+        cheap to combine with the mailbox's UIDs); also prunes stale records."""
         prefix = f"{RECORDS}/{device_key(session.device_id)}"
         if reply is None:
             reply = await self.query(session, mailbox)
         records = _parse_records(reply.untagged, prefix)
-        uids: set[int] = set()
+        ranges = []
         stale = []
         for entry, (valid, value) in records.items():
             if valid != uidvalidity:
                 stale.append(entry)
                 continue
-            uids |= value
+            ranges += value.ranges
+        uids = SequenceSet.from_ranges(ranges)
         current = [e for e, (v, _) in records.items() if v == uidvalidity]
         if stale or len(current) > 8:
             defer.Deferred.fromCoroutine(self._compact(session, mailbox, uidvalidity, uids, stale, current)) \
@@ -130,8 +133,7 @@ class LocalDeletePlugin(Plugin):
         if len(current) > 1 and uids:
             async with side_examine(session):
                 session.side_command(b"EXAMINE " + wire)
-                reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID "
-                                                   + SequenceSet.from_iterable(uids).format())
+                reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID " + uids.format())
             alive = set()
             for line in reply.untagged:
                 i = line.upper().find(b" ALL ")
@@ -310,7 +312,7 @@ class LocalDeletePlugin(Plugin):
         return None
 
 
-def _parse_records(lines: list[bytes], prefix: str) -> dict[str, tuple[int, set[int]]]:
+def _parse_records(lines: list[bytes], prefix: str) -> dict[str, tuple[int, SequenceSet]]:
     """entry -> (UIDVALIDITY, UIDs) for the records under ``prefix`` in METADATA responses."""
     out = {}
     low = prefix.lower() + "/"
@@ -319,7 +321,9 @@ def _parse_records(lines: list[bytes], prefix: str) -> dict[str, tuple[int, set[
             continue
         try:
             valid = int(entry[len(low):].split("-", 1)[0])
-            uids = set(SequenceSet.parse(value))
+            uids = SequenceSet.parse(value)
+            if uids.has_star:
+                raise SequenceSetError("* in a record")
         except (ValueError, SequenceSetError):
             continue
         out[entry] = (valid, uids)

@@ -20,10 +20,18 @@ class MailboxView:
 
     def __init__(self, uids: Iterable[int] = (), hidden: Iterable[int] = ()):
         self.uids: list[int] = sorted(uids)
-        present = set(self.uids)
-        self.hidden: set[int] = {u for u in hidden if u in present}
+        self.hidden: set[int] = set(self.uids).intersection(hidden)
         self._visible: list[int] | None = None
         self._hidden_seqs: SequenceSet | None = None
+
+    @classmethod
+    def exact(cls, uids: list[int], hidden: set[int]) -> MailboxView:
+        """A view of sorted ``uids`` with ``hidden`` a subset of them, both taken as they are (no
+        copies, no checks: for callers that built them so; tens of thousands of UIDs cost ms each pass)."""
+        view = cls()
+        view.uids = uids
+        view.hidden = hidden
+        return view
 
     # -- derived state (rebuilt lazily after a change) ------------------------------------------
 
@@ -194,8 +202,16 @@ def parse_uid_list(text: bytes) -> list[int]:
     if not text:
         return []
     if b"," in text or b":" in text:
-        return list(SequenceSet.parse(text))
+        return expand_ranges(SequenceSet.parse(text).ranges)
     return [int(x) for x in text.split()]
 
 
-__all__ = ["MailboxView", "parse_uid_list", "STAR"]
+def expand_ranges(ranges) -> list[int]:
+    """The numbers of sorted ``(lo, hi)`` ranges, as a list (range() in C: ~10x iterating a SequenceSet)."""
+    out: list[int] = []
+    for lo, hi in ranges:
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+__all__ = ["MailboxView", "expand_ranges", "parse_uid_list", "STAR"]

@@ -866,10 +866,10 @@ class ClientSession(Protocol, TimeoutMixin):
         """Run ``line`` on a second backend connection of this user, for questions about mailboxes other
         than the selected one (STATUS counts, folder checks, METADATA). One such connection serves all
         of the user's sessions in this process (``side_lock`` serializes EXAMINE-dependent sequences).
-        During the ``login`` hook the session's own connection is used (nothing is relayed yet). The
-        reply holds every untagged response that came before the tagged one (ESEARCH by tag)."""
-        if self.phase == "login" and self.backend is not None and self.backend.session is None:
-            return self.backend.command(line)
+        Never the session's own connection, not even during the ``login`` hook: a LIST or METADATA
+        command there makes Dovecot (Maildir) re-read the whole uidlist at every later SELECT on it
+        (+18 ms for 20,000 messages). The reply holds every untagged response that came before the
+        tagged one (ESEARCH by tag)."""
         pool = self.service.side_pool(self)
         d: defer.Deferred[Reply] = defer.Deferred()
 
