@@ -855,3 +855,15 @@ def test_runs_are_whole_untagged_responses_and_byte_exact(items, chunk):
             out.append(bytes(ev.data))
     assert b"".join(out) == stream
     assert got == want
+
+
+def test_server_line_ending_in_a_bad_marker_is_text():
+    """Found by the blocks property test: ``* {}`` from a server is text, in both framing paths."""
+    for blocks in (False, True):
+        f = Framer(responses=True, blocks=blocks)
+        f.feed(b"* {}\r\n* 1 FETCH (X {x})\r\n")
+        assert b"".join(e.data for e in f.events()) == b"* {}\r\n* 1 FETCH (X {x})\r\n"
+    client = Framer()
+    client.feed(b"a APPEND x {}\r\n")
+    with pytest.raises(FramingError):
+        list(client.events())

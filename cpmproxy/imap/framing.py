@@ -241,7 +241,9 @@ class Framer:
             return Segment(line, first)
         m = _LITERAL_RE.search(line, max(0, len(line) - _TAIL))
         if m is None:
-            if _BAD_LITERAL_RE.search(line, max(0, len(line) - _TAIL)):
+            # A client's malformed marker is refused; a server's line ending in "{...}" that is no
+            # literal is only text (the blocks fast path reads it the same way).
+            if not self.responses and _BAD_LITERAL_RE.search(line, max(0, len(line) - _TAIL)):
                 self._first = True
                 raise FramingError("Invalid literal size", "CLIENTBUG", fatal=not first, first=first,
                                    data=line)
