@@ -267,3 +267,20 @@ def test_bulk_fetch_byte_exact_with_flags_mapped_after_literals(proxy, dovecot):
     d = dovecot.imap_direct("alice", tls="none")
     d.delete_folder(folder)
     d.logout()
+
+
+def test_read_report_keyword_in_another_case_is_still_mapped(proxy, dovecot):
+    """Keywords are case-insensitive: one another client created as "$readreportsent" is mapped too,
+    also on the block fast path (a FETCH 1:* of many messages)."""
+    folder = _fresh_folder()
+    d = dovecot.imap_direct("alice", tls="none")
+    d.create_folder(folder)
+    for i in range(50):
+        d.append(folder, _msg(f"rr{i}"), flags=(b"$readreportsent",) if i % 10 == 3 else ())
+    d.logout()
+    with raw_via(proxy) as r:
+        r.login("alice", "alicepw")
+        r.command(b"s", b'SELECT "%s"' % folder.encode())
+        out = r.command(b"f", b"FETCH 1:* (FLAGS)")
+        mapped = [x for x in out if b"\\read-report-sent" in x]
+        assert len(mapped) == 5 and not any(b"readreportsent" in x.lower() for x in out), out
