@@ -48,7 +48,9 @@ log = Logger(namespace="cpmproxy.notify")
 TOPIC = "mailbox-changed"
 _MODIFYING = frozenset((b"APPEND", b"STORE", b"EXPUNGE", b"COPY", b"MOVE", b"CREATE", b"DELETE", b"RENAME",
                         b"CLOSE", b"SETMETADATA"))
-_SELECTED_FILTER = re.compile(rb"\(\s*SELECTED(?:-DELAYED)?\s+\(", re.I)
+# Only "selected": with "selected-delayed" expunges must wait for a client command, which a NOOP of the
+# proxy's own would not be.
+_SELECTED_FILTER = re.compile(rb"\(\s*SELECTED\s+\(", re.I)
 _METADATA_EVENTS = re.compile(rb"\s*\b(MailboxMetadataChange|ServerMetadataChange)\b", re.I)
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
 _STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)"
