@@ -10,7 +10,7 @@ import imaplib
 import ssl
 import sys
 
-from cpmproxy.config import Config, ConfigError
+from cpmproxy.config import Config, ConfigError, master_configured, master_login
 from cpmproxy.imap import mutf7
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import ParenList, TokenError, tokenize
@@ -21,11 +21,10 @@ for _cmd in ("GETMETADATA", "SETMETADATA"):
 
 
 def _connect(config: Config, user: str) -> imaplib.IMAP4:
-    admin, b = config.admin, config.backend
-    if not admin["master_user"] or not admin["master_password_file"]:
+    b = config.backend
+    if not master_configured(config):
         raise ConfigError("[admin] master_user and master_password_file are needed for this command")
-    with open(admin["master_password_file"]) as f:
-        password = f.read().strip()
+    login, password = master_login(config, user)
     ctx = None
     if b["tls"] != "none":
         ctx = ssl.create_default_context(cafile=b["ca_file"] or None)
@@ -35,7 +34,7 @@ def _connect(config: Config, user: str) -> imaplib.IMAP4:
         conn = imaplib.IMAP4(b["host"], b["port"], timeout=b["connect_timeout"])
         if b["tls"] == "starttls":
             conn.starttls(ctx)
-    conn.login(f"{user}{admin['separator']}{admin['master_user']}", password)
+    conn.login(login, password)
     return conn
 
 

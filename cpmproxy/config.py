@@ -117,6 +117,20 @@ class Config:
     path: Path | None = None
 
 
+def master_configured(config: Config) -> bool:
+    """Is the ``[admin]`` backend master user set (admin CLI, offline watches)?"""
+    return bool(config.admin["master_user"] and config.admin["master_password_file"])
+
+
+def master_login(config: Config, user: str) -> tuple[str, str]:
+    """The backend login name and password acting as ``user`` through the master user (Dovecot:
+    ``user*master``). The password file is read each time, so it can be rotated without a reload."""
+    admin = config.admin
+    with open(admin["master_password_file"]) as f:
+        password = f.read().strip()
+    return f"{user}{admin['separator']}{admin['master_user']}", password
+
+
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:
     hint = difflib.get_close_matches(key, known, n=1)
     more = f" (did you mean {hint[0]!r}?)" if hint else ""

@@ -35,13 +35,20 @@ from dataclasses import dataclass, field
 from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
-from cpmproxy.config import ConfigError
+from cpmproxy.config import ConfigError, master_configured, master_login
 from cpmproxy.imap import mutf7
 from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, format_tokens, tokenize
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Plugin, Rewrite
 from plugins.cpm import PREF_NOTIFICATIONS, pref_entry
-from plugins.policy import _mailbox_name, _token_text, _wire_name, parse_metadata_prefs, parse_pref_folders
+from plugins.policy import (
+    _list_name,
+    _mailbox_name,
+    _token_text,
+    _wire_name,
+    parse_metadata_prefs,
+    parse_pref_folders,
+)
 
 log = Logger(namespace="cpmproxy.notify")
 
@@ -297,18 +304,14 @@ class UserWatch:
 
     def _event(self, line: bytes) -> None:
         head = line[:40].upper()
-        try:
-            tokens = tokenize(line.rstrip(b"\r\n"))
-        except TokenError:
-            return
-        if head.startswith(b"* STATUS ") and len(tokens) >= 3:
-            raw = _token_text(tokens[2])
-            if raw is not None:
-                self.plugin.publish(self._status_event(_mailbox_name(raw), line))
-        elif head.startswith(b"* LIST ") and len(tokens) >= 5:
-            raw = _token_text(tokens[4])
-            if raw is not None:
-                self.plugin.publish(ChangeEvent(self.user, _mailbox_name(raw), "MailboxName"))
+        if head.startswith(b"* STATUS "):
+            mailbox = _status_mailbox(line)
+            if mailbox is not None:
+                self.plugin.publish(self._status_event(mailbox, line))
+        elif head.startswith(b"* LIST "):
+            mailbox = _list_name(line)
+            if mailbox is not None:
+                self.plugin.publish(ChangeEvent(self.user, mailbox, "MailboxName"))
 
     def _status_event(self, mailbox: str, line: bytes) -> ChangeEvent:
         """What a NOTIFY STATUS says happened, against the last one seen for the mailbox (the answer to
@@ -461,12 +464,8 @@ class NotifyPlugin(Plugin):
             watch.close()
             del self.watches[user]
 
-    def offline_watches(self) -> int:
-        return sum(1 for w in self.watches.values() if w.offline)
-
     def master_configured(self) -> bool:
-        admin = self.proxy.config.admin
-        return bool(admin["master_user"] and admin["master_password_file"])
+        return master_configured(self.proxy.config)
 
     def open_master(self, user: str, purpose: str) -> defer.Deferred:
         """A backend connection logged in as ``user`` through the ``[admin]`` master user."""
@@ -474,16 +473,13 @@ class NotifyPlugin(Plugin):
 
     async def _open_master(self, user: str, purpose: str):
         config = self.proxy.config
-        admin = config.admin
         if not self.master_configured():
             raise BackendError("no [admin] master user configured")
-        with open(admin["master_password_file"]) as f:
-            password = f.read().strip()
+        login, password = master_login(config, user)
         proto, caps = await connect_backend(reactor, config)
         proto.capabilities = caps
         try:
-            await login_backend(proto, caps, "", f"{user}{admin['separator']}{admin['master_user']}", password,
-                                [("x-session-id", f"cpmproxy-{purpose}")])
+            await login_backend(proto, caps, "", login, password, [("x-session-id", f"cpmproxy-{purpose}")])
         except BaseException:
             proto.transport.loseConnection()
             raise
@@ -559,12 +555,7 @@ class NotifyPlugin(Plugin):
         if head.name == b"STATUS":
             mailbox, wanted = _status_mailbox(resp.data), _MESSAGE_EVENTS
         else:
-            try:
-                tokens = tokenize(resp.data.rstrip(b"\r\n"))
-                raw = _token_text(tokens[4]) if len(tokens) > 4 else None
-            except TokenError:
-                raw = None
-            mailbox, wanted = (None if raw is None else _mailbox_name(raw)), _MAILBOX_EVENTS
+            mailbox, wanted = _list_name(resp.data), _MAILBOX_EVENTS
         if mailbox is None:
             return None
         if any(g.covers(mailbox) and g.event_names() & wanted for g in groups if not g.filter.startswith("selected")):

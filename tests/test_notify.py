@@ -484,3 +484,23 @@ def test_widen_named_groups_keeps_the_other_groups():
         b"n NOTIFY SET STATUS (selected (MessageNew (UID FLAGS) MessageExpunge)) (inboxes NONE) "
         b"(personal (MessageNew MessageExpunge MailboxName))\r\n")
     assert parse_event_groups(tokenize(b"n NOTIFY SET (mailboxes)")) is None
+
+
+def test_notify_and_push_settings_are_validated(tmp_path):
+    """Each new setting: a wrong value is a clear configuration error naming it (cpmproxy --check)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for text, needle in {
+        "[plugin.notify]\nmetadata_poll = -1\n": "metadata_poll",
+        "[plugin.notify]\nmax_offline_watches = \"many\"\n": "max_offline_watches",
+        "[plugin.push]\noffline_watch = -5\n": "offline_watch",
+        "[plugin.push]\ninclude_headers = [\"Sub ject\"]\n": "include_headers",
+        "[plugin.push]\ninclude_headers = \"Subject\"\n": "push.include_headers",
+    }.items():
+        f = tmp_path / "c.toml"
+        f.write_text(text)
+        r = subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(f), "--check"],
+                           capture_output=True, text=True, cwd=root)
+        assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)
