@@ -169,7 +169,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--only", action="append", choices=("view", "localdelete", "ld_select", "notify"),
+                    help="run only these scenario groups (repeatable)")
     args = ap.parse_args()
+    wanted = set(args.only or ("view", "localdelete", "ld_select", "notify"))
     n_view = 2000 if args.quick else 20000
     n_ld = 200 if args.quick else 1000
     n_ld_sel = 1000 if args.quick else 10000
@@ -189,58 +192,75 @@ def main() -> int:
                               config_extra=LIMITS + '[policy]\nnotifications = "forced"\n').start()
         procs += [plain, hiding, forced]
 
-        seed(dovecot.port, "alice", "View", n_view, imdn_every=4)
-        settle(dovecot.port, "alice", "View")
-        select_fetch(dovecot.port, "alice", "View")  # (Dovecot's caches warm before anything is timed)
-        cold = select_fetch(hiding.port, "alice", "View")  # the first SELECT through the hiding proxy
-        m = alternating({"direct": lambda: select_fetch(dovecot.port, "alice", "View"),
-                         "none": lambda: select_fetch(plain.port, "alice", "View"),
-                         "hidden": lambda: select_fetch(hiding.port, "alice", "View")}, reps)
-        direct = m["direct"]
-        results += [("view_none", direct, m["none"], 1.05), ("view_hidden", direct, m["hidden"], 1.5),
-                    ("view_cold", direct, cold, None)]
-
-        # Local delete of n_ld messages vs a real delete of n_ld, each on a fresh folder.
-        seed(dovecot.port, "alice", "LD-local", n_ld)
-        seed(dovecot.port, "alice", "LD-real", n_ld)
-        c = login(dovecot.port, "alice")
-        c.command(b"s", b'SELECT "LD-real"')
-        real = timed(lambda: (c.command(b"d", b"STORE 1:* +FLAGS.SILENT (\\Deleted)"), c.command(b"e", b"EXPUNGE")))
-        c.close()
-        c = login(plain.port, "alice", "bench-ld")
-        c.command(b"s", b'SELECT "LD-local"')
-        local = timed(lambda: (c.command(b"d", b"STORE 1:* +FLAGS.SILENT (\\Deleted $LocalDelete)"),
-                               c.command(b"e", b"EXPUNGE")))
-        c.close()
-        results.append(("localdelete", real, local, 2.0))
-
-        # SELECT with n_ld_sel local deletions for the device vs a plain SELECT (same proxy, same folder).
-        seed(dovecot.port, "alice", "LD-select", n_ld_sel + 100)
-        c = login(plain.port, "alice", "bench-many")
-        c.command(b"s", b'SELECT "LD-select"')
-        c.command(b"d", b"STORE 1:%d +FLAGS.SILENT (\\Deleted $LocalDelete)" % n_ld_sel)
-        c.command(b"e", b"EXPUNGE")
-        c.close()
-        settle(dovecot.port, "alice", "LD-select")
-
-        def sel(device):
-            cc = login(plain.port, "alice", device)
-            t = timed(lambda: cc.command(b"s", b'SELECT "LD-select"'))
-            cc.close()
-            return t
-        m = alternating({"plain": lambda: sel("bench-other"), "many": lambda: sel("bench-many")}, reps)
-        results.append(("ld_select", m["plain"], m["many"], 1.5))
-
-        seed(dovecot.port, "bob", "Notify", 1)
-        nat = notify_latency(dovecot.port, dovecot.port, True, "Notify", trials)
-        prx = notify_latency(forced.port, forced.port, False, "Notify", trials)
-        results.append(("notify_p50", pct(nat, 50), pct(prx, 50), 1.5))
-        results.append(("notify_p99", pct(nat, 99), pct(prx, 99), 1.5))
+        if "view" in wanted:
+            view_scenarios(dovecot, plain, hiding, n_view, reps, results)
+        if "localdelete" in wanted:
+            localdelete_scenario(dovecot, plain, n_ld, results)
+        if "ld_select" in wanted:
+            ld_select_scenario(dovecot, plain, n_ld_sel, reps, results)
+        if "notify" in wanted:
+            seed(dovecot.port, "bob", "Notify", 1)
+            nat = notify_latency(dovecot.port, dovecot.port, True, "Notify", trials)
+            prx = notify_latency(forced.port, forced.port, False, "Notify", trials)
+            results.append(("notify_p50", pct(nat, 50), pct(prx, 50), 1.5))
+            results.append(("notify_p99", pct(nat, 99), pct(prx, 99), 1.5))
     finally:
         for p in procs:
             p.stop()
         dovecot.close()
+    report(results, load_before, args.json)
+    return 0
 
+
+def view_scenarios(dovecot, plain, hiding, n_view, reps, results) -> None:
+    seed(dovecot.port, "alice", "View", n_view, imdn_every=4)
+    settle(dovecot.port, "alice", "View")
+    select_fetch(dovecot.port, "alice", "View")  # (Dovecot's caches warm before anything is timed)
+    cold = select_fetch(hiding.port, "alice", "View")  # the first SELECT through the hiding proxy
+    m = alternating({"direct": lambda: select_fetch(dovecot.port, "alice", "View"),
+                     "none": lambda: select_fetch(plain.port, "alice", "View"),
+                     "hidden": lambda: select_fetch(hiding.port, "alice", "View")}, reps)
+    direct = m["direct"]
+    results += [("view_none", direct, m["none"], 1.05), ("view_hidden", direct, m["hidden"], 1.5),
+                ("view_cold", direct, cold, None)]
+
+
+def localdelete_scenario(dovecot, plain, n_ld, results) -> None:
+    # Local delete of n_ld messages vs a real delete of n_ld, each on a fresh folder.
+    seed(dovecot.port, "alice", "LD-local", n_ld)
+    seed(dovecot.port, "alice", "LD-real", n_ld)
+    c = login(dovecot.port, "alice")
+    c.command(b"s", b'SELECT "LD-real"')
+    real = timed(lambda: (c.command(b"d", b"STORE 1:* +FLAGS.SILENT (\\Deleted)"), c.command(b"e", b"EXPUNGE")))
+    c.close()
+    c = login(plain.port, "alice", "bench-ld")
+    c.command(b"s", b'SELECT "LD-local"')
+    local = timed(lambda: (c.command(b"d", b"STORE 1:* +FLAGS.SILENT (\\Deleted $LocalDelete)"),
+                           c.command(b"e", b"EXPUNGE")))
+    c.close()
+    results.append(("localdelete", real, local, 2.0))
+
+
+def ld_select_scenario(dovecot, plain, n_ld_sel, reps, results) -> None:
+    # SELECT with n_ld_sel local deletions for the device vs a plain SELECT (same proxy, same folder).
+    seed(dovecot.port, "alice", "LD-select", n_ld_sel + 100)
+    c = login(plain.port, "alice", "bench-many")
+    c.command(b"s", b'SELECT "LD-select"')
+    c.command(b"d", b"STORE 1:%d +FLAGS.SILENT (\\Deleted $LocalDelete)" % n_ld_sel)
+    c.command(b"e", b"EXPUNGE")
+    c.close()
+    settle(dovecot.port, "alice", "LD-select")
+
+    def sel(device):
+        cc = login(plain.port, "alice", device)
+        t = timed(lambda: cc.command(b"s", b'SELECT "LD-select"'))
+        cc.close()
+        return t
+    m = alternating({"plain": lambda: sel("bench-other"), "many": lambda: sel("bench-many")}, reps)
+    results.append(("ld_select", m["plain"], m["many"], 1.5))
+
+
+def report(results, load_before: str, json_path: str | None) -> None:
     print("| scenario | direct (s) | proxy (s) | ratio | target |")
     print("|---|---|---|---|---|")
     rows = []
@@ -250,9 +270,8 @@ def main() -> int:
         print(f"| {name} | {d:.4f} | {p:.4f} | {ratio:.2f} | {('<= %.2f ' % target) if target else ''}{verdict} |")
         rows.append({"scenario": name, "direct": d, "proxy": p, "ratio": ratio, "target": target})
     print(f"\nload average (1/5/15 min) before: {load_before}, after: {loadavg()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from bisect import bisect_left
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -719,38 +718,23 @@ class PolicyPlugin(Plugin):
 
     def response_block(self, session, block: bytes) -> bytes | None:
         """A run of FETCH lines under a filtered view: renumbered and filtered in one pass, or None if
-        a line is not a FETCH. A loop over the lines rather than a regex substitution with a callback:
-        FETCH 1:* sends lines in order, so each client number is the previous one plus one (no bisect)."""
+        a line is not a FETCH. The numbers are cut out by one regex split and mapped through the view's
+        table with ``map``: a bulk FETCH is mostly C work, one formatted prefix per visible line."""
         st = session.state.get(self.name)
         view = st.view if st is not None else None
         if view is None or st.pending_select:
             return None
-        lines = block.split(b"\n")
-        if lines.pop():
-            return None  # (not line-terminated: cannot happen for a Block)
-        uids, hidden = view.uids, view.hidden
-        count = len(uids)
-        out = []
-        last = -1  # backend number of the previous line, and how many visible messages go up to it
-        before = 0
-        for line in lines:
-            sp = line.find(b" FETCH ", 2)
-            if sp < 0 or line[:2] != b"* " or not line[2:sp].isdigit():
-                return None
-            n = int(line[2:sp])
-            if not 1 <= n <= count:
-                last = -1
-                continue  # not a message of the view: dropped, as client_seq() says
-            shown = uids[n - 1] not in hidden
-            if n == last + 1:
-                before += shown
-            else:
-                before = bisect_left(view.visible, uids[n - 1]) + shown
-            last = n
-            if shown:
-                out.append(line if before == n else b"* %d" % before + line[sp:])
-        out.append(b"")
-        return b"\n".join(out) if len(out) > 1 else b""
+        parts = _FETCH_LINE_NUMBER.split(block)
+        # [b"", n1, rest1, n2, rest2, ...]; every line must be a FETCH (a match starts each line).
+        if parts[0] or len(parts) // 2 != block.count(b"\n"):
+            return None
+        cmap = view.client_map
+        try:
+            clients = list(map(cmap.__getitem__, map(int, parts[1::2])))
+        except IndexError:  # a number beyond the mailbox (a broken server): not a message of the view
+            top = len(cmap)
+            clients = [cmap[n] if n < top else 0 for n in map(int, parts[1::2])]
+        return b"".join([b"* %d FETCH " % c + rest for c, rest in zip(clients, parts[2::2], strict=True) if c])
 
     def block_ok(self, session, block: bytes) -> bool:
         st = session.state.get(self.name)
@@ -1326,6 +1310,7 @@ def _esearch_ranges(reply) -> tuple[tuple[int, int], ...]:
     return ()
 
 
+_FETCH_LINE_NUMBER = re.compile(rb"^\* (\d+) FETCH ", re.M)
 _SELECT_STATE_RE = re.compile(rb"^\* (?:OK \[(UIDVALIDITY|UIDNEXT) (\d+)\]|(\d+) (EXISTS))", re.I)
 
 

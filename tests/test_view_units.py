@@ -1,0 +1,85 @@
+"""The view engine without a server: MailboxView's number mapping and the policy plugin's bulk FETCH
+renumbering, against a plain model (the visible UIDs, in order)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from plugins.policy import PolicyPlugin
+from plugins.view import MailboxView
+
+
+@st.composite
+def views(draw):
+    uids = sorted(draw(st.sets(st.integers(1, 500), max_size=60)))
+    hidden = draw(st.sets(st.sampled_from(uids))) if uids else set()
+    return uids, hidden
+
+
+def model_numbers(uids, hidden):
+    """backend number -> client number (None if hidden), by counting."""
+    out, n = {}, 0
+    for i, u in enumerate(uids, 1):
+        if u in hidden:
+            out[i] = None
+        else:
+            n += 1
+            out[i] = n
+    return out
+
+
+@given(views())
+def test_client_map_matches_model(v):
+    uids, hidden = v
+    view = MailboxView(uids, hidden)
+    model = model_numbers(uids, hidden)
+    assert view.client_map[0] == 0
+    assert len(view.client_map) == len(uids) + 1
+    for n, c in model.items():
+        assert view.client_map[n] == (c or 0)
+        assert view.client_seq(n) == c
+
+
+@given(views())
+def test_client_map_follows_changes(v):
+    uids, hidden = v
+    view = MailboxView(uids, ())
+    _ = view.client_map  # built, then every change must invalidate it
+    view.hide(hidden)
+    assert view.client_map == [0] + [c or 0 for c in model_numbers(uids, hidden).values()]
+    view.append([1000, 1001], hidden=[1001])
+    model = model_numbers(uids + [1000, 1001], hidden | {1001})
+    assert view.client_map == [0] + [c or 0 for c in model.values()]
+    if uids:
+        view.expunge(1)
+        model = model_numbers(uids[1:] + [1000, 1001], (hidden | {1001}) - {uids[0]})
+        assert view.client_map == [0] + [c or 0 for c in model.values()]
+
+
+def renumber(view, block: bytes) -> bytes | None:
+    session = SimpleNamespace(state={"policy": SimpleNamespace(view=view, pending_select=False)})
+    return PolicyPlugin.response_block(SimpleNamespace(name="policy"), session, block)
+
+
+@given(views(), st.data())
+def test_bulk_fetch_renumbered_and_filtered(v, data):
+    uids, hidden = v
+    view = MailboxView(uids, hidden)
+    model = model_numbers(uids, hidden)
+    # Any order, repeats and numbers beyond the mailbox (dropped, as for a single response).
+    numbers = data.draw(st.lists(st.integers(0, len(uids) + 3), max_size=40))
+    block = b"".join(b"* %d FETCH (UID %d FLAGS (\\Seen))\r\n" % (n, n * 7) for n in numbers)
+    expected = b"".join(b"* %d FETCH (UID %d FLAGS (\\Seen))\r\n" % (model[n], n * 7)
+                        for n in numbers if model.get(n))
+    assert renumber(view, block) == expected
+
+
+def test_bulk_fetch_with_other_lines_is_left_to_the_per_response_path():
+    view = MailboxView([1, 2, 3], {2})
+    assert renumber(view, b"* 1 FETCH (FLAGS ())\r\n* 3 EXISTS\r\n") is None
+    assert renumber(view, b"* 1 FETCH (FLAGS ())\r\n* OK [ALERT] 3 FETCH \r\n") is None
+    assert renumber(view, b"* 3 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS ())\r\n") == b"* 2 FETCH (FLAGS ())\r\n"
+    assert renumber(view, b"* 2 FETCH (FLAGS ())\r\n") == b""
