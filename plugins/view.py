@@ -11,19 +11,21 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable
-from itertools import accumulate
+from itertools import accumulate, compress, islice
+from operator import not_
 
 from cpmproxy.imap.seqset import STAR, SequenceSet
 
 
 class MailboxView:
-    __slots__ = ("uids", "hidden", "_visible", "_hidden_seqs", "_client_map")
+    __slots__ = ("uids", "hidden", "_visible", "_hidden_seqs", "_visible_seqs", "_client_map")
 
     def __init__(self, uids: Iterable[int] = (), hidden: Iterable[int] = ()):
         self.uids: list[int] = sorted(uids)
         self.hidden: set[int] = set(self.uids).intersection(hidden)
         self._visible: list[int] | None = None
         self._hidden_seqs: SequenceSet | None = None
+        self._visible_seqs: SequenceSet | None = None
         self._client_map: list[int] | None = None
 
     @classmethod
@@ -40,6 +42,7 @@ class MailboxView:
     def _changed(self) -> None:
         self._visible = None
         self._hidden_seqs = None
+        self._visible_seqs = None
         self._client_map = None
 
     @property
@@ -57,9 +60,25 @@ class MailboxView:
     def hidden_seqs(self) -> SequenceSet:
         """Backend sequence numbers of the hidden messages."""
         if self._hidden_seqs is None:
-            uids = self.uids
-            self._hidden_seqs = SequenceSet.from_iterable(bisect_left(uids, u) + 1 for u in self.hidden)
+            # The gaps between the visible runs (list comprehensions over runs, not over messages).
+            visible = self.visible_seqs.ranges
+            top = len(self.uids)
+            self._hidden_seqs = SequenceSet.from_canonical(
+                [(a + 1, b - 1) for (_, a), (b, _) in zip([(0, 0), *visible], [*visible, (top + 1, 0)], strict=True)
+                 if b - a > 1])
         return self._hidden_seqs
+
+    @property
+    def visible_seqs(self) -> SequenceSet:
+        """Backend sequence numbers of the visible messages (what ``1:*`` of the client means)."""
+        if self._visible_seqs is None:
+            # The runs between the hidden messages' positions (a step per hidden message, not per message).
+            cmap = self.client_map
+            top = len(cmap) - 1
+            holes = list(compress(range(1, top + 1), map(not_, islice(cmap, 1, None))))
+            self._visible_seqs = SequenceSet.from_canonical(
+                [(a + 1, b - 1) for a, b in zip([0, *holes], [*holes, top + 1], strict=True) if b - a > 1])
+        return self._visible_seqs
 
     @property
     def client_map(self) -> list[int]:
@@ -95,6 +114,8 @@ class MailboxView:
             return None
         if not self.hidden:
             return backend_seq
+        if self._client_map is not None:
+            return self._client_map[backend_seq]
         return bisect_left(self.visible, u) + 1
 
     def client_seq_of_uid(self, uid: int) -> int | None:
@@ -121,6 +142,8 @@ class MailboxView:
         resolved = client_set.resolve(n).clip(1, n)
         if not self.hidden:
             return resolved
+        if resolved.ranges == ((1, n),):
+            return self.visible_seqs  # (the usual 1:*: built once per state of the view)
         ranges = []
         for lo, hi in resolved.ranges:
             ranges.append((self.backend_seq(lo), self.backend_seq(hi)))

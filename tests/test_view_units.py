@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cpmproxy.imap.seqset import SequenceSet
 from plugins.policy import PolicyPlugin
 from plugins.view import MailboxView
 
@@ -83,3 +84,14 @@ def test_bulk_fetch_with_other_lines_is_left_to_the_per_response_path():
     assert renumber(view, b"* 1 FETCH (FLAGS ())\r\n* OK [ALERT] 3 FETCH \r\n") is None
     assert renumber(view, b"* 3 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS ())\r\n") == b"* 2 FETCH (FLAGS ())\r\n"
     assert renumber(view, b"* 2 FETCH (FLAGS ())\r\n") == b""
+
+
+@given(views())
+def test_visible_and_hidden_backend_numbers(v):
+    uids, hidden = v
+    view = MailboxView(uids, hidden)
+    model = model_numbers(uids, hidden)
+    assert list(view.visible_seqs) == [n for n, c in model.items() if c]
+    assert list(view.hidden_seqs) == [n for n, c in model.items() if not c]
+    every = view.backend_seqset(SequenceSet.parse(b"1:*")) if view.exists else SequenceSet.empty()
+    assert list(every) == [n for n, c in model.items() if c]
