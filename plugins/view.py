@@ -114,9 +114,10 @@ class MailboxView:
             return None
         if not self.hidden:
             return backend_seq
-        if self._client_map is not None:
-            return self._client_map[backend_seq]
-        return bisect_left(self.visible, u) + 1
+        if self._visible is not None:
+            return bisect_left(self._visible, u) + 1
+        # (the table a bulk FETCH needs next anyway, rather than the visible list for one lookup)
+        return self.client_map[backend_seq]
 
     def client_seq_of_uid(self, uid: int) -> int | None:
         if uid in self.hidden:
