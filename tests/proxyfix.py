@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import imaplib
 import ssl
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from cpmproxy.testing.certs import make_ca_and_cert
 from cpmproxy.testing.proxyproc import ProxyProcess
 from cpmproxy.testing.rawclient import RawIMAP
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess:
+    """``cpmproxy --config PATH --check``, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(path), "--check"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="session")

@@ -488,10 +488,7 @@ def test_widen_named_groups_keeps_the_other_groups():
 
 def test_notify_and_push_settings_are_validated(tmp_path):
     """Each new setting: a wrong value is a clear configuration error naming it (cpmproxy --check)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    from tests.proxyfix import check_config
     for text, needle in {
         "[plugin.notify]\nmetadata_poll = -1\n": "metadata_poll",
         "[plugin.notify]\nmax_offline_watches = \"many\"\n": "max_offline_watches",
@@ -501,6 +498,5 @@ def test_notify_and_push_settings_are_validated(tmp_path):
     }.items():
         f = tmp_path / "c.toml"
         f.write_text(text)
-        r = subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(f), "--check"],
-                           capture_output=True, text=True, cwd=root)
+        r = check_config(f)
         assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)

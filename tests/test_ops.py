@@ -11,14 +11,10 @@ import urllib.request
 from pathlib import Path
 
 from cpmproxy.testing.proxyproc import ProxyProcess, free_port
+from tests.proxyfix import check_config as _check
 from tests.proxyfix import imap_via, raw_via
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _check(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(path), "--check"],
-                          capture_output=True, text=True, cwd=ROOT)
 
 
 def test_check_accepts_good_and_rejects_bad_configs(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
@@ -265,8 +264,7 @@ def test_new_hidden_message_while_selected_is_not_announced(make_proxy, dovecot)
 
 
 def test_policy_config_validation(tmp_path):
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    from tests.proxyfix import check_config
     for text, needle in {
         "[policy]\nsync = { bogus = false }\n": "unknown kind",
         "[policy]\nmax_size = -1\n": "max_size",
@@ -276,8 +274,7 @@ def test_policy_config_validation(tmp_path):
     }.items():
         f = tmp_path / "c.toml"
         f.write_text(text)
-        r = subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(f), "--check"],
-                           capture_output=True, text=True, cwd=root)
+        r = check_config(f)
         assert r.returncode != 0 and needle in r.stderr, (text, r.stderr)
 
 
