@@ -744,6 +744,11 @@ class PolicyPlugin(Plugin):
             return False
         return not any(x in block for x in (b"* LIST", b"* LSUB", b"* STATUS", b"* METADATA", b"* VANISHED"))
 
+    def fetch_block_ok(self, session, block: bytes) -> bool:
+        # FETCH lines concern the policy only to be renumbered (response_block) under a filtered view.
+        st = session.state.get(self.name)
+        return st is None or not (st.pending_select or (st.view is not None and not st.view.identity))
+
     def tagged(self, session, cmd, resp):
         st = session.state.get(self.name)
         if st is None:

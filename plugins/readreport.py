@@ -48,6 +48,9 @@ class ReadReportPlugin(Plugin):
         spelling = session.state.get(self.name, self.keyword)
         return b"* FLAGS" not in block and b"PERMANENTFLAGS" not in block and spelling not in block
 
+    def fetch_block_ok(self, session, block: bytes) -> bool:
+        return session.state.get(self.name, self.keyword) not in block  # FETCH FLAGS may carry the keyword
+
     def response(self, session, resp: BackendResponse):
         head = resp.head
         if head.kind != "untagged" or head.name not in _OUT_RESPONSES:

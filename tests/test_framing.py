@@ -867,3 +867,27 @@ def test_server_line_ending_in_a_bad_marker_is_text():
     client.feed(b"a APPEND x {}\r\n")
     with pytest.raises(FramingError):
         list(client.events())
+
+
+_FETCH_LINES = st.one_of(
+    st.sampled_from([b"FLAGS (\\Seen)", b"FLAGS (\\Recent $NotJunk)", b"UID 7 FLAGS (XFOO)", b"MODSEQ (12)",
+                     b'ENVELOPE (NIL "EXISTS and RECENT" NIL)', b"FLAGS ()"]).flatmap(
+        lambda body: st.integers(1, 99999).map(lambda n: b"* %d FETCH (%s)\r\n" % (n, body))),
+)
+_OTHER_LINES = st.sampled_from([
+    b"* 3 EXISTS\r\n", b"* 2 EXPUNGE\r\n", b"* 1 RECENT\r\n", b"* FLAGS (\\Seen XFOO)\r\n",
+    b'* LIST () "/" INBOX\r\n', b"* STATUS INBOX (MESSAGES 3)\r\n", b"* BYE going\r\n",
+    b"* OK [PERMANENTFLAGS (\\*)] ok\r\n", b"* ESEARCH (TAG \"a\") ALL 1\r\n", b"* VANISHED 4\r\n",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_FETCH_LINES, _FETCH_LINES, _FETCH_LINES, _OTHER_LINES), min_size=1, max_size=30))
+def test_only_fetch_responses_matches_a_line_by_line_check(lines):
+    """The few-scans test of a block against the obvious per-line one, FETCH data carrying the very
+    letters (X, N) and words (EXISTS, RECENT) its shortcuts look for."""
+    from cpmproxy.imap.framing import only_fetch_responses
+
+    block = b"".join(lines)
+    want = all(re.match(rb"\* [0-9]+ FETCH ", line) for line in lines)
+    assert only_fetch_responses(block) == want

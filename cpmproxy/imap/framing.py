@@ -25,6 +25,7 @@ __all__ = [
     "Framer",
     "Block",
     "lines_of",
+    "only_fetch_responses",
     "LiteralData",
     "Run",
     "run_events",
@@ -93,6 +94,27 @@ def lines_of(block: bytes) -> list[bytes]:
     """The lines of a Block, each with its line end (only LF separates lines, as the framer saw them)."""
     parts = block.split(b"\n")
     return [p + b"\n" for p in parts[:-1]]
+
+
+# In a run of untagged lines: a line whose response has a name, not a message number (LIST, FLAGS, BYE...).
+_NAMED_UNTAGGED_RE = re.compile(rb"\n\* [^0-9]")
+_FETCH_START_RE = re.compile(rb"\* [0-9]+ FETCH ")
+
+
+def only_fetch_responses(block: bytes) -> bool:
+    """Whether a Block of untagged lines (each line starting with "*") holds FETCH responses and nothing
+    else: a bulk FETCH, which whoever only cares about other responses can let through unread.
+
+    A few C-level scans, no step per line: the first line is a FETCH, no later line starts with a name
+    instead of a number, and none of the other numbered responses (EXISTS, EXPUNGE, RECENT) is in it.
+    Their searches are skipped when a one-byte memchr shows the letter they need ("X", "N") is absent,
+    as it is from FLAGS, UID and MODSEQ data. Response names are matched as the backend spells them,
+    upper case (Dovecot does)."""
+    if _FETCH_START_RE.match(block) is None or _NAMED_UNTAGGED_RE.search(block) is not None:
+        return False
+    if b"X" in block and (b" EXISTS\r" in block or b" EXPUNGE\r" in block):
+        return False
+    return b"N" not in block or b" RECENT\r" not in block
 
 
 def run_events(run: Run) -> list[Segment | LiteralData]:
@@ -206,8 +228,10 @@ class Framer:
             first_nl = buf.find(b"\n", pos)
             if 0 <= first_nl and buf[first_nl - 1:first_nl] != b"}" and buf[first_nl - 2:first_nl] != b"}\r":
                 last = buf.rfind(b"\n", first_nl + 1)
-                if last - pos >= _MIN_BLOCK and buf.find(b"}\n", pos, last + 1) < 0 \
-                        and buf.find(b"}\r\n", pos, last + 1) < 0:
+                # No "}" at all (one memchr) settles it; only text that has one needs the slower
+                # multi-byte searches for a line ending in "}".
+                if last - pos >= _MIN_BLOCK and (buf.find(b"}", pos, last + 1) < 0 or (
+                        buf.find(b"}\n", pos, last + 1) < 0 and buf.find(b"}\r\n", pos, last + 1) < 0)):
                     self._pos = last + 1
                     self._scan_from = last + 1
                     return Block(buf[pos:last + 1])

@@ -191,6 +191,12 @@ class Plugin:
         left out. The default, False, sends every segment through ``response``."""
         return False
 
+    def fetch_block_ok(self, session, block: bytes) -> bool:
+        """``block_ok`` for a block of one-line responses that the relay has found to be untagged FETCH
+        responses and nothing else (a bulk FETCH of flags): a plugin that only cares about other
+        responses answers without searching the block. The default asks ``block_ok``."""
+        return self.block_ok(session, block)
+
     def selected(self, session, mailbox: SelectedMailbox | None) -> None:
         return None
 

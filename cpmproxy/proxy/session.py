@@ -24,7 +24,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Run, Segment, lines_of, run_events
+from cpmproxy.imap.framing import (Block, Framer, FramingError, LiteralData, Run, Segment, lines_of,
+                                   only_fetch_responses, run_events)
 from cpmproxy.imap.mutf7 import decode as mutf7_decode
 from cpmproxy.imap.tokens import (
     Atom,
@@ -1152,13 +1153,17 @@ class ClientSession(Protocol, TimeoutMixin):
     def _block_filter(self, block: bytes) -> bytes | None:
         """A block of one-line untagged responses as it goes to the client, or None if it must be taken
         line by line: when a line changes what the core tracks, or a plugin can neither let the block
-        pass (``block_ok``) nor rewrite it whole (``response_block``)."""
-        if b" EXISTS\r" in block or b" EXPUNGE\r" in block or b"* BYE" in block or b"* ESEARCH" in block:
-            return None
+        pass (``block_ok``) nor rewrite it whole (``response_block``). A bulk FETCH (FETCH lines only) is
+        told apart once, so that neither the core nor a plugin that only cares about other responses
+        searches it again (``fetch_block_ok``): each search of a 600 KB FETCH costs about 0.3 ms."""
         if self._selecting is not None or self._pending_inject:
             return None
+        fetch_only = only_fetch_responses(block)
+        if not fetch_only and (b" EXISTS\r" in block or b" EXPUNGE\r" in block or b"* BYE" in block
+                               or b"* ESEARCH" in block):
+            return None
         for plugin in self.service.hooks.response:
-            if plugin.block_ok(self, block):
+            if plugin.fetch_block_ok(self, block) if fetch_only else plugin.block_ok(self, block):
                 continue
             block = plugin.response_block(self, block)
             if block is None:
