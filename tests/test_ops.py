@@ -144,3 +144,25 @@ def test_twist_plugin_runs(dovecot, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+def test_login_hooks_run_after_those_of_the_plugins_they_require():
+    """The notify plugin's login reads what the policy plugin's login set up, whatever the configured
+    order; other hooks keep the configured order."""
+    from cpmproxy.proxy.hooks import Plugin
+    from cpmproxy.proxy.service import HookTable
+
+    def plugin(name, requires=()):
+        cls = type(name, (Plugin,), {"requires": requires, "login": lambda self, s: None,
+                                     "command": lambda self, s, c: None})
+        p = cls(None)
+        p.name = name
+        return p
+
+    push, notify, policy, other = (plugin("push", ("notify",)), plugin("notify", ("policy",)),
+                                   plugin("policy"), plugin("other", ("missing",)))
+    table = HookTable.build([push, other, notify, policy])
+    assert [p.name for p in table.login] == ["policy", "notify", "push", "other"]
+    assert [p.name for p in table.command] == ["push", "other", "notify", "policy"]
+    a, b = plugin("a", ("b",)), plugin("b", ("a",))  # a cycle: each placed once, nothing lost
+    assert [p.name for p in HookTable.build([a, b]).login] == ["b", "a"]

@@ -39,7 +39,8 @@ def available_plugins() -> dict[str, type[Plugin]]:
 
 @dataclass
 class HookTable:
-    """For each hook, the enabled plugins that implement it, in configured order."""
+    """For each hook, the enabled plugins that implement it, in configured order; login hooks in dependency
+    order (a plugin's after those of the plugins it ``requires``: they set up the state it reads)."""
     plugins: list[Plugin] = field(default_factory=list)
     capabilities: list[Plugin] = field(default_factory=list)
     login: list[Plugin] = field(default_factory=list)
@@ -56,7 +57,26 @@ class HookTable:
         for hook in _HOOKS:
             setattr(table, hook, [p for p in plugins if overrides(p, hook)])
         table.response_continuations = [p for p in table.response if p.response_continuations]
+        table.login = _dependencies_first(table.login)
         return table
+
+
+def _dependencies_first(plugins: list[Plugin]) -> list[Plugin]:
+    """``plugins`` reordered so that each comes after the ones it requires (otherwise as given)."""
+    by_name = {p.name: p for p in plugins}
+    ordered: list[Plugin] = []
+
+    def place(plugin: Plugin, path: tuple[str, ...]) -> None:
+        if plugin in ordered or plugin.name in path:  # (a cycle cannot be ordered: broken where met)
+            return
+        for name in getattr(plugin, "requires", ()):
+            if name in by_name:
+                place(by_name[name], path + (plugin.name,))
+        ordered.append(plugin)
+
+    for plugin in plugins:
+        place(plugin, ())
+    return ordered
 
 
 def plugin_sections() -> frozenset[str]:
