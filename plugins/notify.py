@@ -45,6 +45,7 @@ from cpmproxy.imap import mutf7
 from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, format_tokens, tokenize
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Plugin, Rewrite
+from cpmproxy.proxy.service import SIDE_LINGER
 from plugins.cpm import PREF_NOTIFICATIONS, pref_entry
 from plugins.policy import (
     _list_name,
@@ -216,6 +217,8 @@ class UserWatch:
         self.is_ready = False
         self.notifying = False  # NOTIFY SET is in force (or on its way) on the connection
         self._armed: defer.Deferred | None = None  # fires once the NOTIFY SET on its way is answered
+        self.connecting = False
+        self._linger = None  # closing after the user's last session left
 
     def when_ready(self) -> defer.Deferred:
         """Fires once the backend accepted NOTIFY (or the attempt failed): no change is missed after."""
@@ -240,10 +243,20 @@ class UserWatch:
         return bool(self.sessions) or time.time() < self.keep_until
 
     def start(self, session=None) -> None:
+        if self.connecting or self.proto is not None or self.closed:
+            return
+        self.connecting = True
         d = session.open_backend("watch") if session is not None else self.plugin.open_master(self.user, "watch")
         d.addCallbacks(self._connected, self._failed)
 
+    def start_later(self) -> None:
+        """Nobody wants events yet: the connection is only needed for the first preferences poll (a
+        short session never opens it, and the backend login does not compete with its first commands)."""
+        if self.plugin.metadata_poll and self.proto is None and not self.connecting:
+            self._keepalive = reactor.callLater(self._ping_interval(), self._restart)
+
     def _connected(self, proto) -> None:
+        self.connecting = False
         if self.closed:
             proto.transport.loseConnection()
             return
@@ -260,6 +273,9 @@ class UserWatch:
         Fires once the backend has answered (so a login that wants events starts with them armed)."""
         proto = self.proto
         if proto is None or proto.closed:
+            if self.proto is None and self.plugin.events_wanted(self):
+                self.start(next(iter(self.sessions), None))  # (armed once connected)
+                return self.when_ready()
             return defer.succeed(None)
         wanted = self.plugin.events_wanted(self)
         if wanted and self.notifying:
@@ -327,6 +343,7 @@ class UserWatch:
             self.plugin.publish(ChangeEvent(self.user, "", "MetadataChange"))
 
     def _failed(self, failure) -> None:
+        self.connecting = False
         log.warn("watch connection for {user} failed: {e}", user=self.user, e=failure.getErrorMessage())
         self._set_ready()  # logins must not wait for a watch that cannot be had
         self._retry()
@@ -345,9 +362,14 @@ class UserWatch:
         reactor.callLater(delay, self._restart)
 
     def _restart(self) -> None:
-        if self.closed or not self.wanted() or self.proto is not None:
+        if self.closed or not self.wanted() or self.proto is not None or self.connecting:
             return
         self.start(next(iter(self.sessions), None))
+
+    def stop_lingering(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
 
     def _event(self, line: bytes) -> None:
         head = line[:40].upper()
@@ -387,6 +409,7 @@ class UserWatch:
 
     def close(self) -> None:
         self.closed = True
+        self.stop_lingering()
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         if self._keepalive is not None and self._keepalive.active():
@@ -408,8 +431,8 @@ class NotifyPlugin(Plugin):
         self.watches: dict[str, UserWatch] = {}
         metrics = getattr(proxy, "metrics", None)
         if metrics is not None:  # (a config check has no proxy)
-            metrics.plugin_metric(Gauge, "cpmproxy_notify_watches", "Users with a watch connection") \
-                .set_function(lambda: len(self.watches))
+            metrics.plugin_metric(Gauge, "cpmproxy_notify_watches", "Watch connections open (one per user)") \
+                .set_function(lambda: sum(w.proto is not None for w in self.watches.values()))
             metrics.plugin_metric(Gauge, "cpmproxy_notify_watches_armed",
                                   "Watch connections with NOTIFY set (each slows the user's SELECTs)") \
                 .set_function(lambda: sum(w.notifying for w in self.watches.values()))
@@ -498,14 +521,13 @@ class NotifyPlugin(Plugin):
         watch = self.watches.get(session.user)
         if watch is None:
             watch = self.watches[session.user] = UserWatch(self, session.user)
-            watch.sessions.add(session)
-            watch.start(session)
-            return watch.when_ready() if self.events_wanted(watch) else None
+        watch.stop_lingering()
         watch.sessions.add(session)
         watch.keep_until, watch.offline_state = 0.0, None  # online again
-        if not watch.is_ready:
-            return watch.when_ready() if self.events_wanted(watch) else None
-        return watch.refresh()
+        if self.events_wanted(watch):
+            return watch.refresh()  # connected (if it was not) and armed
+        watch.start_later()
+        return None
 
     def refresh_watch(self, user: str | None) -> None:
         """Who wants the user's events may have changed (a NOTIFY, a session gone)."""
@@ -518,10 +540,17 @@ class NotifyPlugin(Plugin):
         if watch is not None:
             watch.sessions.discard(session)
             if not watch.sessions and not self._keep_offline(watch, session):
-                watch.close()
-                del self.watches[session.user]
-            else:
-                watch.refresh()
+                # Kept a little (disarmed): devices reconnect often, and a new backend login costs more.
+                stopping = getattr(self.proxy, "stopping", False)
+                watch._linger = reactor.callLater(0 if stopping else SIDE_LINGER, self._expire_idle,
+                                                  session.user)
+            watch.refresh()
+
+    def _expire_idle(self, user: str) -> None:
+        watch = self.watches.get(user)
+        if watch is not None and not watch.sessions and not watch.offline:
+            watch.close()
+            del self.watches[user]
 
     # -- offline watches: a user's changes heard while none of their devices is connected here ---
 

@@ -477,13 +477,15 @@ def _gauges_become(p, want: tuple[float, float], seconds: float = 5) -> tuple[fl
 def test_watch_sets_notify_only_while_someone_wants_events(make_proxy, dovecot):
     """A NOTIFY on the account makes Dovecot slower at every SELECT of the user's, so the watch arms it
     only while a session has notifications on or watches its selected mailbox itself; it is armed
-    before such a login completes, and an event of a session turning it on arrives once it is."""
+    before such a login completes. Without them its connection waits for the first preferences poll,
+    and it outlives the last session a little, disarmed."""
     folder = new_folder(dovecot)
-    p = make_proxy()
+    p = make_proxy(config_extra="[plugin.notify]\nmetadata_poll = 3\n")
     a = device(p, "A")
     try:
         set_pref(a, b"NIL")
-        assert _gauges_become(p, (1, 0)) == (1, 0)  # a watch (preferences poll), no NOTIFY
+        assert _watch_gauges(p) == (0, 0)  # no connection before the first poll is due
+        assert _gauges_become(p, (1, 0), 6) == (1, 0)  # then one, without NOTIFY
         set_pref(a, b'"on"')
         assert _gauges_become(p, (1, 1)) == (1, 1)
         b = device(p, "B")  # notifications on: B's login needs nothing more
@@ -499,10 +501,19 @@ def test_watch_sets_notify_only_while_someone_wants_events(make_proxy, dovecot):
         assert _gauges_become(p, (1, 1)) == (1, 1)
         assert a.command(b"n", b"NOTIFY NONE")[-1].startswith(b"n OK")
         assert _gauges_become(p, (1, 0)) == (1, 0)
+        set_pref(a, b'"on"')
+        assert _gauges_become(p, (1, 1)) == (1, 1)
     finally:
         set_pref(a, b"NIL")
         a.close()
-    assert _gauges_become(p, (0, 0)) == (0, 0)
+    assert _gauges_become(p, (1, 0)) == (1, 0)  # lingering for a returning device, disarmed
+    c = device(p, "C")
+    try:
+        set_pref(c, b'"on"')
+        assert _gauges_become(p, (1, 1)) == (1, 1)  # the same connection, armed again
+    finally:
+        set_pref(c, b"NIL")
+        c.close()
 
 
 def test_client_notify_naming_more_mailboxes_than_dovecot_takes(make_proxy, dovecot):

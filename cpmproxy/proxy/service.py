@@ -311,6 +311,11 @@ class ProxyService(service.MultiService):
         """One copy of equal immutable values held by many sessions (capability lists)."""
         return self._shared.setdefault(value, value)
 
+    @property
+    def stopping(self) -> bool:
+        """Shutting down: what would linger (backend connections kept for returning devices) goes now."""
+        return self._stopping
+
     def side_pool(self, session: ClientSession) -> SidePool:
         pool = self._side_pools.get(session.user)
         if pool is None:
