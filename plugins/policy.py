@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -240,6 +241,11 @@ def _mailbox_name(raw: bytes) -> str:
         return raw.decode("utf-8", "replace")
 
 
+# Views whose tables are kept for sharing (each ~0.7 MB at 20,000 messages), and the smallest mailbox worth it.
+SHARED_TABLES_MAX = 32
+SHARED_TABLES_MIN = 1000
+
+
 class PolicyPlugin(Plugin):
     name = "policy"
     config_section = "policy"
@@ -250,6 +256,8 @@ class PolicyPlugin(Plugin):
         self.classes: list[DeviceClass] = []
         self.cache = ClassificationCache()
         self.session_history_cache: dict[tuple[str, str], bool] = {}
+        # Tables of recent filtered views, shared by sessions that see the same view (_share_tables).
+        self._tables: OrderedDict[tuple, tuple] = OrderedDict()
 
     def hiders(self, session) -> list:
         """Other enabled plugins that hide messages too (hiding is one operation, whoever asks for it):
@@ -627,6 +635,26 @@ class PolicyPlugin(Plugin):
             st.view = None
             return
         st.view = MailboxView.exact(uids, hidden)
+        if hidden and snapshot is not None and len(uids) == snapshot[0] and (not uids or uids[-1] < snapshot[1]):
+            self._share_tables(session.user, plan, snapshot, st.view)
+
+    def _share_tables(self, user: str, plan: SelectPlan, snapshot: tuple[int, int], view: MailboxView) -> None:
+        """A device's sessions (and its device class's) mostly see the same view of a mailbox, and its
+        tables cost ~5 ms to build for 20,000 messages: built once, shared while the mailbox state
+        (``snapshot`` (EXISTS, UIDNEXT), which fixes the UIDs: the caller checked they match it) and the
+        hidden set stay the same. Bounded (LRU), and only for mailboxes big enough to be worth it."""
+        if len(view.uids) < SHARED_TABLES_MIN:
+            return
+        key = (user, plan.mailbox, plan.uidvalidity, len(view.hidden))
+        kept = self._tables.get(key)
+        if kept is not None and kept[0] == snapshot and kept[1] == view.hidden:
+            view.share(kept[2])
+            self._tables.move_to_end(key)
+            return
+        self._tables[key] = (snapshot, frozenset(view.hidden), view.derived())
+        self._tables.move_to_end(key)
+        while len(self._tables) > SHARED_TABLES_MAX:
+            self._tables.popitem(last=False)
 
     async def _grow_view(self, session, st: PolicySession) -> None:
         view = st.view

@@ -92,6 +92,16 @@ class MailboxView:
             self._client_map = [0] + [c * v for c, v in zip(accumulate(shown), shown, strict=True)]
         return self._client_map
 
+    def derived(self) -> tuple:
+        """The tables this state of the view derives (client map, visible and hidden backend runs), built
+        if need be, for another view of the very same messages to ``share``."""
+        return self.client_map, self.visible_seqs, self.hidden_seqs
+
+    def share(self, derived: tuple) -> None:
+        """Take over the ``derived()`` tables of a view with equal ``uids`` and ``hidden``. Safe to share:
+        tables are never modified in place (a change of either view replaces its own)."""
+        self._client_map, self._visible_seqs, self._hidden_seqs = derived
+
     @property
     def exists(self) -> int:
         return len(self.uids) - len(self.hidden)

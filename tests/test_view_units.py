@@ -95,3 +95,29 @@ def test_visible_and_hidden_backend_numbers(v):
     assert list(view.hidden_seqs) == [n for n, c in model.items() if not c]
     every = view.backend_seqset(SequenceSet.parse(b"1:*")) if view.exists else SequenceSet.empty()
     assert list(every) == [n for n, c in model.items() if c]
+
+
+def test_views_of_the_same_mailbox_state_share_their_tables():
+    """The policy plugin builds a filtered view's tables once for the sessions that see the same view
+    (same mailbox state, same hidden set); a change to one view never reaches the other."""
+    from plugins.policy import PolicyPlugin, SelectPlan
+
+    policy = PolicyPlugin(None)
+    plan = SelectPlan("INBOX", 7, ("imdn",), 0, 0)
+    uids, hidden, snap = list(range(1, 3001)), set(range(1, 3001, 4)), (3000, 3001)
+
+    def view(hide=hidden, state=snap):
+        v = MailboxView.exact(list(uids), set(hide))
+        policy._share_tables("alice", plan, state, v)
+        return v
+
+    a, b = view(), view()
+    assert b.client_map is a.client_map and b.visible_seqs is a.visible_seqs
+    a.hide([3])  # (1 is hidden: backend 3 is client 2)
+    assert a.client_map[3] == 0 and b.client_map[3] == 2 and b.client_map is not a.client_map
+    c = view(hidden | {3})  # another hidden set (as many hidden as a's now, not the same ones)
+    d = view(state=(3000, 3005))  # another mailbox state
+    for v in (c, d):
+        assert v.client_map is not b.client_map
+    assert c.client_map == a.client_map and d.client_map == b.client_map
+    assert view(hidden | {3}).client_map is c.client_map
