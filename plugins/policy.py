@@ -510,17 +510,16 @@ class PolicyPlugin(Plugin):
         status_d, queries = early
         if not (kinds or max_size or max_age or queries):
             return  # fast path: nothing can be hidden here
-        replies = [(h, await d) for h, d in queries]
-        if not (kinds or max_size or max_age) and not any(
-                getattr(h, "has_records", lambda s, r: True)(session, r) for h, r in replies):
-            return  # fast path: no policy rule and no hider has anything for this mailbox
         if status_d is None:
-            # Only hiders' records: UIDVALIDITY comes from the SELECT's own response (_build_view).
+            # No policy rule, only hiders (local delete) that may have records here: their queries run
+            # while the SELECT is at the backend, not before it; its responses wait for the answers
+            # (_build_view), and UIDVALIDITY comes from them.
             plan = SelectPlan(mailbox, 0, kinds, max_size, max_age)
-            plan.pending = replies
+            plan.pending = queries
             st.plan = plan
             st.pending_select = True
             return
+        replies = [(h, await d) for h, d in queries]
         uidvalidity = _parse_uidvalidity(await status_d, mailbox)
         plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
         for h, r in replies:
@@ -619,12 +618,22 @@ class PolicyPlugin(Plugin):
             await _next_turn()
             selected = _select_state(session.held_lines())
             if plan.pending:
-                plan.uidvalidity = selected.get(b"UIDVALIDITY", 0)
-                if not plan.uidvalidity:  # not seen (unusual server): ask, never guess (records get pruned)
-                    plan.uidvalidity = await _uidvalidity(session, plan.mailbox)
-                replies, plan.pending = plan.pending, []
-                for h, r in replies:
-                    plan.extra |= _uid_ranges(await h.hidden(session, plan.mailbox, plan.uidvalidity, r))
+                try:
+                    replies = [(h, await d) for h, d in plan.pending]
+                except Exception as e:  # what the device deleted locally cannot be told: not shown at all
+                    log.warn("reading a hider's records failed: {e}", e=e)
+                    session.bye(b"Backend server is not available, try again later.")
+                    return
+                plan.pending = []
+                if any(getattr(h, "has_records", lambda s, r: True)(session, r) for h, r in replies):
+                    plan.uidvalidity = selected.get(b"UIDVALIDITY", 0)
+                    if not plan.uidvalidity:  # not seen (unusual server): ask, never guess (records get pruned)
+                        plan.uidvalidity = await _uidvalidity(session, plan.mailbox)
+                    for h, r in replies:
+                        plan.extra |= _uid_ranges(await h.hidden(session, plan.mailbox, plan.uidvalidity, r))
+                if plan.empty:
+                    st.plan = None  # nothing is hidden here after all: no view (the fast path)
+                    return
             snapshot = None
             if selected.get(b"UIDVALIDITY") == plan.uidvalidity and b"EXISTS" in selected \
                     and b"UIDNEXT" in selected:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -121,3 +122,33 @@ def test_views_of_the_same_mailbox_state_share_their_tables():
         assert v.client_map is not b.client_map
     assert c.client_map == a.client_map and d.client_map == b.client_map
     assert view(hidden | {3}).client_map is c.client_map
+
+
+def _select_plan_with(hider, reply):
+    from twisted.internet import defer
+
+    from plugins.policy import Policy, PolicySession, SelectPlan
+
+    plan = SelectPlan("INBOX", 0, (), 0, 0)
+    plan.pending = [(hider, reply if isinstance(reply, defer.Deferred) else defer.succeed(reply))]
+    st = PolicySession(Policy(), plan=plan, mailbox="INBOX")
+    said = []
+    session = SimpleNamespace(held_lines=lambda: [b"* 3 EXISTS\r\n", b"* OK [UIDVALIDITY 9] x\r\n",
+                                                  b"* OK [UIDNEXT 4] x\r\n"], bye=said.append)
+    return st, session, said
+
+
+@pytest_twisted.ensureDeferred
+async def test_select_waits_for_the_hiders_answer_and_a_failure_ends_the_session():
+    """A hider's (local delete's) query runs while the SELECT is at the backend: with no records the
+    mailbox gets no view at all (the fast path); if the answer cannot be had, the session ends rather
+    than show what the device deleted locally."""
+    from twisted.internet import defer
+
+    hider = SimpleNamespace(has_records=lambda session, reply: False)
+    st, session, said = _select_plan_with(hider, SimpleNamespace(untagged=[]))
+    await PolicyPlugin(None)._build_view(session, st)
+    assert st.view is None and st.plan is None and not said
+    st, session, said = _select_plan_with(hider, defer.fail(RuntimeError("side connection lost")))
+    await PolicyPlugin(None)._build_view(session, st)
+    assert st.view is None and said and b"not available" in said[0]
