@@ -101,7 +101,7 @@ _NAMED_UNTAGGED_RE = re.compile(rb"\n\* [^0-9]")
 _FETCH_START_RE = re.compile(rb"\* [0-9]+ FETCH ")
 
 
-def only_fetch_responses(block: bytes) -> bool:
+def only_fetch_responses(block: bytes, numbered: bool = False) -> bool:
     """Whether a Block of untagged lines (each line starting with "*") holds FETCH responses and nothing
     else: a bulk FETCH, which whoever only cares about other responses can let through unread.
 
@@ -109,8 +109,9 @@ def only_fetch_responses(block: bytes) -> bool:
     instead of a number, and none of the other numbered responses (EXISTS, EXPUNGE, RECENT) is in it.
     Their searches are skipped when a one-byte memchr shows the letter they need ("X", "N") is absent,
     as it is from FLAGS, UID and MODSEQ data. Response names are matched as the backend spells them,
-    upper case (Dovecot does)."""
-    if _FETCH_START_RE.match(block) is None or _NAMED_UNTAGGED_RE.search(block) is not None:
+    upper case (Dovecot does). ``numbered``: the caller has seen that every line starts with a number (it
+    cut the block so), and that search is not made again."""
+    if _FETCH_START_RE.match(block) is None or (not numbered and _NAMED_UNTAGGED_RE.search(block) is not None):
         return False
     if b"X" in block and (b" EXISTS\r" in block or b" EXPUNGE\r" in block):
         return False

@@ -61,6 +61,10 @@ log = Logger(namespace="cpmproxy.session")
 _DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
 
 _NOT_UNTAGGED_RE = re.compile(rb"\n[^*]")
+# The first line that does not start with a message number ("* 12 ..."): it ends a run of FETCH-like lines
+# in one pass (cheaper than the two searches it replaces, each ~0.4 ms on a 600 KB bulk FETCH).
+_NOT_NUMBERED_RE = re.compile(rb"\n(?!\* [0-9])")
+_NUMBERED_RE = re.compile(rb"\* [0-9]")
 _FETCH_HEAD_RE = re.compile(rb"\* [0-9]+ FETCH ")
 _TAG_RE = re.compile(rb'([^\x00-\x20\x7f-\xff+(){%*"\\\]]{1,64})[ \r\n]')
 _PREAUTH_COMMANDS = {b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE", b"ID"}
@@ -1082,10 +1086,12 @@ class ClientSession(Protocol, TimeoutMixin):
         while data:
             if self._held is None and data[:1] == b"*":
                 # (a plain "\n[^*]" search: an alternation with \A is 40x slower here)
-                m = _NOT_UNTAGGED_RE.search(data)
+                numbered = _NUMBERED_RE.match(data) is not None
+                # (the numbered search also stops at the block's final line end: the same cut as no match)
+                m = (_NOT_NUMBERED_RE if numbered else _NOT_UNTAGGED_RE).search(data)
                 cut = len(data) if m is None else m.start() + 1
                 run = data[:cut] if cut < len(data) else data
-                done = self._block_filter(run)
+                done = self._block_filter(run, numbered)
                 if done is not None:
                     self._out.append(done)
                     data = data[cut:]
@@ -1150,7 +1156,7 @@ class ClientSession(Protocol, TimeoutMixin):
                 return
         self._backend_events(run_events(run))
 
-    def _block_filter(self, block: bytes) -> bytes | None:
+    def _block_filter(self, block: bytes, numbered: bool = False) -> bytes | None:
         """A block of one-line untagged responses as it goes to the client, or None if it must be taken
         line by line: when a line changes what the core tracks, or a plugin can neither let the block
         pass (``block_ok``) nor rewrite it whole (``response_block``). A bulk FETCH (FETCH lines only) is
@@ -1158,7 +1164,7 @@ class ClientSession(Protocol, TimeoutMixin):
         searches it again (``fetch_block_ok``): each search of a 600 KB FETCH costs about 0.3 ms."""
         if self._selecting is not None or self._pending_inject:
             return None
-        fetch_only = only_fetch_responses(block)
+        fetch_only = only_fetch_responses(block, numbered)
         if not fetch_only and (b" EXISTS\r" in block or b" EXPUNGE\r" in block or b"* BYE" in block
                                or b"* ESEARCH" in block):
             return None
