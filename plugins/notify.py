@@ -252,7 +252,8 @@ class UserWatch:
     def start_later(self) -> None:
         """Nobody wants events yet: the connection is only needed for the first preferences poll (a
         short session never opens it, and the backend login does not compete with its first commands)."""
-        if self.plugin.metadata_poll and self.proto is None and not self.connecting:
+        if self.plugin.metadata_poll and self.proto is None and not self.connecting and not (
+                self._keepalive is not None and self._keepalive.active()):
             self._keepalive = reactor.callLater(self._ping_interval(), self._restart)
 
     def _connected(self, proto) -> None:
@@ -266,6 +267,8 @@ class UserWatch:
         proto.lost.addBoth(self._lost)
         self.notifying = False
         self.refresh().addBoth(lambda _: self._set_ready())
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()  # (start_later's: connected before the first poll was due)
         self._keepalive = reactor.callLater(self._ping_interval(), self._ping)
 
     def refresh(self) -> defer.Deferred:
@@ -365,6 +368,11 @@ class UserWatch:
         if self.closed or not self.wanted() or self.proto is not None or self.connecting:
             return
         self.start(next(iter(self.sessions), None))
+
+    def linger(self, seconds: float) -> None:
+        """The user's last session here left: kept (disarmed) for ``seconds``, for a returning device."""
+        self.stop_lingering()
+        self._linger = reactor.callLater(seconds, self.plugin._expire_idle, self.user)
 
     def stop_lingering(self) -> None:
         if self._linger is not None and self._linger.active():
@@ -541,9 +549,7 @@ class NotifyPlugin(Plugin):
             watch.sessions.discard(session)
             if not watch.sessions and not self._keep_offline(watch, session):
                 # Kept a little (disarmed): devices reconnect often, and a new backend login costs more.
-                stopping = getattr(self.proxy, "stopping", False)
-                watch._linger = reactor.callLater(0 if stopping else SIDE_LINGER, self._expire_idle,
-                                                  session.user)
+                watch.linger(0 if getattr(self.proxy, "stopping", False) else SIDE_LINGER)
             watch.refresh()
 
     def _expire_idle(self, user: str) -> None:

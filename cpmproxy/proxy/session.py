@@ -24,8 +24,17 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from cpmproxy.imap.framing import (Block, Framer, FramingError, LiteralData, Run, Segment, lines_of,
-                                   only_fetch_responses, run_events)
+from cpmproxy.imap.framing import (
+    Block,
+    Framer,
+    FramingError,
+    LiteralData,
+    Run,
+    Segment,
+    lines_of,
+    only_fetch_responses,
+    run_events,
+)
 from cpmproxy.imap.mutf7 import decode as mutf7_decode
 from cpmproxy.imap.tokens import (
     Atom,
