@@ -47,9 +47,20 @@ class DovecotError(RuntimeError):
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a currently unused TCP port on ``host`` (racy, but fine for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct unused TCP ports on ``host``: held open together while chosen, so that two of
+    them (a proxy's listener and its metrics endpoint) can never be the same number."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _traversable_by_others(path: Path) -> bool:

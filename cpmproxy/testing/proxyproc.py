@@ -10,12 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from cpmproxy.testing.dovecot import free_port, free_ports
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+__all__ = ["ProxyProcess", "free_port"]
 
 class ProxyProcess:
     """A cpmproxy process listening on a free loopback port in front of ``backend_port``.
@@ -31,8 +28,7 @@ class ProxyProcess:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
-        self.port = free_port()
-        self.metrics_port = free_port() if metrics else None
+        self.port, self.metrics_port = free_ports(2) if metrics else (free_port(), None)
         self.listen = [f"tcp:{self.port}:interface=127.0.0.1", *listen_extra]
         lines = []
         if plugins is not None:
