@@ -194,7 +194,8 @@ class SelectPlan:
     # UIDs other plugins hide (local deletes), as ranges: thousands of them are a few ranges, and a set
     # of 10,000 UIDs costs ~0.3 ms per pass (SELECT builds none but the view's own).
     extra: SequenceSet = field(default_factory=SequenceSet.empty)
-    pending: list = field(default_factory=list)  # hiders' replies waiting for the UIDVALIDITY
+    # (hider, query Deferred) pairs sent with the SELECT; _build_view awaits them with its responses held
+    pending: list = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
