@@ -192,7 +192,9 @@ class BackendProtocol(Protocol):
         self._waiters[tag] = d
         if continuation is not None:
             self._continuations.append(continuation)
-        self.transport.write(tag + b" " + line + b"\r\n")
+        # At once, not on the reactor's next turn: a side query sent beside a SELECT runs in parallel
+        # with it in Dovecot (a Twisted write waits for the next poll).
+        send_chunks(self.transport, [tag + b" " + line + b"\r\n"])
         return d
 
 

@@ -134,6 +134,9 @@ class ClientSession(Protocol, TimeoutMixin):
         self._out: list[bytes] = []
         self._pending_inject: list[bytes] = []
         self._inflight: dict[bytes, deque[ClientCommand]] = {}
+        # Local answers waiting for the commands sent to the backend before them: (commands sent then,
+        # reply). Pipelined commands complete in the order the client sent them, answered here or not.
+        self._parked: deque[tuple[int, bytes]] = deque()
         self._discard_command = False
         self._drop_response = False
         self._idle: str | None = None  # None, "active" (backend idling for the client), "suspended"
@@ -266,7 +269,10 @@ class ClientSession(Protocol, TimeoutMixin):
         """A locally generated answer; in relay mode it waits for a safe point like an injection."""
         data = b"".join(untagged) + tag + b" " + status_text + b"\r\n"
         if self.phase == "auth":
-            self.inject(data)
+            if self._inflight:
+                self._parked.append((self._sent, data))
+            else:
+                self.inject(data)
         else:
             self._out.append(data)
 
@@ -723,11 +729,30 @@ class ClientSession(Protocol, TimeoutMixin):
     def _decide(self, cmd: ClientCommand, ev, action) -> bool:
         """Apply a hook's decision; False if it is deferred (stop reading commands until it is in)."""
         if isinstance(action, Defer):
-            self._blocked = True
-            self.transport.pauseProducing()
-            action.deferred.addCallbacks(self._deferred_decision, self._deferred_failed,
-                                         callbackArgs=(cmd, ev), errbackArgs=(cmd, ev))
-            return False
+            now: list = []
+            waiting = False
+
+            def decided(result):
+                if not waiting:
+                    now.append(result)
+                elif isinstance(result, Failure):
+                    self._deferred_failed(result, cmd, ev)
+                else:
+                    self._deferred_decision(result, cmd, ev)
+
+            action.deferred.addBoth(decided)
+            if now:
+                # Decided already (a coroutine that never had to wait, as most SELECTs): no pause and
+                # resume of the client's socket, which cost two epoll_ctl calls per command.
+                action = now[0]
+                if isinstance(action, Failure):
+                    log.failure("plugin decision failed session={session}", action, session=self.session_id)
+                    action = Answer(b"NO [SERVERBUG] Internal error.")
+            else:
+                waiting = True
+                self._blocked = True
+                self.transport.pauseProducing()
+                return False
         self._apply(cmd, ev, action)
         return True
 
@@ -1219,6 +1244,13 @@ class ClientSession(Protocol, TimeoutMixin):
             out.extend(self._pending_inject)
             self._pending_inject.clear()
 
+    def _unpark(self) -> None:
+        """Local answers whose earlier commands have all completed go out after this tagged response."""
+        oldest = min((c.state.get("_sent", 0) for q in self._inflight.values() for c in q), default=None)
+        parked = self._parked
+        while parked and (oldest is None or parked[0][0] < oldest):
+            self._pending_inject.append(parked.popleft()[1])
+
     def _backend_first(self, ev) -> bytes | None:
         """First segment of a backend response: parse its head, track state, run hooks."""
         data = ev.data
@@ -1245,6 +1277,8 @@ class ClientSession(Protocol, TimeoutMixin):
                 cmd = queue.popleft()
                 if not queue:
                     del self._inflight[tag]
+                if self._parked:
+                    self._unpark()
                 if tag in self._swallow_tagged:
                     self._swallow_tagged.discard(tag)  # the end of an IDLE we suspended
                     self._idle_ended = True

@@ -1,0 +1,73 @@
+"""A third-party plugin, installed the way a package would be (an entry point in a dist-info), loaded by a
+real proxy process: the hook API as outsiders see it, and the proxy's handling of deferred decisions."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+
+from tests.proxyfix import raw_via, still_serving
+
+PLUGIN = '''
+from twisted.internet import defer, reactor, task
+
+from cpmproxy.proxy.hooks import Answer, Defer, Plugin
+
+
+class DecidePlugin(Plugin):
+    """Decides NOOPs by their tag: at once, later, failing, or passing them on."""
+    name = "decide"
+
+    def command(self, session, cmd):
+        if cmd.name != b"NOOP":
+            return None
+        tag = cmd.tag
+        if tag.startswith(b"now"):
+            return Defer(defer.succeed(Answer(b"OK decided at once")))
+        if tag.startswith(b"later"):
+            return Defer(task.deferLater(reactor, 0.2, Answer, b"OK decided later"))
+        if tag.startswith(b"broken"):
+            return Defer(defer.fail(RuntimeError("plugin bug")))
+        if tag.startswith(b"slowbroken"):
+            return Defer(task.deferLater(reactor, 0.1, lambda: 1 / 0))
+        if tag.startswith(b"pass"):
+            return Defer(defer.succeed(None))
+        return None
+'''
+
+
+@pytest.fixture
+def decide_proxy(make_proxy, tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "cpmdecide").mkdir(parents=True)
+    (site / "cpmdecide" / "__init__.py").write_text(textwrap.dedent(PLUGIN))
+    info = site / "cpmdecide-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cpmdecide\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[cpmproxy.plugins]\ndecide = cpmdecide:DecidePlugin\n")
+    monkeypatch.setenv("PYTHONPATH", str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return make_proxy(plugins=["readreport", "decide"])
+
+
+def test_third_party_plugin_decisions_keep_pipelined_order(decide_proxy):
+    c = raw_via(decide_proxy)
+    c.login("alice", "alicepw")
+    # Pipelined: a decision that waits must hold back the commands behind it, whatever they are.
+    c.send(b"later1 NOOP\r\nnow1 NOOP\r\npass1 NOOP\r\nbroken1 NOOP\r\nslowbroken1 NOOP\r\nplain1 NOOP\r\n")
+    tagged = []
+    while len(tagged) < 6:
+        line = c.read_response()
+        if not line.startswith(b"*"):
+            tagged.append(line)
+    assert [t.split(b" ")[0] for t in tagged] == [b"later1", b"now1", b"pass1", b"broken1", b"slowbroken1",
+                                                    b"plain1"]
+    assert tagged[0] == b"later1 OK decided later\r\n"
+    assert tagged[1] == b"now1 OK decided at once\r\n"
+    assert tagged[2].startswith(b"pass1 OK NOOP")  # Dovecot's own answer: it went to the backend
+    assert tagged[3] == b"broken1 NO [SERVERBUG] Internal error.\r\n"
+    assert tagged[4] == b"slowbroken1 NO [SERVERBUG] Internal error.\r\n"
+    assert tagged[5].startswith(b"plain1 OK NOOP")
+    c.close()
+    assert still_serving(decide_proxy)
