@@ -13,6 +13,7 @@ the view is not built at all.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,12 @@ _POLICY_KEYS = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
+def _matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    """Glob matching, remembered: every SELECT asks the same few questions (17 preference keys)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 @dataclass(frozen=True)
 class Policy:
     """The effective provider policy for one device."""
@@ -74,14 +81,16 @@ class Policy:
     delete_mode: str = "normal"
 
     def default_sync(self, kind: str) -> bool:
-        return dict(self.sync).get(kind, True)
+        for k, value in self.sync:
+            if k == kind:
+                return value
+        return True
 
     def may_change(self, key: str) -> bool:
-        return any(fnmatch.fnmatchcase(key, pat) for pat in self.user_may_change)
+        return _matches_any(key, self.user_may_change)
 
     def folder_allowed(self, name: str) -> bool:
-        match = lambda pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
-        return match(self.folders) and not match(self.exclude_folders)
+        return _matches_any(name, self.folders) and not _matches_any(name, self.exclude_folders)
 
     @property
     def message_rules(self) -> bool:
@@ -615,9 +624,7 @@ class PolicyPlugin(Plugin):
     async def _build_view(self, session, st: PolicySession) -> None:
         plan = st.plan
         try:
-            # One reactor turn: the rest of the SELECT's responses (one packet, as a rule) are held by now.
-            await _next_turn()
-            selected = _select_state(session.held_lines())
+            replies = []
             if plan.pending:
                 try:
                     replies = [(h, await d) for h, d in plan.pending]
@@ -626,12 +633,19 @@ class PolicyPlugin(Plugin):
                     session.bye(b"Backend server is not available, try again later.")
                     return
                 plan.pending = []
-                if any(getattr(h, "has_records", lambda s, r: True)(session, r) for h, r in replies):
-                    plan.uidvalidity = selected.get(b"UIDVALIDITY", 0)
-                    if not plan.uidvalidity:  # not seen (unusual server): ask, never guess (records get pruned)
-                        plan.uidvalidity = await _uidvalidity(session, plan.mailbox)
-                    for h, r in replies:
-                        plan.extra |= _uid_ranges(await h.hidden(session, plan.mailbox, plan.uidvalidity, r))
+                replies = [(h, r) for h, r in replies if getattr(h, "has_records", _maybe)(session, r)]
+                if not replies and plan.empty:
+                    st.plan = None  # nothing is hidden here after all: no view (the fast path), and if the
+                    return  # answers were in before the SELECT's, its responses are not even held
+            # One reactor turn: the rest of the SELECT's responses (one packet, as a rule) are held by now.
+            await _next_turn()
+            selected = _select_state(session.held_lines())
+            if replies:
+                plan.uidvalidity = selected.get(b"UIDVALIDITY", 0)
+                if not plan.uidvalidity:  # not seen (unusual server): ask, never guess (records get pruned)
+                    plan.uidvalidity = await _uidvalidity(session, plan.mailbox)
+                for h, r in replies:
+                    plan.extra |= _uid_ranges(await h.hidden(session, plan.mailbox, plan.uidvalidity, r))
                 if plan.empty:
                     st.plan = None  # nothing is hidden here after all: no view (the fast path)
                     return
@@ -1371,6 +1385,11 @@ def _select_state(lines: list[bytes]) -> dict[bytes, int]:
             else:
                 out[b"EXISTS"] = int(m.group(3))
     return out
+
+
+def _maybe(session, reply) -> bool:
+    """A hider without ``has_records``: its answer may hold records."""
+    return True
 
 
 def _next_turn() -> defer.Deferred:

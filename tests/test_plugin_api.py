@@ -13,11 +13,11 @@ from tests.proxyfix import raw_via, still_serving
 PLUGIN = '''
 from twisted.internet import defer, reactor, task
 
-from cpmproxy.proxy.hooks import Answer, Defer, Plugin
+from cpmproxy.proxy.hooks import Answer, Defer, Hold, Plugin
 
 
 class DecidePlugin(Plugin):
-    """Decides NOOPs by their tag: at once, later, failing, or passing them on."""
+    """Decides NOOPs by their tag: at once, later, failing, or passing them on; holds responses."""
     name = "decide"
 
     def command(self, session, cmd):
@@ -35,6 +35,19 @@ class DecidePlugin(Plugin):
         if tag.startswith(b"pass"):
             return Defer(defer.succeed(None))
         return None
+
+    def response(self, session, resp):
+        """Holds the tagged answer of a NOOP tagged hold*, once each: ready at once, later, or failing."""
+        tag = resp.head.tag or b""
+        held = session.state.setdefault(self.name, set())
+        if resp.head.kind != "tagged" or not tag.startswith(b"hold") or tag in held:
+            return None
+        held.add(tag)
+        if tag.startswith(b"holdnow"):
+            return Hold(defer.succeed(None))
+        if tag.startswith(b"holdlater"):
+            return Hold(task.deferLater(reactor, 0.2, lambda: None))
+        return Hold(defer.fail(RuntimeError("plugin bug")))
 '''
 
 
@@ -69,5 +82,20 @@ def test_third_party_plugin_decisions_keep_pipelined_order(decide_proxy):
     assert tagged[3] == b"broken1 NO [SERVERBUG] Internal error.\r\n"
     assert tagged[4] == b"slowbroken1 NO [SERVERBUG] Internal error.\r\n"
     assert tagged[5].startswith(b"plain1 OK NOOP")
+    c.close()
+    assert still_serving(decide_proxy)
+
+
+def test_third_party_plugin_holds_responses(decide_proxy):
+    c = raw_via(decide_proxy)
+    c.login("alice", "alicepw")
+    c.send(b"holdlater1 NOOP\r\nholdnow1 NOOP\r\nholdfail1 NOOP\r\nplain2 NOOP\r\n")
+    tagged = []
+    while len(tagged) < 4:
+        line = c.read_response()
+        if not line.startswith(b"*"):
+            tagged.append(line.split(b" ")[0])
+    # Each tagged answer exactly once, in order: a hold keeps what follows behind it.
+    assert tagged == [b"holdlater1", b"holdnow1", b"holdfail1", b"plain2"]
     c.close()
     assert still_serving(decide_proxy)

@@ -1330,6 +1330,14 @@ class ClientSession(Protocol, TimeoutMixin):
             if isinstance(action, Hold):
                 if not first:
                     raise RuntimeError(f"plugin {plugin.name}: Hold is only allowed on a first segment")
+                now: list = []
+                action.deferred.addBoth(now.append)
+                if now:
+                    # Nothing to wait for after all (e.g. the plugin's query was answered first): the
+                    # hooks run again at once, nothing is held.
+                    if isinstance(now[0], Failure):
+                        log.failure("hold failed session={session}", now[0], session=self.session_id)
+                    return self._response_hooks(ev, data, first)
                 self._held = [ev]
                 action.deferred.addBoth(self._release)
                 return None
