@@ -893,3 +893,49 @@ def test_only_fetch_responses_matches_a_line_by_line_check(lines):
     assert only_fetch_responses(block) == want
     if all(re.match(rb"\* [0-9]", line) for line in lines):  # what a caller that cut the block so may say
         assert only_fetch_responses(block, numbered=True) == want
+
+
+_RUN_LINES = st.one_of(
+    st.sampled_from([b"* 1 FETCH (FLAGS ())\r\n", b"* 22 EXISTS\r\n", b"* 0 RECENT\r\n", b"* 9 FETCH (UID 9)\n"]),
+    st.sampled_from([b"* OK done\r\n", b"a1 OK done\r\n", b"+ go\r\n", b"\r\n", b"*\r\n", b"* \r\n", b"*  1\r\n",
+                     b"* x1\r\n", b"** 1\r\n", b"*x1\r\n", b"*11\r\n", b"* /\r\n", b"* :\r\n"]),
+    st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"") + b"\n"),
+)
+
+
+def _numbered_run_end_model(data: bytes) -> int:
+    """Line by line: the offset of the first line after the first not starting with '* <digit>'."""
+    offset = data.find(b"\n") + 1 if b"\n" in data else len(data)
+    while offset < len(data):
+        if not re.match(rb"\* [0-9]", data[offset:offset + 3]):
+            return offset
+        nl = data.find(b"\n", offset)
+        offset = len(data) if nl < 0 else nl + 1
+    return len(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_RUN_LINES, max_size=20), st.binary(max_size=4))
+def test_numbered_run_end_c_and_python_match_a_line_model(lines, tail):
+    """The C speedup and the Python reference against a per-line model, with lines that almost start
+    with a number ("* x", "*  1", "*x1", digits' neighbours "/" and ":") and a trailing partial line."""
+    from cpmproxy.imap import framing
+
+    data = b"".join(lines) + tail
+    want = _numbered_run_end_model(data)
+    assert framing.numbered_run_end_py(data) == want
+    assert framing.numbered_run_end(data) == want
+    assert framing.numbered_run_end(memoryview(data)) == want
+
+
+def test_c_speedup_is_built_where_a_compiler_is():
+    """`pip install -e .` builds cpmproxy.imap._scan when there is a C compiler; without one the proxy
+    still works (the Python version), only slower: this test says so rather than fail."""
+    import shutil
+    import sysconfig
+
+    from cpmproxy.imap import framing
+
+    if not (shutil.which("cc") or shutil.which("gcc")) or not sysconfig.get_paths().get("include"):
+        pytest.skip("no C compiler or Python headers: the pure-Python scan is in use")
+    assert framing.SPEEDUPS, "cpmproxy.imap._scan was not built: run `pip install -e .` again"

@@ -32,6 +32,7 @@ from cpmproxy.imap.framing import (
     Run,
     Segment,
     lines_of,
+    numbered_run_end,
     only_fetch_responses,
     run_events,
 )
@@ -70,9 +71,7 @@ log = Logger(namespace="cpmproxy.session")
 _DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
 
 _NOT_UNTAGGED_RE = re.compile(rb"\n[^*]")
-# The first line that does not start with a message number ("* 12 ..."): it ends a run of FETCH-like lines
-# in one pass (cheaper than the two searches it replaces, each ~0.4 ms on a 600 KB bulk FETCH).
-_NOT_NUMBERED_RE = re.compile(rb"\n(?!\* [0-9])")
+# A run of lines starting with a message number ("* 12 ..."), FETCH-like (numbered_run_end finds its end).
 _NUMBERED_RE = re.compile(rb"\* [0-9]")
 _FETCH_HEAD_RE = re.compile(rb"\* [0-9]+ FETCH ")
 _TAG_RE = re.compile(rb'([^\x00-\x20\x7f-\xff+(){%*"\\\]]{1,64})[ \r\n]')
@@ -1119,11 +1118,13 @@ class ClientSession(Protocol, TimeoutMixin):
         and runs that need a closer look, go through the per-response path one line at a time."""
         while data:
             if self._held is None and data[:1] == b"*":
-                # (a plain "\n[^*]" search: an alternation with \A is 40x slower here)
                 numbered = _NUMBERED_RE.match(data) is not None
-                # (the numbered search also stops at the block's final line end: the same cut as no match)
-                m = (_NOT_NUMBERED_RE if numbered else _NOT_UNTAGGED_RE).search(data)
-                cut = len(data) if m is None else m.start() + 1
+                if numbered:
+                    cut = numbered_run_end(data)
+                else:
+                    # (a plain "\n[^*]" search: an alternation with \A is 40x slower here)
+                    m = _NOT_UNTAGGED_RE.search(data)
+                    cut = len(data) if m is None else m.start() + 1
                 run = data[:cut] if cut < len(data) else data
                 done = self._block_filter(run, numbered)
                 if done is not None:
