@@ -3,8 +3,8 @@ same run, same data; results are ratios.
 
     python bench/cpm_bench.py [--quick] [--json out.json]
 
-Timed scenarios are medians of 11 rounds (5 with --quick) that alternate direct and proxy, after one
-untimed warm-up each. Scenarios (issue targets in brackets):
+Timed scenarios are medians of 11 rounds (view: 161; 5 with --quick) that alternate direct and proxy,
+after one untimed warm-up each; for the view, the spread of the per-round ratios is printed too. Scenarios (issue targets in brackets):
   view_none      SELECT + FETCH 1:* (FLAGS), 20,000 messages, nothing hidden           [<= 1.05]
   view_hidden    the same with 25% hidden by policy (IMDNs), warm classification cache  [<= 1.5]
   view_cold      the first SELECT of that mailbox (cold cache)                          [report]
@@ -89,15 +89,24 @@ def select_fetch(port: int, user: str, folder: str, device: str = "bench") -> fl
     return t
 
 
-def alternating(fns: dict, rounds: int) -> dict[str, float]:
+SPREADS: list[str] = []  # per-round ratio quartiles, printed under the table
+
+
+def alternating(fns: dict, rounds: int, spread_of: tuple[str, ...] = ()) -> dict[str, float]:
     """Median of ``rounds`` timings of each function. One untimed warm-up call each, then rounds that
-    call each function once in turn, so that a change in the machine's load hits every side alike."""
+    call each function once in turn, so that a change in the machine's load hits every side alike.
+    For each name in ``spread_of``, the quartiles of its per-round ratio to the first function go to
+    SPREADS: how far one run's median can be trusted."""
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name].append(fn())
+    base = next(iter(samples.values()))
+    for name in spread_of:
+        q = statistics.quantiles([p / d for p, d in zip(samples[name], base, strict=True)], n=4)
+        SPREADS.append(f"{name}: per-round ratio quartiles {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f} ({rounds} rounds)")
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -178,9 +187,10 @@ def main() -> int:
     n_ld_sel = 1000 if args.quick else 10000
     trials = 10 if args.quick else 40
     reps = 5 if args.quick else 11
-    # A view sample takes ~40 ms and samples spread +-10% on this machine: 11 left the median too noisy
-    # for a 5% target (1.02 and 1.23 in two runs of the same code); 41 rounds cost ~6 s more.
-    view_reps = 5 if args.quick else 41
+    # A view sample takes ~40 ms, and on this 2-core VM one round's proxy/direct ratio spreads from
+    # ~0.98 to ~1.16 (quartiles): the median of 41 rounds still moved by +-0.03 between runs, too much for
+    # a 5% target. 161 rounds (~30 s) bring that to ~+-0.015.
+    view_reps = 5 if args.quick else 161
     load_before = loadavg()
     base = Path(tempfile.mkdtemp(prefix="cpmbench"))
     dovecot = Dovecot(base / "dovecot", users={"alice": "alicepw", "bob": "bobpw"})
@@ -222,7 +232,8 @@ def view_scenarios(dovecot, plain, hiding, n_view, reps, results) -> None:
     cold = select_fetch(hiding.port, "alice", "View")  # the first SELECT through the hiding proxy
     m = alternating({"direct": lambda: select_fetch(dovecot.port, "alice", "View"),
                      "none": lambda: select_fetch(plain.port, "alice", "View"),
-                     "hidden": lambda: select_fetch(hiding.port, "alice", "View")}, reps)
+                     "hidden": lambda: select_fetch(hiding.port, "alice", "View")}, reps,
+                    spread_of=("none", "hidden"))
     direct = m["direct"]
     results += [("view_none", direct, m["none"], 1.05), ("view_hidden", direct, m["hidden"], 1.5),
                 ("view_cold", direct, cold, None)]
@@ -272,6 +283,8 @@ def report(results, load_before: str, json_path: str | None) -> None:
         verdict = "report" if target is None else ("pass" if ratio <= target else "FAIL")
         print(f"| {name} | {d:.4f} | {p:.4f} | {ratio:.2f} | {('<= %.2f ' % target) if target else ''}{verdict} |")
         rows.append({"scenario": name, "direct": d, "proxy": p, "ratio": ratio, "target": target})
+    for line in SPREADS:
+        print(line)
     print(f"\nload average (1/5/15 min) before: {load_before}, after: {loadavg()}")
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=2))

@@ -6,6 +6,7 @@ import base64
 import time
 
 import imapclient
+import pytest
 
 from tests.proxyfix import client_ssl_context, imap_via, raw_via, still_serving
 
@@ -108,6 +109,21 @@ def test_backend_down_is_unavailable_quickly(make_proxy):
         assert r[-1].startswith(b"a NO [UNAVAILABLE]")
         assert time.monotonic() - t0 < 5
         assert c.command(b"b", b"NOOP")[-1].startswith(b"b OK")  # still usable; may retry
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_backend_by_name_or_address(make_proxy, host):
+    """A name is resolved (HostnameEndpoint); an address is connected to directly."""
+    p = make_proxy(backend_tls="none", backend_host=host)
+    with raw_via(p) as c:
+        assert c.command(b"a", b"LOGIN alice alicepw")[-1].startswith(b"a OK")
+        assert c.command(b"b", b"SELECT INBOX")[-1].startswith(b"b OK")
+
+
+def test_backend_name_that_does_not_resolve_is_unavailable(make_proxy):
+    p = make_proxy(backend_tls="none", backend_host="no-such-host.invalid")
+    with raw_via(p) as c:
+        assert c.command(b"a", b"LOGIN alice alicepw")[-1].startswith(b"a NO [UNAVAILABLE]")
 
 
 def test_plaintext_login_policy(make_proxy, proxy_certs):

@@ -24,7 +24,7 @@ class ProxyProcess:
     def __init__(self, workdir: Path, backend_port: int, *, backend_tls: str = "none", ca_file: str = "",
                  server_name: str = "", tls_cert: str = "", tls_key: str = "", config_extra: str = "",
                  listen_extra: list[str] = (), metrics: bool = True, plugins: list[str] | None = None,
-                 proxy_extra: str = ""):
+                 proxy_extra: str = "", backend_host: str = "127.0.0.1"):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -38,7 +38,7 @@ class ProxyProcess:
             lines.append(proxy_extra)
         if tls_cert:
             lines += [f'tls_cert = "{tls_cert}"', f'tls_key = "{tls_key}"']
-        lines += ["[backend]", 'host = "127.0.0.1"', f"port = {backend_port}", f'tls = "{backend_tls}"']
+        lines += ["[backend]", f'host = "{backend_host}"', f"port = {backend_port}", f'tls = "{backend_tls}"']
         if ca_file:
             lines.append(f'ca_file = "{ca_file}"')
         if server_name:
