@@ -47,6 +47,8 @@ class DecidePlugin(Plugin):
             return Hold(defer.succeed(None))
         if tag.startswith(b"holdlater"):
             return Hold(task.deferLater(reactor, 0.2, lambda: None))
+        if tag.startswith(b"holdslowfail"):
+            return Hold(task.deferLater(reactor, 0.1, lambda: 1 / 0))
         return Hold(defer.fail(RuntimeError("plugin bug")))
 '''
 
@@ -89,13 +91,13 @@ def test_third_party_plugin_decisions_keep_pipelined_order(decide_proxy):
 def test_third_party_plugin_holds_responses(decide_proxy):
     c = raw_via(decide_proxy)
     c.login("alice", "alicepw")
-    c.send(b"holdlater1 NOOP\r\nholdnow1 NOOP\r\nholdfail1 NOOP\r\nplain2 NOOP\r\n")
+    c.send(b"holdlater1 NOOP\r\nholdnow1 NOOP\r\nholdfail1 NOOP\r\nholdslowfail1 NOOP\r\nplain2 NOOP\r\n")
     tagged = []
-    while len(tagged) < 4:
+    while len(tagged) < 5:
         line = c.read_response()
         if not line.startswith(b"*"):
             tagged.append(line.split(b" ")[0])
     # Each tagged answer exactly once, in order: a hold keeps what follows behind it.
-    assert tagged == [b"holdlater1", b"holdnow1", b"holdfail1", b"plain2"]
+    assert tagged == [b"holdlater1", b"holdnow1", b"holdfail1", b"holdslowfail1", b"plain2"]
     c.close()
     assert still_serving(decide_proxy)

@@ -1331,20 +1331,29 @@ class ClientSession(Protocol, TimeoutMixin):
             if isinstance(action, Hold):
                 if not first:
                     raise RuntimeError(f"plugin {plugin.name}: Hold is only allowed on a first segment")
-                now: list = []
-                action.deferred.addBoth(now.append)
-                if now:
-                    # Nothing to wait for after all (e.g. the plugin's query was answered first): the
-                    # hooks run again at once, nothing is held.
-                    if isinstance(now[0], Failure):
-                        log.failure("hold failed session={session}", now[0], session=self.session_id)
-                    return self._response_hooks(ev, data, first)
-                self._held = [ev]
-                action.deferred.addBoth(self._release)
-                return None
+                return self._hold(ev, data, action.deferred)
             if isinstance(action, Rewrite):
                 resp.data = action.data
         return resp.data
+
+    def _hold(self, ev, data: bytes, d: defer.Deferred) -> bytes | None:
+        """A plugin's Hold on this first segment: it and what follows wait until ``d`` fires."""
+        now: list = []
+        waiting = False
+
+        def over(result):
+            return self._release(result) if waiting else now.append(result)
+
+        d.addBoth(over)
+        if now:
+            # Nothing to wait for after all (e.g. the plugin's query was answered first): the hooks run
+            # again at once, nothing is held.
+            if isinstance(now[0], Failure):
+                log.failure("hold failed session={session}", now[0], session=self.session_id)
+            return self._response_hooks(ev, data, True)
+        waiting = True
+        self._held = [ev]
+        return None
 
     def _release(self, result=None):
         """A Hold is over: replay the held responses (hooks run again for the first of them)."""
