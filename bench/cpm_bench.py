@@ -5,9 +5,9 @@ same run, same data; results are ratios.
 
 Timed scenarios are medians of 11 rounds (view: 161; 5 with --quick) that alternate direct and proxy,
 after one untimed warm-up each; for the view, the spread of the per-round ratios is printed too.
-``--think-time MS`` pauses between a view round's login and its timed commands: on this 2-vCPU VM a
-Dovecot process asked at once after its login answers faster than one asked 50 ms later (33.5 vs 36.6 ms
-here), which moves view_none between ~1.09 (0 ms) and ~1.01 (50 ms) with the same proxy. Scenarios (issue targets in brackets):
+``--think-time MS`` pauses between a view round's login and its timed commands, as a client over a real
+network would: on this 2-vCPU VM a Dovecot process asked at once after its login answers faster than one
+asked 50 ms later (33.5 vs 36-39 ms here); view_none read 1.01 and 1.07 with 50 ms, 1.06-1.09 without. Scenarios (issue targets in brackets):
   view_none      SELECT + FETCH 1:* (FLAGS), 20,000 messages, nothing hidden           [<= 1.05]
   view_hidden    the same with 25% hidden by policy (IMDNs), warm classification cache  [<= 1.5]
   view_cold      the first SELECT of that mailbox (cold cache)                          [report]
