@@ -66,16 +66,22 @@ def decide_proxy(make_proxy, tmp_path, monkeypatch):
     return make_proxy(plugins=["readreport", "decide"])
 
 
+def pipelined(c, tags: list[bytes]) -> list[bytes]:
+    """Send a NOOP per tag in one write; the tagged answers, in the order they came."""
+    c.send(b"".join(tag + b" NOOP\r\n" for tag in tags))
+    tagged = []
+    while len(tagged) < len(tags):
+        line = c.read_response()
+        if not line.startswith(b"*"):
+            tagged.append(line)
+    return tagged
+
+
 def test_third_party_plugin_decisions_keep_pipelined_order(decide_proxy):
     c = raw_via(decide_proxy)
     c.login("alice", "alicepw")
     # Pipelined: a decision that waits must hold back the commands behind it, whatever they are.
-    c.send(b"later1 NOOP\r\nnow1 NOOP\r\npass1 NOOP\r\nbroken1 NOOP\r\nslowbroken1 NOOP\r\nplain1 NOOP\r\n")
-    tagged = []
-    while len(tagged) < 6:
-        line = c.read_response()
-        if not line.startswith(b"*"):
-            tagged.append(line)
+    tagged = pipelined(c, [b"later1", b"now1", b"pass1", b"broken1", b"slowbroken1", b"plain1"])
     assert [t.split(b" ")[0] for t in tagged] == [b"later1", b"now1", b"pass1", b"broken1", b"slowbroken1",
                                                     b"plain1"]
     assert tagged[0] == b"later1 OK decided later\r\n"
@@ -91,13 +97,9 @@ def test_third_party_plugin_decisions_keep_pipelined_order(decide_proxy):
 def test_third_party_plugin_holds_responses(decide_proxy):
     c = raw_via(decide_proxy)
     c.login("alice", "alicepw")
-    c.send(b"holdlater1 NOOP\r\nholdnow1 NOOP\r\nholdfail1 NOOP\r\nholdslowfail1 NOOP\r\nplain2 NOOP\r\n")
-    tagged = []
-    while len(tagged) < 5:
-        line = c.read_response()
-        if not line.startswith(b"*"):
-            tagged.append(line.split(b" ")[0])
+    tags = [b"holdlater1", b"holdnow1", b"holdfail1", b"holdslowfail1", b"plain2"]
+    tagged = pipelined(c, tags)
     # Each tagged answer exactly once, in order: a hold keeps what follows behind it.
-    assert tagged == [b"holdlater1", b"holdnow1", b"holdfail1", b"holdslowfail1", b"plain2"]
+    assert [t.split(b" ")[0] for t in tagged] == tags
     c.close()
     assert still_serving(decide_proxy)
