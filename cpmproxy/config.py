@@ -83,6 +83,9 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "auth_failure_window": Opt((int, float), 300.0, _positive,
                                    "seconds after which an IP's failure count is forgotten"),
         "max_bad_commands": Opt(int, 20, _positive, "consecutive invalid commands before BYE"),
+        "max_waiting_answers": Opt(int, 1000, _positive,
+                                   "answers of the proxy's own waiting for earlier pipelined commands before "
+                                   "it stops reading the client"),
         "preauth_timeout": Opt((int, float), 60.0, _positive),
         "idle_timeout": Opt((int, float), 1800.0, _positive, "RFC 9051 autologout: 30 minutes"),
     },

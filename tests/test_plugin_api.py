@@ -103,3 +103,25 @@ def test_third_party_plugin_holds_responses(decide_proxy):
     assert [t.split(b" ")[0] for t in tagged] == tags
     c.close()
     assert still_serving(decide_proxy)
+
+
+def test_local_answers_wait_behind_earlier_commands_and_are_bounded(make_proxy):
+    """Answers the proxy makes itself (CAPABILITY after login) wait for the command sent before them (an
+    IDLE, until the backend completes it); past max_waiting_answers the proxy stops reading the client
+    until they went out, then goes on: every answer arrives, once, in order."""
+    p = make_proxy(backend_tls="none", config_extra="[limits]\nmax_waiting_answers = 2\n")
+    c = raw_via(p)
+    c.login("alice", "alicepw")
+    c.command(b"s", b"SELECT INBOX")
+    c.send(b"i1 IDLE\r\n")
+    assert c.read_response().startswith(b"+")
+    tags = [b"c%d" % i for i in range(20)]
+    c.send(b"DONE\r\n" + b"".join(tag + b" CAPABILITY\r\n" for tag in tags))
+    tagged = []
+    while len(tagged) < 21:
+        line = c.read_response()
+        if not line.startswith(b"*"):
+            tagged.append(line.split(b" ")[0])
+    assert tagged == [b"i1", *tags]
+    c.close()
+    assert still_serving(p)

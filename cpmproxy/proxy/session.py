@@ -136,6 +136,7 @@ class ClientSession(Protocol, TimeoutMixin):
         # Local answers waiting for the commands sent to the backend before them: (commands sent then,
         # reply). Pipelined commands complete in the order the client sent them, answered here or not.
         self._parked: deque[tuple[int, bytes]] = deque()
+        self._parking = False  # too many parked: the client is not read until they go out
         self._discard_command = False
         self._drop_response = False
         self._idle: str | None = None  # None, "active" (backend idling for the client), "suspended"
@@ -286,7 +287,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._process_client()
 
     def _process_client(self) -> None:
-        if self.phase in ("login", "closed") or self._blocked or self._closing:
+        if self.phase in ("login", "closed") or self._blocked or self._parking or self._closing:
             return
         try:
             if self.phase == "preauth":
@@ -712,6 +713,11 @@ class ClientSession(Protocol, TimeoutMixin):
                 return
             if self._closing:
                 return
+            if len(self._parked) >= self.config.limits["max_waiting_answers"]:
+                # Answers of ours pile up behind a slow command: read no more until they go out.
+                self._parking = True
+                self.transport.pauseProducing()
+                return
 
     def _command_hooks(self, cmd: ClientCommand, hooks):
         for plugin in hooks:
@@ -854,8 +860,9 @@ class ClientSession(Protocol, TimeoutMixin):
             return
         self._blocked = False
         self._apply(cmd, ev, action)
-        self.transport.resumeProducing()
-        self._process_client()
+        if not self._parking:
+            self.transport.resumeProducing()
+            self._process_client()
 
     def _deferred_failed(self, failure: Failure, cmd: ClientCommand, ev) -> None:
         log.failure("plugin decision failed session={session}", failure, session=self.session_id)
@@ -1251,6 +1258,14 @@ class ClientSession(Protocol, TimeoutMixin):
         parked = self._parked
         while parked and (oldest is None or parked[0][0] < oldest):
             self._pending_inject.append(parked.popleft()[1])
+        if self._parking and len(parked) < self.config.limits["max_waiting_answers"]:
+            self._parking = False
+            self.service.reactor.callLater(0, self._read_again)  # (not inside the backend's data handling)
+
+    def _read_again(self) -> None:
+        if self.phase == "auth" and not self._closing and not self._parking and not self._blocked:
+            self.transport.resumeProducing()
+            self._process_client()
 
     def _backend_first(self, ev) -> bytes | None:
         """First segment of a backend response: parse its head, track state, run hooks."""
