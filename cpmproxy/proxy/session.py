@@ -713,7 +713,7 @@ class ClientSession(Protocol, TimeoutMixin):
                 return
             if self._closing:
                 return
-            if len(self._parked) >= self.config.limits["max_waiting_answers"]:
+            if self._parked and len(self._parked) >= self.config.limits["max_waiting_answers"]:
                 # Answers of ours pile up behind a slow command: read no more until they go out.
                 self._parking = True
                 self.transport.pauseProducing()
@@ -734,30 +734,18 @@ class ClientSession(Protocol, TimeoutMixin):
     def _decide(self, cmd: ClientCommand, ev, action) -> bool:
         """Apply a hook's decision; False if it is deferred (stop reading commands until it is in)."""
         if isinstance(action, Defer):
-            now: list = []
-            waiting = False
-
-            def decided(result):
-                if not waiting:
-                    now.append(result)
-                elif isinstance(result, Failure):
-                    self._deferred_failed(result, cmd, ev)
-                else:
-                    self._deferred_decision(result, cmd, ev)
-
-            action.deferred.addBoth(decided)
-            if now:
-                # Decided already (a coroutine that never had to wait, as most SELECTs): no pause and
-                # resume of the client's socket, which cost two epoll_ctl calls per command.
-                action = now[0]
-                if isinstance(action, Failure):
-                    log.failure("plugin decision failed session={session}", action, session=self.session_id)
-                    action = Answer(b"NO [SERVERBUG] Internal error.")
-            else:
-                waiting = True
+            now = _now_or_later(action.deferred, lambda result: self._deferred_failed(result, cmd, ev)
+                                if isinstance(result, Failure) else self._deferred_decision(result, cmd, ev))
+            if not now:
                 self._blocked = True
                 self.transport.pauseProducing()
                 return False
+            # Decided already (a coroutine that never had to wait, as most SELECTs): no pause and resume
+            # of the client's socket, which cost two epoll_ctl calls per command.
+            action = now[0]
+            if isinstance(action, Failure):
+                log.failure("plugin decision failed session={session}", action, session=self.session_id)
+                action = Answer(b"NO [SERVERBUG] Internal error.")
         self._apply(cmd, ev, action)
         return True
 
@@ -1353,22 +1341,15 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _hold(self, ev, data: bytes, d: defer.Deferred) -> bytes | None:
         """A plugin's Hold on this first segment: it and what follows wait until ``d`` fires."""
-        now: list = []
-        waiting = False
-
-        def over(result):
-            return self._release(result) if waiting else now.append(result)
-
-        d.addBoth(over)
-        if now:
-            # Nothing to wait for after all (e.g. the plugin's query was answered first): the hooks run
-            # again at once, nothing is held.
-            if isinstance(now[0], Failure):
-                log.failure("hold failed session={session}", now[0], session=self.session_id)
-            return self._response_hooks(ev, data, True)
-        waiting = True
-        self._held = [ev]
-        return None
+        now = _now_or_later(d, self._release)
+        if not now:
+            self._held = [ev]
+            return None
+        # Nothing to wait for after all (e.g. the plugin's query was answered first): the hooks run again
+        # at once, nothing is held.
+        if isinstance(now[0], Failure):
+            log.failure("hold failed session={session}", now[0], session=self.session_id)
+        return self._response_hooks(ev, data, True)
 
     def _release(self, result=None):
         """A Hold is over: replay the held responses (hooks run again for the first of them)."""
@@ -1410,6 +1391,20 @@ _SYNC_LITERAL_END = re.compile(rb"(~?\{[0-9]+)\}(\r?\n)\Z")
 def _nonsync(segment: bytes) -> bytes:
     """A segment whose literal the proxy already accepted from the client: forwarded as ``{n+}``."""
     return _SYNC_LITERAL_END.sub(rb"\1+}\2", segment)
+
+
+def _now_or_later(d: defer.Deferred, later) -> list:
+    """``[result]`` if ``d`` has fired already (its result is taken here), else ``[]``, and ``later(result)``
+    runs when it fires. A plugin's Deferred that needed no waiting then costs no pause and no hold."""
+    now: list = []
+    waiting = False
+
+    def fired(result):
+        return later(result) if waiting else now.append(result)
+
+    d.addBoth(fired)
+    waiting = not now
+    return now
 
 
 def _sleep(reactor, seconds: float) -> defer.Deferred[None]:
