@@ -13,6 +13,16 @@ mailbox and acknowledged *before* the client's tagged OK:
 One new entry per expunge (never read-modify-write, so two connections of a device cannot lose each
 other's records); entries are merged and pruned (UIDVALIDITY changed, messages gone from the server) when
 the mailbox is selected. Hiding itself is the policy plugin's view (the same operation as policy hiding).
+
+Before a device's first record, a server-level entry marks the device as one that deletes locally:
+
+    /private/vendor/vendor.cpmproxy/localdelete/<device>  =  "1"     (GETMETADATA "" ...)
+
+It is read once at login. A device without it has no records anywhere, so its SELECTs ask the backend
+nothing more (most devices never delete locally; the records query was a second backend command for every
+SELECT). Sessions of the device in this process learn of a new mark at once; a session of the same device
+on another proxy process that logged in before the device's very first local delete learns of it at its
+next login (README, "Known limits").
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from twisted.logger import Logger
 from cpmproxy.config import ConfigError
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import TokenError
+from cpmproxy.proxy.backend import Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import PREFIX
 from plugins.policy import _wire_name, iter_metadata, side_examine
@@ -53,6 +64,8 @@ def device_key(device_id: str) -> str:
 class LocalState:
     pending: set[int] = field(default_factory=set)  # UIDs marked for local deletion, not yet expunged
     qresync: bool = False
+    marked: bool | None = None  # the device's server-level mark, as read at login (None: not known yet)
+    reading_mark: defer.Deferred | None = None  # that read, while under way
 
 
 class LocalDeletePlugin(Plugin):
@@ -62,6 +75,9 @@ class LocalDeletePlugin(Plugin):
 
     def __init__(self, proxy):
         super().__init__(proxy)
+        # (user, device key) whose mark is known to be on the backend: set by a session of this process
+        # (so the device's other sessions here query records from then on) or read at a login.
+        self._marked: set[tuple[str, str]] = set()
 
     def configure(self, settings: dict) -> None:
         if settings:
@@ -95,10 +111,57 @@ class LocalDeletePlugin(Plugin):
         return self._allowed(session)[0]
 
     def query(self, session, mailbox: str):
-        """Ask the backend for this device's records of ``mailbox`` (sent at once, so it pipelines)."""
+        """Ask the backend for this device's records of ``mailbox`` (sent at once, so it pipelines); a
+        device that never deleted locally has none, and the answer is ready without asking."""
+        st = self.state(session)
+        if st.marked is None and st.reading_mark is not None:
+            d = defer.Deferred()  # (the login's read is still under way: answer once it is in)
+            st.reading_mark.addBoth(lambda result: (self.query(session, mailbox).chainDeferred(d), result)[1])
+            return d
+        if st.marked is False and (session.user, device_key(session.device_id)) not in self._marked:
+            return defer.succeed(Reply([], b"OK No local deletions by this device."))
         prefix = f"{RECORDS}/{device_key(session.device_id)}"
         return session.side_command(b"GETMETADATA (DEPTH infinity) " + _wire_name(mailbox) + b" ("
                                     + prefix.encode() + b")")
+
+    def _mark_entry(self, session) -> bytes:
+        return f"{RECORDS}/{device_key(session.device_id)}".encode()
+
+    def login(self, session):
+        """Read the device's mark in the background (the first SELECT waits for it if need be)."""
+        if not self._allowed(session)[0]:
+            return None
+        st = self.state(session)
+        st.reading_mark = defer.Deferred.fromCoroutine(self._read_mark(session))
+        return None
+
+    async def _read_mark(self, session) -> None:
+        st = self.state(session)
+        entry = self._mark_entry(session)
+        try:
+            reply = await session.side_command(b'GETMETADATA "" (' + entry + b")")
+            if reply.status == b"OK":
+                low = entry.decode().lower()
+                st.marked = any(e.lower() == low for _, e, _ in iter_metadata(reply.untagged))
+            else:
+                st.marked = True  # not known: records are asked for at every SELECT, as before marks
+        except Exception:
+            log.failure("reading the local-delete mark failed")
+            st.marked = True
+        finally:
+            st.reading_mark = None
+        if st.marked:
+            self._marked.add((session.user, device_key(session.device_id)))
+
+    async def _mark(self, session) -> None:
+        """Put the device's mark on the backend before its first record (idempotent)."""
+        key = (session.user, device_key(session.device_id))
+        if key in self._marked:
+            return
+        reply = await session.side_command(b'SETMETADATA "" (' + self._mark_entry(session) + b' "1")')
+        if reply.status != b"OK":
+            raise RuntimeError(f"backend refused the local-delete mark: {reply.tagged[:200]!r}")
+        self._marked.add(key)
 
     def has_records(self, session, reply) -> bool:
         """Did ``query`` find any record (cheap test before anything else is asked of the backend)?"""
@@ -147,6 +210,7 @@ class LocalDeletePlugin(Plugin):
             await session.side_command(b"SETMETADATA " + wire + b" (" + items + b")")
 
     async def _write(self, session, mailbox: str, uidvalidity: int, uids: set[int]) -> None:
+        await self._mark(session)
         entry = f"{RECORDS}/{device_key(session.device_id)}/{uidvalidity}-{int(time.time() * 1000):x}" \
                 f"{secrets.token_hex(4)}"
         value = SequenceSet.from_iterable(uids).format()

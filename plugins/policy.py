@@ -477,12 +477,14 @@ class PolicyPlugin(Plugin):
         if cmd.name in (b"SELECT", b"EXAMINE"):
             # Pipelined with the folder checks: one round trip to the side connection, not three.
             hiders = self.hiders(session)
-            kinds, max_size, max_age = self._criteria(st, names[0])
+            criteria = self._criteria(st, names[0])
             # UIDVALIDITY (a STATUS, which makes the side process open the mailbox) only when the
             # policy may hide something here; otherwise only if a hider turns out to have records.
             status_d = (session.side_command(b"STATUS " + _wire_name(names[0]) + b" (UIDVALIDITY)")
-                        if (kinds or max_size or max_age) else None)
-            early = (status_d, [(h, h.query(session, names[0])) for h in hiders])
+                        if any(criteria) else None)
+            # (The criteria hold for the plan too unless the folder's own preferences are read below.)
+            early = (status_d, [(h, h.query(session, names[0])) for h in hiders],
+                     criteria if names[0] in st.folders else None)
         await self.folder_infos(session, names)
         if any(self.folder_hidden(st, n) for n in names):
             return Answer(b"NO [NONEXISTENT] Mailbox doesn't exist: " + names[0].encode("utf-8", "replace")[:200])
@@ -516,8 +518,8 @@ class PolicyPlugin(Plugin):
         st.view = None
         st.mailbox = mailbox
         st.plan = None
-        kinds, max_size, max_age = self._criteria(st, mailbox)
-        status_d, queries = early
+        status_d, queries, criteria = early
+        kinds, max_size, max_age = criteria or self._criteria(st, mailbox)
         if not (kinds or max_size or max_age or queries):
             return  # fast path: nothing can be hidden here
         if status_d is None:

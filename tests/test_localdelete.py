@@ -202,6 +202,71 @@ def test_concurrent_connections_of_a_device_keep_all_records(make_proxy, dovecot
         c.close()
 
 
+MARKS = "/private/vendor/vendor.cpmproxy/localdelete"
+
+
+def direct_metadata(dovecot, mailbox: str, entry: str, value: str | None = None, user: str = "alice") -> bytes:
+    """Dovecot's answer to GETMETADATA (or, with ``value``, its SETMETADATA) of ``entry``, directly."""
+    c = RawIMAP("127.0.0.1", dovecot.port)
+    c.login(user, f"{user}pw")
+    if value is None:
+        r = c.command(b"g", b'GETMETADATA "%s" (%s)' % (mailbox.encode(), entry.encode()))
+    else:
+        r = c.command(b"s", b'SETMETADATA "%s" (%s "%s")' % (mailbox.encode(), entry.encode(), value.encode()))
+    c.close()
+    assert r[-1][2:4] == b"OK", r
+    return b"".join(r)
+
+
+def has_mark(dovecot, dev: str) -> bool:
+    r = direct_metadata(dovecot, "", f"{MARKS}/{dev}")
+    return dev.encode() in r and b" NIL)" not in r
+
+
+def test_first_local_delete_marks_the_device(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 3)
+    dev = "m" + uuid.uuid4().hex[:8]
+    assert not has_mark(dovecot, dev)
+    p = make_proxy()
+    a, earlier = device(p, dev), device(p, dev)  # both read "no mark" at login
+    select(a, folder)
+    a.command(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % uids[0])
+    assert a.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    assert has_mark(dovecot, dev)
+    # The device's other session in this process asks for records from now on.
+    assert select(earlier, folder) == 2
+    assert uids_seen(earlier) == uids[1:]
+    # So does a new session through another process, and the device's later deletes add no mark.
+    q = make_proxy()
+    b = device(q, dev)
+    assert select(b, folder) == 2
+    b.command(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % uids[1])
+    assert b.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    assert uids_seen(b) == uids[2:]
+    for c in (a, earlier, b):
+        c.close()
+
+
+def test_unmarked_device_is_not_asked_for_records(make_proxy, dovecot):
+    """A device's records are looked up only once it is marked: a record without the mark (written
+    here directly) hides nothing, and with the mark it does."""
+    folder, uids = folder_with(dovecot, 3)
+    dev = "u" + uuid.uuid4().hex[:8]
+    d = dovecot.imap_direct("alice", tls="none")
+    uidvalidity = d.select_folder(folder, readonly=True)[b"UIDVALIDITY"]
+    d.logout()
+    direct_metadata(dovecot, folder, f"{MARKS}/{dev}/{uidvalidity}-1", str(uids[2]))
+    p = make_proxy()
+    c = device(p, dev)
+    assert select(c, folder) == 3
+    direct_metadata(dovecot, "", f"{MARKS}/{dev}", "1")
+    c2 = device(p, dev)
+    assert select(c2, folder) == 2
+    assert uids_seen(c2) == uids[:2]
+    c.close()
+    c2.close()
+
+
 def test_kill_9_right_after_ok_loses_nothing(make_proxy, dovecot):
     folder, uids = folder_with(dovecot, 3)
     p = make_proxy()
