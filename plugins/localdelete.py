@@ -108,7 +108,14 @@ class LocalDeletePlugin(Plugin):
     # -- hider API used by the policy plugin ------------------------------------------------------
 
     def active(self, session) -> bool:
-        return self._allowed(session)[0]
+        """Whether this session's views must ask for local deletions: allowed, and the device has (or may
+        have) records. An unmarked device has none: its SELECTs then take the view's fast path."""
+        return self._allowed(session)[0] and not self._unmarked(session)
+
+    def _unmarked(self, session) -> bool:
+        """The device is known to have no records: unmarked at login, and not marked since in this process."""
+        return self.state(session).marked is False \
+            and (session.user, device_key(session.device_id)) not in self._marked
 
     def query(self, session, mailbox: str):
         """Ask the backend for this device's records of ``mailbox`` (sent at once, so it pipelines); a
@@ -118,7 +125,7 @@ class LocalDeletePlugin(Plugin):
             d = defer.Deferred()  # (the login's read is still under way: answer once it is in)
             st.reading_mark.addBoth(lambda result: (self.query(session, mailbox).chainDeferred(d), result)[1])
             return d
-        if st.marked is False and (session.user, device_key(session.device_id)) not in self._marked:
+        if self._unmarked(session):
             return defer.succeed(Reply([], b"OK No local deletions by this device."))
         prefix = f"{RECORDS}/{device_key(session.device_id)}"
         return session.side_command(b"GETMETADATA (DEPTH infinity) " + _wire_name(mailbox) + b" ("
