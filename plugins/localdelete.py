@@ -18,7 +18,7 @@ Before a device's first record, a server-level entry marks the device as one tha
 
     /private/vendor/vendor.cpmproxy/localdelete/<device>  =  "1"     (GETMETADATA "" ...)
 
-It is read once at login. A device without it has no records anywhere, so its SELECTs ask the backend
+It is read at login, with the account's preferences (one command). A device without it has no records anywhere, so its SELECTs ask the backend
 nothing more (most devices never delete locally; the records query was a second backend command for every
 SELECT). Sessions of the device in this process learn of a new mark at once; a session of the same device
 on another proxy process that logged in before the device's very first local delete learns of it at its
@@ -65,7 +65,6 @@ class LocalState:
     pending: set[int] = field(default_factory=set)  # UIDs marked for local deletion, not yet expunged
     qresync: bool = False
     marked: bool | None = None  # the device's server-level mark, as read at login (None: not known yet)
-    reading_mark: defer.Deferred | None = None  # that read, while under way
 
 
 class LocalDeletePlugin(Plugin):
@@ -120,11 +119,8 @@ class LocalDeletePlugin(Plugin):
     def query(self, session, mailbox: str):
         """Ask the backend for this device's records of ``mailbox`` (sent at once, so it pipelines); a
         device that never deleted locally has none, and the answer is ready without asking."""
-        st = self.state(session)
-        if st.marked is None and st.reading_mark is not None:
-            d = defer.Deferred()  # (the login's read is still under way: answer once it is in)
-            st.reading_mark.addBoth(lambda result: (self.query(session, mailbox).chainDeferred(d), result)[1])
-            return d
+        # (While the login's read of the mark is under way, the records are asked for at once: waiting for
+        # the mark first would put two round trips in a row before a marked device's first SELECT.)
         if self._unmarked(session):
             return defer.succeed(Reply([], b"OK No local deletions by this device."))
         prefix = f"{RECORDS}/{device_key(session.device_id)}"
@@ -135,29 +131,18 @@ class LocalDeletePlugin(Plugin):
         return f"{RECORDS}/{device_key(session.device_id)}".encode()
 
     def login(self, session):
-        """Read the device's mark in the background (the first SELECT waits for it if need be)."""
+        """The device's mark, from the policy plugin's login read of the account's entries (the marks are
+        among them: no command of its own)."""
         if not self._allowed(session)[0]:
             return None
-        st = self.state(session)
-        st.reading_mark = defer.Deferred.fromCoroutine(self._read_mark(session))
+        entries = self._policy().state(session).login_entries
+        if entries is not None:  # (else not known: records are asked for at every SELECT)
+            self._set_marked(session, self._mark_entry(session).decode().lower() in entries)
         return None
 
-    async def _read_mark(self, session) -> None:
-        st = self.state(session)
-        entry = self._mark_entry(session)
-        try:
-            reply = await session.side_command(b'GETMETADATA "" (' + entry + b")")
-            if reply.status == b"OK":
-                low = entry.decode().lower()
-                st.marked = any(e.lower() == low for _, e, _ in iter_metadata(reply.untagged))
-            else:
-                st.marked = True  # not known: records are asked for at every SELECT, as before marks
-        except Exception:
-            log.failure("reading the local-delete mark failed")
-            st.marked = True
-        finally:
-            st.reading_mark = None
-        if st.marked:
+    def _set_marked(self, session, marked: bool) -> None:
+        self.state(session).marked = marked
+        if marked:
             self._marked.add((session.user, device_key(session.device_id)))
 
     async def _mark(self, session) -> None:

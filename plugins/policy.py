@@ -216,6 +216,9 @@ class PolicySession:
     policy: Policy
     account_prefs: dict[str, str] = field(default_factory=dict)
     pref_folders: set[str] = field(default_factory=set)  # folders that have preferences of their own
+    # Every account-wide entry under the vendor prefix at login (lower case): other plugins' bookkeeping
+    # too (local delete's device marks), read in the same command. None until read.
+    login_entries: set[str] | None = None
     folders: dict[str, FolderInfo] = field(default_factory=dict)
     plan: SelectPlan | None = None       # criteria of the mailbox being selected
     pending_select: bool = False         # our SELECT is at the backend, its responses not yet seen
@@ -320,6 +323,7 @@ class PolicyPlugin(Plugin):
         # On the side connection (opened here, so the first SELECT does not wait for it).
         reply = await session.side_command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")")
         st.account_prefs = parse_metadata_prefs(reply.untagged)
+        st.login_entries = {entry.lower() for _, entry, _ in iter_metadata(reply.untagged)}
         st.pref_folders = parse_pref_folders(reply.untagged)
 
     def login(self, session):
