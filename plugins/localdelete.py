@@ -18,9 +18,9 @@ Before a device's first record, a server-level entry marks the device as one tha
 
     /private/vendor/vendor.cpmproxy/localdelete/<device>  =  "1"     (GETMETADATA "" ...)
 
-It is read at login, with the account's preferences (one command). A device without it has no records anywhere, so its SELECTs ask the backend
-nothing more (most devices never delete locally; the records query was a second backend command for every
-SELECT). Sessions of the device in this process learn of a new mark at once; a session of the same device
+It is read at login, with the account's preferences (one command). A device without it has no records
+anywhere, so its SELECTs ask the backend nothing more (most devices never delete locally; the records
+query was a second backend command for every SELECT). Sessions of the device in this process learn of a new mark at once; a session of the same device
 on another proxy process that logged in before the device's very first local delete learns of it at its
 next login (README, "Known limits").
 """
@@ -119,8 +119,7 @@ class LocalDeletePlugin(Plugin):
     def query(self, session, mailbox: str):
         """Ask the backend for this device's records of ``mailbox`` (sent at once, so it pipelines); a
         device that never deleted locally has none, and the answer is ready without asking."""
-        # (While the login's read of the mark is under way, the records are asked for at once: waiting for
-        # the mark first would put two round trips in a row before a marked device's first SELECT.)
+        # (Where the mark is not known, the records are asked for, as before marks existed.)
         if self._unmarked(session):
             return defer.succeed(Reply([], b"OK No local deletions by this device."))
         prefix = f"{RECORDS}/{device_key(session.device_id)}"
