@@ -527,9 +527,10 @@ class PolicyPlugin(Plugin):
         if not (kinds or max_size or max_age or queries):
             return  # fast path: nothing can be hidden here
         if status_d is None:
-            # No policy rule, only hiders (local delete) that may have records here: their queries run
-            # while the SELECT is at the backend, not before it; its responses wait for the answers
-            # (_build_view), and UIDVALIDITY comes from them.
+            # No STATUS was asked (only hiders such as local delete may hide here, or the folder's own
+            # preferences, read since, hide a kind): their queries run while the SELECT is at the backend,
+            # not before it; its responses wait for the answers (_build_view), and UIDVALIDITY comes from
+            # them.
             plan = SelectPlan(mailbox, 0, kinds, max_size, max_age)
             plan.pending = queries
             st.plan = plan
@@ -646,10 +647,14 @@ class PolicyPlugin(Plugin):
             # One reactor turn: the rest of the SELECT's responses (one packet, as a rule) are held by now.
             await _next_turn()
             selected = _select_state(session.held_lines())
-            if replies:
+            if not plan.uidvalidity:
+                # No STATUS was asked (no rule hid anything before the folder's own preferences were read,
+                # or only hiders' records hide here): the SELECT's own. Never 0: the classification cache
+                # and the hiders' records are keyed by it.
                 plan.uidvalidity = selected.get(b"UIDVALIDITY", 0)
                 if not plan.uidvalidity:  # not seen (unusual server): ask, never guess (records get pruned)
                     plan.uidvalidity = await _uidvalidity(session, plan.mailbox)
+            if replies:
                 for h, r in replies:
                     plan.extra |= _uid_ranges(await h.hidden(session, plan.mailbox, plan.uidvalidity, r))
                 if plan.empty:

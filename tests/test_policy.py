@@ -393,3 +393,31 @@ def test_folder_preference_reaches_other_process_and_follows_rename(make_proxy, 
     finally:
         a.close()
         b.close()
+
+
+def test_folder_kind_preference_after_the_folder_was_recreated(make_proxy, dovecot):
+    """A folder whose own preference hides a kind, deleted and created again behind the proxy's back (new
+    UIDVALIDITY, other messages under the same UIDs): the view classifies the new messages, not the old
+    ones remembered under the same UIDs."""
+    folder = "Default/tel:+1555" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", folder, make_object("imdn"))
+    dovecot.deliver("dave", folder, make_object("chat"))
+    p = make_proxy()
+    hide_imdn = b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync/imdn "off")'
+    a = login(p, "dave")
+    assert a.command(b"m", hide_imdn)[-1].startswith(b"m OK")
+    b = login(p, "dave")
+    assert exists_of(b.command(b"s", b"SELECT " + q(folder))) == 1
+    assert [uid for _, uid in fetch_uids(b)] == [2]
+    b.close()
+    d = dovecot.imap_direct("dave", tls="none")
+    d.delete_folder(folder)
+    d.logout()
+    dovecot.deliver("dave", folder, make_object("chat"))  # UID 1 is a chat message now
+    dovecot.deliver("dave", folder, make_object("imdn"))
+    assert a.command(b"m2", hide_imdn)[-1].startswith(b"m2 OK")  # (the old one went with the folder)
+    c = login(p, "dave")
+    assert exists_of(c.command(b"s", b"SELECT " + q(folder))) == 1
+    assert [uid for _, uid in fetch_uids(c)] == [1]
+    a.close()
+    c.close()
