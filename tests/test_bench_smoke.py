@@ -1,0 +1,42 @@
+"""The benchmark scripts still run: their quick (smoke) sizes, end to end, each with its own Dovecot and
+proxy processes. Only that they run and report every scenario asked for is checked here, never a timing:
+performance is judged by the full runs (README, "Benchmarks"), not by tests on a shared machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_relay_bench_quick(tmp_path):
+    out = tmp_path / "results.json"
+    r = run(["bench/run.py", "--quick", "--only", "bulk", "--only", "pingpong",
+             "--results", str(tmp_path / "RESULTS.md"), "--json", str(out)])
+    assert r.returncode in (0, 1), r.stderr[-2000:]  # 1: a target missed, which a smoke run may
+    results = {x["name"]: x for x in json.loads(out.read_text())["results"]}
+    assert set(results) == {"bulk", "pingpong"}
+    assert results["bulk"]["ratio"] > 0 and results["pingpong"]["ratio"] > 0
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "Quick (smoke) run" in report and "| bulk |" in report and "quartiles" in report
+
+
+def test_cpm_bench_quick(tmp_path):
+    out = tmp_path / "cpm.json"
+    r = run(["bench/cpm_bench.py", "--quick", "--only", "view", "--only", "localdelete", "--only", "ld_select",
+             "--json", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = {x["scenario"]: x for x in json.loads(out.read_text())}
+    assert set(results) == {"view_none", "view_hidden", "view_cold", "localdelete", "ld_select"}
+    assert all(x["direct"] > 0 and x["proxy"] > 0 for x in results.values())
+    assert "per-round ratio quartiles" in r.stdout
