@@ -205,6 +205,9 @@ class SelectPlan:
     extra: SequenceSet = field(default_factory=SequenceSet.empty)
     # (hider, query Deferred) pairs sent with the SELECT; _build_view awaits them with its responses held
     pending: list = field(default_factory=list)
+    # What _classify hid, as ranges, when that was only ``extra`` (a cheap exact key for _share_tables:
+    # comparing sets of 10,000 UIDs costs ~0.2 ms per SELECT). None otherwise.
+    hidden_ranges: tuple | None = None
 
     @property
     def empty(self) -> bool:
@@ -621,11 +624,14 @@ class PolicyPlugin(Plugin):
             hidden |= uidset.intersection(_esearch_all(await size_d))
         if age_d is not None:
             hidden |= uidset.intersection(_esearch_all(await age_d))
-        extra = _uid_set(plan.extra & SequenceSet.from_ranges(ranges))  # (ranges: intersecting is free)
+        extra_ranges = plan.extra & SequenceSet.from_ranges(ranges)  # (ranges: intersecting is free)
+        extra = _uid_set(extra_ranges)
+        plan.hidden_ranges = None
         if hidden:
             hidden |= extra
         else:
             hidden = extra  # (no copy: often the only hidden UIDs, thousands of local deletions)
+            plan.hidden_ranges = tuple(extra_ranges.ranges)
         return uids, hidden
 
     async def _build_view(self, session, st: PolicySession) -> None:
@@ -681,12 +687,15 @@ class PolicyPlugin(Plugin):
         if len(view.uids) < SHARED_TABLES_MIN:
             return
         key = (user, plan.mailbox, plan.uidvalidity, len(view.hidden))
+        ranges = plan.hidden_ranges  # (an exact, cheap form of the hidden set where there is one)
         kept = self._tables.get(key)
-        if kept is not None and kept[0] == snapshot and kept[1] == view.hidden:
-            view.share(kept[2])
+        if kept is not None and kept[0] == snapshot and (
+                kept[1] == ranges if ranges is not None else kept[2] == view.hidden):
+            view.share(kept[3])
             self._tables.move_to_end(key)
             return
-        self._tables[key] = (snapshot, frozenset(view.hidden), view.derived())
+        self._tables[key] = (snapshot, ranges, None if ranges is not None else frozenset(view.hidden),
+                             view.derived())
         self._tables.move_to_end(key)
         while len(self._tables) > SHARED_TABLES_MAX:
             self._tables.popitem(last=False)

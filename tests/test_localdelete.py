@@ -328,3 +328,39 @@ def test_admin_list_and_restore(make_proxy, dovecot, tmp_path):
     assert select(a, folder) == 3
     a.close()
     assert admin("list").stdout.strip() == ""
+
+
+def big_folder(dovecot, n: int, user: str = "alice") -> str:
+    """A folder of ``n`` messages (UIDs 1..n), by pipelined APPENDs straight to Dovecot."""
+    folder = "Default/tel:+1999" + uuid.uuid4().hex[:8]
+    m = make_object("chat", text="many")
+    c = RawIMAP("127.0.0.1", dovecot.port, timeout=60)
+    c.login(user, f"{user}pw")
+    c.command(b"c", b'CREATE "%s"' % folder.encode())
+    c.send(b"".join(b'a%d APPEND "%s" {%d+}\r\n%s\r\n' % (i, folder.encode(), len(m), m) for i in range(n)))
+    c.until_tagged(b"a%d" % (n - 1))
+    c.close()
+    return folder
+
+
+def test_big_views_shared_only_when_equal(make_proxy, dovecot):
+    """Views of big mailboxes share their tables between sessions (policy's _share_tables): two devices
+    hiding as many messages, but not the same ones, each see their own numbering, session after session."""
+    folder = big_folder(dovecot, 1200)
+    p = make_proxy()
+    hide = {"A": (b"1:300", set(range(1, 301))), "B": (b"601:900", set(range(601, 901)))}
+    for dev, (seqs, _) in hide.items():
+        c = device(p, f"share-{dev}-{folder[-8:]}")
+        select(c, folder)
+        c.command(b"d", b"UID STORE " + seqs + b" +FLAGS.SILENT (\\Deleted $LocalDelete)")
+        assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+        c.close()
+    for dev in "AABBA":  # (a device's second session takes what its first kept; the other's may not)
+        c = device(p, f"share-{dev}-{folder[-8:]}")
+        assert select(c, folder) == 900
+        visible = sorted(set(range(1, 1201)) - hide[dev][1])
+        seen = [(int(m.group(1)), int(m.group(2))) for r in c.command(b"f", b"FETCH 1:* (UID)")
+                if (m := re.match(rb"\* (\d+) FETCH \(UID (\d+)\)", r))]
+        assert seen == list(enumerate(visible, start=1))
+        assert c.command(b"f2", b"FETCH 450 (UID)")[0] == b"* 450 FETCH (UID %d)\r\n" % visible[449]
+        c.close()
