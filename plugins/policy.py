@@ -650,9 +650,13 @@ class PolicyPlugin(Plugin):
                 if not replies and plan.empty:
                     st.plan = None  # nothing is hidden here after all: no view (the fast path), and if the
                     return  # answers were in before the SELECT's, its responses are not even held
-            # One reactor turn: the rest of the SELECT's responses (one packet, as a rule) are held by now.
-            await _next_turn()
-            selected = _select_state(session.held_lines())
+            held = session.held_lines()
+            if all(line[:1] == b"*" for line in held):
+                # One reactor turn: the rest of the SELECT's responses (one packet, as a rule) are held by
+                # now. (Not needed when its tagged answer is: the hiders' answers came after it.)
+                await _next_turn()
+                held = session.held_lines()
+            selected = _select_state(held)
             if not plan.uidvalidity:
                 # No STATUS was asked (no rule hid anything before the folder's own preferences were read,
                 # or only hiders' records hide here): the SELECT's own. Never 0: the classification cache
