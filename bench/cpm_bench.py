@@ -203,7 +203,7 @@ def main() -> int:
     # A view sample takes ~40 ms, and on this 2-core VM one round's proxy/direct ratio spreads from
     # ~0.98 to ~1.16 (quartiles): the median of 41 rounds still moved by +-0.03 between runs, too much for
     # a 5% target. 161 rounds (~30 s) bring that to ~+-0.015.
-    view_reps = 5 if args.quick else 161
+    rounds = 5 if args.quick else 161
     load_before = loadavg()
     base = Path(tempfile.mkdtemp(prefix="cpmbench"))
     dovecot = Dovecot(base / "dovecot", users={"alice": "alicepw", "bob": "bobpw"})
@@ -219,11 +219,11 @@ def main() -> int:
         procs += [plain, hiding, forced]
 
         if "view" in wanted:
-            view_scenarios(dovecot, plain, hiding, n_view, view_reps, results)
+            view_scenarios(dovecot, plain, hiding, n_view, rounds, results)
         if "localdelete" in wanted:
             localdelete_scenario(dovecot, plain, n_ld, results)
         if "ld_select" in wanted:
-            ld_select_scenario(dovecot, plain, n_ld_sel, view_reps, results)
+            ld_select_scenario(dovecot, plain, n_ld_sel, rounds, results)
         if "notify" in wanted:
             seed(dovecot.port, "bob", "Notify", 1)
             nat = notify_latency(dovecot.port, dovecot.port, True, "Notify", trials)

@@ -364,3 +364,42 @@ def test_big_views_shared_only_when_equal(make_proxy, dovecot):
         assert seen == list(enumerate(visible, start=1))
         assert c.command(b"f2", b"FETCH 450 (UID)")[0] == b"* 450 FETCH (UID %d)\r\n" % visible[449]
         c.close()
+
+
+class _RefusingBackendSession:
+    """Just what the local-delete plugin's writes use of a session; the backend answers NO to METADATA
+    writes until told otherwise."""
+
+    def __init__(self):
+        self.user, self.device_id, self.state = "alice", "phone", {}
+        self.refuse = True
+        self.sent: list[bytes] = []
+
+    def side_command(self, line: bytes):
+        from twisted.internet import defer
+
+        from cpmproxy.proxy.backend import Reply
+        self.sent.append(line)
+        return defer.succeed(Reply([], b"NO [LIMIT] Metadata quota exceeded" if self.refuse else b"OK done"))
+
+
+def test_refused_mark_writes_no_record_and_is_tried_again():
+    """The mark goes first: if the backend refuses it, the expunge fails (the client gets NO [SERVERBUG],
+    the messages stay, nothing half-written); the next expunge tries the mark again."""
+    from twisted.internet import defer
+
+    from plugins.localdelete import LocalDeletePlugin
+
+    plugin = LocalDeletePlugin(proxy=None)
+    session = _RefusingBackendSession()
+    failed = []
+    defer.Deferred.fromCoroutine(plugin._write(session, "INBOX", 7, {1, 2})).addErrback(failed.append)
+    assert len(failed) == 1 and failed[0].check(RuntimeError)
+    assert len(session.sent) == 1 and session.sent[0].startswith(b'SETMETADATA "" ')  # the mark, no record
+    session.refuse = False
+    done = []
+    defer.Deferred.fromCoroutine(plugin._write(session, "INBOX", 7, {1, 2})).addBoth(done.append)
+    assert done == [None]
+    assert session.sent[1] == session.sent[0] and session.sent[2].startswith(b"SETMETADATA INBOX (")
+    defer.Deferred.fromCoroutine(plugin._write(session, "INBOX", 7, {3})).addBoth(done.append)
+    assert len(session.sent) == 4 and session.sent[3].startswith(b"SETMETADATA INBOX (")  # marked once
