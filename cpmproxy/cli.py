@@ -30,6 +30,10 @@ def start_logging(config: Config, stream=None) -> None:
 
 
 def run(config_path: str) -> int:
+    if "twisted.internet.reactor" not in sys.modules:  # (a caller may have installed one already)
+        from cpmproxy.reactor import install
+
+        install()
     from twisted.internet import reactor
 
     from cpmproxy.proxy.service import ProxyService, check_config
@@ -40,6 +44,9 @@ def run(config_path: str) -> int:
         print(f"cpmproxy: {config_path}: {e}", file=sys.stderr)
         return 2
     start_logging(config)
+    from cpmproxy import __version__
+
+    log.info("cpmproxy {version} starting ({reactor})", version=__version__, reactor=type(reactor).__name__)
     svc = ProxyService(config, reactor)
     status = {"code": 0}
 

@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from cpmproxy.testing.proxyproc import ProxyProcess, free_port
 from tests.proxyfix import check_config as _check
 from tests.proxyfix import imap_via, raw_via
@@ -124,11 +126,12 @@ def test_proxy_protocol_and_id_forwarding(make_proxy, dovecot):
     s.close()
 
 
-def test_twist_plugin_runs(dovecot, tmp_path):
+@pytest.mark.parametrize("reactor", [[], ["--reactor=cpmproxy"]], ids=["default-reactor", "cpmproxy-reactor"])
+def test_twist_plugin_runs(dovecot, tmp_path, reactor):
     p = ProxyProcess(tmp_path, dovecot.port, metrics=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     twist = Path(sys.executable).with_name("twist")
-    proc = subprocess.Popen([str(twist), "cpmproxy", "--config", str(p.config_path)], env=env,
+    proc = subprocess.Popen([str(twist), *reactor, "cpmproxy", "--config", str(p.config_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         deadline = time.monotonic() + 15
@@ -144,6 +147,7 @@ def test_twist_plugin_runs(dovecot, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+    assert ("ProxyReactor" if reactor else "EPollReactor") in proc.stdout.read().decode()
 
 
 def test_login_hooks_run_after_those_of_the_plugins_they_require():
