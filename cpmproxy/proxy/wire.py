@@ -16,13 +16,15 @@ from twisted.internet import tcp
 
 __all__ = ["adapt_read_size", "send_chunks"]
 
+# Bound once: twisted.internet.tcp is a deprecation-proxy module (two Python calls per attribute read).
+_PLAIN_TCP = (tcp.Server, tcp.Client)
 _MAX_IOV = 512  # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call
 
 
 def _direct_socket(transport) -> socket.socket | None:
     """The socket to write to directly, or None when the transport must do it (TLS, queued output,
     closing)."""
-    if type(transport) not in (tcp.Server, tcp.Client) or transport.TLS:
+    if type(transport) not in _PLAIN_TCP or transport.TLS:
         return None
     if not transport.connected or transport.disconnecting or transport._writeDisconnected:
         return None
