@@ -341,10 +341,10 @@ class PolicyPlugin(Plugin):
         """Fill ``st.folders`` for ``names``: folder preferences, then (only where Session Histories are
         not synchronized) whether the folder is one. Pipelined on the side connection."""
         st = self.state(session)
-        todo = [n for n in names if n not in st.folders]
+        todo = [n for n in names if not self._folder_info_now(session, st, n)]
         if not todo:
             return
-        want_prefs = any(st.policy.may_change(k) for k in PREFERENCES if k.startswith(PREF_SYNC))
+        want_prefs = self._may_change_sync(st)
         waits = []
         for name in todo:
             info = st.folders[name] = FolderInfo()
@@ -384,6 +384,26 @@ class PolicyPlugin(Plugin):
                 if info.session_history:
                     self.session_history_cache[(session.user, name)] = True
 
+    @staticmethod
+    def _may_change_sync(st: PolicySession) -> bool:
+        return any(st.policy.may_change(k) for k in PREFERENCES if k.startswith(PREF_SYNC))
+
+    def _folder_info_now(self, session, st: PolicySession, name: str) -> bool:
+        """Fill ``st.folders[name]`` when that needs nothing from the backend (the folder carries no
+        preferences to read, and whether it is a Session History folder is either irrelevant or known);
+        False when ``folder_infos`` must ask."""
+        if name in st.folders:
+            return True
+        if name in st.pref_folders and self._may_change_sync(st):
+            return False
+        info = FolderInfo()
+        if not self.effective(st, f"{PREF_SYNC}/session-history", name, st.policy.default_sync("session-history")):
+            if not self.session_history_cache.get((session.user, name)):
+                return False  # (only "is one" is remembered across sessions)
+            info.session_history = True
+        st.folders[name] = info
+        return True
+
     def folder_hidden(self, st: PolicySession, name: str) -> bool:
         if not st.policy.folder_allowed(name):
             return True
@@ -422,6 +442,10 @@ class PolicyPlugin(Plugin):
             if _literal_mailbox(cmd):
                 # The name is a literal: let the proxy gather it (for APPEND only the name, not the message).
                 return Collect(literals=1 if name == b"APPEND" else None)
+            if name in (b"SELECT", b"EXAMINE"):
+                action = self._select_now(session, st, cmd)
+                if action is not _LATER:
+                    return action
             return Defer(defer.Deferred.fromCoroutine(self._mailbox_command(session, st, cmd)))
         view = st.view
         if view is not None and not view.identity:
@@ -456,6 +480,26 @@ class PolicyPlugin(Plugin):
                 if not self.folder_hidden(st, name):
                     adjusts[name] = await self._status_adjustment(session, st, name)
             cmd.state["status_adjusts"] = adjusts
+        return None
+
+    def _select_now(self, session, st: PolicySession, cmd):
+        """SELECT / EXAMINE decided at once in the common case (a folder this session knows, or one that
+        needs no read to know, where nothing can be hidden): no coroutine, no Deferred. ``_LATER`` when
+        ``_mailbox_command`` must decide."""
+        args = cmd.args
+        raw = _token_text(args[0]) if args else None
+        if raw is None:
+            return _LATER
+        mailbox = _mailbox_name(raw)
+        if not self._folder_info_now(session, st, mailbox):
+            return _LATER
+        if self.folder_hidden(st, mailbox):
+            return _nonexistent(mailbox)
+        if any(self._criteria(st, mailbox)) or self.hiders(session):
+            return _LATER
+        st.view = None  # (what _plan_select's fast path sets)
+        st.mailbox = mailbox
+        st.plan = None
         return None
 
     async def _mailbox_command(self, session, st: PolicySession, cmd):
@@ -494,7 +538,7 @@ class PolicyPlugin(Plugin):
                      criteria if names[0] in st.folders else None)
         await self.folder_infos(session, names)
         if any(self.folder_hidden(st, n) for n in names):
-            return Answer(b"NO [NONEXISTENT] Mailbox doesn't exist: " + names[0].encode("utf-8", "replace")[:200])
+            return _nonexistent(names[0])
         if cmd.name in (b"SELECT", b"EXAMINE"):
             await self._plan_select(session, st, names[0], early)
         elif cmd.name == b"STATUS":
@@ -1331,6 +1375,13 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
 def _has_caps(session, *names: bytes) -> bool:
     caps = {c.upper() for c in session.backend_caps}
     return all(n in caps for n in names)
+
+
+_LATER = object()  # (a decision that needs the backend: taken by a coroutine)
+
+
+def _nonexistent(mailbox: str) -> Answer:
+    return Answer(b"NO [NONEXISTENT] Mailbox doesn't exist: " + mailbox.encode("utf-8", "replace")[:200])
 
 
 def _literal_mailbox(cmd) -> bool:

@@ -152,3 +152,46 @@ async def test_select_waits_for_the_hiders_answer_and_a_failure_ends_the_session
     st, session, said = _select_plan_with(hider, defer.fail(RuntimeError("side connection lost")))
     await PolicyPlugin(None)._build_view(session, st)
     assert st.view is None and said and b"not available" in said[0]
+
+
+def test_select_is_decided_at_once_where_nothing_can_be_hidden():
+    """The policy plugin answers SELECT / EXAMINE without a coroutine when the folder needs no read and
+    nothing can be hidden in it (the common case); otherwise it takes the slow path, which asks the
+    backend (folder preferences, Session History check, hiders' records, UIDVALIDITY)."""
+    from twisted.internet import defer
+
+    from cpmproxy.imap.tokens import parse_command
+    from cpmproxy.proxy.hooks import Answer, ClientCommand, Defer
+    from plugins.policy import Policy, PolicySession
+
+    def cancel(d):
+        d.deferred.addErrback(lambda f: None)
+        d.deferred.cancel()
+
+    def select(line, st, plugins=()):
+        policy = PolicyPlugin(SimpleNamespace(hooks=SimpleNamespace(plugins=list(plugins))))
+        policy.name = "policy"
+        session = SimpleNamespace(state={"policy": st}, user="alice", device_id="d1",
+                                  side_command=lambda line: defer.Deferred())  # (never answered here)
+        parsed = parse_command(line[:-2])
+        cmd = ClientCommand(parsed.tag, parsed.name, parsed.uid, line, parsed, False)
+        return policy.command(session, cmd)
+
+    st = PolicySession(Policy(exclude_folders=("Secret*",)))
+    assert select(b'a SELECT "INBOX"\r\n', st) is None
+    assert st.mailbox == "INBOX" and st.view is None and st.plan is None and "INBOX" in st.folders
+    answer = select(b"b EXAMINE Secret/x\r\n", st)
+    assert isinstance(answer, Answer) and answer.tagged.startswith(b"NO [NONEXISTENT]")
+
+    slow = [PolicySession(Policy(sync=(("imdn", False),))),  # a kind to hide: classification needed
+            PolicySession(Policy(), pref_folders={"INBOX"}),  # the folder's own preferences to read
+            PolicySession(Policy(sync=(("session-history", False),)))]  # is INBOX a Session History folder?
+    for st in slow:
+        d = select(b'c SELECT "INBOX"\r\n', st)
+        assert isinstance(d, Defer), st
+        cancel(d)
+    hider = SimpleNamespace(hidden=None, active=lambda session: True,  # (local delete, for a marked device)
+                            query=lambda session, mailbox: defer.Deferred())
+    d = select(b'd SELECT "INBOX"\r\n', PolicySession(Policy()), [hider])
+    assert isinstance(d, Defer)
+    cancel(d)
