@@ -1,8 +1,9 @@
 """The proxy's reactor (cpmproxy.reactor): the stock epoll reactor's event handling, without the per-event
-log context, and still robust to a handler that fails."""
+log context, and still robust to a handler that fails. And the process's start-up heap, frozen."""
 
 from __future__ import annotations
 
+import re
 import socket
 
 from twisted.internet.abstract import FileDescriptor
@@ -98,9 +99,10 @@ def test_a_failing_handler_loses_only_its_connection():
             b.close()
 
 
-def test_the_cli_runs_on_it(dovecot, tmp_path):
+def test_the_cli_runs_on_it_with_its_start_up_heap_frozen(dovecot, tmp_path):
     p = ProxyProcess(tmp_path, dovecot.port, metrics=False).start()
     try:
         assert "starting (ProxyReactor)" in p.log()
+        assert re.search(r"start-up heap frozen: [1-9][0-9]{3,} objects", p.log())
     finally:
         p.stop()
