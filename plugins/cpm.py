@@ -83,5 +83,10 @@ class ClassificationCache:
             entry = self._data[key] = KindCache(uidvalidity)
         return entry
 
+    def peek(self, user: str, mailbox: str, uidvalidity: int) -> KindCache | None:
+        """The entry if there is one for this UIDVALIDITY (nothing is created)."""
+        entry = self._data.get((user, mailbox))
+        return entry if entry is not None and entry.uidvalidity == uidvalidity else None
+
     def forget(self, user: str, mailbox: str) -> None:
         self._data.pop((user, mailbox), None)

@@ -718,6 +718,9 @@ class PolicyPlugin(Plugin):
             if selected.get(b"UIDVALIDITY") == plan.uidvalidity and b"EXISTS" in selected \
                     and b"UIDNEXT" in selected:
                 snapshot = (selected[b"EXISTS"], selected[b"UIDNEXT"])
+                st.view = self._borrowed_view(session.user, plan, snapshot)
+                if st.view is not None:
+                    return
             uids, hidden = await self._classify(session, plan, b"1:*", snapshot)
         except Exception:
             log.failure("classification failed; showing the mailbox unfiltered")
@@ -726,6 +729,22 @@ class PolicyPlugin(Plugin):
         st.view = MailboxView.exact(uids, hidden)
         if hidden and snapshot is not None and len(uids) == snapshot[0] and (not uids or uids[-1] < snapshot[1]):
             self._share_tables(session.user, plan, snapshot, st.view)
+
+    def _borrowed_view(self, user: str, plan: SelectPlan, snapshot: tuple[int, int]) -> MailboxView | None:
+        """The view another session built of this very mailbox state, when only hiders' UIDs (local
+        deletions) are hidden and they are the same ones: borrowed whole (copy-on-write), so a device
+        with 10,000 local deletions does not expand them into a list and a set at every SELECT. None
+        when there is none to borrow."""
+        if plan.hidden_kinds or plan.max_size or plan.max_age_days:
+            return None
+        cache = self.cache.peek(user, plan.mailbox, plan.uidvalidity)
+        if cache is None or cache.snapshot != snapshot:
+            return None
+        ranges = (plan.extra & SequenceSet.from_ranges(cache.uid_ranges)).ranges
+        kept = self._tables.get((user, plan.mailbox, plan.uidvalidity, sum(hi - lo + 1 for lo, hi in ranges)))
+        if kept is None or kept[0] != snapshot or kept[1] != ranges or kept[4] is None:
+            return None
+        return MailboxView.borrowed(kept[4])
 
     def _share_tables(self, user: str, plan: SelectPlan, snapshot: tuple[int, int], view: MailboxView) -> None:
         """A device's sessions (and its device class's) mostly see the same view of a mailbox, and its
@@ -742,8 +761,11 @@ class PolicyPlugin(Plugin):
             view.share(kept[3])
             self._tables.move_to_end(key)
             return
+        # (snapshot, hidden ranges or None, hidden set if no ranges, derived tables, the whole view to
+        # borrow: only where the ranges say what is hidden, see _borrowed_view)
+        lent = view.lend() if ranges is not None else None
         self._tables[key] = (snapshot, ranges, None if ranges is not None else frozenset(view.hidden),
-                             view.derived())
+                             view.derived(), lent)
         self._tables.move_to_end(key)
         while len(self._tables) > SHARED_TABLES_MAX:
             self._tables.popitem(last=False)

@@ -18,7 +18,7 @@ from cpmproxy.imap.seqset import STAR, SequenceSet
 
 
 class MailboxView:
-    __slots__ = ("uids", "hidden", "_visible", "_hidden_seqs", "_visible_seqs", "_client_map")
+    __slots__ = ("uids", "hidden", "_visible", "_hidden_seqs", "_visible_seqs", "_client_map", "_lent")
 
     def __init__(self, uids: Iterable[int] = (), hidden: Iterable[int] = ()):
         self.uids: list[int] = sorted(uids)
@@ -27,6 +27,7 @@ class MailboxView:
         self._hidden_seqs: SequenceSet | None = None
         self._visible_seqs: SequenceSet | None = None
         self._client_map: list[int] | None = None
+        self._lent = False  # uids and hidden are shared with other views: copied before a change
 
     @classmethod
     def exact(cls, uids: list[int], hidden: set[int]) -> MailboxView:
@@ -101,6 +102,28 @@ class MailboxView:
         """Take over the ``derived()`` tables of a view with equal ``uids`` and ``hidden``. Safe to share:
         tables are never modified in place (a change of either view replaces its own)."""
         self._client_map, self._visible_seqs, self._hidden_seqs = derived
+
+    def lend(self) -> tuple:
+        """``(uids, hidden, derived)`` for ``borrowed`` views of this very state. Copy-on-write: from now
+        on this view copies its UID list and hidden set before changing them (so do the borrowers)."""
+        self._lent = True
+        return self.uids, self.hidden, self.derived()
+
+    @classmethod
+    def borrowed(cls, lent: tuple) -> MailboxView:
+        """A view of another's ``lend()``: nothing is copied or built until it changes (thousands of
+        UIDs cost ~1 ms per SELECT to expand into a list and a set)."""
+        uids, hidden, derived = lent
+        view = cls.exact(uids, hidden)
+        view.share(derived)
+        view._lent = True
+        return view
+
+    def _own(self) -> None:
+        if self._lent:
+            self.uids = list(self.uids)
+            self.hidden = set(self.hidden)
+            self._lent = False
 
     @property
     def exists(self) -> int:
@@ -192,6 +215,7 @@ class MailboxView:
         new = sorted(u for u in new_uids if u > self.max_uid)
         if not new:
             return
+        self._own()
         self.uids.extend(new)
         newset = set(new)
         self.hidden.update(u for u in hidden if u in newset)
@@ -203,6 +227,7 @@ class MailboxView:
         if u is None:
             return None
         client = self.client_seq(backend_seq)
+        self._own()
         del self.uids[backend_seq - 1]
         self.hidden.discard(u)
         self._changed()
@@ -213,6 +238,7 @@ class MailboxView:
         gone = set(uids)
         if not gone:
             return
+        self._own()
         before = len(self.uids)
         self.uids = [u for u in self.uids if u not in gone]
         self.hidden -= gone
@@ -227,6 +253,7 @@ class MailboxView:
         if not new:
             return []
         seqs = sorted((self.client_seq_of_uid(u) for u in new), reverse=True)
+        self._own()
         self.hidden.update(new)
         self._changed()
         return seqs  # type: ignore[return-value]
@@ -240,6 +267,7 @@ class MailboxView:
         back = sorted(u for u in uids if u in self.hidden and u > top_visible)
         if not back:
             return 0
+        self._own()
         self.hidden.difference_update(back)
         self._changed()
         return len(back)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
@@ -195,3 +196,57 @@ def test_select_is_decided_at_once_where_nothing_can_be_hidden():
     d = select(b'd SELECT "INBOX"\r\n', PolicySession(Policy()), [hider])
     assert isinstance(d, Defer)
     cancel(d)
+
+
+_CHANGES = {
+    "expunge": lambda v: v.expunge(5),
+    "hide": lambda v: v.hide([2, 50]),
+    "append": lambda v: v.append([101, 102], [102]),
+    "vanish": lambda v: v.vanish([7, 8]),
+    "unhide_tail": lambda v: v.unhide_tail([100]),
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+def test_borrowed_views_copy_before_they_change(change):
+    """Views of one mailbox state lent to other sessions (copy-on-write): a change to a borrower or to the
+    lender is its own, made exactly as on a view of its own, and never reaches the others."""
+    uids, hidden = list(range(1, 101)), set(range(1, 101, 3)) | {100}
+    lender = MailboxView.exact(list(uids), set(hidden))
+    a, b = MailboxView.borrowed(lender.lend()), MailboxView.borrowed(lender.lend())
+    assert a.uids is lender.uids and a.client_map is lender.client_map
+    cmap = list(lender.client_map)
+    for changed in (a, lender):
+        model = MailboxView.exact(list(changed.uids), set(changed.hidden))
+        assert _CHANGES[change](changed) == _CHANGES[change](model)
+        assert (changed.uids, changed.hidden, changed.client_map) == (model.uids, model.hidden, model.client_map)
+        assert (b.uids, b.hidden, b.client_map) == (uids, hidden, cmap)
+    assert changed.uids != uids or changed.hidden != hidden  # (each change changes something)
+
+
+def test_a_device_with_the_same_local_deletions_borrows_the_view_whole():
+    """Where only hiders' UIDs are hidden (local deletions), a later SELECT of the same mailbox state with
+    the same hidden ranges borrows the whole view: no UID list or set is built again. Anything else does
+    not match."""
+    from plugins.policy import SelectPlan
+
+    policy = PolicyPlugin(None)
+    cache = policy.cache.get("alice", "INBOX", 7)
+    cache.snapshot, cache.uid_ranges = (3000, 3001), ((1, 3000),)
+
+    def plan(extra=((1, 2000),), kinds=()):
+        p = SelectPlan("INBOX", 7, kinds, 0, 0, extra=SequenceSet.from_ranges(extra))
+        p.hidden_ranges = extra
+        return p
+
+    first = MailboxView.exact(list(range(1, 3001)), set(range(1, 2001)))
+    policy._share_tables("alice", plan(), (3000, 3001), first)
+    view = policy._borrowed_view("alice", plan(), (3000, 3001))
+    assert view.uids is first.uids and view.hidden is first.hidden and view.client_map is first.client_map
+    assert view.exists == 1000
+    assert policy._borrowed_view("alice", plan(((1, 1999), (2001, 2001))), (3000, 3001)) is None  # as many, others
+    assert policy._borrowed_view("alice", plan(), (3000, 3002)) is None  # another mailbox state
+    assert policy._borrowed_view("alice", plan(kinds=("imdn",)), (3000, 3001)) is None  # the policy hides too
+    assert policy._borrowed_view("bob", plan(), (3000, 3001)) is None
+    view.expunge(1)
+    assert len(first.uids) == 3000 and 1 in first.hidden
