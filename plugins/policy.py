@@ -741,9 +741,11 @@ class PolicyPlugin(Plugin):
         if cache is None or cache.snapshot != snapshot:
             return None
         ranges = (plan.extra & SequenceSet.from_ranges(cache.uid_ranges)).ranges
-        kept = self._tables.get((user, plan.mailbox, plan.uidvalidity, sum(hi - lo + 1 for lo, hi in ranges)))
+        key = (user, plan.mailbox, plan.uidvalidity, sum(hi - lo + 1 for lo, hi in ranges))
+        kept = self._tables.get(key)
         if kept is None or kept[0] != snapshot or kept[1] != ranges or kept[4] is None:
             return None
+        self._tables.move_to_end(key)
         return MailboxView.borrowed(kept[4])
 
     def _share_tables(self, user: str, plan: SelectPlan, snapshot: tuple[int, int], view: MailboxView) -> None:

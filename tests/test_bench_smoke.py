@@ -40,3 +40,16 @@ def test_cpm_bench_quick(tmp_path):
     assert set(results) == {"view_none", "view_hidden", "view_cold", "localdelete", "ld_select"}
     assert all(x["direct"] > 0 and x["proxy"] > 0 for x in results.values())
     assert "per-round ratio quartiles" in r.stdout
+
+
+def test_ab_bench_quick():
+    """Two versions side by side (HEAD in a temporary worktree, the working tree), both report, and the
+    worktree is gone afterwards."""
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    r = run(["bench/ab.py", "--quick"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = {line.split(":")[0]: line for line in r.stdout.splitlines()}
+    for side in ("base", "work"):
+        assert "ratio " in lines[side] and "proxy CPU" in lines[side], r.stdout
+    assert subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
+                          text=True).stdout == worktrees

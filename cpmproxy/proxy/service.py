@@ -429,7 +429,7 @@ def service_from_config_path(path: str) -> ProxyService:
 def freeze_startup_heap() -> None:
     """Keep what start-up created (modules, classes, TLS and plugin set-up: ~54,000 objects) out of the
     garbage collector's full passes, which otherwise stop every session of the process for ~30 ms each
-    time (measured with gc.callbacks; ~0.1 ms once frozen). Garbage is collected first, so none is kept."""
+    time (measured with gc.callbacks; ~0.3 ms once frozen). Garbage is collected first, so none is kept."""
     gc.collect()
     gc.freeze()
     log.info("start-up heap frozen: {count} objects left out of full collections", count=gc.get_freeze_count())

@@ -24,8 +24,10 @@ class ProxyProcess:
     def __init__(self, workdir: Path, backend_port: int, *, backend_tls: str = "none", ca_file: str = "",
                  server_name: str = "", tls_cert: str = "", tls_key: str = "", config_extra: str = "",
                  listen_extra: list[str] = (), metrics: bool = True, plugins: list[str] | None = None,
-                 proxy_extra: str = "", backend_host: str = "127.0.0.1"):
+                 proxy_extra: str = "", backend_host: str = "127.0.0.1", source: Path | None = None):
         self.workdir = Path(workdir)
+        # The source tree whose code the process runs (bench/ab.py runs another revision beside this one).
+        self.source = Path(source) if source is not None else Path(__file__).resolve().parents[2]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.port, self.metrics_port = free_ports(2) if metrics else (free_port(), None)
@@ -52,11 +54,11 @@ class ProxyProcess:
 
     def start(self, timeout: float = 15.0) -> ProxyProcess:
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])
+        root = str(self.source)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "cpmproxy.cli", "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=root)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
