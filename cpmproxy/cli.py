@@ -44,9 +44,6 @@ def run(config_path: str) -> int:
         print(f"cpmproxy: {config_path}: {e}", file=sys.stderr)
         return 2
     start_logging(config)
-    from cpmproxy import __version__
-
-    log.info("cpmproxy {version} starting ({reactor})", version=__version__, reactor=type(reactor).__name__)
     svc = ProxyService(config, reactor)
     status = {"code": 0}
 

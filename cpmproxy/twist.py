@@ -5,13 +5,9 @@ from __future__ import annotations
 import signal
 
 from twisted.application import service
-from twisted.logger import Logger
 from twisted.python import usage
 
-from cpmproxy import __version__
 from cpmproxy.config import ConfigError
-
-log = Logger(namespace="cpmproxy")
 
 
 class Options(usage.Options):
@@ -32,7 +28,6 @@ class _Runner(service.Service):
         from twisted.internet import reactor
 
         super().startService()
-        log.info("cpmproxy {version} starting ({reactor})", version=__version__, reactor=type(reactor).__name__)
         self.proxy.startService()
         self.proxy.listen().addErrback(lambda f: (print(f"cpmproxy: {f.getErrorMessage()}"), reactor.stop()))
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.proxy.reload))

@@ -231,6 +231,7 @@ class ProxyService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        log.info("cpmproxy {version} starting ({reactor})", version=__version__, reactor=type(self.reactor).__name__)
 
     @defer.inlineCallbacks
     def listen(self):
