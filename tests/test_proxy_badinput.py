@@ -163,3 +163,19 @@ def test_too_many_bad_commands_bye(proxy):
             except OSError:
                 break
         assert c.closed()
+
+
+def test_malformed_select_arguments_get_answers(proxy):
+    """SELECT / EXAMINE with no, odd or undecodable mailbox arguments: each gets a tagged BAD or NO (the
+    policy plugin's at-once decision hands anything it cannot read to its slow path, which lets the
+    backend judge), and the session goes on."""
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        for i, line in enumerate([b"SELECT", b"SELECT ()", b"EXAMINE NIL", b'SELECT "&bad"', b"SELECT &Jjo-x",
+                                  b'EXAMINE "no such folder"', b"SELECT INBOX extra (junk"]):
+            tag = b"s%d" % i
+            r = c.command(tag, line)
+            assert r[-1].startswith((tag + b" BAD", tag + b" NO")), (line, r)
+            assert b"SERVERBUG" not in r[-1], (line, r)
+        assert c.command(b"ok", b"SELECT INBOX")[-1].startswith(b"ok OK")
+    assert still_serving(proxy)
