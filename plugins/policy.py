@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
 from cpmproxy.imap import mutf7
+from cpmproxy.imap.framing import renumber_fetch_lines
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import (
     Atom,
@@ -861,24 +862,13 @@ class PolicyPlugin(Plugin):
         return None
 
     def response_block(self, session, block: bytes) -> bytes | None:
-        """A run of FETCH lines under a filtered view: renumbered and filtered in one pass, or None if
-        a line is not a FETCH. The numbers are cut out by one regex split and mapped through the view's
-        table with ``map``: a bulk FETCH is mostly C work, one formatted prefix per visible line."""
+        """A run of FETCH lines under a filtered view: renumbered and filtered in one pass (C work, see
+        ``renumber_fetch_lines``), or None if a line is not a FETCH."""
         st = session.state.get(self.name)
         view = st.view if st is not None else None
         if view is None or st.pending_select:
             return None
-        parts = _FETCH_LINE_NUMBER.split(block)
-        # [b"", n1, rest1, n2, rest2, ...]; every line must be a FETCH (a match starts each line).
-        if parts[0] or len(parts) // 2 != block.count(b"\n"):
-            return None
-        cmap = view.client_map
-        try:
-            clients = list(map(cmap.__getitem__, map(int, parts[1::2])))
-        except IndexError:  # a number beyond the mailbox (a broken server): not a message of the view
-            top = len(cmap)
-            clients = [cmap[n] if n < top else 0 for n in map(int, parts[1::2])]
-        return b"".join([b"* %d FETCH " % c + rest for c, rest in zip(clients, parts[2::2], strict=True) if c])
+        return renumber_fetch_lines(block, view.client_map)
 
     def block_ok(self, session, block: bytes) -> bool:
         st = session.state.get(self.name)
@@ -1466,7 +1456,6 @@ def _esearch_ranges(reply) -> tuple[tuple[int, int], ...]:
     return ()
 
 
-_FETCH_LINE_NUMBER = re.compile(rb"^\* (\d+) FETCH ", re.M)
 _SELECT_STATE_RE = re.compile(rb"^\* (?:OK \[(UIDVALIDITY|UIDNEXT) (\d+)\]|(\d+) (EXISTS))", re.I)
 
 

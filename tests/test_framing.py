@@ -928,6 +928,46 @@ def test_numbered_run_end_c_and_python_match_a_line_model(lines, tail):
     assert framing.numbered_run_end(memoryview(data)) == want
 
 
+_FETCH_RUN_LINES = st.one_of(
+    st.builds(lambda n, zeros, rest, eol: b"* " + b"0" * zeros + b"%d FETCH " % n + rest + eol,
+              st.integers(0, 30) | st.integers(2**62, 2**70), st.integers(0, 2) | st.just(25),
+              st.sampled_from([b"(FLAGS ())", b"", b"(UID 4 FLAGS (\\Seen))", b"* 3 FETCH x"]),
+              st.sampled_from([b"\r\n", b"\n"])),
+    st.sampled_from([b"* 3 EXISTS\r\n", b"* OK [ALERT] 3 FETCH \r\n", b"a1 OK done\r\n", b"* 3 FETCH\r\n",
+                     b"* 3  FETCH x\r\n", b"*  3 FETCH x\r\n", b"* 3 fetch x\r\n", b"* FETCH x\r\n", b"\r\n"]),
+)
+
+
+def _renumber_model(block: bytes, numbers: list[int]) -> bytes | None:
+    """Line by line: each line "* <n> FETCH <rest>" becomes "* <numbers[n]> FETCH <rest>", or goes."""
+    if block and not block.endswith(b"\n"):
+        return None
+    out = []
+    for line in re.findall(rb"[^\n]*\n", block):  # (LF alone ends a line, as for the relay)
+        m = re.match(rb"\* ([0-9]+) FETCH (.*)\Z", line, re.S)
+        if m is None:
+            return None
+        n = int(m.group(1))
+        client = numbers[n] if n < len(numbers) else 0
+        if client:
+            out.append(b"* %d FETCH " % client + m.group(2))
+    return b"".join(out)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_FETCH_RUN_LINES, max_size=20), st.lists(st.integers(0, 10**6), max_size=40), st.binary(max_size=3))
+def test_renumber_fetch_lines_c_and_python_match_a_line_model(lines, numbers, tail):
+    """A filtered view's bulk FETCH: the C speedup and the Python reference against a per-line model,
+    with numbers beyond the table (dropped), leading zeros, numbers of more digits than any mailbox has,
+    lines that are almost FETCHes, and a trailing partial line (refused: the block is not whole lines)."""
+    from cpmproxy.imap import framing
+
+    block = b"".join(lines) + tail
+    want = _renumber_model(block, numbers)
+    assert framing.renumber_fetch_lines_py(block, numbers) == want
+    assert framing.renumber_fetch_lines(block, numbers) == want
+
+
 def test_c_speedup_is_built_where_a_compiler_is():
     """`pip install -e .` builds cpmproxy.imap._scan when there is a C compiler; without one the proxy
     still works (the Python version), only slower: this test says so rather than fail."""

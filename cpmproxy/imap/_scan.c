@@ -1,5 +1,5 @@
-/* Optional C speedup of cpmproxy.imap.framing.numbered_run_end (the pure-Python version there is the
- * reference; a hypothesis test checks that both agree).
+/* Optional C speedups of cpmproxy.imap.framing: numbered_run_end and renumber_fetch_lines (the pure-Python
+ * versions there are the reference; hypothesis tests check that both agree).
  *
  * A bulk FETCH answer is thousands of short lines. The relay must know where the run of numbered
  * untagged lines ("* 17 FETCH ...") ends: any other line (a tagged completion, "* FLAGS", "* BYE",
@@ -64,9 +64,106 @@ numbered_run_end(PyObject *module, PyObject *arg)
     return PyLong_FromSsize_t(cut);
 }
 
+
+/* Parse "* <digits> FETCH " at ``line``; returns the offset just after it, or 0 if the line does not start
+ * so. ``*number`` gets the message number, or -1 when it has more digits than any mailbox can reach. */
+static Py_ssize_t
+fetch_prefix(const char *line, const char *end, Py_ssize_t *number)
+{
+    static const char fetch[] = " FETCH ";
+    const char *at = line + 2;
+    Py_ssize_t n = 0;
+    int digits = 0;
+    if (end - line < 4 || line[0] != '*' || line[1] != ' ')
+        return 0;
+    for (; at < end && (unsigned char)(*at - '0') <= 9; at++) {
+        if (n || *at != '0')
+            digits++;
+        if (digits <= 18)
+            n = n * 10 + (*at - '0');
+    }
+    if (at == line + 2 || end - at < (Py_ssize_t)(sizeof fetch - 1) || memcmp(at, fetch, sizeof fetch - 1))
+        return 0;
+    *number = digits > 18 ? -1 : n;
+    return at + (sizeof fetch - 1) - line;
+}
+
+/* renumber_fetch_lines(block, numbers) -> bytes | None: see cpmproxy.imap.framing. */
+static PyObject *
+renumber_fetch_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    PyObject *numbers, *out = NULL;
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "renumber_fetch_lines(block, numbers: list)");
+        return NULL;
+    }
+    numbers = args[1];
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const char *start = view.buf, *end = start + view.len, *line = start;
+    if (view.len && end[-1] != '\n')
+        goto none;
+    /* The new numbers are never longer than 20 digits: room for every line's prefix to grow by that. */
+    Py_ssize_t lines = 0;
+    for (const char *nl = start; (nl = memchr(nl, '\n', (size_t)(end - nl))) != NULL; nl++)
+        lines++;
+    out = PyBytes_FromStringAndSize(NULL, view.len + 20 * lines);
+    if (out == NULL)
+        goto done;
+    char *w = PyBytes_AS_STRING(out);
+    Py_ssize_t top = PyList_GET_SIZE(numbers);
+    while (line < end) {
+        Py_ssize_t number, client = 0;
+        Py_ssize_t skip = fetch_prefix(line, end, &number);
+        if (!skip) {
+            Py_CLEAR(out);
+            goto none;
+        }
+        const char *nl = memchr(line + skip, '\n', (size_t)(end - line - skip));
+        if (nl == NULL) {  /* (cannot happen: the block ends with a line end, the prefix has none) */
+            Py_CLEAR(out);
+            goto none;
+        }
+        const char *next = nl + 1;
+        if (number >= 0 && number < top) {
+            client = PyLong_AsSsize_t(PyList_GET_ITEM(numbers, number));
+            if (client == -1 && PyErr_Occurred()) {
+                Py_CLEAR(out);
+                goto done;
+            }
+        }
+        if (client > 0) {
+            char digits[24];
+            int k = 0;
+            for (; client; client /= 10)
+                digits[k++] = (char)('0' + client % 10);
+            *w++ = '*';
+            *w++ = ' ';
+            while (k)
+                *w++ = digits[--k];
+            memcpy(w, " FETCH ", 7);
+            w += 7;
+            memcpy(w, line + skip, (size_t)(next - line - skip));
+            w += next - line - skip;
+        }
+        line = next;
+    }
+    if (_PyBytes_Resize(&out, w - PyBytes_AS_STRING(out)) < 0)
+        out = NULL;
+    goto done;
+none:
+    out = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&view);
+    return out;
+}
+
 static PyMethodDef scan_methods[] = {
     {"numbered_run_end", numbered_run_end, METH_O,
      "Offset of the first line (after the first) not starting with '* <digit>', or len(data)."},
+    {"renumber_fetch_lines", (PyCFunction)(void (*)(void))renumber_fetch_lines, METH_FASTCALL,
+     "FETCH lines with their numbers mapped through a list (0: line dropped), or None."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -28,6 +28,8 @@ __all__ = [
     "only_fetch_responses",
     "numbered_run_end",
     "numbered_run_end_py",
+    "renumber_fetch_lines",
+    "renumber_fetch_lines_py",
     "LiteralData",
     "Run",
     "run_events",
@@ -116,12 +118,38 @@ def numbered_run_end_py(data: bytes) -> int:
     return len(data) if m is None else m.start() + 1
 
 
+_FETCH_LINE_NUMBER = re.compile(rb"^\* ([0-9]+) FETCH ", re.M)
+
+
+def renumber_fetch_lines_py(block: bytes, numbers: list[int]) -> bytes | None:
+    """A run of FETCH lines (``* 17 FETCH ...``, each ending in LF) with every message number mapped
+    through ``numbers``: line n becomes line ``numbers[n]``, or is left out where that is 0 or n is beyond
+    the list. None when a line is not a FETCH or the block does not end with a line end: the caller then
+    takes the lines one by one.
+
+    The reference version; ``renumber_fetch_lines`` is the C one (one pass, no object per line: a filtered
+    view's bulk FETCH of 20,000 lines went from ~4 ms to a tenth of that) when it was built, else this.
+    Here the numbers are cut out by one regex split and mapped with ``map``, one formatted prefix per kept
+    line."""
+    parts = _FETCH_LINE_NUMBER.split(block)
+    # [b"", n1, rest1, n2, rest2, ...]; every line must be a FETCH (a match starts each line).
+    if parts[0] or (block and not block.endswith(b"\n")) or len(parts) // 2 != block.count(b"\n"):
+        return None
+    try:
+        clients = list(map(numbers.__getitem__, map(int, parts[1::2])))
+    except IndexError:  # a number beyond the mailbox (a broken server): no message to show
+        top = len(numbers)
+        clients = [numbers[n] if n < top else 0 for n in map(int, parts[1::2])]
+    return b"".join([b"* %d FETCH " % c + rest for c, rest in zip(clients, parts[2::2], strict=True) if c])
+
+
 try:
     from cpmproxy.imap import _scan
 except ImportError:  # no compiler at install time
     _scan = None
 SPEEDUPS = _scan is not None
 numbered_run_end = _scan.numbered_run_end if _scan is not None else numbered_run_end_py
+renumber_fetch_lines = _scan.renumber_fetch_lines if _scan is not None else renumber_fetch_lines_py
 
 
 def only_fetch_responses(block: bytes, numbered: bool = False) -> bool:
