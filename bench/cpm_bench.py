@@ -299,6 +299,7 @@ class TcpRelay:
                 return self
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
                     raise RuntimeError("haproxy did not start") from None
                 time.sleep(0.05)
 
