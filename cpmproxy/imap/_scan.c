@@ -64,13 +64,14 @@ numbered_run_end(PyObject *module, PyObject *arg)
     return PyLong_FromSsize_t(cut);
 }
 
+static const char FETCH_WORD[] = " FETCH ";
+#define FETCH_WORD_LEN (sizeof FETCH_WORD - 1)
 
 /* Parse "* <digits> FETCH " at ``line``; returns the offset just after it, or 0 if the line does not start
  * so. ``*number`` gets the message number, or -1 when it has more digits than any mailbox can reach. */
 static Py_ssize_t
 fetch_prefix(const char *line, const char *end, Py_ssize_t *number)
 {
-    static const char fetch[] = " FETCH ";
     const char *at = line + 2;
     Py_ssize_t n = 0;
     int digits = 0;
@@ -82,10 +83,10 @@ fetch_prefix(const char *line, const char *end, Py_ssize_t *number)
         if (digits <= 18)
             n = n * 10 + (*at - '0');
     }
-    if (at == line + 2 || end - at < (Py_ssize_t)(sizeof fetch - 1) || memcmp(at, fetch, sizeof fetch - 1))
+    if (at == line + 2 || end - at < (Py_ssize_t)FETCH_WORD_LEN || memcmp(at, FETCH_WORD, FETCH_WORD_LEN))
         return 0;
     *number = digits > 18 ? -1 : n;
-    return at + (sizeof fetch - 1) - line;
+    return at + FETCH_WORD_LEN - line;
 }
 
 /* renumber_fetch_lines(block, numbers) -> bytes | None: see cpmproxy.imap.framing. */
@@ -142,8 +143,8 @@ renumber_fetch_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             *w++ = ' ';
             while (k)
                 *w++ = digits[--k];
-            memcpy(w, " FETCH ", 7);
-            w += 7;
+            memcpy(w, FETCH_WORD, FETCH_WORD_LEN);
+            w += FETCH_WORD_LEN;
             memcpy(w, line + skip, (size_t)(next - line - skip));
             w += next - line - skip;
         }
