@@ -71,6 +71,7 @@ class LocalDeletePlugin(Plugin):
     name = "localdelete"
     requires = ("policy",)
     response_continuations = True  # FLAGS may follow a literal in a FETCH
+    response_names = frozenset((b"FETCH",))  # (the FLAGS of a message being deleted locally)
 
     def __init__(self, proxy):
         super().__init__(proxy)
@@ -85,10 +86,7 @@ class LocalDeletePlugin(Plugin):
     # -- wiring ---------------------------------------------------------------------------------
 
     def _policy(self):
-        for p in self.proxy.hooks.plugins:
-            if p.name == "policy":
-                return p
-        return None
+        return self.proxy.hooks.by_name.get("policy")
 
     def _allowed(self, session) -> tuple[bool, bool]:
         """(local delete allowed, every delete is local) for this device."""

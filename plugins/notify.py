@@ -429,6 +429,7 @@ class UserWatch:
 class NotifyPlugin(Plugin):
     name = "notify"
     requires = ("policy",)
+    response_names = frozenset((b"STATUS", b"LIST"))  # (the ones NOTIFY's filters narrow)
 
     def __init__(self, proxy):
         super().__init__(proxy)
@@ -464,7 +465,7 @@ class NotifyPlugin(Plugin):
         self.watch_backend = settings.get("watch_backend", True)
 
     def _policy(self):
-        return next((p for p in self.proxy.hooks.plugins if p.name == "policy"), None)
+        return self.proxy.hooks.by_name.get("policy")
 
     # Dovecot 2.3 refuses NOTIFY naming more than 100 mailboxes (NO [NOTIFICATIONOVERFLOW]).
     BACKEND_NOTIFY_NAMES = 100

@@ -87,6 +87,12 @@ class Policy:
                 return value
         return True
 
+    @functools.cached_property
+    def default_hidden_kinds(self) -> tuple[str, ...]:
+        """The kinds not synchronized where the user set no preference (the common case: worked out once
+        per policy, not at every SELECT)."""
+        return tuple(k for k in KINDS if not self.default_sync(k))
+
     def may_change(self, key: str) -> bool:
         return _matches_any(key, self.user_may_change)
 
@@ -275,13 +281,19 @@ class PolicyPlugin(Plugin):
         self.session_history_cache: dict[tuple[str, str], bool] = {}
         # Tables of recent filtered views, shared by sessions that see the same view (_share_tables).
         self._tables: OrderedDict[tuple, tuple] = OrderedDict()
+        self._hiders_of = None  # the hook table _hider_plugins was taken from
+        self._hider_plugins: list = []
 
     def hiders(self, session) -> list:
         """Other enabled plugins that hide messages too (hiding is one operation, whoever asks for it):
         any plugin with ``active(session) -> bool`` and ``async hidden(session, mailbox, uidvalidity)
         -> SequenceSet | set[int]`` (of UIDs)."""
-        return [p for p in self.proxy.hooks.plugins
-                if p is not self and hasattr(p, "hidden") and hasattr(p, "active") and p.active(session)]
+        hooks = self.proxy.hooks
+        if self._hiders_of is not hooks:  # (which plugins can hide changes only with the plugin set)
+            self._hider_plugins = [p for p in hooks.plugins
+                                   if p is not self and hasattr(p, "hidden") and hasattr(p, "active")]
+            self._hiders_of = hooks
+        return [p for p in self._hider_plugins if p.active(session)]
 
     def configure(self, settings: dict[str, Any]) -> None:
         self.base, self.classes = parse_policy(settings)
@@ -304,20 +316,25 @@ class PolicyPlugin(Plugin):
 
     def effective(self, st: PolicySession, key: str, folder: str | None, default: bool) -> bool:
         """A preference's effective value: policy default unless the user may change it and did."""
-        if st.policy.may_change(key):
-            value = None
-            if folder is not None and folder in st.folders:
-                value = st.folders[folder].prefs.get(key)
-            if value is None:
-                value = st.account_prefs.get(key)
-            if value is not None:
-                return value == "on"
-        return default
+        # (The user's value first: mostly there is none, and two dict lookups settle it.)
+        value = None
+        if folder is not None:
+            info = st.folders.get(folder)
+            if info is not None and info.prefs:
+                value = info.prefs.get(key)
+        if value is None and st.account_prefs:
+            value = st.account_prefs.get(key)
+        if value is None or not st.policy.may_change(key):
+            return default
+        return value == "on"
 
     def kind_synced(self, st: PolicySession, kind: str, folder: str) -> bool:
         return self.effective(st, f"{PREF_SYNC}/{kind}", folder, st.policy.default_sync(kind))
 
     def hidden_kinds(self, st: PolicySession, folder: str) -> tuple[str, ...]:
+        info = st.folders.get(folder)
+        if not st.account_prefs and (info is None or not info.prefs):
+            return st.policy.default_hidden_kinds
         return tuple(k for k in KINDS if not self.kind_synced(st, k, folder))
 
     # -- login: read the account-wide preferences ----------------------------------------------

@@ -109,7 +109,7 @@ class PushPlugin(Plugin):
                 m.plugin_metric(Gauge, "cpmproxy_push_queue", "Push events waiting"))
 
     def _notify(self):
-        return next((p for p in self.proxy.hooks.plugins if p.name == "notify"), None)
+        return self.proxy.hooks.by_name.get("notify")
 
     def login(self, session):
         if not self.url:

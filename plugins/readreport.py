@@ -21,6 +21,7 @@ _CPM_FLAG_RE = re.compile(rb"\\read-report-sent(?=[\s)])", re.I)
 class ReadReportPlugin(Plugin):
     name = "readreport"
     response_continuations = True  # FLAGS may follow a literal in a FETCH
+    response_names = _OUT_RESPONSES
 
     def __init__(self, proxy):
         super().__init__(proxy)

@@ -5,25 +5,38 @@ from __future__ import annotations
 
 import os
 import textwrap
+import urllib.request
 
 import pytest
 
 from tests.proxyfix import raw_via, still_serving
 
 PLUGIN = '''
+from collections import deque
+
 from twisted.internet import defer, reactor, task
 
 from cpmproxy.proxy.hooks import Answer, Defer, Hold, Plugin
 
 
 class DecidePlugin(Plugin):
-    """Decides NOOPs by their tag: at once, later, failing, or passing them on; holds responses."""
+    """Decides NOOPs by their tag: at once, later, failing, or passing them on; holds the STATUS responses
+    of STATUS commands tagged hold*; a NOOP tagged "seen" answers which response names it was shown."""
     name = "decide"
+    response_names = frozenset((b"STATUS",))
+
+    def state(self, session):
+        return session.state.setdefault(self.name, {"holds": deque(), "rerun": False, "seen": set()})
 
     def command(self, session, cmd):
+        if cmd.name == b"STATUS":
+            self.state(session)["holds"].append(cmd.tag if cmd.tag.startswith(b"hold") else None)
+            return None
         if cmd.name != b"NOOP":
             return None
         tag = cmd.tag
+        if tag == b"seen":
+            return Answer(b"OK seen " + b",".join(sorted(self.state(session)["seen"])))
         if tag.startswith(b"now"):
             return Defer(defer.succeed(Answer(b"OK decided at once")))
         if tag.startswith(b"later"):
@@ -37,12 +50,16 @@ class DecidePlugin(Plugin):
         return None
 
     def response(self, session, resp):
-        """Holds the tagged answer of a NOOP tagged hold*, once each: ready at once, later, or failing."""
-        tag = resp.head.tag or b""
-        held = session.state.setdefault(self.name, set())
-        if resp.head.kind != "tagged" or not tag.startswith(b"hold") or tag in held:
+        """Holds a STATUS command's response if it was tagged hold*: ready at once, later, or failing."""
+        st = self.state(session)
+        st["seen"].add(resp.head.name)
+        if st["rerun"]:  # (the hooks run again for a response once its hold is over)
+            st["rerun"] = False
             return None
-        held.add(tag)
+        tag = st["holds"].popleft()
+        if tag is None:
+            return None
+        st["rerun"] = True
         if tag.startswith(b"holdnow"):
             return Hold(defer.succeed(None))
         if tag.startswith(b"holdlater"):
@@ -50,6 +67,33 @@ class DecidePlugin(Plugin):
         if tag.startswith(b"holdslowfail"):
             return Hold(task.deferLater(reactor, 0.1, lambda: 1 / 0))
         return Hold(defer.fail(RuntimeError("plugin bug")))
+
+
+class BuggyPlugin(Plugin):
+    """Raises where a command's tag says: in its command hook, its tagged hook, or in its response hook
+    for the command's STATUS response, at once or when the hooks run again after a hold."""
+    name = "buggy"
+    response_names = frozenset((b"STATUS",))
+
+    def command(self, session, cmd):
+        if cmd.tag == b"bugcommand":
+            raise KeyError("command hook bug")
+        session.state[self.name] = cmd.tag
+        return None
+
+    def tagged(self, session, cmd, resp):
+        if cmd.tag == b"bugtagged":
+            raise KeyError("tagged hook bug")
+        return None
+
+    def response(self, session, resp):
+        tag = session.state.get(self.name)
+        if tag == b"bugresponse":
+            raise IndexError("response hook bug")
+        if tag == b"bugrelease":
+            session.state[self.name] = b"bugresponse"  # (raises when the hold is over)
+            return Hold(task.deferLater(reactor, 0.1, lambda: None))
+        return None
 '''
 
 
@@ -61,9 +105,10 @@ def decide_proxy(make_proxy, tmp_path, monkeypatch):
     info = site / "cpmdecide-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cpmdecide\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[cpmproxy.plugins]\ndecide = cpmdecide:DecidePlugin\n")
+    (info / "entry_points.txt").write_text("[cpmproxy.plugins]\ndecide = cpmdecide:DecidePlugin\n"
+                                           "buggy = cpmdecide:BuggyPlugin\n")
     monkeypatch.setenv("PYTHONPATH", str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return make_proxy(plugins=["readreport", "decide"])
+    return make_proxy(plugins=["readreport", "decide", "buggy"])
 
 
 def pipelined(c, tags: list[bytes]) -> list[bytes]:
@@ -97,12 +142,53 @@ def test_third_party_plugin_decisions_keep_pipelined_order(decide_proxy):
 def test_third_party_plugin_holds_responses(decide_proxy):
     c = raw_via(decide_proxy)
     c.login("alice", "alicepw")
-    tags = [b"holdlater1", b"holdnow1", b"holdfail1", b"holdslowfail1", b"plain2"]
-    tagged = pipelined(c, tags)
-    # Each tagged answer exactly once, in order: a hold keeps what follows behind it.
-    assert [t.split(b" ")[0] for t in tagged] == tags
+    tags = [b"holdlater1", b"holdnow1", b"holdfail1", b"holdslowfail1", b"plain2", b"holdlater2"]
+    c.send(b"".join(tag + b' STATUS "INBOX" (MESSAGES)\r\n' for tag in tags))
+    lines = []
+    while sum(1 for line in lines if not line.startswith(b"*")) < len(tags):
+        lines.append(c.read_response())
+    # Each STATUS response exactly once, before its command's tagged answer, all in order: a hold keeps
+    # what follows behind it, and a failed one still lets the response through.
+    assert [line.split(b" ")[0] if not line.startswith(b"*") else line[:len(b"* STATUS INBOX")]
+            for line in lines] == [x for tag in tags for x in (b"* STATUS INBOX", tag)]
+    # The plugin's response_names: it was shown STATUS responses, not the others (LIST, FLAGS, EXISTS...).
+    c.command(b"l", b'LIST "" "*"')
+    c.command(b"s", b"SELECT INBOX")
+    assert c.command(b"seen", b"NOOP")[-1] == b"seen OK seen STATUS\r\n"
     c.close()
     assert still_serving(decide_proxy)
+
+
+def test_a_plugin_bug_fails_its_command_or_ends_its_session_never_the_proxy(decide_proxy):
+    """An exception in a hook: in ``command`` (nothing sent yet) that command fails with NO [SERVERBUG]
+    and the session goes on; in ``response`` or ``tagged``, at once or after a hold, what the session
+    shows can no longer be trusted: BYE [SERVERBUG]. Logged with the traceback and counted; the other
+    sessions are not touched."""
+    bystander = raw_via(decide_proxy)
+    bystander.login("bob", "bobpw")
+    c = raw_via(decide_proxy)
+    c.login("alice", "alicepw")
+    assert c.command(b"bugcommand", b"NOOP")[-1] == b"bugcommand NO [SERVERBUG] Internal error.\r\n"
+    assert c.command(b"after", b"NOOP")[-1].startswith(b"after OK")
+    c.close()
+    for tag in (b"bugtagged", b"bugresponse", b"bugrelease"):
+        c = raw_via(decide_proxy)
+        c.login("alice", "alicepw")
+        c.send(tag + b' STATUS "INBOX" (MESSAGES)\r\n')
+        lines = []
+        while not lines or not lines[-1].startswith(b"* BYE"):
+            lines.append(c.read_response())
+        assert lines[-1] == b"* BYE [SERVERBUG] Internal error.\r\n", tag
+        assert not any(line.startswith(tag) for line in lines), tag
+        assert c.closed(), tag
+    assert bystander.command(b"b", b"NOOP")[-1].startswith(b"b OK")
+    bystander.close()
+    assert still_serving(decide_proxy)
+    log = decide_proxy.log()
+    for text in ("command hook bug", "tagged hook bug", "response hook bug"):
+        assert text in log
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{decide_proxy.metrics_port}/metrics", timeout=5).read()
+    assert b"cpmproxy_internal_errors_total 4.0" in metrics
 
 
 def test_local_answers_wait_behind_earlier_commands_and_are_bounded(make_proxy):

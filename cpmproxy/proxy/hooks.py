@@ -154,6 +154,10 @@ class Plugin:
     # Whether ``response`` wants the segments after a literal too (e.g. FLAGS after BODY[] in a FETCH);
     # most plugins only need the first segment, and bulk FETCHes have a continuation per message.
     response_continuations: bool = False
+    # The response names (upper case, e.g. ``frozenset({b"FETCH"})``) whose segments ``response`` is
+    # called for; None: every response's. Set it where only a few concern the plugin: each call is a cost
+    # on every response line the backend sends.
+    response_names: frozenset[bytes] | None = None
 
     def __init__(self, proxy: Any):
         self.proxy = proxy  # the ProxyService: config, metrics, sessions of a user

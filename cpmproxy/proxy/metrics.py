@@ -36,6 +36,10 @@ class Metrics:
                                       registry=r)
         self.bad_input = Counter("cpmproxy_bad_input", "Malformed client input by kind", ["kind"], registry=r)
         self.timeouts = Counter("cpmproxy_idle_timeouts", "Sessions closed for inactivity", registry=r)
+        self.internal_errors = Counter("cpmproxy_internal_errors",
+                                       "Bugs met (ours or a plugin's): a command answered NO [SERVERBUG] or "
+                                       "a session ended with BYE [SERVERBUG]; the traceback is in the log",
+                                       registry=r)
         self.reloads = Counter("cpmproxy_reloads", "Configuration reloads", ["result"], registry=r)
         self._command_labels: dict[bytes, str] = {}
         self._plugin_metrics: dict[str, object] = {}

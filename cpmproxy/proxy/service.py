@@ -51,6 +51,11 @@ class HookTable:
     selected: list[Plugin] = field(default_factory=list)
     closed: list[Plugin] = field(default_factory=list)
     response_continuations: list[Plugin] = field(default_factory=list)
+    by_name: dict[str, Plugin] = field(default_factory=dict)
+    # ``response`` hooks by response name, for the first segment and for the later ones (filled as names
+    # are met): a plugin with ``response_names`` is not called for the others.
+    _first_by_name: dict[bytes, list[Plugin]] = field(default_factory=dict)
+    _later_by_name: dict[bytes, list[Plugin]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, plugins: list[Plugin]) -> HookTable:
@@ -59,7 +64,19 @@ class HookTable:
             setattr(table, hook, [p for p in plugins if overrides(p, hook)])
         table.response_continuations = [p for p in table.response if p.response_continuations]
         table.login = _dependencies_first(table.login)
+        table.by_name = {p.name: p for p in plugins}
         return table
+
+    def response_for(self, name: bytes, first: bool) -> list[Plugin]:
+        """The ``response`` hooks to call for a segment of a response called ``name`` (b"FETCH", b"OK")."""
+        cache = self._first_by_name if first else self._later_by_name
+        hooks = cache.get(name)
+        if hooks is None:
+            hooks = [p for p in (self.response if first else self.response_continuations)
+                     if p.response_names is None or name in p.response_names]
+            if len(cache) < 256:  # (names come from the backend: a bounded cache)
+                cache[name] = hooks
+        return hooks
 
 
 def _dependencies_first(plugins: list[Plugin]) -> list[Plugin]:

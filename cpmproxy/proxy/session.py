@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import secrets
 from collections import deque
@@ -100,6 +101,21 @@ def _code_number(line: bytes, code: bytes) -> int | None:
         return int(line[i + len(code) + 2:j])
     except ValueError:
         return None
+
+
+def _guarded(method):
+    """For the session's entry points from the reactor (data from either side, a plugin's Deferred
+    firing): an exception that escapes, a bug of ours or of a plugin, ends this session with ``BYE
+    [SERVERBUG]`` and a logged traceback. Without it Twisted drops the connection with no word to the
+    client, or a Deferred keeps the error and the session waits forever."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            self._internal_error(method.__name__)
+            return None
+    return guarded
 
 
 class ClientSession(Protocol, TimeoutMixin):
@@ -223,6 +239,21 @@ class ClientSession(Protocol, TimeoutMixin):
                  session=self.session_id, user=self.user, phase=prev,
                  reason=reason.getErrorMessage() if reason else "")
 
+    def _internal_error(self, where: str) -> None:
+        """An exception escaped (see ``_guarded``): logged with its traceback; the session ends with BYE
+        [SERVERBUG], since what it shows the client (a filtered view, held responses) can no longer be
+        trusted. The proxy and its other sessions go on."""
+        log.failure("internal error in {where} session={session} user={user}", where=where,
+                    session=self.session_id, user=self.user)
+        self.service.metrics.internal_errors.inc()
+        try:
+            self.bye(b"Internal error.", code=b"SERVERBUG")
+        except Exception:  # (the state that failed may fail the BYE too: the connection still goes)
+            log.failure("internal error while closing session={session}", session=self.session_id)
+            self.transport.abortConnection()
+            if self.backend is not None and not self.backend.closed:
+                self.backend.transport.abortConnection()
+
     def timeoutConnection(self) -> None:
         self.service.metrics.timeouts.inc()
         self.bye(b"Disconnected for inactivity.")
@@ -278,6 +309,7 @@ class ClientSession(Protocol, TimeoutMixin):
 
     # -- input ----------------------------------------------------------------------------------
 
+    @_guarded
     def dataReceived(self, data: bytes) -> None:
         if self._peer_unsettled:
             self._settle_peer()
@@ -725,6 +757,13 @@ class ClientSession(Protocol, TimeoutMixin):
                 action = plugin.command(self, cmd)
             except TokenError as e:
                 action = Answer(b"BAD [CLIENTBUG] Invalid arguments: " + str(e).encode()[:100] + b".")
+            except Exception:
+                # Nothing of the command has reached the backend: only it fails, as when a plugin's
+                # Deferred decision fails.
+                log.failure("plugin {plugin} command hook failed session={session}", plugin=plugin.name,
+                            session=self.session_id)
+                self.service.metrics.internal_errors.inc()
+                action = Answer(b"NO [SERVERBUG] Internal error.")
             if isinstance(action, Collect) and (cmd.state.get("collected") or not cmd.has_literal):
                 action = None  # nothing more to gather
             if action is not None:
@@ -843,6 +882,7 @@ class ClientSession(Protocol, TimeoutMixin):
         if ev.literal is None:
             self._send_internal_queue()
 
+    @_guarded
     def _deferred_decision(self, action, cmd: ClientCommand, ev) -> None:
         if self.phase != "auth" or self._closing:
             return
@@ -1067,6 +1107,7 @@ class ClientSession(Protocol, TimeoutMixin):
 
     # -- relay: backend -> client ---------------------------------------------------------------
 
+    @_guarded
     def backend_data(self, data: bytes) -> None:
         framer = self.backend.framer
         if data:
@@ -1250,6 +1291,7 @@ class ClientSession(Protocol, TimeoutMixin):
             self._parking = False
             self.service.reactor.callLater(0, self._read_again)  # (not inside the backend's data handling)
 
+    @_guarded
     def _read_again(self) -> None:
         if self.phase == "auth" and not self._closing and not self._parking and not self._blocked:
             self.transport.resumeProducing()
@@ -1321,9 +1363,12 @@ class ClientSession(Protocol, TimeoutMixin):
         return data
 
     def _response_hooks(self, ev, data: bytes, first: bool) -> bytes | None:
-        resp = BackendResponse(data, first, self._resp_head, self._resp_cmd)
-        hooks = self.service.hooks
-        for plugin in (hooks.response if first else hooks.response_continuations):
+        head = self._resp_head
+        plugins = self.service.hooks.response_for(head.name, first)
+        if not plugins:
+            return data
+        resp = BackendResponse(data, first, head, self._resp_cmd)
+        for plugin in plugins:
             action = plugin.response(self, resp)
             if action is None:
                 continue
@@ -1351,6 +1396,7 @@ class ClientSession(Protocol, TimeoutMixin):
             log.failure("hold failed session={session}", now[0], session=self.session_id)
         return self._response_hooks(ev, data, True)
 
+    @_guarded
     def _release(self, result=None):
         """A Hold is over: replay the held responses (hooks run again for the first of them)."""
         held, self._held = self._held, None
