@@ -111,6 +111,10 @@ def decide_proxy(make_proxy, tmp_path, monkeypatch):
     return make_proxy(plugins=["readreport", "decide", "buggy"])
 
 
+def metrics_of(proxy) -> bytes:
+    return urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=5).read()
+
+
 def pipelined(c, tags: list[bytes]) -> list[bytes]:
     """Send a NOOP per tag in one write; the tagged answers, in the order they came."""
     c.send(b"".join(tag + b" NOOP\r\n" for tag in tags))
@@ -137,6 +141,7 @@ def test_third_party_plugin_decisions_keep_pipelined_order(decide_proxy):
     assert tagged[5].startswith(b"plain1 OK NOOP")
     c.close()
     assert still_serving(decide_proxy)
+    assert b"cpmproxy_internal_errors_total 2.0" in metrics_of(decide_proxy)  # (broken1, slowbroken1)
 
 
 def test_third_party_plugin_holds_responses(decide_proxy):
@@ -157,6 +162,7 @@ def test_third_party_plugin_holds_responses(decide_proxy):
     assert c.command(b"seen", b"NOOP")[-1] == b"seen OK seen STATUS\r\n"
     c.close()
     assert still_serving(decide_proxy)
+    assert b"cpmproxy_internal_errors_total 2.0" in metrics_of(decide_proxy)  # (the two failed holds)
 
 
 def test_a_plugin_bug_fails_its_command_or_ends_its_session_never_the_proxy(decide_proxy):
@@ -187,8 +193,7 @@ def test_a_plugin_bug_fails_its_command_or_ends_its_session_never_the_proxy(deci
     log = decide_proxy.log()
     for text in ("command hook bug", "tagged hook bug", "response hook bug"):
         assert text in log
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{decide_proxy.metrics_port}/metrics", timeout=5).read()
-    assert b"cpmproxy_internal_errors_total 4.0" in metrics
+    assert b"cpmproxy_internal_errors_total 4.0" in metrics_of(decide_proxy)
 
 
 def test_local_answers_wait_behind_earlier_commands_and_are_bounded(make_proxy):

@@ -17,7 +17,8 @@ Hooks, in the order a session meets them:
     other bytes, ``Answer(...)`` to answer it locally (it never reaches the backend), ``Defer(d)`` to
     decide later, ``Collect()`` to see the command's literals first, or None to pass it on unchanged.
 ``response(session, resp) -> Action | None``
-    A text segment of a backend response (``resp.first`` for the first one). ``Drop()`` on a first
+    A text segment of an untagged backend response (``resp.first`` for the first one; with
+    ``response_names`` set, only of responses so named). ``Drop()`` on a first
     segment drops the whole response, literals included; ``Rewrite(data)`` replaces the segment;
     ``Hold(d)`` on a first segment holds this and every later response until ``d`` fires.
 ``tagged(session, cmd, resp) -> Action | None``
@@ -26,6 +27,11 @@ Hooks, in the order a session meets them:
     A mailbox was selected (``mailbox`` is ``SelectedMailbox``) or deselected (None).
 ``closed(session)``
     The session is over; release what the plugin holds for it.
+
+A hook that raises (or a ``Defer`` whose Deferred fails) is a bug: in ``command`` that command is answered
+``NO [SERVERBUG]``; in ``login`` the login fails that way and the session ends; in ``response``,
+``tagged`` and ``selected`` the session ends with ``BYE [SERVERBUG]``; in ``closed`` it is only logged.
+Logged with the traceback and counted (``cpmproxy_internal_errors_total``); other sessions go on.
 
 ``session.backend_command(line)`` runs a command on the session's backend connection that the client never
 sees (its ESEARCH answers are correlated by tag; IDLE is suspended and resumed around it).

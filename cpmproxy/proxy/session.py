@@ -558,6 +558,7 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _login_crashed(self, failure: Failure, tag: bytes) -> None:
         log.failure("login failed unexpectedly session={session}", failure, session=self.session_id)
+        self.service.metrics.internal_errors.inc()
         if self.phase == "login":
             self._out.append(tag + b" NO [SERVERBUG] Internal error.\r\n")
             self.bye(b"Internal error.", code=b"SERVERBUG")
@@ -784,6 +785,7 @@ class ClientSession(Protocol, TimeoutMixin):
             action = now[0]
             if isinstance(action, Failure):
                 log.failure("plugin decision failed session={session}", action, session=self.session_id)
+                self.service.metrics.internal_errors.inc()
                 action = Answer(b"NO [SERVERBUG] Internal error.")
         self._apply(cmd, ev, action)
         return True
@@ -894,6 +896,7 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _deferred_failed(self, failure: Failure, cmd: ClientCommand, ev) -> None:
         log.failure("plugin decision failed session={session}", failure, session=self.session_id)
+        self.service.metrics.internal_errors.inc()
         self._deferred_decision(Answer(b"NO [SERVERBUG] Internal error."), cmd, ev)
 
     def held_lines(self) -> list[bytes]:
@@ -1394,6 +1397,7 @@ class ClientSession(Protocol, TimeoutMixin):
         # at once, nothing is held.
         if isinstance(now[0], Failure):
             log.failure("hold failed session={session}", now[0], session=self.session_id)
+            self.service.metrics.internal_errors.inc()
         return self._response_hooks(ev, data, True)
 
     @_guarded
@@ -1411,6 +1415,7 @@ class ClientSession(Protocol, TimeoutMixin):
             self._after_backend()
         if isinstance(result, Failure):
             log.failure("hold failed session={session}", result, session=self.session_id)
+            self.service.metrics.internal_errors.inc()
         return None
 
     def backend_lost(self, reason: Failure) -> None:
