@@ -239,13 +239,18 @@ class ClientSession(Protocol, TimeoutMixin):
                  session=self.session_id, user=self.user, phase=prev,
                  reason=reason.getErrorMessage() if reason else "")
 
+    def _bug(self, what: str, failure: Failure | None = None) -> None:
+        """Log a bug met in this session (ours or a plugin's) with its traceback (``failure``, or the
+        exception being handled), and count it: ``cpmproxy_internal_errors_total``."""
+        log.failure("{what} session={session} user={user}", failure, what=what, session=self.session_id,
+                    user=self.user)
+        self.service.metrics.internal_errors.inc()
+
     def _internal_error(self, where: str) -> None:
         """An exception escaped (see ``_guarded``): logged with its traceback; the session ends with BYE
         [SERVERBUG], since what it shows the client (a filtered view, held responses) can no longer be
         trusted. The proxy and its other sessions go on."""
-        log.failure("internal error in {where} session={session} user={user}", where=where,
-                    session=self.session_id, user=self.user)
-        self.service.metrics.internal_errors.inc()
+        self._bug(f"internal error in {where}")
         try:
             self.bye(b"Internal error.", code=b"SERVERBUG")
         except Exception:  # (the state that failed may fail the BYE too: the connection still goes)
@@ -557,8 +562,7 @@ class ClientSession(Protocol, TimeoutMixin):
         d.addErrback(self._login_crashed, tag)
 
     def _login_crashed(self, failure: Failure, tag: bytes) -> None:
-        log.failure("login failed unexpectedly session={session}", failure, session=self.session_id)
-        self.service.metrics.internal_errors.inc()
+        self._bug("login failed unexpectedly", failure)
         if self.phase == "login":
             self._out.append(tag + b" NO [SERVERBUG] Internal error.\r\n")
             self.bye(b"Internal error.", code=b"SERVERBUG")
@@ -761,9 +765,7 @@ class ClientSession(Protocol, TimeoutMixin):
             except Exception:
                 # Nothing of the command has reached the backend: only it fails, as when a plugin's
                 # Deferred decision fails.
-                log.failure("plugin {plugin} command hook failed session={session}", plugin=plugin.name,
-                            session=self.session_id)
-                self.service.metrics.internal_errors.inc()
+                self._bug(f"plugin {plugin.name} command hook failed")
                 action = Answer(b"NO [SERVERBUG] Internal error.")
             if isinstance(action, Collect) and (cmd.state.get("collected") or not cmd.has_literal):
                 action = None  # nothing more to gather
@@ -784,8 +786,7 @@ class ClientSession(Protocol, TimeoutMixin):
             # of the client's socket, which cost two epoll_ctl calls per command.
             action = now[0]
             if isinstance(action, Failure):
-                log.failure("plugin decision failed session={session}", action, session=self.session_id)
-                self.service.metrics.internal_errors.inc()
+                self._bug("plugin decision failed", action)
                 action = Answer(b"NO [SERVERBUG] Internal error.")
         self._apply(cmd, ev, action)
         return True
@@ -895,8 +896,7 @@ class ClientSession(Protocol, TimeoutMixin):
             self._process_client()
 
     def _deferred_failed(self, failure: Failure, cmd: ClientCommand, ev) -> None:
-        log.failure("plugin decision failed session={session}", failure, session=self.session_id)
-        self.service.metrics.internal_errors.inc()
+        self._bug("plugin decision failed", failure)
         self._deferred_decision(Answer(b"NO [SERVERBUG] Internal error."), cmd, ev)
 
     def held_lines(self) -> list[bytes]:
@@ -1396,8 +1396,7 @@ class ClientSession(Protocol, TimeoutMixin):
         # Nothing to wait for after all (e.g. the plugin's query was answered first): the hooks run again
         # at once, nothing is held.
         if isinstance(now[0], Failure):
-            log.failure("hold failed session={session}", now[0], session=self.session_id)
-            self.service.metrics.internal_errors.inc()
+            self._bug("hold failed", now[0])
         return self._response_hooks(ev, data, True)
 
     @_guarded
@@ -1414,8 +1413,7 @@ class ClientSession(Protocol, TimeoutMixin):
         if self.backend is not None:
             self._after_backend()
         if isinstance(result, Failure):
-            log.failure("hold failed session={session}", result, session=self.session_id)
-            self.service.metrics.internal_errors.inc()
+            self._bug("hold failed", result)
         return None
 
     def backend_lost(self, reason: Failure) -> None:
