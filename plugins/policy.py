@@ -38,6 +38,7 @@ from cpmproxy.imap.tokens import (
     quote,
     tokenize,
 )
+from cpmproxy.proxy.backend import BackendError
 from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import (
     KIND_CRITERIA,
@@ -235,6 +236,7 @@ class PolicySession:
     view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
     mailbox: str | None = None
     reapply: bool = False                # preferences changed: re-apply them before the next command
+    growing_to: int | None = None        # the EXISTS whose new messages were just classified (_grow_view)
     # Unsolicited STATUS (NOTIFY) adjustments computed while the response was held, by mailbox.
     unsolicited_status: dict[str, Any] = field(default_factory=dict)
 
@@ -741,8 +743,11 @@ class PolicyPlugin(Plugin):
                     return
             uids, hidden = await self._classify(session, plan, b"1:*", snapshot)
         except Exception:
-            log.failure("classification failed; showing the mailbox unfiltered")
-            st.view = None
+            # Fail closed: without its classification the mailbox cannot be shown as the policy says
+            # (unfiltered, the device would get what the operator or the user excluded). The session ends;
+            # the client reconnects and selects again.
+            log.failure("classification failed session={session}", session=session.session_id)
+            session.bye(b"Backend server is not available, try again later.")
             return
         st.view = MailboxView.exact(uids, hidden)
         if hidden and snapshot is not None and len(uids) == snapshot[0] and (not uids or uids[-1] < snapshot[1]):
@@ -836,7 +841,19 @@ class PolicyPlugin(Plugin):
         if name == b"EXISTS":
             n = head.number
             if n is not None and n > len(view.uids):
+                if st.growing_to == n:
+                    # Classified once for this very EXISTS and still short of it (the backend's UIDs do
+                    # not match its count, or it failed to answer): asking again would loop forever, and
+                    # guessing would number every later response wrong. The client reconnects; a fresh
+                    # SELECT builds the view anew.
+                    log.warn("new messages cannot be classified (EXISTS {n}, {known} UIDs known) "
+                             "session={session}", n=n, known=len(view.uids), session=session.session_id)
+                    st.growing_to = None
+                    session.bye(b"Backend server answers are inconsistent, try again later.")
+                    return Drop()
+                st.growing_to = n
                 return Hold(defer.Deferred.fromCoroutine(self._grow_view(session, st)))
+            st.growing_to = None
             if view.identity:
                 return None
             return Rewrite(b"* %d EXISTS\r\n" % view.exists)
@@ -1107,9 +1124,12 @@ class PolicyPlugin(Plugin):
             uidvalidity = st.plan.uidvalidity if st.plan else 0
         else:
             enc = _wire_name(mailbox)
-            session.side_command(b"EXAMINE " + enc)
-            reply = await session.side_command(b"UID SEARCH RETURN (ALL) ALL")
-            uids = set(_esearch_all(reply))
+            examined = session.side_command(b"EXAMINE " + enc)
+            searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
+            if (await examined).status != b"OK":
+                await searched
+                return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
+            uids = set(_esearch_all(await searched))
             uidvalidity = await _uidvalidity(session, mailbox)
             plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
             for h in hiders:
@@ -1465,8 +1485,16 @@ def _uid_set(uids: SequenceSet | set[int]) -> set[int]:
     return out
 
 
+def _searched(reply):
+    """``reply`` if its search succeeded. A NO or BAD is not "nothing found": taken so, a failed search
+    would show what a kind rule hides, and the classification cache would keep it so for good."""
+    if reply.status != b"OK":
+        raise BackendError(f"backend search failed: {reply.tagged[:200]!r}")
+    return reply
+
+
 def _esearch_ranges(reply) -> tuple[tuple[int, int], ...]:
-    for line in reply.untagged:
+    for line in _searched(reply).untagged:
         i = line.upper().find(b" ALL ")
         if i >= 0:
             return SequenceSet.parse(line[i + 5:].split(b" ")[0].strip()).ranges
@@ -1506,7 +1534,7 @@ def _next_turn() -> defer.Deferred:
 
 
 def _esearch_all(reply) -> list[int]:
-    for line in reply.untagged:
+    for line in _searched(reply).untagged:
         i = line.upper().find(b" ALL ")
         if i >= 0:
             return parse_uid_list(line[i + 5:].split(b" ")[0])

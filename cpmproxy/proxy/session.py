@@ -176,6 +176,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._resp_head = None
         self._selecting: ClientCommand | None = None
         self._bye_sent = False
+        self._sealed = False  # our BYE is out (or the connection is being closed): nothing follows it
         self._closing = False
         self._peer_unsettled = True
 
@@ -276,6 +277,10 @@ class ClientSession(Protocol, TimeoutMixin):
         else:
             self._out.append(msg)
             self._flush()
+        # Responses still arriving or held (a plugin's Hold released after this) must not follow: Twisted
+        # still sends what is written before the connection is gone, and a filtered view that gave up
+        # would then show what it hides.
+        self._sealed = True
         self.transport.loseConnection()
         if self.backend is not None and not self.backend.closed:
             self.backend.transport.loseConnection()
@@ -283,7 +288,9 @@ class ClientSession(Protocol, TimeoutMixin):
     # -- output ---------------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        if self._out:
+        if self._sealed:
+            self._out.clear()
+        elif self._out:
             out, self._out = self._out, []
             self.service.metrics.bytes_out += sum(map(len, out))
             send_chunks(self.transport, out)
@@ -786,8 +793,7 @@ class ClientSession(Protocol, TimeoutMixin):
             # of the client's socket, which cost two epoll_ctl calls per command.
             action = now[0]
             if isinstance(action, Failure):
-                self._bug("plugin decision failed", action)
-                action = Answer(b"NO [SERVERBUG] Internal error.")
+                action = self._failed_decision(action)
         self._apply(cmd, ev, action)
         return True
 
@@ -896,8 +902,17 @@ class ClientSession(Protocol, TimeoutMixin):
             self._process_client()
 
     def _deferred_failed(self, failure: Failure, cmd: ClientCommand, ev) -> None:
+        self._deferred_decision(self._failed_decision(failure), cmd, ev)
+
+    def _failed_decision(self, failure: Failure) -> Answer:
+        """The answer to a command whose plugin decision failed: the backend's failure (a command it
+        refused, a lost connection) is said as such; anything else is a bug."""
+        if failure.check(BackendError, defer.TimeoutError):
+            log.warn("plugin decision failed: {error} session={session}", error=failure.getErrorMessage(),
+                     session=self.session_id)
+            return Answer(b"NO [UNAVAILABLE] Backend server is not available, try again later.")
         self._bug("plugin decision failed", failure)
-        self._deferred_decision(Answer(b"NO [SERVERBUG] Internal error."), cmd, ev)
+        return Answer(b"NO [SERVERBUG] Internal error.")
 
     def held_lines(self) -> list[bytes]:
         """Text of the backend responses currently held back (see Hold)."""

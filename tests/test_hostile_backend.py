@@ -1,0 +1,273 @@
+"""A backend that misbehaves after login: malformed, oversized, truncated or nonsensical responses.
+
+The proxy must answer its client clearly (the response passed on as it is, or ``* BYE`` with a response
+code), keep serving everyone else, and handle each case on purpose: ``cpmproxy_internal_errors_total``
+stays 0 (a case that only ends by the catch-all for bugs, ``BYE [SERVERBUG]``, fails here).
+
+The backend is a small scripted IMAP server in a thread: it logs anyone in, keeps a three-message INBOX
+(UIDs 1-3; UID 2 is larger than 1,000 bytes), answers every other command ``OK``, and the command a case
+names with that case's bytes. Every case runs through two proxies: one where nothing is hidden, and one
+whose policy hides UID 2 (``max_size``), so that a view renumbers what the backend says.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import socketserver
+import threading
+import urllib.request
+
+import pytest
+
+from cpmproxy.testing.rawclient import RawIMAP
+from tests.proxyfix import imap_via
+
+CAPS = b"IMAP4rev1 LITERAL+ ID ENABLE METADATA NOTIFY CONDSTORE QRESYNC UIDPLUS ESEARCH IDLE"
+
+
+class ScriptedBackend(socketserver.ThreadingTCPServer):
+    """``script`` maps a command name (upper case) to the raw bytes sent back for it; ``{tag}`` stands for
+    the command's tag. After a scripted answer that does not end in a tagged line, the connection closes
+    (as a crashing server's would). ``internal`` maps a piece of a command's text (upper case) to the answer
+    for the proxy's own commands that contain it. UID 2 is larger than 1,000 bytes, and the only message
+    any HEADER search finds (a CPM kind, e.g. an IMDN)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        self.script: dict[bytes, bytes] = {}
+        self.internal: dict[bytes, bytes] = {}  # (see the class docstring)
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        out = self.connection
+        out.sendall(b"* OK [CAPABILITY " + CAPS + b"] scripted server ready\r\n")
+        while True:
+            try:
+                line = self.rfile.readline(1 << 20)
+            except OSError:
+                return
+            if not line:
+                return
+            while line.rstrip(b"\r\n").endswith(b"+}"):  # a non-synchronizing literal: take it whole
+                n = int(line.rstrip(b"\r\n").rsplit(b"{", 1)[1][:-2])
+                self.rfile.read(n)
+                line = self.rfile.readline(1 << 20)
+            parts = line.split(b" ", 2)
+            if len(parts) < 2:
+                continue
+            tag, name = parts[0], parts[1].strip().upper()
+            if name == b"UID" and len(parts) > 2:
+                name = parts[2].split(b" ", 1)[0].strip().upper()
+            # (Scripted answers go to the client's command, tagged "h"; the proxy's own commands get the
+            # plain answers unless ``internal`` has a piece of their text.)
+            script = self.server.script.get(name) if tag == b"h" else next(
+                (answer for piece, answer in self.server.internal.items() if piece in line.upper()), None)
+            try:
+                if script is not None:
+                    out.sendall(script.replace(b"{tag}", tag))
+                    if not script.rstrip().split(b"\n")[-1].startswith(b"{tag}"):
+                        return  # (a truncated answer: the server is gone)
+                elif name == b"LOGOUT":
+                    out.sendall(b"* BYE bye\r\n" + tag + b" OK done\r\n")
+                    return
+                elif name == b"CAPABILITY":
+                    out.sendall(b"* CAPABILITY " + CAPS + b"\r\n" + tag + b" OK done\r\n")
+                elif name == b"IDLE":
+                    out.sendall(b"+ idling\r\n")
+                    self.rfile.readline(1 << 20)  # DONE
+                    out.sendall(tag + b" OK idle done\r\n")
+                elif name == b"SEARCH" and b"RETURN (ALL)" in line.upper():  # the policy's classification
+                    found = b"2" if b"LARGER" in line.upper() or b"HEADER" in line.upper() else b"1:3"
+                    out.sendall(b'* ESEARCH (TAG "' + tag + b'") UID ALL ' + found + b"\r\n" + tag + b" OK done\r\n")
+                elif name == b"STATUS":
+                    out.sendall(b'* STATUS "INBOX" (MESSAGES 3 UIDNEXT 4 UIDVALIDITY 7 UNSEEN 0)\r\n'
+                                + tag + b" OK done\r\n")
+                elif name in (b"SELECT", b"EXAMINE"):
+                    out.sendall(b"* 3 EXISTS\r\n* 0 RECENT\r\n* FLAGS (\\Seen)\r\n* OK [UIDVALIDITY 7] v\r\n"
+                                b"* OK [UIDNEXT 4] n\r\n" + tag + b" OK [READ-WRITE] selected\r\n")
+                else:
+                    out.sendall(tag + b" OK done\r\n")
+            except OSError:
+                return
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    server = ScriptedBackend()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module", params=["plain", "view"])
+def hostile_proxy(request, scripted, tmp_path_factory):
+    from cpmproxy.testing.proxyproc import ProxyProcess
+    extra = "[limits]\nmax_line = 65536\nmax_literal = 1000000\n"
+    if request.param == "view":
+        extra += "[policy]\nmax_size = 1000\n"
+    p = ProxyProcess(tmp_path_factory.mktemp("hostile"), scripted.port, config_extra=extra)
+    p.hides_uid2 = request.param == "view"
+    p.start()
+    yield p
+    p.stop()
+
+
+def internal_errors(proxy) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=5).read().decode()
+    for line in body.splitlines():
+        if line.startswith("cpmproxy_internal_errors_total "):
+            return float(line.split()[1])
+    raise AssertionError("no cpmproxy_internal_errors_total in the metrics")
+
+
+def run_case(proxy, select_first: bool, command: bytes) -> list[bytes]:
+    """Log in through the proxy (a device id, so the CPM plugins have their say), optionally SELECT, run
+    ``command`` (tag ``h``); every line the client gets until the tagged answer or the end of the
+    connection (a hang is a failure: RawIMAP times out)."""
+    c = RawIMAP(proxy.host, proxy.port, timeout=10)
+    c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    if select_first:
+        selected = c.command(b"s", b"SELECT INBOX")
+        assert selected[-1].startswith(b"s OK")
+        assert proxy.hides_uid2 is (b"* 2 EXISTS\r\n" in selected), selected
+    c.send(b"h " + command + b"\r\n")
+    lines = []
+    try:
+        while True:
+            line = c.read_response()
+            lines.append(line)
+            if line.startswith(b"h ") or line.startswith(b"* BYE"):
+                break
+    except (ConnectionError, OSError) as e:
+        lines.append(repr(e).encode())
+    c.sock.close()
+    return lines
+
+
+# name -> (command the client sends, its scripted answer, select first)
+CASES = {
+    "binary garbage line": (b"NOOP", b"\x00\xff\xfe garbage \x01\r\n{tag} OK done\r\n", False),
+    "line without CRLF then close": (b"NOOP", b"* OK half a line", False),
+    "overlong line": (b"NOOP", b"* OK " + b"x" * 200_000 + b"\r\n{tag} OK done\r\n", False),
+    "literal cut short": (b"FETCH 1 BODY[]", b"* 1 FETCH (BODY[] {5000}\r\nonly this", True),
+    "absurd literal size": (b"FETCH 1 BODY[]", b"* 1 FETCH (BODY[] {99999999999999999999}\r\n", True),
+    "literal over max_literal": (b"FETCH 1 BODY[]", b"* 1 FETCH (BODY[] {2000000}\r\n" + b"x" * 2_000_000
+                                + b")\r\n{tag} OK done\r\n", True),
+    "huge message numbers": (b"NOOP", b"* 99999999999999999999999 EXISTS\r\n* 99999999999999999999 EXPUNGE\r\n"
+                             b"* 4294967296 FETCH (FLAGS ())\r\n{tag} OK done\r\n", True),
+    "message number zero": (b"NOOP", b"* 0 EXPUNGE\r\n* 0 FETCH (FLAGS ())\r\n{tag} OK done\r\n", True),
+    "more expunges than messages": (b"NOOP", b"* 1 EXPUNGE\r\n" * 6 + b"{tag} OK done\r\n", True),
+    "tagged answer for another tag": (b"NOOP", b"zz9 OK not yours\r\n{tag} OK done\r\n", False),
+    "untagged BYE then close": (b"NOOP", b"* BYE going away\r\n", True),
+    "continuation request out of the blue": (b"NOOP", b"+ what\r\n{tag} OK done\r\n", False),
+    "malformed FETCH under a view": (b"FETCH 1:* (FLAGS)", b"* 1 FETCH (FLAGS (\\Seen)\r\n* x FETCH ()\r\n"
+                                     b"* 2 FETCH\r\n{tag} OK done\r\n", True),
+    "malformed ESEARCH and SEARCH": (b"SEARCH ALL", b"* SEARCH 1 x 99999999999999999999\r\n"
+                                     b"* ESEARCH (TAG \"h\") MIN\r\n{tag} OK done\r\n", True),
+    "malformed STATUS and LIST": (b"NOOP", b"* STATUS INBOX (MESSAGES x\r\n* LIST (\\x \"/\" \r\n"
+                                  b"* STATUS \"unterminated (MESSAGES 1)\r\n{tag} OK done\r\n", True),
+    "VANISHED nonsense": (b"NOOP", b"* VANISHED (EARLIER) 5:x\r\n* VANISHED 0\r\n{tag} OK done\r\n", True),
+    "bad response codes": (b"NOOP", b"* OK [UIDVALIDITY x] v\r\n* OK [UIDNEXT] n\r\n* OK [HIGHESTMODSEQ -1] m\r\n"
+                           b"* OK [UNSEEN 99999999999999999999] u\r\n{tag} OK done\r\n", True),
+    "a hidden message's FETCH, EXPUNGE and VANISHED": (b"NOOP", b"* 2 FETCH (FLAGS (\\Seen) UID 2)\r\n"
+                                                        b"* 2 EXPUNGE\r\n* VANISHED 2\r\n{tag} OK done\r\n", True),
+    "EXISTS growing past the UIDs the backend will tell": (b"NOOP", b"* 9 EXISTS\r\n{tag} OK done\r\n", True),
+    "EXISTS shrinking without EXPUNGE": (b"NOOP", b"* 1 EXISTS\r\n* 3 FETCH (FLAGS ())\r\n{tag} OK done\r\n", True),
+    "METADATA nonsense": (b"GETMETADATA \"\" /private/comment", b"* METADATA \"\" (/private/comment {3}\r\n"
+                          b"abc /x\r\n* METADATA (\r\n{tag} OK done\r\n", True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_backend_answer_is_handled_on_purpose(scripted, hostile_proxy, case):
+    command, answer, select_first = CASES[case]
+    before = internal_errors(hostile_proxy)
+    name = command.split(b" ")[0].upper()
+    scripted.script = {name: answer}
+    try:
+        lines = run_case(hostile_proxy, select_first, command)
+    finally:
+        scripted.script = {}
+    assert lines, case
+    last = lines[-1]
+    # The tagged answer, a BYE (the backend's own, relayed, or the proxy's, with a response code), or (a
+    # backend gone mid-response, where no BYE can be placed) the connection closed.
+    assert last.startswith(b"h ") or last.startswith(b"* BYE ") or b"closed" in last, (case, lines[-3:])
+    if last.startswith(b"* BYE ") and case != "untagged BYE then close":
+        assert last.startswith(b"* BYE ["), (case, last)
+    assert internal_errors(hostile_proxy) == before, (case, hostile_proxy.log()[-3000:])
+    assert imap_via(hostile_proxy, "bob").noop()[0] == "OK"  # still serving
+
+
+def test_random_backend_noise_is_handled_on_purpose(scripted, hostile_proxy):
+    """Random bytes (seeded) as the answer to a NOOP, with IMAP-looking pieces mixed in."""
+    rng = random.Random(20261127)
+    pieces = [b"* ", b"\r\n", b"{5}\r\n", b"{0}\r\n", b"FETCH ", b"EXISTS", b"(", b")", b"\"", b"[", b"]",
+              b"OK ", b"1 ", b"99999999999 ", b"\\Seen", b"+ ", b"h OK ", b"* BYE "]
+    before = internal_errors(hostile_proxy)
+    for _ in range(25):
+        noise = b"".join(rng.choice(pieces) if rng.random() < 0.7 else bytes([rng.randrange(256)])
+                         for _ in range(rng.randrange(5, 400)))
+        scripted.script = {b"NOOP": noise + b"\r\n{tag} OK done\r\n"}
+        try:
+            run_case(hostile_proxy, rng.random() < 0.5, b"NOOP")
+        finally:
+            scripted.script = {}
+    assert internal_errors(hostile_proxy) == before, hostile_proxy.log()[-3000:]
+    assert imap_via(hostile_proxy, "bob").noop()[0] == "OK"
+
+
+def test_scripted_backend_is_a_working_server(scripted):
+    """The fake itself: greeting, LOGIN, a scripted answer (so a failing case above is the proxy's)."""
+    s = socket.create_connection(("127.0.0.1", scripted.port), timeout=5)
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"* OK [CAPABILITY")
+    s.sendall(b"a LOGIN x y\r\n")
+    assert f.readline() == b"a OK done\r\n"
+    scripted.script = {b"NOOP": b"* 1 EXISTS\r\n{tag} OK scripted\r\n"}
+    s.sendall(b"b NOOP\r\n")  # (another tag than the client's "h": the plain answer)
+    assert f.readline() == b"b OK done\r\n"
+    s.sendall(b"h NOOP\r\n")
+    assert f.readline() == b"* 1 EXISTS\r\n" and f.readline() == b"h OK scripted\r\n"
+    scripted.script = {}
+    s.close()
+
+
+@pytest.mark.parametrize("failing", [b"UID SEARCH", b"HEADER"])
+@pytest.mark.parametrize("answer", [b"{tag} NO [SERVERBUG] search failed\r\n",
+                                    b'* ESEARCH (TAG "{tag}") UID ALL x:y\r\n{tag} OK done\r\n'])
+def test_failed_classification_fails_closed(scripted, make_proxy, failing, answer):
+    """The proxy's own searches fail (refused, or an answer it cannot read): the device must not see what
+    its policy hides (here UID 2, an "IMDN" of the scripted server). The session ends with BYE
+    [UNAVAILABLE]; nothing is cached from the failure: the next session, the backend well again, sees the
+    view. Not counted as a bug of ours."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none",
+                       config_extra="[policy]\nsync = { imdn = false }\n")
+    proxy.hides_uid2 = True
+    scripted.internal = {failing: answer}
+    try:
+        c = RawIMAP(proxy.host, proxy.port, timeout=10)
+        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        c.send(b"s SELECT INBOX\r\n")
+        lines = []
+        try:
+            while not lines or not lines[-1].startswith((b"s ", b"* BYE")):
+                lines.append(c.read_response())
+        except ConnectionError:
+            pass
+        assert lines and lines[-1] == b"* BYE [UNAVAILABLE] Backend server is not available, try again later.\r\n", lines
+        assert b"* 3 EXISTS\r\n" not in lines
+        assert c.closed()
+    finally:
+        scripted.internal = {}
+    assert run_case(proxy, True, b"NOOP")[-1].startswith(b"h OK")  # (SELECT showed "* 2 EXISTS": checked there)
+    assert internal_errors(proxy) == 0
