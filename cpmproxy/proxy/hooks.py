@@ -29,7 +29,7 @@ Hooks, in the order a session meets them:
     The session is over; release what the plugin holds for it.
 
 A hook that raises (or a ``Defer`` whose Deferred fails) is a bug: in ``command`` that command is answered
-``NO [SERVERBUG]``; in ``login`` the login fails that way and the session ends; in ``response``,
+``NO [SERVERBUG]`` (``NO [UNAVAILABLE]`` if the failure is the backend's: ``BackendError``); in ``login`` the login fails that way and the session ends; in ``response``,
 ``tagged`` and ``selected`` the session ends with ``BYE [SERVERBUG]``; in ``closed`` it is only logged.
 Logged with the traceback and counted (``cpmproxy_internal_errors_total``); other sessions go on.
 
