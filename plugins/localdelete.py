@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from cpmproxy.config import ConfigError
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import TokenError
-from cpmproxy.proxy.backend import Reply
+from cpmproxy.proxy.backend import BackendRefused, Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import PREFIX
 from plugins.policy import _wire_name, iter_metadata, side_examine
@@ -149,7 +149,7 @@ class LocalDeletePlugin(Plugin):
             return
         reply = await session.side_command(b'SETMETADATA "" (' + self._mark_entry(session) + b' "1")')
         if reply.status != b"OK":
-            raise RuntimeError(f"backend refused the local-delete mark: {reply.tagged[:200]!r}")
+            raise BackendRefused("backend refused the local-delete mark", reply.tagged)
         self._marked.add(key)
 
     def has_records(self, session, reply) -> bool:
@@ -205,8 +205,8 @@ class LocalDeletePlugin(Plugin):
         value = SequenceSet.from_iterable(uids).format()
         reply = await session.side_command(b"SETMETADATA " + _wire_name(mailbox) + b" (" + entry.encode() + b' "'
                                            + value + b'")')
-        if not reply.tagged.upper().startswith(b"OK"):
-            raise RuntimeError(f"backend refused the local-delete record: {reply.tagged[:200]!r}")
+        if reply.status != b"OK":
+            raise BackendRefused("backend refused the local-delete record", reply.tagged)
 
     # -- hooks ----------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from cpmproxy.imap.tokens import (
     quote,
     tokenize,
 )
-from cpmproxy.proxy.backend import BackendError
+from cpmproxy.proxy.backend import BackendRefused
 from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import (
     KIND_CRITERIA,
@@ -1489,7 +1489,7 @@ def _searched(reply):
     """``reply`` if its search succeeded. A NO or BAD is not "nothing found": taken so, a failed search
     would show what a kind rule hides, and the classification cache would keep it so for good."""
     if reply.status != b"OK":
-        raise BackendError(f"backend search failed: {reply.tagged[:200]!r}")
+        raise BackendRefused("backend search failed", reply.tagged)
     return reply
 
 

@@ -271,3 +271,28 @@ def test_failed_classification_fails_closed(scripted, make_proxy, failing, answe
         scripted.internal = {}
     assert run_case(proxy, True, b"NOOP")[-1].startswith(b"h OK")  # (SELECT showed "* 2 EXISTS": checked there)
     assert internal_errors(proxy) == 0
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (b"{tag} NO [TOOMANY] Too many metadata entries\r\n", b"e NO [TOOMANY] Too many metadata entries\r\n"),
+    (b"* OK and then the server is gone", b"e NO [UNAVAILABLE] Backend server is not available, try again later.\r\n"),
+])
+def test_local_delete_the_backend_cannot_record_is_not_done(scripted, make_proxy, answer, expected):
+    """The record of a local deletion cannot be written (the backend refuses the METADATA, or goes away):
+    the EXPUNGE fails with the backend's reason, or UNAVAILABLE, and the message is not announced as gone
+    (without a record, the device would see it again at its next SELECT)."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
+    scripted.internal = {b"SETMETADATA": answer}
+    try:
+        c = RawIMAP(proxy.host, proxy.port, timeout=10)
+        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        assert c.command(b"t", b"STORE 2 +FLAGS.SILENT (\\Deleted $LocalDelete)")[-1].startswith(b"t OK")
+        lines = c.command(b"e", b"EXPUNGE")
+    finally:
+        scripted.internal = {}
+    assert lines[-1] == expected, lines
+    assert not any(line.endswith(b" EXPUNGE\r\n") or line.startswith(b"* VANISHED") for line in lines), lines
+    c.close()
+    assert internal_errors(proxy) == 0

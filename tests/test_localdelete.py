@@ -388,13 +388,15 @@ def test_refused_mark_writes_no_record_and_is_tried_again():
     the messages stay, nothing half-written); the next expunge tries the mark again."""
     from twisted.internet import defer
 
+    from cpmproxy.proxy.backend import BackendRefused
     from plugins.localdelete import LocalDeletePlugin
 
     plugin = LocalDeletePlugin(proxy=None)
     session = _RefusingBackendSession()
     failed = []
     defer.Deferred.fromCoroutine(plugin._write(session, "INBOX", 7, {1, 2})).addErrback(failed.append)
-    assert len(failed) == 1 and failed[0].check(RuntimeError)
+    assert len(failed) == 1 and failed[0].check(BackendRefused)
+    assert failed[0].value.response == b"NO [LIMIT] Metadata quota exceeded"  # (what the client is told)
     assert len(session.sent) == 1 and session.sent[0].startswith(b'SETMETADATA "" ')  # the mark, no record
     session.refuse = False
     done = []

@@ -29,12 +29,21 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="cpmproxy.backend")
 
-__all__ = ["BackendError", "AuthFailed", "BackendProtocol", "connect_backend", "login_backend",
+__all__ = ["BackendError", "BackendRefused", "AuthFailed", "BackendProtocol", "connect_backend", "login_backend",
            "parse_capabilities"]
 
 
 class BackendError(Exception):
     """The backend cannot be used (down, TLS failure, protocol error, timeout)."""
+
+
+class BackendRefused(BackendError):
+    """The backend answered a command the proxy sent on its own NO or BAD. ``response`` is its status and
+    text (``NO [OVERQUOTA] ...``): a NO is passed on to the client whose command needed it."""
+
+    def __init__(self, what: str, response: bytes):
+        super().__init__(f"{what}: {response[:200]!r}")
+        self.response = response
 
 
 class AuthFailed(Exception):

@@ -48,7 +48,15 @@ from cpmproxy.imap.tokens import (
     parse_command,
     parse_response_head,
 )
-from cpmproxy.proxy.backend import AuthFailed, BackendError, Reply, connect_backend, id_list, login_backend
+from cpmproxy.proxy.backend import (
+    AuthFailed,
+    BackendError,
+    BackendRefused,
+    Reply,
+    connect_backend,
+    id_list,
+    login_backend,
+)
 from cpmproxy.proxy.hooks import (
     Answer,
     BackendResponse,
@@ -905,11 +913,14 @@ class ClientSession(Protocol, TimeoutMixin):
         self._deferred_decision(self._failed_decision(failure), cmd, ev)
 
     def _failed_decision(self, failure: Failure) -> Answer:
-        """The answer to a command whose plugin decision failed: the backend's failure (a command it
-        refused, a lost connection) is said as such; anything else is a bug."""
+        """The answer to a command whose plugin decision failed: the backend's failure is said as such (its
+        NO to a command the proxy sent for this one, e.g. ``NO [OVERQUOTA]``, passed on; a lost
+        connection or anything else from it: UNAVAILABLE); anything else is a bug."""
         if failure.check(BackendError, defer.TimeoutError):
             log.warn("plugin decision failed: {error} session={session}", error=failure.getErrorMessage(),
                      session=self.session_id)
+            if failure.check(BackendRefused) and failure.value.response[:3].upper() == b"NO ":
+                return Answer(failure.value.response)
             return Answer(b"NO [UNAVAILABLE] Backend server is not available, try again later.")
         self._bug("plugin decision failed", failure)
         return Answer(b"NO [SERVERBUG] Internal error.")
