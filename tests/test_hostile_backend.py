@@ -296,3 +296,27 @@ def test_local_delete_the_backend_cannot_record_is_not_done(scripted, make_proxy
     assert not any(line.endswith(b" EXPUNGE\r\n") or line.startswith(b"* VANISHED") for line in lines), lines
     c.close()
     assert internal_errors(proxy) == 0
+
+
+@pytest.mark.parametrize("answer", [b"* METADATA", b"{tag} BAD [CLIENTBUG] unknown\r\n"])
+def test_login_whose_preferences_cannot_be_read(scripted, make_proxy, answer):
+    """The policy reads the user's preferences at login (GETMETADATA on the side connection). If that
+    connection goes away, the login fails NO [UNAVAILABLE] (not SERVERBUG) and the client may try again,
+    successfully once the backend is well; an answer it can read nothing from means no preferences."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
+    scripted.internal = {b"GETMETADATA": answer}
+    try:
+        c = RawIMAP(proxy.host, proxy.port, timeout=10)
+        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+        first = c.login("alice", "alicepw")[-1]
+    finally:
+        scripted.internal = {}
+    if answer.startswith(b"*"):
+        assert first == b"L NO [UNAVAILABLE] Backend server is not available, try again later.\r\n"
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s BAD")  # (not logged in)
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    else:
+        assert first.startswith(b"L OK")
+    assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    c.close()
+    assert internal_errors(proxy) == 0

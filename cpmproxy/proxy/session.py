@@ -634,13 +634,21 @@ class ClientSession(Protocol, TimeoutMixin):
         try:
             for plugin in service.hooks.login:
                 await defer.maybeDeferred(plugin.login, self)
-        except Refuse as r:
-            metrics.logins.labels(result="refused").inc()
+        except (Refuse, BackendError, defer.TimeoutError) as e:
+            if isinstance(e, Refuse):
+                metrics.logins.labels(result="refused").inc()
+                response = e.response
+            else:  # (a plugin's reading from the backend failed: e.g. the side connection went away)
+                metrics.logins.labels(result="unavailable").inc()
+                metrics.backend_errors.labels(kind="login").inc()
+                log.warn("backend unavailable at login: {error} session={session}", error=str(e),
+                         session=self.session_id)
+                response = b"NO [UNAVAILABLE] Backend server is not available, try again later."
             self.service.forget_user(self)
             self.backend = None
             backend.transport.loseConnection()
             self.user = None
-            self._resume_preauth(tag + b" " + r.response + b"\r\n")
+            self._resume_preauth(tag + b" " + response + b"\r\n")
             return
         if self.phase != "login":
             backend.transport.loseConnection()
