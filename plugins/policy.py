@@ -38,7 +38,7 @@ from cpmproxy.imap.tokens import (
     quote,
     tokenize,
 )
-from cpmproxy.proxy.backend import BackendRefused
+from cpmproxy.proxy.backend import UNAVAILABLE, BackendRefused
 from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import (
     KIND_CRITERIA,
@@ -707,7 +707,7 @@ class PolicyPlugin(Plugin):
                     replies = [(h, await d) for h, d in plan.pending]
                 except Exception as e:  # what the device deleted locally cannot be told: not shown at all
                     log.warn("reading a hider's records failed: {e}", e=e)
-                    session.bye(b"Backend server is not available, try again later.")
+                    session.bye(UNAVAILABLE)
                     return
                 plan.pending = []
                 replies = [(h, r) for h, r in replies if getattr(h, "has_records", _maybe)(session, r)]
@@ -747,7 +747,7 @@ class PolicyPlugin(Plugin):
             # (unfiltered, the device would get what the operator or the user excluded). The session ends;
             # the client reconnects and selects again.
             log.failure("classification failed session={session}", session=session.session_id)
-            session.bye(b"Backend server is not available, try again later.")
+            session.bye(UNAVAILABLE)
             return
         st.view = MailboxView.exact(uids, hidden)
         if hidden and snapshot is not None and len(uids) == snapshot[0] and (not uids or uids[-1] < snapshot[1]):

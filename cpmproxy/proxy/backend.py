@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 log = Logger(namespace="cpmproxy.backend")
 
 __all__ = ["BackendError", "BackendRefused", "AuthFailed", "BackendProtocol", "connect_backend", "login_backend",
-           "parse_capabilities"]
+           "parse_capabilities", "UNAVAILABLE"]
+
+
+# What a client is told when the backend cannot serve it (``[UNAVAILABLE]``, RFC 5530: try again later).
+UNAVAILABLE = b"Backend server is not available, try again later."
 
 
 class BackendError(Exception):

@@ -29,9 +29,11 @@ Hooks, in the order a session meets them:
     The session is over; release what the plugin holds for it.
 
 A hook that raises (or a ``Defer`` whose Deferred fails) is a bug: in ``command`` that command is answered
-``NO [SERVERBUG]`` (``NO [UNAVAILABLE]`` if the failure is the backend's: ``BackendError``); in ``login`` the login fails that way and the session ends; in ``response``,
-``tagged`` and ``selected`` the session ends with ``BYE [SERVERBUG]``; in ``closed`` it is only logged.
-Logged with the traceback and counted (``cpmproxy_internal_errors_total``); other sessions go on.
+``NO [SERVERBUG]``; in ``login`` the login fails that way and the session ends; in ``response``, ``tagged``
+and ``selected`` the session ends with ``BYE [SERVERBUG]``; in ``closed`` it is only logged. Logged with
+the traceback and counted (``cpmproxy_internal_errors_total``); other sessions go on. A failure that is
+the backend's (``BackendError``) is not a bug: the command (or login) is answered ``NO [UNAVAILABLE]``, or
+with the backend's own NO (``BackendRefused``).
 
 ``session.backend_command(line)`` runs a command on the session's backend connection that the client never
 sees (its ESEARCH answers are correlated by tag; IDLE is suspended and resumed around it).

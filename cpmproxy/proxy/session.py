@@ -49,6 +49,7 @@ from cpmproxy.imap.tokens import (
     parse_response_head,
 )
 from cpmproxy.proxy.backend import (
+    UNAVAILABLE,
     AuthFailed,
     BackendError,
     BackendRefused,
@@ -612,7 +613,7 @@ class ClientSession(Protocol, TimeoutMixin):
             metrics.logins.labels(result="unavailable").inc()
             metrics.backend_errors.labels(kind="login").inc()
             log.warn("backend unavailable: {error} session={session}", error=str(e), session=self.session_id)
-            self._resume_preauth(tag + b" NO [UNAVAILABLE] Backend server is not available, try again later.\r\n")
+            self._resume_preauth(tag + b" NO [UNAVAILABLE] " + UNAVAILABLE + b"\r\n")
             return
         if self.phase != "login":  # the client went away meanwhile
             backend.transport.loseConnection()
@@ -643,7 +644,7 @@ class ClientSession(Protocol, TimeoutMixin):
                 metrics.backend_errors.labels(kind="login").inc()
                 log.warn("backend unavailable at login: {error} session={session}", error=str(e),
                          session=self.session_id)
-                response = b"NO [UNAVAILABLE] Backend server is not available, try again later."
+                response = b"NO [UNAVAILABLE] " + UNAVAILABLE
             self.service.forget_user(self)
             self.backend = None
             backend.transport.loseConnection()
@@ -929,7 +930,7 @@ class ClientSession(Protocol, TimeoutMixin):
                      session=self.session_id)
             if failure.check(BackendRefused) and failure.value.response[:3].upper() == b"NO ":
                 return Answer(failure.value.response)
-            return Answer(b"NO [UNAVAILABLE] Backend server is not available, try again later.")
+            return Answer(b"NO [UNAVAILABLE] " + UNAVAILABLE)
         self._bug("plugin decision failed", failure)
         return Answer(b"NO [SERVERBUG] Internal error.")
 
