@@ -35,10 +35,11 @@ from cpmproxy.imap.tokens import (
     Quoted,
     TokenError,
     format_tokens,
+    parse_response_head,
     quote,
     tokenize,
 )
-from cpmproxy.proxy.backend import UNAVAILABLE, BackendRefused
+from cpmproxy.proxy.backend import UNAVAILABLE, BackendError, BackendRefused
 from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import (
     KIND_CRITERIA,
@@ -231,6 +232,7 @@ class PolicySession:
     # too (local delete's device marks), read in the same command. None until read.
     login_entries: set[str] | None = None
     folders: dict[str, FolderInfo] = field(default_factory=dict)
+    unreadable_folders: set[str] = field(default_factory=set)  # (see PolicyPlugin._hold_for_folder)
     plan: SelectPlan | None = None       # criteria of the mailbox being selected
     pending_select: bool = False         # our SELECT is at the backend, its responses not yet seen
     view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
@@ -318,12 +320,15 @@ class PolicyPlugin(Plugin):
 
     def effective(self, st: PolicySession, key: str, folder: str | None, default: bool) -> bool:
         """A preference's effective value: policy default unless the user may change it and did."""
+        return self._effective_in(st, None if folder is None else st.folders.get(folder), key, default)
+
+    @staticmethod
+    def _effective_in(st: PolicySession, info: FolderInfo | None, key: str, default: bool) -> bool:
+        """``effective`` for a folder whose ``info`` is at hand (None: account-wide)."""
         # (The user's value first: mostly there is none, and two dict lookups settle it.)
         value = None
-        if folder is not None:
-            info = st.folders.get(folder)
-            if info is not None and info.prefs:
-                value = info.prefs.get(key)
+        if info is not None and info.prefs:
+            value = info.prefs.get(key)
         if value is None and st.account_prefs:
             value = st.account_prefs.get(key)
         if value is None or not st.policy.may_change(key):
@@ -343,8 +348,14 @@ class PolicyPlugin(Plugin):
 
     async def _login(self, session) -> None:
         st = self.state(session)
-        # On the side connection (opened here, so the first SELECT does not wait for it).
-        reply = await session.side_command(b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")")
+        if not (_has_caps(session, b"METADATA") or _has_caps(session, b"METADATA-SERVER")):
+            st.login_entries = set()  # (a backend without METADATA stores no preferences: the defaults apply)
+            return
+        # On the side connection (opened here, so the first SELECT does not wait for it). A refusal is
+        # not "no preferences": taken so, a device would sync what its user turned off (fails the login
+        # NO [UNAVAILABLE]; the client tries again).
+        reply = _metadata_read(await session.side_command(
+            b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")"), "account preferences")
         st.account_prefs = parse_metadata_prefs(reply.untagged)
         st.login_entries = {entry.lower() for _, entry, _ in iter_metadata(reply.untagged)}
         st.pref_folders = parse_pref_folders(reply.untagged)
@@ -359,30 +370,54 @@ class PolicyPlugin(Plugin):
 
     async def folder_infos(self, session, names: list[str]) -> None:
         """Fill ``st.folders`` for ``names``: folder preferences, then (only where Session Histories are
-        not synchronized) whether the folder is one. Pipelined on the side connection."""
+        not synchronized) whether the folder is one. Pipelined on the side connection.
+
+        Fails closed: if the backend refuses or loses a read (``BackendError``), nothing of it is kept
+        and the error propagates (the client's command answers ``NO [UNAVAILABLE]``): taken as "no
+        preferences" or "not a Session History", it would show what the policy or the user hides."""
         st = self.state(session)
         todo = [n for n in names if not self._folder_info_now(session, st, n)]
         if not todo:
             return
-        want_prefs = self._may_change_sync(st)
-        waits = []
-        for name in todo:
-            info = st.folders[name] = FolderInfo()
-            # Only folders known to carry preferences are read: reading a mailbox's metadata opens it
-            # in the side connection's process, and a folder open there while a client renames or
-            # deletes it can come back as a ghost in the mailbox list.
-            if want_prefs and name in st.pref_folders:
-                waits.append((name, info, session.side_command(
-                    b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" (" + pref_entry("").encode() + b")")))
-        for name, info, d in waits:
+        infos = {name: FolderInfo() for name in todo}
+        await self._read_folder_infos(session, st, infos)
+        st.folders.update(infos)
+
+    def _hold_for_folder(self, session, st: PolicySession, mailbox: str):
+        """Hold an unsolicited response (NOTIFY) about ``mailbox`` until its folder info is known. If it
+        cannot be read, the response is dropped (a notification missed, the device's next sync finds the
+        change), rather than shown as if nothing were hidden, or held again and again."""
+        if mailbox in st.unreadable_folders:
+            st.unreadable_folders.discard(mailbox)
+            return Drop()
+
+        async def known():
             try:
-                info.prefs = parse_metadata_prefs((await d).untagged, name)
-            except Exception:
-                log.failure("reading folder preferences failed")
+                await self.folder_infos(session, [mailbox])
+            except (BackendError, defer.TimeoutError) as e:
+                log.warn("folder {mailbox!r} unreadable, its notification dropped: {error} session={session}",
+                         mailbox=mailbox, error=str(e), session=session.session_id)
+                st.unreadable_folders.add(mailbox)
+
+        return Hold(defer.Deferred.fromCoroutine(known()))
+
+    async def _read_folder_infos(self, session, st: PolicySession, infos: dict[str, FolderInfo]) -> None:
+        waits = []
+        if self._may_change_sync(st):
+            for name, info in infos.items():
+                # Only folders known to carry preferences are read: reading a mailbox's metadata opens
+                # it in the side connection's process, and a folder open there while a client renames or
+                # deletes it can come back as a ghost in the mailbox list.
+                if name in st.pref_folders:
+                    waits.append((name, info, session.side_command(
+                        b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" (" + pref_entry("").encode() + b")")))
+        for name, info, d in waits:
+            reply = await d
+            if not _code_in(reply.tagged, b"NONEXISTENT"):  # (deleted meanwhile: no preferences)
+                info.prefs = parse_metadata_prefs(_metadata_read(reply, "folder preferences").untagged, name)
         unknown = []
-        for name in todo:
-            info = st.folders[name]
-            if self.effective(st, f"{PREF_SYNC}/session-history", name, st.policy.default_sync("session-history")):
+        for name, info in infos.items():
+            if self._effective_in(st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history")):
                 continue
             if self.session_history_cache.get((session.user, name)):
                 info.session_history = True
@@ -391,16 +426,14 @@ class PolicyPlugin(Plugin):
         if not unknown:
             return  # (no EXAMINE: the lock and its closing UNSELECT would only cost a round trip)
         async with side_examine(session):
-            checks = []
-            for name, info in unknown:
-                session.side_command(b"EXAMINE " + _wire_name(name))
-                checks.append((name, info, session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA)))
-            for name, info, d in checks:
-                try:
-                    reply = await d
-                except Exception:
-                    continue
-                info.session_history = any(b" MIN " in line for line in reply.untagged)
+            checks = [(name, info, session.side_command(b"EXAMINE " + _wire_name(name)),
+                       session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA))
+                      for name, info in unknown]
+            for name, info, opened, searched in checks:
+                opened, searched = await opened, await searched
+                if _code_in(opened.tagged, b"NONEXISTENT"):
+                    continue  # (gone: nothing to hide in it)
+                info.session_history = any(b" MIN " in line for line in _searched(searched).untagged)
                 if info.session_history:
                     self.session_history_cache[(session.user, name)] = True
 
@@ -829,7 +862,7 @@ class PolicyPlugin(Plugin):
                 # not looked at: whether it is hidden needs its preferences and kind first. (Not for a
                 # LIST command's answers: the side connection's view of the list may lag the backend
                 # connection's, and opening a folder there that a client is deleting can resurrect it.)
-                return Hold(defer.Deferred.fromCoroutine(self.folder_infos(session, [mailbox])))
+                return self._hold_for_folder(session, st, mailbox)
             return Drop() if self.folder_hidden(st, mailbox) else None
         if name == b"STATUS":
             return self._status_response(session, st, resp)
@@ -1194,7 +1227,7 @@ class PolicyPlugin(Plugin):
         mailbox = _mailbox_name(raw)
         cmd = _oldest(session, (b"STATUS", b"LIST"))
         if mailbox not in st.folders and cmd is None:
-            return Hold(defer.Deferred.fromCoroutine(self.folder_infos(session, [mailbox])))  # (as for LIST)
+            return self._hold_for_folder(session, st, mailbox)  # (as for LIST)
         if self.folder_hidden(st, mailbox):
             return Drop()
         adjusts = cmd.state.get("status_adjusts") if cmd is not None else None
@@ -1491,6 +1524,21 @@ def _searched(reply):
     if reply.status != b"OK":
         raise BackendRefused("backend search failed", reply.tagged)
     return reply
+
+
+def _metadata_read(reply, what: str):
+    """``reply`` if its GETMETADATA succeeded (see ``_searched``: a refusal is not "none set")."""
+    if reply.status != b"OK":
+        raise BackendRefused(f"reading {what} failed", reply.tagged)
+    return reply
+
+
+def _code_in(tagged: bytes, code: bytes) -> bool:
+    """Does the status text ``tagged`` (``NO [NONEXISTENT] ...``, no tag) carry the response code ``code``?"""
+    try:
+        return parse_response_head(b"* " + tagged).code_name == code
+    except TokenError:
+        return False
 
 
 def _esearch_ranges(reply) -> tuple[tuple[int, int], ...]:

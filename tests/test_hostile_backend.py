@@ -39,6 +39,7 @@ class ScriptedBackend(socketserver.ThreadingTCPServer):
     def __init__(self):
         self.script: dict[bytes, bytes] = {}
         self.internal: dict[bytes, bytes] = {}  # (see the class docstring)
+        self.caps = CAPS
         super().__init__(("127.0.0.1", 0), _Handler)
         self.port = self.server_address[1]
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -47,7 +48,8 @@ class ScriptedBackend(socketserver.ThreadingTCPServer):
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self):
         out = self.connection
-        out.sendall(b"* OK [CAPABILITY " + CAPS + b"] scripted server ready\r\n")
+        caps = self.server.caps
+        out.sendall(b"* OK [CAPABILITY " + caps + b"] scripted server ready\r\n")
         while True:
             try:
                 line = self.rfile.readline(1 << 20)
@@ -78,7 +80,7 @@ class _Handler(socketserver.StreamRequestHandler):
                     out.sendall(b"* BYE bye\r\n" + tag + b" OK done\r\n")
                     return
                 elif name == b"CAPABILITY":
-                    out.sendall(b"* CAPABILITY " + CAPS + b"\r\n" + tag + b" OK done\r\n")
+                    out.sendall(b"* CAPABILITY " + caps + b"\r\n" + tag + b" OK done\r\n")
                 elif name == b"IDLE":
                     out.sendall(b"+ idling\r\n")
                     self.rfile.readline(1 << 20)  # DONE
@@ -298,11 +300,13 @@ def test_local_delete_the_backend_cannot_record_is_not_done(scripted, make_proxy
     assert internal_errors(proxy) == 0
 
 
-@pytest.mark.parametrize("answer", [b"* METADATA", b"{tag} BAD [CLIENTBUG] unknown\r\n"])
+@pytest.mark.parametrize("answer", [b"* METADATA", b"{tag} BAD [CLIENTBUG] unknown\r\n",
+                                    b"{tag} NO [SERVERBUG] Internal error\r\n"])
 def test_login_whose_preferences_cannot_be_read(scripted, make_proxy, answer):
     """The policy reads the user's preferences at login (GETMETADATA on the side connection). If that
-    connection goes away, the login fails NO [UNAVAILABLE] (not SERVERBUG) and the client may try again,
-    successfully once the backend is well; an answer it can read nothing from means no preferences."""
+    connection goes away or the backend refuses the read, the login fails NO [UNAVAILABLE] (not
+    SERVERBUG), and the client may try again, successfully once the backend is well. (A refusal taken as
+    "no preferences" would show the device what its user turned off.)"""
     proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
     scripted.internal = {b"GETMETADATA": answer}
     try:
@@ -311,12 +315,57 @@ def test_login_whose_preferences_cannot_be_read(scripted, make_proxy, answer):
         first = c.login("alice", "alicepw")[-1]
     finally:
         scripted.internal = {}
-    if answer.startswith(b"*"):
-        assert first == b"L NO [UNAVAILABLE] Backend server is not available, try again later.\r\n"
-        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s BAD")  # (not logged in)
-        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
-    else:
-        assert first.startswith(b"L OK")
+    assert first == b"L NO [UNAVAILABLE] Backend server is not available, try again later.\r\n"
+    assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s BAD")  # (not logged in)
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
     assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
     c.close()
+    assert internal_errors(proxy) == 0
+
+
+def test_backend_without_metadata_means_no_preferences(scripted, make_proxy):
+    """A backend without METADATA can store no preferences: the policy's defaults apply, and the login
+    asks nothing (a GETMETADATA would be refused here and fail the login)."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
+    scripted.caps = CAPS.replace(b" METADATA", b"")
+    scripted.internal = {b"GETMETADATA": b"* BYE gone\r\n"}  # (the side connection would go away)
+    try:
+        c = RawIMAP(proxy.host, proxy.port, timeout=10)
+        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        c.close()
+    finally:
+        scripted.internal = {}
+        scripted.caps = CAPS
+    assert internal_errors(proxy) == 0
+
+
+def test_folder_whose_preferences_cannot_be_read(scripted, make_proxy):
+    """A folder marked as having preferences of its own, whose preferences the backend then refuses to
+    read: commands that need them answer NO (the backend's own NO, or UNAVAILABLE), not a view that
+    ignores what the folder's preferences may hide; nothing half-read is kept, so once the backend
+    answers, the same commands work."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
+    marked = b"/private/vendor/vendor.cpmproxy/folders/" + "Chats".encode().hex().encode()
+    account = b'* METADATA "" (' + marked + b' "1")\r\n{tag} OK done\r\n'
+    scripted.internal = {b'GETMETADATA (DEPTH INFINITY) ""': account,
+                         b"GETMETADATA (DEPTH INFINITY) CHATS": b"{tag} NO [SERVERBUG] Internal error\r\n"}
+    try:
+        c = RawIMAP(proxy.host, proxy.port, timeout=10)
+        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        for tag, command in ((b"s", b"SELECT Chats"), (b"t", b"STATUS Chats (MESSAGES)")):
+            assert c.command(tag, command)[-1] == tag + b" NO [SERVERBUG] Internal error\r\n", command
+        # An unsolicited STATUS (NOTIFY) about it: dropped, not shown unfiltered nor held for ever.
+        scripted.script = {b"NOOP": b'* STATUS Chats (MESSAGES 3)\r\n{tag} OK done\r\n'}
+        assert c.command(b"h", b"NOOP") == [b"h OK done\r\n"]
+        del scripted.internal[b"GETMETADATA (DEPTH INFINITY) CHATS"]
+        assert c.command(b"h", b"NOOP") == [b"* STATUS Chats (MESSAGES 3)\r\n", b"h OK done\r\n"]
+        assert c.command(b"t", b"STATUS Chats (MESSAGES)")[-1].startswith(b"t OK")
+        assert c.command(b"s", b"SELECT Chats")[-1].startswith(b"s OK")
+        c.close()
+    finally:
+        scripted.internal = {}
+        scripted.script = {}
     assert internal_errors(proxy) == 0
