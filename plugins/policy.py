@@ -1173,8 +1173,10 @@ class PolicyPlugin(Plugin):
         if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
             session.side_command(b"EXAMINE " + _wire_name(mailbox))
         hidden_set = SequenceSet.from_iterable(hidden).format()
-        unseen = await session.side_command(b"UID SEARCH RETURN (COUNT) UID " + hidden_set + b" UNSEEN")
+        unseen = _searched(await session.side_command(b"UID SEARCH RETURN (COUNT) UID " + hidden_set + b" UNSEEN"))
         sizes = await session.side_command(b"UID FETCH " + hidden_set + b" (RFC822.SIZE)")
+        if sizes.status != b"OK":
+            raise BackendRefused("backend fetch of sizes failed", sizes.tagged)
         unseen_n = 0
         for line in unseen.untagged:
             m = re.search(rb"COUNT (\d+)", line)
@@ -1240,6 +1242,8 @@ class PolicyPlugin(Plugin):
             return Hold(defer.Deferred.fromCoroutine(self._unsolicited_adjustment(session, st, mailbox)))
         else:
             return None
+        if adjust is _UNCOUNTABLE:
+            return Drop()
         if not adjust:
             return None
         new = self.adjust_status_line(resp.data, adjust)
@@ -1252,9 +1256,11 @@ class PolicyPlugin(Plugin):
     async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str) -> None:
         try:
             adjust = await self._status_adjustment(session, st, mailbox)
-        except Exception:
-            log.failure("counting hidden messages for an unsolicited STATUS failed")
-            adjust = None
+        except (BackendError, defer.TimeoutError) as e:
+            # (Unadjusted, it would count what the device must not see: dropped, a notification missed.)
+            log.warn("counting hidden messages for an unsolicited STATUS failed, dropped: {error} "
+                     "session={session}", error=str(e), session=session.session_id)
+            adjust = _UNCOUNTABLE
         st.unsolicited_status[mailbox] = adjust  # the replayed response finds it (never held twice)
 
     @staticmethod
@@ -1408,8 +1414,13 @@ class PolicyPlugin(Plugin):
         if st.mailbox is not None:
             try:
                 await self._recompute(session, st)
-            except Exception:
-                log.failure("re-applying preferences failed")
+            except (BackendError, defer.TimeoutError) as e:
+                # Fail closed, as a SELECT's classification does: the old view shows what the user just
+                # turned off. The session ends; the client reconnects and selects again.
+                log.warn("re-applying preferences failed: {error} session={session}", error=str(e),
+                         session=session.session_id)
+                session.bye(UNAVAILABLE)
+                return Answer(b"NO [UNAVAILABLE] " + UNAVAILABLE)
         action = self.command(session, cmd)
         while isinstance(action, Defer):
             action = await action.deferred
@@ -1462,6 +1473,7 @@ def _has_caps(session, *names: bytes) -> bool:
 
 
 _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
+_UNCOUNTABLE = object()  # (an unsolicited STATUS whose hidden messages could not be counted: dropped)
 
 
 def _nonexistent(mailbox: str) -> Answer:

@@ -369,3 +369,49 @@ def test_folder_whose_preferences_cannot_be_read(scripted, make_proxy):
         scripted.internal = {}
         scripted.script = {}
     assert internal_errors(proxy) == 0
+
+
+def test_preferences_that_cannot_be_reapplied_end_the_session(scripted, make_proxy):
+    """A user's other device turns IMDNs off while this one has INBOX selected: before its next command
+    this session re-classifies the mailbox. If the backend refuses that, the session ends BYE
+    [UNAVAILABLE] (as a SELECT whose classification fails): the old view shows what was just turned off."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
+    device, other = (RawIMAP(proxy.host, proxy.port, timeout=10) for _ in range(2))
+    for c, name in ((device, b"dev1"), (other, b"dev2")):
+        c.command(b"i", b'ID ("x-cpm-device-id" "' + name + b'")')
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    try:
+        assert b"* 3 EXISTS\r\n" in device.command(b"s", b"SELECT INBOX")
+        assert other.command(b"m", b'SETMETADATA "" (/private/vendor/vendor.cpmproxy/sync/imdn "off")')[-1] \
+            .startswith(b"m OK")
+        scripted.internal = {b"RETURN (ALL)": b"{tag} NO [SERVERBUG] Internal error\r\n"}
+        device.send(b"n NOOP\r\n")
+        assert device.read_response() == b"* BYE [UNAVAILABLE] Backend server is not available, try again later.\r\n"
+        with pytest.raises(ConnectionError):
+            device.read_response()
+    finally:
+        scripted.internal = {}
+    other.close()
+    assert internal_errors(proxy) == 0
+
+
+def test_unsolicited_status_that_cannot_be_counted_is_dropped(scripted, make_proxy):
+    """An unsolicited STATUS (NOTIFY) about a folder where the policy may hide messages is counted on the
+    device's view first; if the backend refuses the count, the STATUS is dropped, not shown with the
+    hidden messages counted in."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra="[policy]\nmax_size = 1000\n")
+    c = RawIMAP(proxy.host, proxy.port, timeout=10)
+    c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    scripted.script = {b"NOOP": b"* STATUS Chats (MESSAGES 3 UNSEEN 1)\r\n{tag} OK done\r\n"}
+    scripted.internal = {b"RETURN (ALL)": b"{tag} NO [SERVERBUG] Internal error\r\n"}
+    try:
+        assert c.command(b"h", b"NOOP") == [b"h OK done\r\n"]
+        scripted.internal = {}
+        # (the scripted server's messages: UID 2 is over 1,000 bytes, so 2 of them count)
+        assert c.command(b"h", b"NOOP")[0].startswith(b"* STATUS Chats (MESSAGES 2 ")
+    finally:
+        scripted.internal = {}
+        scripted.script = {}
+    c.close()
+    assert internal_errors(proxy) == 0
