@@ -249,6 +249,8 @@ _MAILBOX_ARG = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"APPEN
                 b"SUBSCRIBE": 0, b"UNSUBSCRIBE": 0, b"CREATE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1}
 _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 _SEARCHES = frozenset((b"SEARCH", b"SORT", b"THREAD"))
+# FETCH items that set \Seen (RFC 9051 6.4.5): BODY[...] and BINARY[...] without .PEEK, RFC822, RFC822.TEXT.
+_SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
 _STATUS_RE = re.compile(rb"^\* STATUS (.*) \(([^()]*)\)\r?\n$", re.S | re.I)
 
@@ -364,7 +366,9 @@ class PolicyPlugin(Plugin):
         return defer.Deferred.fromCoroutine(self._login(session))
 
     def capabilities(self, session, caps):
-        return caps
+        # CONTEXT=SEARCH/SORT (RFC 5267): results the backend updates on its own later (ADDTO/REMOVEFROM
+        # as messages arrive, which may be hidden ones) are not renumbered on the view. Not offered.
+        return [c for c in caps if c.upper() not in (b"CONTEXT=SEARCH", b"CONTEXT=SORT")]
 
     # -- folders --------------------------------------------------------------------------------
 
@@ -504,7 +508,7 @@ class PolicyPlugin(Plugin):
         if view is not None and not view.identity:
             if name in (b"EXPUNGE", b"CLOSE") and not cmd.uid and _has_caps(session, b"UIDPLUS", b"UNSELECT"):
                 return Defer(defer.Deferred.fromCoroutine(self._expunge_visible(session, view, cmd)))
-            return self._view_command(st, view, cmd)
+            return self._view_command(session, st, view, cmd)
         return None
 
     async def _expunge_visible(self, session, view: MailboxView, cmd):
@@ -605,7 +609,7 @@ class PolicyPlugin(Plugin):
             # The source messages are a sequence/UID set of the view, like FETCH or STORE.
             view = st.view
             if view is not None and not view.identity:
-                return self._view_command(st, view, cmd)
+                return self._view_command(session, st, view, cmd)
         return None
 
     async def kinds_of(self, session, mailbox: str, uids) -> dict[int, str]:
@@ -951,6 +955,8 @@ class PolicyPlugin(Plugin):
         return st is None or not (st.pending_select or (st.view is not None and not st.view.identity))
 
     def tagged(self, session, cmd, resp):
+        for d in cmd.state.pop("when_done", ()):  # (searches waiting for this one: see _search_command)
+            session.service.reactor.callLater(0, d.callback, None)  # (not inside the response's handling)
         st = session.state.get(self.name)
         if st is None:
             return None
@@ -962,6 +968,12 @@ class PolicyPlugin(Plugin):
             return Rewrite(cmd.tag + b" OK " + (b"[" + code + b"] " if code else b"") + cmd.state["tagged_text"]
                            + b"\r\n")
         self._tagged_done(session, st, cmd, status)
+        code = resp.head.code
+        if code is not None and code[:9].upper() == b"MODIFIED " and not cmd.uid and st.view is not None \
+                and not st.view.identity:
+            # RFC 7162 3.1.3: the messages a conditional STORE left alone, in the client's numbers.
+            renumbered = b"MODIFIED " + _renumber_ordered_set(st.view, code[9:].strip())
+            return Rewrite(resp.data.replace(b"[" + code + b"]", b"[" + renumbered + b"]", 1))
         return None
 
     def _tagged_done(self, session, st: PolicySession, cmd, status: bytes) -> None:
@@ -979,7 +991,7 @@ class PolicyPlugin(Plugin):
 
     # -- sequence-number arithmetic on commands ---------------------------------------------------
 
-    def _view_command(self, st: PolicySession, view: MailboxView, cmd):
+    def _view_command(self, session, st: PolicySession, view: MailboxView, cmd):
         name = cmd.name
         if name in _SEQ_COMMANDS or (cmd.uid and name == b"EXPUNGE"):
             m = _SEQ_ARG_RE.match(cmd.line)
@@ -994,11 +1006,13 @@ class PolicyPlugin(Plugin):
                 return None  # the backend answers BAD
             if cmd.uid:
                 allowed = view.visible_uidset(requested)
+                # A FETCH of a body section without .PEEK sets \Seen: hidden messages must not get it.
+                reads = name == b"FETCH" and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is not None
                 if not allowed:
-                    if name == b"FETCH":
+                    if name == b"FETCH" and not reads:
                         return None  # nothing visible: the backend answers with nothing, which is right
                     return Answer(b"OK " + name + b" completed (no visible messages).")
-                if name == b"FETCH":
+                if name == b"FETCH" and not reads:
                     # Responses of hidden messages are dropped; only "*" needs help when the last message
                     # is hidden: the client's "n:*" still reaches its last visible message.
                     vis = view.visible
@@ -1008,18 +1022,25 @@ class PolicyPlugin(Plugin):
             else:
                 allowed = view.backend_seqset(requested)
                 if not allowed or max(requested.resolve(max(view.exists, 1)).ranges[-1]) > view.exists:
-                    return Answer(b"BAD Error in IMAP command " + name + b": Invalid messageset")
+                    return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": Invalid messageset")
             return Rewrite(m.group(1) + allowed.format() + m.group(3))
         if name in _SEARCHES:
             try:
-                return self._search_command(view, cmd)
+                return self._search_command(session, view, cmd)
             except TokenError:
                 return None
         return None
 
-    def _search_command(self, view: MailboxView, cmd):
-        """Rewrite sequence sets in the criteria (client numbers -> backend numbers); ask for ALL in an
-        ESEARCH so that MIN/MAX/COUNT can be computed over the visible messages."""
+    def _search_command(self, session, view: MailboxView, cmd):
+        """Client sequence sets in the criteria become backend ones. A search whose result the backend
+        computes something from (RETURN options: MIN/MAX/COUNT/PARTIAL, ESORT's order, the result SAVEd
+        as ``$`` that later commands use; CONDSTORE's MODSEQ) runs on the visible messages only: its
+        criteria get ``NOT UID <hidden UIDs>``. Responses only need renumbering (and plain results
+        the hidden messages dropped).
+
+        Untagged SEARCH/SORT/THREAD responses do not say which command they answer, and a backend may
+        complete pipelined commands out of order: a search waits while one of the same name but other
+        UID-ness (so numbered otherwise) is in flight."""
         line = cmd.line
         body = line[:-2] if line.endswith(b"\r\n") else line
         try:
@@ -1029,19 +1050,39 @@ class PolicyPlugin(Plugin):
         i = 2 + (1 if cmd.uid else 0)
         head = tokens[:i]
         rest = tokens[i:]
-        if cmd.name == b"SEARCH" and rest and isinstance(rest[0], Atom) and rest[0].upper() == b"RETURN" \
-                and len(rest) > 1 and isinstance(rest[1], ParenList):
-            opts = [(_token_text(t) or b"").upper() for t in rest[1].items]
-            cmd.state["esearch"] = opts or [b"ALL"]
-            head += [rest[0], ParenList([Atom(b"ALL")] + [t for t in rest[1].items
-                                                        if (_token_text(t) or b"").upper() not in
-                                                        (b"ALL", b"MIN", b"MAX", b"COUNT")])]
-            rest = rest[2:]
+        plain = True  # answered by an untagged SEARCH/SORT/THREAD (not an ESEARCH, which has the tag)
+        if cmd.name in (b"SEARCH", b"SORT") and rest and isinstance(rest[0], Atom) \
+                and rest[0].upper() == b"RETURN" and len(rest) > 1 and isinstance(rest[1], ParenList):
+            head, rest, plain = head + rest[:2], rest[2:], False
+            cmd.state["esearch"] = True
         if cmd.name == b"SORT" and rest:
             head, rest = head + rest[:2], rest[2:]  # (sort criteria) charset
         elif cmd.name == b"THREAD" and rest:
             head, rest = head + rest[:2], rest[2:]  # algorithm charset
-        return Rewrite(format_tokens(head + rewrite_search_keys(view, rest)) + b"\r\n")
+        elif rest and isinstance(rest[0], Atom) and rest[0].upper() == b"CHARSET":
+            head, rest = head + rest[:2], rest[2:]  # (CHARSET must come first)
+        if plain:
+            other = next((c for c in session.inflight_commands() if c.name == cmd.name
+                          and c.uid != cmd.uid and "esearch" not in c.state), None)
+            if other is not None:
+                return Defer(defer.Deferred.fromCoroutine(self._after_done(session, other, cmd)))
+        restriction = []
+        if not plain or b"MODSEQ" in body.upper():
+            # (Only where the backend computes something from the matches: a plain result is filtered
+            # exactly on its way back, and Dovecot announces no expunges during a search with UID
+            # criteria, which clients syncing with UID SEARCH would notice.)
+            restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(view.hidden_uids.format())]
+        return Rewrite(format_tokens(head + restriction + rewrite_search_keys(view, rest)) + b"\r\n")
+
+    async def _after_done(self, session, other, cmd):
+        """``cmd``'s decision once ``other`` (in flight) has completed."""
+        d = defer.Deferred()
+        other.state.setdefault("when_done", []).append(d)
+        await d
+        action = self.command(session, cmd)
+        while isinstance(action, Defer):
+            action = await action.deferred
+        return action
 
     def _search_response(self, session, view: MailboxView, resp):
         data = resp.data.rstrip(b"\r\n")
@@ -1051,54 +1092,41 @@ class PolicyPlugin(Plugin):
             if w.isdigit():
                 nums.append(int(w))
             else:
-                tail = words[i:]
+                tail = words[i:]  # e.g. "(MODSEQ n)" (RFC 7162), of the visible matches
                 break
-        # An untagged SEARCH does not say which command it answers; UID-ness comes from the oldest
-        # search in flight (backends answer pipelined searches in order).
-        cmd = _oldest(session, _SEARCHES)
-        uid = cmd is not None and cmd.uid
-        if uid:
+        # (One search of this name and UID-ness in flight at a time: see _search_command.)
+        cmd = next((c for c in session.inflight_commands() if c.name == resp.head.name
+                    and "esearch" not in c.state), None)
+        if cmd is not None and cmd.uid:
             kept = [n for n in nums if n not in view.hidden]
         else:
             kept = view.client_seqs(nums)
         return Rewrite(b" ".join(words[:2] + [b"%d" % n for n in kept] + tail) + b"\r\n")
 
     def _esearch_response(self, session, view: MailboxView, resp):
+        """ESEARCH (and ESORT) computed by the backend on the visible messages (see _search_command):
+        message numbers become the client's, in the order given (ESORT's ALL is in sort order);
+        COUNT, MODSEQ and the rest stay. (UIDs are the same for both.)"""
         try:
             tokens = tokenize(resp.data.rstrip(b"\r\n"))
         except TokenError:
             return None
         items = tokens[2:]
-        prefix = tokens[:2]
-        if items and isinstance(items[0], ParenList):
-            prefix.append(items[0])
+        out = tokens[:2]
+        if items and isinstance(items[0], ParenList):  # (TAG "a")
+            out.append(items[0])
             items = items[1:]
         uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
-        if uid:
-            prefix.append(items[0])
-            items = items[1:]
-        pairs = {}
-        order = []
         for j in range(0, len(items) - 1, 2):
-            key = (_token_text(items[j]) or b"").upper()
-            pairs[key] = items[j + 1]
-            order.append(key)
-        all_tok = pairs.get(b"ALL")
-        numbers = parse_uid_list(_token_text(all_tok) or b"") if all_tok is not None else []
-        kept = [n for n in numbers if n not in view.hidden] if uid else view.client_seqs(numbers)
-        wanted = _requested_esearch(session, resp) or order
-        out = list(prefix)
-        for key in wanted:
-            if key == b"ALL" and kept:
-                out += [Atom(b"ALL"), Atom(SequenceSet.from_iterable(kept).format())]
-            elif key == b"MIN" and kept:
-                out += [Atom(b"MIN"), Atom(b"%d" % kept[0])]
-            elif key == b"MAX" and kept:
-                out += [Atom(b"MAX"), Atom(b"%d" % kept[-1])]
-            elif key == b"COUNT":
-                out += [Atom(b"COUNT"), Atom(b"%d" % len(kept))]
-            elif key not in (b"ALL", b"MIN", b"MAX", b"COUNT", b"SAVE") and key in pairs:
-                out += [Atom(key), pairs[key]]
+            key, value = (_token_text(items[j]) or b"").upper(), items[j + 1]
+            if key in (b"MIN", b"MAX", b"ALL"):
+                text = _token_text(value) or b""
+                value = Atom(text if uid else _renumber_ordered_set(view, text))
+            elif key == b"PARTIAL" and isinstance(value, ParenList) and len(value.items) == 2 and not uid:
+                value = ParenList([value.items[0], Atom(_renumber_ordered_set(view, _token_text(value.items[1]) or b""))])
+            out += [items[j], value]
+        if len(items) % 2:
+            out.append(items[-1])  # "UID" alone, or something the backend knows better
         return Rewrite(format_tokens(out) + b"\r\n")
 
     def _thread_response(self, session, view: MailboxView, resp):
@@ -1271,14 +1299,23 @@ class PolicyPlugin(Plugin):
             return line
         hidden, unseen, size = adjust
         items = m.group(2).split()
+        messages = None
         for j in range(0, len(items) - 1, 2):
             key = items[j].upper()
             if key == b"MESSAGES":
-                items[j + 1] = b"%d" % max(0, int(items[j + 1]) - hidden)
+                messages = max(0, int(items[j + 1]) - hidden)
+                items[j + 1] = b"%d" % messages
             elif key == b"UNSEEN":
                 items[j + 1] = b"%d" % max(0, int(items[j + 1]) - unseen)
             elif key == b"SIZE":
                 items[j + 1] = b"%d" % max(0, int(items[j + 1]) - size)
+        for j in range(0, len(items) - 1, 2):
+            # Which recent messages are hidden is not worth a query (RECENT is obsolete in IMAP4rev2):
+            # at most the visible messages; without MESSAGES asked for, the hidden ones are taken off.
+            if items[j].upper() == b"RECENT" and items[j + 1].isdigit():
+                recent = max(0, int(items[j + 1]) - hidden) if messages is None else \
+                    min(int(items[j + 1]), messages)
+                items[j + 1] = b"%d" % recent
         return b"* STATUS " + m.group(1) + b" (" + b" ".join(items) + b")\r\n"
 
     # -- METADATA: preferences and the proxy's own entries --------------------------------------
@@ -1712,12 +1749,25 @@ def _oldest(session, names) :
     return None
 
 
-def _requested_esearch(session, resp) -> list[bytes] | None:
-    for c in session.inflight_commands():
-        if "esearch" in c.state and resp.data.find(b'"' + c.tag + b'"') >= 0:
-            opts = c.state["esearch"]
-            return [o for o in opts if o in (b"ALL", b"MIN", b"MAX", b"COUNT")] or [b"ALL"]
-    return None
+def _renumber_ordered_set(view: MailboxView, text: bytes) -> bytes:
+    """A backend sequence set of matches (``3,9:7,12``, in the order given: ESORT's is the sort order)
+    in client numbers. The matches are visible messages (the search excluded the others), and a range
+    of matches holds no hidden message, so each element maps as a whole."""
+    runs: list[list[int]] = []  # [first, last] in the order given
+    for part in text.split(b","):
+        ends = []
+        for n in part.split(b":"):
+            if not n.isdigit():
+                return text  # ("*" or garbage: the backend's business, as it was)
+            ends.append(view.client_seq(int(n)) or 0)
+        if 0 in ends:
+            continue  # (not a visible message after all: dropped rather than shown)
+        first, last = ends[0], ends[-1]
+        if runs and runs[-1][0] <= runs[-1][1] and first <= last and first == runs[-1][1] + 1:
+            runs[-1][1] = last  # (backend 1,3 around hidden 2 is client 1:2)
+        else:
+            runs.append([first, last])
+    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in runs)
 
 
 _NOARG_KEYS = frozenset(b"ALL ANSWERED DELETED DRAFT FLAGGED NEW OLD RECENT SEEN UNANSWERED UNDELETED "

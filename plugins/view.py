@@ -18,7 +18,8 @@ from cpmproxy.imap.seqset import STAR, SequenceSet
 
 
 class MailboxView:
-    __slots__ = ("uids", "hidden", "_visible", "_hidden_seqs", "_visible_seqs", "_client_map", "_lent")
+    __slots__ = ("uids", "hidden", "_visible", "_hidden_seqs", "_visible_seqs", "_client_map", "_hidden_uids",
+                 "_lent")
 
     def __init__(self, uids: Iterable[int] = (), hidden: Iterable[int] = ()):
         self.uids: list[int] = sorted(uids)
@@ -27,6 +28,7 @@ class MailboxView:
         self._hidden_seqs: SequenceSet | None = None
         self._visible_seqs: SequenceSet | None = None
         self._client_map: list[int] | None = None
+        self._hidden_uids: SequenceSet | None = None
         self._lent = False  # uids and hidden are shared with other views: copied before a change
 
     @classmethod
@@ -45,6 +47,7 @@ class MailboxView:
         self._hidden_seqs = None
         self._visible_seqs = None
         self._client_map = None
+        self._hidden_uids = None
 
     @property
     def identity(self) -> bool:
@@ -68,6 +71,13 @@ class MailboxView:
                 [(a + 1, b - 1) for (_, a), (b, _) in zip([(0, 0), *visible], [*visible, (top + 1, 0)], strict=True)
                  if b - a > 1])
         return self._hidden_seqs
+
+    @property
+    def hidden_uids(self) -> SequenceSet:
+        """The hidden UIDs as a set (for a search restricted to the visible messages)."""
+        if self._hidden_uids is None:
+            self._hidden_uids = SequenceSet.from_iterable(sorted(self.hidden))
+        return self._hidden_uids
 
     @property
     def visible_seqs(self) -> SequenceSet:

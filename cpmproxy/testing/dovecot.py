@@ -266,6 +266,7 @@ mail_fsync = never
 protocol imap {{
   imap_metadata = yes
   mail_max_userip_connections = 10000
+  imap_max_line_length = 1M
 }}
 
 default_process_limit = 1000

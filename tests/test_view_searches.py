@@ -1,0 +1,140 @@
+"""Searches, body fetches and conditional stores in a filtered view (found by review, 2026-11-27).
+
+A mailbox where UIDs 2 and 4 (of 1..5) are larger than the policy's ``max_size``, so hidden; the client
+sees 1 -> UID 1, 2 -> UID 3, 3 -> UID 5. Against the real Dovecot, through a real proxy; direct access to
+Dovecot tells what happened to the hidden messages.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from cpmproxy.testing.sample import make_object
+from tests.proxyfix import raw_via
+
+HIDDEN = (2, 4)
+
+
+@pytest.fixture
+def mailbox(dovecot):
+    folder = "Searches" + uuid.uuid4().hex[:8]
+    subjects = ["delta", "big one", "alpha", "big two", "charlie"]
+    uids = [dovecot.deliver("alice", folder, make_object("chat", subject=s, text=s, seed=i,
+                                                         size=60000 if s.startswith("big") else None))
+            for i, s in enumerate(subjects)]
+    assert uids == [1, 2, 3, 4, 5]
+    return folder
+
+
+@pytest.fixture
+def device(make_proxy, mailbox):
+    p = make_proxy(config_extra="[policy]\nmax_size = 20000\n")
+    c = raw_via(p)
+    c.command(b"i", b'ID ("x-cpm-device-id" "searcher")')
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s" (CONDSTORE)' % mailbox.encode())
+    yield c
+    c.close()
+
+
+def direct_flags(dovecot, mailbox) -> dict[int, bytes]:
+    imap = dovecot.imap_direct("alice", tls="none")
+    imap.select_folder(mailbox, readonly=True)
+    flags = {uid: b" ".join(sorted(f)) for uid, f in imap.get_flags(imap.search("ALL")).items()}
+    imap.logout()
+    return flags
+
+
+def untagged(lines: list[bytes]) -> list[bytes]:
+    return [line for line in lines if line.startswith(b"* ")]
+
+
+def test_uid_fetch_of_a_body_never_marks_a_hidden_message_seen(device, dovecot, mailbox):
+    assert device.command(b"a", b"UID FETCH 2 (BODY[TEXT])") == [b"a OK FETCH completed (no visible messages).\r\n"]
+    r = device.command(b"b", b"UID FETCH 1:* (BODY[TEXT]<0.5>)")
+    assert [int(m.group(1)) for line in r for m in [re.search(rb"UID (\d+)", line)] if m] == [1, 3, 5]
+    flags = direct_flags(dovecot, mailbox)
+    assert all(b"\\Seen" not in flags[u] for u in HIDDEN), flags
+    assert all(b"\\Seen" in flags[u] for u in (1, 3, 5)), flags
+
+
+def test_saved_search_result_holds_only_visible_messages(device, dovecot, mailbox):
+    """SEARCHRES (RFC 5182): $ is what the device's search found, so STORE/COPY of $ never reach a hidden
+    message; RETURN (SAVE) alone answers no ESEARCH; with MIN only the minimum is saved."""
+    target = mailbox + "-copy"
+    assert device.command(b"c", b'CREATE "%s"' % target.encode())[-1].startswith(b"c OK")
+    assert untagged(device.command(b"a", b"UID SEARCH RETURN (SAVE) ALL")) == []
+    assert device.command(b"b", b"UID STORE $ +FLAGS.SILENT (\\Flagged)")[-1].startswith(b"b OK")
+    copied = device.command(b"c", b'UID COPY $ "%s"' % target.encode())[-1]
+    assert re.search(rb"\[COPYUID \d+ 1,3,5 1:3\]", copied), copied
+    flags = direct_flags(dovecot, mailbox)
+    assert all(b"\\Flagged" not in flags[u] for u in HIDDEN), flags
+    assert all(b"\\Flagged" in flags[u] for u in (1, 3, 5)), flags
+    device.command(b"d", b"UID SEARCH RETURN (SAVE MIN) UNANSWERED")
+    assert [line for line in device.command(b"e", b"UID FETCH $ (UID)") if b"FETCH" in line] == [b"* 1 FETCH (UID 1)\r\n"]
+
+
+def test_modseq_of_a_search_is_the_visible_matches(device, dovecot, mailbox):
+    """RFC 7162 3.1.5: SEARCH with MODSEQ reports the highest mod-sequence of the matches, here the
+    visible ones: a change to a hidden message must not show."""
+    imap = dovecot.imap_direct("alice", tls="none")
+    imap.select_folder(mailbox)
+    imap.add_flags([2], [b"\\Flagged"])  # the hidden message now has the highest MODSEQ
+    hidden_modseq = imap.fetch([2], ["MODSEQ"])[2][b"MODSEQ"][0]
+    visible_top = max(v[b"MODSEQ"][0] for v in imap.fetch([1, 3, 5], ["MODSEQ"]).values())
+    imap.logout()
+    assert hidden_modseq > visible_top
+    assert untagged(device.command(b"a", b"SEARCH MODSEQ 1")) == [b"* SEARCH 1 2 3 (MODSEQ %d)\r\n" % visible_top]
+    assert untagged(device.command(b"b", b"SEARCH LARGER 20000 MODSEQ 1")) == [b"* SEARCH\r\n"]
+    assert untagged(device.command(b"c", b"SEARCH RETURN (MIN COUNT) MODSEQ 1")) == [
+        b'* ESEARCH (TAG "c") MIN 1 COUNT 3 MODSEQ %d\r\n' % visible_top]
+
+
+def test_esearch_and_esort_on_the_view(device):
+    assert untagged(device.command(b"a", b"SEARCH RETURN (MIN MAX COUNT ALL) ALL")) == [
+        b'* ESEARCH (TAG "a") MIN 1 MAX 3 ALL 1:3 COUNT 3\r\n']
+    assert untagged(device.command(b"b", b"UID SEARCH RETURN (ALL) ALL")) == [b'* ESEARCH (TAG "b") UID ALL 1,3,5\r\n']
+    # Subjects: 1 "delta", 2 "alpha", 3 "charlie" for the client.
+    assert untagged(device.command(b"c", b"SORT (SUBJECT) UTF-8 ALL")) == [b"* SORT 2 3 1\r\n"]
+    assert untagged(device.command(b"d", b"SORT RETURN (MIN MAX COUNT ALL) (SUBJECT) UTF-8 ALL")) == [
+        b'* ESEARCH (TAG "d") MIN 2 MAX 1 ALL 2:3,1 COUNT 3\r\n']
+    assert untagged(device.command(b"e", b"UID SORT RETURN (ALL) (SUBJECT) UTF-8 ALL")) == [
+        b'* ESEARCH (TAG "e") UID ALL 3,5,1\r\n']
+
+
+def test_pipelined_searches_answered_out_of_order_are_numbered_right(device):
+    """Dovecot may complete pipelined commands out of order; untagged SEARCH/SORT do not say which command
+    they answer."""
+    device.send(b"a UID SORT (SUBJECT) UTF-8 ALL\r\nb SEARCH ALL\r\nc SORT (SUBJECT) UTF-8 ALL\r\n"
+                b"d UID SEARCH ALL\r\ne SEARCH ALL\r\n")
+    got, done = [], 0
+    while done < 5:
+        got.append(device.read_response())
+        done += got[-1][:2] in (b"a ", b"b ", b"c ", b"d ", b"e ")
+    assert sorted(untagged(got)) == sorted([b"* SORT 3 5 1\r\n", b"* SEARCH 1 2 3\r\n", b"* SORT 2 3 1\r\n",
+                                           b"* SEARCH 1 3 5\r\n", b"* SEARCH 1 2 3\r\n"]), got
+
+
+def test_conditional_store_reports_modified_messages_in_client_numbers(device):
+    """RFC 7162 3.1.3: [MODIFIED set] names the messages a STORE ... UNCHANGEDSINCE left alone: message 2
+    of the client is backend message 3."""
+    assert device.command(b"a", b"STORE 2 +FLAGS.SILENT (\\Answered)")[-1].startswith(b"a OK")
+    r = device.command(b"b", b"STORE 2 (UNCHANGEDSINCE 1) +FLAGS (\\Flagged)")
+    assert re.match(rb"b OK \[MODIFIED 2\] ", r[-1]), r
+
+
+def test_status_recent_and_context_capabilities(make_proxy, mailbox):
+    """STATUS RECENT never counts more messages than the view has (3 visible of 5 recent); CONTEXT=SEARCH
+    and CONTEXT=SORT (results the backend would update later, hidden messages included) are not offered."""
+    p = make_proxy(config_extra="[policy]\nmax_size = 20000\n")
+    c = raw_via(p)
+    caps = c.login("alice", "alicepw")[-1]
+    assert b"ESORT" in caps and b"CONTEXT=" not in caps, caps
+    status = untagged(c.command(b"a", b'STATUS "%s" (MESSAGES RECENT)' % mailbox.encode()))
+    assert len(status) == 1 and status[0].endswith(b" (MESSAGES 3 RECENT 3)\r\n"), status
+    listed = untagged(c.command(b"b", b'LIST "" "%s" RETURN (STATUS (MESSAGES RECENT))' % mailbox.encode()))
+    assert listed[-1].endswith(b"(MESSAGES 3 RECENT 3)\r\n"), listed
+    c.close()
