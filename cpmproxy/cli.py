@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -29,6 +30,13 @@ def start_logging(config: Config, stream=None) -> None:
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])], redirectStandardIO=False)
 
 
+def config_failed(path: str, error: ConfigError) -> str:
+    """The one-line reason a configuration is refused, naming the file once (errors about the file itself,
+    such as "no such file", already start with its name)."""
+    text = str(error)
+    return f"cpmproxy: {text}" if text.startswith(f"{Path(path)}: ") else f"cpmproxy: {path}: {text}"
+
+
 def run(config_path: str) -> int:
     if "twisted.internet.reactor" not in sys.modules:  # (a caller may have installed one already)
         from cpmproxy.reactor import install
@@ -39,9 +47,9 @@ def run(config_path: str) -> int:
     from cpmproxy.proxy.service import ProxyService, check_config
 
     try:
-        config = check_config(config_path)
+        config = check_config(config_path, adopt_sockets=True)
     except ConfigError as e:
-        print(f"cpmproxy: {config_path}: {e}", file=sys.stderr)
+        print(config_failed(config_path, e), file=sys.stderr)
         return 2
     start_logging(config)
     svc = ProxyService(config, reactor)
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             config = check_config(args.config)
             return admin_run(config, args.action, args.user, args.device, args.mailbox)
         except ConfigError as e:
-            print(f"cpmproxy: {e}", file=sys.stderr)
+            print(config_failed(args.config, e), file=sys.stderr)
             return 2
         except Exception as e:  # backend down, login refused...
             print(f"cpmproxy: localdelete {args.action} failed: {e}", file=sys.stderr)
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_config(args.config)
         except ConfigError as e:
-            print(f"cpmproxy: {args.config}: {e}", file=sys.stderr)
+            print(config_failed(args.config, e), file=sys.stderr)
             return 2
         print(f"cpmproxy: {args.config}: configuration OK")
         return 0

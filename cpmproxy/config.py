@@ -201,6 +201,10 @@ def load_config(path: str | Path, plugin_sections: frozenset[str] = frozenset())
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
+    except OSError as e:  # a directory, no permission...
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: {e}") from None
     return parse_config(data, p, plugin_sections)

@@ -45,6 +45,94 @@ def test_check_accepts_good_and_rejects_bad_configs(tmp_path):
     assert r.returncode != 0 and "no such file" in r.stderr
 
 
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """``cpmproxy ARGS`` with no socket passed by systemd (whatever the environment of the tests)."""
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith("LISTEN_")}
+    return subprocess.run([sys.executable, "-m", "cpmproxy.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def _one_line_reason(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode != 0, r
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("cpmproxy: ") and needle in r.stderr, r.stderr
+
+
+def test_unreadable_config_files_get_a_one_line_reason(tmp_path):
+    """A directory, a file that is not UTF-8, a file the user cannot read: --check and a real start both
+    say why in one line (they printed a traceback)."""
+    directory = tmp_path / "dir.toml"
+    directory.mkdir()
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[proxy]\ngreeting = "Gr\xfc\xdfe"\n')
+    cases = {directory: "cannot read: Is a directory", latin1: "not UTF-8 text"}
+    if os.geteuid() != 0:  # (root reads anything)
+        secret = tmp_path / "secret.toml"
+        secret.write_text("[proxy]\n")
+        secret.chmod(0)
+        cases[secret] = "cannot read: Permission denied"
+    for path, needle in cases.items():
+        _one_line_reason(_cli("--config", str(path), "--check"), needle)
+        _one_line_reason(_cli("--config", str(path)), needle)
+        assert _cli("--config", str(path), "--check").stderr.count(str(path)) == 1  # named once
+
+
+def test_systemd_endpoint_checked_without_sockets_and_clear_when_missing(tmp_path):
+    """--check (ExecStartPre, where systemd passes no socket) checks a systemd: endpoint's syntax only; a
+    real start without the socket says so in one line (it said "list index out of range")."""
+    conf = tmp_path / "sd.toml"
+    for desc in ("systemd:domain=INET:index=0", "systemd:domain=INET6:name=imap", "systemd:INET:0",
+                 "haproxy:systemd:domain=INET:index=0"):
+        conf.write_text(f'[proxy]\nlisten = ["{desc}"]\n')
+        r = _cli("--config", str(conf), "--check")
+        assert r.returncode == 0 and "configuration OK" in r.stdout, (desc, r.stderr)
+    for desc, needle in (("systemd:domain=INET", "exactly one of index or name"),
+                         ("systemd:domain=NOPE:index=0", "address family"),
+                         ("systemd:domain=INET:index=x", "index must be a number"),
+                         ("systemd:domain=INET:port=143", "unknown parameter 'port'")):
+        conf.write_text(f'[proxy]\nlisten = ["{desc}"]\n')
+        _one_line_reason(_cli("--config", str(conf), "--check"), needle)
+    conf.write_text('[proxy]\nlisten = ["systemd:domain=INET:index=0"]\n')
+    _one_line_reason(_cli("--config", str(conf)),
+                     "listen endpoint systemd:domain=INET:index=0: no socket passed by systemd "
+                     "(index 0; LISTEN_FDS unset)")
+    conf.write_text('[proxy]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                    '[metrics]\nlisten = "systemd:domain=INET:name=metrics"\n')
+    _one_line_reason(_cli("--config", str(conf)), "no socket passed by systemd (name 'metrics'; ")
+
+
+def test_systemd_socket_activation_serves(tmp_path):
+    """With the socket passed as systemd does (fd 3, LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES), the proxy
+    serves on it."""
+    import socket
+    conf = tmp_path / "sd.toml"
+    conf.write_text('[proxy]\nlisten = ["systemd:domain=INET:index=0"]\n')
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    # (a small launcher does what systemd does: the socket on fd 3, LISTEN_PID naming the process itself)
+    launch = ("import os, sys; fd = int(sys.argv[1]); fd == 3 or (os.dup2(fd, 3), os.close(fd)); "
+              "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='imap'); "
+              "os.execv(sys.executable, [sys.executable, '-m', 'cpmproxy.cli', '--config', sys.argv[2]])")
+    proc = subprocess.Popen([sys.executable, "-c", launch, str(listener.fileno()), str(conf)],
+                            pass_fds=[listener.fileno()], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    listener.close()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+            s.settimeout(15)
+            assert s.recv(200).startswith(b"* OK")
+    except OSError:
+        proc.kill()
+        raise AssertionError(proc.communicate(timeout=10)[0].decode()) from None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0].decode()
+    assert proc.returncode == 0, out
+
+
 def test_example_config_is_valid():
     r = _check(ROOT / "conf" / "cpmproxy.toml")
     assert r.returncode == 0, r.stderr
