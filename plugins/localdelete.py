@@ -2,7 +2,8 @@
 
 Signal (DESIGN.md section 4): capability ``XCPM-LOCALDELETE``; ``STORE ... +FLAGS (\\Deleted $LocalDelete)``
 marks messages, ``-FLAGS`` cancels, EXPUNGE / UID EXPUNGE / CLOSE carry it out. A device whose policy says
-``delete_mode = "local"`` has every ``\\Deleted`` treated as local.
+``delete_mode = "local"`` has every ``\\Deleted`` treated as local, and its expunges never reach the server:
+messages flagged ``\\Deleted`` there by someone else leave that device's view only.
 
 Neither flag nor expunge of those messages reaches the backend: while pending, the flags live in the proxy
 (merged into FETCH FLAGS responses); at expunge, a record is written to the backend as METADATA on the
@@ -37,11 +38,19 @@ from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
-from cpmproxy.imap.tokens import TokenError
+from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, Quoted, TokenError, format_tokens, tokenize
 from cpmproxy.proxy.backend import BackendRefused, Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import PREFIX
-from plugins.policy import _wire_name, iter_metadata, side_examine
+from plugins.policy import (
+    _ONEARG_KEYS,
+    _SEARCHES,
+    _esearch_all,
+    _has_caps,
+    _wire_name,
+    iter_metadata,
+    side_examine,
+)
 
 log = Logger(namespace="cpmproxy.localdelete")
 
@@ -52,12 +61,16 @@ _STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\S+) (\([^)]*\)|\S+)(.*)$",
 _FETCH_FLAGS_RE = re.compile(rb"FLAGS \(([^)]*)\)", re.I)
 _UID_IN_FETCH_RE = re.compile(rb"[( ]UID (\d+)", re.I)
 _SAFE_DEVICE = re.compile(r"[a-z0-9._-]{1,64}")
+_ENCODED_DEVICE = re.compile(r"x(?:[0-9a-f]{2})*")
 
 
 def device_key(device_id: str) -> str:
     """The device id as a METADATA entry name component. Dovecot folds entry names to lower case, so
-    anything but lower-case-safe ids is hex-encoded (devices "A" and "a" must stay apart)."""
-    return device_id if _SAFE_DEVICE.fullmatch(device_id) else "x" + device_id.encode().hex()
+    anything but lower-case-safe ids is hex-encoded (devices "A" and "a" must stay apart). A safe id
+    that looks encoded is encoded too: device "x41" must not get the key of device "A"."""
+    if _SAFE_DEVICE.fullmatch(device_id) and not _ENCODED_DEVICE.fullmatch(device_id):
+        return device_id
+    return "x" + device_id.encode().hex()
 
 
 @dataclass
@@ -228,8 +241,14 @@ class LocalDeletePlugin(Plugin):
             return self._store(session, cmd)
         if name in (b"EXPUNGE", b"CLOSE"):
             st = self.state(session)
+            if self._allowed(session)[1]:
+                return Defer(defer.Deferred.fromCoroutine(self._expunge_as_local(session, st, cmd)))
             if st.pending:
                 return Defer(defer.Deferred.fromCoroutine(self._expunge(session, st, cmd)))
+        if name in _SEARCHES:
+            st = session.state.get(self.name)
+            if st is not None and st.pending:
+                return _search_with_pending(cmd, st.pending)
         return None
 
     def _store(self, session, cmd):
@@ -263,7 +282,7 @@ class LocalDeletePlugin(Plugin):
         policy = self._policy()
         view = await policy.ensure_view(session)
         if view is None:
-            return Answer(b"BAD No mailbox selected.")
+            return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
         try:
             requested = SequenceSet.parse(seqs)
         except SequenceSetError:
@@ -312,11 +331,40 @@ class LocalDeletePlugin(Plugin):
             targets &= set(view.visible_uidset(requested))
         if targets:
             await self._carry_out(session, st, policy, view, mailbox, targets, cmd)
-        # The rest of the command is the view's business (hidden messages stay out of UID EXPUNGE).
-        action = policy.command(session, cmd)
-        while isinstance(action, Defer):
-            action = await action.deferred
-        return action
+        # The rest of the command is the view's business (hidden messages stay out of UID EXPUNGE): the
+        # policy plugin's command hook comes next (command hooks run dependents first).
+        return None
+
+    async def _expunge_as_local(self, session, st: LocalState, cmd):
+        """EXPUNGE / UID EXPUNGE / CLOSE of a ``delete_mode = "local"`` device: nothing is expunged on the
+        server. What the device sees as \\Deleted (its pending marks, and messages someone flagged
+        \\Deleted on the server) leaves its view only, recorded like its own local deletes."""
+        policy = self._policy()
+        view = await policy.ensure_view(session)
+        mailbox = policy.state(session).mailbox
+        if view is None or mailbox is None:
+            return None  # nothing selected: the backend says so
+        if cmd.name == b"CLOSE" and not _has_caps(session, b"UNSELECT"):
+            return Answer(b"NO [CANNOT] This server cannot close without expunging; select another mailbox.")
+        requested = None
+        if cmd.name == b"EXPUNGE" and cmd.uid:
+            try:
+                requested = SequenceSet.parse(cmd.args[0].value)
+            except (SequenceSetError, IndexError, AttributeError, TokenError):
+                # Never passed on: the backend could take it ("$") and expunge for every device.
+                return Answer(b"BAD [CLIENTBUG] Invalid UID set.")
+        reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
+        targets = (set(_esearch_all(reply)) - view.hidden) | st.pending
+        if requested is not None:
+            targets &= set(view.visible_uidset(requested))
+        if targets:
+            await self._carry_out(session, st, policy, view, mailbox, targets, cmd)
+        # The proxy's NOOP / UNSELECT answers as the client's command (policy's tagged hook).
+        if cmd.name == b"CLOSE":
+            cmd.state["tagged_text"] = b"Close completed."
+            return Rewrite(cmd.tag + b" UNSELECT\r\n")
+        cmd.state["tagged_text"] = b"Expunge completed."
+        return Rewrite(cmd.tag + b" NOOP\r\n")
 
     async def _carry_out(self, session, st, policy, view, mailbox, targets, cmd) -> None:
         uidvalidity = policy.state(session).plan.uidvalidity if policy.state(session).plan else 0
@@ -363,6 +411,83 @@ class LocalDeletePlugin(Plugin):
             # The client sent STORE; the backend answered a FETCH or UID STORE: say what the client did.
             return Rewrite(resp.data[:len(cmd.tag) + 1] + b"OK Store completed.\r\n")
         return None
+
+
+def _search_with_pending(cmd, pending: set[int]):
+    """SEARCH / SORT / THREAD: the pending marks are shown to the client as \\Deleted $LocalDelete but the
+    server does not have them, so the criteria about those flags also match (or exclude) their UIDs. Reads
+    ``cmd.line``, which an earlier plugin may have rewritten (UID criteria mean the same in any numbering)."""
+    line = cmd.line
+    upper = line.upper()
+    if b"DELETED" not in upper and KEYWORD not in upper:
+        return None
+    body = line[:-2] if line.endswith(b"\r\n") else line
+    try:
+        tokens = tokenize(body)
+    except TokenError:
+        return None  # the backend answers BAD
+    if _literal_in_parens(tokens):
+        return None  # (the tokens close the parentheses a literal leaves open: not to be sent as they are)
+    start = 3 if len(tokens) > 1 and isinstance(tokens[1], Atom) and tokens[1].upper() == b"UID" else 2
+    criteria = _mark_keys(tokens[start:], SequenceSet.from_iterable(pending).format())
+    if criteria == tokens[start:]:
+        return None
+    return Rewrite(format_tokens(tokens[:start] + criteria) + b"\r\n")
+
+
+def _mark_keys(tokens: list, pending: bytes) -> list:
+    """``tokens`` (search keys) with DELETED, UNDELETED, KEYWORD and UNKEYWORD $LocalDelete extended to
+    the UIDs ``pending``; each replacement is one search key, so NOT and OR keep their meaning."""
+    out = []
+    i = 0
+    uids = [Atom(b"UID"), Atom(pending)]
+    while i < len(tokens):
+        t = tokens[i]
+        i += 1
+        if isinstance(t, ParenList):
+            out.append(ParenList(_mark_keys(t.items, pending)))
+            continue
+        key = t.upper() if isinstance(t, Atom) else None
+        if key == b"DELETED":
+            out += [Atom(b"OR"), t, *uids]
+        elif key == b"UNDELETED":
+            out.append(ParenList([t, Atom(b"NOT"), *uids]))
+        elif key in (b"KEYWORD", b"UNKEYWORD") and i < len(tokens) \
+                and getattr(tokens[i], "value", b"").upper() == KEYWORD:
+            arg = tokens[i]
+            i += 1
+            if key == b"KEYWORD":
+                out += [Atom(b"OR"), t, arg, *uids]
+            else:
+                out.append(ParenList([t, arg, Atom(b"NOT"), *uids]))
+        else:
+            # Arguments are skipped, never taken for keys ("SUBJECT DELETED" is about a subject).
+            n = _key_args(tokens, i - 1, key)
+            out += tokens[i - 1:i + n]
+            i += n
+    return out
+
+
+def _key_args(tokens: list, i: int, key: bytes | None) -> int:
+    """How many arguments the search key at ``tokens[i]`` takes."""
+    if key in _ONEARG_KEYS:
+        return 1
+    if key == b"HEADER":
+        return 2
+    if key == b"MODSEQ":  # MODSEQ ["entry" type] n
+        return 3 if i + 1 < len(tokens) and isinstance(tokens[i + 1], Quoted) else 1
+    return 0
+
+
+def _literal_in_parens(tokens: list) -> bool:
+    last = tokens[-1] if tokens else None
+    while isinstance(last, ParenList):
+        if not last.items:
+            return False
+        if isinstance(last.items[-1], LiteralRef):
+            return True
+        last = last.items[-1]
+    return False
 
 
 def _parse_records(lines: list[bytes], prefix: str) -> dict[str, tuple[int, SequenceSet]]:

@@ -12,6 +12,8 @@ import threading
 import uuid
 from pathlib import Path
 
+import pytest
+
 from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import make_object
 from tests.proxyfix import raw_via
@@ -405,3 +407,141 @@ def test_refused_mark_writes_no_record_and_is_tried_again():
     assert session.sent[1] == session.sent[0] and session.sent[2].startswith(b"SETMETADATA INBOX (")
     defer.Deferred.fromCoroutine(plugin._write(session, "INBOX", 7, {3})).addBoth(done.append)
     assert len(session.sent) == 4 and session.sent[3].startswith(b"SETMETADATA INBOX (")  # marked once
+
+
+def test_device_keys_are_distinct_and_ordinary_ones_unchanged():
+    from plugins.localdelete import device_key
+
+    assert [device_key(d) for d in ("phone-1", "a", "tablet.2", "A")] == ["phone-1", "a", "tablet.2", "x41"]
+    ids = ["A", "x41", "x", "", "x78", "dev-A", "x6465762d41", "xyz", "x4"]
+    keys = [device_key(d) for d in ids]
+    assert len(set(keys)) == len(ids), dict(zip(ids, keys, strict=True))
+    assert device_key("xyz") == "xyz" and device_key("x4") == "x4"  # (not the encoded form: kept)
+
+
+def test_device_whose_id_looks_encoded_is_another_device(make_proxy, dovecot):
+    """Device "dev-A" is keyed by its hex form; a device whose id is that very form is someone else."""
+    folder, uids = folder_with(dovecot, 2)
+    dev = "Dev-" + uuid.uuid4().hex[:6]
+    lookalike = "x" + dev.encode().hex()
+    p = make_proxy()
+    a = device(p, dev)
+    select(a, folder)
+    a.command(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % uids[0])
+    assert a.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    assert uids_seen(a) == uids[1:]
+    other = device(p, lookalike)
+    assert select(other, folder) == 2
+    assert uids_seen(other) == uids
+    a.close()
+    other.close()
+
+
+def flag_on_server(dovecot, folder: str, uid: int, user: str = "alice") -> None:
+    d = dovecot.imap_direct(user, tls="none")
+    d.select_folder(folder)
+    d.add_flags([uid], [b"\\Deleted"])
+    d.logout()
+
+
+@pytest.mark.parametrize("expunge", [b"EXPUNGE", b"UID EXPUNGE %d:%d", b"CLOSE"])
+def test_delete_mode_local_device_never_expunges_on_server(make_proxy, dovecot, expunge):
+    """A message someone flagged \\Deleted on the server leaves only the view of a delete_mode = "local"
+    device that expunges; with it goes the device's own pending delete. Other devices keep both."""
+    folder, uids = folder_with(dovecot, 4)
+    p = make_proxy(config_extra='[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n')
+    a, b = device(p, "old-phone"), device(p, "B")
+    select(a, folder)
+    select(b, folder)
+    flag_on_server(dovecot, folder, uids[1])
+    a.command(b"n", b"NOOP")
+    a.command(b"d", b"STORE 3 +FLAGS.SILENT (\\Deleted)")
+    if b"%d" in expunge:
+        expunge %= (uids[1], uids[2])
+    r = a.command(b"e", expunge)
+    assert r[-1].startswith(b"e OK"), r
+    if expunge == b"CLOSE":
+        assert select(a, folder) == 2
+    else:
+        model = list(uids)
+        for n in [int(x.split()[1]) for x in r if x.endswith(b"EXPUNGE\r\n")]:
+            del model[n - 1]
+        assert model == [uids[0], uids[3]]
+    assert uids_seen(a) == [uids[0], uids[3]]
+    server = server_state(dovecot, folder)
+    assert set(server) == set(uids) and b"\\Deleted" in server[uids[1]]
+    assert b"\\Deleted" not in server[uids[2]]
+    assert uids_seen(b) == uids
+    assert select(device(make_proxy(), "old-phone"), folder) == 2  # recorded, as its own local deletes
+    a.close()
+    b.close()
+
+
+def search(c: RawIMAP, criteria: bytes) -> bytes:
+    r = c.command(b"q", criteria)
+    assert r[-1].startswith(b"q OK"), r
+    return b"".join(x for x in r if x.startswith((b"* SEARCH", b"* ESEARCH", b"* SORT"))).rstrip(b"\r\n")
+
+
+def test_search_agrees_with_pending_local_deletes(make_proxy, dovecot):
+    """A pending local delete is shown as \\Deleted $LocalDelete (the server has neither): SEARCH matches
+    what the client is shown."""
+    folder, uids = folder_with(dovecot, 4)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    a.command(b"l", b"STORE 2 +FLAGS.SILENT (\\Deleted $LocalDelete)")
+    a.command(b"r", b"STORE 4 +FLAGS.SILENT (\\Deleted)")
+    assert search(a, b"SEARCH DELETED") == b"* SEARCH 2 4"
+    assert search(a, b"SEARCH UNDELETED") == b"* SEARCH 1 3"
+    assert search(a, b"SEARCH NOT DELETED") == b"* SEARCH 1 3"
+    assert search(a, b"SEARCH OR DELETED 1") == b"* SEARCH 1 2 4"
+    assert search(a, b"SEARCH 1:3 (UNDELETED)") == b"* SEARCH 1 3"
+    assert search(a, b"UID SEARCH DELETED") == b"* SEARCH %d %d" % (uids[1], uids[3])
+    assert search(a, b"SEARCH keyword $localdelete") == b"* SEARCH 2"
+    assert search(a, b"SEARCH UNKEYWORD $LocalDelete") == b"* SEARCH 1 3 4"
+    assert search(a, b"UID SEARCH RETURN (COUNT) KEYWORD $LocalDelete") == b'* ESEARCH (TAG "q") UID COUNT 1'
+    assert search(a, b"SEARCH SUBJECT DELETED") == b"* SEARCH"  # an argument, not a key
+    assert search(a, b"SORT (ARRIVAL) UTF-8 DELETED") == b"* SORT 2 4"
+    assert search(a, b"SEARCH DELETED TEXT {9+}\r\nmessage 1") == b"* SEARCH 2"  # (a literal after the keys)
+    a.command(b"c", b"STORE 2 -FLAGS.SILENT ($LocalDelete \\Deleted)")
+    assert search(a, b"SEARCH DELETED") == b"* SEARCH 4"
+    a.close()
+
+
+def test_search_pending_local_deletes_in_a_filtered_view(make_proxy, dovecot):
+    """The same where the view hides a message (an earlier local delete): sequence sets and ESEARCH
+    counts are the view's: the policy's rewrite of the same line composes with this plugin's."""
+    folder, uids = folder_with(dovecot, 5)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    a.command(b"h", b"STORE 1 +FLAGS.SILENT (\\Deleted $LocalDelete)")
+    a.command(b"e", b"EXPUNGE")  # the view: uids[1:] as 1..4
+    a.command(b"l", b"STORE 1 +FLAGS.SILENT (\\Deleted $LocalDelete)")
+    a.command(b"r", b"STORE 3 +FLAGS.SILENT (\\Deleted)")
+    assert search(a, b"SEARCH DELETED") == b"* SEARCH 1 3"
+    assert search(a, b"SEARCH UNDELETED") == b"* SEARCH 2 4"
+    assert search(a, b"UID SEARCH DELETED") == b"* SEARCH %d %d" % (uids[1], uids[3])
+    assert search(a, b"SEARCH 2:4 DELETED") == b"* SEARCH 3"
+    assert search(a, b"SEARCH RETURN (COUNT) DELETED") == b'* ESEARCH (TAG "q") COUNT 2'
+    a.close()
+
+
+def test_local_delete_whatever_the_configured_plugin_order(make_proxy, dovecot):
+    """Command hooks run dependents first: with ``plugins = ["policy", "localdelete"]`` too, local delete
+    takes its STORE and EXPUNGE before the view renumbers or carries them out (in a view that hides a
+    message: the policy rewrites those commands there)."""
+    folder, uids = folder_with(dovecot, 3)
+    big = dovecot.deliver("alice", folder, make_object("chat", size=60000))
+    p = make_proxy(plugins=["policy", "localdelete"], config_extra="[policy]\nmax_size = 20000\n")
+    a = device(p, "A")
+    assert select(a, folder) == 3
+    r = a.command(b"d", b"STORE 2 +FLAGS (\\Deleted $LocalDelete)")
+    assert r[-1].startswith(b"d OK"), r
+    r = a.command(b"e", b"EXPUNGE")
+    assert r[0] == b"* 2 EXPUNGE\r\n" and r[-1].startswith(b"e OK"), r
+    flags = server_state(dovecot, folder)
+    assert set(flags) == set(uids) | {big}
+    assert b"\\Deleted" not in flags[uids[1]] and not any(f.lower() == b"$localdelete" for f in flags[uids[1]])
+    a.close()
