@@ -238,9 +238,11 @@ class PolicySession:
     view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
     mailbox: str | None = None
     reapply: bool = False                # preferences changed: re-apply them before the next command
+    qresync: bool = False                # the client ENABLEd QRESYNC: VANISHED instead of EXPUNGE
     growing_to: int | None = None        # the EXISTS whose new messages were just classified (_grow_view)
     # Unsolicited STATUS (NOTIFY) adjustments computed while the response was held, by mailbox.
     unsolicited_status: dict[str, Any] = field(default_factory=dict)
+    metadata_hold: dict | None = None  # a METADATA response held to be read whole (_metadata_response)
 
 
 MAX_UID = 4294967295  # RFC 9051: UIDs are non-zero 32-bit numbers
@@ -249,6 +251,7 @@ _MAILBOX_ARG = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"APPEN
                 b"SUBSCRIBE": 0, b"UNSUBSCRIBE": 0, b"CREATE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1}
 _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 _SEARCHES = frozenset((b"SEARCH", b"SORT", b"THREAD"))
+_SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT", b"THREAD"))  # (unless UID)
 # FETCH items that set \Seen (RFC 9051 6.4.5): BODY[...] and BINARY[...] without .PEEK, RFC822, RFC822.TEXT.
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
@@ -487,7 +490,9 @@ class PolicyPlugin(Plugin):
 
     def command(self, session, cmd):
         st = self.state(session)
-        if st.reapply:
+        if st.reapply and (cmd.uid or cmd.name not in _SEQ_USING):
+            # (Not before a command that names messages by number, which the client wrote in the numbers
+            # it knows, and during which no EXPUNGE may be sent: RFC 9051 7.5.1.)
             st.reapply = False
             return Defer(defer.Deferred.fromCoroutine(self._reapply_then(session, st, cmd)))
         name = cmd.name
@@ -871,7 +876,7 @@ class PolicyPlugin(Plugin):
         if name == b"STATUS":
             return self._status_response(session, st, resp)
         if name == b"METADATA":
-            return self._metadata_response(resp)
+            return self._metadata_response(session, st, resp)
         view = st.view
         if view is None:
             return None
@@ -968,6 +973,15 @@ class PolicyPlugin(Plugin):
             return Rewrite(cmd.tag + b" OK " + (b"[" + code + b"] " if code else b"") + cmd.state["tagged_text"]
                            + b"\r\n")
         self._tagged_done(session, st, cmd, status)
+        view = st.view
+        if status == b"OK" and view is not None and not view.identity and (
+                "vanished_in" in cmd.state or (cmd.name in (b"SELECT", b"EXAMINE") and b"QRESYNC" in cmd.line.upper())):
+            # A QRESYNC resync (RFC 7162 3.2.5, 3.6): messages hidden from the device since it last saw
+            # them are gone for it. (VANISHED (EARLIER) may name UIDs the client never knew.)
+            known = cmd.state.get("vanished_in") or _qresync_known(cmd, view)
+            gone = view.hidden_uids & known if known is not None else None
+            if gone:
+                return Rewrite(b"* VANISHED (EARLIER) " + gone.format() + b"\r\n" + resp.data)
         code = resp.head.code
         if code is not None and code[:9].upper() == b"MODIFIED " and not cmd.uid and st.view is not None \
                 and not st.view.identity:
@@ -987,6 +1001,8 @@ class PolicyPlugin(Plugin):
             st.mailbox = None
         elif cmd.name == b"SETMETADATA" and status == b"OK" and "prefs" in cmd.state:
             self._prefs_changed(session, cmd.state["prefs"])
+        elif cmd.name == b"ENABLE" and status == b"OK" and b"QRESYNC" in cmd.line.upper():
+            st.qresync = True
         return None
 
     # -- sequence-number arithmetic on commands ---------------------------------------------------
@@ -1008,10 +1024,15 @@ class PolicyPlugin(Plugin):
                 allowed = view.visible_uidset(requested)
                 # A FETCH of a body section without .PEEK sets \Seen: hidden messages must not get it.
                 reads = name == b"FETCH" and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is not None
+                if name == b"FETCH" and b"VANISHED" in cmd.line[m.end(2):].upper():
+                    # (CHANGEDSINCE n VANISHED, RFC 7162 3.6: the hidden ones among them have vanished)
+                    cmd.state["vanished_in"] = SequenceSet.from_canonical(requested.resolve(view.max_uid).ranges)
                 if not allowed:
                     if name == b"FETCH" and not reads:
                         return None  # nothing visible: the backend answers with nothing, which is right
-                    return Answer(b"OK " + name + b" completed (no visible messages).")
+                    gone = view.hidden_uids & cmd.state["vanished_in"] if "vanished_in" in cmd.state else None
+                    return Answer(b"OK " + name + b" completed (no visible messages).",
+                                  [b"* VANISHED (EARLIER) " + gone.format() + b"\r\n"] if gone else [])
                 if name == b"FETCH" and not reads:
                     # Responses of hidden messages are dropped; only "*" needs help when the last message
                     # is hidden: the client's "n:*" still reaches its last visible message.
@@ -1377,28 +1398,24 @@ class PolicyPlugin(Plugin):
                 st.folders.pop(name, None)
             st.pref_folders = set(names) if replace else st.pref_folders | names
 
-    def _metadata_response(self, resp):
+    def _metadata_response(self, session, st: PolicySession, resp):
+        """``* METADATA``: the proxy's own entries under the vendor prefix are taken out one by one (only the
+        CPM preferences are the user's, DESIGN.md section 4); none left: no response at all. Dovecot sends
+        values as literals, so a response is several segments: it is held until all of it is in, filtered
+        whole, and sent in its place (``Drop(data)``), or as it was if nothing in it is ours."""
         data = resp.data
-        if b"vendor.cpmproxy" not in data.lower():
-            return None
-        try:
-            tokens = tokenize(data.rstrip(b"\r\n"))
-        except TokenError:
-            return None
-        if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
-            return None
-        items = tokens[3].items
-        kept = []
-        for j in range(0, len(items) - 1, 2):
-            key = pref_key((_token_text(items[j]) or b"").decode("utf-8", "replace"))
-            if key is not None and key not in PREFERENCES and key != "":
-                continue
-            kept += [items[j], items[j + 1]]
-        if len(kept) == len(items):
-            return None
-        if not kept:
-            return Drop()
-        return Rewrite(format_tokens(tokens[:3] + [ParenList(kept)]) + b"\r\n")
+        if _LITERAL_END_RE.search(data) is None:  # one line: the whole response
+            new = filter_metadata_response(data)
+            return None if new is data else Drop(new)
+        box = st.metadata_hold
+        if box is not None and box["first"] == data:  # the hooks' run after our hold: the verdict
+            st.metadata_hold = None
+            if "whole" not in box:
+                return Drop()  # (not read whole: the session is ending, or a bug; never shown unfiltered)
+            new = filter_metadata_response(box["whole"])
+            return None if new is box["whole"] else Drop(new)
+        st.metadata_hold = box = {"first": data}
+        return Hold(defer.Deferred.fromCoroutine(_read_held_response(session, box)))
 
     def observe_prefs(self, user: str, mailbox: str, prefs: dict[str, str]) -> bool:
         """The user's preferences as read from the backend now (``mailbox`` "" for account-wide ones),
@@ -1465,6 +1482,11 @@ class PolicyPlugin(Plugin):
 
     async def _recompute(self, session, st: PolicySession) -> None:
         mailbox = st.mailbox
+        if self.folder_hidden(st, mailbox):
+            # The selected folder itself is no longer synchronized: gone for this device, as a mailbox
+            # deleted while selected is for Dovecot's clients (BYE).
+            session.bye(b"The selected mailbox is no longer synchronized to this device.", code=b"NONEXISTENT")
+            return
         kinds, max_size, max_age = self._criteria(st, mailbox)
         uidvalidity = st.plan.uidvalidity if st.plan else await _uidvalidity(session, mailbox)
         extra = st.plan.extra if st.plan else SequenceSet.empty()
@@ -1479,9 +1501,15 @@ class PolicyPlugin(Plugin):
         if st.view is None:
             st.view = MailboxView(uids, set())
         view = st.view
+        newly = SequenceSet.from_iterable(sorted(hidden - view.hidden))  # (UIDs of this very listing)
         gone = view.hide(hidden)
         back = view.unhide_tail(view.hidden - hidden)
-        out = b"".join(b"* %d EXPUNGE\r\n" % n for n in gone)
+        if not gone:
+            out = b""
+        elif st.qresync:  # (RFC 7162 3.2.10: no EXPUNGE once QRESYNC is enabled)
+            out = b"* VANISHED " + newly.format() + b"\r\n"
+        else:
+            out = b"".join(b"* %d EXPUNGE\r\n" % n for n in gone)
         if back:
             out += b"* %d EXISTS\r\n" % view.exists
         if out:
@@ -1658,6 +1686,55 @@ def iter_metadata(lines: list[bytes]):
                 yield raw, (_token_text(items[j]) or b"").decode("utf-8", "replace"), value
 
 
+_LITERAL_END_RE = re.compile(rb"\{[0-9]+\}\r?\n\Z")
+
+
+async def _read_held_response(session, box: dict) -> None:
+    """Keep the response held on its first segment in ``box["whole"]`` once it is all held (a value may
+    be a large literal, over several reads)."""
+    box["whole"] = await session.held_response_whole()
+
+
+def _entry_visible(tok) -> bool:
+    """A METADATA entry a client may see: anything outside the vendor prefix, and the CPM preferences."""
+    name = _token_text(tok)
+    if name is None:
+        return False
+    key = pref_key(name.decode("utf-8", "replace"))
+    return key is None or key in PREFERENCES
+
+
+def filter_metadata_response(data: bytes) -> bytes | None:
+    """One whole ``* METADATA`` response (literals inline, CRLF included) without the entries clients may
+    not see: ``data`` itself if none is there, None if nothing remains (or if it cannot be read and names
+    the vendor prefix: never shown unfiltered). Both forms: ``(entry value ...)`` and the unsolicited
+    list of entry names (RFC 5464 section 4.4)."""
+    if b"vendor.cpmproxy" not in data.lower():
+        return data
+    try:
+        tokens = tokenize(data[:-2] if data.endswith(b"\r\n") else data.rstrip(b"\n"))
+    except TokenError:
+        return None
+    if len(tokens) < 4:
+        return None
+    if len(tokens) == 4 and isinstance(tokens[3], ParenList):
+        items = tokens[3].items
+        if len(items) % 2:
+            return None
+        kept = []
+        for j in range(0, len(items), 2):
+            if _entry_visible(items[j]):
+                kept += items[j:j + 2]
+        if len(kept) == len(items):
+            return data
+        return format_tokens(tokens[:3] + [ParenList(kept)]) + b"\r\n" if kept else None
+    names = tokens[3:]
+    kept = [t for t in names if _entry_visible(t)]
+    if len(kept) == len(names):
+        return data
+    return format_tokens(tokens[:3] + kept) + b"\r\n" if kept else None
+
+
 _PREF_FOLDERS = pref_entry("folders") + "/"
 
 
@@ -1746,6 +1823,27 @@ def _oldest(session, names) :
     for c in session.inflight_commands():
         if c.name in names:
             return c
+    return None
+
+
+def _qresync_known(cmd, view: MailboxView) -> SequenceSet | None:
+    """The UIDs a ``SELECT mbox (QRESYNC (uidvalidity modseq [known-uids ...]))`` says the client knows
+    (all up to the last one if it does not say); None without QRESYNC data for this UIDVALIDITY."""
+    try:
+        args = cmd.args
+    except TokenError:
+        return None
+    params = args[1].items if len(args) > 1 and isinstance(args[1], ParenList) else []
+    for i, t in enumerate(params[:-1]):
+        if isinstance(t, Atom) and t.upper() == b"QRESYNC" and isinstance(params[i + 1], ParenList):
+            q = [_token_text(x) or b"" for x in params[i + 1].items if not isinstance(x, ParenList)]
+            if len(q) < 2 or not q[0].isdigit():
+                return None
+            try:
+                known = SequenceSet.parse(q[2]) if len(q) > 2 else SequenceSet.parse(b"1:%d" % max(view.max_uid, 1))
+            except SequenceSetError:
+                return None
+            return SequenceSet.from_canonical(known.resolve(view.max_uid).ranges)
     return None
 
 

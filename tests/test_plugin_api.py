@@ -16,7 +16,7 @@ from collections import deque
 
 from twisted.internet import defer, reactor, task
 
-from cpmproxy.proxy.hooks import Answer, Defer, Hold, Plugin
+from cpmproxy.proxy.hooks import Answer, Defer, Hold, Plugin, Rewrite
 
 
 class DecidePlugin(Plugin):
@@ -94,11 +94,55 @@ class BuggyPlugin(Plugin):
             session.state[self.name] = b"bugresponse"  # (raises when the hold is over)
             return Hold(task.deferLater(reactor, 0.1, lambda: None))
         return None
+
+
+def _mailbox(cmd):
+    return cmd.args[0].value if cmd.args else None
+
+
+class FirstRewriter(Plugin):
+    """Makes STATUS of "alias-a" a STATUS of "alias-b": at once, later (tag late*), or decides otherwise:
+    an answer (answer*, at once or later), a pass decided later (passlater*)."""
+    name = "rewritea"
+
+    def command(self, session, cmd):
+        if cmd.name != b"STATUS" or _mailbox(cmd) != b"alias-a":
+            return None
+        new = cmd.line.replace(b"alias-a", b"alias-b")
+        if cmd.tag.startswith(b"answerlater"):
+            return Defer(task.deferLater(reactor, 0.1, Answer, b"OK answered by the first, later"))
+        if cmd.tag.startswith(b"answer"):
+            return Answer(b"OK answered by the first")
+        if cmd.tag.startswith(b"passlater"):
+            return Defer(task.deferLater(reactor, 0.1, lambda: None))
+        if cmd.tag.startswith(b"late"):
+            return Defer(task.deferLater(reactor, 0.1, Rewrite, new))
+        return Rewrite(new)
+
+
+class SecondRewriter(Plugin):
+    """Makes STATUS of "alias-b" a STATUS of INBOX, deciding later for tags *deferb; remembers the STATUS
+    commands it was shown (name, UID, mailbox, line), told by a NOOP tagged "shown"."""
+    name = "rewriteb"
+
+    def command(self, session, cmd):
+        shown = session.state.setdefault(self.name, [])
+        if cmd.name == b"NOOP" and cmd.tag == b"shown":
+            return Answer(b"OK shown " + b"|".join(shown))
+        if cmd.name != b"STATUS":
+            return None
+        shown.append(b"%s %s" % (cmd.tag, _mailbox(cmd)))
+        if _mailbox(cmd) != b"alias-b":
+            return None
+        new = Rewrite(cmd.line.replace(b"alias-b", b"INBOX"))
+        if cmd.tag.endswith(b"deferb"):
+            return Defer(task.deferLater(reactor, 0.05, lambda: new))
+        return new
 '''
 
 
-@pytest.fixture
-def decide_proxy(make_proxy, tmp_path, monkeypatch):
+def install_plugins(tmp_path, monkeypatch) -> None:
+    """The plugins above as a package installs them: an entry point in a dist-info on the path."""
     site = tmp_path / "site"
     (site / "cpmdecide").mkdir(parents=True)
     (site / "cpmdecide" / "__init__.py").write_text(textwrap.dedent(PLUGIN))
@@ -106,9 +150,22 @@ def decide_proxy(make_proxy, tmp_path, monkeypatch):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cpmdecide\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[cpmproxy.plugins]\ndecide = cpmdecide:DecidePlugin\n"
-                                           "buggy = cpmdecide:BuggyPlugin\n")
+                                           "buggy = cpmdecide:BuggyPlugin\nrewritea = cpmdecide:FirstRewriter\n"
+                                           "rewriteb = cpmdecide:SecondRewriter\n")
     monkeypatch.setenv("PYTHONPATH", str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+@pytest.fixture
+def decide_proxy(make_proxy, tmp_path, monkeypatch):
+    install_plugins(tmp_path, monkeypatch)
     return make_proxy(plugins=["readreport", "decide", "buggy"])
+
+
+@pytest.fixture
+def compose_proxy(make_proxy, tmp_path, monkeypatch):
+    """The two plugins that rewrite STATUS commands, ``rewritea`` first."""
+    install_plugins(tmp_path, monkeypatch)
+    return make_proxy(plugins=["rewritea", "rewriteb"])
 
 
 def metrics_of(proxy) -> bytes:
@@ -216,3 +273,32 @@ def test_local_answers_wait_behind_earlier_commands_and_are_bounded(make_proxy):
     assert tagged == [b"i1", *tags]
     c.close()
     assert still_serving(p)
+
+
+def test_rewrites_of_several_plugins_compose(compose_proxy):
+    """A plugin after one that rewrote a command sees the rewritten command (parsed anew: its name and
+    arguments), and the last rewrite goes to the backend; also when either decides later (Defer), and when
+    the first defers and then passes. An Answer (at once or later) ends the chain: the second never sees
+    that command."""
+    c = raw_via(compose_proxy)
+    c.login("alice", "alicepw")
+    tags = [b"now", b"late", b"nowdeferb", b"latedeferb"]
+    for tag in tags:
+        r = c.command(tag, b'STATUS "alias-a" (MESSAGES)')
+        assert r[0].startswith(b"* STATUS INBOX (MESSAGES "), (tag, r)  # alias-a -> alias-b -> INBOX
+        assert r[-1].startswith(tag + b" OK"), (tag, r)
+    r = c.command(b"passlater", b'STATUS "alias-a" (MESSAGES)')
+    assert r[-1].startswith(b"passlater NO"), r  # (Dovecot: no such mailbox)
+    assert c.command(b"answer", b'STATUS "alias-a" (MESSAGES)') == [b"answer OK answered by the first\r\n"]
+    assert c.command(b"answerlater", b'STATUS "alias-a" (MESSAGES)') == [
+        b"answerlater OK answered by the first, later\r\n"]
+    # Pipelined, mixed: order kept.
+    c.send(b"".join(t + b' STATUS "alias-a" (MESSAGES)\r\n' for t in (b"p1late", b"p2", b"p3latedeferb")))
+    tagged = [line for line in (c.read_response() for _ in range(6)) if not line.startswith(b"*")]
+    assert [t.split(b" ")[:2] for t in tagged] == [[b"p1late", b"OK"], [b"p2", b"OK"], [b"p3latedeferb", b"OK"]]
+    shown = c.command(b"shown", b"NOOP")[-1]
+    assert shown == (b"shown OK shown now alias-b|late alias-b|nowdeferb alias-b|latedeferb alias-b|"
+                     b"passlater alias-a|p1late alias-b|p2 alias-b|p3latedeferb alias-b\r\n")
+    c.close()
+    assert still_serving(compose_proxy)
+    assert b"cpmproxy_internal_errors_total 0.0" in metrics_of(compose_proxy)

@@ -100,8 +100,36 @@ def test_unknown_command_after_login_is_backend_bad(proxy):
     with raw_via(proxy) as c:
         c.login("alice", "alicepw")
         r = c.command(b"u", b"XYZZY FOO")
-        assert r[-1].startswith(b"u BAD")
+        assert r[-1].startswith(b"u BAD [CLIENTBUG] Error in IMAP command XYZZY: Unknown command"), r
         assert c.command(b"v", b"NOOP")[-1].startswith(b"v OK")
+
+
+def test_every_tagged_bad_after_login_has_a_response_code(proxy):
+    """DESIGN.md section 7: Dovecot's BADs (it gives them no response code) reach the client with
+    [CLIENTBUG]; the proxy's own BADs carry a code; a BAD that has one, and NO and OK, are left alone."""
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        r = c.command(b"a", b"FROBNICATE")
+        assert r[-1].startswith(b"a BAD [CLIENTBUG] Error in IMAP command FROBNICATE: Unknown command"), r
+        r = c.command(b"b", b"FETCH 1:* FLAGS")  # nothing selected: Dovecot's answer
+        assert r[-1].startswith(b"b BAD [CLIENTBUG] No mailbox selected"), r
+        r = c.command(b"c", b"UID STORE 1 +FLAGS (\\Deleted $LocalDelete)")  # the localdelete plugin's own
+        assert r[-1] == b"c BAD [CLIENTBUG] No mailbox selected.\r\n", r
+        r = c.command(b"d", b"DELETE INBOX")  # a NO without a code is legitimate: as Dovecot sent it
+        assert r[-1].startswith(b"d NO ") and b"[" not in r[-1], r
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK [READ-WRITE]")
+        r = c.command(b"e", b"FETCH 1:* (FLAGS")
+        assert r[-1].startswith(b"e BAD [CLIENTBUG] Error in IMAP command FETCH: Missing ')'"), r
+        c.send(b"a APPEND INBOX {999999999999}\r\n")  # the proxy's own BAD with a code: not a second one
+        line = c.read_line()
+        assert line.startswith(b"a BAD [TOOBIG] ") and b"[CLIENTBUG]" not in line, line
+        # Pipelined: each BAD gets its code, the others are left alone.
+        c.send(b'p1 FROBNICATE\r\np2 LIST "" INBOX\r\np3 FETCH 1 (FLAGS\r\np4 CAPABILITY\r\n')
+        got = c.until_tagged(b"p4")
+        tagged = {line[:2]: line.split(b" ", 3)[1:3] for line in got if line[:1] == b"p"}
+        assert tagged == {b"p1": [b"BAD", b"[CLIENTBUG]"], b"p2": [b"OK", b"List"],
+                          b"p3": [b"BAD", b"[CLIENTBUG]"], b"p4": [b"OK", b"Capability"]}, got
+    assert still_serving(proxy)
 
 
 def test_tls_handshake_garbage(make_proxy, proxy_certs):

@@ -16,11 +16,19 @@ Hooks, in the order a session meets them:
     A client command (first segment, tokenizable via ``cmd.args``). Return ``Rewrite(line)`` to forward
     other bytes, ``Answer(...)`` to answer it locally (it never reaches the backend), ``Defer(d)`` to
     decide later, ``Collect()`` to see the command's literals first, or None to pass it on unchanged.
+    Plugins are asked in configured order and rewrites compose: the plugins after a ``Rewrite`` see the
+    command it makes (parsed anew; same tag, ``cmd.state`` shared) and the last rewrite goes to the backend.
+    ``Answer`` and ``Collect`` end the chain. A ``Defer`` ends it until its Deferred fires: a ``Rewrite``
+    or None from it goes on to the plugins after it, an ``Answer`` ends it. A plugin that reads the client's
+    sequence numbers must come before ``policy`` (which rewrites them into the backend's).
 ``response(session, resp) -> Action | None``
     A text segment of an untagged backend response (``resp.first`` for the first one; with
     ``response_names`` set, only of responses so named). ``Drop()`` on a first
     segment drops the whole response, literals included; ``Rewrite(data)`` replaces the segment;
-    ``Hold(d)`` on a first segment holds this and every later response until ``d`` fires.
+    ``Hold(d)`` on a first segment holds this and every later response until ``d`` fires; meanwhile
+    ``session.held_response_whole()`` fires with the held response whole (literals included) once all of it is in,
+    and ``Drop(data)`` on the hooks' run after the hold sends ``data`` in its place (a response filtered
+    whole, where a part to take out is a literal).
 ``tagged(session, cmd, resp) -> Action | None``
     The tagged completion of a client command (after its untagged responses went through ``response``).
 ``selected(session, mailbox)``
@@ -64,12 +72,17 @@ class Action:
 
 @dataclass(slots=True)
 class Rewrite(Action):
+    """Other bytes in place of a command's first segment (the plugins after this one see the command it
+    makes) or of a response segment (the plugins after this one see ``data``)."""
     data: bytes
 
 
 @dataclass(slots=True)
 class Drop(Action):
-    pass
+    """From ``response``: drop the segment; on a first segment the whole response, literals included.
+    ``data`` (first segment only): whole untagged responses (CRLF included) to send in its place, e.g. a
+    response filtered after a ``Hold`` let the plugin read all of it (``session.held_response_whole()``)."""
+    data: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -92,7 +105,8 @@ class Collect(Action):
 
 @dataclass(slots=True)
 class Defer(Action):
-    """The decision comes later: ``deferred`` fires with another Action (or None for pass)."""
+    """The decision comes later: ``deferred`` fires with another Action (or None for pass); a Rewrite or
+    None goes on to the plugins after this one (see ``command``)."""
     deferred: "Deferred[Action | None]"
 
 

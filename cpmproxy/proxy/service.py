@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib
 import ipaddress
+import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ def available_plugins() -> dict[str, type[Plugin]]:
 @dataclass
 class HookTable:
     """For each hook, the enabled plugins that implement it, in configured order; login hooks in dependency
-    order (a plugin's after those of the plugins it ``requires``: they set up the state it reads)."""
+    order (a plugin's after those of the plugins it ``requires``: they set up the state it reads), command
+    hooks the other way round (a plugin sees a command before the plugins it builds on: local delete must
+    take its STORE and EXPUNGE before the view renumbers or carries them out)."""
     plugins: list[Plugin] = field(default_factory=list)
     capabilities: list[Plugin] = field(default_factory=list)
     login: list[Plugin] = field(default_factory=list)
@@ -64,6 +67,7 @@ class HookTable:
             setattr(table, hook, [p for p in plugins if overrides(p, hook)])
         table.response_continuations = [p for p in table.response if p.response_continuations]
         table.login = _dependencies_first(table.login)
+        table.command = _dependencies_first(table.command[::-1])[::-1]
         table.by_name = {p.name: p for p in plugins}
         return table
 
@@ -141,22 +145,94 @@ def load_plugins(config: Config, proxy) -> list[Plugin]:
     return plugins
 
 
-def check_config(path: str) -> Config:
-    """Load and validate a config, plugins included; raises ConfigError."""
+def check_config(path: str, adopt_sockets: bool = False) -> Config:
+    """Load and validate a config, plugins included; raises ConfigError. ``systemd:`` endpoints are checked
+    for their syntax only, unless ``adopt_sockets`` (starting for real): then the sockets systemd passed must
+    be there (``--check`` in ExecStartPre runs without them)."""
     config = load_config(path, plugin_sections())
     load_plugins(config, None)
     _server_tls(config)
     for desc in config.proxy["listen"] + ([config.metrics["listen"]] if config.metrics["listen"] else []):
-        _check_endpoint(desc)
+        _check_endpoint(desc, adopt_sockets)
     return config
 
 
-def _check_endpoint(desc: str) -> None:
+def _check_endpoint(desc: str, adopt_sockets: bool = True) -> None:
     from twisted.internet import reactor
+    params = _systemd_params(desc)
+    if params is not None and not adopt_sockets:
+        return
+    server_endpoint(reactor, desc, params)
+
+
+def server_endpoint(reactor, desc: str, params: dict[str, str] | None = None):
+    """The server endpoint ``desc`` describes; raises ConfigError with the reason. (Twisted's own errors
+    for a ``systemd:`` endpoint whose socket was not passed say "list index out of range".)"""
+    params = _systemd_params(desc) if params is None else params
+    if params is not None:
+        _check_inherited(desc, params)
     try:
-        serverFromString(reactor, desc)
+        return serverFromString(reactor, desc)
     except Exception as e:
         raise ConfigError(f"invalid endpoint {desc!r}: {e}") from None
+
+
+_SYSTEMD_PARAMS = ("domain", "index", "name")
+
+
+def _systemd_params(desc: str) -> dict[str, str] | None:
+    """The parameters of a ``systemd:`` endpoint (also behind ``haproxy:``), checked as Twisted's parser
+    takes them, without the sockets; None for any other endpoint."""
+    inner = desc
+    while inner.startswith("haproxy:"):
+        inner = inner[len("haproxy:"):]
+    if not inner.startswith("systemd:"):
+        return None
+    args, params = [], {}
+    for part in inner.split(":")[1:]:
+        key, eq, value = part.partition("=")
+        if not eq:
+            args.append(part)
+        elif key not in _SYSTEMD_PARAMS or key in params:
+            raise ConfigError(f"invalid endpoint {desc!r}: {'repeated' if key in params else 'unknown'} "
+                              f"parameter {key!r} (systemd: takes domain, and index or name)")
+        else:
+            params[key] = value
+    if len(args) > len(_SYSTEMD_PARAMS) or any(k in params for k in _SYSTEMD_PARAMS[:len(args)]):
+        raise ConfigError(f"invalid endpoint {desc!r}: systemd: takes domain, and index or name")
+    params.update(zip(_SYSTEMD_PARAMS[:len(args)], args, strict=True))
+    domain = params.get("domain")
+    if not domain or not domain.isalnum() or not hasattr(socket, "AF_" + domain):
+        raise ConfigError(f"invalid endpoint {desc!r}: domain must name an address family (INET, INET6, UNIX)")
+    if ("index" in params) == ("name" in params):
+        raise ConfigError(f"invalid endpoint {desc!r}: give exactly one of index or name")
+    if "index" in params and not params["index"].isdecimal():
+        raise ConfigError(f"invalid endpoint {desc!r}: index must be a number >= 0")
+    if "name" in params and not params["name"]:
+        raise ConfigError(f"invalid endpoint {desc!r}: name is empty")
+    return params
+
+
+def _check_inherited(desc: str, params: dict[str, str]) -> None:
+    """Raise ConfigError unless systemd passed the socket a ``systemd:`` endpoint names."""
+    # Twisted reads LISTEN_FDS / LISTEN_FDNAMES once, when its endpoints module is imported (and removes
+    # them from the environment): ask its parser what it found (private; a Twisted without it judges alone).
+    from twisted.internet import endpoints
+
+    fds = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
+    if fds is None:
+        return
+    if "index" in params:
+        passed = len(fds.inheritedDescriptors())
+        if int(params["index"]) < passed:
+            return
+        why = f"index {params['index']}; " + (f"{passed} passed" if passed else "LISTEN_FDS unset")
+    else:
+        names = fds.inheritedNamedDescriptors()
+        if params["name"] in names:
+            return
+        why = f"name {params['name']!r}; " + (f"passed: {', '.join(names)}" if names else "LISTEN_FDNAMES unset")
+    raise ConfigError(f"listen endpoint {desc}: no socket passed by systemd ({why})")
 
 
 def _server_tls(config: Config):
@@ -256,10 +332,11 @@ class ProxyService(service.MultiService):
         factory = Factory.forProtocol(lambda: ClientSession(self))
         factory.noisy = False
         for desc in self.config.proxy["listen"]:
-            port = yield serverFromString(self.reactor, desc).listen(factory)
+            port = yield server_endpoint(self.reactor, desc).listen(factory)
             self.ports.append(port)
             log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
         if self.config.metrics["listen"]:
+            _check_endpoint(self.config.metrics["listen"])
             port = yield self.metrics.listen(self.reactor, self.config.metrics["listen"])
             self.ports.append(port)
             log.info("metrics on {desc}", desc=self.config.metrics["listen"])

@@ -101,6 +101,20 @@ def _token_str(tok: Any) -> str | None:
     return None if v is None else v.decode("utf-8", "replace")
 
 
+def _coded_bad(status_text: bytes) -> bytes:
+    """A tagged response's status and text (b"BAD Unknown command\r\n"), with ``[CLIENTBUG]`` added to a
+    BAD that has no response code: every BAD a client gets carries one (DESIGN.md section 7). Anything
+    else (OK, NO, a BAD with a code) is returned as it is."""
+    if status_text[:3].upper() != b"BAD":
+        return status_text
+    rest = status_text[3:]
+    if rest[:1] == b" ":
+        return status_text if rest[1:2] == b"[" else status_text[:3] + b" [CLIENTBUG]" + rest
+    if rest[:1] in (b"\r", b"\n", b""):  # (no text at all)
+        return status_text[:3] + b" [CLIENTBUG] Invalid command." + rest
+    return status_text  # ("BADX...": not a BAD)
+
+
 def _code_number(line: bytes, code: bytes) -> int | None:
     i = line.find(b"[" + code + b" ")
     if i < 0:
@@ -175,6 +189,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._sent = 0
         self._collecting: dict | None = None  # a command being gathered for a plugin (Collect)
         self._held: list | None = None  # backend events waiting while a plugin gathers data (Hold)
+        self._held_whole: list[defer.Deferred] = []  # (see held_response_whole)
         self._swallow_tagged: set[bytes] = set()
         self._swallow_continuation = 0
         self._blocked = False  # a plugin's Defer decision is pending
@@ -319,7 +334,7 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _reply(self, tag: bytes, status_text: bytes, untagged: list[bytes] = ()) -> None:
         """A locally generated answer; in relay mode it waits for a safe point like an injection."""
-        data = b"".join(untagged) + tag + b" " + status_text + b"\r\n"
+        data = b"".join(untagged) + tag + b" " + _coded_bad(status_text) + b"\r\n"
         if self.phase == "auth":
             if self._inflight:
                 self._parked.append((self._sent, data))
@@ -780,8 +795,15 @@ class ClientSession(Protocol, TimeoutMixin):
                 self.transport.pauseProducing()
                 return
 
-    def _command_hooks(self, cmd: ClientCommand, hooks):
-        for plugin in hooks:
+    def _command_hooks(self, cmd: ClientCommand, hooks, start: int = 0, rewrite: Rewrite | None = None):
+        """The plugins' decision on ``cmd``, asking ``hooks[start:]`` in order. Rewrites compose: the
+        plugins after a ``Rewrite`` see the command it makes (``cmd.state`` shared) and the last rewrite is
+        the decision; ``Answer`` and ``Collect`` end the chain; a ``Defer`` ends it for now, and when its
+        Deferred fires with a Rewrite or None the plugins after it get their say (on the rewritten
+        command, or on ``cmd``). ``rewrite``: the rewrite that made ``cmd`` (a resumed chain)."""
+        last = len(hooks) - 1
+        for i in range(start, last + 1):
+            plugin = hooks[i]
             try:
                 action = plugin.command(self, cmd)
             except TokenError as e:
@@ -791,11 +813,46 @@ class ClientSession(Protocol, TimeoutMixin):
                 # Deferred decision fails.
                 self._bug(f"plugin {plugin.name} command hook failed")
                 action = Answer(b"NO [SERVERBUG] Internal error.")
+            if action is None:
+                continue
+            if isinstance(action, Rewrite):
+                rewrite = action
+                if i < last:  # (the last plugin's rewrite needs no parsing: nobody looks at it)
+                    cmd = self._rewritten(cmd, action.data, plugin)
+                    if cmd is None:
+                        return Answer(b"NO [SERVERBUG] Internal error.")
+                continue
             if isinstance(action, Collect) and (cmd.state.get("collected") or not cmd.has_literal):
-                action = None  # nothing more to gather
-            if action is not None:
-                return action
-        return None
+                continue  # nothing more to gather
+            if isinstance(action, Defer) and (i < last or rewrite is not None):
+                action.deferred.addCallback(self._resume_hooks, cmd, hooks, i + 1, rewrite)
+            return action
+        return rewrite
+
+    def _resume_hooks(self, action, cmd: ClientCommand, hooks, start: int, rewrite: Rewrite | None):
+        """A plugin's deferred decision is in: the plugins after it decide on what it leaves."""
+        if isinstance(action, Rewrite):
+            rewrite = action
+            if start < len(hooks):
+                cmd = self._rewritten(cmd, action.data, None)
+                if cmd is None:
+                    return Answer(b"NO [SERVERBUG] Internal error.")
+        elif action is not None:
+            return action  # Answer (or Collect): the chain ends here
+        action = self._command_hooks(cmd, hooks, start, rewrite)
+        return action.deferred if isinstance(action, Defer) else action  # (chained: fires with the end)
+
+    def _rewritten(self, cmd: ClientCommand, data: bytes, plugin) -> ClientCommand | None:
+        """The command a plugin's Rewrite makes of ``cmd``, as the plugins after it see it (same tag,
+        ``state`` and literal continuation); None if it cannot be parsed (the plugin's bug)."""
+        text = data[:-2] if data.endswith(b"\r\n") else data.rstrip(b"\n")
+        try:
+            parsed = parse_command(text)
+        except TokenError:
+            self._bug(f"plugin {plugin.name if plugin else '(deferred)'} rewrote a command into garbage: "
+                      f"{data[:100]!r}")
+            return None
+        return ClientCommand(cmd.tag, parsed.name, parsed.uid, data, parsed, cmd.has_literal, cmd.state)
 
     def _decide(self, cmd: ClientCommand, ev, action) -> bool:
         """Apply a hook's decision; False if it is deferred (stop reading commands until it is in)."""
@@ -892,6 +949,9 @@ class ClientSession(Protocol, TimeoutMixin):
             self._local_answer_literal(ev)
             self._reply(cmd.tag, action.tagged, action.untagged)
             return
+        if isinstance(action, Collect) and ev.literal is not None and not cmd.state.get("collected"):
+            self._start_collect(cmd, ev, action)  # (a deferred decision that needs the literals after all)
+            return
         data = action.data if isinstance(action, Rewrite) else cmd.line
         self._sent += 1
         cmd.state["_sent"] = self._sent
@@ -937,6 +997,27 @@ class ClientSession(Protocol, TimeoutMixin):
     def held_lines(self) -> list[bytes]:
         """Text of the backend responses currently held back (see Hold)."""
         return [ev.data for ev in (self._held or ()) if isinstance(ev, Segment)]
+
+    def held_response(self) -> bytes | None:
+        """The first held response whole (text and literals, as the backend sent it) once all of it is
+        held; None before. A plugin that holds a response on its first segment (``Hold``) reads it here,
+        and can answer the hooks' run after the hold with ``Drop(data)`` to send something else instead."""
+        parts = []
+        for ev in self._held or ():
+            parts.append(ev.data)
+            if type(ev) is Segment and ev.literal is None:
+                return b"".join(parts)
+        return None
+
+    def held_response_whole(self) -> defer.Deferred[bytes]:
+        """``held_response()`` once it is all in: at once if it is, else after the backend read that
+        completes it (a large literal arrives over several)."""
+        whole = self.held_response()
+        if whole is not None:
+            return defer.succeed(whole)
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self._held_whole.append(d)
+        return d
 
     @property
     def idling(self) -> bool:
@@ -1179,6 +1260,10 @@ class ClientSession(Protocol, TimeoutMixin):
         self._after_backend()
 
     def _after_backend(self) -> None:
+        if self._held_whole and (whole := self.held_response()) is not None:
+            waiting, self._held_whole = self._held_whole, []
+            for d in waiting:  # (a reactor turn later: not inside this read's handling)
+                self.service.reactor.callLater(0, d.callback, whole)
         if self._pending_inject and self._held is None and self.backend.framer.at_boundary \
                 and not self._drop_response:
             self._out.extend(self._pending_inject)
@@ -1384,6 +1469,9 @@ class ClientSession(Protocol, TimeoutMixin):
                     if isinstance(action, Rewrite):
                         resp.data = action.data
                 data = resp.data
+            n = len(tag) + 1
+            if data[n:n + 3].upper() == b"BAD":  # (Dovecot's BADs have no response code)
+                data = data[:n] + _coded_bad(data[n:])
             return data
         self._resp_cmd = None
         if head.kind == "untagged":
@@ -1413,6 +1501,7 @@ class ClientSession(Protocol, TimeoutMixin):
             if isinstance(action, Drop):
                 if first:
                     self._drop_response = ev.literal is not None
+                    return action.data  # (what goes out in its place, if anything)
                 return None
             if isinstance(action, Hold):
                 if not first:

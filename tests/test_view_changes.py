@@ -1,0 +1,91 @@
+"""A view that changes while the mailbox is selected: another device of the user turns a kind off (found by
+review, 2026-11-27). RFC 9051 7.5.1 forbids EXPUNGE while answering a FETCH, STORE or SEARCH by number;
+RFC 7162 wants VANISHED instead of EXPUNGE once QRESYNC is enabled, and VANISHED (EARLIER) at a QRESYNC
+resync for what the device knew and is now gone for it.
+
+Folder preferences (on a folder of the test's own), so no other test sees them.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from cpmproxy.testing.sample import make_object
+from tests.proxyfix import raw_via
+
+PREFIX = b"/private/vendor/vendor.cpmproxy"
+KINDS = ["chat", "imdn", "chat", "chat"]  # UIDs 1..4; UID 2 is the IMDN
+
+
+@pytest.fixture
+def folder(dovecot):
+    name = "Changes" + uuid.uuid4().hex[:8]
+    uids = [dovecot.deliver("dave", name, make_object(kind, seed=i)) for i, kind in enumerate(KINDS)]
+    assert uids == [1, 2, 3, 4]
+    return name.encode()
+
+
+@pytest.fixture
+def proxy(make_proxy):
+    return make_proxy()
+
+
+def device(proxy, name: str):
+    c = raw_via(proxy)
+    c.command(b"i", b'ID ("x-cpm-device-id" "%s")' % name.encode())
+    assert c.login("dave", "davepw")[-1].startswith(b"L OK")
+    return c
+
+
+def turn_imdn_off(proxy, folder: bytes) -> None:
+    other = device(proxy, "other-device")
+    r = other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (folder, PREFIX))
+    assert r[-1].startswith(b"m OK"), r
+    other.close()
+
+
+def test_no_expunge_during_a_fetch_by_number_and_the_client_numbers_hold(proxy, folder):
+    c = device(proxy, "phone")
+    assert b"* 4 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
+    turn_imdn_off(proxy, folder)
+    # The client's 3 is still UID 3 (the numbers it knows), and nothing is expunged while it is answered.
+    assert [line for line in c.command(b"f", b"FETCH 3 (UID)") if line.startswith(b"* ")] == [b"* 3 FETCH (UID 3)\r\n"]
+    r = c.command(b"n", b"NOOP")
+    assert [line for line in r if line.startswith(b"* ")] == [b"* 2 EXPUNGE\r\n"], r
+    assert [line for line in c.command(b"h", b"FETCH 2 (UID)") if line.startswith(b"* ")] == [b"* 2 FETCH (UID 3)\r\n"]
+    c.close()
+
+
+def test_qresync_client_gets_vanished_then_vanished_earlier_at_resync(proxy, folder):
+    c = device(proxy, "phone")
+    c.command(b"e", b"ENABLE QRESYNC")
+    r = c.command(b"s", b'SELECT "%s"' % folder)
+    uidvalidity = int(re.search(rb"\[UIDVALIDITY (\d+)\]", b"".join(r)).group(1))
+    turn_imdn_off(proxy, folder)
+    r = c.command(b"n", b"NOOP")
+    assert [line for line in r if line.startswith(b"* ")] == [b"* VANISHED 2\r\n"], r
+    c.close()
+    # The device comes back and resyncs, saying it knew UIDs 1:4.
+    c = device(proxy, "phone")
+    c.command(b"e", b"ENABLE QRESYNC")
+    r = c.command(b"s", b'SELECT "%s" (QRESYNC (%d 1 1:4))' % (folder, uidvalidity))
+    assert b"* VANISHED (EARLIER) 2\r\n" in r, r
+    r = c.command(b"f", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)")
+    assert b"* VANISHED (EARLIER) 2\r\n" in r, r
+    c.close()
+
+
+def test_selected_folder_turned_off_ends_the_session(proxy, folder):
+    c = device(proxy, "phone")
+    assert b"* 4 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
+    other = device(proxy, "other-device")
+    assert other.command(b"m", b'SETMETADATA "%s" (%s/sync "off")' % (folder, PREFIX))[-1].startswith(b"m OK")
+    c.send(b"n NOOP\r\n")
+    assert c.read_response() == b"* BYE [NONEXISTENT] The selected mailbox is no longer synchronized to this device.\r\n"
+    with pytest.raises(ConnectionError):
+        c.read_response()
+    assert other.command(b"m", b'SETMETADATA "%s" (%s/sync NIL)' % (folder, PREFIX))[-1].startswith(b"m OK")
+    other.close()
