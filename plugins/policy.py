@@ -235,6 +235,7 @@ class PolicySession:
     unreadable_folders: set[str] = field(default_factory=set)  # (see PolicyPlugin._hold_for_folder)
     plan: SelectPlan | None = None       # criteria of the mailbox being selected
     pending_select: bool = False         # our SELECT is at the backend, its responses not yet seen
+    selecting: Any = None                # that SELECT command until it completes (its view is built)
     view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
     mailbox: str | None = None
     reapply: bool = False                # preferences changed: re-apply them before the next command
@@ -490,9 +491,15 @@ class PolicyPlugin(Plugin):
 
     def command(self, session, cmd):
         st = self.state(session)
-        if st.reapply and (cmd.uid or cmd.name not in _SEQ_USING):
+        if st.selecting is not None:
+            # Pipelined behind a SELECT whose view is not built yet: its message numbers (and what it may
+            # touch) are the view's, known once the SELECT completes.
+            return Defer(defer.Deferred.fromCoroutine(self._after_done(session, st.selecting, cmd)))
+        if st.reapply and (cmd.uid or cmd.name not in _SEQ_USING
+                           or (st.mailbox is not None and self.folder_hidden(st, st.mailbox))):
             # (Not before a command that names messages by number, which the client wrote in the numbers
-            # it knows, and during which no EXPUNGE may be sent: RFC 9051 7.5.1.)
+            # it knows, and during which no EXPUNGE may be sent: RFC 9051 7.5.1. A folder turned off
+            # ends the session at once: BYE may come at any time.)
             st.reapply = False
             return Defer(defer.Deferred.fromCoroutine(self._reapply_then(session, st, cmd)))
         name = cmd.name
@@ -603,6 +610,8 @@ class PolicyPlugin(Plugin):
             return _nonexistent(names[0])
         if cmd.name in (b"SELECT", b"EXAMINE"):
             await self._plan_select(session, st, names[0], early)
+            if st.plan is not None:
+                st.selecting = cmd  # (commands pipelined behind it wait for its view: see command())
         elif cmd.name == b"STATUS":
             cmd.state["status_adjusts"] = {names[0]: await self._status_adjustment(session, st, names[0])}
         if cmd.name in (b"DELETE", b"RENAME"):
@@ -993,6 +1002,8 @@ class PolicyPlugin(Plugin):
     def _tagged_done(self, session, st: PolicySession, cmd, status: bytes) -> None:
         if cmd.name in (b"SELECT", b"EXAMINE"):
             st.pending_select = False
+            if st.selecting is cmd:
+                st.selecting = None
             if status != b"OK":
                 st.view = None
                 st.mailbox = None

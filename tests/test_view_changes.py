@@ -78,14 +78,40 @@ def test_qresync_client_gets_vanished_then_vanished_earlier_at_resync(proxy, fol
     c.close()
 
 
-def test_selected_folder_turned_off_ends_the_session(proxy, folder):
+@pytest.mark.parametrize("command", [b"NOOP", b"FETCH 1 (BODY.PEEK[TEXT])"])
+def test_selected_folder_turned_off_ends_the_session(proxy, folder, command):
+    """Also before a command by number: a BYE may come at any time (unlike an EXPUNGE)."""
     c = device(proxy, "phone")
     assert b"* 4 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
     other = device(proxy, "other-device")
     assert other.command(b"m", b'SETMETADATA "%s" (%s/sync "off")' % (folder, PREFIX))[-1].startswith(b"m OK")
-    c.send(b"n NOOP\r\n")
+    c.send(b"n " + command + b"\r\n")
     assert c.read_response() == b"* BYE [NONEXISTENT] The selected mailbox is no longer synchronized to this device.\r\n"
     with pytest.raises(ConnectionError):
         c.read_response()
     assert other.command(b"m", b'SETMETADATA "%s" (%s/sync NIL)' % (folder, PREFIX))[-1].startswith(b"m OK")
+    other.close()
+
+
+def test_commands_pipelined_behind_select_use_the_views_numbers(proxy, folder, dovecot):
+    """SELECT and commands by number in one write: they wait for the SELECT's view (the IMDN, UID 2, is
+    hidden by a folder preference: the client's 2 is UID 3), so they neither miss nor touch the IMDN."""
+    other = device(proxy, "other-device")
+    assert other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (folder, PREFIX))[-1].startswith(b"m OK")
+    c = device(proxy, "phone")
+    c.send(b'a SELECT "%s"\r\nb STORE 2 +FLAGS (\\Flagged)\r\nc FETCH 2:3 (UID)\r\nd SEARCH ALL\r\n'
+           b"e UID SEARCH ALL\r\n" % folder)
+    got, done = [], 0
+    while done < 5:
+        got.append(c.read_response())
+        done += got[-1][:2] in (b"a ", b"b ", b"c ", b"d ", b"e ")
+    assert b"* 3 EXISTS\r\n" in got
+    assert b"* 2 FETCH (UID 3)\r\n" in got and b"* 3 FETCH (UID 4)\r\n" in got, got
+    assert b"* SEARCH 1 2 3\r\n" in got and b"* SEARCH 1 3 4\r\n" in got, got
+    imap = dovecot.imap_direct("dave", tls="none")
+    imap.select_folder(folder.decode(), readonly=True)
+    flagged = imap.search("FLAGGED")
+    imap.logout()
+    assert flagged == [3], flagged
+    c.close()
     other.close()
