@@ -57,7 +57,8 @@ log = Logger(namespace="cpmproxy.localdelete")
 CAPABILITY = b"XCPM-LOCALDELETE"
 KEYWORD = b"$LOCALDELETE"
 RECORDS = PREFIX + "/localdelete"
-_STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\S+) (\([^)]*\)|\S+)(.*)$", re.I | re.S)
+# tag, UID, set, modifiers ("(UNCHANGEDSINCE n) ", RFC 7162), operation, flags, the rest
+_STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\([^()]*\) )?(\S+) (\([^)]*\)|\S+)(.*)$", re.I | re.S)
 _FETCH_FLAGS_RE = re.compile(rb"FLAGS \(([^)]*)\)", re.I)
 _UID_IN_FETCH_RE = re.compile(rb"[( ]UID (\d+)", re.I)
 _SAFE_DEVICE = re.compile(r"[a-z0-9._-]{1,64}")
@@ -255,7 +256,7 @@ class LocalDeletePlugin(Plugin):
         m = _STORE_RE.match(cmd.line.rstrip(b"\r\n"))
         if m is None:
             return None
-        tag, uid, seqs, op, flag_text, rest = m.groups()
+        tag, uid, seqs, modifiers, op, flag_text, rest = m.groups()
         op_u = op.upper()
         base = op_u[:-7] if op_u.endswith(b".SILENT") else op_u
         if base not in (b"+FLAGS", b"-FLAGS", b"FLAGS"):
@@ -274,7 +275,7 @@ class LocalDeletePlugin(Plugin):
         return Defer(defer.Deferred.fromCoroutine(self._store_local(session, st, cmd, m, local)))
 
     async def _store_local(self, session, st: LocalState, cmd, m, local: bool):
-        tag, uid, seqs, op, flag_text, rest = m.groups()
+        tag, uid, seqs, modifiers, op, flag_text, rest = m.groups()
         op_u = op.upper()
         silent = op_u.endswith(b".SILENT")
         base = op_u[:-7] if silent else op_u
@@ -310,7 +311,8 @@ class LocalDeletePlugin(Plugin):
         uidset = SequenceSet.from_iterable(targets).format()
         if server_flags or base == b"FLAGS":
             # UID form: the numbers stay unambiguous whatever the view; FETCH responses get renumbered.
-            return Rewrite(b"%s UID STORE %s %s (%s)%s\r\n" % (tag, uidset, op, b" ".join(server_flags), rest))
+            return Rewrite(b"%s UID STORE %s %s%s (%s)%s\r\n" % (tag, uidset, modifiers or b"", op,
+                                                                b" ".join(server_flags), rest))
         if silent:
             return Answer(b"OK Store completed.")
         # Nothing for the server: report the flags the client now sees (server's + pending local ones).

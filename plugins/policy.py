@@ -252,6 +252,8 @@ _MAILBOX_ARG = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"APPEN
                 b"SUBSCRIBE": 0, b"UNSUBSCRIBE": 0, b"CREATE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1}
 _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 _SEARCHES = frozenset((b"SEARCH", b"SORT", b"THREAD"))
+# UID FETCH's modifiers (RFC 7162 3.6): "(CHANGEDSINCE n VANISHED)", the last parenthesized group.
+_VANISHED_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?VANISHED(?:\s[^()]*)?\)\s*$", re.IGNORECASE)
 _SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT", b"THREAD"))  # (unless UID)
 # FETCH items that set \Seen (RFC 9051 6.4.5): BODY[...] and BINARY[...] without .PEEK, RFC822, RFC822.TEXT.
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
@@ -495,7 +497,8 @@ class PolicyPlugin(Plugin):
             # Pipelined behind a SELECT whose view is not built yet: its message numbers (and what it may
             # touch) are the view's, known once the SELECT completes.
             return Defer(defer.Deferred.fromCoroutine(self._after_done(session, st.selecting, cmd)))
-        if st.reapply and (cmd.uid or cmd.name not in _SEQ_USING
+        client = cmd.client or cmd  # (the client's numbers count, not those of a plugin's rewrite)
+        if st.reapply and (client.uid or client.name not in _SEQ_USING
                            or (st.mailbox is not None and self.folder_hidden(st, st.mailbox))):
             # (Not before a command that names messages by number, which the client wrote in the numbers
             # it knows, and during which no EXPUNGE may be sent: RFC 9051 7.5.1. A folder turned off
@@ -675,7 +678,12 @@ class PolicyPlugin(Plugin):
             kinds, max_size, max_age = self._criteria(st, st.mailbox)
             st.plan = SelectPlan(st.mailbox, uidvalidity, kinds, max_size, max_age)
             uids, hidden = await self._classify(session, st.plan, b"1:*")
-            st.view = MailboxView(uids, hidden)
+            # What the client was shown: everything (the fast path). Anything the policy hides now (a
+            # preference changed since) leaves at the next command that may announce it, not here: the
+            # command that asked is in the client's numbers.
+            st.view = MailboxView(uids, set())
+            if hidden:
+                st.reapply = True
         return st.view
 
     def hide_in_view(self, session, uids: set[int]) -> list[int]:
@@ -865,7 +873,9 @@ class PolicyPlugin(Plugin):
         if head.kind != "untagged" or not resp.first:
             return None
         name = head.name
-        if st.pending_select:
+        if st.pending_select and not (name == b"OK" and head.code is not None and head.code.upper() == b"CLOSED"):
+            # (Not on "* OK [CLOSED]", which is about the mailbox selected before: a SELECT the backend
+            # then refuses has nothing to build a view of.)
             st.pending_select = False
             if head.name == b"BAD" or head.name == b"NO":
                 return None
@@ -987,7 +997,7 @@ class PolicyPlugin(Plugin):
                 "vanished_in" in cmd.state or (cmd.name in (b"SELECT", b"EXAMINE") and b"QRESYNC" in cmd.line.upper())):
             # A QRESYNC resync (RFC 7162 3.2.5, 3.6): messages hidden from the device since it last saw
             # them are gone for it. (VANISHED (EARLIER) may name UIDs the client never knew.)
-            known = cmd.state.get("vanished_in") or _qresync_known(cmd, view)
+            known = cmd.state.get("vanished_in") or _qresync_known(cmd, view, st.plan.uidvalidity if st.plan else 0)
             gone = view.hidden_uids & known if known is not None else None
             if gone:
                 return Rewrite(b"* VANISHED (EARLIER) " + gone.format() + b"\r\n" + resp.data)
@@ -1035,7 +1045,7 @@ class PolicyPlugin(Plugin):
                 allowed = view.visible_uidset(requested)
                 # A FETCH of a body section without .PEEK sets \Seen: hidden messages must not get it.
                 reads = name == b"FETCH" and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is not None
-                if name == b"FETCH" and b"VANISHED" in cmd.line[m.end(2):].upper():
+                if name == b"FETCH" and st.qresync and _VANISHED_MODIFIER_RE.search(cmd.line, m.end(2)):
                     # (CHANGEDSINCE n VANISHED, RFC 7162 3.6: the hidden ones among them have vanished)
                     cmd.state["vanished_in"] = SequenceSet.from_canonical(requested.resolve(view.max_uid).ranges)
                 if not allowed:
@@ -1057,10 +1067,17 @@ class PolicyPlugin(Plugin):
                     return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": Invalid messageset")
             return Rewrite(m.group(1) + allowed.format() + m.group(3))
         if name in _SEARCHES:
+            if cmd.has_literal and not cmd.state.get("collected"):
+                # Criteria after a literal, or a literal inside parentheses: the whole command first
+                # (rebuilt from its first segment alone, a parenthesis would close early and the rest
+                # of the client's bytes would reach the backend as commands of their own).
+                return Collect()
             try:
-                return self._search_command(session, view, cmd)
+                action = self._search_command(session, view, cmd)
             except TokenError:
-                return None
+                action = None
+            # A search the proxy cannot read would run unrestricted: refused rather than passed on.
+            return action or Answer(b"BAD [CLIENTBUG] Search criteria not understood.")
         return None
 
     def _search_command(self, session, view: MailboxView, cmd):
@@ -1837,7 +1854,7 @@ def _oldest(session, names) :
     return None
 
 
-def _qresync_known(cmd, view: MailboxView) -> SequenceSet | None:
+def _qresync_known(cmd, view: MailboxView, uidvalidity: int) -> SequenceSet | None:
     """The UIDs a ``SELECT mbox (QRESYNC (uidvalidity modseq [known-uids ...]))`` says the client knows
     (all up to the last one if it does not say); None without QRESYNC data for this UIDVALIDITY."""
     try:
@@ -1848,8 +1865,8 @@ def _qresync_known(cmd, view: MailboxView) -> SequenceSet | None:
     for i, t in enumerate(params[:-1]):
         if isinstance(t, Atom) and t.upper() == b"QRESYNC" and isinstance(params[i + 1], ParenList):
             q = [_token_text(x) or b"" for x in params[i + 1].items if not isinstance(x, ParenList)]
-            if len(q) < 2 or not q[0].isdigit():
-                return None
+            if len(q) < 2 or not q[0].isdigit() or int(q[0]) != uidvalidity:
+                return None  # (RFC 7162 3.2.5: data for another UIDVALIDITY is ignored)
             try:
                 known = SequenceSet.parse(q[2]) if len(q) > 2 else SequenceSet.parse(b"1:%d" % max(view.max_uid, 1))
             except SequenceSetError:

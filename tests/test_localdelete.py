@@ -545,3 +545,24 @@ def test_local_delete_whatever_the_configured_plugin_order(make_proxy, dovecot):
     assert set(flags) == set(uids) | {big}
     assert b"\\Deleted" not in flags[uids[1]] and not any(f.lower() == b"$localdelete" for f in flags[uids[1]])
     a.close()
+
+
+def test_conditional_store_of_the_local_flags_stays_local(make_proxy, dovecot):
+    """STORE ... (UNCHANGEDSINCE n) +FLAGS (\\Deleted $LocalDelete) (RFC 7162) is a local delete too: it was
+    not recognised, reached the server, and the device's EXPUNGE then deleted the message for everyone."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy()
+    a = device(p, "A")
+    a.command(b"c", b"ENABLE CONDSTORE")
+    select(a, folder)
+    r = a.command(b"d", b"STORE 1 (UNCHANGEDSINCE 100) +FLAGS (\\Deleted $LocalDelete)")
+    assert r[-1].startswith(b"d OK"), r
+    r = a.command(b"e", b"EXPUNGE")
+    assert r[0] == b"* 1 EXPUNGE\r\n", r
+    flags = server_state(dovecot, folder)
+    assert set(flags) == set(uids) and b"\\Deleted" not in flags[uids[0]], flags
+    b = device(p, "B")
+    select(b, folder)
+    assert uids_seen(b) == uids
+    a.close()
+    b.close()

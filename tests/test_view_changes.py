@@ -115,3 +115,51 @@ def test_commands_pipelined_behind_select_use_the_views_numbers(proxy, folder, d
     assert flagged == [3], flagged
     c.close()
     other.close()
+
+
+def test_a_local_delete_by_number_after_a_preference_change_marks_the_clients_message(proxy, folder):
+    """Nothing hidden at SELECT (no view built); then the IMDN (UID 2) is turned off. The local delete of
+    the client's 3 (UID 3) must mark UID 3: the view built for it is what the client was shown, and the
+    IMDN leaves at the next command that may announce it."""
+    c = device(proxy, "phone")
+    assert b"* 4 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
+    turn_imdn_off(proxy, folder)
+    r = c.command(b"d", b"STORE 3 +FLAGS (\\Deleted $LocalDelete)")
+    assert r[0].startswith(b"* 3 FETCH (") and b"UID 3" in r[0], r
+    r = c.command(b"e", b"EXPUNGE")
+    assert len([line for line in r if line.endswith(b" EXPUNGE\r\n")]) == 2, r  # (UID 3, and the IMDN)
+    assert [line for line in c.command(b"f", b"FETCH 1:* (UID)") if line.startswith(b"* ")] == [
+        b"* 1 FETCH (UID 1)\r\n", b"* 2 FETCH (UID 4)\r\n"]
+    c.close()
+
+
+def test_refused_reselect_keeps_the_session(proxy, folder):
+    """The backend refuses a re-SELECT (BAD) after closing the mailbox selected before ("* OK [CLOSED]"):
+    the client gets the BAD, not a BYE from a view built for nothing."""
+    other = device(proxy, "other-device")
+    assert other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (folder, PREFIX))[-1].startswith(b"m OK")
+    c = device(proxy, "phone")
+    c.command(b"e", b"ENABLE QRESYNC")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
+    r = c.command(b"t", b'SELECT "%s" (BOGUS)' % folder)
+    assert r[-1].startswith(b"t BAD"), r
+    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    c.close()
+    other.close()
+
+
+def test_vanished_only_for_qresync_and_this_uidvalidity(proxy, folder):
+    other = device(proxy, "other-device")
+    assert other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (folder, PREFIX))[-1].startswith(b"m OK")
+    c = device(proxy, "phone")
+    r = c.command(b"s", b'EXAMINE "%s"' % folder)
+    uidvalidity = int(re.search(rb"\[UIDVALIDITY (\d+)\]", b"".join(r)).group(1))
+    r = c.command(b"f", b"UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (X-Vanished)])")
+    assert not any(b"VANISHED" in line for line in r if line.startswith(b"* VANISHED")), r
+    c.close()
+    c = device(proxy, "phone")
+    c.command(b"e", b"ENABLE QRESYNC")
+    r = c.command(b"s", b'SELECT "%s" (QRESYNC (%d 1 1:4))' % (folder, uidvalidity + 1))
+    assert r[-1].startswith(b"s OK") and not any(line.startswith(b"* VANISHED") for line in r), r
+    c.close()
+    other.close()

@@ -138,3 +138,39 @@ def test_status_recent_and_context_capabilities(make_proxy, mailbox):
     listed = untagged(c.command(b"b", b'LIST "" "%s" RETURN (STATUS (MESSAGES RECENT))' % mailbox.encode()))
     assert listed[-1].endswith(b"(MESSAGES 3 RECENT 3)\r\n"), listed
     c.close()
+
+
+def send_with_literals(c, tag: bytes, parts: list[bytes]) -> list[bytes]:
+    """A command whose parts are joined by synchronizing literals (each part but the first starts with the
+    literal's bytes); every response up to the tagged one."""
+    c.send(tag + b" " + parts[0] + b"\r\n")
+    out = []
+    for part in parts[1:]:
+        r = c.read_response()
+        out.append(r)
+        if not r.startswith(b"+"):
+            return out if r.startswith(tag + b" ") else out + c.until_tagged(tag)
+        c.send(part + b"\r\n")
+    return out + c.until_tagged(tag)
+
+
+def test_search_with_literals_is_read_whole(device, dovecot, mailbox):
+    """A literal inside parentheses: rebuilt from its first segment alone, the command closed early and the
+    literal's bytes reached the backend as commands (here one that flags the hidden UID 2). Criteria after
+    a literal are renumbered like the others."""
+    r = send_with_literals(device, b"b", [b"SEARCH RETURN (COUNT) (SUBJECT {33}",
+                                          b"z UID STORE 2 +FLAGS (\\Flagged)\r\n)"])
+    assert r[-1].startswith(b"b OK") and not any(line.startswith(b"z ") for line in r), r
+    assert b"\\Flagged" not in direct_flags(dovecot, mailbox)[2]
+    r = send_with_literals(device, b"c", [b"SEARCH (SUBJECT {5}", b"alpha)"])
+    assert untagged(r) == [b"* SEARCH 2\r\n"], r
+    r = send_with_literals(device, b"d", [b"SEARCH RETURN (ALL) SUBJECT {1}", b"a 2:3"])
+    assert untagged(r) == [b'* ESEARCH (TAG "d") ALL 2:3\r\n'], r  # ("alpha" and "charlie" have an a)
+
+
+def test_search_the_proxy_cannot_read_is_refused_in_a_view(device):
+    """Dovecot accepts forms the proxy's tokenizer does not; unread, the search would run on the hidden
+    messages too (and SAVE them as $)."""
+    for command in (b'UID SEARCH RETURN (SAVE) SUBJECT "\\m"', b"SEARCH RETURN (COUNT MAX) (ALL)(ALL)"):
+        r = device.command(b"a", command)
+        assert r == [b"a BAD [CLIENTBUG] Search criteria not understood.\r\n"], (command, r)

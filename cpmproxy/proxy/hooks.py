@@ -136,6 +136,9 @@ class ClientCommand:
     parsed: "ParsedCommand"
     has_literal: bool
     state: dict[str, Any] = field(default_factory=dict)  # per-command scratch space for plugins
+    # When this is an earlier plugin's Rewrite of the client's command: that command (what the client
+    # wrote, in the numbers it knows).
+    client: ClientCommand | None = None
 
     @property
     def args(self):

@@ -852,7 +852,8 @@ class ClientSession(Protocol, TimeoutMixin):
             self._bug(f"plugin {plugin.name if plugin else '(deferred)'} rewrote a command into garbage: "
                       f"{data[:100]!r}")
             return None
-        return ClientCommand(cmd.tag, parsed.name, parsed.uid, data, parsed, cmd.has_literal, cmd.state)
+        return ClientCommand(cmd.tag, parsed.name, parsed.uid, data, parsed, cmd.has_literal, cmd.state,
+                             cmd.client or cmd)
 
     def _decide(self, cmd: ClientCommand, ev, action) -> bool:
         """Apply a hook's decision; False if it is deferred (stop reading commands until it is in)."""
