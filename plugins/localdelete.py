@@ -108,7 +108,10 @@ class LocalDeletePlugin(Plugin):
         if policy is None:
             return False, False
         pol = policy.state(session).policy
-        return pol.local_delete, pol.delete_mode == "local"
+        every = pol.delete_mode == "local"
+        # (A device whose every delete is local has local delete, whatever local_delete says elsewhere:
+        # its deletes would be recorded and never applied.)
+        return pol.local_delete or every, every
 
     def state(self, session) -> LocalState:
         st = session.state.get(self.name)

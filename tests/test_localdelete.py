@@ -163,15 +163,22 @@ def test_policy_forbids_local_delete(make_proxy, dovecot):
     a.close()
 
 
-def test_delete_mode_local_device(make_proxy, dovecot):
+@pytest.mark.parametrize("local_delete", ["true", "false"])
+def test_delete_mode_local_device(make_proxy, dovecot, local_delete):
+    """(With local_delete = false elsewhere too: the class's delete_mode says this device's deletes are
+    local; they were recorded and never applied, so the message came back at the next SELECT.)"""
     folder, uids = folder_with(dovecot, 2)
-    p = make_proxy(config_extra='[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n')
+    p = make_proxy(config_extra=f'[policy]\nlocal_delete = {local_delete}\n[[policy.class]]\ndevices = ["old-phone"]\n'
+                                'delete_mode = "local"\n')
     a = device(p, "old-phone")
     select(a, folder)
     a.command(b"d", b"STORE 1 +FLAGS (\\Deleted)")
     a.command(b"e", b"EXPUNGE")
     assert uids_seen(a) == [uids[1]]
     assert set(server_state(dovecot, folder)) == set(uids)
+    a.close()
+    a = device(p, "old-phone")
+    assert select(a, folder) == 1
     a.close()
 
 
