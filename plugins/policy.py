@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -227,7 +228,8 @@ class SelectPlan:
 class PolicySession:
     policy: Policy
     account_prefs: dict[str, str] = field(default_factory=dict)
-    pref_folders: set[str] = field(default_factory=set)  # folders that have preferences of their own
+    # Folders that have preferences of their own, with their marks' values (see _mark_pref_folder).
+    pref_folders: dict[str, bytes] = field(default_factory=dict)
     # Every account-wide entry under the vendor prefix at login (lower case): other plugins' bookkeeping
     # too (local delete's device marks), read in the same command. None until read.
     login_entries: set[str] | None = None
@@ -1404,27 +1406,40 @@ class PolicyPlugin(Plugin):
             prefs[key] = value
         if prefs:
             cmd.state["prefs"] = (mailbox, prefs)
-            if mailbox and mailbox not in st.pref_folders:
+            if mailbox:
                 return Defer(defer.Deferred.fromCoroutine(self._mark_pref_folder(session, mailbox)))
         return None
 
     async def _mark_pref_folder(self, session, mailbox: str) -> None:
         """Record (account-wide, before the client's OK) that ``mailbox`` has preferences of its own, so
-        every session reads them (and only those folders' metadata is ever read)."""
-        await session.side_command(b'SETMETADATA "" (' + pref_folder_entry(mailbox) + b' "1")')
-        self.observe_pref_folders(session.user, {mailbox}, replace=False)
+        every session reads them (and only those folders' metadata is ever read). The mark gets a new
+        value at each change: other proxy processes, which poll the account-wide entries only, see that
+        the folder's preferences changed and read them again."""
+        value = uuid.uuid4().hex[:16].encode()
+        await session.side_command(b'SETMETADATA "" (' + pref_folder_entry(mailbox) + b' "' + value + b'")')
+        for other in self.proxy.sessions_of(session.user):  # (they take the change itself at its OK)
+            st = other.state.get(self.name)
+            if st is not None:
+                if mailbox not in st.pref_folders:
+                    st.folders.pop(mailbox, None)  # (read whole when next needed)
+                st.pref_folders[mailbox] = value
         return None
 
-    def observe_pref_folders(self, user: str, names: set[str], replace: bool = True) -> None:
+    def observe_pref_folders(self, user: str, marks: dict[str, bytes], replace: bool = True) -> None:
         """Folders with preferences as now known (e.g. read again on the watch connection): sessions
-        here forget what they knew of new ones, so their preferences are read when next needed."""
+        here forget what they knew of new or changed ones, so their preferences are read when next
+        needed (a selected one's at once: its view is applied again)."""
         for session in self.proxy.sessions_of(user):
             st = session.state.get(self.name)
             if st is None:
                 continue
-            for name in names - st.pref_folders:
-                st.folders.pop(name, None)
-            st.pref_folders = set(names) if replace else st.pref_folders | names
+            known = st.pref_folders
+            for name, value in marks.items():
+                if known.get(name) != value:
+                    st.folders.pop(name, None)
+                    if name == st.mailbox:
+                        self._reapply_view(session, st)
+            st.pref_folders = dict(marks) if replace else {**known, **marks}
 
     def _metadata_response(self, session, st: PolicySession, resp):
         """``* METADATA``: the proxy's own entries under the vendor prefix are taken out one by one (only the
@@ -1510,6 +1525,7 @@ class PolicyPlugin(Plugin):
 
     async def _recompute(self, session, st: PolicySession) -> None:
         mailbox = st.mailbox
+        await self.folder_infos(session, [mailbox])  # (read again if another process changed them)
         if self.folder_hidden(st, mailbox):
             # The selected folder itself is no longer synchronized: gone for this device, as a mailbox
             # deleted while selected is for Dovecot's clients (BYE).
@@ -1771,14 +1787,15 @@ def pref_folder_entry(mailbox: str) -> bytes:
     return (_PREF_FOLDERS + mailbox.encode("utf-8").hex()).encode()
 
 
-def parse_pref_folders(lines: list[bytes]) -> set[str]:
-    """Folders marked as having preferences, from a METADATA response for the account."""
-    out = set()
-    for raw, entry, _value in iter_metadata(lines):
+def parse_pref_folders(lines: list[bytes]) -> dict[str, bytes]:
+    """Folders marked as having preferences, with their marks' values (a new one at each change of the
+    folder's preferences), from a METADATA response for the account."""
+    out = {}
+    for raw, entry, value in iter_metadata(lines):
         low = entry.lower()
         if raw == b"" and low.startswith(_PREF_FOLDERS.lower()):
             try:
-                out.add(bytes.fromhex(low[len(_PREF_FOLDERS):]).decode("utf-8"))
+                out[bytes.fromhex(low[len(_PREF_FOLDERS):]).decode("utf-8")] = value or b""
             except ValueError:
                 continue
     return out

@@ -389,7 +389,45 @@ def test_folder_preference_reaches_other_process_and_follows_rename(make_proxy, 
         entry = PREFIX + b"/folders/" + (folder + "-x").encode().hex().encode()
         r = direct.command(b"g", b'GETMETADATA "" ' + entry)
         direct.close()
-        assert r[0].startswith(b'* METADATA "" (' + entry) and r[0].endswith(b"\r\n1)\r\n"), r
+        assert r[0].startswith(b'* METADATA "" (' + entry) and not r[0].endswith(b" NIL)\r\n"), r
+    finally:
+        a.close()
+        b.close()
+
+
+def test_folder_preference_from_another_process_reaches_a_selected_session(make_proxy, dovecot):
+    """Folder preferences changed through another proxy process reach a session that has the folder
+    selected (within metadata_poll): a kind turned off there leaves with EXPUNGE, the folder turned off
+    ends the session. (The account-wide poll sees the folder's mark change; only then is the folder's
+    metadata read.)"""
+    folder = "Default/tel:+1668" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", folder, make_object("chat"))
+    dovecot.deliver("dave", folder, make_object("imdn"))
+    poll = "[plugin.notify]\nmetadata_poll = 0.5\n"
+    p1, p2 = make_proxy(config_extra=poll), make_proxy(config_extra=poll)
+    a, b = login(p1, "dave", "A"), login(p2, "dave", "B")
+    try:
+        assert exists_of(b.command(b"s", b"SELECT " + q(folder))) == 2
+        r = a.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync/imdn "off")')
+        assert r[-1].startswith(b"m OK"), r
+        deadline, seen = time.monotonic() + 5, []
+        while not any(line.endswith(b" EXPUNGE\r\n") for line in seen) and time.monotonic() < deadline:
+            time.sleep(0.3)
+            seen += b.command(b"n", b"NOOP")
+        assert b"* 2 EXPUNGE\r\n" in seen, seen
+        r = a.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync "off")')
+        assert r[-1].startswith(b"m OK"), r
+        deadline, bye = time.monotonic() + 5, None
+        while bye is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            b.send(b"n NOOP\r\n")
+            line = b.read_response()
+            if line.startswith(b"* BYE"):
+                bye = line
+            else:
+                b.until_tagged(b"n") if not line.startswith(b"n ") else None
+        assert bye == b"* BYE [NONEXISTENT] The selected mailbox is no longer synchronized to this device.\r\n"
+        a.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b"/sync NIL " + PREFIX + b"/sync/imdn NIL)")
     finally:
         a.close()
         b.close()

@@ -185,7 +185,7 @@ def test_select_is_decided_at_once_where_nothing_can_be_hidden():
     assert isinstance(answer, Answer) and answer.tagged.startswith(b"NO [NONEXISTENT]")
 
     slow = [PolicySession(Policy(sync=(("imdn", False),))),  # a kind to hide: classification needed
-            PolicySession(Policy(), pref_folders={"INBOX"}),  # the folder's own preferences to read
+            PolicySession(Policy(), pref_folders={"INBOX": b"1"}),  # the folder's own preferences to read
             PolicySession(Policy(sync=(("session-history", False),)))]  # is INBOX a Session History folder?
     for st in slow:
         d = select(b'c SELECT "INBOX"\r\n', st)
