@@ -1372,9 +1372,14 @@ class PolicyPlugin(Plugin):
     # -- METADATA: preferences and the proxy's own entries --------------------------------------
 
     def _metadata_command(self, session, st: PolicySession, cmd):
+        args = cmd.args
+        target = args[1] if cmd.name == b"GETMETADATA" and args and isinstance(args[0], ParenList) else \
+            (args[0] if args else None)
+        raw = _token_text(target) if target is not None else None
+        if raw and not st.policy.folder_allowed(_mailbox_name(raw)):
+            return _nonexistent(_mailbox_name(raw))  # (a folder the policy excludes does not exist)
         if cmd.name == b"GETMETADATA":
             return None  # responses are filtered (bookkeeping entries never leave the proxy)
-        args = cmd.args
         if len(args) < 2 or not isinstance(args[1], ParenList):
             return None
         mailbox_raw = _token_text(args[0])
@@ -1447,6 +1452,9 @@ class PolicyPlugin(Plugin):
         values as literals, so a response is several segments: it is held until all of it is in, filtered
         whole, and sent in its place (``Drop(data)``), or as it was if nothing in it is ours."""
         data = resp.data
+        mailbox = _metadata_mailbox(data)
+        if mailbox and not st.policy.folder_allowed(mailbox):
+            return Drop()  # (e.g. GETMETADATA "*": a folder the policy excludes does not exist)
         if _LITERAL_END_RE.search(data) is None:  # one line: the whole response
             new = filter_metadata_response(data)
             return None if new is data else Drop(new)
@@ -1746,6 +1754,21 @@ def _entry_visible(tok) -> bool:
         return False
     key = pref_key(name.decode("utf-8", "replace"))
     return key is None or key in PREFERENCES
+
+
+_METADATA_MAILBOX_RE = re.compile(rb'\* METADATA ("(?:[^"\\]|\\.)*"|[^ "{(]+) ', re.IGNORECASE)
+
+
+def _metadata_mailbox(data: bytes) -> str | None:
+    """The mailbox a ``* METADATA`` response is about ("" for the account; None if not read here)."""
+    m = _METADATA_MAILBOX_RE.match(data)
+    if m is None:
+        return None
+    try:
+        raw = _token_text(tokenize(m.group(1))[0])
+    except (TokenError, IndexError):
+        return None
+    return _mailbox_name(raw) if raw else ""
 
 
 def filter_metadata_response(data: bytes) -> bytes | None:

@@ -459,3 +459,25 @@ def test_folder_kind_preference_after_the_folder_was_recreated(make_proxy, dovec
     assert [uid for _, uid in fetch_uids(c)] == [1]
     a.close()
     c.close()
+
+
+def test_folder_excluded_by_policy_has_no_metadata_either(make_proxy, dovecot):
+    """A folder the policy excludes does not exist for the device: not through GETMETADATA/SETMETADATA on
+    it, nor in the answer to a GETMETADATA on a wildcard (Dovecot accepts "*" there)."""
+    folder = "Excluded" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", folder, make_object("chat"))
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    assert direct.command(b"m", b"SETMETADATA " + q(folder) + b' (/private/comment "x")')[-1].startswith(b"m OK")
+    p = make_proxy(config_extra='[policy]\nexclude_folders = ["Excluded*"]\n')
+    c = login(p, "dave", "A")
+    try:
+        for tag, command in ((b"g", b"GETMETADATA " + q(folder) + b" (/private/comment)"),
+                             (b"h", b"SETMETADATA " + q(folder) + b' (/private/comment "y")')):
+            assert c.command(tag, command)[-1].startswith(tag + b" NO [NONEXISTENT]"), command
+        r = c.command(b"w", b'GETMETADATA (DEPTH infinity) "*" (/private/comment)')
+        assert r[-1].startswith(b"w OK") and not any(folder.encode() in line for line in r), r
+    finally:
+        direct.command(b"m", b"SETMETADATA " + q(folder) + b" (/private/comment NIL)")
+        direct.close()
+        c.close()
