@@ -38,17 +38,17 @@ from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
-from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, Quoted, TokenError, format_tokens, tokenize
+from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, TokenError, format_tokens, tokenize
 from cpmproxy.proxy.backend import BackendRefused, Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import PREFIX
 from plugins.policy import (
-    _ONEARG_KEYS,
     _SEARCHES,
     _esearch_all,
     _has_caps,
     _wire_name,
     iter_metadata,
+    search_key_args,
     side_examine,
 )
 
@@ -467,21 +467,10 @@ def _mark_keys(tokens: list, pending: bytes) -> list:
                 out.append(ParenList([t, arg, Atom(b"NOT"), *uids]))
         else:
             # Arguments are skipped, never taken for keys ("SUBJECT DELETED" is about a subject).
-            n = _key_args(tokens, i - 1, key)
+            n = search_key_args(tokens, i - 1, key)
             out += tokens[i - 1:i + n]
             i += n
     return out
-
-
-def _key_args(tokens: list, i: int, key: bytes | None) -> int:
-    """How many arguments the search key at ``tokens[i]`` takes."""
-    if key in _ONEARG_KEYS:
-        return 1
-    if key == b"HEADER":
-        return 2
-    if key == b"MODSEQ":  # MODSEQ ["entry" type] n
-        return 3 if i + 1 < len(tokens) and isinstance(tokens[i + 1], Quoted) else 1
-    return 0
 
 
 def _literal_in_parens(tokens: list) -> bool:

@@ -1943,6 +1943,18 @@ _ONEARG_KEYS = frozenset(b"BCC BEFORE BODY CC FROM KEYWORD LARGER ON SENTBEFORE 
                          b"SAVEDSINCE FILTER FUZZY CHARSET".split())
 
 
+def search_key_args(tokens: list, i: int, key: bytes | None) -> int:
+    """How many arguments the search key ``key`` at ``tokens[i]`` takes (0: none, or not a key that takes
+    any: a set, a list, NOT/OR, whose operands are keys)."""
+    if key in _ONEARG_KEYS:
+        return 1
+    if key == b"HEADER":
+        return 2
+    if key == b"MODSEQ":  # MODSEQ ["entry-name" entry-type] mod-sequence
+        return 3 if i + 1 < len(tokens) and isinstance(tokens[i + 1], Quoted) else 1
+    return 0
+
+
 def rewrite_search_keys(view: MailboxView, tokens: list) -> list:
     """Walk SEARCH criteria; client sequence sets become backend ones. UID sets, dates, sizes,
     strings are left alone (the walker knows each search key's arguments)."""
@@ -1963,13 +1975,9 @@ def _one_key(view: MailboxView, tokens: list, i: int):
     key = t.upper()
     if key in _NOARG_KEYS:
         return [t], i + 1
-    if key in _ONEARG_KEYS:
-        return tokens[i:i + 2], i + 2
-    if key == b"HEADER":
-        return tokens[i:i + 3], i + 3
-    if key == b"MODSEQ":
-        n = 4 if i + 1 < len(tokens) and isinstance(tokens[i + 1], Quoted) else 2
-        return tokens[i:i + n], i + n
+    n = search_key_args(tokens, i, key)
+    if n:
+        return tokens[i:i + 1 + n], i + 1 + n
     if key == b"NOT":
         sub, j = _one_key(view, tokens, i + 1) if i + 1 < len(tokens) else ([], i + 1)
         return [t] + sub, j
