@@ -287,16 +287,24 @@ class LocalDeletePlugin(Plugin):
         view = await policy.ensure_view(session)
         if view is None:
             return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
-        try:
-            requested = SequenceSet.parse(seqs)
-        except SequenceSetError:
-            return None  # the backend answers BAD
-        if uid:
-            targets = set(view.visible_uidset(requested))
+        if seqs == b"$":
+            # The saved search result (RFC 5182): its UIDs, asked of the backend (passed on as it is, the
+            # local flags would reach the server, and the next EXPUNGE delete the message there).
+            reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
+            if reply.status != b"OK":
+                return Answer(b"NO [CANNOT] No saved search result to use.")
+            targets = set(_esearch_all(reply)) - view.hidden
         else:
-            backend = view.backend_seqset(requested)
-            targets = {view.uid_of(s) for s in backend}
-            targets.discard(None)
+            try:
+                requested = SequenceSet.parse(seqs)
+            except SequenceSetError:
+                # Never passed on with local flags in it: refused here.
+                return Answer(b"BAD [CLIENTBUG] Invalid message set.")
+            if uid:
+                targets = set(view.visible_uidset(requested))
+            else:
+                targets = {view.uid_of(s) for s in view.backend_seqset(requested)}
+                targets.discard(None)
         ours = {f for f in flags if f.upper() in (KEYWORD, b"\\DELETED")}
         others = [f for f in flags if f not in ours]
         if base == b"-FLAGS":

@@ -1372,6 +1372,10 @@ class PolicyPlugin(Plugin):
     # -- METADATA: preferences and the proxy's own entries --------------------------------------
 
     def _metadata_command(self, session, st: PolicySession, cmd):
+        if cmd.has_literal and not cmd.state.get("collected"):
+            # An entry name or mailbox as a literal: the whole command first (judged on its first segment
+            # alone, a bookkeeping entry or a forbidden preference sent as a literal would pass).
+            return Collect()
         args = cmd.args
         target = args[1] if cmd.name == b"GETMETADATA" and args and isinstance(args[0], ParenList) else \
             (args[0] if args else None)
@@ -1439,12 +1443,13 @@ class PolicyPlugin(Plugin):
             if st is None:
                 continue
             known = st.pref_folders
-            for name, value in marks.items():
-                if known.get(name) != value:
-                    st.folders.pop(name, None)
-                    if name == st.mailbox:
-                        self._reapply_view(session, st)
+            changed = [name for name, value in marks.items() if known.get(name) != value]
+            # (The marks first: a re-application that starts at once, in IDLE, reads the folder's.)
             st.pref_folders = dict(marks) if replace else {**known, **marks}
+            for name in changed:
+                st.folders.pop(name, None)
+                if name == st.mailbox:
+                    self._reapply_view(session, st)
 
     def _metadata_response(self, session, st: PolicySession, resp):
         """``* METADATA``: the proxy's own entries under the vendor prefix are taken out one by one (only the

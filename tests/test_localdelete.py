@@ -573,3 +573,26 @@ def test_conditional_store_of_the_local_flags_stays_local(make_proxy, dovecot):
     assert uids_seen(b) == uids
     a.close()
     b.close()
+
+
+def test_local_delete_of_a_saved_search_result_stays_local(make_proxy, dovecot):
+    """STORE $ (RFC 5182's saved result) with the local flags: $ is resolved by the proxy; passed on as it
+    was, the flags reached the server and the device's EXPUNGE deleted the message for everyone. Likewise
+    UID STORE $ +FLAGS (\\Deleted) of a delete_mode = "local" device."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy(config_extra='[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n')
+    a = device(p, "A")
+    select(a, folder)
+    a.command(b"a", b"SEARCH RETURN (SAVE) 2")
+    r = a.command(b"b", b"STORE $ +FLAGS (\\Deleted $LocalDelete)")
+    assert r[-1].startswith(b"b OK"), r
+    assert a.command(b"c", b"EXPUNGE")[0] == b"* 2 EXPUNGE\r\n"
+    old = device(p, "old-phone")
+    select(old, folder)
+    old.command(b"a", b"UID SEARCH RETURN (SAVE) UID %d" % uids[2])
+    assert old.command(b"b", b"UID STORE $ +FLAGS (\\Deleted)")[-1].startswith(b"b OK")
+    assert old.command(b"c", b"EXPUNGE")[-1].startswith(b"c OK")
+    flags = server_state(dovecot, folder)
+    assert set(flags) == set(uids) and not any(b"\\Deleted" in f for f in flags.values()), flags
+    for c in (a, old):
+        c.close()

@@ -481,3 +481,57 @@ def test_folder_excluded_by_policy_has_no_metadata_either(make_proxy, dovecot):
         direct.command(b"m", b"SETMETADATA " + q(folder) + b" (/private/comment NIL)")
         direct.close()
         c.close()
+
+
+def test_setmetadata_with_literals_is_judged_whole(make_proxy, dovecot):
+    """Entry names or values sent as literals: judged on the first segment alone, a bookkeeping entry or a
+    forbidden preference passed unchecked, and a legal value as a literal was refused."""
+    p = make_proxy(config_extra='[policy]\nuser_may_change = ["notifications"]\n')
+    c = login(p, "dave", "A")
+    bookkeeping = PREFIX + b"/localdelete/phone-9"
+    forbidden = PREFIX + b"/sync/sms"
+    try:
+        for tag, entry in ((b"a", bookkeeping), (b"b", forbidden)):
+            c.send(tag + b' SETMETADATA "" ({%d+}\r\n' % len(entry) + entry + b' "off")\r\n')
+            r = c.until_tagged(tag)
+            assert r[-1].startswith(tag + b" NO [NOPERM]"), r
+        c.send(b'c SETMETADATA "" (' + PREFIX + b"/notifications {2+}\r\non)\r\n")
+        assert c.until_tagged(b"c")[-1].startswith(b"c OK")
+        r = c.command(b"g", b'GETMETADATA "" ' + PREFIX + b"/notifications")
+        assert b"on" in r[0], r
+    finally:
+        c.command(b"z", b'SETMETADATA "" (' + PREFIX + b"/notifications NIL)")
+        c.close()
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    r = direct.command(b"g", b'GETMETADATA "" (' + bookkeeping + b" " + forbidden + b")")
+    direct.close()
+    assert all(line.count(b" NIL") == 2 for line in r if line.startswith(b"* METADATA")), r  # (none written)
+
+
+def test_folder_preference_from_another_process_reaches_an_idling_session(make_proxy, dovecot):
+    """The same in IDLE: the EXPUNGE comes at once (the folder's first preference: the re-application
+    started before the folder was known to have preferences, stored none, and never read them again)."""
+    folder = "Default/tel:+1669" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", folder, make_object("chat"))
+    dovecot.deliver("dave", folder, make_object("imdn"))
+    poll = "[plugin.notify]\nmetadata_poll = 0.5\n"
+    p1, p2 = make_proxy(config_extra=poll), make_proxy(config_extra=poll)
+    a, b = login(p1, "dave", "A"), login(p2, "dave", "B")
+    try:
+        assert exists_of(b.command(b"s", b"SELECT " + q(folder))) == 2
+        b.send(b"i IDLE\r\n")
+        assert b.read_response().startswith(b"+ ")
+        r = a.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync/imdn "off")')
+        assert r[-1].startswith(b"m OK"), r
+        b.sock.settimeout(5)
+        line = b.read_response()
+        while line.startswith(b"* OK"):  # (Dovecot's "Still here")
+            line = b.read_response()
+        assert line == b"* 2 EXPUNGE\r\n", line
+        b.send(b"DONE\r\n")
+        b.until_tagged(b"i")
+        a.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b"/sync/imdn NIL)")
+    finally:
+        a.close()
+        b.close()
