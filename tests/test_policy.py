@@ -395,19 +395,26 @@ def test_folder_preference_reaches_other_process_and_follows_rename(make_proxy, 
         b.close()
 
 
-def test_folder_preference_from_another_process_reaches_a_selected_session(make_proxy, dovecot):
-    """Folder preferences changed through another proxy process reach a session that has the folder
-    selected (within metadata_poll): a kind turned off there leaves with EXPUNGE, the folder turned off
-    ends the session. (The account-wide poll sees the folder's mark change; only then is the folder's
-    metadata read.)"""
+def chat_and_imdn_selected_on_another_process(make_proxy, dovecot):
+    """A folder with a chat and an IMDN; device A on one proxy process, device B on another with the
+    folder selected (both processes poll preferences every 0.5 s)."""
     folder = "Default/tel:+1668" + uuid.uuid4().hex[:6]
     dovecot.deliver("dave", folder, make_object("chat"))
     dovecot.deliver("dave", folder, make_object("imdn"))
     poll = "[plugin.notify]\nmetadata_poll = 0.5\n"
     p1, p2 = make_proxy(config_extra=poll), make_proxy(config_extra=poll)
     a, b = login(p1, "dave", "A"), login(p2, "dave", "B")
+    assert exists_of(b.command(b"s", b"SELECT " + q(folder))) == 2
+    return folder, a, b
+
+
+def test_folder_preference_from_another_process_reaches_a_selected_session(make_proxy, dovecot):
+    """Folder preferences changed through another proxy process reach a session that has the folder
+    selected (within metadata_poll): a kind turned off there leaves with EXPUNGE, the folder turned off
+    ends the session. (The account-wide poll sees the folder's mark change; only then is the folder's
+    metadata read.)"""
+    folder, a, b = chat_and_imdn_selected_on_another_process(make_proxy, dovecot)
     try:
-        assert exists_of(b.command(b"s", b"SELECT " + q(folder))) == 2
         r = a.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync/imdn "off")')
         assert r[-1].startswith(b"m OK"), r
         deadline, seen = time.monotonic() + 5, []
@@ -512,14 +519,8 @@ def test_setmetadata_with_literals_is_judged_whole(make_proxy, dovecot):
 def test_folder_preference_from_another_process_reaches_an_idling_session(make_proxy, dovecot):
     """The same in IDLE: the EXPUNGE comes at once (the folder's first preference: the re-application
     started before the folder was known to have preferences, stored none, and never read them again)."""
-    folder = "Default/tel:+1669" + uuid.uuid4().hex[:6]
-    dovecot.deliver("dave", folder, make_object("chat"))
-    dovecot.deliver("dave", folder, make_object("imdn"))
-    poll = "[plugin.notify]\nmetadata_poll = 0.5\n"
-    p1, p2 = make_proxy(config_extra=poll), make_proxy(config_extra=poll)
-    a, b = login(p1, "dave", "A"), login(p2, "dave", "B")
+    folder, a, b = chat_and_imdn_selected_on_another_process(make_proxy, dovecot)
     try:
-        assert exists_of(b.command(b"s", b"SELECT " + q(folder))) == 2
         b.send(b"i IDLE\r\n")
         assert b.read_response().startswith(b"+ ")
         r = a.command(b"m", b"SETMETADATA " + q(folder) + b" (" + PREFIX + b'/sync/imdn "off")')
