@@ -74,6 +74,26 @@ def test_every_literal_form_in_append(proxy):
         c.command(b"d", b"DELETE " + folder.encode())
 
 
+def test_literal_of_a_refused_command_never_runs_as_commands(proxy, dovecot):
+    """Dovecot reads the non-synchronizing literal of a command it refused (here at a flag it rejects) as
+    commands of its own: they would reach it past every hook (a view's, local delete's). The proxy sends
+    literals to the backend as synchronizing ones and drops the data of a refused command."""
+    folder = _fresh_folder()
+    dovecot.deliver("alice", folder, _msg("victim"))
+    inner = b'z SELECT "%s"\r\ny STORE 1 +FLAGS (\\Flagged)\r\n' % folder.encode()
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        for tag, flags in ((b"a", b"(\\Bogus)"), (b"b", b"(\\Seen) {3+}\r\nabc (\\Bogus)")):
+            c.send(tag + b' APPEND "%s" ' % folder.encode() + flags + b" {%d+}\r\n" % len(inner) + inner + b"\r\n")
+            r = c.until_tagged(tag)
+            assert r[-1].startswith(tag + b" BAD") and not any(x[:2] in (b"y ", b"z ") for x in r), r
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # (the session goes on, in step)
+    imap = dovecot.imap_direct("alice", tls="none")
+    imap.select_folder(folder, readonly=True)
+    assert imap.search("FLAGGED") == [] and len(imap.search("ALL")) == 1
+    imap.logout()
+
+
 def test_big_append_and_fetch_20mb(proxy):
     folder = _fresh_folder()
     c = imapclient.IMAPClient(proxy.host, proxy.port, ssl=False, timeout=60)

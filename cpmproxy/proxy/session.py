@@ -81,6 +81,7 @@ log = Logger(namespace="cpmproxy.session")
 _DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
 
 _NOT_UNTAGGED_RE = re.compile(rb"\n[^*]")
+_NONSYNC_MARK_RE = re.compile(rb"(~?\{\d+)\+(\}\r?\n)")  # a non-synchronizing literal's "{n+}" + CRLF
 # A run of lines starting with a message number ("* 12 ..."), FETCH-like (numbered_run_end finds its end).
 _NUMBERED_RE = re.compile(rb"\* [0-9]")
 _FETCH_HEAD_RE = re.compile(rb"\* [0-9]+ FETCH ")
@@ -192,6 +193,10 @@ class ClientSession(Protocol, TimeoutMixin):
         self._held_whole: list[defer.Deferred] = []  # (see held_response_whole)
         self._swallow_tagged: set[bytes] = set()
         self._swallow_continuation = 0
+        # A client command whose literal went to the backend as a synchronizing one and awaits its "+";
+        # the pieces of it still to send (see _backend_send).
+        self._literal_gate: ClientCommand | None = None
+        self._gated_pieces: deque[bytes] = deque()
         self._blocked = False  # a plugin's Defer decision is pending
         self._credentials: tuple[str, str, str] | None = None  # kept for the side connection only
 
@@ -355,7 +360,8 @@ class ClientSession(Protocol, TimeoutMixin):
         self._process_client()
 
     def _process_client(self) -> None:
-        if self.phase in ("login", "closed") or self._blocked or self._parking or self._closing:
+        if self.phase in ("login", "closed") or self._blocked or self._parking or self._closing \
+                or self._literal_gate is not None:
             return
         try:
             if self.phase == "preauth":
@@ -743,7 +749,7 @@ class ClientSession(Protocol, TimeoutMixin):
         hooks = self.service.hooks.command
         for ev in self.framer.events():
             if self._collecting is not None:
-                if not self._collect_event(ev):
+                if not self._collect_event(ev) or self._literal_gate is not None:
                     return
                 continue
             if isinstance(ev, LiteralData):
@@ -752,7 +758,7 @@ class ClientSession(Protocol, TimeoutMixin):
                 continue
             if not ev.first:
                 if not self._discard_command:
-                    bout.append(ev.data)
+                    self._backend_send(self._current, ev.data)
                     self._awaiting_continuation = ev.literal is not None and not ev.non_sync
                 elif ev.literal is not None and not ev.non_sync:
                     # A locally answered command cannot go on: refuse its next literal.
@@ -761,6 +767,8 @@ class ClientSession(Protocol, TimeoutMixin):
                     self._discard_command = False
                     self._current = None
                     self._send_internal_queue()
+                if self._literal_gate is not None:
+                    return  # (the rest waits for the backend's "+")
                 continue
             # A new command.
             self._discard_command = False
@@ -787,7 +795,7 @@ class ClientSession(Protocol, TimeoutMixin):
                 continue
             if not self._decide(cmd, ev, action):
                 return
-            if self._closing:
+            if self._closing or self._literal_gate is not None:
                 return
             if self._parked and len(self._parked) >= self.config.limits["max_waiting_answers"]:
                 # Answers of ours pile up behind a slow command: read no more until they go out.
@@ -945,6 +953,34 @@ class ClientSession(Protocol, TimeoutMixin):
             else:
                 self.framer.refuse_literal()
 
+    def _backend_send(self, cmd: ClientCommand | None, data: bytes) -> None:
+        """Relay a piece of a client command. Its non-synchronizing literals (LITERAL+) go to the backend
+        as synchronizing ones, each sent on only after the backend's "+": Dovecot reads the literal of a
+        command it has already refused as commands of their own, which would reach it past every hook.
+        The client is not read meanwhile (one backend round trip per literal)."""
+        if _NONSYNC_MARK_RE.search(data) is None:
+            self.backend.out.append(data)
+            return
+        pieces = _split_at_literals(data)
+        self._literal_gate = cmd
+        self._gated_pieces.extend(pieces[1:])
+        self.backend.out.append(pieces[0])
+        self.backend.flush()  # (also when a deferred decision sends it: nothing else would, until "+")
+        self.transport.pauseProducing()
+
+    def _gate_opened(self) -> None:
+        """The backend's "+" for a literal the proxy made synchronizing: the next piece goes out (its own
+        literal then waits for the next "+"), or, none left, the client is read again."""
+        if self._gated_pieces:
+            piece = self._gated_pieces.popleft()
+            self.backend.out.append(piece)
+            if _SYNC_MARK_END_RE.search(piece):
+                return
+        self._literal_gate = None
+        if self._current is None:
+            self._send_internal_queue()
+        self.service.reactor.callLater(0, self._read_again)
+
     def _apply(self, cmd: ClientCommand, ev, action) -> None:
         if isinstance(action, Answer):
             self._local_answer_literal(ev)
@@ -965,8 +1001,8 @@ class ClientSession(Protocol, TimeoutMixin):
         elif cmd.name == b"IDLE":
             self._idle = "active"
             self._idle_cmd = cmd
-        self.backend.out.append(data)
-        if ev.literal is None:
+        self._backend_send(cmd, data)
+        if ev.literal is None and self._literal_gate is None:
             self._send_internal_queue()
 
     @_guarded
@@ -975,7 +1011,7 @@ class ClientSession(Protocol, TimeoutMixin):
             return
         self._blocked = False
         self._apply(cmd, ev, action)
-        if not self._parking:
+        if not self._parking and self._literal_gate is None:
             self.transport.resumeProducing()
             self._process_client()
 
@@ -1417,7 +1453,8 @@ class ClientSession(Protocol, TimeoutMixin):
 
     @_guarded
     def _read_again(self) -> None:
-        if self.phase == "auth" and not self._closing and not self._parking and not self._blocked:
+        if self.phase == "auth" and not self._closing and not self._parking and not self._blocked \
+                and self._literal_gate is None:
             self.transport.resumeProducing()
             self._process_client()
 
@@ -1426,6 +1463,9 @@ class ClientSession(Protocol, TimeoutMixin):
         data = ev.data
         if data[:1] == b"+":
             self._resp_head = None
+            if self._literal_gate is not None:
+                self._gate_opened()  # (the client sent a non-synchronizing literal: not its "+")
+                return None
             if self._swallow_continuation:
                 self._swallow_continuation -= 1  # our re-issued IDLE's "+ idling"
                 return None
@@ -1454,6 +1494,15 @@ class ClientSession(Protocol, TimeoutMixin):
                     self._idle_ended = True
                     self._internal_finished()
                     return None
+                if cmd is self._literal_gate:
+                    # Refused before its literal: the literal never reaches the backend (Dovecot would
+                    # read it as commands), nor does the rest of the command.
+                    self._literal_gate = None
+                    self._gated_pieces.clear()
+                    self._awaiting_continuation = False
+                    if cmd is self._current:
+                        self._discard_command = True
+                    self.service.reactor.callLater(0, self._read_again)
                 if cmd is self._current:
                     if self._awaiting_continuation:
                         # The backend refused a synchronizing literal: the client will not send it.
@@ -1560,6 +1609,22 @@ class ClientSession(Protocol, TimeoutMixin):
 
 
 _SYNC_LITERAL_END = re.compile(rb"(~?\{[0-9]+)\}(\r?\n)\Z")
+
+
+_SYNC_MARK_END_RE = re.compile(rb"~?\{\d+\}\r?\n\Z")
+
+
+def _split_at_literals(data: bytes) -> list[bytes]:
+    """``data`` (command text with inline non-synchronizing literals) as pieces that each end with a
+    literal's announcement, made synchronizing (``{n}``), but the last: what follows each "+"."""
+    pieces, start, pos = [], 0, 0
+    while (m := _NONSYNC_MARK_RE.search(data, pos)) is not None:
+        pieces.append(data[start:m.start()] + m.group(1) + m.group(2))
+        size = int(data[m.start(1):m.end(1)].lstrip(b"~{"))
+        start, pos = m.end(), m.end() + size  # (the literal's bytes open the next piece, never searched)
+    if start < len(data) or not pieces:
+        pieces.append(data[start:])
+    return pieces
 
 
 def _nonsync(segment: bytes) -> bytes:
