@@ -38,9 +38,17 @@ class ReadReportPlugin(Plugin):
         self._keyword_re = re.compile(rb"(?<=[\s(])" + re.escape(self.keyword) + rb"(?=[\s)])", re.I)
 
     def command(self, session, cmd: ClientCommand):
-        if cmd.name in _IN_COMMANDS and _CPM_FLAG_RE.search(cmd.line):
-            return Rewrite(_CPM_FLAG_RE.sub(self.keyword.replace(b"\\", b"\\\\"), cmd.line))
+        if cmd.name not in _IN_COMMANDS:
+            return None
+        if cmd.name == b"APPEND" and cmd.has_literal:
+            # The flag lists of a MULTIAPPEND's later messages come in later segments.
+            cmd.state.setdefault("later_segments", []).append(self._to_keyword)
+        if _CPM_FLAG_RE.search(cmd.line):
+            return Rewrite(self._to_keyword(cmd.line))
         return None
+
+    def _to_keyword(self, text: bytes) -> bytes:
+        return _CPM_FLAG_RE.sub(self.keyword.replace(b"\\", b"\\\\"), text)
 
     def block_ok(self, session, block: bytes) -> bool:
         # Plain substring tests, no copy: a case-insensitive regex (or lower()) over a 64 KB block costs

@@ -176,6 +176,31 @@ def test_read_report_flag_mapped_both_ways(proxy, dovecot):
     d.logout()
 
 
+def test_read_report_flag_on_every_message_of_a_multiappend(proxy, dovecot):
+    """The flag lists of a MULTIAPPEND's later messages come after a literal, in segments the command hooks
+    do not see (state["later_segments"]): Dovecot refused the flag there and the APPEND failed whole."""
+    folder = _fresh_folder()
+    m1, m2 = _msg("first"), _msg("second")
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        assert c.command(b"c", b'CREATE "%s"' % folder.encode())[-1].startswith(b"c OK")
+        r = c.command(b"a", b'APPEND "%s" (\\Seen) {%d+}\r\n%s (\\read-report-sent) {%d+}\r\n%s'
+                      % (folder.encode(), len(m1), m1, len(m2), m2))
+        assert r[-1].startswith(b"a OK [APPENDUID"), r
+        c.send(b'b APPEND "%s" (\\Seen) {%d}\r\n' % (folder.encode(), len(m1)))
+        assert c.read_line().startswith(b"+")
+        c.send(m1 + b" (\\read-report-sent \\Seen) {%d}\r\n" % len(m2))
+        assert c.read_line().startswith(b"+")
+        c.send(m2 + b"\r\n")
+        assert c.until_tagged(b"b")[-1].startswith(b"b OK [APPENDUID")
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(folder)
+    flags = d.get_flags(d.search("ALL"))
+    d.delete_folder(folder)
+    d.logout()
+    assert [b"$ReadReportSent" in f for _, f in sorted(flags.items())] == [False, True, False, True], flags
+
+
 def test_slow_client_does_not_make_proxy_buffer(proxy, dovecot):
     """Backpressure: a client that stops reading a 60 MB FETCH costs the proxy far less than 60 MB."""
     folder = _fresh_folder()

@@ -135,7 +135,10 @@ class ClientCommand:
     line: bytes
     parsed: "ParsedCommand"
     has_literal: bool
-    state: dict[str, Any] = field(default_factory=dict)  # per-command scratch space for plugins
+    # Per-command scratch space for plugins. ``state["later_segments"]``: functions (bytes -> bytes) the
+    # session applies to each later text segment of the command (after a literal: the hooks see only the
+    # first), e.g. the flag list of a MULTIAPPEND's second message.
+    state: dict[str, Any] = field(default_factory=dict)
     # When this is an earlier plugin's Rewrite of the client's command: that command (what the client
     # wrote, in the numbers it knows).
     client: ClientCommand | None = None

@@ -758,7 +758,10 @@ class ClientSession(Protocol, TimeoutMixin):
                 continue
             if not ev.first:
                 if not self._discard_command:
-                    self._backend_send(self._current, ev.data)
+                    data = ev.data
+                    for rewrite in self._current.state.get("later_segments", ()) if self._current else ():
+                        data = rewrite(data)  # (see ClientCommand: a plugin's rewrite of later segments)
+                    self._backend_send(self._current, data)
                     self._awaiting_continuation = ev.literal is not None and not ev.non_sync
                 elif ev.literal is not None and not ev.non_sync:
                     # A locally answered command cannot go on: refuse its next literal.
