@@ -18,7 +18,7 @@ from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import make_object
 from plugins.policy import filter_metadata_response
 from tests.proxyfix import raw_via
-from tests.test_hostile_backend import ScriptedBackend
+from tests.test_hostile_backend import scripted  # noqa: F401 (the scripted backend's fixture)
 
 PREFIX = b"/private/vendor/vendor.cpmproxy"
 RRS = b"\\read-report-sent"
@@ -212,14 +212,6 @@ def test_metadata_large_literal_over_several_reads(make_proxy, dovecot, metadata
         d.close()
 
 
-@pytest.fixture(scope="module")
-def scripted():
-    server = ScriptedBackend()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("answer, expected", [
     # Quoted values (one line), bookkeeping first, in the middle, last.
     (b'* METADATA "" (' + PREFIX + b'/localdelete/d "1:3" ' + PREFIX + b'/notifications "on" '
@@ -237,7 +229,7 @@ def scripted():
     (b'* METADATA "" (/private/comment {3}\r\nabc /shared/x "y")\r\n',
      b'* METADATA "" (/private/comment {3}\r\nabc /shared/x "y")\r\n'),
 ])
-def test_metadata_filtered_from_a_server_that_quotes(scripted, tmp_path, answer, expected):
+def test_metadata_filtered_from_a_server_that_quotes(scripted, tmp_path, answer, expected):  # noqa: F811
     from cpmproxy.testing.proxyproc import ProxyProcess
     p = ProxyProcess(tmp_path / "p", scripted.port).start()
     try:
