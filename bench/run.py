@@ -7,6 +7,8 @@ proxy itself (no TLS on either path). Scenarios:
 
 * ``bulk``          -- ``FETCH 1:* BODY.PEEK[]`` of a large mailbox: relay throughput.
 * ``pingpong``      -- sequential NOOPs on one connection: added per-command latency.
+* ``append``        -- sequential APPENDs of a 2 KB message with LITERAL+, as a device storing what it
+                       sent: the upload path (the literal relay, the APPEND fast path).
 * ``idle_sessions`` -- thousands of concurrent IDLE sessions: proxy memory per session.
 
 Usage: ``python bench/run.py [--quick] [--only NAME ...] [--json out.json]``. See bench/README.md.
@@ -49,14 +51,14 @@ from cpmproxy.testing.dovecot import Dovecot  # noqa: E402
 from cpmproxy.testing.proxyproc import ProxyProcess  # noqa: E402
 from cpmproxy.testing.rawclient import RawIMAP  # noqa: E402
 
-SCENARIOS = ("bulk", "pingpong", "idle_sessions")
+SCENARIOS = ("bulk", "pingpong", "append", "idle_sessions")
 # Execution order differs from the listing order on purpose: idle_sessions measures the proxy's RSS
 # growth, so it runs first, on a proxy whose heap has not yet been inflated (and fragmented) by
 # relaying hundreds of MB in ``bulk`` -- freed memory from earlier scenarios would otherwise be reused
 # by the new sessions and hide their real cost.
-RUN_ORDER = ("idle_sessions", "pingpong", "bulk")
+RUN_ORDER = ("idle_sessions", "pingpong", "append", "bulk")
 
-TARGETS = {"bulk": 1.10, "pingpong": 2.0, "idle_sessions": 20.0}  # ratio, ratio, KiB/session
+TARGETS = {"bulk": 1.10, "pingpong": 2.0, "append": 1.5, "idle_sessions": 20.0}  # ratios; KiB/session
 
 # Generous proxy limits: the benchmark opens thousands of sessions from 127.0.0.1 for few users.
 PROXY_LIMITS = """\
@@ -82,6 +84,8 @@ class Sizes:
     bulk_rounds: int
     pingpong_commands: int
     pingpong_rounds: int
+    append_commands: int
+    append_rounds: int
     idle_sessions: int
     idle_concurrency: int  # sessions being set up at once (the proxy's listen backlog is 50)
 
@@ -89,9 +93,9 @@ class Sizes:
 # bulk_rounds: one round's proxy/direct ratio spreads from ~0.7 to ~1.3 on a shared 2-CPU machine (other
 # processes, page cache, CPU frequency); the median of 5 moved by 0.3 between runs, the median of 21 far less.
 FULL = Sizes(bulk_messages=2000, bulk_message_size=50_000, bulk_rounds=21, pingpong_commands=5000,
-             pingpong_rounds=3, idle_sessions=2000, idle_concurrency=32)
+             pingpong_rounds=3, append_commands=500, append_rounds=7, idle_sessions=2000, idle_concurrency=32)
 QUICK = Sizes(bulk_messages=200, bulk_message_size=50_000, bulk_rounds=3, pingpong_commands=500,
-              pingpong_rounds=3, idle_sessions=200, idle_concurrency=32)
+              pingpong_rounds=3, append_commands=50, append_rounds=3, idle_sessions=200, idle_concurrency=32)
 
 
 @dataclass
@@ -406,15 +410,16 @@ def scenario_bulk(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, user: str
 # -- pingpong --------------------------------------------------------------------------------------
 
 
-def noop_loop(sock: socket.socket, count: int, run: int) -> float:
-    """``count`` sequential NOOPs, each waiting for its tagged completion; returns seconds."""
+def command_loop(sock: socket.socket, count: int, run: int, command: bytes) -> float:
+    """``count`` sequential commands (``command``: after the tag, CRLF included), each waiting for its
+    tagged OK; returns seconds."""
     recv = sock.recv
     send = sock.sendall
     prefix = b"r%d." % run  # unique tags across runs
     t0 = time.perf_counter()
     for i in range(count):
         tag = prefix + b"%d " % i
-        send(tag + b"NOOP\r\n")
+        send(tag + command)
         data = recv(65536)
         # The reply is complete once its tagged line (at the start, or after untagged lines) is.
         while True:
@@ -426,13 +431,17 @@ def noop_loop(sock: socket.socket, count: int, run: int) -> float:
                     at = at + 2 if at >= 0 else -1
                 if at >= 0:
                     if data[at + len(tag):at + len(tag) + 2] != b"OK":
-                        raise BenchError(f"NOOP failed: {data[at:at + 200]!r}")
+                        raise BenchError(f"{command[:20]!r} failed: {data[at:at + 200]!r}")
                     break
             chunk = recv(65536)
             if not chunk:
-                raise BenchError("connection closed during NOOP loop")
+                raise BenchError("connection closed during a command loop")
             data += chunk
     return time.perf_counter() - t0
+
+
+def noop_loop(sock: socket.socket, count: int, run: int) -> float:
+    return command_loop(sock, count, run, b"NOOP\r\n")
 
 
 def scenario_pingpong(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, user: str) -> Result:
@@ -596,6 +605,53 @@ async def _idle_phase(host: str, port: int, users: list[tuple[str, str]], count:
             "proxy_fds_per_session": (fds_held - fds_before) / len(opened) if opened else 0.0}
 
 
+# -- append ----------------------------------------------------------------------------------------
+
+
+def scenario_append(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, user: str) -> Result:
+    """Sequential ``APPEND "folder" (\\Seen) {n+}`` of a 2 KB message, each waiting for its OK, rounds
+    alternating direct and proxy (both append to the same folder)."""
+    assert proxy.proc is not None
+    pid = proxy.proc.pid
+    password = dovecot.users[user]
+    message = make_message(0, 2000)
+    command = b'APPEND "bench-append" (\\Seen) {%d+}\r\n%s\r\n' % (len(message), message)
+    sides = {"direct": login(dovecot.host, dovecot.port, user, password),
+             "proxy": login(proxy.host, proxy.port, user, password)}
+    times: dict[str, list[float]] = {"direct": [], "proxy": []}
+    proxy_cpu: list[float] = []
+    try:
+        sides["direct"].command(b"C", b'CREATE "bench-append"')
+        socks = {side: raw_socket(conn) for side, conn in sides.items()}
+        n = sizes.append_commands
+        for side in ("direct", "proxy"):  # warm-up, untimed
+            command_loop(socks[side], min(50, n), 0, command)
+        for k in range(1, sizes.append_rounds + 1):
+            for side in (("direct", "proxy") if k % 2 else ("proxy", "direct")):
+                cpu0 = cpu_seconds(pid)
+                times[side].append(command_loop(socks[side], n, k, command))
+                if side == "proxy":
+                    proxy_cpu.append(cpu_seconds(pid) - cpu0)
+        expect_ok(sides["direct"].command(b"D", b'DELETE "bench-append"'), b"D")
+    finally:
+        for conn in sides.values():
+            conn.close()
+    us = {side: statistics.median(v) / sizes.append_commands * 1e6 for side, v in times.items()}
+    ratio = us["proxy"] / us["direct"]
+    target = TARGETS["append"]
+    return Result(
+        name="append",
+        direct=f"{us['direct']:.0f} µs/APPEND",
+        proxy=f"{us['proxy']:.0f} µs/APPEND (+{us['proxy'] - us['direct']:.0f})",
+        ratio=ratio,
+        target=f"ratio ≤ {target:.1f}",
+        passed=ratio <= target,
+        details={"commands": sizes.append_commands, "rounds": sizes.append_rounds, "message_bytes": len(message),
+                 "seconds": times, "median_us_per_command": us,
+                 "proxy_cpu_us_per_command": statistics.median(proxy_cpu) / sizes.append_commands * 1e6},
+    )
+
+
 def scenario_idle_sessions(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, users: list[str]) -> Result:
     assert proxy.proc is not None
     creds = [(u, dovecot.users[u]) for u in users]
@@ -639,6 +695,7 @@ def results_markdown(results: list[Result], machine: dict, command: str, quick: 
     bulk = next((r for r in results if r.name == "bulk"), None)
     idle = next((r for r in results if r.name == "idle_sessions"), None)
     ping = next((r for r in results if r.name == "pingpong"), None)
+    append = next((r for r in results if r.name == "append"), None)
     notes = []
     if bulk:
         b = bulk.details
@@ -651,6 +708,11 @@ def results_markdown(results: list[Result], machine: dict, command: str, quick: 
         p = ping.details
         notes.append(f"- pingpong: {p['commands']} sequential NOOPs per round, median of {p['rounds']} rounds. "
                      f"The proxy process used {p['proxy_cpu_us_per_command']:.0f} µs of CPU per NOOP.")
+    if append:
+        a = append.details
+        notes.append(f"- append: {a['commands']} sequential APPENDs of {a['message_bytes']} bytes with LITERAL+ "
+                     f"per round, median of {a['rounds']} rounds. The proxy process used "
+                     f"{a['proxy_cpu_us_per_command']:.0f} µs of CPU per APPEND.")
     for r in (bulk, ping):
         if r is not None and r.details["proxy_log_bytes"] > LOG_NOISE_BYTES:
             notes.append(f"- {r.name}: the proxy wrote {r.details['proxy_log_bytes'] / 1024:.0f} KiB of log "
@@ -748,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         runners: dict[str, Callable[[], Result]] = {
             "idle_sessions": lambda: scenario_idle_sessions(dovecot, proxy, sizes, idle_users),
             "pingpong": lambda: scenario_pingpong(dovecot, proxy, sizes, "ping"),
+            "append": lambda: scenario_append(dovecot, proxy, sizes, "ping"),
             "bulk": lambda: scenario_bulk(dovecot, proxy, sizes, "bulk", seeded),
         }
         for name in selected:

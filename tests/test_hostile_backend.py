@@ -13,6 +13,7 @@ whose policy hides UID 2 (``max_size``), so that a view renumbers what the backe
 from __future__ import annotations
 
 import random
+import re
 import socket
 import socketserver
 import threading
@@ -24,6 +25,9 @@ from cpmproxy.testing.rawclient import RawIMAP
 from tests.proxyfix import imap_via
 
 CAPS = b"IMAP4rev1 LITERAL+ ID ENABLE METADATA NOTIFY CONDSTORE QRESYNC UIDPLUS ESEARCH IDLE"
+
+
+_LITERAL_AT_END = re.compile(rb"\{([0-9]+)(\+?)\}\r?\n\Z")
 
 
 class ScriptedBackend(socketserver.ThreadingTCPServer):
@@ -40,6 +44,7 @@ class ScriptedBackend(socketserver.ThreadingTCPServer):
         self.script: dict[bytes, bytes] = {}
         self.internal: dict[bytes, bytes] = {}  # (see the class docstring)
         self.caps = CAPS
+        self.received: list[bytes] = []  # every line the server read (literals left out)
         super().__init__(("127.0.0.1", 0), _Handler)
         self.port = self.server_address[1]
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -57,10 +62,14 @@ class _Handler(socketserver.StreamRequestHandler):
                 return
             if not line:
                 return
-            while line.rstrip(b"\r\n").endswith(b"+}"):  # a non-synchronizing literal: take it whole
-                n = int(line.rstrip(b"\r\n").rsplit(b"{", 1)[1][:-2])
-                self.rfile.read(n)
-                line = self.rfile.readline(1 << 20)
+            self.server.received.append(line)
+            rest = line
+            while (m := _LITERAL_AT_END.search(rest)) is not None:  # a literal: take it whole
+                if not m.group(2):
+                    out.sendall(b"+ go on\r\n")
+                self.rfile.read(int(m.group(1)))
+                rest = self.rfile.readline(1 << 20)
+                self.server.received.append(rest)
             parts = line.split(b" ", 2)
             if len(parts) < 2:
                 continue

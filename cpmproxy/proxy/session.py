@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from cpmproxy.imap.append import literal_always_read
 from cpmproxy.imap.framing import (
     Block,
     Framer,
@@ -761,7 +762,7 @@ class ClientSession(Protocol, TimeoutMixin):
                     data = ev.data
                     for rewrite in self._current.state.get("later_segments", ()) if self._current else ():
                         data = rewrite(data)  # (see ClientCommand: a plugin's rewrite of later segments)
-                    self._backend_send(self._current, data)
+                    self._backend_send(self._current, data, False)
                     self._awaiting_continuation = ev.literal is not None and not ev.non_sync
                 elif ev.literal is not None and not ev.non_sync:
                     # A locally answered command cannot go on: refuse its next literal.
@@ -956,12 +957,14 @@ class ClientSession(Protocol, TimeoutMixin):
             else:
                 self.framer.refuse_literal()
 
-    def _backend_send(self, cmd: ClientCommand | None, data: bytes) -> None:
+    def _backend_send(self, cmd: ClientCommand | None, data: bytes, first: bool) -> None:
         """Relay a piece of a client command. Its non-synchronizing literals (LITERAL+) go to the backend
         as synchronizing ones, each sent on only after the backend's "+": Dovecot reads the literal of a
         command it has already refused as commands of their own, which would reach it past every hook.
-        The client is not read meanwhile (one backend round trip per literal)."""
-        if _NONSYNC_MARK_RE.search(data) is None:
+        The client is not read meanwhile (one backend round trip per literal). Plain APPENDs, which
+        Dovecot can only refuse after reading the literal, keep theirs (cpmproxy/imap/append.py)."""
+        if _NONSYNC_MARK_RE.search(data) is None or (
+                cmd is not None and cmd.name == b"APPEND" and literal_always_read(data, first)):
             self.backend.out.append(data)
             return
         pieces = _split_at_literals(data)
@@ -1004,7 +1007,7 @@ class ClientSession(Protocol, TimeoutMixin):
         elif cmd.name == b"IDLE":
             self._idle = "active"
             self._idle_cmd = cmd
-        self._backend_send(cmd, data)
+        self._backend_send(cmd, data, True)
         if ev.literal is None and self._literal_gate is None:
             self._send_internal_queue()
 

@@ -1,0 +1,187 @@
+"""APPEND's fast path: the segments cpmproxy/imap/append.py lets keep their ``{n+}`` literal are ones whose
+literal the real Dovecot reads whatever it decides, so the literal's bytes never run as commands; the rest
+still go the careful way (a synchronizing literal and the backend's "+")."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cpmproxy.imap.append import MAX_FAST_SEGMENT, literal_always_read
+from cpmproxy.testing.rawclient import RawIMAP
+from tests.proxyfix import raw_via
+from tests.test_hostile_backend import scripted  # noqa: F401 (the scripted backend's fixture)
+
+# What a literal would smuggle in if the backend read it as commands: "y" answers betray it.
+INNER = b"y NOOP\r\ny NOOP\r\n"
+
+FAST = [
+    b'a APPEND INBOX {5+}\r\n',
+    b'a1.x APPEND "Sent Items" (\\Seen) {5+}\r\n',
+    b'A APPEND inbox (\\SEEN \\answered \\Flagged \\Deleted \\Draft $cpm.read-report-sent Junk) {5+}\r\n',
+    b'a append INBOX () "27-Nov-2026 07:30:00 +0100" {5+}\r\n',
+    b'a APPEND INBOX " 1-Jan-1970 00:00:00 -1200" {5+}\r\n',
+    b'a APPEND "a \\"quoted\\" \\\\ name" {5+}\r\n',
+    b'a APPEND &AOQ-t&AOQ--folder/sub {5+}\r\n',
+]
+CAREFUL = [
+    b'a APPEND INBOX (\\Bogus) {5+}\r\n',  # Dovecot: BAD Invalid system flag, then reads the literal as commands
+    b'a APPEND INBOX (\\Recent) {5+}\r\n',
+    b'a APPEND INBOX ((\\Seen)) {5+}\r\n',
+    b'a APPEND INBOX ("kw") {5+}\r\n',
+    b'a APPEND INBOX "31-Feb-2026 07:30:00 +0100" {5+}\r\n',
+    b'a APPEND INBOX "27-Nov-2026 24:00:00 +0100" {5+}\r\n',
+    b'a APPEND INBOX "27-Nov-1969 07:30:00 +0100" {5+}\r\n',
+    b'a APPEND INBOX "27-Nov-2026" {5+}\r\n',
+    b'a APPEND INBOX "27-Foo-2026 07:30:00 +0100" {5+}\r\n',
+    b'a APPEND INBOX ~{5+}\r\n',  # (literal8)
+    b'a APPEND INBOX {0+}\r\n',
+    b'a APPEND INBOX {5}\r\n',  # (synchronizing already: nothing to decide)
+    b'a APPEND INBOX CATENATE (TEXT {5+}\r\n',
+    b'a APPEND {5+}\r\n',
+    b'a APPEND "unterminated {5+}\r\n',
+    b'a APPEND "bad\\xescape" {5+}\r\n',
+    b'a APPEND "8bit \xc3\xa4" {5+}\r\n',
+    b'a APPEND in*box {5+}\r\n',
+    b'a APPEND INBOX (\\Seen) x {5+}\r\n',
+    b'a+ APPEND INBOX {5+}\r\n',
+    b'a APPEND INBOX (\\Seen) {5+}\r\nmore',
+    b'a APPEND INBOX (' + b"k " * (MAX_FAST_SEGMENT // 2) + b') {5+}\r\n',
+    b'a STORE 1 +FLAGS (\\Seen) {5+}\r\n',
+]
+
+
+@pytest.mark.parametrize("segment", FAST)
+def test_fast_segments(segment):
+    assert literal_always_read(segment, first=True)
+
+
+@pytest.mark.parametrize("segment", CAREFUL)
+def test_careful_segments(segment):
+    assert not literal_always_read(segment, first=True)
+
+
+def test_later_segments():
+    """The text after a MULTIAPPEND message: the next message's flags, date and literal."""
+    assert literal_always_read(b' (\\Seen) {7+}\r\n', first=False)
+    assert literal_always_read(b' {7+}\r\n', first=False)
+    assert literal_always_read(b' () "27-Nov-2026 07:30:00 +0000" {7+}\r\n', first=False)
+    assert not literal_always_read(b' (\\Bogus) {7+}\r\n', first=False)
+    assert not literal_always_read(b'a APPEND INBOX {7+}\r\n', first=False)
+    assert not literal_always_read(b' (\\Seen) {7+}\r\n', first=True)
+
+
+def _direct(dovecot) -> RawIMAP:
+    c = RawIMAP(dovecot.host, dovecot.port, timeout=10)
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    return c
+
+
+def _smuggled(c: RawIMAP, command: bytes) -> list[bytes]:
+    """Send ``command`` (its literals carry INNER), then a NOOP; every response up to the NOOP's."""
+    c.send(command + b"n NOOP\r\n")
+    return c.until_tagged(b"n")
+
+
+def _betrayed(lines: list[bytes]) -> bool:
+    return any(line.startswith(b"y ") for line in lines)
+
+
+def _refused_cases(folder: bytes) -> list[bytes]:
+    """Fast-path APPENDs that Dovecot refuses, or partly refuses, for every reason it has after the
+    command's first line: its literal must still be read."""
+    long_kw = b"k" * 300
+    return [
+        b'a APPEND "no-such-%s" (\\Seen) {%d+}\r\n%s\r\n' % (folder, len(INNER), INNER),
+        b'a APPEND "%s" (%s) {%d+}\r\n%s\r\n' % (folder, long_kw, len(INNER), INNER),
+        b'a APPEND "%s" {1+}\r\nx (\\Seen) {%d+}\r\n%s\r\n' % (folder, len(INNER), INNER),
+        b'a APPEND "no-such-%s" {1+}\r\nx (%s) "27-Nov-2026 07:30:00 +0100" {%d+}\r\n%s\r\n'
+        % (folder, long_kw, len(INNER), INNER),
+        b'a APPEND "%s/../x" {%d+}\r\n%s\r\n' % (folder, len(INNER), INNER),
+        b'a APPEND "" {%d+}\r\n%s\r\n' % (len(INNER), INNER),
+    ]
+
+
+def test_dovecot_reads_the_literal_of_every_fast_segment(dovecot):
+    """Straight to Dovecot: APPENDs the fast path lets through, each refused by Dovecot after its
+    first line. Their literals are read as literals, never run; the careful path's reason shows too."""
+    folder = b"t-" + uuid.uuid4().hex[:10].encode()
+    c = _direct(dovecot)
+    try:
+        c.command(b"c", b'CREATE "%s"' % folder)
+        for command in _refused_cases(folder):
+            head, _, rest = command.partition(b"\r\n")
+            assert literal_always_read(head + b"\r\n", first=True), command
+            lines = _smuggled(c, command)
+            assert not _betrayed(lines), (command, lines)
+        # The reason the careful path exists (a guard on the test itself): the same smuggling with a
+        # flag Dovecot refuses at once works.
+        lines = _smuggled(c, b'a APPEND "%s" (\\Bogus) {%d+}\r\n%s\r\n' % (folder, len(INNER), INNER))
+        assert _betrayed(lines), lines
+    finally:
+        c.close()
+
+
+_words = st.sampled_from([b"\\Seen", b"\\Deleted", b"\\Bogus", b"\\Recent", b"$kw", b"kw.1", b"k]", b"*",
+                          b'"q"', b"(\\Seen)", b"NIL", b"{3}", b"\\", b"\xc3\xa4"])
+_dates = st.builds(lambda d, m, y, h, z: b'"%s-%s-%s %s:00:00 %s"' % (d, m, y, h, z),
+                   st.sampled_from([b"1", b" 1", b"01", b"31", b"32", b"00", b"1x"]),
+                   st.sampled_from([b"Jan", b"feb", b"Feb", b"Xyz"]),
+                   st.sampled_from([b"1969", b"1970", b"2026", b"9999", b"99"]),
+                   st.sampled_from([b"00", b"23", b"24", b"7"]),
+                   st.sampled_from([b"+0000", b"-1200", b"+25", b"Z"]))
+_mailboxes = st.sampled_from([b"INBOX", b'"INBOX"', b'"no such"', b"no-such", b'"a\\\\b"', b'"a\\b"',
+                              b"in%box", b'""', b"&-", b"&Jjo-", b"a]b"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mailbox=_mailboxes, flags=st.none() | st.lists(_words, max_size=4), date=st.none() | _dates,
+       later=st.booleans())
+def test_fast_path_never_lets_a_literal_run(dovecot, mailbox, flags, date, later):
+    """Random APPEND segments, from a grammar wider than the fast path's: whichever it lets through,
+    Dovecot reads the literal of (here the first or a MULTIAPPEND's second message)."""
+    args = b""
+    if flags is not None:
+        args += b" (" + b" ".join(flags) + b")"
+    if date is not None:
+        args += b" " + date
+    announce = args + b" {%d+}\r\n" % len(INNER)
+    if later:
+        first, segment = b"a APPEND %s {1+}\r\n" % mailbox, announce
+        fast = literal_always_read(first, first=True) and literal_always_read(segment, first=False)
+        command = first + b"x" + segment + INNER + b"\r\n"
+    else:
+        segment = b"a APPEND %s" % mailbox + announce
+        fast = literal_always_read(segment, first=True)
+        command = segment + INNER + b"\r\n"
+    if not fast:
+        return
+    c = _direct(dovecot)
+    try:
+        lines = _smuggled(c, command)
+        assert not _betrayed(lines), (command, lines)
+    finally:
+        c.close()
+
+
+def test_proxy_keeps_fast_literals_and_gates_the_rest(scripted, make_proxy):  # noqa: F811
+    """Through the proxy: a plain APPEND reaches the backend with its ``{n+}`` (no round trip), a
+    refusable one with ``{n}`` (sent on after the backend's "+")."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", plugins=[])
+    scripted.received = []
+    c = raw_via(proxy, timeout=10)
+    try:
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        c.send(b'h APPEND INBOX (\\Seen) {5+}\r\nhello\r\n')
+        assert c.until_tagged(b"h")[-1].startswith(b"h OK")
+        c.send(b'h APPEND INBOX (\\Seen) {2+}\r\nhi (\\Bogus) {5+}\r\nhello\r\n')
+        assert c.until_tagged(b"h")[-1].startswith(b"h ")
+    finally:
+        c.close()
+    appends = [line for line in scripted.received if b"APPEND" in line or line.startswith(b" (")]
+    assert appends[0] == b'h APPEND INBOX (\\Seen) {5+}\r\n', appends
+    assert appends[1] == b'h APPEND INBOX (\\Seen) {2+}\r\n', appends
+    assert b' (\\Bogus) {5}\r\n' in scripted.received, scripted.received
