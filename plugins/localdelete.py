@@ -42,15 +42,8 @@ from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, TokenError, format
 from cpmproxy.proxy.backend import BackendRefused, Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import PREFIX
-from plugins.policy import (
-    _SEARCHES,
-    _esearch_all,
-    _has_caps,
-    _wire_name,
-    iter_metadata,
-    search_key_args,
-    side_examine,
-)
+from plugins.policy import side_examine
+from plugins.wire import SEARCH_COMMANDS, esearch_all, has_caps, iter_metadata, search_key_args, wire_name
 
 log = Logger(namespace="cpmproxy.localdelete")
 
@@ -138,7 +131,7 @@ class LocalDeletePlugin(Plugin):
         if self._unmarked(session):
             return defer.succeed(Reply([], b"OK No local deletions by this device."))
         prefix = f"{RECORDS}/{device_key(session.device_id)}"
-        return session.side_command(b"GETMETADATA (DEPTH infinity) " + _wire_name(mailbox) + b" ("
+        return session.side_command(b"GETMETADATA (DEPTH infinity) " + wire_name(mailbox) + b" ("
                                     + prefix.encode() + b")")
 
     def _mark_entry(self, session) -> bytes:
@@ -198,7 +191,7 @@ class LocalDeletePlugin(Plugin):
     async def _compact(self, session, mailbox, uidvalidity, uids, stale, current) -> None:
         """Merge this device's records for the mailbox into one (dropping UIDs gone from the server),
         then delete the old ones: write first, delete after, so a crash in between loses nothing."""
-        wire = _wire_name(mailbox)
+        wire = wire_name(mailbox)
         if len(current) > 1 and uids:
             async with side_examine(session):
                 session.side_command(b"EXAMINE " + wire)
@@ -220,7 +213,7 @@ class LocalDeletePlugin(Plugin):
         entry = f"{RECORDS}/{device_key(session.device_id)}/{uidvalidity}-{int(time.time() * 1000):x}" \
                 f"{secrets.token_hex(4)}"
         value = SequenceSet.from_iterable(uids).format()
-        reply = await session.side_command(b"SETMETADATA " + _wire_name(mailbox) + b" (" + entry.encode() + b' "'
+        reply = await session.side_command(b"SETMETADATA " + wire_name(mailbox) + b" (" + entry.encode() + b' "'
                                            + value + b'")')
         if reply.status != b"OK":
             raise BackendRefused("backend refused the local-delete record", reply.tagged)
@@ -249,7 +242,7 @@ class LocalDeletePlugin(Plugin):
                 return Defer(defer.Deferred.fromCoroutine(self._expunge_as_local(session, st, cmd)))
             if st.pending:
                 return Defer(defer.Deferred.fromCoroutine(self._expunge(session, st, cmd)))
-        if name in _SEARCHES:
+        if name in SEARCH_COMMANDS:
             st = session.state.get(self.name)
             if st is not None and st.pending:
                 return _search_with_pending(cmd, st.pending)
@@ -293,7 +286,7 @@ class LocalDeletePlugin(Plugin):
             reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
             if reply.status != b"OK":
                 return Answer(b"NO [CANNOT] No saved search result to use.")
-            targets = set(_esearch_all(reply)) - view.hidden
+            targets = set(esearch_all(reply)) - view.hidden
         else:
             try:
                 requested = SequenceSet.parse(seqs)
@@ -357,7 +350,7 @@ class LocalDeletePlugin(Plugin):
         mailbox = policy.state(session).mailbox
         if view is None or mailbox is None:
             return None  # nothing selected: the backend says so
-        if cmd.name == b"CLOSE" and not _has_caps(session, b"UNSELECT"):
+        if cmd.name == b"CLOSE" and not has_caps(session, b"UNSELECT"):
             return Answer(b"NO [CANNOT] This server cannot close without expunging; select another mailbox.")
         requested = None
         if cmd.name == b"EXPUNGE" and cmd.uid:
@@ -367,7 +360,7 @@ class LocalDeletePlugin(Plugin):
                 # Never passed on: the backend could take it ("$") and expunge for every device.
                 return Answer(b"BAD [CLIENTBUG] Invalid UID set.")
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
-        targets = (set(_esearch_all(reply)) - view.hidden) | st.pending
+        targets = (set(esearch_all(reply)) - view.hidden) | st.pending
         if requested is not None:
             targets &= set(view.visible_uidset(requested))
         if targets:

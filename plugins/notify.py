@@ -47,14 +47,8 @@ from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Plugin, Rewrite
 from cpmproxy.proxy.service import SIDE_LINGER
 from plugins.cpm import PREF_NOTIFICATIONS, pref_entry
-from plugins.policy import (
-    _list_name,
-    _mailbox_name,
-    _token_text,
-    _wire_name,
-    parse_metadata_prefs,
-    parse_pref_folders,
-)
+from plugins.policy import parse_metadata_prefs, parse_pref_folders
+from plugins.wire import list_name, mailbox_name, token_text, wire_name
 
 log = Logger(namespace="cpmproxy.notify")
 
@@ -132,10 +126,10 @@ def parse_event_groups(tokens: list) -> tuple[int, list[EventGroup]] | None:
         if flt in _NAMED_FILTERS:
             spec = rest[0]
             raws = spec.items if isinstance(spec, ParenList) else [spec]
-            decoded = [_token_text(r) for r in raws]
+            decoded = [token_text(r) for r in raws]
             if any(r is None for r in decoded):
                 return None
-            names = tuple(_mailbox_name(r) for r in decoded)
+            names = tuple(mailbox_name(r) for r in decoded)
             rest = rest[1:]
         if len(rest) != 1:
             return None
@@ -165,10 +159,10 @@ def widen_named_groups(tokens: list, start: int, groups: list[EventGroup]) -> by
 
 def _status_mailbox(line: bytes) -> str | None:
     try:
-        raw = _token_text(tokenize(line.rstrip(b"\r\n"))[2])
+        raw = token_text(tokenize(line.rstrip(b"\r\n"))[2])
     except (TokenError, IndexError):
         return None
-    return None if raw is None else _mailbox_name(raw)
+    return None if raw is None else mailbox_name(raw)
 
 
 def _watch_failed(failure) -> None:
@@ -388,7 +382,7 @@ class UserWatch:
                 if event is not None:
                     self.plugin.publish(event)
         elif head.startswith(b"* LIST "):
-            mailbox = _list_name(line)
+            mailbox = list_name(line)
             if mailbox is not None:
                 self.plugin.publish(ChangeEvent(self.user, mailbox, "MailboxName"))
 
@@ -677,7 +671,7 @@ class NotifyPlugin(Plugin):
         if head.name == b"STATUS":
             mailbox, wanted = _status_mailbox(resp.data), _MESSAGE_EVENTS
         else:
-            mailbox, wanted = _list_name(resp.data), _MAILBOX_EVENTS
+            mailbox, wanted = list_name(resp.data), _MAILBOX_EVENTS
         if mailbox is None:
             return None
         if any(g.covers(mailbox) and g.event_names() & wanted for g in groups if not g.filter.startswith("selected")):
@@ -711,15 +705,15 @@ class NotifyPlugin(Plugin):
                  b"CLOSE": "MessageExpunge", b"COPY": "MessageNew", b"MOVE": "MessageNew",
                  b"SETMETADATA": "MetadataChange"}.get(name, "MailboxName")
         if name in (b"APPEND", b"CREATE", b"DELETE", b"RENAME", b"SETMETADATA") and args:
-            raw = _token_text(args[0])
+            raw = token_text(args[0])
             if raw is not None:
-                mailboxes.append(_mailbox_name(raw) if raw else "")
-            if name == b"RENAME" and len(args) > 1 and _token_text(args[1]) is not None:
-                mailboxes.append(_mailbox_name(_token_text(args[1])))
+                mailboxes.append(mailbox_name(raw) if raw else "")
+            if name == b"RENAME" and len(args) > 1 and token_text(args[1]) is not None:
+                mailboxes.append(mailbox_name(token_text(args[1])))
         elif name in (b"COPY", b"MOVE") and len(args) > 1:
-            raw = _token_text(args[1])
+            raw = token_text(args[1])
             if raw is not None:
-                mailboxes.append(_mailbox_name(raw))
+                mailboxes.append(mailbox_name(raw))
             if name == b"MOVE" and pst is not None and pst.mailbox:
                 mailboxes.append(pst.mailbox)
         elif pst is not None and pst.mailbox:
@@ -796,12 +790,12 @@ class NotifyPlugin(Plugin):
         await policy.folder_infos(session, [mailbox])
         if policy.folder_hidden(pst, mailbox):
             return
-        reply = await session.side_command(b"STATUS " + _wire_name(mailbox) + b" " + _STATUS_ITEMS)
+        reply = await session.side_command(b"STATUS " + wire_name(mailbox) + b" " + _STATUS_ITEMS)
         line = next((x for x in reply.untagged if x[:9].upper() == b"* STATUS " and _status_mailbox(x) == mailbox),
                     None)
         if line is None:
             return
-        adjust = await policy._status_adjustment(session, pst, mailbox)
+        adjust = await policy.status_adjustment(session, pst, mailbox)
         line = policy.adjust_status_line(line, adjust)
         st = self.state(session)
         if st.last_status.get(mailbox) == line:

@@ -24,20 +24,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
-from cpmproxy.imap import mutf7
 from cpmproxy.imap.framing import renumber_fetch_lines
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import (
     Atom,
-    Literal,
     LiteralRef,
     Nil,
     ParenList,
-    Quoted,
     TokenError,
     format_tokens,
     parse_response_head,
-    quote,
     tokenize,
 )
 from cpmproxy.proxy.backend import UNAVAILABLE, BackendError, BackendRefused
@@ -53,7 +49,20 @@ from plugins.cpm import (
     pref_entry,
     pref_key,
 )
-from plugins.view import MailboxView, expand_ranges, parse_uid_list
+from plugins.view import MailboxView, expand_ranges
+from plugins.wire import (
+    NOARG_SEARCH_KEYS,
+    SEARCH_COMMANDS,
+    esearch_all,
+    has_caps,
+    iter_metadata,
+    list_name,
+    mailbox_name,
+    search_key_args,
+    search_ok,
+    token_text,
+    wire_name,
+)
 
 log = Logger(namespace="cpmproxy.policy")
 
@@ -253,7 +262,6 @@ _MAX_CACHED_RANGES = 256  # a mailbox's UIDs are cached as ranges; a very fragme
 _MAILBOX_ARG = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"APPEND": 0,
                 b"SUBSCRIBE": 0, b"UNSUBSCRIBE": 0, b"CREATE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1}
 _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
-_SEARCHES = frozenset((b"SEARCH", b"SORT", b"THREAD"))
 # UID FETCH's modifiers (RFC 7162 3.6): "(CHANGEDSINCE n VANISHED)", the last parenthesized group.
 _VANISHED_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?VANISHED(?:\s[^()]*)?\)\s*$", re.IGNORECASE)
 _SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT", b"THREAD"))  # (unless UID)
@@ -261,21 +269,6 @@ _SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT"
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
 _STATUS_RE = re.compile(rb"^\* STATUS (.*) \(([^()]*)\)\r?\n$", re.S | re.I)
-
-
-def _token_text(tok) -> bytes | None:
-    if isinstance(tok, (Atom, Quoted, Literal)):
-        return tok.value
-    return None
-
-
-def _mailbox_name(raw: bytes) -> str:
-    if raw.upper() == b"INBOX":
-        return "INBOX"
-    try:
-        return mutf7.decode(raw)
-    except ValueError:
-        return raw.decode("utf-8", "replace")
 
 
 # Views whose tables are kept for sharing (each ~0.7 MB at 20,000 messages), and the smallest mailbox worth it.
@@ -358,7 +351,7 @@ class PolicyPlugin(Plugin):
 
     async def _login(self, session) -> None:
         st = self.state(session)
-        if not (_has_caps(session, b"METADATA") or _has_caps(session, b"METADATA-SERVER")):
+        if not (has_caps(session, b"METADATA") or has_caps(session, b"METADATA-SERVER")):
             st.login_entries = set()  # (a backend without METADATA stores no preferences: the defaults apply)
             return
         # On the side connection (opened here, so the first SELECT does not wait for it). A refusal is
@@ -422,7 +415,7 @@ class PolicyPlugin(Plugin):
                 # deletes it can come back as a ghost in the mailbox list.
                 if name in st.pref_folders:
                     waits.append((name, info, session.side_command(
-                        b"GETMETADATA (DEPTH infinity) " + _wire_name(name) + b" (" + pref_entry("").encode() + b")")))
+                        b"GETMETADATA (DEPTH infinity) " + wire_name(name) + b" (" + pref_entry("").encode() + b")")))
         for name, info, d in waits:
             reply = await d
             if not _code_in(reply.tagged, b"NONEXISTENT"):  # (deleted meanwhile: no preferences)
@@ -438,14 +431,14 @@ class PolicyPlugin(Plugin):
         if not unknown:
             return  # (no EXAMINE: the lock and its closing UNSELECT would only cost a round trip)
         async with side_examine(session):
-            checks = [(name, info, session.side_command(b"EXAMINE " + _wire_name(name)),
+            checks = [(name, info, session.side_command(b"EXAMINE " + wire_name(name)),
                        session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA))
                       for name, info in unknown]
             for name, info, opened, searched in checks:
                 opened, searched = await opened, await searched
                 if _code_in(opened.tagged, b"NONEXISTENT"):
                     continue  # (gone: nothing to hide in it)
-                info.session_history = any(b" MIN " in line for line in _searched(searched).untagged)
+                info.session_history = any(b" MIN " in line for line in search_ok(searched).untagged)
                 if info.session_history:
                     self.session_history_cache[(session.user, name)] = True
 
@@ -486,7 +479,7 @@ class PolicyPlugin(Plugin):
         names = []
         for line in reply.untagged:
             if line[:7].upper() == b"* LIST ":
-                name = _list_name(line)
+                name = list_name(line)
                 if name is not None:
                     names.append(name)
         return names
@@ -523,7 +516,7 @@ class PolicyPlugin(Plugin):
             return Defer(defer.Deferred.fromCoroutine(self._mailbox_command(session, st, cmd)))
         view = st.view
         if view is not None and not view.identity:
-            if name in (b"EXPUNGE", b"CLOSE") and not cmd.uid and _has_caps(session, b"UIDPLUS", b"UNSELECT"):
+            if name in (b"EXPUNGE", b"CLOSE") and not cmd.uid and has_caps(session, b"UIDPLUS", b"UNSELECT"):
                 return Defer(defer.Deferred.fromCoroutine(self._expunge_visible(session, view, cmd)))
             return self._view_command(session, st, view, cmd)
         return None
@@ -532,7 +525,7 @@ class PolicyPlugin(Plugin):
         """EXPUNGE / CLOSE under a filtered view remove only the visible messages marked \\Deleted (a
         hidden message does not exist for this device, whoever marked it): UID EXPUNGE of those."""
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
-        targets = set(_esearch_all(reply)) - view.hidden
+        targets = set(esearch_all(reply)) - view.hidden
         uidset = SequenceSet.from_iterable(targets).format() if targets else None
         if cmd.name == b"EXPUNGE":
             cmd.state["tagged_text"] = b"Expunge completed."
@@ -552,7 +545,7 @@ class PolicyPlugin(Plugin):
             adjusts = {}
             for name in names:
                 if not self.folder_hidden(st, name):
-                    adjusts[name] = await self._status_adjustment(session, st, name)
+                    adjusts[name] = await self.status_adjustment(session, st, name)
             cmd.state["status_adjusts"] = adjusts
         return None
 
@@ -561,10 +554,10 @@ class PolicyPlugin(Plugin):
         needs no read to know, where nothing can be hidden): no coroutine, no Deferred. ``_LATER`` when
         ``_mailbox_command`` must decide."""
         args = cmd.args
-        raw = _token_text(args[0]) if args else None
+        raw = token_text(args[0]) if args else None
         if raw is None:
             return _LATER
-        mailbox = _mailbox_name(raw)
+        mailbox = mailbox_name(raw)
         if not self._folder_info_now(session, st, mailbox):
             return _LATER
         if self.folder_hidden(st, mailbox):
@@ -584,10 +577,10 @@ class PolicyPlugin(Plugin):
         for i in targets:
             if i >= len(args):
                 return None  # the backend will say BAD
-            raw = _token_text(args[i])
+            raw = token_text(args[i])
             if raw is None:
                 return None
-            names.append(_mailbox_name(raw))
+            names.append(mailbox_name(raw))
         if cmd.name == b"CREATE" or (cmd.name == b"RENAME"):
             new = names[-1]
             if not st.policy.folder_allowed(new):
@@ -605,7 +598,7 @@ class PolicyPlugin(Plugin):
             criteria = self._criteria(st, names[0])
             # UIDVALIDITY (a STATUS, which makes the side process open the mailbox) only when the
             # policy may hide something here; otherwise only if a hider turns out to have records.
-            status_d = (session.side_command(b"STATUS " + _wire_name(names[0]) + b" (UIDVALIDITY)")
+            status_d = (session.side_command(b"STATUS " + wire_name(names[0]) + b" (UIDVALIDITY)")
                         if any(criteria) else None)
             # (The criteria hold for the plan too unless the folder's own preferences are read below.)
             early = (status_d, [(h, h.query(session, names[0])) for h in hiders],
@@ -618,7 +611,7 @@ class PolicyPlugin(Plugin):
             if st.plan is not None:
                 st.selecting = cmd  # (commands pipelined behind it wait for its view: see command())
         elif cmd.name == b"STATUS":
-            cmd.state["status_adjusts"] = {names[0]: await self._status_adjustment(session, st, names[0])}
+            cmd.state["status_adjusts"] = {names[0]: await self.status_adjustment(session, st, names[0])}
         if cmd.name in (b"DELETE", b"RENAME"):
             async with side_examine(session):
                 pass  # no side sequence has the mailbox open while the backend deletes or renames it
@@ -734,7 +727,7 @@ class PolicyPlugin(Plugin):
                 cache.snapshot, cache.uid_ranges = snapshot, ranges
         top = uids[-1] if uids else 0
         for kind, (start, d) in kind_ds.items():
-            found = set(_esearch_all(await d))
+            found = set(esearch_all(await d))
             cache.add(kind, max(top, start - 1), found)
         hidden: set[int] = set()
         uidset = set(uids) if (plan.hidden_kinds or size_d or age_d) else set()
@@ -746,9 +739,9 @@ class PolicyPlugin(Plugin):
                 hidden |= cache.kinds.get(kind, set()) & uidset
         # (& uidset: a message added since the UID list was taken waits for its EXISTS)
         if size_d is not None:
-            hidden |= uidset.intersection(_esearch_all(await size_d))
+            hidden |= uidset.intersection(esearch_all(await size_d))
         if age_d is not None:
-            hidden |= uidset.intersection(_esearch_all(await age_d))
+            hidden |= uidset.intersection(esearch_all(await age_d))
         extra_ranges = plan.extra & SequenceSet.from_ranges(ranges)  # (ranges: intersecting is free)
         extra = _uid_set(extra_ranges)
         plan.hidden_ranges = None
@@ -883,7 +876,7 @@ class PolicyPlugin(Plugin):
                 return None
             return Hold(defer.Deferred.fromCoroutine(self._build_view(session, st)))
         if name in (b"LIST", b"LSUB"):
-            mailbox = _list_name(resp.data)
+            mailbox = list_name(resp.data)
             if mailbox is None:
                 return None
             if (mailbox not in st.folders and b"\\NONEXISTENT" not in resp.data[:200].upper()
@@ -1068,7 +1061,7 @@ class PolicyPlugin(Plugin):
                 if not allowed or max(requested.resolve(max(view.exists, 1)).ranges[-1]) > view.exists:
                     return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": Invalid messageset")
             return Rewrite(m.group(1) + allowed.format() + m.group(3))
-        if name in _SEARCHES:
+        if name in SEARCH_COMMANDS:
             if cmd.has_literal and not cmd.state.get("collected"):
                 # Criteria after a literal, or a literal inside parentheses: the whole command first
                 # (rebuilt from its first segment alone, a parenthesis would close early and the rest
@@ -1169,12 +1162,12 @@ class PolicyPlugin(Plugin):
             items = items[1:]
         uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
         for j in range(0, len(items) - 1, 2):
-            key, value = (_token_text(items[j]) or b"").upper(), items[j + 1]
+            key, value = (token_text(items[j]) or b"").upper(), items[j + 1]
             if key in (b"MIN", b"MAX", b"ALL"):
-                text = _token_text(value) or b""
+                text = token_text(value) or b""
                 value = Atom(text if uid else _renumber_ordered_set(view, text))
             elif key == b"PARTIAL" and isinstance(value, ParenList) and len(value.items) == 2 and not uid:
-                value = ParenList([value.items[0], Atom(_renumber_ordered_set(view, _token_text(value.items[1]) or b""))])
+                value = ParenList([value.items[0], Atom(_renumber_ordered_set(view, token_text(value.items[1]) or b""))])
             out += [items[j], value]
         if len(items) % 2:
             out.append(items[-1])  # "UID" alone, or something the backend knows better
@@ -1221,27 +1214,27 @@ class PolicyPlugin(Plugin):
 
     # -- STATUS ---------------------------------------------------------------------------------
 
-    async def _status_adjustment(self, session, st: PolicySession, mailbox: str):
+    async def status_adjustment(self, session, st: PolicySession, mailbox: str):
         """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden."""
         kinds, max_size, max_age = self._criteria(st, mailbox)
         hiders = self.hiders(session)
         if not (kinds or max_size or max_age or hiders):
             return None
         async with side_examine(session):
-            return await self._status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders)
+            return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders)
 
-    async def _status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders):
+    async def status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders):
         if st.mailbox == mailbox and st.view is not None:
             hidden = set(st.view.hidden)
             uidvalidity = st.plan.uidvalidity if st.plan else 0
         else:
-            enc = _wire_name(mailbox)
+            enc = wire_name(mailbox)
             examined = session.side_command(b"EXAMINE " + enc)
             searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
             if (await examined).status != b"OK":
                 await searched
                 return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
-            uids = set(_esearch_all(await searched))
+            uids = set(esearch_all(await searched))
             uidvalidity = await _uidvalidity(session, mailbox)
             plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
             for h in hiders:
@@ -1250,9 +1243,9 @@ class PolicyPlugin(Plugin):
         if not hidden:
             return None
         if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
-            session.side_command(b"EXAMINE " + _wire_name(mailbox))
+            session.side_command(b"EXAMINE " + wire_name(mailbox))
         hidden_set = SequenceSet.from_iterable(hidden).format()
-        unseen = _searched(await session.side_command(b"UID SEARCH RETURN (COUNT) UID " + hidden_set + b" UNSEEN"))
+        unseen = search_ok(await session.side_command(b"UID SEARCH RETURN (COUNT) UID " + hidden_set + b" UNSEEN"))
         sizes = await session.side_command(b"UID FETCH " + hidden_set + b" (RFC822.SIZE)")
         if sizes.status != b"OK":
             raise BackendRefused("backend fetch of sizes failed", sizes.tagged)
@@ -1278,7 +1271,7 @@ class PolicyPlugin(Plugin):
             if start > top:
                 continue
             reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID %d:* " % start + KIND_CRITERIA[kind])
-            cache.add(kind, top, set(_esearch_all(reply)))
+            cache.add(kind, top, set(esearch_all(reply)))
         hidden: set[int] = set()
         for kind in plan.hidden_kinds:
             if kind == "other":
@@ -1287,10 +1280,10 @@ class PolicyPlugin(Plugin):
             else:
                 hidden |= cache.kinds.get(kind, set()) & uids
         if plan.max_size:
-            hidden |= set(_esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) LARGER %d"
+            hidden |= set(esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) LARGER %d"
                                                                    % plan.max_size)))
         if plan.max_age_days:
-            hidden |= set(_esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) OLDER %d"
+            hidden |= set(esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) OLDER %d"
                                                                    % (plan.max_age_days * 86400))))
         return (hidden | _uid_set(plan.extra)) & uids
 
@@ -1302,10 +1295,10 @@ class PolicyPlugin(Plugin):
             name_tok = tokenize(m.group(1))[0]
         except (TokenError, IndexError):
             return None
-        raw = _token_text(name_tok)
+        raw = token_text(name_tok)
         if raw is None:
             return None
-        mailbox = _mailbox_name(raw)
+        mailbox = mailbox_name(raw)
         cmd = _oldest(session, (b"STATUS", b"LIST"))
         if mailbox not in st.folders and cmd is None:
             return self._hold_for_folder(session, st, mailbox)  # (as for LIST)
@@ -1334,7 +1327,7 @@ class PolicyPlugin(Plugin):
 
     async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str) -> None:
         try:
-            adjust = await self._status_adjustment(session, st, mailbox)
+            adjust = await self.status_adjustment(session, st, mailbox)
         except (BackendError, defer.TimeoutError) as e:
             # (Unadjusted, it would count what the device must not see: dropped, a notification missed.)
             log.warn("counting hidden messages for an unsolicited STATUS failed, dropped: {error} "
@@ -1379,21 +1372,21 @@ class PolicyPlugin(Plugin):
         args = cmd.args
         target = args[1] if cmd.name == b"GETMETADATA" and args and isinstance(args[0], ParenList) else \
             (args[0] if args else None)
-        raw = _token_text(target) if target is not None else None
-        if raw and not st.policy.folder_allowed(_mailbox_name(raw)):
-            return _nonexistent(_mailbox_name(raw))  # (a folder the policy excludes does not exist)
+        raw = token_text(target) if target is not None else None
+        if raw and not st.policy.folder_allowed(mailbox_name(raw)):
+            return _nonexistent(mailbox_name(raw))  # (a folder the policy excludes does not exist)
         if cmd.name == b"GETMETADATA":
             return None  # responses are filtered (bookkeeping entries never leave the proxy)
         if len(args) < 2 or not isinstance(args[1], ParenList):
             return None
-        mailbox_raw = _token_text(args[0])
+        mailbox_raw = token_text(args[0])
         if mailbox_raw is None:
             return None
-        mailbox = _mailbox_name(mailbox_raw) if mailbox_raw else ""
+        mailbox = mailbox_name(mailbox_raw) if mailbox_raw else ""
         items = args[1].items
         prefs = {}
         for j in range(0, len(items) - 1, 2):
-            entry = (_token_text(items[j]) or b"").decode("utf-8", "replace")
+            entry = (token_text(items[j]) or b"").decode("utf-8", "replace")
             key = pref_key(entry)
             if key is None:
                 continue
@@ -1404,7 +1397,7 @@ class PolicyPlugin(Plugin):
             if isinstance(value_tok, Nil):
                 value = None
             else:
-                value = (_token_text(value_tok) or b"").decode("utf-8", "replace").strip().lower()
+                value = (token_text(value_tok) or b"").decode("utf-8", "replace").strip().lower()
                 if value not in ("on", "off"):
                     return Answer(b'NO [CLIENTBUG] CPM preferences take "on" or "off".')
             if key == PREF_SYNC and not mailbox:
@@ -1579,19 +1572,14 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
     """CPM kinds of some messages by server-side searches, pipelined: ``run(line)`` runs a command (a
     BackendProtocol's ``command`` or a session's ``side_command``) on a connection free to EXAMINE."""
     uidset = SequenceSet.from_iterable(uids).format()
-    run(b"EXAMINE " + _wire_name(mailbox))
+    run(b"EXAMINE " + wire_name(mailbox))
     waits = {kind: run(b"UID SEARCH RETURN (ALL) UID " + uidset + b" " + crit) for kind, crit in KIND_CRITERIA.items()}
     out = {u: "other" for u in uids}
     for kind, d in waits.items():
-        for u in _esearch_all(await d):
+        for u in esearch_all(await d):
             if out.get(u) == "other":
                 out[u] = kind
     return out
-
-
-def _has_caps(session, *names: bytes) -> bool:
-    caps = {c.upper() for c in session.backend_caps}
-    return all(n in caps for n in names)
 
 
 _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
@@ -1615,7 +1603,7 @@ def _literal_mailbox(cmd) -> bool:
 
 
 async def _uidvalidity(session, mailbox: str) -> int:
-    return _parse_uidvalidity(await session.side_command(b"STATUS " + _wire_name(mailbox) + b" (UIDVALIDITY)"),
+    return _parse_uidvalidity(await session.side_command(b"STATUS " + wire_name(mailbox) + b" (UIDVALIDITY)"),
                               mailbox)
 
 
@@ -1625,18 +1613,14 @@ def _parse_uidvalidity(reply, mailbox: str) -> int:
         if m is None:
             continue
         try:
-            raw = _token_text(tokenize(m.group(1))[0])
+            raw = token_text(tokenize(m.group(1))[0])
         except (TokenError, IndexError):
             continue
-        if raw is not None and _mailbox_name(raw) == mailbox:
+        if raw is not None and mailbox_name(raw) == mailbox:
             v = re.search(rb"UIDVALIDITY (\d+)", m.group(2))
             if v:
                 return int(v.group(1))
     return 0
-
-
-def _wire_name(name: str) -> bytes:
-    return b"INBOX" if name == "INBOX" else quote(mutf7.encode(name))
 
 
 def _uid_ranges(uids: SequenceSet | set[int]) -> SequenceSet:
@@ -1652,16 +1636,8 @@ def _uid_set(uids: SequenceSet | set[int]) -> set[int]:
     return out
 
 
-def _searched(reply):
-    """``reply`` if its search succeeded. A NO or BAD is not "nothing found": taken so, a failed search
-    would show what a kind rule hides, and the classification cache would keep it so for good."""
-    if reply.status != b"OK":
-        raise BackendRefused("backend search failed", reply.tagged)
-    return reply
-
-
 def _metadata_read(reply, what: str):
-    """``reply`` if its GETMETADATA succeeded (see ``_searched``: a refusal is not "none set")."""
+    """``reply`` if its GETMETADATA succeeded (see ``search_ok``: a refusal is not "none set")."""
     if reply.status != b"OK":
         raise BackendRefused(f"reading {what} failed", reply.tagged)
     return reply
@@ -1676,7 +1652,7 @@ def _code_in(tagged: bytes, code: bytes) -> bool:
 
 
 def _esearch_ranges(reply) -> tuple[tuple[int, int], ...]:
-    for line in _searched(reply).untagged:
+    for line in search_ok(reply).untagged:
         i = line.upper().find(b" ALL ")
         if i >= 0:
             return SequenceSet.parse(line[i + 5:].split(b" ")[0].strip()).ranges
@@ -1715,34 +1691,6 @@ def _next_turn() -> defer.Deferred:
     return d
 
 
-def _esearch_all(reply) -> list[int]:
-    for line in _searched(reply).untagged:
-        i = line.upper().find(b" ALL ")
-        if i >= 0:
-            return parse_uid_list(line[i + 5:].split(b" ")[0])
-    return []
-
-
-def iter_metadata(lines: list[bytes]):
-    """(raw mailbox name, entry name, value) for every entry of the ``* METADATA`` responses in
-    ``lines``; entries whose value is NIL are skipped."""
-    for line in lines:
-        if not line.upper().startswith(b"* METADATA "):
-            continue
-        try:
-            tokens = tokenize(line.rstrip(b"\r\n"))
-        except TokenError:
-            continue
-        if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
-            continue
-        raw = _token_text(tokens[2])
-        items = tokens[3].items
-        for j in range(0, len(items) - 1, 2):
-            value = _token_text(items[j + 1])
-            if value is not None:
-                yield raw, (_token_text(items[j]) or b"").decode("utf-8", "replace"), value
-
-
 _LITERAL_END_RE = re.compile(rb"\{[0-9]+\}\r?\n\Z")
 
 
@@ -1754,7 +1702,7 @@ async def _read_held_response(session, box: dict) -> None:
 
 def _entry_visible(tok) -> bool:
     """A METADATA entry a client may see: anything outside the vendor prefix, and the CPM preferences."""
-    name = _token_text(tok)
+    name = token_text(tok)
     if name is None:
         return False
     key = pref_key(name.decode("utf-8", "replace"))
@@ -1770,10 +1718,10 @@ def _metadata_mailbox(data: bytes) -> str | None:
     if m is None:
         return None
     try:
-        raw = _token_text(tokenize(m.group(1))[0])
+        raw = token_text(tokenize(m.group(1))[0])
     except (TokenError, IndexError):
         return None
-    return _mailbox_name(raw) if raw else ""
+    return mailbox_name(raw) if raw else ""
 
 
 def filter_metadata_response(data: bytes) -> bytes | None:
@@ -1834,24 +1782,12 @@ def parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dict
     commands may be answered out of order, so responses are matched by name, not by position)."""
     prefs = {}
     for raw, entry, value in iter_metadata(lines):
-        if mailbox is not None and (raw is None or (_mailbox_name(raw) if raw else "") != mailbox):
+        if mailbox is not None and (raw is None or (mailbox_name(raw) if raw else "") != mailbox):
             continue
         key = pref_key(entry)
         if key in PREFERENCES:
             prefs[key] = value.decode("utf-8", "replace").strip().lower()
     return prefs
-
-
-def _list_name(line: bytes) -> str | None:
-    try:
-        tokens = tokenize(line.rstrip(b"\r\n"))
-    except TokenError:
-        return None
-    # * LIST (flags) "sep" name [extended items]
-    if len(tokens) < 5:
-        return None
-    raw = _token_text(tokens[4])
-    return None if raw is None else _mailbox_name(raw)
 
 
 def _apply_vanished(view: MailboxView, data: bytes):
@@ -1909,7 +1845,7 @@ def _qresync_known(cmd, view: MailboxView, uidvalidity: int) -> SequenceSet | No
     params = args[1].items if len(args) > 1 and isinstance(args[1], ParenList) else []
     for i, t in enumerate(params[:-1]):
         if isinstance(t, Atom) and t.upper() == b"QRESYNC" and isinstance(params[i + 1], ParenList):
-            q = [_token_text(x) or b"" for x in params[i + 1].items if not isinstance(x, ParenList)]
+            q = [token_text(x) or b"" for x in params[i + 1].items if not isinstance(x, ParenList)]
             if len(q) < 2 or not q[0].isdigit() or int(q[0]) != uidvalidity:
                 return None  # (RFC 7162 3.2.5: data for another UIDVALIDITY is ignored)
             try:
@@ -1941,25 +1877,6 @@ def _renumber_ordered_set(view: MailboxView, text: bytes) -> bytes:
     return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in runs)
 
 
-_NOARG_KEYS = frozenset(b"ALL ANSWERED DELETED DRAFT FLAGGED NEW OLD RECENT SEEN UNANSWERED UNDELETED "
-                        b"UNDRAFT UNFLAGGED UNSEEN SAVEDATESUPPORTED".split())
-_ONEARG_KEYS = frozenset(b"BCC BEFORE BODY CC FROM KEYWORD LARGER ON SENTBEFORE SENTON SENTSINCE SINCE "
-                         b"SMALLER SUBJECT TEXT TO UID UNKEYWORD OLDER YOUNGER SAVEDBEFORE SAVEDON "
-                         b"SAVEDSINCE FILTER FUZZY CHARSET".split())
-
-
-def search_key_args(tokens: list, i: int, key: bytes | None) -> int:
-    """How many arguments the search key ``key`` at ``tokens[i]`` takes (0: none, or not a key that takes
-    any: a set, a list, NOT/OR, whose operands are keys)."""
-    if key in _ONEARG_KEYS:
-        return 1
-    if key == b"HEADER":
-        return 2
-    if key == b"MODSEQ":  # MODSEQ ["entry-name" entry-type] mod-sequence
-        return 3 if i + 1 < len(tokens) and isinstance(tokens[i + 1], Quoted) else 1
-    return 0
-
-
 def rewrite_search_keys(view: MailboxView, tokens: list) -> list:
     """Walk SEARCH criteria; client sequence sets become backend ones. UID sets, dates, sizes,
     strings are left alone (the walker knows each search key's arguments)."""
@@ -1978,7 +1895,7 @@ def _one_key(view: MailboxView, tokens: list, i: int):
     if not isinstance(t, Atom):
         return [t], i + 1
     key = t.upper()
-    if key in _NOARG_KEYS:
+    if key in NOARG_SEARCH_KEYS:
         return [t], i + 1
     n = search_key_args(tokens, i, key)
     if n:

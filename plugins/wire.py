@@ -1,0 +1,110 @@
+"""IMAP text helpers the CPM plugins share: mailbox names between the wire and Python, the parts of
+LIST, ESEARCH and METADATA responses they read, search-key arity, backend capabilities.
+
+Sans-I/O, no plugin state: anything here is a pure function of its arguments.
+"""
+
+from __future__ import annotations
+
+from cpmproxy.imap import mutf7
+from cpmproxy.imap.tokens import Atom, Literal, ParenList, Quoted, TokenError, quote, tokenize
+from cpmproxy.proxy.backend import BackendRefused
+from plugins.view import parse_uid_list
+
+SEARCH_COMMANDS = frozenset((b"SEARCH", b"SORT", b"THREAD"))
+
+NOARG_SEARCH_KEYS = frozenset(b"ALL ANSWERED DELETED DRAFT FLAGGED NEW OLD RECENT SEEN UNANSWERED UNDELETED "
+                              b"UNDRAFT UNFLAGGED UNSEEN SAVEDATESUPPORTED".split())
+ONEARG_SEARCH_KEYS = frozenset(b"BCC BEFORE BODY CC FROM KEYWORD LARGER ON SENTBEFORE SENTON SENTSINCE SINCE "
+                               b"SMALLER SUBJECT TEXT TO UID UNKEYWORD OLDER YOUNGER SAVEDBEFORE SAVEDON "
+                               b"SAVEDSINCE FILTER FUZZY CHARSET".split())
+
+
+def token_text(tok) -> bytes | None:
+    """The text of a string token (atom, quoted, literal); None for anything else (NIL, a list)."""
+    if isinstance(tok, (Atom, Quoted, Literal)):
+        return tok.value
+    return None
+
+
+def mailbox_name(raw: bytes) -> str:
+    """A mailbox name as the backend spells it (modified UTF-7) as text."""
+    if raw.upper() == b"INBOX":
+        return "INBOX"
+    try:
+        return mutf7.decode(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+def wire_name(name: str) -> bytes:
+    """A mailbox name as a command argument."""
+    return b"INBOX" if name == "INBOX" else quote(mutf7.encode(name))
+
+
+def list_name(line: bytes) -> str | None:
+    """The mailbox a ``* LIST`` (or LSUB) response names; None for one that cannot be read."""
+    try:
+        tokens = tokenize(line.rstrip(b"\r\n"))
+    except TokenError:
+        return None
+    # * LIST (flags) "sep" name [extended items]
+    if len(tokens) < 5:
+        return None
+    raw = token_text(tokens[4])
+    return None if raw is None else mailbox_name(raw)
+
+
+def has_caps(session, *names: bytes) -> bool:
+    """Whether the session's backend announced every capability in ``names``."""
+    caps = {c.upper() for c in session.backend_caps}
+    return all(n in caps for n in names)
+
+
+def search_ok(reply):
+    """``reply`` if its search succeeded. A NO or BAD is not "nothing found": taken so, a failed search
+    would show what a kind rule hides, and the classification cache would keep it so for good."""
+    if reply.status != b"OK":
+        raise BackendRefused("backend search failed", reply.tagged)
+    return reply
+
+
+def esearch_all(reply) -> list[int]:
+    """The numbers of a successful ``SEARCH RETURN (ALL)`` reply (ESEARCH), expanded."""
+    for line in search_ok(reply).untagged:
+        i = line.upper().find(b" ALL ")
+        if i >= 0:
+            return parse_uid_list(line[i + 5:].split(b" ")[0])
+    return []
+
+
+def iter_metadata(lines: list[bytes]):
+    """(raw mailbox name, entry name, value) for every entry of the ``* METADATA`` responses in
+    ``lines``; entries whose value is NIL are skipped."""
+    for line in lines:
+        if not line.upper().startswith(b"* METADATA "):
+            continue
+        try:
+            tokens = tokenize(line.rstrip(b"\r\n"))
+        except TokenError:
+            continue
+        if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
+            continue
+        raw = token_text(tokens[2])
+        items = tokens[3].items
+        for j in range(0, len(items) - 1, 2):
+            value = token_text(items[j + 1])
+            if value is not None:
+                yield raw, (token_text(items[j]) or b"").decode("utf-8", "replace"), value
+
+
+def search_key_args(tokens: list, i: int, key: bytes | None) -> int:
+    """How many arguments the search key ``key`` at ``tokens[i]`` takes (0: none, or not a key that takes
+    any: a set, a list, NOT/OR, whose operands are keys)."""
+    if key in ONEARG_SEARCH_KEYS:
+        return 1
+    if key == b"HEADER":
+        return 2
+    if key == b"MODSEQ":  # MODSEQ ["entry-name" entry-type] mod-sequence
+        return 3 if i + 1 < len(tokens) and isinstance(tokens[i + 1], Quoted) else 1
+    return 0
