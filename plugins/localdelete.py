@@ -302,7 +302,9 @@ class LocalDeletePlugin(Plugin):
         others = [f for f in flags if f not in ours]
         if base == b"-FLAGS":
             st.pending -= targets  # cancelled before expunge
-            server_flags = [f for f in flags if f.upper() != KEYWORD]  # removing \Deleted is harmless
+            # A local cancel's \Deleted is the device's own (it never reached the server): the server's
+            # \Deleted, if there, is another device's and stays.
+            server_flags = others if local else flags
         elif local:
             st.pending |= targets
             server_flags = others

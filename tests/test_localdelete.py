@@ -596,3 +596,21 @@ def test_local_delete_of_a_saved_search_result_stays_local(make_proxy, dovecot):
     assert set(flags) == set(uids) and not any(b"\\Deleted" in f for f in flags.values()), flags
     for c in (a, old):
         c.close()
+
+
+@pytest.mark.parametrize("who,unflag", [("old-phone", b"-FLAGS (\\Deleted)"),
+                                        ("B", b"-FLAGS (\\Deleted $LocalDelete)")])
+def test_local_cancel_leaves_anothers_server_delete(make_proxy, dovecot, who, unflag):
+    """Cancelling a local delete (a delete_mode = "local" device's -FLAGS \\Deleted; anyone's -FLAGS
+    (\\Deleted $LocalDelete)) touches no \\Deleted on the server: there it is another device's, whose
+    delete stays pending."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy(config_extra='[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n')
+    c = device(p, who)
+    select(c, folder)
+    mark = b"(\\Deleted)" if who == "old-phone" else b"(\\Deleted $LocalDelete)"
+    assert c.command(b"m", b"STORE 2 +FLAGS.SILENT " + mark)[-1].startswith(b"m OK")
+    flag_on_server(dovecot, folder, uids[1])
+    assert c.command(b"u", b"STORE 2 " + unflag)[-1].startswith(b"u OK")
+    assert b"\\Deleted" in server_state(dovecot, folder)[uids[1]]
+    c.close()
