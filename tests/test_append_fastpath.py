@@ -4,6 +4,7 @@ still go the careful way (a synchronizing literal and the backend's "+")."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -11,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpmproxy.imap.append import MAX_FAST_SEGMENT, literal_always_read
+from cpmproxy.testing.dovecot import Dovecot
+from cpmproxy.testing.proxyproc import ProxyProcess
 from cpmproxy.testing.rawclient import RawIMAP
 from tests.proxyfix import raw_via
 from tests.test_hostile_backend import scripted  # noqa: F401 (the scripted backend's fixture)
@@ -185,3 +188,101 @@ def test_proxy_keeps_fast_literals_and_gates_the_rest(scripted, make_proxy):  # 
     assert appends[0] == b'h APPEND INBOX (\\Seen) {5+}\r\n', appends
     assert appends[1] == b'h APPEND INBOX (\\Seen) {2+}\r\n', appends
     assert b' (\\Bogus) {5}\r\n' in scripted.received, scripted.received
+
+
+# -- through the proxy and the real Dovecot: what review found (2026-11-27) ---------------------------
+
+
+def _folders(dovecot) -> bytes:
+    c = _direct(dovecot)
+    try:
+        return b"".join(c.command(b"l", b'LIST "" "*"'))
+    finally:
+        c.close()
+
+
+def _proxied(proxy) -> RawIMAP:
+    c = raw_via(proxy, timeout=10)
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    return c
+
+
+def test_literal_inside_catenate_is_never_fast(proxy, dovecot):
+    """The text after a CATENATE TEXT literal looks like a MULTIAPPEND segment; Dovecot refuses it before
+    reading the next literal. Only segments after message literals all along keep ``{n+}``."""
+    name = b"Smuggled" + uuid.uuid4().hex[:8].encode()
+    inner = b"y CREATE " + name + b"\r\n"
+    c = _proxied(proxy)
+    try:
+        for between in (b"", b' (\\Seen)', b' "27-Nov-2026 07:30:00 +0100"'):
+            c.send(b"a APPEND INBOX CATENATE (TEXT {1+}\r\nx%s {%d+}\r\n%s)\r\n" % (between, len(inner), inner))
+            assert not _betrayed(c.until_tagged(b"a"))
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    finally:
+        c.close()
+    assert name not in _folders(dovecot)
+
+
+def test_early_refusal_then_more_of_the_command(proxy, dovecot):
+    """Dovecot says NO to an APPEND to a missing folder before it reads the literal, and reads it all the
+    same. The rest of the client's command (another message) must neither hang the session nor run."""
+    name = b"Later" + uuid.uuid4().hex[:8].encode()
+    inner = b"y CREATE " + name + b"\r\n"
+    c = _proxied(proxy)
+    try:
+        c.send(b"a APPEND nosuch-%s {1+}\r\n" % uuid.uuid4().hex[:8].encode())
+        assert c.read_response().startswith(b"a NO")
+        c.send(b"x (\\Seen) {%d+}\r\n" % len(inner))
+        time.sleep(0.2)
+        c.send(inner + b"\r\nz NOOP\r\n")
+        r = c.until_tagged(b"z")
+        assert r[-1].startswith(b"z OK") and not _betrayed(r), r
+    finally:
+        c.close()
+    assert name not in _folders(dovecot)
+
+
+def test_nothing_of_the_proxy_goes_inside_an_early_refused_literal(tmp_path):
+    """While Dovecot still reads the literal of an APPEND it already refused, the proxy's own commands
+    (here notify's nudge, ``cpm.1 NOOP``, set off by another session's APPEND) wait: sent in the middle,
+    they would be read as literal bytes, and as many bytes at the end of the client's literal as commands.
+    (A Dovecot of its own: a fresh user whose first internal command is the nudge.)"""
+    dovecot = Dovecot(tmp_path / "dovecot", users={"alice": "alicepw"}, master_user=None)
+    dovecot.start()
+    p = ProxyProcess(tmp_path / "proxy", dovecot.port, backend_tls="none").start()
+    body = b"x" * 40 + b"\r\ny CREATE Q"  # (its last 12 bytes, as long as the nudge, make a command)
+    try:
+        s1, s2 = _proxied(p), _proxied(p)
+        assert s1.command(b"n", b"NOTIFY SET (SELECTED (MessageNew MessageExpunge))")[-1].startswith(b"n OK")
+        assert s1.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        s1.send(b"a APPEND nosuch {%d+}\r\n" % len(body))
+        assert s1.read_response().startswith(b"a NO")
+        assert s2.command(b"b", b"APPEND INBOX {3+}\r\nhi\n")[-1].startswith(b"b OK")
+        time.sleep(0.5)
+        s1.send(body + b"\r\n")
+        r = s1.command(b"z", b"NOOP")
+        assert r[-1].startswith(b"z OK") and not _betrayed(r), r
+        s1.close()
+        s2.close()
+        assert b" Q\r\n" not in _folders(dovecot)
+    finally:
+        p.stop()
+        dovecot.close()
+
+
+def test_literal_instead_of_done_never_reaches_the_backend(proxy, dovecot):
+    """A line other than DONE ends IDLE at Dovecot, which would then read its literal as commands."""
+    name = b"Idle" + uuid.uuid4().hex[:8].encode()
+    inner = b"y CREATE " + name + b"\r\n"
+    c = _proxied(proxy)
+    try:
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        c.send(b"i IDLE\r\n")
+        assert c.read_response().startswith(b"+")
+        c.send(b"DONE {%d+}\r\n%s\r\n" % (len(inner), inner))
+        r = c.until_tagged(b"i")
+        r += c.command(b"z", b"NOOP")
+        assert r[-1].startswith(b"z OK") and not _betrayed(r), r
+    finally:
+        c.close()
+    assert name not in _folders(dovecot)

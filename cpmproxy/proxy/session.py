@@ -179,6 +179,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._parked: deque[tuple[int, bytes]] = deque()
         self._parking = False  # too many parked: the client is not read until they go out
         self._discard_command = False
+        self._answered_early = False  # (see _relay_client_events)
         self._drop_response = False
         self._idle: str | None = None  # None, "active" (backend idling for the client), "suspended"
         self._idle_cmd: ClientCommand | None = None
@@ -745,8 +746,7 @@ class ClientSession(Protocol, TimeoutMixin):
     # -- relay: client -> backend ---------------------------------------------------------------
 
     def _relay_client_events(self) -> None:
-        backend = self.backend
-        bout = backend.out
+        backend = self.backend  # (its ``out`` list is replaced at each flush: looked up each time)
         hooks = self.service.hooks.command
         for ev in self.framer.events():
             if self._collecting is not None:
@@ -755,9 +755,16 @@ class ClientSession(Protocol, TimeoutMixin):
                 continue
             if isinstance(ev, LiteralData):
                 if not self._discard_command:
-                    bout.append(ev.data)
+                    backend.out.append(ev.data)
                 continue
             if not ev.first:
+                if self._answered_early:
+                    # The backend answered the command while its literal was on the way, and read that
+                    # literal (Dovecot's delayed APPEND failures): a bare CRLF ends the command there, and
+                    # the rest of it is dropped (its tagged answer is already out).
+                    self._answered_early = False
+                    backend.out.append(b"\r\n")
+                    self._discard_command = True
                 if not self._discard_command:
                     data = ev.data
                     for rewrite in self._current.state.get("later_segments", ()) if self._current else ():
@@ -777,7 +784,13 @@ class ClientSession(Protocol, TimeoutMixin):
             # A new command.
             self._discard_command = False
             if self._idle is not None and self._idle_cmd is not None:
-                self._client_done(ev.data)
+                line = ev.data
+                if ev.literal is not None:
+                    # Not DONE, whatever follows: the backend ends IDLE on the line (BAD, or OK if the
+                    # text is DONE), and would then read the literal as commands: it never gets it.
+                    line = _LITERAL_AT_END_RE.sub(b"", line).rstrip() + b"\r\n"
+                    self._local_answer_literal(ev)
+                self._client_done(line)
                 continue
             line = ev.data
             try:
@@ -963,10 +976,17 @@ class ClientSession(Protocol, TimeoutMixin):
         command it has already refused as commands of their own, which would reach it past every hook.
         The client is not read meanwhile (one backend round trip per literal). Plain APPENDs, which
         Dovecot can only refuse after reading the literal, keep theirs (cpmproxy/imap/append.py)."""
-        if _NONSYNC_MARK_RE.search(data) is None or (
-                cmd is not None and cmd.name == b"APPEND" and literal_always_read(data, first)):
+        if _NONSYNC_MARK_RE.search(data) is None:
             self.backend.out.append(data)
             return
+        if cmd is not None and cmd.name == b"APPEND":
+            # A later segment is a message's only after message literals all along (not inside CATENATE,
+            # not after a mailbox literal): any segment sent the careful way ends the fast path.
+            fast = (first or cmd.state.get("_append_fast", False)) and literal_always_read(data, first)
+            cmd.state["_append_fast"] = fast
+            if fast:
+                self.backend.out.append(data)
+                return
         pieces = _split_at_literals(data)
         self._literal_gate = cmd
         self._gated_pieces.extend(pieces[1:])
@@ -1509,13 +1529,18 @@ class ClientSession(Protocol, TimeoutMixin):
                     if cmd is self._current:
                         self._discard_command = True
                     self.service.reactor.callLater(0, self._read_again)
-                if cmd is self._current:
+                if cmd is self._current and not self._discard_command:
                     if self._awaiting_continuation:
                         # The backend refused a synchronizing literal: the client will not send it.
                         self.framer.refuse_literal()
                         self._awaiting_continuation = False
-                    self._current = None
-                    self._send_internal_queue()
+                        self._current = None
+                        self._send_internal_queue()
+                    else:
+                        # Answered while a non-synchronizing literal is on the way, which the backend
+                        # reads all the same: the command stays current (nothing of ours may go out in
+                        # the middle of it) until the client's next segment, which ends it.
+                        self._answered_early = True
                 self._finish_command(cmd, head.name, head)
             self._resp_cmd = cmd
             if cmd is not None and self.service.hooks.tagged:
@@ -1617,6 +1642,7 @@ class ClientSession(Protocol, TimeoutMixin):
 _SYNC_LITERAL_END = re.compile(rb"(~?\{[0-9]+)\}(\r?\n)\Z")
 
 
+_LITERAL_AT_END_RE = re.compile(rb"~?\{[0-9]+[+-]?\}\r?\n\Z")
 _SYNC_MARK_END_RE = re.compile(rb"~?\{\d+\}\r?\n\Z")
 
 
