@@ -305,6 +305,17 @@ class PolicyPlugin(Plugin):
     def configure(self, settings: dict[str, Any]) -> None:
         self.base, self.classes = parse_policy(settings)
 
+    def reloaded(self) -> None:
+        """A new policy: the sessions already open take it up as they would a preference change (a
+        selected folder's view is recomputed, what is now hidden announced as expunged, a folder now
+        excluded ends the session that has it selected)."""
+        for session in list(self.proxy.sessions):
+            st = session.state.get(self.name)
+            if st is None or session.user is None:
+                continue
+            st.policy = self.policy_for(session.user, session.device_id, session.client_id.get("name") or "")
+            self._reapply_view(session, st)
+
     # -- policy resolution ----------------------------------------------------------------------
 
     def policy_for(self, user: str, device_id: str, id_name: str) -> Policy:

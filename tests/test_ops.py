@@ -101,6 +101,20 @@ def test_systemd_endpoint_checked_without_sockets_and_clear_when_missing(tmp_pat
     _one_line_reason(_cli("--config", str(conf)), "no socket passed by systemd (name 'metrics'; ")
 
 
+def _socket_activated(listener, conf: Path) -> subprocess.Popen:
+    """The proxy started as systemd starts it: ``listener`` on fd 3, LISTEN_PID naming the process itself
+    (a small launcher does that), LISTEN_FDS/LISTEN_FDNAMES set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    launch = ("import os, sys; fd = int(sys.argv[1]); fd == 3 or (os.dup2(fd, 3), os.close(fd)); "
+              "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='imap'); "
+              "os.execv(sys.executable, [sys.executable, '-m', 'cpmproxy.cli', '--config', sys.argv[2]])")
+    proc = subprocess.Popen([sys.executable, "-c", launch, str(listener.fileno()), str(conf)],
+                            pass_fds=[listener.fileno()], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    listener.close()
+    return proc
+
+
 def test_systemd_socket_activation_serves(tmp_path):
     """With the socket passed as systemd does (fd 3, LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES), the proxy
     serves on it."""
@@ -111,15 +125,7 @@ def test_systemd_socket_activation_serves(tmp_path):
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-    # (a small launcher does what systemd does: the socket on fd 3, LISTEN_PID naming the process itself)
-    launch = ("import os, sys; fd = int(sys.argv[1]); fd == 3 or (os.dup2(fd, 3), os.close(fd)); "
-              "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='imap'); "
-              "os.execv(sys.executable, [sys.executable, '-m', 'cpmproxy.cli', '--config', sys.argv[2]])")
-    proc = subprocess.Popen([sys.executable, "-c", launch, str(listener.fileno()), str(conf)],
-                            pass_fds=[listener.fileno()], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    listener.close()
+    proc = _socket_activated(listener, conf)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
             s.settimeout(15)
@@ -127,6 +133,42 @@ def test_systemd_socket_activation_serves(tmp_path):
     except OSError:
         proc.kill()
         raise AssertionError(proc.communicate(timeout=10)[0].decode()) from None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0].decode()
+    assert proc.returncode == 0, out
+
+
+@pytest.mark.skipif(not __import__("socket").has_dualstack_ipv6(), reason="no dual-stack IPv6 here")
+def test_systemd_dual_stack_socket(tmp_path):
+    """systemd's ``ListenStream=143`` is a dual-stack IPv6 socket: adopted as INET, Twisted would garble
+    every client address; the proxy says so and does not start. As INET6, an IPv4 client on loopback
+    (``::ffff:127.0.0.1``) counts as loopback (plaintext login allowed by the default policy)."""
+    import socket
+
+    def dual_stack():
+        listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+        return listener, listener.getsockname()[1]
+
+    conf = tmp_path / "sd.toml"
+    conf.write_text('[proxy]\nlisten = ["systemd:domain=INET:index=0"]\n')
+    listener, _ = dual_stack()
+    proc = _socket_activated(listener, conf)
+    out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode != 0 and "systemd passed an INET6 socket; use domain=INET6" in out, out
+    assert "Traceback" not in out
+
+    conf.write_text('[proxy]\nlisten = ["systemd:domain=INET6:index=0"]\n[backend]\nport = %d\n' % free_port())
+    listener, port = dual_stack()
+    proc = _socket_activated(listener, conf)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+            s.settimeout(15)
+            assert s.recv(200).startswith(b"* OK")
+            s.sendall(b"L LOGIN alice alicepw\r\n")
+            answer = s.recv(200)
+        # (no backend listens there: refused for that, never for privacy)
+        assert answer.startswith(b"L NO [UNAVAILABLE]"), answer
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=10)[0].decode()
@@ -173,6 +215,37 @@ def test_sighup_reload_keeps_sessions(make_proxy):
     assert "reload failed" in p.log()
     assert c.command(b"n2", b"NOOP")[-1].startswith(b"n2 OK")
     c.close()
+
+
+def test_sighup_keeps_what_plugins_hold_for_open_sessions(make_proxy, dovecot):
+    """A reload keeps the plugins that stay enabled: a device idling since before it still hears of new
+    mail (the user's watch connection is the notify plugin's; a new instance had none until the user's
+    next login)."""
+    from cpmproxy.testing.sample import make_object
+    from tests.test_notify import device, idle, new_folder, set_pref, wait_status
+
+    folder = new_folder(dovecot)
+    p = make_proxy()
+    b = device(p, "B")
+    set_pref(b, b'"on"')
+    try:
+        idle(b)
+        time.sleep(0.5)  # (the watch arms its NOTIFY)
+        p.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "configuration reloaded" not in p.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "configuration reloaded" in p.log()
+        dovecot.deliver("alice", folder, make_object("chat", text="after the reload"))
+        line = wait_status(b, folder)
+        assert line is not None and b"MESSAGES 2" in line, line
+        b.send(b"DONE\r\n")
+        assert b.until_tagged(b"t")[-1].startswith(b"t OK")
+    finally:
+        with raw_via(p) as c:
+            c.login("alice", "alicepw")
+            set_pref(c, b"NIL")
+        b.close()
 
 
 def test_metrics_endpoint(proxy):
@@ -258,3 +331,13 @@ def test_login_hooks_run_after_those_of_the_plugins_they_require():
     assert [p.name for p in table.command] == ["push", "other", "notify", "policy"]
     a, b = plugin("a", ("b",)), plugin("b", ("a",))  # a cycle: each placed once, nothing lost
     assert [p.name for p in HookTable.build([a, b]).login] == ["b", "a"]
+
+
+def test_client_addresses_of_dual_stack_sockets():
+    from cpmproxy.proxy.service import ProxyService
+    from cpmproxy.proxy.session import _unmapped
+
+    assert ProxyService.is_loopback("::ffff:127.0.0.1") and ProxyService.is_loopback("::1")
+    assert ProxyService.is_loopback("127.0.0.2") and not ProxyService.is_loopback("::ffff:192.0.2.1")
+    assert _unmapped("::ffff:192.0.2.1") == "192.0.2.1" and _unmapped("::FFFF:10.0.0.1") == "10.0.0.1"
+    assert _unmapped("2001:db8::1") == "2001:db8::1" and _unmapped("::ffff:c000:201") == "::ffff:c000:201"

@@ -291,7 +291,11 @@ def test_policy_reloaded_on_sighup(make_proxy, sample_store):
         time.sleep(0.05)
     d = login(p)
     assert exists_of(d.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))) == total - imdns
-    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # the old session was not dropped
+    # The session already open takes the new policy up too: the IMDNs leave its view (EXPUNGE), and it
+    # was not dropped.
+    r = c.command(b"n", b"NOOP")
+    assert r[-1].startswith(b"n OK") and sum(x.endswith(b" EXPUNGE\r\n") for x in r) == imdns, r
+    assert len(fetch_uids(c)) == total - imdns
     c.close()
     d.close()
 

@@ -239,6 +239,12 @@ class Plugin:
         """This instance is retired (reload or shutdown): release process-wide resources."""
         return None
 
+    def reloaded(self) -> None:
+        """The configuration was reloaded (SIGHUP) and ``configure`` called with its settings: apply them
+        to the sessions already open where they change what those see. A plugin that stays enabled keeps
+        its instance across a reload."""
+        return None
+
 
 def overrides(plugin: Plugin, hook: str) -> bool:
     """True when ``plugin`` implements ``hook`` itself (so the proxy must call it)."""

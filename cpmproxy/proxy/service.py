@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib
 import ipaddress
+import os
 import socket
 import time
 from collections import defaultdict
@@ -113,7 +114,10 @@ def plugin_sections() -> frozenset[str]:
     return frozenset(sections)
 
 
-def load_plugins(config: Config, proxy) -> list[Plugin]:
+def load_plugins(config: Config, proxy, live: dict[str, Plugin] | None = None) -> list[Plugin]:
+    """The plugins ``config`` enables, configured. ``live``: the running ones by name (a reload), kept
+    and configured again where the same class stays enabled, so that what they hold for sessions already
+    open (watch connections, known devices) carries over; validate the config first (``proxy=None``)."""
     eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     names = config.plugins if config.plugins is not None else sorted(eps)
     unknown_tables = set(config.plugin) - set(names)
@@ -132,7 +136,8 @@ def load_plugins(config: Config, proxy) -> list[Plugin]:
                 cls = getattr(importlib.import_module(module), attr)
         except Exception as e:
             raise ConfigError(f"plugins: cannot load {name!r}: {e}") from None
-        plugin = cls(proxy)
+        kept = (live or {}).get(name)
+        plugin = kept if type(kept) is cls else cls(proxy)
         plugin.name = name
         section = cls.config_section
         plugin.configure(config.extra.get(section, {}) if section else config.plugin.get(name, {}))
@@ -223,16 +228,30 @@ def _check_inherited(desc: str, params: dict[str, str]) -> None:
     if fds is None:
         return
     if "index" in params:
-        passed = len(fds.inheritedDescriptors())
-        if int(params["index"]) < passed:
-            return
-        why = f"index {params['index']}; " + (f"{passed} passed" if passed else "LISTEN_FDS unset")
+        passed = fds.inheritedDescriptors()
+        if int(params["index"]) < len(passed):
+            return _check_family(desc, params, passed[int(params["index"])])
+        why = f"index {params['index']}; " + (f"{len(passed)} passed" if passed else "LISTEN_FDS unset")
     else:
         names = fds.inheritedNamedDescriptors()
         if params["name"] in names:
-            return
+            return _check_family(desc, params, names[params["name"]])
         why = f"name {params['name']!r}; " + (f"passed: {', '.join(names)}" if names else "LISTEN_FDNAMES unset")
     raise ConfigError(f"listen endpoint {desc}: no socket passed by systemd ({why})")
+
+
+_DOMAINS = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+
+
+def _check_family(desc: str, params: dict[str, str], fd: int) -> None:
+    """Twisted takes the socket as ``domain`` says, unchecked: an IPv6 socket (systemd's ``ListenStream=143``)
+    adopted as INET gives every client a garbled address (and loopback clients no plaintext login)."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        family = sock.family
+    want = _DOMAINS.get(params.get("domain", ""))
+    if want is not None and family != want:
+        have = next((name for name, value in _DOMAINS.items() if value == family), str(family))
+        raise ConfigError(f"listen endpoint {desc}: systemd passed an {have} socket; use domain={have}")
 
 
 def _server_tls(config: Config):
@@ -348,9 +367,11 @@ class ProxyService(service.MultiService):
     @staticmethod
     def is_loopback(host: str) -> bool:
         try:
-            return ipaddress.ip_address(host).is_loopback
+            ip = ipaddress.ip_address(host)
         except ValueError:
             return host in ("", "localhost")  # UNIX sockets have no IP
+        # (An IPv4 client of a dual-stack socket, e.g. systemd's ListenStream=143, is ::ffff:127.0.0.1.)
+        return (ip.ipv4_mapped or ip).is_loopback if ip.version == 6 else ip.is_loopback
 
     def admit(self, session: ClientSession) -> str | None:
         """Register a new connection, or say why it is refused."""
@@ -460,8 +481,9 @@ class ProxyService(service.MultiService):
         path = self.config.path
         try:
             new = load_config(path, plugin_sections())
-            plugins = load_plugins(new, self)
+            load_plugins(new, None)  # (every plugin's settings checked before a running one is touched)
             tls = _server_tls(new)
+            plugins = load_plugins(new, self, live=self.hooks.by_name)
         except ConfigError as e:
             log.error("reload failed, keeping the old configuration: {error}", error=str(e))
             self.metrics.reloads.labels(result="failed").inc()
@@ -472,12 +494,19 @@ class ProxyService(service.MultiService):
         self.server_tls = tls
         old, self.hooks = self.hooks, HookTable.build(plugins)
         for plugin in old.plugins:
+            if any(plugin is p for p in plugins):
+                continue
             try:
                 plugin.stop()
             except Exception:
                 log.failure("plugin {name} failed to stop", name=plugin.name)
         for s in self.sessions:
             s.config = new
+        for plugin in plugins:
+            try:
+                plugin.reloaded()
+            except Exception:
+                log.failure("plugin {name} failed to take up the reload", name=plugin.name)
         self.metrics.reloads.labels(result="ok").inc()
         log.info("configuration reloaded from {path}", path=str(path))
 

@@ -220,7 +220,7 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self.peer_host = getattr(peer, "host", "") or ""
+        self.peer_host = _unmapped(getattr(peer, "host", "") or "")
         self.peer_port = getattr(peer, "port", 0) or 0
         self.tls_active = ISSLTransport.providedBy(self.transport)
         nodelay = getattr(self.transport, "setTcpNoDelay", None)
@@ -1662,6 +1662,12 @@ def _split_at_literals(data: bytes) -> list[bytes]:
 def _nonsync(segment: bytes) -> bytes:
     """A segment whose literal the proxy already accepted from the client: forwarded as ``{n+}``."""
     return _SYNC_LITERAL_END.sub(rb"\1+}\2", segment)
+
+
+def _unmapped(host: str) -> str:
+    """An IPv4 client of a dual-stack socket (``::ffff:192.0.2.1``) as the IPv4 address it is: one client,
+    one address, in logs, per-IP limits and the address forwarded to the backend."""
+    return host[7:] if host[:7].lower() == "::ffff:" and "." in host else host
 
 
 def _now_or_later(d: defer.Deferred, later) -> list:
