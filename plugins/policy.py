@@ -313,8 +313,10 @@ class PolicyPlugin(Plugin):
             st = session.state.get(self.name)
             if st is None or session.user is None:
                 continue
-            st.policy = self.policy_for(session.user, session.device_id, session.client_id.get("name") or "")
-            self._reapply_view(session, st)
+            policy = self.policy_for(session.user, session.device_id, session.client_id.get("name") or "")
+            if policy != st.policy:  # (a reload that leaves a session's policy as it was costs it nothing)
+                st.policy = policy
+                self._reapply_view(session, st)
 
     # -- policy resolution ----------------------------------------------------------------------
 
