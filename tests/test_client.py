@@ -22,8 +22,10 @@ import imapclient
 import pytest
 
 from cpmproxy.client import LocalStore, ServerSettings, Syncer, connect
+from cpmproxy.client.errors import ServerUnavailable
 from cpmproxy.client.watch import Stopper, Watcher, WatchOptions
 from cpmproxy.testing.dovecot import parse_appenduid
+from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import classify_reference, make_object
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +146,30 @@ def fetched_body_uids(trace: str) -> list[int]:
             lo, _, hi = part.partition(":")
             out.extend(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+def status_line(dev: Device, folder: str) -> str:
+    out = dev.run("status").stdout
+    return next(ln for ln in out.splitlines() if ln.startswith(folder + " "))
+
+
+def set_preference(p, user: str, folder: str, key: str, value: str) -> None:
+    """A CPM preference on ``folder`` (``sync/imdn`` ...), set through the proxy as a device would."""
+    c = RawIMAP(p.host, p.port)
+    try:
+        assert c.login(user, f"{user}pw")[-1].startswith(b"L OK")
+        r = c.command(b"m", b'SETMETADATA "%s" (/private/vendor/vendor.cpmproxy/%s "%s")'
+                      % (folder.encode(), key.encode(), value.encode()))
+        assert r[-1].startswith(b"m OK"), r
+    finally:
+        c.close()
+
+
+def dead_port() -> tuple[object, int]:
+    """A port bound and never listening (connection refused), and the socket to close afterwards."""
+    s = __import__("socket").socket()
+    s.bind(("127.0.0.1", 0))
+    return s, s.getsockname()[1]
 
 
 # -- explicit sync (5.5.2.20.2 a) ----------------------------------------------------------------------
@@ -339,6 +365,94 @@ def test_whole_account_sync_follows_the_folder_list(dovecot, proxy, device, samp
     assert c.folder_dir(sample_store[0].mailbox).is_dir()
 
 
+def test_preference_change_is_followed_though_uidnext_and_modseq_stay(dovecot, proxy, device):
+    """A preference hides or shows messages of a folder with no new UID and no modseq to tell (only the
+    proxy's MESSAGES moves): the counts differ, so status says so and sync reconciles the UID set."""
+    folder = unique_folder()
+    kinds = ["chat", "imdn", "chat", "imdn", "sms"]
+    uids = seed(dovecot, "bob", folder, [make_object(k, seed=i) for i, k in enumerate(kinds)])
+    imdns = [u for u, k in zip(uids, kinds, strict=True) if k == "imdn"]
+    a = device("phone-pref", user="bob")
+    a.sync(folder)
+    assert sorted(a.index(folder)) == uids
+    try:
+        set_preference(proxy, "bob", folder, "sync/imdn", "off")
+        assert re.search(r"\s3\s+5\s.*changed", status_line(a, folder))
+        res = a.sync(folder)
+        assert "2 removed" in res.stdout
+        assert sorted(a.index(folder)) == [u for u in uids if u not in imdns]
+        assert "in sync" in status_line(a, folder)
+
+        set_preference(proxy, "bob", folder, "sync/imdn", "on")
+        assert "changed" in status_line(a, folder)
+        res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+        assert "2 new" in res.stdout
+        assert sorted(fetched_body_uids(res.stderr)) == imdns  # only what was shown again, no bodies else
+        assert sorted(a.index(folder)) == uids
+        assert re.search(r"\s5\s+5\s.*in sync", status_line(a, folder))
+    finally:
+        set_preference(proxy, "bob", folder, "sync/imdn", "on")
+
+
+def test_policy_change_is_followed_with_no_change_on_the_server(dovecot, make_proxy, device):
+    """The provider's policy changes (proxy restarted with another config): nothing changed on the server,
+    not even a modseq; only the counts tell. The folder's UIDs are compared (no bodies fetched again)."""
+    folder = unique_folder()
+    kinds = ["chat", "imdn", "chat", "imdn"]
+    uids = seed(dovecot, "dave", folder, [make_object(k, seed=i) for i, k in enumerate(kinds)])
+    imdns = [u for u, k in zip(uids, kinds, strict=True) if k == "imdn"]
+    p = make_proxy(backend_tls="none")
+    a = device("phone-policy-change", user="dave", via=p)
+    a.sync(folder)
+    open_config = p.config_path.read_text()
+
+    def restart(config: str) -> None:
+        p.stop()
+        p.config_path.write_text(config)
+        p.start()
+
+    restart(open_config + "[policy]\nsync = { imdn = false }\n")
+    assert re.search(r"\s2\s+4\s.*changed", status_line(a, folder))
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert "2 removed" in res.stdout and fetched_body_uids(res.stderr) == []
+    assert sorted(a.index(folder)) == [u for u in uids if u not in imdns]
+    assert "in sync" in status_line(a, folder)
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert "0 changed" in res.stdout and "EXAMINE" not in res.stderr  # and then it is quiet again
+
+    restart(open_config)
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert "2 new" in res.stdout and sorted(fetched_body_uids(res.stderr)) == imdns
+    assert sorted(a.index(folder)) == uids
+    assert re.search(r"\s4\s+4\s.*in sync", status_line(a, folder))
+
+
+def test_restored_local_deletion_comes_back_on_an_incremental_sync(dovecot, make_proxy, device, tmp_path):
+    """The operator restores a device's local deletion (``cpmproxy localdelete restore``): the proxy shows
+    the message again (QRESYNC reports it as a FETCH of a UID below the device's UIDNEXT) and a normal
+    sync downloads it."""
+    folder = unique_folder()
+    uids = seed(dovecot, "bob", folder, [make_object("chat", seed=i) for i in range(3)])
+    pw = tmp_path / "admin.pw"
+    pw.write_text("adminpw\n")
+    p = make_proxy(backend_tls="none",
+                   config_extra=f'[admin]\nmaster_user = "admin"\nmaster_password_file = "{pw}"\n')
+    a = device("phone-restore", user="bob", via=p)
+    a.sync(folder)
+    a.run("delete", "--local", folder, str(uids[1]))
+    assert sorted(a.index(folder)) == [uids[0], uids[2]]
+    r = subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(p.config_path), "localdelete",
+                        "restore", "--user", "bob", "--device", "phone-restore", "--mailbox", folder],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert "1 new" in res.stdout
+    assert "QRESYNC" in res.stderr and fetched_body_uids(res.stderr) == [uids[1]]  # incremental, not a full pass
+    assert sorted(a.index(folder)) == uids
+    assert re.search(r"\s3\s+3\s.*in sync", status_line(a, folder))
+
+
 # -- local changes to the server -------------------------------------------------------------------
 
 
@@ -411,6 +525,26 @@ def test_local_delete_only_leaves_this_device(dovecot, proxy, device):
     assert sorted(a.index(folder)) == [uids[0], uids[2]]  # and it does not come back
     b.sync(folder)
     assert sorted(b.index(folder)) == uids  # the other device keeps it
+
+
+def test_delete_on_a_device_whose_policy_keeps_deletes_local_says_so(dovecot, make_proxy, device):
+    """``delete_mode = "local"``: the proxy turns the device's delete into a local one. The client sees
+    that ($LocalDelete in the STORE's answer) and does not claim the server deleted anything."""
+    folder = unique_folder()
+    uids = seed(dovecot, "bob", folder, [make_object("chat", seed=i) for i in range(2)])
+    p = make_proxy(backend_tls="none", config_extra='[policy]\n[[policy.class]]\nname = "legacy"\n'
+                   'devices = ["legacy-*"]\ndelete_mode = "local"\n')
+    legacy, normal = device("legacy-phone", user="bob", via=p), device("phone-normal-del", user="bob", via=p)
+    legacy.sync(folder)
+    res = legacy.run("delete", folder, str(uids[0]))
+    assert "deleted on this device only" in res.stdout and "deleted on the server" not in res.stdout
+    assert sorted(server_messages(dovecot, "bob", folder)) == uids  # the server kept it
+    assert sorted(legacy.index(folder)) == [uids[1]]
+
+    normal.sync(folder)
+    res = normal.run("delete", folder, str(uids[1]))
+    assert "deleted on the server" in res.stdout
+    assert sorted(server_messages(dovecot, "bob", folder)) == [uids[0]]
 
 
 # -- server-initiated sync (5.5.2.20.2 b) ----------------------------------------------------------
@@ -579,3 +713,56 @@ def test_failures_are_one_line_with_an_exit_status(dovecot, device, tmp_path):
     ok = device("phone-missing")
     _one_line_failure(ok.sync("Default/does-not-exist-" + uuid.uuid4().hex, ok=False), 5, "no such folder")
     _one_line_failure(ok.run("flag", "INBOX", "1", "+bad flag", ok=False), 2)
+
+
+def test_login_refused_for_now_is_not_a_credentials_failure(dovecot, make_proxy, device, tmp_path):
+    """The proxy answers the login ``NO [UNAVAILABLE]`` while its backend is down (RFC 5530: a temporary
+    failure). One-shot commands exit 3 like for an unreachable server (not 4, "login refused"), and watch
+    keeps retrying with its backoff until the backend is back."""
+    sock, port = dead_port()
+    try:
+        down = make_proxy(backend_tls="none", backend_port=port)
+        dev = device("phone-unavail", via=down)
+        _one_line_failure(dev.sync(ok=False), 3, "login", "UNAVAILABLE")
+        _one_line_failure(dev.run("status", ok=False), 3, "UNAVAILABLE")
+        with pytest.raises(ServerUnavailable):
+            connect(ServerSettings(down.host, down.port, "dave", "davepw", "lib-unavail", tls="none"))
+
+        folder = unique_folder()
+        seed(dovecot, "dave", folder, [make_object("chat", seed=1)])
+        settings = ServerSettings(dovecot.host, dovecot.port, "dave", "davepw", "lib-unavail", tls="none")
+        attempts: list[int] = []
+
+        def backend_back_later(s: ServerSettings):
+            attempts.append(1)
+            if len(attempts) <= 2:  # the backend is still down
+                return connect(ServerSettings(down.host, down.port, s.user, s.password, s.device_id, tls="none"))
+            return connect(s)
+
+        store = LocalStore(tmp_path / "unavail")
+        stopper, log = Stopper(), []
+        w = Watcher(settings, store, options=WatchOptions(folders=(folder,), min_backoff=0.05), stopper=stopper,
+                    log=log.append, connector=backend_back_later)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                w.run()
+            except Exception as e:  # reported below
+                errors.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        try:
+            wait_for(lambda: errors or any("watching" in m for m in log), timeout=20, what="the watcher")
+            assert not errors, errors
+            assert len(attempts) == 3
+            assert sum("UNAVAILABLE" in m and "retrying" in m for m in log) == 2, log
+            assert len(store.messages(store.folder(folder))) == 1
+        finally:
+            stopper.stop()
+            t.join(15)
+        assert not t.is_alive()
+        store.close()
+    finally:
+        sock.close()

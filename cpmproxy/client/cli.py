@@ -12,7 +12,8 @@
     delete [--local] FOLDER UID...   delete on the server (and locally); --local: only on this device
     flag FOLDER UID... (+|-)FLAG     add/remove a flag (\\Seen, \\Flagged, $Keyword, or seen/read/flagged...)
 
-Exit status: 0 success; 1 other failure; 2 usage; 3 cannot connect / TLS; 4 login refused; 5 the server
+Exit status: 0 success; 1 other failure; 2 usage; 3 cannot connect / TLS / login refused for now
+([UNAVAILABLE], [INUSE], [LIMIT]: try again later); 4 login refused (credentials); 5 the server
 refused the operation (or lacks what it needs); 6 local store problem; 130 interrupted. On failure one
 line on stderr says why (``--debug`` adds the traceback of unexpected errors).
 """
@@ -80,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Reference OMA CPM Message Storage Client: syncs a CPM message store into a local "
         "Maildir tree with a SQLite index.",
-        epilog="Exit status: 0 ok, 1 failure, 2 usage, 3 connection/TLS, 4 login, 5 refused by the server, "
-        "6 local store, 130 interrupted.",
+        epilog="Exit status: 0 ok, 1 failure, 2 usage, 3 connection/TLS/server unavailable, 4 login, "
+        "5 refused by the server, 6 local store, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {CLIENT_VERSION}")
     _global_options(parser, suppress=False)
@@ -296,8 +297,12 @@ def cmd_status(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
                 state = "not synced"
             elif sf is None or not sf.selectable:
                 state = "gone"
-            elif (sf.uidvalidity, sf.uidnext) == (lf.uidvalidity, lf.uidnext) and (
-                sf.highestmodseq == lf.highestmodseq if sf.highestmodseq is not None else sf.messages == n_local
+            elif (
+                (sf.uidvalidity, sf.uidnext) == (lf.uidvalidity, lf.uidnext)
+                and (sf.highestmodseq is None or sf.highestmodseq == lf.highestmodseq)
+                # (Counted too: a preference or policy change shows or hides messages with no new UID or
+                # modseq.)
+                and (sf.messages is None or sf.messages == n_local)
             ):
                 state = "in sync"
             else:
@@ -340,9 +345,14 @@ def cmd_delete(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
         uids = parse_uid_set(args.uids)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    done, missing = _with_syncer(args, store, lambda s: s.delete(args.folder, uids, local=args.local))  # type: ignore[misc]
+    done, missing, local = _with_syncer(  # type: ignore[misc]
+        args, store, lambda s: s.delete(args.folder, uids, local=args.local)
+    )
     if not args.quiet:
-        where = "on this device only" if args.local else "on the server"
+        if local and not args.local:
+            where = "on this device only (the server's policy for this device keeps them on the server)"
+        else:
+            where = "on this device only" if local else "on the server"
         out.write(f"{args.folder}: {done} message(s) deleted {where}\n")
     if missing:
         raise ClientError(f"no such message in {args.folder}: UID {', '.join(map(str, missing[:20]))}")

@@ -42,6 +42,7 @@ from cpmproxy.client.errors import (
     ConnectionLost,
     ProtocolError,
     ServerRefused,
+    ServerUnavailable,
     TLSError,
 )
 from cpmproxy.client.imapwire import SyntaxError_, mutf7_decode, mutf7_encode, parse_head, quote, tokenize
@@ -69,6 +70,10 @@ CLIENT_VERSION = str(_project_version)
 MAX_LINE = 1024 * 1024
 _READ_SIZE = 256 * 1024
 _LITERAL_END_RE = re.compile(rb"~?\{([0-9]{1,20})[+-]?\}\Z")
+# Response codes (RFC 5530) with which a refused login says "not now" rather than "not you": the
+# credentials were not judged (a subsystem is down, the account is busy, too many connections), so trying
+# again later is right -- unlike AUTHENTICATIONFAILED & co., where retrying only locks the account.
+TRANSIENT_LOGIN_CODES = frozenset((b"UNAVAILABLE", b"INUSE", b"LIMIT"))
 
 
 class ServerSettings:
@@ -603,6 +608,9 @@ def connect(settings: ServerSettings) -> Connection:
             if not login.done.ok:
                 text = login.done.text
                 code = f"[{login.done.code.decode('utf-8', 'replace')}] " if login.done.code else ""
+                if login.done.code is not None and \
+                        login.done.code.split(b" ", 1)[0].upper() in TRANSIENT_LOGIN_CODES:
+                    raise ServerUnavailable(f"login as {settings.user} refused for now: {code}{text}".strip())
                 raise AuthenticationError(f"login as {settings.user} failed: {code}{text}".strip())
             post = _caps_from_code(login.done.code)
             conn.set_capabilities(post if post is not None else _capability(conn))

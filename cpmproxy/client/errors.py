@@ -11,6 +11,7 @@ __all__ = [
     "NoSuchFolder",
     "ProtocolError",
     "ServerRefused",
+    "ServerUnavailable",
     "StoreError",
     "TLSError",
     "Unsupported",
@@ -39,6 +40,11 @@ class TLSError(ConnectError):
 
 class ConnectionLost(ConnectError):
     """An established connection broke (EOF, reset, timeout, BYE)."""
+
+
+class ServerUnavailable(ConnectError):
+    """The server refused the login for now, not the credentials: ``NO [UNAVAILABLE]`` (e.g. the proxy's
+    backend is restarting), ``[INUSE]``, ``[LIMIT]`` (RFC 5530). Retried like an unreachable server."""
 
 
 class AuthenticationError(ClientError):

@@ -11,11 +11,14 @@ a. *Upon an explicit synchronization request from the CPM User* (``cpm-sync sync
       STATUS per folder, all pipelined.
    2. "determine what stored objects are new since its last synchronization" -- :meth:`Syncer.sync_folder`
       compares with the index: a different UIDVALIDITY voids the local copy (resync from scratch); equal
-      UIDNEXT and HIGHESTMODSEQ mean nothing happened and the folder is not even selected; otherwise the
-      folder is opened with ``EXAMINE mbox (QRESYNC (uidvalidity modseq known-uids))`` (RFC 7162) and the
-      server itself reports what was expunged (``VANISHED (EARLIER)``) and which flags changed (FETCH),
-      and ``UID FETCH <uidnext>:*`` lists what is new. Without QRESYNC every UID and its flags are
-      compared instead.
+      UIDNEXT and HIGHESTMODSEQ, and MESSAGES equal to what the device holds, mean nothing happened and
+      the folder is not even selected; otherwise the folder is opened with ``EXAMINE mbox (QRESYNC
+      (uidvalidity modseq known-uids))`` (RFC 7162) and the server itself reports what was expunged
+      (``VANISHED (EARLIER)``) and which flags changed (FETCH; a FETCH of a UID the device lacks is a
+      message shown to it again), and ``UID FETCH <uidnext>:*`` lists what is new. Where the count still
+      does not add up (the proxy's view changed with no modseq to tell: a preference, a policy), the
+      folder's UIDs (``UID SEARCH``, no bodies) settle what to fetch and what to drop. Without QRESYNC
+      every UID and its flags are compared instead.
    3. "upon receiving updates, fetch the new items from the server" -- :meth:`Syncer._fetch_bodies`: the
       new messages, in batches bounded by count and bytes, several batches in flight (pipelined), each
       written to the Maildir and committed to the index before the folder's UIDNEXT advances.
@@ -515,7 +518,9 @@ class Syncer:
             res.removed += store.reset_folder(lf, sf.uidvalidity)
 
         # Step a.2, second question: did anything happen since the last sync? Same UIDNEXT (nothing
-        # appended) and same HIGHESTMODSEQ (no flag change, no expunge) -> nothing to do, not even SELECT.
+        # appended), same HIGHESTMODSEQ (no flag change, no expunge) and as many messages as we hold ->
+        # nothing to do, not even SELECT. (MESSAGES matters through the proxy: a preference or policy
+        # change hides or shows messages without moving UIDNEXT or HIGHESTMODSEQ, DESIGN.md R1.)
         if (
             not opts.full
             and not lf.full_check
@@ -524,9 +529,8 @@ class Syncer:
             and lf.highestmodseq == sf.highestmodseq
             and lf.uidvalidity == sf.uidvalidity
             and lf.uidnext == sf.uidnext
+            and (sf.messages is None or sf.messages == store.count(lf))
         ):
-            # (MESSAGES is deliberately not compared: an expunge always raises HIGHESTMODSEQ, and a
-            # filtering proxy may count differently in LIST-STATUS than in SELECT.)
             res.unchanged = True
             return res
 
@@ -605,7 +609,24 @@ class Syncer:
             # QRESYNC told us: VANISHED (EARLIER) = expunged since our modseq, FETCH = flags changed.
             gone = [u for u in local_flags if any(u in s for s in state.vanished)]
             changed = {u: f for u, f in state.changed.items() if u in local_flags and u not in gone}
-            new = {u: v for u, v in listing.items() if u >= lf.uidnext and u not in local_flags}
+            # A FETCH for a UID we do not hold, below our UIDNEXT, is a message shown to this device again
+            # (an operator restored a local deletion, a preference was turned back on: the proxy's view,
+            # DESIGN.md R1); above it, one that arrived after STATUS. Either way it is to be fetched.
+            unknown = [u for u in state.changed
+                       if u not in local_flags and u not in listing and not any(u in s for s in state.vanished)]
+            if unknown:
+                self._list_messages(unknown, on_listing)
+            new = {u: v for u, v in listing.items() if u not in local_flags}
+            # A view can also change with no modseq to tell (a preference hiding or showing messages moves
+            # only the count): when the count does not add up, ask for the folder's UIDs (no bodies).
+            if state.exists is not None and len(local_flags) - len(gone) + len(new) != state.exists:
+                present = self._all_uids()
+                gone = [u for u in local_flags if u not in present]
+                changed = {u: f for u, f in changed.items() if u in present}
+                unknown = [u for u in present if u not in local_flags and u not in listing]
+                if unknown:
+                    self._list_messages(unknown, on_listing)
+                new = {u: v for u, v in listing.items() if u in present and u not in local_flags}
         else:
             if incremental:  # the server cannot do modseqs for this folder after all: compare fully
                 store.update_folder(lf, full_check=True)
@@ -656,6 +677,24 @@ class Syncer:
         b.reset = b.reset or a.reset
         b.created = b.created or a.created
         return b
+
+    def _list_messages(self, uids: Iterable[int], handler: Callable[[Untagged], bool]) -> None:
+        """UID, flags and size of ``uids`` (what a body fetch needs to be planned), into ``handler``."""
+        self.conn.run(b"UID FETCH " + _uid_set(uids) + b" (UID FLAGS RFC822.SIZE)", handler=handler, check=False)
+
+    def _all_uids(self) -> set[int]:
+        """Every UID of the selected folder, as this device sees it: ``UID SEARCH ALL`` (ESEARCH, RFC 4731,
+        where offered: ranges instead of one number per message)."""
+        if self.conn.has("ESEARCH"):
+            cmd = self.conn.run(b"UID SEARCH RETURN (ALL) ALL", collect=(b"ESEARCH",))
+            out: set[int] = set()
+            for resp in cmd.collected:
+                words = resp.data.split()
+                for i, word in enumerate(words[:-1]):
+                    if word.upper() == b"ALL":
+                        out.update(UidSet.parse(words[i + 1]))
+            return out
+        return _search_uids(self.conn.run(b"UID SEARCH ALL", collect=(b"SEARCH",)))
 
     def _existing(self, uids: Iterable[int]) -> list[int]:
         cmd = self.conn.run(b"UID SEARCH UID " + _uid_set(uids), collect=(b"SEARCH",), check=False)
@@ -767,15 +806,16 @@ class Syncer:
             self.store.set_flags(lf, updates)
         return len(present), missing
 
-    def delete(self, name: str, uids: UidSet, local: bool = False) -> tuple[int, list[int]]:
+    def delete(self, name: str, uids: UidSet, local: bool = False) -> tuple[int, list[int], bool]:
         """Delete messages on the server (``\\Deleted`` + ``UID EXPUNGE``), or, with ``local``, only from
         this device: ``\\Deleted $LocalDelete`` + ``UID EXPUNGE``, which the proxy (capability
         XCPM-LOCALDELETE) keeps from reaching the server. Either way they leave the local store.
-        Returns (messages deleted, requested UIDs that do not exist)."""
+        Returns (messages deleted, requested UIDs that do not exist, whether the deletion was local: asked
+        for, or made so by the proxy for a device whose policy has every delete local)."""
         if local and not self.conn.has(LOCAL_DELETE_CAPABILITY):
             raise Unsupported(
-                f"the server does not support local deletion (no {LOCAL_DELETE_CAPABILITY} capability); "
-                "without --local the messages would be deleted on the server for every device"
+                f"the server does not offer local deletion to this device (no {LOCAL_DELETE_CAPABILITY} "
+                "capability); without --local the messages would be deleted on the server for every device"
             )
         if not self.conn.has("UIDPLUS"):
             # Plain EXPUNGE would also remove other messages someone marked \Deleted: not our call.
@@ -784,19 +824,31 @@ class Syncer:
         present = self._present(uids)
         missing = _expand_missing(uids, present)
         if not present:
-            return 0, missing
+            return 0, missing, local
         uid_set = _uid_set(present)
-        flags = b"(\\Deleted " + LOCAL_DELETE_KEYWORD + b")" if local else b"(\\Deleted)"
-        store_cmd = self.conn.send(b"UID STORE " + uid_set + b" +FLAGS.SILENT " + flags)
+        if local:
+            flags = b"(\\Deleted " + LOCAL_DELETE_KEYWORD + b")"
+            store_cmd = self.conn.send(b"UID STORE " + uid_set + b" +FLAGS.SILENT " + flags)
+        else:
+            # Not SILENT: the flags in the answer tell whether the proxy turned the delete into a local one
+            # (a device whose policy says delete_mode = "local" sees $LocalDelete appear): then the server
+            # keeps the messages, and saying "deleted on the server" would be wrong.
+            store_cmd = self.conn.send(b"UID STORE " + uid_set + b" +FLAGS (\\Deleted)", collect=(b"FETCH",))
         expunge_cmd = self.conn.send(b"UID EXPUNGE " + uid_set)
         self.conn.wait(store_cmd)
         self.conn.wait(expunge_cmd)
+        if not local:
+            keyword = LOCAL_DELETE_KEYWORD.decode().lower()
+            for resp in store_cmd.collected:
+                items = _fetch_items(resp)
+                if _int(items.get(b"UID")) in present and keyword in (f.lower() for f in _flags(items.get(b"FLAGS"))):
+                    local = True
         left = self._present(UidSet.of(present))
         if left:
             raise ServerRefused(f"the server kept UIDs {_uid_set(left).decode()} in {name} after EXPUNGE")
         if lf is not None:
             self.store.remove_messages(lf, present)
-        return len(present), missing
+        return len(present), missing, local
 
 
 def canonical_name(name: str) -> str:

@@ -14,7 +14,8 @@ On a notification the client performs 5.5.2.20.2 b for each named folder: fresh 
 (STATUS), determine what is new, fetch it -- :meth:`Syncer.sync` with those folder names.
 
 The connection is re-established with exponential backoff (1 s doubling to 60 s, with jitter) when it
-breaks; a wrong password or an untrusted certificate is not retried. SIGINT/SIGTERM end the loop at the
+breaks, and when the login is refused for now (``NO [UNAVAILABLE]``: e.g. the proxy's backend is
+restarting); a wrong password or an untrusted certificate is not retried. SIGINT/SIGTERM end the loop at the
 next safe point: the batch being fetched is committed, the session logged out, and the process exits 0.
 """
 
