@@ -7,6 +7,7 @@ same records the proxy writes (``plugins.localdelete``): nothing is kept in the 
 from __future__ import annotations
 
 import imaplib
+import re
 import ssl
 import sys
 
@@ -18,6 +19,26 @@ from plugins.localdelete import RECORDS, device_key
 
 for _cmd in ("GETMETADATA", "SETMETADATA"):
     imaplib.Commands.setdefault(_cmd, ("AUTH", "SELECTED"))
+
+
+class AdminError(Exception):
+    """A failure told to the operator as it is (one line, no Python reprs)."""
+
+
+def _text(value) -> str:
+    """An imaplib error or response as text: imaplib puts the server's bytes in its messages as reprs."""
+    if isinstance(value, BaseException):
+        value = value.args[0] if len(value.args) == 1 else str(value)
+    if isinstance(value, (list, tuple)):
+        value = b" ".join(v if isinstance(v, bytes) else str(v).encode() for v in value if v is not None)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return re.sub(r"""\[?(?<!\w)b(['"])(.*?)\1\]?""", r"\2", str(value))
+
+
+def _quoted(name: str) -> str:
+    """A mailbox name as an IMAP quoted string (modified UTF-7, backslash and quote escaped)."""
+    return '"' + mutf7.encode(name).decode().replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _connect(config: Config, user: str) -> imaplib.IMAP4:
@@ -34,33 +55,52 @@ def _connect(config: Config, user: str) -> imaplib.IMAP4:
         conn = imaplib.IMAP4(b["host"], b["port"], timeout=b["connect_timeout"])
         if b["tls"] == "starttls":
             conn.starttls(ctx)
-    conn.login(login, password)
+    try:
+        conn.login(login, password)
+    except imaplib.IMAP4.error as e:
+        try:
+            conn.shutdown()
+        except OSError:
+            pass
+        raise AdminError(f"the backend refused the master login as user {user}: {_text(e)}") from None
     return conn
 
 
-def _mailboxes(conn: imaplib.IMAP4, only: str | None) -> list[str]:
-    if only:
-        return [only]
-    typ, data = conn.list('""', "*")
+def _mailboxes(conn: imaplib.IMAP4, only: str | None, user: str) -> list[str]:
+    """The user's mailboxes that can hold records (not \\Noselect or \\NonExistent), or ``only`` if it
+    exists (AdminError if not)."""
+    typ, data = conn.list('""', _quoted(only) if only else "*")
+    if typ != "OK":
+        raise AdminError(f"cannot list the mailboxes: {_text(data)}")
     names = []
     for item in data or []:
         if not item:
             continue
-        raw = item if isinstance(item, bytes) else item[0]
+        if isinstance(item, tuple):  # (a name sent as a literal)
+            raw = item[0] + b"\r\n" + item[1]
+        else:
+            raw = item
         try:
-            tokens = tokenize(raw)
+            tokens = tokenize(b"* LIST " + raw)
         except TokenError:
             continue
+        flags = {f.value.lower() for f in getattr(tokens[2], "items", ()) if hasattr(f, "value")}
         name = getattr(tokens[-1], "value", None)
-        if name is not None:
-            names.append("INBOX" if name.upper() == b"INBOX" else mutf7.decode(name))
+        if name is None or flags & {b"\\noselect", b"\\nonexistent"}:
+            continue
+        names.append("INBOX" if name.upper() == b"INBOX" else mutf7.decode(name))
+    if only:
+        if not any(n == only or n == "INBOX" == only.upper() for n in names):
+            raise AdminError(f"user {user} has no mailbox {only!r}")
+        return [only]
     return names
 
 
 def _records(conn: imaplib.IMAP4, mailbox: str, device: str) -> dict[str, str]:
-    wire = '"' + mutf7.encode(mailbox).decode().replace("\\", "\\\\").replace('"', '\\"') + '"'
     prefix = f"{RECORDS}/{device_key(device)}"
-    typ, data = conn._simple_command("GETMETADATA", "(DEPTH infinity)", wire, prefix)
+    typ, data = conn._simple_command("GETMETADATA", "(DEPTH infinity)", _quoted(mailbox), prefix)
+    if typ != "OK":
+        raise AdminError(f"cannot read the records of {mailbox}: {_text(data)}")
     typ, data = conn._untagged_response(typ, data, "METADATA")
     out = {}
     # imaplib splits literals out of the line; rebuild a line the tokenizer reads.
@@ -84,28 +124,41 @@ def _records(conn: imaplib.IMAP4, mailbox: str, device: str) -> dict[str, str]:
 
 
 def run(config: Config, action: str, user: str, device: str, mailbox: str | None) -> int:
+    """List (stdout: ``mailbox<TAB>uid-set`` per mailbox) or restore a device's local deletions. A mailbox
+    that fails is told on stderr and the others are still done; exit status 1 if any failed. Failures that
+    stop everything (login refused, no such mailbox) raise AdminError."""
     conn = _connect(config, user)
     try:
-        found = 0
-        for name in _mailboxes(conn, mailbox):
-            records = _records(conn, name, device)
-            if not records:
+        found, failed = 0, []
+        for name in _mailboxes(conn, mailbox, user):
+            try:
+                records = _records(conn, name, device)
+                if not records:
+                    continue
+                uids = set()
+                for value in records.values():
+                    uids |= set(SequenceSet.parse(value))
+                if action == "restore":
+                    items = " ".join(f"{e} NIL" for e in records)
+                    typ, data = conn._simple_command("SETMETADATA", _quoted(name), f"({items})")
+                    if typ != "OK":
+                        raise AdminError(f"cannot restore {name}: {_text(data)}")
+            except (AdminError, imaplib.IMAP4.error, ValueError) as e:
+                if isinstance(e, imaplib.IMAP4.abort):
+                    raise  # (the connection is gone: nothing more can be done)
+                print(f"cpmproxy: {_text(e)}", file=sys.stderr)
+                failed.append(name)
                 continue
-            uids = set()
-            for value in records.values():
-                uids |= set(SequenceSet.parse(value))
             found += len(uids)
             print(f"{name}\t{SequenceSet.from_iterable(uids).format().decode()}")
-            if action == "restore":
-                wire = '"' + mutf7.encode(name).decode().replace('"', '\\"') + '"'
-                items = " ".join(f"{e} NIL" for e in records)
-                typ, _ = conn._simple_command("SETMETADATA", wire, f"({items})")
-                if typ != "OK":
-                    print(f"cpmproxy: cannot restore {name}", file=sys.stderr)
-                    return 1
         verb = "restored" if action == "restore" else "locally deleted"
         print(f"{found} message(s) {verb} for user {user}, device {device}", file=sys.stderr)
+        if failed:
+            print(f"cpmproxy: {len(failed)} mailbox(es) failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
         return 0
+    except imaplib.IMAP4.error as e:
+        raise AdminError(_text(e)) from None
     finally:
         try:
             conn.logout()

@@ -190,6 +190,13 @@ def parse_config(data: dict[str, Any], path: Path | None = None,
             sections[sec][key] = str(p)
     if sections["backend"]["tls"] == "none" and sections["backend"]["ca_file"]:
         raise ConfigError("backend.ca_file is set but backend.tls is 'none'")
+    # (The one cross-table rule of a plugin, checked here: a plugin sees only its own table.)
+    push = plugin_tables.get("push", {})
+    if push.get("url") and push.get("offline_watch") != 0 and not (
+            sections["admin"]["master_user"] and sections["admin"]["master_password_file"]):
+        raise ConfigError("plugin.push: pushes for users with no device connected need the [admin] master "
+                          "user (master_user, master_password_file); set plugin.push.offline_watch = 0 to push "
+                          "only while one of the user's devices is connected")
     extra = {k: data[k] for k in plugin_sections if k in data}
     return Config(plugins=plugins, plugin=dict(plugin_tables), extra=extra, path=path, **sections)
 

@@ -7,16 +7,18 @@ policy). The body never carries message content:
     {"user": "alice", "mailbox": "Default/tel:+15551234567", "event": "MessageNew", "uidvalidity": 17,
      "uids": [42], "kinds": {"42": "chat"}, "devices": ["tablet-1"], "time": 1764100000.0}
 
-``devices``: the user's devices known to the proxy (recorded at login in METADATA) that have no session
-in this process. ``headers`` only with ``include_headers = ["From", "Subject"]`` (message content stays out
+``devices``: the user's devices known to the proxy (recorded in METADATA at a device's first login, read
+at every login) that have no session in this process. Only message changes are pushed: a HIGHESTMODSEQ
+that moved for a metadata write alone (a preference, a device record) is checked and dropped. ``headers`` only with ``include_headers = ["From", "Subject"]`` (message content stays out
 unless the operator asks for it). ``id`` is the same for the same change whichever proxy process sends it, so a gateway
 behind several proxy nodes can drop duplicates. Delivery is in order, with retries and exponential
 backoff; the queue is bounded and what overflows is dropped and counted (``cpmproxy_push_dropped_total``).
 
 When none of the user's devices is connected, pushes matter most (a delivery must wake the phone): the
 notify plugin keeps the user's watch connection for ``offline_watch`` seconds after their last session
-here ended (logged in with the ``[admin]`` master user; ``[plugin.notify] max_offline_watches`` bounds
-how many), with the preferences of that last session.
+here ended (logged in with the ``[admin]`` master user, which the configuration must then have:
+``offline_watch = 0`` pushes only while a device of the user is connected; ``[plugin.notify]
+max_offline_watches`` bounds how many), with the preferences of that last session.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import hashlib
 import json
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from email.parser import BytesParser
 from io import BytesIO
+from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 from twisted.internet import defer, reactor
@@ -44,11 +47,12 @@ from plugins.cpm import PREFIX
 from plugins.localdelete import device_key
 from plugins.notify import TOPIC, ChangeEvent
 from plugins.policy import classify, side_examine
+from plugins.wire import esearch_all, iter_metadata, wire_name
 
 log = Logger(namespace="cpmproxy.push")
 
 DEVICES = PREFIX + "/devices"
-_DEVICE_VALUE = re.compile(rb'/devices/[^ ]+ (?:"([^"]*)"|\{\d+\}\r\n([^ )]*))')
+_MODSEQS_KEPT = 100000  # (user, mailbox) pairs whose last HIGHESTMODSEQ is remembered (oldest forgotten)
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII except ":"
 _FETCHED_HEADERS = re.compile(rb"UID (\d+)[^{]*\{(\d+)\}\r\n", re.S)
 _SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "max_retries": int,
@@ -68,6 +72,7 @@ class PushPlugin(Plugin):
         self.devices: dict[str, set[str]] = {}
         self._subscribed = False
         self._agent = None
+        self._modseqs: OrderedDict[tuple[str, str], int] = OrderedDict()  # last HIGHESTMODSEQ seen
 
     def configure(self, settings: dict) -> None:
         for key, value in settings.items():
@@ -76,8 +81,8 @@ class PushPlugin(Plugin):
             if not isinstance(value, _SETTINGS[key]) or isinstance(value, bool):
                 raise ConfigError(f"plugin.push.{key}: wrong type")
         self.url = settings.get("url", "")
-        if self.url and not self.url.startswith(("https://", "http://")):
-            raise ConfigError("plugin.push.url: must be an http(s) URL")
+        if self.url:
+            check_url(self.url)
         self.ca_file = settings.get("ca_file", "")
         self.timeout = settings.get("timeout", 10.0)
         self.max_queue = settings.get("max_queue", 10000)
@@ -120,17 +125,32 @@ class PushPlugin(Plugin):
         return defer.Deferred.fromCoroutine(self._record_device(session))
 
     async def _record_device(self, session) -> None:
-        """Remember the user's devices (on the backend, so every proxy node knows them)."""
-        entry = f"{DEVICES}/{device_key(session.device_id)}".encode()
-        value = session.device_id.replace("\\", "").replace('"', "").encode()
-        session.side_command(b'SETMETADATA "" (' + entry + b' "' + value + b'")')
+        """Remember the user's devices (on the backend, so every proxy node knows them). Written only
+        when the device is new (or its entry differs): any SETMETADATA raises INBOX's HIGHESTMODSEQ in
+        Dovecot, which every watch of the user hears of, so writing it at every login costs the backend a
+        write and every node a check of a change that is none (``_build``)."""
+        key = device_key(session.device_id)
+        value = session.device_id.replace("\\", "").replace('"', "")
         reply = await session.side_command(b'GETMETADATA (DEPTH 1) "" (' + DEVICES.encode() + b")")
-        found = set()
-        for line in reply.untagged:
-            for m in _DEVICE_VALUE.finditer(line):
-                found.add((m.group(1) or m.group(2) or b"").decode("utf-8", "replace"))
-        found.discard("")
-        self.devices[session.user] = found | {session.device_id}
+        prefix = DEVICES.lower() + "/"
+        entries: dict[str, str] = {}
+        if reply.status == b"OK":
+            for _, entry, raw in iter_metadata(reply.untagged):
+                if entry.lower().startswith(prefix):
+                    entries[entry[len(prefix):].lower()] = raw.decode("utf-8", "replace")
+        else:
+            log.warn("reading the devices of {user} failed: {r}", user=session.user, r=reply.tagged[:200])
+        if reply.status == b"OK" and entries.get(key.lower()) != value:
+            entry = f"{DEVICES}/{key}".encode()
+            written = await session.side_command(b'SETMETADATA "" (' + entry + b' "' + value.encode() + b'")')
+            if written.status != b"OK":
+                log.warn("recording device {device} of {user} failed: {r}", device=session.device_id,
+                         user=session.user, r=written.tagged[:200])
+        if reply.status == b"OK":
+            known = {v for v in entries.values() if v}
+        else:
+            known = self.devices.get(session.user, set())
+        self.devices[session.user] = known | {session.device_id}
 
     def watch_offline(self, user: str) -> float:
         """Asked by the notify plugin when the user's last session here ends (see the module doc)."""
@@ -145,6 +165,7 @@ class PushPlugin(Plugin):
     # -- events ---------------------------------------------------------------------------------
 
     def _event(self, event: ChangeEvent) -> None:
+        since = self._seen_modseq(event)
         sessions = self.proxy.sessions_of(event.user)
         notify = self._notify()
         if notify is None or event.event == "MetadataChange":
@@ -160,11 +181,42 @@ class PushPlugin(Plugin):
         offline = sorted(self.devices.get(event.user, set()) - connected)
         if not offline:
             return
-        d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions), None), event, offline))
+        d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions), None), event, offline, since))
         d.addCallback(self._enqueue)
         d.addErrback(lambda f: log.failure("building a push event failed", f))
 
-    async def _build(self, session, event: ChangeEvent, offline: list[str]) -> dict:
+    def _seen_modseq(self, event: ChangeEvent) -> int | None:
+        """For a change the watch saw on the backend without new UIDs (a flag change: it knows only that
+        the mailbox's HIGHESTMODSEQ moved; Dovecot's STATUS may also carry an unchanged UIDNEXT, which
+        the watch reports as a MessageNew without UIDs): the MODSEQ from which a message must have
+        changed for it to be one.
+        Dovecot also raises HIGHESTMODSEQ for METADATA written on the mailbox (server metadata on
+        INBOX: a preference on "", a device's record, local-delete bookkeeping), which changes no
+        message and must not wake anyone. None: not such an event."""
+        if event.modseq is None:
+            return None
+        key = (event.user, event.mailbox)
+        prev = self._modseqs.pop(key, None)
+        self._modseqs[key] = event.modseq
+        while len(self._modseqs) > _MODSEQS_KEPT:
+            self._modseqs.popitem(last=False)
+        if event.origin is not None or event.uids or event.event not in ("FlagChange", "MessageNew"):
+            return None  # (a change made through this process, or one with its new UIDs: a real one)
+        # Changes since the last one seen here; the first time, the last change only (a message whose
+        # MODSEQ is the new HIGHESTMODSEQ).
+        return prev + 1 if prev is not None and prev < event.modseq else event.modseq
+
+    async def _build(self, session, event: ChangeEvent, offline: list[str],
+                     since: int | None = None) -> dict | None:
+        if since is not None:
+            try:
+                changed = await self._on_backend(session, event.user,
+                                                 lambda run: _changed_since(run, event, since))
+            except Exception as e:  # cannot tell: the event goes out
+                log.warn("checking a flag change failed: {e}", e=e)
+            else:
+                if not changed:
+                    return None  # metadata only: no message changed
         change = [event.user, event.mailbox, event.event, event.uidvalidity, list(event.uids), event.modseq]
         body = {"id": hashlib.sha256(json.dumps(change).encode()).hexdigest()[:32],
                 "user": event.user, "mailbox": event.mailbox, "event": event.event,
@@ -183,15 +235,21 @@ class PushPlugin(Plugin):
 
     async def _inspect(self, session, event: ChangeEvent):
         """Kinds (and the configured header fields) of the new messages, by server-side searches."""
+        return await self._on_backend(session, event.user, lambda run: self._inspect_on(run, event))
+
+    async def _on_backend(self, session, user: str, work):
+        """``await work(run)`` with ``run`` a command runner on a connection free to EXAMINE: the
+        session's side connection, or without a session of the user here (offline watch) a short
+        master-user connection of its own."""
         if session is not None:
             async with side_examine(session):
-                return await self._inspect_on(session.side_command, event)
-        # No session of the user here (offline watch): a short master-user connection of its own.
-        proto = await self._notify().open_master(event.user, "push")
+                return await work(session.side_command)
+        proto = await self._notify().open_master(user, "push")
         try:
-            return await self._inspect_on(proto.command, event)
+            return await work(proto.command)
         finally:
-            proto.command(b"LOGOUT")
+            # The server closes the connection after its BYE: the LOGOUT's own answer may never come.
+            proto.command(b"LOGOUT").addErrback(lambda _: None)
             proto.transport.loseConnection()
 
     async def _inspect_on(self, run, event: ChangeEvent):
@@ -210,7 +268,9 @@ class PushPlugin(Plugin):
                 headers[int(m.group(1))] = {k: str(v) for k, v in msg.items()}
         return kinds, headers
 
-    def _enqueue(self, body: dict) -> None:
+    def _enqueue(self, body: dict | None) -> None:
+        if body is None:
+            return
         sent, failed, dropped, queued = self._metrics()
         if len(self.queue) >= self.max_queue:
             self.queue.popleft()
@@ -228,13 +288,9 @@ class PushPlugin(Plugin):
             return
         self.sending = True
         body, attempt = self.queue[0]
-        if self._agent is None:
-            policy = BrowserLikePolicyForHTTPS(trustRoot=self._trust) if self._trust else BrowserLikePolicyForHTTPS()
-            self._agent = Agent(reactor, contextFactory=policy, connectTimeout=self.timeout)
-        data = json.dumps(body).encode()
-        d = self._agent.request(b"POST", self.url.encode(),
-                                Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"cpmproxy"]}),
-                                FileBodyProducer(BytesIO(data)))
+        # (an exception raised at once, e.g. by the Agent for a URL it cannot use, is a failed attempt
+        # like any other: retried, then dropped; the queue never stalls with ``sending`` left set)
+        d = defer.maybeDeferred(self._post, body)
         d.addTimeout(self.timeout, reactor)
 
         def done(response):
@@ -263,3 +319,45 @@ class PushPlugin(Plugin):
 
         d.addCallback(done)
         d.addCallbacks(ok, lambda f: retry(f.getErrorMessage()))
+        d.addErrback(lambda f: log.failure("push sender failed", f))
+
+    def _post(self, body: dict) -> defer.Deferred:
+        if self._agent is None:
+            policy = BrowserLikePolicyForHTTPS(trustRoot=self._trust) if self._trust else BrowserLikePolicyForHTTPS()
+            self._agent = Agent(reactor, contextFactory=policy, connectTimeout=self.timeout)
+        data = json.dumps(body).encode()
+        return self._agent.request(b"POST", self.url.encode(),
+                                   Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"cpmproxy"]}),
+                                   FileBodyProducer(BytesIO(data)))
+
+
+async def _changed_since(run, event: ChangeEvent, since: int) -> bool:
+    """Has a message of the event's mailbox a MODSEQ >= ``since``? (EXAMINEs the mailbox.)"""
+    examined = run(b"EXAMINE " + wire_name(event.mailbox))
+    found = run(b"UID SEARCH RETURN (ALL) MODSEQ %d" % since)  # (pipelined; fails if the EXAMINE did)
+    await examined
+    return bool(esearch_all(await found))
+
+
+def check_url(url: str) -> None:
+    """Raise ConfigError unless ``url`` is an http(s) URL the sender can use (Twisted's Agent raises at
+    request time for a missing host or a port that is no number)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # (e.g. an unclosed IPv6 bracket)
+        raise ConfigError(f"plugin.push.url: not a URL: {e}") from None
+    try:
+        port = parts.port
+    except ValueError:  # (not a number, or out of range)
+        port = 0
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError("plugin.push.url: must be an http(s) URL")
+    if not parts.hostname:
+        raise ConfigError("plugin.push.url: no host")
+    if port == 0:
+        given = parts.netloc.rpartition(":")[2]
+        raise ConfigError(f"plugin.push.url: the port must be a number from 1 to 65535, not {given!r}")
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in url):
+        raise ConfigError("plugin.push.url: spaces, control or non-ASCII characters (percent-encode them)")
+    if "@" in parts.netloc:
+        raise ConfigError("plugin.push.url: no user or password in the URL (the sender cannot use them)")

@@ -257,7 +257,7 @@ def test_push_to_disconnected_devices_with_retry(make_proxy, dovecot, proxy_cert
     receiver = _Receiver(proxy_certs)  # not started yet: the gateway is down
     p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[plugin.push]\n'
                                 f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
-                                f"backoff = 0.2\nmax_backoff = 1.0\n")
+                                f"backoff = 0.2\nmax_backoff = 1.0\noffline_watch = 0\n")  # (no [admin] here)
     tablet = device(p, "tablet-1")
     tablet.close()  # known device, now offline
     phone = device(p, "phone-1")
@@ -440,7 +440,7 @@ def test_no_push_while_the_user_has_notifications_off(make_proxy, dovecot, proxy
     receiver = _Receiver(proxy_certs)
     receiver.start()
     p = make_proxy(config_extra=f'[plugin.push]\nurl = "https://localhost:{receiver.port}/cpm"\n'
-                                f'ca_file = "{proxy_certs.ca_cert}"\n')
+                                f'ca_file = "{proxy_certs.ca_cert}"\noffline_watch = 0\n')  # (no [admin] here)
     device(p, "tablet-7").close()  # known device, offline
     phone = device(p, "phone-7")
     try:

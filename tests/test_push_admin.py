@@ -1,0 +1,315 @@
+"""Push and the admin CLI, the failures a QA pass found: a login or a preference must push nothing (only
+message changes do), an offline push logs no error, broken push settings fail ``--check``, a sender whose
+HTTP client raises keeps going, and ``cpmproxy localdelete`` copes with any mailbox name and says what failed.
+
+Real Dovecot and proxy processes where it matters; the sender and the CLI's error paths also as units."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import imapclient
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from cpmproxy.testing.sample import make_object
+from tests.proxyfix import check_config
+from tests.test_notify import _Receiver, device
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNC_IMDN = b"/private/vendor/vendor.cpmproxy/sync/imdn"
+
+
+def _wait(pred, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pred()
+
+
+def _admin_config(dovecot, tmp_path) -> str:
+    pw = tmp_path / "master.pw"
+    pw.write_text(dovecot.master_user[1] + "\n")
+    return f'[admin]\nmaster_user = "{dovecot.master_user[0]}"\nmaster_password_file = "{pw}"\n'
+
+
+# -- push: only message changes are pushed -------------------------------------------------------
+
+def test_logins_and_preferences_push_nothing_message_changes_do(make_proxy, dovecot, proxy_certs, tmp_path):
+    """Every SETMETADATA raises INBOX's HIGHESTMODSEQ in Dovecot (server metadata lives there): neither
+    the device record of a login nor a preference set on "" may come out as a FlagChange push (a phone
+    woken by a push logs in: that must not push again). Flag changes and deliveries still are pushed, and
+    a push for a user with no session (master-user connection) logs no unhandled error."""
+    user = "dave"
+    tag = uuid.uuid4().hex[:6]
+    phone, tablet = f"phone-{tag}", f"tablet-{tag}"
+    folder = f"Default/tel:+1777{tag}"
+    dovecot.deliver(user, "INBOX", make_object("chat", text="in the inbox"))
+    dovecot.deliver(user, folder, make_object("chat"))
+    # (Dovecot tracks message MODSEQs of a mailbox once CONDSTORE was used on it; until then every
+    # message reports the HIGHESTMODSEQ. Deployed CPM clients use it; here it is done once, directly.)
+    direct = dovecot.imap_direct(user, tls="none")
+    direct.select_folder("INBOX")
+    direct.fetch(direct.search("ALL"), ["MODSEQ"])
+    direct.logout()
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[plugin.push]\n'
+                                f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
+                                f'backoff = 0.2\noffline_watch = 60\n' + _admin_config(dovecot, tmp_path))
+    try:
+        device(p, tablet, user).close()  # known devices (their records written once), now offline
+        device(p, phone, user).close()
+        for _ in range(3):  # a phone woken by a push logs in and out
+            device(p, phone, user).close()
+            time.sleep(0.7)
+        c = device(p, phone, user)  # a preference set on "" while a device of the user is offline
+        r = c.command(b"p", b'SETMETADATA "" (' + SYNC_IMDN + b' "on")')
+        assert r[-1].startswith(b"p OK"), r
+        time.sleep(2.5)  # (Dovecot announces a change ~0.5 s late)
+        assert receiver.events == [], receiver.events
+
+        # A real flag change (made elsewhere) is pushed, to the device not connected.
+        direct = dovecot.imap_direct(user, tls="none")
+        direct.select_folder("INBOX")
+        direct.add_flags(direct.search("ALL")[-1:], [b"\\Flagged"])
+        direct.logout()
+        assert _wait(lambda: any(e["mailbox"] == "INBOX" for e in receiver.events)), receiver.events
+        ev = next(e for e in receiver.events if e["mailbox"] == "INBOX")
+        assert ev["event"] == "FlagChange" and ev["devices"] == [tablet], ev
+        r = c.command(b"q", b'SETMETADATA "" (' + SYNC_IMDN + b" NIL)")
+        assert r[-1].startswith(b"q OK"), r
+        c.close()
+
+        # Nobody connected: a delivery is pushed through the master-user connection, without errors.
+        time.sleep(1.0)
+        n = len(receiver.events)
+        uid = dovecot.deliver(user, folder, make_object("sms"))
+        assert _wait(lambda: any(e["mailbox"] == folder for e in receiver.events[n:])), receiver.events
+        assert all(e["mailbox"] != "INBOX" for e in receiver.events[n:]), receiver.events[n:]
+        ev = next(e for e in receiver.events[n:] if e["mailbox"] == folder)
+        assert ev["uids"] == [uid] and ev["kinds"] == {str(uid): "sms"} and ev["devices"] == [phone, tablet]
+        time.sleep(0.5)
+        log = p.log()
+        assert "Unhandled error" not in log and "#critical]" not in log, log[-3000:]
+    finally:
+        receiver.stop()
+
+
+def test_local_delete_pushes_nothing(make_proxy, dovecot, proxy_certs, tmp_path):
+    """A local delete changes nothing on the server (DESIGN.md R6): the user's other devices are not told
+    of a flag change or an expunge, for a device that asks for it ($LocalDelete) or one whose policy makes
+    every delete local. A real delete still is."""
+    user = "dave"
+    tag = uuid.uuid4().hex[:6]
+    phone, old, tablet = f"phone-{tag}", f"old-{tag}", f"tablet-{tag}"
+    folder = f"Default/tel:+1666{tag}"
+    for i in range(4):
+        dovecot.deliver(user, folder, make_object("chat", text=f"m{i}"))
+    direct = dovecot.imap_direct(user, tls="none")  # (CONDSTORE used on the mailbox: see above)
+    direct.select_folder(folder)
+    direct.fetch(direct.search("ALL"), ["MODSEQ"])
+    direct.logout()
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[[policy.class]]\ndevices = ["old-*"]\n'
+                                f'delete_mode = "local"\n[plugin.push]\n'
+                                f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
+                                f'backoff = 0.2\noffline_watch = 60\n' + _admin_config(dovecot, tmp_path))
+    try:
+        device(p, tablet, user).close()  # known, now offline
+        for name, store in ((phone, b"UID STORE 1 +FLAGS (\\Deleted $LocalDelete)"),
+                            (old, b"UID STORE 2 +FLAGS (\\Deleted)")):
+            c = device(p, name, user)
+            assert c.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
+            assert c.command(b"d", store)[-1].startswith(b"d OK")
+            assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+            c.close()
+        time.sleep(2.5)  # (Dovecot announces a change ~0.5 s late)
+        assert [e for e in receiver.events if e["mailbox"] == folder] == [], receiver.events
+        c = device(p, phone, user)  # a real delete is pushed
+        assert c.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
+        assert c.command(b"d", b"UID STORE 3 +FLAGS (\\Deleted)")[-1].startswith(b"d OK")
+        assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+        c.close()
+        assert _wait(lambda: any(e["mailbox"] == folder and e["event"] == "MessageExpunge"
+                                 for e in receiver.events)), receiver.events
+    finally:
+        receiver.stop()
+
+
+# -- push: settings ------------------------------------------------------------------------------
+
+def test_broken_push_urls_fail_the_check(tmp_path):
+    f = tmp_path / "c.toml"
+    for url, needle in {"https://": "no host", "https://host:abc/": "port", "https://host:70000/": "port",
+                        "ftp://host/": "http(s)", "https://:443/": "no host", "https://h ost/": "spaces",
+                        "https://user:pw@host/": "user"}.items():
+        f.write_text(f'[plugin.push]\nurl = "{url}"\noffline_watch = 0\n')
+        r = check_config(f)
+        assert r.returncode != 0 and "plugin.push.url" in r.stderr and needle in r.stderr, (url, r.stderr)
+        assert "Traceback" not in r.stderr
+    f.write_text('[plugin.push]\nurl = "https://push.example.net:8443/cpm?x=1"\noffline_watch = 0\n')
+    assert check_config(f).returncode == 0
+
+
+def test_push_for_offline_users_needs_the_master_user(tmp_path, dovecot):
+    """Without [admin], pushes for users with no device connected cannot be produced: --check says so,
+    unless the operator asks for pushes only while a device of the user is connected (offline_watch = 0)."""
+    f = tmp_path / "c.toml"
+    f.write_text('[plugin.push]\nurl = "https://push.example.net/cpm"\n')
+    r = check_config(f)
+    assert r.returncode != 0 and "[admin]" in r.stderr and "offline_watch = 0" in r.stderr, r.stderr
+    f.write_text('[plugin.push]\nurl = "https://push.example.net/cpm"\noffline_watch = 0\n')
+    assert check_config(f).returncode == 0
+    f.write_text('[plugin.push]\nurl = "https://push.example.net/cpm"\n' + _admin_config(dovecot, tmp_path))
+    r = check_config(f)
+    assert r.returncode == 0, r.stderr
+    f.write_text("[plugin.push]\noffline_watch = 60\n")  # (no url: push is off, nothing needed)
+    assert check_config(f).returncode == 0
+
+
+# -- push: the sender -----------------------------------------------------------------------------
+
+class _Metric:
+    def inc(self, *a):
+        pass
+
+    def set(self, *a):
+        pass
+
+
+class _Proxy:
+    class metrics:
+        @staticmethod
+        def plugin_metric(*a):
+            return _Metric()
+
+
+class _Response:
+    code = 204
+
+
+def test_sender_keeps_going_when_the_http_client_raises(monkeypatch):
+    """An exception raised at once by the HTTP client (as Twisted's Agent does for a URL it cannot use)
+    is a failed attempt: retried with backoff, then dropped; the next event is sent."""
+    import plugins.push as push
+
+    clock = Clock()
+    monkeypatch.setattr(push, "reactor", clock)
+    monkeypatch.setattr(push, "readBody", lambda response: defer.succeed(b""))
+    plugin = push.PushPlugin(_Proxy())
+    plugin.configure({"url": "https://push.example.net/cpm", "max_retries": 2, "backoff": 1.0,
+                      "offline_watch": 0})
+
+    class Agent:
+        def __init__(self, fail: bool):
+            self.fail, self.bodies = fail, []
+
+        def request(self, method, uri, headers, producer):
+            self.bodies.append(producer)
+            if self.fail:
+                raise ValueError("Invalid URI")
+            return defer.succeed(_Response())
+
+    plugin._agent = broken = Agent(fail=True)
+    plugin._enqueue({"id": "1"})
+    for _ in range(5):
+        clock.advance(4)
+    assert len(broken.bodies) == 3  # the attempt and two retries
+    assert not plugin.queue and not plugin.sending
+    plugin._agent = working = Agent(fail=False)
+    plugin._enqueue({"id": "2"})
+    clock.advance(0)
+    assert len(working.bodies) == 1 and not plugin.queue and not plugin.sending
+
+
+# -- admin CLI ------------------------------------------------------------------------------------
+
+def _localdelete(p, *args):
+    return subprocess.run([sys.executable, "-m", "cpmproxy.cli", "--config", str(p.config_path),
+                           "localdelete", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_admin_restore_any_mailbox_name_and_clear_errors(make_proxy, dovecot, tmp_path):
+    user, dev = "dave", "adm-" + uuid.uuid4().hex[:6]
+    tag = uuid.uuid4().hex[:6]
+    folders = [f"Default/back\\slash-{tag}", f'Default/quo"te-{tag}', f"Default/plain-{tag}"]
+    for f in folders:
+        for i in range(2):
+            dovecot.deliver(user, f, make_object("chat", text=f"{f} {i}"))
+    p = make_proxy(config_extra=_admin_config(dovecot, tmp_path))
+    c = imapclient.IMAPClient(p.host, p.port, ssl=False, timeout=30)
+    c.id_({"x-cpm-device-id": dev})
+    c.login(user, f"{user}pw")
+    for f in folders:
+        c.select_folder(f)
+        c.add_flags(c.search("ALL")[:1], [b"\\Deleted", b"$LocalDelete"])
+        c.expunge()
+        assert len(c.search("ALL")) == 1
+    c.logout()
+
+    r = _localdelete(p, "list", "--user", user, "--device", dev)
+    assert r.returncode == 0, r.stderr
+    assert all(f"{f}\t1" in r.stdout.splitlines() for f in folders), (r.stdout, r.stderr)
+    r = _localdelete(p, "restore", "--user", user, "--device", dev, "--mailbox", folders[0])
+    assert r.returncode == 0 and r.stdout.splitlines() == [f"{folders[0]}\t1"], (r.stdout, r.stderr)
+    r = _localdelete(p, "restore", "--user", user, "--device", dev)  # every mailbox
+    assert r.returncode == 0 and sorted(r.stdout.splitlines()) == sorted(f"{f}\t1" for f in folders[1:]), r
+    r = _localdelete(p, "list", "--user", user, "--device", dev)
+    assert r.returncode == 0 and r.stdout == "", (r.stdout, r.stderr)
+    c = imapclient.IMAPClient(p.host, p.port, ssl=False, timeout=30)
+    c.id_({"x-cpm-device-id": dev})
+    c.login(user, f"{user}pw")
+    for f in folders:
+        c.select_folder(f)
+        assert len(c.search("ALL")) == 2, f
+    c.logout()
+
+    for action in ("list", "restore"):  # a mailbox that does not exist is not "0 messages"
+        r = _localdelete(p, action, "--user", user, "--device", dev, "--mailbox", f"Nope-{tag}")
+        assert r.returncode != 0 and f"no mailbox 'Nope-{tag}'" in r.stderr, r.stderr
+    r = _localdelete(p, "list", "--user", "nosuchuser", "--device", dev)  # the backend's words, as text
+    assert r.returncode != 0 and "[AUTHORIZATIONFAILED]" in r.stderr and "b'" not in r.stderr, r.stderr
+
+
+def test_admin_restore_goes_on_past_a_failing_mailbox(monkeypatch, capsys):
+    """A mailbox whose restore fails is told as such (not printed like a success), the others are still
+    restored, and the exit status says something failed."""
+    from cpmproxy import admin
+    from plugins.localdelete import RECORDS, device_key
+
+    entry = f"{RECORDS}/{device_key('tab')}/1".encode()
+
+    class Conn:
+        restored: list[bytes] = []
+
+        def list(self, ref, pattern):
+            return "OK", [b'(\\HasNoChildren) "/" "A"', b'(\\Noselect \\HasChildren) "/" "Default"',
+                          b'(\\HasNoChildren) "/" "B"']
+
+        def _simple_command(self, name, *args):
+            if name == "GETMETADATA":
+                assert args[1] != '"Default"'  # (a \Noselect name holds nothing)
+                return "OK", [args[1].encode() + b" (" + entry + b' "3:4")']
+            if args[0] == '"A"':
+                return "NO", [b"[SERVERBUG] Internal error"]
+            self.restored.append(args[0].encode())
+            return "OK", [b"done"]
+
+        def _untagged_response(self, typ, data, name):
+            return typ, data
+
+        def logout(self):
+            pass
+
+    monkeypatch.setattr(admin, "_connect", lambda config, user: Conn())
+    assert admin.run(None, "restore", "alice", "tab", None) == 1
+    out, err = capsys.readouterr()
+    assert out == "B\t3:4\n", out
+    assert Conn.restored == [b'"B"']
+    assert "cannot restore A: [SERVERBUG] Internal error" in err and "1 mailbox(es) failed: A" in err, err
