@@ -16,6 +16,11 @@ PREF_NOTIFICATIONS = "notifications"
 PREF_SYNC = "sync"
 PREFERENCES = frozenset([PREF_NOTIFICATIONS, PREF_SYNC] + [f"{PREF_SYNC}/{k}" for k in SYNC_KINDS])
 
+# ``cmd.state`` key the plugins share: the command the backend gets in place of this one changes nothing
+# there (a local delete; an EXPUNGE with nothing visible to expunge): no change to tell the user's other
+# devices of (notify, push).
+NO_SERVER_CHANGE = "no_server_change"
+
 _CPIM = b'HEADER Content-Type "message/cpim"'
 _FT_HTTP = b'BODY "application/vnd.gsma.rcs-ft-http+xml"'
 _IMDN = b'BODY "message/imdn+xml"'

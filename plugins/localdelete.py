@@ -41,7 +41,7 @@ from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, TokenError, format_tokens, tokenize
 from cpmproxy.proxy.backend import BackendRefused, Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
-from plugins.cpm import PREFIX
+from plugins.cpm import NO_SERVER_CHANGE, PREFIX
 from plugins.policy import side_examine
 from plugins.wire import SEARCH_COMMANDS, esearch_all, has_caps, iter_metadata, search_key_args, wire_name
 
@@ -322,6 +322,7 @@ class LocalDeletePlugin(Plugin):
         if silent:
             return Answer(b"OK Store completed.")
         # Nothing for the server: report the flags the client now sees (server's + pending local ones).
+        cmd.state[NO_SERVER_CHANGE] = True
         return Rewrite(b"%s UID FETCH %s (FLAGS)\r\n" % (tag, uidset))
 
     async def _expunge(self, session, st: LocalState, cmd):
@@ -368,6 +369,7 @@ class LocalDeletePlugin(Plugin):
         if targets:
             await self._carry_out(session, st, policy, view, mailbox, targets, cmd)
         # The proxy's NOOP / UNSELECT answers as the client's command (policy's tagged hook).
+        cmd.state[NO_SERVER_CHANGE] = True
         if cmd.name == b"CLOSE":
             cmd.state["tagged_text"] = b"Close completed."
             return Rewrite(cmd.tag + b" UNSELECT\r\n")

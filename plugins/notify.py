@@ -46,7 +46,7 @@ from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, form
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Plugin, Rewrite
 from cpmproxy.proxy.service import SIDE_LINGER
-from plugins.cpm import PREF_NOTIFICATIONS, pref_entry
+from plugins.cpm import NO_SERVER_CHANGE, PREF_NOTIFICATIONS, pref_entry
 from plugins.policy import parse_metadata_prefs, parse_pref_folders
 from plugins.wire import list_name, mailbox_name, token_text, wire_name
 
@@ -691,7 +691,8 @@ class NotifyPlugin(Plugin):
             st.names_filter = cmd.state.get("names_filter")
             self.refresh_watch(session.user)
             return None
-        if cmd.name not in _MODIFYING or resp.head.name != b"OK" or session.user is None:
+        if cmd.name not in _MODIFYING or resp.head.name != b"OK" or session.user is None \
+                or cmd.state.get(NO_SERVER_CHANGE):
             return None
         mailboxes = []
         policy = self._policy()

@@ -41,6 +41,7 @@ from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rew
 from plugins.cpm import (
     KIND_CRITERIA,
     KINDS,
+    NO_SERVER_CHANGE,
     PREF_SYNC,
     PREFERENCES,
     SESSION_INFO_CRITERIA,
@@ -540,6 +541,8 @@ class PolicyPlugin(Plugin):
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
         targets = set(esearch_all(reply)) - view.hidden
         uidset = SequenceSet.from_iterable(targets).format() if targets else None
+        if uidset is None:
+            cmd.state[NO_SERVER_CHANGE] = True
         if cmd.name == b"EXPUNGE":
             cmd.state["tagged_text"] = b"Expunge completed."
             return Rewrite(cmd.tag + (b" UID EXPUNGE " + uidset if uidset else b" NOOP") + b"\r\n")
