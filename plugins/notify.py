@@ -405,7 +405,7 @@ class UserWatch:
                 uids = tuple(range(before[b"UIDNEXT"], items[b"UIDNEXT"]))[-1000:]
             elif b"MESSAGES" in items and b"MESSAGES" in before and items[b"MESSAGES"] < before[b"MESSAGES"]:
                 event = "MessageExpunge"
-            elif b"UIDNEXT" not in items:
+            else:  # (UIDNEXT as it was, or not reported: only HIGHESTMODSEQ moved)
                 event = "FlagChange"
         return ChangeEvent(self.user, mailbox, event, None, uidvalidity, uids, now.get(b"HIGHESTMODSEQ"))
 

@@ -52,6 +52,7 @@ from plugins.wire import esearch_all, iter_metadata, wire_name
 log = Logger(namespace="cpmproxy.push")
 
 DEVICES = PREFIX + "/devices"
+_IDS_KEPT = 10000  # ids of recent events remembered, so that a change is pushed once
 _MODSEQS_KEPT = 100000  # (user, mailbox) pairs whose last HIGHESTMODSEQ is remembered (oldest forgotten)
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII except ":"
 _FETCHED_HEADERS = re.compile(rb"UID (\d+)[^{]*\{(\d+)\}\r\n", re.S)
@@ -73,6 +74,7 @@ class PushPlugin(Plugin):
         self._subscribed = False
         self._agent = None
         self._modseqs: OrderedDict[tuple[str, str], int] = OrderedDict()  # last HIGHESTMODSEQ seen
+        self._sent_ids: OrderedDict[str, None] = OrderedDict()  # ids of the last events queued
 
     def configure(self, settings: dict) -> None:
         for key, value in settings.items():
@@ -217,8 +219,7 @@ class PushPlugin(Plugin):
             else:
                 if not changed:
                     return None  # metadata only: no message changed
-        change = [event.user, event.mailbox, event.event, event.uidvalidity, list(event.uids), event.modseq]
-        body = {"id": hashlib.sha256(json.dumps(change).encode()).hexdigest()[:32],
+        body = {"id": change_id(event),
                 "user": event.user, "mailbox": event.mailbox, "event": event.event,
                 "uidvalidity": event.uidvalidity, "uids": list(event.uids), "devices": offline,
                 "time": time.time()}
@@ -271,6 +272,12 @@ class PushPlugin(Plugin):
     def _enqueue(self, body: dict | None) -> None:
         if body is None:
             return
+        # The same change twice (made through this process, then seen by the watch): pushed once.
+        if body["id"] in self._sent_ids:
+            return
+        self._sent_ids[body["id"]] = None
+        while len(self._sent_ids) > _IDS_KEPT:
+            self._sent_ids.popitem(last=False)
         sent, failed, dropped, queued = self._metrics()
         if len(self.queue) >= self.max_queue:
             self.queue.popleft()
@@ -337,6 +344,15 @@ async def _changed_since(run, event: ChangeEvent, since: int) -> bool:
     found = run(b"UID SEARCH RETURN (ALL) MODSEQ %d" % since)  # (pipelined; fails if the EXAMINE did)
     await examined
     return bool(esearch_all(await found))
+
+
+def change_id(event: ChangeEvent) -> str:
+    """What identifies a change, the same wherever it was seen: new messages by their UIDs (a change made
+    through a proxy process knows no HIGHESTMODSEQ, the watch of another one does); anything else by the
+    HIGHESTMODSEQ it led to."""
+    change = [event.user, event.mailbox, event.event, event.uidvalidity, list(event.uids),
+              None if event.uids else event.modseq]
+    return hashlib.sha256(json.dumps(change).encode()).hexdigest()[:32]
 
 
 def check_url(url: str) -> None:

@@ -142,6 +142,39 @@ def test_local_delete_pushes_nothing(make_proxy, dovecot, proxy_certs, tmp_path)
         receiver.stop()
 
 
+def test_a_change_made_through_the_proxy_is_pushed_once(make_proxy, dovecot, proxy_certs, tmp_path):
+    """An APPEND through the proxy is published at its OK, and the user's watch sees it on the backend
+    ~0.5 s later: one push, whose id is the one any proxy node computes for that change."""
+    from plugins.notify import ChangeEvent
+    from plugins.push import change_id
+
+    user = "dave"
+    tag = uuid.uuid4().hex[:6]
+    phone, tablet = f"phone-{tag}", f"tablet-{tag}"
+    folder = f"Default/tel:+1555{tag}"
+    dovecot.deliver(user, folder, make_object("chat"))
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[plugin.push]\n'
+                                f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
+                                f'backoff = 0.2\noffline_watch = 60\n' + _admin_config(dovecot, tmp_path))
+    try:
+        device(p, tablet, user).close()
+        c = device(p, phone, user)
+        msg = make_object("chat", text="once")
+        r = c.command(b"a", b'APPEND "%s" {%d+}\r\n%s' % (folder.encode(), len(msg), msg))
+        assert r[-1].startswith(b"a OK"), r
+        time.sleep(3.0)  # (the watch's view of it comes ~0.5 s later)
+        c.close()
+        pushed = [e for e in receiver.events if e["mailbox"] == folder]
+        assert len(pushed) == 1 and pushed[0]["event"] == "MessageNew" and len(pushed[0]["uids"]) == 1, pushed
+        ev = pushed[0]
+        seen_by_a_watch = ChangeEvent(user, folder, "MessageNew", None, ev["uidvalidity"], tuple(ev["uids"]), 12345)
+        assert change_id(seen_by_a_watch) == ev["id"]
+    finally:
+        receiver.stop()
+
+
 # -- push: settings ------------------------------------------------------------------------------
 
 def test_broken_push_urls_fail_the_check(tmp_path):
