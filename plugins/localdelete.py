@@ -266,9 +266,58 @@ class LocalDeletePlugin(Plugin):
             return Answer(b"NO [CANNOT] Local deletion is not allowed by the service provider's policy.")
         local = has_local or (all_local and has_deleted)
         st = self.state(session)
+        if all_local and base == b"FLAGS" and not modifiers:
+            # Replacing every flag would clear a \Deleted another device set on the server.
+            return Defer(defer.Deferred.fromCoroutine(self._replace_keeping_deleted(session, st, cmd, m, local)))
         if not local and not (base in (b"-FLAGS", b"FLAGS") and st.pending):
             return None
         return Defer(defer.Deferred.fromCoroutine(self._store_local(session, st, cmd, m, local)))
+
+    async def _replace_keeping_deleted(self, session, st: LocalState, cmd, m, local: bool):
+        r"""``STORE ... FLAGS (list)`` of a ``delete_mode = "local"`` device: its \Deleted stays local
+        (pending), and the server's, another device's, stays on the server. One silent STORE for the
+        messages the server has \Deleted (the list plus \Deleted), one for the others; the client then
+        gets the flags it now sees."""
+        tag, uid, seqs, modifiers, op, flag_text, rest = m.groups()
+        view = await self._policy().ensure_view(session)
+        if view is None:
+            return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
+        targets = self._targets(view, uid, seqs)
+        if targets is None:
+            return Answer(b"BAD [CLIENTBUG] Invalid message set.")
+        others = [f for f in flag_text.strip(b"()").split() if f.upper() not in (KEYWORD, b"\\DELETED")]
+        cmd.state["localdelete"] = True
+        if not targets:
+            return Answer(b"OK Store completed.")
+        uidset = SequenceSet.from_iterable(targets).format()
+        reply = await session.backend_command(b"UID SEARCH RETURN (ALL) UID " + uidset + b" DELETED")
+        kept = set(esearch_all(reply)) & targets
+        for group, flags in ((kept, others + [b"\\Deleted"]), (targets - kept, others)):
+            if group:
+                done = await session.backend_command(b"UID STORE %s FLAGS.SILENT (%s)" % (
+                    SequenceSet.from_iterable(group).format(), b" ".join(flags)))
+                if done.status != b"OK":
+                    return Answer(b"NO [UNAVAILABLE] The flags could not be stored.")
+        if local:
+            st.pending |= targets
+        else:
+            st.pending -= targets
+        if op.upper().endswith(b".SILENT"):
+            return Answer(b"OK Store completed.")
+        return Rewrite(b"%s UID FETCH %s (FLAGS)\r\n" % (tag, uidset))
+
+    @staticmethod
+    def _targets(view, uid, seqs: bytes) -> set[int] | None:
+        """The visible UIDs a STORE names (None: not a set the proxy can read)."""
+        try:
+            requested = SequenceSet.parse(seqs)
+        except SequenceSetError:
+            return None
+        if uid:
+            return set(view.visible_uidset(requested))
+        targets = {view.uid_of(s) for s in view.backend_seqset(requested)}
+        targets.discard(None)
+        return targets
 
     async def _store_local(self, session, st: LocalState, cmd, m, local: bool):
         tag, uid, seqs, modifiers, op, flag_text, rest = m.groups()
@@ -288,16 +337,10 @@ class LocalDeletePlugin(Plugin):
                 return Answer(b"NO [CANNOT] No saved search result to use.")
             targets = set(esearch_all(reply)) - view.hidden
         else:
-            try:
-                requested = SequenceSet.parse(seqs)
-            except SequenceSetError:
+            targets = self._targets(view, uid, seqs)
+            if targets is None:
                 # Never passed on with local flags in it: refused here.
                 return Answer(b"BAD [CLIENTBUG] Invalid message set.")
-            if uid:
-                targets = set(view.visible_uidset(requested))
-            else:
-                targets = {view.uid_of(s) for s in view.backend_seqset(requested)}
-                targets.discard(None)
         ours = {f for f in flags if f.upper() in (KEYWORD, b"\\DELETED")}
         others = [f for f in flags if f not in ours]
         if base == b"-FLAGS":

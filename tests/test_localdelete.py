@@ -614,3 +614,26 @@ def test_local_cancel_leaves_anothers_server_delete(make_proxy, dovecot, who, un
     assert c.command(b"u", b"STORE 2 " + unflag)[-1].startswith(b"u OK")
     assert b"\\Deleted" in server_state(dovecot, folder)[uids[1]]
     c.close()
+
+
+def test_flags_replaced_by_a_local_mode_device_keep_the_servers_deleted(make_proxy, dovecot):
+    """``STORE ... FLAGS (list)`` of a delete_mode = "local" device replaces the other flags on the server
+    but neither clears a \\Deleted another device set there nor sets its own (that one stays local)."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy(config_extra='[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n')
+    c = device(p, "old-phone")
+    select(c, folder)
+    flag_on_server(dovecot, folder, uids[1])
+    c.command(b"n", b"NOOP")
+    r = c.command(b"r", b"STORE 1:3 FLAGS (\\Seen)")
+    assert r[-1].startswith(b"r OK") and sum(x.startswith(b"* ") and b"FETCH" in x for x in r) == 3, r
+    r = c.command(b"d", b"UID STORE %d FLAGS.SILENT (\\Flagged \\Deleted)" % uids[0])
+    assert r[-1].startswith(b"d OK"), r
+    server = server_state(dovecot, folder)
+    assert set(server[uids[0]]) == {b"\\Flagged"}, server  # (its \Deleted is local)
+    assert set(server[uids[1]]) == {b"\\Seen", b"\\Deleted"}, server  # (another's \Deleted stays)
+    assert set(server[uids[2]]) == {b"\\Seen"}, server
+    assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    assert uids_seen(c) == [uids[2]]  # (both left this device's view only)
+    assert set(server_state(dovecot, folder)) == set(uids)
+    c.close()
