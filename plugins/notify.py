@@ -47,7 +47,7 @@ from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Plugin, Rewrite
 from cpmproxy.proxy.service import SIDE_LINGER
 from plugins.cpm import NO_SERVER_CHANGE, PREF_NOTIFICATIONS, pref_entry
-from plugins.policy import parse_metadata_prefs, parse_pref_folders
+from plugins.policy import FOLDERS_TOPIC, FolderVisibility, parse_metadata_prefs, parse_pref_folders
 from plugins.wire import list_name, mailbox_name, token_text, wire_name
 
 log = Logger(namespace="cpmproxy.notify")
@@ -84,6 +84,7 @@ class NotifyState:
     last_status: dict[str, bytes] = field(default_factory=dict)  # coalesce identical injections
     selected_events: bool = False  # the client's NOTIFY asks for events of the selected mailbox
     names_filter: list | None = None  # the client's own event groups, when the proxy widened them
+    client_groups: list | None = None  # the client's NOTIFY SET event groups (None: none, or unreadable)
     widening: bool = False            # a NOTIFY the proxy widened is at the backend
     nudging: bool = False          # a NOOP is on its way to the backend for this session
 
@@ -432,6 +433,9 @@ class NotifyPlugin(Plugin):
         self.metadata_poll = 10.0
         self.max_offline_watches = 10000
         self.watches: dict[str, UserWatch] = {}
+        events = getattr(proxy, "events", None)
+        if events is not None:  # (a config check has no proxy)
+            events.subscribe(FOLDERS_TOPIC, self._folder_visibility)
         metrics = getattr(proxy, "metrics", None)
         if metrics is not None:  # (a config check has no proxy)
             metrics.plugin_metric(Gauge, "cpmproxy_notify_watches", "Watch connections open (one per user)") \
@@ -602,6 +606,22 @@ class NotifyPlugin(Plugin):
         for watch in self.watches.values():
             watch.close()
         self.watches.clear()
+        events = getattr(self.proxy, "events", None)
+        if events is not None:
+            events.unsubscribe(FOLDERS_TOPIC, self._folder_visibility)
+
+    def _folder_visibility(self, ev: FolderVisibility) -> None:
+        """A folder left or came back into a session's view (a preference, another device's or its own):
+        to a client whose NOTIFY asks for MailboxName events there, it was deleted or created (RFC 5465
+        5.4: a LIST response, ``\\NonExistent`` for a deleted mailbox)."""
+        st = ev.session.state.get(self.name)
+        if st is None or not st.client_groups:
+            return
+        if not any(g.covers(ev.mailbox) and "mailboxname" in g.event_names()
+                   for g in st.client_groups if not g.filter.startswith("selected")):
+            return
+        attrs = b"()" if ev.visible else b"(\\NonExistent)"
+        ev.session.inject(b'* LIST ' + attrs + b' "/" ' + wire_name(ev.mailbox) + b"\r\n")
 
     def command(self, session, cmd):
         if session.user not in self.watches:
@@ -634,6 +654,7 @@ class NotifyPlugin(Plugin):
         if parsed is None:
             return line
         start, groups = parsed
+        cmd.state["client_groups"] = groups
         if sum(len(g.names) for g in groups) <= self.BACKEND_NOTIFY_NAMES:
             return line
         cmd.state["names_filter"] = groups
@@ -689,6 +710,7 @@ class NotifyPlugin(Plugin):
             st = self.state(session)
             st.selected_events = cmd.state.get("selected_events", False)
             st.names_filter = cmd.state.get("names_filter")
+            st.client_groups = cmd.state.get("client_groups")
             self.refresh_watch(session.user)
             return None
         if cmd.name not in _MODIFYING or resp.head.name != b"OK" or session.user is None \

@@ -67,6 +67,17 @@ from plugins.wire import (
 
 log = Logger(namespace="cpmproxy.policy")
 
+# Event bus topic: a folder appeared in or left a session's view (a preference or the policy changed).
+FOLDERS_TOPIC = "cpmproxy.policy.folders"
+
+
+@dataclass(frozen=True)
+class FolderVisibility:
+    session: Any
+    mailbox: str
+    visible: bool
+
+
 # -- provider policy ------------------------------------------------------------------------------
 
 _POLICY_KEYS = {
@@ -1453,12 +1464,21 @@ class PolicyPlugin(Plugin):
                 continue
             known = st.pref_folders
             changed = [name for name, value in marks.items() if known.get(name) != value]
+            if replace:  # (a folder whose preferences are all gone: its mark went too)
+                changed += [name for name in known if name not in marks]
+            # Folders this session knew the preferences of: whether they are in its view, before the change.
+            watched = [n for n in changed if n in st.folders] if self.proxy.events.has_subscribers(FOLDERS_TOPIC) \
+                else []
+            before = {n for n in watched if self.folder_hidden(st, n)}
             # (The marks first: a re-application that starts at once, in IDLE, reads the folder's.)
             st.pref_folders = dict(marks) if replace else {**known, **marks}
             for name in changed:
                 st.folders.pop(name, None)
                 if name == st.mailbox:
                     self._reapply_view(session, st)
+            if watched:
+                d = defer.Deferred.fromCoroutine(self._announce_after_read(session, st, watched, before))
+                d.addErrback(lambda f: log.failure("announcing folder changes failed", f))
 
     def _metadata_response(self, session, st: PolicySession, resp):
         """``* METADATA``: the proxy's own entries under the vendor prefix are taken out one by one (only the
@@ -1501,10 +1521,14 @@ class PolicyPlugin(Plugin):
     def _prefs_changed(self, session, change) -> None:
         """A preference was set through this proxy: every session of the user picks it up at once."""
         mailbox, prefs = change
+        watched = self.proxy.events.has_subscribers(FOLDERS_TOPIC)
         for other in self.proxy.sessions_of(session.user):
             st = other.state.get(self.name)
             if st is None:
                 continue
+            if watched:  # (which folders the session knows of are in its view, before the change)
+                names = list(st.folders) + ([mailbox] if mailbox and mailbox not in st.folders else [])
+                before = {n for n in names if self.folder_hidden(st, n)}
             if mailbox:
                 info = st.folders.setdefault(mailbox, FolderInfo())
                 target = info.prefs
@@ -1515,7 +1539,26 @@ class PolicyPlugin(Plugin):
                     target.pop(k, None)
                 else:
                     target[k] = v
+            if watched:
+                self._announce_folders(other, st, names, before)
             self._reapply_view(other, st)
+
+    def _announce_folders(self, session, st: PolicySession, names, hidden_before: set[str]) -> None:
+        """Tell who listens (notify: a client NOTIFY with MailboxName) of folders that left or came back
+        into the session's view."""
+        for name in names:
+            hidden = self.folder_hidden(st, name)
+            if hidden != (name in hidden_before):
+                self.proxy.events.publish(FOLDERS_TOPIC, FolderVisibility(session, name, not hidden))
+
+    async def _announce_after_read(self, session, st: PolicySession, names: list[str], before: set[str]) -> None:
+        try:
+            await self.folder_infos(session, names)
+        except (BackendError, defer.TimeoutError) as e:
+            log.warn("folder preferences unreadable, no folder event: {error} session={session}", error=str(e),
+                     session=session.session_id)
+            return
+        self._announce_folders(session, st, names, before)
 
     def _reapply_view(self, session, st: PolicySession) -> None:
         """Preferences changed while a mailbox is selected: hide what is now hidden (EXPUNGE), show

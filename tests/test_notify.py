@@ -14,8 +14,11 @@ import time
 import urllib.request
 import uuid
 
+import pytest
+
 from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import make_object
+from plugins.wire import list_name
 from tests.proxyfix import raw_via
 
 PREF = b"/private/vendor/vendor.cpmproxy/notifications"
@@ -581,3 +584,34 @@ def test_notify_and_push_settings_are_validated(tmp_path):
         f.write_text(text)
         r = check_config(f)
         assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_folder_leaving_the_view_is_a_mailbox_event(make_proxy, dovecot, across):
+    """A folder a preference takes out of a device's view (set by another device, on this proxy process
+    or another one) is, to a client whose NOTIFY asks for MailboxName events, a deleted mailbox (LIST
+    \\NonExistent); turned back on, a created one. Devices that did not ask hear nothing of it."""
+    folder = new_folder(dovecot)
+    poll = "[plugin.notify]\nmetadata_poll = 0.5\n"
+    p1 = make_proxy(config_extra=poll)
+    p2 = make_proxy(config_extra=poll) if across else p1
+    b, c = device(p2, "B"), device(p2, "C")
+    r = b.command(b"n", b"NOTIFY SET (personal (MailboxName))")
+    assert r[-1].startswith(b"n OK"), r
+    assert b.command(b"l", b'LIST "" "*"')[-1].startswith(b"l OK")  # (B knows its folders)
+    a = device(p1, "A")
+    entry = b"/private/vendor/vendor.cpmproxy/sync"
+    try:
+        r = a.command(b"p", b'SETMETADATA "%s" (%s "off")' % (folder.encode(), entry))
+        assert r[-1].startswith(b"p OK"), r
+        got = _collect(b, 5, lambda g: any(b"LIST" in x for x in g))
+        assert [(x.split(b'"/"')[0], list_name(x)) for x in got if b"LIST" in x] == \
+            [(b"* LIST (\\NonExistent) ", folder)], got
+        r = a.command(b"q", b'SETMETADATA "%s" (%s NIL)' % (folder.encode(), entry))
+        assert r[-1].startswith(b"q OK"), r
+        got = _collect(b, 5, lambda g: any(b"LIST" in x for x in g))
+        assert [(x.split(b'"/"')[0], list_name(x)) for x in got if b"LIST" in x] == [(b"* LIST () ", folder)], got
+        assert not any(b"LIST" in x for x in lines_within(c, 0.5))
+    finally:
+        for x in (a, b, c):
+            x.close()

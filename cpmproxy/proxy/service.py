@@ -308,6 +308,10 @@ class EventBus:
         if callback in self._subs.get(topic, ()):
             self._subs[topic].remove(callback)
 
+    def has_subscribers(self, topic: str) -> bool:
+        """Whether anything listens on ``topic`` (an event that costs work to compute may be skipped)."""
+        return bool(self._subs.get(topic))
+
     def publish(self, topic: str, event) -> None:
         for callback in list(self._subs.get(topic, ())):
             try:
@@ -327,6 +331,7 @@ class ProxyService(service.MultiService):
         self.reactor = reactor
         self.config = config
         self.metrics = Metrics()
+        self.events = EventBus()  # (before the plugins, which may subscribe as they are made)
         self.hooks = HookTable.build(load_plugins(config, self))
         self.server_tls = _server_tls(config)
         self.sessions: set[ClientSession] = set()
@@ -335,7 +340,6 @@ class ProxyService(service.MultiService):
         self._failures: dict[str, tuple[int, float]] = {}
         self.ports = []
         self._stopping = False
-        self.events = EventBus()
         self._side_pools: dict[str, SidePool] = {}
         self._shared: dict[tuple, tuple] = {}
 
