@@ -42,6 +42,7 @@ from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError, master_configured, master_login
 from cpmproxy.imap import mutf7
+from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, format_tokens, tokenize
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Plugin, Rewrite
@@ -60,6 +61,7 @@ _MODIFYING = frozenset((b"APPEND", b"STORE", b"EXPUNGE", b"COPY", b"MOVE", b"CRE
 _SELECTED_FILTER = re.compile(rb"\(\s*SELECTED\s+\(", re.I)
 _METADATA_EVENTS = re.compile(rb"\s*\b(MailboxMetadataChange|ServerMetadataChange)\b", re.I)
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
+_COPYUID = re.compile(rb"\[COPYUID (\d+) [0-9:,]+ ([0-9:,]+)\]", re.I)  # (the destination UIDs)
 _STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)"
 _BADEVENT = re.compile(rb"\[BADEVENT[^\]]*\]", re.I)
 # What a client can ask for through the proxy: Dovecot's events plus the metadata events the proxy makes.
@@ -742,10 +744,10 @@ class NotifyPlugin(Plugin):
         elif pst is not None and pst.mailbox:
             mailboxes.append(pst.mailbox)
         uidvalidity, uids = None, ()
-        m = _APPENDUID.search(resp.data)
-        if m and name == b"APPEND":
+        m = _APPENDUID.search(resp.data) if name == b"APPEND" else \
+            _COPYUID.search(resp.data) if name == b"COPY" else None
+        if m:  # (the new messages' UIDs: a change any proxy node names alike)
             uidvalidity = int(m.group(1))
-            from cpmproxy.imap.seqset import SequenceSet
             uids = tuple(SequenceSet.parse(m.group(2)))
         for mailbox in mailboxes:
             self.publish(ChangeEvent(session.user, mailbox, event, session, uidvalidity, uids))

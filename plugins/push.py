@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from collections import OrderedDict, deque
 from email.parser import BytesParser
 from io import BytesIO
@@ -77,6 +78,7 @@ class PushPlugin(Plugin):
         self._sent_ids: OrderedDict[str, None] = OrderedDict()  # ids of the last events queued
 
     def configure(self, settings: dict) -> None:
+        self._agent = None  # (made again with the trust root and timeout set here)
         for key, value in settings.items():
             if key not in _SETTINGS:
                 raise ConfigError(f"plugin.push.{key}: unknown key")
@@ -158,6 +160,13 @@ class PushPlugin(Plugin):
         """Asked by the notify plugin when the user's last session here ends (see the module doc)."""
         return self.offline_watch if self.url and self.devices.get(user) else 0.0
 
+    def reloaded(self) -> None:
+        if not self.url:  # push turned off: nothing more is built, nothing queued is sent
+            if self._subscribed:
+                self.proxy.events.unsubscribe(TOPIC, self._event)
+                self._subscribed = False
+            self.queue.clear()
+
     def stop(self) -> None:
         self.stopped = True
         if self._subscribed:
@@ -183,6 +192,9 @@ class PushPlugin(Plugin):
         offline = sorted(self.devices.get(event.user, set()) - connected)
         if not offline:
             return
+        watch = notify.watches.get(event.user)
+        if event.origin is not None and not event.uids and watch is not None and watch.notifying:
+            return  # (the watch reports this change in a moment, named by its HIGHESTMODSEQ: pushed then)
         d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions), None), event, offline, since))
         d.addCallback(self._enqueue)
         d.addErrback(lambda f: log.failure("building a push event failed", f))
@@ -303,9 +315,15 @@ class PushPlugin(Plugin):
         def done(response):
             return readBody(response).addCallback(lambda _: response.code)
 
+        def still_first() -> bool:
+            # (a full queue drops its oldest event, and a reload that turns push off clears it: the one
+            # being sent may be gone by the time its answer comes)
+            return bool(self.queue) and self.queue[0][0] is body
+
         def ok(code):
             if 200 <= code < 300:
-                self.queue.popleft()
+                if still_first():
+                    self.queue.popleft()
                 sent.inc()
                 reactor.callLater(0, self._send_next)
             else:
@@ -313,14 +331,17 @@ class PushPlugin(Plugin):
 
         def retry(reason):
             failed.inc()
-            body, attempt = self.queue[0]
+            if not still_first():
+                reactor.callLater(0, self._send_next)
+                return
+            body_, attempt = self.queue[0]
             if attempt + 1 > self.max_retries:
                 self.queue.popleft()
                 dropped.inc()
                 log.warn("push dropped after {n} attempts: {reason}", n=attempt + 1, reason=reason)
                 reactor.callLater(0, self._send_next)
                 return
-            self.queue[0] = (body, attempt + 1)
+            self.queue[0] = (body_, attempt + 1)
             delay = min(self.backoff * 2 ** attempt, self.max_backoff)
             reactor.callLater(delay, self._send_next)
 
@@ -349,7 +370,10 @@ async def _changed_since(run, event: ChangeEvent, since: int) -> bool:
 def change_id(event: ChangeEvent) -> str:
     """What identifies a change, the same wherever it was seen: new messages by their UIDs (a change made
     through a proxy process knows no HIGHESTMODSEQ, the watch of another one does); anything else by the
-    HIGHESTMODSEQ it led to."""
+    HIGHESTMODSEQ it led to. A change known by neither (a STORE through a proxy process without a watch)
+    gets an id of its own: two such changes are two pushes."""
+    if not event.uids and event.modseq is None:
+        return uuid.uuid4().hex
     change = [event.user, event.mailbox, event.event, event.uidvalidity, list(event.uids),
               None if event.uids else event.modseq]
     return hashlib.sha256(json.dumps(change).encode()).hexdigest()[:32]

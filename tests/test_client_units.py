@@ -310,3 +310,35 @@ def test_mailbox_names_non_canonical_refused(wire):
 
     with pytest.raises(ValueError):
         mutf7_decode(wire)
+
+
+def test_listing_a_scattered_uid_set_stays_within_line_limits():
+    """Messages shown again by a preference (every other one of a folder: the IMDNs between the chats)
+    are listed in pipelined commands of bounded length, never one line longer than a server takes
+    (the proxy's max_line is 64 KiB: 12,000 such UIDs made a 70 KB line)."""
+    from cpmproxy.client.imapwire import UidSet
+    from cpmproxy.client.sync import Syncer
+
+    class Conn:
+        def __init__(self):
+            self.lines = []
+
+        def send(self, line, handler=None, collect=()):
+            self.lines.append(line)
+            return line
+
+        def wait(self, cmd, check=True):
+            return cmd
+
+
+    conn = Conn()
+    uids = list(range(1, 48001, 2))
+    syncer = Syncer.__new__(Syncer)  # (only its connection is used here)
+    syncer.conn = conn
+    syncer._list_messages(uids, handler=lambda resp: True)
+    assert len(conn.lines) > 1 and max(map(len, conn.lines)) < 16 * 1024
+    listed = set()
+    for line in conn.lines:
+        assert line.startswith(b"UID FETCH ") and line.endswith(b" (UID FLAGS RFC822.SIZE)")
+        listed |= set(UidSet.parse(line.split()[2]))
+    assert listed == set(uids)

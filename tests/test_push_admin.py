@@ -175,6 +175,66 @@ def test_a_change_made_through_the_proxy_is_pushed_once(make_proxy, dovecot, pro
         receiver.stop()
 
 
+def test_each_change_through_a_proxy_without_watch_is_pushed(make_proxy, dovecot, proxy_certs):
+    """Without a watch (``watch_backend = false``) the changes made through the proxy are all there is to
+    push: two flag changes in one mailbox are two pushes (they know no UIDs nor HIGHESTMODSEQ to name
+    them by, and once had one id: the second was taken for the first seen again), a COPY one with the
+    destination UIDs."""
+    user = "dave"
+    tag = uuid.uuid4().hex[:6]
+    phone, tablet = f"phone-{tag}", f"tablet-{tag}"
+    folder, other = f"Default/tel:+1444{tag}", f"Default/tel:+1445{tag}"
+    for i in range(2):
+        dovecot.deliver(user, folder, make_object("chat", text=f"m{i}"))
+    dovecot.deliver(user, other, make_object("chat"))
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[plugin.push]\n'
+                                f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
+                                f'backoff = 0.2\noffline_watch = 0\n[plugin.notify]\nwatch_backend = false\n')
+    try:
+        device(p, phone, user).close()
+        c = device(p, tablet, user)
+        assert c.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
+        for n, flag in enumerate((b"\\Seen", b"\\Flagged")):
+            assert c.command(b"f%d" % n, b"STORE 1 +FLAGS (%s)" % flag)[-1].startswith(b"f%d OK" % n)
+        r = c.command(b"c", b'COPY 2 "%s"' % other.encode())
+        assert r[-1].startswith(b"c OK"), r
+        c.close()
+        assert _wait(lambda: len([e for e in receiver.events if e["mailbox"] in (folder, other)]) >= 3)
+        time.sleep(0.5)
+        flags = [e for e in receiver.events if e["mailbox"] == folder and e["event"] == "FlagChange"]
+        copied = [e for e in receiver.events if e["mailbox"] == other]
+        assert len(flags) == 2 and flags[0]["id"] != flags[1]["id"], receiver.events
+        assert len(copied) == 1 and copied[0]["event"] == "MessageNew" and copied[0]["uids"] == [2], copied
+    finally:
+        receiver.stop()
+
+
+def test_reload_gives_push_its_new_settings():
+    """A reload keeps the plugin instance (its known devices): the HTTPS client is made again with the
+    new trust root and timeout, and a url removed stops pushing (queue dropped, no more events built)."""
+    from cpmproxy.proxy.service import EventBus
+    from plugins.notify import TOPIC
+    from plugins.push import PushPlugin
+
+    class Proxy:
+        events = EventBus()
+
+    plugin = PushPlugin(Proxy())
+    plugin.configure({"url": "https://push.example.net/cpm", "offline_watch": 0})
+    plugin._agent = object()  # (as made by a first push)
+    plugin.configure({"url": "https://push.example.net/cpm", "offline_watch": 0, "timeout": 3.0})
+    assert plugin._agent is None and plugin.timeout == 3.0
+    plugin.proxy.events.subscribe(TOPIC, plugin._event)
+    plugin._subscribed = True
+    plugin.queue.append(({"id": "x"}, 0))
+    plugin.configure({})
+    plugin.reloaded()
+    assert not plugin._subscribed and not plugin.queue
+    assert not plugin.proxy.events.has_subscribers(TOPIC)
+
+
 # -- push: settings ------------------------------------------------------------------------------
 
 def test_broken_push_urls_fail_the_check(tmp_path):

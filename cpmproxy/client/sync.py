@@ -72,6 +72,7 @@ LOCAL_DELETE_KEYWORD = b"$LocalDelete"
 # Longest known-uids argument we put in a QRESYNC SELECT; beyond it the server reports VANISHED for UIDs
 # we may not know, which is harmless (removing an unknown UID is a no-op).
 _MAX_KNOWN_UIDS = 4000
+_LIST_BATCH = 1000  # UIDs per UID FETCH of flags and sizes (a set of 1,000 scattered UIDs: < 12 KB)
 
 
 class SyncOptions:
@@ -679,8 +680,15 @@ class Syncer:
         return b
 
     def _list_messages(self, uids: Iterable[int], handler: Callable[[Untagged], bool]) -> None:
-        """UID, flags and size of ``uids`` (what a body fetch needs to be planned), into ``handler``."""
-        self.conn.run(b"UID FETCH " + _uid_set(uids) + b" (UID FLAGS RFC822.SIZE)", handler=handler, check=False)
+        """UID, flags and size of ``uids`` (what a body fetch needs to be planned), into ``handler``: in
+        commands of at most ``_LIST_BATCH`` UIDs, pipelined (a scattered set -- every other message of a
+        folder whose IMDNs came back -- would otherwise make a line longer than servers take)."""
+        ordered = sorted(uids)
+        cmds = [self.conn.send(b"UID FETCH " + _uid_set(ordered[i:i + _LIST_BATCH]) + b" (UID FLAGS RFC822.SIZE)",
+                               handler=handler)
+                for i in range(0, len(ordered), _LIST_BATCH)]
+        for cmd in cmds:
+            self.conn.wait(cmd, check=False)
 
     def _all_uids(self) -> set[int]:
         """Every UID of the selected folder, as this device sees it: ``UID SEARCH ALL`` (ESEARCH, RFC 4731,

@@ -246,7 +246,7 @@ class ClientSession(Protocol, TimeoutMixin):
         has been read, i.e. after connectionMade: take it from the transport with the first data."""
         self._peer_unsettled = False
         peer = self.transport.getPeer()
-        host = getattr(peer, "host", "") or ""
+        host = _unmapped(getattr(peer, "host", "") or "")
         if host and host != self.peer_host:
             self.service.rehome(self, host)
             self.peer_host = host
