@@ -487,9 +487,16 @@ class ProxyService(service.MultiService):
             new = load_config(path, plugin_sections())
             load_plugins(new, None)  # (every plugin's settings checked before a running one is touched)
             tls = _server_tls(new)
-            plugins = load_plugins(new, self, live=self.hooks.by_name)
         except ConfigError as e:
             log.error("reload failed, keeping the old configuration: {error}", error=str(e))
+            self.metrics.reloads.labels(result="failed").inc()
+            return
+        try:
+            plugins = load_plugins(new, self, live=self.hooks.by_name)
+        except Exception:
+            # Checked above, so only the files changing again in between gets here: some running plugins
+            # may have their new settings already. Said loudly: a restart sets everything straight.
+            log.failure("reload failed while applying the checked configuration; restart the proxy")
             self.metrics.reloads.labels(result="failed").inc()
             return
         if new.proxy["listen"] != self.config.proxy["listen"] or new.metrics != self.config.metrics:
