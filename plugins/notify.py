@@ -612,6 +612,20 @@ class NotifyPlugin(Plugin):
         if events is not None:
             events.unsubscribe(FOLDERS_TOPIC, self._folder_visibility)
 
+    def reloaded(self) -> None:
+        """``watch_backend`` turned off: the watches go; turned on: the sessions already open get theirs
+        now (idling devices send no command that would make one)."""
+        if not self.watch_backend:
+            for watch in self.watches.values():
+                watch.close()
+            self.watches.clear()
+            return
+        for session in list(self.proxy.sessions):
+            if session.user and session.user not in self.watches and session.phase == "auth":
+                d = self._ensure_watch(session)
+                if d is not None:
+                    d.addErrback(lambda f: log.failure("starting a watch after a reload failed", f))
+
     def _folder_visibility(self, ev: FolderVisibility) -> None:
         """A folder left or came back into a session's view (a preference, another device's or its own):
         to a client whose NOTIFY asks for MailboxName events there, it was deleted or created (RFC 5465

@@ -341,3 +341,33 @@ def test_client_addresses_of_dual_stack_sockets():
     assert ProxyService.is_loopback("127.0.0.2") and not ProxyService.is_loopback("::ffff:192.0.2.1")
     assert _unmapped("::ffff:192.0.2.1") == "192.0.2.1" and _unmapped("::FFFF:10.0.0.1") == "10.0.0.1"
     assert _unmapped("2001:db8::1") == "2001:db8::1" and _unmapped("::ffff:c000:201") == "::ffff:c000:201"
+
+
+def test_reload_turns_the_watch_connections_off_and_on(make_proxy, dovecot):
+    """``[plugin.notify] watch_backend`` changed by a reload applies to the sessions already open: off,
+    the user's watch connection goes; on again, an idling device gets one without sending a command."""
+    from tests.test_notify import _gauges_become, device, idle
+
+    p = make_proxy(config_extra="\n[plugin.notify]\nmetadata_poll = 0.5\n")  # (the watch opens at its first poll)
+    b = device(p, "B")
+    try:
+        idle(b)
+        assert _gauges_become(p, (1.0, 0.0))[0] == 1.0
+
+        def reload(extra: str) -> None:
+            text = p.config_path.read_text().split("\n[plugin.notify]")[0]
+            p.config_path.write_text(text + extra)
+            n = p.log().count("configuration reloaded")
+            p.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while p.log().count("configuration reloaded") == n and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        reload("\n[plugin.notify]\nmetadata_poll = 0.5\nwatch_backend = false\n")
+        assert _gauges_become(p, (0.0, 0.0)) == (0.0, 0.0)
+        reload("\n[plugin.notify]\nmetadata_poll = 0.5\n")
+        assert _gauges_become(p, (1.0, 0.0))[0] == 1.0
+        b.send(b"DONE\r\n")
+        assert b.until_tagged(b"t")[-1].startswith(b"t OK")
+    finally:
+        b.close()
