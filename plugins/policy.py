@@ -327,7 +327,11 @@ class PolicyPlugin(Plugin):
                 continue
             policy = self.policy_for(session.user, session.device_id, session.client_id.get("name") or "")
             if policy != st.policy:  # (a reload that leaves a session's policy as it was costs it nothing)
+                names = list(st.folders)
+                before = {n for n in names if self.folder_hidden(st, n)}
                 st.policy = policy
+                if self.proxy.events.has_subscribers(FOLDERS_TOPIC):
+                    self._announce_folders(session, st, names, before)
                 self._reapply_view(session, st)
 
     # -- policy resolution ----------------------------------------------------------------------

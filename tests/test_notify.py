@@ -615,3 +615,23 @@ def test_folder_leaving_the_view_is_a_mailbox_event(make_proxy, dovecot, across)
     finally:
         for x in (a, b, c):
             x.close()
+
+
+def test_folder_excluded_by_a_reloaded_policy_is_a_mailbox_event(make_proxy, dovecot):
+    """The provider excludes a folder (SIGHUP with a new policy): a device whose NOTIFY asks for
+    MailboxName events hears that it is gone."""
+    import signal
+
+    folder = new_folder(dovecot)
+    p = make_proxy()
+    b = device(p, "B")
+    try:
+        assert b.command(b"n", b"NOTIFY SET (personal (MailboxName))")[-1].startswith(b"n OK")
+        assert b.command(b"l", b'LIST "" "*"')[-1].startswith(b"l OK")
+        p.config_path.write_text(p.config_path.read_text() + f'\n[policy]\nexclude_folders = ["{folder}"]\n')
+        p.signal(signal.SIGHUP)
+        got = _collect(b, 5, lambda g: any(b"LIST" in x for x in g))
+        assert [(x.split(b'"/"')[0], list_name(x)) for x in got if b"LIST" in x] == \
+            [(b"* LIST (\\NonExistent) ", folder)], got
+    finally:
+        b.close()
