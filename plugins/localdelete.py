@@ -282,10 +282,13 @@ class LocalDeletePlugin(Plugin):
         view = await self._policy().ensure_view(session)
         if view is None:
             return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
-        targets = self._targets(view, uid, seqs)
-        if targets is None:
-            return Answer(b"BAD [CLIENTBUG] Invalid message set.")
+        targets = await self._store_targets(session, view, uid, seqs)
+        if isinstance(targets, Answer):
+            return targets
         others = [f for f in flag_text.strip(b"()").split() if f.upper() not in (KEYWORD, b"\\DELETED")]
+        readreport = self.proxy.hooks.by_name.get("readreport")
+        if readreport is not None:  # (these STOREs pass no command hook: the CPM flag is mapped here)
+            others = readreport.flags_for_backend(b"(" + b" ".join(others) + b")")[1:-1].split()
         cmd.state["localdelete"] = True
         if not targets:
             return Answer(b"OK Store completed.")
@@ -307,12 +310,20 @@ class LocalDeletePlugin(Plugin):
         return Rewrite(b"%s UID FETCH %s (FLAGS)\r\n" % (tag, uidset))
 
     @staticmethod
-    def _targets(view, uid, seqs: bytes) -> set[int] | None:
-        """The visible UIDs a STORE names (None: not a set the proxy can read)."""
+    async def _store_targets(session, view, uid, seqs: bytes) -> set[int] | Answer:
+        """The visible UIDs a STORE names, or the answer to a set the proxy cannot use."""
+        if seqs == b"$":
+            # The saved search result (RFC 5182): its UIDs, asked of the backend (passed on as it is, the
+            # local flags would reach the server, and the next EXPUNGE delete the message there).
+            reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
+            if reply.status != b"OK":
+                return Answer(b"NO [CANNOT] No saved search result to use.")
+            return set(esearch_all(reply)) - view.hidden
         try:
             requested = SequenceSet.parse(seqs)
         except SequenceSetError:
-            return None
+            # Never passed on with local flags in it: refused here.
+            return Answer(b"BAD [CLIENTBUG] Invalid message set.")
         if uid:
             return set(view.visible_uidset(requested))
         targets = {view.uid_of(s) for s in view.backend_seqset(requested)}
@@ -329,18 +340,9 @@ class LocalDeletePlugin(Plugin):
         view = await policy.ensure_view(session)
         if view is None:
             return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
-        if seqs == b"$":
-            # The saved search result (RFC 5182): its UIDs, asked of the backend (passed on as it is, the
-            # local flags would reach the server, and the next EXPUNGE delete the message there).
-            reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
-            if reply.status != b"OK":
-                return Answer(b"NO [CANNOT] No saved search result to use.")
-            targets = set(esearch_all(reply)) - view.hidden
-        else:
-            targets = self._targets(view, uid, seqs)
-            if targets is None:
-                # Never passed on with local flags in it: refused here.
-                return Answer(b"BAD [CLIENTBUG] Invalid message set.")
+        targets = await self._store_targets(session, view, uid, seqs)
+        if isinstance(targets, Answer):
+            return targets
         ours = {f for f in flags if f.upper() in (KEYWORD, b"\\DELETED")}
         others = [f for f in flags if f not in ours]
         if base == b"-FLAGS":

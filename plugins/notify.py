@@ -268,6 +268,12 @@ class UserWatch:
             self._keepalive.cancel()  # (start_later's: connected before the first poll was due)
         self._keepalive = reactor.callLater(self._ping_interval(), self._ping)
 
+    def reporting(self) -> bool:
+        """The watch is connected with its NOTIFY answered: a change on the backend from now on is
+        reported (while it reconnects or arms, one is not: its new baseline already includes it)."""
+        return self.proto is not None and not self.proto.closed and self.notifying \
+            and self._armed is not None and self._armed.called
+
     def refresh(self) -> defer.Deferred:
         """Arm the NOTIFY when someone here wants the events and it is not, disarm it when nobody does.
         Fires once the backend has answered (so a login that wants events starts with them armed)."""
@@ -351,6 +357,8 @@ class UserWatch:
     def _lost(self, _=None) -> None:
         self.proto = None
         self.is_ready = False
+        self.notifying = False  # (nothing is reported until the NOTIFY is armed again)
+        self._armed = None
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()
         self._retry()
@@ -636,8 +644,18 @@ class NotifyPlugin(Plugin):
         if not any(g.covers(ev.mailbox) and "mailboxname" in g.event_names()
                    for g in st.client_groups if not g.filter.startswith("selected")):
             return
+        self._inject_list(ev, 200)
+
+    def _inject_list(self, ev: FolderVisibility, tries: int) -> None:
+        session = ev.session
+        if session.phase != "auth":
+            return
+        if tries and any(c.name in (b"LIST", b"LSUB") for c in session.inflight_commands()):
+            # In the middle of a LIST's answer the event would read as a listed folder: after it.
+            reactor.callLater(0.05, self._inject_list, ev, tries - 1)
+            return
         attrs = b"()" if ev.visible else b"(\\NonExistent)"
-        ev.session.inject(b'* LIST ' + attrs + b' "/" ' + wire_name(ev.mailbox) + b"\r\n")
+        session.inject(b'* LIST ' + attrs + b' "/" ' + wire_name(ev.mailbox) + b"\r\n")
 
     def command(self, session, cmd):
         if session.user not in self.watches:

@@ -465,8 +465,11 @@ class PolicyPlugin(Plugin):
                       for name, info in unknown]
             for name, info, opened, searched in checks:
                 opened, searched = await opened, await searched
-                if _code_in(opened.tagged, b"NONEXISTENT"):
-                    continue  # (gone: nothing to hide in it)
+                if opened.status != b"OK" and (_code_in(opened.tagged, b"NONEXISTENT")
+                                               or b"doesn't exist" in opened.tagged):
+                    # Gone, or a \Noselect parent (Dovecot 2.3 answers that one with no code): no
+                    # messages, nothing to hide in it. Any other refusal fails closed, below.
+                    continue
                 info.session_history = any(b" MIN " in line for line in search_ok(searched).untagged)
                 if info.session_history:
                     self.session_history_cache[(session.user, name)] = True
@@ -1530,20 +1533,23 @@ class PolicyPlugin(Plugin):
             st = other.state.get(self.name)
             if st is None:
                 continue
-            if watched:  # (which folders the session knows of are in its view, before the change)
-                names = list(st.folders) + ([mailbox] if mailbox and mailbox not in st.folders else [])
-                before = {n for n in names if self.folder_hidden(st, n)}
-            if mailbox:
-                info = st.folders.setdefault(mailbox, FolderInfo())
-                target = info.prefs
-            else:
-                target = st.account_prefs
+            # Which folders the session knows of are in its view, before the change.
+            names = list(st.folders) + ([mailbox] if mailbox and mailbox not in st.folders else [])
+            before = {n for n in names if self.folder_hidden(st, n)} if watched else set()
+            target = st.folders.setdefault(mailbox, FolderInfo()).prefs if mailbox else st.account_prefs
             for k, v in prefs.items():
                 if v is None:
                     target.pop(k, None)
                 else:
                     target[k] = v
-            if watched:
+            if not mailbox and f"{PREF_SYNC}/session-history" in prefs:
+                # Whether a folder is a Session History one was asked only where it mattered (while
+                # they were hidden): what is known of the others says nothing. Read again when needed.
+                st.folders.clear()
+                if watched:
+                    d = defer.Deferred.fromCoroutine(self._announce_after_read(other, st, names, before))
+                    d.addErrback(lambda f: log.failure("announcing folder changes failed", f))
+            elif watched:
                 self._announce_folders(other, st, names, before)
             self._reapply_view(other, st)
 
@@ -1557,6 +1563,8 @@ class PolicyPlugin(Plugin):
 
     async def _announce_after_read(self, session, st: PolicySession, names: list[str], before: set[str]) -> None:
         try:
+            existing = set(await self._all_folders(session))  # (one deleted meanwhile is no event)
+            names = [n for n in names if n in existing]
             await self.folder_infos(session, names)
         except (BackendError, defer.TimeoutError) as e:
             log.warn("folder preferences unreadable, no folder event: {error} session={session}", error=str(e),

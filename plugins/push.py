@@ -193,7 +193,7 @@ class PushPlugin(Plugin):
         if not offline:
             return
         watch = notify.watches.get(event.user)
-        if event.origin is not None and not event.uids and watch is not None and watch.notifying:
+        if event.origin is not None and not event.uids and watch is not None and watch.reporting():
             return  # (the watch reports this change in a moment, named by its HIGHESTMODSEQ: pushed then)
         d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions), None), event, offline, since))
         d.addCallback(self._enqueue)

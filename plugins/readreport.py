@@ -50,6 +50,11 @@ class ReadReportPlugin(Plugin):
     def _to_keyword(self, text: bytes) -> bytes:
         return _CPM_FLAG_RE.sub(self.keyword.replace(b"\\", b"\\\\"), text)
 
+    def flags_for_backend(self, text: bytes) -> bytes:
+        """``text`` (a flag list) with the CPM flag as the backend stores it: for plugins that send a
+        STORE of their own, which no command hook sees."""
+        return self._to_keyword(text)
+
     def block_ok(self, session, block: bytes) -> bool:
         # Plain substring tests, no copy: a case-insensitive regex (or lower()) over a 64 KB block costs
         # far more. The keyword is looked for as the selected mailbox spells it: its FLAGS response (which

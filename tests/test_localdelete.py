@@ -637,3 +637,19 @@ def test_flags_replaced_by_a_local_mode_device_keep_the_servers_deleted(make_pro
     assert uids_seen(c) == [uids[2]]  # (both left this device's view only)
     assert set(server_state(dovecot, folder)) == set(uids)
     c.close()
+
+
+@pytest.mark.parametrize("store", [b"STORE 2 FLAGS (\\Seen \\read-report-sent)", b"STORE $ FLAGS (\\Seen)"])
+def test_flags_replaced_by_a_local_mode_device_like_any_store(make_proxy, dovecot, store):
+    """The two STOREs a local-mode device's FLAGS replace makes pass no command hook: CPM's
+    \\read-report-sent is mapped for them too, and the saved search result ($) is taken as a STORE's."""
+    folder, uids = folder_with(dovecot, 2)
+    p = make_proxy(config_extra='[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n')
+    c = device(p, "old-phone")
+    select(c, folder)
+    assert c.command(b"s", b"SEARCH RETURN (SAVE) 2")[-1].startswith(b"s OK")
+    r = c.command(b"r", store)
+    assert r[-1].startswith(b"r OK"), r
+    flags = {f.lower() for f in server_state(dovecot, folder)[uids[1]]}
+    assert b"\\seen" in flags and (b"read-report" not in store or b"$readreportsent" in flags), flags
+    c.close()

@@ -635,3 +635,60 @@ def test_folder_excluded_by_a_reloaded_policy_is_a_mailbox_event(make_proxy, dov
             [(b"* LIST (\\NonExistent) ", folder)], got
     finally:
         b.close()
+
+
+def test_session_histories_turned_off_account_wide_are_mailbox_events(make_proxy, dovecot):
+    """``sync/session-history`` off for the account: the Session History folders a device knows leave its
+    view (whether a folder is one was not asked while they were shown) and are MailboxName events; back
+    on, they come back; a folder deleted meanwhile is no event."""
+    user = "carol"
+    sh, gone = ("Default/sh-" + uuid.uuid4().hex[:6] for _ in range(2))
+    for folder in (sh, gone):
+        dovecot.deliver(user, folder, make_object("session-info"))
+    entry = b"/private/vendor/vendor.cpmproxy/sync/session-history"
+    p = make_proxy()
+    a, b = device(p, "A", user), device(p, "B", user)
+    try:
+        assert b.command(b"n", b"NOTIFY SET (personal (MailboxName))")[-1].startswith(b"n OK")
+        assert sh.encode() in b"".join(b.command(b"l", b'LIST "" "*"'))
+        assert a.command(b"p", b'SETMETADATA "" (%s "off")' % entry)[-1].startswith(b"p OK")
+        # (Other tests' Session History folders of the user, the sample store's, are events too.)
+        mine = (sh, gone)
+        got = [x for x in _collect(b, 5, lambda g: sum(list_name(x) in mine for x in g if b"LIST" in x) >= 2)
+               if b"LIST" in x and list_name(x) in mine]
+        assert sorted((x.split(b'"/"')[0], list_name(x)) for x in got) == \
+            sorted([(b"* LIST (\\NonExistent) ", sh), (b"* LIST (\\NonExistent) ", gone)]), got
+        r = b.command(b"l2", b'LIST "" "*"')
+        assert r[-1].startswith(b"l2 OK") and sh.encode() not in b"".join(r), r
+        d = dovecot.imap_direct(user, tls="none")
+        d.delete_folder(gone)
+        d.logout()
+        assert a.command(b"q", b'SETMETADATA "" (%s NIL)' % entry)[-1].startswith(b"q OK")
+        got = [x for x in _collect(b, 5, lambda g: any(list_name(x) == sh for x in g if b"LIST" in x))
+               if b"LIST" in x and list_name(x) in mine]
+        assert [(x.split(b'"/"')[0], list_name(x)) for x in got] == [(b"* LIST () ", sh)], got
+    finally:
+        a.command(b"z", b'SETMETADATA "" (%s NIL)' % entry)
+        a.close()
+        b.close()
+
+
+def test_a_watch_that_lost_its_connection_reports_nothing():
+    """Push leaves a change made through the proxy to the watch only while the watch reports: after its
+    connection is lost (and until its NOTIFY is armed again) it does not."""
+    from twisted.internet import defer
+
+    from plugins.notify import UserWatch
+
+    class Proto:
+        closed = False
+
+    watch = UserWatch.__new__(UserWatch)
+    watch.proto, watch.notifying, watch._armed = Proto(), True, defer.succeed(None)
+    assert watch.reporting()
+    watch._armed = defer.Deferred()
+    assert not watch.reporting()  # (NOTIFY SET on its way)
+    watch._armed = defer.succeed(None)
+    watch.is_ready, watch._keepalive, watch.closed = True, None, True
+    watch._lost()
+    assert not watch.reporting() and not watch.notifying
