@@ -440,8 +440,19 @@ def command_loop(sock: socket.socket, count: int, run: int, command: bytes) -> f
     return time.perf_counter() - t0
 
 
-def noop_loop(sock: socket.socket, count: int, run: int) -> float:
-    return command_loop(sock, count, run, b"NOOP\r\n")
+def alternate_rounds(socks: dict[str, socket.socket], pid: int, count: int, rounds: int, warmup: int,
+                     command: bytes, times: dict[str, list[float]], proxy_cpu: list[float]) -> None:
+    """Untimed warm-up on each side, then ``rounds`` rounds of ``count`` sequential ``command``s per side,
+    the side that goes first alternating; seconds per round into ``times``, the proxy's CPU into
+    ``proxy_cpu``."""
+    for side in ("direct", "proxy"):
+        command_loop(socks[side], min(warmup, count), 0, command)
+    for k in range(1, rounds + 1):
+        for side in (("direct", "proxy") if k % 2 else ("proxy", "direct")):
+            cpu0 = cpu_seconds(pid)
+            times[side].append(command_loop(socks[side], count, k, command))
+            if side == "proxy":
+                proxy_cpu.append(cpu_seconds(pid) - cpu0)
 
 
 def scenario_pingpong(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, user: str) -> Result:
@@ -454,17 +465,9 @@ def scenario_pingpong(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, user:
     proxy_cpu: list[float] = []
     try:
         socks = {side: raw_socket(conn) for side, conn in sides.items()}
-        n = sizes.pingpong_commands
-        for side in ("direct", "proxy"):  # warm-up, untimed
-            noop_loop(socks[side], min(200, n), run=0)
         log0 = log_size(proxy)
-        for k in range(1, sizes.pingpong_rounds + 1):
-            order = ("direct", "proxy") if k % 2 else ("proxy", "direct")
-            for side in order:
-                cpu0 = cpu_seconds(pid)
-                times[side].append(noop_loop(socks[side], n, run=k))
-                if side == "proxy":
-                    proxy_cpu.append(cpu_seconds(pid) - cpu0)
+        alternate_rounds(socks, pid, sizes.pingpong_commands, sizes.pingpong_rounds, 200, b"NOOP\r\n",
+                         times, proxy_cpu)
         log_bytes = log_size(proxy) - log0
         for conn in sides.values():
             conn.command(b"Z", b"LOGOUT")
@@ -623,15 +626,7 @@ def scenario_append(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, user: s
     try:
         sides["direct"].command(b"C", b'CREATE "bench-append"')
         socks = {side: raw_socket(conn) for side, conn in sides.items()}
-        n = sizes.append_commands
-        for side in ("direct", "proxy"):  # warm-up, untimed
-            command_loop(socks[side], min(50, n), 0, command)
-        for k in range(1, sizes.append_rounds + 1):
-            for side in (("direct", "proxy") if k % 2 else ("proxy", "direct")):
-                cpu0 = cpu_seconds(pid)
-                times[side].append(command_loop(socks[side], n, k, command))
-                if side == "proxy":
-                    proxy_cpu.append(cpu_seconds(pid) - cpu0)
+        alternate_rounds(socks, pid, sizes.append_commands, sizes.append_rounds, 50, command, times, proxy_cpu)
         expect_ok(sides["direct"].command(b"D", b'DELETE "bench-append"'), b"D")
     finally:
         for conn in sides.values():

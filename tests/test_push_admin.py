@@ -37,6 +37,13 @@ def _admin_config(dovecot, tmp_path) -> str:
     return f'[admin]\nmaster_user = "{dovecot.master_user[0]}"\nmaster_password_file = "{pw}"\n'
 
 
+def _push_config(receiver, proxy_certs, admin: str = "", policy: str = "", offline_watch: int = 60) -> str:
+    """A proxy configuration that pushes to ``receiver`` (notifications forced on)."""
+    return (f'[policy]\nnotifications = "forced"\n{policy}[plugin.push]\n'
+            f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
+            f'backoff = 0.2\noffline_watch = {offline_watch}\n' + admin)
+
+
 # -- push: only message changes are pushed -------------------------------------------------------
 
 def test_logins_and_preferences_push_nothing_message_changes_do(make_proxy, dovecot, proxy_certs, tmp_path):
@@ -58,9 +65,7 @@ def test_logins_and_preferences_push_nothing_message_changes_do(make_proxy, dove
     direct.logout()
     receiver = _Receiver(proxy_certs)
     receiver.start()
-    p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[plugin.push]\n'
-                                f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
-                                f'backoff = 0.2\noffline_watch = 60\n' + _admin_config(dovecot, tmp_path))
+    p = make_proxy(config_extra=_push_config(receiver, proxy_certs, _admin_config(dovecot, tmp_path)))
     try:
         device(p, tablet, user).close()  # known devices (their records written once), now offline
         device(p, phone, user).close()
@@ -116,10 +121,8 @@ def test_local_delete_pushes_nothing(make_proxy, dovecot, proxy_certs, tmp_path)
     direct.logout()
     receiver = _Receiver(proxy_certs)
     receiver.start()
-    p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[[policy.class]]\ndevices = ["old-*"]\n'
-                                f'delete_mode = "local"\n[plugin.push]\n'
-                                f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
-                                f'backoff = 0.2\noffline_watch = 60\n' + _admin_config(dovecot, tmp_path))
+    p = make_proxy(config_extra=_push_config(receiver, proxy_certs, _admin_config(dovecot, tmp_path),
+                                             policy='[[policy.class]]\ndevices = ["old-*"]\ndelete_mode = "local"\n'))
     try:
         device(p, tablet, user).close()  # known, now offline
         for name, store in ((phone, b"UID STORE 1 +FLAGS (\\Deleted $LocalDelete)"),
@@ -155,9 +158,7 @@ def test_a_change_made_through_the_proxy_is_pushed_once(make_proxy, dovecot, pro
     dovecot.deliver(user, folder, make_object("chat"))
     receiver = _Receiver(proxy_certs)
     receiver.start()
-    p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[plugin.push]\n'
-                                f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
-                                f'backoff = 0.2\noffline_watch = 60\n' + _admin_config(dovecot, tmp_path))
+    p = make_proxy(config_extra=_push_config(receiver, proxy_certs, _admin_config(dovecot, tmp_path)))
     try:
         device(p, tablet, user).close()
         c = device(p, phone, user)
@@ -189,9 +190,8 @@ def test_each_change_through_a_proxy_without_watch_is_pushed(make_proxy, dovecot
     dovecot.deliver(user, other, make_object("chat"))
     receiver = _Receiver(proxy_certs)
     receiver.start()
-    p = make_proxy(config_extra=f'[policy]\nnotifications = "forced"\n[plugin.push]\n'
-                                f'url = "https://localhost:{receiver.port}/cpm"\nca_file = "{proxy_certs.ca_cert}"\n'
-                                f'backoff = 0.2\noffline_watch = 0\n[plugin.notify]\nwatch_backend = false\n')
+    p = make_proxy(config_extra=_push_config(receiver, proxy_certs, offline_watch=0)
+                   + "[plugin.notify]\nwatch_backend = false\n")
     try:
         device(p, phone, user).close()
         c = device(p, tablet, user)
