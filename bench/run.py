@@ -440,6 +440,24 @@ def command_loop(sock: socket.socket, count: int, run: int, command: bytes) -> f
     return time.perf_counter() - t0
 
 
+def per_command_result(name: str, unit: str, digits: int, times: dict[str, list[float]], proxy_cpu: list[float],
+                       count: int, rounds: int, **details) -> Result:
+    """The result of a scenario timed by ``alternate_rounds``: the median time per command on each side."""
+    us = {side: statistics.median(v) / count * 1e6 for side, v in times.items()}
+    ratio = us["proxy"] / us["direct"]
+    target = TARGETS[name]
+    return Result(
+        name=name,
+        direct=f"{us['direct']:.{digits}f} µs/{unit}",
+        proxy=f"{us['proxy']:.{digits}f} µs/{unit} (+{us['proxy'] - us['direct']:.{digits}f})",
+        ratio=ratio,
+        target=f"ratio ≤ {target:.1f}",
+        passed=ratio <= target,
+        details={"commands": count, "rounds": rounds, "seconds": times, "median_us_per_command": us,
+                 "proxy_cpu_us_per_command": statistics.median(proxy_cpu) / count * 1e6, **details},
+    )
+
+
 def alternate_rounds(socks: dict[str, socket.socket], pid: int, count: int, rounds: int, warmup: int,
                      command: bytes, times: dict[str, list[float]], proxy_cpu: list[float]) -> None:
     """Untimed warm-up on each side, then ``rounds`` rounds of ``count`` sequential ``command``s per side,
@@ -475,21 +493,8 @@ def scenario_pingpong(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, user:
         for conn in sides.values():
             conn.close()
 
-    us = {side: statistics.median(v) / sizes.pingpong_commands * 1e6 for side, v in times.items()}
-    ratio = us["proxy"] / us["direct"]
-    target = TARGETS["pingpong"]
-    return Result(
-        name="pingpong",
-        direct=f"{us['direct']:.1f} µs/cmd",
-        proxy=f"{us['proxy']:.1f} µs/cmd (+{us['proxy'] - us['direct']:.1f})",
-        ratio=ratio,
-        target=f"ratio ≤ {target:.1f}",
-        passed=ratio <= target,
-        details={"commands": sizes.pingpong_commands, "rounds": sizes.pingpong_rounds, "seconds": times,
-                 "median_us_per_command": us,
-                 "proxy_cpu_us_per_command": statistics.median(proxy_cpu) / sizes.pingpong_commands * 1e6,
-                 "proxy_log_bytes": log_bytes},
-    )
+    return per_command_result("pingpong", "cmd", 1, times, proxy_cpu, sizes.pingpong_commands,
+                              sizes.pingpong_rounds, proxy_log_bytes=log_bytes)
 
 
 # -- idle_sessions ---------------------------------------------------------------------------------
@@ -631,20 +636,8 @@ def scenario_append(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, user: s
     finally:
         for conn in sides.values():
             conn.close()
-    us = {side: statistics.median(v) / sizes.append_commands * 1e6 for side, v in times.items()}
-    ratio = us["proxy"] / us["direct"]
-    target = TARGETS["append"]
-    return Result(
-        name="append",
-        direct=f"{us['direct']:.0f} µs/APPEND",
-        proxy=f"{us['proxy']:.0f} µs/APPEND (+{us['proxy'] - us['direct']:.0f})",
-        ratio=ratio,
-        target=f"ratio ≤ {target:.1f}",
-        passed=ratio <= target,
-        details={"commands": sizes.append_commands, "rounds": sizes.append_rounds, "message_bytes": len(message),
-                 "seconds": times, "median_us_per_command": us,
-                 "proxy_cpu_us_per_command": statistics.median(proxy_cpu) / sizes.append_commands * 1e6},
-    )
+    return per_command_result("append", "APPEND", 0, times, proxy_cpu, sizes.append_commands,
+                              sizes.append_rounds, message_bytes=len(message))
 
 
 def scenario_idle_sessions(dovecot: Dovecot, proxy: ProxyProcess, sizes: Sizes, users: list[str]) -> Result:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import imaplib
+import signal
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,19 @@ def imap_via(p: ProxyProcess, user: str = "alice", password: str | None = None) 
     c = imaplib.IMAP4(p.host, p.port, timeout=30)
     c.login(user, password or f"{user}pw")
     return c
+
+
+def reload_proxy(p: ProxyProcess, config: str | None = None) -> None:
+    """SIGHUP ``p`` (with ``config`` as its new configuration, if given) and wait until it says it took
+    the file up."""
+    if config is not None:
+        p.config_path.write_text(config)
+    n = p.log().count("configuration reloaded")
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while p.log().count("configuration reloaded") == n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.log().count("configuration reloaded") > n, p.log()
 
 
 def raw_via(p: ProxyProcess, **kw) -> RawIMAP:

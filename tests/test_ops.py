@@ -14,7 +14,7 @@ import pytest
 
 from cpmproxy.testing.proxyproc import ProxyProcess, free_port
 from tests.proxyfix import check_config as _check
-from tests.proxyfix import imap_via, raw_via
+from tests.proxyfix import imap_via, raw_via, reload_proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,13 +196,7 @@ def test_sighup_reload_keeps_sessions(make_proxy):
     p = make_proxy(config_extra="[limits]\nmax_connections_per_user = 5\n")
     c = raw_via(p)
     c.login("alice", "alicepw")
-    p.config_path.write_text(p.config_path.read_text().replace("max_connections_per_user = 5",
-                                                               "max_connections_per_user = 1"))
-    p.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while "configuration reloaded" not in p.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "configuration reloaded" in p.log()
+    reload_proxy(p, p.config_path.read_text().replace("max_connections_per_user = 5", "max_connections_per_user = 1"))
     assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # the old session lives on
     with raw_via(p) as d:
         assert d.login("alice", "alicepw")[-1].startswith(b"L NO [LIMIT]")  # the new limit applies
@@ -231,11 +225,7 @@ def test_sighup_keeps_what_plugins_hold_for_open_sessions(make_proxy, dovecot):
     try:
         idle(b)
         time.sleep(0.5)  # (the watch arms its NOTIFY)
-        p.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while "configuration reloaded" not in p.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "configuration reloaded" in p.log()
+        reload_proxy(p)
         dovecot.deliver("alice", folder, make_object("chat", text="after the reload"))
         line = wait_status(b, folder)
         assert line is not None and b"MESSAGES 2" in line, line
@@ -355,13 +345,7 @@ def test_reload_turns_the_watch_connections_off_and_on(make_proxy, dovecot):
         assert _gauges_become(p, (1.0, 0.0))[0] == 1.0
 
         def reload(extra: str) -> None:
-            text = p.config_path.read_text().split("\n[plugin.notify]")[0]
-            p.config_path.write_text(text + extra)
-            n = p.log().count("configuration reloaded")
-            p.signal(signal.SIGHUP)
-            deadline = time.monotonic() + 5
-            while p.log().count("configuration reloaded") == n and time.monotonic() < deadline:
-                time.sleep(0.05)
+            reload_proxy(p, p.config_path.read_text().split("\n[plugin.notify]")[0] + extra)
 
         reload("\n[plugin.notify]\nmetadata_poll = 0.5\nwatch_backend = false\n")
         assert _gauges_become(p, (0.0, 0.0)) == (0.0, 0.0)

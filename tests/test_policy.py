@@ -7,7 +7,6 @@ carol's). Direct access to Dovecot is the reference.
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import time
 import uuid
@@ -16,7 +15,7 @@ import pytest
 
 from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import ONE_TO_ONE_FOLDER, SESSION_FOLDER, make_object
-from tests.proxyfix import raw_via
+from tests.proxyfix import raw_via, reload_proxy
 
 PREFIX = b"/private/vendor/vendor.cpmproxy"
 
@@ -284,11 +283,7 @@ def test_policy_reloaded_on_sighup(make_proxy, sample_store):
     imdns = len([1 for _, k in kinds_in(sample_store, ONE_TO_ONE_FOLDER) if k == "imdn"])
     c = login(p)
     assert exists_of(c.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))) == total
-    p.config_path.write_text(p.config_path.read_text() + "\n[policy]\nsync = { imdn = false }\n")
-    p.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while "configuration reloaded" not in p.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    reload_proxy(p, p.config_path.read_text() + "\n[policy]\nsync = { imdn = false }\n")
     d = login(p)
     assert exists_of(d.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))) == total - imdns
     # The session already open takes the new policy up too: the IMDNs leave its view (EXPUNGE), and it
