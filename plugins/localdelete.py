@@ -50,8 +50,10 @@ log = Logger(namespace="cpmproxy.localdelete")
 CAPABILITY = b"XCPM-LOCALDELETE"
 KEYWORD = b"$LOCALDELETE"
 RECORDS = PREFIX + "/localdelete"
-# tag, UID, set, modifiers ("(UNCHANGEDSINCE n) ", RFC 7162), operation, flags, the rest
-_STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\([^()]*\) )?(\S+) (\([^)]*\)|\S+)(.*)$", re.I | re.S)
+# tag, UID, set, modifiers ("(UNCHANGEDSINCE n) ", RFC 7162), operation, flags: a list in parentheses or
+# flags separated by spaces (RFC 3501: "flag-list / (flag *(SP flag))")
+_STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\([^()]*\) )?(\S+) (\([^()]*\)|[^()]+)$", re.I | re.S)
+_MODIFIED_RE = re.compile(rb"\[MODIFIED ([0-9:,]+)\]", re.I)
 _FETCH_FLAGS_RE = re.compile(rb"FLAGS \(([^)]*)\)", re.I)
 _UID_IN_FETCH_RE = re.compile(rb"[( ]UID (\d+)", re.I)
 _SAFE_DEVICE = re.compile(r"[a-z0-9._-]{1,64}")
@@ -249,28 +251,37 @@ class LocalDeletePlugin(Plugin):
         return None
 
     def _store(self, session, cmd):
-        m = _STORE_RE.match(cmd.line.rstrip(b"\r\n"))
+        line = cmd.line.rstrip(b"\r\n")
+        m = _STORE_RE.match(line)
+        allowed, all_local = self._allowed(session)
         if m is None:
+            upper = line.upper()
+            if KEYWORD in upper or (all_local and b"\\DELETED" in upper):
+                # Never passed on unread with local flags in it.
+                return Answer(b"BAD [CLIENTBUG] Invalid STORE arguments.")
             return None
-        tag, uid, seqs, modifiers, op, flag_text, rest = m.groups()
+        tag, uid, seqs, modifiers, op, flag_text, = m.groups()
         op_u = op.upper()
         base = op_u[:-7] if op_u.endswith(b".SILENT") else op_u
         if base not in (b"+FLAGS", b"-FLAGS", b"FLAGS"):
             return None  # e.g. X-GM-LABELS: not ours
         flags = flag_text.strip(b"()").split()
         upper = [f.upper() for f in flags]
-        allowed, all_local = self._allowed(session)
         has_local = KEYWORD in upper
         has_deleted = b"\\DELETED" in upper
         if has_local and not allowed:
             return Answer(b"NO [CANNOT] Local deletion is not allowed by the service provider's policy.")
         local = has_local or (all_local and has_deleted)
         st = self.state(session)
-        if all_local and base == b"FLAGS" and not modifiers:
-            # Replacing every flag would clear a \Deleted another device set on the server.
-            return Defer(defer.Deferred.fromCoroutine(self._replace_keeping_deleted(session, st, cmd, m, local)))
-        if not local and not (base in (b"-FLAGS", b"FLAGS") and st.pending):
+        # A FLAGS replace that keeps \Deleted local must not clear the server's, another device's.
+        keep_deleted = base == b"FLAGS" and (all_local or local)
+        if not (keep_deleted or local or (base in (b"-FLAGS", b"FLAGS") and st.pending)):
             return None
+        if modifiers:
+            return Defer(defer.Deferred.fromCoroutine(
+                self._conditional_store(session, st, cmd, m, flags, local, keep_deleted)))
+        if keep_deleted:
+            return Defer(defer.Deferred.fromCoroutine(self._replace_keeping_deleted(session, st, cmd, m, local)))
         return Defer(defer.Deferred.fromCoroutine(self._store_local(session, st, cmd, m, local)))
 
     async def _replace_keeping_deleted(self, session, st: LocalState, cmd, m, local: bool):
@@ -278,7 +289,7 @@ class LocalDeletePlugin(Plugin):
         (pending), and the server's, another device's, stays on the server. One silent STORE for the
         messages the server has \Deleted (the list plus \Deleted), one for the others; the client then
         gets the flags it now sees."""
-        tag, uid, seqs, modifiers, op, flag_text, rest = m.groups()
+        tag, uid, seqs, modifiers, op, flag_text = m.groups()
         view = await self._policy().ensure_view(session)
         if view is None:
             return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
@@ -309,6 +320,80 @@ class LocalDeletePlugin(Plugin):
             return Answer(b"OK Store completed.")
         return Rewrite(b"%s UID FETCH %s (FLAGS)\r\n" % (tag, uidset))
 
+    async def _conditional_store(self, session, st: LocalState, cmd, m, flags: list, local: bool,
+                                 keep_deleted: bool):
+        """A STORE with ``(UNCHANGEDSINCE n)`` (RFC 7162 3.1.3) that carries local flags, or a FLAGS replace
+        that must keep the server's \\Deleted: its server part as conditional UID STOREs of the proxy's own
+        (with nothing for the server, a MODSEQ search applies the test), so the messages that failed the
+        test are known: they keep every flag, the local ones too, and go back to the client in
+        ``[MODIFIED ...]``, in its numbers (passed on as it was, the local flags' STORE would report UIDs
+        for a sequence-number STORE, or lose the code)."""
+        tag, uid, seqs, modifiers, op, _ = m.groups()
+        op_u = op.upper()
+        silent = op_u.endswith(b".SILENT")
+        base = op_u[:-7] if silent else op_u
+        since = _unchangedsince(modifiers)
+        if since is None:
+            return Answer(b"BAD [CLIENTBUG] Invalid STORE modifier: only UNCHANGEDSINCE is supported.")
+        view = await self._policy().ensure_view(session)
+        if view is None:
+            return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
+        targets = await self._store_targets(session, view, uid, seqs)
+        if isinstance(targets, Answer):
+            return targets
+        cmd.state["localdelete"] = True
+        if not targets:
+            return Answer(b"OK Store completed.")
+        readreport = self.proxy.hooks.by_name.get("readreport")
+        if readreport is not None:  # (these STOREs pass no command hook: the CPM flag is mapped here)
+            flags = readreport.flags_for_backend(b"(" + b" ".join(flags) + b")")[1:-1].split()
+        others = [f for f in flags if f.upper() not in (KEYWORD, b"\\DELETED")]
+        if keep_deleted:
+            reply = await session.backend_command(b"UID SEARCH RETURN (ALL) UID %s DELETED"
+                                                  % SequenceSet.from_iterable(targets).format())
+            kept = set(esearch_all(reply)) & targets
+            groups = [(kept, b"FLAGS", others + [b"\\Deleted"]), (targets - kept, b"FLAGS", others)]
+        elif base == b"-FLAGS":
+            # (a local cancel's \\Deleted is the device's own; the server's is another device's and stays)
+            groups = [(targets, base, others if local else flags)]
+        elif local:
+            groups = [(targets, base, others)]
+        else:  # FLAGS without the local flags: replaces them, pending ones included
+            groups = [(targets, base, flags)]
+        modified: set[int] = set()
+        server_change = False
+        for group, store_op, server_flags in groups:
+            if not group:
+                continue
+            uidset = SequenceSet.from_iterable(group).format()
+            if server_flags or store_op == b"FLAGS":
+                server_change = True
+                done = await session.backend_command(b"UID STORE %s (UNCHANGEDSINCE %d) %s.SILENT (%s)" % (
+                    uidset, since, store_op, b" ".join(server_flags)))
+                failed = _MODIFIED_RE.search(done.tagged)
+                if failed is not None:
+                    modified.update(SequenceSet.parse(failed.group(1)))
+            else:  # nothing for the server: the test alone (a message changed since then fails it)
+                done = await session.backend_command(b"UID SEARCH RETURN (ALL) UID %s MODSEQ %d" % (uidset, since + 1))
+                modified.update(set(esearch_all(done)) & group)
+            if done.status != b"OK":
+                return Answer(b"NO [UNAVAILABLE] The flags could not be stored.")
+        updated = targets - modified
+        if local and base != b"-FLAGS":
+            st.pending |= updated
+        else:
+            st.pending -= updated
+        if modified:
+            numbers = modified if uid else {view.client_seq_of_uid(u) for u in modified} - {None}
+            cmd.state["localdelete_modified"] = SequenceSet.from_iterable(numbers).format()
+        if not server_change:
+            cmd.state[NO_SERVER_CHANGE] = True
+        if not updated or (silent and not server_change):
+            return Answer(_store_done(cmd))
+        # The client gets the flags it now sees (silent: the MODSEQ that RFC 7162 asks for all the same).
+        return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, SequenceSet.from_iterable(updated).format(),
+                                                      b"MODSEQ" if silent else b"FLAGS"))
+
     @staticmethod
     async def _store_targets(session, view, uid, seqs: bytes) -> set[int] | Answer:
         """The visible UIDs a STORE names, or the answer to a set the proxy cannot use."""
@@ -331,7 +416,7 @@ class LocalDeletePlugin(Plugin):
         return targets
 
     async def _store_local(self, session, st: LocalState, cmd, m, local: bool):
-        tag, uid, seqs, modifiers, op, flag_text, rest = m.groups()
+        tag, uid, seqs, modifiers, op, flag_text = m.groups()
         op_u = op.upper()
         silent = op_u.endswith(b".SILENT")
         base = op_u[:-7] if silent else op_u
@@ -362,8 +447,7 @@ class LocalDeletePlugin(Plugin):
         uidset = SequenceSet.from_iterable(targets).format()
         if server_flags or base == b"FLAGS":
             # UID form: the numbers stay unambiguous whatever the view; FETCH responses get renumbered.
-            return Rewrite(b"%s UID STORE %s %s%s (%s)%s\r\n" % (tag, uidset, modifiers or b"", op,
-                                                                b" ".join(server_flags), rest))
+            return Rewrite(b"%s UID STORE %s %s (%s)\r\n" % (tag, uidset, op, b" ".join(server_flags)))
         if silent:
             return Answer(b"OK Store completed.")
         # Nothing for the server: report the flags the client now sees (server's + pending local ones).
@@ -464,8 +548,25 @@ class LocalDeletePlugin(Plugin):
     def tagged(self, session, cmd, resp):
         if cmd.state.get("localdelete") and resp.head.name == b"OK":
             # The client sent STORE; the backend answered a FETCH or UID STORE: say what the client did.
-            return Rewrite(resp.data[:len(cmd.tag) + 1] + b"OK Store completed.\r\n")
+            return Rewrite(resp.data[:len(cmd.tag) + 1] + _store_done(cmd) + b"\r\n")
         return None
+
+
+def _store_done(cmd) -> bytes:
+    """The tagged OK of a STORE the proxy carried out: with the messages a conditional one left alone."""
+    modified = cmd.state.get("localdelete_modified")
+    if modified:
+        return b"OK [MODIFIED " + modified + b"] Conditional STORE failed."
+    return b"OK Store completed."
+
+
+def _unchangedsince(modifiers: bytes) -> int | None:
+    """n of a ``(UNCHANGEDSINCE n)`` store modifier list; None for any other (RFC 7162 3.1.3)."""
+    words = modifiers.strip().strip(b"()").split()
+    if len(words) == 2 and words[0].upper() == b"UNCHANGEDSINCE" and words[1].isdigit() \
+            and len(words[1]) <= 20:
+        return int(words[1])
+    return None
 
 
 def _search_with_pending(cmd, pending: set[int]):

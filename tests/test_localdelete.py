@@ -653,3 +653,111 @@ def test_flags_replaced_by_a_local_mode_device_like_any_store(make_proxy, doveco
     flags = {f.lower() for f in server_state(dovecot, folder)[uids[1]]}
     assert b"\\seen" in flags and (b"read-report" not in store or b"$readreportsent" in flags), flags
     c.close()
+
+
+LOCAL_MODE = '[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n'
+
+
+def highest_modseq(c: RawIMAP) -> int:
+    r = c.command(b"h", b"FETCH 1:* (MODSEQ)")
+    return max(int(m.group(1)) for x in r if (m := re.search(rb"MODSEQ \((\d+)\)", x)))
+
+
+def flags_on_server(dovecot, folder: str, uid: int, flags: list[bytes], user: str = "alice") -> None:
+    d = dovecot.imap_direct(user, tls="none")
+    d.select_folder(folder)
+    d.add_flags([uid], flags)
+    d.logout()
+
+
+@pytest.mark.parametrize("silent", [b"", b".SILENT"])
+def test_conditional_flags_replace_by_a_local_mode_device_keeps_the_servers_deleted(make_proxy, dovecot, silent):
+    """``STORE ... (UNCHANGEDSINCE n) FLAGS (list)`` of a delete_mode = "local" device was passed on as it
+    was: it cleared a \\Deleted another device had set on the server (and sent the device's own there)."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy(config_extra=LOCAL_MODE)
+    c = device(p, "old-phone")
+    c.command(b"c", b"ENABLE CONDSTORE")
+    select(c, folder)
+    flag_on_server(dovecot, folder, uids[1])
+    c.command(b"n", b"NOOP")
+    since = highest_modseq(c)
+    r = c.command(b"r", b"STORE 1:3 (UNCHANGEDSINCE %d) FLAGS%s (\\Seen \\Deleted)" % (since, silent))
+    assert r[-1].startswith(b"r OK") and b"MODIFIED" not in r[-1], r
+    # RFC 7162 3.1.3: an untagged FETCH with MODSEQ for each message stored, .SILENT or not.
+    assert sum(x.startswith(b"* ") and b"MODSEQ" in x for x in r) >= 3, r
+    if not silent:
+        assert all(b"\\Deleted" in x for x in r if b"FLAGS" in x), r  # (as the device now sees them)
+    server = server_state(dovecot, folder)
+    assert set(server[uids[0]]) == {b"\\Seen"}, server  # (its own \Deleted is local)
+    assert set(server[uids[1]]) == {b"\\Seen", b"\\Deleted"}, server  # (another's stays)
+    assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    assert uids_seen(c) == []
+    assert set(server_state(dovecot, folder)) == set(uids)
+    c.close()
+
+
+@pytest.mark.parametrize("uid_store", [False, True])
+def test_conditional_local_delete_reports_the_messages_it_left_in_client_numbers(make_proxy, dovecot, uid_store):
+    """A conditional local delete whose test fails for some messages: those keep their flags (no local
+    delete either), and ``[MODIFIED ...]`` names them as the client numbers them. It said "Store completed"
+    (the code lost), and would have given UIDs for a sequence-number STORE."""
+    folder, uids = folder_with(dovecot, 5)
+    p = make_proxy()
+    a = device(p, "A")
+    a.command(b"c", b"ENABLE CONDSTORE")
+    select(a, folder)
+    # Locally deleted first: the device's sequence numbers are no longer the server's.
+    assert a.command(b"d", b"STORE 1 +FLAGS.SILENT (\\Deleted $LocalDelete)")[-1].startswith(b"d OK")
+    assert a.command(b"e", b"EXPUNGE")[0] == b"* 1 EXPUNGE\r\n"
+    since = highest_modseq(a)
+    flags_on_server(dovecot, folder, uids[2], [b"\\Flagged"])  # (device seq 2) changed since
+    a.command(b"n", b"NOOP")
+    target = b"UID STORE %d:%d" % (uids[1], uids[3]) if uid_store else b"STORE 1:3"
+    r = a.command(b"s", target + b" (UNCHANGEDSINCE %d) +FLAGS (\\Deleted $LocalDelete)" % since)
+    expected = b"%d" % uids[2] if uid_store else b"2"
+    assert r[-1].startswith(b"s OK [MODIFIED " + expected + b"]"), r
+    fetched = [x for x in r if x.startswith(b"* ")]
+    assert len(fetched) == 2 and all(b"$LocalDelete" in x for x in fetched), r
+    r = a.command(b"e", b"EXPUNGE")
+    assert r[:2] == [b"* 3 EXPUNGE\r\n", b"* 1 EXPUNGE\r\n"], r
+    assert uids_seen(a) == [uids[2], uids[4]]
+    server = server_state(dovecot, folder)
+    assert set(server) == set(uids) and not any(b"\\Deleted" in f for f in server.values()), server
+    # All left alone: the tagged OK names them all, nothing is pending.
+    r = a.command(b"t", b"STORE 1:2 (UNCHANGEDSINCE 1) +FLAGS.SILENT (\\Deleted $LocalDelete)")
+    assert r == [b"t OK [MODIFIED 1:2] Conditional STORE failed.\r\n"], r
+    r = a.command(b"e", b"EXPUNGE")
+    assert r[-1].startswith(b"e OK") and not any(x.endswith(b"EXPUNGE\r\n") for x in r), r
+    a.close()
+
+
+@pytest.mark.parametrize("who,store", [("old-phone", b"STORE 1 +FLAGS \\Seen \\Deleted"),
+                                       ("A", b"STORE 1 +FLAGS \\Seen \\Deleted $LocalDelete")])
+def test_flags_without_parentheses_are_local_flags_too(make_proxy, dovecot, who, store):
+    """RFC 3501 lets STORE take flags separated by spaces, without parentheses: only the first was read,
+    so a \\Deleted after it reached the server and the next EXPUNGE deleted the message for everyone."""
+    folder, uids = folder_with(dovecot, 2)
+    p = make_proxy(config_extra=LOCAL_MODE)
+    c = device(p, who)
+    select(c, folder)
+    r = c.command(b"s", store)
+    assert r[-1].startswith(b"s OK") and b"\\Deleted" in r[0], r
+    server = server_state(dovecot, folder)
+    assert set(server[uids[0]]) == {b"\\Seen"}, server
+    assert c.command(b"e", b"EXPUNGE")[0] == b"* 1 EXPUNGE\r\n"
+    assert set(server_state(dovecot, folder)) == set(uids)
+    c.close()
+
+
+@pytest.mark.parametrize("store", [b"STORE 1 +FLAGS (\\Seen) $LocalDelete", b"STORE 1 (FOO 1) +FLAGS ($LocalDelete)",
+                                   b"STORE 1 (UNCHANGEDSINCE 1 FOO 2) +FLAGS (\\Deleted $LocalDelete)"])
+def test_store_with_local_flags_the_proxy_cannot_read_is_refused(make_proxy, dovecot, store):
+    folder, uids = folder_with(dovecot, 1)
+    p = make_proxy()
+    c = device(p, "A")
+    select(c, folder)
+    r = c.command(b"s", store)
+    assert r[-1].startswith(b"s BAD [CLIENTBUG]"), r
+    assert server_state(dovecot, folder)[uids[0]] == ()
+    c.close()
