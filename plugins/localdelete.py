@@ -54,6 +54,9 @@ RECORDS = PREFIX + "/localdelete"
 # flags separated by spaces (RFC 3501: "flag-list / (flag *(SP flag))")
 _STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\([^()]*\) )?(\S+) (\([^()]*\)|[^()]+)$", re.I | re.S)
 _MODIFIED_RE = re.compile(rb"\[MODIFIED ([0-9:,]+)\]", re.I)
+# Commands that may enable CONDSTORE (RFC 7162 3.1), and what in them does.
+_CONDSTORE_ENABLING = frozenset((b"ENABLE", b"SELECT", b"EXAMINE", b"FETCH", b"STORE", b"SEARCH", b"STATUS"))
+_CONDSTORE_ENABLING_RE = re.compile(rb"CONDSTORE|QRESYNC|MODSEQ|CHANGEDSINCE", re.I)
 _FETCH_FLAGS_RE = re.compile(rb"FLAGS \(([^)]*)\)", re.I)
 _UID_IN_FETCH_RE = re.compile(rb"[( ]UID (\d+)", re.I)
 _SAFE_DEVICE = re.compile(r"[a-z0-9._-]{1,64}")
@@ -73,6 +76,7 @@ def device_key(device_id: str) -> str:
 class LocalState:
     pending: set[int] = field(default_factory=set)  # UIDs marked for local deletion, not yet expunged
     qresync: bool = False
+    condstore: bool = False  # the client enabled CONDSTORE (RFC 7162 3.1): FETCH FLAGS carry MODSEQ
     marked: bool | None = None  # the device's server-level mark, as read at login (None: not known yet)
 
 
@@ -232,6 +236,9 @@ class LocalDeletePlugin(Plugin):
 
     def command(self, session, cmd):
         name = cmd.name
+        if name in _CONDSTORE_ENABLING and not self.state(session).condstore \
+                and _CONDSTORE_ENABLING_RE.search(cmd.line):
+            self.state(session).condstore = True
         if name == b"ENABLE":
             if b"QRESYNC" in cmd.line.upper():
                 self.state(session).qresync = True
@@ -275,7 +282,9 @@ class LocalDeletePlugin(Plugin):
         st = self.state(session)
         # A FLAGS replace that keeps \Deleted local must not clear the server's, another device's.
         keep_deleted = base == b"FLAGS" and (all_local or local)
-        if not (keep_deleted or local or (base in (b"-FLAGS", b"FLAGS") and st.pending)):
+        # (Pending local deletes end by a FLAGS replace, or a -FLAGS that names \Deleted: not by any -FLAGS.)
+        cancels = st.pending and (base == b"FLAGS" or (base == b"-FLAGS" and has_deleted))
+        if not (keep_deleted or local or cancels):
             return None
         if modifiers:
             return Defer(defer.Deferred.fromCoroutine(
@@ -318,7 +327,7 @@ class LocalDeletePlugin(Plugin):
             st.pending -= targets
         if op.upper().endswith(b".SILENT"):
             return Answer(b"OK Store completed.")
-        return Rewrite(b"%s UID FETCH %s (FLAGS)\r\n" % (tag, uidset))
+        return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, uidset, _flags_items(st)))
 
     async def _conditional_store(self, session, st: LocalState, cmd, m, flags: list, local: bool,
                                  keep_deleted: bool):
@@ -388,11 +397,13 @@ class LocalDeletePlugin(Plugin):
             cmd.state["localdelete_modified"] = SequenceSet.from_iterable(numbers).format()
         if not server_change:
             cmd.state[NO_SERVER_CHANGE] = True
-        if not updated or (silent and not server_change):
+        if not updated:
             return Answer(_store_done(cmd))
-        # The client gets the flags it now sees (silent: the MODSEQ that RFC 7162 asks for all the same).
+        # The client gets the flags it now sees, with their MODSEQ (.SILENT: the MODSEQ alone, which RFC
+        # 7162 3.1.3 asks for all the same).
+        st.condstore = True  # (UNCHANGEDSINCE enables CONDSTORE)
         return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, SequenceSet.from_iterable(updated).format(),
-                                                      b"MODSEQ" if silent else b"FLAGS"))
+                                                      b"MODSEQ" if silent else _flags_items(st)))
 
     @staticmethod
     async def _store_targets(session, view, uid, seqs: bytes) -> set[int] | Answer:
@@ -452,7 +463,7 @@ class LocalDeletePlugin(Plugin):
             return Answer(b"OK Store completed.")
         # Nothing for the server: report the flags the client now sees (server's + pending local ones).
         cmd.state[NO_SERVER_CHANGE] = True
-        return Rewrite(b"%s UID FETCH %s (FLAGS)\r\n" % (tag, uidset))
+        return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, uidset, _flags_items(st)))
 
     async def _expunge(self, session, st: LocalState, cmd):
         policy = self._policy()
@@ -550,6 +561,13 @@ class LocalDeletePlugin(Plugin):
             # The client sent STORE; the backend answered a FETCH or UID STORE: say what the client did.
             return Rewrite(resp.data[:len(cmd.tag) + 1] + _store_done(cmd) + b"\r\n")
         return None
+
+
+def _flags_items(st: LocalState) -> bytes:
+    """The FETCH items that tell a client its flags after a STORE the proxy carried out: with MODSEQ once
+    CONDSTORE is on (RFC 7162 3.1: every FETCH a STORE causes carries it; Dovecot adds it to its own
+    unsolicited FETCHes, not to the answers of a FETCH that does not ask)."""
+    return b"FLAGS MODSEQ" if st.condstore else b"FLAGS"
 
 
 def _store_done(cmd) -> bytes:

@@ -263,6 +263,7 @@ class PolicySession:
     mailbox: str | None = None
     reapply: bool = False                # preferences changed: re-apply them before the next command
     qresync: bool = False                # the client ENABLEd QRESYNC: VANISHED instead of EXPUNGE
+    vanish_check: bool = False           # a command in flight may owe VANISHED (EARLIER) (_early_vanished)
     growing_to: int | None = None        # the EXISTS whose new messages were just classified (_grow_view)
     # Unsolicited STATUS (NOTIFY) adjustments computed while the response was held, by mailbox.
     unsolicited_status: dict[str, Any] = field(default_factory=dict)
@@ -520,6 +521,8 @@ class PolicyPlugin(Plugin):
 
     def command(self, session, cmd):
         st = self.state(session)
+        if cmd.name in (b"SELECT", b"EXAMINE") and b"QRESYNC" in cmd.line.upper():
+            st.vanish_check = True
         if st.selecting is not None:
             # Pipelined behind a SELECT whose view is not built yet: its message numbers (and what it may
             # touch) are the view's, known once the SELECT completes.
@@ -644,6 +647,9 @@ class PolicyPlugin(Plugin):
             await self._plan_select(session, st, names[0], early)
             if st.plan is not None:
                 st.selecting = cmd  # (commands pipelined behind it wait for its view: see command())
+                line = _without_seq_match(cmd)
+                if line is not None:
+                    return Rewrite(line)
         elif cmd.name == b"STATUS":
             cmd.state["status_adjusts"] = {names[0]: await self.status_adjustment(session, st, names[0])}
         if cmd.name in (b"DELETE", b"RENAME"):
@@ -961,17 +967,21 @@ class PolicyPlugin(Plugin):
             if client is None:
                 return Drop()
             return None if client == head.number else Rewrite(b"* %d EXPUNGE\r\n" % client)
+        if st.vanish_check and name in (b"FETCH", b"VANISHED"):
+            early = self._early_vanished(session, st, view)
+            if early is not None:
+                action = _apply_vanished(view, resp.data) if name == b"VANISHED" else _fetch_response(view, resp)
+                if action is None:
+                    return Rewrite(early + resp.data)
+                if isinstance(action, Drop):
+                    return Drop(early + (action.data or b""))
+                return Rewrite(early + action.data)
         if name == b"VANISHED":
             return _apply_vanished(view, resp.data)
         if view.identity:
             return None
         if name == b"FETCH":
-            client = view.client_seq(head.number)
-            if client is None:
-                return Drop()
-            if client != head.number:
-                return Rewrite(b"* %d" % client + resp.data[resp.data.index(b" FETCH"):])
-            return None
+            return _fetch_response(view, resp)
         if name in (b"SEARCH", b"SORT"):
             return self._search_response(session, view, resp)
         if name == b"ESEARCH":
@@ -992,7 +1002,32 @@ class PolicyPlugin(Plugin):
         view = st.view if st is not None else None
         if view is None or st.pending_select:
             return None
-        return renumber_fetch_lines(block, view.client_map)
+        out = renumber_fetch_lines(block, view.client_map)
+        if out is not None and st.vanish_check:
+            early = self._early_vanished(session, st, view)
+            if early is not None:
+                out = early + out
+        return out
+
+    def _early_vanished(self, session, st: PolicySession, view: MailboxView) -> bytes | None:
+        """The ``* VANISHED (EARLIER)`` line the command now answered owes before its first FETCH response
+        (RFC 7162 3.2.5.1, 3.6: "before any FETCH responses", or the client maps numbers to UIDs wrong),
+        or None: none owed, or said already (decided once per command)."""
+        cmds = session.inflight_commands()
+        if not cmds or not _asks_vanished(cmds[0]) or cmds[0].state.get("vanished_sent"):
+            return None
+        return self._vanished_line(st, view, cmds[0]) or None
+
+    @staticmethod
+    def _vanished_line(st: PolicySession, view: MailboxView, cmd) -> bytes:
+        """A QRESYNC resync (RFC 7162 3.2.5, 3.6): messages hidden from the device since it last saw them
+        are gone for it. (VANISHED (EARLIER) may name UIDs the client never knew.) Once per command."""
+        cmd.state["vanished_sent"] = True
+        if view.identity:
+            return b""
+        known = cmd.state.get("vanished_in") or _qresync_known(cmd, view, st.plan.uidvalidity if st.plan else 0)
+        gone = view.hidden_uids & known if known is not None else None
+        return b"* VANISHED (EARLIER) " + gone.format() + b"\r\n" if gone else b""
 
     def block_ok(self, session, block: bytes) -> bool:
         st = session.state.get(self.name)
@@ -1022,14 +1057,12 @@ class PolicyPlugin(Plugin):
                            + b"\r\n")
         self._tagged_done(session, st, cmd, status)
         view = st.view
-        if status == b"OK" and view is not None and not view.identity and (
-                "vanished_in" in cmd.state or (cmd.name in (b"SELECT", b"EXAMINE") and b"QRESYNC" in cmd.line.upper())):
-            # A QRESYNC resync (RFC 7162 3.2.5, 3.6): messages hidden from the device since it last saw
-            # them are gone for it. (VANISHED (EARLIER) may name UIDs the client never knew.)
-            known = cmd.state.get("vanished_in") or _qresync_known(cmd, view, st.plan.uidvalidity if st.plan else 0)
-            gone = view.hidden_uids & known if known is not None else None
-            if gone:
-                return Rewrite(b"* VANISHED (EARLIER) " + gone.format() + b"\r\n" + resp.data)
+        if st.vanish_check and _asks_vanished(cmd):
+            st.vanish_check = any(_asks_vanished(c) for c in session.inflight_commands() if c is not cmd)
+            if status == b"OK" and view is not None and not cmd.state.get("vanished_sent"):
+                early = self._vanished_line(st, view, cmd)  # (the command had no FETCH response)
+                if early:
+                    return Rewrite(early + resp.data)
         code = resp.head.code
         if code is not None and code[:9].upper() == b"MODIFIED " and not cmd.uid and st.view is not None \
                 and not st.view.identity:
@@ -1077,6 +1110,7 @@ class PolicyPlugin(Plugin):
                 if name == b"FETCH" and st.qresync and _VANISHED_MODIFIER_RE.search(cmd.line, m.end(2)):
                     # (CHANGEDSINCE n VANISHED, RFC 7162 3.6: the hidden ones among them have vanished)
                     cmd.state["vanished_in"] = SequenceSet.from_canonical(requested.resolve(view.max_uid).ranges)
+                    st.vanish_check = True
                 if not allowed:
                     if name == b"FETCH" and not reads:
                         return None  # nothing visible: the backend answers with nothing, which is right
@@ -1904,6 +1938,44 @@ def _oldest(session, names) :
         if c.name in names:
             return c
     return None
+
+
+def _fetch_response(view: MailboxView, resp):
+    client = view.client_seq(resp.head.number)
+    if client is None:
+        return Drop()
+    if client != resp.head.number:
+        return Rewrite(b"* %d" % client + resp.data[resp.data.index(b" FETCH"):])
+    return None
+
+
+def _asks_vanished(cmd) -> bool:
+    """The command is a QRESYNC resync: UID FETCH (CHANGEDSINCE n VANISHED) or SELECT/EXAMINE (QRESYNC)."""
+    return "vanished_in" in cmd.state or (cmd.name in (b"SELECT", b"EXAMINE") and b"QRESYNC" in cmd.line.upper())
+
+
+_SEQ_MATCH_RE = re.compile(rb"QRESYNC\s*\(\s*\d+\s+\d+(?:\s+[\d:,*]+)?(\s*\([\d:,*\s]+\))\s*\)", re.I)
+
+
+def _without_seq_match(cmd) -> bytes | None:
+    """A SELECT/EXAMINE (QRESYNC (...)) without its seq-match-data (RFC 7162 3.2.5), or None if it has
+    none. The sample pairs are in the client's numbers, which the view changes: the backend, which uses
+    them when its own change log does not reach back far enough, would match them against its own numbers
+    and could leave out a real expunge. Without them it reports more VANISHED UIDs, never fewer."""
+    try:
+        args = cmd.args
+    except TokenError:
+        return None
+    params = args[1].items if len(args) > 1 and isinstance(args[1], ParenList) else []
+    if not any(isinstance(t, Atom) and t.upper() == b"QRESYNC" and isinstance(params[i + 1], ParenList)
+               and params[i + 1].items and isinstance(params[i + 1].items[-1], ParenList)
+               for i, t in enumerate(params[:-1])):
+        return None
+    line = cmd.line
+    m = _SEQ_MATCH_RE.search(line, line.upper().rfind(b"QRESYNC"))
+    if m is None:
+        return None
+    return line[:m.start(1)] + line[m.end(1):]
 
 
 def _qresync_known(cmd, view: MailboxView, uidvalidity: int) -> SequenceSet | None:

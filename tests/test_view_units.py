@@ -63,7 +63,7 @@ def test_client_map_follows_changes(v):
 
 
 def renumber(view, block: bytes) -> bytes | None:
-    session = SimpleNamespace(state={"policy": SimpleNamespace(view=view, pending_select=False)})
+    session = SimpleNamespace(state={"policy": SimpleNamespace(view=view, pending_select=False, vanish_check=False)})
     return PolicyPlugin.response_block(SimpleNamespace(name="policy"), session, block)
 
 

@@ -1,0 +1,181 @@
+"""CONDSTORE / QRESYNC (RFC 7162) through filtered views and local deletes, against real Dovecot: what a
+resyncing client is told must hold for the numbers it sees, and no real expunge may go unreported."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from cpmproxy.testing.dovecot import Dovecot
+from cpmproxy.testing.proxyproc import ProxyProcess
+from cpmproxy.testing.rawclient import RawIMAP
+from cpmproxy.testing.sample import make_object
+from tests.proxyfix import raw_via
+
+IMDN_OFF = "[policy]\nsync = { imdn = false }\n"
+
+
+def folder_of(dovecot, kinds: list[str]) -> tuple[str, list[int]]:
+    name = "CS" + uuid.uuid4().hex[:8]
+    return name, [dovecot.deliver("alice", name, make_object("imdn", seed=i) if k == "imdn"
+                                  else make_object("chat", text=f"m{i}", seed=i)) for i, k in enumerate(kinds)]
+
+
+def device(p, name: str = "phone") -> RawIMAP:
+    c = raw_via(p)
+    c.command(b"i", b'ID ("x-cpm-device-id" "%s")' % name.encode())
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    return c
+
+
+def code(r: list[bytes], name: bytes) -> int:
+    return int(re.search(rb"\[" + name + rb" (\d+)\]", b"".join(r)).group(1))
+
+
+def vanished_earlier(r: list[bytes]) -> set[int]:
+    out: set[int] = set()
+    for line in r:
+        m = re.match(rb"\* VANISHED \(EARLIER\) (\S+)\r\n", line)
+        for part in m.group(1).split(b",") if m else ():
+            a, _, b = part.partition(b":")
+            out |= set(range(int(a), int(b or a) + 1))
+    return out
+
+
+def first(r: list[bytes], prefix: bytes) -> int:
+    return next(i for i, x in enumerate(r) if x.startswith(prefix))
+
+
+@pytest.mark.parametrize("hider", ["policy", "localdelete"])
+def test_vanished_earlier_comes_before_the_fetch_responses(make_proxy, dovecot, hider):
+    """RFC 7162 3.2.5.1 and 3.6: VANISHED (EARLIER) before any FETCH response, or the client maps numbers
+    to UIDs wrong. The proxy's own (hidden UIDs the client knew) came just before the tagged OK."""
+    name, uids = folder_of(dovecot, ["chat", "imdn", "chat"] if hider == "policy" else ["chat"] * 3)
+    p = make_proxy(config_extra=IMDN_OFF)
+    c = device(p)
+    c.command(b"e", b"ENABLE QRESYNC")
+    r = c.command(b"s", b'SELECT "%s"' % name.encode())
+    uidvalidity, since = code(r, b"UIDVALIDITY"), code(r, b"HIGHESTMODSEQ")
+    if hider == "localdelete":
+        assert c.command(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % uids[1])[-1].startswith(b"d OK")
+        assert c.command(b"x", b"EXPUNGE")[-1].startswith(b"x OK")
+    c.close()
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(name)
+    d.add_flags([uids[2]], [b"\\Seen"])
+    d.logout()
+    c = device(p)
+    c.command(b"e", b"ENABLE QRESYNC")
+    r = c.command(b"s", b'SELECT "%s" (QRESYNC (%d %d %d:%d))' % (name.encode(), uidvalidity, since, uids[0], uids[2]))
+    assert vanished_earlier(r) == {uids[1]}, r
+    assert first(r, b"* VANISHED (EARLIER)") < first(r, b"* 2 FETCH"), r
+    r = c.command(b"f", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % since)
+    assert vanished_earlier(r) == {uids[1]} and r[-1].startswith(b"f OK"), r
+    assert first(r, b"* VANISHED (EARLIER)") < first(r, b"* 2 FETCH"), r
+    # Said once per command: a second FETCH of the same command's answer carries no other VANISHED.
+    assert sum(x.startswith(b"* VANISHED") for x in r) == 1, r
+    c.close()
+
+
+# Dovecot rotates its transaction log at every write: an old modseq then cannot be resolved from the log,
+# and Dovecot falls back on the client's seq-match-data (RFC 7162 3.2.5) to decide what it reports.
+ROTATE_EVERY_WRITE = """
+mail_index_log_rotate_min_size = 0
+mail_index_log_rotate_max_size = 1
+mail_index_log2_max_age = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def rotating_dovecot(tmp_path_factory):
+    d = Dovecot(tmp_path_factory.mktemp("rotating"), users={"alice": "alicepw"}, extra_config=ROTATE_EVERY_WRITE)
+    d.start()
+    yield d
+    d.close()
+
+
+def test_qresync_sample_pairs_in_the_devices_numbers_hide_no_expunge(rotating_dovecot, tmp_path):
+    """A device's seq-match-data ``(1,3 1,4)`` is in its own numbers: passed on, Dovecot (its log rotated)
+    matched the pair against its numbers, where a hidden IMDN stood in for an expunged message, and left
+    that expunge out of VANISHED: the device kept a message that no longer exists."""
+    dove = rotating_dovecot
+    p = ProxyProcess(tmp_path / "p", dove.port, config_extra=IMDN_OFF).start()
+    try:
+        name, uids = folder_of(dove, ["chat", "chat", "imdn", "chat"])  # the device's 1, 2, -, 3
+        c = device(p)
+        c.command(b"e", b"ENABLE QRESYNC")
+        r = c.command(b"s", b'SELECT "%s"' % name.encode())
+        uidvalidity, since = code(r, b"UIDVALIDITY"), code(r, b"HIGHESTMODSEQ")
+        c.close()
+        d = dove.imap_direct("alice", tls="none")
+        d.select_folder(name)
+        for i in range(6):  # (each write rotates the log: the device's modseq is out of its reach)
+            d.add_flags([uids[0]], [f"k{i}".encode()])
+            d.noop()
+        d.delete_messages([uids[1]])
+        d.expunge()
+        d.add_flags([uids[0]], [b"k9"])
+        d.logout()
+        c = device(p)
+        c.command(b"e", b"ENABLE QRESYNC")
+        r = c.command(b"s", b'SELECT "%s" (QRESYNC (%d %d %d:%d (1,3 %d,%d)))'
+                      % (name.encode(), uidvalidity, since, uids[0], uids[3], uids[0], uids[3]))
+        assert r[-1].startswith(b"s OK"), r
+        assert uids[1] in vanished_earlier(r), r
+        assert b"* 2 EXISTS\r\n" in r, r
+        c.close()
+    finally:
+        p.stop()
+
+
+@pytest.mark.parametrize("store", [b"STORE 2 +FLAGS (\\Deleted $LocalDelete)",
+                                   b"STORE 2 (UNCHANGEDSINCE 100000) +FLAGS (\\Deleted $LocalDelete)",
+                                   b"STORE 2 (UNCHANGEDSINCE 100000) +FLAGS.SILENT (\\Deleted $LocalDelete)"])
+def test_local_delete_store_answers_with_modseq_under_condstore(make_proxy, dovecot, store):
+    """RFC 7162 3.1: once CONDSTORE is on, the FETCHes a STORE causes carry UID and MODSEQ (3.1.3: with
+    UNCHANGEDSINCE even for .SILENT). The proxy answers a local delete with a FETCH of its own, which
+    Dovecot answered without MODSEQ; the silent conditional one had no FETCH at all."""
+    name, uids = folder_of(dovecot, ["chat"] * 3)
+    p = make_proxy()
+    c = device(p, "A")
+    c.command(b"c", b"ENABLE CONDSTORE")
+    c.command(b"s", b'SELECT "%s"' % name.encode())
+    r = c.command(b"d", store)
+    assert r[-1].startswith(b"d OK"), r
+    fetches = [x for x in r if x.startswith(b"* 2 FETCH ")]
+    assert fetches and all(b"MODSEQ (" in x and b"UID " in x for x in fetches), r
+    c.close()
+
+
+def test_local_delete_store_without_condstore_has_no_modseq(make_proxy, dovecot):
+    name, uids = folder_of(dovecot, ["chat"] * 2)
+    p = make_proxy()
+    c = device(p, "A")
+    c.command(b"s", b'SELECT "%s"' % name.encode())
+    r = c.command(b"d", b"STORE 2 +FLAGS (\\Deleted $LocalDelete)")
+    assert r[-1].startswith(b"d OK") and b"$LocalDelete" in r[0] and b"MODSEQ" not in r[0], r
+    c.close()
+
+
+@pytest.mark.parametrize("modifier", [b"", b"(UNCHANGEDSINCE 100000) "])
+def test_removing_another_flag_keeps_a_pending_local_delete(make_proxy, dovecot, modifier):
+    """RFC 3501: -FLAGS removes the flags it lists. Any -FLAGS cancelled a pending local delete, so the
+    next EXPUNGE left the message in place."""
+    name, uids = folder_of(dovecot, ["chat"] * 3)
+    p = make_proxy()
+    c = device(p, "A")
+    c.command(b"c", b"ENABLE CONDSTORE")
+    c.command(b"s", b'SELECT "%s"' % name.encode())
+    assert c.command(b"d", b"STORE 2 +FLAGS.SILENT (\\Seen \\Deleted $LocalDelete)")[-1].startswith(b"d OK")
+    r = c.command(b"u", b"STORE 2 " + modifier + b"-FLAGS (\\Seen)")
+    assert r[-1].startswith(b"u OK"), r
+    fetched = b"".join(x for x in r if x.startswith(b"* 2 FETCH"))
+    assert b"\\Deleted" in fetched and b"$LocalDelete" in fetched and b"\\Seen" not in fetched, r
+    assert b"* 2 EXPUNGE\r\n" in c.command(b"e", b"EXPUNGE")
+    server = dovecot.imap_direct("alice", tls="none")
+    server.select_folder(name, readonly=True)
+    assert server.search("ALL") == uids  # (a local delete: the server keeps it)
+    server.logout()
+    c.close()
