@@ -407,6 +407,8 @@ class UserWatch:
         if before is not None and b"HIGHESTMODSEQ" in items and all(before.get(k) == v for k, v in items.items()):
             return None
         now = self.mailboxes[mailbox] = {**(before or {}), **items}
+        if before is None and items.get(b"MESSAGES") == 0:
+            return None  # a new, empty mailbox: no message event (its MailboxName event tells of it)
         uidvalidity = now.get(b"UIDVALIDITY")
         event, uids = "MessageNew", ()
         if before is not None:

@@ -692,3 +692,23 @@ def test_a_watch_that_lost_its_connection_reports_nothing():
     watch.is_ready, watch._keepalive, watch.closed = True, None, True
     watch._lost()
     assert not watch.reporting() and not watch.notifying
+
+
+def test_watch_events_from_status():
+    """What the watch makes of Dovecot's NOTIFY STATUS lines: a new, empty mailbox is no message event
+    (it was a MessageNew without UIDs, which push sent to every offline device); new UIDs from UIDNEXT,
+    expunges from MESSAGES, flag changes from HIGHESTMODSEQ; an unchanged re-announcement is nothing."""
+    from plugins.notify import UserWatch
+
+    watch = UserWatch(None, "alice")
+
+    def event(mailbox: str, items: bytes):
+        e = watch._status_event(mailbox, b"* STATUS %s (%s)\r\n" % (mailbox.encode(), items))
+        return e and (e.event, e.uids)
+
+    assert event("New", b"MESSAGES 0 UIDNEXT 1 UIDVALIDITY 7 HIGHESTMODSEQ 1") is None
+    assert event("New", b"MESSAGES 2 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 3") == ("MessageNew", (1, 2))
+    assert event("New", b"MESSAGES 2 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 3") is None
+    assert event("New", b"MESSAGES 2 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 4") == ("FlagChange", ())
+    assert event("New", b"MESSAGES 1 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 5") == ("MessageExpunge", ())
+    assert event("Full", b"MESSAGES 4 UIDNEXT 9 UIDVALIDITY 8 HIGHESTMODSEQ 9") == ("MessageNew", ())
