@@ -36,7 +36,6 @@ from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 from twisted.internet import defer, reactor
-from twisted.internet.ssl import Certificate
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -44,6 +43,7 @@ from twisted.web.http_headers import Headers
 from cpmproxy.config import ConfigError
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.proxy.hooks import Plugin
+from cpmproxy.tlstrust import trust_from_file
 from plugins.cpm import PREFIX
 from plugins.localdelete import device_key
 from plugins.notify import TOPIC, ChangeEvent
@@ -100,11 +100,7 @@ class PushPlugin(Plugin):
         if self.offline_watch < 0:
             raise ConfigError("plugin.push.offline_watch: expected seconds >= 0 (0: off)")
         if self.ca_file:
-            try:
-                with open(self.ca_file, "rb") as f:
-                    self._trust = Certificate.loadPEM(f.read())
-            except OSError as e:
-                raise ConfigError(f"plugin.push.ca_file: {e}") from None
+            self._trust = trust_from_file(self.ca_file, "plugin.push.ca_file")
         else:
             self._trust = None
 

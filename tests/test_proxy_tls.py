@@ -45,3 +45,35 @@ def test_backend_untrusted_ca_refused(make_proxy, tmp_path):
     p = make_proxy(backend_tls="implicit", ca_file=str(other.ca_cert))
     with raw_via(p) as c:
         assert c.login("alice", "alicepw")[-1].startswith(b"L NO [UNAVAILABLE]")
+
+
+def test_backend_ca_bundle_is_read_whole(make_proxy, dovecot, tmp_path):
+    """``backend.ca_file`` is a CA bundle: the backend's CA after another one in the file (as in the
+    system's ca-certificates.crt) must verify. Only the first certificate was read: every login failed."""
+    other = make_ca_and_cert(tmp_path / "other-ca")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(other.ca_cert.read_bytes() + b"\n" + dovecot.certs.ca_cert.read_bytes())
+    p = make_proxy(backend_tls="starttls", ca_file=str(bundle))
+    with raw_via(p) as c:
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+
+
+def test_backend_ca_file_that_is_no_bundle_fails_the_check(tmp_path):
+    """A ``ca_file`` with no certificate in it passed ``--check``; every login then failed with an internal
+    error and a traceback."""
+    from cpmproxy.config import ConfigError
+    from cpmproxy.proxy.service import check_config
+
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    for ca, reason in ((junk, "no PEM certificate"), (broken, "cannot be read"), (tmp_path / "none.pem", "no such file")):
+        config = tmp_path / "c.toml"
+        config.write_text(f'[backend]\nhost = "127.0.0.1"\ntls = "starttls"\nca_file = "{ca}"\n')
+        try:
+            check_config(str(config))
+        except ConfigError as e:
+            assert str(e).startswith("backend.ca_file: ") and reason in str(e), e
+        else:
+            raise AssertionError(f"{ca}: accepted")

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer, tcp
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Run, Segment, lines_of, run_events
 from cpmproxy.imap.tokens import TokenError, parse_response_head, quote
 from cpmproxy.proxy.wire import adapt_read_size, send_chunks
+from cpmproxy.tlstrust import trust_from_file
 
 if TYPE_CHECKING:
     from cpmproxy.config import Config
@@ -224,12 +225,23 @@ class _BackendFactory(Factory):
         return p
 
 
+_tls_cache: tuple | None = None  # (config, its options): the CA file is read once per configuration
+
+
+def backend_tls_options(config: Config):
+    """The TLS client options for the backend: ConfigError if ``ca_file`` is no CA bundle. Built once per
+    configuration (a reload re-reads the file), not at every login."""
+    global _tls_cache
+    if _tls_cache is None or _tls_cache[0] is not config:
+        _tls_cache = (config, _tls_options(config))
+    return _tls_cache[1]
+
+
 def _tls_options(config: Config):
     b = config.backend
     name = b["server_name"] or b["host"]
     if b["ca_file"]:
-        with open(b["ca_file"], "rb") as f:
-            trust = Certificate.loadPEM(f.read())
+        trust = trust_from_file(b["ca_file"], "backend.ca_file")
     else:
         trust = platformTrust()
     # optionsForClientTLS verifies the chain and, with service_identity, the hostname/IP.
@@ -252,7 +264,7 @@ async def connect_backend(reactor, config: Config) -> tuple[BackendProtocol, lis
     b = config.backend
     endpoint = _tcp_endpoint(reactor, b["host"], b["port"], b["connect_timeout"])
     if b["tls"] == "implicit":
-        endpoint = wrapClientTLS(_tls_options(config), endpoint)
+        endpoint = wrapClientTLS(backend_tls_options(config), endpoint)
     factory = _BackendFactory(config.limits["max_backend_line"])
     try:
         proto: BackendProtocol = await endpoint.connect(factory)
@@ -270,7 +282,7 @@ async def connect_backend(reactor, config: Config) -> tuple[BackendProtocol, lis
             if proto.framer.buffered:
                 # Bytes after the OK were sent in plaintext before TLS: an injection attempt.
                 raise BackendError("backend sent data after STARTTLS OK")
-            proto.transport.startTLS(_tls_options(config))
+            proto.transport.startTLS(backend_tls_options(config))
             caps = None  # capabilities before TLS must not be trusted
         if caps is None:
             reply = await proto.command(b"CAPABILITY")

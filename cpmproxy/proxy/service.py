@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from cpmproxy import __version__
 from cpmproxy.config import Config, ConfigError, load_config
+from cpmproxy.proxy.backend import backend_tls_options
 from cpmproxy.proxy.hooks import Plugin, overrides
 from cpmproxy.proxy.metrics import Metrics
 from cpmproxy.proxy.session import ClientSession
@@ -157,6 +158,8 @@ def check_config(path: str, adopt_sockets: bool = False) -> Config:
     config = load_config(path, plugin_sections())
     load_plugins(config, None)
     _server_tls(config)
+    if config.backend["tls"] != "none":
+        backend_tls_options(config)
     for desc in config.proxy["listen"] + ([config.metrics["listen"]] if config.metrics["listen"] else []):
         _check_endpoint(desc, adopt_sockets)
     return config
@@ -487,8 +490,14 @@ class ProxyService(service.MultiService):
             new = load_config(path, plugin_sections())
             load_plugins(new, None)  # (every plugin's settings checked before a running one is touched)
             tls = _server_tls(new)
+            if new.backend["tls"] != "none":
+                backend_tls_options(new)
         except ConfigError as e:
             log.error("reload failed, keeping the old configuration: {error}", error=str(e))
+            self.metrics.reloads.labels(result="failed").inc()
+            return
+        except Exception:  # (a check's own bug: the running configuration stays all the same)
+            log.failure("reload failed, keeping the old configuration")
             self.metrics.reloads.labels(result="failed").inc()
             return
         try:
