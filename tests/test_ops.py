@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -299,6 +300,34 @@ def test_twist_plugin_runs(dovecot, tmp_path, reactor):
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
     assert ("ProxyReactor" if reactor else "EPollReactor") in proc.stdout.read().decode()
+
+
+@pytest.mark.parametrize("broken", ["config", "listener"])
+def test_twist_plugin_fails_cleanly(tmp_path, broken):
+    """Under twist, a refused configuration is one line and EX_USAGE (it was a traceback), and a listener
+    that cannot start ends the process with status 1 (it went on running with no listener at all)."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    config = tmp_path / "c.toml"
+    if broken == "config":
+        config.write_text("[limits]\nmax_line = -1\n")
+    else:
+        config.write_text(f'[proxy]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n[backend]\nhost = "127.0.0.1"\n')
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    twist = Path(sys.executable).with_name("twist")
+    try:
+        done = subprocess.run([str(twist), "cpmproxy", "--config", str(config)], env=env, capture_output=True,
+                              text=True, cwd=ROOT, timeout=30)
+    finally:
+        busy.close()
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out, out
+    if broken == "config":
+        assert done.returncode == 64 and "limits.max_line" in out, out
+    else:
+        assert done.returncode == 1 and "cannot start" in out, out
 
 
 def test_login_hooks_run_after_those_of_the_plugins_they_require():
