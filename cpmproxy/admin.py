@@ -63,6 +63,12 @@ def _connect(config: Config, user: str) -> imaplib.IMAP4:
         except OSError:
             pass
         raise AdminError(f"the backend refused the master login as user {user}: {_text(e)}") from None
+    typ, data = conn.capability()
+    if typ == "OK" and b"XCPM-LOCALDELETE" in b" ".join(d for d in data if isinstance(d, bytes)).upper().split():
+        # A proxy hides the records from its clients: the listing would say "0", the restore do nothing.
+        conn.logout()
+        raise AdminError(f"{b['host']}:{b['port']} is a cpmproxy (it offers XCPM-LOCALDELETE), which hides "
+                         "these records: [backend] must name the IMAP server itself")
     return conn
 
 

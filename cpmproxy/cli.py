@@ -72,16 +72,23 @@ def run(config_path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cpmproxy import __version__
+
     parser = argparse.ArgumentParser(prog="cpmproxy", description="OMA CPM message-storage IMAP proxy")
-    parser.add_argument("--config", help="path to cpmproxy.toml (required)")
+    parser.add_argument("-c", "--config", help="path to cpmproxy.toml (required)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--version", action="version", version=f"cpmproxy {__version__}")
     sub = parser.add_subparsers(dest="command")
-    ld = sub.add_parser("localdelete", help="list or restore a device's local deletions (master login)")
-    ld.add_argument("action", choices=["list", "restore"])
-    ld.add_argument("--user", required=True)
-    ld.add_argument("--device", required=True)
-    ld.add_argument("--mailbox")
-    ld.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    ld = sub.add_parser(
+        "localdelete", help="list or restore a device's local deletions (master login)",
+        description="A device's local deletions, read from the backend with the [admin] master login. "
+                    "list: prints mailbox<TAB>UIDs for each mailbox with some. restore: removes the records, "
+                    "so the messages are shown to the device again at its next SELECT.")
+    ld.add_argument("action", choices=["list", "restore"], help="list the records, or remove them")
+    ld.add_argument("--user", required=True, help="the user (login name)")
+    ld.add_argument("--device", required=True, help="the device id (its ID x-cpm-device-id)")
+    ld.add_argument("--mailbox", help="only this mailbox (default: every mailbox of the user)")
+    ld.add_argument("-c", "--config", dest="sub_config", metavar="PATH", help="path to cpmproxy.toml (as before the command)")
     args = parser.parse_args(argv)
     args.config = getattr(args, "sub_config", None) or args.config
     if not args.config:

@@ -339,6 +339,20 @@ def test_admin_list_and_restore(make_proxy, dovecot, tmp_path):
     assert admin("list").stdout.strip() == ""
 
 
+def test_admin_pointed_at_a_proxy_is_refused(make_proxy, tmp_path):
+    """``[backend]`` naming a cpmproxy instead of the IMAP server: the proxy hides the records, so the
+    listing said "0 message(s)" and exit 0 (and a restore did nothing). Now refused with the reason."""
+    pw = tmp_path / "admin.pw"
+    pw.write_text("adminpw\n")
+    p = make_proxy(config_extra=f'[admin]\nmaster_user = "admin"\nmaster_password_file = "{pw}"\n')
+    config = tmp_path / "at-the-proxy.toml"
+    config.write_text(f'[backend]\nhost = "127.0.0.1"\nport = {p.port}\ntls = "none"\n'
+                      f'[admin]\nmaster_user = "admin"\nmaster_password_file = "{pw}"\n')
+    r = subprocess.run([sys.executable, "-m", "cpmproxy.cli", "-c", str(config), "localdelete", "list",
+                        "--user", "alice", "--device", "phone-9"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert r.returncode == 1 and "is a cpmproxy" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def big_folder(dovecot, n: int, user: str = "alice") -> str:
     """A folder of ``n`` messages (UIDs 1..n), by pipelined APPENDs straight to Dovecot."""
     folder = "Default/tel:+1999" + uuid.uuid4().hex[:8]
