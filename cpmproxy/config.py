@@ -7,13 +7,14 @@ is on. Plugins own their own tables (``[plugin.NAME]``, or a top-level section t
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["ConfigError", "Config", "load_config", "parse_config"]
+__all__ = ["ConfigError", "Config", "load_config", "parse_config", "has_type", "unknown_key", "wrong_type"]
 
 
 class ConfigError(Exception):
@@ -43,7 +44,20 @@ def _non_negative(v: Any) -> str | None:
 
 
 def _str_list(v: Any) -> str | None:
-    return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
+    return None if all(isinstance(x, str) for x in v) else "must be an array of strings"
+
+
+def _not_empty(v: Any) -> str | None:
+    return None if v else "must not be empty"
+
+
+def _resp_text(v: Any) -> str | None:
+    """The greeting goes out as IMAP resp-text (RFC 3501 ``text``: 1*TEXT-CHAR, 7-bit, no CR/LF): a CR or LF
+    would start a protocol line of the operator's making, other controls and 8-bit text break clients."""
+    if not v:
+        return "must not be empty"
+    bad = next((c for c in v if not (c.isascii() and c.isprintable())), None)
+    return None if bad is None else f"must be printable ASCII text (found {bad!r})"
 
 
 SCHEMA: dict[str, dict[str, Opt]] = {
@@ -53,19 +67,21 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "plaintext_auth": Opt(str, "loopback", _one_of("loopback", "always", "never")),
         "tls_cert": Opt(str, "", None, "PEM certificate (chain) offered on STARTTLS"),
         "tls_key": Opt(str, "", None, "PEM private key for tls_cert"),
-        "device_id_field": Opt(str, "x-cpm-device-id"),
-        "greeting": Opt(str, "cpmproxy ready."),
+        "device_id_field": Opt(str, "x-cpm-device-id", _not_empty),
+        "greeting": Opt(str, "cpmproxy ready.", _resp_text),
         "shutdown_grace": Opt((int, float), 5.0, _non_negative,
                               "seconds to let sessions finish a response on shutdown"),
     },
     "backend": {
-        "host": Opt(str, "127.0.0.1"),
+        "host": Opt(str, "127.0.0.1", _not_empty),
         "port": Opt(int, 143, lambda v: None if 0 < v < 65536 else "must be a TCP port"),
         "tls": Opt(str, "none", _one_of("none", "starttls", "implicit")),
         "ca_file": Opt(str, "", None, "CA bundle to verify the backend; empty: system trust store"),
         "server_name": Opt(str, "", None, "name checked in the backend certificate (default: host)"),
         "connect_timeout": Opt((int, float), 10.0, _positive),
         "login_timeout": Opt((int, float), 30.0, _positive),
+        "username_case": Opt(str, "lower", _one_of("lower", "exact"),
+                             "how the backend folds login names (Dovecot's auth_username_format %Lu: lower)"),
     },
     "limits": {
         "max_line": Opt(int, 65536, _positive, "longest command line (bytes)"),
@@ -92,7 +108,7 @@ SCHEMA: dict[str, dict[str, Opt]] = {
     "admin": {
         "master_user": Opt(str, "", None, "backend master user for `cpmproxy localdelete` (Dovecot: user*master)"),
         "master_password_file": Opt(str, "", None, "file holding the master user's password"),
-        "separator": Opt(str, "*", None, "Dovecot's auth_master_user_separator"),
+        "separator": Opt(str, "*", _not_empty, "Dovecot's auth_master_user_separator"),
     },
     "metrics": {
         "listen": Opt(str, "", None, "endpoint for the Prometheus text endpoint; empty: off"),
@@ -104,6 +120,10 @@ SCHEMA: dict[str, dict[str, Opt]] = {
 }
 
 TOP_LEVEL = {"plugins", "plugin"}
+
+# File settings of plugin tables, resolved against the config file's directory like the core ones (a
+# plugin sees its own table only, not where the file is).
+PLUGIN_FILES = (("push", "ca_file"),)
 
 
 @dataclass
@@ -134,25 +154,44 @@ def master_login(config: Config, user: str) -> tuple[str, str]:
     return f"{user}{admin['separator']}{admin['master_user']}", password
 
 
-def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+def unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+    """``where`` is the table's prefix (``"limits."``, ``"plugin.push."``); the nearest known key is offered."""
     hint = difflib.get_close_matches(key, known, n=1)
     more = f" (did you mean {hint[0]!r}?)" if hint else ""
     return ConfigError(f"{where}{key}: unknown key{more}")
 
 
+# TOML's names for the types tomllib gives (an operator writes TOML, not Python).
+_TOML_TYPES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table",
+               datetime.datetime: "date-time", datetime.date: "date", datetime.time: "time"}
+
+
+def _toml_type(kind: type) -> str:
+    return _TOML_TYPES.get(kind, kind.__name__)
+
+
+def has_type(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """``isinstance``, except that a boolean is no integer (TOML's ``true`` is not 1)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)
+
+
+def wrong_type(key: str, kind: type | tuple[type, ...], value: Any) -> ConfigError:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return ConfigError(f"{key}: expected {' or '.join(map(_toml_type, kinds))}, got {_toml_type(type(value))}")
+
+
 def _validate_section(name: str, raw: Any) -> dict[str, Any]:
     schema = SCHEMA[name]
     if not isinstance(raw, dict):
-        raise ConfigError(f"[{name}] must be a table")
+        raise ConfigError(f"{name}: expected a table ([{name}]), got {_toml_type(type(raw))}")
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in schema:
-            raise _unknown(key, list(schema), f"{name}.")
+            raise unknown_key(key, list(schema), f"{name}.")
         opt = schema[key]
-        if isinstance(value, bool) or not isinstance(value, opt.kind):
-            kinds = opt.kind if isinstance(opt.kind, tuple) else (opt.kind,)
-            raise ConfigError(f"{name}.{key}: expected {' or '.join(k.__name__ for k in kinds)}, "
-                              f"got {type(value).__name__}")
+        if not has_type(value, opt.kind):
+            raise wrong_type(f"{name}.{key}", opt.kind, value)
         if opt.check is not None and (msg := opt.check(value)):
             raise ConfigError(f"{name}.{key}: {msg}")
         out[key] = value
@@ -161,44 +200,74 @@ def _validate_section(name: str, raw: Any) -> dict[str, Any]:
     return out
 
 
+def _resolve(base: Path, value: str) -> Path:
+    """A file setting: relative to the config file's directory."""
+    return Path(value) if Path(value).is_absolute() else base / value
+
+
+def _plugin_tables(raw: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"plugin: expected a table of plugin tables ([plugin.NAME]), got {_toml_type(type(raw))}")
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"plugin.{name}: expected a table ([plugin.{name}]), got {_toml_type(type(table))}")
+    return {name: dict(table) for name, table in raw.items()}
+
+
+def _push_needs_master(push: dict[str, Any], admin: dict[str, Any]) -> bool:
+    """Push for users with no device connected, without the [admin] master user. (Only when the settings
+    have their types: a wrong one is the plugin's to report, not this rule's.)"""
+    url, offline_watch = push.get("url"), push.get("offline_watch")
+    if not (isinstance(url, str) and url) or not (offline_watch is None or has_type(offline_watch, (int, float))):
+        return False
+    return offline_watch != 0 and not (admin["master_user"] and admin["master_password_file"])
+
+
 def parse_config(data: dict[str, Any], path: Path | None = None,
                  plugin_sections: frozenset[str] = frozenset()) -> Config:
     """Validate a parsed TOML document. ``plugin_sections``: extra top-level tables plugins own."""
     known = list(SCHEMA) + sorted(TOP_LEVEL) + sorted(plugin_sections)
     for key in data:
         if key not in known:
-            raise _unknown(key, known, "")
+            raise unknown_key(key, known, "")
     sections = {name: _validate_section(name, data.get(name, {})) for name in SCHEMA}
     plugins = data.get("plugins")
     if plugins is not None and (not isinstance(plugins, list) or _str_list(plugins)):
-        raise ConfigError("plugins: must be a list of plugin names")
-    plugin_tables = data.get("plugin", {})
-    if not isinstance(plugin_tables, dict) or not all(isinstance(v, dict) for v in plugin_tables.values()):
-        raise ConfigError("plugin: must contain one table per plugin ([plugin.NAME])")
+        raise ConfigError("plugins: must be an array of plugin names")
+    plugin_tables = _plugin_tables(data.get("plugin", {}))
+    extra = {k: data[k] for k in plugin_sections if k in data}
+    for name, table in extra.items():
+        if not isinstance(table, dict):  # (before the plugin reads it)
+            raise ConfigError(f"{name}: expected a table ([{name}]), got {_toml_type(type(table))}")
     if not sections["proxy"]["listen"]:
         raise ConfigError("proxy.listen: at least one endpoint is needed")
     if bool(sections["proxy"]["tls_cert"]) != bool(sections["proxy"]["tls_key"]):
         raise ConfigError("proxy.tls_cert and proxy.tls_key go together")
+    limits = sections["limits"]
+    if limits["auth_failure_delay_max"] < limits["auth_failure_delay"]:
+        raise ConfigError(f"limits.auth_failure_delay_max: must be >= limits.auth_failure_delay "
+                          f"({limits['auth_failure_delay']})")
     base = path.parent if path else Path.cwd()
     for sec, key in (("proxy", "tls_cert"), ("proxy", "tls_key"), ("backend", "ca_file"),
                      ("admin", "master_password_file")):
         value = sections[sec][key]
         if value:
-            p = (base / value) if not Path(value).is_absolute() else Path(value)
+            p = _resolve(base, value)
             if not p.is_file():
-                raise ConfigError(f"{sec}.{key}: no such file: {p}")
+                raise ConfigError(f"{sec}.{key}: {'not a regular file' if p.exists() else 'no such file'}: {p}")
             sections[sec][key] = str(p)
+    for name, key in PLUGIN_FILES:
+        value = plugin_tables.get(name, {}).get(key)
+        if isinstance(value, str) and value:  # (the plugin checks the type, and opens the file)
+            plugin_tables[name][key] = str(_resolve(base, value))
     if sections["backend"]["tls"] == "none" and sections["backend"]["ca_file"]:
         raise ConfigError("backend.ca_file is set but backend.tls is 'none'")
     # (The one cross-table rule of a plugin, checked here: a plugin sees only its own table.)
-    push = plugin_tables.get("push", {})
-    if push.get("url") and push.get("offline_watch") != 0 and not (
-            sections["admin"]["master_user"] and sections["admin"]["master_password_file"]):
+    if _push_needs_master(plugin_tables.get("push", {}), sections["admin"]):
         raise ConfigError("plugin.push: pushes for users with no device connected need the [admin] master "
                           "user (master_user, master_password_file); set plugin.push.offline_watch = 0 to push "
                           "only while one of the user's devices is connected")
-    extra = {k: data[k] for k in plugin_sections if k in data}
-    return Config(plugins=plugins, plugin=dict(plugin_tables), extra=extra, path=path, **sections)
+    return Config(plugins=plugins, plugin=plugin_tables, extra=extra, path=path, **sections)
 
 
 def load_config(path: str | Path, plugin_sections: frozenset[str] = frozenset()) -> Config:

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from cpmproxy.config import ConfigError
+from cpmproxy.config import ConfigError, has_type, unknown_key, wrong_type
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.proxy.hooks import Plugin
 from cpmproxy.tlstrust import trust_from_file
@@ -59,6 +59,21 @@ _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII 
 _FETCHED_HEADERS = re.compile(rb"UID (\d+)[^{]*\{(\d+)\}\r\n", re.S)
 _SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "max_retries": int,
              "backoff": (int, float), "max_backoff": (int, float), "offline_watch": (int, float), "include_headers": list}
+
+
+# The sender's numbers and their least values (max_queue = 0 failed at the first event).
+_AT_LEAST = {"max_queue": 1, "max_retries": 0, "backoff": 0, "max_backoff": 0}
+
+
+def _check_ranges(settings: dict) -> None:
+    if not settings.get("timeout", 10.0) > 0:  # (0 times every attempt out at once)
+        raise ConfigError("plugin.push.timeout: must be > 0 (seconds)")
+    for key, least in _AT_LEAST.items():
+        if settings.get(key, least) < least:
+            raise ConfigError(f"plugin.push.{key}: must be >= {least}")
+    backoff = settings.get("backoff", 1.0)
+    if settings.get("max_backoff", 300.0) < backoff:
+        raise ConfigError(f"plugin.push.max_backoff: must be >= plugin.push.backoff ({backoff})")
 
 
 class PushPlugin(Plugin):
@@ -81,9 +96,9 @@ class PushPlugin(Plugin):
         self._agent = None  # (made again with the trust root and timeout set here)
         for key, value in settings.items():
             if key not in _SETTINGS:
-                raise ConfigError(f"plugin.push.{key}: unknown key")
-            if not isinstance(value, _SETTINGS[key]) or isinstance(value, bool):
-                raise ConfigError(f"plugin.push.{key}: wrong type")
+                raise unknown_key(key, list(_SETTINGS), "plugin.push.")
+            if not has_type(value, _SETTINGS[key]):
+                raise wrong_type(f"plugin.push.{key}", _SETTINGS[key], value)
         self.url = settings.get("url", "")
         if self.url:
             check_url(self.url)
@@ -99,6 +114,7 @@ class PushPlugin(Plugin):
             raise ConfigError("plugin.push.include_headers: expected header names, e.g. [\"From\", \"Subject\"]")
         if self.offline_watch < 0:
             raise ConfigError("plugin.push.offline_watch: expected seconds >= 0 (0: off)")
+        _check_ranges(settings)
         if self.ca_file:
             self._trust = trust_from_file(self.ca_file, "plugin.push.ca_file")
         else:

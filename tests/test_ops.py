@@ -96,7 +96,7 @@ def test_systemd_endpoint_checked_without_sockets_and_clear_when_missing(tmp_pat
     conf.write_text('[proxy]\nlisten = ["systemd:domain=INET:index=0"]\n')
     _one_line_reason(_cli("--config", str(conf)),
                      "listen endpoint systemd:domain=INET:index=0: no socket passed by systemd "
-                     "(index 0; LISTEN_FDS unset)")
+                     "(index 0; none passed: LISTEN_FDS and LISTEN_FDNAMES are both needed)")
     conf.write_text('[proxy]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
                     '[metrics]\nlisten = "systemd:domain=INET:name=metrics"\n')
     _one_line_reason(_cli("--config", str(conf)), "no socket passed by systemd (name 'metrics'; ")

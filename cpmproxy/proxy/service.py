@@ -6,18 +6,21 @@ import gc
 import importlib
 import ipaddress
 import os
+import re
 import socket
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
+from OpenSSL import crypto
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.endpoints import _parse as _parse_endpoint
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import Logger
 
 from cpmproxy import __version__
@@ -26,6 +29,7 @@ from cpmproxy.proxy.backend import backend_tls_options
 from cpmproxy.proxy.hooks import Plugin, overrides
 from cpmproxy.proxy.metrics import Metrics
 from cpmproxy.proxy.session import ClientSession
+from cpmproxy.tlstrust import openssl_reason, server_certificate
 
 if TYPE_CHECKING:
     pass
@@ -103,16 +107,21 @@ def _dependencies_first(plugins: list[Plugin]) -> list[Plugin]:
     return ordered
 
 
-def plugin_sections() -> frozenset[str]:
-    sections = set()
+def section_owners() -> dict[str, str]:
+    """The top-level config sections installed plugins own (``policy``), with the plugin owning each."""
+    owners = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             cls = ep.load()
         except Exception:
             continue
         if getattr(cls, "config_section", None):
-            sections.add(cls.config_section)
-    return frozenset(sections)
+            owners[cls.config_section] = ep.name
+    return owners
+
+
+def plugin_sections() -> frozenset[str]:
+    return frozenset(section_owners())
 
 
 def load_plugins(config: Config, proxy, live: dict[str, Plugin] | None = None) -> list[Plugin]:
@@ -121,22 +130,13 @@ def load_plugins(config: Config, proxy, live: dict[str, Plugin] | None = None) -
     open (watch connections, known devices) carries over; validate the config first (``proxy=None``)."""
     eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     names = config.plugins if config.plugins is not None else sorted(eps)
-    unknown_tables = set(config.plugin) - set(names)
-    if unknown_tables:
-        raise ConfigError(f"plugin.{sorted(unknown_tables)[0]}: settings for a plugin that is not enabled")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:  # (two instances of a plugin answer a command twice: every SELECT hung)
+        raise ConfigError(f"plugins: {twice!r} is listed twice")
+    classes = {name: _plugin_class(name, eps) for name in names}
+    _check_plugin_settings(config, classes)
     plugins = []
-    for name in names:
-        # "package.module:Class" loads a plugin that is not installed as an entry point (development).
-        if name not in eps and ":" not in name:
-            raise ConfigError(f"plugins: unknown plugin {name!r} (installed: {', '.join(sorted(eps)) or 'none'})")
-        try:
-            if name in eps:
-                cls = eps[name].load()
-            else:
-                module, _, attr = name.partition(":")
-                cls = getattr(importlib.import_module(module), attr)
-        except Exception as e:
-            raise ConfigError(f"plugins: cannot load {name!r}: {e}") from None
+    for name, cls in classes.items():
         kept = (live or {}).get(name)
         plugin = kept if type(kept) is cls else cls(proxy)
         plugin.name = name
@@ -151,6 +151,37 @@ def load_plugins(config: Config, proxy, live: dict[str, Plugin] | None = None) -
     return plugins
 
 
+def _plugin_class(name: str, eps: dict) -> type[Plugin]:
+    # "package.module:Class" loads a plugin that is not installed as an entry point (development).
+    if name not in eps and ":" not in name:
+        raise ConfigError(f"plugins: unknown plugin {name!r} (installed: {', '.join(sorted(eps)) or 'none'})")
+    try:
+        if name in eps:
+            return eps[name].load()
+        module, _, attr = name.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    except Exception as e:
+        raise ConfigError(f"plugins: cannot load {name!r}: {e}") from None
+
+
+def _check_plugin_settings(config: Config, classes: dict[str, type[Plugin]]) -> None:
+    """Settings for a plugin that is not enabled, or in a table it does not read, are errors (not silently
+    left unused: the operator believes them in force)."""
+    same = next(((a, b) for a in classes for b in classes if a < b and classes[a] is classes[b]), None)
+    if same:
+        raise ConfigError(f"plugins: {same[0]!r} and {same[1]!r} are the same plugin")
+    for name in config.plugin:
+        if name not in classes:
+            raise ConfigError(f"plugin.{name}: settings for a plugin that is not enabled")
+        if classes[name].config_section:
+            raise ConfigError(f"plugin.{name}: the {name} plugin's settings go in [{classes[name].config_section}]")
+    read = {cls.config_section for cls in classes.values()}
+    for section in config.extra:
+        if section not in read:
+            owner = section_owners().get(section, section)
+            raise ConfigError(f"{section}: settings for the {owner!r} plugin, which is not enabled")
+
+
 def check_config(path: str, adopt_sockets: bool = False) -> Config:
     """Load and validate a config, plugins included; raises ConfigError. ``systemd:`` endpoints are checked
     for their syntax only, unless ``adopt_sockets`` (starting for real): then the sockets systemd passed must
@@ -160,29 +191,204 @@ def check_config(path: str, adopt_sockets: bool = False) -> Config:
     _server_tls(config)
     if config.backend["tls"] != "none":
         backend_tls_options(config)
-    for desc in config.proxy["listen"] + ([config.metrics["listen"]] if config.metrics["listen"] else []):
-        _check_endpoint(desc, adopt_sockets)
+    _check_listeners(config, adopt_sockets)
     return config
 
 
-def _check_endpoint(desc: str, adopt_sockets: bool = True) -> None:
+def _check_listeners(config: Config, adopt_sockets: bool) -> None:
+    """Every listener can be made, and no two listen on the same address (the second could not start)."""
+    keyed = [(f"proxy.listen[{i}]", desc) for i, desc in enumerate(config.proxy["listen"])]
+    if config.metrics["listen"]:
+        keyed.append(("metrics.listen", config.metrics["listen"]))
+    taken: dict[str, tuple] = {}
+    for key, desc in keyed:
+        address = _check_endpoint(desc, adopt_sockets, key)
+        if address is None:
+            continue
+        clash = next((k for k, other in taken.items() if _same_address(address, other)), None)
+        if clash:
+            raise ConfigError(f"{key}: {desc!r} listens on the same address as {clash}")
+        taken[key] = address
+
+
+def _check_endpoint(desc: str, adopt_sockets: bool = True, key: str | None = None) -> tuple | None:
+    """Raise ConfigError, starting with ``key`` (the setting), unless the endpoint ``desc`` can be made;
+    returns the address it listens on where the string says (``_listen_address``)."""
     from twisted.internet import reactor
-    params = _systemd_params(desc)
-    if params is not None and not adopt_sockets:
-        return
-    server_endpoint(reactor, desc, params)
+    with _named(key):
+        params = _systemd_params(desc)
+        if params is None or adopt_sockets:
+            server_endpoint(reactor, desc, params)
+        return _listen_address(desc)
 
 
-def server_endpoint(reactor, desc: str, params: dict[str, str] | None = None):
-    """The server endpoint ``desc`` describes; raises ConfigError with the reason. (Twisted's own errors
-    for a ``systemd:`` endpoint whose socket was not passed say "list index out of range".)"""
-    params = _systemd_params(desc) if params is None else params
-    if params is not None:
-        _check_inherited(desc, params)
+def server_endpoint(reactor, desc: str, params: dict[str, str] | None = None, key: str | None = None):
+    """The server endpoint ``desc`` describes; raises ConfigError with the reason, in words. (Twisted's own
+    errors are its internals: "invalid literal for int()", "list index out of range" for a ``systemd:``
+    endpoint whose socket was not passed; and it takes a port or interface that cannot be bound.)"""
+    with _named(key):
+        params = _systemd_params(desc) if params is None else params
+        if params is not None:
+            _check_inherited(desc, params)
+        else:
+            _check_params(desc)
+        try:
+            return serverFromString(reactor, desc)
+        except Exception as e:
+            raise ConfigError(f"invalid endpoint {desc!r}: {_endpoint_error(e)}") from None
+
+
+@contextmanager
+def _named(key: str | None):
+    """ConfigErrors raised inside start with ``key``, the setting that gave the endpoint."""
     try:
-        return serverFromString(reactor, desc)
-    except Exception as e:
-        raise ConfigError(f"invalid endpoint {desc!r}: {e}") from None
+        yield
+    except ConfigError as e:
+        if key is None:
+            raise
+        raise ConfigError(f"{key}: {e}") from None
+
+
+# The endpoint types checked here before Twisted builds them, with their parameters in Twisted's order
+# (positional ones fill them in that order).
+_ENDPOINT_PARAMS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": ("port", "privateKey", "certKey", "sslmethod", "interface", "backlog", "extraCertChain",
+            "dhParameters"),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+}
+# An IPv6 interface with unescaped colons (Twisted's separator): "interface=::1", "interface=2001:db8::1".
+_UNESCAPED_IPV6 = re.compile(r"(?:^|:)interface=(?:[0-9A-Fa-f]*:){2}")
+_IPV6_HINT = ("escape the colons of an IPv6 address with a backslash, e.g. interface=\\:\\:1 "
+              "(in a TOML basic string: \"interface=\\\\:\\\\:1\")")
+
+
+def _endpoint_params(desc: str) -> tuple[str, dict[str, str]] | None:
+    """The type and parameters by name of a tcp:, tcp6:, ssl: or unix: endpoint (also behind ``haproxy:``),
+    as Twisted's parser reads them; None for other types. Raises ConfigError for parameters it would refuse
+    with a Python error ("got multiple values for argument 'interface'")."""
+    if _UNESCAPED_IPV6.search(desc):
+        raise ConfigError(f"invalid endpoint {desc!r}: {_IPV6_HINT}")
+    args, kwargs = _parse_endpoint(desc)  # (private: the parser serverFromString uses)
+    while len(args) > 1 and args[0] == "haproxy":
+        args = args[1:]
+    kind, values = args[0], args[1:]
+    names = _ENDPOINT_PARAMS.get(kind)
+    if names is None:
+        return None
+    takes = f"{kind}: takes {', '.join(names)}"
+    if len(values) > len(names):
+        raise ConfigError(f"invalid endpoint {desc!r}: too many ':'-separated values ({takes})")
+    params = dict(zip(names, values, strict=False))
+    for name, value in kwargs.items():
+        if name not in names or name in params:
+            raise ConfigError(f"invalid endpoint {desc!r}: {'repeated' if name in params else 'unknown'} "
+                              f"parameter {name!r} ({takes})")
+        params[name] = value
+    return kind, params
+
+
+def _check_params(desc: str) -> None:
+    """Raise ConfigError, in words, for parameters of a tcp:, tcp6:, ssl: or unix: endpoint that Twisted
+    would refuse with a Python error, or take and then fail to listen with (a port out of range, an
+    interface that is no address, a socket in a directory that does not exist)."""
+    found = _endpoint_params(desc)
+    if found is None:
+        return
+    kind, params = found
+    if (why := _param_problem(kind, params)) is not None:
+        raise ConfigError(f"invalid endpoint {desc!r}: {why}")
+    if kind == "ssl":  # (read here, so that what is wrong is said as for proxy.tls_cert)
+        key = params.get("privateKey", "server.pem")
+        with _named(f"invalid endpoint {desc!r}"):
+            server_certificate(params.get("certKey", key), key, "certKey" if "certKey" in params else "privateKey",
+                               "privateKey")
+
+
+def _param_problem(kind: str, params: dict[str, str]) -> str | None:
+    problem = _unix_problem(params) if kind == "unix" else _port_problem(kind, params)
+    backlog = params.get("backlog", "50")
+    if problem is None and not (_is_number(backlog) and int(backlog) > 0):
+        problem = f"backlog must be a number > 0, not {backlog!r}"
+    return problem
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _port_problem(kind: str, params: dict[str, str]) -> str | None:
+    port = params.get("port")
+    if port is None:
+        return f"no port ({kind}:PORT)"
+    if not _is_number(port) or int(port) > 65535:
+        return f"the port must be a number from 0 to 65535, not {port!r}"
+    interface = params.get("interface", "")
+    try:
+        if interface:  # (a name would be looked up when listening: "Name or service not known")
+            ipaddress.ip_address(interface)
+    except ValueError:
+        return f"interface must be an IP address, not {interface!r}"
+    return None
+
+
+def _unix_problem(params: dict[str, str]) -> str | None:
+    address = params.get("address", "")
+    if not address:
+        return "no socket path (unix:PATH)"
+    directory = os.path.dirname(address) or "."
+    if not os.path.isdir(directory):
+        return f"no such directory: {directory}"
+    mode = params.get("mode", "666")
+    if not (mode and set(mode) <= set("01234567")):
+        return f"mode must be octal, e.g. 660, not {mode!r}"
+    if params.get("lockfile", "1") not in ("0", "1"):
+        return f"lockfile must be 0 or 1, not {params['lockfile']!r}"
+    return None
+
+
+def _endpoint_error(e: Exception) -> str:
+    """What Twisted's parser raised, in words."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    if isinstance(e, crypto.Error):
+        return openssl_reason(e)
+    text = str(e)
+    if text.startswith("Unknown endpoint type"):
+        return f"{text[0].lower()}{text[1:]} (tcp:, ssl:, unix:, systemd:, haproxy:...)"
+    return text or type(e).__name__
+
+
+def _listen_address(desc: str) -> tuple | None:
+    """Where a tcp:, tcp6:, ssl: or unix: endpoint listens: ``("tcp", port, address)`` (an unspecified
+    address for every interface), ``("unix", path)``; None where the string does not say (``systemd:``,
+    port 0)."""
+    found = _endpoint_params(desc)
+    if found is None:
+        return None
+    kind, params = found
+    if kind == "unix":
+        return ("unix", os.path.abspath(params["address"]))
+    if int(params["port"]) == 0:
+        return None
+    return ("tcp", int(params["port"]), ipaddress.ip_address(params.get("interface") or
+                                                            ("::" if kind == "tcp6" else "0.0.0.0")))
+
+
+def _same_address(a: tuple, b: tuple) -> bool:
+    """Would listening on both fail? (An unspecified address takes the port on every address of its family,
+    and ``::`` on IPv4 ones too: Linux's dual-stack sockets.)"""
+    if a[0] != b[0] or a[1] != b[1]:
+        return False
+    if a[0] == "unix":
+        return True
+    ip_a, ip_b = a[2], b[2]
+
+    def covers(wild, ip) -> bool:
+        return wild.is_unspecified and (wild.version == 6 or ip.version == 4)
+
+    return ip_a == ip_b or covers(ip_a, ip_b) or covers(ip_b, ip_a)
 
 
 _SYSTEMD_PARAMS = ("domain", "index", "name")
@@ -234,13 +440,18 @@ def _check_inherited(desc: str, params: dict[str, str]) -> None:
         passed = fds.inheritedDescriptors()
         if int(params["index"]) < len(passed):
             return _check_family(desc, params, passed[int(params["index"])])
-        why = f"index {params['index']}; " + (f"{len(passed)} passed" if passed else "LISTEN_FDS unset")
+        why = f"index {params['index']}; " + (f"{len(passed)} passed" if passed else _NONE_PASSED)
     else:
         names = fds.inheritedNamedDescriptors()
         if params["name"] in names:
             return _check_family(desc, params, names[params["name"]])
-        why = f"name {params['name']!r}; " + (f"passed: {', '.join(names)}" if names else "LISTEN_FDNAMES unset")
+        why = f"name {params['name']!r}; " + (f"passed: {', '.join(names)}" if names else _NONE_PASSED)
     raise ConfigError(f"listen endpoint {desc}: no socket passed by systemd ({why})")
+
+
+# (Twisted takes sockets only with both variables, as systemd sets them: systemd-socket-activate without
+# --fdname sets no LISTEN_FDNAMES, and nothing is passed.)
+_NONE_PASSED = "none passed: LISTEN_FDS and LISTEN_FDNAMES are both needed"
 
 
 _DOMAINS = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
@@ -261,14 +472,7 @@ def _server_tls(config: Config):
     cert, key = config.proxy["tls_cert"], config.proxy["tls_key"]
     if not cert:
         return None
-    try:
-        with open(cert, "rb") as f:
-            cert_pem = f.read()
-        with open(key, "rb") as f:
-            key_pem = f.read()
-        return PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options()
-    except Exception as e:
-        raise ConfigError(f"proxy.tls_cert/tls_key: cannot load: {e}") from None
+    return server_certificate(cert, key).options()
 
 
 class SidePool:
@@ -510,6 +714,8 @@ class ProxyService(service.MultiService):
             return
         if new.proxy["listen"] != self.config.proxy["listen"] or new.metrics != self.config.metrics:
             log.warn("reload: listener changes need a restart; keeping the current listeners")
+        if new.log != self.config.log:  # (logging is set up once, at start)
+            log.warn("reload: [log] changes need a restart; keeping the current logging")
         self.config = new
         self.server_tls = tls
         old, self.hooks = self.hooks, HookTable.build(plugins)
