@@ -25,9 +25,11 @@ of the selected mailbox arrive through IDLE itself.
 
 Clients' own ``NOTIFY SET`` is relayed to the backend and its answers are filtered by the view (policy
 plugin). Where Dovecot 2.3 falls short, the proxy fills in: the metadata events it refuses are stripped
-before relaying and produced by the proxy for the CPM preference entries; more than 100 named mailboxes
-(which it refuses with NOTIFICATIONOVERFLOW) are asked as ``personal`` and narrowed back here; events of
-the selected mailbox it holds back are drawn out with a NOOP; BADEVENT lists every supported event.
+before relaying and produced by the proxy (entries set through this process, preferences polled), for the
+mailboxes the client's filters take in; more than 100 named mailboxes (which it refuses with
+NOTIFICATIONOVERFLOW) are asked as ``personal`` and narrowed back here (a ``subscribed`` filter on the
+user's subscriptions, read on the side connection); events of the selected mailbox it holds back are
+drawn out with a NOOP; BADEVENT lists every supported event.
 """
 
 from __future__ import annotations
@@ -41,15 +43,14 @@ from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError, master_configured, master_login
-from cpmproxy.imap import mutf7
 from cpmproxy.imap.seqset import SequenceSet
-from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, format_tokens, tokenize
+from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, format_tokens, quote, tokenize
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
-from cpmproxy.proxy.hooks import Answer, Drop, Plugin, Rewrite
+from cpmproxy.proxy.hooks import Answer, Drop, Hold, Plugin, Rewrite
 from cpmproxy.proxy.service import SIDE_LINGER
 from plugins.cpm import NO_SERVER_CHANGE, PREF_NOTIFICATIONS, pref_entry
 from plugins.policy import FOLDERS_TOPIC, FolderVisibility, parse_metadata_prefs, parse_pref_folders
-from plugins.wire import list_name, mailbox_name, token_text, wire_name
+from plugins.wire import list_name, list_oldname, mailbox_name, token_text, wire_name
 
 log = Logger(namespace="cpmproxy.notify")
 
@@ -63,6 +64,11 @@ _METADATA_EVENTS = re.compile(rb"\s*\b(MailboxMetadataChange|ServerMetadataChang
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
 _COPYUID = re.compile(rb"\[COPYUID (\d+) [0-9:,]+ ([0-9:,]+)\]", re.I)  # (the destination UIDs)
 _STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)"
+_SUBSCRIPTIONS_CHANGING = frozenset((b"SUBSCRIBE", b"UNSUBSCRIBE", b"RENAME", b"DELETE"))
+# How long the user's subscriptions, read for a NOTIFY ``subscribed`` filter, are trusted: changes made
+# through this process are taken up at once, others (another client, another proxy process) then.
+SUBSCRIPTIONS_TTL = 10.0
+_STATUS_ASKED = b"(MESSAGES UIDNEXT UIDVALIDITY UNSEEN HIGHESTMODSEQ)"  # (an injected STATUS carries _STATUS_ITEMS)
 _BADEVENT = re.compile(rb"\[BADEVENT[^\]]*\]", re.I)
 # What a client can ask for through the proxy: Dovecot's events plus the metadata events the proxy makes.
 SUPPORTED_EVENTS = (b"MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange "
@@ -78,12 +84,19 @@ class ChangeEvent:
     uidvalidity: int | None = None
     uids: tuple[int, ...] = ()
     modseq: int | None = None      # the mailbox's HIGHESTMODSEQ after the change, when known
+    modseq_before: int | None = None  # and before it (the watch's last STATUS of the mailbox)
+    entries: tuple[str, ...] = ()  # MetadataChange: the entries that changed, when known
 
 
 @dataclass
 class NotifyState:
-    metadata_events: bool = False  # the client asked (NOTIFY SET) for metadata change events
-    last_status: dict[str, bytes] = field(default_factory=dict)  # coalesce identical injections
+    # The client's NOTIFY SET event groups that ask for metadata events (the proxy makes those).
+    metadata_groups: list | None = None
+    subscribed: set[str] | None = None  # the user's subscriptions, for ``subscribed`` filters (None: unread)
+    subscribed_at: float = 0.0          # when they were read (monotonic; 0: to be read again)
+    subscribed_for: bytes | None = None  # the event they were read for (a LIST: maybe a SubscriptionChange)
+    # What the device was last told of a mailbox by an injected STATUS: (the line, HIGHESTMODSEQ then).
+    last_status: dict[str, tuple[bytes, int | None]] = field(default_factory=dict)
     selected_events: bool = False  # the client's NOTIFY asks for events of the selected mailbox
     names_filter: list | None = None  # the client's own event groups, when the proxy widened them
     client_groups: list | None = None  # the client's NOTIFY SET event groups (None: none, or unreadable)
@@ -107,12 +120,19 @@ class EventGroup:
     def event_names(self) -> set[str]:
         return {t.value.decode("ascii", "replace").lower() for t in self.events if isinstance(t, Atom)}
 
-    def covers(self, mailbox: str) -> bool:
+    def covers(self, mailbox: str, subscribed: set[str] | frozenset[str] = frozenset()) -> bool:
+        """Whether the group's filter takes in ``mailbox`` (``subscribed``: the user's subscriptions;
+        the ``selected`` filters are the caller's to decide)."""
         if self.filter == "mailboxes":
             return mailbox in self.names
         if self.filter == "subtree":
             return any(mailbox == n or mailbox.startswith((n + "/", n + ".")) for n in self.names)
-        return self.filter in ("personal", "inboxes", "subscribed")  # (inboxes/subscribed: not narrowed)
+        if self.filter == "subscribed":
+            return mailbox in subscribed
+        if self.filter == "inboxes":
+            # The mailboxes messages are delivered to, which RFC 5465 (6.1) lets a server take as INBOX.
+            return mailbox == "INBOX"
+        return self.filter == "personal"
 
 
 def parse_event_groups(tokens: list) -> tuple[int, list[EventGroup]] | None:
@@ -158,6 +178,54 @@ def widen_named_groups(tokens: list, start: int, groups: list[EventGroup]) -> by
     if personal:
         parts.append(personal)
     return b" ".join(parts) + b"\r\n"
+
+
+_METADATA_EVENT_NAMES = frozenset(("mailboxmetadatachange", "servermetadatachange"))
+
+
+def parse_metadata_groups(line: bytes) -> list[EventGroup] | None:
+    """The event groups of a ``NOTIFY SET`` line that ask for metadata events (None: none, or a line the
+    proxy cannot read)."""
+    try:
+        tokens = tokenize(line.rstrip(b"\r\n"))
+    except TokenError:
+        return None
+    parsed = parse_event_groups(tokens) if len(tokens) > 3 else None
+    if parsed is None:
+        return None
+    return [g for g in parsed[1] if g.event_names() & _METADATA_EVENT_NAMES] or None
+
+
+def takes_metadata_event(group: EventGroup, mailbox: str, selected: str | None, subscribed) -> bool:
+    """Whether ``group`` asks for a metadata change of ``mailbox`` ("": the server's; ``selected``: the
+    session's selected mailbox; ``subscribed``: the user's subscriptions)."""
+    names = group.event_names()
+    if not mailbox:
+        return "servermetadatachange" in names
+    if "mailboxmetadatachange" not in names:
+        return False
+    if group.filter.startswith("selected"):
+        return mailbox == selected
+    return group.covers(mailbox, subscribed)
+
+
+def metadata_event_line(mailbox: str, entries) -> bytes:
+    """An unsolicited METADATA response: the mailbox ("" for the server) and the entries that changed,
+    without values (RFC 5464 4.4.2)."""
+    return b"* METADATA " + wire_name(mailbox) + b" " + b" ".join(quote(e) for e in entries) + b"\r\n"
+
+
+def metadata_entries_set(args: list) -> tuple[str, ...]:
+    """The entries a SETMETADATA command (its arguments: mailbox, ``(entry value ...)``) sets."""
+    if len(args) < 2 or not isinstance(args[1], ParenList):
+        return ()
+    items = args[1].items
+    names = (token_text(items[j]) for j in range(0, len(items) - 1, 2))
+    return tuple(n.decode("utf-8", "replace") for n in names if n is not None)
+
+
+def _asks_subscriptions(groups) -> bool:
+    return any(g.filter == "subscribed" for g in groups)
 
 
 def _status_mailbox(line: bytes) -> str | None:
@@ -345,8 +413,20 @@ class UserWatch:
         policy = self.plugin._policy()
         if policy is not None:
             policy.observe_pref_folders(self.user, parse_pref_folders(reply.untagged))
-        if policy is not None and policy.observe_prefs(self.user, "", prefs):
-            self.plugin.publish(ChangeEvent(self.user, "", "MetadataChange"))
+        if policy is None:
+            return
+        changed = self._changed_entries(policy, prefs)  # (before the sessions take the new values up)
+        if policy.observe_prefs(self.user, "", prefs):
+            self.plugin.publish(ChangeEvent(self.user, "", "MetadataChange", entries=changed))
+
+    def _changed_entries(self, policy, prefs: dict[str, str]) -> tuple[str, ...]:
+        """The account-wide preference entries whose values differ from those the sessions here know."""
+        for session in self.sessions:
+            st = session.state.get(policy.name)
+            if st is not None:
+                known = st.account_prefs
+                return tuple(sorted(pref_entry(k) for k in set(known) | set(prefs) if known.get(k) != prefs.get(k)))
+        return ()
 
     def _failed(self, failure) -> None:
         self.connecting = False
@@ -420,7 +500,8 @@ class UserWatch:
                 event = "MessageExpunge"
             else:  # (UIDNEXT as it was, or not reported: only HIGHESTMODSEQ moved)
                 event = "FlagChange"
-        return ChangeEvent(self.user, mailbox, event, None, uidvalidity, uids, now.get(b"HIGHESTMODSEQ"))
+        return ChangeEvent(self.user, mailbox, event, None, uidvalidity, uids, now.get(b"HIGHESTMODSEQ"),
+                           before.get(b"HIGHESTMODSEQ") if before is not None else None)
 
     def close(self) -> None:
         self.closed = True
@@ -431,6 +512,34 @@ class UserWatch:
             self._keepalive.cancel()
         if self.proto is not None:
             self.proto.transport.loseConnection()
+
+
+def _status_items(line: bytes) -> tuple[bytes, list[bytes]]:
+    """A ``* STATUS mbox (k v ...)`` line as (everything before its item list, the items). The list is
+    the last parenthesis: a mailbox name may hold one too, the items none."""
+    start = line.rfind(b"(")
+    return line[:start], line[start + 1:line.rfind(b")")].split()
+
+
+def _without_modseq(line: bytes) -> tuple[bytes, int | None]:
+    """A STATUS line without its HIGHESTMODSEQ item, and that item's value (None if absent)."""
+    head, items = _status_items(line)
+    pairs = [(items[i], items[i + 1]) for i in range(0, len(items) - 1, 2)]
+    modseq = next((int(v) for k, v in pairs if k.upper() == b"HIGHESTMODSEQ" and v.isdigit()), None)
+    if modseq is None:
+        return line, None
+    kept = b" ".join(b"%s %s" % kv for kv in pairs if kv[0].upper() != b"HIGHESTMODSEQ")
+    return head + b"(" + kept + b")\r\n", modseq
+
+
+def _told_state(line: bytes, modseq: int | None) -> tuple:
+    """What an injected STATUS line tells, as ``PolicyPlugin.worth_telling`` compares it: (the counts the
+    device sees, HIGHESTMODSEQ, UIDNEXT), UIDNEXT apart (it moves for hidden arrivals too)."""
+    items = _status_items(line)[1]
+    values = {items[i].upper(): items[i + 1] for i in range(0, len(items) - 1, 2)}
+    uidnext = values.get(b"UIDNEXT")
+    return (tuple(values.get(k) for k in (b"MESSAGES", b"UNSEEN", b"UIDVALIDITY")), modseq,
+            int(uidnext) if uidnext is not None and uidnext.isdigit() else None)
 
 
 class NotifyPlugin(Plugin):
@@ -643,21 +752,83 @@ class NotifyPlugin(Plugin):
         st = ev.session.state.get(self.name)
         if st is None or not st.client_groups:
             return
-        if not any(g.covers(ev.mailbox) and "mailboxname" in g.event_names()
-                   for g in st.client_groups if not g.filter.startswith("selected")):
-            return
-        self._inject_list(ev, 200)
+        groups = [g for g in st.client_groups if "mailboxname" in g.event_names() and not g.filter.startswith("selected")]
+        if groups:
+            d = defer.Deferred.fromCoroutine(self._announce_visibility(ev, groups))
+            d.addErrback(lambda f: log.failure("announcing a folder change failed", f))
 
-    def _inject_list(self, ev: FolderVisibility, tries: int) -> None:
-        session = ev.session
+    async def _announce_visibility(self, ev: FolderVisibility, groups: list[EventGroup]) -> None:
+        subscribed = await self._subscriptions(ev.session, groups)
+        if any(g.covers(ev.mailbox, subscribed) for g in groups):
+            self._inject_list(ev)
+
+    def _inject_list(self, ev: FolderVisibility) -> None:
+        attrs = b"()" if ev.visible else b"(\\NonExistent)"
+        # (In the middle of a LIST's answer the event would read as a listed folder: after it.)
+        self._inject_after(ev.session, b'* LIST ' + attrs + b' "/" ' + wire_name(ev.mailbox) + b"\r\n",
+                           (b"LIST", b"LSUB"))
+
+    def _inject_after(self, session, line: bytes, answers: tuple[bytes, ...], tries: int = 200) -> None:
+        """Inject ``line`` once no command is in flight whose answer it would read as part of (``answers``:
+        the names of such commands); past ``tries`` polls, 10 s, anyway."""
         if session.phase != "auth":
             return
-        if tries and any(c.name in (b"LIST", b"LSUB") for c in session.inflight_commands()):
-            # In the middle of a LIST's answer the event would read as a listed folder: after it.
-            reactor.callLater(0.05, self._inject_list, ev, tries - 1)
+        if tries and any(c.name in answers for c in session.inflight_commands()):
+            reactor.callLater(0.05, self._inject_after, session, line, answers, tries - 1)
             return
-        attrs = b"()" if ev.visible else b"(\\NonExistent)"
-        session.inject(b'* LIST ' + attrs + b' "/" ' + wire_name(ev.mailbox) + b"\r\n")
+        session.inject(line)
+
+    # -- subscriptions: NOTIFY's ``subscribed`` filter, where the proxy decides it ----------------
+
+    def _subscriptions_stale(self, st: NotifyState, resp=None) -> bool:
+        """Whether the subscriptions must be read (again) first: never read, read too long ago, or a LIST
+        event (a SubscriptionChange, maybe) is to be decided that they were not read for."""
+        if st.subscribed is None or time.monotonic() - st.subscribed_at >= SUBSCRIPTIONS_TTL:
+            return True
+        return resp is not None and resp.head.name == b"LIST" and st.subscribed_for != resp.data
+
+    async def _load_subscriptions(self, session, event: bytes | None = None) -> None:
+        st = self.state(session)
+        try:
+            reply = await session.side_command(b'LSUB "" "*"')
+        except (BackendError, defer.TimeoutError) as e:
+            log.warn("subscriptions unreadable: {error} session={session}", error=str(e),
+                     session=session.session_id)
+            reply = None
+        if reply is not None and reply.status == b"OK":
+            names = (list_name(x) for x in reply.untagged if x[:7].upper() == b"* LSUB ")
+            st.subscribed = {n for n in names if n is not None}
+        elif st.subscribed is None:
+            st.subscribed = set()  # (unreadable: no event of a subscribed mailbox rather than every one's)
+        st.subscribed_at, st.subscribed_for = time.monotonic(), event  # (a failure is tried again later)
+
+    async def _subscriptions(self, session, groups: list[EventGroup]) -> set[str]:
+        """The user's subscriptions if a ``subscribed`` filter among ``groups`` needs them, else none."""
+        if not _asks_subscriptions(groups):
+            return set()
+        st = self.state(session)
+        if self._subscriptions_stale(st):
+            await self._load_subscriptions(session)
+        return st.subscribed or set()
+
+    def _subscriptions_changed(self, session, cmd) -> None:
+        """A SUBSCRIBE or UNSUBSCRIBE through this process: the user's sessions here take it up at once
+        (after a RENAME or DELETE, which may move or drop subscriptions, they read them again)."""
+        try:
+            raw = token_text(cmd.args[0]) if cmd.args else None
+        except TokenError:
+            raw = None
+        name = mailbox_name(raw) if raw is not None and cmd.name in (b"SUBSCRIBE", b"UNSUBSCRIBE") else None
+        for other in self.proxy.sessions_of(session.user):
+            st = other.state.get(self.name)
+            if st is None or st.subscribed is None:
+                continue
+            if name is None:
+                st.subscribed_at = 0.0
+            elif cmd.name == b"SUBSCRIBE":
+                st.subscribed.add(name)
+            else:
+                st.subscribed.discard(name)
 
     def command(self, session, cmd):
         if session.user not in self.watches:
@@ -667,10 +838,10 @@ class NotifyPlugin(Plugin):
             if policy is not None and policy.state(session).policy.notifications == "off":
                 return Answer(b"NO [CANNOT] Notifications are disabled by the service provider's policy.")
             line = cmd.line
-            st = self.state(session)
             cmd.state["selected_events"] = bool(_SELECTED_FILTER.search(line))
-            st.metadata_events = bool(_METADATA_EVENTS.search(line))
-            if st.metadata_events:
+            # (Taken up at the OK, like the rest: a NOTIFY the backend refuses changes nothing.)
+            cmd.state["metadata_groups"] = parse_metadata_groups(line)
+            if _METADATA_EVENTS.search(line):
                 # Dovecot 2.3 refuses these events: the proxy produces them (CPM preference entries).
                 line = _METADATA_EVENTS.sub(b"", line)
                 line = re.sub(rb"\(\s+", b"(", line)
@@ -725,13 +896,17 @@ class NotifyPlugin(Plugin):
         groups = self._narrowing(session)
         if groups is None:
             return None
+        if _asks_subscriptions(groups) and self._subscriptions_stale(self.state(session), resp):
+            return Hold(defer.Deferred.fromCoroutine(self._load_subscriptions(session, resp.data)))
         if head.name == b"STATUS":
-            mailbox, wanted = _status_mailbox(resp.data), _MESSAGE_EVENTS
-        else:
-            mailbox, wanted = list_name(resp.data), _MAILBOX_EVENTS
-        if mailbox is None:
+            mailboxes, wanted = [_status_mailbox(resp.data)], _MESSAGE_EVENTS
+        else:  # (a rename is the client's if either name is)
+            mailboxes, wanted = [list_name(resp.data), list_oldname(resp.data)], _MAILBOX_EVENTS
+        if mailboxes[0] is None:
             return None
-        if any(g.covers(mailbox) and g.event_names() & wanted for g in groups if not g.filter.startswith("selected")):
+        subscribed = self.state(session).subscribed or set()
+        if any(g.covers(m, subscribed) and g.event_names() & wanted
+               for g in groups if not g.filter.startswith("selected") for m in mailboxes if m is not None):
             return None
         return Drop()
 
@@ -747,8 +922,11 @@ class NotifyPlugin(Plugin):
             st.selected_events = cmd.state.get("selected_events", False)
             st.names_filter = cmd.state.get("names_filter")
             st.client_groups = cmd.state.get("client_groups")
+            st.metadata_groups = cmd.state.get("metadata_groups")
             self.refresh_watch(session.user)
             return None
+        if cmd.name in _SUBSCRIPTIONS_CHANGING and resp.head.name == b"OK":
+            self._subscriptions_changed(session, cmd)
         if cmd.name not in _MODIFYING or resp.head.name != b"OK" or session.user is None \
                 or cmd.state.get(NO_SERVER_CHANGE):
             return None
@@ -783,8 +961,9 @@ class NotifyPlugin(Plugin):
         if m:  # (the new messages' UIDs: a change any proxy node names alike)
             uidvalidity = int(m.group(1))
             uids = tuple(SequenceSet.parse(m.group(2)))
+        entries = metadata_entries_set(args) if name == b"SETMETADATA" else ()
         for mailbox in mailboxes:
-            self.publish(ChangeEvent(session.user, mailbox, event, session, uidvalidity, uids))
+            self.publish(ChangeEvent(session.user, mailbox, event, session, uidvalidity, uids, entries=entries))
         return None
 
     # -- events ---------------------------------------------------------------------------------
@@ -815,7 +994,7 @@ class NotifyPlugin(Plugin):
             self._nudge(session, event.mailbox)
             # Only sessions that identified as CPM devices (ID with a device id) get unasked-for STATUS.
             if self.idle_status and session.idling and session.device_id != "default" and self.enabled(session):
-                d = defer.Deferred.fromCoroutine(self._inject_status(session, event.mailbox))
+                d = defer.Deferred.fromCoroutine(self._inject_status(session, event))
                 d.addErrback(lambda f: log.failure("status notification failed", f))
 
     def _nudge(self, session, mailbox: str) -> None:
@@ -836,12 +1015,45 @@ class NotifyPlugin(Plugin):
         session.backend_command(b"NOOP").addBoth(done)
 
     def _metadata_event(self, session, event: ChangeEvent) -> None:
-        st = self.state(session)
-        if st.metadata_events:
-            session.inject(b'* METADATA "' + mutf7.encode(event.mailbox).replace(b'"', b'\\"') + b'" ('
-                           + b"/private/vendor/vendor.cpmproxy" + b")\r\n")
+        """A metadata change, made by the proxy (Dovecot 2.3 has no metadata events) for a client whose
+        NOTIFY asks for it: for the server, or for that mailbox (RFC 5465 5.9, 5.10)."""
+        groups = self.state(session).metadata_groups
+        if groups:
+            d = defer.Deferred.fromCoroutine(self._tell_metadata(session, groups, event))
+            d.addErrback(lambda f: log.failure("a metadata notification failed", f))
 
-    async def _inject_status(self, session, mailbox: str) -> None:
+    async def _tell_metadata(self, session, groups: list[EventGroup], event: ChangeEvent) -> None:
+        mailbox = event.mailbox
+        if mailbox and await self._hidden_from(session, mailbox):
+            return  # (a folder the device does not see: not named to it)
+        subscribed = await self._subscriptions(
+            session, [g for g in groups if "mailboxmetadatachange" in g.event_names()]) if mailbox else set()
+        selected = session.selected.name if session.selected is not None else None
+        if not any(takes_metadata_event(g, mailbox, selected, subscribed) for g in groups):
+            return
+        line = metadata_event_line(mailbox, event.entries or (pref_entry(""),))
+        # (In the middle of a GETMETADATA's answer the event would read as part of it: after it.)
+        self._inject_after(session, line, (b"GETMETADATA",))
+
+    async def _hidden_from(self, session, mailbox: str) -> bool:
+        """Whether ``mailbox`` is outside the session's view (what hides it read first if need be; if that
+        cannot be read, taken as hidden: a notification missed rather than a hidden name told)."""
+        policy = self._policy()
+        if policy is None:
+            return False
+        if not policy.state(session).policy.folder_allowed(mailbox):
+            return True  # (nothing to read)
+        try:
+            await policy.folder_infos(session, [mailbox])
+        except (BackendError, defer.TimeoutError):
+            return True
+        return policy.folder_hidden(policy.state(session), mailbox)
+
+    async def _inject_status(self, session, event: ChangeEvent) -> None:
+        """An IDLE device hears of a change in another mailbox as a STATUS of it, counted as it sees the
+        mailbox, and only of changes it can see: any flag change (HIGHESTMODSEQ, which the line does not
+        carry, tells them apart: only \\Seen moved a count), never one of hidden messages alone."""
+        mailbox = event.mailbox
         policy = self._policy()
         pst = policy.state(session)
         if pst.mailbox == mailbox or not mailbox:
@@ -849,16 +1061,24 @@ class NotifyPlugin(Plugin):
         await policy.folder_infos(session, [mailbox])
         if policy.folder_hidden(pst, mailbox):
             return
-        reply = await session.side_command(b"STATUS " + wire_name(mailbox) + b" " + _STATUS_ITEMS)
+        reply = await session.side_command(b"STATUS " + wire_name(mailbox) + b" " + _STATUS_ASKED)
         line = next((x for x in reply.untagged if x[:9].upper() == b"* STATUS " and _status_mailbox(x) == mailbox),
                     None)
         if line is None:
             return
+        line, modseq = _without_modseq(line)
         adjust = await policy.status_adjustment(session, pst, mailbox)
         line = policy.adjust_status_line(line, adjust)
         st = self.state(session)
-        if st.last_status.get(mailbox) == line:
+        told = st.last_status.get(mailbox)
+        if told == (line, modseq):
             return
-        st.last_status[mailbox] = line
+        st.last_status[mailbox] = (line, modseq)
+        if modseq is not None and policy.may_hide(session, mailbox):
+            now = _told_state(line, modseq)
+            before = _told_state(*told) if told is not None and told[1] is not None else \
+                ((now[0], event.modseq_before, None) if event.modseq_before is not None else None)
+            if not await policy.worth_telling(session, pst, mailbox, before, now, event.uids):
+                return
         if session.idling:
             session.inject(line)

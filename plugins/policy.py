@@ -23,7 +23,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from cpmproxy.config import ConfigError
+from cpmproxy.config import ConfigError, has_type, unknown_key, wrong_type
 from cpmproxy.imap.framing import renumber_fetch_lines
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import (
@@ -58,6 +58,9 @@ from plugins.wire import (
     has_caps,
     iter_metadata,
     list_name,
+    list_nonexistent,
+    list_oldname,
+    list_without_oldname,
     mailbox_name,
     search_key_args,
     search_ok,
@@ -129,16 +132,22 @@ class Policy:
         return bool(self.max_size or self.max_age_days or any(not v for _, v in self.sync))
 
 
-def _check_policy_table(table: dict[str, Any], where: str) -> dict[str, Any]:
+_CLASS_KEYS = ("name", "users", "devices")
+
+
+def _check_policy_table(table: dict[str, Any], where: str, also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``also``: the other keys the table may hold (for the "did you mean" hint)."""
     out = {}
     for key, value in table.items():
         if key not in _POLICY_KEYS:
-            raise ConfigError(f"{where}.{key}: unknown key")
+            raise unknown_key(key, list(_POLICY_KEYS) + list(also), f"{where}.")
         kind = _POLICY_KEYS[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}.{key}: expected {kind.__name__}")
+        if not has_type(value, kind):
+            raise wrong_type(f"{where}.{key}", kind, value)
         if kind is list and not all(isinstance(x, str) for x in value):
-            raise ConfigError(f"{where}.{key}: expected a list of strings")
+            raise ConfigError(f"{where}.{key}: expected an array of strings")
+        if key == "user_may_change":
+            _check_preference_patterns(value, f"{where}.{key}")
         if key == "sync":
             for k, v in value.items():
                 if k not in SYNC_KINDS:
@@ -158,6 +167,14 @@ def _check_policy_table(table: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def _check_preference_patterns(patterns: list[str], where: str) -> None:
+    """Each pattern must name a preference (a misspelt one would silently forbid the change it meant)."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(key, pattern) for key in PREFERENCES):
+            raise ConfigError(f"{where}: {pattern!r} matches no preference (preferences: "
+                              f"{', '.join(sorted(PREFERENCES))})")
+
+
 @dataclass(frozen=True)
 class DeviceClass:
     name: str
@@ -175,22 +192,25 @@ class DeviceClass:
 def parse_policy(table: dict[str, Any]) -> tuple[Policy, list[DeviceClass]]:
     table = dict(table)
     classes_raw = table.pop("class", [])
-    base = Policy(**_check_policy_table(table, "policy"))
+    base = Policy(**_check_policy_table(table, "policy", also=("class",)))
     if not isinstance(classes_raw, list):
         raise ConfigError("policy.class: use [[policy.class]] tables")
     classes = []
     for i, raw in enumerate(classes_raw):
         if not isinstance(raw, dict):
-            raise ConfigError(f"policy.class[{i}]: must be a table")
+            raise ConfigError(f"policy.class[{i}]: expected a table ([[policy.class]])")
         raw = dict(raw)
         name = raw.pop("name", f"class{i}")
         users = raw.pop("users", ["*"])
         devices = raw.pop("devices", ["*"])
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"policy.class[{i}].name: expected a non-empty string")
         for k, v in (("users", users), ("devices", devices)):
-            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                raise ConfigError(f"policy.class[{i}].{k}: expected a list of glob patterns")
-        settings = _check_policy_table(raw, f"policy.class[{i}]")
-        classes.append(DeviceClass(str(name), tuple(users), tuple(devices), settings))
+            if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+                # (an empty array matches nobody: the class would never apply)
+                raise ConfigError(f"policy.class[{i}].{k}: expected a non-empty array of glob patterns")
+        settings = _check_policy_table(raw, f"policy.class[{i}]", also=_CLASS_KEYS)
+        classes.append(DeviceClass(name, tuple(users), tuple(devices), settings))
     return base, classes
 
 
@@ -265,8 +285,13 @@ class PolicySession:
     qresync: bool = False                # the client ENABLEd QRESYNC: VANISHED instead of EXPUNGE
     vanish_check: bool = False           # a command in flight may owe VANISHED (EARLIER) (_early_vanished)
     growing_to: int | None = None        # the EXISTS whose new messages were just classified (_grow_view)
+    exists_told: int | None = None       # the client's count before them (only hidden ones: nothing to tell)
+    quiet_recent: bool = False           # the RECENT after such an EXISTS goes unsaid too
     # Unsolicited STATUS (NOTIFY) adjustments computed while the response was held, by mailbox.
     unsolicited_status: dict[str, Any] = field(default_factory=dict)
+    # What the device was last told of a mailbox by an unsolicited STATUS, where messages may be hidden:
+    # (its counts as the device sees them, HIGHESTMODSEQ). A change to hidden messages alone is not told.
+    status_told: dict[str, tuple] = field(default_factory=dict)
     metadata_hold: dict | None = None  # a METADATA response held to be read whole (_metadata_response)
 
 
@@ -498,14 +523,38 @@ class PolicyPlugin(Plugin):
     def folder_hidden(self, st: PolicySession, name: str) -> bool:
         if not st.policy.folder_allowed(name):
             return True
-        info = st.folders.get(name)
-        if info is not None:
-            if not self.effective(st, PREF_SYNC, name, True):
-                return True
-            if info.session_history and not self.effective(st, f"{PREF_SYNC}/session-history", name,
-                                                           st.policy.default_sync("session-history")):
-                return True
-        return False
+        return self._info_hides(st, st.folders.get(name))
+
+    def _info_hides(self, st: PolicySession, info: FolderInfo | None) -> bool:
+        """Whether what is known of a folder (its preferences, whether it holds a Session History) hides it."""
+        if info is None:
+            return False
+        if not self._effective_in(st, info, PREF_SYNC, True):
+            return True
+        return bool(info.session_history) and not self._effective_in(
+            st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history"))
+
+    def _old_name_hidden(self, st: PolicySession, old: str, new: str) -> bool:
+        """Whether a folder renamed (a NOTIFY event) was hidden under its old name: as this session knew
+        it; not looked at so, by the policy's verdict on the old name and what moved with the folder
+        (its preferences and contents, now known under the new name)."""
+        if old in st.folders or not st.policy.folder_allowed(old):
+            return self.folder_hidden(st, old)
+        return self._info_hides(st, st.folders.get(new))
+
+    def _list_event(self, st: PolicySession, data: bytes, mailbox: str):
+        """A LIST response in the device's view. A rename (``OLDNAME``) across the view's edge is, for the
+        device, a deletion (into a hidden name: the old name ``\\NonExistent``, RFC 5465 5.4) or a
+        creation (out of one: the old name is not told)."""
+        hidden = self.folder_hidden(st, mailbox)
+        old = list_oldname(data)
+        if old is None:
+            return Drop() if hidden else None
+        old_hidden = self._old_name_hidden(st, old, mailbox)
+        st.folders.pop(old, None)  # (gone: a folder created under that name later is another)
+        if hidden:
+            return Drop() if old_hidden else Rewrite(list_nonexistent(data, old))
+        return Rewrite(list_without_oldname(data)) if old_hidden else None
 
     async def _all_folders(self, session) -> list[str]:
         reply = await session.side_command(b'LIST "" "*"')
@@ -926,7 +975,7 @@ class PolicyPlugin(Plugin):
                 # LIST command's answers: the side connection's view of the list may lag the backend
                 # connection's, and opening a folder there that a client is deleting can resurrect it.)
                 return self._hold_for_folder(session, st, mailbox)
-            return Drop() if self.folder_hidden(st, mailbox) else None
+            return self._list_event(st, resp.data, mailbox)
         if name == b"STATUS":
             return self._status_response(session, st, resp)
         if name == b"METADATA":
@@ -948,12 +997,21 @@ class PolicyPlugin(Plugin):
                     session.bye(b"Backend server answers are inconsistent, try again later.")
                     return Drop()
                 st.growing_to = n
+                st.exists_told = view.exists
                 return Hold(defer.Deferred.fromCoroutine(self._grow_view(session, st)))
             st.growing_to = None
+            told, st.exists_told = st.exists_told, None
             if view.identity:
                 return None
+            if told == view.exists:
+                st.quiet_recent = True  # (only hidden messages arrived: a wake-up about nothing it may see)
+                return Drop()
+            st.quiet_recent = False
             return Rewrite(b"* %d EXISTS\r\n" % view.exists)
         if name == b"RECENT":
+            if st.quiet_recent:
+                st.quiet_recent = False
+                return Drop()
             if not session.idling and not session.inflight_commands():
                 # Caused by our internal command (held past the client's tagged OK, so it would reach
                 # the client after it, as if it answered the next command): obsolete, dropped.
@@ -1377,6 +1435,8 @@ class PolicyPlugin(Plugin):
             adjust = adjusts[mailbox]  # computed before the command went to the backend
         elif mailbox in st.unsolicited_status:
             adjust = st.unsolicited_status.pop(mailbox)
+            if adjust is _NOTHING_VISIBLE:
+                return Drop()
         elif self._may_hide(session, st, mailbox):
             # Unsolicited (NOTIFY): counted on the view too, for the state the backend just reported.
             return Hold(defer.Deferred.fromCoroutine(self._unsolicited_adjustment(session, st, mailbox)))
@@ -1393,15 +1453,90 @@ class PolicyPlugin(Plugin):
         kinds, max_size, max_age = self._criteria(st, mailbox)
         return bool(kinds or max_size or max_age or self.hiders(session))
 
+    def may_hide(self, session, mailbox: str) -> bool:
+        """Whether some message of ``mailbox`` may be hidden from this device (any rule or hider applies)."""
+        return self._may_hide(session, self.state(session), mailbox)
+
+    async def visible_change(self, session, st: PolicySession, mailbox: str, since: int | None,
+                             uids: tuple[int, ...] = ()) -> bool | None:
+        """Whether a message this device sees in ``mailbox`` arrived or changed after MODSEQ ``since`` (or
+        is among ``uids``, new messages whose UIDs are known): True; False if only hidden ones did (an IMDN
+        the policy hides arriving, or flagged): told of it, the device would learn of a message that does
+        not exist for it; None if no message did (an expunge, or a metadata write).
+        (Dovecot gives every message of a mailbox the HIGHESTMODSEQ until CONDSTORE was first used on it,
+        which this search does: the first time, every message matches. New UIDs, when known, avoid that.)"""
+        kinds, max_size, max_age = self._criteria(st, mailbox)
+        hiders = self.hiders(session)
+        async with side_examine(session):
+            examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
+            searched = None if uids else \
+                session.side_command(b"UID SEARCH RETURN (ALL) MODSEQ %d" % (since + 1))  # (pipelined)
+            if (await examined).status != b"OK":
+                if searched is not None:
+                    await searched
+                return False
+            changed = set(uids) if uids else set(esearch_all(await searched))
+            if not changed:
+                return None
+            if not (kinds or max_size or max_age or hiders):
+                return True
+            uidvalidity = await _uidvalidity(session, mailbox)
+            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+            for h in hiders:
+                plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
+            return bool(changed - await self._side_hidden(session, plan, changed))
+
     async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str) -> None:
         try:
             adjust = await self.status_adjustment(session, st, mailbox)
+            if not await self._unsolicited_told(session, st, mailbox, adjust):
+                adjust = _NOTHING_VISIBLE
         except (BackendError, defer.TimeoutError) as e:
             # (Unadjusted, it would count what the device must not see: dropped, a notification missed.)
             log.warn("counting hidden messages for an unsolicited STATUS failed, dropped: {error} "
                      "session={session}", error=str(e), session=session.session_id)
             adjust = _UNCOUNTABLE
         st.unsolicited_status[mailbox] = adjust  # the replayed response finds it (never held twice)
+
+    async def _unsolicited_told(self, session, st: PolicySession, mailbox: str, adjust) -> bool:
+        """Whether an unsolicited STATUS of ``mailbox`` (a NOTIFY event) goes to the device: its counts as
+        the device sees them changed, or a message it sees changed since the last one it was told. The
+        answers to NOTIFY SET STATUS all go (they are the device's starting point)."""
+        reply = await session.side_command(b"STATUS " + wire_name(mailbox) + b" (MESSAGES UNSEEN UIDNEXT HIGHESTMODSEQ)")
+        now = _status_items(reply, mailbox)
+        if b"HIGHESTMODSEQ" not in now:
+            return True  # (cannot tell: told, as before)
+        hidden, unseen, _ = adjust or (0, 0, 0)
+        state = ((now.get(b"MESSAGES", 0) - hidden, now.get(b"UNSEEN", 0) - unseen), now[b"HIGHESTMODSEQ"],
+                 now.get(b"UIDNEXT"))
+        told = st.status_told.get(mailbox)
+        st.status_told[mailbox] = state
+        if _oldest(session, (b"NOTIFY",)) is not None:
+            return True
+        return await self.worth_telling(session, st, mailbox, told, state)
+
+    async def worth_telling(self, session, st: PolicySession, mailbox: str, told: tuple | None, now: tuple,
+                            uids: tuple[int, ...] = ()) -> bool:
+        """Whether a change of ``mailbox`` is one the device may hear of: not if only hidden messages changed.
+        ``now`` and ``told``: (the counts the device sees, HIGHESTMODSEQ, UIDNEXT) now and as it was last
+        told (None: nothing told yet; UIDNEXT may be None); ``uids``: the new messages, if known."""
+        counts, modseq, uidnext = now
+        if told is not None:
+            if counts != told[0]:
+                return True  # (a message it sees arrived or left)
+            if (modseq, uidnext) == tuple(told[1:]):
+                return False
+            if uidnext is not None and told[2] is not None and uidnext > told[2]:
+                # Arrivals, the counts unmoved: told if one of them is visible (new UIDs are certain where
+                # MODSEQs are not: see visible_change).
+                if uidnext - told[2] > _MAX_NEW_LOOKED_AT:
+                    return True
+                return await self.visible_change(session, st, mailbox, None, tuple(range(told[2], uidnext))) is True
+        # Otherwise the last change alone is looked at (Dovecot reports changes one by one, ~0.5 s apart at
+        # most); one that left no message to find (an expunge) is told when nothing was told before, as it
+        # may be of a message the device saw.
+        seen = await self.visible_change(session, st, mailbox, told[1] if told is not None else modseq - 1, uids)
+        return seen is True or (seen is None and told is None)
 
     @staticmethod
     def adjust_status_line(line: bytes, adjust) -> bytes:
@@ -1938,6 +2073,26 @@ def _oldest(session, names) :
         if c.name in names:
             return c
     return None
+
+
+_NOTHING_VISIBLE = object()  # an unsolicited STATUS about hidden messages only: not passed on
+_MAX_NEW_LOOKED_AT = 10000  # more arrivals than this at once: told without a look at each
+
+
+def _status_items(reply, mailbox: str) -> dict[bytes, int]:
+    """The items of ``mailbox``'s ``* STATUS`` in a reply (upper-case names)."""
+    for line in reply.untagged:
+        m = _STATUS_RE.match(line)
+        if m is None:
+            continue
+        try:
+            raw = token_text(tokenize(m.group(1))[0])
+        except (TokenError, IndexError):
+            continue
+        if raw is not None and mailbox_name(raw) == mailbox:
+            words = m.group(2).split()
+            return {words[i].upper(): int(words[i + 1]) for i in range(0, len(words) - 1, 2) if words[i + 1].isdigit()}
+    return {}
 
 
 def _fetch_response(view: MailboxView, resp):

@@ -7,7 +7,17 @@ Sans-I/O, no plugin state: anything here is a pure function of its arguments.
 from __future__ import annotations
 
 from cpmproxy.imap import mutf7
-from cpmproxy.imap.tokens import Atom, Literal, ParenList, Quoted, TokenError, quote, tokenize
+from cpmproxy.imap.tokens import (
+    Atom,
+    Literal,
+    ParenList,
+    Quoted,
+    TokenError,
+    format_token,
+    format_tokens,
+    quote,
+    tokenize,
+)
 from cpmproxy.proxy.backend import BackendRefused
 from plugins.view import parse_uid_list
 
@@ -53,6 +63,51 @@ def list_name(line: bytes) -> str | None:
         return None
     raw = token_text(tokens[4])
     return None if raw is None else mailbox_name(raw)
+
+
+def _oldname_at(tokens: list) -> int | None:
+    """Where the ``"OLDNAME"`` tag is in a LIST response's extended data (``tokens[5]``), if it is."""
+    if len(tokens) < 6 or not isinstance(tokens[5], ParenList):
+        return None
+    items = tokens[5].items
+    for j in range(0, len(items) - 1, 2):
+        tag = token_text(items[j])
+        if tag is not None and tag.upper() == b"OLDNAME" and isinstance(items[j + 1], ParenList):
+            return j
+    return None
+
+
+def list_oldname(line: bytes) -> str | None:
+    """The former name a ``* LIST`` response gives (a NOTIFY rename event: ``("OLDNAME" (name))``, RFC
+    5465 5.4); None if it gives none."""
+    if b"OLDNAME" not in line.upper():
+        return None  # (the common case, every line of a LIST command's answer: not tokenized again)
+    try:
+        tokens = tokenize(line.rstrip(b"\r\n"))
+    except TokenError:
+        return None
+    j = _oldname_at(tokens)
+    if j is None or not tokens[5].items[j + 1].items:
+        return None
+    raw = token_text(tokens[5].items[j + 1].items[0])
+    return None if raw is None else mailbox_name(raw)
+
+
+def list_without_oldname(line: bytes) -> bytes:
+    """The ``* LIST`` response without its OLDNAME item (a rename told as a creation)."""
+    tokens = tokenize(line.rstrip(b"\r\n"))
+    j = _oldname_at(tokens)
+    if j is None:
+        return line
+    rest = tokens[5].items[:j] + tokens[5].items[j + 2:]
+    return format_tokens(tokens[:5] + ([ParenList(rest)] if rest else [])) + b"\r\n"
+
+
+def list_nonexistent(line: bytes, name: str) -> bytes:
+    """A ``* LIST (\\NonExistent)`` response for ``name``, with the delimiter of ``line`` (RFC 5465 5.4:
+    how a deleted mailbox is told)."""
+    tokens = tokenize(line.rstrip(b"\r\n"))
+    return b"* LIST (\\NonExistent) " + format_token(tokens[3]) + b" " + wire_name(name) + b"\r\n"
 
 
 def has_caps(session, *names: bytes) -> bool:

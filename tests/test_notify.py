@@ -395,7 +395,7 @@ def test_preference_changed_through_another_proxy_process(make_proxy, dovecot):
         set_pref(a, b'"on"')
         # The event reaches C once process 2 has turned its watch on: what follows is heard.
         got = _collect(c, 5, lambda g: any(x.startswith(b"* METADATA") for x in g))
-        assert any(x.startswith(b'* METADATA "" (') for x in got), got
+        assert b'* METADATA "" ' + PREF + b"\r\n" in got, got
         append(a, folder, make_object("chat"))
         assert wait_status(b, folder, 5) is not None  # on, set on the other process: injected
     finally:
@@ -712,3 +712,160 @@ def test_watch_events_from_status():
     assert event("New", b"MESSAGES 2 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 4") == ("FlagChange", ())
     assert event("New", b"MESSAGES 1 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 5") == ("MessageExpunge", ())
     assert event("Full", b"MESSAGES 4 UIDNEXT 9 UIDVALIDITY 8 HIGHESTMODSEQ 9") == ("MessageNew", ())
+
+
+def test_rename_across_the_view_edge_is_a_deletion_or_creation(make_proxy, dovecot):
+    """A folder renamed into a name the policy excludes leaves the device's view: to its NOTIFY, the old
+    name is deleted (LIST \\NonExistent, RFC 5465 5.4). Renamed back out of it, it is created: the hidden
+    old name (OLDNAME) is never told."""
+    tag = uuid.uuid4().hex[:6]
+    visible, hidden, back = f"Vis-{tag}", f"Secret-{tag}", f"Vis-{tag}b"
+    dovecot.deliver("alice", visible, make_object("chat"))
+    p = make_proxy(config_extra='[policy]\nexclude_folders = ["Secret*"]\n')
+    b = device(p, "B")
+    d = dovecot.imap_direct("alice", tls="none")
+    try:
+        assert b.command(b"n", b"NOTIFY SET (personal (MailboxName))")[-1].startswith(b"n OK")
+        assert visible.encode() in b"".join(b.command(b"l", b'LIST "" "*"'))
+        d.rename_folder(visible, hidden)
+        got = [x for x in _collect(b, 5, lambda g: any(b"LIST" in x for x in g)) if b"LIST" in x]
+        assert got == [b'* LIST (\\NonExistent) "/" %s\r\n' % visible.encode()], got
+        d.rename_folder(hidden, back)
+        got = [x for x in _collect(b, 5, lambda g: any(b"LIST" in x for x in g)) if b"LIST" in x]
+        assert [list_name(x) for x in got] == [back] and not any(b"Secret" in x for x in got), got
+    finally:
+        d.logout()
+        b.close()
+
+
+def test_metadata_events_name_the_entries_that_changed(make_proxy):
+    """The proxy's METADATA events have RFC 5464's unsolicited form (the mailbox, then the entries that
+    changed, no values): for a change through this proxy process, and for a preference another process
+    changed (learnt by polling)."""
+    poll = "[plugin.notify]\nmetadata_poll = 0.5\n"
+    p1 = make_proxy(config_extra=poll)
+    p2 = make_proxy(config_extra=poll)
+    b, a, c = device(p1, "B"), device(p1, "A"), device(p2, "C")
+    try:
+        r = b.command(b"n", b"NOTIFY SET (personal (MailboxMetadataChange ServerMetadataChange))")
+        assert r[-1].startswith(b"n OK"), r
+        assert a.command(b"p", b'SETMETADATA "" (/private/comment "hello")')[-1].startswith(b"p OK")
+        got = [x for x in _collect(b, 3, lambda g: any(b"METADATA" in x for x in g)) if b"METADATA" in x]
+        assert got == [b'* METADATA "" /private/comment\r\n'], got
+        set_pref(c, b'"on"')  # (through the other proxy process)
+        got = [x for x in _collect(b, 5, lambda g: any(b"METADATA" in x for x in g)) if b"METADATA" in x]
+        assert got == [b'* METADATA "" ' + PREF + b"\r\n"], got
+    finally:
+        set_pref(a, b"NIL")
+        a.command(b"q", b'SETMETADATA "" (/private/comment NIL)')
+        for x in (a, b, c):
+            x.close()
+
+
+def test_metadata_events_only_as_asked(make_proxy, dovecot):
+    """A client that asked MailboxMetadataChange for one named mailbox hears of changes there only: not
+    of the server's metadata, not of another mailbox's."""
+    tag = uuid.uuid4().hex[:6]
+    named, other = f"Md1-{tag}", f"Md2-{tag}"
+    for folder in (named, other):
+        dovecot.deliver("alice", folder, make_object("chat"))
+    p = make_proxy()
+    b, a = device(p, "B"), device(p, "A")
+    try:
+        r = b.command(b"n", b'NOTIFY SET (mailboxes "%s" (MailboxMetadataChange))' % named.encode())
+        assert r[-1].startswith(b"n OK"), r
+        set_pref(a, b'"on"')
+        for folder in (other, named):
+            r = a.command(b"c", b'SETMETADATA "%s" (/private/comment "x")' % folder.encode())
+            assert r[-1].startswith(b"c OK"), r
+        got = [x for x in _collect(b, 3, lambda g: any(b"METADATA" in x for x in g)) if b"METADATA" in x]
+        got += [x for x in lines_within(b, 0.5) if b"METADATA" in x]
+        assert got == [b"* METADATA %s /private/comment\r\n" % named.encode()], got
+    finally:
+        set_pref(a, b"NIL")
+        a.close()
+        b.close()
+
+
+def test_metadata_event_waits_for_a_getmetadata_answer(monkeypatch):
+    """A METADATA event is not injected while a GETMETADATA is answered (it would read as part of the
+    answer), and names its mailbox quoted as IMAP wants it."""
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    import plugins.notify as notify
+
+    clock = Clock()
+    monkeypatch.setattr(notify, "reactor", clock)
+    sent: list[bytes] = []
+    inflight = [SimpleNamespace(name=b"GETMETADATA")]
+    session = SimpleNamespace(phase="auth", inflight_commands=lambda: inflight, inject=sent.append)
+    line = notify.metadata_event_line("a\\b", ("/private/comment",))
+    assert line == b'* METADATA "a\\\\b" /private/comment\r\n'
+    plugin = notify.NotifyPlugin.__new__(notify.NotifyPlugin)
+    plugin._inject_after(session, line, (b"GETMETADATA",))
+    clock.advance(0.05)
+    assert sent == []
+    inflight.clear()
+    clock.advance(0.05)
+    assert sent == [line]
+
+
+def test_widened_notify_keeps_the_subscribed_and_inboxes_filters(make_proxy, dovecot):
+    """NOTIFY naming more mailboxes than Dovecot takes is widened to ``personal``; its ``subscribed``
+    group still takes only subscribed mailboxes (a subscription made through the proxy counts at once)."""
+    tag = uuid.uuid4().hex[:6]
+    named = [f"W-{tag}/m{i:03d}" for i in range(101)]
+    unsub, sub = f"Unsub-{tag}", f"Sub-{tag}"
+    d = dovecot.imap_direct("alice", tls="none")
+    for name in named + [unsub, sub]:
+        d.create_folder(name)
+    d.subscribe_folder(sub)
+    d.logout()
+    p = make_proxy()
+    b = device(p, "B")
+    try:
+        names = b" ".join(b'"%s"' % n.encode() for n in named)
+        r = b.command(b"n", b"NOTIFY SET (subscribed (MessageNew)) (mailboxes (" + names + b") (MessageNew))")
+        assert r[-1].startswith(b"n OK"), r[-1]
+        lines_within(b, 0.5)
+        dovecot.deliver("alice", unsub, make_object("chat"))
+        dovecot.deliver("alice", sub, make_object("chat"))
+        got = _collect(b, 5, lambda g: any(sub.encode() in x for x in g)) + lines_within(b, 0.5)
+        assert any(sub.encode() in x for x in got) and not any(unsub.encode() in x for x in got), got
+        assert b.command(b"s", b'SUBSCRIBE "%s"' % unsub.encode())[-1].startswith(b"s OK")
+        dovecot.deliver("alice", unsub, make_object("chat"))
+        assert wait_status(b, unsub, 5) is not None
+    finally:
+        b.close()
+
+
+def test_inboxes_and_subscribed_filters_cover_only_their_mailboxes():
+    from plugins.notify import EventGroup
+
+    inboxes, subscribed = EventGroup("inboxes", (), []), EventGroup("subscribed", (), [])
+    assert inboxes.covers("INBOX") and not inboxes.covers("Default/tel:+1555")
+    assert subscribed.covers("a", {"a"}) and not subscribed.covers("b", {"a"}) and not subscribed.covers("a")
+    assert EventGroup("personal", (), []).covers("anything")
+
+
+def test_refused_notify_changes_nothing(make_proxy):
+    """A NOTIFY SET the backend refuses leaves the notification state as it was: the metadata events the
+    proxy makes keep coming, like the backend's own (MailboxName)."""
+    p = make_proxy()
+    b, a = device(p, "B"), device(p, "A")
+    folder = "Fn-" + uuid.uuid4().hex[:6]
+    try:
+        r = b.command(b"n", b"NOTIFY SET (personal (MailboxName ServerMetadataChange))")
+        assert r[-1].startswith(b"n OK"), r
+        r = b.command(b"m", b"NOTIFY SET (personal (MessageNew AnnotationChange))")
+        assert r[-1].startswith(b"m NO"), r
+        assert a.command(b"c", b'CREATE "%s"' % folder.encode())[-1].startswith(b"c OK")
+        set_pref(a, b'"on"')
+        got = _collect(b, 4, lambda g: any(b"METADATA" in x for x in g) and any(b"LIST" in x for x in g))
+        assert any(x.startswith(b"* LIST") for x in got) and any(x.startswith(b"* METADATA") for x in got), got
+    finally:
+        set_pref(a, b"NIL")
+        a.close()
+        b.close()

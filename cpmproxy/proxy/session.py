@@ -642,7 +642,9 @@ class ClientSession(Protocol, TimeoutMixin):
             backend.transport.loseConnection()
             return
         self.backend = backend
-        self.user = login_user
+        # The user as the backend knows it: every per-user table (sessions, watches, preferences, limits)
+        # must find "Alice" and "alice" alike where the backend folds them into one user.
+        self.user = login_user.lower() if self.config.backend["username_case"] == "lower" else login_user
         self._credentials = (authzid, user, password)
         refusal = service.admit_user(self)
         if refusal:

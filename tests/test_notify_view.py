@@ -1,0 +1,139 @@
+"""Notifications through a device's view: a change to messages hidden from the device (an IMDN the policy
+excludes) tells it nothing, while every change it can see reaches it; and the user is one user however
+the login is spelt. Real Dovecot, real proxy processes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from cpmproxy.testing.sample import make_object
+from tests.proxyfix import raw_via
+from tests.test_notify import _collect, append, device, idle, lines_within, set_pref, wait_status
+
+IMDN_OFF = '[policy]\nsync = { imdn = false }\n'
+FORCED = 'notifications = "forced"\n'
+
+
+def folder_with_chat(dovecot) -> tuple[str, int]:
+    folder = "Nv-" + uuid.uuid4().hex[:8]
+    return folder, dovecot.deliver("alice", folder, make_object("chat", text="visible"))
+
+
+def mentions(lines: list[bytes], folder: str) -> list[bytes]:
+    return [x for x in lines if folder.encode() in x]
+
+
+@pytest.mark.parametrize("how", ["delivered", "appended-by-another-device"])
+def test_idle_device_hears_nothing_of_a_hidden_arrival(make_proxy, dovecot, how):
+    """An IDLE device was sent a STATUS for an IMDN it does not see (its counts unchanged, but UIDNEXT
+    moved and it was woken: it learnt that something arrived)."""
+    folder, _ = folder_with_chat(dovecot)
+    p = make_proxy(config_extra=IMDN_OFF + FORCED)
+    b = device(p, "B")
+    a = device(p, "A")
+    try:
+        idle(b)
+        lines_within(b, 0.5)
+        if how == "delivered":
+            dovecot.deliver("alice", folder, make_object("imdn"))
+        else:
+            append(a, folder, make_object("imdn"))
+        assert not mentions(lines_within(b, 2.5), folder)
+        dovecot.deliver("alice", folder, make_object("chat", text="second"))
+        line = wait_status(b, folder)
+        assert line is not None and b"MESSAGES 2 " in line, line
+    finally:
+        a.close()
+        b.close()
+
+
+def test_client_notify_hears_nothing_of_hidden_messages(make_proxy, dovecot):
+    """A client's own NOTIFY: the backend's STATUS events about a hidden IMDN (new, flagged, expunged)
+    were passed on with the device's counts, telling it all the same that something happened."""
+    folder, _ = folder_with_chat(dovecot)
+    p = make_proxy(config_extra=IMDN_OFF)
+    b = device(p, "B")
+    d = dovecot.imap_direct("alice", tls="none")
+    try:
+        r = b.command(b"n", b"NOTIFY SET STATUS (personal (MessageNew MessageExpunge FlagChange))")
+        assert r[-1].startswith(b"n OK") and mentions(r, folder), r  # (the starting point: always told)
+        lines_within(b, 1)
+        uid = dovecot.deliver("alice", folder, make_object("imdn"))
+        assert not mentions(lines_within(b, 2.5), folder)
+        d.select_folder(folder)
+        d.add_flags([uid], [b"$Marked"])
+        assert not mentions(lines_within(b, 2.5), folder)
+        d.delete_messages([uid])
+        d.expunge()
+        assert not mentions(lines_within(b, 2.5), folder)
+        dovecot.deliver("alice", folder, make_object("chat", text="second"))
+        got = mentions(_collect(b, 5, lambda g: mentions(g, folder)), folder)
+        assert got and b"MESSAGES 2 " in got[0], got
+    finally:
+        d.logout()
+        b.close()
+
+
+def test_idle_device_hears_of_every_flag_change(make_proxy, dovecot):
+    """Only a \\Seen change moved an injected STATUS's counts, and identical lines were not sent again:
+    after the first, an IDLE device heard of no flag change in another folder."""
+    folder, uid = folder_with_chat(dovecot)
+    p = make_proxy(config_extra="[policy]\n" + FORCED)
+    b = device(p, "B")
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(folder)
+    try:
+        idle(b)
+        lines_within(b, 0.5)
+        for flag in (b"\\Flagged", b"$One", b"$Two"):
+            d.add_flags([uid], [flag])
+            assert wait_status(b, folder, 5) is not None, flag
+    finally:
+        d.logout()
+        b.close()
+
+
+def test_selected_idle_device_is_not_woken_by_a_hidden_arrival(make_proxy, dovecot):
+    """In the selected mailbox, a hidden IMDN's arrival gave the device "* 1 EXISTS" (its count, unchanged)
+    and "* 1 RECENT": a wake-up about a message it does not see."""
+    folder, _ = folder_with_chat(dovecot)
+    p = make_proxy(config_extra=IMDN_OFF)
+    b = device(p, "B")
+    try:
+        assert b"* 1 EXISTS\r\n" in b.command(b"s", b'SELECT "%s"' % folder.encode())
+        b.send(b"t IDLE\r\n")
+        assert b.read_line().startswith(b"+")
+        dovecot.deliver("alice", folder, make_object("imdn"))
+        quiet = _collect(b, 3)
+        assert not any(b"EXISTS" in x or b"RECENT" in x for x in quiet), quiet
+        dovecot.deliver("alice", folder, make_object("chat", text="second"))
+        got = _collect(b, 5, lambda g: any(b"EXISTS" in x for x in g))
+        assert b"* 2 EXISTS\r\n" in got, got
+        b.send(b"DONE\r\n")
+        assert b.until_tagged(b"t")[-1].startswith(b"t OK")
+    finally:
+        b.close()
+
+
+def test_a_login_spelt_in_capitals_is_the_same_user(make_proxy, dovecot):
+    """Dovecot folds "Alice" into alice (auth_username_format %Lu); the proxy kept "Alice" as another user:
+    her preference change did not reach alice's other sessions (nor did notifications, limits...)."""
+    folder, _ = folder_with_chat(dovecot)
+    p = make_proxy(config_extra="[plugin.notify]\nmetadata_poll = 60\n")
+    b = device(p, "B")
+    a = raw_via(p)
+    a.command(b"i", b'ID ("name" "test" "x-cpm-device-id" "A")')
+    assert a.login("Alice", "alicepw")[-1].startswith(b"L OK")
+    try:
+        set_pref(b, b'"off"')
+        idle(b)
+        set_pref(a, b'"on"')
+        lines_within(b, 0.5)
+        dovecot.deliver("alice", folder, make_object("chat", text="second"))
+        assert wait_status(b, folder, 5) is not None
+    finally:
+        set_pref(a, b"NIL")
+        a.close()
+        b.close()
