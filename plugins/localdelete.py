@@ -299,12 +299,10 @@ class LocalDeletePlugin(Plugin):
         messages the server has \Deleted (the list plus \Deleted), one for the others; the client then
         gets the flags it now sees."""
         tag, uid, seqs, modifiers, op, flag_text = m.groups()
-        view = await self._policy().ensure_view(session)
-        if view is None:
-            return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
-        targets = await self._store_targets(session, view, uid, seqs)
-        if isinstance(targets, Answer):
-            return targets
+        found = await self._view_and_targets(session, uid, seqs)
+        if isinstance(found, Answer):
+            return found
+        view, targets = found
         others = [f for f in flag_text.strip(b"()").split() if f.upper() not in (KEYWORD, b"\\DELETED")]
         readreport = self.proxy.hooks.by_name.get("readreport")
         if readreport is not None:  # (these STOREs pass no command hook: the CPM flag is mapped here)
@@ -344,12 +342,10 @@ class LocalDeletePlugin(Plugin):
         since = _unchangedsince(modifiers)
         if since is None:
             return Answer(b"BAD [CLIENTBUG] Invalid STORE modifier: only UNCHANGEDSINCE is supported.")
-        view = await self._policy().ensure_view(session)
-        if view is None:
-            return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
-        targets = await self._store_targets(session, view, uid, seqs)
-        if isinstance(targets, Answer):
-            return targets
+        found = await self._view_and_targets(session, uid, seqs)
+        if isinstance(found, Answer):
+            return found
+        view, targets = found
         cmd.state["localdelete"] = True
         if not targets:
             return Answer(b"OK Store completed.")
@@ -404,6 +400,14 @@ class LocalDeletePlugin(Plugin):
         st.condstore = True  # (UNCHANGEDSINCE enables CONDSTORE)
         return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, SequenceSet.from_iterable(updated).format(),
                                                       b"MODSEQ" if silent else _flags_items(st)))
+
+    async def _view_and_targets(self, session, uid, seqs: bytes):
+        """(the selected mailbox's view, the visible UIDs a STORE names), or the Answer that ends it."""
+        view = await self._policy().ensure_view(session)
+        if view is None:
+            return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
+        targets = await self._store_targets(session, view, uid, seqs)
+        return targets if isinstance(targets, Answer) else (view, targets)
 
     @staticmethod
     async def _store_targets(session, view, uid, seqs: bytes) -> set[int] | Answer:

@@ -1848,19 +1848,7 @@ async def _uidvalidity(session, mailbox: str) -> int:
 
 
 def _parse_uidvalidity(reply, mailbox: str) -> int:
-    for line in reply.untagged:
-        m = _STATUS_RE.match(line)
-        if m is None:
-            continue
-        try:
-            raw = token_text(tokenize(m.group(1))[0])
-        except (TokenError, IndexError):
-            continue
-        if raw is not None and mailbox_name(raw) == mailbox:
-            v = re.search(rb"UIDVALIDITY (\d+)", m.group(2))
-            if v:
-                return int(v.group(1))
-    return 0
+    return _status_items(reply, mailbox).get(b"UIDVALIDITY", 0)
 
 
 def _uid_ranges(uids: SequenceSet | set[int]) -> SequenceSet:
