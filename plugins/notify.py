@@ -324,7 +324,7 @@ class UserWatch:
     def _connected(self, proto) -> None:
         self.connecting = False
         if self.closed:
-            proto.transport.loseConnection()
+            proto.close()
             return
         self.proto = proto
         self.backoff = 1.0
@@ -511,7 +511,7 @@ class UserWatch:
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()
         if self.proto is not None:
-            self.proto.transport.loseConnection()
+            self.proto.close()
 
 
 def _status_items(line: bytes) -> tuple[bytes, list[bytes]]:
@@ -719,7 +719,7 @@ class NotifyPlugin(Plugin):
         try:
             await login_backend(proto, caps, "", login, password, [("x-session-id", f"cpmproxy-{purpose}")])
         except BaseException:
-            proto.transport.loseConnection()
+            proto.close()
             raise
         return proto
 

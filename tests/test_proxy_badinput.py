@@ -207,3 +207,48 @@ def test_malformed_select_arguments_get_answers(proxy):
             assert b"SERVERBUG" not in r[-1], (line, r)
         assert c.command(b"ok", b"SELECT INBOX")[-1].startswith(b"ok OK")
     assert still_serving(proxy)
+
+
+def test_control_character_in_a_mailbox_command_is_a_client_error(proxy):
+    """Arguments a plugin reads only in a deferred decision (the policy's mailbox checks) gave
+    "NO [SERVERBUG] Internal error." and a critical traceback in the log for a control character."""
+    before = len(proxy.log())
+    with raw_via(proxy) as c:
+        c.command(b"i", b'ID ("x-cpm-device-id" "phone")')
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        for tag, line in ((b"r", b"RENAME foo bar \t"), (b"c", b"CREATE \x01foo"), (b"s", b"STATUS INBOX (MESSAGES) \x01")):
+            r = c.command(tag, line)
+            assert r[-1].startswith(tag + b" BAD [CLIENTBUG] Invalid arguments"), r
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    assert "Traceback" not in proxy.log()[before:]
+
+
+def test_endless_command_before_login_is_refused(make_proxy):
+    """Each literal under max_preauth_literal, but no end to them: the proxy kept the whole command and
+    grew by hundreds of MB in a second for an unauthenticated client. The command is capped at max_line."""
+    p = make_proxy(config_extra="[limits]\nmax_line = 100000\n")
+    with raw_via(p) as c:
+        c.send(b"a LOGIN {8000+}\r\n")
+        try:
+            for _ in range(40):
+                c.send(b"x" * 8000 + b" {8000+}\r\n")
+        except OSError:
+            pass  # (closed on us: what is wanted)
+        line = c.read_line()
+        assert line.startswith(b"* BYE [TOOBIG]"), line
+    assert still_serving(p)
+
+
+def test_prelogin_timeout_counts_from_the_connection(make_proxy):
+    """A client that sends a NOOP now and then, never logging in, kept its connection (and a slot of
+    max_connections_per_ip) for ever: every byte reset the pre-login timeout."""
+    p = make_proxy(config_extra="[limits]\npreauth_timeout = 2\n")
+    with raw_via(p) as c:
+        start = time.monotonic()
+        while time.monotonic() - start < 6 and not c.closed(timeout=0.3):
+            try:
+                c.send(b"n NOOP\r\n")
+            except OSError:
+                break
+        assert time.monotonic() - start < 5, "still connected"
+    assert still_serving(p)

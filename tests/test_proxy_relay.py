@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 import uuid
 
 import imapclient
+import pytest
 
+from cpmproxy.testing.rawclient import RawIMAP
 from tests.proxyfix import imap_via, raw_via, still_serving
 
 
@@ -92,6 +95,54 @@ def test_literal_of_a_refused_command_never_runs_as_commands(proxy, dovecot):
     imap.select_folder(folder, readonly=True)
     assert imap.search("FLAGGED") == [] and len(imap.search("ALL")) == 1
     imap.logout()
+
+
+@pytest.mark.parametrize("literal", [b"{%d}", b"{%d-}", b"~{%d-}"])
+def test_literal_a_client_sends_too_early_never_runs_as_commands(proxy, dovecot, literal):
+    """A client that sends a synchronizing literal's bytes without waiting for "+", or uses LITERAL- (which
+    Dovecot does not take): Dovecot answered the command at once and read those bytes as commands of its
+    own, past every hook (here a SETMETADATA of the proxy's own entries, which it refuses a client). Now a
+    synchronizing literal's bytes wait for the backend's "+" (refused, they are the client's next command,
+    through the hooks), and a non-synchronizing one is sent the careful way, as LITERAL+ is."""
+    inner = b's1 SETMETADATA "" (/private/vendor/vendor.cpmproxy/localdelete/evil "smuggled")\r\n'
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        end = b"" if literal == b"{%d}" else b"\r\n"  # (after a literal the command goes on to its CRLF)
+        c.send(b"a NOOP " + literal % len(inner) + b"\r\n" + inner + end)
+        if literal == b"{%d}":
+            r = c.until_tagged(b"s1")
+            assert any(x.startswith(b"s1 NO [NOPERM]") for x in r), r
+        else:  # (the bytes are the literal's: the command is refused, they never run)
+            r = c.until_tagged(b"a")
+            assert not any(x.startswith(b"s1 ") for x in r), r
+        r = c.command(b"n", b"NOOP")
+        assert r[-1].startswith(b"n OK") and not any(x.startswith(b"s1 ") for x in r), r  # (in step)
+    d = RawIMAP("127.0.0.1", dovecot.port)
+    d.login("alice", "alicepw")
+    r = d.command(b"g", b'GETMETADATA "" /private/vendor/vendor.cpmproxy/localdelete/evil')
+    d.close()
+    assert not any(b"smuggled" in x for x in r), r
+
+
+def test_client_gone_without_logout_leaves_no_backend_connection(make_proxy, dovecot):
+    """Over TLS to the backend, a client that closed without LOGOUT left its backend connection open (the
+    proxy waited for Dovecot's answer to its TLS close_notify, which never came): one Dovecot process per
+    dropped mobile client, until mail_max_userip_connections locked the user out."""
+    from cpmproxy.proxy.backend import CLOSE_GRACE
+
+    p = make_proxy(backend_tls="starttls", plugins=[])
+    for _ in range(4):
+        c = raw_via(p)
+        assert c.login("dave", "davepw")[-1].startswith(b"L OK")
+        c.close()
+    deadline = time.monotonic() + CLOSE_GRACE + 10
+    while True:
+        out = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout
+        open_ = [x for x in out.splitlines() if f"pid={p.proc.pid}," in x and x.split()[4].endswith(f":{dovecot.port}")]
+        if not open_:
+            break
+        assert time.monotonic() < deadline, open_
+        time.sleep(0.5)
 
 
 def test_big_append_and_fetch_20mb(proxy):

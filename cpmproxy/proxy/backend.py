@@ -89,6 +89,9 @@ def _capability_code(line: bytes) -> list[bytes] | None:
     return parse_capabilities(line[start + 1:end])
 
 
+CLOSE_GRACE = 5.0  # seconds a closing backend connection may take to flush and end TLS
+
+
 class BackendProtocol(Protocol):
     def __init__(self, max_line: int):
         self.framer = Framer(max_line=max_line, max_literal=None, responses=True, blocks=True)
@@ -112,6 +115,21 @@ class BackendProtocol(Protocol):
         if self.out and not self.closed:
             out, self.out = self.out, []
             send_chunks(self.transport, out)
+
+    def close(self) -> None:
+        """Close the connection once what was written went out. Over TLS that waits for the backend's
+        answer to our close_notify, which Dovecot may never send (each client that left without LOGOUT
+        kept a Dovecot process): past ``CLOSE_GRACE`` seconds the connection is cut."""
+        if self.closed:
+            return
+        self.transport.loseConnection()
+        from twisted.internet import reactor
+
+        reactor.callLater(CLOSE_GRACE, self._cut)
+
+    def _cut(self) -> None:
+        if not self.closed:
+            self.transport.abortConnection()
 
     # -- Twisted ----------------------------------------------------------------------------------
 

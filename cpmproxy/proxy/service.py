@@ -270,7 +270,10 @@ def _endpoint_params(desc: str) -> tuple[str, dict[str, str]] | None:
     with a Python error ("got multiple values for argument 'interface'")."""
     if _UNESCAPED_IPV6.search(desc):
         raise ConfigError(f"invalid endpoint {desc!r}: {_IPV6_HINT}")
-    args, kwargs = _parse_endpoint(desc)  # (private: the parser serverFromString uses)
+    try:
+        args, kwargs = _parse_endpoint(desc)  # (private: the parser serverFromString uses)
+    except Exception:  # (a trailing backslash: "generator raised StopIteration")
+        raise ConfigError(f"invalid endpoint {desc!r}: cannot be read (a ':' or '\\' out of place?)") from None
     while len(args) > 1 and args[0] == "haproxy":
         args = args[1:]
     kind, values = args[0], args[1:]
@@ -490,9 +493,9 @@ class SidePool:
     def close(self) -> None:
         proto, self.proto = self.proto, None
         if isinstance(proto, defer.Deferred):
-            proto.addCallbacks(lambda p: p.transport.loseConnection(), lambda f: None)
+            proto.addCallbacks(lambda p: p.close(), lambda f: None)
         elif proto is not None:
-            proto.transport.loseConnection()
+            proto.close()
 
 
 # A user's side connection outlives their last session a little: devices reconnect often, and a new

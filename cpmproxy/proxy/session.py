@@ -82,7 +82,8 @@ log = Logger(namespace="cpmproxy.session")
 _DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
 
 _NOT_UNTAGGED_RE = re.compile(rb"\n[^*]")
-_NONSYNC_MARK_RE = re.compile(rb"(~?\{\d+)\+(\}\r?\n)")  # a non-synchronizing literal's "{n+}" + CRLF
+# A non-synchronizing literal's "{n+}" (LITERAL+) or "{n-}" (LITERAL-) + CRLF.
+_NONSYNC_MARK_RE = re.compile(rb"(~?\{\d+)[+-](\}\r?\n)")
 # A run of lines starting with a message number ("* 12 ..."), FETCH-like (numbered_run_end finds its end).
 _NUMBERED_RE = re.compile(rb"\* [0-9]")
 _FETCH_HEAD_RE = re.compile(rb"\* [0-9]+ FETCH ")
@@ -258,7 +259,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self.phase = "closed"
         if self.backend is not None and not self.backend.closed:
             # Flush what the client sent (never lose a completed APPEND), then close.
-            self.backend.transport.loseConnection()
+            self.backend.close()
         self._close_side()
         self._credentials = None
         self.service.forget(self)
@@ -314,7 +315,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._sealed = True
         self.transport.loseConnection()
         if self.backend is not None and not self.backend.closed:
-            self.backend.transport.loseConnection()
+            self.backend.close()
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -356,14 +357,17 @@ class ClientSession(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._peer_unsettled:
             self._settle_peer()
-        self.resetTimeout()
+        if self.phase != "preauth":
+            # (Before login the timeout counts from the connection, as Dovecot's own: reset by every byte,
+            # a client trickling a NOOP now and then held a connection slot for ever.)
+            self.resetTimeout()
         self.service.metrics.bytes_in += len(data)
         self.framer.feed(data)
         self._process_client()
 
     def _process_client(self) -> None:
         if self.phase in ("login", "closed") or self._blocked or self._parking or self._closing \
-                or self._literal_gate is not None:
+                or self._literal_gate is not None or self._awaiting_continuation:
             return
         try:
             if self.phase == "preauth":
@@ -429,12 +433,16 @@ class ClientSession(Protocol, TimeoutMixin):
         for ev in self.framer.events():
             if self.phase != "preauth" or self._closing:
                 return
-            if isinstance(ev, LiteralData):
-                self._parts.append(ev.data)
-                continue
-            if ev.first:
-                self._parts = []
+            if not isinstance(ev, LiteralData) and ev.first:
+                self._parts, self._parts_size = [], 0
             self._parts.append(ev.data)
+            self._parts_size += len(ev.data)
+            if self._parts_size > self.config.limits["max_line"]:
+                # (each literal below max_preauth_literal, but no end to them: memory for the asking)
+                self.bye(b"Command too long before login.", code=b"TOOBIG")
+                return
+            if isinstance(ev, LiteralData):
+                continue
             if ev.literal is not None:
                 if not ev.non_sync:
                     self._out.append(b"+ OK\r\n")
@@ -639,18 +647,20 @@ class ClientSession(Protocol, TimeoutMixin):
             self._resume_preauth(tag + b" NO [UNAVAILABLE] " + UNAVAILABLE + b"\r\n")
             return
         if self.phase != "login":  # the client went away meanwhile
-            backend.transport.loseConnection()
+            backend.close()
             return
         self.backend = backend
         # The user as the backend knows it: every per-user table (sessions, watches, preferences, limits)
         # must find "Alice" and "alice" alike where the backend folds them into one user.
-        self.user = login_user.lower() if self.config.backend["username_case"] == "lower" else login_user
+        # (ASCII only, as Dovecot's %Lu: Python's lower() folds other letters too, and would merge users.)
+        self.user = login_user.encode().lower().decode() if self.config.backend["username_case"] == "lower" \
+            else login_user
         self._credentials = (authzid, user, password)
         refusal = service.admit_user(self)
         if refusal:
             metrics.logins.labels(result="limit").inc()
             self.backend = None
-            backend.transport.loseConnection()
+            backend.close()
             self.user = None
             self._resume_preauth(tag + b" NO [LIMIT] " + refusal.encode() + b"\r\n")
             return
@@ -672,12 +682,12 @@ class ClientSession(Protocol, TimeoutMixin):
                 response = b"NO [UNAVAILABLE] " + UNAVAILABLE
             self.service.forget_user(self)
             self.backend = None
-            backend.transport.loseConnection()
+            backend.close()
             self.user = None
             self._resume_preauth(tag + b" " + response + b"\r\n")
             return
         if self.phase != "login":
-            backend.transport.loseConnection()
+            backend.close()
             return
         metrics.logins.labels(result="ok").inc()
         log.info("login user={user} device={device} session={session}", **self._log_fields())
@@ -698,7 +708,7 @@ class ClientSession(Protocol, TimeoutMixin):
                        and not k.startswith("x-connected") and k != "x-session-id"]
             post = await login_backend(backend, caps, authzid, user, password, fields)
         except BaseException:
-            backend.transport.loseConnection()
+            backend.close()
             raise
         return backend, post
 
@@ -773,6 +783,9 @@ class ClientSession(Protocol, TimeoutMixin):
                         data = rewrite(data)  # (see ClientCommand: a plugin's rewrite of later segments)
                     self._backend_send(self._current, data, False)
                     self._awaiting_continuation = ev.literal is not None and not ev.non_sync
+                    if self._awaiting_continuation:
+                        self._wait_for_continuation()
+                        return
                 elif ev.literal is not None and not ev.non_sync:
                     # A locally answered command cannot go on: refuse its next literal.
                     self.framer.refuse_literal()
@@ -813,6 +826,9 @@ class ClientSession(Protocol, TimeoutMixin):
                 self._start_collect(cmd, ev, action)
                 continue
             if not self._decide(cmd, ev, action):
+                return
+            if self._awaiting_continuation:
+                self._wait_for_continuation()
                 return
             if self._closing or self._literal_gate is not None:
                 return
@@ -996,6 +1012,14 @@ class ClientSession(Protocol, TimeoutMixin):
         self.backend.flush()  # (also when a deferred decision sends it: nothing else would, until "+")
         self.transport.pauseProducing()
 
+    def _wait_for_continuation(self) -> None:
+        """A synchronizing literal went to the backend: nothing more of the client's is read or relayed
+        until the backend's "+" (then its bytes are the literal) or its tagged refusal (then they are the
+        client's next command, which goes through the hooks). Relayed at once, the bytes of a client that
+        did not wait reached a backend that had refused the command as commands of their own."""
+        self.transport.pauseProducing()
+        self.backend.flush()
+
     def _gate_opened(self) -> None:
         """The backend's "+" for a literal the proxy made synchronizing: the next piece goes out (its own
         literal then waits for the next "+"), or, none left, the client is read again."""
@@ -1039,7 +1063,9 @@ class ClientSession(Protocol, TimeoutMixin):
             return
         self._blocked = False
         self._apply(cmd, ev, action)
-        if not self._parking and self._literal_gate is None:
+        if self._awaiting_continuation:
+            self._wait_for_continuation()
+        elif not self._parking and self._literal_gate is None:
             self.transport.resumeProducing()
             self._process_client()
 
@@ -1056,6 +1082,8 @@ class ClientSession(Protocol, TimeoutMixin):
             if failure.check(BackendRefused) and failure.value.response[:3].upper() == b"NO ":
                 return Answer(failure.value.response)
             return Answer(b"NO [UNAVAILABLE] " + UNAVAILABLE)
+        if failure.check(TokenError):  # (arguments a plugin read only later, as the command hook would)
+            return Answer(b"BAD [CLIENTBUG] Invalid arguments: " + failure.getErrorMessage().encode()[:100] + b".")
         self._bug("plugin decision failed", failure)
         return Answer(b"NO [SERVERBUG] Internal error.")
 
@@ -1181,10 +1209,15 @@ class ClientSession(Protocol, TimeoutMixin):
         try:
             await login_backend(proto, caps, authzid, user, password, fields)
         except BaseException:
-            proto.transport.loseConnection()
+            proto.close()
             raise
         if self.phase == "closed" and purpose != "side":  # (the shared side connection is the pool's)
-            proto.transport.loseConnection()
+            proto.close()
+        elif purpose == "side":
+            # Dovecot keeps a MODSEQ per message only in mailboxes opened with CONDSTORE on (before, every
+            # message has the mailbox's HIGHESTMODSEQ): plugins that ask "what changed since" need them from
+            # the first look on. (Pipelined, answer not awaited: a server without it just says BAD.)
+            proto.command(b"ENABLE CONDSTORE").addErrback(lambda f: None)
         return proto
 
     def _close_side(self) -> None:
@@ -1482,7 +1515,7 @@ class ClientSession(Protocol, TimeoutMixin):
     @_guarded
     def _read_again(self) -> None:
         if self.phase == "auth" and not self._closing and not self._parking and not self._blocked \
-                and self._literal_gate is None:
+                and self._literal_gate is None and not self._awaiting_continuation:
             self.transport.resumeProducing()
             self._process_client()
 
@@ -1497,7 +1530,9 @@ class ClientSession(Protocol, TimeoutMixin):
             if self._swallow_continuation:
                 self._swallow_continuation -= 1  # our re-issued IDLE's "+ idling"
                 return None
-            self._awaiting_continuation = False
+            if self._awaiting_continuation:
+                self._awaiting_continuation = False
+                self.service.reactor.callLater(0, self._read_again)  # (the literal's bytes may follow)
             return data
         head = parse_response_head(data.rstrip(b"\r\n"))
         self._resp_head = head
@@ -1533,11 +1568,13 @@ class ClientSession(Protocol, TimeoutMixin):
                     self.service.reactor.callLater(0, self._read_again)
                 if cmd is self._current and not self._discard_command:
                     if self._awaiting_continuation:
-                        # The backend refused a synchronizing literal: the client will not send it.
+                        # The backend refused a synchronizing literal: the client will not send it (what
+                        # it sends is its next command).
                         self.framer.refuse_literal()
                         self._awaiting_continuation = False
                         self._current = None
                         self._send_internal_queue()
+                        self.service.reactor.callLater(0, self._read_again)
                     else:
                         # Answered while a non-synchronizing literal is on the way, which the backend
                         # reads all the same: the command stays current (nothing of ours may go out in
