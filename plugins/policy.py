@@ -570,6 +570,7 @@ class PolicyPlugin(Plugin):
 
     def command(self, session, cmd):
         st = self.state(session)
+        st.quiet_recent = False  # (a RECENT after a dropped EXISTS comes with it, before any new command)
         if cmd.name in (b"SELECT", b"EXAMINE") and b"QRESYNC" in cmd.line.upper():
             st.vanish_check = True
         if st.selecting is not None:
@@ -1001,12 +1002,13 @@ class PolicyPlugin(Plugin):
                 return Hold(defer.Deferred.fromCoroutine(self._grow_view(session, st)))
             st.growing_to = None
             told, st.exists_told = st.exists_told, None
+            # (Dovecot sends no RECENT where another session took \Recent: the flag must not outlive this.)
+            st.quiet_recent = False
             if view.identity:
                 return None
             if told == view.exists:
                 st.quiet_recent = True  # (only hidden messages arrived: a wake-up about nothing it may see)
                 return Drop()
-            st.quiet_recent = False
             return Rewrite(b"* %d EXISTS\r\n" % view.exists)
         if name == b"RECENT":
             if st.quiet_recent:
@@ -1060,21 +1062,30 @@ class PolicyPlugin(Plugin):
         view = st.view if st is not None else None
         if view is None or st.pending_select:
             return None
-        out = renumber_fetch_lines(block, view.client_map)
-        if out is not None and st.vanish_check:
-            early = self._early_vanished(session, st, view)
-            if early is not None:
-                out = early + out
-        return out
+        if st.vanish_check and self._owes_vanished(session, st):
+            # Said before the first FETCH line, on the per-line path: a block's output is thrown away
+            # when a plugin after this one cannot take it whole, and the VANISHED with it.
+            return None
+        return renumber_fetch_lines(block, view.client_map)
 
     def _early_vanished(self, session, st: PolicySession, view: MailboxView) -> bytes | None:
         """The ``* VANISHED (EARLIER)`` line the command now answered owes before its first FETCH response
         (RFC 7162 3.2.5.1, 3.6: "before any FETCH responses", or the client maps numbers to UIDs wrong),
         or None: none owed, or said already (decided once per command)."""
-        cmds = session.inflight_commands()
-        if not cmds or not _asks_vanished(cmds[0]) or cmds[0].state.get("vanished_sent"):
+        if not self._owes_vanished(session, st):
             return None
-        return self._vanished_line(st, view, cmds[0]) or None
+        return self._vanished_line(st, view, session.inflight_commands()[0]) or None
+
+    @staticmethod
+    def _owes_vanished(session, st: PolicySession) -> bool:
+        """The command now answered owes its VANISHED (EARLIER) still; ``vanish_check`` is cleared when no
+        command in flight does (one the proxy answered itself never had a tagged hook to clear it)."""
+        cmds = session.inflight_commands()
+        if cmds and _asks_vanished(cmds[0]) and not cmds[0].state.get("vanished_sent"):
+            return True
+        if not any(_asks_vanished(c) and not c.state.get("vanished_sent") for c in cmds):
+            st.vanish_check = False
+        return False
 
     @staticmethod
     def _vanished_line(st: PolicySession, view: MailboxView, cmd) -> bytes:
@@ -1439,7 +1450,8 @@ class PolicyPlugin(Plugin):
                 return Drop()
         elif self._may_hide(session, st, mailbox):
             # Unsolicited (NOTIFY): counted on the view too, for the state the backend just reported.
-            return Hold(defer.Deferred.fromCoroutine(self._unsolicited_adjustment(session, st, mailbox)))
+            return Hold(defer.Deferred.fromCoroutine(self._unsolicited_adjustment(session, st, mailbox,
+                                                                                   resp.data)))
         else:
             return None
         if adjust is _UNCOUNTABLE:
@@ -1486,10 +1498,10 @@ class PolicyPlugin(Plugin):
                 plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
             return bool(changed - await self._side_hidden(session, plan, changed))
 
-    async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str) -> None:
+    async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str, line: bytes) -> None:
         try:
             adjust = await self.status_adjustment(session, st, mailbox)
-            if not await self._unsolicited_told(session, st, mailbox, adjust):
+            if not await self._unsolicited_told(session, st, mailbox, adjust, line):
                 adjust = _NOTHING_VISIBLE
         except (BackendError, defer.TimeoutError) as e:
             # (Unadjusted, it would count what the device must not see: dropped, a notification missed.)
@@ -1498,12 +1510,17 @@ class PolicyPlugin(Plugin):
             adjust = _UNCOUNTABLE
         st.unsolicited_status[mailbox] = adjust  # the replayed response finds it (never held twice)
 
-    async def _unsolicited_told(self, session, st: PolicySession, mailbox: str, adjust) -> bool:
-        """Whether an unsolicited STATUS of ``mailbox`` (a NOTIFY event) goes to the device: its counts as
-        the device sees them changed, or a message it sees changed since the last one it was told. The
-        answers to NOTIFY SET STATUS all go (they are the device's starting point)."""
-        reply = await session.side_command(b"STATUS " + wire_name(mailbox) + b" (MESSAGES UNSEEN UIDNEXT HIGHESTMODSEQ)")
-        now = _status_items(reply, mailbox)
+    async def _unsolicited_told(self, session, st: PolicySession, mailbox: str, adjust, line: bytes) -> bool:
+        """Whether an unsolicited STATUS ``line`` of ``mailbox`` (a NOTIFY event) goes to the device: its
+        counts as the device sees them changed, or a message it sees changed since the last one it was
+        told. The answers to NOTIFY SET STATUS all go (they are the device's starting point). What the
+        line says is what the device is told, so it is the next one's baseline; the backend is asked only
+        for what the line lacks (a later state could hide a change from the next comparison)."""
+        now = _status_items([line], mailbox)
+        if not all(k in now for k in (b"MESSAGES", b"UNSEEN", b"UIDNEXT", b"HIGHESTMODSEQ")):
+            reply = await session.side_command(b"STATUS " + wire_name(mailbox)
+                                               + b" (MESSAGES UNSEEN UIDNEXT HIGHESTMODSEQ)")
+            now = {**_status_items(reply.untagged, mailbox), **now}
         if b"HIGHESTMODSEQ" not in now:
             return True  # (cannot tell: told, as before)
         hidden, unseen, _ = adjust or (0, 0, 0)
@@ -1848,7 +1865,7 @@ async def _uidvalidity(session, mailbox: str) -> int:
 
 
 def _parse_uidvalidity(reply, mailbox: str) -> int:
-    return _status_items(reply, mailbox).get(b"UIDVALIDITY", 0)
+    return _status_items(reply.untagged, mailbox).get(b"UIDVALIDITY", 0)
 
 
 def _uid_ranges(uids: SequenceSet | set[int]) -> SequenceSet:
@@ -2067,9 +2084,9 @@ _NOTHING_VISIBLE = object()  # an unsolicited STATUS about hidden messages only:
 _MAX_NEW_LOOKED_AT = 10000  # more arrivals than this at once: told without a look at each
 
 
-def _status_items(reply, mailbox: str) -> dict[bytes, int]:
-    """The items of ``mailbox``'s ``* STATUS`` in a reply (upper-case names)."""
-    for line in reply.untagged:
+def _status_items(lines: list[bytes], mailbox: str) -> dict[bytes, int]:
+    """The items of ``mailbox``'s ``* STATUS`` among ``lines`` (upper-case names)."""
+    for line in lines:
         m = _STATUS_RE.match(line)
         if m is None:
             continue

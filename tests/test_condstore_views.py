@@ -179,3 +179,23 @@ def test_removing_another_flag_keeps_a_pending_local_delete(make_proxy, dovecot,
     assert server.search("ALL") == uids  # (a local delete: the server keeps it)
     server.logout()
     c.close()
+
+
+def test_vanished_earlier_survives_a_block_another_plugin_takes_apart(make_proxy, dovecot):
+    """A run of FETCH lines carrying CPM's read-report keyword is taken line by line (readreport maps it),
+    after the policy had put its VANISHED (EARLIER) in front of the run as a whole: it was lost, and the
+    client kept a message its view no longer has."""
+    name, uids = folder_of(dovecot, ["chat", "imdn", "chat"] + ["chat"] * 40)  # (a run of 512+ bytes)
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(name)
+    d.add_flags([uids[2]], [b"$ReadReportSent"])
+    d.logout()
+    p = make_proxy(config_extra=IMDN_OFF)
+    c = device(p)
+    c.command(b"e", b"ENABLE QRESYNC")
+    assert c.command(b"s", b'SELECT "%s"' % name.encode())[-1].startswith(b"s OK")
+    r = c.command(b"f", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)")
+    assert r[-1].startswith(b"f OK") and vanished_earlier(r) == {uids[1]}, r
+    assert first(r, b"* VANISHED (EARLIER)") < min(i for i, x in enumerate(r) if b" FETCH " in x), r
+    assert any(b"\\read-report-sent" in x for x in r), r  # (the keyword as CPM names it: the lines were mapped)
+    c.close()

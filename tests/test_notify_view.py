@@ -137,3 +137,26 @@ def test_a_login_spelt_in_capitals_is_the_same_user(make_proxy, dovecot):
         set_pref(a, b"NIL")
         a.close()
         b.close()
+
+
+def test_a_dropped_exists_takes_no_later_recent_with_it(make_proxy, dovecot):
+    """The RECENT after an EXISTS dropped for a hidden arrival is dropped too, but Dovecot sends none when
+    another session took \\Recent: the flag stayed set and swallowed the next SELECT's RECENT (required by
+    RFC 3501 6.3.1)."""
+    folder, _ = folder_with_chat(dovecot)
+    other, _ = folder_with_chat(dovecot)
+    p = make_proxy(config_extra=IMDN_OFF)
+    b = device(p, "B")
+    d = dovecot.imap_direct("alice", tls="none")
+    try:
+        assert b.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
+        d.select_folder(folder)  # (read-write: this session takes \Recent)
+        dovecot.deliver("alice", folder, make_object("imdn"))
+        d.noop()
+        r = b.command(b"n", b"NOOP")
+        assert not any(b"EXISTS" in x or b"RECENT" in x for x in r), r
+        r = b.command(b"s2", b'SELECT "%s"' % other.encode())
+        assert any(x.endswith(b" RECENT\r\n") for x in r), r
+    finally:
+        d.logout()
+        b.close()
