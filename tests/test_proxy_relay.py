@@ -380,3 +380,32 @@ def test_read_report_keyword_in_another_case_is_still_mapped(proxy, dovecot):
         out = r.command(b"f", b"FETCH 1:* (FLAGS)")
         mapped = [x for x in out if b"\\read-report-sent" in x]
         assert len(mapped) == 5 and not any(b"readreportsent" in x.lower() for x in out), out
+
+
+def test_append_to_a_mailbox_named_by_a_literal_with_a_synchronizing_message(proxy, dovecot):
+    """The policy collects a literal mailbox name (answering the client's "+" itself); the message's
+    synchronizing literal then waits for the backend's "+", which the literal gate took for its own: the
+    client never got it and the session hung. Refused instead (no such mailbox), the client's next command
+    was read as that literal's bytes."""
+    folder = _fresh_folder()
+    dovecot.deliver("alice", folder, _msg("first"))
+    msg = _msg("by literal name")
+    with raw_via(proxy) as c:
+        c.login("alice", "alicepw")
+        for opening in (b"a APPEND {%d}\r\n" % len(folder), b"a APPEND {%d+}\r\n" % len(folder)):
+            c.send(opening)
+            if not opening.endswith(b"+}\r\n"):
+                assert c.read_line().startswith(b"+")
+            c.send(folder.encode() + b" {%d}\r\n" % len(msg))
+            assert c.read_line().startswith(b"+")
+            c.send(msg + b"\r\n")
+            assert c.until_tagged(b"a")[-1].startswith(b"a OK")
+        c.send(b"b APPEND {9}\r\n")
+        assert c.read_line().startswith(b"+")
+        c.send(b"NoSuchBox {20}\r\n")
+        assert c.until_tagged(b"b")[-1].startswith(b"b NO")
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # (not taken for the refused literal)
+    imap = dovecot.imap_direct("alice", tls="none")
+    imap.select_folder(folder, readonly=True)
+    assert len(imap.search("ALL")) == 3
+    imap.logout()

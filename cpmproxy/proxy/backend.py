@@ -89,7 +89,16 @@ def _capability_code(line: bytes) -> list[bytes] | None:
     return parse_capabilities(line[start + 1:end])
 
 
-CLOSE_GRACE = 5.0  # seconds a closing backend connection may take to flush and end TLS
+CLOSE_GRACE = 5.0  # seconds a closing backend connection may take to end TLS once all is sent
+
+
+def _unsent(transport) -> bool:
+    """Whether bytes written to ``transport`` (a TCP one, or TLS over one) still wait to go out."""
+    while transport is not None:
+        if getattr(transport, "dataBuffer", b"") or getattr(transport, "_tempDataBuffer", None):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 class BackendProtocol(Protocol):
@@ -119,16 +128,21 @@ class BackendProtocol(Protocol):
     def close(self) -> None:
         """Close the connection once what was written went out. Over TLS that waits for the backend's
         answer to our close_notify, which Dovecot may never send (each client that left without LOGOUT
-        kept a Dovecot process): past ``CLOSE_GRACE`` seconds the connection is cut."""
+        kept a Dovecot process): ``CLOSE_GRACE`` seconds after the last byte went out (a big APPEND may
+        still be on its way: never cut), the connection is cut."""
         if self.closed:
             return
         self.transport.loseConnection()
         from twisted.internet import reactor
 
-        reactor.callLater(CLOSE_GRACE, self._cut)
+        reactor.callLater(CLOSE_GRACE, self._cut, reactor)
 
-    def _cut(self) -> None:
-        if not self.closed:
+    def _cut(self, reactor) -> None:
+        if self.closed:
+            return
+        if _unsent(self.transport):
+            reactor.callLater(CLOSE_GRACE, self._cut, reactor)
+        else:
             self.transport.abortConnection()
 
     # -- Twisted ----------------------------------------------------------------------------------

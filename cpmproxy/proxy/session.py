@@ -200,6 +200,7 @@ class ClientSession(Protocol, TimeoutMixin):
         # the pieces of it still to send (see _backend_send).
         self._literal_gate: ClientCommand | None = None
         self._gated_pieces: deque[bytes] = deque()
+        self._gate_ends_sync = False  # the gated text ends with the client's own synchronizing literal
         self._blocked = False  # a plugin's Defer decision is pending
         self._credentials: tuple[str, str, str] | None = None  # kept for the side connection only
 
@@ -366,8 +367,12 @@ class ClientSession(Protocol, TimeoutMixin):
         self._process_client()
 
     def _process_client(self) -> None:
-        if self.phase in ("login", "closed") or self._blocked or self._parking or self._closing \
-                or self._literal_gate is not None or self._awaiting_continuation:
+        if self._literal_gate is not None or self._awaiting_continuation:
+            # (Waiting for the backend's "+": the client's socket stays paused, even when the backend
+            # connection's producer link resumes it, or its bytes would pile up in the framer.)
+            self.transport.pauseProducing()
+            return
+        if self.phase in ("login", "closed") or self._blocked or self._parking or self._closing:
             return
         try:
             if self.phase == "preauth":
@@ -1007,6 +1012,8 @@ class ClientSession(Protocol, TimeoutMixin):
                 return
         pieces = _split_at_literals(data)
         self._literal_gate = cmd
+        # (whether the text ends with the client's own synchronizing literal, after ones the proxy made so)
+        self._gate_ends_sync = _SYNC_MARK_END_RE.search(data) is not None
         self._gated_pieces.extend(pieces[1:])
         self.backend.out.append(pieces[0])
         self.backend.flush()  # (also when a deferred decision sends it: nothing else would, until "+")
@@ -1027,6 +1034,12 @@ class ClientSession(Protocol, TimeoutMixin):
             piece = self._gated_pieces.popleft()
             self.backend.out.append(piece)
             if _SYNC_MARK_END_RE.search(piece):
+                if self._gated_pieces or not self._gate_ends_sync:
+                    return  # (a literal the proxy made synchronizing: its "+" is the gate's)
+                # The last piece ends with the client's own synchronizing literal (after a literal the
+                # proxy collected): the next "+" is the client's, relayed to it (_awaiting_continuation).
+                self._literal_gate = None
+                self._awaiting_continuation = True
                 return
         self._literal_gate = None
         if self._current is None:
@@ -1559,11 +1572,11 @@ class ClientSession(Protocol, TimeoutMixin):
                     return None
                 if cmd is self._literal_gate:
                     # Refused before its literal: the literal never reaches the backend (Dovecot would
-                    # read it as commands), nor does the rest of the command.
+                    # read it as commands), nor does the rest of the command. (Unless the literal the
+                    # client is at is its own synchronizing one: it never sends that; below.)
                     self._literal_gate = None
                     self._gated_pieces.clear()
-                    self._awaiting_continuation = False
-                    if cmd is self._current:
+                    if cmd is self._current and not self._awaiting_continuation:
                         self._discard_command = True
                     self.service.reactor.callLater(0, self._read_again)
                 if cmd is self._current and not self._discard_command:
