@@ -252,3 +252,27 @@ def test_prelogin_timeout_counts_from_the_connection(make_proxy):
                 break
         assert time.monotonic() - start < 5, "still connected"
     assert still_serving(p)
+
+
+def test_invalid_commands_the_handler_or_backend_refuses_count_too(make_proxy):
+    """An ID with bad parameters before login, and a command Dovecot does not know after it, were answered
+    BAD without counting towards max_bad_commands (the counter was reset when the command parsed): a
+    client could send them for ever."""
+    p = make_proxy(config_extra="[limits]\nmax_bad_commands = 3\n")
+    with raw_via(p) as c:
+        for i in range(3):
+            c.send(b"i%d ID (1 2 3)\r\n" % i)
+        lines = [c.read_line() for _ in range(4)]
+        assert lines[-1].startswith(b"* BYE [CLIENTBUG]"), lines
+    with raw_via(p) as c:
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        for i in range(3):
+            c.send(b"x%d XYZZY\r\n" % i)
+        lines = [c.read_line() for _ in range(4)]
+        assert lines[-1].startswith(b"* BYE [CLIENTBUG]"), lines
+    with raw_via(p) as c:  # (a good command in between starts the count again)
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        for i in range(4):
+            assert c.command(b"x%d" % i, b"XYZZY")[-1].startswith(b"x%d BAD" % i)
+            assert c.command(b"n%d" % i, b"NOOP")[-1].startswith(b"n%d OK" % i)
+    assert still_serving(p)

@@ -166,6 +166,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self.selected: SelectedMailbox | None = None
         self.state: dict[str, Any] = {}  # per-plugin session state, keyed by plugin name
         self.bad_commands = 0
+        self._bad_replies = 0  # BAD answers of the proxy's own (counted with bad_commands before login)
         self.auth_failures = 0
         # preauth command collection
         self._parts: list[bytes] = []
@@ -343,6 +344,8 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _reply(self, tag: bytes, status_text: bytes, untagged: list[bytes] = ()) -> None:
         """A locally generated answer; in relay mode it waits for a safe point like an injection."""
+        if status_text[:3] == b"BAD":
+            self._bad_replies += 1
         data = b"".join(untagged) + tag + b" " + _coded_bad(status_text) + b"\r\n"
         if self.phase == "auth":
             if self._inflight:
@@ -406,6 +409,10 @@ class ClientSession(Protocol, TimeoutMixin):
         """The tag of a line that failed to parse, if it has a valid one (else answer untagged)."""
         m = _TAG_RE.match(line)
         return m.group(1) if m else None
+
+    def _count_backend_bad(self) -> None:
+        if self.phase == "auth" and not self._closing:
+            self._count_bad()
 
     def _count_bad(self) -> None:
         self.bad_commands += 1
@@ -483,9 +490,13 @@ class ClientSession(Protocol, TimeoutMixin):
             self._reply(cmd.tag, b"BAD [CLIENTBUG] Invalid arguments: " + str(e).encode()[:100] + b".")
             self._count_bad()
             return
-        self.bad_commands = 0
+        bad_before = self._bad_replies
         handler = getattr(self, "_cmd_" + name.decode().lower())
         handler(cmd.tag, args)
+        if self._bad_replies > bad_before:
+            self._count_bad()  # (an ID or LOGIN with bad arguments, as any other invalid command)
+        else:
+            self.bad_commands = 0
 
     def _cmd_capability(self, tag: bytes, args: list) -> None:
         self._reply(tag, b"OK Pre-login capabilities listed, post-login capabilities have more.",
@@ -821,7 +832,6 @@ class ClientSession(Protocol, TimeoutMixin):
                 self._reply(tag or b"*", b"BAD [CLIENTBUG] Invalid command: " + str(e).encode()[:100] + b".")
                 self._count_bad()
                 continue
-            self.bad_commands = 0
             self.service.metrics.command(parsed.name)
             cmd = ClientCommand(parsed.tag, parsed.name, parsed.uid, line, parsed, ev.literal is not None)
             action = self._core_command(cmd)
@@ -1605,6 +1615,12 @@ class ClientSession(Protocol, TimeoutMixin):
             n = len(tag) + 1
             if data[n:n + 3].upper() == b"BAD":  # (Dovecot's BADs have no response code)
                 data = data[:n] + _coded_bad(data[n:])
+                if cmd is not None:
+                    # (The backend's verdict counts: an unknown command is invalid. Counted once this
+                    # answer went out: a BYE for the last one comes after it.)
+                    self.service.reactor.callLater(0, self._count_backend_bad)
+            elif cmd is not None:
+                self.bad_commands = 0
             return data
         self._resp_cmd = None
         if head.kind == "untagged":
