@@ -16,6 +16,12 @@ CPM_FLAG = rb"\read-report-sent"
 _IN_COMMANDS = frozenset((b"STORE", b"APPEND", b"SEARCH", b"SORT", b"THREAD"))
 _OUT_RESPONSES = frozenset((b"FETCH", b"FLAGS", b"OK"))
 _CPM_FLAG_RE = re.compile(rb"\\read-report-sent(?=[\s)])", re.I)
+# Command text, token by token where it matters: a quoted string (left as it is), a literal's announcement
+# (its bytes follow inline in a collected command: left as they are), or the CPM flag as an atom.
+_COMMAND_TOKENS = re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|~?\{(\d+)[+-]?\}\r?\n|(?<![^\s(])\\read-report-sent(?=[\s)])',
+                             re.I)
+# A FETCH response segment: quoted strings (ENVELOPE...) skipped, the contents of a FLAGS item found.
+_FETCH_TOKENS = re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|(?<![^\s(])FLAGS \(([^()]*)\)', re.I)
 
 
 class ReadReportPlugin(Plugin):
@@ -40,15 +46,32 @@ class ReadReportPlugin(Plugin):
     def command(self, session, cmd: ClientCommand):
         if cmd.name not in _IN_COMMANDS:
             return None
-        if cmd.name == b"APPEND" and cmd.has_literal:
-            # The flag lists of a MULTIAPPEND's later messages come in later segments.
+        if cmd.has_literal:
+            # What follows a literal comes in later segments: a MULTIAPPEND's later flag lists, search
+            # keys after a SUBJECT {n} (a CHARSET search's usual form).
             cmd.state.setdefault("later_segments", []).append(self._to_keyword)
         if _CPM_FLAG_RE.search(cmd.line):
-            return Rewrite(self._to_keyword(cmd.line))
+            new = self._to_keyword(cmd.line)
+            return Rewrite(new) if new != cmd.line else None
         return None
 
     def _to_keyword(self, text: bytes) -> bytes:
-        return _CPM_FLAG_RE.sub(self.keyword.replace(b"\\", b"\\\\"), text)
+        """``text`` with the CPM flag, where it is a flag (an atom), as the backend keyword; never inside a
+        quoted string or a literal (``SEARCH SUBJECT "\\\\read-report-sent"`` looks for that text)."""
+        if _CPM_FLAG_RE.search(text) is None:
+            return text
+        out, pos, at = [], 0, 0
+        while (m := _COMMAND_TOKENS.search(text, at)) is not None:
+            at = m.end()
+            if m.group(0)[:1] == b'"':
+                continue
+            if m.group(1) is not None:  # (the literal's bytes are passed over whole)
+                at = min(m.end() + int(m.group(1)), len(text))
+                continue
+            out.append(text[pos:m.start()] + self.keyword)
+            pos = at
+        out.append(text[pos:])
+        return b"".join(out)
 
     def flags_for_backend(self, text: bytes) -> bytes:
         """``text`` (a flag list) with the CPM flag as the backend stores it: for plugins that send a
@@ -80,8 +103,11 @@ class ReadReportPlugin(Plugin):
         if head.name == b"OK":
             if not (resp.first and head.code and head.code[:15].upper() == b"PERMANENTFLAGS "):
                 return None
-        if head.name == b"FETCH" and self._keyword_re.search(data) is None:
-            return None
+        if head.name == b"FETCH":
+            if self._keyword_re.search(data) is None:
+                return None
+            new = self._fetch_flags_mapped(data)
+            return Rewrite(new) if new != data else None
         new = self._keyword_re.sub(CPM_FLAG.replace(b"\\", b"\\\\"), data)
         if resp.first and head.name != b"FETCH" and CPM_FLAG not in new.lower():
             # Announce the flag where the mailbox accepts keywords (so clients know it is permanent).
@@ -89,3 +115,15 @@ class ReadReportPlugin(Plugin):
             if close > 0 and (head.name == b"FLAGS" or b"\\*" in new[:close]):
                 new = new[:close] + b" " + CPM_FLAG + new[close:]
         return Rewrite(new) if new != data else None
+
+    def _fetch_flags_mapped(self, data: bytes) -> bytes:
+        """A FETCH response segment with the keyword as the CPM flag in its FLAGS item only (a subject in
+        an ENVELOPE, a ``BODY[HEADER.FIELDS (...)]`` section name may hold the keyword's text too)."""
+        flag = CPM_FLAG.replace(b"\\", b"\\\\")
+        out, pos = [], 0
+        for m in _FETCH_TOKENS.finditer(data):
+            if m.group(1) is not None:
+                out.append(data[pos:m.start(1)] + self._keyword_re.sub(flag, b" " + m.group(1) + b" ")[1:-1])
+                pos = m.end(1)
+        out.append(data[pos:])
+        return b"".join(out)

@@ -409,3 +409,22 @@ def test_append_to_a_mailbox_named_by_a_literal_with_a_synchronizing_message(pro
     imap.select_folder(folder, readonly=True)
     assert len(imap.search("ALL")) == 3
     imap.logout()
+
+
+def test_read_report_flag_mapped_as_a_flag_only(make_proxy, dovecot):
+    """The CPM flag is a flag (an atom): mapped after a literal too (a CHARSET search's SUBJECT {n}: it
+    reached Dovecot unmapped), never inside a quoted string (a SUBJECT search for that text was broken,
+    an ENVELOPE's subject rewritten) nor in a BODY[HEADER.FIELDS (...)] section name."""
+    p = make_proxy(backend_tls="none")
+    folder = _fresh_folder()
+    dovecot.deliver("alice", folder, _msg("about \\read-report-sent here"))
+    dovecot.deliver("alice", folder, _msg("re: $ReadReportSent test"), flags=[b"$ReadReportSent"])
+    with raw_via(p) as c:
+        c.login("alice", "alicepw")
+        c.command(b"s", b'SELECT "%s"' % folder.encode())
+        c.send(b"a SEARCH CHARSET UTF-8 SUBJECT {2+}\r\nre KEYWORD \\read-report-sent\r\n")
+        assert c.until_tagged(b"a")[0] == b"* SEARCH 2\r\n"
+        assert c.command(b"b", b'SEARCH SUBJECT "\\\\read-report-sent here"')[0] == b"* SEARCH 1\r\n"
+        r = c.command(b"f", b"FETCH 2 (FLAGS ENVELOPE BODY.PEEK[HEADER.FIELDS ($ReadReportSent)])")
+        assert b"\\read-report-sent)" in r[0].split(b"ENVELOPE")[0], r
+        assert b'"re: $ReadReportSent test"' in r[0] and b"HEADER.FIELDS ($READREPORTSENT)" in r[0].upper(), r
