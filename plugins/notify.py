@@ -42,7 +42,7 @@ from prometheus_client import Gauge
 from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
-from cpmproxy.config import ConfigError, master_configured, master_login
+from cpmproxy.config import ConfigError, master_configured, master_login, unknown_key
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, format_tokens, quote, tokenize
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
@@ -566,9 +566,10 @@ class NotifyPlugin(Plugin):
                 .set_function(lambda: sum(w.notifying for w in self.watches.values()))
 
     def configure(self, settings: dict) -> None:
-        unknown = set(settings) - {"idle_status", "watch_backend", "metadata_poll", "max_offline_watches"}
+        known = ["idle_status", "watch_backend", "metadata_poll", "max_offline_watches"]
+        unknown = set(settings) - set(known)
         if unknown:
-            raise ConfigError(f"plugin.notify.{sorted(unknown)[0]}: unknown key")
+            raise unknown_key(sorted(unknown)[0], known, "plugin.notify.")
         poll = settings.get("metadata_poll", 10.0)
         if isinstance(poll, bool) or not isinstance(poll, (int, float)) or poll < 0:
             raise ConfigError("plugin.notify.metadata_poll: expected seconds >= 0 (0: off)")

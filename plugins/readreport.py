@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from cpmproxy.config import ConfigError
+from cpmproxy.config import ConfigError, unknown_key
 from cpmproxy.proxy.hooks import BackendResponse, ClientCommand, Plugin, Rewrite
 
 CPM_FLAG = rb"\read-report-sent"
@@ -36,7 +36,7 @@ class ReadReportPlugin(Plugin):
     def configure(self, settings: dict) -> None:
         unknown = set(settings) - {"keyword"}
         if unknown:
-            raise ConfigError(f"plugin.readreport.{sorted(unknown)[0]}: unknown key")
+            raise unknown_key(sorted(unknown)[0], ["keyword"], "plugin.readreport.")
         keyword = settings.get("keyword", "$ReadReportSent")
         if not isinstance(keyword, str) or not re.fullmatch(r"[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]+", keyword):
             raise ConfigError("plugin.readreport.keyword: must be an IMAP keyword atom")

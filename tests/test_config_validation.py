@@ -200,6 +200,8 @@ def test_push_settings_are_range_and_type_checked(tmp_path):
             "plugin.push.offline_watch: expected integer or float, got string",
         push + "timeout = true\n": "plugin.push.timeout: expected integer or float, got boolean",
         push + "urll = 1\n": "plugin.push.urll: unknown key (did you mean 'url'?)",
+        "[plugin.notify]\nmetadata_pol = 5\n": "plugin.notify.metadata_pol: unknown key (did you mean 'metadata_poll'?)",
+        "[plugin.readreport]\nkeywords = \"$X\"\n": "plugin.readreport.keywords: unknown key (did you mean 'keyword'?)",
     })
     check_config(str(_write(tmp_path, push + "timeout = 0.5\nmax_queue = 1\nmax_retries = 0\nbackoff = 0\n"
                                              "max_backoff = 0\n")))
