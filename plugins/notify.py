@@ -183,17 +183,24 @@ def widen_named_groups(tokens: list, start: int, groups: list[EventGroup]) -> by
 _METADATA_EVENT_NAMES = frozenset(("mailboxmetadatachange", "servermetadatachange"))
 
 
-def parse_metadata_groups(line: bytes) -> list[EventGroup] | None:
-    """The event groups of a ``NOTIFY SET`` line that ask for metadata events (None: none, or a line the
-    proxy cannot read)."""
+def notify_set_groups(line: bytes) -> tuple[list, int, list[EventGroup]] | None:
+    """A ``NOTIFY SET`` command line as (its tokens, where its event groups start, the groups); None if the
+    proxy cannot read it."""
     try:
         tokens = tokenize(line.rstrip(b"\r\n"))
     except TokenError:
         return None
     parsed = parse_event_groups(tokens) if len(tokens) > 3 else None
+    return None if parsed is None else (tokens, *parsed)
+
+
+def parse_metadata_groups(line: bytes) -> list[EventGroup] | None:
+    """The event groups of a ``NOTIFY SET`` line that ask for metadata events (None: none, or a line the
+    proxy cannot read)."""
+    parsed = notify_set_groups(line)
     if parsed is None:
         return None
-    return [g for g in parsed[1] if g.event_names() & _METADATA_EVENT_NAMES] or None
+    return [g for g in parsed[2] if g.event_names() & _METADATA_EVENT_NAMES] or None
 
 
 def takes_metadata_event(group: EventGroup, mailbox: str, selected: str | None, subscribed) -> bool:
@@ -854,14 +861,10 @@ class NotifyPlugin(Plugin):
     def _widen(self, session, cmd, line: bytes) -> bytes:
         """More named mailboxes than the backend takes: ask it for ``personal`` and keep the client's
         groups to narrow the events down (``response``)."""
-        try:
-            tokens = tokenize(line.rstrip(b"\r\n"))
-        except TokenError:
-            return line
-        parsed = parse_event_groups(tokens) if len(tokens) > 3 else None
+        parsed = notify_set_groups(line)
         if parsed is None:
             return line
-        start, groups = parsed
+        tokens, start, groups = parsed
         cmd.state["client_groups"] = groups
         if sum(len(g.names) for g in groups) <= self.BACKEND_NOTIFY_NAMES:
             return line
