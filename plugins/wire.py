@@ -6,6 +6,8 @@ Sans-I/O, no plugin state: anything here is a pure function of its arguments.
 
 from __future__ import annotations
 
+import re
+
 from cpmproxy.imap import mutf7
 from cpmproxy.imap.tokens import (
     Atom,
@@ -28,6 +30,21 @@ NOARG_SEARCH_KEYS = frozenset(b"ALL ANSWERED DELETED DRAFT FLAGGED NEW OLD RECEN
 ONEARG_SEARCH_KEYS = frozenset(b"BCC BEFORE BODY CC FROM KEYWORD LARGER ON SENTBEFORE SENTON SENTSINCE SINCE "
                                b"SMALLER SUBJECT TEXT TO UID UNKEYWORD OLDER YOUNGER SAVEDBEFORE SAVEDON "
                                b"SAVEDSINCE FILTER FUZZY CHARSET".split())
+
+
+def fetch_item_pattern(item: bytes) -> re.Pattern:
+    """A pattern for one item of a FETCH response segment, whose group 1 is the item's value: it matches
+    only where a word starts outside quoted strings and ``[...]`` section specs (an ENVELOPE's subject, a
+    ``BODY[HEADER.FIELDS (...)]`` name list may hold the item's name). Use with :func:`find_fetch_item`."""
+    return re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|\[[^\]\r\n]*\]|(?<![^\s(])' + item, re.I)
+
+
+def find_fetch_item(pattern: re.Pattern, data: bytes) -> re.Match | None:
+    """The first real match of a :func:`fetch_item_pattern` in a FETCH segment, or None."""
+    for m in pattern.finditer(data):
+        if m.group(1) is not None:
+            return m
+    return None
 
 
 def token_text(tok) -> bytes | None:

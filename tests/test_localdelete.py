@@ -139,6 +139,26 @@ def test_cancel_before_expunge(make_proxy, dovecot):
     a.close()
 
 
+
+def test_pending_marks_shown_in_the_flags_item_only(make_proxy, dovecot):
+    """Before the EXPUNGE the proxy adds the marks to the FLAGS item of a FETCH; a subject that reads like
+    FETCH items (``FLAGS (Seen) UID n``) is text: never rewritten, never taken for the message's UID."""
+    folder = "Default/tel:+1888" + uuid.uuid4().hex[:8]
+    first = dovecot.deliver("alice", folder, make_object("chat", text="one", subject="FLAGS (Seen)"))
+    subjects = [b"FLAGS (Seen)", b"FLAGS (Seen) UID %d" % first]
+    dovecot.deliver("alice", folder, make_object("chat", text="two", subject=f"FLAGS (Seen) UID {first}"))
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    assert a.command(b"l", b"STORE 1 +FLAGS.SILENT (\\Deleted $LocalDelete)")[-1].startswith(b"l OK")
+    r = a.command(b"f", b"FETCH 1:2 (ENVELOPE)")
+    assert len(r) == 3 and r[-1].startswith(b"f OK"), r
+    assert all(b'"%s"' % subject in line for subject, line in zip(subjects, r[:2], strict=True)), r
+    r = a.command(b"g", b"FETCH 1:2 (FLAGS ENVELOPE)")
+    assert b"$LocalDelete" in r[0] and b"$LocalDelete" not in r[1], r
+    a.close()
+
+
 def test_qresync_client_gets_vanished(make_proxy, dovecot):
     folder, uids = folder_with(dovecot, 3)
     p = make_proxy()
