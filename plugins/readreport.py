@@ -16,9 +16,10 @@ from plugins.wire import fetch_item_pattern
 CPM_FLAG = rb"\read-report-sent"
 _IN_COMMANDS = frozenset((b"STORE", b"APPEND", b"SEARCH", b"SORT", b"THREAD"))
 _OUT_RESPONSES = frozenset((b"FETCH", b"FLAGS", b"OK"))
-_CPM_FLAG_RE = re.compile(rb"\\read-report-sent(?=[\s)])", re.I)
-# Command text, token by token where it matters: a quoted string (left as it is), a literal's announcement
-# (its bytes follow inline in a collected command: left as they are), or the CPM flag as an atom.
+_CPM_FLAG_RE = re.compile(rb"\\read-report-sent(?=[\s)\"])", re.I)
+# Command text, token by token where it matters: a quoted string (left as it is but for a KEYWORD search
+# key's), a literal's announcement (its bytes follow inline in a collected command: left as they are), or
+# the CPM flag as an atom.
 _COMMAND_TOKENS = re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|~?\{(\d+)[+-]?\}\r?\n|(?<![^\s(])\\read-report-sent(?=[\s)])',
                              re.I)
 _FETCH_FLAGS = fetch_item_pattern(rb"FLAGS \(([^()]*)\)")
@@ -64,6 +65,10 @@ class ReadReportPlugin(Plugin):
         while (m := _COMMAND_TOKENS.search(text, at)) is not None:
             at = m.end()
             if m.group(0)[:1] == b'"':
+                if _is_quoted_flag_key(text, m):
+                    # ``KEYWORD "\\read-report-sent"``: the grammar wants an atom, Dovecot takes a string.
+                    out.append(text[pos:m.start()] + self.keyword)
+                    pos = at
                 continue
             if m.group(1) is not None:  # (the literal's bytes are passed over whole)
                 at = min(m.end() + int(m.group(1)), len(text))
@@ -127,3 +132,12 @@ class ReadReportPlugin(Plugin):
                 pos = m.end(1)
         out.append(data[pos:])
         return b"".join(out)
+
+
+_KEYWORD_KEY_RE = re.compile(rb"(?<![^\s(])(?:UN)?KEYWORD $", re.I)
+
+
+def _is_quoted_flag_key(text: bytes, quoted: re.Match) -> bool:
+    """Whether the quoted string ``quoted`` is the CPM flag as a (UN)KEYWORD search key's argument."""
+    return quoted.group(0)[1:-1].replace(b"\\\\", b"\\").lower() == CPM_FLAG \
+        and _KEYWORD_KEY_RE.search(text, max(0, quoted.start() - 10), quoted.start()) is not None

@@ -425,6 +425,9 @@ def test_read_report_flag_mapped_as_a_flag_only(make_proxy, dovecot):
         c.send(b"a SEARCH CHARSET UTF-8 SUBJECT {2+}\r\nre KEYWORD \\read-report-sent\r\n")
         assert c.until_tagged(b"a")[0] == b"* SEARCH 2\r\n"
         assert c.command(b"b", b'SEARCH SUBJECT "\\\\read-report-sent here"')[0] == b"* SEARCH 1\r\n"
+        # A KEYWORD key's argument as a quoted string (Dovecot takes one) is the flag all the same.
+        assert c.command(b"k", b'SEARCH KEYWORD "\\\\read-report-sent"')[0] == b"* SEARCH 2\r\n"
+        assert c.command(b"v", b'SEARCH NOT UNKEYWORD "\\\\Read-Report-Sent"')[0] == b"* SEARCH 2\r\n"
         r = c.command(b"f", b"FETCH 2 (FLAGS ENVELOPE BODY.PEEK[HEADER.FIELDS ($ReadReportSent)])")
         assert b"\\read-report-sent)" in r[0].split(b"ENVELOPE")[0], r
         assert b'"re: $ReadReportSent test"' in r[0] and b"HEADER.FIELDS ($READREPORTSENT)" in r[0].upper(), r
