@@ -1056,7 +1056,8 @@ class NotifyPlugin(Plugin):
     async def _inject_status(self, session, event: ChangeEvent) -> None:
         """An IDLE device hears of a change in another mailbox as a STATUS of it, counted as it sees the
         mailbox, and only of changes it can see: any flag change (HIGHESTMODSEQ, which the line does not
-        carry, tells them apart: only \\Seen moved a count), never one of hidden messages alone."""
+        carry, tells them apart: only \\Seen moved a count), never one of hidden messages alone nor a
+        metadata write (another device's local delete is one)."""
         mailbox = event.mailbox
         policy = self._policy()
         pst = policy.state(session)
@@ -1078,7 +1079,9 @@ class NotifyPlugin(Plugin):
         if told == (line, modseq):
             return
         st.last_status[mailbox] = (line, modseq)
-        if modseq is not None and policy.may_hide(session, mailbox):
+        if modseq is not None:
+            # (Where nothing is hidden too: a metadata write, such as another device's local-delete record,
+            # moves HIGHESTMODSEQ with no message changed, and is nothing to tell.)
             now = _told_state(line, modseq)
             before = _told_state(*told) if told is not None and told[1] is not None else \
                 ((now[0], event.modseq_before, None) if event.modseq_before is not None else None)

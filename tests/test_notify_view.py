@@ -95,6 +95,31 @@ def test_idle_device_hears_of_every_flag_change(make_proxy, dovecot):
         b.close()
 
 
+def test_idle_device_hears_nothing_of_anothers_local_delete(make_proxy, dovecot):
+    """A local delete is one device's business: its record (a metadata write on the mailbox) moved the
+    mailbox's HIGHESTMODSEQ, and the other IDLE devices were sent an unchanged STATUS of it."""
+    folder, uid = folder_with_chat(dovecot)
+    dovecot.deliver("alice", folder, make_object("chat", text="second"))
+    p = make_proxy(config_extra="[policy]\n" + FORCED)
+    a = device(p, "A")
+    b = device(p, "B")
+    d = dovecot.imap_direct("alice", tls="none")
+    try:
+        assert a.command(b"s", b'SELECT "%s" (CONDSTORE)' % folder.encode())[-1].startswith(b"s OK")
+        idle(b)
+        lines_within(b, 0.5)
+        assert a.command(b"l", b"UID STORE %d +FLAGS (\\Deleted $LocalDelete)" % uid)[-1].startswith(b"l OK")
+        assert a.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+        assert not mentions(lines_within(b, 2.5), folder)
+        d.select_folder(folder)
+        d.add_flags([uid], [b"\\Flagged"])
+        assert wait_status(b, folder, 5) is not None
+    finally:
+        d.logout()
+        a.close()
+        b.close()
+
+
 def test_selected_idle_device_is_not_woken_by_a_hidden_arrival(make_proxy, dovecot):
     """In the selected mailbox, a hidden IMDN's arrival gave the device "* 1 EXISTS" (its count, unchanged)
     and "* 1 RECENT": a wake-up about a message it does not see."""
