@@ -42,6 +42,7 @@ from plugins.cpm import (
     KIND_CRITERIA,
     KINDS,
     NO_SERVER_CHANGE,
+    PREF_NOTIFICATIONS,
     PREF_SYNC,
     PREFERENCES,
     SESSION_INFO_CRITERIA,
@@ -1622,6 +1623,10 @@ class PolicyPlugin(Plugin):
                     return Answer(b'NO [CLIENTBUG] CPM preferences take "on" or "off".')
             if key == PREF_SYNC and not mailbox:
                 return Answer(b"NO [CLIENTBUG] The sync preference is set on a mailbox, not on the account.")
+            if key == PREF_NOTIFICATIONS and mailbox:
+                # (What the server starts on its own, for the whole account: IDLE notifications, pushes.)
+                return Answer(b'NO [CLIENTBUG] The notifications preference is set on the account (mailbox ""), '
+                              b"not on a mailbox.")
             if not st.policy.may_change(key):
                 return Answer(b"NO [NOPERM] The service provider's policy does not let users change "
                               + key.encode() + b".")

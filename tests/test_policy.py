@@ -199,6 +199,9 @@ def test_forbidden_preference_change_is_noperm(make_proxy):
     assert r[-1].startswith(b"m2 OK")
     r = c.command(b"m3", b'SETMETADATA "" (' + PREFIX + b'/notifications "maybe")')
     assert r[-1].startswith(b"m3 NO")
+    # Notifications are the account's: on a mailbox the preference was taken and never looked at.
+    r = c.command(b"m6", b'SETMETADATA INBOX (' + PREFIX + b'/notifications "off")')
+    assert r[-1].startswith(b"m6 NO [CLIENTBUG]"), r
     # The proxy's own bookkeeping namespace is not the client's.
     r = c.command(b"m4", b'SETMETADATA "" (' + PREFIX + b'/localdelete/x "1")')
     assert r[-1].startswith(b"m4 NO [NOPERM]")
