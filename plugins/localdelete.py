@@ -252,8 +252,11 @@ class LocalDeletePlugin(Plugin):
             if b"QRESYNC" in cmd.line.upper():
                 self.state(session).qresync = True
             return None
+        read_only = session.selected is not None and session.selected.read_only
         if name == b"STORE":
-            return self._store(session, cmd)
+            return self._store(session, cmd, read_only)
+        if read_only and name in (b"EXPUNGE", b"CLOSE"):
+            return None  # (EXAMINE: the backend refuses an EXPUNGE, its CLOSE removes nothing: so for the view)
         if name in (b"EXPUNGE", b"CLOSE"):
             st = self.state(session)
             if self._allowed(session)[1]:
@@ -266,7 +269,7 @@ class LocalDeletePlugin(Plugin):
                 return _search_with_pending(cmd, st.pending)
         return None
 
-    def _store(self, session, cmd):
+    def _store(self, session, cmd, read_only: bool):
         line = cmd.line.rstrip(b"\r\n")
         m = _STORE_RE.match(line)
         allowed, all_local = self._allowed(session)
@@ -288,6 +291,9 @@ class LocalDeletePlugin(Plugin):
         if has_local and not allowed:
             return Answer(b"NO [CANNOT] Local deletion is not allowed by the service provider's policy.")
         local = has_local or (all_local and has_deleted)
+        if read_only and (local or base == b"FLAGS" and all_local):
+            # (Passed on, the backend would ignore it, but register $LocalDelete in the mailbox's FLAGS.)
+            return Answer(b"NO [READ-ONLY] The mailbox is selected read-only (EXAMINE): nothing is deleted.")
         st = self.state(session)
         # A FLAGS replace that keeps \Deleted local must not clear the server's, another device's.
         keep_deleted = base == b"FLAGS" and (all_local or local)

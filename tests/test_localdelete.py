@@ -518,6 +518,25 @@ def test_delete_mode_local_device_never_expunges_on_server(make_proxy, dovecot, 
     b.close()
 
 
+@pytest.mark.parametrize("who,store", [("A", b"STORE 1 +FLAGS (\\Deleted $LocalDelete)"),
+                                       ("old-phone", b"STORE 1 +FLAGS (\\Deleted)")])
+@pytest.mark.parametrize("expunge", [b"EXPUNGE", b"UID EXPUNGE 1:*", b"CLOSE"])
+def test_read_only_mailbox_takes_no_local_delete(make_proxy, dovecot, who, store, expunge):
+    """After EXAMINE a STORE changes nothing and CLOSE removes nothing (RFC 9051 6.3.3, 6.4.2): the proxy
+    took the marks and expunged them from the device's view for good."""
+    folder, uids = folder_with(dovecot, 2)
+    p = make_proxy(config_extra='[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n')
+    a = device(p, who)
+    assert a.command(b"x", b'EXAMINE "%s"' % folder.encode())[-1].startswith(b"x OK [READ-ONLY]")
+    r = a.command(b"d", store)
+    assert r[-1].startswith(b"d NO [READ-ONLY]") and len(r) == 1, r
+    r = a.command(b"e", expunge)
+    assert not any(x.endswith(b"EXPUNGE\r\n") for x in r), r
+    assert select(a, folder) == 2 and uids_seen(a) == uids
+    a.close()
+    assert all(b"\\Deleted" not in flags for flags in server_state(dovecot, folder).values())
+
+
 def search(c: RawIMAP, criteria: bytes) -> bytes:
     r = c.command(b"q", criteria)
     assert r[-1].startswith(b"q OK"), r
