@@ -461,11 +461,8 @@ class LocalDeletePlugin(Plugin):
         ours = {f for f in flags if f.upper() in (KEYWORD, b"\\DELETED")}
         others = [f for f in flags if f not in ours]
         if base == b"-FLAGS":
-            st.pending -= targets  # cancelled before expunge
-            # A local cancel's \Deleted is the device's own (it never reached the server): the server's
-            # \Deleted, if there, is another device's and stays.
-            server_flags = others if local else flags
-        elif local:
+            return await self._unflag(session, st, cmd, m, targets, flags, others, local)
+        if local:
             st.pending |= targets
             server_flags = others
         else:  # FLAGS without the local flags: replaces them, so nothing stays pending
@@ -483,6 +480,39 @@ class LocalDeletePlugin(Plugin):
         # Nothing for the server: report the flags the client now sees (server's + pending local ones).
         cmd.state[NO_SERVER_CHANGE] = True
         return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, uidset, _flags_items(st)))
+
+    async def _unflag(self, session, st: LocalState, cmd, m, targets: set[int], flags: list, others: list,
+                      local: bool):
+        """``-FLAGS`` naming a local flag. Where the device had marked a message, the marks go (before the
+        expunge) and a \\Deleted on the server is another device's: it stays. Elsewhere ``\\Deleted
+        $LocalDelete`` has no mark to cancel and the \\Deleted is the server's to clear, but for a
+        ``delete_mode = "local"`` device, whose \\Deleted never reaches the server. The client hears of the
+        flags it now sees like after any STORE (the server, whose flags may not change, would say nothing)."""
+        tag, uid, seqs, modifiers, op, flag_text = m.groups()
+        cancelled = targets & st.pending
+        st.pending -= targets
+        plain = [f for f in flags if f.upper() != KEYWORD]
+        groups = [(cancelled, others if local else flags),
+                  (targets - cancelled, others if self._allowed(session)[1] else plain)]
+        cmd.state["localdelete"] = True
+        if not targets:
+            return Answer(b"OK Store completed.")
+        if not cancelled:
+            server_flags = groups[1][1]
+            if not server_flags:
+                return Answer(b"OK Store completed.")
+            return Rewrite(b"%s UID STORE %s %s (%s)\r\n" % (
+                tag, SequenceSet.from_iterable(targets).format(), op, b" ".join(server_flags)))
+        for group, server_flags in groups:
+            if group and server_flags:
+                done = await session.backend_command(b"UID STORE %s -FLAGS.SILENT (%s)" % (
+                    SequenceSet.from_iterable(group).format(), b" ".join(server_flags)))
+                if done.status != b"OK":
+                    return Answer(b"NO [UNAVAILABLE] The flags could not be stored.")
+        if op.upper().endswith(b".SILENT"):
+            return Answer(b"OK Store completed.")
+        return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, SequenceSet.from_iterable(targets).format(),
+                                                      _flags_items(st)))
 
     async def _expunge(self, session, st: LocalState, cmd):
         policy = self._policy()

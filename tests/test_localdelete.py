@@ -669,6 +669,29 @@ def test_local_cancel_leaves_anothers_server_delete(make_proxy, dovecot, who, un
     c.close()
 
 
+@pytest.mark.parametrize("unflag", [b"-FLAGS (\\Deleted)", b"-FLAGS ($LocalDelete \\Deleted)"])
+def test_cancelled_marks_are_told_and_unmarked_messages_undeleted(make_proxy, dovecot, unflag):
+    """A -FLAGS that cancels the device's marks answers with the flags it now sees (the server's STORE
+    changed nothing there, and the client was told nothing); where there is no mark, ``-FLAGS (\\Deleted
+    $LocalDelete)`` clears the server's \\Deleted (it answered OK and left it, with the FETCH saying so)."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy()
+    c = device(p, "A")
+    select(c, folder)
+    assert c.command(b"m", b"STORE 1 +FLAGS.SILENT (\\Seen \\Deleted $LocalDelete)")[-1].startswith(b"m OK")
+    flag_on_server(dovecot, folder, uids[1])
+    c.command(b"n", b"NOOP")
+    r = c.command(b"u", b"STORE 1:2 " + unflag)
+    assert r[-1].startswith(b"u OK"), r
+    fetched = {int(x.split()[1]): x for x in r if b" FETCH " in x}
+    assert set(fetched) == {1, 2} and b"\\Seen" in fetched[1], r
+    assert not any(b"Deleted" in x for x in fetched.values()), r
+    server = server_state(dovecot, folder)
+    assert b"\\Deleted" not in server[uids[1]] and b"\\Seen" in server[uids[0]], server
+    assert select(c, folder) == 3
+    c.close()
+
+
 def test_flags_replaced_by_a_local_mode_device_keep_the_servers_deleted(make_proxy, dovecot):
     """``STORE ... FLAGS (list)`` of a delete_mode = "local" device replaces the other flags on the server
     but neither clears a \\Deleted another device set there nor sets its own (that one stays local)."""
