@@ -183,8 +183,11 @@ class DeviceClass:
     devices: tuple[str, ...]
     settings: dict = field(hash=False, compare=False, default_factory=dict)
 
-    def matches(self, user: str, device_id: str, id_name: str) -> bool:
-        if not any(fnmatch.fnmatchcase(user, p) for p in self.users):
+    def matches(self, user: str, device_id: str, id_name: str, fold_user: bool = False) -> bool:
+        """``fold_user``: the user name is folded to ASCII lower case (``[backend] username_case``), and so
+        are the ``users`` patterns (a class for "Dave" never matched: the session's user is "dave")."""
+        users = (p.encode().lower().decode() for p in self.users) if fold_user else self.users
+        if not any(fnmatch.fnmatchcase(user, p) for p in users):
             return False
         return any(fnmatch.fnmatchcase(device_id, p) or (id_name and fnmatch.fnmatchcase(id_name, p))
                    for p in self.devices)
@@ -365,9 +368,13 @@ class PolicyPlugin(Plugin):
 
     def policy_for(self, user: str, device_id: str, id_name: str) -> Policy:
         policy = self.base
+        fold = bool(self.classes) and self.proxy.config.backend["username_case"] == "lower"
         for cls in self.classes:
-            if cls.matches(user, device_id, id_name):
-                policy = replace(policy, **cls.settings)
+            if cls.matches(user, device_id, id_name, fold):
+                settings = cls.settings
+                if "sync" in settings:  # (kind by kind: a class that hides chat keeps the base's imdn rule)
+                    settings = {**settings, "sync": tuple({**dict(policy.sync), **dict(settings["sync"])}.items())}
+                policy = replace(policy, **settings)
         return policy
 
     def state(self, session) -> PolicySession:

@@ -152,6 +152,21 @@ def test_device_classes_see_different_views_at_once(make_proxy, sample_store):
     tablet.close()
 
 
+def test_device_class_sync_is_merged_kind_by_kind_and_users_fold_case(make_proxy, sample_store):
+    """A class's ``sync`` replaced the base's whole table (the IMDNs the provider hides came back on
+    tablets), and a class for "Car*" never matched (the session's user is "carol")."""
+    p = make_proxy(config_extra='[policy]\nsync = { imdn = false }\n'
+                                '[[policy.class]]\nusers = ["Car*"]\ndevices = ["tablet-*"]\nsync = { chat = false }\n'
+                                '[[policy.class]]\ndevices = ["tablet-9"]\nsync = { imdn = true }\n')
+    kinds = kinds_in(sample_store, ONE_TO_ONE_FOLDER)
+    assert {"imdn", "chat"} <= {kind for _, kind in kinds}
+    for device, hidden in (("phone-1", {"imdn"}), ("tablet-7", {"imdn", "chat"}), ("tablet-9", {"chat"})):
+        c = login(p, device=device)
+        c.command(b"s", b"SELECT " + q(ONE_TO_ONE_FOLDER))
+        assert [u for _, u in fetch_uids(c)] == [uid for uid, kind in kinds if kind not in hidden], device
+        c.close()
+
+
 def _reset_prefs(dovecot, user):
     d = dovecot.imap_direct(user, tls="none")
     d._imap._simple_command("SETMETADATA", '""', "(%s/sync/imdn NIL %s/notifications NIL)"
