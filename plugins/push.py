@@ -325,7 +325,10 @@ class PushPlugin(Plugin):
         d.addTimeout(self.timeout, reactor)
 
         def done(response):
-            return readBody(response).addCallback(lambda _: response.code)
+            # The status line decides: the body is read only to free the connection, and one a gateway
+            # ends by closing (HTTP/1.0 without Content-Length) fails as a PartialDownloadError although
+            # the event was taken (it was sent again and again).
+            return readBody(response).addBoth(lambda _: response.code)
 
         def still_first() -> bool:
             # (a full queue drops its oldest event, and a reload that turns push off clears it: the one

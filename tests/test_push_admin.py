@@ -13,8 +13,10 @@ import uuid
 from pathlib import Path
 
 import imapclient
-from twisted.internet import defer
-from twisted.internet.task import Clock
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 
 from cpmproxy.testing.sample import make_object
 from tests.proxyfix import check_config
@@ -319,6 +321,36 @@ def test_sender_keeps_going_when_the_http_client_raises(monkeypatch):
     plugin._enqueue({"id": "2"})
     clock.advance(0)
     assert len(working.bodies) == 1 and not plugin.queue and not plugin.sending
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_gateway_that_ends_its_answer_by_closing_took_the_event():
+    """``HTTP/1.0 200`` without Content-Length: the body ends when the gateway closes, which Twisted reads
+    as a partial download; the event was counted failed and sent again (three times in all)."""
+    import plugins.push as push
+
+    posts = []
+
+    class Gateway(Protocol):
+        def dataReceived(self, data):
+            posts.append(data)
+            self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\naccepted")
+            self.transport.loseConnection()
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Gateway), interface="127.0.0.1")
+    try:
+        plugin = push.PushPlugin(_Proxy())
+        plugin.configure({"url": "http://127.0.0.1:%d/cpm" % port.getHost().port, "max_retries": 2,
+                          "backoff": 0.2, "offline_watch": 0})
+        plugin._enqueue({"id": "1"})
+        for _ in range(40):
+            if not plugin.sending:
+                break
+            yield deferLater(reactor, 0.05)
+        yield deferLater(reactor, 0.5)  # (a retry would come after 0.2 s)
+        assert len(posts) == 1 and not plugin.queue and not plugin.sending
+    finally:
+        yield port.stopListening()
 
 
 # -- admin CLI ------------------------------------------------------------------------------------
