@@ -564,6 +564,22 @@ class PolicyPlugin(Plugin):
             return Drop() if old_hidden else Rewrite(list_nonexistent(data, old))
         return Rewrite(list_without_oldname(data)) if old_hidden else None
 
+    def _childless(self, st: PolicySession, names: list[str]) -> set[str]:
+        """The folders the device sees whose every descendant is hidden: ``\\HasChildren`` would tell it
+        of folders that do not exist for it (their LIST says ``\\HasNoChildren``)."""
+        hidden = {n for n in names if self.folder_hidden(st, n)}
+        if not hidden:
+            return set()
+        parents, seen_under = set(), set()
+        for name in names:
+            parts = name.split("/")
+            for i in range(1, len(parts)):
+                parent = "/".join(parts[:i])
+                parents.add(parent)
+                if name not in hidden:
+                    seen_under.add(parent)
+        return parents - seen_under - hidden
+
     async def _all_folders(self, session) -> list[str]:
         reply = await session.side_command(b'LIST "" "*"')
         names = []
@@ -635,6 +651,7 @@ class PolicyPlugin(Plugin):
     async def _before_list(self, session, st, cmd):
         names = await self._all_folders(session)
         await self.folder_infos(session, names)
+        cmd.state["childless"] = self._childless(st, names)
         if b"STATUS" in cmd.line.upper() and b"RETURN" in cmd.line.upper():
             # LIST-STATUS counts must be the view's too, like STATUS's.
             adjusts = {}
@@ -984,7 +1001,12 @@ class PolicyPlugin(Plugin):
                 # LIST command's answers: the side connection's view of the list may lag the backend
                 # connection's, and opening a folder there that a client is deleting can resurrect it.)
                 return self._hold_for_folder(session, st, mailbox)
-            return self._list_event(st, resp.data, mailbox)
+            action = self._list_event(st, resp.data, mailbox)
+            if action is None:
+                cmd = _oldest(session, (b"LIST",))
+                if cmd is not None and mailbox in cmd.state.get("childless", ()):
+                    return _without_children(resp.data)
+            return action
         if name == b"STATUS":
             return self._status_response(session, st, resp)
         if name == b"METADATA":
@@ -2083,6 +2105,19 @@ def _parse_threads(data: bytes) -> list | None:
         elif t.strip():
             return None
     return stack[0] if len(stack) == 1 else None
+
+
+def _without_children(line: bytes):
+    """A LIST response whose name attributes say ``\\HasNoChildren`` instead of ``\\HasChildren``; none
+    for a placeholder that is there only for its (hidden) children (``\\Noselect``, ``\\NonExistent``)."""
+    close = line.find(b")")
+    attrs = line[:close].upper()
+    at = attrs.find(b"\\HASCHILDREN")
+    if close < 0 or at < 0:
+        return None
+    if b"\\NOSELECT" in attrs or b"\\NONEXISTENT" in attrs:
+        return Drop()
+    return Rewrite(line[:at] + b"\\HasNoChildren" + line[at + len(b"\\HasChildren"):])
 
 
 def _oldest(session, names) :

@@ -15,6 +15,7 @@ import pytest
 
 from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import ONE_TO_ONE_FOLDER, SESSION_FOLDER, make_object
+from plugins.wire import list_name
 from tests.proxyfix import raw_via, reload_proxy
 
 PREFIX = b"/private/vendor/vendor.cpmproxy"
@@ -482,6 +483,26 @@ def test_folder_kind_preference_after_the_folder_was_recreated(make_proxy, dovec
     assert exists_of(c.command(b"s", b"SELECT " + q(folder))) == 1
     assert [uid for _, uid in fetch_uids(c)] == [1]
     a.close()
+    c.close()
+
+
+def test_a_parent_of_hidden_folders_only_has_no_children(make_proxy, dovecot):
+    """Hidden folders do not exist: their parent's LIST said \\HasChildren while LIST "parent/%" showed
+    nothing (and a placeholder parent, there only for them, was listed). A parent with a visible child
+    keeps it."""
+    top = "Kids" + uuid.uuid4().hex[:6]
+    for name in (f"{top}/A/Secret", f"{top}/B/Secret", f"{top}/B/Open", f"{top}/C", f"{top}/C/Secret"):
+        dovecot.deliver("dave", name, make_object("chat"))
+    p = make_proxy(config_extra='[policy]\nexclude_folders = ["*/Secret"]\n')
+    c = login(p, "dave")
+    r = c.command(b"l", b'LIST "" "%s/*"' % top.encode())
+    attrs = {list_name(x): x.split(b")")[0] for x in r if x.startswith(b"* LIST ")}
+    # (A and B exist only as the parents of their folders, \\Noselect: A is not there for the device.)
+    assert set(attrs) == {f"{top}/B", f"{top}/B/Open", f"{top}/C"}, r
+    assert b"\\HasChildren" in attrs[f"{top}/B"], r
+    assert b"\\HasNoChildren" in attrs[f"{top}/C"] and b"\\HasChildren" not in attrs[f"{top}/C"], r
+    r = c.command(b"m", b'LIST "" "%" RETURN (CHILDREN)')
+    assert any(list_name(x) == top and b"\\HasChildren" in x for x in r), r
     c.close()
 
 
