@@ -491,6 +491,27 @@ def test_flag_and_delete_reach_the_server_and_the_other_device(dovecot, device):
         f"cpm-sync: no such message in {folder}: UID 999999"]
 
 
+@pytest.mark.parametrize("command", [["delete"], ["delete", "--local"], ["flag", "+flagged"]])
+def test_no_delete_or_flag_on_a_folder_recreated_since_the_sync(dovecot, device, command):
+    """The user's UIDs come from the local copy: in a folder recreated on the server (a new UIDVALIDITY)
+    they name other messages, and ``delete 2`` deleted the new message 2 on the server."""
+    folder = unique_folder()
+    seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(2)])
+    a = device("phone-stale")
+    a.sync(folder)
+    d = dovecot.imap_direct("alice", tls="none")
+    d.delete_folder(folder)
+    d.logout()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=10 + i) for i in range(2)])
+    args = [command[0], *command[1:2 if command[0] == "delete" else 1], folder, str(uids[1])]
+    if command[0] == "flag":
+        args.append(command[1])
+    res = a.run(*args, ok=False)
+    assert res.returncode == 5 and "recreated" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res
+    server = server_messages(dovecot, "alice", folder)
+    assert sorted(server) == uids and all(flags == set() for _, flags in server.values()), server
+
+
 def test_local_delete_refused_where_the_server_lacks_it(dovecot, device):
     folder = unique_folder()
     uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(2)])

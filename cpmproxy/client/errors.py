@@ -12,6 +12,7 @@ __all__ = [
     "ProtocolError",
     "ServerRefused",
     "ServerUnavailable",
+    "StaleFolder",
     "StoreError",
     "TLSError",
     "Unsupported",
@@ -65,6 +66,11 @@ class Unsupported(ServerRefused):
 
 class NoSuchFolder(ServerRefused):
     """A folder named on the command line exists neither on the server nor locally."""
+
+
+class StaleFolder(ServerRefused):
+    """The server's copy of a folder is another one than the local copy's (a new UIDVALIDITY): UIDs taken
+    from the local copy would name other messages. A sync first."""
 
 
 class ProtocolError(ConnectionLost):

@@ -50,7 +50,14 @@ from cpmproxy.client.connection import (
     encode_mailbox,
     mailbox_arg,
 )
-from cpmproxy.client.errors import Interrupted, NoSuchFolder, ProtocolError, ServerRefused, Unsupported
+from cpmproxy.client.errors import (
+    Interrupted,
+    NoSuchFolder,
+    ProtocolError,
+    ServerRefused,
+    StaleFolder,
+    Unsupported,
+)
 from cpmproxy.client.imapwire import Atom, UidSet, astring
 from cpmproxy.client.progress import NullProgress, ProgressFactory
 from cpmproxy.client.store import Folder, LocalStore, MessageRecord
@@ -781,11 +788,17 @@ class Syncer:
         name = canonical_name(name)
         lf = self.store.folder(name)
         wire = lf.wire if lf is not None else encode_mailbox(name)
-        cmd = self.conn.run(b"SELECT " + mailbox_arg(wire), check=False)
+        state = SelectState()
+        cmd = self.conn.run(b"SELECT " + mailbox_arg(wire), handler=state.handle, check=False)
         assert cmd.done is not None
         if not cmd.done.ok:
             raise NoSuchFolder(f"cannot open folder {name} on the server: {cmd.done.text}")
         self.conn.selected = wire
+        if lf is not None and lf.uidvalidity is not None and state.uidvalidity not in (None, lf.uidvalidity):
+            # The UIDs the user has (from the local copy) name other messages now: acting on them would
+            # delete or flag the wrong ones, on the server too.
+            raise StaleFolder(f"folder {name} was recreated on the server (UIDVALIDITY {lf.uidvalidity} -> "
+                              f"{state.uidvalidity}): its UIDs changed; run sync first, nothing was changed")
         return lf, wire
 
     def _present(self, uids: UidSet) -> set[int]:
