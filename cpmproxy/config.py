@@ -104,6 +104,8 @@ SCHEMA: dict[str, dict[str, Opt]] = {
                                    "it stops reading the client"),
         "preauth_timeout": Opt((int, float), 60.0, _positive),
         "idle_timeout": Opt((int, float), 1800.0, _positive, "RFC 9051 autologout: 30 minutes"),
+        "close_timeout": Opt((int, float), 10.0, _positive,
+                             "seconds a session being closed has for its client to read what is left"),
     },
     "admin": {
         "master_user": Opt(str, "", None, "backend master user for `cpmproxy localdelete` (Dovecot: user*master)"),

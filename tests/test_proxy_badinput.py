@@ -276,3 +276,79 @@ def test_invalid_commands_the_handler_or_backend_refuses_count_too(make_proxy):
             assert c.command(b"x%d" % i, b"XYZZY")[-1].startswith(b"x%d BAD" % i)
             assert c.command(b"n%d" % i, b"NOOP")[-1].startswith(b"n%d OK" % i)
     assert still_serving(p)
+
+
+# -- clients that do not read ------------------------------------------------------------------------
+
+def _big_folder(dovecot, user: str, messages: int, size: int) -> str:
+    folder = "Big" + os.urandom(4).hex()
+    body = b"x" * 76 + b"\r\n"
+    for i in range(messages):
+        dovecot.deliver(user, folder, b"Subject: big %d\r\n\r\n" % i + body * (size // len(body)))
+    return folder
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_session_ended_while_its_client_reads_nothing_is_closed(make_proxy, dovecot):
+    """The idle timeout's BYE for a client that stopped reading a big FETCH never closed the connection
+    (Twisted waits for the registered producer): it stayed in CLOSE-WAIT and kept its per-user slot, so
+    the user could not log in again until a restart."""
+    folder = _big_folder(dovecot, "carol", 8, 1_000_000)
+    p = make_proxy(config_extra="[limits]\nidle_timeout = 1\nclose_timeout = 1\nmax_connections_per_user = 1\n")
+    stuck = raw_via(p)
+    stuck.login("carol", "carolpw")
+    stuck.command(b"s", b'SELECT "%s"' % folder.encode())
+    stuck.send(b"f FETCH 1:* (BODY.PEEK[])\r\n")  # ...and never read
+    deadline = time.monotonic() + 15
+    while True:
+        with raw_via(p) as c:
+            if c.login("carol", "carolpw")[-1].startswith(b"L OK"):
+                break
+        assert time.monotonic() < deadline, "the first session still holds the user's only slot"
+        time.sleep(0.5)
+    stuck.sock.close()
+    assert still_serving(p)
+
+
+def test_answers_of_the_proxy_never_read_do_not_grow_it(make_proxy):
+    """20 MB of CAPABILITY commands from a client that reads nothing grew the proxy by ~270 MB of
+    answers: now it stops reading the client's commands while its answers wait."""
+    p = make_proxy()
+    before = _rss_kib(p.proc.pid)
+    sock = socket.create_connection((p.host, p.port))
+    sock.settimeout(3)
+    sent, chunk = 0, b"a CAPABILITY\r\n" * 5000
+    try:
+        while sent < 20_000_000:
+            sent += sock.send(chunk)
+    except (TimeoutError, socket.timeout):
+        pass  # the proxy stopped reading: the client's socket is full
+    grown = _rss_kib(p.proc.pid) - before
+    sock.close()
+    assert grown < 40_000, f"the proxy grew by {grown} KiB after {sent} bytes of commands"
+    assert still_serving(p)
+
+
+def test_a_long_download_read_slowly_is_not_idleness(make_proxy, dovecot):
+    """The idle timeout cut a client in the middle of a FETCH it was reading, slowly but steadily:
+    only the client's input reset the timer."""
+    folder = _big_folder(dovecot, "dave", 12, 1_000_000)  # (more than the sockets' buffers hold)
+    p = make_proxy(config_extra="[limits]\nidle_timeout = 0.5\n")
+    c = raw_via(p)
+    c.login("dave", "davepw")
+    c.command(b"s", b'SELECT "%s"' % folder.encode())
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    c.send(b"f FETCH 1:* (BODY.PEEK[])\r\n")
+    got, deadline = b"", time.monotonic() + 30
+    while b"\r\nf " not in got[-200:] and time.monotonic() < deadline:
+        data = c.sock.recv(200_000)
+        assert data, "cut in the middle of the download"
+        got += data
+        time.sleep(0.03)  # (at most ~128 KiB at a time: the 12 MB take about six idle timeouts)
+    end = got.rfind(b"\r\nf OK")
+    assert end > 0 and b"* BYE" not in got[end - 200:end], got[-300:]  # (idle after it: BYE, rightly)
+    c.sock.close()

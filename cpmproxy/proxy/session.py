@@ -213,6 +213,10 @@ class ClientSession(Protocol, TimeoutMixin):
         self._sealed = False  # our BYE is out (or the connection is being closed): nothing follows it
         self._closing = False
         self._peer_unsettled = True
+        self._output_link = _OutputLink(self)
+        self._cut_call = None  # the abort of a closing connection whose client does not read
+        self.bytes_out = 0  # handed to the client's connection (a long download is no idleness)
+        self._timeout_mark = 0
 
     # -- logging helpers ------------------------------------------------------------------------
 
@@ -236,8 +240,12 @@ class ClientSession(Protocol, TimeoutMixin):
         if refusal:
             self.transport.write(b"* BYE [UNAVAILABLE] " + refusal.encode() + b"\r\n")
             self._closing = True
-            self.transport.loseConnection()
+            self._lose_client()
             return
+        # Told when the client's send buffer fills and drains: no more commands are read while answers
+        # wait for a client that does not read them (answers of the proxy's own grew its memory without
+        # bound), and after login the backend's socket is paused and resumed with it.
+        self.transport.registerProducer(self._output_link, True)
         self.setTimeout(self.config.limits["preauth_timeout"])
         caps = b" ".join(self._preauth_capabilities())
         greeting = self.config.proxy["greeting"].encode("utf-8", "replace")
@@ -257,6 +265,8 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        if self._cut_call is not None and self._cut_call.active():
+            self._cut_call.cancel()
         prev = self.phase
         self.phase = "closed"
         if self.backend is not None and not self.backend.closed:
@@ -295,6 +305,14 @@ class ClientSession(Protocol, TimeoutMixin):
                 self.backend.transport.abortConnection()
 
     def timeoutConnection(self) -> None:
+        if self.phase == "auth" and self._inflight and not self.idling and self.framer.at_boundary:
+            # A command still running is no idleness (Dovecot's own timer waits for it too), nor an
+            # answer still going out to a client that reads it (a long download on a slow link); a
+            # client that reads nothing of it is, and one that does not finish sending a command.
+            progressed, self._timeout_mark = self.bytes_out != self._timeout_mark, self.bytes_out
+            if progressed or not self._output_link.paused:
+                self.setTimeout(self.timeOut)  # (a new timer: TimeoutMixin dropped the one that fired)
+                return
         self.service.metrics.timeouts.inc()
         self.bye(b"Disconnected for inactivity.")
 
@@ -315,9 +333,22 @@ class ClientSession(Protocol, TimeoutMixin):
         # still sends what is written before the connection is gone, and a filtered view that gave up
         # would then show what it hides.
         self._sealed = True
-        self.transport.loseConnection()
+        self._lose_client()
         if self.backend is not None and not self.backend.closed:
             self.backend.close()
+
+    def _lose_client(self) -> None:
+        """Close the client's connection once what is buffered for it went out. Twisted does not close a
+        connection while a producer is registered with it: the links both ways go first (a session ended
+        while its client read nothing stayed in CLOSE-WAIT, holding its connection slots, until a
+        restart), and a client that does not read what is left is cut after ``[limits] close_timeout``."""
+        self.transport.unregisterProducer()
+        if self.backend is not None:
+            self.backend.transport.unregisterProducer()
+        self.transport.loseConnection()
+        if self._cut_call is None:
+            self._cut_call = self.service.reactor.callLater(self.config.limits["close_timeout"],
+                                                           self.transport.abortConnection)
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -326,7 +357,9 @@ class ClientSession(Protocol, TimeoutMixin):
             self._out.clear()
         elif self._out:
             out, self._out = self._out, []
-            self.service.metrics.bytes_out += sum(map(len, out))
+            size = sum(map(len, out))
+            self.bytes_out += size
+            self.service.metrics.bytes_out += size
             send_chunks(self.transport, out)
 
     def _backend_at_boundary(self) -> bool:
@@ -376,6 +409,10 @@ class ClientSession(Protocol, TimeoutMixin):
             self.transport.pauseProducing()
             return
         if self.phase in ("login", "closed") or self._blocked or self._parking or self._closing:
+            return
+        if self._output_link.paused:
+            self._output_link.holds_input = True
+            self.transport.pauseProducing()  # (until the client reads: _output_drained)
             return
         try:
             if self.phase == "preauth":
@@ -509,7 +546,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._out.append(b"* BYE Logging out\r\n" + tag + b" OK Logout completed.\r\n")
         self._closing = True
         self._flush()
-        self.transport.loseConnection()
+        self._lose_client()
 
     def _cmd_starttls(self, tag: bytes, args: list) -> None:
         if self.tls_active:
@@ -764,7 +801,9 @@ class ClientSession(Protocol, TimeoutMixin):
         self._out.append(tag + b" OK [CAPABILITY " + b" ".join(self.capabilities) + b"] Logged in\r\n")
         self._flush()
         # Backpressure both ways: a slow reader pauses the other side's socket reads.
-        self.transport.registerProducer(self.backend.transport, True)
+        self._output_link.backend = self.backend.transport
+        if self._output_link.paused:
+            self.backend.transport.pauseProducing()
         self.backend.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()
         if self.backend.framer.buffered:
@@ -1536,6 +1575,15 @@ class ClientSession(Protocol, TimeoutMixin):
             self.service.reactor.callLater(0, self._read_again)  # (not inside the backend's data handling)
 
     @_guarded
+    def _output_drained(self) -> None:
+        """The client read what waited for it: its commands are read again."""
+        if self.phase == "auth":
+            self._read_again()
+        elif self.phase == "preauth" and not self._closing:
+            self.transport.resumeProducing()
+            self._process_client()
+
+    @_guarded
     def _read_again(self) -> None:
         if self.phase == "auth" and not self._closing and not self._parking and not self._blocked \
                 and self._literal_gate is None and not self._awaiting_continuation:
@@ -1699,12 +1747,43 @@ class ClientSession(Protocol, TimeoutMixin):
         else:
             self._flush()
             self._closing = True
-            self.transport.loseConnection()
+            self._lose_client()
 
     # -- shutdown -------------------------------------------------------------------------------
 
     def shutdown(self, text: bytes) -> None:
         self.bye(text, code=b"UNAVAILABLE")
+
+
+class _OutputLink:
+    """The producer registered with the client's connection, which Twisted pauses when the client's
+    send buffer fills and resumes when it drains: it passes both on to the backend's socket (after login)
+    and tells the session, which reads no more of the client's commands in between."""
+
+    __slots__ = ("session", "backend", "paused", "holds_input")
+
+    def __init__(self, session: ClientSession) -> None:
+        self.session = session
+        self.backend = None  # the backend connection's transport, once relaying
+        self.paused = False
+        self.holds_input = False  # the session stopped reading commands for it
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.backend is not None:
+            self.backend.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.backend is not None:
+            self.backend.resumeProducing()
+        if self.holds_input:
+            self.holds_input = False
+            # (Not inside the connection's write handling, which calls this.)
+            self.session.service.reactor.callLater(0, self.session._output_drained)
+
+    def stopProducing(self) -> None:
+        pass  # (the client is gone: connectionLost closes the backend, after what the client sent)
 
 
 _SYNC_LITERAL_END = re.compile(rb"(~?\{[0-9]+)\}(\r?\n)\Z")
