@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 
 import imapclient
 import pytest
@@ -88,6 +89,24 @@ def test_id_answered_and_device_id_kept(proxy):
         assert r[0].startswith(b'* ID ("name" "cpmproxy"') and r[-1].startswith(b"a OK")
         assert c.command(b"b", b"ID NIL")[-1].startswith(b"b OK")
         assert c.command(b"c", b"ID (\"odd\")")[-1].startswith(b"c BAD")
+
+
+def test_id_fields_dovecot_trusts_from_a_proxy_are_not_the_clients_to_set(make_proxy, dovecot):
+    """Dovecot trusts x- ID fields from a proxy in login_trusted_networks: a client's x-session-ext-id
+    named the session in Dovecot's log, x-forward-* became passdb fields. Only the proxy's own reach it."""
+    p = make_proxy()
+    with raw_via(p) as c:
+        tag = "forged" + uuid.uuid4().hex[:8]
+        r = c.command(b"i", b'ID ("name" "app" "x-session-ext-id" "%s" "x-originating-ip" "203.0.113.9" '
+                            b'"x-forward-quota" "1")' % tag.encode())
+        assert r[-1].startswith(b"i OK"), r
+        assert c.login("dave", "davepw")[-1].startswith(b"L OK")
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    deadline = time.monotonic() + 5
+    while "user=<dave>" not in dovecot.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = dovecot.log_path.read_text()
+    assert "user=<dave>" in log and tag not in log and "203.0.113.9" not in log
 
 
 def test_commands_before_login_refused(proxy):

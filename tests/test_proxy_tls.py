@@ -19,6 +19,20 @@ def test_client_starttls_backend_starttls(make_proxy, proxy_certs):
     c.logout()
 
 
+def test_an_id_sent_before_starttls_is_forgotten(make_proxy, proxy_certs):
+    """Anything said in plaintext may be a man in the middle's: an ID before STARTTLS chose the device
+    (its policy class, delete_mode, local-delete records) of the session that logged in over TLS."""
+    p = make_proxy(tls_cert=str(proxy_certs.cert), tls_key=str(proxy_certs.key),
+                   config_extra='[policy]\n[[policy.class]]\ndevices = ["injected"]\nlocal_delete = false\n')
+    c = imapclient.IMAPClient("localhost", p.port, ssl=False, timeout=30)
+    c.id_({"name": "mitm", "x-cpm-device-id": "injected"})
+    c.starttls(client_ssl_context(proxy_certs))
+    c.login("alice", "alicepw")
+    assert b"XCPM-LOCALDELETE" in c.capabilities()  # (the "injected" class would take it away)
+    c.logout()
+    assert "device=injected" not in p.log()
+
+
 def test_client_implicit_tls_backend_implicit_tls(make_proxy, proxy_certs):
     port = free_port()
     p = make_proxy(backend_tls="implicit",

@@ -563,6 +563,10 @@ class ClientSession(Protocol, TimeoutMixin):
         self._flush()
         self.transport.startTLS(self.service.server_tls)
         self.tls_active = True
+        # What was said in plaintext may be a man in the middle's (RFC 9051 6.2.1 forgets capabilities for
+        # the same reason): the device id picks the policy and scopes local deletes.
+        self.client_id = {}
+        self._update_device_id()
 
     def _cmd_id(self, tag: bytes, args: list) -> None:
         fields = self._parse_id(args)
@@ -757,8 +761,10 @@ class ClientSession(Protocol, TimeoutMixin):
                 ("x-connected-ip", getattr(local, "host", "")), ("x-connected-port", str(getattr(local, "port", ""))),
                 ("x-session-id", self.session_id),
             ]
-            fields += [(k, v) for k, v in self.client_id.items() if not k.startswith("x-originating")
-                       and not k.startswith("x-connected") and k != "x-session-id"]
+            # The client's own fields, but none of the x- ones: Dovecot trusts those from a proxy in its
+            # login_trusted_networks (x-session-ext-id names the session in its logs, x-forward-* become
+            # passdb fields, x-proxy-ttl, x-client-transport...), and the client is not the proxy.
+            fields += [(k, v) for k, v in self.client_id.items() if not k.startswith("x-")]
             post = await login_backend(backend, caps, authzid, user, password, fields)
         except BaseException:
             backend.close()
