@@ -787,3 +787,198 @@ def test_login_refused_for_now_is_not_a_credentials_failure(dovecot, make_proxy,
         store.close()
     finally:
         sock.close()
+
+
+# -- robustness: one bad folder, interruptions, the store lock -------------------------------------------
+
+
+def test_a_folder_the_server_cannot_open_does_not_stop_the_others(dovecot, device):
+    """One folder the server refuses to open (its files unreadable on the backend): the other folders
+    are still synced; the exit status is non-zero with one line naming the folder."""
+    broken, fine = unique_folder(), unique_folder()
+    seed(dovecot, "alice", broken, [make_object("chat", seed=1)])
+    seed(dovecot, "alice", fine, [make_object("chat", seed=2)])
+    a = device("phone-broken-folder")
+    a.sync(broken, fine)
+    new = seed(dovecot, "alice", fine, [make_object("sms", seed=3)])[0]
+    seed(dovecot, "alice", broken, [make_object("sms", seed=4)])  # so that the folder is opened
+    path = dovecot.mail_dir / "alice" / "Maildir" / broken
+    path.chmod(0)
+    try:
+        res = a.sync(broken, fine, ok=False)
+    finally:
+        path.chmod(0o700)
+    _one_line_failure(res, 5, broken)
+    assert fine not in res.stderr
+    assert new in a.index(fine)  # synced although the folder before it failed
+    assert len(a.index(broken)) == 1  # the local copy is kept as it was
+    a.sync(broken, fine)  # readable again: all well
+
+
+def test_folder_deleted_between_list_and_examine_counts_as_gone(dovecot, tmp_path):
+    """Another client deletes folders right after this client's LIST: the EXAMINE then fails with
+    NONEXISTENT. The folders are gone (removed locally, as if LIST had not shown them), the rest synced."""
+    victim, fresh, fine = unique_folder(), unique_folder(), unique_folder()
+    seed(dovecot, "alice", victim, [make_object("chat", seed=1)])
+    seed(dovecot, "alice", fine, [make_object("chat", seed=2)])
+    settings = ServerSettings(dovecot.host, dovecot.port, "alice", "alicepw", "lib-race", tls="none")
+    store = LocalStore(tmp_path / "race")
+    conn = connect(settings)
+    try:
+        with store.locked():
+            syncer = Syncer(conn, store)
+            syncer.sync([victim, fine])
+            new = seed(dovecot, "alice", fine, [make_object("sms", seed=5)])[0]
+            seed(dovecot, "alice", victim, [make_object("chat", seed=3)])
+            seed(dovecot, "alice", fresh, [make_object("chat", seed=4)])
+            listed = syncer.list_folders
+
+            def list_then_delete(names=None, list_status=True):
+                out = listed(names, list_status)
+                c = dovecot.imap_direct("alice", tls="none")
+                c.delete_folder(victim)
+                c.delete_folder(fresh)
+                c.logout()
+                return out
+
+            syncer.list_folders = list_then_delete
+            result = syncer.sync([victim, fresh, fine])
+    finally:
+        conn.logout()
+    assert result.failed == []
+    by_name = {f.name: f for f in result.folders}
+    assert by_name[victim].deleted and fresh not in by_name
+    assert store.folder(victim) is None and store.folder(fresh) is None
+    assert new in store.messages(store.folder(fine))
+    store.close()
+
+
+def test_interrupted_flag_update_recovers_without_download(dovecot, device):
+    """Killed while applying flag changes (files renamed, index not yet updated) and with a tmp/ leftover:
+    the next sync repairs it (no message dropped from the index, nothing downloaded again)."""
+    folder = unique_folder()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(3)])
+    a = device("phone-flagcrash")
+    a.sync(folder)
+    c = dovecot.imap_direct("alice", tls="none")
+    c.select_folder(folder)
+    c.add_flags(uids, [b"\\Seen"])
+    c.logout()
+    cur = a.folder_dir(folder) / "cur"
+    for name in a.files(folder):  # what store.set_flags does before its index transaction
+        os.rename(cur / name, cur / (name.split(":")[0] + ":2,S"))
+    uv = a.folder_state(folder).uidvalidity
+    (a.folder_dir(folder) / "tmp" / f"U{uids[0]}.V{uv}.cpm-sync").write_bytes(b"partial")
+
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert fetched_body_uids(res.stderr) == []
+    index = a.index(folder)
+    assert sorted(index) == uids and all(r.flags == ("\\Seen",) for r in index.values())
+    assert sorted(r.filename for r in index.values()) == a.files(folder)
+    assert a.files(folder, "tmp") == []
+    assert not a.folder_state(folder).full_check
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert "0 changed" in res.stdout and fetched_body_uids(res.stderr) == []
+
+
+def test_a_lost_message_file_comes_back_in_the_same_sync(dovecot, device):
+    """A message file removed behind the client's back, then new mail: one sync restores both (the
+    folder's full check is not dropped at the end of the pass that found the file missing)."""
+    folder = unique_folder()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(3)])
+    a = device("phone-lostfile")
+    a.sync(folder)
+    os.unlink(a.folder_dir(folder) / "cur" / a.index(folder)[uids[1]].filename)
+    new = seed(dovecot, "alice", folder, [make_object("sms", seed=9)])[0]
+    res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert sorted(fetched_body_uids(res.stderr)) == [uids[1], new]
+    assert sorted(a.index(folder)) == [*uids, new]
+    assert sorted(r.filename for r in a.index(folder).values()) == a.files(folder)
+    assert not a.folder_state(folder).full_check
+
+
+def test_status_is_in_sync_right_after_flag(dovecot, device):
+    folder = unique_folder()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(2)])
+    a = device("phone-flagstatus")
+    a.sync(folder)
+    a.run("flag", folder, str(uids[0]), "+seen")
+    assert "in sync" in status_line(a, folder)
+    # Someone else's change is still seen as one.
+    c = dovecot.imap_direct("alice", tls="none")
+    c.select_folder(folder)
+    c.add_flags([uids[1]], [b"\\Flagged"])
+    c.logout()
+    a.run("flag", folder, str(uids[0]), "-seen")
+    assert "changed" in status_line(a, folder)
+    res = a.sync(folder)
+    assert "1 flag changes" in res.stdout and "in sync" in status_line(a, folder)
+
+
+def test_watch_waits_for_a_busy_store(dovecot, tmp_path):
+    """Another cpm-sync holds the store lock for longer than the lock timeout: watch waits, it does not end."""
+    import fcntl
+
+    folder = unique_folder()
+    seed(dovecot, "dave", folder, [make_object("chat", seed=1)])
+    settings = ServerSettings(dovecot.host, dovecot.port, "dave", "davepw", "lib-busy", tls="none")
+    store = LocalStore(tmp_path / "busy")
+    fd = os.open(tmp_path / "busy" / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    stopper, log, errors = Stopper(), [], []
+    w = Watcher(settings, store, options=WatchOptions(folders=(folder,), lock_timeout=0.2), stopper=stopper,
+                log=log.append)
+
+    def run() -> None:
+        try:
+            w.run()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: errors or any("waiting for it" in m for m in log), what="the watcher to wait")
+        assert not errors, errors
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        wait_for(lambda: errors or any("watching" in m for m in log), what="the watcher")
+        assert not errors, errors
+        assert len(store.messages(store.folder(folder))) == 1
+    finally:
+        os.close(fd)
+        stopper.stop()
+        t.join(15)
+    assert not t.is_alive()
+    store.close()
+
+
+def test_watch_of_a_folder_that_does_not_exist_ends(device):
+    a = device("phone-watch-nofolder")
+    name = "Default/no-such-" + uuid.uuid4().hex
+    _one_line_failure(a.run("watch", name, ok=False, timeout=30), 5, "no such folder", name)
+
+
+def test_sigterm_interrupts_a_wait_for_a_silent_server(device):
+    """The server accepts and never says a word: SIGTERM ends the sync at once (130), not after --timeout."""
+    import socket
+
+    a = device("phone-silent", tls="none")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(20)
+    a.port = srv.getsockname()[1]
+    proc = subprocess.Popen(a.args("--timeout", "8", "sync"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        peer, _ = srv.accept()
+        time.sleep(0.3)  # the client is now waiting for the greeting
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        peer.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        srv.close()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err

@@ -342,3 +342,122 @@ def test_listing_a_scattered_uid_set_stays_within_line_limits():
         assert line.startswith(b"UID FETCH ") and line.endswith(b" (UID FLAGS RFC822.SIZE)")
         listed |= set(UidSet.parse(line.split()[2]))
     assert listed == set(uids)
+
+
+# -- robustness ------------------------------------------------------------------------------------------
+
+
+def test_unsolicited_responses_belong_to_the_mailbox_selected_when_they_arrived():
+    """watch: an EXISTS received while folder A was selected is about A, even when a sync pass has
+    selected B by the time the watch loop looks at it."""
+    import socket
+
+    from cpmproxy.client.connection import Connection, ServerSettings
+    from cpmproxy.client.watch import Watcher
+
+    ours, server = socket.socketpair()
+    try:
+        conn = Connection(ours, ServerSettings("127.0.0.1", 143, "u", "p", tls="none"))
+        conn.selected = b"A"
+        server.sendall(b"* 7 EXISTS\r\n* 3 FETCH (UID 9 FLAGS (\\Seen))\r\n")
+        conn.read_one()
+        conn.read_one()
+        conn.selected = b"B"
+        server.sendall(b"* VANISHED 4\r\n")
+        conn.read_one()
+        conn.selected = b"C"
+        folders, relist = Watcher._events(conn, conn.take_unsolicited())
+        assert folders == {"A", "B"} and not relist
+
+        # The same while a sync moves on: what arrives before the new EXAMINE's [CLOSED] (RFC 7162) is
+        # still the old mailbox's news, not the new mailbox's state.
+        from cpmproxy.client.sync import SelectState
+
+        conn.selected = b"A"
+        state = SelectState(conn.selected, lambda r: conn.unsolicited.append(r))
+        cmd = conn.send(b"EXAMINE B", handler=state.handle)
+        server.sendall(b"* 8 EXISTS\r\n* OK [CLOSED] Previous mailbox closed.\r\n* 2 EXISTS\r\n"
+                       b"* OK [UIDVALIDITY 3] ok\r\n" + cmd.tag + b" OK done\r\n")
+        conn.wait(cmd)
+        state.finish()
+        assert (state.exists, state.uidvalidity) == (2, 3)
+        folders, _ = Watcher._events(conn, conn.take_unsolicited())
+        assert folders == {"A"}
+        # A server that never says [CLOSED]: everything is the new mailbox's, as before.
+        state = SelectState(b"B", lambda r: conn.unsolicited.append(r))
+        cmd = conn.send(b"EXAMINE C", handler=state.handle)
+        server.sendall(b"* 4 EXISTS\r\n* OK [UIDVALIDITY 5] ok\r\n" + cmd.tag + b" OK done\r\n")
+        conn.wait(cmd)
+        state.finish()
+        assert (state.exists, state.uidvalidity) == (4, 5) and conn.take_unsolicited() == []
+    finally:
+        ours.close()
+        server.close()
+
+
+@pytest.mark.parametrize("args", [
+    ["watch", "--interval", "-5"], ["watch", "--interval", "0"], ["watch", "--interval", "nan"],
+    ["--timeout", "-1", "sync"], ["--timeout", "nan", "sync"], ["--timeout", "0", "sync"],
+    ["--timeout", "inf", "sync"], ["sync", "--timeout", "x"],
+])
+def test_cli_bad_durations_are_usage_errors(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as e:
+        main(["--store", str(tmp_path / "s"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "usage error" in err[0]
+
+
+@pytest.mark.parametrize("cmd", [["delete", "INBOX", "1:4294967296"], ["delete", "INBOX", "99999999999999999999"],
+                                 ["flag", "INBOX", "4294967296", "+seen"]])
+def test_cli_uids_beyond_32_bits_are_usage_errors(tmp_path, capsys, cmd):
+    # (--server points nowhere: a usage error must come before any connection attempt)
+    assert main(["--store", str(tmp_path / "s"), "--server", "127.0.0.1:1", "--user", "u", "--password-file",
+                 os.devnull, "--tls", "none", *cmd]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of range" in err[0]
+    assert parse_uid_set(["1:4294967295"]).format() == b"1:4294967295"
+
+
+@pytest.mark.parametrize("cmd", [["list", "INBOX"], ["status", "--offline"]])
+def test_read_only_commands_do_not_create_a_store(tmp_path, capsys, cmd):
+    missing = tmp_path / "typo"
+    assert main(["--store", str(missing), *cmd]) == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no store" in err[0]
+    assert not missing.exists()
+
+
+def test_failed_writes_leave_no_temporary_files(tmp_path, monkeypatch):
+    """Disk full while a message is written or committed: nothing stays in tmp/ to fill the disk further."""
+    import errno
+
+    from cpmproxy.client.errors import StoreError
+
+    store, f = _store_with_messages(tmp_path)
+    tmp = tmp_path / "s" / "maildir" / "Default" / "tel:+15550001" / "tmp"
+    real_write, calls = os.write, []
+
+    def write_some(fd, data):
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data[:10])
+
+    monkeypatch.setattr(os, "write", write_some)
+    with pytest.raises(StoreError, match="No space left"):
+        store.write_message(f, 10, make_object("chat", seed=10), [])
+    monkeypatch.setattr(os, "write", real_write)
+    assert os.listdir(tmp) == []
+
+    recs = [store.write_message(f, uid, make_object("chat", seed=uid), []) for uid in (11, 12)]
+
+    def no_replace(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_replace)
+    with pytest.raises(StoreError):
+        store.commit_messages(f, recs)
+    monkeypatch.undo()
+    assert os.listdir(tmp) == [] and sorted(store.messages(f)) == [1, 2, 3]
+    store.close()

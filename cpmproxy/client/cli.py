@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
 from cpmproxy.client.connection import CLIENT_VERSION, TLS_MODES, ServerSettings, connect
-from cpmproxy.client.errors import ClientError, Interrupted, StoreError
+from cpmproxy.client.errors import ClientError, Interrupted, ServerRefused, StoreError
 from cpmproxy.client.progress import progress_factory
 from cpmproxy.client.store import LocalStore
 from cpmproxy.client.sync import (
@@ -54,6 +55,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: usage error: {message} (see {PROG} --help)\n")
 
 
+def _seconds(value: str) -> float:
+    """A positive, finite number of seconds (argparse type): 0, negative, nan and inf are usage errors."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {value!r}")
+    return number
+
+
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """The connection options, accepted before the command (the documented form) and after it."""
 
@@ -69,7 +81,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--tls", choices=TLS_MODES, default=d("starttls"),
                    help="starttls (default), implicit (TLS port), or none (plaintext: loopback testing only)")
     g.add_argument("--ca-file", metavar="F", default=d(None), help="CA certificate(s) to trust instead of the system's")
-    g.add_argument("--timeout", type=float, metavar="S", default=d(60.0), help="network timeout in seconds (60)")
+    g.add_argument("--timeout", type=_seconds, metavar="S", default=d(60.0), help="network timeout in seconds (60)")
     g.add_argument("--no-fsync", action="store_true", default=d(False),
                    help="do not fsync message files and the index (faster, not power-loss safe)")
     g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="no progress bars, no summaries")
@@ -96,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folders", nargs="*", metavar="FOLDER")
 
     p = sub.add_parser("watch", parents=[common], help="stay connected and sync on notifications")
-    p.add_argument("--interval", type=float, metavar="S", help="full check period (300 s with NOTIFY, 60 s without)")
+    p.add_argument("--interval", type=_seconds, metavar="S", help="full check period (300 s with NOTIFY, 60 s without)")
     p.add_argument("--idle-folder", default="INBOX", metavar="F", help="folder to IDLE on without NOTIFY")
     p.add_argument("folders", nargs="*", metavar="FOLDER", help="watch only these folders (default: all)")
 
@@ -187,6 +199,10 @@ def _settings(args: argparse.Namespace, store: LocalStore) -> ServerSettings:
 def _open_store(args: argparse.Namespace) -> LocalStore:
     if not args.store:
         raise UsageError(f"{args.command} needs --store")
+    if (args.command == "list" or (args.command == "status" and args.offline)) and \
+            not os.path.exists(os.path.join(args.store, "index.sqlite")):
+        # Read-only commands: a mistyped --store must not leave an empty store behind.
+        raise StoreError(f"there is no store in {args.store} (run sync first)")
     return LocalStore(args.store, fsync=not args.no_fsync)
 
 
@@ -220,7 +236,7 @@ def cmd_sync(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
     stopper = Stopper().install()
     try:
         with store.locked():
-            conn = connect(settings)
+            conn = connect(settings, wake_fd=stopper.fd)  # a silent server does not delay SIGTERM
             try:
                 store.bind(settings.address, settings.user, settings.device_id)
                 syncer = Syncer(
@@ -240,6 +256,9 @@ def cmd_sync(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
             if f.changed or f.retry:
                 out.write(f.summary() + "\n")
         out.write(result.summary() + "\n")
+    failure = result.failure()
+    if failure is not None:  # the other folders were synced; say which were not
+        raise ServerRefused(failure)
     return 0
 
 

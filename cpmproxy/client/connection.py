@@ -40,6 +40,7 @@ from cpmproxy.client.errors import (
     AuthenticationError,
     ConnectError,
     ConnectionLost,
+    Interrupted,
     ProtocolError,
     ServerRefused,
     ServerUnavailable,
@@ -109,7 +110,7 @@ class Untagged:
     are produced on first use.
     """
 
-    __slots__ = ("name", "number", "code", "data", "literals", "_tokens")
+    __slots__ = ("name", "number", "code", "data", "literals", "mailbox", "_tokens")
 
     def __init__(self, name: bytes, number: int | None, code: bytes | None, data: bytes,
                  literals: list[bytes]) -> None:
@@ -118,6 +119,9 @@ class Untagged:
         self.code = code  # "* OK [UIDVALIDITY 7] ..." -> b"UIDVALIDITY 7"
         self.data = data
         self.literals = literals
+        # Unsolicited responses only: the mailbox selected when it arrived (what EXISTS, EXPUNGE, VANISHED
+        # and FETCH are about; a later SELECT does not change that).
+        self.mailbox: bytes | None = None
         self._tokens: list | None = None
 
     @property
@@ -208,12 +212,35 @@ def encode_mailbox(name: str) -> bytes:
 class _Reader:
     """Buffered line/literal reader on a blocking socket (plain or TLS)."""
 
-    def __init__(self, sock: socket.socket, initial: bytes = b"") -> None:
+    # After a stop request, how long the server still gets to deliver what is on its way (the rest of a
+    # batch being committed, the answer to LOGOUT) before the wait is abandoned.
+    STOP_GRACE = 1.0
+
+    def __init__(self, sock: socket.socket, initial: bytes = b"", wake_fd: int | None = None) -> None:
         self.sock = sock
         self.buf = bytearray(initial)
         self.pos = 0
+        self.wake_fd = wake_fd  # readable once the user asked to stop (watch.Stopper's self-pipe)
+
+    def _wait_readable(self) -> None:
+        """Block until the socket has data like recv() would, but give up (:class:`Interrupted`) when
+        ``wake_fd`` fires and the server stays silent: SIGTERM must not wait out a 60 s network timeout."""
+        pending = getattr(self.sock, "pending", None)  # TLS: decrypted bytes waiting in the SSL object
+        if self.wake_fd is None or (pending is not None and pending() > 0):
+            return
+        timeout = self.sock.gettimeout()
+        ready, _, _ = select.select([self.sock, self.wake_fd], [], [], timeout)
+        if self.sock in ready:
+            return
+        if self.wake_fd in ready:
+            ready, _, _ = select.select([self.sock], [], [], self.STOP_GRACE)
+            if ready:
+                return
+            raise Interrupted("interrupted; the next sync resumes where this one stopped")
+        raise ConnectionLost("timed out waiting for the server")
 
     def _fill(self) -> None:
+        self._wait_readable()
         try:
             chunk = self.sock.recv(_READ_SIZE)
         except TimeoutError:
@@ -281,6 +308,11 @@ class Connection:
         # Protocol trace for client developers (responses without literal payloads; credentials masked):
         # CPM_SYNC_TRACE=1 in the environment, or set Connection.trace to a callable.
         self.trace: Callable[[str], None] | None = _stderr_trace if os.environ.get("CPM_SYNC_TRACE") else None
+
+    def set_wake_fd(self, fd: int | None) -> None:
+        """A file descriptor that becomes readable when the user asks to stop (SIGINT/SIGTERM): waits for
+        the server then end with :class:`Interrupted` instead of running into the network timeout."""
+        self._reader.wake_fd = fd
 
     def set_capabilities(self, caps: Iterable[bytes]) -> None:
         self.capabilities = frozenset(c.upper() for c in caps)
@@ -414,6 +446,7 @@ class Connection:
         for cmd in self._pending.values():
             if cmd.offer(resp):
                 return "untagged"
+        resp.mailbox = self.selected
         self.unsolicited.append(resp)
         return "untagged"
 
@@ -500,7 +533,7 @@ class Connection:
         if self._reader.buffered():
             raise ProtocolError("the server sent data after accepting STARTTLS")
         self.sock = ctx.wrap_socket(self.sock, server_hostname=self.settings.host)
-        self._reader = _Reader(self.sock)
+        self._reader = _Reader(self.sock, wake_fd=self._reader.wake_fd)
 
 
 
@@ -560,8 +593,10 @@ def _login(conn: Connection, caps: frozenset[bytes]) -> PendingCommand:
     return conn.send(b"LOGIN " + b" ".join(args), secret=True)
 
 
-def connect(settings: ServerSettings) -> Connection:
-    """Connect, secure, identify the device, log in. Raises a :class:`ClientError` subclass."""
+def connect(settings: ServerSettings, wake_fd: int | None = None) -> Connection:
+    """Connect, secure, identify the device, log in. Raises a :class:`ClientError` subclass; with
+    ``wake_fd`` (see :meth:`Connection.set_wake_fd`), :class:`Interrupted` when it fires while the server
+    is silent."""
     ctx = None if settings.tls == "none" else _ssl_context(settings.ca_file)
     address = settings.address
     try:
@@ -582,6 +617,7 @@ def connect(settings: ServerSettings) -> Connection:
             assert ctx is not None
             sock = ctx.wrap_socket(sock, server_hostname=settings.host)
         conn = Connection(sock, settings)
+        conn.set_wake_fd(wake_fd)
         greeting = conn.read_greeting()
         if greeting.name == b"BYE":
             raise ConnectError(f"{address} refused the connection: {greeting.text}")

@@ -7,12 +7,14 @@ __all__ = [
     "ClientError",
     "ConnectError",
     "ConnectionLost",
+    "FolderRefused",
     "Interrupted",
     "NoSuchFolder",
     "ProtocolError",
     "ServerRefused",
     "ServerUnavailable",
     "StaleFolder",
+    "StoreBusy",
     "StoreError",
     "TLSError",
     "Unsupported",
@@ -68,6 +70,15 @@ class NoSuchFolder(ServerRefused):
     """A folder named on the command line exists neither on the server nor locally."""
 
 
+class FolderRefused(ServerRefused):
+    """The server would not open one folder during a sync. ``gone``: because it no longer exists (deleted
+    or renamed by someone else since the folder list was taken)."""
+
+    def __init__(self, message: str, *, gone: bool = False) -> None:
+        super().__init__(message)
+        self.gone = gone
+
+
 class StaleFolder(ServerRefused):
     """The server's copy of a folder is another one than the local copy's (a new UIDVALIDITY): UIDs taken
     from the local copy would name other messages. A sync first."""
@@ -81,6 +92,10 @@ class StoreError(ClientError):
     """The local store cannot be used (permissions, disk full, belongs to another account, locked)."""
 
     exit_status = 6
+
+
+class StoreBusy(StoreError):
+    """Another process holds the store's lock (a temporary condition: ``watch`` waits for it)."""
 
 
 class Interrupted(ClientError):

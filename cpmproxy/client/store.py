@@ -23,8 +23,8 @@ Crash safety, the rules every writer here follows:
 2. Only then is the batch recorded in the index, in one transaction (after an fsync of ``cur/``).
 3. The folder's UIDNEXT/HIGHESTMODSEQ advance only after all of the folder's messages are committed, so an
    interrupted sync re-discovers exactly the messages it had not committed.
-4. :meth:`LocalStore.reconcile` (run before a folder receives new messages) removes what an interruption
-   can leave behind: ``tmp/`` leftovers and files in ``cur/`` that the index does not know (they are
+4. :meth:`LocalStore.reconcile` (run at the start of every sync that opens the folder) removes what an
+   interruption can leave behind: ``tmp/`` leftovers and files in ``cur/`` that the index does not know (they are
    fetched again: their UIDs are at or above the folder's recorded UIDNEXT). Files that are not ours are
    never touched. Index entries whose file vanished are dropped and the folder is marked for a full check,
    which fetches them again.
@@ -42,7 +42,7 @@ import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
 
-from cpmproxy.client.errors import StoreError
+from cpmproxy.client.errors import StoreBusy, StoreError
 from cpmproxy.client.kinds import classify
 
 __all__ = [
@@ -434,6 +434,12 @@ class LocalStore:
                 # Maildir readers (Dovecot included) take a message's arrival time from the file's mtime.
                 os.utime(tmp, (internaldate, internaldate))
         except OSError as e:
+            # Disk full, quota...: a partial file must not stay behind (nothing else would remove it
+            # before the folder's next sync, and many of them fill the disk).
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             raise StoreError(f"cannot write {tmp}: {e.strerror or e}") from None
         name = message_basename(uid, folder.uidvalidity) + maildir_info(flags)
         return MessageRecord(uid, name, flags, classify(data), len(data), internaldate)
@@ -455,6 +461,7 @@ class LocalStore:
                 os.replace(os.path.join(tmp_dir, message_basename(r.uid, folder.uidvalidity)),
                            os.path.join(cur_dir, r.filename))
         except OSError as e:
+            self.discard_written(folder, records)  # what reached cur/ unindexed goes at the next reconcile
             raise StoreError(f"cannot store messages in {cur_dir}: {e.strerror or e}") from None
         if self.fsync:
             _fsync_dir(cur_dir)
@@ -466,6 +473,17 @@ class LocalStore:
                 rows,
             )
         return len(rows)
+
+    def discard_written(self, folder: Folder, records: Iterable[MessageRecord]) -> None:
+        """Remove the ``tmp/`` files of messages written but not committed (a failed or abandoned batch)."""
+        if folder.uidvalidity is None:
+            return
+        tmp_dir = os.path.join(self.maildir, folder.path, "tmp")
+        for r in records:
+            try:
+                os.unlink(os.path.join(tmp_dir, message_basename(r.uid, folder.uidvalidity)))
+            except OSError:
+                pass
 
     def set_flags(self, folder: Folder, changes: Mapping[int, Iterable[str]]) -> int:
         """Apply flag changes from the server: rename files whose Maildir info changes, then update the
@@ -681,7 +699,7 @@ class _StoreLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    raise StoreError(f"store {self.store.root} is in use by another cpm-sync process") from None
+                    raise StoreBusy(f"store {self.store.root} is in use by another cpm-sync process") from None
                 time.sleep(0.1)
         self.fd = self.store._lock_fd = fd
 

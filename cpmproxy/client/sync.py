@@ -51,6 +51,7 @@ from cpmproxy.client.connection import (
     mailbox_arg,
 )
 from cpmproxy.client.errors import (
+    FolderRefused,
     Interrupted,
     NoSuchFolder,
     ProtocolError,
@@ -79,6 +80,7 @@ LOCAL_DELETE_KEYWORD = b"$LocalDelete"
 # Longest known-uids argument we put in a QRESYNC SELECT; beyond it the server reports VANISHED for UIDs
 # we may not know, which is harmless (removing an unknown UID is a no-op).
 _MAX_KNOWN_UIDS = 4000
+_MAX_UID = 2**32 - 1  # UIDs are 32-bit (RFC 9051 2.3.1.1)
 _LIST_BATCH = 1000  # UIDs per UID FETCH of flags and sizes (a set of 1,000 scattered UIDs: < 12 KB)
 
 
@@ -161,11 +163,21 @@ class FolderResult:
 
 
 class SyncResult:
-    __slots__ = ("folders", "elapsed")
+    """``failed``: (folder, reason) of folders the server refused to sync (the others were synced)."""
+
+    __slots__ = ("folders", "elapsed", "failed")
 
     def __init__(self) -> None:
         self.folders: list[FolderResult] = []
         self.elapsed = 0.0
+        self.failed: list[tuple[str, str]] = []
+
+    def failure(self) -> str | None:
+        """One line naming the folders that could not be synced (None: all were)."""
+        if not self.failed:
+            return None
+        names = ", ".join(name for name, _ in self.failed)
+        return f"could not sync {len(self.failed)} folder(s): {names} ({self.failed[0][1]})"
 
     @property
     def new(self) -> int:
@@ -320,9 +332,17 @@ def normalize_flag(flag: str) -> bytes:
 
 
 class SelectState:
-    """What a SELECT/EXAMINE told us (the handler claims the responses that belong to it)."""
+    """What a SELECT/EXAMINE told us (the handler claims the responses that belong to it).
 
-    def __init__(self) -> None:
+    ``previous``: the mailbox selected when the command was sent, with QRESYNC enabled. Until the server's
+    ``* OK [CLOSED]`` (RFC 7162 3.2.11) EXISTS/VANISHED/FETCH are still about that mailbox: they are held
+    back and, once [CLOSED] arrives, handed to ``spill`` (the connection's unsolicited responses, where the
+    watch loop finds them) instead of being taken for the new mailbox's. A server that never says [CLOSED]
+    gets them applied as before (:meth:`finish`)."""
+
+    def __init__(self, previous: bytes | None = None, spill: Callable[[Untagged], None] | None = None) -> None:
+        self._previous, self._spill = previous, spill
+        self._held: list[Untagged] | None = [] if previous is not None and spill is not None else None
         self.uidvalidity: int | None = None
         self.uidnext: int | None = None
         self.highestmodseq: int | None = None
@@ -332,6 +352,29 @@ class SelectState:
         self.changed: dict[int, tuple[str, ...]] = {}
 
     def handle(self, resp: Untagged) -> bool:
+        name = resp.name
+        if self._held is not None:
+            if name == b"OK" and resp.code is not None and resp.code.upper() == b"CLOSED":
+                assert self._spill is not None
+                for held in self._held:
+                    held.mailbox = self._previous
+                    self._spill(held)
+                self._held = None
+                return True
+            if name in (b"EXISTS", b"VANISHED", b"FETCH"):
+                self._held.append(resp)
+                return True
+        return self._apply(resp)
+
+    def finish(self) -> None:
+        """The command completed: anything still held back (no [CLOSED] came) was this mailbox's."""
+        held, self._held = self._held or [], None
+        for resp in held:
+            if not self._apply(resp) and self._spill is not None:
+                resp.mailbox = self._previous
+                self._spill(resp)
+
+    def _apply(self, resp: Untagged) -> bool:
         name = resp.name
         if name == b"OK" and resp.code is not None:
             code, _, arg = resp.code.partition(b" ")
@@ -474,6 +517,13 @@ class Syncer:
         result = SyncResult()
         if names is not None:
             names = [canonical_name(n) for n in names]
+        if self.conn.selected is not None and self.conn.has("UNSELECT"):
+            # A server may answer STATUS for the mailbox this session has selected from the session's own
+            # (possibly stale) view: Dovecot reported no new message in the folder the previous pass left
+            # open. UNSELECT first (pipelined with the LIST: no extra round trip). Never CLOSE: on a folder
+            # opened read-write it would expunge.
+            self.conn.send(b"UNSELECT")
+            self.conn.selected = None
         server = self.list_folders(names)
         local = {f.name: f for f in self.store.folders()}
         if names is not None:
@@ -496,7 +546,24 @@ class Syncer:
                     self.store.remove_folder(lf)
                     result.folders.append(res)
                 continue
-            res = self.sync_folder(sf, lf)
+            try:
+                res = self.sync_folder(sf, lf)
+            except ServerRefused as e:
+                # One folder the server will not open must not keep the others from being synced.
+                now = self.store.folder(name)
+                if isinstance(e, FolderRefused) and e.gone:
+                    # Deleted or renamed by someone else since the LIST: as if LIST had not shown it.
+                    if now is not None:
+                        count = self.store.count(now)
+                        self.store.remove_folder(now)
+                        if lf is not None:
+                            result.folders.append(FolderResult(name, deleted=True, removed=count))
+                    continue
+                if lf is None and now is not None and self.store.count(now) == 0:
+                    self.store.remove_folder(now)  # created by this attempt, nothing in it yet
+                self.log(f"{name}: not synced: {e}")
+                result.failed.append((name, str(e)))
+                continue
             if res.unchanged and lf is not None:
                 unchanged.append(lf)
             result.folders.append(res)
@@ -542,6 +609,10 @@ class Syncer:
             res.unchanged = True
             return res
 
+        # Leftovers of an interrupted or failed run (store.py, rule 4): tmp/ files, a flag change renamed but
+        # not committed, files the index lost. Before anything is compared, so that a file found missing
+        # makes this very pass a full comparison (which fetches it again).
+        store.reconcile(lf)
         local_flags = store.flags(lf)
         # QRESYNC lets the server tell us what changed since the modseq we hold; otherwise (first sync,
         # no QRESYNC, or a full check was asked for) we compare everything ourselves.
@@ -562,7 +633,7 @@ class Syncer:
                 if len(known) <= _MAX_KNOWN_UIDS:
                     qr += b" " + known
             select += b" (QRESYNC (" + qr + b"))"
-        state = SelectState()
+        state = SelectState(conn.selected if conn.qresync else None, lambda r: conn.unsolicited.append(r))
         sel_cmd = conn.send(select, handler=state.handle)
 
         # Pipelined with the EXAMINE: the list of messages to look at (UID, flags, size). Incremental:
@@ -585,12 +656,16 @@ class Syncer:
         elif sf.uidnext is None or sf.uidnext > lf.uidnext:
             list_cmd = conn.send(b"UID FETCH %d:* (UID FLAGS RFC822.SIZE)" % lf.uidnext, handler=on_listing)
 
-        try:
-            conn.wait(sel_cmd)
-        except ServerRefused as e:
+        conn.wait(sel_cmd, check=False)
+        state.finish()
+        assert sel_cmd.done is not None
+        if not sel_cmd.done.ok:
             if list_cmd is not None:
                 conn.wait(list_cmd, check=False)
-            raise ServerRefused(f"cannot open folder {sf.name}: {e}") from None
+            conn.selected = None  # a failed SELECT/EXAMINE leaves no mailbox selected (RFC 9051 6.3.2)
+            done = sel_cmd.done
+            raise FolderRefused(f"cannot open folder {sf.name}: EXAMINE failed: {done.status.decode()} {done.text}",
+                                gone=self._folder_gone(sf, done.code))
         conn.selected = sf.wire
         if list_cmd is not None:
             conn.wait(list_cmd, check=False)  # "no messages" is not an error
@@ -645,13 +720,16 @@ class Syncer:
 
         if gone:
             res.removed += store.remove_messages(lf, gone)
+        # Whether a file vanished behind our back while this pass ran (store.set_flags then sets it again):
+        # the comparison above did not cover it, so the next sync must compare fully.
+        lf.full_check = False
         if changed:
             res.flags += store.set_flags(lf, changed)
+        lost = lf.full_check
 
         # Step a.3: fetch the new items.
         retry_from = None
         if new:
-            store.reconcile(lf)  # leftovers of an interrupted run (store.py, rule 4)
             local_now = store.uids(lf)
             todo = sorted((u, size) for u, (_f, size) in new.items() if u not in local_now)
             got, nbytes, missing = self._fetch_bodies(lf, todo)
@@ -675,9 +753,31 @@ class Syncer:
             highestmodseq=None if state.nomodseq else (state.highestmodseq or None),
             server_messages=state.exists,
             last_sync=time.time(),
-            full_check=bool(retry_from is not None and retry_from < lf.uidnext),
+            full_check=lost or bool(retry_from is not None and retry_from < lf.uidnext),
         )
         return res
+
+    def _folder_gone(self, sf: ServerFolder, code: bytes | None) -> bool:
+        """After a refused EXAMINE: is the folder gone (deleted or renamed since the LIST)? The response
+        code says so (RFC 5530 NONEXISTENT); without it, a LIST of the name settles it."""
+        if code is not None and code.split(b" ", 1)[0].upper() == b"NONEXISTENT":
+            return True
+        listed: list[frozenset[bytes]] = []
+
+        def on_list(resp: Untagged) -> bool:
+            if resp.name != b"LIST":
+                return False
+            toks = resp.tokens
+            if len(toks) < 3 or not isinstance(toks[0], list) or _mailbox_token(toks[2]) != sf.wire:
+                return False
+            listed.append(frozenset(t.lower() for t in toks[0] if isinstance(t, Atom)))
+            return True
+
+        cmd = self.conn.run(b'LIST "" ' + mailbox_arg(sf.wire), handler=on_list, check=False)
+        if cmd.done is None or not cmd.done.ok:
+            return False
+        # (Not \Noselect: a proxy may list a folder it cannot open that way, and the server still has it.)
+        return not listed or any(b"\\nonexistent" in a for a in listed)
 
     @staticmethod
     def _merge(a: FolderResult, b: FolderResult) -> FolderResult:
@@ -776,6 +876,9 @@ class Syncer:
                 if not stop and self.should_stop():
                     stop = True
                     batches.clear()
+        except BaseException:
+            store.discard_written(lf, written)  # not committed: no tmp/ files left behind
+            raise
         finally:
             bar.close()
         if stop:
@@ -784,7 +887,7 @@ class Syncer:
 
     # -- local changes to the server (5.5.2.20.1 NOTE; DESIGN.md R5, R6) -------------------------------
 
-    def _open_rw(self, name: str) -> tuple[Folder | None, bytes]:
+    def _open_rw(self, name: str) -> tuple[Folder | None, bytes, SelectState]:
         name = canonical_name(name)
         lf = self.store.folder(name)
         wire = lf.wire if lf is not None else encode_mailbox(name)
@@ -799,7 +902,7 @@ class Syncer:
             # delete or flag the wrong ones, on the server too.
             raise StaleFolder(f"folder {name} was recreated on the server (UIDVALIDITY {lf.uidvalidity} -> "
                               f"{state.uidvalidity}): its UIDs changed; run sync first, nothing was changed")
-        return lf, wire
+        return lf, wire, state
 
     def _present(self, uids: UidSet) -> set[int]:
         cmd = self.conn.run(b"UID SEARCH UID " + uids.format(), collect=(b"SEARCH",))
@@ -808,7 +911,7 @@ class Syncer:
     def set_flags(self, name: str, uids: UidSet, flags: Sequence[bytes], add: bool) -> tuple[int, list[int]]:
         """``UID STORE uids +FLAGS/-FLAGS (flags)``; the local copy follows the server's answer.
         Returns (messages updated, requested UIDs that do not exist)."""
-        lf, _wire = self._open_rw(name)
+        lf, _wire, state = self._open_rw(name)
         present = self._present(uids)
         missing = _expand_missing(uids, present)
         if not present:
@@ -825,7 +928,47 @@ class Syncer:
                 updates[uid] = _flags(items[b"FLAGS"])
         if lf is not None and updates:
             self.store.set_flags(lf, updates)
+        if lf is not None:
+            self._adopt_own_changes(lf, state)
         return len(present), missing
+
+    def _adopt_own_changes(self, lf: Folder, state: SelectState) -> None:
+        """After our own STORE the server's HIGHESTMODSEQ moved on, and ``status`` would call the folder
+        changed although the local copy already has the change. If everything that changed since the modseq
+        the local copy reflects is what the local index now holds (no expunge, no message it lacks or holds
+        with other flags -- someone else's change in between), the local copy is at the newest MODSEQ of
+        those changes. Otherwise it stays as it was and the next sync catches up as usual."""
+        hms = lf.highestmodseq
+        if not self.conn.qresync or hms is None or state.uidvalidity != lf.uidvalidity or state.nomodseq:
+            return
+        changes: dict[int, tuple[tuple[str, ...], int | None]] = {}
+        vanished: list[Untagged] = []
+
+        def on_fetch(resp: Untagged) -> bool:
+            if resp.name == b"VANISHED":
+                vanished.append(resp)
+                return True
+            if resp.name != b"FETCH":
+                return False
+            items = _fetch_items(resp)
+            uid = _int(items.get(b"UID"))
+            if uid is None or b"MODSEQ" not in items:
+                return False
+            changes[uid] = (_flags(items.get(b"FLAGS")), _int(items.get(b"MODSEQ")))
+            return True
+
+        cmd = self.conn.run(b"UID FETCH 1:* (UID FLAGS) (CHANGEDSINCE %d VANISHED)" % hms, handler=on_fetch,
+                            check=False)
+        if cmd.done is None or not cmd.done.ok or vanished or not changes:
+            return
+        local = self.store.flags(lf)
+        for uid, (flags, modseq) in changes.items():
+            mine = local.get(uid)
+            if modseq is None or mine is None or sorted(f.lower() for f in mine) != sorted(f.lower() for f in flags):
+                return
+        newest = max(m for _f, m in changes.values() if m is not None)
+        if newest > hms:
+            self.store.update_folder(lf, highestmodseq=newest)
 
     def delete(self, name: str, uids: UidSet, local: bool = False) -> tuple[int, list[int], bool]:
         """Delete messages on the server (``\\Deleted`` + ``UID EXPUNGE``), or, with ``local``, only from
@@ -841,7 +984,7 @@ class Syncer:
         if not self.conn.has("UIDPLUS"):
             # Plain EXPUNGE would also remove other messages someone marked \Deleted: not our call.
             raise Unsupported("the server lacks UIDPLUS (UID EXPUNGE), so messages cannot be deleted selectively")
-        lf, _wire = self._open_rw(name)
+        lf, _wire, _state = self._open_rw(name)
         present = self._present(uids)
         missing = _expand_missing(uids, present)
         if not present:
@@ -895,9 +1038,12 @@ def parse_uid_set(args: Sequence[str]) -> UidSet:
         if "*" in arg:
             raise ValueError("'*' is not accepted here; give explicit UIDs")
         try:
-            ranges.extend(UidSet.parse(arg).ranges)
+            parsed = UidSet.parse(arg).ranges
         except ValueError:
             raise ValueError(f"not a UID or UID range: {arg!r}") from None
+        if any(hi > _MAX_UID or lo > _MAX_UID for lo, hi in parsed):
+            raise ValueError(f"UID out of range (1 to {_MAX_UID}): {arg!r}")
+        ranges.extend(parsed)
     if not ranges:
         raise ValueError("no UIDs given")
     return UidSet(ranges)

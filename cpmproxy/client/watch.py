@@ -15,17 +15,19 @@ On a notification the client performs 5.5.2.20.2 b for each named folder: fresh 
 
 The connection is re-established with exponential backoff (1 s doubling to 60 s, with jitter) when it
 breaks, and when the login is refused for now (``NO [UNAVAILABLE]``: e.g. the proxy's backend is
-restarting); a wrong password or an untrusted certificate is not retried. SIGINT/SIGTERM end the loop at the
+restarting); a wrong password, an untrusted certificate or a folder to watch that does not exist is not
+retried. A store locked by another cpm-sync (a long manual sync) is waited for. SIGINT/SIGTERM end the loop at the
 next safe point: the batch being fetched is committed, the session logged out, and the process exits 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 from cpmproxy.client.connection import (
@@ -42,6 +44,7 @@ from cpmproxy.client.errors import (
     Interrupted,
     NoSuchFolder,
     ServerRefused,
+    StoreBusy,
     TLSError,
 )
 from cpmproxy.client.progress import ProgressFactory
@@ -172,10 +175,13 @@ class Watcher:
                 if not retry(str(e)):
                     break
                 continue
+            conn.set_wake_fd(self.stopper.fd)  # SIGINT/SIGTERM interrupt a wait for a silent server
             try:
                 self._session(conn, on_ready=ready)
             except Interrupted:
                 break
+            except NoSuchFolder:
+                raise  # a folder to watch that does not exist: reconnecting will not create it
             except (ConnectError, ServerRefused) as e:
                 # ConnectionLost (a ConnectError) or the server refusing something mid-session: start over.
                 conn.close()
@@ -191,6 +197,9 @@ class Watcher:
         for f in result.folders:
             if f.changed:
                 self.log(f.summary())
+        failure = result.failure()  # (each was logged as it happened; the others were synced)
+        if failure is not None:
+            self.log(failure)
 
     def _sync(self, syncer: Syncer, names: list[str] | None) -> None:
         """One pass: ``names`` (from notifications) or everything watched (``None``)."""
@@ -199,7 +208,7 @@ class Watcher:
             names = [n for n in names if n in scope]
             if not names:
                 return
-        with self.store.locked(self.options.lock_timeout):
+        with self._locked():
             try:
                 self._report(syncer.sync(names if names is not None else scope))
             except NoSuchFolder:
@@ -207,6 +216,30 @@ class Watcher:
                     raise
                 # Named by a notification, gone by the time we asked: a full pass tidies up.
                 self._report(syncer.sync(scope))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store lock, waited for as long as it takes (a long manual ``cpm-sync sync`` holds it): a busy
+        store is not a reason to end the daemon. Said once in the log after ``lock_timeout``; a stop request
+        ends the wait."""
+        waited, told = 0.0, False
+        step = min(1.0, self.options.lock_timeout)
+        while True:
+            lock = self.store.locked(step)
+            try:
+                lock.__enter__()
+                break
+            except StoreBusy as e:
+                waited += step
+                if not told and waited >= self.options.lock_timeout:
+                    told = True
+                    self.log(f"{e}; waiting for it")
+                if self.stopper.stopped:
+                    raise Interrupted("interrupted while waiting for the store lock") from None
+        try:
+            yield
+        finally:
+            lock.__exit__(None, None, None)
 
     def _session(self, conn: Connection, on_ready: Callable[[], None]) -> None:
         stop = self.stopper
@@ -296,6 +329,8 @@ class Watcher:
             elif resp.name == b"LIST":
                 relist = True  # created, deleted or renamed (MailboxName)
             elif resp.name in (b"EXISTS", b"EXPUNGE", b"VANISHED", b"FETCH"):
-                if conn.selected is not None:
-                    folders.add(decode_mailbox(conn.selected))
+                # About the mailbox selected when the response arrived (a sync pass may have selected
+                # others since): the connection records it with each unsolicited response.
+                if resp.mailbox is not None:
+                    folders.add(decode_mailbox(resp.mailbox))
         return folders, relist
