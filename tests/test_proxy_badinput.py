@@ -352,3 +352,22 @@ def test_a_long_download_read_slowly_is_not_idleness(make_proxy, dovecot):
     end = got.rfind(b"\r\nf OK")
     assert end > 0 and b"* BYE" not in got[end - 200:end], got[-300:]  # (idle after it: BYE, rightly)
     c.sock.close()
+
+
+def test_tags_of_the_proxys_own_commands_are_not_the_clients(make_proxy, dovecot):
+    """A client tag "cpm.N" took the backend's answer to the proxy's Nth command of its own (and the
+    reverse): the view's classification got the client's answer and ended the session."""
+    p = make_proxy(config_extra="[policy]\nsync = { sms = false }\n")
+    with raw_via(p) as c:
+        c.login("carol", "carolpw")
+        r = c.command(b"cpm.1", b"SELECT INBOX")
+        assert r[-1].startswith(b"cpm.1 BAD [CLIENTBUG]") and len(r) == 1, r
+        r = c.command(b"CPM.2", b"NOOP")
+        assert r[-1].startswith(b"CPM.2 BAD [CLIENTBUG]"), r
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        r = c.command(b"c", b"CAPABILITY {3+}\r\nabc")
+        assert r[-1].startswith(b"c BAD [CLIENTBUG]"), r
+        caps = c.command(b"d", b"CAPABILITY")[0]
+        assert b"UNAUTHENTICATE" not in caps and b"IMAP4rev1".upper() in caps.upper()
+        assert c.command(b"u", b"UNAUTHENTICATE")[-1].startswith(b"u NO [CANNOT]")
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")

@@ -79,7 +79,9 @@ if TYPE_CHECKING:
 log = Logger(namespace="cpmproxy.session")
 
 # Capabilities the proxy cannot carry through (or that make no sense after login).
-_DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
+_DROPPED_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS",
+                 b"UNAUTHENTICATE")
+_INTERNAL_TAG_PREFIX = b"cpm."  # the tags of the proxy's own commands on a session's backend connection
 
 _NOT_UNTAGGED_RE = re.compile(rb"\n[^*]")
 # A non-synchronizing literal's "{n+}" (LITERAL+) or "{n-}" (LITERAL-) + CRLF.
@@ -1202,7 +1204,7 @@ class ClientSession(Protocol, TimeoutMixin):
         is idling, the backend's IDLE is suspended (DONE) and resumed afterwards, transparently.
         """
         self._internal_seq += 1
-        tag = b"cpm.%d" % self._internal_seq
+        tag = _INTERNAL_TAG_PREFIX + b"%d" % self._internal_seq
         d: defer.Deferred[Reply] = defer.Deferred()
         if self.backend is None or self.backend.closed:
             d.errback(BackendError("backend connection is closed"))
@@ -1325,9 +1327,17 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _core_command(self, cmd: ClientCommand):
         name = cmd.name
+        if cmd.tag[:4].lower() == _INTERNAL_TAG_PREFIX:
+            # (The backend's answer would be taken for one to the proxy's own command, and the reverse.)
+            return Answer(b'BAD [CLIENTBUG] Tags beginning with "cpm." are the proxy\'s own: use another.')
         if name == b"CAPABILITY":
+            if cmd.has_literal or cmd.line.rstrip(b"\r\n")[len(cmd.tag) + 11:].strip():
+                return Answer(b"BAD [CLIENTBUG] CAPABILITY takes no arguments.")
             return Answer(b"OK Capability completed.",
                           [b"* CAPABILITY " + b" ".join(self.capabilities) + b"\r\n"])
+        if name == b"UNAUTHENTICATE":
+            # (RFC 8437: the backend would drop to not authenticated while the proxy relays as the user.)
+            return Answer(b"NO [CANNOT] UNAUTHENTICATE is not supported by this proxy.")
         if name == b"STARTTLS":
             return Answer(b"BAD [CLIENTBUG] STARTTLS is not valid after login.")
         if name == b"COMPRESS":
