@@ -109,6 +109,27 @@ def test_id_fields_dovecot_trusts_from_a_proxy_are_not_the_clients_to_set(make_p
     assert "user=<dave>" in log and tag not in log and "203.0.113.9" not in log
 
 
+def test_a_password_that_is_not_utf8_reaches_the_backend_as_sent(make_proxy, dovecot):
+    """A Latin-1 password (the bytes Dovecot has) failed through the proxy: LOGIN's was decoded with
+    replacement characters, AUTHENTICATE PLAIN's refused as invalid."""
+    password = b"caf\xe9-\xfc"
+    dovecot.add_user("latin", password.decode("utf-8", "surrogateescape"))
+    deadline = time.monotonic() + 5
+    while True:  # (until Dovecot has read the new passwd-file: once a second at most)
+        with raw_via(dovecot) as direct:
+            if direct.command(b"L", b"LOGIN latin {%d+}\r\n%s" % (len(password), password))[-1].startswith(b"L OK"):
+                break
+        assert time.monotonic() < deadline, "Dovecot never took the user"
+        time.sleep(0.3)
+    p = make_proxy()
+    with raw_via(p) as c:
+        r = c.command(b"L", b"LOGIN latin {%d+}\r\n%s" % (len(password), password))
+        assert r[-1].startswith(b"L OK"), r
+    with raw_via(p) as c:
+        blob = base64.b64encode(b"\0latin\0" + password)
+        assert c.command(b"A", b"AUTHENTICATE PLAIN " + blob)[-1].startswith(b"A OK")
+
+
 def test_commands_before_login_refused(proxy):
     with raw_via(proxy) as c:
         r = c.command(b"a", b"SELECT INBOX")

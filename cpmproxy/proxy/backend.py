@@ -357,7 +357,8 @@ async def login_backend(proto: BackendProtocol, caps: list[bytes], authzid: str,
     waits = []
     if b"ID" in upper:
         waits.append(proto.command(b"ID " + id_list(id_fields)))
-    blob = base64.b64encode(f"{authzid}\0{user}\0{password}".encode())
+    secret = password.encode("utf-8", "surrogateescape")  # (the client's bytes, UTF-8 or not)
+    blob = base64.b64encode(f"{authzid}\0{user}\0".encode() + secret)
     if b"AUTH=PLAIN" in upper and b"SASL-IR" in upper:
         auth = proto.command(b"AUTHENTICATE PLAIN " + blob)
     elif b"AUTH=PLAIN" in upper:
@@ -365,7 +366,7 @@ async def login_backend(proto: BackendProtocol, caps: list[bytes], authzid: str,
     elif b"LOGINDISABLED" in upper:
         raise BackendError("backend offers no usable login mechanism (LOGINDISABLED, no AUTH=PLAIN)")
     else:
-        auth = proto.command(b"LOGIN " + quote(user) + b" " + quote(password))
+        auth = proto.command(b"LOGIN " + quote(user) + b" " + quote(secret))
     for d in waits:
         await d  # an ID failure is not fatal: the backend may not trust us for x-* fields
     reply = await auth

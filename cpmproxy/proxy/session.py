@@ -106,6 +106,13 @@ def _token_str(tok: Any) -> str | None:
     return None if v is None else v.decode("utf-8", "replace")
 
 
+def _password(tok: Any) -> str | None:
+    """A password as the client sent it: bytes that are not UTF-8 (a Latin-1 password) are kept as they
+    are, to be sent on unchanged (``login_backend``), where a replacement character failed the login."""
+    v = _token_bytes(tok)
+    return None if v is None else v.decode("utf-8", "surrogateescape")
+
+
 def _coded_bad(status_text: bytes) -> bytes:
     """A tagged response's status and text (b"BAD Unknown command\r\n"), with ``[CLIENTBUG]`` added to a
     BAD that has no response code: every BAD a client gets carries one (DESIGN.md section 7). Anything
@@ -614,7 +621,7 @@ class ClientSession(Protocol, TimeoutMixin):
         if len(args) != 2:
             self._reply(tag, b"BAD [CLIENTBUG] LOGIN needs a user name and a password.")
             return
-        user, password = _token_str(args[0]), _token_str(args[1])
+        user, password = _token_str(args[0]), _password(args[1])
         if user is None or password is None:
             self._reply(tag, b"BAD [CLIENTBUG] Invalid LOGIN arguments.")
             return
@@ -649,7 +656,7 @@ class ClientSession(Protocol, TimeoutMixin):
         try:
             decoded = base64.b64decode(data.strip(), validate=True)
             authzid, authcid, password = decoded.split(b"\0")
-            creds = (authzid.decode("utf-8"), authcid.decode("utf-8"), password.decode("utf-8"))
+            creds = (authzid.decode("utf-8"), authcid.decode("utf-8"), password.decode("utf-8", "surrogateescape"))
         except (binascii.Error, ValueError, UnicodeDecodeError):
             self._reply(tag, b"BAD [CLIENTBUG] Invalid base64 or PLAIN response.")
             self._count_bad()

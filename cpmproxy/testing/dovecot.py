@@ -185,6 +185,12 @@ class Dovecot:
 
     # -- config ------------------------------------------------------------
 
+    def add_user(self, name: str, password: str) -> None:
+        """A user more: Dovecot reads its passwd-file again when it changed, at most once a second (a login
+        in the same second as a lookup before the change still finds no such user)."""
+        self.users[name] = password
+        self._write_passwd_files()
+
     def _write_passwd_files(self) -> None:
         def write(path: Path, entries: Iterable[tuple[str, str]]) -> None:
             lines = []
@@ -192,7 +198,8 @@ class Dovecot:
                 if ":" in name or ":" in pw or "\n" in name + pw:
                     raise ValueError(f"unsupported character in credentials for {name!r}")
                 lines.append(f"{name}:{{PLAIN}}{pw}::::::\n")
-            path.write_text("".join(lines))
+            # (surrogateescape: a password given as undecodable bytes, e.g. Latin-1, is written as those bytes)
+            path.write_bytes("".join(lines).encode("utf-8", "surrogateescape"))
             path.chmod(0o644)  # read by the auth process (user "dovecot")
 
         write(self.datadir / "users.passwd", self.users.items())
