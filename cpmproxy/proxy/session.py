@@ -1411,6 +1411,8 @@ class ClientSession(Protocol, TimeoutMixin):
 
     @_guarded
     def backend_data(self, data: bytes) -> None:
+        if self._sealed:
+            return  # (our BYE is out: nothing of the backend's may follow it, nor be parsed and logged again)
         framer = self.backend.framer
         if data:
             framer.feed(data)
