@@ -138,6 +138,21 @@ def device(tmp_path, proxy, proxy_certs):
     return make
 
 
+def _watch_in_thread(w) -> tuple[threading.Thread, list[BaseException]]:
+    """``w.run()`` in a daemon thread; what it raises lands in the list returned."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            w.run()
+        except Exception as e:  # reported by the test
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors
+
+
 def fetched_body_uids(trace: str) -> list[int]:
     """UIDs in the body FETCH commands of a CPM_SYNC_TRACE."""
     out: list[int] = []
@@ -764,16 +779,7 @@ def test_login_refused_for_now_is_not_a_credentials_failure(dovecot, make_proxy,
         stopper, log = Stopper(), []
         w = Watcher(settings, store, options=WatchOptions(folders=(folder,), min_backoff=0.05), stopper=stopper,
                     log=log.append, connector=backend_back_later)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                w.run()
-            except Exception as e:  # reported below
-                errors.append(e)
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
+        t, errors = _watch_in_thread(w)
         try:
             wait_for(lambda: errors or any("watching" in m for m in log), timeout=20, what="the watcher")
             assert not errors, errors
@@ -925,18 +931,10 @@ def test_watch_waits_for_a_busy_store(dovecot, tmp_path):
     store = LocalStore(tmp_path / "busy")
     fd = os.open(tmp_path / "busy" / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    stopper, log, errors = Stopper(), [], []
+    stopper, log = Stopper(), []
     w = Watcher(settings, store, options=WatchOptions(folders=(folder,), lock_timeout=0.2), stopper=stopper,
                 log=log.append)
-
-    def run() -> None:
-        try:
-            w.run()
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, errors = _watch_in_thread(w)
     try:
         wait_for(lambda: errors or any("waiting for it" in m for m in log), what="the watcher to wait")
         assert not errors, errors
