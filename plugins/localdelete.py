@@ -318,10 +318,8 @@ class LocalDeletePlugin(Plugin):
         if isinstance(found, Answer):
             return found
         view, targets = found
-        others = [f for f in flag_text.strip(b"()").split() if f.upper() not in (KEYWORD, b"\\DELETED")]
-        readreport = self.proxy.hooks.by_name.get("readreport")
-        if readreport is not None:  # (these STOREs pass no command hook: the CPM flag is mapped here)
-            others = readreport.flags_for_backend(b"(" + b" ".join(others) + b")")[1:-1].split()
+        others = self._for_backend(
+            [f for f in flag_text.strip(b"()").split() if f.upper() not in (KEYWORD, b"\\DELETED")])
         cmd.state["localdelete"] = True
         if not targets:
             return Answer(b"OK Store completed.")
@@ -364,9 +362,7 @@ class LocalDeletePlugin(Plugin):
         cmd.state["localdelete"] = True
         if not targets:
             return Answer(b"OK Store completed.")
-        readreport = self.proxy.hooks.by_name.get("readreport")
-        if readreport is not None:  # (these STOREs pass no command hook: the CPM flag is mapped here)
-            flags = readreport.flags_for_backend(b"(" + b" ".join(flags) + b")")[1:-1].split()
+        flags = self._for_backend(flags)
         others = [f for f in flags if f.upper() not in (KEYWORD, b"\\DELETED")]
         if keep_deleted:
             reply = await session.backend_command(b"UID SEARCH RETURN (ALL) UID %s DELETED"
@@ -481,6 +477,13 @@ class LocalDeletePlugin(Plugin):
         cmd.state[NO_SERVER_CHANGE] = True
         return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, uidset, _flags_items(st)))
 
+    def _for_backend(self, flags: list) -> list:
+        """``flags`` for a STORE of the proxy's own, which passes no command hook: the CPM flag mapped."""
+        readreport = self.proxy.hooks.by_name.get("readreport")
+        if readreport is None or not flags:
+            return flags
+        return readreport.flags_for_backend(b"(" + b" ".join(flags) + b")")[1:-1].split()
+
     async def _unflag(self, session, st: LocalState, cmd, m, targets: set[int], flags: list, others: list,
                       local: bool):
         """``-FLAGS`` naming a local flag. Where the device had marked a message, the marks go (before the
@@ -490,7 +493,6 @@ class LocalDeletePlugin(Plugin):
         flags it now sees like after any STORE (the server, whose flags may not change, would say nothing)."""
         tag, uid, seqs, modifiers, op, flag_text = m.groups()
         cancelled = targets & st.pending
-        st.pending -= targets
         plain = [f for f in flags if f.upper() != KEYWORD]
         groups = [(cancelled, others if local else flags),
                   (targets - cancelled, others if self._allowed(session)[1] else plain)]
@@ -506,9 +508,10 @@ class LocalDeletePlugin(Plugin):
         for group, server_flags in groups:
             if group and server_flags:
                 done = await session.backend_command(b"UID STORE %s -FLAGS.SILENT (%s)" % (
-                    SequenceSet.from_iterable(group).format(), b" ".join(server_flags)))
+                    SequenceSet.from_iterable(group).format(), b" ".join(self._for_backend(server_flags))))
                 if done.status != b"OK":
-                    return Answer(b"NO [UNAVAILABLE] The flags could not be stored.")
+                    return Answer(b"NO [UNAVAILABLE] The flags could not be stored.")  # (marks kept)
+        st.pending -= targets
         if op.upper().endswith(b".SILENT"):
             return Answer(b"OK Store completed.")
         return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, SequenceSet.from_iterable(targets).format(),

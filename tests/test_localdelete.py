@@ -692,6 +692,22 @@ def test_cancelled_marks_are_told_and_unmarked_messages_undeleted(make_proxy, do
     c.close()
 
 
+def test_cancelling_marks_with_the_read_report_flag_maps_it(make_proxy, dovecot):
+    """The proxy's own STORE for a cancel sent \\read-report-sent unmapped (no command hook sees it):
+    Dovecot refused it, the client got NO, and its marks were gone all the same."""
+    folder, uids = folder_with(dovecot, 2)
+    p = make_proxy()
+    c = device(p, "A")
+    select(c, folder)
+    assert c.command(b"a", b"STORE 1:2 +FLAGS.SILENT (\\read-report-sent)")[-1].startswith(b"a OK")
+    assert c.command(b"m", b"STORE 1 +FLAGS.SILENT (\\Deleted $LocalDelete)")[-1].startswith(b"m OK")
+    r = c.command(b"u", b"STORE 1:2 -FLAGS (\\Deleted $LocalDelete \\read-report-sent)")
+    assert r[-1].startswith(b"u OK"), r
+    assert not any(b"read-report" in x or b"Deleted" in x for x in r[:-1]), r
+    assert all(b"$ReadReportSent" not in flags for flags in server_state(dovecot, folder).values())
+    c.close()
+
+
 def test_flags_replaced_by_a_local_mode_device_keep_the_servers_deleted(make_proxy, dovecot):
     """``STORE ... FLAGS (list)`` of a delete_mode = "local" device replaces the other flags on the server
     but neither clears a \\Deleted another device set there nor sets its own (that one stays local)."""
