@@ -1652,7 +1652,7 @@ class PolicyPlugin(Plugin):
                     return Answer(b'NO [CLIENTBUG] CPM preferences take "on" or "off".')
             if key == PREF_SYNC and not mailbox:
                 return Answer(b"NO [CLIENTBUG] The sync preference is set on a mailbox, not on the account.")
-            if key == PREF_NOTIFICATIONS and mailbox:
+            if key == PREF_NOTIFICATIONS and mailbox and value is not None:  # (removing one is fine)
                 # (What the server starts on its own, for the whole account: IDLE notifications, pushes.)
                 return Answer(b'NO [CLIENTBUG] The notifications preference is set on the account (mailbox ""), '
                               b"not on a mailbox.")

@@ -27,6 +27,7 @@ from tests.proxyfix import imap_via
 CAPS = b"IMAP4rev1 LITERAL+ ID ENABLE METADATA NOTIFY CONDSTORE QRESYNC UIDPLUS ESEARCH IDLE"
 
 
+STALL = b"(never answered)"  # a script's answer: the command is never answered
 _LITERAL_AT_END = re.compile(rb"\{([0-9]+)(\+?)\}\r?\n\Z")
 
 
@@ -81,6 +82,9 @@ class _Handler(socketserver.StreamRequestHandler):
             script = self.server.script.get(name) if tag == b"h" else next(
                 (answer for piece, answer in self.server.internal.items() if piece in line.upper()), None)
             try:
+                if script == STALL:
+                    self.rfile.read()  # (no answer, ever: until the proxy closes the connection)
+                    return
                 if script is not None:
                     out.sendall(script.replace(b"{tag}", tag))
                     if not script.rstrip().split(b"\n")[-1].startswith(b"{tag}"):
@@ -424,3 +428,19 @@ def test_unsolicited_status_that_cannot_be_counted_is_dropped(scripted, make_pro
         scripted.script = {}
     c.close()
     assert internal_errors(proxy) == 0
+
+
+def test_a_command_the_backend_never_answers_ends_as_idleness(scripted, make_proxy):
+    """A stalled backend (a hung Dovecot process, a link gone silent) held the client's session and its
+    connection slots for ever: a command in flight kept the idle timer from firing, output or not."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", plugins=[],
+                       config_extra="[limits]\nidle_timeout = 1\n")
+    scripted.script = {b"SEARCH": STALL}
+    try:
+        c = RawIMAP(proxy.host, proxy.port, timeout=10)
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        c.send(b"h SEARCH ALL\r\n")
+        assert c.read_line() == b"* BYE [UNAVAILABLE] Disconnected for inactivity.\r\n"
+        assert c.closed()
+    finally:
+        scripted.script = {}

@@ -218,6 +218,8 @@ def test_forbidden_preference_change_is_noperm(make_proxy):
     # Notifications are the account's: on a mailbox the preference was taken and never looked at.
     r = c.command(b"m6", b'SETMETADATA INBOX (' + PREFIX + b'/notifications "off")')
     assert r[-1].startswith(b"m6 NO [CLIENTBUG]"), r
+    r = c.command(b"m7", b'SETMETADATA INBOX (' + PREFIX + b'/notifications NIL)')  # (one set before: gone)
+    assert r[-1].startswith(b"m7 OK"), r
     # The proxy's own bookkeeping namespace is not the client's.
     r = c.command(b"m4", b'SETMETADATA "" (' + PREFIX + b'/localdelete/x "1")')
     assert r[-1].startswith(b"m4 NO [NOPERM]")

@@ -359,6 +359,7 @@ def test_tags_of_the_proxys_own_commands_are_not_the_clients(make_proxy, dovecot
     reverse): the view's classification got the client's answer and ended the session."""
     p = make_proxy(config_extra="[policy]\nsync = { sms = false }\n")
     with raw_via(p) as c:
+        assert c.command(b"c", b"CAPABILITY foo")[-1].startswith(b"c BAD [CLIENTBUG]")  # (before login too)
         c.login("carol", "carolpw")
         r = c.command(b"cpm.1", b"SELECT INBOX")
         assert r[-1].startswith(b"cpm.1 BAD [CLIENTBUG]") and len(r) == 1, r

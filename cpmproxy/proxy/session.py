@@ -315,11 +315,11 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         if self.phase == "auth" and self._inflight and not self.idling and self.framer.at_boundary:
-            # A command still running is no idleness (Dovecot's own timer waits for it too), nor an
-            # answer still going out to a client that reads it (a long download on a slow link); a
-            # client that reads nothing of it is, and one that does not finish sending a command.
+            # An answer still going out to a client that reads it (a long download on a slow link) is no
+            # idleness; a client that reads nothing of it is, and so is a command that stalls with
+            # nothing said (a backend that never answers must not hold the client's slots for ever).
             progressed, self._timeout_mark = self.bytes_out != self._timeout_mark, self.bytes_out
-            if progressed or not self._output_link.paused:
+            if progressed:
                 self.setTimeout(self.timeOut)  # (a new timer: TimeoutMixin dropped the one that fired)
                 return
         self.service.metrics.timeouts.inc()
@@ -545,6 +545,9 @@ class ClientSession(Protocol, TimeoutMixin):
             self.bad_commands = 0
 
     def _cmd_capability(self, tag: bytes, args: list) -> None:
+        if args:
+            self._reply(tag, b"BAD [CLIENTBUG] CAPABILITY takes no arguments.")
+            return
         self._reply(tag, b"OK Pre-login capabilities listed, post-login capabilities have more.",
                     [b"* CAPABILITY " + b" ".join(self._preauth_capabilities()) + b"\r\n"])
 
