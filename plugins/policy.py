@@ -1391,26 +1391,21 @@ class PolicyPlugin(Plugin):
             return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders)
 
     async def status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders):
-        if st.mailbox == mailbox and st.view is not None:
-            hidden = set(st.view.hidden)
-            uidvalidity = st.plan.uidvalidity if st.plan else 0
-        else:
-            enc = wire_name(mailbox)
-            examined = session.side_command(b"EXAMINE " + enc)
-            searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
-            if (await examined).status != b"OK":
-                await searched
-                return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
-            uids = set(esearch_all(await searched))
-            uidvalidity = await _uidvalidity(session, mailbox)
-            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
-            for h in hiders:
-                plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
-            hidden = await self._side_hidden(session, plan, uids)
+        # The selected mailbox too, as it is now: the backend counts messages this session has not been
+        # told of yet (its view's hidden set, stale, made UNSEEN larger than MESSAGES).
+        examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
+        searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
+        if (await examined).status != b"OK":
+            await searched
+            return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
+        uids = set(esearch_all(await searched))
+        uidvalidity = await _uidvalidity(session, mailbox)
+        plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+        for h in hiders:
+            plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
+        hidden = await self._side_hidden(session, plan, uids)
         if not hidden:
             return None
-        if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
-            session.side_command(b"EXAMINE " + wire_name(mailbox))
         hidden_set = SequenceSet.from_iterable(hidden).format()
         unseen = search_ok(await session.side_command(b"UID SEARCH RETURN (COUNT) UID " + hidden_set + b" UNSEEN"))
         sizes = await session.side_command(b"UID FETCH " + hidden_set + b" (RFC822.SIZE)")
@@ -2079,7 +2074,11 @@ def _apply_vanished(view: MailboxView, data: bytes):
     except (SequenceSetError, ValueError):
         return None
     earlier = len(words) > 3 and words[2].upper() == b"(EARLIER)"
-    shown = gone if earlier or view.identity else gone - SequenceSet.from_iterable(view.hidden)
+    if earlier:
+        # Not an expunge of this session's messages (RFC 7162 3.2.10): it may name messages the backend
+        # still numbers and announces later; taken out of the view now, they showed through it.
+        return None
+    shown = gone if view.identity else gone - SequenceSet.from_iterable(view.hidden)
     view.vanish(gone)
     if shown == gone:
         return None
@@ -2238,6 +2237,19 @@ def rewrite_search_keys(view: MailboxView, tokens: list) -> list:
     return out
 
 
+def _client_star(view: MailboxView, token):
+    """A ``UID`` search key's set with ``*`` as the client means it: the largest UID it sees, not the
+    backend's (a hidden message's: ``UID *`` found nothing)."""
+    if not isinstance(token, Atom) or b"*" not in token.value:
+        return token
+    visible = view.visible
+    try:
+        uids = SequenceSet.parse(token.value)
+    except SequenceSetError:
+        return token
+    return Atom(uids.resolve(visible[-1]).format()) if visible else token
+
+
 def _one_key(view: MailboxView, tokens: list, i: int):
     t = tokens[i]
     if isinstance(t, ParenList):
@@ -2249,6 +2261,8 @@ def _one_key(view: MailboxView, tokens: list, i: int):
         return [t], i + 1
     n = search_key_args(tokens, i, key)
     if n:
+        if key == b"UID" and n == 1:
+            return [t, _client_star(view, tokens[i + 1])], i + 2
         return tokens[i:i + 1 + n], i + 1 + n
     if key == b"NOT":
         sub, j = _one_key(view, tokens, i + 1) if i + 1 < len(tokens) else ([], i + 1)

@@ -163,3 +163,68 @@ def test_vanished_only_for_qresync_and_this_uidvalidity(proxy, folder):
     assert r[-1].startswith(b"s OK") and not any(line.startswith(b"* VANISHED") for line in r), r
     c.close()
     other.close()
+
+
+# -- found by a randomized run against a model (each failed before its fix) --------------------------
+
+def _fresh(dovecot, make_proxy, kinds):
+    name = "Vz" + uuid.uuid4().hex[:8]
+    uids = [dovecot.deliver("dave", name, make_object(k, seed=i)) for i, k in enumerate(kinds)]
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
+    c = raw_via(p)
+    c.command(b"i", b'ID ("x-cpm-device-id" "phone")')
+    assert c.login("dave", "davepw")[-1].startswith(b"L OK")
+    return name, uids, c
+
+
+def _untagged(r):
+    return [x for x in r if x.startswith(b"* ")]
+
+
+def test_a_uid_search_key_star_is_the_last_message_the_device_sees(dovecot, make_proxy):
+    """``UID *`` in SEARCH criteria took the backend's last UID, a hidden IMDN: nothing was found."""
+    name, uids, c = _fresh(dovecot, make_proxy, ["chat", "chat", "imdn"])
+    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name.encode())
+    want = b"* SEARCH %d\r\n" % uids[1]
+    assert _untagged(c.command(b"a", b"UID SEARCH UID *")) == [want]
+    assert _untagged(c.command(b"b", b"SEARCH UID *")) == [b"* SEARCH 2\r\n"]
+    assert _untagged(c.command(b"c", b"UID SEARCH UID %d:*" % uids[2])) == [want]
+    assert b"COUNT 1" in c.command(b"d", b"SEARCH RETURN (COUNT) UID *")[0]
+    assert _untagged(c.command(b"e", b"UID SEARCH NOT UID *")) == [b"* SEARCH %d\r\n" % uids[0]]
+    c.close()
+
+
+def test_vanished_earlier_leaves_the_view_as_it_is(dovecot, make_proxy):
+    """The backend's VANISHED (EARLIER) (RFC 7162: no expunge of the session's messages) took its UIDs out
+    of the view, a hidden one among them: the view lost track and FETCHes showed the hidden message."""
+    name, uids, c = _fresh(dovecot, make_proxy, ["chat", "imdn", "chat", "chat"])
+    assert c.command(b"e", b"ENABLE QRESYNC")[-1].startswith(b"e OK")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name.encode())
+    d = dovecot.imap_direct("dave", tls="none")
+    d.select_folder(name)
+    d.add_flags(uids[1:3], [b"\\Deleted"], silent=True)
+    d.uid_expunge(uids[1:3])  # the hidden IMDN and the device's message 2
+    d.logout()
+    c.command(b"x", b"SEARCH ALL")  # (a command by number: the expunges are held back)
+    r = _untagged(c.command(b"f", b"UID FETCH 1:* (UID FLAGS) (CHANGEDSINCE 1 VANISHED)"))
+    assert not any(b"UID %d " % uids[1] in x for x in r if b" FETCH " in x), r
+    assert [x for x in r if x.startswith(b"* VANISHED ") and b"EARLIER" not in x] == [b"* VANISHED %d\r\n" % uids[2]], r
+    assert _untagged(c.command(b"g", b"FETCH 1:* (UID)")) == [b"* 1 FETCH (UID %d)\r\n" % uids[0],
+                                                            b"* 2 FETCH (UID %d)\r\n" % uids[3]]
+    c.close()
+
+
+def test_status_of_the_selected_mailbox_counts_it_as_it_is_now(dovecot, make_proxy):
+    """STATUS of the selected mailbox took the hidden messages from the session's view, which had not heard
+    of an expunged IMDN and a new one yet: UNSEEN 3 beside MESSAGES 2."""
+    name, uids, c = _fresh(dovecot, make_proxy, ["chat", "imdn", "chat"])
+    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name.encode())
+    d = dovecot.imap_direct("dave", tls="none")
+    d.select_folder(name)
+    d.add_flags([uids[1]], [b"\\Deleted"], silent=True)
+    d.uid_expunge([uids[1]])
+    d.append(name, make_object("imdn", seed=77), flags=())
+    d.logout()
+    st = c.command(b"t", b'STATUS "%s" (MESSAGES UNSEEN)' % name.encode())[0]
+    assert re.search(rb"MESSAGES 2\b", st) and re.search(rb"UNSEEN 2\b", st), st
+    c.close()
