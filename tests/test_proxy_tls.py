@@ -7,7 +7,7 @@ import imapclient
 
 from cpmproxy.testing.certs import make_ca_and_cert
 from cpmproxy.testing.proxyproc import free_port
-from tests.proxyfix import client_ssl_context, raw_via
+from tests.proxyfix import client_ssl_context, raw_via, still_serving
 
 
 def test_client_starttls_backend_starttls(make_proxy, proxy_certs):
@@ -31,6 +31,21 @@ def test_an_id_sent_before_starttls_is_forgotten(make_proxy, proxy_certs):
     assert b"XCPM-LOCALDELETE" in c.capabilities()  # (the "injected" class would take it away)
     c.logout()
     assert "device=injected" not in p.log()
+
+
+def test_logout_over_a_tls_backend_leaves_no_error(make_proxy):
+    """Dovecot closes after LOGOUT; with the client still connected the session let go of the backend's
+    transport from inside its connectionLost, which over TLS has lost its protocol by then: a traceback
+    in the proxy's log for every LOGOUT (seen when the client was slower to close than the backend)."""
+    p = make_proxy(backend_tls="starttls")
+    c = raw_via(p)
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    r = c.command(b"z", b"LOGOUT")
+    assert r[-1].startswith(b"z OK"), r
+    assert c.closed(timeout=5)  # (the proxy closes; the client only reads until it does)
+    c.close()
+    assert still_serving(p)
+    assert "Traceback" not in p.log() and "unhandled error" not in p.log()
 
 
 def test_client_implicit_tls_backend_implicit_tls(make_proxy, proxy_certs):

@@ -352,7 +352,9 @@ class ClientSession(Protocol, TimeoutMixin):
         while its client read nothing stayed in CLOSE-WAIT, holding its connection slots, until a
         restart), and a client that does not read what is left is cut after ``[limits] close_timeout``."""
         self.transport.unregisterProducer()
-        if self.backend is not None:
+        if self.backend is not None and not self.backend.closed:
+            # (Not from inside the backend connection's own connectionLost: over TLS its transport has let
+            # go of the protocol by then, and Twisted unregisters its producer itself.)
             self.backend.transport.unregisterProducer()
         self.transport.loseConnection()
         if self._cut_call is None:
