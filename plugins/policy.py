@@ -1387,12 +1387,18 @@ class PolicyPlugin(Plugin):
         hiders = self.hiders(session)
         if not (kinds or max_size or max_age or hiders):
             return None
+        if st.mailbox == mailbox and st.view is not None:
+            # Dovecot counts the selected mailbox as this session knows it, the hidden messages are counted
+            # as the mailbox is: the session is brought up to date first (its EXPUNGE / EXISTS reach the
+            # client through the view, as STATUS allows), so both are the same. (Before the side
+            # connection's lock: a new message's classification takes it.)
+            await session.backend_command(b"NOOP")
         async with side_examine(session):
             return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders)
 
     async def status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders):
-        # The selected mailbox too, as it is now: the backend counts messages this session has not been
-        # told of yet (its view's hidden set, stale, made UNSEEN larger than MESSAGES).
+        # The selected mailbox too, as it is now (status_adjustment brought the session up to date; the
+        # view's hidden set, stale, made UNSEEN larger than MESSAGES).
         examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
         searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
         if (await examined).status != b"OK":
