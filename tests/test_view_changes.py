@@ -227,4 +227,9 @@ def test_status_of_the_selected_mailbox_counts_it_as_it_is_now(dovecot, make_pro
     d.logout()
     st = c.command(b"t", b'STATUS "%s" (MESSAGES UNSEEN)' % name.encode())[0]
     assert re.search(rb"MESSAGES 2\b", st) and re.search(rb"UNSEEN 2\b", st), st
+    # New visible messages the session has not been told of: counted, and the device told of them first.
+    for i in range(2):
+        dovecot.deliver("dave", name, make_object("chat", seed=90 + i))
+    r = c.command(b"u", b'STATUS "%s" (MESSAGES)' % name.encode())
+    assert b"* 4 EXISTS\r\n" in r and any(re.search(rb"MESSAGES 4\b", x) for x in r), r
     c.close()
