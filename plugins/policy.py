@@ -657,7 +657,7 @@ class PolicyPlugin(Plugin):
             adjusts = {}
             for name in names:
                 if not self.folder_hidden(st, name):
-                    adjusts[name] = await self.status_adjustment(session, st, name)
+                    adjusts[name] = await self.status_adjustment(session, st, name, sync_selected=True)
             cmd.state["status_adjusts"] = adjusts
         return None
 
@@ -726,7 +726,8 @@ class PolicyPlugin(Plugin):
                 if line is not None:
                     return Rewrite(line)
         elif cmd.name == b"STATUS":
-            cmd.state["status_adjusts"] = {names[0]: await self.status_adjustment(session, st, names[0])}
+            cmd.state["status_adjusts"] = {
+                names[0]: await self.status_adjustment(session, st, names[0], sync_selected=True)}
         if cmd.name in (b"DELETE", b"RENAME"):
             async with side_examine(session):
                 pass  # no side sequence has the mailbox open while the backend deletes or renames it
@@ -1381,13 +1382,15 @@ class PolicyPlugin(Plugin):
 
     # -- STATUS ---------------------------------------------------------------------------------
 
-    async def status_adjustment(self, session, st: PolicySession, mailbox: str):
-        """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden."""
+    async def status_adjustment(self, session, st: PolicySession, mailbox: str, sync_selected: bool = False):
+        """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden.
+        ``sync_selected``: for a client's STATUS (or LIST-STATUS) before it goes to the backend; never for
+        an unsolicited one, whose response is held meanwhile (the NOOP's answer would wait behind it)."""
         kinds, max_size, max_age = self._criteria(st, mailbox)
         hiders = self.hiders(session)
         if not (kinds or max_size or max_age or hiders):
             return None
-        if st.mailbox == mailbox and st.view is not None:
+        if sync_selected and st.mailbox == mailbox and st.view is not None:
             # Dovecot counts the selected mailbox as this session knows it, the hidden messages are counted
             # as the mailbox is: the session is brought up to date first (its EXPUNGE / EXISTS reach the
             # client through the view, as STATUS allows), so both are the same. (Before the side
