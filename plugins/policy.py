@@ -657,7 +657,7 @@ class PolicyPlugin(Plugin):
             adjusts = {}
             for name in names:
                 if not self.folder_hidden(st, name):
-                    adjusts[name] = await self.status_adjustment(session, st, name, sync_selected=True)
+                    adjusts[name] = await self.status_adjustment(session, st, name)
             cmd.state["status_adjusts"] = adjusts
         return None
 
@@ -726,8 +726,7 @@ class PolicyPlugin(Plugin):
                 if line is not None:
                     return Rewrite(line)
         elif cmd.name == b"STATUS":
-            cmd.state["status_adjusts"] = {
-                names[0]: await self.status_adjustment(session, st, names[0], sync_selected=True)}
+            cmd.state["status_adjusts"] = {names[0]: await self.status_adjustment(session, st, names[0])}
         if cmd.name in (b"DELETE", b"RENAME"):
             async with side_examine(session):
                 pass  # no side sequence has the mailbox open while the backend deletes or renames it
@@ -1382,39 +1381,36 @@ class PolicyPlugin(Plugin):
 
     # -- STATUS ---------------------------------------------------------------------------------
 
-    async def status_adjustment(self, session, st: PolicySession, mailbox: str, sync_selected: bool = False):
-        """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden.
-        ``sync_selected``: for a client's STATUS (or LIST-STATUS) before it goes to the backend; never for
-        an unsolicited one, whose response is held meanwhile (the NOOP's answer would wait behind it)."""
+    async def status_adjustment(self, session, st: PolicySession, mailbox: str):
+        """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden."""
         kinds, max_size, max_age = self._criteria(st, mailbox)
         hiders = self.hiders(session)
         if not (kinds or max_size or max_age or hiders):
             return None
-        if sync_selected and st.mailbox == mailbox and st.view is not None:
-            # Dovecot counts the selected mailbox as this session knows it, the hidden messages are counted
-            # as the mailbox is: the session is brought up to date first (its EXPUNGE / EXISTS reach the
-            # client through the view, as STATUS allows), so both are the same. (Before the side
-            # connection's lock: a new message's classification takes it.)
-            await session.backend_command(b"NOOP")
         async with side_examine(session):
             return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders)
 
     async def status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders):
-        # The selected mailbox too, as it is now (status_adjustment brought the session up to date; the
-        # view's hidden set, stale, made UNSEEN larger than MESSAGES).
-        examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
-        searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
-        if (await examined).status != b"OK":
-            await searched
-            return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
-        uids = set(esearch_all(await searched))
-        uidvalidity = await _uidvalidity(session, mailbox)
-        plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
-        for h in hiders:
-            plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
-        hidden = await self._side_hidden(session, plan, uids)
+        if st.mailbox == mailbox and st.view is not None:
+            # Dovecot counts the selected mailbox as this session knows it (not as it is: changes not yet
+            # announced to the session are not in it), and so does the view.
+            hidden = set(st.view.hidden)
+        else:
+            examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
+            searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
+            if (await examined).status != b"OK":
+                await searched
+                return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
+            uids = set(esearch_all(await searched))
+            uidvalidity = await _uidvalidity(session, mailbox)
+            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+            for h in hiders:
+                plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
+            hidden = await self._side_hidden(session, plan, uids)
         if not hidden:
             return None
+        if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
+            session.side_command(b"EXAMINE " + wire_name(mailbox))
         hidden_set = SequenceSet.from_iterable(hidden).format()
         unseen = search_ok(await session.side_command(b"UID SEARCH RETURN (COUNT) UID " + hidden_set + b" UNSEEN"))
         sizes = await session.side_command(b"UID FETCH " + hidden_set + b" (RFC822.SIZE)")
@@ -1608,6 +1604,10 @@ class PolicyPlugin(Plugin):
             elif key == b"SIZE":
                 items[j + 1] = b"%d" % max(0, int(items[j + 1]) - size)
         for j in range(0, len(items) - 1, 2):
+            if messages is not None and items[j].upper() == b"UNSEEN" and int(items[j + 1]) > messages:
+                # (The selected mailbox: hidden messages the session knows that another one expunged
+                # meanwhile are no longer found unseen on the side connection, though Dovecot counts them.)
+                items[j + 1] = b"%d" % messages
             # Which recent messages are hidden is not worth a query (RECENT is obsolete in IMAP4rev2):
             # at most the visible messages; without MESSAGES asked for, the hidden ones are taken off.
             if items[j].upper() == b"RECENT" and items[j + 1].isdigit():
