@@ -235,3 +235,20 @@ def test_status_of_the_selected_mailbox_counts_what_the_session_knows(dovecot, m
     st = c.command(b"u", b'STATUS "%s" (MESSAGES UNSEEN)' % name.encode())[0]
     assert re.search(rb"MESSAGES 3\b", st) and re.search(rb"UNSEEN 3\b", st), st
     c.close()
+
+
+def test_status_of_the_selected_mailbox_renumbers_nothing(dovecot, make_proxy):
+    """A STATUS poll brings no EXPUNGE (Dovecot sends none for it): a STORE by number pipelined behind it
+    reached another message when the proxy brought the session up to date first."""
+    name, uids, c = _fresh(dovecot, make_proxy, ["chat", "imdn", "chat", "chat"])
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name.encode())
+    d = dovecot.imap_direct("dave", tls="none")
+    d.select_folder(name)
+    d.add_flags([uids[0]], [b"\\Deleted"], silent=True)
+    d.uid_expunge([uids[0]])
+    c.send(b'b STATUS "%s" (MESSAGES UNSEEN)\r\nc STORE 2 +FLAGS.SILENT (\\Seen)\r\n' % name.encode())
+    assert c.until_tagged(b"b")[-1].startswith(b"b OK") and c.until_tagged(b"c")[-1].startswith(b"c OK")
+    flags = d.get_flags(uids[1:])
+    d.logout()
+    assert b"\\Seen" in flags[uids[2]] and b"\\Seen" not in flags[uids[3]], flags
+    c.close()
