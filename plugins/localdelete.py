@@ -44,6 +44,7 @@ from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREFIX
 from plugins.policy import side_examine
 from plugins.wire import (
+    FETCH_FLAGS,
     SEARCH_COMMANDS,
     esearch_all,
     fetch_item_pattern,
@@ -66,7 +67,6 @@ _MODIFIED_RE = re.compile(rb"\[MODIFIED ([0-9:,]+)\]", re.I)
 # Commands that may enable CONDSTORE (RFC 7162 3.1), and what in them does.
 _CONDSTORE_ENABLING = frozenset((b"ENABLE", b"SELECT", b"EXAMINE", b"FETCH", b"STORE", b"SEARCH", b"STATUS"))
 _CONDSTORE_ENABLING_RE = re.compile(rb"CONDSTORE|QRESYNC|MODSEQ|CHANGEDSINCE", re.I)
-_FETCH_FLAGS = fetch_item_pattern(rb"FLAGS \(([^()]*)\)")
 _FETCH_UID = fetch_item_pattern(rb"UID (\d+)")
 _SAFE_DEVICE = re.compile(r"[a-z0-9._-]{1,64}")
 _ENCODED_DEVICE = re.compile(r"x(?:[0-9a-f]{2})*")
@@ -589,7 +589,7 @@ class LocalDeletePlugin(Plugin):
         if st is None or not st.pending or resp.head.name != b"FETCH" or resp.head.kind != "untagged":
             return None
         data = resp.data
-        fm = find_fetch_item(_FETCH_FLAGS, data)
+        fm = find_fetch_item(FETCH_FLAGS, data)
         if fm is None:
             return None
         um = find_fetch_item(_FETCH_UID, data)

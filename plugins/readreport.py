@@ -11,7 +11,7 @@ import re
 
 from cpmproxy.config import ConfigError, unknown_key
 from cpmproxy.proxy.hooks import BackendResponse, ClientCommand, Plugin, Rewrite
-from plugins.wire import fetch_item_pattern
+from plugins.wire import FETCH_FLAGS
 
 CPM_FLAG = rb"\read-report-sent"
 _IN_COMMANDS = frozenset((b"STORE", b"APPEND", b"SEARCH", b"SORT", b"THREAD"))
@@ -22,7 +22,6 @@ _CPM_FLAG_RE = re.compile(rb"\\read-report-sent(?=[\s)\"])", re.I)
 # the CPM flag as an atom.
 _COMMAND_TOKENS = re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|~?\{(\d+)[+-]?\}\r?\n|(?<![^\s(])\\read-report-sent(?=[\s)])',
                              re.I)
-_FETCH_FLAGS = fetch_item_pattern(rb"FLAGS \(([^()]*)\)")
 
 
 class ReadReportPlugin(Plugin):
@@ -126,7 +125,7 @@ class ReadReportPlugin(Plugin):
         an ENVELOPE, a ``BODY[HEADER.FIELDS (...)]`` section name may hold the keyword's text too)."""
         flag = CPM_FLAG.replace(b"\\", b"\\\\")
         out, pos = [], 0
-        for m in _FETCH_FLAGS.finditer(data):
+        for m in FETCH_FLAGS.finditer(data):
             if m.group(1) is not None:
                 out.append(data[pos:m.start(1)] + self._keyword_re.sub(flag, b" " + m.group(1) + b" ")[1:-1])
                 pos = m.end(1)

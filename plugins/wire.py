@@ -39,6 +39,9 @@ def fetch_item_pattern(item: bytes) -> re.Pattern:
     return re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|\[[^\]\r\n]*\]|(?<![^\s(])' + item, re.I)
 
 
+FETCH_FLAGS = fetch_item_pattern(rb"FLAGS \(([^()]*)\)")  # a FETCH's FLAGS item, group 1 its flags
+
+
 def find_fetch_item(pattern: re.Pattern, data: bytes) -> re.Match | None:
     """The first real match of a :func:`fetch_item_pattern` in a FETCH segment, or None."""
     for m in pattern.finditer(data):
