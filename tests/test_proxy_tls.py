@@ -3,11 +3,17 @@ verified against the configured CA and hostname."""
 
 from __future__ import annotations
 
-import imapclient
+import shutil
+import signal
+import socket
+import time
 
-from cpmproxy.testing.certs import make_ca_and_cert
+import imapclient
+from cryptography import x509
+
+from cpmproxy.testing.certs import make_ca_and_cert, make_cert
 from cpmproxy.testing.proxyproc import free_port
-from tests.proxyfix import client_ssl_context, raw_via, still_serving
+from tests.proxyfix import client_ssl_context, raw_via, reload_proxy, still_serving
 
 
 def test_client_starttls_backend_starttls(make_proxy, proxy_certs):
@@ -59,6 +65,58 @@ def test_client_implicit_tls_backend_implicit_tls(make_proxy, proxy_certs):
     c.select_folder("INBOX")
     c.logout()
     assert p.proc.poll() is None
+
+
+def _served_serial(port: int, certs, starttls: bool) -> int:
+    """The serial number of the certificate the proxy offers on ``port`` (implicit TLS, or STARTTLS)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        if starttls:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"s STARTTLS\r\n")
+            assert f.readline().startswith(b"s OK")
+        with client_ssl_context(certs).wrap_socket(sock, server_hostname="localhost") as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def test_a_reload_takes_up_renewed_certificates(make_proxy, proxy_certs, tmp_path):
+    """Certificates are renewed in place (certbot, an operator's cron job): SIGHUP makes the proxy offer
+    the new one on its ``ssl:`` listeners and on STARTTLS, to new connections; sessions already open go on.
+    A renewal it cannot read is refused as a whole, and the certificate in use stays."""
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cert.pem", live / "key.pem"
+    shutil.copy(proxy_certs.cert, cert)
+    shutil.copy(proxy_certs.key, key)
+    port = free_port()
+    p = make_proxy(tls_cert=str(cert), tls_key=str(key),
+                   listen_extra=[f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"])
+    first = _served_serial(port, proxy_certs, starttls=False)
+    assert _served_serial(p.port, proxy_certs, starttls=True) == first
+    ctx = client_ssl_context(proxy_certs)
+    open_session = imapclient.IMAPClient("localhost", port, ssl=True, ssl_context=ctx, timeout=30)
+    open_session.login("alice", "alicepw")
+
+    renewed = make_cert(tmp_path / "renewed", proxy_certs, "server")
+    shutil.copy(renewed.cert, cert)
+    shutil.copy(renewed.key, key)
+    reload_proxy(p)
+    second = _served_serial(port, proxy_certs, starttls=False)
+    assert second != first
+    assert _served_serial(p.port, proxy_certs, starttls=True) == second
+    assert open_session.select_folder("INBOX")[b"UIDVALIDITY"]
+
+    key.write_text("not a key\n")  # (a renewal half written)
+    n = p.log().count("reload failed")
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while p.log().count("reload failed") == n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"no PEM private key in {key}" in p.log()
+    assert _served_serial(port, proxy_certs, starttls=False) == second
+    open_session.logout()
+    assert still_serving(p)
+    assert "Traceback" not in p.log()
 
 
 def test_backend_wrong_hostname_refused(make_proxy):

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.endpoints import SSL4ServerEndpoint, _WrapperServerEndpoint, serverFromString
 from twisted.internet.endpoints import _parse as _parse_endpoint
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from cpmproxy import __version__
 from cpmproxy.config import Config, ConfigError, load_config
@@ -471,6 +473,38 @@ def _check_family(desc: str, params: dict[str, str], fd: int) -> None:
         raise ConfigError(f"listen endpoint {desc}: systemd passed an {have} socket; use domain={have}")
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class ListenerTLS:
+    """The TLS settings of an ``ssl:`` listener, replaced on reload: a renewed certificate is offered to new
+    connections without a restart (sessions already open keep theirs)."""
+
+    def __init__(self, options) -> None:
+        self.options = options  # Twisted's CertificateOptions, as it reads the endpoint string
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return SSL.Connection(self.options.getContext(), None)
+
+
+def _ssl_endpoint(endpoint) -> SSL4ServerEndpoint | None:
+    """The ``ssl:`` endpoint ``endpoint`` is or wraps (``haproxy:ssl:``), else None."""
+    while isinstance(endpoint, _WrapperServerEndpoint):
+        endpoint = endpoint._wrappedEndpoint
+    return endpoint if isinstance(endpoint, SSL4ServerEndpoint) else None
+
+
+def _listener_tls_options(reactor, listen: list[str], only) -> dict[str, object]:
+    """The TLS settings of the ``ssl:`` listeners of ``listen`` that are in ``only``, read afresh
+    (ConfigError as at start)."""
+    found = {}
+    for i, desc in enumerate(listen):
+        if desc not in only:
+            continue
+        endpoint = _ssl_endpoint(server_endpoint(reactor, desc, key=f"proxy.listen[{i}]"))
+        if endpoint is not None:
+            found[desc] = endpoint._sslContextFactory
+    return found
+
+
 def _server_tls(config: Config):
     cert, key = config.proxy["tls_cert"], config.proxy["tls_key"]
     if not cert:
@@ -544,6 +578,7 @@ class ProxyService(service.MultiService):
         self.events = EventBus()  # (before the plugins, which may subscribe as they are made)
         self.hooks = HookTable.build(load_plugins(config, self))
         self.server_tls = _server_tls(config)
+        self.listener_tls: dict[str, ListenerTLS] = {}  # by endpoint string, for reload
         self.sessions: set[ClientSession] = set()
         self.by_ip: dict[str, int] = defaultdict(int)
         self.by_user: dict[str, set[ClientSession]] = defaultdict(set)
@@ -565,7 +600,10 @@ class ProxyService(service.MultiService):
         factory = Factory.forProtocol(lambda: ClientSession(self))
         factory.noisy = False
         for desc in self.config.proxy["listen"]:
-            port = yield server_endpoint(self.reactor, desc).listen(factory)
+            endpoint = server_endpoint(self.reactor, desc)
+            if (tls := _ssl_endpoint(endpoint)) is not None:
+                tls._sslContextFactory = self.listener_tls[desc] = ListenerTLS(tls._sslContextFactory)
+            port = yield endpoint.listen(factory)
             self.ports.append(port)
             log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
         if self.config.metrics["listen"]:
@@ -691,12 +729,14 @@ class ProxyService(service.MultiService):
     # -- reload and shutdown --------------------------------------------------------------------
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config; sessions keep running; listeners are not changed."""
+        """SIGHUP: re-read the config and the certificate files; sessions keep running; listeners are not
+        changed (an ``ssl:`` one still listening takes up its files again)."""
         path = self.config.path
         try:
             new = load_config(path, plugin_sections())
             load_plugins(new, None)  # (every plugin's settings checked before a running one is touched)
             tls = _server_tls(new)
+            listener_tls = _listener_tls_options(self.reactor, new.proxy["listen"], self.listener_tls)
             if new.backend["tls"] != "none":
                 backend_tls_options(new)
         except ConfigError as e:
@@ -721,6 +761,8 @@ class ProxyService(service.MultiService):
             log.warn("reload: [log] changes need a restart; keeping the current logging")
         self.config = new
         self.server_tls = tls
+        for desc, options in listener_tls.items():
+            self.listener_tls[desc].options = options
         old, self.hooks = self.hooks, HookTable.build(plugins)
         for plugin in old.plugins:
             if any(plugin is p for p in plugins):
