@@ -266,10 +266,12 @@ def test_invalid_commands_the_handler_or_backend_refuses_count_too(make_proxy):
         assert lines[-1].startswith(b"* BYE [CLIENTBUG]"), lines
     with raw_via(p) as c:
         assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
-        for i in range(3):
-            c.send(b"x%d XYZZY\r\n" % i)
+        c.send(b"".join(b"x%d XYZZY\r\n" % i for i in range(6)))  # (pipelined: one read of BADs)
         lines = [c.read_line() for _ in range(4)]
+        assert [line[:6] for line in lines[:3]] == [b"x0 BAD", b"x1 BAD", b"x2 BAD"], lines
         assert lines[-1].startswith(b"* BYE [CLIENTBUG]"), lines
+        assert c.closed(timeout=5)
+        assert c.buf == b"", c.buf  # (no answer to x3..x5 after the BYE)
     with raw_via(p) as c:  # (a good command in between starts the count again)
         assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
         for i in range(4):

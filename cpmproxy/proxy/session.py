@@ -458,10 +458,6 @@ class ClientSession(Protocol, TimeoutMixin):
         m = _TAG_RE.match(line)
         return m.group(1) if m else None
 
-    def _count_backend_bad(self) -> None:
-        if self.phase == "auth" and not self._closing:
-            self._count_bad()
-
     def _count_bad(self) -> None:
         self.bad_commands += 1
         if self.bad_commands >= self.config.limits["max_bad_commands"]:
@@ -1693,10 +1689,15 @@ class ClientSession(Protocol, TimeoutMixin):
             n = len(tag) + 1
             if data[n:n + 3].upper() == b"BAD":  # (Dovecot's BADs have no response code)
                 data = data[:n] + _coded_bad(data[n:])
-                if cmd is not None:
-                    # (The backend's verdict counts: an unknown command is invalid. Counted once this
-                    # answer went out: a BYE for the last one comes after it.)
-                    self.service.reactor.callLater(0, self._count_backend_bad)
+                if cmd is not None and self.phase == "auth" and not self._closing:
+                    # (The backend's verdict counts: an unknown command is invalid.)
+                    self.bad_commands += 1
+                    if self.bad_commands >= self.config.limits["max_bad_commands"]:
+                        # The BYE goes right after this answer; nothing after it (the answers to more
+                        # invalid commands pipelined behind, in the same read) does.
+                        self._out.append(data)
+                        self.bye(b"Too many invalid commands.", code=b"CLIENTBUG")
+                        return None
             elif cmd is not None:
                 self.bad_commands = 0
             return data
