@@ -307,6 +307,7 @@ _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 # UID FETCH's modifiers (RFC 7162 3.6): "(CHANGEDSINCE n VANISHED)", the last parenthesized group.
 _VANISHED_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?VANISHED(?:\s[^()]*)?\)\s*$", re.IGNORECASE)
 _SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT", b"THREAD"))  # (unless UID)
+_EXPUNGING = frozenset((b"EXPUNGE", b"MOVE", b"CLOSE"))  # (UID EXPUNGE, UID MOVE too)
 # FETCH items that set \Seen (RFC 9051 6.4.5): BODY[...] and BINARY[...] without .PEEK, RFC822, RFC822.TEXT.
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
@@ -602,6 +603,8 @@ class PolicyPlugin(Plugin):
             # touch) are the view's, known once the SELECT completes.
             return Defer(defer.Deferred.fromCoroutine(self._after_done(session, st.selecting, cmd)))
         client = cmd.client or cmd  # (the client's numbers count, not those of a plugin's rewrite)
+        if (earlier := self._must_wait_for(session, st, client)):
+            return Defer(defer.Deferred.fromCoroutine(self._after_done(session, earlier, cmd)))
         if st.reapply and (client.uid or client.name not in _SEQ_USING
                            or (st.mailbox is not None and self.folder_hidden(st, st.mailbox))):
             # (Not before a command that names messages by number, which the client wrote in the numbers
@@ -1285,11 +1288,33 @@ class PolicyPlugin(Plugin):
             restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(view.hidden_uids.format())]
         return Rewrite(format_tokens(head + restriction + rewrite_search_keys(view, rest)) + b"\r\n")
 
-    async def _after_done(self, session, other, cmd):
-        """``cmd``'s decision once ``other`` (in flight) has completed."""
-        d = defer.Deferred()
-        other.state.setdefault("when_done", []).append(d)
-        await d
+    @staticmethod
+    def _must_wait_for(session, st: PolicySession, cmd) -> list:
+        """The commands in flight that ``cmd`` must wait for, because the view they are answered under
+        changes with it or with them:
+
+        - a SELECT or EXAMINE changes the view at once: responses to the commands before it, still coming
+          in the mailbox selected now, would pass unfiltered (hidden messages, their bodies) or be
+          renumbered by the next mailbox's view;
+        - a command by number behind an expunging one under a filtered view: its numbers are the view's
+          after the expunges (as the backend reads them), which are known once their responses are in."""
+        if st.mailbox is None:
+            return []
+        if cmd.name in (b"SELECT", b"EXAMINE"):
+            return session.inflight_commands()
+        if cmd.uid or cmd.name not in _SEQ_USING or st.view is None or st.view.identity:
+            return []
+        return [c for c in session.inflight_commands() if (c.client or c).name in _EXPUNGING]
+
+    async def _after_done(self, session, others, cmd):
+        """``cmd``'s decision once ``others`` (one command or several, in flight) have completed (in any
+        order: Dovecot runs some pipelined commands side by side)."""
+        waits = []
+        for other in (others if isinstance(others, list) else [others]):
+            waits.append(defer.Deferred())
+            other.state.setdefault("when_done", []).append(waits[-1])
+        for d in waits:
+            await d
         action = self.command(session, cmd)
         while isinstance(action, Defer):
             action = await action.deferred

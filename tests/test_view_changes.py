@@ -117,6 +117,71 @@ def test_commands_pipelined_behind_select_use_the_views_numbers(proxy, folder, d
     other.close()
 
 
+def _answers(c, tags: bytes) -> list[bytes]:
+    """Responses up to the tagged answers of each of ``tags`` (one letter each), pipelined."""
+    got, done = [], 0
+    while done < len(tags):
+        try:
+            got.append(c.read_response())
+        except TimeoutError:
+            raise AssertionError(got) from None
+        done += got[-1][:1] in tags and got[-1][1:2] == b" "
+    return got
+
+
+def test_commands_before_a_select_are_answered_under_their_own_view(proxy, folder, dovecot):
+    """Commands pipelined before a SELECT are answered in the mailbox selected when they were sent: the
+    view changed when the SELECT arrived, and their responses passed unfiltered (the hidden IMDN, UID 2,
+    with its header; numbers not the view's) or under the next mailbox's view (found by review)."""
+    plain = "Plain" + uuid.uuid4().hex[:8]
+    for i in range(4):
+        dovecot.deliver("dave", plain, make_object("chat", seed=i))
+    other = device(proxy, "other-device")
+    assert other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (folder, PREFIX))[-1].startswith(b"m OK")
+    c = device(proxy, "phone")
+    c.send(b'a SELECT "%s"\r\nb UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])\r\n'
+           b'c FETCH 1:* (UID)\r\nd SEARCH ALL\r\ne SELECT "%s"\r\n' % (folder, plain.encode()))
+    got = _answers(c, b"abcde")
+    assert all(line.startswith(b"OK", 2) for line in got if line[:1] in b"abcde"), got
+    fetched = [line for line in got if b" FETCH (" in line]
+    assert [re.search(rb"UID (\d+)", line).group(1) for line in fetched] == [b"1", b"3", b"4"] * 2, got
+    assert b"imdn" not in b"".join(fetched).lower(), fetched
+    assert b"* 2 FETCH (UID 3)\r\n" in got and b"* SEARCH 1 2 3\r\n" in got, got
+    assert b"* 4 EXISTS\r\n" in got  # (the plain mailbox, all shown)
+    # The other way round: a FETCH of the plain mailbox pipelined before the SELECT of the filtered one.
+    c.send(b'f FETCH 1:* (UID)\r\ng SELECT "%s"\r\nh FETCH 1:* (UID)\r\n' % folder)
+    got = _answers(c, b"fgh")
+    assert [line for line in got if b" FETCH (" in line] == [
+        b"* %d FETCH (UID %d)\r\n" % (i, i) for i in (1, 2, 3, 4)] + [
+        b"* 1 FETCH (UID 1)\r\n", b"* 2 FETCH (UID 3)\r\n", b"* 3 FETCH (UID 4)\r\n"], got
+    c.close()
+    other.close()
+
+
+def test_commands_by_number_behind_an_expunge_use_the_numbers_after_it(proxy, folder, dovecot):
+    """Under a filtered view (the IMDN, UID 2, hidden), commands by number pipelined behind an EXPUNGE mean
+    the numbers after it, as the backend reads them: they were translated with the view from before (a
+    STORE flagged the message being expunged; FETCH 1:* was refused "Invalid messageset")."""
+    other = device(proxy, "other-device")
+    assert other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (folder, PREFIX))[-1].startswith(b"m OK")
+    c = device(proxy, "phone")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
+    c.send(b"a STORE 2 +FLAGS.SILENT (\\Deleted)\r\nb EXPUNGE\r\nc FETCH 2 (UID)\r\n"
+           b"d STORE 1:2 +FLAGS.SILENT (\\Flagged)\r\ne FETCH 1:* (UID)\r\n")
+    got = _answers(c, b"abcde")
+    assert all(line.startswith(b"OK", 2) for line in got if line[:1] in b"abcde"), got
+    assert b"* 2 EXPUNGE\r\n" in got, got
+    assert [line for line in got if b" FETCH (" in line] == [
+        b"* 2 FETCH (UID 4)\r\n", b"* 1 FETCH (UID 1)\r\n", b"* 2 FETCH (UID 4)\r\n"], got
+    imap = dovecot.imap_direct("dave", tls="none")
+    imap.select_folder(folder.decode(), readonly=True)
+    assert imap.search("FLAGGED") == [1, 4]
+    assert imap.search("ALL") == [1, 2, 4]  # (the hidden IMDN stays)
+    imap.logout()
+    c.close()
+    other.close()
+
+
 def test_a_local_delete_by_number_after_a_preference_change_marks_the_clients_message(proxy, folder):
     """Nothing hidden at SELECT (no view built); then the IMDN (UID 2) is turned off. The local delete of
     the client's 3 (UID 3) must mark UID 3: the view built for it is what the client was shown, and the
