@@ -80,6 +80,8 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "server_name": Opt(str, "", None, "name checked in the backend certificate (default: host)"),
         "connect_timeout": Opt((int, float), 10.0, _positive),
         "login_timeout": Opt((int, float), 30.0, _positive),
+        "command_timeout": Opt((int, float), 60.0, _positive,
+                               "an answer the proxy waits for on a connection of its own (side, watch)"),
         "username_case": Opt(str, "lower", _one_of("lower", "exact"),
                              "how the backend folds login names (Dovecot's auth_username_format %Lu: lower)"),
     },

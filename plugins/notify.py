@@ -345,7 +345,8 @@ class UserWatch:
 
     def reporting(self) -> bool:
         """The watch is connected with its NOTIFY answered: a change on the backend from now on is
-        reported (while it reconnects or arms, one is not: its new baseline already includes it)."""
+        reported (while it reconnects or arms, one is reported when the NOTIFY is armed again, against
+        the baseline from before: a change made through the proxy is pushed by whoever made it)."""
         return self.proto is not None and not self.proto.closed and self.notifying \
             and self._armed is not None and self._armed.called
 
@@ -383,7 +384,12 @@ class UserWatch:
         for line in reply.untagged:  # NOTIFY SET STATUS: the state of every mailbox, the baseline
             name = _status_mailbox(line) if line[:9].upper() == b"* STATUS " else None
             if name is not None:
-                self._status_event(name, line)
+                # Against a baseline from before the connection was lost, what changed while it was down
+                # (mail delivered while the backend restarted) is told now; a fresh baseline tells nothing.
+                known = name in self.mailboxes
+                event = self._status_event(name, line)
+                if known and event is not None:
+                    self.plugin.publish(event)
 
     def _ping(self) -> None:
         # Dovecot's NOTIFY has no metadata events, so preferences changed through another proxy process

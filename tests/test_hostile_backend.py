@@ -17,6 +17,7 @@ import re
 import socket
 import socketserver
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -28,6 +29,7 @@ CAPS = b"IMAP4rev1 LITERAL+ ID ENABLE METADATA NOTIFY CONDSTORE QRESYNC UIDPLUS 
 
 
 STALL = b"(never answered)"  # a script's answer: the command is never answered
+HOLD = b"(answered once released)"  # a script's answer: the plain answer, once the test sets ``release``
 _LITERAL_AT_END = re.compile(rb"\{([0-9]+)(\+?)\}\r?\n\Z")
 
 
@@ -46,6 +48,8 @@ class ScriptedBackend(socketserver.ThreadingTCPServer):
         self.internal: dict[bytes, bytes] = {}  # (see the class docstring)
         self.caps = CAPS
         self.received: list[bytes] = []  # every line the server read (literals left out)
+        self.connections: list[socket.socket] = []  # in the order they came
+        self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), _Handler)
         self.port = self.server_address[1]
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -54,6 +58,7 @@ class ScriptedBackend(socketserver.ThreadingTCPServer):
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self):
         out = self.connection
+        self.server.connections.append(out)
         caps = self.server.caps
         out.sendall(b"* OK [CAPABILITY " + caps + b"] scripted server ready\r\n")
         while True:
@@ -85,6 +90,9 @@ class _Handler(socketserver.StreamRequestHandler):
                 if script == STALL:
                     self.rfile.read()  # (no answer, ever: until the proxy closes the connection)
                     return
+                if script == HOLD:
+                    self.server.release.wait(30)
+                    script = None
                 if script is not None:
                     out.sendall(script.replace(b"{tag}", tag))
                     if not script.rstrip().split(b"\n")[-1].startswith(b"{tag}"):
@@ -444,3 +452,87 @@ def test_a_command_the_backend_never_answers_ends_as_idleness(scripted, make_pro
         assert c.closed()
     finally:
         scripted.script = {}
+
+
+@pytest.fixture
+def fresh_scripted():
+    server = ScriptedBackend()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _login_timed(proxy, timeout: float = 20) -> tuple[bytes, float]:
+    c = RawIMAP(proxy.host, proxy.port, timeout=timeout)
+    c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+    t0 = time.monotonic()
+    answer = c.login("alice", "alicepw")[-1]
+    elapsed = time.monotonic() - t0
+    c.close()
+    return answer, elapsed
+
+
+def test_plugins_reads_at_login_are_bounded_by_login_timeout(fresh_scripted, make_proxy):
+    """The plugins' reads at login (preferences, on the side connection) had no time limit: a hung backend
+    process held every login of the user until the client's pre-login timeout (60 s)."""
+    fresh_scripted.internal = {b"GETMETADATA": STALL}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
+                       backend_extra="login_timeout = 2")
+    answer, elapsed = _login_timed(proxy)
+    assert answer.startswith(b"L NO [UNAVAILABLE]"), answer
+    assert elapsed < 6, elapsed
+    assert internal_errors(proxy) == 0
+
+
+def test_a_side_connection_that_stops_answering_is_given_up(fresh_scripted, make_proxy):
+    """``[backend] command_timeout``: the user's shared side connection, hung, failed every later login of
+    the user too (it was kept while any session of theirs lived); now it is dropped, and opened again."""
+    fresh_scripted.internal = {b"GETMETADATA": STALL}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
+                       backend_extra="command_timeout = 1")
+    answer, elapsed = _login_timed(proxy)
+    assert answer.startswith(b"L NO [UNAVAILABLE]"), answer
+    assert elapsed < 5, elapsed
+    fresh_scripted.internal = {}
+    answer, _ = _login_timed(proxy)
+    assert answer.startswith(b"L OK"), answer
+    assert "no answer in 1 s" in proxy.log() or "gave no answer in 1 s" in proxy.log(), proxy.log()
+    assert internal_errors(proxy) == 0
+
+
+def test_a_backend_connection_lost_during_the_login_hooks_is_no_login(fresh_scripted, make_proxy):
+    """The client's backend connection went away while the plugins read its preferences: the client was
+    told ``OK Logged in`` and then found the connection closed, without a BYE."""
+    fresh_scripted.internal = {b"GETMETADATA": HOLD}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none")
+    c = RawIMAP(proxy.host, proxy.port, timeout=20)
+    c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+    c.send(b"L LOGIN alice alicepw\r\n")
+    deadline = time.monotonic() + 10
+    while not any(b"GETMETADATA" in line for line in fresh_scripted.received):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    fresh_scripted.connections[0].shutdown(socket.SHUT_RDWR)  # (the session's own: the side one is second)
+    time.sleep(0.3)
+    fresh_scripted.release.set()
+    assert c.read_line().startswith(b"L NO [UNAVAILABLE]")
+    fresh_scripted.internal = {}
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")  # (and the session is still there)
+    c.close()
+    assert internal_errors(proxy) == 0
+
+
+def test_a_backends_temporary_login_failure_is_no_failed_login(fresh_scripted, make_proxy):
+    """``NO [UNAVAILABLE]`` at login (Dovecot's password database down) was counted as wrong credentials:
+    each answer delayed more (1, 2, 4 s) and the third ended the connection "Too many failed logins"."""
+    fresh_scripted.internal = {b"LOGIN ALICE": b"{tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n"}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none", plugins=[])
+    c = RawIMAP(proxy.host, proxy.port, timeout=10)
+    t0 = time.monotonic()
+    for _ in range(4):
+        assert c.login("alice", "alicepw")[-1] == b"L NO [UNAVAILABLE] Temporary authentication failure.\r\n"
+    assert time.monotonic() - t0 < 2
+    fresh_scripted.internal = {}
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    c.close()

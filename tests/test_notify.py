@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import select
+import signal
 import socket
 import ssl
 import threading
@@ -869,3 +871,41 @@ def test_refused_notify_changes_nothing(make_proxy):
         set_pref(a, b"NIL")
         a.close()
         b.close()
+
+
+
+def _imap_processes(user: str) -> dict[int, str]:
+    """Dovecot's imap processes of ``user``, by pid, with their titles (verbose_proctitle: the user and the
+    command running)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "/imap [" in title and f"[{user} " in title:
+            found[int(entry)] = title
+    return found
+
+
+def test_a_change_made_while_the_watch_reconnects_is_told(make_proxy, dovecot):
+    """The watch's connection is lost (its Dovecot process dies: a backend restart) and mail is delivered
+    before it is back: when its NOTIFY is armed again, what differs from the baseline it had is told like
+    any other change (it was taken as the new baseline, and the change told to nobody)."""
+    p = make_proxy()
+    user = "gap" + uuid.uuid4().hex[:6]
+    dovecot.add_user(user, f"{user}pw")
+    folder = new_folder(dovecot, user)
+    phone = device(p, "phone-1", user)
+    set_pref(phone, b'"on"')
+    idle(phone)
+    time.sleep(0.5)
+    background = [pid for pid, title in _imap_processes(user).items() if " IDLE]" not in title]
+    assert len(background) == 2, _imap_processes(user)  # (the side connection and the watch)
+    for pid in background:
+        os.kill(pid, signal.SIGKILL)
+    dovecot.deliver(user, folder, make_object("chat", seed=7))
+    line = wait_status(phone, folder, 10)
+    assert line is not None and b"MESSAGES 2" in line, line
+    phone.close()

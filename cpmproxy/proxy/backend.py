@@ -59,6 +59,14 @@ class AuthFailed(Exception):
         self.response = response
 
 
+# Response codes of a refused login that speak of the credentials (RFC 5530); no code at all counts too.
+# Any other (``NO [UNAVAILABLE]``: the password database is down; ``[SERVERBUG]``, ``[LIMIT]``) is the
+# backend's own trouble: BackendRefused, passed on as it is, with no delay and no failed login counted.
+_CREDENTIAL_CODES = frozenset((b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED", b"PRIVACYREQUIRED",
+                               b"CONTACTADMIN"))
+_NO_CODE = re.compile(rb"NO \[([!#-'*-Z^-z|~]+)")  # (atom characters, "]" excluded)
+
+
 @dataclass
 class Reply:
     untagged: list[bytes]
@@ -102,8 +110,13 @@ def _unsent(transport) -> bool:
 
 
 class BackendProtocol(Protocol):
-    def __init__(self, max_line: int):
+    def __init__(self, max_line: int, answer_timeout: float | None = None):
         self.framer = Framer(max_line=max_line, max_literal=None, responses=True, blocks=True)
+        # While the proxy waits for an answer of its own (the greeting, a command's) and not one byte
+        # comes in this long, the connection is given up: a hung backend process must not hold a shared
+        # side connection, or a user's logins, for ever. (Relayed sessions have their idle timeout.)
+        self.answer_timeout = answer_timeout
+        self._stall = None  # the IDelayedCall of that
         self.session = None  # set when relaying
         self.connected_d: defer.Deferred[BackendProtocol] = defer.Deferred()
         self.greeting: defer.Deferred[bytes] = defer.Deferred()
@@ -152,6 +165,28 @@ class BackendProtocol(Protocol):
         setnodelay = getattr(self.transport, "setTcpNoDelay", None)
         if setnodelay is not None:
             setnodelay(True)
+        self._watch_answers()  # (the greeting)
+
+    def _watch_answers(self) -> None:
+        """(Re)start the wait for an answer, or stop it when none is due."""
+        due = self.answer_timeout is not None and not self.closed and self.session is None \
+            and (self._waiters or not self._got_greeting)
+        if not due:
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+        elif self._stall is None:
+            from twisted.internet import reactor
+
+            self._stall = reactor.callLater(self.answer_timeout, self._stalled)
+        else:
+            self._stall.reset(self.answer_timeout)
+
+    def _stalled(self) -> None:
+        self._stall = None
+        log.warn("backend gave no answer in {seconds:g} s: connection given up", seconds=self.answer_timeout)
+        self._fail(BackendError(f"no answer from the backend in {self.answer_timeout:g} s"))
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.session is not None:
@@ -159,6 +194,8 @@ class BackendProtocol(Protocol):
                 adapt_read_size(self.transport, len(data))
             self.session.backend_data(data)
             return
+        if self._stall is not None:
+            self._stall.reset(self.answer_timeout)  # (a long answer still coming in is no stall)
         self.framer.feed(data)
         try:
             for ev in self._events():
@@ -172,6 +209,7 @@ class BackendProtocol(Protocol):
                     self._response(line)
         except (FramingError, TokenError) as e:
             self._fail(BackendError(f"protocol error from backend: {e}"))
+        self._watch_answers()
 
     def _events(self):
         """Framer events, blocks split into their lines (the login engine handles one at a time)."""
@@ -186,6 +224,7 @@ class BackendProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
+        self._watch_answers()
         if self.session is not None:
             self.session.backend_lost(reason)
         self._fail(BackendError(f"backend closed the connection: {reason.getErrorMessage() if reason else ''}"))
@@ -242,17 +281,20 @@ class BackendProtocol(Protocol):
         # At once, not on the reactor's next turn: a side query sent beside a SELECT runs in parallel
         # with it in Dovecot (a Twisted write waits for the next poll).
         send_chunks(self.transport, [tag + b" " + line + b"\r\n"])
+        if self._stall is None:
+            self._watch_answers()
         return d
 
 
 class _BackendFactory(Factory):
     noisy = False
 
-    def __init__(self, max_line: int):
+    def __init__(self, max_line: int, answer_timeout: float | None = None):
         self.max_line = max_line
+        self.answer_timeout = answer_timeout
 
     def buildProtocol(self, addr):
-        p = BackendProtocol(self.max_line)
+        p = BackendProtocol(self.max_line, self.answer_timeout)
         p.factory = self
         return p
 
@@ -297,7 +339,8 @@ async def connect_backend(reactor, config: Config) -> tuple[BackendProtocol, lis
     endpoint = _tcp_endpoint(reactor, b["host"], b["port"], b["connect_timeout"])
     if b["tls"] == "implicit":
         endpoint = wrapClientTLS(backend_tls_options(config), endpoint)
-    factory = _BackendFactory(config.limits["max_backend_line"])
+    # (The greeting within connect_timeout; answers to the proxy's own commands within command_timeout.)
+    factory = _BackendFactory(config.limits["max_backend_line"], b["connect_timeout"])
     try:
         proto: BackendProtocol = await endpoint.connect(factory)
     except Exception as e:  # ConnectError, DNSLookupError, TimeoutError...
@@ -307,6 +350,7 @@ async def connect_backend(reactor, config: Config) -> tuple[BackendProtocol, lis
         if not greeting.startswith(b"* OK"):
             raise BackendError(f"backend refused the connection: {greeting[:200]!r}")
         caps = _capability_code(greeting)
+        proto.answer_timeout = b["command_timeout"]
         if b["tls"] == "starttls":
             reply = await proto.command(b"STARTTLS")
             if reply.status != b"OK":
@@ -352,7 +396,8 @@ def id_list(fields) -> bytes:
 async def login_backend(proto: BackendProtocol, caps: list[bytes], authzid: str, user: str, password: str,
                         id_fields: list[tuple[str, str | None]]) -> list[bytes]:
     """ID (forwarding the client's address) and AUTHENTICATE PLAIN, pipelined; returns post-login
-    capabilities. Raises AuthFailed or BackendError."""
+    capabilities. Raises AuthFailed, BackendRefused (a NO for a reason other than the credentials) or
+    BackendError."""
     upper = {c.upper() for c in caps}
     waits = []
     if b"ID" in upper:
@@ -372,6 +417,9 @@ async def login_backend(proto: BackendProtocol, caps: list[bytes], authzid: str,
     reply = await auth
     if reply.status != b"OK":
         if reply.status == b"NO":
+            code = _NO_CODE.match(reply.tagged)
+            if code is not None and code.group(1).upper() not in _CREDENTIAL_CODES:
+                raise BackendRefused("backend refused the login", reply.tagged)
             raise AuthFailed(reply.tagged)
         raise BackendError(f"backend login error: {reply.tagged[:200]!r}")
     post = _capability_code(reply.tagged)

@@ -688,6 +688,7 @@ class ClientSession(Protocol, TimeoutMixin):
         metrics = service.metrics
         login_user = authzid or user
         backend = None
+        deadline = reactor.seconds() + self.config.backend["login_timeout"]
         try:
             d = defer.Deferred.fromCoroutine(self._connect_and_login(authzid, user, password))
             d.addTimeout(self.config.backend["login_timeout"], reactor)
@@ -711,7 +712,8 @@ class ClientSession(Protocol, TimeoutMixin):
             metrics.logins.labels(result="unavailable").inc()
             metrics.backend_errors.labels(kind="login").inc()
             log.warn("backend unavailable: {error} session={session}", error=str(e), session=self.session_id)
-            self._resume_preauth(tag + b" NO [UNAVAILABLE] " + UNAVAILABLE + b"\r\n")
+            response = e.response if isinstance(e, BackendRefused) else b"NO [UNAVAILABLE] " + UNAVAILABLE
+            self._resume_preauth(tag + b" " + response + b"\r\n")
             return
         if self.phase != "login":  # the client went away meanwhile
             backend.close()
@@ -735,8 +737,12 @@ class ClientSession(Protocol, TimeoutMixin):
         self.backend_caps = service.shared(tuple(post_caps))
         self.capabilities = service.shared(tuple(self._post_capabilities(post_caps)))
         try:
-            for plugin in service.hooks.login:
-                await defer.maybeDeferred(plugin.login, self)
+            # (Within what is left of login_timeout: a plugin reads from the backend, which may hang.)
+            hooks = defer.Deferred.fromCoroutine(self._login_hooks())
+            hooks.addTimeout(max(0.0, deadline - reactor.seconds()), reactor)
+            await hooks
+            if backend.closed:  # (while the hooks ran: the client must not be told it is logged in)
+                raise BackendError("backend closed the connection during login")
         except (Refuse, BackendError, defer.TimeoutError) as e:
             if isinstance(e, Refuse):
                 metrics.logins.labels(result="refused").inc()
@@ -759,6 +765,10 @@ class ClientSession(Protocol, TimeoutMixin):
         metrics.logins.labels(result="ok").inc()
         log.info("login user={user} device={device} session={session}", **self._log_fields())
         self._enter_relay(tag)
+
+    async def _login_hooks(self) -> None:
+        for plugin in self.service.hooks.login:
+            await defer.maybeDeferred(plugin.login, self)
 
     async def _connect_and_login(self, authzid: str, user: str, password: str):
         from twisted.internet import reactor

@@ -24,7 +24,8 @@ class ProxyProcess:
     def __init__(self, workdir: Path, backend_port: int, *, backend_tls: str = "none", ca_file: str = "",
                  server_name: str = "", tls_cert: str = "", tls_key: str = "", config_extra: str = "",
                  listen_extra: list[str] = (), metrics: bool = True, plugins: list[str] | None = None,
-                 proxy_extra: str = "", backend_host: str = "127.0.0.1", source: Path | None = None):
+                 proxy_extra: str = "", backend_extra: str = "", backend_host: str = "127.0.0.1",
+                 source: Path | None = None):
         self.workdir = Path(workdir)
         # The source tree whose code the process runs (bench/ab.py runs another revision beside this one).
         self.source = Path(source) if source is not None else Path(__file__).resolve().parents[2]
@@ -45,6 +46,8 @@ class ProxyProcess:
             lines.append(f'ca_file = "{ca_file}"')
         if server_name:
             lines.append(f'server_name = "{server_name}"')
+        if backend_extra:
+            lines.append(backend_extra)
         if metrics:
             lines += ["[metrics]", f'listen = "tcp:{self.metrics_port}:interface=127.0.0.1"']
         self.config_path = self.workdir / f"cpmproxy-{self.port}.toml"
