@@ -68,6 +68,9 @@ _MODIFIED_RE = re.compile(rb"\[MODIFIED ([0-9:,]+)\]", re.I)
 _CONDSTORE_ENABLING = frozenset((b"ENABLE", b"SELECT", b"EXAMINE", b"FETCH", b"STORE", b"SEARCH", b"STATUS"))
 _CONDSTORE_ENABLING_RE = re.compile(rb"CONDSTORE|QRESYNC|MODSEQ|CHANGEDSINCE", re.I)
 _FETCH_UID = fetch_item_pattern(rb"UID (\d+)")
+# Commands this plugin may decide (see _must_wait_for), and those in flight that change what they mean.
+_LOCAL_DECISIONS = frozenset((b"STORE", b"EXPUNGE", b"CLOSE")) | SEARCH_COMMANDS
+_RESELECTING = frozenset((b"SELECT", b"EXAMINE", b"EXPUNGE", b"MOVE", b"CLOSE", b"UNSELECT"))
 _SAFE_DEVICE = re.compile(r"[a-z0-9._-]{1,64}")
 _ENCODED_DEVICE = re.compile(r"x(?:[0-9a-f]{2})*")
 
@@ -245,6 +248,8 @@ class LocalDeletePlugin(Plugin):
 
     def command(self, session, cmd):
         name = cmd.name
+        if name in _LOCAL_DECISIONS and (earlier := self._must_wait_for(session, cmd)):
+            return Defer(defer.Deferred.fromCoroutine(self._after(session, earlier, cmd)))
         if name in _CONDSTORE_ENABLING and not self.state(session).condstore \
                 and _CONDSTORE_ENABLING_RE.search(cmd.line):
             self.state(session).condstore = True
@@ -268,6 +273,38 @@ class LocalDeletePlugin(Plugin):
             if st is not None and st.pending:
                 return _search_with_pending(cmd, st.pending)
         return None
+
+    def _must_wait_for(self, session, cmd) -> list:
+        """The commands in flight that a command of ours must wait for (this plugin decides before the
+        view's, whose waiting does not cover it): a local STORE or a search with marks pending behind a
+        SELECT, EXAMINE, EXPUNGE, MOVE, CLOSE or UNSELECT (its numbers, the view, the mailbox's being
+        read-only and the marks pending are those after it); a local EXPUNGE behind anything (the
+        messages it hides here must not vanish from the answers to commands before it)."""
+        inflight = session.inflight_commands()
+        if not inflight:
+            return []
+        name = cmd.name
+        st = session.state.get(self.name)
+        pending = st is not None and bool(st.pending)
+        if name == b"STORE":
+            concerned = pending or KEYWORD in cmd.line.upper() or self._allowed(session)[1]
+        elif name in (b"EXPUNGE", b"CLOSE"):
+            if pending or self._allowed(session)[1]:
+                return inflight
+            concerned = False
+        else:  # a search
+            concerned = pending
+        if not concerned:
+            return []
+        return [c for c in inflight if (c.client or c).name in _RESELECTING]
+
+    async def _after(self, session, earlier: list, cmd):
+        """``cmd``'s decision once the commands ``earlier`` have completed."""
+        await self._policy().completed(earlier)
+        action = self.command(session, cmd)
+        while isinstance(action, Defer):
+            action = await action.deferred
+        return action
 
     def _store(self, session, cmd, read_only: bool):
         line = cmd.line.rstrip(b"\r\n")

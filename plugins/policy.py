@@ -1306,15 +1306,20 @@ class PolicyPlugin(Plugin):
             return []
         return [c for c in session.inflight_commands() if (c.client or c).name in _EXPUNGING]
 
-    async def _after_done(self, session, others, cmd):
-        """``cmd``'s decision once ``others`` (one command or several, in flight) have completed (in any
-        order: Dovecot runs some pipelined commands side by side)."""
+    @staticmethod
+    async def completed(others) -> None:
+        """Once ``others`` (one command or several, in flight) have completed, in any order (Dovecot runs
+        some pipelined commands side by side). For the plugins that decide before this one, too."""
         waits = []
         for other in (others if isinstance(others, list) else [others]):
             waits.append(defer.Deferred())
-            other.state.setdefault("when_done", []).append(waits[-1])
+            other.state.setdefault("when_done", []).append(waits[-1])  # (fired by tagged())
         for d in waits:
             await d
+
+    async def _after_done(self, session, others, cmd):
+        """``cmd``'s decision once ``others`` (in flight) have completed."""
+        await self.completed(others)
         action = self.command(session, cmd)
         while isinstance(action, Defer):
             action = await action.deferred
