@@ -82,6 +82,8 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "login_timeout": Opt((int, float), 30.0, _positive),
         "command_timeout": Opt((int, float), 60.0, _positive,
                                "an answer the proxy waits for on a connection of its own (side, watch)"),
+        "side_linger": Opt((int, float), 30.0, lambda v: None if v >= 0 else "must be >= 0",
+                           "how long a user's side and watch connections outlive their last session"),
         "username_case": Opt(str, "lower", _one_of("lower", "exact"),
                              "how the backend folds login names (Dovecot's auth_username_format %Lu: lower)"),
     },

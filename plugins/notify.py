@@ -47,7 +47,6 @@ from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, format_tokens, quote, tokenize
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Hold, Plugin, Rewrite
-from cpmproxy.proxy.service import SIDE_LINGER
 from plugins.cpm import NO_SERVER_CHANGE, PREF_NOTIFICATIONS, pref_entry
 from plugins.policy import FOLDERS_TOPIC, FolderVisibility, parse_metadata_prefs, parse_pref_folders
 from plugins.wire import list_name, list_oldname, mailbox_name, token_text, wire_name
@@ -683,7 +682,7 @@ class NotifyPlugin(Plugin):
             watch.sessions.discard(session)
             if not watch.sessions and not self._keep_offline(watch, session):
                 # Kept a little (disarmed): devices reconnect often, and a new backend login costs more.
-                watch.linger(0 if getattr(self.proxy, "stopping", False) else SIDE_LINGER)
+                watch.linger(self.proxy.side_linger())
             watch.refresh()
 
     def _expire_idle(self, user: str) -> None:

@@ -164,6 +164,13 @@ def test_listeners_that_cannot_start_are_refused(tmp_path):
     })
     r = _cli_check(_write(tmp_path, listen("tcp:1143:interface=::1")))
     _one_line_refusal(r, "proxy.listen[0]: invalid endpoint 'tcp:1143:interface=::1': escape the colons")
+    # (Twisted reads dhParameters only when the first client connects: each TLS connection failed then)
+    certs = make_ca_and_cert(tmp_path / "certs")
+    dh = tmp_path / "dh.pem"
+    dh.write_text("not DH parameters\n")
+    desc = f"ssl:1993:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}:dhParameters={dh}"
+    r = _cli_check(_write(tmp_path, listen(desc)))
+    _one_line_refusal(r, f"proxy.listen[0]: invalid endpoint '{desc}': no PEM data")
     # (Twisted's parser fails on a trailing backslash with "generator raised StopIteration": a traceback)
     r = _cli_check(_write(tmp_path, '[proxy]\nlisten = ["tcp:1143\\\\"]\n'))
     _one_line_refusal(r, "proxy.listen[0]: invalid endpoint 'tcp:1143\\\\': cannot be read")

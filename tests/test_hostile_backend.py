@@ -49,6 +49,7 @@ class ScriptedBackend(socketserver.ThreadingTCPServer):
         self.caps = CAPS
         self.received: list[bytes] = []  # every line the server read (literals left out)
         self.connections: list[socket.socket] = []  # in the order they came
+        self.open_connections = 0  # (counted by the handler threads: under the GIL, += is enough here)
         self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), _Handler)
         self.port = self.server_address[1]
@@ -57,6 +58,13 @@ class ScriptedBackend(socketserver.ThreadingTCPServer):
 
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self):
+        self.server.open_connections += 1
+        try:
+            self._serve()
+        finally:
+            self.server.open_connections -= 1
+
+    def _serve(self):
         out = self.connection
         self.server.connections.append(out)
         caps = self.server.caps
@@ -536,3 +544,20 @@ def test_a_backends_temporary_login_failure_is_no_failed_login(fresh_scripted, m
     fresh_scripted.internal = {}
     assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
     c.close()
+
+
+def test_a_login_refused_after_the_hooks_lets_go_of_the_users_connections(fresh_scripted, make_proxy):
+    """A login that failed in the plugins' hooks (here: the preferences read timed out) left the session
+    registered under the user's side connection and watch: they were never closed (the user was forgotten
+    before the session's end could release them)."""
+    fresh_scripted.internal = {b"GETMETADATA": HOLD}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
+                       backend_extra="login_timeout = 1\nside_linger = 0.2")
+    answer, _ = _login_timed(proxy)  # (the client leaves after the NO)
+    assert answer.startswith(b"L NO [UNAVAILABLE]"), answer
+    fresh_scripted.release.set()
+    deadline = time.monotonic() + 5
+    while fresh_scripted.open_connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fresh_scripted.open_connections == 0
+    assert internal_errors(proxy) == 0

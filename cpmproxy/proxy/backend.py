@@ -59,11 +59,11 @@ class AuthFailed(Exception):
         self.response = response
 
 
-# Response codes of a refused login that speak of the credentials (RFC 5530); no code at all counts too.
-# Any other (``NO [UNAVAILABLE]``: the password database is down; ``[SERVERBUG]``, ``[LIMIT]``) is the
-# backend's own trouble: BackendRefused, passed on as it is, with no delay and no failed login counted.
-_CREDENTIAL_CODES = frozenset((b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED", b"PRIVACYREQUIRED",
-                               b"CONTACTADMIN"))
+# Response codes of a refused login that say the backend could not judge the credentials (RFC 5530):
+# ``NO [UNAVAILABLE]`` (its password database is down), ``[SERVERBUG]``, ``[LIMIT]``, ``[INUSE]``. Those are
+# BackendRefused, passed on as they are, with no delay and no failed login counted; any other NO (no
+# code, AUTHENTICATIONFAILED, an ALERT with a password database's reason...) is a failed login.
+_BACKEND_TROUBLE = frozenset((b"UNAVAILABLE", b"SERVERBUG", b"LIMIT", b"INUSE"))
 _NO_CODE = re.compile(rb"NO \[([!#-'*-Z^-z|~]+)")  # (atom characters, "]" excluded)
 
 
@@ -418,7 +418,7 @@ async def login_backend(proto: BackendProtocol, caps: list[bytes], authzid: str,
     if reply.status != b"OK":
         if reply.status == b"NO":
             code = _NO_CODE.match(reply.tagged)
-            if code is not None and code.group(1).upper() not in _CREDENTIAL_CODES:
+            if code is not None and code.group(1).upper() in _BACKEND_TROUBLE:
                 raise BackendRefused("backend refused the login", reply.tagged)
             raise AuthFailed(reply.tagged)
         raise BackendError(f"backend login error: {reply.tagged[:200]!r}")

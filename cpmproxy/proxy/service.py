@@ -235,7 +235,11 @@ def server_endpoint(reactor, desc: str, params: dict[str, str] | None = None, ke
         else:
             _check_params(desc)
         try:
-            return serverFromString(reactor, desc)
+            endpoint = serverFromString(reactor, desc)
+            if (tls := _ssl_endpoint(endpoint)) is not None:
+                # (Twisted reads some files, dhParameters, only when the first client connects.)
+                tls._sslContextFactory.getContext()
+            return endpoint
         except Exception as e:
             raise ConfigError(f"invalid endpoint {desc!r}: {_endpoint_error(e)}") from None
 
@@ -357,7 +361,7 @@ def _endpoint_error(e: Exception) -> str:
     """What Twisted's parser raised, in words."""
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    if isinstance(e, crypto.Error):
+    if isinstance(e, (crypto.Error, SSL.Error)):
         return openssl_reason(e)
     text = str(e)
     if text.startswith("Unknown endpoint type"):
@@ -532,11 +536,6 @@ class SidePool:
             proto.close()
 
 
-# A user's side connection outlives their last session a little: devices reconnect often, and a new
-# backend login costs more than keeping one idle connection for a while.
-SIDE_LINGER = 30.0
-
-
 class EventBus:
     """In-process publish/subscribe between plugins (e.g. "mailbox changed for user U"): changes made
     through this process reach the user's other sessions at once, without waiting for the backend."""
@@ -686,6 +685,11 @@ class ProxyService(service.MultiService):
         """Shutting down: what would linger (backend connections kept for returning devices) goes now."""
         return self._stopping
 
+    def side_linger(self) -> float:
+        """How long a user's side connection (and notification watch) outlives their last session here:
+        devices reconnect often, and a new backend login costs more than an idle connection for a while."""
+        return 0.0 if self._stopping else self.config.backend["side_linger"]
+
     def side_pool(self, session: ClientSession) -> SidePool:
         pool = self._side_pools.get(session.user)
         if pool is None:
@@ -706,7 +710,7 @@ class ProxyService(service.MultiService):
                 if self._side_pools.get(user) is pool and not pool.sessions:
                     del self._side_pools[user]
                     pool.close()
-            pool.close_call = self.reactor.callLater(0 if self._stopping else SIDE_LINGER, close)
+            pool.close_call = self.reactor.callLater(self.side_linger(), close)
 
     def sessions_of(self, user: str) -> set[ClientSession]:
         return set(self.by_user.get(user, ()))

@@ -753,10 +753,7 @@ class ClientSession(Protocol, TimeoutMixin):
                 log.warn("backend unavailable at login: {error} session={session}", error=str(e),
                          session=self.session_id)
                 response = b"NO [UNAVAILABLE] " + UNAVAILABLE
-            self.service.forget_user(self)
-            self.backend = None
-            backend.close()
-            self.user = None
+            self._abandon_login(backend)
             self._resume_preauth(tag + b" " + response + b"\r\n")
             return
         if self.phase != "login":
@@ -765,6 +762,23 @@ class ClientSession(Protocol, TimeoutMixin):
         metrics.logins.labels(result="ok").inc()
         log.info("login user={user} device={device} session={session}", **self._log_fields())
         self._enter_relay(tag)
+
+    def _abandon_login(self, backend) -> None:
+        """Undo a login the hooks did not let through: what they registered under the user (the shared
+        side connection, the notification watch) is let go now, while the user is still known (a session
+        that stayed in them kept that user's connections open for as long as the proxy ran)."""
+        self.service.forget_user(self)
+        self._close_side()
+        for plugin in self.service.hooks.closed:
+            try:
+                plugin.closed(self)
+            except Exception:
+                self._bug(f"plugin {plugin.name} closed hook failed")
+        self.state.clear()
+        self.backend = None
+        backend.close()
+        self.user = None
+        self._credentials = None
 
     async def _login_hooks(self) -> None:
         for plugin in self.service.hooks.login:
