@@ -173,7 +173,8 @@ def test_select_is_decided_at_once_where_nothing_can_be_hidden():
         policy = PolicyPlugin(SimpleNamespace(hooks=SimpleNamespace(plugins=list(plugins))))
         policy.name = "policy"
         session = SimpleNamespace(state={"policy": st}, user="alice", device_id="d1",
-                                  side_command=lambda line: defer.Deferred())  # (never answered here)
+                                  side_command=lambda line: defer.Deferred(),  # (never answered here)
+                                  inflight_commands=lambda: [])
         parsed = parse_command(line[:-2])
         cmd = ClientCommand(parsed.tag, parsed.name, parsed.uid, line, parsed, False)
         return policy.command(session, cmd)
