@@ -68,7 +68,7 @@ _MODIFIED_RE = re.compile(rb"\[MODIFIED ([0-9:,]+)\]", re.I)
 _CONDSTORE_ENABLING = frozenset((b"ENABLE", b"SELECT", b"EXAMINE", b"FETCH", b"STORE", b"SEARCH", b"STATUS"))
 _CONDSTORE_ENABLING_RE = re.compile(rb"CONDSTORE|QRESYNC|MODSEQ|CHANGEDSINCE", re.I)
 _FETCH_UID = fetch_item_pattern(rb"UID (\d+)")
-# Commands this plugin may decide (see _must_wait_for), and those in flight that change what they mean.
+# Commands this plugin may decide (see _must_wait_for), and those in flight that change what a search means.
 _LOCAL_DECISIONS = frozenset((b"STORE", b"EXPUNGE", b"CLOSE")) | SEARCH_COMMANDS
 _RESELECTING = frozenset((b"SELECT", b"EXAMINE", b"EXPUNGE", b"MOVE", b"CLOSE", b"UNSELECT"))
 _SAFE_DEVICE = re.compile(r"[a-z0-9._-]{1,64}")
@@ -276,10 +276,10 @@ class LocalDeletePlugin(Plugin):
 
     def _must_wait_for(self, session, cmd) -> list:
         """The commands in flight that a command of ours must wait for (this plugin decides before the
-        view's, whose waiting does not cover it): a local STORE or a search with marks pending behind a
-        SELECT, EXAMINE, EXPUNGE, MOVE, CLOSE or UNSELECT (its numbers, the view, the mailbox's being
-        read-only and the marks pending are those after it); a local EXPUNGE behind anything (the
-        messages it hides here must not vanish from the answers to commands before it)."""
+        view's, whose waiting does not cover it): a local STORE or EXPUNGE behind anything (their
+        numbers, the view, the mailbox's being read-only are those after the commands before them; and
+        the marks they set or clear, the messages they hide, must not change the answers to those); a
+        search with marks pending behind a SELECT, EXAMINE, EXPUNGE, MOVE, CLOSE or UNSELECT."""
         inflight = session.inflight_commands()
         if not inflight:
             return []
@@ -287,14 +287,11 @@ class LocalDeletePlugin(Plugin):
         st = session.state.get(self.name)
         pending = st is not None and bool(st.pending)
         if name == b"STORE":
-            concerned = pending or KEYWORD in cmd.line.upper() or self._allowed(session)[1]
-        elif name in (b"EXPUNGE", b"CLOSE"):
-            if pending or self._allowed(session)[1]:
-                return inflight
-            concerned = False
-        else:  # a search
-            concerned = pending
-        if not concerned:
+            local = pending or KEYWORD in cmd.line.upper() or self._allowed(session)[1]
+            return inflight if local else []
+        if name in (b"EXPUNGE", b"CLOSE"):
+            return inflight if pending or self._allowed(session)[1] else []
+        if not pending:  # a search
             return []
         return [c for c in inflight if (c.client or c).name in _RESELECTING]
 

@@ -934,3 +934,19 @@ def test_a_local_expunge_waits_for_the_answers_before_it(make_proxy, dovecot):
         assert b"* 1 FETCH (UID %d)\r\n" % uids[0] in got and b"* 2 FETCH (UID %d)\r\n" % uids[1] in got, got
         assert uids_seen(c) == uids[2:]  # (UID 1 here, UID 2 on the server: it had \Deleted there)
     c.close()
+
+
+def test_a_local_mark_shows_only_in_answers_to_the_commands_after_it(make_proxy, dovecot):
+    """The marks are the proxy's: set or cleared when the STORE was read, they showed in (or left) the
+    answers to FETCHes pipelined before it, which the backend had not answered yet."""
+    p = make_proxy()
+    folder, uids = folder_with(dovecot, 3)
+    c = device(p, "A")
+    select(c, folder)
+    for _ in range(3):
+        got = pipelined(c, [b"FETCH 1:* (FLAGS)", b"STORE 2 +FLAGS.SILENT ($LocalDelete \\Deleted)",
+                            b"FETCH 2 (FLAGS)", b"STORE 2 -FLAGS.SILENT ($LocalDelete \\Deleted)", b"FETCH 2 (FLAGS)"])
+        fetched = [r for r in got if r.startswith(b"* 2 FETCH")]
+        assert fetched == [b"* 2 FETCH (FLAGS (\\Recent))\r\n", b"* 2 FETCH (FLAGS (\\Recent \\Deleted $LocalDelete))\r\n",
+                           b"* 2 FETCH (FLAGS (\\Recent))\r\n"], got
+    c.close()
