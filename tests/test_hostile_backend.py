@@ -561,3 +561,11 @@ def test_a_login_refused_after_the_hooks_lets_go_of_the_users_connections(fresh_
         time.sleep(0.05)
     assert fresh_scripted.open_connections == 0
     assert internal_errors(proxy) == 0
+
+
+def test_health_probes_a_moment_apart_share_one_backend_connection(fresh_scripted, make_proxy):
+    from tests.test_ops import health
+
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none", plugins=[])
+    assert [health(proxy)[0] for _ in range(5)] == [200] * 5
+    assert len(fresh_scripted.connections) == 1  # (HEALTH_CACHE: 5 s)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -249,6 +250,24 @@ def test_metrics_endpoint(proxy):
     assert 'cpmproxy_logins_total{result="failed"}' in body
     assert 'cpmproxy_commands_total{command="login"}' in body
     assert "cpmproxy_client_bytes_sent_total" in body
+
+
+def health(p) -> tuple[int, str]:
+    try:
+        r = urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/healthz", timeout=15)
+        return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_health_endpoint_says_whether_the_backend_answers(make_proxy, proxy, tmp_path):
+    """``/healthz`` on the metrics listener, for a load balancer: 200 while the backend greets the proxy
+    (over the configured TLS), 503 with the reason while it does not."""
+    status, text = health(proxy)
+    assert status == 200 and text.startswith("ok: backend 127.0.0.1:"), (status, text)
+    closed = make_proxy(backend_port=free_port(), backend_tls="none")  # (nothing listens there)
+    status, text = health(closed)
+    assert status == 503 and text.startswith("backend unavailable: cannot connect to backend"), (status, text)
 
 
 def test_logs_never_contain_passwords(proxy):

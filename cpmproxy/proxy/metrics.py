@@ -7,7 +7,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.twisted import MetricsResource
 from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 # Commands get a label of their own only if they are IMAP's; anything else is "other" (bounded cardinality).
 _KNOWN_COMMANDS = frozenset(
@@ -60,11 +60,40 @@ class Metrics:
         counts = self.command_counts
         counts[label] = counts.get(label, 0) + 1
 
-    def listen(self, reactor, endpoint: str):
+    def listen(self, reactor, endpoint: str, health=None):
+        """Serve ``/metrics`` (and ``/``), and ``/healthz`` when ``health`` is given: a function that
+        fires with (HTTP status, one line of text)."""
         root = Resource()
         root.putChild(b"metrics", MetricsResource(registry=self.registry))
         root.putChild(b"", MetricsResource(registry=self.registry))
+        if health is not None:
+            root.putChild(b"healthz", _HealthResource(health))
         return serverFromString(reactor, endpoint).listen(Site(root))
+
+
+class _HealthResource(Resource):
+    """For a load balancer's or an orchestrator's probe: 200 while the proxy serves and its backend
+    answers, 503 with the reason otherwise."""
+
+    isLeaf = True
+
+    def __init__(self, health) -> None:
+        super().__init__()
+        self.health = health
+
+    def render_GET(self, request):
+        def answer(result):
+            code, text = result
+            if request.finished or request._disconnected:
+                return
+            request.setResponseCode(code)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            request.setHeader(b"Cache-Control", b"no-store")
+            request.write(text.encode() + b"\n")
+            request.finish()
+
+        self.health().addCallback(answer)
+        return NOT_DONE_YET
 
 
 class _RelayCollector:

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from cpmproxy import __version__
 from cpmproxy.config import Config, ConfigError, load_config
-from cpmproxy.proxy.backend import backend_tls_options
+from cpmproxy.proxy.backend import backend_tls_options, connect_backend
 from cpmproxy.proxy.hooks import Plugin, overrides
 from cpmproxy.proxy.metrics import Metrics
 from cpmproxy.proxy.session import ClientSession
@@ -536,6 +536,8 @@ class SidePool:
             proto.close()
 
 
+HEALTH_CACHE = 5.0  # seconds a backend probe's answer serves /healthz
+
 class EventBus:
     """In-process publish/subscribe between plugins (e.g. "mailbox changed for user U"): changes made
     through this process reach the user's other sessions at once, without waiting for the backend."""
@@ -586,6 +588,9 @@ class ProxyService(service.MultiService):
         self._stopping = False
         self._side_pools: dict[str, SidePool] = {}
         self._shared: dict[tuple, tuple] = {}
+        self._health: tuple | None = None  # (when, (status, text)) of the last backend probe
+        self._health_probe: defer.Deferred | None = None
+        self._health_waiting: list[defer.Deferred] = []
 
     # -- listeners ------------------------------------------------------------------------------
 
@@ -607,11 +612,43 @@ class ProxyService(service.MultiService):
             log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
         if self.config.metrics["listen"]:
             _check_endpoint(self.config.metrics["listen"])
-            port = yield self.metrics.listen(self.reactor, self.config.metrics["listen"])
+            port = yield self.metrics.listen(self.reactor, self.config.metrics["listen"], self.health)
             self.ports.append(port)
             log.info("metrics on {desc}", desc=self.config.metrics["listen"])
         freeze_startup_heap()
         return self.ports
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def health(self) -> defer.Deferred:
+        """(HTTP status, text) for ``/healthz``: 503 while shutting down or while the backend does not
+        greet (a connection of the proxy's own, as a login's: TCP, TLS, greeting, within connect_timeout).
+        The backend's answer is kept ``HEALTH_CACHE`` seconds, and probes meanwhile share it: a balancer
+        polling every second costs the backend one connection per few seconds."""
+        if self._stopping:
+            return defer.succeed((503, "stopping: the proxy is shutting down"))
+        now = self.reactor.seconds()
+        if self._health is not None and now - self._health[0] < HEALTH_CACHE:
+            return defer.succeed(self._health[1])
+        if self._health_probe is None:
+            self._health_probe = defer.Deferred.fromCoroutine(self._probe_backend())
+        d: defer.Deferred = defer.Deferred()
+        self._health_waiting.append(d)
+        return d
+
+    async def _probe_backend(self) -> None:
+        b = self.config.backend
+        try:
+            proto, _ = await connect_backend(self.reactor, self.config)
+            proto.close()
+            result = (200, f"ok: backend {b['host']}:{b['port']} answers")
+        except Exception as e:  # (BackendError, TLS errors...: all mean "not now")
+            result = (503, f"backend unavailable: {e}")
+        self._health = (self.reactor.seconds(), result)
+        self._health_probe = None
+        waiting, self._health_waiting = self._health_waiting, []
+        for d in waiting:
+            d.callback(result)
 
     # -- admission control ----------------------------------------------------------------------
 
