@@ -308,6 +308,20 @@ _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 _VANISHED_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?VANISHED(?:\s[^()]*)?\)\s*$", re.IGNORECASE)
 _SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT", b"THREAD"))  # (unless UID)
 _EXPUNGING = frozenset((b"EXPUNGE", b"MOVE", b"CLOSE"))  # (UID EXPUNGE, UID MOVE too)
+MAX_KEY_DEPTH = 100  # NOT/OR nesting in a search the view rewrites
+_SET_LIKE_RE = re.compile(rb"[0-9:,*]+")
+_NOT_OFFERED = frozenset((b"CONTEXT=SEARCH", b"CONTEXT=SORT", b"CATENATE", b"URL-PARTIAL"))
+_URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
+# The CATENATE keyword of an APPEND, outside quoted strings (a mailbox name may say anything).
+_CATENATE_RE = re.compile(rb'"(?:[^"\\]|\\.)*"|(?<![^\s(])CATENATE(?=[\s(])', re.I)
+
+
+def _has_catenate(text: bytes) -> bool:
+    return any(m.group(0)[:1] != b'"' for m in _CATENATE_RE.finditer(text))
+
+
+def _refuse_catenate(segment: bytes) -> bytes:
+    return _CATENATE_RE.sub(lambda m: m.group(0) if m.group(0)[:1] == b'"' else b"CATENATE-REFUSED", segment)
 # FETCH items that set \Seen (RFC 9051 6.4.5): BODY[...] and BINARY[...] without .PEEK, RFC822, RFC822.TEXT.
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
@@ -432,8 +446,9 @@ class PolicyPlugin(Plugin):
 
     def capabilities(self, session, caps):
         # CONTEXT=SEARCH/SORT (RFC 5267): results the backend updates on its own later (ADDTO/REMOVEFROM
-        # as messages arrive, which may be hidden ones) are not renumbered on the view. Not offered.
-        return [c for c in caps if c.upper() not in (b"CONTEXT=SEARCH", b"CONTEXT=SORT")]
+        # as messages arrive, which may be hidden ones) are not renumbered on the view. IMAP URLs
+        # (CATENATE, URLAUTH, URL-PARTIAL) name folders and UIDs the view does not check. Not offered.
+        return [c for c in caps if c.upper() not in _NOT_OFFERED and not c.upper().startswith(b"URLAUTH")]
 
     # -- folders --------------------------------------------------------------------------------
 
@@ -617,6 +632,13 @@ class PolicyPlugin(Plugin):
             return self._metadata_command(session, st, cmd)
         if name in (b"LIST", b"LSUB"):
             return Defer(defer.Deferred.fromCoroutine(self._before_list(session, st, cmd)))
+        if name in _URL_COMMANDS or (name == b"APPEND" and _has_catenate(cmd.line)):
+            # (Refused, as not offered: an IMAP URL reads any folder and UID, past the view.)
+            return Answer(b"NO [CANNOT] IMAP URLs (CATENATE, URLAUTH) are not available here.")
+        if name == b"APPEND" and cmd.has_literal:
+            # A MULTIAPPEND's later messages come in later segments: a CATENATE there makes the backend
+            # refuse the whole command (it saves none of its messages).
+            cmd.state.setdefault("later_segments", []).append(_refuse_catenate)
         if name in _MAILBOX_ARG:
             if _literal_mailbox(cmd):
                 # The name is a literal: let the proxy gather it (for APPEND only the name, not the message).
@@ -1204,7 +1226,8 @@ class PolicyPlugin(Plugin):
             try:
                 requested = SequenceSet.parse(token)
             except SequenceSetError:
-                return None  # the backend answers BAD
+                # (Never passed on: the backend may read it, "01" in Dovecot, in its own numbers.)
+                return Answer(b"BAD [CLIENTBUG] Invalid sequence set.")
             if cmd.uid:
                 allowed = view.visible_uidset(requested)
                 # A FETCH of a body section without .PEEK sets \Seen: hidden messages must not get it.
@@ -2289,8 +2312,10 @@ def _client_star(view: MailboxView, token):
     return Atom(uids.resolve(visible[-1]).format()) if visible else token
 
 
-def _one_key(view: MailboxView, tokens: list, i: int):
+def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0):
     t = tokens[i]
+    if depth > MAX_KEY_DEPTH:  # (NOT NOT NOT ...: each one a level of recursion here)
+        raise TokenError("search criteria nested too deeply")
     if isinstance(t, ParenList):
         return [ParenList(rewrite_search_keys(view, t.items))], i + 1
     if not isinstance(t, Atom):
@@ -2304,15 +2329,18 @@ def _one_key(view: MailboxView, tokens: list, i: int):
             return [t, _client_star(view, tokens[i + 1])], i + 2
         return tokens[i:i + 1 + n], i + 1 + n
     if key == b"NOT":
-        sub, j = _one_key(view, tokens, i + 1) if i + 1 < len(tokens) else ([], i + 1)
+        sub, j = _one_key(view, tokens, i + 1, depth + 1) if i + 1 < len(tokens) else ([], i + 1)
         return [t] + sub, j
     if key == b"OR":
-        a, j = _one_key(view, tokens, i + 1) if i + 1 < len(tokens) else ([], i + 1)
-        b, k = _one_key(view, tokens, j) if j < len(tokens) else ([], j)
+        a, j = _one_key(view, tokens, i + 1, depth + 1) if i + 1 < len(tokens) else ([], i + 1)
+        b, k = _one_key(view, tokens, j, depth + 1) if j < len(tokens) else ([], j)
         return [t] + a + b, k
     try:
         s = SequenceSet.parse(t.value)
     except SequenceSetError:
+        if _SET_LIKE_RE.fullmatch(t.value):
+            # A set the backend may read after all (Dovecot takes "01"), in its numbers, not the view's.
+            raise TokenError(f"invalid sequence set {t.value[:40]!r}") from None
         return [t], i + 1
     mapped = view.backend_seqset(s)
     # Nothing visible matches: a number past the end matches nothing on the backend either.

@@ -42,6 +42,7 @@ from twisted.web.http_headers import Headers
 
 from cpmproxy.config import ConfigError, has_type, unknown_key, wrong_type
 from cpmproxy.imap.seqset import SequenceSet
+from cpmproxy.imap.tokens import quote
 from cpmproxy.proxy.hooks import Plugin
 from cpmproxy.tlstrust import trust_from_file
 from plugins.cpm import PREFIX
@@ -57,12 +58,12 @@ _IDS_KEPT = 10000  # ids of recent events remembered, so that a change is pushed
 _MODSEQS_KEPT = 100000  # (user, mailbox) pairs whose last HIGHESTMODSEQ is remembered (oldest forgotten)
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII except ":"
 _FETCHED_HEADERS = re.compile(rb"UID (\d+)[^{]*\{(\d+)\}\r\n", re.S)
-_SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "max_retries": int,
+_SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "max_devices": int, "max_retries": int,
              "backoff": (int, float), "max_backoff": (int, float), "offline_watch": (int, float), "include_headers": list}
 
 
 # The sender's numbers and their least values (max_queue = 0 failed at the first event).
-_AT_LEAST = {"max_queue": 1, "max_retries": 0, "backoff": 0, "max_backoff": 0}
+_AT_LEAST = {"max_queue": 1, "max_devices": 1, "max_retries": 0, "backoff": 0, "max_backoff": 0}
 
 
 def _check_ranges(settings: dict) -> None:
@@ -105,6 +106,7 @@ class PushPlugin(Plugin):
         self.ca_file = settings.get("ca_file", "")
         self.timeout = settings.get("timeout", 10.0)
         self.max_queue = settings.get("max_queue", 10000)
+        self.max_devices = settings.get("max_devices", 100)  # recorded per user (each login reads them)
         self.max_retries = settings.get("max_retries", 10)
         self.backoff = settings.get("backoff", 1.0)
         self.max_backoff = settings.get("max_backoff", 300.0)
@@ -146,7 +148,7 @@ class PushPlugin(Plugin):
         Dovecot, which every watch of the user hears of, so writing it at every login costs the backend a
         write and every node a check of a change that is none (``_build``)."""
         key = device_key(session.device_id)
-        value = session.device_id.replace("\\", "").replace('"', "")
+        value = session.device_id
         reply = await session.side_command(b'GETMETADATA (DEPTH 1) "" (' + DEVICES.encode() + b")")
         prefix = DEVICES.lower() + "/"
         entries: dict[str, str] = {}
@@ -158,7 +160,14 @@ class PushPlugin(Plugin):
             log.warn("reading the devices of {user} failed: {r}", user=session.user, r=reply.tagged[:200])
         if reply.status == b"OK" and entries.get(key.lower()) != value:
             entry = f"{DEVICES}/{key}".encode()
-            written = await session.side_command(b'SETMETADATA "" (' + entry + b' "' + value.encode() + b'")')
+            if len(entries) >= self.max_devices and key.lower() not in entries:
+                log.warn("device {device} of {user} not recorded: the user has {n} devices recorded already "
+                         "([plugin.push] max_devices)", device=session.device_id, user=session.user, n=len(entries))
+                self.devices[session.user] = {v for v in entries.values() if v}
+                return
+            # (A quoted string, or a literal+ for 8-bit text: ID values have no control characters.)
+            written = await session.side_command(b'SETMETADATA "" (' + entry + b" "
+                                                 + quote(value, non_sync=True) + b")")
             if written.status != b"OK":
                 log.warn("recording device {device} of {user} failed: {r}", device=session.device_id,
                          user=session.user, r=written.tagged[:200])

@@ -101,6 +101,10 @@ def _token_bytes(tok: Any) -> bytes | None:
     return None
 
 
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+MAX_DEVICE_ID = 128  # characters
+
+
 def _token_str(tok: Any) -> str | None:
     v = _token_bytes(tok)
     return None if v is None else v.decode("utf-8", "replace")
@@ -583,6 +587,10 @@ class ClientSession(Protocol, TimeoutMixin):
         if fields is None:
             self._reply(tag, b"BAD [CLIENTBUG] Invalid ID parameters.")
             return
+        if len(fields.get(self.config.proxy["device_id_field"].lower()) or "") > MAX_DEVICE_ID:
+            # (It names METADATA entries and push records: bounded like any other input.)
+            self._reply(tag, b"BAD [CLIENTBUG] The device id is longer than %d characters." % MAX_DEVICE_ID)
+            return
         self.client_id = fields
         self._update_device_id()
         ours = b"* ID " + id_list([("name", "cpmproxy"), ("version", self.service.version)]) + b"\r\n"
@@ -601,12 +609,14 @@ class ClientSession(Protocol, TimeoutMixin):
         items = arg.items
         for i in range(0, len(items), 2):
             k = _token_str(items[i])
-            v = items[i + 1]
-            if k is None or len(k) > 30:
+            v = None if isinstance(items[i + 1], Nil) else _token_str(items[i + 1])
+            if k is None or len(k) > 30 or _CONTROL_RE.search(k):
                 return None
-            fields[k.lower()] = None if isinstance(v, Nil) else _token_str(v)
-            if fields[k.lower()] is not None and len(fields[k.lower()]) > 1024:
+            # (Informational text, RFC 2971: no control characters. A literal can carry CR LF, which the
+            # values would take into the proxy's own commands and logs.)
+            if v is not None and (len(v) > 1024 or _CONTROL_RE.search(v)):
                 return None
+            fields[k.lower()] = v
         return fields
 
     def _update_device_id(self) -> None:
@@ -670,6 +680,10 @@ class ClientSession(Protocol, TimeoutMixin):
     # -- login ----------------------------------------------------------------------------------
 
     def _start_login(self, tag: bytes, authzid: str, user: str, password: str) -> None:
+        if _CONTROL_RE.search(user) or _CONTROL_RE.search(authzid):
+            # (No user name has them; a literal can carry CR LF, which would forge lines in the logs.)
+            self._reply(tag, b"BAD [CLIENTBUG] Invalid user name.")
+            return
         self.phase = "login"
         self.transport.pauseProducing()  # pipelined commands wait in the socket, not in memory
         d = defer.Deferred.fromCoroutine(self._login(tag, authzid, user, password))

@@ -1,0 +1,182 @@
+"""What a hostile client tried, found by a security review (2026-11-27): values of its own that reached the
+proxy's commands to the backend, and ways past the view that the backend reads otherwise than the proxy.
+
+Real Dovecot and proxy processes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from cpmproxy.testing.rawclient import RawIMAP
+from cpmproxy.testing.sample import make_object
+from tests.proxyfix import raw_via
+from tests.test_hostile_backend import internal_errors
+from tests.test_notify import _Receiver
+from tests.test_push_admin import _push_config
+
+DEVICES = b"/private/vendor/vendor.cpmproxy/devices"
+
+
+def ensure_user(dovecot, name: str) -> None:
+    """A user of these tests' own, once Dovecot takes the login (it rereads its passwd-file at most once
+    a second)."""
+    if name in dovecot.users:
+        return
+    dovecot.add_user(name, f"{name}pw")
+    deadline = time.monotonic() + 5
+    while True:
+        c = RawIMAP("127.0.0.1", dovecot.port)
+        ok = c.login(name, f"{name}pw")[-1].startswith(b"L OK")
+        c.close()
+        if ok or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(autouse=True)
+def erin(dovecot):
+    ensure_user(dovecot, "erin")
+
+
+def login(p, user: str = "erin", device: bytes = b"phone") -> RawIMAP:
+    c = raw_via(p)
+    assert c.command(b"i", b'ID ("x-cpm-device-id" "%s")' % device)[-1].startswith(b"i OK")
+    assert c.login(user, f"{user}pw")[-1].startswith(b"L OK")
+    return c
+
+
+def folders(dovecot, user: str) -> list[str]:
+    d = dovecot.imap_direct(user, tls="none")
+    names = [name for _, _, name in d.list_folders()]
+    d.logout()
+    return names
+
+
+def test_id_values_with_control_characters_are_refused(make_proxy, dovecot, proxy_certs):
+    """A device id in a literal carried CR LF into the push plugin's SETMETADATA on the user's side
+    connection: the lines after it ran there as commands of their own, past every hook (an EXAMINE of an
+    excluded folder and a COPY out of it, a CREATE)."""
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    try:
+        p = make_proxy(config_extra=_push_config(receiver, proxy_certs, offline_watch=0))
+        marker = "Injected" + uuid.uuid4().hex[:6]
+        evil = b'zz"\r\nX1 CREATE ' + marker.encode() + b'\r\nX2 NOOP'
+        c = raw_via(p)
+        r = c.command(b"i", b'ID ("x-cpm-device-id" {%d+}\r\n%s)' % (len(evil), evil))
+        assert r[-1].startswith(b"i BAD [CLIENTBUG] Invalid ID parameters."), r
+        long_id = b"d" * 129
+        r = c.command(b"j", b'ID ("x-cpm-device-id" "%s")' % long_id)
+        assert r[-1].startswith(b"j BAD [CLIENTBUG] The device id is longer than 128"), r
+        assert c.login("erin", "erinpw")[-1].startswith(b"L OK")
+        c.close()
+        # A device id the quoted form cannot carry (quotes, 8-bit) is recorded as it is, as one value.
+        odd = 'tab"let\\ \u00e9'.encode()
+        c = raw_via(p)
+        r = c.command(b"i", b'ID ("x-cpm-device-id" {%d+}\r\n%s)' % (len(odd), odd))
+        assert r[-1].startswith(b"i OK"), r
+        assert c.login("erin", "erinpw")[-1].startswith(b"L OK")
+        c.close()
+        assert marker not in folders(dovecot, "erin")
+        d = RawIMAP("127.0.0.1", dovecot.port)
+        d.login("erin", "erinpw")
+        r = d.command(b"m", b'GETMETADATA (DEPTH 1) "" (' + DEVICES + b")")
+        assert odd in b"".join(r), r
+        d.close()
+        assert "Traceback" not in p.log()
+    finally:
+        receiver.stop()
+
+
+def test_user_names_with_control_characters_are_refused(make_proxy):
+    """A CR in a user name (a literal) forged lines in the proxy's text log ("login user=admin ...")."""
+    p = make_proxy()
+    c = raw_via(p)
+    name = b"x\rlogin user=admin device=x"
+    r = c.command(b"L", b"LOGIN {%d+}\r\n%s pw" % (len(name), name))
+    assert r[-1].startswith(b"L BAD [CLIENTBUG] Invalid user name."), r
+    c.close()
+    assert "user=admin" not in p.log()
+
+
+def test_inbox_children_are_excluded_in_any_case(make_proxy, dovecot):
+    """The backend takes "inbox/Private" for "INBOX/Private"; the policy compared the name as written."""
+    dovecot.deliver("erin", "INBOX/Private", make_object("chat", text="private"))
+    p = make_proxy(config_extra='[policy]\nexclude_folders = ["INBOX/Private"]\n')
+    c = login(p)
+    for spelling in (b"inbox/Private", b"Inbox/Private", b"INBOX/Private"):
+        r = c.command(b"s", b'STATUS "%s" (MESSAGES)' % spelling)
+        assert r[-1].startswith(b"s NO [NONEXISTENT]"), (spelling, r)
+        r = c.command(b"e", b'EXAMINE "%s"' % spelling)
+        assert r[-1].startswith(b"e NO [NONEXISTENT]"), (spelling, r)
+    c.close()
+
+
+def test_imap_urls_are_neither_offered_nor_taken(make_proxy, dovecot):
+    """APPEND ... CATENATE (URL "/Secret/;UID=1") copied a message out of an excluded folder (and a hidden
+    message's text out of a visible one); URLs name folders and UIDs the view never checks."""
+    dovecot.deliver("erin", "Secret", make_object("chat", text="secret"))
+    p = make_proxy(config_extra='[policy]\nexclude_folders = ["Secret"]\n')
+    c = login(p)
+    caps = c.command(b"c", b"CAPABILITY")[0].upper()
+    assert b" CATENATE" not in caps and b"URL-PARTIAL" not in caps and b"URLAUTH" not in caps, caps
+    r = c.command(b"a", b'APPEND INBOX CATENATE (URL "/Secret/;UID=1")')
+    assert r[-1].startswith(b"a NO [CANNOT]"), r
+    r = c.command(b"u", b'URLFETCH "imap://erin@localhost/Secret/;UID=1"')
+    assert r[-1].startswith(b"u NO [CANNOT]"), r
+    # A MULTIAPPEND whose second message is a CATENATE: the whole command refused, nothing saved.
+    before = c.command(b"s", b"STATUS INBOX (MESSAGES)")[0]
+    msg = make_object("chat", text="first")
+    r = c.command(b"m", b'APPEND INBOX {%d+}\r\n%s CATENATE (URL "/Secret/;UID=1")' % (len(msg), msg))
+    assert r[-1].startswith(b"m BAD") or r[-1].startswith(b"m NO"), r
+    assert c.command(b"s", b"STATUS INBOX (MESSAGES)")[0] == before
+    c.close()
+
+
+def test_sequence_sets_the_view_cannot_read_are_refused(make_proxy, dovecot):
+    """Dovecot reads "01" as 1; the view could not parse it and passed the command on in the client's
+    numbers: as UID 01 a hidden message was flagged \\Deleted and expunged, by number the backend's
+    message 1 (a hidden one) was touched."""
+    folder = "Default/tel:+1666" + uuid.uuid4().hex[:6]
+    for kind in ("imdn", "chat", "chat"):
+        dovecot.deliver("erin", folder, make_object(kind))
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
+    c = login(p)
+    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder.encode())
+    for tag, command in ((b"a", b"UID STORE 01 +FLAGS (\\Deleted)"), (b"b", b"STORE 01 +FLAGS (\\Flagged)"),
+                         (b"c", b"UID COPY 01 INBOX"), (b"d", b"COPY 01:2 INBOX"), (b"e", b"SEARCH 01"),
+                         (b"f", b"UID EXPUNGE 01")):
+        r = c.command(tag, command)
+        assert r[-1].startswith(tag + b" BAD [CLIENTBUG]"), (command, r)
+    # Criteria nested past what the view rewrites: refused, not a traceback per command in the log.
+    r = c.command(b"n", b"UID SEARCH " + b"NOT " * 1200 + b"ALL")
+    assert r[-1].startswith(b"n BAD [CLIENTBUG]"), r
+    c.close()
+    d = dovecot.imap_direct("erin", tls="none")
+    d.select_folder(folder, readonly=True)
+    assert d.get_flags([1]) == {1: ()}, "the hidden IMDN must not be touched"
+    d.logout()
+    assert internal_errors(p) == 0 and "Traceback" not in p.log()
+
+
+def test_a_users_recorded_devices_are_bounded(make_proxy, dovecot, proxy_certs):
+    """Every new device id was recorded for good (METADATA read at every login of the user, listed in every
+    push): a client making up ids grew them without bound."""
+    ensure_user(dovecot, "frank")
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    try:
+        p = make_proxy(config_extra=_push_config(receiver, proxy_certs, offline_watch=0) + "max_devices = 2\n")
+        for i in range(4):
+            login(p, "frank", b"made-up-%d" % i).close()
+        d = RawIMAP("127.0.0.1", dovecot.port)
+        d.login("frank", "frankpw")
+        recorded = b"".join(d.command(b"m", b'GETMETADATA (DEPTH 1) "" (' + DEVICES + b")"))
+        d.close()
+        assert [i for i in range(4) if b"made-up-%d" % i in recorded] == [0, 1], recorded
+        assert "not recorded: the user has 2 devices recorded already" in p.log()
+    finally:
+        receiver.stop()
