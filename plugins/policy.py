@@ -90,6 +90,12 @@ _POLICY_KEYS = {
 }
 
 
+def _inbox_pattern(pattern: str) -> str:
+    if pattern[:5].upper() == "INBOX" and pattern[5:6] in ("", "/", "*", "?", "["):
+        return "INBOX" + pattern[5:]
+    return pattern
+
+
 @functools.lru_cache(maxsize=4096)
 def _matches_any(name: str, patterns: tuple[str, ...]) -> bool:
     """Glob matching, remembered: every SELECT asks the same few questions (17 preference keys)."""
@@ -108,6 +114,11 @@ class Policy:
     local_delete: bool = True
     notifications: str = "allowed"
     delete_mode: str = "normal"
+
+    def __post_init__(self) -> None:
+        # Folder patterns name INBOX as mailbox_name spells it ("inbox/*" means "INBOX/*").
+        for key in ("folders", "exclude_folders"):
+            object.__setattr__(self, key, tuple(_inbox_pattern(p) for p in getattr(self, key)))
 
     def default_sync(self, kind: str) -> bool:
         for k, value in self.sync:
@@ -312,16 +323,44 @@ MAX_KEY_DEPTH = 100  # NOT/OR nesting in a search the view rewrites
 _SET_LIKE_RE = re.compile(rb"[0-9:,*]+")
 _NOT_OFFERED = frozenset((b"CONTEXT=SEARCH", b"CONTEXT=SORT", b"CATENATE", b"URL-PARTIAL"))
 _URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
-# The CATENATE keyword of an APPEND, outside quoted strings (a mailbox name may say anything).
-_CATENATE_RE = re.compile(rb'"(?:[^"\\]|\\.)*"|(?<![^\s(])CATENATE(?=[\s(])', re.I)
+_LITERAL_OR_QUOTED_RE = re.compile(rb'~?\{(\d+)\+?\}\r\n|"(?:[^"\\]|\\.)*"')
+_APPEND_TOKEN_RE = re.compile(rb"\(|\)|[^\s()]+")
 
 
-def _has_catenate(text: bytes) -> bool:
-    return any(m.group(0)[:1] != b'"' for m in _CATENATE_RE.finditer(text))
+def _append_tokens(text: bytes) -> list[re.Match]:
+    """The tokens of an APPEND's text (parentheses apart), quoted strings and literals (gathered inline)
+    blanked to one token each: a mailbox name or a date may hold anything."""
+    blank = bytearray(text)
+    pos = 0
+    while (m := _LITERAL_OR_QUOTED_RE.search(text, pos)) is not None:
+        end = m.end() + int(m.group(1)) if m.group(1) is not None else m.end()
+        blank[m.start():end] = b"x" * (min(end, len(text)) - m.start())
+        pos = end
+    return list(_APPEND_TOKEN_RE.finditer(bytes(blank)))
 
 
-def _refuse_catenate(segment: bytes) -> bytes:
-    return _CATENATE_RE.sub(lambda m: m.group(0) if m.group(0)[:1] == b'"' else b"CATENATE-REFUSED", segment)
+def _catenate_url(text: bytes) -> bool:
+    """Whether an APPEND's first segment (literals gathered inline) makes its message of CATENATE parts
+    with an IMAP URL among them (RFC 4469: ``CATENATE (TEXT {n} URL "/Secret/;UID=1")``). The keyword is
+    found by position (after the mailbox, its flag list and date if any): a mailbox or a flag may be
+    called CATENATE. TEXT parts alone are the client's own bytes, and pass."""
+    tokens = _append_tokens(text)
+    i = 3  # (tag, APPEND, the mailbox)
+    if i < len(tokens) and tokens[i].group(0) == b"(":  # the flag list
+        while i < len(tokens) and tokens[i].group(0) != b")":
+            i += 1
+        i += 1
+    if i < len(tokens) and text[tokens[i].start():tokens[i].start() + 1] == b'"':  # the date
+        i += 1
+    if i >= len(tokens) or tokens[i].group(0).upper() != b"CATENATE":
+        return False
+    return any(t.group(0).upper() == b"URL" for t in tokens[i + 1:])
+
+
+def _refuse_urls(segment: bytes) -> bytes | None:
+    """A later segment of an APPEND (after a literal: the next part of a CATENATE, a MULTIAPPEND's next
+    message) as it is, or None (the command refused) when it has a URL part."""
+    return None if any(t.group(0).upper() == b"URL" for t in _append_tokens(segment)) else segment
 # FETCH items that set \Seen (RFC 9051 6.4.5): BODY[...] and BINARY[...] without .PEEK, RFC822, RFC822.TEXT.
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
@@ -632,13 +671,13 @@ class PolicyPlugin(Plugin):
             return self._metadata_command(session, st, cmd)
         if name in (b"LIST", b"LSUB"):
             return Defer(defer.Deferred.fromCoroutine(self._before_list(session, st, cmd)))
-        if name in _URL_COMMANDS or (name == b"APPEND" and _has_catenate(cmd.line)):
+        if name in _URL_COMMANDS or (name == b"APPEND" and _catenate_url(cmd.line)):
             # (Refused, as not offered: an IMAP URL reads any folder and UID, past the view.)
-            return Answer(b"NO [CANNOT] IMAP URLs (CATENATE, URLAUTH) are not available here.")
+            return Answer(b"NO [CANNOT] IMAP URLs (CATENATE URL parts, URLAUTH) are not available here.")
         if name == b"APPEND" and cmd.has_literal:
-            # A MULTIAPPEND's later messages come in later segments: a CATENATE there makes the backend
-            # refuse the whole command (it saves none of its messages).
-            cmd.state.setdefault("later_segments", []).append(_refuse_catenate)
+            # What follows a literal (a CATENATE's next parts, a MULTIAPPEND's next messages) comes in
+            # later segments: a URL part there makes the backend refuse the whole command.
+            cmd.state.setdefault("later_segments", []).append(_refuse_urls)
         if name in _MAILBOX_ARG:
             if _literal_mailbox(cmd):
                 # The name is a literal: let the proxy gather it (for APPEND only the name, not the message).

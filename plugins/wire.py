@@ -57,17 +57,13 @@ def token_text(tok) -> bytes | None:
     return None
 
 
-HIERARCHY_SEPARATOR = b"/"  # the CPM folder layout's (conf/dovecot/90-cpmproxy.conf, DESIGN.md)
-
-
 def mailbox_name(raw: bytes) -> str:
     """A mailbox name as the backend spells it (modified UTF-7) as text, INBOX and the names below it
     in the one spelling the backend takes them in whatever their case ("inbox/Private" is
     "INBOX/Private": policy patterns must not see another name than the backend opens)."""
-    if raw[:5].upper() == b"INBOX" and raw[5:6] in (b"", HIERARCHY_SEPARATOR):
-        raw = b"INBOX" + raw[5:]
-        if len(raw) == 5:
-            return "INBOX"
+    raw = mutf7.fold_inbox(raw)
+    if raw == b"INBOX":
+        return "INBOX"
     try:
         return mutf7.decode(raw)
     except ValueError:

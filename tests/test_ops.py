@@ -403,3 +403,41 @@ def test_reload_turns_the_watch_connections_off_and_on(make_proxy, dovecot):
         assert b.until_tagged(b"t")[-1].startswith(b"t OK")
     finally:
         b.close()
+
+
+def test_health_probes_that_fail_at_once_or_hang_still_answer(tmp_path, monkeypatch):
+    """A probe that failed without waiting left a fired probe behind: that request and every one after
+    the cache were never answered. A backend that connects and then says nothing is unhealthy within
+    connect_timeout."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from cpmproxy.config import ConfigError, load_config
+    from cpmproxy.proxy import service as service_module
+    from cpmproxy.proxy.service import ProxyService
+
+    path = tmp_path / "c.toml"
+    path.write_text('plugins = []\n[proxy]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                    '[backend]\nport = 1\nconnect_timeout = 2\n')
+    clock = Clock()
+    svc = ProxyService(load_config(path), reactor=clock)
+
+    async def fails_at_once(reactor, config):
+        raise ConfigError("backend.ca_file: cannot be read")
+
+    monkeypatch.setattr(service_module, "connect_backend", fails_at_once)
+    got = []
+    svc.health().addCallback(got.append)
+    clock.advance(6)  # (past the cache)
+    svc.health().addCallback(got.append)
+    assert [code for code, _ in got] == [503, 503], got
+
+    async def hangs(reactor, config):
+        await defer.Deferred()
+
+    monkeypatch.setattr(service_module, "connect_backend", hangs)
+    clock.advance(6)
+    svc.health().addCallback(got.append)
+    svc.health().addCallback(got.append)
+    clock.advance(2.5)
+    assert [code for code, _ in got] == [503] * 4, got

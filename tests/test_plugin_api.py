@@ -4,12 +4,15 @@ real proxy process: the hook API as outsiders see it, and the proxy's handling o
 from __future__ import annotations
 
 import os
+import signal
 import textwrap
+import time
 import urllib.request
 
 import pytest
 
 from tests.proxyfix import raw_via, still_serving
+from tests.test_notify import _imap_processes
 
 PLUGIN = '''
 from collections import deque
@@ -138,6 +141,17 @@ class SecondRewriter(Plugin):
         if cmd.tag.endswith(b"deferb"):
             return Defer(task.deferLater(reactor, 0.05, lambda: new))
         return new
+
+
+class InternalInIdle(Plugin):
+    """Half a second into an IDLE tagged "suspend": a command of its own on the session's connection (the
+    proxy suspends the backend's IDLE for it, as the view does to classify new mail)."""
+    name = "internalidle"
+
+    def command(self, session, cmd):
+        if cmd.name == b"IDLE" and cmd.tag == b"suspend":
+            reactor.callLater(0.5, lambda: session.backend_command(b"NOOP"))
+        return None
 '''
 
 
@@ -151,7 +165,8 @@ def install_plugins(tmp_path, monkeypatch) -> None:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cpmdecide\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[cpmproxy.plugins]\ndecide = cpmdecide:DecidePlugin\n"
                                            "buggy = cpmdecide:BuggyPlugin\nrewritea = cpmdecide:FirstRewriter\n"
-                                           "rewriteb = cpmdecide:SecondRewriter\n")
+                                           "rewriteb = cpmdecide:SecondRewriter\n"
+                                           "internalidle = cpmdecide:InternalInIdle\n")
     monkeypatch.setenv("PYTHONPATH", str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
@@ -302,3 +317,35 @@ def test_rewrites_of_several_plugins_compose(compose_proxy):
     c.close()
     assert still_serving(compose_proxy)
     assert b"cpmproxy_internal_errors_total 0.0" in metrics_of(compose_proxy)
+
+
+def test_commands_after_a_done_that_waits_for_the_proxys_own_commands(make_proxy, tmp_path, monkeypatch):
+    """DONE came while the proxy had the backend's IDLE suspended for a command of its own: the command
+    pipelined after the DONE was taken for another DONE, and never answered."""
+    install_plugins(tmp_path, monkeypatch)
+    p = make_proxy(plugins=["internalidle"])
+    c = raw_via(p)
+    user = "carol"
+    assert c.login(user, f"{user}pw")[-1].startswith(b"L OK")
+    c.command(b"s", b"SELECT INBOX")
+    c.send(b"suspend IDLE\r\n")
+    assert c.read_response().startswith(b"+")
+    # (The user's Dovecot processes stopped: the proxy's NOOP is not answered before the DONE comes.)
+    stopped = [pid for pid, title in _imap_processes(user).items()]
+    assert stopped
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.8)
+        c.send(b"DONE\r\nafter NOOP\r\n")
+        time.sleep(0.3)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    tagged = []
+    while len(tagged) < 2:
+        line = c.read_response()
+        if not line.startswith(b"*"):
+            tagged.append(line)
+    assert [t.split(b" ", 1)[0] for t in tagged] == [b"suspend", b"after"], tagged
+    c.close()

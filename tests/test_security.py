@@ -105,14 +105,15 @@ def test_user_names_with_control_characters_are_refused(make_proxy):
 def test_inbox_children_are_excluded_in_any_case(make_proxy, dovecot):
     """The backend takes "inbox/Private" for "INBOX/Private"; the policy compared the name as written."""
     dovecot.deliver("erin", "INBOX/Private", make_object("chat", text="private"))
-    p = make_proxy(config_extra='[policy]\nexclude_folders = ["INBOX/Private"]\n')
-    c = login(p)
-    for spelling in (b"inbox/Private", b"Inbox/Private", b"INBOX/Private"):
-        r = c.command(b"s", b'STATUS "%s" (MESSAGES)' % spelling)
-        assert r[-1].startswith(b"s NO [NONEXISTENT]"), (spelling, r)
-        r = c.command(b"e", b'EXAMINE "%s"' % spelling)
-        assert r[-1].startswith(b"e NO [NONEXISTENT]"), (spelling, r)
-    c.close()
+    for pattern in ("INBOX/Private", "inbox/Priv*"):  # (an operator's pattern in lower case, too)
+        p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{pattern}"]\n')
+        c = login(p)
+        for spelling in (b"inbox/Private", b"Inbox/Private", b"INBOX/Private"):
+            r = c.command(b"s", b'STATUS "%s" (MESSAGES)' % spelling)
+            assert r[-1].startswith(b"s NO [NONEXISTENT]"), (pattern, spelling, r)
+            r = c.command(b"e", b'EXAMINE "%s"' % spelling)
+            assert r[-1].startswith(b"e NO [NONEXISTENT]"), (pattern, spelling, r)
+        c.close()
 
 
 def test_imap_urls_are_neither_offered_nor_taken(make_proxy, dovecot):
@@ -127,12 +128,32 @@ def test_imap_urls_are_neither_offered_nor_taken(make_proxy, dovecot):
     assert r[-1].startswith(b"a NO [CANNOT]"), r
     r = c.command(b"u", b'URLFETCH "imap://erin@localhost/Secret/;UID=1"')
     assert r[-1].startswith(b"u NO [CANNOT]"), r
-    # A MULTIAPPEND whose second message is a CATENATE: the whole command refused, nothing saved.
+    # (A mailbox name in a literal, with a quote in it, hid the keyword from a first version of the check.)
+    name = b'qa"x'
+    r = c.command(b"l", b'APPEND {%d+}\r\n%s CATENATE (URL "/Secret/;UID=1")' % (len(name), name))
+    assert r[-1].startswith(b"l NO [CANNOT]"), r
+    # A mailbox or a flag named CATENATE is no CATENATE.
+    assert c.command(b"k", b"CREATE CATENATE")[-1].startswith(b"k OK")
+    for tag, head in ((b"v", b"APPEND CATENATE (\\Seen)"), (b"w", b"APPEND INBOX (CATENATE \\Seen)")):
+        msg = make_object("chat", text="named so")
+        r = c.command(tag, head + b" {%d+}\r\n%s" % (len(msg), msg))
+        assert r[-1].startswith(tag + b" OK"), r
+    # A URL part after a literal (a CATENATE's TEXT part, a MULTIAPPEND's first message): the whole
+    # command refused, nothing saved, and nothing of the line left to be read as a command of its own.
     before = c.command(b"s", b"STATUS INBOX (MESSAGES)")[0]
+    marker = "Injected" + uuid.uuid4().hex[:6]
     msg = make_object("chat", text="first")
-    r = c.command(b"m", b'APPEND INBOX {%d+}\r\n%s CATENATE (URL "/Secret/;UID=1")' % (len(msg), msg))
-    assert r[-1].startswith(b"m BAD") or r[-1].startswith(b"m NO"), r
-    assert c.command(b"s", b"STATUS INBOX (MESSAGES)")[0] == before
+    for tag, command in (
+            (b"m", b'APPEND INBOX {%d+}\r\n%s CATENATE (URL "/Secret/;UID=1")' % (len(msg), msg)),
+            (b"t", b'APPEND INBOX CATENATE (TEXT {5+}\r\nhello URL "/Secret/;UID=1")'),
+            (b"x", b"APPEND INBOX CATENATE (TEXT {5+}\r\nhello URL x1 CREATE %s)" % marker.encode())):
+        r = c.command(tag, command)
+        assert r[-1].startswith(tag + b" BAD"), r
+        assert c.command(b"s", b"STATUS INBOX (MESSAGES)")[0] == before
+    # TEXT parts alone are the client's own bytes: taken.
+    r = c.command(b"y", b"APPEND INBOX CATENATE (TEXT {%d+}\r\n%s)" % (len(msg), msg))
+    assert r[-1].startswith(b"y OK"), r
+    assert marker not in folders(dovecot, "erin")
     c.close()
 
 

@@ -14,7 +14,7 @@ import base64
 import binascii
 import re
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "fold_inbox"]
 
 # Runs that need base64: anything outside printable ASCII. "&" is handled separately ("&-").
 _ENCODE_RE = re.compile(r"&|[^\x20-\x7e]+")
@@ -93,3 +93,12 @@ def _decode_b64(payload: bytes, offset: int) -> str:
     if _b64(text) != payload:
         raise ValueError(f"non-canonical base64 at offset {offset} in modified UTF-7")
     return text
+
+
+def fold_inbox(raw: bytes, separator: bytes = b"/") -> bytes:
+    """INBOX, and the names below it, in the one spelling a server takes them in whatever their case
+    (RFC 9051 5.1: INBOX is case-insensitive; Dovecot folds the prefix of its children too). "/" is the
+    CPM folder layout's separator (conf/dovecot/90-cpmproxy.conf)."""
+    if raw[:5].upper() == b"INBOX" and raw[5:6] in (b"", separator) and raw[:5] != b"INBOX":
+        return b"INBOX" + raw[5:]
+    return raw

@@ -137,7 +137,8 @@ class ClientCommand:
     has_literal: bool
     # Per-command scratch space for plugins. ``state["later_segments"]``: functions (bytes -> bytes) the
     # session applies to each later text segment of the command (after a literal: the hooks see only the
-    # first), e.g. the flag list of a MULTIAPPEND's second message.
+    # first), e.g. the flag list of a MULTIAPPEND's second message; None refuses the rest of the command
+    # (the backend is made to answer it BAD).
     state: dict[str, Any] = field(default_factory=dict)
     # When this is an earlier plugin's Rewrite of the client's command: that command (what the client
     # wrote, in the numbers it knows).

@@ -589,7 +589,7 @@ class ProxyService(service.MultiService):
         self._side_pools: dict[str, SidePool] = {}
         self._shared: dict[tuple, tuple] = {}
         self._health: tuple | None = None  # (when, (status, text)) of the last backend probe
-        self._health_probe: defer.Deferred | None = None
+        self._health_probing = False
         self._health_waiting: list[defer.Deferred] = []
 
     # -- listeners ------------------------------------------------------------------------------
@@ -630,22 +630,29 @@ class ProxyService(service.MultiService):
         now = self.reactor.seconds()
         if self._health is not None and now - self._health[0] < HEALTH_CACHE:
             return defer.succeed(self._health[1])
-        if self._health_probe is None:
-            self._health_probe = defer.Deferred.fromCoroutine(self._probe_backend())
         d: defer.Deferred = defer.Deferred()
         self._health_waiting.append(d)
+        if not self._health_probing:
+            self._health_probing = True
+            probe = defer.Deferred.fromCoroutine(self._probe_backend())
+            # (All of it within connect_timeout: a backend that greets and then hangs is not healthy.)
+            probe.addTimeout(self.config.backend["connect_timeout"], self.reactor)
+            probe.addErrback(lambda f: (503, f"backend unavailable: {f.getErrorMessage() or f.type.__name__}"))
+            probe.addCallback(self._probed)
         return d
 
-    async def _probe_backend(self) -> None:
+    async def _probe_backend(self) -> tuple[int, str]:
         b = self.config.backend
         try:
             proto, _ = await connect_backend(self.reactor, self.config)
-            proto.close()
-            result = (200, f"ok: backend {b['host']}:{b['port']} answers")
         except Exception as e:  # (BackendError, TLS errors...: all mean "not now")
-            result = (503, f"backend unavailable: {e}")
+            return 503, f"backend unavailable: {e}"
+        proto.close()
+        return 200, f"ok: backend {b['host']}:{b['port']} answers"
+
+    def _probed(self, result: tuple[int, str]) -> None:
         self._health = (self.reactor.seconds(), result)
-        self._health_probe = None
+        self._health_probing = False
         waiting, self._health_waiting = self._health_waiting, []
         for d in waiting:
             d.callback(result)

@@ -39,6 +39,7 @@ from cpmproxy.imap.framing import (
     run_events,
 )
 from cpmproxy.imap.mutf7 import decode as mutf7_decode
+from cpmproxy.imap.mutf7 import fold_inbox
 from cpmproxy.imap.tokens import (
     Atom,
     Literal,
@@ -101,7 +102,7 @@ def _token_bytes(tok: Any) -> bytes | None:
     return None
 
 
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # (a tab is text)
 MAX_DEVICE_ID = 128  # characters
 
 
@@ -199,6 +200,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._idle: str | None = None  # None, "active" (backend idling for the client), "suspended"
         self._idle_cmd: ClientCommand | None = None
         self._idle_done_pending = False  # the client said DONE while we had the backend's IDLE suspended
+        self._hooks_started: list = []
         self._idle_ended = False
         self._awaiting_continuation = False  # a forwarded synchronizing literal waits for the backend's "+"
         self._internal: dict[bytes, tuple[defer.Deferred, list[bytes]]] = {}
@@ -783,7 +785,8 @@ class ClientSession(Protocol, TimeoutMixin):
         that stayed in them kept that user's connections open for as long as the proxy ran)."""
         self.service.forget_user(self)
         self._close_side()
-        for plugin in self.service.hooks.closed:
+        started = self._hooks_started
+        for plugin in [p for p in self.service.hooks.closed if any(p is s for s in started)]:
             try:
                 plugin.closed(self)
             except Exception:
@@ -795,7 +798,9 @@ class ClientSession(Protocol, TimeoutMixin):
         self._credentials = None
 
     async def _login_hooks(self) -> None:
+        self._hooks_started = []  # (the plugins to tell if the login goes no further: _abandon_login)
         for plugin in self.service.hooks.login:
+            self._hooks_started.append(plugin)
             await defer.maybeDeferred(plugin.login, self)
 
     async def _connect_and_login(self, authzid: str, user: str, password: str):
@@ -886,10 +891,18 @@ class ClientSession(Protocol, TimeoutMixin):
                     self._answered_early = False
                     backend.out.append(b"\r\n")
                     self._discard_command = True
+                data = ev.data
                 if not self._discard_command:
-                    data = ev.data
                     for rewrite in self._current.state.get("later_segments", ()) if self._current else ():
                         data = rewrite(data)  # (see ClientCommand: a plugin's rewrite of later segments)
+                        if data is None:
+                            # Refused: the backend gets a syntax error where this segment began, which
+                            # ends the command there (it answers BAD, saves nothing of an APPEND) and
+                            # leaves nothing of the line to read as a command; the rest is dropped.
+                            self.backend.out.append(b" X\r\n")
+                            self._discard_command = True
+                            break
+                if not self._discard_command:
                     self._backend_send(self._current, data, False)
                     self._awaiting_continuation = ev.literal is not None and not ev.non_sync
                     if self._awaiting_continuation:
@@ -915,6 +928,12 @@ class ClientSession(Protocol, TimeoutMixin):
                     line = _LITERAL_AT_END_RE.sub(b"", line).rstrip() + b"\r\n"
                     self._local_answer_literal(ev)
                 self._client_done(line)
+                if self._idle_done_pending:
+                    # The IDLE ends once our commands are done (_internal_finished); what the client
+                    # pipelined after its DONE waits for that, or it would be taken for DONE too.
+                    self._blocked = True
+                    self.transport.pauseProducing()
+                    return
                 continue
             line = ev.data
             try:
@@ -1364,6 +1383,8 @@ class ClientSession(Protocol, TimeoutMixin):
             self._idle_cmd = None
             self._reply(cmd.tag, b"OK Idle completed.")
             self._send_internal_queue()
+            self._blocked = False
+            self.service.reactor.callLater(0, self._read_again)  # (the commands after DONE)
         else:
             self._idle = "active"
             self._inflight.setdefault(cmd.tag, deque()).append(cmd)
@@ -1402,7 +1423,7 @@ class ClientSession(Protocol, TimeoutMixin):
         except TokenError:
             raw = b""
         try:
-            name = mutf7_decode(raw) if raw else ""
+            name = mutf7_decode(fold_inbox(raw)) if raw else ""
         except ValueError:
             name = raw.decode("utf-8", "replace")
         cmd.state["select"] = SelectedMailbox(name=name, raw_name=raw, read_only=cmd.name == b"EXAMINE")
