@@ -481,27 +481,28 @@ def _login_timed(proxy, timeout: float = 20) -> tuple[bytes, float]:
     return answer, elapsed
 
 
+def _login_with_preferences_unanswered(server, make_proxy, setting: str, within: float):
+    """A proxy with ``[backend] setting`` whose backend never answers the preferences read at login: the
+    login is refused ``NO [UNAVAILABLE]`` within ``within`` seconds."""
+    server.internal = {b"GETMETADATA": STALL}
+    proxy = make_proxy(backend_port=server.port, backend_tls="none", backend_extra=setting)
+    answer, elapsed = _login_timed(proxy)
+    assert answer.startswith(b"L NO [UNAVAILABLE]"), answer
+    assert elapsed < within, elapsed
+    return proxy
+
+
 def test_plugins_reads_at_login_are_bounded_by_login_timeout(fresh_scripted, make_proxy):
     """The plugins' reads at login (preferences, on the side connection) had no time limit: a hung backend
     process held every login of the user until the client's pre-login timeout (60 s)."""
-    fresh_scripted.internal = {b"GETMETADATA": STALL}
-    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
-                       backend_extra="login_timeout = 2")
-    answer, elapsed = _login_timed(proxy)
-    assert answer.startswith(b"L NO [UNAVAILABLE]"), answer
-    assert elapsed < 6, elapsed
+    proxy = _login_with_preferences_unanswered(fresh_scripted, make_proxy, "login_timeout = 2", 6)
     assert internal_errors(proxy) == 0
 
 
 def test_a_side_connection_that_stops_answering_is_given_up(fresh_scripted, make_proxy):
     """``[backend] command_timeout``: the user's shared side connection, hung, failed every later login of
     the user too (it was kept while any session of theirs lived); now it is dropped, and opened again."""
-    fresh_scripted.internal = {b"GETMETADATA": STALL}
-    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
-                       backend_extra="command_timeout = 1")
-    answer, elapsed = _login_timed(proxy)
-    assert answer.startswith(b"L NO [UNAVAILABLE]"), answer
-    assert elapsed < 5, elapsed
+    proxy = _login_with_preferences_unanswered(fresh_scripted, make_proxy, "command_timeout = 1", 5)
     fresh_scripted.internal = {}
     answer, _ = _login_timed(proxy)
     assert answer.startswith(b"L OK"), answer
