@@ -694,6 +694,18 @@ class PolicyPlugin(Plugin):
             return self._view_command(session, st, view, cmd)
         return None
 
+    async def _saved_result_visible(self, session, view: MailboxView, cmd, m):
+        """STORE / COPY / MOVE of ``$`` under a filtered view: of the messages in it that are visible now,
+        by UID (the backend resolves ``$`` in order with what was pipelined before, RFC 5182)."""
+        reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
+        if reply.status != b"OK":
+            return None  # (no saved result: the backend answers the command as it would)
+        visible = set(esearch_all(reply)) - view.hidden
+        if not visible:
+            return Answer(b"OK " + cmd.name + b" completed (no visible messages).")
+        uidset = SequenceSet.from_iterable(visible).format()
+        return Rewrite(cmd.tag + b" UID " + cmd.name + b" " + uidset + m.group(3))
+
     async def _expunge_visible(self, session, view: MailboxView, cmd):
         """EXPUNGE / CLOSE under a filtered view remove only the visible messages marked \\Deleted (a
         hidden message does not exist for this device, whoever marked it): UID EXPUNGE of those."""
@@ -800,7 +812,8 @@ class PolicyPlugin(Plugin):
             # The source messages are a sequence/UID set of the view, like FETCH or STORE.
             view = st.view
             if view is not None and not view.identity:
-                return self._view_command(session, st, view, cmd)
+                action = self._view_command(session, st, view, cmd)
+                return (await action.deferred) if isinstance(action, Defer) else action
         return None
 
     async def kinds_of(self, session, mailbox: str, uids) -> dict[int, str]:
@@ -1261,7 +1274,11 @@ class PolicyPlugin(Plugin):
                 return None
             token = m.group(2)
             if token == b"$":
-                return None
+                if name == b"FETCH":
+                    return None  # (the responses of hidden messages are dropped)
+                # $ holds what was visible when it was saved: a message hidden since (a preference
+                # changed) must not be stored to, copied or moved.
+                return Defer(defer.Deferred.fromCoroutine(self._saved_result_visible(session, view, cmd, m)))
             try:
                 requested = SequenceSet.parse(token)
             except SequenceSetError:

@@ -317,3 +317,26 @@ def test_status_of_the_selected_mailbox_renumbers_nothing(dovecot, make_proxy):
     d.logout()
     assert b"\\Seen" in flags[uids[2]] and b"\\Seen" not in flags[uids[3]], flags
     c.close()
+
+
+@pytest.mark.parametrize("uid", [b"", b"UID "])
+def test_a_saved_result_does_not_reach_a_message_hidden_since(proxy, folder, dovecot, uid):
+    """$ saved while the IMDN (UID 2) was visible; then another device turns IMDNs off: a STORE, COPY or
+    MOVE of $ reached the now hidden message (copied into a folder, it was visible again there)."""
+    target = folder.decode() + "-copy"
+    c = device(proxy, "phone")
+    assert c.command(b"k", b'CREATE "%s"' % target.encode())[-1].startswith(b"k OK")
+    assert b"* 4 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
+    assert c.command(b"a", b"SEARCH RETURN (SAVE) ALL")[-1].startswith(b"a OK")
+    turn_imdn_off(proxy, folder)
+    assert b"* 2 EXPUNGE\r\n" in c.command(b"n", b"NOOP")
+    assert c.command(b"b", uid + b"STORE $ +FLAGS.SILENT (\\Flagged)")[-1].startswith(b"b OK")
+    copied = c.command(b"c", uid + b'COPY $ "%s"' % target.encode())[-1]
+    assert copied.startswith(b"c OK") and re.search(rb"\[COPYUID \d+ 1,3:4 1:3\]", copied), copied
+    imap = dovecot.imap_direct("dave", tls="none")
+    imap.select_folder(folder.decode(), readonly=True)
+    assert imap.search("FLAGGED") == [1, 3, 4]
+    imap.select_folder(target, readonly=True)
+    assert len(imap.search("ALL")) == 3
+    imap.logout()
+    c.close()
