@@ -297,11 +297,7 @@ class LocalDeletePlugin(Plugin):
 
     async def _after(self, session, earlier: list, cmd):
         """``cmd``'s decision once the commands ``earlier`` have completed."""
-        await self._policy().completed(earlier)
-        action = self.command(session, cmd)
-        while isinstance(action, Defer):
-            action = await action.deferred
-        return action
+        return await self._policy().decide_after(earlier, lambda: self.command(session, cmd))
 
     def _store(self, session, cmd, read_only: bool):
         line = cmd.line.rstrip(b"\r\n")

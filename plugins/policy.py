@@ -327,6 +327,13 @@ _LITERAL_OR_QUOTED_RE = re.compile(rb'~?\{(\d+)\+?\}\r\n|"(?:[^"\\]|\\.)*"')
 _APPEND_TOKEN_RE = re.compile(rb"\(|\)|[^\s()]+")
 
 
+async def _resolved(action):
+    """An action with its Defers (a decision taken later) waited for."""
+    while isinstance(action, Defer):
+        action = await action.deferred
+    return action
+
+
 def _append_tokens(text: bytes) -> list[re.Match]:
     """The tokens of an APPEND's text (parentheses apart), quoted strings and literals (gathered inline)
     blanked to one token each: a mailbox name or a date may hold anything."""
@@ -812,8 +819,7 @@ class PolicyPlugin(Plugin):
             # The source messages are a sequence/UID set of the view, like FETCH or STORE.
             view = st.view
             if view is not None and not view.identity:
-                action = self._view_command(session, st, view, cmd)
-                return (await action.deferred) if isinstance(action, Defer) else action
+                return await _resolved(self._view_command(session, st, view, cmd))
         return None
 
     async def kinds_of(self, session, mailbox: str, uids) -> dict[int, str]:
@@ -1386,23 +1392,21 @@ class PolicyPlugin(Plugin):
         return [c for c in session.inflight_commands() if (c.client or c).name in _EXPUNGING]
 
     @staticmethod
-    async def completed(others) -> None:
-        """Once ``others`` (one command or several, in flight) have completed, in any order (Dovecot runs
-        some pipelined commands side by side). For the plugins that decide before this one, too."""
+    async def decide_after(others, decide):
+        """``decide()``'s action, taken once ``others`` (one command or several, in flight) have completed,
+        in any order (Dovecot runs some pipelined commands side by side). For the plugins that decide
+        before this one, too."""
         waits = []
         for other in (others if isinstance(others, list) else [others]):
             waits.append(defer.Deferred())
             other.state.setdefault("when_done", []).append(waits[-1])  # (fired by tagged())
         for d in waits:
             await d
+        return await _resolved(decide())
 
     async def _after_done(self, session, others, cmd):
         """``cmd``'s decision once ``others`` (in flight) have completed."""
-        await self.completed(others)
-        action = self.command(session, cmd)
-        while isinstance(action, Defer):
-            action = await action.deferred
-        return action
+        return await self.decide_after(others, lambda: self.command(session, cmd))
 
     def _search_response(self, session, view: MailboxView, resp):
         data = resp.data.rstrip(b"\r\n")
@@ -1928,10 +1932,7 @@ class PolicyPlugin(Plugin):
                          session=session.session_id)
                 session.bye(UNAVAILABLE)
                 return Answer(b"NO [UNAVAILABLE] " + UNAVAILABLE)
-        action = self.command(session, cmd)
-        while isinstance(action, Defer):
-            action = await action.deferred
-        return action
+        return await _resolved(self.command(session, cmd))
 
     async def _recompute(self, session, st: PolicySession) -> None:
         mailbox = st.mailbox
