@@ -186,10 +186,12 @@ class Dovecot:
     # -- config ------------------------------------------------------------
 
     def add_user(self, name: str, password: str) -> None:
-        """A user more: Dovecot reads its passwd-file again when it changed, at most once a second (a login
-        in the same second as a lookup before the change still finds no such user)."""
+        """A user more, who can log in when this returns: Dovecot reads its passwd-file again when it
+        changed, at most once a second (a login in the same second as a lookup before the change still
+        found no such user), so the second is waited out."""
         self.users[name] = password
         self._write_passwd_files()
+        time.sleep(1.1)
 
     def _write_passwd_files(self) -> None:
         def write(path: Path, entries: Iterable[tuple[str, str]]) -> None:
