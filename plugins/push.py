@@ -11,8 +11,12 @@ policy). The body never carries message content:
 at every login) that have no session in this process. Only message changes are pushed: a HIGHESTMODSEQ
 that moved for a metadata write alone (a preference, a device record) is checked and dropped. ``headers`` only with ``include_headers = ["From", "Subject"]`` (message content stays out
 unless the operator asks for it). ``id`` is the same for the same change whichever proxy process sends it, so a gateway
-behind several proxy nodes can drop duplicates. Delivery is in order, with retries and exponential
-backoff; the queue is bounded and what overflows is dropped and counted (``cpmproxy_push_dropped_total``).
+behind several proxy nodes can drop duplicates. Each user's events go in order, one at a time; users' go
+side by side (``concurrency`` POSTs at once on persistent connections) and take turns (``pushqueue``).
+A failed attempt (no answer, 408/425/429, 5xx) is retried with exponential backoff (or the ``Retry-After``
+the gateway asks for, up to ``max_backoff``), holding up only that user's later events; any other
+answer refuses the event for good (dropped). The queue is bounded: the oldest event of the user with the
+most waiting is dropped first. Drops are counted (``cpmproxy_push_dropped_total``).
 
 When none of the user's devices is connected, pushes matter most (a delivery must wake the phone): the
 notify plugin keeps the user's watch connection for ``offline_watch`` seconds after their last session
@@ -29,15 +33,21 @@ import json
 import re
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from email.parser import BytesParser
 from io import BytesIO
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 from twisted.internet import defer, reactor
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+)
 from twisted.web.http_headers import Headers
 
 from cpmproxy.config import ConfigError, has_type, unknown_key, wrong_type
@@ -49,6 +59,7 @@ from plugins.cpm import PREFIX
 from plugins.localdelete import device_key
 from plugins.notify import TOPIC, ChangeEvent
 from plugins.policy import classify, side_examine
+from plugins.pushqueue import Entry, Outbox
 from plugins.wire import esearch_all, iter_metadata, wire_name
 
 log = Logger(namespace="cpmproxy.push")
@@ -56,14 +67,15 @@ log = Logger(namespace="cpmproxy.push")
 DEVICES = PREFIX + "/devices"
 _IDS_KEPT = 10000  # ids of recent events remembered, so that a change is pushed once
 _MODSEQS_KEPT = 100000  # (user, mailbox) pairs whose last HIGHESTMODSEQ is remembered (oldest forgotten)
+_RETRIED_CODES = (408, 425, 429)  # and 5xx: the gateway's trouble, not the event's
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII except ":"
 _FETCHED_HEADERS = re.compile(rb"UID (\d+)[^{]*\{(\d+)\}\r\n", re.S)
-_SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "max_devices": int, "max_retries": int,
+_SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "concurrency": int, "max_devices": int, "max_retries": int,
              "backoff": (int, float), "max_backoff": (int, float), "offline_watch": (int, float), "include_headers": list}
 
 
 # The sender's numbers and their least values (max_queue = 0 failed at the first event).
-_AT_LEAST = {"max_queue": 1, "max_devices": 1, "max_retries": 0, "backoff": 0, "max_backoff": 0}
+_AT_LEAST = {"max_queue": 1, "concurrency": 1, "max_devices": 1, "max_retries": 0, "backoff": 0, "max_backoff": 0}
 
 
 def _check_ranges(settings: dict) -> None:
@@ -84,8 +96,10 @@ class PushPlugin(Plugin):
     def __init__(self, proxy):
         super().__init__(proxy)
         self.url = ""
-        self.queue: deque = deque()
-        self.sending = False
+        self.outbox = Outbox(10000)
+        self.concurrency = 8
+        self._retries: dict[str, object] = {}  # user -> the timer of its first event's next attempt
+        self._pool: HTTPConnectionPool | None = None
         self.stopped = False
         self.devices: dict[str, set[str]] = {}
         self._subscribed = False
@@ -95,6 +109,7 @@ class PushPlugin(Plugin):
 
     def configure(self, settings: dict) -> None:
         self._agent = None  # (made again with the trust root and timeout set here)
+        self._drop_pool()
         for key, value in settings.items():
             if key not in _SETTINGS:
                 raise unknown_key(key, list(_SETTINGS), "plugin.push.")
@@ -106,6 +121,8 @@ class PushPlugin(Plugin):
         self.ca_file = settings.get("ca_file", "")
         self.timeout = settings.get("timeout", 10.0)
         self.max_queue = settings.get("max_queue", 10000)
+        self.outbox.max_queue = self.max_queue
+        self.concurrency = settings.get("concurrency", 8)
         self.max_devices = settings.get("max_devices", 100)  # recorded per user (each login reads them)
         self.max_retries = settings.get("max_retries", 10)
         self.backoff = settings.get("backoff", 1.0)
@@ -186,13 +203,21 @@ class PushPlugin(Plugin):
             if self._subscribed:
                 self.proxy.events.unsubscribe(TOPIC, self._event)
                 self._subscribed = False
-            self.queue.clear()
+            self.outbox.clear()
+            for user in list(self._retries):
+                self._cancel_retry(user)
+            self._drop_pool()
+        else:
+            self._send_more()  # (a larger concurrency takes effect at once)
 
     def stop(self) -> None:
         self.stopped = True
         if self._subscribed:
             self.proxy.events.unsubscribe(TOPIC, self._event)
             self._subscribed = False
+        for user in list(self._retries):
+            self._cancel_retry(user)
+        self._drop_pool()
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -312,75 +337,117 @@ class PushPlugin(Plugin):
         while len(self._sent_ids) > _IDS_KEPT:
             self._sent_ids.popitem(last=False)
         sent, failed, dropped, queued = self._metrics()
-        if len(self.queue) >= self.max_queue:
-            self.queue.popleft()
-            dropped.inc()
-        self.queue.append((body, 0))
-        queued.set(len(self.queue))
-        if not self.sending:
-            self._send_next()
+        overflow = self.outbox.add(body["user"], body)
+        if overflow:
+            dropped.inc(overflow)
+            log.warn("push queue full ([plugin.push] max_queue = {n}): an event dropped", n=self.max_queue)
+        self._send_more()
 
-    def _send_next(self) -> None:
+    def _send_more(self) -> None:
+        """Start POSTs while fewer than ``concurrency`` are out and an event may go."""
+        outbox = self.outbox
+        while len(outbox.in_flight) < self.concurrency and not self.stopped:
+            item = outbox.next()
+            if item is None:
+                break
+            self._send(*item)
+        self._metrics()[3].set(len(outbox))
+
+    def _send(self, user: str, entry: Entry) -> None:
         sent, failed, dropped, queued = self._metrics()
-        queued.set(len(self.queue))
-        if not self.queue or self.stopped and not self.queue:
-            self.sending = False
-            return
-        self.sending = True
-        body, attempt = self.queue[0]
         # (an exception raised at once, e.g. by the Agent for a URL it cannot use, is a failed attempt
-        # like any other: retried, then dropped; the queue never stalls with ``sending`` left set)
-        d = defer.maybeDeferred(self._post, body)
+        # like any other: retried, then dropped; the user's events never stall with one left out)
+        d = defer.maybeDeferred(self._post, entry.body)
         d.addTimeout(self.timeout, reactor)
 
         def done(response):
             # The status line decides: the body is read only to free the connection, and one a gateway
             # ends by closing (HTTP/1.0 without Content-Length) fails as a PartialDownloadError although
             # the event was taken (it was sent again and again).
-            return readBody(response).addBoth(lambda _: response.code)
+            return _drain(response).addBoth(lambda _: response)
 
-        def still_first() -> bool:
-            # (a full queue drops its oldest event, and a reload that turns push off clears it: the one
-            # being sent may be gone by the time its answer comes)
-            return bool(self.queue) and self.queue[0][0] is body
-
-        def ok(code):
+        def answered(response):
+            code = response.code
             if 200 <= code < 300:
-                if still_first():
-                    self.queue.popleft()
                 sent.inc()
-                reactor.callLater(0, self._send_next)
-            else:
-                retry(f"HTTP {code}")
-
-        def retry(reason):
-            failed.inc()
-            if not still_first():
-                reactor.callLater(0, self._send_next)
-                return
-            body_, attempt = self.queue[0]
-            if attempt + 1 > self.max_retries:
-                self.queue.popleft()
+                self.outbox.sent(user, entry)
+            elif code in _RETRIED_CODES or code >= 500:
+                failed_attempt(f"HTTP {code}", _retry_after(response))
+            else:  # (the same event would be refused again: a 400 for its body, a 404 for the URL)
+                failed.inc()
                 dropped.inc()
-                log.warn("push dropped after {n} attempts: {reason}", n=attempt + 1, reason=reason)
-                reactor.callLater(0, self._send_next)
-                return
-            self.queue[0] = (body_, attempt + 1)
-            delay = min(self.backoff * 2 ** attempt, self.max_backoff)
-            reactor.callLater(delay, self._send_next)
+                log.warn("push refused by the gateway (HTTP {code}): event dropped", code=code)
+                self.outbox.drop(user, entry)
+            self._send_more()
+
+        def failed_attempt(reason: str, wait: float = 0.0) -> None:
+            failed.inc()
+            if entry.attempts + 1 > self.max_retries:
+                dropped.inc()
+                log.warn("push dropped after {n} attempts: {reason}", n=entry.attempts + 1, reason=reason)
+                self.outbox.drop(user, entry)
+            elif self.outbox.retry_later(user, entry):
+                delay = min(max(self.backoff * 2 ** (entry.attempts - 1), wait), self.max_backoff)
+                self._cancel_retry(user)
+                self._retries[user] = reactor.callLater(delay, self._due, user)
+            self._send_more()
 
         d.addCallback(done)
-        d.addCallbacks(ok, lambda f: retry(f.getErrorMessage()))
+        d.addCallbacks(answered, lambda f: failed_attempt(f.getErrorMessage()))
         d.addErrback(lambda f: log.failure("push sender failed", f))
+
+    def _due(self, user: str) -> None:
+        self._retries.pop(user, None)
+        self.outbox.due(user)
+        self._send_more()
+
+    def _cancel_retry(self, user: str) -> None:
+        call = self._retries.pop(user, None)
+        if call is not None and call.active():
+            call.cancel()
 
     def _post(self, body: dict) -> defer.Deferred:
         if self._agent is None:
             policy = BrowserLikePolicyForHTTPS(trustRoot=self._trust) if self._trust else BrowserLikePolicyForHTTPS()
-            self._agent = Agent(reactor, contextFactory=policy, connectTimeout=self.timeout)
+            # Persistent connections: a TLS handshake per event would cost the gateway more than the event.
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool.maxPersistentPerHost = self.concurrency
+            self._agent = Agent(reactor, contextFactory=policy, connectTimeout=self.timeout, pool=self._pool)
         data = json.dumps(body).encode()
         return self._agent.request(b"POST", self.url.encode(),
                                    Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"cpmproxy"]}),
                                    FileBodyProducer(BytesIO(data)))
+
+    def _drop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.closeCachedConnections()
+            self._pool = None
+
+
+class _Discard(Protocol):
+    def __init__(self, done: defer.Deferred) -> None:
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason=None) -> None:
+        self.done.callback(None)
+
+
+def _drain(response) -> defer.Deferred:
+    """Read the answer's body to its end (and throw it away), so that its connection can serve the next."""
+    done = defer.Deferred()
+    response.deliverBody(_Discard(done))
+    return done
+
+
+def _retry_after(response) -> float:
+    """The seconds of a ``Retry-After: N`` header (429, 503), else 0 (an HTTP-date is not read)."""
+    for value in response.headers.getRawHeaders(b"retry-after") or ():
+        if value.strip().isdigit():
+            return float(value.strip())
+    return 0.0
 
 
 async def _changed_since(run, event: ChangeEvent, since: int) -> bool:

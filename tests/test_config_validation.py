@@ -198,6 +198,7 @@ def test_push_settings_are_range_and_type_checked(tmp_path):
         push + "timeout = 0\n": "plugin.push.timeout: must be > 0",
         push + "max_queue = -5\n": "plugin.push.max_queue: must be >= 1",
         push + "max_queue = 0\n": "plugin.push.max_queue: must be >= 1",
+        push + "concurrency = 0\n": "plugin.push.concurrency: must be >= 1",
         push + "max_retries = -1\n": "plugin.push.max_retries: must be >= 0",
         push + "backoff = -1\n": "plugin.push.backoff: must be >= 0",
         push + "max_backoff = -1\n": "plugin.push.max_backoff: must be >= 0",

@@ -230,10 +230,10 @@ def test_reload_gives_push_its_new_settings():
     assert plugin._agent is None and plugin.timeout == 3.0
     plugin.proxy.events.subscribe(TOPIC, plugin._event)
     plugin._subscribed = True
-    plugin.queue.append(({"id": "x"}, 0))
+    plugin.outbox.add("alice", {"id": "x"})
     plugin.configure({})
     plugin.reloaded()
-    assert not plugin._subscribed and not plugin.queue
+    assert not plugin._subscribed and not plugin.outbox
     assert not plugin.proxy.events.has_subscribers(TOPIC)
 
 
@@ -296,7 +296,7 @@ def test_sender_keeps_going_when_the_http_client_raises(monkeypatch):
 
     clock = Clock()
     monkeypatch.setattr(push, "reactor", clock)
-    monkeypatch.setattr(push, "readBody", lambda response: defer.succeed(b""))
+    monkeypatch.setattr(push, "_drain", lambda response: defer.succeed(None))
     plugin = push.PushPlugin(_Proxy())
     plugin.configure({"url": "https://push.example.net/cpm", "max_retries": 2, "backoff": 1.0,
                       "offline_watch": 0})
@@ -312,15 +312,15 @@ def test_sender_keeps_going_when_the_http_client_raises(monkeypatch):
             return defer.succeed(_Response())
 
     plugin._agent = broken = Agent(fail=True)
-    plugin._enqueue({"id": "1"})
+    plugin._enqueue({"id": "1", "user": "alice"})
     for _ in range(5):
         clock.advance(4)
     assert len(broken.bodies) == 3  # the attempt and two retries
-    assert not plugin.queue and not plugin.sending
+    assert not plugin.outbox and not plugin.outbox.in_flight
     plugin._agent = working = Agent(fail=False)
-    plugin._enqueue({"id": "2"})
+    plugin._enqueue({"id": "2", "user": "alice"})
     clock.advance(0)
-    assert len(working.bodies) == 1 and not plugin.queue and not plugin.sending
+    assert len(working.bodies) == 1 and not plugin.outbox and not plugin.outbox.in_flight
 
 
 @pytest_twisted.inlineCallbacks
@@ -342,14 +342,207 @@ def test_a_gateway_that_ends_its_answer_by_closing_took_the_event():
         plugin = push.PushPlugin(_Proxy())
         plugin.configure({"url": "http://127.0.0.1:%d/cpm" % port.getHost().port, "max_retries": 2,
                           "backoff": 0.2, "offline_watch": 0})
-        plugin._enqueue({"id": "1"})
+        plugin._enqueue({"id": "1", "user": "alice"})
         for _ in range(40):
-            if not plugin.sending:
+            if not plugin.outbox.in_flight:
                 break
             yield deferLater(reactor, 0.05)
         yield deferLater(reactor, 0.5)  # (a retry would come after 0.2 s)
-        assert len(posts) == 1 and not plugin.queue and not plugin.sending
+        assert len(posts) == 1 and not plugin.outbox and not plugin.outbox.in_flight
     finally:
+        yield port.stopListening()
+
+
+
+class _Gateway:
+    """An HTTP client stand-in: every POST waits until the test answers it (``answer``)."""
+
+    def __init__(self):
+        self.posts: list[tuple[dict, defer.Deferred]] = []
+
+    def request(self, method, uri, headers, producer):
+        import json
+
+        d = defer.Deferred()
+        self.posts.append((json.loads(producer._inputFile.getvalue()), d))
+        return d
+
+    def out(self) -> list[str]:
+        """The ids of the POSTs not answered yet."""
+        return [body["id"] for body, d in self.posts if not d.called]
+
+    def answer(self, event_id: str, code: int = 204, retry_after: str | None = None) -> None:
+        from twisted.web.http_headers import Headers
+
+        for body, d in self.posts:
+            if body["id"] == event_id and not d.called:
+                response = _Response()
+                response.code = code
+                response.headers = Headers({b"Retry-After": [retry_after.encode()]} if retry_after else {})
+                d.callback(response)
+                return
+        raise AssertionError(f"{event_id} is not out")
+
+
+def _sender(monkeypatch, **settings):
+    import plugins.push as push
+
+    clock = Clock()
+    monkeypatch.setattr(push, "reactor", clock)
+    monkeypatch.setattr(push, "_drain", lambda response: defer.succeed(None))
+    plugin = push.PushPlugin(_Proxy())
+    plugin.configure({"url": "https://push.example.net/cpm", "offline_watch": 0, "backoff": 1.0, **settings})
+    plugin._agent = gateway = _Gateway()
+    return plugin, gateway, clock
+
+
+def test_one_users_failing_event_holds_up_no_other_user(monkeypatch):
+    """Events went out one at a time for the whole process: an event the gateway kept failing (5xx, retried
+    with backoff for minutes) held up every other user's pushes. Now only that user's later events wait."""
+    plugin, gateway, clock = _sender(monkeypatch, max_retries=5)
+    plugin._enqueue({"id": "a1", "user": "alice"})
+    plugin._enqueue({"id": "a2", "user": "alice"})
+    plugin._enqueue({"id": "b1", "user": "bob"})
+    assert gateway.out() == ["a1", "b1"]  # (side by side, one per user)
+    gateway.answer("a1", 503)
+    gateway.answer("b1")
+    plugin._enqueue({"id": "b2", "user": "bob"})
+    assert gateway.out() == ["b2"]  # alice's next waits for her first, in backoff
+    gateway.answer("b2")
+    clock.advance(1.0)
+    assert gateway.out() == ["a1"]
+    gateway.answer("a1")
+    assert gateway.out() == ["a2"]  # her events in order
+    gateway.answer("a2")
+    assert not plugin.outbox and not plugin.outbox.in_flight
+
+
+def test_at_most_concurrency_posts_and_users_take_turns(monkeypatch):
+    plugin, gateway, clock = _sender(monkeypatch, concurrency=2)
+    for i in range(3):
+        plugin._enqueue({"id": f"a{i}", "user": "alice"})
+    plugin._enqueue({"id": "b0", "user": "bob"})
+    plugin._enqueue({"id": "c0", "user": "carol"})
+    assert gateway.out() == ["a0", "b0"]
+    gateway.answer("a0")
+    assert gateway.out() == ["b0", "c0"]  # carol's turn before alice's second
+    gateway.answer("c0")
+    assert gateway.out() == ["b0", "a1"]
+
+
+def test_an_event_the_gateway_refuses_is_not_retried_and_retry_after_is_honoured(monkeypatch):
+    plugin, gateway, clock = _sender(monkeypatch, max_retries=5, max_backoff=60.0)
+    plugin._enqueue({"id": "bad", "user": "alice"})
+    plugin._enqueue({"id": "next", "user": "alice"})
+    gateway.answer("bad", 400)  # the same body would be refused again
+    assert gateway.out() == ["next"] and len(gateway.posts) == 2
+    gateway.answer("next", 429, retry_after="30")
+    clock.advance(29)
+    assert gateway.out() == []  # (the backoff alone would have tried again after 1 s)
+    clock.advance(1)
+    assert gateway.out() == ["next"]
+    gateway.answer("next")
+    assert not plugin.outbox
+
+
+def test_a_full_queue_drops_the_busiest_users_oldest_event(monkeypatch):
+    """The queue's bound dropped the oldest event of all: one user whose mailbox flooded pushed every other
+    user's events out. Now the user with the most events waiting loses its oldest (never one being sent)."""
+    plugin, gateway, clock = _sender(monkeypatch, max_queue=4, concurrency=1)
+    plugin._enqueue({"id": "b0", "user": "bob"})  # (out at once)
+    for i in range(3):
+        plugin._enqueue({"id": f"a{i}", "user": "alice"})
+    plugin._enqueue({"id": "c0", "user": "carol"})  # full: alice's oldest goes
+    plugin._enqueue({"id": "a3", "user": "alice"})  # full: alice's a1 goes
+    waiting = {user: [e.body["id"] for e in q] for user, q in plugin.outbox.waiting.items()}
+    assert waiting == {"bob": ["b0"], "alice": ["a2", "a3"], "carol": ["c0"]}
+    assert gateway.out() == ["b0"]
+    gateway.answer("b0")
+    gateway.answer("a2")
+    gateway.answer("c0")
+    gateway.answer("a3")
+    assert not plugin.outbox and [b["id"] for b, _ in gateway.posts] == ["b0", "a2", "c0", "a3"]
+
+
+def test_outbox_properties():
+    """Whatever is added, sent, failed and dropped: each user's events go in order, never two of a user at
+    once, the count is what waits, and the bound holds."""
+    import random
+
+    from plugins.pushqueue import Outbox
+
+    for seed in range(200):
+        rnd = random.Random(seed)
+        box, out, sent_order, added = Outbox(rnd.randint(1, 6)), {}, {}, 0
+        for _ in range(60):
+            op = rnd.random()
+            if op < 0.45:
+                user = rnd.choice("abc")
+                box.add(user, {"n": added, "user": user})
+                added += 1
+            elif op < 0.7:
+                item = box.next()
+                if item is not None:
+                    assert item[0] not in out
+                    out[item[0]] = item[1]
+            elif out:
+                user = rnd.choice(sorted(out))
+                entry = out.pop(user)
+                how = rnd.choice(("sent", "drop", "retry"))
+                if how == "sent":
+                    if box.waiting.get(user) and box.waiting[user][0] is entry:
+                        sent_order.setdefault(user, []).append(entry.body["n"])
+                    box.sent(user, entry)
+                elif how == "drop":
+                    box.drop(user, entry)
+                elif box.retry_later(user, entry):
+                    box.due(user)
+            assert box.count == sum(len(q) for q in box.waiting.values()) <= box.max_queue
+            assert all(box.waiting[u][0] is e for u, e in out.items() if u in box.waiting)
+        for numbers in sent_order.values():
+            assert numbers == sorted(numbers)
+
+
+
+@pytest_twisted.inlineCallbacks
+def test_events_reuse_the_gateways_connection():
+    """Each event opened a new connection (a TLS handshake per push on a real gateway): now they are kept
+    open, at most ``concurrency`` of them."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    import plugins.push as push
+
+    got, connections = [], []
+
+    class Events(Resource):
+        isLeaf = True
+
+        def render_POST(self, request):
+            got.append(request.content.read())
+            request.setResponseCode(204)
+            return b""
+
+    class Counting(Site):
+        def buildProtocol(self, addr):
+            connections.append(addr)
+            return super().buildProtocol(addr)
+
+    port = reactor.listenTCP(0, Counting(Events()), interface="127.0.0.1")
+    plugin = push.PushPlugin(_Proxy())
+    try:
+        plugin.configure({"url": "http://127.0.0.1:%d/cpm" % port.getHost().port, "concurrency": 2,
+                          "offline_watch": 0})
+        for i in range(6):
+            plugin._enqueue({"id": str(i), "user": "alice" if i % 2 else "bob"})
+        for _ in range(100):
+            if len(got) == 6 and not plugin.outbox.in_flight:
+                break
+            yield deferLater(reactor, 0.05)
+        assert len(got) == 6 and not plugin.outbox
+        assert len(connections) <= 2
+    finally:
+        plugin.stop()
         yield port.stopListening()
 
 
