@@ -1077,7 +1077,7 @@ class NotifyPlugin(Plugin):
         if line is None:
             return
         line, modseq = _without_modseq(line)
-        adjust = await policy.status_adjustment(session, pst, mailbox)
+        adjust = await policy.status_adjustment(session, pst, mailbox, with_size=False)  # (_STATUS_ASKED)
         line = policy.adjust_status_line(line, adjust)
         st = self.state(session)
         told = st.last_status.get(mailbox)

@@ -66,6 +66,7 @@ from plugins.wire import (
     search_key_args,
     search_ok,
     token_text,
+    uid_set_pieces,
     wire_name,
 )
 
@@ -372,6 +373,8 @@ def _refuse_urls(segment: bytes) -> bytes | None:
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
 _STATUS_RE = re.compile(rb"^\* STATUS (.*) \(([^()]*)\)\r?\n$", re.S | re.I)
+_COUNT_RE = re.compile(rb"COUNT (\d+)")
+_SIZE_RE = re.compile(rb"RFC822\.SIZE (\d+)")
 
 
 # Views whose tables are kept for sharing (each ~0.7 MB at 20,000 messages), and the smallest mailbox worth it.
@@ -738,9 +741,10 @@ class PolicyPlugin(Plugin):
         if b"STATUS" in cmd.line.upper() and b"RETURN" in cmd.line.upper():
             # LIST-STATUS counts must be the view's too, like STATUS's.
             adjusts = {}
+            with_size = b"SIZE" in cmd.line.upper()
             for name in names:
                 if not self.folder_hidden(st, name):
-                    adjusts[name] = await self.status_adjustment(session, st, name)
+                    adjusts[name] = await self.status_adjustment(session, st, name, with_size)
             cmd.state["status_adjusts"] = adjusts
         return None
 
@@ -809,7 +813,8 @@ class PolicyPlugin(Plugin):
                 if line is not None:
                     return Rewrite(line)
         elif cmd.name == b"STATUS":
-            cmd.state["status_adjusts"] = {names[0]: await self.status_adjustment(session, st, names[0])}
+            cmd.state["status_adjusts"] = {names[0]: await self.status_adjustment(
+                session, st, names[0], with_size=b"SIZE" in cmd.line.upper())}
         if cmd.name in (b"DELETE", b"RENAME"):
             async with side_examine(session):
                 pass  # no side sequence has the mailbox open while the backend deletes or renames it
@@ -1494,20 +1499,24 @@ class PolicyPlugin(Plugin):
 
     # -- STATUS ---------------------------------------------------------------------------------
 
-    async def status_adjustment(self, session, st: PolicySession, mailbox: str):
-        """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden."""
+    async def status_adjustment(self, session, st: PolicySession, mailbox: str, with_size: bool = True):
+        """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden; the size
+        is 0 unless ``with_size`` (STATUS SIZE asked for)."""
         kinds, max_size, max_age = self._criteria(st, mailbox)
         hiders = self.hiders(session)
         if not (kinds or max_size or max_age or hiders):
             return None
         async with side_examine(session):
-            return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders)
+            return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders,
+                                                       with_size)
 
-    async def status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders):
+    async def status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders,
+                                       with_size: bool = True):
+        selected_hidden = None
         if st.mailbox == mailbox and st.view is not None:
             # Dovecot counts the selected mailbox as this session knows it (not as it is: changes not yet
             # announced to the session are not in it), and so does the view.
-            hidden = set(st.view.hidden)
+            hidden, selected_hidden = st.view.hidden, st.view.hidden_uids  # (read before any await)
         else:
             examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
             searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
@@ -1522,21 +1531,27 @@ class PolicyPlugin(Plugin):
             hidden = await self._side_hidden(session, plan, uids)
         if not hidden:
             return None
+        n_hidden = len(hidden)  # (now: the selected view's set changes in place as messages go)
         if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
             session.side_command(b"EXAMINE " + wire_name(mailbox))
-        hidden_set = SequenceSet.from_iterable(hidden).format()
-        unseen = search_ok(await session.side_command(b"UID SEARCH RETURN (COUNT) UID " + hidden_set + b" UNSEEN"))
-        sizes = await session.side_command(b"UID FETCH " + hidden_set + b" (RFC822.SIZE)")
-        if sizes.status != b"OK":
-            raise BackendRefused("backend fetch of sizes failed", sizes.tagged)
+        pieces = uid_set_pieces(selected_hidden if selected_hidden is not None else SequenceSet.from_iterable(hidden))
+        # Piece by piece, each command line short whatever is hidden; pipelined, the searches first, then
+        # the FETCHes (Dovecot runs a FETCH beside a SEARCH before it: its responses would come first).
+        counts = [session.side_command(b"UID SEARCH RETURN (COUNT) UID " + p + b" UNSEEN") for p in pieces]
         unseen_n = 0
-        for line in unseen.untagged:
-            m = re.search(rb"COUNT (\d+)", line)
-            if m:
-                unseen_n = int(m.group(1))
-        size = sum(int(m.group(1)) for line in sizes.untagged for m in [re.search(rb"RFC822\.SIZE (\d+)", line)]
-                   if m)
-        return len(hidden), unseen_n, size
+        for d in counts:
+            for line in search_ok(await d).untagged:
+                m = _COUNT_RE.search(line)
+                if m:
+                    unseen_n += int(m.group(1))
+        fetches = [session.side_command(b"UID FETCH " + p + b" (RFC822.SIZE)") for p in pieces] if with_size else []
+        size = 0  # (not asked for: the sizes of thousands of hidden messages are not fetched)
+        for d in fetches:
+            sizes = await d
+            if sizes.status != b"OK":
+                raise BackendRefused("backend fetch of sizes failed", sizes.tagged)
+            size += sum(int(m.group(1)) for line in sizes.untagged for m in [_SIZE_RE.search(line)] if m)
+        return n_hidden, unseen_n, size
 
     async def _side_hidden(self, session, plan: SelectPlan, uids: set[int]) -> set[int]:
         """Hidden UIDs of a mailbox EXAMINEd on the side connection (classification cache shared)."""
@@ -1643,7 +1658,7 @@ class PolicyPlugin(Plugin):
 
     async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str, line: bytes) -> None:
         try:
-            adjust = await self.status_adjustment(session, st, mailbox)
+            adjust = await self.status_adjustment(session, st, mailbox, with_size=b"SIZE" in line.upper())
             if not await self._unsolicited_told(session, st, mailbox, adjust, line):
                 adjust = _NOTHING_VISIBLE
         except (BackendError, defer.TimeoutError) as e:
@@ -2197,7 +2212,7 @@ def _apply_vanished(view: MailboxView, data: bytes):
         # Not an expunge of this session's messages (RFC 7162 3.2.10): it may name messages the backend
         # still numbers and announces later; taken out of the view now, they showed through it.
         return None
-    shown = gone if view.identity else gone - SequenceSet.from_iterable(view.hidden)
+    shown = gone if view.identity else gone - view.hidden_uids
     view.vanish(gone)
     if shown == gone:
         return None

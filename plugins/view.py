@@ -49,6 +49,22 @@ class MailboxView:
         self._client_map = None
         self._hidden_uids = None
 
+    def _renumbered(self, hidden_changed: bool) -> None:
+        """After a change that kept ``_visible`` up to date itself (a few messages in a big mailbox: a
+        rebuild of every table per EXPUNGE made a burst of K expunges cost K full passes): only the tables
+        by backend number go, and the hidden UIDs' set if the hidden messages changed."""
+        self._hidden_seqs = None
+        self._visible_seqs = None
+        self._client_map = None
+        if hidden_changed:
+            self._hidden_uids = None
+
+    def _own_visible(self) -> list[int] | None:
+        """The visible list if it is built and this view's own (not ``uids`` itself), to be changed in
+        place; else None (it is rebuilt when next needed)."""
+        vis = self._visible
+        return vis if vis is not None and vis is not self.uids else None
+
     @property
     def identity(self) -> bool:
         return not self.hidden
@@ -188,6 +204,11 @@ class MailboxView:
             return resolved
         if resolved.ranges == ((1, n),):
             return self.visible_seqs  # (the usual 1:*: built once per state of the view)
+        if _few(resolved):
+            # (a number or a few: looked up, not subtracted from the hidden runs, which a change rebuilds)
+            vis, uids = self.visible, self.uids
+            return SequenceSet.from_iterable([bisect_left(uids, vis[c - 1]) + 1
+                                              for lo, hi in resolved.ranges for c in range(lo, hi + 1)])
         ranges = []
         for lo, hi in resolved.ranges:
             ranges.append((self.backend_seq(lo), self.backend_seq(hi)))
@@ -203,7 +224,12 @@ class MailboxView:
         resolved = uid_set.resolve(top) if uid_set.has_star else uid_set
         if not self.hidden:
             return resolved
-        allowed = resolved - SequenceSet.from_iterable(self.hidden)
+        if _few(resolved):
+            h = self.hidden
+            allowed = SequenceSet.from_iterable([u for lo, hi in resolved.ranges for u in range(lo, hi + 1)
+                                                 if u not in h])
+        else:
+            allowed = resolved - self.hidden_uids
         vis = self.visible
         if uid_set.has_star and vis:
             allowed = allowed | SequenceSet.from_iterable([vis[-1]])
@@ -225,22 +251,46 @@ class MailboxView:
         new = sorted(u for u in new_uids if u > self.max_uid)
         if not new:
             return
+        vis = self._own_visible()
         self._own()
         self.uids.extend(new)
         newset = set(new)
-        self.hidden.update(u for u in hidden if u in newset)
-        self._changed()
+        newly_hidden = [u for u in hidden if u in newset]
+        self.hidden.update(newly_hidden)
+        if vis is None or not self.hidden:
+            self._changed()
+            return
+        h = self.hidden
+        vis.extend(u for u in new if u not in h)
+        self._renumbered(hidden_changed=bool(newly_hidden))
 
     def expunge(self, backend_seq: int) -> int | None:
-        """A backend EXPUNGE; returns the client number to announce, or None (hidden: stay silent)."""
+        """A backend EXPUNGE; returns the client number to announce, or None (hidden: stay silent).
+        A burst of them in a big mailbox costs a bisect and a list deletion each, not a rebuild."""
         u = self.uid_of(backend_seq)
         if u is None:
             return None
-        client = self.client_seq(backend_seq)
+        if not self.hidden:
+            self._own()
+            del self.uids[backend_seq - 1]
+            self._changed()
+            return backend_seq
+        was_hidden = u in self.hidden
+        vis = self.visible if self._visible is None else self._own_visible()
+        if vis is None:  # (not ours: rebuilt below)
+            client = None if was_hidden else self.client_seq(backend_seq)
+        else:
+            client = None if was_hidden else bisect_left(vis, u) + 1
         self._own()
         del self.uids[backend_seq - 1]
-        self.hidden.discard(u)
-        self._changed()
+        if was_hidden:
+            self.hidden.discard(u)
+        if vis is None or not self.hidden:
+            self._changed()
+        else:
+            if client is not None:
+                del vis[client - 1]
+            self._renumbered(hidden_changed=was_hidden)
         return client
 
     def vanish(self, uids: Iterable[int]) -> None:
@@ -249,23 +299,57 @@ class MailboxView:
         if not gone:
             return
         self._own()
-        before = len(self.uids)
-        self.uids = [u for u in self.uids if u not in gone]
-        self.hidden -= gone
-        if len(self.uids) != before:
+        if len(gone) > _FEW:
+            before = len(self.uids)
+            self.uids = [u for u in self.uids if u not in gone]
+            self.hidden -= gone
+            if len(self.uids) != before:
+                self._changed()
+            return
+        vis = self._own_visible()
+        if vis is None and self.hidden:
+            vis = self.visible
+        all_uids, changed, hidden_changed = self.uids, False, False
+        for u in gone:
+            i = bisect_left(all_uids, u)
+            if i == len(all_uids) or all_uids[i] != u:
+                continue
+            del all_uids[i]
+            changed = True
+            if u in self.hidden:
+                self.hidden.discard(u)
+                hidden_changed = True
+            elif vis is not None:
+                del vis[bisect_left(vis, u)]
+        if not changed:
+            return
+        if vis is None or not self.hidden:
             self._changed()
+        else:
+            self._renumbered(hidden_changed)
 
     def hide(self, uids: Iterable[int]) -> list[int]:
         """Hide more messages; returns the client numbers to announce as EXPUNGE, in the order to send
         them (descending, so each number is still valid when the client reads it)."""
-        present = set(self.uids)
-        new = [u for u in set(uids) if u in present and u not in self.hidden]
+        all_uids, hidden = self.uids, self.hidden
+        new = []
+        for u in set(uids):
+            if u not in hidden:
+                i = bisect_left(all_uids, u)
+                if i < len(all_uids) and all_uids[i] == u:
+                    new.append(u)
         if not new:
             return []
         seqs = sorted((self.client_seq_of_uid(u) for u in new), reverse=True)
+        vis = self._own_visible()
         self._own()
         self.hidden.update(new)
-        self._changed()
+        if vis is None or len(new) > _FEW:
+            self._changed()
+        else:
+            for c in seqs:  # (descending: each deletion leaves the lower numbers in place)
+                del vis[c - 1]
+            self._renumbered(hidden_changed=True)
         return seqs  # type: ignore[return-value]
 
     def unhide_tail(self, uids: Iterable[int]) -> int:
@@ -281,6 +365,19 @@ class MailboxView:
         self.hidden.difference_update(back)
         self._changed()
         return len(back)
+
+
+_FEW = 256  # numbers a set may hold to be handled one by one rather than by whole tables
+
+
+def _few(numbers: SequenceSet) -> bool:
+    """Does ``numbers`` (finite) hold at most ``_FEW`` numbers? (Stops counting early.)"""
+    left = _FEW
+    for lo, hi in numbers.ranges:
+        left -= hi - lo + 1
+        if left < 0:
+            return False
+    return True
 
 
 def parse_uid_list(text: bytes) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from cpmproxy.imap import mutf7
+from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import (
     Atom,
     Literal,
@@ -154,6 +155,24 @@ def esearch_all(reply) -> list[int]:
         if i >= 0:
             return parse_uid_list(line[i + 5:].split(b" ")[0])
     return []
+
+
+def uid_set_pieces(uids: SequenceSet, limit: int = 3800) -> list[bytes]:
+    """``uids`` in wire form, cut into pieces of at most ``limit`` bytes, for commands whose results
+    add up (counts, FETCHes): 50,000 scattered hidden UIDs are 330 KB in one command line, past the
+    backend's line limit (Dovecot's default is 64 KB: the command is refused). Pieces of a few KB keep
+    under any limit a server would set, and cost a command per ~700 scattered UIDs."""
+    pieces, piece, size = [], [], 0
+    for lo, hi in uids.ranges:
+        item = b"%d" % lo if lo == hi else b"%d:%d" % (lo, hi)
+        if piece and size + len(item) + 1 > limit:
+            pieces.append(b",".join(piece))
+            piece, size = [], 0
+        piece.append(item)
+        size += len(item) + 1
+    if piece:
+        pieces.append(b",".join(piece))
+    return pieces
 
 
 def iter_metadata(lines: list[bytes]):

@@ -1,0 +1,120 @@
+"""A filtered view of a big mailbox: many scattered hidden messages (every other one an IMDN the policy
+hides). Its UID set is longer than a backend command line may be (found by the scaling review,
+2026-11-27: STATUS and LIST-STATUS of such a folder were ``NO [UNAVAILABLE]`` every time, since the
+hidden UIDs' unseen count and sizes were asked in one command naming them all).
+
+Dovecot here keeps a 4 KB line limit (Dovecot's default is 64 KB, the shipped configuration's 1 MB): the
+same as ~11,000 scattered hidden messages under the default, with 2,000 messages to store.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cpmproxy.testing.dovecot import Dovecot
+from cpmproxy.testing.proxyproc import ProxyProcess
+from cpmproxy.testing.rawclient import RawIMAP
+from cpmproxy.testing.sample import make_object
+
+SHORT_LINES = "protocol imap {\n  imap_max_line_length = 4k\n}\n"
+COUNT = 2000  # every other one an IMDN: 1,000 hidden, ~5 KB of UIDs
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    d = Dovecot(tmp_path_factory.mktemp("shortlines"), users={"alice": "alicepw"}, extra_config=SHORT_LINES)
+    d.start()
+    chat, imdn = make_object("chat", text="hello"), make_object("imdn")
+    c = RawIMAP("127.0.0.1", d.port, timeout=60)
+    c.login("alice", "alicepw")
+    c.command(b"c", b'CREATE "Big"')
+    c.send(b"".join(b'a%d APPEND "Big" %s{%d+}\r\n%s\r\n' % (i, b"(\\Seen) " if i % 3 == 0 else b"",
+                                                         len(m), m)
+                    for i, m in enumerate(imdn if i % 2 else chat for i in range(COUNT))))
+    assert c.until_tagged(b"a%d" % (COUNT - 1))[-1].startswith(b"a%d OK" % (COUNT - 1))
+    c.close()
+    p = ProxyProcess(tmp_path_factory.mktemp("proxy"), d.port,
+                     config_extra="[policy]\nsync = { imdn = false }\n").start()
+    yield d, p
+    p.stop()
+    d.close()
+
+
+def _expected():
+    """(messages, unseen, size) the device sees: the chats, those not flagged \\Seen."""
+    chat = make_object("chat", text="hello")
+    shown = [i for i in range(COUNT) if i % 2 == 0]
+    return len(shown), sum(1 for i in shown if i % 3), sum(len(chat) for _ in shown)
+
+
+def _items(line: bytes) -> dict[bytes, int]:
+    m = re.search(rb"\(([^()]*)\)\r\n$", line)
+    words = m.group(1).split()
+    return {words[i].upper(): int(words[i + 1]) for i in range(0, len(words), 2)}
+
+
+def _device(p) -> RawIMAP:
+    c = RawIMAP("127.0.0.1", p.port, timeout=60)
+    c.command(b"i", b'ID ("x-cpm-device-id" "phone")')
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    return c
+
+
+@pytest.mark.parametrize("selected", [False, True])
+def test_status_of_a_folder_with_more_hidden_uids_than_a_command_line_holds(big, selected):
+    _, p = big
+    messages, unseen, size = _expected()
+    c = _device(p)
+    if selected:
+        assert c.command(b"s", b'SELECT "Big"')[-1].startswith(b"s OK")
+    r = c.command(b"t", b'STATUS "Big" (MESSAGES UNSEEN SIZE)')
+    assert r[-1].startswith(b"t OK"), r
+    assert _items(r[0]) == {b"MESSAGES": messages, b"UNSEEN": unseen, b"SIZE": size}
+    r = c.command(b"l", b'LIST "" "Big" RETURN (STATUS (MESSAGES UNSEEN))')
+    assert r[-1].startswith(b"l OK"), r
+    status = next(line for line in r if line.startswith(b"* STATUS "))
+    assert _items(status) == {b"MESSAGES": messages, b"UNSEEN": unseen}
+    c.close()
+
+
+def test_a_burst_of_expunges_in_a_big_view_is_announced_in_the_devices_numbers(big):
+    """Another session expunges 200 messages at once (chats and IMDNs): the device hears of the chats
+    only, each by its own number at the time, and its view is the model's afterwards."""
+    d, p = big
+    c = _device(p)
+    assert c.command(b"s", b'SELECT "Big"')[-1].startswith(b"s OK")
+    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
+    direct.login("alice", "alicepw")
+    direct.command(b"s", b'SELECT "Big"')
+    uids = [int(x) for x in re.search(rb"ALL (\S+)", b"".join(direct.command(
+        b"u", b"UID SEARCH RETURN (ALL) ALL"))).group(1).replace(b":", b",").split(b",")]
+    all_uids = list(range(uids[0], uids[-1] + 1)) if len(uids) == 2 else uids
+    gone = set(all_uids[100:300])
+    seqset = b"%d:%d" % (all_uids[100], all_uids[299])
+    assert direct.command(b"x", b"UID STORE %s +FLAGS.SILENT (\\Deleted)" % seqset)[-1].startswith(b"x OK")
+    assert direct.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    direct.close()
+    r = c.command(b"n", b"NOOP")
+    visible = [u for i, u in enumerate(all_uids) if i % 2 == 0]  # (UID order is store order)
+    shown = list(visible)
+    for line in r:  # (each number as the device knows them at that point)
+        if line.endswith(b" EXPUNGE\r\n"):
+            assert shown.pop(int(line.split()[1]) - 1) in gone, line
+    assert shown == [u for u in visible if u not in gone]
+    fetched = [line for line in c.command(b"f", b"FETCH 1:* (UID)") if line.startswith(b"* ")]
+    assert fetched == [b"* %d FETCH (UID %d)\r\n" % (i, u) for i, u in enumerate(shown, 1)]
+    c.close()
+
+
+def test_uid_set_pieces_cover_the_set_in_short_lines():
+    from cpmproxy.imap.seqset import SequenceSet
+    from plugins.wire import uid_set_pieces
+
+    for uids in (SequenceSet.from_iterable(range(1, 40000, 2)), SequenceSet.parse(b"1:5,9,4000000000"),
+                 SequenceSet.from_iterable([7])):
+        pieces = uid_set_pieces(uids, limit=100)
+        assert all(len(p) <= 100 for p in pieces)
+        assert SequenceSet.parse(b",".join(pieces)) == uids
+    assert uid_set_pieces(SequenceSet.empty()) == []
