@@ -394,6 +394,8 @@ class PolicyPlugin(Plugin):
         self.session_history_cache: dict[tuple[str, str], bool] = {}
         # Tables of recent filtered views, shared by sessions that see the same view (_share_tables).
         self._tables: OrderedDict[tuple, tuple] = OrderedDict()
+        # Recent views hiding by kind or size, lent whole to a later SELECT of the same state (_borrowed_view).
+        self._whole_views: OrderedDict[tuple, tuple] = OrderedDict()
         self._hiders_of = None  # the hook table _hider_plugins was taken from
         self._hider_plugins: list = []
 
@@ -1015,12 +1017,19 @@ class PolicyPlugin(Plugin):
         deletions) are hidden and they are the same ones: borrowed whole (copy-on-write), so a device
         with 10,000 local deletions does not expand them into a list and a set at every SELECT. None
         when there is none to borrow."""
-        if plan.hidden_kinds or plan.max_size or plan.max_age_days:
-            return None
+        if plan.max_age_days:
+            return None  # (what an age limit hides changes with the clock)
         cache = self.cache.peek(user, plan.mailbox, plan.uidvalidity)
         if cache is None or cache.snapshot != snapshot:
             return None
         ranges = (plan.extra & SequenceSet.from_ranges(cache.uid_ranges)).ranges
+        if plan.hidden_kinds or plan.max_size:
+            # Kinds and sizes of the same UIDs do not change: the same rules hide the same messages.
+            kept = self._whole_views.get(_whole_view_key(user, plan, ranges))
+            if kept is None or kept[0] != snapshot:
+                return None
+            self._whole_views.move_to_end(_whole_view_key(user, plan, ranges))
+            return MailboxView.borrowed(kept[1])
         key = (user, plan.mailbox, plan.uidvalidity, sum(hi - lo + 1 for lo, hi in ranges))
         kept = self._tables.get(key)
         if kept is None or kept[0] != snapshot or kept[1] != ranges or kept[4] is None:
@@ -1035,6 +1044,14 @@ class PolicyPlugin(Plugin):
         hidden set stay the same. Bounded (LRU), and only for mailboxes big enough to be worth it."""
         if len(view.uids) < SHARED_TABLES_MIN:
             return
+        cache = self.cache.peek(user, plan.mailbox, plan.uidvalidity)
+        if (plan.hidden_kinds or plan.max_size) and not plan.max_age_days and cache is not None \
+                and cache.snapshot == snapshot:
+            # (lent whole: a later SELECT of this state by the same rules builds nothing, see _borrowed_view)
+            extra = (plan.extra & SequenceSet.from_ranges(cache.uid_ranges)).ranges
+            self._whole_views[_whole_view_key(user, plan, extra)] = (snapshot, view.lend())
+            while len(self._whole_views) > SHARED_TABLES_MAX:
+                self._whole_views.popitem(last=False)
         key = (user, plan.mailbox, plan.uidvalidity, len(view.hidden))
         ranges = plan.hidden_ranges  # (an exact, cheap form of the hidden set where there is one)
         kept = self._tables.get(key)
@@ -2029,6 +2046,12 @@ async def _uidvalidity(session, mailbox: str) -> int:
 
 def _parse_uidvalidity(reply, mailbox: str) -> int:
     return _status_items(reply.untagged, mailbox).get(b"UIDVALIDITY", 0)
+
+
+def _whole_view_key(user: str, plan: SelectPlan, extra_ranges: tuple) -> tuple:
+    """What fixes the hidden set of a mailbox state hidden by kind and size: the rules and what the
+    hiders (local deletes) hide in it."""
+    return user, plan.mailbox, plan.uidvalidity, tuple(sorted(plan.hidden_kinds)), plan.max_size, extra_ranges
 
 
 def _uid_ranges(uids: SequenceSet | set[int]) -> SequenceSet:
