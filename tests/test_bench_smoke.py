@@ -35,13 +35,13 @@ def test_relay_bench_quick(tmp_path):
 def test_cpm_bench_quick(tmp_path):
     out = tmp_path / "cpm.json"
     r = run(["bench/cpm_bench.py", "--quick", "--only", "view", "--only", "localdelete", "--only", "ld_select",
-             "--json", str(out)])
+             "--only", "expunge_burst", "--json", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     results = {x["scenario"]: x for x in json.loads(out.read_text())}
     # view_tcp (HAProxy, for reference) where it is installed (CI installs it); the others always.
     tcp = {"view_tcp"} if shutil.which("haproxy") else set()
     assert set(results) == {"view_none", "view_hidden", "view_relay", "view_cold", "localdelete",
-                            "ld_select"} | tcp
+                            "ld_select", "expunge_burst_100"} | tcp
     assert all(x["direct"] > 0 and x["proxy"] > 0 for x in results.values())
     assert "per-round ratio quartiles" in r.stdout
 
