@@ -147,6 +147,8 @@ class MailboxView:
 
     def _own(self) -> None:
         if self._lent:
+            if self._visible is self.uids:
+                self._visible = None  # (the shared list: never to be changed in place as this view's own)
             self.uids = list(self.uids)
             self.hidden = set(self.hidden)
             self._lent = False
