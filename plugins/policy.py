@@ -379,6 +379,9 @@ _SIZE_RE = re.compile(rb"RFC822\.SIZE (\d+)")
 # Views whose tables are kept for sharing (each ~0.7 MB at 20,000 messages), and the smallest mailbox worth it.
 SHARED_TABLES_MAX = 32
 SHARED_TABLES_MIN = 1000
+# And at most this many messages in all the kept views of each kind (tables, whole views): a lent view
+# of 200,000 messages holds ~46 MB (its UID list, hidden set and tables).
+SHARED_TABLES_MAX_MESSAGES = 1_000_000
 
 
 class PolicyPlugin(Plugin):
@@ -1048,9 +1051,7 @@ class PolicyPlugin(Plugin):
                 and cache.snapshot == snapshot:
             # (lent whole: a later SELECT of this state by the same rules builds nothing, see _borrowed_view)
             extra = (plan.extra & SequenceSet.from_ranges(cache.uid_ranges)).ranges
-            self._whole_views[_whole_view_key(user, plan, extra)] = (snapshot, view.lend())
-            while len(self._whole_views) > SHARED_TABLES_MAX:
-                self._whole_views.popitem(last=False)
+            _keep(self._whole_views, _whole_view_key(user, plan, extra), (snapshot, view.lend(), len(view.uids)))
         key = (user, plan.mailbox, plan.uidvalidity, len(view.hidden))
         ranges = plan.hidden_ranges  # (an exact, cheap form of the hidden set where there is one)
         kept = self._tables.get(key)
@@ -1062,11 +1063,8 @@ class PolicyPlugin(Plugin):
         # (snapshot, hidden ranges or None, hidden set if no ranges, derived tables, the whole view to
         # borrow: only where the ranges say what is hidden, see _borrowed_view)
         lent = view.lend() if ranges is not None else None
-        self._tables[key] = (snapshot, ranges, None if ranges is not None else frozenset(view.hidden),
-                             view.derived(), lent)
-        self._tables.move_to_end(key)
-        while len(self._tables) > SHARED_TABLES_MAX:
-            self._tables.popitem(last=False)
+        _keep(self._tables, key, (snapshot, ranges, None if ranges is not None else frozenset(view.hidden),
+                                  view.derived(), lent, len(view.uids)))
 
     async def _grow_view(self, session, st: PolicySession) -> None:
         view = st.view
@@ -1565,8 +1563,8 @@ class PolicyPlugin(Plugin):
                                     else SequenceSet.from_iterable(hidden))
             fetches = [session.side_command(b"UID FETCH " + p + b" (RFC822.SIZE)") for p in pieces]
         size = 0  # (not asked for: the sizes of thousands of hidden messages are not fetched)
-        for d in fetches:
-            sizes = await d
+        replies = [await d for d in fetches]  # (all of them, even after a failed one)
+        for sizes in replies:
             if sizes.status != b"OK":
                 raise BackendRefused("backend fetch of sizes failed", sizes.tagged)
             size += sum(int(m.group(1)) for line in sizes.untagged for m in [_SIZE_RE.search(line)] if m)
@@ -2049,6 +2047,16 @@ async def _uidvalidity(session, mailbox: str) -> int:
 
 def _parse_uidvalidity(reply, mailbox: str) -> int:
     return _status_items(reply.untagged, mailbox).get(b"UIDVALIDITY", 0)
+
+
+def _keep(kept: OrderedDict, key: tuple, entry: tuple) -> None:
+    """Keep ``entry`` (its last item: how many messages its view has) as the most recent of ``kept``; the
+    least recent go past SHARED_TABLES_MAX entries or SHARED_TABLES_MAX_MESSAGES messages."""
+    kept[key] = entry
+    kept.move_to_end(key)
+    while len(kept) > SHARED_TABLES_MAX or (len(kept) > 1 and sum(e[-1] for e in kept.values())
+                                            > SHARED_TABLES_MAX_MESSAGES):
+        kept.popitem(last=False)
 
 
 def _whole_view_key(user: str, plan: SelectPlan, extra_ranges: tuple) -> tuple:

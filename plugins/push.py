@@ -33,7 +33,7 @@ import json
 import re
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from email.parser import BytesParser
 from io import BytesIO
 from urllib.parse import urlsplit
@@ -98,6 +98,8 @@ class PushPlugin(Plugin):
         self.url = ""
         self.outbox = Outbox(10000)
         self.concurrency = 8
+        self._starting = False  # _send_more is running
+        self._building: dict[str, deque] = {}  # user -> [done, body] of its events being built, in order
         self._retries: dict[str, object] = {}  # user -> the timer of its first event's next attempt
         self._pool: HTTPConnectionPool | None = None
         self.stopped = False
@@ -241,9 +243,21 @@ class PushPlugin(Plugin):
         watch = notify.watches.get(event.user)
         if event.origin is not None and not event.uids and watch is not None and watch.reporting():
             return  # (the watch reports this change in a moment, named by its HIGHESTMODSEQ: pushed then)
+        # A user's events are queued in the order they happened, whichever build finishes first (a new
+        # message's kinds are asked of the backend; the expunge after it needs nothing).
+        slot = [False, None]
+        self._building.setdefault(event.user, deque()).append(slot)
         d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions), None), event, offline, since))
-        d.addCallback(self._enqueue)
         d.addErrback(lambda f: log.failure("building a push event failed", f))
+        d.addCallback(self._built, event.user, slot)
+
+    def _built(self, body: dict | None, user: str, slot: list) -> None:
+        slot[:] = [True, body]
+        slots = self._building.get(user)
+        while slots and slots[0][0]:
+            self._enqueue(slots.popleft()[1])
+        if slots is not None and not slots:
+            del self._building[user]
 
     def _seen_modseq(self, event: ChangeEvent) -> int | None:
         """For a change the watch saw on the backend without new UIDs (a flag change: it knows only that
@@ -328,8 +342,8 @@ class PushPlugin(Plugin):
         return kinds, headers
 
     def _enqueue(self, body: dict | None) -> None:
-        if body is None:
-            return
+        if body is None or not self.url or self.stopped:
+            return  # (nothing, or built after push was turned off)
         # The same change twice (made through this process, then seen by the watch): pushed once.
         if body["id"] in self._sent_ids:
             return
@@ -345,20 +359,25 @@ class PushPlugin(Plugin):
 
     def _send_more(self) -> None:
         """Start POSTs while fewer than ``concurrency`` are out and an event may go."""
-        outbox = self.outbox
-        while len(outbox.in_flight) < self.concurrency and not self.stopped:
-            item = outbox.next()
-            if item is None:
-                break
-            self._send(*item)
-        self._metrics()[3].set(len(outbox))
+        if self._starting:
+            return  # (an attempt that failed at once, inside the loop below: the loop goes on)
+        self._starting = True
+        try:
+            outbox = self.outbox
+            while len(outbox.in_flight) < self.concurrency and not self.stopped:
+                item = outbox.next()
+                if item is None:
+                    break
+                self._send(*item)
+        finally:
+            self._starting = False
+        self._metrics()[3].set(len(self.outbox))
 
     def _send(self, user: str, entry: Entry) -> None:
         sent, failed, dropped, queued = self._metrics()
         # (an exception raised at once, e.g. by the Agent for a URL it cannot use, is a failed attempt
         # like any other: retried, then dropped; the user's events never stall with one left out)
         d = defer.maybeDeferred(self._post, entry.body)
-        d.addTimeout(self.timeout, reactor)
 
         def done(response):
             # The status line decides: the body is read only to free the connection, and one a gateway
@@ -382,17 +401,20 @@ class PushPlugin(Plugin):
 
         def failed_attempt(reason: str, wait: float = 0.0) -> None:
             failed.inc()
+            if self.stopped:
+                return
             if entry.attempts + 1 > self.max_retries:
                 dropped.inc()
                 log.warn("push dropped after {n} attempts: {reason}", n=entry.attempts + 1, reason=reason)
                 self.outbox.drop(user, entry)
             elif self.outbox.retry_later(user, entry):
-                delay = min(max(self.backoff * 2 ** (entry.attempts - 1), wait), self.max_backoff)
+                delay = min(max(self.backoff * 2.0 ** min(entry.attempts - 1, 64), wait), self.max_backoff)
                 self._cancel_retry(user)
                 self._retries[user] = reactor.callLater(delay, self._due, user)
             self._send_more()
 
         d.addCallback(done)
+        d.addTimeout(self.timeout, reactor)  # (the whole attempt: a body that stalls too)
         d.addCallbacks(answered, lambda f: failed_attempt(f.getErrorMessage()))
         d.addErrback(lambda f: log.failure("push sender failed", f))
 
@@ -432,12 +454,19 @@ class _Discard(Protocol):
         pass
 
     def connectionLost(self, reason=None) -> None:
-        self.done.callback(None)
+        if not self.done.called:  # (cancelled: the attempt timed out)
+            self.done.callback(None)
 
 
 def _drain(response) -> defer.Deferred:
-    """Read the answer's body to its end (and throw it away), so that its connection can serve the next."""
-    done = defer.Deferred()
+    """Read the answer's body to its end (and throw it away), so that its connection can serve the next.
+    Cancelled (the attempt's timeout), the connection is closed: a body that never ends holds nothing."""
+    def cancel(_):
+        transport = getattr(response, "_transport", None)  # (as Twisted's readBody does)
+        close = getattr(transport, "abortConnection", None) or getattr(transport, "loseConnection", None)
+        if close is not None:
+            close()
+    done = defer.Deferred(cancel)
     response.deliverBody(_Discard(done))
     return done
 

@@ -123,14 +123,17 @@ class Outbox:
     def _drop_oldest_of_busiest(self) -> bool:
         """Drop the oldest entry not being sent of the user with the most entries waiting; False if
         every entry waiting is being sent."""
+        def out(user: str) -> bool:  # (its first entry is being sent: not that one)
+            return self.in_flight.get(user) is self.waiting[user][0]
+
         def droppable(user: str) -> int:
-            return len(self.waiting[user]) - (user in self.in_flight)
+            return len(self.waiting[user]) - out(user)
         busiest = max(self.waiting, key=droppable, default=None)
         if busiest is None or droppable(busiest) == 0:
             return False
         queue = self.waiting[busiest]
-        if busiest in self.in_flight:
-            del queue[1]  # (the first is out: the next oldest goes)
+        if out(busiest):
+            del queue[1]  # (the next oldest goes)
         else:
             queue.popleft()
         self.count -= 1

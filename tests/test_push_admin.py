@@ -504,6 +504,101 @@ def test_outbox_properties():
 
 
 
+
+def test_attempts_failing_at_once_for_many_users_leave_none_stuck(monkeypatch):
+    """Found by review: an HTTP client that raises at once (a URL host it refuses) made each failure start
+    the next user's attempt from inside the last: past ~1,000 users a RecursionError left users backing
+    off with no retry timer, their events never sent again. Also: a retry count past 1,024 overflowed
+    the backoff's arithmetic the same way."""
+    plugin, gateway, clock = _sender(monkeypatch, max_retries=3, concurrency=1)
+    for i in range(1500):
+        plugin._enqueue({"id": str(i), "user": f"u{i}"})
+
+    class Raising:
+        def request(self, *a):
+            raise ValueError("Invalid URI")
+
+    plugin._agent = Raising()
+    gateway.answer("0")  # (its slot frees: everyone else's first attempt fails at once)
+    assert not plugin.outbox.in_flight
+    assert len(plugin.outbox.backing_off) == 1499 and set(plugin._retries) == plugin.outbox.backing_off
+
+    plugin, gateway, clock = _sender(monkeypatch, max_retries=2000, backoff=0.01, max_backoff=0.01)
+    plugin._enqueue({"id": "a", "user": "alice"})
+    for _ in range(1100):
+        gateway.answer(gateway.out()[0], 503)
+        clock.advance(0.01)
+    assert gateway.out() == ["a"] and plugin.outbox.waiting["alice"][0].attempts == 1100
+
+
+def test_a_users_events_are_queued_in_the_order_they_happened(monkeypatch):
+    """Found by review: a new message's event waits for its kinds (asked of the backend); the expunge
+    after it needed nothing and was pushed first."""
+    from types import SimpleNamespace
+
+    from plugins.notify import ChangeEvent
+
+    plugin, gateway, clock = _sender(monkeypatch)
+    plugin.proxy.sessions_of = lambda user: [SimpleNamespace(device_id="tablet")]
+    plugin.proxy.hooks = SimpleNamespace(by_name={"notify": SimpleNamespace(enabled=lambda s: True, watches={})})
+    plugin.devices["alice"] = {"tablet", "phone"}
+    kinds = defer.Deferred()
+    plugin._inspect = lambda session, event: kinds
+    plugin._event(ChangeEvent("alice", "INBOX", "MessageNew", origin=object(), uidvalidity=1, uids=(7,)))
+    plugin._event(ChangeEvent("alice", "INBOX", "MessageExpunge", origin=object(), uidvalidity=1, modseq=9))
+    assert gateway.out() == []
+    kinds.callback(({7: "chat"}, {}))
+    assert [body["event"] for body, _ in gateway.posts] == ["MessageNew"]
+    gateway.answer(gateway.out()[0])
+    assert [body["event"] for body, _ in gateway.posts] == ["MessageNew", "MessageExpunge"]
+
+
+def test_after_stop_or_push_turned_off_nothing_is_retried_or_dropped_amiss(monkeypatch):
+    plugin, gateway, clock = _sender(monkeypatch, max_retries=5)
+    plugin._enqueue({"id": "a1", "user": "alice"})
+    plugin.stop()
+    gateway.answer("a1", 503)
+    assert not plugin._retries and not clock.getDelayedCalls()
+
+    from plugins.pushqueue import Outbox
+
+    box = Outbox(2)
+    box.add("alice", {"id": "a1"})
+    box.next()
+    box.clear()  # (push turned off while a1 was out; its answer comes later)
+    box.add("alice", {"id": "a2"})
+    box.add("alice", {"id": "a3"})
+    assert box.add("bob", {"id": "b1"}) == 1  # full: alice's oldest waiting goes, not a3
+    assert {u: [e.body["id"] for e in q] for u, q in box.waiting.items()} == {"alice": ["a3"], "bob": ["b1"]}
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_body_that_never_ends_times_the_attempt_out():
+    """Found by review: the timeout covered the request up to the answer's headers; a gateway that then
+    never finished the body held the user's events (and a slot) for good."""
+    import plugins.push as push
+
+    class Stall(Protocol):
+        def dataReceived(self, data):
+            if b"\r\n\r\n" in data:
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Stall), interface="127.0.0.1")
+    plugin = push.PushPlugin(_Proxy())
+    try:
+        plugin.configure({"url": "http://127.0.0.1:%d/cpm" % port.getHost().port, "timeout": 0.3,
+                          "offline_watch": 0, "concurrency": 1})
+        for event_id, user in (("a1", "alice"), ("a2", "alice"), ("b1", "bob")):
+            plugin._enqueue({"id": event_id, "user": user})
+        for _ in range(60):
+            if not plugin.outbox:
+                break
+            yield deferLater(reactor, 0.05)
+        assert not plugin.outbox and not plugin.outbox.in_flight  # (each taken at its 200, then cut)
+    finally:
+        plugin.stop()
+        yield port.stopListening()
+
 @pytest_twisted.inlineCallbacks
 def test_events_reuse_the_gateways_connection():
     """Each event opened a new connection (a TLS handshake per push on a real gateway): now they are kept

@@ -394,3 +394,22 @@ def test_a_lent_view_with_nothing_hidden_keeps_its_lenders_uids_through_any_chan
         {"vanish": lambda: view.vanish([3]), "expunge": lambda: view.expunge(3),
          "append": lambda: view.append([11]), "hide": lambda: view.hide([3])}[change]()
         assert lender.uids == list(range(1, 11)), change
+
+
+def test_kept_views_are_bounded_by_their_messages_too(monkeypatch):
+    """Found by review: up to 32 kept views of 200,000 messages (~46 MB each) beside as many tables."""
+    import plugins.policy as policy_module
+    from plugins.policy import SelectPlan
+
+    monkeypatch.setattr(policy_module, "SHARED_TABLES_MAX_MESSAGES", 7000)
+    policy = PolicyPlugin(None)
+    for name in ("A", "B", "C"):
+        cache = policy.cache.get("alice", name, 7)
+        cache.snapshot, cache.uid_ranges = (3000, 3001), ((1, 3000),)
+        plan = SelectPlan(name, 7, ("imdn",), 0, 0)
+        policy._share_tables("alice", plan, (3000, 3001),
+                             MailboxView.exact(list(range(1, 3001)), set(range(4, 3001, 4))))
+    assert [key[1] for key in policy._whole_views] == ["B", "C"]
+    assert [key[1] for key in policy._tables] == ["B", "C"]
+    assert policy._borrowed_view("alice", SelectPlan("A", 7, ("imdn",), 0, 0), (3000, 3001)) is None
+    assert policy._borrowed_view("alice", SelectPlan("C", 7, ("imdn",), 0, 0), (3000, 3001)) is not None
