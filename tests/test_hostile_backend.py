@@ -564,6 +564,34 @@ def test_a_login_refused_after_the_hooks_lets_go_of_the_users_connections(fresh_
     assert internal_errors(proxy) == 0
 
 
+
+def test_a_client_gone_while_its_status_is_counted_lets_go_of_the_side_connection(fresh_scripted, make_proxy):
+    """Found by the soak review: the policy's STATUS count went on after the client left and asked the
+    side connection again, which registered the ended session in the user's pool anew: the pool, the
+    session and the backend connection were kept for as long as the proxy ran (290 of 1,000 abrupt
+    STATUS clients)."""
+    fresh_scripted.internal = {b"EXAMINE OTHER": HOLD,  # (the second count's first step)
+                               b'LIST "" OTHER': b'* LIST () "/" Other\r\n{tag} OK done\r\n',
+                               b'LIST "" FIRST': b'* LIST () "/" First\r\n{tag} OK done\r\n'}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
+                       config_extra="[policy]\nmax_size = 1000\n", backend_extra="side_linger = 0.2")
+    c = RawIMAP(proxy.host, proxy.port, timeout=10)
+    c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    c.send(b'g STATUS "First" (MESSAGES)\r\nh STATUS "Other" (MESSAGES UNSEEN)\r\n')
+    deadline = time.monotonic() + 5
+    while not any(b"EXAMINE OTHER" in line.upper() for line in fresh_scripted.received) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c.close()
+    time.sleep(0.05)
+    fresh_scripted.release.set()  # (the count goes on, the client gone, its pool lingering: 0.2 s)
+    deadline = time.monotonic() + 5
+    while fresh_scripted.open_connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fresh_scripted.open_connections == 0
+    assert internal_errors(proxy) == 0
+
 def test_health_probes_a_moment_apart_share_one_backend_connection(fresh_scripted, make_proxy):
     from tests.test_ops import health
 

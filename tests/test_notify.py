@@ -909,3 +909,36 @@ def test_a_change_made_while_the_watch_reconnects_is_told(make_proxy, dovecot):
     line = wait_status(phone, folder, 10)
     assert line is not None and b"MESSAGES 2" in line, line
     phone.close()
+
+
+def _socket_fds(pid: int) -> int:
+    fds = f"/proc/{pid}/fd"
+    return sum(1 for f in os.listdir(fds) if os.readlink(os.path.join(fds, f)).startswith("socket:"))
+
+
+def test_a_watch_opened_as_its_session_ends_is_closed(make_proxy, dovecot):
+    """Found by the soak review: notifications turned on and LOGOUT at once, the user's watch connection
+    finished connecting after the session had ended: its login raised (the credentials were gone) and
+    the connection was left open, owned by no one (300 of 300 such sessions), until the backend's own
+    timeout for connections that never log in."""
+    user = "watchend" + uuid.uuid4().hex[:6]
+    dovecot.add_user(user, "pw")
+    p = make_proxy(backend_extra="side_linger = 0.2")
+    c = raw_via(p)
+    c.command(b"i", b'ID ("x-cpm-device-id" "phone")')
+    assert c.login(user, "pw")[-1].startswith(b"L OK")
+    c.close()
+    time.sleep(0.5)
+    baseline = _socket_fds(p.proc.pid)
+    for on in (b"on", b"off") * 6:
+        c = raw_via(p)
+        c.command(b"i", b'ID ("x-cpm-device-id" "phone")')
+        assert c.login(user, "pw")[-1].startswith(b"L OK")
+        c.send(b'm SETMETADATA "" (/private/vendor/vendor.cpmproxy/notifications "%s")\r\nz LOGOUT\r\n' % on)
+        c.closed()  # (the BYE, the LOGOUT answer, then the end)
+        c.close()
+        time.sleep(0.3)  # (past side_linger: each round opens the watch anew)
+    deadline = time.monotonic() + 5
+    while _socket_fds(p.proc.pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _socket_fds(p.proc.pid) == baseline

@@ -387,13 +387,14 @@ def test_a_burst_of_expunges_keeps_the_visible_list_rather_than_rebuilding_it():
 def test_a_lent_view_with_nothing_hidden_keeps_its_lenders_uids_through_any_change():
     """A lent view's visible list is its UID list while nothing is hidden: a change made in place to "its
     own" visible list must never reach the list the lender and the other borrowers share."""
-    for change in ("vanish", "expunge", "append", "hide"):
+    changes = {"vanish": lambda v: v.vanish([3]), "expunge": lambda v: v.expunge(3),
+               "append": lambda v: v.append([11]), "hide": lambda v: v.hide([3])}
+    for name, change in changes.items():
         lender = MailboxView.exact(list(range(1, 11)), set())
         view = MailboxView.borrowed(lender.lend())
         assert view.visible is lender.uids
-        {"vanish": lambda: view.vanish([3]), "expunge": lambda: view.expunge(3),
-         "append": lambda: view.append([11]), "hide": lambda: view.hide([3])}[change]()
-        assert lender.uids == list(range(1, 11)), change
+        change(view)
+        assert lender.uids == list(range(1, 11)), name
 
 
 def test_kept_views_are_bounded_by_their_messages_too(monkeypatch):

@@ -736,6 +736,9 @@ class ProxyService(service.MultiService):
 
     def side_pool(self, session: ClientSession) -> SidePool:
         pool = self._side_pools.get(session.user)
+        if session.phase == "closed":
+            # Released already (connectionLost): not registered again, or the pool would never close.
+            return pool if pool is not None else SidePool()
         if pool is None:
             pool = self._side_pools[session.user] = SidePool()
         if pool.close_call is not None and pool.close_call.active():

@@ -1290,8 +1290,13 @@ class ClientSession(Protocol, TimeoutMixin):
         command there makes Dovecot (Maildir) re-read the whole uidlist at every later SELECT on it
         (+18 ms for 20,000 messages). The reply holds every untagged response that came before the
         tagged one (ESEARCH by tag)."""
-        pool = self.service.side_pool(self)
         d: defer.Deferred[Reply] = defer.Deferred()
+        if self.phase == "closed":
+            # (A plugin still at work for a session that ended: joining the pool again would keep it, and
+            # the user's side connection, for as long as the process runs.)
+            d.errback(BackendError("session closed"))
+            return d
+        pool = self.service.side_pool(self)
 
         def send(proto):
             if proto.closed:
@@ -1337,14 +1342,14 @@ class ClientSession(Protocol, TimeoutMixin):
 
         if self._credentials is None:
             raise BackendError("session has no credentials")
+        authzid, user, password = self._credentials  # (now: the session may end while connecting)
         proto, caps = await connect_backend(reactor, self.config)
         proto.capabilities = caps
-        authzid, user, password = self._credentials
         fields = [("x-originating-ip", self.peer_host), ("x-session-id", f"{self.session_id}-{purpose}")]
         try:
             await login_backend(proto, caps, authzid, user, password, fields)
         except BaseException:
-            proto.close()
+            proto.close()  # (never left connected and owned by no one)
             raise
         if self.phase == "closed" and purpose != "side":  # (the shared side connection is the pool's)
             proto.close()
