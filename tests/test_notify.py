@@ -942,3 +942,36 @@ def test_a_watch_opened_as_its_session_ends_is_closed(make_proxy, dovecot):
     while _socket_fds(p.proc.pid) > baseline and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _socket_fds(p.proc.pid) == baseline
+
+
+def test_an_offline_watch_keeps_one_timer_and_only_what_it_reads(monkeypatch):
+    """Found by the soak review: each logout of a user with pushes armed one more 24-hour expiry timer
+    (the one before was never cancelled: 1,030 timers after 1,000 logouts of 30 users), and the watch
+    kept the last session's whole policy state, its selected mailbox's view too (~0.4 MB each)."""
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    import plugins.notify as notify
+    from plugins.policy import Policy, PolicyPlugin, PolicySession
+    from plugins.view import MailboxView
+
+    clock = Clock()
+    monkeypatch.setattr(notify, "reactor", clock)
+    policy = PolicyPlugin(None)
+    last = PolicySession(Policy(), account_prefs={"notifications": "on"})
+    last.view = MailboxView(range(1, 3001), {5})
+    session = SimpleNamespace(state={"policy": last}, user="alice")
+    push = SimpleNamespace(watch_offline=lambda user: 86400.0)
+    proxy = SimpleNamespace(hooks=SimpleNamespace(plugins=[push, policy], by_name={"policy": policy}))
+    plugin = notify.NotifyPlugin(proxy)
+    monkeypatch.setattr(plugin, "master_configured", lambda: True)
+    watch = plugin.watches["alice"] = notify.UserWatch(plugin, "alice")
+    for _ in range(5):  # (five logouts, each the user's last session)
+        assert plugin._keep_offline(watch, session)
+    assert len(clock.getDelayedCalls()) == 1
+    kept = watch.offline_state
+    assert kept.view is None and not kept.folders and kept.account_prefs == {"notifications": "on"}
+    assert plugin.enabled_in(kept) == plugin.enabled_in(last)
+    watch.cancel_expiry()  # (online again: _ensure_watch)
+    assert not clock.getDelayedCalls()
