@@ -258,6 +258,7 @@ class side_examine:
 class FolderInfo:
     prefs: dict[str, str] = field(default_factory=dict)  # folder-level preferences
     session_history: bool | None = None
+    recheck: bool = False  # found empty: whether it is a Session History folder is asked again
 
 
 @dataclass
@@ -575,7 +576,11 @@ class PolicyPlugin(Plugin):
                     continue
                 info.session_history = any(b" MIN " in line for line in search_ok(searched).untagged)
                 if info.session_history:
-                    self.session_history_cache[(session.user, name)] = True
+                    _keep_known(self.session_history_cache, (session.user, name))
+                elif any(line.startswith(b"* 0 EXISTS") for line in opened.untagged):
+                    # Empty: a Session History folder just created, its session info not yet in it.
+                    # Asked again next time (kept as "not one", the device was shown it and its changes).
+                    info.recheck = True
 
     @staticmethod
     def _may_change_sync(st: PolicySession) -> bool:
@@ -585,7 +590,8 @@ class PolicyPlugin(Plugin):
         """Fill ``st.folders[name]`` when that needs nothing from the backend (the folder carries no
         preferences to read, and whether it is a Session History folder is either irrelevant or known);
         False when ``folder_infos`` must ask."""
-        if name in st.folders:
+        known = st.folders.get(name)
+        if known is not None and not known.recheck:
             return True
         if name in st.pref_folders and self._may_change_sync(st):
             return False
@@ -822,7 +828,9 @@ class PolicyPlugin(Plugin):
         if cmd.name in (b"DELETE", b"RENAME"):
             async with side_examine(session):
                 pass  # no side sequence has the mailbox open while the backend deletes or renames it
-            st.folders.pop(names[0], None)
+            for name in names:  # (a RENAME's new name too: whatever was known of it is not so now)
+                st.folders.pop(name, None)
+                self.session_history_cache.pop((session.user, name), None)
             self.cache.forget(session.user, names[0])
         if cmd.name in (b"COPY", b"MOVE"):
             # The source messages are a sequence/UID set of the view, like FETCH or STORE.
@@ -2047,6 +2055,18 @@ async def _uidvalidity(session, mailbox: str) -> int:
 
 def _parse_uidvalidity(reply, mailbox: str) -> int:
     return _status_items(reply.untagged, mailbox).get(b"UIDVALIDITY", 0)
+
+
+SESSION_HISTORIES_KEPT = 100_000  # (user, folder) pairs known to be Session History folders
+
+
+def _keep_known(known: dict, key: tuple) -> None:
+    """Remember ``key`` in ``known`` (insertion-ordered), forgetting the oldest past the bound: CPM makes
+    a Session History folder per chat session, for every user, for as long as the process runs."""
+    known.pop(key, None)
+    known[key] = True
+    while len(known) > SESSION_HISTORIES_KEPT:
+        del known[next(iter(known))]
 
 
 def _keep(kept: OrderedDict, key: tuple, entry: tuple) -> None:

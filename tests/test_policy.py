@@ -79,6 +79,31 @@ def test_policy_hides_session_histories(make_proxy, sample_store):
     c.close()
 
 
+
+def test_a_session_history_folder_created_empty_is_hidden_once_its_session_info_comes(make_proxy, dovecot):
+    """Found by the soak review: a folder was taken for "not a Session History" while it was empty (just
+    created, its session info not yet stored) and kept so for the session: it stayed listed, its
+    changes told to a device whose policy hides Session Histories. And a folder deleted (or renamed)
+    through the proxy stayed known as a Session History: one made again under its name as a plain
+    folder was hidden."""
+    p = make_proxy(config_extra='[policy]\nsync = { session-history = false }\n[[policy.class]]\n'
+                                'name = "archive"\ndevices = ["archive-*"]\nsync = { session-history = true }\n')
+    name = "Default/conv-" + uuid.uuid4().hex[:8]
+    c = login(p, device="phone")
+    assert c.command(b"c", b"CREATE " + q(name))[-1].startswith(b"c OK")
+    assert name in listed(c)  # (empty: nothing says what it is yet)
+    dovecot.deliver("carol", name, make_object("session-info"))
+    assert name not in listed(c)
+    assert c.command(b"s", b"SELECT " + q(name))[-1].startswith(b"s NO [NONEXISTENT]")
+    archive = login(p, device="archive-1")  # (sees Session Histories: may delete one)
+    assert archive.command(b"d", b"DELETE " + q(name))[-1].startswith(b"d OK")
+    assert archive.command(b"c", b"CREATE " + q(name))[-1].startswith(b"c OK")
+    dovecot.deliver("carol", name, make_object("chat", text="plain"))
+    other = login(p, device="tablet")
+    assert name in listed(other)  # a plain folder now
+    for session in (c, archive, other):
+        session.close()
+
 def test_policy_hides_imdns_with_renumbering(make_proxy, sample_store, dovecot):
     p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
     expected = [uid for uid, kind in kinds_in(sample_store, ONE_TO_ONE_FOLDER) if kind != "imdn"]
