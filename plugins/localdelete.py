@@ -165,6 +165,16 @@ class LocalDeletePlugin(Plugin):
             self._set_marked(session, self._mark_entry(session).decode().lower() in entries)
         return None
 
+    def closed(self, session) -> None:
+        """The last session of a device here forgets that it was marked: its next login reads the mark
+        from the server (kept for every device that ever deleted locally, the set grew for good)."""
+        if not session.user or not session.device_id:
+            return
+        key = (session.user, device_key(session.device_id))
+        if key in self._marked and not any(device_key(s.device_id) == key[1]
+                                           for s in self.proxy.sessions_of(session.user) if s.device_id):
+            self._marked.discard(key)
+
     def _set_marked(self, session, marked: bool) -> None:
         self.state(session).marked = marked
         if marked:

@@ -724,6 +724,9 @@ class NotifyPlugin(Plugin):
         if watch is not None and watch.offline and (force or time.time() >= watch.keep_until):
             watch.close()
             del self.watches[user]
+            for plugin in self.proxy.hooks.plugins:  # (what they kept for the offline user can go)
+                if plugin is not self and hasattr(plugin, "offline_ended"):
+                    plugin.offline_ended(user)
 
     def master_configured(self) -> bool:
         return master_configured(self.proxy.config)

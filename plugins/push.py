@@ -196,6 +196,21 @@ class PushPlugin(Plugin):
             known = self.devices.get(session.user, set())
         self.devices[session.user] = known | {session.device_id}
 
+    def closed(self, session) -> None:
+        """A user with no session here and no offline watch (notify decided in its own ``closed``,
+        before this one) needs no devices list: read again at the next login (it grew for good)."""
+        user = session.user
+        if user and not self.proxy.sessions_of(user):
+            notify = self._notify()
+            watch = notify.watches.get(user) if notify is not None else None
+            if watch is None or not watch.offline:
+                self.devices.pop(user, None)
+
+    def offline_ended(self, user: str) -> None:
+        """The user's offline watch expired (notify)."""
+        if not self.proxy.sessions_of(user):
+            self.devices.pop(user, None)
+
     def watch_offline(self, user: str) -> float:
         """Asked by the notify plugin when the user's last session here ends (see the module doc)."""
         return self.offline_watch if self.url and self.devices.get(user) else 0.0

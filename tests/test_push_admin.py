@@ -726,3 +726,40 @@ def test_admin_restore_goes_on_past_a_failing_mailbox(monkeypatch, capsys):
     assert out == "B\t3:4\n", out
     assert Conn.restored == [b'"B"']
     assert "cannot restore A: [SERVERBUG] Internal error" in err and "1 mailbox(es) failed: A" in err, err
+
+
+def test_per_device_memories_go_with_the_users_last_session():
+    """Found by the soak review: the devices list of every user who ever logged in (push) and every
+    device that ever deleted locally (its server mark) were kept for as long as the process ran."""
+    from types import SimpleNamespace
+
+    import plugins.push as push
+    from plugins.localdelete import LocalDeletePlugin, device_key
+
+    still_open: list = []
+    watches: dict = {}
+    proxy = _Proxy()
+    proxy.sessions_of = lambda user: list(still_open)
+    proxy.hooks = SimpleNamespace(by_name={"notify": SimpleNamespace(watches=watches)})
+    phone = SimpleNamespace(user="alice", device_id="phone")
+
+    local = LocalDeletePlugin(proxy)
+    local._marked.add(("alice", device_key("phone")))
+    still_open.append(SimpleNamespace(user="alice", device_id="phone"))  # (another session of the phone)
+    local.closed(phone)
+    assert ("alice", device_key("phone")) in local._marked
+    still_open.clear()
+    local.closed(phone)
+    assert not local._marked
+
+    plugin = push.PushPlugin(proxy)
+    plugin.devices["alice"] = {"phone", "tablet"}
+    watches["alice"] = SimpleNamespace(offline=True)  # (kept for pushes to the offline devices)
+    plugin.closed(phone)
+    assert "alice" in plugin.devices
+    plugin.offline_ended("alice")
+    assert "alice" not in plugin.devices
+    plugin.devices["alice"] = {"phone"}
+    del watches["alice"]
+    plugin.closed(phone)
+    assert not plugin.devices
