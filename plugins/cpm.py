@@ -62,31 +62,60 @@ class KindCache:
     # same pair has exactly these UIDs (nothing added, since UIDNEXT did not move; so nothing expunged).
     snapshot: tuple[int, int] | None = None
     uid_ranges: tuple[tuple[int, int], ...] = ()
+    owner: ClassificationCache | None = field(default=None, repr=False, compare=False)
 
     def known(self, kind: str) -> int:
         return self.upto.get(kind, 0)
 
     def add(self, kind: str, upto: int, uids: set[int]) -> None:
         if upto > self.upto.get(kind, 0):
-            self.kinds.setdefault(kind, set()).update(uids)
+            known = self.kinds.setdefault(kind, set())
+            before = len(known)
+            known.update(uids)
             self.upto[kind] = upto
+            if self.owner is not None:
+                self.owner.grew(self, len(known) - before)
+
+    def size(self) -> int:
+        return sum(len(uids) for uids in self.kinds.values())
 
 
 class ClassificationCache:
-    """Process-wide, bounded: (user, mailbox) -> KindCache."""
+    """Process-wide, bounded: (user, mailbox) -> KindCache; at most ``max_mailboxes`` of them, and
+    ``max_uids`` UIDs in all (a mailbox of 20,000 messages, a quarter of them IMDNs, keeps ~0.7 MB: the
+    count alone let the cache grow to gigabytes). The oldest go first."""
 
-    def __init__(self, max_mailboxes: int = 20000):
+    def __init__(self, max_mailboxes: int = 20000, max_uids: int = 2_000_000):
         self.max_mailboxes = max_mailboxes
+        self.max_uids = max_uids
+        self.uids = 0  # in all the entries' kind sets
         self._data: dict[tuple[str, str], KindCache] = {}
 
     def get(self, user: str, mailbox: str, uidvalidity: int) -> KindCache:
         key = (user, mailbox)
         entry = self._data.get(key)
         if entry is None or entry.uidvalidity != uidvalidity:
+            if entry is not None:
+                self._drop(key)
             if len(self._data) >= self.max_mailboxes:
-                self._data.pop(next(iter(self._data)))  # oldest first (dicts keep insertion order)
-            entry = self._data[key] = KindCache(uidvalidity)
+                self._drop(next(iter(self._data)))  # oldest first (dicts keep insertion order)
+            entry = self._data[key] = KindCache(uidvalidity, owner=self)
         return entry
+
+    def grew(self, entry: KindCache, n: int) -> None:
+        """``entry`` holds ``n`` UIDs more: the oldest others go while there are too many (never the
+        entry itself, in use: alone past the bound, it stays until the next one comes)."""
+        self.uids += n
+        while self.uids > self.max_uids and len(self._data) > 1:
+            oldest = next(iter(self._data))
+            if self._data[oldest] is entry:
+                break
+            self._drop(oldest)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        entry = self._data.pop(key)
+        self.uids -= entry.size()
+        entry.owner = None
 
     def peek(self, user: str, mailbox: str, uidvalidity: int) -> KindCache | None:
         """The entry if there is one for this UIDVALIDITY (nothing is created)."""
@@ -94,4 +123,5 @@ class ClassificationCache:
         return entry if entry is not None and entry.uidvalidity == uidvalidity else None
 
     def forget(self, user: str, mailbox: str) -> None:
-        self._data.pop((user, mailbox), None)
+        if (user, mailbox) in self._data:
+            self._drop((user, mailbox))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpmproxy.imap.seqset import SequenceSet
@@ -294,6 +294,7 @@ _OPS = st.one_of(
 )
 
 
+@settings(deadline=None)  # (the model's checks are quadratic: a loaded machine took them past 200 ms)
 @given(views(), st.lists(_OPS, max_size=25), st.data())
 def test_changes_in_any_order_keep_every_table_right(v, ops, data):
     """Expunges, arrivals, hides and vanishes keep the visible list up to date in place (a burst of
@@ -414,3 +415,21 @@ def test_kept_views_are_bounded_by_their_messages_too(monkeypatch):
     assert [key[1] for key in policy._tables] == ["B", "C"]
     assert policy._borrowed_view("alice", SelectPlan("A", 7, ("imdn",), 0, 0), (3000, 3001)) is None
     assert policy._borrowed_view("alice", SelectPlan("C", 7, ("imdn",), 0, 0), (3000, 3001)) is not None
+
+
+def test_the_classification_cache_is_bounded_by_the_uids_it_keeps():
+    """Found by the soak review: bounded by mailboxes only (20,000), each keeping every hidden UID: a
+    full cache of 20,000-message mailboxes would have held ~13 GB."""
+    from plugins.cpm import ClassificationCache
+
+    cache = ClassificationCache(max_mailboxes=100, max_uids=2500)
+    for name in ("A", "B", "C"):
+        cache.get("alice", name, 7).add("imdn", 4000, set(range(1, 4001, 4)))  # 1,000 each
+    assert list(cache._data) == [("alice", "B"), ("alice", "C")] and cache.uids == 2000
+    cache.forget("alice", "B")
+    assert cache.uids == 1000
+    cache.get("alice", "C", 8)  # (a new UIDVALIDITY: the old entry's UIDs go)
+    assert cache.uids == 0
+    big = cache.get("alice", "D", 7)
+    big.add("imdn", 40000, set(range(1, 40001, 4)))  # 10,000 alone: kept while in use
+    assert cache.peek("alice", "D", 7) is big and cache.uids == 10000
