@@ -360,7 +360,7 @@ class MailboxView:
         hidden until the mailbox is selected again."""
         vis = self.visible
         top_visible = vis[-1] if vis else 0
-        back = sorted(u for u in uids if u in self.hidden and u > top_visible)
+        back = sorted({u for u in uids if u in self.hidden and u > top_visible})  # (each once)
         if not back:
             return 0
         self._own()

@@ -557,12 +557,16 @@ def test_a_login_refused_after_the_hooks_lets_go_of_the_users_connections(fresh_
     answer, _ = _login_timed(proxy)  # (the client leaves after the NO)
     assert answer.startswith(b"L NO [UNAVAILABLE]"), answer
     fresh_scripted.release.set()
-    deadline = time.monotonic() + 5
-    while fresh_scripted.open_connections and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fresh_scripted.open_connections == 0
-    assert internal_errors(proxy) == 0
+    _all_let_go(fresh_scripted, proxy)
 
+
+def _all_let_go(server, proxy) -> None:
+    """Every connection the proxy had to ``server`` closes within seconds, and no internal error."""
+    deadline = time.monotonic() + 5
+    while server.open_connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.open_connections == 0
+    assert internal_errors(proxy) == 0
 
 
 def test_a_client_gone_while_its_status_is_counted_lets_go_of_the_side_connection(fresh_scripted, make_proxy):
@@ -586,11 +590,8 @@ def test_a_client_gone_while_its_status_is_counted_lets_go_of_the_side_connectio
     c.close()
     time.sleep(0.05)
     fresh_scripted.release.set()  # (the count goes on, the client gone, its pool lingering: 0.2 s)
-    deadline = time.monotonic() + 5
-    while fresh_scripted.open_connections and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fresh_scripted.open_connections == 0
-    assert internal_errors(proxy) == 0
+    _all_let_go(fresh_scripted, proxy)
+
 
 def test_health_probes_a_moment_apart_share_one_backend_connection(fresh_scripted, make_proxy):
     from tests.test_ops import health
