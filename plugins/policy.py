@@ -1032,13 +1032,14 @@ class PolicyPlugin(Plugin):
         cache = self.cache.peek(user, plan.mailbox, plan.uidvalidity)
         if cache is None or cache.snapshot != snapshot:
             return None
-        ranges = (plan.extra & SequenceSet.from_ranges(cache.uid_ranges)).ranges
+        ranges = _extra_in(plan, cache)
         if plan.hidden_kinds or plan.max_size:
             # Kinds and sizes of the same UIDs do not change: the same rules hide the same messages.
-            kept = self._whole_views.get(_whole_view_key(user, plan, ranges))
+            whole_key = _whole_view_key(user, plan, ranges)
+            kept = self._whole_views.get(whole_key)
             if kept is None or kept[0] != snapshot:
                 return None
-            self._whole_views.move_to_end(_whole_view_key(user, plan, ranges))
+            self._whole_views.move_to_end(whole_key)
             return MailboxView.borrowed(kept[1])
         key = (user, plan.mailbox, plan.uidvalidity, sum(hi - lo + 1 for lo, hi in ranges))
         kept = self._tables.get(key)
@@ -1058,8 +1059,8 @@ class PolicyPlugin(Plugin):
         if (plan.hidden_kinds or plan.max_size) and not plan.max_age_days and cache is not None \
                 and cache.snapshot == snapshot:
             # (lent whole: a later SELECT of this state by the same rules builds nothing, see _borrowed_view)
-            extra = (plan.extra & SequenceSet.from_ranges(cache.uid_ranges)).ranges
-            _keep(self._whole_views, _whole_view_key(user, plan, extra), (snapshot, view.lend(), len(view.uids)))
+            _keep(self._whole_views, _whole_view_key(user, plan, _extra_in(plan, cache)),
+                  (snapshot, view.lend(), len(view.uids)))
         key = (user, plan.mailbox, plan.uidvalidity, len(view.hidden))
         ranges = plan.hidden_ranges  # (an exact, cheap form of the hidden set where there is one)
         kept = self._tables.get(key)
@@ -2077,6 +2078,11 @@ def _keep(kept: OrderedDict, key: tuple, entry: tuple) -> None:
     while len(kept) > SHARED_TABLES_MAX or (len(kept) > 1 and sum(e[-1] for e in kept.values())
                                             > SHARED_TABLES_MAX_MESSAGES):
         kept.popitem(last=False)
+
+
+def _extra_in(plan: SelectPlan, cache) -> tuple:
+    """What the hiders (local deletes) hide among the UIDs of the cache's mailbox state, as ranges."""
+    return (plan.extra & SequenceSet.from_ranges(cache.uid_ranges)).ranges
 
 
 def _whole_view_key(user: str, plan: SelectPlan, extra_ranges: tuple) -> tuple:
