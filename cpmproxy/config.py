@@ -98,7 +98,7 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "max_connections_per_user": Opt(int, 50, _positive),
         "max_auth_failures": Opt(int, 3, _positive, "failed logins on one connection before BYE"),
         "auth_failure_delay": Opt((int, float), 1.0, _non_negative,
-                                  "first delay after a failed login; doubles per failure from that IP"),
+                                  "first delay after a failed login; doubles per failure from that IP (IPv6: /64)"),
         "auth_failure_delay_max": Opt((int, float), 15.0, _non_negative),
         "auth_failure_window": Opt((int, float), 300.0, _positive,
                                    "seconds after which an IP's failure count is forgotten"),

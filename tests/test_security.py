@@ -190,3 +190,51 @@ def test_a_users_recorded_devices_are_bounded(make_proxy, dovecot, proxy_certs):
         assert "not recorded: the user has 2 devices recorded already" in p.log()
     finally:
         receiver.stop()
+
+
+def test_failed_logins_count_per_ipv4_address_and_per_ipv6_slash_64():
+    from cpmproxy.proxy.service import throttle_key
+
+    assert throttle_key("192.0.2.7") == "192.0.2.7"
+    # One device or customer gets a /64: any address of it is the same source of failures.
+    assert throttle_key("2001:db8:1:2::1") == throttle_key("2001:db8:1:2:ffff:0:0:9") == "2001:db8:1:2::/64"
+    assert throttle_key("2001:db8:1:3::1") != throttle_key("2001:db8:1:2::1")
+    assert throttle_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert throttle_key("/run/cpmproxy.sock") == "/run/cpmproxy.sock"  # (not an address: kept as it is)
+
+
+def test_failed_login_delays_double_per_source_forget_old_ones_and_stay_bounded(tmp_path, monkeypatch):
+    """The table of recent failures is kept oldest first: an address past the window starts again at the
+    base delay, and under a distributed attack the oldest sources are forgotten one by one (the table
+    was rebuilt whole at every failure once it held 100,000 sources, ~10 ms of CPU each)."""
+    from twisted.internet.task import Clock
+
+    from cpmproxy.config import load_config
+    from cpmproxy.proxy import service as service_module
+    from cpmproxy.proxy.service import ProxyService
+
+    path = tmp_path / "c.toml"
+    path.write_text('plugins = []\n[proxy]\nlisten = ["tcp:0:interface=127.0.0.1"]\n[backend]\nport = 1\n'
+                    '[limits]\nauth_failure_delay = 1.0\nauth_failure_delay_max = 4.0\nauth_failure_window = 60\n')
+    svc = ProxyService(load_config(path), reactor=Clock())
+    now = [1000.0]
+
+    class FakeTime:
+        @staticmethod
+        def monotonic():
+            return now[0]
+
+    monkeypatch.setattr(service_module, "time", FakeTime)
+    assert [svc.auth_failed("2001:db8::%d" % i) for i in range(1, 5)] == [1.0, 2.0, 4.0, 4.0]
+    assert svc.auth_failed("192.0.2.1") == 1.0  # another source: its own count
+    now[0] += 61
+    assert svc.auth_failed("2001:db8::9") == 1.0  # past the window: counted from the start again
+    assert list(svc._failures) == ["2001:db8::/64"]  # (the old entry of 192.0.2.1 is gone)
+
+    monkeypatch.setattr(service_module, "AUTH_FAILURES_KEPT", 3)
+    for i in range(5):
+        svc.auth_failed(f"198.51.100.{i}")
+    assert list(svc._failures) == ["198.51.100.2", "198.51.100.3", "198.51.100.4"]
+    svc.auth_failed("198.51.100.2")  # a repeated source becomes the newest, its count kept
+    assert list(svc._failures) == ["198.51.100.3", "198.51.100.4", "198.51.100.2"]
+    assert svc._failures["198.51.100.2"][0] == 2

@@ -9,7 +9,7 @@ import os
 import re
 import socket
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -536,6 +536,24 @@ class SidePool:
             proto.close()
 
 
+AUTH_FAILURES_KEPT = 100_000  # hosts whose recent failed logins are remembered (bounded under attack)
+
+
+def throttle_key(host: str) -> str:
+    """Whose failed logins count together: an IPv4 address, or an IPv6 address's /64, which one device
+    or one customer gets (a mobile network gives each PDN connection its own /64), and from which an
+    attacker could otherwise pick a fresh address for every try."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # (a UNIX socket's peer, or a name)
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
+
+
 HEALTH_CACHE = 5.0  # seconds a backend probe's answer serves /healthz
 
 class EventBus:
@@ -583,7 +601,7 @@ class ProxyService(service.MultiService):
         self.sessions: set[ClientSession] = set()
         self.by_ip: dict[str, int] = defaultdict(int)
         self.by_user: dict[str, set[ClientSession]] = defaultdict(set)
-        self._failures: dict[str, tuple[int, float]] = {}
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # see auth_failed
         self.ports = []
         self._stopping = False
         self._side_pools: dict[str, SidePool] = {}
@@ -763,17 +781,29 @@ class ProxyService(service.MultiService):
         return set(self.by_user.get(user, ()))
 
     def auth_failed(self, host: str) -> float:
-        """Record a failed login from ``host``; returns the delay before answering."""
+        """Record a failed login from ``host``; returns the delay before answering.
+
+        Kept oldest failure first (``move_to_end``), so forgetting what is out of the window, or the
+        oldest past ``AUTH_FAILURES_KEPT`` hosts under a distributed attack, is a few steps per failure
+        (rebuilding the table cost ~10 ms per failure once it was full: a CPU stall an attacker could
+        keep up with a few failures a second)."""
         limits = self.config.limits
+        window = limits["auth_failure_window"]
         now = time.monotonic()
-        count, last = self._failures.get(host, (0, now))
-        if now - last > limits["auth_failure_window"]:
+        key = throttle_key(host)
+        failures = self._failures
+        count, last = failures.get(key, (0, now))
+        if now - last > window:
             count = 0
         count += 1
-        self._failures[host] = (count, now)
-        if len(self._failures) > 100000:  # bounded memory under a distributed attack
-            cutoff = now - limits["auth_failure_window"]
-            self._failures = {h: v for h, v in self._failures.items() if v[1] >= cutoff}
+        failures[key] = (count, now)
+        failures.move_to_end(key)
+        cutoff = now - window
+        while failures:
+            _, (_, when) = next(iter(failures.items()))
+            if when >= cutoff and len(failures) <= AUTH_FAILURES_KEPT:
+                break
+            failures.popitem(last=False)
         base = limits["auth_failure_delay"]
         return min(base * 2 ** (count - 1), limits["auth_failure_delay_max"]) if base else 0.0
 
