@@ -85,6 +85,7 @@ class ChangeEvent:
     modseq: int | None = None      # the mailbox's HIGHESTMODSEQ after the change, when known
     modseq_before: int | None = None  # and before it (the watch's last STATUS of the mailbox)
     entries: tuple[str, ...] = ()  # MetadataChange: the entries that changed, when known
+    gone: bool = False             # MailboxName: the mailbox was deleted (nothing left to count)
 
 
 @dataclass
@@ -487,7 +488,14 @@ class UserWatch:
         elif head.startswith(b"* LIST "):
             mailbox = list_name(line)
             if mailbox is not None:
-                self.plugin.publish(ChangeEvent(self.user, mailbox, "MailboxName"))
+                # Created, deleted or renamed (from OLDNAME): either way what was known under these
+                # names is of another folder, or of none.
+                old = list_oldname(line)
+                self.plugin.forget_mailbox(self.user, mailbox)
+                if old is not None:
+                    self.plugin.forget_mailbox(self.user, old)
+                deleted = b"\\NONEXISTENT" in line[:line.find(b")") + 1].upper()
+                self.plugin.publish(ChangeEvent(self.user, mailbox, "MailboxName", gone=deleted))
 
     def _status_event(self, mailbox: str, line: bytes) -> ChangeEvent | None:
         """What a NOTIFY STATUS says happened, against the last one seen for the mailbox (the answer to
@@ -498,15 +506,19 @@ class UserWatch:
         before = self.mailboxes.get(mailbox)
         if before is not None and b"HIGHESTMODSEQ" in items and all(before.get(k) == v for k, v in items.items()):
             return None
+        if before is not None and items.get(b"UIDVALIDITY", before.get(b"UIDVALIDITY")) != before.get(b"UIDVALIDITY"):
+            # A new mailbox of that name (Dovecot 2.3 tells of a deletion and creation by another
+            # connection only so): nothing known of the old one holds, its HIGHESTMODSEQ least of all
+            # (the new one's messages may have lower MODSEQs: taken for changes already told).
+            self.plugin.forget_mailbox(self.user, mailbox)
+            before = None
         now = self.mailboxes[mailbox] = {**(before or {}), **items}
         if before is None and items.get(b"MESSAGES") == 0:
             return None  # a new, empty mailbox: no message event (its MailboxName event tells of it)
         uidvalidity = now.get(b"UIDVALIDITY")
         event, uids = "MessageNew", ()
         if before is not None:
-            if items.get(b"UIDVALIDITY", uidvalidity) != before.get(b"UIDVALIDITY", uidvalidity):
-                event = "MessageNew"  # a new mailbox of that name: everything is new
-            elif b"UIDNEXT" in items and b"UIDNEXT" in before and items[b"UIDNEXT"] > before[b"UIDNEXT"]:
+            if b"UIDNEXT" in items and b"UIDNEXT" in before and items[b"UIDNEXT"] > before[b"UIDNEXT"]:
                 uids = tuple(range(before[b"UIDNEXT"], items[b"UIDNEXT"]))[-1000:]
             elif b"MESSAGES" in items and b"MESSAGES" in before and items[b"MESSAGES"] < before[b"MESSAGES"]:
                 event = "MessageExpunge"
@@ -984,8 +996,10 @@ class NotifyPlugin(Plugin):
             uidvalidity = int(m.group(1))
             uids = tuple(SequenceSet.parse(m.group(2)))
         entries = metadata_entries_set(args) if name == b"SETMETADATA" else ()
-        for mailbox in mailboxes:
-            self.publish(ChangeEvent(session.user, mailbox, event, session, uidvalidity, uids, entries=entries))
+        for i, mailbox in enumerate(mailboxes):  # (a DELETE's mailbox, a RENAME's old name: gone)
+            gone = name in (b"DELETE", b"RENAME") and i == 0
+            self.publish(ChangeEvent(session.user, mailbox, event, session, uidvalidity, uids, entries=entries,
+                                     gone=gone))
         return None
 
     # -- events ---------------------------------------------------------------------------------
@@ -1006,6 +1020,8 @@ class NotifyPlugin(Plugin):
         d.addErrback(lambda f: log.failure("delivering a metadata change failed", f))
 
     def _deliver(self, event: ChangeEvent) -> None:
+        if event.gone:
+            self.forget_mailbox(event.user, event.mailbox)
         self.proxy.events.publish(TOPIC, event)
         for session in self.proxy.sessions_of(event.user):
             if session is event.origin or session.user != event.user:
@@ -1014,10 +1030,28 @@ class NotifyPlugin(Plugin):
                 self._metadata_event(session, event)
                 continue
             self._nudge(session, event.mailbox)
-            # Only sessions that identified as CPM devices (ID with a device id) get unasked-for STATUS.
-            if self.idle_status and session.idling and session.device_id != "default" and self.enabled(session):
+            # Only sessions that identified as CPM devices (ID with a device id) get unasked-for STATUS
+            # (of a mailbox that still exists: a deleted one is told by LIST, to a NOTIFY that asks).
+            if self.idle_status and session.idling and session.device_id != "default" and self.enabled(session) \
+                    and not event.gone:
                 d = defer.Deferred.fromCoroutine(self._inject_status(session, event))
                 d.addErrback(lambda f: log.failure("status notification failed", f))
+
+    def forget_mailbox(self, user: str, mailbox: str) -> None:
+        """A mailbox was deleted, renamed or made anew: what was kept about that name (the watch's last
+        STATUS, each session's last told STATUS, the policy's folder facts) goes, so a long-lived session
+        does not keep an entry for every folder ever removed, and a folder made again under an old name
+        (a Session History once, a plain folder now) is looked at anew."""
+        watch = self.watches.get(user)
+        if watch is not None:
+            watch.mailboxes.pop(mailbox, None)
+        for session in self.proxy.sessions_of(user):
+            st = session.state.get(self.name)
+            if st is not None:
+                st.last_status.pop(mailbox, None)
+        policy = self._policy()
+        if policy is not None:
+            policy.forget_folders(user, (mailbox,))
 
     def _nudge(self, session, mailbox: str) -> None:
         """Dovecot 2.3 holds back a client-NOTIFY event of the selected mailbox until the next change

@@ -828,10 +828,9 @@ class PolicyPlugin(Plugin):
         if cmd.name in (b"DELETE", b"RENAME"):
             async with side_examine(session):
                 pass  # no side sequence has the mailbox open while the backend deletes or renames it
-            for name in names:  # (a RENAME's new name too: whatever was known of it is not so now)
-                st.folders.pop(name, None)
-                self.session_history_cache.pop((session.user, name), None)
-            self.cache.forget(session.user, names[0])
+            # (A RENAME's new name too: whatever was known of it is not so now.) Every session of the user
+            # here: the notify plugin tells them after the OK, but one may read the folder before it.
+            self.forget_folders(session.user, names)
         if cmd.name in (b"COPY", b"MOVE"):
             # The source messages are a sequence/UID set of the view, like FETCH or STORE.
             view = st.view
@@ -1839,6 +1838,18 @@ class PolicyPlugin(Plugin):
                     st.folders.pop(mailbox, None)  # (read whole when next needed)
                 st.pref_folders[mailbox] = value
         return None
+
+    def forget_folders(self, user: str, names) -> None:
+        """Folders deleted or renamed (through this process or elsewhere): what the user's sessions and the
+        caches here knew of them is not so now; read anew when next needed."""
+        for session in self.proxy.sessions_of(user):
+            st = session.state.get(self.name)
+            if st is not None:
+                for name in names:
+                    st.folders.pop(name, None)
+        for name in names:
+            self.session_history_cache.pop((user, name), None)
+            self.cache.forget(user, name)
 
     def observe_pref_folders(self, user: str, marks: dict[str, bytes], replace: bool = True) -> None:
         """Folders with preferences as now known (e.g. read again on the watch connection): sessions

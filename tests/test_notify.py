@@ -675,6 +675,35 @@ def test_session_histories_turned_off_account_wide_are_mailbox_events(make_proxy
         b.close()
 
 
+def test_a_folder_made_again_elsewhere_under_a_session_historys_name_is_seen(make_proxy, dovecot):
+    """A Session History folder deleted and made again as a plain folder straight on the backend (another
+    proxy node, a server-side tool): the proxy kept knowing the name as a Session History, for every
+    session of the process and for good; an IDLE device never heard of the new folder, a new session did
+    not list it. The watch's MailboxName events now make the name be looked at anew."""
+    user = "dave"
+    name = "Default/sh-" + uuid.uuid4().hex[:8]
+    dovecot.deliver(user, name, make_object("session-info"))
+    p = make_proxy(config_extra='[policy]\nsync = { session-history = false }\nnotifications = "forced"\n')
+    a = device(p, "phone", user)
+    try:
+        assert name.encode() not in b"".join(a.command(b"l", b'LIST "" "*"'))
+        idle(a)
+        d = dovecot.imap_direct(user, tls="none")
+        d.delete_folder(name)
+        d.create_folder(name)
+        d.logout()
+        dovecot.deliver(user, name, make_object("chat", text="a plain folder now"))
+        assert wait_status(a, name) is not None
+        a.send(b"DONE\r\n")
+        a.until_tagged(b"t")
+        assert name.encode() in b"".join(a.command(b"l2", b'LIST "" "*"'))
+        b = device(p, "tablet", user)
+        assert name.encode() in b"".join(b.command(b"l", b'LIST "" "*"'))
+        b.close()
+    finally:
+        a.close()
+
+
 def test_a_watch_that_lost_its_connection_reports_nothing():
     """Push leaves a change made through the proxy to the watch only while the watch reports: after its
     connection is lost (and until its NOTIFY is armed again) it does not."""
@@ -714,6 +743,37 @@ def test_watch_events_from_status():
     assert event("New", b"MESSAGES 2 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 4") == ("FlagChange", ())
     assert event("New", b"MESSAGES 1 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 5") == ("MessageExpunge", ())
     assert event("Full", b"MESSAGES 4 UIDNEXT 9 UIDVALIDITY 8 HIGHESTMODSEQ 9") == ("MessageNew", ())
+
+
+def test_watch_events_of_a_mailbox_made_anew():
+    """A mailbox deleted and made again by another connection: Dovecot 2.3 tells only a STATUS with another
+    UIDVALIDITY. What was known of the old mailbox is forgotten (the policy's folder facts: a Session
+    History once, a plain folder now), and its HIGHESTMODSEQ is no baseline: the new messages' MODSEQs can
+    be lower, and the change was taken for one already told (found with the Session History test above).
+    A LIST event (created, renamed: OLDNAME, deleted: \\NonExistent) forgets its names the same way."""
+    from types import SimpleNamespace
+
+    from plugins.notify import UserWatch
+
+    forgotten, published = [], []
+    plugin = SimpleNamespace(forget_mailbox=lambda user, mailbox: forgotten.append(mailbox),
+                             publish=published.append)
+    watch = UserWatch(plugin, "alice")
+    assert watch._status_event("F", b"* STATUS F (MESSAGES 3 UIDNEXT 4 UIDVALIDITY 7 HIGHESTMODSEQ 9)\r\n")
+    assert not forgotten
+    e = watch._status_event("F", b"* STATUS F (MESSAGES 1 UIDNEXT 2 UIDVALIDITY 8 HIGHESTMODSEQ 2)\r\n")
+    assert (e.event, e.uids, e.uidvalidity, e.modseq, e.modseq_before) == ("MessageNew", (), 8, 2, None)
+    assert forgotten == ["F"]
+    e = watch._status_event("F", b"* STATUS F (MESSAGES 2 UIDNEXT 3 UIDVALIDITY 8 HIGHESTMODSEQ 3)\r\n")
+    assert (e.event, e.uids, e.modseq_before) == ("MessageNew", (2,), 2)  # (counted from the new one)
+
+    forgotten.clear()
+    watch._event(b'* LIST () "/" G\r\n')
+    watch._event(b'* LIST () "/" H ("OLDNAME" ("G"))\r\n')
+    watch._event(b'* LIST (\\NonExistent) "/" H\r\n')
+    assert forgotten == ["G", "H", "G", "H"]
+    assert [(e.mailbox, e.event, e.gone) for e in published] == \
+        [("G", "MailboxName", False), ("H", "MailboxName", False), ("H", "MailboxName", True)]
 
 
 def test_rename_across_the_view_edge_is_a_deletion_or_creation(make_proxy, dovecot):
