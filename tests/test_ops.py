@@ -441,3 +441,17 @@ def test_health_probes_that_fail_at_once_or_hang_still_answer(tmp_path, monkeypa
     svc.health().addCallback(got.append)
     clock.advance(2.5)
     assert [code for code, _ in got] == [503] * 4, got
+
+
+def test_scrapes_and_probes_that_succeed_are_not_logged(make_proxy):
+    """Prometheus scrapes ``/metrics`` and a load balancer probes ``/healthz`` every few seconds: a line
+    each buried the proxy's own log. A request that fails is still logged."""
+    p = make_proxy()
+    before = len(p.log())
+    assert health(p)[0] == 200
+    urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read()
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/nothing-here", timeout=5)
+    time.sleep(0.3)
+    lines = [x for x in p.log()[before:].splitlines() if "HTTP/1.1" in x]
+    assert len(lines) == 1 and "/nothing-here" in lines[0] and '" 404 ' in lines[0], lines
