@@ -1377,8 +1377,10 @@ class PolicyPlugin(Plugin):
         head = tokens[:i]
         rest = tokens[i:]
         plain = True  # answered by an untagged SEARCH/SORT/THREAD (not an ESEARCH, which has the tag)
+        returning = None  # the RETURN options
         if cmd.name in (b"SEARCH", b"SORT") and rest and isinstance(rest[0], Atom) \
                 and rest[0].upper() == b"RETURN" and len(rest) > 1 and isinstance(rest[1], ParenList):
+            returning = rest[1]
             head, rest, plain = head + rest[:2], rest[2:], False
             cmd.state["esearch"] = True
         if cmd.name == b"SORT" and rest:
@@ -1397,7 +1399,17 @@ class PolicyPlugin(Plugin):
             # (Only where the backend computes something from the matches: a plain result is filtered
             # exactly on its way back, and Dovecot announces no expunges during a search with UID
             # criteria, which clients syncing with UID SEARCH would notice.)
-            restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(view.hidden_uids.format())]
+            hidden = view.hidden_uids.format()
+            wanted = _esearch_options(returning) if cmd.name == b"SEARCH" and returning is not None \
+                and len(hidden) > INLINE_HIDDEN_MAX and b"MODSEQ" not in body.upper() else None
+            if wanted is not None:
+                # Too many hidden UIDs to name in one command line (the backend refuses a line past its
+                # limit: Dovecot's default 64 KB is ~10,000 scattered UIDs): the backend returns every
+                # match and the proxy computes MIN/MAX/COUNT/ALL of the visible ones (_esearch_response).
+                cmd.state["esearch_local"] = wanted
+                head = head[:-1] + [ParenList([Atom(b"ALL")])]
+            else:
+                restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(hidden)]
         return Rewrite(format_tokens(head + restriction + rewrite_search_keys(view, rest)) + b"\r\n")
 
     @staticmethod
@@ -1466,7 +1478,10 @@ class PolicyPlugin(Plugin):
         out = tokens[:2]
         if items and isinstance(items[0], ParenList):  # (TAG "a")
             out.append(items[0])
+            wanted = _local_esearch(session, items[0])
             items = items[1:]
+            if wanted is not None:
+                return Rewrite(format_tokens(out + _visible_esearch(view, items, wanted)) + b"\r\n")
         uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
         for j in range(0, len(items) - 1, 2):
             key, value = (token_text(items[j]) or b"").upper(), items[j + 1]
@@ -2418,6 +2433,55 @@ def _qresync_known(cmd, view: MailboxView, uidvalidity: int) -> SequenceSet | No
                 return None
             return SequenceSet.from_canonical(known.resolve(view.max_uid).ranges)
     return None
+
+
+INLINE_HIDDEN_MAX = 3800  # bytes of hidden UIDs a search names itself (see _search_command)
+_LOCAL_ESEARCH = (b"MIN", b"MAX", b"ALL", b"COUNT")  # (in Dovecot's order)
+
+
+def _esearch_options(returning: ParenList) -> tuple[bytes, ...] | None:
+    """The RETURN options of a search, if the proxy can compute them all from the matches (RFC 4731:
+    none is ALL); None for any other (SAVE, PARTIAL, an extension's)."""
+    names = set()
+    for item in returning.items:
+        if not isinstance(item, Atom) or item.upper() not in _LOCAL_ESEARCH:
+            return None
+        names.add(item.upper())
+    return tuple(n for n in _LOCAL_ESEARCH if n in names) if names else (b"ALL",)
+
+
+def _local_esearch(session, tag_list: ParenList) -> tuple[bytes, ...] | None:
+    """The options to compute for the ESEARCH ``(TAG "t")`` answers, if its command asked the backend
+    for every match instead (``esearch_local``)."""
+    items = tag_list.items
+    if len(items) != 2 or (token_text(items[0]) or b"").upper() != b"TAG":
+        return None
+    tag = token_text(items[1])
+    cmd = next((c for c in session.inflight_commands() if c.tag == tag), None)
+    return None if cmd is None else cmd.state.get("esearch_local")
+
+
+def _visible_esearch(view: MailboxView, items: list, wanted: tuple[bytes, ...]) -> list:
+    """The items after ``(TAG ...)`` of an ESEARCH that returned ALL of the matches, hidden ones too: the
+    options ``wanted`` of the visible matches, in the client's numbers."""
+    uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
+    found = SequenceSet.empty()
+    for j in range(1 if uid else 0, len(items) - 1, 2):
+        if (token_text(items[j]) or b"").upper() == b"ALL":
+            found = SequenceSet.parse(token_text(items[j + 1]) or b"")
+    if uid:
+        shown = view.visible_uidset(found)
+    else:
+        shown = found - view.hidden_seqs
+        shown = SequenceSet.parse(_renumber_ordered_set(view, shown.format())) if shown else shown
+    out = [Atom(b"UID")] if uid else []
+    for name in wanted:
+        if name == b"COUNT":
+            out += [Atom(name), Atom(b"%d" % len(shown))]
+        elif shown:
+            value = shown.min() if name == b"MIN" else shown.max() if name == b"MAX" else None
+            out += [Atom(name), Atom(shown.format() if value is None else b"%d" % value)]
+    return out
 
 
 def _renumber_ordered_set(view: MailboxView, text: bytes) -> bytes:

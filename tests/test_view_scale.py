@@ -79,6 +79,62 @@ def test_status_of_a_folder_with_more_hidden_uids_than_a_command_line_holds(big,
     c.close()
 
 
+def _model(d) -> list[tuple[int, bool]]:
+    """(UID, seen) of the messages the device sees, in order, from direct access: the chats (odd UIDs:
+    the fixture stored them at even positions of a fresh mailbox)."""
+    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
+    direct.login("alice", "alicepw")
+    direct.command(b"s", b'EXAMINE "Big"')
+    lines = direct.command(b"f", b"FETCH 1:* (UID FLAGS)")
+    direct.close()
+    got = [(int(m.group(1)), b"\\Seen" in m.group(2))
+           for m in (re.search(rb"UID (\d+) FLAGS \(([^)]*)\)", x) for x in lines) if m]
+    return [(u, seen) for u, seen in got if u % 2]
+
+
+@pytest.mark.parametrize("uid", [False, True], ids=["numbers", "uids"])
+def test_esearch_in_a_view_with_more_hidden_uids_than_a_command_line_holds(big, uid):
+    """``SEARCH RETURN (...)`` was sent on with ``NOT UID <every hidden UID>`` so that the backend counted
+    the visible messages only: past the backend's line limit it was refused (the reference client's
+    ``UID SEARCH RETURN (ALL) ALL``, which it reconciles UID sets with, too). The backend now returns
+    every match and the proxy computes MIN, MAX, COUNT and ALL of the visible ones."""
+    from cpmproxy.imap.seqset import SequenceSet
+
+    d, p = big
+    model = _model(d)
+    hidden = SequenceSet.from_iterable(range(2, model[-1][0] + 2, 2)).format()
+    assert len(hidden) > 4096  # (more than the line limit: before the burst test expunges some)
+    c = _device(p)
+    assert c.command(b"s", b'SELECT "Big"')[-1].startswith(b"s OK")
+
+    def numbers(which):
+        return [u if uid else i for i, (u, seen) in enumerate(model, 1) if which(seen)]
+
+    def esearch(criteria: bytes, options: bytes) -> bytes:
+        r = c.command(b"x", (b"UID " if uid else b"") + b"SEARCH RETURN (" + options + b") " + criteria)
+        assert r[-1].startswith(b"x OK"), r
+        found = [x for x in r if x.startswith(b"* ESEARCH")]
+        assert len(found) == 1, r
+        return found[0]
+
+    prefix = b'* ESEARCH (TAG "x")' + (b" UID" if uid else b"")
+    every = numbers(lambda seen: True)
+    assert esearch(b"ALL", b"ALL") == prefix + b" ALL " + SequenceSet.from_iterable(every).format() + b"\r\n"
+    unseen = numbers(lambda seen: not seen)
+    assert esearch(b"UNSEEN", b"COUNT MAX MIN") == prefix + b" MIN %d MAX %d COUNT %d\r\n" % (
+        unseen[0], unseen[-1], len(unseen))
+    seen = numbers(lambda seen: seen)
+    assert esearch(b"SEEN", b"") == prefix + b" ALL " + SequenceSet.from_iterable(seen).format() + b"\r\n"
+    assert esearch(b"KEYWORD nothing-has-it", b"MIN COUNT") == prefix + b" COUNT 0\r\n"
+    # Only hidden messages match: nothing, as for no match at all.
+    hidden_uid = model[-1][0] + 1
+    assert esearch(b"UID %d" % hidden_uid, b"MIN MAX ALL") == prefix + b"\r\n"
+    # The criteria's numbers are the device's as before; the result counts visible matches only.
+    r = esearch(b"UID 1:%d" % model[9][0] if uid else b"1:10", b"COUNT")
+    assert r == prefix + b" COUNT 10\r\n"
+    c.close()
+
+
 def test_a_burst_of_expunges_in_a_big_view_is_announced_in_the_devices_numbers(big):
     """Another session expunges 200 messages at once (chats and IMDNs): the device hears of the chats
     only, each by its own number at the time, and its view is the model's afterwards."""

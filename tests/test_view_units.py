@@ -80,6 +80,54 @@ def test_bulk_fetch_renumbered_and_filtered(v, data):
     assert renumber(view, block) == expected
 
 
+@given(views(), st.data(), st.booleans(),
+       st.lists(st.sampled_from([b"MIN", b"MAX", b"ALL", b"COUNT"]), unique=True))
+def test_esearch_of_every_match_narrowed_to_the_visible_ones(v, data, uid, options):
+    """An ESEARCH whose backend returned ALL of the matches, hidden ones too (a view with more hidden
+    UIDs than a command line holds): the options the client asked, of its visible matches, in its
+    numbers, as Dovecot orders them; MIN/MAX/ALL left out when nothing visible matched."""
+    from cpmproxy.imap.tokens import format_tokens, tokenize
+    from plugins.policy import _esearch_options, _visible_esearch
+
+    uids, hidden = v
+    view = MailboxView(uids, hidden)
+    numbers = model_numbers(uids, hidden)
+    matches = sorted(data.draw(st.sets(st.sampled_from(uids)))) if uids else []
+    if uid:
+        found, shown = matches, [u for u in matches if u not in hidden]
+    else:
+        found = [uids.index(u) + 1 for u in matches]
+        shown = [numbers[n] for n in found if numbers[n] is not None]
+    reply = b"UID" if uid else b""
+    if found:
+        reply += (b" " if reply else b"") + b"ALL " + SequenceSet.from_iterable(found).format()
+    wanted = _esearch_options(tokenize(b"(" + b" ".join(options) + b")")[0])
+    got = format_tokens(_visible_esearch(view, tokenize(reply) if reply else [], wanted))
+    expected = [b"UID"] if uid else []
+    for name in (b"MIN", b"MAX", b"ALL", b"COUNT"):
+        if name not in (options or [b"ALL"]):
+            continue
+        if name == b"COUNT":
+            expected.append(b"COUNT %d" % len(shown))
+        elif shown:
+            expected.append(name + b" " + (SequenceSet.from_iterable(shown).format() if name == b"ALL" else
+                                           b"%d" % (min(shown) if name == b"MIN" else max(shown))))
+    assert got == b" ".join(expected)
+
+
+def test_esearch_options_the_proxy_computes():
+    from cpmproxy.imap.tokens import tokenize
+    from plugins.policy import _esearch_options
+
+    def options(text: bytes):
+        return _esearch_options(tokenize(text)[0])
+
+    assert options(b"()") == (b"ALL",)  # (RFC 4731: none is ALL)
+    assert options(b"(count min all)") == (b"MIN", b"ALL", b"COUNT")
+    assert options(b"(SAVE)") is None and options(b"(MIN SAVE)") is None
+    assert options(b"(PARTIAL 1:10)") is None and options(b"(UPDATE)") is None
+
+
 def test_bulk_fetch_with_other_lines_is_left_to_the_per_response_path():
     view = MailboxView([1, 2, 3], {2})
     assert renumber(view, b"* 1 FETCH (FLAGS ())\r\n* 3 EXISTS\r\n") is None
