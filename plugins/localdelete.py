@@ -51,7 +51,9 @@ from plugins.wire import (
     find_fetch_item,
     has_caps,
     iter_metadata,
+    mailbox_name,
     search_key_args,
+    token_text,
     wire_name,
 )
 
@@ -267,6 +269,8 @@ class LocalDeletePlugin(Plugin):
             if b"QRESYNC" in cmd.line.upper():
                 self.state(session).qresync = True
             return None
+        if name == b"APPEND":
+            return self._append(session, cmd)
         read_only = session.selected is not None and session.selected.read_only
         if name == b"STORE":
             return self._store(session, cmd, read_only)
@@ -648,11 +652,82 @@ class LocalDeletePlugin(Plugin):
         new = b"FLAGS (" + b" ".join(have + add) + b")"
         return Rewrite(data[:fm.start()] + new + data[fm.end():])
 
+    def _append(self, session, cmd):
+        r"""An APPEND's flag lists lose the local flags: ``$LocalDelete`` always, ``\Deleted`` with it or
+        from a ``delete_mode = "local"`` device (stored on the server, it was a real delete's mark: the
+        next EXPUNGE by any device removed the message for all). A message so marked in the selected
+        mailbox is pending local deletion once its UID is known (``_appended``); elsewhere the mark is
+        dropped, as at a reconnect (README, "Known limits"). A device not allowed local deletes is
+        refused, as its STORE is (in a later message of a MULTIAPPEND: the backend is made to refuse the
+        command, nothing of it saved)."""
+        allowed, all_local = self._allowed(session)
+        marks: list[bool] = []  # per message of the command, in order: marked for local deletion
+        refused = []
+
+        def strip(text: bytes, first: bool) -> bytes | None:
+            body = text[:-2] if text.endswith(b"\r\n") else text
+            if not body.endswith(b"}"):
+                return text  # (no message starts here: the command's end)
+            upper = body.upper()
+            if KEYWORD not in upper and not (all_local and b"\\DELETED" in upper):
+                marks.append(False)
+                return text
+            try:
+                tokens = tokenize(body)
+            except TokenError:
+                return text  # (the backend answers BAD)
+            at = 3 if first else 0  # ``tag APPEND mailbox (flags) ...``, a later message's ``(flags) ...``
+            if len(tokens) <= at or not isinstance(tokens[at], ParenList):
+                marks.append(False)
+                return text
+            flags = tokens[at].items
+            upper_flags = [f.upper() if isinstance(f, Atom) else b"" for f in flags]
+            if KEYWORD in upper_flags and not allowed:
+                refused.append(True)
+                return None
+            local = KEYWORD in upper_flags or (all_local and b"\\DELETED" in upper_flags)
+            marks.append(local)
+            tokens[at] = ParenList([f for f, u in zip(flags, upper_flags, strict=True)
+                                    if u != KEYWORD and not (local and u == b"\\DELETED")])
+            return (b" " if text[:1] == b" " else b"") + format_tokens(tokens) + text[len(body):]
+
+        line = strip(cmd.line, True)
+        if refused:
+            return Answer(b"NO [CANNOT] Local deletion is not allowed by the service provider's policy.")
+        cmd.state["local_appends"] = marks
+        if cmd.has_literal:
+            cmd.state.setdefault("later_segments", []).append(lambda text: strip(text, False))
+        return Rewrite(line) if line != cmd.line else None
+
+    def _appended(self, session, cmd, resp) -> None:
+        """The messages of an APPEND to the selected mailbox that were marked for local deletion are
+        pending now: the device sees them ``\\Deleted``, its next EXPUNGE hides them from it alone."""
+        selected = session.selected
+        m = _APPENDUID.search(resp.data)
+        if selected is None or m is None or int(m.group(1)) != selected.uidvalidity:
+            return
+        try:
+            target = token_text(tokenize(cmd.line.rstrip(b"\r\n"))[2])
+        except (TokenError, IndexError):
+            return
+        if target is None or mailbox_name(target) != selected.name:
+            return
+        uids = list(SequenceSet.parse(m.group(2)))
+        marks = cmd.state["local_appends"]
+        if len(uids) == len(marks):
+            self.state(session).pending |= {u for u, marked in zip(uids, marks, strict=True) if marked}
+
     def tagged(self, session, cmd, resp):
+        if cmd.name == b"APPEND" and resp.head.name == b"OK" and any(cmd.state.get("local_appends", ())):
+            self._appended(session, cmd, resp)
+            return None
         if cmd.state.get("localdelete") and resp.head.name == b"OK":
             # The client sent STORE; the backend answered a FETCH or UID STORE: say what the client did.
             return Rewrite(resp.data[:len(cmd.tag) + 1] + _store_done(cmd) + b"\r\n")
         return None
+
+
+_APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
 
 
 def _flags_items(st: LocalState) -> bytes:

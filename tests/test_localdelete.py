@@ -950,3 +950,76 @@ def test_a_local_mark_shows_only_in_answers_to_the_commands_after_it(make_proxy,
         assert fetched == [b"* 2 FETCH (FLAGS (\\Recent))\r\n", b"* 2 FETCH (FLAGS (\\Recent \\Deleted $LocalDelete))\r\n",
                            b"* 2 FETCH (FLAGS (\\Recent))\r\n"], got
     c.close()
+
+
+LOCAL_CLASS = '[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n'
+
+
+@pytest.mark.parametrize("who,flags", [("old-phone", b"\\Deleted \\Seen"),
+                                       ("A", b"\\Deleted $LocalDelete \\Seen"), ("A", b"$LocalDelete \\Seen")])
+@pytest.mark.parametrize("selected", [False, True], ids=["elsewhere", "selected"])
+def test_an_append_carries_no_local_flag_to_the_server(make_proxy, dovecot, who, flags, selected):
+    """Found by the interoperability review: a delete_mode = "local" device's APPEND stored \\Deleted on the
+    server (offlineimap uploads a message trashed locally so), and any device's EXPUNGE then removed it
+    for every device; $LocalDelete reached the server as a keyword. The local flags stay with the device:
+    in the selected mailbox the message is pending local deletion (the device sees it \\Deleted, its
+    EXPUNGE hides it from it alone); elsewhere the mark is dropped, as at a reconnect."""
+    folder, uids = folder_with(dovecot, 1)
+    p = make_proxy(config_extra=LOCAL_CLASS)
+    a, b = device(p, who), device(p, "B")
+    if selected:
+        select(a, folder)
+    msg = make_object("chat", text="uploaded")
+    r = a.command(b"a", b'APPEND "%s" (%s) {%d+}\r\n%s' % (folder.encode(), flags, len(msg), msg))
+    assert r[-1].startswith(b"a OK"), r
+    new = int(re.search(rb"APPENDUID \d+ (\d+)", r[-1]).group(1))
+    server = server_state(dovecot, folder)
+    assert b"\\Seen" in server[new] and b"\\Deleted" not in server[new], server
+    assert not any(f.lower() == b"$localdelete" for f in server[new])
+    deleted_here = selected  # ($LocalDelete alone marks the message too, as in a STORE)
+    if selected:
+        r = a.command(b"f", b"UID FETCH %d (FLAGS)" % new)
+        assert (b"\\Deleted" in r[0]) == deleted_here, r
+        assert a.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    else:
+        select(a, folder)
+    assert uids_seen(a) == ([uids[0]] if deleted_here else [uids[0], new])
+    select(b, folder)
+    assert b.command(b"x", b"EXPUNGE")[-1].startswith(b"x OK")  # (another device's expunge: nothing to remove)
+    assert uids_seen(b) == [uids[0], new]
+    assert set(server_state(dovecot, folder)) == {uids[0], new}
+    a.close()
+    b.close()
+
+
+def test_a_multiappend_marks_each_message_as_its_flags_say(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 1)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    m1, m2, m3 = (make_object("chat", text=f"part {i}") for i in range(3))
+    r = a.command(b"a", b'APPEND "%s" (\\Seen) {%d+}\r\n%s (\\Deleted $LocalDelete) {%d+}\r\n%s {%d+}\r\n%s'
+                  % (folder.encode(), len(m1), m1, len(m2), m2, len(m3), m3))
+    assert r[-1].startswith(b"a OK"), r
+    new = list(range(uids[0] + 1, uids[0] + 4))
+    assert b"APPENDUID" in r[-1] and b"%d:%d" % (new[0], new[-1]) in r[-1], r
+    assert not any(b"\\Deleted" in f for f in server_state(dovecot, folder).values())
+    assert a.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    assert uids_seen(a) == [uids[0], new[0], new[2]]
+    assert set(server_state(dovecot, folder)) == {uids[0], *new}
+    a.close()
+
+
+def test_an_append_with_local_flags_is_refused_where_local_delete_is_not_allowed(make_proxy, dovecot):
+    folder, uids = folder_with(dovecot, 1)
+    p = make_proxy(config_extra="[policy]\nlocal_delete = false\n")
+    a = device(p, "A")
+    msg = make_object("chat", text="x")
+    r = a.command(b"a", b'APPEND "%s" (\\Deleted $LocalDelete) {%d+}\r\n%s' % (folder.encode(), len(msg), msg))
+    assert r[-1].startswith(b"a NO [CANNOT]"), r
+    r = a.command(b"b", b'APPEND "%s" (\\Seen) {%d+}\r\n%s (\\Deleted $LocalDelete) {%d+}\r\n%s'
+                  % (folder.encode(), len(msg), msg, len(msg), msg))
+    assert r[-1].startswith((b"b BAD", b"b NO")), r  # (MULTIAPPEND: nothing of it saved)
+    assert a.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # (the session goes on)
+    assert set(server_state(dovecot, folder)) == set(uids)
+    a.close()
