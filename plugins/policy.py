@@ -794,6 +794,13 @@ class PolicyPlugin(Plugin):
             new = names[-1]
             if not st.policy.folder_allowed(new):
                 return Answer(b"NO [CANNOT] That mailbox name is not allowed by the service provider's policy.")
+            # A name the device cannot see (a hidden folder there, or preferences that hide it) is not
+            # one it can make: the backend's ALREADYEXISTS would tell of a folder that does not exist for
+            # it, and a folder made so would vanish from its list at once.
+            st.folders.pop(new, None)
+            await self.folder_infos(session, [new])
+            if self.folder_hidden(st, new):
+                return Answer(b"NO [CANNOT] That mailbox name is not available to this device.")
             if cmd.name == b"CREATE":
                 st.folders.pop(new, None)
                 return None

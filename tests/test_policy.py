@@ -601,3 +601,29 @@ def test_folder_preference_from_another_process_reaches_an_idling_session(make_p
     finally:
         a.close()
         b.close()
+
+
+def test_a_hidden_folder_name_cannot_be_made_or_renamed_to(make_proxy, dovecot):
+    """Found by the interoperability review: CREATE of a Session History folder the device does not see
+    answered ALREADYEXISTS (telling of a folder that does not exist for it; offlineimap meets it when a
+    folder it synced becomes hidden). A name the device cannot see is not one it can make: NO [CANNOT],
+    for RENAME onto it too. A new name, or an existing folder's, behaves as before."""
+    sh = "Default/sh-" + uuid.uuid4().hex[:8]
+    plain = "Default/plain-" + uuid.uuid4().hex[:8]
+    dovecot.deliver("carol", sh, make_object("session-info"))
+    dovecot.deliver("carol", plain, make_object("chat", text="x"))
+    p = make_proxy(config_extra="[policy]\nsync = { session-history = false }\n")
+    c = login(p, device="phone")
+    assert sh not in listed(c)
+    r = c.command(b"c", b"CREATE " + q(sh))
+    assert r[-1].startswith(b"c NO [CANNOT]") and b"EXISTS" not in r[-1].upper(), r
+    r = c.command(b"r", b"RENAME " + q(plain) + b" " + q(sh))
+    assert r[-1].startswith(b"r NO [CANNOT]"), r
+    assert c.command(b"c2", b"CREATE " + q(plain))[-1].startswith(b"c2 NO [ALREADYEXISTS]")
+    new = "Default/new-" + uuid.uuid4().hex[:8]
+    assert c.command(b"c3", b"CREATE " + q(new))[-1].startswith(b"c3 OK")
+    assert new in listed(c) and plain in listed(c)
+    d = dovecot.imap_direct("carol", tls="none")
+    assert d.folder_exists(sh) and d.folder_exists(plain)
+    d.logout()
+    c.close()
