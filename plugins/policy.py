@@ -655,6 +655,20 @@ class PolicyPlugin(Plugin):
                     seen_under.add(parent)
         return parents - seen_under - hidden
 
+    def _parents_only(self, st: PolicySession, names: list[str]) -> set[str]:
+        """The hidden folders with a folder the device sees somewhere below them: listed as a
+        ``\\Noselect`` placeholder, as a server lists a parent that does not exist (RFC 3501 6.3.8), or a
+        client that walks the tree level by level (``%``) never reaches what is below."""
+        hidden = {n for n in names if self.folder_hidden(st, n)}
+        if not hidden:
+            return set()
+        above = set()
+        for name in names:
+            if name not in hidden:
+                parts = name.split("/")
+                above.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        return hidden & above
+
     async def _all_folders(self, session) -> list[str]:
         reply = await session.side_command(b'LIST "" "*"')
         names = []
@@ -748,6 +762,7 @@ class PolicyPlugin(Plugin):
         names = await self._all_folders(session)
         await self.folder_infos(session, names)
         cmd.state["childless"] = self._childless(st, names)
+        cmd.state["parents_only"] = self._parents_only(st, names)
         if b"STATUS" in cmd.line.upper() and b"RETURN" in cmd.line.upper():
             # LIST-STATUS counts must be the view's too, like STATUS's.
             adjusts = {}
@@ -1119,10 +1134,13 @@ class PolicyPlugin(Plugin):
                 # connection's, and opening a folder there that a client is deleting can resurrect it.)
                 return self._hold_for_folder(session, st, mailbox)
             action = self._list_event(st, resp.data, mailbox)
+            cmd = _oldest(session, (b"LIST",))
             if action is None:
-                cmd = _oldest(session, (b"LIST",))
                 if cmd is not None and mailbox in cmd.state.get("childless", ()):
                     return _without_children(resp.data)
+            elif cmd is not None and mailbox in cmd.state.get("parents_only", ()) and isinstance(action, Drop) \
+                    and resp.data[:7].upper() == b"* LIST ":
+                return Rewrite(_placeholder(resp.data))
             return action
         if name == b"STATUS":
             return self._status_response(session, st, resp)
@@ -2341,6 +2359,13 @@ def _parse_threads(data: bytes) -> list | None:
         elif t.strip():
             return None
     return stack[0] if len(stack) == 1 else None
+
+
+def _placeholder(line: bytes) -> bytes:
+    """The LIST response of a folder the device does not see, as a parent that is only there for what is
+    below it: ``\\Noselect \\HasChildren``, the folder's own attributes and extended data left out."""
+    tokens = tokenize(line.rstrip(b"\r\n"))
+    return b"* LIST (\\Noselect \\HasChildren) " + format_tokens(tokens[3:5]) + b"\r\n"
 
 
 def _without_children(line: bytes):

@@ -627,3 +627,27 @@ def test_a_hidden_folder_name_cannot_be_made_or_renamed_to(make_proxy, dovecot):
     assert d.folder_exists(sh) and d.folder_exists(plain)
     d.logout()
     c.close()
+
+
+def test_a_hidden_folder_with_a_visible_one_below_is_a_placeholder(make_proxy, dovecot):
+    """Found by the interoperability review: a folder the device sees below a hidden one (a folder made
+    inside a Session History) was listed by ``*`` but unreachable level by level: ``%`` at the hidden
+    level returned nothing. The hidden folder is listed as a ``\\Noselect`` placeholder, as a server lists
+    a parent that does not exist; it still cannot be selected, and one with nothing visible below is not
+    listed at all."""
+    sh, lone = ("Default/sh-" + uuid.uuid4().hex[:8] for _ in range(2))
+    dovecot.deliver("carol", sh, make_object("session-info"))
+    dovecot.deliver("carol", lone, make_object("session-info"))
+    dovecot.deliver("carol", sh + "/sub", make_object("chat", text="below"))
+    p = make_proxy(config_extra="[policy]\nsync = { session-history = false }\n")
+    c = login(p, device="phone")
+    for pattern in (b'"Default/%"', b'"*"'):
+        r = c.command(b"l", b'LIST "" ' + pattern)
+        assert r[-1].startswith(b"l OK"), r
+        assert b'* LIST (\\Noselect \\HasChildren) "/" %s\r\n' % sh.encode() in r, r
+        assert not any(lone.encode() in x for x in r), r
+    r = c.command(b"m", b'LIST "" ' + q(sh + "/%"))
+    assert any(x.startswith(b"* LIST ") and (sh + "/sub").encode() in x for x in r), r
+    assert c.command(b"s", b"SELECT " + q(sh))[-1].startswith(b"s NO [NONEXISTENT]")
+    assert c.command(b"s2", b"SELECT " + q(sh + "/sub"))[-1].startswith(b"s2 OK")
+    c.close()
