@@ -238,3 +238,39 @@ def test_failed_login_delays_double_per_source_forget_old_ones_and_stay_bounded(
     svc.auth_failed("198.51.100.2")  # a repeated source becomes the newest, its count kept
     assert list(svc._failures) == ["198.51.100.3", "198.51.100.4", "198.51.100.2"]
     assert svc._failures["198.51.100.2"][0] == 2
+
+
+def test_connections_count_per_ipv4_address_and_per_ipv6_slash_64(tmp_path):
+    """max_connections_per_ip counts an IPv6 client's /64 as one source, as the login throttle does: a
+    client with a /64 could otherwise open connections from as many addresses as it liked."""
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    from cpmproxy.config import load_config
+    from cpmproxy.proxy.service import ProxyService
+
+    path = tmp_path / "c.toml"
+    path.write_text('plugins = []\n[proxy]\nlisten = ["tcp:0:interface=127.0.0.1"]\n[backend]\nport = 1\n'
+                    '[limits]\nmax_connections_per_ip = 2\n')
+    svc = ProxyService(load_config(path), reactor=Clock())
+
+    class Client(SimpleNamespace):
+        __hash__ = object.__hash__
+
+    def client(host):
+        return Client(peer_host=host, user=None)
+
+    first = [client("2001:db8:0:7::1"), client("2001:db8:0:7::2")]
+    assert [svc.admit(c) for c in first] == [None, None]
+    assert svc.admit(client("2001:db8:0:7::3")) == "Too many connections from your address."
+    assert svc.admit(client("2001:db8:0:8::1")) is None  # (another /64)
+    assert svc.admit(client("192.0.2.1")) is None and svc.admit(client("192.0.2.2")) is None
+    svc.forget(first[0])
+    assert svc.admit(client("2001:db8:0:7::4")) is None
+    moved = client("2001:db8:0:8::2")
+    assert svc.admit(moved) is None
+    svc.rehome(moved, "198.51.100.9")  # (PROXY protocol: the real address)
+    moved.peer_host = "198.51.100.9"
+    assert svc.by_ip == {"2001:db8:0:7::/64": 2, "2001:db8:0:8::/64": 1, "192.0.2.1": 1, "192.0.2.2": 1,
+                         "198.51.100.9": 1}

@@ -540,9 +540,12 @@ AUTH_FAILURES_KEPT = 100_000  # hosts whose recent failed logins are remembered 
 
 
 def throttle_key(host: str) -> str:
-    """Whose failed logins count together: an IPv4 address, or an IPv6 address's /64, which one device
-    or one customer gets (a mobile network gives each PDN connection its own /64), and from which an
-    attacker could otherwise pick a fresh address for every try."""
+    """Whose connections and failed logins count together: an IPv4 address, or an IPv6 address's /64,
+    which one device or one customer gets (a mobile network gives each PDN connection its own /64, as a
+    NAT gives a household one IPv4 address), and from which an attacker could otherwise pick a fresh
+    address for every try."""
+    if ":" not in host:
+        return host  # (IPv4, the common case: no parsing)
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -695,11 +698,12 @@ class ProxyService(service.MultiService):
         if len(self.sessions) >= limits["max_connections"]:
             self.metrics.refused.labels(reason="max_connections").inc()
             return "Too many connections."
-        if self.by_ip[session.peer_host] >= limits["max_connections_per_ip"]:
+        source = throttle_key(session.peer_host)  # (an IPv6 client's /64, as for failed logins)
+        if self.by_ip.get(source, 0) >= limits["max_connections_per_ip"]:
             self.metrics.refused.labels(reason="per_ip").inc()
             return "Too many connections from your address."
         self.sessions.add(session)
-        self.by_ip[session.peer_host] += 1
+        self.by_ip[source] += 1
         self.metrics.active.inc()
         return None
 
@@ -707,12 +711,13 @@ class ProxyService(service.MultiService):
         """The session's client address changed (PROXY protocol): move its per-IP count."""
         if session in self.sessions:
             self._drop_ip(session.peer_host)
-            self.by_ip[host] += 1
+            self.by_ip[throttle_key(host)] += 1
 
     def _drop_ip(self, host: str) -> None:
-        self.by_ip[host] -= 1
-        if self.by_ip[host] <= 0:
-            del self.by_ip[host]
+        source = throttle_key(host)
+        self.by_ip[source] -= 1
+        if self.by_ip[source] <= 0:
+            del self.by_ip[source]
 
     def admit_user(self, session: ClientSession) -> str | None:
         users = self.by_user[session.user]
