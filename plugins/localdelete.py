@@ -646,9 +646,7 @@ class LocalDeletePlugin(Plugin):
             return None
         have = fm.group(1).split()
         upper = {f.upper() for f in have}
-        # (A delete_mode = "local" device's client knows nothing of the keyword: it set \\Deleted only.)
-        shown = (b"\\Deleted",) if self._allowed(session)[1] else (b"\\Deleted", b"$LocalDelete")
-        add = [f for f in shown if f.upper() not in upper]
+        add = [f for f in (b"\\Deleted", b"$LocalDelete") if f.upper() not in upper]
         if not add:
             return None
         new = b"FLAGS (" + b" ".join(have + add) + b")"

@@ -1023,19 +1023,3 @@ def test_an_append_with_local_flags_is_refused_where_local_delete_is_not_allowed
     assert a.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # (the session goes on)
     assert set(server_state(dovecot, folder)) == set(uids)
     a.close()
-
-
-def test_a_local_mode_device_sees_only_the_flag_it_set(make_proxy, dovecot):
-    """Found by the interoperability review: a delete_mode = "local" device (a standard client) that
-    stored \\Deleted was answered FLAGS (\\Deleted $LocalDelete): a keyword it never set, in no FLAGS list."""
-    folder, uids = folder_with(dovecot, 2)
-    p = make_proxy(config_extra=LOCAL_CLASS)
-    a = device(p, "old-phone")
-    select(a, folder)
-    r = a.command(b"d", b"STORE 1 +FLAGS (\\Deleted)")
-    assert b"\\Deleted" in r[0] and b"LocalDelete" not in r[0], r
-    r = a.command(b"f", b"FETCH 1:* (UID FLAGS)")
-    assert b"\\Deleted" in r[0] and not any(b"LocalDelete" in x for x in r), r
-    assert a.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
-    assert uids_seen(a) == [uids[1]]
-    a.close()
