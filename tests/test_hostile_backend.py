@@ -599,3 +599,33 @@ def test_health_probes_a_moment_apart_share_one_backend_connection(fresh_scripte
     proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none", plugins=[])
     assert [health(proxy)[0] for _ in range(5)] == [200] * 5
     assert len(fresh_scripted.connections) == 1  # (HEALTH_CACHE: 5 s)
+
+
+def test_a_backend_lost_during_login_leaves_no_unhandled_error():
+    """Found by the backend-failure review: the proxy sends ID and the login together; when the connection
+    was lost under both, the login's failure was never awaited, and each such login logged a CRITICAL
+    "Unhandled error in Deferred" with a traceback when collected (20 of 20 logins cut by a backend
+    that greets and says nothing more). The client's NO was right."""
+    from twisted.internet import defer
+
+    from cpmproxy.proxy.backend import BackendError, login_backend
+
+    class Proto:
+        def __init__(self):
+            self.commands: list[defer.Deferred] = []
+
+        def command(self, line, continuation=None):
+            self.commands.append(defer.Deferred())
+            return self.commands[-1]
+
+    proto = Proto()
+    login = defer.Deferred.fromCoroutine(
+        login_backend(proto, [b"IMAP4rev1", b"ID", b"AUTH=PLAIN", b"SASL-IR"], "", "alice", "pw", []))
+    ident, auth = proto.commands
+    for d in (ident, auth):  # (the connection lost: every command in flight fails)
+        d.errback(BackendError("backend closed the connection"))
+    failure = []
+    login.addErrback(failure.append)
+    assert failure and failure[0].check(BackendError)
+    assert auth.result is None  # (handled: nothing left to be logged as unhandled)
+

@@ -412,8 +412,14 @@ async def login_backend(proto: BackendProtocol, caps: list[bytes], authzid: str,
         raise BackendError("backend offers no usable login mechanism (LOGINDISABLED, no AUTH=PLAIN)")
     else:
         auth = proto.command(b"LOGIN " + quote(user) + b" " + quote(secret))
-    for d in waits:
-        await d  # an ID failure is not fatal: the backend may not trust us for x-* fields
+    try:
+        for d in waits:
+            await d  # an ID refused is not fatal: the backend may not trust us for x-* fields
+    except BaseException:
+        # The connection is lost (or timed out) under both: the login's failure is this same one, and
+        # left unawaited it was logged as an "Unhandled error in Deferred" at every such login.
+        auth.addErrback(lambda failure: None)
+        raise
     reply = await auth
     if reply.status != b"OK":
         if reply.status == b"NO":
