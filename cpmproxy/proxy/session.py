@@ -1502,12 +1502,16 @@ class ClientSession(Protocol, TimeoutMixin):
         except (FramingError, TokenError) as e:
             if fetch and isinstance(e, FramingError):
                 self._backend_events(fetch)  # what came before the error still goes out
-            self.service.metrics.backend_errors.labels(kind="protocol").inc()
-            log.error("backend protocol error: {error} session={session}", error=str(e), session=self.session_id)
-            self._flush()
-            self.bye(b"Backend protocol error.", code=b"UNAVAILABLE")
+            self._backend_protocol_error(e)
             return
         self._after_backend()
+
+    def _backend_protocol_error(self, error: Exception) -> None:
+        """The backend sent what is not IMAP: the session ends (nothing after it can be framed or trusted)."""
+        self.service.metrics.backend_errors.labels(kind="protocol").inc()
+        log.error("backend protocol error: {error} session={session}", error=str(error), session=self.session_id)
+        self._flush()
+        self.bye(b"Backend protocol error.", code=b"UNAVAILABLE")
 
     def _after_backend(self) -> None:
         if self._held_whole and (whole := self.held_response()) is not None:
@@ -1822,7 +1826,11 @@ class ClientSession(Protocol, TimeoutMixin):
         if held is None or self.phase != "auth":
             return result
         for i, ev in enumerate(held):
-            self._backend_event(ev)
+            try:
+                self._backend_event(ev)
+            except TokenError as e:  # (a line held unread, the backend's garbage: as on the direct path)
+                self._backend_protocol_error(e)
+                return None
             if self._held is not None:  # held again: keep the rest, in order, behind it
                 self._held.extend(held[i + 1:])
                 break
