@@ -1032,11 +1032,17 @@ class PolicyPlugin(Plugin):
                 if st.view is not None:
                     return
             uids, hidden = await self._classify(session, plan, b"1:*", snapshot)
-        except Exception:
+        except Exception as e:
             # Fail closed: without its classification the mailbox cannot be shown as the policy says
             # (unfiltered, the device would get what the operator or the user excluded). The session ends;
-            # the client reconnects and selects again.
-            log.failure("classification failed session={session}", session=session.session_id)
+            # the client reconnects and selects again. The backend's failure (a search refused, lost, not
+            # answered, answered in what cannot be read) is logged as such; anything else is a bug of ours.
+            if isinstance(e, (BackendError, defer.TimeoutError, defer.CancelledError, ValueError)):
+                log.warn("classification failed, the session ends: {error} session={session}",
+                         error=str(e) or type(e).__name__, session=session.session_id)
+            else:
+                log.failure("classification failed session={session}", session=session.session_id)
+                self.proxy.metrics.internal_errors.inc()
             session.bye(UNAVAILABLE)
             return
         st.view = MailboxView.exact(uids, hidden)

@@ -307,6 +307,8 @@ def test_failed_classification_fails_closed(scripted, make_proxy, failing, answe
         scripted.internal = {}
     assert run_case(proxy, True, b"NOOP")[-1].startswith(b"h OK")  # (SELECT showed "* 2 EXISTS": checked there)
     assert internal_errors(proxy) == 0
+    # (The backend's failure, logged as one: a warning, no traceback, found by the backend-failure review.)
+    assert "classification failed, the session ends" in proxy.log() and "#critical" not in proxy.log()
 
 
 @pytest.mark.parametrize("answer, expected", [
