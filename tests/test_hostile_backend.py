@@ -636,3 +636,24 @@ def test_a_backend_lost_during_login_leaves_no_unhandled_error():
     assert failure and failure[0].check(BackendError)
     assert auth.result is None  # (handled: nothing left to be logged as unhandled)
 
+
+
+def test_health_says_so_while_logins_keep_failing_for_the_backends_sake(fresh_scripted, make_proxy):
+    """Found by the backend-failure review: /healthz said 200 while every login failed (Dovecot's auth
+    process hung, its password database down: the backend still greets). Three logins in a row failed
+    for the backend's sake make it 503 with the reason; a login the backend answers (a wrong password
+    too) makes it healthy again."""
+    from tests.test_ops import health
+
+    fresh_scripted.internal = {b"LOGIN ALICE": b"{tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n"}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none", plugins=[])
+    assert health(proxy)[0] == 200
+    for _ in range(3):
+        assert _login_timed(proxy)[0].startswith(b"L NO [UNAVAILABLE]")
+    status, text = health(proxy)
+    assert status == 503 and text.startswith("backend logins failing: the last 3 in a row"), (status, text)
+    assert "Temporary authentication failure" in text, text
+    fresh_scripted.internal = {b"LOGIN ALICE": b"{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"}
+    assert _login_timed(proxy)[0].startswith(b"L NO [AUTHENTICATIONFAILED]")
+    assert health(proxy)[0] == 200
+    fresh_scripted.internal = {}

@@ -539,6 +539,11 @@ class SidePool:
 AUTH_FAILURES_KEPT = 100_000  # hosts whose recent failed logins are remembered (bounded under attack)
 
 
+def _printable(text: str) -> str:
+    """``text`` (which may quote what the backend sent) with control characters shown as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def throttle_key(host: str) -> str:
     """Whose connections and failed logins count together: an IPv4 address, or an IPv6 address's /64,
     which one device or one customer gets (a mobile network gives each PDN connection its own /64, as a
@@ -558,6 +563,11 @@ def throttle_key(host: str) -> str:
 
 
 HEALTH_CACHE = 5.0  # seconds a backend probe's answer serves /healthz
+# /healthz is 503 while this many client logins in a row failed for the backend's sake (not the client's
+# credentials), the last within HEALTH_LOGINS_WINDOW seconds: a backend that greets but cannot log anyone
+# in (its auth process hung, its password database down) is no backend to send clients to.
+HEALTH_LOGINS_FAILING = 3
+HEALTH_LOGINS_WINDOW = 60.0
 
 class EventBus:
     """In-process publish/subscribe between plugins (e.g. "mailbox changed for user U"): changes made
@@ -612,6 +622,7 @@ class ProxyService(service.MultiService):
         self._health: tuple | None = None  # (when, (status, text)) of the last backend probe
         self._health_probing = False
         self._health_waiting: list[defer.Deferred] = []
+        self._logins_failing = (0, 0.0, "")  # (backend failures in a row, the last one's time, its reason)
 
     # -- listeners ------------------------------------------------------------------------------
 
@@ -641,14 +652,27 @@ class ProxyService(service.MultiService):
 
     # -- health -----------------------------------------------------------------------------------
 
+    def login_outcome(self, backend_failed: bool, reason: str = "") -> None:
+        """A client login ended: ``backend_failed`` if for the backend's sake (unavailable, timed out, cut
+        off); otherwise the backend answered (the login succeeded, or the credentials were wrong)."""
+        if backend_failed:
+            self._logins_failing = (self._logins_failing[0] + 1, self.reactor.seconds(), reason)
+        elif self._logins_failing[0]:
+            self._logins_failing = (0, 0.0, "")
+
     def health(self) -> defer.Deferred:
-        """(HTTP status, text) for ``/healthz``: 503 while shutting down or while the backend does not
-        greet (a connection of the proxy's own, as a login's: TCP, TLS, greeting, within connect_timeout).
-        The backend's answer is kept ``HEALTH_CACHE`` seconds, and probes meanwhile share it: a balancer
-        polling every second costs the backend one connection per few seconds."""
+        """(HTTP status, text) for ``/healthz``: 503 while shutting down, while the backend does not greet
+        (a connection of the proxy's own, as a login's: TCP, TLS, greeting, within connect_timeout), or
+        while client logins keep failing for the backend's sake (``HEALTH_LOGINS_FAILING``). The backend's
+        answer is kept ``HEALTH_CACHE`` seconds, and probes meanwhile share it: a balancer polling every
+        second costs the backend one connection per few seconds."""
         if self._stopping:
             return defer.succeed((503, "stopping: the proxy is shutting down"))
         now = self.reactor.seconds()
+        failing, last, reason = self._logins_failing
+        if failing >= HEALTH_LOGINS_FAILING and now - last < HEALTH_LOGINS_WINDOW:
+            return defer.succeed((503, f"backend logins failing: the last {failing} in a row, "
+                                       f"{now - last:.0f} s ago the last ({reason})"))
         if self._health is not None and now - self._health[0] < HEALTH_CACHE:
             return defer.succeed(self._health[1])
         d: defer.Deferred = defer.Deferred()
@@ -658,7 +682,9 @@ class ProxyService(service.MultiService):
             probe = defer.Deferred.fromCoroutine(self._probe_backend())
             # (All of it within connect_timeout: a backend that greets and then hangs is not healthy.)
             probe.addTimeout(self.config.backend["connect_timeout"], self.reactor)
-            probe.addErrback(lambda f: (503, f"backend unavailable: {f.getErrorMessage() or f.type.__name__}"))
+            probe.addErrback(lambda f: (503, "backend unavailable: " + (
+                f"no greeting within {self.config.backend['connect_timeout']:g} s" if f.check(defer.TimeoutError)
+                else f.getErrorMessage() or f.type.__name__)))
             probe.addCallback(self._probed)
         return d
 
@@ -667,7 +693,7 @@ class ProxyService(service.MultiService):
         try:
             proto, _ = await connect_backend(self.reactor, self.config)
         except Exception as e:  # (BackendError, TLS errors...: all mean "not now")
-            return 503, f"backend unavailable: {e}"
+            return 503, f"backend unavailable: {_printable(str(e))[:200]}"
         proto.close()
         return 200, f"ok: backend {b['host']}:{b['port']} answers"
 
