@@ -279,7 +279,10 @@ class UserWatch:
         self.proto = None
         self.sessions: set = set()
         self.keep_until = 0.0     # offline watch: kept without sessions until then
-        self.offline_state = None  # the policy state of the user's last session (offline watch)
+        self.offline_state = None  # the policy state the offline watch goes by (see _keep_offline)
+        # The device policies of the user's sessions here since the watch was last offline (few: one per
+        # device class), so that the offline watch is not decided by whichever device happened to leave last.
+        self.policies: list = []
         self._expiry = None
         self.mailboxes: dict[str, dict[bytes, int]] = {}  # last STATUS items seen per mailbox
         self.backoff = 1.0
@@ -680,6 +683,11 @@ class NotifyPlugin(Plugin):
             watch = self.watches[session.user] = UserWatch(self, session.user)
         watch.stop_lingering()
         watch.sessions.add(session)
+        policy = self._policy()
+        if policy is not None:
+            device_policy = policy.state(session).policy
+            if not any(p is device_policy for p in watch.policies) and len(watch.policies) < 32:
+                watch.policies.append(device_policy)
         watch.keep_until, watch.offline_state = 0.0, None  # online again
         watch.cancel_expiry()
         if self.events_wanted(watch):
@@ -721,11 +729,19 @@ class NotifyPlugin(Plugin):
         for old in offline[:max(0, len(offline) - self.max_offline_watches + 1)]:
             self._expire(old.user, force=True)
         policy = self._policy()
-        # What ``enabled_in`` reads of the last session's policy state, not the whole of it (its view
-        # of the selected mailbox alone is ~0.4 MB at 3,000 messages, kept for a day per offline user).
+        # What ``enabled_in`` reads of a policy state, not the whole of the last session's (its view of
+        # the selected mailbox alone is ~0.4 MB at 3,000 messages, kept for a day per offline user): the
+        # account's preferences as last read, under the policy of any of the user's devices seen here
+        # that has notifications on (the last one's if none has: a device that left earlier, of a class
+        # with notifications forced, is still a device to push to).
         last = policy.state(last_session) if policy is not None else None
-        watch.offline_state = None if last is None else type(last)(
-            last.policy, account_prefs=dict(last.account_prefs), pref_folders=dict(last.pref_folders))
+        watch.offline_state = None
+        if last is not None:
+            states = [type(last)(device_policy, account_prefs=dict(last.account_prefs),
+                                 pref_folders=dict(last.pref_folders))
+                      for device_policy in [last.policy, *watch.policies]]
+            watch.offline_state = next((st for st in states if self.enabled_in(st)), states[0])
+        watch.policies = []
         watch.keep_until = time.time() + seconds
         watch.cancel_expiry()  # (one timer per watch: each logout armed one more, for a day)
         watch._expiry = reactor.callLater(seconds, self._expire, watch.user)

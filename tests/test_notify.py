@@ -1004,6 +1004,56 @@ def test_a_watch_opened_as_its_session_ends_is_closed(make_proxy, dovecot):
     assert _socket_fds(p.proc.pid) == baseline
 
 
+def test_an_offline_watch_goes_by_any_device_of_the_user_with_notifications_on(monkeypatch):
+    """Found by the backend-failure review: after a user's last session here ended, whether their changes
+    were still watched (for pushes to offline devices) was decided by that last session's device alone:
+    a device of a class with notifications forced that had left a moment before no longer counted, and
+    nothing was pushed. Any device of the user seen here since the watch was last offline counts now,
+    with the account's preferences as last read."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    import plugins.notify as notify
+    from plugins.policy import Policy, PolicyPlugin, PolicySession
+
+    monkeypatch.setattr(notify, "reactor", Clock())
+    monkeypatch.setattr(notify.UserWatch, "refresh", lambda self: defer.succeed(None))
+    monkeypatch.setattr(notify.UserWatch, "start_later", lambda self: None)
+    policy = PolicyPlugin(None)
+    push = SimpleNamespace(watch_offline=lambda user: 86400.0)
+    proxy = SimpleNamespace(hooks=SimpleNamespace(plugins=[push, policy], by_name={"policy": policy}))
+    plugin = notify.NotifyPlugin(proxy)
+    monkeypatch.setattr(plugin, "master_configured", lambda: True)
+
+    class Session(SimpleNamespace):
+        __hash__ = object.__hash__
+
+    def session(device_policy, prefs):
+        return Session(state={"policy": PolicySession(device_policy, account_prefs=prefs)}, user="alice",
+                       phase="auth", device_id="d")
+
+    def online(*sessions):
+        for s in sessions:
+            plugin._ensure_watch(s)
+
+    def offline(last):  # (every session gone, ``last`` the last to leave)
+        watch = plugin.watches["alice"]
+        watch.sessions.clear()
+        assert plugin._keep_offline(watch, last)
+        return plugin.events_wanted(watch)
+
+    forced, plain = session(Policy(notifications="forced"), {}), session(Policy(), {})
+    online(forced, plain)
+    assert offline(plain)  # (the forced device left first)
+    online(plain)  # online again with the plain device only: its leaving decides, nothing else was seen
+    assert not offline(plain)
+    on = session(Policy(), {"notifications": "on"})  # (the account's preference as last read, any device's)
+    online(session(Policy(notifications="off"), {}), on)
+    assert offline(on)
+
+
 def test_an_offline_watch_keeps_one_timer_and_only_what_it_reads(monkeypatch):
     """Found by the soak review: each logout of a user with pushes armed one more 24-hour expiry timer
     (the one before was never cancelled: 1,030 timers after 1,000 logouts of 30 users), and the watch
