@@ -657,3 +657,28 @@ def test_health_says_so_while_logins_keep_failing_for_the_backends_sake(fresh_sc
     assert _login_timed(proxy)[0].startswith(b"L NO [AUTHENTICATIONFAILED]")
     assert health(proxy)[0] == 200
     fresh_scripted.internal = {}
+
+
+def metric(proxy, name: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=5).read().decode()
+    return next((float(line.split()[-1]) for line in body.splitlines() if line.startswith(name + " ")), 0.0)
+
+
+def test_a_session_the_backend_ends_itself_is_counted(fresh_scripted, make_proxy):
+    """Found by the backend-failure review: a BYE of the backend's own (``doveadm kick``, Dovecot stopping)
+    was relayed uncounted and unlogged, where a backend gone without one is counted. Relayed as it is,
+    and counted now; the BYE that answers a LOGOUT is none of that."""
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none", plugins=[])
+    name = 'cpmproxy_backend_errors_total{kind="bye"}'
+    fresh_scripted.script = {b"NOOP": b"* BYE Server shutting down.\r\n"}
+    try:
+        lines = run_case(proxy, False, b"NOOP")
+    finally:
+        fresh_scripted.script = {}
+    assert lines[-1] == b"* BYE Server shutting down.\r\n", lines
+    assert metric(proxy, name) == 1
+    assert "the backend ended the session: * BYE Server shutting down." in proxy.log()
+    c = RawIMAP(proxy.host, proxy.port, timeout=10)
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    assert c.command(b"z", b"LOGOUT")[-1].startswith(b"z OK")
+    assert metric(proxy, name) == 1

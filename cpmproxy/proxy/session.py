@@ -1785,6 +1785,12 @@ class ClientSession(Protocol, TimeoutMixin):
             self._track_untagged(data, head)
             if head.name == b"BYE":
                 self._bye_sent = True
+                if not any(c.name == b"LOGOUT" for c in self.inflight_commands()):
+                    # The backend ends the session itself (shutting down, kicked, a mailbox deleted under
+                    # it): relayed as it is, and counted and logged as the proxy's own losses are.
+                    self.service.metrics.backend_errors.labels(kind="bye").inc()
+                    log.info("the backend ended the session: {text} session={session}",
+                             text=data[:200].rstrip().decode("utf-8", "replace"), session=self.session_id)
         if self.service.hooks.response:
             return self._response_hooks(ev, data, True)
         return data
