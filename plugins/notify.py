@@ -451,6 +451,9 @@ class UserWatch:
         self._retry()
 
     def _lost(self, _=None) -> None:
+        if not self.closed and self.proto is not None:  # (not ours to close: the backend's doing)
+            log.info("watch connection for {user} lost, reconnecting", user=self.user)
+            self.plugin.proxy.metrics.backend_errors.labels(kind="watch").inc()
         self.proto = None
         self.is_ready = False
         self.notifying = False  # (nothing is reported until the NOTIFY is armed again)

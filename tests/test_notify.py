@@ -1085,3 +1085,31 @@ def test_an_offline_watch_keeps_one_timer_and_only_what_it_reads(monkeypatch):
     assert plugin.enabled_in(kept) == plugin.enabled_in(last)
     watch.cancel_expiry()  # (online again: _ensure_watch)
     assert not clock.getDelayedCalls()
+
+
+def test_a_watch_connection_the_backend_drops_is_counted(monkeypatch):
+    """Found by the backend-failure review: a watch connection lost (its Dovecot process killed) was
+    reconnected without a word in the log or the metrics. Closed by the proxy itself, it is neither."""
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    import plugins.notify as notify
+    from cpmproxy.proxy.metrics import Metrics
+
+    monkeypatch.setattr(notify, "reactor", Clock())
+    metrics = Metrics()
+    plugin = SimpleNamespace(proxy=SimpleNamespace(metrics=metrics))
+    watch = notify.UserWatch(plugin, "alice")
+    monkeypatch.setattr(watch, "wanted", lambda: False)
+
+    def lost_count():
+        return metrics.registry.get_sample_value("cpmproxy_backend_errors_total", {"kind": "watch"}) or 0
+
+    watch.proto = SimpleNamespace(closed=True, close=lambda: None)
+    watch._lost()
+    assert lost_count() == 1
+    watch.proto = SimpleNamespace(closed=False, close=lambda: None)
+    watch.close()
+    watch._lost()  # (the proxy closed it)
+    assert lost_count() == 1
