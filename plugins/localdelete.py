@@ -304,7 +304,9 @@ class LocalDeletePlugin(Plugin):
             local = pending or KEYWORD in cmd.line.upper() or self._allowed(session)[1]
             return inflight if local else []
         if name in (b"EXPUNGE", b"CLOSE"):
-            return inflight if pending or self._allowed(session)[1] else []
+            # (Also behind an APPEND that marks what it adds: its messages are pending once it is done.)
+            marking = any(c.name == b"APPEND" and any(c.state.get("local_appends", ())) for c in inflight)
+            return inflight if pending or marking or self._allowed(session)[1] else []
         if not pending:  # a search
             return []
         return [c for c in inflight if (c.client or c).name in _RESELECTING]

@@ -806,7 +806,8 @@ class PolicyPlugin(Plugin):
                 return None
             names.append(mailbox_name(raw))
         if cmd.name == b"CREATE" or (cmd.name == b"RENAME"):
-            new = names[-1]
+            # (A trailing separator names the same folder: RFC 3501 6.3.3, and Dovecot takes it so.)
+            new = names[-1].rstrip("/") or names[-1]
             if not st.policy.folder_allowed(new):
                 return Answer(b"NO [CANNOT] That mailbox name is not allowed by the service provider's policy.")
             # A name the device cannot see (a hidden folder there, or preferences that hide it) is not
@@ -1397,7 +1398,8 @@ class PolicyPlugin(Plugin):
 
         Untagged SEARCH/SORT/THREAD responses do not say which command they answer, and a backend may
         complete pipelined commands out of order: a search waits while one of the same name but other
-        UID-ness (so numbered otherwise) is in flight."""
+        UID-ness (so numbered otherwise) is in flight. An ESEARCH says its command's tag: one whose tag a
+        search in flight has too (tags should be unique, but are the client's) waits for it."""
         line = cmd.line
         body = line[:-2] if line.endswith(b"\r\n") else line
         try:
@@ -1408,12 +1410,16 @@ class PolicyPlugin(Plugin):
         head = tokens[:i]
         rest = tokens[i:]
         plain = True  # answered by an untagged SEARCH/SORT/THREAD (not an ESEARCH, which has the tag)
-        returning = None  # the RETURN options
+        returning = None  # the RETURN options, at head[returning_at]
         if cmd.name in (b"SEARCH", b"SORT") and rest and isinstance(rest[0], Atom) \
                 and rest[0].upper() == b"RETURN" and len(rest) > 1 and isinstance(rest[1], ParenList):
-            returning = rest[1]
+            returning, returning_at = rest[1], len(head) + 1
             head, rest, plain = head + rest[:2], rest[2:], False
             cmd.state["esearch"] = True
+            other = next((c for c in session.inflight_commands() if c.tag == cmd.tag and "esearch" in c.state
+                          and c.state is not cmd.state), None)
+            if other is not None:
+                return Defer(defer.Deferred.fromCoroutine(self._after_done(session, other, cmd)))
         if cmd.name == b"SORT" and rest:
             head, rest = head + rest[:2], rest[2:]  # (sort criteria) charset
         elif cmd.name == b"THREAD" and rest:
@@ -1438,7 +1444,7 @@ class PolicyPlugin(Plugin):
                 # limit: Dovecot's default 64 KB is ~10,000 scattered UIDs): the backend returns every
                 # match and the proxy computes MIN/MAX/COUNT/ALL of the visible ones (_esearch_response).
                 cmd.state["esearch_local"] = wanted
-                head = head[:-1] + [ParenList([Atom(b"ALL")])]
+                head[returning_at] = ParenList([Atom(b"ALL")])
             else:
                 restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(hidden)]
         return Rewrite(format_tokens(head + restriction + rewrite_search_keys(view, rest)) + b"\r\n")

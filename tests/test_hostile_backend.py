@@ -640,18 +640,24 @@ def test_a_backend_lost_during_login_leaves_no_unhandled_error():
 
 def test_health_says_so_while_logins_keep_failing_for_the_backends_sake(fresh_scripted, make_proxy):
     """Found by the backend-failure review: /healthz said 200 while every login failed (Dovecot's auth
-    process hung, its password database down: the backend still greets). Three logins in a row failed
-    for the backend's sake make it 503 with the reason; a login the backend answers (a wrong password
-    too) makes it healthy again."""
+    process hung, its password database down: the backend still greets). Three logins in a row, of two
+    users or more, failed for the backend's sake make it 503 with the reason; a login the backend answers
+    (a wrong password too) makes it healthy again."""
     from tests.test_ops import health
 
-    fresh_scripted.internal = {b"LOGIN ALICE": b"{tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n"}
+    refusal = b"{tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n"
+    fresh_scripted.internal = {b"LOGIN ALICE": refusal, b"LOGIN BOB": refusal}
     proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none", plugins=[])
     assert health(proxy)[0] == 200
     for _ in range(3):
         assert _login_timed(proxy)[0].startswith(b"L NO [UNAVAILABLE]")
+    # (One user's failures alone, the review found, flipped it: a mailbox the backend cannot open.)
+    assert health(proxy)[0] == 200
+    c = RawIMAP(proxy.host, proxy.port, timeout=10)
+    assert c.login("bob", "bobpw")[-1].startswith(b"L NO [UNAVAILABLE]")
+    c.close()
     status, text = health(proxy)
-    assert status == 503 and text.startswith("backend logins failing: the last 3 in a row"), (status, text)
+    assert status == 503 and text.startswith("backend logins failing: the last 4 in a row"), (status, text)
     assert "Temporary authentication failure" in text, text
     fresh_scripted.internal = {b"LOGIN ALICE": b"{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"}
     assert _login_timed(proxy)[0].startswith(b"L NO [AUTHENTICATIONFAILED]")

@@ -1023,3 +1023,21 @@ def test_an_append_with_local_flags_is_refused_where_local_delete_is_not_allowed
     assert a.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # (the session goes on)
     assert set(server_state(dovecot, folder)) == set(uids)
     a.close()
+
+
+def test_an_expunge_pipelined_behind_a_marking_append_removes_its_message(make_proxy, dovecot):
+    """Found by the diff review: the appended message was pending only at the APPEND's OK, after the
+    EXPUNGE pipelined behind it had decided: it stayed, shown \\Deleted, until the next EXPUNGE."""
+    folder, uids = folder_with(dovecot, 1)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    msg = make_object("chat", text="uploaded")
+    a.send(b'a APPEND "%s" (\\Deleted $LocalDelete) {%d+}\r\n%s\r\nb EXPUNGE\r\n' % (folder.encode(), len(msg), msg))
+    got = []
+    while not any(line.startswith(b"b ") for line in got):
+        got.append(a.read_line())
+    assert got[-1].startswith(b"b OK") and b"* 2 EXPUNGE\r\n" in got, got
+    assert uids_seen(a) == uids
+    assert len(server_state(dovecot, folder)) == 2
+    a.close()

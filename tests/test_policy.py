@@ -619,6 +619,8 @@ def test_a_hidden_folder_name_cannot_be_made_or_renamed_to(make_proxy, dovecot):
     assert r[-1].startswith(b"c NO [CANNOT]") and b"EXISTS" not in r[-1].upper(), r
     r = c.command(b"r", b"RENAME " + q(plain) + b" " + q(sh))
     assert r[-1].startswith(b"r NO [CANNOT]"), r
+    r = c.command(b"c1", b"CREATE " + q(sh + "/"))  # (the same name to the backend: the diff review)
+    assert r[-1].startswith(b"c1 NO [CANNOT]"), r
     assert c.command(b"c2", b"CREATE " + q(plain))[-1].startswith(b"c2 NO [ALREADYEXISTS]")
     new = "Default/new-" + uuid.uuid4().hex[:8]
     assert c.command(b"c3", b"CREATE " + q(new))[-1].startswith(b"c3 OK")

@@ -132,6 +132,16 @@ def test_esearch_in_a_view_with_more_hidden_uids_than_a_command_line_holds(big, 
     # The criteria's numbers are the device's as before; the result counts visible matches only.
     r = esearch(b"UID 1:%d" % model[9][0] if uid else b"1:10", b"COUNT")
     assert r == prefix + b" COUNT 10\r\n"
+    # With CHARSET after the options (the diff review: the charset was taken for the options' place).
+    assert esearch(b"CHARSET UTF-8 ALL", b"COUNT") == prefix + b" COUNT %d\r\n" % len(every)
+    # Two searches pipelined under one tag: each its own options (the review: the first one's, twice).
+    cmd = b"UID SEARCH" if uid else b"SEARCH"
+    c.send(b"x %s RETURN (COUNT) ALL\r\nx %s RETURN (MIN MAX) UNSEEN\r\n" % (cmd, cmd))
+    got = []
+    while sum(line.startswith(b"x ") for line in got) < 2:
+        got.append(c.read_line())
+    assert [x for x in got if x.startswith(b"* ESEARCH")] == [
+        prefix + b" COUNT %d\r\n" % len(every), prefix + b" MIN %d MAX %d\r\n" % (unseen[0], unseen[-1])], got
     c.close()
 
 

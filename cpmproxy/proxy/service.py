@@ -563,9 +563,10 @@ def throttle_key(host: str) -> str:
 
 
 HEALTH_CACHE = 5.0  # seconds a backend probe's answer serves /healthz
-# /healthz is 503 while this many client logins in a row failed for the backend's sake (not the client's
-# credentials), the last within HEALTH_LOGINS_WINDOW seconds: a backend that greets but cannot log anyone
-# in (its auth process hung, its password database down) is no backend to send clients to.
+# /healthz is 503 while this many client logins in a row, of two users or more, failed for the backend's
+# sake (not the client's credentials), the last within HEALTH_LOGINS_WINDOW seconds: a backend that greets
+# but cannot log anyone in (its auth process hung, its password database down) is no backend to send
+# clients to. (One user's failures alone, a mailbox the backend cannot open, say nothing of the others'.)
 HEALTH_LOGINS_FAILING = 3
 HEALTH_LOGINS_WINDOW = 60.0
 
@@ -622,7 +623,8 @@ class ProxyService(service.MultiService):
         self._health: tuple | None = None  # (when, (status, text)) of the last backend probe
         self._health_probing = False
         self._health_waiting: list[defer.Deferred] = []
-        self._logins_failing = (0, 0.0, "")  # (backend failures in a row, the last one's time, its reason)
+        # (backend failures of logins in a row, the last one's time, its reason, their users: two at most)
+        self._logins_failing: tuple[int, float, str, frozenset] = (0, 0.0, "", frozenset())
 
     # -- listeners ------------------------------------------------------------------------------
 
@@ -652,13 +654,17 @@ class ProxyService(service.MultiService):
 
     # -- health -----------------------------------------------------------------------------------
 
-    def login_outcome(self, backend_failed: bool, reason: str = "") -> None:
-        """A client login ended: ``backend_failed`` if for the backend's sake (unavailable, timed out, cut
-        off); otherwise the backend answered (the login succeeded, or the credentials were wrong)."""
+    def login_outcome(self, user: str, backend_failed: bool, reason: str = "") -> None:
+        """A client login of ``user`` ended: ``backend_failed`` if for the backend's sake (unavailable,
+        timed out, cut off); otherwise the backend answered (the login succeeded, or the credentials were
+        wrong)."""
         if backend_failed:
-            self._logins_failing = (self._logins_failing[0] + 1, self.reactor.seconds(), reason)
+            count, _, _, users = self._logins_failing
+            if len(users) < 2:
+                users = users | {user}
+            self._logins_failing = (count + 1, self.reactor.seconds(), reason, users)
         elif self._logins_failing[0]:
-            self._logins_failing = (0, 0.0, "")
+            self._logins_failing = (0, 0.0, "", frozenset())
 
     def health(self) -> defer.Deferred:
         """(HTTP status, text) for ``/healthz``: 503 while shutting down, while the backend does not greet
@@ -669,8 +675,8 @@ class ProxyService(service.MultiService):
         if self._stopping:
             return defer.succeed((503, "stopping: the proxy is shutting down"))
         now = self.reactor.seconds()
-        failing, last, reason = self._logins_failing
-        if failing >= HEALTH_LOGINS_FAILING and now - last < HEALTH_LOGINS_WINDOW:
+        failing, last, reason, users = self._logins_failing
+        if failing >= HEALTH_LOGINS_FAILING and len(users) >= 2 and now - last < HEALTH_LOGINS_WINDOW:
             return defer.succeed((503, f"backend logins failing: the last {failing} in a row, "
                                        f"{now - last:.0f} s ago the last ({reason})"))
         if self._health is not None and now - self._health[0] < HEALTH_CACHE:

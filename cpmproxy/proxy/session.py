@@ -711,7 +711,7 @@ class ClientSession(Protocol, TimeoutMixin):
             backend, post_caps = await d
         except AuthFailed as e:
             metrics.logins.labels(result="failed").inc()
-            service.login_outcome(False)
+            service.login_outcome(login_user, False)
             self.auth_failures += 1
             delay = service.auth_failed(self.peer_host)
             log.info("login failed user={user} peer={peer} session={session}", user=login_user,
@@ -728,7 +728,7 @@ class ClientSession(Protocol, TimeoutMixin):
         except (BackendError, defer.TimeoutError, OSError) as e:
             metrics.logins.labels(result="unavailable").inc()
             metrics.backend_errors.labels(kind="login").inc()
-            service.login_outcome(True, f"no answer within {self.config.backend['login_timeout']:g} s"
+            service.login_outcome(login_user, True, f"no answer within {self.config.backend['login_timeout']:g} s"
                                   if isinstance(e, defer.TimeoutError) else str(e) or type(e).__name__)
             log.warn("backend unavailable: {error} session={session}", error=str(e), session=self.session_id)
             response = e.response if isinstance(e, BackendRefused) else b"NO [UNAVAILABLE] " + UNAVAILABLE
@@ -769,7 +769,7 @@ class ClientSession(Protocol, TimeoutMixin):
             else:  # (a plugin's reading from the backend failed: e.g. the side connection went away)
                 metrics.logins.labels(result="unavailable").inc()
                 metrics.backend_errors.labels(kind="login").inc()
-                service.login_outcome(True, str(e) or type(e).__name__)
+                service.login_outcome(login_user, True, str(e) or type(e).__name__)
                 log.warn("backend unavailable at login: {error} session={session}", error=str(e),
                          session=self.session_id)
                 response = b"NO [UNAVAILABLE] " + UNAVAILABLE
@@ -780,7 +780,7 @@ class ClientSession(Protocol, TimeoutMixin):
             backend.close()
             return
         metrics.logins.labels(result="ok").inc()
-        service.login_outcome(False)
+        service.login_outcome(login_user, False)
         log.info("login user={user} device={device} session={session}", **self._log_fields())
         self._enter_relay(tag)
 
