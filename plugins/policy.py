@@ -817,12 +817,14 @@ class PolicyPlugin(Plugin):
             await self.folder_infos(session, [new])
             if self.folder_hidden(st, new):
                 return Answer(b"NO [CANNOT] That mailbox name is not available to this device.")
+            st.folders.pop(new, None)  # (read for the name before the folder is there: not kept)
             if cmd.name == b"CREATE":
-                st.folders.pop(new, None)
                 return None
             if names[0] in st.pref_folders and new not in st.pref_folders:
                 await self._mark_pref_folder(session, new)  # its preferences move with it
-            names = names[:1]
+            names, renamed_to = names[:1], new
+        else:
+            renamed_to = None
         early = None
         if cmd.name in (b"SELECT", b"EXAMINE"):
             # Pipelined with the folder checks: one round trip to the side connection, not three.
@@ -853,7 +855,7 @@ class PolicyPlugin(Plugin):
                 pass  # no side sequence has the mailbox open while the backend deletes or renames it
             # (A RENAME's new name too: whatever was known of it is not so now.) Every session of the user
             # here: the notify plugin tells them after the OK, but one may read the folder before it.
-            self.forget_folders(session.user, names)
+            self.forget_folders(session.user, names + ([renamed_to] if renamed_to else []))
         if cmd.name in (b"COPY", b"MOVE"):
             # The source messages are a sequence/UID set of the view, like FETCH or STORE.
             view = st.view

@@ -653,3 +653,17 @@ def test_a_hidden_folder_with_a_visible_one_below_is_a_placeholder(make_proxy, d
     assert c.command(b"s", b"SELECT " + q(sh))[-1].startswith(b"s NO [NONEXISTENT]")
     assert c.command(b"s2", b"SELECT " + q(sh + "/sub"))[-1].startswith(b"s2 OK")
     c.close()
+
+
+def test_a_folder_renamed_is_looked_at_anew_under_its_new_name(make_proxy, dovecot):
+    """(Found re-reading the CREATE/RENAME check: the new name's facts, read before the folder was there,
+    were kept: an empty folder renamed and then given its session info stayed listed.)"""
+    old, new = ("Default/conv-" + uuid.uuid4().hex[:8] for _ in range(2))
+    p = make_proxy(config_extra="[policy]\nsync = { session-history = false }\n")
+    c = login(p, device="phone")
+    assert c.command(b"c", b"CREATE " + q(old))[-1].startswith(b"c OK")
+    assert c.command(b"r", b"RENAME " + q(old) + b" " + q(new))[-1].startswith(b"r OK")
+    assert new in listed(c) and old not in listed(c)
+    dovecot.deliver("carol", new, make_object("session-info"))
+    assert new not in listed(c)
+    c.close()
