@@ -44,6 +44,7 @@ from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREFIX
 from plugins.policy import side_examine
 from plugins.wire import (
+    APPENDUID,
     FETCH_FLAGS,
     SEARCH_COMMANDS,
     esearch_all,
@@ -705,7 +706,7 @@ class LocalDeletePlugin(Plugin):
         """The messages of an APPEND to the selected mailbox that were marked for local deletion are
         pending now: the device sees them ``\\Deleted``, its next EXPUNGE hides them from it alone."""
         selected = session.selected
-        m = _APPENDUID.search(resp.data)
+        m = APPENDUID.search(resp.data)
         if selected is None or m is None or int(m.group(1)) != selected.uidvalidity:
             return
         try:
@@ -729,7 +730,6 @@ class LocalDeletePlugin(Plugin):
         return None
 
 
-_APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
 
 
 def _flags_items(st: LocalState) -> bytes:

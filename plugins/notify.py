@@ -49,7 +49,7 @@ from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREF_NOTIFICATIONS, pref_entry
 from plugins.policy import FOLDERS_TOPIC, FolderVisibility, parse_metadata_prefs, parse_pref_folders
-from plugins.wire import list_name, list_oldname, mailbox_name, token_text, wire_name
+from plugins.wire import APPENDUID, list_name, list_oldname, mailbox_name, token_text, wire_name
 
 log = Logger(namespace="cpmproxy.notify")
 
@@ -60,7 +60,6 @@ _MODIFYING = frozenset((b"APPEND", b"STORE", b"EXPUNGE", b"COPY", b"MOVE", b"CRE
 # proxy's own would not be.
 _SELECTED_FILTER = re.compile(rb"\(\s*SELECTED\s+\(", re.I)
 _METADATA_EVENTS = re.compile(rb"\s*\b(MailboxMetadataChange|ServerMetadataChange)\b", re.I)
-_APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
 _COPYUID = re.compile(rb"\[COPYUID (\d+) [0-9:,]+ ([0-9:,]+)\]", re.I)  # (the destination UIDs)
 _STATUS_ITEMS = b"(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)"
 _SUBSCRIPTIONS_CHANGING = frozenset((b"SUBSCRIBE", b"UNSUBSCRIBE", b"RENAME", b"DELETE"))
@@ -1009,7 +1008,7 @@ class NotifyPlugin(Plugin):
         elif pst is not None and pst.mailbox:
             mailboxes.append(pst.mailbox)
         uidvalidity, uids = None, ()
-        m = _APPENDUID.search(resp.data) if name == b"APPEND" else \
+        m = APPENDUID.search(resp.data) if name == b"APPEND" else \
             _COPYUID.search(resp.data) if name == b"COPY" else None
         if m:  # (the new messages' UIDs: a change any proxy node names alike)
             uidvalidity = int(m.group(1))

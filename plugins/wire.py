@@ -40,6 +40,8 @@ def fetch_item_pattern(item: bytes) -> re.Pattern:
     return re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|\[[^\]\r\n]*\]|(?<![^\s(])' + item, re.I)
 
 
+# The UIDVALIDITY and UIDs an APPEND's tagged OK names (RFC 4315 UIDPLUS).
+APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
 FETCH_FLAGS = fetch_item_pattern(rb"FLAGS \(([^()]*)\)")  # a FETCH's FLAGS item, group 1 its flags
 
 
