@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from cpmproxy.config import ConfigError
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, TokenError, format_tokens, tokenize
-from cpmproxy.proxy.backend import BackendRefused, Reply
+from cpmproxy.proxy.backend import BackendError, BackendRefused, Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREFIX
 from plugins.policy import side_examine
@@ -53,8 +53,10 @@ from plugins.wire import (
     has_caps,
     iter_metadata,
     mailbox_name,
+    metadata_value,
     search_key_args,
     token_text,
+    uid_set_pieces,
     wire_name,
 )
 
@@ -149,7 +151,8 @@ class LocalDeletePlugin(Plugin):
         """Ask the backend for this device's records of ``mailbox`` (sent at once, so it pipelines); a
         device that never deleted locally has none, and the answer is ready without asking."""
         # (Where the mark is not known, the records are asked for, as before marks existed.)
-        if self._unmarked(session):
+        if self._unmarked(session) or not _has_metadata(session):
+            # (A backend without METADATA holds no records: the device's deletes there cannot be local.)
             return defer.succeed(Reply([], b"OK No local deletions by this device."))
         prefix = f"{RECORDS}/{device_key(session.device_id)}"
         return session.side_command(b"GETMETADATA (DEPTH infinity) " + wire_name(mailbox) + b" ("
@@ -195,6 +198,7 @@ class LocalDeletePlugin(Plugin):
 
     def has_records(self, session, reply) -> bool:
         """Did ``query`` find any record (cheap test before anything else is asked of the backend)?"""
+        _records_read(reply)
         low = f"{RECORDS}/{device_key(session.device_id)}/".lower()
         return any(entry.lower().startswith(low) for _, entry, _ in iter_metadata(reply.untagged))
 
@@ -204,7 +208,7 @@ class LocalDeletePlugin(Plugin):
         prefix = f"{RECORDS}/{device_key(session.device_id)}"
         if reply is None:
             reply = await self.query(session, mailbox)
-        records = _parse_records(reply.untagged, prefix)
+        records = _parse_records(_records_read(reply).untagged, prefix)
         ranges = []
         stale = []
         for entry, (valid, value) in records.items():
@@ -216,22 +220,25 @@ class LocalDeletePlugin(Plugin):
         current = [e for e, (v, _) in records.items() if v == uidvalidity]
         if stale or len(current) > 8:
             defer.Deferred.fromCoroutine(self._compact(session, mailbox, uidvalidity, uids, stale, current)) \
-                .addErrback(lambda f: log.failure("compacting local-delete records failed", f))
+                .addErrback(self._compact_failed, session)
         return uids
 
     async def _compact(self, session, mailbox, uidvalidity, uids, stale, current) -> None:
         """Merge this device's records for the mailbox into one (dropping UIDs gone from the server),
-        then delete the old ones: write first, delete after, so a crash in between loses nothing."""
+        then delete the old ones: write first, delete after, so a crash in between loses nothing; a
+        search the backend refuses stops it (taken for "none left", it would delete every record)."""
         wire = wire_name(mailbox)
         if len(current) > 1 and uids:
             async with side_examine(session):
-                session.side_command(b"EXAMINE " + wire)
-                reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID " + uids.format())
-            alive = set()
-            for line in reply.untagged:
-                i = line.upper().find(b" ALL ")
-                if i >= 0:
-                    alive = set(SequenceSet.parse(line[i + 5:].split()[0]))
+                opened = session.side_command(b"EXAMINE " + wire)
+                # (In pieces, pipelined: ~10,000 scattered UIDs in one line pass Dovecot's default limit.)
+                searches = [session.side_command(b"UID SEARCH RETURN (ALL) UID " + piece)
+                            for piece in uid_set_pieces(uids)]
+                if (await opened).status != b"OK":
+                    raise BackendRefused("backend refused to open the mailbox", (await opened).tagged)
+                alive = set()
+                for d in searches:
+                    alive.update(esearch_all(await d))
             if alive:
                 await self._write(session, mailbox, uidvalidity, alive)
             stale = stale + current
@@ -239,13 +246,23 @@ class LocalDeletePlugin(Plugin):
             items = b" ".join(e.encode() + b" NIL" for e in stale)
             await session.side_command(b"SETMETADATA " + wire + b" (" + items + b")")
 
+    def _compact_failed(self, failure, session) -> None:
+        if failure.check(BackendError, defer.TimeoutError, defer.CancelledError):
+            # (Nothing lost: the records stay as they were, and the next SELECT tries again.)
+            log.warn("compacting local-delete records failed: {error} session={session}",
+                     error=str(failure.value) or failure.type.__name__, session=session.session_id)
+        else:
+            log.failure("compacting local-delete records failed session={session}", failure,
+                        session=session.session_id)
+            self.proxy.metrics.internal_errors.inc()
+
     async def _write(self, session, mailbox: str, uidvalidity: int, uids: set[int]) -> None:
         await self._mark(session)
         entry = f"{RECORDS}/{device_key(session.device_id)}/{uidvalidity}-{int(time.time() * 1000):x}" \
                 f"{secrets.token_hex(4)}"
-        value = SequenceSet.from_iterable(uids).format()
-        reply = await session.side_command(b"SETMETADATA " + wire_name(mailbox) + b" (" + entry.encode() + b' "'
-                                           + value + b'")')
+        value = metadata_value(session, SequenceSet.from_iterable(uids).format())
+        reply = await session.side_command(b"SETMETADATA " + wire_name(mailbox) + b" (" + entry.encode() + b" "
+                                           + value + b")")
         if reply.status != b"OK":
             raise BackendRefused("backend refused the local-delete record", reply.tagged)
 
@@ -820,6 +837,18 @@ def _literal_in_parens(tokens: list) -> bool:
             return True
         last = last.items[-1]
     return False
+
+
+def _has_metadata(session) -> bool:
+    return has_caps(session, b"METADATA") or has_caps(session, b"METADATA-SERVER")
+
+
+def _records_read(reply):
+    """``reply`` if the records were read. A refusal is not "no records": taken so, the device would be
+    shown every message it deleted locally (and its SELECT ends, fail-closed, as for a classification)."""
+    if reply.status != b"OK":
+        raise BackendRefused("backend refused to read the local-delete records", reply.tagged)
+    return reply
 
 
 def _parse_records(lines: list[bytes], prefix: str) -> dict[str, tuple[int, SequenceSet]]:

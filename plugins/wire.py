@@ -177,6 +177,18 @@ def uid_set_pieces(uids: SequenceSet, limit: int = 3800) -> list[bytes]:
     return pieces
 
 
+_QUOTED_VALUE_MAX = 1024
+
+
+def metadata_value(session, value: bytes) -> bytes:
+    """``value`` (plain text, no quote or backslash) as a SETMETADATA value: quoted, or past a KB a
+    non-synchronizing literal where the backend takes one (LITERAL+): a quoted string counts towards the
+    backend's line limit (Dovecot's default 64 KB: a record of ~10,000 scattered UIDs), a literal not."""
+    if len(value) <= _QUOTED_VALUE_MAX or not has_caps(session, b"LITERAL+"):
+        return b'"' + value + b'"'
+    return b"{%d+}\r\n" % len(value) + value
+
+
 def iter_metadata(lines: list[bytes]):
     """(raw mailbox name, entry name, value) for every entry of the ``* METADATA`` responses in
     ``lines``; entries whose value is NIL are skipped."""

@@ -450,6 +450,108 @@ def test_refused_mark_writes_no_record_and_is_tried_again():
     assert len(session.sent) == 4 and session.sent[3].startswith(b"SETMETADATA INBOX (")  # marked once
 
 
+class _ScriptedSideSession:
+    """What merging records uses of a session: side commands answered by ``answer(line)``."""
+
+    def __init__(self, answer, caps=(b"IMAP4rev1", b"LITERAL+", b"METADATA")):
+        from twisted.internet import defer
+
+        self.user, self.device_id, self.state, self.session_id = "alice", "phone", {}, 1
+        self.side_lock = defer.DeferredLock()
+        self.backend_caps = list(caps)
+        self.answer = answer
+        self.sent: list[bytes] = []
+
+    def side_command(self, line: bytes):
+        from twisted.internet import defer
+
+        self.sent.append(line)
+        return defer.succeed(self.answer(line))
+
+
+def _merge(session, uids):
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from cpmproxy.imap.seqset import SequenceSet
+    from plugins.localdelete import LocalDeletePlugin
+
+    plugin = LocalDeletePlugin(proxy=SimpleNamespace())
+    plugin._marked.add(("alice", "phone"))
+    current = [f"/private/vendor/vendor.cpmproxy/localdelete/phone/7-{i:x}" for i in range(9)]
+    out = []
+    defer.Deferred.fromCoroutine(plugin._compact(session, "INBOX", 7, SequenceSet.from_iterable(uids), [], current)) \
+        .addBoth(out.append)
+    return out[0]
+
+
+def test_merging_records_stops_when_the_backend_refuses_the_search():
+    """Nine records are merged into one, keeping the UIDs still on the server: a search the backend
+    refuses is not "none left" (which deleted every record: the device saw its deleted messages again;
+    found by the code-shape review)."""
+    from cpmproxy.proxy.backend import BackendRefused, Reply
+
+    def answer(line):
+        if line.startswith(b"UID SEARCH"):
+            return Reply([], b"BAD Error in IMAP command: Too long argument.")
+        return Reply([], b"OK done")
+
+    session = _ScriptedSideSession(answer)
+    result = _merge(session, range(1, 20000, 2))
+    assert result.check(BackendRefused)
+    assert not [line for line in session.sent if line.startswith(b"SETMETADATA")], session.sent
+
+
+def test_merging_records_asks_for_many_uids_in_pieces_and_writes_them_as_a_literal():
+    """~10,000 scattered UIDs are 54 KB: asked in pieces under any line limit (pipelined), and the merged
+    record goes as a literal (LITERAL+), which no line limit counts; the old records are deleted after."""
+    import re
+
+    from cpmproxy.imap.seqset import SequenceSet
+    from cpmproxy.proxy.backend import Reply
+
+    def answer(line):
+        if line.startswith(b"UID SEARCH"):
+            found = SequenceSet.parse(line.split(b" UID ")[1])  # (all still there but the first)
+            return Reply([b"* ESEARCH UID ALL " + SequenceSet.from_iterable(set(found) - {1}).format() + b"\r\n"],
+                         b"OK done")
+        return Reply([], b"OK done")
+
+    session = _ScriptedSideSession(answer)
+    uids = set(range(1, 20000, 2))
+    assert _merge(session, uids) is None
+    searches = [line for line in session.sent if line.startswith(b"UID SEARCH")]
+    assert len(searches) > 10 and all(len(line) < 4000 for line in searches)
+    writes = [line for line in session.sent if line.startswith(b"SETMETADATA INBOX (")]
+    assert len(writes) == 2, session.sent  # the merged record, then the nine old ones deleted
+    m = re.match(rb"SETMETADATA INBOX \(\S+ \{(\d+)\+\}\r\n(.*)\)$", writes[0], re.S)
+    assert m and int(m.group(1)) == len(m.group(2)) and set(SequenceSet.parse(m.group(2))) == uids - {1}
+    assert writes[1].count(b" NIL") == 9
+    # Without LITERAL+, quoted (the backend's line limit then applies, as before).
+    session = _ScriptedSideSession(answer, caps=(b"IMAP4rev1", b"METADATA"))
+    assert _merge(session, uids) is None
+    assert [line for line in session.sent if line.startswith(b"SETMETADATA INBOX (")][0].endswith(b'")')
+
+
+def test_records_the_backend_refuses_to_read_are_not_none():
+    """GETMETADATA of a device's records answered NO: not "no local deletions" (the device would be
+    shown every message it deleted locally); the SELECT fails closed, as for a classification."""
+    from twisted.internet import defer
+
+    from cpmproxy.proxy.backend import BackendRefused, Reply
+    from plugins.localdelete import LocalDeletePlugin
+
+    plugin = LocalDeletePlugin(proxy=None)
+    session = _ScriptedSideSession(lambda line: Reply([], b"OK done"))
+    refused = Reply([], b"NO [SERVERBUG] Internal error occurred.")
+    out = []
+    defer.Deferred.fromCoroutine(plugin.hidden(session, "INBOX", 7, refused)).addBoth(out.append)
+    assert out[0].check(BackendRefused)
+    with pytest.raises(BackendRefused):
+        plugin.has_records(session, refused)
+
+
 def test_device_keys_are_distinct_and_ordinary_ones_unchanged():
     from plugins.localdelete import device_key
 

@@ -10,6 +10,7 @@ same as ~11,000 scattered hidden messages under the default, with 2,000 messages
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -55,9 +56,9 @@ def _items(line: bytes) -> dict[bytes, int]:
     return {words[i].upper(): int(words[i + 1]) for i in range(0, len(words), 2)}
 
 
-def _device(p) -> RawIMAP:
+def _device(p, device: bytes = b"phone") -> RawIMAP:
     c = RawIMAP("127.0.0.1", p.port, timeout=60)
-    c.command(b"i", b'ID ("x-cpm-device-id" "phone")')
+    c.command(b"i", b'ID ("x-cpm-device-id" "%s")' % device)
     assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
     return c
 
@@ -184,3 +185,45 @@ def test_uid_set_pieces_cover_the_set_in_short_lines():
         assert all(len(p) <= 100 for p in pieces)
         assert SequenceSet.parse(b",".join(pieces)) == uids
     assert uid_set_pieces(SequenceSet.empty()) == []
+
+
+def _exists(c: RawIMAP, mailbox: bytes) -> int:
+    lines = c.command(b"s", b'SELECT "%s"' % mailbox)
+    assert lines[-1].startswith(b"s OK"), lines
+    return next(int(line.split()[1]) for line in lines if line.endswith(b" EXISTS\r\n"))
+
+
+def test_local_deletes_of_more_scattered_uids_than_a_command_line_holds_are_kept(big):
+    """A device deletes locally ~900 scattered messages (every other UID: ~4.4 KB of UIDs, past this
+    Dovecot's 4 KB line limit) in nine goes. The records are written (as literals), and merged at the next
+    SELECT (the UIDs still on the server asked for in pieces): the device's view keeps them deleted. (Before,
+    the merge's one search naming every UID was refused, taken for "none left", and every record erased:
+    the device saw all its deleted messages again.)"""
+    d, p = big
+    c = _device(p, b"tablet")
+    before = _exists(c, b"Big")
+    assert before >= 880  # (~4.4 KB of scattered UIDs or more)
+    for i, seqs in enumerate([b"1:%d" % (before - 20 - 8 * 40)] + [b"1:40"] * 8):
+        assert c.command(b"t%d" % i, b"STORE %s +FLAGS.SILENT (\\Deleted $LocalDelete)" % seqs)[-1] \
+            .startswith(b"t%d OK" % i)
+        assert c.command(b"e%d" % i, b"EXPUNGE")[-1].startswith(b"e%d OK" % i)
+    c.close()
+    left = 20
+    c = _device(p, b"tablet")
+    assert _exists(c, b"Big") == left  # (nine records: merged in the background now)
+    c.close()
+    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
+    direct.login("alice", "alicepw")
+    deadline = time.monotonic() + 30
+    while True:
+        lines = direct.command(b"g", b'GETMETADATA (DEPTH infinity) "Big" (/private/vendor/vendor.cpmproxy/localdelete)')
+        records = re.findall(rb"localdelete/tablet/[0-9a-f-]+", b"".join(lines))
+        if len(records) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    direct.close()
+    assert len(records) == 1, lines
+    c = _device(p, b"tablet")
+    assert _exists(c, b"Big") == left
+    c.close()
+    assert b"compacting local-delete records failed" not in p.log().encode()
