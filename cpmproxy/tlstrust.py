@@ -11,11 +11,17 @@ import re
 
 from OpenSSL import crypto
 from twisted.internet.error import VerifyError
-from twisted.internet.ssl import Certificate, KeyPair, PrivateCertificate, trustRootFromCertificates
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    KeyPair,
+    PrivateCertificate,
+    trustRootFromCertificates,
+)
 
 from cpmproxy.config import ConfigError
 
-__all__ = ["openssl_reason", "server_certificate", "trust_from_file"]
+__all__ = ["certificate_chain", "openssl_reason", "server_certificate", "server_tls_options", "trust_from_file"]
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\n-----END CERTIFICATE-----", re.S)
 _PEM_KEY = re.compile(rb"-----BEGIN ((?:[A-Z]+ )*PRIVATE KEY)-----")
@@ -61,6 +67,28 @@ def server_certificate(cert_path: str, key_path: str, cert_key: str = "proxy.tls
     except VerifyError:
         raise ConfigError(f"{key_key}: the private key in {key_path} does not match the certificate in "
                           f"{cert_path} ({cert_key})") from None
+
+
+def certificate_chain(cert_path: str, cert_key: str = "proxy.tls_cert") -> list[Certificate]:
+    """The certificates after the first in ``cert_path``: the intermediates of a "full chain" file (as a
+    CA or certbot's ``fullchain.pem`` gives it), which the server must send with its own certificate (a
+    client that has only the root cannot verify without them). ConfigError naming ``cert_key``."""
+    blocks = _PEM_CERT.findall(_read(cert_path, cert_key))[1:]
+    try:
+        return [Certificate.loadPEM(b) for b in blocks]
+    except crypto.Error as e:
+        raise ConfigError(f"{cert_key}: a certificate of the chain in {cert_path} cannot be read "
+                          f"({openssl_reason(e)})") from None
+
+
+def server_tls_options(cert_path: str, key_path: str, cert_key: str = "proxy.tls_cert",
+                       key_key: str = "proxy.tls_key") -> CertificateOptions:
+    """The TLS settings of a server offering the certificate in ``cert_path`` (with the chain that follows
+    it there) and the key in ``key_path``; ConfigError naming the setting at fault."""
+    own = server_certificate(cert_path, key_path, cert_key, key_key)
+    chain = certificate_chain(cert_path, cert_key)
+    return CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
+                              extraCertChain=[c.original for c in chain] or None)
 
 
 def _read(path: str, key: str) -> bytes:

@@ -1884,7 +1884,10 @@ class PolicyPlugin(Plugin):
         value at each change: other proxy processes, which poll the account-wide entries only, see that
         the folder's preferences changed and read them again."""
         value = uuid.uuid4().hex[:16].encode()
-        await session.side_command(b'SETMETADATA "" (' + pref_folder_entry(mailbox) + b' "' + value + b'")')
+        reply = await session.side_command(b'SETMETADATA "" (' + pref_folder_entry(mailbox) + b' "' + value + b'")')
+        if reply.status != b"OK":
+            # (Unmarked, the folder's preferences would never be read: the change is not made.)
+            return Answer(reply.tagged if reply.status == b"NO" else b"NO [UNAVAILABLE] " + UNAVAILABLE)
         for other in self.proxy.sessions_of(session.user):  # (they take the change itself at its OK)
             st = other.state.get(self.name)
             if st is not None:
@@ -1980,7 +1983,9 @@ class PolicyPlugin(Plugin):
             # Which folders the session knows of are in its view, before the change.
             names = list(st.folders) + ([mailbox] if mailbox and mailbox not in st.folders else [])
             before = {n for n in names if self.folder_hidden(st, n)} if watched else set()
-            target = st.folders.setdefault(mailbox, FolderInfo()).prefs if mailbox else st.account_prefs
+            # (A folder this session knew nothing of: whether it is a Session History folder is still to be
+            # asked, when next needed; an entry with the preferences alone said "not one".)
+            target = st.folders.setdefault(mailbox, FolderInfo(recheck=True)).prefs if mailbox else st.account_prefs
             for k, v in prefs.items():
                 if v is None:
                     target.pop(k, None)
@@ -2551,13 +2556,14 @@ def _renumber_ordered_set(view: MailboxView, text: bytes) -> bytes:
     return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in runs)
 
 
-def rewrite_search_keys(view: MailboxView, tokens: list) -> list:
+def rewrite_search_keys(view: MailboxView, tokens: list, depth: int = 0) -> list:
     """Walk SEARCH criteria; client sequence sets become backend ones. UID sets, dates, sizes,
-    strings are left alone (the walker knows each search key's arguments)."""
+    strings are left alone (the walker knows each search key's arguments). ``depth``: the NOT, OR and
+    parentheses around ``tokens`` (each a level of recursion here)."""
     out = []
     i = 0
     while i < len(tokens):
-        part, i = _one_key(view, tokens, i)
+        part, i = _one_key(view, tokens, i, depth)
         out += part
     return out
 
@@ -2577,10 +2583,10 @@ def _client_star(view: MailboxView, token):
 
 def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0):
     t = tokens[i]
-    if depth > MAX_KEY_DEPTH:  # (NOT NOT NOT ...: each one a level of recursion here)
+    if depth > MAX_KEY_DEPTH:  # (NOT NOT (NOT ...: each one a level of recursion here)
         raise TokenError("search criteria nested too deeply")
     if isinstance(t, ParenList):
-        return [ParenList(rewrite_search_keys(view, t.items))], i + 1
+        return [ParenList(rewrite_search_keys(view, t.items, depth + 1))], i + 1
     if not isinstance(t, Atom):
         return [t], i + 1
     key = t.upper()

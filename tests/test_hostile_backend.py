@@ -377,6 +377,29 @@ def test_backend_without_metadata_means_no_preferences(scripted, make_proxy):
     assert internal_errors(proxy) == 0
 
 
+@pytest.mark.parametrize("answer, expected", [
+    (b"{tag} NO [LIMIT] Too many metadata entries\r\n", b"m NO [LIMIT] Too many metadata entries\r\n"),
+    (b"{tag} BAD Unexpected\r\n", b"m NO [UNAVAILABLE] Backend server is not available, try again later.\r\n"),
+])
+def test_a_folder_preference_whose_mark_is_refused_is_not_set(scripted, make_proxy, answer, expected):
+    """A folder's preference is marked account-wide before it is set (only marked folders' preferences
+    are read at later logins): a refused mark refuses the change, rather than set a preference no later
+    session would read (found by the code-shape review)."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
+    scripted.internal = {b'SETMETADATA "" (/PRIVATE/VENDOR/VENDOR.CPMPROXY/FOLDERS/': answer}
+    try:
+        c = RawIMAP(proxy.host, proxy.port, timeout=10)
+        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        lines = c.command(b"m", b'SETMETADATA Chats (/private/vendor/vendor.cpmproxy/sync/imdn "off")')
+        c.close()
+    finally:
+        scripted.internal = {}
+    assert lines[-1] == expected, lines
+    assert not [line for line in scripted.received if line.upper().startswith(b"M SETMETADATA")], scripted.received
+    assert internal_errors(proxy) == 0
+
+
 def test_folder_whose_preferences_cannot_be_read(scripted, make_proxy):
     """A folder marked as having preferences of its own, whose preferences the backend then refuses to
     read: commands that need them answer NO (the backend's own NO, or UNAVAILABLE), not a view that

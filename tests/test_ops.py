@@ -268,6 +268,18 @@ def test_health_endpoint_says_whether_the_backend_answers(make_proxy, proxy, tmp
     closed = make_proxy(backend_port=free_port(), backend_tls="none")  # (nothing listens there)
     status, text = health(closed)
     assert status == 503 and text.startswith("backend unavailable: cannot connect to backend"), (status, text)
+    # A backend that takes the connection and never greets (the reason was empty; found by the TLS review).
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        for tls in ("none", "implicit"):
+            hung = make_proxy(backend_port=silent.getsockname()[1], backend_tls=tls,
+                              backend_extra="connect_timeout = 1.0")
+            assert health(hung) == (503, "backend unavailable: no greeting within 1 s\n")
+    finally:
+        silent.close()
 
 
 def test_logs_never_contain_passwords(proxy):

@@ -78,6 +78,11 @@ class BuggyPlugin(Plugin):
     name = "buggy"
     response_names = frozenset((b"STATUS",))
 
+    def login(self, session):
+        if session.user == "carol":  # (the session's own connection is the login's until the client's OK)
+            return session.backend_command(b"NOOP")
+        return None
+
     def command(self, session, cmd):
         if cmd.tag == b"bugcommand":
             raise KeyError("command hook bug")
@@ -349,3 +354,17 @@ def test_commands_after_a_done_that_waits_for_the_proxys_own_commands(make_proxy
             tagged.append(line)
     assert [t.split(b" ", 1)[0] for t in tagged] == [b"suspend", b"after"], tagged
     c.close()
+
+
+def test_a_login_hook_asking_on_the_sessions_own_connection_fails_at_once(decide_proxy):
+    """``backend_command`` in a ``login`` hook (the hook API said it could be used there): its answer never
+    came (the connection is the login's until the client's OK), the login hung until ``login_timeout``.
+    Now a bug of the plugin's, at once, whose log says what to use instead (found by the code-shape
+    review)."""
+    c = raw_via(decide_proxy)
+    started = time.monotonic()
+    assert c.login("carol", "carolpw")[-1].startswith(b"L NO [SERVERBUG]")
+    assert time.monotonic() - started < 3
+    c.close()
+    assert "use side_command" in decide_proxy.log()
+    assert still_serving(decide_proxy)

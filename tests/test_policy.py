@@ -104,6 +104,26 @@ def test_a_session_history_folder_created_empty_is_hidden_once_its_session_info_
     for session in (c, archive, other):
         session.close()
 
+def test_a_folder_preference_set_by_another_device_does_not_show_a_session_history(make_proxy, dovecot):
+    """A device that sees Session Histories sets a preference on one; another device of the user, whose
+    policy hides them and which had not looked at that folder yet, must still not list it (the change,
+    passed to its session, made an entry that said "not a Session History"; found by the code-shape
+    review)."""
+    p = make_proxy(config_extra='[policy]\nsync = { session-history = false }\n[[policy.class]]\n'
+                                'name = "archive"\ndevices = ["archive-*"]\nsync = { session-history = true }\n')
+    name = "Default/conv-" + uuid.uuid4().hex[:8]
+    dovecot.deliver("carol", name, make_object("session-info"))
+    phone = login(p, device="phone")
+    archive = login(p, device="archive-2")
+    assert archive.command(b"m", b"SETMETADATA " + q(name) + b" (" + PREFIX + b'/sync/imdn "off")')[-1] \
+        .startswith(b"m OK")
+    assert name not in listed(phone)
+    assert phone.command(b"s", b"SELECT " + q(name))[-1].startswith(b"s NO [NONEXISTENT]")
+    assert name in listed(archive)
+    for session in (phone, archive):
+        session.close()
+
+
 def test_policy_hides_imdns_with_renumbering(make_proxy, sample_store, dovecot):
     p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
     expected = [uid for uid, kind in kinds_in(sample_store, ONE_TO_ONE_FOLDER) if kind != "imdn"]

@@ -9,11 +9,12 @@ import socket
 import time
 
 import imapclient
+import pytest
 from cryptography import x509
 
-from cpmproxy.testing.certs import make_ca_and_cert, make_cert
+from cpmproxy.testing.certs import make_ca_and_cert, make_cert, make_chain
 from cpmproxy.testing.proxyproc import free_port
-from tests.proxyfix import client_ssl_context, raw_via, reload_proxy, still_serving
+from tests.proxyfix import check_config, client_ssl_context, raw_via, reload_proxy, still_serving
 
 
 def test_client_starttls_backend_starttls(make_proxy, proxy_certs):
@@ -77,6 +78,18 @@ def _served_serial(port: int, certs, starttls: bool) -> int:
             assert f.readline().startswith(b"s OK")
         with client_ssl_context(certs).wrap_socket(sock, server_hostname="localhost") as tls:
             return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def test_a_full_chain_certificate_file_sends_its_intermediates(make_proxy, tmp_path):
+    """``tls_cert`` (STARTTLS) and an ``ssl:`` listener's ``certKey`` given a full chain file (the server
+    certificate, then the intermediate): a client that trusts only the root verifies the proxy, as it does
+    Dovecot given the same file (the proxy sent the first certificate only; found by the TLS review)."""
+    chain = make_chain(tmp_path / "chain")
+    port = free_port()
+    p = make_proxy(tls_cert=str(chain.cert), tls_key=str(chain.key),
+                   listen_extra=[f"ssl:{port}:interface=127.0.0.1:privateKey={chain.key}:certKey={chain.cert}"])
+    for where, starttls in ((port, False), (p.port, True)):
+        assert _served_serial(where, chain, starttls)  # (verified: chain and name)
 
 
 def test_a_reload_takes_up_renewed_certificates(make_proxy, proxy_certs, tmp_path):
@@ -143,6 +156,18 @@ def test_backend_ca_bundle_is_read_whole(make_proxy, dovecot, tmp_path):
     p = make_proxy(backend_tls="starttls", ca_file=str(bundle))
     with raw_via(p) as c:
         assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+
+
+@pytest.mark.parametrize("backend, key", [('host = "imap_backend.internal"', "backend.host"),
+                                          ('host = "127.0.0.1"\nserver_name = "a..b"', "backend.server_name")])
+def test_a_backend_name_no_certificate_can_carry_fails_the_check_in_a_line(tmp_path, backend, key):
+    """A backend host with "_" (a container's service name) or an empty label, with TLS to the backend:
+    ``--check`` and the start ended with a 33-line idna traceback (found by the TLS review)."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[backend]\n{backend}\ntls = "implicit"\n')
+    r = check_config(config)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{key}: " in r.stderr and "set backend.server_name" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_backend_ca_file_that_is_no_bundle_fails_the_check(tmp_path):

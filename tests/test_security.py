@@ -164,6 +164,10 @@ def test_sequence_sets_the_view_cannot_read_are_refused(make_proxy, dovecot):
     # Criteria nested past what the view rewrites: refused, not a traceback per command in the log.
     r = c.command(b"n", b"UID SEARCH " + b"NOT " * 1200 + b"ALL")
     assert r[-1].startswith(b"n BAD [CLIENTBUG]"), r
+    # ... with parentheses between the NOTs (each list began the count again: a RecursionError, SERVERBUG;
+    # found by the code-shape review).
+    r = c.command(b"p", b"UID SEARCH " + (b"(" + b"NOT " * 99) * 10 + b"ALL" + b")" * 10)
+    assert r[-1].startswith(b"p BAD [CLIENTBUG]"), r
     c.close()
     d = dovecot.imap_direct("erin", tls="none")
     d.select_folder(folder, readonly=True)

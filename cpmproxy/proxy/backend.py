@@ -20,6 +20,7 @@ from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cpmproxy.config import ConfigError
 from cpmproxy.imap.framing import Block, Framer, FramingError, LiteralData, Run, Segment, lines_of, run_events
 from cpmproxy.imap.tokens import TokenError, parse_response_head, quote
 from cpmproxy.proxy.wire import adapt_read_size, send_chunks
@@ -319,7 +320,12 @@ def _tls_options(config: Config):
     else:
         trust = platformTrust()
     # optionsForClientTLS verifies the chain and, with service_identity, the hostname/IP.
-    return optionsForClientTLS(name, trustRoot=trust)
+    try:
+        return optionsForClientTLS(name, trustRoot=trust)
+    except (UnicodeError, ValueError) as e:  # (idna's errors: "_" in a name, an empty label)
+        key = "backend.server_name" if b["server_name"] else "backend.host"
+        raise ConfigError(f"{key}: {name!r} is no host name a certificate can be checked against ({e}); "
+                          f"set backend.server_name to the name in the backend's certificate") from None
 
 
 def _tcp_endpoint(reactor, host: str, port: int, timeout: float):

@@ -10,8 +10,9 @@ Hooks, in the order a session meets them:
 ``capabilities(session, caps) -> caps``
     Adjust the post-login capability list (a list of upper-case ``bytes``).
 ``login(session) -> Deferred | None``
-    The backend login succeeded; the client has not yet been told. ``session.backend_command`` may be
-    used (e.g. to read METADATA preferences). Raising ``Refuse`` fails the login with that response.
+    The backend login succeeded; the client has not yet been told. ``session.side_command`` may be
+    used (e.g. to read METADATA preferences; ``backend_command``, on the session's own connection, only
+    from the hooks after the login). Raising ``Refuse`` fails the login with that response.
 ``command(session, cmd) -> Action | None``
     A client command (first segment, tokenizable via ``cmd.args``). Return ``Rewrite(line)`` to forward
     other bytes, ``Answer(...)`` to answer it locally (it never reaches the backend), ``Defer(d)`` to

@@ -31,7 +31,7 @@ from cpmproxy.proxy.backend import backend_tls_options, connect_backend
 from cpmproxy.proxy.hooks import Plugin, overrides
 from cpmproxy.proxy.metrics import Metrics
 from cpmproxy.proxy.session import ClientSession
-from cpmproxy.tlstrust import openssl_reason, server_certificate
+from cpmproxy.tlstrust import certificate_chain, openssl_reason, server_certificate, server_tls_options
 
 if TYPE_CHECKING:
     pass
@@ -237,6 +237,7 @@ def server_endpoint(reactor, desc: str, params: dict[str, str] | None = None, ke
         try:
             endpoint = serverFromString(reactor, desc)
             if (tls := _ssl_endpoint(endpoint)) is not None:
+                _send_chain(desc, tls._sslContextFactory)
                 # (Twisted reads some files, dhParameters, only when the first client connects.)
                 tls._sslContextFactory.getContext()
             return endpoint
@@ -296,6 +297,19 @@ def _endpoint_params(desc: str) -> tuple[str, dict[str, str]] | None:
                               f"parameter {name!r} ({takes})")
         params[name] = value
     return kind, params
+
+
+def _send_chain(desc: str, options) -> None:
+    """An ``ssl:`` listener whose ``certKey`` file holds the chain after the certificate (a "full chain"
+    file) sends that chain too: Twisted reads only the file's first certificate (the chain only from its
+    own ``extraCertChain``), and clients that have only the root could not verify the proxy."""
+    found = _endpoint_params(desc)
+    if found is None or found[0] != "ssl" or "extraCertChain" in found[1]:
+        return
+    params = found[1]
+    chain = certificate_chain(params.get("certKey", params.get("privateKey", "server.pem")), "certKey")
+    if chain:
+        options.extraCertChain = [c.original for c in chain]
 
 
 def _check_params(desc: str) -> None:
@@ -513,7 +527,7 @@ def _server_tls(config: Config):
     cert, key = config.proxy["tls_cert"], config.proxy["tls_key"]
     if not cert:
         return None
-    return server_certificate(cert, key).options()
+    return server_tls_options(cert, key)
 
 
 class SidePool:
@@ -698,6 +712,8 @@ class ProxyService(service.MultiService):
         b = self.config.backend
         try:
             proto, _ = await connect_backend(self.reactor, self.config)
+        except defer.CancelledError:
+            raise  # (the probe's time is up: said as such by its timeout, not as an empty reason)
         except Exception as e:  # (BackendError, TLS errors...: all mean "not now")
             return 503, f"backend unavailable: {_printable(str(e))[:200]}"
         proto.close()

@@ -728,9 +728,10 @@ class ClientSession(Protocol, TimeoutMixin):
         except (BackendError, defer.TimeoutError, OSError) as e:
             metrics.logins.labels(result="unavailable").inc()
             metrics.backend_errors.labels(kind="login").inc()
-            service.login_outcome(login_user, True, f"no answer within {self.config.backend['login_timeout']:g} s"
-                                  if isinstance(e, defer.TimeoutError) else str(e) or type(e).__name__)
-            log.warn("backend unavailable: {error} session={session}", error=str(e), session=self.session_id)
+            reason = f"no answer within {self.config.backend['login_timeout']:g} s" \
+                if isinstance(e, defer.TimeoutError) else str(e) or type(e).__name__
+            service.login_outcome(login_user, True, reason)
+            log.warn("backend unavailable: {error} session={session}", error=reason, session=self.session_id)
             response = e.response if isinstance(e, BackendRefused) else b"NO [UNAVAILABLE] " + UNAVAILABLE
             self._resume_preauth(tag + b" " + response + b"\r\n")
             return
@@ -769,8 +770,10 @@ class ClientSession(Protocol, TimeoutMixin):
             else:  # (a plugin's reading from the backend failed: e.g. the side connection went away)
                 metrics.logins.labels(result="unavailable").inc()
                 metrics.backend_errors.labels(kind="login").inc()
-                service.login_outcome(login_user, True, str(e) or type(e).__name__)
-                log.warn("backend unavailable at login: {error} session={session}", error=str(e),
+                reason = f"no answer within {self.config.backend['login_timeout']:g} s" \
+                    if isinstance(e, defer.TimeoutError) else str(e) or type(e).__name__
+                service.login_outcome(login_user, True, reason)
+                log.warn("backend unavailable at login: {error} session={session}", error=reason,
                          session=self.session_id)
                 response = b"NO [UNAVAILABLE] " + UNAVAILABLE
             self._abandon_login(backend)
@@ -1278,6 +1281,11 @@ class ClientSession(Protocol, TimeoutMixin):
         d: defer.Deferred[Reply] = defer.Deferred()
         if self.backend is None or self.backend.closed:
             d.errback(BackendError("backend connection is closed"))
+            return d
+        if self.phase != "auth":
+            # (Before the relay the backend connection is the login's: its answer would never come. The
+            # ``login`` hook uses ``side_command``.)
+            d.errback(RuntimeError("backend_command is for a logged-in session; use side_command"))
             return d
         self._internal[tag] = (d, [])
         self._internal_queue.append(tag + b" " + line + b"\r\n")

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertPaths", "make_ca_and_cert", "make_cert"]
+__all__ = ["CertPaths", "make_ca_and_cert", "make_cert", "make_chain"]
 
 
 @dataclass(frozen=True)
@@ -53,20 +53,26 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _make_ca(directory: Path) -> tuple[Path, Path]:
+def _make_ca(directory: Path, path_length: int = 0, issuer: CertPaths | None = None,
+             common_name: str = "cpmproxy test CA") -> tuple[Path, Path]:
+    """A CA certificate and key, self-signed, or signed by ``issuer``'s CA (an intermediate)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cpmproxy test CA")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    issuer_name, signer = name, key
+    if issuer is not None:
+        issuer_name = x509.load_pem_x509_certificate(issuer.ca_cert.read_bytes()).subject
+        signer = serialization.load_pem_private_key(issuer.ca_key.read_bytes(), password=None)
     not_before, not_after = _validity()
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(issuer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -82,8 +88,10 @@ def _make_ca(directory: Path) -> tuple[Path, Path]:
             critical=True,
         )
         .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
+        .sign(signer, hashes.SHA256())
     )
+    directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = directory / "ca.pem", directory / "ca.key"
     _write_cert(ca_cert, cert)
     _write_key(ca_key, key)
@@ -170,3 +178,19 @@ def make_ca_and_cert(
     ca_cert, ca_key = _make_ca(directory)
     ca = CertPaths(ca_cert=ca_cert, ca_key=ca_key, cert=ca_cert, key=ca_key)
     return make_cert(directory, ca, "server", hostnames, ips)
+
+
+def make_chain(directory: Path, hostnames: Iterable[str] = ("localhost",),
+               ips: Iterable[str] = ("127.0.0.1",)) -> CertPaths:
+    """A root CA, an intermediate it signs, and a ``server`` certificate the intermediate signs, as a real
+    CA issues them: ``ca_cert`` is the root alone (what clients trust), ``cert`` the server certificate
+    followed by the intermediate (a "full chain" file, certbot's ``fullchain.pem``)."""
+    directory = Path(directory)
+    root_cert, root_key = _make_ca(directory / "root", path_length=1)
+    root = CertPaths(ca_cert=root_cert, ca_key=root_key, cert=root_cert, key=root_key)
+    mid_cert, mid_key = _make_ca(directory / "intermediate", issuer=root, common_name="cpmproxy test intermediate")
+    mid = CertPaths(ca_cert=mid_cert, ca_key=mid_key, cert=mid_cert, key=mid_key)
+    leaf = make_cert(directory, mid, "server", hostnames, ips)
+    full = directory / "fullchain.pem"
+    full.write_bytes(leaf.cert.read_bytes() + mid_cert.read_bytes())
+    return CertPaths(ca_cert=root_cert, ca_key=root_key, cert=full, key=leaf.key)
