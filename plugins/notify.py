@@ -1053,7 +1053,7 @@ class NotifyPlugin(Plugin):
             if self.idle_status and session.idling and session.device_id != "default" and self.enabled(session) \
                     and not event.gone:
                 d = defer.Deferred.fromCoroutine(self._inject_status(session, event))
-                d.addErrback(lambda f: log.failure("status notification failed", f))
+                d.addErrback(self._status_failed, session)
 
     def forget_mailbox(self, user: str, mailbox: str) -> None:
         """A mailbox was deleted, renamed or made anew: what was kept about that name (the watch's last
@@ -1122,6 +1122,16 @@ class NotifyPlugin(Plugin):
         except (BackendError, defer.TimeoutError):
             return True
         return policy.folder_hidden(policy.state(session), mailbox)
+
+    def _status_failed(self, failure, session) -> None:
+        if failure.check(BackendError, defer.TimeoutError, defer.CancelledError):
+            # (The backend's failure, or the side connection closed under it at a stop: a notification
+            # missed, which the device's next sync makes up for; not a bug.)
+            log.info("status notification not sent: {error} session={session}",
+                     error=failure.getErrorMessage() or failure.type.__name__, session=session.session_id)
+        else:
+            log.failure("status notification failed session={session}", failure, session=session.session_id)
+            self.proxy.metrics.internal_errors.inc()
 
     async def _inject_status(self, session, event: ChangeEvent) -> None:
         """An IDLE device hears of a change in another mailbox as a STATUS of it, counted as it sees the

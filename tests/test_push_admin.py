@@ -464,6 +464,35 @@ def test_a_full_queue_drops_the_busiest_users_oldest_event(monkeypatch):
     assert not plugin.outbox and [b["id"] for b, _ in gateway.posts] == ["b0", "a2", "c0", "a3"]
 
 
+def test_at_a_stop_queued_events_go_out_first_and_what_cannot_is_counted(monkeypatch):
+    """A stop gave queued events no time and lost them without a word (the ops review: 24 of 40 events
+    gone): ``drain`` fires once the queue is empty; what is still queued at ``stop`` (the grace was over)
+    is counted as dropped and logged."""
+    plugin, gateway, clock = _sender(monkeypatch, concurrency=1)
+    assert plugin.drain() is None  # (nothing queued)
+    for i in range(3):
+        plugin._enqueue({"id": f"a{i}", "user": "alice"})
+    drained = plugin.drain()
+    gateway.answer("a0")
+    gateway.answer("a1")
+    clock.advance(0.1)
+    assert not drained.called
+    gateway.answer("a2")
+    clock.advance(0.1)
+    assert drained.called
+    plugin._enqueue({"id": "b0", "user": "bob"})
+    plugin._enqueue({"id": "b1", "user": "bob"})
+    counted = []
+
+    class Dropped(_Metric):
+        def inc(self, n=1):
+            counted.append(n)
+
+    plugin._metrics = lambda: (_Metric(), _Metric(), Dropped(), _Metric())
+    plugin.stop()
+    assert counted == [2] and not plugin.outbox
+
+
 def test_outbox_properties():
     """Whatever is added, sent, failed and dropped: each user's events go in order, never two of a user at
     once, the count is what waits, and the bound holds."""

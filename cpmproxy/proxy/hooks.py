@@ -237,6 +237,12 @@ class Plugin:
     def closed(self, session) -> None:
         return None
 
+    def drain(self) -> "Deferred[None] | None":
+        """The proxy is stopping (``shutdown_grace`` to go; sessions are finishing their commands): fire
+        once what this plugin queued is done (e.g. notifications on their way), or return None. ``stop``
+        follows, when it fired or the grace is over."""
+        return None
+
     def stop(self) -> None:
         """This instance is retired (reload or shutdown): release process-wide resources."""
         return None

@@ -632,6 +632,7 @@ class ProxyService(service.MultiService):
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # see auth_failed
         self.ports = []
         self._stopping = False
+        self._metrics_port = None  # (closed last at a stop: /healthz says 503 while sessions finish)
         self._side_pools: dict[str, SidePool] = {}
         self._shared: dict[tuple, tuple] = {}
         self._health: tuple | None = None  # (when, (status, text)) of the last backend probe
@@ -662,6 +663,7 @@ class ProxyService(service.MultiService):
             _check_endpoint(self.config.metrics["listen"])
             port = yield self.metrics.listen(self.reactor, self.config.metrics["listen"], self.health)
             self.ports.append(port)
+            self._metrics_port = port
             log.info("metrics on {desc}", desc=self.config.metrics["listen"])
         freeze_startup_heap()
         return self.ports
@@ -898,6 +900,13 @@ class ProxyService(service.MultiService):
         for desc, options in listener_tls.items():
             self.listener_tls[desc].options = options
         old, self.hooks = self.hooks, HookTable.build(plugins)
+        if [p.name for p in old.plugins] != [p.name for p in plugins]:
+            # What a session shows (its view, its pending local deletes, its notifications) is its plugins'
+            # state: with other plugins it would be wrong (message numbers, hidden messages, deletes on the
+            # wrong message). Open sessions end, each once its commands under way are done; clients
+            # reconnect under the new set.
+            log.warn("reload: the plugins changed; ending the {n} open sessions", n=len(self.sessions))
+            self._end_sessions(CONFIG_CHANGED, self.config.proxy["shutdown_grace"])
         for plugin in old.plugins:
             if any(plugin is p for p in plugins):
                 continue
@@ -906,7 +915,7 @@ class ProxyService(service.MultiService):
             except Exception:
                 log.failure("plugin {name} failed to stop", name=plugin.name)
         for s in self.sessions:
-            s.config = new
+            s.reconfigure(new)
         for plugin in plugins:
             try:
                 plugin.reloaded()
@@ -916,39 +925,86 @@ class ProxyService(service.MultiService):
         log.info("configuration reloaded from {path}", path=str(path))
 
     def stopService(self):
-        """Stop listening, say BYE to every client at a safe point, close after a grace period."""
+        """Stop taking connections; every session completes the commands it has under way and gets its
+        BYE between two responses (at once where nothing is under way), and the plugins finish what they
+        queued (pushes), all within ``shutdown_grace``; then what is left is ended, the plugins stopped,
+        and the metrics listener (``/healthz`` answers 503 meanwhile) closed."""
         self._stopping = True
         super().stopService()
+        grace = self.config.proxy["shutdown_grace"]
+        deadline = time.monotonic() + grace
+        clients = [p for p in self.ports if p is not self._metrics_port]
+        d = defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in clients])
+        for s in list(self.sessions):
+            s.shutdown(SHUTTING_DOWN)
+        drains = []
+        for plugin in self.hooks.plugins:
+            try:
+                drained = plugin.drain()
+            except Exception:
+                log.failure("plugin {name} failed to drain", name=plugin.name)
+                continue
+            if drained is not None:
+                drains.append(drained)
+        plugins_drained = defer.DeferredList(drains)
+
+        def wait(_):
+            waiter: defer.Deferred[None] = defer.Deferred()
+
+            def draining():
+                busy = [s for s in self.sessions if not s.drained()]
+                if time.monotonic() < deadline and (busy or not plugins_drained.called):
+                    self.reactor.callLater(0.05, draining)
+                    return
+                for s in busy:  # (grace is over: BYE where it can go, else the connection is closed)
+                    s.bye(SHUTTING_DOWN)
+                closing(time.monotonic() + 1.0)
+
+            def closing(until):
+                if self.sessions and time.monotonic() < until:
+                    self.reactor.callLater(0.05, closing, until)
+                    return
+                for s in list(self.sessions):
+                    s.transport.abortConnection()
+                self._stop_plugins()
+                ports, self.ports = self.ports, []
+                defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports if p not in clients]) \
+                    .addCallback(lambda _: waiter.callback(None))
+            draining()
+            return waiter
+        return d.addCallback(wait)
+
+    def _end_sessions(self, text: bytes, grace: float) -> None:
+        """End every logged-in session as at a stop (``ClientSession.shutdown``), without stopping."""
+        ending = [s for s in self.sessions if s.phase == "auth"]
+        deadline = time.monotonic() + grace
+        for s in ending:
+            s.shutdown(text)
+
+        def check():
+            busy = [s for s in ending if not s.drained()]
+            if busy and time.monotonic() < deadline:
+                self.reactor.callLater(0.05, check)
+                return
+            for s in busy:
+                s.bye(text)
+        check()
+
+    def _stop_plugins(self) -> None:
         for plugin in self.hooks.plugins:
             try:
                 plugin.stop()
             except Exception:
                 log.failure("plugin {name} failed to stop", name=plugin.name)
-        ds = [defer.maybeDeferred(p.stopListening) for p in self.ports]
-        self.ports = []
-        for s in list(self.sessions):
-            s.shutdown(b"Server shutting down.")
         for pool in list(self._side_pools.values()):
             if pool.close_call is not None and pool.close_call.active():
                 pool.close_call.cancel()
             pool.close()
         self._side_pools.clear()
-        d = defer.DeferredList(ds)
 
-        def wait_sessions(_):
-            deadline = time.monotonic() + self.config.proxy["shutdown_grace"]
-            waiter: defer.Deferred[None] = defer.Deferred()
 
-            def check():
-                if not self.sessions or time.monotonic() >= deadline:
-                    for s in list(self.sessions):
-                        s.transport.abortConnection()
-                    waiter.callback(None)
-                else:
-                    self.reactor.callLater(0.05, check)
-            check()
-            return waiter
-        return d.addCallback(wait_sessions)
+SHUTTING_DOWN = b"Server shutting down."
+CONFIG_CHANGED = b"Server configuration changed, please reconnect."
 
 
 def service_from_config_path(path: str) -> ProxyService:

@@ -227,6 +227,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._bye_sent = False
         self._sealed = False  # our BYE is out (or the connection is being closed): nothing follows it
         self._closing = False
+        self._draining: bytes | None = None  # shutting down: the BYE text, once the commands are done
         self._peer_unsettled = True
         self._output_link = _OutputLink(self)
         self._cut_call = None  # the abort of a closing connection whose client does not read
@@ -928,6 +929,13 @@ class ClientSession(Protocol, TimeoutMixin):
                 continue
             # A new command.
             self._discard_command = False
+            if self._draining is not None:
+                # Shutting down: no new command is taken (it gets no answer: BYE comes instead, once the
+                # commands before it are done); nothing more is read.
+                self.transport.pauseProducing()
+                if ev.literal is not None:
+                    self._local_answer_literal(ev)
+                return
             if self._idle is not None and self._idle_cmd is not None:
                 line = ev.data
                 if ev.literal is not None:
@@ -1873,8 +1881,37 @@ class ClientSession(Protocol, TimeoutMixin):
 
     # -- shutdown -------------------------------------------------------------------------------
 
+    def reconfigure(self, config) -> None:
+        """A reload's configuration: the limits read once a session is logged in apply to it too."""
+        self.config = config
+        if self.phase == "auth" and not self._closing:
+            self.setTimeout(config.limits["idle_timeout"])
+            self.framer.max_line = config.limits["max_line"]
+
     def shutdown(self, text: bytes) -> None:
-        self.bye(text, code=b"UNAVAILABLE")
+        """End the session for the proxy's sake (a stop, a reload that changes its plugins): commands the
+        client sent are completed first (an APPEND being uploaded is stored *and* acknowledged, a FETCH
+        going out is not cut), no new one is taken, then ``BYE [UNAVAILABLE] text`` between two
+        responses. The caller checks ``drained()`` and ends what is still running with ``bye``."""
+        if self.phase != "auth" or self._closing:
+            self.bye(text, code=b"UNAVAILABLE")
+            return
+        self._draining = text
+        self.drained()
+
+    def drained(self) -> bool:
+        """A session being shut down: BYE now if nothing of the client's is under way (an IDLE is not:
+        BYE ends it as the client expects); True once it is closing."""
+        if self._closing:
+            return True
+        if self._draining is None:
+            return False
+        idle_only = all(c is self._idle_cmd and self._idle == "active" for c in self.inflight_commands())
+        if idle_only and not self._internal and self._current is None and self._collecting is None \
+                and not self._blocked and not self._parked and not self._pending_inject and self._held is None \
+                and self._literal_gate is None and not self._awaiting_continuation and self._backend_at_boundary():
+            self.bye(self._draining, code=b"UNAVAILABLE")
+        return self._closing
 
 
 class _OutputLink:
