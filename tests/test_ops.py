@@ -373,6 +373,36 @@ def test_proxy_protocol_and_id_forwarding(make_proxy, dovecot):
     s.close()
 
 
+def test_behind_a_proxy_listener_the_greeting_is_for_the_real_client(make_proxy):
+    """The session began when the balancer connected, before the PROXY header was read: a balancer on
+    loopback made the greeting offer AUTH=PLAIN to a remote client (which then sent its password in the
+    clear, to be refused), and per-address limits went by the balancer's address (found by the TLS
+    review). Now the greeting waits for the header; a connection that never sends one is closed."""
+    import socket
+    port = free_port()
+    make_proxy(listen_extra=[f"haproxy:tcp:{port}:interface=127.0.0.1"],
+               config_extra="[limits]\npreauth_timeout = 1.0\n")
+    for header, expected in ((b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 143\r\n", b"LOGINDISABLED"),
+                             (b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 143\r\n", b"AUTH=PLAIN")):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            s.recv(1000)  # (nothing before the header)
+        s.settimeout(10)
+        s.sendall(header[:10])
+        time.sleep(0.1)
+        s.sendall(header[10:] + b"a CAPABILITY\r\n")  # (with the header, what follows it)
+        data = b""
+        while b"a OK" not in data:
+            data += s.recv(1000)
+        greeting = data.split(b"\r\n")[0]
+        assert greeting.startswith(b"* OK") and expected in greeting, greeting
+        s.close()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert s.recv(1000) == b""  # (no header within preauth_timeout: closed)
+    s.close()
+
+
 @pytest.mark.parametrize("reactor", [[], ["--reactor=cpmproxy"]], ids=["default-reactor", "cpmproxy-reactor"])
 def test_twist_plugin_runs(dovecot, tmp_path, reactor):
     p = ProxyProcess(tmp_path, dovecot.port, metrics=False)

@@ -30,6 +30,7 @@ from cpmproxy.config import Config, ConfigError, load_config
 from cpmproxy.proxy.backend import backend_tls_options, connect_backend
 from cpmproxy.proxy.hooks import Plugin, overrides
 from cpmproxy.proxy.metrics import Metrics
+from cpmproxy.proxy.proxyheader import HeaderFirstEndpoint
 from cpmproxy.proxy.session import ClientSession
 from cpmproxy.tlstrust import certificate_chain, openssl_reason, server_certificate, server_tls_options
 
@@ -281,9 +282,15 @@ def _endpoint_params(desc: str) -> tuple[str, dict[str, str]] | None:
         args, kwargs = _parse_endpoint(desc)  # (private: the parser serverFromString uses)
     except Exception:  # (a trailing backslash: "generator raised StopIteration")
         raise ConfigError(f"invalid endpoint {desc!r}: cannot be read (a ':' or '\\' out of place?)") from None
+    proxied = False
     while len(args) > 1 and args[0] == "haproxy":
-        args = args[1:]
+        args, proxied = args[1:], True
     kind, values = args[0], args[1:]
+    if proxied and kind == "ssl":
+        # (Twisted reads the PROXY header inside TLS; every load balancer sends it before TLS.)
+        raise ConfigError(f"invalid endpoint {desc!r}: haproxy:ssl: expects the PROXY header inside TLS, which "
+                          f"no load balancer sends; terminate TLS at the balancer (haproxy:tcp:), or listen "
+                          f"with ssl: without the PROXY protocol")
     names = _ENDPOINT_PARAMS.get(kind)
     if names is None:
         return None
@@ -505,7 +512,7 @@ class ListenerTLS:
 
 def _ssl_endpoint(endpoint) -> SSL4ServerEndpoint | None:
     """The ``ssl:`` endpoint ``endpoint`` is or wraps (``haproxy:ssl:``), else None."""
-    while isinstance(endpoint, _WrapperServerEndpoint):
+    while isinstance(endpoint, (_WrapperServerEndpoint, HeaderFirstEndpoint)):
         endpoint = endpoint._wrappedEndpoint
     return endpoint if isinstance(endpoint, SSL4ServerEndpoint) else None
 
@@ -654,6 +661,10 @@ class ProxyService(service.MultiService):
         factory.noisy = False
         for desc in self.config.proxy["listen"]:
             endpoint = server_endpoint(self.reactor, desc)
+            if isinstance(endpoint, _WrapperServerEndpoint) and desc.startswith("haproxy:"):
+                # (The session begins once the PROXY header is read: see cpmproxy.proxy.proxyheader.)
+                endpoint = HeaderFirstEndpoint(endpoint._wrappedEndpoint, self.reactor,
+                                               self.config.limits["preauth_timeout"])
             if (tls := _ssl_endpoint(endpoint)) is not None:
                 tls._sslContextFactory = self.listener_tls[desc] = ListenerTLS(tls._sslContextFactory)
             port = yield endpoint.listen(factory)
