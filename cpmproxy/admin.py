@@ -41,14 +41,34 @@ def _quoted(name: str) -> str:
     return '"' + mutf7.encode(name).decode().replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+class _NamedContext(ssl.SSLContext):
+    """Checks the certificate for ``name`` whatever the address connected to (imaplib checks the host)."""
+
+    name = ""
+
+    def wrap_socket(self, sock, *args, server_hostname=None, **kwargs):
+        return super().wrap_socket(sock, *args, server_hostname=self.name or server_hostname, **kwargs)
+
+
+def backend_ssl_context(config: Config) -> ssl.SSLContext:
+    """TLS to the backend as the proxy does it: ``ca_file`` (else the system's roots), the certificate
+    checked for ``server_name`` (else ``host``)."""
+    b = config.backend
+    ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)  # (verifies chain and name, as create_default_context)
+    if b["ca_file"]:
+        ctx.load_verify_locations(cafile=b["ca_file"])
+    else:
+        ctx.load_default_certs()
+    ctx.name = b["server_name"]
+    return ctx
+
+
 def _connect(config: Config, user: str) -> imaplib.IMAP4:
     b = config.backend
     if not master_configured(config):
         raise ConfigError("[admin] master_user and master_password_file are needed for this command")
     login, password = master_login(config, user)
-    ctx = None
-    if b["tls"] != "none":
-        ctx = ssl.create_default_context(cafile=b["ca_file"] or None)
+    ctx = backend_ssl_context(config) if b["tls"] != "none" else None
     if b["tls"] == "implicit":
         conn = imaplib.IMAP4_SSL(b["host"], b["port"], ssl_context=ctx, timeout=b["connect_timeout"])
     else:

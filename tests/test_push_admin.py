@@ -792,3 +792,43 @@ def test_per_device_memories_go_with_the_users_last_session():
     del watches["alice"]
     plugin.closed(phone)
     assert not plugin.devices
+
+
+def test_admin_checks_the_backends_certificate_for_server_name(tmp_path):
+    """``[backend] server_name`` (the name in the backend's certificate, when ``host`` is an address it
+    does not carry): the proxy checked the certificate for it, ``cpmproxy localdelete`` for ``host``
+    ("IP address mismatch"; found by the TLS review)."""
+    import socket
+    import ssl
+    import threading
+
+    from cpmproxy.admin import backend_ssl_context
+    from cpmproxy.config import parse_config
+    from cpmproxy.testing.certs import make_ca_and_cert, make_cert
+
+    ca = make_ca_and_cert(tmp_path / "ca")
+    named = make_cert(tmp_path / "ca", ca, "nameonly", ["imap.example.net"], [])  # (no IP address in it)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(named.cert, named.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(b"* OK ready\r\n")
+            except (ssl.SSLError, OSError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    for name, ok in (("imap.example.net", True), ("other.example.net", False)):
+        config = parse_config({"backend": {"host": "127.0.0.1", "port": listener.getsockname()[1], "tls": "implicit",
+                                           "ca_file": str(ca.ca_cert), "server_name": name}})
+        with socket.create_connection(listener.getsockname(), timeout=10) as sock:
+            try:
+                with backend_ssl_context(config).wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+                    assert tls.recv(100).startswith(b"* OK") and ok
+            except ssl.SSLCertVerificationError:
+                assert not ok
+    listener.close()
