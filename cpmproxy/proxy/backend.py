@@ -7,6 +7,7 @@ switches to relay mode, every byte goes to the session, which owns the same fram
 from __future__ import annotations
 
 import base64
+import datetime
 import ipaddress
 import re
 from collections import deque
@@ -228,7 +229,8 @@ class BackendProtocol(Protocol):
         self._watch_answers()
         if self.session is not None:
             self.session.backend_lost(reason)
-        self._fail(BackendError(f"backend closed the connection: {reason.getErrorMessage() if reason else ''}"))
+        self._fail(BackendError(_tls_failure(self.transport, reason) or
+                                f"backend closed the connection: {reason.getErrorMessage() if reason else ''}"))
         if not self.lost.called:
             self.lost.callback(None)
 
@@ -301,6 +303,43 @@ class _BackendFactory(Factory):
 
 
 _tls_cache: tuple | None = None  # (config, its options): the CA file is read once per configuration
+
+
+def _mismatched(error) -> str:
+    """The name or address a certificate was not for (a service_identity mismatch)."""
+    found = getattr(error, "mismatched_id", None)
+    value = getattr(found, "hostname", None) or getattr(found, "ip", None) or error
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _tls_failure(transport, reason) -> str | None:
+    """Why TLS with the backend failed, None if it did not. OpenSSL says only "certificate verify failed"
+    (and pyOpenSSL gives no verification result): the certificate the backend sent tells an expired one
+    from one no trusted CA signed."""
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+    if reason is not None and reason.check(VerificationError):
+        ids = ", ".join(_mismatched(e) for e in reason.value.errors)
+        return f"TLS with the backend failed: its certificate is not for {ids} (backend.server_name names the " \
+               f"name to check)"
+    if reason is None or not reason.check(SSL.Error):
+        return None
+    text = f"TLS with the backend failed: {reason.getErrorMessage()}"
+    if "certificate verify failed" not in text:
+        return text
+    try:
+        chain = transport.getHandle().get_peer_cert_chain() or []
+        leaf = chain[0].to_cryptography()
+    except Exception:  # (no certificate to look at)
+        return text
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if leaf.not_valid_after_utc < now:
+        why = f"it expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    elif leaf.not_valid_before_utc > now:
+        why = f"it is valid only from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    else:
+        why = f"no trusted CA (backend.ca_file, else the system's) signed it or its chain; issuer {leaf.issuer.rfc4514_string()!r}"
+    return f"TLS with the backend failed: its certificate was refused: {why}"
 
 
 def backend_tls_options(config: Config):
