@@ -1376,6 +1376,14 @@ class PolicyPlugin(Plugin):
                 allowed = view.backend_seqset(requested)
                 if not allowed or max(requested.resolve(max(view.exists, 1)).ranges[-1]) > view.exists:
                     return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": Invalid messageset")
+                text = allowed.format()
+                if len(text) > INLINE_SET_MAX and name == b"FETCH" \
+                        and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is None:
+                    # Past any backend's line limit (hidden messages scattered): the FETCH asks for the
+                    # ranges the client named, and the answers of the hidden messages among them are
+                    # dropped, as for a UID FETCH (it changes nothing: no body read without .PEEK).
+                    text = view.backend_cover(requested).format()
+                return Rewrite(m.group(1) + text + m.group(3))
             return Rewrite(m.group(1) + allowed.format() + m.group(3))
         if name in SEARCH_COMMANDS:
             if cmd.has_literal and not cmd.state.get("collected"):
@@ -2487,6 +2495,7 @@ def _qresync_known(cmd, view: MailboxView, uidvalidity: int) -> SequenceSet | No
 
 
 INLINE_HIDDEN_MAX = 3800  # bytes of hidden UIDs a search names itself (see _search_command)
+INLINE_SET_MAX = 3800  # bytes of a sequence set a FETCH names exactly (see _view_command)
 _LOCAL_ESEARCH = (b"MIN", b"MAX", b"ALL", b"COUNT")  # (in Dovecot's order)
 
 
@@ -2611,6 +2620,9 @@ def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0):
             # A set the backend may read after all (Dovecot takes "01"), in its numbers, not the view's.
             raise TokenError(f"invalid sequence set {t.value[:40]!r}") from None
         return [t], i + 1
-    mapped = view.backend_seqset(s)
+    # The client's ranges over the backend's numbers, hidden messages in them included: they are no match
+    # whatever the key says of them (results are of the visible messages only), and the set stays as
+    # short as the client's (the exact one can be past the backend's line limit).
+    mapped = view.backend_cover(s)
     # Nothing visible matches: a number past the end matches nothing on the backend either.
     return [Atom(mapped.format() if mapped else b"%d" % (len(view.uids) + 1))], i + 1

@@ -216,6 +216,21 @@ class MailboxView:
             ranges.append((self.backend_seq(lo), self.backend_seq(hi)))
         return SequenceSet.from_ranges(ranges) - self.hidden_seqs
 
+    def backend_cover(self, client_set: SequenceSet) -> SequenceSet:
+        """Backend numbers that cover a client sequence set: each client range becomes the backend range
+        from its first to its last message, hidden messages in between included. As short as the
+        client's own set (the exact one, ``backend_seqset``, has a range per run of visible messages: a
+        command line past the backend's limit where hidden messages are scattered), for commands whose
+        result on the visible messages is the same either way: a search's keys, a FETCH whose answers
+        for hidden messages are dropped and which changes nothing."""
+        n = self.exists
+        if n == 0:
+            return SequenceSet.empty()
+        resolved = client_set.resolve(n).clip(1, n)
+        if not self.hidden:
+            return resolved
+        return SequenceSet.from_ranges([(self.backend_seq(lo), self.backend_seq(hi)) for lo, hi in resolved.ranges])
+
     def visible_uidset(self, uid_set: SequenceSet) -> SequenceSet:
         """The UIDs of ``uid_set`` the client may touch. ``*`` is the largest UID the client sees: a range
         ``n:*`` includes the last visible message even when n is above it (RFC 9051 6.4.8), and hidden

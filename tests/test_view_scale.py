@@ -227,3 +227,38 @@ def test_local_deletes_of_more_scattered_uids_than_a_command_line_holds_are_kept
     assert _exists(c, b"Big") == left
     c.close()
     assert b"compacting local-delete records failed" not in p.log().encode()
+
+
+def test_fetch_and_search_by_number_over_more_scattered_messages_than_a_command_line_holds(big):
+    """The device's numbers became the backend's one by one: ``FETCH 1:* (FLAGS)`` or ``SEARCH 1:* SEEN``
+    in a view with scattered hidden messages named every visible one, past the backend's line limit: BAD
+    "Too long argument". The FETCH (it changes nothing) now asks for the ranges the device named, the
+    hidden answers dropped; a search's numbers cover the hidden messages between them, which match
+    nothing anyway."""
+    from cpmproxy.imap.seqset import SequenceSet
+
+    d, p = big
+    model = _model(d)
+    n = len(model)
+    c = _device(p)
+    assert c.command(b"s", b'SELECT "Big"')[-1].startswith(b"s OK")
+    for command, first in ((b"FETCH 1:* (UID FLAGS)", 1), (b"FETCH 3:%d (UID FLAGS)" % n, 3)):
+        r = c.command(b"f", command)
+        assert r[-1].startswith(b"f OK"), r[-1]
+        fetched = [(int(m.group(1)), int(m.group(2)), b"\\Seen" in m.group(3))
+                   for m in (re.match(rb"\* (\d+) FETCH \(UID (\d+) FLAGS \(([^)]*)\)\)", x) for x in r) if m]
+        assert fetched == [(i, u, seen) for i, (u, seen) in enumerate(model, 1) if i >= first], command
+
+    def search(criteria: bytes, uid: bool = False) -> list[int]:
+        r = c.command(b"x", (b"UID " if uid else b"") + b"SEARCH " + criteria)
+        assert r[-1].startswith(b"x OK"), (criteria, r[-1])
+        return [int(w) for x in r if x.startswith(b"* SEARCH") for w in x.split()[2:]]
+
+    seen = [i for i, (u, s) in enumerate(model, 1) if s]
+    assert search(b"1:* SEEN") == seen
+    assert search(b"NOT 1:10 SEEN") == [i for i in seen if i > 10]
+    assert search(b"OR 2:4 %d:*" % (n - 1)) == [2, 3, 4, n - 1, n]
+    assert search(b"1:%d" % n, uid=True) == [u for u, _ in model]
+    every = SequenceSet.from_iterable(range(1, n + 1, 2)).format()  # (the device's own scattered set)
+    assert search(every.encode() if isinstance(every, str) else every) == list(range(1, n + 1, 2))
+    c.close()
