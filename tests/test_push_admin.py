@@ -178,6 +178,33 @@ def test_a_change_made_through_the_proxy_is_pushed_once(make_proxy, dovecot, pro
         receiver.stop()
 
 
+def test_a_burst_of_appends_through_the_proxy_is_pushed_once_each(make_proxy, dovecot, proxy_certs, tmp_path):
+    """APPENDs in a row through the proxy: each pushed at its OK, and the watch then reports them as one
+    change, whose id (its UIDs) differs: each message was pushed twice (found by the ops review)."""
+    user = "dave"
+    tag = uuid.uuid4().hex[:6]
+    phone, tablet = f"phone-{tag}", f"tablet-{tag}"
+    folder = f"Default/tel:+1556{tag}"
+    dovecot.deliver(user, folder, make_object("chat"))
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    p = make_proxy(config_extra=_push_config(receiver, proxy_certs, _admin_config(dovecot, tmp_path)))
+    try:
+        device(p, tablet, user).close()
+        c = device(p, phone, user)
+        msgs = [make_object("chat", text=f"burst {i}") for i in range(6)]
+        c.send(b"".join(b'a%d APPEND "%s" {%d+}\r\n%s\r\n' % (i, folder.encode(), len(m), m)
+                        for i, m in enumerate(msgs)))
+        assert c.until_tagged(b"a5")[-1].startswith(b"a5 OK")
+        time.sleep(3.0)  # (the watch's view of them comes ~0.5 s later)
+        c.close()
+        pushed = [u for e in receiver.events if e["mailbox"] == folder and e["event"] == "MessageNew"
+                  for u in e["uids"]]
+        assert sorted(pushed) == [2, 3, 4, 5, 6, 7], receiver.events
+    finally:
+        receiver.stop()
+
+
 def test_each_change_through_a_proxy_without_watch_is_pushed(make_proxy, dovecot, proxy_certs):
     """Without a watch (``watch_backend = false``) the changes made through the proxy are all there is to
     push: two flag changes in one mailbox are two pushes (they know no UIDs nor HIGHESTMODSEQ to name
