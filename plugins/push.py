@@ -48,6 +48,9 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
 
@@ -439,6 +442,12 @@ class PushPlugin(Plugin):
         # (an exception raised at once, e.g. by the Agent for a URL it cannot use, is a failed attempt
         # like any other: retried, then dropped; the user's events never stall with one left out)
         d = defer.maybeDeferred(self._post, entry.body)
+        # A kept-open connection the gateway closed meanwhile (an HTTP/1.0 gateway closes after every
+        # answer, others after their keep-alive time) fails the POST before any answer: sent again at
+        # once on a fresh one, as Twisted does for idempotent requests (ours are: the id lets the
+        # gateway drop a copy). Failed every other event, each then waited for its backoff.
+        d.addErrback(lambda f: f.trap(ResponseNeverReceived, RequestNotSent, RequestTransmissionFailed)
+                     and self._post(entry.body))
 
         def done(response):
             # The status line decides: the body is read only to free the connection, and one a gateway

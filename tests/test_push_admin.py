@@ -697,6 +697,52 @@ def test_events_reuse_the_gateways_connection():
         yield port.stopListening()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_gateway_that_closes_after_each_answer_fails_no_event():
+    """An HTTP/1.0 gateway closes its connection after every answer; the kept-open connection was used
+    again and the next POST failed (every other event: a failure counted, a backoff waited; found by the
+    ops review). Such a POST is sent again at once on a fresh connection."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import plugins.push as push
+
+    got = []
+
+    class Gateway(BaseHTTPRequestHandler):  # (HTTP/1.0: closes after each answer)
+        def do_POST(self):
+            got.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    failed = []
+
+    class Failed(_Metric):
+        def inc(self, n=1):
+            failed.append(n)
+
+    plugin = push.PushPlugin(_Proxy())
+    plugin._metrics = lambda: (_Metric(), Failed(), _Metric(), _Metric())
+    try:
+        plugin.configure({"url": "http://127.0.0.1:%d/cpm" % server.server_address[1], "offline_watch": 0})
+        for i in range(5):  # (one user's: one after the other, each at once on the connection left open)
+            plugin._enqueue({"id": str(i), "user": "alice"})
+        for _ in range(100):
+            if len(got) == 5 and not plugin.outbox.in_flight:
+                break
+            yield deferLater(reactor, 0.05)
+        assert len(got) == 5 and not plugin.outbox and failed == []
+    finally:
+        plugin.stop()
+        server.shutdown()
+
+
 # -- admin CLI ------------------------------------------------------------------------------------
 
 def _localdelete(p, *args):
