@@ -693,6 +693,13 @@ def metric(proxy, name: str) -> float:
     return next((float(line.split()[-1]) for line in body.splitlines() if line.startswith(name + " ")), 0.0)
 
 
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
 def test_a_session_the_backend_ends_itself_is_counted(fresh_scripted, make_proxy):
     """Found by the backend-failure review: a BYE of the backend's own (``doveadm kick``, Dovecot stopping)
     was relayed uncounted and unlogged, where a backend gone without one is counted. Relayed as it is,
@@ -707,6 +714,8 @@ def test_a_session_the_backend_ends_itself_is_counted(fresh_scripted, make_proxy
     assert lines[-1] == b"* BYE Server shutting down.\r\n", lines
     assert metric(proxy, name) == 1
     assert "the backend ended the session: * BYE Server shutting down." in proxy.log()
+    # The disconnect line says why (it said "Connection was closed cleanly." for every ending; ops review).
+    assert _wait_for(lambda: "reason=backend said: BYE Server shutting down." in proxy.log()), proxy.log()
     c = RawIMAP(proxy.host, proxy.port, timeout=10)
     assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
     assert c.command(b"z", b"LOGOUT")[-1].startswith(b"z OK")

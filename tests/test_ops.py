@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -219,6 +220,10 @@ def test_sigterm_lets_commands_under_way_finish_then_says_bye(make_proxy, doveco
     assert lines[1].startswith(b"* BYE [UNAVAILABLE]") and b"shutting down" in lines[1], lines
     assert c.closed()
     assert p.proc.wait(10) == 0
+    # (Each disconnect line says why, with the device, the time and the bytes: "Connection was closed
+    # cleanly." for every ending before; ops review.)
+    assert "reason=BYE [UNAVAILABLE] Server shutting down." in p.log()
+    assert re.search(r"disconnect .*device=\S+ phase=auth seconds=[0-9.]+ bytes_out=\d+", p.log())
     d = dovecot.imap_direct("alice", tls="none")
     d.select_folder("INBOX", readonly=True)
     assert len(d.search(["SUBJECT", subject])) == 1
@@ -274,6 +279,24 @@ def test_a_reload_that_changes_the_plugins_ends_the_open_sessions(make_proxy, do
     c.login("carol", "carolpw")
     assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder.encode())  # (no policy now)
     c.close()
+    assert still_serving(p)
+
+
+def test_reload_warnings_compare_with_what_runs(make_proxy):
+    """A listener or [log] change needs a restart, said at every reload while the file differs from what
+    runs; reloads compared with the last file read instead: after a [log] change alone the listeners
+    were warned about again, a file gone back to what runs was warned about, one still asking for
+    another listener was not (found by the ops review)."""
+    p = make_proxy()
+    original = p.config_path.read_text()
+    changed = original.replace('[backend]', '[log]\nlevel = "warn"\n[backend]')
+    changed = changed.replace(f"tcp:{p.port}:interface=127.0.0.1", f"tcp:{free_port()}:interface=127.0.0.1")
+    log_only = original.replace('[backend]', '[log]\nlevel = "warn"\n[backend]')
+    for text, listeners, logs in ((changed, 1, 1), (changed, 2, 2), (original, 2, 2), (log_only, 2, 3)):
+        reload_proxy(p, text)
+        log = p.log()
+        assert log.count("listener changes need a restart") == listeners, log
+        assert log.count("[log] changes need a restart") == logs, log
     assert still_serving(p)
 
 

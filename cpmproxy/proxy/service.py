@@ -906,6 +906,9 @@ class ProxyService(service.MultiService):
             log.warn("reload: listener changes need a restart; keeping the current listeners")
         if new.log != self.config.log:  # (logging is set up once, at start)
             log.warn("reload: [log] changes need a restart; keeping the current logging")
+        # What was not taken up stays as it runs, so that the next reload compares with that (it warned
+        # again about a change already warned of, and about going back to what runs).
+        new.proxy["listen"], new.metrics, new.log = self.config.proxy["listen"], self.config.metrics, self.config.log
         self.config = new
         self.server_tls = tls
         for desc, options in listener_tls.items():

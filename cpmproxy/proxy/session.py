@@ -225,6 +225,8 @@ class ClientSession(Protocol, TimeoutMixin):
         self._resp_head = None
         self._selecting: ClientCommand | None = None
         self._bye_sent = False
+        self._ended_with = ""  # the BYE the proxy said, for the disconnect log line
+        self._connected_at = service.reactor.seconds()
         self._sealed = False  # our BYE is out (or the connection is being closed): nothing follows it
         self._closing = False
         self._draining: bytes | None = None  # shutting down: the BYE text, once the commands are done
@@ -296,9 +298,12 @@ class ClientSession(Protocol, TimeoutMixin):
                 plugin.closed(self)
             except Exception:
                 log.failure("plugin {plugin} closed hook failed", plugin=plugin.name)
-        log.info("disconnect session={session} user={user} phase={phase} reason={reason}",
-                 session=self.session_id, user=self.user, phase=prev,
-                 reason=reason.getErrorMessage() if reason else "")
+        # (The BYE said is the reason where there was one: the connection itself then just closed cleanly.)
+        log.info("disconnect session={session} user={user} device={device} phase={phase} seconds={seconds:.1f} "
+                 "bytes_out={bytes_out} reason={reason}",
+                 session=self.session_id, user=self.user, device=self.device_id, phase=prev,
+                 seconds=self.service.reactor.seconds() - self._connected_at, bytes_out=self.bytes_out,
+                 reason=self._ended_with or (reason.getErrorMessage() if reason else ""))
 
     def _bug(self, what: str, failure: Failure | None = None) -> None:
         """Log a bug met in this session (ours or a plugin's) with its traceback (``failure``, or the
@@ -339,6 +344,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._closing = True
         msg = b"* BYE " + (b"[" + code + b"] " if code else b"") + text + b"\r\n"
         self._bye_sent = True
+        self._ended_with = msg[2:-2].decode("utf-8", "replace")
         if self.backend is not None and self.phase == "auth" and not self._backend_at_boundary():
             # Mid-response to the client: a BYE cannot be placed; closing is all we can do cleanly.
             self._flush()
@@ -1805,8 +1811,10 @@ class ClientSession(Protocol, TimeoutMixin):
                     # The backend ends the session itself (shutting down, kicked, a mailbox deleted under
                     # it): relayed as it is, and counted and logged as the proxy's own losses are.
                     self.service.metrics.backend_errors.labels(kind="bye").inc()
-                    log.info("the backend ended the session: {text} session={session}",
-                             text=data[:200].rstrip().decode("utf-8", "replace"), session=self.session_id)
+                    text = data[:200].rstrip().decode("utf-8", "replace")
+                    self._ended_with = "backend said: " + text[2:]
+                    log.info("the backend ended the session: {text} session={session}", text=text,
+                             session=self.session_id)
         if self.service.hooks.response:
             return self._response_hooks(ev, data, True)
         return data
@@ -1873,6 +1881,8 @@ class ClientSession(Protocol, TimeoutMixin):
             return
         if not self._bye_sent:
             self.service.metrics.backend_errors.labels(kind="disconnect").inc()
+            log.warn("backend connection lost: {reason} session={session} user={user}",
+                     reason=reason.getErrorMessage() if reason else "", session=self.session_id, user=self.user)
             self.bye(b"Backend server closed the connection.", code=b"UNAVAILABLE")
         else:
             self._flush()
