@@ -139,10 +139,6 @@ class Policy:
     def folder_allowed(self, name: str) -> bool:
         return _matches_any(name, self.folders) and not _matches_any(name, self.exclude_folders)
 
-    @property
-    def message_rules(self) -> bool:
-        """True if the policy alone can hide messages (size/age/kinds)."""
-        return bool(self.max_size or self.max_age_days or any(not v for _, v in self.sync))
 
 
 _CLASS_KEYS = ("name", "users", "devices")
@@ -404,8 +400,17 @@ class PolicyPlugin(Plugin):
 
     def hiders(self, session) -> list:
         """Other enabled plugins that hide messages too (hiding is one operation, whoever asks for it):
-        any plugin with ``active(session) -> bool`` and ``async hidden(session, mailbox, uidvalidity)
-        -> SequenceSet | set[int]`` (of UIDs)."""
+        any plugin with
+
+        - ``active(session) -> bool``: whether it may hide anything in this session;
+        - ``query(session, mailbox) -> Deferred[Reply]``: its question to the backend, sent at once so
+          that it pipelines with the SELECT;
+        - ``async hidden(session, mailbox, uidvalidity, reply=None) -> SequenceSet | set[int]`` (UIDs),
+          from ``query``'s ``reply`` (or asking anew without one);
+        - optionally ``has_records(session, reply) -> bool``: a cheap look at the reply first (False:
+          nothing hidden, the view's fast path).
+
+        (``plugins/localdelete.py`` is one.)"""
         hooks = self.proxy.hooks
         if self._hiders_of is not hooks:  # (which plugins can hide changes only with the plugin set)
             self._hider_plugins = [p for p in hooks.plugins
@@ -862,11 +867,6 @@ class PolicyPlugin(Plugin):
             if view is not None and not view.identity:
                 return await _resolved(self._view_command(session, st, view, cmd))
         return None
-
-    async def kinds_of(self, session, mailbox: str, uids) -> dict[int, str]:
-        """CPM kinds of some messages (server-side searches on the side connection)."""
-        async with side_examine(session):
-            return await classify(session.side_command, mailbox, uids)
 
     # -- selecting: plan, then gather classification while the SELECT responses are held ---------
 
@@ -1710,10 +1710,6 @@ class PolicyPlugin(Plugin):
     def _may_hide(self, session, st: PolicySession, mailbox: str) -> bool:
         kinds, max_size, max_age = self._criteria(st, mailbox)
         return bool(kinds or max_size or max_age or self.hiders(session))
-
-    def may_hide(self, session, mailbox: str) -> bool:
-        """Whether some message of ``mailbox`` may be hidden from this device (any rule or hider applies)."""
-        return self._may_hide(session, self.state(session), mailbox)
 
     async def visible_change(self, session, st: PolicySession, mailbox: str, since: int | None,
                              uids: tuple[int, ...] = ()) -> bool | None:

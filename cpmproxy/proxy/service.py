@@ -43,11 +43,6 @@ ENTRY_POINT_GROUP = "cpmproxy.plugins"
 _HOOKS = ("capabilities", "login", "command", "response", "tagged", "selected", "closed")
 
 
-def available_plugins() -> dict[str, type[Plugin]]:
-    """Plugins installed under the entry-point group, by name."""
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}  # type: ignore[misc]
-
-
 @dataclass
 class HookTable:
     """For each hook, the enabled plugins that implement it, in configured order; login hooks in dependency
@@ -1019,10 +1014,6 @@ class ProxyService(service.MultiService):
 
 SHUTTING_DOWN = b"Server shutting down."
 CONFIG_CHANGED = b"Server configuration changed, please reconnect."
-
-
-def service_from_config_path(path: str) -> ProxyService:
-    return ProxyService(load_config(path, plugin_sections()))
 
 
 def freeze_startup_heap() -> None:
