@@ -369,6 +369,7 @@ def _refuse_urls(segment: bytes) -> bytes | None:
 # FETCH items that set \Seen (RFC 9051 6.4.5): BODY[...] and BINARY[...] without .PEEK, RFC822, RFC822.TEXT.
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
+_UNCHANGEDSINCE_RE = re.compile(rb"\s*\([^()]*UNCHANGEDSINCE", re.I)  # (RFC 7162: [MODIFIED] in the client's numbers)
 _STATUS_RE = re.compile(rb"^\* STATUS (.*) \(([^()]*)\)\r?\n$", re.S | re.I)
 _SIZE_RE = re.compile(rb"RFC822\.SIZE (\d+)")
 
@@ -1351,6 +1352,10 @@ class PolicyPlugin(Plugin):
             except SequenceSetError:
                 # (Never passed on: the backend may read it, "01" in Dovecot, in its own numbers.)
                 return Answer(b"BAD [CLIENTBUG] Invalid sequence set.")
+            if name == b"STORE" and not _UNCHANGEDSINCE_RE.match(cmd.line, m.end(2)):
+                pieces = self._store_pieces(view, requested, cmd.uid)
+                if pieces is not None:
+                    return Defer(defer.Deferred.fromCoroutine(self._store_in_pieces(session, pieces, m.group(3))))
             if cmd.uid:
                 allowed = view.visible_uidset(requested)
                 # A FETCH of a body section without .PEEK sets \Seen: hidden messages must not get it.
@@ -1489,6 +1494,38 @@ class PolicyPlugin(Plugin):
         for d in waits:
             await d
         return await _resolved(decide())
+
+    @staticmethod
+    def _store_pieces(view: MailboxView, requested: SequenceSet, uid: bool) -> list[bytes] | None:
+        """The visible messages a STORE names, as UID sets of a few KB each, where naming them in one
+        command would pass the backend's line limit (one range per run of them between hidden ones:
+        ``STORE 1:* +FLAGS (\\Seen)`` in a folder whose every other message is hidden); else None."""
+        if uid:
+            exact = view.visible_uidset(requested)
+        else:
+            exact = view.backend_seqset(requested)
+            if not exact or max(requested.resolve(max(view.exists, 1)).ranges[-1]) > view.exists:
+                return None  # (refused as an invalid set, as before)
+        if len(exact.ranges) * 22 <= INLINE_SET_MAX or len(exact.format()) <= INLINE_SET_MAX:
+            return None
+        if not uid:  # (UIDs: another session's expunges between the pieces move numbers, not UIDs)
+            uids = view.uids
+            exact = SequenceSet.from_iterable(uids[b - 1] for lo, hi in exact.ranges for b in range(lo, hi + 1))
+        return uid_set_pieces(exact)
+
+    async def _store_in_pieces(self, session, pieces: list[bytes], rest: bytes):
+        """A STORE as UID STOREs of the proxy's own, pipelined: their FETCH answers go to the client as
+        any (renumbered by the view; with a UID item, which a server may add); the first refusal is the
+        client's answer (the pieces before it are stored, as a server's STORE may stop part way)."""
+        replies = [session.backend_command(b"UID STORE " + piece + rest.rstrip(b"\r\n")) for piece in pieces]
+        failed = None
+        for d in replies:
+            reply = await d
+            if reply.status != b"OK" and failed is None:
+                failed = reply
+        if failed is not None:
+            return Answer(failed.tagged if failed.status in (b"NO", b"BAD") else b"NO [UNAVAILABLE] " + UNAVAILABLE)
+        return Answer(b"OK Store completed.")
 
     async def _after_done(self, session, others, cmd):
         """``cmd``'s decision once ``others`` (in flight) have completed."""

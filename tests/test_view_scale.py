@@ -262,3 +262,34 @@ def test_fetch_and_search_by_number_over_more_scattered_messages_than_a_command_
     every = SequenceSet.from_iterable(range(1, n + 1, 2)).format()  # (the device's own scattered set)
     assert search(every.encode() if isinstance(every, str) else every) == list(range(1, n + 1, 2))
     c.close()
+
+
+def test_store_over_more_scattered_messages_than_a_command_line_holds(big):
+    """``STORE 1:* +FLAGS (\\Flagged)`` ("mark all") where every other message is hidden named each visible
+    one in one command, past the backend's line limit: BAD "Too long argument". It goes as UID STOREs of
+    a few KB each now: every visible message flagged, no hidden one touched, the answers in the device's
+    numbers."""
+    d, p = big
+    model = _model(d)
+    n = len(model)
+    c = _device(p, b"marker")
+    assert c.command(b"s", b'SELECT "Big"')[-1].startswith(b"s OK")
+    r = c.command(b"a", b"STORE 1:* +FLAGS (\\Flagged)")
+    assert r[-1] == b"a OK Store completed.\r\n", r[-1]
+    told = sorted(int(x.split()[1]) for x in r if x.startswith(b"* ") and b" FETCH " in x)
+    assert told == list(range(1, n + 1))
+    r = c.command(b"b", b"UID STORE 1:* -FLAGS.SILENT (\\Flagged)")
+    assert r == [b"b OK Store completed.\r\n"], r[-3:]
+    r = c.command(b"c", b"UID STORE 1:%d +FLAGS.SILENT (\\Answered)" % model[-1][0])
+    assert r == [b"c OK Store completed.\r\n"], r[-3:]
+    c.close()
+    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
+    direct.login("alice", "alicepw")
+    direct.command(b"s", b'EXAMINE "Big"')
+    lines = direct.command(b"f", b"FETCH 1:* (UID FLAGS)")
+    direct.command(b"u", b'SELECT "Big"')
+    direct.command(b"x", b"STORE 1:* -FLAGS.SILENT (\\Answered)")  # (as it was, for the other tests)
+    direct.close()
+    flags = {int(m.group(1)): m.group(2) for m in (re.search(rb"UID (\d+) FLAGS \(([^)]*)\)", x) for x in lines) if m}
+    assert all((b"\\Answered" in f) == (u % 2 == 1) and b"\\Flagged" not in f for u, f in flags.items()), \
+        [(u, f) for u, f in flags.items() if (b"\\Answered" in f) != (u % 2 == 1) or b"\\Flagged" in f][:5]
