@@ -1462,7 +1462,9 @@ class PolicyPlugin(Plugin):
                 head[returning_at] = ParenList([Atom(b"ALL")])
             else:
                 restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(hidden)]
-        return Rewrite(format_tokens(head + restriction + rewrite_search_keys(view, rest)) + b"\r\n")
+        # (THREAD's sets exact: hidden messages in a covering range would take part in the threading.)
+        criteria = rewrite_search_keys(view, rest, exact=cmd.name == b"THREAD")
+        return Rewrite(format_tokens(head + restriction + criteria) + b"\r\n")
 
     @staticmethod
     def _must_wait_for(session, st: PolicySession, cmd) -> list:
@@ -2598,14 +2600,15 @@ def _renumber_ordered_set(view: MailboxView, text: bytes) -> bytes:
     return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in runs)
 
 
-def rewrite_search_keys(view: MailboxView, tokens: list, depth: int = 0) -> list:
+def rewrite_search_keys(view: MailboxView, tokens: list, depth: int = 0, exact: bool = False) -> list:
     """Walk SEARCH criteria; client sequence sets become backend ones. UID sets, dates, sizes,
     strings are left alone (the walker knows each search key's arguments). ``depth``: the NOT, OR and
-    parentheses around ``tokens`` (each a level of recursion here)."""
+    parentheses around ``tokens`` (each a level of recursion here). ``exact``: sets of the visible
+    messages only (for THREAD), not ranges that cover the hidden ones between them."""
     out = []
     i = 0
     while i < len(tokens):
-        part, i = _one_key(view, tokens, i, depth)
+        part, i = _one_key(view, tokens, i, depth, exact)
         out += part
     return out
 
@@ -2623,12 +2626,12 @@ def _client_star(view: MailboxView, token):
     return Atom(uids.resolve(visible[-1]).format()) if visible else token
 
 
-def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0):
+def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0, exact: bool = False):
     t = tokens[i]
     if depth > MAX_KEY_DEPTH:  # (NOT NOT (NOT ...: each one a level of recursion here)
         raise TokenError("search criteria nested too deeply")
     if isinstance(t, ParenList):
-        return [ParenList(rewrite_search_keys(view, t.items, depth + 1))], i + 1
+        return [ParenList(rewrite_search_keys(view, t.items, depth + 1, exact))], i + 1
     if not isinstance(t, Atom):
         return [t], i + 1
     key = t.upper()
@@ -2640,11 +2643,11 @@ def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0):
             return [t, _client_star(view, tokens[i + 1])], i + 2
         return tokens[i:i + 1 + n], i + 1 + n
     if key == b"NOT":
-        sub, j = _one_key(view, tokens, i + 1, depth + 1) if i + 1 < len(tokens) else ([], i + 1)
+        sub, j = _one_key(view, tokens, i + 1, depth + 1, exact) if i + 1 < len(tokens) else ([], i + 1)
         return [t] + sub, j
     if key == b"OR":
-        a, j = _one_key(view, tokens, i + 1, depth + 1) if i + 1 < len(tokens) else ([], i + 1)
-        b, k = _one_key(view, tokens, j, depth + 1) if j < len(tokens) else ([], j)
+        a, j = _one_key(view, tokens, i + 1, depth + 1, exact) if i + 1 < len(tokens) else ([], i + 1)
+        b, k = _one_key(view, tokens, j, depth + 1, exact) if j < len(tokens) else ([], j)
         return [t] + a + b, k
     try:
         s = SequenceSet.parse(t.value)
@@ -2656,6 +2659,6 @@ def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0):
     # The client's ranges over the backend's numbers, hidden messages in them included: they are no match
     # whatever the key says of them (results are of the visible messages only), and the set stays as
     # short as the client's (the exact one can be past the backend's line limit).
-    mapped = view.backend_cover(s)
+    mapped = view.backend_seqset(s) if exact else view.backend_cover(s)
     # Nothing visible matches: a number past the end matches nothing on the backend either.
     return [Atom(mapped.format() if mapped else b"%d" % (len(view.uids) + 1))], i + 1

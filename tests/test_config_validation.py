@@ -158,6 +158,8 @@ def test_listeners_that_cannot_start_are_refused(tmp_path):
         listen("foo:1143"): "proxy.listen[0]: invalid endpoint 'foo:1143': unknown endpoint type",
         listen("haproxy:ssl:1993:privateKey=k.pem"): "proxy.listen[0]: invalid endpoint 'haproxy:ssl:1993:privateKey="
                                                      "k.pem': haproxy:ssl: expects the PROXY header inside TLS",
+        listen("haproxy:haproxy:tcp:1143"): "proxy.listen[0]: invalid endpoint 'haproxy:haproxy:tcp:1143': one "
+                                            "haproxy: is enough",
         listen("tcp:0:interface=127.0.0.1", "systemd:domain=NOPE:index=0"):
             "proxy.listen[1]: invalid endpoint 'systemd:domain=NOPE:index=0': domain must name an address family",
         '[metrics]\nlisten = "tcp:abc"\n': "metrics.listen: invalid endpoint 'tcp:abc': the port must be a number",

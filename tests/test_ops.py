@@ -272,8 +272,22 @@ def test_a_reload_that_changes_the_plugins_ends_the_open_sessions(make_proxy, do
     c = raw_via(p)
     c.login("carol", "carolpw")
     assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder.encode())
-    reload_proxy(p, 'plugins = ["readreport"]\n' + config.replace("[policy]\nsync = { imdn = false }\n", ""))
-    assert c.read_line() == b"* BYE [UNAVAILABLE] Server configuration changed, please reconnect.\r\n"
+    # A FETCH under way at the reload is answered by the plugins it began with (the diff review: the new
+    # set answered the rest of it, hidden messages and the backend's numbers), then BYE.
+    from tests.test_notify import _imap_processes
+    stopped = list(_imap_processes("carol"))
+    try:
+        for pid in stopped:  # (the backend holds the FETCH's answer until the reload is done)
+            os.kill(pid, signal.SIGSTOP)
+        c.send(b"f FETCH 1:* (UID)\r\n")
+        time.sleep(0.2)
+        reload_proxy(p, 'plugins = ["readreport"]\n' + config.replace("[policy]\nsync = { imdn = false }\n", ""))
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    lines = [c.read_line() for _ in range(4)]
+    assert lines[:2] == [b"* 1 FETCH (UID 1)\r\n", b"* 2 FETCH (UID 3)\r\n"] and lines[2].startswith(b"f OK"), lines
+    assert lines[3] == b"* BYE [UNAVAILABLE] Server configuration changed, please reconnect.\r\n"
     assert c.closed()
     c = raw_via(p)
     c.login("carol", "carolpw")
@@ -412,7 +426,9 @@ def test_behind_a_proxy_listener_the_greeting_is_for_the_real_client(make_proxy)
         with pytest.raises(socket.timeout):
             s.recv(1000)  # (nothing before the header)
         s.settimeout(10)
-        s.sendall(header[:10])
+        s.sendall(header[:4])  # (a header in pieces: Twisted's parser closed on fewer than 8 bytes at first)
+        time.sleep(0.1)
+        s.sendall(header[4:10])
         time.sleep(0.1)
         s.sendall(header[10:] + b"a CAPABILITY\r\n")  # (with the header, what follows it)
         data = b""

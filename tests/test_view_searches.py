@@ -174,3 +174,36 @@ def test_search_the_proxy_cannot_read_is_refused_in_a_view(device):
     for command in (b'UID SEARCH RETURN (SAVE) SUBJECT "\\m"', b"SEARCH RETURN (COUNT MAX) (ALL)(ALL)"):
         r = device.command(b"a", command)
         assert r == [b"a BAD [CLIENTBUG] Search criteria not understood.\r\n"], (command, r)
+
+
+def test_thread_by_number_threads_only_the_visible_messages(make_proxy, dovecot):
+    """A hidden message that others reply to: ``THREAD ... 1:3`` through the view must thread the visible
+    messages alone, as the backend does given exactly those (a covering range let the hidden message
+    into the threading, and changed the threads' order and shape; found by the diff review)."""
+    folder = "Threads" + uuid.uuid4().hex[:8]
+
+    def message(subject, day, mid, refs=None, pad=0):
+        head = (f"From: a@example.com\r\nSubject: {subject}\r\nDate: {day} Jan 2024 10:00:00 +0000\r\n"
+                f"Message-ID: <{mid}>\r\n" + (f"References: <{refs}>\r\nIn-Reply-To: <{refs}>\r\n" if refs else ""))
+        return (head + "\r\nbody\r\n" + "x" * pad + "\r\n").encode()
+
+    for m in (message("y", 2, "c@x"), message("x", 1, "h@x", pad=5000),  # (the second: hidden, too large)
+              message("Re: x", 3, "a@x", refs="h@x"), message("Re: x", 4, "b@x", refs="h@x")):
+        dovecot.deliver("alice", folder, m)
+    direct = dovecot.imap_direct("alice", tls="none")
+    direct.select_folder(folder, readonly=True)
+    p = make_proxy(config_extra="[policy]\nmax_size = 2000\n")
+    c = raw_via(p)
+    c.command(b"i", b'ID ("x-cpm-device-id" "threads")')
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder.encode())
+    client_of = {1: b"1", 3: b"2", 4: b"3"}  # (backend number -> the device's)
+    for algorithm in ("ORDEREDSUBJECT", "REFERENCES"):
+        expected = direct._imap._simple_command("THREAD", algorithm, "UTF-8", "1,3:4")
+        threads = direct._imap.untagged_responses.pop("THREAD")[-1]
+        assert expected[0] == "OK"
+        want = re.sub(rb"\d+", lambda m: client_of[int(m.group())], threads)
+        got = [x for x in c.command(b"t", b"THREAD %s UTF-8 1:3" % algorithm.encode()) if x.startswith(b"* THREAD")]
+        assert got == [b"* THREAD " + want + b"\r\n"], (algorithm, got, want)
+    direct.logout()
+    c.close()

@@ -31,6 +31,7 @@ class _Collected(Protocol):
 class _HeaderFirstWrapper(HAProxyProtocolWrapper):
     _started = False
     _header_timer = None
+    _early = b""  # the header's first bytes, until Twisted's parser can tell its version from them
 
     def makeConnection(self, transport) -> None:
         # (ProtocolWrapper's, but the wrapped protocol waits for the header.)
@@ -43,6 +44,13 @@ class _HeaderFirstWrapper(HAProxyProtocolWrapper):
         if self._started:
             self.wrappedProtocol.dataReceived(data)
             return
+        if self._parser is None:
+            # (Twisted's wrapper tells v1 from v2 by the first bytes it gets, and closes the connection if
+            # they are fewer than a v2 signature or a v1 line's start: a header may come in pieces.)
+            self._early += data
+            if len(self._early) < 16 and b"\n" not in self._early:
+                return
+            data, self._early = self._early, b""
         session, collected = self.wrappedProtocol, _Collected()
         self.wrappedProtocol = collected
         try:

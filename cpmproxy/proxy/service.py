@@ -279,6 +279,8 @@ def _endpoint_params(desc: str) -> tuple[str, dict[str, str]] | None:
         raise ConfigError(f"invalid endpoint {desc!r}: cannot be read (a ':' or '\\' out of place?)") from None
     proxied = False
     while len(args) > 1 and args[0] == "haproxy":
+        if proxied:
+            raise ConfigError(f"invalid endpoint {desc!r}: one haproxy: is enough (a connection has one PROXY header)")
         args, proxied = args[1:], True
     kind, values = args[0], args[1:]
     if proxied and kind == "ssl":
@@ -909,20 +911,16 @@ class ProxyService(service.MultiService):
         for desc, options in listener_tls.items():
             self.listener_tls[desc].options = options
         old, self.hooks = self.hooks, HookTable.build(plugins)
+        retired = [plugin for plugin in old.plugins if not any(plugin is p for p in plugins)]
         if [p.name for p in old.plugins] != [p.name for p in plugins]:
             # What a session shows (its view, its pending local deletes, its notifications) is its plugins'
             # state: with other plugins it would be wrong (message numbers, hidden messages, deletes on the
-            # wrong message). Open sessions end, each once its commands under way are done; clients
-            # reconnect under the new set.
-            log.warn("reload: the plugins changed; ending the {n} open sessions", n=len(self.sessions))
-            self._end_sessions(CONFIG_CHANGED, self.config.proxy["shutdown_grace"])
-        for plugin in old.plugins:
-            if any(plugin is p for p in plugins):
-                continue
-            try:
-                plugin.stop()
-            except Exception:
-                log.failure("plugin {name} failed to stop", name=plugin.name)
+            # wrong message). Open sessions end, each once its commands under way are done, answered by
+            # the plugins they began with (retired ones stop after that); clients reconnect under the new set.
+            self._end_sessions(CONFIG_CHANGED, self.config.proxy["shutdown_grace"], old,
+                               lambda: self._retire(retired))
+        else:
+            self._retire(retired)
         for s in self.sessions:
             s.reconfigure(new)
         for plugin in plugins:
@@ -983,12 +981,14 @@ class ProxyService(service.MultiService):
             return waiter
         return d.addCallback(wait)
 
-    def _end_sessions(self, text: bytes, grace: float) -> None:
-        """End every logged-in session as at a stop (``ClientSession.shutdown``), without stopping."""
+    def _end_sessions(self, text: bytes, grace: float, hooks, then) -> None:
+        """End every logged-in session as at a stop (``ClientSession.shutdown``, with the plugins' hook
+        table they began with), without stopping; ``then()`` once each has."""
         ending = [s for s in self.sessions if s.phase == "auth"]
+        log.warn("reload: the plugins changed; ending the {n} logged-in sessions", n=len(ending))
         deadline = time.monotonic() + grace
         for s in ending:
-            s.shutdown(text)
+            s.shutdown(text, hooks)
 
         def check():
             busy = [s for s in ending if not s.drained()]
@@ -997,7 +997,16 @@ class ProxyService(service.MultiService):
                 return
             for s in busy:
                 s.bye(text)
+            then()
         check()
+
+    @staticmethod
+    def _retire(plugins) -> None:
+        for plugin in plugins:
+            try:
+                plugin.stop()
+            except Exception:
+                log.failure("plugin {name} failed to stop", name=plugin.name)
 
     def _stop_plugins(self) -> None:
         for plugin in self.hooks.plugins:

@@ -230,6 +230,9 @@ class ClientSession(Protocol, TimeoutMixin):
         self._sealed = False  # our BYE is out (or the connection is being closed): nothing follows it
         self._closing = False
         self._draining: bytes | None = None  # shutting down: the BYE text, once the commands are done
+        # The plugins' hook table the session runs with: the service's (a reload sets the new one), or the
+        # one it began with while a reload that changed the plugins lets it finish (see ``shutdown``).
+        self.hooks = service.hooks
         self._peer_unsettled = True
         self._output_link = _OutputLink(self)
         self._cut_call = None  # the abort of a closing connection whose client does not read
@@ -293,7 +296,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._close_side()
         self._credentials = None
         self.service.forget(self)
-        for plugin in self.service.hooks.closed:
+        for plugin in self.hooks.closed:
             try:
                 plugin.closed(self)
             except Exception:
@@ -801,7 +804,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self.service.forget_user(self)
         self._close_side()
         started = self._hooks_started
-        for plugin in [p for p in self.service.hooks.closed if any(p is s for s in started)]:
+        for plugin in [p for p in self.hooks.closed if any(p is s for s in started)]:
             try:
                 plugin.closed(self)
             except Exception:
@@ -814,7 +817,7 @@ class ClientSession(Protocol, TimeoutMixin):
 
     async def _login_hooks(self) -> None:
         self._hooks_started = []  # (the plugins to tell if the login goes no further: _abandon_login)
-        for plugin in self.service.hooks.login:
+        for plugin in self.hooks.login:
             self._hooks_started.append(plugin)
             await defer.maybeDeferred(plugin.login, self)
 
@@ -863,7 +866,7 @@ class ClientSession(Protocol, TimeoutMixin):
             out.append(c)
         out.append(b"APPENDLIMIT=%d" % limit)
         self.framer.max_literal = limit
-        for plugin in self.service.hooks.capabilities:
+        for plugin in self.hooks.capabilities:
             out = plugin.capabilities(self, out)
         return out
 
@@ -888,7 +891,7 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _relay_client_events(self) -> None:
         backend = self.backend  # (its ``out`` list is replaced at each flush: looked up each time)
-        hooks = self.service.hooks.command
+        hooks = self.hooks.command
         for ev in self.framer.events():
             if self._collecting is not None:
                 if not self._collect_event(ev) or self._literal_gate is not None:
@@ -1116,7 +1119,7 @@ class ClientSession(Protocol, TimeoutMixin):
             return True
         cmd = ClientCommand(first.tag, first.name, first.uid, line, parsed, not complete)
         cmd.state["collected"] = True
-        action = self._command_hooks(cmd, self.service.hooks.command)
+        action = self._command_hooks(cmd, self.hooks.command)
         return self._decide(cmd, ev, action)
 
     def _client_done(self, line: bytes) -> None:
@@ -1465,7 +1468,7 @@ class ClientSession(Protocol, TimeoutMixin):
 
     def _set_selected(self, mailbox: SelectedMailbox | None) -> None:
         self.selected = mailbox
-        for plugin in self.service.hooks.selected:
+        for plugin in self.hooks.selected:
             plugin.selected(self, mailbox)
 
     def _track_untagged(self, line: bytes, head) -> None:
@@ -1597,7 +1600,7 @@ class ClientSession(Protocol, TimeoutMixin):
         if self._held is None and not self._drop_response and self._selecting is None \
                 and not self._pending_inject:
             text = b"".join([ev.data for ev in events if type(ev) is Segment])
-            for plugin in self.service.hooks.response if text else ():
+            for plugin in self.hooks.response if text else ():
                 if not plugin.block_ok(self, text):
                     break
             else:
@@ -1623,7 +1626,7 @@ class ClientSession(Protocol, TimeoutMixin):
         text = run.text
         if self._held is None and self._selecting is None and not self._pending_inject \
                 and b" EXISTS" not in text and b" EXPUNGE" not in text and b"* ESEARCH" not in text:
-            for plugin in self.service.hooks.response:
+            for plugin in self.hooks.response:
                 if not plugin.block_ok(self, text):
                     break
             else:
@@ -1643,7 +1646,7 @@ class ClientSession(Protocol, TimeoutMixin):
         if not fetch_only and (b" EXISTS\r" in block or b" EXPUNGE\r" in block or b"* BYE" in block
                                or b"* ESEARCH" in block):
             return None
-        for plugin in self.service.hooks.response:
+        for plugin in self.hooks.response:
             if plugin.fetch_block_ok(self, block) if fetch_only else plugin.block_ok(self, block):
                 continue
             block = plugin.response_block(self, block)
@@ -1676,7 +1679,7 @@ class ClientSession(Protocol, TimeoutMixin):
                     self._drop_response = False
                 return
             data = ev.data
-            if self.service.hooks.response_continuations and self._resp_head is not None:
+            if self.hooks.response_continuations and self._resp_head is not None:
                 data = self._response_hooks(ev, data, False)
                 if data is None:
                     return
@@ -1774,9 +1777,9 @@ class ClientSession(Protocol, TimeoutMixin):
                         self._answered_early = True
                 self._finish_command(cmd, head.name, head)
             self._resp_cmd = cmd
-            if cmd is not None and self.service.hooks.tagged:
+            if cmd is not None and self.hooks.tagged:
                 resp = BackendResponse(data, True, head, cmd)
-                for plugin in self.service.hooks.tagged:
+                for plugin in self.hooks.tagged:
                     action = plugin.tagged(self, cmd, resp)
                     if isinstance(action, Rewrite):
                         resp.data = action.data
@@ -1815,13 +1818,13 @@ class ClientSession(Protocol, TimeoutMixin):
                     self._ended_with = "backend said: " + text[2:]
                     log.info("the backend ended the session: {text} session={session}", text=text,
                              session=self.session_id)
-        if self.service.hooks.response:
+        if self.hooks.response:
             return self._response_hooks(ev, data, True)
         return data
 
     def _response_hooks(self, ev, data: bytes, first: bool) -> bytes | None:
         head = self._resp_head
-        plugins = self.service.hooks.response_for(head.name, first)
+        plugins = self.hooks.response_for(head.name, first)
         if not plugins:
             return data
         resp = BackendResponse(data, first, head, self._resp_cmd)
@@ -1894,15 +1897,20 @@ class ClientSession(Protocol, TimeoutMixin):
     def reconfigure(self, config) -> None:
         """A reload's configuration: the limits read once a session is logged in apply to it too."""
         self.config = config
+        if self._draining is None:
+            self.hooks = self.service.hooks
         if self.phase == "auth" and not self._closing:
             self.setTimeout(config.limits["idle_timeout"])
             self.framer.max_line = config.limits["max_line"]
 
-    def shutdown(self, text: bytes) -> None:
+    def shutdown(self, text: bytes, hooks=None) -> None:
         """End the session for the proxy's sake (a stop, a reload that changes its plugins): commands the
         client sent are completed first (an APPEND being uploaded is stored *and* acknowledged, a FETCH
         going out is not cut), no new one is taken, then ``BYE [UNAVAILABLE] text`` between two
-        responses. The caller checks ``drained()`` and ends what is still running with ``bye``."""
+        responses. ``hooks``: the plugins the session began with, which answer those commands (their
+        view and renumbering). The caller checks ``drained()`` and ends what is still running with ``bye``."""
+        if hooks is not None:
+            self.hooks = hooks
         if self.phase != "auth" or self._closing:
             self.bye(text, code=b"UNAVAILABLE")
             return
