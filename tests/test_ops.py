@@ -420,7 +420,9 @@ def test_behind_a_proxy_listener_the_greeting_is_for_the_real_client(make_proxy)
     make_proxy(listen_extra=[f"haproxy:tcp:{port}:interface=127.0.0.1"],
                config_extra="[limits]\npreauth_timeout = 1.0\n")
     for header, expected in ((b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 143\r\n", b"LOGINDISABLED"),
-                             (b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 143\r\n", b"AUTH=PLAIN")):
+                             (b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 143\r\n", b"AUTH=PLAIN"),
+                             # (the balancer does not know the client: the connection's own address goes)
+                             (b"PROXY UNKNOWN\r\n", b"AUTH=PLAIN")):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.settimeout(0.3)
         with pytest.raises(socket.timeout):

@@ -51,6 +51,15 @@ class _HeaderFirstWrapper(HAProxyProtocolWrapper):
             if len(self._early) < 16 and b"\n" not in self._early:
                 return
             data, self._early = self._early, b""
+            if data.startswith(b"PROXY UNKNOWN"):
+                # (v1's "the balancer does not know the client", e.g. its own health checks: the session
+                # goes by the connection's own addresses, as the protocol says; Twisted refuses the line.)
+                end = data.find(b"\n")
+                if end < 0:
+                    self._early = data
+                    return
+                self._start(data[end + 1:])
+                return
         session, collected = self.wrappedProtocol, _Collected()
         self.wrappedProtocol = collected
         try:
@@ -59,11 +68,15 @@ class _HeaderFirstWrapper(HAProxyProtocolWrapper):
             self.wrappedProtocol = session
         if self._proxyInfo is None:
             return
+        self._start(b"".join(collected.chunks))
+
+    def _start(self, rest: bytes) -> None:
+        """The header is read: the session begins, with what followed it."""
         self._started = True
         self._header_timer.cancel()
-        session.makeConnection(self)
-        for chunk in collected.chunks:
-            session.dataReceived(chunk)
+        self.wrappedProtocol.makeConnection(self)
+        if rest:
+            self.wrappedProtocol.dataReceived(rest)
 
     def connectionLost(self, reason) -> None:
         if self._header_timer is not None and self._header_timer.active():
