@@ -49,8 +49,16 @@ from plugins.cpm import (
 )
 from plugins.policyconfig import DeviceClass, Policy, parse_policy
 from plugins.view import MailboxView, expand_ranges
+from plugins.viewsearch import (
+    INLINE_HIDDEN_MAX,
+    INLINE_SET_MAX,
+    esearch_options,
+    local_esearch_options,
+    renumber_ordered_set,
+    rewrite_search_keys,
+    visible_esearch,
+)
 from plugins.wire import (
-    NOARG_SEARCH_KEYS,
     SEARCH_COMMANDS,
     esearch_all,
     has_caps,
@@ -60,7 +68,6 @@ from plugins.wire import (
     list_oldname,
     list_without_oldname,
     mailbox_name,
-    search_key_args,
     search_ok,
     token_text,
     uid_set_pieces,
@@ -171,8 +178,6 @@ _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 _VANISHED_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?VANISHED(?:\s[^()]*)?\)\s*$", re.IGNORECASE)
 _SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT", b"THREAD"))  # (unless UID)
 _EXPUNGING = frozenset((b"EXPUNGE", b"MOVE", b"CLOSE"))  # (UID EXPUNGE, UID MOVE too)
-MAX_KEY_DEPTH = 100  # NOT/OR nesting in a search the view rewrites
-_SET_LIKE_RE = re.compile(rb"[0-9:,*]+")
 _NOT_OFFERED = frozenset((b"CONTEXT=SEARCH", b"CONTEXT=SORT", b"CATENATE", b"URL-PARTIAL"))
 _URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
 _LITERAL_OR_QUOTED_RE = re.compile(rb'~?\{(\d+)\+?\}\r\n|"(?:[^"\\]|\\.)*"')
@@ -1165,7 +1170,7 @@ class PolicyPlugin(Plugin):
         if code is not None and code[:9].upper() == b"MODIFIED " and not cmd.uid and st.view is not None \
                 and not st.view.identity:
             # RFC 7162 3.1.3: the messages a conditional STORE left alone, in the client's numbers.
-            renumbered = b"MODIFIED " + _renumber_ordered_set(st.view, code[9:].strip())
+            renumbered = b"MODIFIED " + renumber_ordered_set(st.view, code[9:].strip())
             return Rewrite(resp.data.replace(b"[" + code + b"]", b"[" + renumbered + b"]", 1))
         return None
 
@@ -1306,7 +1311,7 @@ class PolicyPlugin(Plugin):
             # exactly on its way back, and Dovecot announces no expunges during a search with UID
             # criteria, which clients syncing with UID SEARCH would notice.)
             hidden = view.hidden_uids.format()
-            wanted = _esearch_options(returning) if cmd.name == b"SEARCH" and returning is not None \
+            wanted = esearch_options(returning) if cmd.name == b"SEARCH" and returning is not None \
                 and len(hidden) > INLINE_HIDDEN_MAX and b"MODSEQ" not in body.upper() else None
             if wanted is not None:
                 # Too many hidden UIDs to name in one command line (the backend refuses a line past its
@@ -1418,18 +1423,18 @@ class PolicyPlugin(Plugin):
         out = tokens[:2]
         if items and isinstance(items[0], ParenList):  # (TAG "a")
             out.append(items[0])
-            wanted = _local_esearch(session, items[0])
+            wanted = local_esearch_options(session, items[0])
             items = items[1:]
             if wanted is not None:
-                return Rewrite(format_tokens(out + _visible_esearch(view, items, wanted)) + b"\r\n")
+                return Rewrite(format_tokens(out + visible_esearch(view, items, wanted)) + b"\r\n")
         uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
         for j in range(0, len(items) - 1, 2):
             key, value = (token_text(items[j]) or b"").upper(), items[j + 1]
             if key in (b"MIN", b"MAX", b"ALL"):
                 text = token_text(value) or b""
-                value = Atom(text if uid else _renumber_ordered_set(view, text))
+                value = Atom(text if uid else renumber_ordered_set(view, text))
             elif key == b"PARTIAL" and isinstance(value, ParenList) and len(value.items) == 2 and not uid:
-                value = ParenList([value.items[0], Atom(_renumber_ordered_set(view, token_text(value.items[1]) or b""))])
+                value = ParenList([value.items[0], Atom(renumber_ordered_set(view, token_text(value.items[1]) or b""))])
             out += [items[j], value]
         if len(items) % 2:
             out.append(items[-1])  # "UID" alone, or something the backend knows better
@@ -2381,138 +2386,3 @@ def _qresync_known(cmd, view: MailboxView, uidvalidity: int) -> SequenceSet | No
                 return None
             return SequenceSet.from_canonical(known.resolve(view.max_uid).ranges)
     return None
-
-
-INLINE_HIDDEN_MAX = 3800  # bytes of hidden UIDs a search names itself (see _search_command)
-INLINE_SET_MAX = 3800  # bytes of a sequence set a FETCH names exactly (see _view_command)
-_LOCAL_ESEARCH = (b"MIN", b"MAX", b"ALL", b"COUNT")  # (in Dovecot's order)
-
-
-def _esearch_options(returning: ParenList) -> tuple[bytes, ...] | None:
-    """The RETURN options of a search, if the proxy can compute them all from the matches (RFC 4731:
-    none is ALL); None for any other (SAVE, PARTIAL, an extension's)."""
-    names = set()
-    for item in returning.items:
-        if not isinstance(item, Atom) or item.upper() not in _LOCAL_ESEARCH:
-            return None
-        names.add(item.upper())
-    return tuple(n for n in _LOCAL_ESEARCH if n in names) if names else (b"ALL",)
-
-
-def _local_esearch(session, tag_list: ParenList) -> tuple[bytes, ...] | None:
-    """The options to compute for the ESEARCH ``(TAG "t")`` answers, if its command asked the backend
-    for every match instead (``esearch_local``)."""
-    items = tag_list.items
-    if len(items) != 2 or (token_text(items[0]) or b"").upper() != b"TAG":
-        return None
-    tag = token_text(items[1])
-    cmd = next((c for c in session.inflight_commands() if c.tag == tag), None)
-    return None if cmd is None else cmd.state.get("esearch_local")
-
-
-def _visible_esearch(view: MailboxView, items: list, wanted: tuple[bytes, ...]) -> list:
-    """The items after ``(TAG ...)`` of an ESEARCH that returned ALL of the matches, hidden ones too: the
-    options ``wanted`` of the visible matches, in the client's numbers."""
-    uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
-    found = SequenceSet.empty()
-    for j in range(1 if uid else 0, len(items) - 1, 2):
-        if (token_text(items[j]) or b"").upper() == b"ALL":
-            found = SequenceSet.parse(token_text(items[j + 1]) or b"")
-    if uid:
-        shown = view.visible_uidset(found)
-    else:
-        shown = found - view.hidden_seqs
-        shown = SequenceSet.parse(_renumber_ordered_set(view, shown.format())) if shown else shown
-    out = [Atom(b"UID")] if uid else []
-    for name in wanted:
-        if name == b"COUNT":
-            out += [Atom(name), Atom(b"%d" % len(shown))]
-        elif shown:
-            value = shown.min() if name == b"MIN" else shown.max() if name == b"MAX" else None
-            out += [Atom(name), Atom(shown.format() if value is None else b"%d" % value)]
-    return out
-
-
-def _renumber_ordered_set(view: MailboxView, text: bytes) -> bytes:
-    """A backend sequence set of matches (``3,9:7,12``, in the order given: ESORT's is the sort order)
-    in client numbers. The matches are visible messages (the search excluded the others), and a range
-    of matches holds no hidden message, so each element maps as a whole."""
-    runs: list[list[int]] = []  # [first, last] in the order given
-    for part in text.split(b","):
-        ends = []
-        for n in part.split(b":"):
-            if not n.isdigit():
-                return text  # ("*" or garbage: the backend's business, as it was)
-            ends.append(view.client_seq(int(n)) or 0)
-        if 0 in ends:
-            continue  # (not a visible message after all: dropped rather than shown)
-        first, last = ends[0], ends[-1]
-        if runs and runs[-1][0] <= runs[-1][1] and first <= last and first == runs[-1][1] + 1:
-            runs[-1][1] = last  # (backend 1,3 around hidden 2 is client 1:2)
-        else:
-            runs.append([first, last])
-    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in runs)
-
-
-def rewrite_search_keys(view: MailboxView, tokens: list, depth: int = 0, exact: bool = False) -> list:
-    """Walk SEARCH criteria; client sequence sets become backend ones. UID sets, dates, sizes,
-    strings are left alone (the walker knows each search key's arguments). ``depth``: the NOT, OR and
-    parentheses around ``tokens`` (each a level of recursion here). ``exact``: sets of the visible
-    messages only (for THREAD), not ranges that cover the hidden ones between them."""
-    out = []
-    i = 0
-    while i < len(tokens):
-        part, i = _one_key(view, tokens, i, depth, exact)
-        out += part
-    return out
-
-
-def _client_star(view: MailboxView, token):
-    """A ``UID`` search key's set with ``*`` as the client means it: the largest UID it sees, not the
-    backend's (a hidden message's: ``UID *`` found nothing)."""
-    if not isinstance(token, Atom) or b"*" not in token.value:
-        return token
-    visible = view.visible
-    try:
-        uids = SequenceSet.parse(token.value)
-    except SequenceSetError:
-        return token
-    return Atom(uids.resolve(visible[-1]).format()) if visible else token
-
-
-def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0, exact: bool = False):
-    t = tokens[i]
-    if depth > MAX_KEY_DEPTH:  # (NOT NOT (NOT ...: each one a level of recursion here)
-        raise TokenError("search criteria nested too deeply")
-    if isinstance(t, ParenList):
-        return [ParenList(rewrite_search_keys(view, t.items, depth + 1, exact))], i + 1
-    if not isinstance(t, Atom):
-        return [t], i + 1
-    key = t.upper()
-    if key in NOARG_SEARCH_KEYS:
-        return [t], i + 1
-    n = search_key_args(tokens, i, key)
-    if n:
-        if key == b"UID" and n == 1:
-            return [t, _client_star(view, tokens[i + 1])], i + 2
-        return tokens[i:i + 1 + n], i + 1 + n
-    if key == b"NOT":
-        sub, j = _one_key(view, tokens, i + 1, depth + 1, exact) if i + 1 < len(tokens) else ([], i + 1)
-        return [t] + sub, j
-    if key == b"OR":
-        a, j = _one_key(view, tokens, i + 1, depth + 1, exact) if i + 1 < len(tokens) else ([], i + 1)
-        b, k = _one_key(view, tokens, j, depth + 1, exact) if j < len(tokens) else ([], j)
-        return [t] + a + b, k
-    try:
-        s = SequenceSet.parse(t.value)
-    except SequenceSetError:
-        if _SET_LIKE_RE.fullmatch(t.value):
-            # A set the backend may read after all (Dovecot takes "01"), in its numbers, not the view's.
-            raise TokenError(f"invalid sequence set {t.value[:40]!r}") from None
-        return [t], i + 1
-    # The client's ranges over the backend's numbers, hidden messages in them included: they are no match
-    # whatever the key says of them (results are of the visible messages only), and the set stays as
-    # short as the client's (the exact one can be past the backend's line limit).
-    mapped = view.backend_seqset(s) if exact else view.backend_cover(s)
-    # Nothing visible matches: a number past the end matches nothing on the backend either.
-    return [Atom(mapped.format() if mapped else b"%d" % (len(view.uids) + 1))], i + 1

@@ -87,7 +87,7 @@ def test_esearch_of_every_match_narrowed_to_the_visible_ones(v, data, uid, optio
     UIDs than a command line holds): the options the client asked, of its visible matches, in its
     numbers, as Dovecot orders them; MIN/MAX/ALL left out when nothing visible matched."""
     from cpmproxy.imap.tokens import format_tokens, tokenize
-    from plugins.policy import _esearch_options, _visible_esearch
+    from plugins.viewsearch import esearch_options, visible_esearch
 
     uids, hidden = v
     view = MailboxView(uids, hidden)
@@ -101,8 +101,8 @@ def test_esearch_of_every_match_narrowed_to_the_visible_ones(v, data, uid, optio
     reply = b"UID" if uid else b""
     if found:
         reply += (b" " if reply else b"") + b"ALL " + SequenceSet.from_iterable(found).format()
-    wanted = _esearch_options(tokenize(b"(" + b" ".join(options) + b")")[0])
-    got = format_tokens(_visible_esearch(view, tokenize(reply) if reply else [], wanted))
+    wanted = esearch_options(tokenize(b"(" + b" ".join(options) + b")")[0])
+    got = format_tokens(visible_esearch(view, tokenize(reply) if reply else [], wanted))
     expected = [b"UID"] if uid else []
     for name in (b"MIN", b"MAX", b"ALL", b"COUNT"):
         if name not in (options or [b"ALL"]):
@@ -117,10 +117,10 @@ def test_esearch_of_every_match_narrowed_to_the_visible_ones(v, data, uid, optio
 
 def test_esearch_options_the_proxy_computes():
     from cpmproxy.imap.tokens import tokenize
-    from plugins.policy import _esearch_options
+    from plugins.viewsearch import esearch_options
 
     def options(text: bytes):
-        return _esearch_options(tokenize(text)[0])
+        return esearch_options(tokenize(text)[0])
 
     assert options(b"()") == (b"ALL",)  # (RFC 4731: none is ALL)
     assert options(b"(count min all)") == (b"MIN", b"ALL", b"COUNT")
