@@ -198,23 +198,17 @@ class MailboxView:
 
         Numbers beyond the visible count are dropped (the caller answers BAD if nothing is left, as a
         server does for an invalid message number)."""
-        n = self.exists
-        if n == 0:
-            return SequenceSet.empty()
-        resolved = client_set.resolve(n).clip(1, n)
-        if not self.hidden:
+        resolved = self._client_ranges(client_set)
+        if not resolved or not self.hidden:
             return resolved
-        if resolved.ranges == ((1, n),):
+        if resolved.ranges == ((1, self.exists),):
             return self.visible_seqs  # (the usual 1:*: built once per state of the view)
         if _few(resolved):
             # (a number or a few: looked up, not subtracted from the hidden runs, which a change rebuilds)
             vis, uids = self.visible, self.uids
             return SequenceSet.from_iterable([bisect_left(uids, vis[c - 1]) + 1
                                               for lo, hi in resolved.ranges for c in range(lo, hi + 1)])
-        ranges = []
-        for lo, hi in resolved.ranges:
-            ranges.append((self.backend_seq(lo), self.backend_seq(hi)))
-        return SequenceSet.from_ranges(ranges) - self.hidden_seqs
+        return self._cover(resolved) - self.hidden_seqs
 
     def backend_cover(self, client_set: SequenceSet) -> SequenceSet:
         """Backend numbers that cover a client sequence set: each client range becomes the backend range
@@ -223,12 +217,15 @@ class MailboxView:
         command line past the backend's limit where hidden messages are scattered), for commands whose
         result on the visible messages is the same either way: a search's keys, a FETCH whose answers
         for hidden messages are dropped and which changes nothing."""
+        resolved = self._client_ranges(client_set)
+        return self._cover(resolved) if resolved and self.hidden else resolved
+
+    def _client_ranges(self, client_set: SequenceSet) -> SequenceSet:
+        """``client_set`` with ``*`` resolved, clipped to the messages the client sees."""
         n = self.exists
-        if n == 0:
-            return SequenceSet.empty()
-        resolved = client_set.resolve(n).clip(1, n)
-        if not self.hidden:
-            return resolved
+        return client_set.resolve(n).clip(1, n) if n else SequenceSet.empty()
+
+    def _cover(self, resolved: SequenceSet) -> SequenceSet:
         return SequenceSet.from_ranges([(self.backend_seq(lo), self.backend_seq(hi)) for lo, hi in resolved.ranges])
 
     def visible_uidset(self, uid_set: SequenceSet) -> SequenceSet:
