@@ -1214,7 +1214,8 @@ class PolicyPlugin(Plugin):
             if name == b"STORE" and not _UNCHANGEDSINCE_RE.match(cmd.line, m.end(2)):
                 pieces = self._store_pieces(view, requested, cmd.uid)
                 if pieces is not None:
-                    return Defer(defer.Deferred.fromCoroutine(self._store_in_pieces(session, pieces, m.group(3))))
+                    head = b"UID STORE " if cmd.uid else b"STORE "
+                    return Defer(defer.Deferred.fromCoroutine(self._store_in_pieces(session, pieces, head, m.group(3))))
             if cmd.uid:
                 allowed = view.visible_uidset(requested)
                 # A FETCH of a body section without .PEEK sets \Seen: hidden messages must not get it.
@@ -1358,9 +1359,10 @@ class PolicyPlugin(Plugin):
 
     @staticmethod
     def _store_pieces(view: MailboxView, requested: SequenceSet, uid: bool) -> list[bytes] | None:
-        """The visible messages a STORE names, as UID sets of a few KB each, where naming them in one
-        command would pass the backend's line limit (one range per run of them between hidden ones:
-        ``STORE 1:* +FLAGS (\\Seen)`` in a folder whose every other message is hidden); else None."""
+        """The visible messages a STORE names, in sets of a few KB each (the backend's numbers, or UIDs for
+        a UID STORE), where naming them in one command would pass the backend's line limit (one range per
+        run of them between hidden ones: ``STORE 1:* +FLAGS (\\Seen)`` in a folder whose every other
+        message is hidden); else None."""
         if uid:
             exact = view.visible_uidset(requested)
         else:
@@ -1369,16 +1371,20 @@ class PolicyPlugin(Plugin):
                 return None  # (refused as an invalid set, as before)
         if len(exact.ranges) * 22 <= INLINE_SET_MAX or len(exact.format()) <= INLINE_SET_MAX:
             return None
-        if not uid:  # (UIDs: another session's expunges between the pieces move numbers, not UIDs)
-            uids = view.uids
-            exact = SequenceSet.from_iterable(uids[b - 1] for lo, hi in exact.ranges for b in range(lo, hi + 1))
         return uid_set_pieces(exact)
 
-    async def _store_in_pieces(self, session, pieces: list[bytes], rest: bytes):
-        """A STORE as UID STOREs of the proxy's own, pipelined: their FETCH answers go to the client as
-        any (renumbered by the view; with a UID item, which a server may add); the first refusal is the
-        client's answer (the pieces before it are stored, as a server's STORE may stop part way)."""
-        replies = [session.backend_command(b"UID STORE " + piece + rest.rstrip(b"\r\n")) for piece in pieces]
+    async def _store_in_pieces(self, session, pieces: list[bytes], head: bytes, rest: bytes):
+        """A STORE as STOREs of the proxy's own, pipelined (``head``: ``STORE`` or ``UID STORE``): their
+        FETCH answers go to the client as any, renumbered by the view. By number as the client's: the
+        backend announces no expunge during a STORE by number (RFC 9051 7.5.1), so the numbers hold from
+        one piece to the next and the client hears of none in the middle of its STORE. No command hook sees
+        them: the CPM flag is mapped here, as the readreport plugin would. The first refusal is the client's
+        answer (the pieces before it are stored, as a server's STORE may stop part way)."""
+        readreport = session.hooks.by_name.get("readreport")
+        text = rest.rstrip(b"\r\n")
+        if readreport is not None:
+            text = readreport.flags_for_backend(text)
+        replies = [session.backend_command(head + piece + text) for piece in pieces]
         failed = None
         for d in replies:
             reply = await d

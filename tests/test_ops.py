@@ -422,7 +422,11 @@ def test_behind_a_proxy_listener_the_greeting_is_for_the_real_client(make_proxy)
     for header, expected in ((b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 143\r\n", b"LOGINDISABLED"),
                              (b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 143\r\n", b"AUTH=PLAIN"),
                              # (the balancer does not know the client: the connection's own address goes)
-                             (b"PROXY UNKNOWN\r\n", b"AUTH=PLAIN")):
+                             (b"PROXY UNKNOWN\r\n", b"AUTH=PLAIN"),
+                             # v2, binary (its signature holds a "\n": taken for a v1 line's end at first)
+                             (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + socket.inet_aton("198.51.100.7")
+                              + socket.inet_aton("127.0.0.1") + (40000).to_bytes(2, "big") + (143).to_bytes(2, "big"),
+                              b"LOGINDISABLED")):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.settimeout(0.3)
         with pytest.raises(socket.timeout):

@@ -48,8 +48,8 @@ class _HeaderFirstWrapper(HAProxyProtocolWrapper):
             # (Twisted's wrapper tells v1 from v2 by the first bytes it gets, and closes the connection if
             # they are fewer than a v2 signature or a v1 line's start: a header may come in pieces.)
             self._early += data
-            if len(self._early) < 16 and b"\n" not in self._early:
-                return
+            if len(self._early) < 16 and not (self._early.startswith(b"PROXY") and b"\n" in self._early):
+                return  # (a v1 line may be shorter; v2's signature holds a "\n" of its own)
             data, self._early = self._early, b""
             if data.startswith(b"PROXY UNKNOWN"):
                 # (v1's "the balancer does not know the client", e.g. its own health checks: the session

@@ -984,7 +984,8 @@ class ProxyService(service.MultiService):
     def _end_sessions(self, text: bytes, grace: float, hooks, then) -> None:
         """End every logged-in session as at a stop (``ClientSession.shutdown``, with the plugins' hook
         table they began with), without stopping; ``then()`` once each has."""
-        ending = [s for s in self.sessions if s.phase == "auth"]
+        # (A session in the middle of its login too: its login hooks are the old set's.)
+        ending = [s for s in self.sessions if s.phase in ("auth", "login")]
         log.warn("reload: the plugins changed; ending the {n} logged-in sessions", n=len(ending))
         deadline = time.monotonic() + grace
         for s in ending:
@@ -997,6 +998,13 @@ class ProxyService(service.MultiService):
                 return
             for s in busy:
                 s.bye(text)
+            gone(time.monotonic() + 1.0)
+
+        def gone(until):
+            # (The retired plugins stop once the sessions are closed: their ``closed`` hooks come first.)
+            if any(s.phase != "closed" for s in ending) and time.monotonic() < until:
+                self.reactor.callLater(0.05, gone, until)
+                return
             then()
         check()
 

@@ -1909,8 +1909,8 @@ class ClientSession(Protocol, TimeoutMixin):
         going out is not cut), no new one is taken, then ``BYE [UNAVAILABLE] text`` between two
         responses. ``hooks``: the plugins the session began with, which answer those commands (their
         view and renumbering). The caller checks ``drained()`` and ends what is still running with ``bye``."""
-        if hooks is not None:
-            self.hooks = hooks
+        if hooks is not None and self._draining is None:
+            self.hooks = hooks  # (a second reload while it drains: it still finishes under the first set)
         if self.phase != "auth" or self._closing:
             self.bye(text, code=b"UNAVAILABLE")
             return
