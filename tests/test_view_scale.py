@@ -210,8 +210,7 @@ def test_local_deletes_of_more_scattered_uids_than_a_command_line_holds_are_kept
     c.close()
     left = 20
     c = _device(p, b"tablet")
-    assert _exists(c, b"Big") == left  # (nine records: merged in the background now)
-    c.close()
+    assert _exists(c, b"Big") == left  # (nine records: merged in the background now, while it stays)
     direct = RawIMAP("127.0.0.1", d.port, timeout=60)
     direct.login("alice", "alicepw")
     deadline = time.monotonic() + 30
@@ -222,6 +221,7 @@ def test_local_deletes_of_more_scattered_uids_than_a_command_line_holds_are_kept
             break
         time.sleep(0.2)
     direct.close()
+    c.close()
     assert len(records) == 1, lines
     c = _device(p, b"tablet")
     assert _exists(c, b"Big") == left
