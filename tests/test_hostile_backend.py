@@ -158,13 +158,19 @@ def internal_errors(proxy) -> float:
     raise AssertionError("no cpmproxy_internal_errors_total in the metrics")
 
 
+def _logged_in(proxy) -> RawIMAP:
+    """A device ("dev1") logged in as alice through ``proxy``."""
+    c = RawIMAP(proxy.host, proxy.port, timeout=10)
+    c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    return c
+
+
 def run_case(proxy, select_first: bool, command: bytes) -> list[bytes]:
     """Log in through the proxy (a device id, so the CPM plugins have their say), optionally SELECT, run
     ``command`` (tag ``h``); every line the client gets until the tagged answer or the end of the
     connection (a hang is a failure: RawIMAP times out)."""
-    c = RawIMAP(proxy.host, proxy.port, timeout=10)
-    c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
-    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    c = _logged_in(proxy)
     if select_first:
         selected = c.command(b"s", b"SELECT INBOX")
         assert selected[-1].startswith(b"s OK")
@@ -290,9 +296,7 @@ def test_failed_classification_fails_closed(scripted, make_proxy, failing, answe
     proxy.hides_uid2 = True
     scripted.internal = {failing: answer}
     try:
-        c = RawIMAP(proxy.host, proxy.port, timeout=10)
-        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
-        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        c = _logged_in(proxy)
         c.send(b"s SELECT INBOX\r\n")
         lines = []
         try:
@@ -322,9 +326,7 @@ def test_local_delete_the_backend_cannot_record_is_not_done(scripted, make_proxy
     proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
     scripted.internal = {b"SETMETADATA": answer}
     try:
-        c = RawIMAP(proxy.host, proxy.port, timeout=10)
-        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
-        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        c = _logged_in(proxy)
         assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
         assert c.command(b"t", b"STORE 2 +FLAGS.SILENT (\\Deleted $LocalDelete)")[-1].startswith(b"t OK")
         lines = c.command(b"e", b"EXPUNGE")
@@ -366,9 +368,7 @@ def test_backend_without_metadata_means_no_preferences(scripted, make_proxy):
     scripted.caps = CAPS.replace(b" METADATA", b"")
     scripted.internal = {b"GETMETADATA": b"* BYE gone\r\n"}  # (the side connection would go away)
     try:
-        c = RawIMAP(proxy.host, proxy.port, timeout=10)
-        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
-        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        c = _logged_in(proxy)
         assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
         c.close()
     finally:
@@ -388,9 +388,7 @@ def test_a_folder_preference_whose_mark_is_refused_is_not_set(scripted, make_pro
     proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
     scripted.internal = {b'SETMETADATA "" (/PRIVATE/VENDOR/VENDOR.CPMPROXY/FOLDERS/': answer}
     try:
-        c = RawIMAP(proxy.host, proxy.port, timeout=10)
-        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
-        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        c = _logged_in(proxy)
         lines = c.command(b"m", b'SETMETADATA Chats (/private/vendor/vendor.cpmproxy/sync/imdn "off")')
         c.close()
     finally:
@@ -411,9 +409,7 @@ def test_folder_whose_preferences_cannot_be_read(scripted, make_proxy):
     scripted.internal = {b'GETMETADATA (DEPTH INFINITY) ""': account,
                          b"GETMETADATA (DEPTH INFINITY) CHATS": b"{tag} NO [SERVERBUG] Internal error\r\n"}
     try:
-        c = RawIMAP(proxy.host, proxy.port, timeout=10)
-        c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
-        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        c = _logged_in(proxy)
         for tag, command in ((b"s", b"SELECT Chats"), (b"t", b"STATUS Chats (MESSAGES)")):
             assert c.command(tag, command)[-1] == tag + b" NO [SERVERBUG] Internal error\r\n", command
         # An unsolicited STATUS (NOTIFY) about it: dropped, not shown unfiltered nor held for ever.
@@ -459,9 +455,7 @@ def test_unsolicited_status_that_cannot_be_counted_is_dropped(scripted, make_pro
     device's view first; if the backend refuses the count, the STATUS is dropped, not shown with the
     hidden messages counted in."""
     proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra="[policy]\nmax_size = 1000\n")
-    c = RawIMAP(proxy.host, proxy.port, timeout=10)
-    c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
-    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    c = _logged_in(proxy)
     scripted.script = {b"NOOP": b"* STATUS Chats (MESSAGES 3 UNSEEN 1)\r\n{tag} OK done\r\n"}
     scripted.internal = {b"RETURN (ALL)": b"{tag} NO [SERVERBUG] Internal error\r\n"}
     try:
@@ -609,9 +603,7 @@ def test_a_client_gone_while_its_status_is_counted_lets_go_of_the_side_connectio
                                b'LIST "" FIRST': b'* LIST () "/" First\r\n{tag} OK done\r\n'}
     proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
                        config_extra="[policy]\nmax_size = 1000\n", backend_extra="side_linger = 0.2")
-    c = RawIMAP(proxy.host, proxy.port, timeout=10)
-    c.command(b"i", b'ID ("x-cpm-device-id" "dev1")')
-    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    c = _logged_in(proxy)
     c.send(b'g STATUS "First" (MESSAGES)\r\nh STATUS "Other" (MESSAGES UNSEEN)\r\n')
     deadline = time.monotonic() + 5
     while not any(b"EXAMINE OTHER" in line.upper() for line in fresh_scripted.received) \

@@ -6,6 +6,7 @@ Real Dovecot and proxy processes where it matters; the sender and the CLI's erro
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -147,6 +148,23 @@ def test_local_delete_pushes_nothing(make_proxy, dovecot, proxy_certs, tmp_path)
         receiver.stop()
 
 
+@contextlib.contextmanager
+def _phone_and_offline_tablet(make_proxy, dovecot, proxy_certs, tmp_path, user: str):
+    """A proxy pushing to a receiver, ``user``'s tablet known and offline, and their phone logged in:
+    (the phone's connection, a folder with one message, the receiver)."""
+    tag = uuid.uuid4().hex[:6]
+    folder = f"Default/tel:+1555{tag}"
+    dovecot.deliver(user, folder, make_object("chat"))
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    p = make_proxy(config_extra=_push_config(receiver, proxy_certs, _admin_config(dovecot, tmp_path)))
+    try:
+        device(p, f"tablet-{tag}", user).close()
+        yield device(p, f"phone-{tag}", user), folder, receiver
+    finally:
+        receiver.stop()
+
+
 def test_a_change_made_through_the_proxy_is_pushed_once(make_proxy, dovecot, proxy_certs, tmp_path):
     """An APPEND through the proxy is published at its OK, and the user's watch sees it on the backend
     ~0.5 s later: one push, whose id is the one any proxy node computes for that change."""
@@ -154,16 +172,7 @@ def test_a_change_made_through_the_proxy_is_pushed_once(make_proxy, dovecot, pro
     from plugins.push import change_id
 
     user = "dave"
-    tag = uuid.uuid4().hex[:6]
-    phone, tablet = f"phone-{tag}", f"tablet-{tag}"
-    folder = f"Default/tel:+1555{tag}"
-    dovecot.deliver(user, folder, make_object("chat"))
-    receiver = _Receiver(proxy_certs)
-    receiver.start()
-    p = make_proxy(config_extra=_push_config(receiver, proxy_certs, _admin_config(dovecot, tmp_path)))
-    try:
-        device(p, tablet, user).close()
-        c = device(p, phone, user)
+    with _phone_and_offline_tablet(make_proxy, dovecot, proxy_certs, tmp_path, user) as (c, folder, receiver):
         msg = make_object("chat", text="once")
         r = c.command(b"a", b'APPEND "%s" {%d+}\r\n%s' % (folder.encode(), len(msg), msg))
         assert r[-1].startswith(b"a OK"), r
@@ -174,24 +183,12 @@ def test_a_change_made_through_the_proxy_is_pushed_once(make_proxy, dovecot, pro
         ev = pushed[0]
         seen_by_a_watch = ChangeEvent(user, folder, "MessageNew", None, ev["uidvalidity"], tuple(ev["uids"]), 12345)
         assert change_id(seen_by_a_watch) == ev["id"]
-    finally:
-        receiver.stop()
 
 
 def test_a_burst_of_appends_through_the_proxy_is_pushed_once_each(make_proxy, dovecot, proxy_certs, tmp_path):
     """APPENDs in a row through the proxy: each pushed at its OK, and the watch then reports them as one
     change, whose id (its UIDs) differs: each message was pushed twice (found by the ops review)."""
-    user = "dave"
-    tag = uuid.uuid4().hex[:6]
-    phone, tablet = f"phone-{tag}", f"tablet-{tag}"
-    folder = f"Default/tel:+1556{tag}"
-    dovecot.deliver(user, folder, make_object("chat"))
-    receiver = _Receiver(proxy_certs)
-    receiver.start()
-    p = make_proxy(config_extra=_push_config(receiver, proxy_certs, _admin_config(dovecot, tmp_path)))
-    try:
-        device(p, tablet, user).close()
-        c = device(p, phone, user)
+    with _phone_and_offline_tablet(make_proxy, dovecot, proxy_certs, tmp_path, "dave") as (c, folder, receiver):
         msgs = [make_object("chat", text=f"burst {i}") for i in range(6)]
         c.send(b"".join(b'a%d APPEND "%s" {%d+}\r\n%s\r\n' % (i, folder.encode(), len(m), m)
                         for i, m in enumerate(msgs)))
@@ -201,8 +198,6 @@ def test_a_burst_of_appends_through_the_proxy_is_pushed_once_each(make_proxy, do
         pushed = [u for e in receiver.events if e["mailbox"] == folder and e["event"] == "MessageNew"
                   for u in e["uids"]]
         assert sorted(pushed) == [2, 3, 4, 5, 6, 7], receiver.events
-    finally:
-        receiver.stop()
 
 
 def test_each_change_through_a_proxy_without_watch_is_pushed(make_proxy, dovecot, proxy_certs):
