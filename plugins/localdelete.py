@@ -38,7 +38,7 @@ from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
-from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, TokenError, format_tokens, tokenize
+from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, TokenError, format_tokens, token_text, tokenize
 from cpmproxy.proxy.backend import BackendError, BackendRefused, Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREFIX
@@ -55,7 +55,6 @@ from plugins.wire import (
     mailbox_name,
     metadata_value,
     search_key_args,
-    token_text,
     uid_set_pieces,
     wire_name,
 )
@@ -115,12 +114,9 @@ class LocalDeletePlugin(Plugin):
 
     # -- wiring ---------------------------------------------------------------------------------
 
-    def _policy(self):
-        return self.proxy.hooks.by_name.get("policy")
-
     def _allowed(self, session) -> tuple[bool, bool]:
         """(local delete allowed, every delete is local) for this device."""
-        policy = self._policy()
+        policy = self.peer("policy")
         if policy is None:
             return False, False
         pol = policy.state(session).policy
@@ -166,7 +162,7 @@ class LocalDeletePlugin(Plugin):
         among them: no command of its own)."""
         if not self._allowed(session)[0]:
             return None
-        entries = self._policy().state(session).login_entries
+        entries = self.peer("policy").state(session).login_entries
         if entries is not None:  # (else not known: records are asked for at every SELECT)
             self._set_marked(session, self._mark_entry(session).decode().lower() in entries)
         return None
@@ -331,7 +327,7 @@ class LocalDeletePlugin(Plugin):
 
     async def _after(self, session, earlier: list, cmd):
         """``cmd``'s decision once the commands ``earlier`` have completed."""
-        return await self._policy().decide_after(earlier, lambda: self.command(session, cmd))
+        return await self.peer("policy").decide_after(earlier, lambda: self.command(session, cmd))
 
     def _store(self, session, cmd, read_only: bool):
         line = cmd.line.rstrip(b"\r\n")
@@ -478,7 +474,7 @@ class LocalDeletePlugin(Plugin):
 
     async def _view_and_targets(self, session, uid, seqs: bytes):
         """(the selected mailbox's view, the visible UIDs a STORE names), or the Answer that ends it."""
-        view = await self._policy().ensure_view(session)
+        view = await self.peer("policy").ensure_view(session)
         if view is None:
             return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
         targets = await self._store_targets(session, view, uid, seqs)
@@ -511,7 +507,7 @@ class LocalDeletePlugin(Plugin):
         silent = op_u.endswith(b".SILENT")
         base = op_u[:-7] if silent else op_u
         flags = flag_text.strip(b"()").split()
-        policy = self._policy()
+        policy = self.peer("policy")
         view = await policy.ensure_view(session)
         if view is None:
             return Answer(b"BAD [CLIENTBUG] No mailbox selected.")
@@ -543,7 +539,7 @@ class LocalDeletePlugin(Plugin):
 
     def _for_backend(self, flags: list) -> list:
         """``flags`` for a STORE of the proxy's own, which passes no command hook: the CPM flag mapped."""
-        readreport = self.proxy.hooks.by_name.get("readreport")
+        readreport = self.peer("readreport")
         if readreport is None or not flags:
             return flags
         return readreport.flags_for_backend(b"(" + b" ".join(flags) + b")")[1:-1].split()
@@ -582,7 +578,7 @@ class LocalDeletePlugin(Plugin):
                                                       _flags_items(st)))
 
     async def _expunge(self, session, st: LocalState, cmd):
-        policy = self._policy()
+        policy = self.peer("policy")
         view = await policy.ensure_view(session)
         mailbox = policy.state(session).mailbox
         if view is None or mailbox is None:
@@ -604,7 +600,7 @@ class LocalDeletePlugin(Plugin):
         """EXPUNGE / UID EXPUNGE / CLOSE of a ``delete_mode = "local"`` device: nothing is expunged on the
         server. What the device sees as \\Deleted (its pending marks, and messages someone flagged
         \\Deleted on the server) leaves its view only, recorded like its own local deletes."""
-        policy = self._policy()
+        policy = self.peer("policy")
         view = await policy.ensure_view(session)
         mailbox = policy.state(session).mailbox
         if view is None or mailbox is None:
@@ -659,7 +655,7 @@ class LocalDeletePlugin(Plugin):
         um = find_fetch_item(_FETCH_UID, data)
         uid = int(um.group(1)) if um else None
         if uid is None:
-            policy = self._policy()
+            policy = self.peer("policy")
             view = policy.state(session).view if policy else None
             uid = view.uid_of(resp.head.number) if view is not None else None
         if uid not in st.pending:

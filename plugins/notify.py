@@ -44,12 +44,30 @@ from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError, master_configured, master_login, unknown_key
 from cpmproxy.imap.seqset import SequenceSet
-from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_token, format_tokens, quote, tokenize
+from cpmproxy.imap.tokens import (
+    Atom,
+    ParenList,
+    TokenError,
+    format_token,
+    format_tokens,
+    quote,
+    token_text,
+    tokenize,
+)
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREF_NOTIFICATIONS, pref_entry
 from plugins.policy import FOLDERS_TOPIC, FolderVisibility, parse_metadata_prefs, parse_pref_folders
-from plugins.wire import APPENDUID, list_name, list_oldname, mailbox_name, token_text, wire_name
+from plugins.wire import (
+    APPENDUID,
+    list_name,
+    list_oldname,
+    mailbox_name,
+    status_line,
+    status_mailbox,
+    status_parts,
+    wire_name,
+)
 
 log = Logger(namespace="cpmproxy.notify")
 
@@ -235,11 +253,8 @@ def _asks_subscriptions(groups) -> bool:
 
 
 def _status_mailbox(line: bytes) -> str | None:
-    try:
-        raw = token_text(tokenize(line.rstrip(b"\r\n"))[2])
-    except (TokenError, IndexError):
-        return None
-    return None if raw is None else mailbox_name(raw)
+    parts = status_parts(line)
+    return None if parts is None else status_mailbox(parts[0])
 
 
 def _watch_failed(failure) -> None:
@@ -425,7 +440,7 @@ class UserWatch:
             if self.offline_state is not None:
                 self.offline_state.account_prefs = prefs
             return
-        policy = self.plugin._policy()
+        policy = self.plugin.peer("policy")
         if policy is not None:
             policy.observe_pref_folders(self.user, parse_pref_folders(reply.untagged))
         if policy is None:
@@ -547,28 +562,20 @@ class UserWatch:
             self.proto.close()
 
 
-def _status_items(line: bytes) -> tuple[bytes, list[bytes]]:
-    """A ``* STATUS mbox (k v ...)`` line as (everything before its item list, the items). The list is
-    the last parenthesis: a mailbox name may hold one too, the items none."""
-    start = line.rfind(b"(")
-    return line[:start], line[start + 1:line.rfind(b")")].split()
-
-
 def _without_modseq(line: bytes) -> tuple[bytes, int | None]:
     """A STATUS line without its HIGHESTMODSEQ item, and that item's value (None if absent)."""
-    head, items = _status_items(line)
+    sent, items = status_parts(line) or (b"", [])
     pairs = [(items[i], items[i + 1]) for i in range(0, len(items) - 1, 2)]
     modseq = next((int(v) for k, v in pairs if k.upper() == b"HIGHESTMODSEQ" and v.isdigit()), None)
     if modseq is None:
         return line, None
-    kept = b" ".join(b"%s %s" % kv for kv in pairs if kv[0].upper() != b"HIGHESTMODSEQ")
-    return head + b"(" + kept + b")\r\n", modseq
+    return status_line(sent, [w for kv in pairs if kv[0].upper() != b"HIGHESTMODSEQ" for w in kv]), modseq
 
 
 def _told_state(line: bytes, modseq: int | None) -> tuple:
     """What an injected STATUS line tells, as ``PolicyPlugin.worth_telling`` compares it: (the counts the
     device sees, HIGHESTMODSEQ, UIDNEXT), UIDNEXT apart (it moves for hidden arrivals too)."""
-    items = _status_items(line)[1]
+    items = (status_parts(line) or (b"", []))[1]
     values = {items[i].upper(): items[i + 1] for i in range(0, len(items) - 1, 2)}
     uidnext = values.get(b"UIDNEXT")
     return (tuple(values.get(k) for k in (b"MESSAGES", b"UNSEEN", b"UIDVALIDITY")), modseq,
@@ -617,9 +624,6 @@ class NotifyPlugin(Plugin):
         self.idle_status = settings.get("idle_status", True)
         self.watch_backend = settings.get("watch_backend", True)
 
-    def _policy(self):
-        return self.proxy.hooks.by_name.get("policy")
-
     # Dovecot 2.3 refuses NOTIFY naming more than 100 mailboxes (NO [NOTIFICATIONOVERFLOW]).
     BACKEND_NOTIFY_NAMES = 100
 
@@ -631,7 +635,7 @@ class NotifyPlugin(Plugin):
 
     def enabled(self, session) -> bool:
         """May the server initiate notifications for this device? (preference within policy)"""
-        policy = self._policy()
+        policy = self.peer("policy")
         if policy is None or session.user is None:
             return False
         return self.enabled_in(policy.state(session))
@@ -650,7 +654,7 @@ class NotifyPlugin(Plugin):
 
     def enabled_in(self, pst) -> bool:
         """``enabled`` for a policy state (also an offline user's, kept by the watch)."""
-        policy = self._policy()
+        policy = self.peer("policy")
         if policy is None:
             return False
         mode = pst.policy.notifications
@@ -663,7 +667,7 @@ class NotifyPlugin(Plugin):
     # -- hooks ----------------------------------------------------------------------------------
 
     def capabilities(self, session, caps):
-        policy = self._policy()
+        policy = self.peer("policy")
         if policy is not None and policy.state(session).policy.notifications == "off":
             return [c for c in caps if c.upper() != b"NOTIFY"]
         return caps
@@ -685,7 +689,7 @@ class NotifyPlugin(Plugin):
             watch = self.watches[session.user] = UserWatch(self, session.user)
         watch.stop_lingering()
         watch.sessions.add(session)
-        policy = self._policy()
+        policy = self.peer("policy")
         if policy is not None:
             device_policy = policy.state(session).policy
             if not any(p is device_policy for p in watch.policies) and len(watch.policies) < 32:
@@ -730,7 +734,7 @@ class NotifyPlugin(Plugin):
         offline = sorted((w for w in self.watches.values() if w.offline), key=lambda w: w.keep_until)
         for old in offline[:max(0, len(offline) - self.max_offline_watches + 1)]:
             self._expire(old.user, force=True)
-        policy = self._policy()
+        policy = self.peer("policy")
         # What ``enabled_in`` reads of a policy state, not the whole of the last session's (its view of
         # the selected mailbox alone is ~0.4 MB at 3,000 messages, kept for a day per offline user): the
         # account's preferences as last read, under the policy of any of the user's devices seen here
@@ -890,7 +894,7 @@ class NotifyPlugin(Plugin):
         if session.user not in self.watches:
             self._ensure_watch(session)  # e.g. after a reload retired the previous plugin instance
         if cmd.name == b"NOTIFY":
-            policy = self._policy()
+            policy = self.peer("policy")
             if policy is not None and policy.state(session).policy.notifications == "off":
                 return Answer(b"NO [CANNOT] Notifications are disabled by the service provider's policy.")
             line = cmd.line
@@ -983,7 +987,7 @@ class NotifyPlugin(Plugin):
                 or cmd.state.get(NO_SERVER_CHANGE):
             return None
         mailboxes = []
-        policy = self._policy()
+        policy = self.peer("policy")
         pst = policy.state(session) if policy is not None else None
         try:
             args = cmd.args
@@ -1067,7 +1071,7 @@ class NotifyPlugin(Plugin):
             st = session.state.get(self.name)
             if st is not None:
                 st.last_status.pop(mailbox, None)
-        policy = self._policy()
+        policy = self.peer("policy")
         if policy is not None:
             policy.forget_folders(user, (mailbox,))
 
@@ -1112,7 +1116,7 @@ class NotifyPlugin(Plugin):
     async def _hidden_from(self, session, mailbox: str) -> bool:
         """Whether ``mailbox`` is outside the session's view (what hides it read first if need be; if that
         cannot be read, taken as hidden: a notification missed rather than a hidden name told)."""
-        policy = self._policy()
+        policy = self.peer("policy")
         if policy is None:
             return False
         if not policy.state(session).policy.folder_allowed(mailbox):
@@ -1139,7 +1143,7 @@ class NotifyPlugin(Plugin):
         carry, tells them apart: only \\Seen moved a count), never one of hidden messages alone nor a
         metadata write (another device's local delete is one)."""
         mailbox = event.mailbox
-        policy = self._policy()
+        policy = self.peer("policy")
         pst = policy.state(session)
         if pst.mailbox == mailbox or not mailbox:
             return  # the selected mailbox speaks for itself in IDLE

@@ -31,6 +31,7 @@ from cpmproxy.imap.tokens import (
     TokenError,
     format_tokens,
     parse_response_head,
+    token_text,
     tokenize,
 )
 from cpmproxy.proxy.backend import UNAVAILABLE, BackendError, BackendRefused
@@ -69,7 +70,10 @@ from plugins.wire import (
     list_without_oldname,
     mailbox_name,
     search_ok,
-    token_text,
+    status_line,
+    status_mailbox,
+    status_parts,
+    status_values,
     uid_set_pieces,
     wire_name,
 )
@@ -229,7 +233,6 @@ def _refuse_urls(segment: bytes) -> bytes | None:
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
 _UNCHANGEDSINCE_RE = re.compile(rb"\s*\([^()]*UNCHANGEDSINCE", re.I)  # (RFC 7162: [MODIFIED] in the client's numbers)
-_STATUS_RE = re.compile(rb"^\* STATUS (.*) \(([^()]*)\)\r?\n$", re.S | re.I)
 _SIZE_RE = re.compile(rb"RFC822\.SIZE (\d+)")
 
 
@@ -1575,17 +1578,10 @@ class PolicyPlugin(Plugin):
         return _among(hidden | _uid_set(plan.extra), uids)
 
     def _status_response(self, session, st: PolicySession, resp):
-        m = _STATUS_RE.match(resp.data)
-        if m is None:
+        parts = status_parts(resp.data)
+        mailbox = None if parts is None else status_mailbox(parts[0])
+        if mailbox is None:
             return None
-        try:
-            name_tok = tokenize(m.group(1))[0]
-        except (TokenError, IndexError):
-            return None
-        raw = token_text(name_tok)
-        if raw is None:
-            return None
-        mailbox = mailbox_name(raw)
         cmd = _oldest(session, (b"STATUS", b"LIST"))
         if mailbox not in st.folders and cmd is None:
             return self._hold_for_folder(session, st, mailbox)  # (as for LIST)
@@ -1704,11 +1700,11 @@ class PolicyPlugin(Plugin):
     @staticmethod
     def adjust_status_line(line: bytes, adjust) -> bytes:
         """``* STATUS mbox (MESSAGES n UNSEEN n SIZE n ...)`` minus what is hidden from the device."""
-        m = _STATUS_RE.match(line)
-        if m is None or not adjust:
+        parts = status_parts(line)
+        if parts is None or not adjust:
             return line
         hidden, unseen, size = adjust
-        items = m.group(2).split()
+        sent, items = parts
         messages = None
         for j in range(0, len(items) - 1, 2):
             key = items[j].upper()
@@ -1730,7 +1726,7 @@ class PolicyPlugin(Plugin):
                 recent = max(0, int(items[j + 1]) - hidden) if messages is None else \
                     min(int(items[j + 1]), messages)
                 items[j + 1] = b"%d" % recent
-        return b"* STATUS " + m.group(1) + b" (" + b" ".join(items) + b")\r\n"
+        return status_line(sent, items)
 
     # -- METADATA: preferences and the proxy's own entries --------------------------------------
 
@@ -2322,16 +2318,9 @@ _MAX_NEW_LOOKED_AT = 10000  # more arrivals than this at once: told without a lo
 def _status_items(lines: list[bytes], mailbox: str) -> dict[bytes, int]:
     """The items of ``mailbox``'s ``* STATUS`` among ``lines`` (upper-case names)."""
     for line in lines:
-        m = _STATUS_RE.match(line)
-        if m is None:
-            continue
-        try:
-            raw = token_text(tokenize(m.group(1))[0])
-        except (TokenError, IndexError):
-            continue
-        if raw is not None and mailbox_name(raw) == mailbox:
-            words = m.group(2).split()
-            return {words[i].upper(): int(words[i + 1]) for i in range(0, len(words) - 1, 2) if words[i + 1].isdigit()}
+        parts = status_parts(line)
+        if parts is not None and status_mailbox(parts[0]) == mailbox:
+            return status_values(parts[1])
     return {}
 
 

@@ -157,9 +157,6 @@ class PushPlugin(Plugin):
                 m.plugin_metric(Counter, "cpmproxy_push_dropped", "Push events dropped (queue full, retries)"),
                 m.plugin_metric(Gauge, "cpmproxy_push_queue", "Push events waiting"))
 
-    def _notify(self):
-        return self.proxy.hooks.by_name.get("notify")
-
     def login(self, session):
         if not self.url:
             return None
@@ -208,7 +205,7 @@ class PushPlugin(Plugin):
         before this one) needs no devices list: read again at the next login (it grew for good)."""
         user = session.user
         if user and not self.proxy.sessions_of(user):
-            notify = self._notify()
+            notify = self.peer("notify")
             watch = notify.watches.get(user) if notify is not None else None
             if watch is None or not watch.offline:
                 self.devices.pop(user, None)
@@ -268,7 +265,7 @@ class PushPlugin(Plugin):
     def _event(self, event: ChangeEvent) -> None:
         since = self._seen_modseq(event)
         sessions = self.proxy.sessions_of(event.user)
-        notify = self._notify()
+        notify = self.peer("notify")
         if notify is None or event.event == "MetadataChange":
             return
         if sessions:
@@ -381,7 +378,7 @@ class PushPlugin(Plugin):
         if session is not None:
             async with side_examine(session):
                 return await work(session.side_command)
-        proto = await self._notify().open_master(user, "push")
+        proto = await self.peer("notify").open_master(user, "push")
         try:
             return await work(proto.command)
         finally:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
-from cpmproxy.imap.tokens import Atom, ParenList, TokenError
+from cpmproxy.imap.tokens import Atom, ParenList, TokenError, token_text
 from plugins.view import MailboxView
-from plugins.wire import NOARG_SEARCH_KEYS, search_key_args, token_text
+from plugins.wire import NOARG_SEARCH_KEYS, search_key_args
 
 __all__ = ["INLINE_HIDDEN_MAX", "INLINE_SET_MAX", "esearch_options", "local_esearch_options", "renumber_ordered_set",
            "rewrite_search_keys", "visible_esearch"]

@@ -11,14 +11,13 @@ import re
 from cpmproxy.imap import mutf7
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import (
-    Atom,
-    Literal,
     ParenList,
     Quoted,
     TokenError,
     format_token,
     format_tokens,
     quote,
+    token_text,
     tokenize,
 )
 from cpmproxy.proxy.backend import BackendRefused
@@ -53,13 +52,6 @@ def find_fetch_item(pattern: re.Pattern, data: bytes) -> re.Match | None:
     return None
 
 
-def token_text(tok) -> bytes | None:
-    """The text of a string token (atom, quoted, literal); None for anything else (NIL, a list)."""
-    if isinstance(tok, (Atom, Quoted, Literal)):
-        return tok.value
-    return None
-
-
 def mailbox_name(raw: bytes) -> str:
     """A mailbox name as the backend spells it (modified UTF-7) as text, INBOX and the names below it
     in the one spelling the backend takes them in whatever their case ("inbox/Private" is
@@ -89,6 +81,35 @@ def list_name(line: bytes) -> str | None:
         return None
     raw = token_text(tokens[4])
     return None if raw is None else mailbox_name(raw)
+
+
+_STATUS_RE = re.compile(rb"\* STATUS (.*) \(([^()]*)\)\r?\n?\Z", re.S | re.I)  # (a line, with its CRLF or without)
+
+
+def status_parts(line: bytes) -> tuple[bytes, list[bytes]] | None:
+    """A ``* STATUS mailbox (NAME value ...)`` line as (the mailbox as sent, the item list's words); None
+    for anything else. The items are the last parenthesis: a mailbox name may hold one, the items none."""
+    m = _STATUS_RE.match(line)
+    return None if m is None else (m.group(1), m.group(2).split())
+
+
+def status_line(sent: bytes, words: list[bytes]) -> bytes:
+    """``status_parts`` put back together (with other item words)."""
+    return b"* STATUS " + sent + b" (" + b" ".join(words) + b")\r\n"
+
+
+def status_mailbox(sent: bytes) -> str | None:
+    """The mailbox of ``status_parts``' first part, as text; None if it cannot be read."""
+    try:
+        raw = token_text(tokenize(sent)[0])
+    except (TokenError, IndexError):
+        return None
+    return None if raw is None else mailbox_name(raw)
+
+
+def status_values(words: list[bytes]) -> dict[bytes, int]:
+    """The numeric items of ``status_parts``' words, by upper-case name."""
+    return {words[i].upper(): int(words[i + 1]) for i in range(0, len(words) - 1, 2) if words[i + 1].isdigit()}
 
 
 def _oldname_at(tokens: list) -> int | None:

@@ -481,3 +481,23 @@ def test_the_classification_cache_is_bounded_by_the_uids_it_keeps():
     big = cache.get("alice", "D", 7)
     big.add("imdn", 40000, set(range(1, 40001, 4)))  # 10,000 alone: kept while in use
     assert cache.peek("alice", "D", 7) is big and cache.uids == 10000
+
+
+@pytest.mark.parametrize("line, mailbox, values", [
+    (b"* STATUS INBOX (MESSAGES 3 UNSEEN 1)\r\n", "INBOX", {b"MESSAGES": 3, b"UNSEEN": 1}),
+    (b'* status "Chats (old)" (messages 2 uidnext 9)', "Chats (old)", {b"MESSAGES": 2, b"UIDNEXT": 9}),
+    (b"* STATUS &AOk-t&AOk- (SIZE 100 HIGHESTMODSEQ 7)\r\n", "\u00e9t\u00e9", {b"SIZE": 100, b"HIGHESTMODSEQ": 7}),
+])
+def test_status_lines_are_read_and_written_back(line, mailbox, values):
+    from plugins.wire import status_line, status_mailbox, status_parts, status_values
+    sent, words = status_parts(line)
+    assert status_mailbox(sent) == mailbox
+    assert status_values(words) == values
+    assert status_line(sent, words) == b"* STATUS " + line[9:].rstrip(b"\r\n") + b"\r\n"
+
+
+@pytest.mark.parametrize("line", [b'* LIST () "/" INBOX\r\n', b"* STATUS INBOX (MESSAGES 3)\r\n* 4 EXISTS\r\n",
+                                  b"* STATUS INBOX MESSAGES 3\r\n", b"a STATUS INBOX (MESSAGES 3)\r\n"])
+def test_what_is_not_one_status_line_is_not_read_as_one(line):
+    from plugins.wire import status_parts
+    assert status_parts(line) is None

@@ -45,6 +45,7 @@ __all__ = [
     "parse_command",
     "parse_response_head",
     "quote",
+    "token_text",
     "tokenize",
 ]
 
@@ -138,6 +139,13 @@ def astring(token: Token) -> bytes:
     if isinstance(token, Nil):
         return b"NIL"
     raise TokenError(f"expected a string, got {token!r}")
+
+
+def token_text(token: Token) -> bytes | None:
+    """The text of a string token (atom, quoted string, literal); None for anything else (NIL, a list)."""
+    if isinstance(token, (Atom, Quoted, Literal)):
+        return token.value
+    return None
 
 
 def nstring(token: Token) -> bytes | None:

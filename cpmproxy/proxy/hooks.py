@@ -48,6 +48,7 @@ with the backend's own NO (``BackendRefused``).
 sees (its ESEARCH answers are correlated by tag; IDLE is suspended and resumed around it).
 ``session.inject(data)`` queues whole untagged responses; the proxy writes them at the next point where
 the client is between two responses (never inside a literal or a multi-segment response).
+``plugin.peer(name)`` is another enabled plugin (notify and localdelete ask policy what a device sees).
 """
 
 from __future__ import annotations
@@ -191,6 +192,11 @@ class Plugin:
 
     def __init__(self, proxy: Any):
         self.proxy = proxy  # the ProxyService: config, metrics, sessions of a user
+
+    def peer(self, name: str) -> "Plugin | None":
+        """Another enabled plugin, by name (None if it is not enabled): e.g. notify asks policy what a
+        device sees. A plugin that always needs it lists it in ``requires``."""
+        return self.proxy.hooks.by_name.get(name)
 
     def configure(self, settings: dict[str, Any]) -> None:
         if settings:

@@ -42,13 +42,12 @@ from cpmproxy.imap.mutf7 import decode as mutf7_decode
 from cpmproxy.imap.mutf7 import fold_inbox
 from cpmproxy.imap.tokens import (
     Atom,
-    Literal,
     Nil,
     ParenList,
-    Quoted,
     TokenError,
     parse_command,
     parse_response_head,
+    token_text,
 )
 from cpmproxy.proxy.backend import (
     UNAVAILABLE,
@@ -96,25 +95,19 @@ _SELECTING = {b"SELECT", b"EXAMINE"}
 _DESELECTING = {b"CLOSE", b"UNSELECT"}
 
 
-def _token_bytes(tok: Any) -> bytes | None:
-    if isinstance(tok, (Atom, Quoted, Literal)):
-        return tok.value
-    return None
-
-
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # (a tab is text)
 MAX_DEVICE_ID = 128  # characters
 
 
 def _token_str(tok: Any) -> str | None:
-    v = _token_bytes(tok)
+    v = token_text(tok)
     return None if v is None else v.decode("utf-8", "replace")
 
 
 def _password(tok: Any) -> str | None:
     """A password as the client sent it: bytes that are not UTF-8 (a Latin-1 password) are kept as they
     are, to be sent on unchanged (``login_backend``), where a replacement character failed the login."""
-    v = _token_bytes(tok)
+    v = token_text(tok)
     return None if v is None else v.decode("utf-8", "surrogateescape")
 
 
@@ -654,7 +647,7 @@ class ClientSession(Protocol, TimeoutMixin):
         if not args:
             self._reply(tag, b"BAD [CLIENTBUG] AUTHENTICATE needs a mechanism.")
             return
-        mech = (_token_bytes(args[0]) or b"").upper()
+        mech = (token_text(args[0]) or b"").upper()
         if mech != b"PLAIN":
             self._reply(tag, b"NO [CANNOT] Unsupported authentication mechanism.")
             return
@@ -666,7 +659,7 @@ class ClientSession(Protocol, TimeoutMixin):
             self._reply(tag, b"BAD [CLIENTBUG] Too many arguments.")
             return
         if len(args) == 2:  # SASL-IR
-            ir = _token_bytes(args[1]) or b""
+            ir = token_text(args[1]) or b""
             self._sasl_response(tag, b"" if ir == b"=" else ir)
             return
         self._auth_tag = tag
@@ -1454,7 +1447,7 @@ class ClientSession(Protocol, TimeoutMixin):
         raw = b""
         try:
             if cmd.args:
-                raw = _token_bytes(cmd.args[0]) or b""
+                raw = token_text(cmd.args[0]) or b""
         except TokenError:
             raw = b""
         try:
