@@ -42,7 +42,7 @@ from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, TokenError, format
 from cpmproxy.proxy.backend import BackendError, BackendRefused, Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREFIX
-from plugins.policy import side_examine
+from plugins.policystate import side_examine
 from plugins.wire import (
     APPENDUID,
     FETCH_FLAGS,

@@ -57,7 +57,8 @@ from cpmproxy.imap.tokens import (
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREF_NOTIFICATIONS, pref_entry
-from plugins.policy import FOLDERS_TOPIC, FolderVisibility, parse_metadata_prefs, parse_pref_folders
+from plugins.policyprefs import parse_metadata_prefs, parse_pref_folders
+from plugins.policystate import FOLDERS_TOPIC, FolderVisibility
 from plugins.wire import (
     APPENDUID,
     list_name,

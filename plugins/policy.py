@@ -8,14 +8,18 @@ preferences a user may change. User preferences are METADATA entries under
 Hidden folders do not exist for the device; hidden messages do not exist in its mailboxes, with sequence
 numbers renumbered in every command and response (``plugins.view.MailboxView``). Where nothing is hidden
 the view is not built at all.
+
+This module is the plugin and its view of the selected mailbox (commands, responses, SELECT). Its other
+parts, each a mixin of ``PolicyPlugin``: ``policyfolders`` (which folders exist for the device),
+``policyprefs`` (the user's preferences), ``policystatus`` (counts as the device sees them); the settings
+in ``policyconfig``, searches in a view in ``viewsearch``, what the parts share in ``policystate``.
 """
 
 from __future__ import annotations
 
 import re
-import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -26,29 +30,36 @@ from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import (
     Atom,
     LiteralRef,
-    Nil,
     ParenList,
     TokenError,
     format_tokens,
-    parse_response_head,
     token_text,
     tokenize,
 )
-from cpmproxy.proxy.backend import UNAVAILABLE, BackendError, BackendRefused
+from cpmproxy.proxy.backend import UNAVAILABLE, BackendError
 from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import (
     KIND_CRITERIA,
-    KINDS,
     NO_SERVER_CHANGE,
-    PREF_NOTIFICATIONS,
-    PREF_SYNC,
-    PREFERENCES,
-    SESSION_INFO_CRITERIA,
     ClassificationCache,
-    pref_entry,
-    pref_key,
 )
 from plugins.policyconfig import DeviceClass, Policy, parse_policy
+from plugins.policyfolders import FolderRules
+from plugins.policyprefs import Preferences
+from plugins.policystate import (
+    FOLDERS_TOPIC,
+    PolicySession,
+    SelectPlan,
+    _esearch_ranges,
+    _nonexistent,
+    _oldest,
+    _parse_uidvalidity,
+    _uid_ranges,
+    _uid_set,
+    _uidvalidity,
+    side_examine,
+)
+from plugins.policystatus import StatusCounts
 from plugins.view import MailboxView, expand_ranges
 from plugins.viewsearch import (
     INLINE_HIDDEN_MAX,
@@ -63,114 +74,16 @@ from plugins.wire import (
     SEARCH_COMMANDS,
     esearch_all,
     has_caps,
-    iter_metadata,
     list_name,
-    list_nonexistent,
-    list_oldname,
-    list_without_oldname,
     mailbox_name,
-    search_ok,
-    status_line,
-    status_mailbox,
-    status_parts,
-    status_values,
     uid_set_pieces,
     wire_name,
 )
 
 log = Logger(namespace="cpmproxy.policy")
 
-# Event bus topic: a folder appeared in or left a session's view (a preference or the policy changed).
-FOLDERS_TOPIC = "cpmproxy.policy.folders"
-
-
-@dataclass(frozen=True)
-class FolderVisibility:
-    session: Any
-    mailbox: str
-    visible: bool
-
-
-class side_examine:
-    """``async with side_examine(session):`` around side-connection commands that depend on the mailbox
-    EXAMINEd there (the side connection is shared by concurrent coroutines of the session)."""
-
-    def __init__(self, session):
-        self.session = session
-        self.lock = session.side_lock
-
-    async def __aenter__(self):
-        await self.lock.acquire()
-
-    async def __aexit__(self, *exc):
-        # Leave nothing selected, and wait for it: a mailbox a client deletes next must not be open
-        # here (Dovecot would write its index back on closing it, bringing the folder back).
-        try:
-            await self.session.side_command(b"UNSELECT")
-        except Exception:
-            pass
-        finally:
-            self.lock.release()
-
 
 # -- per-session state ----------------------------------------------------------------------------
-
-@dataclass
-class FolderInfo:
-    prefs: dict[str, str] = field(default_factory=dict)  # folder-level preferences
-    session_history: bool | None = None
-    recheck: bool = False  # found empty: whether it is a Session History folder is asked again
-
-
-@dataclass
-class SelectPlan:
-    mailbox: str
-    uidvalidity: int
-    hidden_kinds: tuple[str, ...]
-    max_size: int
-    max_age_days: int
-    # UIDs other plugins hide (local deletes), as ranges: thousands of them are a few ranges, and a set
-    # of 10,000 UIDs costs ~0.3 ms per pass (SELECT builds none but the view's own).
-    extra: SequenceSet = field(default_factory=SequenceSet.empty)
-    # (hider, query Deferred) pairs sent with the SELECT; _build_view awaits them with its responses held
-    pending: list = field(default_factory=list)
-    # What _classify hid, as ranges, when that was only ``extra`` (a cheap exact key for _share_tables:
-    # comparing sets of 10,000 UIDs costs ~0.2 ms per SELECT). None otherwise.
-    hidden_ranges: tuple | None = None
-
-    @property
-    def empty(self) -> bool:
-        return not (self.hidden_kinds or self.max_size or self.max_age_days or self.extra or self.pending)
-
-
-@dataclass
-class PolicySession:
-    policy: Policy
-    account_prefs: dict[str, str] = field(default_factory=dict)
-    # Folders that have preferences of their own, with their marks' values (see _mark_pref_folder).
-    pref_folders: dict[str, bytes] = field(default_factory=dict)
-    # Every account-wide entry under the vendor prefix at login (lower case): other plugins' bookkeeping
-    # too (local delete's device marks), read in the same command. None until read.
-    login_entries: set[str] | None = None
-    folders: dict[str, FolderInfo] = field(default_factory=dict)
-    unreadable_folders: set[str] = field(default_factory=set)  # (see PolicyPlugin._hold_for_folder)
-    plan: SelectPlan | None = None       # criteria of the mailbox being selected
-    pending_select: bool = False         # our SELECT is at the backend, its responses not yet seen
-    selecting: Any = None                # that SELECT command until it completes (its view is built)
-    view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
-    mailbox: str | None = None
-    reapply: bool = False                # preferences changed: re-apply them before the next command
-    qresync: bool = False                # the client ENABLEd QRESYNC: VANISHED instead of EXPUNGE
-    vanish_check: bool = False           # a command in flight may owe VANISHED (EARLIER) (_early_vanished)
-    growing_to: int | None = None        # the EXISTS whose new messages were just classified (_grow_view)
-    exists_told: int | None = None       # the client's count before them (only hidden ones: nothing to tell)
-    quiet_recent: bool = False           # the RECENT after such an EXISTS goes unsaid too
-    # Unsolicited STATUS (NOTIFY) adjustments computed while the response was held, by mailbox.
-    unsolicited_status: dict[str, Any] = field(default_factory=dict)
-    # What the device was last told of a mailbox by an unsolicited STATUS, where messages may be hidden:
-    # (its counts as the device sees them, HIGHESTMODSEQ). A change to hidden messages alone is not told.
-    status_told: dict[str, tuple] = field(default_factory=dict)
-    metadata_hold: dict | None = None  # a METADATA response held to be read whole (_metadata_response)
 
 
 MAX_UID = 4294967295  # RFC 9051: UIDs are non-zero 32-bit numbers
@@ -233,7 +146,6 @@ def _refuse_urls(segment: bytes) -> bytes | None:
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
 _UNCHANGEDSINCE_RE = re.compile(rb"\s*\([^()]*UNCHANGEDSINCE", re.I)  # (RFC 7162: [MODIFIED] in the client's numbers)
-_SIZE_RE = re.compile(rb"RFC822\.SIZE (\d+)")
 
 
 # Views whose tables are kept for sharing (each ~0.7 MB at 20,000 messages), and the smallest mailbox worth it.
@@ -244,7 +156,7 @@ SHARED_TABLES_MIN = 1000
 SHARED_TABLES_MAX_MESSAGES = 1_000_000
 
 
-class PolicyPlugin(Plugin):
+class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
     name = "policy"
     config_section = "policy"
 
@@ -321,47 +233,7 @@ class PolicyPlugin(Plugin):
             st = session.state[self.name] = PolicySession(policy)
         return st
 
-    def effective(self, st: PolicySession, key: str, folder: str | None, default: bool) -> bool:
-        """A preference's effective value: policy default unless the user may change it and did."""
-        return self._effective_in(st, None if folder is None else st.folders.get(folder), key, default)
-
-    @staticmethod
-    def _effective_in(st: PolicySession, info: FolderInfo | None, key: str, default: bool) -> bool:
-        """``effective`` for a folder whose ``info`` is at hand (None: account-wide)."""
-        # (The user's value first: mostly there is none, and two dict lookups settle it.)
-        value = None
-        if info is not None and info.prefs:
-            value = info.prefs.get(key)
-        if value is None and st.account_prefs:
-            value = st.account_prefs.get(key)
-        if value is None or not st.policy.may_change(key):
-            return default
-        return value == "on"
-
-    def kind_synced(self, st: PolicySession, kind: str, folder: str) -> bool:
-        return self.effective(st, f"{PREF_SYNC}/{kind}", folder, st.policy.default_sync(kind))
-
-    def hidden_kinds(self, st: PolicySession, folder: str) -> tuple[str, ...]:
-        info = st.folders.get(folder)
-        if not st.account_prefs and (info is None or not info.prefs):
-            return st.policy.default_hidden_kinds
-        return tuple(k for k in KINDS if not self.kind_synced(st, k, folder))
-
-    # -- login: read the account-wide preferences ----------------------------------------------
-
-    async def _login(self, session) -> None:
-        st = self.state(session)
-        if not (has_caps(session, b"METADATA") or has_caps(session, b"METADATA-SERVER")):
-            st.login_entries = set()  # (a backend without METADATA stores no preferences: the defaults apply)
-            return
-        # On the side connection (opened here, so the first SELECT does not wait for it). A refusal is
-        # not "no preferences": taken so, a device would sync what its user turned off (fails the login
-        # NO [UNAVAILABLE]; the client tries again).
-        reply = _metadata_read(await session.side_command(
-            b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")"), "account preferences")
-        st.account_prefs = parse_metadata_prefs(reply.untagged)
-        st.login_entries = {entry.lower() for _, entry, _ in iter_metadata(reply.untagged)}
-        st.pref_folders = parse_pref_folders(reply.untagged)
+    # -- hooks: login (the account-wide preferences are read: policyprefs), capabilities ----------
 
     def login(self, session):
         return defer.Deferred.fromCoroutine(self._login(session))
@@ -371,181 +243,6 @@ class PolicyPlugin(Plugin):
         # as messages arrive, which may be hidden ones) are not renumbered on the view. IMAP URLs
         # (CATENATE, URLAUTH, URL-PARTIAL) name folders and UIDs the view does not check. Not offered.
         return [c for c in caps if c.upper() not in _NOT_OFFERED and not c.upper().startswith(b"URLAUTH")]
-
-    # -- folders --------------------------------------------------------------------------------
-
-    async def folder_infos(self, session, names: list[str]) -> None:
-        """Fill ``st.folders`` for ``names``: folder preferences, then (only where Session Histories are
-        not synchronized) whether the folder is one. Pipelined on the side connection.
-
-        Fails closed: if the backend refuses or loses a read (``BackendError``), nothing of it is kept
-        and the error propagates (the client's command answers ``NO [UNAVAILABLE]``): taken as "no
-        preferences" or "not a Session History", it would show what the policy or the user hides."""
-        st = self.state(session)
-        todo = [n for n in names if not self._folder_info_now(session, st, n)]
-        if not todo:
-            return
-        infos = {name: FolderInfo() for name in todo}
-        await self._read_folder_infos(session, st, infos)
-        st.folders.update(infos)
-
-    def _hold_for_folder(self, session, st: PolicySession, mailbox: str):
-        """Hold an unsolicited response (NOTIFY) about ``mailbox`` until its folder info is known. If it
-        cannot be read, the response is dropped (a notification missed, the device's next sync finds the
-        change), rather than shown as if nothing were hidden, or held again and again."""
-        if mailbox in st.unreadable_folders:
-            st.unreadable_folders.discard(mailbox)
-            return Drop()
-
-        async def known():
-            try:
-                await self.folder_infos(session, [mailbox])
-            except (BackendError, defer.TimeoutError) as e:
-                log.warn("folder {mailbox!r} unreadable, its notification dropped: {error} session={session}",
-                         mailbox=mailbox, error=str(e), session=session.session_id)
-                st.unreadable_folders.add(mailbox)
-
-        return Hold(defer.Deferred.fromCoroutine(known()))
-
-    async def _read_folder_infos(self, session, st: PolicySession, infos: dict[str, FolderInfo]) -> None:
-        waits = []
-        if self._may_change_sync(st):
-            for name, info in infos.items():
-                # Only folders known to carry preferences are read: reading a mailbox's metadata opens
-                # it in the side connection's process, and a folder open there while a client renames or
-                # deletes it can come back as a ghost in the mailbox list.
-                if name in st.pref_folders:
-                    waits.append((name, info, session.side_command(
-                        b"GETMETADATA (DEPTH infinity) " + wire_name(name) + b" (" + pref_entry("").encode() + b")")))
-        for name, info, d in waits:
-            reply = await d
-            if not _code_in(reply.tagged, b"NONEXISTENT"):  # (deleted meanwhile: no preferences)
-                info.prefs = parse_metadata_prefs(_metadata_read(reply, "folder preferences").untagged, name)
-        unknown = []
-        for name, info in infos.items():
-            if self._effective_in(st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history")):
-                continue
-            if self.session_history_cache.get((session.user, name)):
-                info.session_history = True
-                continue
-            unknown.append((name, info))
-        if not unknown:
-            return  # (no EXAMINE: the lock and its closing UNSELECT would only cost a round trip)
-        async with side_examine(session):
-            checks = [(name, info, session.side_command(b"EXAMINE " + wire_name(name)),
-                       session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA))
-                      for name, info in unknown]
-            for name, info, opened, searched in checks:
-                opened, searched = await opened, await searched
-                if opened.status != b"OK" and (_code_in(opened.tagged, b"NONEXISTENT")
-                                               or b"doesn't exist" in opened.tagged):
-                    # Gone, or a \Noselect parent (Dovecot 2.3 answers that one with no code): no
-                    # messages, nothing to hide in it. Any other refusal fails closed, below.
-                    continue
-                info.session_history = any(b" MIN " in line for line in search_ok(searched).untagged)
-                if info.session_history:
-                    _keep_known(self.session_history_cache, (session.user, name))
-                elif any(line.startswith(b"* 0 EXISTS") for line in opened.untagged):
-                    # Empty: a Session History folder just created, its session info not yet in it.
-                    # Asked again next time (kept as "not one", the device was shown it and its changes).
-                    info.recheck = True
-
-    @staticmethod
-    def _may_change_sync(st: PolicySession) -> bool:
-        return any(st.policy.may_change(k) for k in PREFERENCES if k.startswith(PREF_SYNC))
-
-    def _folder_info_now(self, session, st: PolicySession, name: str) -> bool:
-        """Fill ``st.folders[name]`` when that needs nothing from the backend (the folder carries no
-        preferences to read, and whether it is a Session History folder is either irrelevant or known);
-        False when ``folder_infos`` must ask."""
-        known = st.folders.get(name)
-        if known is not None and not known.recheck:
-            return True
-        if name in st.pref_folders and self._may_change_sync(st):
-            return False
-        info = FolderInfo()
-        if not self.effective(st, f"{PREF_SYNC}/session-history", name, st.policy.default_sync("session-history")):
-            if not self.session_history_cache.get((session.user, name)):
-                return False  # (only "is one" is remembered across sessions)
-            info.session_history = True
-        st.folders[name] = info
-        return True
-
-    def folder_hidden(self, st: PolicySession, name: str) -> bool:
-        if not st.policy.folder_allowed(name):
-            return True
-        return self._info_hides(st, st.folders.get(name))
-
-    def _info_hides(self, st: PolicySession, info: FolderInfo | None) -> bool:
-        """Whether what is known of a folder (its preferences, whether it holds a Session History) hides it."""
-        if info is None:
-            return False
-        if not self._effective_in(st, info, PREF_SYNC, True):
-            return True
-        return bool(info.session_history) and not self._effective_in(
-            st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history"))
-
-    def _old_name_hidden(self, st: PolicySession, old: str, new: str) -> bool:
-        """Whether a folder renamed (a NOTIFY event) was hidden under its old name: as this session knew
-        it; not looked at so, by the policy's verdict on the old name and what moved with the folder
-        (its preferences and contents, now known under the new name)."""
-        if old in st.folders or not st.policy.folder_allowed(old):
-            return self.folder_hidden(st, old)
-        return self._info_hides(st, st.folders.get(new))
-
-    def _list_event(self, st: PolicySession, data: bytes, mailbox: str):
-        """A LIST response in the device's view. A rename (``OLDNAME``) across the view's edge is, for the
-        device, a deletion (into a hidden name: the old name ``\\NonExistent``, RFC 5465 5.4) or a
-        creation (out of one: the old name is not told)."""
-        hidden = self.folder_hidden(st, mailbox)
-        old = list_oldname(data)
-        if old is None:
-            return Drop() if hidden else None
-        old_hidden = self._old_name_hidden(st, old, mailbox)
-        st.folders.pop(old, None)  # (gone: a folder created under that name later is another)
-        if hidden:
-            return Drop() if old_hidden else Rewrite(list_nonexistent(data, old))
-        return Rewrite(list_without_oldname(data)) if old_hidden else None
-
-    def _childless(self, st: PolicySession, names: list[str]) -> set[str]:
-        """The folders the device sees whose every descendant is hidden: ``\\HasChildren`` would tell it
-        of folders that do not exist for it (their LIST says ``\\HasNoChildren``)."""
-        hidden = {n for n in names if self.folder_hidden(st, n)}
-        if not hidden:
-            return set()
-        parents, seen_under = set(), set()
-        for name in names:
-            parts = name.split("/")
-            for i in range(1, len(parts)):
-                parent = "/".join(parts[:i])
-                parents.add(parent)
-                if name not in hidden:
-                    seen_under.add(parent)
-        return parents - seen_under - hidden
-
-    def _parents_only(self, st: PolicySession, names: list[str]) -> set[str]:
-        """The hidden folders with a folder the device sees somewhere below them: listed as a
-        ``\\Noselect`` placeholder, as a server lists a parent that does not exist (RFC 3501 6.3.8), or a
-        client that walks the tree level by level (``%``) never reaches what is below."""
-        hidden = {n for n in names if self.folder_hidden(st, n)}
-        if not hidden:
-            return set()
-        above = set()
-        for name in names:
-            if name not in hidden:
-                parts = name.split("/")
-                above.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        return hidden & above
-
-    async def _all_folders(self, session) -> list[str]:
-        reply = await session.side_command(b'LIST "" "*"')
-        names = []
-        for line in reply.untagged:
-            if line[:7].upper() == b"* LIST ":
-                name = list_name(line)
-                if name is not None:
-                    names.append(name)
-        return names
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -1488,442 +1185,7 @@ class PolicyPlugin(Plugin):
         threads = [fmt(w) for t in threads_in if (w := walk(t)) is not None]
         return Rewrite(b"* THREAD " + b"".join(threads) + b"\r\n" if threads else b"* THREAD\r\n")
 
-    # -- STATUS ---------------------------------------------------------------------------------
-
-    async def status_adjustment(self, session, st: PolicySession, mailbox: str, with_size: bool = True):
-        """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden; the size
-        is 0 unless ``with_size`` (STATUS SIZE asked for)."""
-        kinds, max_size, max_age = self._criteria(st, mailbox)
-        hiders = self.hiders(session)
-        if not (kinds or max_size or max_age or hiders):
-            return None
-        async with side_examine(session):
-            return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders,
-                                                       with_size)
-
-    async def status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders,
-                                       with_size: bool = True):
-        selected_hidden = None
-        if st.mailbox == mailbox and st.view is not None:
-            # Dovecot counts the selected mailbox as this session knows it (not as it is: changes not yet
-            # announced to the session are not in it), and so does the view.
-            hidden, selected_hidden = st.view.hidden, st.view.hidden_uids  # (read before any await)
-        else:
-            examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
-            searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
-            if (await examined).status != b"OK":
-                await searched
-                return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
-            uids = SequenceSet.from_ranges(_esearch_ranges(await searched))  # (not expanded: 200,000 UIDs)
-            uidvalidity = await _uidvalidity(session, mailbox)
-            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
-            for h in hiders:
-                plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
-            hidden = await self._side_hidden(session, plan, uids)
-        if not hidden:
-            return None
-        n_hidden = len(hidden)  # (now: the selected view's set changes in place as messages go)
-        if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
-            session.side_command(b"EXAMINE " + wire_name(mailbox))
-        # Which unseen messages are hidden: the unseen UIDs (a CPM store has few), matched here. Naming the
-        # hidden UIDs in the command instead cost a command line of ~6 bytes per scattered hidden message.
-        unseen = SequenceSet.from_ranges(_esearch_ranges(await session.side_command(
-            b"UID SEARCH RETURN (ALL) UNSEEN")))
-        if selected_hidden is not None:
-            unseen_n = len(unseen & selected_hidden)
-        else:
-            unseen_n = sum(1 for lo, hi in unseen.ranges for u in range(lo, hi + 1) if u in hidden)
-        fetches = []
-        if with_size:
-            # (Piece by piece, pipelined: each command line short whatever is hidden.)
-            pieces = uid_set_pieces(selected_hidden if selected_hidden is not None
-                                    else SequenceSet.from_iterable(hidden))
-            fetches = [session.side_command(b"UID FETCH " + p + b" (RFC822.SIZE)") for p in pieces]
-        size = 0  # (not asked for: the sizes of thousands of hidden messages are not fetched)
-        replies = [await d for d in fetches]  # (all of them, even after a failed one)
-        for sizes in replies:
-            if sizes.status != b"OK":
-                raise BackendRefused("backend fetch of sizes failed", sizes.tagged)
-            size += sum(int(m.group(1)) for line in sizes.untagged for m in [_SIZE_RE.search(line)] if m)
-        return n_hidden, unseen_n, size
-
-    async def _side_hidden(self, session, plan: SelectPlan, uids: set[int] | SequenceSet) -> set[int]:
-        """Hidden UIDs among ``uids`` of a mailbox EXAMINEd on the side connection (classification cache
-        shared). ``uids`` may be ranges: all of a big mailbox's UIDs are not expanded for a STATUS."""
-        cache = self.cache.get(session.user, plan.mailbox, plan.uidvalidity)
-        kinds = set(plan.hidden_kinds)
-        if "other" in kinds:
-            kinds |= set(KIND_CRITERIA)
-            kinds.discard("other")
-        top = (uids.ranges[-1][1] if uids.ranges else 0) if isinstance(uids, SequenceSet) else max(uids, default=0)
-        for kind in sorted(kinds):
-            start = cache.known(kind) + 1
-            if start > top:
-                continue
-            reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID %d:* " % start + KIND_CRITERIA[kind])
-            cache.add(kind, top, set(esearch_all(reply)))
-        hidden: set[int] = set()
-        for kind in plan.hidden_kinds:
-            if kind == "other":
-                known = set().union(*(cache.kinds.get(k, set()) for k in KIND_CRITERIA))
-                hidden |= _uid_set(uids) - known
-            else:
-                hidden |= _among(cache.kinds.get(kind, ()), uids)
-        if plan.max_size:
-            hidden |= set(esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) LARGER %d"
-                                                                   % plan.max_size)))
-        if plan.max_age_days:
-            hidden |= set(esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) OLDER %d"
-                                                                   % (plan.max_age_days * 86400))))
-        return _among(hidden | _uid_set(plan.extra), uids)
-
-    def _status_response(self, session, st: PolicySession, resp):
-        parts = status_parts(resp.data)
-        mailbox = None if parts is None else status_mailbox(parts[0])
-        if mailbox is None:
-            return None
-        cmd = _oldest(session, (b"STATUS", b"LIST"))
-        if mailbox not in st.folders and cmd is None:
-            return self._hold_for_folder(session, st, mailbox)  # (as for LIST)
-        if self.folder_hidden(st, mailbox):
-            return Drop()
-        adjusts = cmd.state.get("status_adjusts") if cmd is not None else None
-        if adjusts is not None and mailbox in adjusts:
-            adjust = adjusts[mailbox]  # computed before the command went to the backend
-        elif mailbox in st.unsolicited_status:
-            adjust = st.unsolicited_status.pop(mailbox)
-            if adjust is _NOTHING_VISIBLE:
-                return Drop()
-        elif self._may_hide(session, st, mailbox):
-            # Unsolicited (NOTIFY): counted on the view too, for the state the backend just reported.
-            return Hold(defer.Deferred.fromCoroutine(self._unsolicited_adjustment(session, st, mailbox,
-                                                                                   resp.data)))
-        else:
-            return None
-        if adjust is _UNCOUNTABLE:
-            return Drop()
-        if not adjust:
-            return None
-        new = self.adjust_status_line(resp.data, adjust)
-        return None if new == resp.data else Rewrite(new)
-
-    def _may_hide(self, session, st: PolicySession, mailbox: str) -> bool:
-        kinds, max_size, max_age = self._criteria(st, mailbox)
-        return bool(kinds or max_size or max_age or self.hiders(session))
-
-    async def visible_change(self, session, st: PolicySession, mailbox: str, since: int | None,
-                             uids: tuple[int, ...] = ()) -> bool | None:
-        """Whether a message this device sees in ``mailbox`` arrived or changed after MODSEQ ``since`` (or
-        is among ``uids``, new messages whose UIDs are known): True; False if only hidden ones did (an IMDN
-        the policy hides arriving, or flagged): told of it, the device would learn of a message that does
-        not exist for it; None if no message did (an expunge, or a metadata write).
-        (Dovecot gives every message of a mailbox the HIGHESTMODSEQ until CONDSTORE was first used on it,
-        which this search does: the first time, every message matches. New UIDs, when known, avoid that.)"""
-        kinds, max_size, max_age = self._criteria(st, mailbox)
-        hiders = self.hiders(session)
-        async with side_examine(session):
-            examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
-            searched = None if uids else \
-                session.side_command(b"UID SEARCH RETURN (ALL) MODSEQ %d" % (since + 1))  # (pipelined)
-            if (await examined).status != b"OK":
-                if searched is not None:
-                    await searched
-                return False
-            changed = set(uids) if uids else set(esearch_all(await searched))
-            if not changed:
-                return None
-            if not (kinds or max_size or max_age or hiders):
-                return True
-            uidvalidity = await _uidvalidity(session, mailbox)
-            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
-            for h in hiders:
-                plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
-            return bool(changed - await self._side_hidden(session, plan, changed))
-
-    async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str, line: bytes) -> None:
-        try:
-            adjust = await self.status_adjustment(session, st, mailbox, with_size=b"SIZE" in line.upper())
-            if not await self._unsolicited_told(session, st, mailbox, adjust, line):
-                adjust = _NOTHING_VISIBLE
-        except (BackendError, defer.TimeoutError) as e:
-            # (Unadjusted, it would count what the device must not see: dropped, a notification missed.)
-            log.warn("counting hidden messages for an unsolicited STATUS failed, dropped: {error} "
-                     "session={session}", error=str(e), session=session.session_id)
-            adjust = _UNCOUNTABLE
-        st.unsolicited_status[mailbox] = adjust  # the replayed response finds it (never held twice)
-
-    async def _unsolicited_told(self, session, st: PolicySession, mailbox: str, adjust, line: bytes) -> bool:
-        """Whether an unsolicited STATUS ``line`` of ``mailbox`` (a NOTIFY event) goes to the device: its
-        counts as the device sees them changed, or a message it sees changed since the last one it was
-        told. The answers to NOTIFY SET STATUS all go (they are the device's starting point). What the
-        line says is what the device is told, so it is the next one's baseline; the backend is asked only
-        for what the line lacks (a later state could hide a change from the next comparison)."""
-        now = _status_items([line], mailbox)
-        if not all(k in now for k in (b"MESSAGES", b"UNSEEN", b"UIDNEXT", b"HIGHESTMODSEQ")):
-            reply = await session.side_command(b"STATUS " + wire_name(mailbox)
-                                               + b" (MESSAGES UNSEEN UIDNEXT HIGHESTMODSEQ)")
-            now = {**_status_items(reply.untagged, mailbox), **now}
-        if b"HIGHESTMODSEQ" not in now:
-            return True  # (cannot tell: told, as before)
-        hidden, unseen, _ = adjust or (0, 0, 0)
-        state = ((now.get(b"MESSAGES", 0) - hidden, now.get(b"UNSEEN", 0) - unseen), now[b"HIGHESTMODSEQ"],
-                 now.get(b"UIDNEXT"))
-        told = st.status_told.get(mailbox)
-        st.status_told[mailbox] = state
-        if _oldest(session, (b"NOTIFY",)) is not None:
-            return True
-        return await self.worth_telling(session, st, mailbox, told, state)
-
-    async def worth_telling(self, session, st: PolicySession, mailbox: str, told: tuple | None, now: tuple,
-                            uids: tuple[int, ...] = ()) -> bool:
-        """Whether a change of ``mailbox`` is one the device may hear of: not if only hidden messages changed.
-        ``now`` and ``told``: (the counts the device sees, HIGHESTMODSEQ, UIDNEXT) now and as it was last
-        told (None: nothing told yet; UIDNEXT may be None); ``uids``: the new messages, if known."""
-        counts, modseq, uidnext = now
-        if told is not None:
-            if counts != told[0]:
-                return True  # (a message it sees arrived or left)
-            if (modseq, uidnext) == tuple(told[1:]):
-                return False
-            if uidnext is not None and told[2] is not None and uidnext > told[2]:
-                # Arrivals, the counts unmoved: told if one of them is visible (new UIDs are certain where
-                # MODSEQs are not: see visible_change).
-                if uidnext - told[2] > _MAX_NEW_LOOKED_AT:
-                    return True
-                return await self.visible_change(session, st, mailbox, None, tuple(range(told[2], uidnext))) is True
-        # Otherwise the last change alone is looked at (Dovecot reports changes one by one, ~0.5 s apart at
-        # most); one that left no message to find (an expunge) is told when nothing was told before, as it
-        # may be of a message the device saw.
-        seen = await self.visible_change(session, st, mailbox, told[1] if told is not None else modseq - 1, uids)
-        return seen is True or (seen is None and told is None)
-
-    @staticmethod
-    def adjust_status_line(line: bytes, adjust) -> bytes:
-        """``* STATUS mbox (MESSAGES n UNSEEN n SIZE n ...)`` minus what is hidden from the device."""
-        parts = status_parts(line)
-        if parts is None or not adjust:
-            return line
-        hidden, unseen, size = adjust
-        sent, items = parts
-        messages = None
-        for j in range(0, len(items) - 1, 2):
-            key = items[j].upper()
-            if key == b"MESSAGES":
-                messages = max(0, int(items[j + 1]) - hidden)
-                items[j + 1] = b"%d" % messages
-            elif key == b"UNSEEN":
-                items[j + 1] = b"%d" % max(0, int(items[j + 1]) - unseen)
-            elif key == b"SIZE":
-                items[j + 1] = b"%d" % max(0, int(items[j + 1]) - size)
-        for j in range(0, len(items) - 1, 2):
-            if messages is not None and items[j].upper() == b"UNSEEN" and int(items[j + 1]) > messages:
-                # (The selected mailbox: hidden messages the session knows that another one expunged
-                # meanwhile are no longer found unseen on the side connection, though Dovecot counts them.)
-                items[j + 1] = b"%d" % messages
-            # Which recent messages are hidden is not worth a query (RECENT is obsolete in IMAP4rev2):
-            # at most the visible messages; without MESSAGES asked for, the hidden ones are taken off.
-            if items[j].upper() == b"RECENT" and items[j + 1].isdigit():
-                recent = max(0, int(items[j + 1]) - hidden) if messages is None else \
-                    min(int(items[j + 1]), messages)
-                items[j + 1] = b"%d" % recent
-        return status_line(sent, items)
-
-    # -- METADATA: preferences and the proxy's own entries --------------------------------------
-
-    def _metadata_command(self, session, st: PolicySession, cmd):
-        if cmd.has_literal and not cmd.state.get("collected"):
-            # An entry name or mailbox as a literal: the whole command first (judged on its first segment
-            # alone, a bookkeeping entry or a forbidden preference sent as a literal would pass).
-            return Collect()
-        args = cmd.args
-        target = args[1] if cmd.name == b"GETMETADATA" and args and isinstance(args[0], ParenList) else \
-            (args[0] if args else None)
-        raw = token_text(target) if target is not None else None
-        if raw and not st.policy.folder_allowed(mailbox_name(raw)):
-            return _nonexistent(mailbox_name(raw))  # (a folder the policy excludes does not exist)
-        if cmd.name == b"GETMETADATA":
-            return None  # responses are filtered (bookkeeping entries never leave the proxy)
-        if len(args) < 2 or not isinstance(args[1], ParenList):
-            return None
-        mailbox_raw = token_text(args[0])
-        if mailbox_raw is None:
-            return None
-        mailbox = mailbox_name(mailbox_raw) if mailbox_raw else ""
-        items = args[1].items
-        prefs = {}
-        for j in range(0, len(items) - 1, 2):
-            entry = (token_text(items[j]) or b"").decode("utf-8", "replace")
-            key = pref_key(entry)
-            if key is None:
-                continue
-            if key not in PREFERENCES:
-                return Answer(b"NO [NOPERM] Entries under " + pref_entry("").encode() +
-                              b" other than the CPM preferences belong to the server.")
-            value_tok = items[j + 1]
-            if isinstance(value_tok, Nil):
-                value = None
-            else:
-                value = (token_text(value_tok) or b"").decode("utf-8", "replace").strip().lower()
-                if value not in ("on", "off"):
-                    return Answer(b'NO [CLIENTBUG] CPM preferences take "on" or "off".')
-            if key == PREF_SYNC and not mailbox:
-                return Answer(b"NO [CLIENTBUG] The sync preference is set on a mailbox, not on the account.")
-            if key == PREF_NOTIFICATIONS and mailbox and value is not None:  # (removing one is fine)
-                # (What the server starts on its own, for the whole account: IDLE notifications, pushes.)
-                return Answer(b'NO [CLIENTBUG] The notifications preference is set on the account (mailbox ""), '
-                              b"not on a mailbox.")
-            if not st.policy.may_change(key):
-                return Answer(b"NO [NOPERM] The service provider's policy does not let users change "
-                              + key.encode() + b".")
-            prefs[key] = value
-        if prefs:
-            cmd.state["prefs"] = (mailbox, prefs)
-            if mailbox:
-                return Defer(defer.Deferred.fromCoroutine(self._mark_pref_folder(session, mailbox)))
-        return None
-
-    async def _mark_pref_folder(self, session, mailbox: str) -> None:
-        """Record (account-wide, before the client's OK) that ``mailbox`` has preferences of its own, so
-        every session reads them (and only those folders' metadata is ever read). The mark gets a new
-        value at each change: other proxy processes, which poll the account-wide entries only, see that
-        the folder's preferences changed and read them again."""
-        value = uuid.uuid4().hex[:16].encode()
-        reply = await session.side_command(b'SETMETADATA "" (' + pref_folder_entry(mailbox) + b' "' + value + b'")')
-        if reply.status != b"OK":
-            # (Unmarked, the folder's preferences would never be read: the change is not made.)
-            return Answer(reply.tagged if reply.status == b"NO" else b"NO [UNAVAILABLE] " + UNAVAILABLE)
-        for other in self.proxy.sessions_of(session.user):  # (they take the change itself at its OK)
-            st = other.state.get(self.name)
-            if st is not None:
-                if mailbox not in st.pref_folders:
-                    st.folders.pop(mailbox, None)  # (read whole when next needed)
-                st.pref_folders[mailbox] = value
-        return None
-
-    def forget_folders(self, user: str, names) -> None:
-        """Folders deleted or renamed (through this process or elsewhere): what the user's sessions and the
-        caches here knew of them is not so now; read anew when next needed."""
-        for session in self.proxy.sessions_of(user):
-            st = session.state.get(self.name)
-            if st is not None:
-                for name in names:
-                    st.folders.pop(name, None)
-        for name in names:
-            self.session_history_cache.pop((user, name), None)
-            self.cache.forget(user, name)
-
-    def observe_pref_folders(self, user: str, marks: dict[str, bytes], replace: bool = True) -> None:
-        """Folders with preferences as now known (e.g. read again on the watch connection): sessions
-        here forget what they knew of new or changed ones, so their preferences are read when next
-        needed (a selected one's at once: its view is applied again)."""
-        for session in self.proxy.sessions_of(user):
-            st = session.state.get(self.name)
-            if st is None:
-                continue
-            known = st.pref_folders
-            changed = [name for name, value in marks.items() if known.get(name) != value]
-            if replace:  # (a folder whose preferences are all gone: its mark went too)
-                changed += [name for name in known if name not in marks]
-            # Folders this session knew the preferences of: whether they are in its view, before the change.
-            watched = [n for n in changed if n in st.folders] if self.proxy.events.has_subscribers(FOLDERS_TOPIC) \
-                else []
-            before = {n for n in watched if self.folder_hidden(st, n)}
-            # (The marks first: a re-application that starts at once, in IDLE, reads the folder's.)
-            st.pref_folders = dict(marks) if replace else {**known, **marks}
-            for name in changed:
-                st.folders.pop(name, None)
-                if name == st.mailbox:
-                    self._reapply_view(session, st)
-            if watched:
-                d = defer.Deferred.fromCoroutine(self._announce_after_read(session, st, watched, before))
-                d.addErrback(lambda f: log.failure("announcing folder changes failed", f))
-
-    def _metadata_response(self, session, st: PolicySession, resp):
-        """``* METADATA``: the proxy's own entries under the vendor prefix are taken out one by one (only the
-        CPM preferences are the user's, DESIGN.md section 4); none left: no response at all. Dovecot sends
-        values as literals, so a response is several segments: it is held until all of it is in, filtered
-        whole, and sent in its place (``Drop(data)``), or as it was if nothing in it is ours."""
-        data = resp.data
-        mailbox = _metadata_mailbox(data)
-        if mailbox and not st.policy.folder_allowed(mailbox):
-            return Drop()  # (e.g. GETMETADATA "*": a folder the policy excludes does not exist)
-        if _LITERAL_END_RE.search(data) is None:  # one line: the whole response
-            new = filter_metadata_response(data)
-            return None if new is data else Drop(new)
-        box = st.metadata_hold
-        if box is not None and box["first"] == data:  # the hooks' run after our hold: the verdict
-            st.metadata_hold = None
-            if "whole" not in box:
-                return Drop()  # (not read whole: the session is ending, or a bug; never shown unfiltered)
-            new = filter_metadata_response(box["whole"])
-            return None if new is box["whole"] else Drop(new)
-        st.metadata_hold = box = {"first": data}
-        return Hold(defer.Deferred.fromCoroutine(_read_held_response(session, box)))
-
-    def observe_prefs(self, user: str, mailbox: str, prefs: dict[str, str]) -> bool:
-        """The user's preferences as read from the backend now (``mailbox`` "" for account-wide ones),
-        e.g. changed through another proxy process: sessions here take them up. True if anything changed."""
-        for session in self.proxy.sessions_of(user):
-            st = session.state.get(self.name)
-            if st is None:
-                continue
-            if mailbox and mailbox not in st.folders:
-                continue
-            known = st.folders[mailbox].prefs if mailbox else st.account_prefs
-            change = {k: prefs.get(k) for k in set(known) | set(prefs) if known.get(k) != prefs.get(k)}
-            if change:
-                self._prefs_changed(session, (mailbox, change))
-                return True
-        return False
-
-    def _prefs_changed(self, session, change) -> None:
-        """A preference was set through this proxy: every session of the user picks it up at once."""
-        mailbox, prefs = change
-        watched = self.proxy.events.has_subscribers(FOLDERS_TOPIC)
-        for other in self.proxy.sessions_of(session.user):
-            st = other.state.get(self.name)
-            if st is None:
-                continue
-            # Which folders the session knows of are in its view, before the change.
-            names = list(st.folders) + ([mailbox] if mailbox and mailbox not in st.folders else [])
-            before = {n for n in names if self.folder_hidden(st, n)} if watched else set()
-            # (A folder this session knew nothing of: whether it is a Session History folder is still to be
-            # asked, when next needed; an entry with the preferences alone said "not one".)
-            target = st.folders.setdefault(mailbox, FolderInfo(recheck=True)).prefs if mailbox else st.account_prefs
-            for k, v in prefs.items():
-                if v is None:
-                    target.pop(k, None)
-                else:
-                    target[k] = v
-            if not mailbox and f"{PREF_SYNC}/session-history" in prefs:
-                # Whether a folder is a Session History one was asked only where it mattered (while
-                # they were hidden): what is known of the others says nothing. Read again when needed.
-                st.folders.clear()
-                if watched:
-                    d = defer.Deferred.fromCoroutine(self._announce_after_read(other, st, names, before))
-                    d.addErrback(lambda f: log.failure("announcing folder changes failed", f))
-            elif watched:
-                self._announce_folders(other, st, names, before)
-            self._reapply_view(other, st)
-
-    def _announce_folders(self, session, st: PolicySession, names, hidden_before: set[str]) -> None:
-        """Tell who listens (notify: a client NOTIFY with MailboxName) of folders that left or came back
-        into the session's view."""
-        for name in names:
-            hidden = self.folder_hidden(st, name)
-            if hidden != (name in hidden_before):
-                self.proxy.events.publish(FOLDERS_TOPIC, FolderVisibility(session, name, not hidden))
-
-    async def _announce_after_read(self, session, st: PolicySession, names: list[str], before: set[str]) -> None:
-        try:
-            existing = set(await self._all_folders(session))  # (one deleted meanwhile is no event)
-            names = [n for n in names if n in existing]
-            await self.folder_infos(session, names)
-        except (BackendError, defer.TimeoutError) as e:
-            log.warn("folder preferences unreadable, no folder event: {error} session={session}", error=str(e),
-                     session=session.session_id)
-            return
-        self._announce_folders(session, st, names, before)
+    # -- preferences changed: the selected mailbox's view re-applied ----------------------------
 
     def _reapply_view(self, session, st: PolicySession) -> None:
         """Preferences changed while a mailbox is selected: hide what is now hidden (EXPUNGE), show
@@ -2004,11 +1266,6 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
 
 
 _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
-_UNCOUNTABLE = object()  # (an unsolicited STATUS whose hidden messages could not be counted: dropped)
-
-
-def _nonexistent(mailbox: str) -> Answer:
-    return Answer(b"NO [NONEXISTENT] Mailbox doesn't exist: " + mailbox.encode("utf-8", "replace")[:200])
 
 
 def _literal_mailbox(cmd) -> bool:
@@ -2021,27 +1278,6 @@ def _literal_mailbox(cmd) -> bool:
         return False
     last = _MAILBOX_ARG[cmd.name] + (1 if cmd.name == b"RENAME" else 0)
     return any(isinstance(t, LiteralRef) for t in args[:last + 1]) or len(args) <= last
-
-
-async def _uidvalidity(session, mailbox: str) -> int:
-    return _parse_uidvalidity(await session.side_command(b"STATUS " + wire_name(mailbox) + b" (UIDVALIDITY)"),
-                              mailbox)
-
-
-def _parse_uidvalidity(reply, mailbox: str) -> int:
-    return _status_items(reply.untagged, mailbox).get(b"UIDVALIDITY", 0)
-
-
-SESSION_HISTORIES_KEPT = 100_000  # (user, folder) pairs known to be Session History folders
-
-
-def _keep_known(known: dict, key: tuple) -> None:
-    """Remember ``key`` in ``known`` (insertion-ordered), forgetting the oldest past the bound: CPM makes
-    a Session History folder per chat session, for every user, for as long as the process runs."""
-    known.pop(key, None)
-    known[key] = True
-    while len(known) > SESSION_HISTORIES_KEPT:
-        del known[next(iter(known))]
 
 
 def _keep(kept: OrderedDict, key: tuple, entry: tuple) -> None:
@@ -2063,52 +1299,6 @@ def _whole_view_key(user: str, plan: SelectPlan, extra_ranges: tuple) -> tuple:
     """What fixes the hidden set of a mailbox state hidden by kind and size: the rules and what the
     hiders (local deletes) hide in it."""
     return user, plan.mailbox, plan.uidvalidity, tuple(sorted(plan.hidden_kinds)), plan.max_size, extra_ranges
-
-
-def _among(numbers, uids: set[int] | SequenceSet) -> set[int]:
-    """The members of ``numbers`` that are in ``uids`` (a set, or ranges: most often one)."""
-    if isinstance(uids, set):
-        return uids.intersection(numbers)
-    if len(uids.ranges) == 1:
-        lo, hi = uids.ranges[0]
-        return {u for u in numbers if lo <= u <= hi}
-    return {u for u in numbers if u in uids}
-
-
-def _uid_ranges(uids: SequenceSet | set[int]) -> SequenceSet:
-    return uids if isinstance(uids, SequenceSet) else SequenceSet.from_iterable(uids)
-
-
-def _uid_set(uids: SequenceSet | set[int]) -> set[int]:
-    if not isinstance(uids, SequenceSet):
-        return uids
-    out: set[int] = set()
-    for lo, hi in uids.ranges:
-        out.update(range(lo, hi + 1))  # (in C: iterating the SequenceSet costs 10x)
-    return out
-
-
-def _metadata_read(reply, what: str):
-    """``reply`` if its GETMETADATA succeeded (see ``search_ok``: a refusal is not "none set")."""
-    if reply.status != b"OK":
-        raise BackendRefused(f"reading {what} failed", reply.tagged)
-    return reply
-
-
-def _code_in(tagged: bytes, code: bytes) -> bool:
-    """Does the status text ``tagged`` (``NO [NONEXISTENT] ...``, no tag) carry the response code ``code``?"""
-    try:
-        return parse_response_head(b"* " + tagged).code_name == code
-    except TokenError:
-        return False
-
-
-def _esearch_ranges(reply) -> tuple[tuple[int, int], ...]:
-    for line in search_ok(reply).untagged:
-        i = line.upper().find(b" ALL ")
-        if i >= 0:
-            return SequenceSet.parse(line[i + 5:].split(b" ")[0].strip()).ranges
-    return ()
 
 
 _SELECT_STATE_RE = re.compile(rb"^\* (?:OK \[(UIDVALIDITY|UIDNEXT) (\d+)\]|(\d+) (EXISTS))", re.I)
@@ -2141,105 +1331,6 @@ def _next_turn() -> defer.Deferred:
     d: defer.Deferred = defer.Deferred()
     reactor.callLater(0, d.callback, None)
     return d
-
-
-_LITERAL_END_RE = re.compile(rb"\{[0-9]+\}\r?\n\Z")
-
-
-async def _read_held_response(session, box: dict) -> None:
-    """Keep the response held on its first segment in ``box["whole"]`` once it is all held (a value may
-    be a large literal, over several reads)."""
-    box["whole"] = await session.held_response_whole()
-
-
-def _entry_visible(tok) -> bool:
-    """A METADATA entry a client may see: anything outside the vendor prefix, and the CPM preferences."""
-    name = token_text(tok)
-    if name is None:
-        return False
-    key = pref_key(name.decode("utf-8", "replace"))
-    return key is None or key in PREFERENCES
-
-
-_METADATA_MAILBOX_RE = re.compile(rb'\* METADATA ("(?:[^"\\]|\\.)*"|[^ "{(]+) ', re.IGNORECASE)
-
-
-def _metadata_mailbox(data: bytes) -> str | None:
-    """The mailbox a ``* METADATA`` response is about ("" for the account; None if not read here)."""
-    m = _METADATA_MAILBOX_RE.match(data)
-    if m is None:
-        return None
-    try:
-        raw = token_text(tokenize(m.group(1))[0])
-    except (TokenError, IndexError):
-        return None
-    return mailbox_name(raw) if raw else ""
-
-
-def filter_metadata_response(data: bytes) -> bytes | None:
-    """One whole ``* METADATA`` response (literals inline, CRLF included) without the entries clients may
-    not see: ``data`` itself if none is there, None if nothing remains (or if it cannot be read and names
-    the vendor prefix: never shown unfiltered). Both forms: ``(entry value ...)`` and the unsolicited
-    list of entry names (RFC 5464 section 4.4)."""
-    if b"vendor.cpmproxy" not in data.lower():
-        return data
-    try:
-        tokens = tokenize(data[:-2] if data.endswith(b"\r\n") else data.rstrip(b"\n"))
-    except TokenError:
-        return None
-    if len(tokens) < 4:
-        return None
-    if len(tokens) == 4 and isinstance(tokens[3], ParenList):
-        items = tokens[3].items
-        if len(items) % 2:
-            return None
-        kept = []
-        for j in range(0, len(items), 2):
-            if _entry_visible(items[j]):
-                kept += items[j:j + 2]
-        if len(kept) == len(items):
-            return data
-        return format_tokens(tokens[:3] + [ParenList(kept)]) + b"\r\n" if kept else None
-    names = tokens[3:]
-    kept = [t for t in names if _entry_visible(t)]
-    if len(kept) == len(names):
-        return data
-    return format_tokens(tokens[:3] + kept) + b"\r\n" if kept else None
-
-
-_PREF_FOLDERS = pref_entry("folders") + "/"
-
-
-def pref_folder_entry(mailbox: str) -> bytes:
-    # Hex: entry names are case-folded by Dovecot and restricted in their characters.
-    return (_PREF_FOLDERS + mailbox.encode("utf-8").hex()).encode()
-
-
-def parse_pref_folders(lines: list[bytes]) -> dict[str, bytes]:
-    """Folders marked as having preferences, with their marks' values (a new one at each change of the
-    folder's preferences), from a METADATA response for the account."""
-    out = {}
-    for raw, entry, value in iter_metadata(lines):
-        low = entry.lower()
-        if raw == b"" and low.startswith(_PREF_FOLDERS.lower()):
-            try:
-                out[bytes.fromhex(low[len(_PREF_FOLDERS):]).decode("utf-8")] = value or b""
-            except ValueError:
-                continue
-    return out
-
-
-def parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dict[str, str]:
-    """CPM preferences in METADATA responses (only those of ``mailbox`` when given: pipelined
-    commands may be answered out of order, so responses are matched by name, not by position)."""
-    prefs = {}
-    for raw, entry, value in iter_metadata(lines):
-        if mailbox is not None and (raw is None or (mailbox_name(raw) if raw else "") != mailbox):
-            continue
-        key = pref_key(entry)
-        if key in PREFERENCES:
-            prefs[key] = value.decode("utf-8", "replace").strip().lower()
-    return prefs
 
 
 def _apply_vanished(view: MailboxView, data: bytes):
@@ -2282,46 +1373,6 @@ def _parse_threads(data: bytes) -> list | None:
         elif t.strip():
             return None
     return stack[0] if len(stack) == 1 else None
-
-
-def _placeholder(line: bytes) -> bytes:
-    """The LIST response of a folder the device does not see, as a parent that is only there for what is
-    below it: ``\\Noselect \\HasChildren``, the folder's own attributes and extended data left out."""
-    tokens = tokenize(line.rstrip(b"\r\n"))
-    return b"* LIST (\\Noselect \\HasChildren) " + format_tokens(tokens[3:5]) + b"\r\n"
-
-
-def _without_children(line: bytes):
-    """A LIST response whose name attributes say ``\\HasNoChildren`` instead of ``\\HasChildren``; none
-    for a placeholder that is there only for its (hidden) children (``\\Noselect``, ``\\NonExistent``)."""
-    close = line.find(b")")
-    attrs = line[:close].upper()
-    at = attrs.find(b"\\HASCHILDREN")
-    if close < 0 or at < 0:
-        return None
-    if b"\\NOSELECT" in attrs or b"\\NONEXISTENT" in attrs:
-        return Drop()
-    return Rewrite(line[:at] + b"\\HasNoChildren" + line[at + len(b"\\HasChildren"):])
-
-
-def _oldest(session, names) :
-    for c in session.inflight_commands():
-        if c.name in names:
-            return c
-    return None
-
-
-_NOTHING_VISIBLE = object()  # an unsolicited STATUS about hidden messages only: not passed on
-_MAX_NEW_LOOKED_AT = 10000  # more arrivals than this at once: told without a look at each
-
-
-def _status_items(lines: list[bytes], mailbox: str) -> dict[bytes, int]:
-    """The items of ``mailbox``'s ``* STATUS`` among ``lines`` (upper-case names)."""
-    for line in lines:
-        parts = status_parts(line)
-        if parts is not None and status_mailbox(parts[0]) == mailbox:
-            return status_values(parts[1])
-    return {}
 
 
 def _fetch_response(view: MailboxView, resp):
@@ -2381,3 +1432,23 @@ def _qresync_known(cmd, view: MailboxView, uidvalidity: int) -> SequenceSet | No
                 return None
             return SequenceSet.from_canonical(known.resolve(view.max_uid).ranges)
     return None
+
+
+def _placeholder(line: bytes) -> bytes:
+    """The LIST response of a folder the device does not see, as a parent that is only there for what is
+    below it: ``\\Noselect \\HasChildren``, the folder's own attributes and extended data left out."""
+    tokens = tokenize(line.rstrip(b"\r\n"))
+    return b"* LIST (\\Noselect \\HasChildren) " + format_tokens(tokens[3:5]) + b"\r\n"
+
+
+def _without_children(line: bytes):
+    """A LIST response whose name attributes say ``\\HasNoChildren`` instead of ``\\HasChildren``; none
+    for a placeholder that is there only for its (hidden) children (``\\Noselect``, ``\\NonExistent``)."""
+    close = line.find(b")")
+    attrs = line[:close].upper()
+    at = attrs.find(b"\\HASCHILDREN")
+    if close < 0 or at < 0:
+        return None
+    if b"\\NOSELECT" in attrs or b"\\NONEXISTENT" in attrs:
+        return Drop()
+    return Rewrite(line[:at] + b"\\HasNoChildren" + line[at + len(b"\\HasChildren"):])

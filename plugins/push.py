@@ -62,7 +62,8 @@ from cpmproxy.tlstrust import trust_from_file
 from plugins.cpm import PREFIX
 from plugins.localdelete import device_key
 from plugins.notify import TOPIC, ChangeEvent
-from plugins.policy import classify, side_examine
+from plugins.policy import classify
+from plugins.policystate import side_examine
 from plugins.pushqueue import Entry, Outbox
 from plugins.wire import esearch_all, iter_metadata, wire_name
 

@@ -16,7 +16,7 @@ import pytest
 from cpmproxy.imap.tokens import ParenList, tokenize
 from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import make_object
-from plugins.policy import filter_metadata_response
+from plugins.policyprefs import filter_metadata_response
 from tests.proxyfix import raw_via
 from tests.test_hostile_backend import scripted  # noqa: F401 (the scripted backend's fixture)
 

@@ -1016,7 +1016,9 @@ def test_an_offline_watch_goes_by_any_device_of_the_user_with_notifications_on(m
     from twisted.internet.task import Clock
 
     import plugins.notify as notify
-    from plugins.policy import Policy, PolicyPlugin, PolicySession
+    from plugins.policy import PolicyPlugin
+    from plugins.policyconfig import Policy
+    from plugins.policystate import PolicySession
 
     monkeypatch.setattr(notify, "reactor", Clock())
     monkeypatch.setattr(notify.UserWatch, "refresh", lambda self: defer.succeed(None))
@@ -1063,7 +1065,9 @@ def test_an_offline_watch_keeps_one_timer_and_only_what_it_reads(monkeypatch):
     from twisted.internet.task import Clock
 
     import plugins.notify as notify
-    from plugins.policy import Policy, PolicyPlugin, PolicySession
+    from plugins.policy import PolicyPlugin
+    from plugins.policyconfig import Policy
+    from plugins.policystate import PolicySession
     from plugins.view import MailboxView
 
     clock = Clock()

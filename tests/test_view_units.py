@@ -150,7 +150,7 @@ def test_visible_and_hidden_backend_numbers(v):
 def test_views_of_the_same_mailbox_state_share_their_tables():
     """The policy plugin builds a filtered view's tables once for the sessions that see the same view
     (same mailbox state, same hidden set); a change to one view never reaches the other."""
-    from plugins.policy import PolicyPlugin, SelectPlan
+    from plugins.policystate import SelectPlan
 
     policy = PolicyPlugin(None)
     plan = SelectPlan("INBOX", 7, ("imdn",), 0, 0)
@@ -176,7 +176,8 @@ def test_views_of_the_same_mailbox_state_share_their_tables():
 def _select_plan_with(hider, reply):
     from twisted.internet import defer
 
-    from plugins.policy import Policy, PolicySession, SelectPlan
+    from plugins.policyconfig import Policy
+    from plugins.policystate import PolicySession, SelectPlan
 
     plan = SelectPlan("INBOX", 0, (), 0, 0)
     plan.pending = [(hider, reply if isinstance(reply, defer.Deferred) else defer.succeed(reply))]
@@ -211,7 +212,8 @@ def test_select_is_decided_at_once_where_nothing_can_be_hidden():
 
     from cpmproxy.imap.tokens import parse_command
     from cpmproxy.proxy.hooks import Answer, ClientCommand, Defer
-    from plugins.policy import Policy, PolicySession
+    from plugins.policyconfig import Policy
+    from plugins.policystate import PolicySession
 
     def cancel(d):
         d.deferred.addErrback(lambda f: None)
@@ -277,7 +279,7 @@ def test_a_device_with_the_same_local_deletions_borrows_the_view_whole():
     """Where only hiders' UIDs are hidden (local deletions), a later SELECT of the same mailbox state with
     the same hidden ranges borrows the whole view: no UID list or set is built again. Anything else does
     not match."""
-    from plugins.policy import SelectPlan
+    from plugins.policystate import SelectPlan
 
     policy = PolicyPlugin(None)
     cache = policy.cache.get("alice", "INBOX", 7)
@@ -307,7 +309,7 @@ def test_a_view_hiding_by_kind_or_size_is_lent_whole_to_the_next_select_of_that_
     the hidden set again each time (10 ms at 200,000 messages, the backend 0.3 ms). The same rules on the
     same mailbox state hide the same messages: the view is borrowed whole. An age limit hides more as
     time passes: never borrowed."""
-    from plugins.policy import SelectPlan
+    from plugins.policystate import SelectPlan
 
     policy = PolicyPlugin(None)
     cache = policy.cache.get("alice", "INBOX", 7)
@@ -449,7 +451,7 @@ def test_a_lent_view_with_nothing_hidden_keeps_its_lenders_uids_through_any_chan
 def test_kept_views_are_bounded_by_their_messages_too(monkeypatch):
     """Found by review: up to 32 kept views of 200,000 messages (~46 MB each) beside as many tables."""
     import plugins.policy as policy_module
-    from plugins.policy import SelectPlan
+    from plugins.policystate import SelectPlan
 
     monkeypatch.setattr(policy_module, "SHARED_TABLES_MAX_MESSAGES", 7000)
     policy = PolicyPlugin(None)

@@ -1,0 +1,228 @@
+r"""Which folders exist for a device: the policy's folder patterns, the user's folder preferences and
+Session History folders (when the device does not synchronize them) decide; a hidden folder is absent from
+LIST/LSUB (a parent of visible ones stays, ``\NonExistent``), STATUS, NOTIFY events, and refused as a
+target. What is known of each folder is kept per session (``FolderInfo``) and read when first needed.
+
+A mixin of ``plugins.policy.PolicyPlugin``: it uses the preferences (``effective``) and the plugin's
+caches of what is known of folders (``cache``, ``session_history_cache``)."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from cpmproxy.proxy.backend import BackendError
+from cpmproxy.proxy.hooks import Drop, Hold, Rewrite
+from plugins.cpm import (
+    PREF_SYNC,
+    PREFERENCES,
+    SESSION_INFO_CRITERIA,
+    pref_entry,
+)
+from plugins.policyprefs import _metadata_read, parse_metadata_prefs
+from plugins.policystate import (
+    FolderInfo,
+    PolicySession,
+    _code_in,
+    _keep_known,
+    side_examine,
+)
+from plugins.wire import (
+    list_name,
+    list_nonexistent,
+    list_oldname,
+    list_without_oldname,
+    search_ok,
+    wire_name,
+)
+
+log = Logger(namespace="cpmproxy.policy")
+
+
+class FolderRules:
+    """Which folders exist for the device (see the module docstring)."""
+
+    async def folder_infos(self, session, names: list[str]) -> None:
+        """Fill ``st.folders`` for ``names``: folder preferences, then (only where Session Histories are
+        not synchronized) whether the folder is one. Pipelined on the side connection.
+
+        Fails closed: if the backend refuses or loses a read (``BackendError``), nothing of it is kept
+        and the error propagates (the client's command answers ``NO [UNAVAILABLE]``): taken as "no
+        preferences" or "not a Session History", it would show what the policy or the user hides."""
+        st = self.state(session)
+        todo = [n for n in names if not self._folder_info_now(session, st, n)]
+        if not todo:
+            return
+        infos = {name: FolderInfo() for name in todo}
+        await self._read_folder_infos(session, st, infos)
+        st.folders.update(infos)
+
+    def _hold_for_folder(self, session, st: PolicySession, mailbox: str):
+        """Hold an unsolicited response (NOTIFY) about ``mailbox`` until its folder info is known. If it
+        cannot be read, the response is dropped (a notification missed, the device's next sync finds the
+        change), rather than shown as if nothing were hidden, or held again and again."""
+        if mailbox in st.unreadable_folders:
+            st.unreadable_folders.discard(mailbox)
+            return Drop()
+
+        async def known():
+            try:
+                await self.folder_infos(session, [mailbox])
+            except (BackendError, defer.TimeoutError) as e:
+                log.warn("folder {mailbox!r} unreadable, its notification dropped: {error} session={session}",
+                         mailbox=mailbox, error=str(e), session=session.session_id)
+                st.unreadable_folders.add(mailbox)
+
+        return Hold(defer.Deferred.fromCoroutine(known()))
+
+    async def _read_folder_infos(self, session, st: PolicySession, infos: dict[str, FolderInfo]) -> None:
+        waits = []
+        if self._may_change_sync(st):
+            for name, info in infos.items():
+                # Only folders known to carry preferences are read: reading a mailbox's metadata opens
+                # it in the side connection's process, and a folder open there while a client renames or
+                # deletes it can come back as a ghost in the mailbox list.
+                if name in st.pref_folders:
+                    waits.append((name, info, session.side_command(
+                        b"GETMETADATA (DEPTH infinity) " + wire_name(name) + b" (" + pref_entry("").encode() + b")")))
+        for name, info, d in waits:
+            reply = await d
+            if not _code_in(reply.tagged, b"NONEXISTENT"):  # (deleted meanwhile: no preferences)
+                info.prefs = parse_metadata_prefs(_metadata_read(reply, "folder preferences").untagged, name)
+        unknown = []
+        for name, info in infos.items():
+            if self._effective_in(st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history")):
+                continue
+            if self.session_history_cache.get((session.user, name)):
+                info.session_history = True
+                continue
+            unknown.append((name, info))
+        if not unknown:
+            return  # (no EXAMINE: the lock and its closing UNSELECT would only cost a round trip)
+        async with side_examine(session):
+            checks = [(name, info, session.side_command(b"EXAMINE " + wire_name(name)),
+                       session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA))
+                      for name, info in unknown]
+            for name, info, opened, searched in checks:
+                opened, searched = await opened, await searched
+                if opened.status != b"OK" and (_code_in(opened.tagged, b"NONEXISTENT")
+                                               or b"doesn't exist" in opened.tagged):
+                    # Gone, or a \Noselect parent (Dovecot 2.3 answers that one with no code): no
+                    # messages, nothing to hide in it. Any other refusal fails closed, below.
+                    continue
+                info.session_history = any(b" MIN " in line for line in search_ok(searched).untagged)
+                if info.session_history:
+                    _keep_known(self.session_history_cache, (session.user, name))
+                elif any(line.startswith(b"* 0 EXISTS") for line in opened.untagged):
+                    # Empty: a Session History folder just created, its session info not yet in it.
+                    # Asked again next time (kept as "not one", the device was shown it and its changes).
+                    info.recheck = True
+
+    @staticmethod
+    def _may_change_sync(st: PolicySession) -> bool:
+        return any(st.policy.may_change(k) for k in PREFERENCES if k.startswith(PREF_SYNC))
+
+    def _folder_info_now(self, session, st: PolicySession, name: str) -> bool:
+        """Fill ``st.folders[name]`` when that needs nothing from the backend (the folder carries no
+        preferences to read, and whether it is a Session History folder is either irrelevant or known);
+        False when ``folder_infos`` must ask."""
+        known = st.folders.get(name)
+        if known is not None and not known.recheck:
+            return True
+        if name in st.pref_folders and self._may_change_sync(st):
+            return False
+        info = FolderInfo()
+        if not self.effective(st, f"{PREF_SYNC}/session-history", name, st.policy.default_sync("session-history")):
+            if not self.session_history_cache.get((session.user, name)):
+                return False  # (only "is one" is remembered across sessions)
+            info.session_history = True
+        st.folders[name] = info
+        return True
+
+    def folder_hidden(self, st: PolicySession, name: str) -> bool:
+        if not st.policy.folder_allowed(name):
+            return True
+        return self._info_hides(st, st.folders.get(name))
+
+    def _info_hides(self, st: PolicySession, info: FolderInfo | None) -> bool:
+        """Whether what is known of a folder (its preferences, whether it holds a Session History) hides it."""
+        if info is None:
+            return False
+        if not self._effective_in(st, info, PREF_SYNC, True):
+            return True
+        return bool(info.session_history) and not self._effective_in(
+            st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history"))
+
+    def _old_name_hidden(self, st: PolicySession, old: str, new: str) -> bool:
+        """Whether a folder renamed (a NOTIFY event) was hidden under its old name: as this session knew
+        it; not looked at so, by the policy's verdict on the old name and what moved with the folder
+        (its preferences and contents, now known under the new name)."""
+        if old in st.folders or not st.policy.folder_allowed(old):
+            return self.folder_hidden(st, old)
+        return self._info_hides(st, st.folders.get(new))
+
+    def _list_event(self, st: PolicySession, data: bytes, mailbox: str):
+        """A LIST response in the device's view. A rename (``OLDNAME``) across the view's edge is, for the
+        device, a deletion (into a hidden name: the old name ``\\NonExistent``, RFC 5465 5.4) or a
+        creation (out of one: the old name is not told)."""
+        hidden = self.folder_hidden(st, mailbox)
+        old = list_oldname(data)
+        if old is None:
+            return Drop() if hidden else None
+        old_hidden = self._old_name_hidden(st, old, mailbox)
+        st.folders.pop(old, None)  # (gone: a folder created under that name later is another)
+        if hidden:
+            return Drop() if old_hidden else Rewrite(list_nonexistent(data, old))
+        return Rewrite(list_without_oldname(data)) if old_hidden else None
+
+    def _childless(self, st: PolicySession, names: list[str]) -> set[str]:
+        """The folders the device sees whose every descendant is hidden: ``\\HasChildren`` would tell it
+        of folders that do not exist for it (their LIST says ``\\HasNoChildren``)."""
+        hidden = {n for n in names if self.folder_hidden(st, n)}
+        if not hidden:
+            return set()
+        parents, seen_under = set(), set()
+        for name in names:
+            parts = name.split("/")
+            for i in range(1, len(parts)):
+                parent = "/".join(parts[:i])
+                parents.add(parent)
+                if name not in hidden:
+                    seen_under.add(parent)
+        return parents - seen_under - hidden
+
+    def _parents_only(self, st: PolicySession, names: list[str]) -> set[str]:
+        """The hidden folders with a folder the device sees somewhere below them: listed as a
+        ``\\Noselect`` placeholder, as a server lists a parent that does not exist (RFC 3501 6.3.8), or a
+        client that walks the tree level by level (``%``) never reaches what is below."""
+        hidden = {n for n in names if self.folder_hidden(st, n)}
+        if not hidden:
+            return set()
+        above = set()
+        for name in names:
+            if name not in hidden:
+                parts = name.split("/")
+                above.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        return hidden & above
+
+    async def _all_folders(self, session) -> list[str]:
+        reply = await session.side_command(b'LIST "" "*"')
+        names = []
+        for line in reply.untagged:
+            if line[:7].upper() == b"* LIST ":
+                name = list_name(line)
+                if name is not None:
+                    names.append(name)
+        return names
+
+    def forget_folders(self, user: str, names) -> None:
+        """Folders deleted or renamed (through this process or elsewhere): what the user's sessions and the
+        caches here knew of them is not so now; read anew when next needed."""
+        for session in self.proxy.sessions_of(user):
+            st = session.state.get(self.name)
+            if st is not None:
+                for name in names:
+                    st.folders.pop(name, None)
+        for name in names:
+            self.session_history_cache.pop((user, name), None)
+            self.cache.forget(user, name)

@@ -1,0 +1,384 @@
+"""The user's CPM preferences: METADATA entries under ``/private/vendor/vendor.cpmproxy/``
+(DESIGN.md section 4), account-wide on mailbox ``""`` or per folder. Read at login, checked against the
+provider policy when the user's client sets them (``NO [NOPERM]``), taken up at once by every session of the
+user (here, and through the watch connection from other proxy processes); the proxy's own bookkeeping
+entries never leave it. The effective value of a setting: the policy's default, unless the user may
+change it and did.
+
+A mixin of ``plugins.policy.PolicyPlugin``: a changed preference re-applies the selected folder's view
+(``_reapply_view``) and announces the folders that came or went (read anew with the folder rules:
+``folder_infos``, ``_all_folders``, ``folder_hidden``)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from cpmproxy.imap.tokens import (
+    Nil,
+    ParenList,
+    TokenError,
+    format_tokens,
+    token_text,
+    tokenize,
+)
+from cpmproxy.proxy.backend import UNAVAILABLE, BackendError, BackendRefused
+from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold
+from plugins.cpm import (
+    KINDS,
+    PREF_NOTIFICATIONS,
+    PREF_SYNC,
+    PREFERENCES,
+    pref_entry,
+    pref_key,
+)
+from plugins.policystate import (
+    FOLDERS_TOPIC,
+    FolderInfo,
+    FolderVisibility,
+    PolicySession,
+    _nonexistent,
+)
+from plugins.wire import (
+    has_caps,
+    iter_metadata,
+    mailbox_name,
+)
+
+log = Logger(namespace="cpmproxy.policy")
+
+
+class Preferences:
+    """The user's preferences (see the module docstring)."""
+
+    def effective(self, st: PolicySession, key: str, folder: str | None, default: bool) -> bool:
+        """A preference's effective value: policy default unless the user may change it and did."""
+        return self._effective_in(st, None if folder is None else st.folders.get(folder), key, default)
+
+    @staticmethod
+    def _effective_in(st: PolicySession, info: FolderInfo | None, key: str, default: bool) -> bool:
+        """``effective`` for a folder whose ``info`` is at hand (None: account-wide)."""
+        # (The user's value first: mostly there is none, and two dict lookups settle it.)
+        value = None
+        if info is not None and info.prefs:
+            value = info.prefs.get(key)
+        if value is None and st.account_prefs:
+            value = st.account_prefs.get(key)
+        if value is None or not st.policy.may_change(key):
+            return default
+        return value == "on"
+
+    def kind_synced(self, st: PolicySession, kind: str, folder: str) -> bool:
+        return self.effective(st, f"{PREF_SYNC}/{kind}", folder, st.policy.default_sync(kind))
+
+    def hidden_kinds(self, st: PolicySession, folder: str) -> tuple[str, ...]:
+        info = st.folders.get(folder)
+        if not st.account_prefs and (info is None or not info.prefs):
+            return st.policy.default_hidden_kinds
+        return tuple(k for k in KINDS if not self.kind_synced(st, k, folder))
+
+    async def _login(self, session) -> None:
+        st = self.state(session)
+        if not (has_caps(session, b"METADATA") or has_caps(session, b"METADATA-SERVER")):
+            st.login_entries = set()  # (a backend without METADATA stores no preferences: the defaults apply)
+            return
+        # On the side connection (opened here, so the first SELECT does not wait for it). A refusal is
+        # not "no preferences": taken so, a device would sync what its user turned off (fails the login
+        # NO [UNAVAILABLE]; the client tries again).
+        reply = _metadata_read(await session.side_command(
+            b'GETMETADATA (DEPTH infinity) "" (' + pref_entry("").encode() + b")"), "account preferences")
+        st.account_prefs = parse_metadata_prefs(reply.untagged)
+        st.login_entries = {entry.lower() for _, entry, _ in iter_metadata(reply.untagged)}
+        st.pref_folders = parse_pref_folders(reply.untagged)
+
+    def _metadata_command(self, session, st: PolicySession, cmd):
+        if cmd.has_literal and not cmd.state.get("collected"):
+            # An entry name or mailbox as a literal: the whole command first (judged on its first segment
+            # alone, a bookkeeping entry or a forbidden preference sent as a literal would pass).
+            return Collect()
+        args = cmd.args
+        target = args[1] if cmd.name == b"GETMETADATA" and args and isinstance(args[0], ParenList) else \
+            (args[0] if args else None)
+        raw = token_text(target) if target is not None else None
+        if raw and not st.policy.folder_allowed(mailbox_name(raw)):
+            return _nonexistent(mailbox_name(raw))  # (a folder the policy excludes does not exist)
+        if cmd.name == b"GETMETADATA":
+            return None  # responses are filtered (bookkeeping entries never leave the proxy)
+        if len(args) < 2 or not isinstance(args[1], ParenList):
+            return None
+        mailbox_raw = token_text(args[0])
+        if mailbox_raw is None:
+            return None
+        mailbox = mailbox_name(mailbox_raw) if mailbox_raw else ""
+        items = args[1].items
+        prefs = {}
+        for j in range(0, len(items) - 1, 2):
+            entry = (token_text(items[j]) or b"").decode("utf-8", "replace")
+            key = pref_key(entry)
+            if key is None:
+                continue
+            if key not in PREFERENCES:
+                return Answer(b"NO [NOPERM] Entries under " + pref_entry("").encode() +
+                              b" other than the CPM preferences belong to the server.")
+            value_tok = items[j + 1]
+            if isinstance(value_tok, Nil):
+                value = None
+            else:
+                value = (token_text(value_tok) or b"").decode("utf-8", "replace").strip().lower()
+                if value not in ("on", "off"):
+                    return Answer(b'NO [CLIENTBUG] CPM preferences take "on" or "off".')
+            if key == PREF_SYNC and not mailbox:
+                return Answer(b"NO [CLIENTBUG] The sync preference is set on a mailbox, not on the account.")
+            if key == PREF_NOTIFICATIONS and mailbox and value is not None:  # (removing one is fine)
+                # (What the server starts on its own, for the whole account: IDLE notifications, pushes.)
+                return Answer(b'NO [CLIENTBUG] The notifications preference is set on the account (mailbox ""), '
+                              b"not on a mailbox.")
+            if not st.policy.may_change(key):
+                return Answer(b"NO [NOPERM] The service provider's policy does not let users change "
+                              + key.encode() + b".")
+            prefs[key] = value
+        if prefs:
+            cmd.state["prefs"] = (mailbox, prefs)
+            if mailbox:
+                return Defer(defer.Deferred.fromCoroutine(self._mark_pref_folder(session, mailbox)))
+        return None
+
+    async def _mark_pref_folder(self, session, mailbox: str) -> None:
+        """Record (account-wide, before the client's OK) that ``mailbox`` has preferences of its own, so
+        every session reads them (and only those folders' metadata is ever read). The mark gets a new
+        value at each change: other proxy processes, which poll the account-wide entries only, see that
+        the folder's preferences changed and read them again."""
+        value = uuid.uuid4().hex[:16].encode()
+        reply = await session.side_command(b'SETMETADATA "" (' + pref_folder_entry(mailbox) + b' "' + value + b'")')
+        if reply.status != b"OK":
+            # (Unmarked, the folder's preferences would never be read: the change is not made.)
+            return Answer(reply.tagged if reply.status == b"NO" else b"NO [UNAVAILABLE] " + UNAVAILABLE)
+        for other in self.proxy.sessions_of(session.user):  # (they take the change itself at its OK)
+            st = other.state.get(self.name)
+            if st is not None:
+                if mailbox not in st.pref_folders:
+                    st.folders.pop(mailbox, None)  # (read whole when next needed)
+                st.pref_folders[mailbox] = value
+        return None
+
+    def observe_pref_folders(self, user: str, marks: dict[str, bytes], replace: bool = True) -> None:
+        """Folders with preferences as now known (e.g. read again on the watch connection): sessions
+        here forget what they knew of new or changed ones, so their preferences are read when next
+        needed (a selected one's at once: its view is applied again)."""
+        for session in self.proxy.sessions_of(user):
+            st = session.state.get(self.name)
+            if st is None:
+                continue
+            known = st.pref_folders
+            changed = [name for name, value in marks.items() if known.get(name) != value]
+            if replace:  # (a folder whose preferences are all gone: its mark went too)
+                changed += [name for name in known if name not in marks]
+            # Folders this session knew the preferences of: whether they are in its view, before the change.
+            watched = [n for n in changed if n in st.folders] if self.proxy.events.has_subscribers(FOLDERS_TOPIC) \
+                else []
+            before = {n for n in watched if self.folder_hidden(st, n)}
+            # (The marks first: a re-application that starts at once, in IDLE, reads the folder's.)
+            st.pref_folders = dict(marks) if replace else {**known, **marks}
+            for name in changed:
+                st.folders.pop(name, None)
+                if name == st.mailbox:
+                    self._reapply_view(session, st)
+            if watched:
+                d = defer.Deferred.fromCoroutine(self._announce_after_read(session, st, watched, before))
+                d.addErrback(lambda f: log.failure("announcing folder changes failed", f))
+
+    def _metadata_response(self, session, st: PolicySession, resp):
+        """``* METADATA``: the proxy's own entries under the vendor prefix are taken out one by one (only the
+        CPM preferences are the user's, DESIGN.md section 4); none left: no response at all. Dovecot sends
+        values as literals, so a response is several segments: it is held until all of it is in, filtered
+        whole, and sent in its place (``Drop(data)``), or as it was if nothing in it is ours."""
+        data = resp.data
+        mailbox = _metadata_mailbox(data)
+        if mailbox and not st.policy.folder_allowed(mailbox):
+            return Drop()  # (e.g. GETMETADATA "*": a folder the policy excludes does not exist)
+        if _LITERAL_END_RE.search(data) is None:  # one line: the whole response
+            new = filter_metadata_response(data)
+            return None if new is data else Drop(new)
+        box = st.metadata_hold
+        if box is not None and box["first"] == data:  # the hooks' run after our hold: the verdict
+            st.metadata_hold = None
+            if "whole" not in box:
+                return Drop()  # (not read whole: the session is ending, or a bug; never shown unfiltered)
+            new = filter_metadata_response(box["whole"])
+            return None if new is box["whole"] else Drop(new)
+        st.metadata_hold = box = {"first": data}
+        return Hold(defer.Deferred.fromCoroutine(_read_held_response(session, box)))
+
+    def observe_prefs(self, user: str, mailbox: str, prefs: dict[str, str]) -> bool:
+        """The user's preferences as read from the backend now (``mailbox`` "" for account-wide ones),
+        e.g. changed through another proxy process: sessions here take them up. True if anything changed."""
+        for session in self.proxy.sessions_of(user):
+            st = session.state.get(self.name)
+            if st is None:
+                continue
+            if mailbox and mailbox not in st.folders:
+                continue
+            known = st.folders[mailbox].prefs if mailbox else st.account_prefs
+            change = {k: prefs.get(k) for k in set(known) | set(prefs) if known.get(k) != prefs.get(k)}
+            if change:
+                self._prefs_changed(session, (mailbox, change))
+                return True
+        return False
+
+    def _prefs_changed(self, session, change) -> None:
+        """A preference was set through this proxy: every session of the user picks it up at once."""
+        mailbox, prefs = change
+        watched = self.proxy.events.has_subscribers(FOLDERS_TOPIC)
+        for other in self.proxy.sessions_of(session.user):
+            st = other.state.get(self.name)
+            if st is None:
+                continue
+            # Which folders the session knows of are in its view, before the change.
+            names = list(st.folders) + ([mailbox] if mailbox and mailbox not in st.folders else [])
+            before = {n for n in names if self.folder_hidden(st, n)} if watched else set()
+            # (A folder this session knew nothing of: whether it is a Session History folder is still to be
+            # asked, when next needed; an entry with the preferences alone said "not one".)
+            target = st.folders.setdefault(mailbox, FolderInfo(recheck=True)).prefs if mailbox else st.account_prefs
+            for k, v in prefs.items():
+                if v is None:
+                    target.pop(k, None)
+                else:
+                    target[k] = v
+            if not mailbox and f"{PREF_SYNC}/session-history" in prefs:
+                # Whether a folder is a Session History one was asked only where it mattered (while
+                # they were hidden): what is known of the others says nothing. Read again when needed.
+                st.folders.clear()
+                if watched:
+                    d = defer.Deferred.fromCoroutine(self._announce_after_read(other, st, names, before))
+                    d.addErrback(lambda f: log.failure("announcing folder changes failed", f))
+            elif watched:
+                self._announce_folders(other, st, names, before)
+            self._reapply_view(other, st)
+
+    def _announce_folders(self, session, st: PolicySession, names, hidden_before: set[str]) -> None:
+        """Tell who listens (notify: a client NOTIFY with MailboxName) of folders that left or came back
+        into the session's view."""
+        for name in names:
+            hidden = self.folder_hidden(st, name)
+            if hidden != (name in hidden_before):
+                self.proxy.events.publish(FOLDERS_TOPIC, FolderVisibility(session, name, not hidden))
+
+    async def _announce_after_read(self, session, st: PolicySession, names: list[str], before: set[str]) -> None:
+        try:
+            existing = set(await self._all_folders(session))  # (one deleted meanwhile is no event)
+            names = [n for n in names if n in existing]
+            await self.folder_infos(session, names)
+        except (BackendError, defer.TimeoutError) as e:
+            log.warn("folder preferences unreadable, no folder event: {error} session={session}", error=str(e),
+                     session=session.session_id)
+            return
+        self._announce_folders(session, st, names, before)
+
+
+def _metadata_read(reply, what: str):
+    """``reply`` if its GETMETADATA succeeded (see ``search_ok``: a refusal is not "none set")."""
+    if reply.status != b"OK":
+        raise BackendRefused(f"reading {what} failed", reply.tagged)
+    return reply
+
+
+_LITERAL_END_RE = re.compile(rb"\{[0-9]+\}\r?\n\Z")
+
+
+async def _read_held_response(session, box: dict) -> None:
+    """Keep the response held on its first segment in ``box["whole"]`` once it is all held (a value may
+    be a large literal, over several reads)."""
+    box["whole"] = await session.held_response_whole()
+
+
+def _entry_visible(tok) -> bool:
+    """A METADATA entry a client may see: anything outside the vendor prefix, and the CPM preferences."""
+    name = token_text(tok)
+    if name is None:
+        return False
+    key = pref_key(name.decode("utf-8", "replace"))
+    return key is None or key in PREFERENCES
+
+
+_METADATA_MAILBOX_RE = re.compile(rb'\* METADATA ("(?:[^"\\]|\\.)*"|[^ "{(]+) ', re.IGNORECASE)
+
+
+def _metadata_mailbox(data: bytes) -> str | None:
+    """The mailbox a ``* METADATA`` response is about ("" for the account; None if not read here)."""
+    m = _METADATA_MAILBOX_RE.match(data)
+    if m is None:
+        return None
+    try:
+        raw = token_text(tokenize(m.group(1))[0])
+    except (TokenError, IndexError):
+        return None
+    return mailbox_name(raw) if raw else ""
+
+
+def filter_metadata_response(data: bytes) -> bytes | None:
+    """One whole ``* METADATA`` response (literals inline, CRLF included) without the entries clients may
+    not see: ``data`` itself if none is there, None if nothing remains (or if it cannot be read and names
+    the vendor prefix: never shown unfiltered). Both forms: ``(entry value ...)`` and the unsolicited
+    list of entry names (RFC 5464 section 4.4)."""
+    if b"vendor.cpmproxy" not in data.lower():
+        return data
+    try:
+        tokens = tokenize(data[:-2] if data.endswith(b"\r\n") else data.rstrip(b"\n"))
+    except TokenError:
+        return None
+    if len(tokens) < 4:
+        return None
+    if len(tokens) == 4 and isinstance(tokens[3], ParenList):
+        items = tokens[3].items
+        if len(items) % 2:
+            return None
+        kept = []
+        for j in range(0, len(items), 2):
+            if _entry_visible(items[j]):
+                kept += items[j:j + 2]
+        if len(kept) == len(items):
+            return data
+        return format_tokens(tokens[:3] + [ParenList(kept)]) + b"\r\n" if kept else None
+    names = tokens[3:]
+    kept = [t for t in names if _entry_visible(t)]
+    if len(kept) == len(names):
+        return data
+    return format_tokens(tokens[:3] + kept) + b"\r\n" if kept else None
+
+
+_PREF_FOLDERS = pref_entry("folders") + "/"
+
+
+def pref_folder_entry(mailbox: str) -> bytes:
+    # Hex: entry names are case-folded by Dovecot and restricted in their characters.
+    return (_PREF_FOLDERS + mailbox.encode("utf-8").hex()).encode()
+
+
+def parse_pref_folders(lines: list[bytes]) -> dict[str, bytes]:
+    """Folders marked as having preferences, with their marks' values (a new one at each change of the
+    folder's preferences), from a METADATA response for the account."""
+    out = {}
+    for raw, entry, value in iter_metadata(lines):
+        low = entry.lower()
+        if raw == b"" and low.startswith(_PREF_FOLDERS.lower()):
+            try:
+                out[bytes.fromhex(low[len(_PREF_FOLDERS):]).decode("utf-8")] = value or b""
+            except ValueError:
+                continue
+    return out
+
+
+def parse_metadata_prefs(lines: list[bytes], mailbox: str | None = None) -> dict[str, str]:
+    """CPM preferences in METADATA responses (only those of ``mailbox`` when given: pipelined
+    commands may be answered out of order, so responses are matched by name, not by position)."""
+    prefs = {}
+    for raw, entry, value in iter_metadata(lines):
+        if mailbox is not None and (raw is None or (mailbox_name(raw) if raw else "") != mailbox):
+            continue
+        key = pref_key(entry)
+        if key in PREFERENCES:
+            prefs[key] = value.decode("utf-8", "replace").strip().lower()
+    return prefs

@@ -1,0 +1,293 @@
+"""What a device is told of a folder's counts: STATUS (and LIST-STATUS) answers and NOTIFY's
+unsolicited STATUS counted on the device's view (hidden messages taken off MESSAGES, UNSEEN, SIZE), and
+whether a change is one the device may hear of at all (not if only messages hidden from it changed).
+
+A mixin of ``plugins.policy.PolicyPlugin``: it uses the plugin's folder rules (``folder_hidden``,
+``_hold_for_folder``), what hides messages in a folder (``_criteria``, ``hiders``) and the classification
+cache (``cache``)."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from cpmproxy.imap.seqset import SequenceSet
+from cpmproxy.proxy.backend import BackendError, BackendRefused
+from cpmproxy.proxy.hooks import Drop, Hold, Rewrite
+from plugins.cpm import (
+    KIND_CRITERIA,
+)
+from plugins.policystate import (
+    _SIZE_RE,
+    PolicySession,
+    SelectPlan,
+    _among,
+    _esearch_ranges,
+    _oldest,
+    _status_items,
+    _uid_ranges,
+    _uid_set,
+    _uidvalidity,
+    side_examine,
+)
+from plugins.wire import (
+    esearch_all,
+    status_line,
+    status_mailbox,
+    status_parts,
+    uid_set_pieces,
+    wire_name,
+)
+
+log = Logger(namespace="cpmproxy.policy")
+
+
+class StatusCounts:
+    """Counts as the device sees them (see the module docstring)."""
+
+    async def status_adjustment(self, session, st: PolicySession, mailbox: str, with_size: bool = True):
+        """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden; the size
+        is 0 unless ``with_size`` (STATUS SIZE asked for)."""
+        kinds, max_size, max_age = self._criteria(st, mailbox)
+        hiders = self.hiders(session)
+        if not (kinds or max_size or max_age or hiders):
+            return None
+        async with side_examine(session):
+            return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders,
+                                                       with_size)
+
+    async def status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders,
+                                       with_size: bool = True):
+        selected_hidden = None
+        if st.mailbox == mailbox and st.view is not None:
+            # Dovecot counts the selected mailbox as this session knows it (not as it is: changes not yet
+            # announced to the session are not in it), and so does the view.
+            hidden, selected_hidden = st.view.hidden, st.view.hidden_uids  # (read before any await)
+        else:
+            examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
+            searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
+            if (await examined).status != b"OK":
+                await searched
+                return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
+            uids = SequenceSet.from_ranges(_esearch_ranges(await searched))  # (not expanded: 200,000 UIDs)
+            uidvalidity = await _uidvalidity(session, mailbox)
+            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+            for h in hiders:
+                plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
+            hidden = await self._side_hidden(session, plan, uids)
+        if not hidden:
+            return None
+        n_hidden = len(hidden)  # (now: the selected view's set changes in place as messages go)
+        if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
+            session.side_command(b"EXAMINE " + wire_name(mailbox))
+        # Which unseen messages are hidden: the unseen UIDs (a CPM store has few), matched here. Naming the
+        # hidden UIDs in the command instead cost a command line of ~6 bytes per scattered hidden message.
+        unseen = SequenceSet.from_ranges(_esearch_ranges(await session.side_command(
+            b"UID SEARCH RETURN (ALL) UNSEEN")))
+        if selected_hidden is not None:
+            unseen_n = len(unseen & selected_hidden)
+        else:
+            unseen_n = sum(1 for lo, hi in unseen.ranges for u in range(lo, hi + 1) if u in hidden)
+        fetches = []
+        if with_size:
+            # (Piece by piece, pipelined: each command line short whatever is hidden.)
+            pieces = uid_set_pieces(selected_hidden if selected_hidden is not None
+                                    else SequenceSet.from_iterable(hidden))
+            fetches = [session.side_command(b"UID FETCH " + p + b" (RFC822.SIZE)") for p in pieces]
+        size = 0  # (not asked for: the sizes of thousands of hidden messages are not fetched)
+        replies = [await d for d in fetches]  # (all of them, even after a failed one)
+        for sizes in replies:
+            if sizes.status != b"OK":
+                raise BackendRefused("backend fetch of sizes failed", sizes.tagged)
+            size += sum(int(m.group(1)) for line in sizes.untagged for m in [_SIZE_RE.search(line)] if m)
+        return n_hidden, unseen_n, size
+
+    async def _side_hidden(self, session, plan: SelectPlan, uids: set[int] | SequenceSet) -> set[int]:
+        """Hidden UIDs among ``uids`` of a mailbox EXAMINEd on the side connection (classification cache
+        shared). ``uids`` may be ranges: all of a big mailbox's UIDs are not expanded for a STATUS."""
+        cache = self.cache.get(session.user, plan.mailbox, plan.uidvalidity)
+        kinds = set(plan.hidden_kinds)
+        if "other" in kinds:
+            kinds |= set(KIND_CRITERIA)
+            kinds.discard("other")
+        top = (uids.ranges[-1][1] if uids.ranges else 0) if isinstance(uids, SequenceSet) else max(uids, default=0)
+        for kind in sorted(kinds):
+            start = cache.known(kind) + 1
+            if start > top:
+                continue
+            reply = await session.side_command(b"UID SEARCH RETURN (ALL) UID %d:* " % start + KIND_CRITERIA[kind])
+            cache.add(kind, top, set(esearch_all(reply)))
+        hidden: set[int] = set()
+        for kind in plan.hidden_kinds:
+            if kind == "other":
+                known = set().union(*(cache.kinds.get(k, set()) for k in KIND_CRITERIA))
+                hidden |= _uid_set(uids) - known
+            else:
+                hidden |= _among(cache.kinds.get(kind, ()), uids)
+        if plan.max_size:
+            hidden |= set(esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) LARGER %d"
+                                                                   % plan.max_size)))
+        if plan.max_age_days:
+            hidden |= set(esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) OLDER %d"
+                                                                   % (plan.max_age_days * 86400))))
+        return _among(hidden | _uid_set(plan.extra), uids)
+
+    def _status_response(self, session, st: PolicySession, resp):
+        parts = status_parts(resp.data)
+        mailbox = None if parts is None else status_mailbox(parts[0])
+        if mailbox is None:
+            return None
+        cmd = _oldest(session, (b"STATUS", b"LIST"))
+        if mailbox not in st.folders and cmd is None:
+            return self._hold_for_folder(session, st, mailbox)  # (as for LIST)
+        if self.folder_hidden(st, mailbox):
+            return Drop()
+        adjusts = cmd.state.get("status_adjusts") if cmd is not None else None
+        if adjusts is not None and mailbox in adjusts:
+            adjust = adjusts[mailbox]  # computed before the command went to the backend
+        elif mailbox in st.unsolicited_status:
+            adjust = st.unsolicited_status.pop(mailbox)
+            if adjust is _NOTHING_VISIBLE:
+                return Drop()
+        elif self._may_hide(session, st, mailbox):
+            # Unsolicited (NOTIFY): counted on the view too, for the state the backend just reported.
+            return Hold(defer.Deferred.fromCoroutine(self._unsolicited_adjustment(session, st, mailbox,
+                                                                                   resp.data)))
+        else:
+            return None
+        if adjust is _UNCOUNTABLE:
+            return Drop()
+        if not adjust:
+            return None
+        new = self.adjust_status_line(resp.data, adjust)
+        return None if new == resp.data else Rewrite(new)
+
+    def _may_hide(self, session, st: PolicySession, mailbox: str) -> bool:
+        kinds, max_size, max_age = self._criteria(st, mailbox)
+        return bool(kinds or max_size or max_age or self.hiders(session))
+
+    async def visible_change(self, session, st: PolicySession, mailbox: str, since: int | None,
+                             uids: tuple[int, ...] = ()) -> bool | None:
+        """Whether a message this device sees in ``mailbox`` arrived or changed after MODSEQ ``since`` (or
+        is among ``uids``, new messages whose UIDs are known): True; False if only hidden ones did (an IMDN
+        the policy hides arriving, or flagged): told of it, the device would learn of a message that does
+        not exist for it; None if no message did (an expunge, or a metadata write).
+        (Dovecot gives every message of a mailbox the HIGHESTMODSEQ until CONDSTORE was first used on it,
+        which this search does: the first time, every message matches. New UIDs, when known, avoid that.)"""
+        kinds, max_size, max_age = self._criteria(st, mailbox)
+        hiders = self.hiders(session)
+        async with side_examine(session):
+            examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
+            searched = None if uids else \
+                session.side_command(b"UID SEARCH RETURN (ALL) MODSEQ %d" % (since + 1))  # (pipelined)
+            if (await examined).status != b"OK":
+                if searched is not None:
+                    await searched
+                return False
+            changed = set(uids) if uids else set(esearch_all(await searched))
+            if not changed:
+                return None
+            if not (kinds or max_size or max_age or hiders):
+                return True
+            uidvalidity = await _uidvalidity(session, mailbox)
+            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+            for h in hiders:
+                plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
+            return bool(changed - await self._side_hidden(session, plan, changed))
+
+    async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str, line: bytes) -> None:
+        try:
+            adjust = await self.status_adjustment(session, st, mailbox, with_size=b"SIZE" in line.upper())
+            if not await self._unsolicited_told(session, st, mailbox, adjust, line):
+                adjust = _NOTHING_VISIBLE
+        except (BackendError, defer.TimeoutError) as e:
+            # (Unadjusted, it would count what the device must not see: dropped, a notification missed.)
+            log.warn("counting hidden messages for an unsolicited STATUS failed, dropped: {error} "
+                     "session={session}", error=str(e), session=session.session_id)
+            adjust = _UNCOUNTABLE
+        st.unsolicited_status[mailbox] = adjust  # the replayed response finds it (never held twice)
+
+    async def _unsolicited_told(self, session, st: PolicySession, mailbox: str, adjust, line: bytes) -> bool:
+        """Whether an unsolicited STATUS ``line`` of ``mailbox`` (a NOTIFY event) goes to the device: its
+        counts as the device sees them changed, or a message it sees changed since the last one it was
+        told. The answers to NOTIFY SET STATUS all go (they are the device's starting point). What the
+        line says is what the device is told, so it is the next one's baseline; the backend is asked only
+        for what the line lacks (a later state could hide a change from the next comparison)."""
+        now = _status_items([line], mailbox)
+        if not all(k in now for k in (b"MESSAGES", b"UNSEEN", b"UIDNEXT", b"HIGHESTMODSEQ")):
+            reply = await session.side_command(b"STATUS " + wire_name(mailbox)
+                                               + b" (MESSAGES UNSEEN UIDNEXT HIGHESTMODSEQ)")
+            now = {**_status_items(reply.untagged, mailbox), **now}
+        if b"HIGHESTMODSEQ" not in now:
+            return True  # (cannot tell: told, as before)
+        hidden, unseen, _ = adjust or (0, 0, 0)
+        state = ((now.get(b"MESSAGES", 0) - hidden, now.get(b"UNSEEN", 0) - unseen), now[b"HIGHESTMODSEQ"],
+                 now.get(b"UIDNEXT"))
+        told = st.status_told.get(mailbox)
+        st.status_told[mailbox] = state
+        if _oldest(session, (b"NOTIFY",)) is not None:
+            return True
+        return await self.worth_telling(session, st, mailbox, told, state)
+
+    async def worth_telling(self, session, st: PolicySession, mailbox: str, told: tuple | None, now: tuple,
+                            uids: tuple[int, ...] = ()) -> bool:
+        """Whether a change of ``mailbox`` is one the device may hear of: not if only hidden messages changed.
+        ``now`` and ``told``: (the counts the device sees, HIGHESTMODSEQ, UIDNEXT) now and as it was last
+        told (None: nothing told yet; UIDNEXT may be None); ``uids``: the new messages, if known."""
+        counts, modseq, uidnext = now
+        if told is not None:
+            if counts != told[0]:
+                return True  # (a message it sees arrived or left)
+            if (modseq, uidnext) == tuple(told[1:]):
+                return False
+            if uidnext is not None and told[2] is not None and uidnext > told[2]:
+                # Arrivals, the counts unmoved: told if one of them is visible (new UIDs are certain where
+                # MODSEQs are not: see visible_change).
+                if uidnext - told[2] > _MAX_NEW_LOOKED_AT:
+                    return True
+                return await self.visible_change(session, st, mailbox, None, tuple(range(told[2], uidnext))) is True
+        # Otherwise the last change alone is looked at (Dovecot reports changes one by one, ~0.5 s apart at
+        # most); one that left no message to find (an expunge) is told when nothing was told before, as it
+        # may be of a message the device saw.
+        seen = await self.visible_change(session, st, mailbox, told[1] if told is not None else modseq - 1, uids)
+        return seen is True or (seen is None and told is None)
+
+    @staticmethod
+    def adjust_status_line(line: bytes, adjust) -> bytes:
+        """``* STATUS mbox (MESSAGES n UNSEEN n SIZE n ...)`` minus what is hidden from the device."""
+        parts = status_parts(line)
+        if parts is None or not adjust:
+            return line
+        hidden, unseen, size = adjust
+        sent, items = parts
+        messages = None
+        for j in range(0, len(items) - 1, 2):
+            key = items[j].upper()
+            if key == b"MESSAGES":
+                messages = max(0, int(items[j + 1]) - hidden)
+                items[j + 1] = b"%d" % messages
+            elif key == b"UNSEEN":
+                items[j + 1] = b"%d" % max(0, int(items[j + 1]) - unseen)
+            elif key == b"SIZE":
+                items[j + 1] = b"%d" % max(0, int(items[j + 1]) - size)
+        for j in range(0, len(items) - 1, 2):
+            if messages is not None and items[j].upper() == b"UNSEEN" and int(items[j + 1]) > messages:
+                # (The selected mailbox: hidden messages the session knows that another one expunged
+                # meanwhile are no longer found unseen on the side connection, though Dovecot counts them.)
+                items[j + 1] = b"%d" % messages
+            # Which recent messages are hidden is not worth a query (RECENT is obsolete in IMAP4rev2):
+            # at most the visible messages; without MESSAGES asked for, the hidden ones are taken off.
+            if items[j].upper() == b"RECENT" and items[j + 1].isdigit():
+                recent = max(0, int(items[j + 1]) - hidden) if messages is None else \
+                    min(int(items[j + 1]), messages)
+                items[j + 1] = b"%d" % recent
+        return status_line(sent, items)
+
+
+_UNCOUNTABLE = object()  # (an unsolicited STATUS whose hidden messages could not be counted: dropped)
+
+
+_NOTHING_VISIBLE = object()  # an unsolicited STATUS about hidden messages only: not passed on
+
+
+_MAX_NEW_LOOKED_AT = 10000  # more arrivals than this at once: told without a look at each
