@@ -141,7 +141,7 @@ class Watcher:
         stopper: Stopper | None = None,
         progress: ProgressFactory | None = None,
         log: Callable[[str], None] | None = None,
-        connector: Callable[[ServerSettings], Connection] = connect,
+        connector: Callable[..., Connection] = connect,  # (settings, wake_fd=fd)
     ) -> None:
         self.settings = settings
         self.store = store
@@ -168,14 +168,16 @@ class Watcher:
 
         while not self.stopper.stopped:
             try:
-                conn = self.connector(self.settings)
+                # (SIGINT/SIGTERM interrupt a wait for a silent server, here in the greeting and login too)
+                conn = self.connector(self.settings, wake_fd=self.stopper.fd)
+            except Interrupted:
+                break
             except (AuthenticationError, TLSError):
                 raise  # permanent: retrying a wrong password only locks the account
             except ConnectError as e:
                 if not retry(str(e)):
                     break
                 continue
-            conn.set_wake_fd(self.stopper.fd)  # SIGINT/SIGTERM interrupt a wait for a silent server
             try:
                 self._session(conn, on_ready=ready)
             except Interrupted:
