@@ -211,6 +211,40 @@ def _resolve(base: Path, value: str) -> Path:
     return Path(value) if Path(value).is_absolute() else base / value
 
 
+# An ssl: listener's parameters in Twisted's order (positional ones fill them in so), and those naming files,
+# which Twisted opens relative to the working directory (a service's is "/").
+_SSL_PARAMS = ("port", "privateKey", "certKey", "sslmethod", "interface", "backlog", "extraCertChain",
+               "dhParameters")
+_SSL_FILES = frozenset(("privateKey", "certKey", "extraCertChain", "dhParameters"))
+
+
+def _listener_files(base: Path, desc: str) -> str:
+    """An ``ssl:`` listener string with its relative file parameters made relative to ``base`` (the config
+    file's directory, as every file setting); any other string as it is (a string Twisted cannot read is
+    reported as it was written, by the listener checks)."""
+    from twisted.internet.endpoints import _parse  # (private: the parser serverFromString uses)
+
+    if not desc.startswith("ssl:"):
+        return desc
+    try:
+        args, kwargs = _parse(desc)
+    except Exception:
+        return desc
+    if len(args) > len(_SSL_PARAMS) + 1 or any(k in kwargs for k in _SSL_PARAMS[:len(args) - 1]):
+        return desc  # (too many values, or one given twice: the checks say so)
+    params = dict(zip(_SSL_PARAMS, args[1:], strict=False)) | kwargs
+    if not any(k in _SSL_FILES and not Path(v).is_absolute() for k, v in params.items()):
+        return desc
+    params = {k: str(_resolve(base, v)) if k in _SSL_FILES else v for k, v in params.items()}
+
+    def escaped(value: str) -> str:  # (Twisted's escapes: ':' and '=' separate, '\\' escapes)
+        return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+    port = params.pop("port", None)
+    return ":".join(["ssl"] + ([escaped(port)] if port is not None else [])
+                    + [f"{k}={escaped(v)}" for k, v in params.items()])
+
+
 def _plugin_tables(raw: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise ConfigError(f"plugin: expected a table of plugin tables ([plugin.NAME]), got {_toml_type(type(raw))}")
@@ -262,6 +296,8 @@ def parse_config(data: dict[str, Any], path: Path | None = None,
             if not p.is_file():
                 raise ConfigError(f"{sec}.{key}: {'not a regular file' if p.exists() else 'no such file'}: {p}")
             sections[sec][key] = str(p)
+    sections["proxy"]["listen"] = [_listener_files(base, d) if isinstance(d, str) else d
+                                   for d in sections["proxy"]["listen"]]
     for name, key in PLUGIN_FILES:
         value = plugin_tables.get(name, {}).get(key)
         if isinstance(value, str) and value:  # (the plugin checks the type, and opens the file)

@@ -100,6 +100,22 @@ def test_push_ca_file_is_relative_to_the_config_file(tmp_path):
     assert _cli_check(config).returncode == 0
 
 
+def test_ssl_listener_files_are_relative_to_the_config_file(tmp_path):
+    """An ``ssl:`` listener's key and certificate were opened relative to the working directory (the
+    operator review: ``--check`` passed in /etc/cpmproxy, and the service, which runs in /, failed)."""
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    certs = make_ca_and_cert(conf_dir)
+    config = conf_dir / "c.toml"
+    config.write_text(f'[proxy]\nlisten = ["ssl:1993:interface=127.0.0.1:privateKey={certs.key.name}:'
+                      f'certKey={certs.cert.name}"]\n')
+    assert Path.cwd() != conf_dir
+    r = _cli_check(config)
+    assert r.returncode == 0, r.stderr
+    assert check_config(str(config)).proxy["listen"] == [
+        f"ssl:1993:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"]
+
+
 def test_tls_files_say_what_is_wrong(tmp_path):
     """A directory was "no such file"; a file without PEM was ``[('DECODER routines', '', 'unsupported')]``;
     an encrypted key made OpenSSL ask for its passphrase on the terminal."""
