@@ -44,7 +44,7 @@ def run(config_path: str) -> int:
         install()
     from twisted.internet import reactor
 
-    from cpmproxy.proxy.service import ProxyService, check_config
+    from cpmproxy.proxy.service import ProxyService, check_config, config_warnings
 
     try:
         config = check_config(config_path, adopt_sockets=True)
@@ -52,6 +52,8 @@ def run(config_path: str) -> int:
         print(config_failed(config_path, e), file=sys.stderr)
         return 2
     start_logging(config)
+    for warning in config_warnings(config):
+        log.warn("{warning}", warning=warning)
     svc = ProxyService(config, reactor)
     status = {"code": 0}
 
@@ -107,13 +109,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cpmproxy: localdelete {args.action} failed: {e}", file=sys.stderr)
             return 1
     if args.check:
-        from cpmproxy.proxy.service import check_config
+        from cpmproxy.proxy.service import check_config, config_warnings
 
         try:
-            check_config(args.config)
+            config = check_config(args.config)
         except ConfigError as e:
             print(config_failed(args.config, e), file=sys.stderr)
             return 2
+        for warning in config_warnings(config):
+            print(f"cpmproxy: {args.config}: warning: {warning}", file=sys.stderr)
         print(f"cpmproxy: {args.config}: configuration OK")
         return 0
     return run(args.config)

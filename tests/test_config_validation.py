@@ -116,6 +116,22 @@ def test_ssl_listener_files_are_relative_to_the_config_file(tmp_path):
         f"ssl:1993:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"]
 
 
+def test_check_warns_of_listeners_where_no_remote_client_can_log_in(tmp_path):
+    """The sample configuration on a public interface (the operator review): no STARTTLS without tls_cert,
+    plaintext only from loopback, so every remote client got LOGINDISABLED, and --check said OK."""
+    certs = make_ca_and_cert(tmp_path / "certs")
+    public = '[proxy]\nlisten = ["tcp:1143:interface=0.0.0.0", "tcp:1144:interface=127.0.0.1", ' \
+             '"haproxy:tcp:1145:interface=127.0.0.1", "unix:%s/imap.sock"]\n' % tmp_path
+    r = _cli_check(_write(tmp_path, public))
+    assert r.returncode == 0 and "configuration OK" in r.stdout, r.stderr
+    warnings = r.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all("warning: " in w and "cannot log in" in w for w in warnings), r.stderr
+    assert "proxy.listen[0]" in warnings[0] and "proxy.listen[2]" in warnings[1], r.stderr  # (behind a balancer)
+    for fix in (f'tls_cert = "{certs.cert}"\ntls_key = "{certs.key}"\n', 'plaintext_auth = "always"\n'):
+        r = _cli_check(_write(tmp_path, public + fix))
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def test_tls_files_say_what_is_wrong(tmp_path):
     """A directory was "no such file"; a file without PEM was ``[('DECODER routines', '', 'unsupported')]``;
     an encrypted key made OpenSSL ask for its passphrase on the terminal."""

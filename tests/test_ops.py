@@ -143,6 +143,26 @@ def test_systemd_socket_activation_serves(tmp_path):
     assert proc.returncode == 0, out
 
 
+def test_sockets_systemd_passed_that_no_listener_takes_stop_the_start(tmp_path):
+    """cpmproxy.socket enabled while the configuration listens elsewhere (the operator review: its clients
+    waited for a greeting forever, nothing logged): the proxy does not start, and says why."""
+    import socket
+    conf = tmp_path / "sd.toml"
+    conf.write_text('[proxy]\nlisten = ["tcp:0:interface=127.0.0.1"]\n')
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    proc = _socket_activated(listener, conf)
+    try:
+        out = proc.communicate(timeout=30)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out and out.strip().count("\n") == 0, out
+    assert "systemd passed 1 socket(s) (imap) and no listener takes them" in out, out
+
+
 @pytest.mark.skipif(not __import__("socket").has_dualstack_ipv6(), reason="no dual-stack IPv6 here")
 def test_systemd_dual_stack_socket(tmp_path):
     """systemd's ``ListenStream=143`` is a dual-stack IPv6 socket: adopted as INET, Twisted would garble

@@ -193,6 +193,33 @@ def check_config(path: str, adopt_sockets: bool = False) -> Config:
     return config
 
 
+def config_warnings(config: Config) -> list[str]:
+    """What a valid configuration cannot do that its operator likely wants (said by ``--check`` and at start):
+    a TCP listener other hosts reach where none of them can log in (no STARTTLS to offer, plaintext only
+    from loopback: they get LOGINDISABLED, and the log says only that they went away)."""
+    proxy = config.proxy
+    if proxy["tls_cert"] or proxy["plaintext_auth"] != "loopback":
+        return []
+    out = []
+    for i, desc in enumerate(proxy["listen"]):
+        try:
+            found = _endpoint_params(desc)
+        except ConfigError:
+            continue
+        if found is None or found[0] not in ("tcp", "tcp6"):
+            continue
+        interface = found[1].get("interface", "")
+        try:
+            if interface and ipaddress.ip_address(interface).is_loopback and not desc.startswith("haproxy:"):
+                continue  # (behind haproxy:, the client's own address counts)
+        except ValueError:
+            continue
+        out.append(f"proxy.listen[{i}]: clients on other hosts cannot log in on {desc!r}: no STARTTLS to offer "
+                   f"(proxy.tls_cert is empty) and plaintext_auth = \"loopback\"; set tls_cert and tls_key, "
+                   f"listen with ssl:, or (TLS ended at a balancer) plaintext_auth = \"always\"")
+    return out
+
+
 def _check_listeners(config: Config, adopt_sockets: bool) -> None:
     """Every listener can be made, and no two listen on the same address (the second could not start)."""
     keyed = [(f"proxy.listen[{i}]", desc) for i, desc in enumerate(config.proxy["listen"])]
@@ -207,6 +234,21 @@ def _check_listeners(config: Config, adopt_sockets: bool) -> None:
         if clash:
             raise ConfigError(f"{key}: {desc!r} listens on the same address as {clash}")
         taken[key] = address
+    if adopt_sockets and not any(_systemd_params(desc) is not None for _, desc in keyed):
+        _check_none_inherited()
+
+
+def _check_none_inherited() -> None:
+    """Raise ConfigError if systemd passed sockets and no listener takes them (cpmproxy.socket enabled, the
+    configuration listening elsewhere): their clients would wait for a greeting forever, nothing logged."""
+    from twisted.internet import endpoints
+
+    fds = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
+    passed = fds.inheritedNamedDescriptors() if fds is not None else {}
+    if passed:
+        raise ConfigError(f"proxy.listen: systemd passed {len(passed)} socket(s) ({', '.join(passed)}) and no "
+                          f"listener takes them: listen on \"systemd:domain=INET6:index=0\" (cpmproxy.socket's "
+                          f"ListenStream), or disable the socket unit")
 
 
 def _check_endpoint(desc: str, adopt_sockets: bool = True, key: str | None = None) -> tuple | None:
