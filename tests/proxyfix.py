@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,12 @@ def reload_proxy(p: ProxyProcess, config: str | None = None) -> None:
     while p.log().count("configuration reloaded") == n and time.monotonic() < deadline:
         time.sleep(0.05)
     assert p.log().count("configuration reloaded") > n, p.log()
+
+
+def metric(p: ProxyProcess, name: str) -> float:
+    """A sample's value on the proxy's metrics endpoint (``name`` with its labels); 0 if absent."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read().decode()
+    return next((float(line.split()[-1]) for line in body.splitlines() if line.startswith(name + " ")), 0.0)
 
 
 def raw_via(p: ProxyProcess, **kw) -> RawIMAP:

@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 
 from cpmproxy.testing.rawclient import RawIMAP
-from tests.proxyfix import imap_via
+from tests.proxyfix import imap_via, metric
 
 CAPS = b"IMAP4rev1 LITERAL+ ID ENABLE METADATA NOTIFY CONDSTORE QRESYNC UIDPLUS ESEARCH IDLE"
 
@@ -678,11 +678,6 @@ def test_health_says_so_while_logins_keep_failing_for_the_backends_sake(fresh_sc
     assert _login_timed(proxy)[0].startswith(b"L NO [AUTHENTICATIONFAILED]")
     assert health(proxy)[0] == 200
     fresh_scripted.internal = {}
-
-
-def metric(proxy, name: str) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=5).read().decode()
-    return next((float(line.split()[-1]) for line in body.splitlines() if line.startswith(name + " ")), 0.0)
 
 
 def _wait_for(condition, seconds: float = 5.0) -> bool:

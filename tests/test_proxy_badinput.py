@@ -7,7 +7,7 @@ import socket
 import ssl
 import time
 
-from tests.proxyfix import raw_via, still_serving
+from tests.proxyfix import metric, raw_via, still_serving
 
 
 def test_garbage_bytes_before_login(proxy):
@@ -191,6 +191,20 @@ def test_too_many_bad_commands_bye(proxy):
             except OSError:
                 break
         assert c.closed()
+
+
+def test_commands_the_proxy_refuses_itself_are_counted_and_failed_logins_say_why(make_proxy):
+    """``cpmproxy_bad_input_total`` counted framing errors only (the operator review: a tag with control
+    characters, answered BAD, was not counted); the failed-login log line gave no reason."""
+    p = make_proxy()
+    with raw_via(p) as c:
+        c.send(b"a\x01b NOOP\r\n")
+        assert c.read_line().startswith(b"* BAD [CLIENTBUG] Invalid command")
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s BAD [CLIENTBUG] Command SELECT is not valid")
+        assert not c.login("alice", "wrong")[-1].startswith(b"L OK")
+    assert metric(p, 'cpmproxy_bad_input_total{kind="syntax"}') == 1
+    assert metric(p, 'cpmproxy_bad_input_total{kind="state"}') == 1
+    assert "login failed user=alice" in p.log() and "reason=NO [AUTHENTICATIONFAILED]" in p.log(), p.log()
 
 
 def test_malformed_select_arguments_get_answers(proxy):

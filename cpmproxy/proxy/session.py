@@ -459,7 +459,7 @@ class ClientSession(Protocol, TimeoutMixin):
             return
         # A refused synchronizing literal: the client will not send it, the command is over.
         self._reply(tag or b"*", b"BAD [" + e.code.encode() + b"] " + e.message.encode() + b".")
-        self._count_bad()
+        self._count_bad(None)
 
     @staticmethod
     def _tag_of(line: bytes) -> bytes | None:
@@ -467,7 +467,11 @@ class ClientSession(Protocol, TimeoutMixin):
         m = _TAG_RE.match(line)
         return m.group(1) if m else None
 
-    def _count_bad(self) -> None:
+    def _count_bad(self, kind: str | None = "syntax") -> None:
+        """A command the proxy answered BAD itself; ``kind`` for ``cpmproxy_bad_input`` (None: counted
+        there already, as a framing error)."""
+        if kind is not None:
+            self.service.metrics.bad_input.labels(kind=kind).inc()
         self.bad_commands += 1
         if self.bad_commands >= self.config.limits["max_bad_commands"]:
             self.bye(b"Too many invalid commands.", code=b"CLIENTBUG")
@@ -535,7 +539,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self.service.metrics.command(name)
         if name not in _PREAUTH_COMMANDS or cmd.uid:
             self._reply(cmd.tag, b"BAD [CLIENTBUG] Command " + name[:32] + b" is not valid before login.")
-            self._count_bad()
+            self._count_bad("state")
             return
         try:
             args = cmd.args
@@ -717,8 +721,8 @@ class ClientSession(Protocol, TimeoutMixin):
             service.login_outcome(login_user, False)
             self.auth_failures += 1
             delay = service.auth_failed(self.peer_host)
-            log.info("login failed user={user} peer={peer} session={session}", user=login_user,
-                     peer=self.peer_host, session=self.session_id)
+            log.info("login failed user={user} peer={peer} reason={reason} session={session}", user=login_user,
+                     peer=self.peer_host, reason=e.response.decode("utf-8", "replace")[:200], session=self.session_id)
             if delay:
                 await _sleep(reactor, delay)
             if self.phase != "login":
