@@ -39,6 +39,11 @@ def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
+def _line_length(v: Any) -> str | None:
+    # (Shorter, even a client's first CAPABILITY or an ID with a device id is refused: BYE [TOOBIG].)
+    return None if v >= 1024 else "must be >= 1024 (bytes: a command line must hold a LOGIN or an ID)"
+
+
 def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
@@ -88,7 +93,7 @@ SCHEMA: dict[str, dict[str, Opt]] = {
                              "how the backend folds login names (Dovecot's auth_username_format %Lu: lower)"),
     },
     "limits": {
-        "max_line": Opt(int, 65536, _positive, "longest command line (bytes)"),
+        "max_line": Opt(int, 65536, _line_length, "longest command line (bytes)"),
         "max_literal": Opt(int, 100 * 1024 * 1024, _positive,
                            "largest literal from a client (also capped by the backend's APPENDLIMIT)"),
         "max_backend_line": Opt(int, 64 * 1024 * 1024, _positive, "longest response line from the backend"),

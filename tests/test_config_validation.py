@@ -268,6 +268,8 @@ def test_core_settings_that_cannot_work_are_refused(tmp_path):
         '[proxy]\ndevice_id_field = ""\n': "proxy.device_id_field: must not be empty",
         '[admin]\nseparator = ""\n': "admin.separator: must not be empty",
         "proxy = 5\n": "proxy: expected a table ([proxy]), got integer",
+        # (The operator review: --check passed it, and every client's first command got BYE [TOOBIG].)
+        "[limits]\nmax_line = 10\n": "limits.max_line: must be >= 1024",
     })
 
 
