@@ -1012,15 +1012,21 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # exactly on its way back, and Dovecot announces no expunges during a search with UID
             # criteria, which clients syncing with UID SEARCH would notice.)
             hidden = view.hidden_uids.format()
-            wanted = esearch_options(returning) if cmd.name == b"SEARCH" and returning is not None \
-                and len(hidden) > INLINE_HIDDEN_MAX and b"MODSEQ" not in body.upper() else None
-            if wanted is not None:
+            if len(hidden) <= INLINE_HIDDEN_MAX:
+                restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(hidden)]
+            elif plain:
                 # Too many hidden UIDs to name in one command line (the backend refuses a line past its
-                # limit: Dovecot's default 64 KB is ~10,000 scattered UIDs): the backend returns every
-                # match and the proxy computes MIN/MAX/COUNT/ALL of the visible ones (_esearch_response).
-                cmd.state["esearch_local"] = wanted
+                # limit: Dovecot's default 64 KB is ~10,000 scattered UIDs). A plain MODSEQ search: its
+                # matches are filtered on their way back, its (MODSEQ n) stays the backend's (see
+                # visible_esearch: no visible change since it is missed).
+                pass
+            elif (wanted := esearch_options(returning)) is not None:
+                # The backend returns every match and the proxy computes MIN/MAX/COUNT/ALL of the visible
+                # ones (_esearch_response), in the sort order for an ESORT.
+                cmd.state["esearch_local"] = (wanted, cmd.name == b"SORT")
                 head[returning_at] = ParenList([Atom(b"ALL")])
             else:
+                # (SAVE, whose $ the backend keeps, or another option: named all, refused past the limit.)
                 restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(hidden)]
         # (THREAD's sets exact: hidden messages in a covering range would take part in the threading.)
         criteria = rewrite_search_keys(view, rest, exact=cmd.name == b"THREAD")
@@ -1115,6 +1121,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             kept = [n for n in nums if n not in view.hidden]
         else:
             kept = view.client_seqs(nums)
+        if not kept:
+            tail = []  # (RFC 7162: a MODSEQ only after matches; hidden ones alone are none)
         return Rewrite(b" ".join(words[:2] + [b"%d" % n for n in kept] + tail) + b"\r\n")
 
     def _esearch_response(self, session, view: MailboxView, resp):
@@ -1129,10 +1137,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         out = tokens[:2]
         if items and isinstance(items[0], ParenList):  # (TAG "a")
             out.append(items[0])
-            wanted = local_esearch_options(session, items[0])
+            local = local_esearch_options(session, items[0])
             items = items[1:]
-            if wanted is not None:
-                return Rewrite(format_tokens(out + visible_esearch(view, items, wanted)) + b"\r\n")
+            if local is not None:
+                return Rewrite(format_tokens(out + visible_esearch(view, items, *local)) + b"\r\n")
         uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
         for j in range(0, len(items) - 1, 2):
             key, value = (token_text(items[j]) or b"").upper(), items[j + 1]

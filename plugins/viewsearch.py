@@ -34,9 +34,9 @@ def esearch_options(returning: ParenList) -> tuple[bytes, ...] | None:
     return tuple(n for n in _LOCAL_ESEARCH if n in names) if names else (b"ALL",)
 
 
-def local_esearch_options(session, tag_list: ParenList) -> tuple[bytes, ...] | None:
-    """The options to compute for the ESEARCH ``(TAG "t")`` answers, if its command asked the backend
-    for every match instead (``esearch_local``)."""
+def local_esearch_options(session, tag_list: ParenList) -> tuple[tuple[bytes, ...], bool] | None:
+    """The options to compute for the ESEARCH ``(TAG "t")`` answers, and whether its matches are in a sort
+    order (ESORT), if its command asked the backend for every match instead (``esearch_local``)."""
     items = tag_list.items
     if len(items) != 2 or (token_text(items[0]) or b"").upper() != b"TAG":
         return None
@@ -45,27 +45,73 @@ def local_esearch_options(session, tag_list: ParenList) -> tuple[bytes, ...] | N
     return None if cmd is None else cmd.state.get("esearch_local")
 
 
-def visible_esearch(view: MailboxView, items: list, wanted: tuple[bytes, ...]) -> list:
+def visible_esearch(view: MailboxView, items: list, wanted: tuple[bytes, ...], ordered: bool = False) -> list:
     """The items after ``(TAG ...)`` of an ESEARCH that returned ALL of the matches, hidden ones too: the
-    options ``wanted`` of the visible matches, in the client's numbers."""
+    options ``wanted`` of the visible matches, in the client's numbers; ``ordered``: an ESORT's, whose ALL
+    is in the sort order and whose MIN and MAX are its first and last (RFC 5267, as Dovecot answers).
+    A MODSEQ (RFC 7162: the search had a MODSEQ key) stays the backend's: the highest of every match,
+    hidden ones too, which is at most the mailbox's HIGHESTMODSEQ the device sees anyway; it is no lower
+    than any visible match's, so a client asking for changes since it misses none."""
     uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
-    found = SequenceSet.empty()
+    found_text, modseq = b"", None
     for j in range(1 if uid else 0, len(items) - 1, 2):
-        if (token_text(items[j]) or b"").upper() == b"ALL":
-            found = SequenceSet.parse(token_text(items[j + 1]) or b"")
+        key = (token_text(items[j]) or b"").upper()
+        if key == b"ALL":
+            found_text = token_text(items[j + 1]) or b""
+        elif key == b"MODSEQ":
+            modseq = items[j + 1]
+    out = [Atom(b"UID")] if uid else []
+    if ordered:
+        shown_list = _visible_in_order(view, found_text, uid)
+        for name in wanted:
+            if name == b"COUNT":
+                out += [Atom(name), Atom(b"%d" % len(shown_list))]
+            elif shown_list:
+                value = shown_list[0] if name == b"MIN" else shown_list[-1] if name == b"MAX" else None
+                out += [Atom(name), Atom(_ordered_set(shown_list) if value is None else b"%d" % value)]
+        return out + ([Atom(b"MODSEQ"), modseq] if shown_list and modseq is not None else [])
+    found = SequenceSet.parse(found_text) if found_text else SequenceSet.empty()
     if uid:
         shown = view.visible_uidset(found)
     else:
         shown = found - view.hidden_seqs
         shown = SequenceSet.parse(renumber_ordered_set(view, shown.format())) if shown else shown
-    out = [Atom(b"UID")] if uid else []
     for name in wanted:
         if name == b"COUNT":
             out += [Atom(name), Atom(b"%d" % len(shown))]
         elif shown:
             value = shown.min() if name == b"MIN" else shown.max() if name == b"MAX" else None
             out += [Atom(name), Atom(shown.format() if value is None else b"%d" % value)]
+    return out + ([Atom(b"MODSEQ"), modseq] if shown and modseq is not None else [])
+
+
+def _visible_in_order(view: MailboxView, text: bytes, uid: bool) -> list[int]:
+    """The visible ones of an ordered set of matches (``5,3:1,9``: each range in its own direction), in
+    that order, as the client numbers them."""
+    out = []
+    for part in text.split(b",") if text else ():
+        ends = part.split(b":")
+        if not all(e.isdigit() for e in ends) or len(ends) > 2:
+            continue  # ("*" or garbage: no message of the view)
+        a, b = int(ends[0]), int(ends[-1])
+        for n in range(a, b + 1) if a <= b else range(a, b - 1, -1):
+            if uid:
+                if n not in view.hidden:
+                    out.append(n)
+            elif (c := view.client_seq(n)) is not None:
+                out.append(c)
     return out
+
+
+def _ordered_set(numbers: list[int]) -> bytes:
+    """``numbers`` in their order as a sequence set, runs of consecutive ones (either way) as ranges."""
+    runs: list[list[int]] = []  # [first, last, step]
+    for n in numbers:
+        if runs and runs[-1][2] in (0, n - runs[-1][1]) and abs(n - runs[-1][1]) == 1:
+            runs[-1][1], runs[-1][2] = n, n - runs[-1][1]
+        else:
+            runs.append([n, n, 0])
+    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b, _ in runs)
 
 
 def renumber_ordered_set(view: MailboxView, text: bytes) -> bytes:

@@ -146,6 +146,54 @@ def test_esearch_in_a_view_with_more_hidden_uids_than_a_command_line_holds(big, 
     c.close()
 
 
+@pytest.mark.parametrize("uid", [False, True], ids=["numbers", "uids"])
+def test_modseq_searches_and_esort_in_a_view_with_more_hidden_uids_than_a_command_line_holds(big, uid):
+    """A MODSEQ search (CONDSTORE's way to ask what changed) and an ESORT were sent on with ``NOT UID
+    <every hidden UID>``: refused past the backend's line limit. A plain one is now filtered on its way
+    back; an ESORT's options are computed from every match, in the sort order; MODSEQ stays the backend's
+    (hidden matches included: no higher than the HIGHESTMODSEQ the device is told anyway)."""
+    d, p = big
+    model = _model(d)
+    every = [u if uid else i for i, (u, _) in enumerate(model, 1)]
+    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
+    direct.login("alice", "alicepw")
+    direct.command(b"s", b'EXAMINE "Big"')
+    found = next(x for x in direct.command(b"m", b"SEARCH MODSEQ 1") if x.startswith(b"* SEARCH"))
+    highest = int(re.search(rb"\(MODSEQ (\d+)\)", found).group(1))
+    # The sort order as the backend has it (messages appended in the same second tie), of the visible ones.
+    found = next(x for x in direct.command(b"o", b"UID SORT (REVERSE ARRIVAL) UTF-8 ALL") if x.startswith(b"* SORT"))
+    position = {u: i for i, (u, _) in enumerate(model, 1)}
+    order = [u if uid else position[u] for u in map(int, found.split()[2:]) if u in position]
+    direct.close()
+    c = _device(p)
+    assert c.command(b"s", b'SELECT "Big"')[-1].startswith(b"s OK")
+    cmd = b"UID " if uid else b""
+    r = c.command(b"m", cmd + b"SEARCH MODSEQ 1")
+    assert r[-1].startswith(b"m OK"), r
+    m = re.fullmatch(rb"\* SEARCH ([\d ]+) \(MODSEQ (\d+)\)\r\n", next(x for x in r if x.startswith(b"* SEARCH")))
+    assert m is not None and [int(x) for x in m.group(1).split()] == every and int(m.group(2)) == highest, r
+    # Only hidden messages match: no match, and so no MODSEQ (RFC 7162's grammar has none without one).
+    r = c.command(b"m", cmd + b"SEARCH MODSEQ 1 UID %d" % (model[-1][0] + 1))
+    assert b"* SEARCH\r\n" in r and r[-1].startswith(b"m OK"), r
+    prefix = b'* ESEARCH (TAG "e")' + (b" UID" if uid else b"")
+    r = c.command(b"e", cmd + b"SEARCH RETURN (MIN MAX COUNT) MODSEQ 1")
+    assert r[-1].startswith(b"e OK"), r
+    assert [x for x in r if x.startswith(b"* ESEARCH")] == [
+        prefix + b" MIN %d MAX %d COUNT %d MODSEQ %d\r\n" % (every[0], every[-1], len(every), highest)], r
+    r = c.command(b"e", cmd + b"SORT RETURN (MIN MAX COUNT ALL) (REVERSE ARRIVAL) UTF-8 ALL")
+    assert r[-1].startswith(b"e OK"), r
+    line = next(x for x in r if x.startswith(b"* ESEARCH"))
+    assert line.startswith(prefix + b" MIN %d MAX %d ALL " % (order[0], order[-1])), line
+    assert line.endswith(b" COUNT %d\r\n" % len(order)), line
+    listed = []
+    for part in line.split(b" ALL ")[1].split(b" ")[0].split(b","):
+        a, _, b = part.partition(b":")
+        a, b = int(a), int(b or a)
+        listed += list(range(a, b + 1) if a <= b else range(a, b - 1, -1))
+    assert listed == order
+    c.close()
+
+
 def test_a_burst_of_expunges_in_a_big_view_is_announced_in_the_devices_numbers(big):
     """Another session expunges 200 messages at once (chats and IMDNs): the device hears of the chats
     only, each by its own number at the time, and its view is the model's afterwards."""

@@ -102,7 +102,7 @@ def test_esearch_of_every_match_narrowed_to_the_visible_ones(v, data, uid, optio
     if found:
         reply += (b" " if reply else b"") + b"ALL " + SequenceSet.from_iterable(found).format()
     wanted = esearch_options(tokenize(b"(" + b" ".join(options) + b")")[0])
-    got = format_tokens(visible_esearch(view, tokenize(reply) if reply else [], wanted))
+    got = format_tokens(visible_esearch(view, tokenize(reply) if reply else [], wanted, False))
     expected = [b"UID"] if uid else []
     for name in (b"MIN", b"MAX", b"ALL", b"COUNT"):
         if name not in (options or [b"ALL"]):
@@ -113,6 +113,65 @@ def test_esearch_of_every_match_narrowed_to_the_visible_ones(v, data, uid, optio
             expected.append(name + b" " + (SequenceSet.from_iterable(shown).format() if name == b"ALL" else
                                            b"%d" % (min(shown) if name == b"MIN" else max(shown))))
     assert got == b" ".join(expected)
+
+
+def _ordered_text(numbers: list[int], cuts: list[bool]) -> bytes:
+    """``numbers`` as a backend writes an ordered set: consecutive ones (either way) as ranges where
+    ``cuts`` says so."""
+    parts, i = [], 0
+    while i < len(numbers):
+        j = i
+        while j + 1 < len(numbers) and abs(numbers[j + 1] - numbers[j]) == 1 and cuts[j % len(cuts)] \
+                and (j == i or numbers[j + 1] - numbers[j] == numbers[j] - numbers[j - 1]):
+            j += 1
+        parts.append(b"%d" % numbers[i] if i == j else b"%d:%d" % (numbers[i], numbers[j]))
+        i = j + 1
+    return b",".join(parts)
+
+
+@given(views(), st.data(), st.booleans(), st.lists(st.sampled_from([b"MIN", b"MAX", b"ALL", b"COUNT"]), unique=True),
+       st.lists(st.booleans(), min_size=1), st.booleans())
+def test_esort_of_every_match_narrowed_to_the_visible_ones_in_sort_order(v, data, uid, options, cuts, modseq):
+    """An ESORT whose backend returned ALL of the matches in the sort order, hidden ones too: the visible
+    ones in that order, in the client's numbers; MIN and MAX the first and last of them (as Dovecot
+    answers an ESORT), a MODSEQ kept only where a visible message matched."""
+    from cpmproxy.imap.tokens import format_tokens, tokenize
+    from plugins.viewsearch import esearch_options, visible_esearch
+
+    uids, hidden = v
+    view = MailboxView(uids, hidden)
+    numbers = model_numbers(uids, hidden)
+    matches = data.draw(st.permutations(sorted(data.draw(st.sets(st.sampled_from(uids)))))) if uids else []
+    found = list(matches) if uid else [uids.index(u) + 1 for u in matches]
+    shown = [u for u in matches if u not in hidden] if uid else [numbers[n] for n in found if numbers[n]]
+    reply = b"UID" if uid else b""
+    if found:
+        reply += (b" " if reply else b"") + b"ALL " + _ordered_text(found, cuts)
+    if modseq:
+        reply += (b" " if reply else b"") + b"MODSEQ 917"
+    wanted = esearch_options(tokenize(b"(" + b" ".join(options) + b")")[0])
+    got = visible_esearch(view, tokenize(reply) if reply else [], wanted, True)
+    words = format_tokens(got).split()
+    expected_head = [b"UID"] if uid else []
+    assert words[:len(expected_head)] == expected_head
+    pairs = dict(zip(words[len(expected_head)::2], words[len(expected_head) + 1::2], strict=True))
+    if b"COUNT" in wanted:
+        assert pairs.pop(b"COUNT") == b"%d" % len(shown)
+    if shown:
+        if b"MIN" in wanted:
+            assert pairs.pop(b"MIN") == b"%d" % shown[0]
+        if b"MAX" in wanted:
+            assert pairs.pop(b"MAX") == b"%d" % shown[-1]
+        if b"ALL" in wanted:
+            expanded = []
+            for part in pairs.pop(b"ALL").split(b","):
+                a, _, b = part.partition(b":")
+                a, b = int(a), int(b or a)
+                expanded += list(range(a, b + 1) if a <= b else range(a, b - 1, -1))
+            assert expanded == shown
+        if modseq:
+            assert pairs.pop(b"MODSEQ") == b"917"
+    assert pairs == {}
 
 
 def test_esearch_options_the_proxy_computes():
