@@ -901,7 +901,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 return None
             token = m.group(2)
             if token == b"$":
-                if name == b"FETCH":
+                if name == b"FETCH" and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is None:
                     return None  # (the responses of hidden messages are dropped)
                 # $ holds what was visible when it was saved: a message hidden since (a preference
                 # changed) must not be stored to, copied or moved.
@@ -1025,12 +1025,38 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 # ones (_esearch_response), in the sort order for an ESORT.
                 cmd.state["esearch_local"] = (wanted, cmd.name == b"SORT")
                 head[returning_at] = ParenList([Atom(b"ALL")])
+            elif b"SAVE" in {t.upper() for t in returning.items if isinstance(t, Atom)} and not cmd.has_literal:
+                # SAVE (the backend keeps $: visible messages only): the matches saved as $, then narrowed
+                # by a piece of the hidden UIDs at a time (RFC 5182: a search that saves reads the $ before
+                # it), the client's own search over what is left. (Only where the client replaces $ anyway.)
+                criteria = rewrite_search_keys(view, rest)
+                return Defer(defer.Deferred.fromCoroutine(self._search_in_steps(session, view, head, criteria)))
             else:
-                # (SAVE, whose $ the backend keeps, or another option: named all, refused past the limit.)
-                restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(hidden)]
+                restriction = [Atom(b"NOT"), Atom(b"UID"), Atom(hidden)]  # (refused past the line limit)
         # (THREAD's sets exact: hidden messages in a covering range would take part in the threading.)
         criteria = rewrite_search_keys(view, rest, exact=cmd.name == b"THREAD")
         return Rewrite(format_tokens(head + restriction + criteria) + b"\r\n")
+
+    @staticmethod
+    async def _search_in_steps(session, view: MailboxView, head: list, criteria: list):
+        """A search whose result the backend keeps (SAVE) where the hidden UIDs are too many for one command
+        line: ``$`` := the matches, then ``$`` minus each piece of the hidden UIDs but the last, on the
+        session's connection; the client's command (``head``: tag, name, RETURN options, SORT's criteria,
+        charset) then searches ``$`` minus the last piece, so that its results and its ``$`` are the
+        visible matches."""
+        name_at = 2 if head[1].upper() == b"UID" else 1
+        if head[name_at].upper() == b"SORT":
+            charset = [Atom(b"CHARSET"), head[-1]]  # (SORT's charset is its last head token)
+        else:  # (SEARCH: CHARSET x after the RETURN options, if any)
+            charset = head[-2:] if isinstance(head[-2], Atom) and head[-2].upper() == b"CHARSET" else []
+        pieces = uid_set_pieces(view.hidden_uids)
+        steps = [format_tokens([Atom(b"SEARCH"), Atom(b"RETURN"), ParenList([Atom(b"SAVE")])] + charset + criteria)]
+        steps += [b"SEARCH RETURN (SAVE) $ NOT UID " + piece for piece in pieces[:-1]]
+        for line in steps:
+            reply = await session.backend_command(line)
+            if reply.status != b"OK":
+                return Answer(reply.tagged.split(b" ", 1)[1] if b" " in reply.tagged else b"NO Search failed.")
+        return Rewrite(format_tokens(head + [Atom(b"$"), Atom(b"NOT"), Atom(b"UID"), Atom(pieces[-1])]) + b"\r\n")
 
     @staticmethod
     def _must_wait_for(session, st: PolicySession, cmd) -> list:

@@ -340,3 +340,22 @@ def test_a_saved_result_does_not_reach_a_message_hidden_since(proxy, folder, dov
     assert len(imap.search("ALL")) == 3
     imap.logout()
     c.close()
+
+
+@pytest.mark.parametrize("uid", [b"", b"UID "])
+def test_a_body_fetch_of_a_saved_result_does_not_mark_a_message_hidden_since_seen(proxy, folder, dovecot, uid):
+    """As above, for a FETCH of $ that reads bodies (without .PEEK it sets \\Seen): it was passed on as it
+    was, and Dovecot marked the now hidden IMDN seen (its response was dropped, its flag stayed)."""
+    c = device(proxy, "phone")
+    assert b"* 4 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
+    assert c.command(b"a", b"SEARCH RETURN (SAVE) ALL")[-1].startswith(b"a OK")
+    turn_imdn_off(proxy, folder)
+    assert b"* 2 EXPUNGE\r\n" in c.command(b"n", b"NOOP")
+    r = c.command(b"f", uid + b"FETCH $ (BODY[TEXT])")
+    assert r[-1].startswith(b"f OK") and sum(x.startswith(b"* ") and b" FETCH " in x for x in r) == 3, r
+    imap = dovecot.imap_direct("dave", tls="none")
+    imap.select_folder(folder.decode(), readonly=True)
+    assert imap.search("SEEN") == [1, 3, 4]
+    imap.logout()
+    c.close()
+
