@@ -310,16 +310,19 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         hidden message does not exist for this device, whoever marked it): UID EXPUNGE of those."""
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
         targets = set(esearch_all(reply)) - view.hidden
-        uidset = SequenceSet.from_iterable(targets).format() if targets else None
-        if uidset is None:
+        # (In pieces of a few KB: scattered between hidden ones, they can be more than a command line holds.
+        # The pieces' EXPUNGE responses reach the client while its EXPUNGE or CLOSE is in progress: legal.)
+        pieces = uid_set_pieces(SequenceSet.from_iterable(targets)) if targets else []
+        if not pieces:
             cmd.state[NO_SERVER_CHANGE] = True
+        last = pieces.pop() if cmd.name == b"EXPUNGE" and pieces else None
+        for d in [session.backend_command(b"UID EXPUNGE " + piece) for piece in pieces]:
+            if (reply := await d).status != b"OK":
+                return _refusal(reply)
         if cmd.name == b"EXPUNGE":
             cmd.state["tagged_text"] = b"Expunge completed."
-            return Rewrite(cmd.tag + (b" UID EXPUNGE " + uidset if uidset else b" NOOP") + b"\r\n")
-        # CLOSE: its EXPUNGE responses may reach the client (legal while a command is in progress), then
-        # the mailbox is left without expunging anything else.
-        if uidset is not None:
-            await session.backend_command(b"UID EXPUNGE " + uidset)
+            return Rewrite(cmd.tag + (b" UID EXPUNGE " + last if last else b" NOOP") + b"\r\n")
+        # CLOSE: then the mailbox is left without expunging anything else.
         cmd.state["tagged_text"] = b"Close completed."
         return Rewrite(cmd.tag + b" UNSELECT\r\n")
 
@@ -911,11 +914,17 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             except SequenceSetError:
                 # (Never passed on: the backend may read it, "01" in Dovecot, in its own numbers.)
                 return Answer(b"BAD [CLIENTBUG] Invalid sequence set.")
-            if name == b"STORE" and not _UNCHANGEDSINCE_RE.match(cmd.line, m.end(2)):
-                pieces = self._store_pieces(view, requested, cmd.uid)
+            if (name == b"STORE" and not _UNCHANGEDSINCE_RE.match(cmd.line, m.end(2))) \
+                    or (name == b"EXPUNGE" and cmd.uid) \
+                    or (name == b"FETCH" and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is not None
+                        and not _VANISHED_MODIFIER_RE.search(cmd.line, m.end(2))):
+                # (Those that name exactly the visible messages, past the line limit: in pieces. A FETCH that
+                # reads no body names the client's ranges instead, below; COPY and MOVE stay whole: pieces
+                # would not be one atomic command with one COPYUID.)
+                pieces = self._pieces(view, requested, cmd.uid)
                 if pieces is not None:
-                    head = b"UID STORE " if cmd.uid else b"STORE "
-                    return Defer(defer.Deferred.fromCoroutine(self._store_in_pieces(session, pieces, head, m.group(3))))
+                    head = (b"UID " if cmd.uid else b"") + name + b" "
+                    return Defer(defer.Deferred.fromCoroutine(self._in_pieces(session, pieces, head, m.group(3))))
             if cmd.uid:
                 allowed = view.visible_uidset(requested)
                 # A FETCH of a body section without .PEEK sets \Seen: hidden messages must not get it.
@@ -1055,7 +1064,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         for line in steps:
             reply = await session.backend_command(line)
             if reply.status != b"OK":
-                return Answer(reply.tagged.split(b" ", 1)[1] if b" " in reply.tagged else b"NO Search failed.")
+                return _refusal(reply)
         return Rewrite(format_tokens(head + [Atom(b"$"), Atom(b"NOT"), Atom(b"UID"), Atom(pieces[-1])]) + b"\r\n")
 
     @staticmethod
@@ -1090,10 +1099,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         return await _resolved(decide())
 
     @staticmethod
-    def _store_pieces(view: MailboxView, requested: SequenceSet, uid: bool) -> list[bytes] | None:
-        """The visible messages a STORE names, in sets of a few KB each (the backend's numbers, or UIDs for
-        a UID STORE), where naming them in one command would pass the backend's line limit (one range per
-        run of them between hidden ones: ``STORE 1:* +FLAGS (\\Seen)`` in a folder whose every other
+    def _pieces(view: MailboxView, requested: SequenceSet, uid: bool) -> list[bytes] | None:
+        """The visible messages a command names, in sets of a few KB each (the backend's numbers, or UIDs
+        for a UID command), where naming them in one command would pass the backend's line limit (one range
+        per run of them between hidden ones: ``STORE 1:* +FLAGS (\\Seen)`` in a folder whose every other
         message is hidden); else None."""
         if uid:
             exact = view.visible_uidset(requested)
@@ -1105,16 +1114,17 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return None
         return uid_set_pieces(exact)
 
-    async def _store_in_pieces(self, session, pieces: list[bytes], head: bytes, rest: bytes):
-        """A STORE as STOREs of the proxy's own, pipelined (``head``: ``STORE`` or ``UID STORE``): their
-        FETCH answers go to the client as any, renumbered by the view. By number as the client's: the
-        backend announces no expunge during a STORE by number (RFC 9051 7.5.1), so the numbers hold from
-        one piece to the next and the client hears of none in the middle of its STORE. No command hook sees
-        them: the CPM flag is mapped here, as the readreport plugin would. The first refusal is the client's
-        answer (the pieces before it are stored, as a server's STORE may stop part way)."""
-        readreport = session.hooks.by_name.get("readreport")
+    async def _in_pieces(self, session, pieces: list[bytes], head: bytes, rest: bytes):
+        """A STORE, a FETCH or a UID EXPUNGE as commands of the proxy's own, one per piece, pipelined
+        (``head``: e.g. ``STORE`` or ``UID STORE``): their untagged answers (FETCH, EXPUNGE) go to the client
+        as any, renumbered by the view. By number as the client's: the backend announces no expunge during
+        a STORE or FETCH by number (RFC 9051 7.5.1), so the numbers hold from one piece to the next and the
+        client hears of none in the middle of its command. No command hook sees them: a STORE's CPM flag is
+        mapped here, as the readreport plugin would. The first refusal is the client's answer (the pieces
+        before it are done, as a server's command may stop part way)."""
         text = rest.rstrip(b"\r\n")
-        if readreport is not None:
+        name = head.split()[-1]
+        if name == b"STORE" and (readreport := session.hooks.by_name.get("readreport")) is not None:
             text = readreport.flags_for_backend(text)
         replies = [session.backend_command(head + piece + text) for piece in pieces]
         failed = None
@@ -1123,8 +1133,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             if reply.status != b"OK" and failed is None:
                 failed = reply
         if failed is not None:
-            return Answer(failed.tagged if failed.status in (b"NO", b"BAD") else b"NO [UNAVAILABLE] " + UNAVAILABLE)
-        return Answer(b"OK Store completed.")
+            return _refusal(failed)
+        return Answer(b"OK " + name.capitalize() + b" completed.")
 
     async def _after_done(self, session, others, cmd):
         """``cmd``'s decision once ``others`` (in flight) have completed."""
@@ -1486,3 +1496,9 @@ def _without_children(line: bytes):
     if b"\\NOSELECT" in attrs or b"\\NONEXISTENT" in attrs:
         return Drop()
     return Rewrite(line[:at] + b"\\HasNoChildren" + line[at + len(b"\\HasChildren"):])
+
+
+def _refusal(reply) -> Answer:
+    """The client's answer when a command of the proxy's own, made of the client's, is refused: the
+    backend's NO or BAD as it said it (anything else: the backend is not answering as it should)."""
+    return Answer(reply.tagged if reply.status in (b"NO", b"BAD") else b"NO [UNAVAILABLE] " + UNAVAILABLE)

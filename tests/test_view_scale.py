@@ -220,6 +220,57 @@ def test_a_saved_search_in_a_view_with_more_hidden_uids_than_a_command_line_hold
     c.close()
 
 
+def test_read_and_delete_everything_over_more_scattered_messages_than_a_command_line_holds(big):
+    """"Read all" and "delete all" in a folder whose every other message is hidden: a FETCH of bodies
+    (which sets \\Seen, so it names exactly the visible messages), a UID EXPUNGE and an EXPUNGE (the UIDs
+    of the visible \\Deleted ones) named one range per visible message in one command: refused past the
+    backend's line limit. They now go in pieces; the hidden messages stay as they were."""
+    d, p = big
+    chat, imdn = make_object("chat", text="hello"), make_object("imdn")
+    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
+    direct.login("alice", "alicepw")
+    direct.command(b"c", b'CREATE "Big2"')
+    direct.send(b"".join(b'a%d APPEND "Big2" {%d+}\r\n%s\r\n' % (i, len(m), m)
+                         for i, m in enumerate(imdn if i % 2 else chat for i in range(COUNT))))
+    assert direct.until_tagged(b"a%d" % (COUNT - 1))[-1].startswith(b"a%d OK" % (COUNT - 1))
+    c = _device(p)
+    assert b"* %d EXISTS\r\n" % (COUNT // 2) in c.command(b"s", b'SELECT "Big2"')
+    r = c.command(b"f", b"FETCH 1:* (BODY[TEXT])")
+    assert r[-1].startswith(b"f OK"), r[-1]
+    assert sum(1 for x in r if re.match(rb"\* \d+ FETCH ", x)) == COUNT // 2
+    assert c.command(b"t", b"STORE 1:* +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"t OK")
+    r = c.command(b"v", b"UID EXPUNGE 1:*")  # (every visible UID: ~5 KB, two pieces)
+    assert r[-1].startswith(b"v OK") and sum(x.endswith(b" EXPUNGE\r\n") for x in r) == COUNT // 2, r[-1]
+    c.close()
+    direct.command(b"s", b'EXAMINE "Big2"')
+    assert b"* %d EXISTS\r\n" % (COUNT // 2) in direct.command(b"s", b'EXAMINE "Big2"')
+    found = direct.command(b"x", b"UID SEARCH SEEN")[0]
+    assert found == b"* SEARCH\r\n", found[:200]  # (no IMDN read: they are what is left)
+    assert direct.command(b"y", b"UID SEARCH DELETED")[0] == b"* SEARCH\r\n"
+    direct.command(b"z", b'DELETE "Big2"')
+    direct.close()
+
+
+def test_an_expunge_of_more_scattered_messages_than_a_command_line_holds(big):
+    """EXPUNGE (the visible messages marked \\Deleted, by UID) in the same folder."""
+    d, p = big
+    chat, imdn = make_object("chat", text="hello"), make_object("imdn")
+    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
+    direct.login("alice", "alicepw")
+    direct.command(b"c", b'CREATE "Big3"')
+    direct.send(b"".join(b'a%d APPEND "Big3" (\\Deleted) {%d+}\r\n%s\r\n' % (i, len(m), m)
+                         for i, m in enumerate(imdn if i % 2 else chat for i in range(COUNT))))
+    assert direct.until_tagged(b"a%d" % (COUNT - 1))[-1].startswith(b"a%d OK" % (COUNT - 1))
+    c = _device(p)
+    assert b"* %d EXISTS\r\n" % (COUNT // 2) in c.command(b"s", b'SELECT "Big3"')
+    r = c.command(b"e", b"EXPUNGE")
+    assert r[-1].startswith(b"e OK") and sum(x.endswith(b" EXPUNGE\r\n") for x in r) == COUNT // 2, r[-1]
+    c.close()
+    assert b"* %d EXISTS\r\n" % (COUNT // 2) in direct.command(b"s", b'EXAMINE "Big3"')  # (the IMDNs)
+    direct.command(b"z", b'DELETE "Big3"')
+    direct.close()
+
+
 def test_a_burst_of_expunges_in_a_big_view_is_announced_in_the_devices_numbers(big):
     """Another session expunges 200 messages at once (chats and IMDNs): the device hears of the chats
     only, each by its own number at the time, and its view is the model's afterwards."""
