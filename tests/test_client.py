@@ -504,6 +504,9 @@ def test_flag_and_delete_reach_the_server_and_the_other_device(dovecot, device):
     res = a.run("delete", folder, "999999", ok=False)
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
         f"cpm-sync: no such message in {folder}: UID 999999"]
+    res = a.run("flag", folder, "999999", "+seen", ok=False)  # (it also said "+\\Seen on 0 message(s)")
+    assert res.returncode == 1 and res.stdout == "" and res.stderr.strip().splitlines() == [
+        f"cpm-sync: no such message in {folder}: UID 999999"]
 
 
 @pytest.mark.parametrize("command", [["delete"], ["delete", "--local"], ["flag", "+flagged"]])

@@ -102,7 +102,9 @@ def test_a_failing_handler_loses_only_its_connection():
 def test_the_cli_runs_on_it_with_its_start_up_heap_frozen(dovecot, tmp_path):
     p = ProxyProcess(tmp_path, dovecot.port, metrics=False).start()
     try:
-        assert "starting (ProxyReactor)" in p.log()
+        # (What an operator needs to read first: what it fronts, with which plugins; the operator review.)
+        assert re.search(rf"starting \(ProxyReactor\): backend 127.0.0.1:{dovecot.port} \(tls none\), plugins "
+                         r"[a-z, ]*\bpolicy\b", p.log()), p.log()
         assert re.search(r"start-up heap frozen: [1-9][0-9]{3,} objects", p.log())
     finally:
         p.stop()

@@ -14,7 +14,7 @@
 
 Exit status: 0 success; 1 other failure; 2 usage; 3 cannot connect / TLS / login refused for now
 ([UNAVAILABLE], [INUSE], [LIMIT]: try again later); 4 login refused (credentials); 5 the server
-refused the operation (or lacks what it needs); 6 local store problem; 130 interrupted. On failure one
+refused the operation (or lacks what it needs); 6 local store problem; 70 internal error; 130 interrupted. On failure one
 line on stderr says why (``--debug`` adds the traceback of unexpected errors).
 """
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reference OMA CPM Message Storage Client: syncs a CPM message store into a local "
         "Maildir tree with a SQLite index.",
         epilog="Exit status: 0 ok, 1 failure, 2 usage, 3 connection/TLS/server unavailable, 4 login, "
-        "5 refused by the server, 6 local store, 130 interrupted.",
+        "5 refused by the server, 6 local store, 70 internal error (a bug: --debug shows where), 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {CLIENT_VERSION}")
     _global_options(parser, suppress=False)
@@ -393,7 +393,7 @@ def cmd_flag(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
     done, missing = _with_syncer(  # type: ignore[misc]
         args, store, lambda s: s.set_flags(args.folder, uids, [imap_flag], add=op == "+")
     )
-    if not args.quiet:
+    if not args.quiet and (done or not missing):  # (none found: the error alone says it)
         out.write(f"{args.folder}: {op}{imap_flag.decode()} on {done} message(s)\n")
     if missing:
         raise ClientError(f"no such message in {args.folder}: UID {', '.join(map(str, missing[:20]))}")

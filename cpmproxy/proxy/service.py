@@ -691,7 +691,10 @@ class ProxyService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        log.info("cpmproxy {version} starting ({reactor})", version=__version__, reactor=type(self.reactor).__name__)
+        backend = self.config.backend
+        log.info("cpmproxy {version} starting ({reactor}): backend {host}:{port} (tls {tls}), plugins {plugins}",
+                 version=__version__, reactor=type(self.reactor).__name__, host=backend["host"], port=backend["port"],
+                 tls=backend["tls"], plugins=", ".join(p.name for p in self.hooks.plugins) or "none")
 
     @defer.inlineCallbacks
     def listen(self):

@@ -738,7 +738,8 @@ class ClientSession(Protocol, TimeoutMixin):
             reason = f"no answer within {self.config.backend['login_timeout']:g} s" \
                 if isinstance(e, defer.TimeoutError) else str(e) or type(e).__name__
             service.login_outcome(login_user, True, reason)
-            log.warn("backend unavailable: {error} session={session}", error=reason, session=self.session_id)
+            log.warn("backend unavailable: {error} user={user} session={session}", error=reason, user=login_user,
+                     session=self.session_id)
             response = e.response if isinstance(e, BackendRefused) else b"NO [UNAVAILABLE] " + UNAVAILABLE
             self._resume_preauth(tag + b" " + response + b"\r\n")
             return
