@@ -265,6 +265,7 @@ def test_sighup_reload_keeps_sessions(make_proxy):
     while "reload failed" not in p.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "reload failed" in p.log()
+    assert f"keeping the old configuration: {p.config_path}: limits.bogus: unknown key" in p.log(), p.log()
     assert c.command(b"n2", b"NOOP")[-1].startswith(b"n2 OK")
     c.close()
 

@@ -929,7 +929,9 @@ class ProxyService(service.MultiService):
             if new.backend["tls"] != "none":
                 backend_tls_options(new)
         except ConfigError as e:
-            log.error("reload failed, keeping the old configuration: {error}", error=str(e))
+            # (A TOML syntax error names the file already; a bad setting names only its key.)
+            text = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+            log.error("reload failed, keeping the old configuration: {error}", error=text)
             self.metrics.reloads.labels(result="failed").inc()
             return
         except Exception:  # (a check's own bug: the running configuration stays all the same)
