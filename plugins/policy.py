@@ -238,6 +238,14 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
     def login(self, session):
         return defer.Deferred.fromCoroutine(self._login(session))
 
+    def selected(self, session, mailbox) -> None:
+        """No mailbox selected at the backend any more, other than by the SELECT it is beginning (a SELECT
+        another plugin refused, which the proxy unselects at the backend; CLOSE; UNSELECT): no view."""
+        st = session.state.get(self.name)
+        if mailbox is None and st is not None and session.selecting is None:
+            st.view = None
+            st.mailbox = None
+
     def capabilities(self, session, caps):
         # CONTEXT=SEARCH/SORT (RFC 5267): results the backend updates on its own later (ADDTO/REMOVEFROM
         # as messages arrive, which may be hidden ones) are not renumbered on the view. IMAP URLs

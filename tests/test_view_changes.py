@@ -359,3 +359,29 @@ def test_a_body_fetch_of_a_saved_result_does_not_mark_a_message_hidden_since_see
     imap.logout()
     c.close()
 
+
+@pytest.mark.parametrize("target", [b"NoSuchFolder", b"Excluded"])
+def test_a_select_the_proxy_refuses_leaves_no_mailbox_selected(make_proxy, folder, dovecot, target):
+    """Found by the leak hunt: a SELECT the proxy answered NO itself (a device with local deletes: the
+    records read of a folder that does not exist failed first; a folder the policy excludes) never
+    reached the backend, which kept the previous mailbox selected, while the policy dropped its view:
+    the next commands listed, read and expunged the hidden messages and the device's local deletes."""
+    p = make_proxy(config_extra='[policy]\nsync = { imdn = false }\nexclude_folders = ["Excluded"]\n')
+    dovecot.deliver("dave", "Excluded", make_object("chat"))
+    c = device(p, "phone")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)  # (UID 2, the IMDN, hidden)
+    assert c.command(b"d", b"UID STORE 3 +FLAGS (\\Deleted $LocalDelete)")[-1].startswith(b"d OK")
+    assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")  # (UID 3: deleted for this device only)
+    r = c.command(b"x", b'SELECT "%s"' % target)
+    assert r[-1].startswith(b"x NO") and r[0] == b"* OK [CLOSED] Previous mailbox closed.\r\n", r
+    r = c.command(b"f", b"UID SEARCH ALL")
+    assert r[-1].startswith(b"f BAD") and not any(x.startswith(b"* SEARCH") for x in r), r  # (none selected)
+    r = c.command(b"g", b"UID STORE 2 +FLAGS (\\Deleted)")
+    assert r[-1].startswith(b"g BAD"), r
+    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)  # (the view again: 1 and 4)
+    c.close()
+    imap = dovecot.imap_direct("dave", tls="none")
+    imap.select_folder(folder.decode(), readonly=True)
+    assert imap.search("ALL") == [1, 2, 3, 4] and imap.search("DELETED") == []
+    imap.logout()
+

@@ -19,7 +19,8 @@ Hooks, in the order a session meets them:
     decide later, ``Collect()`` to see the command's literals first, or None to pass it on unchanged.
     Plugins are asked in configured order and rewrites compose: the plugins after a ``Rewrite`` see the
     command it makes (parsed anew; same tag, ``cmd.state`` shared) and the last rewrite goes to the backend.
-    ``Answer`` and ``Collect`` end the chain. A ``Defer`` ends it until its Deferred fires: a ``Rewrite``
+    ``Answer`` and ``Collect`` end the chain. A SELECT or EXAMINE answered other than OK leaves no mailbox
+    selected, as a failed SELECT does: the proxy unselects the previous one at the backend. A ``Defer`` ends it until its Deferred fires: a ``Rewrite``
     or None from it goes on to the plugins after it, an ``Answer`` ends it. A plugin that reads the client's
     sequence numbers must come before ``policy`` (which rewrites them into the backend's).
 ``response(session, resp) -> Action | None``

@@ -1194,7 +1194,10 @@ class ClientSession(Protocol, TimeoutMixin):
     def _apply(self, cmd: ClientCommand, ev, action) -> None:
         if isinstance(action, Answer):
             self._local_answer_literal(ev)
-            self._reply(cmd.tag, action.tagged, action.untagged)
+            untagged = action.untagged
+            if cmd.name in _SELECTING and action.tagged[:2].upper() != b"OK" and self.selected is not None:
+                untagged = [self._unselect_backend(), *untagged]
+            self._reply(cmd.tag, action.tagged, untagged)
             return
         if isinstance(action, Collect) and ev.literal is not None and not cmd.state.get("collected"):
             self._start_collect(cmd, ev, action)  # (a deferred decision that needs the literals after all)
@@ -1274,6 +1277,11 @@ class ClientSession(Protocol, TimeoutMixin):
     def idling(self) -> bool:
         """The client is in IDLE: untagged responses may be injected at any time."""
         return self._idle is not None
+
+    @property
+    def selecting(self) -> ClientCommand | None:
+        """The client's SELECT or EXAMINE on its way to the backend, until it completes."""
+        return self._selecting
 
     def inflight_commands(self) -> list[ClientCommand]:
         """Client commands at the backend, not yet completed, oldest first."""
@@ -1463,6 +1471,19 @@ class ClientSession(Protocol, TimeoutMixin):
         self._selecting = cmd
         if self.selected is not None:
             self._set_selected(None)
+
+    def _unselect_backend(self) -> bytes:
+        """A SELECT or EXAMINE refused by the proxy itself (a hidden folder, a plugin's failed question)
+        never reached the backend, which keeps the previous mailbox selected, while a failed SELECT leaves
+        none (RFC 9051 6.3.2): the plugins dropped their view of it, and the backend would answer the next
+        commands in it, unfiltered. Unselected there too, before any later command (the CLOSED response to
+        go before the refusal, as Dovecot says it)."""
+        if b"UNSELECT" in {c.upper() for c in self.backend_caps}:
+            self.backend_command(b"UNSELECT")
+        else:  # (no way to leave a mailbox without expunging in it: the session cannot go on)
+            self.bye(b"The backend cannot unselect a mailbox.", code=b"UNAVAILABLE")
+        self._set_selected(None)
+        return b"* OK [CLOSED] Previous mailbox closed.\r\n"
 
     def _set_selected(self, mailbox: SelectedMailbox | None) -> None:
         self.selected = mailbox
