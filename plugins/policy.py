@@ -396,8 +396,18 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             st.folders.pop(new, None)  # (read for the name before the folder is there: not kept)
             if cmd.name == b"CREATE":
                 return None
-            if names[0] in st.pref_folders and new not in st.pref_folders:
-                await self._mark_pref_folder(session, new)  # its preferences move with it
+            # A RENAME takes the folders below along (RFC 9051 6.3.5): not where one of them is hidden from
+            # this device (it would act on a folder that does not exist for it, and bring it into view).
+            old = names[0].rstrip("/") or names[0]
+            below = [n for n in await self._all_folders(session) if n.startswith(old + "/")]
+            await self.folder_infos(session, below)
+            if any(self.folder_hidden(st, n) for n in below):
+                return Answer(b"NO [CANNOT] That mailbox cannot be renamed from this device.")
+            # Their preferences move with them (the marks say which folders have some: by name).
+            for name in [old, *below]:
+                moved = new + name[len(old):]
+                if name in st.pref_folders and moved not in st.pref_folders:
+                    await self._mark_pref_folder(session, moved)
             names, renamed_to = names[:1], new
         else:
             renamed_to = None

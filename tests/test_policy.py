@@ -687,3 +687,43 @@ def test_a_folder_renamed_is_looked_at_anew_under_its_new_name(make_proxy, dovec
     dovecot.deliver("carol", new, make_object("session-info"))
     assert new not in listed(c)
     c.close()
+
+
+def test_a_rename_never_takes_a_hidden_folder_along(make_proxy, dovecot):
+    """Found by the leak hunt: RENAME of a visible parent renamed the folders below it too (RFC 9051
+    6.3.5), a folder the policy hides among them: moved out of the excluded pattern, it came into view
+    with its messages."""
+    top = "Keep" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", top, make_object("chat"))
+    dovecot.deliver("dave", f"{top}/secret", make_object("chat", text="not for this device"))
+    p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{top}/*"]\n')
+    c = login(p, "dave")
+    assert top in listed(c) and f"{top}/secret" not in listed(c)
+    r = c.command(b"r", b"RENAME " + q(top) + b" " + q(top + "x"))
+    assert r[-1].startswith(b"r NO [CANNOT]"), r
+    assert top in listed(c) and not any(n.startswith(top + "x") for n in listed(c))
+    c.close()
+    imap = dovecot.imap_direct("dave", tls="none")
+    assert imap.folder_exists(f"{top}/secret") and not imap.folder_exists(f"{top}x")
+    imap.logout()
+
+
+def test_the_folders_below_a_renamed_one_keep_their_preferences(make_proxy, dovecot):
+    """Found by the leak hunt: a RENAME moved the preference mark of the folder renamed only, not of the
+    folders below it: their preferences (sync/imdn off here) were read no more, and what they hid came
+    back for every device."""
+    top = "Conv" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", top, make_object("chat"))
+    for kind in ("chat", "imdn"):
+        dovecot.deliver("dave", f"{top}/child", make_object(kind))
+    p = make_proxy()
+    c = login(p, "dave", "phone")
+    assert c.command(b"m", b"SETMETADATA " + q(f"{top}/child") + b" (" + PREFIX + b'/sync/imdn "off")')[-1] \
+        .startswith(b"m OK")
+    assert exists_of(c.command(b"s", b"SELECT " + q(f"{top}/child"))) == 1
+    assert c.command(b"u", b"UNSELECT")[-1].startswith(b"u OK")
+    assert c.command(b"r", b"RENAME " + q(top) + b" " + q(top + "x"))[-1].startswith(b"r OK")
+    c.close()
+    other = login(p, "dave", "tablet")  # (a new session reads the preferences anew)
+    assert exists_of(other.command(b"s", b"SELECT " + q(f"{top}x/child"))) == 1
+    other.close()
