@@ -436,6 +436,11 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         elif cmd.name == b"STATUS":
             cmd.state["status_adjusts"] = {names[0]: await self.status_adjustment(
                 session, st, names[0], with_size=b"SIZE" in cmd.line.upper())}
+        if cmd.name == b"DELETE" and (hidden := await self.status_adjustment(session, st, names[0], False)) \
+                and hidden[0]:
+            # Deleting the folder would delete messages that do not exist for this device (hidden ones are
+            # never changed through its view): its own messages it can delete (STORE, EXPUNGE).
+            return Answer(b"NO [CANNOT] That mailbox cannot be deleted from this device.")
         if cmd.name in (b"DELETE", b"RENAME"):
             async with side_examine(session):
                 pass  # no side sequence has the mailbox open while the backend deletes or renames it

@@ -727,3 +727,20 @@ def test_the_folders_below_a_renamed_one_keep_their_preferences(make_proxy, dove
     other = login(p, "dave", "tablet")  # (a new session reads the preferences anew)
     assert exists_of(other.command(b"s", b"SELECT " + q(f"{top}x/child"))) == 1
     other.close()
+
+
+def test_a_folder_holding_hidden_messages_is_not_deleted_from_the_view(make_proxy, dovecot):
+    """Found by the leak hunt: DELETE of a folder the device sees deleted the messages hidden from it too
+    (an IMDN the policy hides). Refused; a folder with nothing hidden goes as before."""
+    name = "Gone" + uuid.uuid4().hex[:6]
+    for kind in ("chat", "imdn"):
+        dovecot.deliver("dave", name, make_object(kind))
+    dovecot.deliver("dave", name + "-plain", make_object("chat"))
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
+    c = login(p, "dave")
+    assert c.command(b"d", b"DELETE " + q(name))[-1].startswith(b"d NO [CANNOT]")
+    assert c.command(b"e", b"DELETE " + q(name + "-plain"))[-1].startswith(b"e OK")
+    c.close()
+    imap = dovecot.imap_direct("dave", tls="none")
+    assert imap.folder_status(name, ["MESSAGES"])[b"MESSAGES"] == 2 and not imap.folder_exists(name + "-plain")
+    imap.logout()
