@@ -309,7 +309,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return None  # (no saved result: the backend answers the command as it would)
         visible = set(esearch_all(reply)) - view.hidden
         if not visible:
-            return Answer(b"OK " + cmd.name + b" completed (no visible messages).")
+            return _of_no_message(cmd, cmd.tag + b" UID " + cmd.name + b" ", m.group(3))
         uidset = SequenceSet.from_iterable(visible).format()
         return Rewrite(cmd.tag + b" UID " + cmd.name + b" " + uidset + m.group(3))
 
@@ -960,8 +960,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     if name == b"FETCH" and not reads:
                         return None  # nothing visible: the backend answers with nothing, which is right
                     gone = view.hidden_uids & cmd.state["vanished_in"] if "vanished_in" in cmd.state else None
-                    return Answer(b"OK " + name + b" completed (no visible messages).",
-                                  [b"* VANISHED (EARLIER) " + gone.format() + b"\r\n"] if gone else [])
+                    if gone:
+                        return Answer(b"OK " + name + b" completed (no visible messages).",
+                                      [b"* VANISHED (EARLIER) " + gone.format() + b"\r\n"])
+                    return _of_no_message(cmd, m.group(1), m.group(3))
                 if name == b"FETCH" and not reads:
                     # Responses of hidden messages are dropped; only "*" needs help when the last message
                     # is hidden: the client's "n:*" still reaches its last visible message.
@@ -1525,3 +1527,11 @@ def _refusal(reply) -> Answer:
     """The client's answer when a command of the proxy's own, made of the client's, is refused: the
     backend's NO or BAD as it said it (anything else: the backend is not answering as it should)."""
     return Answer(reply.tagged if reply.status in (b"NO", b"BAD") else b"NO [UNAVAILABLE] " + UNAVAILABLE)
+
+
+def _of_no_message(cmd, head: bytes, rest: bytes) -> Rewrite:
+    """A UID command that names hidden messages only, as one of no message at all (the highest UID, which
+    no mailbox reaches): the backend's own answer, the same as for UIDs that do not exist, where one of
+    the proxy's would tell the device that these do, hidden."""
+    cmd.state[NO_SERVER_CHANGE] = True
+    return Rewrite(head + b"4294967295" + rest)

@@ -385,3 +385,23 @@ def test_a_select_the_proxy_refuses_leaves_no_mailbox_selected(make_proxy, folde
     assert imap.search("ALL") == [1, 2, 3, 4] and imap.search("DELETED") == []
     imap.logout()
 
+
+
+def test_commands_naming_hidden_uids_only_are_answered_as_for_uids_that_do_not_exist(proxy, folder):
+    """Found by the leak hunt: the proxy answered them itself ("completed (no visible messages)"), where
+    the backend says otherwise of UIDs that do not exist: a device could tell which UIDs exist, hidden."""
+    c = device(proxy, "phone")
+    target = folder.decode() + "-t"
+    assert c.command(b"k", b'CREATE "%s"' % target.encode())[-1].startswith(b"k OK")
+    c.command(b"s", b'SELECT "%s"' % folder)
+    turn_imdn_off(proxy, folder)
+    c.command(b"n", b"NOOP")
+
+    def answer(line: bytes) -> bytes:
+        r = c.command(b"x", line)
+        return re.sub(rb" \([0-9.]+ \+ [0-9.]+(?: \+ [0-9.]+)? secs\)", b"", r[-1])  # (the backend's timing)
+
+    for command in (b"UID STORE %d +FLAGS (\\Flagged)", b'UID COPY %d "' + target.encode() + b'"',
+                    b'UID MOVE %d "' + target.encode() + b'"', b"UID FETCH %d (BODY[])", b"UID EXPUNGE %d"):
+        assert answer(command % 2) == answer(command % 99), command  # (UID 2: the hidden IMDN)
+    c.close()
