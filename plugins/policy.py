@@ -302,16 +302,23 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         return None
 
     async def _saved_result_visible(self, session, view: MailboxView, cmd, m):
-        """STORE / COPY / MOVE of ``$`` under a filtered view: of the messages in it that are visible now,
-        by UID (the backend resolves ``$`` in order with what was pipelined before, RFC 5182)."""
+        """STORE / COPY / MOVE / UID EXPUNGE of ``$`` (or a FETCH of it that reads bodies) under a filtered
+        view: of the messages in it that are visible now. ``$`` saved holds visible ones only; those hidden
+        since (a preference changed) are taken out of it at the backend, a few KB at a time, and ``$`` goes
+        on as the client wrote it (one command: COPY's COPYUID, however many messages; the backend resolves
+        ``$`` in order with what was pipelined before, RFC 5182)."""
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
         if reply.status != b"OK":
             return None  # (no saved result: the backend answers the command as it would)
-        visible = set(esearch_all(reply)) - view.hidden
-        if not visible:
-            return _of_no_message(cmd, cmd.tag + b" UID " + cmd.name + b" ", m.group(3))
-        uidset = SequenceSet.from_iterable(visible).format()
-        return Rewrite(cmd.tag + b" UID " + cmd.name + b" " + uidset + m.group(3))
+        saved = set(esearch_all(reply))
+        hidden = saved & view.hidden
+        if hidden == saved:
+            return _of_no_message(cmd, cmd.tag + b" UID " + cmd.name + b" ", m.group(3)) if saved else None
+        for piece in uid_set_pieces(SequenceSet.from_iterable(hidden)) if hidden else ():
+            reply = await session.backend_command(b"SEARCH RETURN (SAVE) $ NOT UID " + piece)
+            if reply.status != b"OK":
+                return _refusal(reply)
+        return None
 
     async def _expunge_visible(self, session, view: MailboxView, cmd):
         """EXPUNGE / CLOSE under a filtered view remove only the visible messages marked \\Deleted (a
@@ -1077,20 +1084,27 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         line: ``$`` := the matches, then ``$`` minus each piece of the hidden UIDs but the last, on the
         session's connection; the client's command (``head``: tag, name, RETURN options, SORT's criteria,
         charset) then searches ``$`` minus the last piece, so that its results and its ``$`` are the
-        visible matches."""
+        visible matches. (The first step passes no command hook: the CPM flag is mapped here, as the
+        readreport plugin would. A MODSEQ key is repeated in the last, whose answer must carry MODSEQ.)"""
         name_at = 2 if head[1].upper() == b"UID" else 1
         if head[name_at].upper() == b"SORT":
             charset = [Atom(b"CHARSET"), head[-1]]  # (SORT's charset is its last head token)
         else:  # (SEARCH: CHARSET x after the RETURN options, if any)
             charset = head[-2:] if isinstance(head[-2], Atom) and head[-2].upper() == b"CHARSET" else []
+        first = format_tokens([Atom(b"SEARCH"), Atom(b"RETURN"), ParenList([Atom(b"SAVE")])] + charset + criteria)
+        if (readreport := session.hooks.by_name.get("readreport")) is not None:
+            first = readreport.flags_for_backend(first + b"\r\n")[:-2]  # (a flag ends before a space or CRLF)
         pieces = uid_set_pieces(view.hidden_uids)
-        steps = [format_tokens([Atom(b"SEARCH"), Atom(b"RETURN"), ParenList([Atom(b"SAVE")])] + charset + criteria)]
-        steps += [b"SEARCH RETURN (SAVE) $ NOT UID " + piece for piece in pieces[:-1]]
-        for line in steps:
+        for line in [first] + [b"SEARCH RETURN (SAVE) $ NOT UID " + piece for piece in pieces[:-1]]:
             reply = await session.backend_command(line)
             if reply.status != b"OK":
                 return _refusal(reply)
-        return Rewrite(format_tokens(head + [Atom(b"$"), Atom(b"NOT"), Atom(b"UID"), Atom(pieces[-1])]) + b"\r\n")
+        last = [Atom(b"$"), Atom(b"NOT"), Atom(b"UID"), Atom(pieces[-1])]
+        text = format_tokens(criteria)
+        if b"MODSEQ" in text.upper() and not re.search(rb"(?:^|[\s(])\$(?=[\s)]|$)", text):
+            last += criteria  # (the matches again: they are in $ already; with $ in them, they meant the old one)
+        line = format_tokens(head + last) + b"\r\n"
+        return Rewrite(readreport.flags_for_backend(line) if readreport is not None else line)
 
     @staticmethod
     def _must_wait_for(session, st: PolicySession, cmd) -> list:

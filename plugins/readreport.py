@@ -78,8 +78,8 @@ class ReadReportPlugin(Plugin):
         return b"".join(out)
 
     def flags_for_backend(self, text: bytes) -> bytes:
-        """``text`` (a flag list) with the CPM flag as the backend stores it: for plugins that send a
-        STORE of their own, which no command hook sees."""
+        """``text`` (a flag list, search criteria, a command) with the CPM flag as the backend stores it:
+        for plugins that send a STORE or a search of their own, which no command hook sees."""
         return self._to_keyword(text)
 
     def block_ok(self, session, block: bytes) -> bool:

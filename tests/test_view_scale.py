@@ -217,7 +217,31 @@ def test_a_saved_search_in_a_view_with_more_hidden_uids_than_a_command_line_hold
     r = c.command(b"o", b"UID SORT RETURN (SAVE COUNT) (ARRIVAL) UTF-8 UNSEEN")
     assert r[0] == b'* ESEARCH (TAG "o") UID COUNT %d\r\n' % (len(model) - len(seen)) and r[-1].startswith(b"o OK"), r
     assert c.command(b"z", b"SEARCH RETURN (COUNT) $")[0] == b'* ESEARCH (TAG "z") COUNT %d\r\n' % (len(model) - len(seen))
+    # The diff review: a saved result used by a STORE, COPY or FETCH of bodies named every visible UID
+    # (refused), a SAVE search for the CPM flag found nothing (the first step passed no hook), and one
+    # with a MODSEQ key lost its MODSEQ.
+    assert c.command(b"a", b"STORE 1:10 +FLAGS.SILENT (\\read-report-sent)")[-1].startswith(b"a OK")
+    r = c.command(b"b", b"SEARCH RETURN (SAVE COUNT) KEYWORD \\read-report-sent")
+    assert r[0] == b'* ESEARCH (TAG "b") COUNT 10\r\n', r
+    assert c.command(b"b", b"SEARCH RETURN (SAVE) ALL")[-1].startswith(b"b OK")
+    assert c.command(b"k", b'CREATE "BigCopy"')[-1].startswith(b"k OK")
+    for tag, command in ((b"c", b"STORE $ +FLAGS.SILENT (\\Flagged)"), (b"d", b'COPY $ "BigCopy"'),
+                         (b"e", b"FETCH $ (BODY[HEADER.FIELDS (SUBJECT)])")):
+        r = c.command(tag, command)
+        assert r[-1].startswith(tag + b" OK"), (command, r[-1])
+    assert sum(b" FETCH " in x for x in r) == len(model)
+    r = c.command(b"f", b"SEARCH RETURN (SAVE COUNT) MODSEQ 1")
+    found = next(x for x in r if x.startswith(b"* ESEARCH"))
+    assert re.fullmatch(rb'\* ESEARCH \(TAG "f"\) COUNT %d MODSEQ \d+\r\n' % len(model), found), r
+    assert c.command(b"g", b'DELETE "BigCopy"')[-1].startswith(b"g OK")
     c.close()
+    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
+    direct.login("alice", "alicepw")
+    direct.command(b"s", b'EXAMINE "Big"')
+    assert direct.command(b"x", b"UID SEARCH FLAGGED")[0] == b"* SEARCH " + b" ".join(b"%d" % u for u, _ in model) + b"\r\n"
+    direct.command(b"s", b'SELECT "Big"')
+    assert direct.command(b"y", b"STORE 1:* -FLAGS.SILENT (\\Flagged $ReadReportSent)")[-1].startswith(b"y OK")
+    direct.close()
 
 
 def test_read_and_delete_everything_over_more_scattered_messages_than_a_command_line_holds(big):
