@@ -959,14 +959,16 @@ def test_watch_of_a_folder_that_does_not_exist_ends(device):
     _one_line_failure(a.run("watch", name, ok=False, timeout=30), 5, "no such folder", name)
 
 
-@pytest.mark.parametrize("command", ["sync", "watch"])
-def test_sigterm_interrupts_a_wait_for_a_silent_server(device, command):
+@pytest.mark.parametrize("command, tls", [("sync", "none"), ("watch", "none"), ("sync", "implicit"),
+                                          ("watch", "implicit"), ("watch", "starttls")])
+def test_sigterm_interrupts_a_wait_for_a_silent_server(device, command, tls):
     """The server accepts and never says a word: SIGTERM ends the sync at once (130), not after --timeout;
     and a watch (found by the operator review: it waited out the greeting's 60 s, under a supervisor's
-    stop), whose normal end it is (0)."""
+    stop), whose normal end it is (0). Silent in the TLS handshake too (the diff review: the handshake
+    ran before the wake-up could reach it); with STARTTLS, the greeting offers it, then nothing."""
     import socket
 
-    a = device("phone-silent", tls="none")
+    a = device("phone-silent", tls=tls)
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -976,7 +978,13 @@ def test_sigterm_interrupts_a_wait_for_a_silent_server(device, command):
                             text=True, env=ENV)
     try:
         peer, _ = srv.accept()
-        time.sleep(0.3)  # the client is now waiting for the greeting
+        if tls == "starttls":
+            peer.settimeout(20)
+            peer.sendall(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n")
+            line = peer.recv(100)
+            assert line.upper().endswith(b" STARTTLS\r\n"), line
+            peer.sendall(line.split(b" ")[0] + b" OK Begin TLS now\r\n")
+        time.sleep(0.3)  # the client is now waiting for the greeting, or in its TLS handshake
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)  # (not the 60 s greeting timeout)
         peer.close()

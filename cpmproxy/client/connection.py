@@ -532,7 +532,7 @@ class Connection:
         OK would have been injected by someone on the path (STARTTLS response injection), so it is refused."""
         if self._reader.buffered():
             raise ProtocolError("the server sent data after accepting STARTTLS")
-        self.sock = ctx.wrap_socket(self.sock, server_hostname=self.settings.host)
+        self.sock = _tls_handshake(ctx, self.sock, self.settings.host, self._reader.wake_fd)
         self._reader = _Reader(self.sock, wake_fd=self._reader.wake_fd)
 
 
@@ -542,6 +542,38 @@ def _stderr_trace(text: str) -> None:
 
 
 # -- connecting --------------------------------------------------------------------------------------
+
+
+def _tls_handshake(ctx: ssl.SSLContext, sock: socket.socket, host: str, wake_fd: int | None) -> ssl.SSLSocket:
+    """``sock`` wrapped in TLS, the handshake done; with ``wake_fd``, waiting for the server the way reads
+    do (:class:`Interrupted` when it fires: a server that accepts and never answers the ClientHello must
+    not hold SIGTERM for the whole timeout)."""
+    if wake_fd is None:
+        return ctx.wrap_socket(sock, server_hostname=host)
+    import ssl  # (loaded only where TLS is used, as in _ssl_context)
+
+    timeout = sock.gettimeout()
+    tls = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    tls.setblocking(False)
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                wanted = ([tls, wake_fd], [])
+            except ssl.SSLWantWriteError:
+                wanted = ([wake_fd], [tls])
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            readable, writable, _ = select.select(*wanted, [], left)
+            if wake_fd in readable:
+                raise Interrupted("interrupted; the next sync resumes where this one stopped")
+            if not readable and not writable:
+                raise TimeoutError("the TLS handshake timed out")
+    finally:
+        tls.settimeout(timeout)
+    return tls
 
 
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -615,7 +647,7 @@ def connect(settings: ServerSettings, wake_fd: int | None = None) -> Connection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if settings.tls == "implicit":
             assert ctx is not None
-            sock = ctx.wrap_socket(sock, server_hostname=settings.host)
+            sock = _tls_handshake(ctx, sock, settings.host, wake_fd)
         conn = Connection(sock, settings)
         conn.set_wake_fd(wake_fd)
         greeting = conn.read_greeting()
