@@ -27,20 +27,25 @@ COUNT = 2000  # every other one an IMDN: 1,000 hidden, ~5 KB of UIDs
 def big(tmp_path_factory):
     d = Dovecot(tmp_path_factory.mktemp("shortlines"), users={"alice": "alicepw"}, extra_config=SHORT_LINES)
     d.start()
-    chat, imdn = make_object("chat", text="hello"), make_object("imdn")
-    c = RawIMAP("127.0.0.1", d.port, timeout=60)
-    c.login("alice", "alicepw")
-    c.command(b"c", b'CREATE "Big"')
-    c.send(b"".join(b'a%d APPEND "Big" %s{%d+}\r\n%s\r\n' % (i, b"(\\Seen) " if i % 3 == 0 else b"",
-                                                         len(m), m)
-                    for i, m in enumerate(imdn if i % 2 else chat for i in range(COUNT))))
-    assert c.until_tagged(b"a%d" % (COUNT - 1))[-1].startswith(b"a%d OK" % (COUNT - 1))
-    c.close()
+    _filled(d, b"Big", lambda i: b"(\\Seen) " if i % 3 == 0 else b"").close()
     p = ProxyProcess(tmp_path_factory.mktemp("proxy"), d.port,
                      config_extra="[policy]\nsync = { imdn = false }\n").start()
     yield d, p
     p.stop()
     d.close()
+
+
+def _filled(d, folder: bytes, flags=lambda i: b"") -> RawIMAP:
+    """A direct connection, after storing COUNT messages in a new ``folder``: every other one an IMDN (the
+    policy hides them), the others chats; ``flags(i)``: the i-th message's flag list (with its space)."""
+    chat, imdn = make_object("chat", text="hello"), make_object("imdn")
+    c = RawIMAP("127.0.0.1", d.port, timeout=60)
+    c.login("alice", "alicepw")
+    c.command(b"c", b'CREATE "%s"' % folder)
+    c.send(b"".join(b'a%d APPEND "%s" %s{%d+}\r\n%s\r\n' % (i, folder, flags(i), len(m), m)
+                    for i, m in enumerate(imdn if i % 2 else chat for i in range(COUNT))))
+    assert c.until_tagged(b"a%d" % (COUNT - 1))[-1].startswith(b"a%d OK" % (COUNT - 1))
+    return c
 
 
 def _expected():
@@ -250,13 +255,7 @@ def test_read_and_delete_everything_over_more_scattered_messages_than_a_command_
     of the visible \\Deleted ones) named one range per visible message in one command: refused past the
     backend's line limit. They now go in pieces; the hidden messages stay as they were."""
     d, p = big
-    chat, imdn = make_object("chat", text="hello"), make_object("imdn")
-    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
-    direct.login("alice", "alicepw")
-    direct.command(b"c", b'CREATE "Big2"')
-    direct.send(b"".join(b'a%d APPEND "Big2" {%d+}\r\n%s\r\n' % (i, len(m), m)
-                         for i, m in enumerate(imdn if i % 2 else chat for i in range(COUNT))))
-    assert direct.until_tagged(b"a%d" % (COUNT - 1))[-1].startswith(b"a%d OK" % (COUNT - 1))
+    direct = _filled(d, b"Big2")
     c = _device(p)
     assert b"* %d EXISTS\r\n" % (COUNT // 2) in c.command(b"s", b'SELECT "Big2"')
     r = c.command(b"f", b"FETCH 1:* (BODY[TEXT])")
@@ -278,13 +277,7 @@ def test_read_and_delete_everything_over_more_scattered_messages_than_a_command_
 def test_an_expunge_of_more_scattered_messages_than_a_command_line_holds(big):
     """EXPUNGE (the visible messages marked \\Deleted, by UID) in the same folder."""
     d, p = big
-    chat, imdn = make_object("chat", text="hello"), make_object("imdn")
-    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
-    direct.login("alice", "alicepw")
-    direct.command(b"c", b'CREATE "Big3"')
-    direct.send(b"".join(b'a%d APPEND "Big3" (\\Deleted) {%d+}\r\n%s\r\n' % (i, len(m), m)
-                         for i, m in enumerate(imdn if i % 2 else chat for i in range(COUNT))))
-    assert direct.until_tagged(b"a%d" % (COUNT - 1))[-1].startswith(b"a%d OK" % (COUNT - 1))
+    direct = _filled(d, b"Big3", lambda i: b"(\\Deleted) ")
     c = _device(p)
     assert b"* %d EXISTS\r\n" % (COUNT // 2) in c.command(b"s", b'SELECT "Big3"')
     r = c.command(b"e", b"EXPUNGE")
