@@ -105,9 +105,10 @@ class FolderRules:
                       for name, info in unknown]
             for name, info, opened, searched in checks:
                 opened, searched = await opened, await searched
-                if opened.status != b"OK" and (_code_in(opened.tagged, b"NONEXISTENT")
+                if opened.status != b"OK" and (_code_in(opened.tagged, b"NONEXISTENT") or _code_in(opened.tagged, b"CANNOT")
                                                or b"doesn't exist" in opened.tagged):
-                    # Gone, or a \Noselect parent (Dovecot 2.3 answers that one with no code): no
+                    # Gone, or a \Noselect parent (Dovecot 2.3 answers that one with no code), or a name the
+                    # backend cannot take ("Visible/": its own answer to the client's command says so): no
                     # messages, nothing to hide in it. Any other refusal fails closed, below.
                     continue
                 info.session_history = any(b" MIN " in line for line in search_ok(searched).untagged)

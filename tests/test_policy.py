@@ -744,3 +744,16 @@ def test_a_folder_holding_hidden_messages_is_not_deleted_from_the_view(make_prox
     imap = dovecot.imap_direct("dave", tls="none")
     assert imap.folder_status(name, ["MESSAGES"])[b"MESSAGES"] == 2 and not imap.folder_exists(name + "-plain")
     imap.logout()
+
+
+def test_a_name_the_backend_cannot_take_gets_its_answer(make_proxy, dovecot):
+    """Found by the leak hunt: STATUS or EXAMINE of "Folder/" (a trailing separator) where the policy hides
+    Session Histories was NO [UNAVAILABLE] (the proxy's look into it was refused): clients retry that."""
+    name = "Named" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", name, make_object("chat"))
+    p = make_proxy(config_extra='[policy]\nsync = { "session-history" = false }\n')
+    c = login(p, "dave")
+    for command in (b"STATUS " + q(name + "/") + b" (MESSAGES)", b"EXAMINE " + q(name + "/")):
+        r = c.command(b"x", command)
+        assert r[-1].startswith(b"x NO") and b"UNAVAILABLE" not in r[-1], r
+    c.close()
