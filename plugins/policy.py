@@ -18,6 +18,7 @@ in ``policyconfig``, searches in a view in ``viewsearch``, what the parts share 
 from __future__ import annotations
 
 import re
+import uuid
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
@@ -368,7 +369,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if not self._folder_info_now(session, st, mailbox):
             return _LATER
         if self.folder_hidden(st, mailbox):
-            return _nonexistent(mailbox)
+            return _as_missing(cmd, mailbox)
         if any(self._criteria(st, mailbox)) or self.hiders(session):
             return _LATER
         st.view = None  # (what _plan_select's fast path sets)
@@ -432,7 +433,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                      criteria if names[0] in st.folders else None)
         await self.folder_infos(session, names)
         if any(self.folder_hidden(st, n) for n in names):
-            return _nonexistent(names[0])
+            return _as_missing(cmd, names[0])
         if cmd.name in (b"SELECT", b"EXAMINE"):
             await self._plan_select(session, st, names[0], early)
             if st.plan is not None:
@@ -885,6 +886,16 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if st is None:
             return None
         status = resp.head.name
+        data = resp.data
+        if cmd.name in _MISSING_AT and status == b"NO" and resp.head.code is None and b"doesn't exist" in data:
+            # Dovecot 2.3 says a folder is missing with no code (SELECT, STATUS, DELETE): RFC 5530's
+            # NONEXISTENT added, for a folder hidden from the device and one that does not exist alike.
+            data = data.replace(b" NO ", b" NO [NONEXISTENT] ", 1)
+        if "missing_suffix" in cmd.state:  # (see _as_missing)
+            data = data.replace(cmd.state["missing_suffix"], b"")
+        if data != resp.data:
+            self._tagged_done(session, st, cmd, status)
+            return Rewrite(data)
         if "tagged_text" in cmd.state and status == b"OK":
             # The command the client sent answers, not the one the proxy ran for it (NOOP, UNSELECT).
             self._tagged_done(session, st, cmd, status)
@@ -1549,3 +1560,29 @@ def _of_no_message(cmd, head: bytes, rest: bytes) -> Rewrite:
     the proxy's would tell the device that these do, hidden."""
     cmd.state[NO_SERVER_CHANGE] = True
     return Rewrite(head + b"4294967295" + rest)
+
+
+# Where the mailbox is in the commands _as_missing sends on (the argument's index).
+_MISSING_AT = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1}
+
+
+def _as_missing(cmd, mailbox: str):
+    """A command on a folder hidden from the device, as the same command on a folder that does not exist (the
+    hidden one's name and a suffix no folder has): the backend answers it as it answers any missing folder,
+    the suffix taken out again (``tagged``), where the proxy's own answer would tell the device that the
+    folder exists, hidden (found by the leak hunt). Answered here where a missing folder does not fail the
+    command (SUBSCRIBE) or the command carries a literal (APPEND)."""
+    at = _MISSING_AT.get(cmd.name)
+    if at is None or cmd.has_literal:
+        return _nonexistent(mailbox)
+    try:
+        tokens = tokenize(cmd.line.rstrip(b"\r\n"))
+    except TokenError:
+        return _nonexistent(mailbox)
+    i = 2 + (1 if cmd.uid else 0) + at
+    if i >= len(tokens):
+        return _nonexistent(mailbox)
+    suffix = "-" + uuid.uuid4().hex[:16]
+    tokens[i] = Atom(wire_name(mailbox + suffix))
+    cmd.state["missing_suffix"] = suffix.encode()
+    return Rewrite(format_tokens(tokens) + b"\r\n")

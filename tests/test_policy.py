@@ -757,3 +757,30 @@ def test_a_name_the_backend_cannot_take_gets_its_answer(make_proxy, dovecot):
         r = c.command(b"x", command)
         assert r[-1].startswith(b"x NO") and b"UNAVAILABLE" not in r[-1], r
     c.close()
+
+
+def test_a_hidden_folder_is_answered_as_one_that_does_not_exist(make_proxy, dovecot):
+    """Found by the leak hunt: the proxy answered commands on a hidden folder itself (NO [NONEXISTENT]),
+    where the backend answers otherwise for a folder that does not exist: a device could tell which
+    names exist, hidden. The backend answers both now."""
+    hidden = "Hid" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", hidden, make_object("chat"))
+    dovecot.deliver("dave", "INBOX", make_object("chat"))
+    p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{hidden}"]\n')
+    c = login(p, "dave")
+
+    def answer(command: bytes) -> bytes:
+        r = c.command(b"x", command)
+        return re.sub(rb" \([0-9.]+ \+ [0-9.]+(?: \+ [0-9.]+)? secs\)", b"", r[-1])
+
+    assert exists_of(c.command(b"s", b"SELECT INBOX")) >= 1
+    for command in (b"STATUS %s (MESSAGES)", b"UID COPY 1 %s", b"UID MOVE 1 %s", b"DELETE %s",
+                    b"RENAME %s Elsewhere", b"EXAMINE %s", b"SELECT %s"):  # (the last two leave none selected)
+        missing = "Mis" + hidden[3:]
+        got, expected = answer(command % q(hidden)), answer(command % q(missing))
+        assert got == expected.replace(missing.encode(), hidden.encode()), (command, got, expected)
+        assert got.startswith(b"x NO"), got
+    c.close()
+    imap = dovecot.imap_direct("dave", tls="none")
+    assert imap.folder_status(hidden, ["MESSAGES"])[b"MESSAGES"] == 1
+    imap.logout()
