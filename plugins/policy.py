@@ -315,11 +315,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         hidden = saved & view.hidden
         if hidden == saved:
             return _of_no_message(cmd, cmd.tag + b" UID " + cmd.name + b" ", m.group(3)) if saved else None
-        for piece in uid_set_pieces(SequenceSet.from_iterable(hidden)) if hidden else ():
-            reply = await session.backend_command(b"SEARCH RETURN (SAVE) $ NOT UID " + piece)
-            if reply.status != b"OK":
-                return _refusal(reply)
-        return None
+        pieces = uid_set_pieces(SequenceSet.from_iterable(hidden)) if hidden else []
+        return await _run_all(session, [b"SEARCH RETURN (SAVE) $ NOT UID " + piece for piece in pieces])
 
     async def _expunge_visible(self, session, view: MailboxView, cmd):
         """EXPUNGE / CLOSE under a filtered view remove only the visible messages marked \\Deleted (a
@@ -332,9 +329,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if not pieces:
             cmd.state[NO_SERVER_CHANGE] = True
         last = pieces.pop() if cmd.name == b"EXPUNGE" and pieces else None
-        for d in [session.backend_command(b"UID EXPUNGE " + piece) for piece in pieces]:
-            if (reply := await d).status != b"OK":
-                return _refusal(reply)
+        if (refused := await _run_all(session, [b"UID EXPUNGE " + piece for piece in pieces])) is not None:
+            return refused
         if cmd.name == b"EXPUNGE":
             cmd.state["tagged_text"] = b"Expunge completed."
             return Rewrite(cmd.tag + (b" UID EXPUNGE " + last if last else b" NOOP") + b"\r\n")
@@ -1106,10 +1102,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if (readreport := session.hooks.by_name.get("readreport")) is not None:
             first = readreport.flags_for_backend(first + b"\r\n")[:-2]  # (a flag ends before a space or CRLF)
         pieces = uid_set_pieces(view.hidden_uids)
-        for line in [first] + [b"SEARCH RETURN (SAVE) $ NOT UID " + piece for piece in pieces[:-1]]:
-            reply = await session.backend_command(line)
-            if reply.status != b"OK":
-                return _refusal(reply)
+        steps = [first] + [b"SEARCH RETURN (SAVE) $ NOT UID " + piece for piece in pieces[:-1]]
+        if (refused := await _run_all(session, steps)) is not None:
+            return refused
         last = [Atom(b"$"), Atom(b"NOT"), Atom(b"UID"), Atom(pieces[-1])]
         text = format_tokens(criteria)
         if b"MODSEQ" in text.upper() and not re.search(rb"(?:^|[\s(])\$(?=[\s)]|$)", text):
@@ -1176,15 +1171,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         name = head.split()[-1]
         if name == b"STORE" and (readreport := session.hooks.by_name.get("readreport")) is not None:
             text = readreport.flags_for_backend(text)
-        replies = [session.backend_command(head + piece + text) for piece in pieces]
-        failed = None
-        for d in replies:
-            reply = await d
-            if reply.status != b"OK" and failed is None:
-                failed = reply
-        if failed is not None:
-            return _refusal(failed)
-        return Answer(b"OK " + name.capitalize() + b" completed.")
+        refused = await _run_all(session, [head + piece + text for piece in pieces])
+        return refused or Answer(b"OK " + name.capitalize() + b" completed.")
 
     async def _after_done(self, session, others, cmd):
         """``cmd``'s decision once ``others`` (in flight) have completed."""
@@ -1546,6 +1534,19 @@ def _without_children(line: bytes):
     if b"\\NOSELECT" in attrs or b"\\NONEXISTENT" in attrs:
         return Drop()
     return Rewrite(line[:at] + b"\\HasNoChildren" + line[at + len(b"\\HasChildren"):])
+
+
+async def _run_all(session, lines: list[bytes]) -> Answer | None:
+    """``lines`` as commands of the proxy's own on the session's connection, pipelined (they run in order):
+    None once all are done, or the client's answer for the first the backend refused (``_refusal``; the
+    others ran, as a server's command may stop part way)."""
+    replies = [session.backend_command(line) for line in lines]
+    failed = None
+    for d in replies:
+        reply = await d
+        if reply.status != b"OK" and failed is None:
+            failed = reply
+    return None if failed is None else _refusal(failed)
 
 
 def _refusal(reply) -> Answer:
