@@ -249,6 +249,20 @@ def test_a_saved_search_in_a_view_with_more_hidden_uids_than_a_command_line_hold
     direct.close()
 
 
+def test_a_saved_search_the_backend_refuses_gets_its_answer(big):
+    """Bad input in a SAVE search taken in steps (past the line limit): the backend's refusal of the first
+    step is the client's answer, with its response code; the session goes on."""
+    _, p = big
+    c = _device(p)
+    assert c.command(b"s", b'SELECT "Big"')[-1].startswith(b"s OK")
+    r = c.command(b"a", b"SEARCH RETURN (SAVE) CHARSET NO-SUCH-CHARSET SUBJECT x")
+    assert r[-1].startswith(b"a NO [BADCHARSET"), r
+    r = c.command(b"b", b"SEARCH RETURN (SAVE COUNT) NOSUCHKEY")
+    assert re.match(rb"b BAD \[[A-Z]+\] ", r[-1]), r
+    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    c.close()
+
+
 def test_read_and_delete_everything_over_more_scattered_messages_than_a_command_line_holds(big):
     """"Read all" and "delete all" in a folder whose every other message is hidden: a FETCH of bodies
     (which sets \\Seen, so it names exactly the visible messages), a UID EXPUNGE and an EXPUNGE (the UIDs
