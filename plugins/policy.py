@@ -623,6 +623,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 snapshot = (selected[b"EXISTS"], selected[b"UIDNEXT"])
                 st.view = self._borrowed_view(session.user, plan, snapshot)
                 if st.view is not None:
+                    st.view.seen_up_to = snapshot[1] - 1
                     return
             uids, hidden = await self._classify(session, plan, b"1:*", snapshot)
         except Exception as e:
@@ -639,6 +640,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             session.bye(UNAVAILABLE)
             return
         st.view = MailboxView.exact(uids, hidden)
+        st.view.seen_up_to = selected.get(b"UIDNEXT", 1) - 1
         if hidden and snapshot is not None and len(uids) == snapshot[0] and (not uids or uids[-1] < snapshot[1]):
             self._share_tables(session.user, plan, snapshot, st.view)
 

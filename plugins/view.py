@@ -19,7 +19,7 @@ from cpmproxy.imap.seqset import STAR, SequenceSet
 
 class MailboxView:
     __slots__ = ("uids", "hidden", "_visible", "_hidden_seqs", "_visible_seqs", "_client_map", "_hidden_uids",
-                 "_lent")
+                 "_lent", "seen_up_to")
 
     def __init__(self, uids: Iterable[int] = (), hidden: Iterable[int] = ()):
         self.uids: list[int] = sorted(uids)
@@ -30,6 +30,10 @@ class MailboxView:
         self._client_map: list[int] | None = None
         self._hidden_uids: SequenceSet | None = None
         self._lent = False  # uids and hidden are shared with other views: copied before a change
+        # UIDs the client may take as known besides the visible ones: every UID up to the UIDNEXT it was
+        # told at SELECT (the policy sets it) and every visible one since removed. No message at or below
+        # it can be announced as new (RFC 9051 2.3.1.1: UIDs are assigned ascending, from UIDNEXT on).
+        self.seen_up_to = 0
 
     @classmethod
     def exact(cls, uids: list[int], hidden: set[int]) -> MailboxView:
@@ -288,8 +292,11 @@ class MailboxView:
             self._own()
             del self.uids[backend_seq - 1]
             self._changed()
+            self.seen_up_to = max(self.seen_up_to, u)
             return backend_seq
         was_hidden = u in self.hidden
+        if not was_hidden:
+            self.seen_up_to = max(self.seen_up_to, u)
         vis = self.visible if self._visible is None else self._own_visible()
         if vis is None:  # (not ours: rebuilt below)
             client = None if was_hidden else self.client_seq(backend_seq)
@@ -315,6 +322,7 @@ class MailboxView:
         self._own()
         if len(gone) > _FEW:
             before = len(self.uids)
+            self.seen_up_to = max([self.seen_up_to, *(u for u in self.uids if u in gone and u not in self.hidden)])
             self.uids = [u for u in self.uids if u not in gone]
             self.hidden -= gone
             if len(self.uids) != before:
@@ -333,7 +341,9 @@ class MailboxView:
             if u in self.hidden:
                 self.hidden.discard(u)
                 hidden_changed = True
-            elif vis is not None:
+                continue
+            self.seen_up_to = max(self.seen_up_to, u)
+            if vis is not None:
                 del vis[bisect_left(vis, u)]
         if not changed:
             return
@@ -354,6 +364,7 @@ class MailboxView:
                     new.append(u)
         if not new:
             return []
+        self.seen_up_to = max(self.seen_up_to, max(new))
         seqs = sorted((self.client_seq_of_uid(u) for u in new), reverse=True)
         vis = self._own_visible()
         self._own()
@@ -367,12 +378,13 @@ class MailboxView:
         return seqs  # type: ignore[return-value]
 
     def unhide_tail(self, uids: Iterable[int]) -> int:
-        """Make hidden messages visible again, but only those above every visible UID (IMAP can only
-        announce new messages at the end, with EXISTS). Returns how many became visible; the others stay
-        hidden until the mailbox is selected again."""
+        """Make hidden messages visible again, but only those above every UID the client knows (IMAP can
+        only announce new messages at the end, with EXISTS, and above the UIDNEXT it told: see
+        ``seen_up_to``). Returns how many became visible; the others stay hidden until the mailbox is
+        selected again."""
         vis = self.visible
-        top_visible = vis[-1] if vis else 0
-        back = sorted({u for u in uids if u in self.hidden and u > top_visible})  # (each once)
+        floor = max(vis[-1] if vis else 0, self.seen_up_to)
+        back = sorted({u for u in uids if u in self.hidden and u > floor})  # (each once)
         if not back:
             return 0
         self._own()

@@ -405,3 +405,52 @@ def test_commands_naming_hidden_uids_only_are_answered_as_for_uids_that_do_not_e
                     b'UID MOVE %d "' + target.encode() + b'"', b"UID FETCH %d (BODY[])", b"UID EXPUNGE %d"):
         assert answer(command % 2) == answer(command % 99), command  # (UID 2: the hidden IMDN)
     c.close()
+
+
+def _set_imdn(proxy, folder: bytes, value: bytes) -> None:
+    other = device(proxy, "other-device")
+    r = other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "%s")' % (folder, PREFIX, value))
+    assert r[-1].startswith(b"m OK"), r
+    other.close()
+
+
+def test_messages_shown_again_never_come_below_the_uidnext_the_client_was_told(dovecot, proxy):
+    """Found by the leak hunt: in a folder of IMDNs only, turned off and on again while selected, the
+    proxy announced ``* 2 EXISTS`` for UIDs 1 and 2, below the UIDNEXT 3 the client was told at SELECT
+    (RFC 9051 2.3.1.1: new messages get ascending UIDs from UIDNEXT on; a client that syncs by UIDNEXT
+    would take them as known). They come back at the next SELECT."""
+    name = "Back" + uuid.uuid4().hex[:8]
+    for i in range(2):
+        dovecot.deliver("dave", name, make_object("imdn", seed=i))
+    folder = name.encode()
+    c = device(proxy, "phone")
+    r = c.command(b"s", b'SELECT "%s"' % folder)
+    assert b"* 2 EXISTS\r\n" in r and b"* OK [UIDNEXT 3]" in b"".join(r), r
+    _set_imdn(proxy, folder, b"off")
+    assert _untagged(c.command(b"n", b"NOOP")) == [b"* 2 EXPUNGE\r\n", b"* 1 EXPUNGE\r\n"]
+    _set_imdn(proxy, folder, b"on")
+    assert _untagged(c.command(b"o", b"NOOP")) == []
+    assert _untagged(c.command(b"f", b"UID FETCH 1:* (UID)")) == []
+    # An IMDN that arrives while they are off is new to the client: it comes back when they are on again.
+    _set_imdn(proxy, folder, b"off")
+    uid = dovecot.deliver("dave", name, make_object("imdn", seed=7))
+    assert uid == 3 and _untagged(c.command(b"p", b"NOOP")) == []
+    _set_imdn(proxy, folder, b"on")
+    assert _untagged(c.command(b"q", b"NOOP")) == [b"* 1 EXISTS\r\n"]
+    assert _untagged(c.command(b"g", b"FETCH 1:* (UID)")) == [b"* 1 FETCH (UID 3)\r\n"]
+    assert b"* 3 EXISTS\r\n" in c.command(b"t", b'SELECT "%s"' % folder)
+    c.close()
+
+
+def test_a_message_hidden_at_select_stays_hidden_until_the_next_select(dovecot, proxy, folder):
+    """UID 4 was hidden at SELECT, above every visible UID but below the UIDNEXT told then: the client
+    takes it as known not to exist. Shown again mid-session it was announced as new (EXISTS)."""
+    dovecot.deliver("dave", folder.decode(), make_object("imdn", seed=40))  # UID 5
+    _set_imdn(proxy, folder, b"off")
+    c = device(proxy, "phone")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)  # (UIDs 1, 3, 4)
+    _set_imdn(proxy, folder, b"on")
+    assert _untagged(c.command(b"n", b"NOOP")) == []
+    assert _untagged(c.command(b"f", b"FETCH 1:* (UID)"))[-1] == b"* 3 FETCH (UID 4)\r\n"
+    assert b"* 5 EXISTS\r\n" in c.command(b"s2", b'SELECT "%s"' % folder)
+    c.close()

@@ -414,6 +414,7 @@ def test_changes_in_any_order_keep_every_table_right(v, ops, data):
     uids, hidden = v
     view = MailboxView(uids, hidden)
     m_uids, m_hidden = list(uids), set(hidden)
+    m_seen = 0  # (the highest visible UID removed: no message at or below it may come back)
     for op in ops:
         if op[0] in ("hide", "vanish", "unhide_tail"):
             top = m_uids[-1] if m_uids else 0
@@ -422,6 +423,8 @@ def test_changes_in_any_order_keep_every_table_right(v, ops, data):
             n = op[1]
             expected = model_numbers(m_uids, m_hidden).get(n)
             assert view.expunge(n) == expected
+            if expected is not None:
+                m_seen = max(m_seen, m_uids[n - 1])
             if n <= len(m_uids):
                 m_hidden.discard(m_uids.pop(n - 1))
         elif op[0] == "append":
@@ -436,13 +439,15 @@ def test_changes_in_any_order_keep_every_table_right(v, ops, data):
             shown = {u: before[i] for i, u in enumerate(m_uids, 1) if before[i]}
             expected = sorted({shown[u] for u in op[1] if u in shown}, reverse=True)
             assert view.hide(op[1]) == expected
+            m_seen = max([m_seen, *(u for u in op[1] if u in shown)])
             m_hidden |= set(op[1]) & set(m_uids)
         elif op[0] == "vanish":
             view.vanish(op[1])
+            m_seen = max([m_seen, *(u for u in op[1] if u in m_uids and u not in m_hidden)])
             m_uids = [u for u in m_uids if u not in op[1]]
             m_hidden -= set(op[1])
         elif op[0] == "unhide_tail":
-            top = max((u for u in m_uids if u not in m_hidden), default=0)
+            top = max(max((u for u in m_uids if u not in m_hidden), default=0), m_seen)
             back = {u for u in op[1] if u in m_hidden and u > top}
             assert view.unhide_tail(op[1]) == len(back)
             m_hidden -= back
