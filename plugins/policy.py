@@ -70,6 +70,7 @@ from plugins.viewsearch import (
     renumber_ordered_set,
     rewrite_search_keys,
     visible_esearch,
+    visible_in_order,
 )
 from plugins.wire import (
     SEARCH_COMMANDS,
@@ -1071,6 +1072,13 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 # visible_esearch: no visible change since it is missed).
                 pass
             elif (wanted := esearch_options(returning)) is not None:
+                if set(wanted) <= {b"MIN", b"MAX"} and b"MODSEQ" in body.upper() and not cmd.has_literal:
+                    # MIN/MAX with a MODSEQ key: the MODSEQ must be the returned messages' (RFC 4731 3.2),
+                    # which only the backend knows: the visible extremes are found first, then the client's
+                    # search runs over those two.
+                    criteria = rewrite_search_keys(view, rest)
+                    return Defer(defer.Deferred.fromCoroutine(
+                        self._extremes_then(session, view, head, returning_at, criteria)))
                 # The backend returns every match and the proxy computes MIN/MAX/COUNT/ALL of the visible
                 # ones (_esearch_response), in the sort order for an ESORT.
                 cmd.state["esearch_local"] = (wanted, cmd.name == b"SORT")
@@ -1112,6 +1120,35 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if b"MODSEQ" in text.upper() and not re.search(rb"(?:^|[\s(])\$(?=[\s)]|$)", text):
             last += criteria  # (the matches again: they are in $ already; with $ in them, they meant the old one)
         line = format_tokens(head + last) + b"\r\n"
+        return Rewrite(readreport.flags_for_backend(line) if readreport is not None else line)
+
+    @staticmethod
+    async def _extremes_then(session, view: MailboxView, head: list, returning_at: int, criteria: list):
+        """A search for MIN and/or MAX with a MODSEQ key where the hidden UIDs are too many for one command
+        line: every match's UID first (a command of the proxy's own), then the client's search over the
+        first and last visible ones (an ESORT's first and last in its order), so that the backend answers
+        it with their MODSEQ. (What changes between the two is what a search a moment later would find.)"""
+        name_at = 2 if head[1].upper() == b"UID" else 1
+        ask = [Atom(b"UID"), *head[name_at:returning_at], ParenList([Atom(b"ALL")]), *head[returning_at + 1:]]
+        line = format_tokens(ask + criteria)
+        if (readreport := session.hooks.by_name.get("readreport")) is not None:
+            line = readreport.flags_for_backend(line + b"\r\n")[:-2]  # (the first step passes no hook)
+        reply = await session.backend_command(line)
+        if reply.status != b"OK":
+            return _refusal(reply)
+        found = b""
+        for data in reply.untagged:
+            words = data.split()
+            if b"ALL" in (upper := [w.upper() for w in words]):
+                found = words[upper.index(b"ALL") + 1]
+        if head[name_at].upper() == b"SORT":
+            shown = visible_in_order(view, found, uid=True)
+            extremes = [shown[0], shown[-1]] if shown else []
+        else:
+            shown_set = view.visible_uidset(SequenceSet.parse(found)) if found else SequenceSet.empty()
+            extremes = [shown_set.min(), shown_set.max()] if shown_set else []
+        uids = b",".join(b"%d" % u for u in extremes) or b"%d" % MAX_UID
+        line = format_tokens(head + [Atom(b"UID"), Atom(uids)] + criteria) + b"\r\n"
         return Rewrite(readreport.flags_for_backend(line) if readreport is not None else line)
 
     @staticmethod
@@ -1562,7 +1599,7 @@ def _of_no_message(cmd, head: bytes, rest: bytes) -> Rewrite:
     no mailbox reaches): the backend's own answer, the same as for UIDs that do not exist, where one of
     the proxy's would tell the device that these do, hidden."""
     cmd.state[NO_SERVER_CHANGE] = True
-    return Rewrite(head + b"4294967295" + rest)
+    return Rewrite(head + b"%d" % MAX_UID + rest)
 
 
 # Where the mailbox is in the commands _as_missing sends on (the argument's index).

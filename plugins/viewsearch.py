@@ -14,7 +14,7 @@ from plugins.view import MailboxView
 from plugins.wire import NOARG_SEARCH_KEYS, search_key_args
 
 __all__ = ["INLINE_HIDDEN_MAX", "INLINE_SET_MAX", "esearch_options", "local_esearch_options", "renumber_ordered_set",
-           "rewrite_search_keys", "visible_esearch"]
+           "rewrite_search_keys", "visible_esearch", "visible_in_order"]
 
 MAX_KEY_DEPTH = 100  # NOT/OR nesting in a search the view rewrites
 _SET_LIKE_RE = re.compile(rb"[0-9:,*]+")
@@ -51,7 +51,8 @@ def visible_esearch(view: MailboxView, items: list, wanted: tuple[bytes, ...], o
     is in the sort order and whose MIN and MAX are its first and last (RFC 5267, as Dovecot answers).
     A MODSEQ (RFC 7162: the search had a MODSEQ key) stays the backend's: the highest of every match,
     hidden ones too, which is at most the mailbox's HIGHESTMODSEQ the device sees anyway; it is no lower
-    than any visible match's, so a client asking for changes since it misses none."""
+    than any visible match's, so a client asking for changes since it misses none. (MIN and MAX alone,
+    whose MODSEQ is the returned messages', do not come here: see PolicyPlugin._extremes_then.)"""
     uid = bool(items) and isinstance(items[0], Atom) and items[0].upper() == b"UID"
     found_text, modseq = b"", None
     for j in range(1 if uid else 0, len(items) - 1, 2):
@@ -62,7 +63,7 @@ def visible_esearch(view: MailboxView, items: list, wanted: tuple[bytes, ...], o
             modseq = items[j + 1]
     out = [Atom(b"UID")] if uid else []
     if ordered:
-        shown_list = _visible_in_order(view, found_text, uid)
+        shown_list = visible_in_order(view, found_text, uid)
         for name in wanted:
             if name == b"COUNT":
                 out += [Atom(name), Atom(b"%d" % len(shown_list))]
@@ -85,7 +86,7 @@ def visible_esearch(view: MailboxView, items: list, wanted: tuple[bytes, ...], o
     return out + ([Atom(b"MODSEQ"), modseq] if shown and modseq is not None else [])
 
 
-def _visible_in_order(view: MailboxView, text: bytes, uid: bool) -> list[int]:
+def visible_in_order(view: MailboxView, text: bytes, uid: bool) -> list[int]:
     """The visible ones of an ordered set of matches (``5,3:1,9``: each range in its own direction), in
     that order, as the client numbers them."""
     out = []

@@ -471,3 +471,44 @@ def test_store_over_more_scattered_messages_than_a_command_line_holds(big):
     flags = {int(m.group(1)): m.group(2) for m in (re.search(rb"UID (\d+) FLAGS \(([^)]*)\)", x) for x in lines) if m}
     assert all((b"\\Answered" in f) == (u % 2 == 1) and b"\\Flagged" not in f for u, f in flags.items()), \
         [(u, f) for u, f in flags.items() if (b"\\Answered" in f) != (u % 2 == 1) or b"\\Flagged" in f][:5]
+
+
+@pytest.mark.parametrize("uid", [False, True], ids=["numbers", "uids"])
+def test_min_max_with_a_modseq_key_past_the_line_limit_carry_the_returned_messages_modseq(big, uid):
+    """Found by review: MIN/MAX computed by the proxy from every match carried the MODSEQ of every match,
+    a hidden one's (RFC 4731 3.2: the returned message's; of MIN and MAX both, the higher of the two)."""
+    d, p = big
+    folder = b"Mods-uid" if uid else b"Mods"
+    direct = _filled(d, folder)
+    direct.command(b"e", b"ENABLE CONDSTORE")
+    direct.command(b"s", b'SELECT "%s"' % folder)
+    direct.command(b"f", b"STORE 3 +FLAGS (\\Flagged)")  # (the second chat)
+    direct.command(b"g", b"STORE %d +FLAGS (\\Flagged)" % (COUNT - 1))  # (the last chat)
+    direct.command(b"h", b"STORE %d +FLAGS (\\Flagged)" % COUNT)  # (the last IMDN: the highest MODSEQ)
+    modseq = {}
+    for x in direct.command(b"m", b"FETCH 1:* (UID MODSEQ)"):
+        if m := re.match(rb"\* (\d+) FETCH \(UID (\d+) MODSEQ \((\d+)\)\)", x):
+            modseq[int(m.group(1))] = (int(m.group(2)), int(m.group(3)))
+    direct.close()
+    first, last = modseq[3], modseq[COUNT - 1]  # (UID, MODSEQ): the flagged chats
+    assert modseq[COUNT][1] > last[1] > first[1]
+    c = _device(p)
+    c.command(b"e", b"ENABLE CONDSTORE")
+    assert c.command(b"s", b'SELECT "%s"' % folder)[-1].startswith(b"s OK")
+    cmd = b"UID " if uid else b""
+    number = (lambda u: u[0]) if uid else (lambda u: (u[0] + 1) // 2)  # (the chats are the odd UIDs)
+    prefix = b'* ESEARCH (TAG "%s")' + (b" UID" if uid else b"")
+    for tag, options, want in ((b"a", b"MIN", b"MIN %d MODSEQ %d" % (number(first), first[1])),
+                               (b"b", b"MAX", b"MAX %d MODSEQ %d" % (number(last), last[1])),
+                               (b"c", b"MIN MAX", b"MIN %d MAX %d MODSEQ %d" % (number(first), number(last), last[1]))):
+        r = c.command(tag, cmd + b"SEARCH RETURN (%s) MODSEQ %d" % (options, first[1]))
+        assert r[-1].startswith(tag + b" OK"), r
+        assert [x for x in r if x.startswith(b"* ")] == [prefix % tag + b" " + want + b"\r\n"], r
+    # Only hidden messages match: nothing returned, no MODSEQ.
+    r = c.command(b"d", cmd + b"SEARCH RETURN (MAX) MODSEQ %d" % (last[1] + 1))
+    assert [x for x in r if x.startswith(b"* ")] == [prefix % b"d" + b"\r\n"] and r[-1].startswith(b"d OK"), r
+    # An ESORT: the first and last in its order.
+    r = c.command(b"o", cmd + b"SORT RETURN (MIN MAX) (REVERSE ARRIVAL) UTF-8 MODSEQ %d" % first[1])
+    assert [x for x in r if x.startswith(b"* ")] == [prefix % b"o" + b" MIN %d MAX %d MODSEQ %d\r\n" % (
+        number(last), number(first), last[1])], r
+    c.close()
