@@ -964,7 +964,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 pieces = self._pieces(view, requested, cmd.uid)
                 if pieces is not None:
                     head = (b"UID " if cmd.uid else b"") + name + b" "
-                    return Defer(defer.Deferred.fromCoroutine(self._in_pieces(session, pieces, head, m.group(3))))
+                    return Defer(defer.Deferred.fromCoroutine(self._in_pieces(session, cmd, pieces, head, m.group(3))))
             if cmd.uid:
                 allowed = view.visible_uidset(requested)
                 # A FETCH of a body section without .PEEK sets \Seen: hidden messages must not get it.
@@ -1198,20 +1198,25 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return None
         return uid_set_pieces(exact)
 
-    async def _in_pieces(self, session, pieces: list[bytes], head: bytes, rest: bytes):
-        """A STORE, a FETCH or a UID EXPUNGE as commands of the proxy's own, one per piece, pipelined
-        (``head``: e.g. ``STORE`` or ``UID STORE``): their untagged answers (FETCH, EXPUNGE) go to the client
-        as any, renumbered by the view. By number as the client's: the backend announces no expunge during
-        a STORE or FETCH by number (RFC 9051 7.5.1), so the numbers hold from one piece to the next and the
-        client hears of none in the middle of its command. No command hook sees them: a STORE's CPM flag is
-        mapped here, as the readreport plugin would. The first refusal is the client's answer (the pieces
-        before it are done, as a server's command may stop part way)."""
+    async def _in_pieces(self, session, cmd, pieces: list[bytes], head: bytes, rest: bytes):
+        """A STORE, a FETCH or a UID EXPUNGE as commands of the proxy's own, one per piece but the last,
+        pipelined (``head``: e.g. ``STORE`` or ``UID STORE``), then the client's command with the last
+        piece, so that the tagged hooks see it done (notify tells the user's other sessions at once):
+        their untagged answers (FETCH, EXPUNGE) go to the client as any, renumbered by the view. By number
+        as the client's: the backend announces no expunge during a STORE or FETCH by number (RFC 9051
+        7.5.1), so the numbers hold from one piece to the next and the client hears of none in the middle
+        of its command. No command hook sees the pieces: a STORE's CPM flag is mapped here, as the
+        readreport plugin would. The first refusal is the client's answer (the pieces before it are done,
+        as a server's command may stop part way)."""
         text = rest.rstrip(b"\r\n")
         name = head.split()[-1]
         if name == b"STORE" and (readreport := session.hooks.by_name.get("readreport")) is not None:
             text = readreport.flags_for_backend(text)
-        refused = await _run_all(session, [head + piece + text for piece in pieces])
-        return refused or Answer(b"OK " + name.capitalize() + b" completed.")
+        lines = [head + piece + text for piece in pieces]
+        if (refused := await _run_all(session, lines[:-1])) is not None:
+            return refused
+        cmd.state["tagged_text"] = name.capitalize() + b" completed."
+        return Rewrite(cmd.tag + b" " + lines[-1] + b"\r\n")
 
     async def _after_done(self, session, others, cmd):
         """``cmd``'s decision once ``others`` (in flight) have completed."""
