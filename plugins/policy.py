@@ -77,6 +77,7 @@ from plugins.wire import (
     esearch_all,
     has_caps,
     list_name,
+    list_without_extended,
     mailbox_name,
     uid_set_pieces,
     wire_name,
@@ -340,10 +341,17 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         return Rewrite(cmd.tag + b" UNSELECT\r\n")
 
     async def _before_list(self, session, st, cmd):
-        names = await self._all_folders(session)
+        noselect: set[str] = set()
+        names = await self._all_folders(session, noselect)
         await self.folder_infos(session, names)
-        cmd.state["childless"] = self._childless(st, names)
-        cmd.state["parents_only"] = self._parents_only(st, names)
+        shown, childless, cmd.state["parents_only"] = self._list_shape(st, names, noselect)
+        cmd.state["childless"] = {name: name in noselect for name in childless}
+        if len(shown) < len(names) and (cmd.name == b"LSUB" or b"SUBSCRIBED" in cmd.line.upper()):
+            # Parents listed for their subscribed folders (LSUB "%", RECURSIVEMATCH's CHILDINFO): which
+            # of those the device sees.
+            subscribed = await self._all_folders(session, subscribed=True)
+            cmd.state["subscribed"] = set(subscribed)
+            cmd.state["subscribed_above"] = self._subscribed_above(st, names, shown, subscribed)
         if b"STATUS" in cmd.line.upper() and b"RETURN" in cmd.line.upper():
             # LIST-STATUS counts must be the view's too, like STATUS's.
             adjusts = {}
@@ -736,10 +744,16 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 # connection's, and opening a folder there that a client is deleting can resurrect it.)
                 return self._hold_for_folder(session, st, mailbox)
             action = self._list_event(st, resp.data, mailbox)
-            cmd = _oldest(session, (b"LIST",))
+            cmd = _oldest(session, (b"LIST", b"LSUB"))
             if action is None:
-                if cmd is not None and mailbox in cmd.state.get("childless", ()):
-                    return _without_children(resp.data)
+                if cmd is None:
+                    return None
+                data = resp.data
+                if mailbox in cmd.state.get("childless", ()):
+                    data = _without_children(data, cmd.state["childless"][mailbox])
+                if data is not None and "subscribed_above" in cmd.state and mailbox not in cmd.state["subscribed_above"]:
+                    data = _without_subscribed_children(data, mailbox in cmd.state["subscribed"])
+                return None if data is resp.data else Drop() if data is None else Rewrite(data)
             elif cmd is not None and mailbox in cmd.state.get("parents_only", ()) and isinstance(action, Drop) \
                     and resp.data[:7].upper() == b"* LIST ":
                 return Rewrite(_placeholder(resp.data))
@@ -1567,17 +1581,29 @@ def _placeholder(line: bytes) -> bytes:
     return b"* LIST (\\Noselect \\HasChildren) " + format_tokens(tokens[3:5]) + b"\r\n"
 
 
-def _without_children(line: bytes):
-    """A LIST response whose name attributes say ``\\HasNoChildren`` instead of ``\\HasChildren``; none
-    for a placeholder that is there only for its (hidden) children (``\\Noselect``, ``\\NonExistent``)."""
+def _without_children(line: bytes, noselect: bool) -> bytes | None:
+    """A LIST response whose name attributes say ``\\HasNoChildren`` instead of ``\\HasChildren``; None
+    for a placeholder that is there only for its (hidden) children (``\\Noselect``, ``\\NonExistent``, as
+    the side connection's LIST says: LIST-STATUS, REMOTE and the other forms without CHILDREN say no
+    ``\\HasChildren``, nor RECURSIVEMATCH's ``\\Noselect``)."""
     close = line.find(b")")
     attrs = line[:close].upper()
+    if noselect or b"\\NOSELECT" in attrs or b"\\NONEXISTENT" in attrs:
+        return None
     at = attrs.find(b"\\HASCHILDREN")
     if close < 0 or at < 0:
+        return line
+    return line[:at] + b"\\HasNoChildren" + line[at + len(b"\\HasChildren"):]
+
+
+def _without_subscribed_children(line: bytes, subscribed: bool) -> bytes | None:
+    """The LSUB or LIST response of a folder with no subscribed folder the device sees below it: None if
+    it is there only for them (not ``subscribed`` itself: an LSUB ``%`` parent, a RECURSIVEMATCH one with
+    ``CHILDINFO``), else without its ``CHILDINFO``."""
+    without = list_without_extended(line, b"CHILDINFO")
+    if not subscribed and (line[:7].upper() == b"* LSUB " or without is not line):
         return None
-    if b"\\NOSELECT" in attrs or b"\\NONEXISTENT" in attrs:
-        return Drop()
-    return Rewrite(line[:at] + b"\\HasNoChildren" + line[at + len(b"\\HasChildren"):])
+    return without
 
 
 async def _run_all(session, lines: list[bytes]) -> Answer | None:

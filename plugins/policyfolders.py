@@ -176,44 +176,55 @@ class FolderRules:
             return Drop() if old_hidden else Rewrite(list_nonexistent(data, old))
         return Rewrite(list_without_oldname(data)) if old_hidden else None
 
-    def _childless(self, st: PolicySession, names: list[str]) -> set[str]:
-        """The folders the device sees whose every descendant is hidden: ``\\HasChildren`` would tell it
-        of folders that do not exist for it (their LIST says ``\\HasNoChildren``)."""
+    def _list_shape(self, st: PolicySession, names: list[str], noselect: set[str]) -> tuple[set[str], set[str], set[str]]:
+        """What a LIST answer must say of the folders ``names`` (``noselect``: those the backend lists
+        ``\\Noselect``), as (the folders the device sees; those of them whose every descendant is hidden:
+        ``\\HasChildren`` would tell of folders that do not exist for it, their LIST says
+        ``\\HasNoChildren``, or nothing if ``\\Noselect``, there only for them; the hidden folders with one
+        the device sees below: listed as a ``\\Noselect`` placeholder, as a server lists a parent that does
+        not exist (RFC 3501 6.3.8), or a client that walks the tree level by level (``%``) never reaches
+        what is below). A ``\\Noselect`` folder is seen only for one seen below it: the
+        ``Default/<conversation>`` above a hidden Session History does not make ``Default`` a parent."""
         hidden = {n for n in names if self.folder_hidden(st, n)}
         if not hidden:
-            return set()
-        parents, seen_under = set(), set()
-        for name in names:
+            return set(names), set(), set()
+        shown, above, parents = set(), set(), set()
+        for name in sorted(names, key=lambda n: n.count("/"), reverse=True):  # (the deepest first)
             parts = name.split("/")
-            for i in range(1, len(parts)):
-                parent = "/".join(parts[:i])
-                parents.add(parent)
-                if name not in hidden:
-                    seen_under.add(parent)
-        return parents - seen_under - hidden
+            ancestors = ["/".join(parts[:i]) for i in range(1, len(parts))]
+            parents.update(ancestors)
+            if name not in hidden and (name not in noselect or name in above):
+                shown.add(name)
+                above.update(ancestors)
+        return shown, parents - above - hidden, hidden & above
 
-    def _parents_only(self, st: PolicySession, names: list[str]) -> set[str]:
-        """The hidden folders with a folder the device sees somewhere below them: listed as a
-        ``\\Noselect`` placeholder, as a server lists a parent that does not exist (RFC 3501 6.3.8), or a
-        client that walks the tree level by level (``%``) never reaches what is below."""
-        hidden = {n for n in names if self.folder_hidden(st, n)}
-        if not hidden:
-            return set()
+    def _subscribed_above(self, st: PolicySession, names: list[str], shown: set[str],
+                          subscribed: list[str]) -> set[str]:
+        """The folders with a subscribed one the device sees below them: the others' LSUB ``%`` parent
+        lines and RECURSIVEMATCH ``CHILDINFO ("SUBSCRIBED")`` tell only of hidden ones. (A subscribed name
+        that does not exist is seen unless the policy's patterns hide it.)"""
+        known = set(names)
         above = set()
-        for name in names:
-            if name not in hidden:
+        for name in subscribed:
+            if name in shown or (name not in known and not self.folder_hidden(st, name)):
                 parts = name.split("/")
                 above.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        return hidden & above
+        return above
 
-    async def _all_folders(self, session) -> list[str]:
-        reply = await session.side_command(b'LIST "" "*"')
+    async def _all_folders(self, session, noselect: set[str] | None = None, subscribed: bool = False) -> list[str]:
+        """Every folder's name (``subscribed``: every subscription's); ``noselect`` gets those listed
+        ``\\Noselect`` (or ``\\NonExistent``)."""
+        reply = await session.side_command(b'LSUB "" "*"' if subscribed else b'LIST "" "*"')
+        head = b"* LSUB " if subscribed else b"* LIST "
         names = []
         for line in reply.untagged:
-            if line[:7].upper() == b"* LIST ":
+            if line[:7].upper() == head:
                 name = list_name(line)
                 if name is not None:
                     names.append(name)
+                    attrs = line[7:line.find(b")")].upper()
+                    if noselect is not None and (b"\\NOSELECT" in attrs or b"\\NONEXISTENT" in attrs):
+                        noselect.add(name)
         return names
 
     def forget_folders(self, user: str, names) -> None:

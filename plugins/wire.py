@@ -112,14 +112,14 @@ def status_values(words: list[bytes]) -> dict[bytes, int]:
     return {words[i].upper(): int(words[i + 1]) for i in range(0, len(words) - 1, 2) if words[i + 1].isdigit()}
 
 
-def _oldname_at(tokens: list) -> int | None:
-    """Where the ``"OLDNAME"`` tag is in a LIST response's extended data (``tokens[5]``), if it is."""
+def _extended_at(tokens: list, name: bytes) -> int | None:
+    """Where the tag ``name`` (``OLDNAME``) is in a LIST response's extended data (``tokens[5]``), if it is."""
     if len(tokens) < 6 or not isinstance(tokens[5], ParenList):
         return None
     items = tokens[5].items
     for j in range(0, len(items) - 1, 2):
         tag = token_text(items[j])
-        if tag is not None and tag.upper() == b"OLDNAME" and isinstance(items[j + 1], ParenList):
+        if tag is not None and tag.upper() == name and isinstance(items[j + 1], ParenList):
             return j
     return None
 
@@ -133,7 +133,7 @@ def list_oldname(line: bytes) -> str | None:
         tokens = tokenize(line.rstrip(b"\r\n"))
     except TokenError:
         return None
-    j = _oldname_at(tokens)
+    j = _extended_at(tokens, b"OLDNAME")
     if j is None or not tokens[5].items[j + 1].items:
         return None
     raw = token_text(tokens[5].items[j + 1].items[0])
@@ -142,8 +142,15 @@ def list_oldname(line: bytes) -> str | None:
 
 def list_without_oldname(line: bytes) -> bytes:
     """The ``* LIST`` response without its OLDNAME item (a rename told as a creation)."""
+    return list_without_extended(line, b"OLDNAME")
+
+
+def list_without_extended(line: bytes, name: bytes) -> bytes:
+    """The ``* LIST`` response without its extended data item ``name`` (``line`` itself if it has none)."""
+    if name not in line.upper():
+        return line  # (the common case: not tokenized)
     tokens = tokenize(line.rstrip(b"\r\n"))
-    j = _oldname_at(tokens)
+    j = _extended_at(tokens, name)
     if j is None:
         return line
     rest = tokens[5].items[:j] + tokens[5].items[j + 2:]

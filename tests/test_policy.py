@@ -784,3 +784,80 @@ def test_a_hidden_folder_is_answered_as_one_that_does_not_exist(make_proxy, dove
     imap = dovecot.imap_direct("dave", tls="none")
     assert imap.folder_status(hidden, ["MESSAGES"])[b"MESSAGES"] == 1
     imap.logout()
+
+
+def _session_history_trees(dovecot) -> tuple[str, str, str]:
+    """Two trees of dave's, each with a Session History folder two levels down (``conv/contrib``, as CPM
+    makes them): below ``lone`` nothing else, below ``shared`` a plain folder too. The Session History
+    folders are subscribed."""
+    lone, shared = ("Chats" + uuid.uuid4().hex[:6] for _ in range(2))
+    conv = "conv-" + uuid.uuid4().hex[:8]
+    for top in (lone, shared):
+        dovecot.deliver("dave", f"{top}/{conv}/contrib", make_object("session-info"))
+    dovecot.deliver("dave", f"{shared}/plain", make_object("chat", text="visible"))
+    d = dovecot.imap_direct("dave", tls="none")
+    for top in (lone, shared):
+        d.subscribe_folder(f"{top}/{conv}/contrib")
+    d.unsubscribe_folder(f"{shared}/plain")
+    d.logout()
+    return lone, shared, conv
+
+
+def _listed_under(c: RawIMAP, command: bytes, tops: tuple[str, ...]) -> dict[str, bytes]:
+    r = c.command(b"l", command)
+    assert r[-1].startswith(b"l OK"), (command, r)
+    out = {}
+    for line in r:
+        if line[:7].upper() in (b"* LIST ", b"* LSUB "):
+            name = list_name(line)
+            if name is not None and name.split("/")[0] in tops:
+                out[name] = line
+    return out
+
+
+def test_a_parent_there_only_for_a_hidden_session_history_is_not_listed(make_proxy, dovecot):
+    """Found by the adversarial review: a Session History folder sits two levels down
+    (``Default/<conversation>/<contribution>``), its parent a ``\\Noselect`` folder there only for it. That
+    parent was taken for a visible folder below the top one: LIST showed ``Default`` ``\\Noselect
+    \\HasChildren`` with nothing below it for the device. It is what a folder hidden by a pattern gives:
+    the top one not listed, or ``\\HasNoChildren``... as the plain folder's parent here, ``\\HasChildren``."""
+    lone, shared, conv = _session_history_trees(dovecot)
+    p = make_proxy(config_extra="[policy]\nsync = { session-history = false }\n")
+    c = login(p, "dave", device="phone")
+    for pattern in (b'"*"', b'"%"', q(lone + "/%"), q(shared + "/%")):
+        got = _listed_under(c, b'LIST "" ' + pattern, (lone, shared))
+        assert lone not in got and f"{lone}/{conv}" not in got and f"{shared}/{conv}" not in got, (pattern, got)
+    got = _listed_under(c, b'LIST "" "*"', (lone, shared))
+    assert set(got) == {shared, f"{shared}/plain"}, got
+    assert b"\\HasChildren" in got[shared], got
+    # A subscribed folder the device sees keeps its parent in LSUB "%" and RECURSIVEMATCH's CHILDINFO.
+    assert c.command(b"s", b"SUBSCRIBE " + q(f"{shared}/plain"))[-1].startswith(b"s OK")
+    assert set(_listed_under(c, b'LSUB "" "%"', (lone, shared))) == {shared}
+    got = _listed_under(c, b'LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"', (lone, shared))
+    assert set(got) == {shared} and b'CHILDINFO ("SUBSCRIBED")' in got[shared], got
+    c.close()
+
+
+@pytest.mark.parametrize("command", [
+    b'LIST "" "*" RETURN (STATUS (MESSAGES))', b'LIST (REMOTE) "" "*"', b'LIST "" "*" RETURN (CHILDREN)',
+    b'LIST "" "*" RETURN (SPECIAL-USE)', b'LIST "" ("*")', b'LIST "" "%" RETURN (STATUS (MESSAGES))',
+    b'LIST (REMOTE) "" "%"', b'LSUB "" "*"', b'LSUB "" "%"', b'LIST (SUBSCRIBED) "" "*"',
+    b'LIST (SUBSCRIBED) "" "%"', b'LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"', b'LIST (SUBSCRIBED RECURSIVEMATCH) "" "*"',
+])
+def test_every_list_form_lists_what_plain_list_does(make_proxy, dovecot, command):
+    """Found by the adversarial review: LIST-STATUS, LIST (REMOTE) and the other extended forms list
+    folders without ``\\HasChildren`` (Dovecot says it only when asked): the ``\\Noselect`` parents there
+    only for a hidden Session History folder went through (``Default/<conversation>``), and LSUB's and
+    RECURSIVEMATCH's parents of subscribed folders (``CHILDINFO ("SUBSCRIBED")``) told of a hidden one.
+    Every form lists what plain LIST lists (its subscribed ones, for those that list subscriptions)."""
+    lone, shared, conv = _session_history_trees(dovecot)
+    p = make_proxy(config_extra="[policy]\nsync = { session-history = false }\n")
+    c = login(p, "dave", device="phone")
+    got = _listed_under(c, command, (lone, shared))
+    assert not any(name.startswith(lone) or conv in name for name in got), got
+    if b"SUBSCRIBED" in command or command.startswith(b"LSUB"):
+        assert got == {}, got  # (the only folders subscribed are hidden)
+    else:
+        plain = _listed_under(c, b'LIST "" ' + command.split(b'"" ')[1].split(b" RETURN")[0], (lone, shared))
+        assert set(got) == set(plain), (got, plain)
+    c.close()
