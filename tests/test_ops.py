@@ -105,12 +105,15 @@ def test_systemd_endpoint_checked_without_sockets_and_clear_when_missing(tmp_pat
     _one_line_reason(_cli("--config", str(conf)), "no socket passed by systemd (name 'metrics'; ")
 
 
-def _socket_activated(listener, conf: Path) -> subprocess.Popen:
-    """The proxy started as systemd starts it: ``listener`` on fd 3, LISTEN_PID naming the process itself
-    (a small launcher does that), LISTEN_FDS/LISTEN_FDNAMES set."""
+def _socket_activated(listener, conf: Path, names: str = "imap") -> subprocess.Popen:
+    """The proxy started as systemd starts it: ``listener`` on fd 3 (and again on the next fds, one per
+    name after the first in ``names``), LISTEN_PID naming the process itself (a small launcher does that),
+    LISTEN_FDS/LISTEN_FDNAMES set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    count = len(names.split(":"))  # (the sockets after the first: the same one again, at fds 4, 5, ...)
     launch = ("import os, sys; fd = int(sys.argv[1]); fd == 3 or (os.dup2(fd, 3), os.close(fd)); "
-              "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='imap'); "
+              f"[os.dup2(3, 3 + i) for i in range(1, {count})]; "
+              f"os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='{count}', LISTEN_FDNAMES={names!r}); "
               "os.execv(sys.executable, [sys.executable, '-m', 'cpmproxy.cli', '--config', sys.argv[2]])")
     proc = subprocess.Popen([sys.executable, "-c", launch, str(listener.fileno()), str(conf)],
                             pass_fds=[listener.fileno()], env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -143,16 +146,21 @@ def test_systemd_socket_activation_serves(tmp_path):
     assert proc.returncode == 0, out
 
 
-def test_sockets_systemd_passed_that_no_listener_takes_stop_the_start(tmp_path):
+@pytest.mark.parametrize("names, said", [
+    ("imap", "systemd passed 1 socket(s) (imap) and no listener takes them"),
+    ("imap:imap", "systemd passed 2 socket(s) (imap) and no listener takes them"),
+], ids=["one", "two-of-one-name"])
+def test_sockets_systemd_passed_that_no_listener_takes_stop_the_start(tmp_path, names, said):
     """cpmproxy.socket enabled while the configuration listens elsewhere (the operator review: its clients
-    waited for a greeting forever, nothing logged): the proxy does not start, and says why."""
+    waited for a greeting forever, nothing logged): the proxy does not start, and says why. Sockets are
+    counted as passed, not by name (two of one name were said to be one)."""
     import socket
     conf = tmp_path / "sd.toml"
     conf.write_text('[proxy]\nlisten = ["tcp:0:interface=127.0.0.1"]\n')
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    proc = _socket_activated(listener, conf)
+    proc = _socket_activated(listener, conf, names)
     try:
         out = proc.communicate(timeout=30)[0].decode()
     finally:
@@ -160,7 +168,7 @@ def test_sockets_systemd_passed_that_no_listener_takes_stop_the_start(tmp_path):
             proc.kill()
     assert proc.returncode == 2, out
     assert "Traceback" not in out and out.strip().count("\n") == 0, out
-    assert "systemd passed 1 socket(s) (imap) and no listener takes them" in out, out
+    assert said in out, out
 
 
 @pytest.mark.skipif(not __import__("socket").has_dualstack_ipv6(), reason="no dual-stack IPv6 here")

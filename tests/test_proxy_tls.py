@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import time
 
 import imapclient
@@ -193,3 +194,21 @@ def test_backend_ca_file_that_is_no_bundle_fails_the_check(tmp_path):
             assert str(e).startswith("backend.ca_file: ") and reason in str(e), e
         else:
             raise AssertionError(f"{ca}: accepted")
+
+
+def test_a_tls_client_on_the_plaintext_port_is_told_at_once(make_proxy, proxy_certs):
+    """A client set for implicit TLS on the STARTTLS port (the operator review): its ClientHello is no
+    IMAP line; the proxy logged a plain disconnect (a client that kept the connection open held it until
+    preauth_timeout). Now it ends at once, said in the log, counted; the client's TLS library reports a
+    protocol error."""
+    from tests.test_plugin_api import metrics_of
+
+    p = make_proxy(tls_cert=str(proxy_certs.cert), tls_key=str(proxy_certs.key),
+                   config_extra="[limits]\npreauth_timeout = 30\n")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError):
+            client_ssl_context(proxy_certs).wrap_socket(raw, server_hostname="localhost")
+    assert time.monotonic() - started < 5
+    assert b'cpmproxy_bad_input_total{kind="tls_on_plaintext"} 1.0' in metrics_of(p)
+    assert still_serving(p)

@@ -244,11 +244,12 @@ def _check_none_inherited() -> None:
     from twisted.internet import endpoints
 
     fds = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
-    passed = fds.inheritedNamedDescriptors() if fds is not None else {}
-    if passed:
-        raise ConfigError(f"proxy.listen: systemd passed {len(passed)} socket(s) ({', '.join(passed)}) and no "
-                          f"listener takes them: listen on \"systemd:domain=INET6:index=0\" (cpmproxy.socket's "
-                          f"ListenStream), or disable the socket unit")
+    count = len(fds.inheritedDescriptors()) if fds is not None else 0
+    if count:
+        names = ", ".join(sorted(set(fds.inheritedNamedDescriptors())))
+        raise ConfigError(f"proxy.listen: systemd passed {count} socket(s) ({names}) and no listener takes them: "
+                          f"listen on \"systemd:domain=INET6:index=0\" (cpmproxy.socket's ListenStream), or "
+                          f"disable the socket unit")
 
 
 def _check_endpoint(desc: str, adopt_sockets: bool = True, key: str | None = None) -> tuple | None:

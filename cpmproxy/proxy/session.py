@@ -220,6 +220,7 @@ class ClientSession(Protocol, TimeoutMixin):
         self._bye_sent = False
         self._ended_with = ""  # the BYE the proxy said, for the disconnect log line
         self._connected_at = service.reactor.seconds()
+        self._had_input = False  # (the first bytes are looked at once: a TLS handshake on a plaintext port)
         self._sealed = False  # our BYE is out (or the connection is being closed): nothing follows it
         self._closing = False
         self._draining: bytes | None = None  # shutting down: the BYE text, once the commands are done
@@ -419,6 +420,16 @@ class ClientSession(Protocol, TimeoutMixin):
             # a client trickling a NOOP now and then held a connection slot for ever.)
             self.resetTimeout()
         self.service.metrics.bytes_in += len(data)
+        if not self._had_input:
+            self._had_input = True
+            if data[:2] == b"\x16\x03" and not self.tls_active:
+                # A TLS handshake record (a client set for implicit TLS, on the STARTTLS port): no line
+                # ever comes. Said at once, and in the log, where it would read as a plain disconnect.
+                self.service.metrics.bad_input.labels(kind="tls_on_plaintext").inc()
+                log.info("TLS handshake on a plaintext listener, closing peer={peer} session={session}",
+                         peer=self.peer_host, session=self.session_id)
+                self.bye(b"This port speaks plaintext IMAP (use STARTTLS), not implicit TLS.", code=b"CLIENTBUG")
+                return
         self.framer.feed(data)
         self._process_client()
 
