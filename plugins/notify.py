@@ -120,6 +120,9 @@ class NotifyState:
     client_groups: list | None = None  # the client's NOTIFY SET event groups (None: none, or unreadable)
     widening: bool = False            # a NOTIFY the proxy widened is at the backend
     nudging: bool = False          # a NOOP is on its way to the backend for this session
+    # Injected STATUS lines are made one at a time, in the order of their changes: one made later but
+    # ready first (another's counts still being adjusted) was told, then the older, stale one after it.
+    status_lock: defer.DeferredLock = field(default_factory=defer.DeferredLock)
 
 
 # -- NOTIFY SET event groups (RFC 5465 section 8) ---------------------------------------------------
@@ -894,6 +897,10 @@ class NotifyPlugin(Plugin):
     def command(self, session, cmd):
         if session.user not in self.watches:
             self._ensure_watch(session)  # e.g. after a reload retired the previous plugin instance
+        if cmd.name == b"CLOSE" or (cmd.client is not None and cmd.client.name == b"CLOSE"):
+            # (At its OK no mailbox is selected any more: the one whose expunges it announces is this.)
+            policy = self.peer("policy")
+            cmd.state["closed_mailbox"] = policy.state(session).mailbox if policy is not None else None
         if cmd.name == b"NOTIFY":
             policy = self.peer("policy")
             if policy is not None and policy.state(session).policy.notifications == "off":
@@ -984,7 +991,10 @@ class NotifyPlugin(Plugin):
             return None
         if cmd.name in _SUBSCRIPTIONS_CHANGING and resp.head.name == b"OK":
             self._subscriptions_changed(session, cmd)
-        if cmd.name not in _MODIFYING or resp.head.name != b"OK" or session.user is None \
+        name = cmd.name
+        if name == b"UNSELECT" and cmd.client is not None and cmd.client.name == b"CLOSE":
+            name = b"CLOSE"  # (the view or local delete expunged what the CLOSE had to, then unselected)
+        if name not in _MODIFYING or resp.head.name != b"OK" or session.user is None \
                 or cmd.state.get(NO_SERVER_CHANGE):
             return None
         mailboxes = []
@@ -994,7 +1004,6 @@ class NotifyPlugin(Plugin):
             args = cmd.args
         except TokenError:
             args = []
-        name = cmd.name
         event = {b"APPEND": "MessageNew", b"STORE": "FlagChange", b"EXPUNGE": "MessageExpunge",
                  b"CLOSE": "MessageExpunge", b"COPY": "MessageNew", b"MOVE": "MessageNew",
                  b"SETMETADATA": "MetadataChange"}.get(name, "MailboxName")
@@ -1010,6 +1019,9 @@ class NotifyPlugin(Plugin):
                 mailboxes.append(mailbox_name(raw))
             if name == b"MOVE" and pst is not None and pst.mailbox:
                 mailboxes.append(pst.mailbox)
+        elif name == b"CLOSE":
+            if cmd.state.get("closed_mailbox"):
+                mailboxes.append(cmd.state["closed_mailbox"])
         elif pst is not None and pst.mailbox:
             mailboxes.append(pst.mailbox)
         uidvalidity, uids = None, ()
@@ -1142,7 +1154,15 @@ class NotifyPlugin(Plugin):
         """An IDLE device hears of a change in another mailbox as a STATUS of it, counted as it sees the
         mailbox, and only of changes it can see: any flag change (HIGHESTMODSEQ, which the line does not
         carry, tells them apart: only \\Seen moved a count), never one of hidden messages alone nor a
-        metadata write (another device's local delete is one)."""
+        metadata write (another device's local delete is one). One at a time (``status_lock``)."""
+        lock = self.state(session).status_lock
+        await lock.acquire()
+        try:
+            await self._status_of_change(session, event)
+        finally:
+            lock.release()
+
+    async def _status_of_change(self, session, event: ChangeEvent) -> None:
         mailbox = event.mailbox
         policy = self.peer("policy")
         pst = policy.state(session)

@@ -1117,3 +1117,31 @@ def test_a_watch_connection_the_backend_drops_is_counted(monkeypatch):
     watch.close()
     watch._lost()  # (the proxy closed it)
     assert lost_count() == 1
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["plain", "view"])
+@pytest.mark.parametrize("how", [b"CLOSE", b"EXPUNGE"])
+def test_the_last_status_an_idle_device_hears_is_the_mailbox_as_it_is(make_proxy, dovecot, hidden, how):
+    """Found by review (without the backend watch, so that only the proxy's own publishing tells): a CLOSE
+    that expunged was never told (at its OK no mailbox is selected, and under a view it is an UNSELECT at
+    the backend); and under a view the STATUS of the flag change before an EXPUNGE, whose counts took
+    longer to adjust, came after the expunge's: the device was left with the older count."""
+    folder = new_folder(dovecot)  # (a chat)
+    dovecot.deliver("alice", folder, make_object("imdn"))
+    dovecot.deliver("alice", folder, make_object("chat", text="second"))
+    extra = "[plugin.notify]\nwatch_backend = false\n" + ("[policy]\nsync = { imdn = false }\n" if hidden else "")
+    p = make_proxy(config_extra=extra)
+    b = device(p, "B")
+    set_pref(b, b'"on"')
+    a = device(p, "A")
+    try:
+        idle(b)
+        assert a.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
+        assert a.command(b"d", b"STORE 1 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
+        assert a.command(b"c", how)[-1].startswith(b"c OK")
+        told = [x for x in lines_within(b, 2.5) if x.startswith(b"* STATUS")]
+        assert told and b"(MESSAGES %d " % (1 if hidden else 2) in told[-1], told
+    finally:
+        set_pref(a, b"NIL")
+        a.close()
+        b.close()
