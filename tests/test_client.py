@@ -22,7 +22,7 @@ import imapclient
 import pytest
 
 from cpmproxy.client import LocalStore, ServerSettings, Syncer, connect
-from cpmproxy.client.errors import ServerUnavailable
+from cpmproxy.client.errors import ServerRefused, ServerUnavailable
 from cpmproxy.client.watch import Stopper, Watcher, WatchOptions
 from cpmproxy.testing.dovecot import parse_appenduid
 from cpmproxy.testing.rawclient import RawIMAP
@@ -729,6 +729,36 @@ def _one_line_failure(res: subprocess.CompletedProcess, status: int, *words: str
         assert w.lower() in lines[0].lower(), lines[0]
 
 
+def test_a_deleted_mark_of_the_session_only_is_not_kept_as_the_servers(dovecot, make_proxy, device):
+    """Found by review: on a device whose policy deletes locally, ``flag F U +deleted`` is a mark of that
+    session only (nothing changes on the server, no MODSEQ moves); the local copy kept ``\\Deleted`` for
+    good, ``status`` said "in sync" and no sync looked again. Now the next sync compares every flag."""
+    p = make_proxy(backend_tls="none",
+                   config_extra='[[policy.class]]\nname = "kiosks"\ndevices = ["kiosk-*"]\ndelete_mode = "local"\n')
+    folder = unique_folder()
+    uids = seed(dovecot, "dave", folder, [make_object("chat", seed=i) for i in range(3)])
+    k = device("kiosk-7", user="dave", via=p)
+    k.sync(folder)
+    k.run("flag", folder, str(uids[0]), "+deleted")
+    assert "\\Deleted" in k.index(folder)[uids[0]].flags  # (as the session said)
+    assert "changed" in status_line(k, folder)
+    k.sync(folder)
+    assert "\\Deleted" not in k.index(folder)[uids[0]].flags and sorted(k.index(folder)) == uids
+    assert "in sync" in status_line(k, folder)
+
+
+def test_a_device_id_the_proxy_refuses_is_no_session_at_all(proxy, device):
+    """Found by review: with an id the proxy refuses in ID (over 128 characters), cpm-sync logged in all
+    the same, as the proxy's default device (every plain client's): its local deletes hid messages from
+    them. The CLI refuses such an id before connecting; the library refuses a session whose ID failed."""
+    long_id = "x" * 129
+    _one_line_failure(device(long_id).sync(ok=False), 2, "--device-id", "128")
+    _one_line_failure(device("ph\tone").sync(ok=False), 2, "--device-id")
+    settings = ServerSettings(proxy.host, proxy.port, "alice", "alicepw", long_id, tls="none")
+    with pytest.raises(ServerRefused, match="refused the device id"):
+        connect(settings)
+
+
 def test_failures_are_one_line_with_an_exit_status(dovecot, device, tmp_path):
     bad = device("phone-badpw", password="wrong")
     _one_line_failure(bad.sync(ok=False), 4, "login", "alice")
@@ -953,10 +983,89 @@ def test_watch_waits_for_a_busy_store(dovecot, tmp_path):
     store.close()
 
 
+def test_watch_goes_on_when_a_watched_folder_is_deleted_on_the_server(dovecot, tmp_path):
+    """Found by review: ``watch F G`` ended (5, "no such folder: F") at the full pass after another device
+    deleted F, and G was watched no more. F's local copy goes, and the watch goes on with G."""
+    f, g = unique_folder(), unique_folder()
+    seed(dovecot, "dave", f, [make_object("chat", seed=1)])
+    seed(dovecot, "dave", g, [make_object("chat", seed=2)])
+    settings = ServerSettings(dovecot.host, dovecot.port, "dave", "davepw", "lib-gone", tls="none")
+    store = LocalStore(tmp_path / "gone")
+    stopper, log = Stopper(), []
+    w = Watcher(settings, store, options=WatchOptions(folders=(f, g), interval=0.5), stopper=stopper,
+                log=log.append)
+    t, errors = _watch_in_thread(w)
+    try:
+        wait_for(lambda: errors or any("watching" in m for m in log), what="the watcher")
+        imap = dovecot.imap_direct("dave", tls="none")
+        imap.delete_folder(f)
+        imap.logout()
+        wait_for(lambda: errors or any("no longer watching" in m for m in log), what="the folder to go")
+        new = seed(dovecot, "dave", g, [make_object("chat", seed=3)])[0]
+        wait_for(lambda: errors or new in store.messages(store.folder(g)), what="the new message in G")
+        assert not errors, errors
+        assert store.folder(f) is None and t.is_alive()
+    finally:
+        stopper.stop()
+        t.join(15)
+    assert not t.is_alive() and not errors, errors
+    store.close()
+
+
 def test_watch_of_a_folder_that_does_not_exist_ends(device):
     a = device("phone-watch-nofolder")
     name = "Default/no-such-" + uuid.uuid4().hex
     _one_line_failure(a.run("watch", name, ok=False, timeout=30), 5, "no such folder", name)
+
+
+def test_a_store_error_mid_download_writes_nothing_more(dovecot, device, monkeypatch, capsys):
+    """Found by review (a 2 MB tmpfs): the disk filled at one message, the sync ended (6) and cleaned up,
+    then its LOGOUT read the rest of the body FETCH in flight, and each message was written into tmp/
+    again (the disk full again). The connection is dropped instead."""
+    from cpmproxy.client import cli
+    from cpmproxy.client.errors import StoreError
+
+    folder = unique_folder()
+    seed(dovecot, "dave", folder, [make_object("chat", seed=i) + b"\r\n" + b"z" * 100_000 for i in range(30)])
+    a = device("phone-disk-full", user="dave", via=None, tls="none")
+    a.port = dovecot.port  # (straight to Dovecot: the store is what is looked at)
+    written = []
+    real = LocalStore.write_message
+
+    def write_message(self, folder_, uid, data, flags, internaldate=None):
+        written.append(uid)
+        if len(written) == 2:  # (once: the clean-up after it frees the space again)
+            raise StoreError("cannot write a message: No space left on device")
+        return real(self, folder_, uid, data, flags, internaldate)
+
+    monkeypatch.setattr(LocalStore, "write_message", write_message)
+    assert cli.main(a.args("sync", folder)[len(CLI):]) == 6
+    with LocalStore(a.store_dir) as store:
+        tmp = a.store_dir / "maildir" / store.folder(folder).path / "tmp"
+    assert sorted(os.listdir(tmp)) == [], "written after the error"
+
+
+def test_sigterm_interrupts_a_wait_for_a_busy_store(device):
+    """Found by review: a sync waiting for the store another cpm-sync holds ignored SIGTERM and SIGINT for
+    up to the lock's 60 s. It ends at once now (130), having touched nothing."""
+    import fcntl
+
+    a = device("phone-busy-store")
+    a.sync()
+    fd = os.open(a.store_dir / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        proc = subprocess.Popen(a.args("sync"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        time.sleep(1.0)  # (waiting for the lock by now: the process starts in ~0.3 s)
+        assert proc.poll() is None
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        assert time.monotonic() - started < 5 and proc.returncode == 130, (proc.returncode, err)
+        assert "Traceback" not in err and "interrupted" in err, err
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 @pytest.mark.parametrize("command, tls", [("sync", "none"), ("watch", "none"), ("sync", "implicit"),

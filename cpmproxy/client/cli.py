@@ -174,6 +174,9 @@ def read_password(path: str) -> str:
     return password
 
 
+MAX_DEVICE_ID = 128  # characters, as the proxy takes them
+
+
 def _settings(args: argparse.Namespace, store: LocalStore) -> ServerSettings:
     device_id = args.device_id or store.get_meta("device_id")  # may be omitted once the store knows it
     missing = [opt for opt, value in (("--server", args.server), ("--user", args.user),
@@ -181,6 +184,9 @@ def _settings(args: argparse.Namespace, store: LocalStore) -> ServerSettings:
                if not value]
     if missing:
         raise UsageError(f"{args.command} needs {', '.join(missing)}")
+    if len(device_id) > MAX_DEVICE_ID or any(ord(c) < 32 or ord(c) == 127 for c in device_id):
+        # (What the proxy takes: an id it refuses would leave the session its default device's.)
+        raise UsageError(f"--device-id: at most {MAX_DEVICE_ID} characters, no control characters")
     host, port = parse_server(args.server, args.tls)
     if args.tls == "none" and not _is_loopback(host):
         print(f"{PROG}: warning: --tls none sends the password in clear text to {host}", file=sys.stderr)
@@ -235,7 +241,7 @@ def cmd_sync(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
     settings = _settings(args, store)
     stopper = Stopper().install()
     try:
-        with store.locked():
+        with store.locked(should_stop=lambda: stopper.stopped):  # (a busy store does not delay SIGTERM)
             conn = connect(settings, wake_fd=stopper.fd)  # a silent server does not delay SIGTERM
             try:
                 store.bind(settings.address, settings.user, settings.device_id)
@@ -247,8 +253,12 @@ def cmd_sync(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
                     should_stop=lambda: stopper.stopped,
                 )
                 result = syncer.sync(args.folders or None)
-            finally:
-                conn.logout()
+            except BaseException:
+                # Not LOGOUT: it would read the rest of a body FETCH still in flight, and its handler write
+                # each message into the store the sync just gave up on (a full disk filled again).
+                conn.close()
+                raise
+            conn.logout()
     finally:
         stopper.close()
     if not args.quiet:
@@ -322,6 +332,7 @@ def cmd_status(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
                 # (Counted too: a preference or policy change shows or hides messages with no new UID or
                 # modseq.)
                 and (sf.messages is None or sf.messages == n_local)
+                and not lf.full_check  # (a sync has every flag to compare: see Syncer.set_flags)
             ):
                 state = "in sync"
             else:

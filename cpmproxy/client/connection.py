@@ -673,6 +673,12 @@ def connect(settings: ServerSettings, wake_fd: int | None = None) -> Connection:
                 conn.wait(id_cmd, check=False)  # a server that rejects ID still gets to decide on the login
             conn.wait(login, check=False)
             assert login.done is not None
+            if id_cmd is not None and id_cmd.done is not None and not id_cmd.done.ok and login.done.ok:
+                # Logged in without the device's identity: as the server's default device, whose local
+                # deletes, policy and notifications are every plain client's. Not to be used.
+                code = f"[{id_cmd.done.code.decode('utf-8', 'replace')}] " if id_cmd.done.code else ""
+                raise ServerRefused(f"{address} refused the device id {settings.device_id!r}: "
+                                    f"{code}{id_cmd.done.text}".strip())
             if not login.done.ok:
                 text = login.done.text
                 code = f"[{login.done.code.decode('utf-8', 'replace')}] " if login.done.code else ""

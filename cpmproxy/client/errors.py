@@ -67,7 +67,11 @@ class Unsupported(ServerRefused):
 
 
 class NoSuchFolder(ServerRefused):
-    """A folder named on the command line exists neither on the server nor locally."""
+    """A folder named on the command line exists neither on the server nor locally (``missing``: those)."""
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 class FolderRefused(ServerRefused):

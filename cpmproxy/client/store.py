@@ -42,7 +42,7 @@ import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
 
-from cpmproxy.client.errors import StoreBusy, StoreError
+from cpmproxy.client.errors import Interrupted, StoreBusy, StoreError
 from cpmproxy.client.kinds import classify
 
 __all__ = [
@@ -248,10 +248,11 @@ class LocalStore:
             for key, value in (("user", user), ("device_id", device_id), ("server", server)):
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
-    def locked(self, timeout: float = 60.0) -> _StoreLock:
+    def locked(self, timeout: float = 60.0, should_stop: Callable[[], bool] | None = None) -> _StoreLock:
         """``with store.locked():`` -- exclusive use of the store (another cpm-sync on the same store waits
-        up to ``timeout`` seconds, then fails). Re-entrant."""
-        return _StoreLock(self, timeout)
+        up to ``timeout`` seconds, then fails; sooner, :class:`Interrupted`, once ``should_stop()``).
+        Re-entrant."""
+        return _StoreLock(self, timeout, should_stop)
 
     # -- folders ------------------------------------------------------------------------------------
 
@@ -682,10 +683,10 @@ class _Transaction:
 class _StoreLock:
     """flock on ``DIR/.lock``, polled until ``timeout``; re-entrant within one LocalStore."""
 
-    __slots__ = ("store", "timeout", "fd")
+    __slots__ = ("store", "timeout", "should_stop", "fd")
 
-    def __init__(self, store: LocalStore, timeout: float) -> None:
-        self.store, self.timeout, self.fd = store, timeout, -1
+    def __init__(self, store: LocalStore, timeout: float, should_stop: Callable[[], bool] | None = None) -> None:
+        self.store, self.timeout, self.should_stop, self.fd = store, timeout, should_stop, -1
 
     def __enter__(self) -> None:
         if self.store._lock_fd is not None:
@@ -697,6 +698,9 @@ class _StoreLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if self.should_stop is not None and self.should_stop():
+                    os.close(fd)
+                    raise Interrupted("interrupted while waiting for the store") from None
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise StoreBusy(f"store {self.store.root} is in use by another cpm-sync process") from None

@@ -77,6 +77,7 @@ __all__ = [
 
 LOCAL_DELETE_CAPABILITY = "XCPM-LOCALDELETE"
 LOCAL_DELETE_KEYWORD = b"$LocalDelete"
+_SESSION_MARKS = frozenset(("\\deleted", LOCAL_DELETE_KEYWORD.decode().lower()))  # (see Syncer.set_flags)
 # Longest known-uids argument we put in a QRESYNC SELECT; beyond it the server reports VANISHED for UIDs
 # we may not know, which is harmless (removing an unknown UID is a no-op).
 _MAX_KNOWN_UIDS = 4000
@@ -529,7 +530,7 @@ class Syncer:
         if names is not None:
             missing = [n for n in names if n not in server and n not in local]
             if missing:
-                raise NoSuchFolder(f"no such folder on the server: {', '.join(missing)}")
+                raise NoSuchFolder(f"no such folder on the server: {', '.join(missing)}", missing=tuple(missing))
             targets = list(dict.fromkeys(names))
         else:
             targets = sorted(set(server) | set(local))
@@ -929,6 +930,11 @@ class Syncer:
         if lf is not None and updates:
             self.store.set_flags(lf, updates)
         if lf is not None:
+            if any(f.lower() in _SESSION_MARKS for flags_ in updates.values() for f in flags_):
+                # A \Deleted not expunged: through the proxy, on a device that deletes locally (or with
+                # $LocalDelete), a mark of this session only, which changes nothing on the server and so
+                # no MODSEQ a later sync would look at. That sync compares every flag instead.
+                self.store.update_folder(lf, full_check=True)
             self._adopt_own_changes(lf, state)
         return len(present), missing
 

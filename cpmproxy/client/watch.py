@@ -49,7 +49,7 @@ from cpmproxy.client.errors import (
 )
 from cpmproxy.client.progress import ProgressFactory
 from cpmproxy.client.store import LocalStore
-from cpmproxy.client.sync import SelectState, Syncer, SyncOptions, SyncResult
+from cpmproxy.client.sync import SelectState, Syncer, SyncOptions, SyncResult, canonical_name
 
 __all__ = ["NOTIFY_REQUESTS", "Stopper", "WatchOptions", "Watcher"]
 
@@ -213,9 +213,16 @@ class Watcher:
         with self._locked():
             try:
                 self._report(syncer.sync(names if names is not None else scope))
-            except NoSuchFolder:
+            except NoSuchFolder as e:
+                if names is None and (not self.passes or scope is None
+                                      or set(e.missing) >= {canonical_name(f) for f in scope}):
+                    raise  # (a folder to watch that never existed, or none left: reconnecting will not help)
                 if names is None:
-                    raise
+                    # A watched folder deleted on the server since (its local copy went at the last pass):
+                    # the watch goes on with the others.
+                    self.log(f"no longer watching {', '.join(e.missing)}: deleted on the server")
+                    self.options.folders = tuple(f for f in self.options.folders if canonical_name(f) not in e.missing)
+                    scope = list(self.options.folders)
                 # Named by a notification, gone by the time we asked: a full pass tidies up.
                 self._report(syncer.sync(scope))
 
