@@ -378,7 +378,7 @@ def cmd_delete(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
     done, missing, local = _with_syncer(  # type: ignore[misc]
         args, store, lambda s: s.delete(args.folder, uids, local=args.local)
     )
-    if not args.quiet:
+    if not args.quiet and (done or not missing):  # (nothing deleted, and why: the error alone says it)
         if local and not args.local:
             where = "on this device only (the server's policy for this device keeps them on the server)"
         else:

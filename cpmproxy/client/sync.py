@@ -146,7 +146,8 @@ class FolderResult:
 
     def summary(self) -> str:
         if self.deleted:
-            return f"{self.name}: deleted on the server, removed locally ({self.removed} messages)"
+            # (Or hidden from this device by a preference or policy: the same to the device.)
+            return f"{self.name}: gone from the server, removed locally ({self.removed} messages)"
         parts = []
         if self.created:
             parts.append("new folder")
