@@ -259,6 +259,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
 
     def command(self, session, cmd):
         st = self.state(session)
+        if st.restore_saved is not None:
+            # The client's $, which a COPY or MOVE of the proxy's making replaced, back before it is used.
+            saved, st.restore_saved = st.restore_saved, None
+            return Defer(defer.Deferred.fromCoroutine(self._restore_then(session, saved, cmd)))
         st.quiet_recent = False  # (a RECENT after a dropped EXISTS comes with it, before any new command)
         if cmd.name in (b"SELECT", b"EXAMINE") and b"QRESYNC" in cmd.line.upper():
             st.vanish_check = True
@@ -303,6 +307,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 return Defer(defer.Deferred.fromCoroutine(self._expunge_visible(session, view, cmd)))
             return self._view_command(session, st, view, cmd)
         return None
+
+    async def _restore_then(self, session, saved: list[int], cmd):
+        await self._restore_saved(session, saved)
+        return await _resolved(self.command(session, cmd))
 
     async def _saved_result_visible(self, session, view: MailboxView, cmd, m):
         """STORE / COPY / MOVE / UID EXPUNGE of ``$`` (or a FETCH of it that reads bodies) under a filtered
@@ -1007,6 +1015,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 if not allowed or max(requested.resolve(max(view.exists, 1)).ranges[-1]) > view.exists:
                     return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": Invalid messageset")
                 text = allowed.format()
+                if len(text) > INLINE_SET_MAX and name in (b"COPY", b"MOVE") and has_caps(session, b"SEARCHRES"):
+                    cover = view.backend_cover(requested).format()
+                    return Defer(defer.Deferred.fromCoroutine(self._by_saved_result(session, st, view, cmd, m, cover)))
                 if len(text) > INLINE_SET_MAX and name == b"FETCH" \
                         and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is None:
                     # Past any backend's line limit (hidden messages scattered): the FETCH asks for the
@@ -1014,7 +1025,11 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     # dropped, as for a UID FETCH (it changes nothing: no body read without .PEEK).
                     text = view.backend_cover(requested).format()
                 return Rewrite(m.group(1) + text + m.group(3))
-            return Rewrite(m.group(1) + allowed.format() + m.group(3))
+            text = allowed.format()
+            if len(text) > INLINE_SET_MAX and name in (b"COPY", b"MOVE") and has_caps(session, b"SEARCHRES"):
+                return Defer(defer.Deferred.fromCoroutine(
+                    self._by_saved_result(session, st, view, cmd, m, b"UID " + token)))
+            return Rewrite(m.group(1) + text + m.group(3))
         if name in SEARCH_COMMANDS:
             if cmd.has_literal and not cmd.state.get("collected"):
                 # Criteria after a literal, or a literal inside parentheses: the whole command first
@@ -1231,6 +1246,36 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return refused
         cmd.state["tagged_text"] = name.capitalize() + b" completed."
         return Rewrite(cmd.tag + b" " + lines[-1] + b"\r\n")
+
+    async def _by_saved_result(self, session, st: PolicySession, view: MailboxView, cmd, m, criteria: bytes):
+        """COPY or MOVE of more scattered visible messages than a command line holds (the hidden ones
+        between them: a folder whose every other message is an IMDN the device does not see). In pieces it
+        would not be one atomic command with one COPYUID; so the messages go by the saved search result
+        (RFC 5182): ``$`` := what the client named (``criteria``: its UIDs, or the backend numbers covering
+        its numbers), less the hidden UIDs a few KB at a time, then the client's command on ``$``. The
+        client's own ``$`` is read first and put back before its next command (``restore_saved``)."""
+        reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
+        before = esearch_all(reply) if reply.status == b"OK" else []
+        steps = [b"SEARCH RETURN (SAVE) " + criteria]
+        steps += [b"SEARCH RETURN (SAVE) $ NOT UID " + piece for piece in uid_set_pieces(view.hidden_uids)]
+        st.restore_saved = before  # (also if a step is refused: $ may have changed by then)
+        if (refused := await _run_all(session, steps)) is not None:
+            return refused
+        return Rewrite(m.group(1) + b"$" + m.group(3))
+
+    @staticmethod
+    async def _restore_saved(session, uids: list[int]) -> None:
+        """The client's ``$`` as it was before a command of the proxy's own replaced it (see
+        _by_saved_result): its UIDs a few KB at a time (``$ OR`` each further piece), or nothing."""
+        pieces = uid_set_pieces(SequenceSet.from_iterable(uids)) if uids else []
+        if not pieces:
+            steps = [b"SEARCH RETURN (SAVE) NOT ALL"]
+        else:
+            steps = [b"SEARCH RETURN (SAVE) UID " + pieces[0]]
+            steps += [b"SEARCH RETURN (SAVE) OR $ UID " + piece for piece in pieces[1:]]
+        if (refused := await _run_all(session, steps)) is not None:
+            log.warn("restoring a saved search result failed: {answer} session={session}",
+                     answer=refused.tagged, session=session.session_id)
 
     async def _after_done(self, session, others, cmd):
         """``cmd``'s decision once ``others`` (in flight) have completed."""

@@ -112,6 +112,9 @@ class PolicySession:
     # (its counts as the device sees them, HIGHESTMODSEQ). A change to hidden messages alone is not told.
     status_told: dict[str, tuple] = field(default_factory=dict)
     metadata_hold: dict | None = None  # a METADATA response held to be read whole (_metadata_response)
+    # The client's saved search result ($, RFC 5182) to put back before its next command: a COPY or MOVE
+    # of the proxy's making replaced it (PolicyPlugin._by_saved_result). None: nothing to restore.
+    restore_saved: list[int] | None = None
 
 
 _SIZE_RE = re.compile(rb"RFC822\.SIZE (\d+)")

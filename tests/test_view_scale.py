@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.testing.dovecot import Dovecot
 from cpmproxy.testing.proxyproc import ProxyProcess
 from cpmproxy.testing.rawclient import RawIMAP
@@ -543,3 +544,45 @@ def test_a_store_in_pieces_is_told_to_the_users_other_devices_at_once(big, tmp_p
     finally:
         b.close()
         p.stop()
+
+
+@pytest.mark.parametrize("command", [b"COPY", b"UID COPY", b"MOVE", b"UID MOVE"])
+def test_copy_and_move_of_more_scattered_messages_than_a_command_line_holds(big, command):
+    """``COPY 1:* Archive`` ("move the conversation") where every other message is a hidden IMDN named
+    each visible one in one command, past the backend's line limit: BAD. In pieces it would not be one
+    atomic command with one COPYUID; it goes by the saved search result now ($ := the visible messages
+    named, a few KB of hidden UIDs at a time), and the client's own $ is as it was before its next command."""
+    d, p = big
+    source = b"Cm-" + command.replace(b" ", b"-")
+    _filled(d, source).close()
+    target = source + b"-to"
+    c = _device(p)
+    assert c.command(b"k", b'CREATE "%s"' % target)[-1].startswith(b"k OK")
+    assert c.command(b"s", b'SELECT "%s"' % source)[-1].startswith(b"s OK")
+    assert c.command(b"v", b"SEARCH RETURN (SAVE) 2:4")[-1].startswith(b"v OK")  # (the client's $: 3 messages)
+    r = c.command(b"c", command + b' 1:* "%s"' % target)
+    assert r[-1].startswith(b"c OK"), r[-3:]
+    copyuid = re.search(rb"\[COPYUID \d+ (\S+) (\S+)\]", b"".join(r))  # (MOVE's comes untagged: RFC 6851)
+    assert copyuid and sorted(SequenceSet.parse(copyuid.group(1))) == list(range(1, COUNT, 2)), r[-1]
+    moved = b"MOVE" in command
+    if moved:
+        assert [x for x in r if x.endswith(b"EXPUNGE\r\n") or x.startswith(b"* VANISHED")], r[:3]
+    # The client's $ is its own again (when it is next used: 3 messages, or none once moved away).
+    r = c.command(b"f", b"UID SEARCH $")
+    assert [x for x in r if x.startswith(b"* SEARCH")] == [b"* SEARCH\r\n" if moved else b"* SEARCH 3 5 7\r\n"], r
+    if not moved:  # and so with the use of $ pipelined right behind
+        c.send(b"c2 " + command + b' 1:* "%s"\r\nf2 UID SEARCH $\r\n' % target)
+        r = c.until_tagged(b"f2")
+        assert b"* SEARCH 3 5 7\r\n" in r and r[-1].startswith(b"f2 OK"), r[-3:]
+    c.close()
+    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
+    direct.login("alice", "alicepw")
+    direct.command(b"t", b'EXAMINE "%s"' % target)
+    kinds = [x for x in direct.command(b"f", b"FETCH 1:* (UID)") if b" FETCH " in x]
+    assert len(kinds) == (COUNT // 2) * (1 if moved else 2)  # every chat (twice: copied twice), no IMDN
+    found = [x for x in direct.command(b"g", b'SEARCH HEADER Content-Type "imdn"') if x.startswith(b"* SEARCH")]
+    assert found == [b"* SEARCH\r\n"], found
+    direct.command(b"u", b'EXAMINE "%s"' % source)
+    left = [x for x in direct.command(b"h", b"FETCH 1:* (UID)") if b" FETCH " in x]
+    assert len(left) == (COUNT // 2 if moved else COUNT)
+    direct.close()
