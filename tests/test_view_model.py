@@ -225,7 +225,11 @@ def star_beyond(spec, top: int) -> bool:
 
 
 def resolve_dovecot_search(spec, top: int) -> set[int]:
-    return resolve([it for it in spec if not (isinstance(it, tuple) and star_beyond([it], top))], top)
+    """What Dovecot 2.3's SEARCH finds: a range ``n:*`` beyond the top matches nothing, and it takes a lone
+    ``*`` of the same set along (``SEARCH *,3:*`` of 2 messages finds nothing; ``SEARCH 2,3:*`` finds 2)."""
+    beyond = star_beyond(spec, top)
+    return resolve([it for it in spec if not ((isinstance(it, tuple) and star_beyond([it], top))
+                                              or (beyond and it in (STAR, (STAR, STAR))))], top)
 
 
 # -- response parsing ----------------------------------------------------------------------------
