@@ -1016,8 +1016,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": Invalid messageset")
                 text = allowed.format()
                 if len(text) > INLINE_SET_MAX and name in (b"COPY", b"MOVE") and has_caps(session, b"SEARCHRES"):
-                    cover = view.backend_cover(requested).format()
-                    return Defer(defer.Deferred.fromCoroutine(self._by_saved_result(session, st, view, cmd, m, cover)))
+                    # (By the UIDs the client's numbers stand for now: the proxy's steps are UID
+                    # commands, during which the backend may announce expunges that renumber.)
+                    uids = view.uids_of(requested)
+                    return Defer(defer.Deferred.fromCoroutine(self._by_saved_result(session, st, cmd, m, uids)))
                 if len(text) > INLINE_SET_MAX and name == b"FETCH" \
                         and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is None:
                     # Past any backend's line limit (hidden messages scattered): the FETCH asks for the
@@ -1027,8 +1029,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 return Rewrite(m.group(1) + text + m.group(3))
             text = allowed.format()
             if len(text) > INLINE_SET_MAX and name in (b"COPY", b"MOVE") and has_caps(session, b"SEARCHRES"):
-                return Defer(defer.Deferred.fromCoroutine(
-                    self._by_saved_result(session, st, view, cmd, m, b"UID " + token)))
+                return Defer(defer.Deferred.fromCoroutine(self._by_saved_result(session, st, cmd, m, allowed)))
             return Rewrite(m.group(1) + text + m.group(3))
         if name in SEARCH_COMMANDS:
             if cmd.has_literal and not cmd.state.get("collected"):
@@ -1154,11 +1155,14 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
     @staticmethod
     async def _extremes_then(session, view: MailboxView, head: list, returning_at: int, criteria: list):
         """A search for MIN and/or MAX with a MODSEQ key where the hidden UIDs are too many for one command
-        line: every match's UID first (a command of the proxy's own), then the client's search over the
-        first and last visible ones (an ESORT's first and last in its order), so that the backend answers
-        it with their MODSEQ. (What changes between the two is what a search a moment later would find.)"""
-        name_at = 2 if head[1].upper() == b"UID" else 1
-        ask = [Atom(b"UID"), *head[name_at:returning_at], ParenList([Atom(b"ALL")]), *head[returning_at + 1:]]
+        line: every match first (a command of the proxy's own, by UID or by number as the client's: the
+        backend may announce expunges during a UID search, never during one by number, RFC 9051 7.5.1,
+        nor may the client hear of one during its own), then the client's search over the first and last
+        visible ones (an ESORT's first and last in its order), so that the backend answers it with their
+        MODSEQ. (What changes between the two is what a search a moment later would find.)"""
+        by_uid = head[1].upper() == b"UID"
+        name_at = 2 if by_uid else 1
+        ask = [*head[1:returning_at], ParenList([Atom(b"ALL")]), *head[returning_at + 1:]]  # (no tag)
         line = format_tokens(ask + criteria)
         if (readreport := session.hooks.by_name.get("readreport")) is not None:
             line = readreport.flags_for_backend(line + b"\r\n")[:-2]  # (the first step passes no hook)
@@ -1170,12 +1174,16 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             words = data.split()
             if b"ALL" in (upper := [w.upper() for w in words]):
                 found = words[upper.index(b"ALL") + 1]
-        if head[name_at].upper() == b"SORT":
-            shown = visible_in_order(view, found, uid=True)
-            extremes = [shown[0], shown[-1]] if shown else []
+        # The visible matches' UIDs, in the order found (known to the view: not one it has not classified).
+        shown = visible_in_order(view, found, uid=by_uid)
+        if by_uid:
+            shown = [u for u in shown if u <= view.max_uid]
         else:
-            shown_set = view.visible_uidset(SequenceSet.parse(found)) if found else SequenceSet.empty()
-            extremes = [shown_set.min(), shown_set.max()] if shown_set else []
+            vis = view.visible
+            shown = [vis[c - 1] for c in shown]
+        if head[name_at].upper() != b"SORT":
+            shown.sort()
+        extremes = [shown[0], shown[-1]] if shown else []
         uids = b",".join(b"%d" % u for u in extremes) or b"%d" % MAX_UID
         line = format_tokens(head + [Atom(b"UID"), Atom(uids)] + criteria) + b"\r\n"
         return Rewrite(readreport.flags_for_backend(line) if readreport is not None else line)
@@ -1247,33 +1255,26 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         cmd.state["tagged_text"] = name.capitalize() + b" completed."
         return Rewrite(cmd.tag + b" " + lines[-1] + b"\r\n")
 
-    async def _by_saved_result(self, session, st: PolicySession, view: MailboxView, cmd, m, criteria: bytes):
+    async def _by_saved_result(self, session, st: PolicySession, cmd, m, uids: SequenceSet):
         """COPY or MOVE of more scattered visible messages than a command line holds (the hidden ones
         between them: a folder whose every other message is an IMDN the device does not see). In pieces it
         would not be one atomic command with one COPYUID; so the messages go by the saved search result
-        (RFC 5182): ``$`` := what the client named (``criteria``: its UIDs, or the backend numbers covering
-        its numbers), less the hidden UIDs a few KB at a time, then the client's command on ``$``. The
-        client's own ``$`` is read first and put back before its next command (``restore_saved``)."""
+        (RFC 5182): ``$`` := ``uids`` (the visible messages the client named, as the view knows them: never
+        a hidden one, nor one the backend has not announced yet, which is not classified), a few KB at a
+        time, then the client's command on ``$``. The client's own ``$`` is read first and put back before
+        its next command (``restore_saved``)."""
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
         before = esearch_all(reply) if reply.status == b"OK" else []
-        steps = [b"SEARCH RETURN (SAVE) " + criteria]
-        steps += [b"SEARCH RETURN (SAVE) $ NOT UID " + piece for piece in uid_set_pieces(view.hidden_uids)]
         st.restore_saved = before  # (also if a step is refused: $ may have changed by then)
-        if (refused := await _run_all(session, steps)) is not None:
+        if (refused := await _run_all(session, _saving(uids))) is not None:
             return refused
         return Rewrite(m.group(1) + b"$" + m.group(3))
 
     @staticmethod
     async def _restore_saved(session, uids: list[int]) -> None:
         """The client's ``$`` as it was before a command of the proxy's own replaced it (see
-        _by_saved_result): its UIDs a few KB at a time (``$ OR`` each further piece), or nothing."""
-        pieces = uid_set_pieces(SequenceSet.from_iterable(uids)) if uids else []
-        if not pieces:
-            steps = [b"SEARCH RETURN (SAVE) NOT ALL"]
-        else:
-            steps = [b"SEARCH RETURN (SAVE) UID " + pieces[0]]
-            steps += [b"SEARCH RETURN (SAVE) OR $ UID " + piece for piece in pieces[1:]]
-        if (refused := await _run_all(session, steps)) is not None:
+        _by_saved_result)."""
+        if (refused := await _run_all(session, _saving(SequenceSet.from_iterable(uids)))) is not None:
             log.warn("restoring a saved search result failed: {answer} session={session}",
                      answer=refused.tagged, session=session.session_id)
 
@@ -1649,6 +1650,16 @@ def _without_subscribed_children(line: bytes, subscribed: bool) -> bytes | None:
     if not subscribed and (line[:7].upper() == b"* LSUB " or without is not line):
         return None
     return without
+
+
+def _saving(uids: SequenceSet) -> list[bytes]:
+    """Commands that make the saved search result ``$`` exactly ``uids``: a few KB of them per command
+    (``OR $`` each further piece), or none (``NOT ALL``). Searches by number with UID keys: the backend
+    announces no expunge during them (RFC 9051 7.5.1)."""
+    pieces = uid_set_pieces(uids) if uids else []
+    if not pieces:
+        return [b"SEARCH RETURN (SAVE) NOT ALL"]
+    return [b"SEARCH RETURN (SAVE) UID " + pieces[0]] + [b"SEARCH RETURN (SAVE) OR $ UID " + p for p in pieces[1:]]
 
 
 async def _run_all(session, lines: list[bytes]) -> Answer | None:

@@ -235,11 +235,13 @@ class MailboxView:
     def visible_uidset(self, uid_set: SequenceSet) -> SequenceSet:
         """The UIDs of ``uid_set`` the client may touch. ``*`` is the largest UID the client sees: a range
         ``n:*`` includes the last visible message even when n is above it (RFC 9051 6.4.8), and hidden
-        UIDs above that message are dropped like any hidden UID."""
+        UIDs above that message are dropped like any hidden UID. So are UIDs above every one the view
+        knows: a message the backend has but not yet announced (its EXISTS not in) is not classified yet,
+        and may be one the device must not see."""
         top = self.max_uid
         if top == 0:
             return SequenceSet.empty()
-        resolved = uid_set.resolve(top) if uid_set.has_star else uid_set
+        resolved = (uid_set.resolve(top) if uid_set.has_star else uid_set).clip(1, top)
         if not self.hidden:
             return resolved
         if _few(resolved):
@@ -252,6 +254,13 @@ class MailboxView:
         if uid_set.has_star and vis:
             allowed = allowed | SequenceSet.from_iterable([vis[-1]])
         return allowed
+
+    def uids_of(self, client_set: SequenceSet) -> SequenceSet:
+        """The UIDs of the visible messages a client sequence set names (numbers beyond the visible
+        count dropped), a slice of the visible list per client range."""
+        vis = self.visible
+        return SequenceSet.from_iterable(
+            [u for lo, hi in self._client_ranges(client_set).ranges for u in vis[lo - 1:hi]])
 
     def client_seqs(self, backend_seqs: Iterable[int]) -> list[int]:
         """Map backend numbers (e.g. a SEARCH result) to client numbers, dropping hidden ones."""

@@ -254,3 +254,27 @@ def test_mbsync_present() -> None:
     assert path, "isync (mbsync) is not installed"
     out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
     assert out.returncode == 0 and "isync" in (out.stdout + out.stderr).lower()
+
+
+def test_proxy_process_takes_other_ports_when_its_free_port_is_taken_first(dovecot: Dovecot, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """Found in CI: a port found free was taken by another process before the proxy bound it (a test run
+    beside another), and the test failed at set-up. The harness picks other ports then."""
+    from cpmproxy.testing import proxyproc
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    first = [[taken.getsockname()[1], proxyproc.free_port()]]
+    real = proxyproc.free_ports
+    monkeypatch.setattr(proxyproc, "free_ports", lambda n: first.pop() if first else real(n))
+    p = proxyproc.ProxyProcess(tmp_path, dovecot.port)
+    try:
+        assert p.port == taken.getsockname()[1]
+        p.start()
+        assert p.port != taken.getsockname()[1]
+        with socket.create_connection((p.host, p.port), timeout=5) as s:
+            assert s.recv(1024).startswith(b"* OK")
+    finally:
+        p.stop()
+        taken.close()

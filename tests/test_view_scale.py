@@ -551,19 +551,37 @@ def test_copy_and_move_of_more_scattered_messages_than_a_command_line_holds(big,
     """``COPY 1:* Archive`` ("move the conversation") where every other message is a hidden IMDN named
     each visible one in one command, past the backend's line limit: BAD. In pieces it would not be one
     atomic command with one COPYUID; it goes by the saved search result now ($ := the visible messages
-    named, a few KB of hidden UIDs at a time), and the client's own $ is as it was before its next command."""
+    named, a few KB at a time), and the client's own $ is as it was before its next command.
+
+    Found by review of that: $ was built from the client's UID set as written (``UID 1:*`` took in an
+    IMDN that had arrived unannounced, not yet classified), or from backend numbers taken before a UID
+    command of the proxy's own during which the backend announced an expunge (every number after it one
+    off: the IMDN again). Both happen here: a chat expunged and an IMDN stored by another session."""
     d, p = big
     source = b"Cm-" + command.replace(b" ", b"-")
-    _filled(d, source).close()
+    chat, imdn = make_object("chat", text="hello"), make_object("imdn")
+    assert len(chat) != len(imdn)  # (told apart by size below)
+    direct = _filled(d, source)
     target = source + b"-to"
     c = _device(p)
     assert c.command(b"k", b'CREATE "%s"' % target)[-1].startswith(b"k OK")
     assert c.command(b"s", b'SELECT "%s"' % source)[-1].startswith(b"s OK")
     assert c.command(b"v", b"SEARCH RETURN (SAVE) 2:4")[-1].startswith(b"v OK")  # (the client's $: 3 messages)
-    r = c.command(b"c", command + b' 1:* "%s"' % target)
+    direct.command(b"s", b'SELECT "%s"' % source)
+    assert direct.command(b"x", b"UID STORE 1 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"x OK")
+    assert direct.command(b"y", b"UID EXPUNGE 1")[-1].startswith(b"y OK")  # (the first chat)
+    direct.send(b'a APPEND "%s" {%d+}\r\n%s\r\n' % (source, len(imdn), imdn))
+    r = direct.until_tagged(b"a")
+    assert r[-1].startswith(b"a OK") and b" %d]" % (COUNT + 1) in r[-1], r[-1]  # (APPENDUID)
+    # By UID: every message, the unannounced IMDN among them. By number: all but the last two chats, in
+    # the numbers the client knows (the expunge not yet announced to it: its message 1 is UID 1).
+    # (Again, once the expunge is known: 998 messages by number.)
+    named, shown, again = (b"1:*", list(range(3, COUNT, 2)), 999) if b"UID" in command \
+        else (b"1:998", list(range(3, 1996, 2)), 998)
+    r = c.command(b"c", command + b' %s "%s"' % (named, target))
     assert r[-1].startswith(b"c OK"), r[-3:]
     copyuid = re.search(rb"\[COPYUID \d+ (\S+) (\S+)\]", b"".join(r))  # (MOVE's comes untagged: RFC 6851)
-    assert copyuid and sorted(SequenceSet.parse(copyuid.group(1))) == list(range(1, COUNT, 2)), r[-1]
+    assert copyuid and sorted(SequenceSet.parse(copyuid.group(1))) == shown, r[-1]
     moved = b"MOVE" in command
     if moved:
         assert [x for x in r if x.endswith(b"EXPUNGE\r\n") or x.startswith(b"* VANISHED")], r[:3]
@@ -571,18 +589,53 @@ def test_copy_and_move_of_more_scattered_messages_than_a_command_line_holds(big,
     r = c.command(b"f", b"UID SEARCH $")
     assert [x for x in r if x.startswith(b"* SEARCH")] == [b"* SEARCH\r\n" if moved else b"* SEARCH 3 5 7\r\n"], r
     if not moved:  # and so with the use of $ pipelined right behind
-        c.send(b"c2 " + command + b' 1:* "%s"\r\nf2 UID SEARCH $\r\n' % target)
+        c.send(b"c2 " + command + b' %s "%s"\r\nf2 UID SEARCH $\r\n' % (named, target))
         r = c.until_tagged(b"f2")
         assert b"* SEARCH 3 5 7\r\n" in r and r[-1].startswith(b"f2 OK"), r[-3:]
     c.close()
-    direct = RawIMAP("127.0.0.1", d.port, timeout=60)
-    direct.login("alice", "alicepw")
+    chats, copied = COUNT // 2 - 1, len(shown)
     direct.command(b"t", b'EXAMINE "%s"' % target)
-    kinds = [x for x in direct.command(b"f", b"FETCH 1:* (UID)") if b" FETCH " in x]
-    assert len(kinds) == (COUNT // 2) * (1 if moved else 2)  # every chat (twice: copied twice), no IMDN
-    found = [x for x in direct.command(b"g", b'SEARCH HEADER Content-Type "imdn"') if x.startswith(b"* SEARCH")]
-    assert found == [b"* SEARCH\r\n"], found
+    sizes = [int(m.group(1)) for x in direct.command(b"f", b"FETCH 1:* (RFC822.SIZE)")
+             if (m := re.search(rb"RFC822\.SIZE (\d+)", x))]
+    assert len(sizes) == copied + (0 if moved else again) and set(sizes) == {len(chat)}, (len(sizes), set(sizes))
     direct.command(b"u", b'EXAMINE "%s"' % source)
-    left = [x for x in direct.command(b"h", b"FETCH 1:* (UID)") if b" FETCH " in x]
-    assert len(left) == (COUNT // 2 if moved else COUNT)
+    sizes = [int(m.group(1)) for x in direct.command(b"h", b"FETCH 1:* (RFC822.SIZE)")
+             if (m := re.search(rb"RFC822\.SIZE (\d+)", x))]
+    assert sizes.count(len(imdn)) == COUNT // 2 + 1 and sizes.count(len(chat)) == chats - (copied if moved else 0)
     direct.close()
+
+
+def test_min_max_with_a_modseq_key_past_the_line_limit_announce_no_expunge_mid_search(big):
+    """Found by review: the proxy found the visible extremes of a search by number with a UID search of its
+    own, during which the backend announced an expunge, passed on in the middle of the client's SEARCH
+    (RFC 9051 7.5.1: never while answering a SEARCH by number) and renumbering its answer under it. By
+    number as the client's now: the client hears of the expunge after, and its answer is in its numbers."""
+    d, p = big
+    direct = _filled(d, b"Mods-x")
+    direct.command(b"s", b'SELECT "Mods-x"')
+    for tag, uid in ((b"f", 3), (b"g", COUNT - 1)):  # (the second and the last chat)
+        direct.command(tag, b"UID STORE %d +FLAGS (\\Flagged)" % uid)
+    modseq = {int(m.group(1)): int(m.group(2)) for x in direct.command(b"m", b"UID FETCH 3,%d (MODSEQ)" % (COUNT - 1))
+              if (m := re.search(rb"UID (\d+) MODSEQ \((\d+)\)", x))}
+    c = _device(p)
+    c.command(b"e", b"ENABLE CONDSTORE")
+    assert c.command(b"s", b'SELECT "Mods-x"')[-1].startswith(b"s OK")
+    alike = RawIMAP("127.0.0.1", d.port, timeout=60)  # (a direct session in the same state, for the backend's answer)
+    alike.login("alice", "alicepw")
+    alike.command(b"e", b"ENABLE CONDSTORE")
+    alike.command(b"s", b'SELECT "Mods-x"')
+    direct.command(b"x", b'CREATE "Mods-x-away"')
+    assert direct.command(b"y", b'UID MOVE 1 "Mods-x-away"')[-1].startswith(b"y OK")  # (the first chat, client's 1)
+    direct.close()
+    search = b"SEARCH RETURN (MIN MAX) MODSEQ %d" % modseq[3]
+    r = c.command(b"a", search)
+    assert r[-1].startswith(b"a OK"), r
+    # (Dovecot matches the message moved away, as it answers a direct session that has not heard of it.
+    # The chats are its odd numbers, the client's (n + 1) / 2.)
+    m = re.fullmatch(rb'\* ESEARCH \(TAG "a"\) MIN (\d+) MAX (\d+) MODSEQ (\d+)\r\n',
+                     [x for x in alike.command(b"a", search) if x.startswith(b"* ")][0])
+    alike.close()
+    want = b'* ESEARCH (TAG "a") MIN %d MAX %d MODSEQ %s\r\n' % ((int(m[1]) + 1) // 2, (int(m[2]) + 1) // 2, m[3])
+    assert [x for x in r if x.startswith(b"* ")] == [want], r
+    assert b"* 1 EXPUNGE\r\n" in c.command(b"n", b"NOOP")
+    c.close()

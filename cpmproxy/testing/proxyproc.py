@@ -31,31 +31,55 @@ class ProxyProcess:
         self.source = Path(source) if source is not None else Path(__file__).resolve().parents[2]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
-        self.port, self.metrics_port = free_ports(2) if metrics else (free_port(), None)
-        self.listen = [f"tcp:{self.port}:interface=127.0.0.1", *listen_extra]
+        self._metrics = metrics
+        self._listen_extra = list(listen_extra)
+        self._settings = dict(plugins=plugins, proxy_extra=proxy_extra, tls_cert=tls_cert, tls_key=tls_key,
+                              backend_host=backend_host, backend_port=backend_port, backend_tls=backend_tls,
+                              ca_file=ca_file, server_name=server_name, backend_extra=backend_extra,
+                              config_extra=config_extra)
+        self.proc: subprocess.Popen | None = None
+        self._configure()
+
+    def _configure(self) -> None:
+        """Free ports (again: another process may take a free port before the proxy binds it) and the
+        configuration file that names them."""
+        o = self._settings
+        self.port, self.metrics_port = free_ports(2) if self._metrics else (free_port(), None)
+        self.listen = [f"tcp:{self.port}:interface=127.0.0.1", *self._listen_extra]
         lines = []
-        if plugins is not None:
-            lines.append("plugins = [" + ", ".join(f'"{p}"' for p in plugins) + "]")
+        if o["plugins"] is not None:
+            lines.append("plugins = [" + ", ".join(f'"{p}"' for p in o["plugins"]) + "]")
         lines += ["[proxy]", "listen = [" + ", ".join(f'"{d}"' for d in self.listen) + "]"]
-        if proxy_extra:
-            lines.append(proxy_extra)
-        if tls_cert:
-            lines += [f'tls_cert = "{tls_cert}"', f'tls_key = "{tls_key}"']
-        lines += ["[backend]", f'host = "{backend_host}"', f"port = {backend_port}", f'tls = "{backend_tls}"']
-        if ca_file:
-            lines.append(f'ca_file = "{ca_file}"')
-        if server_name:
-            lines.append(f'server_name = "{server_name}"')
-        if backend_extra:
-            lines.append(backend_extra)
-        if metrics:
+        if o["proxy_extra"]:
+            lines.append(o["proxy_extra"])
+        if o["tls_cert"]:
+            lines += [f'tls_cert = "{o["tls_cert"]}"', f'tls_key = "{o["tls_key"]}"']
+        lines += ["[backend]", f'host = "{o["backend_host"]}"', f"port = {o['backend_port']}",
+                  f'tls = "{o["backend_tls"]}"']
+        if o["ca_file"]:
+            lines.append(f'ca_file = "{o["ca_file"]}"')
+        if o["server_name"]:
+            lines.append(f'server_name = "{o["server_name"]}"')
+        if o["backend_extra"]:
+            lines.append(o["backend_extra"])
+        if self._metrics:
             lines += ["[metrics]", f'listen = "tcp:{self.metrics_port}:interface=127.0.0.1"']
         self.config_path = self.workdir / f"cpmproxy-{self.port}.toml"
-        self.config_path.write_text("\n".join(lines) + "\n" + config_extra)
+        self._written = "\n".join(lines) + "\n" + o["config_extra"]
+        self.config_path.write_text(self._written)
         self.log_path = self.workdir / f"cpmproxy-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15.0) -> ProxyProcess:
+        for _ in range(3):
+            try:
+                return self._start(timeout)
+            except RuntimeError as e:
+                if "Address already in use" not in str(e) or self.config_path.read_text() != self._written:
+                    raise  # (a configuration the caller wrote is theirs, ports and all)
+                self._configure()  # (taken by another process between finding it free and binding it)
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> ProxyProcess:
         env = dict(os.environ)
         root = str(self.source)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
