@@ -273,6 +273,11 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         client = cmd.client or cmd  # (the client's numbers count, not those of a plugin's rewrite)
         if (earlier := self._must_wait_for(session, st, client)):
             return Defer(defer.Deferred.fromCoroutine(self._after_done(session, earlier, cmd)))
+        if st.grown is not None and _may_reach_unannounced(st.view, client):
+            # New messages are being classified (an EXISTS with no client command in flight: one the
+            # backend sent after a command of a plugin's own): this command could reach them at the
+            # backend, which has them already, before the view says which are hidden.
+            return Defer(defer.Deferred.fromCoroutine(self._after_growth(session, st, cmd)))
         if st.reapply and (client.uid or client.name not in _SEQ_USING
                            or (st.mailbox is not None and self.folder_hidden(st, st.mailbox))):
             # (Not before a command that names messages by number, which the client wrote in the numbers
@@ -716,12 +721,16 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
 
     async def _grow_view(self, session, st: PolicySession) -> None:
         view = st.view
+        st.grown = []
         try:
             uids, hidden = await self._classify(session, st.plan, b"%d:*" % (view.max_uid + 1))
         except Exception:
             log.failure("classification of new messages failed")
-            return
-        view.append(uids, hidden)
+        else:
+            view.append(uids, hidden)
+        waiters, st.grown = st.grown, None
+        for waiter in waiters:
+            waiter.callback(None)
 
     # -- responses ------------------------------------------------------------------------------
 
@@ -1202,6 +1211,12 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return []
         if cmd.name in (b"SELECT", b"EXAMINE"):
             return session.inflight_commands()
+        if st.view is not None and st.view.identity and _may_reach_unannounced(st.view, cmd):
+            # Nothing hidden, so the command would go as written: a message the backend takes in during a
+            # command in flight (its EXISTS held while the proxy classifies it) would be in its "*" or past
+            # the last UID, though it may be one the device must not see. Once those commands are done the
+            # view knows it: hidden, the command is narrowed to the visible messages.
+            return session.inflight_commands()
         if cmd.uid or cmd.name not in _SEQ_USING or st.view is None or st.view.identity:
             return []
         return [c for c in session.inflight_commands() if (c.client or c).name in _EXPUNGING]
@@ -1277,6 +1292,13 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if (refused := await _run_all(session, _saving(SequenceSet.from_iterable(uids)))) is not None:
             log.warn("restoring a saved search result failed: {answer} session={session}",
                      answer=refused.tagged, session=session.session_id)
+
+    async def _after_growth(self, session, st: PolicySession, cmd):
+        """``cmd``'s decision once the new messages being classified are in the view."""
+        waiter = defer.Deferred()
+        st.grown.append(waiter)
+        await waiter
+        return await _resolved(self.command(session, cmd))
 
     async def _after_done(self, session, others, cmd):
         """``cmd``'s decision once ``others`` (in flight) have completed."""
@@ -1650,6 +1672,24 @@ def _without_subscribed_children(line: bytes, subscribed: bool) -> bytes | None:
     if not subscribed and (line[:7].upper() == b"* LSUB " or without is not line):
         return None
     return without
+
+
+def _may_reach_unannounced(view: MailboxView | None, cmd) -> bool:
+    """Whether ``cmd`` changes messages (a STORE, COPY or MOVE; a FETCH that sets \\Seen) and names them so
+    that a message the view does not know yet would be among them: ``*``, or past the last UID or number
+    it knows. (Explicit known UIDs, as a syncing client names them, reach no other.)"""
+    if view is None or cmd.name not in _SEQ_COMMANDS:
+        return False
+    m = _SEQ_ARG_RE.match(cmd.line)
+    if m is None or m.group(2) == b"$":
+        return False
+    if cmd.name == b"FETCH" and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is None:
+        return False
+    try:
+        named = SequenceSet.parse(m.group(2))
+    except SequenceSetError:
+        return False
+    return named.has_star or named.max() > (view.max_uid if cmd.uid else view.exists)
 
 
 def _saving(uids: SequenceSet) -> list[bytes]:

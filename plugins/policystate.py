@@ -104,6 +104,7 @@ class PolicySession:
     qresync: bool = False                # the client ENABLEd QRESYNC: VANISHED instead of EXPUNGE
     vanish_check: bool = False           # a command in flight may owe VANISHED (EARLIER) (_early_vanished)
     growing_to: int | None = None        # the EXISTS whose new messages were just classified (_grow_view)
+    grown: list | None = None            # while _grow_view runs: Deferreds of commands waiting for it
     exists_told: int | None = None       # the client's count before them (only hidden ones: nothing to tell)
     quiet_recent: bool = False           # the RECENT after such an EXISTS goes unsaid too
     # Unsolicited STATUS (NOTIFY) adjustments computed while the response was held, by mailbox.

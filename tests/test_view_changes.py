@@ -9,6 +9,7 @@ Folder preferences (on a folder of the test's own), so no other test sees them.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 
 import pytest
@@ -453,4 +454,40 @@ def test_a_message_hidden_at_select_stays_hidden_until_the_next_select(dovecot, 
     assert _untagged(c.command(b"n", b"NOOP")) == []
     assert _untagged(c.command(b"f", b"FETCH 1:* (UID)"))[-1] == b"* 3 FETCH (UID 4)\r\n"
     assert b"* 5 EXISTS\r\n" in c.command(b"s2", b'SELECT "%s"' % folder)
+    c.close()
+
+
+@pytest.mark.parametrize("command", [b"UID STORE 1:* +FLAGS (\\Flagged)", b"STORE 1:* +FLAGS (\\Flagged)",
+                                     b"UID STORE 1:99 +FLAGS (\\Flagged)", b'UID COPY 1:* "%s-copy"',
+                                     b'MOVE 1:* "%s-copy"'])
+def test_a_command_pipelined_behind_one_that_announces_a_hidden_arrival_does_not_touch_it(
+        proxy, dovecot, command):
+    """Found by review: in a folder where nothing was hidden, commands went to the backend as written;
+    one pipelined behind a command during which the backend took in a new message (its EXISTS held while
+    the proxy classifies it) reached that message too through ``*`` or a UID above every one announced,
+    though it was an IMDN the device does not see. Flagged, copied, moved away by a device that never
+    saw it."""
+    name = b"Arrive" + uuid.uuid4().hex[:8].encode()
+    for i in range(3):
+        dovecot.deliver("dave", name.decode(), make_object("chat", seed=i))
+    dovecot.deliver("dave", name.decode() + "-copy", make_object("chat", seed=9))
+    c = device(proxy, "phone")
+    assert c.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (name, PREFIX))[-1].startswith(b"m OK")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name)
+    assert dovecot.deliver("dave", name.decode(), make_object("imdn", seed=5)) == 4
+    line = command % name if b"%s" in command else command
+    c.send(b"n NOOP\r\n")
+    time.sleep(0.001)  # (the NOOP done at the backend, its EXISTS held by the proxy)
+    c.send(b"x " + line + b"\r\nf FETCH 1:* (UID FLAGS)\r\n")
+    got = _answers(c, b"nxf")
+    # (Only a hidden message arrived: nothing to tell, no message 4.)
+    assert not [x for x in got if b"EXISTS" in x or x.startswith(b"* 4 ") or b"UID 4" in x], got
+    imap = dovecot.imap_direct("dave", tls="none")
+    imap.select_folder(name.decode(), readonly=True)
+    left = imap.fetch(imap.search("ALL"), ["FLAGS"])  # (by UID)
+    imap.select_folder(name.decode() + "-copy", readonly=True)
+    copies = imap.search("ALL")
+    imap.logout()
+    assert 4 in left and b"\\Flagged" not in left[4][b"FLAGS"], left  # (the IMDN stayed, as it was)
+    assert len(copies) == (1 if b"STORE" in command else 4), copies
     c.close()
