@@ -899,8 +899,11 @@ class NotifyPlugin(Plugin):
             self._ensure_watch(session)  # e.g. after a reload retired the previous plugin instance
         if cmd.name == b"CLOSE" or (cmd.client is not None and cmd.client.name == b"CLOSE"):
             # (At its OK no mailbox is selected any more: the one whose expunges it announces is this.)
+            # (A mailbox EXAMINEd, read-only: its CLOSE expunges nothing, and tells no one.)
             policy = self.peer("policy")
-            cmd.state["closed_mailbox"] = policy.state(session).mailbox if policy is not None else None
+            selected = session.selected
+            cmd.state["closed_mailbox"] = policy.state(session).mailbox \
+                if policy is not None and selected is not None and not selected.read_only else None
         if cmd.name == b"NOTIFY":
             policy = self.peer("policy")
             if policy is not None and policy.state(session).policy.notifications == "off":
@@ -1020,8 +1023,9 @@ class NotifyPlugin(Plugin):
             if name == b"MOVE" and pst is not None and pst.mailbox:
                 mailboxes.append(pst.mailbox)
         elif name == b"CLOSE":
-            if cmd.state.get("closed_mailbox"):
-                mailboxes.append(cmd.state["closed_mailbox"])
+            if not cmd.state.get("closed_mailbox"):
+                return None
+            mailboxes.append(cmd.state["closed_mailbox"])
         elif pst is not None and pst.mailbox:
             mailboxes.append(pst.mailbox)
         uidvalidity, uids = None, ()

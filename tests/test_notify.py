@@ -1145,3 +1145,24 @@ def test_the_last_status_an_idle_device_hears_is_the_mailbox_as_it_is(make_proxy
         set_pref(a, b"NIL")
         a.close()
         b.close()
+
+
+def test_the_close_of_a_mailbox_examined_tells_no_one(make_proxy, dovecot):
+    """Found by review: every CLOSE was told as expunges (a STATUS to each of the user's devices), though
+    one of a mailbox EXAMINEd, read-only, expunges nothing (RFC 9051 6.4.1)."""
+    folder = new_folder(dovecot)
+    p = make_proxy(config_extra="[plugin.notify]\nwatch_backend = false\n")
+    b = device(p, "B")
+    set_pref(b, b'"on"')
+    a = device(p, "A")
+    try:
+        idle(b)
+        for tag, select in ((b"e", b"EXAMINE"), (b"s", b"SELECT")):
+            assert a.command(tag, b'%s "%s"' % (select, folder.encode()))[-1].startswith(tag + b" OK")
+            assert a.command(b"c", b"CLOSE")[-1].startswith(b"c OK")
+            told = [x for x in lines_within(b, 1.0) if x.startswith(b"* STATUS")]
+            assert len(told) == (0 if select == b"EXAMINE" else 1), (select, told)
+    finally:
+        set_pref(a, b"NIL")
+        a.close()
+        b.close()
