@@ -212,3 +212,20 @@ def test_a_tls_client_on_the_plaintext_port_is_told_at_once(make_proxy, proxy_ce
     assert time.monotonic() - started < 5
     assert b'cpmproxy_bad_input_total{kind="tls_on_plaintext"} 1.0' in metrics_of(p)
     assert still_serving(p)
+
+
+def test_a_tls_handshake_whose_first_read_is_one_byte_is_told_too(make_proxy, proxy_certs):
+    """Found by review: only the first read was looked at, so a ClientHello whose first byte came alone
+    (a slow link; what a PROXY header leaves) went to the IMAP parser and waited for a line."""
+    from tests.test_plugin_api import metrics_of
+
+    p = make_proxy(config_extra="[limits]\npreauth_timeout = 30\n")
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
+        assert raw.recv(1024).startswith(b"* OK")
+        raw.sendall(b"\x16")
+        time.sleep(0.2)
+        raw.sendall(b"\x03\x01\x00\x05hello")
+        answer = raw.recv(1024)
+    assert answer.startswith(b"* BYE [CLIENTBUG]"), answer
+    assert b'cpmproxy_bad_input_total{kind="tls_on_plaintext"} 1.0' in metrics_of(p)
+    assert still_serving(p)

@@ -195,7 +195,9 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         self._bye_sent = False
         self._ended_with = ""  # the BYE the proxy said, for the disconnect log line
         self._connected_at = service.reactor.seconds()
-        self._had_input = False  # (the first bytes are looked at once: a TLS handshake on a plaintext port)
+        # The first two bytes the client sends, until there are two (looked at once: a TLS handshake on a
+        # plaintext port); None after. (A read may bring one byte, or none: what a PROXY header left.)
+        self._first_bytes: bytes | None = b""
         self._sealed = False  # our BYE is out (or the connection is being closed): nothing follows it
         self._closing = False
         self._draining: bytes | None = None  # shutting down: the BYE text, once the commands are done
@@ -395,9 +397,11 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             # a client trickling a NOOP now and then held a connection slot for ever.)
             self.resetTimeout()
         self.service.metrics.bytes_in += len(data)
-        if not self._had_input:
-            self._had_input = True
-            if data[:2] == b"\x16\x03" and not self.tls_active:
+        if self._first_bytes is not None:
+            first = self._first_bytes = (self._first_bytes + data[:2])[:2]
+            if len(first) == 2 or self.tls_active:
+                self._first_bytes = None
+            if first == b"\x16\x03" and not self.tls_active:
                 # A TLS handshake record (a client set for implicit TLS, on the STARTTLS port): no line
                 # ever comes. Said at once, and in the log, where it would read as a plain disconnect.
                 self.service.metrics.bad_input.labels(kind="tls_on_plaintext").inc()
