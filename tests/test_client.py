@@ -1107,3 +1107,17 @@ def test_sigterm_interrupts_a_wait_for_a_silent_server(device, command, tls):
     else:
         assert proc.returncode == 0, (proc.returncode, err)
         assert err == "" and out.strip().endswith("stopped"), (out, err)
+
+
+def test_a_folder_below_inbox_is_one_folder_whatever_the_case_of_its_inbox(dovecot, device):
+    """Found by review: only "INBOX" itself was folded, so ``sync inbox/Sub`` (the server's INBOX/Sub, as
+    Dovecot and the proxy fold it) made a second local folder and downloaded everything again."""
+    sub = "Sub" + uuid.uuid4().hex[:8]
+    seed(dovecot, "alice", f"INBOX/{sub}", [make_object("chat", seed=i) for i in range(2)])
+    a = device("phone-inbox-case")
+    a.sync(f"INBOX/{sub}")
+    assert len(a.index(f"INBOX/{sub}")) == 2
+    res = a.sync(f"inbox/{sub}", env=dict(ENV, CPM_SYNC_TRACE="1"))
+    assert fetched_body_uids(res.stderr) == [] and a.folder_state(f"inbox/{sub}") is None, res.stdout
+    listed = a.run("list", f"Inbox/{sub}").stdout
+    assert len([x for x in listed.splitlines() if x.strip()[:1].isdigit()]) == 2, listed

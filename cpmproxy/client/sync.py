@@ -1023,8 +1023,11 @@ class Syncer:
 
 
 def canonical_name(name: str) -> str:
-    """INBOX is case-insensitive (RFC 3501 5.1); every other name is exact."""
-    return "INBOX" if name.upper() == "INBOX" else name
+    """INBOX is case-insensitive (RFC 9051 5.1), and so is the prefix of the names below it, as the
+    server (Dovecot) and the proxy fold it ("inbox/Sub" is "INBOX/Sub"); every other name is exact."""
+    if name[:5].upper() == "INBOX" and name[5:6] in ("", "/"):
+        return "INBOX" + name[5:]
+    return name
 
 
 def _expand_missing(requested: UidSet, present: set[int], limit: int = 100_000) -> list[int]:
