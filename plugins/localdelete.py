@@ -480,8 +480,7 @@ class LocalDeletePlugin(Plugin):
         targets = await self._store_targets(session, view, uid, seqs)
         return targets if isinstance(targets, Answer) else (view, targets)
 
-    @staticmethod
-    async def _store_targets(session, view, uid, seqs: bytes) -> set[int] | Answer:
+    async def _store_targets(self, session, view, uid, seqs: bytes) -> set[int] | Answer:
         """The visible UIDs a STORE names, or the answer to a set the proxy cannot use."""
         if seqs == b"$":
             # The saved search result (RFC 5182): its UIDs, asked of the backend (passed on as it is, the
@@ -489,7 +488,10 @@ class LocalDeletePlugin(Plugin):
             reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
             if reply.status != b"OK":
                 return Answer(b"NO [CANNOT] No saved search result to use.")
-            return set(esearch_all(reply)) - view.hidden
+            # (None the view does not know: taken in by the backend, its EXISTS held while classified.)
+            await self.peer("policy").classified(session)
+            top = view.max_uid
+            return {u for u in esearch_all(reply) if u <= top} - view.hidden
         try:
             requested = SequenceSet.parse(seqs)
         except SequenceSetError:

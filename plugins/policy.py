@@ -327,7 +327,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if reply.status != b"OK":
             return None  # (no saved result: the backend answers the command as it would)
         saved = set(esearch_all(reply))
-        hidden = saved & view.hidden
+        await self.classified(session)
+        # (A message above every one the view knows: saved by a search the backend ran after taking it in,
+        # not announced, not classified: as a hidden one.)
+        hidden = saved & view.hidden | {u for u in saved if u > view.max_uid}
         if hidden == saved:
             return _of_no_message(cmd, cmd.tag + b" UID " + cmd.name + b" ", m.group(3)) if saved else None
         pieces = uid_set_pieces(SequenceSet.from_iterable(hidden)) if hidden else []
@@ -1295,10 +1298,17 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
 
     async def _after_growth(self, session, st: PolicySession, cmd):
         """``cmd``'s decision once the new messages being classified are in the view."""
-        waiter = defer.Deferred()
-        st.grown.append(waiter)
-        await waiter
+        await self.classified(session)
         return await _resolved(self.command(session, cmd))
+
+    async def classified(self, session) -> None:
+        """Once the new messages being classified, if any, are in the view. (An answer to a command of
+        the proxy's own passes a held EXISTS: a ``$`` read so may hold messages the view does not know.)"""
+        st = session.state.get(self.name)
+        if st is not None and st.grown is not None:
+            waiter = defer.Deferred()
+            st.grown.append(waiter)
+            await waiter
 
     async def _after_done(self, session, others, cmd):
         """``cmd``'s decision once ``others`` (in flight) have completed."""
@@ -1676,15 +1686,17 @@ def _without_subscribed_children(line: bytes, subscribed: bool) -> bytes | None:
 
 def _may_reach_unannounced(view: MailboxView | None, cmd) -> bool:
     """Whether ``cmd`` changes messages (a STORE, COPY or MOVE; a FETCH that sets \\Seen) and names them so
-    that a message the view does not know yet would be among them: ``*``, or past the last UID or number
-    it knows. (Explicit known UIDs, as a syncing client names them, reach no other.)"""
+    that a message the view does not know yet could be among them: ``*``, past the last UID or number it
+    knows, or ``$``. (Explicit known UIDs, as a syncing client names them, reach no other.)"""
     if view is None or cmd.name not in _SEQ_COMMANDS:
         return False
     m = _SEQ_ARG_RE.match(cmd.line)
-    if m is None or m.group(2) == b"$":
+    if m is None:
         return False
     if cmd.name == b"FETCH" and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is None:
         return False
+    if m.group(2) == b"$":
+        return True  # (saved by a search in flight, or since: it may hold a message taken in during it)
     try:
         named = SequenceSet.parse(m.group(2))
     except SequenceSetError:

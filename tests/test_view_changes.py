@@ -491,3 +491,36 @@ def test_a_command_pipelined_behind_one_that_announces_a_hidden_arrival_does_not
     assert 4 in left and b"\\Flagged" not in left[4][b"FLAGS"], left  # (the IMDN stayed, as it was)
     assert len(copies) == (1 if b"STORE" in command else 4), copies
     c.close()
+
+
+@pytest.mark.parametrize("hidden_before", [False, True], ids=["identity", "filtered"])
+@pytest.mark.parametrize("command", [b"STORE $ +FLAGS (\\Flagged)", b'MOVE $ "%s-copy"',
+                                     b"STORE $ +FLAGS ($LocalDelete \\Flagged)"])
+def test_a_saved_result_taken_behind_a_hidden_arrival_does_not_reach_it(proxy, dovecot, command, hidden_before):
+    """Found by review: ``$`` saved by a search behind a command during which an IMDN arrived holds it (the
+    backend had taken it in), and a STORE or MOVE of ``$`` reached it: passed on as written where nothing
+    was hidden, or narrowed by a ``$`` read that passed the held EXISTS, before the IMDN was classified
+    (a local delete's too). Flagged or moved away by a device that never saw it; MOVE's COPYUID named it."""
+    name = b"Dollar" + uuid.uuid4().hex[:8].encode()
+    kinds = ["chat", "imdn", "chat", "chat"] if hidden_before else ["chat"] * 3
+    for i, k in enumerate(kinds):
+        dovecot.deliver("dave", name.decode(), make_object(k, seed=i))
+    dovecot.deliver("dave", name.decode() + "-copy", make_object("chat", seed=9))
+    c = device(proxy, "phone")
+    assert c.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (name, PREFIX))[-1].startswith(b"m OK")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name)
+    new = dovecot.deliver("dave", name.decode(), make_object("imdn", seed=5))
+    c.send(b"n NOOP\r\n")
+    time.sleep(0.001)  # (the NOOP done at the backend, its EXISTS held by the proxy)
+    c.send(b"v SEARCH RETURN (SAVE) ALL\r\nx " + (command % name if b"%s" in command else command)
+           + b"\r\nf FETCH 1:* (UID FLAGS)\r\n")
+    got = _answers(c, b"nvxf")
+    c.close()
+    assert [x for x in got if x.startswith(b"x ")][0].startswith(b"x OK"), got
+    assert not [x for x in got if b"EXISTS" in x or x.startswith(b"* 4 ") or b"UID %d" % new in x
+                or (b"COPYUID" in x and b",%d " % new in x.replace(b":", b",") + b" ")], got
+    imap = dovecot.imap_direct("dave", tls="none")
+    imap.select_folder(name.decode(), readonly=True)
+    left = imap.fetch(imap.search("ALL"), ["FLAGS"])
+    imap.logout()
+    assert new in left and not {b"\\Flagged", b"$LocalDelete"} & set(left[new][b"FLAGS"]), (left, got)
