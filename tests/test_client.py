@@ -1121,3 +1121,19 @@ def test_a_folder_below_inbox_is_one_folder_whatever_the_case_of_its_inbox(dovec
     assert fetched_body_uids(res.stderr) == [] and a.folder_state(f"inbox/{sub}") is None, res.stdout
     listed = a.run("list", f"Inbox/{sub}").stdout
     assert len([x for x in listed.splitlines() if x.strip()[:1].isdigit()]) == 2, listed
+
+
+def test_a_named_folder_that_holds_no_messages_is_said_so(dovecot, device):
+    """Found by review: ``sync Parent`` of a \\Noselect parent said "0 folders" and exited 0, as if synced."""
+    parent = unique_folder()
+    seed(dovecot, "alice", f"{parent}/Child", [make_object("chat")])
+    c = dovecot.imap_direct("alice", tls="none")
+    try:
+        assert b"\\Noselect" in next(f for f, _, n in c.list_folders(parent) if n == parent)
+    finally:
+        c.logout()
+    a = device("phone-noselect")
+    res = a.sync(parent, ok=False)
+    assert res.returncode == 5 and "Noselect" in res.stderr and parent in res.stderr, (res.returncode, res.stderr)
+    a.sync(f"{parent}/Child")
+    assert len(a.index(f"{parent}/Child")) == 1

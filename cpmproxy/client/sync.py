@@ -547,6 +547,9 @@ class Syncer:
                     res = FolderResult(name, deleted=True, removed=self.store.count(lf))
                     self.store.remove_folder(lf)
                     result.folders.append(res)
+                elif sf is not None and names is not None:
+                    # Named, but a folder that holds no messages (a parent only): "0 folders" said nothing.
+                    result.failed.append((name, "it holds no messages (\\Noselect): name the folders below it"))
                 continue
             try:
                 res = self.sync_folder(sf, lf)
