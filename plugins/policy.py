@@ -148,6 +148,7 @@ def _refuse_urls(segment: bytes) -> bytes | None:
 # FETCH items that set \Seen (RFC 9051 6.4.5): BODY[...] and BINARY[...] without .PEEK, RFC822, RFC822.TEXT.
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
+_MODIFIED_CODE_RE = re.compile(rb"\[MODIFIED ([0-9:,]+)\]", re.I)
 _UNCHANGEDSINCE_RE = re.compile(rb"\s*\([^()]*UNCHANGEDSINCE", re.I)  # (RFC 7162: [MODIFIED] in the client's numbers)
 
 
@@ -933,6 +934,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # The command the client sent answers, not the one the proxy ran for it (NOOP, UNSELECT).
             self._tagged_done(session, st, cmd, status)
             code = resp.head.code  # e.g. [HIGHESTMODSEQ n] under CONDSTORE: kept
+            if (before := cmd.state.get("modified_before")):
+                last = [code[9:].strip()] if code is not None and code[:9].upper() == b"MODIFIED " else []
+                code = b"MODIFIED " + b",".join(before + last)
+            code = self._client_modified(st, cmd, code)
             return Rewrite(cmd.tag + b" OK " + (b"[" + code + b"] " if code else b"") + cmd.state["tagged_text"]
                            + b"\r\n")
         self._tagged_done(session, st, cmd, status)
@@ -944,12 +949,18 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 if early:
                     return Rewrite(early + resp.data)
         code = resp.head.code
-        if code is not None and code[:9].upper() == b"MODIFIED " and not cmd.uid and st.view is not None \
-                and not st.view.identity:
-            # RFC 7162 3.1.3: the messages a conditional STORE left alone, in the client's numbers.
-            renumbered = b"MODIFIED " + renumber_ordered_set(st.view, code[9:].strip())
+        if (renumbered := self._client_modified(st, cmd, code)) is not code:
             return Rewrite(resp.data.replace(b"[" + code + b"]", b"[" + renumbered + b"]", 1))
         return None
+
+    @staticmethod
+    def _client_modified(st: PolicySession, cmd, code: bytes | None) -> bytes | None:
+        """A ``MODIFIED`` response code in the client's numbers (RFC 7162 3.1.3: the messages a conditional
+        STORE left alone); any other code, or one of UIDs, as it is."""
+        if code is not None and code[:9].upper() == b"MODIFIED " and not cmd.uid and st.view is not None \
+                and not st.view.identity:
+            return b"MODIFIED " + renumber_ordered_set(st.view, code[9:].strip())
+        return code
 
     def _tagged_done(self, session, st: PolicySession, cmd, status: bytes) -> None:
         if cmd.name in (b"SELECT", b"EXAMINE"):
@@ -988,8 +999,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             except SequenceSetError:
                 # (Never passed on: the backend may read it, "01" in Dovecot, in its own numbers.)
                 return Answer(b"BAD [CLIENTBUG] Invalid sequence set.")
-            if (name == b"STORE" and not _UNCHANGEDSINCE_RE.match(cmd.line, m.end(2))) \
-                    or (name == b"EXPUNGE" and cmd.uid) \
+            if name == b"STORE" or (name == b"EXPUNGE" and cmd.uid) \
                     or (name == b"FETCH" and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is not None
                         and not _VANISHED_MODIFIER_RE.search(cmd.line, m.end(2))):
                 # (Those that name exactly the visible messages, past the line limit: in pieces. A FETCH that
@@ -1268,8 +1278,12 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if name == b"STORE" and (readreport := session.hooks.by_name.get("readreport")) is not None:
             text = readreport.flags_for_backend(text)
         lines = [head + piece + text for piece in pieces]
-        if (refused := await _run_all(session, lines[:-1])) is not None:
+        replies: list = []
+        if (refused := await _run_all(session, lines[:-1], replies)) is not None:
             return refused
+        if name == b"STORE" and _UNCHANGEDSINCE_RE.match(text):
+            # (RFC 7162 3.1.3: the messages a conditional STORE left alone, of every piece, in the answer)
+            cmd.state["modified_before"] = [m.group(1) for r in replies if (m := _MODIFIED_CODE_RE.search(r.tagged))]
         cmd.state["tagged_text"] = name.capitalize() + b" completed."
         return Rewrite(cmd.tag + b" " + lines[-1] + b"\r\n")
 
@@ -1714,14 +1728,16 @@ def _saving(uids: SequenceSet) -> list[bytes]:
     return [b"SEARCH RETURN (SAVE) UID " + pieces[0]] + [b"SEARCH RETURN (SAVE) OR $ UID " + p for p in pieces[1:]]
 
 
-async def _run_all(session, lines: list[bytes]) -> Answer | None:
+async def _run_all(session, lines: list[bytes], replies: list | None = None) -> Answer | None:
     """``lines`` as commands of the proxy's own on the session's connection, pipelined (they run in order):
     None once all are done, or the client's answer for the first the backend refused (``_refusal``; the
-    others ran, as a server's command may stop part way)."""
-    replies = [session.backend_command(line) for line in lines]
+    others ran, as a server's command may stop part way). Their replies go to ``replies`` if given."""
+    pending = [session.backend_command(line) for line in lines]
     failed = None
-    for d in replies:
+    for d in pending:
         reply = await d
+        if replies is not None:
+            replies.append(reply)
         if reply.status != b"OK" and failed is None:
             failed = reply
     return None if failed is None else _refusal(failed)

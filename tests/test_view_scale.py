@@ -639,3 +639,35 @@ def test_min_max_with_a_modseq_key_past_the_line_limit_announce_no_expunge_mid_s
     assert [x for x in r if x.startswith(b"* ")] == [want], r
     assert b"* 1 EXPUNGE\r\n" in c.command(b"n", b"NOOP")
     c.close()
+
+
+@pytest.mark.parametrize("uid", [False, True], ids=["numbers", "uids"])
+def test_a_conditional_store_over_more_scattered_messages_than_a_command_line_holds(big, uid):
+    """``STORE 1:* (UNCHANGEDSINCE n) +FLAGS (\\Seen)`` (CONDSTORE's "mark all read, unless changed since")
+    where every other message is hidden named each visible one in one command: refused past the backend's
+    line limit. It goes in pieces as any STORE now, and the answer's [MODIFIED] names what every piece
+    left alone (RFC 7162 3.1.3), in the device's numbers (or UIDs)."""
+    d, p = big
+    folder = b"Cond-uid" if uid else b"Cond"
+    direct = _filled(d, folder)
+    direct.command(b"e", b"ENABLE CONDSTORE")
+    direct.command(b"s", b'SELECT "%s"' % folder)
+    since = int(re.search(rb"HIGHESTMODSEQ (\d+)", b"".join(direct.command(b"t", b'STATUS "%s" (HIGHESTMODSEQ)'
+                                                                                   % folder))).group(1))
+    changed = [3, COUNT // 2 + 1, COUNT - 1]  # (UIDs of chats, in the first, a middle and the last piece)
+    for u in changed + [COUNT]:  # (and the last IMDN, hidden)
+        direct.command(b"f", b"UID STORE %d +FLAGS (\\Flagged)" % u)
+    c = _device(p)
+    c.command(b"e", b"ENABLE CONDSTORE")
+    assert c.command(b"s", b'SELECT "%s"' % folder)[-1].startswith(b"s OK")
+    r = c.command(b"a", b"%sSTORE 1:* (UNCHANGEDSINCE %d) +FLAGS.SILENT (\\Seen)" % (b"UID " if uid else b"", since))
+    named = b",".join(b"%d" % (u if uid else (u + 1) // 2) for u in changed)  # (the chats: odd UIDs)
+    assert r[-1].startswith(b"a OK [MODIFIED ") and SequenceSet.parse(r[-1].split()[3].rstrip(b"]")) \
+        == SequenceSet.parse(named), r[-1]
+    c.close()
+    lines = direct.command(b"g", b"FETCH 1:* (UID FLAGS)")
+    direct.close()
+    flags = {int(m.group(1)): m.group(2) for m in (re.search(rb"UID (\d+) FLAGS \(([^)]*)\)", x) for x in lines) if m}
+    assert len(flags) == COUNT
+    wrong = [(u, f) for u, f in flags.items() if (b"\\Seen" in f) != (u % 2 == 1 and u not in changed)]
+    assert not wrong, wrong[:5]
