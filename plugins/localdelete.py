@@ -529,15 +529,30 @@ class LocalDeletePlugin(Plugin):
         cmd.state["localdelete"] = True
         if not targets:
             return Answer(b"OK Store completed.")
-        uidset = SequenceSet.from_iterable(targets).format()
+        uids = SequenceSet.from_iterable(targets)
         if server_flags or base == b"FLAGS":
             # UID form: the numbers stay unambiguous whatever the view; FETCH responses get renumbered.
-            return Rewrite(b"%s UID STORE %s %s (%s)\r\n" % (tag, uidset, op, b" ".join(server_flags)))
+            return await self._uid_command(session, tag, b"STORE", uids, b" %s (%s)" % (op, b" ".join(server_flags)),
+                                           b" %s (%s)" % (op, b" ".join(self._for_backend(server_flags))))
         if silent:
             return Answer(b"OK Store completed.")
         # Nothing for the server: report the flags the client now sees (server's + pending local ones).
         cmd.state[NO_SERVER_CHANGE] = True
-        return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, uidset, _flags_items(st)))
+        return await self._uid_command(session, tag, b"FETCH", uids, b" (%s)" % _flags_items(st))
+
+    @staticmethod
+    async def _uid_command(session, tag: bytes, name: bytes, uids: SequenceSet, rest: bytes,
+                           backend_rest: bytes | None = None) -> Rewrite | Answer:
+        """``UID <name> <uids><rest>`` as the client's command; where ``uids`` are more scattered than a
+        command line holds (a local delete of every other message), in pieces of a few KB: commands of the
+        proxy's own first (``backend_rest``: ``rest`` as the backend takes it, the CPM flag mapped, as no
+        command hook sees them), then the client's with the last, whose answer is the client's."""
+        pieces = uid_set_pieces(uids)
+        head = b"UID " + name + b" "
+        for reply in [session.backend_command(head + piece + (backend_rest or rest)) for piece in pieces[:-1]]:
+            if (await reply).status != b"OK":
+                return Answer(b"NO [UNAVAILABLE] The flags could not be stored.")
+        return Rewrite(tag + b" " + head + pieces[-1] + rest + b"\r\n")
 
     def _for_backend(self, flags: list) -> list:
         """``flags`` for a STORE of the proxy's own, which passes no command hook: the CPM flag mapped."""
@@ -565,19 +580,21 @@ class LocalDeletePlugin(Plugin):
             server_flags = groups[1][1]
             if not server_flags:
                 return Answer(b"OK Store completed.")
-            return Rewrite(b"%s UID STORE %s %s (%s)\r\n" % (
-                tag, SequenceSet.from_iterable(targets).format(), op, b" ".join(server_flags)))
+            return await self._uid_command(session, tag, b"STORE", SequenceSet.from_iterable(targets),
+                                           b" %s (%s)" % (op, b" ".join(server_flags)),
+                                           b" %s (%s)" % (op, b" ".join(self._for_backend(server_flags))))
         for group, server_flags in groups:
             if group and server_flags:
-                done = await session.backend_command(b"UID STORE %s -FLAGS.SILENT (%s)" % (
-                    SequenceSet.from_iterable(group).format(), b" ".join(self._for_backend(server_flags))))
-                if done.status != b"OK":
+                line = b" -FLAGS.SILENT (%s)" % b" ".join(self._for_backend(server_flags))
+                done = [session.backend_command(b"UID STORE " + piece + line)
+                        for piece in uid_set_pieces(SequenceSet.from_iterable(group))]
+                if any([(await d).status != b"OK" for d in done]):
                     return Answer(b"NO [UNAVAILABLE] The flags could not be stored.")  # (marks kept)
         st.pending -= targets
         if op.upper().endswith(b".SILENT"):
             return Answer(b"OK Store completed.")
-        return Rewrite(b"%s UID FETCH %s (%s)\r\n" % (tag, SequenceSet.from_iterable(targets).format(),
-                                                      _flags_items(st)))
+        return await self._uid_command(session, tag, b"FETCH", SequenceSet.from_iterable(targets),
+                                       b" (%s)" % _flags_items(st))
 
     async def _expunge(self, session, st: LocalState, cmd):
         policy = self.peer("policy")

@@ -671,3 +671,34 @@ def test_a_conditional_store_over_more_scattered_messages_than_a_command_line_ho
     assert len(flags) == COUNT
     wrong = [(u, f) for u, f in flags.items() if (b"\\Seen" in f) != (u % 2 == 1 and u not in changed)]
     assert not wrong, wrong[:5]
+
+
+def test_local_delete_stores_over_more_scattered_messages_than_a_command_line_holds(big):
+    """A local delete of every message the device sees, where every other message is hidden (``STORE 1:*
+    +FLAGS ($LocalDelete \\Deleted)``, its cancelling, with a server flag beside or alone): the local-delete
+    plugin named each visible UID in one UID STORE or UID FETCH, refused past the backend's line limit. In
+    pieces of a few KB now: every visible message answered, flagged on the server where asked, no hidden
+    one touched."""
+    d, p = big
+    direct = _filled(d, b"Ld-scale")
+    c = _device(p, b"ld-scale")
+    assert c.command(b"s", b'SELECT "Ld-scale"')[-1].startswith(b"s OK")
+    shown = COUNT // 2
+    for tag, store in ((b"a", b"+FLAGS ($LocalDelete \\Deleted \\Flagged)"), (b"b", b"-FLAGS ($LocalDelete \\Deleted)"),
+                       (b"c", b"+FLAGS ($LocalDelete)"), (b"d", b"-FLAGS ($LocalDelete \\Deleted \\Flagged)"),
+                       (b"e", b"+FLAGS (\\Deleted $LocalDelete \\Seen)")):
+        r = c.command(tag, b"STORE 1:* " + store)
+        assert r[-1].startswith(tag + b" OK"), (store, r[-1])
+        told = sorted(int(x.split()[1]) for x in r if b" FETCH " in x)
+        assert told == list(range(1, shown + 1)), (store, len(told), r[-1])
+    assert c.command(b"x", b"EXPUNGE")[-1].startswith(b"x OK")
+    assert b"* 0 EXISTS\r\n" in c.command(b"n", b'SELECT "Ld-scale"')
+    c.close()
+    direct.command(b"s", b'EXAMINE "Ld-scale"')
+    lines = direct.command(b"f", b"FETCH 1:* (UID FLAGS)")
+    direct.close()
+    flags = {int(m.group(1)): m.group(2) for m in (re.search(rb"UID (\d+) FLAGS \(([^)]*)\)", x) for x in lines) if m}
+    assert len(flags) == COUNT  # (nothing deleted on the server)
+    wrong = [(u, f) for u, f in flags.items() if b"\\Flagged" in f or b"\\Deleted" in f or b"$LocalDelete" in f
+             or (b"\\Seen" in f) != (u % 2 == 1)]
+    assert not wrong, wrong[:5]
