@@ -98,6 +98,8 @@ _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 _VANISHED_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?VANISHED(?:\s[^()]*)?\)\s*$", re.IGNORECASE)
 _SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT", b"THREAD"))  # (unless UID)
 _EXPUNGING = frozenset((b"EXPUNGE", b"MOVE", b"CLOSE"))  # (UID EXPUNGE, UID MOVE too)
+_RETURNING_RE = re.compile(rb"\S+ (?:UID )?(?:SEARCH|SORT) RETURN \(", re.I)
+_NO_EXPUNGE_DURING = frozenset((b"FETCH", b"STORE", b"SEARCH", b"SORT", b"THREAD"))  # (by number: RFC 9051 7.5.1)
 _NOT_OFFERED = frozenset((b"CONTEXT=SEARCH", b"CONTEXT=SORT", b"CATENATE", b"URL-PARTIAL"))
 _URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
 _LITERAL_OR_QUOTED_RE = re.compile(rb'~?\{(\d+)\+?\}\r\n|"(?:[^"\\]|\\.)*"')
@@ -274,7 +276,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         client = cmd.client or cmd  # (the client's numbers count, not those of a plugin's rewrite)
         if (earlier := self._must_wait_for(session, st, client)):
             return Defer(defer.Deferred.fromCoroutine(self._after_done(session, earlier, cmd)))
-        if st.grown is not None and _may_reach_unannounced(st.view, client):
+        if st.grown is not None and (client.name == b"UNSELECT" or _may_reach_unannounced(st.view, client)
+                                     or (client.name == b"STATUS" and _status_of_selected(st, client))):
             # New messages are being classified (an EXISTS with no client command in flight: one the
             # backend sent after a command of a plugin's own): this command could reach them at the
             # backend, which has them already, before the view says which are hidden.
@@ -308,6 +311,11 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     return action
             return Defer(defer.Deferred.fromCoroutine(self._mailbox_command(session, st, cmd)))
         view = st.view
+        if view is not None and view.identity and name in (b"SEARCH", b"SORT") and not cmd.has_literal \
+                and _RETURNING_RE.match(cmd.line):
+            # A result the backend computes something from (COUNT, MIN/MAX, $): of the messages the view
+            # knows, not one the backend took in during a command in flight, which may be hidden.
+            return Rewrite(cmd.line.rstrip(b"\r\n") + b" " + format_tokens(_known_only(view)) + b"\r\n")
         if view is not None and not view.identity:
             if name in (b"EXPUNGE", b"CLOSE") and not cmd.uid and has_caps(session, b"UIDPLUS", b"UNSELECT"):
                 return Defer(defer.Deferred.fromCoroutine(self._expunge_visible(session, view, cmd)))
@@ -341,7 +349,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         """EXPUNGE / CLOSE under a filtered view remove only the visible messages marked \\Deleted (a
         hidden message does not exist for this device, whoever marked it): UID EXPUNGE of those."""
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
-        targets = set(esearch_all(reply)) - view.hidden
+        await self.classified(session)  # (the answer passes a held EXISTS: none the view does not know)
+        top = view.max_uid
+        targets = {u for u in esearch_all(reply) if u <= top} - view.hidden
         # (In pieces of a few KB: scattered between hidden ones, they can be more than a command line holds.
         # The pieces' EXPUNGE responses reach the client while its EXPUNGE or CLOSE is in progress: legal.)
         pieces = uid_set_pieces(SequenceSet.from_iterable(targets)) if targets else []
@@ -1111,6 +1121,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 return Defer(defer.Deferred.fromCoroutine(self._after_done(session, other, cmd)))
         restriction = []
         if not plain or b"MODSEQ" in body.upper():
+            rest = _known_only(view) + rest
             # (Only where the backend computes something from the matches: a plain result is filtered
             # exactly on its way back, and Dovecot announces no expunges during a search with UID
             # criteria, which clients syncing with UID SEARCH would notice.)
@@ -1218,11 +1229,20 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         - a SELECT or EXAMINE changes the view at once: responses to the commands before it, still coming
           in the mailbox selected now, would pass unfiltered (hidden messages, their bodies) or be
           renumbered by the next mailbox's view;
-        - a command by number behind an expunging one under a filtered view: its numbers are the view's
-          after the expunges (as the backend reads them), which are known once their responses are in."""
+        - a command by number behind one during which the backend may announce expunges (its own, or
+          another session's: any but a FETCH, STORE or search by number, RFC 9051 7.5.1) under a filtered
+          view: its numbers are the view's after the expunges (as the backend reads them), which are known
+          once their responses are in (else the client's 1 could be read as a hidden message);
+        - one that could reach a message the view does not know yet (see _may_reach_unannounced)."""
         if st.mailbox is None:
             return []
-        if cmd.name in (b"SELECT", b"EXAMINE"):
+        if cmd.name in (b"SELECT", b"EXAMINE", b"UNSELECT", b"CLOSE"):
+            # (UNSELECT and CLOSE too: new messages announced during those in flight are classified at the
+            # backend in the mailbox, which must still be selected then.)
+            return session.inflight_commands()
+        if cmd.name == b"STATUS" and _status_of_selected(st, cmd):
+            # (Counted by the backend as this session knows the mailbox: with messages announced during the
+            # commands in flight, which the view knows, and so can take the hidden ones out, once they are in.)
             return session.inflight_commands()
         if st.view is not None and st.view.identity and _may_reach_unannounced(st.view, cmd):
             # Nothing hidden, so the command would go as written: a message the backend takes in during a
@@ -1232,7 +1252,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return session.inflight_commands()
         if cmd.uid or cmd.name not in _SEQ_USING or st.view is None or st.view.identity:
             return []
-        return [c for c in session.inflight_commands() if (c.client or c).name in _EXPUNGING]
+        # (Any command but a FETCH, STORE or search by number may bring another session's expunges.)
+        return [c for c in session.inflight_commands()
+                if c.uid or c.name not in _NO_EXPUNGE_DURING or (c.client or c).name in _EXPUNGING]
 
     @staticmethod
     async def decide_after(others, decide):
@@ -1698,11 +1720,32 @@ def _without_subscribed_children(line: bytes, subscribed: bool) -> bytes | None:
     return without
 
 
+def _status_of_selected(st: PolicySession, cmd) -> bool:
+    """Whether ``cmd`` (a STATUS) asks of the mailbox selected, under a view."""
+    if st.view is None or st.mailbox is None:
+        return False
+    try:
+        raw = token_text(cmd.args[0]) if cmd.args else None
+    except TokenError:
+        return False
+    return raw is not None and mailbox_name(raw) == st.mailbox
+
+
+def _known_only(view: MailboxView) -> list:
+    """Search keys for the messages the view knows (none that the backend has taken in but not announced:
+    not classified yet)."""
+    return [Atom(b"UID"), Atom(b"1:%d" % view.max_uid if view.max_uid else b"%d" % MAX_UID)]
+
+
 def _may_reach_unannounced(view: MailboxView | None, cmd) -> bool:
-    """Whether ``cmd`` changes messages (a STORE, COPY or MOVE; a FETCH that sets \\Seen) and names them so
+    """Whether ``cmd`` changes messages (a STORE, COPY, MOVE or expunge; a FETCH that sets \\Seen) and names them so
     that a message the view does not know yet could be among them: ``*``, past the last UID or number it
     knows, or ``$``. (Explicit known UIDs, as a syncing client names them, reach no other.)"""
-    if view is None or cmd.name not in _SEQ_COMMANDS:
+    if view is None:
+        return False
+    if cmd.name == b"CLOSE" or (cmd.name == b"EXPUNGE" and not cmd.uid):
+        return True  # (every \\Deleted message: one taken in meanwhile may be marked so already)
+    if cmd.name not in _SEQ_COMMANDS and not (cmd.name == b"EXPUNGE" and cmd.uid):
         return False
     m = _SEQ_ARG_RE.match(cmd.line)
     if m is None:

@@ -1,0 +1,166 @@
+"""Messages arriving or expunged while the device's commands are in flight (found by a review hunting races,
+2026-11-28): a command pipelined 0-3 ms behind a NOOP during which the backend took in a hidden IMDN (its
+EXISTS held while the proxy classifies it), or announced another session's expunge. Each test tries a few
+timings and fails if any attempt leaks, counts or touches what the device must not see."""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import pytest
+
+from cpmproxy.testing.sample import make_object
+from tests.proxyfix import raw_via
+
+PREFIX = b"/private/vendor/vendor.cpmproxy"
+DELAYS = [0, 0.0005, 0.001, 0.002, 0.003] * 2
+
+
+@pytest.fixture
+def proxy(make_proxy):
+    return make_proxy()
+
+
+def device(proxy):
+    c = raw_via(proxy)
+    c.command(b"i", b'ID ("x-cpm-device-id" "phone")')
+    assert c.login("dave", "davepw")[-1].startswith(b"L OK")
+    return c
+
+
+def answers(c, tags):
+    got, done = [], 0
+    while done < len(tags):
+        got.append(c.read_response())
+        done += got[-1][:1] in tags and got[-1][1:2] == b" "
+    return got
+
+
+def folder(proxy, dovecot, kinds):
+    name = b"Race" + uuid.uuid4().hex[:8].encode()
+    for i, k in enumerate(kinds):
+        dovecot.deliver("dave", name.decode(), make_object(k, seed=i))
+    c = device(proxy)
+    assert c.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (name, PREFIX))[-1].startswith(b"m OK")
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name)
+    return name, c
+
+
+@pytest.mark.parametrize("hidden_before", [False, True], ids=["identity", "filtered"])
+@pytest.mark.parametrize("command", [b"UID SEARCH RETURN (MAX ALL COUNT) ALL",
+                                     b"UID SORT RETURN (MAX ALL COUNT) (ARRIVAL) UTF-8 ALL",
+                                     b"SEARCH RETURN (COUNT) ALL"])
+def test_esearch_behind_a_hidden_arrival_names_or_counts_it(proxy, dovecot, command, hidden_before):
+    """Finding 1: RETURN (MIN/MAX/COUNT/ALL) computed by the backend over a message it took in during
+    the NOOP in flight (a hidden IMDN): its UID and its count reach the device."""
+    kinds = ["chat", "imdn", "chat", "chat"] if hidden_before else ["chat"] * 3
+    leaks = []
+    for delay in DELAYS:
+        name, c = folder(proxy, dovecot, kinds)
+        new = dovecot.deliver("dave", name.decode(), make_object("imdn", seed=5))
+        c.send(b"n NOOP\r\n")
+        time.sleep(delay)
+        c.send(b"x " + command + b"\r\n")
+        got = answers(c, b"nx")
+        c.close()
+        esearch = b"".join(x for x in got if x.startswith(b"* ESEARCH"))
+        if re.search(rb"COUNT 4|MAX %d|[:,]%d\b" % (new, new), esearch):
+            leaks.append((delay, esearch))
+    assert not leaks, leaks
+
+
+@pytest.mark.parametrize("hidden_before", [False, True], ids=["identity", "filtered"])
+def test_status_of_the_selected_mailbox_behind_a_hidden_arrival_counts_it(proxy, dovecot, hidden_before):
+    """Finding 2: STATUS of the selected mailbox pipelined behind the NOOP: MESSAGES/UNSEEN count the IMDN."""
+    kinds = ["chat", "imdn", "chat", "chat"] if hidden_before else ["chat"] * 3
+    leaks = []
+    for delay in DELAYS:
+        name, c = folder(proxy, dovecot, kinds)
+        dovecot.deliver("dave", name.decode(), make_object("imdn", seed=5))
+        c.send(b"n NOOP\r\n")
+        time.sleep(delay)
+        c.send(b'x STATUS "%s" (MESSAGES UNSEEN)\r\n' % name)
+        got = answers(c, b"nx")
+        c.close()
+        status = b"".join(x for x in got if x.startswith(b"* STATUS"))
+        if b"MESSAGES 3 " not in status:
+            leaks.append((delay, status))
+    assert not leaks, leaks
+
+
+@pytest.mark.parametrize("lead", [b"NOOP", b"CHECK"])
+@pytest.mark.parametrize("command", [b"STORE 1 +FLAGS (\\Flagged)", b'COPY 1 "%s-copy"', b"FETCH 1 (BODY[])"])
+def test_by_number_behind_an_expunge_of_another_session_touches_a_hidden_message(proxy, dovecot, command, lead):
+    """Finding 3: filtered view (UID 2 a hidden IMDN); another session expunges UID 1; the device pipelines
+    a command by number behind NOOP/CHECK. The proxy maps the client's 1 to backend 1 with the view as it
+    was; the backend, which sent the EXPUNGE first, reads 1 as UID 2: the hidden IMDN is flagged, copied,
+    marked \\Seen."""
+    touched = []
+    for delay in DELAYS:
+        name, c = folder(proxy, dovecot, ["chat", "imdn", "chat", "chat"])
+        dovecot.deliver("dave", name.decode() + "-copy", make_object("chat", seed=9))
+        imap = dovecot.imap_direct("dave", tls="none")
+        imap.select_folder(name.decode())
+        imap.add_flags([1], [b"\\Deleted"])
+        imap.expunge()
+        c.send(b"n " + lead + b"\r\n")
+        time.sleep(delay)
+        c.send(b"x " + (command % name if b"%s" in command else command) + b"\r\n")
+        got = answers(c, b"nx")
+        c.close()
+        imap.select_folder(name.decode(), readonly=True)
+        flags = imap.fetch([2], ["FLAGS"])[2][b"FLAGS"]
+        imap.logout()
+        # (The client's 1, read after the expunge it had not heard of when it sent it: a visible message,
+        # as a server without a view would read it; never the hidden UID 2.)
+        copied = re.search(rb"\[COPYUID \d+ (\S+) ", b"".join(got))
+        if set(flags) & {b"\\Flagged", b"\\Seen"} or (copied and copied.group(1) == b"2"):
+            touched.append((delay, flags, [x for x in got if x.startswith(b"x ")]))
+    assert not touched, touched
+
+
+@pytest.mark.parametrize("command,hidden_before", [(b"EXPUNGE", False), (b"EXPUNGE", True),
+                                                   (b"UID EXPUNGE 1:99", False)])
+def test_expunge_behind_an_arrival_of_a_deleted_hidden_message_removes_it(proxy, dovecot, command, hidden_before):
+    """Finding 4: an IMDN arrives already \\Deleted (another device set it) during the NOOP in flight; the
+    device's EXPUNGE / UID EXPUNGE pipelined behind it expunges the IMDN it never saw (identity: passed as
+    written; filtered: _expunge_visible's UID SEARCH DELETED minus view.hidden, before classification)."""
+    kinds = ["chat", "imdn", "chat", "chat"] if hidden_before else ["chat"] * 3
+    removed = []
+    for delay in DELAYS:
+        name, c = folder(proxy, dovecot, kinds)
+        imap = dovecot.imap_direct("dave", tls="none")
+        imap.append(name.decode(), make_object("imdn", seed=5), flags=[b"\\Deleted"])
+        new = len(kinds) + 1
+        c.send(b"n NOOP\r\n")
+        time.sleep(delay)
+        c.send(b"x " + command + b"\r\n")
+        got = answers(c, b"nx")
+        c.close()
+        imap.select_folder(name.decode(), readonly=True)
+        if new not in imap.search("ALL"):
+            removed.append((delay, got))
+        imap.logout()
+    assert not removed, removed
+
+
+@pytest.mark.parametrize("command,hidden_before", [(b"UNSELECT", False), (b"UNSELECT", True), (b"CLOSE", False)])
+def test_leaving_the_mailbox_behind_any_arrival_ends_the_session(proxy, dovecot, command, hidden_before):
+    """Finding 5: NOOP + UNSELECT/CLOSE pipelined while a new (even visible) message arrives: the proxy
+    classifies it on the session's connection after the mailbox was left ("BAD No mailbox selected"),
+    logs a critical traceback and drops the client (no answer to CLOSE/UNSELECT)."""
+    kinds = ["chat", "imdn", "chat", "chat"] if hidden_before else ["chat"] * 3
+    failures = []
+    for delay in DELAYS:
+        name, c = folder(proxy, dovecot, kinds)
+        dovecot.deliver("dave", name.decode(), make_object("chat", seed=5))
+        c.send(b"n NOOP\r\n")
+        time.sleep(delay)
+        c.send(b"x " + command + b"\r\ny NOOP\r\n")
+        try:
+            answers(c, b"nxy")
+        except (ConnectionError, TimeoutError) as e:
+            failures.append((delay, repr(e)))
+        c.close()
+    assert not failures and "classification of new messages failed" not in proxy.log(), failures
