@@ -46,6 +46,7 @@ from plugins.policystate import side_examine
 from plugins.wire import (
     APPENDUID,
     FETCH_FLAGS,
+    MODIFIED,
     SEARCH_COMMANDS,
     esearch_all,
     fetch_item_pattern,
@@ -67,7 +68,6 @@ RECORDS = PREFIX + "/localdelete"
 # tag, UID, set, modifiers ("(UNCHANGEDSINCE n) ", RFC 7162), operation, flags: a list in parentheses or
 # flags separated by spaces (RFC 3501: "flag-list / (flag *(SP flag))")
 _STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\([^()]*\) )?(\S+) (\([^()]*\)|[^()]+)$", re.I | re.S)
-_MODIFIED_RE = re.compile(rb"\[MODIFIED ([0-9:,]+)\]", re.I)
 # Commands that may enable CONDSTORE (RFC 7162 3.1), and what in them does.
 _CONDSTORE_ENABLING = frozenset((b"ENABLE", b"SELECT", b"EXAMINE", b"FETCH", b"STORE", b"SEARCH", b"STATUS"))
 _CONDSTORE_ENABLING_RE = re.compile(rb"CONDSTORE|QRESYNC|MODSEQ|CHANGEDSINCE", re.I)
@@ -446,7 +446,7 @@ class LocalDeletePlugin(Plugin):
                 server_change = True
                 done = await session.backend_command(b"UID STORE %s (UNCHANGEDSINCE %d) %s.SILENT (%s)" % (
                     uidset, since, store_op, b" ".join(server_flags)))
-                failed = _MODIFIED_RE.search(done.tagged)
+                failed = MODIFIED.search(done.tagged)
                 if failed is not None:
                     modified.update(SequenceSet.parse(failed.group(1)))
             else:  # nothing for the server: the test alone (a message changed since then fails it)
@@ -488,10 +488,8 @@ class LocalDeletePlugin(Plugin):
             reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
             if reply.status != b"OK":
                 return Answer(b"NO [CANNOT] No saved search result to use.")
-            # (None the view does not know: taken in by the backend, its EXISTS held while classified.)
-            await self.peer("policy").classified(session)
-            top = view.max_uid
-            return {u for u in esearch_all(reply) if u <= top} - view.hidden
+            await self.peer("policy").classified(session)  # (the answer passes a held EXISTS)
+            return view.known_visible(esearch_all(reply))
         try:
             requested = SequenceSet.parse(seqs)
         except SequenceSetError:

@@ -73,6 +73,7 @@ from plugins.viewsearch import (
     visible_in_order,
 )
 from plugins.wire import (
+    MODIFIED,
     SEARCH_COMMANDS,
     esearch_all,
     has_caps,
@@ -150,7 +151,6 @@ def _refuse_urls(segment: bytes) -> bytes | None:
 # FETCH items that set \Seen (RFC 9051 6.4.5): BODY[...] and BINARY[...] without .PEEK, RFC822, RFC822.TEXT.
 _SETS_SEEN_RE = re.compile(rb"(?:BODY|BINARY)\[|RFC822(?:\.TEXT)?(?![.\w])", re.IGNORECASE)
 _SEQ_ARG_RE = re.compile(rb"^(\S+ (?:UID )?\S+ )(\S+)(.*)$", re.S | re.I)
-_MODIFIED_CODE_RE = re.compile(rb"\[MODIFIED ([0-9:,]+)\]", re.I)
 _UNCHANGEDSINCE_RE = re.compile(rb"\s*\([^()]*UNCHANGEDSINCE", re.I)  # (RFC 7162: [MODIFIED] in the client's numbers)
 
 
@@ -337,9 +337,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return None  # (no saved result: the backend answers the command as it would)
         saved = set(esearch_all(reply))
         await self.classified(session)
-        # (A message above every one the view knows: saved by a search the backend ran after taking it in,
-        # not announced, not classified: as a hidden one.)
-        hidden = saved & view.hidden | {u for u in saved if u > view.max_uid}
+        hidden = saved - view.known_visible(saved)
         if hidden == saved:
             return _of_no_message(cmd, cmd.tag + b" UID " + cmd.name + b" ", m.group(3)) if saved else None
         pieces = uid_set_pieces(SequenceSet.from_iterable(hidden)) if hidden else []
@@ -349,9 +347,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         """EXPUNGE / CLOSE under a filtered view remove only the visible messages marked \\Deleted (a
         hidden message does not exist for this device, whoever marked it): UID EXPUNGE of those."""
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
-        await self.classified(session)  # (the answer passes a held EXISTS: none the view does not know)
-        top = view.max_uid
-        targets = {u for u in esearch_all(reply) if u <= top} - view.hidden
+        await self.classified(session)  # (the answer passes a held EXISTS)
+        targets = view.known_visible(esearch_all(reply))
         # (In pieces of a few KB: scattered between hidden ones, they can be more than a command line holds.
         # The pieces' EXPUNGE responses reach the client while its EXPUNGE or CLOSE is in progress: legal.)
         pieces = uid_set_pieces(SequenceSet.from_iterable(targets)) if targets else []
@@ -1305,7 +1302,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return refused
         if name == b"STORE" and _UNCHANGEDSINCE_RE.match(text):
             # (RFC 7162 3.1.3: the messages a conditional STORE left alone, of every piece, in the answer)
-            cmd.state["modified_before"] = [m.group(1) for r in replies if (m := _MODIFIED_CODE_RE.search(r.tagged))]
+            cmd.state["modified_before"] = [m.group(1) for r in replies if (m := MODIFIED.search(r.tagged))]
         cmd.state["tagged_text"] = name.capitalize() + b" completed."
         return Rewrite(cmd.tag + b" " + lines[-1] + b"\r\n")
 

@@ -255,6 +255,12 @@ class MailboxView:
             allowed = allowed | SequenceSet.from_iterable([vis[-1]])
         return allowed
 
+    def known_visible(self, uids: Iterable[int]) -> set[int]:
+        """The visible ones of ``uids`` (e.g. a search's answer): none hidden, and none above every UID the
+        view knows (the backend took it in, its EXISTS is held while it is classified: maybe hidden)."""
+        top, h = self.max_uid, self.hidden
+        return {u for u in uids if u <= top and u not in h}
+
     def uids_of(self, client_set: SequenceSet) -> SequenceSet:
         """The UIDs of the visible messages a client sequence set names (numbers beyond the visible
         count dropped), a slice of the visible list per client range."""

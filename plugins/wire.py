@@ -41,6 +41,7 @@ def fetch_item_pattern(item: bytes) -> re.Pattern:
 
 # The UIDVALIDITY and UIDs an APPEND's tagged OK names (RFC 4315 UIDPLUS).
 APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.I)
+MODIFIED = re.compile(rb"\[MODIFIED ([0-9:,]+)\]", re.I)  # (RFC 7162 3.1.3: what a conditional STORE left alone)
 FETCH_FLAGS = fetch_item_pattern(rb"FLAGS \(([^()]*)\)")  # a FETCH's FLAGS item, group 1 its flags
 
 
