@@ -1043,6 +1043,15 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 allowed = view.backend_seqset(requested)
                 if not allowed or max(requested.resolve(max(view.exists, 1)).ranges[-1]) > view.exists:
                     return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": Invalid messageset")
+                if (name != b"FETCH" or _SETS_SEEN_RE.search(cmd.line, m.end(2)) is not None) \
+                        and self._expunges_any_time(session):
+                    # The client's NOTIFY asks for the selected mailbox's events: the backend may announce
+                    # another session's expunge while no command is in progress (RFC 5465), so also between
+                    # this translation and its reading of the command, which would then change the message
+                    # after the one meant, perhaps a hidden one. By UID it names what the client meant.
+                    uids = view.uids_of(requested).format()
+                    if len(uids) <= INLINE_SET_MAX:
+                        return Rewrite(cmd.tag + b" UID " + m.group(1).split(b" ", 1)[1] + uids + m.group(3))
                 text = allowed.format()
                 if len(text) > INLINE_SET_MAX and name in (b"COPY", b"MOVE") and has_caps(session, b"SEARCHRES"):
                     # (By the UIDs the client's numbers stand for now: the proxy's steps are UID
@@ -1265,6 +1274,13 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         for d in waits:
             await d
         return await _resolved(decide())
+
+    def _expunges_any_time(self, session) -> bool:
+        """May the backend announce expunges in the selected mailbox while no command is in progress (a
+        NOTIFY of the client's with events of the selected mailbox)?"""
+        notify = self.peer("notify")
+        nst = session.state.get(notify.name) if notify is not None else None
+        return nst is not None and nst.selected_events
 
     @staticmethod
     def _pieces(view: MailboxView, requested: SequenceSet, uid: bool) -> list[bytes] | None:

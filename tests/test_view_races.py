@@ -158,3 +158,30 @@ def test_leaving_the_mailbox_behind_any_arrival_keeps_the_session(proxy, dovecot
             failures.append((delay, repr(e)))
         c.close()
     assert not failures and "classification of new messages failed" not in proxy.log(), failures
+
+
+@pytest.mark.parametrize("command", [b"STORE 1 +FLAGS.SILENT (\\Flagged)", b"FETCH 1 (BODY[])"])
+def test_by_number_with_notify_of_the_selected_mailbox_never_reaches_a_hidden_message(proxy, dovecot, command):
+    """With a NOTIFY of the selected mailbox's events the backend tells another session's expunge while no
+    command is in progress: between the proxy's mapping of the client's 1 to the backend's 1 and the
+    backend's reading of it. The device sends the command again and again while UID 1 is expunged; the
+    hidden IMDN (UID 2, the backend's 1 after the expunge) is never flagged or marked \\Seen. (COPY and MOVE
+    go the same way; pipelined, each waits for the one before it, and the window was never hit.)"""
+    name, c = folder(proxy, dovecot, ["chat", "imdn", "chat", "chat"])
+    assert c.command(b"n", b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange))")[-1].startswith(b"n OK")
+    other = dovecot.imap_direct("dave", tls="none")
+    other.select_folder(name.decode())
+    got = []
+    c.send(b"".join(b"a%d %s\r\n" % (i, command) for i in range(100)))
+    other.add_flags([1], [b"\\Deleted"])
+    other.expunge()
+    for i in range(30):  # (the expunge comes to the device within ~0.5 s: Dovecot's NOTIFY delay)
+        c.send(b"".join(b"b%d.%d %s\r\n" % (i, j, command) for j in range(10)))
+        got += c.until_tagged(b"b%d.9" % i)
+        time.sleep(0.03)
+    c.close()
+    other.select_folder(name.decode(), readonly=True)
+    flags = other.fetch([2], ["FLAGS"])[2][b"FLAGS"]
+    other.logout()
+    assert any(x.endswith(b" EXPUNGE\r\n") for x in got), "the device was never told of the expunge"
+    assert not set(flags) & {b"\\Flagged", b"\\Seen"}, flags
