@@ -954,6 +954,30 @@ def test_status_is_in_sync_right_after_flag(dovecot, device):
     assert "1 flag changes" in res.stdout and "in sync" in status_line(a, folder)
 
 
+def test_status_is_in_sync_right_after_delete(dovecot, device):
+    """Our own UID EXPUNGE moved the server's HIGHESTMODSEQ on: the local copy is at it (the expunge's
+    answer names it). Someone else's expunge or flag change in between is still a change."""
+    folder = unique_folder()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(5)])
+    a = device("phone-deletestatus")
+    a.sync(folder)
+    a.run("delete", folder, str(uids[0]))
+    assert re.search(r"\s4\s+4\s.*in sync", status_line(a, folder))
+    c = dovecot.imap_direct("alice", tls="none")
+    c.select_folder(folder)
+    c.delete_messages([uids[1]])
+    c.expunge()
+    a.run("delete", folder, str(uids[2]))
+    assert re.search(r"\s2\s+3\s.*changed", status_line(a, folder))
+    a.sync(folder)
+    c.add_flags([uids[3]], [b"\\Flagged"])
+    c.logout()
+    a.run("delete", folder, str(uids[4]))
+    assert "changed" in status_line(a, folder)
+    res = a.sync(folder)
+    assert "1 flag changes" in res.stdout and "in sync" in status_line(a, folder)
+
+
 def test_watch_waits_for_a_busy_store(dovecot, tmp_path):
     """Another cpm-sync holds the store lock for longer than the lock timeout: watch waits, it does not end."""
     import fcntl

@@ -942,21 +942,24 @@ class Syncer:
             self._adopt_own_changes(lf, state)
         return len(present), missing
 
-    def _adopt_own_changes(self, lf: Folder, state: SelectState) -> None:
-        """After our own STORE the server's HIGHESTMODSEQ moved on, and ``status`` would call the folder
-        changed although the local copy already has the change. If everything that changed since the modseq
-        the local copy reflects is what the local index now holds (no expunge, no message it lacks or holds
-        with other flags -- someone else's change in between), the local copy is at the newest MODSEQ of
-        those changes. Otherwise it stays as it was and the next sync catches up as usual."""
+    def _adopt_own_changes(self, lf: Folder, state: SelectState, expunged: set[int] = frozenset(),
+                           expunge_modseq: int | None = None) -> None:
+        """After our own STORE or EXPUNGE the server's HIGHESTMODSEQ moved on, and ``status`` would call the
+        folder changed although the local copy already has the change. If everything that changed since the
+        modseq the local copy reflects is what the local index now holds (no expunge but of ``expunged``, our
+        own, no message it lacks or holds with other flags -- someone else's change in between), the local
+        copy is at the newest MODSEQ of those changes (or the one our EXPUNGE's answer named). Otherwise it
+        stays as it was and the next sync catches up as usual."""
         hms = lf.highestmodseq
         if not self.conn.qresync or hms is None or state.uidvalidity != lf.uidvalidity or state.nomodseq:
             return
         changes: dict[int, tuple[tuple[str, ...], int | None]] = {}
-        vanished: list[Untagged] = []
+        vanished: list[UidSet] = []
 
         def on_fetch(resp: Untagged) -> bool:
             if resp.name == b"VANISHED":
-                vanished.append(resp)
+                toks = resp.tokens
+                vanished.append(UidSet.parse(toks[-1]) if toks and isinstance(toks[-1], Atom) else UidSet([]))
                 return True
             if resp.name != b"FETCH":
                 return False
@@ -969,14 +972,18 @@ class Syncer:
 
         cmd = self.conn.run(b"UID FETCH 1:* (UID FLAGS) (CHANGEDSINCE %d VANISHED)" % hms, handler=on_fetch,
                             check=False)
-        if cmd.done is None or not cmd.done.ok or vanished or not changes:
+        if cmd.done is None or not cmd.done.ok or not all(_within(v, expunged) for v in vanished):
+            return
+        if expunged and expunge_modseq is None:
+            return  # (the modseq of an expunge is in no FETCH: without the answer's, nothing to adopt)
+        if not changes and not expunged:
             return
         local = self.store.flags(lf)
         for uid, (flags, modseq) in changes.items():
             mine = local.get(uid)
             if modseq is None or mine is None or sorted(f.lower() for f in mine) != sorted(f.lower() for f in flags):
                 return
-        newest = max(m for _f, m in changes.values() if m is not None)
+        newest = max([m for _f, m in changes.values() if m is not None] + [expunge_modseq or 0])
         if newest > hms:
             self.store.update_folder(lf, highestmodseq=newest)
 
@@ -994,7 +1001,7 @@ class Syncer:
         if not self.conn.has("UIDPLUS"):
             # Plain EXPUNGE would also remove other messages someone marked \Deleted: not our call.
             raise Unsupported("the server lacks UIDPLUS (UID EXPUNGE), so messages cannot be deleted selectively")
-        lf, _wire, _state = self._open_rw(name)
+        lf, _wire, state = self._open_rw(name)
         present = self._present(uids)
         missing = _expand_missing(uids, present)
         if not present:
@@ -1022,7 +1029,21 @@ class Syncer:
             raise ServerRefused(f"the server kept UIDs {_uid_set(left).decode()} in {name} after EXPUNGE")
         if lf is not None:
             self.store.remove_messages(lf, present)
+            if not local:
+                self._adopt_own_changes(lf, state, expunged=present, expunge_modseq=_highestmodseq(expunge_cmd))
         return len(present), missing, local
+
+
+def _highestmodseq(cmd) -> int | None:
+    """The ``[HIGHESTMODSEQ n]`` of a command's tagged OK (an EXPUNGE's, with QRESYNC enabled, RFC 7162)."""
+    code = cmd.done.code if cmd.done is not None and cmd.done.ok else None
+    name, _, arg = (code or b"").partition(b" ")
+    return int(arg) if name.upper() == b"HIGHESTMODSEQ" and arg.isdigit() else None
+
+
+def _within(uids: UidSet, allowed: set[int]) -> bool:
+    """Is every UID of ``uids`` in ``allowed``?"""
+    return all(hi - lo < len(allowed) and all(u in allowed for u in range(lo, hi + 1)) for lo, hi in uids.ranges)
 
 
 def canonical_name(name: str) -> str:
