@@ -957,15 +957,28 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     return Rewrite(early + resp.data)
         code = resp.head.code
         if (renumbered := self._client_modified(st, cmd, code)) is not code:
+            if renumbered is None:
+                return Rewrite(resp.data.replace(b"[" + code + b"] ", b"", 1))
             return Rewrite(resp.data.replace(b"[" + code + b"]", b"[" + renumbered + b"]", 1))
         return None
 
     @staticmethod
     def _client_modified(st: PolicySession, cmd, code: bytes | None) -> bytes | None:
         """A ``MODIFIED`` response code in the client's numbers (RFC 7162 3.1.3: the messages a conditional
-        STORE left alone); any other code, or one of UIDs, as it is."""
-        if code is not None and code[:9].upper() == b"MODIFIED " and not cmd.uid and st.view is not None \
-                and not st.view.identity:
+        STORE left alone), or None if none of them is the client's; any other code, or one of UIDs for a
+        UID STORE, as it is."""
+        if code is None or code[:9].upper() != b"MODIFIED " or st.view is None:
+            return code
+        if cmd.state.get("numbers_by_uid"):  # (a STORE by number the view sent by UID: UIDs to numbers)
+            view = st.view
+            try:
+                uids = SequenceSet.parse(code[9:].strip())
+            except SequenceSetError:
+                return code
+            seqs = [s for lo, hi in uids.ranges for u in range(lo, min(hi, view.max_uid) + 1)
+                    if (s := view.client_seq_of_uid(u)) is not None]
+            return b"MODIFIED " + SequenceSet.from_iterable(seqs).format() if seqs else None
+        if not cmd.uid and not st.view.identity:
             return b"MODIFIED " + renumber_ordered_set(st.view, code[9:].strip())
         return code
 
@@ -1051,6 +1064,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     # after the one meant, perhaps a hidden one. By UID it names what the client meant.
                     uids = view.uids_of(requested).format()
                     if len(uids) <= INLINE_SET_MAX:
+                        cmd.state["numbers_by_uid"] = True  # (its [MODIFIED] names UIDs: _client_modified)
                         return Rewrite(cmd.tag + b" UID " + m.group(1).split(b" ", 1)[1] + uids + m.group(3))
                 text = allowed.format()
                 if len(text) > INLINE_SET_MAX and name in (b"COPY", b"MOVE") and has_caps(session, b"SEARCHRES"):

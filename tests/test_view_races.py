@@ -185,3 +185,24 @@ def test_by_number_with_notify_of_the_selected_mailbox_never_reaches_a_hidden_me
     other.logout()
     assert any(x.endswith(b" EXPUNGE\r\n") for x in got), "the device was never told of the expunge"
     assert not set(flags) & {b"\\Flagged", b"\\Seen"}, flags
+
+
+def test_conditional_store_by_number_with_notify_reports_modified_in_client_numbers(proxy, dovecot):
+    """A STORE by number under a NOTIFY of the selected mailbox goes to the backend by UID (above): the
+    [MODIFIED] of its answer, UIDs from the backend, is in the client's numbers, as for any STORE by number
+    (RFC 7162 3.1.3). UID 1 expunged, UID 3 a hidden IMDN: the client's 1 is UID 2, its 2 UID 4."""
+    name, c = folder(proxy, dovecot, ["chat", "chat", "imdn", "chat"])
+    other = dovecot.imap_direct("dave", tls="none")
+    other.select_folder(name.decode())
+    other.delete_messages([1])
+    other.expunge()
+    other.logout()
+    got = c.command(b"e", b"ENABLE CONDSTORE")
+    got += c.command(b"n", b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange))")
+    assert b"* 1 EXPUNGE\r\n" in got + c.command(b"x", b"NOOP")
+    since = max(int(m) for m in re.findall(rb"MODSEQ \((\d+)\)", b"".join(c.command(b"m", b"FETCH 1:* (MODSEQ)"))))
+    assert c.command(b"a", b"STORE 1 +FLAGS.SILENT (\\Answered)")[-1].startswith(b"a OK")
+    r = c.command(b"b", b"STORE 1:2 (UNCHANGEDSINCE %d) +FLAGS (\\Flagged)" % since)
+    assert re.match(rb"b OK \[MODIFIED 1\] ", r[-1]), r
+    # (Dovecot sends a STORE's FETCH only where the NOTIFY asks for FlagChange events.)
+    assert re.fullmatch(rb"\* 2 FETCH \((UID 4 )?MODSEQ \(\d+\) FLAGS \(\\Flagged[^)]*\)\)\r\n", r[0]) and len(r) == 2, r
