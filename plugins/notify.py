@@ -77,6 +77,8 @@ _MODIFYING = frozenset((b"APPEND", b"STORE", b"EXPUNGE", b"COPY", b"MOVE", b"CRE
                         b"CLOSE", b"SETMETADATA"))
 # Only "selected": with "selected-delayed" expunges must wait for a client command, which a NOOP of the
 # proxy's own would not be.
+_BODY_NOT_PEEK = re.compile(rb"\b(BODY|BINARY)\[", re.I)  # (in a NOTIFY line: only fetch attributes)
+_RFC822_BODY = re.compile(rb"\bRFC822(?:\.TEXT)?(?=[\s)])", re.I)
 _SELECTED_FILTER = re.compile(rb"\(\s*SELECTED\s+\(", re.I)
 _METADATA_EVENTS = re.compile(rb"\s*\b(MailboxMetadataChange|ServerMetadataChange)\b", re.I)
 _COPYUID = re.compile(rb"\[COPYUID (\d+) [0-9:,]+ ([0-9:,]+)\]", re.I)  # (the destination UIDs)
@@ -917,6 +919,12 @@ class NotifyPlugin(Plugin):
                 line = _METADATA_EVENTS.sub(b"", line)
                 line = re.sub(rb"\(\s+", b"(", line)
                 line = re.sub(rb"\(\)", b"NONE", line)  # only metadata asked: no backend events
+            if _RFC822_BODY.search(line):
+                return Answer(b"NO [CANNOT] RFC822 and RFC822.TEXT are not offered in NOTIFY here; use "
+                              b"BODY.PEEK[] or BODY.PEEK[TEXT].")
+            # The backend runs a MessageNew's fetch attributes on every new message, hidden ones too: a body
+            # read there must not set \Seen on a message the device does not see (nor does it on others).
+            line = _BODY_NOT_PEEK.sub(rb"\1.PEEK[", line)
             line = self._widen(session, cmd, line)
             return None if line == cmd.line else Rewrite(line)
         return None

@@ -5,6 +5,7 @@ timings and fails if any attempt leaks, counts or touches what the device must n
 from __future__ import annotations
 
 import re
+import select
 import time
 import uuid
 
@@ -206,3 +207,40 @@ def test_conditional_store_by_number_with_notify_reports_modified_in_client_numb
     assert re.match(rb"b OK \[MODIFIED 1\] ", r[-1]), r
     # (Dovecot sends a STORE's FETCH only where the NOTIFY asks for FlagChange events.)
     assert re.fullmatch(rb"\* 2 FETCH \((UID 4 )?MODSEQ \(\d+\) FLAGS \(\\Flagged[^)]*\)\)\r\n", r[0]) and len(r) == 2, r
+
+
+def _responses_within(c, seconds):
+    """Whole responses the proxy sends within ``seconds``."""
+    out, deadline = [], time.monotonic() + seconds
+    while True:
+        while b"\n" in c.buf:
+            out.append(c.read_response())
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return out
+        ready, _, _ = select.select([c.sock], [], [], left)
+        if ready and not c._fill():
+            return out
+
+
+@pytest.mark.parametrize("att", [b"BODY[HEADER.FIELDS (From)]", b"BODY[]", b"BINARY[1]"])
+def test_notify_fetch_attributes_never_mark_a_hidden_arrival_seen(proxy, dovecot, att):
+    """Found by review: NOTIFY SET's MessageNew may carry fetch attributes, which the backend runs on every
+    new message, hidden ones too; without .PEEK it sets \\Seen (RFC 9051 6.4.5) on a hidden IMDN the device
+    is never shown. They go to the backend as .PEEK; RFC822 and RFC822.TEXT are refused."""
+    name, c = folder(proxy, dovecot, ["chat", "imdn", "chat", "chat"])
+    r = c.command(b"n", b"NOTIFY SET (selected (MessageNew (UID " + att + b") MessageExpunge FlagChange))")
+    assert r[-1].startswith(b"n OK"), r
+    imdn = dovecot.deliver("dave", name.decode(), make_object("imdn", seed=7))
+    chat = dovecot.deliver("dave", name.decode(), make_object("chat", seed=8))
+    got, deadline = [], time.monotonic() + 5
+    while time.monotonic() < deadline and not any(b"UID %d " % chat in x for x in got):
+        got += _responses_within(c, 0.2)
+    assert c.command(b"r", b"NOTIFY SET (selected (MessageNew (RFC822.TEXT)))")[-1].startswith(b"r NO [CANNOT]")
+    c.close()
+    assert any(b"UID %d " % chat in x for x in got) and not any(b"UID %d " % imdn in x for x in got), got
+    other = dovecot.imap_direct("dave", tls="none")
+    other.select_folder(name.decode(), readonly=True)
+    flags = other.fetch([imdn], ["FLAGS"])[imdn][b"FLAGS"]
+    other.logout()
+    assert b"\\Seen" not in flags, flags
