@@ -5,7 +5,6 @@ timings and fails if any attempt leaks, counts or touches what the device must n
 from __future__ import annotations
 
 import re
-import select
 import time
 import uuid
 
@@ -13,6 +12,7 @@ import pytest
 
 from cpmproxy.testing.sample import make_object
 from tests.proxyfix import raw_via
+from tests.test_notify import lines_within
 
 PREFIX = b"/private/vendor/vendor.cpmproxy"
 DELAYS = [0, 0.0005, 0.001, 0.002, 0.003] * 2
@@ -209,20 +209,6 @@ def test_conditional_store_by_number_with_notify_reports_modified_in_client_numb
     assert re.fullmatch(rb"\* 2 FETCH \((UID 4 )?MODSEQ \(\d+\) FLAGS \(\\Flagged[^)]*\)\)\r\n", r[0]) and len(r) == 2, r
 
 
-def _responses_within(c, seconds):
-    """Whole responses the proxy sends within ``seconds``."""
-    out, deadline = [], time.monotonic() + seconds
-    while True:
-        while b"\n" in c.buf:
-            out.append(c.read_response())
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return out
-        ready, _, _ = select.select([c.sock], [], [], left)
-        if ready and not c._fill():
-            return out
-
-
 @pytest.mark.parametrize("att", [b"BODY[HEADER.FIELDS (From)]", b"BODY[]", b"BINARY[1]"])
 def test_notify_fetch_attributes_never_mark_a_hidden_arrival_seen(proxy, dovecot, att):
     """Found by review: NOTIFY SET's MessageNew may carry fetch attributes, which the backend runs on every
@@ -235,7 +221,7 @@ def test_notify_fetch_attributes_never_mark_a_hidden_arrival_seen(proxy, dovecot
     chat = dovecot.deliver("dave", name.decode(), make_object("chat", seed=8))
     got, deadline = [], time.monotonic() + 5
     while time.monotonic() < deadline and not any(b"UID %d " % chat in x for x in got):
-        got += _responses_within(c, 0.2)
+        got += lines_within(c, 0.2)
     assert c.command(b"r", b"NOTIFY SET (selected (MessageNew (RFC822.TEXT)))")[-1].startswith(b"r NO [CANNOT]")
     c.close()
     assert any(b"UID %d " % chat in x for x in got) and not any(b"UID %d " % imdn in x for x in got), got
