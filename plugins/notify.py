@@ -75,10 +75,10 @@ log = Logger(namespace="cpmproxy.notify")
 TOPIC = "mailbox-changed"
 _MODIFYING = frozenset((b"APPEND", b"STORE", b"EXPUNGE", b"COPY", b"MOVE", b"CREATE", b"DELETE", b"RENAME",
                         b"CLOSE", b"SETMETADATA"))
-# Only "selected": with "selected-delayed" expunges must wait for a client command, which a NOOP of the
-# proxy's own would not be.
 _BODY_NOT_PEEK = re.compile(rb"\b(BODY|BINARY)\[", re.I)  # (in a NOTIFY line: only fetch attributes)
 _RFC822_BODY = re.compile(rb"\bRFC822(?:\.TEXT)?(?=[\s)])", re.I)
+# Only "selected": with "selected-delayed" expunges must wait for a client command, which a NOOP of the
+# proxy's own would not be.
 _SELECTED_FILTER = re.compile(rb"\(\s*SELECTED\s+\(", re.I)
 _METADATA_EVENTS = re.compile(rb"\s*\b(MailboxMetadataChange|ServerMetadataChange)\b", re.I)
 _COPYUID = re.compile(rb"\[COPYUID (\d+) [0-9:,]+ ([0-9:,]+)\]", re.I)  # (the destination UIDs)
