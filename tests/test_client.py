@@ -1161,3 +1161,22 @@ def test_a_named_folder_that_holds_no_messages_is_said_so(dovecot, device):
     assert res.returncode == 5 and "Noselect" in res.stderr and parent in res.stderr, (res.returncode, res.stderr)
     a.sync(f"{parent}/Child")
     assert len(a.index(f"{parent}/Child")) == 1
+
+
+
+def test_status_is_in_sync_right_after_local_delete(dovecot, device):
+    """Found by review: a local delete's record (METADATA on the server) moves the folder's HIGHESTMODSEQ
+    on, and status called the folder changed right after it. The proxy's answer names the new modseq."""
+    folder = unique_folder()
+    uids = seed(dovecot, "alice", folder, [make_object("chat", seed=i) for i in range(3)])
+    a = device("phone-localdeletestatus")
+    a.sync(folder)
+    a.run("delete", "--local", folder, str(uids[0]))
+    assert re.search(r"\s2\s+2\s.*in sync", status_line(a, folder))
+    c = dovecot.imap_direct("alice", tls="none")
+    c.select_folder(folder)
+    c.add_flags([uids[1]], [b"\\Flagged"])
+    c.logout()
+    a.run("delete", "--local", folder, str(uids[2]))
+    assert re.search(r"\s1\s+1\s.*changed", status_line(a, folder))
+    assert "1 flag changes" in a.sync(folder).stdout and "in sync" in status_line(a, folder)

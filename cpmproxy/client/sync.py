@@ -1029,8 +1029,8 @@ class Syncer:
             raise ServerRefused(f"the server kept UIDs {_uid_set(left).decode()} in {name} after EXPUNGE")
         if lf is not None:
             self.store.remove_messages(lf, present)
-            if not local:
-                self._adopt_own_changes(lf, state, expunged=present, expunge_modseq=_highestmodseq(expunge_cmd))
+            # (A local delete's too: the proxy's record of it moved the modseq on, and its answer names it.)
+            self._adopt_own_changes(lf, state, expunged=present, expunge_modseq=_highestmodseq(expunge_cmd))
         return len(present), missing, local
 
 
