@@ -1180,3 +1180,21 @@ def test_status_is_in_sync_right_after_local_delete(dovecot, device):
     a.run("delete", "--local", folder, str(uids[2]))
     assert re.search(r"\s1\s+1\s.*changed", status_line(a, folder))
     assert "1 flag changes" in a.sync(folder).stdout and "in sync" in status_line(a, folder)
+
+
+def test_status_refuses_another_accounts_store(dovecot, device):
+    """Found by review: ``status`` with another user or device id than the store's showed that account's
+    server counts beside this store's, as if in sync or changed, and ended 0; every other command refuses."""
+    folder = unique_folder()
+    seed(dovecot, "alice", folder, [make_object("chat", seed=1)])
+    a = device("phone-statusowner")
+    a.sync(folder)
+    for other in (device("phone-statusowner-bob", user="bob"), device("tablet-statusowner")):
+        other.store_dir = a.store_dir
+        _one_line_failure(other.run("status", ok=False), 6, "belongs to", "use another --store")
+    assert "in sync" in status_line(a, folder)
+    # A store no sync has used yet is not tied to anyone by a status.
+    fresh = device("phone-statusfresh")
+    fresh.run("status")
+    with LocalStore(fresh.store_dir) as store:
+        assert store.get_meta("user") is None and store.get_meta("device_id") is None

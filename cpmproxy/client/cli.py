@@ -304,6 +304,8 @@ def cmd_status(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
     server: dict[str, ServerFolder] = {}
     if not args.offline:
         settings = _settings(args, store)
+        # (Before connecting: another account's counts beside this store's would be nonsense.)
+        store.check_owner(settings.user, settings.device_id)
         conn = connect(settings)
         try:
             # Plain STATUS for the counts: it is what every server (and the proxy's filtered view)

@@ -237,6 +237,14 @@ class LocalStore:
         The server address may change (a new host name, the proxy instead of the server): UIDVALIDITY
         tells whether folders are still the same, and the sync resets those that are not.
         """
+        self.check_owner(user, device_id)
+        with self._txn() as db:
+            for key, value in (("user", user), ("device_id", device_id), ("server", server)):
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def check_owner(self, user: str, device_id: str) -> None:
+        """Refuse (:class:`StoreError`) a store tied to another account or device; write nothing (a read-only
+        command must not tie a store that no sync has used yet)."""
         for key, value in (("user", user), ("device_id", device_id)):
             known = self.get_meta(key)
             if known is not None and known != value:
@@ -244,9 +252,6 @@ class LocalStore:
                 raise StoreError(
                     f"store {self.root} belongs to {label} {known!r}, not {value!r}; use another --store"
                 )
-        with self._txn() as db:
-            for key, value in (("user", user), ("device_id", device_id), ("server", server)):
-                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def locked(self, timeout: float = 60.0, should_stop: Callable[[], bool] | None = None) -> _StoreLock:
         """``with store.locked():`` -- exclusive use of the store (another cpm-sync on the same store waits
