@@ -344,6 +344,67 @@ def test_listing_a_scattered_uid_set_stays_within_line_limits():
     assert listed == set(uids)
 
 
+def test_looking_for_many_scattered_missing_uids_stays_within_line_limits():
+    """Found by review: which of the messages a body fetch did not return still exist was asked in one
+    UID SEARCH, however many (every other message of a folder gone mid-sync: a line past the proxy's
+    64 KiB). In pipelined pieces now; a piece the server refuses keeps its UIDs for the next sync."""
+    from cpmproxy.client.connection import Completion, PendingCommand, Untagged
+    from cpmproxy.client.imapwire import UidSet
+    from cpmproxy.client.sync import Syncer
+
+    class Conn:
+        def __init__(self, refuse_piece=None):
+            self.sent, self.refuse_piece = [], refuse_piece
+
+        def send(self, line, handler=None, collect=()):
+            self.sent.append(line)
+            return PendingCommand(b"t", line, handler, frozenset(collect))
+
+        def wait(self, cmd, check=True):
+            asked = sorted(UidSet.parse(cmd.line.split()[3]))
+            if self.refuse_piece is not None and cmd.line == self.sent[self.refuse_piece]:
+                cmd.done = Completion(b"t", b"NO", None, "busy")
+                return cmd
+            still = [u for u in asked if u % 4 == 1]  # (half of them are still there)
+            cmd.collected.append(Untagged(b"SEARCH", None, None, b" ".join(b"%d" % u for u in still), []))
+            cmd.done = Completion(b"t", b"OK", None, "done")
+            return cmd
+
+    missing = list(range(1, 48001, 2))
+    syncer = Syncer.__new__(Syncer)  # (only its connection is used here)
+    syncer.conn = Conn()
+    assert syncer._existing(missing) == [u for u in missing if u % 4 == 1]
+    assert len(syncer.conn.sent) > 1 and max(map(len, syncer.conn.sent)) < 16 * 1024
+    syncer.conn = Conn(refuse_piece=1)
+    assert syncer._existing(missing) == missing
+
+
+def test_idle_on_a_folder_not_synced_yet_names_it_in_modified_utf7(tmp_path):
+    """Found by review: ``--idle-folder`` of a non-ASCII folder the store does not hold yet was sent as
+    UTF-8, which no server without UTF8=ACCEPT takes: the watch fell back to polling."""
+    from cpmproxy.client.connection import Completion, PendingCommand
+    from cpmproxy.client.watch import Stopper, Watcher, WatchOptions
+
+    class Conn:
+        def __init__(self):
+            self.selected, self.sent = None, []
+
+        def run(self, line, handler=None, collect=(), check=True):
+            self.sent.append(line)
+            cmd = PendingCommand(b"t", line, handler, frozenset(collect))
+            cmd.done = Completion(b"t", b"NO", None, "stop here")
+            return cmd
+
+    store = LocalStore(tmp_path / "s")
+    w = Watcher.__new__(Watcher)  # (only what _idle uses)
+    w.store, w.options, w.stopper = store, WatchOptions(idle_folder="Général"), Stopper()
+    w.stopper.stop()  # (the fallback's sleep returns at once)
+    conn = Conn()
+    w._idle(conn, 0.01)
+    assert conn.sent == [b'EXAMINE G&AOk-n&AOk-ral']
+    store.close()
+
+
 # -- robustness ------------------------------------------------------------------------------------------
 
 

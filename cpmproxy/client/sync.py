@@ -817,8 +817,20 @@ class Syncer:
         return _search_uids(self.conn.run(b"UID SEARCH ALL", collect=(b"SEARCH",)))
 
     def _existing(self, uids: Iterable[int]) -> list[int]:
-        cmd = self.conn.run(b"UID SEARCH UID " + _uid_set(uids), collect=(b"SEARCH",), check=False)
-        return sorted(_search_uids(cmd)) if cmd.done and cmd.done.ok else sorted(uids)
+        """Which of ``uids`` the server still has (all of them if it cannot say). In commands of at most
+        ``_LIST_BATCH`` UIDs, pipelined, as ``_list``'s: many scattered messages gone mid-sync are one line
+        longer than servers take."""
+        ordered = sorted(uids)
+        cmds = [self.conn.send(b"UID SEARCH UID " + _uid_set(ordered[i:i + _LIST_BATCH]), collect=(b"SEARCH",))
+                for i in range(0, len(ordered), _LIST_BATCH)]
+        found: set[int] = set()
+        for cmd in cmds:
+            self.conn.wait(cmd, check=False)
+            if cmd.done is None or not cmd.done.ok:
+                found = set(ordered)  # (kept for the next sync to fetch again: nothing lost)
+            else:
+                found |= _search_uids(cmd)
+        return sorted(found)
 
     def _fetch_bodies(self, lf: Folder, todo: list[tuple[int, int]]) -> tuple[int, int, list[int]]:
         """Fetch ``todo`` [(uid, size)] in batches, ``window`` commands in flight. Each message file is

@@ -36,6 +36,7 @@ from cpmproxy.client.connection import (
     Untagged,
     connect,
     decode_mailbox,
+    encode_mailbox,
     mailbox_arg,
 )
 from cpmproxy.client.errors import (
@@ -309,7 +310,8 @@ class Watcher:
 
     def _idle(self, conn: Connection, timeout: float) -> None:
         wire = self.store.folder(self.options.idle_folder)
-        target = wire.wire if wire is not None else self.options.idle_folder.encode()
+        # (Not synced yet: its name in modified UTF-7, as the server knows it.)
+        target = wire.wire if wire is not None else encode_mailbox(self.options.idle_folder)
         if conn.selected != target:
             # The EXAMINE's own responses are not news (its handler takes them); anything else stays queued.
             cmd = conn.run(b"EXAMINE " + mailbox_arg(target), handler=SelectState().handle, check=False)
