@@ -76,6 +76,7 @@ TOPIC = "mailbox-changed"
 _MODIFYING = frozenset((b"APPEND", b"STORE", b"EXPUNGE", b"COPY", b"MOVE", b"CREATE", b"DELETE", b"RENAME",
                         b"CLOSE", b"SETMETADATA"))
 _BODY_NOT_PEEK = re.compile(rb"\b(BODY|BINARY)\[", re.I)  # (in a NOTIFY line: only fetch attributes)
+_QUOTED = re.compile(rb'("(?:[^"\\]|\\.)*")')
 _RFC822_BODY = re.compile(rb"\bRFC822(?:\.TEXT)?(?=[\s)])", re.I)
 # Only "selected": with "selected-delayed" expunges must wait for a client command, which a NOOP of the
 # proxy's own would not be.
@@ -919,12 +920,14 @@ class NotifyPlugin(Plugin):
                 line = _METADATA_EVENTS.sub(b"", line)
                 line = re.sub(rb"\(\s+", b"(", line)
                 line = re.sub(rb"\(\)", b"NONE", line)  # only metadata asked: no backend events
-            if _RFC822_BODY.search(line):
+            pieces = _QUOTED.split(line)  # (even: outside quoted strings, where no mailbox name is matched)
+            if any(_RFC822_BODY.search(p) for p in pieces[::2]):
                 return Answer(b"NO [CANNOT] RFC822 and RFC822.TEXT are not offered in NOTIFY here; use "
                               b"BODY.PEEK[] or BODY.PEEK[TEXT].")
             # The backend runs a MessageNew's fetch attributes on every new message, hidden ones too: a body
             # read there must not set \Seen on a message the device does not see (nor does it on others).
-            line = _BODY_NOT_PEEK.sub(rb"\1.PEEK[", line)
+            pieces[::2] = [_BODY_NOT_PEEK.sub(rb"\1.PEEK[", p) for p in pieces[::2]]
+            line = b"".join(pieces)
             line = self._widen(session, cmd, line)
             return None if line == cmd.line else Rewrite(line)
         return None
@@ -1189,7 +1192,7 @@ class NotifyPlugin(Plugin):
         if line is None:
             return
         line, modseq = _without_modseq(line)
-        adjust = await policy.status_adjustment(session, pst, mailbox, with_size=False)  # (_STATUS_ASKED)
+        adjust = await policy.status_adjustment(session, pst, mailbox, with_size=False, line=line)  # (_STATUS_ASKED)
         line = policy.adjust_status_line(line, adjust)
         st = self.state(session)
         told = st.last_status.get(mailbox)

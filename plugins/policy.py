@@ -378,12 +378,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             cmd.state["subscribed_above"] = self._subscribed_above(st, names, shown, subscribed)
         if b"STATUS" in cmd.line.upper() and b"RETURN" in cmd.line.upper():
             # LIST-STATUS counts must be the view's too, like STATUS's.
-            adjusts = {}
-            with_size = b"SIZE" in cmd.line.upper()
-            for name in names:
-                if not self.folder_hidden(st, name):
-                    adjusts[name] = await self.status_adjustment(session, st, name, with_size)
-            cmd.state["status_adjusts"] = adjusts
+            return self.count_at_answer(session, st, cmd, names)
         return None
 
     def _select_now(self, session, st: PolicySession, cmd):
@@ -471,8 +466,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 if line is not None:
                     return Rewrite(line)
         elif cmd.name == b"STATUS":
-            cmd.state["status_adjusts"] = {names[0]: await self.status_adjustment(
-                session, st, names[0], with_size=b"SIZE" in cmd.line.upper())}
+            return self.count_at_answer(session, st, cmd, names)
         if cmd.name == b"DELETE" and (hidden := await self.status_adjustment(session, st, names[0], False)) \
                 and hidden[0]:
             # Deleting the folder would delete messages that do not exist for this device (hidden ones are
@@ -937,6 +931,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if data != resp.data:
             self._tagged_done(session, st, cmd, status)
             return Rewrite(data)
+        if cmd.state.get("status_uncountable") and status == b"OK":
+            self._tagged_done(session, st, cmd, status)
+            return Rewrite(cmd.tag + b" NO [UNAVAILABLE] The mailbox's counts could not be read; try again.\r\n")
         if "tagged_text" in cmd.state and status == b"OK":
             # The command the client sent answers, not the one the proxy ran for it (NOOP, UNSELECT).
             self._tagged_done(session, st, cmd, status)

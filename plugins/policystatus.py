@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpmproxy.imap.seqset import SequenceSet
+from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_tokens, tokenize
 from cpmproxy.proxy.backend import BackendError, BackendRefused
 from cpmproxy.proxy.hooks import Drop, Hold, Rewrite
 from plugins.cpm import (
@@ -45,19 +46,28 @@ log = Logger(namespace="cpmproxy.policy")
 class StatusCounts:
     """Counts as the device sees them (see the module docstring)."""
 
-    async def status_adjustment(self, session, st: PolicySession, mailbox: str, with_size: bool = True):
+    async def status_adjustment(self, session, st: PolicySession, mailbox: str, with_size: bool = True,
+                                line: bytes | None = None):
         """How much of ``mailbox`` this device must not count: (messages, unseen, size) hidden; the size
-        is 0 unless ``with_size`` (STATUS SIZE asked for)."""
+        is 0 unless ``with_size`` (STATUS SIZE asked for). ``line``: the backend's ``* STATUS`` to be
+        adjusted, if there is one (see ``status_adjustment_locked``)."""
         kinds, max_size, max_age = self._criteria(st, mailbox)
         hiders = self.hiders(session)
         if not (kinds or max_size or max_age or hiders):
             return None
         async with side_examine(session):
             return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders,
-                                                       with_size)
+                                                       with_size, line)
 
     async def status_adjustment_locked(self, session, st, mailbox, kinds, max_size, max_age, hiders,
-                                       with_size: bool = True):
+                                       with_size: bool = True, line: bytes | None = None):
+        """With ``line`` carrying MESSAGES and UIDNEXT (an unselected mailbox), the adjustment is anchored
+        to it: the line says how the mailbox was when the backend wrote it, the side connection reads it
+        later, and a message that arrived or left in between must not be counted as hidden or visible
+        (found by review: a hidden IMDN arriving right after a visible message made it MESSAGES 0). Only
+        UIDs below the line's UIDNEXT are looked at, and the adjustment is what takes the line's counts to
+        the visible ones found: a message expunged in between is out of both."""
+        anchor = _status_anchor(line, mailbox)
         selected_hidden = None
         if st.mailbox == mailbox and st.view is not None:
             # Dovecot counts the selected mailbox as this session knows it (not as it is: changes not yet
@@ -70,13 +80,15 @@ class StatusCounts:
                 await searched
                 return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
             uids = SequenceSet.from_ranges(_esearch_ranges(await searched))  # (not expanded: 200,000 UIDs)
+            if anchor is not None:
+                uids &= _below(anchor[b"UIDNEXT"])
             uidvalidity = await _uidvalidity(session, mailbox)
             plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
             for h in hiders:
                 plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
             hidden = await self._side_hidden(session, plan, uids)
-        if not hidden:
-            return None
+        if not hidden and (anchor is None or selected_hidden is not None or len(uids) == anchor[b"MESSAGES"]):
+            return None  # (with an anchor, messages gone since the line are taken off it too)
         n_hidden = len(hidden)  # (now: the selected view's set changes in place as messages go)
         if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
             session.side_command(b"EXAMINE " + wire_name(mailbox))
@@ -86,7 +98,10 @@ class StatusCounts:
             b"UID SEARCH RETURN (ALL) UNSEEN")))
         if selected_hidden is not None:
             unseen_n = len(unseen & selected_hidden)
+            anchor = None  # (the view is the session's, as the backend counts the selected mailbox)
         else:
+            if anchor is not None:
+                unseen &= uids
             unseen_n = sum(1 for lo, hi in unseen.ranges for u in range(lo, hi + 1) if u in hidden)
         fetches = []
         if with_size:
@@ -100,6 +115,10 @@ class StatusCounts:
             if sizes.status != b"OK":
                 raise BackendRefused("backend fetch of sizes failed", sizes.tagged)
             size += sum(int(m.group(1)) for line in sizes.untagged for m in [_SIZE_RE.search(line)] if m)
+        if anchor is not None:
+            n_hidden = anchor[b"MESSAGES"] - (len(uids) - n_hidden)
+            if b"UNSEEN" in anchor:  # (may be below 0: a message marked unseen in between)
+                unseen_n = anchor[b"UNSEEN"] - (len(unseen) - unseen_n)
         return n_hidden, unseen_n, size
 
     async def _side_hidden(self, session, plan: SelectPlan, uids: set[int] | SequenceSet) -> set[int]:
@@ -132,19 +151,68 @@ class StatusCounts:
                                                                    % (plan.max_age_days * 86400))))
         return _among(hidden | _uid_set(plan.extra), uids)
 
+    def count_at_answer(self, session, st: PolicySession, cmd, names: list[str]) -> Rewrite | None:
+        """A STATUS or LIST-STATUS command: the counts of the folders it reports are adjusted as each answer
+        comes, anchored to it (``status_adjustment_locked``; counted before the command went out, a hidden
+        message arriving in between was counted as visible). The backend is asked for MESSAGES and UIDNEXT
+        too if the client asked for a count without them (taken out of the answers again). The command
+        line to send instead, if it changes."""
+        cmd.state["status_names"] = set(names)
+        counted = {n for n in names if not self.folder_hidden(st, n) and self._may_hide(session, st, n)}
+        if not counted:
+            return None
+        if cmd.has_literal:  # (the item list is in a later segment: anchored only if the client asked so)
+            cmd.state["status_counted"], cmd.state["status_adjusts"] = counted, {}
+            return None
+        try:
+            tokens = tokenize(cmd.line.rstrip(b"\r\n"))
+        except TokenError:
+            return None  # (the backend says BAD)
+        items = _status_item_list(tokens, cmd.name)
+        if items is None:
+            return None
+        asked = {t.upper() for t in items.items if isinstance(t, Atom)}
+        if not asked & _COUNTS:
+            return None  # (nothing the device sees differently)
+        cmd.state["status_counted"], cmd.state["status_adjusts"] = counted, {}
+        added = [name for name in (b"MESSAGES", b"UIDNEXT") if name not in asked]
+        if not added:
+            return None
+        cmd.state["status_added"] = added
+        items.items.extend(Atom(name) for name in added)
+        return Rewrite(format_tokens(tokens) + b"\r\n")
+
+    async def _answer_adjustment(self, session, st: PolicySession, cmd, mailbox: str, line: bytes) -> None:
+        try:
+            adjust = await self.status_adjustment(session, st, mailbox, with_size=b"SIZE" in line.upper(), line=line)
+        except (BackendError, defer.TimeoutError) as e:
+            log.warn("counting hidden messages for a STATUS failed: {error} session={session}", error=str(e),
+                     session=session.session_id)
+            adjust = _UNCOUNTABLE
+            cmd.state["status_uncountable"] = cmd.name == b"STATUS"  # (LIST-STATUS leaves the folder out)
+        cmd.state["status_adjusts"][mailbox] = adjust  # the replayed response finds it
+
     def _status_response(self, session, st: PolicySession, resp):
         parts = status_parts(resp.data)
         mailbox = None if parts is None else status_mailbox(parts[0])
         if mailbox is None:
             return None
         cmd = _oldest(session, (b"STATUS", b"LIST"))
-        if mailbox not in st.folders and cmd is None:
+        ours = cmd is not None and mailbox in cmd.state.get("status_names", ())
+        if mailbox not in st.folders and not ours:
+            # (Unsolicited, NOTIFY, also while a STATUS or LIST of other folders is in flight: found by review,
+            # a hidden Session History folder's counts went out then.)
             return self._hold_for_folder(session, st, mailbox)  # (as for LIST)
         if self.folder_hidden(st, mailbox):
             return Drop()
-        adjusts = cmd.state.get("status_adjusts") if cmd is not None else None
-        if adjusts is not None and mailbox in adjusts:
-            adjust = adjusts[mailbox]  # computed before the command went to the backend
+        if ours and mailbox in cmd.state.get("status_counted", ()):
+            adjusts = cmd.state["status_adjusts"]
+            if mailbox not in adjusts:
+                return Hold(defer.Deferred.fromCoroutine(self._answer_adjustment(session, st, cmd, mailbox,
+                                                                                 resp.data)))
+            adjust = adjusts.pop(mailbox)  # (popped: the next answer of this folder is counted on its own)
+        elif ours:
+            adjust = None  # (nothing hidden there, or no count asked for)
         elif mailbox in st.unsolicited_status:
             adjust = st.unsolicited_status.pop(mailbox)
             if adjust is _NOTHING_VISIBLE:
@@ -157,9 +225,9 @@ class StatusCounts:
             return None
         if adjust is _UNCOUNTABLE:
             return Drop()
-        if not adjust:
-            return None
-        new = self.adjust_status_line(resp.data, adjust)
+        new = self.adjust_status_line(resp.data, adjust) if adjust else resp.data
+        if ours and (added := cmd.state.get("status_added")):
+            new = _without_items(new, added)
         return None if new == resp.data else Rewrite(new)
 
     def _may_hide(self, session, st: PolicySession, mailbox: str) -> bool:
@@ -197,7 +265,7 @@ class StatusCounts:
 
     async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str, line: bytes) -> None:
         try:
-            adjust = await self.status_adjustment(session, st, mailbox, with_size=b"SIZE" in line.upper())
+            adjust = await self.status_adjustment(session, st, mailbox, with_size=b"SIZE" in line.upper(), line=line)
             if not await self._unsolicited_told(session, st, mailbox, adjust, line):
                 adjust = _NOTHING_VISIBLE
         except (BackendError, defer.TimeoutError) as e:
@@ -282,6 +350,49 @@ class StatusCounts:
                     min(int(items[j + 1]), messages)
                 items[j + 1] = b"%d" % recent
         return status_line(sent, items)
+
+
+def _status_anchor(line: bytes | None, mailbox: str) -> dict[bytes, int] | None:
+    """The counts of a ``* STATUS`` line of ``mailbox`` an adjustment can be anchored to (it has MESSAGES
+    and UIDNEXT); None otherwise."""
+    if line is None:
+        return None
+    items = _status_items([line], mailbox)
+    return items if b"MESSAGES" in items and b"UIDNEXT" in items else None
+
+
+_COUNTS = frozenset((b"MESSAGES", b"UNSEEN", b"SIZE", b"RECENT"))  # (the STATUS items a view changes)
+
+
+def _status_item_list(tokens: list, name: bytes) -> ParenList | None:
+    """The item list of a STATUS command (``tag STATUS mailbox (items)``) or of a LIST command's
+    ``RETURN (... STATUS (items) ...)``, as tokens; None if there is none."""
+    if name == b"STATUS":
+        return tokens[3] if len(tokens) == 4 and isinstance(tokens[3], ParenList) else None
+    for i in range(len(tokens) - 1, 3, -1):  # (RETURN's options end the command: after every pattern)
+        if isinstance(tokens[i - 1], Atom) and tokens[i - 1].upper() == b"RETURN" and isinstance(tokens[i], ParenList):
+            options = tokens[i].items
+            for j in range(len(options) - 1):
+                if isinstance(options[j], Atom) and options[j].upper() == b"STATUS" \
+                        and isinstance(options[j + 1], ParenList):
+                    return options[j + 1]
+            return None
+    return None
+
+
+def _without_items(line: bytes, names: list[bytes]) -> bytes:
+    """A ``* STATUS`` line without the items ``names`` (the proxy's own additions to the command)."""
+    parts = status_parts(line)
+    if parts is None:
+        return line
+    sent, words = parts
+    pairs = [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2)]
+    return status_line(sent, [w for k, v in pairs if k.upper() not in names for w in (k, v)])
+
+
+def _below(uidnext: int) -> SequenceSet:
+    """The UIDs below ``uidnext``."""
+    return SequenceSet.from_ranges([(1, uidnext - 1)] if uidnext > 1 else [])
 
 
 _UNCOUNTABLE = object()  # (an unsolicited STATUS whose hidden messages could not be counted: dropped)

@@ -470,6 +470,28 @@ def test_unsolicited_status_that_cannot_be_counted_is_dropped(scripted, make_pro
     assert internal_errors(proxy) == 0
 
 
+def test_status_that_cannot_be_counted_is_answered_no(scripted, make_proxy):
+    """A STATUS command of a folder where the policy may hide messages is counted on the view as its answer
+    comes; if the backend refuses the count, the command is answered NO [UNAVAILABLE], the counts not
+    shown with the hidden messages in them. The UIDNEXT the proxy asked for besides is not shown."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra="[policy]\nmax_size = 1000\n")
+    c = _logged_in(proxy)
+    scripted.internal = {b"RETURN (ALL)": b"{tag} NO [SERVERBUG] Internal error\r\n"}
+    try:
+        got = c.command(b"h", b"STATUS INBOX (MESSAGES UNSEEN)")
+        assert got == [b"h NO [UNAVAILABLE] The mailbox's counts could not be read; try again.\r\n"], got
+        scripted.internal = {}
+        got = c.command(b"h", b"STATUS INBOX (MESSAGES UNSEEN)")
+        assert got[0].startswith(b'* STATUS "INBOX" (MESSAGES 2 ') and b"UIDNEXT" not in got[0], got
+        assert got[-1].startswith(b"h OK"), got
+        assert [x for x in scripted.received if x.startswith(b"h STATUS")][-1] == \
+            b"h STATUS INBOX (MESSAGES UNSEEN UIDNEXT)\r\n"
+    finally:
+        scripted.internal = {}
+    c.close()
+    assert internal_errors(proxy) == 0
+
+
 def test_a_command_the_backend_never_answers_ends_as_idleness(scripted, make_proxy):
     """A stalled backend (a hung Dovecot process, a link gone silent) held the client's session and its
     connection slots for ever: a command in flight kept the idle timer from firing, output or not."""

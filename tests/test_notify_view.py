@@ -4,6 +4,8 @@ the login is spelt. Real Dovecot, real proxy processes."""
 
 from __future__ import annotations
 
+import re
+import time
 import uuid
 
 import pytest
@@ -185,3 +187,51 @@ def test_a_dropped_exists_takes_no_later_recent_with_it(make_proxy, dovecot):
     finally:
         d.logout()
         b.close()
+
+
+def _visible_below(kinds_by_uid: dict[int, str], uidnext: int) -> int:
+    return sum(1 for u, k in kinds_by_uid.items() if u < uidnext and k != "imdn")
+
+
+@pytest.mark.parametrize("then", ["hidden-arrives", "hidden-expunged"])
+def test_notify_status_counts_what_its_line_reports_not_what_came_after(make_proxy, dovecot, then):
+    """Found by review: an unsolicited STATUS (a visible arrival) was adjusted by the hidden messages
+    counted later on the side connection; a hidden IMDN arriving (or one expunged) in between made it
+    MESSAGES 1 (or 3) where 2 were visible. Each line told must count the visible messages below its
+    UIDNEXT (no visible message leaves here)."""
+    p = make_proxy(config_extra=IMDN_OFF)
+    wrong = []
+    # (Dovecot writes the line ~0.2 s after the change; the proxy counts on the side some ms later.)
+    for delay in [0.175 + 0.0025 * i for i in range(16)]:
+        folder, first = folder_with_chat(dovecot)
+        kinds = {first: "chat"}
+        if then == "hidden-expunged":
+            kinds[dovecot.deliver("alice", folder, make_object("imdn"))] = "imdn"
+        b = device(p, "B")
+        d = dovecot.imap_direct("alice", tls="none")
+        try:
+            d.select_folder(folder)
+            r = b.command(b"n", b'NOTIFY SET STATUS (mailboxes "%s" (MessageNew MessageExpunge))' % folder.encode())
+            assert r[-1].startswith(b"n OK"), r
+            lines_within(b, 0.3)
+            uid = d.append(folder, make_object("chat", text="new"))
+            kinds[int(re.search(rb"\[APPENDUID \d+ (\d+)\]", uid).group(1))] = "chat"
+            time.sleep(delay)
+            if then == "hidden-arrives":
+                res = d.append(folder, make_object("imdn"))
+                kinds[int(re.search(rb"\[APPENDUID \d+ (\d+)\]", res).group(1))] = "imdn"
+            else:
+                gone = next(u for u, k in kinds.items() if k == "imdn")
+                d.delete_messages([gone])
+                d.uid_expunge([gone])
+                del kinds[gone]
+            told = mentions(lines_within(b, 1), folder)
+            assert told, "the visible arrival was not told"
+            for line in told:
+                items = dict(re.findall(rb"(MESSAGES|UIDNEXT) (\d+)", line))
+                if int(items[b"MESSAGES"]) != _visible_below(kinds, int(items[b"UIDNEXT"])):
+                    wrong.append((delay, line))
+        finally:
+            d.logout()
+            b.close()
+    assert not wrong, wrong

@@ -861,3 +861,26 @@ def test_every_list_form_lists_what_plain_list_does(make_proxy, dovecot, command
         plain = _listed_under(c, b'LIST "" ' + command.split(b'"" ')[1].split(b" RETURN")[0], (lone, shared))
         assert set(got) == set(plain), (got, plain)
     c.close()
+
+
+def test_a_new_hidden_session_history_is_not_told_while_a_status_is_in_flight(make_proxy, dovecot):
+    """Found by review: a NOTIFY STATUS event of a folder the session did not know yet was held until its
+    folder info was read, but not while a STATUS (or LIST) command of another folder was in flight: then
+    the counts of a new Session History folder, hidden from the device, went out."""
+    p = make_proxy(config_extra="[policy]\nsync = { session-history = false }\n")
+    visible = "Default/plain-" + uuid.uuid4().hex[:8]
+    dovecot.deliver("carol", visible, make_object("chat"))
+    c = login(p, device="phone")
+    assert c.command(b"n", b"NOTIFY SET STATUS (personal (MessageNew MessageExpunge))")[-1].startswith(b"n OK")
+    leaks = []
+    for _ in range(3):
+        hidden = "Default/conv-" + uuid.uuid4().hex[:8]
+        dovecot.deliver("carol", hidden, make_object("session-info"))
+        # STATUS commands back to back for a while: the backend's event comes ~0.2 s after the delivery.
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            got = c.command(b"s", b"STATUS " + q(visible) + b" (MESSAGES)")
+            assert got[-1].startswith(b"s OK"), got
+            leaks += [x for x in got if hidden.encode() in x]
+    c.close()
+    assert not leaks, leaks

@@ -230,3 +230,48 @@ def test_notify_fetch_attributes_never_mark_a_hidden_arrival_seen(proxy, dovecot
     flags = other.fetch([imdn], ["FLAGS"])[imdn][b"FLAGS"]
     other.logout()
     assert b"\\Seen" not in flags, flags
+
+
+def test_notify_names_a_mailbox_as_written_whatever_its_name_holds(proxy, dovecot):
+    """The rewrite to .PEEK and the refusal of RFC822 look at the fetch attributes only: a mailbox named
+    in a quoted string with ``BODY[`` or ``RFC822`` in it was renamed (events of another mailbox asked for)
+    or the command refused."""
+    name = "Odd BODY[x] RFC822 " + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", name, make_object("chat", seed=1))
+    c = device(proxy)
+    r = c.command(b"n", b'NOTIFY SET STATUS (selected (MessageNew (UID BODY[HEADER]) MessageExpunge)) '
+                        b'(mailboxes "%s" (MessageNew MessageExpunge))' % name.encode())
+    assert r[-1].startswith(b"n OK") and any(name.encode() in x for x in r), r
+    dovecot.deliver("dave", name, make_object("chat", seed=2))
+    got, deadline = [], time.monotonic() + 5
+    while time.monotonic() < deadline and not got:
+        got = [x for x in lines_within(c, 0.2) if x.startswith(b"* STATUS ") and name.encode() in x]
+    c.close()
+    assert got and b"MESSAGES 2 " in got[0], got
+
+
+@pytest.mark.parametrize("command", [b'STATUS "%s" (MESSAGES UNSEEN)',
+                                     b'LIST "" "%s" RETURN (STATUS (MESSAGES UNSEEN))'])
+def test_status_of_another_mailbox_during_a_hidden_arrival_does_not_count_it(proxy, dovecot, command):
+    """Found by review: a STATUS (or LIST-STATUS) of a mailbox not selected had its hidden messages counted
+    before it went to the backend; an IMDN arriving in between was counted as visible. Counted now as the
+    answer comes, anchored to its UIDNEXT (asked for by the proxy, not shown to the device)."""
+    leaks = []
+    for delay in [0.0005 * i for i in range(16)]:
+        name = b"Race" + uuid.uuid4().hex[:8].encode()
+        for i, k in enumerate(["chat", "imdn", "chat"]):
+            dovecot.deliver("dave", name.decode(), make_object(k, seed=i))
+        c = device(proxy)
+        assert c.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (name, PREFIX))[-1].startswith(b"m OK")
+        d = dovecot.imap_direct("dave", tls="none")
+        c.send(b"x " + command % name + b"\r\n")
+        time.sleep(delay)
+        d.append(name.decode(), make_object("imdn", seed=7))
+        got = answers(c, b"x")
+        d.logout()
+        c.close()
+        assert got[-1].startswith(b"x OK"), got
+        status = b"".join(x for x in got if x.startswith(b"* STATUS"))
+        if not re.search(rb"\(MESSAGES 2 UNSEEN 2\)", status):
+            leaks.append((delay, status))
+    assert not leaks, leaks
