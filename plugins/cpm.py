@@ -21,6 +21,10 @@ PREFERENCES = frozenset([PREF_NOTIFICATIONS, PREF_SYNC] + [f"{PREF_SYNC}/{k}" fo
 # devices of (notify, push).
 NO_SERVER_CHANGE = "no_server_change"
 
+# Capability and STATUS item of the proxy's own: a number for what a device is shown of a folder (see
+# PolicyPlugin.view_token), so that its client can tell a preference change that hides and shows as many.
+VIEW_ITEM = b"XCPM-VIEW"
+
 _CPIM = b'HEADER Content-Type "message/cpim"'
 _FT_HTTP = b'BODY "application/vnd.gsma.rcs-ft-http+xml"'
 _IMDN = b'BODY "message/imdn+xml"'

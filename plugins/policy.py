@@ -42,6 +42,7 @@ from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rew
 from plugins.cpm import (
     KIND_CRITERIA,
     NO_SERVER_CHANGE,
+    VIEW_ITEM,
     ClassificationCache,
 )
 from plugins.policyconfig import DeviceClass, Policy, parse_policy
@@ -257,7 +258,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         # CONTEXT=SEARCH/SORT (RFC 5267): results the backend updates on its own later (ADDTO/REMOVEFROM
         # as messages arrive, which may be hidden ones) are not renumbered on the view. IMAP URLs
         # (CATENATE, URLAUTH, URL-PARTIAL) name folders and UIDs the view does not check. Not offered.
-        return [c for c in caps if c.upper() not in _NOT_OFFERED and not c.upper().startswith(b"URLAUTH")]
+        return [c for c in caps if c.upper() not in _NOT_OFFERED and not c.upper().startswith(b"URLAUTH")] \
+            + [VIEW_ITEM]
 
     # -- commands -------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ cache (``cache``)."""
 
 from __future__ import annotations
 
+import zlib
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -15,9 +17,7 @@ from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_tokens, tokenize
 from cpmproxy.proxy.backend import BackendError, BackendRefused
 from cpmproxy.proxy.hooks import Drop, Hold, Rewrite
-from plugins.cpm import (
-    KIND_CRITERIA,
-)
+from plugins.cpm import KIND_CRITERIA, VIEW_ITEM
 from plugins.policystate import (
     _SIZE_RE,
     PolicySession,
@@ -155,32 +155,43 @@ class StatusCounts:
         """A STATUS or LIST-STATUS command: the counts of the folders it reports are adjusted as each answer
         comes, anchored to it (``status_adjustment_locked``; counted before the command went out, a hidden
         message arriving in between was counted as visible). The backend is asked for MESSAGES and UIDNEXT
-        too if the client asked for a count without them (taken out of the answers again). The command
+        too if the client asked for a count without them (taken out of the answers again). The proxy's own
+        item ``XCPM-VIEW`` is taken out of the command and answered here (``view_token``). The command
         line to send instead, if it changes."""
         cmd.state["status_names"] = set(names)
-        counted = {n for n in names if not self.folder_hidden(st, n) and self._may_hide(session, st, n)}
-        if not counted:
-            return None
-        if cmd.has_literal:  # (the item list is in a later segment: anchored only if the client asked so)
-            cmd.state["status_counted"], cmd.state["status_adjusts"] = counted, {}
-            return None
         try:
             tokens = tokenize(cmd.line.rstrip(b"\r\n"))
         except TokenError:
             return None  # (the backend says BAD)
         items = _status_item_list(tokens, cmd.name)
         if items is None:
-            return None
+            return None  # (none, or after a literal not received: LIST's patterns are not gathered)
         asked = {t.upper() for t in items.items if isinstance(t, Atom)}
-        if not asked & _COUNTS:
-            return None  # (nothing the device sees differently)
-        cmd.state["status_counted"], cmd.state["status_adjusts"] = counted, {}
-        added = [name for name in (b"MESSAGES", b"UIDNEXT") if name not in asked]
-        if not added:
+        if VIEW_ITEM in asked:
+            items.items[:] = [t for t in items.items if not (isinstance(t, Atom) and t.upper() == VIEW_ITEM)]
+            cmd.state["view_item"] = True
+        counted = {n for n in names if not self.folder_hidden(st, n) and self._may_hide(session, st, n)}
+        added = []
+        if counted and asked & _COUNTS:
+            cmd.state["status_counted"], cmd.state["status_adjusts"] = counted, {}
+            added = [name for name in (b"MESSAGES", b"UIDNEXT") if name not in asked]
+        if not items.items and not added:
+            added = [b"UIDNEXT"]  # (XCPM-VIEW alone: the backend takes no empty list)
+        if added:
+            cmd.state["status_added"] = added
+            items.items.extend(Atom(name) for name in added)
+        elif not cmd.state.get("view_item"):
             return None
-        cmd.state["status_added"] = added
-        items.items.extend(Atom(name) for name in added)
         return Rewrite(format_tokens(tokens) + b"\r\n")
+
+    def view_token(self, st: PolicySession, mailbox: str) -> int:
+        """``XCPM-VIEW``: a number that changes when what hides messages of ``mailbox`` from this device
+        does (its kinds, the size and age limits); 0 where nothing can be hidden. Not the local deletions,
+        which are the device's own doing (it knows them)."""
+        kinds, max_size, max_age = self._criteria(st, mailbox)
+        if not (kinds or max_size or max_age):
+            return 0
+        return zlib.crc32(repr((sorted(kinds), max_size, max_age)).encode()) or 1
 
     async def _answer_adjustment(self, session, st: PolicySession, cmd, mailbox: str, line: bytes) -> None:
         try:
@@ -228,6 +239,8 @@ class StatusCounts:
         new = self.adjust_status_line(resp.data, adjust) if adjust else resp.data
         if ours and (added := cmd.state.get("status_added")):
             new = _without_items(new, added)
+        if ours and cmd.state.get("view_item"):
+            new = _with_item(new, VIEW_ITEM, self.view_token(st, mailbox))
         return None if new == resp.data else Rewrite(new)
 
     def _may_hide(self, session, st: PolicySession, mailbox: str) -> bool:
@@ -388,6 +401,12 @@ def _without_items(line: bytes, names: list[bytes]) -> bytes:
     sent, words = parts
     pairs = [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2)]
     return status_line(sent, [w for k, v in pairs if k.upper() not in names for w in (k, v)])
+
+
+def _with_item(line: bytes, name: bytes, value: int) -> bytes:
+    """A ``* STATUS`` line with one item more at the end."""
+    parts = status_parts(line)
+    return line if parts is None else status_line(parts[0], [*parts[1], name, b"%d" % value])
 
 
 def _below(uidnext: int) -> SequenceSet:

@@ -409,6 +409,36 @@ def test_preference_change_is_followed_though_uidnext_and_modseq_stay(dovecot, p
         set_preference(proxy, "bob", folder, "sync/imdn", "on")
 
 
+def test_a_preference_swap_that_keeps_the_count_is_followed(dovecot, proxy, device):
+    """Account preferences swapped (IMDNs shown again, SMS hidden: as many of each) move no UIDNEXT, no
+    modseq and no count: sync and status took the folder as unchanged (a README limit). The proxy's
+    XCPM-VIEW status item changes with the device's view; sync then compares the UID set."""
+    folder = unique_folder()
+    kinds = ["chat", "imdn", "sms", "imdn", "sms"]
+    uids = seed(dovecot, "bob", folder, [make_object(k, seed=i) for i, k in enumerate(kinds)])
+    of = {k: [u for u, kk in zip(uids, kinds, strict=True) if kk == k] for k in set(kinds)}
+    a = device("phone-swap", user="bob")
+    try:
+        set_preference(proxy, "bob", "", "sync/imdn", "off")
+        a.sync(folder)
+        assert sorted(a.index(folder)) == sorted(of["chat"] + of["sms"])
+        set_preference(proxy, "bob", "", "sync/imdn", "on")
+        set_preference(proxy, "bob", "", "sync/sms", "off")
+        assert re.search(r"\s3\s+3\s.*changed", status_line(a, folder))
+        res = a.sync(folder, env=dict(ENV, CPM_SYNC_TRACE="1"))
+        assert sorted(fetched_body_uids(res.stderr)) == of["imdn"]
+        assert sorted(a.index(folder)) == sorted(of["chat"] + of["imdn"])
+        assert re.search(r"\s3\s+3\s.*in sync", status_line(a, folder))
+        assert "0 changed" in a.sync(folder).stdout  # (the new view's token kept: no compare again)
+    finally:
+        c = RawIMAP(proxy.host, proxy.port)
+        assert c.login("bob", "bobpw")[-1].startswith(b"L OK")
+        r = c.command(b"m", b'SETMETADATA "" (/private/vendor/vendor.cpmproxy/sync/imdn NIL '
+                            b'/private/vendor/vendor.cpmproxy/sync/sms NIL)')
+        c.close()
+        assert r[-1].startswith(b"m OK"), r
+
+
 def test_policy_change_is_followed_with_no_change_on_the_server(dovecot, make_proxy, device):
     """The provider's policy changes (proxy restarted with another config): nothing changed on the server,
     not even a modseq; only the counts tell. The folder's UIDs are compared (no bodies fetched again)."""

@@ -166,6 +166,24 @@ def test_store_refuses_another_account(tmp_path):
     store.close()
 
 
+def test_a_schema_1_store_gets_the_view_token_column(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    f = store.add_folder("Chats", b"Chats", "/")
+    store.update_folder(f, uidnext=7)
+    store.close()
+    db = sqlite3.connect(tmp_path / "s" / "index.sqlite")
+    db.execute("ALTER TABLE folders DROP COLUMN view_token")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with LocalStore(tmp_path / "s") as store:
+        f = store.folder("Chats")
+        assert (f.uidnext, f.view_token) == (7, None) and store.get_meta("schema_version") == "2"
+        store.update_folder(f, view_token=12345)
+    with LocalStore(tmp_path / "s") as store:
+        assert store.folder("Chats").view_token == 12345
+
+
 def test_index_schema_is_readable_by_plain_sqlite(tmp_path):
     store, f = _store_with_messages(tmp_path)
     store.close()

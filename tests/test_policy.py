@@ -884,3 +884,34 @@ def test_a_new_hidden_session_history_is_not_told_while_a_status_is_in_flight(ma
             leaks += [x for x in got if hidden.encode() in x]
     c.close()
     assert not leaks, leaks
+
+
+def test_xcpm_view_tells_what_the_device_is_shown_of_a_folder(make_proxy, dovecot):
+    """The proxy's STATUS item XCPM-VIEW (capability XCPM-VIEW): 0 where nothing can be hidden, another
+    number once a preference hides a kind there, the same again when it is undone; in STATUS and
+    LIST-STATUS, in any case, alone or with other items; never sent to the backend."""
+    p = make_proxy()
+    name = "Default/view-" + uuid.uuid4().hex[:8]
+    dovecot.deliver("carol", name, make_object("chat"))
+    c = login(p, device="phone")
+    assert b"XCPM-VIEW" in b"".join(c.command(b"c", b"CAPABILITY"))
+
+    def token(command: bytes) -> list[bytes]:
+        r = c.command(b"t", command)
+        assert r[-1].startswith(b"t OK"), r
+        return [x for x in r if x.startswith(b"* STATUS")]
+
+    assert token(b"STATUS " + q(name) + b" (XCPM-VIEW)") == [b'* STATUS %s (XCPM-VIEW 0)\r\n' % name.encode()]
+    pref = b'SETMETADATA %s (/private/vendor/vendor.cpmproxy/sync/imdn %s)'
+    assert c.command(b"m", pref % (q(name), b'"off"'))[-1].startswith(b"m OK")
+    (line,) = token(b"status " + q(name) + b" (messages xcpm-view)")
+    hidden = int(re.search(rb"XCPM-VIEW (\d+)\)", line).group(1))
+    assert hidden != 0 and b"MESSAGES 1 " in line, line
+    listed = token(b'LIST "" "Default/view-*" RETURN (STATUS (XCPM-VIEW UIDNEXT))')
+    assert listed and all(re.search(rb"\(UIDNEXT \d+ XCPM-VIEW \d+\)", x) for x in listed), listed
+    assert any(b"XCPM-VIEW %d)" % hidden in x for x in listed if name.encode() in x), listed
+    (literal,) = token(b"STATUS {%d+}\r\n%s (XCPM-VIEW)" % (len(name), name.encode()))  # (a literal name)
+    assert literal.endswith(b" (XCPM-VIEW %d)\r\n" % hidden), literal
+    assert c.command(b"m", pref % (q(name), b"NIL"))[-1].startswith(b"m OK")
+    assert token(b"STATUS " + q(name) + b" (XCPM-VIEW)") == [b'* STATUS %s (XCPM-VIEW 0)\r\n' % name.encode()]
+    c.close()

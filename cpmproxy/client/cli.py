@@ -335,6 +335,7 @@ def cmd_status(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
                 # modseq.)
                 and (sf.messages is None or sf.messages == n_local)
                 and not lf.full_check  # (a sync has every flag to compare: see Syncer.set_flags)
+                and not sf.view_changed(lf)
             ):
                 state = "in sync"
             else:

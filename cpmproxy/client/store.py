@@ -55,7 +55,7 @@ __all__ = [
     "message_basename",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: folders.view_token
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS folders (
     highestmodseq   INTEGER,                -- CONDSTORE state the local copy reflects (NULL: unknown)
     server_messages INTEGER,                -- MESSAGES at the last sync
     last_sync       REAL,                   -- unix time of the last complete sync
-    full_check      INTEGER NOT NULL DEFAULT 0  -- 1: next sync compares every UID and flag
+    full_check      INTEGER NOT NULL DEFAULT 0, -- 1: next sync compares every UID and flag
+    view_token      INTEGER                 -- the proxy's XCPM-VIEW at the last sync (NULL: none)
 );
 CREATE TABLE IF NOT EXISTS messages (
     folder_id   INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
@@ -110,15 +111,16 @@ class Folder:
     """A folder as the index knows it."""
 
     __slots__ = ("id", "name", "wire", "delimiter", "path", "uidvalidity", "uidnext", "highestmodseq",
-                 "server_messages", "last_sync", "full_check")
+                 "server_messages", "last_sync", "full_check", "view_token")
 
     def __init__(self, id: int, name: str, wire: bytes, delimiter: str | None, path: str,  # noqa: A002
                  uidvalidity: int | None = None, uidnext: int = 1, highestmodseq: int | None = None,
                  server_messages: int | None = None, last_sync: float | None = None,
-                 full_check: bool = False) -> None:
+                 full_check: bool = False, view_token: int | None = None) -> None:
         self.id, self.name, self.wire, self.delimiter, self.path = id, name, wire, delimiter, path
         self.uidvalidity, self.uidnext, self.highestmodseq = uidvalidity, uidnext, highestmodseq
         self.server_messages, self.last_sync, self.full_check = server_messages, last_sync, full_check
+        self.view_token = view_token  # (what the proxy says of this device's view of the folder: see sync)
 
     def __repr__(self) -> str:
         return (f"Folder({self.name!r}, uidvalidity={self.uidvalidity}, uidnext={self.uidnext}, "
@@ -201,6 +203,12 @@ class LocalStore:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
             elif int(version) > SCHEMA_VERSION:
                 raise StoreError(f"{self.root} was written by a newer cpm-sync (schema {version})")
+            elif int(version) < 2:
+                with self._txn() as db:  # (1 -> 2: one column more, NULL: "no token seen yet")
+                    columns = {row[1] for row in db.execute("PRAGMA table_info(folders)")}
+                    if "view_token" not in columns:  # (another cpm-sync may have just done it)
+                        db.execute("ALTER TABLE folders ADD COLUMN view_token INTEGER")
+                    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the index in {self.root}: {e}") from None
         except OSError as e:
@@ -263,7 +271,7 @@ class LocalStore:
 
     _FOLDER_COLS = (
         "id, name, wire, delimiter, path, uidvalidity, uidnext, highestmodseq, server_messages, "
-        "last_sync, full_check"
+        "last_sync, full_check, view_token"
     )
 
     @staticmethod
@@ -271,7 +279,7 @@ class LocalStore:
         return Folder(
             id=row[0], name=row[1], wire=bytes(row[2]), delimiter=row[3], path=row[4], uidvalidity=row[5],
             uidnext=row[6], highestmodseq=row[7], server_messages=row[8], last_sync=row[9],
-            full_check=bool(row[10]),
+            full_check=bool(row[10]), view_token=row[11],
         )
 
     def folders(self) -> list[Folder]:
@@ -312,8 +320,9 @@ class LocalStore:
 
     def update_folder(self, folder: Folder, **changes: object) -> None:
         """Persist folder state (``uidvalidity``, ``uidnext``, ``highestmodseq``, ``server_messages``,
-        ``last_sync``, ``full_check``, ``wire``) in one transaction."""
-        allowed = {"uidvalidity", "uidnext", "highestmodseq", "server_messages", "last_sync", "full_check", "wire"}
+        ``last_sync``, ``full_check``, ``wire``, ``view_token``) in one transaction."""
+        allowed = {"uidvalidity", "uidnext", "highestmodseq", "server_messages", "last_sync", "full_check", "wire",
+                   "view_token"}
         bad = set(changes) - allowed
         if bad:
             raise ValueError(f"not folder state: {sorted(bad)}")
@@ -344,11 +353,11 @@ class LocalStore:
             db.execute("DELETE FROM messages WHERE folder_id = ?", (folder.id,))
             db.execute(
                 "UPDATE folders SET uidvalidity = ?, uidnext = 1, highestmodseq = NULL, server_messages = NULL, "
-                "full_check = 0 WHERE id = ?",
+                "full_check = 0, view_token = NULL WHERE id = ?",
                 (uidvalidity, folder.id),
             )
         folder.uidvalidity, folder.uidnext, folder.highestmodseq = uidvalidity, 1, None
-        folder.server_messages, folder.full_check = None, False
+        folder.server_messages, folder.full_check, folder.view_token = None, False, None
         self._remove_our_files(folder)
         return count
 

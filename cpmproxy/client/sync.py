@@ -77,6 +77,9 @@ __all__ = [
 
 LOCAL_DELETE_CAPABILITY = "XCPM-LOCALDELETE"
 LOCAL_DELETE_KEYWORD = b"$LocalDelete"
+# The proxy's capability and STATUS item: a number that changes when what the device is shown of a folder
+# does (its preferences or the policy); with it, a change that hides and shows as many is not missed.
+VIEW_ITEM = b"XCPM-VIEW"
 _SESSION_MARKS = frozenset(("\\deleted", LOCAL_DELETE_KEYWORD.decode().lower()))  # (see Syncer.set_flags)
 # Longest known-uids argument we put in a QRESYNC SELECT; beyond it the server reports VANISHED for UIDs
 # we may not know, which is harmless (removing an unknown UID is a no-op).
@@ -100,13 +103,15 @@ class SyncOptions:
 class ServerFolder:
     """A folder as the server reports it (step a.1). ``attributes`` are the lower-cased LIST attributes."""
 
-    __slots__ = ("name", "wire", "delimiter", "attributes", "messages", "uidnext", "uidvalidity", "highestmodseq")
+    __slots__ = ("name", "wire", "delimiter", "attributes", "messages", "uidnext", "uidvalidity", "highestmodseq",
+                 "view")
 
     def __init__(self, name: str, wire: bytes, delimiter: str | None, attributes: frozenset[bytes] = frozenset(),
                  messages: int | None = None, uidnext: int | None = None, uidvalidity: int | None = None,
                  highestmodseq: int | None = None) -> None:
         self.name, self.wire, self.delimiter, self.attributes = name, wire, delimiter, attributes
         self.messages, self.uidnext, self.uidvalidity, self.highestmodseq = messages, uidnext, uidvalidity, highestmodseq
+        self.view: int | None = None  # the proxy's XCPM-VIEW: which messages this device is shown (None: no proxy)
 
     def __repr__(self) -> str:
         return (f"ServerFolder({self.name!r}, messages={self.messages}, uidnext={self.uidnext}, "
@@ -121,6 +126,12 @@ class ServerFolder:
         self.uidnext = items.get(b"UIDNEXT", self.uidnext)
         self.uidvalidity = items.get(b"UIDVALIDITY", self.uidvalidity)
         self.highestmodseq = items.get(b"HIGHESTMODSEQ", self.highestmodseq)
+        self.view = items.get(VIEW_ITEM, self.view)
+
+    def view_changed(self, lf: Folder) -> bool:
+        """Whether the proxy says this device's view of the folder changed since ``lf`` was synced (a
+        preference or the policy now hides or shows other messages, with no UID or modseq to tell)."""
+        return self.view is not None and self.view != lf.view_token
 
 
 class FolderResult:
@@ -438,6 +449,8 @@ class Syncer:
         status = [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"]
         if conn.condstore:
             status.append(b"HIGHESTMODSEQ")
+        if conn.has(VIEW_ITEM.decode()):
+            status.append(VIEW_ITEM)
         self._status_items = b"(" + b" ".join(status) + b")"
 
     def _check_stop(self) -> None:
@@ -610,6 +623,7 @@ class Syncer:
             and lf.uidvalidity == sf.uidvalidity
             and lf.uidnext == sf.uidnext
             and (sf.messages is None or sf.messages == store.count(lf))
+            and not sf.view_changed(lf)
         ):
             res.unchanged = True
             return res
@@ -707,7 +721,9 @@ class Syncer:
             new = {u: v for u, v in listing.items() if u not in local_flags}
             # A view can also change with no modseq to tell (a preference hiding or showing messages moves
             # only the count): when the count does not add up, ask for the folder's UIDs (no bodies).
-            if state.exists is not None and len(local_flags) - len(gone) + len(new) != state.exists:
+            # So can a preference change that hides and shows as many: the proxy's XCPM-VIEW tells.
+            if sf.view_changed(lf) or \
+                    (state.exists is not None and len(local_flags) - len(gone) + len(new) != state.exists):
                 present = self._all_uids()
                 gone = [u for u in local_flags if u not in present]
                 changed = {u: f for u, f in changed.items() if u in present}
@@ -759,6 +775,7 @@ class Syncer:
             server_messages=state.exists,
             last_sync=time.time(),
             full_check=lost or bool(retry_from is not None and retry_from < lf.uidnext),
+            view_token=sf.view,
         )
         return res
 
