@@ -8,13 +8,14 @@ cache (``cache``)."""
 
 from __future__ import annotations
 
+import re
 import zlib
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpmproxy.imap.seqset import SequenceSet
-from cpmproxy.imap.tokens import Atom, ParenList, TokenError, format_tokens, tokenize
+from cpmproxy.imap.tokens import Atom, ParenList, TokenError
 from cpmproxy.proxy.backend import BackendError, BackendRefused
 from cpmproxy.proxy.hooks import Drop, Hold, Rewrite
 from plugins.cpm import KIND_CRITERIA, VIEW_ITEM
@@ -155,34 +156,36 @@ class StatusCounts:
         """A STATUS or LIST-STATUS command: the counts of the folders it reports are adjusted as each answer
         comes, anchored to it (``status_adjustment_locked``; counted before the command went out, a hidden
         message arriving in between was counted as visible). The backend is asked for MESSAGES and UIDNEXT
-        too if the client asked for a count without them (taken out of the answers again). The proxy's own
-        item ``XCPM-VIEW`` is taken out of the command and answered here (``view_token``). The command
-        line to send instead, if it changes."""
+        (and UIDVALIDITY) too if the client asked for a count without them (taken out of the answers again).
+        The proxy's own item ``XCPM-VIEW`` is taken out of the command and answered here (``view_token``).
+        The command line to send instead, if it changes (the item list edited in place: the rest of the
+        line, its tag included, goes as the client wrote it)."""
         cmd.state["status_names"] = set(names)
-        try:
-            tokens = tokenize(cmd.line.rstrip(b"\r\n"))
-        except TokenError:
-            return None  # (the backend says BAD)
-        items = _status_item_list(tokens, cmd.name)
-        if items is None:
-            return None  # (none, or after a literal not received: LIST's patterns are not gathered)
-        asked = {t.upper() for t in items.items if isinstance(t, Atom)}
+        cmd.state["status_adjusts"] = {}  # (counted unanchored where the item list cannot be read)
+        found = _status_item_span(cmd)
+        if found is None:
+            return None  # (the backend answers BAD, or says what it makes of it)
+        body, start, end = found
+        words = body[start:end].split()
+        asked = {w.upper() for w in words}
         if VIEW_ITEM in asked:
-            items.items[:] = [t for t in items.items if not (isinstance(t, Atom) and t.upper() == VIEW_ITEM)]
+            words = [w for w in words if w.upper() != VIEW_ITEM]
             cmd.state["view_item"] = True
-        counted = {n for n in names if not self.folder_hidden(st, n) and self._may_hide(session, st, n)}
         added = []
-        if counted and asked & _COUNTS:
-            cmd.state["status_counted"], cmd.state["status_adjusts"] = counted, {}
-            added = [name for name in (b"MESSAGES", b"UIDNEXT") if name not in asked]
-        if not items.items and not added:
+        if asked & _COUNTS and (cmd.name == b"LIST" or any(
+                not self.folder_hidden(st, n) and self._may_hide(session, st, n) for n in names)):
+            # (A LIST's answers may include a folder made since its folders were read: counted too.)
+            if not {b"MESSAGES", b"UIDNEXT"} <= asked:
+                # UIDVALIDITY too, which Dovecot's NOTIFY events lack: its answer is then told from an event
+                # of the folder (MESSAGES UIDNEXT UNSEEN), whose items stay (found by review).
+                added = [name for name in (b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY") if name not in asked]
+        if not words and not added:
             added = [b"UIDNEXT"]  # (XCPM-VIEW alone: the backend takes no empty list)
-        if added:
-            cmd.state["status_added"] = added
-            items.items.extend(Atom(name) for name in added)
-        elif not cmd.state.get("view_item"):
+        cmd.state["status_added"] = added
+        cmd.state["status_sent"] = {w.upper() for w in words} | set(added)
+        if not added and not cmd.state.get("view_item"):
             return None
-        return Rewrite(format_tokens(tokens) + b"\r\n")
+        return Rewrite(body[:start] + b" ".join(words + added) + body[end:] + b"\r\n")
 
     def view_token(self, st: PolicySession, mailbox: str) -> int:
         """``XCPM-VIEW``: a number that changes when what hides messages of ``mailbox`` from this device
@@ -196,9 +199,13 @@ class StatusCounts:
     async def _answer_adjustment(self, session, st: PolicySession, cmd, mailbox: str, line: bytes) -> None:
         try:
             adjust = await self.status_adjustment(session, st, mailbox, with_size=b"SIZE" in line.upper(), line=line)
-        except (BackendError, defer.TimeoutError) as e:
-            log.warn("counting hidden messages for a STATUS failed: {error} session={session}", error=str(e),
-                     session=session.session_id)
+        except Exception as e:  # (whatever it is, the answer is replayed once, never held again)
+            if isinstance(e, (BackendError, defer.TimeoutError)):
+                log.warn("counting hidden messages for a STATUS failed: {error} session={session}", error=str(e),
+                         session=session.session_id)
+            else:
+                log.failure("counting hidden messages for a STATUS failed session={session}",
+                            session=session.session_id)
             adjust = _UNCOUNTABLE
             cmd.state["status_uncountable"] = cmd.name == b"STATUS"  # (LIST-STATUS leaves the folder out)
         cmd.state["status_adjusts"][mailbox] = adjust  # the replayed response finds it
@@ -209,21 +216,22 @@ class StatusCounts:
         if mailbox is None:
             return None
         cmd = _oldest(session, (b"STATUS", b"LIST"))
-        ours = cmd is not None and mailbox in cmd.state.get("status_names", ())
-        if mailbox not in st.folders and not ours:
+        ours = cmd is not None and _answers(cmd, mailbox, parts[1])
+        if mailbox not in st.folders and not (ours and mailbox in cmd.state["status_names"]):
             # (Unsolicited, NOTIFY, also while a STATUS or LIST of other folders is in flight: found by review,
-            # a hidden Session History folder's counts went out then.)
+            # a hidden Session History folder's counts went out then. A LIST's answer of a folder made since
+            # its folders were read, too.)
             return self._hold_for_folder(session, st, mailbox)  # (as for LIST)
         if self.folder_hidden(st, mailbox):
             return Drop()
-        if ours and mailbox in cmd.state.get("status_counted", ()):
+        if ours and self._may_hide(session, st, mailbox):
             adjusts = cmd.state["status_adjusts"]
             if mailbox not in adjusts:
                 return Hold(defer.Deferred.fromCoroutine(self._answer_adjustment(session, st, cmd, mailbox,
                                                                                  resp.data)))
             adjust = adjusts.pop(mailbox)  # (popped: the next answer of this folder is counted on its own)
         elif ours:
-            adjust = None  # (nothing hidden there, or no count asked for)
+            adjust = None  # (nothing hidden there)
         elif mailbox in st.unsolicited_status:
             adjust = st.unsolicited_status.pop(mailbox)
             if adjust is _NOTHING_VISIBLE:
@@ -377,20 +385,51 @@ def _status_anchor(line: bytes | None, mailbox: str) -> dict[bytes, int] | None:
 _COUNTS = frozenset((b"MESSAGES", b"UNSEEN", b"SIZE", b"RECENT"))  # (the STATUS items a view changes)
 
 
-def _status_item_list(tokens: list, name: bytes) -> ParenList | None:
-    """The item list of a STATUS command (``tag STATUS mailbox (items)``) or of a LIST command's
-    ``RETURN (... STATUS (items) ...)``, as tokens; None if there is none."""
-    if name == b"STATUS":
-        return tokens[3] if len(tokens) == 4 and isinstance(tokens[3], ParenList) else None
-    for i in range(len(tokens) - 1, 3, -1):  # (RETURN's options end the command: after every pattern)
-        if isinstance(tokens[i - 1], Atom) and tokens[i - 1].upper() == b"RETURN" and isinstance(tokens[i], ParenList):
-            options = tokens[i].items
-            for j in range(len(options) - 1):
-                if isinstance(options[j], Atom) and options[j].upper() == b"STATUS" \
-                        and isinstance(options[j + 1], ParenList):
-                    return options[j + 1]
+def _status_item_span(cmd) -> tuple[bytes, int, int] | None:
+    """Where the STATUS item list is in a STATUS command (``tag STATUS mailbox (items)``) or a LIST
+    command's ``RETURN (... STATUS (items) ...)``: (the line without CRLF, start and end of the items
+    inside the parentheses); None if there is none or the command cannot be read."""
+    try:
+        args = cmd.args
+    except TokenError:
+        return None
+    if cmd.name == b"STATUS":
+        if len(args) != 2 or not isinstance(args[1], ParenList):
             return None
-    return None
+    elif not _returns_status(args):
+        return None
+    body = cmd.line.rstrip(b"\r\n")
+    # (Last in the line either way: RETURN's options end a LIST command, after every pattern.)
+    m = next(reversed(list((_STATUS_CMD_ITEMS if cmd.name == b"STATUS" else _LIST_STATUS_ITEMS).finditer(body))),
+             None)
+    return None if m is None else (body, m.start(1), m.end(1))
+
+
+def _returns_status(args: list) -> bool:
+    """Do a LIST command's arguments end with ``RETURN (... STATUS (items) ...)``?"""
+    if len(args) < 2 or not isinstance(args[-1], ParenList) or not isinstance(args[-2], Atom) \
+            or args[-2].upper() != b"RETURN":
+        return False
+    options = args[-1].items
+    return any(isinstance(options[j], Atom) and options[j].upper() == b"STATUS" and isinstance(options[j + 1], ParenList)
+               for j in range(len(options) - 1))
+
+
+_STATUS_CMD_ITEMS = re.compile(rb"\(([^()]*)\)\s*$")
+_LIST_STATUS_ITEMS = re.compile(rb"\bSTATUS\s*\(([^()]*)\)", re.I)
+
+
+def _answers(cmd, mailbox: str, words: list[bytes]) -> bool:
+    """Is a ``* STATUS`` of ``mailbox`` with item ``words`` the answer of ``cmd`` (a STATUS or LIST command
+    in flight), not a NOTIFY event: the items it asked the backend for, of a folder it names (a LIST's of
+    any folder: one may be made while it runs)?"""
+    names = cmd.state.get("status_names")
+    if names is None:
+        return False
+    sent = cmd.state.get("status_sent")
+    if sent is None:
+        return mailbox in names
+    return {w.upper() for w in words[0::2]} == sent and (cmd.name == b"LIST" or mailbox in names)
 
 
 def _without_items(line: bytes, names: list[bytes]) -> bytes:

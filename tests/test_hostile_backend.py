@@ -485,7 +485,7 @@ def test_status_that_cannot_be_counted_is_answered_no(scripted, make_proxy):
         assert got[0].startswith(b'* STATUS "INBOX" (MESSAGES 2 ') and b"UIDNEXT" not in got[0], got
         assert got[-1].startswith(b"h OK"), got
         assert [x for x in scripted.received if x.startswith(b"h STATUS")][-1] == \
-            b"h STATUS INBOX (MESSAGES UNSEEN UIDNEXT)\r\n"
+            b"h STATUS INBOX (MESSAGES UNSEEN UIDNEXT UIDVALIDITY)\r\n"
     finally:
         scripted.internal = {}
     c.close()

@@ -301,3 +301,86 @@ def test_a_hidden_arrival_expunged_before_it_is_classified_is_never_shown(proxy,
         if any(re.match(rb"\* (\d+ EXPUNGE|\d+ FETCH|304 EXISTS)", x) for x in got):
             shown.append((delay, got))
     assert not shown, shown
+
+
+def _hidden_imdn_folder(proxy, dovecot, name: bytes | None = None):
+    """A folder of dave's with chat, IMDN, chat (the IMDN hidden by its preference), not selected."""
+    name = name or b"Race" + uuid.uuid4().hex[:8].encode()
+    for i, k in enumerate(["chat", "imdn", "chat"]):
+        dovecot.deliver("dave", name.decode(), make_object(k, seed=i))
+    c = device(proxy)
+    assert c.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (name, PREFIX))[-1].startswith(b"m OK")
+    return name, c
+
+
+def test_a_status_command_reaches_the_backend_as_written_but_for_its_items(proxy, dovecot):
+    """Found by review: the proxy's MESSAGES/UIDNEXT were added by writing the whole command out again from
+    its tokens: a tag or mailbox ``nil`` became ``NIL`` (the command never completed for the client; the
+    counts of another folder came back), and a tag the tokenizer refused (``a[1``, legal IMAP) left the
+    hidden messages counted."""
+    name, c = _hidden_imdn_folder(proxy, dovecot)
+    got = c.command(b"nil", b'STATUS "%s" (UNSEEN)' % name)
+    assert got == [b'* STATUS %s (UNSEEN 2)\r\n' % name, got[-1]] and got[-1].startswith(b"nil OK"), got
+    for command in (b'STATUS "%s" (MESSAGES UNSEEN)', b'LIST "" "%s" RETURN (STATUS (MESSAGES UNSEEN))'):
+        got = c.command(b"a[1", command % name)
+        assert got[-1].startswith(b"a[1 OK") and b"* STATUS %s (MESSAGES 2 UNSEEN 2)\r\n" % name in got, got
+    c.close()
+    _, c = _hidden_imdn_folder(proxy, dovecot, b"nil")
+    for i in range(5):
+        dovecot.deliver("dave", "NIL", make_object("chat", seed=10 + i))
+    got = c.command(b"l", b'LIST "" nil RETURN (STATUS (UNSEEN))')
+    c.close()
+    assert any(x.startswith(b'* STATUS "nil" (UNSEEN ') or x.startswith(b"* STATUS nil (UNSEEN ") for x in got), got
+    assert not any(b"NIL" in x for x in got if x.startswith(b"* STATUS")), got
+
+
+def test_a_notify_event_during_a_status_of_its_folder_keeps_its_items(proxy, dovecot):
+    """Found by review: a NOTIFY STATUS event of the folder a STATUS command was asking about was taken for
+    the command's answer and lost its MESSAGES and UIDNEXT (the items the proxy had added to the command)."""
+    name, c = _hidden_imdn_folder(proxy, dovecot)
+    r = c.command(b"n", b'NOTIFY SET STATUS (mailboxes "%s" (MessageNew MessageExpunge))' % name)
+    assert r[-1].startswith(b"n OK"), r
+    d = dovecot.imap_direct("dave", tls="none")
+    stripped, events, deadline = [], 0, time.monotonic() + 3
+    while time.monotonic() < deadline:
+        d.append(name.decode(), make_object("chat", text="x"))
+        for _ in range(5):
+            lines = [x for x in c.command(b"s", b'STATUS "%s" (UNSEEN)' % name) if x.startswith(b"* STATUS")]
+            events += len(lines) - 1
+            stripped += [x for x in lines if b"MESSAGES" not in x][1:]  # (one is the answer)
+    d.logout()
+    c.close()
+    assert events and not stripped, (events, stripped[:3])
+
+
+def test_list_status_of_a_folder_made_while_it_runs_shows_only_the_items_asked(proxy, dovecot):
+    """Found by review: a folder made after a LIST-STATUS had read the folder list was not taken for one of
+    its answers: its line kept the MESSAGES and UIDNEXT the proxy had asked for besides."""
+    import threading
+
+    c = device(proxy)
+    pref = b'SETMETADATA "" (%s/sync/imdn %s)'
+    assert c.command(b"m", pref % (PREFIX, b'"off"'))[-1].startswith(b"m OK")
+    d = dovecot.imap_direct("dave", tls="none")
+    prefix = "Cr" + uuid.uuid4().hex[:6]
+    stop = threading.Event()
+
+    def creator():
+        while not stop.is_set():
+            d.create_folder(prefix + uuid.uuid4().hex[:8])
+
+    t = threading.Thread(target=creator)
+    t.start()
+    bad, deadline = [], time.monotonic() + 3
+    try:
+        while time.monotonic() < deadline:
+            got = c.command(b"l", b'LIST "" "%s*" RETURN (STATUS (UNSEEN))' % prefix.encode())
+            assert got[-1].startswith(b"l OK"), got
+            bad += [x for x in got if x.startswith(b"* STATUS") and (b"MESSAGES" in x or b"UIDNEXT" in x)]
+    finally:
+        stop.set()
+        t.join()
+        d.logout()
+        assert c.command(b"m", pref % (PREFIX, b"NIL"))[-1].startswith(b"m OK")
+        c.close()
+    assert not bad, bad[:5]
