@@ -296,6 +296,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if name in (b"SETMETADATA", b"GETMETADATA"):
             return self._metadata_command(session, st, cmd)
         if name in (b"LIST", b"LSUB"):
+            if cmd.has_literal and "collected" not in cmd.state:
+                return Collect()  # (a literal pattern: RETURN's STATUS items come after it)
             return Defer(defer.Deferred.fromCoroutine(self._before_list(session, st, cmd)))
         if name in _URL_COMMANDS or (name == b"APPEND" and _catenate_url(cmd.line)):
             # (Refused, as not offered: an IMAP URL reads any folder and UID, past the view.)
@@ -1859,14 +1861,19 @@ def _as_missing(cmd, mailbox: str):
     at = _MISSING_AT.get(cmd.name)
     if at is None or cmd.has_literal:
         return _nonexistent(mailbox)
+    head = cmd.tag + b" "  # (as sent: a tag "nil" is no NIL, nor is one the tokenizer refuses a reason to fail)
     try:
-        tokens = tokenize(cmd.line.rstrip(b"\r\n"))
+        tokens = tokenize(cmd.line[len(head):].rstrip(b"\r\n"))
     except TokenError:
         return _nonexistent(mailbox)
-    i = 2 + (1 if cmd.uid else 0) + at
+    i = 1 + (1 if cmd.uid else 0) + at
     if i >= len(tokens):
         return _nonexistent(mailbox)
     suffix = "-" + uuid.uuid4().hex[:16]
     tokens[i] = Atom(wire_name(mailbox + suffix))
+    if cmd.name == b"STATUS" and i + 1 < len(tokens) and isinstance(tokens[i + 1], ParenList):
+        # The proxy's own item must not reach the backend (its BAD would tell a hidden folder from a missing one).
+        items = [t for t in tokens[i + 1].items if not (isinstance(t, Atom) and t.upper() == VIEW_ITEM)]
+        tokens[i + 1] = ParenList(items or [Atom(b"UIDNEXT")])
     cmd.state["missing_suffix"] = suffix.encode()
-    return Rewrite(format_tokens(tokens) + b"\r\n")
+    return Rewrite(head + format_tokens(tokens) + b"\r\n")

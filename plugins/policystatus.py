@@ -175,10 +175,9 @@ class StatusCounts:
         if asked & _COUNTS and (cmd.name == b"LIST" or any(
                 not self.folder_hidden(st, n) and self._may_hide(session, st, n) for n in names)):
             # (A LIST's answers may include a folder made since its folders were read: counted too.)
-            if not {b"MESSAGES", b"UIDNEXT"} <= asked:
-                # UIDVALIDITY too, which Dovecot's NOTIFY events lack: its answer is then told from an event
-                # of the folder (MESSAGES UIDNEXT UNSEEN), whose items stay (found by review).
-                added = [name for name in (b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY") if name not in asked]
+            # UIDVALIDITY too, which Dovecot's NOTIFY events lack: the answer is then told from an event
+            # (MESSAGES UIDNEXT UNSEEN), which keeps its items and is told only if worth it (found by review).
+            added = [name for name in (b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY") if name not in asked]
         if not words and not added:
             added = [b"UIDNEXT"]  # (XCPM-VIEW alone: the backend takes no empty list)
         cmd.state["status_added"] = added

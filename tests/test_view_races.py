@@ -384,3 +384,59 @@ def test_list_status_of_a_folder_made_while_it_runs_shows_only_the_items_asked(p
         assert c.command(b"m", pref % (PREFIX, b"NIL"))[-1].startswith(b"m OK")
         c.close()
     assert not bad, bad[:5]
+
+
+def test_a_notify_event_of_a_hidden_arrival_during_a_list_status_is_not_told(proxy, dovecot):
+    """Found by review: with a LIST-STATUS in flight asking for the very items of Dovecot's NOTIFY events
+    (MESSAGES UIDNEXT UNSEEN), an event of another folder was taken for one of its answers and went out
+    though only hidden IMDNs had arrived there."""
+    import threading
+
+    name, c = _hidden_imdn_folder(proxy, dovecot)
+    other = b"Ot" + uuid.uuid4().hex[:8].encode()
+    dovecot.deliver("dave", other.decode(), make_object("chat"))
+    r = c.command(b"n", b'NOTIFY SET STATUS (mailboxes "%s" (MessageNew MessageExpunge))' % name)
+    assert r[-1].startswith(b"n OK"), r
+    stop = threading.Event()
+    d = dovecot.imap_direct("dave", tls="none")
+
+    def deliver():
+        i = 0
+        while not stop.is_set():
+            d.append(name.decode(), make_object("imdn", seed=100 + i))
+            i += 1
+            time.sleep(0.01)
+
+    t = threading.Thread(target=deliver)
+    t.start()
+    told, deadline = [], time.monotonic() + 3
+    try:
+        while time.monotonic() < deadline:
+            got = c.command(b"l", b'LIST "" "%s" RETURN (STATUS (MESSAGES UIDNEXT UNSEEN))' % other)
+            told += [x for x in got if x.startswith(b"* STATUS %s " % name)]
+    finally:
+        stop.set()
+        t.join()
+        d.logout()
+        c.close()
+    assert not told, told[:5]
+
+
+def test_xcpm_view_never_reaches_the_backend(proxy, dovecot, make_proxy):
+    """Found by review: XCPM-VIEW in a LIST-STATUS whose pattern is a literal went to the backend (BAD), and
+    so did it in a STATUS of a folder hidden from the device, answered BAD where a missing one is answered
+    NO [NONEXISTENT] (telling the device that the folder exists)."""
+    name, c = _hidden_imdn_folder(proxy, dovecot)
+    quoted = c.command(b"q", b'LIST "" "%s" RETURN (STATUS (MESSAGES XCPM-VIEW))' % name)
+    literal = c.command(b"l", b'LIST "" {%d+}\r\n%s RETURN (STATUS (MESSAGES XCPM-VIEW))' % (len(name), name))
+    c.close()
+    assert quoted[-1].startswith(b"q OK") and literal[-1].startswith(b"l OK"), (quoted, literal)
+    assert literal[:-1] == quoted[:-1] and any(b"XCPM-VIEW" in x for x in quoted), (quoted, literal)
+    hidden = "Hid" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", hidden, make_object("chat"))
+    c = device(make_proxy(config_extra=f'[policy]\nexclude_folders = ["{hidden}"]\n'))
+    for items in (b"(MESSAGES XCPM-VIEW)", b"(XCPM-VIEW)"):
+        for folder in (hidden, "Mis" + hidden[3:]):
+            got = c.command(b"nil", b'STATUS "%s" %s' % (folder.encode(), items))
+            assert got[-1].startswith(b"nil NO [NONEXISTENT]"), (folder, got)
+    c.close()
