@@ -202,7 +202,7 @@ def test_notify_status_counts_what_its_line_reports_not_what_came_after(make_pro
     p = make_proxy(config_extra=IMDN_OFF)
     wrong = []
     # (Dovecot writes the line ~0.2 s after the change; the proxy counts on the side some ms later.)
-    for delay in [0.175 + 0.0025 * i for i in range(16)]:
+    for delay in [0.176 + 0.004 * i for i in range(10)]:
         folder, first = folder_with_chat(dovecot)
         kinds = {first: "chat"}
         if then == "hidden-expunged":
@@ -225,7 +225,7 @@ def test_notify_status_counts_what_its_line_reports_not_what_came_after(make_pro
                 d.delete_messages([gone])
                 d.uid_expunge([gone])
                 del kinds[gone]
-            told = mentions(lines_within(b, 1), folder)
+            told = mentions(lines_within(b, 0.7), folder)
             assert told, "the visible arrival was not told"
             for line in told:
                 items = dict(re.findall(rb"(MESSAGES|UIDNEXT) (\d+)", line))
