@@ -64,9 +64,10 @@ from plugins.wire import (
     list_name,
     list_oldname,
     mailbox_name,
-    status_line,
     status_mailbox,
     status_parts,
+    status_values,
+    status_without,
     wire_name,
 )
 
@@ -571,12 +572,9 @@ class UserWatch:
 
 def _without_modseq(line: bytes) -> tuple[bytes, int | None]:
     """A STATUS line without its HIGHESTMODSEQ item, and that item's value (None if absent)."""
-    sent, items = status_parts(line) or (b"", [])
-    pairs = [(items[i], items[i + 1]) for i in range(0, len(items) - 1, 2)]
-    modseq = next((int(v) for k, v in pairs if k.upper() == b"HIGHESTMODSEQ" and v.isdigit()), None)
-    if modseq is None:
-        return line, None
-    return status_line(sent, [w for kv in pairs if kv[0].upper() != b"HIGHESTMODSEQ" for w in kv]), modseq
+    _sent, items = status_parts(line) or (b"", [])
+    modseq = status_values(items).get(b"HIGHESTMODSEQ")
+    return (line, None) if modseq is None else (status_without(line, [b"HIGHESTMODSEQ"]), modseq)
 
 
 def _told_state(line: bytes, modseq: int | None) -> tuple:

@@ -37,6 +37,7 @@ from plugins.wire import (
     status_line,
     status_mailbox,
     status_parts,
+    status_without,
     uid_set_pieces,
     wire_name,
 )
@@ -245,7 +246,7 @@ class StatusCounts:
             return Drop()
         new = self.adjust_status_line(resp.data, adjust) if adjust else resp.data
         if ours and (added := cmd.state.get("status_added")):
-            new = _without_items(new, added)
+            new = status_without(new, added)
         if ours and cmd.state.get("view_item"):
             new = _with_item(new, VIEW_ITEM, self.view_token(st, mailbox))
         return None if new == resp.data else Rewrite(new)
@@ -429,16 +430,6 @@ def _answers(cmd, mailbox: str, words: list[bytes]) -> bool:
     if sent is None:
         return mailbox in names
     return {w.upper() for w in words[0::2]} == sent and (cmd.name == b"LIST" or mailbox in names)
-
-
-def _without_items(line: bytes, names: list[bytes]) -> bytes:
-    """A ``* STATUS`` line without the items ``names`` (the proxy's own additions to the command)."""
-    parts = status_parts(line)
-    if parts is None:
-        return line
-    sent, words = parts
-    pairs = [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2)]
-    return status_line(sent, [w for k, v in pairs if k.upper() not in names for w in (k, v)])
 
 
 def _with_item(line: bytes, name: bytes, value: int) -> bytes:

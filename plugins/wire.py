@@ -99,6 +99,16 @@ def status_line(sent: bytes, words: list[bytes]) -> bytes:
     return b"* STATUS " + sent + b" (" + b" ".join(words) + b")\r\n"
 
 
+def status_without(line: bytes, names: list[bytes]) -> bytes:
+    """A ``* STATUS`` line without the items ``names`` (upper case)."""
+    parts = status_parts(line)
+    if parts is None:
+        return line
+    sent, words = parts
+    pairs = [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2)]
+    return status_line(sent, [w for k, v in pairs if k.upper() not in names for w in (k, v)])
+
+
 def status_mailbox(sent: bytes) -> str | None:
     """The mailbox of ``status_parts``' first part, as text; None if it cannot be read."""
     try:
