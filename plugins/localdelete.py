@@ -38,7 +38,15 @@ from twisted.logger import Logger
 
 from cpmproxy.config import ConfigError
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
-from cpmproxy.imap.tokens import Atom, LiteralRef, ParenList, TokenError, format_tokens, token_text, tokenize
+from cpmproxy.imap.tokens import (
+    Atom,
+    LiteralRef,
+    ParenList,
+    TokenError,
+    astring_text,
+    format_tokens,
+    tokenize,
+)
 from cpmproxy.proxy.backend import BackendError, BackendRefused, Reply
 from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREFIX
@@ -740,7 +748,7 @@ class LocalDeletePlugin(Plugin):
         if selected is None or m is None or int(m.group(1)) != selected.uidvalidity:
             return
         try:
-            target = token_text(tokenize(cmd.line.rstrip(b"\r\n"))[2])
+            target = astring_text(tokenize(cmd.line.rstrip(b"\r\n"))[2])
         except (TokenError, IndexError):
             return
         if target is None or mailbox_name(target) != selected.name:

@@ -48,6 +48,7 @@ from cpmproxy.imap.tokens import (
     Atom,
     ParenList,
     TokenError,
+    astring_text,
     format_token,
     format_tokens,
     quote,
@@ -174,7 +175,7 @@ def parse_event_groups(tokens: list) -> tuple[int, list[EventGroup]] | None:
         if flt in _NAMED_FILTERS:
             spec = rest[0]
             raws = spec.items if isinstance(spec, ParenList) else [spec]
-            decoded = [token_text(r) for r in raws]
+            decoded = [astring_text(r) for r in raws]
             if any(r is None for r in decoded):
                 return None
             names = tuple(mailbox_name(r) for r in decoded)
@@ -880,7 +881,7 @@ class NotifyPlugin(Plugin):
         """A SUBSCRIBE or UNSUBSCRIBE through this process: the user's sessions here take it up at once
         (after a RENAME or DELETE, which may move or drop subscriptions, they read them again)."""
         try:
-            raw = token_text(cmd.args[0]) if cmd.args else None
+            raw = astring_text(cmd.args[0]) if cmd.args else None
         except TokenError:
             raw = None
         name = mailbox_name(raw) if raw is not None and cmd.name in (b"SUBSCRIBE", b"UNSUBSCRIBE") else None
@@ -1020,13 +1021,13 @@ class NotifyPlugin(Plugin):
                  b"CLOSE": "MessageExpunge", b"COPY": "MessageNew", b"MOVE": "MessageNew",
                  b"SETMETADATA": "MetadataChange"}.get(name, "MailboxName")
         if name in (b"APPEND", b"CREATE", b"DELETE", b"RENAME", b"SETMETADATA") and args:
-            raw = token_text(args[0])
+            raw = astring_text(args[0])
             if raw is not None:
                 mailboxes.append(mailbox_name(raw) if raw else "")
-            if name == b"RENAME" and len(args) > 1 and token_text(args[1]) is not None:
-                mailboxes.append(mailbox_name(token_text(args[1])))
+            if name == b"RENAME" and len(args) > 1 and astring_text(args[1]) is not None:
+                mailboxes.append(mailbox_name(astring_text(args[1])))
         elif name in (b"COPY", b"MOVE") and len(args) > 1:
-            raw = token_text(args[1])
+            raw = astring_text(args[1])
             if raw is not None:
                 mailboxes.append(mailbox_name(raw))
             if name == b"MOVE" and pst is not None and pst.mailbox:

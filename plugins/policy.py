@@ -33,6 +33,7 @@ from cpmproxy.imap.tokens import (
     LiteralRef,
     ParenList,
     TokenError,
+    astring_text,
     format_tokens,
     token_text,
     tokenize,
@@ -391,7 +392,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         needs no read to know, where nothing can be hidden): no coroutine, no Deferred. ``_LATER`` when
         ``_mailbox_command`` must decide."""
         args = cmd.args
-        raw = token_text(args[0]) if args else None
+        raw = astring_text(args[0]) if args else None
         if raw is None:
             return _LATER
         mailbox = mailbox_name(raw)
@@ -414,7 +415,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         for i in targets:
             if i >= len(args):
                 return None  # the backend will say BAD
-            raw = token_text(args[i])
+            raw = astring_text(args[i])
             if raw is None:
                 return None
             names.append(mailbox_name(raw))
@@ -1773,7 +1774,7 @@ def _status_of_selected(st: PolicySession, cmd) -> bool:
     if st.view is None or st.mailbox is None:
         return False
     try:
-        raw = token_text(cmd.args[0]) if cmd.args else None
+        raw = astring_text(cmd.args[0]) if cmd.args else None
     except TokenError:
         return False
     return raw is not None and mailbox_name(raw) == st.mailbox

@@ -21,6 +21,7 @@ from cpmproxy.imap.tokens import (
     Nil,
     ParenList,
     TokenError,
+    astring_text,
     format_tokens,
     token_text,
     tokenize,
@@ -102,14 +103,14 @@ class Preferences:
         args = cmd.args
         target = args[1] if cmd.name == b"GETMETADATA" and args and isinstance(args[0], ParenList) else \
             (args[0] if args else None)
-        raw = token_text(target) if target is not None else None
+        raw = astring_text(target) if target is not None else None
         if raw and not st.policy.folder_allowed(mailbox_name(raw)):
             return _nonexistent(mailbox_name(raw))  # (a folder the policy excludes does not exist)
         if cmd.name == b"GETMETADATA":
             return None  # responses are filtered (bookkeeping entries never leave the proxy)
         if len(args) < 2 or not isinstance(args[1], ParenList):
             return None
-        mailbox_raw = token_text(args[0])
+        mailbox_raw = astring_text(args[0])
         if mailbox_raw is None:
             return None
         mailbox = mailbox_name(mailbox_raw) if mailbox_raw else ""
@@ -312,7 +313,7 @@ def _metadata_mailbox(data: bytes) -> str | None:
     if m is None:
         return None
     try:
-        raw = token_text(tokenize(m.group(1))[0])
+        raw = astring_text(tokenize(m.group(1))[0])
     except (TokenError, IndexError):
         return None
     return mailbox_name(raw) if raw else ""

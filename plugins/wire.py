@@ -14,6 +14,7 @@ from cpmproxy.imap.tokens import (
     ParenList,
     Quoted,
     TokenError,
+    astring_text,
     format_token,
     format_tokens,
     quote,
@@ -80,7 +81,7 @@ def list_name(line: bytes) -> str | None:
     # * LIST (flags) "sep" name [extended items]
     if len(tokens) < 5:
         return None
-    raw = token_text(tokens[4])
+    raw = astring_text(tokens[4])
     return None if raw is None else mailbox_name(raw)
 
 
@@ -112,7 +113,7 @@ def status_without(line: bytes, names: list[bytes]) -> bytes:
 def status_mailbox(sent: bytes) -> str | None:
     """The mailbox of ``status_parts``' first part, as text; None if it cannot be read."""
     try:
-        raw = token_text(tokenize(sent)[0])
+        raw = astring_text(tokenize(sent)[0])
     except (TokenError, IndexError):
         return None
     return None if raw is None else mailbox_name(raw)
@@ -147,7 +148,7 @@ def list_oldname(line: bytes) -> str | None:
     j = _extended_at(tokens, b"OLDNAME")
     if j is None or not tokens[5].items[j + 1].items:
         return None
-    raw = token_text(tokens[5].items[j + 1].items[0])
+    raw = astring_text(tokens[5].items[j + 1].items[0])
     return None if raw is None else mailbox_name(raw)
 
 
@@ -240,7 +241,7 @@ def iter_metadata(lines: list[bytes]):
             continue
         if len(tokens) < 4 or not isinstance(tokens[3], ParenList):
             continue
-        raw = token_text(tokens[2])
+        raw = astring_text(tokens[2])
         items = tokens[3].items
         for j in range(0, len(items) - 1, 2):
             value = token_text(items[j + 1])

@@ -973,7 +973,13 @@ def test_a_change_made_while_the_watch_reconnects_is_told(make_proxy, dovecot):
 
 def _socket_fds(pid: int) -> int:
     fds = f"/proc/{pid}/fd"
-    return sum(1 for f in os.listdir(fds) if os.readlink(os.path.join(fds, f)).startswith("socket:"))
+    count = 0
+    for f in os.listdir(fds):
+        try:
+            count += os.readlink(os.path.join(fds, f)).startswith("socket:")
+        except FileNotFoundError:
+            pass  # (closed since the listing)
+    return count
 
 
 def _settled_socket_fds(pid: int, timeout: float = 8.0) -> int:

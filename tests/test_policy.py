@@ -915,3 +915,42 @@ def test_xcpm_view_tells_what_the_device_is_shown_of_a_folder(make_proxy, doveco
     assert c.command(b"m", pref % (q(name), b"NIL"))[-1].startswith(b"m OK")
     assert token(b"STATUS " + q(name) + b" (XCPM-VIEW)") == [b'* STATUS %s (XCPM-VIEW 0)\r\n' % name.encode()]
     c.close()
+
+
+def test_a_mailbox_named_nil_is_filtered_like_any_other(make_proxy, dovecot):
+    """Found by review: a mailbox name written as the atom NIL (any case) is the mailbox of that name for
+    Dovecot (checked: `SELECT nil`, `STATUS nil`, `CREATE nil`, `APPEND nil` all act on "nil"), but the
+    proxy read no name there and let such commands pass unfiltered: hidden messages were shown and
+    counted, and a folder the policy excludes could be selected, written to and made."""
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    for name in (b"nil", b"Nil", b"NIL"):
+        direct.command(b"d", b'DELETE "%s"' % name)  # (left by an earlier run on this Dovecot)
+    direct.close()
+    chat = dovecot.deliver("dave", "nil", make_object("chat", text="shown"))
+    dovecot.deliver("dave", "nil", make_object("imdn"))
+    dovecot.deliver("dave", "Nil", make_object("chat", text="excluded folder"))
+    p = make_proxy(config_extra='[policy]\nsync = { imdn = false }\nexclude_folders = ["Nil", "NIL"]\n')
+    c = login(p, "dave", "nil-test")
+    try:
+        assert b"MESSAGES 1 " in c.command(b"t", b"STATUS nil (MESSAGES UIDNEXT)")[0]
+        assert exists_of(c.command(b"s", b"SELECT nil")) == 1
+        assert fetch_uids(c) == [(1, chat)]
+        # (a COPY to a missing folder: TRYCREATE, Dovecot's answer, as for any name that does not exist)
+        assert c.command(b"h", b"COPY 1 Nil")[-1].startswith(b"h NO [TRYCREATE]")
+        for tag, command in ((b"a", b"SELECT Nil"), (b"b", b"EXAMINE Nil"),
+                             (b"c", b"STATUS Nil (MESSAGES)"), (b"e", b"APPEND Nil {3+}\r\nx\r\n"),
+                             (b"g", b"GETMETADATA Nil (/private/comment)")):
+            assert c.command(tag, command)[-1].startswith(tag + b" NO [NONEXISTENT]"), command
+        assert c.command(b"k", b"CREATE NIL")[-1].startswith(b"k NO "), "an excluded name was made"
+        assert c.command(b"r", b"RENAME nil NIL")[-1].startswith(b"r NO "), "renamed to an excluded name"
+    finally:
+        c.close()
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    try:
+        names = {list_name(line) for line in direct.command(b"l", b'LIST "" "*"') if line.startswith(b"* LIST")}
+        assert "NIL" not in names and "nil" in names
+        assert b"MESSAGES 1 " in direct.command(b"t", b'STATUS "Nil" (MESSAGES UIDNEXT)')[0]  # (nothing copied in)
+    finally:
+        direct.close()

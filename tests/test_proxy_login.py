@@ -125,6 +125,21 @@ def test_a_password_that_is_not_utf8_reaches_the_backend_as_sent(make_proxy, dov
         assert c.command(b"A", b"AUTHENTICATE PLAIN " + blob)[-1].startswith(b"A OK")
 
 
+def test_a_user_named_nil_logs_in_as_written(make_proxy, dovecot):
+    """LOGIN's user name and password are astrings: the atom ``nil`` is the name "nil" (Dovecot logs such a
+    user in); the proxy read no name there and refused the login."""
+    dovecot.add_user("nil", "Nil")
+    with raw_via(dovecot) as direct:
+        assert direct.command(b"L", b"LOGIN nil Nil")[-1].startswith(b"L OK")
+    p = make_proxy()
+    with raw_via(p) as c:
+        r = c.command(b"L", b"LOGIN nil Nil")
+        assert r[-1].startswith(b"L OK"), r
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    with raw_via(p) as c:
+        assert c.command(b"L", b"LOGIN nil NIL")[-1].startswith(b"L NO [AUTHENTICATIONFAILED]")
+
+
 def test_commands_before_login_refused(proxy):
     with raw_via(proxy) as c:
         r = c.command(b"a", b"SELECT INBOX")

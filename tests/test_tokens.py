@@ -15,6 +15,7 @@ from cpmproxy.imap.tokens import (
     Token,
     TokenError,
     astring,
+    astring_text,
     format_list,
     format_token,
     format_tokens,
@@ -22,6 +23,7 @@ from cpmproxy.imap.tokens import (
     parse_command,
     parse_response_head,
     quote,
+    token_text,
     tokenize,
 )
 
@@ -248,6 +250,18 @@ def test_atom_helpers() -> None:
     with pytest.raises(ValueError):
         A(b"9" * 100).as_int()
     assert A(b"fetch").upper() == b"FETCH"
+
+
+@pytest.mark.parametrize("written", [b"NIL", b"nil", b"Nil"])
+def test_nil_is_nil_in_any_case_and_a_mailbox_of_that_name_where_an_astring_goes(written: bytes) -> None:
+    """``SELECT nil`` selects the mailbox "nil" (Dovecot): the atom NIL keeps the case it was written in,
+    for astring positions, and is written out so again (a rewritten command names the same mailbox)."""
+    (tok,) = tokenize(written)
+    assert tok == NIL and isinstance(tok, Nil) and hash(tok) == hash(NIL)
+    assert astring_text(tok) == astring(tok) == written
+    assert token_text(tok) is None and nstring(tok) is None  # (where NIL means no value, it still does)
+    assert format_token(tok) == written
+    assert astring_text(ParenList([])) is None
 
 
 def test_tokens_are_immutable_values() -> None:

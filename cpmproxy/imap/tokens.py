@@ -38,6 +38,7 @@ __all__ = [
     "Token",
     "TokenError",
     "astring",
+    "astring_text",
     "format_list",
     "format_token",
     "format_tokens",
@@ -113,7 +114,10 @@ class LiteralRef:
 
 @dataclass(frozen=True, slots=True)
 class Nil:
-    """The atom ``NIL`` (any case). Use :data:`NIL`; all instances compare equal."""
+    """The atom ``NIL`` (any case). All instances compare equal; ``text`` keeps the case it was written in,
+    for where the grammar takes an astring: ``SELECT nil`` selects the mailbox "nil" (Dovecot's reading)."""
+
+    text: bytes = field(default=b"NIL", compare=False)
 
     def __repr__(self) -> str:
         return "NIL"
@@ -133,12 +137,21 @@ Token = Union[Atom, Quoted, Literal, LiteralRef, Nil, ParenList]
 
 
 def astring(token: Token) -> bytes:
-    """The string value of an atom, quoted string or literal (``NIL`` as an astring is the word NIL)."""
+    """The string value of an atom, quoted string or literal (``NIL`` as an astring is that word, as written)."""
+    text = astring_text(token)
+    if text is None:
+        raise TokenError(f"expected a string, got {token!r}")
+    return text
+
+
+def astring_text(token: Token) -> bytes | None:
+    """The text of a token where the grammar takes an astring (a mailbox name, a user name): a string
+    token's, or the atom NIL's as written; None for anything else (a list)."""
     if isinstance(token, (Atom, Quoted, Literal)):
         return token.value
     if isinstance(token, Nil):
-        return b"NIL"
-    raise TokenError(f"expected a string, got {token!r}")
+        return token.text
+    return None
 
 
 def token_text(token: Token) -> bytes | None:
@@ -317,7 +330,7 @@ def _tokenize(line: bytes, pos: int, literals: Sequence[bytes]) -> list[Token]:
                 raise TokenError(_describe(c), pos)
             value = line[start:pos]
             if len(value) == 3 and value.upper() == b"NIL":
-                cur.append(NIL)
+                cur.append(NIL if value == b"NIL" else Nil(value))
             else:
                 cur.append(Atom(value))
 
@@ -525,7 +538,7 @@ def format_token(token: Token) -> bytes:
     if isinstance(token, LiteralRef):
         return b"%s{%d%s}" % (b"~" if token.binary else b"", token.size, b"+" if token.non_sync else b"")
     if isinstance(token, Nil):
-        return b"NIL"
+        return token.text
     if isinstance(token, ParenList):
         return b"(" + format_tokens(token.items) + b")"
     raise TypeError(f"not a token: {token!r}")

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpmproxy.imap.framing import LiteralData
-from cpmproxy.imap.tokens import Atom, Nil, ParenList, TokenError, parse_command, token_text
+from cpmproxy.imap.tokens import Atom, Nil, ParenList, TokenError, astring_text, parse_command, token_text
 from cpmproxy.proxy.backend import (
     UNAVAILABLE,
     AuthFailed,
@@ -37,14 +37,14 @@ MAX_DEVICE_ID = 128  # characters
 
 
 def _token_str(tok: Any) -> str | None:
-    v = token_text(tok)
+    v = astring_text(tok)  # (a user named "nil" may write it as an atom: Dovecot reads the name)
     return None if v is None else v.decode("utf-8", "replace")
 
 
 def _password(tok: Any) -> str | None:
     """A password as the client sent it: bytes that are not UTF-8 (a Latin-1 password) are kept as they
     are, to be sent on unchanged (``login_backend``), where a replacement character failed the login."""
-    v = token_text(tok)
+    v = astring_text(tok)
     return None if v is None else v.decode("utf-8", "surrogateescape")
 
 

@@ -40,9 +40,9 @@ from cpmproxy.imap.mutf7 import decode as mutf7_decode
 from cpmproxy.imap.mutf7 import fold_inbox
 from cpmproxy.imap.tokens import (
     TokenError,
+    astring_text,
     parse_command,
     parse_response_head,
-    token_text,
 )
 from cpmproxy.proxy.backend import (
     UNAVAILABLE,
@@ -1041,7 +1041,7 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         raw = b""
         try:
             if cmd.args:
-                raw = token_text(cmd.args[0]) or b""
+                raw = astring_text(cmd.args[0]) or b""
         except TokenError:
             raw = b""
         try:
