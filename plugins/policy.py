@@ -77,6 +77,7 @@ from plugins.viewsearch import (
 from plugins.wire import (
     MODIFIED,
     SEARCH_COMMANDS,
+    command_mailbox_name,
     esearch_all,
     has_caps,
     list_name,
@@ -395,7 +396,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         raw = astring_text(args[0]) if args else None
         if raw is None:
             return _LATER
-        mailbox = mailbox_name(raw)
+        mailbox = command_mailbox_name(raw)
         if not self._folder_info_now(session, st, mailbox):
             return _LATER
         if self.folder_hidden(st, mailbox):
@@ -418,7 +419,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             raw = astring_text(args[i])
             if raw is None:
                 return None
-            names.append(mailbox_name(raw))
+            names.append(command_mailbox_name(raw))
         if cmd.name == b"CREATE" or (cmd.name == b"RENAME"):
             # (A trailing separator names the same folder: RFC 3501 6.3.3, and Dovecot takes it so.)
             new = names[-1].rstrip("/") or names[-1]

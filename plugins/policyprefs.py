@@ -44,6 +44,7 @@ from plugins.policystate import (
     _nonexistent,
 )
 from plugins.wire import (
+    command_mailbox_name,
     has_caps,
     iter_metadata,
     mailbox_name,
@@ -104,7 +105,7 @@ class Preferences:
         target = args[1] if cmd.name == b"GETMETADATA" and args and isinstance(args[0], ParenList) else \
             (args[0] if args else None)
         raw = astring_text(target) if target is not None else None
-        if raw and not st.policy.folder_allowed(mailbox_name(raw)):
+        if raw and not st.policy.folder_allowed(command_mailbox_name(raw)):
             return _nonexistent(mailbox_name(raw))  # (a folder the policy excludes does not exist)
         if cmd.name == b"GETMETADATA":
             return None  # responses are filtered (bookkeeping entries never leave the proxy)
@@ -113,7 +114,7 @@ class Preferences:
         mailbox_raw = astring_text(args[0])
         if mailbox_raw is None:
             return None
-        mailbox = mailbox_name(mailbox_raw) if mailbox_raw else ""
+        mailbox = command_mailbox_name(mailbox_raw) if mailbox_raw else ""
         items = args[1].items
         prefs = {}
         for j in range(0, len(items) - 1, 2):

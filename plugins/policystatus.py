@@ -357,7 +357,7 @@ class StatusCounts:
                 items[j + 1] = b"%d" % messages
             elif key == b"UNSEEN":
                 items[j + 1] = b"%d" % max(0, int(items[j + 1]) - unseen)
-            elif key == b"SIZE":
+            elif key in _SIZES:
                 items[j + 1] = b"%d" % max(0, int(items[j + 1]) - size)
         for j in range(0, len(items) - 1, 2):
             if messages is not None and items[j].upper() == b"UNSEEN" and int(items[j + 1]) > messages:
@@ -382,7 +382,8 @@ def _status_anchor(line: bytes | None, mailbox: str) -> dict[bytes, int] | None:
     return items if b"MESSAGES" in items and b"UIDNEXT" in items else None
 
 
-_COUNTS = frozenset((b"MESSAGES", b"UNSEEN", b"SIZE", b"RECENT"))  # (the STATUS items a view changes)
+_SIZES = (b"SIZE", b"X-SIZE")  # (X-SIZE: Dovecot's older name of RFC 8438's SIZE, still answered)
+_COUNTS = frozenset((b"MESSAGES", b"UNSEEN", b"RECENT", *_SIZES))  # (the STATUS items a view changes)
 
 
 def _status_item_span(cmd) -> tuple[bytes, int, int] | None:

@@ -175,7 +175,7 @@ def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0, exact: boo
         return [t], i + 1
     n = search_key_args(tokens, i, key)
     if n:
-        if key == b"UID" and n == 1:
+        if key in (b"UID", b"X-REAL-UID") and n == 1:  # (Dovecot's X-REAL-UID: UID outside virtual folders)
             return [t, _client_star(view, tokens[i + 1])], i + 2
         return tokens[i:i + 1 + n], i + 1 + n
     if key == b"NOT":

@@ -3,6 +3,7 @@ command-line parsing."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sqlite3
 from pathlib import Path
@@ -87,11 +88,16 @@ def test_maildir_info():
     assert maildir_info([]) == ":2,"
 
 
+def _chat(seed: int) -> bytes:
+    """A chat object that is the same bytes when made again (its Date is fixed, not the clock's second)."""
+    return make_object("chat", seed=seed, date=dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc))
+
+
 def _store_with_messages(tmp_path: Path, n: int = 3) -> tuple[LocalStore, object]:
     store = LocalStore(tmp_path / "s", fsync=True)
     f = store.add_folder("Default/tel:+15550001", b"Default/tel:+15550001", "/")
     store.update_folder(f, uidvalidity=77)
-    recs = [store.write_message(f, uid, make_object("chat", seed=uid), ["\\Seen"], 1_700_000_000.0)
+    recs = [store.write_message(f, uid, _chat(uid), ["\\Seen"], 1_700_000_000.0)
             for uid in range(1, n + 1)]
     store.commit_messages(f, recs)
     store.update_folder(f, uidnext=n + 1)
@@ -104,7 +110,7 @@ def test_store_writes_maildir_and_index(tmp_path):
     names = sorted(os.listdir(cur))
     assert names == ["U1.V77.cpm-sync:2,S", "U2.V77.cpm-sync:2,S", "U3.V77.cpm-sync:2,S"]
     assert os.listdir(cur.parent / "tmp") == []
-    assert (cur / names[0]).read_bytes() == make_object("chat", seed=1)
+    assert (cur / names[0]).read_bytes() == _chat(1)
     assert (cur / names[0]).stat().st_mtime == 1_700_000_000.0  # INTERNALDATE
     assert oct((cur / names[0]).stat().st_mode & 0o777) == "0o600"
     recs = store.messages(f)

@@ -5,6 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpmproxy.imap.mutf7 import decode, encode
+from cpmproxy.imap.tokens import TokenError
+from plugins.wire import command_mailbox_name
 
 VECTORS = [
     ("", b""),
@@ -110,3 +112,17 @@ def test_decode_near_misses(data: bytes) -> None:
     except ValueError:
         return
     assert encode(text) == data
+
+
+def test_a_commands_mailbox_in_another_spelling_is_refused() -> None:
+    """A name the backend may read as another (Dovecot ignores the last base64 character's padding bits) is
+    refused in a command rather than judged by the policy as a folder of another name."""
+    assert command_mailbox_name(b"Priv&AOk-") == "Priv\u00e9"
+    assert command_mailbox_name(b"inbox/a&-b") == "INBOX/a&b"
+    assert command_mailbox_name("Priv\u00e9".encode()) == "Priv\u00e9"  # (8-bit: UTF-8, as UTF8=ACCEPT writes)
+    for raw in (b"Priv&AOn-", b"&AFg-", b"&AOk-&AOk-"):  # (read as another name by a lenient reader)
+        with pytest.raises(TokenError):
+            command_mailbox_name(raw)
+    for raw in (b"&AOk", b"x&", b"&A*k-", b"&AOkA-"):  # (no name at all: the backend says so)
+        assert command_mailbox_name(raw) == raw.decode()
+    assert decode(b"&AOn-", strict=False) == "\u00e9" and decode(b"&AFg-&AOk-", strict=False) == "X\u00e9"

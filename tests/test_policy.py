@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from cpmproxy.imap import mutf7
 from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import ONE_TO_ONE_FOLDER, SESSION_FOLDER, make_object
 from plugins.wire import list_name
@@ -954,3 +955,32 @@ def test_a_mailbox_named_nil_is_filtered_like_any_other(make_proxy, dovecot):
         assert b"MESSAGES 1 " in direct.command(b"t", b'STATUS "Nil" (MESSAGES UIDNEXT)')[0]  # (nothing copied in)
     finally:
         direct.close()
+
+
+def test_another_spelling_of_a_non_ascii_name_is_refused_not_judged_as_another_folder(make_proxy, dovecot):
+    """Found by review: Dovecot ignores the padding bits of modified UTF-7's last base64 character
+    (`&AOn-` opens "\u00e9", canonically `&AOk-`); the proxy's strict decoder refused that spelling and the
+    policy judged a folder named "&AOn-" as written: an excluded folder was selected, counted, written to."""
+    base = "Priv\u00e9-" + uuid.uuid4().hex[:6]
+    wire = mutf7.encode(base)
+    assert wire.startswith(b"Priv&AOk-")
+    odd = wire.replace(b"&AOk-", b"&AOn-")  # (the same name for Dovecot, a padding bit set)
+    dovecot.deliver("dave", base, make_object("chat", text="private"))
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    try:  # (the reference: Dovecot reads both spellings as one folder)
+        assert b"MESSAGES 1" in direct.command(b"t", b"STATUS " + odd + b" (MESSAGES)")[0]
+    finally:
+        direct.close()
+    p = make_proxy(config_extra='[policy]\nexclude_folders = ["Priv\u00e9-*"]\n')
+    c = login(p, "dave", "utf7")
+    try:
+        assert c.command(b"a", b"SELECT " + wire)[-1].startswith(b"a NO [NONEXISTENT]")
+        for tag, command in ((b"b", b"SELECT " + odd), (b"c", b"EXAMINE " + odd), (b"d", b"STATUS " + odd + b" (MESSAGES)"),
+                             (b"e", b"APPEND " + odd + b" {3+}\r\nx\r\n"), (b"f", b"CREATE " + odd + b"x"),
+                             (b"g", b"GETMETADATA " + odd + b" (/private/comment)"), (b"h", b"DELETE " + odd)):
+            r = c.command(tag, command)
+            assert r[-1].startswith(tag + b" BAD [CLIENTBUG]"), r
+        assert listed(c) & {base, odd.decode()} == set()
+    finally:
+        c.close()

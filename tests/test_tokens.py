@@ -23,6 +23,7 @@ from cpmproxy.imap.tokens import (
     parse_command,
     parse_response_head,
     quote,
+    space_run,
     token_text,
     tokenize,
 )
@@ -704,3 +705,25 @@ def test_only_token_errors(line: bytes, literals: list[bytes]) -> None:
     else:
         assert 0 <= head.text_offset <= len(line)
         assert head.kind in ("untagged", "tagged", "continuation")
+
+
+@pytest.mark.parametrize("line, at", [
+    (b"a STORE  2 +FLAGS (\\Seen)", 7),
+    (b"a STORE 2 +FLAGS  (\\Seen)", 16),
+    (b"a  NOOP", 1),
+    (b'a SEARCH SUBJECT "two  spaces"', -1),  # (text inside a quoted string)
+    (b'a SEARCH SUBJECT "q \\"  q"  ALL', 26),  # (an escaped quote does not end the string)
+    (b'a X "unterminated  ', -1),
+    (b"a NOOP ", -1),
+    (b"a LOGIN {5}", -1),
+])
+def test_space_run_finds_runs_of_spaces_outside_quoted_strings(line: bytes, at: int) -> None:
+    assert space_run(line) == at
+
+
+@given(st.lists(st.sampled_from([b"A", b"1:2", b"(X Y)", b'"a  b"', b'"q\\"x"']), min_size=1, max_size=8))
+@FAST
+def test_space_run_none_in_lines_written_with_single_spaces(words: list[bytes]) -> None:
+    line = b"t CMD " + b" ".join(words)
+    assert space_run(line) == -1
+    assert space_run(line.replace(b" ", b"  ", 1)) == 1

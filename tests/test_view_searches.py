@@ -208,3 +208,39 @@ def test_thread_by_number_threads_only_the_visible_messages(make_proxy, dovecot)
         assert got == [b"* THREAD " + want + b"\r\n"], (algorithm, got, want)
     direct.logout()
     c.close()
+
+
+@pytest.mark.parametrize("command", [b"STORE  2 +FLAGS (\\Flagged)", b"COPY  2 INBOX", b"MOVE  2 INBOX",
+                                     b"FETCH  2 (FLAGS)", b"UID STORE  2 +FLAGS (\\Flagged)",
+                                     b"STORE 2  +FLAGS (\\Flagged)"])
+def test_a_command_with_a_run_of_spaces_is_refused_not_read_another_way(device, dovecot, mailbox, command):
+    """Found by review: Dovecot takes runs of spaces between arguments, the view found a command's message
+    set with a one-space pattern: `STORE  2 +FLAGS (\\Flagged)` went on in the client's numbers and
+    flagged the hidden message 2 (COPY and MOVE took it). Refused, as the grammar's single SP says."""
+    r = device.command(b"a", command)
+    assert r[-1].startswith(b"a BAD [CLIENTBUG]"), r
+    assert not any(b"\\Flagged" in f for f in direct_flags(dovecot, mailbox).values())
+    assert sorted(direct_flags(dovecot, mailbox)) == [1, 2, 3, 4, 5]
+    # (Inside a quoted string two spaces are text.)
+    assert device.command(b"b", b'SEARCH SUBJECT "big  one"')[-1].startswith(b"b OK")
+    assert device.command(b"c", b"NOOP")[-1].startswith(b"c OK")
+
+
+def test_fuzzy_and_inthread_are_followed_by_a_search_key_in_the_views_numbers(device):
+    """Found by review: RFC 6203's FUZZY takes a search key (Dovecot: `SEARCH FUZZY 2` is `SEARCH 2`), and
+    Dovecot's INTHREAD an algorithm and a key; the proxy took FUZZY's key for a string argument and left
+    its message set in the client's numbers: the backend read them as its own (the hidden message 2)."""
+    assert untagged(device.command(b"a", b"SEARCH 2")) == [b"* SEARCH 2\r\n"]
+    assert untagged(device.command(b"b", b"SEARCH FUZZY 2")) == [b"* SEARCH 2\r\n"]
+    assert b" ALL 2" in untagged(device.command(b"c", b"SEARCH RETURN (SAVE ALL) FUZZY 2"))[0]
+    assert untagged(device.command(b"d", b"SEARCH NOT FUZZY 2:3")) == [b"* SEARCH 1\r\n"]
+    assert untagged(device.command(b"e", b"SEARCH INTHREAD REFERENCES 2")) == [b"* SEARCH 2\r\n"]
+    assert untagged(device.command(b"f", b"UID SEARCH X-REAL-UID 4:*")) == [b"* SEARCH 5\r\n"]
+
+
+def test_status_x_size_is_the_views_size(device, mailbox):
+    """Found by review: Dovecot answers X-SIZE, its older name of SIZE; the proxy took the hidden messages'
+    size off SIZE only, and X-SIZE told the size of what the device must not see."""
+    line = untagged(device.command(b"t", b'STATUS "%s" (SIZE X-SIZE)' % mailbox.encode()))[0]
+    m = re.search(rb"\(SIZE (\d+) X-SIZE (\d+)\)", line)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) < 20000 * 3, line

@@ -39,8 +39,12 @@ def encode(name: str) -> bytes:
     return _ENCODE_RE.sub(_encode_run, name).encode("ascii")
 
 
-def decode(data: bytes) -> str:
-    """Decode modified UTF-7; raises ValueError on anything :func:`encode` would not have produced."""
+def decode(data: bytes, *, strict: bool = True) -> str:
+    """Decode modified UTF-7; raises ValueError on anything :func:`encode` would not have produced.
+
+    ``strict=False`` reads what a lenient server may take for a name too (Dovecot ignores the padding bits
+    of the last base64 character; other readers may take adjacent sections or ASCII in base64): the
+    spellings :func:`encode` would not produce but that still read as some name."""
     data = bytes(data)
     if not data.isascii():
         raise ValueError("modified UTF-7 must be 7-bit ASCII")
@@ -61,10 +65,10 @@ def decode(data: bytes) -> str:
         if not payload:
             out.append("&")
         else:
-            if amp == last_b64_end:
+            if amp == last_b64_end and strict:
                 # "&AOQ-&AOQ-" would be a second spelling of "&AOQA5A-".
                 raise ValueError(f"adjacent base64 sections at offset {amp} in modified UTF-7")
-            out.append(_decode_b64(payload, amp))
+            out.append(_decode_b64(payload, amp, strict))
             last_b64_end = end + 1
         pos = end + 1
         amp = data.find(b"&", pos)
@@ -72,7 +76,7 @@ def decode(data: bytes) -> str:
     return "".join(out)
 
 
-def _decode_b64(payload: bytes, offset: int) -> str:
+def _decode_b64(payload: bytes, offset: int, strict: bool = True) -> str:
     if _B64_CHARS_RE.fullmatch(payload) is None or len(payload) % 4 == 1:
         raise ValueError(f"bad base64 at offset {offset} in modified UTF-7")
     try:
@@ -87,6 +91,8 @@ def _decode_b64(payload: bytes, offset: int) -> str:
         raise ValueError(
             f"invalid UTF-16 (unpaired surrogate) at offset {offset} in modified UTF-7"
         ) from None
+    if not strict:
+        return text
     if _DIRECT_RE.search(text):
         raise ValueError(f"base64 section at offset {offset} encodes printable ASCII")
     # Re-encoding catches non-zero padding bits, the last remaining way to spell the same text twice.

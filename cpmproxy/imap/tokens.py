@@ -46,6 +46,7 @@ __all__ = [
     "parse_command",
     "parse_response_head",
     "quote",
+    "space_run",
     "token_text",
     "tokenize",
 ]
@@ -400,6 +401,21 @@ def parse_command(line: bytes, literals: Sequence[bytes] = ()) -> Command:
         name = m2.group(1).upper()
         pos = m2.end()
     return Command(line, tag, name, uid, pos, literals)
+
+
+_SPACE_RUN_RE = re.compile(rb'"(?:[^"\\\r\n]|\\.)*"?|( {2,})')
+
+
+def space_run(line: bytes) -> int:
+    """Where ``line`` has more than one space in a row outside quoted strings; -1 if nowhere. The grammar
+    has one SP between arguments; Dovecot takes runs of them, which a reader of the line by patterns
+    would not (a proxy must read a command as the server does, or refuse it)."""
+    if b"  " not in line:
+        return -1
+    for m in _SPACE_RUN_RE.finditer(line):
+        if m.group(1) is not None:
+            return m.start(1)
+    return -1
 
 
 def _command_error(line: bytes) -> NoReturn:

@@ -43,6 +43,7 @@ from cpmproxy.imap.tokens import (
     astring_text,
     parse_command,
     parse_response_head,
+    space_run,
 )
 from cpmproxy.proxy.backend import (
     UNAVAILABLE,
@@ -542,6 +543,8 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             line = ev.data
             try:
                 parsed = parse_command(line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n"))
+                if space_run(line) >= 0:  # (the plugins read commands as written: one space between words)
+                    raise TokenError("more than one space between arguments")
             except TokenError as e:
                 self._local_answer_literal(ev)
                 tag = self._tag_of(line)
