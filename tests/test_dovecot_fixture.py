@@ -278,3 +278,21 @@ def test_proxy_process_takes_other_ports_when_its_free_port_is_taken_first(dovec
     finally:
         p.stop()
         taken.close()
+
+
+def test_a_port_taken_before_dovecot_binds_it_is_chosen_again(tmp_path: Path) -> None:
+    """Test processes run side by side (make test): a port found free can be taken by another before
+    Dovecot binds it; the fixture then starts on new ports instead of failing every test of the process."""
+    d = Dovecot(tmp_path / "dc", users={"alice": "alicepw"})
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    d.port = taken.getsockname()[1]
+    try:
+        d.start()
+        assert d.port != taken.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+            assert s.recv(100).startswith(b"* OK")
+    finally:
+        d.close()
+        taken.close()
