@@ -48,7 +48,7 @@ from cpmproxy.imap.tokens import (
     tokenize,
 )
 from cpmproxy.proxy.backend import BackendError, BackendRefused, Reply
-from cpmproxy.proxy.hooks import Answer, Defer, Plugin, Rewrite
+from cpmproxy.proxy.hooks import Answer, Collect, Defer, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREFIX
 from plugins.policystate import side_examine
 from plugins.wire import (
@@ -307,6 +307,8 @@ class LocalDeletePlugin(Plugin):
         if name in SEARCH_COMMANDS:
             st = session.state.get(self.name)
             if st is not None and st.pending:
+                if cmd.has_literal and "collected" not in cmd.state:
+                    return Collect()  # (a DELETED after a literal: found by review, it missed the marks)
                 return _search_with_pending(cmd, st.pending)
         return None
 
@@ -609,7 +611,14 @@ class LocalDeletePlugin(Plugin):
         if view is None or mailbox is None:
             return None
         targets = set(st.pending)
-        if cmd.name == b"EXPUNGE" and cmd.uid:
+        if cmd.name == b"EXPUNGE" and cmd.uid and _first_arg(cmd) == b"$":
+            # The saved result (RFC 5182; found by review: the marks in it stayed pending): its UIDs, read
+            # in order with the commands before (the pending marks are UIDs the view shows).
+            reply = await session.backend_command(b"UID SEARCH RETURN (ALL) $")
+            if reply.status != b"OK":
+                return None  # (no saved result: the backend answers the command as it would)
+            targets &= set(esearch_all(reply))
+        elif cmd.name == b"EXPUNGE" and cmd.uid:
             try:
                 requested = SequenceSet.parse(cmd.args[0].value)
             except (SequenceSetError, IndexError, AttributeError, TokenError):
@@ -792,6 +801,13 @@ def _unchangedsince(modifiers: bytes) -> int | None:
             and len(words[1]) <= 20:
         return int(words[1])
     return None
+
+
+def _first_arg(cmd) -> bytes | None:
+    try:
+        return cmd.args[0].value
+    except (IndexError, AttributeError, TokenError):
+        return None
 
 
 def _search_with_pending(cmd, pending: set[int]):

@@ -56,7 +56,7 @@ from cpmproxy.imap.tokens import (
     tokenize,
 )
 from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
-from cpmproxy.proxy.hooks import Answer, Drop, Hold, Plugin, Rewrite
+from cpmproxy.proxy.hooks import Answer, Collect, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREF_NOTIFICATIONS, pref_entry
 from plugins.policyprefs import parse_metadata_prefs, parse_pref_folders
 from plugins.policystate import FOLDERS_TOPIC, FolderVisibility
@@ -64,6 +64,7 @@ from plugins.wire import (
     APPENDUID,
     list_name,
     list_oldname,
+    literals_quoted,
     mailbox_name,
     status_mailbox,
     status_parts,
@@ -911,6 +912,14 @@ class NotifyPlugin(Plugin):
             if policy is not None and policy.state(session).policy.notifications == "off":
                 return Answer(b"NO [CANNOT] Notifications are disabled by the service provider's policy.")
             line = cmd.line
+            if cmd.has_literal:
+                # The filters and fetch attributes after a literal (a mailbox name) are read too (found by
+                # review: a BODY[] there set \Seen on hidden arrivals), with no literal's bytes taken for them.
+                if "collected" not in cmd.state:
+                    return Collect()
+                line = literals_quoted(cmd)
+                if line is None:
+                    return Answer(b"BAD [CLIENTBUG] A mailbox name in NOTIFY must be 7-bit, without CR, LF or NUL.")
             cmd.state["selected_events"] = bool(_SELECTED_FILTER.search(line))
             # (Taken up at the OK, like the rest: a NOTIFY the backend refuses changes nothing.)
             cmd.state["metadata_groups"] = parse_metadata_groups(line)

@@ -324,6 +324,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # knows, not one the backend took in during a command in flight, which may be hidden.
             return Rewrite(cmd.line.rstrip(b"\r\n") + b" " + format_tokens(_known_only(view)) + b"\r\n")
         if view is not None and not view.identity:
+            if name == b"FETCH" and cmd.has_literal and "collected" not in cmd.state:
+                # (Found by review: a body read after a literal, a header field name written so, was not seen,
+                # and a UID FETCH set \Seen on hidden messages. Read whole, literals and all.)
+                return Collect()
             if name in (b"EXPUNGE", b"CLOSE") and not cmd.uid and has_caps(session, b"UIDPLUS", b"UNSELECT"):
                 return Defer(defer.Deferred.fromCoroutine(self._expunge_visible(session, view, cmd)))
             return self._view_command(session, st, view, cmd)

@@ -11,6 +11,7 @@ import re
 from cpmproxy.imap import mutf7
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import (
+    Literal,
     ParenList,
     Quoted,
     TokenError,
@@ -87,6 +88,30 @@ def command_mailbox_name(raw: bytes) -> str:
             else:
                 raise TokenError(f"mailbox name: {e}") from None
     return mailbox_name(raw)
+
+
+def literals_quoted(cmd) -> bytes | None:
+    """A gathered command (``Collect``) written again with each literal as a quoted string (a mailbox name,
+    a header field name: the same astring to the backend), for a plugin that reads the line by patterns,
+    which must not take a literal's bytes for the command's; None where one cannot be quoted (CR, LF,
+    NUL, 8-bit). The tag goes as sent."""
+    def unliteral(items: list) -> list:
+        out = []
+        for t in items:
+            if isinstance(t, Literal):
+                if not t.value.isascii():
+                    raise ValueError("8-bit")
+                t = Quoted(t.value)
+            elif isinstance(t, ParenList):
+                t = ParenList(unliteral(t.items))
+            out.append(t)
+        return out
+
+    try:
+        args = format_tokens(unliteral(cmd.args))
+    except (ValueError, TokenError):  # (format_token refuses CR, LF and NUL in a quoted string)
+        return None
+    return cmd.tag + b" " + (b"UID " if cmd.uid else b"") + cmd.name + (b" " + args if args else b"") + b"\r\n"
 
 
 def wire_name(name: str) -> bytes:

@@ -1143,3 +1143,67 @@ def test_an_expunge_pipelined_behind_a_marking_append_removes_its_message(make_p
     assert uids_seen(a) == uids
     assert len(server_state(dovecot, folder)) == 2
     a.close()
+
+
+@pytest.mark.parametrize("literal", [b"{4}", b"{4+}"])
+def test_uid_fetch_body_after_a_literal_never_sets_seen_on_a_hidden_message(make_proxy, dovecot, literal):
+    """Found by review (helper-70): a UID FETCH whose header field name is a literal was judged on the part
+    before it: the `BODY[]` after it went unseen, the client's whole UID set went on, and the hidden IMDN
+    got \\Seen on the server (its response dropped). In a filtered view it is read whole now."""
+    folder = "Vis" + uuid.uuid4().hex[:8]
+    dovecot.deliver("alice", folder, make_object("chat", text="visible"))
+    hidden = dovecot.deliver("alice", folder, make_object("imdn"))
+    p = make_proxy(config_extra='[policy]\nsync = { imdn = false }\n')
+    b = device(p, "B")
+    d = RawIMAP("127.0.0.1", dovecot.port)
+    d.login("alice", "alicepw")
+    try:
+        assert b.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
+        b.send(b"f UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (" + literal + b"\r\n")
+        if not literal.endswith(b"+}"):
+            assert b.read_line().startswith(b"+")
+        b.send(b"DATE)] BODY[])\r\n")
+        r = b.until_tagged(b"f")
+        # (Read whole, the section's literal is one the view's reader refuses: BAD, nothing sent on.)
+        assert r[-1].startswith(b"f BAD [CLIENTBUG]"), r
+        d.command(b"x", b'EXAMINE "%s"' % folder.encode())
+        flags = [x for x in d.command(b"g", b"UID FETCH %d (FLAGS)" % hidden) if x.startswith(b"* ")]
+        assert flags and b"\\Seen" not in flags[0], flags
+    finally:
+        d.close()
+        b.close()
+
+
+def test_search_deleted_after_a_literal_counts_pending_local_deletes(make_proxy, dovecot):
+    """Found by review (helper-70): with local deletions pending, a DELETED after a literal (`TEXT {7+}`,
+    the usual form of non-ASCII text) was judged on the part before it: the marked message was missed."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    assert a.command(b"l", b"STORE 1 +FLAGS (\\Deleted $LocalDelete)")[-1].startswith(b"l OK")
+    quoted = a.command(b"q", b'UID SEARCH TEXT "message" DELETED')
+    assert quoted[0] == b"* SEARCH %d\r\n" % uids[0], quoted
+    r = a.command(b"t", b"UID SEARCH TEXT {7+}\r\nmessage DELETED")
+    assert r[0] == quoted[0], r
+    r = a.command(b"u", b"UID SEARCH TEXT {7+}\r\nmessage UNDELETED")
+    assert r[0] == b"* SEARCH %d %d\r\n" % (uids[1], uids[2]), r
+    a.close()
+
+
+def test_uid_expunge_of_the_saved_result_carries_out_local_deletes(make_proxy, dovecot):
+    """Found by review (helper-70): `UID EXPUNGE $` with a local deletion pending in the saved result
+    answered OK and left the message shown and pending. Now it leaves this device's view; the server
+    keeps it, as for any local deletion."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    assert a.command(b"l", b"UID STORE %d +FLAGS (\\Deleted $LocalDelete)" % uids[1])[-1].startswith(b"l OK")
+    assert a.command(b"s", b"UID SEARCH RETURN (SAVE) UID %d" % uids[1])[-1].startswith(b"s OK")
+    r = a.command(b"e", b"UID EXPUNGE $")
+    assert r[-1].startswith(b"e OK"), r
+    assert b"* 2 EXPUNGE\r\n" in r, r
+    assert uids_seen(a) == [uids[0], uids[2]]
+    assert set(server_state(dovecot, folder)) == set(uids)
+    a.close()

@@ -1180,3 +1180,36 @@ def test_the_close_of_a_mailbox_examined_tells_no_one(make_proxy, dovecot):
         set_pref(a, b"NIL")
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("literal", [b"{3}", b"{3+}"])
+def test_notify_fetch_att_after_a_literal_never_sets_seen_on_a_hidden_message(make_proxy, dovecot, literal):
+    """Found by review (helper-70): a NOTIFY whose mailbox name is a literal had the rest of it (filters,
+    MessageNew's fetch attributes) go to the backend unread: its `BODY[]` set \\Seen on a hidden IMDN
+    as it arrived, for every device."""
+    folder = "Vis" + uuid.uuid4().hex[:8]
+    dovecot.deliver("alice", folder, make_object("chat", text="visible"))
+    p = make_proxy(config_extra='[policy]\nsync = { imdn = false }\n')
+    b = device(p, "B")
+    d = RawIMAP("127.0.0.1", dovecot.port)
+    d.login("alice", "alicepw")
+    try:
+        assert b.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
+        b.send(b"n NOTIFY SET (mailboxes " + literal + b"\r\n")
+        if not literal.endswith(b"+}"):
+            assert b.read_line().startswith(b"+")
+        b.send(b"Foo (MessageNew)) (selected (MessageNew (UID BODY[]) MessageExpunge))\r\n")
+        r = b.until_tagged(b"n")
+        assert r[-1].startswith(b"n OK"), r
+        uid = dovecot.deliver("alice", folder, make_object("imdn"))
+        lines_within(b, 1.5)
+        b.command(b"o", b"NOOP")
+        d.command(b"x", b'EXAMINE "%s"' % folder.encode())
+        flags = [x for x in d.command(b"f", b"UID FETCH %d (FLAGS)" % uid) if x.startswith(b"* ")]
+        assert flags and b"\\Seen" not in flags[0], flags
+        # (RFC822 after a literal is refused as it is without one)
+        b.send(b"r NOTIFY SET (mailboxes {3+}\r\nFoo (MessageNew)) (selected (MessageNew (UID RFC822)))\r\n")
+        assert b.until_tagged(b"r")[-1].startswith(b"r NO [CANNOT]")
+    finally:
+        d.close()
+        b.close()
