@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 
 from cpmproxy.config import ConfigError, unknown_key
-from cpmproxy.proxy.hooks import BackendResponse, ClientCommand, Plugin, Rewrite
-from plugins.wire import FETCH_FLAGS
+from cpmproxy.proxy.hooks import BackendResponse, ClientCommand, Collect, Plugin, Rewrite
+from plugins.wire import FETCH_FLAGS, SEARCH_COMMANDS
 
 CPM_FLAG = rb"\read-report-sent"
 _IN_COMMANDS = frozenset((b"STORE", b"APPEND", b"SEARCH", b"SORT", b"THREAD"))
@@ -46,6 +46,8 @@ class ReadReportPlugin(Plugin):
     def command(self, session, cmd: ClientCommand):
         if cmd.name not in _IN_COMMANDS:
             return None
+        if cmd.has_literal and cmd.name in SEARCH_COMMANDS and "collected" not in cmd.state:
+            return Collect()  # (a KEYWORD's flag may be the literal: found by review, it was not mapped)
         if cmd.has_literal:
             # What follows a literal comes in later segments: a MULTIAPPEND's later flag lists, search
             # keys after a SUBJECT {n} (a CHARSET search's usual form).
@@ -71,6 +73,10 @@ class ReadReportPlugin(Plugin):
                 continue
             if m.group(1) is not None:  # (the literal's bytes are passed over whole)
                 at = min(m.end() + int(m.group(1)), len(text))
+                if text[m.end():at].lower() == CPM_FLAG and _KEYWORD_KEY_RE.search(text, max(0, m.start() - 10),
+                                                                                  m.start()) is not None:
+                    out.append(text[pos:m.start()] + self.keyword)  # (``KEYWORD {17+}\r\n\read-report-sent``)
+                    pos = at
                 continue
             out.append(text[pos:m.start()] + self.keyword)
             pos = at

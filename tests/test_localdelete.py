@@ -1207,3 +1207,21 @@ def test_uid_expunge_of_the_saved_result_carries_out_local_deletes(make_proxy, d
     assert uids_seen(a) == [uids[0], uids[2]]
     assert set(server_state(dovecot, folder)) == set(uids)
     a.close()
+
+
+def test_search_keyword_read_report_sent_as_a_literal_is_mapped(make_proxy, dovecot):
+    """Found by review (helper-70): `KEYWORD "\\\\read-report-sent"` was mapped to the backend's keyword,
+    the same flag written as a literal was not (and found nothing)."""
+    folder, uids = folder_with(dovecot, 2)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    assert a.command(b"m", b"STORE 2 +FLAGS (\\read-report-sent)")[-1].startswith(b"m OK")
+    assert a.command(b"q", b'UID SEARCH KEYWORD "\\\\read-report-sent"')[0] == b"* SEARCH %d\r\n" % uids[1]
+    r = a.command(b"l", b"UID SEARCH KEYWORD {17+}\r\n\\read-report-sent")
+    assert r[0] == b"* SEARCH %d\r\n" % uids[1], r
+    r = a.command(b"n", b"UID SEARCH UNKEYWORD {17+}\r\n\\READ-report-sent SUBJECT {3+}\r\nabc")
+    assert r[0] == b"* SEARCH\r\n", r
+    r = a.command(b"o", b"UID SEARCH UNKEYWORD {17+}\r\n\\read-report-sent")
+    assert r[0] == b"* SEARCH %d\r\n" % uids[0], r
+    a.close()
