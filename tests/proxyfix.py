@@ -104,3 +104,28 @@ def still_serving(p: ProxyProcess, user: str = "bob") -> bool:
         return typ == "OK"
     finally:
         c.logout()
+
+
+def send_with_literal(c: RawIMAP, tag: bytes, head: bytes, literal: bytes, rest: bytes) -> list[bytes]:
+    """``tag head{literal}``, the server's ``+`` awaited for a synchronizing literal, then ``rest`` (the
+    literal's bytes and what follows); every response up to the tagged one."""
+    c.send(tag + b" " + head + literal + b"\r\n")
+    if not literal.endswith(b"+}"):
+        first = c.read_line()
+        if not first.startswith(b"+"):
+            return [first] if first.startswith(tag + b" ") else [first] + c.until_tagged(tag)
+    c.send(rest + b"\r\n")
+    return c.until_tagged(tag)
+
+
+def server_flags(dovecot, user: str, folder: str, uid: int) -> bytes:
+    """The FETCH FLAGS line of ``uid`` in ``folder`` as Dovecot has it (read-only, straight to Dovecot)."""
+    d = RawIMAP("127.0.0.1", dovecot.port)
+    try:
+        d.login(user, f"{user}pw")
+        d.command(b"x", b'EXAMINE "%s"' % folder.encode())
+        lines = [x for x in d.command(b"f", b"UID FETCH %d (FLAGS)" % uid) if x.startswith(b"* ")]
+        assert lines, f"UID {uid} not in {folder}"
+        return lines[0]
+    finally:
+        d.close()

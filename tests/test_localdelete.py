@@ -16,7 +16,7 @@ import pytest
 
 from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import make_object
-from tests.proxyfix import raw_via
+from tests.proxyfix import raw_via, send_with_literal, server_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -1155,22 +1155,13 @@ def test_uid_fetch_body_after_a_literal_never_sets_seen_on_a_hidden_message(make
     hidden = dovecot.deliver("alice", folder, make_object("imdn"))
     p = make_proxy(config_extra='[policy]\nsync = { imdn = false }\n')
     b = device(p, "B")
-    d = RawIMAP("127.0.0.1", dovecot.port)
-    d.login("alice", "alicepw")
     try:
         assert b.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
-        b.send(b"f UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (" + literal + b"\r\n")
-        if not literal.endswith(b"+}"):
-            assert b.read_line().startswith(b"+")
-        b.send(b"DATE)] BODY[])\r\n")
-        r = b.until_tagged(b"f")
+        r = send_with_literal(b, b"f", b"UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (", literal, b"DATE)] BODY[])")
         # (Read whole, the section's literal is one the view's reader refuses: BAD, nothing sent on.)
         assert r[-1].startswith(b"f BAD [CLIENTBUG]"), r
-        d.command(b"x", b'EXAMINE "%s"' % folder.encode())
-        flags = [x for x in d.command(b"g", b"UID FETCH %d (FLAGS)" % hidden) if x.startswith(b"* ")]
-        assert flags and b"\\Seen" not in flags[0], flags
+        assert b"\\Seen" not in server_flags(dovecot, "alice", folder, hidden)
     finally:
-        d.close()
         b.close()
 
 

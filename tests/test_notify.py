@@ -21,7 +21,7 @@ import pytest
 from cpmproxy.testing.rawclient import RawIMAP
 from cpmproxy.testing.sample import make_object
 from plugins.wire import list_name
-from tests.proxyfix import raw_via
+from tests.proxyfix import raw_via, send_with_literal, server_flags
 
 PREF = b"/private/vendor/vendor.cpmproxy/notifications"
 
@@ -1191,25 +1191,17 @@ def test_notify_fetch_att_after_a_literal_never_sets_seen_on_a_hidden_message(ma
     dovecot.deliver("alice", folder, make_object("chat", text="visible"))
     p = make_proxy(config_extra='[policy]\nsync = { imdn = false }\n')
     b = device(p, "B")
-    d = RawIMAP("127.0.0.1", dovecot.port)
-    d.login("alice", "alicepw")
     try:
         assert b.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
-        b.send(b"n NOTIFY SET (mailboxes " + literal + b"\r\n")
-        if not literal.endswith(b"+}"):
-            assert b.read_line().startswith(b"+")
-        b.send(b"Foo (MessageNew)) (selected (MessageNew (UID BODY[]) MessageExpunge))\r\n")
-        r = b.until_tagged(b"n")
+        r = send_with_literal(b, b"n", b"NOTIFY SET (mailboxes ", literal,
+                              b"Foo (MessageNew)) (selected (MessageNew (UID BODY[]) MessageExpunge))")
         assert r[-1].startswith(b"n OK"), r
         uid = dovecot.deliver("alice", folder, make_object("imdn"))
         lines_within(b, 1.5)
         b.command(b"o", b"NOOP")
-        d.command(b"x", b'EXAMINE "%s"' % folder.encode())
-        flags = [x for x in d.command(b"f", b"UID FETCH %d (FLAGS)" % uid) if x.startswith(b"* ")]
-        assert flags and b"\\Seen" not in flags[0], flags
+        assert b"\\Seen" not in server_flags(dovecot, "alice", folder, uid)
         # (RFC822 after a literal is refused as it is without one)
-        b.send(b"r NOTIFY SET (mailboxes {3+}\r\nFoo (MessageNew)) (selected (MessageNew (UID RFC822)))\r\n")
-        assert b.until_tagged(b"r")[-1].startswith(b"r NO [CANNOT]")
+        r = send_with_literal(b, b"r", b"NOTIFY SET (mailboxes ", literal, b"Foo (MessageNew)) (selected (MessageNew (UID RFC822)))")
+        assert r[-1].startswith(b"r NO [CANNOT]"), r
     finally:
-        d.close()
         b.close()
