@@ -722,24 +722,24 @@ class LocalDeletePlugin(Plugin):
             if KEYWORD not in upper and not (all_local and b"\\DELETED" in upper):
                 marks.append(False)
                 return text
-            try:
-                tokens = tokenize(body)
-            except TokenError:
-                return text  # (the backend answers BAD)
-            at = 3 if first else 0  # ``tag APPEND mailbox (flags) ...``, a later message's ``(flags) ...``
-            if len(tokens) <= at or not isinstance(tokens[at], ParenList):
+            # The flag list is rewritten in place, the rest of the segment left byte for byte: written out
+            # again from tokens, a segment ending in a literal inside a CATENATE's parentheses had them
+            # closed before the literal's bytes, which the backend then ran as a command of their own; and a
+            # segment the tokenizer refused (one starting with a CATENATE's ")") kept its local flags (both
+            # found by review).
+            found = next((m for m in _FLAG_LIST_RE.finditer(body) if m.group(1) is not None), None)
+            if found is None:
                 marks.append(False)
                 return text
-            flags = tokens[at].items
-            upper_flags = [f.upper() if isinstance(f, Atom) else b"" for f in flags]
+            flags = found.group(1).split()
+            upper_flags = [f.upper() for f in flags]
             if KEYWORD in upper_flags and not allowed:
                 refused.append(True)
                 return None
             local = KEYWORD in upper_flags or (all_local and b"\\DELETED" in upper_flags)
             marks.append(local)
-            tokens[at] = ParenList([f for f, u in zip(flags, upper_flags, strict=True)
-                                    if u != KEYWORD and not (local and u == b"\\DELETED")])
-            return (b" " if text[:1] == b" " else b"") + format_tokens(tokens) + text[len(body):]
+            kept = [f for f, u in zip(flags, upper_flags, strict=True) if u != KEYWORD and not (local and u == b"\\DELETED")]
+            return text[:found.start(1)] + b" ".join(kept) + text[found.end(1):]
 
         line = strip(cmd.line, True)
         if refused:
@@ -801,6 +801,11 @@ def _unchangedsince(modifiers: bytes) -> int | None:
             and len(words[1]) <= 20:
         return int(words[1])
     return None
+
+
+# An APPEND segment's flag list: the first parenthesized list of atoms outside quoted strings (a CATENATE's
+# parts hold a literal or a quoted URL, a date is quoted, a mailbox name cannot be a list).
+_FLAG_LIST_RE = re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|\(([^()"{}\[\]\r\n]*)\)')
 
 
 def _first_arg(cmd) -> bytes | None:

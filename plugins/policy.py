@@ -318,16 +318,18 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     return action
             return Defer(defer.Deferred.fromCoroutine(self._mailbox_command(session, st, cmd)))
         view = st.view
+        if view is not None and cmd.has_literal and "collected" not in cmd.state and \
+                name in (b"FETCH", b"SEARCH", b"SORT", b"THREAD"):
+            # Read whole wherever messages can be hidden, a view with none hidden yet included: what follows
+            # a literal decides (found by review: a body read after a literal header field name set \Seen on
+            # hidden messages, on a hidden arrival before its classification too).
+            return Collect()
         if view is not None and view.identity and name in (b"SEARCH", b"SORT") and not cmd.has_literal \
                 and _RETURNING_RE.match(cmd.line):
             # A result the backend computes something from (COUNT, MIN/MAX, $): of the messages the view
             # knows, not one the backend took in during a command in flight, which may be hidden.
             return Rewrite(cmd.line.rstrip(b"\r\n") + b" " + format_tokens(_known_only(view)) + b"\r\n")
         if view is not None and not view.identity:
-            if name == b"FETCH" and cmd.has_literal and "collected" not in cmd.state:
-                # (Found by review: a body read after a literal, a header field name written so, was not seen,
-                # and a UID FETCH set \Seen on hidden messages. Read whole, literals and all.)
-                return Collect()
             if name in (b"EXPUNGE", b"CLOSE") and not cmd.uid and has_caps(session, b"UIDPLUS", b"UNSELECT"):
                 return Defer(defer.Deferred.fromCoroutine(self._expunge_visible(session, view, cmd)))
             return self._view_command(session, st, view, cmd)
@@ -1855,15 +1857,16 @@ def _of_no_message(cmd, head: bytes, rest: bytes) -> Rewrite:
 
 
 # Where the mailbox is in the commands _as_missing sends on (the argument's index).
-_MISSING_AT = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1}
+_MISSING_AT = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1,
+               b"SUBSCRIBE": 0}  # (Dovecot: SUBSCRIBE to a missing folder is refused, as it is told here)
 
 
 def _as_missing(cmd, mailbox: str):
     """A command on a folder hidden from the device, as the same command on a folder that does not exist (the
     hidden one's name and a suffix no folder has): the backend answers it as it answers any missing folder,
     the suffix taken out again (``tagged``), where the proxy's own answer would tell the device that the
-    folder exists, hidden (found by the leak hunt). Answered here where a missing folder does not fail the
-    command (SUBSCRIBE) or the command carries a literal (APPEND)."""
+    folder exists, hidden (found by the leak hunt; SUBSCRIBE too, by a later review). Answered here where a
+    missing folder does not fail the command (UNSUBSCRIBE) or the command carries a literal (APPEND)."""
     at = _MISSING_AT.get(cmd.name)
     if at is None or cmd.has_literal:
         return _nonexistent(mailbox)

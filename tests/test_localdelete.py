@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -1216,3 +1217,67 @@ def test_search_keyword_read_report_sent_as_a_literal_is_mapped(make_proxy, dove
     r = a.command(b"o", b"UID SEARCH UNKEYWORD {17+}\r\n\\read-report-sent")
     assert r[0] == b"* SEARCH %d\r\n" % uids[0], r
     a.close()
+
+
+def test_a_later_message_with_local_flags_and_catenate_cannot_smuggle_a_command(make_proxy, dovecot):
+    """Found by review (helper-71): a MULTIAPPEND's later segment with local flags was written out again
+    from tokens, which closed a CATENATE's parenthesis before its literal: the backend refused the line
+    and ran the literal's bytes as a command of their own (here a CREATE of a folder the policy excludes)."""
+    folder = "Default/tel:+1888" + uuid.uuid4().hex[:8]
+    dovecot.deliver("alice", folder, make_object("chat", text="m0"))
+    excluded = "Excl" + uuid.uuid4().hex[:6]
+    p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{excluded}"]\n')
+    a = device(p, "A")
+    select(a, folder)
+    assert a.command(b"c", b'CREATE "%s"' % excluded.encode())[-1].startswith(b"c NO")
+    payload = b'z CREATE "%s"\r\n' % excluded.encode()
+    a.sock.settimeout(5)
+    a.send(b'a APPEND "%s" {1+}\r\nx (\\Deleted $LocalDelete) CATENATE (TEXT {%d+}\r\n%s)\r\n'
+           % (folder.encode(), len(payload), payload))
+    got = a.until_tagged(b"a")
+    a.close()
+    d = dovecot.imap_direct("alice", tls="none")
+    names = [f[2] for f in d.list_folders()]
+    d.logout()
+    assert excluded not in names, got
+    assert not any(line.startswith(b"z ") for line in got), got
+
+
+def test_multiappend_after_a_catenate_carries_no_local_flag_to_the_server(make_proxy, dovecot):
+    """Found by review (helper-71): the flags of a message after a CATENATE (a segment starting with its
+    ")") went to the server as they were, \\Deleted $LocalDelete and all."""
+    folder = "Default/tel:+1888" + uuid.uuid4().hex[:8]
+    dovecot.deliver("alice", folder, make_object("chat", text="m0"))
+    a = device(make_proxy(), "A")
+    select(a, folder)
+    m2 = make_object("chat", text="second")
+    r = a.command(b"a", b'APPEND "%s" CATENATE (TEXT {7+}\r\nSubj: x TEXT {8+}\r\n\r\n\r\nbody) '
+                        b'(\\Deleted $LocalDelete) {%d+}\r\n%s' % (folder.encode(), len(m2), m2))
+    assert r[-1].startswith(b"a OK"), r
+    a.close()
+    state = server_state(dovecot, folder)
+    assert len(state) == 3, state
+    assert not any(f.lower() in (b"\\deleted", b"$localdelete") for v in state.values() for f in v), state
+
+
+@pytest.mark.parametrize("field", [b"{4+}\r\nFrom", b"From"], ids=["literal", "atom"])
+def test_a_fetch_with_a_literal_behind_a_hidden_arrival_never_sets_seen(make_proxy, dovecot, field):
+    """Found by review (helper-71): in a folder where nothing was hidden yet, a FETCH whose body read came
+    after a literal was judged on the part before it: it did not wait for a hidden arrival's
+    classification, and Dovecot set \\Seen on the hidden IMDN."""
+    p = make_proxy(config_extra='[policy]\nsync = { imdn = false }\n')
+    touched = []
+    for delay in (0, 0.0005, 0.001, 0.002, 0.003):
+        folder, _ = folder_with(dovecot, 3)
+        c = device(p, "A")
+        select(c, folder)
+        new = dovecot.deliver("alice", folder, make_object("imdn", seed=5))
+        c.send(b"n NOOP\r\n")
+        time.sleep(delay)
+        c.send(b"x UID FETCH 3:* (BODY.PEEK[HEADER.FIELDS (" + field + b")] BODY[TEXT])\r\n")
+        got = c.until_tagged(b"n")
+        got += c.until_tagged(b"x") if not any(line.startswith(b"x ") for line in got) else []
+        c.close()
+        if b"\\Seen" in server_flags(dovecot, "alice", folder, new) or any(b"UID %d " % new in x for x in got):
+            touched.append(delay)
+    assert not touched, touched

@@ -984,3 +984,25 @@ def test_another_spelling_of_a_non_ascii_name_is_refused_not_judged_as_another_f
         assert listed(c) & {base, odd.decode()} == set()
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("literal", [True, False], ids=["literal", "quoted"])
+def test_subscribe_to_a_hidden_folder_is_answered_as_to_a_missing_one(make_proxy, dovecot, literal):
+    """Found by review (helper-71): the proxy answered a SUBSCRIBE to a hidden folder itself, in words of
+    its own, where the backend's answer for a missing folder reads otherwise: the device could tell the
+    hidden folder exists."""
+    hidden = "Hid" + uuid.uuid4().hex[:6]
+    missing = "Mis" + hidden[3:]
+    dovecot.deliver("dave", hidden, make_object("chat"))
+    c = login(make_proxy(config_extra=f'[policy]\nexclude_folders = ["{hidden}"]\n'), "dave", "phone")
+
+    def answer(name: str) -> bytes:
+        arg = b"{%d+}\r\n%s" % (len(name), name.encode()) if literal else q(name)
+        return re.sub(rb" \([0-9.]+ \+ [0-9.]+(?: \+ [0-9.]+)? secs\)", b"", c.command(b"x", b"SUBSCRIBE " + arg)[-1])
+
+    try:
+        got, expected = answer(hidden), answer(missing)
+        assert got.startswith(b"x NO [NONEXISTENT]"), got
+        assert got == expected.replace(missing.encode(), hidden.encode()), (got, expected)
+    finally:
+        c.close()
