@@ -318,8 +318,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     return action
             return Defer(defer.Deferred.fromCoroutine(self._mailbox_command(session, st, cmd)))
         view = st.view
-        if view is not None and cmd.has_literal and "collected" not in cmd.state and \
-                name in (b"FETCH", b"SEARCH", b"SORT", b"THREAD"):
+        if view is not None and cmd.has_literal and "collected" not in cmd.state and name == b"FETCH":
             # Read whole wherever messages can be hidden, a view with none hidden yet included: what follows
             # a literal decides (found by review: a body read after a literal header field name set \Seen on
             # hidden messages, on a hidden arrival before its classification too).
