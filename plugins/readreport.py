@@ -74,8 +74,7 @@ class ReadReportPlugin(Plugin):
                 continue
             if m.group(1) is not None:  # (the literal's bytes are passed over whole)
                 at = min(m.end() + int(m.group(1)), len(text))
-                if text[m.end():at].lower() == CPM_FLAG and _KEYWORD_KEY_RE.search(text, max(0, m.start() - 10),
-                                                                                  m.start()) is not None:
+                if text[m.end():at].lower() == CPM_FLAG and _after_keyword_key(text, m.start()):
                     out.append(text[pos:m.start()] + self.keyword)  # (``KEYWORD {17+}\r\n\read-report-sent``)
                     pos = at
                 continue
@@ -146,5 +145,9 @@ _KEYWORD_LITERAL_RE = re.compile(rb"(?<![^\s(])(?:UN)?KEYWORD ~?\{\d+\+?\}\r?\n?
 
 def _is_quoted_flag_key(text: bytes, quoted: re.Match) -> bool:
     """Whether the quoted string ``quoted`` is the CPM flag as a (UN)KEYWORD search key's argument."""
-    return quoted.group(0)[1:-1].replace(b"\\\\", b"\\").lower() == CPM_FLAG \
-        and _KEYWORD_KEY_RE.search(text, max(0, quoted.start() - 10), quoted.start()) is not None
+    return quoted.group(0)[1:-1].replace(b"\\\\", b"\\").lower() == CPM_FLAG and _after_keyword_key(text, quoted.start())
+
+
+def _after_keyword_key(text: bytes, at: int) -> bool:
+    """Whether what starts at ``at`` in ``text`` is a (UN)KEYWORD search key's argument."""
+    return _KEYWORD_KEY_RE.search(text, max(0, at - 10), at) is not None
