@@ -93,6 +93,37 @@ def test_status_of_the_selected_mailbox_behind_a_hidden_arrival_does_not_count_i
     assert not leaks, leaks
 
 
+@pytest.mark.parametrize("hidden_before", [False, True], ids=["identity", "filtered"])
+@pytest.mark.parametrize("literal", [b"+", b""], ids=["nonsync", "sync"])
+@pytest.mark.parametrize("command", [b"STATUS {%d%s}\r\n%s (MESSAGES)", b"STATUS {5%s}\r\nINBOX (MESSAGES)",
+                                     b"UID SEARCH SUBJECT {%d%s}\r\n%s"])
+def test_a_gathered_command_behind_a_hidden_arrival_is_answered(proxy, dovecot, command, literal, hidden_before):
+    """Found by review (2026-11-29): a command whose literal the proxy gathers, pipelined behind a NOOP whose
+    EXISTS is held while a hidden arrival is classified, went to the backend in pieces awaiting its "+";
+    the classification's own command went out in between, read by Dovecot as the literal: neither it nor
+    anything after it was ever answered (not even the NOOP). Every attempt must answer both, and STATUS
+    must count the device's messages (the hidden arrival not among them)."""
+    kinds = ["chat", "imdn", "chat", "chat"] if hidden_before else ["chat"] * 3
+    failed = []
+    for delay in [0, 0.0005, 0.001, 0.002]:
+        name, c = folder(proxy, dovecot, kinds)
+        dovecot.deliver("dave", name.decode(), make_object("imdn", seed=5))
+        c.sock.settimeout(10)
+        arg = name if command.startswith(b"STATUS {%d") else b"x"
+        line = command % literal if b"INBOX" in command else command % (len(arg), literal, arg)
+        try:
+            got = behind(c, b"NOOP", delay, b"x " + line + b"\r\n", b"x")
+        except TimeoutError:
+            got = [b"(no answer within 10 s)"]
+        c.close()
+        tagged = [x for x in got if x[:2] in (b"n ", b"x ")]
+        status = b"".join(x for x in got if x.startswith(b"* STATUS"))
+        # (In either order: Dovecot may finish the STATUS before the NOOP, which waits for its mailbox sync.)
+        if sorted(x[:4] for x in tagged) != [b"n OK", b"x OK"] or (name in status and b"MESSAGES 3)" not in status):
+            failed.append((delay, got))
+    assert not failed, failed
+
+
 @pytest.mark.parametrize("lead", [b"NOOP", b"CHECK"])
 @pytest.mark.parametrize("command", [b"STORE 1 +FLAGS (\\Flagged)", b'COPY 1 "%s-copy"', b"FETCH 1 (BODY[])"])
 def test_by_number_behind_an_expunge_of_another_session_never_reaches_a_hidden_message(proxy, dovecot, command, lead):

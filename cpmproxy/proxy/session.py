@@ -984,7 +984,10 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         self.service.release_side(self)
 
     def _send_internal_queue(self) -> None:
-        if not self._internal_queue or self._current is not None or self._idle == "active":
+        # (Not while a command's literal is awaited: a collected command relayed in pieces has no
+        # ``_current``, and the backend would read our command as its literal.)
+        if not self._internal_queue or self._current is not None or self._literal_gate is not None \
+                or self._idle == "active":
             return
         if self._idle is None or self._idle == "suspended":
             self.backend.out.extend(self._internal_queue)
