@@ -318,10 +318,12 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     return action
             return Defer(defer.Deferred.fromCoroutine(self._mailbox_command(session, st, cmd)))
         view = st.view
-        if view is not None and cmd.has_literal and "collected" not in cmd.state and name == b"FETCH":
+        if view is not None and cmd.has_literal and "collected" not in cmd.state and \
+                name in (b"FETCH", b"SEARCH", b"SORT", b"THREAD"):
             # Read whole wherever messages can be hidden, a view with none hidden yet included: what follows
             # a literal decides (found by review: a body read after a literal header field name set \Seen on
-            # hidden messages, on a hidden arrival before its classification too).
+            # hidden messages, on a hidden arrival before its classification too; a RETURN (COUNT) search
+            # counted such an arrival).
             return Collect()
         if view is not None and view.identity and name in (b"SEARCH", b"SORT") and not cmd.has_literal \
                 and _RETURNING_RE.match(cmd.line):

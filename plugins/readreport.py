@@ -46,9 +46,9 @@ class ReadReportPlugin(Plugin):
     def command(self, session, cmd: ClientCommand):
         if cmd.name not in _IN_COMMANDS:
             return None
-        if cmd.has_literal and cmd.name in SEARCH_COMMANDS and "collected" not in cmd.state \
-                and _KEYWORD_LITERAL_RE.search(cmd.line):
-            return Collect()  # (the KEYWORD's flag is the literal: found by review, it was not mapped)
+        if cmd.has_literal and cmd.name in SEARCH_COMMANDS and "collected" not in cmd.state:
+            # A KEYWORD's flag may be a literal, in any segment: read whole (found by review: not mapped).
+            return Collect()
         if cmd.has_literal:
             # What follows a literal comes in later segments: a MULTIAPPEND's later flag lists, search
             # keys after a SUBJECT {n} (a CHARSET search's usual form).
@@ -140,7 +140,6 @@ class ReadReportPlugin(Plugin):
 
 
 _KEYWORD_KEY_RE = re.compile(rb"(?<![^\s(])(?:UN)?KEYWORD $", re.I)
-_KEYWORD_LITERAL_RE = re.compile(rb"(?<![^\s(])(?:UN)?KEYWORD ~?\{\d+\+?\}\r?\n?$", re.I)  # (a first segment)
 
 
 def _is_quoted_flag_key(text: bytes, quoted: re.Match) -> bool:

@@ -1216,6 +1216,8 @@ def test_search_keyword_read_report_sent_as_a_literal_is_mapped(make_proxy, dove
     assert r[0] == b"* SEARCH\r\n", r
     r = a.command(b"o", b"UID SEARCH UNKEYWORD {17+}\r\n\\read-report-sent")
     assert r[0] == b"* SEARCH %d\r\n" % uids[0], r
+    r = a.command(b"p", b"UID SEARCH NOT SUBJECT {3+}\r\nzzz KEYWORD {17+}\r\n\\read-report-sent")
+    assert r[0] == b"* SEARCH %d\r\n" % uids[1], r
     a.close()
 
 

@@ -60,7 +60,9 @@ def folder(proxy, dovecot, kinds):
 @pytest.mark.parametrize("hidden_before", [False, True], ids=["identity", "filtered"])
 @pytest.mark.parametrize("command", [b"UID SEARCH RETURN (MAX ALL COUNT) ALL",
                                      b"UID SORT RETURN (MAX ALL COUNT) (ARRIVAL) UTF-8 ALL",
-                                     b"SEARCH RETURN (COUNT) ALL"])
+                                     b"SEARCH RETURN (COUNT) ALL",
+                                     b"UID SEARCH RETURN (MAX ALL COUNT) OR ALL SUBJECT {1+}\r\nx",
+                                     b"UID SORT RETURN (MAX ALL COUNT) (ARRIVAL) UTF-8 OR ALL SUBJECT {1+}\r\nx"])
 def test_esearch_behind_a_hidden_arrival_neither_names_nor_counts_it(proxy, dovecot, command, hidden_before):
     """Found by review: RETURN (MIN/MAX/COUNT/ALL) computed by the backend over a message it took in during
     the NOOP in flight (a hidden IMDN): its UID and its count reach the device."""
