@@ -284,9 +284,11 @@ class LocalDeletePlugin(Plugin):
         name = cmd.name
         if name in _LOCAL_DECISIONS and (earlier := self._must_wait_for(session, cmd)):
             return Defer(defer.Deferred.fromCoroutine(self._after(session, earlier, cmd)))
-        if name in _CONDSTORE_ENABLING and not self.state(session).condstore \
-                and _CONDSTORE_ENABLING_RE.search(cmd.line):
-            self.state(session).condstore = True
+        if name in _CONDSTORE_ENABLING and not self.state(session).condstore:
+            if _CONDSTORE_ENABLING_RE.search(cmd.line):
+                self.state(session).condstore = True
+            elif cmd.has_literal:  # (``FETCH 1 (BODY[HEADER.FIELDS ({4}\r\nFrom)] MODSEQ)``)
+                cmd.state.setdefault("later_segments", []).append(lambda text: self._condstore_in(session, text))
         if name == b"ENABLE":
             if b"QRESYNC" in cmd.line.upper():
                 self.state(session).qresync = True
@@ -311,6 +313,12 @@ class LocalDeletePlugin(Plugin):
                     return Collect()  # (a DELETED after a literal: found by review, it missed the marks)
                 return _search_with_pending(cmd, st.pending)
         return None
+
+    def _condstore_in(self, session, text: bytes) -> bytes:
+        """A later segment of a command that may enable CONDSTORE, passed on as it is."""
+        if _CONDSTORE_ENABLING_RE.search(text):
+            self.state(session).condstore = True
+        return text
 
     def _must_wait_for(self, session, cmd) -> list:
         """The commands in flight that a command of ours must wait for (this plugin decides before the
@@ -713,33 +721,37 @@ class LocalDeletePlugin(Plugin):
         allowed, all_local = self._allowed(session)
         marks: list[bool] = []  # per message of the command, in order: marked for local deletion
         refused = []
+        scan = AppendScan()
 
         def strip(text: bytes, first: bool) -> bytes | None:
             body = text[:-2] if text.endswith(b"\r\n") else text
-            if not body.endswith(b"}"):
-                return text  # (no message starts here: the command's end)
-            upper = body.upper()
-            if KEYWORD not in upper and not (all_local and b"\\DELETED" in upper):
-                marks.append(False)
-                return text
-            # The flag list is rewritten in place, the rest of the segment left byte for byte: written out
+            out, pos = [], 0
+            # The flag lists are rewritten in place, the rest of the segment left byte for byte: written out
             # again from tokens, a segment ending in a literal inside a CATENATE's parentheses had them
             # closed before the literal's bytes, which the backend then ran as a command of their own; and a
             # segment the tokenizer refused (one starting with a CATENATE's ")") kept its local flags (both
-            # found by review).
-            found = next((m for m in _FLAG_LIST_RE.finditer(body) if m.group(1) is not None), None)
-            if found is None:
-                marks.append(False)
-                return text
-            flags = found.group(1).split()
-            upper_flags = [f.upper() for f in flags]
-            if KEYWORD in upper_flags and not allowed:
-                refused.append(True)
-                return None
-            local = KEYWORD in upper_flags or (all_local and b"\\DELETED" in upper_flags)
-            marks.append(local)
-            kept = [f for f, u in zip(flags, upper_flags, strict=True) if u != KEYWORD and not (local and u == b"\\DELETED")]
-            return text[:found.start(1)] + b" ".join(kept) + text[found.end(1):]
+            # found by review). A CATENATE's parts are one message (counted as several, the mark was lost).
+            for start, end in scan.messages(body, first):
+                upper = body[start:end].upper()
+                found = None
+                if KEYWORD in upper or (all_local and b"\\DELETED" in upper):
+                    found = next((m for m in _FLAG_LIST_RE.finditer(body, start, end) if m.group(1) is not None),
+                                 None)
+                if found is None:
+                    marks.append(False)
+                    continue
+                flags = found.group(1).split()
+                upper_flags = [f.upper() for f in flags]
+                if KEYWORD in upper_flags and not allowed:
+                    refused.append(True)
+                    return None
+                local = KEYWORD in upper_flags or (all_local and b"\\DELETED" in upper_flags)
+                marks.append(local)
+                kept = [f for f, u in zip(flags, upper_flags, strict=True)
+                        if u != KEYWORD and not (local and u == b"\\DELETED")]
+                out.append(text[pos:found.start(1)] + b" ".join(kept))
+                pos = found.end(1)
+            return b"".join(out) + text[pos:] if out else text
 
         line = strip(cmd.line, True)
         if refused:
@@ -747,20 +759,30 @@ class LocalDeletePlugin(Plugin):
         cmd.state["local_appends"] = marks
         if cmd.has_literal:
             cmd.state.setdefault("later_segments", []).append(lambda text: strip(text, False))
-        return Rewrite(line) if line != cmd.line else None
+        action = Rewrite(line) if line != cmd.line else None
+        if any(marks) and self._to_selected(session, cmd) and (policy := self.peer("policy")) is not None:
+            # A message marked so in the selected mailbox is pending: shown marked in FETCH answers by number
+            # too, which only a view reads (the fast path built none).
+            return Defer(defer.Deferred.fromCoroutine(policy.ensure_view(session)).addCallback(lambda _: action))
+        return action
+
+    @staticmethod
+    def _to_selected(session, cmd) -> bool:
+        """Whether an APPEND's mailbox is the selected one."""
+        selected = session.selected
+        if selected is None:
+            return False
+        try:
+            target = astring_text(tokenize(cmd.line.rstrip(b"\r\n"))[2])
+        except (TokenError, IndexError):
+            return False
+        return target is not None and mailbox_name(target) == selected.name
 
     def _appended(self, session, cmd, resp) -> None:
         """The messages of an APPEND to the selected mailbox that were marked for local deletion are
         pending now: the device sees them ``\\Deleted``, its next EXPUNGE hides them from it alone."""
-        selected = session.selected
         m = APPENDUID.search(resp.data)
-        if selected is None or m is None or int(m.group(1)) != selected.uidvalidity:
-            return
-        try:
-            target = astring_text(tokenize(cmd.line.rstrip(b"\r\n"))[2])
-        except (TokenError, IndexError):
-            return
-        if target is None or mailbox_name(target) != selected.name:
+        if m is None or not self._to_selected(session, cmd) or int(m.group(1)) != session.selected.uidvalidity:
             return
         uids = list(SequenceSet.parse(m.group(2)))
         marks = cmd.state["local_appends"]
@@ -806,6 +828,55 @@ def _unchangedsince(modifiers: bytes) -> int | None:
 # An APPEND segment's flag list: the first parenthesized list of atoms outside quoted strings (a CATENATE's
 # parts hold a literal or a quoted URL, a date is quoted, a mailbox name cannot be a list).
 _FLAG_LIST_RE = re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|\(([^()"{}\[\]\r\n]*)\)')
+# An APPEND's head up to its mailbox: a quoted string, a literal (ending the segment, or with its bytes
+# inline in a command a plugin gathered), or an atom.
+_APPEND_HEAD_RE = re.compile(rb'[^ ]+ APPEND (?:"(?:[^"\\\r\n]|\\.)*"|\{(\d+)\+?\}(?:\r\n)?|[^ ]+)', re.I)
+# Where a message's CATENATE part list opens or closes (quoted strings passed over: a URL may hold ")").
+_CATENATE_TOKENS = re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|(?<![^\s)])CATENATE \(|\)', re.I)
+
+
+class AppendScan:
+    """Where the messages of an APPEND (RFC 3502 MULTIAPPEND, RFC 4469 CATENATE) start, segment by segment
+    (the text between literals): each message's flags, date and ``{n}`` or ``CATENATE (`` come in one
+    segment; the segments that follow a CATENATE part's literal hold its next parts, until its ``)``."""
+
+    def __init__(self) -> None:
+        self.in_catenate = False
+
+    def messages(self, body: bytes, first: bool) -> list[tuple[int, int]]:
+        """The (start, end) of each message's head in ``body`` (a segment without its CRLF): from after
+        the mailbox or the previous message to its literal's ``{n}`` or its ``CATENATE (``."""
+        pos, found = 0, []
+        if first:
+            m = _APPEND_HEAD_RE.match(body)
+            if m is None:
+                return []  # (not an APPEND the backend will take: it answers BAD)
+            pos = m.end() + (int(m.group(1)) if m.group(1) and m.end() < len(body) else 0)
+        while pos < len(body):
+            if self.in_catenate:
+                close = _catenate_close(body, pos)
+                if close < 0:
+                    return found  # (a part's literal ends the segment: no message starts in it)
+                self.in_catenate, pos = False, close
+                continue
+            catenate = next((t for t in _CATENATE_TOKENS.finditer(body, pos) if t.group(0)[:1] not in b'")'),
+                            None)
+            if catenate is not None:
+                found.append((pos, catenate.start()))
+                self.in_catenate, pos = True, catenate.end()
+                continue
+            if body.endswith(b"}") and body[pos:].strip():
+                found.append((pos, len(body)))
+            return found
+        return found
+
+
+def _catenate_close(body: bytes, pos: int) -> int:
+    """The index after the ``)`` that closes a CATENATE's part list, -1 if not in ``body``."""
+    for t in _CATENATE_TOKENS.finditer(body, pos):
+        if t.group(0) == b")":
+            return t.end()
+    return -1
 
 
 def _first_arg(cmd) -> bytes | None:

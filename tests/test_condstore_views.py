@@ -149,6 +149,19 @@ def test_local_delete_store_answers_with_modseq_under_condstore(make_proxy, dove
     c.close()
 
 
+def test_condstore_enabled_after_a_literal_gives_local_delete_answers_modseq(make_proxy, dovecot):
+    """RFC 7162 3.1: a FETCH asking for MODSEQ enables CONDSTORE; written after a literal it was not seen
+    (the command was read on its first segment only): the local delete's FETCH then lacked MODSEQ."""
+    name, uids = folder_of(dovecot, ["chat"] * 2)
+    c = device(make_proxy(), "A")
+    c.command(b"s", b'SELECT "%s"' % name.encode())
+    c.send(b"f FETCH 1 (BODY.PEEK[HEADER.FIELDS ({4+}\r\nFrom)] MODSEQ)\r\n")
+    assert c.until_tagged(b"f")[-1].startswith(b"f OK")
+    r = c.command(b"d", b"STORE 2 +FLAGS (\\Deleted $LocalDelete)")
+    assert r[-1].startswith(b"d OK") and b"$LocalDelete" in r[0] and b"MODSEQ (" in r[0], r
+    c.close()
+
+
 def test_local_delete_store_without_condstore_has_no_modseq(make_proxy, dovecot):
     name, uids = folder_of(dovecot, ["chat"] * 2)
     p = make_proxy()

@@ -1083,6 +1083,8 @@ def test_an_append_carries_no_local_flag_to_the_server(make_proxy, dovecot, who,
     if selected:
         r = a.command(b"f", b"UID FETCH %d (FLAGS)" % new)
         assert (b"\\Deleted" in r[0]) == deleted_here, r
+        r = a.command(b"g", b"FETCH 2 (FLAGS)")  # (by number: a view reads it, made for the APPEND)
+        assert b"\\Deleted" in r[0], r
         assert a.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
     else:
         select(a, folder)
@@ -1221,6 +1223,25 @@ def test_search_keyword_read_report_sent_as_a_literal_is_mapped(make_proxy, dove
     a.close()
 
 
+@pytest.mark.parametrize("segments,heads", [
+    ([b'a APPEND "x y" (\\Seen) {5+}', b""], [[b" (\\Seen) {5+}"], []]),
+    ([b"a APPEND box {3+}", b" (\\Deleted) {5+}", b""], [[b" {3+}"], [b" (\\Deleted) {5+}"], []]),
+    ([b"a APPEND box CATENATE (TEXT {3+}", b" TEXT {4+}", b") ($LocalDelete) {5+}", b""],
+     [[b" "], [], [b" ($LocalDelete) {5+}"], []]),
+    ([b"a APPEND box (\\Seen) CATENATE (URL \"/a)b\" TEXT {3+}", b") {4+}", b")"],
+     [[b" (\\Seen) "], [b" {4+}"], []]),
+    ([b"a APPEND {5+}", b" ($LocalDelete) {5+}", b""], [[], [b" ($LocalDelete) {5+}"], []]),
+    ([b"a APPEND {6+}\r\nIN BOX ($LocalDelete) {5+}", b""], [[b" ($LocalDelete) {5+}"], []]),
+    ([b"a APPEND CATENATE (\\Seen) {5+}", b""], [[b" (\\Seen) {5+}"], []]),  # (a mailbox named so)
+    ([b"a APPEND"], [[]]),
+], ids=["one", "multi", "catenate", "url-paren", "literal-name", "gathered-name", "name-catenate", "bad"])
+def test_append_scan_finds_each_message_head(segments, heads):
+    """Where each message of an APPEND starts, segment by segment: a CATENATE's parts are one message."""
+    from plugins.localdelete import AppendScan
+    scan = AppendScan()
+    assert [[seg[a:e] for a, e in scan.messages(seg, i == 0)] for i, seg in enumerate(segments)] == heads
+
+
 def test_a_later_message_with_local_flags_and_catenate_cannot_smuggle_a_command(make_proxy, dovecot):
     """Found by review (helper-71): a MULTIAPPEND's later segment with local flags was written out again
     from tokens, which closed a CATENATE's parenthesis before its literal: the backend refused the line
@@ -1256,6 +1277,11 @@ def test_multiappend_after_a_catenate_carries_no_local_flag_to_the_server(make_p
     r = a.command(b"a", b'APPEND "%s" CATENATE (TEXT {7+}\r\nSubj: x TEXT {8+}\r\n\r\n\r\nbody) '
                         b'(\\Deleted $LocalDelete) {%d+}\r\n%s' % (folder.encode(), len(m2), m2))
     assert r[-1].startswith(b"a OK"), r
+    # The second message is this device's local deletion (a CATENATE's parts counted as messages of their
+    # own lost the mark): shown marked, its EXPUNGE removes it here only.
+    r = a.command(b"f", b"UID FETCH 3 (FLAGS)")
+    assert b"$LocalDelete" in r[0] and b"\\Deleted" in r[0], r
+    assert b"* 3 EXPUNGE\r\n" in a.command(b"e", b"EXPUNGE")
     a.close()
     state = server_state(dovecot, folder)
     assert len(state) == 3, state
