@@ -67,6 +67,7 @@ from plugins.view import MailboxView, expand_ranges
 from plugins.viewsearch import (
     INLINE_HIDDEN_MAX,
     INLINE_SET_MAX,
+    SearchRefused,
     esearch_options,
     local_esearch_options,
     renumber_ordered_set,
@@ -1121,6 +1122,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 return Collect()
             try:
                 action = self._search_command(session, view, cmd)
+            except SearchRefused as e:
+                return Answer(b"NO [CANNOT] " + str(e).encode() + b" (messages are hidden from this device).")
             except TokenError:
                 action = None
             # A search the proxy cannot read would run unrestricted: refused rather than passed on.
@@ -1170,7 +1173,18 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             if other is not None:
                 return Defer(defer.Deferred.fromCoroutine(self._after_done(session, other, cmd)))
         restriction = []
-        if not plain or b"MODSEQ" in body.upper():
+        if cmd.name == b"THREAD" and plain and b"MODSEQ" not in body.upper():
+            # Threads are built of the matches: a hidden one among them shaped and ordered the threads (a
+            # dummy parent, a date), which no filtering of the answer undoes (found by review). Of the
+            # visible messages only, by whichever set is shorter to name; past the line limit both ways,
+            # the answer is filtered as before (see Known limits).
+            hidden = view.hidden_uids.format()
+            visible = SequenceSet.from_iterable(view.visible).format() if len(hidden) > INLINE_HIDDEN_MAX else b""
+            if len(hidden) <= INLINE_HIDDEN_MAX:
+                restriction = [*_known_only(view), Atom(b"NOT"), Atom(b"UID"), Atom(hidden)]
+            elif visible and len(visible) <= INLINE_HIDDEN_MAX:
+                restriction = [Atom(b"UID"), Atom(visible)]
+        elif not plain or b"MODSEQ" in body.upper():
             rest = _known_only(view) + rest
             # (Only where the backend computes something from the matches: a plain result is filtered
             # exactly on its way back, and Dovecot announces no expunges during a search with UID

@@ -23,6 +23,10 @@ INLINE_SET_MAX = 3800  # bytes of a sequence set a FETCH or STORE names exactly 
 _LOCAL_ESEARCH = (b"MIN", b"MAX", b"ALL", b"COUNT")  # (in Dovecot's order)
 
 
+class SearchRefused(TokenError):
+    """A search key the view cannot offer (the message says which): answered NO [CANNOT], not BAD."""
+
+
 def esearch_options(returning: ParenList) -> tuple[bytes, ...] | None:
     """The RETURN options of a search, if the proxy can compute them all from the matches (RFC 4731:
     none is ALL); None for any other (SAVE, PARTIAL, an extension's)."""
@@ -173,6 +177,11 @@ def _one_key(view: MailboxView, tokens: list, i: int, depth: int = 0, exact: boo
     key = t.upper()
     if key in NOARG_SEARCH_KEYS:
         return [t], i + 1
+    if key == b"INTHREAD":
+        # Dovecot's INTHREAD matches whole threads, built of every message: a hidden one links visible ones
+        # (its replies found by asking for its UID; a REFERENCES chain through it), which no restriction
+        # of the key's own matches undoes (found by review).
+        raise SearchRefused("INTHREAD is not available here")
     n = search_key_args(tokens, i, key)
     if n:
         if key in (b"UID", b"X-REAL-UID") and n == 1:  # (Dovecot's X-REAL-UID: UID outside virtual folders)
