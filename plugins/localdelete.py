@@ -31,7 +31,9 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -72,10 +74,13 @@ log = Logger(namespace="cpmproxy.localdelete")
 
 CAPABILITY = b"XCPM-LOCALDELETE"
 KEYWORD = b"$LOCALDELETE"
+_MAX_LEFT_MAILBOXES = 100  # mailboxes whose pending marks a session keeps while another is selected
 RECORDS = PREFIX + "/localdelete"
 # tag, UID, set, modifiers ("(UNCHANGEDSINCE n) ", RFC 7162), operation, flags: a list in parentheses or
-# flags separated by spaces (RFC 3501: "flag-list / (flag *(SP flag))")
-_STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\([^()]*\) )?(\S+) (\([^()]*\)|[^()]+)$", re.I | re.S)
+# flags separated by spaces (RFC 3501: "flag-list / (flag *(SP flag))"), or none at all (Dovecot reads
+# ``STORE 1 FLAGS`` as a replace with no flags: found by review, a local-mode device's cleared the server's
+# \Deleted of another device)
+_STORE_RE = re.compile(rb"^(\S+) (UID )?STORE (\S+) (\([^()]*\) )?(\S+)(?: (\([^()]*\)|[^()]+))?$", re.I | re.S)
 # Commands that may enable CONDSTORE (RFC 7162 3.1), and what in them does.
 _CONDSTORE_ENABLING = frozenset((b"ENABLE", b"SELECT", b"EXAMINE", b"FETCH", b"STORE", b"SEARCH", b"STATUS"))
 _CONDSTORE_ENABLING_RE = re.compile(rb"CONDSTORE|QRESYNC|MODSEQ|CHANGEDSINCE", re.I)
@@ -97,8 +102,18 @@ def device_key(device_id: str) -> str:
 
 
 @dataclass
+class RecordsReply(Reply):
+    """``query``'s answer for a mailbox where this session left pending marks."""
+    keep_view: bool = False
+
+
+@dataclass
 class LocalState:
     pending: set[int] = field(default_factory=set)  # UIDs marked for local deletion, not yet expunged
+    pending_in: Any = None  # the SelectedMailbox ``pending`` is of
+    # Marks of mailboxes left before their EXPUNGE, by name: (UIDVALIDITY, UIDs), back at their next SELECT
+    # (IMAP's \Deleted stays on a message while another mailbox is selected: found by review, they were lost).
+    left: OrderedDict = field(default_factory=OrderedDict)
     qresync: bool = False
     condstore: bool = False  # the client enabled CONDSTORE (RFC 7162 3.1): FETCH FLAGS carry MODSEQ
     marked: bool | None = None  # the device's server-level mark, as read at login (None: not known yet)
@@ -144,7 +159,7 @@ class LocalDeletePlugin(Plugin):
     def active(self, session) -> bool:
         """Whether this session's views must ask for local deletions: allowed, and the device has (or may
         have) records. An unmarked device has none: its SELECTs then take the view's fast path."""
-        return self._allowed(session)[0] and not self._unmarked(session)
+        return self._allowed(session)[0] and (not self._unmarked(session) or bool(self.state(session).left))
 
     def _unmarked(self, session) -> bool:
         """The device is known to have no records: unmarked at login, and not marked since in this process."""
@@ -157,10 +172,15 @@ class LocalDeletePlugin(Plugin):
         # (Where the mark is not known, the records are asked for, as before marks existed.)
         if self._unmarked(session) or not _has_metadata(session):
             # (A backend without METADATA holds no records: the device's deletes there cannot be local.)
-            return defer.succeed(Reply([], b"OK No local deletions by this device."))
-        prefix = f"{RECORDS}/{device_key(session.device_id)}"
-        return session.side_command(b"GETMETADATA (DEPTH infinity) " + wire_name(mailbox) + b" ("
-                                    + prefix.encode() + b")")
+            d = defer.succeed(Reply([], b"OK No local deletions by this device."))
+        else:
+            prefix = f"{RECORDS}/{device_key(session.device_id)}"
+            d = session.side_command(b"GETMETADATA (DEPTH infinity) " + wire_name(mailbox) + b" ("
+                                     + prefix.encode() + b")")
+        if mailbox in self.state(session).left:
+            # Marks this session left there come back at its SELECT: they need the view (has_records).
+            d.addCallback(lambda r: RecordsReply(r.untagged, r.tagged, keep_view=True))
+        return d
 
     def _mark_entry(self, session) -> bytes:
         return f"{RECORDS}/{device_key(session.device_id)}".encode()
@@ -203,6 +223,8 @@ class LocalDeletePlugin(Plugin):
     def has_records(self, session, reply) -> bool:
         """Did ``query`` find any record (cheap test before anything else is asked of the backend)?"""
         _records_read(reply)
+        if getattr(reply, "keep_view", False):
+            return True
         low = f"{RECORDS}/{device_key(session.device_id)}/".lower()
         return any(entry.lower().startswith(low) for _, entry, _ in iter_metadata(reply.untagged))
 
@@ -278,7 +300,22 @@ class LocalDeletePlugin(Plugin):
         return caps
 
     def selected(self, session, mailbox) -> None:
-        self.state(session).pending.clear()
+        st = self.state(session)
+        old = st.pending_in
+        if st.pending and old is not None and old.uidvalidity is not None:
+            st.left[old.name] = (old.uidvalidity, st.pending)
+            st.left.move_to_end(old.name)
+            while len(st.left) > _MAX_LEFT_MAILBOXES:
+                st.left.popitem(last=False)
+        st.pending, st.pending_in = set(), mailbox
+
+    def _selected_again(self, session) -> None:
+        """A SELECT's OK: the marks left in that mailbox are pending again (same UIDVALIDITY: same UIDs)."""
+        st = self.state(session)
+        mailbox = session.selected
+        if mailbox is not None and st.left and (saved := st.left.pop(mailbox.name, None)) is not None \
+                and saved[0] == mailbox.uidvalidity:
+            st.pending |= saved[1]
 
     def command(self, session, cmd):
         name = cmd.name
@@ -357,7 +394,7 @@ class LocalDeletePlugin(Plugin):
                 # Never passed on unread with local flags in it.
                 return Answer(b"BAD [CLIENTBUG] Invalid STORE arguments.")
             return None
-        tag, uid, seqs, modifiers, op, flag_text, = m.groups()
+        tag, uid, seqs, modifiers, op, flag_text = _store_groups(m)
         op_u = op.upper()
         base = op_u[:-7] if op_u.endswith(b".SILENT") else op_u
         if base not in (b"+FLAGS", b"-FLAGS", b"FLAGS"):
@@ -391,7 +428,7 @@ class LocalDeletePlugin(Plugin):
         (pending), and the server's, another device's, stays on the server. One silent STORE for the
         messages the server has \Deleted (the list plus \Deleted), one for the others; the client then
         gets the flags it now sees."""
-        tag, uid, seqs, modifiers, op, flag_text = m.groups()
+        tag, uid, seqs, modifiers, op, flag_text = _store_groups(m)
         found = await self._view_and_targets(session, uid, seqs)
         if isinstance(found, Answer):
             return found
@@ -426,13 +463,13 @@ class LocalDeletePlugin(Plugin):
         test are known: they keep every flag, the local ones too, and go back to the client in
         ``[MODIFIED ...]``, in its numbers (passed on as it was, the local flags' STORE would report UIDs
         for a sequence-number STORE, or lose the code)."""
-        tag, uid, seqs, modifiers, op, _ = m.groups()
+        tag, uid, seqs, modifiers, op, _ = _store_groups(m)
         op_u = op.upper()
         silent = op_u.endswith(b".SILENT")
         base = op_u[:-7] if silent else op_u
         since = _unchangedsince(modifiers)
         if since is None:
-            return Answer(b"BAD [CLIENTBUG] Invalid STORE modifier: only UNCHANGEDSINCE is supported.")
+            return Answer(b"BAD [CLIENTBUG] Invalid STORE modifier: only UNCHANGEDSINCE (0 to 2^63-1) is supported.")
         found = await self._view_and_targets(session, uid, seqs)
         if isinstance(found, Answer):
             return found
@@ -520,7 +557,7 @@ class LocalDeletePlugin(Plugin):
         return targets
 
     async def _store_local(self, session, st: LocalState, cmd, m, local: bool):
-        tag, uid, seqs, modifiers, op, flag_text = m.groups()
+        tag, uid, seqs, modifiers, op, flag_text = _store_groups(m)
         op_u = op.upper()
         silent = op_u.endswith(b".SILENT")
         base = op_u[:-7] if silent else op_u
@@ -584,7 +621,7 @@ class LocalDeletePlugin(Plugin):
         $LocalDelete`` has no mark to cancel and the \\Deleted is the server's to clear, but for a
         ``delete_mode = "local"`` device, whose \\Deleted never reaches the server. The client hears of the
         flags it now sees like after any STORE (the server, whose flags may not change, would say nothing)."""
-        tag, uid, seqs, modifiers, op, flag_text = m.groups()
+        tag, uid, seqs, modifiers, op, flag_text = _store_groups(m)
         cancelled = targets & st.pending
         plain = [f for f in flags if f.upper() != KEYWORD]
         groups = [(cancelled, others if local else flags),
@@ -790,6 +827,9 @@ class LocalDeletePlugin(Plugin):
             self.state(session).pending |= {u for u, marked in zip(uids, marks, strict=True) if marked}
 
     def tagged(self, session, cmd, resp):
+        if cmd.name in (b"SELECT", b"EXAMINE") and resp.head.name == b"OK":
+            self._selected_again(session)
+            return None
         if cmd.name == b"APPEND" and resp.head.name == b"OK" and any(cmd.state.get("local_appends", ())):
             self._appended(session, cmd, resp)
             return None
@@ -799,6 +839,12 @@ class LocalDeletePlugin(Plugin):
         return None
 
 
+
+
+def _store_groups(m: re.Match) -> tuple:
+    """A STORE's (tag, UID, set, modifiers, operation, flags) as _STORE_RE read it; no flags: ``b""``."""
+    tag, uid, seqs, modifiers, op, flag_text = m.groups()
+    return tag, uid, seqs, modifiers, op, flag_text or b""
 
 
 def _flags_items(st: LocalState) -> bytes:
@@ -820,9 +866,12 @@ def _unchangedsince(modifiers: bytes) -> int | None:
     """n of a ``(UNCHANGEDSINCE n)`` store modifier list; None for any other (RFC 7162 3.1.3)."""
     words = modifiers.strip().strip(b"()").split()
     if len(words) == 2 and words[0].upper() == b"UNCHANGEDSINCE" and words[1].isdigit() \
-            and len(words[1]) <= 20:
+            and len(words[1]) <= 20 and int(words[1]) <= _MAX_MODSEQ:
         return int(words[1])
     return None
+
+
+_MAX_MODSEQ = (1 << 63) - 1  # (RFC 7162's mod-sequence-valzer: past it the backend refuses our own commands)
 
 
 # An APPEND segment's flag list: the first parenthesized list of atoms outside quoted strings (a CATENATE's

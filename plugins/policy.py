@@ -194,7 +194,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         - ``async hidden(session, mailbox, uidvalidity, reply=None) -> SequenceSet | set[int]`` (UIDs),
           from ``query``'s ``reply`` (or asking anew without one);
         - optionally ``has_records(session, reply) -> bool``: a cheap look at the reply first (False:
-          nothing hidden, the view's fast path).
+          nothing hidden, the view's fast path);
+        - a ``reply`` with ``keep_view = True``: a view is built even where nothing is hidden (a plugin
+          that reads message numbers in responses, as local delete's pending marks).
 
         (``plugins/localdelete.py`` is one.)"""
         hooks = self.proxy.hooks
@@ -675,7 +677,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             if replies:
                 for h, r in replies:
                     plan.extra |= _uid_ranges(await h.hidden(session, plan.mailbox, plan.uidvalidity, r))
-                if plan.empty:
+                if plan.empty and not any(getattr(r, "keep_view", False) for _, r in replies):
                     st.plan = None  # nothing is hidden here after all: no view (the fast path)
                     return
             snapshot = None

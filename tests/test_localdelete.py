@@ -834,6 +834,57 @@ def test_flags_replaced_by_a_local_mode_device_keep_the_servers_deleted(make_pro
     c.close()
 
 
+def test_a_pending_local_delete_survives_selecting_another_mailbox(make_proxy, dovecot):
+    """Found by review (helper-74): IMAP's \\Deleted stays while another mailbox is selected (mark, look
+    elsewhere, come back, EXPUNGE); the pending local mark was dropped at the next SELECT, and the message
+    came back. Kept per mailbox and UIDVALIDITY for the session."""
+    folder, uids = folder_with(dovecot, 3)
+    a = device(make_proxy(), "A")
+    select(a, folder)
+    assert a.command(b"l", b"UID STORE %d +FLAGS (\\Deleted $LocalDelete)" % uids[1])[-1].startswith(b"l OK")
+    assert a.command(b"i", b"SELECT INBOX")[-1].startswith(b"i OK")
+    r = a.command(b"f", b"FETCH 1:* (FLAGS)")
+    assert not any(b"$LocalDelete" in x for x in r), r  # (not INBOX's)
+    select(a, folder)
+    r = a.command(b"f", b"FETCH 2 (FLAGS)")
+    assert b"$LocalDelete" in r[0] and b"\\Deleted" in r[0], r
+    assert b"* 2 EXPUNGE\r\n" in a.command(b"e", b"EXPUNGE")
+    assert uids_seen(a) == [uids[0], uids[2]]
+    assert set(server_state(dovecot, folder)) == set(uids)
+    a.close()
+
+
+@pytest.mark.parametrize("store", [b"STORE 1:2 FLAGS", b"UID STORE 1:* FLAGS.SILENT"])
+def test_flags_replaced_with_none_by_a_local_mode_device_keep_the_servers_deleted(make_proxy, dovecot, store):
+    """Found by review (helper-74): a FLAGS replace with no flag list at all (Dovecot reads it as an empty
+    one) went past the proxy unread, and cleared the \\Deleted another device had set on the server."""
+    folder, uids = folder_with(dovecot, 2)
+    c = device(make_proxy(config_extra=LOCAL_MODE), "old-phone")
+    select(c, folder)
+    flag_on_server(dovecot, folder, uids[0])
+    c.command(b"n", b"NOOP")
+    assert c.command(b"r", store)[-1].startswith(b"r OK")
+    server = server_state(dovecot, folder)
+    assert set(server[uids[0]]) == {b"\\Deleted"} and set(server[uids[1]]) == set(), server
+    c.close()
+
+
+@pytest.mark.parametrize("since", [b"18446744073709551615", b"99999999999999999999"])
+def test_a_local_store_with_an_unchangedsince_past_the_modseq_range_is_bad(make_proxy, dovecot, since):
+    """Found by review (helper-74): answered NO [UNAVAILABLE] ("try again later": the backend refused the
+    proxy's own search with the number); RFC 7162's mod-sequences end at 2^63-1."""
+    folder, uids = folder_with(dovecot, 2)
+    c = device(make_proxy(), "A")
+    select(c, folder)
+    r = c.command(b"s", b"STORE 1 (UNCHANGEDSINCE %s) +FLAGS (\\Deleted $LocalDelete)" % since)
+    assert r[-1].startswith(b"s BAD [CLIENTBUG]"), r
+    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    c.close()
+
+
+LOCAL_MODE = '[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n'
+
+
 @pytest.mark.parametrize("store", [b"STORE 2 FLAGS (\\Seen \\read-report-sent)", b"STORE $ FLAGS (\\Seen)"])
 def test_flags_replaced_by_a_local_mode_device_like_any_store(make_proxy, dovecot, store):
     """The two STOREs a local-mode device's FLAGS replace makes pass no command hook: CPM's
@@ -848,9 +899,6 @@ def test_flags_replaced_by_a_local_mode_device_like_any_store(make_proxy, doveco
     flags = {f.lower() for f in server_state(dovecot, folder)[uids[1]]}
     assert b"\\seen" in flags and (b"read-report" not in store or b"$readreportsent" in flags), flags
     c.close()
-
-
-LOCAL_MODE = '[policy]\n[[policy.class]]\ndevices = ["old-phone"]\ndelete_mode = "local"\n'
 
 
 def highest_modseq(c: RawIMAP) -> int:
