@@ -126,6 +126,62 @@ def test_a_gathered_command_behind_a_hidden_arrival_is_answered(proxy, dovecot, 
     assert not failed, failed
 
 
+@pytest.mark.parametrize("hidden_before", [False, True], ids=["identity", "filtered"])
+@pytest.mark.parametrize("command", [b"UID SEARCH SUBJECT ~{1+}\r\nx", b"STATUS ~{5+}\r\nINBOX (MESSAGES)",
+                                     b"XFOO {1}", b"XFOO {1+}\r\nx", b'ID ("a" ~{1+}\r\nb)'])
+def test_a_command_refused_before_its_literal_behind_a_hidden_arrival_is_answered(proxy, dovecot, command,
+                                                                                   hidden_before):
+    """Found by review (helper-72): the backend refused a command before its literal (Dovecot takes a
+    literal8 only in APPEND; an unknown command) while the NOOP's EXISTS was held for a hidden arrival's
+    classification. The refusal was held too, and only on its way out would it have ended the wait for
+    the literal's "+", which kept the classification's command from going out: nothing was ever answered."""
+    failed = []
+    for delay in [0, 0.0005, 0.001, 0.002]:
+        name, c = folder(proxy, dovecot, ["chat", "imdn", "chat", "chat"] if hidden_before else ["chat"] * 3)
+        dovecot.deliver("dave", name.decode(), make_object("imdn", seed=5))
+        c.sock.settimeout(10)
+        try:
+            got = behind(c, b"NOOP", delay, b"x " + command + b"\r\n", b"x") + c.command(b"z", b"NOOP")
+        except (TimeoutError, ConnectionError) as e:
+            got = [b"(%r)" % e]
+        c.close()
+        tagged = [x[:4] for x in got if x[:2] in (b"n ", b"x ", b"z ")]
+        if len(tagged) != 3 or b"n OK" not in tagged or tagged[-1] != b"z OK":
+            failed.append((delay, got))
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("command", [b"UID SEARCH SUBJECT ~{%d+}\r\n%s", b"XFOO {%d+}\r\n%s"])
+def test_a_literal_right_after_a_resumed_idle_never_runs_as_commands(proxy, dovecot, command):
+    """Found by review (helper-72): the proxy suspends the client's IDLE for a classification and resumes it
+    with an IDLE of its own, whose "+ idling" it swallows. A DONE and then a command whose literal waits
+    for the backend's "+", ahead of that "+ idling": taken for the literal's, it let the literal out before
+    the backend had accepted the command, which refused it and ran the literal's bytes as a command (here
+    a CREATE the client never sent)."""
+    ran = []
+    for attempt, delay in enumerate([0, 0.0002, 0.0005, 0.001, 0.002] * 3):
+        name, c = folder(proxy, dovecot, ["chat"] * 3)
+        evil = b"Evil" + uuid.uuid4().hex[:8].encode()
+        inner = b"y CREATE " + evil
+        c.send(b"i IDLE\r\n")
+        assert c.read_line().startswith(b"+")
+        dovecot.deliver("dave", name.decode(), make_object("chat", seed=7))
+        c.sock.settimeout(10)
+        while not c.read_line().endswith(b" EXISTS\r\n"):
+            pass
+        time.sleep(delay)
+        c.send(b"DONE\r\nx " + command % (len(inner), inner) + b"\r\nz NOOP\r\n")
+        try:
+            got = c.until_tagged(b"z")
+        except (TimeoutError, ConnectionError) as e:
+            got = [b"(%r)" % e]
+        made = c.command(b"l", b'LIST "" "%s"' % evil)
+        c.close()
+        if len(made) > 1 or not got[-1].startswith(b"z OK") or any(x.startswith(b"y ") for x in got):
+            ran.append((attempt, delay, got))
+    assert not ran, ran
+
+
 @pytest.mark.parametrize("lead", [b"NOOP", b"CHECK"])
 @pytest.mark.parametrize("command", [b"STORE 1 +FLAGS (\\Flagged)", b'COPY 1 "%s-copy"', b"FETCH 1 (BODY[])"])
 def test_by_number_behind_an_expunge_of_another_session_never_reaches_a_hidden_message(proxy, dovecot, command, lead):

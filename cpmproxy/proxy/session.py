@@ -1188,14 +1188,14 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             for line in lines:
                 seg = Segment(line, True)
                 if self._held is not None and not self._passes_hold(seg):
-                    self._held.append(seg)
+                    self._hold_tagged(seg)
                 else:
                     self._backend_event(seg)
 
     def _backend_events(self, events) -> None:
         for ev in events:
             if self._held is not None and not self._passes_hold(ev):
-                self._held.append(ev)
+                self._hold_tagged(ev)
             else:
                 self._backend_event(ev)
 
@@ -1259,6 +1259,40 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             if block is None:
                 return None
         return block
+
+    def _refused_before_literal(self, cmd: ClientCommand) -> None:
+        """``cmd`` was answered (refused) while the backend's "+" for its literal was awaited: the literal
+        never reaches the backend (Dovecot would read it as commands), nor does the rest of the command;
+        the client will not send a synchronizing literal the backend refused (what it sends is its next
+        command). Also done as the answer is held back (``_hold_tagged``): what waits for it must not."""
+        gated = cmd is self._literal_gate
+        if gated:
+            # (Unless the literal the client is at is its own synchronizing one: it never sends that.)
+            self._literal_gate = None
+            self._gated_pieces.clear()
+            if cmd is self._current and not self._awaiting_continuation:
+                self._discard_command = True
+        if cmd is self._current and self._awaiting_continuation and not self._discard_command:
+            self.framer.refuse_literal()
+            self._awaiting_continuation = False
+            self._current = None
+        elif not gated:
+            return
+        if self._current is None:
+            self._send_internal_queue()
+        self.service.reactor.callLater(0, self._read_again)
+
+    def _hold_tagged(self, ev) -> None:
+        """A backend event held back (see Hold). A tagged refusal of the command whose literal awaits the
+        backend's "+" is acted on now (the client sees it in order, later): a Hold waiting for an internal
+        command, which waits for the literal, which the refusal ends, would wait for ever (found by review)."""
+        self._held.append(ev)
+        waiting = self._literal_gate or (self._current if self._awaiting_continuation else None)
+        if waiting is None or type(ev) is not Segment or not ev.first or ev.data[:1] in b"*+":
+            return
+        queue = self._inflight.get(ev.data.split(b" ", 1)[0])
+        if queue and queue[0] is waiting:  # (its tag's oldest command in flight: what the answer is to)
+            self._refused_before_literal(waiting)
 
     @staticmethod
     def _passes_hold(ev) -> bool:
@@ -1325,11 +1359,14 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         data = ev.data
         if data[:1] == b"+":
             self._resp_head = None
+            if self._swallow_continuation:
+                # Our re-issued IDLE's "+ idling": before any "+" for a command sent after the client's
+                # DONE (taken for a gated literal's, it let the literal out before the backend accepted
+                # the command, which then ran it as commands: found by review).
+                self._swallow_continuation -= 1
+                return None
             if self._literal_gate is not None:
                 self._gate_opened()  # (the client sent a non-synchronizing literal: not its "+")
-                return None
-            if self._swallow_continuation:
-                self._swallow_continuation -= 1  # our re-issued IDLE's "+ idling"
                 return None
             if self._awaiting_continuation:
                 self._awaiting_continuation = False
@@ -1358,29 +1395,12 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
                     self._idle_ended = True
                     self._internal_finished()
                     return None
-                if cmd is self._literal_gate:
-                    # Refused before its literal: the literal never reaches the backend (Dovecot would
-                    # read it as commands), nor does the rest of the command. (Unless the literal the
-                    # client is at is its own synchronizing one: it never sends that; below.)
-                    self._literal_gate = None
-                    self._gated_pieces.clear()
-                    if cmd is self._current and not self._awaiting_continuation:
-                        self._discard_command = True
-                    self.service.reactor.callLater(0, self._read_again)
+                self._refused_before_literal(cmd)
                 if cmd is self._current and not self._discard_command:
-                    if self._awaiting_continuation:
-                        # The backend refused a synchronizing literal: the client will not send it (what
-                        # it sends is its next command).
-                        self.framer.refuse_literal()
-                        self._awaiting_continuation = False
-                        self._current = None
-                        self._send_internal_queue()
-                        self.service.reactor.callLater(0, self._read_again)
-                    else:
-                        # Answered while a non-synchronizing literal is on the way, which the backend
-                        # reads all the same: the command stays current (nothing of ours may go out in
-                        # the middle of it) until the client's next segment, which ends it.
-                        self._answered_early = True
+                    # Answered while a non-synchronizing literal is on the way, which the backend reads
+                    # all the same: the command stays current (nothing of ours may go out in the middle
+                    # of it) until the client's next segment, which ends it.
+                    self._answered_early = True
                 self._finish_command(cmd, head.name, head)
             self._resp_cmd = cmd
             if cmd is not None and self.hooks.tagged:
