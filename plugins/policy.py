@@ -18,7 +18,6 @@ in ``policyconfig``, searches in a view in ``viewsearch``, what the parts share 
 from __future__ import annotations
 
 import re
-import uuid
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
@@ -50,11 +49,12 @@ from plugins.policyconfig import DeviceClass, Policy, parse_policy
 from plugins.policyfolders import FolderRules
 from plugins.policyprefs import Preferences
 from plugins.policystate import (
+    _MISSING_AT,
     FOLDERS_TOPIC,
     PolicySession,
     SelectPlan,
+    _as_missing,
     _esearch_ranges,
-    _nonexistent,
     _oldest,
     _parse_uidvalidity,
     _uid_ranges,
@@ -448,8 +448,14 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # A RENAME takes the folders below along (RFC 9051 6.3.5): not where one of them is hidden from
             # this device (it would act on a folder that does not exist for it, and bring it into view).
             old = names[0].rstrip("/") or names[0]
-            below = [n for n in await self._all_folders(session) if n.startswith(old + "/")]
-            await self.folder_infos(session, below)
+            noselect: set[str] = set()
+            every = await self._all_folders(session, noselect)
+            below = [n for n in every if n.startswith(old + "/")]
+            await self.folder_infos(session, [old] + below)
+            if self.folder_hidden(st, old) or await self._only_above_hidden(session, st, old, every, noselect):
+                # (Before the check below: a hidden folder, or a \Noselect parent there only for hidden ones,
+                # is not one whose hidden children make the rename fail; it is missing.)
+                return _as_missing(cmd, names[0])
             if any(self.folder_hidden(st, n) for n in below):
                 return Answer(b"NO [CANNOT] That mailbox cannot be renamed from this device.")
             # Their preferences move with them (the marks say which folders have some: by name).
@@ -474,6 +480,12 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                      criteria if names[0] in st.folders else None)
         await self.folder_infos(session, names)
         if any(self.folder_hidden(st, n) for n in names):
+            return _as_missing(cmd, names[0])
+        if cmd.name in (b"DELETE", b"SUBSCRIBE") and \
+                await self._only_above_hidden(session, st, names[0].rstrip("/") or names[0]):
+            # A \Noselect parent LIST does not show (there only for hidden folders): Dovecot's "Mailbox has
+            # children", or SUBSCRIBE's OK, would tell of them. (UNSUBSCRIBE, CREATE, SELECT, STATUS, APPEND:
+            # the backend answers such a parent as a missing name already.)
             return _as_missing(cmd, names[0])
         if cmd.name in (b"SELECT", b"EXAMINE"):
             await self._plan_select(session, st, names[0], early)
@@ -964,6 +976,11 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             data = data.replace(b" NO ", b" NO [NONEXISTENT] ", 1)
         if "missing_suffix" in cmd.state:  # (see _as_missing)
             data = data.replace(cmd.state["missing_suffix"], b"")
+        elif "prefs_only" in cmd.state and (code := resp.head.code) is not None \
+                and code[:20].upper() == b"METADATA LONGENTRIES":
+            # A hidden folder's GETMETADATA shows its sync preferences alone ("on" or "off"): the size of a
+            # longer entry is another's (see Preferences._metadata_command).
+            data = data.replace(b"[" + code + b"] ", b"", 1)
         if data != resp.data:
             self._tagged_done(session, st, cmd, status)
             return Rewrite(data)
@@ -1871,35 +1888,3 @@ def _of_no_message(cmd, head: bytes, rest: bytes) -> Rewrite:
     the proxy's would tell the device that these do, hidden."""
     cmd.state[NO_SERVER_CHANGE] = True
     return Rewrite(head + b"%d" % MAX_UID + rest)
-
-
-# Where the mailbox is in the commands _as_missing sends on (the argument's index).
-_MISSING_AT = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1,
-               b"SUBSCRIBE": 0}  # (Dovecot: SUBSCRIBE to a missing folder is refused, as it is told here)
-
-
-def _as_missing(cmd, mailbox: str):
-    """A command on a folder hidden from the device, as the same command on a folder that does not exist (the
-    hidden one's name and a suffix no folder has): the backend answers it as it answers any missing folder,
-    the suffix taken out again (``tagged``), where the proxy's own answer would tell the device that the
-    folder exists, hidden (found by the leak hunt; SUBSCRIBE too, by a later review). Answered here where a
-    missing folder does not fail the command (UNSUBSCRIBE) or the command carries a literal (APPEND)."""
-    at = _MISSING_AT.get(cmd.name)
-    if at is None or cmd.has_literal:
-        return _nonexistent(mailbox)
-    head = cmd.tag + b" "  # (as sent: a tag "nil" is no NIL, nor is one the tokenizer refuses a reason to fail)
-    try:
-        tokens = tokenize(cmd.line[len(head):].rstrip(b"\r\n"))
-    except TokenError:
-        return _nonexistent(mailbox)
-    i = 1 + (1 if cmd.uid else 0) + at
-    if i >= len(tokens):
-        return _nonexistent(mailbox)
-    suffix = "-" + uuid.uuid4().hex[:16]
-    tokens[i] = Atom(wire_name(mailbox + suffix))
-    if cmd.name == b"STATUS" and i + 1 < len(tokens) and isinstance(tokens[i + 1], ParenList):
-        # The proxy's own item must not reach the backend (its BAD would tell a hidden folder from a missing one).
-        items = [t for t in tokens[i + 1].items if not (isinstance(t, Atom) and t.upper() == VIEW_ITEM)]
-        tokens[i + 1] = ParenList(items or [Atom(b"UIDNEXT")])
-    cmd.state["missing_suffix"] = suffix.encode()
-    return Rewrite(head + format_tokens(tokens) + b"\r\n")

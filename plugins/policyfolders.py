@@ -1,7 +1,9 @@
 r"""Which folders exist for a device: the policy's folder patterns, the user's folder preferences and
 Session History folders (when the device does not synchronize them) decide; a hidden folder is absent from
-LIST/LSUB (a parent of visible ones stays, ``\NonExistent``), STATUS, NOTIFY events, and refused as a
-target. What is known of each folder is kept per session (``FolderInfo``) and read when first needed.
+LIST/LSUB (a parent of visible ones stays, ``\NonExistent``), STATUS, NOTIFY events, METADATA (but for
+the sync preferences the user may bring it back with), and refused as a target; a ``\Noselect`` parent
+there only for hidden folders reads as a missing name. What is known of each folder is kept per session
+(``FolderInfo``) and read when first needed.
 
 A mixin of ``plugins.policy.PolicyPlugin``: it uses the preferences (``effective``) and the plugin's
 caches of what is known of folders (``cache``, ``session_history_cache``)."""
@@ -153,6 +155,50 @@ class FolderRules:
             return True
         return bool(info.session_history) and not self._effective_in(
             st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history"))
+
+    def _user_may_show(self, st: PolicySession, name: str) -> bool:
+        """Whether a folder hidden from the device is hidden only by preferences its user may change (its
+        own ``sync``, ``sync/session-history``): the device may then turn it back on, so the CPM sync
+        preferences on it stay readable and writable (DESIGN.md section 4). Not a folder the policy's
+        patterns exclude, nor a Session History folder where the policy hides those for good."""
+        if not st.policy.folder_allowed(name):
+            return False
+        info = st.folders.get(name)
+        return not (info is not None and info.session_history and not st.policy.may_change(
+            f"{PREF_SYNC}/session-history") and not st.policy.default_sync("session-history"))
+
+    def _folders_may_hide(self, st: PolicySession) -> bool:
+        """Whether any folder can be hidden from this session (False: no folder is, nothing to ask): patterns
+        that exclude some, a folder with preferences of its own (its ``sync`` may be off), Session Histories
+        not synchronized account-wide."""
+        policy = st.policy
+        return (policy.folders != ("*",) or bool(policy.exclude_folders)
+                or bool(st.pref_folders and self._may_change_sync(st))
+                or not self.effective(st, f"{PREF_SYNC}/session-history", None,
+                                      policy.default_sync("session-history")))
+
+    async def _only_above_hidden(self, session, st: PolicySession, name: str,
+                                 names: list[str] | None = None, noselect: set[str] | None = None) -> bool:
+        """Whether ``name`` is no folder for the device though the backend has one: a ``\\Noselect`` parent
+        (or no folder at all) with folders below it, every one hidden. LIST does not show it
+        (``_list_shape``): commands on it must answer as for a name no folder has (Dovecot's "Mailbox has
+        children" for DELETE, SUBSCRIBE's OK, RENAME's moving the hidden folders along would tell of them).
+        ``names``/``noselect``: the folder list (``_all_folders``), if read already. Reads nothing where
+        no folder can be hidden."""
+        if names is None:
+            if not self._folders_may_hide(st):
+                return False
+            noselect = set()
+            names = await self._all_folders(session, noselect)
+        if name in names and name not in noselect:
+            return False  # (a folder: whether it is hidden is asked of it)
+        # Shown for a folder below that the device sees, selectable (a \Noselect one is only shown for one
+        # seen below it in turn).
+        below = [n for n in names if n.startswith(name + "/") and n not in noselect]
+        if not below:
+            return False
+        await self.folder_infos(session, below)
+        return all(self.folder_hidden(st, n) for n in below)
 
     def _old_name_hidden(self, st: PolicySession, old: str, new: str) -> bool:
         """Whether a folder renamed (a NOTIFY event) was hidden under its old name: as this session knew

@@ -41,7 +41,7 @@ from plugins.policystate import (
     FolderInfo,
     FolderVisibility,
     PolicySession,
-    _nonexistent,
+    _as_missing,
 )
 from plugins.wire import (
     command_mailbox_name,
@@ -97,29 +97,43 @@ class Preferences:
         st.pref_folders = parse_pref_folders(reply.untagged)
 
     def _metadata_command(self, session, st: PolicySession, cmd):
+        """GETMETADATA / SETMETADATA. A folder hidden from the device does not exist for them either (the
+        backend's answer for a missing name: ``_as_missing``), except that where the user may bring it back
+        into view (``_user_may_show``), its CPM sync preferences stay readable and writable (DESIGN.md
+        section 4), and only those (``_metadata_folder``). Found by review: a Session History folder the
+        policy hides answered GETMETADATA with its entries, took SETMETADATA, and was named in the answer to
+        GETMETADATA "*" (only the policy's folder patterns were looked at)."""
         if cmd.has_literal and not cmd.state.get("collected"):
             # An entry name or mailbox as a literal: the whole command first (judged on its first segment
             # alone, a bookkeeping entry or a forbidden preference sent as a literal would pass).
             return Collect()
         args = cmd.args
-        target = args[1] if cmd.name == b"GETMETADATA" and args and isinstance(args[0], ParenList) else \
-            (args[0] if args else None)
-        raw = astring_text(target) if target is not None else None
-        if raw and not st.policy.folder_allowed(command_mailbox_name(raw)):
-            return _nonexistent(mailbox_name(raw))  # (a folder the policy excludes does not exist)
+        at = 1 if cmd.name == b"GETMETADATA" and args and isinstance(args[0], ParenList) else 0
+        raw = astring_text(args[at]) if at < len(args) else None
+        mailbox = command_mailbox_name(raw) if raw else ""
         if cmd.name == b"GETMETADATA":
-            return None  # responses are filtered (bookkeeping entries never leave the proxy)
+            # (Responses are filtered: bookkeeping entries never leave the proxy, nor a hidden folder's.)
+            if not mailbox:
+                return None
+            if "*" in mailbox or "%" in mailbox:
+                # A pattern (Dovecot takes one): the folders' answers are judged one by one
+                # (``_metadata_response``); what is known of them read first, in one go.
+                if not self._folders_may_hide(st):
+                    return None
+                return Defer(defer.Deferred.fromCoroutine(self._folders_read(session)))
+            entries = args[at + 1] if at + 1 < len(args) else None
+            asked = entries.items if isinstance(entries, ParenList) else [entries] if entries is not None else []
+            return self._metadata_folder(session, st, cmd, mailbox, at, asked=asked)
         if len(args) < 2 or not isinstance(args[1], ParenList):
-            return None
-        mailbox_raw = astring_text(args[0])
-        if mailbox_raw is None:
-            return None
-        mailbox = command_mailbox_name(mailbox_raw) if mailbox_raw else ""
+            return self._metadata_folder(session, st, cmd, mailbox, at) if mailbox else None
         items = args[1].items
         prefs = {}
+        only_sync = True  # (whether every entry set is a CPM sync preference)
         for j in range(0, len(items) - 1, 2):
             entry = (token_text(items[j]) or b"").decode("utf-8", "replace")
             key = pref_key(entry)
+            if not _sync_key(key):
+                only_sync = False
             if key is None:
                 continue
             if key not in PREFERENCES:
@@ -142,11 +156,52 @@ class Preferences:
                 return Answer(b"NO [NOPERM] The service provider's policy does not let users change "
                               + key.encode() + b".")
             prefs[key] = value
-        if prefs:
-            cmd.state["prefs"] = (mailbox, prefs)
-            if mailbox:
-                return Defer(defer.Deferred.fromCoroutine(self._mark_pref_folder(session, mailbox)))
+        if not mailbox:
+            if prefs:
+                cmd.state["prefs"] = (mailbox, prefs)
+            return None
+        # (The entries judged first, as for a name no folder has: a refusal of them says nothing of the folder.)
+        return self._metadata_folder(session, st, cmd, mailbox, at, setting=(prefs, only_sync and bool(items)))
+
+    def _metadata_folder(self, session, st: PolicySession, cmd, mailbox: str, at: int, asked=None, setting=None):
+        """A METADATA command on a folder: as on a missing one if the folder is hidden from the device,
+        unless the user may bring it back and the command reads or sets (``setting``: the preferences set,
+        whether the command sets nothing else) CPM sync preferences, which alone it then shows
+        (``cmd.state["prefs_only"]``: the folder and the entries ``asked``). Decided at once where the
+        folder is known."""
+        if not st.policy.folder_allowed(mailbox):
+            return _as_missing(cmd, mailbox, at)
+        if self._folder_info_now(session, st, mailbox):
+            action = self._metadata_decided(st, cmd, mailbox, at, asked, setting)
+            if action is not None or not (setting and setting[0]):
+                return action
+            return self._set_prefs(session, cmd, mailbox, setting[0])
+        return Defer(defer.Deferred.fromCoroutine(self._metadata_after_read(session, st, cmd, mailbox, at, asked,
+                                                                              setting)))
+
+    async def _metadata_after_read(self, session, st: PolicySession, cmd, mailbox: str, at: int, asked, setting):
+        await self.folder_infos(session, [mailbox])
+        action = self._metadata_decided(st, cmd, mailbox, at, asked, setting)
+        if action is not None or not (setting and setting[0]):
+            return action
+        cmd.state["prefs"] = (mailbox, setting[0])
+        return await self._mark_pref_folder(session, mailbox)
+
+    def _metadata_decided(self, st: PolicySession, cmd, mailbox: str, at: int, asked, setting):
+        if not self.folder_hidden(st, mailbox):
+            return None
+        if not self._user_may_show(st, mailbox) or (setting is not None and not setting[1]):
+            return _as_missing(cmd, mailbox, at)
+        if setting is None:
+            cmd.state["prefs_only"] = (mailbox, {(token_text(t) or b"").lower() for t in asked or ()})
         return None
+
+    def _set_prefs(self, session, cmd, mailbox: str, prefs: dict):
+        cmd.state["prefs"] = (mailbox, prefs)
+        return Defer(defer.Deferred.fromCoroutine(self._mark_pref_folder(session, mailbox)))
+
+    async def _folders_read(self, session) -> None:
+        await self.folder_infos(session, await self._all_folders(session))
 
     async def _mark_pref_folder(self, session, mailbox: str) -> None:
         """Record (account-wide, before the client's OK) that ``mailbox`` has preferences of its own, so
@@ -199,17 +254,25 @@ class Preferences:
         whole, and sent in its place (``Drop(data)``), or as it was if nothing in it is ours."""
         data = resp.data
         mailbox = _metadata_mailbox(data)
-        if mailbox and not st.policy.folder_allowed(mailbox):
-            return Drop()  # (e.g. GETMETADATA "*": a folder the policy excludes does not exist)
+        asked = None  # (a folder hidden from the device: its CPM sync preferences alone are shown)
+        if mailbox:
+            if not st.policy.folder_allowed(mailbox):
+                return Drop()  # (e.g. GETMETADATA "*": a folder the policy excludes does not exist)
+            if mailbox not in st.folders and not self._folder_info_now(session, st, mailbox):
+                return self._hold_for_folder(session, st, mailbox)  # (then the hooks run again)
+            if self.folder_hidden(st, mailbox):
+                if not self._user_may_show(st, mailbox):
+                    return Drop()  # (a hidden folder does not exist: GETMETADATA "*" does not name it)
+                asked = _asked_entries(session, mailbox)
         if _LITERAL_END_RE.search(data) is None:  # one line: the whole response
-            new = filter_metadata_response(data)
+            new = filter_metadata_response(data, asked)
             return None if new is data else Drop(new)
         box = st.metadata_hold
         if box is not None and box["first"] == data:  # the hooks' run after our hold: the verdict
             st.metadata_hold = None
             if "whole" not in box:
                 return Drop()  # (not read whole: the session is ending, or a bug; never shown unfiltered)
-            new = filter_metadata_response(box["whole"])
+            new = filter_metadata_response(box["whole"], asked)
             return None if new is box["whole"] else Drop(new)
         st.metadata_hold = box = {"first": data}
         return Hold(defer.Deferred.fromCoroutine(_read_held_response(session, box)))
@@ -305,6 +368,26 @@ def _entry_visible(tok) -> bool:
     return key is None or key in PREFERENCES
 
 
+def _sync_key(key: str | None) -> bool:
+    """Whether a preference key (``pref_key``) is one of the CPM sync preferences (``sync``, ``sync/<kind>``)."""
+    return key is not None and key in PREFERENCES and (key == PREF_SYNC or key.startswith(PREF_SYNC + "/"))
+
+
+def _sync_entry(tok) -> bool:
+    name = token_text(tok)
+    return name is not None and _sync_key(pref_key(name.decode("utf-8", "replace")))
+
+
+def _asked_entries(session, mailbox: str) -> set[bytes]:
+    """The entries (lower case) a GETMETADATA in flight asked by name of ``mailbox``, a folder hidden from
+    the device that shows its sync preferences alone (``cmd.state["prefs_only"]``); an empty set for
+    any other response (GETMETADATA "*", unsolicited)."""
+    for c in session.inflight_commands():
+        if c.name == b"GETMETADATA" and c.state.get("prefs_only", (None,))[0] == mailbox:
+            return c.state["prefs_only"][1]
+    return set()
+
+
 _METADATA_MAILBOX_RE = re.compile(rb'\* METADATA ("(?:[^"\\]|\\.)*"|[^ "{(]+) ', re.IGNORECASE)
 
 
@@ -320,13 +403,17 @@ def _metadata_mailbox(data: bytes) -> str | None:
     return mailbox_name(raw) if raw else ""
 
 
-def filter_metadata_response(data: bytes) -> bytes | None:
+def filter_metadata_response(data: bytes, asked: set[bytes] | None = None) -> bytes | None:
     """One whole ``* METADATA`` response (literals inline, CRLF included) without the entries clients may
     not see: ``data`` itself if none is there, None if nothing remains (or if it cannot be read and names
     the vendor prefix: never shown unfiltered). Both forms: ``(entry value ...)`` and the unsolicited
-    list of entry names (RFC 5464 section 4.4)."""
-    if b"vendor.cpmproxy" not in data.lower():
+    list of entry names (RFC 5464 section 4.4). ``asked`` (not None): the response is about a folder
+    hidden from the device that shows its CPM sync preferences alone; any other entry is left out, or,
+    if the command asked for it by name (in ``asked``), answered NIL, as the backend answers an entry
+    that is not there."""
+    if asked is None and b"vendor.cpmproxy" not in data.lower():
         return data
+    visible = _entry_visible if asked is None else _sync_entry
     try:
         tokens = tokenize(data[:-2] if data.endswith(b"\r\n") else data.rstrip(b"\n"))
     except TokenError:
@@ -339,13 +426,15 @@ def filter_metadata_response(data: bytes) -> bytes | None:
             return None
         kept = []
         for j in range(0, len(items), 2):
-            if _entry_visible(items[j]):
+            if visible(items[j]):
                 kept += items[j:j + 2]
-        if len(kept) == len(items):
+            elif asked and (token_text(items[j]) or b"").lower() in asked:
+                kept += [items[j], Nil()]
+        if kept == items:
             return data
         return format_tokens(tokens[:3] + [ParenList(kept)]) + b"\r\n" if kept else None
     names = tokens[3:]
-    kept = [t for t in names if _entry_visible(t)]
+    kept = [t for t in names if visible(t)]
     if len(kept) == len(names):
         return data
     return format_tokens(tokens[:3] + kept) + b"\r\n" if kept else None

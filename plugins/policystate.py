@@ -4,15 +4,21 @@
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import (
+    Atom,
+    ParenList,
     TokenError,
+    format_tokens,
     parse_response_head,
+    tokenize,
 )
-from cpmproxy.proxy.hooks import Answer
+from cpmproxy.proxy.hooks import Answer, Rewrite
+from plugins.cpm import VIEW_ITEM
 from plugins.policyconfig import Policy
 from plugins.view import MailboxView
 from plugins.wire import (
@@ -123,6 +129,43 @@ _SIZE_RE = re.compile(rb"RFC822\.SIZE (\d+)")
 
 def _nonexistent(mailbox: str) -> Answer:
     return Answer(b"NO [NONEXISTENT] Mailbox doesn't exist: " + mailbox.encode("utf-8", "replace")[:200])
+
+
+# Where the mailbox is in the commands _as_missing sends on (the argument's index; GETMETADATA's moves past
+# its options: given by the caller).
+_MISSING_AT = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1,
+               b"SUBSCRIBE": 0,  # (Dovecot: SUBSCRIBE to a missing folder is refused, as it is told here)
+               b"GETMETADATA": 0, b"SETMETADATA": 0}
+
+
+def _as_missing(cmd, mailbox: str, at: int | None = None):
+    """A command on a folder hidden from the device, as the same command on a folder that does not exist (the
+    hidden one's name and a suffix no folder has): the backend answers it as it answers any missing folder,
+    the suffix taken out again (``PolicyPlugin.tagged``), where the proxy's own answer would tell the device
+    that the folder exists, hidden (found by the leak hunt; SUBSCRIBE too, by a later review; METADATA and
+    the ``\\Noselect`` parents there only for hidden folders by another). Answered here where a missing
+    folder does not fail the command (UNSUBSCRIBE) or the command carries a literal (APPEND). ``at``: the
+    mailbox argument's index, where ``_MISSING_AT`` cannot say it."""
+    if at is None:
+        at = _MISSING_AT.get(cmd.name)
+    if at is None or cmd.has_literal:
+        return _nonexistent(mailbox)
+    head = cmd.tag + b" "  # (as sent: a tag "nil" is no NIL, nor is one the tokenizer refuses a reason to fail)
+    try:
+        tokens = tokenize(cmd.line[len(head):].rstrip(b"\r\n"))
+    except TokenError:
+        return _nonexistent(mailbox)
+    i = 1 + (1 if cmd.uid else 0) + at
+    if i >= len(tokens):
+        return _nonexistent(mailbox)
+    suffix = "-" + uuid.uuid4().hex[:16]
+    tokens[i] = Atom(wire_name(mailbox + suffix))
+    if cmd.name == b"STATUS" and i + 1 < len(tokens) and isinstance(tokens[i + 1], ParenList):
+        # The proxy's own item must not reach the backend (its BAD would tell a hidden folder from a missing one).
+        items = [t for t in tokens[i + 1].items if not (isinstance(t, Atom) and t.upper() == VIEW_ITEM)]
+        tokens[i + 1] = ParenList(items or [Atom(b"UIDNEXT")])
+    cmd.state["missing_suffix"] = suffix.encode()
+    return Rewrite(head + format_tokens(tokens) + b"\r\n")
 
 
 async def _uidvalidity(session, mailbox: str) -> int:

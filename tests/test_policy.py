@@ -1006,3 +1006,144 @@ def test_subscribe_to_a_hidden_folder_is_answered_as_to_a_missing_one(make_proxy
         assert got == expected.replace(missing.encode(), hidden.encode()), (got, expected)
     finally:
         c.close()
+
+
+def _answer(c: RawIMAP, tag: bytes, command: bytes, *names: str) -> list[bytes]:
+    """``command``'s answer with Dovecot's timings and ``names`` taken out (to compare a hidden folder's with
+    a missing one's)."""
+    out = []
+    for line in c.command(tag, command):
+        line = re.sub(rb" \([0-9.]+ \+ [0-9.]+(?: \+ [0-9.]+)? secs\)", b"", line)
+        for name in names:
+            line = line.replace(name.encode(), b"NAME")
+        out.append(line)
+    return out
+
+
+SESSION_HISTORY_OFF_FOR_GOOD = '[policy]\nsync = { session-history = false }\nuser_may_change = ["notifications"]\n'
+
+
+def test_a_hidden_session_history_has_no_metadata_either(make_proxy, dovecot):
+    """Found by review: a Session History folder the policy hides (its user may not change that) answered
+    GETMETADATA with its entries, took SETMETADATA, and GETMETADATA "*" named it: only the policy's folder
+    patterns were looked at. It reads as a name no folder has now (the backend's own answer, RFC 5530's
+    ``[NONEXISTENT]`` added as for SELECT), and "*" leaves it out."""
+    top = "Chats" + uuid.uuid4().hex[:6]
+    sh = f"{top}/conv-{uuid.uuid4().hex[:6]}/contrib"
+    missing = f"{top}/conv-{uuid.uuid4().hex[:6]}/contrib"
+    dovecot.deliver("dave", sh, make_object("session-info"))
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    assert direct.command(b"m", b"SETMETADATA " + q(sh) + b' (/private/comment "secret")')[-1].startswith(b"m OK")
+    p = make_proxy(config_extra=SESSION_HISTORY_OFF_FOR_GOOD)
+    c = login(p, "dave", "A")
+    try:
+        assert c.command(b"s", b"SELECT " + q(sh))[-1].startswith(b"s NO [NONEXISTENT]")
+        for command in (b"GETMETADATA %s (/private/comment)", b"GETMETADATA (DEPTH infinity) %s (/private)",
+                        b'SETMETADATA %s (/private/comment "changed")',
+                        b"SETMETADATA %s (" + PREFIX + b'/sync/session-history "on")'):
+            got = _answer(c, b"g", command.replace(b"%s", q(sh)), sh)
+            want = _answer(c, b"g", command.replace(b"%s", q(missing)), missing)
+            assert got == want and got[-1].startswith(b"g NO"), (command, got, want)
+        # (A preference the policy does not let the user change: refused so for any folder, as before.)
+        r = c.command(b"h", b"SETMETADATA " + q(sh) + b" (" + PREFIX + b'/sync "on")')
+        assert r[-1].startswith(b"h NO [NOPERM]"), r
+        star = c.command(b"w", b'GETMETADATA (DEPTH infinity) "*" (/private/comment)')
+        assert star[-1].startswith(b"w OK") and not any(sh.encode() in x for x in star), star
+        r = direct.command(b"g", b"GETMETADATA " + q(sh) + b" (/private/comment)")
+        assert b"secret" in b"".join(r), r  # (nothing written)
+    finally:
+        direct.command(b"m", b"SETMETADATA " + q(sh) + b" (/private/comment NIL)")
+        direct.close()
+        c.close()
+
+
+def test_a_hidden_folder_its_user_may_bring_back_shows_its_sync_preferences_alone(make_proxy, dovecot):
+    """The exception to the above (DESIGN.md section 4): a Session History folder hidden where its user may
+    change that keeps its CPM sync preferences readable and writable (the device turns it back on), and
+    only those: another entry reads as one that is not there (NIL where asked by name, left out of a DEPTH
+    answer, of "*" and of a LONGENTRIES size) and cannot be set."""
+    top = "Chats" + uuid.uuid4().hex[:6]
+    sh = f"{top}/conv-{uuid.uuid4().hex[:6]}/contrib"
+    dovecot.deliver("dave", sh, make_object("session-info"))
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    assert direct.command(b"m", b"SETMETADATA " + q(sh) + b' (/private/comment "secretsecret")')[-1] \
+        .startswith(b"m OK")
+    p = make_proxy(config_extra="[policy]\nsync = { session-history = false }\n")
+    c = login(p, "dave", "A")
+    imdn = b"SETMETADATA " + q(sh) + b" (" + PREFIX + b'/sync/imdn "off")'
+    try:
+        assert sh not in listed(c)
+        assert c.command(b"m", imdn)[-1].startswith(b"m OK")
+        r = c.command(b"g", b"GETMETADATA " + q(sh) + b" (/private/comment " + PREFIX + b"/sync/imdn)")
+        assert r[-1].startswith(b"g OK") and b"secret" not in b"".join(r), r
+        assert b"/private/comment NIL" in r[0] and PREFIX + b"/sync/imdn {3}" in r[0], r
+        r = c.command(b"g", b"GETMETADATA (DEPTH infinity) " + q(sh) + b" (/private)")
+        assert r[-1].startswith(b"g OK") and b"comment" not in b"".join(r) and b"sync/imdn" in r[0], r
+        r = c.command(b"g", b"GETMETADATA (MAXSIZE 5) " + q(sh) + b" (/private/comment)")
+        assert r[-1].startswith(b"g OK G") and b"secret" not in b"".join(r), r  # (no LONGENTRIES 12)
+        star = b"".join(c.command(b"w", b'GETMETADATA (DEPTH infinity) "*" (/private)'))
+        assert b"secret" not in star and sh.encode() in star and PREFIX + b"/sync/imdn" in star, star
+        r = c.command(b"h", b"SETMETADATA " + q(sh) + b' (/private/comment "x" ' + PREFIX + b'/sync "on")')
+        assert r[-1].startswith(b"h NO [NONEXISTENT]"), r
+        r = c.command(b"h", b"SETMETADATA " + q(sh) + b" (" + PREFIX + b'/sync/session-history "on")')
+        assert r[-1].startswith(b"h OK"), r
+        assert sh in listed(c)  # (back in view: every entry of it shown)
+        r = c.command(b"g", b"GETMETADATA " + q(sh) + b" (/private/comment)")
+        assert b"secretsecret" in b"".join(r), r
+    finally:
+        direct.command(b"m", b"SETMETADATA " + q(sh) + b" (/private/comment NIL " + PREFIX + b"/sync/imdn NIL "
+                       + PREFIX + b"/sync/session-history NIL)")
+        direct.close()
+        c.close()
+
+
+@pytest.mark.parametrize("command", [b"DELETE %(conv)s", b"DELETE %(top)s", b"SUBSCRIBE %(conv)s",
+                                     b"RENAME %(conv)s %(new)s", b"RENAME %(top)s %(new)s",
+                                     b"UNSUBSCRIBE %(conv)s", b"STATUS %(conv)s (MESSAGES)", b"EXAMINE %(conv)s"])
+def test_a_parent_there_only_for_hidden_folders_answers_as_missing(make_proxy, dovecot, command):
+    """Found by review: LIST shows nothing of ``lone`` (its only folder a hidden Session History two levels
+    down), but DELETE of its ``\\Noselect`` parents answered "Mailbox has children", SUBSCRIBE OK and
+    RENAME ``[CANNOT]``, where a name no folder has gets ``[NONEXISTENT]``: they answer as for a missing
+    name now (the backend's answer). A parent of a folder the device sees answers as before, and nothing
+    hidden moved."""
+    lone, shared, conv = _session_history_trees(dovecot)
+    fresh = "Fresh" + uuid.uuid4().hex[:6]
+    p = make_proxy(config_extra=SESSION_HISTORY_OFF_FOR_GOOD)
+    c = login(p, "dave", "A")
+    try:
+        assert not any(n.startswith(lone) for n in listed(c))
+
+        def run(top: str, tag=b"a") -> list[bytes]:
+            names = {b"top": q(top), b"conv": q(f"{top}/{conv}"), b"new": q("Elsewhere" + top)}
+            return _answer(c, tag, command % names, top)
+
+        got, want = run(lone), run(fresh)
+        assert got == want and got[-1].startswith(b"a NO" if b"UNSUBSCRIBE" not in command else b"a OK"), (got, want)
+        if command == b"DELETE %(top)s":  # (``shared`` has a folder the device sees below it)
+            assert run(shared)[-1].startswith(b"a NO Mailbox has children"), run(shared)
+    finally:
+        c.close()
+    d = dovecot.imap_direct("dave", tls="none")
+    assert d.folder_exists(f"{lone}/{conv}/contrib") and not d.folder_exists(f"Elsewhere{lone}")
+    assert f"{lone}/{conv}" not in [f[2] for f in d.list_sub_folders()]  # (not subscribed)
+    d.logout()
+
+
+def test_renaming_a_hidden_folder_with_hidden_ones_below_answers_as_missing(make_proxy, dovecot):
+    """Found with the above: RENAME of a folder hidden by the policy's patterns, with hidden folders below it,
+    answered ``[CANNOT] ... cannot be renamed from this device`` (its hidden children were looked at
+    first), where a missing name gets ``[NONEXISTENT]``."""
+    hidden = "Hid" + uuid.uuid4().hex[:6]
+    missing = "Mis" + hidden[3:]
+    dovecot.deliver("dave", hidden, make_object("chat"))
+    dovecot.deliver("dave", f"{hidden}/child", make_object("chat"))
+    p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{hidden}*"]\n')
+    c = login(p, "dave")
+    try:
+        got = _answer(c, b"r", b"RENAME " + q(hidden) + b" Elsewhere" + hidden.encode(), hidden)
+        want = _answer(c, b"r", b"RENAME " + q(missing) + b" Elsewhere" + hidden.encode(), missing)
+        assert got == want and got[-1].startswith(b"r NO [NONEXISTENT]"), (got, want)
+    finally:
+        c.close()
