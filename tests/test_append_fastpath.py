@@ -223,6 +223,21 @@ def test_literal_inside_catenate_is_never_fast(proxy, dovecot):
     assert name not in _folders(dovecot)
 
 
+def test_an_empty_literal_mailbox_name_is_gathered_alone(proxy):
+    """Found by review (helper-72): the proxy gathers an APPEND's literal mailbox name (for the policy) and
+    counted the literals by their bytes: an empty one ``{0}`` was not counted, and the message after it was
+    gathered too, up to the 1 MB limit of what it gathers: a 2 MB message ended the session (BYE TOOBIG)."""
+    c = _proxied(proxy)
+    try:
+        big = 2 * 1024 * 1024
+        c.send(b"a APPEND {0+}\r\n {%d+}\r\n" % big + b"x" * big + b"\r\n")
+        r = c.until_tagged(b"a")
+        assert r[-1].startswith(b"a NO"), r
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    finally:
+        c.close()
+
+
 def test_early_refusal_then_more_of_the_command(proxy, dovecot):
     """Dovecot says NO to an APPEND to a missing folder before it reads the literal, and reads it all the
     same. The rest of the client's command (another message) must neither hang the session nor run."""

@@ -673,9 +673,8 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             return False
         if isinstance(ev, LiteralData):
             col["parts"].append(ev.data)
-            if ev.last:
-                col["literals"] += 1
             return True
+        col["literals"] += 1  # (the one before this segment is in: counted so, a {0} one is too)
         col["last"] = ev
         done = ev.literal is None or (col["limit"] is not None and col["literals"] >= col["limit"])
         if done:
