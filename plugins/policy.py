@@ -881,6 +881,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if st.vanish_check and name in (b"FETCH", b"VANISHED"):
             early = self._early_vanished(session, st, view)
             if early is not None:
+                if name == b"VANISHED" and (merged := _earlier_union(early, resp.data)) is not None:
+                    return Rewrite(merged)  # (the backend's own names expunged UIDs the proxy's has too, as a rule)
                 action = _apply_vanished(view, resp.data) if name == b"VANISHED" else _fetch_response(view, resp)
                 if action is None:
                     return Rewrite(early + resp.data)
@@ -940,13 +942,18 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
 
     @staticmethod
     def _vanished_line(st: PolicySession, view: MailboxView, cmd) -> bytes:
-        """A QRESYNC resync (RFC 7162 3.2.5, 3.6): messages hidden from the device since it last saw them
-        are gone for it. (VANISHED (EARLIER) may name UIDs the client never knew.) Once per command."""
+        """A QRESYNC resync (RFC 7162 3.2.5, 3.2.6): messages hidden from the device since it last saw them
+        are gone for it. When they were hidden has no mod-sequence, so every UID of the set the client
+        names (up to the last one it may take as used) that no visible message has is reported: hidden
+        and expunged ones alike, whenever they went. Naming only the hidden ones told the device which
+        they were: a message expunged before the client's mod-sequence was not named. VANISHED (EARLIER)
+        may name UIDs the client never knew or that went before that mod-sequence (Dovecot does so
+        itself where its log no longer reaches back). Once per command."""
         cmd.state["vanished_sent"] = True
         if view.identity:
             return b""
         known = cmd.state.get("vanished_in") or _qresync_known(cmd, view, st.plan.uidvalidity if st.plan else 0)
-        gone = view.hidden_uids & known if known is not None else None
+        gone = view.absent_uids(known) if known is not None else None
         return b"* VANISHED (EARLIER) " + gone.format() + b"\r\n" if gone else b""
 
     def block_ok(self, session, block: bytes) -> bool:
@@ -1085,12 +1092,15 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 reads = name == b"FETCH" and _SETS_SEEN_RE.search(cmd.line, m.end(2)) is not None
                 if name == b"FETCH" and st.qresync and _VANISHED_MODIFIER_RE.search(cmd.line, m.end(2)):
                     # (CHANGEDSINCE n VANISHED, RFC 7162 3.6: the hidden ones among them have vanished)
-                    cmd.state["vanished_in"] = SequenceSet.from_canonical(requested.resolve(view.max_uid).ranges)
+                    cmd.state["vanished_in"] = SequenceSet.from_canonical(
+                        requested.resolve(max(view.uid_top, 1)).ranges)
                     st.vanish_check = True
                 if not allowed:
                     if name == b"FETCH" and not reads:
                         return None  # nothing visible: the backend answers with nothing, which is right
-                    gone = view.hidden_uids & cmd.state["vanished_in"] if "vanished_in" in cmd.state else None
+                    # (hidden and expunged alike: see _vanished_line)
+                    gone = view.absent_uids(cmd.state["vanished_in"]) \
+                        if "vanished_in" in cmd.state and not view.identity else None
                     if gone:
                         return Answer(b"OK " + name + b" completed (no visible messages).",
                                       [b"* VANISHED (EARLIER) " + gone.format() + b"\r\n"])
@@ -1700,6 +1710,22 @@ def _apply_vanished(view: MailboxView, data: bytes):
     return Rewrite(b"* VANISHED " + shown.format() + b"\r\n")
 
 
+def _earlier_union(early: bytes, data: bytes) -> bytes | None:
+    """One ``* VANISHED (EARLIER)`` line for the proxy's ``early`` one and the backend's ``data``, if that
+    is one too (else None): a resync is told once what vanished."""
+    words = data.rstrip(b"\r\n").split(b" ")
+    if len(words) != 4 or words[2].upper() != b"(EARLIER)":
+        return None
+    try:
+        theirs = SequenceSet.parse(words[3])
+        ours = SequenceSet.parse(early.rstrip(b"\r\n").rsplit(b" ", 1)[1])
+    except (SequenceSetError, ValueError):
+        return None
+    if theirs.has_star:
+        return None
+    return b"* VANISHED (EARLIER) " + (ours | theirs).format() + b"\r\n"
+
+
 def _parse_threads(data: bytes) -> list | None:
     """``(1 2)(3 (4)(5))`` -> ``[[1, 2], [3, [4], [5]]]``; None if it is not thread data."""
     stack: list[list] = [[]]
@@ -1771,10 +1797,10 @@ def _qresync_known(cmd, view: MailboxView, uidvalidity: int) -> SequenceSet | No
             if len(q) < 2 or not q[0].isdigit() or int(q[0]) != uidvalidity:
                 return None  # (RFC 7162 3.2.5: data for another UIDVALIDITY is ignored)
             try:
-                known = SequenceSet.parse(q[2]) if len(q) > 2 else SequenceSet.parse(b"1:%d" % max(view.max_uid, 1))
+                known = SequenceSet.parse(q[2]) if len(q) > 2 else SequenceSet.parse(b"1:%d" % max(view.uid_top, 1))
             except SequenceSetError:
                 return None
-            return SequenceSet.from_canonical(known.resolve(view.max_uid).ranges)
+            return SequenceSet.from_canonical(known.resolve(max(view.uid_top, 1)).ranges)
     return None
 
 

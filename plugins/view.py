@@ -9,7 +9,7 @@ When nothing is hidden the view is the identity and callers skip all rewriting (
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from itertools import accumulate, compress, islice
 from operator import not_
@@ -254,6 +254,26 @@ class MailboxView:
         if uid_set.has_star and vis:
             allowed = allowed | SequenceSet.from_iterable([vis[-1]])
         return allowed
+
+    @property
+    def uid_top(self) -> int:
+        """The highest UID the client may take as used: every one the view knows and every one below the
+        UIDNEXT it was told (``seen_up_to``)."""
+        return max(self.max_uid, self.seen_up_to)
+
+    def absent_uids(self, uid_set: SequenceSet) -> SequenceSet:
+        """The UIDs of ``uid_set`` (``*``: ``uid_top``) up to ``uid_top`` that name no visible message:
+        hidden, expunged and never used alike. For the device they are all the same (no such message),
+        so what it is told of one it must be told of the others (a QRESYNC resync's VANISHED (EARLIER))."""
+        top = self.uid_top
+        if top == 0 or not uid_set:
+            return SequenceSet.empty()
+        wanted = (uid_set.resolve(top) if uid_set.has_star else uid_set).clip(1, top)
+        if not wanted:
+            return wanted
+        vis = self.visible
+        shown = vis[bisect_left(vis, wanted.min()):bisect_right(vis, wanted.max())]
+        return wanted - SequenceSet.from_iterable(shown) if shown else wanted
 
     def known_visible(self, uids: Iterable[int]) -> set[int]:
         """The visible ones of ``uids`` (e.g. a search's answer): none hidden, and none above every UID the

@@ -79,6 +79,83 @@ def test_vanished_earlier_comes_before_the_fetch_responses(make_proxy, dovecot, 
     c.close()
 
 
+def resync(p, name: str, how: str, uidvalidity: int, since: int) -> list[bytes]:
+    """A device's resync of ``name`` since mod-sequence ``since``: by UID FETCH (CHANGEDSINCE VANISHED)
+    after a plain SELECT, or by SELECT (QRESYNC ...) with or without the UIDs it knows (1:9)."""
+    c = device(p)
+    c.command(b"e", b"ENABLE QRESYNC")
+    try:
+        if how == "fetch":
+            assert c.command(b"s", b'SELECT "%s"' % name.encode())[-1].startswith(b"s OK")
+            r = c.command(b"f", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % since)
+        else:
+            known = b" 1:9" if how == "select-known" else b""
+            r = c.command(b"s", b'SELECT "%s" (QRESYNC (%d %d%s))' % (name.encode(), uidvalidity, since, known))
+        assert r[-1].split(b" ")[1] == b"OK", r
+        return r
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("how", ["fetch", "select", "select-known"])
+def test_vanished_earlier_names_a_hidden_message_as_it_names_an_expunged_one(make_proxy, dovecot, how):
+    """Found by review: UIDs 1 chat, 2 IMDN (hidden), 3 chat, 4 chat expunged on the server before the
+    device's mod-sequence, 5 chat. The resync named 2 (the hidden UIDs it was asked about) and Dovecot
+    rightly not 4: the device could list exactly which UIDs are hidden. For the device both are no such
+    message, and when a message was hidden has no mod-sequence: every UID of the set that no visible
+    message has is named (RFC 7162 lets VANISHED (EARLIER) name UIDs expunged earlier, as Dovecot does
+    where its log no longer reaches back), hidden and expunged alike, in one line with the backend's own
+    (6, expunged after that mod-sequence: never left out); no visible message is ever named."""
+    name, uids = folder_of(dovecot, ["chat", "imdn", "chat", "chat", "chat", "chat"])
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(name)
+    d.delete_messages([uids[3]])
+    d.expunge()
+    d.logout()
+    p = make_proxy(config_extra=IMDN_OFF)
+    c = device(p)
+    c.command(b"e", b"ENABLE QRESYNC")
+    r = c.command(b"s", b'SELECT "%s"' % name.encode())
+    c.close()
+    uidvalidity, since = code(r, b"UIDVALIDITY"), code(r, b"HIGHESTMODSEQ")
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(name)
+    d.delete_messages([uids[5]])
+    d.expunge()
+    d.logout()
+    r = resync(p, name, how, uidvalidity, since)
+    said = vanished_earlier(r)
+    assert (uids[1] in said) == (uids[3] in said), r  # (hidden, expunged before: alike)
+    assert uids[5] in said and not said & {uids[0], uids[2], uids[4]}, r
+    assert sum(x.startswith(b"* VANISHED") for x in r) == 1, r
+
+
+@pytest.mark.parametrize("how", ["fetch", "select", "select-known"])
+def test_vanished_earlier_names_a_hidden_last_message_as_an_expunged_last_one(make_proxy, dovecot, how):
+    """The same at the end of the mailbox: ``1:*`` and the UIDs a QRESYNC SELECT takes as known reached
+    up to the last UID the backend has, so a hidden last message (UID 4) was named where an expunged last
+    one was not, beside the same UIDNEXT. Both mailboxes hide UID 1 (an IMDN)."""
+    said = []
+    for last in ("imdn", "expunged"):
+        name, uids = folder_of(dovecot, ["imdn", "chat", "chat", "chat" if last == "expunged" else "imdn"])
+        if last == "expunged":
+            d = dovecot.imap_direct("alice", tls="none")
+            d.select_folder(name)
+            d.delete_messages([uids[3]])
+            d.expunge()
+            d.logout()
+        p = make_proxy(config_extra=IMDN_OFF)
+        c = device(p)
+        c.command(b"e", b"ENABLE QRESYNC")
+        r = c.command(b"s", b'SELECT "%s"' % name.encode())
+        c.close()
+        assert b"* 2 EXISTS\r\n" in r and b"[UIDNEXT 5]" in b"".join(r), r
+        r = resync(p, name, how, code(r, b"UIDVALIDITY"), code(r, b"HIGHESTMODSEQ"))
+        said.append(vanished_earlier(r))
+    print(said)
+    assert said[0] == said[1], said
+
+
 # Dovecot rotates its transaction log at every write: an old modseq then cannot be resolved from the log,
 # and Dovecot falls back on the client's seq-match-data (RFC 7162 3.2.5) to decide what it reports.
 ROTATE_EVERY_WRITE = """

@@ -571,3 +571,18 @@ def test_status_lines_are_read_and_written_back(line, mailbox, values):
 def test_what_is_not_one_status_line_is_not_read_as_one(line):
     from plugins.wire import status_parts
     assert status_parts(line) is None
+
+
+@given(views(), st.lists(st.tuples(st.integers(1, 520), st.integers(1, 520)), min_size=1, max_size=4),
+       st.booleans(), st.integers(0, 520))
+def test_absent_uids_are_every_uid_no_visible_message_has(v, ranges, star, seen_up_to):
+    """What a QRESYNC resync reports vanished: every UID of the set, up to the last one the client may take
+    as used, that names no visible message (hidden, expunged or never used alike), never a visible one."""
+    uids, hidden = v
+    view = MailboxView(uids, hidden)
+    view.seen_up_to = seen_up_to
+    asked = SequenceSet.from_ranges(ranges) | (SequenceSet.parse(b"7:*") if star else SequenceSet.empty())
+    top = max(max(uids, default=0), seen_up_to)
+    want = {u for u in asked.resolve(top) if u <= top} - (set(uids) - hidden) if top else set()
+    assert set(view.absent_uids(asked)) == want
+
