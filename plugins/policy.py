@@ -84,6 +84,7 @@ from plugins.wire import (
     list_name,
     list_without_extended,
     mailbox_name,
+    search_ok,
     uid_set_pieces,
     wire_name,
 )
@@ -902,11 +903,58 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if name == b"THREAD":
             return self._thread_response(session, view, resp)
         if name == b"OK" and head.code and head.code[:7].upper() == b"UNSEEN ":
-            client = view.client_seq(int(head.code[7:]))
+            n = head.code[7:].strip()
+            return self._unseen_response(session, view, resp, int(n)) if n.isdigit() else Drop()
+        return None
+
+    def _unseen_response(self, session, view: MailboxView, resp, n: int):
+        """A SELECT's ``* OK [UNSEEN n]`` in the client's numbers: its first unseen message's. When the
+        backend's first unseen is hidden, the first visible one is asked for (the SELECT's responses are
+        held meanwhile, and the hooks run again on this one); the code is left out only if there is none.
+        (Left out whenever the first unseen was hidden, it told the device a hidden unseen message came
+        first.) No question when the backend's first unseen is visible."""
+        client = view.client_seq(n)
+        if client is None:
+            cmd = _oldest(session, (b"SELECT", b"EXAMINE"))
+            uid = view.uid_of(n)
+            if cmd is None or uid is None:
+                return Drop()
+            found = cmd.state.get("first_unseen")
+            if found is None or found[0] != n:
+                cmd.state["first_unseen"] = (n, None)
+                return Hold(defer.Deferred.fromCoroutine(self._first_visible_unseen(session, view, cmd, n, uid)))
+            client = found[1]
             if client is None:
                 return Drop()
-            return Rewrite(resp.data.replace(b"[UNSEEN %d]" % int(head.code[7:]), b"[UNSEEN %d]" % client, 1))
-        return None
+        return Rewrite(resp.data.replace(b"[UNSEEN %d]" % n, b"[UNSEEN %d]" % client, 1))
+
+    @staticmethod
+    async def _first_visible_unseen(session, view: MailboxView, cmd, n: int, uid: int) -> None:
+        """Sets ``cmd.state["first_unseen"]`` to ``(n, client number)`` of the first unseen message the
+        device sees after backend message ``n`` (UID ``uid``, hidden), or ``(n, None)`` if there is none.
+        One search: the smallest unseen UID above ``uid`` that is not hidden, or where the hidden ones
+        past it would make a long command line, all unseen UIDs above it, the first visible one taken."""
+        top = view.max_uid
+        if uid >= top:
+            return
+        past = view.hidden_uids & SequenceSet.from_canonical([(uid + 1, top)])
+        hidden = past.format() if past else b""
+        try:
+            if len(hidden) <= INLINE_SET_MAX:
+                reply = search_ok(await session.backend_command(
+                    b"UID SEARCH RETURN (MIN) UID %d:%d UNSEEN" % (uid + 1, top)
+                    + (b" NOT UID " + hidden if hidden else b"")))
+                found = [int(m.group(1)) for line in reply.untagged if (m := _MIN_RE.search(line))]
+            else:
+                found = esearch_all(await session.backend_command(
+                    b"UID SEARCH RETURN (ALL) UID %d:%d UNSEEN" % (uid + 1, top)))
+        except Exception as e:  # (the code is left out, as before)
+            log.warn("the first visible unseen message could not be found: {e} session={session}",
+                     e=e, session=session.session_id)
+            return
+        first = next((u for u in found if u not in view.hidden), None)
+        if first is not None:
+            cmd.state["first_unseen"] = (n, view.client_seq_of_uid(first))
 
     def response_block(self, session, block: bytes) -> bytes | None:
         """A run of FETCH lines under a filtered view: renumbered and filtered in one pass (C work, see
@@ -1655,6 +1703,7 @@ def _whole_view_key(user: str, plan: SelectPlan, extra_ranges: tuple) -> tuple:
     return user, plan.mailbox, plan.uidvalidity, tuple(sorted(plan.hidden_kinds)), plan.max_size, extra_ranges
 
 
+_MIN_RE = re.compile(rb" MIN (\d+)", re.I)
 _SELECT_STATE_RE = re.compile(rb"^\* (?:OK \[(UIDVALIDITY|UIDNEXT) (\d+)\]|(\d+) (EXISTS))", re.I)
 
 

@@ -260,6 +260,24 @@ def test_a_uid_search_key_star_is_the_last_message_the_device_sees(dovecot, make
     c.close()
 
 
+@pytest.mark.parametrize("third, want", [("unseen", b"* OK [UNSEEN 2] "), ("seen", None)])
+def test_select_says_the_first_unseen_message_the_device_sees(dovecot, make_proxy, third, want):
+    """Found by review: UIDs 1 chat (seen), 2 IMDN (hidden, unseen), 3 chat: the backend's first unseen
+    message is the hidden one, and the view dropped ``[UNSEEN n]``, which told the device that an unseen
+    message it does not see came first. It names the first unseen message the device sees (its 2, UID 3),
+    and is left out only when there is none."""
+    name, uids, c = _fresh(dovecot, make_proxy, ["chat", "imdn", "chat"])
+    d = dovecot.imap_direct("dave", tls="none")
+    d.select_folder(name)
+    d.add_flags([uids[0]] + ([uids[2]] if third == "seen" else []), [b"\\Seen"])
+    d.logout()
+    r = c.command(b"s", b'SELECT "%s"' % name.encode())
+    c.close()
+    assert r[-1].startswith(b"s OK") and b"* 2 EXISTS\r\n" in r, r
+    said = [x for x in r if b"[UNSEEN " in x]
+    assert [x[:len(want)] for x in said] == ([want] if want else []), r
+
+
 def test_vanished_earlier_leaves_the_view_as_it_is(dovecot, make_proxy):
     """The backend's VANISHED (EARLIER) (RFC 7162: no expunge of the session's messages) took its UIDs out
     of the view, a hidden one among them: the view lost track and FETCHes showed the hidden message."""

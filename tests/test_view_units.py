@@ -586,3 +586,48 @@ def test_absent_uids_are_every_uid_no_visible_message_has(v, ranges, star, seen_
     want = {u for u in asked.resolve(top) if u <= top} - (set(uids) - hidden) if top else set()
     assert set(view.absent_uids(asked)) == want
 
+
+def _unseen_at(view, n, answer):
+    """``PolicyPlugin._unseen_response`` for ``* OK [UNSEEN n]`` of a SELECT, the backend answering its
+    search with ``answer`` (an ESEARCH line); returns (action, the searches asked, the action after)."""
+    from twisted.internet import defer
+
+    from cpmproxy.proxy.hooks import Hold
+
+    asked = []
+
+    def backend_command(line):
+        asked.append(line)
+        return defer.succeed(SimpleNamespace(status=b"OK", untagged=[answer], tagged=b"t OK done\r\n"))
+
+    cmd = SimpleNamespace(name=b"SELECT", state={})
+    session = SimpleNamespace(inflight_commands=lambda: [cmd], backend_command=backend_command, session_id="s")
+    plugin = SimpleNamespace(_first_visible_unseen=PolicyPlugin._first_visible_unseen)
+    resp = SimpleNamespace(data=b"* OK [UNSEEN %d] First unseen.\r\n" % n)
+    action = PolicyPlugin._unseen_response(plugin, session, view, resp, n)
+    then = PolicyPlugin._unseen_response(plugin, session, view, resp, n) if isinstance(action, Hold) else None
+    return action, asked, then
+
+
+def test_unseen_names_the_first_unseen_message_the_device_sees():
+    """``[UNSEEN n]`` where the backend's first unseen message is hidden: the first visible unseen one is
+    asked for (by MIN, the hidden ones past it left out; where they would make a long line, by ALL and the
+    first visible one taken), and the code left out only if there is none. A visible first unseen message
+    is renumbered with no question asked."""
+    from cpmproxy.proxy.hooks import Drop, Hold, Rewrite
+
+    view = MailboxView([1, 2, 3, 5, 8], {2, 5})
+    action, asked, _ = _unseen_at(view, 3, b"")
+    assert isinstance(action, Rewrite) and action.data == b"* OK [UNSEEN 2] First unseen.\r\n" and not asked
+    action, asked, then = _unseen_at(view, 2, b'* ESEARCH (TAG "t") UID MIN 8\r\n')
+    assert isinstance(action, Hold) and asked == [b"UID SEARCH RETURN (MIN) UID 3:8 UNSEEN NOT UID 5"]
+    assert isinstance(then, Rewrite) and then.data == b"* OK [UNSEEN 3] First unseen.\r\n"
+    _, asked, then = _unseen_at(view, 2, b'* ESEARCH (TAG "t") UID\r\n')
+    assert isinstance(then, Drop), then
+    _, asked, then = _unseen_at(MailboxView([1, 2], {2}), 2, b"")
+    assert isinstance(then, Drop) and not asked  # (nothing after it)
+    # 2,000 scattered hidden UIDs past the first unseen: too long a line for NOT UID.
+    many = MailboxView(range(1, 4003), set(range(2, 4002, 2)) | {4002})
+    _, asked, then = _unseen_at(many, 2, b'* ESEARCH (TAG "t") UID ALL 4,6:7,4002\r\n')
+    assert asked == [b"UID SEARCH RETURN (ALL) UID 3:4002 UNSEEN"]
+    assert isinstance(then, Rewrite) and then.data == b"* OK [UNSEEN 4] First unseen.\r\n", then
