@@ -650,14 +650,19 @@ class NotifyPlugin(Plugin):
     def events_wanted(self, watch: UserWatch) -> bool:
         """Does anyone here need the backend's change events for this user? Every consumer does so only
         for a session with notifications enabled (STATUS injection, push) or with its own NOTIFY on the
-        selected mailbox (``_nudge``), or for an offline user whose notifications were enabled."""
+        selected mailbox (``_nudge``), or for an offline user whose notifications were enabled; or a plugin
+        that acts for the user's devices not connected (``wants_events(user) -> bool``: push, for a device
+        whose own policy enables them while the connected ones' do not)."""
         if watch.offline:
-            return watch.offline_state is not None and self.enabled_in(watch.offline_state)
-        for session in watch.sessions:
-            st = session.state.get(self.name)
-            if (st is not None and st.selected_events) or self.enabled(session):
+            if watch.offline_state is not None and self.enabled_in(watch.offline_state):
                 return True
-        return False
+        else:
+            for session in watch.sessions:
+                st = session.state.get(self.name)
+                if (st is not None and st.selected_events) or self.enabled(session):
+                    return True
+        return any(p.wants_events(watch.user) for p in self.proxy.hooks.plugins
+                   if p is not self and hasattr(p, "wants_events"))
 
     def enabled_in(self, pst) -> bool:
         """``enabled`` for a policy state (also an offline user's, kept by the watch)."""

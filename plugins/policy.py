@@ -240,6 +240,13 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 policy = replace(policy, **settings)
         return policy
 
+    def device_state(self, user: str, device_id: str, id_name: str, account: PolicySession) -> PolicySession:
+        """The policy state of a device that is not connected (push): its policy, matched as at its login
+        (``id_name``: its ID "name" if known, else ""), with the account's preferences as ``account`` (a
+        session's of the same user, or an offline watch's) last read them. Its folder facts start empty."""
+        return PolicySession(self.policy_for(user, device_id, id_name), account_prefs=account.account_prefs,
+                             pref_folders=account.pref_folders)
+
     def state(self, session) -> PolicySession:
         st = session.state.get(self.name)
         if st is None:

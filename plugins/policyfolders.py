@@ -78,14 +78,33 @@ class FolderRules:
         return Hold(defer.Deferred.fromCoroutine(known()))
 
     async def _read_folder_infos(self, session, st: PolicySession, infos: dict[str, FolderInfo]) -> None:
+        await self.read_folder_facts(session.side_command, session.user, [st], infos, lambda: side_examine(session))
+
+    def folder_facts_known(self, user: str, states: list[PolicySession], name: str) -> bool:
+        """Whether ``read_folder_facts`` for ``name`` would ask the backend nothing."""
+        if name in {n for st in states for n in st.pref_folders} and any(self._may_change_sync(st) for st in states):
+            return False
+        info = FolderInfo()
+        return all(self._effective_in(st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history"))
+                   for st in states) or bool(self.session_history_cache.get((user, name)))
+
+    async def read_folder_facts(self, run, user: str, states: list[PolicySession], infos: dict[str, FolderInfo],
+                                examining) -> None:
+        """Fill ``infos`` (folder name -> a new ``FolderInfo``) with what hides a folder from the devices
+        whose policy states are ``states``: the folder's own preferences (read where any of them may change
+        a sync preference), whether it is a Session History folder (asked where any of them does not
+        synchronize those). ``run``: a command runner on the backend; ``examining()``: the async context
+        the EXAMINEs run in (``side_examine`` for a session's side connection). Also used by push, for
+        devices that are not connected (their states made from the policy alone)."""
         waits = []
-        if self._may_change_sync(st):
+        if any(self._may_change_sync(st) for st in states):
+            marked = {name for st in states for name in st.pref_folders}
             for name, info in infos.items():
                 # Only folders known to carry preferences are read: reading a mailbox's metadata opens
                 # it in the side connection's process, and a folder open there while a client renames or
                 # deletes it can come back as a ghost in the mailbox list.
-                if name in st.pref_folders:
-                    waits.append((name, info, session.side_command(
+                if name in marked:
+                    waits.append((name, info, run(
                         b"GETMETADATA (DEPTH infinity) " + wire_name(name) + b" (" + pref_entry("").encode() + b")")))
         for name, info, d in waits:
             reply = await d
@@ -93,17 +112,18 @@ class FolderRules:
                 info.prefs = parse_metadata_prefs(_metadata_read(reply, "folder preferences").untagged, name)
         unknown = []
         for name, info in infos.items():
-            if self._effective_in(st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history")):
+            if all(self._effective_in(st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history"))
+                   for st in states):
                 continue
-            if self.session_history_cache.get((session.user, name)):
+            if self.session_history_cache.get((user, name)):
                 info.session_history = True
                 continue
             unknown.append((name, info))
         if not unknown:
             return  # (no EXAMINE: the lock and its closing UNSELECT would only cost a round trip)
-        async with side_examine(session):
-            checks = [(name, info, session.side_command(b"EXAMINE " + wire_name(name)),
-                       session.side_command(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA))
+        async with examining():
+            checks = [(name, info, run(b"EXAMINE " + wire_name(name)),
+                       run(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA))
                       for name, info in unknown]
             for name, info, opened, searched in checks:
                 opened, searched = await opened, await searched
@@ -115,7 +135,7 @@ class FolderRules:
                     continue
                 info.session_history = any(b" MIN " in line for line in search_ok(searched).untagged)
                 if info.session_history:
-                    _keep_known(self.session_history_cache, (session.user, name))
+                    _keep_known(self.session_history_cache, (user, name))
                 elif any(line.startswith(b"* 0 EXISTS") for line in opened.untagged):
                     # Empty: a Session History folder just created, its session info not yet in it.
                     # Asked again next time (kept as "not one", the device was shown it and its changes).

@@ -27,6 +27,7 @@ max_offline_watches`` bounds how many), with the preferences of that last sessio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email.policy
 import hashlib
@@ -63,13 +64,14 @@ from plugins.cpm import PREFIX
 from plugins.localdelete import device_key
 from plugins.notify import TOPIC, ChangeEvent
 from plugins.policy import classify
-from plugins.policystate import side_examine
+from plugins.policystate import FolderInfo, side_examine
 from plugins.pushqueue import Entry, Outbox
 from plugins.wire import esearch_all, iter_metadata, wire_name
 
 log = Logger(namespace="cpmproxy.push")
 
 DEVICES = PREFIX + "/devices"
+DEVICE_NAMES = PREFIX + "/devicenames"  # (the ID "name" each device gave at its last login)
 _IDS_KEPT = 10000  # ids of recent events remembered, so that a change is pushed once
 _NEW_RANGES_KEPT = 64  # ranges of recently pushed new UIDs remembered per mailbox
 _MODSEQS_KEPT = 100000  # (user, mailbox) pairs whose last HIGHESTMODSEQ is remembered (oldest forgotten)
@@ -110,6 +112,7 @@ class PushPlugin(Plugin):
         self._pool: HTTPConnectionPool | None = None
         self.stopped = False
         self.devices: dict[str, set[str]] = {}
+        self.names: dict[str, dict[str, str]] = {}  # user -> device -> its ID "name" (recorded)
         self._subscribed = False
         self._agent = None
         self._modseqs: OrderedDict[tuple[str, str], int] = OrderedDict()  # last HIGHESTMODSEQ seen
@@ -167,22 +170,31 @@ class PushPlugin(Plugin):
         return defer.Deferred.fromCoroutine(self._record_device(session))
 
     async def _record_device(self, session) -> None:
-        """Remember the user's devices (on the backend, so every proxy node knows them). Written only
-        when the device is new (or its entry differs): any SETMETADATA raises INBOX's HIGHESTMODSEQ in
-        Dovecot, which every watch of the user hears of, so writing it at every login costs the backend a
-        write and every node a check of a change that is none (``_build``)."""
+        """Remember the user's devices (on the backend, so every proxy node knows them), each with the ID
+        "name" it gave (its policy class may be matched on it: ``_targets``). Written only when the device
+        is new (or its entries differ): any SETMETADATA raises INBOX's HIGHESTMODSEQ in Dovecot, which every
+        watch of the user hears of, so writing it at every login costs the backend a write and every node a
+        check of a change that is none (``_build``)."""
         key = device_key(session.device_id)
         value = session.device_id
-        reply = await session.side_command(b'GETMETADATA (DEPTH 1) "" (' + DEVICES.encode() + b")")
-        prefix = DEVICES.lower() + "/"
+        name = session.client_id.get("name") or ""
+        reply = await session.side_command(b'GETMETADATA (DEPTH 1) "" (' + DEVICES.encode() + b" "
+                                           + DEVICE_NAMES.encode() + b")")
+        prefix, names_prefix = DEVICES.lower() + "/", DEVICE_NAMES.lower() + "/"
         entries: dict[str, str] = {}
+        names: dict[str, str] = {}
         if reply.status == b"OK":
             for _, entry, raw in iter_metadata(reply.untagged):
-                if entry.lower().startswith(prefix):
-                    entries[entry[len(prefix):].lower()] = raw.decode("utf-8", "replace")
+                low = entry.lower()
+                if low.startswith(prefix):
+                    entries[low[len(prefix):]] = raw.decode("utf-8", "replace")
+                elif low.startswith(names_prefix):
+                    names[low[len(names_prefix):]] = raw.decode("utf-8", "replace")
         else:
             log.warn("reading the devices of {user} failed: {r}", user=session.user, r=reply.tagged[:200])
-        if reply.status == b"OK" and entries.get(key.lower()) != value:
+        if reply.status == b"OK":
+            self.names[session.user] = {v: names[k] for k, v in entries.items() if v and names.get(k)}
+        if reply.status == b"OK" and (entries.get(key.lower()) != value or names.get(key.lower(), "") != name):
             entry = f"{DEVICES}/{key}".encode()
             if len(entries) >= self.max_devices and key.lower() not in entries:
                 log.warn("device {device} of {user} not recorded: the user has {n} devices recorded already "
@@ -190,8 +202,9 @@ class PushPlugin(Plugin):
                 self.devices[session.user] = {v for v in entries.values() if v}
                 return
             # (A quoted string, or a literal+ for 8-bit text: ID values have no control characters.)
+            named = f"{DEVICE_NAMES}/{key}".encode() + b" " + (quote(name, non_sync=True) if name else b"NIL")
             written = await session.side_command(b'SETMETADATA "" (' + entry + b" "
-                                                 + quote(value, non_sync=True) + b")")
+                                                 + quote(value, non_sync=True) + b" " + named + b")")
             if written.status != b"OK":
                 log.warn("recording device {device} of {user} failed: {r}", device=session.device_id,
                          user=session.user, r=written.tagged[:200])
@@ -200,6 +213,13 @@ class PushPlugin(Plugin):
         else:
             known = self.devices.get(session.user, set())
         self.devices[session.user] = known | {session.device_id}
+        if name:
+            self.names.setdefault(session.user, {})[session.device_id] = name
+        else:
+            self.names.get(session.user, {}).pop(session.device_id, None)
+        notify = self.peer("notify")
+        if notify is not None:  # (a device known only now may want its pushes: the watch armed for them)
+            notify.refresh_watch(session.user)
 
     def closed(self, session) -> None:
         """A user with no session here and no offline watch (notify decided in its own ``closed``,
@@ -210,11 +230,13 @@ class PushPlugin(Plugin):
             watch = notify.watches.get(user) if notify is not None else None
             if watch is None or not watch.offline:
                 self.devices.pop(user, None)
+                self.names.pop(user, None)
 
     def offline_ended(self, user: str) -> None:
         """The user's offline watch expired (notify)."""
         if not self.proxy.sessions_of(user):
             self.devices.pop(user, None)
+            self.names.pop(user, None)
 
     def watch_offline(self, user: str) -> float:
         """Asked by the notify plugin when the user's last session here ends (see the module doc)."""
@@ -269,16 +291,8 @@ class PushPlugin(Plugin):
         notify = self.peer("notify")
         if notify is None or event.event == "MetadataChange":
             return
-        if sessions:
-            if not any(notify.enabled(s) for s in sessions):
-                return
-        else:
-            watch = notify.watches.get(event.user)
-            if watch is None or watch.offline_state is None or not notify.enabled_in(watch.offline_state):
-                return
-        connected = {s.device_id for s in sessions}
-        offline = sorted(self.devices.get(event.user, set()) - connected)
-        if not offline:
+        targets = self._targets(event.user, sessions, event.mailbox)
+        if not targets:
             return
         watch = notify.watches.get(event.user)
         if event.origin is not None and not event.uids and watch is not None and watch.reporting():
@@ -293,15 +307,51 @@ class PushPlugin(Plugin):
         # message's kinds are asked of the backend; the expunge after it needs nothing).
         slot = [False, None]
         self._building.setdefault(event.user, deque()).append(slot)
-        d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions), None), event, offline, since))
+        d = defer.Deferred.fromCoroutine(self._build(next(iter(sessions), None), event, targets, since))
         d.addErrback(lambda f: log.failure("building a push event failed", f))
         d.addCallback(self._built, event.user, slot)
 
-    def _built(self, body: dict | None, user: str, slot: list) -> None:
-        slot[:] = [True, body]
+    def _account_state(self, user: str, sessions=None):
+        """The user's account-wide preferences as last read here (a policy state): a session's, or without
+        one the offline watch's. None: not known (nothing is pushed)."""
+        for session in self.proxy.sessions_of(user) if sessions is None else sessions:
+            st = session.state.get("policy")
+            if st is not None and st.login_entries is not None:  # (its login read them)
+                return st
+        notify = self.peer("notify")
+        watch = notify.watches.get(user) if notify is not None else None
+        return watch.offline_state if watch is not None else None
+
+    def _targets(self, user: str, sessions, mailbox: str | None) -> list:
+        """The devices a change may be pushed to, each with its policy state: the user's known devices with
+        no session here whose notifications are enabled (their policy, matched as at login, with the ID
+        "name" recorded at their last login, and the user's preference where that policy lets it decide),
+        and, for a ``mailbox``, whose policy's folder patterns take it in (the rest of what hides a
+        folder, preferences and Session Histories, needs the backend: ``_build``)."""
+        policy, notify = self.peer("policy"), self.peer("notify")
+        account = self._account_state(user, sessions)
+        if policy is None or notify is None or account is None:
+            return []
+        connected = {s.device_id for s in sessions}
+        names = self.names.get(user, {})
+        targets = []
+        for device in sorted(self.devices.get(user, set()) - connected):
+            st = policy.device_state(user, device, names.get(device, ""), account)
+            if notify.enabled_in(st) and (mailbox is None or st.policy.folder_allowed(mailbox)):
+                targets.append((device, st))
+        return targets
+
+    def wants_events(self, user: str) -> bool:
+        """Asked by the notify plugin: does a device of the user that is not connected want pushes? (Its
+        watch is armed for them, even while the user's connected devices have notifications off.)"""
+        return bool(self.url) and not self.stopped and bool(self._targets(user, self.proxy.sessions_of(user), None))
+
+    def _built(self, bodies: list | None, user: str, slot: list) -> None:
+        slot[:] = [True, bodies]
         slots = self._building.get(user)
         while slots and slots[0][0]:
-            self._enqueue(slots.popleft()[1])
+            for body in slots.popleft()[1] or ():
+                self._enqueue(body)
         if slots is not None and not slots:
             del self._building[user]
 
@@ -342,35 +392,107 @@ class PushPlugin(Plugin):
         # MODSEQ is the new HIGHESTMODSEQ).
         return prev + 1 if prev is not None and prev < event.modseq else event.modseq
 
-    async def _build(self, session, event: ChangeEvent, offline: list[str],
-                     since: int | None = None) -> dict | None:
-        if since is not None:
+    async def _build(self, session, event: ChangeEvent, targets: list, since: int | None = None) -> list[dict]:
+        """The events to POST for a change: one per distinct view of it among ``targets`` (device, policy
+        state), each naming the devices that see it so. A device that cannot see the mailbox (folder
+        preferences, a Session History it does not synchronize) is left out; of new messages, each device
+        is told only those it sees (a kind, size or age its policy or preferences hide is not told). None
+        left: nothing is sent."""
+        policy = self.peer("policy")
+        states = [st for _, st in targets]
+        known = policy.folder_facts_known(event.user, states, event.mailbox)
+        if since is None and not event.uids and known:
+            looked = await self._look(None, event, None, states)  # (nothing to ask the backend)
+        else:
             try:
-                changed = await self._on_backend(session, event.user,
-                                                 lambda run: _changed_since(run, event, since))
+                looked = await self._on_backend(session, event.user,
+                                                lambda run: self._look(run, event, since, states))
+            except Exception as e:  # (no connection: what needs none still goes out)
+                log.warn("push: the backend could not be asked about a change: {e}", e=e)
+                looked = await self._look(None, event, None, states, known)
+        if looked is None:
+            return []
+        inspected: _Inspected = looked
+        views: dict[tuple[int, ...], list[str]] = {}
+        for device, st in targets:
+            if policy.folder_hidden(st, event.mailbox):
+                continue
+            uids = self._visible(policy, st, event, inspected)
+            if event.uids and not uids:
+                continue
+            views.setdefault(uids, []).append(device)
+        bodies = []
+        for uids, devices in views.items():
+            view = dataclasses.replace(event, uids=uids)
+            body = {"id": change_id(view),
+                    "user": event.user, "mailbox": event.mailbox, "event": event.event,
+                    "uidvalidity": event.uidvalidity, "uids": list(uids), "devices": devices,
+                    "time": time.time()}
+            if uids:
+                body["kinds"] = {str(u): inspected.kinds[u] for u in uids if u in inspected.kinds}
+                if self.include_headers:
+                    body["headers"] = {str(u): inspected.headers[u] for u in uids if u in inspected.headers}
+            bodies.append(body)
+        return bodies
+
+    @staticmethod
+    def _visible(policy, st, event: ChangeEvent, inspected) -> tuple[int, ...]:
+        """The UIDs of ``event`` in the device's view: not of a kind it does not synchronize in that
+        folder, nor larger or older than its policy's limits (as a SELECT's view hides them). Not known
+        (the backend could not be asked): none, where anything may be hidden."""
+        kinds = policy.hidden_kinds(st, event.mailbox)
+        max_size, max_age = st.policy.max_size, st.policy.max_age_days
+        if not event.uids or not (kinds or max_size or max_age):
+            return event.uids
+        if not inspected.known:
+            return ()
+        hidden = set()
+        if kinds:
+            hidden.update(u for u in event.uids if inspected.kinds.get(u, "other") in kinds)
+        if max_size:
+            hidden |= inspected.larger.get(max_size, set())
+        if max_age:
+            hidden |= inspected.older.get(max_age, set())
+        return tuple(u for u in event.uids if u not in hidden)
+
+    async def _look(self, run, event: ChangeEvent, since: int | None, states: list, known: bool = True):
+        """What the backend says of a change (``run``: a command runner free to EXAMINE; None: no
+        connection): False if it changed no message (``since``: see ``_seen_modseq``); else the new
+        messages' kinds and sizes (``_Inspected``, None if unknown), with the folder's facts put in every
+        state (its preferences, whether it is a Session History). An event whose folder facts cannot be read
+        is dropped, as a notification about a folder is (``_hold_for_folder``): taken as "no preferences",
+        it would name a folder a device's user hid."""
+        if run is not None and since is not None:
+            try:
+                changed = await _changed_since(run, event, since)
             except Exception as e:  # cannot tell: the event goes out
                 log.warn("checking a flag change failed: {e}", e=e)
             else:
                 if not changed:
                     return None  # metadata only: no message changed
-        body = {"id": change_id(event),
-                "user": event.user, "mailbox": event.mailbox, "event": event.event,
-                "uidvalidity": event.uidvalidity, "uids": list(event.uids), "devices": offline,
-                "time": time.time()}
-        if event.uids:
-            try:
-                kinds, headers = await self._inspect(session, event)
-            except Exception as e:  # the event still goes out, without them
-                log.warn("classifying pushed messages failed: {e}", e=e)
-                kinds, headers = {}, {}
-            body["kinds"] = {str(u): k for u, k in kinds.items()}
-            if self.include_headers:
-                body["headers"] = {str(u): h for u, h in headers.items()}
-        return body
-
-    async def _inspect(self, session, event: ChangeEvent):
-        """Kinds (and the configured header fields) of the new messages, by server-side searches."""
-        return await self._on_backend(session, event.user, lambda run: self._inspect_on(run, event))
+        info = FolderInfo()
+        if run is None and not known:
+            log.warn("push: folder {mailbox!r} of {user} unreadable, its event dropped", mailbox=event.mailbox,
+                     user=event.user)
+            return None
+        try:
+            await self.peer("policy").read_folder_facts(run, event.user, states, {event.mailbox: info}, _nothing)
+        except Exception as e:
+            log.warn("push: folder {mailbox!r} of {user} unreadable, its event dropped: {e}",
+                     mailbox=event.mailbox, user=event.user, e=e)
+            return None
+        for st in states:
+            st.folders[event.mailbox] = info
+        if not event.uids:
+            return _Inspected()
+        if run is None:
+            return _Inspected(known=False)
+        try:
+            return await self._inspect_on(run, event, {st.policy.max_size for st in states} - {0},
+                                          {st.policy.max_age_days for st in states} - {0})
+        except Exception as e:  # the event still goes out, without them (and not to devices that may hide some)
+            log.warn("classifying pushed messages failed: {e}", e=e)
+            return _Inspected(known=False)
 
     async def _on_backend(self, session, user: str, work):
         """``await work(run)`` with ``run`` a command runner on a connection free to EXAMINE: the
@@ -387,21 +509,29 @@ class PushPlugin(Plugin):
             proto.command(b"LOGOUT").addErrback(lambda _: None)
             proto.transport.loseConnection()
 
-    async def _inspect_on(self, run, event: ChangeEvent):
+    async def _inspect_on(self, run, event: ChangeEvent, sizes: set[int], ages: set[int]) -> _Inspected:
+        """Kinds (and the configured header fields) of the new messages, and which of them are larger than
+        each of ``sizes`` (bytes) or older than each of ``ages`` (days): server-side searches, pipelined."""
         kinds = await classify(run, event.mailbox, event.uids)  # (EXAMINEs the mailbox)
-        headers: dict[int, dict[str, str]] = {}
+        uidset = SequenceSet.from_iterable(event.uids).format()
+        larger = {n: run(b"UID SEARCH RETURN (ALL) UID " + uidset + b" LARGER %d" % n) for n in sizes}
+        older = {n: run(b"UID SEARCH RETURN (ALL) UID " + uidset + b" OLDER %d" % (n * 86400)) for n in ages}
+        found = _Inspected(kinds=kinds)
+        for n, d in larger.items():
+            found.larger[n] = set(esearch_all(await d))
+        for n, d in older.items():
+            found.older[n] = set(esearch_all(await d))
         if self.include_headers:
             fields = " ".join(self.include_headers).encode()
-            reply = await run(b"UID FETCH " + SequenceSet.from_iterable(event.uids).format()
-                              + b" (UID BODY.PEEK[HEADER.FIELDS (" + fields + b")])")
+            reply = await run(b"UID FETCH " + uidset + b" (UID BODY.PEEK[HEADER.FIELDS (" + fields + b")])")
             for line in reply.untagged:
                 m = _FETCHED_HEADERS.search(line)
                 if m is None:
                     continue
                 raw = line[m.end():m.end() + int(m.group(2))]
                 msg = BytesParser(policy=email.policy.default).parsebytes(raw, headersonly=True)
-                headers[int(m.group(1))] = {k: str(v) for k, v in msg.items()}
-        return kinds, headers
+                found.headers[int(m.group(1))] = {k: str(v) for k, v in msg.items()}
+        return found
 
     def _enqueue(self, body: dict | None) -> None:
         if body is None or not self.url or self.stopped:
@@ -512,6 +642,21 @@ class PushPlugin(Plugin):
         if self._pool is not None:
             self._pool.closeCachedConnections()
             self._pool = None
+
+
+@dataclasses.dataclass
+class _Inspected:
+    """What the backend said of a change's new messages (``known`` False: it could not be asked)."""
+    known: bool = True
+    kinds: dict[int, str] = dataclasses.field(default_factory=dict)
+    headers: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)
+    larger: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # max_size -> UIDs larger
+    older: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # max_age_days -> UIDs older
+
+
+def _nothing():
+    """The context EXAMINEs run in on a connection ``_on_backend`` gave (free to EXAMINE already)."""
+    return contextlib.nullcontext()
 
 
 class _Discard(Protocol):

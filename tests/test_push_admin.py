@@ -588,17 +588,23 @@ def test_a_users_events_are_queued_in_the_order_they_happened(monkeypatch):
     from types import SimpleNamespace
 
     from plugins.notify import ChangeEvent
+    from plugins.policy import PolicyPlugin
+    from plugins.policystate import PolicySession
+    from plugins.push import _Inspected
 
     plugin, gateway, clock = _sender(monkeypatch)
-    plugin.proxy.sessions_of = lambda user: [SimpleNamespace(device_id="tablet")]
-    plugin.proxy.hooks = SimpleNamespace(by_name={"notify": SimpleNamespace(enabled=lambda s: True, watches={})})
+    policy = PolicyPlugin(plugin.proxy)
+    account = PolicySession(policy.base, account_prefs={"notifications": "on"}, login_entries=set())
+    plugin.proxy.sessions_of = lambda user: [SimpleNamespace(device_id="tablet", state={"policy": account})]
+    notify = SimpleNamespace(enabled_in=lambda st: True, watches={})
+    plugin.proxy.hooks = SimpleNamespace(by_name={"notify": notify, "policy": policy})
     plugin.devices["alice"] = {"tablet", "phone"}
     kinds = defer.Deferred()
-    plugin._inspect = lambda session, event: kinds
+    plugin._on_backend = lambda session, user, work: kinds
     plugin._event(ChangeEvent("alice", "INBOX", "MessageNew", origin=object(), uidvalidity=1, uids=(7,)))
     plugin._event(ChangeEvent("alice", "INBOX", "MessageExpunge", origin=object(), uidvalidity=1, modseq=9))
     assert gateway.out() == []
-    kinds.callback(({7: "chat"}, {}))
+    kinds.callback(_Inspected(kinds={7: "chat"}))
     assert [body["event"] for body, _ in gateway.posts] == ["MessageNew"]
     gateway.answer(gateway.out()[0])
     assert [body["event"] for body, _ in gateway.posts] == ["MessageNew", "MessageExpunge"]
