@@ -1,14 +1,25 @@
 """Push for devices that are not connected: change events POSTed as small JSON to an operator's gateway.
 
 ``[plugin.push] url = "https://push.example.net/cpm"`` (no url: the plugin does nothing). Events come from
-the notify plugin's event bus; one is sent only when the user enabled notifications (preference, within
-policy). The body never carries message content:
+the notify plugin's event bus. The body never carries message content:
 
     {"user": "alice", "mailbox": "Default/tel:+15551234567", "event": "MessageNew", "uidvalidity": 17,
      "uids": [42], "kinds": {"42": "chat"}, "devices": ["tablet-1"], "time": 1764100000.0}
 
 ``devices``: the user's devices known to the proxy (recorded in METADATA at a device's first login, read
-at every login) that have no session in this process. Only message changes are pushed: a HIGHESTMODSEQ
+at every login) that have no session in this process, each as its own policy and view have it
+(``_targets``, ``_build``): its policy class, matched as at login on the device id and the ID "name" it
+gave at its last login (recorded with it; a device recorded before names were, or that gave none, is
+matched on its id alone until it logs in again), must enable notifications (``forced``, or ``allowed``
+and the user's preference on); the mailbox must be in its view (the policy's folder patterns, the
+folder's ``sync`` preference, a Session History it does not synchronize); of new messages, only those it
+sees are named (not of a kind hidden for it in that folder, nor past its ``max_size`` / ``max_age_days``;
+when they cannot be classified, none where anything may be hidden). A change no device sees is not sent;
+devices that see it differently get one event each per view (its own ``uids``, ``kinds`` and ``id``): a
+gateway wakes each listed device for what it names, so the intersection would leave a device unwoken
+for a message it shows, and a union would name messages hidden from the others. A flag change or an
+expunge names no messages: it goes to every device that sees the folder. A folder whose facts cannot be
+read drops the event (a device's next sync finds the change). Only message changes are pushed: a HIGHESTMODSEQ
 that moved for a metadata write alone (a preference, a device record) is checked and dropped. ``headers`` only with ``include_headers = ["From", "Subject"]`` (message content stays out
 unless the operator asks for it). ``id`` is the same for the same change whichever proxy process sends it, so a gateway
 behind several proxy nodes can drop duplicates. Each user's events go in order, one at a time; users' go
@@ -22,7 +33,8 @@ When none of the user's devices is connected, pushes matter most (a delivery mus
 notify plugin keeps the user's watch connection for ``offline_watch`` seconds after their last session
 here ended (logged in with the ``[admin]`` master user, which the configuration must then have:
 ``offline_watch = 0`` pushes only while a device of the user is connected; ``[plugin.notify]
-max_offline_watches`` bounds how many), with the preferences of that last session.
+max_offline_watches`` bounds how many), with the preferences of that last session. The watch is armed
+for pushes while any offline device wants them (``wants_events``), whatever the connected ones want.
 """
 
 from __future__ import annotations
