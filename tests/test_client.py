@@ -7,6 +7,7 @@ directly is the reference for what the server holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -619,17 +620,54 @@ def test_delete_on_a_device_whose_policy_keeps_deletes_local_says_so(dovecot, ma
 # -- server-initiated sync (5.5.2.20.2 b) ----------------------------------------------------------
 
 
-def test_watch_follows_changes_from_another_device(dovecot, device):
-    folder = unique_folder()
-    uids = seed(dovecot, "dave", folder, [make_object("chat", seed=i) for i in range(3)])
-    a, b = device("phone-watch-a", user="dave"), device("tablet-watch-b", user="dave")
-    watcher = subprocess.Popen(b.args("watch", folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+@contextlib.contextmanager
+def watching(dev: Device, *args: str):
+    """``cpm-sync watch`` of ``dev`` running (started, then ended by SIGTERM: exit 0, no traceback)."""
+    watcher = subprocess.Popen(dev.args("watch", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=ENV)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)
     reader.start()
     try:
         wait_for(lambda: any("watching" in ln for ln in lines), timeout=20, what="watch to start")
+        yield lines
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        try:
+            code = watcher.wait(15)
+        except subprocess.TimeoutExpired:
+            watcher.kill()
+            raise
+    assert code == 0, watcher.stderr.read()
+    assert "Traceback" not in watcher.stderr.read()
+
+
+def test_watch_follows_a_preference_another_device_changes(dovecot, device, make_proxy):
+    """A preference another device sets for the whole account (``sync/imdn`` off) changes what this one is
+    shown in every folder: the watch hears of it through the proxy's metadata events and syncs at once (it
+    waited for its periodic check, 300 s by default). (A user of its own: the preference is account-wide.)"""
+    if "wanda" not in dovecot.users:
+        dovecot.add_user("wanda", "wandapw")
+    folder = unique_folder()
+    chat, imdn = seed(dovecot, "wanda", folder, [make_object("chat", seed=1), make_object("imdn", seed=2)])
+    p = make_proxy(backend_tls="none")
+    b = device("tablet-watch-pref", user="wanda", via=p)
+    with watching(b, "--interval", "600", folder):
+        assert sorted(b.index(folder)) == [chat, imdn]
+        a = RawIMAP(p.host, p.port)
+        a.command(b"i", b'ID ("x-cpm-device-id" "phone-watch-pref")')
+        assert a.login("wanda", "wandapw")[-1].startswith(b"L OK")
+        r = a.command(b"m", b'SETMETADATA "" (/private/vendor/vendor.cpmproxy/sync/imdn "off")')
+        assert r[-1].startswith(b"m OK"), r
+        a.close()
+        wait_for(lambda: sorted(b.index(folder)) == [chat], timeout=20, what="the IMDN to leave device B")
+
+
+def test_watch_follows_changes_from_another_device(dovecot, device):
+    folder = unique_folder()
+    uids = seed(dovecot, "dave", folder, [make_object("chat", seed=i) for i in range(3)])
+    a, b = device("phone-watch-a", user="dave"), device("tablet-watch-b", user="dave")
+    with watching(b, folder):
         assert sorted(b.index(folder)) == uids
 
         # New message (appended by someone else, straight on the server).
@@ -642,15 +680,6 @@ def test_watch_follows_changes_from_another_device(dovecot, device):
         a.run("delete", folder, str(uids[1]))
         wait_for(lambda: uids[1] not in b.index(folder), what="the deletion on device B")
         assert not any(f.startswith(f"U{uids[1]}.") for f in b.files(folder))
-    finally:
-        watcher.send_signal(signal.SIGTERM)
-        try:
-            code = watcher.wait(15)
-        except subprocess.TimeoutExpired:
-            watcher.kill()
-            raise
-    assert code == 0, watcher.stderr.read()
-    assert "Traceback" not in watcher.stderr.read()
 
 
 def test_library_without_extensions_and_idle_watch(dovecot, tmp_path):

@@ -6,7 +6,9 @@ How the server tells us, best first:
   in every personal folder (reported as ``* STATUS folder (...)``), for the selected folder in detail
   (``EXISTS``/``VANISHED``/``FETCH``), and for folders created, deleted or renamed (``* LIST``). Dovecot
   2.3 insists that MessageExpunge accompanies MessageNew. The proxy filters these by this device's view
-  and policy (DESIGN.md R3), so a notification never points at something hidden.
+  and policy (DESIGN.md R3), so a notification never points at something hidden. Through the proxy, the
+  metadata events are asked for too: a CPM preference another device changes (what this one is shown)
+  brings a full sync at once, not at the next periodic check (Dovecot alone refuses them: the next form).
 * **IDLE** (RFC 2177) otherwise: it only reports changes of the selected folder (INBOX by default), so a
   periodic check of every folder (one LIST-STATUS round trip) covers the rest.
 
@@ -58,9 +60,14 @@ __all__ = ["NOTIFY_REQUESTS", "Stopper", "WatchOptions", "Watcher"]
 # then the set every NOTIFY server must accept for this purpose.
 NOTIFY_REQUESTS = (
     b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange)) "
+    b"(personal (MessageNew MessageExpunge FlagChange MailboxName MailboxMetadataChange ServerMetadataChange))",
+    b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange)) "
     b"(personal (MessageNew MessageExpunge FlagChange MailboxName))",
     b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange)) (personal (MessageNew MessageExpunge MailboxName))",
 )
+
+
+_PREFERENCES = b"/private/vendor/vendor.cpmproxy/"  # (the proxy's preference entries, DESIGN.md section 4)
 
 
 class WatchOptions:
@@ -263,7 +270,7 @@ class Watcher:
                 cmd = conn.run(request, check=False)
                 if cmd.done is not None and cmd.done.ok:
                     mode = "notify"
-                    personal_flags = i == 0
+                    personal_flags = i <= 1
                     break
         if mode == "idle" and not conn.has("IDLE"):
             mode = "poll"
@@ -339,6 +346,10 @@ class Watcher:
                     folders.add(decode_mailbox(bytes(toks[0])))
             elif resp.name == b"LIST":
                 relist = True  # created, deleted or renamed (MailboxName)
+            elif resp.name == b"METADATA" and (not resp.data or _PREFERENCES in resp.data.lower()):
+                # A CPM preference changed (the entries named, or not said): what this device is shown may
+                # have changed anywhere, folders coming into view or leaving it.
+                relist = True
             elif resp.name in (b"EXISTS", b"EXPUNGE", b"VANISHED", b"FETCH"):
                 # About the mailbox selected when the response arrived (a sync pass may have selected
                 # others since): the connection records it with each unsolicited response.
