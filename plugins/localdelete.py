@@ -50,7 +50,7 @@ from cpmproxy.imap.tokens import (
     tokenize,
 )
 from cpmproxy.proxy.backend import BackendError, BackendRefused, Reply
-from cpmproxy.proxy.hooks import Answer, Collect, Defer, Plugin, Rewrite
+from cpmproxy.proxy.hooks import Answer, Collect, Defer, Plugin, Rewrite, resolved
 from plugins.cpm import NO_SERVER_CHANGE, PREFIX
 from plugins.policystate import side_examine
 from plugins.wire import (
@@ -114,6 +114,7 @@ class LocalState:
     # Marks of mailboxes left before their EXPUNGE, by name: (UIDVALIDITY, UIDs), back at their next SELECT
     # (IMAP's \Deleted stays on a message while another mailbox is selected: found by review, they were lost).
     left: OrderedDict = field(default_factory=OrderedDict)
+    need_view: bool = False  # pending marks set where no view reads message numbers: the next command makes one
     qresync: bool = False
     condstore: bool = False  # the client enabled CONDSTORE (RFC 7162 3.1): FETCH FLAGS carry MODSEQ
     marked: bool | None = None  # the device's server-level mark, as read at login (None: not known yet)
@@ -159,7 +160,8 @@ class LocalDeletePlugin(Plugin):
     def active(self, session) -> bool:
         """Whether this session's views must ask for local deletions: allowed, and the device has (or may
         have) records. An unmarked device has none: its SELECTs then take the view's fast path."""
-        return self._allowed(session)[0] and (not self._unmarked(session) or bool(self.state(session).left))
+        st = self.state(session)
+        return self._allowed(session)[0] and (not self._unmarked(session) or bool(st.left or st.pending))
 
     def _unmarked(self, session) -> bool:
         """The device is known to have no records: unmarked at login, and not marked since in this process."""
@@ -177,8 +179,10 @@ class LocalDeletePlugin(Plugin):
             prefix = f"{RECORDS}/{device_key(session.device_id)}"
             d = session.side_command(b"GETMETADATA (DEPTH infinity) " + wire_name(mailbox) + b" ("
                                      + prefix.encode() + b")")
-        if mailbox in self.state(session).left:
-            # Marks this session left there come back at its SELECT: they need the view (has_records).
+        st = self.state(session)
+        if mailbox in st.left or (st.pending and st.pending_in is not None and st.pending_in.name == mailbox):
+            # Marks this session left there (or has there: the same mailbox selected again) come back at
+            # its SELECT: they need the view (has_records).
             d.addCallback(lambda r: RecordsReply(r.untagged, r.tagged, keep_view=True))
         return d
 
@@ -319,6 +323,13 @@ class LocalDeletePlugin(Plugin):
 
     def command(self, session, cmd):
         name = cmd.name
+        st = self.state(session)
+        if st.need_view:
+            st.need_view = False
+            policy = self.peer("policy")
+            if session.selected is not None and policy is not None and policy.state(session).view is None:
+                # Pending marks are shown in FETCH answers by number too, which only a view reads.
+                return Defer(defer.Deferred.fromCoroutine(self._with_view(session, policy, cmd)))
         if name in _LOCAL_DECISIONS and (earlier := self._must_wait_for(session, cmd)):
             return Defer(defer.Deferred.fromCoroutine(self._after(session, earlier, cmd)))
         if name in _CONDSTORE_ENABLING and not self.state(session).condstore:
@@ -350,6 +361,10 @@ class LocalDeletePlugin(Plugin):
                     return Collect()  # (a DELETED after a literal: found by review, it missed the marks)
                 return _search_with_pending(cmd, st.pending)
         return None
+
+    async def _with_view(self, session, policy, cmd):
+        await policy.ensure_view(session)
+        return await resolved(self.command(session, cmd))
 
     def _condstore_in(self, session, text: bytes) -> bytes:
         """A later segment of a command that may enable CONDSTORE, passed on as it is."""
@@ -824,7 +839,10 @@ class LocalDeletePlugin(Plugin):
         uids = list(SequenceSet.parse(m.group(2)))
         marks = cmd.state["local_appends"]
         if len(uids) == len(marks):
-            self.state(session).pending |= {u for u, marked in zip(uids, marks, strict=True) if marked}
+            st = self.state(session)
+            st.pending |= {u for u, marked in zip(uids, marks, strict=True) if marked}
+            # (Marked in a later message only: no view was made for the command; the next one makes it.)
+            st.need_view = bool(st.pending)
 
     def tagged(self, session, cmd, resp):
         if cmd.name in (b"SELECT", b"EXAMINE") and resp.head.name == b"OK":

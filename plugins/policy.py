@@ -38,7 +38,7 @@ from cpmproxy.imap.tokens import (
     tokenize,
 )
 from cpmproxy.proxy.backend import UNAVAILABLE, BackendError
-from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite
+from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite, resolved
 from plugins.cpm import (
     KIND_CRITERIA,
     NO_SERVER_CHANGE,
@@ -113,13 +113,6 @@ _LITERAL_OR_QUOTED_RE = re.compile(rb'~?\{(\d+)\+?\}\r\n|"(?:[^"\\]|\\.)*"')
 _APPEND_TOKEN_RE = re.compile(rb"\(|\)|[^\s()]+")
 
 
-async def _resolved(action):
-    """An action with its Defers (a decision taken later) waited for."""
-    while isinstance(action, Defer):
-        action = await action.deferred
-    return action
-
-
 def _append_tokens(text: bytes) -> list[re.Match]:
     """The tokens of an APPEND's text (parentheses apart), quoted strings and literals (gathered inline)
     blanked to one token each: a mailbox name or a date may hold anything."""
@@ -178,6 +171,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         self.classes: list[DeviceClass] = []
         self.cache = ClassificationCache()
         self.session_history_cache: dict[tuple[str, str], bool] = {}
+        # (user, folder) found holding messages and no Session History, until when (monotonic): a folder's
+        # session info may come after its messages, so "not one" is remembered only briefly; a session
+        # remembers it itself (its FolderInfo). For pushes, whose every event would otherwise ask again.
+        self.not_session_history: OrderedDict[tuple[str, str], float] = OrderedDict()
         # Tables of recent filtered views, shared by sessions that see the same view (_share_tables).
         self._tables: OrderedDict[tuple, tuple] = OrderedDict()
         # Recent views hiding by kind or size, lent whole to a later SELECT of the same state (_borrowed_view).
@@ -349,7 +346,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
 
     async def _restore_then(self, session, saved: list[int], cmd):
         await self._restore_saved(session, saved)
-        return await _resolved(self.command(session, cmd))
+        return await resolved(self.command(session, cmd))
 
     async def _saved_result_visible(self, session, view: MailboxView, cmd, m):
         """STORE / COPY / MOVE / UID EXPUNGE of ``$`` (or a FETCH of it that reads bodies) under a filtered
@@ -519,7 +516,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # The source messages are a sequence/UID set of the view, like FETCH or STORE.
             view = st.view
             if view is not None and not view.identity:
-                return await _resolved(self._view_command(session, st, view, cmd))
+                return await resolved(self._view_command(session, st, view, cmd))
         return None
 
     # -- selecting: plan, then gather classification while the SELECT responses are held ---------
@@ -1415,7 +1412,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             other.state.setdefault("when_done", []).append(waits[-1])  # (fired by tagged())
         for d in waits:
             await d
-        return await _resolved(decide())
+        return await resolved(decide())
 
     def _expunges_any_time(self, session) -> bool:
         """May the backend announce expunges in the selected mailbox while no command is in progress (a
@@ -1490,7 +1487,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
     async def _after_growth(self, session, st: PolicySession, cmd):
         """``cmd``'s decision once the new messages being classified are in the view."""
         await self.classified(session)
-        return await _resolved(self.command(session, cmd))
+        return await resolved(self.command(session, cmd))
 
     async def classified(self, session) -> None:
         """Once the new messages being classified, if any, are in the view. (An answer to a command of
@@ -1619,7 +1616,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                          session=session.session_id)
                 session.bye(UNAVAILABLE)
                 return Answer(b"NO [UNAVAILABLE] " + UNAVAILABLE)
-        return await _resolved(self.command(session, cmd))
+        return await resolved(self.command(session, cmd))
 
     async def _recompute(self, session, st: PolicySession) -> None:
         mailbox = st.mailbox

@@ -10,6 +10,8 @@ caches of what is known of folders (``cache``, ``session_history_cache``)."""
 
 from __future__ import annotations
 
+import time
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -23,6 +25,7 @@ from plugins.cpm import (
 )
 from plugins.policyprefs import _metadata_read, parse_metadata_prefs
 from plugins.policystate import (
+    SESSION_HISTORIES_KEPT,
     FolderInfo,
     PolicySession,
     _code_in,
@@ -39,6 +42,9 @@ from plugins.wire import (
 )
 
 log = Logger(namespace="cpmproxy.policy")
+# How long a folder found holding messages and no Session History is taken for "not one" without asking
+# (pushes ask for every event; a session keeps what it found for itself).
+NOT_SESSION_HISTORY_TTL = 60.0
 
 
 class FolderRules:
@@ -86,7 +92,13 @@ class FolderRules:
             return False
         info = FolderInfo()
         return all(self._effective_in(st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history"))
-                   for st in states) or bool(self.session_history_cache.get((user, name)))
+                   for st in states) or bool(self.session_history_cache.get((user, name))) \
+            or self._not_session_history(user, name)
+
+    def _not_session_history(self, user: str, name: str) -> bool:
+        """Found holding messages and no Session History less than ``NOT_SESSION_HISTORY_TTL`` ago."""
+        until = self.not_session_history.get((user, name))
+        return until is not None and until > time.monotonic()
 
     async def read_folder_facts(self, run, user: str, states: list[PolicySession], infos: dict[str, FolderInfo],
                                 examining) -> None:
@@ -118,6 +130,8 @@ class FolderRules:
             if self.session_history_cache.get((user, name)):
                 info.session_history = True
                 continue
+            if self._not_session_history(user, name):
+                continue
             unknown.append((name, info))
         if not unknown:
             return  # (no EXAMINE: the lock and its closing UNSELECT would only cost a round trip)
@@ -140,6 +154,12 @@ class FolderRules:
                     # Empty: a Session History folder just created, its session info not yet in it.
                     # Asked again next time (kept as "not one", the device was shown it and its changes).
                     info.recheck = True
+                else:
+                    known = self.not_session_history
+                    known.pop((user, name), None)
+                    known[(user, name)] = time.monotonic() + NOT_SESSION_HISTORY_TTL
+                    while len(known) > SESSION_HISTORIES_KEPT:
+                        known.popitem(last=False)
 
     @staticmethod
     def _may_change_sync(st: PolicySession) -> bool:
@@ -303,4 +323,5 @@ class FolderRules:
                     st.folders.pop(name, None)
         for name in names:
             self.session_history_cache.pop((user, name), None)
+            self.not_session_history.pop((user, name), None)
             self.cache.forget(user, name)

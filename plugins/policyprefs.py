@@ -171,6 +171,11 @@ class Preferences:
         folder is known."""
         if not st.policy.folder_allowed(mailbox):
             return _as_missing(cmd, mailbox, at)
+        if cmd.name == b"GETMETADATA" and at == 1 and self._folders_may_hide(st):
+            # With DEPTH, Dovecot answers a \Noselect folder with "* NO Mailbox doesn't exist" lines, a
+            # missing name without: a parent there only for hidden folders must read as missing (found by
+            # review; the other METADATA forms answer the two alike).
+            return Defer(defer.Deferred.fromCoroutine(self._metadata_on_parent(session, st, cmd, mailbox, at, asked)))
         if self._folder_info_now(session, st, mailbox):
             action = self._metadata_decided(st, cmd, mailbox, at, asked, setting)
             if action is not None or not (setting and setting[0]):
@@ -178,6 +183,11 @@ class Preferences:
             return self._set_prefs(session, cmd, mailbox, setting[0])
         return Defer(defer.Deferred.fromCoroutine(self._metadata_after_read(session, st, cmd, mailbox, at, asked,
                                                                               setting)))
+
+    async def _metadata_on_parent(self, session, st: PolicySession, cmd, mailbox: str, at: int, asked):
+        if await self._only_above_hidden(session, st, mailbox.rstrip("/") or mailbox):
+            return _as_missing(cmd, mailbox, at)
+        return await self._metadata_after_read(session, st, cmd, mailbox, at, asked, None)
 
     async def _metadata_after_read(self, session, st: PolicySession, cmd, mailbox: str, at: int, asked, setting):
         await self.folder_infos(session, [mailbox])

@@ -854,6 +854,37 @@ def test_a_pending_local_delete_survives_selecting_another_mailbox(make_proxy, d
     a.close()
 
 
+@pytest.mark.parametrize("again", [b"SELECT", b"EXAMINE"])
+def test_a_pending_local_delete_shows_by_number_when_its_mailbox_is_selected_again(make_proxy, dovecot, again):
+    """Found by review (helper-78): the same mailbox selected (or examined) again kept its pending mark,
+    but no view read message numbers: FETCH by number left it out."""
+    folder, uids = folder_with(dovecot, 3)
+    a = device(make_proxy(), "A")
+    select(a, folder)
+    assert a.command(b"l", b"UID STORE %d +FLAGS (\\Deleted $LocalDelete)" % uids[1])[-1].startswith(b"l OK")
+    assert a.command(b"s", b'%s "%s"' % (again, folder.encode()))[-1].startswith(b"s OK")
+    r = a.command(b"f", b"FETCH 2 (FLAGS)")
+    assert b"$LocalDelete" in r[0] and b"\\Deleted" in r[0], r
+    a.close()
+
+
+def test_a_later_message_of_a_multiappend_marked_shows_by_number(make_proxy, dovecot):
+    """Found by review (helper-78): only a mark in the first message made the view the pending mark needs to
+    be shown in FETCH answers by number."""
+    folder, uids = folder_with(dovecot, 1)
+    a = device(make_proxy(), "A")
+    select(a, folder)
+    m1, m2 = make_object("chat", text="one"), make_object("chat", text="two")
+    r = a.command(b"a", b'APPEND "%s" (\\Seen) {%d+}\r\n%s (\\Deleted $LocalDelete) {%d+}\r\n%s'
+                  % (folder.encode(), len(m1), m1, len(m2), m2))
+    assert r[-1].startswith(b"a OK"), r
+    r = a.command(b"f", b"FETCH 3 (FLAGS)")
+    assert b"$LocalDelete" in r[0] and b"\\Deleted" in r[0], r
+    assert b"* 3 EXPUNGE\r\n" in a.command(b"e", b"EXPUNGE")
+    assert set(server_state(dovecot, folder)) == {uids[0], uids[0] + 1, uids[0] + 2}
+    a.close()
+
+
 @pytest.mark.parametrize("store", [b"STORE 1:2 FLAGS", b"UID STORE 1:* FLAGS.SILENT"])
 def test_flags_replaced_with_none_by_a_local_mode_device_keep_the_servers_deleted(make_proxy, dovecot, store):
     """Found by review (helper-74): a FLAGS replace with no flag list at all (Dovecot reads it as an empty

@@ -1147,3 +1147,21 @@ def test_renaming_a_hidden_folder_with_hidden_ones_below_answers_as_missing(make
         assert got == want and got[-1].startswith(b"r NO [NONEXISTENT]"), (got, want)
     finally:
         c.close()
+
+
+def test_getmetadata_depth_on_a_parent_there_only_for_hidden_folders_reads_as_missing(make_proxy, dovecot):
+    """Found by review (helper-79): with DEPTH, Dovecot answers a \\Noselect folder with two "* NO Mailbox
+    doesn't exist" lines, a missing name with none: the parent LIST leaves out (there only for a hidden
+    Session History) was told apart from a name no folder has."""
+    lone, shared, conv = _session_history_trees(dovecot)
+    p = make_proxy(config_extra=SESSION_HISTORY_OFF_FOR_GOOD)
+    c = login(p, "dave", "A")
+    try:
+        assert not any(n.startswith(lone) for n in listed(c))
+        for name in (lone, f"{lone}/{conv}"):
+            missing = "Chats" + uuid.uuid4().hex[:6] + name[len(lone):]
+            for command in (b"GETMETADATA (DEPTH 1) %s (/private)", b"GETMETADATA (DEPTH infinity) %s /private"):
+                got = _answer(c, b"a", command % q(name), name)
+                assert got == _answer(c, b"a", command % q(missing), missing), (command, got)
+    finally:
+        c.close()

@@ -173,3 +173,33 @@ def test_devices_that_see_a_change_differently_get_one_event_each(make_proxy, do
         assert set(both["kinds"].values()) == {"chat", "imdn"} and alone["id"] != both["id"], events
     finally:
         receiver.stop()
+
+
+def test_pushes_of_an_ordinary_folder_do_not_each_ask_the_backend(make_proxy, dovecot, proxy_certs, tmp_path,
+                                                                  dovecot_direct):
+    """Found by review (helper-79): where the policy hides Session Histories, each push (nobody connected)
+    logged in with the master user to ask whether its folder is one (an EXAMINE and a SEARCH), every time:
+    "not one" was never remembered. A folder holding messages and no Session History is taken for one
+    such for a minute."""
+    user = "dave"
+    tag = uuid.uuid4().hex[:6]
+    folder = f"Default/tel:+1450{tag}"
+    uids = [dovecot.deliver(user, folder, make_object("chat", seed=i)) for i in range(5)]
+    receiver = _Receiver(proxy_certs)
+    receiver.start()
+    p = _proxy(make_proxy, dovecot, proxy_certs, tmp_path, receiver, "sync = { session-history = false }\n")
+    try:
+        device(p, f"tablet-{tag}", user).close()
+        time.sleep(2)
+        before = len(dovecot.log_path.read_text(errors="replace"))
+        d = dovecot_direct(user)
+        d.select_folder(folder)
+        for n, u in enumerate(uids[:4], 1):
+            d.add_flags([u], [b"\\Deleted"], silent=True)
+            d.uid_expunge([u])
+            assert _wait(lambda n=n: len([e for e in receiver.events if e["mailbox"] == folder]) == n)
+        after = dovecot.log_path.read_text(errors="replace")[before:]
+        logins = [x for x in after.splitlines() if "Login:" in x and "cpmproxy-push" in x]
+        assert len(logins) <= 1, logins  # (the first event asks)
+    finally:
+        receiver.stop()

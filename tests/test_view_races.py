@@ -151,6 +151,29 @@ def test_a_command_refused_before_its_literal_behind_a_hidden_arrival_is_answere
     assert not failed, failed
 
 
+@pytest.mark.parametrize("command", [b"XFOO {1+}\r\nx", b"UID SEARCH SUBJECT ~{1+}\r\nx"])
+def test_a_refusal_whose_tag_a_held_answer_shares_is_acted_on(proxy, dovecot, command):
+    """Found by review (helper-78): the client reuses the tag of the NOOP whose answer is held; the refusal
+    of its command before the literal was taken for the NOOP's (the oldest of that tag in flight), not
+    acted on, and the session hung."""
+    failed = []
+    for delay in [0, 0.0005, 0.001, 0.002, 0.003]:
+        name, c = folder(proxy, dovecot, ["chat"] * 3)
+        dovecot.deliver("dave", name.decode(), make_object("imdn", seed=5))
+        c.sock.settimeout(10)
+        c.send(b"n NOOP\r\n")
+        time.sleep(delay)
+        c.send(b"n " + command + b"\r\nz NOOP\r\n")
+        try:
+            got = c.until_tagged(b"z")
+        except (TimeoutError, ConnectionError) as e:
+            got = [b"(%r)" % e]
+        c.close()
+        if not got[-1].startswith(b"z OK"):
+            failed.append((delay, got))
+    assert not failed, failed
+
+
 @pytest.mark.parametrize("command", [b"UID SEARCH SUBJECT ~{%d+}\r\n%s", b"XFOO {%d+}\r\n%s"])
 def test_a_literal_right_after_a_resumed_idle_never_runs_as_commands(proxy, dovecot, command):
     """Found by review (helper-72): the proxy suspends the client's IDLE for a classification and resumes it

@@ -113,6 +113,14 @@ class Defer(Action):
     deferred: "Deferred[Action | None]"
 
 
+async def resolved(action):
+    """``action`` with its Defers waited for: the decision itself (for a plugin that decides after
+    waiting for something, by asking its own ``command`` hook again)."""
+    while isinstance(action, Defer):
+        action = await action.deferred
+    return action
+
+
 @dataclass(slots=True)
 class Hold(Action):
     """From ``response`` on a first segment: this response and all after it wait until ``deferred``

@@ -1289,8 +1289,12 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         waiting = self._literal_gate or (self._current if self._awaiting_continuation else None)
         if waiting is None or type(ev) is not Segment or not ev.first or ev.data[:1] in b"*+":
             return
-        queue = self._inflight.get(ev.data.split(b" ", 1)[0])
-        if queue and queue[0] is waiting:  # (its tag's oldest command in flight: what the answer is to)
+        tag = ev.data.split(b" ", 1)[0]
+        queue = self._inflight.get(tag)
+        # (What the answer is to: its tag's oldest command in flight but those whose answers are held
+        # before it; a client may reuse a tag, and the older command's answer held here is still in it.)
+        older = sum(1 for h in self._held[:-1] if type(h) is Segment and h.first and h.data.startswith(tag + b" "))
+        if queue and len(queue) > older and queue[older] is waiting:
             self._refused_before_literal(waiting)
 
     @staticmethod
