@@ -97,6 +97,9 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "max_literal": Opt(int, 100 * 1024 * 1024, _positive,
                            "largest literal from a client (also capped by the backend's APPENDLIMIT)"),
         "max_backend_line": Opt(int, 64 * 1024 * 1024, _positive, "longest response line from the backend"),
+        "max_gathered": Opt(int, 1024 * 1024, _positive,
+                            "largest command a plugin reads whole, literals included (a search with a literal "
+                            "where messages are hidden, a literal mailbox name)"),
         "max_preauth_literal": Opt(int, 8192, _positive, "largest literal before login"),
         "max_connections": Opt(int, 10000, _positive),
         "max_connections_per_ip": Opt(int, 100, _positive),

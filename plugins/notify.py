@@ -34,6 +34,7 @@ drawn out with a NOOP; BADEVENT lists every supported event.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -618,7 +619,7 @@ class NotifyPlugin(Plugin):
         if unknown:
             raise unknown_key(sorted(unknown)[0], known, "plugin.notify.")
         poll = settings.get("metadata_poll", 10.0)
-        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or poll < 0:
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0 <= poll < math.inf:  # (nan too)
             raise ConfigError("plugin.notify.metadata_poll: expected seconds >= 0 (0: off)")
         self.metadata_poll = float(poll)
         cap = settings.get("max_offline_watches", 10000)

@@ -44,6 +44,7 @@ import dataclasses
 import email.policy
 import hashlib
 import json
+import math
 import re
 import time
 import uuid
@@ -99,11 +100,11 @@ _AT_LEAST = {"max_queue": 1, "concurrency": 1, "max_devices": 1, "max_retries": 
 
 
 def _check_ranges(settings: dict) -> None:
-    if not settings.get("timeout", 10.0) > 0:  # (0 times every attempt out at once)
+    if not 0 < settings.get("timeout", 10.0) < math.inf:  # (0 times every attempt out at once)
         raise ConfigError("plugin.push.timeout: must be > 0 (seconds)")
     for key, least in _AT_LEAST.items():
-        if settings.get(key, least) < least:
-            raise ConfigError(f"plugin.push.{key}: must be >= {least}")
+        if not least <= settings.get(key, least) < math.inf:  # (nan fails the test too)
+            raise ConfigError(f"plugin.push.{key}: must be >= {least} (and finite)")
     backoff = settings.get("backoff", 1.0)
     if settings.get("max_backoff", 300.0) < backoff:
         raise ConfigError(f"plugin.push.max_backoff: must be >= plugin.push.backoff ({backoff})")
@@ -156,7 +157,7 @@ class PushPlugin(Plugin):
         self.include_headers = settings.get("include_headers", [])
         if not all(isinstance(h, str) and _HEADER_NAME.fullmatch(h) for h in self.include_headers):
             raise ConfigError("plugin.push.include_headers: expected header names, e.g. [\"From\", \"Subject\"]")
-        if self.offline_watch < 0:
+        if not 0 <= self.offline_watch < math.inf:
             raise ConfigError("plugin.push.offline_watch: expected seconds >= 0 (0: off)")
         _check_ranges(settings)
         if self.ca_file:

@@ -233,11 +233,16 @@ def test_push_settings_are_range_and_type_checked(tmp_path):
         push + "timeout = -1\n": "plugin.push.timeout: must be > 0",
         push + "timeout = 0\n": "plugin.push.timeout: must be > 0",
         push + "max_queue = -5\n": "plugin.push.max_queue: must be >= 1",
-        push + "max_queue = 0\n": "plugin.push.max_queue: must be >= 1",
-        push + "concurrency = 0\n": "plugin.push.concurrency: must be >= 1",
-        push + "max_retries = -1\n": "plugin.push.max_retries: must be >= 0",
-        push + "backoff = -1\n": "plugin.push.backoff: must be >= 0",
-        push + "max_backoff = -1\n": "plugin.push.max_backoff: must be >= 0",
+        push + "max_queue = 0\n": "plugin.push.max_queue: must be >= 1 (and finite)",
+        push + "concurrency = 0\n": "plugin.push.concurrency: must be >= 1 (and finite)",
+        push + "max_retries = -1\n": "plugin.push.max_retries: must be >= 0 (and finite)",
+        push + "backoff = -1\n": "plugin.push.backoff: must be >= 0 (and finite)",
+        push + "max_backoff = -1\n": "plugin.push.max_backoff: must be >= 0 (and finite)",
+        # (Found by review: nan passed every ">= 0" test, then failed each timer: every login, with
+        # metadata_poll.)
+        push + "backoff = nan\n": "plugin.push.backoff: must be >= 0 (and finite)",
+        push + "timeout = inf\n": "plugin.push.timeout: must be > 0 (seconds)",
+        "[plugin.notify]\nmetadata_poll = nan\n": "plugin.notify.metadata_poll: expected seconds >= 0 (0: off)",
         push + "backoff = 10\nmax_backoff = 5\n": "plugin.push.max_backoff: must be >= plugin.push.backoff (10)",
         "[plugin.push]\nurl = 5\n": "plugin.push.url: expected string, got integer",
         '[plugin.push]\nurl = "https://push.example.net/cpm"\noffline_watch = "x"\n':

@@ -6,7 +6,9 @@ import os
 import socket
 import ssl
 import time
+import uuid
 
+from cpmproxy.testing.sample import make_object
 from tests.proxyfix import metric, raw_via, still_serving
 
 
@@ -388,3 +390,26 @@ def test_tags_of_the_proxys_own_commands_are_not_the_clients(make_proxy, dovecot
         assert b"UNAUTHENTICATE" not in caps and b"IMAP4rev1".upper() in caps.upper()
         assert c.command(b"u", b"UNAUTHENTICATE")[-1].startswith(b"u NO [CANNOT]")
         assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+
+
+def test_a_gathered_command_past_max_gathered_is_refused_before_its_literal(make_proxy, dovecot):
+    """Found by review (helper-80): a command the proxy reads whole (here a SEARCH with a literal where
+    messages are hidden) got "+" for a synchronizing literal past the proxy's 1 MB of gathering, then,
+    once sent, BYE. Judged before the "+" now (``max_gathered``): BAD [TOOBIG], and the session goes on."""
+    folder = "Gathered" + uuid.uuid4().hex[:6]
+    dovecot.deliver("carol", folder, make_object("chat"))
+    dovecot.deliver("carol", folder, make_object("chat", size=5000))
+    p = make_proxy(config_extra="[policy]\nmax_size = 2000\n[limits]\nmax_gathered = 100000\n")
+    c = raw_via(p)
+    try:
+        assert c.login("carol", "carolpw")[-1].startswith(b"L OK")
+        assert c.command(b"s", b'SELECT "%s"' % folder.encode())[-1].startswith(b"s OK")
+        c.send(b"h SEARCH HEADER Subject {200000}\r\n")
+        assert c.read_line().startswith(b"h BAD [TOOBIG]")
+        c.send(b"h SEARCH HEADER Subject {5}\r\n")
+        assert c.read_line().startswith(b"+")
+        c.send(b"hello\r\n")
+        assert c.until_tagged(b"h")[-1].startswith(b"h OK")
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    finally:
+        c.close()

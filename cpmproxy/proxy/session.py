@@ -651,8 +651,6 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
 
     # -- Collect: gather a command's literals for a plugin ---------------------------------------
 
-    _COLLECT_LIMIT = 1 << 20
-
     def _start_collect(self, cmd: ClientCommand, ev, action: Collect) -> None:
         if b"LITERAL+" not in {c.upper() for c in self.backend_caps}:
             self._local_answer_literal(ev)
@@ -660,14 +658,32 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             return
         self._collecting = {"cmd": cmd, "parts": [_nonsync(ev.data)], "literals": 0, "limit": action.literals,
                             "size": len(ev.data), "last": ev}
+        if self._too_much_to_gather(ev):
+            return
         if not ev.non_sync:
             self.inject(b"+ OK\r\n")
+
+    def _too_much_to_gather(self, ev) -> bool:
+        """A segment announcing a literal the gathered command cannot take (``max_gathered``): judged before
+        the "+" (given, the client sent it all to be sent away: found by review). A synchronizing one is
+        refused and the session goes on; the bytes of a non-synchronizing one are on their way: BYE."""
+        col = self._collecting
+        if col["size"] + (ev.literal or 0) <= self.config.limits["max_gathered"]:
+            return False
+        self._collecting = None
+        if ev.non_sync:
+            self.bye(b"Command too long.", code=b"TOOBIG")
+        else:
+            self.framer.refuse_literal()
+            self._reply(col["cmd"].tag, b"BAD [TOOBIG] Command too long to be read whole here.")
+            self._count_bad("toobig")
+        return True
 
     def _collect_event(self, ev) -> bool:
         """Feed one event into the command being collected; False if processing must pause."""
         col = self._collecting
         col["size"] += len(ev.data)
-        if col["size"] > self._COLLECT_LIMIT:
+        if col["size"] > self.config.limits["max_gathered"]:
             self._collecting = None
             self.bye(b"Command too long.", code=b"TOOBIG")
             return False
@@ -682,6 +698,8 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             self._collecting = None
             return self._collected(col, ev)
         col["parts"].append(_nonsync(ev.data))
+        if self._too_much_to_gather(ev):
+            return not self._closing
         if not ev.non_sync:
             self.inject(b"+ OK\r\n")
         return True
