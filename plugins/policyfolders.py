@@ -42,8 +42,8 @@ from plugins.wire import (
 )
 
 log = Logger(namespace="cpmproxy.policy")
-# How long a folder found holding messages and no Session History is taken for "not one" without asking
-# (pushes ask for every event; a session keeps what it found for itself).
+# How long a folder found holding messages and no Session History is taken for "not one" without asking,
+# for pushes of changes that bring no new message (``read_folder_facts``: ``recent_ok``).
 NOT_SESSION_HISTORY_TTL = 60.0
 
 
@@ -86,14 +86,14 @@ class FolderRules:
     async def _read_folder_infos(self, session, st: PolicySession, infos: dict[str, FolderInfo]) -> None:
         await self.read_folder_facts(session.side_command, session.user, [st], infos, lambda: side_examine(session))
 
-    def folder_facts_known(self, user: str, states: list[PolicySession], name: str) -> bool:
+    def folder_facts_known(self, user: str, states: list[PolicySession], name: str, recent_ok: bool = False) -> bool:
         """Whether ``read_folder_facts`` for ``name`` would ask the backend nothing."""
         if name in {n for st in states for n in st.pref_folders} and any(self._may_change_sync(st) for st in states):
             return False
         info = FolderInfo()
         return all(self._effective_in(st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history"))
                    for st in states) or bool(self.session_history_cache.get((user, name))) \
-            or self._not_session_history(user, name)
+            or (recent_ok and self._not_session_history(user, name))
 
     def _not_session_history(self, user: str, name: str) -> bool:
         """Found holding messages and no Session History less than ``NOT_SESSION_HISTORY_TTL`` ago."""
@@ -101,13 +101,16 @@ class FolderRules:
         return until is not None and until > time.monotonic()
 
     async def read_folder_facts(self, run, user: str, states: list[PolicySession], infos: dict[str, FolderInfo],
-                                examining) -> None:
+                                examining, recent_ok: bool = False) -> None:
         """Fill ``infos`` (folder name -> a new ``FolderInfo``) with what hides a folder from the devices
         whose policy states are ``states``: the folder's own preferences (read where any of them may change
         a sync preference), whether it is a Session History folder (asked where any of them does not
         synchronize those). ``run``: a command runner on the backend; ``examining()``: the async context
         the EXAMINEs run in (``side_examine`` for a session's side connection). Also used by push, for
-        devices that are not connected (their states made from the policy alone)."""
+        devices that are not connected (their states made from the policy alone). ``recent_ok``: a folder
+        found holding messages and no Session History less than a minute ago is taken for one such (for a
+        push of a change that brings no new message; never for a session, which must not show a folder
+        whose session info has come since, nor one made anew under the name elsewhere: found by review)."""
         waits = []
         if any(self._may_change_sync(st) for st in states):
             marked = {name for st in states for name in st.pref_folders}
@@ -130,7 +133,7 @@ class FolderRules:
             if self.session_history_cache.get((user, name)):
                 info.session_history = True
                 continue
-            if self._not_session_history(user, name):
+            if recent_ok and self._not_session_history(user, name):
                 continue
             unknown.append((name, info))
         if not unknown:

@@ -171,7 +171,7 @@ class Preferences:
         folder is known."""
         if not st.policy.folder_allowed(mailbox):
             return _as_missing(cmd, mailbox, at)
-        if cmd.name == b"GETMETADATA" and at == 1 and self._folders_may_hide(st):
+        if cmd.name == b"GETMETADATA" and at == 1 and b"DEPTH" in cmd.line.upper() and self._folders_may_hide(st):
             # With DEPTH, Dovecot answers a \Noselect folder with "* NO Mailbox doesn't exist" lines, a
             # missing name without: a parent there only for hidden folders must read as missing (found by
             # review; the other METADATA forms answer the two alike).

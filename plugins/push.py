@@ -413,7 +413,9 @@ class PushPlugin(Plugin):
         left: nothing is sent."""
         policy = self.peer("policy")
         states = [st for _, st in targets]
-        known = policy.folder_facts_known(event.user, states, event.mailbox)
+        # (A new message may be the session info that makes its folder a Session History: asked anew.)
+        recent_ok = not event.uids
+        known = policy.folder_facts_known(event.user, states, event.mailbox, recent_ok)
         if since is None and not event.uids and known:
             looked = await self._look(None, event, None, states)  # (nothing to ask the backend)
         else:
@@ -489,7 +491,8 @@ class PushPlugin(Plugin):
                      user=event.user)
             return None
         try:
-            await self.peer("policy").read_folder_facts(run, event.user, states, {event.mailbox: info}, _nothing)
+            await self.peer("policy").read_folder_facts(run, event.user, states, {event.mailbox: info}, _nothing,
+                                                        recent_ok=not event.uids)
         except Exception as e:
             log.warn("push: folder {mailbox!r} of {user} unreadable, its event dropped: {e}",
                      mailbox=event.mailbox, user=event.user, e=e)

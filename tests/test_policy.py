@@ -1165,3 +1165,31 @@ def test_getmetadata_depth_on_a_parent_there_only_for_hidden_folders_reads_as_mi
                 assert got == _answer(c, b"a", command % q(missing), missing), (command, got)
     finally:
         c.close()
+
+
+SESSION_HISTORY_OFF = '[policy]\nsync = { session-history = false }\n'
+
+
+def test_a_folder_that_becomes_a_session_history_is_hidden_from_the_next_session(make_proxy, dovecot):
+    """Found by review (helper-82): "not a Session History", remembered a minute for pushes, was taken by
+    every new session too: a folder whose session info came after its first message, or one deleted and
+    made anew under the name straight on the backend, was listed and could be selected."""
+    p = make_proxy(config_extra=SESSION_HISTORY_OFF)
+    late, anew = ("Default/conv-" + uuid.uuid4().hex[:8] for _ in range(2))
+    for name in (late, anew):
+        dovecot.deliver("carol", name, make_object("chat", text="first"))
+    phone = login(p, device="phone-sh")
+    assert {late, anew} <= listed(phone)
+    phone.close()
+    dovecot.deliver("carol", late, make_object("session-info"))
+    d = RawIMAP("127.0.0.1", dovecot.port)
+    d.login("carol", "carolpw")
+    assert d.command(b"d", b"DELETE " + q(anew))[-1].startswith(b"d OK")
+    d.close()
+    dovecot.deliver("carol", anew, make_object("session-info"))
+    tablet = login(p, device="tablet-sh")
+    try:
+        assert not {late, anew} & listed(tablet)
+        assert tablet.command(b"s", b"SELECT " + q(late))[-1].startswith(b"s NO")
+    finally:
+        tablet.close()
