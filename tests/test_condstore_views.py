@@ -97,6 +97,23 @@ def resync(p, name: str, how: str, uidvalidity: int, since: int) -> list[bytes]:
         c.close()
 
 
+def expunge_on_server(dovecot, name: str, uid: int) -> None:
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(name)
+    d.delete_messages([uid])
+    d.expunge()
+    d.logout()
+
+
+def qresync_select(p, name: str) -> list[bytes]:
+    """The answer to a device's SELECT with QRESYNC enabled (UIDVALIDITY, HIGHESTMODSEQ to resync from)."""
+    c = device(p)
+    c.command(b"e", b"ENABLE QRESYNC")
+    r = c.command(b"s", b'SELECT "%s"' % name.encode())
+    c.close()
+    return r
+
+
 @pytest.mark.parametrize("how", ["fetch", "select", "select-known"])
 def test_vanished_earlier_names_a_hidden_message_as_it_names_an_expunged_one(make_proxy, dovecot, how):
     """Found by review: UIDs 1 chat, 2 IMDN (hidden), 3 chat, 4 chat expunged on the server before the
@@ -107,22 +124,11 @@ def test_vanished_earlier_names_a_hidden_message_as_it_names_an_expunged_one(mak
     where its log no longer reaches back), hidden and expunged alike, in one line with the backend's own
     (6, expunged after that mod-sequence: never left out); no visible message is ever named."""
     name, uids = folder_of(dovecot, ["chat", "imdn", "chat", "chat", "chat", "chat"])
-    d = dovecot.imap_direct("alice", tls="none")
-    d.select_folder(name)
-    d.delete_messages([uids[3]])
-    d.expunge()
-    d.logout()
+    expunge_on_server(dovecot, name, uids[3])
     p = make_proxy(config_extra=IMDN_OFF)
-    c = device(p)
-    c.command(b"e", b"ENABLE QRESYNC")
-    r = c.command(b"s", b'SELECT "%s"' % name.encode())
-    c.close()
+    r = qresync_select(p, name)
     uidvalidity, since = code(r, b"UIDVALIDITY"), code(r, b"HIGHESTMODSEQ")
-    d = dovecot.imap_direct("alice", tls="none")
-    d.select_folder(name)
-    d.delete_messages([uids[5]])
-    d.expunge()
-    d.logout()
+    expunge_on_server(dovecot, name, uids[5])
     r = resync(p, name, how, uidvalidity, since)
     said = vanished_earlier(r)
     assert (uids[1] in said) == (uids[3] in said), r  # (hidden, expunged before: alike)
@@ -139,16 +145,9 @@ def test_vanished_earlier_names_a_hidden_last_message_as_an_expunged_last_one(ma
     for last in ("imdn", "expunged"):
         name, uids = folder_of(dovecot, ["imdn", "chat", "chat", "chat" if last == "expunged" else "imdn"])
         if last == "expunged":
-            d = dovecot.imap_direct("alice", tls="none")
-            d.select_folder(name)
-            d.delete_messages([uids[3]])
-            d.expunge()
-            d.logout()
+            expunge_on_server(dovecot, name, uids[3])
         p = make_proxy(config_extra=IMDN_OFF)
-        c = device(p)
-        c.command(b"e", b"ENABLE QRESYNC")
-        r = c.command(b"s", b'SELECT "%s"' % name.encode())
-        c.close()
+        r = qresync_select(p, name)
         assert b"* 2 EXISTS\r\n" in r and b"[UIDNEXT 5]" in b"".join(r), r
         r = resync(p, name, how, code(r, b"UIDVALIDITY"), code(r, b"HIGHESTMODSEQ"))
         said.append(vanished_earlier(r))
