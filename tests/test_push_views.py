@@ -31,13 +31,24 @@ def _ours(devices: list[str], tag: str) -> list[str]:
     return [d for d in devices if d.endswith(tag)]
 
 
-def _proxy(make_proxy, dovecot, proxy_certs, tmp_path, receiver, policy: str):
-    return make_proxy(config_extra=_push_config(receiver, proxy_certs, _admin_config(dovecot, tmp_path),
-                                                policy=policy))
+@pytest.fixture
+def receiver(proxy_certs):
+    """The test's push gateway (HTTPS), stopped at the end."""
+    r = _Receiver(proxy_certs)
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def push_proxy(make_proxy, dovecot, proxy_certs, tmp_path, receiver):
+    """``push_proxy(policy)``: a proxy pushing to ``receiver``, with the master user for offline watches."""
+    return lambda policy: make_proxy(config_extra=_push_config(receiver, proxy_certs,
+                                                               _admin_config(dovecot, tmp_path), policy=policy))
 
 
 @pytest.mark.parametrize("what", ["hidden-kind", "excluded-folder", "folder-preference", "session-history"])
-def test_a_change_hidden_from_every_offline_device_is_not_pushed(make_proxy, dovecot, proxy_certs, tmp_path, what):
+def test_a_change_hidden_from_every_offline_device_is_not_pushed(push_proxy, receiver, dovecot, what):
     """``sync = { imdn = false }``: an IMDN's arrival is not pushed (its UID and kind named a message no
     device sees); ``exclude_folders``: nothing of an excluded folder; a folder the user turned off
     (``sync`` preference) or a Session History (``sync/session-history`` off): nothing either. The same
@@ -52,131 +63,109 @@ def test_a_change_hidden_from_every_offline_device_is_not_pushed(make_proxy, dov
     dovecot.deliver(user, excluded, make_object("chat"))
     dovecot.deliver(user, off, make_object("chat"))
     dovecot.deliver(user, history, make_object("session-info"))
-    receiver = _Receiver(proxy_certs)
-    receiver.start()
     policy = 'sync = { imdn = false, session-history = false }\nexclude_folders = ["Secret*"]\n'
-    p = _proxy(make_proxy, dovecot, proxy_certs, tmp_path, receiver, policy)
-    try:
-        device(p, f"tablet-{tag}", user).close()
-        phone = device(p, f"phone-{tag}", user)
-        r = phone.command(b"m", b'SETMETADATA "%s" (%s "off")' % (off.encode(), SYNC))
-        assert r[-1].startswith(b"m OK"), r
-        for online in (True, False):  # (the phone's side connection, then the master user's)
-            if not online:
-                phone.close()
-            time.sleep(1.0)
-            n = len(receiver.events)
-            if what == "hidden-kind":
-                dovecot.deliver(user, visible, make_object("imdn"))
-            elif what == "excluded-folder":
-                dovecot.deliver(user, excluded, make_object("chat", text="secret"))
-            elif what == "folder-preference":
-                dovecot.deliver(user, off, make_object("chat", text="turned off"))
-            else:
-                dovecot.deliver(user, history, make_object("chat", text="in a session"))
-            time.sleep(2.5)  # (Dovecot announces a change ~0.5 s late)
-            uid = dovecot.deliver(user, visible, make_object("chat", text="seen"))
-            assert _wait(lambda n=n, uid=uid: any(e["uids"] == [uid] for e in receiver.events[n:])), receiver.events[n:]
-            time.sleep(0.5)
-            events = receiver.events[n:]
-            assert [(e["mailbox"], e["uids"], e["kinds"]) for e in events] == [(visible, [uid], {str(uid): "chat"})], \
-                events
-            expected = [f"tablet-{tag}"] if online else [f"phone-{tag}", f"tablet-{tag}"]
-            assert _ours(events[0]["devices"], tag) == expected, events
-        log = p.log()
-        assert "Unhandled error" not in log and "#critical]" not in log, log[-3000:]
-    finally:
-        receiver.stop()
+    p = push_proxy(policy)
+    device(p, f"tablet-{tag}", user).close()
+    phone = device(p, f"phone-{tag}", user)
+    r = phone.command(b"m", b'SETMETADATA "%s" (%s "off")' % (off.encode(), SYNC))
+    assert r[-1].startswith(b"m OK"), r
+    for online in (True, False):  # (the phone's side connection, then the master user's)
+        if not online:
+            phone.close()
+        time.sleep(1.0)
+        n = len(receiver.events)
+        if what == "hidden-kind":
+            dovecot.deliver(user, visible, make_object("imdn"))
+        elif what == "excluded-folder":
+            dovecot.deliver(user, excluded, make_object("chat", text="secret"))
+        elif what == "folder-preference":
+            dovecot.deliver(user, off, make_object("chat", text="turned off"))
+        else:
+            dovecot.deliver(user, history, make_object("chat", text="in a session"))
+        time.sleep(2.5)  # (Dovecot announces a change ~0.5 s late)
+        uid = dovecot.deliver(user, visible, make_object("chat", text="seen"))
+        assert _wait(lambda n=n, uid=uid: any(e["uids"] == [uid] for e in receiver.events[n:])), receiver.events[n:]
+        time.sleep(0.5)
+        events = receiver.events[n:]
+        assert [(e["mailbox"], e["uids"], e["kinds"]) for e in events] == [(visible, [uid], {str(uid): "chat"})], \
+            events
+        expected = [f"tablet-{tag}"] if online else [f"phone-{tag}", f"tablet-{tag}"]
+        assert _ours(events[0]["devices"], tag) == expected, events
+    log = p.log()
+    assert "Unhandled error" not in log and "#critical]" not in log, log[-3000:]
 
 
-def test_a_device_whose_class_turns_notifications_off_is_not_listed(make_proxy, dovecot, proxy_certs, tmp_path):
+def test_a_device_whose_class_turns_notifications_off_is_not_listed(push_proxy, receiver, dovecot):
     """Matched on the device id, or on the ID "name" recorded at the device's last login (as at login):
     neither quiet device is listed; the other offline device is."""
     user = "dave"
     tag = uuid.uuid4().hex[:6]
     visible = f"Default/tel:+1445{tag}"
     dovecot.deliver(user, visible, make_object("chat"))
-    receiver = _Receiver(proxy_certs)
-    receiver.start()
     policy = ('[[policy.class]]\nname = "quiet"\ndevices = ["tablet-*", "Quiet*"]\nnotifications = "off"\n')
-    p = _proxy(make_proxy, dovecot, proxy_certs, tmp_path, receiver, policy)
-    try:
-        device(p, f"tablet-{tag}", user).close()
-        _named_device(p, f"watch-{tag}", "QuietWatch", user).close()
-        device(p, f"laptop-{tag}", user).close()
-        phone = device(p, f"phone-{tag}", user)
-        time.sleep(1.0)
-        uid = dovecot.deliver(user, visible, make_object("chat", text="x"))
-        assert _wait(lambda: any(e["uids"] == [uid] for e in receiver.events)), receiver.events
-        phone.close()
-        assert [_ours(e["devices"], tag) for e in receiver.events if e["uids"] == [uid]] == [[f"laptop-{tag}"]], \
-            receiver.events
-    finally:
-        receiver.stop()
+    p = push_proxy(policy)
+    device(p, f"tablet-{tag}", user).close()
+    _named_device(p, f"watch-{tag}", "QuietWatch", user).close()
+    device(p, f"laptop-{tag}", user).close()
+    phone = device(p, f"phone-{tag}", user)
+    time.sleep(1.0)
+    uid = dovecot.deliver(user, visible, make_object("chat", text="x"))
+    assert _wait(lambda: any(e["uids"] == [uid] for e in receiver.events)), receiver.events
+    phone.close()
+    assert [_ours(e["devices"], tag) for e in receiver.events if e["uids"] == [uid]] == [[f"laptop-{tag}"]], \
+        receiver.events
 
 
-def test_a_connected_device_with_notifications_off_does_not_silence_an_offline_one(make_proxy, dovecot, proxy_certs,
-                                                                                     tmp_path):
+def test_a_connected_device_with_notifications_off_does_not_silence_an_offline_one(push_proxy, receiver, dovecot):
     """The phone's class turns notifications off; the tablet's (the base policy: forced) has them: a
     delivery while only the phone is connected is pushed to the tablet (the watch is armed for it)."""
     user = "dave"
     tag = uuid.uuid4().hex[:6]
     visible = f"Default/tel:+1446{tag}"
     dovecot.deliver(user, visible, make_object("chat"))
-    receiver = _Receiver(proxy_certs)
-    receiver.start()
     policy = '[[policy.class]]\nname = "quiet"\ndevices = ["phone-*"]\nnotifications = "off"\n'
-    p = _proxy(make_proxy, dovecot, proxy_certs, tmp_path, receiver, policy)
-    try:
-        device(p, f"tablet-{tag}", user).close()
-        phone = device(p, f"phone-{tag}", user)
-        time.sleep(1.0)
-        uid = dovecot.deliver(user, visible, make_object("chat", text="x"))
-        assert _wait(lambda: any(e["uids"] == [uid] for e in receiver.events)), receiver.events
-        ev = next(e for e in receiver.events if e["uids"] == [uid])
-        assert _ours(ev["devices"], tag) == [f"tablet-{tag}"], ev
-        phone.close()
-    finally:
-        receiver.stop()
+    p = push_proxy(policy)
+    device(p, f"tablet-{tag}", user).close()
+    phone = device(p, f"phone-{tag}", user)
+    time.sleep(1.0)
+    uid = dovecot.deliver(user, visible, make_object("chat", text="x"))
+    assert _wait(lambda: any(e["uids"] == [uid] for e in receiver.events)), receiver.events
+    ev = next(e for e in receiver.events if e["uids"] == [uid])
+    assert _ours(ev["devices"], tag) == [f"tablet-{tag}"], ev
+    phone.close()
 
 
-def test_devices_that_see_a_change_differently_get_one_event_each(make_proxy, dovecot, proxy_certs, tmp_path):
+def test_devices_that_see_a_change_differently_get_one_event_each(push_proxy, receiver, dovecot):
     """An APPEND of a chat and an IMDN (one change, two UIDs): the tablet, whose class synchronizes IMDNs,
     is pushed both; the watch (``imdn`` off, the base policy) only the chat; each event has its own id."""
     user = "dave"
     tag = uuid.uuid4().hex[:6]
     folder = f"Default/tel:+1447{tag}"
     dovecot.deliver(user, folder, make_object("chat"))
-    receiver = _Receiver(proxy_certs)
-    receiver.start()
     policy = ('sync = { imdn = false }\n[[policy.class]]\nname = "all"\ndevices = ["tablet-*"]\n'
               'sync = { imdn = true }\n')
-    p = _proxy(make_proxy, dovecot, proxy_certs, tmp_path, receiver, policy)
-    try:
-        device(p, f"tablet-{tag}", user).close()
-        device(p, f"watch-{tag}", user).close()
-        phone = device(p, f"phone-{tag}", user)
-        chat, imdn = make_object("chat", text="both"), make_object("imdn")
-        r = phone.command(b"a", b'APPEND "%s" {%d+}\r\n%s {%d+}\r\n%s' % (folder.encode(), len(chat), chat,
-                                                                         len(imdn), imdn))
-        assert r[-1].startswith(b"a OK"), r
-        assert _wait(lambda: len([e for e in receiver.events if e["mailbox"] == folder]) >= 2), receiver.events
-        time.sleep(1.5)  # (the watch's report of the same change: pushed once)
-        phone.close()
-        events = sorted((e for e in receiver.events if e["mailbox"] == folder), key=lambda e: len(e["uids"]))
-        assert len(events) == 2, events
-        alone, both = events
-        assert _ours(alone["devices"], tag) == [f"watch-{tag}"], events
-        assert _ours(both["devices"], tag) == [f"tablet-{tag}"], events
-        assert len(both["uids"]) == 2 and alone["uids"] == [both["uids"][0]], events
-        assert alone["kinds"] == {str(both["uids"][0]): "chat"}, events
-        assert set(both["kinds"].values()) == {"chat", "imdn"} and alone["id"] != both["id"], events
-    finally:
-        receiver.stop()
+    p = push_proxy(policy)
+    device(p, f"tablet-{tag}", user).close()
+    device(p, f"watch-{tag}", user).close()
+    phone = device(p, f"phone-{tag}", user)
+    chat, imdn = make_object("chat", text="both"), make_object("imdn")
+    r = phone.command(b"a", b'APPEND "%s" {%d+}\r\n%s {%d+}\r\n%s' % (folder.encode(), len(chat), chat,
+                                                                     len(imdn), imdn))
+    assert r[-1].startswith(b"a OK"), r
+    assert _wait(lambda: len([e for e in receiver.events if e["mailbox"] == folder]) >= 2), receiver.events
+    time.sleep(1.5)  # (the watch's report of the same change: pushed once)
+    phone.close()
+    events = sorted((e for e in receiver.events if e["mailbox"] == folder), key=lambda e: len(e["uids"]))
+    assert len(events) == 2, events
+    alone, both = events
+    assert _ours(alone["devices"], tag) == [f"watch-{tag}"], events
+    assert _ours(both["devices"], tag) == [f"tablet-{tag}"], events
+    assert len(both["uids"]) == 2 and alone["uids"] == [both["uids"][0]], events
+    assert alone["kinds"] == {str(both["uids"][0]): "chat"}, events
+    assert set(both["kinds"].values()) == {"chat", "imdn"} and alone["id"] != both["id"], events
 
 
-def test_pushes_of_an_ordinary_folder_do_not_each_ask_the_backend(make_proxy, dovecot, proxy_certs, tmp_path,
-                                                                  dovecot_direct):
+def test_pushes_of_an_ordinary_folder_do_not_each_ask_the_backend(push_proxy, receiver, dovecot, dovecot_direct):
     """Found by review (helper-79): where the policy hides Session Histories, each push (nobody connected)
     logged in with the master user to ask whether its folder is one (an EXAMINE and a SEARCH), every time:
     "not one" was never remembered. A folder holding messages and no Session History is taken for one
@@ -185,21 +174,16 @@ def test_pushes_of_an_ordinary_folder_do_not_each_ask_the_backend(make_proxy, do
     tag = uuid.uuid4().hex[:6]
     folder = f"Default/tel:+1450{tag}"
     uids = [dovecot.deliver(user, folder, make_object("chat", seed=i)) for i in range(5)]
-    receiver = _Receiver(proxy_certs)
-    receiver.start()
-    p = _proxy(make_proxy, dovecot, proxy_certs, tmp_path, receiver, "sync = { session-history = false }\n")
-    try:
-        device(p, f"tablet-{tag}", user).close()
-        time.sleep(2)
-        before = len(dovecot.log_path.read_text(errors="replace"))
-        d = dovecot_direct(user)
-        d.select_folder(folder)
-        for n, u in enumerate(uids[:4], 1):
-            d.add_flags([u], [b"\\Deleted"], silent=True)
-            d.uid_expunge([u])
-            assert _wait(lambda n=n: len([e for e in receiver.events if e["mailbox"] == folder]) == n)
-        after = dovecot.log_path.read_text(errors="replace")[before:]
-        logins = [x for x in after.splitlines() if "Login:" in x and "cpmproxy-push" in x]
-        assert len(logins) <= 1, logins  # (the first event asks)
-    finally:
-        receiver.stop()
+    p = push_proxy("sync = { session-history = false }\n")
+    device(p, f"tablet-{tag}", user).close()
+    time.sleep(2)
+    before = len(dovecot.log_path.read_text(errors="replace"))
+    d = dovecot_direct(user)
+    d.select_folder(folder)
+    for n, u in enumerate(uids[:4], 1):
+        d.add_flags([u], [b"\\Deleted"], silent=True)
+        d.uid_expunge([u])
+        assert _wait(lambda n=n: len([e for e in receiver.events if e["mailbox"] == folder]) == n)
+    after = dovecot.log_path.read_text(errors="replace")[before:]
+    logins = [x for x in after.splitlines() if "Login:" in x and "cpmproxy-push" in x]
+    assert len(logins) <= 1, logins  # (the first event asks)
