@@ -17,8 +17,10 @@ sees are named (not of a kind hidden for it in that folder, nor past its ``max_s
 when they cannot be classified, none where anything may be hidden). A change no device sees is not sent;
 devices that see it differently get one event each per view (its own ``uids``, ``kinds`` and ``id``): a
 gateway wakes each listed device for what it names, so the intersection would leave a device unwoken
-for a message it shows, and a union would name messages hidden from the others. A flag change or an
-expunge names no messages: it goes to every device that sees the folder. A folder whose facts cannot be
+for a message it shows, and a union would name messages hidden from the others. A flag change names no
+messages: it goes to the devices that see one of the messages changed (asked of the backend by their
+MODSEQ and classified, up to ``_CHANGED_INSPECTED`` of them; more, to every device that sees the
+folder). An expunge names none either and goes to every device that sees the folder. A folder whose facts cannot be
 read drops the event (a device's next sync finds the change). Only message changes are pushed: a HIGHESTMODSEQ
 that moved for a metadata write alone (a preference, a device record) is checked and dropped. ``headers`` only with ``include_headers = ["From", "Subject"]`` (message content stays out
 unless the operator asks for it). ``id`` is the same for the same change whichever proxy process sends it, so a gateway
@@ -88,6 +90,9 @@ DEVICE_NAMES = PREFIX + "/devicenames"  # (the ID "name" each device gave at its
 _IDS_KEPT = 10000  # ids of recent events remembered, so that a change is pushed once
 _NEW_RANGES_KEPT = 64  # ranges of recently pushed new UIDs remembered per mailbox
 _MODSEQS_KEPT = 100000  # (user, mailbox) pairs whose last HIGHESTMODSEQ is remembered (oldest forgotten)
+# A flag change of more messages than this (a client marking a folder read) is not classified: it goes to
+# every device that sees the folder, as its messages' kinds would cost a long FETCH to learn.
+_CHANGED_INSPECTED = 1000
 _RETRIED_CODES = (408, 425, 429)  # and 5xx: the gateway's trouble, not the event's
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII except ":"
 _FETCHED_HEADERS = re.compile(rb"UID (\d+)[^{]*\{(\d+)\}\r\n", re.S)
@@ -435,6 +440,9 @@ class PushPlugin(Plugin):
             uids = self._visible(policy, st, event, inspected)
             if event.uids and not uids:
                 continue
+            if inspected.changed and not self._visible(policy, st, dataclasses.replace(event, uids=inspected.changed),
+                                                        inspected):
+                continue  # (flags changed only on messages this device does not see)
             views.setdefault(uids, []).append(device)
         bodies = []
         for uids, devices in views.items():
@@ -449,6 +457,10 @@ class PushPlugin(Plugin):
                     body["headers"] = {str(u): inspected.headers[u] for u in uids if u in inspected.headers}
             bodies.append(body)
         return bodies
+
+    def _may_hide(self, st, mailbox: str) -> bool:
+        """Can the device of ``st`` have messages of ``mailbox`` hidden (a kind, a size, an age)?"""
+        return bool(self.peer("policy").hidden_kinds(st, mailbox) or st.policy.max_size or st.policy.max_age_days)
 
     @staticmethod
     def _visible(policy, st, event: ChangeEvent, inspected) -> tuple[int, ...]:
@@ -477,6 +489,7 @@ class PushPlugin(Plugin):
         state (its preferences, whether it is a Session History). An event whose folder facts cannot be read
         is dropped, as a notification about a folder is (``_hold_for_folder``): taken as "no preferences",
         it would name a folder a device's user hid."""
+        changed: tuple[int, ...] = ()
         if run is not None and since is not None:
             try:
                 changed = await _changed_since(run, event, since)
@@ -500,6 +513,19 @@ class PushPlugin(Plugin):
         for st in states:
             st.folders[event.mailbox] = info
         if not event.uids:
+            if changed and len(changed) <= _CHANGED_INSPECTED and any(self._may_hide(st, event.mailbox)
+                                                                      for st in states):
+                # The messages whose flags changed, classified as new ones are: a device that sees none
+                # of them is not woken (an IMDN marked read, where IMDNs are hidden from it).
+                try:
+                    found = await self._inspect_on(run, dataclasses.replace(event, uids=changed),
+                                                   {st.policy.max_size for st in states} - {0},
+                                                   {st.policy.max_age_days for st in states} - {0})
+                except Exception as e:  # (not known: it goes to every device that sees the folder)
+                    log.warn("classifying changed messages failed: {e}", e=e)
+                else:
+                    found.changed = changed
+                    return found
             return _Inspected()
         if run is None:
             return _Inspected(known=False)
@@ -668,6 +694,7 @@ class _Inspected:
     headers: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)
     larger: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # max_size -> UIDs larger
     older: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # max_age_days -> UIDs older
+    changed: tuple[int, ...] = ()  # a change without new messages: the messages whose flags changed
 
 
 def _nothing():
@@ -708,12 +735,12 @@ def _retry_after(response) -> float:
     return 0.0
 
 
-async def _changed_since(run, event: ChangeEvent, since: int) -> bool:
-    """Has a message of the event's mailbox a MODSEQ >= ``since``? (EXAMINEs the mailbox.)"""
+async def _changed_since(run, event: ChangeEvent, since: int) -> tuple[int, ...]:
+    """The UIDs of the event's mailbox whose MODSEQ is ``since`` or more (EXAMINEs the mailbox)."""
     examined = run(b"EXAMINE " + wire_name(event.mailbox))
     found = run(b"UID SEARCH RETURN (ALL) MODSEQ %d" % since)  # (pipelined; fails if the EXAMINE did)
     await examined
-    return bool(esearch_all(await found))
+    return tuple(esearch_all(await found))
 
 
 def change_id(event: ChangeEvent) -> str:

@@ -187,3 +187,40 @@ def test_pushes_of_an_ordinary_folder_do_not_each_ask_the_backend(push_proxy, re
     after = dovecot.log_path.read_text(errors="replace")[before:]
     logins = [x for x in after.splitlines() if "Login:" in x and "cpmproxy-push" in x]
     assert len(logins) <= 1, logins  # (the first event asks)
+
+
+def test_a_flag_change_of_a_message_no_offline_device_sees_is_not_pushed(push_proxy, receiver, dovecot,
+                                                                          dovecot_direct):
+    """Found by review (helper-79): a flag change names no message, and went to every device that sees the
+    folder, even when the message changed is one none of them sees (an IMDN, ``imdn = false``): a phone
+    woken for nothing it can show. The messages that changed are asked of the backend (as the check
+    that one did already) and classified: the IMDN's flag change is not pushed, the chat's is; a device
+    whose class synchronizes IMDNs is pushed both."""
+    user = "dave"
+    tag = uuid.uuid4().hex[:6]
+    folder = f"Default/tel:+1451{tag}"
+    chat = dovecot.deliver(user, folder, make_object("chat", text="flag me"))
+    imdn = dovecot.deliver(user, folder, make_object("imdn"))
+    policy = ('sync = { imdn = false }\n[[policy.class]]\nname = "all"\ndevices = ["tablet-*"]\n'
+              'sync = { imdn = true }\n')
+    p = push_proxy(policy)
+    device(p, f"tablet-{tag}", user).close()
+    device(p, f"phone-{tag}", user).close()
+    time.sleep(1.5)
+    d = dovecot_direct(user)
+    d.select_folder(folder)
+
+    def flagged(uid: int) -> list[dict]:
+        n = len(receiver.events)
+        d.add_flags([uid], [b"\\Flagged"], silent=True)
+        _wait(lambda: any(e["mailbox"] == folder for e in receiver.events[n:]), 4)
+        time.sleep(1.0)  # (one change: one event per view, no more)
+        return [e for e in receiver.events[n:] if e["mailbox"] == folder]
+
+    events = flagged(imdn)
+    assert [(e["event"], _ours(e["devices"], tag)) for e in events] == [("FlagChange", [f"tablet-{tag}"])], events
+    events = flagged(chat)
+    assert [(e["event"], sorted(_ours(e["devices"], tag))) for e in events] == \
+        [("FlagChange", [f"phone-{tag}", f"tablet-{tag}"])], events
+    log = p.log()
+    assert "Unhandled error" not in log and "#critical]" not in log, log[-3000:]
