@@ -306,6 +306,9 @@ def parse_config(data: dict[str, Any], path: Path | None = None,
             sections[sec][key] = str(p)
     sections["proxy"]["listen"] = [_listener_files(base, d) if isinstance(d, str) else d
                                    for d in sections["proxy"]["listen"]]
+    # (The metrics listener's ssl: files too: --check in the config's directory passed, the service in /
+    # could not start.)
+    sections["metrics"]["listen"] = _listener_files(base, sections["metrics"]["listen"])
     for name, key in PLUGIN_FILES:
         value = plugin_tables.get(name, {}).get(key)
         if isinstance(value, str) and value:  # (the plugin checks the type, and opens the file)

@@ -116,6 +116,22 @@ def test_ssl_listener_files_are_relative_to_the_config_file(tmp_path):
         f"ssl:1993:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"]
 
 
+def test_metrics_ssl_listener_files_are_relative_to_the_config_file(tmp_path):
+    """The same for ``[metrics] listen`` with ``ssl:`` (Prometheus over TLS): --check run in the config's
+    directory passed, and the service, which runs in /, could not start (found by the ops review)."""
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    certs = make_ca_and_cert(conf_dir)
+    config = conf_dir / "c.toml"
+    config.write_text(f'[metrics]\nlisten = "ssl:9443:interface=127.0.0.1:privateKey={certs.key.name}:'
+                      f'certKey={certs.cert.name}"\n')
+    assert Path.cwd() != conf_dir
+    r = _cli_check(config)
+    assert r.returncode == 0, r.stderr
+    assert check_config(str(config)).metrics["listen"] == \
+        f"ssl:9443:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"
+
+
 def test_check_warns_of_listeners_where_no_remote_client_can_log_in(tmp_path):
     """The sample configuration on a public interface (the operator review): no STARTTLS without tls_cert,
     plaintext only from loopback, so every remote client got LOGINDISABLED, and --check said OK."""
