@@ -477,6 +477,21 @@ def test_behind_a_proxy_listener_the_greeting_is_for_the_real_client(make_proxy)
     s.close()
 
 
+def test_a_reload_changes_how_long_a_proxy_listener_waits_for_the_header(make_proxy):
+    """``preauth_timeout`` is also how long a ``haproxy:`` listener waits for the PROXY header; a reload
+    changed it for sessions and left the listener's wait as at start (found by the ops review)."""
+    import socket
+    port = free_port()
+    p = make_proxy(listen_extra=[f"haproxy:tcp:{port}:interface=127.0.0.1"],
+                   config_extra="[limits]\npreauth_timeout = 60.0\n")
+    reload_proxy(p, p.config_path.read_text().replace("preauth_timeout = 60.0", "preauth_timeout = 1.0"))
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert s.recv(1000) == b""  # (no header within the new preauth_timeout: closed)
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("reactor", [[], ["--reactor=cpmproxy"]], ids=["default-reactor", "cpmproxy-reactor"])
 def test_twist_plugin_runs(dovecot, tmp_path, reactor):
     p = ProxyProcess(tmp_path, dovecot.port, metrics=False)

@@ -38,7 +38,7 @@ class _HeaderFirstWrapper(HAProxyProtocolWrapper):
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
-        self._header_timer = self.factory.reactor.callLater(self.factory.header_timeout, transport.loseConnection)
+        self._header_timer = self.factory.reactor.callLater(self.factory.header_timeout(), transport.loseConnection)
 
     def dataReceived(self, data: bytes) -> None:
         if self._started:
@@ -90,7 +90,7 @@ class _HeaderFirstWrapper(HAProxyProtocolWrapper):
 class _HeaderFirstFactory(HAProxyWrappingFactory):
     protocol = _HeaderFirstWrapper
 
-    def __init__(self, wrapped, reactor, header_timeout: float) -> None:
+    def __init__(self, wrapped, reactor, header_timeout) -> None:
         super().__init__(wrapped)
         self.reactor = reactor
         self.header_timeout = header_timeout
@@ -99,9 +99,10 @@ class _HeaderFirstFactory(HAProxyWrappingFactory):
 @implementer(IStreamServerEndpoint)
 class HeaderFirstEndpoint:
     """``endpoint`` (what a ``haproxy:`` description wraps) with the PROXY header read first; a connection
-    that has not sent all of it within ``header_timeout`` seconds is closed."""
+    that has not sent all of it within ``header_timeout()`` seconds is closed (a function: asked at each
+    connection, so that a reload's ``preauth_timeout`` applies)."""
 
-    def __init__(self, endpoint, reactor, header_timeout: float) -> None:
+    def __init__(self, endpoint, reactor, header_timeout) -> None:
         self._wrappedEndpoint = endpoint  # (the name Twisted's wrapper endpoints use: see _ssl_endpoint)
         self._reactor = reactor
         self._header_timeout = header_timeout

@@ -706,8 +706,9 @@ class ProxyService(service.MultiService):
             endpoint = server_endpoint(self.reactor, desc)
             if isinstance(endpoint, _WrapperServerEndpoint) and desc.startswith("haproxy:"):
                 # (The session begins once the PROXY header is read: see cpmproxy.proxy.proxyheader.)
+                # (The limit as it is when a client connects: a reload may change it.)
                 endpoint = HeaderFirstEndpoint(endpoint._wrappedEndpoint, self.reactor,
-                                               self.config.limits["preauth_timeout"])
+                                               lambda: self.config.limits["preauth_timeout"])
             if (tls := _ssl_endpoint(endpoint)) is not None:
                 tls._sslContextFactory = self.listener_tls[desc] = ListenerTLS(tls._sslContextFactory)
             port = yield endpoint.listen(factory)
