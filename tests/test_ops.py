@@ -146,6 +146,31 @@ def test_systemd_socket_activation_serves(tmp_path):
     assert proc.returncode == 0, out
 
 
+@pytest.mark.parametrize("address, warned", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_a_socket_systemd_passed_where_no_remote_client_can_log_in_is_warned_of(tmp_path, address, warned):
+    """The README's socket activation (cpmproxy.socket's ListenStream=143: every interface) with the example
+    configuration (no tls_cert, plaintext_auth = "loopback"): every remote client got LOGINDISABLED, and
+    nothing said so, as it is said of such a tcp: listener (found by the ops review). --check cannot know
+    the socket's address (ExecStartPre gets none); the start, which has it, warns."""
+    import socket
+    conf = tmp_path / "sd.toml"
+    conf.write_text('[proxy]\nlisten = ["systemd:domain=INET:index=0"]\n')
+    listener = socket.socket()
+    listener.bind((address, 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    proc = _socket_activated(listener, conf)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+            s.settimeout(15)
+            assert s.recv(200).startswith(b"* OK")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0].decode()
+    assert proc.returncode == 0, out
+    assert ("proxy.listen[0]: clients on other hosts cannot log in" in out) == warned, out
+
+
 @pytest.mark.parametrize("names, said", [
     ("imap", "systemd passed 1 socket(s) (imap) and no listener takes them"),
     ("imap:imap", "systemd passed 2 socket(s) (imap) and no listener takes them"),

@@ -204,13 +204,23 @@ def config_warnings(config: Config) -> list[str]:
     for i, desc in enumerate(proxy["listen"]):
         try:
             found = _endpoint_params(desc)
+            systemd = _systemd_params(desc)
         except ConfigError:
             continue
-        if found is None or found[0] not in ("tcp", "tcp6"):
+        if systemd is not None:
+            # (The socket's address, where systemd passed it (a start; --check has none): ListenStream=143,
+            # the shipped socket unit's, is every interface.)
+            interface = _passed_address(systemd)
+            if interface is None:
+                continue
+        elif found is None or found[0] not in ("tcp", "tcp6"):
             continue
-        interface = found[1].get("interface", "")
+        else:
+            interface = found[1].get("interface", "")
         try:
-            if interface and ipaddress.ip_address(interface).is_loopback and not desc.startswith("haproxy:"):
+            ip = ipaddress.ip_address(interface) if interface else None
+            if ip is not None and (getattr(ip, "ipv4_mapped", None) or ip).is_loopback \
+                    and not desc.startswith("haproxy:"):
                 continue  # (behind haproxy:, the client's own address counts)
         except ValueError:
             continue
@@ -517,6 +527,28 @@ def _check_inherited(desc: str, params: dict[str, str]) -> None:
             return _check_family(desc, params, names[params["name"]])
         why = f"name {params['name']!r}; " + (f"passed: {', '.join(names)}" if names else _NONE_PASSED)
     raise ConfigError(f"listen endpoint {desc}: no socket passed by systemd ({why})")
+
+
+def _passed_address(params: dict[str, str]) -> str | None:
+    """The IP address the socket systemd passed for a ``systemd:`` endpoint is bound to (``""``: every
+    interface); None where no such socket was passed, or it is no IP socket."""
+    from twisted.internet import endpoints
+
+    fds = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
+    if fds is None:
+        return None
+    if "index" in params:
+        passed = fds.inheritedDescriptors()
+        fd = passed[int(params["index"])] if int(params["index"]) < len(passed) else None
+    else:
+        fd = fds.inheritedNamedDescriptors().get(params["name"])
+    if fd is None:
+        return None
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        host = sock.getsockname()[0]
+    return "" if ipaddress.ip_address(host).is_unspecified else host
 
 
 # (Twisted takes sockets only with both variables, as systemd sets them: systemd-socket-activate without
