@@ -313,8 +313,9 @@ def parse_config(data: dict[str, Any], path: Path | None = None,
         value = plugin_tables.get(name, {}).get(key)
         if isinstance(value, str) and value:  # (the plugin checks the type, and opens the file)
             plugin_tables[name][key] = str(_resolve(base, value))
-    if sections["backend"]["tls"] == "none" and sections["backend"]["ca_file"]:
-        raise ConfigError("backend.ca_file is set but backend.tls is 'none'")
+    for key in ("ca_file", "server_name"):  # (only TLS reads them: set without it, the operator believes them in force)
+        if sections["backend"]["tls"] == "none" and sections["backend"][key]:
+            raise ConfigError(f"backend.{key} is set but backend.tls is 'none'")
     # (The one cross-table rule of a plugin, checked here: a plugin sees only its own table.)
     if _push_needs_master(plugin_tables.get("push", {}), sections["admin"]):
         raise ConfigError("plugin.push: pushes for users with no device connected need the [admin] master "

@@ -116,6 +116,17 @@ def test_ssl_listener_files_are_relative_to_the_config_file(tmp_path):
         f"ssl:1993:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"]
 
 
+def test_backend_tls_settings_without_tls_are_refused(tmp_path):
+    """``backend.server_name`` with ``tls = "none"`` passed --check and was never used (no certificate is
+    checked), where ``ca_file`` there is refused (found by the ops review)."""
+    certs = make_ca_and_cert(tmp_path / "certs")
+    _assert_refused(tmp_path, {
+        '[backend]\nserver_name = "imap.example.net"\n': "backend.server_name is set but backend.tls is 'none'",
+        f'[backend]\nca_file = "{certs.ca_cert}"\n': "backend.ca_file is set but backend.tls is 'none'",
+    })
+    check_config(str(_write(tmp_path, '[backend]\ntls = "starttls"\nserver_name = "imap.example.net"\n')))
+
+
 def test_metrics_ssl_listener_files_are_relative_to_the_config_file(tmp_path):
     """The same for ``[metrics] listen`` with ``ssl:`` (Prometheus over TLS): --check run in the config's
     directory passed, and the service, which runs in /, could not start (found by the ops review)."""
