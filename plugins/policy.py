@@ -1606,6 +1606,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             st.reapply = True
 
     async def _reapply_then(self, session, st: PolicySession, cmd):
+        if (earlier := session.inflight_commands()):
+            # (The commands before it first: one by number is answered with no EXPUNGE in between, and an
+            # arrival one of them announces is in the view before it is classified again.)
+            await self.decide_after(earlier, lambda: None)
         if st.mailbox is not None:
             try:
                 await self._recompute(session, st)
@@ -1637,12 +1641,23 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                     session.inject(b"* %d EXISTS\r\n" % st.view.exists)
             return
         uids, hidden = await self._classify(session, st.plan, b"1:*")
+        while st.grown is not None or st.growing_to is not None:
+            # New messages announced meanwhile (an EXISTS held while they are classified): hidden now, the
+            # count that EXISTS tells would be short of what the client knows until these EXPUNGEs reach it
+            # (they go out after it). Once it is out; what arrived is for that classification to hide.
+            if session.phase != "auth":
+                return
+            await self.classified(session)
+            await _next_turn()
         if st.view is None:
             st.view = MailboxView(uids, set())
         view = st.view
+        # (Of the UIDs both know: the client knows no other, a VANISHED must not name one, RFC 7162 3.2.10;
+        # one the view took in since the listing is its classification's to hide or show.)
+        hidden = hidden.intersection(view.uids)
         newly = SequenceSet.from_iterable(sorted(hidden - view.hidden))  # (UIDs of this very listing)
         gone = view.hide(hidden)
-        back = view.unhide_tail(view.hidden - hidden)
+        back = view.unhide_tail(view.hidden.intersection(uids) - hidden)
         if not gone:
             out = b""
         elif st.qresync:  # (RFC 7162 3.2.10: no EXPUNGE once QRESYNC is enabled)

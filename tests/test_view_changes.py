@@ -542,3 +542,52 @@ def test_a_saved_result_taken_behind_a_hidden_arrival_does_not_reach_it(proxy, d
     left = imap.fetch(imap.search("ALL"), ["FLAGS"])
     imap.logout()
     assert new in left and not {b"\\Flagged", b"$LocalDelete"} & set(left[new][b"FLAGS"]), (left, got)
+
+
+def _client_state(known: list[int], lines: list[bytes], by_number: bytes = b"", arrivals=()) -> list[int]:
+    """The UIDs a client knows after ``lines``, each EXISTS/EXPUNGE/VANISHED checked to be valid when
+    read (new messages are ``arrivals``, in order); no EXPUNGE or VANISHED while the command tagged
+    ``by_number`` (a FETCH by number) is answered."""
+    known, answering = list(known), bool(by_number)
+    for line in lines:
+        if by_number and line.startswith(by_number + b" "):
+            answering = False
+        elif (m := re.match(rb"\* (\d+) (EXISTS|EXPUNGE)\r\n", line)):
+            n = int(m.group(1))
+            if m.group(2) == b"EXISTS":
+                assert n >= len(known), (line, known, lines)
+                known += [u for u in arrivals if u > max(known, default=0)][:n - len(known)]
+            else:
+                assert 1 <= n <= len(known) and not answering, (line, known, lines)
+                del known[n - 1]
+        elif (m := re.match(rb"\* VANISHED (\S+)\r\n", line)):
+            uids = {int(u) for u in m.group(1).split(b",")}
+            assert uids <= set(known) and not answering, (line, known, lines)
+            known = [u for u in known if u not in uids]
+        elif (m := re.match(rb"\* (\d+) FETCH \(UID (\d+)\)", line)):
+            n, uid = int(m.group(1)), int(m.group(2))
+            assert known[n - 1] == uid, (line, known, lines)
+    return known
+
+
+@pytest.mark.parametrize("qresync", [False, True])
+def test_a_view_reapplied_behind_an_unannounced_arrival_keeps_the_client_numbers(make_proxy, folder, dovecot,
+                                                                                 qresync):
+    """A preference change re-applied at a command pipelined behind a FETCH by number whose answer
+    announces a new message (its EXISTS held while it is classified, with a view built: an SMS policy).
+    The backend knows the arrival when the view is classified again, the client does not: no VANISHED of
+    it, no EXISTS below the client's count, and no EXPUNGE while the FETCH is answered."""
+    p = make_proxy(config_extra="[policy]\nsync = { sms = false }\n")
+    c = device(p, "phone")
+    if qresync:
+        c.command(b"e", b"ENABLE QRESYNC")
+    assert b"* 4 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
+    assert dovecot.deliver("dave", folder.decode(), make_object("imdn", seed=9)) == 5
+    turn_imdn_off(p, folder)
+    c.send(b"a FETCH 1 (UID)\r\nb NOOP\r\n")
+    r = c.until_tagged(b"a") + c.until_tagged(b"b")
+    known = _client_state([1, 2, 3, 4], r, by_number=b"a", arrivals=[5])
+    r = c.command(b"f", b"FETCH 1:* (UID)")
+    assert _client_state(known, r) == [1, 3, 4], r
+    c.close()
+
