@@ -727,10 +727,14 @@ class LocalDeletePlugin(Plugin):
         # Durable first: the record is on the backend before the client hears OK.
         await self._write(session, mailbox, uidvalidity, targets)
         st.pending -= targets
+        # (A VANISHED names only what the client still has: a pending mark another session expunged or a
+        # preference hid meanwhile was told gone already, and its count would drop twice.)
+        current = policy.state(session).view  # (the one hide_in_view changes)
+        shown = sorted(u for u in targets if current is not None and current.client_seq_of_uid(u) is not None)
         gone = policy.hide_in_view(session, targets)
         if cmd.name != b"CLOSE" and gone:
             if st.qresync:
-                session.inject(b"* VANISHED " + SequenceSet.from_iterable(targets).format() + b"\r\n")
+                session.inject(b"* VANISHED " + SequenceSet.from_iterable(shown).format() + b"\r\n")
             else:
                 session.inject(b"".join(b"* %d EXPUNGE\r\n" % n for n in gone))
 

@@ -1388,3 +1388,28 @@ def test_a_fetch_with_a_literal_behind_a_hidden_arrival_never_sets_seen(make_pro
         if b"\\Seen" in server_flags(dovecot, "alice", folder, new) or any(b"UID %d " % new in x for x in got):
             touched.append(delay)
     assert not touched, touched
+
+
+@pytest.mark.parametrize("qresync", [False, True])
+def test_a_local_expunge_tells_only_the_messages_it_takes_from_the_view(make_proxy, dovecot, qresync):
+    """A message marked locally that another device then expunges on the server (the client was told, and
+    the mark stayed pending): the local EXPUNGE that follows names only what it takes out of the view (a
+    VANISHED of the gone UID again took one more message from the client's count)."""
+    folder, uids = folder_with(dovecot, 4)
+    p = make_proxy()
+    a = device(p, "A")
+    if qresync:
+        a.command(b"q", b"ENABLE QRESYNC")
+    select(a, folder)
+    a.command(b"l", b"UID STORE %d:%d +FLAGS.SILENT (\\Deleted $LocalDelete)" % (uids[2], uids[3]))
+    d = dovecot.imap_direct("alice", tls="none")
+    d.select_folder(folder)
+    d.add_flags([uids[2]], [b"\\Deleted"], silent=True)
+    d.uid_expunge([uids[2]])
+    d.logout()
+    r = a.command(b"n", b"NOOP")
+    assert [x for x in r if x.startswith(b"* ") and b"RECENT" not in x] == [b"* VANISHED %d\r\n" % uids[2] if qresync else b"* 3 EXPUNGE\r\n"], r
+    r = a.command(b"e", b"EXPUNGE")
+    assert [x for x in r if x.startswith(b"* ") and b"RECENT" not in x] == [b"* VANISHED %d\r\n" % uids[3] if qresync else b"* 3 EXPUNGE\r\n"], r
+    assert uids_seen(a) == uids[:2]
+    a.close()
