@@ -1650,6 +1650,18 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             await self.classified(session)
             await _next_turn()
         if st.view is None:
+            # Nothing was hidden: the client was told of every message the backend announced, as it came,
+            # and the view must number those. The listing may be short of them (an arrival told at its end,
+            # in IDLE: the view numbered one message fewer than the client knew, for good) or past them.
+            told = session.selected.exists if session.selected is not None else None
+            while told is not None and len(uids) < told:
+                more, more_hidden = await self._classify(session, st.plan, b"%d:*" % ((uids[-1] if uids else 0) + 1))
+                if not more:
+                    break
+                uids, hidden = uids + more, hidden | more_hidden
+                told = session.selected.exists if session.selected is not None else None
+            if told is not None and len(uids) > told:
+                uids = uids[:told]  # (the others are classified when their EXISTS comes)
             st.view = MailboxView(uids, set())
         view = st.view
         # (Of the UIDs both know: the client knows no other, a VANISHED must not name one, RFC 7162 3.2.10;

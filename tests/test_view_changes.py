@@ -591,3 +591,22 @@ def test_a_view_reapplied_behind_an_unannounced_arrival_keeps_the_client_numbers
     assert _client_state(known, r) == [1, 3, 4], r
     c.close()
 
+
+
+def test_a_view_reapplied_in_idle_right_after_an_arrival_keeps_the_client_numbers(proxy, folder, dovecot):
+    """Nothing hidden (no view built), the client idles; an IMDN arrives and IMDNs are turned off at once:
+    whatever the order in which the backend tells the arrival and the view is classified, the client's
+    numbers hold."""
+    c = device(proxy, "phone")
+    assert b"* 4 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder)
+    c.send(b"i IDLE\r\n")
+    assert c.read_line().startswith(b"+")
+    assert dovecot.deliver("dave", folder.decode(), make_object("imdn", seed=9)) == 5
+    turn_imdn_off(proxy, folder)
+    time.sleep(1.2)
+    c.send(b"DONE\r\n")
+    r = c.until_tagged(b"i")
+    known = _client_state([1, 2, 3, 4], r, arrivals=[5])
+    f = c.command(b"f", b"FETCH 1:* (UID)")
+    assert _client_state(known, f) == [1, 3, 4], (r, f)
+    c.close()
