@@ -1655,7 +1655,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # in IDLE: the view numbered one message fewer than the client knew, for good) or past them.
             told = session.selected.exists if session.selected is not None else None
             while told is not None and len(uids) < told:
-                more, more_hidden = await self._classify(session, st.plan, b"%d:*" % ((uids[-1] if uids else 0) + 1))
+                # (Not "n:*": past the last UID that names the last message again, a duplicate in the view.)
+                after = uids[-1] if uids else 0
+                more, more_hidden = await self._classify(session, st.plan, b"%d:%d" % (after + 1, MAX_UID))
+                more = [u for u in more if u > after]
                 if not more:
                     break
                 uids, hidden = uids + more, hidden | more_hidden
