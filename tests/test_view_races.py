@@ -5,6 +5,8 @@ timings and fails if any attempt leaks, counts or touches what the device must n
 from __future__ import annotations
 
 import re
+import socket
+import struct
 import time
 import uuid
 
@@ -552,3 +554,23 @@ def test_xcpm_view_never_reaches_the_backend(proxy, dovecot, make_proxy):
             got = c.command(b"nil", b'STATUS "%s" %s' % (folder.encode(), items))
             assert got[-1].startswith(b"nil NO [NONEXISTENT]"), (folder, got)
     c.close()
+
+
+def test_a_device_gone_while_its_select_is_classified_leaves_no_traceback(proxy, dovecot):
+    """Found by the adversarial-input review: a device that drops its connection right after SELECT of a
+    folder with hidden messages (a phone losing its network). The classification went on for the closed
+    session; its searches failed at once ("backend_command is for a logged-in session"), logged as a
+    CRITICAL "classification failed" with a traceback (and counted as an internal error), and each search
+    not awaited after the first failure as a CRITICAL "Unhandled error in Deferred"."""
+    name, c = folder(proxy, dovecot, ["chat", "imdn", "chat", "chat"])
+    c.close()
+    for _ in range(40):
+        c = device(proxy)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # (RST, at once)
+        c.send(b's SELECT "%s"\r\n' % name)
+        c.sock.close()
+    c = device(proxy)  # (the proxy is still there, and has logged all of it)
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name)
+    c.close()
+    log = proxy.log()
+    assert "Traceback" not in log and "Unhandled" not in log, log[log.find("Traceback") - 300:][:3000]

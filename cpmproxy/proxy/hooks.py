@@ -46,7 +46,8 @@ the backend's (``BackendError``) is not a bug: the command (or login) is answere
 with the backend's own NO (``BackendRefused``).
 
 ``session.backend_command(line)`` runs a command on the session's backend connection that the client never
-sees (its ESEARCH answers are correlated by tag; IDLE is suspended and resumed around it).
+sees (its ESEARCH answers are correlated by tag; IDLE is suspended and resumed around it). Once the client
+is gone it is never answered: what awaits it is dropped with the session.
 ``session.inject(data)`` queues whole untagged responses; the proxy writes them at the next point where
 the client is between two responses (never inside a literal or a multi-segment response).
 ``plugin.peer(name)`` is another enabled plugin (notify and localdelete ask policy what a device sees).

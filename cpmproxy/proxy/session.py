@@ -903,6 +903,12 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         self._internal_seq += 1
         tag = _INTERNAL_TAG_PREFIX + b"%d" % self._internal_seq
         d: defer.Deferred[Reply] = defer.Deferred()
+        if self.phase == "closed":
+            # The client is gone (a plugin's work for it still going on, as a SELECT's classification):
+            # never answered, as the commands in flight when it went. A failure would end that work as
+            # a bug, and be logged again ("Unhandled error") for each command issued with it and never
+            # awaited.
+            return d
         if self.backend is None or self.backend.closed:
             d.errback(BackendError("backend connection is closed"))
             return d
