@@ -574,3 +574,24 @@ def test_a_device_gone_while_its_select_is_classified_leaves_no_traceback(proxy,
     c.close()
     log = proxy.log()
     assert "Traceback" not in log and "Unhandled" not in log, log[log.find("Traceback") - 300:][:3000]
+
+
+@pytest.mark.parametrize("second", [b"SELECT", b"STATUS"])
+def test_a_device_gone_with_a_command_waiting_behind_its_select_leaves_no_traceback(proxy, dovecot, second):
+    """Found by the adversarial-input review: a command pipelined behind a SELECT waits for it; the device
+    went, the SELECT's answer came, and the waiting command was decided for the closed session: its side
+    connection commands, issued together, all failed at once ("session closed"), and each one never
+    awaited after the first failure was logged as a CRITICAL "Unhandled error in Deferred"."""
+    name, c = folder(proxy, dovecot, ["chat", "imdn", "chat", "chat"])
+    c.close()
+    for _ in range(40):
+        c = device(proxy)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # (RST, at once)
+        c.send(b's SELECT "%s"\r\nt %s "%s"%s\r\n' % (name, second, name, b" (MESSAGES)" if second == b"STATUS" else b""))
+        c.sock.close()
+    time.sleep(0.5)
+    c = device(proxy)  # (the proxy is still there, and has logged all of it)
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name)
+    c.close()
+    log = proxy.log()
+    assert "Traceback" not in log and "Unhandled" not in log, log[log.find("Traceback") - 300:][:3000]

@@ -932,19 +932,24 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         Never the session's own connection, not even during the ``login`` hook: a LIST or METADATA
         command there makes Dovecot (Maildir) re-read the whole uidlist at every later SELECT on it
         (+18 ms for 20,000 messages). The reply holds every untagged response that came before the
-        tagged one (ESEARCH by tag)."""
-        d: defer.Deferred[Reply] = defer.Deferred()
+        tagged one (ESEARCH by tag). Raises BackendError once the session has ended."""
         if self.phase == "closed":
             # (A plugin still at work for a session that ended: joining the pool again would keep it, and
-            # the user's side connection, for as long as the process runs.)
-            d.errback(BackendError("session closed"))
-            return d
+            # the user's side connection, for as long as the process runs.) Raised, not a failed Deferred:
+            # commands a plugin issues together (pipelined) would all fail at once, and each one not
+            # awaited after the first failure be logged as an "Unhandled error in Deferred".
+            raise BackendError("session closed")
+        d: defer.Deferred[Reply] = defer.Deferred()
         pool = self.service.side_pool(self)
 
         def send(proto):
             if proto.closed:
                 pool.proto = None
-                return self.side_command(line).chainDeferred(d)
+                try:
+                    return self.side_command(line).chainDeferred(d)
+                except BackendError as e:  # (the session ended meanwhile: ``d`` is awaited already)
+                    d.errback(e)
+                    return None
             proto.command(line).chainDeferred(d)
 
         if pool.proto is None:
