@@ -29,6 +29,7 @@ from cpmproxy.imap.framing import renumber_fetch_lines
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import (
     Atom,
+    Literal,
     LiteralRef,
     ParenList,
     TokenError,
@@ -303,6 +304,15 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             st.reapply = False
             return Defer(defer.Deferred.fromCoroutine(self._reapply_then(session, st, cmd)))
         name = cmd.name
+        if name in (b"SELECT", b"EXAMINE"):
+            if cmd.has_literal and "collected" not in cmd.state:
+                return Collect()  # (a literal after the name too: read whole, for the check below)
+            if "collected" in cmd.state and _binary_literal(cmd.args):
+                # Dovecot refuses a literal8 outside APPEND as it parses the line, before the command runs:
+                # the mailbox selected before stays selected there, while a failed SELECT leaves none here
+                # and its view was dropped (its hidden messages were read). Refused here, which unselects
+                # the backend's too.
+                return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": literal8 not allowed here.")
         if name in (b"SETMETADATA", b"GETMETADATA"):
             return self._metadata_command(session, st, cmd)
         if name in (b"LIST", b"LSUB"):
@@ -1702,6 +1712,12 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
 
 
 _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
+
+
+def _binary_literal(tokens) -> bool:
+    """Is there a literal8 (``~{n}``) among ``tokens``, in lists too?"""
+    return any(t.binary if isinstance(t, (Literal, LiteralRef)) else isinstance(t, ParenList) and _binary_literal(t.items)
+               for t in tokens)
 
 
 def _literal_mailbox(cmd) -> bool:

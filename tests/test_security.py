@@ -278,3 +278,34 @@ def test_connections_count_per_ipv4_address_and_per_ipv6_slash_64(tmp_path):
     moved.peer_host = "198.51.100.9"
     assert svc.by_ip == {"2001:db8:0:7::/64": 2, "2001:db8:0:8::/64": 1, "192.0.2.1": 1, "192.0.2.2": 1,
                          "198.51.100.9": 1}
+
+
+@pytest.mark.parametrize("select", [b'SELECT "%s" ~{1+}\r\nx', b'EXAMINE "%s" (CONDSTORE ~{1}\r\nx)',
+                                    b"SELECT {%d+}\r\n%%s ~{1+}\r\nx", b'SELECT ~{%d+}\r\n%%s'])
+def test_a_select_with_a_binary_literal_keeps_the_view(make_proxy, dovecot, select):
+    """Found by the adversarial-input review: Dovecot refuses a literal8 outside APPEND as it parses the line,
+    before the command runs, and the mailbox selected before stays selected; the proxy took the BAD for a
+    failed SELECT (none selected) and dropped the view: the hidden IMDN was read, by number and by UID."""
+    folder = "Default/tel:+1667" + uuid.uuid4().hex[:6]
+    for kind in ("chat", "imdn", "chat"):
+        dovecot.deliver("erin", folder, make_object(kind))
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
+    c = login(p)
+    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder.encode())
+    name = folder.encode()
+    line = select % len(name) % name if b"%d" in select else select % name
+    head, rest = line.split(b"\r\n", 1)
+    if head.endswith(b"+}"):
+        r = c.command(b"b", line)
+    else:  # (a synchronizing literal: the refusal, or "+" and then the rest)
+        c.send(b"b " + head + b"\r\n")
+        r = [c.read_response()]
+        if r[0].startswith(b"+"):
+            c.send(rest + b"\r\n")
+            r = c.until_tagged(b"b")
+        elif not r[0].startswith(b"b "):
+            r += c.until_tagged(b"b")
+    assert r[-1].startswith((b"b BAD", b"b NO")), r
+    got = c.command(b"f", b"FETCH 1:* (UID)") + c.command(b"u", b"UID FETCH 1:* (UID)")
+    c.close()
+    assert not any(b"UID 2)" in x for x in got), got
