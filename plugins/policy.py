@@ -810,7 +810,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if head.kind != "untagged" or not resp.first:
             return None
         name = head.name
-        if st.pending_select and not (name == b"OK" and head.code is not None and head.code.upper() == b"CLOSED"):
+        if st.pending_select and not (name == b"OK" and head.code is not None and head.code.upper() == b"CLOSED") \
+                and _answers_select(session):
             # (Not on "* OK [CLOSED]", which is about the mailbox selected before: a SELECT the backend
             # then refuses has nothing to build a view of.)
             st.pending_select = False
@@ -1712,6 +1713,15 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
 
 
 _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
+
+
+def _answers_select(session) -> bool:
+    """May an untagged response be the SELECT's (or EXAMINE's) first? Not while a command sent before it
+    is still in progress: the backend runs the SELECT after those, and their answers (a STATUS, LIST or
+    ENABLE pipelined before it) come first (found by review: taken for the SELECT's, a view was built of
+    the mailbox before the backend refused the SELECT; its searches failed, and the session ended)."""
+    inflight = session.inflight_commands()
+    return not inflight or session.selecting is None or inflight[0] is session.selecting
 
 
 def _binary_literal(tokens) -> bool:

@@ -595,3 +595,20 @@ def test_a_device_gone_with_a_command_waiting_behind_its_select_leaves_no_traceb
     c.close()
     log = proxy.log()
     assert "Traceback" not in log and "Unhandled" not in log, log[log.find("Traceback") - 300:][:3000]
+
+
+@pytest.mark.parametrize("lead", [b"STATUS INBOX (MESSAGES)", b'LIST "" INBOX', b"ENABLE CONDSTORE"])
+def test_a_select_the_backend_refuses_behind_a_command_with_answers_keeps_the_session(proxy, dovecot, lead):
+    """Found by the adversarial-input review: a command with untagged answers pipelined before a SELECT of
+    a folder with hidden messages that the backend refuses (BAD: QRESYNC not enabled, an unknown
+    parameter). The earlier command's first answer was taken for the SELECT's and a view was built of
+    nothing selected; its searches failed, and the session ended with BYE [UNAVAILABLE]."""
+    name, c = folder(proxy, dovecot, ["chat", "imdn", "chat", "chat"])
+    c.close()
+    c = device(proxy)
+    c.send(b'a %s\r\nb SELECT "%s" (QRESYNC (1 1))\r\nc SELECT "%s" (BOGUS)\r\nd NOOP\r\n' % (lead, name, name))
+    got = answers(c, b"abcd")
+    tagged = sorted(x[:5] for x in got if x[:2] in (b"a ", b"b ", b"c ", b"d "))
+    assert tagged == [b"a OK ", b"b BAD", b"c BAD", b"d OK "], got
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name)
+    c.close()
