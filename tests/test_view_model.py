@@ -145,9 +145,13 @@ class Direct:
         self.c.select_folder(folder, readonly=True)
         return list(self.c.sort(["DATE"], "ALL", "UTF-8"))
 
-    def thread_order(self, folder: str) -> list[int]:
+    def thread_order(self, folder: str, uids) -> list[int]:
+        """The UIDs of THREAD REFERENCES over ``uids`` alone: a view threads its visible messages only (a
+        hidden message links no thread and orders none)."""
+        if not uids:
+            return []
         self.c.select_folder(folder, readonly=True)
-        return _flatten(self.c.thread("REFERENCES", "ALL", "UTF-8"))
+        return _flatten(self.c.thread("REFERENCES", ["UID", ",".join(map(str, sorted(uids)))], "UTF-8"))
 
 
 def _flatten(tree) -> list[int]:
@@ -517,7 +521,7 @@ class Scenario:
             want = [pos[u] for u in self.direct.sort_date(self.F) if u in pos]
         elif which == "thread":
             line = b"THREAD REFERENCES UTF-8 ALL"
-            want = [pos[u] for u in self.direct.thread_order(self.F) if u in pos]
+            want = [pos[u] for u in self.direct.thread_order(self.F, pos) if u in pos]
         elif which in ("esearch", "uid_esearch"):
             pass
         else:
