@@ -542,6 +542,13 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         kinds, max_size, max_age = criteria or self._criteria(st, mailbox)
         if not (kinds or max_size or max_age or queries):
             return  # fast path: nothing can be hidden here
+        status = await status_d if status_d is not None else None
+        if status is not None and status.status != b"OK":
+            # No such folder (or none to open now): the SELECT most likely fails alike, with the backend's
+            # own NO [NONEXISTENT]. The hiders' answers (refused just the same: a local-delete device's
+            # SELECT of a folder that does not exist failed with the records' NO and a warning) are read
+            # only if its responses come after all, as where no STATUS was asked.
+            status_d = None
         if status_d is None:
             # No STATUS was asked (only hiders such as local delete may hide here, or the folder's own
             # preferences, read since, hide a kind): their queries run while the SELECT is at the backend,
@@ -553,7 +560,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             st.pending_select = True
             return
         replies = [(h, await d) for h, d in queries]
-        uidvalidity = _parse_uidvalidity(await status_d, mailbox)
+        uidvalidity = _parse_uidvalidity(status, mailbox)
         plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
         for h, r in replies:
             plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity, r))

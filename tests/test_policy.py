@@ -1193,3 +1193,26 @@ def test_a_folder_that_becomes_a_session_history_is_hidden_from_the_next_session
         assert tablet.command(b"s", b"SELECT " + q(late))[-1].startswith(b"s NO")
     finally:
         tablet.close()
+
+
+def test_commands_on_a_folder_that_does_not_exist_log_no_warning(make_proxy, dovecot):
+    """Found by review (helper-85): a SELECT, STATUS or GETMETADATA of a folder that does not exist, whose
+    plugin decision reads the folder's facts from the backend, got the backend's NO as it should, and each
+    one logged "plugin decision failed" as a warning: an operator's log filled with a client's typos."""
+    p = make_proxy(config_extra='[policy]\nsync = { imdn = false, session-history = false }\n')
+    folder = "Default/tel:+1667" + uuid.uuid4().hex[:6]
+    dovecot.deliver("dave", folder, make_object("chat"))
+    dovecot.deliver("dave", folder, make_object("chat"))
+    c = login(p, "dave", device="phone-nolog-" + uuid.uuid4().hex[:6])
+    # (A device that deleted locally once: its SELECTs read the mailbox's local-delete records.)
+    assert c.command(b"s0", b"SELECT " + q(folder))[-1].startswith(b"s0 OK")
+    assert c.command(b"d", b"STORE 1 +FLAGS (\\Deleted $LocalDelete)")[-1].startswith(b"d OK")
+    assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    missing = q("Nowhere" + uuid.uuid4().hex[:6])
+    r = c.command(b"s", b"SELECT " + missing)
+    assert r[-1].startswith(b"s NO [NONEXISTENT]"), r
+    assert c.command(b"t", b"STATUS " + missing + b" (MESSAGES)")[-1].startswith(b"t NO [NONEXISTENT]")
+    assert c.command(b"g", b"GETMETADATA " + missing + b" " + PREFIX + b"/sync")[-1].startswith(b"g NO")
+    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    c.close()
+    assert "plugin decision failed" not in p.log(), p.log()[-2000:]

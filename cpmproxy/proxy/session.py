@@ -839,10 +839,12 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         NO to a command the proxy sent for this one, e.g. ``NO [OVERQUOTA]``, passed on; a lost
         connection or anything else from it: UNAVAILABLE); anything else is a bug."""
         if failure.check(BackendError, defer.TimeoutError):
+            if failure.check(BackendRefused) and failure.value.response[:3].upper() == b"NO ":
+                # (The backend's answer, as a client's own command would get it: a SELECT of a folder
+                # that does not exist is no trouble of the proxy's, and was logged as a warning each time.)
+                return Answer(failure.value.response)
             log.warn("plugin decision failed: {error} session={session}", error=failure.getErrorMessage(),
                      session=self.session_id)
-            if failure.check(BackendRefused) and failure.value.response[:3].upper() == b"NO ":
-                return Answer(failure.value.response)
             return Answer(b"NO [UNAVAILABLE] " + UNAVAILABLE)
         if failure.check(TokenError):  # (arguments a plugin read only later, as the command hook would)
             return Answer(b"BAD [CLIENTBUG] Invalid arguments: " + failure.getErrorMessage().encode()[:100] + b".")
