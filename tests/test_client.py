@@ -1257,3 +1257,34 @@ def test_status_refuses_another_accounts_store(dovecot, device):
     fresh.run("status")
     with LocalStore(fresh.store_dir) as store:
         assert store.get_meta("user") is None and store.get_meta("device_id") is None
+
+
+def test_idle_watch_on_an_inbox_named_in_another_case_follows_it(dovecot, tmp_path):
+    """Found by review: ``watch --idle-folder inbox INBOX`` (no NOTIFY: IDLE) took the EXISTS of the folder
+    it idled on for a folder named "inbox", which is not one of those watched ("INBOX"), and dropped it: a
+    delivery waited for the periodic check. INBOX is case-insensitive (RFC 9051 5.1), here too."""
+    if "ivan" not in dovecot.users:
+        dovecot.add_user("ivan", "ivanpw")
+    settings = ServerSettings(dovecot.host, dovecot.port, "ivan", "ivanpw", "idle-case", tls="none")
+
+    def connect_idle(s: ServerSettings, wake_fd=None):
+        conn = connect(s, wake_fd)
+        conn.capabilities = conn.capabilities - {b"NOTIFY"}
+        return conn
+
+    store = LocalStore(tmp_path / "idle-case-store")
+    stopper = Stopper()
+    log: list[str] = []
+    w = Watcher(settings, store, options=WatchOptions(folders=("INBOX",), interval=300, idle_folder="inbox"),
+                stopper=stopper, log=log.append, connector=connect_idle)
+    t, errors = _watch_in_thread(w)
+    try:
+        wait_for(lambda: any("watching" in m for m in log), timeout=20, what="the watcher")
+        time.sleep(0.5)  # (idling by now)
+        delivered = seed(dovecot, "ivan", "INBOX", [make_object("chat", seed=5)])[0]
+        wait_for(lambda: delivered in store.messages(store.folder("INBOX")), what="the delivery")
+    finally:
+        stopper.stop()
+        t.join(15)
+    assert not t.is_alive() and not errors
+    store.close()

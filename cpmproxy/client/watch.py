@@ -343,7 +343,7 @@ class Watcher:
             if resp.name == b"STATUS":
                 toks = resp.tokens
                 if toks and isinstance(toks[0], bytes):
-                    folders.add(decode_mailbox(bytes(toks[0])))
+                    folders.add(canonical_name(decode_mailbox(bytes(toks[0]))))
             elif resp.name == b"LIST":
                 relist = True  # created, deleted or renamed (MailboxName)
             elif resp.name == b"METADATA" and (not resp.data or _PREFERENCES in resp.data.lower()):
@@ -353,6 +353,8 @@ class Watcher:
             elif resp.name in (b"EXISTS", b"EXPUNGE", b"VANISHED", b"FETCH"):
                 # About the mailbox selected when the response arrived (a sync pass may have selected
                 # others since): the connection records it with each unsolicited response.
+                # (Canonical: the IDLE folder may have been named "inbox", and the watched ones are compared
+                # in canonical form.)
                 if resp.mailbox is not None:
-                    folders.add(decode_mailbox(resp.mailbox))
+                    folders.add(canonical_name(decode_mailbox(resp.mailbox)))
         return folders, relist
