@@ -843,6 +843,14 @@ def test_failures_are_one_line_with_an_exit_status(dovecot, device, tmp_path):
     _one_line_failure(ok.run("flag", "INBOX", "1", "+bad flag", ok=False), 2)
 
 
+def test_a_password_file_that_is_not_utf8_is_a_usage_error(device):
+    """Found by review: a password file saved in Latin-1 ("pässword") ended cpm-sync with "internal error:
+    UnicodeDecodeError" (exit 70, "a bug"); it is the user's file to fix, said as such (exit 2)."""
+    a = device("phone-latin1-pw")
+    a.pwfile.write_bytes("p\u00e4ssword\n".encode("latin-1"))
+    _one_line_failure(a.sync(ok=False), 2, "password file", "UTF-8")
+
+
 def test_login_refused_for_now_is_not_a_credentials_failure(dovecot, make_proxy, device, tmp_path):
     """The proxy answers the login ``NO [UNAVAILABLE]`` while its backend is down (RFC 5530: a temporary
     failure). One-shot commands exit 3 like for an unreachable server (not 4, "login refused"), and watch

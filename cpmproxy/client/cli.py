@@ -168,6 +168,8 @@ def read_password(path: str) -> str:
                 text = f.readline()
     except OSError as e:
         raise UsageError(f"cannot read password file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:  # (the user's file to fix, not a bug of ours: not an "internal error")
+        raise UsageError(f"password file {path} is not UTF-8 text") from None
     password = text.rstrip("\r\n")
     if not password:
         raise UsageError(f"password file {path} is empty")
