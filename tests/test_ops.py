@@ -122,14 +122,14 @@ def _socket_activated(listener, conf: Path, names: str = "imap") -> subprocess.P
     return proc
 
 
-def test_systemd_socket_activation_serves(tmp_path):
-    """With the socket passed as systemd does (fd 3, LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES), the proxy
-    serves on it."""
+def _greeted_on_a_systemd_socket(tmp_path, address: str = "127.0.0.1") -> str:
+    """The proxy started on a socket bound to ``address`` and passed as systemd does (fd 3,
+    LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES): it greets a client there, and stops cleanly at SIGTERM. Its output."""
     import socket
     conf = tmp_path / "sd.toml"
     conf.write_text('[proxy]\nlisten = ["systemd:domain=INET:index=0"]\n')
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((address, 0))
     listener.listen()
     port = listener.getsockname()[1]
     proc = _socket_activated(listener, conf)
@@ -144,6 +144,12 @@ def test_systemd_socket_activation_serves(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=10)[0].decode()
     assert proc.returncode == 0, out
+    return out
+
+
+def test_systemd_socket_activation_serves(tmp_path):
+    """With the socket passed as systemd does, the proxy serves on it."""
+    _greeted_on_a_systemd_socket(tmp_path)
 
 
 @pytest.mark.parametrize("address, warned", [("0.0.0.0", True), ("127.0.0.1", False)])
@@ -152,22 +158,7 @@ def test_a_socket_systemd_passed_where_no_remote_client_can_log_in_is_warned_of(
     configuration (no tls_cert, plaintext_auth = "loopback"): every remote client got LOGINDISABLED, and
     nothing said so, as it is said of such a tcp: listener (found by the ops review). --check cannot know
     the socket's address (ExecStartPre gets none); the start, which has it, warns."""
-    import socket
-    conf = tmp_path / "sd.toml"
-    conf.write_text('[proxy]\nlisten = ["systemd:domain=INET:index=0"]\n')
-    listener = socket.socket()
-    listener.bind((address, 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    proc = _socket_activated(listener, conf)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-            s.settimeout(15)
-            assert s.recv(200).startswith(b"* OK")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=10)[0].decode()
-    assert proc.returncode == 0, out
+    out = _greeted_on_a_systemd_socket(tmp_path, address)
     assert ("proxy.listen[0]: clients on other hosts cannot log in" in out) == warned, out
 
 
