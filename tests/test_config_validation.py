@@ -100,20 +100,25 @@ def test_push_ca_file_is_relative_to_the_config_file(tmp_path):
     assert _cli_check(config).returncode == 0
 
 
-def test_ssl_listener_files_are_relative_to_the_config_file(tmp_path):
-    """An ``ssl:`` listener's key and certificate were opened relative to the working directory (the
-    operator review: ``--check`` passed in /etc/cpmproxy, and the service, which runs in /, failed)."""
+@pytest.mark.parametrize("section", ["proxy", "metrics"])
+def test_ssl_listener_files_are_relative_to_the_config_file(tmp_path, section):
+    """An ``ssl:`` listener's key and certificate, ``[proxy] listen``'s and ``[metrics] listen``'s
+    (Prometheus over TLS), were opened relative to the working directory (the operator reviews: ``--check``
+    passed in /etc/cpmproxy, and the service, which runs in /, failed)."""
     conf_dir = tmp_path / "etc"
     conf_dir.mkdir()
     certs = make_ca_and_cert(conf_dir)
     config = conf_dir / "c.toml"
-    config.write_text(f'[proxy]\nlisten = ["ssl:1993:interface=127.0.0.1:privateKey={certs.key.name}:'
-                      f'certKey={certs.cert.name}"]\n')
+    endpoint = "ssl:1993:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    written = endpoint.format(key=certs.key.name, cert=certs.cert.name)
+    config.write_text(f'[proxy]\nlisten = ["{written}"]\n' if section == "proxy"
+                      else f'[metrics]\nlisten = "{written}"\n')
     assert Path.cwd() != conf_dir
     r = _cli_check(config)
     assert r.returncode == 0, r.stderr
-    assert check_config(str(config)).proxy["listen"] == [
-        f"ssl:1993:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"]
+    checked = check_config(str(config))
+    listen = checked.proxy["listen"] if section == "proxy" else [checked.metrics["listen"]]
+    assert listen == [endpoint.format(key=certs.key, cert=certs.cert)]
 
 
 def test_backend_tls_settings_without_tls_are_refused(tmp_path):
@@ -127,20 +132,6 @@ def test_backend_tls_settings_without_tls_are_refused(tmp_path):
     check_config(str(_write(tmp_path, '[backend]\ntls = "starttls"\nserver_name = "imap.example.net"\n')))
 
 
-def test_metrics_ssl_listener_files_are_relative_to_the_config_file(tmp_path):
-    """The same for ``[metrics] listen`` with ``ssl:`` (Prometheus over TLS): --check run in the config's
-    directory passed, and the service, which runs in /, could not start (found by the ops review)."""
-    conf_dir = tmp_path / "etc"
-    conf_dir.mkdir()
-    certs = make_ca_and_cert(conf_dir)
-    config = conf_dir / "c.toml"
-    config.write_text(f'[metrics]\nlisten = "ssl:9443:interface=127.0.0.1:privateKey={certs.key.name}:'
-                      f'certKey={certs.cert.name}"\n')
-    assert Path.cwd() != conf_dir
-    r = _cli_check(config)
-    assert r.returncode == 0, r.stderr
-    assert check_config(str(config)).metrics["listen"] == \
-        f"ssl:9443:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"
 
 
 def test_check_warns_of_listeners_where_no_remote_client_can_log_in(tmp_path):
