@@ -43,6 +43,11 @@ class _Runner(service.Service):
     def startService(self):
         from twisted.internet import reactor
 
+        from cpmproxy.proxy.service import config_warnings
+
+        # (Said as the proxy's own start says them: under twist they were never said at all.)
+        for warning in config_warnings(self.proxy.config):
+            log.warn("{warning}", warning=warning)
         super().startService()
         self.proxy.startService()
         reactor.callWhenRunning(self._listen, reactor)  # (twist starts services before the reactor runs)

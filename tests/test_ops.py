@@ -532,6 +532,31 @@ def test_twist_plugin_runs(dovecot, tmp_path, reactor):
     assert ("ProxyReactor" if reactor else "EPollReactor") in proc.stdout.read().decode()
 
 
+def test_twist_plugin_says_the_configuration_warnings(tmp_path):
+    """A listener other hosts reach where none of them can log in (no tls_cert, plaintext only from
+    loopback) is warned of at the start under twist too (found by the ops review: only cpmproxy's own
+    start and --check said it)."""
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[proxy]\nlisten = ["tcp:{port}:interface=0.0.0.0"]\n[backend]\nhost = "127.0.0.1"\n')
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    twist = Path(sys.executable).with_name("twist")
+    proc = subprocess.Popen([str(twist), "cpmproxy", "--config", str(config)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0].decode()
+    assert "proxy.listen[0]: clients on other hosts cannot log in" in out, out
+
+
 @pytest.mark.parametrize("broken", ["config", "listener"])
 def test_twist_plugin_fails_cleanly(tmp_path, broken):
     """Under twist, a refused configuration is one line and EX_USAGE (it was a traceback), and a listener
