@@ -520,7 +520,8 @@ class PushPlugin(Plugin):
                 try:
                     found = await self._inspect_on(run, dataclasses.replace(event, uids=changed),
                                                    {st.policy.max_size for st in states} - {0},
-                                                   {st.policy.max_age_days for st in states} - {0})
+                                                   {st.policy.max_age_days for st in states} - {0},
+                                                   headers=False)  # (the event names none of them)
                 except Exception as e:  # (not known: it goes to every device that sees the folder)
                     log.warn("classifying changed messages failed: {e}", e=e)
                 else:
@@ -551,9 +552,11 @@ class PushPlugin(Plugin):
             proto.command(b"LOGOUT").addErrback(lambda _: None)
             proto.transport.loseConnection()
 
-    async def _inspect_on(self, run, event: ChangeEvent, sizes: set[int], ages: set[int]) -> _Inspected:
-        """Kinds (and the configured header fields) of the new messages, and which of them are larger than
-        each of ``sizes`` (bytes) or older than each of ``ages`` (days): server-side searches, pipelined."""
+    async def _inspect_on(self, run, event: ChangeEvent, sizes: set[int], ages: set[int],
+                          headers: bool = True) -> _Inspected:
+        """Kinds (and, with ``headers``, the configured header fields) of the event's messages, and which
+        of them are larger than each of ``sizes`` (bytes) or older than each of ``ages`` (days):
+        server-side searches, pipelined."""
         kinds = await classify(run, event.mailbox, event.uids)  # (EXAMINEs the mailbox)
         uidset = SequenceSet.from_iterable(event.uids).format()
         larger = {n: run(b"UID SEARCH RETURN (ALL) UID " + uidset + b" LARGER %d" % n) for n in sizes}
@@ -563,7 +566,7 @@ class PushPlugin(Plugin):
             found.larger[n] = set(esearch_all(await d))
         for n, d in older.items():
             found.older[n] = set(esearch_all(await d))
-        if self.include_headers:
+        if headers and self.include_headers:
             fields = " ".join(self.include_headers).encode()
             reply = await run(b"UID FETCH " + uidset + b" (UID BODY.PEEK[HEADER.FIELDS (" + fields + b")])")
             for line in reply.untagged:
