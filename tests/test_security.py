@@ -146,16 +146,23 @@ def test_imap_urls_are_neither_offered_nor_taken(make_proxy, dovecot):
     c.close()
 
 
-def test_sequence_sets_the_view_cannot_read_are_refused(make_proxy, dovecot):
-    """Dovecot reads "01" as 1; the view could not parse it and passed the command on in the client's
-    numbers: as UID 01 a hidden message was flagged \\Deleted and expunged, by number the backend's
-    message 1 (a hidden one) was touched."""
+def _selected_hiding_an_imdn(make_proxy, dovecot, kinds: tuple[str, ...]) -> tuple:
+    """A new folder of erin's holding ``kinds`` (one IMDN among two chats), selected through a proxy whose
+    policy hides IMDNs: (the proxy, the client, the folder); the client sees two messages."""
     folder = "Default/tel:+1666" + uuid.uuid4().hex[:6]
-    for kind in ("imdn", "chat", "chat"):
+    for kind in kinds:
         dovecot.deliver("erin", folder, make_object(kind))
     p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
     c = login(p)
     assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder.encode())
+    return p, c, folder
+
+
+def test_sequence_sets_the_view_cannot_read_are_refused(make_proxy, dovecot):
+    """Dovecot reads "01" as 1; the view could not parse it and passed the command on in the client's
+    numbers: as UID 01 a hidden message was flagged \\Deleted and expunged, by number the backend's
+    message 1 (a hidden one) was touched."""
+    p, c, folder = _selected_hiding_an_imdn(make_proxy, dovecot, ("imdn", "chat", "chat"))
     for tag, command in ((b"a", b"UID STORE 01 +FLAGS (\\Deleted)"), (b"b", b"STORE 01 +FLAGS (\\Flagged)"),
                          (b"c", b"UID COPY 01 INBOX"), (b"d", b"COPY 01:2 INBOX"), (b"e", b"SEARCH 01"),
                          (b"f", b"UID EXPUNGE 01")):
@@ -286,12 +293,7 @@ def test_a_select_with_a_binary_literal_keeps_the_view(make_proxy, dovecot, sele
     """Found by the adversarial-input review: Dovecot refuses a literal8 outside APPEND as it parses the line,
     before the command runs, and the mailbox selected before stays selected; the proxy took the BAD for a
     failed SELECT (none selected) and dropped the view: the hidden IMDN was read, by number and by UID."""
-    folder = "Default/tel:+1667" + uuid.uuid4().hex[:6]
-    for kind in ("chat", "imdn", "chat"):
-        dovecot.deliver("erin", folder, make_object(kind))
-    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
-    c = login(p)
-    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder.encode())
+    p, c, folder = _selected_hiding_an_imdn(make_proxy, dovecot, ("chat", "imdn", "chat"))
     name = folder.encode()
     line = select % len(name) % name if b"%d" in select else select % name
     head, rest = line.split(b"\r\n", 1)
