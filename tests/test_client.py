@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,8 @@ import imapclient
 import pytest
 
 from cpmproxy.client import LocalStore, ServerSettings, Syncer, connect
-from cpmproxy.client.errors import ServerRefused, ServerUnavailable
+from cpmproxy.client.errors import ConnectionLost, ServerRefused, ServerUnavailable
+from cpmproxy.client.sync import SyncOptions
 from cpmproxy.client.watch import Stopper, Watcher, WatchOptions
 from cpmproxy.testing.dovecot import parse_appenduid
 from cpmproxy.testing.rawclient import RawIMAP
@@ -957,6 +959,74 @@ def test_folder_deleted_between_list_and_examine_counts_as_gone(dovecot, tmp_pat
     assert store.folder(victim) is None and store.folder(fresh) is None
     assert new in store.messages(store.folder(fine))
     store.close()
+
+
+def _sync_breaking_at_a_message(dovecot, tmp_path, folders, victim, breaker, reconnect=True, written=None):
+    """Sync ``folders`` in batches of 2 messages; when the third message of ``victim`` is written (the
+    first two committed), run ``breaker(syncer)`` (another client deletes the folder, or the connection
+    breaks). ``written``: a list to record the UIDs written in ``victim``."""
+    settings = ServerSettings(dovecot.host, dovecot.port, "alice", "alicepw", "lib-lost", tls="none")
+    store = LocalStore(tmp_path / "lost")
+    syncer = Syncer(connect(settings), store, SyncOptions(batch_messages=2, window=1),
+                    reconnect=(lambda: connect(settings)) if reconnect else None)
+    write = store.write_message
+    seen = [] if written is None else written
+
+    def write_then_break(lf, uid, *args):
+        if lf.name == victim:
+            seen.append(uid)
+            if len(seen) == 3:
+                breaker(syncer)
+        return write(lf, uid, *args)
+
+    store.write_message = write_then_break
+    try:
+        with store.locked():
+            return syncer.sync(sorted(folders)), store
+    finally:
+        syncer.conn.close()
+
+
+def test_folder_deleted_while_its_messages_are_fetched_counts_as_gone(dovecot, tmp_path):
+    """Another client deletes a folder while this one fetches its messages: Dovecot ends the session
+    (BYE, "Mailbox was deleted under us"). The sync connects again, finds the folder gone (removed
+    locally, as if LIST had not shown it) and syncs the other folders (before, it stopped: exit 3)."""
+    victim, fine = unique_folder(), unique_folder()
+    seed(dovecot, "alice", victim, [make_object("chat", seed=i) for i in range(6)])
+    new = seed(dovecot, "alice", fine, [make_object("chat", seed=9)])
+
+    def delete(_syncer):
+        c = dovecot.imap_direct("alice", tls="none")
+        c.delete_folder(victim)
+        c.logout()
+
+    result, store = _sync_breaking_at_a_message(dovecot, tmp_path, [victim, fine], victim, delete)
+    assert result.failed == [] and victim not in {f.name for f in result.folders}
+    assert store.folder(victim) is None
+    assert sorted(store.messages(store.folder(fine))) == new
+    store.close()
+
+
+def test_connection_lost_in_a_folder_goes_on_with_a_new_one(dovecot, tmp_path):
+    """The connection breaks while a folder's messages are fetched: the sync connects again and syncs
+    the folder (every message, the ones committed before the loss not fetched twice) and the rest. With no
+    way to reconnect (the library's default) the loss ends the sync as before."""
+    victim, fine = unique_folder(), unique_folder()
+    uids = seed(dovecot, "alice", victim, [make_object("chat", seed=i) for i in range(6)])
+    new = seed(dovecot, "alice", fine, [make_object("chat", seed=9)])
+
+    def cut(syncer):
+        syncer.conn.sock.shutdown(socket.SHUT_RDWR)
+
+    written = []
+    result, store = _sync_breaking_at_a_message(dovecot, tmp_path, [victim, fine], victim, cut, written=written)
+    assert result.failed == []
+    assert sorted(store.messages(store.folder(victim))) == uids
+    assert [written.count(u) for u in uids[:2]] == [1, 1]  # (committed before the loss)
+    assert sorted(store.messages(store.folder(fine))) == new
+    store.close()
+    with pytest.raises(ConnectionLost):
+        _sync_breaking_at_a_message(dovecot, tmp_path / "again", [victim, fine], victim, cut, reconnect=False)
 
 
 def test_interrupted_flag_update_recovers_without_download(dovecot, device):

@@ -244,7 +244,11 @@ def cmd_sync(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
     stopper = Stopper().install()
     try:
         with store.locked(should_stop=lambda: stopper.stopped):  # (a busy store does not delay SIGTERM)
-            conn = connect(settings, wake_fd=stopper.fd)  # a silent server does not delay SIGTERM
+            def reconnect():
+                return connect(settings, wake_fd=stopper.fd)  # (a silent server does not delay SIGTERM)
+
+            syncer = None
+            conn = reconnect()
             try:
                 store.bind(settings.address, settings.user, settings.device_id)
                 syncer = Syncer(
@@ -253,14 +257,15 @@ def cmd_sync(args: argparse.Namespace, store: LocalStore, out: TextIO) -> int:
                     SyncOptions(full=args.full),
                     progress_factory(False if args.quiet else None),
                     should_stop=lambda: stopper.stopped,
+                    reconnect=reconnect,
                 )
                 result = syncer.sync(args.folders or None)
             except BaseException:
                 # Not LOGOUT: it would read the rest of a body FETCH still in flight, and its handler write
                 # each message into the store the sync just gave up on (a full disk filled again).
-                conn.close()
+                (syncer.conn if syncer is not None else conn).close()
                 raise
-            conn.logout()
+            syncer.conn.logout()
     finally:
         stopper.close()
     if not args.quiet:

@@ -51,6 +51,7 @@ from cpmproxy.client.connection import (
     mailbox_arg,
 )
 from cpmproxy.client.errors import (
+    ConnectionLost,
     FolderRefused,
     Interrupted,
     NoSuchFolder,
@@ -425,7 +426,13 @@ class Syncer:
 
     ``should_stop`` is polled between batches and folders; when it returns True the current batch is
     committed and :class:`Interrupted` is raised (the next sync resumes from there).
+
+    ``reconnect``, if given, opens a new connection when the server ends one in the middle of a folder:
+    Dovecot says BYE to a session whose selected folder another client deletes. The folder is then gone
+    (as if LIST had not shown it) or synced again; at most ``MAX_RECONNECTS`` times in one sync.
     """
+
+    MAX_RECONNECTS = 3
 
     def __init__(
         self,
@@ -435,13 +442,18 @@ class Syncer:
         progress: ProgressFactory | None = None,
         should_stop: Callable[[], bool] | None = None,
         log: Callable[[str], None] | None = None,
+        reconnect: Callable[[], Connection] | None = None,
     ) -> None:
-        self.conn = conn
         self.store = store
         self.options = options or SyncOptions()
         self.progress = progress or (lambda label, n, b: NullProgress())
         self.should_stop = should_stop or (lambda: False)
         self.log = log or (lambda msg: None)
+        self.reconnect = reconnect
+        self._adopt(conn)
+
+    def _adopt(self, conn: Connection) -> None:
+        self.conn = conn
         # QRESYNC must be ENABLEd before it can be used in SELECT; it also makes the server report
         # expunges as VANISHED (UIDs) instead of EXPUNGE (sequence numbers): simpler to keep in step.
         if conn.has("QRESYNC") and not conn.qresync:
@@ -549,6 +561,7 @@ class Syncer:
         else:
             targets = sorted(set(server) | set(local))
         unchanged: list[Folder] = []
+        reconnects = [self.MAX_RECONNECTS if self.reconnect is not None else 0]
         for name in targets:
             self._check_stop()
             sf = server.get(name)
@@ -565,7 +578,7 @@ class Syncer:
                     result.failed.append((name, "it holds no messages (\\Noselect): name the folders below it"))
                 continue
             try:
-                res = self.sync_folder(sf, lf)
+                res = self._sync_folder_reconnecting(sf, lf, reconnects)
             except ServerRefused as e:
                 # One folder the server will not open must not keep the others from being synced.
                 now = self.store.folder(name)
@@ -588,6 +601,25 @@ class Syncer:
         self.store.touch_folders(unchanged, time.time())
         result.elapsed = time.monotonic() - started
         return result
+
+    def _sync_folder_reconnecting(self, sf: ServerFolder, lf: Folder | None, reconnects: list[int]) -> FolderResult:
+        """:meth:`sync_folder`; a connection the server ends meanwhile is opened again (``reconnects[0]``
+        more times in this sync), and the folder, if the LIST on the new one still shows it, synced again.
+        What was committed before the loss stays: that sync goes on from there."""
+        while True:
+            try:
+                return self.sync_folder(sf, lf)
+            except ConnectionLost as e:
+                if reconnects[0] <= 0:
+                    raise
+                reconnects[0] -= 1
+                self.log(f"{sf.name}: connection lost ({e}); connecting again")
+                self.conn.close()
+                self._adopt(self.reconnect())
+            again = self.list_folders([sf.name]).get(sf.name)
+            if again is None or not again.selectable:
+                raise FolderRefused(f"{sf.name}: deleted on the server during the sync", gone=True)
+            sf, lf = again, self.store.folder(sf.name)
 
     # -- steps a.2 and a.3 for one folder -------------------------------------------------------------
 
