@@ -1413,3 +1413,28 @@ def test_a_local_expunge_tells_only_the_messages_it_takes_from_the_view(make_pro
     assert [x for x in r if x.startswith(b"* ") and b"RECENT" not in x] == [b"* VANISHED %d\r\n" % uids[3] if qresync else b"* 3 EXPUNGE\r\n"], r
     assert uids_seen(a) == uids[:2]
     a.close()
+
+
+@pytest.mark.parametrize("mark", [b"STORE 1", b"UID STORE %d"])
+def test_a_first_local_mark_behind_an_untold_arrival_numbers_what_the_client_is_told(make_proxy, dovecot, mark):
+    """The first local mark in a folder where nothing is hidden builds the view from a listing of the
+    backend's messages; a message that arrived since the client's last command is told (EXISTS) at the end
+    of that listing, not in it. The view must number it too: before, the client was one message ahead of
+    the view for good, and the EXPUNGE after the next arrival named the wrong message."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy()
+    a = device(p, "A")
+    select(a, folder)
+    uids.append(dovecot.deliver("alice", folder, make_object("chat", text="arrived")))
+    target = mark % uids[0] if b"%" in mark else mark
+    r = a.command(b"l", target + b" +FLAGS.SILENT (\\Deleted $LocalDelete)")
+    assert r[-1].startswith(b"l OK") and b"* 4 EXISTS\r\n" in r, r
+    r = a.command(b"e", b"EXPUNGE")
+    assert [x for x in r if x.startswith(b"* ") and b"RECENT" not in x] == [b"* 1 EXPUNGE\r\n"], r
+    uids.append(dovecot.deliver("alice", folder, make_object("chat", text="arrived later")))
+    r = a.command(b"n", b"NOOP")
+    assert [x for x in r if x.startswith(b"* ") and b"RECENT" not in x] == [b"* 4 EXISTS\r\n"], r
+    assert uids_seen(a) == uids[1:]
+    r = a.command(b"s", b"FETCH 4 (UID)")
+    assert r[0] == b"* 4 FETCH (UID %d)\r\n" % uids[4], r
+    a.close()
