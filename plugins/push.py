@@ -20,7 +20,11 @@ gateway wakes each listed device for what it names, so the intersection would le
 for a message it shows, and a union would name messages hidden from the others. A flag change names no
 messages: it goes to the devices that see one of the messages changed (asked of the backend by their
 MODSEQ and classified, up to ``_CHANGED_INSPECTED`` of them; more, to every device that sees the
-folder). An expunge names none either and goes to every device that sees the folder. A folder whose facts cannot be
+folder). An expunge names none either: it goes to every device that sees the folder, but for a device
+whose view hides every message it took by kind (an IMDN deleted where IMDNs are hidden from it). Which
+messages those were is read off the folder's UID listing, taken at its last event and again now
+(``_expunged``), and their kinds off what was classified of them (``_kinds``, the policy's cache); a
+message of unknown kind, or no earlier listing, and the expunge goes to every such device. A folder whose facts cannot be
 read drops the event (a device's next sync finds the change). Only message changes are pushed: a HIGHESTMODSEQ
 that moved for a metadata write alone (a preference, a device record) is checked and dropped. ``headers`` only with ``include_headers = ["From", "Subject"]`` (message content stays out
 unless the operator asks for it). ``id`` is the same for the same change whichever proxy process sends it, so a gateway
@@ -79,7 +83,7 @@ from plugins.cpm import PREFIX
 from plugins.localdelete import device_key
 from plugins.notify import TOPIC, ChangeEvent
 from plugins.policy import classify
-from plugins.policystate import FolderInfo, side_examine
+from plugins.policystate import FolderInfo, _esearch_ranges, side_examine
 from plugins.pushqueue import Entry, Outbox
 from plugins.wire import esearch_all, iter_metadata, wire_name
 
@@ -93,7 +97,11 @@ _MODSEQS_KEPT = 100000  # (user, mailbox) pairs whose last HIGHESTMODSEQ is reme
 # A flag change of more messages than this (a client marking a folder read) is not classified: it goes to
 # every device that sees the folder, as its messages' kinds would cost a long FETCH to learn.
 _CHANGED_INSPECTED = 1000
+_KINDS_KEPT = 100_000  # kinds of classified messages remembered, by (user, mailbox, UIDVALIDITY, UID)
+_LISTINGS_KEPT = 10_000  # folders whose UID listing is kept (to tell which messages an expunge took)
+_LISTING_RANGES = 4096  # a listing of more ranges (a very scattered folder) is not kept
 _RETRIED_CODES = (408, 425, 429)  # and 5xx: the gateway's trouble, not the event's
+_RESPONSE_CODE_NUMBER = re.compile(rb"^\* OK \[(UIDVALIDITY|UIDNEXT) ([0-9]+)\]", re.I)
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII except ":"
 _FETCHED_HEADERS = re.compile(rb"UID (\d+)[^{]*\{(\d+)\}\r\n", re.S)
 _SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "concurrency": int, "max_devices": int, "max_retries": int,
@@ -137,6 +145,9 @@ class PushPlugin(Plugin):
         self._sent_ids: OrderedDict[str, None] = OrderedDict()  # ids of the last events queued
         # (user, mailbox, UIDVALIDITY) -> UIDs of new messages pushed lately (see _fresh_uids)
         self._new_uids: OrderedDict[tuple, SequenceSet] = OrderedDict()
+        self._kinds: OrderedDict[tuple, str] = OrderedDict()  # (user, mailbox, UIDVALIDITY, UID) -> kind
+        # (user, mailbox) -> (UIDVALIDITY, its UIDs, UIDNEXT) when last listed (see _expunged)
+        self._listings: OrderedDict[tuple[str, str], tuple[int, SequenceSet, int]] = OrderedDict()
 
     def configure(self, settings: dict) -> None:
         self._agent = None  # (made again with the trust root and timeout set here)
@@ -421,7 +432,7 @@ class PushPlugin(Plugin):
         # (A new message may be the session info that makes its folder a Session History: asked anew.)
         recent_ok = not event.uids
         known = policy.folder_facts_known(event.user, states, event.mailbox, recent_ok)
-        if since is None and not event.uids and known:
+        if since is None and not event.uids and known and not self._by_kind(event, states):
             looked = await self._look(None, event, None, states)  # (nothing to ask the backend)
         else:
             try:
@@ -443,6 +454,8 @@ class PushPlugin(Plugin):
             if inspected.changed and not self._visible(policy, st, dataclasses.replace(event, uids=inspected.changed),
                                                         inspected):
                 continue  # (flags changed only on messages this device does not see)
+            if inspected.expunged and set(inspected.expunged.values()) <= set(policy.hidden_kinds(st, event.mailbox)):
+                continue  # (every message it took is of a kind this device does not see)
             views.setdefault(uids, []).append(device)
         bodies = []
         for uids, devices in views.items():
@@ -457,6 +470,11 @@ class PushPlugin(Plugin):
                     body["headers"] = {str(u): inspected.headers[u] for u in uids if u in inspected.headers}
             bodies.append(body)
         return bodies
+
+    def _by_kind(self, event: ChangeEvent, states: list) -> bool:
+        """Is ``event`` an expunge that a device may not see (its view hides a kind in that folder)?"""
+        policy = self.peer("policy")
+        return event.event == "MessageExpunge" and any(policy.hidden_kinds(st, event.mailbox) for st in states)
 
     def _may_hide(self, st, mailbox: str) -> bool:
         """Can the device of ``st`` have messages of ``mailbox`` hidden (a kind, a size, an age)?"""
@@ -512,6 +530,12 @@ class PushPlugin(Plugin):
             return None
         for st in states:
             st.folders[event.mailbox] = info
+        if run is not None and self._by_kind(event, states):
+            try:
+                return _Inspected(expunged=await self._expunged(run, event))
+            except Exception as e:  # (not known: it goes to every device that sees the folder)
+                log.warn("push: finding the expunged messages failed: {e}", e=e)
+                return _Inspected()
         if not event.uids:
             if changed and len(changed) <= _CHANGED_INSPECTED and any(self._may_hide(st, event.mailbox)
                                                                       for st in states):
@@ -526,16 +550,61 @@ class PushPlugin(Plugin):
                     log.warn("classifying changed messages failed: {e}", e=e)
                 else:
                     found.changed = changed
+                    self._remember_kinds(event, found.kinds)
                     return found
             return _Inspected()
         if run is None:
             return _Inspected(known=False)
         try:
-            return await self._inspect_on(run, event, {st.policy.max_size for st in states} - {0},
-                                          {st.policy.max_age_days for st in states} - {0})
+            found = await self._inspect_on(run, event, {st.policy.max_size for st in states} - {0},
+                                           {st.policy.max_age_days for st in states} - {0})
         except Exception as e:  # the event still goes out, without them (and not to devices that may hide some)
             log.warn("classifying pushed messages failed: {e}", e=e)
             return _Inspected(known=False)
+        self._remember_kinds(event, found.kinds)
+        return found
+
+    def _remember_kinds(self, event: ChangeEvent, kinds: dict[int, str]) -> None:
+        """Keep the kinds of classified messages: once expunged, they can no longer be asked."""
+        if event.uidvalidity is None:
+            return
+        for uid, kind in kinds.items():
+            key = (event.user, event.mailbox, event.uidvalidity, uid)
+            self._kinds.pop(key, None)
+            self._kinds[key] = kind
+        while len(self._kinds) > _KINDS_KEPT:
+            self._kinds.popitem(last=False)
+
+    async def _expunged(self, run, event: ChangeEvent) -> dict[int, str | None] | None:
+        """The messages an expunge took, with their kinds where known (None: unknown), or None if it
+        cannot be told. The folder's UIDs are listed now and compared with the listing of its previous
+        expunge: every message gone since (or arrived since and gone) is in one such comparison, so a
+        device left out of one for the kinds it hides is woken by the one that holds a message it saw.
+        The first expunge seen of a folder (since the start, or since its listing was forgotten) has
+        nothing to compare with."""
+        uidvalidity, now, uidnext = await _listing(run, event.mailbox)
+        key = (event.user, event.mailbox)
+        before = self._listings.pop(key, None)
+        if len(now.ranges) <= _LISTING_RANGES:
+            self._listings[key] = (uidvalidity, now, uidnext)
+            while len(self._listings) > _LISTINGS_KEPT:
+                self._listings.popitem(last=False)
+        if before is None or before[0] != uidvalidity:
+            return None
+        _, then, then_next = before
+        gone = then - now
+        if uidnext > then_next:
+            gone = gone | (SequenceSet.from_ranges([(then_next, uidnext - 1)]) - now)
+        if not gone or len(gone) > _KINDS_KEPT:
+            return None
+        cache = self.peer("policy").cache.peek(event.user, event.mailbox, uidvalidity)
+        out: dict[int, str | None] = {}
+        for uid in gone:
+            kind = self._kinds.get((event.user, event.mailbox, uidvalidity, uid))
+            if kind is None and cache is not None:
+                kind = next((k for k, uids in cache.kinds.items() if uid in uids), None)
+            out[uid] = kind
+        return out
 
     async def _on_backend(self, session, user: str, work):
         """``await work(run)`` with ``run`` a command runner on a connection free to EXAMINE: the
@@ -698,6 +767,7 @@ class _Inspected:
     larger: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # max_size -> UIDs larger
     older: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # max_age_days -> UIDs older
     changed: tuple[int, ...] = ()  # a change without new messages: the messages whose flags changed
+    expunged: dict[int, str | None] | None = None  # an expunge: the messages it took, their kinds if known
 
 
 def _nothing():
@@ -744,6 +814,22 @@ async def _changed_since(run, event: ChangeEvent, since: int) -> tuple[int, ...]
     found = run(b"UID SEARCH RETURN (ALL) MODSEQ %d" % since)  # (pipelined; fails if the EXAMINE did)
     await examined
     return tuple(esearch_all(await found))
+
+
+async def _listing(run, mailbox: str) -> tuple[int, SequenceSet, int]:
+    """(UIDVALIDITY, UIDs, UIDNEXT) of ``mailbox`` now (EXAMINEs it; one round trip)."""
+    examined = run(b"EXAMINE " + wire_name(mailbox))
+    found = run(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined; fails if the EXAMINE did)
+    reply = await examined
+    codes = {}
+    for line in reply.untagged:
+        m = _RESPONSE_CODE_NUMBER.match(line)
+        if m:
+            codes[m.group(1).upper()] = int(m.group(2))
+    ranges = _esearch_ranges(await found)
+    if b"UIDVALIDITY" not in codes or b"UIDNEXT" not in codes:
+        raise ValueError(f"EXAMINE {mailbox!r} told no UIDVALIDITY or UIDNEXT")
+    return codes[b"UIDVALIDITY"], SequenceSet.from_canonical(ranges), codes[b"UIDNEXT"]
 
 
 def change_id(event: ChangeEvent) -> str:

@@ -189,6 +189,19 @@ def test_pushes_of_an_ordinary_folder_do_not_each_ask_the_backend(push_proxy, re
     assert len(logins) <= 1, logins  # (the first event asks)
 
 
+_IMDN_FOR_TABLETS_ONLY = ('sync = { imdn = false }\n[[policy.class]]\nname = "all"\ndevices = ["tablet-*"]\n'
+                          'sync = { imdn = true }\n')
+
+
+def _tablet_and_phone_offline(push_proxy, user: str, tag: str):
+    """A proxy whose policy hides IMDNs from every device but tablets, and a tablet and a phone of ``user``
+    it knows of, both gone offline (their pushes follow)."""
+    p = push_proxy(_IMDN_FOR_TABLETS_ONLY)
+    device(p, f"tablet-{tag}", user).close()
+    device(p, f"phone-{tag}", user).close()
+    return p
+
+
 def test_a_flag_change_of_a_message_no_offline_device_sees_is_not_pushed(push_proxy, receiver, dovecot,
                                                                           dovecot_direct):
     """Found by review (helper-79): a flag change names no message, and went to every device that sees the
@@ -201,11 +214,7 @@ def test_a_flag_change_of_a_message_no_offline_device_sees_is_not_pushed(push_pr
     folder = f"Default/tel:+1451{tag}"
     chat = dovecot.deliver(user, folder, make_object("chat", text="flag me"))
     imdn = dovecot.deliver(user, folder, make_object("imdn"))
-    policy = ('sync = { imdn = false }\n[[policy.class]]\nname = "all"\ndevices = ["tablet-*"]\n'
-              'sync = { imdn = true }\n')
-    p = push_proxy(policy)
-    device(p, f"tablet-{tag}", user).close()
-    device(p, f"phone-{tag}", user).close()
+    p = _tablet_and_phone_offline(push_proxy, user, tag)
     time.sleep(1.5)
     d = dovecot_direct(user)
     d.select_folder(folder)
@@ -224,3 +233,52 @@ def test_a_flag_change_of_a_message_no_offline_device_sees_is_not_pushed(push_pr
         [("FlagChange", [f"phone-{tag}", f"tablet-{tag}"])], events
     log = p.log()
     assert "Unhandled error" not in log and "#critical]" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("connected", [False, True], ids=["all-offline", "one-connected"])
+def test_an_expunge_of_messages_no_offline_device_sees_is_not_pushed(push_proxy, receiver, dovecot, dovecot_direct,
+                                                                      connected):
+    """An expunge names no message, and went to every device that sees the folder, even when what it took
+    was an IMDN that a phone hides. The folder's UIDs listed at each expunge tell which messages the next
+    one took, and the kinds classified when they were pushed as new tell what they were: the IMDN's
+    expunge goes to the tablet only, the chat's to both. The first expunge seen has no listing to compare
+    with and goes to both; so does one of a message whose kind was never learnt (delivered before the
+    proxy started). Asked on the master user's connection of the offline watch, or on the side connection
+    of a device that is connected."""
+    user = "dave"
+    tag = uuid.uuid4().hex[:6]
+    folder = f"Default/tel:+1452{tag}"
+    older_imdn = dovecot.deliver(user, folder, make_object("imdn"))
+    p = _tablet_and_phone_offline(push_proxy, user, tag)
+    laptop = device(p, f"laptop-{tag}", user) if connected else None
+    time.sleep(1.5)
+    d = dovecot_direct(user)
+
+    def changed(change, event: str) -> list[tuple[str, list[str]]]:
+        n = len(receiver.events)
+        change()
+        _wait(lambda: any(e["mailbox"] == folder and e["event"] == event for e in receiver.events[n:]), 4)
+        time.sleep(1.0)  # (one change: one event per view, no more)
+        return [(e["event"], sorted(_ours(e["devices"], tag))) for e in receiver.events[n:] if e["mailbox"] == folder]
+
+    def expunge(uid: int):
+        def run():
+            d.select_folder(folder)
+            d.add_flags([uid], [b"\\Deleted"], silent=True)
+            d.uid_expunge([uid])
+            d.unselect_folder()
+        return run
+
+    news: list[int] = []
+    for kind in ("chat", "imdn", "imdn"):
+        assert changed(lambda k=kind: news.append(dovecot.deliver(user, folder, make_object(k))), "MessageNew")
+    chat, imdn, imdn2 = news
+    both = [f"phone-{tag}", f"tablet-{tag}"]
+    assert changed(expunge(imdn), "MessageExpunge") == [("MessageExpunge", both)]  # (nothing to compare with)
+    assert changed(expunge(imdn2), "MessageExpunge") == [("MessageExpunge", [f"tablet-{tag}"])]
+    assert changed(expunge(older_imdn), "MessageExpunge") == [("MessageExpunge", both)]  # (its kind unknown)
+    assert changed(expunge(chat), "MessageExpunge") == [("MessageExpunge", both)]
+    if laptop is not None:
+        laptop.close()
+    log = p.log()
+    assert "Unhandled error" not in log and "#critical]" not in log and "finding the expunged" not in log, log[-3000:]
