@@ -56,7 +56,7 @@ from cpmproxy.imap.tokens import (
     token_text,
     tokenize,
 )
-from cpmproxy.proxy.backend import BackendError, connect_backend, login_backend
+from cpmproxy.proxy.backend import BackendError, backend_address, connect_backend, login_backend
 from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite
 from plugins.cpm import NO_SERVER_CHANGE, PREF_NOTIFICATIONS, pref_entry
 from plugins.policyprefs import parse_metadata_prefs, parse_pref_folders
@@ -361,10 +361,14 @@ class UserWatch:
         if self.closed:
             proto.close()
             return
+        if getattr(proto, "address", None) is not None and proto.address != backend_address(self.plugin.proxy.config):
+            proto.close()  # (to the backend a reload moved away from while it connected: again, to the new one)
+            self.start(next(iter(self.sessions), None))
+            return
         self.proto = proto
         self.backoff = 1.0
         proto.on_unsolicited = self._event
-        proto.lost.addBoth(self._lost)
+        proto.lost.addBoth(self._lost, proto)
         self.notifying = False
         self.refresh().addBoth(lambda _: self._set_ready())
         if self._keepalive is not None and self._keepalive.active():
@@ -475,7 +479,9 @@ class UserWatch:
         self._set_ready()  # logins must not wait for a watch that cannot be had
         self._retry()
 
-    def _lost(self, _=None) -> None:
+    def _lost(self, _=None, proto=None) -> None:
+        if proto is not None and proto is not self.proto:
+            return  # (one a reload replaced: see take_up)
         if not self.closed and self.proto is not None:  # (not ours to close: the backend's doing)
             log.info("watch connection for {user} lost, reconnecting", user=self.user)
             self.plugin.proxy.metrics.backend_errors.labels(kind="watch").inc()
@@ -497,6 +503,27 @@ class UserWatch:
         if self.closed or not self.wanted() or self.proto is not None or self.connecting:
             return
         self.start(next(iter(self.sessions), None))
+
+    def take_up(self, address: tuple, timeout: float) -> None:
+        """A reload: the connection goes on under the new ``command_timeout``; where the backend moved
+        (``backend_address``), it is replaced by one to the new backend at once (the NOTIFY armed again
+        against the baseline of before, as after a lost connection: what changed meanwhile is told)."""
+        proto = self.proto
+        if proto is None or proto.closed or self.closed:
+            return  # (one connecting checks where it went once connected: _connected)
+        if proto.address == address:
+            proto.set_answer_timeout(timeout)
+            return
+        log.info("watch connection for {user}: the backend moved, connecting to the new one", user=self.user)
+        self.proto = None
+        self.is_ready = False
+        self.notifying = False
+        self._armed = None
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        proto.close()
+        if self.sessions or self.offline:  # (a lingering one, disarmed, connects when a device returns)
+            self.start(next(iter(self.sessions), None))
 
     def linger(self, seconds: float) -> None:
         """The user's last session here left: kept (disarmed) for ``seconds``, for a returning device."""
@@ -812,6 +839,9 @@ class NotifyPlugin(Plugin):
                 watch.close()
             self.watches.clear()
             return
+        address, timeout = backend_address(self.proxy.config), self.proxy.config.backend["command_timeout"]
+        for watch in list(self.watches.values()):
+            watch.take_up(address, timeout)
         for session in list(self.proxy.sessions):
             if session.user and session.user not in self.watches and session.phase == "auth":
                 d = self._ensure_watch(session)

@@ -691,3 +691,91 @@ def test_scrapes_and_probes_that_succeed_are_not_logged(make_proxy):
     time.sleep(0.3)
     lines = [x for x in p.log()[before:].splitlines() if "HTTP/1.1" in x]
     assert len(lines) == 1 and "/nothing-here" in lines[0] and '" 404 ' in lines[0], lines
+
+
+def _wait_until(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def _purpose_seen(server, purpose: bytes) -> bool:
+    """``server`` (a scripted backend) was sent the ID of a connection the proxy opened for ``purpose``."""
+    return any(b'-' + purpose + b'")' in line for line in server.received)
+
+
+def test_a_reload_that_moves_the_backend_moves_the_side_connections_and_watches(make_proxy):
+    """Found by the reload review: after a reload that changed ``[backend] host``/``port``, new sessions
+    logged in to the new backend but their side commands (preferences, STATUS counts, METADATA writes) and
+    the user's notification watch stayed on the old one for as long as any session of the user lived (a
+    device idling for days). Now the watch moves at once and the side connection at the next command
+    (closed once what was asked on it is answered); sessions already open stay on the backend they logged
+    in to, as with Dovecot's proxy or nginx."""
+    from tests.test_hostile_backend import ScriptedBackend, _logged_in
+
+    old, new = ScriptedBackend(), ScriptedBackend()
+    try:
+        p = make_proxy(backend_port=old.port, backend_tls="none",
+                       config_extra="\n[plugin.notify]\nmetadata_poll = 0.5\n")  # (the watch opens at its first poll)
+        a = _logged_in(p)
+        assert _wait_until(lambda: _purpose_seen(old, b"side") and _purpose_seen(old, b"watch")), old.received
+        assert old.open_connections == 3  # (a's own, the side connection, the watch)
+        reload_proxy(p, p.config_path.read_text().replace(f"port = {old.port}", f"port = {new.port}"))
+        b = _logged_in(p)  # (its login reads the preferences on the side connection)
+        assert _wait_until(lambda: _purpose_seen(new, b"side") and _purpose_seen(new, b"watch")), new.received
+        assert _wait_until(lambda: old.open_connections == 1), old.open_connections  # (a's own is left)
+        assert a.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+        a.close()
+        b.close()
+        assert still_serving(p)
+        assert "the backend is now 127.0.0.1:%d" % new.port in p.log()  # (the operator is told)
+    finally:
+        for server in (old, new):
+            server.release.set()
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_reload_applies_the_command_timeout_to_open_side_connections(make_proxy):
+    """Found by the reload review: a side connection open before a reload kept its ``command_timeout``
+    (the user's next logins waited out the old one, here the whole login_timeout, on a hung backend)."""
+    from tests.test_hostile_backend import STALL, ScriptedBackend, _logged_in, _login_timed
+
+    server = ScriptedBackend()
+    try:
+        p = make_proxy(backend_port=server.port, backend_tls="none",
+                       backend_extra="command_timeout = 30\nlogin_timeout = 8")
+        a = _logged_in(p)  # (the user's side connection is open)
+        reload_proxy(p, p.config_path.read_text().replace("command_timeout = 30", "command_timeout = 1"))
+        server.internal = {b"GETMETADATA": STALL}
+        answer, elapsed = _login_timed(p)
+        assert answer.startswith(b"L NO [UNAVAILABLE]") and elapsed < 4, (answer, elapsed)
+        assert "gave no answer in 1 s" in p.log(), p.log()
+        a.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_side_connection_still_connecting_when_its_pool_closes_is_closed(make_proxy):
+    """Found by the reload review (closing a pool whose connection was still being made): the connection,
+    once made, was kept by the closed pool, open to the backend for as long as the proxy ran, and closing
+    it failed with an AttributeError in a Deferred."""
+    from tests.test_hostile_backend import HOLD, ScriptedBackend, _all_let_go, _login_timed
+
+    server = ScriptedBackend()
+    try:
+        server.internal = {b'-SIDE")': HOLD}  # (the side connection's ID: it stays "connecting")
+        p = make_proxy(backend_port=server.port, backend_tls="none",
+                       backend_extra="login_timeout = 1\nside_linger = 0.1")
+        answer, _ = _login_timed(p)  # (the preferences read waits for the side connection: NO, and gone)
+        assert answer.startswith(b"L NO [UNAVAILABLE]"), answer
+        time.sleep(0.3)  # (past side_linger: the pool is closed)
+        server.release.set()
+        _all_let_go(server, p)
+        assert "Unhandled error" not in p.log() and "AttributeError" not in p.log(), p.log()
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()

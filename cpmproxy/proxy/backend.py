@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="cpmproxy.backend")
 
-__all__ = ["BackendError", "BackendRefused", "AuthFailed", "BackendProtocol", "connect_backend", "login_backend",
+__all__ = ["BackendError", "BackendRefused", "AuthFailed", "BackendProtocol", "backend_address", "connect_backend",
+           "login_backend",
            "parse_capabilities", "UNAVAILABLE"]
 
 
@@ -134,6 +135,8 @@ class BackendProtocol(Protocol):
         self._plain_tcp = False
         self.out: list[bytes] = []  # relay output, written once per input chunk
         self.on_unsolicited = None  # called with untagged responses that arrive while no command runs
+        self.address: tuple | None = None  # the backend it was opened to (``backend_address``)
+        self._close_when_idle = False
 
     def flush(self) -> None:
         if self.out and not self.closed:
@@ -151,6 +154,19 @@ class BackendProtocol(Protocol):
         from twisted.internet import reactor
 
         reactor.callLater(CLOSE_GRACE, self._cut, reactor)
+
+    def close_when_idle(self) -> None:
+        """Close once every command sent on it has its answer (a connection a reload retired: what was
+        asked on it before is still answered there)."""
+        self._close_when_idle = True
+        if not self._waiters:
+            self.close()
+
+    def set_answer_timeout(self, seconds: float) -> None:
+        """A reload's ``command_timeout``, for a connection already open (an answer awaited now too)."""
+        self.answer_timeout = seconds
+        if self._stall is not None:
+            self._stall.reset(seconds)
 
     def _cut(self, reactor) -> None:
         if self.closed:
@@ -272,6 +288,8 @@ class BackendProtocol(Protocol):
         untagged += self._esearch.pop(head.tag, [])
         if d is not None:
             d.callback(Reply(untagged, line.rstrip(b"\r\n")[len(head.tag) + 1:]))
+        if self._close_when_idle and not self._waiters:
+            self.close()
 
     def command(self, line: bytes, continuation: bytes | None = None) -> defer.Deferred[Reply]:
         """Send ``TAG line``; fires with the Reply. ``continuation`` answers one ``+`` from the server."""
@@ -378,6 +396,13 @@ def _tcp_endpoint(reactor, host: str, port: int, timeout: float):
     return (TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint)(reactor, host, port, timeout=timeout)
 
 
+def backend_address(config: Config) -> tuple:
+    """Where, and how, a backend connection made under ``config`` goes: a reload that changes it moves the
+    proxy's own connections (side, watch) to the new backend."""
+    b = config.backend
+    return b["host"], b["port"], b["tls"], b["server_name"], b["ca_file"]
+
+
 async def connect_backend(reactor, config: Config) -> tuple[BackendProtocol, list[bytes]]:
     """Connect (and TLS) to the backend; returns the protocol and its pre-login capabilities."""
     b = config.backend
@@ -390,6 +415,7 @@ async def connect_backend(reactor, config: Config) -> tuple[BackendProtocol, lis
         proto: BackendProtocol = await endpoint.connect(factory)
     except Exception as e:  # ConnectError, DNSLookupError, TimeoutError...
         raise BackendError(f"cannot connect to backend {b['host']}:{b['port']}: {e}") from None
+    proto.address = backend_address(config)
     try:
         greeting = await proto.greeting
         if not greeting.startswith(b"* OK"):

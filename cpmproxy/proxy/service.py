@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from cpmproxy import __version__
 from cpmproxy.config import Config, ConfigError, load_config
-from cpmproxy.proxy.backend import backend_tls_options, connect_backend
+from cpmproxy.proxy.backend import backend_address, backend_tls_options, connect_backend
 from cpmproxy.proxy.hooks import Plugin, overrides
 from cpmproxy.proxy.metrics import Metrics
 from cpmproxy.proxy.proxyheader import HeaderFirstEndpoint
@@ -614,6 +614,7 @@ class SidePool:
 
     def __init__(self) -> None:
         self.proto = None  # None, a Deferred while connecting, or the BackendProtocol
+        self.connecting_to: tuple | None = None  # while connecting: where (``backend_address``)
         self.waiting: list[defer.Deferred] = []
         self.sessions: set = set()
         # Sequences that EXAMINE a mailbox on the side connection hold this, so that another
@@ -623,9 +624,8 @@ class SidePool:
 
     def close(self) -> None:
         proto, self.proto = self.proto, None
-        if isinstance(proto, defer.Deferred):
-            proto.addCallbacks(lambda p: p.close(), lambda f: None)
-        elif proto is not None:
+        # (One still connecting serves those waiting for it, then closes: see ClientSession.side_command.)
+        if proto is not None and not isinstance(proto, defer.Deferred):
             proto.close()
 
 
@@ -919,6 +919,22 @@ class ProxyService(service.MultiService):
                     pool.close()
             pool.close_call = self.reactor.callLater(self.side_linger(), close)
 
+    def _take_up_side(self, pool: SidePool) -> None:
+        """After a reload, under the pool's lock (an EXAMINE-dependent sequence under way ends on the
+        connection it began on): its connection goes on under the new ``command_timeout``, or, where the
+        backend moved, is retired (closed once what was asked on it is answered) and the next command
+        opens one to the new backend."""
+        address, proto = backend_address(self.config), pool.proto
+        if isinstance(proto, defer.Deferred):  # (connecting: to the backend of the config it began under)
+            if pool.connecting_to != address:
+                pool.proto, pool.waiting = None, []  # (those waiting are served by it, then it closes)
+        elif proto is not None:
+            if proto.address == address:
+                proto.set_answer_timeout(self.config.backend["command_timeout"])
+            else:
+                pool.proto = None
+                proto.close_when_idle()
+
     def sessions_of(self, user: str) -> set[ClientSession]:
         return set(self.by_user.get(user, ()))
 
@@ -987,7 +1003,7 @@ class ProxyService(service.MultiService):
         # What was not taken up stays as it runs, so that the next reload compares with that (it warned
         # again about a change already warned of, and about going back to what runs).
         new.proxy["listen"], new.metrics, new.log = self.config.proxy["listen"], self.config.metrics, self.config.log
-        self.config = new
+        old_config, self.config = self.config, new
         self.server_tls = tls
         for desc, options in listener_tls.items():
             self.listener_tls[desc].options = options
@@ -1004,6 +1020,14 @@ class ProxyService(service.MultiService):
             self._retire(retired)
         for s in self.sessions:
             s.reconfigure(new)
+        if backend_address(new) != backend_address(old_config):
+            b = new.backend
+            log.info("reload: the backend is now {host}:{port} (tls {tls}): the users' side connections and "
+                     "watches move to it; sessions already open stay on the backend they logged in to",
+                     host=b["host"], port=b["port"], tls=b["tls"])
+        for pool in self._side_pools.values():
+            pool.lock.run(self._take_up_side, pool).addErrback(
+                lambda f: log.failure("moving a side connection after a reload failed", f))
         for plugin in plugins:
             try:
                 plugin.reloaded()

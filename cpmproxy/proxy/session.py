@@ -50,6 +50,7 @@ from cpmproxy.proxy.backend import (
     BackendError,
     BackendRefused,
     Reply,
+    backend_address,
     connect_backend,
     login_backend,
 )
@@ -946,7 +947,8 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
 
         def send(proto):
             if proto.closed:
-                pool.proto = None
+                if pool.proto is proto:
+                    pool.proto = None
                 try:
                     return self.side_command(line).chainDeferred(d)
                 except BackendError as e:  # (the session ended meanwhile: ``d`` is awaited already)
@@ -955,21 +957,25 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             proto.command(line).chainDeferred(d)
 
         if pool.proto is None:
-            pool.proto = defer.Deferred.fromCoroutine(self._open_side())
+            pool.connecting_to = backend_address(self.config)
+            connecting = pool.proto = defer.Deferred.fromCoroutine(self._open_side())
+            waiting = pool.waiting = []  # (this connection's: a reload may start another meanwhile)
 
             def opened(proto):
-                pool.proto = proto
-                waiting, pool.waiting = pool.waiting, []
+                if pool.proto is connecting:
+                    pool.proto = proto
                 for w in waiting:
                     w.callback(proto)
+                if pool.proto is not proto:  # (retired by a reload while it connected: it served those
+                    proto.close_when_idle()  # who waited for it)
 
             def failed(f):
-                pool.proto = None  # try again next time
-                waiting, pool.waiting = pool.waiting, []
+                if pool.proto is connecting:
+                    pool.proto = None  # try again next time
                 for w in waiting:
                     w.errback(f)
 
-            pool.proto.addCallbacks(opened, failed)
+            connecting.addCallbacks(opened, failed)
         if isinstance(pool.proto, defer.Deferred):
             w: defer.Deferred = defer.Deferred()
             pool.waiting.append(w)
