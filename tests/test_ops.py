@@ -779,3 +779,39 @@ def test_a_side_connection_still_connecting_when_its_pool_closes_is_closed(make_
         server.release.set()
         server.shutdown()
         server.server_close()
+
+
+def test_systemctl_reload_of_a_broken_configuration_fails_and_says_why(make_proxy):
+    """Found by the reload review: the unit's ExecReload only sent SIGHUP, so ``systemctl reload cpmproxy``
+    of a broken file said nothing and succeeded (the reason only in the proxy's log); the unit checks the
+    file first now, as ``nginx -t`` before a reload: the reload fails with the reason, the old configuration
+    runs on untouched. The unit's ExecReload lines are run here as systemd runs them: in turn, until one
+    fails."""
+    import shlex
+
+    p = make_proxy()
+    unit = (ROOT / "systemd/cpmproxy.service").read_text()
+    commands = re.findall(r"^ExecReload=(.+)$", unit, re.M)
+
+    def systemctl_reload() -> subprocess.CompletedProcess | None:
+        for command in commands:
+            argv = shlex.split(command.replace("$MAINPID", str(p.proc.pid))
+                               .replace("/etc/cpmproxy/cpmproxy.toml", str(p.config_path)))
+            if argv[0].endswith("/cpmproxy"):
+                done = _cli(*argv[1:])
+            else:
+                done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                return done
+        return None
+
+    good = p.config_path.read_text()
+    p.config_path.write_text(good.replace("[backend]", "[backend]\nbogus = 1"))
+    failed = systemctl_reload()
+    assert failed is not None, "systemctl reload of a broken configuration succeeded"
+    _one_line_reason(failed, "backend.bogus: unknown key")
+    time.sleep(0.3)
+    assert "reload" not in p.log()  # (the running process was not even asked)
+    p.config_path.write_text(good)
+    assert systemctl_reload() is None
+    assert _wait_until(lambda: "configuration reloaded" in p.log()), p.log()
