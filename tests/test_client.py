@@ -1029,6 +1029,43 @@ def test_connection_lost_in_a_folder_goes_on_with_a_new_one(dovecot, tmp_path):
         _sync_breaking_at_a_message(dovecot, tmp_path / "again", [victim, fine], victim, cut, reconnect=False)
 
 
+def test_vanished_earlier_longer_than_the_line_limit_is_synced(dovecot, tmp_path, monkeypatch):
+    """Found by review: every other message of a large folder expunged, the next (QRESYNC) sync got one
+    ``* VANISHED (EARLIER)`` line naming them all, which at ~100,000 UIDs is past the client's 1 MB line
+    limit: "the server sent a line longer than 1 MB" (exit 3) at every sync from then on, the folder
+    stuck (seen with 200,000 messages of 10-digit UIDs). A line of numbers may be longer now. Scaled down:
+    4,000 messages, an 8 KB limit, 1 KB reads (as a large line arrives: in pieces)."""
+    from cpmproxy.client import connection
+
+    folder = unique_folder()
+    c = dovecot.imap_direct("alice", tls="none")
+    c.create_folder(folder)
+    c.multiappend(folder, [b"Subject: m%d\r\n\r\nhello\r\n" % i for i in range(4000)])
+    settings = ServerSettings(dovecot.host, dovecot.port, "alice", "alicepw", "lib-vanished", tls="none")
+    store = LocalStore(tmp_path / "s", fsync=False)
+
+    def sync():
+        conn = connect(settings)
+        try:
+            with store.locked():
+                return Syncer(conn, store).sync([folder])
+        finally:
+            conn.logout()
+
+    assert sync().new == 4000
+    c.select_folder(folder)
+    uids = sorted(c.search("ALL"))
+    c.delete_messages(uids[1::2])
+    c.expunge()
+    c.logout()
+    monkeypatch.setattr(connection, "MAX_LINE", 8 * 1024)
+    monkeypatch.setattr(connection, "_READ_SIZE", 1024)
+    result = sync()
+    assert result.removed == 2000 and result.failed == []
+    assert sorted(store.messages(store.folder(folder))) == uids[::2]
+    store.close()
+
+
 def test_interrupted_flag_update_recovers_without_download(dovecot, device):
     """Killed while applying flag changes (files renamed, index not yet updated) and with a tmp/ leftover:
     the next sync repairs it (no message dropped from the index, nothing downloaded again)."""

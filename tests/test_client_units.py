@@ -546,3 +546,54 @@ def test_failed_writes_leave_no_temporary_files(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert os.listdir(tmp) == [] and sorted(store.messages(f)) == [1, 2, 3]
     store.close()
+
+
+def _read_lines_fed_slowly(monkeypatch, data: bytes, count: int) -> list[bytes]:
+    """``count`` lines read by the client's reader from ``data`` sent by another thread; the reader takes at
+    most 1 KB per read, so the line limits are checked the way a large response arriving in pieces meets
+    them (a line that arrives whole in one read is only bounded by the read size)."""
+    import socket
+    import threading
+
+    from cpmproxy.client import connection
+
+    monkeypatch.setattr(connection, "_READ_SIZE", 1024)
+    ours, server = socket.socketpair()
+    feeder = threading.Thread(target=lambda: (server.sendall(data), server.shutdown(socket.SHUT_WR)), daemon=True)
+    feeder.start()
+    try:
+        reader = connection._Reader(ours)
+        return [reader.readline() for _ in range(count)]
+    finally:
+        ours.close()
+        feeder.join(10)
+        server.close()
+
+
+def test_a_long_line_of_uids_is_read_and_a_long_line_of_anything_else_is_refused(monkeypatch):
+    """Found by review: a legitimate response line longer than the client's 1 MB line limit -- Dovecot's
+    ``* VANISHED (EARLIER)`` after ~100,000 scattered expunges (a 1.1 MB line, 200,000 messages with
+    10-digit UIDs), a SEARCH of ~150,000 messages -- ended the sync with "the server sent a line longer
+    than 1 MB" (exit 3), at every attempt: the folder could never be synced again. A line of numbers may
+    be longer now (64 MB); any other line still ends at 1 MB. (Limits scaled down here.)"""
+    from cpmproxy.client import connection
+    from cpmproxy.client.errors import ProtocolError
+
+    monkeypatch.setattr(connection, "MAX_LINE", 8 * 1024)
+    monkeypatch.setattr(connection, "MAX_NUMBERS_LINE", 64 * 1024, raising=False)  # (absent before)
+    vanished = b"* VANISHED (EARLIER) " + b",".join(b"%d" % u for u in range(1000000001, 1000004001, 2))
+    search = b"* SEARCH " + b" ".join(b"%d" % u for u in range(1, 8001))
+    esearch = b'* ESEARCH (TAG "C7") UID ALL ' + b",".join(b"%d:%d" % (u, u + 1) for u in range(1, 12001, 3))
+    assert all(8 * 1024 < len(line) < 64 * 1024 for line in (vanished, search, esearch))
+    lines = [vanished, search, esearch, b"C8 OK done"]
+    assert _read_lines_fed_slowly(monkeypatch, b"".join(line + b"\r\n" for line in lines), 4) == lines
+
+    # Not numbers: refused past MAX_LINE, however it starts or ends.
+    for bad in (b"* 1 FETCH (X-JUNK " + b"a" * 20000 + b")",
+                vanished + b" (and then some text)",
+                b"* SEARCH " + b"1 " * 6000 + b"x" + b" 2" * 4000):
+        with pytest.raises(ProtocolError, match="longer than 1 MB"):
+            _read_lines_fed_slowly(monkeypatch, bad + b"\r\nC9 OK done\r\n", 2)
+    # Numbers, but past MAX_NUMBERS_LINE: refused too (a hostile server does not get unbounded memory).
+    with pytest.raises(ProtocolError, match="longer than"):
+        _read_lines_fed_slowly(monkeypatch, b"* SEARCH " + b"1 " * 40000 + b"\r\n", 1)

@@ -67,8 +67,16 @@ TLS_MODES = ("none", "starttls", "implicit")
 CLIENT_NAME = "cpm-sync"
 CLIENT_VERSION = str(_project_version)
 
-# A response line longer than this is not IMAP any more (literals do not count: they are read by size).
+# A response line longer than this is not IMAP any more (literals do not count: they are read by size)...
 MAX_LINE = 1024 * 1024
+# ...unless it is made of numbers: a UID set or a list of UIDs grows with the mailbox, and a real server
+# sends one past MAX_LINE for a folder that is merely large (Dovecot's ``* VANISHED (EARLIER)`` after
+# ~100,000 scattered expunges, a SEARCH of ~150,000 messages). Past its first _NUMBERS_HEAD bytes (what
+# names the response: ``* VANISHED (EARLIER) ``, ``* ESEARCH (TAG "C5") UID ALL ``), such a line is
+# digits, commas, colons and spaces, and may be up to MAX_NUMBERS_LINE (some 6 million scattered UIDs).
+MAX_NUMBERS_LINE = 64 * 1024 * 1024
+_NUMBERS_HEAD = 4096
+_NUMBERS_RE = re.compile(rb"[0-9,: ]*")
 _READ_SIZE = 256 * 1024
 _LITERAL_END_RE = re.compile(rb"~?\{([0-9]{1,20})[+-]?\}\Z")
 # Response codes (RFC 5530) with which a refused login says "not now" rather than "not you": the
@@ -256,18 +264,26 @@ class _Reader:
         self.buf += chunk
 
     def readline(self) -> bytes:
-        """One line without its CRLF."""
+        """One line without its CRLF (at most MAX_LINE bytes, or MAX_NUMBERS_LINE of numbers)."""
         scanned = 0  # bytes after pos already searched for LF
+        numbers = 0  # past MAX_LINE: bytes after pos known to be numbers up to here
         while True:
             i = self.buf.find(b"\n", self.pos + scanned)
             if i >= 0:
                 end = i - 1 if i > self.pos and self.buf[i - 1] == 0x0D else i
+                if numbers and not _NUMBERS_RE.fullmatch(self.buf, self.pos + numbers, end):
+                    raise ProtocolError("the server sent a line longer than 1 MB")
                 line = bytes(self.buf[self.pos : end])
                 self.pos = i + 1
                 return line
             scanned = len(self.buf) - self.pos
             if scanned > MAX_LINE:
-                raise ProtocolError("the server sent a line longer than 1 MB")
+                # (Each byte looked at once: what arrives is checked as it comes.)
+                if scanned > MAX_NUMBERS_LINE:
+                    raise ProtocolError(f"the server sent a line longer than {MAX_NUMBERS_LINE >> 20} MB")
+                if not _NUMBERS_RE.fullmatch(self.buf, self.pos + (numbers or _NUMBERS_HEAD), len(self.buf)):
+                    raise ProtocolError("the server sent a line longer than 1 MB")
+                numbers = scanned
             self._fill()
 
     def read(self, n: int) -> bytes:
