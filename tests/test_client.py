@@ -1066,6 +1066,25 @@ def test_vanished_earlier_longer_than_the_line_limit_is_synced(dovecot, tmp_path
     store.close()
 
 
+def test_a_folder_synced_over_a_lost_connection_counts_every_message(dovecot, tmp_path):
+    """Found by review: a folder whose connection was lost mid-fetch (and synced again on a new one) was
+    reported with only what the second attempt did: "2 new" for a new folder of 6 messages (4 committed
+    before the loss), and no "new folder". Both attempts count now."""
+    victim, fine = unique_folder(), unique_folder()
+    msgs = [make_object("chat", seed=i) for i in range(6)]
+    seed(dovecot, "alice", victim, msgs)
+    seed(dovecot, "alice", fine, [make_object("chat", seed=9)])
+
+    def cut(syncer):
+        syncer.conn.sock.shutdown(socket.SHUT_RDWR)
+
+    result, store = _sync_breaking_at_a_message(dovecot, tmp_path, [victim, fine], victim, cut)
+    res = {f.name: f for f in result.folders}[victim]
+    assert (res.new, res.bytes, res.created) == (6, sum(map(len, msgs)), True)
+    assert result.new == 7 and "new folder, 6 new" in res.summary()
+    store.close()
+
+
 def test_interrupted_flag_update_recovers_without_download(dovecot, device):
     """Killed while applying flag changes (files renamed, index not yet updated) and with a tmp/ leftover:
     the next sync repairs it (no message dropped from the index, nothing downloaded again)."""

@@ -605,10 +605,12 @@ class Syncer:
     def _sync_folder_reconnecting(self, sf: ServerFolder, lf: Folder | None, reconnects: list[int]) -> FolderResult:
         """:meth:`sync_folder`; a connection the server ends meanwhile is opened again (``reconnects[0]``
         more times in this sync), and the folder, if the LIST on the new one still shows it, synced again.
-        What was committed before the loss stays: that sync goes on from there."""
+        What was committed before the loss stays: that sync goes on from there, and the folder's result
+        counts both (what the first attempt committed is new too)."""
+        res = FolderResult(sf.name)
         while True:
             try:
-                return self.sync_folder(sf, lf)
+                return self.sync_folder(sf, lf, res)
             except ConnectionLost as e:
                 if reconnects[0] <= 0:
                     raise
@@ -623,10 +625,12 @@ class Syncer:
 
     # -- steps a.2 and a.3 for one folder -------------------------------------------------------------
 
-    def sync_folder(self, sf: ServerFolder, lf: Folder | None = None) -> FolderResult:
-        """Bring one folder up to date. ``sf`` comes from :meth:`list_folders` (step a.1)."""
+    def sync_folder(self, sf: ServerFolder, lf: Folder | None = None, res: FolderResult | None = None) -> FolderResult:
+        """Bring one folder up to date. ``sf`` comes from :meth:`list_folders` (step a.1). ``res``: the
+        result to add to (an attempt before this one, which lost its connection, counted there)."""
         store, conn, opts = self.store, self.conn, self.options
-        res = FolderResult(sf.name)
+        if res is None:
+            res = FolderResult(sf.name)
         if lf is None:
             lf = store.folder(sf.name)
         if lf is None:
@@ -737,7 +741,7 @@ class Syncer:
             local_flags = {}
             if incremental:
                 sf.uidvalidity = validity
-                return self._merge(res, self.sync_folder(sf, lf))
+                return self.sync_folder(sf, lf, res)
 
         if incremental and not state.nomodseq:
             # QRESYNC told us: VANISHED (EARLIER) = expunged since our modseq, FETCH = flags changed.
@@ -766,7 +770,7 @@ class Syncer:
         else:
             if incremental:  # the server cannot do modseqs for this folder after all: compare fully
                 store.update_folder(lf, full_check=True)
-                return self._merge(res, self.sync_folder(sf, lf))
+                return self.sync_folder(sf, lf, res)
             gone = [u for u in local_flags if u not in listing]
             changed = {u: v[0] for u, v in listing.items() if u in local_flags}
             new = {u: v for u, v in listing.items() if u not in local_flags}
@@ -785,9 +789,7 @@ class Syncer:
         if new:
             local_now = store.uids(lf)
             todo = sorted((u, size) for u, (_f, size) in new.items() if u not in local_now)
-            got, nbytes, missing = self._fetch_bodies(lf, todo)
-            res.new += got
-            res.bytes += nbytes
+            missing = self._fetch_bodies(lf, todo, res)
             if missing:
                 # Not returned by the server (expunged meanwhile, or a transient failure). Those that
                 # still exist must be fetched again next time: keep UIDNEXT below them.
@@ -833,13 +835,6 @@ class Syncer:
         # (Not \Noselect: a proxy may list a folder it cannot open that way, and the server still has it.)
         return not listed or any(b"\\nonexistent" in a for a in listed)
 
-    @staticmethod
-    def _merge(a: FolderResult, b: FolderResult) -> FolderResult:
-        b.removed += a.removed
-        b.reset = b.reset or a.reset
-        b.created = b.created or a.created
-        return b
-
     def _list_messages(self, uids: Iterable[int], handler: Callable[[Untagged], bool]) -> None:
         """UID, flags and size of ``uids`` (what a body fetch needs to be planned), into ``handler``: in
         commands of at most ``_LIST_BATCH`` UIDs, pipelined (a scattered set -- every other message of a
@@ -881,10 +876,10 @@ class Syncer:
                 found |= _search_uids(cmd)
         return sorted(found)
 
-    def _fetch_bodies(self, lf: Folder, todo: list[tuple[int, int]]) -> tuple[int, int, list[int]]:
+    def _fetch_bodies(self, lf: Folder, todo: list[tuple[int, int]], res: FolderResult) -> list[int]:
         """Fetch ``todo`` [(uid, size)] in batches, ``window`` commands in flight. Each message file is
-        written as its response arrives; each completed command commits what has been written. Returns
-        (messages, bytes, UIDs the server did not return)."""
+        written as its response arrives; each completed command commits what has been written, and counts
+        it in ``res`` (also when a later batch fails). Returns the UIDs the server did not return."""
         opts, store, conn = self.options, self.store, self.conn
         batches: deque[list[int]] = deque()
         batch: list[int] = []
@@ -920,7 +915,6 @@ class Syncer:
             bar.update(1, rec.size)
             return True
 
-        count = nbytes = 0
         inflight: deque[PendingCommand] = deque()
         stop = False
         try:
@@ -936,8 +930,8 @@ class Syncer:
                 conn.wait(cmd, check=False)
                 # Whatever order the server finishes in, commit everything written so far.
                 if written:
-                    count += store.commit_messages(lf, written)
-                    nbytes += sum(r.size for r in written)
+                    res.new += store.commit_messages(lf, written)
+                    res.bytes += sum(r.size for r in written)
                     written.clear()
                 if not stop and self.should_stop():
                     stop = True
@@ -949,7 +943,7 @@ class Syncer:
             bar.close()
         if stop:
             raise Interrupted("interrupted; the next sync resumes where this one stopped")
-        return count, nbytes, sorted(wanted - received)
+        return sorted(wanted - received)
 
     # -- local changes to the server (5.5.2.20.1 NOTE; DESIGN.md R5, R6) -------------------------------
 
