@@ -24,7 +24,7 @@ import imapclient
 import pytest
 
 from cpmproxy.client import LocalStore, ServerSettings, Syncer, connect
-from cpmproxy.client.errors import ConnectionLost, ServerRefused, ServerUnavailable
+from cpmproxy.client.errors import ConnectionLost, Interrupted, ServerRefused, ServerUnavailable
 from cpmproxy.client.sync import SyncOptions
 from cpmproxy.client.watch import Stopper, Watcher, WatchOptions
 from cpmproxy.testing.dovecot import parse_appenduid
@@ -961,14 +961,25 @@ def test_folder_deleted_between_list_and_examine_counts_as_gone(dovecot, tmp_pat
     store.close()
 
 
-def _sync_breaking_at_a_message(dovecot, tmp_path, folders, victim, breaker, reconnect=True, written=None):
+def _lost_settings(dovecot):
+    return ServerSettings(dovecot.host, dovecot.port, "alice", "alicepw", "lib-lost", tls="none")
+
+
+def _sync_breaking_at_a_message(dovecot, tmp_path, folders, victim, breaker, reconnect=True, written=None,
+                                should_stop=None):
     """Sync ``folders`` in batches of 2 messages; when the third message of ``victim`` is written (the
     first two committed), run ``breaker(syncer)`` (another client deletes the folder, or the connection
-    breaks). ``written``: a list to record the UIDs written in ``victim``."""
-    settings = ServerSettings(dovecot.host, dovecot.port, "alice", "alicepw", "lib-lost", tls="none")
+    breaks). ``written``: a list to record the UIDs written in ``victim``. ``reconnect``: True (connect
+    again), False (no way to), or a function called to connect again (None: connect as usual)."""
+    settings = _lost_settings(dovecot)
     store = LocalStore(tmp_path / "lost")
-    syncer = Syncer(connect(settings), store, SyncOptions(batch_messages=2, window=1),
-                    reconnect=(lambda: connect(settings)) if reconnect else None)
+
+    def again():
+        made = reconnect() if callable(reconnect) else None
+        return made if made is not None else connect(settings)
+
+    syncer = Syncer(connect(settings), store, SyncOptions(batch_messages=2, window=1), should_stop=should_stop,
+                    reconnect=again if reconnect else None)
     write = store.write_message
     seen = [] if written is None else written
 
@@ -1082,6 +1093,50 @@ def test_a_folder_synced_over_a_lost_connection_counts_every_message(dovecot, tm
     res = {f.name: f for f in result.folders}[victim]
     assert (res.new, res.bytes, res.created) == (6, sum(map(len, msgs)), True)
     assert result.new == 7 and "new folder, 6 new" in res.summary()
+    store.close()
+
+
+class _SendFails:
+    """A connection's socket whose next send fails (the connection broke), after calling ``first``."""
+
+    def __init__(self, sock, first):
+        self._sock, self._first = sock, first
+
+    def sendall(self, data):
+        self._first()
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("when", ["as the connection breaks", "while connecting again"])
+def test_a_stop_asked_for_around_a_lost_connection_is_obeyed_at_once(dovecot, tmp_path, when):
+    """Found by review: SIGTERM asked for as the connection broke, or while the sync connected again, did
+    not stop the sync there: it connected (again), listed, opened the folder and fetched another batch
+    of messages first (here the last 2 of 6). Now it stops (Interrupted, exit 130) without connecting
+    again, or as soon as connected; what was committed stays."""
+    victim = unique_folder()
+    uids = seed(dovecot, "alice", victim, [make_object("chat", seed=i) for i in range(6)])
+    stop, reconnects = [False], []
+
+    def stop_now():
+        stop[0] = True
+
+    def cut(syncer):  # (the batch being written, messages 3 and 4, is committed; sending the next fails)
+        syncer.conn.sock = _SendFails(syncer.conn.sock, stop_now if when == "as the connection breaks" else list)
+
+    def reconnecting():
+        reconnects.append(1)
+        if when == "while connecting again":
+            stop_now()
+
+    with pytest.raises(Interrupted):
+        _sync_breaking_at_a_message(dovecot, tmp_path, [victim], victim, cut, reconnect=reconnecting,
+                                    should_stop=lambda: stop[0])
+    assert len(reconnects) == (0 if when == "as the connection breaks" else 1)
+    store = LocalStore(tmp_path / "lost")
+    assert sorted(store.messages(store.folder(victim))) == uids[:4]
     store.close()
 
 

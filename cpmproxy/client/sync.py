@@ -606,7 +606,8 @@ class Syncer:
         """:meth:`sync_folder`; a connection the server ends meanwhile is opened again (``reconnects[0]``
         more times in this sync), and the folder, if the LIST on the new one still shows it, synced again.
         What was committed before the loss stays: that sync goes on from there, and the folder's result
-        counts both (what the first attempt committed is new too)."""
+        counts both (what the first attempt committed is new too). A stop asked for meanwhile (SIGTERM)
+        is obeyed before connecting again and once connected, not after another batch of messages."""
         res = FolderResult(sf.name)
         while True:
             try:
@@ -617,7 +618,9 @@ class Syncer:
                 reconnects[0] -= 1
                 self.log(f"{sf.name}: connection lost ({e}); connecting again")
                 self.conn.close()
+                self._check_stop()
                 self._adopt(self.reconnect())
+                self._check_stop()
             again = self.list_folders([sf.name]).get(sf.name)
             if again is None or not again.selectable:
                 raise FolderRefused(f"{sf.name}: deleted on the server during the sync", gone=True)
