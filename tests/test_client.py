@@ -1140,6 +1140,33 @@ def test_a_stop_asked_for_around_a_lost_connection_is_obeyed_at_once(dovecot, tm
     store.close()
 
 
+def test_a_connection_lost_again_while_connecting_again_is_connected_once_more(dovecot, tmp_path):
+    """Found by review: after a loss mid-folder the new connection's own set-up (ENABLE QRESYNC, the LIST
+    of the folder) was outside the reconnecting loop: that connection breaking too ended the whole sync
+    (exit 3) with reconnections left. It is one more reconnection now, and the sync completes."""
+    victim, fine = unique_folder(), unique_folder()
+    uids = seed(dovecot, "alice", victim, [make_object("chat", seed=i) for i in range(6)])
+    new = seed(dovecot, "alice", fine, [make_object("chat", seed=9)])
+    made = []
+
+    def cut(syncer):
+        syncer.conn.sock = _SendFails(syncer.conn.sock, list)
+
+    def reconnecting():
+        made.append(connect(_lost_settings(dovecot)))
+        if len(made) == 1:
+            made[0].sock = _SendFails(made[0].sock, list)  # (this one breaks at its first command)
+        return made[-1]
+
+    result, store = _sync_breaking_at_a_message(dovecot, tmp_path, [victim, fine], victim, cut,
+                                                reconnect=reconnecting)
+    assert len(made) == 2 and result.failed == []
+    assert sorted(store.messages(store.folder(victim))) == uids
+    assert sorted(store.messages(store.folder(fine))) == new
+    store.close()
+    made[0].close()
+
+
 def test_interrupted_flag_update_recovers_without_download(dovecot, device):
     """Killed while applying flag changes (files renamed, index not yet updated) and with a tmp/ leftover:
     the next sync repairs it (no message dropped from the index, nothing downloaded again)."""

@@ -609,22 +609,26 @@ class Syncer:
         counts both (what the first attempt committed is new too). A stop asked for meanwhile (SIGTERM)
         is obeyed before connecting again and once connected, not after another batch of messages."""
         res = FolderResult(sf.name)
+        lost = False
         while True:
             try:
+                if lost:
+                    # (Inside the try: the new connection may break too, before the folder is reached.)
+                    self.conn.close()
+                    self._check_stop()
+                    self._adopt(self.reconnect())
+                    self._check_stop()
+                    again = self.list_folders([sf.name]).get(sf.name)
+                    if again is None or not again.selectable:
+                        raise FolderRefused(f"{sf.name}: deleted on the server during the sync", gone=True)
+                    sf, lf = again, self.store.folder(sf.name)
                 return self.sync_folder(sf, lf, res)
             except ConnectionLost as e:
                 if reconnects[0] <= 0:
                     raise
                 reconnects[0] -= 1
                 self.log(f"{sf.name}: connection lost ({e}); connecting again")
-                self.conn.close()
-                self._check_stop()
-                self._adopt(self.reconnect())
-                self._check_stop()
-            again = self.list_folders([sf.name]).get(sf.name)
-            if again is None or not again.selectable:
-                raise FolderRefused(f"{sf.name}: deleted on the server during the sync", gone=True)
-            sf, lf = again, self.store.folder(sf.name)
+                lost = True
 
     # -- steps a.2 and a.3 for one folder -------------------------------------------------------------
 
