@@ -984,11 +984,12 @@ class Syncer:
         if not present:
             return 0, missing
         op = b"+FLAGS" if add else b"-FLAGS"
-        cmd = self.conn.run(
-            b"UID STORE " + _uid_set(present) + b" " + op + b" (" + b" ".join(flags) + b")", collect=(b"FETCH",)
-        )
+        cmds = [self.conn.send(b"UID STORE " + piece + b" " + op + b" (" + b" ".join(flags) + b")", collect=(b"FETCH",))
+                for piece in _uid_pieces(present)]
+        for cmd in cmds:
+            self.conn.wait(cmd)
         updates: dict[int, tuple[str, ...]] = {}
-        for resp in cmd.collected:
+        for resp in (r for cmd in cmds for r in cmd.collected):
             items = _fetch_items(resp)
             uid = _int(items.get(b"UID"))
             if uid is not None and b"FLAGS" in items:
@@ -1068,27 +1069,33 @@ class Syncer:
         missing = _expand_missing(uids, present)
         if not present:
             return 0, missing, local
-        uid_set = _uid_set(present)
+        pieces = _uid_pieces(present)
         if local:
             flags = b"(\\Deleted " + LOCAL_DELETE_KEYWORD + b")"
-            store_cmd = self.conn.send(b"UID STORE " + uid_set + b" +FLAGS.SILENT " + flags)
+            store_cmds = [self.conn.send(b"UID STORE " + piece + b" +FLAGS.SILENT " + flags) for piece in pieces]
         else:
             # Not SILENT: the flags in the answer tell whether the proxy turned the delete into a local one
             # (a device whose policy says delete_mode = "local" sees $LocalDelete appear): then the server
             # keeps the messages, and saying "deleted on the server" would be wrong.
-            store_cmd = self.conn.send(b"UID STORE " + uid_set + b" +FLAGS (\\Deleted)", collect=(b"FETCH",))
-        expunge_cmd = self.conn.send(b"UID EXPUNGE " + uid_set)
-        self.conn.wait(store_cmd)
-        self.conn.wait(expunge_cmd)
+            store_cmds = [self.conn.send(b"UID STORE " + piece + b" +FLAGS (\\Deleted)", collect=(b"FETCH",))
+                          for piece in pieces]
+        expunge_cmds = [self.conn.send(b"UID EXPUNGE " + piece) for piece in pieces]
+        for cmd in store_cmds + expunge_cmds:
+            self.conn.wait(cmd)
+        expunge_cmd = expunge_cmds[-1]
         if not local:
             keyword = LOCAL_DELETE_KEYWORD.decode().lower()
-            for resp in store_cmd.collected:
+            for resp in (r for cmd in store_cmds for r in cmd.collected):
                 items = _fetch_items(resp)
                 if _int(items.get(b"UID")) in present and keyword in (f.lower() for f in _flags(items.get(b"FLAGS"))):
                     local = True
-        left = self._present(UidSet.of(present))
+        left: set[int] = set()
+        for cmd in [self.conn.send(b"UID SEARCH UID " + piece, collect=(b"SEARCH",)) for piece in pieces]:
+            left |= _search_uids(self.conn.wait(cmd))
         if left:
-            raise ServerRefused(f"the server kept UIDs {_uid_set(left).decode()} in {name} after EXPUNGE")
+            kept = _uid_set(left).decode()
+            raise ServerRefused(f"the server kept UIDs {kept if len(kept) < 200 else kept[:200] + '...'} in {name} "
+                                "after EXPUNGE")
         if lf is not None:
             self.store.remove_messages(lf, present)
             # (A local delete's too: the proxy's record of it moved the modseq on, and its answer names it.)
@@ -1101,6 +1108,14 @@ def _highestmodseq(cmd) -> int | None:
     code = cmd.done.code if cmd.done is not None and cmd.done.ok else None
     name, _, arg = (code or b"").partition(b" ")
     return int(arg) if name.upper() == b"HIGHESTMODSEQ" and arg.isdigit() else None
+
+
+def _uid_pieces(uids: Iterable[int]) -> list[bytes]:
+    """``uids`` as UID sets of at most ``_LIST_BATCH`` UIDs each, for commands pipelined one per piece: the
+    messages of a range that still exist, every other one gone, are one line past what servers take (64 KB
+    by default, the proxy's max_line too: ~6,000 such UIDs)."""
+    ordered = sorted(uids)
+    return [_uid_set(ordered[i:i + _LIST_BATCH]) for i in range(0, len(ordered), _LIST_BATCH)]
 
 
 def _within(uids: UidSet, allowed: set[int]) -> bool:
