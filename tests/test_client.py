@@ -24,7 +24,13 @@ import imapclient
 import pytest
 
 from cpmproxy.client import LocalStore, ServerSettings, Syncer, connect
-from cpmproxy.client.errors import ConnectionLost, Interrupted, ServerRefused, ServerUnavailable
+from cpmproxy.client.errors import (
+    ConnectionLost,
+    Interrupted,
+    ProtocolError,
+    ServerRefused,
+    ServerUnavailable,
+)
 from cpmproxy.client.sync import SyncOptions
 from cpmproxy.client.watch import Stopper, Watcher, WatchOptions
 from cpmproxy.testing.dovecot import parse_appenduid
@@ -1038,6 +1044,29 @@ def test_connection_lost_in_a_folder_goes_on_with_a_new_one(dovecot, tmp_path):
     store.close()
     with pytest.raises(ConnectionLost):
         _sync_breaking_at_a_message(dovecot, tmp_path / "again", [victim, fine], victim, cut, reconnect=False)
+
+
+def test_a_protocol_error_in_a_folder_is_not_taken_for_a_lost_connection(dovecot, tmp_path):
+    """What the server sent cannot be read (a ProtocolError, which ends the connection as a loss does):
+    the sync stops at once with it (exit 3), without connecting again to be sent the same thing."""
+    folder = unique_folder()
+    seed(dovecot, "alice", folder, [make_object("chat", seed=1)])
+    settings = ServerSettings(dovecot.host, dovecot.port, "alice", "alicepw", "lib-garbled", tls="none")
+    store = LocalStore(tmp_path / "garbled")
+    reconnects = []
+    syncer = Syncer(connect(settings), store, reconnect=lambda: reconnects.append(1) or connect(settings))
+
+    def garbled(*args, **kwargs):
+        raise ProtocolError("malformed FETCH response from the server")
+
+    syncer.sync_folder = garbled
+    try:
+        with store.locked(), pytest.raises(ProtocolError):
+            syncer.sync([folder])
+    finally:
+        syncer.conn.close()
+        store.close()
+    assert reconnects == []
 
 
 def test_vanished_earlier_longer_than_the_line_limit_is_synced(dovecot, tmp_path, monkeypatch):

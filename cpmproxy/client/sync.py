@@ -624,8 +624,8 @@ class Syncer:
                     sf, lf = again, self.store.folder(sf.name)
                 return self.sync_folder(sf, lf, res)
             except ConnectionLost as e:
-                if reconnects[0] <= 0:
-                    raise
+                if reconnects[0] <= 0 or isinstance(e, ProtocolError):
+                    raise  # (a server that sent what cannot be read would send it again)
                 reconnects[0] -= 1
                 self.log(f"{sf.name}: connection lost ({e}); connecting again")
                 lost = True
