@@ -817,7 +817,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if head.kind != "untagged" or not resp.first:
             return None
         name = head.name
-        if st.pending_select and not (name == b"OK" and head.code is not None and head.code.upper() == b"CLOSED") \
+        if st.pending_select and name not in _NEVER_SELECT_ANSWERS \
+                and not (name == b"OK" and head.code is not None and head.code.upper() == b"CLOSED") \
                 and _answers_select(session):
             # (Not on "* OK [CLOSED]", which is about the mailbox selected before: a SELECT the backend
             # then refuses has nothing to build a view of.)
@@ -1720,15 +1721,19 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
 
 
 _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
+# Untagged responses that are never a SELECT's: NOTIFY's events of other mailboxes (RFC 5465), which the
+# backend sends while no command is in progress, so also just before a SELECT's own responses.
+_NEVER_SELECT_ANSWERS = frozenset((b"STATUS", b"LIST", b"LSUB", b"METADATA"))
 
 
 def _answers_select(session) -> bool:
     """May an untagged response be the SELECT's (or EXAMINE's) first? Not while a command sent before it
     is still in progress: the backend runs the SELECT after those, and their answers (a STATUS, LIST or
     ENABLE pipelined before it) come first (found by review: taken for the SELECT's, a view was built of
-    the mailbox before the backend refused the SELECT; its searches failed, and the session ended)."""
+    the mailbox before the backend refused the SELECT; its searches failed, and the session ended). Nor
+    before the SELECT is at the backend (decided by a coroutine: what comes meanwhile is not its answer)."""
     inflight = session.inflight_commands()
-    return not inflight or session.selecting is None or inflight[0] is session.selecting
+    return session.selecting is not None and bool(inflight) and inflight[0] is session.selecting
 
 
 def _binary_literal(tokens) -> bool:

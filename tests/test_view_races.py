@@ -612,3 +612,56 @@ def test_a_select_the_backend_refuses_behind_a_command_with_answers_keeps_the_se
     assert tagged == [b"a OK ", b"b BAD", b"c BAD", b"d OK "], got
     assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name)
     c.close()
+
+
+# -- the backend's unsolicited responses around a SELECT, put exactly in the race's place -----------------
+# (tests/gaterelay.py: the proxy's backend connections go through a relay that holds what the proxy sends
+# from a chosen line on, until the test lets it go; meanwhile Dovecot, which has not read that line, sends
+# its NOTIFY events as to a connection with no command in progress.)
+
+
+@pytest.fixture
+def relay(dovecot):
+    from tests.gaterelay import GateRelay
+
+    r = GateRelay(dovecot.port)
+    yield r
+    r.close()
+
+
+def _gated_proxy(make_proxy, relay):
+    return make_proxy(backend_tls="none", backend_port=relay.port, config_extra="[policy]\nsync = { imdn = false }\n")
+
+
+@pytest.mark.parametrize("event", ["status", "list"])
+def test_a_notify_event_just_before_a_select_is_not_taken_for_its_answer(make_proxy, relay, dovecot, event):
+    """Found by review (suspicion 1 of helper-93's brief): with NOTIFY events of other mailboxes on, the
+    backend told of a change elsewhere (``* STATUS``, ``* LIST``) just before the responses of a SELECT it
+    had not read yet. The proxy took it for the SELECT's first response and built a view of a mailbox
+    before the SELECT was answered; with the SELECT refused (a folder that does not exist) the view's
+    searches failed, and the session ended with BYE: the device got neither its NO nor the event."""
+    proxy = _gated_proxy(make_proxy, relay)
+    other = b"Ev" + uuid.uuid4().hex[:8].encode()
+    dovecot.deliver("dave", other.decode(), make_object("chat"))
+    c = device(proxy)
+    r = c.command(b"n", b"NOTIFY SET STATUS (personal (MessageNew MessageExpunge MailboxName))")
+    assert r[-1].startswith(b"n OK"), r
+    missing = b"Missing" + uuid.uuid4().hex[:8].encode()
+    relay.hold_from(rb'^s SELECT "%s"' % missing)
+    c.send(b's SELECT "%s"\r\n' % missing)
+    link = relay.wait_gated()  # (the proxy sent the SELECT; the backend has not read it)
+    mark = len(link.down)
+    if event == "status":
+        dovecot.deliver("dave", other.decode(), make_object("chat", seed=2))
+        relay.wait_sent(link, rb"\* STATUS \"?%s" % other, start=mark)
+    else:
+        made = other + b"-new"
+        d = dovecot.imap_direct("dave", tls="none")
+        d.create_folder(made.decode())
+        d.logout()
+        relay.wait_sent(link, rb"\* LIST \([^)]*\) \"/\" \"?%s" % made, start=mark)
+    relay.release()  # (its answer comes behind the event on the same connection)
+    got = c.until_tagged(b"s") + c.command(b"z", b"NOOP")
+    c.close()
+    assert [x[:4] for x in got if x[:2] in (b"s ", b"z ")] == [b"s NO", b"z OK"], got
+    assert any(x.startswith(b"* STATUS " if event == "status" else b"* LIST ") for x in got), got
