@@ -180,6 +180,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         self._tables: OrderedDict[tuple, tuple] = OrderedDict()
         # Recent views hiding by kind or size, lent whole to a later SELECT of the same state (_borrowed_view).
         self._whole_views: OrderedDict[tuple, tuple] = OrderedDict()
+        # The backend said "* OK [CLOSED]" at a SELECT after another (Dovecot always does; RFC 9051 too): the
+        # end of what it says of the mailbox left is that, not the next SELECT's first response.
+        self.closes_mailboxes = False
         self._hiders_of = None  # the hook table _hider_plugins was taken from
         self._hider_plugins: list = []
 
@@ -264,6 +267,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if mailbox is None and st is not None and session.selecting is None:
             st.view = None
             st.mailbox = None
+            st.leaving = False  # (a SELECT refused here: the proxy's UNSELECT takes over, session.unselecting)
 
     def capabilities(self, session, caps):
         # CONTEXT=SEARCH/SORT (RFC 5267): results the backend updates on its own later (ADDTO/REMOVEFROM
@@ -305,6 +309,11 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return Defer(defer.Deferred.fromCoroutine(self._reapply_then(session, st, cmd)))
         name = cmd.name
         if name in (b"SELECT", b"EXAMINE"):
+            if session.selected is not None:
+                # (The commands before it are done: see _must_wait_for.) From here on the client has left
+                # the mailbox, whatever the decision; the backend has it until it reads the command.
+                st.leaving = True
+                st.growing_to = st.exists_told = None  # (an arrival there being classified: never told)
             if cmd.has_literal and "collected" not in cmd.state:
                 return Collect()  # (a literal after the name too: read whole, for the check below)
             if "collected" in cmd.state and _binary_literal(cmd.args):
@@ -817,7 +826,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if head.kind != "untagged" or not resp.first:
             return None
         name = head.name
-        if st.pending_select and name not in _NEVER_SELECT_ANSWERS \
+        if (st.leaving or session.unselecting) and (action := self._leaving_response(session, st, head)) is not None:
+            return action
+        if st.pending_select and not st.leaving and name not in _NEVER_SELECT_ANSWERS \
                 and not (name == b"OK" and head.code is not None and head.code.upper() == b"CLOSED") \
                 and _answers_select(session):
             # (Not on "* OK [CLOSED]", which is about the mailbox selected before: a SELECT the backend
@@ -930,6 +941,29 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return self._unseen_response(session, view, resp, int(n)) if n.isdigit() else Drop()
         return None
 
+    def _leaving_response(self, session, st: PolicySession, head):
+        """An untagged response while the backend still has the mailbox selected that the client left (its
+        SELECT or EXAMINE decided or on its way, or the proxy's UNSELECT after refusing one): the backend's
+        events there (a NOTIFY of the selected mailbox's, a command of the proxy's own) are of a mailbox the
+        client no longer has, as if the backend had read the SELECT a moment earlier. Dropped: numbered by
+        no view (the next mailbox's is not built, or would take them for its own), they showed hidden
+        messages (UIDs, flags) and miscounted the next mailbox (found by review: one taken for the
+        SELECT's first response, an EXPUNGE of the old mailbox taken out of the new view, and the session
+        ended). None: not such a response (``* OK [CLOSED]`` ends the wait)."""
+        name = head.name
+        if name == b"OK" and head.code is not None and head.code.upper() == b"CLOSED":
+            self.closes_mailboxes = True
+            st.leaving = False
+            return None
+        if name == b"FLAGS" and st.leaving and not self.closes_mailboxes and session.selecting is not None:
+            st.leaving = False  # (a backend not known to say [CLOSED]: the SELECT's first response, as a rule)
+            return None
+        if name in _LEFT_MAILBOX_EVENTS:
+            if name == b"EXISTS":
+                st.growing_to = st.exists_told = None
+            return Drop()
+        return None
+
     def _unseen_response(self, session, view: MailboxView, resp, n: int):
         """A SELECT's ``* OK [UNSEEN n]`` in the client's numbers: its first unseen message's. When the
         backend's first unseen is hidden, the first visible one is asked for (the SELECT's responses are
@@ -984,7 +1018,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         ``renumber_fetch_lines``), or None if a line is not a FETCH."""
         st = session.state.get(self.name)
         view = st.view if st is not None else None
-        if view is None or st.pending_select:
+        if view is None or st.pending_select or st.leaving or session.unselecting:
             return None
         if st.vanish_check and self._owes_vanished(session, st):
             # Said before the first FETCH line, on the per-line path: a block's output is thrown away
@@ -1031,14 +1065,15 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         st = session.state.get(self.name)
         if st is None:
             return True
-        if st.pending_select or (st.view is not None and not st.view.identity):
+        if st.pending_select or st.leaving or session.unselecting or (st.view is not None and not st.view.identity):
             return False
         return not any(x in block for x in (b"* LIST", b"* LSUB", b"* STATUS", b"* METADATA", b"* VANISHED"))
 
     def fetch_block_ok(self, session, block: bytes) -> bool:
         # FETCH lines concern the policy only to be renumbered (response_block) under a filtered view.
         st = session.state.get(self.name)
-        return st is None or not (st.pending_select or (st.view is not None and not st.view.identity))
+        return st is None or not (st.pending_select or st.leaving or session.unselecting
+                                  or (st.view is not None and not st.view.identity))
 
     def tagged(self, session, cmd, resp):
         for d in cmd.state.pop("when_done", ()):  # (searches waiting for this one: see _search_command)
@@ -1113,6 +1148,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
     def _tagged_done(self, session, st: PolicySession, cmd, status: bytes) -> None:
         if cmd.name in (b"SELECT", b"EXAMINE"):
             st.pending_select = False
+            st.leaving = False
             if st.selecting is cmd:
                 st.selecting = None
             if status != b"OK":
@@ -1721,6 +1757,8 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
 
 
 _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
+# Untagged responses about the selected mailbox's messages (see PolicyPlugin._leaving_response).
+_LEFT_MAILBOX_EVENTS = frozenset((b"EXISTS", b"RECENT", b"EXPUNGE", b"FETCH", b"VANISHED"))
 # Untagged responses that are never a SELECT's: NOTIFY's events of other mailboxes (RFC 5465), which the
 # backend sends while no command is in progress, so also just before a SELECT's own responses.
 _NEVER_SELECT_ANSWERS = frozenset((b"STATUS", b"LIST", b"LSUB", b"METADATA"))

@@ -103,6 +103,10 @@ class PolicySession:
     unreadable_folders: set[str] = field(default_factory=set)  # (see PolicyPlugin._hold_for_folder)
     plan: SelectPlan | None = None       # criteria of the mailbox being selected
     pending_select: bool = False         # our SELECT is at the backend, its responses not yet seen
+    # A SELECT or EXAMINE of the client's left the mailbox selected before, which the backend keeps until
+    # it reads that command (its "* OK [CLOSED]"): what it says of it meanwhile is of a mailbox the client
+    # has left (PolicyPlugin._leaving_response).
+    leaving: bool = False
     selecting: Any = None                # that SELECT command until it completes (its view is built)
     view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
     mailbox: str | None = None

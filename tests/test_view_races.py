@@ -629,6 +629,25 @@ def relay(dovecot):
     r.close()
 
 
+def _until_told(link, change, patterns: list[bytes], tries: int = 30) -> None:
+    """``change()`` (again, every 0.5 s) until the backend has told all of ``patterns`` on ``link`` (NOTIFY
+    events: Dovecot watches the selected mailbox from 1 s after a connection's last command, its own
+    event's included, and tells of the changes before that at the next one it sees)."""
+    from tests.gaterelay import GateRelay
+
+    start = len(link.down)
+    for _ in range(tries):
+        change()
+        try:
+            for pattern in patterns:
+                GateRelay.wait_sent(link, pattern, timeout=0.5, start=start)
+            return
+        except AssertionError:
+            pass
+    for pattern in patterns:
+        GateRelay.wait_sent(link, pattern, timeout=5, start=start)
+
+
 def _gated_proxy(make_proxy, relay):
     return make_proxy(backend_tls="none", backend_port=relay.port, config_extra="[policy]\nsync = { imdn = false }\n")
 
@@ -665,3 +684,75 @@ def test_a_notify_event_just_before_a_select_is_not_taken_for_its_answer(make_pr
     c.close()
     assert [x[:4] for x in got if x[:2] in (b"s ", b"z ")] == [b"s NO", b"z OK"], got
     assert any(x.startswith(b"* STATUS " if event == "status" else b"* LIST ") for x in got), got
+
+
+def _events_while_leaving(make_proxy, relay, dovecot, gate: bytes, select: bytes) -> list[bytes]:
+    """The device (QRESYNC on) has a folder selected (chat, IMDN, chat, chat; the IMDN hidden) with a NOTIFY
+    of its events, and sends ``select`` (tagged ``s``); the relay holds the proxy's line matching ``gate``
+    meanwhile, while another session flags the hidden IMDN and expunges UID 1 there until the backend
+    has told the device's connection. Then it lets go: the device's responses up to the SELECT's answer,
+    and to a NOOP after it."""
+    proxy = make_proxy(backend_tls="none", backend_port=relay.port, config_extra="[policy]\nsync = { imdn = false }\n")
+    left = b"Left" + uuid.uuid4().hex[:8].encode()
+    for i, k in enumerate(["chat", "imdn", "chat", "chat"]):
+        dovecot.deliver("dave", left.decode(), make_object(k, seed=i))
+    c = device(proxy)
+    assert c.command(b"e", b"ENABLE QRESYNC")[-1].startswith(b"e OK")
+    assert b"* 3 EXISTS\r\n" in c.command(b"a", b'SELECT "%s"' % left)
+    r = c.command(b"n", b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange))")
+    assert r[-1].startswith(b"n OK"), r
+    relay.hold_from(gate)
+    c.send(b"s " + select + b"\r\n")
+    relay.wait_gated()
+    session_link = next(link for link in relay.links if b'a SELECT "%s"' % left in link.up)
+    other = dovecot.imap_direct("dave", tls="none")
+    other.select_folder(left.decode())
+    other.delete_messages([1])
+    other.expunge()
+    toggle = iter([other.add_flags, other.remove_flags] * 20)
+    _until_told(session_link, lambda: next(toggle)([2], [b"\\Flagged"]), [rb"FETCH \(UID 2 ", rb"VANISHED 1\r\n"])
+    other.logout()
+    if session_link is not relay.gated_link:
+        time.sleep(0.2)  # (passed on to the proxy: let it read them before the decision's answer comes)
+    relay.release()
+    got = c.until_tagged(b"s")
+    got += c.command(b"f", b"FETCH 1:* (UID)") + c.command(b"z", b"NOOP")
+    c.close()
+    return got
+
+
+def _told_of_the_left_mailbox(got: list[bytes]) -> list[bytes]:
+    return [x for x in got if re.match(rb"\* (\d+ FETCH \((?!UID \d+\)\r)|VANISHED|\d+ EXPUNGE)", x)]
+
+
+@pytest.mark.parametrize("next_folder", ["filtered", "identity"])
+@pytest.mark.parametrize("gate", ["select", "decision"])
+def test_events_of_the_mailbox_left_never_reach_the_device(make_proxy, relay, dovecot, gate, next_folder):
+    """Found by review: with a NOTIFY of the selected mailbox's events, the backend tells another session's
+    changes in the mailbox selected while no command is in progress: so also after the device's SELECT of
+    another one was decided or sent, before the backend read it. The proxy had dropped the old view by then:
+    the hidden IMDN's flag change went out as it came (``* 2 FETCH (UID 2 MODSEQ ... FLAGS ...)``: its UID
+    and flags), its expunges unrenumbered; or, taken for the SELECT's first response, they were applied to
+    the next mailbox's view (an EXPUNGE took a message out of it, and the session ended for inconsistent
+    counts). ``gate``: held at the SELECT itself (at the backend, unread), or at the proxy's question that
+    decides it (the SELECT not sent yet)."""
+    nxt = b"Next" + uuid.uuid4().hex[:8].encode()
+    kinds = ["chat", "imdn", "chat", "chat"] if next_folder == "filtered" else ["chat"] * 3
+    for i, k in enumerate(kinds):
+        dovecot.deliver("dave", nxt.decode(), make_object(k, seed=10 + i))
+    gate_line = rb'^s SELECT "%s"' % nxt if gate == "select" else rb'STATUS "?%s"? \(UIDVALIDITY\)' % nxt
+    got = _events_while_leaving(make_proxy, relay, dovecot, gate_line, b'SELECT "%s"' % nxt)
+    assert not _told_of_the_left_mailbox(got), got
+    visible = [1, 3, 4] if next_folder == "filtered" else [1, 2, 3]
+    assert b"* 3 EXISTS\r\n" in got and got[-1].startswith(b"z OK"), got
+    assert [x for x in got if b" FETCH " in x] == [b"* %d FETCH (UID %d)\r\n" % (i + 1, u) for i, u in enumerate(visible)], got
+
+
+def test_events_of_the_mailbox_left_by_a_refused_select_never_reach_the_device(make_proxy, relay, dovecot):
+    """The same, for a SELECT the proxy refuses itself (a literal8 name, which Dovecot would refuse while
+    parsing, the old mailbox still selected): it unselects the mailbox at the backend with an UNSELECT of
+    its own, and what the backend tells of it until that is answered is of a mailbox the device has left
+    (it went out unfiltered: the hidden IMDN's UID and flags)."""
+    got = _events_while_leaving(make_proxy, relay, dovecot, rb"^cpm\.\d+ UNSELECT", b"SELECT ~{5+}\r\nINBOX")
+    assert not _told_of_the_left_mailbox(got), got
+    assert [x[:5] for x in got if x[:2] in (b"s ", b"f ", b"z ")] == [b"s BAD", b"f BAD", b"z OK "], got

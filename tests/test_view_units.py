@@ -64,7 +64,8 @@ def test_client_map_follows_changes(v):
 
 
 def renumber(view, block: bytes) -> bytes | None:
-    session = SimpleNamespace(state={"policy": SimpleNamespace(view=view, pending_select=False, vanish_check=False)})
+    session = SimpleNamespace(state={"policy": SimpleNamespace(view=view, pending_select=False, vanish_check=False,
+                                                              leaving=False)}, unselecting=0)
     return PolicyPlugin.response_block(SimpleNamespace(name="policy"), session, block)
 
 
@@ -284,7 +285,7 @@ def test_select_is_decided_at_once_where_nothing_can_be_hidden():
         policy.name = "policy"
         session = SimpleNamespace(state={"policy": st}, user="alice", device_id="d1",
                                   side_command=lambda line: defer.Deferred(),  # (never answered here)
-                                  inflight_commands=lambda: [])
+                                  inflight_commands=lambda: [], selected=None)
         parsed = parse_command(line[:-2])
         cmd = ClientCommand(parsed.tag, parsed.name, parsed.uid, line, parsed, False)
         return policy.command(session, cmd)

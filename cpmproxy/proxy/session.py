@@ -194,6 +194,9 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         self._resp_cmd: ClientCommand | None = None
         self._resp_head = None
         self._selecting: ClientCommand | None = None
+        # UNSELECTs of the proxy's own at the backend (see _unselect_backend): until their answer the
+        # backend still has a mailbox selected that the client no longer has.
+        self.unselecting = 0
         self._bye_sent = False
         self._ended_with = ""  # the BYE the proxy said, for the disconnect log line
         self._connected_at = service.reactor.seconds()
@@ -1102,11 +1105,18 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         commands in it, unfiltered. Unselected there too, before any later command (the CLOSED response to
         go before the refusal, as Dovecot says it)."""
         if b"UNSELECT" in {c.upper() for c in self.backend_caps}:
-            self.backend_command(b"UNSELECT")
+            # (What the backend says of that mailbox until its answer is of one the client has left: the
+            # view plugin drops it, ``unselecting``.)
+            self.unselecting += 1
+            self.backend_command(b"UNSELECT").addBoth(self._unselected)
         else:  # (no way to leave a mailbox without expunging in it: the session cannot go on)
             self.bye(b"The backend cannot unselect a mailbox.", code=b"UNAVAILABLE")
         self._set_selected(None)
         return b"* OK [CLOSED] Previous mailbox closed.\r\n"
+
+    def _unselected(self, result):
+        self.unselecting -= 1
+        return None if isinstance(result, Failure) else result
 
     def _set_selected(self, mailbox: SelectedMailbox | None) -> None:
         self.selected = mailbox
