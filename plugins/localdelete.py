@@ -727,6 +727,9 @@ class LocalDeletePlugin(Plugin):
         # Durable first: the record is on the backend before the client hears OK.
         await self._write(session, mailbox, uidvalidity, targets)
         st.pending -= targets
+        # (Not while an arrival's EXISTS is held for its classification: the EXPUNGEs go out behind it,
+        # and it would count the client's messages without these already. Found by review.)
+        await policy.arrivals_told(session)
         # (A VANISHED names only what the client still has: a pending mark another session expunged or a
         # preference hid meanwhile was told gone already, and its count would drop twice.)
         current = policy.state(session).view  # (the one hide_in_view changes)

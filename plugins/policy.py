@@ -598,8 +598,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         return st.view
 
     def hide_in_view(self, session, uids: set[int]) -> list[int]:
-        """Hide ``uids`` in the selected mailbox's view (``ensure_view`` first); returns the client
-        numbers to announce as EXPUNGE, in sending order."""
+        """Hide ``uids`` in the selected mailbox's view (``ensure_view``, then ``arrivals_told`` first);
+        returns the client numbers to announce as EXPUNGE, in sending order."""
         st = self.state(session)
         if st.view is None:
             return []
@@ -1552,6 +1552,15 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             waiter = defer.Deferred()
             st.grown.append(waiter)
             await waiter
+
+    async def arrivals_told(self, session) -> None:
+        """Once new messages being classified, if any, are in the view and the EXISTS that tells of them
+        has gone out: a message hidden before that (``hide_in_view``) would be left out of that count while
+        its EXPUNGE, queued behind the EXISTS, takes it out of the client's count a second time."""
+        st = session.state.get(self.name)
+        while st is not None and (st.grown is not None or st.growing_to is not None) and session.phase == "auth":
+            await self.classified(session)
+            await _next_turn()  # (the held EXISTS is let go once the classification's Deferred has fired)
 
     async def _after_done(self, session, others, cmd):
         """``cmd``'s decision once ``others`` (in flight) have completed."""

@@ -756,3 +756,41 @@ def test_events_of_the_mailbox_left_by_a_refused_select_never_reach_the_device(m
     got = _events_while_leaving(make_proxy, relay, dovecot, rb"^cpm\.\d+ UNSELECT", b"SELECT ~{5+}\r\nINBOX")
     assert not _told_of_the_left_mailbox(got), got
     assert [x[:5] for x in got if x[:2] in (b"s ", b"f ", b"z ")] == [b"s BAD", b"f BAD", b"z OK "], got
+
+
+def test_a_local_delete_while_an_arrival_is_classified_keeps_the_counts(make_proxy, relay, dovecot):
+    """Found by review (suspicion 2 of helper-93's brief): a local EXPUNGE while the view classifies new
+    messages (their EXISTS, which no command of the client's brought, held meanwhile). The local delete
+    hid its message in the view at once and queued its EXPUNGE behind the held EXISTS, which was then
+    counted on the view without that message: the client, still counting it, was told of no arrival (the
+    EXISTS was dropped as telling nothing new), then of the EXPUNGE; it numbered one message fewer than the
+    view for good."""
+    proxy = _gated_proxy(make_proxy, relay)
+    name = b"Ld" + uuid.uuid4().hex[:8].encode()
+    for i, k in enumerate(["chat", "imdn", "chat"]):
+        dovecot.deliver("dave", name.decode(), make_object(k, seed=i))
+    c = device(proxy)
+    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % name)
+    assert c.command(b"d", b"STORE 1 +FLAGS.SILENT (\\Deleted $LocalDelete)")[-1].startswith(b"d OK")
+    r = c.command(b"n", b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange))")
+    assert r[-1].startswith(b"n OK"), r
+    relay.hold_from(rb"UID SEARCH RETURN \(ALL\) UID 4:\*")  # (the arrival's classification)
+    dovecot.deliver("dave", name.decode(), make_object("chat", seed=7))
+    relay.wait_gated()  # (its EXISTS is held by now)
+    side = next(link for link in relay.links if b"-side" in link.up[:200])
+    mark = len(side.down)
+    c.send(b"x EXPUNGE\r\n")
+    relay.wait_sent(side, rb"OK Setmetadata completed", start=mark)  # (the local delete's record)
+    time.sleep(0.2)  # (passed on to the proxy: let it take the record's answer before the arrival's)
+    relay.release()
+    got = c.until_tagged(b"x") + c.command(b"f", b"FETCH 1:* (UID)")
+    c.close()
+    count, told = 2, []
+    for line in got:
+        if (m := re.match(rb"\* (\d+) (EXISTS|EXPUNGE)\r\n", line)):
+            n = int(m.group(1))
+            assert m.group(2) == b"EXPUNGE" or n >= count, got  # (EXISTS never shrinks the mailbox)
+            count = n if m.group(2) == b"EXISTS" else count - 1
+        elif b" FETCH (UID " in line:
+            told.append(line)
+    assert told == [b"* 1 FETCH (UID 3)\r\n", b"* 2 FETCH (UID 4)\r\n"] and count == 2, got
