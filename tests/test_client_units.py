@@ -480,6 +480,30 @@ def test_unsolicited_responses_belong_to_the_mailbox_selected_when_they_arrived(
         server.close()
 
 
+@pytest.mark.parametrize("reply", [b"* OK [UIDVALIDITY abc] ok\r\n", b"* VANISHED (EARLIER) 3:x\r\n"])
+def test_malformed_server_data_is_a_protocol_error_not_an_internal_error(reply):
+    """Found by the cpm-sync review (helper-87): a response a handler cannot read (a response code's number
+    that is none, a broken UID set) raised ValueError, which the CLI reports as "internal error" (exit 70,
+    "a bug"). It is the server's: a ProtocolError (exit 3), and the connection is not used again."""
+    import socket
+
+    from cpmproxy.client.connection import Connection, ServerSettings
+    from cpmproxy.client.errors import ProtocolError
+    from cpmproxy.client.sync import SelectState
+
+    ours, server = socket.socketpair()
+    try:
+        conn = Connection(ours, ServerSettings("127.0.0.1", 143, "u", "p", tls="none"))
+        state = SelectState(None)
+        cmd = conn.send(b"EXAMINE B", handler=state.handle)
+        server.sendall(reply + cmd.tag + b" OK done\r\n")
+        with pytest.raises(ProtocolError, match="malformed"):
+            conn.wait(cmd)
+    finally:
+        ours.close()
+        server.close()
+
+
 @pytest.mark.parametrize("args", [
     ["watch", "--interval", "-5"], ["watch", "--interval", "0"], ["watch", "--interval", "nan"],
     ["--timeout", "-1", "sync"], ["--timeout", "nan", "sync"], ["--timeout", "0", "sync"],

@@ -459,9 +459,14 @@ class Connection:
                 return "untagged"
             self._closed = True
             raise ConnectionLost(f"the server closed the connection: {resp.text or 'BYE'}")
-        for cmd in self._pending.values():
-            if cmd.offer(resp):
-                return "untagged"
+        try:
+            for cmd in self._pending.values():
+                if cmd.offer(resp):
+                    return "untagged"
+        except (ValueError, SyntaxError_) as e:  # (a handler could not read it: "[UIDVALIDITY abc]", a bad set)
+            self._closed = True
+            raise ProtocolError(f"malformed {head.name.decode('ascii', 'replace')} response from the server: "
+                                f"{line[:80]!r} ({e})") from None
         resp.mailbox = self.selected
         self.unsolicited.append(resp)
         return "untagged"
