@@ -1339,6 +1339,58 @@ def test_watch_waits_for_a_busy_store(dovecot, tmp_path):
     store.close()
 
 
+def test_a_watch_stopped_during_a_fetch_writes_nothing_once_it_lets_the_store_go(dovecot, tmp_path):
+    """Found by the cpm-sync review (helper-87): stopped while body FETCHes were in flight and the server
+    silent (here: a relay holds them back), watch sent LOGOUT, which read their answers first: their handler
+    wrote those messages into the store after the watch had let its lock go (a manual sync may hold it by
+    then), leaving tmp/ files, and the stop took longer. The connection is closed instead, as `sync` does;
+    what was committed stays."""
+    from tests.gaterelay import GateRelay
+
+    folder = unique_folder()
+    uids = seed(dovecot, "dave", folder, [make_object("chat", seed=i) for i in range(6)])
+    relay = GateRelay(dovecot.port)
+    relay.hold_from(rb"UID FETCH %d \(UID FLAGS INTERNALDATE BODY" % uids[1])
+    settings = ServerSettings("127.0.0.1", relay.port, "dave", "davepw", "lib-stop-fetch", tls="none")
+    store = LocalStore(tmp_path / "stopfetch")
+    stopper = Stopper()
+    w = Watcher(settings, store, SyncOptions(batch_messages=1, window=3), WatchOptions(folders=(folder,)),
+                stopper=stopper)
+    released, late = threading.Event(), []
+    locked = w._locked
+
+    @contextlib.contextmanager
+    def tracked_lock():
+        try:
+            with locked():
+                yield
+        finally:
+            released.set()
+
+    w._locked = tracked_lock
+    write = store.write_message
+
+    def write_and_stop(lf, uid, *args):
+        if released.is_set():
+            late.append(uid)
+        stopper.stop()  # (at the first message: the next FETCHes are held back, the server silent)
+        return write(lf, uid, *args)
+
+    store.write_message = write_and_stop
+    t, errors = _watch_in_thread(w)
+    try:
+        relay.wait_gated()
+        assert released.wait(10), "the watch never stopped"
+        relay.release()  # (the held FETCHes reach the server now: answered, if anyone still reads)
+        t.join(15)
+        assert not t.is_alive() and not errors, errors
+    finally:
+        relay.close()
+    assert late == []
+    assert sorted(store.messages(store.folder(folder))) == uids[:1]
+    store.close()
+
+
 def test_watch_goes_on_when_a_watched_folder_is_deleted_on_the_server(dovecot, tmp_path):
     """Found by review: ``watch F G`` ended (5, "no such folder: F") at the full pass after another device
     deleted F, and G was watched no more. F's local copy goes, and the watch goes on with G."""

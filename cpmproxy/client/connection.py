@@ -513,6 +513,12 @@ class Connection:
 
     # -- end ---------------------------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """A command other than IDLE is waiting for its answer (a LOGOUT now would read that answer first,
+        and run its handler)."""
+        return any(cmd is not self.idling for cmd in self._pending.values())
+
     def logout(self) -> None:
         """LOGOUT politely (bounded wait), then close the socket. Never raises."""
         if self._closed:

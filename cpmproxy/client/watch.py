@@ -189,6 +189,10 @@ class Watcher:
             try:
                 self._session(conn, on_ready=ready)
             except Interrupted:
+                if conn.busy:
+                    # Not LOGOUT: it would read the rest of a body FETCH still in flight, and its handler
+                    # write those messages into the store after its lock is let go (as `sync` does).
+                    conn.close()
                 break
             except NoSuchFolder:
                 raise  # a folder to watch that does not exist: reconnecting will not create it
