@@ -829,13 +829,14 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if (st.leaving or session.unselecting) and (action := self._leaving_response(session, st, head)) is not None:
             return action
         if st.pending_select and not st.leaving and name not in _NEVER_SELECT_ANSWERS \
-                and not (name == b"OK" and head.code is not None and head.code.upper() == b"CLOSED") \
+                and (name not in (b"OK", b"NO", b"BAD") or head.code_name in _SELECT_CODES) \
                 and _answers_select(session):
-            # (Not on "* OK [CLOSED]", which is about the mailbox selected before: a SELECT the backend
-            # then refuses has nothing to build a view of.)
+            # (Not on a status response without one of the SELECT's codes: "* OK [CLOSED]", about the
+            # mailbox selected before, or a warning (RFC 9051 7.1: "* NO", "* BAD", "* OK [ALERT]" may come
+            # at any time). Taken for the SELECT's first response, a NO or BAD built no view (found by
+            # review: the mailbox was shown whole, hidden messages too), an OK built one of a SELECT the
+            # backend then refused (its searches failed, and the session ended).)
             st.pending_select = False
-            if head.name == b"BAD" or head.name == b"NO":
-                return None
             return Hold(defer.Deferred.fromCoroutine(self._build_view(session, st)))
         if name in (b"LIST", b"LSUB"):
             mailbox = list_name(resp.data)
@@ -1770,7 +1771,12 @@ _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
 _LEFT_MAILBOX_EVENTS = frozenset((b"EXISTS", b"RECENT", b"EXPUNGE", b"FETCH", b"VANISHED"))
 # Untagged responses that are never a SELECT's: NOTIFY's events of other mailboxes (RFC 5465), which the
 # backend sends while no command is in progress, so also just before a SELECT's own responses.
-_NEVER_SELECT_ANSWERS = frozenset((b"STATUS", b"LIST", b"LSUB", b"METADATA"))
+# A CAPABILITY (a server may say its capabilities changed at any time) is not a SELECT's either.
+_NEVER_SELECT_ANSWERS = frozenset((b"STATUS", b"LIST", b"LSUB", b"METADATA", b"CAPABILITY"))
+# The response codes of a SELECT's (or EXAMINE's) untagged status responses (RFC 9051 6.3.2, RFC 7162 3.1,
+# RFC 8474 4): an untagged OK, NO or BAD without one of them is not its answer.
+_SELECT_CODES = frozenset((b"PERMANENTFLAGS", b"UNSEEN", b"UIDVALIDITY", b"UIDNEXT", b"HIGHESTMODSEQ",
+                           b"NOMODSEQ", b"MAILBOXID", b"READ-ONLY", b"READ-WRITE"))
 
 
 def _answers_select(session) -> bool:

@@ -729,3 +729,55 @@ def test_a_session_the_backend_ends_itself_is_counted(fresh_scripted, make_proxy
     assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
     assert c.command(b"z", b"LOGOUT")[-1].startswith(b"z OK")
     assert metric(proxy, name) == 1
+
+
+_SELECT_ANSWER = (b"* 3 EXISTS\r\n* 0 RECENT\r\n* FLAGS (\\Seen)\r\n* OK [UIDVALIDITY 7] v\r\n"
+                  b"* OK [UIDNEXT 4] n\r\n{tag} OK [READ-WRITE] selected\r\n")
+
+
+@pytest.mark.parametrize("config", ["[policy]\nmax_size = 1000\n", "[policy]\nsync = { imdn = false }\n"])
+@pytest.mark.parametrize("before", [b"* NO [ALERT] disk quota nearly reached\r\n", b"* NO warning\r\n",
+                                    b"* BAD something odd\r\n", b"* OK [ALERT] maintenance tonight\r\n",
+                                    b"* OK still here\r\n", b"* CAPABILITY " + CAPS + b"\r\n"])
+def test_an_untagged_status_before_a_selects_answers_is_not_its_answer(scripted, make_proxy, config, before):
+    """An untagged NO, BAD or OK warning (RFC 9051 7.1: allowed at any time), or a CAPABILITY, that the
+    backend sends just before a SELECT's own responses is not the SELECT's answer: the view is built all
+    the same, and the device sees neither the hidden message (UID 2: over 1,000 bytes, and the scripted
+    server's only "IMDN") nor the count with it. (Found by review: taken for the SELECT's first response,
+    an untagged NO or BAD cleared the wait for it and no view was built: the mailbox was shown whole.)"""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra=config)
+    scripted.script = {b"SELECT": before + _SELECT_ANSWER,
+                       b"FETCH": b"* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 2)\r\n* 3 FETCH (UID 3)\r\n{tag} OK done\r\n"}
+    try:
+        c = _logged_in(proxy)
+        selected = c.command(b"h", b"SELECT INBOX")
+        assert selected[-1].startswith(b"h OK"), selected
+        assert b"* 2 EXISTS\r\n" in selected and b"* 3 EXISTS\r\n" not in selected, selected
+        fetched = c.command(b"h", b"FETCH 1:* UID")
+        assert fetched == [b"* 1 FETCH (UID 1)\r\n", b"* 2 FETCH (UID 3)\r\n", b"h OK done\r\n"], fetched
+    finally:
+        scripted.script = {}
+    c.close()
+    assert internal_errors(proxy) == 0
+
+
+@pytest.mark.parametrize("before", [b"* OK [ALERT] maintenance tonight\r\n", b"* CAPABILITY " + CAPS + b"\r\n",
+                                    b"* NO warning\r\n"])
+def test_an_untagged_status_before_a_refused_select_is_passed_on(scripted, make_proxy, before):
+    """A warning or a CAPABILITY before the backend refuses a SELECT (where the policy may hide messages):
+    the client gets both, and the session goes on. (Found by review: an untagged OK or CAPABILITY there
+    was taken for the SELECT's first response, a view was built of no mailbox, the backend refused its
+    searches, and the session ended BYE [UNAVAILABLE], the warning never shown.)"""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra="[policy]\nmax_size = 1000\n")
+    scripted.script = {b"SELECT": before + b"{tag} NO [NONEXISTENT] Mailbox doesn't exist: Nope\r\n"}
+    scripted.internal = {b"SEARCH": b"{tag} BAD No mailbox selected.\r\n"}  # (as Dovecot answers then)
+    try:
+        c = _logged_in(proxy)
+        got = c.command(b"h", b"SELECT Nope")
+        assert got == [before, b"h NO [NONEXISTENT] Mailbox doesn't exist: Nope\r\n"], got
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    finally:
+        scripted.script = {}
+        scripted.internal = {}
+    c.close()
+    assert internal_errors(proxy) == 0
