@@ -280,6 +280,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
 
     def command(self, session, cmd):
         st = self.state(session)
+        if st.recomputing:
+            # Preferences re-applied while the client idled (see _reapply_view): its commands after IDLE wait,
+            # as a command does for a re-application started before it (_reapply_then).
+            return Defer(defer.Deferred.fromCoroutine(self._after_recompute(session, st, cmd)))
         if st.restore_saved is not None:
             # The client's $, which a COPY or MOVE of the proxy's making replaced, back before it is used.
             saved, st.restore_saved = st.restore_saved, None
@@ -1665,10 +1669,31 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if st.mailbox is None:
             return
         if session.idling:
+            # (Commands after IDLE wait for it: found by review, a SELECT of another mailbox decided at once
+            # left this one's searches to run in that mailbox; their UIDs went into this mailbox's
+            # classification cache, which then showed its hidden IMDN to every session, and hid the other's
+            # messages from the device's view of it.)
+            st.recomputing += 1
             d = defer.Deferred.fromCoroutine(self._recompute(session, st))
             d.addErrback(lambda f: log.failure("re-applying preferences failed", f))
+            d.addBoth(lambda _: self._recompute_over(st))
         else:
             st.reapply = True
+
+    @staticmethod
+    def _recompute_over(st: PolicySession) -> None:
+        st.recomputing -= 1
+        if not st.recomputing:
+            waiters, st.recomputed = st.recomputed, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    async def _after_recompute(self, session, st: PolicySession, cmd):
+        while st.recomputing:
+            waiter = defer.Deferred()
+            st.recomputed.append(waiter)
+            await waiter
+        return await resolved(self.command(session, cmd))
 
     async def _reapply_then(self, session, st: PolicySession, cmd):
         if (earlier := session.inflight_commands()):

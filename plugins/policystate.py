@@ -111,6 +111,10 @@ class PolicySession:
     view: MailboxView | None = None      # the selected mailbox's view (None: identity, nothing tracked)
     mailbox: str | None = None
     reapply: bool = False                # preferences changed: re-apply them before the next command
+    # Re-applications running on their own (started in IDLE), and the client commands waiting for them:
+    # see PolicyPlugin._reapply_view.
+    recomputing: int = 0
+    recomputed: list = field(default_factory=list)
     qresync: bool = False                # the client ENABLEd QRESYNC: VANISHED instead of EXPUNGE
     vanish_check: bool = False           # a command in flight may owe VANISHED (EARLIER) (_early_vanished)
     growing_to: int | None = None        # the EXISTS whose new messages were just classified (_grow_view)

@@ -794,3 +794,95 @@ def test_a_local_delete_while_an_arrival_is_classified_keeps_the_counts(make_pro
         elif b" FETCH (UID " in line:
             told.append(line)
     assert told == [b"* 1 FETCH (UID 3)\r\n", b"* 2 FETCH (UID 4)\r\n"] and count == 2, got
+
+
+_PREF = b"/private/vendor/vendor.cpmproxy"
+
+
+def _uids(got: list[bytes]) -> list[int]:
+    return [int(m.group(1)) for x in got if (m := re.match(rb"\* \d+ FETCH \(UID (\d+)\)", x))]
+
+
+def test_an_arrival_classified_when_the_device_selects_another_mailbox(make_proxy, relay, dovecot):
+    """Suspicion of helper-95's brief: a SELECT does not wait for the classification of an arrival in the
+    mailbox it leaves (UNSELECT does). Its searches were sent before the SELECT (at the EXISTS): they run
+    in the mailbox left, and nothing of the next one reaches its classification cache."""
+    proxy = _gated_proxy(make_proxy, relay)
+    a = b"Ga" + uuid.uuid4().hex[:8].encode()
+    b = b"Gb" + uuid.uuid4().hex[:8].encode()
+    for i, k in enumerate(["chat", "imdn", "chat"]):
+        dovecot.deliver("dave", a.decode(), make_object(k, seed=i))
+    for i, k in enumerate(["chat", "chat", "chat", "chat", "chat"]):
+        dovecot.deliver("dave", b.decode(), make_object(k, seed=20 + i))
+    c = device(proxy)
+    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)
+    r = c.command(b"n", b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange))")
+    assert r[-1].startswith(b"n OK"), r
+    relay.hold_from(rb"UID SEARCH RETURN \(ALL\) UID 4:\*")  # (the arrival's classification)
+    dovecot.deliver("dave", a.decode(), make_object("imdn", seed=7))  # (UID 4, hidden)
+    relay.wait_gated()
+    c.send(b't SELECT "%s"\r\n' % b)
+    time.sleep(0.3)
+    relay.release()
+    got = c.until_tagged(b"t")
+    assert got[-1].startswith(b"t OK") and b"* 5 EXISTS\r\n" in got, got
+    assert _uids(c.command(b"f", b"FETCH 1:* (UID)")) == [1, 2, 3, 4, 5]
+    assert b"* 2 EXISTS\r\n" in c.command(b"a", b'SELECT "%s"' % a)
+    assert _uids(c.command(b"g", b"FETCH 1:* (UID)")) == [1, 3]
+    c.close()
+    d = device(proxy)
+    assert b"* 2 EXISTS\r\n" in d.command(b"s", b'SELECT "%s"' % a)
+    assert _uids(d.command(b"f", b"FETCH 1:* (UID)")) == [1, 3]
+    d.close()
+
+
+def test_preferences_reapplied_in_idle_are_not_applied_to_the_mailbox_selected_next(make_proxy, relay, dovecot):
+    """A folder preference changed (another session turns the folder's IMDNs off) while a device idles
+    with it selected: the view is classified again by a coroutine of its own, which asks the folder's
+    UIDVALIDITY first. Meanwhile the device leaves IDLE and selects another folder (nothing hidden there:
+    decided at once). The re-classification's searches then ran in that folder: its IMDN's UID went into
+    the first folder's classification cache (a later SELECT of the first folder showed its hidden IMDN and
+    hid a chat), and that folder's messages were expunged from the device's view of the second one."""
+    proxy = make_proxy(backend_tls="none", backend_port=relay.port)
+    a = b"Ra" + uuid.uuid4().hex[:8].encode()
+    b = b"Rb" + uuid.uuid4().hex[:8].encode()
+    for i, k in enumerate(["chat", "imdn", "chat"]):
+        dovecot.deliver("dave", a.decode(), make_object(k, seed=i))
+    for i, k in enumerate(["imdn", "chat", "chat", "chat"]):
+        dovecot.deliver("dave", b.decode(), make_object(k, seed=20 + i))
+    c = device(proxy)
+    assert b"* 4 EXISTS\r\n" in c.command(b"s0", b'SELECT "%s"' % b)  # (known to the session: decided at once)
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)  # (nothing hidden yet)
+    c.send(b"i IDLE\r\n")
+    assert c.read_response().startswith(b"+ ")
+    relay.hold_from(rb'STATUS "?%s"? \(UIDVALIDITY\)' % a)  # (the re-classification's first question)
+    other = device(proxy)
+    r = other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (a, _PREF))
+    assert r[-1].startswith(b"m OK"), r
+    relay.wait_gated()
+    c.send(b"DONE\r\n")
+    got = c.until_tagged(b"i")
+    assert got[-1].startswith(b"i OK"), got
+    c.send(b't SELECT "%s"\r\n' % b)
+    time.sleep(0.3)  # (decided at once, it reached the backend before the re-classification's searches)
+    relay.release()
+    got = c.until_tagged(b"t")
+    assert got[-1].startswith(b"t OK") and b"* 4 EXISTS\r\n" in got, got
+    link = next(link for link in relay.links if b'SELECT "%s"' % a in link.up)
+    search = re.compile(rb"\r\n(\S+) UID SEARCH RETURN \(ALL\) UID \d+:\d+ HEADER")  # (the IMDN one)
+    deadline = time.monotonic() + 10
+    while (m := search.search(bytes(link.up))) is None:  # (sent before the SELECT, or after it)
+        assert time.monotonic() < deadline, bytes(link.up)
+        time.sleep(0.05)
+    tag = m.group(1)
+    relay.wait_sent(link, rb"\r\n%s OK" % re.escape(tag))
+    time.sleep(0.3)  # (taken by the proxy)
+    in_b = c.command(b"f", b"FETCH 1:* (UID)")
+    c.close()
+    d = device(proxy)  # (a session of the same process: the same classification cache)
+    in_a = d.command(b"s", b'SELECT "%s"' % a) + d.command(b"f", b"FETCH 1:* (UID)")
+    d.close()
+    assert b"* 2 EXISTS\r\n" in in_a and _uids(in_a) == [1, 3], (in_b, in_a)
+    assert not [x for x in in_b if b"EXPUNGE" in x or b"VANISHED" in x] and _uids(in_b) == [1, 2, 3, 4], (in_b, in_a)
+    other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn NIL)' % (a, _PREF))
+    other.close()
