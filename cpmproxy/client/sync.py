@@ -846,10 +846,8 @@ class Syncer:
         """UID, flags and size of ``uids`` (what a body fetch needs to be planned), into ``handler``: in
         commands of at most ``_LIST_BATCH`` UIDs, pipelined (a scattered set -- every other message of a
         folder whose IMDNs came back -- would otherwise make a line longer than servers take)."""
-        ordered = sorted(uids)
-        cmds = [self.conn.send(b"UID FETCH " + _uid_set(ordered[i:i + _LIST_BATCH]) + b" (UID FLAGS RFC822.SIZE)",
-                               handler=handler)
-                for i in range(0, len(ordered), _LIST_BATCH)]
+        cmds = [self.conn.send(b"UID FETCH " + piece + b" (UID FLAGS RFC822.SIZE)", handler=handler)
+                for piece in _uid_pieces(uids)]
         for cmd in cmds:
             self.conn.wait(cmd, check=False)
 
@@ -872,8 +870,7 @@ class Syncer:
         ``_LIST_BATCH`` UIDs, pipelined, as ``_list``'s: many scattered messages gone mid-sync are one line
         longer than servers take."""
         ordered = sorted(uids)
-        cmds = [self.conn.send(b"UID SEARCH UID " + _uid_set(ordered[i:i + _LIST_BATCH]), collect=(b"SEARCH",))
-                for i in range(0, len(ordered), _LIST_BATCH)]
+        cmds = [self.conn.send(b"UID SEARCH UID " + piece, collect=(b"SEARCH",)) for piece in _uid_pieces(ordered)]
         found: set[int] = set()
         for cmd in cmds:
             self.conn.wait(cmd, check=False)
