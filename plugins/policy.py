@@ -833,7 +833,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if (st.leaving or session.unselecting) and (action := self._leaving_response(session, st, head)) is not None:
             return action
         if st.pending_select and not st.leaving and name not in _NEVER_SELECT_ANSWERS \
-                and (name not in (b"OK", b"NO", b"BAD") or head.code_name in _SELECT_CODES) \
+                and (name not in _STATUS_NAMES or head.code_name in _SELECT_CODES) \
                 and _answers_select(session):
             # (Not on a status response without one of the SELECT's codes: "* OK [CLOSED]", about the
             # mailbox selected before, or a warning (RFC 9051 7.1: "* NO", "* BAD", "* OK [ALERT]" may come
@@ -941,7 +941,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return self._esearch_response(session, view, resp)
         if name == b"THREAD":
             return self._thread_response(session, view, resp)
-        if name == b"OK" and head.code and head.code[:7].upper() == b"UNSEEN ":
+        if name in _STATUS_NAMES and head.code and head.code[:7].upper() == b"UNSEEN ":
+            # (on an untagged NO or BAD too: a message number whichever status brings it)
             n = head.code[7:].strip()
             return self._unseen_response(session, view, resp, int(n)) if n.isdigit() else Drop()
         return None
@@ -1792,6 +1793,7 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
 
 
 _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
+_STATUS_NAMES = frozenset((b"OK", b"NO", b"BAD"))  # (untagged status responses: RFC 9051 7.1)
 # Untagged responses about the selected mailbox's messages (see PolicyPlugin._leaving_response).
 _LEFT_MAILBOX_EVENTS = frozenset((b"EXISTS", b"RECENT", b"EXPUNGE", b"FETCH", b"VANISHED"))
 # Untagged responses that are never a SELECT's: NOTIFY's events of other mailboxes (RFC 5465), which the

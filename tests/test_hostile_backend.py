@@ -781,3 +781,22 @@ def test_an_untagged_status_before_a_refused_select_is_passed_on(scripted, make_
         scripted.internal = {}
     c.close()
     assert internal_errors(proxy) == 0
+
+
+@pytest.mark.parametrize("status", [b"OK", b"NO", b"BAD"])
+def test_an_unseen_code_is_in_the_devices_numbers_whatever_the_status(scripted, make_proxy, status):
+    """``[UNSEEN n]`` carries a message number whichever status response brings it: on an untagged NO or
+    BAD too it is renumbered (message 3 is the device's 2nd: 2 is hidden), never passed on in the
+    backend's numbers. (Found by review: only ``* OK [UNSEEN n]`` was renumbered.)"""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra="[policy]\nmax_size = 1000\n")
+    scripted.script = {b"SELECT": _SELECT_ANSWER.replace(b"* OK [UIDNEXT",
+                                                         b"* %s [UNSEEN 3] first unseen\r\n* OK [UIDNEXT" % status)}
+    try:
+        c = _logged_in(proxy)
+        selected = c.command(b"h", b"SELECT INBOX")
+        assert selected[-1].startswith(b"h OK"), selected
+        assert b"* %s [UNSEEN 2] first unseen\r\n" % status in selected, selected
+    finally:
+        scripted.script = {}
+    c.close()
+    assert internal_errors(proxy) == 0
