@@ -107,6 +107,7 @@ _SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT"
 _EXPUNGE_ISSUED = b"[EXPUNGEISSUED]"  # (RFC 9051 7.1: a search met messages expunged meanwhile)
 _EXPUNGING = frozenset((b"EXPUNGE", b"MOVE", b"CLOSE"))  # (UID EXPUNGE, UID MOVE too)
 _RETURNING_RE = re.compile(rb"\S+ (?:UID )?(?:SEARCH|SORT) RETURN \(", re.I)
+_LEAVES_MAILBOX = frozenset((b"SELECT", b"EXAMINE", b"UNSELECT"))  # (CLOSE: _may_reach_unannounced)
 _NO_EXPUNGE_DURING = frozenset((b"FETCH", b"STORE", b"SEARCH", b"SORT", b"THREAD"))  # (by number: RFC 9051 7.5.1)
 _NOT_OFFERED = frozenset((b"CONTEXT=SEARCH", b"CONTEXT=SORT", b"CATENATE", b"URL-PARTIAL"))
 _URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
@@ -298,11 +299,13 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         client = cmd.client or cmd  # (the client's numbers count, not those of a plugin's rewrite)
         if (earlier := self._must_wait_for(session, st, client)):
             return Defer(defer.Deferred.fromCoroutine(self._after_done(session, earlier, cmd)))
-        if st.grown is not None and (client.name == b"UNSELECT" or _may_reach_unannounced(st.view, client)
+        if st.grown is not None and (client.name in _LEAVES_MAILBOX or _may_reach_unannounced(st.view, client)
                                      or (client.name == b"STATUS" and _status_of_selected(st, client))):
             # New messages are being classified (an EXISTS with no client command in flight: one the
             # backend sent after a command of a plugin's own): this command could reach them at the
-            # backend, which has them already, before the view says which are hidden.
+            # backend, which has them already, before the view says which are hidden. Or it leaves the
+            # mailbox, where the classification may still have a search to send (after [EXPUNGEISSUED]):
+            # run in the next mailbox, or in none, its answer went into this one's cache (found by review).
             return Defer(defer.Deferred.fromCoroutine(self._after_growth(session, st, cmd)))
         if st.reapply and (client.uid or client.name not in _SEQ_USING
                            or (st.mailbox is not None and self.folder_hidden(st, st.mailbox))):

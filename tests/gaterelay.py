@@ -4,7 +4,9 @@ backend connections, at a line of the test's choosing, until the test lets it go
 With it a test puts the backend's own unsolicited responses (NOTIFY events, which Dovecot sends while no
 command of the connection is in progress) exactly where a race would put them: after the proxy sent a
 command, before the backend read it. Deterministic: the test waits for what it needs to have happened
-(``wait_sent``), never for a chosen time. Plaintext only (the proxy's ``backend_tls = "none"``)."""
+(``wait_sent``), never for a chosen time. It can also hold what the backend sends on a link (``pause_down``):
+a backend session that has answered, whose answer reaches the proxy only when the test says. Plaintext only
+(the proxy's ``backend_tls = "none"``)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ class _Link:
         self.up = bytearray()    # what the proxy sent (all of it, held or not)
         self.down = bytearray()  # what the backend sent
         self.changed = threading.Condition()
+        self.flowing = threading.Event()  # (cleared: what the backend sends is held, see GateRelay.pause_down)
+        self.flowing.set()
 
 
 class GateRelay:
@@ -68,9 +72,21 @@ class GateRelay:
                 link.changed.wait(left)
         return m
 
+    @staticmethod
+    def pause_down(link: _Link) -> None:
+        """Hold what the backend sends on ``link`` (still recorded in ``down``: ``wait_sent`` sees it) until
+        ``resume_down``."""
+        link.flowing.clear()
+
+    @staticmethod
+    def resume_down(link: _Link) -> None:
+        link.flowing.set()
+
     def close(self) -> None:
         self._closed = True
         self.release()
+        for link in self.links:
+            link.flowing.set()
         try:
             self.listener.close()
         except OSError:
@@ -146,6 +162,7 @@ class GateRelay:
                 with link.changed:
                     link.down += data
                     link.changed.notify_all()
+                link.flowing.wait()
                 link.proxy_side.sendall(data)
         except OSError:
             pass

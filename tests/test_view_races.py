@@ -886,3 +886,79 @@ def test_preferences_reapplied_in_idle_are_not_applied_to_the_mailbox_selected_n
     assert not [x for x in in_b if b"EXPUNGE" in x or b"VANISHED" in x] and _uids(in_b) == [1, 2, 3, 4], (in_b, in_a)
     other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn NIL)' % (a, _PREF))
     other.close()
+
+
+def _arrival_expunged_while_classified(proxy, relay, dovecot, select_next: bytes, between=None):
+    """The device (``c``) has A selected (chat, IMDN, chat; the IMDN hidden) with a NOTIFY of its events; an
+    IMDN arrives (UID 4) and the relay holds its kind search while another session expunges it (the search
+    is answered [EXPUNGEISSUED], which calls for a follow-up search) and the device sends ``select_next``
+    (tagged ``t``). ``between(a)``: called before the expunge. A's name, the device and its responses up
+    to ``t``'s answer."""
+    a = b"Xa" + uuid.uuid4().hex[:8].encode()
+    for i, k in enumerate(["chat", "imdn", "chat"]):
+        dovecot.deliver("dave", a.decode(), make_object(k, seed=i))
+    c = device(proxy)
+    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)
+    r = c.command(b"n", b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange))")
+    assert r[-1].startswith(b"n OK"), r
+    relay.hold_from(rb"UID SEARCH RETURN \(ALL\) UID 4:4294967295 HEADER")  # (the arrival's kind search)
+    dovecot.deliver("dave", a.decode(), make_object("imdn", seed=7))  # (UID 4, hidden)
+    relay.wait_gated()
+    if between is not None:
+        between(a)
+    other = dovecot.imap_direct("dave", tls="none")
+    other.select_folder(a.decode())
+    other.delete_messages([4])
+    other.expunge()
+    other.logout()
+    c.send(b"t " + select_next + b"\r\n")
+    time.sleep(0.3)  # (decided and sent at once, it reached the backend behind the held kind search)
+    relay.release()
+    return a, c, c.until_tagged(b"t")
+
+
+def test_an_arrival_expunged_while_classified_is_never_shown_to_another_session(make_proxy, relay, dovecot):
+    """Found by review (suspicion 1 of helper-96's brief): a kind search answered [EXPUNGEISSUED] is followed
+    by a search for the messages still there, sent once its answer is in. A SELECT of another mailbox the
+    device sent meanwhile (it did not wait for the arrival's classification, as UNSELECT does) reached the
+    backend first, and that search ran in the other mailbox: it had UID 4, so nothing seemed gone, and the
+    kind search's answer, which skipped the expunged IMDN, went into A's classification cache as "UID 4 is
+    no IMDN". Another device of the user that had opened A before the expunge then took UID 4 from the cache:
+    its SELECT said ``* 3 EXISTS``, and it was sent the hidden IMDN's flags and EXPUNGE."""
+    proxy = _gated_proxy(make_proxy, relay)
+    b = b"Xb" + uuid.uuid4().hex[:8].encode()
+    for i in range(5):
+        dovecot.deliver("dave", b.decode(), make_object("chat", seed=20 + i))
+    victim = {}
+
+    def between(a):
+        # (Its backend session opens A with the IMDN; its classification waits for the relay to pass on the
+        # SELECT's answer, after the device's.)
+        before = list(relay.links)
+        d = victim["d"] = device(proxy)
+        link = victim["link"] = next(x for x in relay.links if x not in before and b"-side" not in x.up[:200])
+        relay.pause_down(link)
+        d.send(b'v SELECT "%s"\r\n' % a)
+        relay.wait_sent(link, rb"v OK")
+
+    _a, c, got = _arrival_expunged_while_classified(proxy, relay, dovecot, b'SELECT "%s"' % b, between)
+    assert got[-1].startswith(b"t OK") and b"* 5 EXISTS\r\n" in got, got
+    relay.resume_down(victim["link"])
+    d = victim["d"]
+    seen = d.until_tagged(b"v") + d.command(b"f", b"FETCH 1:* (UID)") + d.command(b"z", b"NOOP")
+    c.close()
+    d.close()
+    assert b"* 2 EXISTS\r\n" in seen and _uids(seen) == [1, 3], seen
+    assert not [x for x in seen if b"EXPUNGE" in x or b"FLAGS (\\Deleted)" in x], seen
+
+
+def test_an_arrival_expunged_while_classified_when_the_device_selects_a_missing_mailbox(make_proxy, relay, dovecot):
+    """The same with a SELECT the backend refuses (no mailbox selected after it): the follow-up search was
+    refused (BAD No mailbox selected), and the proxy logged a failed classification, with a traceback."""
+    proxy = _gated_proxy(make_proxy, relay)
+    missing = b"Missing" + uuid.uuid4().hex[:8].encode()
+    _a, c, got = _arrival_expunged_while_classified(proxy, relay, dovecot, b'SELECT "%s"' % missing)
+    got += c.command(b"z", b"NOOP")
+    c.close()
+    assert [x[:4] for x in got if x[:2] in (b"t ", b"z ")] == [b"t NO", b"z OK"], got
+    assert "classification of new messages failed" not in proxy.log(), proxy.log()
