@@ -294,6 +294,35 @@ def test_sighup_reload_keeps_sessions(make_proxy):
     c.close()
 
 
+def test_a_reload_keeps_how_long_a_session_has_been_idle(make_proxy):
+    """A reload restarted every session's idle timer: under a proxy reloaded more often than its
+    ``idle_timeout`` (certificate renewals, policy pushes) an idle client was never timed out (found by the
+    reload review). The timer now counts from the session's last activity, and a shorter timeout that this
+    already exceeds ends the session at once."""
+    import select
+
+    p = make_proxy(config_extra="[limits]\nidle_timeout = 3.0\n")
+    config = p.config_path.read_text()
+    c = raw_via(p)
+    c.login("alice", "alicepw")
+    start = time.monotonic()
+    while time.monotonic() - start < 8 and not select.select([c.sock], [], [], 0.4)[0]:
+        reload_proxy(p)
+    assert c.read_line() == b"* BYE [UNAVAILABLE] Disconnected for inactivity.\r\n"
+    assert time.monotonic() - start < 6
+    reload_proxy(p, config.replace("idle_timeout = 3.0", "idle_timeout = 60.0"))
+    c = raw_via(p)
+    c.login("alice", "alicepw")
+    time.sleep(1.0)
+    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # (activity: counted from here)
+    time.sleep(3.0)
+    reload_proxy(p, config.replace("idle_timeout = 3.0", "idle_timeout = 2.5"))  # (idle 3 s already: at once)
+    c.sock.settimeout(1.5)
+    assert c.read_line() == b"* BYE [UNAVAILABLE] Disconnected for inactivity.\r\n"
+    assert c.closed()
+    assert still_serving(p)
+
+
 def test_a_reload_that_changes_the_plugins_ends_the_open_sessions(make_proxy, dovecot):
     """Taking ``policy`` out of ``plugins`` on reload: a session with a filtered view then got the server's
     numbers with nothing announced, and its ``STORE 2 +FLAGS (\\Deleted)`` + EXPUNGE deleted a hidden

@@ -1576,8 +1576,20 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         if self._draining is None:
             self.hooks = self.service.hooks
         if self.phase == "auth" and not self._closing:
-            self.setTimeout(config.limits["idle_timeout"])
+            self._retime(config.limits["idle_timeout"])
             self.framer.max_line = config.limits["max_line"]
+
+    def _retime(self, period: float) -> None:
+        """A reload's ``idle_timeout``, counted from the session's last activity, not from the reload: a
+        reload restarted every session's timer, so a client idle under a proxy reloaded more often than
+        its ``idle_timeout`` was never timed out. A shorter timeout already exceeded ends the session now."""
+        call = self._TimeoutMixin__timeoutCall  # (TimeoutMixin's timer: its deadline tells when it was reset)
+        if call is None or not call.active() or self.timeOut is None:
+            self.setTimeout(period)
+            return
+        idle_for = self.timeOut - (call.getTime() - call.seconds())
+        self.timeOut = period
+        call.reset(max(period - idle_for, 0.0))
 
     def shutdown(self, text: bytes, hooks=None) -> None:
         """End the session for the proxy's sake (a stop, a reload that changes its plugins): commands the
