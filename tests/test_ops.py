@@ -323,6 +323,35 @@ def test_a_reload_keeps_how_long_a_session_has_been_idle(make_proxy):
     assert still_serving(p)
 
 
+def test_a_sighup_during_shutdown_is_ignored(make_proxy):
+    """A SIGHUP after SIGTERM, while sessions drained, still ran a reload: it reconfigured (or, for a change
+    of plugins, ended) sessions the stop was draining and started plugins the stop no longer stopped (found
+    by the reload review). It is now ignored, and said."""
+    p = make_proxy(proxy_extra="shutdown_grace = 10.0")
+    c = raw_via(p)
+    c.login("alice", "alicepw")
+    message = b"Subject: drain\r\n\r\n" + b"x" * 20000 + b"\r\n"
+    c.send(b"a APPEND INBOX {%d}\r\n" % len(message))
+    assert c.read_line().startswith(b"+")
+    c.send(message[:5000])
+    p.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while "stopping" not in health(p)[1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.config_path.write_text('plugins = ["readreport"]\n' + p.config_path.read_text())
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "reload ignored" not in p.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "reload ignored: the proxy is shutting down" in p.log(), p.log()
+    assert "configuration reloaded" not in p.log()
+    c.send(message[5000:] + b"\r\n")
+    lines = [c.read_line(), c.read_line()]
+    assert lines[0].startswith(b"a OK [APPENDUID"), lines
+    assert lines[1] == b"* BYE [UNAVAILABLE] Server shutting down.\r\n", lines
+    assert p.proc.wait(10) == 0
+
+
 def test_a_reload_that_changes_the_plugins_ends_the_open_sessions(make_proxy, dovecot):
     """Taking ``policy`` out of ``plugins`` on reload: a session with a filtered view then got the server's
     numbers with nothing announced, and its ``STORE 2 +FLAGS (\\Deleted)`` + EXPUNGE deleted a hidden

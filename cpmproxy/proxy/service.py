@@ -969,8 +969,13 @@ class ProxyService(service.MultiService):
 
     def reload(self) -> None:
         """SIGHUP: re-read the config and the certificate files; sessions keep running; listeners are not
-        changed (an ``ssl:`` one still listening takes up its files again)."""
+        changed (an ``ssl:`` one still listening takes up its files again). Once a stop began (SIGTERM,
+        sessions draining) it is ignored: it would start plugins and side connections that the stop no
+        longer ends, and end or reconfigure sessions the stop is draining."""
         path = self.config.path
+        if self._stopping:
+            log.warn("reload ignored: the proxy is shutting down")
+            return
         try:
             new = load_config(path, plugin_sections())
             load_plugins(new, None)  # (every plugin's settings checked before a running one is touched)
