@@ -643,6 +643,33 @@ def test_twist_plugin_fails_cleanly(tmp_path, broken):
         assert done.returncode == 1 and "cannot start" in out, out
 
 
+@pytest.mark.parametrize("key", ["proxy.listen[1]", "metrics.listen"])
+def test_a_listener_that_cannot_start_names_its_setting_and_what_to_do(tmp_path, key):
+    """A port in use said only Twisted's "Couldn't listen on 127.0.0.1:1143: [Errno 98] Address already in
+    use.": neither the file nor which setting (found by the operator review)."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    config = tmp_path / "c.toml"
+    taken = f"tcp:{port}:interface=127.0.0.1"
+    if key == "metrics.listen":
+        config.write_text(f'[proxy]\nlisten = ["tcp:0:interface=127.0.0.1"]\n[metrics]\nlisten = "{taken}"\n')
+    else:
+        config.write_text(f'[proxy]\nlisten = ["tcp:0:interface=127.0.0.1", "{taken}"]\n')
+    try:
+        done = _cli("--config", str(config))
+    finally:
+        busy.close()
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    said = [line for line in out.splitlines() if "cannot start" in line]
+    assert len(said) == 1 and said[0].endswith(
+        f"cannot start: {config}: {key}: cannot listen on '{taken}': Address already in use; another process "
+        "listens there: stop it or change the port (Dovecot on this host: move its listener, see "
+        "conf/dovecot/90-cpmproxy.conf)"), out
+
+
 def test_login_hooks_run_after_those_of_the_plugins_they_require():
     """The notify plugin's login reads what the policy plugin's login set up, whatever the configured
     order; other hooks keep the configured order."""

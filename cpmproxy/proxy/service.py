@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import importlib
 import ipaddress
@@ -734,7 +735,7 @@ class ProxyService(service.MultiService):
         """Start every configured listener; fires with the listening ports."""
         factory = Factory.forProtocol(lambda: ClientSession(self))
         factory.noisy = False
-        for desc in self.config.proxy["listen"]:
+        for i, desc in enumerate(self.config.proxy["listen"]):
             endpoint = server_endpoint(self.reactor, desc)
             if isinstance(endpoint, _WrapperServerEndpoint) and desc.startswith("haproxy:"):
                 # (The session begins once the PROXY header is read: see cpmproxy.proxy.proxyheader.)
@@ -743,17 +744,44 @@ class ProxyService(service.MultiService):
                                                lambda: self.config.limits["preauth_timeout"])
             if (tls := _ssl_endpoint(endpoint)) is not None:
                 tls._sslContextFactory = self.listener_tls[desc] = ListenerTLS(tls._sslContextFactory)
-            port = yield endpoint.listen(factory)
+            try:
+                port = yield endpoint.listen(factory)
+            except Exception as e:
+                raise self._cannot_listen(f"proxy.listen[{i}]", desc, e) from None
             self.ports.append(port)
             log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
         if self.config.metrics["listen"]:
             _check_endpoint(self.config.metrics["listen"])
-            port = yield self.metrics.listen(self.reactor, self.config.metrics["listen"], self.health)
+            try:
+                port = yield self.metrics.listen(self.reactor, self.config.metrics["listen"], self.health)
+            except Exception as e:
+                raise self._cannot_listen("metrics.listen", self.config.metrics["listen"], e) from None
             self.ports.append(port)
             self._metrics_port = port
             log.info("metrics on {desc}", desc=self.config.metrics["listen"])
         freeze_startup_heap()
         return self.ports
+
+    def _cannot_listen(self, key: str, desc: str, error: Exception) -> ConfigError:
+        """Why a listener could not start, in one line naming the file, the setting and what to do (it was
+        Twisted's "Couldn't listen on 127.0.0.1:143: [Errno 13] Permission denied.", which names neither)."""
+        code = getattr(getattr(error, "socketError", error), "errno", None)
+        reason = os.strerror(code) if code else (str(error) or type(error).__name__)
+        address = _listen_address(desc)
+        if code == errno.EADDRINUSE:
+            hint = ("another process listens there: stop it or change the port (Dovecot on this host: move its "
+                    "listener, see conf/dovecot/90-cpmproxy.conf)")
+        elif code == errno.EACCES and address is not None and address[0] == "tcp" and address[1] < 1024:
+            hint = ("a port below 1024 needs CAP_NET_BIND_SERVICE (the unit's commented AmbientCapabilities) "
+                    "or socket activation (systemd/cpmproxy.socket)")
+        elif code == errno.EACCES:
+            hint = "the service's user may not create it there"
+        elif code == errno.EADDRNOTAVAIL:
+            hint = "the interface is no address of this host"
+        else:
+            hint = ""
+        return ConfigError(f"{self.config.path}: {key}: cannot listen on {desc!r}: {reason}"
+                           + (f"; {hint}" if hint else ""))
 
     # -- health -----------------------------------------------------------------------------------
 
