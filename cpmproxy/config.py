@@ -14,11 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["ConfigError", "Config", "load_config", "parse_config", "has_type", "unknown_key", "wrong_type"]
+__all__ = ["ConfigError", "Config", "load_config", "parse_config", "has_type", "unknown_key", "wrong_type",
+           "permission_hint"]
 
 
 class ConfigError(Exception):
     pass
+
+
+def permission_hint(e: OSError) -> str:
+    """What to do about a file the proxy may not read (``--check`` run as root passed it; the service, as
+    its own user, then failed on it)."""
+    return " (the user the proxy runs as must be able to read it)" if isinstance(e, PermissionError) else ""
 
 
 @dataclass(frozen=True)
@@ -271,6 +278,16 @@ def _push_needs_master(push: dict[str, Any], admin: dict[str, Any]) -> bool:
     return offline_watch != 0 and not (admin["master_user"] and admin["master_password_file"])
 
 
+def _master_password_readable(path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            password = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"admin.master_password_file: {e.strerror or e}: {path}{permission_hint(e)}") from None
+    if not password:
+        raise ConfigError(f"admin.master_password_file: the file is empty: {path}")
+
+
 def parse_config(data: dict[str, Any], path: Path | None = None,
                  plugin_sections: frozenset[str] = frozenset()) -> Config:
     """Validate a parsed TOML document. ``plugin_sections``: extra top-level tables plugins own."""
@@ -304,6 +321,10 @@ def parse_config(data: dict[str, Any], path: Path | None = None,
             if not p.is_file():
                 raise ConfigError(f"{sec}.{key}: {'not a regular file' if p.exists() else 'no such file'}: {p}")
             sections[sec][key] = str(p)
+    if sections["admin"]["master_password_file"]:
+        # (Read at each use, for rotation without a reload: unreadable, --check passed and every offline
+        # watch and `cpmproxy localdelete` failed later, the reason only in the log or a traceback's words.)
+        _master_password_readable(sections["admin"]["master_password_file"])
     sections["proxy"]["listen"] = [_listener_files(base, d) if isinstance(d, str) else d
                                    for d in sections["proxy"]["listen"]]
     # (The metrics listener's ssl: files too: --check in the config's directory passed, the service in /
@@ -332,7 +353,7 @@ def load_config(path: str | Path, plugin_sections: frozenset[str] = frozenset())
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
     except OSError as e:  # a directory, no permission...
-        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}{permission_hint(e)}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:

@@ -19,7 +19,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
-from cpmproxy.config import ConfigError
+from cpmproxy.config import ConfigError, permission_hint
 
 __all__ = ["certificate_chain", "openssl_reason", "server_certificate", "server_tls_options", "trust_from_file"]
 
@@ -96,7 +96,7 @@ def _read(path: str, key: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise ConfigError(f"{key}: {e.strerror}: {path}") from None
+        raise ConfigError(f"{key}: {e.strerror}: {path}{permission_hint(e)}") from None
 
 
 # OpenSSL's reasons for PEM data it cannot read, in an operator's words.

@@ -313,6 +313,30 @@ def test_policy_settings_that_cannot_work_are_refused(tmp_path):
                                       "user_may_change = []\n")))
 
 
+def test_the_master_password_file_is_read_at_check(tmp_path, monkeypatch):
+    """It is read at each use (rotation), so --check passed a file the service's user could not read, or an
+    empty one: every offline watch and `cpmproxy localdelete` failed later (found by the operator review)."""
+    import cpmproxy.config as config
+
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    _assert_refused(tmp_path, {
+        f'[admin]\nmaster_user = "m"\nmaster_password_file = "{empty}"\n':
+            f"admin.master_password_file: the file is empty: {empty}",
+    })
+    secret = tmp_path / "secret"
+    secret.write_text("pw\n")
+    text = f'[admin]\nmaster_user = "m"\nmaster_password_file = "{secret}"\n'
+    check_config(str(_write(tmp_path, text)))
+
+    def denied(path, *args, **kw):  # (the tests run as root, who reads anything)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(config, "open", denied, raising=False)
+    assert _refused(tmp_path, text) == (f"admin.master_password_file: Permission denied: {secret} (the user the "
+                                        "proxy runs as must be able to read it)")
+
+
 def test_type_errors_use_tomls_words(tmp_path):
     """They said ``expected dict``, ``expected bool``, ``expected int, got bool``."""
     _assert_refused(tmp_path, {

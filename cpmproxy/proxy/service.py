@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cpmproxy import __version__
-from cpmproxy.config import Config, ConfigError, load_config
+from cpmproxy.config import Config, ConfigError, load_config, permission_hint
 from cpmproxy.proxy.backend import backend_address, backend_tls_options, connect_backend
 from cpmproxy.proxy.hooks import Plugin, overrides
 from cpmproxy.proxy.metrics import Metrics
@@ -432,7 +432,7 @@ def _unix_problem(params: dict[str, str]) -> str | None:
 def _endpoint_error(e: Exception) -> str:
     """What Twisted's parser raised, in words."""
     if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        return f"{e.strerror}: {e.filename}{permission_hint(e)}" if e.filename else e.strerror
     if isinstance(e, (crypto.Error, SSL.Error)):
         return openssl_reason(e)
     text = str(e)
