@@ -87,6 +87,8 @@ def _check_policy_table(table: dict[str, Any], where: str, also: tuple[str, ...]
             raise ConfigError(f"{where}.{key}: expected an array of strings")
         if key == "user_may_change":
             _check_preference_patterns(value, f"{where}.{key}")
+        elif key in ("folders", "exclude_folders"):
+            _check_globs(value, f"{where}.{key}", folders=True)
         if key == "sync":
             for k, v in value.items():
                 if k not in SYNC_KINDS:
@@ -104,6 +106,35 @@ def _check_policy_table(table: dict[str, Any], where: str, also: tuple[str, ...]
             value = tuple(value)
         out[key] = value
     return out
+
+
+def _unclosed_bracket(pattern: str) -> bool:
+    """Has ``pattern`` a ``[`` that fnmatch takes as the character, no ``]`` closing it (as fnmatch reads
+    a set: a ``]`` first, or after ``!``, is a member)?"""
+    i = 0
+    while (i := pattern.find("[", i) + 1) > 0:
+        j = i + (pattern[i:i + 1] == "!")
+        j += pattern[j:j + 1] == "]"
+        if (j := pattern.find("]", j)) < 0:
+            return True
+        i = j + 1
+    return False
+
+
+def _check_globs(patterns: list[str], where: str, folders: bool = False) -> None:
+    """Glob patterns that can match nothing were taken silently (a folder pattern hid or showed nothing):
+    an empty one, one whose ``[`` is never closed (fnmatch then takes it as the character), and, for
+    folders, one that begins or ends with the separator (no folder name does: ``Archive/*``, not ``/Archive/``)."""
+    for i, pattern in enumerate(patterns):
+        problem = None
+        if not pattern:
+            problem = "an empty pattern matches nothing"
+        elif _unclosed_bracket(pattern):
+            problem = "its '[' is never closed by ']' (for a literal '[', write '[[]')"
+        elif folders and (pattern.startswith("/") or pattern.endswith("/")):
+            problem = "no folder name begins or ends with '/' (e.g. 'Archive/*' for the folders below Archive)"
+        if problem:
+            raise ConfigError(f"{where}[{i}]: {pattern!r}: {problem}")
 
 
 def _check_preference_patterns(patterns: list[str], where: str) -> None:
@@ -151,6 +182,7 @@ def parse_policy(table: dict[str, Any]) -> tuple[Policy, list[DeviceClass]]:
             if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
                 # (an empty array matches nobody: the class would never apply)
                 raise ConfigError(f"policy.class[{i}].{k}: expected a non-empty array of glob patterns")
+            _check_globs(v, f"policy.class[{i}].{k}")
         settings = _check_policy_table(raw, f"policy.class[{i}]", also=_CLASS_KEYS)
         classes.append(DeviceClass(name, tuple(users), tuple(devices), settings))
     return base, classes

@@ -313,6 +313,23 @@ def test_policy_settings_that_cannot_work_are_refused(tmp_path):
                                       "user_may_change = []\n")))
 
 
+def test_policy_globs_that_can_match_nothing_are_refused(tmp_path):
+    """They were taken silently, and hid or showed nothing (found by the operator review): an empty pattern,
+    a '[' fnmatch takes as the character, a folder pattern with a leading or trailing '/'."""
+    _assert_refused(tmp_path, {
+        '[policy]\nfolders = ["Default/*", ""]\n': "policy.folders[1]: '': an empty pattern matches nothing",
+        '[policy]\nexclude_folders = ["[Gmail/*"]\n':
+            "policy.exclude_folders[0]: '[Gmail/*': its '[' is never closed by ']' (for a literal '[', write '[[]')",
+        '[policy]\nexclude_folders = ["/Archive/*"]\n': "policy.exclude_folders[0]: '/Archive/*': no folder name "
+                                                         "begins or ends with '/'",
+        '[[policy.class]]\nexclude_folders = ["Archive/"]\n': "policy.class[0].exclude_folders[0]: 'Archive/':",
+        '[[policy.class]]\ndevices = ["tablet-[0-9"]\n': "policy.class[0].devices[0]: 'tablet-[0-9': its '['",
+        '[[policy.class]]\nusers = [""]\n': "policy.class[0].users[0]: '': an empty pattern matches nothing",
+    })
+    check_config(str(_write(tmp_path, '[policy]\nfolders = ["[[]Archive]/*", "Default/[!x]*", "[]]*"]\n'
+                                      '[[policy.class]]\ndevices = ["tablet-[0-9]*"]\n')))
+
+
 def test_the_master_password_file_is_read_at_check(tmp_path, monkeypatch):
     """It is read at each use (rotation), so --check passed a file the service's user could not read, or an
     empty one: every offline watch and `cpmproxy localdelete` failed later (found by the operator review)."""
