@@ -389,6 +389,11 @@ def _check_params(desc: str) -> None:
 
 def _param_problem(kind: str, params: dict[str, str]) -> str | None:
     problem = _unix_problem(params) if kind == "unix" else _port_problem(kind, params)
+    if problem is None and kind == "ssl" and "privateKey" not in params:
+        # (Twisted's default, server.pem in the working directory, said "No such file or directory: server.pem":
+        # a file nobody named, looked for in the service's "/", not the config file's directory.)
+        problem = ("no privateKey=FILE (the key, with the certificate unless certKey=FILE names it; relative to "
+                   "the config file's directory)")
     backlog = params.get("backlog", "50")
     if problem is None and not (_is_number(backlog) and int(backlog) > 0):
         problem = f"backlog must be a number > 0, not {backlog!r}"
