@@ -152,6 +152,21 @@ def test_backend_untrusted_ca_refused(make_proxy, tmp_path):
     assert "its certificate was refused: no trusted CA (backend.ca_file" in p.log()
 
 
+def test_a_backend_port_of_the_other_tls_kind_is_told_in_words(make_proxy, dovecot):
+    """``tls = "implicit"`` on Dovecot's plain port logged OpenSSL's ``[('SSL routines', '', 'wrong version
+    number')]``, and ``starttls`` on its TLS port "no answer from the backend in 10 s": the operator review."""
+    p = make_proxy(backend_tls="implicit", backend_port=dovecot.port)
+    with raw_via(p) as c:
+        assert c.login("alice", "alicepw")[-1].startswith(b"L NO [UNAVAILABLE]")
+    assert ('TLS with the backend failed: it answered in plain text, not TLS (backend.tls = "implicit" needs its '
+            'implicit-TLS port, such as 993; on 143, backend.tls = "starttls")') in p.log(), p.log()
+    p = make_proxy(backend_tls="starttls", backend_port=dovecot.tls_port, backend_extra="connect_timeout = 1.0")
+    with raw_via(p) as c:
+        assert c.login("alice", "alicepw")[-1].startswith(b"L NO [UNAVAILABLE]")
+    assert ('no greeting from the backend in 1 s (if backend.port is its implicit-TLS port, such as 993, set '
+            'backend.tls = "implicit")') in p.log(), p.log()
+
+
 def test_backend_ca_bundle_is_read_whole(make_proxy, dovecot, tmp_path):
     """``backend.ca_file`` is a CA bundle: the backend's CA after another one in the file (as in the
     system's ca-certificates.crt) must verify. Only the first certificate was read: every login failed."""

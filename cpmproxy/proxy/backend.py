@@ -202,8 +202,15 @@ class BackendProtocol(Protocol):
 
     def _stalled(self) -> None:
         self._stall = None
-        log.warn("backend gave no answer in {seconds:g} s: connection given up", seconds=self.answer_timeout)
-        self._fail(BackendError(f"no answer from the backend in {self.answer_timeout:g} s"))
+        if not self._got_greeting and self._plain_tcp:
+            # (An implicit-TLS port waits for the client's TLS hello: the same silence, the usual cause.)
+            why = (f"no greeting from the backend in {self.answer_timeout:g} s (if backend.port is its "
+                   f'implicit-TLS port, such as 993, set backend.tls = "implicit")')
+            log.warn("{why}: connection given up", why=why)
+            self._fail(BackendError(why))
+        else:
+            log.warn("backend gave no answer in {seconds:g} s: connection given up", seconds=self.answer_timeout)
+            self._fail(BackendError(f"no answer from the backend in {self.answer_timeout:g} s"))
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -343,6 +350,9 @@ def _tls_failure(transport, reason) -> str | None:
     if reason is None or not reason.check(SSL.Error):
         return None
     text = f"TLS with the backend failed: {reason.getErrorMessage()}"
+    if "wrong version number" in text:  # (OpenSSL's words for a TLS hello answered in plain text)
+        return ("TLS with the backend failed: it answered in plain text, not TLS (backend.tls = \"implicit\" "
+                "needs its implicit-TLS port, such as 993; on 143, backend.tls = \"starttls\")")
     if "certificate verify failed" not in text:
         return text
     try:
