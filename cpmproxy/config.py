@@ -349,7 +349,9 @@ def load_config(path: str | Path, plugin_sections: frozenset[str] = frozenset())
     p = Path(path)
     try:
         with p.open("rb") as f:
-            data = tomllib.load(f)
+            # (A byte-order mark, as some Windows editors save UTF-8, has no meaning: TOML's parser refused it
+            # with "Invalid statement (at line 1, column 1)".)
+            data = tomllib.loads(f.read().decode("utf-8").removeprefix("\ufeff"))
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
     except OSError as e:  # a directory, no permission...

@@ -360,6 +360,19 @@ def test_the_master_password_file_is_read_at_check(tmp_path, monkeypatch):
                                         "proxy runs as must be able to read it)")
 
 
+def test_a_byte_order_mark_is_no_error(tmp_path):
+    """A file saved as "UTF-8 with BOM" was refused "Invalid statement (at line 1, column 1)": the operator
+    review."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[proxy]\ngreeting = "hello"\n')
+    assert check_config(str(path)).proxy["greeting"] == "hello"
+    r = _cli_check(path)
+    assert r.returncode == 0, r.stderr
+    path.write_bytes(b'[proxy]\ngreeting = "Gr\xfc\xdfe"\n')  # (not UTF-8 still says so)
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(invalid byte at offset 22\)"):
+        check_config(str(path))
+
+
 def test_type_errors_use_tomls_words(tmp_path):
     """They said ``expected dict``, ``expected bool``, ``expected int, got bool``."""
     _assert_refused(tmp_path, {
