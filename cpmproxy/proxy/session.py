@@ -1583,7 +1583,8 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         """A reload's ``idle_timeout``, counted from the session's last activity, not from the reload: a
         reload restarted every session's timer, so a client idle under a proxy reloaded more often than
         its ``idle_timeout`` was never timed out. A shorter timeout already exceeded ends the session now."""
-        call = self._TimeoutMixin__timeoutCall  # (TimeoutMixin's timer: its deadline tells when it was reset)
+        # (TimeoutMixin's private timer: its deadline tells when it was last reset; absent, a restart as before)
+        call = getattr(self, "_TimeoutMixin__timeoutCall", None)
         if call is None or not call.active() or self.timeOut is None:
             self.setTimeout(period)
             return
