@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dir", type=Path, default=Path("demo-run"), help="working directory (default ./demo-run)"
     )
-    parser.add_argument("--port", type=int, help=f"proxy port (default {DEFAULT_PROXY_PORT} if free)")
+    parser.add_argument("--port", type=int, help=f"proxy port (default {DEFAULT_PROXY_PORT} if free; 0: any free port)")
     parser.add_argument("--backend-only", action="store_true", help="only run the seeded Dovecot")
     args = parser.parse_args(argv)
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
         proxy_port = metrics_port = None
         if not args.backend_only:
-            proxy_port = args.port or _port_or_free(DEFAULT_PROXY_PORT)
+            proxy_port = (args.port or free_port(HOST)) if args.port is not None else _port_or_free(DEFAULT_PROXY_PORT)
             metrics_port = _port_or_free(DEFAULT_METRICS_PORT)
             proxy_certs = make_cert(dovecot.basedir / "certs", dovecot.certs, "proxy", ["localhost"], [HOST])
             config = demo_dir / "cpmproxy.toml"

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_runs_and_its_instructions_work(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    demo = subprocess.Popen([sys.executable, "-m", "cpmproxy.demo", "--dir", str(tmp_path / "demo")], cwd=ROOT,
+    demo = subprocess.Popen([sys.executable, "-m", "cpmproxy.demo", "--dir", str(tmp_path / "demo"),
+                             "--port", "0"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = []
     try:
@@ -28,6 +29,7 @@ def test_demo_runs_and_its_instructions_work(tmp_path):
             out.append(line)
         text = "".join(out)
         port = int(re.search(r"cpmproxy demo: proxy on 127\.0\.0\.1:(\d+)", text).group(1))
+        assert port != 1143, text  # (--port 0: any free port, not the default)
         c = imaplib.IMAP4("127.0.0.1", port)
         c.login("alice", "alicepw")
         typ, folders = c.list()
