@@ -345,6 +345,8 @@ def test_a_sighup_during_shutdown_is_ignored(make_proxy):
         time.sleep(0.05)
     assert "reload ignored: the proxy is shutting down" in p.log(), p.log()
     assert "configuration reloaded" not in p.log()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'cpmproxy_reloads_total{result="ignored"} 1.0' in body
     c.send(message[5000:] + b"\r\n")
     lines = [c.read_line(), c.read_line()]
     assert lines[0].startswith(b"a OK [APPENDUID"), lines

@@ -1008,6 +1008,7 @@ class ProxyService(service.MultiService):
         path = self.config.path
         if self._stopping:
             log.warn("reload ignored: the proxy is shutting down")
+            self.metrics.reloads.labels(result="ignored").inc()
             return
         try:
             new = load_config(path, plugin_sections())
