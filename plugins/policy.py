@@ -742,20 +742,24 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         except Exception as e:
             # Fail closed: without its classification the mailbox cannot be shown as the policy says
             # (unfiltered, the device would get what the operator or the user excluded). The session ends;
-            # the client reconnects and selects again. The backend's failure (a search refused, lost, not
-            # answered, answered in what cannot be read) is logged as such; anything else is a bug of ours.
-            if isinstance(e, (BackendError, defer.TimeoutError, defer.CancelledError, ValueError)):
-                log.warn("classification failed, the session ends: {error} session={session}",
-                         error=str(e) or type(e).__name__, session=session.session_id)
-            else:
-                log.failure("classification failed session={session}", session=session.session_id)
-                self.proxy.metrics.internal_errors.inc()
+            # the client reconnects and selects again.
+            self._classification_failed(session, e, "classification failed, the session ends")
             session.bye(UNAVAILABLE)
             return
         st.view = MailboxView.exact(uids, hidden)
         st.view.seen_up_to = selected.get(b"UIDNEXT", 1) - 1
         if hidden and snapshot is not None and len(uids) == snapshot[0] and (not uids or uids[-1] < snapshot[1]):
             self._share_tables(session.user, plan, snapshot, st.view)
+
+    def _classification_failed(self, session, error: Exception, what: str) -> None:
+        """The backend's failure (a search refused, lost, not answered, answered in what cannot be read) is
+        logged as such; anything else is a bug of ours, with its traceback."""
+        if isinstance(error, (BackendError, defer.TimeoutError, defer.CancelledError, ValueError)):
+            log.warn("{what}: {error} session={session}", what=what, error=str(error) or type(error).__name__,
+                     session=session.session_id)
+        else:
+            log.failure("{what} session={session}", what=what, session=session.session_id)
+            self.proxy.metrics.internal_errors.inc()
 
     def _borrowed_view(self, user: str, plan: SelectPlan, snapshot: tuple[int, int]) -> MailboxView | None:
         """The view another session built of this very mailbox state, when only hiders' UIDs (local
@@ -815,8 +819,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         st.grown = []
         try:
             uids, hidden = await self._classify(session, st.plan, b"%d:*" % (view.max_uid + 1))
-        except Exception:
-            log.failure("classification of new messages failed")
+        except Exception as e:
+            self._classification_failed(session, e, "classification of new messages failed")
         else:
             view.append(uids, hidden)
         waiters, st.grown = st.grown, None
