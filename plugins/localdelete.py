@@ -222,7 +222,8 @@ class LocalDeletePlugin(Plugin):
         reply = await session.side_command(b'SETMETADATA "" (' + self._mark_entry(session) + b' "1")')
         if reply.status != b"OK":
             raise BackendRefused("backend refused the local-delete mark", reply.tagged)
-        self._marked.add(key)
+        if getattr(session, "phase", None) != "closed":  # (else its ``closed`` hook ran already: kept for good)
+            self._marked.add(key)
 
     def has_records(self, session, reply) -> bool:
         """Did ``query`` find any record (cheap test before anything else is asked of the backend)?"""

@@ -221,6 +221,10 @@ class PushPlugin(Plugin):
                     names[low[len(names_prefix):]] = raw.decode("utf-8", "replace")
         else:
             log.warn("reading the devices of {user} failed: {r}", user=session.user, r=reply.tagged[:200])
+        if getattr(session, "phase", None) == "closed":
+            # (The client left while the read was on the backend: its ``closed`` hook ran already, and
+            # a list written now would be kept for good for a user who may have no session here.)
+            return
         if reply.status == b"OK":
             self.names[session.user] = {v: names[k] for k, v in entries.items() if v and names.get(k)}
         if reply.status == b"OK" and (entries.get(key.lower()) != value or names.get(key.lower(), "") != name):
@@ -237,6 +241,9 @@ class PushPlugin(Plugin):
             if written.status != b"OK":
                 log.warn("recording device {device} of {user} failed: {r}", device=session.device_id,
                          user=session.user, r=written.tagged[:200])
+            if getattr(session, "phase", None) == "closed":  # (as above)
+                self.closed(session)
+                return
         if reply.status == b"OK":
             known = {v for v in entries.values() if v}
         else:

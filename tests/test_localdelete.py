@@ -1438,3 +1438,25 @@ def test_a_first_local_mark_behind_an_untold_arrival_numbers_what_the_client_is_
     r = a.command(b"s", b"FETCH 4 (UID)")
     assert r[0] == b"* 4 FETCH (UID %d)\r\n" % uids[4], r
     a.close()
+
+
+def test_a_session_gone_while_its_device_is_marked_leaves_no_mark_behind():
+    """Found by the leak review: a client that left while the mark of its first local delete was on its
+    way to the backend (its ``closed`` hook ran first) had the mark remembered for the process's life (a
+    set of every such device, never let go again until a later session of the device ended here)."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from cpmproxy.proxy.backend import Reply
+    from plugins.localdelete import LocalDeletePlugin
+
+    plugin = LocalDeletePlugin(proxy=SimpleNamespace(sessions_of=lambda user: set()))
+    written = defer.Deferred()
+    session = SimpleNamespace(user="alice", device_id="phone", phase="auth", side_command=lambda line: written)
+    done = defer.Deferred.fromCoroutine(plugin._mark(session))
+    session.phase = "closed"
+    plugin.closed(session)
+    written.callback(Reply([], b"OK done"))
+    assert done.called
+    assert not plugin._marked

@@ -908,3 +908,27 @@ def test_admin_checks_the_backends_certificate_for_server_name(tmp_path):
             except ssl.SSLCertVerificationError:
                 assert not ok
     listener.close()
+
+
+def test_a_session_gone_while_its_devices_are_read_leaves_no_devices_list(monkeypatch):
+    """Found by the leak review: a client that left while the login's read of its user's devices was on
+    the backend (its ``closed`` hook ran first) got its user's devices list and names written after it,
+    kept for good for a user with no session (and the stale list made every later logout of the user
+    keep an offline watch it did not need)."""
+    from types import SimpleNamespace
+
+    from cpmproxy.proxy.backend import Reply
+
+    plugin, gateway, clock = _sender(monkeypatch)
+    plugin.proxy.sessions_of = lambda user: set()
+    plugin.proxy.hooks = SimpleNamespace(by_name={})
+    read = defer.Deferred()
+    session = SimpleNamespace(user="alice", device_id="phone", client_id={"name": "Phone"}, phase="login",
+                              side_command=lambda line: read)
+    done = defer.Deferred.fromCoroutine(plugin._record_device(session))
+    session.phase = "closed"  # (the client went away: connectionLost ran the closed hooks)
+    plugin.closed(session)
+    read.callback(Reply([b'* METADATA "" (/private/vendor/vendor.cpmproxy/devices/phone "phone" '
+                         b'/private/vendor/vendor.cpmproxy/devicenames/phone "Phone")'], b"OK done"))
+    assert done.called
+    assert "alice" not in plugin.devices and "alice" not in plugin.names
