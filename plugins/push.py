@@ -100,16 +100,21 @@ _CHANGED_INSPECTED = 1000
 _KINDS_KEPT = 100_000  # kinds of classified messages remembered, by (user, mailbox, UIDVALIDITY, UID)
 _LISTINGS_KEPT = 10_000  # folders whose UID listing is kept (to tell which messages an expunge took)
 _LISTING_RANGES = 4096  # a listing of more ranges (a very scattered folder) is not kept
+# UID ranges of all the kept listings together (``max_listing_ranges``; ~100 bytes each): by folders alone
+# (_LISTINGS_KEPT), scattered folders could hold gigabytes (10,000 listings of 4,096 ranges are ~4 GB).
+_LISTING_RANGES_KEPT = 500_000
 _RETRIED_CODES = (408, 425, 429)  # and 5xx: the gateway's trouble, not the event's
 _RESPONSE_CODE_NUMBER = re.compile(rb"^\* OK \[(UIDVALIDITY|UIDNEXT) ([0-9]+)\]", re.I)
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 field name: printable ASCII except ":"
 _FETCHED_HEADERS = re.compile(rb"UID (\d+)[^{]*\{(\d+)\}\r\n", re.S)
 _SETTINGS = {"url": str, "ca_file": str, "timeout": (int, float), "max_queue": int, "concurrency": int, "max_devices": int, "max_retries": int,
-             "backoff": (int, float), "max_backoff": (int, float), "offline_watch": (int, float), "include_headers": list}
+             "backoff": (int, float), "max_backoff": (int, float), "offline_watch": (int, float), "include_headers": list,
+             "max_listing_ranges": int}
 
 
 # The sender's numbers and their least values (max_queue = 0 failed at the first event).
-_AT_LEAST = {"max_queue": 1, "concurrency": 1, "max_devices": 1, "max_retries": 0, "backoff": 0, "max_backoff": 0}
+_AT_LEAST = {"max_queue": 1, "concurrency": 1, "max_devices": 1, "max_retries": 0, "backoff": 0, "max_backoff": 0,
+             "max_listing_ranges": 0}
 
 
 def _check_ranges(settings: dict) -> None:
@@ -148,6 +153,8 @@ class PushPlugin(Plugin):
         self._kinds: OrderedDict[tuple, str] = OrderedDict()  # (user, mailbox, UIDVALIDITY, UID) -> kind
         # (user, mailbox) -> (UIDVALIDITY, its UIDs, UIDNEXT) when last listed (see _expunged)
         self._listings: OrderedDict[tuple[str, str], tuple[int, SequenceSet, int]] = OrderedDict()
+        self._listing_ranges = 0  # in all of them (bounded by max_listing_ranges)
+        self.max_listing_ranges = _LISTING_RANGES_KEPT
 
     def configure(self, settings: dict) -> None:
         self._agent = None  # (made again with the trust root and timeout set here)
@@ -171,6 +178,8 @@ class PushPlugin(Plugin):
         self.max_backoff = settings.get("max_backoff", 300.0)
         self.offline_watch = settings.get("offline_watch", 86400.0)
         self.include_headers = settings.get("include_headers", [])
+        self.max_listing_ranges = settings.get("max_listing_ranges", _LISTING_RANGES_KEPT)
+        self._trim_listings()
         if not all(isinstance(h, str) and _HEADER_NAME.fullmatch(h) for h in self.include_headers):
             raise ConfigError("plugin.push.include_headers: expected header names, e.g. [\"From\", \"Subject\"]")
         if not 0 <= self.offline_watch < math.inf:
@@ -592,10 +601,12 @@ class PushPlugin(Plugin):
         uidvalidity, now, uidnext = await _listing(run, event.mailbox)
         key = (event.user, event.mailbox)
         before = self._listings.pop(key, None)
-        if len(now.ranges) <= _LISTING_RANGES:
+        if before is not None:
+            self._listing_ranges -= len(before[1].ranges)
+        if self.max_listing_ranges and len(now.ranges) <= min(_LISTING_RANGES, self.max_listing_ranges):
             self._listings[key] = (uidvalidity, now, uidnext)
-            while len(self._listings) > _LISTINGS_KEPT:
-                self._listings.popitem(last=False)
+            self._listing_ranges += len(now.ranges)
+            self._trim_listings()
         if before is None or before[0] != uidvalidity:
             return None
         _, then, then_next = before
@@ -612,6 +623,12 @@ class PushPlugin(Plugin):
                 kind = next((k for k, uids in cache.kinds.items() if uid in uids), None)
             out[uid] = kind
         return out
+
+    def _trim_listings(self) -> None:
+        """The oldest listings go past ``_LISTINGS_KEPT`` folders or ``max_listing_ranges`` UID ranges."""
+        while self._listings and (len(self._listings) > _LISTINGS_KEPT
+                                  or self._listing_ranges > self.max_listing_ranges):
+            self._listing_ranges -= len(self._listings.popitem(last=False)[1][1].ranges)
 
     async def _on_backend(self, session, user: str, work):
         """``await work(run)`` with ``run`` a command runner on a connection free to EXAMINE: the

@@ -932,3 +932,26 @@ def test_a_session_gone_while_its_devices_are_read_leaves_no_devices_list(monkey
                          b'/private/vendor/vendor.cpmproxy/devicenames/phone "Phone")'], b"OK done"))
     assert done.called
     assert "alice" not in plugin.devices and "alice" not in plugin.names
+
+
+def test_kept_folder_listings_are_bounded_by_their_uid_ranges_too(monkeypatch):
+    """Found by the leak review: the UID listings kept to tell which messages an expunge took were bounded
+    by folders alone (10,000, of up to 4,096 ranges each: ~4 GB for scattered folders, kept for users long
+    gone). Now by their ranges in all too (``max_listing_ranges``), the oldest going first."""
+    from cpmproxy.proxy.backend import Reply
+    from plugins.notify import ChangeEvent
+
+    plugin, gateway, clock = _sender(monkeypatch, max_listing_ranges=1000)
+
+    def run(line):
+        if line.startswith(b"EXAMINE"):
+            return defer.succeed(Reply([b"* OK [UIDVALIDITY 7] x", b"* OK [UIDNEXT 2000] x"], b"OK done"))
+        return defer.succeed(Reply([b"* ESEARCH UID ALL " + b",".join(b"%d" % u for u in range(1, 1200, 3))],
+                                   b"OK done"))  # (400 ranges)
+    for n in range(10):
+        event = ChangeEvent("alice", f"F{n}", "MessageExpunge", origin=None, uidvalidity=7, modseq=9)
+        defer.Deferred.fromCoroutine(plugin._expunged(run, event))
+    assert sum(len(uids.ranges) for _, uids, _ in plugin._listings.values()) <= 1000
+    assert list(plugin._listings) == [("alice", "F8"), ("alice", "F9")]  # (the newest kept)
+    plugin.configure({"url": "https://push.example.net/cpm", "offline_watch": 0, "max_listing_ranges": 0})
+    assert not plugin._listings and plugin._listing_ranges == 0
