@@ -129,3 +129,9 @@ class ClassificationCache:
     def forget(self, user: str, mailbox: str) -> None:
         if (user, mailbox) in self._data:
             self._drop((user, mailbox))
+
+    def resize(self, max_mailboxes: int, max_uids: int) -> None:
+        """New bounds (a reload): the oldest entries go at once while past them."""
+        self.max_mailboxes, self.max_uids = max_mailboxes, max_uids
+        while self._data and (len(self._data) > max_mailboxes or self.uids > max_uids):
+            self._drop(next(iter(self._data)))

@@ -25,6 +25,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from cpmproxy.config import ConfigError
 from cpmproxy.imap.framing import renumber_fetch_lines
 from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import (
@@ -163,6 +164,11 @@ SHARED_TABLES_MIN = 1000
 SHARED_TABLES_MAX_MESSAGES = 1_000_000
 
 
+# The classification cache's bounds ([policy] keys): mailboxes, and the UIDs their kind sets hold in all (a
+# mailbox of 20,000 messages, a quarter of them IMDNs, keeps ~0.4 MB: 2,000,000 UIDs are some 170 MB).
+CACHE_BOUNDS = {"classification_cache_mailboxes": 20000, "classification_cache_uids": 2_000_000}
+
+
 class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
     name = "policy"
     config_section = "policy"
@@ -210,7 +216,15 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         return [p for p in self._hider_plugins if p.active(session)]
 
     def configure(self, settings: dict[str, Any]) -> None:
+        settings = dict(settings)
+        bounds = []
+        for key, default in CACHE_BOUNDS.items():  # (the process's, not a policy's: no class sets them)
+            value = settings.pop(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"policy.{key}: expected a number >= 1")
+            bounds.append(value)
         self.base, self.classes = parse_policy(settings)
+        self.cache.resize(*bounds)
 
     def reloaded(self) -> None:
         """A new policy: the sessions already open take it up as they would a preference change (a

@@ -313,6 +313,10 @@ def test_policy_settings_that_cannot_work_are_refused(tmp_path):
             "policy.class[0].user_may_change: 'Notifications' matches no preference",
         '[policy]\nfolder = ["*"]\n': "policy.folder: unknown key (did you mean 'folders'?)",
         "[[policy.class]]\ndevice = []\n": "policy.class[0].device: unknown key (did you mean 'devices'?)",
+        "[policy]\nclassification_cache_uids = 0\n": "policy.classification_cache_uids: expected a number >= 1",
+        "[policy]\nclassification_cache_mailboxes = true\n":
+            "policy.classification_cache_mailboxes: expected a number >= 1",
+        "[[policy.class]]\nclassification_cache_uids = 5\n": "policy.class[0].classification_cache_uids: unknown key",
     })
     check_config(str(_write(tmp_path, '[policy]\nuser_may_change = ["notifications", "sync/*", "sync"]\n'
                                       '[[policy.class]]\nname = "tablets"\ndevices = ["tablet-*"]\n'

@@ -554,6 +554,26 @@ def test_the_classification_cache_is_bounded_by_the_uids_it_keeps():
     assert cache.peek("alice", "D", 7) is big and cache.uids == 10000
 
 
+def test_the_classification_cache_bounds_are_settings():
+    """Found by the leak review: the cache's bounds (by far the largest of the process's tables) were
+    fixed in the code; now ``[policy] classification_cache_mailboxes`` and ``classification_cache_uids``,
+    taken up at a reload (the oldest entries go at once while past them)."""
+    from types import SimpleNamespace
+
+    from plugins.policy import PolicyPlugin
+
+    policy = PolicyPlugin(SimpleNamespace())
+    policy.configure({})
+    assert (policy.cache.max_mailboxes, policy.cache.max_uids) == (20000, 2_000_000)
+    for name in ("A", "B", "C"):
+        policy.cache.get("alice", name, 7).add("imdn", 4000, set(range(1, 4001, 4)))  # 1,000 each
+    policy.configure({"classification_cache_uids": 2500, "folders": ["*"]})
+    assert list(policy.cache._data) == [("alice", "B"), ("alice", "C")] and policy.cache.uids == 2000
+    policy.configure({"classification_cache_mailboxes": 1})
+    assert list(policy.cache._data) == [("alice", "C")] and policy.cache.uids == 1000
+    assert policy.base.folders == ("*",)
+
+
 @pytest.mark.parametrize("line, mailbox, values", [
     (b"* STATUS INBOX (MESSAGES 3 UNSEEN 1)\r\n", "INBOX", {b"MESSAGES": 3, b"UNSEEN": 1}),
     (b'* status "Chats (old)" (messages 2 uidnext 9)', "Chats (old)", {b"MESSAGES": 2, b"UIDNEXT": 9}),
