@@ -167,6 +167,8 @@ SHARED_TABLES_MAX_MESSAGES = 1_000_000
 # The classification cache's bounds ([policy] keys): mailboxes, and the UIDs their kind sets hold in all (a
 # mailbox of 20,000 messages, a quarter of them IMDNs, keeps ~0.4 MB: 2,000,000 UIDs are some 170 MB).
 CACHE_BOUNDS = {"classification_cache_mailboxes": 20000, "classification_cache_uids": 2_000_000}
+# Folders a session keeps what it knows of beyond those with facts of their own (FolderRules._forget_plain_folders).
+SESSION_FOLDERS = 10000
 
 
 class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
@@ -178,6 +180,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         self.base = Policy()
         self.classes: list[DeviceClass] = []
         self.cache = ClassificationCache()
+        self.session_folders = SESSION_FOLDERS
         self.session_history_cache: dict[tuple[str, str], bool] = {}
         # (user, folder) found holding messages and no Session History, until when (monotonic): a folder's
         # session info may come after its messages, so "not one" is remembered only briefly; a session
@@ -218,13 +221,14 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
     def configure(self, settings: dict[str, Any]) -> None:
         settings = dict(settings)
         bounds = []
-        for key, default in CACHE_BOUNDS.items():  # (the process's, not a policy's: no class sets them)
-            value = settings.pop(key, default)
+        for key, default in [*CACHE_BOUNDS.items(), ("session_folders", SESSION_FOLDERS)]:
+            value = settings.pop(key, default)  # (the process's, not a policy's: no class sets them)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"policy.{key}: expected a number >= 1")
             bounds.append(value)
         self.base, self.classes = parse_policy(settings)
-        self.cache.resize(*bounds)
+        self.cache.resize(*bounds[:2])
+        self.session_folders = bounds[2]
 
     def reloaded(self) -> None:
         """A new policy: the sessions already open take it up as they would a preference change (a

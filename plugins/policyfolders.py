@@ -64,6 +64,32 @@ class FolderRules:
         infos = {name: FolderInfo() for name in todo}
         await self._read_folder_infos(session, st, infos)
         st.folders.update(infos)
+        st.folder_chars += sum(map(len, infos))
+        self._forget_plain_folders(st, infos)
+
+    def _forget_plain_folders(self, st: PolicySession, spare) -> None:
+        """Keep a session's folder facts bounded: past ``session_folders`` folders (or 256 characters of
+        names per folder on average), those that hold nothing but what any folder is at first (no
+        preferences, no Session History fact, no recheck) are forgotten, the oldest first. Forgotten, such
+        a folder reads the same to every rule (``_info_hides`` takes none for it), and its facts are made
+        again when next asked. Found by the leak review: every name a client named (``STATUS "x1"``,
+        ``"x2"``...: folders that do not exist) was kept for the session's life, up to max_line bytes each
+        (a session grew by gigabytes). Not the folders just read (``spare``): their reader looks at them next."""
+        limit = self.session_folders
+        room, room_chars = max(limit, st.folder_room[0]), max(limit * 256, st.folder_room[1])
+        if len(st.folders) <= room and st.folder_chars <= room_chars:
+            return
+        keep = limit * 3 // 4  # (some room, so that the next names do not come here again at once)
+        chars = sum(map(len, st.folders))
+        for name in [name for name, info in st.folders.items()
+                     if not info.prefs and info.session_history is None and not info.recheck and name not in spare]:
+            if len(st.folders) <= keep and chars <= keep * 256:
+                break
+            del st.folders[name]
+            chars -= len(name)
+        st.folder_chars = chars
+        # Still above (folders with facts of their own): not looked through again before a quarter more.
+        st.folder_room = (len(st.folders) + limit // 4, chars + limit * 64)
 
     def _hold_for_folder(self, session, st: PolicySession, mailbox: str):
         """Hold an unsolicited response (NOTIFY) about ``mailbox`` until its folder info is known. If it
@@ -182,7 +208,10 @@ class FolderRules:
             if not self.session_history_cache.get((session.user, name)):
                 return False  # (only "is one" is remembered across sessions)
             info.session_history = True
+        if name not in st.folders:
+            st.folder_chars += len(name)
         st.folders[name] = info
+        self._forget_plain_folders(st, (name,))
         return True
 
     def folder_hidden(self, st: PolicySession, name: str) -> bool:

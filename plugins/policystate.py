@@ -100,6 +100,8 @@ class PolicySession:
     # too (local delete's device marks), read in the same command. None until read.
     login_entries: set[str] | None = None
     folders: dict[str, FolderInfo] = field(default_factory=dict)
+    folder_chars: int = 0  # (about) the length of the names in ``folders``: see FolderRules._forget_plain_folders
+    folder_room: tuple[int, int] = (0, 0)  # (folders, characters) past which that looks again, when above its bound
     unreadable_folders: set[str] = field(default_factory=set)  # (see PolicyPlugin._hold_for_folder)
     plan: SelectPlan | None = None       # criteria of the mailbox being selected
     pending_select: bool = False         # our SELECT is at the backend, its responses not yet seen

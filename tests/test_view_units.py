@@ -652,3 +652,37 @@ def test_unseen_names_the_first_unseen_message_the_device_sees():
     _, asked, then = _unseen_at(many, 2, b'* ESEARCH (TAG "t") UID ALL 4,6:7,4002\r\n')
     assert asked == [b"UID SEARCH RETURN (ALL) UID 3:4002 UNSEEN"]
     assert isinstance(then, Rewrite) and then.data == b"* OK [UNSEEN 4] First unseen.\r\n", then
+
+
+def test_a_sessions_folder_facts_are_bounded():
+    """Found by the leak review: every folder name a session named was kept with its facts for the
+    session's life, folders that do not exist too (50,000 ``STATUS "nope-N"`` grew the process by 16 MB,
+    4,000 of 8 KB names by 30 MB; a session lives for days). Past ``[policy] session_folders`` the plain
+    ones go (the oldest first); those with preferences or a Session History fact stay, and a forgotten
+    folder is hidden or shown as before."""
+    from types import SimpleNamespace
+
+    from plugins.policy import PolicyPlugin
+    from plugins.policystate import FolderInfo
+
+    policy = PolicyPlugin(SimpleNamespace())
+    policy.configure({"session_folders": 1000})
+    st = policy.state(SimpleNamespace(state={}, user="alice", device_id="phone", client_id={}))
+    st.folders["Off"] = FolderInfo(prefs={"sync": "off"})
+    st.folders["History"] = FolderInfo(session_history=True)
+    session = SimpleNamespace(state={"policy": st}, user="alice")
+    for n in range(30000):
+        assert policy._folder_info_now(session, st, f"nope-{n}")
+    assert len(st.folders) <= 1000 and "nope-29999" in st.folders
+    assert {"Off", "History"} <= set(st.folders) and policy.folder_hidden(st, "Off")
+    assert not policy.folder_hidden(st, "nope-1") and policy._folder_info_now(session, st, "nope-1")
+    long = "x" * 8000
+    for n in range(2000):
+        policy._folder_info_now(session, st, f"{long}{n}")
+    assert sum(map(len, st.folders)) <= 1000 * 256 + 8010 and {"Off", "History"} <= set(st.folders)
+    # Folders with facts of their own past the bound: kept (and not looked through at every new name).
+    for n in range(3000):
+        st.folders[f"H{n}"] = FolderInfo(session_history=True)
+    for n in range(3000):
+        policy._folder_info_now(session, st, f"more-{n}")
+    assert sum(info.session_history is True for info in st.folders.values()) == 3001
