@@ -3,7 +3,7 @@ logging in and out, SELECT of many folders, APPEND/EXPUNGE, local deletes, IDLE,
 clients that drop the connection mid-command, SIGHUP reloads. Samples the proxy's RSS, open fds and its
 connections to Dovecot, and the same after every client left (side_linger, offline_watch).
 
-    PYTHONPATH=. /work/main/.venv/bin/python scripts/soak_leaks.py --minutes 5
+    .venv/bin/python bench/soak_leaks.py --minutes 5   (not a benchmark: watch its figures level off)
 """
 
 from __future__ import annotations
