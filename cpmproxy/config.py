@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,7 +352,8 @@ def load_config(path: str | Path, plugin_sections: frozenset[str] = frozenset())
         with p.open("rb") as f:
             # (A byte-order mark, as some Windows editors save UTF-8, has no meaning: TOML's parser refused it
             # with "Invalid statement (at line 1, column 1)".)
-            data = tomllib.loads(f.read().decode("utf-8").removeprefix("\ufeff"))
+            text = f.read().decode("utf-8").removeprefix("\ufeff")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
     except OSError as e:  # a directory, no permission...
@@ -359,5 +361,29 @@ def load_config(path: str | Path, plugin_sections: frozenset[str] = frozenset())
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(f"{p}: {e}{_toml_hint(str(e), text)}") from None
     return parse_config(data, p, plugin_sections)
+
+
+_UNQUOTED = ("Invalid value", "Expected newline or end of document after a statement")
+
+
+def _toml_hint(error: str, text: str) -> str:
+    """The line TOML's parser stopped at, and for the usual mistake, a value written without its quotes
+    (``host = 127.0.0.1`` reads "Invalid value" or "Expected newline..."), what to write instead."""
+    m = re.search(r"at line (\d+), column \d+", error)
+    lines = text.splitlines()
+    if m is None or not 0 < int(m.group(1)) <= len(lines):
+        return ""
+    line = lines[int(m.group(1)) - 1].strip()
+    hint = f": {line[:200]!r}"
+    key, eq, value = (part.strip() for part in line.partition("="))
+    if not (eq and value and error.startswith(_UNQUOTED)) or value[0] in "\"'{":
+        return hint
+    if value[0] == "[":
+        if "\"" in value or "'" in value or not value.endswith("]"):
+            return hint
+        quoted = "[" + ", ".join(f'"{v.strip()}"' for v in value[1:-1].split(",") if v.strip()) + "]"
+    else:
+        quoted = f'"{value}"'
+    return hint + f" (text is written in double quotes: {key} = {quoted})"

@@ -377,6 +377,25 @@ def test_a_byte_order_mark_is_no_error(tmp_path):
         check_config(str(path))
 
 
+def test_toml_syntax_errors_show_the_line_and_the_quotes_missing(tmp_path):
+    """TOML's parser says only "Invalid value (at line 2, column 10)" for the usual mistake, a text value
+    written without its quotes: the line is shown, and how to write it (the operator review)."""
+    cases = {
+        "[proxy]\nlisten = tcp:1143\n": "Invalid value (at line 2, column 10): 'listen = tcp:1143' (text is "
+                                        'written in double quotes: listen = "tcp:1143")',
+        "[backend]\nhost = 127.0.0.1\n": "Expected newline or end of document after a statement (at line 2, "
+                                        "column 13): 'host = 127.0.0.1' (text is written in double quotes: "
+                                        'host = "127.0.0.1")',
+        "plugins = [policy, notify]\n": "Invalid value (at line 1, column 12): 'plugins = [policy, notify]' "
+                                        '(text is written in double quotes: plugins = ["policy", "notify"])',
+        "[proxy\n": "Expected ']' at the end of a table declaration (at line 1, column 7): '[proxy'",
+        "plugins = [1,\n": "Invalid value (at end of document)",  # (no line to show)
+    }
+    for text, expected in cases.items():
+        reason = _refused(tmp_path, text)
+        assert reason == f"{tmp_path / 'c.toml'}: {expected}", (text, reason)
+
+
 def test_type_errors_use_tomls_words(tmp_path):
     """They said ``expected dict``, ``expected bool``, ``expected int, got bool``."""
     _assert_refused(tmp_path, {
