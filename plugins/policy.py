@@ -108,7 +108,11 @@ _SEQ_USING = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"SEARCH", b"SORT"
 _EXPUNGE_ISSUED = b"[EXPUNGEISSUED]"  # (RFC 9051 7.1: a search met messages expunged meanwhile)
 _EXPUNGING = frozenset((b"EXPUNGE", b"MOVE", b"CLOSE"))  # (UID EXPUNGE, UID MOVE too)
 _RETURNING_RE = re.compile(rb"\S+ (?:UID )?(?:SEARCH|SORT) RETURN \(", re.I)
-_LEAVES_MAILBOX = frozenset((b"SELECT", b"EXAMINE", b"UNSELECT"))  # (CLOSE: _may_reach_unannounced)
+# Commands after which the backend has the selected mailbox no more (CLOSE: _may_reach_unannounced). A DELETE or
+# RENAME of it (or of a parent) leaves it selected at Dovecot, which answers the next command with a BYE
+# ("Selected mailbox was deleted", "IMAP session state is inconsistent"): whichever folder they name, as a
+# literal or in another form too.
+_LEAVES_MAILBOX = frozenset((b"SELECT", b"EXAMINE", b"UNSELECT", b"DELETE", b"RENAME"))
 _NO_EXPUNGE_DURING = frozenset((b"FETCH", b"STORE", b"SEARCH", b"SORT", b"THREAD"))  # (by number: RFC 9051 7.5.1)
 _NOT_OFFERED = frozenset((b"CONTEXT=SEARCH", b"CONTEXT=SORT", b"CATENATE", b"URL-PARTIAL"))
 _URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
@@ -323,7 +327,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # backend sent after a command of a plugin's own): this command could reach them at the
             # backend, which has them already, before the view says which are hidden. Or it leaves the
             # mailbox, where the classification may still have a search to send (after [EXPUNGEISSUED]):
-            # run in the next mailbox, or in none, its answer went into this one's cache (found by review).
+            # run in the next mailbox, or in none, its answer went into this one's cache (found by review);
+            # after a DELETE or RENAME of it, Dovecot answered it with a BYE, and the device never got its
+            # command's OK (found by review).
             return Defer(defer.Deferred.fromCoroutine(self._after_growth(session, st, cmd)))
         if st.reapply and (client.uid or client.name not in _SEQ_USING
                            or (st.mailbox is not None and self.folder_hidden(st, st.mailbox))):
@@ -1467,9 +1473,12 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         - one that could reach a message the view does not know yet (see _may_reach_unannounced)."""
         if st.mailbox is None:
             return []
-        if cmd.name in (b"SELECT", b"EXAMINE", b"UNSELECT", b"CLOSE"):
+        if cmd.name in _LEAVES_MAILBOX or cmd.name == b"CLOSE":
             # (UNSELECT and CLOSE too: new messages announced during those in flight are classified at the
-            # backend in the mailbox, which must still be selected then.)
+            # backend in the mailbox, which must still be selected then; a DELETE or RENAME, found by review:
+            # their searches, sent after it, were answered with a BYE, and the device got neither those
+            # commands' OK nor its own; a DELETE decided before the view knew a hidden arrival deleted it
+            # with the folder, which a device may not do.)
             return session.inflight_commands()
         if cmd.name == b"STATUS" and _status_of_selected(st, cmd):
             # (Counted by the backend as this session knows the mailbox: with messages announced during the
@@ -1572,6 +1581,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
 
     async def _after_growth(self, session, st: PolicySession, cmd):
         """``cmd``'s decision once the new messages being classified are in the view."""
+        if (cmd.client or cmd).name == b"DELETE":
+            # (And told, with what the backend said after them: an expunge of one of them taken out of the
+            # view, which would refuse the DELETE as holding a hidden message.)
+            await self.arrivals_told(session)
         await self.classified(session)
         return await resolved(self.command(session, cmd))
 

@@ -888,17 +888,20 @@ def test_preferences_reapplied_in_idle_are_not_applied_to_the_mailbox_selected_n
     other.close()
 
 
-def _arrival_expunged_while_classified(proxy, relay, dovecot, select_next: bytes, between=None):
+def _arrival_expunged_while_classified(proxy, relay, dovecot, select_next, between=None,
+                                       kinds=("chat", "imdn", "chat")):
     """The device (``c``) has A selected (chat, IMDN, chat; the IMDN hidden) with a NOTIFY of its events; an
     IMDN arrives (UID 4) and the relay holds its kind search while another session expunges it (the search
     is answered [EXPUNGEISSUED], which calls for a follow-up search) and the device sends ``select_next``
-    (tagged ``t``). ``between(a)``: called before the expunge. A's name, the device and its responses up
-    to ``t``'s answer."""
+    (tagged ``t``; a function of A's name or the line). ``between(a)``: called before the expunge. A's name,
+    the device and its responses up to ``t``'s answer."""
     a = b"Xa" + uuid.uuid4().hex[:8].encode()
-    for i, k in enumerate(["chat", "imdn", "chat"]):
+    if callable(select_next):
+        select_next = select_next(a)
+    for i, k in enumerate(kinds):
         dovecot.deliver("dave", a.decode(), make_object(k, seed=i))
     c = device(proxy)
-    assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)
+    assert b"* %d EXISTS\r\n" % (len(kinds) - kinds.count("imdn")) in c.command(b"s", b'SELECT "%s"' % a)
     r = c.command(b"n", b"NOTIFY SET (selected (MessageNew MessageExpunge FlagChange))")
     assert r[-1].startswith(b"n OK"), r
     relay.hold_from(rb"UID SEARCH RETURN \(ALL\) UID 4:4294967295 HEADER")  # (the arrival's kind search)
@@ -962,3 +965,58 @@ def test_an_arrival_expunged_while_classified_when_the_device_selects_a_missing_
     c.close()
     assert [x[:4] for x in got if x[:2] in (b"t ", b"z ")] == [b"t NO", b"z OK"], got
     assert "classification of new messages failed" not in proxy.log(), proxy.log()
+
+
+@pytest.mark.parametrize("command", [b'DELETE "%s"', b'RENAME "%s" "%s-renamed"'], ids=["delete", "rename"])
+def test_the_selected_mailbox_deleted_or_renamed_while_an_arrival_is_classified(make_proxy, relay, dovecot,
+                                                                                 command):
+    """Found by review (suspicion 1 of helper-100's brief): a DELETE or RENAME of the selected mailbox did not
+    wait for an arrival's classification, as a SELECT does. It reached the backend before the follow-up
+    search the [EXPUNGEISSUED] kind search calls for, which Dovecot answered with a BYE ("Selected mailbox
+    was deleted", "IMAP session state is inconsistent"): the device never got its command's OK, only the
+    proxy's "BYE [UNAVAILABLE] Backend server closed the connection", though its folder was deleted or
+    renamed. (Nothing was cached: the search was never answered OK.) Now the command waits: its OK reaches
+    the device."""
+    proxy = _gated_proxy(make_proxy, relay)
+    _a, c, got = _arrival_expunged_while_classified(
+        proxy, relay, dovecot, lambda a: command.replace(b"%s", a), kinds=("chat", "chat", "chat"))
+    c.close()
+    assert got[-1].startswith(b"t OK"), got
+    assert "Traceback" not in proxy.log(), proxy.log()
+
+
+@pytest.mark.parametrize("command", [b'DELETE "%s"', b'RENAME "%s" "%s-renamed"'], ids=["delete", "rename"])
+def test_the_selected_mailbox_deleted_or_renamed_behind_a_command_announcing_an_arrival(make_proxy, relay,
+                                                                                         dovecot, command):
+    """The same with the arrival announced during a command in flight (a NOOP): a DELETE or RENAME of the
+    selected mailbox pipelined behind it did not wait for it, as a SELECT does, and reached the backend
+    before the classification's searches, sent at the NOOP's EXISTS: Dovecot answered them with a BYE,
+    and the device got neither the NOOP's OK nor its command's. Worse, the DELETE was decided before the
+    view knew the arrival: the folder was deleted with the hidden IMDN in it, which a device may not do
+    (hidden messages are never changed through its view: "cannot be deleted from this device")."""
+    proxy = _gated_proxy(make_proxy, relay)
+    a = b"Xd" + uuid.uuid4().hex[:8].encode()
+    for i in range(3):
+        dovecot.deliver("dave", a.decode(), make_object("chat", seed=i))
+    before = list(relay.links)
+    c = device(proxy)
+    link = next(x for x in relay.links if x not in before and b"-side" not in x.up[:200])
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)
+    dovecot.deliver("dave", a.decode(), make_object("imdn", seed=7))  # (UID 4, hidden)
+    relay.pause_down(link)  # (the NOOP's EXISTS reaches the proxy once the device's command was decided)
+    start = len(link.down)
+    c.send(b"n NOOP\r\nt " + command.replace(b"%s", a) + b"\r\n")
+    relay.wait_sent(link, rb"n OK", start=start)
+    time.sleep(0.3)  # (decided at once, it reached the backend behind the NOOP)
+    relay.resume_down(link)
+    got = answers(c, b"nt")
+    c.close()
+    told = [x[:4] for x in got if x[:2] in (b"n ", b"t ")]
+    assert told == [b"n OK", b"t NO" if command.startswith(b"DELETE") else b"t OK"], got
+    assert not [x for x in got if b"EXISTS" in x and x != b"* 3 EXISTS\r\n"], got
+    assert "Traceback" not in proxy.log(), proxy.log()
+    if command.startswith(b"DELETE"):
+        other = dovecot.imap_direct("dave", tls="none")
+        assert other.folder_exists(a.decode()) and other.folder_status(a.decode(), ["MESSAGES"])[b"MESSAGES"] == 4
+        other.logout()
+
