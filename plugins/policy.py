@@ -741,6 +741,15 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 await _next_turn()
                 held = session.held_lines()
             selected = _select_state(held)
+            if plan.uidvalidity and selected.get(b"UIDVALIDITY", plan.uidvalidity) != plan.uidvalidity:
+                # The folder was deleted and made anew between the STATUS on the side connection and the
+                # SELECT: the one selected is classified, and its hiders' records read, by its own
+                # UIDVALIDITY (found by review: the old folder's cache said its UIDs were no IMDN, and the
+                # new folder's IMDN was shown; the new folder's kinds went into the old one's cache).
+                plan.uidvalidity = selected[b"UIDVALIDITY"]
+                plan.extra = SequenceSet.empty()
+                for h in self.hiders(session):
+                    plan.extra |= _uid_ranges(await h.hidden(session, plan.mailbox, plan.uidvalidity))
             if not plan.uidvalidity:
                 # No STATUS was asked (no rule hid anything before the folder's own preferences were read,
                 # or only hiders' records hide here): the SELECT's own. Never 0: the classification cache

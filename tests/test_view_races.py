@@ -1020,3 +1020,36 @@ def test_the_selected_mailbox_deleted_or_renamed_behind_a_command_announcing_an_
         assert other.folder_exists(a.decode()) and other.folder_status(a.decode(), ["MESSAGES"])[b"MESSAGES"] == 4
         other.logout()
 
+
+def test_a_mailbox_made_anew_while_its_select_is_decided_is_classified_as_itself(make_proxy, relay, dovecot):
+    """Found by review (suspicion 2 of helper-100's brief): a SELECT's plan takes UIDVALIDITY from a STATUS
+    on the side connection, before the SELECT reaches the backend. The folder deleted and made anew in
+    between (another device or CPM itself), the SELECT opened the new one (its own UIDVALIDITY), but its
+    classification was read from and written to the cache of the old one: the old folder's UIDs 1-3 were
+    "known, no IMDN", so the new folder's IMDN at UID 2 was shown (``* 3 EXISTS``, not 2), and the new
+    folder's kinds went into the old one's cache."""
+    proxy = _gated_proxy(make_proxy, relay)
+    a = b"Xn" + uuid.uuid4().hex[:8].encode()
+    for i in range(3):
+        dovecot.deliver("dave", a.decode(), make_object("chat", seed=i))
+    first = device(proxy)
+    assert b"* 3 EXISTS\r\n" in first.command(b"s", b'SELECT "%s"' % a)  # (the cache: UIDs 1-3, no IMDN)
+    first.close()
+    c = device(proxy)
+    relay.hold_from(rb'^s SELECT "%s"' % a)
+    c.send(b's SELECT "%s"\r\n' % a)
+    relay.wait_gated()
+    other = dovecot.imap_direct("dave", tls="none")
+    other.delete_folder(a.decode())
+    other.logout()
+    for i, k in enumerate(["chat", "imdn", "chat"]):
+        dovecot.deliver("dave", a.decode(), make_object(k, seed=10 + i))
+    relay.release()
+    got = c.until_tagged(b"s") + c.command(b"f", b"FETCH 1:* (UID)")
+    c.close()
+    assert got[0].startswith(b"* FLAGS") and b"* 2 EXISTS\r\n" in got and _uids(got) == [1, 3], got
+    d = device(proxy)
+    seen = d.command(b"s", b'SELECT "%s"' % a) + d.command(b"f", b"FETCH 1:* (UID)")
+    d.close()
+    assert b"* 2 EXISTS\r\n" in seen and _uids(seen) == [1, 3], seen
+
