@@ -1053,3 +1053,39 @@ def test_a_mailbox_made_anew_while_its_select_is_decided_is_classified_as_itself
     d.close()
     assert b"* 2 EXISTS\r\n" in seen and _uids(seen) == [1, 3], seen
 
+
+def test_preferences_reapplied_after_the_selected_folder_was_renamed_away(proxy, dovecot):
+    """Suspicion 2 of helper-100's brief, disproven: a re-application of preferences to a folder selected by
+    the fast path (nothing could be hidden at its SELECT) asks UIDVALIDITY of the folder's name on the side
+    connection. Another device renamed the folder away and another one to its name (Dovecot keeps the
+    session in the folder it selected): were the re-classification's searches answered there, their answers
+    would go into the cache of the folder now of that name, by its UIDVALIDITY, and its IMDN be shown to
+    the next device that selects it. Dovecot refuses them (NO [SERVERBUG] Internal error: the folder's
+    files moved), and the session ends: nothing is cached. Guards that it stays so."""
+    a = b"Sa" + uuid.uuid4().hex[:8].encode()
+    b = b"Sb" + uuid.uuid4().hex[:8].encode()
+    for i in range(3):
+        dovecot.deliver("dave", a.decode(), make_object("chat", seed=i))
+    for i, k in enumerate(["chat", "imdn", "chat"]):
+        dovecot.deliver("dave", b.decode(), make_object(k, seed=20 + i))
+    c = device(proxy)
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)  # (nothing hidden: no view)
+    direct = dovecot.imap_direct("dave", tls="none")
+    direct.rename_folder(a.decode(), a.decode() + "-old")
+    direct.rename_folder(b.decode(), a.decode())
+    direct.logout()
+    other = device(proxy)
+    r = other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (a, PREFIX))
+    assert r[-1].startswith(b"m OK"), r
+    try:
+        c.command(b"n", b"NOOP")  # (the preferences re-applied: the session's folder classified again)
+    except ConnectionError:
+        pass  # (Dovecot's NO: the session ended)
+    c.close()
+    d = device(proxy)
+    seen = d.command(b"s", b'SELECT "%s"' % a) + d.command(b"f", b"FETCH 1:* (UID)")
+    d.close()
+    other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn NIL)' % (a, PREFIX))
+    other.close()
+    assert b"* 2 EXISTS\r\n" in seen and _uids(seen) == [1, 3], seen
+
