@@ -111,8 +111,8 @@ _RETURNING_RE = re.compile(rb"\S+ (?:UID )?(?:SEARCH|SORT) RETURN \(", re.I)
 # Commands after which the backend has the selected mailbox no more (CLOSE: _may_reach_unannounced). A DELETE or
 # RENAME of it (or of a parent) leaves it selected at Dovecot, which answers the next command with a BYE
 # ("Selected mailbox was deleted", "IMAP session state is inconsistent"): whichever folder they name, as a
-# literal or in another form too.
-_LEAVES_MAILBOX = frozenset((b"SELECT", b"EXAMINE", b"UNSELECT", b"DELETE", b"RENAME"))
+# literal or in another form too. After a LOGOUT the backend answers nothing more, and closes.
+_LEAVES_MAILBOX = frozenset((b"SELECT", b"EXAMINE", b"UNSELECT", b"DELETE", b"RENAME", b"LOGOUT"))
 _NO_EXPUNGE_DURING = frozenset((b"FETCH", b"STORE", b"SEARCH", b"SORT", b"THREAD"))  # (by number: RFC 9051 7.5.1)
 _NOT_OFFERED = frozenset((b"CONTEXT=SEARCH", b"CONTEXT=SORT", b"CATENATE", b"URL-PARTIAL"))
 _URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
@@ -1487,7 +1487,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # backend in the mailbox, which must still be selected then; a DELETE or RENAME, found by review:
             # their searches, sent after it, were answered with a BYE, and the device got neither those
             # commands' OK nor its own; a DELETE decided before the view knew a hidden arrival deleted it
-            # with the folder, which a device may not do.)
+            # with the folder, which a device may not do; a LOGOUT: those searches were never answered.)
             return session.inflight_commands()
         if cmd.name == b"STATUS" and _status_of_selected(st, cmd):
             # (Counted by the backend as this session knows the mailbox: with messages announced during the

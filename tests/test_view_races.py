@@ -1089,3 +1089,15 @@ def test_preferences_reapplied_after_the_selected_folder_was_renamed_away(proxy,
     other.close()
     assert b"* 2 EXISTS\r\n" in seen and _uids(seen) == [1, 3], seen
 
+
+
+def test_a_logout_while_an_arrival_is_classified_is_answered(make_proxy, relay, dovecot):
+    """Found by review (helper-100): a LOGOUT did not wait for an arrival's classification. It reached the
+    backend before the follow-up search the [EXPUNGEISSUED] kind search calls for, which was never answered
+    (the backend closed the connection): the device got neither ``* BYE`` nor its LOGOUT's OK (RFC 9051
+    6.1.3), only the connection closed, and the proxy logged "backend connection lost"."""
+    proxy = _gated_proxy(make_proxy, relay)
+    _a, c, got = _arrival_expunged_while_classified(proxy, relay, dovecot, b"LOGOUT")
+    c.close()
+    assert got[-1].startswith(b"t OK") and [x for x in got if x.startswith(b"* BYE")], got
+    assert "backend connection lost" not in proxy.log(), proxy.log()
