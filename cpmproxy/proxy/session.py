@@ -803,6 +803,10 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             if cmd.name in _SELECTING and action.tagged[:2].upper() != b"OK" and self.selected is not None:
                 untagged = [self._unselect_backend(), *untagged]
             self._reply(cmd.tag, action.tagged, untagged)
+            if action.tagged[:3].upper() == b"BAD" and not self._closing:
+                # (Counted as the backend's BADs are: a command a plugin refuses as invalid, one not offered
+                # that the policy plugin answers as unknown, is no less invalid for not reaching it.)
+                self._count_bad(None)
             return
         if isinstance(action, Collect) and ev.literal is not None and not cmd.state.get("collected"):
             self._start_collect(cmd, ev, action)  # (a deferred decision that needs the literals after all)
