@@ -115,6 +115,34 @@ _RETURNING_RE = re.compile(rb"\S+ (?:UID )?(?:SEARCH|SORT) RETURN \(", re.I)
 _LEAVES_MAILBOX = frozenset((b"SELECT", b"EXAMINE", b"UNSELECT", b"DELETE", b"RENAME", b"LOGOUT"))
 _NO_EXPUNGE_DURING = frozenset((b"FETCH", b"STORE", b"SEARCH", b"SORT", b"THREAD"))  # (by number: RFC 9051 7.5.1)
 _NOT_OFFERED = frozenset((b"CONTEXT=SEARCH", b"CONTEXT=SORT", b"CATENATE", b"URL-PARTIAL"))
+# The backend's capabilities a device is offered under the policy plugin: those whose commands, responses
+# and parameters the view is known to translate or check (message numbers, UIDs, mailbox names, counts).
+# An allowlist: a backend upgraded to one with new extensions (REPLACE, UIDONLY, MULTISEARCH, OBJECTID,
+# LIST-METADATA, QUOTA, ACL, ...) does not offer them to devices through a view that does not know them.
+# Parameterized ones by prefix; the proxy's own (XCPM-*; APPENDLIMIT=, which the proxy computes) pass.
+_OFFERED = frozenset((
+    b"IMAP4REV1", b"ID", b"ENABLE", b"IDLE", b"LITERAL+", b"LITERAL-", b"NAMESPACE", b"UNSELECT", b"CHILDREN",
+    b"UIDPLUS", b"MOVE", b"MULTIAPPEND", b"BINARY", b"I18NLEVEL=1", b"WITHIN", b"SAVEDATE", b"PREVIEW",
+    b"SORT", b"ESORT", b"ESEARCH", b"SEARCHRES", b"CONDSTORE", b"QRESYNC", b"LIST-EXTENDED", b"LIST-STATUS",
+    b"SPECIAL-USE", b"CREATE-SPECIAL-USE", b"STATUS=SIZE", b"METADATA", b"METADATA-SERVER", b"NOTIFY"))
+_OFFERED_PREFIXES = (b"SORT=", b"THREAD=", b"PREVIEW=", b"SNIPPET=", b"APPENDLIMIT=", b"XCPM-")
+# Commands a device may send under the policy plugin: those of IMAP4rev1 and of the extensions offered
+# (the proxy itself answers CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE, COMPRESS and UNAUTHENTICATE). Any
+# other is refused here, not passed on: a client may send an extension's command blindly (REPLACE names a
+# message by number and a mailbox, MULTISEARCH's ESEARCH searches several mailboxes, ACL and QUOTA
+# commands name mailboxes, Dovecot's XLIST lists them), and a backend that knows it would run it past the
+# view.
+_COMMANDS = frozenset((
+    b"NOOP", b"LOGOUT", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE", b"CHECK", b"SELECT", b"EXAMINE", b"CREATE",
+    b"DELETE", b"RENAME", b"SUBSCRIBE", b"UNSUBSCRIBE", b"LIST", b"LSUB", b"STATUS", b"APPEND", b"CLOSE",
+    b"UNSELECT", b"EXPUNGE", b"SEARCH", b"FETCH", b"STORE", b"COPY", b"MOVE", b"SORT", b"THREAD",
+    b"GETMETADATA", b"SETMETADATA", b"NOTIFY"))
+_UID_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"EXPUNGE", b"SEARCH", b"SORT", b"THREAD"))
+# What ENABLE may turn on (RFC 5161): the rest (UTF8=ACCEPT, IMAP4rev2, UIDONLY: they change how responses
+# and mailbox names look) is left out of the command, as a server ignores what it does not offer.
+_ENABLE_OK = frozenset((b"CONDSTORE", b"QRESYNC"))
+# RFC 9394's FETCH modifier (not offered): a page of the messages a UID set names, hidden ones counted.
+_PARTIAL_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?PARTIAL\s[^()]*\)\s*$", re.IGNORECASE)
 _URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
 _LITERAL_OR_QUOTED_RE = re.compile(rb'~?\{(\d+)\+?\}\r\n|"(?:[^"\\]|\\.)*"')
 _APPEND_TOKEN_RE = re.compile(rb"\(|\)|[^\s()]+")
@@ -199,6 +227,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         self.closes_mailboxes = False
         self._hiders_of = None  # the hook table _hider_plugins was taken from
         self._hider_plugins: list = []
+        self._offered: dict[tuple, list[bytes]] = {}  # capability lists filtered (capabilities)
+        self._unknown_caps: set[bytes] = set()  # backend capabilities not offered, logged once each
 
     def hiders(self, session) -> list:
         """Other enabled plugins that hide messages too (hiding is one operation, whoever asks for it):
@@ -293,15 +323,36 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             st.leaving = False  # (a SELECT refused here: the proxy's UNSELECT takes over, session.unselecting)
 
     def capabilities(self, session, caps):
-        # CONTEXT=SEARCH/SORT (RFC 5267): results the backend updates on its own later (ADDTO/REMOVEFROM
-        # as messages arrive, which may be hidden ones) are not renumbered on the view. IMAP URLs
-        # (CATENATE, URLAUTH, URL-PARTIAL) name folders and UIDs the view does not check. Not offered.
-        return [c for c in caps if c.upper() not in _NOT_OFFERED and not c.upper().startswith(b"URLAUTH")] \
-            + [VIEW_ITEM]
+        """The capabilities in ``_OFFERED`` (and the proxy's own), and XCPM-VIEW. Known and not offered:
+        CONTEXT=SEARCH/SORT (RFC 5267: results the backend updates on its own later, ADDTO/REMOVEFROM as
+        messages arrive, which may be hidden ones, are not renumbered on the view); IMAP URLs (CATENATE,
+        URLAUTH, URL-PARTIAL) name folders and UIDs the view does not check. Any other is left out too,
+        logged once (an operator may wonder why a backend's extension is not offered)."""
+        key = tuple(caps)
+        out = self._offered.get(key)
+        if out is None:
+            out = []
+            for c in caps:
+                u = c.upper()
+                if u in _OFFERED or u.startswith(_OFFERED_PREFIXES):
+                    out.append(c)
+                elif u not in _NOT_OFFERED and not u.startswith(b"URLAUTH") and u not in self._unknown_caps:
+                    self._unknown_caps.add(u)
+                    log.info("backend capability {cap} not offered to devices: the policy plugin's view does "
+                             "not know it", cap=c.decode("ascii", "replace"))
+            if len(self._offered) >= 16:  # (a few distinct lists: one a backend, a plugin or two adding theirs)
+                self._offered.clear()
+            self._offered[key] = out
+        return out + [VIEW_ITEM]
 
     # -- commands -------------------------------------------------------------------------------
 
     def command(self, session, cmd):
+        client = cmd.client or cmd  # (what the client sent: a plugin's rewrite is the plugin's)
+        if client.name not in (_UID_COMMANDS if client.uid else _COMMANDS) and client.name not in _URL_COMMANDS:
+            # (As Dovecot words it: the client is told no more than that the command is not known.)
+            return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + (b"UID " if client.uid else b"")
+                          + client.name + b": Unknown command.")
         st = self.state(session)
         if st.recomputing:
             # Preferences re-applied while the client idled (see _reapply_view): its commands after IDLE wait,
@@ -339,6 +390,12 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             st.reapply = False
             return Defer(defer.Deferred.fromCoroutine(self._reapply_then(session, st, cmd)))
         name = cmd.name
+        if name == b"ENABLE":
+            return _enable(cmd)
+        if name == b"FETCH" and _PARTIAL_MODIFIER_RE.search(cmd.line):
+            # (The backend would page through hidden messages too, their answers dropped: short pages.)
+            return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + (b"UID " if cmd.uid else b"")
+                          + b"FETCH: Unknown FETCH modifier.")
         if name in (b"SELECT", b"EXAMINE"):
             if session.selected is not None:
                 # (The commands before it are done: see _must_wait_for.) From here on the client has left
@@ -1851,6 +1908,20 @@ _NEVER_SELECT_ANSWERS = frozenset((b"STATUS", b"LIST", b"LSUB", b"METADATA", b"C
 # RFC 8474 4): an untagged OK, NO or BAD without one of them is not its answer.
 _SELECT_CODES = frozenset((b"PERMANENTFLAGS", b"UNSEEN", b"UIDVALIDITY", b"UIDNEXT", b"HIGHESTMODSEQ",
                            b"NOMODSEQ", b"MAILBOXID", b"READ-ONLY", b"READ-WRITE"))
+
+
+def _enable(cmd):
+    """ENABLE of the extensions in ``_ENABLE_OK`` only (RFC 5161: a server ignores one it does not offer);
+    None (passed on as it is) where it names no other."""
+    names = [token_text(a) for a in cmd.args]  # (a TokenError: the session says BAD)
+    if cmd.has_literal or any(n is None for n in names):
+        return Answer(b"BAD [CLIENTBUG] Error in IMAP command ENABLE: Invalid arguments.")
+    kept = [n for n in names if n.upper() in _ENABLE_OK]
+    if len(kept) == len(names):
+        return None
+    if not kept:
+        return Answer(b"OK Enabled.")  # (as Dovecot answers an ENABLE of nothing it knows)
+    return Rewrite(cmd.tag + b" ENABLE " + b" ".join(kept) + b"\r\n")
 
 
 def _answers_select(session) -> bool:

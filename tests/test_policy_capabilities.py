@@ -1,0 +1,242 @@
+"""The capabilities a device is offered under the policy plugin: an allowlist (``plugins.policy._OFFERED``),
+so that a backend upgraded to one with new extensions does not offer them through a view that does not
+translate their message numbers, UIDs or mailbox names; and the commands of extensions not offered, which
+a client may send blindly, refused by the proxy rather than run by the backend past the view."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from types import SimpleNamespace
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+from cpmproxy.imap.tokens import parse_command
+from cpmproxy.proxy.hooks import Answer, ClientCommand, Rewrite
+from cpmproxy.testing.dovecot import Dovecot
+from cpmproxy.testing.rawclient import RawIMAP
+from plugins.policy import PolicyPlugin
+from plugins.policyconfig import Policy
+from plugins.policystate import PolicySession
+from tests.proxyfix import raw_via
+
+# What Dovecot 2.3.19 offers after login (the test instance's configuration: no quota, ACL, zlib or FTS
+# plugins), each with its verdict under the policy plugin.
+DOVECOT_PASSED = (
+    b"IMAP4rev1 ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES THREAD=REFS THREAD=ORDEREDSUBJECT "
+    b"MULTIAPPEND UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH "
+    b"ESORT SEARCHRES WITHIN LIST-STATUS BINARY MOVE SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW STATUS=SIZE SAVEDATE "
+    b"LITERAL+ NOTIFY METADATA").split()
+DOVECOT_DROPPED = {
+    b"SASL-IR": "the proxy's login phase (pre-login only)",
+    b"LOGIN-REFERRALS": "the proxy's login phase",
+    b"URL-PARTIAL": "policy: IMAP URLs name folders and UIDs past the view",
+    b"CATENATE": "policy: IMAP URLs name folders and UIDs past the view",
+    b"CONTEXT=SEARCH": "policy: updates of the backend's own making are not renumbered",
+}
+# And with the quota, ACL and zlib plugins and special-use folders.
+PLUGINS_CONFIG = """
+mail_plugins = $mail_plugins quota acl
+protocol imap {
+  mail_plugins = $mail_plugins imap_quota imap_acl imap_zlib
+}
+plugin {
+  quota = maildir:User quota
+  quota_rule = *:storage=1G
+  acl = vfile
+}
+namespace inbox {
+  mailbox Sent {
+    special_use = \\Sent
+  }
+}
+"""
+PLUGINS_PASSED = DOVECOT_PASSED + [b"SPECIAL-USE"]
+PLUGINS_DROPPED = {**DOVECOT_DROPPED,
+                   b"COMPRESS=DEFLATE": "the proxy's relay (no COMPRESS)",
+                   b"QUOTA": "policy: GETQUOTAROOT names a mailbox the view does not check; usage counts hidden "
+                             "messages",
+                   b"ACL": "policy: its commands name mailboxes the view does not check",
+                   b"RIGHTS=texk": "policy: with ACL"}
+PROXY_OWN = [b"XCPM-LOCALDELETE", b"XCPM-VIEW"]
+
+
+def _caps(ok_line: bytes) -> list[bytes]:
+    m = re.search(rb"\[CAPABILITY ([^\]]*)\]", ok_line)
+    assert m, ok_line
+    return m.group(1).split()
+
+
+def _plugin() -> PolicyPlugin:
+    plugin = PolicyPlugin(SimpleNamespace(hooks=SimpleNamespace(plugins=[])))
+    plugin.name = "policy"
+    return plugin
+
+
+def _command(plugin: PolicyPlugin, line: bytes, st: PolicySession | None = None):
+    session = SimpleNamespace(state={"policy": st or PolicySession(Policy())}, user="alice", device_id="d1",
+                              inflight_commands=lambda: [], selected=None, selecting=None)
+    parsed = parse_command(line[:-2])
+    return plugin.command(session, ClientCommand(parsed.tag, parsed.name, parsed.uid, line, parsed, False))
+
+
+# -- unit: the capabilities hook ------------------------------------------------------------------
+
+
+def test_capabilities_hook_offers_the_known_ones_only():
+    plugin = _plugin()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        backend = (b"IMAP4rev1 ID ENABLE IDLE LITERAL+ SORT SORT=DISPLAY THREAD=REFS ESEARCH CONDSTORE QRESYNC "
+                   b"PREVIEW=FUZZY SNIPPET=FUZZY STATUS=SIZE CONTEXT=SEARCH CONTEXT=SORT CATENATE URL-PARTIAL "
+                   b"URLAUTH URLAUTH=BINARY REPLACE UIDONLY PARTIAL MULTISEARCH INPROGRESS MESSAGELIMIT=1000 "
+                   b"OBJECTID LIST-METADATA X-GM-EXT-1 XLIST QUOTA QUOTA=RES-STORAGE ACL RIGHTS=texk UTF8=ACCEPT "
+                   b"IMAP4rev2 JMAPACCESS FILTERS CONVERT ANNOTATE-EXPERIMENT-1 I18NLEVEL=2 SEARCH=FUZZY "
+                   b"APPENDLIMIT=1000 XCPM-LOCALDELETE").split()
+        out = plugin.capabilities(None, backend)
+        assert out == (b"IMAP4rev1 ID ENABLE IDLE LITERAL+ SORT SORT=DISPLAY THREAD=REFS ESEARCH CONDSTORE "
+                       b"QRESYNC PREVIEW=FUZZY SNIPPET=FUZZY STATUS=SIZE APPENDLIMIT=1000 XCPM-LOCALDELETE "
+                       b"XCPM-VIEW").split()
+        # Case does not matter (capability names are case-insensitive).
+        assert plugin.capabilities(None, [b"imap4rev1", b"Move", b"replace"]) == [b"imap4rev1", b"Move", b"XCPM-VIEW"]
+        for _ in range(3):  # (another session with the same list, or another list with the same unknowns)
+            plugin.capabilities(None, backend)
+            plugin.capabilities(None, backend[:-5])
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = [e["cap"] for e in events if e.get("log_format", "").startswith("backend capability")]
+    unknown = {b"REPLACE", b"UIDONLY", b"PARTIAL", b"MULTISEARCH", b"INPROGRESS", b"MESSAGELIMIT=1000", b"OBJECTID",
+               b"LIST-METADATA", b"X-GM-EXT-1", b"XLIST", b"QUOTA", b"QUOTA=RES-STORAGE", b"ACL", b"RIGHTS=TEXK",
+               b"UTF8=ACCEPT", b"IMAP4REV2", b"JMAPACCESS", b"FILTERS", b"CONVERT", b"ANNOTATE-EXPERIMENT-1",
+               b"I18NLEVEL=2", b"SEARCH=FUZZY"}
+    # Once each, at info level; those deliberately not offered (IMAP URLs, CONTEXT=) are not news.
+    assert sorted(c.upper().encode() for c in logged) == sorted(unknown)
+    assert all(e["log_level"].name == "info" for e in events if e.get("log_format", "").startswith("backend"))
+
+
+def test_commands_of_extensions_not_offered_are_refused_before_the_backend():
+    plugin = _plugin()
+    for line, name in ((b'a REPLACE 1 "Other" {3+}\r\n', b"REPLACE"), (b"a UID REPLACE 4 Other {3}\r\n", b"UID REPLACE"),
+                       (b"a ESEARCH IN (subtree Secret) ALL\r\n", b"ESEARCH"), (b'a XLIST "" *\r\n', b"XLIST"),
+                       (b"a GETQUOTAROOT Secret\r\n", b"GETQUOTAROOT"), (b"a MYRIGHTS Secret\r\n", b"MYRIGHTS"),
+                       (b"a SETACL Secret bob lr\r\n", b"SETACL"), (b"a GETJMAPACCESS\r\n", b"GETJMAPACCESS"),
+                       (b"a CONVERT 1 (BODYPARTSTRUCTURE)\r\n", b"CONVERT"), (b"a uid bogus 1\r\n", b"UID BOGUS"),
+                       (b"a X-CANCEL b\r\n", b"X-CANCEL"), (b"a UID ID NIL\r\n", b"UID ID")):
+        action = _command(plugin, line)
+        assert isinstance(action, Answer), line
+        assert action.tagged == b"BAD [CLIENTBUG] Error in IMAP command " + name + b": Unknown command.", line
+
+
+def test_enable_turns_on_only_what_the_view_handles():
+    plugin = _plugin()
+    assert _command(plugin, b"a ENABLE QRESYNC\r\n") is None
+    assert _command(plugin, b"a ENABLE condstore QRESYNC\r\n") is None
+    action = _command(plugin, b"a ENABLE UTF8=ACCEPT QRESYNC IMAP4rev2 UIDONLY\r\n")
+    assert isinstance(action, Rewrite) and action.data == b"a ENABLE QRESYNC\r\n"
+    action = _command(plugin, b"a ENABLE UTF8=ACCEPT UIDONLY\r\n")
+    assert isinstance(action, Answer) and action.tagged == b"OK Enabled." and not action.untagged
+    action = _command(plugin, b"a ENABLE (QRESYNC)\r\n")
+    assert isinstance(action, Answer) and action.tagged.startswith(b"BAD [CLIENTBUG]")
+
+
+def test_fetch_with_the_partial_modifier_is_refused():
+    """RFC 9394's PARTIAL (not offered): the backend would count hidden messages in the page."""
+    plugin = _plugin()
+    for line in (b"a UID FETCH 1:* (FLAGS) (PARTIAL -1:-10)\r\n", b"a UID FETCH 1:* FLAGS (CHANGEDSINCE 4 partial 1:5)\r\n"):
+        action = _command(plugin, line)
+        assert isinstance(action, Answer) and action.tagged == b"BAD [CLIENTBUG] Error in IMAP command UID FETCH: " \
+            b"Unknown FETCH modifier.", line
+    assert _command(plugin, b"a FETCH 1 (BODY.PEEK[HEADER.FIELDS (PARTIAL X)])\r\n") is None
+
+
+# -- against Dovecot through the proxy ---------------------------------------------------------------
+
+
+def _logged_in(p, user: str = "alice") -> tuple[RawIMAP, list[bytes]]:
+    c = raw_via(p)
+    r = c.login(user, f"{user}pw")
+    assert r[-1].startswith(b"L OK [CAPABILITY "), r
+    return c, _caps(r[-1])
+
+
+def _direct_caps(d: Dovecot, user: str) -> list[bytes]:
+    c = RawIMAP("127.0.0.1", d.port)
+    try:
+        return _caps(c.login(user, f"{user}pw")[-1])
+    finally:
+        c.close()
+
+
+def _check_offered(direct: list[bytes], offered: list[bytes], passed: list[bytes], dropped: dict) -> None:
+    # Every capability the backend offers is either passed or deliberately dropped, none unaccounted for.
+    assert sorted(direct) == sorted(passed + list(dropped)), set(direct) ^ set(passed + list(dropped))
+    appendlimit = [c for c in offered if c.startswith(b"APPENDLIMIT=")]
+    assert len(appendlimit) == 1
+    assert offered == passed + appendlimit + PROXY_OWN
+
+
+def test_offered_capabilities_against_dovecot(make_proxy, dovecot):
+    p = make_proxy()  # (every installed plugin, the default deployment)
+    direct = _direct_caps(dovecot, "alice")
+    c, offered = _logged_in(p)
+    try:
+        _check_offered(direct, offered, DOVECOT_PASSED, DOVECOT_DROPPED)
+        r = c.command(b"c", b"CAPABILITY")
+        assert r[0] == b"* CAPABILITY " + b" ".join(offered) + b"\r\n"
+    finally:
+        c.close()
+    assert "not offered to devices" not in p.log()  # (Dovecot 2.3.19's are all known)
+
+
+@pytest.fixture(scope="module")
+def dovecot_with_plugins(tmp_path_factory):
+    d = Dovecot(tmp_path_factory.mktemp("dovecot-plugins"), users={"erin": "erinpw"}, extra_config=PLUGINS_CONFIG)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def test_a_backend_with_quota_and_acl_offers_neither_and_their_commands_stay_off(make_proxy, dovecot_with_plugins):
+    """Found by the capability review: with Dovecot's quota and ACL plugins the proxy offered QUOTA, ACL and
+    RIGHTS=, whose commands name mailboxes the view never checked: MYRIGHTS, GETACL or GETQUOTAROOT of a
+    folder hidden from the device said it exists (OK, not NO), SETACL could share it. And a client sending
+    such commands (or REPLACE, MULTISEARCH's ESEARCH, XLIST) without the capability had them run."""
+    d = dovecot_with_plugins
+    secret = "Secret" + uuid.uuid4().hex[:6]
+    direct = RawIMAP("127.0.0.1", d.port)
+    direct.login("erin", "erinpw")
+    assert direct.command(b"c", b"CREATE " + secret.encode())[-1].startswith(b"c OK")
+    assert direct.command(b"a", b"APPEND " + secret.encode() + b" {3+}\r\nx\r\n")[-1].startswith(b"a OK")
+    # (What the backend answers for the hidden folder, straight: it exists.)
+    assert direct.command(b"m", b"MYRIGHTS " + secret.encode())[-1].startswith(b"m OK")
+    assert direct.command(b"q", b"GETQUOTAROOT " + secret.encode())[-1].startswith(b"q OK")
+    direct.close()
+    p = make_proxy(backend_tls="none", backend_port=d.port,
+                   config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
+    c, offered = _logged_in(p, "erin")
+    try:
+        _check_offered(_direct_caps(d, "erin"), offered, PLUGINS_PASSED, PLUGINS_DROPPED)
+        for tag, line in ((b"m", b"MYRIGHTS %s"), (b"g", b"GETACL %s"), (b"s", b"SETACL %s bob lr"),
+                          (b"l", b"LISTRIGHTS %s bob"), (b"q", b"GETQUOTAROOT %s"), (b"x", b'XLIST "" %s'),
+                          (b"e", b"ESEARCH IN (mailboxes %s) ALL")):
+            r = c.command(tag, line % secret.encode())
+            name = line.split(b" ", 1)[0]
+            assert r == [tag + b" BAD [CLIENTBUG] Error in IMAP command " + name + b": Unknown command.\r\n"], r
+        assert c.command(b"q", b'GETQUOTA ""')[-1].startswith(b"q BAD [CLIENTBUG]")
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        r = c.command(b"r", b"REPLACE 1 INBOX {3+}\r\nx\r\n")
+        assert r == [b"r BAD [CLIENTBUG] Error in IMAP command REPLACE: Unknown command.\r\n"], r
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # (the literal was read as the command's)
+        assert c.command(b"u", b"ENABLE UTF8=ACCEPT") == [b"u OK Enabled.\r\n"]
+    finally:
+        c.close()
+    log = p.log()
+    for cap in (b"QUOTA", b"ACL", b"RIGHTS=texk"):
+        assert log.count(f"backend capability {cap.decode()} not offered") == 1, log
+    c, _ = _logged_in(p, "erin")  # (a second session: not logged again)
+    c.close()
+    assert p.log().count("backend capability QUOTA not offered") == 1
