@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import Atom, ParenList, TokenError
 from cpmproxy.proxy.backend import BackendError, BackendRefused
-from cpmproxy.proxy.hooks import Drop, Hold, Rewrite
+from cpmproxy.proxy.hooks import Answer, Drop, Hold, Rewrite
 from plugins.cpm import KIND_CRITERIA, VIEW_ITEM
 from plugins.policystate import (
     _SIZE_RE,
@@ -153,7 +153,7 @@ class StatusCounts:
                                                                    % (plan.max_age_days * 86400))))
         return _among(hidden | _uid_set(plan.extra), uids)
 
-    def count_at_answer(self, session, st: PolicySession, cmd, names: list[str]) -> Rewrite | None:
+    def count_at_answer(self, session, st: PolicySession, cmd, names: list[str]) -> Rewrite | Answer | None:
         """A STATUS or LIST-STATUS command: the counts of the folders it reports are adjusted as each answer
         comes, anchored to it (``status_adjustment_locked``; counted before the command went out, a hidden
         message arriving in between was counted as visible). The backend is asked for MESSAGES and UIDNEXT
@@ -169,6 +169,11 @@ class StatusCounts:
         body, start, end = found
         words = body[start:end].split()
         asked = {w.upper() for w in words}
+        if (unknown := next((w for w in words if w.upper() not in _STATUS_ITEMS), None)) is not None:
+            # (A count the view does not adjust, IMAP4rev2's DELETED, RFC 9208's DELETED-STORAGE, would count
+            # hidden messages: refused, in Dovecot's words for an item it does not know.)
+            return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + cmd.name + b": Invalid status item "
+                          + unknown.upper() + b".")
         if VIEW_ITEM in asked:
             words = [w for w in words if w.upper() != VIEW_ITEM]
             cmd.state["view_item"] = True
@@ -382,6 +387,10 @@ def _status_anchor(line: bytes | None, mailbox: str) -> dict[bytes, int] | None:
     return items if b"MESSAGES" in items and b"UIDNEXT" in items else None
 
 
+# The STATUS items a device may ask for: the counts the view adjusts (_COUNTS), and what no hidden message
+# changes (a folder's UIDs, MODSEQ, identifiers, APPENDLIMIT: RFC 7889), the proxy's own XCPM-VIEW.
+_STATUS_ITEMS = frozenset((b"MESSAGES", b"RECENT", b"UNSEEN", b"SIZE", b"X-SIZE", b"UIDNEXT", b"UIDVALIDITY",
+                           b"HIGHESTMODSEQ", b"APPENDLIMIT", b"MAILBOXID", b"X-GUID", VIEW_ITEM))
 _SIZES = (b"SIZE", b"X-SIZE")  # (X-SIZE: Dovecot's older name of RFC 8438's SIZE, still answered)
 _COUNTS = frozenset((b"MESSAGES", b"UNSEEN", b"RECENT", *_SIZES))  # (the STATUS items a view changes)
 

@@ -232,6 +232,16 @@ def test_a_backend_with_quota_and_acl_offers_neither_and_their_commands_stay_off
         assert r == [b"r BAD [CLIENTBUG] Error in IMAP command REPLACE: Unknown command.\r\n"], r
         assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # (the literal was read as the command's)
         assert c.command(b"u", b"ENABLE UTF8=ACCEPT") == [b"u OK Enabled.\r\n"]
+        # A STATUS count the view does not adjust (IMAP4rev2's DELETED, RFC 9208's DELETED-STORAGE: a backend
+        # that has them would count hidden messages) is refused by the proxy, as Dovecot 2.3 refuses it.
+        for tag, line, name in ((b"d", b"STATUS INBOX (MESSAGES DELETED)", b"DELETED"),
+                                (b"e", b"STATUS INBOX (deleted-storage)", b"DELETED-STORAGE"),
+                                (b"f", b'LIST "" "*" RETURN (STATUS (MESSAGES DELETED))', b"DELETED")):
+            command = line.split(b" ", 1)[0]
+            assert c.command(tag, line) == [tag + b" BAD [CLIENTBUG] Error in IMAP command " + command
+                                            + b": Invalid status item " + name + b".\r\n"], line
+        r = c.command(b"g", b"STATUS INBOX (MESSAGES X-GUID SIZE)")
+        assert r[-1].startswith(b"g OK") and b"X-GUID " in r[0], r
     finally:
         c.close()
     log = p.log()
