@@ -773,12 +773,37 @@ def test_an_untagged_status_before_a_refused_select_is_passed_on(scripted, make_
     scripted.internal = {b"SEARCH": b"{tag} BAD No mailbox selected.\r\n"}  # (as Dovecot answers then)
     try:
         c = _logged_in(proxy)
+        if before.startswith(b"* CAPABILITY "):  # (the proxy's list, not the backend's: see below)
+            before = c.command(b"c", b"CAPABILITY")[0]
         got = c.command(b"h", b"SELECT Nope")
         assert got == [before, b"h NO [NONEXISTENT] Mailbox doesn't exist: Nope\r\n"], got
         assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
     finally:
         scripted.script = {}
         scripted.internal = {}
+    c.close()
+    assert internal_errors(proxy) == 0
+
+
+@pytest.mark.parametrize("config", ["", "[policy]\nmax_size = 1000\n"])
+def test_capabilities_the_backend_announces_after_login_are_the_proxys(scripted, make_proxy, config):
+    """A server may announce its capabilities at any time (RFC 9051 7.2.2): a CAPABILITY response or a
+    [CAPABILITY] code after login tells the client the list the proxy offers, not the backend's own.
+    (Found by the capability review: passed on as they were, they offered what the proxy drops, CONTEXT=
+    and IMAP URLs under the policy plugin, and whatever a newer backend has, REPLACE or UIDONLY.)"""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra=config)
+    more = b"IMAP4rev1 REPLACE UIDONLY CONTEXT=SEARCH CATENATE COMPRESS=DEFLATE"
+    scripted.script = {b"NOOP": b"* CAPABILITY " + more + b"\r\n* OK [CAPABILITY " + more + b"] changed\r\n"
+                                b"{tag} OK [CAPABILITY " + more + b"] done\r\n"}
+    try:
+        c = _logged_in(proxy)
+        own = c.command(b"c", b"CAPABILITY")[0][len(b"* CAPABILITY "):-2]
+        assert b"REPLACE" not in own.split() and b"IMAP4rev1" in own.split(), own
+        got = c.command(b"h", b"NOOP")
+        assert got == [b"* CAPABILITY " + own + b"\r\n", b"* OK [CAPABILITY " + own + b"] changed\r\n",
+                       b"h OK [CAPABILITY " + own + b"] done\r\n"], got
+    finally:
+        scripted.script = {}
     c.close()
     assert internal_errors(proxy) == 0
 

@@ -80,6 +80,7 @@ _NOT_UNTAGGED_RE = re.compile(rb"\n[^*]")
 _NONSYNC_MARK_RE = re.compile(rb"(~?\{\d+)[+-](\}\r?\n)")
 # A run of lines starting with a message number ("* 12 ..."), FETCH-like (numbered_run_end finds its end).
 _NUMBERED_RE = re.compile(rb"\* [0-9]")
+_CAPABILITY_CODE_RE = re.compile(rb"(?:OK|NO|BAD|BYE) \[(CAPABILITY [^\]\r\n]*)\]", re.I)  # (after "* " or the tag)
 _FETCH_HEAD_RE = re.compile(rb"\* [0-9]+ FETCH ")
 _TAG_RE = re.compile(rb'([^\x00-\x20\x7f-\xff+(){%*"\\\]]{1,64})[ \r\n]')
 _SELECTING = {b"SELECT", b"EXAMINE"}
@@ -1465,6 +1466,8 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
                         resp.data = action.data
                 data = resp.data
             n = len(tag) + 1
+            if self.capabilities and _CAPABILITY_CODE_RE.match(data, n):
+                data = self._own_capabilities(data, n)
             if data[n:n + 3].upper() == b"BAD":  # (Dovecot's BADs have no response code)
                 data = data[:n] + _coded_bad(data[n:])
                 if cmd is not None and self.phase == "auth" and not self._closing:
@@ -1488,6 +1491,8 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
                     internal[1].append(data)
                     return None
             self._track_untagged(data, head)
+            if self.capabilities and (head.name == b"CAPABILITY" or _CAPABILITY_CODE_RE.match(data, 2)):
+                data = self._own_capabilities(data, 2)
             if head.name == b"BYE":
                 self._bye_sent = True
                 if not any(c.name == b"LOGOUT" for c in self.inflight_commands()):
@@ -1501,6 +1506,17 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         if self.hooks.response:
             return self._response_hooks(ev, data, True)
         return data
+
+    def _own_capabilities(self, data: bytes, start: int) -> bytes:
+        """A backend's ``CAPABILITY`` response, or ``[CAPABILITY ...]`` code, after login (RFC 9051 7.2.2: a
+        server may announce its capabilities at any time): the client is told the list the proxy offers
+        (the backend's as filtered at login: what the proxy, and the policy plugin's view, carry), never the
+        backend's own, which would offer extensions past them."""
+        own = b"CAPABILITY " + b" ".join(self.capabilities)
+        if data[start:start + 10].upper() == b"CAPABILITY":
+            return data[:start] + own + b"\r\n"
+        m = _CAPABILITY_CODE_RE.match(data, start)
+        return data[:m.start(1)] + own + data[m.end(1):]
 
     def _response_hooks(self, ev, data: bytes, first: bool) -> bytes | None:
         head = self._resp_head
