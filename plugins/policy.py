@@ -141,6 +141,11 @@ _UID_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"EXPUNGE", b"S
 # What ENABLE may turn on (RFC 5161): the rest (UTF8=ACCEPT, IMAP4rev2, UIDONLY: they change how responses
 # and mailbox names look) is left out of the command, as a server ignores what it does not offer.
 _ENABLE_OK = frozenset((b"CONDSTORE", b"QRESYNC"))
+# RETURN options of a search (ESEARCH, SEARCHRES, PARTIAL) the view computes or renumbers; not RFC 5267's
+# UPDATE and CONTEXT (CONTEXT=SEARCH/SORT, not offered: the backend's later ADDTO/REMOVEFROM would tell of
+# hidden arrivals, in its numbers), nor another's.
+_RETURN_OPTIONS_RE = re.compile(rb"\S+ (?:UID )?(?:SEARCH|SORT) RETURN \(([^()]*)\)", re.IGNORECASE)
+_RETURN_OK = frozenset((b"MIN", b"MAX", b"ALL", b"COUNT", b"SAVE", b"PARTIAL"))
 # RFC 9394's FETCH modifier (not offered): a page of the messages a UID set names, hidden ones counted.
 _PARTIAL_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?PARTIAL\s[^()]*\)\s*$", re.IGNORECASE)
 _URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
@@ -392,6 +397,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         name = cmd.name
         if name == b"ENABLE":
             return _enable(cmd)
+        if name in (b"SEARCH", b"SORT") and (m := _RETURN_OPTIONS_RE.match(cmd.line)) is not None \
+                and (refused := _return_refused(m.group(1).split())) is not None:
+            return Answer(b"NO [CANNOT] RETURN option " + refused + b" is not available here.")
         if name == b"FETCH" and _PARTIAL_MODIFIER_RE.search(cmd.line):
             # (The backend would page through hidden messages too, their answers dropped: short pages.)
             return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + (b"UID " if cmd.uid else b"")
@@ -1908,6 +1916,19 @@ _NEVER_SELECT_ANSWERS = frozenset((b"STATUS", b"LIST", b"LSUB", b"METADATA", b"C
 # RFC 8474 4): an untagged OK, NO or BAD without one of them is not its answer.
 _SELECT_CODES = frozenset((b"PERMANENTFLAGS", b"UNSEEN", b"UIDVALIDITY", b"UIDNEXT", b"HIGHESTMODSEQ",
                            b"NOMODSEQ", b"MAILBOXID", b"READ-ONLY", b"READ-WRITE"))
+
+
+def _return_refused(words: list[bytes]) -> bytes | None:
+    """The first of a search's RETURN options not in ``_RETURN_OK`` (PARTIAL's range skipped), if any."""
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word.upper() not in _RETURN_OK:
+            return word.upper()
+        else:
+            skip = word.upper() == b"PARTIAL"
+    return None
 
 
 def _enable(cmd):

@@ -141,6 +141,24 @@ def test_enable_turns_on_only_what_the_view_handles():
     assert isinstance(action, Answer) and action.tagged.startswith(b"BAD [CLIENTBUG]")
 
 
+def test_search_updates_are_refused():
+    """RFC 5267's UPDATE and CONTEXT (CONTEXT=SEARCH/SORT not offered): the backend's later ADDTO/REMOVEFROM
+    would tell of hidden arrivals, in its own numbers. Refused whether or not a view is built yet (a
+    message arriving later may be hidden)."""
+    plugin = _plugin()
+    for line, option in ((b"a SEARCH RETURN (UPDATE) ALL\r\n", b"UPDATE"),
+                         (b"a UID SEARCH RETURN (COUNT context) UNSEEN\r\n", b"CONTEXT"),
+                         (b"a SORT RETURN (MIN UPDATE) (DATE) UTF-8 ALL\r\n", b"UPDATE"),
+                         (b"a SEARCH RETURN (PARTIAL 1:10 RELEVANCY) FUZZY TEXT x\r\n", b"RELEVANCY")):
+        action = _command(plugin, line)
+        assert isinstance(action, Answer) and action.tagged == b"NO [CANNOT] RETURN option " + option \
+            + b" is not available here.", line
+    for line in (b"a SEARCH RETURN (MIN MAX COUNT ALL) ALL\r\n", b"a SEARCH RETURN (SAVE) FLAGGED\r\n",
+                 b"a UID SEARCH RETURN (PARTIAL -1:-5) ALL\r\n", b"a SEARCH RETURN () ALL\r\n",
+                 b"a SEARCH UPDATE\r\n"):
+        assert _command(plugin, line) is None, line
+
+
 def test_fetch_with_the_partial_modifier_is_refused():
     """RFC 9394's PARTIAL (not offered): the backend would count hidden messages in the page."""
     plugin = _plugin()
