@@ -146,6 +146,9 @@ _ENABLE_OK = frozenset((b"CONDSTORE", b"QRESYNC"))
 # hidden arrivals, in its numbers), nor another's.
 _RETURN_OPTIONS_RE = re.compile(rb"\S+ (?:UID )?(?:SEARCH|SORT) RETURN \(([^()]*)\)", re.IGNORECASE)
 _RETURN_OK = frozenset((b"MIN", b"MAX", b"ALL", b"COUNT", b"SAVE", b"PARTIAL"))
+# LIST's RETURN options the policy's LIST handling knows (RFC 5258, 5819, 6154); not LIST-METADATA's
+# METADATA (RFC 9590: entries of every folder listed), nor LIST-MYRIGHTS's MYRIGHTS (RFC 8440), nor another's.
+_LIST_RETURN_OK = frozenset((b"SUBSCRIBED", b"CHILDREN", b"STATUS", b"SPECIAL-USE"))
 # RFC 9394's FETCH modifier (not offered): a page of the messages a UID set names, hidden ones counted.
 _PARTIAL_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?PARTIAL\s[^()]*\)\s*$", re.IGNORECASE)
 _URL_COMMANDS = frozenset((b"URLFETCH", b"GENURLAUTH", b"RESETKEY"))
@@ -423,6 +426,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if name in (b"LIST", b"LSUB"):
             if cmd.has_literal and "collected" not in cmd.state:
                 return Collect()  # (a literal pattern: RETURN's STATUS items come after it)
+            if name == b"LIST" and not _list_returns_known(_args_or_none(cmd)):
+                return Answer(b"BAD [CLIENTBUG] Error in IMAP command LIST: Unknown return options.")
             return Defer(defer.Deferred.fromCoroutine(self._before_list(session, st, cmd)))
         if name in _URL_COMMANDS or (name == b"APPEND" and _catenate_url(cmd.line)):
             # (Refused, as not offered: an IMAP URL reads any folder and UID, past the view.)
@@ -1929,6 +1934,29 @@ def _return_refused(words: list[bytes]) -> bytes | None:
         else:
             skip = word.upper() == b"PARTIAL"
     return None
+
+
+def _list_returns_known(args: list) -> bool:
+    """Are a LIST's RETURN options, if any, all in ``_LIST_RETURN_OK`` (STATUS with its item list)?"""
+    if args is None:
+        return True  # (arguments that do not parse: as before, the LIST's own path says)
+    if len(args) < 2 or not isinstance(args[-2], Atom) or args[-2].upper() != b"RETURN" \
+            or not isinstance(args[-1], ParenList):
+        return True
+    items = args[-1].items
+    for i, item in enumerate(items):
+        if isinstance(item, ParenList) and i and isinstance(items[i - 1], Atom) and items[i - 1].upper() == b"STATUS":
+            continue
+        if not isinstance(item, Atom) or item.upper() not in _LIST_RETURN_OK:
+            return False
+    return True
+
+
+def _args_or_none(cmd) -> list | None:
+    try:
+        return cmd.args
+    except TokenError:
+        return None
 
 
 def _enable(cmd):

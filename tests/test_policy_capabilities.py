@@ -10,6 +10,7 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
 from cpmproxy.imap.tokens import parse_command
@@ -76,7 +77,8 @@ def _plugin() -> PolicyPlugin:
 
 def _command(plugin: PolicyPlugin, line: bytes, st: PolicySession | None = None):
     session = SimpleNamespace(state={"policy": st or PolicySession(Policy())}, user="alice", device_id="d1",
-                              inflight_commands=lambda: [], selected=None, selecting=None)
+                              inflight_commands=lambda: [], selected=None, selecting=None,
+                              side_command=lambda line: defer.Deferred())  # (never answered here)
     parsed = parse_command(line[:-2])
     return plugin.command(session, ClientCommand(parsed.tag, parsed.name, parsed.uid, line, parsed, False))
 
@@ -157,6 +159,20 @@ def test_search_updates_are_refused():
                  b"a UID SEARCH RETURN (PARTIAL -1:-5) ALL\r\n", b"a SEARCH RETURN () ALL\r\n",
                  b"a SEARCH UPDATE\r\n"):
         assert _command(plugin, line) is None, line
+
+
+def test_list_return_options_the_view_does_not_know_are_refused():
+    """LIST-METADATA's RETURN (METADATA ...) would return entries of every folder listed, LIST-MYRIGHTS's
+    (MYRIGHTS) rights; neither is offered, nor is any other return option the policy's LIST does not know."""
+    plugin = _plugin()
+    for line in (b'a LIST "" "*" RETURN (METADATA (/shared/comment))\r\n', b'a LIST "" % RETURN (MYRIGHTS)\r\n',
+                 b'a LIST (SUBSCRIBED) "" * RETURN (CHILDREN X-FOO)\r\n'):
+        action = _command(plugin, line)
+        assert isinstance(action, Answer) and action.tagged == b"BAD [CLIENTBUG] Error in IMAP command LIST: " \
+            b"Unknown return options.", line
+    for line in (b'a LIST "" "*" RETURN (STATUS (MESSAGES UNSEEN) SUBSCRIBED CHILDREN SPECIAL-USE)\r\n',
+                 b'a LIST "" RETURN\r\n', b'a LIST "" "*" RETURN ()\r\n'):
+        assert not isinstance(_command(plugin, line), Answer), line
 
 
 def test_fetch_with_the_partial_modifier_is_refused():
