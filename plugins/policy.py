@@ -100,7 +100,8 @@ log = Logger(namespace="cpmproxy.policy")
 MAX_UID = 4294967295  # RFC 9051: UIDs are non-zero 32-bit numbers
 _MAX_CACHED_RANGES = 256  # a mailbox's UIDs are cached as ranges; a very fragmented one is not cached
 _MAILBOX_ARG = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"APPEND": 0,
-                b"SUBSCRIBE": 0, b"UNSUBSCRIBE": 0, b"CREATE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1}
+                b"SUBSCRIBE": 0, b"UNSUBSCRIBE": 0, b"CREATE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1,
+                b"GETQUOTAROOT": 0}
 _SEQ_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE"))
 # UID FETCH's modifiers (RFC 7162 3.6): "(CHANGEDSINCE n VANISHED)", the last parenthesized group.
 _VANISHED_MODIFIER_RE = re.compile(rb"\((?:[^()]*\s)?VANISHED(?:\s[^()]*)?\)\s*$", re.IGNORECASE)
@@ -124,8 +125,9 @@ _OFFERED = frozenset((
     b"IMAP4REV1", b"ID", b"ENABLE", b"IDLE", b"LITERAL+", b"LITERAL-", b"NAMESPACE", b"UNSELECT", b"CHILDREN",
     b"UIDPLUS", b"MOVE", b"MULTIAPPEND", b"BINARY", b"I18NLEVEL=1", b"WITHIN", b"SAVEDATE", b"PREVIEW",
     b"SORT", b"ESORT", b"ESEARCH", b"SEARCHRES", b"CONDSTORE", b"QRESYNC", b"LIST-EXTENDED", b"LIST-STATUS",
-    b"SPECIAL-USE", b"CREATE-SPECIAL-USE", b"STATUS=SIZE", b"METADATA", b"METADATA-SERVER", b"NOTIFY"))
-_OFFERED_PREFIXES = (b"SORT=", b"THREAD=", b"PREVIEW=", b"SNIPPET=", b"APPENDLIMIT=", b"XCPM-")
+    b"SPECIAL-USE", b"CREATE-SPECIAL-USE", b"STATUS=SIZE", b"METADATA", b"METADATA-SERVER", b"NOTIFY",
+    b"QUOTA", b"QUOTASET"))  # (QUOTA: GETQUOTAROOT's mailbox is checked; usage is the account's, as stored)
+_OFFERED_PREFIXES = (b"SORT=", b"THREAD=", b"PREVIEW=", b"SNIPPET=", b"APPENDLIMIT=", b"XCPM-", b"QUOTA=")
 # Commands a device may send under the policy plugin: those of IMAP4rev1 and of the extensions offered
 # (the proxy itself answers CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE, COMPRESS and UNAUTHENTICATE). Any
 # other is refused here, not passed on: a client may send an extension's command blindly (REPLACE names a
@@ -136,7 +138,7 @@ _COMMANDS = frozenset((
     b"NOOP", b"LOGOUT", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE", b"CHECK", b"SELECT", b"EXAMINE", b"CREATE",
     b"DELETE", b"RENAME", b"SUBSCRIBE", b"UNSUBSCRIBE", b"LIST", b"LSUB", b"STATUS", b"APPEND", b"CLOSE",
     b"UNSELECT", b"EXPUNGE", b"SEARCH", b"FETCH", b"STORE", b"COPY", b"MOVE", b"SORT", b"THREAD",
-    b"GETMETADATA", b"SETMETADATA", b"NOTIFY"))
+    b"GETMETADATA", b"SETMETADATA", b"NOTIFY", b"GETQUOTA", b"GETQUOTAROOT", b"SETQUOTA"))
 _UID_COMMANDS = frozenset((b"FETCH", b"STORE", b"COPY", b"MOVE", b"EXPUNGE", b"SEARCH", b"SORT", b"THREAD"))
 # What ENABLE may turn on (RFC 5161): the rest (UTF8=ACCEPT, IMAP4rev2, UIDONLY: they change how responses
 # and mailbox names look) is left out of the command, as a server ignores what it does not offer.
@@ -952,6 +954,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # backend then refused (its searches failed, and the session ended).)
             st.pending_select = False
             return Hold(defer.Deferred.fromCoroutine(self._build_view(session, st)))
+        if name == b"QUOTAROOT" and (cmd := _oldest(session, (b"GETQUOTAROOT",))) is not None \
+                and (suffix := cmd.state.get("missing_suffix")) is not None:
+            return Rewrite(resp.data.replace(suffix, b"", 1))  # (a hidden folder's, asked as a missing one)
         if name in (b"LIST", b"LSUB"):
             mailbox = list_name(resp.data)
             if mailbox is None:

@@ -145,7 +145,7 @@ def _nonexistent(mailbox: str) -> Answer:
 # its options: given by the caller).
 _MISSING_AT = {b"SELECT": 0, b"EXAMINE": 0, b"STATUS": 0, b"DELETE": 0, b"RENAME": 0, b"COPY": 1, b"MOVE": 1,
                b"SUBSCRIBE": 0,  # (Dovecot: SUBSCRIBE to a missing folder is refused, as it is told here)
-               b"GETMETADATA": 0, b"SETMETADATA": 0}
+               b"GETMETADATA": 0, b"SETMETADATA": 0, b"GETQUOTAROOT": 0}
 
 
 def _as_missing(cmd, mailbox: str, at: int | None = None):

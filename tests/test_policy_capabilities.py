@@ -53,11 +53,9 @@ namespace inbox {
   }
 }
 """
-PLUGINS_PASSED = DOVECOT_PASSED + [b"SPECIAL-USE"]
+PLUGINS_PASSED = DOVECOT_PASSED + [b"SPECIAL-USE", b"QUOTA"]
 PLUGINS_DROPPED = {**DOVECOT_DROPPED,
                    b"COMPRESS=DEFLATE": "the proxy's relay (no COMPRESS)",
-                   b"QUOTA": "policy: GETQUOTAROOT names a mailbox the view does not check; usage counts hidden "
-                             "messages",
                    b"ACL": "policy: its commands name mailboxes the view does not check",
                    b"RIGHTS=texk": "policy: with ACL"}
 PROXY_OWN = [b"XCPM-LOCALDELETE", b"XCPM-VIEW"]
@@ -99,8 +97,8 @@ def test_capabilities_hook_offers_the_known_ones_only():
                    b"APPENDLIMIT=1000 XCPM-LOCALDELETE").split()
         out = plugin.capabilities(None, backend)
         assert out == (b"IMAP4rev1 ID ENABLE IDLE LITERAL+ SORT SORT=DISPLAY THREAD=REFS ESEARCH CONDSTORE "
-                       b"QRESYNC PREVIEW=FUZZY SNIPPET=FUZZY STATUS=SIZE APPENDLIMIT=1000 XCPM-LOCALDELETE "
-                       b"XCPM-VIEW").split()
+                       b"QRESYNC PREVIEW=FUZZY SNIPPET=FUZZY STATUS=SIZE QUOTA QUOTA=RES-STORAGE APPENDLIMIT=1000 "
+                       b"XCPM-LOCALDELETE XCPM-VIEW").split()
         # Case does not matter (capability names are case-insensitive).
         assert plugin.capabilities(None, [b"imap4rev1", b"Move", b"replace"]) == [b"imap4rev1", b"Move", b"XCPM-VIEW"]
         for _ in range(3):  # (another session with the same list, or another list with the same unknowns)
@@ -110,7 +108,7 @@ def test_capabilities_hook_offers_the_known_ones_only():
         globalLogPublisher.removeObserver(events.append)
     logged = [e["cap"] for e in events if e.get("log_format", "").startswith("backend capability")]
     unknown = {b"REPLACE", b"UIDONLY", b"PARTIAL", b"MULTISEARCH", b"INPROGRESS", b"MESSAGELIMIT=1000", b"OBJECTID",
-               b"LIST-METADATA", b"X-GM-EXT-1", b"XLIST", b"QUOTA", b"QUOTA=RES-STORAGE", b"ACL", b"RIGHTS=TEXK",
+               b"LIST-METADATA", b"X-GM-EXT-1", b"XLIST", b"ACL", b"RIGHTS=TEXK",
                b"UTF8=ACCEPT", b"IMAP4REV2", b"JMAPACCESS", b"FILTERS", b"CONVERT", b"ANNOTATE-EXPERIMENT-1",
                b"I18NLEVEL=2", b"SEARCH=FUZZY"}
     # Once each, at info level; those deliberately not offered (IMAP URLs, CONTEXT=) are not news.
@@ -122,7 +120,7 @@ def test_commands_of_extensions_not_offered_are_refused_before_the_backend():
     plugin = _plugin()
     for line, name in ((b'a REPLACE 1 "Other" {3+}\r\n', b"REPLACE"), (b"a UID REPLACE 4 Other {3}\r\n", b"UID REPLACE"),
                        (b"a ESEARCH IN (subtree Secret) ALL\r\n", b"ESEARCH"), (b'a XLIST "" *\r\n', b"XLIST"),
-                       (b"a GETQUOTAROOT Secret\r\n", b"GETQUOTAROOT"), (b"a MYRIGHTS Secret\r\n", b"MYRIGHTS"),
+                       (b"a GETACL Secret\r\n", b"GETACL"), (b"a MYRIGHTS Secret\r\n", b"MYRIGHTS"),
                        (b"a SETACL Secret bob lr\r\n", b"SETACL"), (b"a GETJMAPACCESS\r\n", b"GETJMAPACCESS"),
                        (b"a CONVERT 1 (BODYPARTSTRUCTURE)\r\n", b"CONVERT"), (b"a uid bogus 1\r\n", b"UID BOGUS"),
                        (b"a X-CANCEL b\r\n", b"X-CANCEL"), (b"a UID ID NIL\r\n", b"UID ID")):
@@ -234,11 +232,12 @@ def dovecot_with_plugins(tmp_path_factory):
         d.close()
 
 
-def test_a_backend_with_quota_and_acl_offers_neither_and_their_commands_stay_off(make_proxy, dovecot_with_plugins):
-    """Found by the capability review: with Dovecot's quota and ACL plugins the proxy offered QUOTA, ACL and
-    RIGHTS=, whose commands name mailboxes the view never checked: MYRIGHTS, GETACL or GETQUOTAROOT of a
-    folder hidden from the device said it exists (OK, not NO), SETACL could share it. And a client sending
-    such commands (or REPLACE, MULTISEARCH's ESEARCH, XLIST) without the capability had them run."""
+def test_a_backend_with_quota_and_acl_offers_quota_only_and_acl_commands_stay_off(make_proxy, dovecot_with_plugins):
+    """Found by the capability review: with Dovecot's ACL plugin the proxy offered ACL and RIGHTS=, whose
+    commands name mailboxes the view never checked: MYRIGHTS or GETACL of a folder hidden from the device
+    said it exists (OK, not NO), SETACL could share it. And a client sending such commands (or REPLACE,
+    MULTISEARCH's ESEARCH, XLIST) without the capability had them run. QUOTA is offered: GETQUOTAROOT of a
+    hidden folder is asked as of a missing one (Dovecot answers both alike), its name given back."""
     d = dovecot_with_plugins
     secret = "Secret" + uuid.uuid4().hex[:6]
     direct = RawIMAP("127.0.0.1", d.port)
@@ -255,12 +254,17 @@ def test_a_backend_with_quota_and_acl_offers_neither_and_their_commands_stay_off
     try:
         _check_offered(_direct_caps(d, "erin"), offered, PLUGINS_PASSED, PLUGINS_DROPPED)
         for tag, line in ((b"m", b"MYRIGHTS %s"), (b"g", b"GETACL %s"), (b"s", b"SETACL %s bob lr"),
-                          (b"l", b"LISTRIGHTS %s bob"), (b"q", b"GETQUOTAROOT %s"), (b"x", b'XLIST "" %s'),
+                          (b"l", b"LISTRIGHTS %s bob"), (b"x", b'XLIST "" %s'),
                           (b"e", b"ESEARCH IN (mailboxes %s) ALL")):
             r = c.command(tag, line % secret.encode())
             name = line.split(b" ", 1)[0]
             assert r == [tag + b" BAD [CLIENTBUG] Error in IMAP command " + name + b": Unknown command.\r\n"], r
-        assert c.command(b"q", b'GETQUOTA ""')[-1].startswith(b"q BAD [CLIENTBUG]")
+        missing = "Nope" + uuid.uuid4().hex[:6]
+        for name in (secret, missing):
+            r = c.command(b"q", b"GETQUOTAROOT " + name.encode())
+            assert r[0] == b'* QUOTAROOT %s "User quota"\r\n' % name.encode(), r
+            assert r[1].startswith(b'* QUOTA "User quota" (STORAGE ') and r[-1].startswith(b"q OK"), r
+        assert c.command(b"q", b'GETQUOTA "User quota"')[-1].startswith(b"q OK")
         assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
         r = c.command(b"r", b"REPLACE 1 INBOX {3+}\r\nx\r\n")
         assert r == [b"r BAD [CLIENTBUG] Error in IMAP command REPLACE: Unknown command.\r\n"], r
@@ -279,8 +283,8 @@ def test_a_backend_with_quota_and_acl_offers_neither_and_their_commands_stay_off
     finally:
         c.close()
     log = p.log()
-    for cap in (b"QUOTA", b"ACL", b"RIGHTS=texk"):
+    for cap in (b"ACL", b"RIGHTS=texk"):
         assert log.count(f"backend capability {cap.decode()} not offered") == 1, log
     c, _ = _logged_in(p, "erin")  # (a second session: not logged again)
     c.close()
-    assert p.log().count("backend capability QUOTA not offered") == 1
+    assert p.log().count("backend capability ACL not offered") == 1
