@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cpmproxy.imap.append import MAX_FAST_SEGMENT, literal_always_read
+from cpmproxy.imap.append import MAX_FAST_SEGMENT, literal_always_read, literal_out_of_place
 from cpmproxy.testing.dovecot import Dovecot
 from cpmproxy.testing.proxyproc import ProxyProcess
 from cpmproxy.testing.rawclient import RawIMAP
@@ -301,3 +301,32 @@ def test_literal_instead_of_done_never_reaches_the_backend(proxy, dovecot):
     finally:
         c.close()
     assert name not in _folders(dovecot)
+
+
+@pytest.mark.parametrize("rest", [b" INBOX {5+}\r\nworld\r\n", b" INBOX {5}\r\n", b" x (\\Seen) {5+}\r\nworld\r\n"])
+def test_a_literal_where_an_append_can_have_none_is_answered(proxy, dovecot, rest):
+    """After a message, the text of a MULTIAPPEND that names the mailbox again (or any other atom) before a
+    literal: Dovecot answers only once it read the line to its end, and sent on as a synchronizing literal
+    (the careful way) it never did; the session hung, the client's next commands unanswered (found by
+    review). It is BAD at once, nothing saved, and the session goes on."""
+    c = _proxied(proxy)
+    try:
+        c.send(b"a APPEND INBOX {5+}\r\nhello" + rest)
+        r = c.until_tagged(b"a")
+        assert r[-1].startswith(b"a BAD"), r
+        c.send(b"z NOOP\r\n")
+        assert c.until_tagged(b"z")[-1].startswith(b"z OK")
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("segment, out_of_place", [
+    (b" {5+}\r\n", False), (b" ~{5+}\r\n", False), (b" (\\Seen) {5+}\r\n", False),
+    (b' "27-Nov-2026 07:30:00 +0100" {5}\r\n', False), (b" catenate (TEXT {5+}\r\n", False),
+    (b" TEXT {3+}\r\n", False), (b' URL "/INBOX;UID=1" TEXT {3}\r\n', False), (b") (\\Seen) {3+}\r\n", False),
+    (b" INBOX {5+}\r\n", True), (b" x (\\Seen) {5}\r\n", True), (b"{5+}\r\n", True), (b"  {5+}\r\n", True),
+])
+def test_literals_out_of_place_in_an_append(segment, out_of_place):
+    """What may follow an APPEND's literal before the next one (MULTIAPPEND, CATENATE, a literal mailbox
+    name) is never taken for a literal out of place."""
+    assert literal_out_of_place(segment) is out_of_place

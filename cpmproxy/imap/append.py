@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import re
 
-__all__ = ["MAX_FAST_SEGMENT", "literal_always_read"]
+__all__ = ["MAX_FAST_SEGMENT", "literal_always_read", "literal_out_of_place"]
 
 MAX_FAST_SEGMENT = 4096  # longer segments go the careful way (Dovecot's imap_max_line_length is >= 64 KiB)
 
@@ -53,3 +53,17 @@ def literal_always_read(segment: bytes, first: bool) -> bool:
     except ValueError:
         return False
     return 1970 <= year <= 9999
+
+
+# What may follow a literal of an APPEND, up to its next literal: a MULTIAPPEND message (flags, a date, the
+# literal or CATENATE), a CATENATE part (TEXT, URL) or its end, or after a literal mailbox name the same.
+_LATER_START = re.compile(rb"(?: (?:\(|\"|~?\{|(?i:CATENATE|TEXT|URL) )|\))")
+
+
+def literal_out_of_place(segment: bytes) -> bool:
+    """True when a later segment of an APPEND (the text after one of its literals) announces a literal where
+    none can be: it starts with neither a message's nor a CATENATE part's beginning (``INBOX {5+}`` after a
+    message: a mailbox named again). Dovecot reads such a line to its end before it answers BAD; sent on as
+    a synchronizing literal it never answers (no "+" for a literal it will not take, no BAD before the line
+    ends), and the proxy and client wait for ever (found by review)."""
+    return _LATER_START.match(segment) is None

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from cpmproxy.imap.append import literal_always_read
+from cpmproxy.imap.append import literal_always_read, literal_out_of_place
 from cpmproxy.imap.framing import (
     Block,
     Framer,
@@ -495,6 +495,10 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
                     backend.out.append(b"\r\n")
                     self._discard_command = True
                 data = ev.data
+                if not self._discard_command and ev.literal is not None and self._current is not None \
+                        and self._current.name == b"APPEND" and literal_out_of_place(data):
+                    self.backend.out.append(b" X\r\n")  # (ends the command with a syntax error: BAD)
+                    self._discard_command = True
                 if not self._discard_command:
                     for rewrite in self._current.state.get("later_segments", ()) if self._current else ():
                         data = rewrite(data)  # (see ClientCommand: a plugin's rewrite of later segments)
