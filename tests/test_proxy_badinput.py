@@ -293,6 +293,11 @@ def test_invalid_commands_the_handler_or_backend_refuses_count_too(make_proxy):
         for i in range(4):
             assert c.command(b"x%d" % i, b"XYZZY")[-1].startswith(b"x%d BAD" % i)
             assert c.command(b"n%d" % i, b"NOOP")[-1].startswith(b"n%d OK" % i)
+    with raw_via(p) as c:  # (so does one the proxy answers OK itself: the policy's ENABLE of nothing it offers)
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        for i in range(4):
+            assert c.command(b"x%d" % i, b"XYZZY")[-1].startswith(b"x%d BAD" % i)
+            assert c.command(b"e%d" % i, b"ENABLE UTF8=ACCEPT") == [b"e%d OK Enabled.\r\n" % i]
     assert still_serving(p)
 
 

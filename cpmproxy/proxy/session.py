@@ -812,6 +812,8 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
                 # (Counted as the backend's BADs are: a command a plugin refuses as invalid, one not offered
                 # that the policy plugin answers as unknown, is no less invalid for not reaching it.)
                 self._count_bad(None)
+            else:
+                self.bad_commands = 0  # (a valid command ends the run, as the backend's OK or NO does)
             return
         if isinstance(action, Collect) and ev.literal is not None and not cmd.state.get("collected"):
             self._start_collect(cmd, ev, action)  # (a deferred decision that needs the literals after all)
