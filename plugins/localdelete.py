@@ -58,6 +58,7 @@ from plugins.wire import (
     FETCH_FLAGS,
     MODIFIED,
     SEARCH_COMMANDS,
+    enables_qresync,
     esearch_all,
     fetch_item_pattern,
     find_fetch_item,
@@ -339,7 +340,7 @@ class LocalDeletePlugin(Plugin):
             elif cmd.has_literal:  # (``FETCH 1 (BODY[HEADER.FIELDS ({4}\r\nFrom)] MODSEQ)``)
                 cmd.state.setdefault("later_segments", []).append(lambda text: self._condstore_in(session, text))
         if name == b"ENABLE":
-            if b"QRESYNC" in cmd.line.upper():
+            if enables_qresync(cmd):
                 self.state(session).qresync = True
             return None
         if name == b"APPEND":

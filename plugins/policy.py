@@ -81,6 +81,7 @@ from plugins.wire import (
     MODIFIED,
     SEARCH_COMMANDS,
     command_mailbox_name,
+    enables_qresync,
     esearch_all,
     has_caps,
     list_name,
@@ -1280,7 +1281,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             st.mailbox = None
         elif cmd.name == b"SETMETADATA" and status == b"OK" and "prefs" in cmd.state:
             self._prefs_changed(session, cmd.state["prefs"])
-        elif cmd.name == b"ENABLE" and status == b"OK" and b"QRESYNC" in cmd.line.upper():
+        elif cmd.name == b"ENABLE" and status == b"OK" and enables_qresync(cmd):
             st.qresync = True
         return None
 

@@ -223,6 +223,11 @@ def list_nonexistent(line: bytes, name: str) -> bytes:
     return b"* LIST (\\NonExistent) " + format_token(tokens[3]) + b" " + wire_name(name) + b"\r\n"
 
 
+def enables_qresync(cmd) -> bool:
+    """Does this ENABLE name QRESYNC (an argument of its own, in any case: not ``X-QRESYNC-FOO``)?"""
+    return b"QRESYNC" in cmd.line.upper().split()[2:]
+
+
 def has_caps(session, *names: bytes) -> bool:
     """Whether the session's backend announced every capability in ``names``."""
     caps = {c.upper() for c in session.backend_caps}

@@ -173,6 +173,21 @@ def test_qresync_client_gets_vanished(make_proxy, dovecot):
     a.close()
 
 
+def test_an_enable_of_another_name_with_qresync_in_it_is_no_qresync(make_proxy, dovecot):
+    """``ENABLE X-QRESYNC-FOO`` enables nothing (RFC 5161: a name the server does not know); a client that
+    sent it was taken to have QRESYNC on, found by review, and a local expunge answered it with VANISHED,
+    which it never asked for."""
+    folder, uids = folder_with(dovecot, 3)
+    p = make_proxy()
+    a = device(p, "A")
+    assert a.command(b"q", b"ENABLE X-QRESYNC-FOO")[-1].startswith(b"q OK")
+    select(a, folder)
+    a.command(b"l", b"UID STORE %d +FLAGS.SILENT (\\Deleted $LocalDelete)" % uids[2])
+    r = a.command(b"e", b"UID EXPUNGE %d" % uids[2])
+    assert r[0] == b"* 3 EXPUNGE\r\n" and not any(b"VANISHED" in line for line in r), r
+    a.close()
+
+
 def test_policy_forbids_local_delete(make_proxy, dovecot):
     folder, uids = folder_with(dovecot, 1)
     p = make_proxy(config_extra="[policy]\nlocal_delete = false\n")
