@@ -87,6 +87,7 @@ from plugins.wire import (
     list_name,
     list_without_extended,
     mailbox_name,
+    refused_as_dovecot,
     search_ok,
     uid_set_pieces,
     wire_name,
@@ -362,8 +363,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         client = cmd.client or cmd  # (what the client sent: a plugin's rewrite is the plugin's)
         if client.name not in (_UID_COMMANDS if client.uid else _COMMANDS) and client.name not in _URL_COMMANDS:
             # (As Dovecot words it: the client is told no more than that the command is not known.)
-            return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + (b"UID " if client.uid else b"")
-                          + client.name + b": Unknown command.")
+            return refused_as_dovecot(client.name, b"Unknown command.", client.uid)
         st = self.state(session)
         if st.recomputing:
             # Preferences re-applied while the client idled (see _reapply_view): its commands after IDLE wait,
@@ -408,8 +408,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return Answer(b"NO [CANNOT] RETURN option " + refused + b" is not available here.")
         if name == b"FETCH" and _PARTIAL_MODIFIER_RE.search(cmd.line):
             # (The backend would page through hidden messages too, their answers dropped: short pages.)
-            return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + (b"UID " if cmd.uid else b"")
-                          + b"FETCH: Unknown FETCH modifier.")
+            return refused_as_dovecot(b"FETCH", b"Unknown FETCH modifier.", cmd.uid)
         if name in (b"SELECT", b"EXAMINE"):
             if session.selected is not None:
                 # (The commands before it are done: see _must_wait_for.) From here on the client has left
@@ -423,14 +422,14 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 # the mailbox selected before stays selected there, while a failed SELECT leaves none here
                 # and its view was dropped (its hidden messages were read). Refused here, which unselects
                 # the backend's too.
-                return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": literal8 not allowed here.")
+                return refused_as_dovecot(name, b"literal8 not allowed here.")
         if name in (b"SETMETADATA", b"GETMETADATA"):
             return self._metadata_command(session, st, cmd)
         if name in (b"LIST", b"LSUB"):
             if cmd.has_literal and "collected" not in cmd.state:
                 return Collect()  # (a literal pattern: RETURN's STATUS items come after it)
             if name == b"LIST" and not _list_returns_known(_args_or_none(cmd)):
-                return Answer(b"BAD [CLIENTBUG] Error in IMAP command LIST: Unknown return options.")
+                return refused_as_dovecot(b"LIST", b"Unknown return options.")
             return Defer(defer.Deferred.fromCoroutine(self._before_list(session, st, cmd)))
         if name in _URL_COMMANDS or (name == b"APPEND" and _catenate_url(cmd.line)):
             # (Refused, as not offered: an IMAP URL reads any folder and UID, past the view.)
@@ -1344,7 +1343,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             else:
                 allowed = view.backend_seqset(requested)
                 if not allowed or max(requested.resolve(max(view.exists, 1)).ranges[-1]) > view.exists:
-                    return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + name + b": Invalid messageset")
+                    return refused_as_dovecot(name, b"Invalid messageset")
                 if (name != b"FETCH" or _SETS_SEEN_RE.search(cmd.line, m.end(2)) is not None) \
                         and self._expunges_any_time(session):
                     # The client's NOTIFY asks for the selected mailbox's events: the backend may announce
@@ -1970,7 +1969,7 @@ def _enable(cmd):
     None (passed on as it is) where it names no other."""
     names = [token_text(a) for a in cmd.args]  # (a TokenError: the session says BAD)
     if cmd.has_literal or any(n is None for n in names):
-        return Answer(b"BAD [CLIENTBUG] Error in IMAP command ENABLE: Invalid arguments.")
+        return refused_as_dovecot(b"ENABLE", b"Invalid arguments.")
     kept = [n for n in names if n.upper() in _ENABLE_OK]
     if len(kept) == len(names):
         return None

@@ -34,6 +34,7 @@ from plugins.policystate import (
 )
 from plugins.wire import (
     esearch_all,
+    refused_as_dovecot,
     status_line,
     status_mailbox,
     status_parts,
@@ -172,8 +173,7 @@ class StatusCounts:
         if (unknown := next((w for w in words if w.upper() not in _STATUS_ITEMS), None)) is not None:
             # (A count the view does not adjust, IMAP4rev2's DELETED, RFC 9208's DELETED-STORAGE, would count
             # hidden messages: refused, in Dovecot's words for an item it does not know.)
-            return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + cmd.name + b": Invalid status item "
-                          + unknown.upper() + b".")
+            return refused_as_dovecot(cmd.name, b"Invalid status item " + unknown.upper() + b".")
         if VIEW_ITEM in asked:
             words = [w for w in words if w.upper() != VIEW_ITEM]
             cmd.state["view_item"] = True

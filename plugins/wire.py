@@ -23,6 +23,7 @@ from cpmproxy.imap.tokens import (
     tokenize,
 )
 from cpmproxy.proxy.backend import BackendRefused
+from cpmproxy.proxy.hooks import Answer
 from plugins.view import parse_uid_list
 
 SEARCH_COMMANDS = frozenset((b"SEARCH", b"SORT", b"THREAD"))
@@ -221,6 +222,12 @@ def list_nonexistent(line: bytes, name: str) -> bytes:
     how a deleted mailbox is told)."""
     tokens = tokenize(line.rstrip(b"\r\n"))
     return b"* LIST (\\NonExistent) " + format_token(tokens[3]) + b" " + wire_name(name) + b"\r\n"
+
+
+def refused_as_dovecot(command: bytes, reason: bytes, uid: bool = False) -> Answer:
+    """A BAD in Dovecot 2.3's words ("Error in IMAP command X: reason"), with RFC 5530's CLIENTBUG: what the
+    proxy refuses itself reads as the backend's own refusal of such a command."""
+    return Answer(b"BAD [CLIENTBUG] Error in IMAP command " + (b"UID " if uid else b"") + command + b": " + reason)
 
 
 def enables_qresync(cmd) -> bool:
