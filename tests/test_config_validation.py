@@ -150,6 +150,23 @@ def test_check_warns_of_listeners_where_no_remote_client_can_log_in(tmp_path):
         assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
+@pytest.mark.parametrize("metrics, warned", [
+    ("tcp:9143", True), ("tcp:9143:interface=0.0.0.0", True), ("tcp6:9143:interface=\\\\:\\\\:", True),
+    ("tcp:9143:interface=127.0.0.1", False), ("tcp:9143:interface=10.1.2.3", False), ("unix:/tmp/m.sock", False),
+])
+def test_check_warns_of_a_metrics_listener_on_every_interface(tmp_path, metrics, warned):
+    """``[metrics] listen = "tcp:9143"`` served /metrics and /healthz on every interface, and --check said
+    only OK (found by review helper-100); a wildcard is warned of, not refused (a firewall may close it)."""
+    listen = '[proxy]\nlisten = ["tcp:1143:interface=127.0.0.1"]\n'
+    r = _cli_check(_write(tmp_path, listen + f'[metrics]\nlisten = "{metrics}"\n'))
+    assert r.returncode == 0 and "configuration OK" in r.stdout, r.stderr
+    if not warned:
+        assert r.stderr == "", r.stderr
+        return
+    assert r.stderr.count("warning: ") == 1 and "metrics.listen: " in r.stderr, r.stderr
+    assert "every interface" in r.stderr and "interface=" in r.stderr, r.stderr
+
+
 def test_tls_files_say_what_is_wrong(tmp_path):
     """A directory was "no such file"; a file without PEM was ``[('DECODER routines', '', 'unsupported')]``;
     an encrypted key made OpenSSL ask for its passphrase on the terminal."""

@@ -195,29 +195,23 @@ def check_config(path: str, adopt_sockets: bool = False) -> Config:
 
 
 def config_warnings(config: Config) -> list[str]:
-    """What a valid configuration cannot do that its operator likely wants (said by ``--check`` and at start):
-    a TCP listener other hosts reach where none of them can log in (no STARTTLS to offer, plaintext only
-    from loopback: they get LOGINDISABLED, and the log says only that they went away)."""
+    """What a valid configuration does that its operator likely does not want (said by ``--check`` and at
+    start): a TCP listener other hosts reach where none of them can log in (no STARTTLS to offer, plaintext
+    only from loopback: they get LOGINDISABLED, and the log says only that they went away); a metrics
+    listener on every interface (its counters and /healthz to anyone who reaches the port: maybe wanted
+    behind a firewall, so said, not refused)."""
+    return _login_warnings(config) + _metrics_warnings(config)
+
+
+def _login_warnings(config: Config) -> list[str]:
     proxy = config.proxy
     if proxy["tls_cert"] or proxy["plaintext_auth"] != "loopback":
         return []
     out = []
     for i, desc in enumerate(proxy["listen"]):
-        try:
-            found = _endpoint_params(desc)
-            systemd = _systemd_params(desc)
-        except ConfigError:
+        interface = _listen_interface(desc, ("tcp", "tcp6"))
+        if interface is None:
             continue
-        if systemd is not None:
-            # (The socket's address, where systemd passed it (a start; --check has none): ListenStream=143,
-            # the shipped socket unit's, is every interface.)
-            interface = _passed_address(systemd)
-            if interface is None:
-                continue
-        elif found is None or found[0] not in ("tcp", "tcp6"):
-            continue
-        else:
-            interface = found[1].get("interface", "")
         try:
             ip = ipaddress.ip_address(interface) if interface else None
             if ip is not None and (getattr(ip, "ipv4_mapped", None) or ip).is_loopback \
@@ -229,6 +223,37 @@ def config_warnings(config: Config) -> list[str]:
                    f"(proxy.tls_cert is empty) and plaintext_auth = \"loopback\"; set tls_cert and tls_key, "
                    f"listen with ssl:, or (TLS ended at a balancer) plaintext_auth = \"always\"")
     return out
+
+
+def _metrics_warnings(config: Config) -> list[str]:
+    desc = config.metrics["listen"]
+    interface = _listen_interface(desc, ("tcp", "tcp6", "ssl")) if desc else None
+    if interface is None:
+        return []
+    try:
+        if interface and not ipaddress.ip_address(interface).is_unspecified:
+            return []  # (an address chosen, loopback or a management network's: meant)
+    except ValueError:
+        return []
+    fix = "interface=\\:\\:1" if desc.startswith("tcp6:") else "interface=127.0.0.1"
+    return [f"metrics.listen: {desc!r} serves /metrics and /healthz on every interface, to anyone who reaches "
+            f"the port; add {fix} (e.g. \"tcp:9143:interface=127.0.0.1\"), unless a firewall keeps others out"]
+
+
+def _listen_interface(desc: str, kinds: tuple[str, ...]) -> str | None:
+    """The address an endpoint of one of ``kinds`` (or ``systemd:``) listens on, ``""`` for every interface;
+    None for other endpoints, an endpoint that cannot be read, or a systemd: socket not passed (--check
+    has none: ListenStream=143, the shipped socket unit's, is every interface)."""
+    try:
+        found = _endpoint_params(desc)
+        systemd = _systemd_params(desc)
+    except ConfigError:
+        return None
+    if systemd is not None:
+        return _passed_address(systemd)
+    if found is None or found[0] not in kinds:
+        return None
+    return found[1].get("interface", "")
 
 
 def _check_listeners(config: Config, adopt_sockets: bool) -> None:
