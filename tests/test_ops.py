@@ -902,3 +902,28 @@ def test_systemctl_reload_of_a_broken_configuration_fails_and_says_why(make_prox
     p.config_path.write_text(good)
     assert systemctl_reload() is None
     assert _wait_until(lambda: "configuration reloaded" in p.log()), p.log()
+
+
+@pytest.mark.parametrize("client", ["gone", "stays"])
+def test_plugins_retired_by_a_reload_are_stopped_once_at_a_stop_that_comes_before(make_proxy, client):
+    """A reload that changes the plugins stops the retired ones once the sessions it ends are gone; a
+    SIGTERM meanwhile stopped only the new set, and the process exited without the old ones' ``stop``
+    (their watch connections, queued pushes; found by review helper-100). Every plugin made is now
+    stopped, once."""
+    p = make_proxy(plugins=["tests.recordplugin:Recorder"], proxy_extra="shutdown_grace = 4.0")
+    c = raw_via(p)
+    c.login("alice", "alicepw")
+    message = b"Subject: retire\r\n\r\n" + b"x" * 20000 + b"\r\n"
+    c.send(b"a APPEND INBOX {%d}\r\n" % len(message))  # (under way: the reload waits for it to end)
+    assert c.read_line().startswith(b"+")
+    c.send(message[:5000])
+    reload_proxy(p, p.config_path.read_text().replace("recordplugin:Recorder", "recordplugin:OtherRecorder"))
+    p.signal(signal.SIGTERM)
+    if client == "gone":
+        c.close()
+    else:
+        c.send(message[5000:] + b"\r\n")
+    assert p.proc.wait(15) == 0
+    made = re.findall(r"recorder (\d+) made", p.log())
+    stopped = re.findall(r"recorder (\d+) stopped", p.log())
+    assert len(made) == 2 and sorted(stopped) == sorted(made), p.log()

@@ -150,6 +150,13 @@ def load_plugins(config: Config, proxy, live: dict[str, Plugin] | None = None) -
     return plugins
 
 
+def _stop_plugin(plugin: Plugin) -> None:
+    try:
+        plugin.stop()
+    except Exception:
+        log.failure("plugin {name} failed to stop", name=plugin.name)
+
+
 def _plugin_class(name: str, eps: dict) -> type[Plugin]:
     # "package.module:Class" loads a plugin that is not installed as an entry point (development).
     if name not in eps and ":" not in name:
@@ -742,6 +749,9 @@ class ProxyService(service.MultiService):
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # see auth_failed
         self.ports = []
         self._stopping = False
+        # Plugins a reload retired, waiting for the sessions it ended to go before their ``stop``; a stop
+        # that comes first stops them with the running ones (the process exited without).
+        self._retiring: list[Plugin] = []
         self._metrics_port = None  # (closed last at a stop: /healthz says 503 while sessions finish)
         self._side_pools: dict[str, SidePool] = {}
         self._shared: dict[tuple, tuple] = {}
@@ -1073,6 +1083,7 @@ class ProxyService(service.MultiService):
             self.listener_tls[desc].options = options
         old, self.hooks = self.hooks, HookTable.build(plugins)
         retired = [plugin for plugin in old.plugins if not any(plugin is p for p in plugins)]
+        self._retiring += retired
         if [p.name for p in old.plugins] != [p.name for p in plugins]:
             # What a session shows (its view, its pending local deletes, its notifications) is its plugins'
             # state: with other plugins it would be wrong (message numbers, hidden messages, deletes on the
@@ -1114,7 +1125,7 @@ class ProxyService(service.MultiService):
         for s in list(self.sessions):
             s.shutdown(SHUTTING_DOWN)
         drains = []
-        for plugin in self.hooks.plugins:
+        for plugin in [*self._retiring, *self.hooks.plugins]:
             try:
                 drained = plugin.drain()
             except Exception:
@@ -1177,20 +1188,17 @@ class ProxyService(service.MultiService):
             then()
         check()
 
-    @staticmethod
-    def _retire(plugins) -> None:
+    def _retire(self, plugins) -> None:
+        """Stop those of the retired ``plugins`` not stopped yet (by a stop that came meanwhile)."""
         for plugin in plugins:
-            try:
-                plugin.stop()
-            except Exception:
-                log.failure("plugin {name} failed to stop", name=plugin.name)
+            if any(plugin is p for p in self._retiring):
+                self._retiring = [p for p in self._retiring if p is not plugin]
+                _stop_plugin(plugin)
 
     def _stop_plugins(self) -> None:
-        for plugin in self.hooks.plugins:
-            try:
-                plugin.stop()
-            except Exception:
-                log.failure("plugin {name} failed to stop", name=plugin.name)
+        retiring, self._retiring = self._retiring, []
+        for plugin in [*retiring, *self.hooks.plugins]:
+            _stop_plugin(plugin)
         for pool in list(self._side_pools.values()):
             if pool.close_call is not None and pool.close_call.active():
                 pool.close_call.cancel()
