@@ -111,6 +111,9 @@ class ChangeEvent:
     modseq_before: int | None = None  # and before it (the watch's last STATUS of the mailbox)
     entries: tuple[str, ...] = ()  # MetadataChange: the entries that changed, when known
     gone: bool = False             # MailboxName: the mailbox was deleted (nothing left to count)
+    # Seen by a watch that kept no STATUS of the mailbox (past max_watch_mailboxes): some change, told as
+    # a MessageNew without UIDs, which may have been an expunge (push: see ``_look``).
+    coarse: bool = False
 
 
 @dataclass
@@ -290,6 +293,7 @@ def _when(d: defer.Deferred | None) -> defer.Deferred:
 
 
 _STATUS_ITEM = re.compile(rb"(MESSAGES|UIDNEXT|UIDVALIDITY|HIGHESTMODSEQ) (\d+)", re.I)
+_ITEM_NAMES = {n: n for n in (b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY", b"HIGHESTMODSEQ")}  # (one each, not per entry)
 
 
 class UserWatch:
@@ -309,7 +313,10 @@ class UserWatch:
         # device class), so that the offline watch is not decided by whichever device happened to leave last.
         self.policies: list = []
         self._expiry = None
-        self.mailboxes: dict[str, dict[bytes, int]] = {}  # last STATUS items seen per mailbox
+        # Last STATUS items seen per mailbox, the least recently changed first; at most the plugin's
+        # max_watch_mailboxes (an account with thousands of Session Histories cost megabytes a watch).
+        self.mailboxes: dict[str, dict[bytes, int]] = {}
+        self.partial = False  # some mailbox has no entry there for the bound (its changes are told coarse)
         self.backoff = 1.0
         self.closed = False
         self._keepalive = None
@@ -399,6 +406,7 @@ class UserWatch:
         self.notifying = wanted
         if not wanted:
             self.mailboxes.clear()  # the baseline is taken again when the NOTIFY is armed again
+            self.partial = False
             self._armed = None
             return proto.command(b"NOTIFY NONE").addErrback(_watch_failed)
         d = proto.command(b"NOTIFY SET STATUS (personal (MessageNew MessageExpunge FlagChange) MailboxName)")
@@ -419,7 +427,7 @@ class UserWatch:
                 # Against a baseline from before the connection was lost, what changed while it was down
                 # (mail delivered while the backend restarted) is told now; a fresh baseline tells nothing.
                 known = name in self.mailboxes
-                event = self._status_event(name, line)
+                event = self._status_event(name, line, baseline=True)
                 if known and event is not None:
                     self.plugin.publish(event)
 
@@ -555,24 +563,30 @@ class UserWatch:
                 deleted = b"\\NONEXISTENT" in line[:line.find(b")") + 1].upper()
                 self.plugin.publish(ChangeEvent(self.user, mailbox, "MailboxName", gone=deleted))
 
-    def _status_event(self, mailbox: str, line: bytes) -> ChangeEvent | None:
+    def _status_event(self, mailbox: str, line: bytes, baseline: bool = False) -> ChangeEvent | None:
         """What a NOTIFY STATUS says happened, against the last one seen for the mailbox (the answer to
         NOTIFY SET STATUS gives the baseline): new UIDs from UIDNEXT, expunges from MESSAGES. None when
         nothing did: Dovecot re-announces, unchanged, mailboxes whose list index entry it has just
-        brought up to date (HIGHESTMODSEQ shows any change of flags, so equal items mean none)."""
-        items = {k.upper(): int(v) for k, v in _STATUS_ITEM.findall(line[line.find(b"(", 9):])}
+        brought up to date (HIGHESTMODSEQ shows any change of flags, so equal items mean none). A mailbox
+        with no entry kept for ``max_watch_mailboxes`` is told as some change (``coarse``), never not."""
+        items = {_ITEM_NAMES[k.upper()]: int(v) for k, v in _STATUS_ITEM.findall(line[line.find(b"(", 9):])}
         before = self.mailboxes.get(mailbox)
+        coarse = before is None and self.partial
         if before is not None and b"HIGHESTMODSEQ" in items and all(before.get(k) == v for k, v in items.items()):
             return None
+        self.mailboxes.pop(mailbox, None)  # (put back last, by _keep: the most recently changed)
         if before is not None and items.get(b"UIDVALIDITY", before.get(b"UIDVALIDITY")) != before.get(b"UIDVALIDITY"):
             # A new mailbox of that name (Dovecot 2.3 tells of a deletion and creation by another
             # connection only so): nothing known of the old one holds, its HIGHESTMODSEQ least of all
             # (the new one's messages may have lower MODSEQs: taken for changes already told).
             self.plugin.forget_mailbox(self.user, mailbox)
-            before = None
-        now = self.mailboxes[mailbox] = {**(before or {}), **items}
-        if before is None and items.get(b"MESSAGES") == 0:
-            return None  # a new, empty mailbox: no message event (its MailboxName event tells of it)
+            before = coarse = None
+        now = {**(before or {}), **items}
+        self._keep(mailbox, now, baseline)
+        if before is None and items.get(b"MESSAGES") == 0 and (not coarse or items.get(b"UIDNEXT") == 1):
+            # A new, empty mailbox: no message event (its MailboxName event tells of it). (Past the bound,
+            # only one that never held a message: another may have just lost its last.)
+            return None
         uidvalidity = now.get(b"UIDVALIDITY")
         event, uids = "MessageNew", ()
         if before is not None:
@@ -583,7 +597,26 @@ class UserWatch:
             else:  # (UIDNEXT as it was, or not reported: only HIGHESTMODSEQ moved)
                 event = "FlagChange"
         return ChangeEvent(self.user, mailbox, event, None, uidvalidity, uids, now.get(b"HIGHESTMODSEQ"),
-                           before.get(b"HIGHESTMODSEQ") if before is not None else None)
+                           before.get(b"HIGHESTMODSEQ") if before is not None else None, coarse=bool(coarse))
+
+    def _keep(self, mailbox: str, items: dict[bytes, int], baseline: bool) -> None:
+        """Keep a mailbox's last STATUS within ``max_watch_mailboxes``: past it the least recently changed
+        goes, or, in the NOTIFY's baseline (every mailbox at once), the one not kept yet is not."""
+        cap = self.plugin.max_watch_mailboxes
+        if baseline and len(self.mailboxes) >= cap:
+            self._bounded()
+            return
+        self.mailboxes[mailbox] = items
+        while len(self.mailboxes) > cap:
+            del self.mailboxes[next(iter(self.mailboxes))]
+            self._bounded()
+
+    def _bounded(self) -> None:
+        if not self.partial:
+            self.partial = True
+            log.info("notify: the watch of {user} keeps the state of {n} mailboxes (max_watch_mailboxes); "
+                     "changes in the others are told without what changed", user=self.user,
+                     n=self.plugin.max_watch_mailboxes)
 
     def cancel_expiry(self) -> None:
         if self._expiry is not None and self._expiry.active():
@@ -628,6 +661,7 @@ class NotifyPlugin(Plugin):
         self.watch_backend = True
         self.metadata_poll = 10.0
         self.max_offline_watches = 10000
+        self.max_watch_mailboxes = 1000
         self.watches: dict[str, UserWatch] = {}
         events = getattr(proxy, "events", None)
         if events is not None:  # (a config check has no proxy)
@@ -641,7 +675,7 @@ class NotifyPlugin(Plugin):
                 .set_function(lambda: sum(w.notifying for w in self.watches.values()))
 
     def configure(self, settings: dict) -> None:
-        known = ["idle_status", "watch_backend", "metadata_poll", "max_offline_watches"]
+        known = ["idle_status", "watch_backend", "metadata_poll", "max_offline_watches", "max_watch_mailboxes"]
         unknown = set(settings) - set(known)
         if unknown:
             raise unknown_key(sorted(unknown)[0], known, "plugin.notify.")
@@ -653,6 +687,10 @@ class NotifyPlugin(Plugin):
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
             raise ConfigError("plugin.notify.max_offline_watches: expected a number >= 0")
         self.max_offline_watches = cap
+        cap = settings.get("max_watch_mailboxes", 1000)
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise ConfigError("plugin.notify.max_watch_mailboxes: expected a number >= 0")
+        self.max_watch_mailboxes = cap
         for key in ("idle_status", "watch_backend"):
             if key in settings and not isinstance(settings[key], bool):
                 raise ConfigError(f"plugin.notify.{key}: expected true or false")

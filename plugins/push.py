@@ -460,6 +460,8 @@ class PushPlugin(Plugin):
         if looked is None:
             return []
         inspected: _Inspected = looked
+        if inspected.event is not None:
+            event = dataclasses.replace(event, event=inspected.event)
         views: dict[tuple[int, ...], list[str]] = {}
         for device, st in targets:
             if policy.folder_hidden(st, event.mailbox):
@@ -524,14 +526,18 @@ class PushPlugin(Plugin):
         is dropped, as a notification about a folder is (``_hold_for_folder``): taken as "no preferences",
         it would name a folder a device's user hid."""
         changed: tuple[int, ...] = ()
+        expunge = False
         if run is not None and since is not None:
             try:
                 changed = await _changed_since(run, event, since)
             except Exception as e:  # cannot tell: the event goes out
                 log.warn("checking a flag change failed: {e}", e=e)
             else:
-                if not changed:
+                if not changed and not event.coarse:
                     return None  # metadata only: no message changed
+                # (A watch that kept nothing of the folder cannot tell an expunge, which leaves no MODSEQ
+                # behind, from a metadata write: told as an expunge, never dropped.)
+                expunge = not changed
         info = FolderInfo()
         if run is None and not known:
             log.warn("push: folder {mailbox!r} of {user} unreadable, its event dropped", mailbox=event.mailbox,
@@ -546,6 +552,8 @@ class PushPlugin(Plugin):
             return None
         for st in states:
             st.folders[event.mailbox] = info
+        if expunge:
+            return _Inspected(event="MessageExpunge")
         if run is not None and self._by_kind(event, states):
             try:
                 return _Inspected(expunged=await self._expunged(run, event))
@@ -792,6 +800,7 @@ class _Inspected:
     older: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # max_age_days -> UIDs older
     changed: tuple[int, ...] = ()  # a change without new messages: the messages whose flags changed
     expunged: dict[int, str | None] | None = None  # an expunge: the messages it took, their kinds if known
+    event: str | None = None  # what the change was found to be, where its event could not say (``coarse``)
 
 
 def _nothing():

@@ -578,6 +578,7 @@ def test_notify_and_push_settings_are_validated(tmp_path):
     for text, needle in {
         "[plugin.notify]\nmetadata_poll = -1\n": "metadata_poll",
         "[plugin.notify]\nmax_offline_watches = \"many\"\n": "max_offline_watches",
+        "[plugin.notify]\nmax_watch_mailboxes = -1\n": "max_watch_mailboxes: expected a number >= 0",
         "[plugin.push]\noffline_watch = -5\n": "offline_watch",
         "[plugin.push]\ninclude_headers = [\"Sub ject\"]\n": "include_headers",
         "[plugin.push]\ninclude_headers = \"Subject\"\n": "push.include_headers",
@@ -729,9 +730,11 @@ def test_watch_events_from_status():
     """What the watch makes of Dovecot's NOTIFY STATUS lines: a new, empty mailbox is no message event
     (it was a MessageNew without UIDs, which push sent to every offline device); new UIDs from UIDNEXT,
     expunges from MESSAGES, flag changes from HIGHESTMODSEQ; an unchanged re-announcement is nothing."""
+    from types import SimpleNamespace
+
     from plugins.notify import UserWatch
 
-    watch = UserWatch(None, "alice")
+    watch = UserWatch(SimpleNamespace(max_watch_mailboxes=1000), "alice")
 
     def event(mailbox: str, items: bytes):
         e = watch._status_event(mailbox, b"* STATUS %s (%s)\r\n" % (mailbox.encode(), items))
@@ -743,6 +746,38 @@ def test_watch_events_from_status():
     assert event("New", b"MESSAGES 2 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 4") == ("FlagChange", ())
     assert event("New", b"MESSAGES 1 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 5") == ("MessageExpunge", ())
     assert event("Full", b"MESSAGES 4 UIDNEXT 9 UIDVALIDITY 8 HIGHESTMODSEQ 9") == ("MessageNew", ())
+
+
+def test_the_watchs_mailbox_states_are_bounded_and_past_the_bound_a_change_is_still_told():
+    """The watch kept the last STATUS of every mailbox, for up to a day offline: thousands of Session
+    History folders cost megabytes a watch (found by review helper-100). At most ``max_watch_mailboxes``
+    are kept, the least recently changed going first; a change in a mailbox without one is told as some
+    change (``coarse``), an expunge to nothing too (it was "a new, empty mailbox": nothing told)."""
+    from types import SimpleNamespace
+
+    from plugins.notify import UserWatch
+
+    plugin = SimpleNamespace(max_watch_mailboxes=2, forget_mailbox=lambda user, mailbox: None)
+    watch = UserWatch(plugin, "alice")
+
+    def status(mailbox: str, items: bytes, baseline: bool = False):
+        return watch._status_event(mailbox, b"* STATUS %s (%s)\r\n" % (mailbox.encode(), items), baseline)
+
+    for name in ("A", "B", "C"):  # (the NOTIFY's baseline: the first ones are kept)
+        status(name, b"MESSAGES 1 UIDNEXT 2 UIDVALIDITY 7 HIGHESTMODSEQ 2", baseline=True)
+    assert list(watch.mailboxes) == ["A", "B"] and watch.partial
+    e = status("C", b"MESSAGES 0 UIDNEXT 2 UIDVALIDITY 7 HIGHESTMODSEQ 3")
+    assert (e.event, e.uids, e.coarse, e.modseq) == ("MessageNew", (), True, 3)
+    assert list(watch.mailboxes) == ["B", "C"]  # (A changed least recently)
+    e = status("B", b"MESSAGES 2 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 3")
+    assert (e.event, e.uids, e.coarse) == ("MessageNew", (2,), False) and list(watch.mailboxes) == ["C", "B"]
+    assert status("B", b"MESSAGES 2 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 3") is None  # (unchanged)
+    e = status("A", b"MESSAGES 0 UIDNEXT 2 UIDVALIDITY 7 HIGHESTMODSEQ 4")
+    assert e.coarse and len(watch.mailboxes) == 2
+    plugin.max_watch_mailboxes = 0  # (a reload: none kept, every change told coarse)
+    assert status("B", b"MESSAGES 1 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 5").event == "MessageExpunge"
+    assert watch.mailboxes == {} and status("B", b"MESSAGES 1 UIDNEXT 3 UIDVALIDITY 7 HIGHESTMODSEQ 6").coarse
+    assert status("New", b"MESSAGES 0 UIDNEXT 1 UIDVALIDITY 9 HIGHESTMODSEQ 1") is None  # (never held one)
 
 
 def test_watch_events_of_a_mailbox_made_anew():
@@ -757,7 +792,7 @@ def test_watch_events_of_a_mailbox_made_anew():
 
     forgotten, published = [], []
     plugin = SimpleNamespace(forget_mailbox=lambda user, mailbox: forgotten.append(mailbox),
-                             publish=published.append)
+                             publish=published.append, max_watch_mailboxes=1000)
     watch = UserWatch(plugin, "alice")
     assert watch._status_event("F", b"* STATUS F (MESSAGES 3 UIDNEXT 4 UIDVALIDITY 7 HIGHESTMODSEQ 9)\r\n")
     assert not forgotten

@@ -282,3 +282,43 @@ def test_an_expunge_of_messages_no_offline_device_sees_is_not_pushed(push_proxy,
         laptop.close()
     log = p.log()
     assert "Unhandled error" not in log and "#critical]" not in log and "finding the expunged" not in log, log[-3000:]
+
+
+def test_past_the_watchs_bound_on_mailboxes_every_change_is_still_pushed(push_proxy, receiver, dovecot,
+                                                                          dovecot_direct):
+    """``[plugin.notify] max_watch_mailboxes = 0``: the offline watch keeps no mailbox's last STATUS (the
+    bound for accounts with thousands of folders; found by review helper-100). A delivery and a flag
+    change are still pushed (found by their MODSEQ), and an expunge, which no MODSEQ shows, as one."""
+    user = "dave"
+    tag = uuid.uuid4().hex[:6]
+    folder = f"Default/tel:+1453{tag}"
+    first = dovecot.deliver(user, folder, make_object("chat"))
+    p = push_proxy("[plugin.notify]\nmax_watch_mailboxes = 0\n")
+    device(p, f"tablet-{tag}", user).close()
+    time.sleep(1.5)
+    d = dovecot_direct(user)
+
+    def changed(change, event: str) -> list[str]:
+        n = len(receiver.events)
+        change()
+        _wait(lambda: any(e["mailbox"] == folder and e["event"] == event for e in receiver.events[n:]), 4)
+        time.sleep(1.0)
+        return [e["event"] for e in receiver.events[n:] if e["mailbox"] == folder and _ours(e["devices"], tag)]
+
+    def flag():
+        d.select_folder(folder)
+        d.add_flags([first], [b"\\Flagged"], silent=True)
+        d.unselect_folder()
+
+    def expunge():
+        d.select_folder(folder)
+        d.add_flags([first], [b"\\Deleted"], silent=True)
+        d.uid_expunge([first])
+        d.unselect_folder()
+
+    assert changed(lambda: dovecot.deliver(user, folder, make_object("chat")), "MessageNew") == ["MessageNew"]
+    assert changed(flag, "MessageNew") == ["MessageNew"]  # (told without what changed: no UIDs)
+    assert changed(expunge, "MessageExpunge") == ["MessageExpunge"]
+    log = p.log()
+    assert "Unhandled error" not in log and "#critical]" not in log, log[-3000:]
+    assert "keeps the state of 0 mailboxes (max_watch_mailboxes)" in log, log[-3000:]
