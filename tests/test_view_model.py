@@ -840,6 +840,25 @@ def test_fixed_status_not_selected(scenario, direct):
     sc.status(sc.G)
 
 
+def test_fixed_status_selected_after_hidden_expunge(scenario, direct):
+    """Another session expunges hidden messages of the selected mailbox, and the client asks STATUS before
+    its session is told: Dovecot counts them still (the session's state), the side connection no longer
+    finds them. Counted as hidden ones found, the hidden unseen IMDN stayed in UNSEEN and both IMDNs'
+    sizes in SIZE (found by the random sequences: UNSEEN 3 for 2)."""
+    sc = scenario([obj("chat"), obj("chat", seen=True), obj("imdn"), obj("chat"), obj("imdn", 26000),
+                   obj("chat", 30000, seen=True)])
+    sc.select()
+    before = direct.snapshot(sc.F)
+    direct.expunge(sc.F, [3, 5])
+    untagged, tagged = sc.run(b"STATUS %s (MESSAGES UNSEEN SIZE)" % sc.F.encode())
+    assert _status(tagged) == b"OK", tagged
+    vis = [u for u in visible(before)]
+    want = b"* STATUS %s (MESSAGES %d UNSEEN %d SIZE %d)\r\n" % (
+        sc.F.encode(), len(vis), sum("\\seen" not in before[u].flags for u in vis), sum(before[u].size for u in vis))
+    assert [x for x in untagged if x.startswith(b"* STATUS")] == [want], untagged
+    sc.status(sc.F)
+
+
 def test_fixed_qresync(scenario, direct):
     sc = scenario(FIXED)
     sc.enable_qresync()

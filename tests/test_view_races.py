@@ -1101,3 +1101,29 @@ def test_a_logout_while_an_arrival_is_classified_is_answered(make_proxy, relay, 
     c.close()
     assert got[-1].startswith(b"t OK") and [x for x in got if x.startswith(b"* BYE")], got
     assert "backend connection lost" not in proxy.log(), proxy.log()
+
+
+def test_status_size_of_another_mailbox_leaves_out_a_hidden_message_expunged_meanwhile(make_proxy, relay, dovecot):
+    """A STATUS of a folder not selected is counted on the side connection after the backend's answer: a
+    hidden IMDN another session expunged in between is in the answer's SIZE and no longer found there, and
+    its size stayed in (the UNSEEN and MESSAGES of such a race were anchored already; SIZE was not)."""
+    proxy = _gated_proxy(make_proxy, relay)
+    name = b"Gone" + uuid.uuid4().hex[:8].encode()
+    for i, k in enumerate(["chat", "imdn", "chat"]):
+        dovecot.deliver("dave", name.decode(), make_object(k, seed=i))
+    d = dovecot.imap_direct("dave", tls="none")
+    d.select_folder(name.decode())
+    sizes = {u: v[b"RFC822.SIZE"] for u, v in d.fetch([1, 2, 3], ["RFC822.SIZE"]).items()}
+    c = device(proxy)
+    relay.hold_from(rb'^\S+ EXAMINE "?%s' % name)  # (the side connection's, once the backend has answered)
+    c.send(b'x STATUS "%s" (MESSAGES UNSEEN SIZE)\r\n' % name)
+    relay.wait_gated()
+    d.delete_messages([2])
+    d.uid_expunge([2])
+    d.logout()
+    relay.release()
+    got = answers(c, b"x")
+    c.close()
+    assert got[-1].startswith(b"x OK"), got
+    want = b'* STATUS %s (MESSAGES 2 UNSEEN 2 SIZE %d)\r\n' % (name, sizes[1] + sizes[3])
+    assert [x for x in got if x.startswith(b"* STATUS")] == [want], got
