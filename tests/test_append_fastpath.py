@@ -325,8 +325,55 @@ def test_a_literal_where_an_append_can_have_none_is_answered(proxy, dovecot, res
     (b' "27-Nov-2026 07:30:00 +0100" {5}\r\n', False), (b" catenate (TEXT {5+}\r\n", False),
     (b" TEXT {3+}\r\n", False), (b' URL "/INBOX;UID=1" TEXT {3}\r\n', False), (b") (\\Seen) {3+}\r\n", False),
     (b" INBOX {5+}\r\n", True), (b" x (\\Seen) {5}\r\n", True), (b"{5+}\r\n", True), (b"  {5+}\r\n", True),
+    (b" (\\Seen) x {5+}\r\n", True), (b' "d" (\\Seen) {5+}\r\n', True),
 ])
 def test_literals_out_of_place_in_an_append(segment, out_of_place):
     """What may follow an APPEND's literal before the next one (MULTIAPPEND, CATENATE, a literal mailbox
     name) is never taken for a literal out of place."""
     assert literal_out_of_place(segment) is out_of_place
+
+
+def _inbox_count(dovecot) -> bytes:
+    c = _direct(dovecot)
+    try:
+        return b"".join(x for x in c.command(b"s", b"STATUS INBOX (MESSAGES)") if x.startswith(b"* STATUS"))
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("command, answer", [
+    (b"a APPEND INBOX x {5+}\r\nhello\r\n", b"a BAD"),
+    (b"a APPEND INBOX (\\Seen) x ~{5+}\r\nhello\r\n", b"a BAD"),
+    (b'a APPEND INBOX (\\Seen) "27-Nov-2026 07:30:00 +0100" NIL {5+}\r\nhello\r\n', b"a BAD"),
+    (b"a APPEND INBOX (\\Seen) (\\Draft) {5}\r\n", b"a BAD"),
+    (b"a APPEND Nope x {5+}\r\nhello\r\n", b"a NO [TRYCREATE]"),
+    (b"a APPEND INBOX {5+}\r\nhello (\\Seen) x {5+}\r\nworld\r\n", b"a BAD"),
+    (b"a APPEND {5+}\r\nINBOX (\\Seen) x {5+}\r\nhello\r\n", b"a BAD"),
+])
+def test_an_append_with_an_argument_no_message_has_is_answered(proxy, dovecot, command, answer):
+    """An APPEND with an argument before its literal that a message cannot have (found by fuzzing): Dovecot
+    answers it only once it read the line to its end. Sent on the careful way (a synchronizing literal) it
+    never did, or answered (NO for a missing mailbox) and read the client's next command as the rest of the
+    line; the session hung. It gets the backend's own answer now, nothing saved, and the session goes on."""
+    before = _inbox_count(dovecot)
+    c = _proxied(proxy)
+    try:
+        c.send(command)
+        r = c.until_tagged(b"a")
+        assert r[-1].startswith(answer), r
+        c.send(b"z NOOP\r\n")
+        assert c.until_tagged(b"z")[-1].startswith(b"z OK")
+    finally:
+        c.close()
+    assert _inbox_count(dovecot) == before
+
+
+@pytest.mark.parametrize("line, out_of_place", [
+    (b"a APPEND INBOX {5+}\r\n", False), (b"a APPEND INBOX (\\Seen) {5}\r\n", False),
+    (b'a APPEND "My box" (\\Seen) "27-Nov-2026 07:30:00 +0100" ~{5+}\r\n', False),
+    (b"a APPEND INBOX CATENATE (TEXT {5+}\r\n", False), (b"a APPEND {5+}\r\n", False), (b"a APPEND INBOX\r\n", False),
+    (b"a APPEND INBOX x {5+}\r\n", True), (b"a APPEND INBOX (\\Seen) x {5}\r\n", True),
+    (b"a APPEND INBOX (\\Seen) (\\Draft) {5}\r\n", True), (b'a APPEND INBOX "d" "d" {5+}\r\n', True),
+])
+def test_literals_out_of_place_in_an_append_first_line(line, out_of_place):
+    assert literal_out_of_place(line, first=True) is out_of_place

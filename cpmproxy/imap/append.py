@@ -55,15 +55,33 @@ def literal_always_read(segment: bytes, first: bool) -> bool:
     return 1970 <= year <= 9999
 
 
-# What may follow a literal of an APPEND, up to its next literal: a MULTIAPPEND message (flags, a date, the
-# literal or CATENATE), a CATENATE part (TEXT, URL) or its end, or after a literal mailbox name the same.
-_LATER_START = re.compile(rb"(?: (?:\(|\"|~?\{|(?i:CATENATE|TEXT|URL) )|\))")
+# Where an APPEND segment may announce a literal: right after a message's optional flag list and date (the
+# first segment: after the mailbox), or where an extension's parts begin (CATENATE's TEXT and URL parts,
+# RFC 6855's UTF8), whose own grammar the backend checks. A segment that ends the literal mailbox name, or
+# whose mailbox this cannot read, is left as it is.
+_ANNOUNCED = re.compile(rb"~?\{[0-9]+[+-]?\}\r?\n\Z")
+_FIRST_ARGS = re.compile(rb'[^ ]+ (?i:APPEND) (?:"(?:[^"\\\r\n]|\\.)*"|[^ ()"{\r\n]+)')
+_MESSAGE_HEAD = re.compile(rb'(?: \([^()\r\n]*\))?(?: "(?:[^"\\\r\n]|\\.)*")?(?:\Z| (?i:CATENATE|UTF8) \()')
+_PART_START = re.compile(rb"(?: (?i:CATENATE|TEXT|URL|UTF8) |\))")
 
 
-def literal_out_of_place(segment: bytes) -> bool:
-    """True when a later segment of an APPEND (the text after one of its literals) announces a literal where
-    none can be: it starts with neither a message's nor a CATENATE part's beginning (``INBOX {5+}`` after a
-    message: a mailbox named again). Dovecot reads such a line to its end before it answers BAD; sent on as
-    a synchronizing literal it never answers (no "+" for a literal it will not take, no BAD before the line
-    ends), and the proxy and client wait for ever (found by review)."""
-    return _LATER_START.match(segment) is None
+def literal_out_of_place(segment: bytes, first: bool = False) -> bool:
+    """True when an APPEND segment (its first line with ``first``, else the text after one of its literals)
+    announces a literal where none can be: after an argument a message cannot have (``APPEND G x {5+}``,
+    ``INBOX {5+}`` after a message: a MULTIAPPEND naming the mailbox again). Dovecot reads such a line to
+    its end before it answers, NO or BAD; sent on as a synchronizing literal it never answers (no "+" for a
+    literal it will not take, no answer before the line ends; or an answer, and the client's next command
+    read as the rest of that line), and the proxy and client wait for ever (found by review and by fuzzing)."""
+    announced = _ANNOUNCED.search(segment)
+    if announced is None:
+        return False  # (no literal: the line ends, and the backend answers)
+    head = segment[:announced.start()]
+    if first:
+        if (args := _FIRST_ARGS.match(head)) is None:
+            return False  # (a literal mailbox name, or one this does not read: as before)
+        head = head[args.end():]
+    elif _PART_START.match(head):
+        return False
+    if not head.endswith(b" "):
+        return True
+    return _MESSAGE_HEAD.match(head[:-1]) is None

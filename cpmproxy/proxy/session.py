@@ -754,6 +754,14 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         command it has already refused as commands of their own, which would reach it past every hook.
         The client is not read meanwhile (one backend round trip per literal). Plain APPENDs, which
         Dovecot can only refuse after reading the literal, keep theirs (cpmproxy/imap/append.py)."""
+        if first and cmd is not None and cmd.name == b"APPEND":
+            segment, inline = _last_segment(data)  # (a collected command holds literals already read)
+            if literal_out_of_place(segment, first=not inline):
+                # Dovecot would take its literal neither way. Sent without it, the line gets the backend's
+                # own answer, BAD, or NO for a mailbox that does not exist; a LITERAL+ literal and the rest
+                # of the command are dropped, a synchronizing one never comes (answered, not "+").
+                self._discard_command = _SYNC_MARK_END_RE.search(data) is None
+                data = _LITERAL_AT_END_RE.sub(b"", data).rstrip(b" ") + b"\r\n"
         if _NONSYNC_MARK_RE.search(data) is None:
             self.backend.out.append(data)
             return
@@ -1683,6 +1691,7 @@ _SYNC_LITERAL_END = re.compile(rb"(~?\{[0-9]+)\}(\r?\n)\Z")
 
 _LITERAL_AT_END_RE = re.compile(rb"~?\{[0-9]+[+-]?\}\r?\n\Z")
 _SYNC_MARK_END_RE = re.compile(rb"~?\{\d+\}\r?\n\Z")
+_ANY_LITERAL_MARK_RE = re.compile(rb"~?\{([0-9]+)[+-]?\}\r?\n")
 
 
 def _split_at_literals(data: bytes) -> list[bytes]:
@@ -1696,6 +1705,15 @@ def _split_at_literals(data: bytes) -> list[bytes]:
     if start < len(data) or not pieces:
         pieces.append(data[start:])
     return pieces
+
+
+def _last_segment(data: bytes) -> tuple[bytes, bool]:
+    """The text of ``data`` after its last inline literal, and whether it has one (a collected command's
+    literals are in it, each announcement followed by its bytes; one that ends ``data`` is the segment's)."""
+    start = pos = 0
+    while (m := _ANY_LITERAL_MARK_RE.search(data, pos)) is not None and m.end() < len(data):
+        start = pos = m.end() + int(m.group(1))
+    return data[start:], start > 0
 
 
 def _nonsync(segment: bytes) -> bytes:
