@@ -688,7 +688,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if st.mailbox is None:
             return None
         if st.view is None:
-            uidvalidity = await _uidvalidity(session, st.mailbox)
+            uidvalidity = await self._selected_uidvalidity(session, st)
             kinds, max_size, max_age = self._criteria(st, st.mailbox)
             st.plan = SelectPlan(st.mailbox, uidvalidity, kinds, max_size, max_age)
             uids, hidden = await self._classify(session, st.plan, b"1:*")
@@ -699,6 +699,18 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             if hidden:
                 st.reapply = True
         return st.view
+
+    async def _selected_uidvalidity(self, session, st: PolicySession) -> int:
+        """The selected mailbox's UIDVALIDITY, from its SELECT's own answer. Asked by name (a STATUS on the side
+        connection), it is that of the folder of that name now: another session may have deleted the selected
+        one and made it anew, while the backend keeps this session in the old one (found by review: a local
+        delete there was recorded under the new folder's UIDVALIDITY, and hid its message of that UID from
+        the device for good). By name only while a SELECT is in flight, or the backend did not say."""
+        sel = session.selected
+        if sel is not None and sel.uidvalidity and sel.name == st.mailbox \
+                and _oldest(session, (b"SELECT", b"EXAMINE")) is None:
+            return sel.uidvalidity
+        return await _uidvalidity(session, st.mailbox)
 
     def hide_in_view(self, session, uids: set[int]) -> list[int]:
         """Hide ``uids`` in the selected mailbox's view (``ensure_view``, then ``arrivals_told`` first);
@@ -1844,7 +1856,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             session.bye(b"The selected mailbox is no longer synchronized to this device.", code=b"NONEXISTENT")
             return
         kinds, max_size, max_age = self._criteria(st, mailbox)
-        uidvalidity = st.plan.uidvalidity if st.plan else await _uidvalidity(session, mailbox)
+        uidvalidity = st.plan.uidvalidity if st.plan else await self._selected_uidvalidity(session, st)
         extra = st.plan.extra if st.plan else SequenceSet.empty()
         st.plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age, extra)
         if st.plan.empty:

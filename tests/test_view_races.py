@@ -839,7 +839,7 @@ def test_an_arrival_classified_when_the_device_selects_another_mailbox(make_prox
 def test_preferences_reapplied_in_idle_are_not_applied_to_the_mailbox_selected_next(make_proxy, relay, dovecot):
     """A folder preference changed (another session turns the folder's IMDNs off) while a device idles
     with it selected: the view is classified again by a coroutine of its own, which asks the folder's
-    UIDVALIDITY first. Meanwhile the device leaves IDLE and selects another folder (nothing hidden there:
+    preferences first. Meanwhile the device leaves IDLE and selects another folder (nothing hidden there:
     decided at once). The re-classification's searches then ran in that folder: its IMDN's UID went into
     the first folder's classification cache (a later SELECT of the first folder showed its hidden IMDN and
     hid a chat), and that folder's messages were expunged from the device's view of the second one."""
@@ -855,7 +855,8 @@ def test_preferences_reapplied_in_idle_are_not_applied_to_the_mailbox_selected_n
     assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)  # (nothing hidden yet)
     c.send(b"i IDLE\r\n")
     assert c.read_response().startswith(b"+ ")
-    relay.hold_from(rb'STATUS "?%s"? \(UIDVALIDITY\)' % a)  # (the re-classification's first question)
+    # (The re-classification's first question: the folder's preferences read again.)
+    relay.hold_from(rb'GETMETADATA \(DEPTH infinity\) "?%s"? \(/private/vendor/vendor.cpmproxy\)' % a)
     other = device(proxy)
     r = other.command(b"m", b'SETMETADATA "%s" (%s/sync/imdn "off")' % (a, _PREF))
     assert r[-1].startswith(b"m OK"), r
@@ -1056,8 +1057,8 @@ def test_a_mailbox_made_anew_while_its_select_is_decided_is_classified_as_itself
 
 def test_preferences_reapplied_after_the_selected_folder_was_renamed_away(proxy, dovecot):
     """Suspicion 2 of helper-100's brief, disproven: a re-application of preferences to a folder selected by
-    the fast path (nothing could be hidden at its SELECT) asks UIDVALIDITY of the folder's name on the side
-    connection. Another device renamed the folder away and another one to its name (Dovecot keeps the
+    the fast path (nothing could be hidden at its SELECT) asked UIDVALIDITY of the folder's name on the side
+    connection (since helper-99's review it takes the SELECT's own). Another device renamed the folder away and another one to its name (Dovecot keeps the
     session in the folder it selected): were the re-classification's searches answered there, their answers
     would go into the cache of the folder now of that name, by its UIDVALIDITY, and its IMDN be shown to
     the next device that selects it. Dovecot refuses them (NO [SERVERBUG] Internal error: the folder's
@@ -1089,6 +1090,31 @@ def test_preferences_reapplied_after_the_selected_folder_was_renamed_away(proxy,
     other.close()
     assert b"* 2 EXISTS\r\n" in seen and _uids(seen) == [1, 3], seen
 
+
+
+def test_a_local_delete_in_a_folder_made_anew_since_its_select_is_recorded_for_the_folder_selected(proxy, dovecot):
+    """Found by review (helper-99): the view a local delete builds where the SELECT took the fast path took
+    the selected folder's UIDVALIDITY from a STATUS of its name. Another session deleted the folder and made
+    it anew (Dovecot keeps this session in the old one): the delete of the old folder's UID 2 was recorded
+    under the new folder's UIDVALIDITY, and the new folder's UID 2, never seen by the device, was hidden
+    from it for good (``* 2 EXISTS``, UIDs 1 and 3)."""
+    a = b"Ln" + uuid.uuid4().hex[:8].encode()
+    for i in range(3):
+        dovecot.deliver("dave", a.decode(), make_object("chat", seed=i))
+    c = device(proxy)
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)  # (nothing hidden: no view)
+    direct = dovecot.imap_direct("dave", tls="none")
+    direct.delete_folder(a.decode())
+    direct.logout()
+    for i in range(3):
+        dovecot.deliver("dave", a.decode(), make_object("chat", seed=20 + i))
+    assert c.command(b"d", b"UID STORE 2 +FLAGS (\\Deleted $LocalDelete)")[-1].startswith(b"d OK")
+    assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    c.close()
+    d = device(proxy)
+    seen = d.command(b"s", b'SELECT "%s"' % a) + d.command(b"f", b"FETCH 1:* (UID)")
+    d.close()
+    assert b"* 3 EXISTS\r\n" in seen and _uids(seen) == [1, 2, 3], seen
 
 
 def test_a_logout_while_an_arrival_is_classified_is_answered(make_proxy, relay, dovecot):
