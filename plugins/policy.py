@@ -59,6 +59,7 @@ from plugins.policystate import (
     _esearch_ranges,
     _oldest,
     _parse_uidvalidity,
+    _select_state,
     _uid_ranges,
     _uid_set,
     _uidvalidity,
@@ -2040,23 +2041,6 @@ def _whole_view_key(user: str, plan: SelectPlan, extra_ranges: tuple) -> tuple:
 
 
 _MIN_RE = re.compile(rb" MIN (\d+)", re.I)
-_SELECT_STATE_RE = re.compile(rb"^\* (?:OK \[(UIDVALIDITY|UIDNEXT) (\d+)\]|(\d+) (EXISTS))", re.I)
-
-
-def _select_state(lines: list[bytes]) -> dict[bytes, int]:
-    """UIDVALIDITY, UIDNEXT and EXISTS among a SELECT's responses (those present): up to its tagged
-    response (an EXISTS after it is news), the last of each (one before [CLOSED] is the old mailbox's)."""
-    out = {}
-    for line in lines:
-        if line[:1] != b"*":
-            break
-        m = _SELECT_STATE_RE.match(line)
-        if m:
-            if m.group(1):
-                out[m.group(1).upper()] = int(m.group(2))
-            else:
-                out[b"EXISTS"] = int(m.group(3))
-    return out
 
 
 def _maybe(session, reply) -> bool:

@@ -135,6 +135,7 @@ class PolicySession:
 
 
 _SIZE_RE = re.compile(rb"RFC822\.SIZE (\d+)")
+_SELECT_STATE_RE = re.compile(rb"^\* (?:OK \[(UIDVALIDITY|UIDNEXT) (\d+)\]|(\d+) (EXISTS))", re.I)
 
 
 def _nonexistent(mailbox: str) -> Answer:
@@ -252,3 +253,19 @@ def _status_items(lines: list[bytes], mailbox: str) -> dict[bytes, int]:
         if parts is not None and status_mailbox(parts[0]) == mailbox:
             return status_values(parts[1])
     return {}
+
+
+def _select_state(lines: list[bytes]) -> dict[bytes, int]:
+    """UIDVALIDITY, UIDNEXT and EXISTS among a SELECT's responses (those present): up to its tagged
+    response (an EXISTS after it is news), the last of each (one before [CLOSED] is the old mailbox's)."""
+    out = {}
+    for line in lines:
+        if line[:1] != b"*":
+            break
+        m = _SELECT_STATE_RE.match(line)
+        if m:
+            if m.group(1):
+                out[m.group(1).upper()] = int(m.group(2))
+            else:
+                out[b"EXISTS"] = int(m.group(3))
+    return out

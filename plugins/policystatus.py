@@ -26,6 +26,7 @@ from plugins.policystate import (
     _among,
     _esearch_ranges,
     _oldest,
+    _select_state,
     _status_items,
     _uid_ranges,
     _uid_set,
@@ -44,6 +45,10 @@ from plugins.wire import (
 )
 
 log = Logger(namespace="cpmproxy.policy")
+
+
+class MailboxReplaced(BackendError):
+    """The folder read on the side connection was deleted and another made under its name meanwhile."""
 
 
 class StatusCounts:
@@ -80,16 +85,19 @@ class StatusCounts:
         else:
             examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
             searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
-            if (await examined).status != b"OK":
+            opened = await examined
+            if opened.status != b"OK":
                 await searched
                 return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
             uids = SequenceSet.from_ranges(_esearch_ranges(await searched))  # (not expanded: 200,000 UIDs)
+            plan = await self._examined_plan(session, mailbox, opened, kinds, max_size, max_age, hiders)
             if anchor is not None:
+                if anchor.get(b"UIDVALIDITY", plan.uidvalidity) != plan.uidvalidity:
+                    # The line is of a folder deleted since, another of its name examined (found by review: the
+                    # new folder's messages were counted against the old one's line, and what the old one hid
+                    # was counted as visible).
+                    raise MailboxReplaced(f"{mailbox!r} was replaced while its counts were read")
                 uids &= _below(anchor[b"UIDNEXT"])
-            uidvalidity = await _uidvalidity(session, mailbox)
-            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
-            for h in hiders:
-                plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
             hidden = await self._side_hidden(session, plan, uids)
         if not hidden and (anchor is None or selected_hidden is not None or len(uids) == anchor[b"MESSAGES"]):
             return None  # (with an anchor, messages gone since the line are taken off it too)
@@ -285,7 +293,8 @@ class StatusCounts:
             examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
             searched = None if uids else \
                 session.side_command(b"UID SEARCH RETURN (ALL) MODSEQ %d" % (since + 1))  # (pipelined)
-            if (await examined).status != b"OK":
+            opened = await examined
+            if opened.status != b"OK":
                 if searched is not None:
                     await searched
                 return False
@@ -294,11 +303,19 @@ class StatusCounts:
                 return None
             if not (kinds or max_size or max_age or hiders):
                 return True
-            uidvalidity = await _uidvalidity(session, mailbox)
-            plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
-            for h in hiders:
-                plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
+            plan = await self._examined_plan(session, mailbox, opened, kinds, max_size, max_age, hiders)
             return bool(changed - await self._side_hidden(session, plan, changed))
+
+    async def _examined_plan(self, session, mailbox: str, opened, kinds, max_size, max_age, hiders) -> SelectPlan:
+        """What hides messages of ``mailbox``, EXAMINEd on the side connection (``opened``: its reply), keyed
+        by the examined folder's own UIDVALIDITY. (Asked by name after the EXAMINE, it is the examined
+        folder's too with Dovecot, which answers a STATUS of the selected mailbox's name from it, even once
+        deleted and made anew: one round trip fewer, and no other folder's for a server that does not.)"""
+        uidvalidity = _select_state(opened.untagged).get(b"UIDVALIDITY") or await _uidvalidity(session, mailbox)
+        plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+        for h in hiders:
+            plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity))
+        return plan
 
     async def _unsolicited_adjustment(self, session, st: PolicySession, mailbox: str, line: bytes) -> None:
         try:

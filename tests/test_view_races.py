@@ -1117,6 +1117,52 @@ def test_a_local_delete_in_a_folder_made_anew_since_its_select_is_recorded_for_t
     assert b"* 3 EXISTS\r\n" in seen and _uids(seen) == [1, 2, 3], seen
 
 
+def _status_while_made_anew(make_proxy, relay, dovecot, gate: bytes, answered: bytes | None = None,
+                            made_anew=None) -> tuple[bytes, list[bytes]]:
+    """A folder of three messages, two of them deleted locally by the device, asked STATUS (MESSAGES) by it
+    with the side connection held at the line ``gate`` of its counting, once the backend said ``answered``
+    there; meanwhile the folder is deleted and made anew (three other messages), then ``made_anew(other, name)`` runs (a direct session). The folder's
+    name and the answer."""
+    proxy = make_proxy(backend_tls="none", backend_port=relay.port)
+    a = b"Sn" + uuid.uuid4().hex[:8].encode()
+    for i in range(3):
+        dovecot.deliver("dave", a.decode(), make_object("chat", seed=i))
+    c = device(proxy)
+    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)
+    assert c.command(b"d", b"UID STORE 1:2 +FLAGS (\\Deleted $LocalDelete)")[-1].startswith(b"d OK")
+    assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    assert c.command(b"u", b"UNSELECT")[-1].startswith(b"u OK")
+    assert c.command(b"t", b'STATUS "%s" (MESSAGES)' % a)[0] == b"* STATUS %s (MESSAGES 1)\r\n" % a
+    heard = {id(link): len(link.down) for link in relay.links}
+    relay.hold_from(gate % a)
+    c.send(b't STATUS "%s" (MESSAGES)\r\n' % a)
+    link = relay.wait_gated()
+    if answered is not None:
+        relay.wait_sent(link, answered, start=heard.get(id(link), 0))
+    other = dovecot.imap_direct("dave", tls="none")
+    other.delete_folder(a.decode())
+    for i in range(3):
+        dovecot.deliver("dave", a.decode(), make_object("chat", seed=10 + i))
+    if made_anew is not None:
+        made_anew(other, a.decode())
+    other.logout()
+    relay.release()
+    got = c.until_tagged(b"t")
+    c.close()
+    return a, got
+
+
+def test_status_answered_of_a_folder_replaced_before_it_is_counted_never_counts_what_it_hid(make_proxy, relay,
+                                                                                             dovecot):
+    """Found by review (helper-99): a STATUS's answer is counted on the side connection (EXAMINE, the UIDs)
+    after the backend gave it. The folder deleted and made anew in between (three messages, nothing hidden),
+    the new folder was examined and its counts taken off the old folder's answer: the device's two local
+    deletions were counted as visible (``MESSAGES 3``, not 1). An answer whose UIDVALIDITY is not the
+    examined folder's is not countable: NO, try again."""
+    _a, got = _status_while_made_anew(make_proxy, relay, dovecot, rb'^\S+ EXAMINE "?%s')
+    assert got == [b"t NO [UNAVAILABLE] The mailbox's counts could not be read; try again.\r\n"], got
+
+
 def test_a_logout_while_an_arrival_is_classified_is_answered(make_proxy, relay, dovecot):
     """Found by review (helper-100): a LOGOUT did not wait for an arrival's classification. It reached the
     backend before the follow-up search the [EXPUNGEISSUED] kind search calls for, which was never answered
