@@ -245,7 +245,13 @@ class LocalDeletePlugin(Plugin):
         stale = []
         for entry, (valid, value) in records.items():
             if valid != uidvalidity:
-                stale.append(entry)
+                # Only a lower one is an older folder's of this name, stale (Dovecot gives a folder made anew
+                # a greater UIDVALIDITY). A greater one is of a folder made after the one asked about was
+                # opened, its records read by name (found by review: a STATUS counting the EXAMINEd folder,
+                # deleted and made anew meanwhile, deleted the new folder's records: its local deletions came
+                # back). (A server that gives a lower one leaves such records unpruned, never applied.)
+                if valid < uidvalidity:
+                    stale.append(entry)
                 continue
             ranges += value.ranges
         uids = SequenceSet.from_ranges(ranges)

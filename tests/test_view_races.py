@@ -4,6 +4,7 @@ EXISTS held while the proxy classifies it), or announced another session's expun
 timings and fails if any attempt leaks, counts or touches what the device must not see."""
 from __future__ import annotations
 
+import imaplib
 import re
 import socket
 import struct
@@ -1134,7 +1135,7 @@ def _status_while_made_anew(make_proxy, relay, dovecot, gate: bytes, answered: b
     assert c.command(b"u", b"UNSELECT")[-1].startswith(b"u OK")
     assert c.command(b"t", b'STATUS "%s" (MESSAGES)' % a)[0] == b"* STATUS %s (MESSAGES 1)\r\n" % a
     heard = {id(link): len(link.down) for link in relay.links}
-    relay.hold_from(gate % a)
+    relay.hold_from(gate.replace(b"%s", a))
     c.send(b't STATUS "%s" (MESSAGES)\r\n' % a)
     link = relay.wait_gated()
     if answered is not None:
@@ -1161,6 +1162,29 @@ def test_status_answered_of_a_folder_replaced_before_it_is_counted_never_counts_
     examined folder's is not countable: NO, try again."""
     _a, got = _status_while_made_anew(make_proxy, relay, dovecot, rb'^\S+ EXAMINE "?%s')
     assert got == [b"t NO [UNAVAILABLE] The mailbox's counts could not be read; try again.\r\n"], got
+
+
+def test_counting_a_folder_replaced_while_examined_keeps_the_new_folders_local_deletions(make_proxy, relay, dovecot):
+    """Found by review (helper-99): a STATUS counted on the side connection reads the device's local-delete
+    records by the folder's name after the EXAMINE, and prunes those of another UIDVALIDITY. The folder
+    deleted and made anew after the EXAMINE (Dovecot keeps the old one open there, and answers its
+    UIDVALIDITY for the name), the records read were the new folder's: all pruned as stale, and the new
+    folder's message 3, deleted locally by the device (on another proxy node, say), came back to it."""
+    def deleted_locally(other, name):
+        uidvalidity = other.folder_status(name, ["UIDVALIDITY"])[b"UIDVALIDITY"]
+        imaplib.Commands.setdefault("SETMETADATA", ("AUTH", "SELECTED"))
+        typ, _ = other._imap._simple_command("SETMETADATA", name, f'({PREFIX.decode()}/localdelete/phone/'
+                                                                 f'{uidvalidity}-abc "3")')
+        assert typ == "OK"
+
+    a, got = _status_while_made_anew(make_proxy, relay, dovecot, rb"^\S+ UID SEARCH RETURN \(ALL\) ALL",
+                                     rb"OK \[READ-ONLY\]", deleted_locally)
+    assert got[-1].startswith(b"t OK"), got
+    proxy = make_proxy(backend_tls="none", backend_port=relay.port)
+    d = device(proxy)
+    seen = d.command(b"s", b'SELECT "%s"' % a) + d.command(b"f", b"FETCH 1:* (UID)")
+    d.close()
+    assert b"* 2 EXISTS\r\n" in seen and _uids(seen) == [1, 2], seen
 
 
 def test_a_logout_while_an_arrival_is_classified_is_answered(make_proxy, relay, dovecot):
