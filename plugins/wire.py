@@ -32,8 +32,11 @@ NOARG_SEARCH_KEYS = frozenset(b"ALL ANSWERED DELETED DRAFT FLAGGED NEW OLD RECEN
                               b"UNDRAFT UNFLAGGED UNSEEN SAVEDATESUPPORTED".split())
 ONEARG_SEARCH_KEYS = frozenset(b"BCC BEFORE BODY CC FROM KEYWORD LARGER ON SENTBEFORE SENTON SENTSINCE SINCE "
                                b"SMALLER SUBJECT TEXT TO UID UNKEYWORD OLDER YOUNGER SAVEDBEFORE SAVEDON "
-                               b"SAVEDSINCE FILTER CHARSET X-GUID X-MAILBOX X-REAL-UID".split())
-# (FUZZY is no such key: RFC 6203's FUZZY is followed by a search key, read as one of its own.)
+                               b"SAVEDSINCE X-SAVEDBEFORE X-SAVEDON X-SAVEDSINCE FILTER CHARSET X-GUID X-MAILBOX "
+                               b"X-REAL-UID MIMEPART".split())
+# (FUZZY is no such key: RFC 6203's FUZZY is followed by a search key, read as one of its own. Dovecot's
+# MIMEPART takes a list of MIME part criteria, part indexes and depths among them: no message numbers, taken
+# whole.)
 
 
 def fetch_item_pattern(item: bytes) -> re.Pattern:

@@ -255,3 +255,28 @@ def test_status_x_size_is_the_views_size(device, mailbox):
     line = untagged(device.command(b"t", b'STATUS "%s" (SIZE X-SIZE)' % mailbox.encode()))[0]
     m = re.search(rb"\(SIZE (\d+) X-SIZE (\d+)\)", line)
     assert m and m.group(1) == m.group(2) and int(m.group(1)) < 20000 * 3, line
+
+
+def test_mimepart_criteria_are_not_taken_for_message_numbers(make_proxy, dovecot):
+    """Found by review (helper-98): Dovecot's MIMEPART search key takes a list of MIME part criteria, part
+    indexes and depths among them. The view did not know the key and took such a number for a message
+    number: `SEARCH MIMEPART (INDEX 2)` went to the backend as `MIMEPART (INDEX 3)` (the client's message 2
+    is the backend's 3, a hidden message before it) and found nothing; by varying the number a device could
+    count the hidden messages before each of its own. Taken whole, as the backend reads it."""
+    folder = "Mimepart" + uuid.uuid4().hex[:8]
+    two_parts = (b"From: a@example.com\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+                 b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\none\r\n--b\r\n\r\ntwo\r\n--b--\r\n")
+    big = b"From: a@example.com\r\nSubject: b\r\n\r\n" + b"x" * 30000
+    assert [dovecot.deliver("alice", folder, m) for m in (two_parts, big, two_parts)] == [1, 2, 3]
+    p = make_proxy(config_extra="[policy]\nmax_size = 20000\n")
+    c = raw_via(p)
+    try:
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        assert b"* 2 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % folder.encode())
+        assert untagged(c.command(b"a", b"SEARCH MIMEPART (INDEX 2)")) == [b"* SEARCH 1 2\r\n"]
+        assert untagged(c.command(b"b", b"SEARCH MIMEPART (INDEX 3)")) == [b"* SEARCH\r\n"]
+        assert untagged(c.command(b"c", b"UID SEARCH 2 MIMEPART (SIZE LARGER 2 INDEX 2)")) == [b"* SEARCH 3\r\n"]
+        # (Dovecot's X-SAVEDSINCE takes a date: known, passed as written.)
+        assert untagged(c.command(b"d", b"SEARCH X-SAVEDSINCE 1-Jan-2000 2")) == [b"* SEARCH 2\r\n"]
+    finally:
+        c.close()
