@@ -92,6 +92,10 @@ def test_brackets_are_part_of_atoms() -> None:
     assert tokenize(b"[CAPABILITY IMAP4rev1 X] rest") == [A(b"[CAPABILITY IMAP4rev1 X]"), A(b"rest")]
     assert tokenize(b"[READ-WRITE]") == [A(b"[READ-WRITE]")]
     assert tokenize(b"a[b[c]d]e f") == [A(b"a[b[c]d]e"), A(b"f")]
+    # A header field name as a literal, its bytes inline (a command the proxy gathered): part of the atom,
+    # whatever its bytes ("]" too).
+    assert tokenize(b"(BODY.PEEK[HEADER.FIELDS ({4+}\r\nFrom {2}\r\n]x)] UID)") == [
+        L(A(b"BODY.PEEK[HEADER.FIELDS ({4+}\r\nFrom {2}\r\n]x)]"), A(b"UID"))]
     # A quoted ']' inside a section does not end it.
     assert tokenize(b'BODY[HEADER.FIELDS ("X]" Y)] Z') == [A(b'BODY[HEADER.FIELDS ("X]" Y)]'), A(b"Z")]
     assert tokenize(b"BODY[1]<0.10>") == [A(b"BODY[1]<0.10>")]
@@ -201,6 +205,8 @@ def test_supplied_literals() -> None:
         (b"a", (b"x",), "not used"),
         (b"BODY[1", (), "unterminated '['"),
         (b"BODY[a\rb]", (), "control character 0x0d inside '[...]'"),
+        (b"BODY[HEADER.FIELDS (\r\nFrom)]", (), "control character 0x0d inside '[...]'"),
+        (b"BODY[HEADER.FIELDS ({9+}\r\nFrom)]", (), "literal inside '[...]' truncated"),
         (b'BODY["]"', (), "unterminated"),
         (b"a\r\n", (), "control character 0x0d"),
         (b"(" * 101, (), "nested too deeply"),

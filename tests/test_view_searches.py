@@ -280,3 +280,13 @@ def test_mimepart_criteria_are_not_taken_for_message_numbers(make_proxy, dovecot
         assert untagged(c.command(b"d", b"SEARCH X-SAVEDSINCE 1-Jan-2000 2")) == [b"* SEARCH 2\r\n"]
     finally:
         c.close()
+
+
+def test_a_header_field_name_as_a_literal_is_read(device):
+    """Found by review (helper-98): a header field name may be a literal (an astring); the policy gathers
+    such a FETCH whole to check it, and the proxy's tokenizer refused a literal inside a section spec:
+    `FETCH 2 (BODY.PEEK[HEADER.FIELDS ({7+}\\r\\nSubject)])` was answered `BAD [CLIENTBUG] Invalid
+    arguments: control character 0x0d inside '[...]'` in a filtered view."""
+    r = device.command(b"a", b"FETCH 2 (UID BODY.PEEK[HEADER.FIELDS ({7+}\r\nSubject)])")
+    assert r[0].startswith(b"* 2 FETCH (UID 3 BODY[HEADER.FIELDS (") and b"alpha" in r[1] + r[0], r
+    assert r[-1].startswith(b"a OK"), r

@@ -209,6 +209,9 @@ def _quoted_end(line: bytes, pos: int) -> tuple[bytes, int]:
     return value, end + 1
 
 
+_BRACKET_LITERAL_RE = re.compile(rb"\{(\d{1,19})[+-]?\}\r\n")
+
+
 def _skip_bracket(line: bytes, pos: int) -> int:
     """Return the offset after the ``]`` matching the ``[`` at ``pos`` (nesting and quoted strings allowed)."""
     start = pos
@@ -229,6 +232,12 @@ def _skip_bracket(line: bytes, pos: int) -> int:
                 return pos
         elif c == 0x22:
             pos = _quoted_end(line, p)[1]
+        elif c == 0x0D and (brace := line.rfind(b"{", start, p)) > 0 \
+                and (lit := _BRACKET_LITERAL_RE.match(line, brace, p + 2)) is not None:
+            # A literal, its bytes inline: a header field name of BODY[HEADER.FIELDS (...)] is an astring.
+            pos = lit.end() + int(lit.group(1))
+            if pos > len(line):
+                raise TokenError("literal inside '[...]' truncated", p)
         else:
             raise TokenError(f"{_describe(c)} inside '[...]'", p)
 
