@@ -79,11 +79,13 @@ from plugins.viewsearch import (
     visible_in_order,
 )
 from plugins.wire import (
+    FETCH_ITEMS,
     MODIFIED,
     SEARCH_COMMANDS,
     command_mailbox_name,
     enables_qresync,
     esearch_all,
+    fetch_item_names,
     has_caps,
     list_name,
     list_without_extended,
@@ -91,6 +93,7 @@ from plugins.wire import (
     refused_as_dovecot,
     search_ok,
     uid_set_pieces,
+    unknown_search_key,
     wire_name,
 )
 
@@ -410,6 +413,16 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if name == b"FETCH" and _PARTIAL_MODIFIER_RE.search(cmd.line):
             # (The backend would page through hidden messages too, their answers dropped: short pages.)
             return refused_as_dovecot(b"FETCH", b"Unknown FETCH modifier.", cmd.uid)
+        if name == b"FETCH":
+            if cmd.has_literal and "collected" not in cmd.state:
+                return Collect()  # (a header field name as a literal: the items after it are checked too)
+            if (refused := _fetch_refused(cmd)) is not None:
+                return refused
+        if name in SEARCH_COMMANDS:
+            if cmd.has_literal and "collected" not in cmd.state:
+                return Collect()  # (a string as a literal: the keys after it are checked too)
+            if (refused := _search_refused(cmd)) is not None:
+                return refused
         if name in (b"SELECT", b"EXAMINE"):
             if session.selected is not None:
                 # (The commands before it are done: see _must_wait_for.) From here on the client has left
@@ -1975,6 +1988,39 @@ def _args_or_none(cmd) -> list | None:
         return cmd.args
     except TokenError:
         return None
+
+
+def _fetch_refused(cmd) -> Answer | None:
+    """A FETCH of an item not in ``FETCH_ITEMS`` refused, as Dovecot words an item it does not know. One
+    the proxy cannot read goes on, for the backend to refuse in its words (an unbalanced parenthesis, a
+    list after a list: Dovecot 2.3 reads no item of such a line either)."""
+    m = _SEQ_ARG_RE.match(cmd.line.rstrip(b"\r\n"))
+    names = None if m is None else fetch_item_names(m.group(3))
+    unknown = next((n for n in names or () if n not in FETCH_ITEMS), None)
+    return None if unknown is None else refused_as_dovecot(b"FETCH", b"Unknown parameter: " + unknown + b".", cmd.uid)
+
+
+def _search_refused(cmd) -> Answer | None:
+    """A SEARCH, SORT or THREAD with a key ``unknown_search_key`` finds refused, as Dovecot words a key it
+    does not know; in a view with nothing hidden too (X-MAILBOX in a virtual mailbox). One the proxy cannot
+    read goes on as before (a view with hidden messages refuses it: ``_view_command``)."""
+    body = cmd.line[:-2] if cmd.line.endswith(b"\r\n") else cmd.line
+    try:
+        rest = tokenize(body)[3 if cmd.uid else 2:]
+    except TokenError:
+        return None
+    if cmd.name in (b"SEARCH", b"SORT") and len(rest) > 1 and isinstance(rest[0], Atom) \
+            and rest[0].upper() == b"RETURN" and isinstance(rest[1], ParenList):
+        rest = rest[2:]
+    if cmd.name in (b"SORT", b"THREAD"):
+        rest = rest[2:]  # (sort criteria) charset, or algorithm charset
+    elif rest and isinstance(rest[0], Atom) and rest[0].upper() == b"CHARSET":
+        rest = rest[2:]
+    try:
+        key = unknown_search_key(rest)
+    except TokenError:
+        return Answer(b"BAD [CLIENTBUG] Search criteria not understood.")
+    return None if key is None else refused_as_dovecot(cmd.name, b"Unknown argument " + key + b".", cmd.uid)
 
 
 def _enable(cmd):

@@ -11,6 +11,7 @@ import re
 from cpmproxy.imap import mutf7
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import (
+    Atom,
     Literal,
     ParenList,
     Quoted,
@@ -37,6 +38,44 @@ ONEARG_SEARCH_KEYS = frozenset(b"BCC BEFORE BODY CC FROM KEYWORD LARGER ON SENTB
 # (FUZZY is no such key: RFC 6203's FUZZY is followed by a search key, read as one of its own. Dovecot's
 # MIMEPART takes a list of MIME part criteria, part indexes and depths among them: no message numbers, taken
 # whole.)
+# Search keys a device may not use: Dovecot's X-MAILBOX matches, in a virtual mailbox, the name of the folder
+# a message is in (a hidden one too: its name could be guessed).
+REFUSED_SEARCH_KEYS = frozenset((b"X-MAILBOX",))
+
+# FETCH items a device may ask for (section specs and partials aside): IMAP4rev1's and its macros, those of
+# the extensions offered (MODSEQ, BINARY, PREVIEW, SAVEDATE, Dovecot's SNIPPET), and Dovecot's X-GUID,
+# X-SAVEDATE and X-REAL-UID: each tells of the message its ``* n FETCH`` names, which the view renumbers
+# or drops. Not Dovecot's X-MAILBOX (in a virtual mailbox, the name of the folder a message is in, a hidden
+# one too), nor what a newer backend may have (OBJECTID's EMAILID, THREADID: not offered).
+FETCH_ITEMS = frozenset(b"ALL FAST FULL ENVELOPE FLAGS INTERNALDATE RFC822 RFC822.HEADER RFC822.SIZE RFC822.TEXT "
+                        b"BODY BODY.PEEK BODYSTRUCTURE UID BINARY BINARY.PEEK BINARY.SIZE MODSEQ PREVIEW SNIPPET "
+                        b"SAVEDATE X-SAVEDATE X-GUID X-REAL-UID".split())
+_FETCH_PARTS_RE = re.compile(rb'"(?:[^"\\]|\\.)*"|~?\{(\d+)[+-]?\}\r\n|<[^>]*>|\[|\]')
+
+
+def fetch_item_names(text: bytes) -> list[bytes] | None:
+    """The item names (upper case) of a FETCH's ``text`` after its message set (items, then modifiers),
+    without their section specs and partials; None where it cannot be read (the backend refuses it)."""
+    out, i, in_section = [], 0, False
+    while (m := _FETCH_PARTS_RE.search(text, i)) is not None:
+        if not in_section:
+            out.append(text[i:m.start()])
+        i = m.end() + (int(m.group(1)) if m.group(1) else 0)  # (a literal: its bytes too)
+        if m.group(0) in (b"[", b"]"):
+            in_section = m.group(0) == b"["  # (a section's header field names, quoted or literals, left out)
+    if in_section:
+        return None
+    out.append(text[i:])
+    try:
+        tokens = tokenize(b"".join(out))
+    except TokenError:
+        return None
+    if not tokens:
+        return None
+    items = tokens[0].items if isinstance(tokens[0], ParenList) else [tokens[0]]
+    # (A list after PREVIEW or SNIPPET is its modifiers: (LAZY), (FUZZY).)
+    return [t.upper() for t in items if isinstance(t, Atom)] if all(isinstance(t, (Atom, ParenList)) for t in items) \
+        else None
 
 
 def fetch_item_pattern(item: bytes) -> re.Pattern:
@@ -309,6 +348,38 @@ def iter_metadata(lines: list[bytes]):
             value = token_text(items[j + 1])
             if value is not None:
                 yield raw, (token_text(items[j]) or b"").decode("utf-8", "replace"), value
+
+
+def unknown_search_key(criteria: list, depth: int = 0) -> bytes | None:
+    """The first of ``criteria`` that is no search key the proxy knows (nor an argument of one, a sequence
+    set, ``$``), or one in ``REFUSED_SEARCH_KEYS``; None if there is none. The view rewrites the keys it
+    knows the arguments of: another's argument could be a number it would take for a message's (found by
+    review: MIMEPART's), or a set in the backend's numbers; a newer backend's key is not passed unread."""
+    if depth > 100:  # (as deep as the view's rewriting goes: viewsearch.MAX_KEY_DEPTH)
+        raise TokenError("search criteria nested too deeply")
+    i = 0
+    while i < len(criteria):
+        t = criteria[i]
+        i += 1
+        if isinstance(t, ParenList):
+            if (found := unknown_search_key(t.items, depth + 1)) is not None:
+                return found
+            continue
+        if not isinstance(t, Atom):
+            continue  # (a string where a key should be: the backend refuses it)
+        key = t.upper()
+        if key in REFUSED_SEARCH_KEYS:
+            return t.value
+        if key in NOARG_SEARCH_KEYS or key in (b"NOT", b"OR", b"FUZZY", b"$"):
+            continue  # (NOT's, OR's and FUZZY's operands are keys: read as such next)
+        if (n := search_key_args(criteria, i - 1, key)):
+            i += n
+        elif not _SEQUENCE_SET_RE.fullmatch(t.value):
+            return t.value
+    return None
+
+
+_SEQUENCE_SET_RE = re.compile(rb"[0-9:,*]+")
 
 
 def search_key_args(tokens: list, i: int, key: bytes | None) -> int:

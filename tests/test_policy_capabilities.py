@@ -6,6 +6,7 @@ a client may send blindly, refused by the proxy rather than run by the backend p
 from __future__ import annotations
 
 import re
+import shutil
 import uuid
 from types import SimpleNamespace
 
@@ -154,9 +155,10 @@ def test_search_updates_are_refused():
         assert isinstance(action, Answer) and action.tagged == b"NO [CANNOT] RETURN option " + option \
             + b" is not available here.", line
     for line in (b"a SEARCH RETURN (MIN MAX COUNT ALL) ALL\r\n", b"a SEARCH RETURN (SAVE) FLAGGED\r\n",
-                 b"a UID SEARCH RETURN (PARTIAL -1:-5) ALL\r\n", b"a SEARCH RETURN () ALL\r\n",
-                 b"a SEARCH UPDATE\r\n"):
+                 b"a UID SEARCH RETURN (PARTIAL -1:-5) ALL\r\n", b"a SEARCH RETURN () ALL\r\n"):
         assert _command(plugin, line) is None, line
+    # (UPDATE as a search key: none, refused as Dovecot refuses it.)
+    assert _command(plugin, b"a SEARCH UPDATE\r\n").tagged.endswith(b"SEARCH: Unknown argument UPDATE.")
 
 
 def test_list_return_options_the_view_does_not_know_are_refused():
@@ -288,3 +290,109 @@ def test_a_backend_with_quota_and_acl_offers_quota_only_and_acl_commands_stay_of
     c, _ = _logged_in(p, "erin")  # (a second session: not logged again)
     c.close()
     assert p.log().count("backend capability ACL not offered") == 1
+
+
+# -- FETCH items and search keys (review helper-98) ------------------------------------------------------
+
+
+def test_fetch_items_are_an_allowlist():
+    """Dovecot's X-MAILBOX (in a virtual mailbox, the name of the folder a message is in, a hidden one too)
+    and any item the view does not know are refused as Dovecot refuses an item it does not know; those of
+    ordinary clients, and Dovecot's others that tell of the message itself, go on."""
+    plugin = _plugin()
+    for line, name, item in ((b"a FETCH 1:* (UID X-MAILBOX)\r\n", b"FETCH", b"X-MAILBOX"),
+                             (b"a UID FETCH 1:* x-mailbox\r\n", b"UID FETCH", b"X-MAILBOX"),
+                             (b"a FETCH 1 (BODY.PEEK[HEADER.FIELDS (X-MAILBOX)] EMAILID)\r\n", b"FETCH", b"EMAILID"),
+                             (b"a UID FETCH 1 (FLAGS THREADID) (CHANGEDSINCE 1)\r\n", b"UID FETCH", b"THREADID")):
+        action = _command(plugin, line)
+        assert isinstance(action, Answer) and action.tagged == b"BAD [CLIENTBUG] Error in IMAP command " + name \
+            + b": Unknown parameter: " + item + b".", line
+    # (What the proxy cannot read, Dovecot refuses too, in its own words: "Missing ')'", "Unexpected ')'".)
+    for line in (b"a FETCH 1 (FLAGS X-MAILBOX\r\n", b"a FETCH 1 X-MAILBOX)\r\n", b"a FETCH 1 (FLAGS)(X-MAILBOX)\r\n"):
+        assert _command(plugin, line) is None, line
+    for line in (b"a FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (From To \"X-Mailbox]\")]<0.100> RFC822.SIZE)\r\n",
+                 b"a UID FETCH 1:* (INTERNALDATE BODYSTRUCTURE ENVELOPE BINARY.PEEK[1] BINARY.SIZE[1] MODSEQ)"
+                 b" (CHANGEDSINCE 3 VANISHED)\r\n",
+                 b"a FETCH 1 (PREVIEW (LAZY) SNIPPET (FUZZY) SAVEDATE X-SAVEDATE X-GUID X-REAL-UID)\r\n",
+                 b"a FETCH 1:3 FAST\r\n", b"a FETCH 1 full\r\n", b"a FETCH 1 body[]\r\n", b"a FETCH 1 RFC822.HEADER\r\n"):
+        assert _command(plugin, line) is None, line
+
+
+def test_search_keys_are_an_allowlist():
+    """A key the view does not know the arguments of is not passed on, nor Dovecot's X-MAILBOX; refused
+    as Dovecot refuses a key it does not know."""
+    plugin = _plugin()
+    for line, name, key in ((b"a SEARCH X-MAILBOX Secret\r\n", b"SEARCH", b"X-MAILBOX"),
+                            (b"a UID SEARCH RETURN (COUNT) CHARSET UTF-8 OR x-mailbox S* ALL\r\n", b"UID SEARCH",
+                             b"x-mailbox"),
+                            (b"a SORT (DATE) UTF-8 NOT (EMAILID M1)\r\n", b"SORT", b"EMAILID"),
+                            (b"a THREAD REFS UTF-8 FUZZY X-FOO 1\r\n", b"THREAD", b"X-FOO")):
+        action = _command(plugin, line)
+        assert isinstance(action, Answer) and action.tagged == b"BAD [CLIENTBUG] Error in IMAP command " + name \
+            + b": Unknown argument " + key + b".", line
+    for line in (b'a SEARCH 1:3 UID 2,4:* NOT FLAGGED OR (SUBJECT "x-mailbox") HEADER X-Mailbox y $\r\n',
+                 b"a UID SEARCH RETURN (MIN) MODSEQ \"/flags/\\\\Seen\" all 4 SAVEDATESUPPORTED X-GUID g\r\n",
+                 b"a SEARCH CHARSET UTF-8 FUZZY TEXT x OLDER 10 X-SAVEDSINCE 1-Jan-2020 MIMEPART (SIZE LARGER 2)\r\n",
+                 b"a SORT RETURN (ALL) (REVERSE DATE) UTF-8 X-REAL-UID 1:* INTHREAD REFS ALL\r\n",
+                 b"a THREAD REFERENCES US-ASCII SENTSINCE 1-Feb-2020 LARGER 100\r\n"):
+        assert _command(plugin, line) is None, line
+
+
+VIRTUAL_CONFIG = """
+mail_plugins = $mail_plugins virtual
+namespace virtual {
+  prefix = Virtual/
+  separator = /
+  location = virtual:~/virtual
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def dovecot_with_virtual(tmp_path_factory):
+    d = Dovecot(tmp_path_factory.mktemp("dovecot-virtual"), users={"erin": "erinpw"}, extra_config=VIRTUAL_CONFIG)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def test_a_virtual_mailbox_does_not_name_a_hidden_folder(make_proxy, dovecot_with_virtual):
+    """Found by review (helper-98): Dovecot's FETCH X-MAILBOX and search key X-MAILBOX name, in a virtual
+    mailbox, the folder a message is in: through the proxy `FETCH 1:* (X-MAILBOX)` answered
+    `* 1 FETCH (X-MAILBOX Secret...)`, and `SEARCH X-MAILBOX Secret*` found it, of a folder the device's
+    policy hides. Both refused, as Dovecot refuses an item or key it does not know; the rest of the
+    virtual mailbox works as any other."""
+    d = dovecot_with_virtual
+    secret = "Secret" + uuid.uuid4().hex[:6]
+    direct = RawIMAP("127.0.0.1", d.port)
+    direct.login("erin", "erinpw")
+    assert direct.command(b"c", b"CREATE " + secret.encode())[-1].startswith(b"c OK")
+    assert direct.command(b"a", b"APPEND " + secret.encode() + b" {3+}\r\nx\r\n")[-1].startswith(b"a OK")
+    direct.close()
+    virtual = d.mail_dir / "erin" / "virtual" / secret.replace("Secret", "All")
+    virtual.mkdir(parents=True)
+    (virtual / "dovecot-virtual").write_text(f"INBOX\n{secret}\n  all\n")
+    shutil.chown(virtual.parent, d.mail_uid, d.mail_gid)
+    shutil.chown(virtual, d.mail_uid, d.mail_gid)
+    p = make_proxy(backend_tls="none", backend_port=d.port,
+                   config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
+    c, _ = _logged_in(p, "erin")
+    try:
+        r = c.command(b"s", b"SELECT Virtual/" + virtual.name.encode())
+        assert b"* 1 EXISTS\r\n" in r and r[-1].startswith(b"s OK"), r
+        for tag, line, name, what in ((b"f", b"FETCH 1:* (UID X-MAILBOX)", b"FETCH", b"Unknown parameter: X-MAILBOX."),
+                                      (b"u", b"UID FETCH 1:* X-MAILBOX", b"UID FETCH",
+                                       b"Unknown parameter: X-MAILBOX."),
+                                      (b"s", b"SEARCH X-MAILBOX Secret*", b"SEARCH", b"Unknown argument X-MAILBOX."),
+                                      (b"o", b"UID SORT (DATE) UTF-8 NOT X-MAILBOX INBOX", b"UID SORT",
+                                       b"Unknown argument X-MAILBOX.")):
+            r = c.command(tag, line)
+            assert r == [tag + b" BAD [CLIENTBUG] Error in IMAP command " + name + b": " + what + b"\r\n"], r
+        r = c.command(b"g", b"FETCH 1 (UID X-GUID X-REAL-UID SAVEDATE BODY.PEEK[HEADER.FIELDS (From)])")
+        assert r[0].startswith(b"* 1 FETCH (UID 1 X-GUID ") and r[-1].startswith(b"g OK"), r
+        r = c.command(b"h", b"SEARCH X-REAL-UID 1 NOT X-GUID nope")
+        assert r[0] == b"* SEARCH 1\r\n" and r[-1].startswith(b"h OK"), r
+    finally:
+        c.close()

@@ -290,3 +290,5 @@ def test_a_header_field_name_as_a_literal_is_read(device):
     r = device.command(b"a", b"FETCH 2 (UID BODY.PEEK[HEADER.FIELDS ({7+}\r\nSubject)])")
     assert r[0].startswith(b"* 2 FETCH (UID 3 BODY[HEADER.FIELDS (") and b"alpha" in r[1] + r[0], r
     assert r[-1].startswith(b"a OK"), r
+    r = device.command(b"b", b"FETCH 2 (BODY.PEEK[HEADER.FIELDS ({7+}\r\nSubject)] X-MAILBOX)")
+    assert r == [b"b BAD [CLIENTBUG] Error in IMAP command FETCH: Unknown parameter: X-MAILBOX.\r\n"], r
