@@ -1241,6 +1241,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # A hidden folder's GETMETADATA shows its sync preferences alone ("on" or "off"): the size of a
             # longer entry is another's (see Preferences._metadata_command).
             data = data.replace(b"[" + code + b"] ", b"", 1)
+        elif cmd.state.get("longest") and status == b"OK":
+            # (A pattern's MAXSIZE, which the proxy applied: the longest visible value it left out.)
+            data = data.replace(b" OK ", b" OK [METADATA LONGENTRIES %d] " % cmd.state["longest"], 1)
         if data != resp.data:
             self._tagged_done(session, st, cmd, status)
             return Rewrite(data)

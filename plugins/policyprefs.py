@@ -27,7 +27,7 @@ from cpmproxy.imap.tokens import (
     tokenize,
 )
 from cpmproxy.proxy.backend import UNAVAILABLE, BackendError, BackendRefused
-from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold
+from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Rewrite
 from plugins.cpm import (
     KINDS,
     PREF_NOTIFICATIONS,
@@ -120,7 +120,7 @@ class Preferences:
                 # (``_metadata_response``); what is known of them read first, in one go.
                 if not self._folders_may_hide(st):
                     return None
-                return Defer(defer.Deferred.fromCoroutine(self._folders_read(session)))
+                return Defer(defer.Deferred.fromCoroutine(self._folders_read(session, _maxsize_taken_off(cmd, at))))
             entries = args[at + 1] if at + 1 < len(args) else None
             asked = entries.items if isinstance(entries, ParenList) else [entries] if entries is not None else []
             return self._metadata_folder(session, st, cmd, mailbox, at, asked=asked)
@@ -210,8 +210,9 @@ class Preferences:
         cmd.state["prefs"] = (mailbox, prefs)
         return Defer(defer.Deferred.fromCoroutine(self._mark_pref_folder(session, mailbox)))
 
-    async def _folders_read(self, session) -> None:
+    async def _folders_read(self, session, then=None):
         await self.folder_infos(session, await self._all_folders(session))
+        return then
 
     async def _mark_pref_folder(self, session, mailbox: str) -> None:
         """Record (account-wide, before the client's OK) that ``mailbox`` has preferences of its own, so
@@ -275,14 +276,14 @@ class Preferences:
                     return Drop()  # (a hidden folder does not exist: GETMETADATA "*" does not name it)
                 asked = _asked_entries(session, mailbox)
         if _LITERAL_END_RE.search(data) is None:  # one line: the whole response
-            new = filter_metadata_response(data, asked)
+            new = _within_maxsize(session, filter_metadata_response(data, asked))
             return None if new is data else Drop(new)
         box = st.metadata_hold
         if box is not None and box["first"] == data:  # the hooks' run after our hold: the verdict
             st.metadata_hold = None
             if "whole" not in box:
                 return Drop()  # (not read whole: the session is ending, or a bug; never shown unfiltered)
-            new = filter_metadata_response(box["whole"], asked)
+            new = _within_maxsize(session, filter_metadata_response(box["whole"], asked))
             return None if new is box["whole"] else Drop(new)
         st.metadata_hold = box = {"first": data}
         return Hold(defer.Deferred.fromCoroutine(_read_held_response(session, box)))
@@ -386,6 +387,48 @@ def _sync_key(key: str | None) -> bool:
 def _sync_entry(tok) -> bool:
     name = token_text(tok)
     return name is not None and _sync_key(pref_key(name.decode("utf-8", "replace")))
+
+
+def _maxsize_taken_off(cmd, at: int) -> Rewrite | None:
+    """A GETMETADATA on a pattern without its MAXSIZE option, which the proxy applies (``_within_maxsize``):
+    the backend's ``[METADATA LONGENTRIES n]`` is the longest value of every folder the pattern matches,
+    hidden ones too (found by review helper-98: ``GETMETADATA (MAXSIZE 10) "S*" /private/comment`` answered
+    ``OK [METADATA LONGENTRIES 300]`` and nothing else, of a hidden folder's comment). None: it has none."""
+    options = cmd.args[0].items if at else []
+    i = next((j for j in range(0, len(options) - 1, 2) if (token_text(options[j]) or b"").upper() == b"MAXSIZE"),
+             None)
+    size = token_text(options[i + 1]) if i is not None else None
+    if size is None or not size.isdigit():
+        return None  # (none, or one the backend refuses)
+    cmd.state["maxsize"] = int(size)
+    rest = options[:i] + options[i + 2:]
+    args = ([ParenList(rest)] if rest else []) + cmd.args[at:]
+    return Rewrite(cmd.tag + b" GETMETADATA " + format_tokens(args) + b"\r\n")
+
+
+def _within_maxsize(session, data: bytes | None) -> bytes | None:
+    """A whole ``* METADATA`` response without the values longer than the MAXSIZE the proxy took off its
+    command (``_maxsize_taken_off``), the longest of them noted for the tagged OK's LONGENTRIES (see
+    ``PolicyPlugin.tagged``); ``data`` itself for any other."""
+    cmd = next((c for c in session.inflight_commands() if c.name == b"GETMETADATA" and "maxsize" in c.state), None)
+    if cmd is None or data is None:
+        return data
+    try:
+        tokens = tokenize(data[:-2] if data.endswith(b"\r\n") else data.rstrip(b"\n"))
+    except TokenError:
+        return None
+    if len(tokens) != 4 or not isinstance(tokens[3], ParenList):
+        return data  # (a list of entry names, no values)
+    items, kept = tokens[3].items, []
+    for j in range(0, len(items) - 1, 2):
+        value = token_text(items[j + 1])
+        if value is not None and len(value) > cmd.state["maxsize"]:
+            cmd.state["longest"] = max(cmd.state.get("longest", 0), len(value))
+        else:
+            kept += items[j:j + 2]
+    if len(kept) == len(items):
+        return data
+    return format_tokens(tokens[:3] + [ParenList(kept)]) + b"\r\n" if kept else None
 
 
 def _asked_entries(session, mailbox: str) -> set[bytes]:

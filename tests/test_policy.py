@@ -1058,6 +1058,41 @@ def test_a_hidden_session_history_has_no_metadata_either(make_proxy, dovecot):
         c.close()
 
 
+def test_getmetadata_on_a_pattern_with_maxsize_tells_no_hidden_folders_longentries(make_proxy, dovecot):
+    """Found by review (helper-98): Dovecot's [METADATA LONGENTRIES n] of a GETMETADATA on a pattern is the
+    longest value over every folder the pattern matches, hidden ones too: `GETMETADATA (MAXSIZE 10) "S*"
+    (/private/comment)` answered nothing but `OK [METADATA LONGENTRIES 300]`, of a hidden folder's comment
+    (a device could find hidden folders' names a letter at a time). The proxy applies MAXSIZE itself: the
+    visible values it leaves out are the LONGENTRIES, and within it they are shown as before."""
+    tag = uuid.uuid4().hex[:6]
+    secret, shown, short = f"Secret{tag}", f"Shown{tag}", f"Short{tag}"
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    try:
+        for name, value in ((secret, b"y" * 300), (shown, b"z" * 40), (short, b"ok")):
+            assert direct.command(b"c", b"CREATE " + name.encode())[-1].startswith(b"c OK")
+            assert direct.command(b"m", b"SETMETADATA %s (/private/comment {%d+}\r\n%s)"
+                                  % (name.encode(), len(value), value))[-1].startswith(b"m OK")
+        p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
+        c = login(p, "dave", "A")
+        try:
+            r = c.command(b"g", b'GETMETADATA (MAXSIZE 10) "Sec*%s" (/private/comment)' % tag.encode())
+            assert len(r) == 1 and r[0].startswith(b"g OK Getmetadata completed"), r
+            r = c.command(b"h", b'GETMETADATA (MAXSIZE 50) "S*%s" (/private/comment)' % tag.encode())
+            assert sorted(r[:-1]) == [b"* METADATA %s (/private/comment {2}\r\nok)\r\n" % short.encode(),
+                                      b"* METADATA %s (/private/comment {40}\r\n%s)\r\n" % (shown.encode(), b"z" * 40)], r
+            assert r[-1].startswith(b"h OK Getmetadata completed"), r
+            r = c.command(b"i", b'GETMETADATA (DEPTH 0 MAXSIZE 10) "*%s" (/private/comment)' % tag.encode())
+            assert r[:-1] == [b"* METADATA %s (/private/comment {2}\r\nok)\r\n" % short.encode()], r
+            assert r[-1].startswith(b"i OK [METADATA LONGENTRIES 40] Getmetadata completed"), r
+        finally:
+            c.close()
+    finally:
+        for name in (secret, shown, short):
+            direct.command(b"d", b"DELETE " + name.encode())
+        direct.close()
+
+
 def test_a_hidden_folder_its_user_may_bring_back_shows_its_sync_preferences_alone(make_proxy, dovecot):
     """The exception to the above (DESIGN.md section 4): a Session History folder hidden where its user may
     change that keeps its CPM sync preferences readable and writable (the device turns it back on), and
