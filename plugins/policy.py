@@ -418,6 +418,11 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
                 return Collect()  # (a header field name as a literal: the items after it are checked too)
             if (refused := _fetch_refused(cmd)) is not None:
                 return refused
+        if name == b"NOTIFY":
+            if cmd.has_literal and "collected" not in cmd.state:
+                return Collect()  # (a mailbox name as a literal: the fetch attributes after it are checked too)
+            if (refused := _notify_fetch_refused(cmd)) is not None:
+                return refused
         if name in SEARCH_COMMANDS:
             if cmd.has_literal and "collected" not in cmd.state:
                 return Collect()  # (a string as a literal: the keys after it are checked too)
@@ -2001,6 +2006,28 @@ def _fetch_refused(cmd) -> Answer | None:
     names = None if m is None else fetch_item_names(m.group(3))
     unknown = next((n for n in names or () if n not in FETCH_ITEMS), None)
     return None if unknown is None else refused_as_dovecot(b"FETCH", b"Unknown parameter: " + unknown + b".", cmd.uid)
+
+
+def _notify_fetch_refused(cmd) -> Answer | None:
+    """A NOTIFY whose MessageNew names a FETCH item not in ``FETCH_ITEMS`` refused, as Dovecot words one it
+    does not know: the backend sends the FETCH of each new message itself (found by review helper-98:
+    ``MessageNew (UID X-MAILBOX)`` passed, past the FETCH command's check)."""
+    try:
+        tokens = tokenize(cmd.line[:-2] if cmd.line.endswith(b"\r\n") else cmd.line)
+    except TokenError:
+        return None  # (Dovecot reads no event of such a line either)
+    lists, unknown = [tokens], None
+    while lists and unknown is None:
+        items = lists.pop()
+        for i, t in enumerate(items):
+            if isinstance(t, ParenList):
+                lists.append(t.items)
+            elif isinstance(t, Atom) and t.upper() == b"MESSAGENEW" and i + 1 < len(items) \
+                    and isinstance(items[i + 1], ParenList):
+                names = fetch_item_names(b" " + format_tokens([items[i + 1]])) or ()
+                unknown = next((n for n in names if n not in FETCH_ITEMS), unknown)
+    return None if unknown is None else refused_as_dovecot(
+        b"NOTIFY", b"Invalid fetch-att list: Unknown parameter: " + unknown + b".")
 
 
 def _search_refused(cmd) -> Answer | None:

@@ -318,6 +318,20 @@ def test_fetch_items_are_an_allowlist():
         assert _command(plugin, line) is None, line
 
 
+def test_notify_fetch_attributes_are_the_same_allowlist():
+    """A NOTIFY's MessageNew fetch attributes: the backend sends those FETCH responses itself."""
+    plugin = _plugin()
+    for line, item in ((b"a NOTIFY SET (selected (MessageNew (UID X-MAILBOX) MessageExpunge))\r\n", b"X-MAILBOX"),
+                       (b"a NOTIFY SET STATUS (personal (MailboxName)) (selected-delayed (MessageNew (FLAGS "
+                        b"emailid) MessageExpunge FlagChange))\r\n", b"EMAILID")):
+        action = _command(plugin, line)
+        assert isinstance(action, Answer) and action.tagged == b"BAD [CLIENTBUG] Error in IMAP command NOTIFY: " \
+            b"Invalid fetch-att list: Unknown parameter: " + item + b".", line
+    for line in (b"a NOTIFY SET (selected (MessageNew (UID BODY.PEEK[HEADER.FIELDS (From)] PREVIEW (LAZY)) "
+                 b"MessageExpunge)) (personal (MailboxName MessageNew))\r\n", b"a NOTIFY NONE\r\n"):
+        assert _command(plugin, line) is None, line
+
+
 def test_search_keys_are_an_allowlist():
     """A key the view does not know the arguments of is not passed on, nor Dovecot's X-MAILBOX; refused
     as Dovecot refuses a key it does not know."""
@@ -387,9 +401,14 @@ def test_a_virtual_mailbox_does_not_name_a_hidden_folder(make_proxy, dovecot_wit
                                        b"Unknown parameter: X-MAILBOX."),
                                       (b"s", b"SEARCH X-MAILBOX Secret*", b"SEARCH", b"Unknown argument X-MAILBOX."),
                                       (b"o", b"UID SORT (DATE) UTF-8 NOT X-MAILBOX INBOX", b"UID SORT",
-                                       b"Unknown argument X-MAILBOX.")):
+                                       b"Unknown argument X-MAILBOX."),
+                                      (b"n", b"NOTIFY SET (selected (MessageNew (UID X-MAILBOX) MessageExpunge))",
+                                       b"NOTIFY", b"Invalid fetch-att list: Unknown parameter: X-MAILBOX.")):
             r = c.command(tag, line)
             assert r == [tag + b" BAD [CLIENTBUG] Error in IMAP command " + name + b": " + what + b"\r\n"], r
+        r = c.command(b"m", b"NOTIFY SET (selected (MessageNew (UID X-GUID BODY.PEEK[HEADER.FIELDS (From)]) "
+                            b"MessageExpunge))")
+        assert r[-1].startswith(b"m OK"), r
         r = c.command(b"g", b"FETCH 1 (UID X-GUID X-REAL-UID SAVEDATE BODY.PEEK[HEADER.FIELDS (From)])")
         assert r[0].startswith(b"* 1 FETCH (UID 1 X-GUID ") and r[-1].startswith(b"g OK"), r
         r = c.command(b"h", b"SEARCH X-REAL-UID 1 NOT X-GUID nope")
