@@ -1099,19 +1099,30 @@ def test_a_local_delete_in_a_folder_made_anew_since_its_select_is_recorded_for_t
     it anew (Dovecot keeps this session in the old one): the delete of the old folder's UID 2 was recorded
     under the new folder's UIDVALIDITY, and the new folder's UID 2, never seen by the device, was hidden
     from it for good (``* 2 EXISTS``, UIDs 1 and 3)."""
-    a = b"Ln" + uuid.uuid4().hex[:8].encode()
-    for i in range(3):
-        dovecot.deliver("dave", a.decode(), make_object("chat", seed=i))
-    c = device(proxy)
-    assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)  # (nothing hidden: no view)
-    direct = dovecot.imap_direct("dave", tls="none")
-    direct.delete_folder(a.decode())
-    direct.logout()
-    for i in range(3):
-        dovecot.deliver("dave", a.decode(), make_object("chat", seed=20 + i))
-    assert c.command(b"d", b"UID STORE 2 +FLAGS (\\Deleted $LocalDelete)")[-1].startswith(b"d OK")
-    assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
-    c.close()
+    for _attempt in range(5):
+        a = b"Ln" + uuid.uuid4().hex[:8].encode()
+        for i in range(3):
+            dovecot.deliver("dave", a.decode(), make_object("chat", seed=i))
+        c = device(proxy)
+        assert b"* 3 EXISTS\r\n" in c.command(b"s", b'SELECT "%s"' % a)  # (nothing hidden: no view)
+        direct = dovecot.imap_direct("dave", tls="none")
+        direct.delete_folder(a.decode())
+        direct.logout()
+        for i in range(3):
+            dovecot.deliver("dave", a.decode(), make_object("chat", seed=20 + i))
+        try:
+            stored = c.command(b"d", b"UID STORE 2 +FLAGS (\\Deleted $LocalDelete)")
+        except ConnectionError:
+            # (Dovecot noticed the deletion first and ended the session, "Mailbox was deleted": at times,
+            # by when its index saw it; not the race this is about. Again, with another folder.)
+            c.close()
+            continue
+        assert stored[-1].startswith(b"d OK"), stored
+        assert c.command(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+        c.close()
+        break
+    else:
+        pytest.fail("Dovecot ended every session whose folder was deleted")
     d = device(proxy)
     seen = d.command(b"s", b'SELECT "%s"' % a) + d.command(b"f", b"FETCH 1:* (UID)")
     d.close()
@@ -1177,8 +1188,13 @@ def test_counting_a_folder_replaced_while_examined_keeps_the_new_folders_local_d
                                                                  f'{uidvalidity}-abc "3")')
         assert typ == "OK"
 
-    a, got = _status_while_made_anew(make_proxy, relay, dovecot, rb"^\S+ UID SEARCH RETURN \(ALL\) ALL",
-                                     rb"OK \[READ-ONLY\]", deleted_locally)
+    for _attempt in range(5):
+        a, got = _status_while_made_anew(make_proxy, relay, dovecot, rb"^\S+ UID SEARCH RETURN \(ALL\) ALL",
+                                         rb"OK \[READ-ONLY\]", deleted_locally)
+        # (At times Dovecot ends the side connection whose examined folder was deleted, before the count
+        # reads the records: "try again", nothing pruned, not the race this is about. Again, anew.)
+        if not got[-1].startswith(b"t NO [UNAVAILABLE]"):
+            break
     assert got[-1].startswith(b"t OK"), got
     proxy = make_proxy(backend_tls="none", backend_port=relay.port)
     d = device(proxy)
