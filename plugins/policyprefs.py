@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpmproxy.imap.tokens import (
+    Atom,
     Nil,
     ParenList,
     TokenError,
@@ -395,13 +396,22 @@ def _maxsize_taken_off(cmd, at: int) -> Rewrite | None:
     hidden ones too (found by review helper-98: ``GETMETADATA (MAXSIZE 10) "S*" /private/comment`` answered
     ``OK [METADATA LONGENTRIES 300]`` and nothing else, of a hidden folder's comment). None: it has none."""
     options = cmd.args[0].items if at else []
-    i = next((j for j in range(0, len(options) - 1, 2) if (token_text(options[j]) or b"").upper() == b"MAXSIZE"),
-             None)
-    size = token_text(options[i + 1]) if i is not None else None
-    if size is None or not size.isdigit():
-        return None  # (none, or one the backend refuses)
-    cmd.state["maxsize"] = int(size)
-    rest = options[:i] + options[i + 2:]
+    size, rest = None, []
+    for j in range(0, len(options), 2):
+        if not isinstance(options[j], Atom) or options[j].upper() != b"MAXSIZE" or j + 1 >= len(options):
+            rest += options[j:j + 2]
+            continue
+        # Every MAXSIZE taken off, the last one applied, as Dovecot does (found by review helper-102: only the
+        # first was, and 'GETMETADATA (MAXSIZE 10 MAXSIZE 10) "S*" ...' still told a hidden folder's
+        # LONGENTRIES). A value Dovecot refuses (not an atom of digits within 32 bits) leaves the command as it
+        # is, for its BAD (a quoted one or 2**32 were answered OK); a quoted option name is not one (BAD too).
+        value = options[j + 1]
+        if not isinstance(value, Atom) or not value.value.isdigit() or int(value.value) > 0xFFFFFFFF:
+            return None
+        size = int(value.value)
+    if size is None:
+        return None
+    cmd.state["maxsize"] = size
     args = ([ParenList(rest)] if rest else []) + cmd.args[at:]
     return Rewrite(cmd.tag + b" GETMETADATA " + format_tokens(args) + b"\r\n")
 

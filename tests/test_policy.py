@@ -1093,6 +1093,44 @@ def test_getmetadata_on_a_pattern_with_maxsize_tells_no_hidden_folders_longentri
         direct.close()
 
 
+def test_getmetadata_on_a_pattern_with_maxsize_twice_applies_the_last_and_tells_no_hidden_longentries(
+        make_proxy, dovecot):
+    """Found by review helper-102: Dovecot applies the last of several MAXSIZE options; the proxy took off
+    only the first, and `GETMETADATA (MAXSIZE 10 MAXSIZE 10) "Sec*" (/private/comment)` still answered
+    `OK [METADATA LONGENTRIES 300]`, of a hidden folder's comment. A MAXSIZE Dovecot refuses (quoted, past
+    32 bits, or its name quoted) was taken off too and answered OK; it is Dovecot's BAD again."""
+    tag = uuid.uuid4().hex[:6]
+    secret, shown = f"Secret{tag}", f"Shown{tag}"
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    try:
+        for name, value in ((secret, b"y" * 300), (shown, b"z" * 40)):
+            assert direct.command(b"c", b"CREATE " + name.encode())[-1].startswith(b"c OK")
+            assert direct.command(b"m", b"SETMETADATA %s (/private/comment {%d+}\r\n%s)"
+                                  % (name.encode(), len(value), value))[-1].startswith(b"m OK")
+        p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
+        c = login(p, "dave", "A")
+        try:
+            r = c.command(b"g", b'GETMETADATA (MAXSIZE 10 MAXSIZE 10) "Sec*%s" (/private/comment)' % tag.encode())
+            assert len(r) == 1 and r[0].startswith(b"g OK Getmetadata completed"), r
+            r = c.command(b"h", b'GETMETADATA (MAXSIZE 10 DEPTH 0 MAXSIZE 50) "S*%s" (/private/comment)'
+                          % tag.encode())
+            assert r[:-1] == [b"* METADATA %s (/private/comment {40}\r\n%s)\r\n" % (shown.encode(), b"z" * 40)], r
+            assert r[-1].startswith(b"h OK Getmetadata completed"), r
+            for option in (b'MAXSIZE "10"', b"MAXSIZE 4294967296", b'"MAXSIZE" 10'):
+                line = b'GETMETADATA (%s) "S*%s" (/private/comment)' % (option, tag.encode())
+                want = direct.command(b"i", line)
+                assert want[-1].startswith(b"i BAD"), want
+                r = c.command(b"i", line)
+                assert len(r) == 1 and r[0].startswith(b"i BAD"), r
+        finally:
+            c.close()
+    finally:
+        for name in (secret, shown):
+            direct.command(b"d", b"DELETE " + name.encode())
+        direct.close()
+
+
 def test_a_hidden_folder_its_user_may_bring_back_shows_its_sync_preferences_alone(make_proxy, dovecot):
     """The exception to the above (DESIGN.md section 4): a Session History folder hidden where its user may
     change that keeps its CPM sync preferences readable and writable (the device turns it back on), and
