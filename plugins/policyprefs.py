@@ -420,8 +420,10 @@ def _within_maxsize(session, data: bytes | None) -> bytes | None:
     """A whole ``* METADATA`` response without the values longer than the MAXSIZE the proxy took off its
     command (``_maxsize_taken_off``), the longest of them noted for the tagged OK's LONGENTRIES (see
     ``PolicyPlugin.tagged``); ``data`` itself for any other."""
-    cmd = next((c for c in session.inflight_commands() if c.name == b"GETMETADATA" and "maxsize" in c.state), None)
-    if cmd is None or data is None:
+    # (The response is the first GETMETADATA's in flight: the backend answers them in order. Not the first
+    # with a MAXSIZE: found by review helper-102, one pipelined before it lost its long values.)
+    cmd = next((c for c in session.inflight_commands() if c.name == b"GETMETADATA"), None)
+    if cmd is None or "maxsize" not in cmd.state or data is None:
         return data
     try:
         tokens = tokenize(data[:-2] if data.endswith(b"\r\n") else data.rstrip(b"\n"))

@@ -1131,6 +1131,36 @@ def test_getmetadata_on_a_pattern_with_maxsize_twice_applies_the_last_and_tells_
         direct.close()
 
 
+def test_getmetadata_pipelined_before_one_with_maxsize_on_a_pattern_is_answered_whole(make_proxy, dovecot):
+    """Found by review helper-102: the MAXSIZE the proxy applies for a GETMETADATA on a pattern was applied to
+    the ``* METADATA`` responses of any GETMETADATA in flight with it: one pipelined before it, of a folder by
+    name, lost its 40-byte value, and the later command's OK told it as [METADATA LONGENTRIES 40]."""
+    tag = uuid.uuid4().hex[:6]
+    secret, shown = f"Secret{tag}", f"Shown{tag}"
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    try:
+        for name, value in ((secret, b"y" * 300), (shown, b"z" * 40)):
+            assert direct.command(b"c", b"CREATE " + name.encode())[-1].startswith(b"c OK")
+            assert direct.command(b"m", b"SETMETADATA %s (/private/comment {%d+}\r\n%s)"
+                                  % (name.encode(), len(value), value))[-1].startswith(b"m OK")
+        p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
+        c = login(p, "dave", "A")
+        try:
+            c.send(b"a GETMETADATA %s (/private/comment)\r\nb GETMETADATA (MAXSIZE 10) \"Sec*%s\" (/private/comment)\r\n"
+                   % (shown.encode(), tag.encode()))
+            r = c.until_tagged(b"a")
+            assert r[:-1] == [b"* METADATA %s (/private/comment {40}\r\n%s)\r\n" % (shown.encode(), b"z" * 40)], r
+            r = c.until_tagged(b"b")
+            assert len(r) == 1 and r[0].startswith(b"b OK Getmetadata completed"), r
+        finally:
+            c.close()
+    finally:
+        for name in (secret, shown):
+            direct.command(b"d", b"DELETE " + name.encode())
+        direct.close()
+
+
 def test_a_hidden_folder_its_user_may_bring_back_shows_its_sync_preferences_alone(make_proxy, dovecot):
     """The exception to the above (DESIGN.md section 4): a Session History folder hidden where its user may
     change that keeps its CPM sync preferences readable and writable (the device turns it back on), and
