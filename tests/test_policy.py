@@ -1058,107 +1058,79 @@ def test_a_hidden_session_history_has_no_metadata_either(make_proxy, dovecot):
         c.close()
 
 
-def test_getmetadata_on_a_pattern_with_maxsize_tells_no_hidden_folders_longentries(make_proxy, dovecot):
+@pytest.fixture
+def commented_folders(make_proxy, dovecot):
+    """Folders of dave's with a /private/comment each: Secret<tag> (300 bytes, hidden by the policy),
+    Shown<tag> (40 bytes) and Short<tag> ("ok"). Yields (tag, direct session, the device's session)."""
+    tag = uuid.uuid4().hex[:6]
+    names = (f"Secret{tag}", f"Shown{tag}", f"Short{tag}")
+    direct = RawIMAP("127.0.0.1", dovecot.port)
+    direct.login("dave", "davepw")
+    try:
+        for name, value in zip(names, (b"y" * 300, b"z" * 40, b"ok"), strict=True):
+            assert direct.command(b"c", b"CREATE " + name.encode())[-1].startswith(b"c OK")
+            assert direct.command(b"m", b"SETMETADATA %s (/private/comment {%d+}\r\n%s)"
+                                  % (name.encode(), len(value), value))[-1].startswith(b"m OK")
+        c = login(make_proxy(config_extra=f'[policy]\nexclude_folders = ["{names[0]}"]\n'), "dave", "A")
+        try:
+            yield tag.encode(), direct, c
+        finally:
+            c.close()
+    finally:
+        for name in names:
+            direct.command(b"d", b"DELETE " + name.encode())
+        direct.close()
+
+
+def test_getmetadata_on_a_pattern_with_maxsize_tells_no_hidden_folders_longentries(commented_folders):
     """Found by review (helper-98): Dovecot's [METADATA LONGENTRIES n] of a GETMETADATA on a pattern is the
     longest value over every folder the pattern matches, hidden ones too: `GETMETADATA (MAXSIZE 10) "S*"
     (/private/comment)` answered nothing but `OK [METADATA LONGENTRIES 300]`, of a hidden folder's comment
     (a device could find hidden folders' names a letter at a time). The proxy applies MAXSIZE itself: the
     visible values it leaves out are the LONGENTRIES, and within it they are shown as before."""
-    tag = uuid.uuid4().hex[:6]
-    secret, shown, short = f"Secret{tag}", f"Shown{tag}", f"Short{tag}"
-    direct = RawIMAP("127.0.0.1", dovecot.port)
-    direct.login("dave", "davepw")
-    try:
-        for name, value in ((secret, b"y" * 300), (shown, b"z" * 40), (short, b"ok")):
-            assert direct.command(b"c", b"CREATE " + name.encode())[-1].startswith(b"c OK")
-            assert direct.command(b"m", b"SETMETADATA %s (/private/comment {%d+}\r\n%s)"
-                                  % (name.encode(), len(value), value))[-1].startswith(b"m OK")
-        p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
-        c = login(p, "dave", "A")
-        try:
-            r = c.command(b"g", b'GETMETADATA (MAXSIZE 10) "Sec*%s" (/private/comment)' % tag.encode())
-            assert len(r) == 1 and r[0].startswith(b"g OK Getmetadata completed"), r
-            r = c.command(b"h", b'GETMETADATA (MAXSIZE 50) "S*%s" (/private/comment)' % tag.encode())
-            assert sorted(r[:-1]) == [b"* METADATA %s (/private/comment {2}\r\nok)\r\n" % short.encode(),
-                                      b"* METADATA %s (/private/comment {40}\r\n%s)\r\n" % (shown.encode(), b"z" * 40)], r
-            assert r[-1].startswith(b"h OK Getmetadata completed"), r
-            r = c.command(b"i", b'GETMETADATA (DEPTH 0 MAXSIZE 10) "*%s" (/private/comment)' % tag.encode())
-            assert r[:-1] == [b"* METADATA %s (/private/comment {2}\r\nok)\r\n" % short.encode()], r
-            assert r[-1].startswith(b"i OK [METADATA LONGENTRIES 40] Getmetadata completed"), r
-        finally:
-            c.close()
-    finally:
-        for name in (secret, shown, short):
-            direct.command(b"d", b"DELETE " + name.encode())
-        direct.close()
+    tag, _direct, c = commented_folders
+    r = c.command(b"g", b'GETMETADATA (MAXSIZE 10) "Sec*%s" (/private/comment)' % tag)
+    assert len(r) == 1 and r[0].startswith(b"g OK Getmetadata completed"), r
+    r = c.command(b"h", b'GETMETADATA (MAXSIZE 50) "S*%s" (/private/comment)' % tag)
+    assert sorted(r[:-1]) == [b"* METADATA Short%s (/private/comment {2}\r\nok)\r\n" % tag,
+                              b"* METADATA Shown%s (/private/comment {40}\r\n%s)\r\n" % (tag, b"z" * 40)], r
+    assert r[-1].startswith(b"h OK Getmetadata completed"), r
+    r = c.command(b"i", b'GETMETADATA (DEPTH 0 MAXSIZE 10) "*%s" (/private/comment)' % tag)
+    assert r[:-1] == [b"* METADATA Short%s (/private/comment {2}\r\nok)\r\n" % tag], r
+    assert r[-1].startswith(b"i OK [METADATA LONGENTRIES 40] Getmetadata completed"), r
 
 
 def test_getmetadata_on_a_pattern_with_maxsize_twice_applies_the_last_and_tells_no_hidden_longentries(
-        make_proxy, dovecot):
+        commented_folders):
     """Found by review helper-102: Dovecot applies the last of several MAXSIZE options; the proxy took off
     only the first, and `GETMETADATA (MAXSIZE 10 MAXSIZE 10) "Sec*" (/private/comment)` still answered
     `OK [METADATA LONGENTRIES 300]`, of a hidden folder's comment. A MAXSIZE Dovecot refuses (quoted, past
     32 bits, or its name quoted) was taken off too and answered OK; it is Dovecot's BAD again."""
-    tag = uuid.uuid4().hex[:6]
-    secret, shown = f"Secret{tag}", f"Shown{tag}"
-    direct = RawIMAP("127.0.0.1", dovecot.port)
-    direct.login("dave", "davepw")
-    try:
-        for name, value in ((secret, b"y" * 300), (shown, b"z" * 40)):
-            assert direct.command(b"c", b"CREATE " + name.encode())[-1].startswith(b"c OK")
-            assert direct.command(b"m", b"SETMETADATA %s (/private/comment {%d+}\r\n%s)"
-                                  % (name.encode(), len(value), value))[-1].startswith(b"m OK")
-        p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
-        c = login(p, "dave", "A")
-        try:
-            r = c.command(b"g", b'GETMETADATA (MAXSIZE 10 MAXSIZE 10) "Sec*%s" (/private/comment)' % tag.encode())
-            assert len(r) == 1 and r[0].startswith(b"g OK Getmetadata completed"), r
-            r = c.command(b"h", b'GETMETADATA (MAXSIZE 10 DEPTH 0 MAXSIZE 50) "S*%s" (/private/comment)'
-                          % tag.encode())
-            assert r[:-1] == [b"* METADATA %s (/private/comment {40}\r\n%s)\r\n" % (shown.encode(), b"z" * 40)], r
-            assert r[-1].startswith(b"h OK Getmetadata completed"), r
-            for option in (b'MAXSIZE "10"', b"MAXSIZE 4294967296", b'"MAXSIZE" 10'):
-                line = b'GETMETADATA (%s) "S*%s" (/private/comment)' % (option, tag.encode())
-                want = direct.command(b"i", line)
-                assert want[-1].startswith(b"i BAD"), want
-                r = c.command(b"i", line)
-                assert len(r) == 1 and r[0].startswith(b"i BAD"), r
-        finally:
-            c.close()
-    finally:
-        for name in (secret, shown):
-            direct.command(b"d", b"DELETE " + name.encode())
-        direct.close()
+    tag, direct, c = commented_folders
+    r = c.command(b"g", b'GETMETADATA (MAXSIZE 10 MAXSIZE 10) "Sec*%s" (/private/comment)' % tag)
+    assert len(r) == 1 and r[0].startswith(b"g OK Getmetadata completed"), r
+    r = c.command(b"h", b'GETMETADATA (MAXSIZE 10 DEPTH 0 MAXSIZE 50) "Shown*%s" (/private/comment)' % tag)
+    assert r[:-1] == [b"* METADATA Shown%s (/private/comment {40}\r\n%s)\r\n" % (tag, b"z" * 40)], r
+    assert r[-1].startswith(b"h OK Getmetadata completed"), r
+    for option in (b'MAXSIZE "10"', b"MAXSIZE 4294967296", b'"MAXSIZE" 10'):
+        line = b'GETMETADATA (%s) "S*%s" (/private/comment)' % (option, tag)
+        want = direct.command(b"i", line)
+        assert want[-1].startswith(b"i BAD"), want
+        r = c.command(b"i", line)
+        assert len(r) == 1 and r[0].startswith(b"i BAD"), r
 
 
-def test_getmetadata_pipelined_before_one_with_maxsize_on_a_pattern_is_answered_whole(make_proxy, dovecot):
+def test_getmetadata_pipelined_before_one_with_maxsize_on_a_pattern_is_answered_whole(commented_folders):
     """Found by review helper-102: the MAXSIZE the proxy applies for a GETMETADATA on a pattern was applied to
     the ``* METADATA`` responses of any GETMETADATA in flight with it: one pipelined before it, of a folder by
     name, lost its 40-byte value, and the later command's OK told it as [METADATA LONGENTRIES 40]."""
-    tag = uuid.uuid4().hex[:6]
-    secret, shown = f"Secret{tag}", f"Shown{tag}"
-    direct = RawIMAP("127.0.0.1", dovecot.port)
-    direct.login("dave", "davepw")
-    try:
-        for name, value in ((secret, b"y" * 300), (shown, b"z" * 40)):
-            assert direct.command(b"c", b"CREATE " + name.encode())[-1].startswith(b"c OK")
-            assert direct.command(b"m", b"SETMETADATA %s (/private/comment {%d+}\r\n%s)"
-                                  % (name.encode(), len(value), value))[-1].startswith(b"m OK")
-        p = make_proxy(config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
-        c = login(p, "dave", "A")
-        try:
-            c.send(b"a GETMETADATA %s (/private/comment)\r\nb GETMETADATA (MAXSIZE 10) \"Sec*%s\" (/private/comment)\r\n"
-                   % (shown.encode(), tag.encode()))
-            r = c.until_tagged(b"a")
-            assert r[:-1] == [b"* METADATA %s (/private/comment {40}\r\n%s)\r\n" % (shown.encode(), b"z" * 40)], r
-            r = c.until_tagged(b"b")
-            assert len(r) == 1 and r[0].startswith(b"b OK Getmetadata completed"), r
-        finally:
-            c.close()
-    finally:
-        for name in (secret, shown):
-            direct.command(b"d", b"DELETE " + name.encode())
-        direct.close()
+    tag, _direct, c = commented_folders
+    c.send(b'a GETMETADATA Shown%s (/private/comment)\r\nb GETMETADATA (MAXSIZE 10) "Sec*%s" (/private/comment)\r\n'
+           % (tag, tag))
+    r = c.until_tagged(b"a")
+    assert r[:-1] == [b"* METADATA Shown%s (/private/comment {40}\r\n%s)\r\n" % (tag, b"z" * 40)], r
+    r = c.until_tagged(b"b")
+    assert len(r) == 1 and r[0].startswith(b"b OK Getmetadata completed"), r
 
 
 def test_a_hidden_folder_its_user_may_bring_back_shows_its_sync_preferences_alone(make_proxy, dovecot):

@@ -224,14 +224,19 @@ def test_offered_capabilities_against_dovecot(make_proxy, dovecot):
     assert "not offered to devices" not in p.log()  # (Dovecot 2.3.19's are all known)
 
 
-@pytest.fixture(scope="module")
-def dovecot_with_plugins(tmp_path_factory):
-    d = Dovecot(tmp_path_factory.mktemp("dovecot-plugins"), users={"erin": "erinpw"}, extra_config=PLUGINS_CONFIG)
+def _dovecot_with(tmp_path_factory, name: str, extra_config: str):
+    """A Dovecot of its own for user erin, with ``extra_config`` (a module fixture's)."""
+    d = Dovecot(tmp_path_factory.mktemp(name), users={"erin": "erinpw"}, extra_config=extra_config)
     d.start()
     try:
         yield d
     finally:
         d.close()
+
+
+@pytest.fixture(scope="module")
+def dovecot_with_plugins(tmp_path_factory):
+    yield from _dovecot_with(tmp_path_factory, "dovecot-plugins", PLUGINS_CONFIG)
 
 
 def test_a_backend_with_quota_and_acl_offers_quota_only_and_acl_commands_stay_off(make_proxy, dovecot_with_plugins):
@@ -364,12 +369,7 @@ namespace virtual {
 
 @pytest.fixture(scope="module")
 def dovecot_with_virtual(tmp_path_factory):
-    d = Dovecot(tmp_path_factory.mktemp("dovecot-virtual"), users={"erin": "erinpw"}, extra_config=VIRTUAL_CONFIG)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.close()
+    yield from _dovecot_with(tmp_path_factory, "dovecot-virtual", VIRTUAL_CONFIG)
 
 
 def test_a_virtual_mailbox_does_not_name_a_hidden_folder(make_proxy, dovecot_with_virtual):
