@@ -18,6 +18,7 @@ in ``policyconfig``, searches in a view in ``viewsearch``, what the parts share 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
@@ -1144,19 +1145,23 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         One search: the smallest unseen UID above ``uid`` that is not hidden, or where the hidden ones
         past it would make a long command line, all unseen UIDs above it, the first visible one taken."""
         top = view.max_uid
-        if uid >= top:
+        visible = view.visible
+        if uid >= top or (after := bisect_right(visible, uid)) == len(visible):
             return
-        past = view.hidden_uids & SequenceSet.from_canonical([(uid + 1, top)])
+        # (From the first visible message after it: past a block of hidden ones, 10,000 local deletions at
+        # the top of the folder, the backend reads only the messages after them.)
+        low = visible[after]
+        past = view.hidden_uids & SequenceSet.from_canonical([(low, top)])
         hidden = past.format() if past else b""
         try:
             if len(hidden) <= INLINE_SET_MAX:
                 reply = search_ok(await session.backend_command(
-                    b"UID SEARCH RETURN (MIN) UID %d:%d UNSEEN" % (uid + 1, top)
+                    b"UID SEARCH RETURN (MIN) UID %d:%d UNSEEN" % (low, top)
                     + (b" NOT UID " + hidden if hidden else b"")))
                 found = [int(m.group(1)) for line in reply.untagged if (m := _MIN_RE.search(line))]
             else:
                 found = esearch_all(await session.backend_command(
-                    b"UID SEARCH RETURN (ALL) UID %d:%d UNSEEN" % (uid + 1, top)))
+                    b"UID SEARCH RETURN (ALL) UID %d:%d UNSEEN" % (low, top)))
         except Exception as e:  # (the code is left out, as before)
             log.warn("the first visible unseen message could not be found: {e} session={session}",
                      e=e, session=session.session_id)

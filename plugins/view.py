@@ -96,7 +96,7 @@ class MailboxView:
     def hidden_uids(self) -> SequenceSet:
         """The hidden UIDs as a set (for a search restricted to the visible messages)."""
         if self._hidden_uids is None:
-            self._hidden_uids = SequenceSet.from_iterable(sorted(self.hidden))
+            self._hidden_uids = SequenceSet.from_iterable(self.hidden)
         return self._hidden_uids
 
     @property

@@ -143,9 +143,16 @@ class SequenceSet:
     def from_iterable(cls, numbers: Iterable[int]) -> SequenceSet:
         """Build from individual numbers (duplicates allowed; :data:`STAR` allowed)."""
         nums = sorted(set(numbers))
-        if nums and (nums[0] < 1 or nums[-1] > STAR):
+        if not nums:
+            return _EMPTY
+        if nums[0] < 1 or nums[-1] > STAR:
             raise SequenceSetError(f"numbers must lie in 1..{MAX_NUMBER} (or STAR)")
-        return cls._normalized(_coalesce((n, n) for n in nums))
+        if nums[-1] - nums[0] + 1 == len(nums):
+            return cls._normalized(((nums[0], nums[-1]),))  # (one run: a view's 10,000 hidden in a block)
+        # Runs end where a number is not its predecessor + 1: found by one comprehension, not a tuple and a
+        # merge step per number (a SELECT of a view with 10,000 hidden paid ~2 ms for that).
+        cuts = [i for i in range(1, len(nums)) if nums[i] != nums[i - 1] + 1]
+        return cls._normalized(tuple((nums[a], nums[b - 1]) for a, b in zip([0, *cuts], [*cuts, len(nums)], strict=True)))
 
     @classmethod
     def parse(cls, token: bytes | str) -> SequenceSet:
