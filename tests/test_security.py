@@ -311,3 +311,17 @@ def test_a_select_with_a_binary_literal_keeps_the_view(make_proxy, dovecot, sele
     got = c.command(b"f", b"FETCH 1:* (UID)") + c.command(b"u", b"UID FETCH 1:* (UID)")
     c.close()
     assert not any(b"UID 2)" in x for x in got), got
+
+
+def test_a_carriage_return_in_a_section_after_a_literal_is_refused_not_a_hung_proxy(make_proxy, dovecot):
+    """Found by the tokenizer's fuzz test (test_tokens.py, in CI): inside ``[...]`` after a literal, a bare
+    CR sent the scan back to that literal's announcement, for ever. A FETCH is read whole where messages
+    can be hidden, so one command hung the proxy process, every user's session with it."""
+    p, c, _folder = _selected_hiding_an_imdn(make_proxy, dovecot, ("imdn", "chat", "chat"))
+    c.sock.settimeout(10)
+    c.send(b"a FETCH 1 (BODY.PEEK[HEADER.FIELDS ({2+}\r\nab X\rY)])\r\n")
+    r = c.until_tagged(b"a")
+    assert r[-1].startswith(b"a BAD [CLIENTBUG]"), r
+    assert c.command(b"b", b"NOOP")[-1].startswith(b"b OK")
+    c.close()
+    assert internal_errors(p) == 0 and "Traceback" not in p.log()

@@ -733,3 +733,12 @@ def test_space_run_none_in_lines_written_with_single_spaces(words: list[bytes]) 
     line = b"t CMD " + b" ".join(words)
     assert space_run(line) == -1
     assert space_run(line.replace(b" ", b"  ", 1)) == 1
+
+
+def test_a_bare_cr_in_brackets_after_a_literal_ends_the_scan():
+    """Found by ``test_only_token_errors``: the CR's literal was matched from the last brace before it, an
+    earlier literal's, whose end lay behind the scan: it went back there, for ever."""
+    with pytest.raises(TokenError):
+        tokenize(b"a FETCH 1 (BODY[HEADER.FIELDS ({2}\r\nab X\rY)])", [])
+    with pytest.raises(TokenError):
+        tokenize(b'~[ aa{2}\r\n\n0:\\5><1a0<BODY[(0*}[L\ra BODY[(', [b"\x15", b"<\xdd"])

@@ -233,8 +233,10 @@ def _skip_bracket(line: bytes, pos: int) -> int:
         elif c == 0x22:
             pos = _quoted_end(line, p)[1]
         elif c == 0x0D and (brace := line.rfind(b"{", start, p)) > 0 \
-                and (lit := _BRACKET_LITERAL_RE.match(line, brace, p + 2)) is not None:
+                and (lit := _BRACKET_LITERAL_RE.fullmatch(line, brace, p + 2)) is not None:
             # A literal, its bytes inline: a header field name of BODY[HEADER.FIELDS (...)] is an astring.
+            # (Its announcement ends at this CR: an earlier literal's, matched from its brace, sent the scan
+            # back there, for ever: found by the tokenizer's fuzz test, a proxy process hung.)
             pos = lit.end() + int(lit.group(1))
             if pos > len(line):
                 raise TokenError("literal inside '[...]' truncated", p)
