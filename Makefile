@@ -12,7 +12,7 @@ demo: setup
 TEST_WORKERS ?= 3
 
 test: setup
-	.venv/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	.venv/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: setup
 	.venv/bin/python bench/run.py
