@@ -81,8 +81,11 @@ def fetch_item_names(text: bytes) -> list[bytes] | None:
 def fetch_item_pattern(item: bytes) -> re.Pattern:
     """A pattern for one item of a FETCH response segment, whose group 1 is the item's value: it matches
     only where a word starts outside quoted strings and ``[...]`` section specs (an ENVELOPE's subject, a
-    ``BODY[HEADER.FIELDS (...)]`` name list may hold the item's name). Use with :func:`find_fetch_item`."""
-    return re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|\[[^\]\r\n]*\]|(?<![^\s(])' + item, re.I)
+    ``BODY[HEADER.FIELDS (...)]`` name list may hold the item's name). Use with :func:`find_fetch_item`.
+    (A section is a '[' after BODY or BINARY: a keyword's '[', ``FLAGS (a[b)``, opened one to the next
+    section's ']' and hid the items between.)"""
+    return re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|(?<![^\s(])(?:BODY|BINARY)[.A-Z]*\[[^\]\r\n]*\]|(?<![^\s(])'
+                      + item, re.I)
 
 
 # The UIDVALIDITY and UIDs an APPEND's tagged OK names (RFC 4315 UIDPLUS).

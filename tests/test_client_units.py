@@ -286,6 +286,9 @@ def test_tokenize_responses():
     assert items[7] == b" 1-Jan-2024 00:00:00 +0000" and not isinstance(items[7], Atom)
     assert items[9] is None
     assert tokenize(b'"a\\"b\\\\c" nil') == [b'a"b\\c', None]
+    # A keyword with a '[' (Dovecot stores "[" and "a[b") is an atom: only BODY and BINARY open sections.
+    assert tokenize(b"(FLAGS ([ a[b) UID 3 BODY[HEADER] {1})", [b"x"]) == [
+        [b"FLAGS", [b"[", b"a[b"], b"UID", b"3", b"BODY[HEADER]", b"x"]]
     for bad, lits in [(b"(a", []), (b"a)", []), (b'"open', []), (b"{3}", []), (b"{3}", [b"ab"])]:
         with pytest.raises(ValueError):
             tokenize(bad, lits)

@@ -1291,3 +1291,46 @@ def test_commands_on_a_folder_that_does_not_exist_log_no_warning(make_proxy, dov
     assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
     c.close()
     assert "plugin decision failed" not in p.log() and "Unhandled" not in p.log(), p.log()[-2000:]
+
+
+@pytest.mark.parametrize("hidden", [True, False], ids=["filtered", "nothing-hidden"])
+def test_keywords_with_a_bracket_are_flags_like_any_other(make_proxy, dovecot, hidden):
+    """Found by the command fuzzer: Dovecot stores a keyword "[" or "a[b" (RFC 9051 ATOM-CHAR; only ']' it
+    refuses), and the proxy read its '[' as a section's, so the SELECT's ``* FLAGS`` of a mailbox with one
+    was unreadable to it: every session that selected the folder ended with ``BYE [UNAVAILABLE] Backend
+    protocol error``, the folder lost to every device. Now such keywords are flags like any other: in
+    FLAGS, PERMANENTFLAGS, FETCH (before a section too), STORE under a filtered view, and SEARCH."""
+    folder = "Kw" + uuid.uuid4().hex[:8]
+    uids = [dovecot.deliver("carol", folder, make_object(kind, seed=i))
+            for i, kind in enumerate(["chat", "imdn", "chat"])]
+    d = RawIMAP("127.0.0.1", dovecot.port)
+    d.login("carol", "carolpw")
+    d.command(b"s", b"SELECT " + q(folder))
+    assert d.command(b"k", b"UID STORE %d +FLAGS ([ $[)" % uids[0])[-1].startswith(b"k OK")
+    d.close()
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n" if hidden else "")
+    c = login(p)
+    try:
+        r = c.command(b"s", b"SELECT " + q(folder))
+        assert r[-1].startswith(b"s OK"), r
+        assert any(line.startswith(b"* FLAGS (") and b" [ $[" in line for line in r), r
+        assert any(b"[PERMANENTFLAGS (" in line and b" [ $[ " in line for line in r), r
+        visible = [uids[0], uids[2]] if hidden else uids
+        r = c.command(b"f", b"FETCH 1:* (FLAGS UID BODY.PEEK[HEADER.FIELDS (Subject)])")
+        assert r[-1].startswith(b"f OK"), r
+        assert [int(m.group(1)) for line in r if (m := re.search(rb" UID (\d+) ", line))] == visible
+        assert re.match(rb"\* 1 FETCH \(FLAGS \(\[ \$\[\) UID %d " % uids[0], r[0]), r
+        # (the second visible message: a STORE the filtered view renumbers, with a keyword in brackets)
+        assert c.command(b"k", b"STORE 2 +FLAGS.SILENT (a[b)")[-1].startswith(b"k OK")
+        r = c.command(b"q", b"SEARCH KEYWORD a[b")
+        assert r[0] == b"* SEARCH 2\r\n", r
+        r = c.command(b"n", b"NOOP")
+        assert r[-1].startswith(b"n OK"), r
+    finally:
+        c.close()
+    d = RawIMAP("127.0.0.1", dovecot.port)  # (not imapclient: its parser reads '[' as a section's too)
+    d.login("carol", "carolpw")
+    d.command(b"s", b"EXAMINE " + q(folder))
+    r = d.command(b"f", b"UID FETCH 1:* (FLAGS)")
+    d.close()
+    assert [u for u in uids if any(b"UID %d" % u in line and b"a[b" in line for line in r)] == [visible[1]], r

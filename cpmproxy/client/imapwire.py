@@ -57,30 +57,26 @@ _ATOM_RUN_RE = re.compile(rb'[^\x00-\x20\x7f()"{\[]*')
 _QUOTED_RE = re.compile(rb'"((?:[^"\\\r\n]|\\["\\])*)"')
 _UNESCAPE_RE = re.compile(rb'\\(["\\])')
 _LITERAL_RE = re.compile(rb"~?\{([0-9]{1,20})[+-]?\}")
-_SECTION_STOP_RE = re.compile(rb'[\[\]"]')
+_SECTION_STOP_RE = re.compile(rb'[\]"]')
+# The atoms whose '[' opens a section; elsewhere '[' is an atom character (a keyword such as "a[b", which
+# Dovecot stores: read as a section, it made the folder's FETCH FLAGS responses unreadable).
+_SECTION_ATOMS = frozenset((b"BODY", b"BODY.PEEK", b"BINARY", b"BINARY.PEEK", b"BINARY.SIZE"))
 
 
 def _section_end(data: bytes, pos: int) -> int:
-    """Offset after the ``]`` matching the ``[`` at ``pos`` (``BODY[HEADER.FIELDS (A B)]``)."""
-    depth = 0
+    """Offset after the ``]`` that closes the ``[`` at ``pos`` (``BODY[HEADER.FIELDS (A B)]``): the first
+    one outside quoted strings."""
+    pos += 1
     while True:
         m = _SECTION_STOP_RE.search(data, pos)
         if m is None:
             raise SyntaxError_("unterminated '['")
-        c = data[m.start()]
-        if c == 0x5B:
-            depth += 1
-            pos = m.start() + 1
-        elif c == 0x5D:
-            depth -= 1
-            pos = m.start() + 1
-            if depth == 0:
-                return pos
-        else:
-            q = _QUOTED_RE.match(data, m.start())
-            if q is None:
-                raise SyntaxError_("unterminated quoted string in '[...]'")
-            pos = q.end()
+        if data[m.start()] == 0x5D:
+            return m.start() + 1
+        q = _QUOTED_RE.match(data, m.start())
+        if q is None:
+            raise SyntaxError_("unterminated quoted string in '[...]'")
+        pos = q.end()
 
 
 def tokenize(data: bytes, literals: Sequence[bytes] = ()) -> list:
@@ -122,8 +118,8 @@ def tokenize(data: bytes, literals: Sequence[bytes] = ()) -> list:
             pos = m.end()
         else:
             end = _ATOM_RUN_RE.match(data, pos).end()  # type: ignore[union-attr]  # matches ""
-            while end < n and data[end] == 0x5B:  # '[': a section is part of the atom
-                end = _section_end(data, end)
+            while end < n and data[end] == 0x5B:  # '[': a section (part of the atom), or an atom character
+                end = _section_end(data, end) if data[pos:end].upper() in _SECTION_ATOMS else end + 1
                 end = _ATOM_RUN_RE.match(data, end).end()  # type: ignore[union-attr]
             if end == pos:
                 raise SyntaxError_(f"unexpected byte 0x{c:02x}")

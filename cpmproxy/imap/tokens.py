@@ -180,7 +180,12 @@ _ATOM_RUN_RE = re.compile(rb'[^\x00-\x20\x7f()"{\[]*')
 _QUOTED_RE = re.compile(rb'"((?:[^"\\\r\n\x00]+|\\["\\])*)')
 _UNESCAPE_RE = re.compile(rb'\\(["\\])')
 _LITERAL_RE = re.compile(rb"(~?)\{([0-9]{1,20})([+-]?)\}")
-_BRACKET_STOP_RE = re.compile(rb'[\[\]"\x00-\x1f\x7f]')
+_BRACKET_STOP_RE = re.compile(rb'[\]"\x00-\x1f\x7f]')
+# The atoms whose '[' opens a section (RFC 9051 fetch-att and msg-att, RFC 3516's BINARY). Anywhere else a
+# '[' is an atom character like any other (RFC 9051 ATOM-CHAR): Dovecot stores keywords such as "[" or
+# "a[b" (only ']' it refuses), and read as a section opening, one such keyword in a mailbox made every
+# "* FLAGS" of its SELECT unreadable to the proxy, which ended the session (found by the command fuzzer).
+_SECTION_ATOMS = frozenset((b"BODY", b"BODY.PEEK", b"BINARY", b"BINARY.PEEK", b"BINARY.SIZE"))
 
 
 def _describe(c: int) -> str:
@@ -213,23 +218,19 @@ _BRACKET_LITERAL_RE = re.compile(rb"\{(\d{1,19})[+-]?\}\r\n")
 
 
 def _skip_bracket(line: bytes, pos: int) -> int:
-    """Return the offset after the ``]`` matching the ``[`` at ``pos`` (nesting and quoted strings allowed)."""
+    """Return the offset after the ``]`` that closes the ``[`` at ``pos``: the first one outside quoted
+    strings and literals. (Not nested: neither a section nor a response code holds brackets of its own,
+    and a '[' in them is a keyword's, as in ``[PERMANENTFLAGS (\\Seen a[b \\*)]``.)"""
     start = pos
-    depth = 0
+    pos += 1
     while True:
         m = _BRACKET_STOP_RE.search(line, pos)
         if m is None:
             raise TokenError("unterminated '['", start)
         p = m.start()
         c = line[p]
-        if c == 0x5B:
-            depth += 1
-            pos = p + 1
-        elif c == 0x5D:
-            depth -= 1
-            pos = p + 1
-            if depth == 0:
-                return pos
+        if c == 0x5D:
+            return p + 1
         elif c == 0x22:
             pos = _quoted_end(line, p)[1]
         elif c == 0x0D and (brace := line.rfind(b"{", start, p)) > 0 \
@@ -334,8 +335,8 @@ def _tokenize(line: bytes, pos: int, literals: Sequence[bytes]) -> list[Token]:
                 m = _ATOM_RUN_RE.match(line, pos)
                 assert m is not None  # the pattern can match the empty string
                 pos = m.end()
-                if pos < n and line[pos] == 0x5B:  # '[': a section is part of the atom
-                    pos = _skip_bracket(line, pos)
+                if pos < n and line[pos] == 0x5B:  # '[': a section (part of the atom), or an atom character
+                    pos = _skip_bracket(line, pos) if line[start:pos].upper() in _SECTION_ATOMS else pos + 1
                     continue
                 break
             if pos == start:
@@ -450,7 +451,7 @@ def _command_error(line: bytes) -> NoReturn:
 
 _RESPONSE_RE = re.compile(rb"\+ ?|(\*|%s) (?:([0-9]{1,10}) )?(%s)(?: |\Z)" % (_TAG, _NAME))
 _STATUS_NAMES = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
-# The usual response code has no nested brackets or quotes; anything else goes through _skip_bracket.
+# The usual response code has no brackets or quotes inside; anything else goes through _skip_bracket.
 _SIMPLE_CODE_RE = re.compile(rb'\[([^\[\]"\x00-\x1f\x7f]*)\] ?')
 
 
