@@ -15,6 +15,7 @@ from cpmproxy.imap.append import MAX_FAST_SEGMENT, literal_always_read, literal_
 from cpmproxy.testing.dovecot import Dovecot
 from cpmproxy.testing.proxyproc import ProxyProcess
 from cpmproxy.testing.rawclient import RawIMAP
+from cpmproxy.testing.sample import make_object
 from tests.proxyfix import raw_via
 from tests.test_hostile_backend import scripted  # noqa: F401 (the scripted backend's fixture)
 
@@ -377,3 +378,26 @@ def test_an_append_with_an_argument_no_message_has_is_answered(proxy, dovecot, c
 ])
 def test_literals_out_of_place_in_an_append_first_line(line, out_of_place):
     assert literal_out_of_place(line, first=True) is out_of_place
+
+
+@pytest.mark.parametrize("rest", [b"hello {3}\r\n", b"hello (\\Seen) {3}\r\n"])
+def test_an_answered_append_whose_rest_announces_a_synchronizing_literal_ends_there(make_proxy, dovecot, rest):
+    """Found by the command fuzzer: an APPEND answered before its end (an argument no message can have,
+    'APPEND INBOX x {5+}') whose rest announced a synchronizing literal. The proxy refused that literal
+    (no "+": the client sends none) but kept the command as the one being relayed, and every internal
+    command of the session waited behind it: the next SELECT of a filtered view, which classifies the
+    messages, was never answered. The command ends where its literal is refused."""
+    folder = "Ap" + uuid.uuid4().hex[:8]
+    for kind in ("chat", "imdn", "chat"):
+        dovecot.deliver("alice", folder, make_object(kind))
+    p = make_proxy(config_extra="[policy]\nsync = { imdn = false }\n")
+    c = raw_via(p)
+    try:
+        assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+        c.send(b"a APPEND INBOX x {5+}\r\n" + rest)
+        assert c.until_tagged(b"a")[-1].startswith(b"a BAD")
+        r = c.command(b"s", b'SELECT "%s"' % folder.encode())
+        assert r[-1].startswith(b"s OK") and b"* 2 EXISTS\r\n" in r, r
+        assert c.command(b"z", b"NOOP")[-1].startswith(b"z OK")
+    finally:
+        c.close()

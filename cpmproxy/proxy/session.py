@@ -495,6 +495,7 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
                     backend.out.append(b"\r\n")
                     self._discard_command = True
                 data = ev.data
+                ended = False
                 if not self._discard_command and ev.literal is not None and self._current is not None \
                         and self._current.name == b"APPEND" and literal_out_of_place(data):
                     self.backend.out.append(b" X\r\n")  # (ends the command with a syntax error: BAD)
@@ -516,9 +517,13 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
                         self._wait_for_continuation()
                         return
                 elif ev.literal is not None and not ev.non_sync:
-                    # A locally answered command cannot go on: refuse its next literal.
+                    # A locally answered command cannot go on: refuse its next literal. The command ends
+                    # here, as at a line end (found by the command fuzzer: kept as the command being
+                    # relayed, it held back every internal command, and the session hung at its next
+                    # SELECT: 'APPEND F 01 {3+}' whose rest announced a synchronizing literal).
                     self.framer.refuse_literal()
-                if ev.literal is None:
+                    ended = True
+                if ended or ev.literal is None:
                     self._discard_command = False
                     self._current = None
                     self._send_internal_queue()
