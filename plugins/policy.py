@@ -338,6 +338,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             st.view = None
             st.mailbox = None
             st.leaving = False  # (a SELECT refused here: the proxy's UNSELECT takes over, session.unselecting)
+            st.closing = None
 
     def capabilities(self, session, caps):
         """The capabilities in ``_OFFERED`` (and the proxy's own), and XCPM-VIEW. Known and not offered:
@@ -510,16 +511,24 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
     async def _expunge_visible(self, session, view: MailboxView, cmd):
         """EXPUNGE / CLOSE under a filtered view remove only the visible messages marked \\Deleted (a
         hidden message does not exist for this device, whoever marked it): UID EXPUNGE of those."""
+        st = self.state(session)
+        if cmd.name == b"CLOSE":
+            st.closing = []  # (until its tagged answer: see _closing_response)
+            cmd.state["closing"] = True
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
         await self.classified(session)  # (the answer passes a held EXISTS)
         targets = view.known_visible(esearch_all(reply))
         # (In pieces of a few KB: scattered between hidden ones, they can be more than a command line holds.
-        # The pieces' EXPUNGE responses reach the client while its EXPUNGE or CLOSE is in progress: legal.)
+        # The pieces' EXPUNGE responses reach the client while its EXPUNGE is in progress: legal; a CLOSE's
+        # do not, see _closing_response.)
         pieces = uid_set_pieces(SequenceSet.from_iterable(targets)) if targets else []
         if not pieces:
             cmd.state[NO_SERVER_CHANGE] = True
         last = pieces.pop() if cmd.name == b"EXPUNGE" and pieces else None
         if (refused := await _run_all(session, [b"UID EXPUNGE " + piece for piece in pieces])) is not None:
+            if cmd.name == b"CLOSE":
+                # Still in the mailbox: told what changed its counts meanwhile, before the refusal.
+                refused.untagged, st.closing = st.closing, None
             return refused
         if cmd.name == b"EXPUNGE":
             cmd.state["tagged_text"] = b"Expunge completed."
@@ -974,6 +983,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if head.kind != "untagged" or not resp.first:
             return None
         name = head.name
+        if st.closing is not None and name in _CLOSE_SILENCED:
+            return self._closing_response(session, st, resp)
         if (st.leaving or session.unselecting) and (action := self._leaving_response(session, st, head)) is not None:
             return action
         if st.pending_select and not st.leaving and name not in _NEVER_SELECT_ANSWERS \
@@ -1094,6 +1105,25 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return self._unseen_response(session, view, resp, int(n)) if n.isdigit() else Drop()
         return None
 
+    def _closing_response(self, session, st: PolicySession, resp):
+        """An untagged response about the selected mailbox while the client's CLOSE runs as UID EXPUNGE
+        and UNSELECT (_expunge_visible; every command before it has completed, _must_wait_for): the view
+        follows it as always (an arrival is classified: a Hold, the hooks run again once it is in), the
+        client hears nothing of it (RFC 9051 6.4.1: no EXPUNGE for CLOSE; after it the client has no
+        mailbox selected). What it would have been told of the counts is kept for a CLOSE refused."""
+        closing, st.closing = st.closing, None
+        try:
+            action = self.response(session, resp)
+        finally:
+            st.closing = closing
+        if isinstance(action, Hold):
+            return action
+        if resp.head.name in _CLOSE_TOLD_IF_REFUSED:
+            told = resp.data if action is None else getattr(action, "data", None)
+            if told:
+                closing.append(told)
+        return Drop()
+
     def _leaving_response(self, session, st: PolicySession, head):
         """An untagged response while the backend still has the mailbox selected that the client left (its
         SELECT or EXAMINE decided or on its way, or the proxy's UNSELECT after refusing one): the backend's
@@ -1175,7 +1205,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         ``renumber_fetch_lines``), or None if a line is not a FETCH."""
         st = session.state.get(self.name)
         view = st.view if st is not None else None
-        if view is None or st.pending_select or st.leaving or session.unselecting:
+        if view is None or st.pending_select or st.leaving or session.unselecting or st.closing is not None:
             return None
         if st.vanish_check and self._owes_vanished(session, st):
             # Said before the first FETCH line, on the per-line path: a block's output is thrown away
@@ -1240,6 +1270,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return None
         status = resp.head.name
         data = resp.data
+        if cmd.state.pop("closing", False):
+            told, st.closing = st.closing, None
+            if status != b"OK" and told:  # (still in the mailbox: see _closing_response)
+                return Rewrite(b"".join(told) + data)
         if cmd.name in _MISSING_AT and status == b"NO" and resp.head.code is None and b"doesn't exist" in data:
             # Dovecot 2.3 says a folder is missing with no code (SELECT, STATUS, DELETE): RFC 5530's
             # NONEXISTENT added, for a folder hidden from the device and one that does not exist alike.
@@ -1957,6 +1991,10 @@ _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
 _STATUS_NAMES = frozenset((b"OK", b"NO", b"BAD"))  # (untagged status responses: RFC 9051 7.1)
 # Untagged responses about the selected mailbox's messages (see PolicyPlugin._leaving_response).
 _LEFT_MAILBOX_EVENTS = frozenset((b"EXISTS", b"RECENT", b"EXPUNGE", b"FETCH", b"VANISHED"))
+# Untagged responses about the selected mailbox that a CLOSE does not pass on (see _closing_response), and
+# of those the ones a client still in the mailbox must hear (counts, flags) after a CLOSE refused.
+_CLOSE_SILENCED = _LEFT_MAILBOX_EVENTS | {b"FLAGS"}
+_CLOSE_TOLD_IF_REFUSED = frozenset((b"EXISTS", b"EXPUNGE", b"VANISHED", b"FLAGS"))
 # Untagged responses that are never a SELECT's: NOTIFY's events of other mailboxes (RFC 5465), which the
 # backend sends while no command is in progress, so also just before a SELECT's own responses.
 # A CAPABILITY (a server may say its capabilities changed at any time) is not a SELECT's either.

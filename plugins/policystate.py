@@ -117,6 +117,10 @@ class PolicySession:
     # see PolicyPlugin._reapply_view.
     recomputing: int = 0
     recomputed: list = field(default_factory=list)
+    # A CLOSE under a filtered view in progress (PolicyPlugin._expunge_visible): what the backend says of the
+    # mailbox meanwhile is not the client's (RFC 9051 6.4.1: no EXPUNGE for CLOSE; after it no mailbox is
+    # selected). The lines that change its counts, kept to be told should the CLOSE fail. None: no CLOSE.
+    closing: list[bytes] | None = None
     qresync: bool = False                # the client ENABLEd QRESYNC: VANISHED instead of EXPUNGE
     vanish_check: bool = False           # a command in flight may owe VANISHED (EARLIER) (_early_vanished)
     growing_to: int | None = None        # the EXISTS whose new messages were just classified (_grow_view)

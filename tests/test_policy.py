@@ -431,6 +431,50 @@ def test_expunge_leaves_hidden_messages_alone(make_proxy, dovecot, how):
         direct.logout()
 
 
+def test_close_under_a_filtered_view_sends_no_untagged_responses(make_proxy, dovecot):
+    """Found by review: the proxy's CLOSE under a filtered view (UID EXPUNGE of the visible \\Deleted
+    messages, then UNSELECT) passed those expunges' ``* n EXPUNGE`` to the client before its tagged OK, and
+    with them what the backend said of the mailbox meanwhile (another session's flag change, an arrival):
+    RFC 9051 6.4.1 / RFC 3501 6.4.2, no untagged EXPUNGE for CLOSE, and after it no mailbox is selected for
+    such news to be about. Direct Dovecot, the same steps on a folder of its own: only the tagged OK.
+    Selected again, the mailbox through the proxy is as the backend has it, the hidden IMDN left out."""
+
+    def folder_with_news_then_close(c: RawIMAP) -> tuple[str, list[int], list[bytes]]:
+        folder = "Default/tel:+1779" + uuid.uuid4().hex[:6]
+        uids = [dovecot.deliver("alice", folder, make_object("chat", text=f"m{i}")) for i in range(2)]
+        dovecot.deliver("alice", folder, make_object("imdn"), flags=["\\Deleted"])  # marked elsewhere
+        uids.append(dovecot.deliver("alice", folder, make_object("chat", text="m2")))
+        c.command(b"s", b"SELECT " + q(folder))
+        assert c.command(b"d", b"STORE 1:2 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
+        other = RawIMAP(dovecot.host, dovecot.port)
+        assert other.login("alice", "alicepw")[-1].startswith(b"L OK")
+        assert other.command(b"s", b"SELECT " + q(folder))[-1].startswith(b"s OK")
+        assert other.command(b"f", b"UID STORE %d +FLAGS (\\Flagged)" % uids[2])[-1].startswith(b"f OK")
+        other.close()
+        dovecot.deliver("alice", folder, make_object("chat", text="new"))
+        return folder, uids, c.command(b"c", b"CLOSE")
+
+    direct = RawIMAP(dovecot.host, dovecot.port)
+    assert direct.login("alice", "alicepw")[-1].startswith(b"L OK")
+    _folder, _uids, r = folder_with_news_then_close(direct)
+    direct.close()
+    assert len(r) == 1 and r[0].startswith(b"c OK"), r
+
+    c = login(make_proxy(config_extra="[policy]\nsync = { imdn = false }\n"), "alice", "B")
+    folder, uids, r = folder_with_news_then_close(c)
+    assert len(r) == 1 and r[0].startswith(b"c OK"), r
+    assert exists_of(c.command(b"s", b"SELECT " + q(folder))) == 2  # m2 and the new one
+    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    c.close()
+    check = dovecot.imap_direct("alice", tls="none")
+    try:
+        check.select_folder(folder)
+        left = check.search("ALL")
+        assert len(left) == 3 and uids[2] in left and not set(uids[:2]) & set(left)
+    finally:
+        check.logout()
+
+
 def test_folder_preference_reaches_other_process_and_follows_rename(make_proxy, dovecot):
     """A folder turned off by a device on one proxy process disappears for a session on another (within
     metadata_poll); renamed through the proxy, it keeps its preferences under the new name."""
