@@ -66,7 +66,7 @@ from plugins.policystate import (
     _uidvalidity,
     side_examine,
 )
-from plugins.policystatus import StatusCounts
+from plugins.policystatus import MailboxReplaced, StatusCounts
 from plugins.view import MailboxView, expand_ranges
 from plugins.viewsearch import (
     INLINE_HIDDEN_MAX,
@@ -1973,12 +1973,23 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
 
 # -- helpers --------------------------------------------------------------------------------------
 
-async def classify(run, mailbox: str, uids) -> dict[int, str]:
+async def classify(run, mailbox: str, uids, uidvalidity: int | None = None) -> dict[int, str]:
     """CPM kinds of some messages by server-side searches, pipelined: ``run(line)`` runs a command (a
-    BackendProtocol's ``command`` or a session's ``side_command``) on a connection free to EXAMINE."""
+    BackendProtocol's ``command`` or a session's ``side_command``) on a connection free to EXAMINE.
+    ``uidvalidity``: that of the mailbox the UIDs are of; the mailbox of that name now has another (it was
+    deleted and made again: its UIDs are other messages'): MailboxReplaced, or one told none: ValueError."""
     uidset = SequenceSet.from_iterable(uids).format()
-    run(b"EXAMINE " + wire_name(mailbox))
+    examined = run(b"EXAMINE " + wire_name(mailbox))
     waits = {kind: run(b"UID SEARCH RETURN (ALL) UID " + uidset + b" " + crit) for kind, crit in KIND_CRITERIA.items()}
+    if uidvalidity is not None:
+        reply = await examined
+        now = next((int(m.group(1)) for line in reply.untagged if (m := _UIDVALIDITY_RE.match(line))), None)
+        if now != uidvalidity:
+            for d in waits.values():
+                await d  # (answered all the same: nothing of them left to arrive later)
+            if now is None:
+                raise ValueError(f"EXAMINE {mailbox!r} told no UIDVALIDITY: {reply.tagged!r}")
+            raise MailboxReplaced(f"{mailbox!r} was replaced: UIDVALIDITY {now}, not {uidvalidity}")
     out = {u: "other" for u in uids}
     for kind, d in waits.items():
         for u in esearch_all(await d):
@@ -1987,6 +1998,7 @@ async def classify(run, mailbox: str, uids) -> dict[int, str]:
     return out
 
 
+_UIDVALIDITY_RE = re.compile(rb"^\* OK \[UIDVALIDITY ([0-9]+)\]", re.I)
 _LATER = object()  # (a decision that needs the backend: taken by a coroutine)
 _STATUS_NAMES = frozenset((b"OK", b"NO", b"BAD"))  # (untagged status responses: RFC 9051 7.1)
 # Untagged responses about the selected mailbox's messages (see PolicyPlugin._leaving_response).

@@ -84,6 +84,7 @@ from plugins.localdelete import device_key
 from plugins.notify import TOPIC, ChangeEvent
 from plugins.policy import classify
 from plugins.policystate import FolderInfo, _esearch_ranges, side_examine
+from plugins.policystatus import MailboxReplaced
 from plugins.pushqueue import Entry, Outbox
 from plugins.wire import esearch_all, iter_metadata, wire_name
 
@@ -582,6 +583,12 @@ class PushPlugin(Plugin):
         try:
             found = await self._inspect_on(run, event, {st.policy.max_size for st in states} - {0},
                                            {st.policy.max_age_days for st in states} - {0})
+        except MailboxReplaced as e:
+            # Deleted and made again since: the event's new messages are gone with the folder it was of
+            # (what has their UIDs now is another's: classified, its kind and header fields went out as
+            # theirs). Dropped, as an event of a folder that cannot be read is.
+            log.info("push: event of a folder replaced since dropped: {e}", e=e)
+            return None
         except Exception as e:  # the event still goes out, without them (and not to devices that may hide some)
             log.warn("classifying pushed messages failed: {e}", e=e)
             return _Inspected(known=False)
@@ -658,7 +665,8 @@ class PushPlugin(Plugin):
         """Kinds (and, with ``headers``, the configured header fields) of the event's messages, and which
         of them are larger than each of ``sizes`` (bytes) or older than each of ``ages`` (days):
         server-side searches, pipelined."""
-        kinds = await classify(run, event.mailbox, event.uids)  # (EXAMINEs the mailbox)
+        # (EXAMINEs the mailbox: the event's, or its messages are gone and others have their UIDs)
+        kinds = await classify(run, event.mailbox, event.uids, event.uidvalidity)
         uidset = SequenceSet.from_iterable(event.uids).format()
         larger = {n: run(b"UID SEARCH RETURN (ALL) UID " + uidset + b" LARGER %d" % n) for n in sizes}
         older = {n: run(b"UID SEARCH RETURN (ALL) UID " + uidset + b" OLDER %d" % (n * 86400)) for n in ages}

@@ -322,3 +322,64 @@ def test_past_the_watchs_bound_on_mailboxes_every_change_is_still_pushed(push_pr
     log = p.log()
     assert "Unhandled error" not in log and "#critical]" not in log, log[-3000:]
     assert "keeps the state of 0 mailboxes (max_watch_mailboxes)" in log, log[-3000:]
+
+
+def test_a_new_message_of_a_folder_replaced_since_is_not_classified_as_the_new_folders(dovecot):
+    """Found by review: push classified an event's new messages by EXAMINE of the folder's name, with no look
+    at its UIDVALIDITY: a folder deleted and made again meanwhile had another message under the event's UID,
+    whose kind (and header fields) went out as the event's (here a hidden IMDN's event told as a chat, to
+    devices that do not see IMDNs). The event's message is gone: the event is dropped, as for a folder
+    whose facts cannot be read. An event of the new folder is classified as before. (The push plugin's
+    ``_look`` on a command runner straight to Dovecot; the policy's folder facts stubbed: none.)"""
+    import itertools
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    import plugins.push as push
+    from cpmproxy.proxy.backend import Reply
+    from cpmproxy.testing.rawclient import RawIMAP
+    from plugins.notify import ChangeEvent
+    from plugins.policy import classify
+    from plugins.policystatus import MailboxReplaced
+    from tests.test_push_admin import _Proxy
+
+    folder = "Default/tel:+1781" + uuid.uuid4().hex[:6]
+    c = RawIMAP(dovecot.host, dovecot.port)
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    tags = itertools.count()
+
+    def run(line: bytes):
+        tag = b"r%d" % next(tags)
+        lines = c.command(tag, line)
+        return defer.succeed(Reply(lines[:-1], lines[-1][len(tag) + 1:].rstrip(b"\r\n")))
+
+    def uidvalidity() -> int:
+        status = c.command(b"v", b'STATUS "%s" (UIDVALIDITY)' % folder.encode())
+        return int(status[0].rsplit(b" ", 1)[1].strip(b")\r\n"))
+
+    def settled(coroutine):  # (every command answered at once: the coroutine is done when it returns)
+        out = []
+        defer.Deferred.fromCoroutine(coroutine).addBoth(out.append)
+        return out[0]
+
+    imdn = dovecot.deliver("alice", folder, make_object("imdn"))
+    old = uidvalidity()
+    assert c.command(b"d", b'DELETE "%s"' % folder.encode())[-1].startswith(b"d OK")
+    assert dovecot.deliver("alice", folder, make_object("chat")) == imdn  # (the same UID, another message)
+    new = uidvalidity()
+    assert new != old
+
+    proxy = _Proxy()
+    proxy.hooks = SimpleNamespace(by_name={"policy": SimpleNamespace(
+        read_folder_facts=lambda *args, **kw: defer.succeed(None))})
+    plugin = push.PushPlugin(proxy)
+    plugin.include_headers = ["Subject"]
+    gone = ChangeEvent("alice", folder, "MessageNew", uidvalidity=old, uids=(imdn,))
+    assert settled(plugin._look(run, gone, None, [])) is None
+    failure = settled(classify(run, folder, [imdn], old))
+    assert isinstance(failure.value, MailboxReplaced), failure
+    arrived = ChangeEvent("alice", folder, "MessageNew", uidvalidity=new, uids=(imdn,))
+    found = settled(plugin._look(run, arrived, None, []))
+    assert found.kinds == {imdn: "chat"} and imdn in found.headers
+    c.close()
