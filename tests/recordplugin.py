@@ -23,3 +23,19 @@ class Recorder(Plugin):
 
 class OtherRecorder(Recorder):
     """The same under another name: a reload from one to the other changes the plugin list."""
+
+
+class Settable(Recorder):
+    """Takes any settings and keeps them (``settings``): what a reload gave it, or did not."""
+
+    def configure(self, settings: dict) -> None:
+        self.settings = settings
+
+
+class BreaksWhenMade(Recorder):
+    """Its real instances' ``configure`` raises, the configuration's check (no proxy) passes: a reload that
+    fails part way, after the plugins before it in the list were made and configured."""
+
+    def configure(self, settings: dict) -> None:
+        if self.proxy is not None:
+            raise RuntimeError("cannot take its settings up")

@@ -428,6 +428,36 @@ def test_type_errors_use_tomls_words(tmp_path):
 
 # -- reload ----------------------------------------------------------------------------------------
 
+def test_a_reload_that_fails_part_way_stops_what_it_made_and_keeps_what_runs(tmp_path):
+    """Found by review: a reload whose checked configuration then failed to take effect (a plugin's
+    ``configure`` raising for its real instance, after the plugins before it were made and configured)
+    left the instances it had made unstopped (their watches, timers, pools kept running for nothing) and
+    the running plugins configured with the new settings. Now each instance it made is stopped, the
+    running ones have their settings back, the configuration stays the old one, and the log says why."""
+    from twisted.logger import globalLogPublisher
+
+    from cpmproxy.proxy.service import ProxyService
+
+    settable, other, breaks = ("tests.recordplugin:" + n for n in ("Settable", "OtherRecorder", "BreaksWhenMade"))
+    path = _write(tmp_path, f'plugins = ["{settable}"]\n[plugin."{settable}"]\nlevel = 1\n')
+    svc = ProxyService(load_config(path, plugin_sections()))
+    running, config = svc.hooks.plugins, svc.config
+    path.write_text(f'plugins = ["{settable}", "{other}", "{breaks}"]\n[plugin."{settable}"]\nlevel = 2\n')
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        svc.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    made = [e["id"] for e in events if e.get("log_format") == "recorder {id} made"]
+    stopped = [e["id"] for e in events if e.get("log_format") == "recorder {id} stopped"]
+    assert len(made) == 2 and sorted(stopped) == sorted(made), events  # (OtherRecorder's, BreaksWhenMade's)
+    assert svc.hooks.plugins == running and svc.config is config
+    assert running[0].settings == {"level": 1}
+    failed = [e for e in events if e.get("log_failure") is not None and "reload failed" in e.get("log_format", "")]
+    assert failed and "cannot take its settings up" in str(failed[0]["log_failure"].value), events
+
+
 def test_reload_warns_that_log_changes_need_a_restart(tmp_path):
     """SIGHUP silently kept the old [log] settings (logging is set up once, at start)."""
     from twisted.logger import globalLogPublisher

@@ -135,18 +135,27 @@ def load_plugins(config: Config, proxy, live: dict[str, Plugin] | None = None) -
     classes = {name: _plugin_class(name, eps) for name in names}
     _check_plugin_settings(config, classes)
     plugins = []
-    for name, cls in classes.items():
-        kept = (live or {}).get(name)
-        plugin = kept if type(kept) is cls else cls(proxy)
-        plugin.name = name
-        section = cls.config_section
-        plugin.configure(config.extra.get(section, {}) if section else config.plugin.get(name, {}))
-        plugins.append(plugin)
-    enabled = {p.name for p in plugins}
-    for plugin in plugins:
-        missing = [r for r in getattr(plugin, "requires", ()) if r not in enabled]
-        if missing:
-            raise ConfigError(f"plugins: {plugin.name!r} needs {', '.join(map(repr, missing))} enabled too")
+    made = []  # (instances of this call's making: stopped if it fails, nothing else would stop them)
+    try:
+        for name, cls in classes.items():
+            kept = (live or {}).get(name)
+            plugin = kept if type(kept) is cls else cls(proxy)
+            if plugin is not kept:
+                made.append(plugin)
+            plugin.name = name
+            section = cls.config_section
+            plugin.configure(config.extra.get(section, {}) if section else config.plugin.get(name, {}))
+            plugins.append(plugin)
+        enabled = {p.name for p in plugins}
+        for plugin in plugins:
+            missing = [r for r in getattr(plugin, "requires", ()) if r not in enabled]
+            if missing:
+                raise ConfigError(f"plugins: {plugin.name!r} needs {', '.join(map(repr, missing))} enabled too")
+    except BaseException:
+        if proxy is not None:  # (a check's instances, made without a proxy, start nothing)
+            for plugin in made:
+                _stop_plugin(plugin)
+        raise
     return plugins
 
 
@@ -1065,10 +1074,15 @@ class ProxyService(service.MultiService):
         try:
             plugins = load_plugins(new, self, live=self.hooks.by_name)
         except Exception:
-            # Checked above, so only the files changing again in between gets here: some running plugins
-            # may have their new settings already. Said loudly: a restart sets everything straight.
-            log.failure("reload failed while applying the checked configuration; restart the proxy")
+            # Checked above: a plugin whose real instance cannot take its settings up (a file it reads
+            # changed since) gets here. The instances made are stopped (load_plugins); the running ones
+            # had their new settings, some of them: given the running configuration's again.
+            log.failure("reload failed while applying the checked configuration, keeping the old one")
             self.metrics.reloads.labels(result="failed").inc()
+            try:
+                load_plugins(self.config, self, live=self.hooks.by_name)
+            except Exception:
+                log.failure("the running plugins could not take their settings up again; restart the proxy")
             return
         if new.proxy["listen"] != self.config.proxy["listen"] or new.metrics != self.config.metrics:
             log.warn("reload: listener changes need a restart; keeping the current listeners")
