@@ -825,3 +825,33 @@ def test_an_unseen_code_is_in_the_devices_numbers_whatever_the_status(scripted, 
         scripted.script = {}
     c.close()
     assert internal_errors(proxy) == 0
+
+
+@pytest.mark.parametrize("refused", [None, b"UID EXPUNGE", b"UNSELECT"])
+def test_a_close_under_a_view_tells_its_expunges_only_if_refused(scripted, make_proxy, refused):
+    """The proxy's CLOSE under a filtered view (UID 2 hidden) is UID EXPUNGE of the visible \\Deleted
+    messages, then UNSELECT: their EXPUNGEs reached the client before its OK, which RFC 9051 6.4.1 does not
+    allow (found by review): now none does. Refused (the UID EXPUNGE, or the UNSELECT), the client is still
+    in the mailbox and hears of what did go, before the NO (else its message numbers would be wrong)."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none",
+                       config_extra="[policy]\nsync = { imdn = false }\n")
+    answer = b"* 1 EXPUNGE\r\n{tag} " + (b"OK done" if refused != b"UID EXPUNGE" else b"NO not all") + b"\r\n"
+    scripted.internal = {b"UID EXPUNGE": answer}
+    scripted.caps = CAPS + b" UNSELECT"  # (without it, a CLOSE goes as it is)
+    if refused == b"UNSELECT":
+        scripted.script = {b"UNSELECT": b"* 2 EXISTS\r\n{tag} NO cannot\r\n"}
+    try:
+        c = _logged_in(proxy)
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        lines = c.command(b"h", b"CLOSE")
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    finally:
+        scripted.internal, scripted.script, scripted.caps = {}, {}, CAPS
+    if refused is None:
+        assert lines == [b"h OK Close completed.\r\n"], lines
+    elif refused == b"UID EXPUNGE":
+        assert lines == [b"* 1 EXPUNGE\r\n", b"h NO not all\r\n"], lines
+    else:  # (the backend's 1 was the client's 1; of the backend's 2 left, UID 2 is hidden)
+        assert lines == [b"* 1 EXPUNGE\r\n", b"* 1 EXISTS\r\n", b"h NO cannot\r\n"], lines
+    c.close()
+    assert internal_errors(proxy) == 0
