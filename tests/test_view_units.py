@@ -65,7 +65,7 @@ def test_client_map_follows_changes(v):
 
 def renumber(view, block: bytes) -> bytes | None:
     session = SimpleNamespace(state={"policy": SimpleNamespace(view=view, pending_select=False, vanish_check=False,
-                                                              leaving=False)}, unselecting=0)
+                                                              leaving=False, closing=None)}, unselecting=0)
     return PolicyPlugin.response_block(SimpleNamespace(name="policy"), session, block)
 
 
