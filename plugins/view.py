@@ -19,7 +19,7 @@ from cpmproxy.imap.seqset import STAR, SequenceSet
 
 class MailboxView:
     __slots__ = ("uids", "hidden", "_visible", "_hidden_seqs", "_visible_seqs", "_client_map", "_hidden_uids",
-                 "_lent", "seen_up_to")
+                 "_lent", "_visible_shared", "seen_up_to")
 
     def __init__(self, uids: Iterable[int] = (), hidden: Iterable[int] = ()):
         self.uids: list[int] = sorted(uids)
@@ -30,6 +30,7 @@ class MailboxView:
         self._client_map: list[int] | None = None
         self._hidden_uids: SequenceSet | None = None
         self._lent = False  # uids and hidden are shared with other views: copied before a change
+        self._visible_shared = False  # _visible is another view's too (share): never changed in place
         # UIDs the client may take as known besides the visible ones: every UID up to the UIDNEXT it was
         # told at SELECT (the policy sets it) and every visible one since removed. No message at or below
         # it can be announced as new (RFC 9051 2.3.1.1: UIDs are assigned ascending, from UIDNEXT on).
@@ -48,6 +49,7 @@ class MailboxView:
 
     def _changed(self) -> None:
         self._visible = None
+        self._visible_shared = False
         self._hidden_seqs = None
         self._visible_seqs = None
         self._client_map = None
@@ -67,7 +69,7 @@ class MailboxView:
         """The visible list if it is built and this view's own (not ``uids`` itself), to be changed in
         place; else None (it is rebuilt when next needed)."""
         vis = self._visible
-        return vis if vis is not None and vis is not self.uids else None
+        return vis if vis is not None and vis is not self.uids and not self._visible_shared else None
 
     @property
     def identity(self) -> bool:
@@ -124,14 +126,19 @@ class MailboxView:
         return self._client_map
 
     def derived(self) -> tuple:
-        """The tables this state of the view derives (client map, visible and hidden backend runs), built
-        if need be, for another view of the very same messages to ``share``."""
-        return self.client_map, self.visible_seqs, self.hidden_seqs
+        """The tables this state of the view derives (client map, visible and hidden backend runs, the
+        visible UIDs and the hidden ones as a set), built if need be, for another view of the very same
+        messages to ``share``. (The last two too: a SELECT of a folder with 10,000 local deletions built
+        them again, ~0.8 ms, to find the first visible unseen message.)"""
+        self._visible_shared = self._visible_shared or self.visible is not self.uids
+        return self.client_map, self.visible_seqs, self.hidden_seqs, self.visible, self.hidden_uids
 
     def share(self, derived: tuple) -> None:
         """Take over the ``derived()`` tables of a view with equal ``uids`` and ``hidden``. Safe to share:
-        tables are never modified in place (a change of either view replaces its own)."""
-        self._client_map, self._visible_seqs, self._hidden_seqs = derived
+        tables are never modified in place (a change of either view replaces its own; the visible list,
+        which a change edits in place, is first dropped: ``_own``)."""
+        self._client_map, self._visible_seqs, self._hidden_seqs, self._visible, self._hidden_uids = derived
+        self._visible_shared = self._visible is not self.uids
 
     def lend(self) -> tuple:
         """``(uids, hidden, derived)`` for ``borrowed`` views of this very state. Copy-on-write: from now
@@ -150,6 +157,9 @@ class MailboxView:
         return view
 
     def _own(self) -> None:
+        if self._visible_shared:
+            self._visible = None
+            self._visible_shared = False
         if self._lent:
             if self._visible is self.uids:
                 self._visible = None  # (the shared list: never to be changed in place as this view's own)

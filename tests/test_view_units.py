@@ -328,12 +328,17 @@ def test_borrowed_views_copy_before_they_change(change):
     lender = MailboxView.exact(list(uids), set(hidden))
     a, b = MailboxView.borrowed(lender.lend()), MailboxView.borrowed(lender.lend())
     assert a.uids is lender.uids and a.client_map is lender.client_map
-    cmap = list(lender.client_map)
+    # (The visible list and the hidden set's ranges are lent too: a change edits a visible list in place.)
+    assert a.visible is lender.visible and a.hidden_uids is lender.hidden_uids
+    cmap, visible = list(lender.client_map), [u for u in uids if u not in hidden]
     for changed in (a, lender):
         model = MailboxView.exact(list(changed.uids), set(changed.hidden))
-        assert _CHANGES[change](changed) == _CHANGES[change](model)
-        assert (changed.uids, changed.hidden, changed.client_map) == (model.uids, model.hidden, model.client_map)
-        assert (b.uids, b.hidden, b.client_map) == (uids, hidden, cmap)
+        for _ in range(2):  # (the second change edits what the first made the view's own)
+            assert _CHANGES[change](changed) == _CHANGES[change](model)
+            assert (changed.uids, changed.hidden, changed.client_map, changed.visible, changed.hidden_uids) == \
+                (model.uids, model.hidden, model.client_map, model.visible, model.hidden_uids)
+        assert (b.uids, b.hidden, b.client_map, b.visible, list(b.hidden_uids)) == \
+            (uids, hidden, cmap, visible, sorted(hidden))
     assert changed.uids != uids or changed.hidden != hidden  # (each change changes something)
 
 
