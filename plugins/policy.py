@@ -18,7 +18,7 @@ in ``policyconfig``, searches in a view in ``viewsearch``, what the parts share 
 from __future__ import annotations
 
 import re
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
@@ -752,10 +752,12 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         return st.view.hide(uids)
 
     async def _classify(self, session, plan: SelectPlan, uid_range: bytes,
-                        snapshot: tuple[int, int] | None = None) -> tuple[list[int], set[int]]:
+                        snapshot: tuple[int, int] | None = None,
+                        held_before: list | None = None) -> tuple[list[int], set[int]]:
         """All UIDs in ``uid_range`` and the hidden ones among them (one pipelined round trip).
         ``snapshot``: (EXISTS, UIDNEXT) from the SELECT being answered, for ``1:*``: if the cache has the
-        UIDs of that very state, they are not asked for again."""
+        UIDs of that very state, they are not asked for again. ``held_before``: gets the number of
+        responses held when the UIDs were answered (``Reply.held_before``)."""
         cache = self.cache.get(session.user, plan.mailbox, plan.uidvalidity)
         kinds = set(plan.hidden_kinds)
         if "other" in kinds:
@@ -778,7 +780,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             ranges = cache.uid_ranges
             uids = expand_ranges(ranges)
         else:
-            ranges = _esearch_ranges(await all_d)
+            all_reply = await all_d
+            if held_before is not None:
+                held_before.append(all_reply.held_before)
+            ranges = _esearch_ranges(all_reply)
             uids = expand_ranges(ranges)
             # Only a consistent answer is kept: every UID below UIDNEXT and as many as EXISTS said (a
             # message added or expunged in between would break one of the two).
@@ -963,11 +968,22 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
     async def _grow_view(self, session, st: PolicySession) -> None:
         view = st.view
         st.grown = []
+        exists = st.growing_to
+        held_before: list[int | None] = []
         try:
-            uids, hidden = await self._classify(session, st.plan, b"%d:*" % (view.max_uid + 1))
+            uids, hidden = await self._classify(session, st.plan, b"%d:*" % (view.max_uid + 1),
+                                                held_before=held_before)
         except Exception as e:
             self._classification_failed(session, e, "classification of new messages failed")
         else:
+            if exists is not None and held_before and held_before[0]:
+                # Expunges the backend announced between the EXISTS and the answer (a client's command
+                # pipelined behind, or the proxy's own) took arrivals out before they could be asked for:
+                # placed by them, as hidden messages that their held EXPUNGE or VANISHED removes again.
+                placed = arrivals_placed(view.uids, exists, uids, session.held_lines()[:held_before[0]])
+                if placed is not None:
+                    uids, gone = placed
+                    hidden = hidden | gone
             view.append(uids, hidden)
         waiters, st.grown = st.grown, None
         for waiter in waiters:
@@ -2208,6 +2224,91 @@ def _apply_vanished(view: MailboxView, data: bytes):
     if not shown:
         return Drop()
     return Rewrite(b"* VANISHED " + shown.format() + b"\r\n")
+
+
+_COUNT_RE = re.compile(rb"\* (\d+) (EXISTS|EXPUNGE)\r?\n\Z", re.IGNORECASE)
+_VANISHED_RE = re.compile(rb"\* VANISHED ([0-9:,]+)\r?\n\Z", re.IGNORECASE)
+
+
+def arrivals_placed(known: list[int], exists: int, found: list[int],
+                    held: list[bytes]) -> tuple[list[int], set[int]] | None:
+    """The new messages of a held ``* <exists> EXISTS`` (``held[0]``) in backend order, when expunges in
+    ``held`` (the responses after it, up to the answer to the classification's UID search) took some of
+    them out before that search: ``found`` (its UIDs, ascending, above ``known``) are the survivors. A
+    message expunged so has no UID the proxy could learn; where an EXPUNGE numbered it, a stand-in (the
+    lowest free UID after the one before it: the real one is at least that, so the order holds) takes its
+    place; a VANISHED names it. Returns (UIDs, the gone ones among them: to be hidden, their EXPUNGE or
+    VANISHED replayed after the EXISTS removes them), or None if there is nothing to place or the
+    responses do not add up (the caller goes on as before: the EXISTS then finds too few UIDs, and the
+    session ends)."""
+    first = _COUNT_RE.match(held[0]) if held else None
+    if first is None or first.group(2).upper() != b"EXISTS" or int(first.group(1)) != exists \
+            or exists < len(known) or (found and known and found[0] <= known[-1]) \
+            or not any(_COUNT_RE.match(line) or _VANISHED_RE.match(line) for line in held[1:]):
+        return None
+    # Backend order: known UIDs as they are (ascending, all before the arrivals), arrival k as -(k + 1).
+    slots = exists - len(known)
+    order: list[int] = [*known, *range(-1, -slots - 1, -1)]
+    arrivals_left = slots
+    expunged = False
+    vanished: set[int] = set()  # UIDs of arrivals a VANISHED took out
+    literal = False
+    for line in held[1:]:
+        if literal:  # (the text after a literal: not a response of its own)
+            literal = line.endswith(b"}\r\n")
+            continue
+        literal = line.endswith(b"}\r\n")
+        if (m := _COUNT_RE.match(line)) is not None:
+            n = int(m.group(1))
+            if m.group(2).upper() == b"EXISTS":  # (more arrivals, after these)
+                if n < len(order):
+                    return None
+                added = n - len(order)
+                order.extend(range(-slots - 1, -slots - added - 1, -1))
+                slots += added
+                arrivals_left += added
+            elif not 1 <= n <= len(order):
+                return None
+            elif order.pop(n - 1) < 0:
+                expunged = True
+                arrivals_left -= 1
+        elif (m := _VANISHED_RE.match(line)) is not None:
+            try:
+                uids = expand_ranges(SequenceSet.parse(m.group(1)).ranges)
+            except (SequenceSetError, ValueError):
+                return None
+            kept = len(order) - arrivals_left
+            for u in uids:
+                i = bisect_left(order, u, 0, kept)
+                if i < kept and order[i] == u:
+                    del order[i]
+                    kept -= 1
+                elif known and u <= known[-1]:
+                    continue  # (one expunged before, or never there)
+                elif not arrivals_left:
+                    return None
+                else:  # (which arrival it was the UIDs' order tells, below)
+                    del order[kept]
+                    arrivals_left -= 1
+                    vanished.add(u)
+    if expunged and vanished or arrivals_left != len(found):
+        return None
+    if vanished:
+        uids = sorted(vanished.union(found))
+        return (uids, vanished) if len(uids) == slots else None
+    survivor_uids = dict(zip([-x - 1 for x in order if x < 0], found, strict=True))
+    uids, stand_ins = [], set()
+    before = known[-1] if known else 0
+    for slot in range(slots):
+        uid = survivor_uids.get(slot)
+        if uid is None:
+            uid = before + 1
+            stand_ins.add(uid)
+        elif uid <= before:
+            return None
+        uids.append(uid)
+        before = uid
+    return uids, stand_ins
 
 
 def _earlier_union(early: bytes, data: bytes) -> bytes | None:

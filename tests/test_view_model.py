@@ -1174,15 +1174,15 @@ def test_fixed_uid_star_is_last_visible(scenario):
     sc.uid_fetch([(5, STAR)])
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: the session ends (BYE [UNAVAILABLE]), see the docstring")
 @pytest.mark.parametrize("qresync", [False, True], ids=["expunge", "vanished"])
 def test_fixed_pipelined_arrival_expunged_before_classified(scenario, direct, qresync):
     """Found by the random sequences (pipelined commands): another session appends UIDs 5 and 6 and expunges
     3 and 6; the client pipelines FETCH and CHECK. The FETCH takes the arrivals in (``* 6 EXISTS`` after it,
     the expunges held back), the CHECK reaches the backend before the proxy's classification of the new
     messages and announces the expunges; the classification then finds UID 5 alone, one short of the
-    EXISTS, and the proxy ends the session ("new messages cannot be classified (EXISTS 6, 5 UIDs known)").
-    The announcements that name UID 6 are already behind the held EXISTS."""
+    EXISTS, and the proxy ended the session ("new messages cannot be classified (EXISTS 6, 5 UIDs known)").
+    The announcements that name UID 6 are already behind the held EXISTS: the arrivals are placed by them
+    (``arrivals_placed``), UID 6's place held by a hidden stand-in that its EXPUNGE or VANISHED removes."""
     sc = scenario([obj("chat"), obj("imdn"), obj("chat"), obj("chat")])
     if qresync:
         sc.enable_qresync()

@@ -74,6 +74,10 @@ _NO_CODE = re.compile(rb"NO \[([!#-'*-Z^-z|~]+)")  # (atom characters, "]" exclu
 class Reply:
     untagged: list[bytes]
     tagged: bytes  # the tagged line without tag and CRLF, e.g. b"OK [CAPABILITY ...] Logged in"
+    # (``backend_command``) How many of ``Session.held_lines()`` were held when the first of ``untagged``
+    # came (else the tagged line): the backend responses that came before the answer while a plugin's
+    # Hold was on. None if nothing was held.
+    held_before: int | None = None
 
     @property
     def status(self) -> bytes:

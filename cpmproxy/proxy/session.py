@@ -175,6 +175,7 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         self._idle_ended = False
         self._awaiting_continuation = False  # a forwarded synchronizing literal waits for the backend's "+"
         self._internal: dict[bytes, tuple[defer.Deferred, list[bytes]]] = {}
+        self._internal_held_before: dict[bytes, int] = {}  # (see Reply.held_before)
         self._internal_queue: list[bytes] = []
         self._internal_seq = 0
         self._sent = 0
@@ -883,6 +884,11 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         """Text of the backend responses currently held back (see Hold)."""
         return [ev.data for ev in (self._held or ()) if isinstance(ev, Segment)]
 
+    def _held_count(self) -> int | None:
+        """``len(self.held_lines())``, or None if nothing is held."""
+        held = self._held
+        return None if held is None else sum(1 for ev in held if isinstance(ev, Segment))
+
     def held_response(self) -> bytes | None:
         """The first held response whole (text and literals, as the backend sent it) once all of it is
         held; None before. A plugin that holds a response on its first segment (``Hold``) reads it here,
@@ -1454,7 +1460,10 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             internal = self._internal.pop(tag, None)
             if internal is not None:
                 d, untagged = internal
-                d.callback(Reply(untagged, data.rstrip(b"\r\n")[len(tag) + 1:]))
+                held_before = self._internal_held_before.pop(tag, None)
+                if held_before is None and not untagged:
+                    held_before = self._held_count()
+                d.callback(Reply(untagged, data.rstrip(b"\r\n")[len(tag) + 1:], held_before))
                 self._internal_finished()
                 return None
             queue = self._inflight.get(tag)
@@ -1507,6 +1516,8 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
                 tag = data[len(b'* ESEARCH (TAG "'):data.index(b'"', len(b'* ESEARCH (TAG "'))]
                 internal = self._internal.get(tag)
                 if internal is not None:
+                    if not internal[1] and self._held is not None:
+                        self._internal_held_before[tag] = self._held_count()
                     internal[1].append(data)
                     return None
             self._track_untagged(data, head)
