@@ -945,10 +945,9 @@ class Scenario:
         """Changes by another session, then commands sent in one go (no waiting for answers), a NOOP last:
         announcements and results, each valid in the client's numbers when it comes. (Dovecot runs
         pipelined FETCHes at once: one's responses may come after the next one's, or before its own tagged.)"""
-        # (Expunges first: an arrival expunged before the proxy classifies it behind pipelined commands ends
-        # the session, see test_fixed_pipelined_arrival_expunged_before_classified.)
-        self._change([], expunge_pick)
-        self._change(deliveries, ())
+        # (Expunges after the deliveries: they may take an arrival before the proxy classifies it behind
+        # the pipelined commands, see test_fixed_pipelined_arrival_expunged_before_classified.)
+        self._change(deliveries, expunge_pick)
         lines = lines + [b"NOOP"]
         tags = [b"v%d" % (self.n + i) for i in range(1, len(lines) + 1)]
         self.n += len(lines)
