@@ -66,6 +66,14 @@ class KindCache:
     # same pair has exactly these UIDs (nothing added, since UIDNEXT did not move; so nothing expunged).
     snapshot: tuple[int, int] | None = None
     uid_ranges: tuple[tuple[int, int], ...] = ()
+    # Whether the mailbox's messages are stored in other folders (a virtual mailbox: Dovecot's FETCH
+    # X-MAILBOX names another folder than this one); None until one of its messages was looked at. A
+    # mailbox's own kind, so one message tells (see PolicyPlugin._hidden_by_folder).
+    virtual: bool | None = None
+    # A virtual mailbox's UIDs by the folder each message is really in, for UIDs up to ``real_upto``: a
+    # virtual mailbox's UIDs are stable under its UIDVALIDITY (never renumbered), as any mailbox's.
+    real_folders: dict[str, set[int]] = field(default_factory=dict)
+    real_upto: int = 0
     owner: ClassificationCache | None = field(default=None, repr=False, compare=False)
 
     def known(self, kind: str) -> int:
@@ -80,8 +88,18 @@ class KindCache:
             if self.owner is not None:
                 self.owner.grew(self, len(known) - before)
 
+    def add_real(self, upto: int, found: dict[int, str]) -> None:
+        """The real folders of UIDs up to ``upto`` (``found``: UID -> folder name)."""
+        if upto > self.real_upto:
+            for uid, folder in found.items():
+                if uid > self.real_upto:
+                    self.real_folders.setdefault(folder, set()).add(uid)
+            self.real_upto = upto
+            if self.owner is not None:
+                self.owner.grew(self, len(found))
+
     def size(self) -> int:
-        return sum(len(uids) for uids in self.kinds.values())
+        return sum(len(uids) for uids in self.kinds.values()) + sum(len(u) for u in self.real_folders.values())
 
 
 class ClassificationCache:
@@ -125,6 +143,14 @@ class ClassificationCache:
         """The entry if there is one for this UIDVALIDITY (nothing is created)."""
         entry = self._data.get((user, mailbox))
         return entry if entry is not None and entry.uidvalidity == uidvalidity else None
+
+    def plain(self, user: str, mailbox: str) -> bool:
+        """Whether ``mailbox`` is known to hold its own messages (not a virtual mailbox's of other folders).
+        Whatever its UIDVALIDITY: what makes a mailbox virtual is the operator's Dovecot configuration, not
+        anything a client can do to the folder (Dovecot cannot CREATE a virtual mailbox), and a process
+        that knows no better (this entry evicted) looks again."""
+        entry = self._data.get((user, mailbox))
+        return entry is not None and entry.virtual is False
 
     def forget(self, user: str, mailbox: str) -> None:
         if (user, mailbox) in self._data:

@@ -567,7 +567,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return _LATER
         if self.folder_hidden(st, mailbox):
             return _as_missing(cmd, mailbox)
-        if any(self._criteria(st, mailbox)) or self.hiders(session):
+        if any(self._criteria(st, mailbox)) or self.hiders(session) or self.real_folders_matter(session, st, mailbox):
             return _LATER
         st.view = None  # (what _plan_select's fast path sets)
         st.mailbox = mailbox
@@ -681,7 +681,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         st.plan = None
         status_d, queries, criteria = early
         kinds, max_size, max_age = criteria or self._criteria(st, mailbox)
-        if not (kinds or max_size or max_age or queries):
+        real = self.real_folders_matter(session, st, mailbox)
+        if not (kinds or max_size or max_age or queries or real):
             return  # fast path: nothing can be hidden here
         status = await status_d if status_d is not None else None
         if status is not None and status.status != b"OK":
@@ -695,14 +696,14 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # preferences, read since, hide a kind): their queries run while the SELECT is at the backend,
             # not before it; its responses wait for the answers (_build_view), and UIDVALIDITY comes from
             # them.
-            plan = SelectPlan(mailbox, 0, kinds, max_size, max_age)
+            plan = SelectPlan(mailbox, 0, kinds, max_size, max_age, real_folders=real)
             plan.pending = queries
             st.plan = plan
             st.pending_select = True
             return
         replies = [(h, await d) for h, d in queries]
         uidvalidity = _parse_uidvalidity(status, mailbox)
-        plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age)
+        plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age, real_folders=real)
         for h, r in replies:
             plan.extra |= _uid_ranges(await h.hidden(session, mailbox, uidvalidity, r))
         if plan.empty:
@@ -719,7 +720,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if st.view is None:
             uidvalidity = await self._selected_uidvalidity(session, st)
             kinds, max_size, max_age = self._criteria(st, st.mailbox)
-            st.plan = SelectPlan(st.mailbox, uidvalidity, kinds, max_size, max_age)
+            st.plan = SelectPlan(st.mailbox, uidvalidity, kinds, max_size, max_age,
+                                 real_folders=self.real_folders_matter(session, st, st.mailbox))
             uids, hidden = await self._classify(session, st.plan, b"1:*")
             # What the client was shown: everything (the fast path). Anything the policy hides now (a
             # preference changed since) leaves at the next command that may announce it, not here: the
@@ -826,6 +828,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             hidden |= uidset.intersection(esearch_all(await size_d))
         if age_d is not None:
             hidden |= uidset.intersection(esearch_all(await age_d))
+        if plan.real_folders:
+            hidden |= await self._hidden_by_folder(session, self.state(session), plan.mailbox, plan.uidvalidity,
+                                                   set(uids))
         extra_ranges = plan.extra & SequenceSet.from_ranges(ranges)  # (ranges: intersecting is free)
         extra = _uid_set(extra_ranges)
         plan.hidden_ranges = None
@@ -917,8 +922,10 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         deletions) are hidden and they are the same ones: borrowed whole (copy-on-write), so a device
         with 10,000 local deletions does not expand them into a list and a set at every SELECT. None
         when there is none to borrow."""
-        if plan.max_age_days:
-            return None  # (what an age limit hides changes with the clock)
+        if plan.max_age_days or plan.real_folders:
+            # (What an age limit hides changes with the clock; what real folders hide, with the device's
+            # folder rules, which the keys below do not hold.)
+            return None
         cache = self.cache.peek(user, plan.mailbox, plan.uidvalidity)
         if cache is None or cache.snapshot != snapshot:
             return None
@@ -946,8 +953,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if len(view.uids) < SHARED_TABLES_MIN:
             return
         cache = self.cache.peek(user, plan.mailbox, plan.uidvalidity)
-        if (plan.hidden_kinds or plan.max_size) and not plan.max_age_days and cache is not None \
-                and cache.snapshot == snapshot:
+        if (plan.hidden_kinds or plan.max_size) and not (plan.max_age_days or plan.real_folders) \
+                and cache is not None and cache.snapshot == snapshot:
             # (lent whole: a later SELECT of this state by the same rules builds nothing, see _borrowed_view)
             _keep(self._whole_views, _whole_view_key(user, plan, _extra_in(plan, cache)),
                   (snapshot, view.lend(), len(view.uids)))
@@ -1935,7 +1942,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         kinds, max_size, max_age = self._criteria(st, mailbox)
         uidvalidity = st.plan.uidvalidity if st.plan else await self._selected_uidvalidity(session, st)
         extra = st.plan.extra if st.plan else SequenceSet.empty()
-        st.plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age, extra)
+        st.plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age, extra,
+                             real_folders=self.real_folders_matter(session, st, mailbox))
         if st.plan.empty:
             if st.view is not None:
                 back = st.view.unhide_tail(set(st.view.hidden))

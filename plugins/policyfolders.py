@@ -15,6 +15,7 @@ import time
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.proxy.backend import BackendError
 from cpmproxy.proxy.hooks import Drop, Hold, Rewrite
 from plugins.cpm import (
@@ -30,6 +31,7 @@ from plugins.policystate import (
     PolicySession,
     _code_in,
     _keep_known,
+    _select_state,
     side_examine,
 )
 from plugins.wire import (
@@ -37,6 +39,7 @@ from plugins.wire import (
     list_nonexistent,
     list_oldname,
     list_without_oldname,
+    real_folders_of,
     search_ok,
     wire_name,
 )
@@ -47,10 +50,20 @@ log = Logger(namespace="cpmproxy.policy")
 NOT_SESSION_HISTORY_TTL = 60.0
 
 
+class _side_examine_held:
+    """In place of ``side_examine`` for a caller that holds it already (the lock is not re-entrant)."""
+
+    async def __aenter__(self):
+        return None
+
+    async def __aexit__(self, *exc):
+        return None
+
+
 class FolderRules:
     """Which folders exist for the device (see the module docstring)."""
 
-    async def folder_infos(self, session, names: list[str]) -> None:
+    async def folder_infos(self, session, names: list[str], examining=None) -> bool:
         """Fill ``st.folders`` for ``names``: folder preferences, then (only where Session Histories are
         not synchronized) whether the folder is one. Pipelined on the side connection.
 
@@ -60,12 +73,13 @@ class FolderRules:
         st = self.state(session)
         todo = [n for n in names if not self._folder_info_now(session, st, n)]
         if not todo:
-            return
+            return False
         infos = {name: FolderInfo() for name in todo}
-        await self._read_folder_infos(session, st, infos)
+        await self._read_folder_infos(session, st, infos, examining)
         st.folders.update(infos)
         st.folder_chars += sum(map(len, infos))
         self._forget_plain_folders(st, infos)
+        return True
 
     def _forget_plain_folders(self, st: PolicySession, spare) -> None:
         """Keep a session's folder facts bounded: past ``session_folders`` folders (or 256 characters of
@@ -109,8 +123,12 @@ class FolderRules:
 
         return Hold(defer.Deferred.fromCoroutine(known()))
 
-    async def _read_folder_infos(self, session, st: PolicySession, infos: dict[str, FolderInfo]) -> None:
-        await self.read_folder_facts(session.side_command, session.user, [st], infos, lambda: side_examine(session))
+    async def _read_folder_infos(self, session, st: PolicySession, infos: dict[str, FolderInfo],
+                                 examining=None) -> None:
+        """``examining``: the async context of the side connection's EXAMINEs (by default ``side_examine``;
+        ``_side_examine_held`` for a caller that holds it already)."""
+        await self.read_folder_facts(session.side_command, session.user, [st], infos,
+                                     examining or (lambda: side_examine(session)))
 
     def folder_facts_known(self, user: str, states: list[PolicySession], name: str, recent_ok: bool = False) -> bool:
         """Whether ``read_folder_facts`` for ``name`` would ask the backend nothing."""
@@ -248,6 +266,82 @@ class FolderRules:
                 or bool(st.pref_folders and self._may_change_sync(st))
                 or not self.effective(st, f"{PREF_SYNC}/session-history", None,
                                       policy.default_sync("session-history")))
+
+    def real_folders_matter(self, session, st: PolicySession, mailbox: str) -> bool:
+        """Whether messages of ``mailbox`` may be hidden for the folder they are really in: a virtual
+        mailbox (Dovecot's ``virtual`` plugin) shows other folders' messages, a hidden folder's too.
+        Neither a capability nor a LIST attribute tells a virtual mailbox (Dovecot 2.3.19: its LIST
+        attributes, NAMESPACE and STATUS are a plain mailbox's), only FETCH X-MAILBOX of a message (a
+        plain mailbox's own name, another folder's in a virtual one). So: only for a device that may
+        have hidden folders, and until the mailbox is known plain (one FETCH of one UID, once per mailbox
+        and process: ``_hidden_by_folder``); a SELECT where nothing else hides pays nothing after that."""
+        return self._folders_may_hide(st) and not self.cache.plain(session.user, mailbox)
+
+    async def _hidden_by_folder(self, session, st: PolicySession, mailbox: str, uidvalidity: int, uids,
+                                examined: bool = False) -> set[int]:
+        """Which of ``uids`` (a set, or a SequenceSet) of ``mailbox`` are in a folder hidden from the device.
+        Their folders are read by FETCH X-MAILBOX on the side connection (on the session's own, the FETCH
+        responses would go to the client), cached with the kinds (``KindCache.real_folders``) and asked
+        only for UIDs not known yet; ``examined``: the caller holds ``side_examine`` with ``mailbox``
+        EXAMINEd. In a virtual mailbox, a message whose folder cannot be read (expunged meanwhile) is hidden:
+        nothing to show, and fail closed. Nothing is asked of a mailbox known plain (``real_folders_matter``)."""
+        cache = self.cache.get(session.user, mailbox, uidvalidity)
+        top = (uids.ranges[-1][1] if uids.ranges else 0) if isinstance(uids, SequenceSet) else max(uids, default=0)
+        if cache.virtual is False or not top:
+            return set()
+        if cache.virtual is None or cache.real_upto < top:
+            if examined:
+                await self._read_real_folders(session, mailbox, cache, top)
+            else:
+                async with side_examine(session):
+                    opened = await session.side_command(b"EXAMINE " + wire_name(mailbox))
+                    if opened.status != b"OK" and not _code_in(opened.tagged, b"NONEXISTENT"):
+                        raise BackendError(f"cannot read the real folders of {mailbox!r}: {opened.tagged!r}")
+                    if _select_state(opened.untagged).get(b"UIDVALIDITY") != uidvalidity:
+                        # The folder the session has selected was deleted since (and perhaps made anew under its
+                        # name): its messages cannot be read by name, and Dovecot ends the session or expunges
+                        # them soon. A client deletes and makes plain folders; a virtual mailbox is the
+                        # operator's configuration. So nothing is hidden by folder now, and nothing learnt.
+                        return set()
+                    await self._read_real_folders(session, mailbox, cache, top)
+            if not cache.virtual:
+                return set()
+        if examined:
+            if await self.folder_infos(session, list(cache.real_folders), _side_examine_held):
+                await session.side_command(b"EXAMINE " + wire_name(mailbox))  # (for the caller's commands)
+        else:
+            await self.folder_infos(session, list(cache.real_folders))
+        shown = set().union(*(found for name, found in cache.real_folders.items() if not self.folder_hidden(st, name)))
+        if isinstance(uids, SequenceSet):
+            return {u for lo, hi in uids.ranges for u in range(lo, hi + 1) if u not in shown}
+        return set(uids) - shown
+
+    @staticmethod
+    async def _read_real_folders(session, mailbox: str, cache, top: int) -> None:
+        """Fill ``cache`` (the mailbox's KindCache) with the real folders of UIDs up to ``top`` (the mailbox
+        EXAMINEd on the side connection). Unknown whether the mailbox is virtual: one message tells (the
+        last: a plain mailbox is known so at the cost of one message's FETCH)."""
+        if cache.virtual is None:
+            reply = await session.side_command(b"UID FETCH %d (UID X-MAILBOX)" % top)
+            if reply.status == b"BAD":
+                # A backend that does not know X-MAILBOX has no Dovecot virtual mailboxes.
+                cache.virtual = False
+                return
+            found = real_folders_of(reply)
+            if top in found:
+                cache.virtual = found[top] != mailbox
+        if cache.virtual is False:
+            return
+        found = real_folders_of(await session.side_command(b"UID FETCH %d:%d (UID X-MAILBOX)"
+                                                           % (cache.real_upto + 1, top)))
+        if cache.virtual is None:  # (the last message expunged before the probe read it: any other tells)
+            # No message answered: they are gone (Dovecot answers every message there is). Nothing is
+            # learnt or hidden by folder; asked again next time.
+            if found:
+                cache.virtual = any(name != mailbox for name in found.values())
+            if not cache.virtual:
+                return
+        cache.add_real(top, found)
 
     async def _only_above_hidden(self, session, st: PolicySession, name: str,
                                  names: list[str] | None = None, noselect: set[str] | None = None) -> bool:

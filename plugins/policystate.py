@@ -84,10 +84,14 @@ class SelectPlan:
     # What _classify hid, as ranges, when that was only ``extra`` (a cheap exact key for _share_tables:
     # comparing sets of 10,000 UIDs costs ~0.2 ms per SELECT). None otherwise.
     hidden_ranges: tuple | None = None
+    # Whether the messages' real folders may hide them: the device may have folders hidden, and the
+    # mailbox is not known to be a plain one (it may be a virtual mailbox: PolicyPlugin._hidden_by_folder).
+    real_folders: bool = False
 
     @property
     def empty(self) -> bool:
-        return not (self.hidden_kinds or self.max_size or self.max_age_days or self.extra or self.pending)
+        return not (self.hidden_kinds or self.max_size or self.max_age_days or self.extra or self.pending
+                    or self.real_folders)
 
 
 @dataclass

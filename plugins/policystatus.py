@@ -61,7 +61,7 @@ class StatusCounts:
         adjusted, if there is one (see ``status_adjustment_locked``)."""
         kinds, max_size, max_age = self._criteria(st, mailbox)
         hiders = self.hiders(session)
-        if not (kinds or max_size or max_age or hiders):
+        if not (kinds or max_size or max_age or hiders or self.real_folders_matter(session, st, mailbox)):
             return None
         async with side_examine(session):
             return await self.status_adjustment_locked(session, st, mailbox, kinds, max_size, max_age, hiders,
@@ -91,6 +91,7 @@ class StatusCounts:
                 return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
             uids = SequenceSet.from_ranges(_esearch_ranges(await searched))  # (not expanded: 200,000 UIDs)
             plan = await self._examined_plan(session, mailbox, opened, kinds, max_size, max_age, hiders)
+            plan.real_folders = self.real_folders_matter(session, st, mailbox)
             if anchor is not None:
                 if anchor.get(b"UIDVALIDITY", plan.uidvalidity) != plan.uidvalidity:
                     # The line is of a folder deleted since, another of its name examined (found by review: the
@@ -98,7 +99,7 @@ class StatusCounts:
                     # was counted as visible).
                     raise MailboxReplaced(f"{mailbox!r} was replaced while its counts were read")
                 uids &= _below(anchor[b"UIDNEXT"])
-            hidden = await self._side_hidden(session, plan, uids)
+            hidden = await self._side_hidden(session, st, plan, uids)
         if not hidden and (anchor is None or selected_hidden is not None or len(uids) == anchor[b"MESSAGES"]):
             return None  # (with an anchor, messages gone since the line are taken off it too)
         n_hidden = len(hidden)  # (now: the selected view's set changes in place as messages go)
@@ -143,7 +144,8 @@ class StatusCounts:
                 unseen_n = anchor[b"UNSEEN"] - (len(unseen) - unseen_n)
         return n_hidden, unseen_n, size
 
-    async def _side_hidden(self, session, plan: SelectPlan, uids: set[int] | SequenceSet) -> set[int]:
+    async def _side_hidden(self, session, st: PolicySession, plan: SelectPlan,
+                           uids: set[int] | SequenceSet) -> set[int]:
         """Hidden UIDs among ``uids`` of a mailbox EXAMINEd on the side connection (classification cache
         shared). ``uids`` may be ranges: all of a big mailbox's UIDs are not expanded for a STATUS."""
         cache = self.cache.get(session.user, plan.mailbox, plan.uidvalidity)
@@ -171,6 +173,8 @@ class StatusCounts:
         if plan.max_age_days:
             hidden |= set(esearch_all(await session.side_command(b"UID SEARCH RETURN (ALL) OLDER %d"
                                                                    % (plan.max_age_days * 86400))))
+        if plan.real_folders:
+            hidden |= await self._hidden_by_folder(session, st, plan.mailbox, plan.uidvalidity, uids, examined=True)
         return _among(hidden | _uid_set(plan.extra), uids)
 
     def count_at_answer(self, session, st: PolicySession, cmd, names: list[str]) -> Rewrite | Answer | None:
@@ -277,7 +281,7 @@ class StatusCounts:
 
     def _may_hide(self, session, st: PolicySession, mailbox: str) -> bool:
         kinds, max_size, max_age = self._criteria(st, mailbox)
-        return bool(kinds or max_size or max_age or self.hiders(session))
+        return bool(kinds or max_size or max_age or self.hiders(session) or self.real_folders_matter(session, st, mailbox))
 
     async def visible_change(self, session, st: PolicySession, mailbox: str, since: int | None,
                              uids: tuple[int, ...] = ()) -> bool | None:
@@ -301,10 +305,12 @@ class StatusCounts:
             changed = set(uids) if uids else set(esearch_all(await searched))
             if not changed:
                 return None
-            if not (kinds or max_size or max_age or hiders):
+            real = self.real_folders_matter(session, st, mailbox)
+            if not (kinds or max_size or max_age or hiders or real):
                 return True
             plan = await self._examined_plan(session, mailbox, opened, kinds, max_size, max_age, hiders)
-            return bool(changed - await self._side_hidden(session, plan, changed))
+            plan.real_folders = real
+            return bool(changed - await self._side_hidden(session, st, plan, changed))
 
     async def _examined_plan(self, session, mailbox: str, opened, kinds, max_size, max_age, hiders) -> SelectPlan:
         """What hides messages of ``mailbox``, EXAMINEd on the side connection (``opened``: its reply), keyed

@@ -303,6 +303,31 @@ def esearch_all(reply) -> list[int]:
     return []
 
 
+def real_folders_of(reply) -> dict[int, str]:
+    """UID -> folder name of a ``UID FETCH ... (X-MAILBOX)`` reply (Dovecot: the folder a message is stored
+    in, another one's in a virtual mailbox). A refused FETCH raises (``BackendRefused``), but Dovecot's NO for
+    messages expunged meanwhile: those are missing from the answer, as lines that cannot be read are."""
+    if reply.status != b"OK" and not (reply.status == b"NO" and b"EXPUNGEISSUED" in reply.tagged.upper()):
+        raise BackendRefused("backend fetch failed", reply.tagged)
+    found = {}
+    for line in reply.untagged:
+        try:
+            tokens = tokenize(line.rstrip(b"\r\n"))
+        except TokenError:
+            continue
+        if len(tokens) != 4 or token_text(tokens[2]) is None or tokens[2].value.upper() != b"FETCH" \
+                or not isinstance(tokens[3], ParenList):
+            continue
+        items = tokens[3].items
+        fields = {token_text(items[i]).upper(): items[i + 1] for i in range(0, len(items) - 1, 2)
+                  if token_text(items[i]) is not None}
+        uid, folder = fields.get(b"UID"), fields.get(b"X-MAILBOX")
+        raw = None if folder is None else astring_text(folder)
+        if isinstance(uid, Atom) and uid.is_number() and raw is not None:
+            found[uid.as_int()] = mailbox_name(raw)
+    return found
+
+
 def uid_set_pieces(uids: SequenceSet, limit: int = 3800) -> list[bytes]:
     """``uids`` in wire form, cut into pieces of at most ``limit`` bytes, for commands whose results
     add up (counts, FETCHes): 50,000 scattered hidden UIDs are 330 KB in one command line, past the

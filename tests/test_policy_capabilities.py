@@ -384,6 +384,8 @@ def test_a_virtual_mailbox_does_not_name_a_hidden_folder(make_proxy, dovecot_wit
     direct.login("erin", "erinpw")
     assert direct.command(b"c", b"CREATE " + secret.encode())[-1].startswith(b"c OK")
     assert direct.command(b"a", b"APPEND " + secret.encode() + b" {3+}\r\nx\r\n")[-1].startswith(b"a OK")
+    # (And one the device sees: the hidden folder's is hidden in the virtual mailbox too, test_policy_virtual.)
+    assert direct.command(b"a", b"APPEND INBOX {3+}\r\ny\r\n")[-1].startswith(b"a OK")
     direct.close()
     virtual = d.mail_dir / "erin" / "virtual" / secret.replace("Secret", "All")
     virtual.mkdir(parents=True)
@@ -410,7 +412,7 @@ def test_a_virtual_mailbox_does_not_name_a_hidden_folder(make_proxy, dovecot_wit
                             b"MessageExpunge))")
         assert r[-1].startswith(b"m OK"), r
         r = c.command(b"g", b"FETCH 1 (UID X-GUID X-REAL-UID SAVEDATE BODY.PEEK[HEADER.FIELDS (From)])")
-        assert r[0].startswith(b"* 1 FETCH (UID 1 X-GUID ") and r[-1].startswith(b"g OK"), r
+        assert re.match(rb"\* 1 FETCH \(UID \d+ X-GUID ", r[0]) and r[-1].startswith(b"g OK"), r
         r = c.command(b"h", b"SEARCH X-REAL-UID 1 NOT X-GUID nope")
         assert r[0] == b"* SEARCH 1\r\n" and r[-1].startswith(b"h OK"), r
     finally:

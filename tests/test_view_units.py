@@ -280,9 +280,10 @@ def test_select_is_decided_at_once_where_nothing_can_be_hidden():
         d.deferred.addErrback(lambda f: None)
         d.deferred.cancel()
 
-    def select(line, st, plugins=()):
-        policy = PolicyPlugin(SimpleNamespace(hooks=SimpleNamespace(plugins=list(plugins))))
-        policy.name = "policy"
+    def select(line, st, plugins=(), policy=None):
+        if policy is None:
+            policy = PolicyPlugin(SimpleNamespace(hooks=SimpleNamespace(plugins=list(plugins))))
+            policy.name = "policy"
         session = SimpleNamespace(state={"policy": st}, user="alice", device_id="d1",
                                   side_command=lambda line: defer.Deferred(),  # (never answered here)
                                   inflight_commands=lambda: [], selected=None)
@@ -291,10 +292,19 @@ def test_select_is_decided_at_once_where_nothing_can_be_hidden():
         return policy.command(session, cmd)
 
     st = PolicySession(Policy(exclude_folders=("Secret*",)))
-    assert select(b'a SELECT "INBOX"\r\n', st) is None
+    policy = PolicyPlugin(SimpleNamespace(hooks=SimpleNamespace(plugins=[])))
+    policy.name = "policy"
+    # A device with hidden folders: INBOX may be a virtual mailbox holding their messages, until found not
+    # to be (once per process: see test_policy_virtual).
+    d = select(b'a SELECT "INBOX"\r\n', st, policy=policy)
+    assert isinstance(d, Defer)
+    cancel(d)
+    policy.cache.get("alice", "INBOX", 7).virtual = False
+    st = PolicySession(Policy(exclude_folders=("Secret*",)))
+    assert select(b'a SELECT "INBOX"\r\n', st, policy=policy) is None
     assert st.mailbox == "INBOX" and st.view is None and st.plan is None and "INBOX" in st.folders
     # An excluded folder: decided at once too, as the EXAMINE of a name no folder has (the backend's answer).
-    answer = select(b"b EXAMINE Secret/x\r\n", st)
+    answer = select(b"b EXAMINE Secret/x\r\n", st, policy=policy)
     assert isinstance(answer, Rewrite) and re.fullmatch(rb"b EXAMINE Secret/x-[0-9a-f]{16}\r\n", answer.data)
 
     slow = [PolicySession(Policy(sync=(("imdn", False),))),  # a kind to hide: classification needed
@@ -753,3 +763,86 @@ def test_arrivals_placed_later_exists_literals_and_inconsistency():
     assert arrivals_placed([1, 2, 3, 4], 6, [5], exists + [b"* 7 EXPUNGE\r\n"]) is None
     assert arrivals_placed([1, 2, 3, 4], 6, [5, 7], exists + [b"* 5 EXPUNGE\r\n", b"* 5 EXPUNGE\r\n"]) is None
     assert arrivals_placed([1, 2, 3, 4], 6, [5], [b"* 5 EXISTS\r\n", b"* 5 EXPUNGE\r\n"]) is None
+
+
+def test_the_real_folders_are_read_from_x_mailbox():
+    """FETCH X-MAILBOX answers (Dovecot's, in a virtual mailbox) read as UID -> folder name: quoted and
+    literal names, modified UTF-7, the NO of messages expunged meanwhile; a refused FETCH raises."""
+    from cpmproxy.proxy.backend import BackendRefused, Reply
+    from plugins.wire import real_folders_of
+
+    reply = Reply([b"* 1 FETCH (UID 4 X-MAILBOX INBOX)\r\n", b'* 2 FETCH (X-MAILBOX "Chats (old)" UID 9)\r\n',
+                   b"* 3 FETCH (UID 12 X-MAILBOX {6}\r\nSec\"rt)\r\n", b"* 4 FETCH (UID 13 X-MAILBOX &AOk-t&AOk-)\r\n",
+                   b"* 5 FETCH (FLAGS (\\Seen) UID 14)\r\n", b"* 6 EXPUNGE\r\n", b"* 7 FETCH (UID x X-MAILBOX y)\r\n"],
+                  b"NO [EXPUNGEISSUED] Some messages were already expunged.")
+    assert real_folders_of(reply) == {4: "INBOX", 9: "Chats (old)", 12: 'Sec"rt', 13: "\u00e9t\u00e9"}
+    with pytest.raises(BackendRefused):
+        real_folders_of(Reply([], b"BAD Error in IMAP command UID FETCH: Unknown parameter: X-MAILBOX."))
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_of_a_hidden_folder_are_hidden_in_a_virtual_mailbox():
+    """Found by review (helper-103's brief): the policy hid folders by name, not the messages a virtual
+    mailbox shows of them. ``_hidden_by_folder`` reads each message's real folder (FETCH X-MAILBOX on the
+    side connection, EXAMINEd at the session's UIDVALIDITY), caches it per UID, asks only for new UIDs,
+    hides what it cannot read (fail closed), and stops asking of a mailbox one message showed plain."""
+    from twisted.internet import defer
+
+    from cpmproxy.proxy.backend import BackendError, Reply
+    from plugins.policyconfig import Policy
+    from plugins.policystate import PolicySession
+
+    answers = {
+        b"EXAMINE Virtual/All": Reply([b"* OK [UIDVALIDITY 7] UIDs valid\r\n"], b"OK [READ-ONLY] done"),
+        b"EXAMINE INBOX": Reply([b"* OK [UIDVALIDITY 5] UIDs valid\r\n"], b"OK [READ-ONLY] done"),
+        b"UID FETCH 3 (UID X-MAILBOX)": Reply([b"* 3 FETCH (UID 3 X-MAILBOX INBOX)\r\n"], b"OK done"),
+        b"UID FETCH 1:3 (UID X-MAILBOX)": Reply([b"* 1 FETCH (UID 1 X-MAILBOX INBOX)\r\n",
+                                                 b"* 2 FETCH (UID 2 X-MAILBOX Secret)\r\n",
+                                                 b"* 3 FETCH (UID 3 X-MAILBOX INBOX)\r\n"], b"OK done"),
+        b"UID FETCH 4:5 (UID X-MAILBOX)": Reply([b"* 5 FETCH (UID 5 X-MAILBOX Secret)\r\n"], b"OK done"),
+        b"UID FETCH 9 (UID X-MAILBOX)": Reply([b"* 2 FETCH (UID 9 X-MAILBOX INBOX)\r\n"], b"OK done"),
+        b"UNSELECT": Reply([], b"OK done"),
+    }
+    sent = []
+
+    def side_command(line):
+        sent.append(line)
+        return defer.succeed(answers[line])
+
+    policy = PolicyPlugin(SimpleNamespace(hooks=SimpleNamespace(plugins=[])))
+    policy.name = "policy"
+    st = PolicySession(Policy(exclude_folders=("Secret",)))
+    session = SimpleNamespace(state={"policy": st}, user="alice", side_command=side_command,
+                              side_lock=defer.DeferredLock())
+    assert policy.real_folders_matter(session, st, "Virtual/All")
+    assert await policy._hidden_by_folder(session, st, "Virtual/All", 7, {1, 2, 3}) == {2}
+    assert sent == [b"EXAMINE Virtual/All", b"UID FETCH 3 (UID X-MAILBOX)", b"UID FETCH 1:3 (UID X-MAILBOX)",
+                    b"UNSELECT"]
+    # New messages: only theirs are asked; 4, not answered (expunged meanwhile), is hidden too.
+    del sent[:]
+    assert await policy._hidden_by_folder(session, st, "Virtual/All", 7, SequenceSet.from_ranges([(1, 5)])) \
+        == {2, 4, 5}
+    assert sent == [b"EXAMINE Virtual/All", b"UID FETCH 4:5 (UID X-MAILBOX)", b"UNSELECT"]
+    del sent[:]
+    assert await policy._hidden_by_folder(session, st, "Virtual/All", 7, {1, 3, 5}) == {5}
+    assert sent == []  # (all known)
+    # A mailbox examined at another UIDVALIDITY than the session's (deleted since, made anew) is not read as
+    # the session's; one the backend cannot open fails (the caller fails closed).
+    assert await policy._hidden_by_folder(session, st, "Virtual/All", 8, {1}) == set()
+    answers[b"EXAMINE Virtual/All"] = Reply([], b"NO [SERVERBUG] Internal error")
+    with pytest.raises(BackendError):
+        await policy._hidden_by_folder(session, st, "Virtual/All", 8, {1})
+    # A plain mailbox: one message tells, then nothing is asked of it again, nor is it looked at on SELECT.
+    del sent[:]
+    assert await policy._hidden_by_folder(session, st, "INBOX", 5, set(range(1, 10))) == set()
+    assert sent == [b"EXAMINE INBOX", b"UID FETCH 9 (UID X-MAILBOX)", b"UNSELECT"]
+    del sent[:]
+    assert await policy._hidden_by_folder(session, st, "INBOX", 5, set(range(1, 12))) == set()
+    assert sent == [] and not policy.real_folders_matter(session, st, "INBOX")
+    # A backend that does not know X-MAILBOX has no virtual mailboxes: plain.
+    answers[b"EXAMINE Other"] = Reply([b"* OK [UIDVALIDITY 3] UIDs valid\r\n"], b"OK [READ-ONLY] done")
+    answers[b"UID FETCH 2 (UID X-MAILBOX)"] = Reply([], b"BAD Error in IMAP command UID FETCH: Unknown parameter")
+    assert await policy._hidden_by_folder(session, st, "Other", 3, {1, 2}) == set()
+    assert not policy.real_folders_matter(session, st, "Other")
+    # A device with no hidden folder asks nothing anywhere.
+    assert not policy.real_folders_matter(session, PolicySession(Policy()), "Virtual/All")
