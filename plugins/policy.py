@@ -483,6 +483,12 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             return Rewrite(cmd.line.rstrip(b"\r\n") + b" " + format_tokens(_known_only(view)) + b"\r\n")
         if view is not None and not view.identity:
             if name in (b"EXPUNGE", b"CLOSE") and not cmd.uid and has_caps(session, b"UIDPLUS", b"UNSELECT"):
+                if earlier := session.inflight_commands():
+                    # Its search of the \Deleted messages must see what the commands before it stored: Dovecot
+                    # may run that search before a pipelined STORE that first syncs the mailbox with changes
+                    # of another process (found with helper-103's side EXAMINE of the mailbox being selected:
+                    # `STORE 2 +FLAGS (\Deleted)`, `EXPUNGE` pipelined expunged nothing).
+                    return Defer(defer.Deferred.fromCoroutine(self._after_done(session, earlier, cmd)))
                 return Defer(defer.Deferred.fromCoroutine(self._expunge_visible(session, view, cmd)))
             return self._view_command(session, st, view, cmd)
         return None
