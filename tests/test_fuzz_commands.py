@@ -2,7 +2,9 @@
 answered (its tagged response, or a BYE with a reason), nothing in the proxy's log is a traceback, and
 the proxy serves on. Valid commands of every kind the view rewrites (a corpus), mutated a few tokens at a
 time (odd sequence sets, missing or extra arguments, stray brackets, lower case), with messages arriving
-meanwhile. Found an APPEND the session hung on (tests/test_append_fastpath.py) in its first minute.
+meanwhile. Found an APPEND the session hung on (tests/test_append_fastpath.py) in its first minute; then
+(seeds 9 and 11 of 1,500 commands) a keyword "[" that made its folder unreadable to the proxy, and an
+APPEND answered early whose refused literal left internal commands waiting for ever.
 
 Deterministic: a fixed seed per run (``CPM_FUZZ_SEEDS``, ``CPM_FUZZ_COMMANDS`` for longer hunts)."""
 
@@ -31,6 +33,7 @@ CORPUS = [
     b"SORT (DATE) UTF-8 ALL", b"SORT RETURN (MIN COUNT) (REVERSE ARRIVAL) UTF-8 1:*", b"THREAD REFERENCES UTF-8 ALL",
     b"STORE 1 +FLAGS (\\Seen)", b"STORE 1:* -FLAGS.SILENT (\\Flagged)", b"UID STORE 1:* +FLAGS (\\Seen)",
     b"STORE 2 (UNCHANGEDSINCE 1) +FLAGS (x)", b"STORE 1 +FLAGS ($LocalDelete \\Deleted)",
+    b"STORE 3 +FLAGS (a[b [)", b"SEARCH KEYWORD a[b", b"UID STORE 1:* -FLAGS.SILENT ([ a[b)",
     b"COPY 1:2 G", b"UID COPY 1:* G", b"MOVE 1 G", b"UID MOVE 3 G", b"EXPUNGE", b"UID EXPUNGE 1:3", b"CLOSE",
     b"UNSELECT", b"CHECK", b"NOOP", b"STATUS G (MESSAGES UNSEEN SIZE UIDNEXT)", b"STATUS F (MESSAGES RECENT XCPM-VIEW)",
     b'LIST "" *', b'LIST (SUBSCRIBED) "" * RETURN (STATUS (MESSAGES))', b'LSUB "" %', b'LIST "" F RETURN (CHILDREN)',
