@@ -78,13 +78,18 @@ def fetch_item_names(text: bytes) -> list[bytes] | None:
         else None
 
 
+# A section spec: '[', names and at most parenthesised lists of them (quoted ones too), ']'. (Not to a ')'
+# that closes the list it is in: ``FLAGS (BODY[) UID 5 BODY[HEADER]``, a keyword Dovecot stores.)
+_SECTION_SPEC = rb'\[[^\]()\r\n]*(?:\((?:[^()"\r\n]|"(?:[^"\\\r\n]|\\.)*")*\)[^\]()\r\n]*)*\]'
+
+
 def fetch_item_pattern(item: bytes) -> re.Pattern:
     """A pattern for one item of a FETCH response segment, whose group 1 is the item's value: it matches
     only where a word starts outside quoted strings and ``[...]`` section specs (an ENVELOPE's subject, a
     ``BODY[HEADER.FIELDS (...)]`` name list may hold the item's name). Use with :func:`find_fetch_item`.
     (A section is a '[' after BODY or BINARY: a keyword's '[', ``FLAGS (a[b)``, opened one to the next
     section's ']' and hid the items between.)"""
-    return re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|(?<![^\s(])(?:BODY|BINARY)[.A-Z]*\[[^\]\r\n]*\]|(?<![^\s(])'
+    return re.compile(rb'"(?:[^"\\\r\n]|\\.)*"|(?<![^\s(])(?:BODY|BINARY)[.A-Z]*' + _SECTION_SPEC + rb'|(?<![^\s(])'
                       + item, re.I)
 
 

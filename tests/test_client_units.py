@@ -289,6 +289,11 @@ def test_tokenize_responses():
     # A keyword with a '[' (Dovecot stores "[" and "a[b") is an atom: only BODY and BINARY open sections.
     assert tokenize(b"(FLAGS ([ a[b) UID 3 BODY[HEADER] {1})", [b"x"]) == [
         [b"FLAGS", [b"[", b"a[b"], b"UID", b"3", b"BODY[HEADER]", b"x"]]
+    # Nor after BODY or BINARY when the list closes first: keywords "BODY[" and "body[x" (Dovecot stores them
+    # too; read as sections, the first ran to the next section's ']', or to the end: unreadable).
+    assert tokenize(b"(FLAGS (BODY[ body[x) UID 3 BODY[HEADER.FIELDS (A)] {1})", [b"x"]) == [
+        [b"FLAGS", [b"BODY[", b"body[x"], b"UID", b"3", b"BODY[HEADER.FIELDS (A)]", b"x"]]
+    assert tokenize(b"* FLAGS (\\Seen BINARY.PEEK[1)") == [b"*", b"FLAGS", [b"\\Seen", b"BINARY.PEEK[1"]]
     for bad, lits in [(b"(a", []), (b"a)", []), (b'"open', []), (b"{3}", []), (b"{3}", [b"ab"])]:
         with pytest.raises(ValueError):
             tokenize(bad, lits)

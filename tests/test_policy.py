@@ -1378,3 +1378,29 @@ def test_keywords_with_a_bracket_are_flags_like_any_other(make_proxy, dovecot, h
     r = d.command(b"f", b"UID FETCH 1:* (FLAGS)")
     d.close()
     assert [u for u in uids if any(b"UID %d" % u in line and b"a[b" in line for line in r)] == [visible[1]], r
+
+
+@pytest.mark.parametrize("keyword", [b"BODY[", b"body[x"])
+def test_keywords_named_like_a_section_are_flags_too(make_proxy, dovecot, keyword):
+    """Found by review of b92e4c9: after BODY or BINARY the tokenizer still read a '[' as a section's, so a
+    keyword "BODY[" or "body[x" (Dovecot stores them as it does "a[b") in a search under a filtered view was
+    refused with ``BAD [CLIENTBUG] Search criteria not understood`` where Dovecot (and the proxy with
+    nothing hidden) answers it. A section's '[' is one whose ']' comes before its list closes or the line
+    ends; such a keyword is a flag like any other, in STORE, SEARCH and FETCH."""
+    folder = "Kw" + uuid.uuid4().hex[:8]
+    uids = [dovecot.deliver("carol", folder, make_object(kind, seed=i))
+            for i, kind in enumerate(["chat", "imdn", "chat"])]
+    c = login(make_proxy(config_extra="[policy]\nsync = { imdn = false }\n"))
+    try:
+        assert c.command(b"s", b"SELECT " + q(folder))[-1].startswith(b"s OK")
+        r = c.command(b"k", b"STORE 2 +FLAGS (%s)" % keyword)
+        assert r[-1].startswith(b"k OK") and r[-2] == b"* 2 FETCH (FLAGS (\\Recent %s))\r\n" % keyword, r
+        r = c.command(b"q", b"SEARCH KEYWORD %s" % keyword)
+        assert r == [b"* SEARCH 2\r\n", r[-1]] and r[-1].startswith(b"q OK"), r
+        r = c.command(b"u", b"UID SEARCH UNKEYWORD %s" % keyword)
+        assert r == [b"* SEARCH %d\r\n" % uids[0], r[-1]] and r[-1].startswith(b"u OK"), r
+        r = c.command(b"f", b"FETCH 1:* (FLAGS UID BODY.PEEK[HEADER.FIELDS (Subject)])")
+        assert r[-1].startswith(b"f OK") and re.match(rb"\* 2 FETCH \(FLAGS \(\\Recent %s\) UID %d " % (
+            re.escape(keyword), uids[2]), r[-2]), r
+    finally:
+        c.close()

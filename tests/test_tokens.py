@@ -100,8 +100,17 @@ def test_brackets_are_part_of_atoms() -> None:
     assert tokenize(b"[CAPABILITY IMAP4rev1 X] rest") == [A(b"[CAPABILITY"), A(b"IMAP4rev1"), A(b"X]"), A(b"rest")]
     assert tokenize(b"[READ-WRITE]") == [A(b"[READ-WRITE]")]
     assert tokenize(b"a[b[c]d]e f") == [A(b"a[b[c]d]e"), A(b"f")]
-    with pytest.raises(TokenError, match="unterminated"):
-        tokenize(b"(BODY[HEADER x)")
+    # Nor after BODY or BINARY when the list it is in closes, or the line ends, before any ']': keywords
+    # "BODY[", "body[x" (Dovecot stores them too: read as sections, "SEARCH KEYWORD BODY[" under a filtered
+    # view was refused with BAD, and "FLAGS (BODY[)" was unreadable).
+    assert tokenize(b"(BODY[HEADER x) (FLAGS (BODY[ body[x) UID 5 BODY[HEADER.FIELDS (A)] {1}\r\nx)") == [
+        L(A(b"BODY[HEADER"), A(b"x")),
+        L(A(b"FLAGS"), L(A(b"BODY["), A(b"body[x")), A(b"UID"), A(b"5"), A(b"BODY[HEADER.FIELDS (A)]"),
+          Literal(b"x"))]
+    assert tokenize(b"KEYWORD BODY[ UNKEYWORD binary.peek[1") == [
+        A(b"KEYWORD"), A(b"BODY["), A(b"UNKEYWORD"), A(b"binary.peek[1")]
+    with pytest.raises(TokenError, match="unterminated"):  # (a literal ahead: the line is not all there)
+        tokenize(b"(BODY[HEADER.FIELDS ({4}")
     # A header field name as a literal, its bytes inline (a command the proxy gathered): part of the atom,
     # whatever its bytes ("]" too).
     assert tokenize(b"(BODY.PEEK[HEADER.FIELDS ({4+}\r\nFrom {2}\r\n]x)] UID)") == [
@@ -213,11 +222,11 @@ def test_supplied_literals() -> None:
         (b"{3}\r\nabcd", (), "expected space"),
         (b"{3}", (b"ab",), "announced as 3 bytes but 2 supplied"),
         (b"a", (b"x",), "not used"),
-        (b"BODY[1", (), "unterminated '['"),
+        (b"BODY[1 {3}", (), "unterminated '['"),  # (a keyword "BODY[1" at the line's end: an atom)
         (b"BODY[a\rb]", (), "control character 0x0d inside '[...]'"),
         (b"BODY[HEADER.FIELDS (\r\nFrom)]", (), "control character 0x0d inside '[...]'"),
         (b"BODY[HEADER.FIELDS ({9+}\r\nFrom)]", (), "literal inside '[...]' truncated"),
-        (b'BODY["]"', (), "unterminated"),
+        (b'BODY["]"', (), "expected space"),  # (no ']' closes it: a keyword's '[', then a quoted string)
         (b"a\r\n", (), "control character 0x0d"),
         (b"(" * 101, (), "nested too deeply"),
     ],

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from cpmproxy.imap.seqset import SequenceSet
 from plugins.policy import PolicyPlugin
 from plugins.view import MailboxView
+from plugins.wire import FETCH_FLAGS, fetch_item_pattern, find_fetch_item
 
 
 @st.composite
@@ -846,3 +847,19 @@ async def test_messages_of_a_hidden_folder_are_hidden_in_a_virtual_mailbox():
     assert not policy.real_folders_matter(session, st, "Other")
     # A device with no hidden folder asks nothing anywhere.
     assert not policy.real_folders_matter(session, PolicySession(Policy()), "Virtual/All")
+
+
+def test_fetch_item_search_takes_a_keyword_bracket_for_no_section():
+    """Found by review of b92e4c9: the FETCH item search (localdelete's and readreport's flag rewriting)
+    took a '[' after BODY for a section's wherever it was, so a keyword "BODY[" (Dovecot stores it) opened
+    one up to the next section's ']' and hid the UID between; a section is a '[' whose ']' comes before the
+    list it is in closes."""
+    uid = fetch_item_pattern(rb"UID (\d+)")
+    m = find_fetch_item(uid, b"* 1 FETCH (FLAGS (\\Seen BODY[) UID 5 BODY[HEADER] {3}\r\n")
+    assert m is not None and m.group(1) == b"5"
+    m = find_fetch_item(FETCH_FLAGS, b"* 1 FETCH (UID 5 FLAGS (body[x BINARY.PEEK[1))\r\n")
+    assert m is not None and m.group(1) == b"body[x BINARY.PEEK[1"
+    # (a section's field names, quoted ones with a ')' too, are no items)
+    assert find_fetch_item(uid, b'* 1 FETCH (BODY[HEADER.FIELDS (A "UID 7)")] {3}\r\n') is None
+    m = find_fetch_item(uid, b"* 1 FETCH (BODY[HEADER.FIELDS (UID)] NIL UID 8)\r\n")
+    assert m is not None and m.group(1) == b"8"

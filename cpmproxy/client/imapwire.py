@@ -57,22 +57,31 @@ _ATOM_RUN_RE = re.compile(rb'[^\x00-\x20\x7f()"{\[]*')
 _QUOTED_RE = re.compile(rb'"((?:[^"\\\r\n]|\\["\\])*)"')
 _UNESCAPE_RE = re.compile(rb'\\(["\\])')
 _LITERAL_RE = re.compile(rb"~?\{([0-9]{1,20})[+-]?\}")
-_SECTION_STOP_RE = re.compile(rb'[\]"]')
+_SECTION_STOP_RE = re.compile(rb'[\]"()]')
 # The atoms whose '[' opens a section; elsewhere '[' is an atom character (a keyword such as "a[b", which
 # Dovecot stores: read as a section, it made the folder's FETCH FLAGS responses unreadable).
 _SECTION_ATOMS = frozenset((b"BODY", b"BODY.PEEK", b"BINARY", b"BINARY.PEEK", b"BINARY.SIZE"))
 
 
-def _section_end(data: bytes, pos: int) -> int:
+def _section_end(data: bytes, pos: int) -> int | None:
     """Offset after the ``]`` that closes the ``[`` at ``pos`` (``BODY[HEADER.FIELDS (A B)]``): the first
-    one outside quoted strings."""
+    one outside quoted strings. None if the list the '[' is in closes first, or the data ends: a keyword's
+    '[' after all, as in ``FLAGS (BODY[)`` (Dovecot stores such keywords)."""
     pos += 1
+    depth = 0
     while True:
         m = _SECTION_STOP_RE.search(data, pos)
         if m is None:
-            raise SyntaxError_("unterminated '['")
-        if data[m.start()] == 0x5D:
+            return None
+        c = data[m.start()]
+        if c == 0x5D:
             return m.start() + 1
+        if c in (0x28, 0x29):
+            if c == 0x29 and not depth:
+                return None
+            depth += 1 if c == 0x28 else -1
+            pos = m.start() + 1
+            continue
         q = _QUOTED_RE.match(data, m.start())
         if q is None:
             raise SyntaxError_("unterminated quoted string in '[...]'")
@@ -119,7 +128,8 @@ def tokenize(data: bytes, literals: Sequence[bytes] = ()) -> list:
         else:
             end = _ATOM_RUN_RE.match(data, pos).end()  # type: ignore[union-attr]  # matches ""
             while end < n and data[end] == 0x5B:  # '[': a section (part of the atom), or an atom character
-                end = _section_end(data, end) if data[pos:end].upper() in _SECTION_ATOMS else end + 1
+                closed = _section_end(data, end) if data[pos:end].upper() in _SECTION_ATOMS else None
+                end = end + 1 if closed is None else closed
                 end = _ATOM_RUN_RE.match(data, end).end()  # type: ignore[union-attr]
             if end == pos:
                 raise SyntaxError_(f"unexpected byte 0x{c:02x}")

@@ -181,6 +181,7 @@ _QUOTED_RE = re.compile(rb'"((?:[^"\\\r\n\x00]+|\\["\\])*)')
 _UNESCAPE_RE = re.compile(rb'\\(["\\])')
 _LITERAL_RE = re.compile(rb"(~?)\{([0-9]{1,20})([+-]?)\}")
 _BRACKET_STOP_RE = re.compile(rb'[\]"\x00-\x1f\x7f]')
+_SECTION_STOP_RE = re.compile(rb'[\]"()\x00-\x1f\x7f]')
 # The atoms whose '[' opens a section (RFC 9051 fetch-att and msg-att, RFC 3516's BINARY). Anywhere else a
 # '[' is an atom character like any other (RFC 9051 ATOM-CHAR): Dovecot stores keywords such as "[" or
 # "a[b" (only ']' it refuses), and read as a section opening, one such keyword in a mailbox made every
@@ -217,20 +218,37 @@ def _quoted_end(line: bytes, pos: int) -> tuple[bytes, int]:
 _BRACKET_LITERAL_RE = re.compile(rb"\{(\d{1,19})[+-]?\}\r\n")
 
 
-def _skip_bracket(line: bytes, pos: int) -> int:
+def _skip_bracket(line: bytes, pos: int, section: bool = False) -> int | None:
     """Return the offset after the ``]`` that closes the ``[`` at ``pos``: the first one outside quoted
     strings and literals. (Not nested: neither a section nor a response code holds brackets of its own,
-    and a '[' in them is a keyword's, as in ``[PERMANENTFLAGS (\\Seen a[b \\*)]``.)"""
+    and a '[' in them is a keyword's, as in ``[PERMANENTFLAGS (\\Seen a[b \\*)]``.)
+
+    ``section``: the '[' follows BODY or BINARY, and is a keyword's all the same (None) if the list it is
+    in closes before any ']' does, or the line ends with no literal in between: ``FLAGS (BODY[)``,
+    ``KEYWORD body[x`` (Dovecot stores such keywords; read as a section, ``SEARCH KEYWORD BODY[`` under a
+    filtered view was refused with BAD, and a FETCH FLAGS with one was read up to the next section's ']')."""
     start = pos
     pos += 1
+    depth = 0
+    stop = _SECTION_STOP_RE if section else _BRACKET_STOP_RE
     while True:
-        m = _BRACKET_STOP_RE.search(line, pos)
+        m = stop.search(line, pos)
         if m is None:
+            if section and line.find(b"{", start) < 0:
+                return None
             raise TokenError("unterminated '['", start)
         p = m.start()
         c = line[p]
         if c == 0x5D:
             return p + 1
+        elif c == 0x28:
+            depth += 1
+            pos = p + 1
+        elif c == 0x29:
+            if not depth:
+                return None
+            depth -= 1
+            pos = p + 1
         elif c == 0x22:
             pos = _quoted_end(line, p)[1]
         elif c == 0x0D and (brace := line.rfind(b"{", start, p)) > 0 \
@@ -336,7 +354,8 @@ def _tokenize(line: bytes, pos: int, literals: Sequence[bytes]) -> list[Token]:
                 assert m is not None  # the pattern can match the empty string
                 pos = m.end()
                 if pos < n and line[pos] == 0x5B:  # '[': a section (part of the atom), or an atom character
-                    pos = _skip_bracket(line, pos) if line[start:pos].upper() in _SECTION_ATOMS else pos + 1
+                    end = _skip_bracket(line, pos, section=True) if line[start:pos].upper() in _SECTION_ATOMS else None
+                    pos = pos + 1 if end is None else end
                     continue
                 break
             if pos == start:
@@ -501,6 +520,7 @@ def parse_response_head(line: bytes) -> ResponseHead:
             pos = cm.end()
         else:
             end = _skip_bracket(line, pos)
+            assert end is not None  # (None only for a section's)
             code = line[pos + 1 : end - 1]
             pos = end + 1 if line.startswith(b" ", end) else end
     # tuple.__new__ skips NamedTuple's Python-level __new__: this runs for every response.
