@@ -518,9 +518,22 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         """EXPUNGE / CLOSE under a filtered view remove only the visible messages marked \\Deleted (a
         hidden message does not exist for this device, whoever marked it): UID EXPUNGE of those."""
         st = self.state(session)
-        if cmd.name == b"CLOSE":
-            st.closing = []  # (until its tagged answer: see _closing_response)
-            cmd.state["closing"] = True
+        if cmd.name != b"CLOSE":
+            return await self._expunge_visible_now(session, st, view, cmd)
+        st.closing = []  # (until its tagged answer: see _closing_response)
+        cmd.state["closing"] = True
+        try:
+            return await self._expunge_visible_now(session, st, view, cmd)
+        except BaseException:
+            # Answered by the proxy (NO), the client still in the mailbox: told what changed its counts
+            # meanwhile, and from now on all of it again (found by review: the CLOSE's search refused, every
+            # later EXPUNGE and EXISTS of the mailbox was dropped, the device's numbers wrong from then on).
+            told, st.closing = st.closing, None
+            if told:
+                session.inject(b"".join(told))
+            raise
+
+    async def _expunge_visible_now(self, session, st: PolicySession, view: MailboxView, cmd):
         reply = await session.backend_command(b"UID SEARCH RETURN (ALL) DELETED")
         await self.classified(session)  # (the answer passes a held EXISTS)
         targets = view.known_visible(esearch_all(reply))

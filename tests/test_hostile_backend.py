@@ -855,3 +855,27 @@ def test_a_close_under_a_view_tells_its_expunges_only_if_refused(scripted, make_
         assert lines == [b"* 1 EXPUNGE\r\n", b"* 1 EXISTS\r\n", b"h NO cannot\r\n"], lines
     c.close()
     assert internal_errors(proxy) == 0
+
+
+def test_a_close_whose_search_fails_leaves_the_client_hearing_of_its_mailbox(scripted, make_proxy):
+    """Found by review of e59ee8d: a CLOSE under a filtered view stops what the backend says of the mailbox
+    from reaching the client until its tagged answer (``closing``), and only that answer's hook ended it.
+    When the CLOSE's own search failed (its UID SEARCH DELETED refused: NO), the proxy answered NO itself,
+    the client still in the mailbox, and every later EXPUNGE, EXISTS and FETCH of it was dropped for the
+    rest of the selection: the device's message numbers went wrong (here its 1 was expunged unsaid, twice).
+    Now the client hears what came during the CLOSE before its NO, and what comes after it."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none",
+                       config_extra="[policy]\nsync = { imdn = false }\n")
+    scripted.internal = {b"RETURN (ALL) DELETED": b"* 1 EXPUNGE\r\n{tag} NO [SERVERBUG] Internal error\r\n"}
+    scripted.caps = CAPS + b" UNSELECT"
+    try:
+        c = _logged_in(proxy)
+        assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        lines = c.command(b"h", b"CLOSE")
+        scripted.script = {b"NOOP": b"* 2 EXPUNGE\r\n{tag} OK done\r\n"}
+        after = c.command(b"h", b"NOOP")
+    finally:
+        scripted.internal, scripted.script, scripted.caps = {}, {}, CAPS
+    assert lines == [b"* 1 EXPUNGE\r\n", b"h NO [SERVERBUG] Internal error\r\n"], lines
+    assert after == [b"* 1 EXPUNGE\r\n", b"h OK done\r\n"], after  # (backend 2 is UID 3, the client's 1)
+    c.close()
