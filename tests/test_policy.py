@@ -1397,6 +1397,9 @@ def test_keywords_named_like_a_section_are_flags_too(make_proxy, dovecot, keywor
         assert r[-1].startswith(b"k OK") and r[-2] == b"* 2 FETCH (FLAGS (\\Recent %s))\r\n" % keyword, r
         r = c.command(b"q", b"SEARCH KEYWORD %s" % keyword)
         assert r == [b"* SEARCH 2\r\n", r[-1]] and r[-1].startswith(b"q OK"), r
+        c.send(b"l SEARCH KEYWORD %s NOT SUBJECT {3+}\r\nzzz\r\n" % keyword)  # (a literal after it)
+        r = c.until_tagged(b"l")
+        assert r == [b"* SEARCH 2\r\n", r[-1]] and r[-1].startswith(b"l OK"), r
         r = c.command(b"u", b"UID SEARCH UNKEYWORD %s" % keyword)
         assert r == [b"* SEARCH %d\r\n" % uids[0], r[-1]] and r[-1].startswith(b"u OK"), r
         r = c.command(b"f", b"FETCH 1:* (FLAGS UID BODY.PEEK[HEADER.FIELDS (Subject)])")

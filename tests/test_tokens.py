@@ -109,6 +109,7 @@ def test_brackets_are_part_of_atoms() -> None:
           Literal(b"x"))]
     assert tokenize(b"KEYWORD BODY[ UNKEYWORD binary.peek[1") == [
         A(b"KEYWORD"), A(b"BODY["), A(b"UNKEYWORD"), A(b"binary.peek[1")]
+    assert tokenize(b"KEYWORD BODY[ SUBJECT {3}\r\nabc") == [A(b"KEYWORD"), A(b"BODY["), A(b"SUBJECT"), Literal(b"abc")]
     with pytest.raises(TokenError, match="unterminated"):  # (a literal ahead: the line is not all there)
         tokenize(b"(BODY[HEADER.FIELDS ({4}")
     # A header field name as a literal, its bytes inline (a command the proxy gathered): part of the atom,
@@ -222,7 +223,7 @@ def test_supplied_literals() -> None:
         (b"{3}\r\nabcd", (), "expected space"),
         (b"{3}", (b"ab",), "announced as 3 bytes but 2 supplied"),
         (b"a", (b"x",), "not used"),
-        (b"BODY[1 {3}", (), "unterminated '['"),  # (a keyword "BODY[1" at the line's end: an atom)
+        (b"BODY[HEADER.FIELDS (A {3}", (), "unterminated '['"),  # (a literal in its list ends the line)
         (b"BODY[a\rb]", (), "control character 0x0d inside '[...]'"),
         (b"BODY[HEADER.FIELDS (\r\nFrom)]", (), "control character 0x0d inside '[...]'"),
         (b"BODY[HEADER.FIELDS ({9+}\r\nFrom)]", (), "literal inside '[...]' truncated"),

@@ -224,7 +224,8 @@ def _skip_bracket(line: bytes, pos: int, section: bool = False) -> int | None:
     and a '[' in them is a keyword's, as in ``[PERMANENTFLAGS (\\Seen a[b \\*)]``.)
 
     ``section``: the '[' follows BODY or BINARY, and is a keyword's all the same (None) if the list it is
-    in closes before any ']' does, or the line ends with no literal in between: ``FLAGS (BODY[)``,
+    in closes before any ']' does, or the line or a literal comes first outside the section's own list
+    (a header field name may be a literal, in commands): ``FLAGS (BODY[)``,
     ``KEYWORD body[x`` (Dovecot stores such keywords; read as a section, ``SEARCH KEYWORD BODY[`` under a
     filtered view was refused with BAD, and a FETCH FLAGS with one was read up to the next section's ']')."""
     start = pos
@@ -234,7 +235,7 @@ def _skip_bracket(line: bytes, pos: int, section: bool = False) -> int | None:
     while True:
         m = stop.search(line, pos)
         if m is None:
-            if section and line.find(b"{", start) < 0:
+            if section and not depth:  # (inside the section's list, a literal may have ended the line)
                 return None
             raise TokenError("unterminated '['", start)
         p = m.start()
@@ -253,6 +254,8 @@ def _skip_bracket(line: bytes, pos: int, section: bool = False) -> int | None:
             pos = _quoted_end(line, p)[1]
         elif c == 0x0D and (brace := line.rfind(b"{", start, p)) > 0 \
                 and (lit := _BRACKET_LITERAL_RE.fullmatch(line, brace, p + 2)) is not None:
+            if section and not depth:
+                return None  # (the command's literal, after a keyword's '[': a section's are in its list)
             # A literal, its bytes inline: a header field name of BODY[HEADER.FIELDS (...)] is an astring.
             # (Its announcement ends at this CR: an earlier literal's, matched from its brace, sent the scan
             # back there, for ever: found by the tokenizer's fuzz test, a proxy process hung.)
