@@ -484,10 +484,12 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         if view is not None and not view.identity:
             if name in (b"EXPUNGE", b"CLOSE") and not cmd.uid and has_caps(session, b"UIDPLUS", b"UNSELECT"):
                 if earlier := session.inflight_commands():
-                    # Its search of the \Deleted messages must see what the commands before it stored: Dovecot
-                    # may run that search before a pipelined STORE that first syncs the mailbox with changes
-                    # of another process (found with helper-103's side EXAMINE of the mailbox being selected:
-                    # `STORE 2 +FLAGS (\Deleted)`, `EXPUNGE` pipelined expunged nothing).
+                    # Its search of the \Deleted messages must see what the commands before it stored. The
+                    # proxy sends it behind them, but Dovecot runs pipelined commands side by side, and its
+                    # search missed a STORE in flight once another connection had first opened the folder
+                    # with CONDSTORE while it was selected here (9f404ea's side EXAMINE, after the SELECT;
+                    # any CONDSTORE client's): `STORE 2 +FLAGS (\Deleted)`, `EXPUNGE` pipelined expunged
+                    # nothing. (A CLOSE waits already: _must_wait_for.)
                     return Defer(defer.Deferred.fromCoroutine(self._after_done(session, earlier, cmd)))
                 return Defer(defer.Deferred.fromCoroutine(self._expunge_visible(session, view, cmd)))
             return self._view_command(session, st, view, cmd)
