@@ -152,6 +152,11 @@ class ClassificationCache:
         entry = self._data.get((user, mailbox))
         return entry is not None and entry.virtual is False
 
+    def virtual(self, user: str, mailbox: str) -> bool | None:
+        """Whether ``mailbox`` is known to be a virtual mailbox (False: plain, see ``plain``); None if unknown."""
+        entry = self._data.get((user, mailbox))
+        return None if entry is None else entry.virtual
+
     def forget(self, user: str, mailbox: str) -> None:
         if (user, mailbox) in self._data:
             self._drop((user, mailbox))

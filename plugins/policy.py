@@ -703,6 +703,9 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         status_d, queries, criteria = early
         kinds, max_size, max_age = criteria or self._criteria(st, mailbox)
         real = self.real_folders_matter(session, st, mailbox)
+        if real and self.cache.virtual(session.user, mailbox) is None:
+            await self.probe_before_select(session, mailbox)
+            real = self.real_folders_matter(session, st, mailbox)
         if not (kinds or max_size or max_age or queries or real):
             return  # fast path: nothing can be hidden here
         status = await status_d if status_d is not None else None

@@ -316,6 +316,31 @@ class FolderRules:
             return {u for lo, hi in uids.ranges for u in range(lo, hi + 1) if u not in shown}
         return set(uids) - shown
 
+    async def probe_before_select(self, session, mailbox: str) -> None:
+        """Whether ``mailbox`` is a virtual mailbox, read before the session's SELECT of it goes out (its EXAMINE
+        and one FETCH X-MAILBOX of its last message, on the side connection): a mailbox found plain is then
+        selected as any other (the fast path). Not after the SELECT: the side connection has CONDSTORE on,
+        and its EXAMINE of a folder no CONDSTORE client had opened yet, while this session had it selected,
+        left Dovecot 2.3.19 blind to the session's next STORE in the command pipelined behind it (found by
+        review, helper-108: 'STORE 1 +FLAGS.SILENT (\\Deleted)' and 'UID EXPUNGE 1' pipelined after the first
+        SELECT of a new folder expunged nothing; direct Dovecot does the same, once per folder). Anything
+        unexpected is left to the check after the SELECT (``_hidden_by_folder``), which fails closed."""
+        async with side_examine(session):
+            opened = await session.side_command(b"EXAMINE " + wire_name(mailbox))
+            state = _select_state(opened.untagged)
+            if opened.status != b"OK" or not state.get(b"UIDVALIDITY") or not state.get(b"EXISTS"):
+                return
+            cache = self.cache.get(session.user, mailbox, state[b"UIDVALIDITY"])
+            if cache.virtual is not None:
+                return
+            reply = await session.side_command(b"UID FETCH * (UID X-MAILBOX)")
+            if reply.status == b"BAD":
+                cache.virtual = False  # (as _read_real_folders: no X-MAILBOX, no Dovecot virtual mailboxes)
+                return
+            found = real_folders_of(reply)
+            if len(found) == 1:
+                cache.virtual = next(iter(found.values())) != mailbox
+
     @staticmethod
     async def _read_real_folders(session, mailbox: str, cache, top: int) -> None:
         """Fill ``cache`` (the mailbox's KindCache) with the real folders of UIDs up to ``top`` (the mailbox

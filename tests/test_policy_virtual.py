@@ -120,19 +120,20 @@ def test_a_virtual_mailbox_shows_no_message_of_a_hidden_folder(virtual_setup):
 
 def test_a_plain_mailbox_is_looked_at_once(virtual_setup, dovecot_virtual):
     """What a plain mailbox pays for the check, measured in Dovecot's rawlog: the first SELECT of it (in the
-    proxy process) one ``UID FETCH n (UID X-MAILBOX)`` of its last message on the side connection (with its
-    EXAMINE, and the UID listing the view is built from); every later SELECT of it, in any session,
-    nothing: sent as it came, answered as it came (the fast path)."""
+    proxy process) one ``UID FETCH * (UID X-MAILBOX)`` of its last message on the side connection, with its
+    EXAMINE, before the SELECT goes out; that SELECT and every later one, in any session, nothing more:
+    sent as it came, answered as it came (the fast path)."""
     p, direct, secret, inbox, virtual = virtual_setup
     d = dovecot_virtual
     before = _backend_commands(d, rb"X-MAILBOX")
+    searches = _backend_commands(d, rb"UID SEARCH")
     c = raw_via(p)
     try:
         assert c.login("erin", "erinpw")[-1].startswith(b"L OK")
         assert b"* 2 EXISTS\r\n" in c.command(b"s", b"SELECT " + inbox.encode())
         assert _backend_commands(d, rb"X-MAILBOX") == before + 1
-        assert _backend_commands(d, rb"UID FETCH \d+ \(UID X-MAILBOX\)") >= 1
-        searches = _backend_commands(d, rb"UID SEARCH")
+        assert _backend_commands(d, rb"UID FETCH \* \(UID X-MAILBOX\)") >= 1
+        assert _backend_commands(d, rb"UID SEARCH") == searches  # (no view: the fast path)
         examines = _backend_commands(d, rb"EXAMINE")
         assert b"* 2 EXISTS\r\n" in c.command(b"s", b"SELECT " + inbox.encode())
     finally:
@@ -148,3 +149,35 @@ def test_a_plain_mailbox_is_looked_at_once(virtual_setup, dovecot_virtual):
     assert _backend_commands(d, rb"X-MAILBOX") == before + 1
     assert _backend_commands(d, rb"UID SEARCH") == searches
     assert _backend_commands(d, rb"EXAMINE") == examines
+
+
+@pytest.mark.parametrize("behind", [b"UID EXPUNGE 1", b"SEARCH DELETED"])
+def test_commands_behind_a_store_after_the_first_select_of_a_folder_see_it(virtual_setup, behind):
+    """Found by review of 41d91a1 (helper-108's brief): a device that may have hidden folders SELECTs a plain
+    folder no CONDSTORE client had opened yet, then pipelines ``STORE 1 +FLAGS.SILENT (\\Deleted)`` and a
+    command that reads the flag: ``UID EXPUNGE 1`` expunged nothing, ``SEARCH DELETED`` found nothing (every
+    time). The proxy's check for a virtual mailbox EXAMINEd the folder on the side connection (CONDSTORE on)
+    after the SELECT: the folder's first CONDSTORE open, while this session had it selected, which leaves
+    Dovecot 2.3.19 blind to the session's next STORE in the command pipelined behind it (direct Dovecot does
+    the same). Now that check runs before the SELECT goes out. Three new folders each."""
+    p, direct, secret, inbox, virtual = virtual_setup
+    c = raw_via(p)
+    try:
+        assert c.login("erin", "erinpw")[-1].startswith(b"L OK")
+        missed = []
+        for i in range(3):
+            folder = "Fresh%d" % i + uuid.uuid4().hex[:6]
+            assert direct.command(b"c", b"CREATE " + folder.encode())[-1].startswith(b"c OK")
+            _append(direct, folder, "one")
+            _append(direct, folder, "two")
+            assert b"* 2 EXISTS\r\n" in c.command(b"s", b"SELECT " + folder.encode())
+            c.send(b"a STORE 1 +FLAGS.SILENT (\\Deleted)\r\nb " + behind + b"\r\n")
+            got = [c.read_response()]
+            while not got[-1].startswith(b"b "):
+                got.append(c.read_response())
+            assert got[-1].startswith(b"b OK"), got
+            if b"* 1 EXPUNGE\r\n" not in got and b"* SEARCH 1\r\n" not in got:
+                missed.append((folder, got))
+        assert not missed, missed
+    finally:
+        c.close()
