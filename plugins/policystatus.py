@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import Atom, ParenList, TokenError
-from cpmproxy.proxy.backend import BackendError, BackendRefused
+from cpmproxy.proxy.backend import BackendError, BackendRefused, failures_seen
 from cpmproxy.proxy.hooks import Answer, Drop, Hold, Rewrite
 from plugins.cpm import KIND_CRITERIA, VIEW_ITEM
 from plugins.policystate import (
@@ -85,7 +85,11 @@ class StatusCounts:
         else:
             examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
             searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
-            opened = await examined
+            try:
+                opened = await examined
+            except BaseException:
+                failures_seen(searched)  # (failed with it)
+                raise
             if opened.status != b"OK":
                 await searched
                 return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
@@ -297,7 +301,11 @@ class StatusCounts:
             examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
             searched = None if uids else \
                 session.side_command(b"UID SEARCH RETURN (ALL) MODSEQ %d" % (since + 1))  # (pipelined)
-            opened = await examined
+            try:
+                opened = await examined
+            except BaseException:
+                failures_seen(searched)  # (failed with it)
+                raise
             if opened.status != b"OK":
                 if searched is not None:
                     await searched
@@ -416,7 +424,11 @@ async def _sizes(session, uids: SequenceSet) -> tuple[int, int]:
     """How many of ``uids`` the side connection's mailbox has, and their RFC822.SIZE added up."""
     # (Piece by piece, pipelined: each command line short however scattered the UIDs are.)
     fetches = [session.side_command(b"UID FETCH " + p + b" (RFC822.SIZE)") for p in uid_set_pieces(uids)]
-    replies = [await d for d in fetches]  # (all of them, even after a failed one)
+    try:
+        replies = [await d for d in fetches]  # (all of them, even after a refused one)
+    except BaseException:
+        failures_seen(*fetches)  # (the connection failed: all of them with it)
+        raise
     found = total = 0
     for reply in replies:
         if reply.status != b"OK":

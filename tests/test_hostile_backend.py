@@ -675,6 +675,62 @@ def test_a_backend_lost_during_login_leaves_no_unhandled_error():
 
 
 
+class _PipelinedSide:
+    """A session whose side connection's commands are left to the test to answer."""
+
+    def __init__(self):
+        self.commands: list = []
+
+    def side_command(self, line):
+        from twisted.internet import defer
+
+        self.commands.append(defer.Deferred())
+        return self.commands[-1]
+
+
+def _all_fail(commands) -> list:
+    """Every command in flight failed with the connection (as BackendProtocol._fail does, one error)."""
+    from cpmproxy.proxy.backend import BackendError
+
+    error = BackendError("protocol error from backend: malformed response line b'* 4294967296 0 RECENT'")
+    for d in commands:
+        d.errback(error)
+    return commands
+
+
+def test_status_count_whose_side_connection_fails_leaves_no_unhandled_error():
+    """Found by the response fuzzer (tests/test_fuzz_responses.py, seed 2, a mutated ``* 4294967296 0
+    RECENT`` in the answer to the side connection's EXAMINE): a STATUS counted there sends EXAMINE and UID
+    SEARCH pipelined; the connection failed under both, the EXAMINE's failure was raised (the STATUS answered
+    NO), and the search's, never awaited, was logged as a CRITICAL "Unhandled error in Deferred" with a
+    traceback when collected. The sizes' FETCHes, in pieces, the same."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from cpmproxy.imap.seqset import SequenceSet
+    from cpmproxy.proxy.backend import BackendError
+    from plugins.policystatus import StatusCounts, _sizes
+
+    side = _PipelinedSide()
+    counting = defer.Deferred.fromCoroutine(StatusCounts.status_adjustment_locked(
+        None, side, SimpleNamespace(mailbox=None, view=None), "INBOX", {"imdn"}, 0, 0, [], True, None))
+    examined, searched = _all_fail(side.commands)
+    failed = []
+    counting.addErrback(failed.append)
+    assert failed and failed[0].check(BackendError)
+    assert searched.result is None  # (handled: nothing left to be logged as unhandled)
+
+    side = _PipelinedSide()
+    sizing = defer.Deferred.fromCoroutine(_sizes(side, SequenceSet.from_iterable(range(1, 40000, 2))))
+    assert len(side.commands) > 1
+    _all_fail(side.commands)
+    failed = []
+    sizing.addErrback(failed.append)
+    assert failed and failed[0].check(BackendError)
+    assert [d.result for d in side.commands] == [None] * len(side.commands)
+
+
 def test_health_says_so_while_logins_keep_failing_for_the_backends_sake(fresh_scripted, make_proxy):
     """Found by the backend-failure review: /healthz said 200 while every login failed (Dovecot's auth
     process hung, its password database down: the backend still greets). Three logins in a row, of two

@@ -116,6 +116,15 @@ def _unsent(transport) -> bool:
     return False
 
 
+def failures_seen(*answers: defer.Deferred | None) -> None:
+    """Whatever failure ``answers`` (commands pipelined behind one whose failure is being raised) end with
+    taken as seen. A connection that fails fails every command in flight with it; those not awaited after
+    the first failure were logged as an "Unhandled error in Deferred" with a traceback when collected."""
+    for d in answers:
+        if d is not None:
+            d.addErrback(lambda failure: None)
+
+
 class BackendProtocol(Protocol):
     def __init__(self, max_line: int, answer_timeout: float | None = None):
         self.framer = Framer(max_line=max_line, max_literal=None, responses=True, blocks=True)
