@@ -108,7 +108,8 @@ class StatusCounts:
             return None  # (with an anchor, messages gone since the line are taken off it too)
         n_hidden = len(hidden)  # (now: the selected view's set changes in place as messages go)
         if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
-            session.side_command(b"EXAMINE " + wire_name(mailbox))
+            # (Not awaited: a failure of the connection is the search's next, raised there.)
+            failures_seen(session.side_command(b"EXAMINE " + wire_name(mailbox)))
         # Which unseen messages are hidden: the unseen UIDs (a CPM store has few), matched here. Naming the
         # hidden UIDs in the command instead cost a command line of ~6 bytes per scattered hidden message.
         unseen = SequenceSet.from_ranges(_esearch_ranges(await session.side_command(

@@ -731,6 +731,67 @@ def test_status_count_whose_side_connection_fails_leaves_no_unhandled_error():
     assert [d.result for d in side.commands] == [None] * len(side.commands)
 
 
+def test_status_count_of_the_selected_folder_whose_side_connection_fails_leaves_no_unhandled_error():
+    """Found by the response fuzzer (seed 13, a mutated ``* \\Seen [PERMANENTFLAGS ...`` line on the side
+    connection): counting the selected folder's unseen hidden messages EXAMINEs it on the side connection
+    without awaiting it (the search after it tells); the connection failed, and the EXAMINE's failure, with
+    nobody to take it, was logged as a CRITICAL "Unhandled error in Deferred" at once."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from cpmproxy.imap.seqset import SequenceSet
+    from cpmproxy.proxy.backend import BackendError
+    from plugins.policystatus import StatusCounts
+
+    side = _PipelinedSide()
+    view = SimpleNamespace(hidden={2}, hidden_uids=SequenceSet.from_iterable([2]))
+    counting = defer.Deferred.fromCoroutine(StatusCounts.status_adjustment_locked(
+        None, side, SimpleNamespace(mailbox="INBOX", view=view), "INBOX", {"imdn"}, 0, 0, [], False, None))
+    _all_fail(side.commands)
+    failed = []
+    counting.addErrback(failed.append)
+    assert failed and failed[0].check(BackendError)
+    assert len(side.commands) == 2 and [d.result for d in side.commands] == [None, None]
+
+
+@pytest.mark.parametrize("failing", ["folder preferences", "UIDVALIDITY"])
+def test_select_whose_side_connection_fails_leaves_no_unhandled_error(failing):
+    """Found by the response fuzzer (seed 16, a mutated ``* ) Fr38c2a44d (UIDVALIDITY ...)`` STATUS line):
+    a SELECT where messages may be hidden asks the side connection for the folder's UIDVALIDITY and the
+    hiders' records (local deletions) at once, then reads the folder's preferences; the connection failed
+    under all of them, the first awaited raised (the SELECT answered NO), and the others' failures were
+    logged as a CRITICAL "Unhandled error in Deferred" with a traceback when collected."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from cpmproxy.imap.tokens import Atom
+    from cpmproxy.proxy.backend import BackendError
+    from plugins.policy import PolicyPlugin
+
+    side = _PipelinedSide()
+
+    async def folder_infos(session, names):
+        if failing == "folder preferences":
+            _all_fail(side.commands)
+            raise BackendError("reading folder preferences failed")
+
+    hider = SimpleNamespace(query=lambda session, name: side.side_command(b"GETMETADATA"))
+    policy = SimpleNamespace(hiders=lambda session: [hider], _criteria=lambda st, name: ((), 1000, 0),
+                             folder_infos=folder_infos, folder_hidden=lambda st, name: False)
+    policy._plan_select = lambda *a: PolicyPlugin._plan_select(policy, *a)
+    st = SimpleNamespace(folders={}, view=None, mailbox=None, plan=None)
+    selecting = defer.Deferred.fromCoroutine(PolicyPlugin._mailbox_command(
+        policy, side, st, SimpleNamespace(name=b"SELECT", args=[Atom(b"INBOX")])))
+    if failing == "UIDVALIDITY":
+        _all_fail(side.commands)
+    failed = []
+    selecting.addErrback(failed.append)
+    assert failed and failed[0].check(BackendError)
+    assert len(side.commands) == 2 and [d.result for d in side.commands] == [None, None]
+
+
 def test_health_says_so_while_logins_keep_failing_for_the_backends_sake(fresh_scripted, make_proxy):
     """Found by the backend-failure review: /healthz said 200 while every login failed (Dovecot's auth
     process hung, its password database down: the backend still greets). Three logins in a row, of two
