@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from cpmproxy.imap.seqset import SequenceSet
+from cpmproxy.imap.seqset import SequenceSet, SequenceSetError
 from cpmproxy.imap.tokens import (
     Atom,
     ParenList,
@@ -22,6 +22,7 @@ from plugins.cpm import VIEW_ITEM
 from plugins.policyconfig import Policy
 from plugins.view import MailboxView
 from plugins.wire import (
+    malformed_search,
     search_ok,
     status_mailbox,
     status_parts,
@@ -243,7 +244,10 @@ def _esearch_ranges(reply) -> tuple[tuple[int, int], ...]:
     for line in search_ok(reply).untagged:
         i = line.upper().find(b" ALL ")
         if i >= 0:
-            return SequenceSet.parse(line[i + 5:].split(b" ")[0].strip()).ranges
+            try:
+                return SequenceSet.parse(line[i + 5:].split(b" ")[0].strip()).ranges
+            except SequenceSetError:
+                raise malformed_search(line) from None
     return ()
 
 

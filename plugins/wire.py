@@ -23,7 +23,7 @@ from cpmproxy.imap.tokens import (
     token_text,
     tokenize,
 )
-from cpmproxy.proxy.backend import BackendRefused
+from cpmproxy.proxy.backend import BackendError, BackendRefused
 from cpmproxy.proxy.hooks import Answer
 from plugins.view import parse_uid_list
 
@@ -299,12 +299,25 @@ def search_ok(reply):
     return reply
 
 
+class MalformedSearch(BackendError, ValueError):
+    """A search's answer that cannot be read: the backend's protocol error, handled as one (like a line the
+    backend connection cannot parse), not a bug of the proxy's logged with a traceback; still the ValueError
+    its parsing raised, for those that catch that."""
+
+
+def malformed_search(line: bytes) -> MalformedSearch:
+    return MalformedSearch(f"protocol error from backend: malformed search result {line[:200]!r}")
+
+
 def esearch_all(reply) -> list[int]:
     """The numbers of a successful ``SEARCH RETURN (ALL)`` reply (ESEARCH), expanded."""
     for line in search_ok(reply).untagged:
         i = line.upper().find(b" ALL ")
         if i >= 0:
-            return parse_uid_list(line[i + 5:].split(b" ")[0])
+            try:
+                return parse_uid_list(line[i + 5:].split(b" ")[0])
+            except ValueError:  # (SequenceSetError is one)
+                raise malformed_search(line) from None
     return []
 
 

@@ -492,6 +492,30 @@ def test_status_that_cannot_be_counted_is_answered_no(scripted, make_proxy):
     assert internal_errors(proxy) == 0
 
 
+@pytest.mark.parametrize("search,found", [(b"UNSEEN", b"]:9,11"), (b"UNSEEN", b"(TAG"), (b"UNSEEN", b'""'),
+                                          (b"LARGER", b"1:x"), (b"LARGER", b"2,x")])
+def test_status_count_whose_search_answer_is_malformed_is_answered_no(scripted, make_proxy, search, found):
+    """Found by the response fuzzer (tests/test_fuzz_responses.py, seeds 13 and 18): an ESEARCH whose ALL
+    set cannot be read, in the answer to the search that counts a STATUS's hidden unseen messages, raised
+    the sequence-set parser's error: the STATUS was answered NO [UNAVAILABLE], but the backend's broken
+    answer was logged as a CRITICAL "counting hidden messages for a STATUS failed" with a traceback, and
+    counted as an internal error (the search for messages too large, the same). It is the backend's
+    protocol error: a warning."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra="[policy]\nmax_size = 1000\n")
+    c = _logged_in(proxy)
+    scripted.internal = {b"RETURN (ALL) " + search: b'* ESEARCH (TAG "{tag}") UID ALL ' + found
+                         + b"\r\n{tag} OK done\r\n"}
+    try:
+        got = c.command(b"h", b"STATUS INBOX (MESSAGES UNSEEN)")
+        assert got == [b"h NO [UNAVAILABLE] The mailbox's counts could not be read; try again.\r\n"], got
+    finally:
+        scripted.internal = {}
+    c.close()
+    log = proxy.log()
+    assert "malformed search result" in log and "Traceback" not in log, log[-3000:]
+    assert internal_errors(proxy) == 0
+
+
 def test_a_command_the_backend_never_answers_ends_as_idleness(scripted, make_proxy):
     """A stalled backend (a hung Dovecot process, a link gone silent) held the client's session and its
     connection slots for ever: a command in flight kept the idle timer from firing, output or not."""
