@@ -816,6 +816,41 @@ def test_select_whose_side_connection_fails_leaves_no_unhandled_error(failing):
     assert len(side.commands) == 2 and [d.result for d in side.commands] == [None, None]
 
 
+@pytest.mark.parametrize("reading", ["preferences", "session histories"])
+def test_folder_facts_whose_side_connection_fails_leave_no_unhandled_error(reading):
+    """Found by the response fuzzer (``CPM_FUZZ_RATE=0.12``, seed 7: a mutated line in a GETMETADATA's
+    answer): the folders' preferences, and whether they are Session History folders (EXAMINE and a search
+    each), are read pipelined on the side connection; the connection failed under all of them, the first
+    awaited raised (the command answered NO), and the others' failures were logged as a CRITICAL "Unhandled
+    error in Deferred" with a traceback when collected."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from cpmproxy.proxy.backend import BackendError
+    from plugins.policyfolders import FolderRules
+    from plugins.policystate import FolderInfo
+
+    @contextlib.asynccontextmanager
+    async def examining():
+        yield
+
+    side = _PipelinedSide()
+    rules = SimpleNamespace(_may_change_sync=lambda st: reading == "preferences",
+                            _effective_in=lambda *a: False, session_history_cache={})
+    st = SimpleNamespace(pref_folders={"A", "B"}, policy=SimpleNamespace(default_sync=lambda kind: True))
+    infos = {"A": FolderInfo(), "B": FolderInfo()}
+    reading_d = defer.Deferred.fromCoroutine(FolderRules.read_folder_facts(
+        rules, side.side_command, "dave", [st], infos, examining))
+    _all_fail(side.commands)
+    failed = []
+    reading_d.addErrback(failed.append)
+    assert failed and failed[0].check(BackendError)
+    assert len(side.commands) == (2 if reading == "preferences" else 4)
+    assert [d.result for d in side.commands] == [None] * len(side.commands)
+
+
 def test_health_says_so_while_logins_keep_failing_for_the_backends_sake(fresh_scripted, make_proxy):
     """Found by the backend-failure review: /healthz said 200 while every login failed (Dovecot's auth
     process hung, its password database down: the backend still greets). Three logins in a row, of two
