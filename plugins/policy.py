@@ -2267,6 +2267,11 @@ def _apply_vanished(view: MailboxView, data: bytes):
         # Not an expunge of this session's messages (RFC 7162 3.2.10): it may name messages the backend
         # still numbers and announces later; taken out of the view now, they showed through it.
         return None
+    if gone.has_star:
+        # ("*" is not allowed in a VANISHED's UIDs, RFC 7162 7.) Which UIDs it names, neither the view nor
+        # the client can tell: the backend's protocol error, the session ends (a view left apart from the
+        # client's numbers would renumber what the backend says wrong).
+        raise TokenError(f"VANISHED with '*': {data[:100]!r}")
     shown = gone if view.identity else gone - view.hidden_uids
     view.vanish(gone)
     if shown == gone:

@@ -212,6 +212,9 @@ CASES = {
     "malformed STATUS and LIST": (b"NOOP", b"* STATUS INBOX (MESSAGES x\r\n* LIST (\\x \"/\" \r\n"
                                   b"* STATUS \"unterminated (MESSAGES 1)\r\n{tag} OK done\r\n", True),
     "VANISHED nonsense": (b"NOOP", b"* VANISHED (EARLIER) 5:x\r\n* VANISHED 0\r\n{tag} OK done\r\n", True),
+    # (Found by the response fuzzer, tests/test_fuzz_responses.py at CPM_FUZZ_RATE=0.15, seed 40: under a view
+    # the set was iterated, "*" and all, and the session ended BYE [SERVERBUG], counted as a bug.)
+    "VANISHED with a star": (b"NOOP", b"* VANISHED 2:*\r\n{tag} OK done\r\n", True),
     "bad response codes": (b"NOOP", b"* OK [UIDVALIDITY x] v\r\n* OK [UIDNEXT] n\r\n* OK [HIGHESTMODSEQ -1] m\r\n"
                            b"* OK [UNSEEN 99999999999999999999] u\r\n{tag} OK done\r\n", True),
     "a hidden message's FETCH, EXPUNGE and VANISHED": (b"NOOP", b"* 2 FETCH (FLAGS (\\Seen) UID 2)\r\n"
