@@ -200,7 +200,9 @@ def _login(proxy):
 def _report(relay: MutatingRelay, proxy) -> str:
     """The last mutations and the proxy's log's end, for a failure's message."""
     changes = "\n".join(f"link {link}: {line[:300]!r} -> {out[:300]!r}" for link, line, out in relay.changes[-12:])
-    return f"\nlast mutations:\n{changes}\nproxy log:\n{proxy.log()[-6000:]}"
+    log = proxy.log()
+    at = log.find("Traceback")  # (from the first traceback on, if there is one; else the log's end)
+    return f"\nlast mutations:\n{changes}\nproxy log:\n{log[at - 1500:][:8000] if at >= 0 else log[-6000:]}"
 
 
 def run_fuzz(make_proxy, dovecot, seed: int, commands: int, rate: float) -> MutatingRelay:
