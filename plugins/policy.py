@@ -2406,7 +2406,8 @@ def _fetch_response(view: MailboxView, resp):
     if client is None:
         return Drop()
     if client != resp.head.number:
-        return Rewrite(b"* %d" % client + resp.data[resp.data.index(b" FETCH"):])
+        # (After the number, whatever case the backend wrote FETCH in: response names are case-insensitive.)
+        return Rewrite(b"* %d " % client + resp.data.split(b" ", 2)[2])
     return None
 
 

@@ -215,6 +215,9 @@ CASES = {
     # (Found by the response fuzzer, tests/test_fuzz_responses.py at CPM_FUZZ_RATE=0.15, seed 40: under a view
     # the set was iterated, "*" and all, and the session ended BYE [SERVERBUG], counted as a bug.)
     "VANISHED with a star": (b"NOOP", b"* VANISHED 2:*\r\n{tag} OK done\r\n", True),
+    # (Found by the response fuzzer at CPM_FUZZ_RATE=0.08, seed 92: a FETCH the view renumbers was cut at
+    # " FETCH", not there in lower case: ValueError, BYE [SERVERBUG]. Legal: response names have no case.)
+    "lower-case FETCH renumbered under a view": (b"NOOP", b"* 3 fetch (FLAGS (\\Seen))\r\n{tag} OK done\r\n", True),
     "bad response codes": (b"NOOP", b"* OK [UIDVALIDITY x] v\r\n* OK [UIDNEXT] n\r\n* OK [HIGHESTMODSEQ -1] m\r\n"
                            b"* OK [UNSEEN 99999999999999999999] u\r\n{tag} OK done\r\n", True),
     "a hidden message's FETCH, EXPUNGE and VANISHED": (b"NOOP", b"* 2 FETCH (FLAGS (\\Seen) UID 2)\r\n"
@@ -250,6 +253,18 @@ def test_hostile_backend_answer_is_handled_on_purpose(scripted, hostile_proxy, c
         assert last.startswith(b"* BYE ["), (case, last)
     assert internal_errors(hostile_proxy) == before, (case, hostile_proxy.log()[-3000:])
     assert imap_via(hostile_proxy, "bob").noop()[0] == "OK"  # still serving
+
+
+def test_lower_case_fetch_is_renumbered_under_a_view(scripted, hostile_proxy):
+    """A ``fetch`` in lower case (legal: response names have no case) is renumbered like any other: the
+    backend's message 3 is the device's 2 where UID 2 is hidden (see "lower-case FETCH" above)."""
+    scripted.script = {b"NOOP": b"* 3 fetch (FLAGS (\\Seen))\r\n{tag} OK done\r\n"}
+    try:
+        lines = run_case(hostile_proxy, True, b"NOOP")
+    finally:
+        scripted.script = {}
+    expected = b"* 2 fetch" if hostile_proxy.hides_uid2 else b"* 3 fetch"
+    assert lines == [expected + b" (FLAGS (\\Seen))\r\n", b"h OK done\r\n"], lines
 
 
 def test_random_backend_noise_is_handled_on_purpose(scripted, hostile_proxy):
