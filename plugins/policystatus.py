@@ -47,6 +47,11 @@ from plugins.wire import (
 log = Logger(namespace="cpmproxy.policy")
 
 
+class MalformedStatus(BackendError, TokenError):
+    """A STATUS line whose counts cannot be read: a BackendError where the side connection asked, a
+    TokenError (the session's backend protocol error) in a response hook."""
+
+
 class MailboxReplaced(BackendError):
     """The folder read on the side connection was deleted and another made under its name meanwhile."""
 
@@ -391,12 +396,17 @@ class StatusCounts:
 
     @staticmethod
     def adjust_status_line(line: bytes, adjust) -> bytes:
-        """``* STATUS mbox (MESSAGES n UNSEEN n SIZE n ...)`` minus what is hidden from the device."""
+        """``* STATUS mbox (MESSAGES n UNSEEN n SIZE n ...)`` minus what is hidden from the device. A count
+        that is not a number cannot be adjusted, nor shown as it is (it counts hidden messages): the backend's
+        protocol error."""
         parts = status_parts(line)
         if parts is None or not adjust:
             return line
         hidden, unseen, size = adjust
         sent, items = parts
+        for j in range(0, len(items) - 1, 2):
+            if items[j].upper() in (b"MESSAGES", b"UNSEEN", *_SIZES) and not items[j + 1].isdigit():
+                raise MalformedStatus(f"protocol error from backend: STATUS count not a number {line[:200]!r}")
         messages = None
         for j in range(0, len(items) - 1, 2):
             key = items[j].upper()

@@ -217,6 +217,10 @@ CASES = {
     "VANISHED with a star": (b"NOOP", b"* VANISHED 2:*\r\n{tag} OK done\r\n", True),
     # (Found by the response fuzzer at CPM_FUZZ_RATE=0.08, seed 92: a FETCH the view renumbers was cut at
     # " FETCH", not there in lower case: ValueError, BYE [SERVERBUG]. Legal: response names have no case.)
+    # (Found by the response fuzzer at CPM_FUZZ_RATE=0.08, seed 103: a count not a number in a STATUS the view
+    # adjusts: ValueError, BYE [SERVERBUG].)
+    "STATUS count not a number": (b"STATUS INBOX (MESSAGES UNSEEN)", b'* STATUS "INBOX" (MESSAGES 3x UNSEEN 0 UIDNEXT 4 '
+                                  b'UIDVALIDITY 7)\r\n{tag} OK done\r\n', False),
     "lower-case FETCH renumbered under a view": (b"NOOP", b"* 3 fetch (FLAGS (\\Seen))\r\n{tag} OK done\r\n", True),
     "bad response codes": (b"NOOP", b"* OK [UIDVALIDITY x] v\r\n* OK [UIDNEXT] n\r\n* OK [HIGHESTMODSEQ -1] m\r\n"
                            b"* OK [UNSEEN 99999999999999999999] u\r\n{tag} OK done\r\n", True),
