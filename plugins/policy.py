@@ -2273,7 +2273,9 @@ def _apply_vanished(view: MailboxView, data: bytes):
         # client's numbers would renumber what the backend says wrong).
         raise TokenError(f"VANISHED with '*': {data[:100]!r}")
     shown = gone if view.identity else gone - view.hidden_uids
-    view.vanish(gone)
+    # The view is told the UIDs it has, not every number of the set: a range such as 1:4294967295 (a
+    # broken backend's) was expanded into a set of its every number, the proxy stuck at it for good.
+    view.vanish(gone if len(gone) <= len(view.uids) else [u for u in view.uids if u in gone])
     if shown == gone:
         return None
     if not shown:

@@ -215,6 +215,9 @@ CASES = {
     # (Found by the response fuzzer, tests/test_fuzz_responses.py at CPM_FUZZ_RATE=0.15, seed 40: under a view
     # the set was iterated, "*" and all, and the session ended BYE [SERVERBUG], counted as a bug.)
     "VANISHED with a star": (b"NOOP", b"* VANISHED 2:*\r\n{tag} OK done\r\n", True),
+    # (Found by the response fuzzer at CPM_FUZZ_RATE=0.08, seed 106: under a view the range was expanded into a
+    # set of its every number, the session, and the whole proxy with it, stuck for good.)
+    "VANISHED of every UID": (b"NOOP", b"* VANISHED 4294967295:1\r\n{tag} OK done\r\n", True),
     # (Found by the response fuzzer at CPM_FUZZ_RATE=0.08, seed 92: a FETCH the view renumbers was cut at
     # " FETCH", not there in lower case: ValueError, BYE [SERVERBUG]. Legal: response names have no case.)
     # (Found by the response fuzzer at CPM_FUZZ_RATE=0.08, seed 103: a count not a number in a STATUS the view
