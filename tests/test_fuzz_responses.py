@@ -212,7 +212,7 @@ def _report(relay: MutatingRelay, proxy) -> str:
     changes = "\n".join(f"link {link}: {line[:300]!r} -> {out[:300]!r}" for link, line, out in relay.changes[-12:])
     log = proxy.log_path.read_text(errors="replace")
     at = log.find("Traceback")  # (from the first traceback on, if there is one; else the log's end)
-    return f"\nlast mutations:\n{changes}\nproxy log:\n{log[at - 1500:][:8000] if at >= 0 else log[-6000:]}"
+    return f"\nlast mutations:\n{changes}\nproxy log:\n{log[max(0, at - 1500):][:8000] if at >= 0 else log[-6000:]}"
 
 
 def run_fuzz(make_proxy, dovecot, seed: int, commands: int, rate: float) -> MutatingRelay:
@@ -239,7 +239,10 @@ def run_fuzz(make_proxy, dovecot, seed: int, commands: int, rate: float) -> Muta
             line = rng.choice(corpus)
             try:
                 c.send(tag + b" " + line + b"\r\n")
-                got = _answer(c, tag)
+                try:
+                    got = _answer(c, tag)
+                except AssertionError as e:
+                    raise AssertionError(f"{e} to {line[:200]!r}") from None
             except ConnectionError as e:
                 # (Closed without a BYE: the session ended mid-response to the client, where a BYE cannot be
                 # placed, as in tests/test_hostile_backend.py; the proxy's log tells why.)
