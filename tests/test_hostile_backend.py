@@ -828,7 +828,8 @@ def test_select_whose_side_connection_fails_leaves_no_unhandled_error(failing):
 
     hider = SimpleNamespace(query=lambda session, name: side.side_command(b"GETMETADATA"))
     policy = SimpleNamespace(hiders=lambda session: [hider], _criteria=lambda st, name: ((), 1000, 0),
-                             folder_infos=folder_infos, folder_hidden=lambda st, name: False)
+                             folder_infos=folder_infos, folder_hidden=lambda st, name: False,
+                             real_folders_matter=lambda session, st, name: False)
     policy._plan_select = lambda *a: PolicyPlugin._plan_select(policy, *a)
     st = SimpleNamespace(folders={}, view=None, mailbox=None, plan=None)
     selecting = defer.Deferred.fromCoroutine(PolicyPlugin._mailbox_command(
