@@ -1081,3 +1081,25 @@ def test_a_close_whose_search_fails_leaves_the_client_hearing_of_its_mailbox(scr
     assert lines == [b"* 1 EXPUNGE\r\n", b"h NO [SERVERBUG] Internal error\r\n"], lines
     assert after == [b"* 1 EXPUNGE\r\n", b"h OK done\r\n"], after  # (backend 2 is UID 3, the client's 1)
     c.close()
+
+
+def test_a_classification_answer_of_every_uid_ends_the_session_not_the_proxy(scripted, hostile_proxy):
+    """A broken backend answers the view's listing of a mailbox with ``UID ALL 1:4294967295``: the proxy
+    made a list of every number (minutes and gigabytes, every session of the process stuck meanwhile).
+    Now the answer is the backend's error: the session ends with a reason, the proxy serves on."""
+    if not hostile_proxy.hides_uid2:
+        pytest.skip("no view without a policy that hides something")
+    before = internal_errors(hostile_proxy)
+    scripted.internal = {b"RETURN (ALL) UID 1:*": b'* ESEARCH (TAG "{tag}") UID ALL 1:4294967295\r\n{tag} OK done\r\n'}
+    try:
+        c = _logged_in(hostile_proxy)
+        c.send(b"s SELECT INBOX\r\n")
+        lines = []
+        while not lines or not lines[-1].startswith((b"s ", b"* BYE")):
+            lines.append(c.read_response())
+        c.close()
+    finally:
+        scripted.internal = {}
+    assert lines[-1].startswith(b"* BYE [UNAVAILABLE]"), lines
+    assert internal_errors(hostile_proxy) == before
+    assert imap_via(hostile_proxy, "bob").noop()[0] == "OK"  # still serving

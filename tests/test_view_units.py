@@ -863,3 +863,30 @@ def test_fetch_item_search_takes_a_keyword_bracket_for_no_section():
     assert find_fetch_item(uid, b'* 1 FETCH (BODY[HEADER.FIELDS (A "UID 7)")] {3}\r\n') is None
     m = find_fetch_item(uid, b"* 1 FETCH (BODY[HEADER.FIELDS (UID)] NIL UID 8)\r\n")
     assert m is not None and m.group(1) == b"8"
+
+
+def test_a_set_of_more_numbers_than_a_mailbox_holds_is_the_backends_error():
+    """A search answer or a held VANISHED of ``1:4294967295`` from a broken backend is never expanded into a
+    list (minutes and gigabytes, the process stuck meanwhile, as the response fuzzer's VANISHED was): the
+    set is refused at once, as a malformed answer is (the classification fails closed, the placement of
+    arrivals gives up)."""
+    import time
+
+    from plugins.policy import arrivals_placed
+    from plugins.view import MAX_EXPANDED, expand_ranges, parse_uid_list
+    from plugins.wire import MalformedSearch, esearch_all
+
+    t0 = time.process_time()
+    with pytest.raises(ValueError):
+        expand_ranges(((1, 4294967295),))
+    with pytest.raises(ValueError):
+        parse_uid_list(b"1:4294967295")
+    with pytest.raises(ValueError):
+        expand_ranges(((1, MAX_EXPANDED // 2), (MAX_EXPANDED, MAX_EXPANDED * 2)))
+    reply = SimpleNamespace(status=b"OK", untagged=[b'* ESEARCH (TAG "x") UID ALL 1:4294967295\r\n'],
+                            tagged=b"x OK done\r\n")
+    with pytest.raises(MalformedSearch):  # (the backend's error, as for an answer that cannot be read)
+        esearch_all(reply)
+    assert arrivals_placed([1, 2, 3, 4], 6, [5], [b"* 6 EXISTS\r\n", b"* VANISHED 1:4294967295\r\n"]) is None
+    assert time.process_time() - t0 < 5  # (each refused before a number of it is made: well under a second)
+    assert expand_ranges(((1, 3), (7, 7))) == [1, 2, 3, 7] and parse_uid_list(b"2,4:5") == [2, 4, 5]
