@@ -367,6 +367,17 @@ namespace virtual {
 """
 
 
+def make_virtual_mailbox(d, user: str, name: str, folders: list[str]) -> str:
+    """A virtual mailbox ``Virtual/<name>`` of every message in ``folders`` (VIRTUAL_CONFIG's namespace),
+    owned by the mail user as Dovecot wants; returns its IMAP name."""
+    virtual = d.mail_dir / user / "virtual" / name
+    virtual.mkdir(parents=True)
+    (virtual / "dovecot-virtual").write_text("".join(f"{f}\n" for f in folders) + "  all\n")
+    shutil.chown(virtual.parent, d.mail_uid, d.mail_gid)
+    shutil.chown(virtual, d.mail_uid, d.mail_gid)
+    return "Virtual/" + name
+
+
 @pytest.fixture(scope="module")
 def dovecot_with_virtual(tmp_path_factory):
     yield from _dovecot_with(tmp_path_factory, "dovecot-virtual", VIRTUAL_CONFIG)
@@ -387,16 +398,12 @@ def test_a_virtual_mailbox_does_not_name_a_hidden_folder(make_proxy, dovecot_wit
     # (And one the device sees: the hidden folder's is hidden in the virtual mailbox too, test_policy_virtual.)
     assert direct.command(b"a", b"APPEND INBOX {3+}\r\ny\r\n")[-1].startswith(b"a OK")
     direct.close()
-    virtual = d.mail_dir / "erin" / "virtual" / secret.replace("Secret", "All")
-    virtual.mkdir(parents=True)
-    (virtual / "dovecot-virtual").write_text(f"INBOX\n{secret}\n  all\n")
-    shutil.chown(virtual.parent, d.mail_uid, d.mail_gid)
-    shutil.chown(virtual, d.mail_uid, d.mail_gid)
+    virtual = make_virtual_mailbox(d, "erin", secret.replace("Secret", "All"), ["INBOX", secret])
     p = make_proxy(backend_tls="none", backend_port=d.port,
                    config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
     c, _ = _logged_in(p, "erin")
     try:
-        r = c.command(b"s", b"SELECT Virtual/" + virtual.name.encode())
+        r = c.command(b"s", b"SELECT " + virtual.encode())
         assert b"* 1 EXISTS\r\n" in r and r[-1].startswith(b"s OK"), r
         for tag, line, name, what in ((b"f", b"FETCH 1:* (UID X-MAILBOX)", b"FETCH", b"Unknown parameter: X-MAILBOX."),
                                       (b"u", b"UID FETCH 1:* X-MAILBOX", b"UID FETCH",

@@ -12,7 +12,7 @@ import pytest
 
 from cpmproxy.testing.rawclient import RawIMAP
 from tests.proxyfix import raw_via
-from tests.test_policy_capabilities import VIRTUAL_CONFIG, _dovecot_with
+from tests.test_policy_capabilities import VIRTUAL_CONFIG, _dovecot_with, make_virtual_mailbox
 
 # Every command Dovecot reads is logged (rawlog), to count what the proxy asks of it.
 RAWLOG_CONFIG = VIRTUAL_CONFIG + """
@@ -61,15 +61,11 @@ def virtual_setup(dovecot_virtual, make_proxy):
     _append(direct, inbox, "visible one")
     _append(direct, secret, "hidden one")
     _append(direct, inbox, "visible two")
-    virtual = d.mail_dir / "erin" / "virtual" / ("All" + tag)
-    virtual.mkdir(parents=True)
-    (virtual / "dovecot-virtual").write_text(f"{inbox}\n{secret}\n  all\n")
-    shutil.chown(virtual.parent, d.mail_uid, d.mail_gid)
-    shutil.chown(virtual, d.mail_uid, d.mail_gid)
+    virtual = make_virtual_mailbox(d, "erin", "All" + tag, [inbox, secret])
     p = make_proxy(backend_tls="none", backend_port=d.port,
                    config_extra=f'[policy]\nexclude_folders = ["{secret}"]\n')
     try:
-        yield p, direct, secret, inbox, "Virtual/" + virtual.name
+        yield p, direct, secret, inbox, virtual
     finally:
         direct.close()
 
