@@ -99,6 +99,15 @@ def _mutate_line(rng: random.Random, line: bytes) -> list[bytes]:
     return [head + b" " + b" ".join(words)]
 
 
+def _shut(*socks: socket.socket) -> None:
+    """Both ends of a relayed link closed, whichever side ended it."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class MutatingRelay:
     """Between the proxy and Dovecot: what the proxy sends passes as it is; what Dovecot sends after a
     connection's login (its ``Logged in``) is mutated, a line in ``1 / rate`` on average, while
@@ -148,11 +157,7 @@ class MutatingRelay:
                 dst.sendall(chunk)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shut(src, dst)
 
     def _down(self, src: socket.socket, dst: socket.socket, rng: random.Random, link: int) -> None:
         reader = src.makefile("rb")
@@ -176,11 +181,7 @@ class MutatingRelay:
                     dst.sendall(reader.read(int(literal.group(1))))
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shut(src, dst)
 
 
 def _answer(c, tag: bytes) -> list[bytes]:
