@@ -69,18 +69,20 @@ def _mutate(rng: random.Random, line: bytes) -> bytes:
     return b" ".join(words)
 
 
-def _answer(c, tag: bytes) -> list[bytes]:
+def answer(c, tag: bytes, timeout: float = 3, nudges: int = 3) -> list[bytes]:
     """Until the command's tagged response or a BYE. A line a mutation left open (waiting for the rest of a
-    literal, a quoted string) is completed, as a client would, with line ends."""
-    got, nudges = [], 0
-    c.sock.settimeout(3)
+    literal, a quoted string) is completed, as a client would, with line ends: up to ``nudges`` times, one
+    per ``timeout`` without an answer; then the command is taken for unanswered (the test fails). A
+    continuation request is given a line end."""
+    got, waited = [], 0
+    c.sock.settimeout(timeout)
     while True:
         try:
             line = c.read_response()
         except TimeoutError:
-            nudges += 1
-            assert nudges <= 3, f"no answer to {tag!r}: {got[-5:]}"
-            c.send(b"\r\n" if nudges < 3 else b'))))]]]"\r\n')
+            waited += 1
+            assert waited <= nudges, f"no answer to {tag!r}: {got[-5:]}"
+            c.send(b"\r\n" if waited < nudges else b'))))]]]"\r\n')
             continue
         got.append(line)
         if line.startswith((tag + b" ", b"* BYE")):
@@ -111,7 +113,7 @@ def test_mutated_commands_are_each_answered(make_proxy, dovecot, seed):
             line = _mutate(rng, rng.choice(corpus)) if rng.random() < 0.8 else rng.choice(corpus)
             tag = b"t%d" % k
             c.send(tag + b" " + line + b"\r\n")
-            got = _answer(c, tag)
+            got = answer(c, tag)
             if got[-1].startswith(b"* BYE"):
                 assert b"BYE [" in got[-1] or len(got[-1]) > 8, got  # (with a reason)
                 byes += 1

@@ -28,7 +28,7 @@ import pytest
 
 from cpmproxy.testing.sample import make_object
 from tests.proxyfix import metric, raw_via, still_serving
-from tests.test_fuzz_commands import CORPUS
+from tests.test_fuzz_commands import CORPUS, answer
 
 USER = "dave"
 POLICY = "[policy]\nsync = { imdn = false }\nmax_size = 20000\n"
@@ -184,24 +184,6 @@ class MutatingRelay:
         _shut(src, dst)
 
 
-def _answer(c, tag: bytes) -> list[bytes]:
-    """Until the command's tagged response or a BYE (a hang fails: the client's read times out). A
-    continuation request (a mutated line may look like one, or make the proxy wait for one) is given a line
-    end, as a client would."""
-    got = []
-    c.sock.settimeout(20)
-    while True:
-        try:
-            line = c.read_response()
-        except TimeoutError:
-            raise AssertionError(f"no answer to {tag!r}: {got[-5:]}") from None
-        got.append(line)
-        if line.startswith((tag + b" ", b"* BYE")):
-            return got
-        if line.startswith(b"+"):
-            c.send(b"\r\n")
-
-
 def _login(proxy):
     c = raw_via(proxy, timeout=20)
     c.command(b"i", b'ID ("x-cpm-device-id" "fuzz")')
@@ -242,7 +224,7 @@ def run_fuzz(make_proxy, dovecot, seed: int, commands: int, rate: float) -> Muta
             try:
                 c.send(tag + b" " + line + b"\r\n")
                 try:
-                    got = _answer(c, tag)
+                    got = answer(c, tag, timeout=20, nudges=0)  # (a hang fails: no line is left open here)
                 except AssertionError as e:
                     raise AssertionError(f"{e} to {line[:200]!r}") from None
             except ConnectionError as e:
