@@ -1103,3 +1103,209 @@ def test_a_classification_answer_of_every_uid_ends_the_session_not_the_proxy(scr
     assert lines[-1].startswith(b"* BYE [UNAVAILABLE]"), lines
     assert internal_errors(hostile_proxy) == before
     assert imap_via(hostile_proxy, "bob").noop()[0] == "OK"  # still serving
+
+
+# -- commands sent together on a connection that fails: no failure left to be logged as unhandled --------
+# (A real BackendProtocol over a StringTransport; what a plugin runs on it is run as in the proxy.)
+
+class _FailingSide:
+    """A session whose side connection is a real BackendProtocol that the test makes fail (``fail``):
+    every command in flight fails with it, and one asked after it fails at once (the proxy would open
+    another connection; the test's has none)."""
+
+    def __init__(self):
+        from twisted.internet import defer
+        from twisted.internet.testing import StringTransport
+
+        from cpmproxy.proxy.backend import BackendProtocol
+
+        self.proto = BackendProtocol(max_line=65536)
+        self.proto.makeConnection(StringTransport())
+        self.proto.dataReceived(b"* OK ready\r\n")
+        self.side_lock = defer.DeferredLock()
+        self.session_id = "s1"
+        self.user = "dave"
+
+    def side_command(self, line):
+        from twisted.internet import defer
+
+        from cpmproxy.proxy.backend import BackendError
+
+        if self.proto.closed:
+            return defer.fail(BackendError("backend closed the connection"))
+        return self.proto.command(line)
+
+    def in_flight(self) -> int:
+        return len(self.proto._waiters)
+
+    def fail(self) -> None:
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.proto.connectionLost(Failure(ConnectionLost("Connection to the other side was lost")))
+
+
+def _failed_quietly(start, fail) -> type:
+    """Start the work ``start()`` returns (a Deferred), make its connection fail (``fail()``) and collect
+    everything: the type of the work's failure; asserts that no "Unhandled error in Deferred" was logged."""
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    unhandled = []
+
+    def observe(event):
+        if "Unhandled error" in str(event.get("log_format") or ""):
+            unhandled.append(event)
+
+    def run() -> type:
+        failed = []
+        start().addErrback(failed.append)
+        fail()
+        assert failed, "the work did not fail with its connection"
+        return failed[0].type
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        error = run()
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not unhandled, [e.get("log_failure") for e in unhandled]
+    return error
+
+
+
+def test_local_delete_compaction_whose_side_connection_fails_leaves_no_unhandled_error():
+    """Found by review (after the response fuzzer's findings on the side connection): compacting a device's
+    local-delete records EXAMINEs the folder and searches its UIDs in pieces, pipelined; the connection
+    failed under all of them, the EXAMINE's failure was raised (logged as a warning, the records kept),
+    and each search's, never awaited, was logged as a CRITICAL "Unhandled error in Deferred"."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from cpmproxy.imap.seqset import SequenceSet
+    from cpmproxy.proxy.backend import BackendError
+    from plugins.localdelete import LocalDeletePlugin
+
+    side = _FailingSide()
+    uids = SequenceSet.from_iterable(range(1, 60000, 2))  # (several pieces)
+
+    def start():
+        d = defer.Deferred.fromCoroutine(LocalDeletePlugin._compact(
+            SimpleNamespace(), side, "INBOX", 7, uids, [], ["a", "b"]))
+        assert side.in_flight() > 2
+        return d
+
+    assert _failed_quietly(start, side.fail) is BackendError
+
+
+def test_classifying_on_a_side_connection_that_fails_leaves_no_unhandled_error():
+    """Found by review: ``policy.classify`` (a push's inspection of new messages) EXAMINEs the folder and
+    runs one search per kind, pipelined; the connection failed under all of them, the EXAMINE's failure
+    was raised, and each search's, never awaited, was logged as a CRITICAL "Unhandled error in Deferred"."""
+    from cpmproxy.proxy.backend import BackendError
+    from plugins.policy import classify
+
+    side = _FailingSide()
+
+    def start():
+        from twisted.internet import defer
+
+        return defer.Deferred.fromCoroutine(classify(side.side_command, "INBOX", [1, 2, 3], 5))
+
+    assert _failed_quietly(start, side.fail) is BackendError
+
+
+@pytest.mark.parametrize("asking", ["listing", "changed since"])
+def test_push_looks_on_a_side_connection_that_fails_leave_no_unhandled_error(asking):
+    """Found by review: push lists a folder's UIDs after an expunge (``_listing``), and finds what changed
+    since a MODSEQ (``_changed_since``), with an EXAMINE and a search pipelined; the connection failed
+    under both, the EXAMINE's failure was raised, and the search's, never awaited, was logged as a
+    CRITICAL "Unhandled error in Deferred"."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from cpmproxy.proxy.backend import BackendError
+    from plugins.push import _changed_since, _listing
+
+    side = _FailingSide()
+
+    def start():
+        if asking == "listing":
+            work = _listing(side.side_command, "INBOX")
+        else:
+            work = _changed_since(side.side_command, SimpleNamespace(mailbox="INBOX"), 12)
+        d = defer.Deferred.fromCoroutine(work)
+        assert side.in_flight() == 2
+        return d
+
+    assert _failed_quietly(start, side.fail) is BackendError
+
+
+def test_classifying_a_select_on_a_backend_connection_gone_leaves_no_unhandled_error():
+    """Found by review: a SELECT's classification (``PolicyPlugin._classify``) sends its searches together
+    on the session's own backend connection; once that connection is gone (the session still ending) each
+    fails at once, the first awaited raised, and the others, never awaited, were each logged as a
+    CRITICAL "Unhandled error in Deferred"."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from cpmproxy.proxy.backend import BackendError
+    from cpmproxy.proxy.session import ClientSession
+    from plugins.cpm import ClassificationCache
+    from plugins.policy import PolicyPlugin
+    from plugins.policystate import SelectPlan
+
+    session = SimpleNamespace(phase="auth", backend=SimpleNamespace(closed=True), _internal_seq=0, user="dave")
+    session.backend_command = lambda line: ClientSession.backend_command(session, line)
+    plan = SelectPlan("INBOX", 5, ("imdn", "other"), 1000, 30)
+
+    def start():
+        return defer.Deferred.fromCoroutine(PolicyPlugin._classify(
+            SimpleNamespace(cache=ClassificationCache()), session, plan, b"1:*"))
+
+    assert _failed_quietly(start, lambda: None) is BackendError  # (each search failed as it was sent)
+
+
+def test_a_command_awaited_after_its_connection_failed_still_raises_its_failure():
+    """The failure of a command nobody awaited when its connection failed is not logged, and not lost: a
+    coroutine that awaits it afterwards gets the BackendError (the session answers as before), and one
+    that chains a callback onto it without taking the failure has it logged as unhandled as before."""
+    import gc
+
+    from twisted.internet import defer
+    from twisted.logger import globalLogPublisher
+
+    from cpmproxy.proxy.backend import BackendError
+
+    side = _FailingSide()
+    answers = [side.side_command(b"NOOP") for _ in range(3)]
+    side.fail()
+    raised = []
+
+    async def later():
+        try:
+            await answers[1]
+        except BackendError as e:
+            raised.append(e)
+
+    defer.Deferred.fromCoroutine(later())
+    assert len(raised) == 1 and "backend closed the connection" in str(raised[0])
+    unhandled = []
+
+    def observe(event):
+        if "Unhandled error" in str(event.get("log_format") or ""):
+            unhandled.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        answers[2].addCallback(lambda reply: reply)  # (a plugin's own chain that lets the failure through)
+        answers.clear()
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert len(unhandled) == 1

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = Logger(namespace="cpmproxy.backend")
 
 __all__ = ["BackendError", "BackendRefused", "AuthFailed", "BackendProtocol", "backend_address", "connect_backend",
-           "login_backend",
+           "fail_answer", "login_backend", "pass_answer",
            "parse_capabilities", "UNAVAILABLE"]
 
 
@@ -116,6 +116,24 @@ def _unsent(transport) -> bool:
     return False
 
 
+def fail_answer(answer: defer.Deferred, error: Exception | Failure) -> None:
+    """Fail a command's ``answer`` because its connection failed (lost, BYE, a protocol error, no answer
+    in time, never opened), not because the backend refused the command (a NO or BAD is an answer).
+
+    Such a failure fails every command in flight at once. A plugin that sent several together awaits
+    them one after the other and stops at the first failure raised; each of the others, never awaited,
+    was logged as a CRITICAL "Unhandled error in Deferred" with a traceback when collected. The one
+    failure of the connection is reported by whoever awaits a command on it (and by the session's end):
+    a command nobody awaits now keeps it without that log, and raises it if awaited later."""
+    answer.errback(error)
+    debug = answer._debugInfo
+    if isinstance(answer.result, Failure) and debug is not None:
+        # Twisted's record of a failure no callback took, logged when collected. (No public way: an
+        # errback taking it would take it from whoever awaits the command later. A callback added later
+        # that leaves it failed records it anew. tests/test_hostile_backend.py checks this holds.)
+        debug.failResult = None
+
+
 def failures_seen(*answers: defer.Deferred | None) -> None:
     """Whatever failure ``answers`` (commands pipelined behind one whose failure is being raised) end with
     taken as seen. A connection that fails fails every command in flight with it; those not awaited after
@@ -123,6 +141,12 @@ def failures_seen(*answers: defer.Deferred | None) -> None:
     for d in answers:
         if d is not None:
             d.addErrback(lambda failure: None)
+
+
+def pass_answer(source: defer.Deferred, answer: defer.Deferred) -> None:
+    """``source.chainDeferred(answer)`` for a command's answer: a failure of ``source`` (its connection
+    failed) fails ``answer`` as ``fail_answer`` does."""
+    source.addCallbacks(answer.callback, lambda failure: fail_answer(answer, failure))
 
 
 class BackendProtocol(Protocol):
@@ -275,7 +299,7 @@ class BackendProtocol(Protocol):
     def _fail(self, err: Exception) -> None:
         waiters, self._waiters = self._waiters, {}
         for d in waiters.values():
-            d.errback(err)
+            fail_answer(d, err)
         if not self.greeting.called:
             self.greeting.errback(err)
 

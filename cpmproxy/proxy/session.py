@@ -52,7 +52,9 @@ from cpmproxy.proxy.backend import (
     Reply,
     backend_address,
     connect_backend,
+    fail_answer,
     login_backend,
+    pass_answer,
 )
 from cpmproxy.proxy.hooks import (
     Answer,
@@ -946,7 +948,7 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             # awaited.
             return d
         if self.backend is None or self.backend.closed:
-            d.errback(BackendError("backend connection is closed"))
+            fail_answer(d, BackendError("backend connection is closed"))
             return d
         if self.phase != "auth":
             # (Before the relay the backend connection is the login's: its answer would never come. The
@@ -983,11 +985,11 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
                 if pool.proto is proto:
                     pool.proto = None
                 try:
-                    return self.side_command(line).chainDeferred(d)
+                    pass_answer(self.side_command(line), d)
                 except BackendError as e:  # (the session ended meanwhile: ``d`` is awaited already)
-                    d.errback(e)
-                    return None
-            proto.command(line).chainDeferred(d)
+                    fail_answer(d, e)
+                return
+            pass_answer(proto.command(line), d)
 
         if pool.proto is None:
             pool.connecting_to = backend_address(self.config)
@@ -1012,7 +1014,7 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         if isinstance(pool.proto, defer.Deferred):
             w: defer.Deferred = defer.Deferred()
             pool.waiting.append(w)
-            w.addCallbacks(send, d.errback)
+            w.addCallbacks(send, lambda failure: fail_answer(d, failure))  # (it could not be opened)
         else:
             send(pool.proto)
         return d
