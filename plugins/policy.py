@@ -40,7 +40,7 @@ from cpmproxy.imap.tokens import (
     token_text,
     tokenize,
 )
-from cpmproxy.proxy.backend import UNAVAILABLE, BackendError, failures_seen
+from cpmproxy.proxy.backend import UNAVAILABLE, BackendError
 from cpmproxy.proxy.hooks import Answer, Collect, Defer, Drop, Hold, Plugin, Rewrite, resolved
 from plugins.cpm import (
     KIND_CRITERIA,
@@ -655,13 +655,8 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             # (The criteria hold for the plan too unless the folder's own preferences are read below.)
             early = (status_d, [(h, h.query(session, names[0])) for h in hiders],
                      criteria if names[0] in st.folders else None)
-        try:
-            await self.folder_infos(session, names)
-        except BaseException:
-            _early_unread(early)
-            raise
+        await self.folder_infos(session, names)
         if any(self.folder_hidden(st, n) for n in names):
-            _early_unread(early)
             return _as_missing(cmd, names[0])
         if cmd.name in (b"DELETE", b"SUBSCRIBE") and \
                 await self._only_above_hidden(session, st, names[0].rstrip("/") or names[0]):
@@ -709,20 +704,11 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
         kinds, max_size, max_age = criteria or self._criteria(st, mailbox)
         real = self.real_folders_matter(session, st, mailbox)
         if real and self.cache.virtual(session.user, mailbox) is None:
-            try:
-                await self.probe_before_select(session, mailbox)
-            except BaseException:
-                failures_seen(status_d, *(d for _, d in queries))  # (not read)
-                raise
+            await self.probe_before_select(session, mailbox)
             real = self.real_folders_matter(session, st, mailbox)
         if not (kinds or max_size or max_age or queries or real):
-            failures_seen(status_d)  # (not read)
             return  # fast path: nothing can be hidden here
-        try:
-            status = await status_d if status_d is not None else None
-        except BaseException:
-            failures_seen(*(d for _, d in queries))  # (pipelined with it: failed with it)
-            raise
+        status = await status_d if status_d is not None else None
         if status is not None and status.status != b"OK":
             # No such folder (or none to open now): the SELECT most likely fails alike, with the backend's
             # own NO [NONEXISTENT]. The hiders' answers (refused just the same: a local-delete device's
@@ -739,11 +725,7 @@ class PolicyPlugin(StatusCounts, Preferences, FolderRules, Plugin):
             st.plan = plan
             st.pending_select = True
             return
-        try:
-            replies = [(h, await d) for h, d in queries]
-        except BaseException:
-            failures_seen(*(d for _, d in queries))  # (the connection failed: all of them with it)
-            raise
+        replies = [(h, await d) for h, d in queries]
         uidvalidity = _parse_uidvalidity(status, mailbox)
         plan = SelectPlan(mailbox, uidvalidity, kinds, max_size, max_age, real_folders=real)
         for h, r in replies:
@@ -2573,10 +2555,3 @@ def _of_no_message(cmd, head: bytes, rest: bytes) -> Rewrite:
     the proxy's would tell the device that these do, hidden."""
     cmd.state[NO_SERVER_CHANGE] = True
     return Rewrite(head + b"%d" % MAX_UID + rest)
-
-
-def _early_unread(early) -> None:
-    """The answers a SELECT asked for early (its UIDVALIDITY, the hiders' records), not to be read: a
-    failure of theirs (the side connection lost) is not left to be logged as an unhandled error."""
-    if early is not None:
-        failures_seen(early[0], *(d for _, d in early[1]))

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpmproxy.imap.seqset import SequenceSet
-from cpmproxy.proxy.backend import BackendError, failures_seen
+from cpmproxy.proxy.backend import BackendError
 from cpmproxy.proxy.hooks import Drop, Hold, Rewrite
 from plugins.cpm import (
     PREF_SYNC,
@@ -165,14 +165,10 @@ class FolderRules:
                 if name in marked:
                     waits.append((name, info, run(
                         b"GETMETADATA (DEPTH infinity) " + wire_name(name) + b" (" + pref_entry("").encode() + b")")))
-        try:
-            for name, info, d in waits:
-                reply = await d
-                if not _code_in(reply.tagged, b"NONEXISTENT"):  # (deleted meanwhile: no preferences)
-                    info.prefs = parse_metadata_prefs(_metadata_read(reply, "folder preferences").untagged, name)
-        except BaseException:
-            failures_seen(*(d for _, _, d in waits))  # (pipelined: a lost connection fails them all)
-            raise
+        for name, info, d in waits:
+            reply = await d
+            if not _code_in(reply.tagged, b"NONEXISTENT"):  # (deleted meanwhile: no preferences)
+                info.prefs = parse_metadata_prefs(_metadata_read(reply, "folder preferences").untagged, name)
         unknown = []
         for name, info in infos.items():
             if all(self._effective_in(st, info, f"{PREF_SYNC}/session-history", st.policy.default_sync("session-history"))
@@ -190,12 +186,8 @@ class FolderRules:
             checks = [(name, info, run(b"EXAMINE " + wire_name(name)),
                        run(b"UID SEARCH RETURN (MIN) " + SESSION_INFO_CRITERIA))
                       for name, info in unknown]
-            try:
-                answers = [(name, info, await opened, await searched) for name, info, opened, searched in checks]
-            except BaseException:
-                failures_seen(*(d for _, _, opened, searched in checks for d in (opened, searched)))
-                raise
-            for name, info, opened, searched in answers:
+            for name, info, opened, searched in checks:
+                opened, searched = await opened, await searched
                 if opened.status != b"OK" and (_code_in(opened.tagged, b"NONEXISTENT") or _code_in(opened.tagged, b"CANNOT")
                                                or b"doesn't exist" in opened.tagged):
                     # Gone, or a \Noselect parent (Dovecot 2.3 answers that one with no code), or a name the

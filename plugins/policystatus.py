@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from cpmproxy.imap.seqset import SequenceSet
 from cpmproxy.imap.tokens import Atom, ParenList, TokenError
-from cpmproxy.proxy.backend import BackendError, BackendRefused, failures_seen
+from cpmproxy.proxy.backend import BackendError, BackendRefused
 from cpmproxy.proxy.hooks import Answer, Drop, Hold, Rewrite
 from plugins.cpm import KIND_CRITERIA, VIEW_ITEM
 from plugins.policystate import (
@@ -90,11 +90,7 @@ class StatusCounts:
         else:
             examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
             searched = session.side_command(b"UID SEARCH RETURN (ALL) ALL")  # (pipelined)
-            try:
-                opened = await examined
-            except BaseException:
-                failures_seen(searched)  # (failed with it)
-                raise
+            opened = await examined
             if opened.status != b"OK":
                 await searched
                 return None  # a mailbox that cannot be opened (e.g. none of that name): nothing to hide
@@ -114,7 +110,7 @@ class StatusCounts:
         n_hidden = len(hidden)  # (now: the selected view's set changes in place as messages go)
         if st.mailbox == mailbox:  # (others were EXAMINEd on the side connection above)
             # (Not awaited: a failure of the connection is the search's next, raised there.)
-            failures_seen(session.side_command(b"EXAMINE " + wire_name(mailbox)))
+            session.side_command(b"EXAMINE " + wire_name(mailbox))
         # Which unseen messages are hidden: the unseen UIDs (a CPM store has few), matched here. Naming the
         # hidden UIDs in the command instead cost a command line of ~6 bytes per scattered hidden message.
         unseen = SequenceSet.from_ranges(_esearch_ranges(await session.side_command(
@@ -307,11 +303,7 @@ class StatusCounts:
             examined = session.side_command(b"EXAMINE " + wire_name(mailbox))
             searched = None if uids else \
                 session.side_command(b"UID SEARCH RETURN (ALL) MODSEQ %d" % (since + 1))  # (pipelined)
-            try:
-                opened = await examined
-            except BaseException:
-                failures_seen(searched)  # (failed with it)
-                raise
+            opened = await examined
             if opened.status != b"OK":
                 if searched is not None:
                     await searched
@@ -435,11 +427,7 @@ async def _sizes(session, uids: SequenceSet) -> tuple[int, int]:
     """How many of ``uids`` the side connection's mailbox has, and their RFC822.SIZE added up."""
     # (Piece by piece, pipelined: each command line short however scattered the UIDs are.)
     fetches = [session.side_command(b"UID FETCH " + p + b" (RFC822.SIZE)") for p in uid_set_pieces(uids)]
-    try:
-        replies = [await d for d in fetches]  # (all of them, even after a refused one)
-    except BaseException:
-        failures_seen(*fetches)  # (the connection failed: all of them with it)
-        raise
+    replies = [await d for d in fetches]  # (all of them, even after a refused one)
     found = total = 0
     for reply in replies:
         if reply.status != b"OK":

@@ -703,48 +703,15 @@ def test_a_backend_lost_during_login_leaves_no_unhandled_error():
 
     from cpmproxy.proxy.backend import BackendError, login_backend
 
-    class Proto:
-        def __init__(self):
-            self.commands: list[defer.Deferred] = []
+    side = _FailingSide()
 
-        def command(self, line, continuation=None):
-            self.commands.append(defer.Deferred())
-            return self.commands[-1]
+    def start():
+        d = defer.Deferred.fromCoroutine(login_backend(
+            side.proto, [b"IMAP4rev1", b"ID", b"AUTH=PLAIN", b"SASL-IR"], "", "alice", "pw", []))
+        assert side.in_flight() == 2
+        return d
 
-    proto = Proto()
-    login = defer.Deferred.fromCoroutine(
-        login_backend(proto, [b"IMAP4rev1", b"ID", b"AUTH=PLAIN", b"SASL-IR"], "", "alice", "pw", []))
-    ident, auth = proto.commands
-    for d in (ident, auth):  # (the connection lost: every command in flight fails)
-        d.errback(BackendError("backend closed the connection"))
-    failure = []
-    login.addErrback(failure.append)
-    assert failure and failure[0].check(BackendError)
-    assert auth.result is None  # (handled: nothing left to be logged as unhandled)
-
-
-
-class _PipelinedSide:
-    """A session whose side connection's commands are left to the test to answer."""
-
-    def __init__(self):
-        self.commands: list = []
-
-    def side_command(self, line):
-        from twisted.internet import defer
-
-        self.commands.append(defer.Deferred())
-        return self.commands[-1]
-
-
-def _all_fail(commands) -> list:
-    """Every command in flight failed with the connection (as BackendProtocol._fail does, one error)."""
-    from cpmproxy.proxy.backend import BackendError
-
-    error = BackendError("protocol error from backend: malformed response line b'* 4294967296 0 RECENT'")
-    for d in commands:
-        d.errback(error)
-    return commands
+    assert _failed_quietly(start, side.fail) is BackendError
 
 
 def test_status_count_whose_side_connection_fails_leaves_no_unhandled_error():
@@ -761,23 +728,24 @@ def test_status_count_whose_side_connection_fails_leaves_no_unhandled_error():
     from cpmproxy.proxy.backend import BackendError
     from plugins.policystatus import StatusCounts, _sizes
 
-    side = _PipelinedSide()
-    counting = defer.Deferred.fromCoroutine(StatusCounts.status_adjustment_locked(
-        None, side, SimpleNamespace(mailbox=None, view=None), "INBOX", {"imdn"}, 0, 0, [], True, None))
-    examined, searched = _all_fail(side.commands)
-    failed = []
-    counting.addErrback(failed.append)
-    assert failed and failed[0].check(BackendError)
-    assert searched.result is None  # (handled: nothing left to be logged as unhandled)
+    side = _FailingSide()
 
-    side = _PipelinedSide()
-    sizing = defer.Deferred.fromCoroutine(_sizes(side, SequenceSet.from_iterable(range(1, 40000, 2))))
-    assert len(side.commands) > 1
-    _all_fail(side.commands)
-    failed = []
-    sizing.addErrback(failed.append)
-    assert failed and failed[0].check(BackendError)
-    assert [d.result for d in side.commands] == [None] * len(side.commands)
+    def counting():
+        d = defer.Deferred.fromCoroutine(StatusCounts.status_adjustment_locked(
+            None, side, SimpleNamespace(mailbox=None, view=None), "INBOX", {"imdn"}, 0, 0, [], True, None))
+        assert side.in_flight() == 2
+        return d
+
+    assert _failed_quietly(counting, side.fail) is BackendError
+
+    side = _FailingSide()
+
+    def sizing():
+        d = defer.Deferred.fromCoroutine(_sizes(side, SequenceSet.from_iterable(range(1, 40000, 2))))
+        assert side.in_flight() > 1
+        return d
+
+    assert _failed_quietly(sizing, side.fail) is BackendError
 
 
 def test_status_count_of_the_selected_folder_whose_side_connection_fails_leaves_no_unhandled_error():
@@ -793,15 +761,16 @@ def test_status_count_of_the_selected_folder_whose_side_connection_fails_leaves_
     from cpmproxy.proxy.backend import BackendError
     from plugins.policystatus import StatusCounts
 
-    side = _PipelinedSide()
+    side = _FailingSide()
     view = SimpleNamespace(hidden={2}, hidden_uids=SequenceSet.from_iterable([2]))
-    counting = defer.Deferred.fromCoroutine(StatusCounts.status_adjustment_locked(
-        None, side, SimpleNamespace(mailbox="INBOX", view=view), "INBOX", {"imdn"}, 0, 0, [], False, None))
-    _all_fail(side.commands)
-    failed = []
-    counting.addErrback(failed.append)
-    assert failed and failed[0].check(BackendError)
-    assert len(side.commands) == 2 and [d.result for d in side.commands] == [None, None]
+
+    def counting():
+        d = defer.Deferred.fromCoroutine(StatusCounts.status_adjustment_locked(
+            None, side, SimpleNamespace(mailbox="INBOX", view=view), "INBOX", {"imdn"}, 0, 0, [], False, None))
+        assert side.in_flight() == 2
+        return d
+
+    assert _failed_quietly(counting, side.fail) is BackendError
 
 
 @pytest.mark.parametrize("failing", ["folder preferences", "UIDVALIDITY"])
@@ -819,11 +788,12 @@ def test_select_whose_side_connection_fails_leaves_no_unhandled_error(failing):
     from cpmproxy.proxy.backend import BackendError
     from plugins.policy import PolicyPlugin
 
-    side = _PipelinedSide()
+    side = _FailingSide()
 
     async def folder_infos(session, names):
         if failing == "folder preferences":
-            _all_fail(side.commands)
+            assert side.in_flight() == 2
+            side.fail()
             raise BackendError("reading folder preferences failed")
 
     hider = SimpleNamespace(query=lambda session, name: side.side_command(b"GETMETADATA"))
@@ -832,14 +802,17 @@ def test_select_whose_side_connection_fails_leaves_no_unhandled_error(failing):
                              real_folders_matter=lambda session, st, name: False)
     policy._plan_select = lambda *a: PolicyPlugin._plan_select(policy, *a)
     st = SimpleNamespace(folders={}, view=None, mailbox=None, plan=None)
-    selecting = defer.Deferred.fromCoroutine(PolicyPlugin._mailbox_command(
-        policy, side, st, SimpleNamespace(name=b"SELECT", args=[Atom(b"INBOX")])))
-    if failing == "UIDVALIDITY":
-        _all_fail(side.commands)
-    failed = []
-    selecting.addErrback(failed.append)
-    assert failed and failed[0].check(BackendError)
-    assert len(side.commands) == 2 and [d.result for d in side.commands] == [None, None]
+
+    def selecting():
+        return defer.Deferred.fromCoroutine(PolicyPlugin._mailbox_command(
+            policy, side, st, SimpleNamespace(name=b"SELECT", args=[Atom(b"INBOX")])))
+
+    def fail():
+        if failing == "UIDVALIDITY":
+            assert side.in_flight() == 2
+            side.fail()
+
+    assert _failed_quietly(selecting, fail) is BackendError
 
 
 @pytest.mark.parametrize("reading", ["preferences", "session histories"])
@@ -862,19 +835,19 @@ def test_folder_facts_whose_side_connection_fails_leave_no_unhandled_error(readi
     async def examining():
         yield
 
-    side = _PipelinedSide()
+    side = _FailingSide()
     rules = SimpleNamespace(_may_change_sync=lambda st: reading == "preferences",
                             _effective_in=lambda *a: False, session_history_cache={})
     st = SimpleNamespace(pref_folders={"A", "B"}, policy=SimpleNamespace(default_sync=lambda kind: True))
     infos = {"A": FolderInfo(), "B": FolderInfo()}
-    reading_d = defer.Deferred.fromCoroutine(FolderRules.read_folder_facts(
-        rules, side.side_command, "dave", [st], infos, examining))
-    _all_fail(side.commands)
-    failed = []
-    reading_d.addErrback(failed.append)
-    assert failed and failed[0].check(BackendError)
-    assert len(side.commands) == (2 if reading == "preferences" else 4)
-    assert [d.result for d in side.commands] == [None] * len(side.commands)
+
+    def reading_facts():
+        d = defer.Deferred.fromCoroutine(FolderRules.read_folder_facts(
+            rules, side.side_command, "dave", [st], infos, examining))
+        assert side.in_flight() == (2 if reading == "preferences" else 4)
+        return d
+
+    assert _failed_quietly(reading_facts, side.fail) is BackendError
 
 
 def test_health_says_so_while_logins_keep_failing_for_the_backends_sake(fresh_scripted, make_proxy):
@@ -1309,3 +1282,24 @@ def test_a_command_awaited_after_its_connection_failed_still_raises_its_failure(
     finally:
         globalLogPublisher.removeObserver(observe)
     assert len(unhandled) == 1
+
+
+def test_a_status_count_whose_side_connection_fails_the_whole_way_leaves_no_unhandled_error(fresh_scripted, make_proxy):
+    """The whole way, through the session's side connection (tests/test_fuzz_responses.py, seed 2): the
+    answer to a STATUS count's EXAMINE has a line the proxy cannot read, which fails the connection under
+    the searches pipelined behind it. The STATUS is refused, the session goes on, and nothing is logged as
+    an "Unhandled error in Deferred" (the searches' failures were, once the proxy collected them, before
+    each plugin took them as seen; since, the connection's failure of a command nobody awaits is not)."""
+    fresh_scripted.internal = {b"EXAMINE INBOX": b"* 4294967296 0 RECENT\r\n{tag} OK done\r\n"}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
+                       config_extra="[policy]\nmax_size = 1000\n")
+    c = _logged_in(proxy)
+    answer = c.command(b"g", b"STATUS INBOX (MESSAGES UNSEEN)")
+    assert answer[-1].startswith(b"g NO [UNAVAILABLE]"), answer
+    fresh_scripted.internal = {}
+    assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+    c.close()
+    assert internal_errors(proxy) == 0
+    proxy.stop()  # (what was left to collect is collected by then)
+    log = proxy.log_path.read_text(errors="replace")
+    assert "Unhandled error" not in log and "#critical" not in log, log[-3000:]

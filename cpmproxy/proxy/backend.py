@@ -134,15 +134,6 @@ def fail_answer(answer: defer.Deferred, error: Exception | Failure) -> None:
         debug.failResult = None
 
 
-def failures_seen(*answers: defer.Deferred | None) -> None:
-    """Whatever failure ``answers`` (commands pipelined behind one whose failure is being raised) end with
-    taken as seen. A connection that fails fails every command in flight with it; those not awaited after
-    the first failure were logged as an "Unhandled error in Deferred" with a traceback when collected."""
-    for d in answers:
-        if d is not None:
-            d.addErrback(lambda failure: None)
-
-
 def pass_answer(source: defer.Deferred, answer: defer.Deferred) -> None:
     """``source.chainDeferred(answer)`` for a command's answer: a failure of ``source`` (its connection
     failed) fails ``answer`` as ``fail_answer`` does."""
@@ -530,14 +521,8 @@ async def login_backend(proto: BackendProtocol, caps: list[bytes], authzid: str,
         raise BackendError("backend offers no usable login mechanism (LOGINDISABLED, no AUTH=PLAIN)")
     else:
         auth = proto.command(b"LOGIN " + quote(user) + b" " + quote(secret))
-    try:
-        for d in waits:
-            await d  # an ID refused is not fatal: the backend may not trust us for x-* fields
-    except BaseException:
-        # The connection is lost (or timed out) under both: the login's failure is this same one, and
-        # left unawaited it was logged as an "Unhandled error in Deferred" at every such login.
-        auth.addErrback(lambda failure: None)
-        raise
+    for d in waits:
+        await d  # an ID refused is not fatal: the backend may not trust us for x-* fields
     reply = await auth
     if reply.status != b"OK":
         if reply.status == b"NO":
