@@ -897,6 +897,8 @@ def test_only_fetch_responses_matches_a_line_by_line_check(lines):
 
 _RUN_LINES = st.one_of(
     st.sampled_from([b"* 1 FETCH (FLAGS ())\r\n", b"* 22 EXISTS\r\n", b"* 0 RECENT\r\n", b"* 9 FETCH (UID 9)\n"]),
+    st.sampled_from([b"* 3 expunge\r\n", b"* 3 Exists\r\n", b"* 12345678901234567 fetch (x)\r\n", b"* 3x exists\r\n",
+                     b"* 3 EXPUNGe\n", b"* 3 CAPABILITYANDMORE x\r\n", b"* 3 CAPABILITYANDMOREb\r\n", b"* bye\r\n"]),
     st.sampled_from([b"* OK done\r\n", b"a1 OK done\r\n", b"+ go\r\n", b"\r\n", b"*\r\n", b"* \r\n", b"*  1\r\n",
                      b"* x1\r\n", b"** 1\r\n", b"*x1\r\n", b"*11\r\n", b"* /\r\n", b"* :\r\n"]),
     st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"") + b"\n"),
@@ -904,10 +906,14 @@ _RUN_LINES = st.one_of(
 
 
 def _numbered_run_end_model(data: bytes) -> int:
-    """Line by line: the offset of the first line after the first not starting with '* <digit>'."""
+    """Line by line: the offset of the first line after the first not starting with '* <digit>', or of
+    the first numbered line whose name has a lower-case letter, the first line too."""
+    if re.match(rb"\* [0-9]", data) and _lower_case_name_model(data.split(b"\n")[0]):
+        return 0
     offset = data.find(b"\n") + 1 if b"\n" in data else len(data)
     while offset < len(data):
-        if not re.match(rb"\* [0-9]", data[offset:offset + 3]):
+        line = data[offset:].split(b"\n")[0]
+        if not re.match(rb"\* [0-9]", line) or _lower_case_name_model(line):
             return offset
         nl = data.find(b"\n", offset)
         offset = len(data) if nl < 0 else nl + 1
@@ -915,10 +921,11 @@ def _numbered_run_end_model(data: bytes) -> int:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(_RUN_LINES, max_size=20), st.binary(max_size=4))
+@given(st.lists(_RUN_LINES, max_size=20), st.binary(max_size=4) | st.sampled_from([b"* 3 ex", b"* 3 EX"]))
 def test_numbered_run_end_c_and_python_match_a_line_model(lines, tail):
     """The C speedup and the Python reference against a per-line model, with lines that almost start
-    with a number ("* x", "*  1", "*x1", digits' neighbours "/" and ":") and a trailing partial line."""
+    with a number ("* x", "*  1", "*x1", digits' neighbours "/" and ":"), names not in upper case (long
+    numbers and names: past the 16 bytes the C scan looks at at once) and a trailing partial line."""
     from cpmproxy.imap import framing
 
     data = b"".join(lines) + tail
@@ -966,6 +973,90 @@ def test_renumber_fetch_lines_c_and_python_match_a_line_model(lines, numbers, ta
     want = _renumber_model(block, numbers)
     assert framing.renumber_fetch_lines_py(block, numbers) == want
     assert framing.renumber_fetch_lines(block, numbers) == want
+
+
+_NAME_LINES = st.one_of(
+    st.builds(lambda number, name, eol: b"* " + number + name + eol,
+              st.sampled_from([b"", b"3 ", b"0017 ", b"3", b"3  ", b" ", b"x ", b"12345678901234 ", b"123456789012345 ",
+                               b"1234567890123456 ", b"12345678901234567"]),
+              st.sampled_from([b"FETCH (FLAGS (\\Seen))", b"EXPUNGE", b"expunge", b"Expunge", b"EXPUNGe", b"bye x",
+                               b"OK [ALERT] lower case", b"X-y", b"ID", b"9abc", b"", b"\xe9t\xe9", b"[a]", b"{5}",
+                               b"CAPABILITYANDMORE", b"CAPABILITYANDMORe", b"FETCHFETCHFETCh", b"FETCHFETCHFETCHf"]),
+              st.sampled_from([b"\r\n", b"\n", b""])),
+    st.sampled_from([b"a1 ok done\r\n", b"+ go on\r\n", b"\r\n", b"** bye\r\n", b"*bye\r\n", b" * bye\r\n"]),
+    st.binary(max_size=12),
+)
+
+
+def _lower_case_name_model(data: bytes) -> bool:
+    """Line by line: an untagged line ("* ", "* <digits> ") whose name's letters (up to the first byte
+    that is none) include a lower-case one."""
+    for line in data.split(b"\n"):
+        if not line.startswith(b"* "):
+            continue
+        rest = line[2:]
+        digits = re.match(rb"[0-9]*", rest).group()
+        if digits:
+            if rest[len(digits):len(digits) + 1] != b" ":
+                continue
+            rest = rest[len(digits) + 1:]
+        name = re.match(rb"[A-Za-z]*", rest).group()
+        if name != name.upper():
+            return True
+    return False
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_NAME_LINES, max_size=20))
+def test_lower_case_name_c_and_python_match_a_line_model(lines):
+    """Whether a block names a response in other than upper case (the relay then takes it line by line):
+    the C speedup and the Python reference against a per-line model, with numbers not followed by a
+    space, names that end at a non-letter, 8-bit bytes, lines that almost start "* ", no line end."""
+    from cpmproxy.imap import framing
+
+    data = b"".join(lines)
+    want = _lower_case_name_model(data)
+    assert framing.lower_case_name_py(data) is want
+    assert framing.lower_case_name(data) is want
+    assert framing.lower_case_name(memoryview(data)) is want
+
+
+def test_lower_case_name_c_and_python_agree_on_every_window():
+    """The C scan reads the 16 bytes after "* " at once where the data goes on that far, byte by byte
+    where not: each line below at every distance from the end of the data, and at every length of
+    number and name around those 16 bytes, both ways agree with the model (and numbered_run_end too)."""
+    from cpmproxy.imap import framing
+
+    names = [b"FETCH", b"fetch", b"FETCh", b"FETCHFETCHFETCHF", b"FETCHFETCHFETCHf", b"FETCHFETCHFETCHFE",
+             b"FETCHFETCHFETCHFe", b"E", b"e", b"", b"{x}", b"~", b"\xe9"]
+    for digits in [b"", b"7", b"1234567890123", b"12345678901234", b"123456789012345", b"1234567890123456"]:
+        for name in names:
+            for after in [b"", b" ", b" (FLAGS (\\Seen))", b"(", b" x y"]:
+                line = b"* " + digits + (b" " if digits else b"") + name + after
+                for tail in range(0, 20):
+                    data = line + b"\r\n"[:tail] + b"X" * max(0, tail - 2)
+                    want = _lower_case_name_model(data)
+                    assert framing.lower_case_name_py(data) is want, data
+                    assert framing.lower_case_name(data) is want, data
+                    run = b"* 1 FETCH ()\r\n" + data
+                    assert framing.numbered_run_end_py(run) == framing.numbered_run_end(run), run
+                    assert framing.numbered_run_end(data) == framing.numbered_run_end_py(data), data
+
+
+@pytest.mark.parametrize("data,found", [
+    (b"* 3 FETCH (FLAGS (\\Seen))\r\n" * 40 + b"* 3 expunge\r\n" + b"* 4 FETCH (UID 9)\r\n" * 40, True),
+    (b"* 3 FETCH (FLAGS (\\Seen))\r\n" * 40 + b"* 4 EXISTS\r\n", False),
+    (b"* 4 eXISTS\r\n* 1 FETCH (x)\r\n", True),  # (the first line too)
+    (b"* OK [ALERT] nothing here\r\n* 1 FETCH (BODY[] {5}\r\n", False),
+    (b"* OK x\r\n* bye\r\n", True),
+    (b"* OK x\r\n* Esearch (TAG \"a\")\r\n", True),
+    (b"", False),
+])
+def test_lower_case_name_examples(data, found):
+    from cpmproxy.imap import framing
+
+    assert framing.lower_case_name_py(data) is found
+    assert framing.lower_case_name(data) is found
 
 
 def test_c_speedup_is_built_where_a_compiler_is():

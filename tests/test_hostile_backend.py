@@ -1303,3 +1303,78 @@ def test_a_status_count_whose_side_connection_fails_the_whole_way_leaves_no_unha
     proxy.stop()  # (what was left to collect is collected by then)
     log = proxy.log_path.read_text(errors="replace")
     assert "Unhandled error" not in log and "#critical" not in log, log[-3000:]
+
+
+def _flags(numbers) -> bytes:
+    return b"".join(b"* %d FETCH (FLAGS (\\Seen))\r\n" % n for n in numbers)
+
+
+@pytest.mark.parametrize("spelling", [b"EXPUNGE", b"expunge", b"Expunge"])
+def test_an_expunge_in_any_case_inside_a_bulk_fetch_is_taken_out_of_the_view(scripted, make_proxy, spelling):
+    """Response names have no case (RFC 9051 2.3). Found by review: an expunge inside a bulk FETCH (over
+    512 bytes: the relay's one-piece path) spelt otherwise than in upper case passed unseen where the view
+    hid nothing yet, so the view still counted the message: the next arrival, a message too large for the
+    device (UID 4), was taken for one the device already had and shown to it as its message 3."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra="[policy]\nmax_size = 1000\n")
+    scripted.internal = {b"LARGER": b'* ESEARCH (TAG "{tag}") UID\r\n{tag} OK done\r\n'}  # (none too large yet)
+    try:
+        c = _logged_in(proxy)
+        assert b"* 3 EXISTS\r\n" in c.command(b"s", b"SELECT INBOX")
+        scripted.script = {b"NOOP": _flags((1, 2, 3) * 10) + b"* 2 " + spelling + b"\r\n" + _flags((1, 2) * 10)
+                           + b"{tag} OK done\r\n"}
+        bulk = c.command(b"h", b"NOOP")
+        assert b"* 2 " + spelling + b"\r\n" in bulk and len(bulk) == 52, bulk
+        arrival = b'* ESEARCH (TAG "{tag}") UID ALL 4\r\n{tag} OK done\r\n'
+        scripted.internal = {b"4:* LARGER": arrival, b"UID 4:*": arrival}
+        scripted.script = {b"NOOP": b"* 3 EXISTS\r\n{tag} OK done\r\n"}
+        assert c.command(b"h", b"NOOP") == [b"h OK done\r\n"]  # (the one new message is hidden)
+    finally:
+        scripted.script, scripted.internal = {}, {}
+    c.close()
+    assert internal_errors(proxy) == 0
+
+
+_PADDING = b"* OK [ALERT] a line among many, for the one-piece path of the relay\r\n" * 10  # (over 512 bytes)
+
+
+# Untagged responses the relay may pass on in one piece: one-line ones (a Block), or with a literal (a Run).
+_OPENINGS = {"lines": _PADDING, "literal": b"* ID (\"name\" {5}\r\nhello)\r\n" + _PADDING}
+
+
+@pytest.mark.parametrize("opening", list(_OPENINGS))
+@pytest.mark.parametrize("spelling", [b"STATUS", b"status", b"Status"])
+def test_an_unsolicited_status_in_any_case_among_many_responses_is_counted_on_the_view(scripted, make_proxy,
+                                                                                        spelling, opening):
+    """Found by review: among more than 512 bytes of untagged responses (the relay's one-piece paths) a
+    STATUS spelt other than in upper case (legal: RFC 9051 2.3) went to the device with the hidden
+    message counted in (MESSAGES 3 where UID 2 is hidden): the policy's check for it, and the relay's
+    own for EXISTS, EXPUNGE, BYE and ESEARCH, were searches for the upper-case name."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra="[policy]\nmax_size = 1000\n")
+    c = _logged_in(proxy)
+    opening = _OPENINGS[opening]
+    scripted.script = {b"NOOP": opening + b"* " + spelling + b" Chats (MESSAGES 3 UNSEEN 1)\r\n{tag} OK done\r\n"}
+    try:
+        got = c.command(b"h", b"NOOP")
+    finally:
+        scripted.script = {}
+    c.close()
+    assert b"".join(got[:-2]) == opening and got[-1] == b"h OK done\r\n", got
+    assert got[-2].upper().startswith(b"* STATUS CHATS (MESSAGES 2 "), got[-2]
+    assert internal_errors(proxy) == 0
+
+
+@pytest.mark.parametrize("spelling", [b"BYE", b"bye"])
+def test_a_backends_bye_in_any_case_among_many_responses_is_counted(fresh_scripted, make_proxy, spelling):
+    """Found by review: a BYE of the backend's own after more than 512 bytes of untagged responses (the
+    relay's one-piece path) in lower case was relayed uncounted and unlogged: the relay looked for
+    "* BYE" in upper case only (response names have no case: RFC 9051 2.3)."""
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none", plugins=[])
+    fresh_scripted.script = {b"NOOP": _PADDING + b"* " + spelling + b" Server shutting down.\r\n"}
+    try:
+        lines = run_case(proxy, False, b"NOOP")
+    finally:
+        fresh_scripted.script = {}
+    assert b"* " + spelling + b" Server shutting down.\r\n" in lines, lines  # (run_case reads on past "* bye")
+    assert metric(proxy, 'cpmproxy_backend_errors_total{kind="bye"}') == 1
+    assert "the backend ended the session: * " + spelling.decode() + " Server shutting down." in proxy.log()
+

@@ -25,6 +25,8 @@ __all__ = [
     "Framer",
     "Block",
     "lines_of",
+    "lower_case_name",
+    "lower_case_name_py",
     "only_fetch_responses",
     "numbered_run_end",
     "numbered_run_end_py",
@@ -106,16 +108,40 @@ _FETCH_START_RE = re.compile(rb"\* [0-9]+ FETCH ")
 
 
 _NOT_NUMBERED_RE = re.compile(rb"\n(?!\* [0-9])")
+# An untagged line ("* ", "* <digits> ") whose response name has a lower-case letter before anything not a
+# letter: at the start, and after a line end (a literal first: "^" with re.M searched 5x slower).
+_LOWER_CASE_NAME_RE = re.compile(rb"\* (?:[0-9]+ )?[A-Z]*[a-z]")
+_LOWER_CASE_NAME_AFTER_RE = re.compile(rb"\n\* (?:[0-9]+ )?[A-Z]*[a-z]")
+_NUMBERED_LOWER_CASE_NAME_RE = re.compile(rb"\* [0-9]+ [A-Z]*[a-z]")
+_NUMBERED_LOWER_CASE_NAME_AFTER_RE = re.compile(rb"\n\* [0-9]+ [A-Z]*[a-z]")
 
 
 def numbered_run_end_py(data: bytes) -> int:
     """Where the run of numbered untagged lines ("* 17 FETCH ...") that ``data`` starts with ends: the
-    offset of the first later line that does not start with "* " and a digit, or ``len(data)``.
+    offset of the first later line that does not start with "* " and a digit, or ``len(data)``; or
+    before that, of the first numbered line whose name is not in upper case (see ``lower_case_name``),
+    the first line too (0).
 
     The reference version; ``numbered_run_end`` is the C one (memchr from line to line, ~7x faster on a
     bulk FETCH) when it was built at install time, else this."""
+    if _NUMBERED_LOWER_CASE_NAME_RE.match(data):
+        return 0
     m = _NOT_NUMBERED_RE.search(data)  # (the final line end matches too: the same cut as no match)
-    return len(data) if m is None else m.start() + 1
+    cut = len(data) if m is None else m.start() + 1
+    m = _NUMBERED_LOWER_CASE_NAME_AFTER_RE.search(data, 0, cut)  # (every line before the cut ends before it)
+    return cut if m is None else m.start() + 1
+
+
+def lower_case_name_py(data: bytes) -> bool:
+    """Whether a line of ``data`` (its first, or one after an LF) is an untagged response whose name is
+    spelt with a lower-case letter: "* 3 expunge", "* bye", "* Status". Response names have no case
+    (RFC 9051 2.3); Dovecot spells them in upper case, and the relay's one-piece paths look for the names
+    that concern anyone as plain upper-case substrings (memchr-fast): a block where this is true goes line
+    by line instead, each name read as a name. (For numbered lines ``numbered_run_end`` tells as well.)
+
+    The reference version; ``lower_case_name`` is the C one when it was built (one pass of 16 bytes at
+    a time to each line end, as ``numbered_run_end``, and the 16 after "* " at once), else this."""
+    return _LOWER_CASE_NAME_RE.match(data) is not None or _LOWER_CASE_NAME_AFTER_RE.search(data) is not None
 
 
 _FETCH_LINE_NUMBER = re.compile(rb"^\* ([0-9]+) FETCH ", re.M)
@@ -149,6 +175,7 @@ except ImportError:  # no compiler at install time
 SPEEDUPS = _scan is not None
 numbered_run_end = _scan.numbered_run_end if _scan is not None else numbered_run_end_py
 renumber_fetch_lines = _scan.renumber_fetch_lines if _scan is not None else renumber_fetch_lines_py
+lower_case_name = _scan.lower_case_name if _scan is not None else lower_case_name_py
 
 
 def only_fetch_responses(block: bytes, numbered: bool = False) -> bool:
@@ -158,8 +185,8 @@ def only_fetch_responses(block: bytes, numbered: bool = False) -> bool:
     A few C-level scans, no step per line: the first line is a FETCH, no later line starts with a name
     instead of a number, and none of the other numbered responses (EXISTS, EXPUNGE, RECENT) is in it.
     Their searches are skipped when a one-byte memchr shows the letter they need ("X", "N") is absent,
-    as it is from FLAGS, UID and MODSEQ data. Response names are matched as the backend spells them,
-    upper case (Dovecot does). ``numbered``: the caller has seen that every line starts with a number (it
+    as it is from FLAGS, UID and MODSEQ data. Response names are matched in upper case, as Dovecot
+    spells them: the caller has seen that they are (``lower_case_name``, ``numbered_run_end``). ``numbered``: the caller has seen that every line starts with a number (it
     cut the block so), and that search is not made again."""
     if _FETCH_START_RE.match(block) is None or (not numbered and _NAMED_UNTAGGED_RE.search(block) is not None):
         return False

@@ -238,7 +238,10 @@ class Plugin:
         """A run of whole untagged responses may bypass ``response``: return True when nothing in it
         concerns this plugin (a cheap check, e.g. ``b"FOO" not in block``). ``block`` is their text:
         one-line responses, or (a bulk FETCH) the text segments of responses with literals, the literals
-        left out. The default, False, sends every segment through ``response``."""
+        left out. Response names in it are in upper case, as Dovecot spells them (a run with a name
+        spelt otherwise, legal for another server, never comes here: it goes through ``response``, which
+        gets ``head.name`` in upper case), so a plain ``b"* STATUS "`` test is enough. The default,
+        False, sends every segment through ``response``."""
         return False
 
     def fetch_block_ok(self, session, block: bytes) -> bool:
