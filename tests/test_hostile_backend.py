@@ -1378,3 +1378,45 @@ def test_a_backends_bye_in_any_case_among_many_responses_is_counted(fresh_script
     assert metric(proxy, 'cpmproxy_backend_errors_total{kind="bye"}') == 1
     assert "the backend ended the session: * " + spelling.decode() + " Server shutting down." in proxy.log()
 
+
+@pytest.mark.parametrize("before", [b"", _PADDING])
+@pytest.mark.parametrize("spelling", [b"ESEARCH (TAG", b"esearch (tag", b"Esearch (Tag"])
+def test_the_answer_to_the_proxys_search_in_any_case_is_the_proxys(scripted, make_proxy, spelling, before):
+    """Found by review: the answer to the view's own search (which messages are too large: UID 2) was
+    recognised by ``* ESEARCH (TAG "cpm.`` in upper case only (response names and the TAG correlator
+    have no case: RFC 9051 2.3, 7.3.4). Spelt otherwise it went to the device, the search came back
+    empty and the hidden message was shown (3 EXISTS); after more than 512 bytes of untagged responses
+    (the relay's one-piece path) the same."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none", config_extra="[policy]\nmax_size = 1000\n")
+    scripted.internal = {b"LARGER": before + b"* " + spelling + b' "{tag}") UID ALL 2\r\n{tag} OK done\r\n'}
+    try:
+        c = _logged_in(proxy)
+        selected = c.command(b"s", b"SELECT INBOX")
+    finally:
+        scripted.internal = {}
+    c.close()
+    assert selected[-1].startswith(b"s OK"), selected
+    assert b"* 2 EXISTS\r\n" in selected and not any(b"UID ALL" in line for line in selected), selected
+    assert internal_errors(proxy) == 0
+
+
+@pytest.mark.parametrize("spelling", [b"ESEARCH (TAG", b"esearch (tag", b"Esearch (Tag"])
+def test_pipelined_searches_on_a_side_connection_get_their_answers_in_any_case(spelling):
+    """Found by review: a side connection's pipelined searches (a STATUS counted on the view, a
+    folder's facts) have their answers correlated by tag, and only ``* ESEARCH (TAG "`` in upper case was
+    taken for one (names have no case: RFC 9051 2.3, RFC 4731): spelt otherwise, the answer to the second
+    search, sent before the first one's end, was taken for the first one's."""
+    from twisted.internet.testing import StringTransport
+
+    from cpmproxy.proxy.backend import BackendProtocol
+
+    proto = BackendProtocol(max_line=65536)
+    proto.makeConnection(StringTransport())
+    proto._got_greeting = True
+    first = proto.command(b"UID SEARCH RETURN (ALL) UID 1:* LARGER 1000")
+    second = proto.command(b"UID SEARCH RETURN (ALL) UID 1:* UNSEEN")
+    for line in (b"* " + spelling + b' "P2") UID ALL 5', b'* ESEARCH (TAG "P1") UID ALL 2', b"P1 OK done",
+                 b"P2 OK done"):
+        proto._response(line + b"\r\n")
+    assert first.result.untagged == [b'* ESEARCH (TAG "P1") UID ALL 2\r\n'], first.result
+    assert second.result.untagged == [b"* " + spelling + b' "P2") UID ALL 5\r\n'], second.result

@@ -307,7 +307,7 @@ class BackendProtocol(Protocol):
                 self.transport.write(b"*\r\n")  # cancel an exchange nobody expects
             return
         if head.kind == "untagged":
-            if head.name == b"ESEARCH" and line.startswith(b'* ESEARCH (TAG "'):
+            if head.name == b"ESEARCH" and line[:16].upper() == b'* ESEARCH (TAG "':  # (names have no case)
                 # Correlated by tag: pipelined searches may be answered out of order.
                 tag = line[16:line.find(b'"', 16)]
                 if tag in self._waiters:

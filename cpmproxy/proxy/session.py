@@ -79,6 +79,8 @@ log = Logger(namespace="cpmproxy.session")
 _INTERNAL_TAG_PREFIX = b"cpm."  # the tags of the proxy's own commands on a session's backend connection
 
 _NOT_UNTAGGED_RE = re.compile(rb"\n[^*]")
+# The answer to one of the proxy's own searches (RFC 4731: the correlator names its tag). Names have no case.
+_INTERNAL_ESEARCH_RE = re.compile(rb'\* (?i:ESEARCH) \((?i:TAG) "' + re.escape(_INTERNAL_TAG_PREFIX))
 # A non-synchronizing literal's "{n+}" (LITERAL+) or "{n-}" (LITERAL-) + CRLF.
 _NONSYNC_MARK_RE = re.compile(rb"(~?\{\d+)[+-](\}\r?\n)")
 # A run of lines starting with a message number ("* 12 ..."), FETCH-like (numbered_run_end finds its end).
@@ -1396,7 +1398,7 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
         if isinstance(ev, LiteralData) or not ev.first:
             return False
         d = ev.data
-        return d[:1] == b"+" or d[:4] == b"cpm." or d.startswith(b'* ESEARCH (TAG "cpm.')
+        return d[:1] == b"+" or d[:4] == b"cpm." or _INTERNAL_ESEARCH_RE.match(d) is not None
 
     def _backend_event(self, ev) -> None:
         out = self._out
@@ -1527,7 +1529,7 @@ class ClientSession(LoginPhase, Protocol, TimeoutMixin):
             return data
         self._resp_cmd = None
         if head.kind == "untagged":
-            if head.name == b"ESEARCH" and data.startswith(b'* ESEARCH (TAG "cpm.'):
+            if head.name == b"ESEARCH" and _INTERNAL_ESEARCH_RE.match(data):
                 tag = data[len(b'* ESEARCH (TAG "'):data.index(b'"', len(b'* ESEARCH (TAG "'))]
                 internal = self._internal.get(tag)
                 if internal is not None:
