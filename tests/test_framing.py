@@ -1072,6 +1072,20 @@ def test_c_speedup_is_built_where_a_compiler_is():
     assert framing.SPEEDUPS, "cpmproxy.imap._scan was not built: run `pip install -e .` again"
 
 
+def test_a_c_module_built_from_an_older_source_is_not_used():
+    """Found in review of the lower-case names change: a checkout updated without building the extension
+    again (helpers copy the main repo's .so) kept the old _scan: ``framing`` failed to import (no
+    ``lower_case_name``), and the proxy with it. Such a module is not used; the Python versions are."""
+    from types import SimpleNamespace
+
+    from cpmproxy.imap import _scan, framing
+
+    older = SimpleNamespace(numbered_run_end=_scan.numbered_run_end, renumber_fetch_lines=_scan.renumber_fetch_lines)
+    assert framing._current(older) is None
+    assert framing._current(None) is None
+    assert framing._current(_scan) is _scan
+
+
 @pytest.mark.parametrize("blocks", [False, True])
 def test_a_long_line_read_in_many_pieces_is_joined_once(blocks):
     """Found by review (helper-80): each read of a line not ended yet copied the whole of it again (a 32 MB

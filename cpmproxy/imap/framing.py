@@ -168,10 +168,20 @@ def renumber_fetch_lines_py(block: bytes, numbers: list[int]) -> bytes | None:
     return b"".join([b"* %d FETCH " % c + rest for c, rest in zip(clients, parts[2::2], strict=True) if c])
 
 
+def _current(scan):
+    """The C module if it was built from this ``_scan.c``, else None. One built from an older one (a
+    checkout updated, its extension not built again) has no ``lower_case_name`` and a numbered_run_end
+    that reads no names: mixed with this Python it would let a lower-case name pass the relay unread,
+    or (the missing function) keep the proxy from starting. The Python versions are used instead, and
+    ``SPEEDUPS`` says so (test_c_speedup_is_built_where_a_compiler_is fails: build it again)."""
+    return scan if scan is not None and hasattr(scan, "lower_case_name") else None
+
+
 try:
     from cpmproxy.imap import _scan
 except ImportError:  # no compiler at install time
     _scan = None
+_scan = _current(_scan)
 SPEEDUPS = _scan is not None
 numbered_run_end = _scan.numbered_run_end if _scan is not None else numbered_run_end_py
 renumber_fetch_lines = _scan.renumber_fetch_lines if _scan is not None else renumber_fetch_lines_py
