@@ -126,8 +126,9 @@ def fail_answer(answer: defer.Deferred, error: Exception | Failure) -> None:
     failure of the connection is reported by whoever awaits a command on it (and by the session's end):
     a command nobody awaits now keeps it without that log, and raises it if awaited later."""
     answer.errback(error)
-    debug = answer._debugInfo
-    if isinstance(answer.result, Failure) and debug is not None:
+    # (getattr: should a later Twisted drop this private record, the failure is only logged again.)
+    debug = getattr(answer, "_debugInfo", None)
+    if isinstance(getattr(answer, "result", None), Failure) and hasattr(debug, "failResult"):
         # Twisted's record of a failure no callback took, logged when collected. (No public way: an
         # errback taking it would take it from whoever awaits the command later. A callback added later
         # that leaves it failed records it anew. tests/test_hostile_backend.py checks this holds.)
