@@ -1420,3 +1420,72 @@ def test_pipelined_searches_on_a_side_connection_get_their_answers_in_any_case(s
         proto._response(line + b"\r\n")
     assert first.result.untagged == [b'* ESEARCH (TAG "P1") UID ALL 2\r\n'], first.result
     assert second.result.untagged == [b"* " + spelling + b' "P2") UID ALL 5\r\n'], second.result
+
+
+class _PooledSides:
+    """A session's side commands as ``ClientSession.side_command`` runs them (the user's pool), each side
+    connection it opens a real BackendProtocol over a StringTransport (``opened``, in order)."""
+
+    def __init__(self):
+        from cpmproxy.proxy.service import SidePool
+
+        self.phase = "auth"
+        self.config = None  # (``backend_address`` of it is patched by the test)
+        self.pool = SidePool()
+        self.service = self
+        self.opened = []
+
+    def side_pool(self, session):
+        return self.pool
+
+    async def _open_side(self, purpose="side"):
+        from twisted.internet.testing import StringTransport
+
+        from cpmproxy.proxy.backend import BackendProtocol
+
+        proto = BackendProtocol(max_line=65536)
+        proto.makeConnection(StringTransport())
+        proto.dataReceived(b"* OK ready\r\n")
+        self.opened.append(proto)
+        return proto
+
+    def side_command(self, line):
+        from cpmproxy.proxy.session import ClientSession
+
+        return ClientSession.side_command(self, line)
+
+
+@pytest.mark.parametrize("error", [
+    b"P1 OK [unterminated\r\n",  # (TokenError: a response line that is no response)
+    b"* 1 FETCH (BODY[] {99999999999999999999}\r\n",  # (FramingError: no literal size)
+])
+def test_a_side_connection_that_sent_what_is_not_imap_is_not_used_again(monkeypatch, error):
+    """Found by review: a protocol error from the backend (a line that is no response, a literal of no
+    size) failed the commands in flight on the user's shared side connection but left it open and in the
+    pool: later side commands went out on it, where the framer could be mid-line or mid-literal and what
+    came before the error was still held (here the ``* STATUS`` before the bad line was given to the next
+    command as part of its answer). Now the connection is aborted and the next side command opens another."""
+    from cpmproxy.proxy import session as session_module
+    from cpmproxy.proxy.backend import BackendError
+
+    monkeypatch.setattr(session_module, "backend_address", lambda config: ("scripted", 143))
+    side = _PooledSides()
+    first = side.side_command(b'STATUS "a" (MESSAGES)')
+    broken = side.opened[0]
+    broken.dataReceived(b'* STATUS "a" (MESSAGES 5)\r\n' + error)
+    failed = []
+    first.addErrback(failed.append)
+    assert failed and failed[0].check(BackendError), failed
+    assert broken.transport.disconnected, "the connection that sent what is not IMAP was not closed"
+
+    sent_before = broken.transport.value()
+    second = side.side_command(b'STATUS "b" (MESSAGES)')
+    assert len(side.opened) == 2, "the next side command went out on the broken connection"
+    assert broken.transport.value() == sent_before
+    fresh = side.opened[1]
+    assert b'STATUS "b" (MESSAGES)' in fresh.transport.value()
+    fresh.dataReceived(b'* STATUS "b" (MESSAGES 9)\r\nP1 OK done\r\n')
+    answers = []
+    second.addCallback(answers.append)
+    assert answers and answers[0].untagged == [b'* STATUS "b" (MESSAGES 9)\r\n'], answers
+    assert answers[0].status == b"OK"

@@ -236,10 +236,17 @@ class BackendProtocol(Protocol):
             why = (f"no greeting from the backend in {self.answer_timeout:g} s (if backend.port is its "
                    f'implicit-TLS port, such as 993, set backend.tls = "implicit")')
             log.warn("{why}: connection given up", why=why)
-            self._fail(BackendError(why))
+            self._give_up(BackendError(why))
         else:
             log.warn("backend gave no answer in {seconds:g} s: connection given up", seconds=self.answer_timeout)
-            self._fail(BackendError(f"no answer from the backend in {self.answer_timeout:g} s"))
+            self._give_up(BackendError(f"no answer from the backend in {self.answer_timeout:g} s"))
+
+    def _give_up(self, err: Exception) -> None:
+        """Fail what waits on this connection and abort it; ``closed`` from now on, not only once
+        connectionLost comes (on the reactor's next turn): nothing more is sent or read on it."""
+        self._fail(err)
+        self.closed = True
+        self._watch_answers()
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -247,6 +254,8 @@ class BackendProtocol(Protocol):
             if self._plain_tcp:
                 adapt_read_size(self.transport, len(data))
             self.session.backend_data(data)
+            return
+        if self.closed:  # (given up: what it still sends is not read)
             return
         if self._stall is not None:
             self._stall.reset(self.answer_timeout)  # (a long answer still coming in is no stall)
@@ -262,7 +271,11 @@ class BackendProtocol(Protocol):
                     self._parts = []
                     self._response(line)
         except (FramingError, TokenError) as e:
-            self._fail(BackendError(f"protocol error from backend: {e}"))
+            # Its framer may be left mid-line or mid-literal, and what came before the error is still
+            # held: a later command's answer would be misread, or given to another command. (A shared
+            # side connection would stay in the pool: ``closed`` at once makes the next one open another.)
+            self._give_up(BackendError(f"protocol error from backend: {e}"))
+            return
         self._watch_answers()
 
     def _events(self):
