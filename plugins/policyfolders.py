@@ -194,10 +194,11 @@ class FolderRules:
                     # backend cannot take ("Visible/": its own answer to the client's command says so): no
                     # messages, nothing to hide in it. Any other refusal fails closed, below.
                     continue
-                info.session_history = any(b" MIN " in line for line in search_ok(searched).untagged)
+                # (Read in any case: names have no case, RFC 9051 2.3; a server may answer "uid min 3".)
+                info.session_history = any(b" MIN " in line.upper() for line in search_ok(searched).untagged)
                 if info.session_history:
                     _keep_known(self.session_history_cache, (user, name))
-                elif any(line.startswith(b"* 0 EXISTS") for line in opened.untagged):
+                elif _select_state(opened.untagged).get(b"EXISTS") == 0:
                     # Empty: a Session History folder just created, its session info not yet in it.
                     # Asked again next time (kept as "not one", the device was shown it and its changes).
                     info.recheck = True

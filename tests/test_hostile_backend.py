@@ -1489,3 +1489,52 @@ def test_a_side_connection_that_sent_what_is_not_imap_is_not_used_again(monkeypa
     second.addCallback(answers.append)
     assert answers and answers[0].untagged == [b'* STATUS "b" (MESSAGES 9)\r\n'], answers
     assert answers[0].status == b"OK"
+
+
+_LIST_WITH_HIST = b'* LIST () "/" INBOX\r\n* LIST () "/" Hist\r\n{tag} OK done\r\n'
+
+
+def _listed(c) -> list[bytes]:
+    return [line for line in c.command(b"h", b'LIST "" "*"') if line.startswith(b"* LIST")]
+
+
+def test_a_session_history_folder_told_in_lower_case_is_one(fresh_scripted, make_proxy):
+    """Found by review: whether a folder holds a Session History was read from the answer to the proxy's
+    own ``UID SEARCH RETURN (MIN)`` by `` MIN `` in upper case only (names have no case: RFC 9051 2.3,
+    RFC 4731): from a server that answers ``* esearch (tag "P5") uid min 3`` the folder was taken for a
+    plain one and listed to a device whose policy hides Session Histories. (Only that folder exists: the
+    scripted answer to the search is every folder's.)"""
+    only_hist = b'* LIST () "/" Hist\r\n{tag} OK done\r\n'
+    fresh_scripted.script = {b"LIST": only_hist}
+    fresh_scripted.internal = {b'LIST "" "*"': only_hist,  # (the policy's own look at the folders)
+                               b"RETURN (MIN)": b'* esearch (tag "{tag}") uid min 3\r\n{tag} OK done\r\n'}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
+                       config_extra="[policy]\nsync = { session-history = false }\n")
+    c = _logged_in(proxy)
+    answer = c.command(b"h", b'LIST "" "*"')
+    assert answer[-1].startswith(b"h OK"), answer
+    assert not any(b"Hist" in line for line in answer), answer
+    c.close()
+    assert internal_errors(proxy) == 0
+
+
+def test_an_empty_folder_told_in_lower_case_is_asked_again(fresh_scripted, make_proxy):
+    """Found by review: an empty folder (a Session History just created, its session info not yet in it)
+    is asked again at the next look; it was told by ``* 0 EXISTS`` in upper case only, so from a server
+    that answers ``* 0 exists`` it was kept as "no Session History" and stayed listed after its session
+    info came, to a device whose policy hides Session Histories."""
+    fresh_scripted.script = {b"LIST": _LIST_WITH_HIST}
+    fresh_scripted.internal = {b'LIST "" "*"': _LIST_WITH_HIST,  # (the policy's own look at the folders)
+                               b"RETURN (MIN)": b"{tag} OK done\r\n",  # (no ESEARCH: nothing found)
+                               b"HIST": b"* 0 exists\r\n* OK [UIDVALIDITY 9] v\r\n{tag} OK [READ-ONLY] done\r\n"}
+    proxy = make_proxy(backend_port=fresh_scripted.port, backend_tls="none",
+                       config_extra="[policy]\nsync = { session-history = false }\n")
+    c = _logged_in(proxy)
+    assert any(b"Hist" in line for line in _listed(c))  # (empty: nothing says it is one yet)
+    fresh_scripted.internal = {b'LIST "" "*"': _LIST_WITH_HIST,
+                               b"RETURN (MIN)": b'* ESEARCH (TAG "{tag}") UID MIN 1\r\n{tag} OK done\r\n'}
+    listed = _listed(c)
+    assert any(b"INBOX" in line for line in listed), listed
+    assert not any(b"Hist" in line for line in listed), listed
+    c.close()
+    assert internal_errors(proxy) == 0
