@@ -28,6 +28,7 @@ from tests.proxyfix import imap_via, metric
 CAPS = b"IMAP4rev1 LITERAL+ ID ENABLE METADATA NOTIFY CONDSTORE QRESYNC UIDPLUS ESEARCH IDLE"
 
 
+GREETING = b"* OK [CAPABILITY {caps}] scripted server ready"  # ({caps}: the server's capabilities)
 STALL = b"(never answered)"  # a script's answer: the command is never answered
 HOLD = b"(answered once released)"  # a script's answer: the plain answer, once the test sets ``release``
 _LITERAL_AT_END = re.compile(rb"\{([0-9]+)(\+?)\}\r?\n\Z")
@@ -47,6 +48,7 @@ class ScriptedBackend(socketserver.ThreadingTCPServer):
         self.script: dict[bytes, bytes] = {}
         self.internal: dict[bytes, bytes] = {}  # (see the class docstring)
         self.caps = CAPS
+        self.greeting = GREETING
         self.received: list[bytes] = []  # every line the server read (literals left out)
         self.connections: list[socket.socket] = []  # in the order they came
         self.open_connections = 0  # (counted by the handler threads: under the GIL, += is enough here)
@@ -68,7 +70,7 @@ class _Handler(socketserver.StreamRequestHandler):
         out = self.connection
         self.server.connections.append(out)
         caps = self.server.caps
-        out.sendall(b"* OK [CAPABILITY " + caps + b"] scripted server ready\r\n")
+        out.sendall(self.server.greeting.replace(b"{caps}", caps) + b"\r\n")
         while True:
             try:
                 line = self.rfile.readline(1 << 20)
@@ -306,6 +308,27 @@ def test_scripted_backend_is_a_working_server(scripted):
     assert f.readline() == b"* 1 EXISTS\r\n" and f.readline() == b"h OK scripted\r\n"
     scripted.script = {}
     s.close()
+
+
+@pytest.mark.parametrize("greeting", [b"* ok [capability {caps}] ready", b"* Ok [Capability {caps}] ready",
+                                      b"* OK [CAPABILITY {caps}] ready"])
+def test_a_greeting_in_any_case_is_a_greeting(scripted, make_proxy, greeting):
+    """Found by review: the proxy took only "* OK" in upper case as the backend's greeting and
+    ``[CAPABILITY `` or ``[capability `` as its code. A server that greets with "* ok" (RFC 9051 2.3: the
+    names are case-insensitive) refused every login, and one that says ``[Capability`` was asked for its
+    capabilities again. Now both are read in any case, and the capabilities come from the greeting."""
+    proxy = make_proxy(backend_port=scripted.port, backend_tls="none")
+    scripted.greeting = greeting
+    try:
+        before = len(scripted.received)
+        c = RawIMAP(proxy.host, proxy.port)
+        assert c.login("bob", "bobpw")[-1].startswith(b"L OK"), "the login was refused"
+        assert c.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+        c.close()
+        lines = [line.split()[1:2] for line in scripted.received[before:]]
+        assert [b"CAPABILITY"] not in lines[:lines.index([b"LOGIN"])], lines  # (the greeting's code was read)
+    finally:
+        scripted.greeting = GREETING
 
 
 @pytest.mark.parametrize("failing", [b"UID SEARCH", b"HEADER"])

@@ -93,9 +93,10 @@ def parse_capabilities(text: bytes) -> list[bytes]:
 
 
 def _capability_code(line: bytes) -> list[bytes] | None:
-    start = line.find(b"[CAPABILITY ")
-    if start < 0:
-        start = line.find(b"[capability ")
+    """The capabilities of a ``[CAPABILITY ...]`` response code in ``line``, in any case (RFC 9051 2.3:
+    atoms such as the code's name are case-insensitive; ``[Capability`` came through as none, and the
+    proxy asked again or took the server for one without LITERAL+)."""
+    start = line.upper().find(b"[CAPABILITY ")
     if start < 0:
         return None
     end = line.find(b"]", start)
@@ -103,6 +104,8 @@ def _capability_code(line: bytes) -> list[bytes] | None:
         return None
     return parse_capabilities(line[start + 1:end])
 
+
+_GREETING_OK_RE = re.compile(rb"\* OK(?:[ \r\n]|\Z)", re.I)
 
 CLOSE_GRACE = 5.0  # seconds a closing backend connection may take to end TLS once all is sent
 
@@ -470,7 +473,7 @@ async def connect_backend(reactor, config: Config) -> tuple[BackendProtocol, lis
     proto.address = backend_address(config)
     try:
         greeting = await proto.greeting
-        if not greeting.startswith(b"* OK"):
+        if not _GREETING_OK_RE.match(greeting):  # (any case: a server's "* ok" was refused)
             raise BackendError(f"backend refused the connection: {greeting[:200]!r}")
         caps = _capability_code(greeting)
         proto.answer_timeout = b["command_timeout"]
