@@ -571,6 +571,11 @@ class PushPlugin(Plugin):
                                                    {st.policy.max_size for st in states} - {0},
                                                    {st.policy.max_age_days for st in states} - {0},
                                                    headers=False)  # (the event names none of them)
+                except MailboxReplaced as e:
+                    # (The messages whose flags changed went with the folder; those found are another
+                    # folder's: dropped as a new message's event is, below.)
+                    log.info("push: flag change of a folder replaced since dropped: {e}", e=e)
+                    return None
                 except Exception as e:  # (not known: it goes to every device that sees the folder)
                     log.warn("classifying changed messages failed: {e}", e=e)
                 else:

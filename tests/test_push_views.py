@@ -383,3 +383,61 @@ def test_a_new_message_of_a_folder_replaced_since_is_not_classified_as_the_new_f
     found = settled(plugin._look(run, arrived, None, []))
     assert found.kinds == {imdn: "chat"} and imdn in found.headers
     c.close()
+
+
+def test_a_flag_change_of_a_folder_replaced_since_is_dropped(dovecot):
+    """Found by review (helper-107): a flag change's messages were classified (for devices that may have
+    some hidden) by EXAMINE of the folder's name; when the folder had been deleted and made again
+    meanwhile, the classification's MailboxReplaced was taken as "cannot be told", and the event went to
+    every device that sees the folder. Its messages are gone with the folder: the event is dropped, as a
+    new message's of a replaced folder is. (``_look`` on a runner straight to Dovecot, as above; the
+    policy stubbed: IMDNs hidden, no folder facts.)"""
+    import itertools
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    import plugins.push as push
+    from cpmproxy.proxy.backend import Reply
+    from cpmproxy.testing.rawclient import RawIMAP
+    from plugins.notify import ChangeEvent
+    from tests.test_push_admin import _Proxy
+
+    folder = "Default/tel:+1782" + uuid.uuid4().hex[:6]
+    c = RawIMAP(dovecot.host, dovecot.port)
+    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
+    tags = itertools.count()
+
+    def run(line: bytes):
+        tag = b"r%d" % next(tags)
+        lines = c.command(tag, line)
+        return defer.succeed(Reply(lines[:-1], lines[-1][len(tag) + 1:].rstrip(b"\r\n")))
+
+    def uidvalidity() -> int:
+        status = c.command(b"v", b'STATUS "%s" (UIDVALIDITY)' % folder.encode())
+        return int(status[0].rsplit(b" ", 1)[1].strip(b")\r\n"))
+
+    def settled(coroutine):  # (every command answered at once: the coroutine is done when it returns)
+        out = []
+        defer.Deferred.fromCoroutine(coroutine).addBoth(out.append)
+        return out[0]
+
+    dovecot.deliver("alice", folder, make_object("imdn"))
+    old = uidvalidity()
+    assert c.command(b"d", b'DELETE "%s"' % folder.encode())[-1].startswith(b"d OK")
+    dovecot.deliver("alice", folder, make_object("chat"))
+    new = uidvalidity()
+    assert new != old
+
+    proxy = _Proxy()
+    proxy.hooks = SimpleNamespace(by_name={"policy": SimpleNamespace(
+        read_folder_facts=lambda *args, **kw: defer.succeed(None), hidden_kinds=lambda st, mailbox: {"imdn"})})
+    plugin = push.PushPlugin(proxy)
+    device = SimpleNamespace(policy=SimpleNamespace(max_size=0, max_age_days=0), folders={})
+    flagged = ChangeEvent("alice", folder, "FlagChange", uidvalidity=old)
+    assert settled(plugin._look(run, flagged, 1, [device])) is None
+    # (The new folder's own flag change is classified as before: its message is a chat.)
+    now = ChangeEvent("alice", folder, "FlagChange", uidvalidity=new)
+    found = settled(plugin._look(run, now, 1, [device]))
+    assert found.kinds == {1: "chat"} and found.changed == (1,), found
+    c.close()
