@@ -324,27 +324,16 @@ def test_past_the_watchs_bound_on_mailboxes_every_change_is_still_pushed(push_pr
     assert "keeps the state of 0 mailboxes (max_watch_mailboxes)" in log, log[-3000:]
 
 
-def test_a_new_message_of_a_folder_replaced_since_is_not_classified_as_the_new_folders(dovecot):
-    """Found by review: push classified an event's new messages by EXAMINE of the folder's name, with no look
-    at its UIDVALIDITY: a folder deleted and made again meanwhile had another message under the event's UID,
-    whose kind (and header fields) went out as the event's (here a hidden IMDN's event told as a chat, to
-    devices that do not see IMDNs). The event's message is gone: the event is dropped, as for a folder
-    whose facts cannot be read. An event of the new folder is classified as before. (The push plugin's
-    ``_look`` on a command runner straight to Dovecot; the policy's folder facts stubbed: none.)"""
+def _direct_runner(dovecot):
+    """A RawIMAP session of alice's straight to Dovecot, and a command runner on it as push's ``_look``
+    takes one (each command answered before it returns)."""
     import itertools
-    from types import SimpleNamespace
 
     from twisted.internet import defer
 
-    import plugins.push as push
     from cpmproxy.proxy.backend import Reply
     from cpmproxy.testing.rawclient import RawIMAP
-    from plugins.notify import ChangeEvent
-    from plugins.policy import classify
-    from plugins.policystatus import MailboxReplaced
-    from tests.test_push_admin import _Proxy
 
-    folder = "Default/tel:+1781" + uuid.uuid4().hex[:6]
     c = RawIMAP(dovecot.host, dovecot.port)
     assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
     tags = itertools.count()
@@ -353,21 +342,47 @@ def test_a_new_message_of_a_folder_replaced_since_is_not_classified_as_the_new_f
         tag = b"r%d" % next(tags)
         lines = c.command(tag, line)
         return defer.succeed(Reply(lines[:-1], lines[-1][len(tag) + 1:].rstrip(b"\r\n")))
+    return c, run
 
-    def uidvalidity() -> int:
-        status = c.command(b"v", b'STATUS "%s" (UIDVALIDITY)' % folder.encode())
-        return int(status[0].rsplit(b" ", 1)[1].strip(b")\r\n"))
 
-    def settled(coroutine):  # (every command answered at once: the coroutine is done when it returns)
-        out = []
-        defer.Deferred.fromCoroutine(coroutine).addBoth(out.append)
-        return out[0]
+def _uidvalidity(c, folder: str) -> int:
+    status = c.command(b"v", b'STATUS "%s" (UIDVALIDITY)' % folder.encode())
+    return int(status[0].rsplit(b" ", 1)[1].strip(b")\r\n"))
+
+
+def _settled(coroutine):
+    """The outcome of a coroutine whose every command is answered at once (done when it returns)."""
+    from twisted.internet import defer
+    out = []
+    defer.Deferred.fromCoroutine(coroutine).addBoth(out.append)
+    return out[0]
+
+
+def test_a_new_message_of_a_folder_replaced_since_is_not_classified_as_the_new_folders(dovecot):
+    """Found by review: push classified an event's new messages by EXAMINE of the folder's name, with no look
+    at its UIDVALIDITY: a folder deleted and made again meanwhile had another message under the event's UID,
+    whose kind (and header fields) went out as the event's (here a hidden IMDN's event told as a chat, to
+    devices that do not see IMDNs). The event's message is gone: the event is dropped, as for a folder
+    whose facts cannot be read. An event of the new folder is classified as before. (The push plugin's
+    ``_look`` on a command runner straight to Dovecot; the policy's folder facts stubbed: none.)"""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    import plugins.push as push
+    from plugins.notify import ChangeEvent
+    from plugins.policy import classify
+    from plugins.policystatus import MailboxReplaced
+    from tests.test_push_admin import _Proxy
+
+    folder = "Default/tel:+1781" + uuid.uuid4().hex[:6]
+    c, run = _direct_runner(dovecot)
 
     imdn = dovecot.deliver("alice", folder, make_object("imdn"))
-    old = uidvalidity()
+    old = _uidvalidity(c, folder)
     assert c.command(b"d", b'DELETE "%s"' % folder.encode())[-1].startswith(b"d OK")
     assert dovecot.deliver("alice", folder, make_object("chat")) == imdn  # (the same UID, another message)
-    new = uidvalidity()
+    new = _uidvalidity(c, folder)
     assert new != old
 
     proxy = _Proxy()
@@ -376,11 +391,11 @@ def test_a_new_message_of_a_folder_replaced_since_is_not_classified_as_the_new_f
     plugin = push.PushPlugin(proxy)
     plugin.include_headers = ["Subject"]
     gone = ChangeEvent("alice", folder, "MessageNew", uidvalidity=old, uids=(imdn,))
-    assert settled(plugin._look(run, gone, None, [])) is None
-    failure = settled(classify(run, folder, [imdn], old))
+    assert _settled(plugin._look(run, gone, None, [])) is None
+    failure = _settled(classify(run, folder, [imdn], old))
     assert isinstance(failure.value, MailboxReplaced), failure
     arrived = ChangeEvent("alice", folder, "MessageNew", uidvalidity=new, uids=(imdn,))
-    found = settled(plugin._look(run, arrived, None, []))
+    found = _settled(plugin._look(run, arrived, None, []))
     assert found.kinds == {imdn: "chat"} and imdn in found.headers
     c.close()
 
@@ -392,41 +407,22 @@ def test_a_flag_change_of_a_folder_replaced_since_is_dropped(dovecot):
     every device that sees the folder. Its messages are gone with the folder: the event is dropped, as a
     new message's of a replaced folder is. (``_look`` on a runner straight to Dovecot, as above; the
     policy stubbed: IMDNs hidden, no folder facts.)"""
-    import itertools
     from types import SimpleNamespace
 
     from twisted.internet import defer
 
     import plugins.push as push
-    from cpmproxy.proxy.backend import Reply
-    from cpmproxy.testing.rawclient import RawIMAP
     from plugins.notify import ChangeEvent
     from tests.test_push_admin import _Proxy
 
     folder = "Default/tel:+1782" + uuid.uuid4().hex[:6]
-    c = RawIMAP(dovecot.host, dovecot.port)
-    assert c.login("alice", "alicepw")[-1].startswith(b"L OK")
-    tags = itertools.count()
-
-    def run(line: bytes):
-        tag = b"r%d" % next(tags)
-        lines = c.command(tag, line)
-        return defer.succeed(Reply(lines[:-1], lines[-1][len(tag) + 1:].rstrip(b"\r\n")))
-
-    def uidvalidity() -> int:
-        status = c.command(b"v", b'STATUS "%s" (UIDVALIDITY)' % folder.encode())
-        return int(status[0].rsplit(b" ", 1)[1].strip(b")\r\n"))
-
-    def settled(coroutine):  # (every command answered at once: the coroutine is done when it returns)
-        out = []
-        defer.Deferred.fromCoroutine(coroutine).addBoth(out.append)
-        return out[0]
+    c, run = _direct_runner(dovecot)
 
     dovecot.deliver("alice", folder, make_object("imdn"))
-    old = uidvalidity()
+    old = _uidvalidity(c, folder)
     assert c.command(b"d", b'DELETE "%s"' % folder.encode())[-1].startswith(b"d OK")
     dovecot.deliver("alice", folder, make_object("chat"))
-    new = uidvalidity()
+    new = _uidvalidity(c, folder)
     assert new != old
 
     proxy = _Proxy()
@@ -435,9 +431,9 @@ def test_a_flag_change_of_a_folder_replaced_since_is_dropped(dovecot):
     plugin = push.PushPlugin(proxy)
     device = SimpleNamespace(policy=SimpleNamespace(max_size=0, max_age_days=0), folders={})
     flagged = ChangeEvent("alice", folder, "FlagChange", uidvalidity=old)
-    assert settled(plugin._look(run, flagged, 1, [device])) is None
+    assert _settled(plugin._look(run, flagged, 1, [device])) is None
     # (The new folder's own flag change is classified as before: its message is a chat.)
     now = ChangeEvent("alice", folder, "FlagChange", uidvalidity=new)
-    found = settled(plugin._look(run, now, 1, [device]))
+    found = _settled(plugin._look(run, now, 1, [device]))
     assert found.kinds == {1: "chat"} and found.changed == (1,), found
     c.close()
